@@ -1,0 +1,129 @@
+"""Domain errors, and the one table that maps them to errno.
+
+Every layer raises these; nothing outside ``dgfs.store.s3`` parses botocore
+exceptions, and nothing outside ``dgfs.fs`` builds a ``FUSEError``.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class DgfsError(Exception):
+    """Base of every error dgfs raises on purpose."""
+
+    errno: int = errno.EIO
+
+
+class UserError(DgfsError):
+    """A mistake the user can fix (bad option, missing bucket, ...).
+
+    The CLI prints these as one line, without a traceback.
+    """
+
+    errno = errno.EINVAL
+
+
+class ConfigError(UserError):
+    """Invalid configuration or command-line option."""
+
+
+# --- storage -----------------------------------------------------------------
+
+
+class StoreError(DgfsError):
+    """An S3 request failed in a way not covered by a subclass."""
+
+
+class NotFound(StoreError):
+    """The object (or bucket) does not exist."""
+
+    errno = errno.ENOENT
+
+
+class NoSuchBucket(NotFound, UserError):
+    """The bucket does not exist."""
+
+    errno = errno.ENOENT
+
+
+class AccessDenied(StoreError, UserError):
+    """Credentials are missing or refused."""
+
+    errno = errno.EACCES
+
+
+class PreconditionFailed(StoreError):
+    """A conditional request (If-None-Match / If-Match) did not hold."""
+
+    errno = errno.EEXIST
+
+
+class TransientError(StoreError):
+    """The store kept failing after retries (throttling, 5xx, network)."""
+
+    errno = errno.EIO
+
+
+class EndpointUnreachable(TransientError, UserError):
+    """The endpoint could not be reached at all."""
+
+    errno = errno.EHOSTUNREACH
+
+
+# --- content -----------------------------------------------------------------
+
+
+class IntegrityError(DgfsError):
+    """Reconstructed or downloaded bytes do not match their recorded SHA-256.
+
+    Raised instead of ever handing back wrong bytes.
+    """
+
+    errno = errno.EIO
+
+
+class FormatError(DgfsError):
+    """An object's DeltaGlider metadata is missing or malformed."""
+
+    errno = errno.EIO
+
+
+class MissingReference(IntegrityError):
+    """A delta's reference object is gone."""
+
+
+class DeltaEngineError(DgfsError):
+    """xdelta3 failed to encode or decode."""
+
+    errno = errno.EIO
+
+
+class XdeltaMissing(DeltaEngineError, UserError):
+    """The xdelta3 binary is not installed or not runnable."""
+
+
+class CacheCorrupt(DgfsError):
+    """A cache entry failed authentication or is truncated (it is dropped)."""
+
+    errno = errno.EIO
+
+
+# --- filesystem ----------------------------------------------------------------
+
+
+class FsError(DgfsError):
+    """A filesystem-level refusal with an explicit errno."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(message or errno.errorcode.get(err, str(err)))
+        self.errno = err
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno a FUSE reply should carry for ``exc``."""
+    if isinstance(exc, DgfsError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO

@@ -1,0 +1,164 @@
+"""The async object-store interface every other layer talks to.
+
+An ``ObjectStore`` is bound to one bucket. Keys are plain S3 keys (no
+leading slash). Metadata dicts hold user metadata *without* the
+``x-amz-meta-`` prefix, keys lower-case, exactly as boto3 returns them.
+
+Implementations raise only ``dgfs.errors`` exceptions: ``NotFound`` for a
+missing key, ``PreconditionFailed`` when a conditional create loses,
+``AccessDenied``, ``TransientError`` once retries are exhausted.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+# Objects at least this large are uploaded in parts.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_PART_SIZE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as a listing reports it (no user metadata)."""
+
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class ObjectHead:
+    """One object as HEAD reports it."""
+
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class ListPage:
+    """One page of ``ListObjectsV2``: objects, and common prefixes (with trailing '/')."""
+
+    objects: list[ObjectInfo]
+    prefixes: list[str]
+
+
+@dataclass(frozen=True)
+class MultipartUpload:
+    """An incomplete multipart upload (for gc)."""
+
+    key: str
+    upload_id: str
+    initiated: datetime
+
+
+class ObjectStore(abc.ABC):
+    """Async access to one bucket."""
+
+    bucket: str
+
+    @abc.abstractmethod
+    def list_pages(self, prefix: str = "", delimiter: str | None = "/") -> AsyncIterator[ListPage]:
+        """Yield listing pages under ``prefix`` (pagination handled here)."""
+
+    async def list(self, prefix: str = "", delimiter: str | None = "/") -> ListPage:
+        """The whole listing under ``prefix`` as one page."""
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        async for page in self.list_pages(prefix, delimiter):
+            objects.extend(page.objects)
+            prefixes.extend(page.prefixes)
+        return ListPage(objects, prefixes)
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectHead:
+        """Metadata of ``key``; ``NotFound`` if absent."""
+
+    @abc.abstractmethod
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes of ``key`` from ``start`` (short at end of object)."""
+
+    @abc.abstractmethod
+    async def download(self, key: str, dest: Path) -> ObjectHead:
+        """Stream ``key`` into the file ``dest`` (created/truncated); returns its head."""
+
+    @abc.abstractmethod
+    async def upload(
+        self,
+        key: str,
+        src: Path,
+        metadata: Mapping[str, str],
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+    ) -> str:
+        """Upload the file ``src`` (multipart when large); returns the new ETag.
+
+        With ``if_none_match`` the object is created only if ``key`` does not
+        exist yet (``PreconditionFailed`` otherwise). A failed multipart
+        upload is aborted, never left behind.
+        """
+
+    @abc.abstractmethod
+    async def put_bytes(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+    ) -> str:
+        """Store a small body; returns the new ETag."""
+
+    @abc.abstractmethod
+    async def copy(self, src_key: str, dst_key: str, metadata: Mapping[str, str] | None = None) -> str:
+        """Server-side copy; ``metadata`` given means replace it, else keep it."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete several keys (implementations may batch)."""
+        for key in keys:
+            await self.delete(key)
+
+    @abc.abstractmethod
+    async def list_multipart_uploads(self, prefix: str = "") -> list[MultipartUpload]:
+        """Incomplete multipart uploads under ``prefix``."""
+
+    @abc.abstractmethod
+    async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        """Abort one incomplete multipart upload."""
+
+    async def probe_if_none_match(self) -> bool:
+        """Whether the store refuses a second ``If-None-Match: *`` create.
+
+        Uses a scratch key under ``.deltaglider/tmp/`` and removes it.
+        """
+        import uuid
+
+        from dgfs.errors import PreconditionFailed
+
+        key = f".deltaglider/tmp/probe-{uuid.uuid4().hex}"
+        await self.put_bytes(key, b"1", {}, if_none_match=True)
+        try:
+            await self.put_bytes(key, b"2", {}, if_none_match=True)
+        except PreconditionFailed:
+            return True
+        finally:
+            await self.delete(key)
+        return False
+
+    async def aclose(self) -> None:
+        """Release resources (thread pools, connections)."""
