@@ -1,0 +1,511 @@
+"""put / get / delete / rename of files in the DeltaGlider format (no FUSE).
+
+``Core`` turns local files into objects and back. Keys given to it are the
+user-visible keys (``app/x.zip``); where the bytes really live
+(``app/x.zip.delta``, ``app/x.zip`` or ``app/reference.bin``) is its business.
+
+Guarantees a caller may rely on:
+
+- ``get``/``materialize`` never hand back bytes whose SHA-256 differs from
+  the recorded ``dg-file-sha256``: they raise ``IntegrityError`` instead.
+- ``put`` writes the new form of a file before removing an older form, so a
+  reader always finds one complete version.
+- Exactly one reference per deltaspace: it is created with a conditional
+  PUT (``If-None-Match: *``) when the store honours it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from dgfs import format as fmt
+from dgfs.cache import ContentCache
+from dgfs.delta import DeltaEngine
+from dgfs.errors import (
+    FormatError,
+    IntegrityError,
+    MissingReference,
+    NotFound,
+    PreconditionFailed,
+)
+from dgfs.format import Kind, StoredFile
+from dgfs.hashing import FileDigest, digest_file
+from dgfs.policy import SNIFF_BYTES, Policy
+from dgfs.store.base import ObjectHead, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What ``put`` stored for one file."""
+
+    key: str
+    stored_key: str
+    kind: Kind  # DELTA or DIRECT
+    created_reference: bool
+    original_size: int
+    stored_size: int
+    file_sha256: str
+    ref_key: str | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_size / self.original_size if self.original_size else 1.0
+
+
+class SingleFlight:
+    """Runs one coroutine per key at a time; concurrent callers wait for it.
+
+    Waiters do not receive the result: they re-check whatever state the
+    winner produced (a cache entry, say) once it is done.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, trio.Event] = {}
+
+    async def run(self, key: str, fn: Callable[[], Awaitable[None]]) -> bool:
+        """Run ``fn`` unless another task is running it for ``key``; True if we ran it."""
+        event = self._running.get(key)
+        if event is not None:
+            await event.wait()
+            return False
+        event = self._running[key] = trio.Event()
+        try:
+            await fn()
+        finally:
+            del self._running[key]
+            event.set()
+        return True
+
+
+class Core:
+    """The storage core shared by the mount and the CLI."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache: ContentCache,
+        engine: DeltaEngine,
+        policy: Policy,
+        *,
+        scratch_dir: Path,
+        conditional_create: bool = True,
+        cpu_limiter: trio.CapacityLimiter | None = None,
+        plain_reference_slots: int = 4,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.engine = engine
+        self.policy = policy
+        self.scratch_dir = scratch_dir
+        scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(scratch_dir, 0o700)
+        self.conditional_create = conditional_create
+        self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self._flights = SingleFlight()
+        # Decrypted copies of recently used references, for xdelta3 (it needs
+        # a plain file). Bounded; an entry in use is never removed.
+        self._plain_refs: dict[str, Path] = {}
+        self._plain_ref_users: dict[str, int] = {}
+        self._plain_ref_slots = plain_reference_slots
+
+    # --- small helpers -------------------------------------------------------
+
+    def scratch_path(self, suffix: str = "") -> Path:
+        """A new, empty, private temp file in the scratch dir."""
+        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    @contextlib.asynccontextmanager
+    async def _scratch(self, suffix: str = "") -> AsyncIterator[Path]:
+        path = self.scratch_path(suffix)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _cpu(self, fn: Callable[..., object], *args: object) -> object:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+
+    async def digest(self, path: Path) -> FileDigest:
+        """SHA-256, size and sniffable head of a local file (in a worker thread)."""
+        result = await self._cpu(digest_file, path, SNIFF_BYTES)
+        assert isinstance(result, FileDigest)
+        return result
+
+    @staticmethod
+    def _now() -> datetime:
+        return datetime.now(UTC)
+
+    # --- locating ------------------------------------------------------------
+
+    async def locate(self, key: str) -> StoredFile:
+        """Find how the user-visible ``key`` is stored; ``NotFound`` if it is not.
+
+        When both a delta and a direct object exist (a writer died between
+        writing the new form and deleting the old), the newer one wins.
+        """
+        heads: dict[str, ObjectHead] = {}
+
+        async def head(stored_key: str) -> None:
+            with contextlib.suppress(NotFound):
+                heads[stored_key] = await self.store.head(stored_key)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(head, fmt.delta_key(key))
+            nursery.start_soon(head, key)
+        if not heads:
+            raise NotFound(f"no such file: {key}")
+        newest = max(heads.values(), key=lambda h: (h.last_modified, h.key.endswith(".delta")))
+        return fmt.classify(newest.key, newest.size, newest.metadata)
+
+    # --- put -----------------------------------------------------------------
+
+    async def put(
+        self,
+        src: Path,
+        key: str,
+        *,
+        extra_metadata: Mapping[str, str] | None = None,
+        digest: FileDigest | None = None,
+    ) -> PutResult:
+        """Store the local file ``src`` under the user-visible ``key``.
+
+        ``extra_metadata`` (POSIX attributes) is stored beside the format's
+        own keys. ``digest`` saves re-hashing when the caller has it.
+        """
+        if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
+            raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
+        digest = digest or await self.digest(src)
+        extra = dict(extra_metadata or {})
+        name = fmt.split_key(key)[1]
+        if not self.policy.is_delta_candidate(name, digest.head, digest.size):
+            return await self._put_direct(src, key, digest, extra)
+        return await self._put_delta(src, key, digest, extra)
+
+    async def _put_direct(
+        self, src: Path, key: str, digest: FileDigest, extra: dict[str, str]
+    ) -> PutResult:
+        name = fmt.split_key(key)[1]
+        meta = fmt.direct_metadata(
+            original_name=name, file_sha256=digest.sha256, file_size=digest.size, now=self._now()
+        )
+        await self.store.upload(key, src, {**extra, **meta})
+        await self.store.delete(fmt.delta_key(key))
+        log.info("stored %s direct (%d bytes)", key, digest.size)
+        return PutResult(key, key, Kind.DIRECT, False, digest.size, digest.size, digest.sha256)
+
+    async def _put_delta(
+        self, src: Path, key: str, digest: FileDigest, extra: dict[str, str]
+    ) -> PutResult:
+        prefix, name = fmt.split_key(key)
+        ref_key = fmt.reference_key(prefix)
+        ref_sha256, created = await self._ensure_reference(src, ref_key, name, digest)
+        if ref_sha256 is None:
+            return await self._put_direct(src, key, digest, extra)
+        async with self._scratch(".delta") as delta_path:
+            if created:
+                await self.engine.encode(src, src, delta_path)
+            else:
+                async with self._plain_reference(ref_key, ref_sha256) as plain_ref:
+                    await self.engine.encode(plain_ref, src, delta_path)
+            delta_size = delta_path.stat().st_size
+            if not created and not self.policy.accepts_ratio(delta_size, digest.size):
+                log.info(
+                    "%s: delta is %.2f of the file (max %.2f), storing direct",
+                    key,
+                    delta_size / max(digest.size, 1),
+                    self.policy.max_ratio,
+                )
+                return await self._put_direct(src, key, digest, extra)
+            meta = fmt.delta_metadata(
+                original_name=name,
+                file_sha256=digest.sha256,
+                file_size=digest.size,
+                ref_key=ref_key,
+                ref_sha256=ref_sha256,
+                delta_size=delta_size,
+                now=self._now(),
+                zero_diff=created,
+            )
+            stored_key = fmt.delta_key(key)
+            await self.store.upload(stored_key, delta_path, {**extra, **meta})
+        await self.store.delete(key)
+        log.info(
+            "stored %s as delta: %d -> %d bytes%s",
+            key,
+            digest.size,
+            delta_size,
+            " (new reference)" if created else "",
+        )
+        return PutResult(
+            key, stored_key, Kind.DELTA, created, digest.size, delta_size, digest.sha256, ref_key
+        )
+
+    async def _ensure_reference(
+        self, src: Path, ref_key: str, name: str, digest: FileDigest
+    ) -> tuple[str | None, bool]:
+        """The deltaspace's reference sha256, creating it from ``src`` if absent.
+
+        Returns ``(ref_sha256, created_by_us)``; ``(None, False)`` when the
+        existing ``reference.bin`` is not a usable reference.
+        """
+        try:
+            head = await self.store.head(ref_key)
+        except NotFound:
+            meta = fmt.reference_metadata(name, digest.sha256, self._now())
+            try:
+                await self.store.upload(ref_key, src, meta, if_none_match=self.conditional_create)
+            except PreconditionFailed:
+                head = await self.store.head(ref_key)  # another writer won the race
+            else:
+                if not self.conditional_create:
+                    # No conditional PUT: the last writer wins; re-read to see whose it is.
+                    head = await self.store.head(ref_key)
+                    winner = fmt.meta_value(head.metadata, "file_sha256")
+                    if winner != digest.sha256:
+                        log.warning("reference race on %s: using the other writer's", ref_key)
+                        return winner, False
+                await self._cpu(self.cache.add_file, digest.sha256, src)
+                log.info("created reference %s from %s", ref_key, name)
+                return digest.sha256, True
+        ref_sha256 = fmt.meta_value(head.metadata, "file_sha256")
+        if ref_sha256 is None:
+            log.warning("%s has no dg-file-sha256; storing files beside it direct", ref_key)
+            return None, False
+        return ref_sha256, False
+
+    # --- references ------------------------------------------------------------
+
+    async def ensure_cached(self, key: str, sha256: str) -> None:
+        """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
+        if self.cache.contains(sha256):
+            return
+
+        async def fetch() -> None:
+            if self.cache.contains(sha256):
+                return
+            async with self._scratch() as tmp:
+                try:
+                    await self.store.download(key, tmp)
+                except NotFound:
+                    raise MissingReference(f"{key} is missing") from None
+                try:
+                    await self._cpu(self.cache.add_file, sha256, tmp)
+                except IntegrityError:
+                    raise IntegrityError(
+                        f"{key} does not match its recorded SHA-256 {sha256[:12]}…"
+                        " (replaced or corrupted)"
+                    ) from None
+
+        await self._flights.run(f"fetch:{sha256}", fetch)
+        if not self.cache.contains(sha256):
+            # The winner failed; run it ourselves to get its error.
+            await fetch()
+
+    @contextlib.asynccontextmanager
+    async def _plain_reference(self, ref_key: str, ref_sha256: str) -> AsyncIterator[Path]:
+        """A plain (decrypted) copy of the reference, kept for reuse while slots last."""
+        path = self._plain_refs.get(ref_sha256)
+        if path is None:
+
+            async def export() -> None:
+                await self.ensure_cached(ref_key, ref_sha256)
+                out = self.scratch_path(".ref")
+                try:
+                    await self._cpu(self.cache.export, ref_sha256, out)
+                except BaseException:
+                    out.unlink(missing_ok=True)
+                    raise
+                self._plain_refs[ref_sha256] = out
+
+            await self._flights.run(f"plain:{ref_sha256}", export)
+            path = self._plain_refs.get(ref_sha256)
+            if path is None:
+                await export()
+                path = self._plain_refs[ref_sha256]
+        self._plain_ref_users[ref_sha256] = self._plain_ref_users.get(ref_sha256, 0) + 1
+        try:
+            yield path
+        finally:
+            self._plain_ref_users[ref_sha256] -= 1
+            self._trim_plain_refs()
+
+    def _trim_plain_refs(self) -> None:
+        idle = [sha for sha in self._plain_refs if not self._plain_ref_users.get(sha)]
+        while len(self._plain_refs) > self._plain_ref_slots and idle:
+            sha = idle.pop(0)
+            self._plain_refs.pop(sha).unlink(missing_ok=True)
+            self._plain_ref_users.pop(sha, None)
+
+    # --- get -------------------------------------------------------------------
+
+    async def rebuild(self, stored: StoredFile, out: Path, *, verify: bool = True) -> None:
+        """Write the original bytes of a delta into ``out``.
+
+        With ``verify`` the result's SHA-256 is checked (``IntegrityError``,
+        and ``out`` removed, on mismatch).
+        """
+        assert stored.kind is Kind.DELTA and stored.ref_key and stored.ref_sha256
+        async with self._scratch(".delta") as delta_path:
+            await self.store.download(stored.stored_key, delta_path)
+            async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
+                await self.engine.decode(plain_ref, delta_path, out)
+        if verify:
+            await self._verify_file(out, stored)
+
+    async def _verify_file(self, path: Path, stored: StoredFile) -> None:
+        if stored.file_sha256 is None:
+            return
+        digest = await self.digest(path)
+        if digest.sha256 != stored.file_sha256:
+            path.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{stored.visible_key}: SHA-256 mismatch (expected {stored.file_sha256},"
+                f" got {digest.sha256}); refusing to return wrong bytes"
+            )
+
+    async def get(self, key: str, dest: Path) -> StoredFile:
+        """Write the original bytes of ``key`` to ``dest``, verified.
+
+        ``dest`` appears only once complete and verified (written beside it,
+        then renamed).
+        """
+        stored = await self.locate(key)
+        tmp = dest.with_name(f".{dest.name}.dgfs-{os.getpid()}-{id(stored):x}")
+        try:
+            if stored.kind is Kind.DELTA:
+                await self.rebuild(stored, tmp)
+            else:
+                await self.store.download(stored.stored_key, tmp)
+                await self._verify_file(tmp, stored)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return stored
+
+    async def materialize(self, stored: StoredFile) -> str:
+        """Bring the original bytes of ``stored`` into the cache; returns their sha256.
+
+        Concurrent callers for the same content share one reconstruction.
+        """
+        sha256 = stored.file_sha256
+        if sha256 is None:
+            raise FormatError(f"{stored.stored_key}: no SHA-256 recorded")
+        if stored.kind is not Kind.DELTA:
+            await self.ensure_cached(stored.stored_key, sha256)
+            return sha256
+        if self.cache.contains(sha256):
+            return sha256
+
+        async def rebuild_into_cache() -> None:
+            if self.cache.contains(sha256):
+                return
+            async with self._scratch() as out:
+                await self.rebuild(stored, out, verify=False)
+                try:
+                    await self._cpu(self.cache.add_file, sha256, out)  # verifies sha256
+                except IntegrityError:
+                    raise IntegrityError(
+                        f"{stored.visible_key}: rebuilt bytes fail their SHA-256;"
+                        " refusing to return wrong bytes"
+                    ) from None
+
+        await self._flights.run(f"rebuild:{sha256}", rebuild_into_cache)
+        if not self.cache.contains(sha256):
+            await rebuild_into_cache()
+        return sha256
+
+    # --- delete / rename / metadata -------------------------------------------------
+
+    async def delete(self, key: str) -> None:
+        """Remove the file ``key`` in every form; the reference stays (as DeltaGlider does)."""
+        stored = await self.locate(key)
+        await self.store.delete_many([fmt.delta_key(key), key])
+        log.info("deleted %s (%s)", key, stored.kind.value)
+
+    async def rename(self, src_key: str, dst_key: str) -> StoredFile:
+        """Move one file. A delta keeps its reference when it stays in its
+        deltaspace; moved to another directory it is rebuilt and stored there."""
+        if fmt.is_hidden_name(fmt.split_key(dst_key)[1]) or fmt.is_internal_key(dst_key):
+            raise FormatError(f"{dst_key}: name is reserved by the DeltaGlider format")
+        stored = await self.locate(src_key)
+        if src_key == dst_key:
+            return stored
+        head = await self.store.head(stored.stored_key)
+        dst_name = fmt.split_key(dst_key)[1]
+        same_space = fmt.split_key(src_key)[0] == fmt.split_key(dst_key)[0]
+        if stored.kind is Kind.DELTA and not same_space:
+            async with self._scratch() as plain:
+                await self.rebuild(stored, plain)
+                extra = {k: v for k, v in head.metadata.items() if k in fmt.POSIX_KEYS}
+                await self.put(plain, dst_key, extra_metadata=extra)
+        else:
+            if stored.kind is Kind.DELTA:
+                dst_stored = fmt.delta_key(dst_key)
+                other_form = dst_key
+            else:
+                dst_stored, other_form = dst_key, fmt.delta_key(dst_key)
+            meta = None
+            if stored.kind in (Kind.DELTA, Kind.DIRECT):
+                meta = fmt.with_original_name(head.metadata, dst_name)
+            await self.store.copy(stored.stored_key, dst_stored, meta)
+            await self.store.delete(other_form)
+        await self.store.delete(stored.stored_key)
+        log.info("renamed %s -> %s", src_key, dst_key)
+        return await self.locate(dst_key)
+
+    async def update_metadata(self, key: str, changes: Mapping[str, str]) -> StoredFile:
+        """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place."""
+        stored = await self.locate(key)
+        head = await self.store.head(stored.stored_key)
+        await self.store.copy(stored.stored_key, stored.stored_key, {**head.metadata, **changes})
+        return stored
+
+    async def rename_prefix(self, src_prefix: str, dst_prefix: str) -> int:
+        """Move every object under ``src_prefix/`` to ``dst_prefix/`` (a directory rename).
+
+        References move with their deltas and the deltas' ``dg-ref-key`` is
+        rewritten, so the moved tree stays readable by DeltaGlider. Sources
+        are deleted only after every copy succeeded. Returns objects moved.
+        """
+        src_root, dst_root = src_prefix.rstrip("/") + "/", dst_prefix.rstrip("/") + "/"
+        listing = await self.store.list(src_root, delimiter=None)
+        keys = [obj.key for obj in listing.objects]
+
+        async def move_one(key: str, limiter: trio.CapacityLimiter) -> None:
+            async with limiter:
+                new_key = dst_root + key[len(src_root) :]
+                meta = None
+                if key.endswith(fmt.DELTA_SUFFIX):
+                    head = await self.store.head(key)
+                    ref_key = fmt.meta_value(head.metadata, "ref_key")
+                    if ref_key and ref_key.startswith(src_root):
+                        meta = fmt.with_ref_key(head.metadata, dst_root + ref_key[len(src_root) :])
+                await self.store.copy(key, new_key, meta)
+
+        limiter = trio.CapacityLimiter(16)
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(move_one, key, limiter)
+        await self.store.delete_many(keys)
+        log.info("moved %d objects %s -> %s", len(keys), src_root, dst_root)
+        return len(keys)
+
+    async def aclose(self) -> None:
+        """Remove decrypted reference copies."""
+        for path in self._plain_refs.values():
+            path.unlink(missing_ok=True)
+        self._plain_refs.clear()
+        self._plain_ref_users.clear()

@@ -1,0 +1,322 @@
+"""DeltaGlider v6 storage format: object names and metadata keys. Pure, no I/O.
+
+This module is the only place that knows how DeltaGlider lays a bucket out:
+
+- ``<prefix>/reference.bin``: full copy of the first delta-eligible file of a
+  deltaspace (a directory);
+- ``<prefix>/<name>.delta``: VCDIFF of ``<name>`` against that reference
+  (the reference's own file has a zero-diff delta too);
+- ``<prefix>/<name>``: a direct object, ``dg-compression: none``;
+- anything without ``dg-file-sha256``: a foreign object, served as is.
+
+Metadata values written here match deltaglider 6.2.0 byte for byte
+(including its quirk of writing ``dg-created-at`` without ``Z`` on direct
+objects). POSIX attributes travel in the keys s3fs-fuse and rclone use.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from dgfs import __version__
+from dgfs.errors import FormatError
+
+TOOL = f"dgfs/{__version__}"
+REFERENCE_NAME = "reference.bin"
+DELTA_SUFFIX = ".delta"
+INTERNAL_PREFIX = ".deltaglider/"
+TMP_PREFIX = ".deltaglider/tmp/"
+ZERO_DIFF_NOTE = "zero-diff (reference identical)"
+REFERENCE_NOTE = "reference"
+
+# Canonical key first; older spellings DeltaGlider still reads follow.
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "tool": ("dg-tool", "dg_tool", "tool"),
+    "original_name": ("dg-original-name", "dg_original_name", "original_name", "original-name"),
+    "file_sha256": ("dg-file-sha256", "dg_file_sha256", "file_sha256", "file-sha256"),
+    "file_size": ("dg-file-size", "dg_file_size", "file_size", "file-size"),
+    "created_at": ("dg-created-at", "dg_created_at", "created_at", "created-at"),
+    "ref_key": ("dg-ref-key", "dg_ref_key", "ref_key", "ref-key"),
+    "ref_sha256": ("dg-ref-sha256", "dg_ref_sha256", "ref_sha256", "ref-sha256"),
+    "delta_size": ("dg-delta-size", "dg_delta_size", "delta_size", "delta-size"),
+    "delta_cmd": ("dg-delta-cmd", "dg_delta_cmd", "delta_cmd", "delta-cmd"),
+    "note": ("dg-note", "dg_note", "note"),
+    "compression": ("dg-compression", "dg_compression", "compression"),
+    "source_name": ("dg-source-name", "dg_source_name", "source_name", "source-name"),
+}
+
+# POSIX attributes, as s3fs-fuse and rclone store them.
+META_MTIME = "mtime"
+META_MODE = "mode"
+META_UID = "uid"
+META_GID = "gid"
+# Symlinks: s3fs keeps the target as the object body and marks the mode.
+POSIX_KEYS = (META_MTIME, META_MODE, META_UID, META_GID)
+
+
+def meta_value(metadata: Mapping[str, str], field: str) -> str | None:
+    """First non-empty value of ``field`` under any of its known key spellings."""
+    for key in _ALIASES[field]:
+        value = metadata.get(key)
+        if value:
+            return value
+    return None
+
+
+class Kind(enum.Enum):
+    """How an object stores a user-visible file."""
+
+    DELTA = "delta"
+    DIRECT = "direct"
+    FOREIGN = "foreign"
+    REFERENCE = "reference"
+
+
+# --- names ---------------------------------------------------------------------
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"a/b/c.zip"`` -> ``("a/b", "c.zip")``; top level -> ``("", name)``."""
+    prefix, _, name = key.rpartition("/")
+    return prefix, name
+
+
+def join_key(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def reference_key(prefix: str) -> str:
+    """Key of the reference of the deltaspace ``prefix`` (no trailing slash)."""
+    return join_key(prefix, REFERENCE_NAME)
+
+
+def delta_key(key: str) -> str:
+    """Storage key of the delta that holds the user-visible ``key``."""
+    return key + DELTA_SUFFIX
+
+
+def is_reference_key(key: str) -> bool:
+    return split_key(key)[1] == REFERENCE_NAME
+
+
+def is_internal_key(key: str) -> bool:
+    return key.startswith(INTERNAL_PREFIX)
+
+
+def visible_key(stored_key: str) -> str | None:
+    """The user-visible key an object stands for, or None if it is hidden.
+
+    References and ``.deltaglider/`` are hidden; ``x.zip.delta`` shows as
+    ``x.zip``.
+    """
+    if is_internal_key(stored_key) or is_reference_key(stored_key):
+        return None
+    if stored_key.endswith(DELTA_SUFFIX) and len(split_key(stored_key)[1]) > len(DELTA_SUFFIX):
+        return stored_key[: -len(DELTA_SUFFIX)]
+    return stored_key
+
+
+def is_hidden_name(name: str) -> bool:
+    """Names a user may not create in the mount because the format owns them."""
+    return name == REFERENCE_NAME or name.endswith(DELTA_SUFFIX)
+
+
+def delta_cmd_text(original_name: str) -> str:
+    """What DeltaGlider records in ``dg-delta-cmd``."""
+    return f"xdelta3 -e -9 -s {REFERENCE_NAME} {original_name} {original_name}{DELTA_SUFFIX}"
+
+
+# --- metadata ------------------------------------------------------------------
+
+
+def _timestamp(now: datetime) -> str:
+    """DeltaGlider's timestamp: naive UTC ``isoformat()``."""
+    return now.astimezone(UTC).replace(tzinfo=None).isoformat()
+
+
+def reference_metadata(source_name: str, file_sha256: str, now: datetime) -> dict[str, str]:
+    return {
+        "dg-tool": TOOL,
+        "dg-source-name": source_name,
+        "dg-file-sha256": file_sha256,
+        "dg-created-at": _timestamp(now) + "Z",
+        "dg-note": REFERENCE_NOTE,
+    }
+
+
+def delta_metadata(
+    *,
+    original_name: str,
+    file_sha256: str,
+    file_size: int,
+    ref_key: str,
+    ref_sha256: str,
+    delta_size: int,
+    now: datetime,
+    zero_diff: bool = False,
+) -> dict[str, str]:
+    meta = {
+        "dg-tool": TOOL,
+        "dg-original-name": original_name,
+        "dg-file-sha256": file_sha256,
+        "dg-file-size": str(file_size),
+        "dg-created-at": _timestamp(now) + "Z",
+        "dg-ref-key": ref_key,
+        "dg-ref-sha256": ref_sha256,
+        "dg-delta-size": str(delta_size),
+        "dg-delta-cmd": delta_cmd_text(original_name),
+    }
+    if zero_diff:
+        meta["dg-note"] = ZERO_DIFF_NOTE
+    return meta
+
+
+def direct_metadata(
+    *, original_name: str, file_sha256: str, file_size: int, now: datetime
+) -> dict[str, str]:
+    return {
+        "dg-tool": TOOL,
+        "dg-original-name": original_name,
+        "dg-file-sha256": file_sha256,
+        "dg-file-size": str(file_size),
+        "dg-created-at": _timestamp(now),
+        "dg-compression": "none",
+    }
+
+
+def posix_metadata(
+    *, mtime_ns: int | None, mode: int | None, uid: int | None, gid: int | None
+) -> dict[str, str]:
+    """POSIX attributes in s3fs/rclone spelling (mtime in seconds, may be fractional)."""
+    meta: dict[str, str] = {}
+    if mtime_ns is not None:
+        sec, frac = divmod(mtime_ns, 1_000_000_000)
+        meta[META_MTIME] = f"{sec}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(sec)
+    if mode is not None:
+        meta[META_MODE] = str(mode)
+    if uid is not None:
+        meta[META_UID] = str(uid)
+    if gid is not None:
+        meta[META_GID] = str(gid)
+    return meta
+
+
+def parse_mtime_ns(metadata: Mapping[str, str]) -> int | None:
+    """mtime from s3fs/rclone metadata, in ns, or None if absent or garbled."""
+    raw = metadata.get(META_MTIME)
+    if not raw:
+        return None
+    try:
+        sec, _, frac = raw.partition(".")
+        return int(sec) * 1_000_000_000 + (int(frac.ljust(9, "0")[:9]) if frac else 0)
+    except ValueError:
+        return None
+
+
+def parse_int_meta(metadata: Mapping[str, str], key: str) -> int | None:
+    raw = metadata.get(key)
+    if raw is None:
+        return None
+    try:
+        # s3fs writes decimal; rclone writes octal with a leading zero.
+        if len(raw) > 1 and raw.startswith("0"):
+            return int(raw.removeprefix("0o").removeprefix("0"), 8)
+        return int(raw)
+    except ValueError:
+        return None
+
+
+# --- classification ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """What an object's metadata says about the user file it holds."""
+
+    kind: Kind
+    stored_key: str
+    visible_key: str
+    original_size: int
+    stored_size: int
+    file_sha256: str | None
+    ref_key: str | None = None
+    ref_sha256: str | None = None
+
+    @property
+    def ratio(self) -> float:
+        """stored / original (1.0 for empty files)."""
+        return self.stored_size / self.original_size if self.original_size else 1.0
+
+
+def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> StoredFile:
+    """Interpret one object (from its HEAD) in the DeltaGlider format.
+
+    Raises ``FormatError`` for a ``.delta`` object with DeltaGlider metadata
+    that lacks what is needed to rebuild it.
+    """
+    file_sha256 = meta_value(metadata, "file_sha256")
+    if is_reference_key(stored_key):
+        return StoredFile(
+            Kind.REFERENCE, stored_key, stored_key, stored_size, stored_size, file_sha256
+        )
+    visible = visible_key(stored_key) or stored_key
+    if file_sha256 is None:
+        # Foreign: not written by DeltaGlider; shown under its own name,
+        # except that a bare ``.delta`` suffix is still hidden (as DeltaGlider does).
+        return StoredFile(Kind.FOREIGN, stored_key, visible, stored_size, stored_size, None)
+    size_text = meta_value(metadata, "file_size")
+    if stored_key.endswith(DELTA_SUFFIX) and meta_value(metadata, "compression") != "none":
+        ref_key = meta_value(metadata, "ref_key")
+        ref_sha256 = meta_value(metadata, "ref_sha256")
+        if not (size_text and ref_key and ref_sha256):
+            raise FormatError(f"{stored_key}: delta metadata lacks file size or reference")
+        return StoredFile(
+            Kind.DELTA,
+            stored_key,
+            visible,
+            _parse_size(stored_key, size_text),
+            stored_size,
+            file_sha256,
+            ref_key,
+            ref_sha256,
+        )
+    original_size = _parse_size(stored_key, size_text) if size_text else stored_size
+    return StoredFile(Kind.DIRECT, stored_key, visible, original_size, stored_size, file_sha256)
+
+
+def _parse_size(key: str, text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise FormatError(f"{key}: bad dg-file-size {text!r}") from None
+    if size < 0:
+        raise FormatError(f"{key}: negative dg-file-size {text!r}")
+    return size
+
+
+def deltaspace_of(ref_key: str) -> str:
+    """Prefix of the deltaspace a reference key belongs to."""
+    return split_key(ref_key)[0]
+
+
+def with_original_name(metadata: Mapping[str, str], new_name: str) -> dict[str, str]:
+    """Metadata copy for a renamed file (DeltaGlider fields follow the new name)."""
+    meta = dict(metadata)
+    for key in _ALIASES["original_name"]:
+        if key in meta:
+            meta[key] = new_name
+    if "dg-delta-cmd" in meta:
+        meta["dg-delta-cmd"] = delta_cmd_text(new_name)
+    return meta
+
+
+def with_ref_key(metadata: Mapping[str, str], new_ref_key: str) -> dict[str, str]:
+    """Metadata copy whose reference pointer moved (directory rename)."""
+    meta = dict(metadata)
+    for key in _ALIASES["ref_key"]:
+        if key in meta:
+            meta[key] = new_ref_key
+    return meta
