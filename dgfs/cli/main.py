@@ -1,0 +1,83 @@
+"""The ``dgfs`` command: one sub-command per module in ``dgfs.cli``.
+
+Each sub-command module provides ``register(subparsers)``, which adds its
+parser and sets ``func`` to a callable taking the parsed arguments and
+returning an exit code. A ``UserError`` ends the program with a one-line
+message (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from dgfs import __version__
+from dgfs.errors import DgfsError, UserError
+
+SUBCOMMANDS = ("mount", "stats", "verify", "migrate", "gc", "install_helper")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the command ran but something failed (see its report)
+EXIT_USAGE = 2  # user error: bad arguments, missing bucket, refused credentials
+EXIT_INTERRUPTED = 130
+
+
+def setup_logging(level: str | None) -> None:
+    name = (level or os.environ.get("DG_LOG_LEVEL") or "WARNING").upper()
+    if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise UserError(f"bad log level {name!r}: use debug, info, warning or error")
+    logging.basicConfig(
+        level=getattr(logging, name),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # boto's own chatter is noise at INFO.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dgfs",
+        description="Mount an S3 bucket as a directory, storing similar files as xdelta3 deltas "
+        "(DeltaGlider v6 format), and inspect, verify and migrate such buckets.",
+    )
+    parser.add_argument("--version", action="version", version=f"dgfs {__version__}")
+    parser.add_argument(
+        "--log-level", help="debug, info, warning (default) or error; also DG_LOG_LEVEL"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"dgfs.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"dgfs.cli.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        setup_logging(args.log_level)
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("dgfs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UserError as exc:
+        print(f"dgfs {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DgfsError as exc:
+        print(f"dgfs {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

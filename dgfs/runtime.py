@@ -1,0 +1,147 @@
+"""Wiring of the storage core from user settings (used by the mount and the CLI).
+
+``Settings`` holds everything a user can configure; ``open_core`` builds
+the store, cache, delta engine and policy from it and closes them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from dgfs.cache import ContentCache
+from dgfs.core import Core
+from dgfs.crypto import load_cache_key
+from dgfs.delta import DeltaEngine
+from dgfs.errors import ConfigError
+from dgfs.policy import Policy
+from dgfs.store.s3 import S3Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SIZE = 2 << 30
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or (
+        "/var/cache" if os.geteuid() == 0 else str(Path.home() / ".cache")
+    )
+    return Path(base) / "dgfs"
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"2G"``, ``"1.5GiB"``, ``"1048576"`` -> bytes (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * (1 << (10 * " kmgt".index(unit or " "))))
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """``s3://bucket/prefix`` or ``bucket/prefix`` split; ``prefix`` has no slashes at the ends."""
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> S3Location:
+        body = text.removeprefix("s3://")
+        bucket, _, prefix = body.partition("/")
+        if not bucket or not re.fullmatch(r"[A-Za-z0-9._-]{1,255}", bucket):
+            raise ConfigError(f"bad bucket in {text!r}: expected s3://BUCKET[/PREFIX] or BUCKET")
+        return cls(bucket, prefix.strip("/"))
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a user can set, from options and ``DG_*`` environment variables."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_size: int = DEFAULT_CACHE_SIZE
+    cache_key_file: Path | None = None
+    policy: Policy = field(default_factory=Policy)
+    xdelta3: str = "xdelta3"
+    xdelta_memory: int = 1 << 30
+    s3_concurrency: int = 16
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
+        settings = cls(
+            endpoint_url=environ.get("AWS_ENDPOINT_URL") or None,
+            policy=Policy.from_env(environ),
+        )
+        return replace(settings, **overrides)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def open_store(location: S3Location, settings: Settings) -> AsyncIterator[S3Store]:
+    store = S3Store(
+        location.bucket,
+        endpoint_url=settings.endpoint_url,
+        region=settings.region,
+        profile=settings.profile,
+        max_concurrency=settings.s3_concurrency,
+    )
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_core(
+    location: S3Location, settings: Settings, *, check_bucket: bool = True
+) -> AsyncIterator[Core]:
+    """A ready ``Core`` on ``location.bucket``; everything is released on exit.
+
+    Checks xdelta3 and the bucket first so a user's mistake fails fast
+    with one clear message.
+    """
+    engine = DeltaEngine(settings.xdelta3, memory_limit=settings.xdelta_memory)
+    engine.check()
+    key = load_cache_key(os.environ, settings.cache_key_file)
+    root = settings.cache_dir
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    # An ephemeral key cannot read another process's entries: such a cache
+    # lives in a private directory per process so concurrent users never collide.
+    cache_dir = root / "content" if key else root / f"content-ephemeral-{os.getpid()}"
+    cache = ContentCache(cache_dir, settings.cache_size, key)
+    # Scratch (staging, deltas, decrypted references) sits beside the cache,
+    # on disk rather than a possibly small tmpfs.
+    (root / "scratch").mkdir(mode=0o700, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root / "scratch"))
+    try:
+        async with open_store(location, settings) as store:
+            if check_bucket:
+                await store.check_bucket()
+            core = Core(store, cache, engine, settings.policy, scratch_dir=scratch)
+            try:
+                yield core
+            finally:
+                await core.aclose()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if key is None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
