@@ -1,0 +1,92 @@
+"""Persistent cache of object metadata keyed by (key, ETag).
+
+A HEAD answer never changes for a given ETag of a key, so once seen it can
+be reused across remounts: ``ls -l`` of a large directory after a remount
+costs one LIST, not one HEAD per file. Stored in SQLite under the cache
+directory. ``get``/``put`` work on an in-memory dict (trio thread only);
+``flush`` writes new rows and is meant for a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS heads (
+    key TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    PRIMARY KEY (key, etag)
+)
+"""
+
+# Only these metadata keys matter to the mount; the rest is not kept.
+def _relevant(name: str) -> bool:
+    return name.startswith(("dg-", "dg_")) or name in {
+        "mtime", "mode", "uid", "gid", "file_sha256", "file_size", "compression",
+        "original_name", "ref_key", "ref_sha256", "delta_size", "note",
+    }
+
+
+class AttrCache:
+    """(key, etag) -> user metadata, persisted in ``path`` (SQLite)."""
+
+    def __init__(self, path: Path | None, max_entries: int = 1_000_000) -> None:
+        self.path = path
+        self.max_entries = max_entries
+        self._rows: dict[tuple[str, str], dict[str, str]] = {}
+        self._dirty: dict[tuple[str, str], dict[str, str]] = {}
+        self._io_lock = threading.Lock()
+        if path is not None:
+            self._load()
+
+    def _connect(self) -> sqlite3.Connection:
+        assert self.path is not None
+        conn = sqlite3.connect(self.path, timeout=5)
+        conn.execute(_SCHEMA)
+        return conn
+
+    def _load(self) -> None:
+        try:
+            with self._connect() as conn:
+                for key, etag, meta in conn.execute("SELECT key, etag, metadata FROM heads"):
+                    self._rows[(key, etag)] = json.loads(meta)
+        except (sqlite3.Error, ValueError) as exc:
+            log.warning("attribute cache %s unreadable (%s); starting empty", self.path, exc)
+            self._rows.clear()
+            if self.path is not None:
+                self.path.unlink(missing_ok=True)
+
+    def get(self, key: str, etag: str) -> dict[str, str] | None:
+        return self._rows.get((key, etag))
+
+    def put(self, key: str, etag: str, metadata: Mapping[str, str]) -> None:
+        kept = {k: v for k, v in metadata.items() if _relevant(k)}
+        if len(self._rows) >= self.max_entries:
+            self._rows.clear()  # crude bound; the store is the truth
+        self._rows[(key, etag)] = kept
+        self._dirty[(key, etag)] = kept
+
+    def take_dirty(self) -> list[tuple[str, str, str]]:
+        """Rows not yet persisted (call on the trio thread, then ``write`` them in a worker)."""
+        rows = [(k, e, json.dumps(m)) for (k, e), m in self._dirty.items()]
+        self._dirty.clear()
+        return rows
+
+    def write(self, rows: list[tuple[str, str, str]]) -> None:
+        """Persist rows (blocking)."""
+        if self.path is None or not rows:
+            return
+        with self._io_lock:
+            try:
+                with self._connect() as conn:
+                    conn.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", rows)
+            except sqlite3.Error as exc:
+                log.warning("could not persist attribute cache: %s", exc)
