@@ -44,6 +44,8 @@ from dgfs.store.base import ObjectHead, ObjectStore
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
 
 @dataclass(frozen=True)
 class PutResult:
@@ -179,11 +181,14 @@ class Core:
         *,
         extra_metadata: Mapping[str, str] | None = None,
         digest: FileDigest | None = None,
+        content_type: str = DEFAULT_CONTENT_TYPE,
     ) -> PutResult:
         """Store the local file ``src`` under the user-visible ``key``.
 
-        ``extra_metadata`` (POSIX attributes) is stored beside the format's
-        own keys. ``digest`` saves re-hashing when the caller has it.
+        ``extra_metadata`` (POSIX attributes, a migrated object's user
+        metadata) is stored beside the format's own keys. ``digest`` saves
+        re-hashing when the caller has it. ``content_type`` is set on the
+        object that holds the file (delta or direct), not on the reference.
         """
         if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
             raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
@@ -191,29 +196,39 @@ class Core:
         extra = dict(extra_metadata or {})
         name = fmt.split_key(key)[1]
         if not self.policy.is_delta_candidate(name, digest.head, digest.size):
-            return await self._put_direct(src, key, digest, extra)
-        return await self._put_delta(src, key, digest, extra)
+            return await self._put_direct(src, key, digest, extra, content_type)
+        return await self._put_delta(src, key, digest, extra, content_type)
 
     async def _put_direct(
-        self, src: Path, key: str, digest: FileDigest, extra: dict[str, str]
+        self,
+        src: Path,
+        key: str,
+        digest: FileDigest,
+        extra: dict[str, str],
+        content_type: str = DEFAULT_CONTENT_TYPE,
     ) -> PutResult:
         name = fmt.split_key(key)[1]
         meta = fmt.direct_metadata(
             original_name=name, file_sha256=digest.sha256, file_size=digest.size, now=self._now()
         )
-        await self.store.upload(key, src, {**extra, **meta})
+        await self.store.upload(key, src, {**extra, **meta}, content_type=content_type)
         await self.store.delete(fmt.delta_key(key))
         log.info("stored %s direct (%d bytes)", key, digest.size)
         return PutResult(key, key, Kind.DIRECT, False, digest.size, digest.size, digest.sha256)
 
     async def _put_delta(
-        self, src: Path, key: str, digest: FileDigest, extra: dict[str, str]
+        self,
+        src: Path,
+        key: str,
+        digest: FileDigest,
+        extra: dict[str, str],
+        content_type: str = DEFAULT_CONTENT_TYPE,
     ) -> PutResult:
         prefix, name = fmt.split_key(key)
         ref_key = fmt.reference_key(prefix)
         ref_sha256, created = await self._ensure_reference(src, ref_key, name, digest)
         if ref_sha256 is None:
-            return await self._put_direct(src, key, digest, extra)
+            return await self._put_direct(src, key, digest, extra, content_type)
         async with self._scratch(".delta") as delta_path:
             if created:
                 await self.engine.encode(src, src, delta_path)
@@ -228,7 +243,7 @@ class Core:
                     delta_size / max(digest.size, 1),
                     self.policy.max_ratio,
                 )
-                return await self._put_direct(src, key, digest, extra)
+                return await self._put_direct(src, key, digest, extra, content_type)
             meta = fmt.delta_metadata(
                 original_name=name,
                 file_sha256=digest.sha256,
@@ -240,7 +255,9 @@ class Core:
                 zero_diff=created,
             )
             stored_key = fmt.delta_key(key)
-            await self.store.upload(stored_key, delta_path, {**extra, **meta})
+            await self.store.upload(
+                stored_key, delta_path, {**extra, **meta}, content_type=content_type
+            )
         await self.store.delete(key)
         log.info(
             "stored %s as delta: %d -> %d bytes%s",

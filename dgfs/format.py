@@ -302,6 +302,21 @@ def deltaspace_of(ref_key: str) -> str:
     return split_key(ref_key)[0]
 
 
+def user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A DeltaGlider object's metadata without the format's own keys.
+
+    What remains is what a user or another tool attached (``mtime``,
+    ``owner``...): what must follow the file when it is copied elsewhere.
+    Every ``dg-``/``dg_`` key and every older alias is dropped.
+    """
+    own = {key for keys in _ALIASES.values() for key in keys}
+    return {
+        key: value
+        for key, value in metadata.items()
+        if key not in own and not key.startswith(("dg-", "dg_"))
+    }
+
+
 def with_original_name(metadata: Mapping[str, str], new_name: str) -> dict[str, str]:
     """Metadata copy for a renamed file (DeltaGlider fields follow the new name)."""
     meta = dict(metadata)
