@@ -1,0 +1,520 @@
+"""How much a bucket (or prefix) stores, and how much the deltas save.
+
+Counting rules (what a caller may rely on):
+
+- Files are what a user sees: deltas, direct objects and foreign objects.
+  ``reference.bin`` objects are not files, but their bytes are stored
+  bytes. ``.deltaglider/`` (stats caches, temp files) is left out.
+- A delta's original size is its ``dg-file-size``; a direct or foreign
+  object's original and stored sizes are its object size.
+- Modes trade requests for accuracy:
+  ``quick``: one LIST. A delta's original size is *estimated* as its
+  deltaspace's reference size (the reference is a full earlier version of
+  the same series), or the delta's own size when there is no reference.
+  Direct and foreign objects are not told apart (``foreign_count`` is None).
+  ``sampled``: LIST plus one HEAD per deltaspace (its newest delta); the
+  other deltas of that space are estimated as the mean of the sampled size
+  and the reference size (versions of a series drift between the two).
+  ``detailed``: LIST plus a HEAD of every delta and every plain object, all
+  exact; direct and foreign are told apart.
+- An orphaned reference is a ``reference.bin`` whose directory holds no
+  ``.delta`` object any more; its bytes are still counted as stored.
+
+Whole-bucket results are cached in the bucket at
+``.deltaglider/stats_{mode}.json`` in DeltaGlider's layout (so ``deltaglider
+stats`` reads them), plus a ``dgfs`` section with the full breakdown and a
+fingerprint of the listing (count, bytes, and a digest of every key, size
+and ETag). A cache entry is used only if dgfs wrote it and the fingerprint
+of a fresh LIST matches; DeltaGlider-written entries are recomputed because
+DeltaGlider's quick numbers leave deltas' original sizes out. Prefix
+results are not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import trio
+
+from dgfs import format as fmt
+from dgfs.errors import DgfsError, FormatError, NotFound
+from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["quick", "sampled", "detailed"]
+MODES: tuple[Mode, ...] = ("quick", "sampled", "detailed")
+
+# DeltaGlider's stats cache layout (deltaglider 6.x, client_operations/stats.py).
+DG_CACHE_VERSION = "1.0"
+DGFS_CACHE_FORMAT = 1
+DG_STATS_FIELDS = (
+    "bucket",
+    "object_count",
+    "total_size",
+    "compressed_size",
+    "space_saved",
+    "average_compression_ratio",
+    "delta_objects",
+    "direct_objects",
+    "object_limit_reached",
+)
+
+
+def cache_key(mode: Mode) -> str:
+    """Where the stats of ``mode`` are cached in the bucket."""
+    return f"{fmt.INTERNAL_PREFIX}stats_{mode}.json"
+
+
+@dataclass
+class SpaceStats:
+    """One directory (deltaspace) of the bucket."""
+
+    prefix: str
+    delta_count: int = 0
+    direct_count: int | None = 0
+    foreign_count: int | None = 0
+    plain_count: int = 0  # direct + foreign
+    original_bytes: int = 0
+    stored_bytes: int = 0  # includes the reference
+    reference_bytes: int = 0
+    has_reference: bool = False
+    estimated: bool = False
+
+    @property
+    def file_count(self) -> int:
+        return self.delta_count + self.plain_count
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.original_bytes - self.stored_bytes
+
+    @property
+    def ratio(self) -> float:
+        """stored / original (1.0 when nothing is stored)."""
+        return self.stored_bytes / self.original_bytes if self.original_bytes else 1.0
+
+    @property
+    def orphaned(self) -> bool:
+        return self.has_reference and self.delta_count == 0
+
+
+@dataclass(frozen=True)
+class Orphan:
+    key: str
+    size: int
+
+
+@dataclass
+class BucketStats:
+    """Totals for ``bucket``/``prefix`` in one mode; see the module docstring."""
+
+    bucket: str
+    prefix: str
+    mode: Mode
+    file_count: int = 0
+    delta_count: int = 0
+    direct_count: int | None = 0  # None: not told apart from foreign (quick, sampled)
+    foreign_count: int | None = 0
+    plain_count: int = 0
+    original_bytes: int = 0
+    stored_bytes: int = 0
+    reference_count: int = 0
+    reference_bytes: int = 0
+    estimated: bool = False
+    spaces: list[SpaceStats] = field(default_factory=list)
+    orphans: list[Orphan] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # objects with broken metadata
+    computed_at: str = ""
+    from_cache: bool = False
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.original_bytes - self.stored_bytes
+
+    @property
+    def ratio(self) -> float:
+        """stored / original (1.0 when nothing is stored)."""
+        return self.stored_bytes / self.original_bytes if self.original_bytes else 1.0
+
+    @property
+    def saved_fraction(self) -> float:
+        """Share of the original bytes saved, clamped to [0, 1] (DeltaGlider's "ratio")."""
+        if not self.original_bytes:
+            return 0.0
+        return min(1.0, max(0.0, self.saved_bytes / self.original_bytes))
+
+    @property
+    def orphan_bytes(self) -> int:
+        return sum(orphan.size for orphan in self.orphans)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the ``--json`` output and the cache's ``dgfs.stats``)."""
+        data = asdict(self)
+        data["saved_bytes"] = self.saved_bytes
+        data["ratio"] = round(self.ratio, 6)
+        data["saved_fraction"] = round(self.saved_fraction, 6)
+        for space, raw in zip(self.spaces, data["spaces"], strict=True):
+            raw["file_count"] = space.file_count
+            raw["saved_bytes"] = space.saved_bytes
+            raw["ratio"] = round(space.ratio, 6)
+            raw["orphaned"] = space.orphaned
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BucketStats:
+        own = {name for name in cls.__dataclass_fields__}
+        space_fields = set(SpaceStats.__dataclass_fields__)
+        values = {k: v for k, v in data.items() if k in own}
+        values["spaces"] = [
+            SpaceStats(**{k: v for k, v in raw.items() if k in space_fields})
+            for raw in data.get("spaces", [])
+        ]
+        values["orphans"] = [Orphan(o["key"], o["size"]) for o in data.get("orphans", [])]
+        if values.get("mode") not in MODES:
+            raise ValueError(f"bad mode {values.get('mode')!r}")
+        return cls(**values)
+
+    def deltaglider_stats(self) -> dict[str, Any]:
+        """These totals as DeltaGlider's ``BucketStats`` fields.
+
+        DeltaGlider has no "foreign": every non-delta file is "direct".
+        """
+        return {
+            "bucket": self.bucket,
+            "object_count": self.file_count,
+            "total_size": self.original_bytes,
+            "compressed_size": self.stored_bytes,
+            "space_saved": max(0, self.saved_bytes),
+            "average_compression_ratio": self.saved_fraction,
+            "delta_objects": self.delta_count,
+            "direct_objects": self.plain_count,
+            "object_limit_reached": False,
+        }
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a LIST says about the bucket's content (internal objects excluded)."""
+
+    object_count: int
+    total_bytes: int
+    digest: str
+
+    @classmethod
+    def of(cls, objects: Iterable[ObjectInfo]) -> Fingerprint:
+        sha = hashlib.sha256()
+        count = total = 0
+        for obj in sorted(objects, key=lambda o: o.key):
+            sha.update(f"{obj.key}\0{obj.size}\0{obj.etag.strip(chr(34))}\n".encode())
+            count += 1
+            total += obj.size
+        return cls(count, total, sha.hexdigest())
+
+
+# --- computing -------------------------------------------------------------------
+
+
+def _is_delta_name(key: str) -> bool:
+    name = fmt.split_key(key)[1]
+    return name.endswith(fmt.DELTA_SUFFIX) and len(name) > len(fmt.DELTA_SUFFIX)
+
+
+def _list_root(prefix: str) -> str:
+    return prefix.strip("/") + "/" if prefix.strip("/") else ""
+
+
+async def compute_stats(
+    store: ObjectStore,
+    prefix: str = "",
+    mode: Mode = "quick",
+    *,
+    use_cache: bool = True,
+    refresh: bool = False,
+    concurrency: int = 32,
+    on_head: Callable[[int], None] | None = None,
+) -> BucketStats:
+    """Statistics of ``store``'s bucket under ``prefix`` (a directory; "" = whole bucket).
+
+    ``use_cache=False`` neither reads nor writes the cache; ``refresh`` skips
+    reading it but writes the new result. ``on_head(n)`` is called as HEADs
+    finish (for a progress bar), after being called once with the total.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown stats mode {mode!r}")
+    root = _list_root(prefix)
+    listing = await store.list(root, delimiter=None)
+    everything = listing.objects
+    content = [o for o in everything if not fmt.is_internal_key(o.key)]
+    fingerprint = Fingerprint.of(content)
+    cacheable = root == ""
+
+    if cacheable and use_cache and not refresh:
+        cached = await _read_cache(store, mode, everything, fingerprint)
+        if cached is not None:
+            return cached
+
+    stats = await _compute(store, root, mode, content, concurrency, on_head)
+    if cacheable and use_cache:
+        await _write_cache(store, mode, stats, everything, fingerprint)
+    return stats
+
+
+async def _compute(
+    store: ObjectStore,
+    root: str,
+    mode: Mode,
+    objects: list[ObjectInfo],
+    concurrency: int,
+    on_head: Callable[[int], None] | None,
+) -> BucketStats:
+    spaces: dict[str, SpaceStats] = {}
+    refs: dict[str, ObjectInfo] = {}
+    deltas: dict[str, list[ObjectInfo]] = {}
+    plain: dict[str, list[ObjectInfo]] = {}
+    for obj in objects:
+        space_name = fmt.split_key(obj.key)[0]
+        spaces.setdefault(space_name, SpaceStats(space_name))
+        if fmt.is_reference_key(obj.key):
+            refs[space_name] = obj
+        elif _is_delta_name(obj.key):
+            deltas.setdefault(space_name, []).append(obj)
+        else:
+            plain.setdefault(space_name, []).append(obj)
+
+    # Which objects get a HEAD.
+    to_head: list[str] = []
+    if mode == "detailed":
+        to_head = [o.key for group in deltas.values() for o in group]
+        to_head += [o.key for group in plain.values() for o in group]
+    elif mode == "sampled":
+        for group in deltas.values():
+            newest = max(group, key=lambda o: (o.last_modified, o.key))
+            to_head.append(newest.key)
+    heads = await _head_all(store, to_head, concurrency, on_head)
+
+    stats = BucketStats(store.bucket, root.rstrip("/"), mode)
+    unreadable: list[str] = []
+    for name, space in sorted(spaces.items()):
+        ref = refs.get(name)
+        if ref is not None:
+            space.has_reference = True
+            space.reference_bytes = ref.size
+            space.stored_bytes += ref.size
+        sample_size: int | None = None
+        unknown: list[ObjectInfo] = []  # deltas whose original size must be estimated
+        for obj in deltas.get(name, []):
+            head = heads.get(obj.key)
+            if head is False:  # gone since the LIST
+                continue
+            stored = _classified(obj, head, unreadable)
+            if stored is not None and stored.kind is not fmt.Kind.DELTA:
+                _add_plain(space, stored.kind, stored.original_size, obj.size)
+                continue
+            space.delta_count += 1
+            space.stored_bytes += obj.size
+            if stored is None:
+                unknown.append(obj)
+            else:
+                space.original_bytes += stored.original_size
+                sample_size = stored.original_size
+        for obj in unknown:
+            space.estimated = True
+            space.original_bytes += _estimate(obj, ref, sample_size if mode == "sampled" else None)
+        for obj in plain.get(name, []):
+            head = heads.get(obj.key)
+            if head is False:
+                continue
+            stored = _classified(obj, head, unreadable)
+            if mode == "detailed" and stored is not None:
+                _add_plain(space, stored.kind, stored.original_size, obj.size)
+            else:
+                _add_plain(space, None, obj.size, obj.size)
+        if mode != "detailed":
+            space.direct_count = space.foreign_count = None
+        stats.spaces.append(space)
+        if space.orphaned and ref is not None:
+            stats.orphans.append(Orphan(ref.key, ref.size))
+
+    for space in stats.spaces:
+        stats.delta_count += space.delta_count
+        stats.plain_count += space.plain_count
+        stats.original_bytes += space.original_bytes
+        stats.stored_bytes += space.stored_bytes
+        stats.reference_bytes += space.reference_bytes
+        stats.reference_count += int(space.has_reference)
+        stats.estimated = stats.estimated or space.estimated
+    stats.file_count = stats.delta_count + stats.plain_count
+    if mode == "detailed":
+        stats.direct_count = sum(s.direct_count or 0 for s in stats.spaces)
+        stats.foreign_count = sum(s.foreign_count or 0 for s in stats.spaces)
+    else:
+        stats.direct_count = stats.foreign_count = None
+    stats.unreadable = sorted(unreadable)
+    stats.computed_at = datetime.now(UTC).isoformat()
+    if stats.orphans:
+        log.warning(
+            "%d orphaned reference(s) hold %d bytes with no delta left",
+            len(stats.orphans),
+            sum(o.size for o in stats.orphans),
+        )
+    return stats
+
+
+def _classified(
+    obj: ObjectInfo, head: ObjectHead | bool | None, unreadable: list[str]
+) -> fmt.StoredFile | None:
+    """The object's StoredFile if it was HEADed and its metadata is sound."""
+    if not isinstance(head, ObjectHead):
+        return None
+    try:
+        return fmt.classify(obj.key, obj.size, head.metadata)
+    except FormatError as exc:
+        log.warning("%s", exc)
+        unreadable.append(obj.key)
+        return None
+
+
+def _add_plain(space: SpaceStats, kind: fmt.Kind | None, original: int, stored: int) -> None:
+    space.plain_count += 1
+    space.original_bytes += original
+    space.stored_bytes += stored
+    if kind is fmt.Kind.FOREIGN:
+        space.foreign_count = (space.foreign_count or 0) + 1
+    elif kind is fmt.Kind.DIRECT:
+        space.direct_count = (space.direct_count or 0) + 1
+
+
+def _estimate(delta: ObjectInfo, ref: ObjectInfo | None, sample_size: int | None) -> int:
+    """Estimated original size of a delta whose metadata was not read."""
+    if sample_size is not None:
+        return (sample_size + ref.size) // 2 if ref is not None else sample_size
+    return ref.size if ref is not None else delta.size
+
+
+async def _head_all(
+    store: ObjectStore,
+    keys: list[str],
+    concurrency: int,
+    on_head: Callable[[int], None] | None,
+) -> dict[str, ObjectHead | bool]:
+    """HEAD ``keys`` concurrently: key -> head, or False if it vanished since the LIST."""
+    results: dict[str, ObjectHead | bool] = {}
+    if on_head is not None:
+        on_head(len(keys))
+    if not keys:
+        return results
+    limiter = trio.CapacityLimiter(max(1, concurrency))
+
+    async def one(key: str) -> None:
+        async with limiter:
+            try:
+                results[key] = await store.head(key)
+            except NotFound:
+                results[key] = False
+        if on_head is not None:
+            on_head(1)
+
+    async with trio.open_nursery() as nursery:
+        for key in keys:
+            nursery.start_soon(one, key)
+    return results
+
+
+# --- the cache ----------------------------------------------------------------
+
+
+def _cache_document(
+    stats: BucketStats, fingerprint: Fingerprint, dg_count: int, dg_size: int
+) -> dict[str, Any]:
+    return {
+        "version": DG_CACHE_VERSION,
+        "mode": stats.mode,
+        "computed_at": stats.computed_at,
+        "validation": {"object_count": dg_count, "compressed_size": dg_size},
+        "stats": stats.deltaglider_stats(),
+        "dgfs": {
+            "format": DGFS_CACHE_FORMAT,
+            "validation": asdict(fingerprint),
+            "stats": stats.to_json(),
+        },
+    }
+
+
+def encode_cache(
+    stats: BucketStats, fingerprint: Fingerprint, others: Iterable[ObjectInfo]
+) -> bytes:
+    """The cache file for ``stats``, valid for DeltaGlider too.
+
+    DeltaGlider validates a cache by the count and total size of *every*
+    object a LIST shows, this cache file included; so the file states its
+    own size. The JSON is padded with trailing spaces to reach the size it
+    claims (a fixed point; JSON ignores trailing whitespace).
+    """
+    other_list = [o for o in others if o.key != cache_key(stats.mode)]
+    count = len(other_list) + 1
+    base = sum(o.size for o in other_list)
+    claimed = 0
+    for _ in range(20):
+        body = json.dumps(_cache_document(stats, fingerprint, count, base + claimed), indent=2)
+        size = len(body.encode())
+        if size <= claimed:
+            return (body + " " * (claimed - size)).encode()
+        claimed = size
+    raise AssertionError("stats cache size did not settle")
+
+
+async def _read_cache(
+    store: ObjectStore, mode: Mode, everything: list[ObjectInfo], fingerprint: Fingerprint
+) -> BucketStats | None:
+    key = cache_key(mode)
+    entry = next((o for o in everything if o.key == key), None)
+    if entry is None:
+        return None
+    try:
+        raw = await store.get_range(key, 0, entry.size)
+        document = json.loads(raw)
+        ours = document.get("dgfs") or {}
+        if document.get("version") != DG_CACHE_VERSION or document.get("mode") != mode:
+            log.info("stats cache %s: other version or mode; recomputing", key)
+            return None
+        if ours.get("format") != DGFS_CACHE_FORMAT:
+            log.info("stats cache %s was not written by dgfs; recomputing", key)
+            return None
+        if Fingerprint(**ours["validation"]) != fingerprint:
+            log.info("stats cache %s is stale (bucket changed); recomputing", key)
+            return None
+        stats = BucketStats.from_json(ours["stats"])
+    except NotFound:
+        return None
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("stats cache %s is unreadable (%s); recomputing", key, exc)
+        return None
+    stats.from_cache = True
+    log.info("stats cache hit: %s (computed %s)", key, stats.computed_at)
+    return stats
+
+
+async def _write_cache(
+    store: ObjectStore,
+    mode: Mode,
+    stats: BucketStats,
+    everything: list[ObjectInfo],
+    fingerprint: Fingerprint,
+) -> None:
+    body = encode_cache(stats, fingerprint, everything)
+    try:
+        await store.put_bytes(
+            cache_key(mode),
+            body,
+            {"x-deltaglider-cache": "true"},
+            content_type="application/json",
+        )
+    except DgfsError as exc:  # caching is optional: a read-only user still gets stats
+        log.warning("could not write the stats cache %s: %s", cache_key(mode), exc)
