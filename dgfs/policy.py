@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 from dgfs.errors import ConfigError
@@ -160,25 +160,28 @@ class Policy:
 
         Reads ``DG_MAX_RATIO`` (a number from 0 to 1; unset or blank means
         the default). Keyword ``overrides`` (field names) win over the
-        environment; an override of None is ignored, so unset options can be
-        passed through. Raises :class:`ConfigError` on invalid values.
+        environment, which is then not read for that field; an override of
+        None is ignored, so unset options can be passed through. Raises
+        :class:`ConfigError` on invalid values, :class:`TypeError` on an
+        unknown field name.
         """
-        policy = cls()
-        raw_ratio = environ.get("DG_MAX_RATIO", "").strip()
-        if raw_ratio:
-            try:
-                ratio = float(raw_ratio)
-            except ValueError:
-                raise ConfigError(
-                    f"DG_MAX_RATIO must be a number from 0 to 1, not {raw_ratio!r}"
-                ) from None
-            try:
-                policy = replace(policy, max_ratio=ratio)
-            except ConfigError as exc:
-                raise ConfigError(f"DG_MAX_RATIO: {exc}") from None
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:
             raise TypeError(f"unknown Policy fields: {', '.join(sorted(unknown))}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        return replace(policy, **given) if given else policy
+        raw_ratio = environ.get("DG_MAX_RATIO", "").strip()
+        if raw_ratio and "max_ratio" not in given:
+            given["max_ratio"] = _parse_ratio("DG_MAX_RATIO", raw_ratio)
+        return cls(**given)
+
+
+def _parse_ratio(source: str, text: str) -> float:
+    """``text`` as a ratio from 0 to 1, or ConfigError naming ``source``."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = math.nan
+    if not 0 <= ratio <= 1:  # also false for nan
+        raise ConfigError(f"{source} must be a number from 0 to 1, not {text!r}")
+    return ratio
