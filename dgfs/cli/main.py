@@ -29,10 +29,8 @@ def setup_logging(level: str | None) -> None:
     name = (level or os.environ.get("DG_LOG_LEVEL") or "WARNING").upper()
     if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise UserError(f"bad log level {name!r}: use debug, info, warning or error")
-    logging.basicConfig(
-        level=getattr(logging, name),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(getattr(logging, name))
     # boto's own chatter is noise at INFO.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -27,11 +27,22 @@ CREATE TABLE IF NOT EXISTS heads (
 )
 """
 
+
 # Only these metadata keys matter to the mount; the rest is not kept.
 def _relevant(name: str) -> bool:
     return name.startswith(("dg-", "dg_")) or name in {
-        "mtime", "mode", "uid", "gid", "file_sha256", "file_size", "compression",
-        "original_name", "ref_key", "ref_sha256", "delta_size", "note",
+        "mtime",
+        "mode",
+        "uid",
+        "gid",
+        "file_sha256",
+        "file_size",
+        "compression",
+        "original_name",
+        "ref_key",
+        "ref_sha256",
+        "delta_size",
+        "note",
     }
 
 

@@ -153,8 +153,10 @@ class FileSystem:
         else:
             default_mode = 0o666 & ~opts.umask
             forced = opts.file_mode
-        node.mode = forced if forced is not None else (
-            stat.S_IMODE(mode) if mode is not None else default_mode
+        node.mode = (
+            forced
+            if forced is not None
+            else (stat.S_IMODE(mode) if mode is not None else default_mode)
         )
         if opts.force_owner:
             node.uid, node.gid = opts.uid, opts.gid
@@ -337,10 +339,9 @@ class FileSystem:
     def _node_for_entry(self, parent_path: str, entry: DirEntry) -> Node:
         path = child_path(parent_path, entry.name)
         node = self.nodes.by_path(path)
-        if node is not None and node.kind is not entry.kind:
-            if node.pending is None:
-                self.nodes.unlink(node)
-                node = None
+        if node is not None and node.kind is not entry.kind and node.pending is None:
+            self.nodes.unlink(node)
+            node = None
         if node is None:
             node = self.nodes.new(path, entry.kind)
             node.ctime_ns = entry.mtime_ns or self.mounted_at_ns
@@ -468,9 +469,7 @@ class FileSystem:
         await self._check_empty(node)
         prefix = self.dir_prefix(node.path)
         page = await self.store.list(prefix, "/")
-        leftovers = [
-            o.key for o in page.objects if o.key == prefix or fmt.is_reference_key(o.key)
-        ]
+        leftovers = [o.key for o in page.objects if o.key == prefix or fmt.is_reference_key(o.key)]
         # An empty directory may still hold its reference (no deltas left):
         # it goes with the directory, as nothing can use it any more.
         await self.store.delete_many(leftovers)
@@ -604,7 +603,6 @@ class FileSystem:
 
     async def _open_reader(self, node: Node) -> Reader:
         stored = node.stored
-        key = self.key_of(node.path)
         if stored is None:
             listing = await self.listing(node.parent_path, fresh=True)
             entry = listing.get(node.name)
@@ -731,7 +729,9 @@ class FileSystem:
 
     # --- uploads --------------------------------------------------------------------
 
-    async def run_uploads(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_uploads(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Upload workers; run in the mount's nursery until cancelled."""
         async with trio.open_nursery() as nursery:
             for _ in range(self.options.upload_workers):
@@ -780,7 +780,9 @@ class FileSystem:
             result = await self.core.put(pending.staging, key, extra_metadata=meta)
         except TransientError as exc:
             pending.uploading = False
-            log.warning("upload of %s failed (%s); retrying in %.0fs", key, exc, self.options.retry_delay)
+            log.warning(
+                "upload of %s failed (%s); retrying in %.0fs", key, exc, self.options.retry_delay
+            )
             pending.error = exc
             pending.notify()
             await trio.sleep(self.options.retry_delay)

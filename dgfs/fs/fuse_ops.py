@@ -183,9 +183,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False)
 
     @_fuse_errors
-    async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
-    ) -> Any:
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         handle, node = await self.fs.create(
             parent_inode, _name(name), mode, ctx.uid, ctx.gid, flags
         )

@@ -75,6 +75,41 @@ class Journal:
                 " give this mount its own cache_dir"
             ) from None
 
+    @classmethod
+    def open_slot(cls, base: Path, slots: int = 8) -> Journal:
+        """The first free journal of ``base`` (``base``, ``base.1``, ...).
+
+        A mount that finds the main journal held (an earlier mount of the
+        same bucket still finishing its uploads) takes the next slot. Entries
+        left in slots nobody holds are moved into the one taken, so the next
+        mount always uploads them.
+        """
+        candidates = [base] + [base.with_name(f"{base.name}.{i}") for i in range(1, slots)]
+        mine: Journal | None = None
+        for path in candidates:
+            try:
+                mine = cls(path)
+                break
+            except ConfigError:
+                continue
+        if mine is None:
+            raise ConfigError(f"all {slots} journals under {base.parent} are in use")
+        for path in candidates:
+            if path == mine.directory or not path.is_dir():
+                continue
+            try:
+                other = cls(path)
+            except ConfigError:
+                continue  # held by a live mount: it will finish its own entries
+            try:
+                for entry in other.recover():
+                    os.replace(other.data_path(entry.entry_id), mine.data_path(entry.entry_id))
+                    mine.write_manifest(entry)
+                    other._manifest_path(entry.entry_id).unlink(missing_ok=True)
+            finally:
+                other.close()
+        return mine
+
     def close(self) -> None:
         os.close(self._lock_fd)
 

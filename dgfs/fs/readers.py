@@ -48,9 +48,7 @@ class CachedReader(Reader):
         self.limiter = limiter
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await trio.to_thread.run_sync(
-            self.reader.read, offset, size, limiter=self.limiter
-        )
+        return await trio.to_thread.run_sync(self.reader.read, offset, size, limiter=self.limiter)
 
     async def close(self) -> None:
         self.reader.close()

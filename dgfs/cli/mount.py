@@ -1,0 +1,189 @@
+"""``dgfs mount BUCKET[/PREFIX] MOUNTPOINT [-o opt,...] [-f]``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+from dgfs.errors import ConfigError
+from dgfs.fs.filesystem import FsOptions
+from dgfs.policy import Policy
+from dgfs.runtime import S3Location, Settings, parse_size
+
+EXAMPLES = """
+examples:
+  dgfs mount releases /mnt/releases -o endpoint=http://127.0.0.1:8333
+  dgfs mount releases/app /mnt/app -o ro,allow_other
+  dgfs mount s3://releases /mnt/releases -f -o log_level=info     # stay in the foreground
+
+options (-o, comma separated):
+  endpoint=URL     S3 endpoint (MinIO, Ceph, SeaweedFS...)      region=NAME   profile=NAME
+  cache_dir=DIR    cache, journal and attribute cache (0700)    cache_size=2G
+  cache_key_file=F keep the encrypted cache across remounts     max_ratio=0.5 (DG_MAX_RATIO)
+  ro / rw          read-only or read-write (default rw)         allow_other
+  uid=N gid=N      owner shown for every file                   umask=022
+  file_mode=644    dir_mode=755                                 listing_ttl=10 (seconds)
+  sync_upload      close() waits for the upload and reports its error
+  upload_workers=4 concurrent uploads                            log_level=info
+"""
+
+FLAG_OPTIONS = {"ro", "rw", "allow_other", "sync_upload", "foreground"}
+VALUE_OPTIONS = {
+    "endpoint",
+    "region",
+    "profile",
+    "cache_dir",
+    "cache_size",
+    "cache_key_file",
+    "max_ratio",
+    "min_delta_size",
+    "uid",
+    "gid",
+    "umask",
+    "dir_mode",
+    "file_mode",
+    "listing_ttl",
+    "log_level",
+    "upload_workers",
+    "upload_delay",
+    "attr_timeout",
+}
+
+
+def split_options(texts: list[str]) -> dict[str, str | None]:
+    """``["a=1,b", "c"]`` -> ``{"a": "1", "b": None, "c": None}``."""
+    options: dict[str, str | None] = {}
+    for text in texts:
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, sep, value = item.partition("=")
+            options[name.strip()] = value if sep else None
+    return options
+
+
+def _int(name: str, value: str | None, base: int = 10) -> int:
+    try:
+        return int(value or "", base)
+    except ValueError:
+        raise ConfigError(
+            f"option {name} needs a {'octal ' if base == 8 else ''}number, got {value!r}"
+        ) from None
+
+
+def _float(name: str, value: str | None) -> float:
+    try:
+        return float(value or "")
+    except ValueError:
+        raise ConfigError(f"option {name} needs a number, got {value!r}") from None
+
+
+def build_config(
+    source: str, mountpoint: str, option_texts: list[str]
+) -> tuple[object, str | None, bool]:
+    """``(MountConfig, log_level, foreground)`` from the command line; ``ConfigError`` if bad."""
+    from dgfs.mount import MountConfig
+
+    options = split_options(option_texts)
+    for name, value in options.items():
+        if name in FLAG_OPTIONS:
+            if value is not None:
+                raise ConfigError(f"option {name} takes no value")
+        elif name in VALUE_OPTIONS:
+            if value is None or value == "":
+                raise ConfigError(f"option {name} needs a value ({name}=...)")
+        else:
+            raise ConfigError(f"unknown option {name!r} (see dgfs mount --help)")
+    settings = Settings.from_env(os.environ)
+    changes: dict[str, object] = {}
+    if "endpoint" in options:
+        changes["endpoint_url"] = options["endpoint"]
+    for name in ("region", "profile"):
+        if name in options:
+            changes[name] = options[name]
+    if "cache_dir" in options:
+        changes["cache_dir"] = Path(str(options["cache_dir"])).expanduser().absolute()
+    if "cache_key_file" in options:
+        changes["cache_key_file"] = Path(str(options["cache_key_file"])).expanduser()
+    if "cache_size" in options:
+        changes["cache_size"] = parse_size(str(options["cache_size"]))
+    policy_overrides: dict[str, object] = {}
+    if "max_ratio" in options:
+        policy_overrides["max_ratio"] = _float("max_ratio", options["max_ratio"])
+    if "min_delta_size" in options:
+        policy_overrides["min_delta_size"] = parse_size(str(options["min_delta_size"]))
+    if policy_overrides:
+        changes["policy"] = Policy.from_env(os.environ, **policy_overrides)
+    settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+
+    fs_changes: dict[str, object] = {}
+    if "ro" in options:
+        fs_changes["read_only"] = True
+    if "uid" in options:
+        fs_changes["uid"] = _int("uid", options["uid"])
+        fs_changes["force_owner"] = True
+    if "gid" in options:
+        fs_changes["gid"] = _int("gid", options["gid"])
+        fs_changes["force_owner"] = True
+    if "umask" in options:
+        fs_changes["umask"] = _int("umask", options["umask"], 8) & 0o777
+    if "file_mode" in options:
+        fs_changes["file_mode"] = _int("file_mode", options["file_mode"], 8) & 0o7777
+    if "dir_mode" in options:
+        fs_changes["dir_mode"] = _int("dir_mode", options["dir_mode"], 8) & 0o7777
+    if "listing_ttl" in options:
+        fs_changes["listing_ttl"] = max(0.0, _float("listing_ttl", options["listing_ttl"]))
+    if "upload_workers" in options:
+        fs_changes["upload_workers"] = max(1, _int("upload_workers", options["upload_workers"]))
+    if "upload_delay" in options:
+        fs_changes["upload_delay"] = max(0.0, _float("upload_delay", options["upload_delay"]))
+    if "sync_upload" in options:
+        fs_changes["sync_upload"] = True
+    fs_options = FsOptions(**fs_changes)  # type: ignore[arg-type]
+    attr_timeout = (
+        _float("attr_timeout", options["attr_timeout"]) if "attr_timeout" in options else 1.0
+    )
+    config = MountConfig(
+        location=S3Location.parse(source),
+        mountpoint=Path(mountpoint).absolute(),
+        settings=settings,
+        fs_options=fs_options,
+        allow_other="allow_other" in options,
+        attr_timeout=attr_timeout,
+    )
+    return config, options.get("log_level"), "foreground" in options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "mount",
+        help="mount a bucket (or a prefix of it) as a directory",
+        description="Mount BUCKET[/PREFIX] on MOUNTPOINT. Without -f the command returns "
+        "once the mount is live (or fails with the reason).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "source", metavar="BUCKET[/PREFIX]", help="bucket, bucket/prefix or s3://bucket/prefix"
+    )
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dgfs.cli.main import setup_logging
+    from dgfs.mount import MountConfig, daemonize, run_foreground
+
+    config, log_level, foreground = build_config(args.source, args.mountpoint, args.options)
+    assert isinstance(config, MountConfig)
+    if log_level:
+        setup_logging(log_level)
+    if args.foreground or foreground:
+        run_foreground(config)
+        return 0
+    return daemonize(config)

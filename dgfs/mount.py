@@ -1,0 +1,235 @@
+"""Wiring of a mount: trio, pyfuse3, signals, readiness and an orderly unmount.
+
+``mount`` runs in the foreground until the filesystem is unmounted (by
+``umount``/``fusermount3 -u``, SIGTERM or SIGINT). After the kernel lets go
+it keeps running until every committed upload is in S3, so a plain
+``umount`` never drops data; whatever cannot be uploaded stays in the
+journal and is uploaded by the next mount of the same bucket.
+``daemonize`` forks first and returns in the parent only once the mount is
+live (or failed, with the child's message).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from dgfs.errors import AccessDenied, ConfigError, DgfsError, StoreError, UserError
+from dgfs.fs.attrcache import AttrCache
+from dgfs.fs.filesystem import FileSystem, FsOptions
+from dgfs.fs.fuse_ops import FuseOperations
+from dgfs.fs.journal import Journal, journal_dir_for
+from dgfs.runtime import S3Location, Settings, open_core
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    location: S3Location
+    mountpoint: Path
+    settings: Settings
+    fs_options: FsOptions = field(default_factory=FsOptions)
+    allow_other: bool = False
+    attr_timeout: float = 1.0
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """A clear ``UserError`` for a mountpoint that cannot be used."""
+    if not mountpoint.exists():
+        raise ConfigError(f"mountpoint {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise ConfigError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise ConfigError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+    if not os.path.exists("/dev/fuse"):
+        raise ConfigError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+
+
+async def _probe_store(core_store: object, read_only: bool) -> bool:
+    """Whether conditional creates work; refuses a read-only credential for rw mounts."""
+    from dgfs.store.base import ObjectStore
+
+    assert isinstance(core_store, ObjectStore)
+    if read_only:
+        return True
+    try:
+        honoured = await core_store.probe_if_none_match()
+    except AccessDenied:
+        raise AccessDenied(
+            f"cannot write to bucket {core_store.bucket}: credentials refused;"
+            " mount with -o ro to read only"
+        ) from None
+    if not honoured:
+        log.warning(
+            "the store ignores If-None-Match: *; two mounts creating the first file of a"
+            " directory at once may race for its reference (the loser falls back safely)"
+        )
+    return honoured
+
+
+def _fuse_options(config: MountConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.add(f"fsname=dgfs:{config.location.bucket}")
+    opts.add("subtype=dgfs")
+    if config.allow_other:
+        opts.add("allow_other")
+    if config.fs_options.read_only:
+        opts.add("ro")
+    return opts
+
+
+async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
+    settings = config.settings
+    async with open_core(config.location, settings) as core:
+        conditional = await _probe_store(core.store, config.fs_options.read_only)
+        core.conditional_create = conditional
+        journal_root = settings.cache_dir / "journal"
+        journal = Journal.open_slot(
+            journal_dir_for(
+                journal_root, settings.endpoint_url, config.location.bucket, config.location.prefix
+            )
+        )
+        attr_cache = AttrCache(settings.cache_dir / f"attrs-{journal.directory.name}.sqlite")
+        fs = FileSystem(core, journal, attr_cache, config.fs_options, config.location.prefix)
+        ops = FuseOperations(fs, attr_timeout=config.attr_timeout)
+        try:
+            pyfuse3.init(ops, str(config.mountpoint), _fuse_options(config))
+        except RuntimeError as exc:
+            journal.close()
+            raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from None
+        unmounted = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fs.run_uploads)
+                nursery.start_soon(_watch_signals, nursery.cancel_scope)
+                await fs.recover_journal()
+                log.info("mounted %s on %s", config.location, config.mountpoint)
+                on_ready()
+                await pyfuse3.main()
+                log.info("unmounted %s; finishing uploads", config.mountpoint)
+                pyfuse3.close(unmount=True)
+                unmounted = True
+                await fs.wait_idle()
+                nursery.cancel_scope.cancel()
+        finally:
+            if not unmounted:
+                pyfuse3.close(unmount=True)
+            await fs.close()
+            journal.close()
+            left = len(fs.nodes.pending_nodes())
+            if left:
+                log.warning(
+                    "%d file(s) not uploaded; kept in %s for the next mount",
+                    left,
+                    journal.directory,
+                )
+            else:
+                log.info("all uploads done")
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            if count == 1:
+                log.info("signal %d: unmounting after pending uploads", signum)
+                pyfuse3.terminate()
+            else:
+                log.warning("second signal: exiting now; pending files stay in the journal")
+                scope.cancel()
+
+
+def run_foreground(config: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Mount and serve until unmounted. Raises ``UserError`` for a user's mistake."""
+    check_mountpoint(config.mountpoint)
+    trio.run(_serve, config, on_ready)
+
+
+def _setup_daemon_logging(config: MountConfig) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if os.path.exists("/dev/log"):
+        handler: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(
+            logging.Formatter("dgfs[%(process)d]: %(levelname)s %(name)s: %(message)s")
+        )
+    else:
+        config.settings.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handler = logging.FileHandler(config.settings.cache_dir / "dgfs.log")
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+        )
+    root.addHandler(handler)
+
+
+def daemonize(config: MountConfig) -> int:
+    """Fork a daemon that mounts; return 0 once the mount is live, else print why and return 2."""
+    check_mountpoint(config.mountpoint)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("OK"):
+            return 0
+        if not message:
+            _, status = os.waitpid(pid, 0)
+            message = f"the mount process died (status {status})"
+        print(f"dgfs mount: {message.strip()}", file=sys.stderr)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        return 2
+
+    # Child: detach, keep the pipe to report readiness.
+    os.close(read_fd)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    _setup_daemon_logging(config)
+    reported = False
+
+    def ready() -> None:
+        nonlocal reported
+        os.write(write_fd, b"OK\n")
+        os.close(write_fd)
+        reported = True
+
+    code = 0
+    try:
+        trio.run(_serve, config, ready)
+    except (UserError, DgfsError, StoreError) as exc:
+        log.error("%s", exc)
+        if not reported:
+            os.write(write_fd, str(exc).encode())
+        code = 2
+    except BaseException as exc:  # noqa: BLE001 - the daemon must report, whatever it was
+        log.exception("mount failed")
+        if not reported:
+            os.write(write_fd, f"unexpected error: {exc!r}".encode())
+        code = 1
+    finally:
+        if not reported:
+            with contextlib.suppress(OSError):
+                os.close(write_fd)
+    os._exit(code)
+
+
+__all__ = ["MountConfig", "daemonize", "run_foreground", "check_mountpoint"]

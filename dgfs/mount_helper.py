@@ -1,0 +1,93 @@
+"""``mount.dgfs``: what ``mount -t dgfs`` and fstab lines call.
+
+mount(8) runs ``mount.dgfs SOURCE MOUNTPOINT [-sfnv] [-o OPTIONS]``. The
+options mount(8) itself understands (``rw``, ``_netdev``, ``nofail``,
+``x-systemd.*``, ...) are dropped; the rest is handed to ``dgfs mount``,
+which returns once the mount is live.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Options that mean something to mount(8), systemd or the kernel's generic
+# mount code, not to dgfs. "ro" is kept: dgfs honours it.
+IGNORED = {
+    "rw",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "exec",
+    "noexec",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "diratime",
+    "nodiratime",
+    "async",
+    "sync",
+    "dirsync",
+    "lazytime",
+    "nolazytime",
+    "silent",
+    "loud",
+    "bg",
+    "fg",
+}
+IGNORED_PREFIXES = ("x-systemd.", "x-", "comment=", "helper=")
+
+
+def filter_options(text: str) -> list[str]:
+    """dgfs's own options out of a mount(8) option string."""
+    kept = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item or item in IGNORED or item.startswith(IGNORED_PREFIXES):
+            continue
+        kept.append(item)
+    return kept
+
+
+def translate(argv: list[str]) -> list[str]:
+    """mount.dgfs arguments -> ``dgfs`` arguments."""
+    positional: list[str] = []
+    options: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "-o":
+            options.extend(filter_options(next(args, "")))
+        elif arg.startswith("-o"):
+            options.extend(filter_options(arg[2:]))
+        elif arg in ("-s", "-f", "-n", "-v") or arg.startswith("-t"):
+            continue  # sloppy, fake, no-mtab, verbose, type: nothing to do for dgfs
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        raise SystemExit("usage: mount.dgfs BUCKET[/PREFIX] MOUNTPOINT [-o options]")
+    result = ["mount", positional[0], positional[1]]
+    if options:
+        result += ["-o", ",".join(options)]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dgfs.cli.main import main as dgfs_main
+
+    return dgfs_main(translate(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
