@@ -13,7 +13,7 @@ Flags, and why (measured on Debian's xdelta3 3.0.11):
   xdelta3's accepted range and to ``memory_limit``). With the default
   64 MiB window, content that moved further than that is not found: a
   110 MiB file rotated by 70 MiB gives a 90 MB delta in 28 s by default
-  and a 409-byte delta in 1.3 s with ``-B``. Decoding with the same
+  and a few hundred bytes in ~1.5 s with ``-B``. Decoding with the same
   ``-B`` halves decode time when copies jump around the source. xdelta3
   allocates the whole ``-B`` even when the source is smaller, so it is
   never larger than the source.
@@ -28,6 +28,12 @@ target out``) from gzip/bzip2/xz input says so in its application header;
 :meth:`DeltaEngine.decode` then lets xdelta3 decompress and recompress as
 that command expects. Whether the recompressed bytes equal the original
 depends on the compressor settings, so callers must check the SHA-256.
+
+The other way round has a catch: the stock *decoder* (``xdelta3 -d -s ref
+delta out``, as the DeltaGlider CLI runs it) decompresses a gzip/bzip2/xz
+*source* by its magic bytes whatever the delta says, so it cannot apply a
+``-D`` delta (not even a reference's self-delta) to such a reference
+unless ``XDELTA=-D`` is in its environment.
 """
 
 from __future__ import annotations
