@@ -1,0 +1,169 @@
+"""``MemoryStore``: an in-memory ObjectStore with S3's semantics, for fast tests.
+
+What it shares with ``S3Store`` (and tests may rely on): ETags are the MD5
+hex of the body (no quotes), ``last_modified`` is the time of the write in
+UTC, ``If-None-Match: *`` is honoured, listings are in key order with
+common prefixes rolled up exactly as ``ListObjectsV2`` does (a common
+prefix counts as one entry of a page), copies keep or replace metadata,
+deleting a missing key is fine. What it does not model: multipart ETags,
+incomplete multipart uploads (there are never any), eventual consistency.
+
+Every operation is a trio checkpoint, so tests see the same scheduling
+points as with a real store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from dgfs.errors import NotFound, PreconditionFailed
+from dgfs.store.base import ListPage, MultipartUpload, ObjectHead, ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as the memory store holds it."""
+
+    body: bytes
+    metadata: dict[str, str]
+    content_type: str
+    etag: str
+    last_modified: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class MemoryStore(ObjectStore):
+    """A bucket held in a dict (``objects``: key -> ``StoredObject``)."""
+
+    def __init__(self, bucket: str = "memory", *, page_size: int = 1000) -> None:
+        self.bucket = bucket
+        self.page_size = page_size
+        self.objects: dict[str, StoredObject] = {}
+
+    def _get(self, key: str) -> StoredObject:
+        try:
+            return self.objects[key]
+        except KeyError:
+            raise NotFound(f"s3://{self.bucket}/{key} not found") from None
+
+    def _put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        content_type: str,
+        if_none_match: bool,
+    ) -> str:
+        if if_none_match and key in self.objects:
+            raise PreconditionFailed(f"PutObject s3://{self.bucket}/{key}: precondition failed")
+        etag = hashlib.md5(body).hexdigest()
+        # S3 lower-cases metadata names (they travel as HTTP headers).
+        stored_metadata = {name.lower(): value for name, value in metadata.items()}
+        self.objects[key] = StoredObject(bytes(body), stored_metadata, content_type, etag)
+        return etag
+
+    async def list_pages(
+        self, prefix: str = "", delimiter: str | None = "/"
+    ) -> AsyncIterator[ListPage]:
+        """Pages of at most ``page_size`` entries (objects + common prefixes), in key order."""
+        await trio.lowlevel.checkpoint()
+        entries: list[ObjectInfo | str] = []
+        for key in sorted(k for k in self.objects if k.startswith(prefix)):
+            cut = key.find(delimiter, len(prefix)) if delimiter else -1
+            if cut >= 0:
+                common = key[: cut + len(delimiter or "")]
+                if not entries or entries[-1] != common:
+                    entries.append(common)
+                continue
+            stored = self.objects[key]
+            entries.append(ObjectInfo(key, len(stored.body), stored.etag, stored.last_modified))
+        for start in range(0, max(len(entries), 1), self.page_size):
+            page = entries[start : start + self.page_size]
+            yield ListPage(
+                [entry for entry in page if isinstance(entry, ObjectInfo)],
+                [entry for entry in page if isinstance(entry, str)],
+            )
+            await trio.lowlevel.checkpoint()
+
+    def _head_of(self, key: str) -> ObjectHead:
+        stored = self._get(key)
+        return ObjectHead(
+            key,
+            len(stored.body),
+            stored.etag,
+            stored.last_modified,
+            dict(stored.metadata),
+            stored.content_type,
+        )
+
+    async def head(self, key: str) -> ObjectHead:
+        await trio.lowlevel.checkpoint()
+        return self._head_of(key)
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        if length <= 0:
+            return b""
+        return self._get(key).body[start : start + length]
+
+    async def download(self, key: str, dest: Path) -> ObjectHead:
+        await trio.lowlevel.checkpoint()
+        head = self._head_of(key)
+        await trio.Path(dest).write_bytes(self.objects[key].body)
+        return head
+
+    async def upload(
+        self,
+        key: str,
+        src: Path,
+        metadata: Mapping[str, str],
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+    ) -> str:
+        body = await trio.Path(src).read_bytes()
+        return self._put(key, body, metadata, content_type, if_none_match)
+
+    async def put_bytes(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+    ) -> str:
+        await trio.lowlevel.checkpoint()
+        return self._put(key, body, metadata, content_type, if_none_match)
+
+    async def copy(
+        self, src_key: str, dst_key: str, metadata: Mapping[str, str] | None = None
+    ) -> str:
+        await trio.lowlevel.checkpoint()
+        source = self._get(src_key)
+        new_metadata = source.metadata if metadata is None else metadata
+        return self._put(dst_key, source.body, new_metadata, source.content_type, False)
+
+    async def delete(self, key: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.objects.pop(key, None)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        for key in keys:
+            self.objects.pop(key, None)
+
+    async def list_multipart_uploads(self, prefix: str = "") -> list[MultipartUpload]:
+        await trio.lowlevel.checkpoint()
+        return []
+
+    async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        await trio.lowlevel.checkpoint()
