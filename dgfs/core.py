@@ -59,10 +59,24 @@ class PutResult:
     stored_size: int
     file_sha256: str
     ref_key: str | None = None
+    ref_sha256: str | None = None
 
     @property
     def ratio(self) -> float:
         return self.stored_size / self.original_size if self.original_size else 1.0
+
+    def as_stored(self) -> StoredFile:
+        """The ``StoredFile`` a ``locate`` would now return."""
+        return StoredFile(
+            self.kind,
+            self.stored_key,
+            self.key,
+            self.original_size,
+            self.stored_size,
+            self.file_sha256,
+            self.ref_key,
+            self.ref_sha256,
+        )
 
 
 class SingleFlight:
@@ -267,7 +281,15 @@ class Core:
             " (new reference)" if created else "",
         )
         return PutResult(
-            key, stored_key, Kind.DELTA, created, digest.size, delta_size, digest.sha256, ref_key
+            key,
+            stored_key,
+            Kind.DELTA,
+            created,
+            digest.size,
+            delta_size,
+            digest.sha256,
+            ref_key,
+            ref_sha256,
         )
 
     async def _ensure_reference(

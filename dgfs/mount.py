@@ -184,14 +184,14 @@ def daemonize(config: MountConfig) -> int:
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
+        # The first child exits as soon as it has forked the daemon.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
         if message.startswith("OK"):
             return 0
         if not message:
-            _, status = os.waitpid(pid, 0)
-            message = f"the mount process died (status {status})"
+            message = "the mount process died before the mount was ready (see the system log)"
         print(f"dgfs mount: {message.strip()}", file=sys.stderr)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
         return 2
 
     # Child: detach, keep the pipe to report readiness.

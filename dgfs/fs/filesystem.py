@@ -811,15 +811,7 @@ class FileSystem:
                 await self.core.rename(key, current_key)
             elif self._posix_metadata(node) != meta:
                 await self.core.update_metadata(key, self._posix_metadata(node))
-        node.stored = StoredFile(
-            result.kind,
-            result.stored_key,
-            result.key,
-            result.original_size,
-            result.stored_size,
-            result.file_sha256,
-            result.ref_key,
-        )
+        node.stored = result.as_stored()
         node.etag = None
         if pending.committed > generation:
             self._queue_upload(node)  # written again meanwhile

@@ -1,0 +1,418 @@
+"""Copy a bucket or prefix into DeltaGlider-compressed storage, resumably.
+
+What a caller may rely on:
+
+- Streaming: each source object goes through one scratch file on disk
+  (never whole in memory) and is stored by ``Core.put`` under its final
+  name; no temporary names appear in the destination.
+- Sources already in the DeltaGlider format are rehydrated (rebuilt and
+  checked against their SHA-256) by the source's ``Core``, never copied as
+  deltas; ``reference.bin`` and ``.deltaglider/`` are not files and are not
+  copied. A source object's user metadata and content type travel with it
+  (the format's own ``dg-*`` keys are written afresh).
+- Resume: the destination is listed once; a file already there under the
+  same visible name with the same original size (and the same SHA-256 when
+  both sides record one) is skipped. A file there with another size is
+  replaced.
+- Prefixes as DeltaGlider does it: with ``preserve_prefix``, the last
+  component of the source prefix is kept (``s3://src/a/b/`` into
+  ``s3://dst/x/`` lands in ``x/b/``); without it files land right under
+  the destination prefix.
+- Filters are ``fnmatch`` globs on the key relative to the source prefix
+  (``*`` also matches ``/``): a file is taken if it matches no exclude and,
+  when includes are given, at least one include.
+- One file's failure never stops the others; ``MigrationReport.failed``
+  names each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from dgfs import format as fmt
+from dgfs.core import Core, PutResult
+from dgfs.errors import ConfigError, DgfsError, IntegrityError, NotFound
+from dgfs.format import Kind
+from dgfs.runtime import S3Location, Settings, open_core, open_store
+from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 8
+
+
+# --- names -------------------------------------------------------------------------
+
+
+def effective_dest_prefix(source_prefix: str, dest_prefix: str, preserve_prefix: bool) -> str:
+    """Where files land in the destination (no slashes at the ends; "" = bucket root)."""
+    source_prefix, dest_prefix = source_prefix.strip("/"), dest_prefix.strip("/")
+    if preserve_prefix and source_prefix:
+        last = source_prefix.rsplit("/", 1)[-1]
+        return f"{dest_prefix}/{last}" if dest_prefix else last
+    return dest_prefix
+
+
+def selected(rel_key: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
+    """Whether ``rel_key`` passes the ``--include``/``--exclude`` globs."""
+    if any(fnmatch.fnmatchcase(rel_key, pattern) for pattern in exclude):
+        return False
+    return not include or any(fnmatch.fnmatchcase(rel_key, pattern) for pattern in include)
+
+
+def _root(prefix: str) -> str:
+    return prefix.strip("/") + "/" if prefix.strip("/") else ""
+
+
+# --- planning --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One user-visible file of the source and where it goes."""
+
+    key: str  # visible key in the source bucket
+    rel_key: str  # relative to the source prefix
+    dest_key: str  # visible key in the destination bucket
+    size: int  # original size (a delta's dg-file-size)
+    sha256: str | None = None  # when the source records it
+    delta: bool = False  # stored as a DeltaGlider delta in the source
+    head: ObjectHead | None = None  # the source delta's HEAD (metadata, content type)
+
+
+@dataclass
+class MigrationPlan:
+    """What a run would do; nothing has been written when you hold one."""
+
+    source: S3Location
+    dest: S3Location
+    dest_prefix: str
+    to_copy: list[SourceFile] = field(default_factory=list)
+    present: list[SourceFile] = field(default_factory=list)  # already in the destination
+    replacing: list[SourceFile] = field(default_factory=list)  # in to_copy, differ at dest
+    filtered_out: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.to_copy)
+
+    @property
+    def present_bytes(self) -> int:
+        return sum(f.size for f in self.present)
+
+
+def check_locations(source: S3Location, dest: S3Location, dest_prefix: str) -> None:
+    """Refuse a destination inside the source (a rerun would copy copies) or vice versa."""
+    if source.bucket != dest.bucket:
+        return
+    src_root, dst_root = _root(source.prefix), _root(dest_prefix)
+    if dst_root.startswith(src_root) or src_root.startswith(dst_root):
+        raise ConfigError(
+            f"source {source} and destination s3://{dest.bucket}/{dst_root} overlap; "
+            "choose a destination outside the source"
+        )
+
+
+@dataclass(frozen=True)
+class _Entry:
+    obj: ObjectInfo
+    delta: bool
+
+
+def _visible_entries(objects: list[ObjectInfo], root: str) -> dict[str, _Entry]:
+    """Visible key -> the object holding it (the newer one when both forms exist)."""
+    entries: dict[str, _Entry] = {}
+    for obj in objects:
+        if (not root and fmt.is_internal_key(obj.key)) or fmt.is_reference_key(obj.key):
+            continue
+        visible = fmt.visible_key(obj.key)
+        if visible is None:
+            continue
+        entry = _Entry(obj, visible != obj.key)
+        old = entries.get(visible)
+        if old is None or obj.last_modified > old.obj.last_modified:
+            entries[visible] = entry
+    return entries
+
+
+async def _heads(
+    store: ObjectStore, keys: list[str], concurrency: int
+) -> dict[str, ObjectHead]:
+    heads: dict[str, ObjectHead] = {}
+    limiter = trio.CapacityLimiter(max(1, concurrency))
+
+    async def one(key: str) -> None:
+        async with limiter:
+            with contextlib.suppress(NotFound):
+                heads[key] = await store.head(key)
+
+    async with trio.open_nursery() as nursery:
+        for key in keys:
+            nursery.start_soon(one, key)
+    return heads
+
+
+def _original_size(head: ObjectHead) -> tuple[int, str | None, bool]:
+    """``(original size, recorded sha256, is a real delta)`` from a HEAD."""
+    try:
+        stored = fmt.classify(head.key, head.size, head.metadata)
+    except DgfsError:
+        return head.size, None, False
+    return stored.original_size, stored.file_sha256, stored.kind is Kind.DELTA
+
+
+async def plan_migration(
+    source_store: ObjectStore,
+    dest_store: ObjectStore,
+    source: S3Location,
+    dest: S3Location,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    preserve_prefix: bool = True,
+    concurrency: int = 32,
+) -> MigrationPlan:
+    """List both sides once and decide what to copy (no writes)."""
+    dest_prefix = effective_dest_prefix(source.prefix, dest.prefix, preserve_prefix)
+    check_locations(source, dest, dest_prefix)
+    src_root, dst_root = _root(source.prefix), _root(dest_prefix)
+    plan = MigrationPlan(source, dest, dest_prefix)
+
+    source_listing = await source_store.list(src_root, delimiter=None)
+    wanted: dict[str, _Entry] = {}
+    for visible, entry in _visible_entries(source_listing.objects, src_root).items():
+        if selected(visible[len(src_root) :], include, exclude):
+            wanted[visible] = entry
+        else:
+            plan.filtered_out += 1
+    # A delta's original size is in its metadata only.
+    delta_heads = await _heads(
+        source_store, [e.obj.key for e in wanted.values() if e.delta], concurrency
+    )
+
+    dest_listing = await dest_store.list(dst_root, delimiter=None)
+    dest_entries = _visible_entries(dest_listing.objects, dst_root)
+
+    files: list[SourceFile] = []
+    for visible, entry in sorted(wanted.items()):
+        rel_key = visible[len(src_root) :]
+        head = delta_heads.get(entry.obj.key)
+        if entry.delta and head is None:
+            continue  # deleted since the listing
+        if head is not None:
+            size, sha256, is_delta = _original_size(head)
+        else:
+            size, sha256, is_delta = entry.obj.size, None, False
+        files.append(
+            SourceFile(
+                key=visible,
+                rel_key=rel_key,
+                dest_key=dst_root + rel_key,
+                size=size,
+                sha256=sha256,
+                delta=entry.delta,
+                head=head if is_delta or entry.delta else None,
+            )
+        )
+
+    # Destination deltas need a HEAD for their original size (and sha256).
+    at_dest = {f.dest_key: dest_entries[f.dest_key] for f in files if f.dest_key in dest_entries}
+    dest_heads = await _heads(
+        dest_store, [e.obj.key for e in at_dest.values() if e.delta], concurrency
+    )
+    for f in files:
+        existing = at_dest.get(f.dest_key)
+        if existing is None:
+            plan.to_copy.append(f)
+            continue
+        dest_sha: str | None = None
+        dest_size = existing.obj.size
+        if existing.delta:
+            head = dest_heads.get(existing.obj.key)
+            if head is None:
+                plan.to_copy.append(f)
+                continue
+            dest_size, dest_sha, _ = _original_size(head)
+        same = dest_size == f.size and (f.sha256 is None or dest_sha in (None, f.sha256))
+        if same:
+            plan.present.append(f)
+        else:
+            plan.to_copy.append(f)
+            plan.replacing.append(f)
+    return plan
+
+
+# --- running ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Copied:
+    """One file stored in the destination."""
+
+    rel_key: str
+    dest_key: str
+    kind: Kind
+    original_size: int
+    stored_size: int  # the delta or direct object, plus a reference it created
+
+    @classmethod
+    def of(cls, file: SourceFile, result: PutResult) -> Copied:
+        stored = result.stored_size + (result.original_size if result.created_reference else 0)
+        return cls(file.rel_key, file.dest_key, result.kind, result.original_size, stored)
+
+
+@dataclass
+class MigrationReport:
+    """What a run did."""
+
+    copied: list[Copied] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (rel_key, reason)
+    skipped: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def original_bytes(self) -> int:
+        return sum(c.original_size for c in self.copied)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.stored_size for c in self.copied)
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.original_bytes - self.stored_bytes
+
+    @property
+    def files_per_second(self) -> float:
+        return len(self.copied) / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.original_bytes / self.elapsed if self.elapsed > 0 else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "copied": len(self.copied),
+            "failed": [{"key": key, "error": reason} for key, reason in self.failed],
+            "skipped": self.skipped,
+            "original_bytes": self.original_bytes,
+            "stored_bytes": self.stored_bytes,
+            "saved_bytes": self.saved_bytes,
+            "elapsed_seconds": round(self.elapsed, 3),
+            "files_per_second": round(self.files_per_second, 3),
+            "bytes_per_second": round(self.bytes_per_second, 1),
+        }
+
+
+async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> PutResult:
+    """Copy one file: download (or rehydrate) to scratch, then ``put`` at its final name."""
+    scratch = dest_core.scratch_path()
+    try:
+        if file.delta:
+            stored = await source_core.get(file.key, scratch)  # rebuilt and verified
+            head = file.head
+            if head is None or head.key != stored.stored_key:
+                head = await source_core.store.head(stored.stored_key)
+            expected = stored.file_sha256
+        else:
+            head = await source_core.store.download(file.key, scratch)
+            expected = fmt.meta_value(head.metadata, "file_sha256")
+        digest = await dest_core.digest(scratch)
+        if expected is not None and digest.sha256 != expected:
+            raise IntegrityError(
+                f"source s3://{source_core.store.bucket}/{file.key} does not match its recorded"
+                f" SHA-256 (expected {expected}, got {digest.sha256}); not copied"
+            )
+        return await dest_core.put(
+            scratch,
+            file.dest_key,
+            extra_metadata=fmt.user_metadata(head.metadata),
+            digest=digest,
+            content_type=head.content_type,
+        )
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+async def run_migration(
+    source_core: Core,
+    dest_core: Core,
+    plan: MigrationPlan,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    on_done: Callable[[SourceFile, Copied | None, str | None], None] | None = None,
+) -> MigrationReport:
+    """Copy ``plan.to_copy``; ``on_done(file, copied, error)`` follows each file.
+
+    The first file of each destination directory runs before the others of
+    that directory, so the reference is uploaded once rather than raced for.
+    """
+    report = MigrationReport(skipped=len(plan.present))
+    limiter = trio.CapacityLimiter(max(1, concurrency))
+    started = trio.current_time()
+    seeds: dict[str, trio.Event] = {}
+
+    async def one(file: SourceFile, wait_for: trio.Event | None, done: trio.Event | None) -> None:
+        try:
+            if wait_for is not None:
+                await wait_for.wait()
+            async with limiter:
+                copied: Copied | None = None
+                error: str | None = None
+                try:
+                    copied = Copied.of(file, await copy_file(source_core, dest_core, file))
+                except (DgfsError, OSError) as exc:
+                    error = str(exc) or type(exc).__name__
+                    log.error("migrate %s failed: %s", file.rel_key, error)
+        finally:
+            if done is not None:
+                done.set()
+        if copied is not None:
+            report.copied.append(copied)
+        else:
+            report.failed.append((file.rel_key, error or "failed"))
+        if on_done is not None:
+            on_done(file, copied, error)
+
+    async with trio.open_nursery() as nursery:
+        for file in plan.to_copy:
+            space = fmt.split_key(file.dest_key)[0]
+            if space in seeds:
+                nursery.start_soon(one, file, seeds[space], None)
+            else:
+                seeds[space] = trio.Event()
+                nursery.start_soon(one, file, None, seeds[space])
+    report.failed.sort()
+    report.elapsed = trio.current_time() - started
+    return report
+
+
+@contextlib.asynccontextmanager
+async def open_migration(
+    source: S3Location, dest: S3Location, settings: Settings
+) -> AsyncIterator[tuple[Core, Core]]:
+    """``(source_core, dest_core)``: both buckets checked; one cache and engine shared.
+
+    The cache is content-addressed, so the source's references and the
+    destination's live side by side in it.
+    """
+    async with open_core(dest, settings) as dest_core, open_store(source, settings) as store:
+        await store.check_bucket()
+        source_core = Core(
+            store,
+            dest_core.cache,
+            dest_core.engine,
+            dest_core.policy,
+            scratch_dir=dest_core.scratch_dir / "source",
+            cpu_limiter=dest_core.cpu_limiter,
+        )
+        try:
+            yield source_core, dest_core
+        finally:
+            await source_core.aclose()
