@@ -147,7 +147,13 @@ class Policy:
         """
         if size < self.min_delta_size:
             return False
-        return has_delta_extension(name) or sniff_kind(head) is not None
+        kind = sniff_kind(head)
+        if kind in XDELTA_AUTO_DECOMPRESSED_KINDS:
+            # Stock DeltaGlider decodes without -D, so xdelta3 would
+            # decompress such a reference and fail: store direct, which
+            # costs little (a correct gzip delta is ~0.94 of the file).
+            return False
+        return kind is not None or has_delta_extension(name)
 
     def accepts_ratio(self, delta_size: int, file_size: int) -> bool:
         """Whether a delta of ``delta_size`` bytes is worth keeping for a file

@@ -308,3 +308,12 @@ def test_from_env_overrides_win() -> None:
         Policy.from_env({}, max_ratio=3)
     with pytest.raises(TypeError, match="max_ratioo"):
         Policy.from_env({}, max_ratioo=0.1)
+
+
+@pytest.mark.parametrize("kind", ["gzip", "bzip2", "xz"])
+def test_content_xdelta_would_decompress_is_stored_direct(kind: str) -> None:
+    # Stock DeltaGlider decodes without -D; such deltas would be unreadable by it.
+    head = SAMPLES[kind]
+    assert sniff_kind(head) == kind
+    for name in ("app-1.0.tar.gz", "data.bz2", "dump.xz", "noext"):
+        assert not Policy().is_delta_candidate(name, head, BIG), (kind, name)
