@@ -126,6 +126,8 @@ async def open_core(
     os.chmod(root, 0o700)
     # An ephemeral key cannot read another process's entries: such a cache
     # lives in a private directory per process so concurrent users never collide.
+    if key is None:
+        _remove_dead_ephemeral_caches(root)
     cache_dir = root / "content" if key else root / f"content-ephemeral-{os.getpid()}"
     cache = ContentCache(cache_dir, settings.cache_size, key)
     # Scratch (staging, deltas, decrypted references) sits beside the cache,
@@ -142,6 +144,30 @@ async def open_core(
             finally:
                 await core.aclose()
     finally:
+        cache.close()
         shutil.rmtree(scratch, ignore_errors=True)
         if key is None:
             shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_ephemeral_caches(root: Path) -> None:
+    """Ephemeral caches and scratch dirs of processes that died without cleaning up."""
+    for pattern, parse in (
+        ("content-ephemeral-*", lambda name: name.rsplit("-", 1)[-1]),
+        ("scratch/*-*", lambda name: name.split("-", 1)[0]),
+    ):
+        for path in root.glob(pattern):
+            pid_text = parse(path.name)
+            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                log.info("removing %s left by a dead process", path)
+                shutil.rmtree(path, ignore_errors=True)
