@@ -126,10 +126,17 @@ async def open_core(
     os.chmod(root, 0o700)
     # An ephemeral key cannot read another process's entries: such a cache
     # lives in a private directory per process so concurrent users never collide.
-    if key is None:
-        _remove_dead_ephemeral_caches(root)
-    cache_dir = root / "content" if key else root / f"content-ephemeral-{os.getpid()}"
-    cache = ContentCache(cache_dir, settings.cache_size, key)
+    _remove_dead_ephemeral_caches(root)
+    ephemeral_dir = root / f"content-ephemeral-{os.getpid()}"
+    cache_dir = root / "content" if key else ephemeral_dir
+    try:
+        cache = ContentCache(cache_dir, settings.cache_size, key)
+    except ConfigError:
+        # The persistent cache is held by a mount; this process (a CLI
+        # command beside it, say) gets a private one instead of failing.
+        log.info("cache %s is in use; using a private cache for this process", cache_dir)
+        key, cache_dir = None, ephemeral_dir
+        cache = ContentCache(cache_dir, settings.cache_size, None)
     # Scratch (staging, deltas, decrypted references) sits beside the cache,
     # on disk rather than a possibly small tmpfs.
     (root / "scratch").mkdir(mode=0o700, exist_ok=True)
