@@ -141,9 +141,7 @@ def _visible_entries(objects: list[ObjectInfo], root: str) -> dict[str, _Entry]:
     return entries
 
 
-async def _heads(
-    store: ObjectStore, keys: list[str], concurrency: int
-) -> dict[str, ObjectHead]:
+async def _heads(store: ObjectStore, keys: list[str], concurrency: int) -> dict[str, ObjectHead]:
     heads: dict[str, ObjectHead] = {}
     limiter = trio.CapacityLimiter(max(1, concurrency))
 

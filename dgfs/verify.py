@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # What the mount tells about each of its paths.
 XATTR_BUCKET = "user.dgfs.bucket"
 XATTR_KEY = "user.dgfs.key"
+XATTR_ENDPOINT = "user.dgfs.endpoint"  # optional
 
 
 class Status(enum.Enum):
@@ -306,17 +307,29 @@ async def _verify_object(verifier: Verifier, key: str, size: int) -> VerifyResul
     return await verifier.verify_stored(stored)
 
 
-def mount_location(path: Path) -> tuple[str, str]:
-    """``(bucket, key)`` of a path inside a dgfs mount, read from its xattrs.
+@dataclass(frozen=True)
+class MountPath:
+    """Where a path inside a dgfs mount lives in S3 (from the mount's xattrs)."""
 
-    ``key`` is the file's user-visible key (a directory's prefix, without
-    slashes at the ends). Raises ``LookupError`` when the path carries no
-    ``user.dgfs.bucket`` attribute (it is not inside a dgfs mount).
+    bucket: str
+    key: str  # the user-visible key; a directory's prefix; no slashes at the ends
+    endpoint_url: str | None = None
+
+
+def mount_location(path: Path) -> MountPath:
+    """Read ``user.dgfs.bucket``/``user.dgfs.key`` (and ``user.dgfs.endpoint`` if set).
+
+    Raises ``LookupError`` when the path carries no ``user.dgfs.bucket``
+    attribute: it is not inside a dgfs mount.
     """
     values: dict[str, str] = {}
-    for name in (XATTR_BUCKET, XATTR_KEY):
+    for name in (XATTR_BUCKET, XATTR_KEY, XATTR_ENDPOINT):
         with contextlib.suppress(OSError):
             values[name] = os.getxattr(path, name).decode()
     if not values.get(XATTR_BUCKET):
         raise LookupError(f"{path} is not inside a dgfs mount (no {XATTR_BUCKET} attribute)")
-    return values[XATTR_BUCKET], values.get(XATTR_KEY, "").strip("/")
+    return MountPath(
+        values[XATTR_BUCKET],
+        values.get(XATTR_KEY, "").strip("/"),
+        values.get(XATTR_ENDPOINT) or None,
+    )
