@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from dgfs.errors import NotFound, PreconditionFailed
+from dgfs.errors import NotFound, PreconditionFailed, StoreError
 from dgfs.store.base import ListPage, MultipartUpload, ObjectHead, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class MemoryStore(ObjectStore):
         content_type: str,
         if_none_match: bool,
     ) -> str:
+        if not all(name.isascii() and value.isascii() for name, value in metadata.items()):
+            # What botocore refuses before sending (headers are ASCII).
+            raise StoreError(f"PutObject s3://{self.bucket}/{key}: metadata must be ASCII")
         if if_none_match and key in self.objects:
             raise PreconditionFailed(f"PutObject s3://{self.bucket}/{key}: precondition failed")
         etag = hashlib.md5(body).hexdigest()

@@ -36,6 +36,7 @@ from botocore.config import Config
 from dgfs import __version__
 from dgfs.errors import (
     AccessDenied,
+    ConfigError,
     DgfsError,
     EndpointUnreachable,
     NoSuchBucket,
@@ -198,8 +199,6 @@ def translate_error(
             f"no usable AWS credentials for {endpoint} ({exc}); set AWS_ACCESS_KEY_ID/"
             "AWS_SECRET_ACCESS_KEY, choose a profile, or run with an instance role"
         )
-    if isinstance(exc, bexc.ProfileNotFound):
-        return AccessDenied(str(exc))
     return StoreError(f"{operation} {where} failed: {exc}")
 
 
@@ -226,14 +225,6 @@ def _head_from_response(key: str, response: Mapping[str, Any], size: int) -> Obj
     )
 
 
-def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """S3 user metadata travels as HTTP headers: ASCII only (callers encode)."""
-    for name, value in metadata.items():
-        if not (name.isascii() and value.isascii()):
-            raise StoreError(f"metadata {name!r} is not ASCII: {value!r}")
-    return dict(metadata)
-
-
 class S3Store(ObjectStore):
     """An ObjectStore on one S3 bucket.
 
@@ -257,10 +248,8 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         try:
             self._client = make_client(endpoint_url, region, profile, max_concurrency + 4)
-        except bexc.ProfileNotFound as exc:
-            raise AccessDenied(f"AWS profile {profile!r} not found") from exc
-        except bexc.BotoCoreError as exc:
-            raise StoreError(f"cannot configure the S3 client: {exc}") from exc
+        except bexc.BotoCoreError as exc:  # e.g. ProfileNotFound
+            raise ConfigError(f"cannot configure the S3 client: {exc}") from exc
         self.endpoint: str = self._client.meta.endpoint_url
         self._limiter = trio.CapacityLimiter(max_concurrency)
         self.multipart_threshold = MULTIPART_THRESHOLD
@@ -566,7 +555,7 @@ class S3Store(ObjectStore):
         params: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": key,
-            "Metadata": _check_metadata(metadata),
+            "Metadata": dict(metadata),
             "ContentType": content_type,
         }
         if if_none_match:
@@ -583,7 +572,7 @@ class S3Store(ObjectStore):
         CopyObject limit) are copied with UploadPartCopy.
         """
         source = await self.head(src_key)
-        new_metadata = dict(source.metadata) if metadata is None else _check_metadata(metadata)
+        new_metadata = dict(source.metadata if metadata is None else metadata)
         if source.size > self.copy_threshold:
             return await self._copy_multipart(source, dst_key, new_metadata)
         params: dict[str, Any] = {
