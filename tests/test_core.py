@@ -1,0 +1,387 @@
+"""The storage core: put/get/rename/delete in the DeltaGlider format (no FUSE)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import random
+import re
+import zipfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from dgfs import format as fmt
+from dgfs.cache import ContentCache
+from dgfs.core import Core
+from dgfs.delta import DeltaEngine
+from dgfs.errors import DeltaEngineError, FormatError, IntegrityError, MissingReference, NotFound
+from dgfs.format import Kind
+from dgfs.policy import Policy
+from dgfs.store.memory import MemoryStore
+from tests.releases import ReleaseSeries
+
+
+def make_core(store: MemoryStore, root: Path, **policy: object) -> tuple[Core, ContentCache]:
+    cache = ContentCache(root / "cache", 1 << 30)
+    pol = Policy(min_delta_size=1024, **policy)  # type: ignore[arg-type]
+    return Core(store, cache, DeltaEngine(), pol, scratch_dir=root / "scratch"), cache
+
+
+@pytest.fixture
+async def core(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
+    core, cache = make_core(memory_store, tmp_path)
+    yield core
+    await core.aclose()
+    cache.close()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def flip_byte(store: MemoryStore, key: str, where: Callable[[bytes], int]) -> None:
+    """Corrupt one byte of a stored object behind the store's back."""
+    obj = store.objects[key]
+    body = bytearray(obj.body)
+    body[where(obj.body)] ^= 0xFF
+    store.objects[key] = dataclasses.replace(obj, body=bytes(body))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def releases(tmp_path: Path) -> list[Path]:
+    out = tmp_path / "dist"
+    out.mkdir()
+    return [write(out / name, data) for name, data in ReleaseSeries(size=256 << 10).zips(4)]
+
+
+async def test_reference_delta_direct_and_foreign_round_trip(
+    core: Core, memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    first = await core.put(releases[0], "app/" + releases[0].name)
+    assert first.kind is Kind.DELTA and first.created_reference
+    second = await core.put(releases[1], "app/" + releases[1].name)
+    assert second.kind is Kind.DELTA and not second.created_reference
+    assert second.stored_size < releases[1].stat().st_size * 0.2
+    text = write(tmp_path / "notes.txt", b"release notes\n" * 200)
+    direct = await core.put(text, "app/notes.txt")
+    assert direct.kind is Kind.DIRECT
+    await memory_store.put_bytes("app/foreign.bin", b"not ours", {})
+
+    assert set(memory_store.objects) == {
+        "app/reference.bin",
+        f"app/{releases[0].name}.delta",
+        f"app/{releases[1].name}.delta",
+        "app/notes.txt",
+        "app/foreign.bin",
+    }
+    for key, expected in (
+        (f"app/{releases[0].name}", releases[0].read_bytes()),
+        (f"app/{releases[1].name}", releases[1].read_bytes()),
+        ("app/notes.txt", text.read_bytes()),
+        ("app/foreign.bin", b"not ours"),
+    ):
+        out = tmp_path / "out"
+        stored = await core.get(key, out)
+        assert out.read_bytes() == expected, key
+        assert stored.visible_key == key
+
+
+async def test_every_release_is_small_after_the_first(
+    core: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    series = ReleaseSeries(size=512 << 10, seed=7)
+    originals = {}
+    for name, data in series.zips(10):
+        originals[name] = data
+        await core.put(write(tmp_path / name, data), f"rel/{name}")
+    reference = memory_store.objects["rel/reference.bin"]
+    deltas = [o for k, o in memory_store.objects.items() if k.endswith(".delta")]
+    assert len(deltas) == 10
+    original_total = sum(map(len, originals.values()))
+    stored_total = len(reference.body) + sum(len(d.body) for d in deltas)
+    assert stored_total < original_total * 0.3
+    for name, data in originals.items():
+        await core.get(f"rel/{name}", tmp_path / "check")
+        assert (tmp_path / "check").read_bytes() == data
+
+
+async def test_exactly_one_reference_when_many_writers_race(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    # Separate cores (separate caches) behave like separate mounts.
+    cores = [make_core(memory_store, tmp_path / f"m{i}") for i in range(4)]
+    async with trio.open_nursery() as nursery:
+        for i, (core, _) in enumerate(cores):
+            nursery.start_soon(core.put, releases[i], f"race/{releases[i].name}")
+    refs = [k for k in memory_store.objects if k.endswith("reference.bin")]
+    assert refs == ["race/reference.bin"]
+    ref_sha = memory_store.objects["race/reference.bin"].metadata["dg-file-sha256"]
+    for path in releases:
+        meta = memory_store.objects[f"race/{path.name}.delta"].metadata
+        assert meta["dg-ref-sha256"] == ref_sha
+        await cores[0][0].get(f"race/{path.name}", tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == path.read_bytes()
+    for core, cache in cores:
+        await core.aclose()
+        cache.close()
+
+
+async def test_unrelated_archive_falls_back_to_direct(
+    core: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    rng = random.Random(5)
+
+    def random_zip(name: str) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr(name, rng.randbytes(200_000))
+        return buf.getvalue()
+
+    await core.put(write(tmp_path / "a.zip", random_zip("a")), "x/a.zip")
+    result = await core.put(write(tmp_path / "b.zip", random_zip("b")), "x/b.zip")
+    assert result.kind is Kind.DIRECT
+    assert "x/b.zip.delta" not in memory_store.objects
+    assert memory_store.objects["x/b.zip"].metadata["dg-compression"] == "none"
+    await core.get("x/b.zip", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "b.zip").read_bytes()
+
+
+async def test_overwrite_switches_form_and_removes_the_old_one(
+    core: Core, memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    await core.put(releases[0], "o/first.zip")
+    await core.put(releases[1], "o/app.zip")
+    assert "o/app.zip.delta" in memory_store.objects
+    noise = write(tmp_path / "t", random.Random(987).randbytes(50_000))  # nothing alike
+    await core.put(noise, "o/app.zip")
+    assert "o/app.zip.delta" not in memory_store.objects
+    assert "o/app.zip" in memory_store.objects
+    await core.put(releases[2], "o/app.zip")
+    assert "o/app.zip" not in memory_store.objects
+    await core.get("o/app.zip", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == releases[2].read_bytes()
+
+
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?$")
+
+
+async def test_metadata_matches_the_deltaglider_format(
+    core: Core, memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    await core.put(releases[0], "m/" + releases[0].name)
+    await core.put(releases[1], "m/" + releases[1].name)
+    await core.put(write(tmp_path / "n.txt", b"x" * 5000), "m/n.txt")
+    ref = memory_store.objects["m/reference.bin"].metadata
+    assert set(ref) == {"dg-tool", "dg-source-name", "dg-file-sha256", "dg-created-at", "dg-note"}
+    assert ref["dg-source-name"] == releases[0].name
+    assert ref["dg-note"] == "reference"
+    assert ref["dg-file-sha256"] == sha(releases[0].read_bytes())
+    assert ISO_Z.match(ref["dg-created-at"])
+    assert ref["dg-tool"].startswith("dgfs/")
+
+    zero = memory_store.objects[f"m/{releases[0].name}.delta"].metadata
+    delta = memory_store.objects[f"m/{releases[1].name}.delta"].metadata
+    delta_keys = {
+        "dg-tool",
+        "dg-original-name",
+        "dg-file-sha256",
+        "dg-file-size",
+        "dg-created-at",
+        "dg-ref-key",
+        "dg-ref-sha256",
+        "dg-delta-size",
+        "dg-delta-cmd",
+    }
+    assert set(delta) == delta_keys
+    assert set(zero) == delta_keys | {"dg-note"}
+    assert zero["dg-note"] == "zero-diff (reference identical)"
+    name = releases[1].name
+    assert delta["dg-original-name"] == name
+    assert delta["dg-file-size"] == str(releases[1].stat().st_size)
+    assert delta["dg-ref-key"] == "m/reference.bin"
+    assert delta["dg-ref-sha256"] == ref["dg-file-sha256"]
+    assert delta["dg-delta-size"] == str(len(memory_store.objects[f"m/{name}.delta"].body))
+    assert delta["dg-delta-cmd"] == f"xdelta3 -e -9 -s reference.bin {name} {name}.delta"
+    assert ISO_Z.match(delta["dg-created-at"])
+
+    direct = memory_store.objects["m/n.txt"].metadata
+    assert set(direct) == {
+        "dg-tool",
+        "dg-original-name",
+        "dg-file-sha256",
+        "dg-file-size",
+        "dg-created-at",
+        "dg-compression",
+    }
+    assert direct["dg-compression"] == "none"
+    assert ISO.match(direct["dg-created-at"])  # DeltaGlider writes no Z here
+
+
+async def test_posix_metadata_travels_beside_the_format(
+    core: Core, memory_store: MemoryStore, releases: list[Path]
+) -> None:
+    extra = fmt.posix_metadata(mtime_ns=1_700_000_000_123_456_789, mode=0o100640, uid=7, gid=8)
+    await core.put(releases[0], "p/a.zip", extra_metadata=extra)
+    meta = memory_store.objects["p/a.zip.delta"].metadata
+    assert meta["mtime"] == "1700000000.123456789"
+    assert fmt.parse_mtime_ns(meta) == 1_700_000_000_123_456_789
+    assert fmt.parse_int_meta(meta, "mode") == 0o100640
+    assert (meta["uid"], meta["gid"]) == ("7", "8")
+
+
+async def test_corrupted_delta_fails_clearly(
+    core: Core, memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    await core.put(releases[0], "c/a.zip")
+    await core.put(releases[1], "c/b.zip")
+    flip_byte(memory_store, "c/b.zip.delta", lambda body: len(body) // 2)
+    out = tmp_path / "out"
+    with pytest.raises((IntegrityError, DeltaEngineError)):
+        await core.get("c/b.zip", out)
+    assert not out.exists()
+
+
+async def test_corrupted_reference_is_detected(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    writer, wcache = make_core(memory_store, tmp_path / "w")
+    await writer.put(releases[0], "r/a.zip")
+    await writer.put(releases[1], "r/b.zip")
+    flip_byte(memory_store, "r/reference.bin", lambda body: 100)
+    reader, rcache = make_core(memory_store, tmp_path / "r")  # cold cache: must download
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        await reader.get("r/b.zip", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    for c, cache in ((writer, wcache), (reader, rcache)):
+        await c.aclose()
+        cache.close()
+
+
+async def test_missing_reference_is_reported(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    writer, wcache = make_core(memory_store, tmp_path / "w")
+    await writer.put(releases[0], "g/a.zip")
+    await writer.put(releases[1], "g/b.zip")
+    del memory_store.objects["g/reference.bin"]
+    reader, rcache = make_core(memory_store, tmp_path / "r")
+    with pytest.raises(MissingReference, match="g/reference.bin"):
+        await reader.get("g/b.zip", tmp_path / "out")
+    for c, cache in ((writer, wcache), (reader, rcache)):
+        await c.aclose()
+        cache.close()
+
+
+async def test_get_of_missing_key(core: Core, tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        await core.get("nope.zip", tmp_path / "out")
+
+
+async def test_reserved_names_are_refused(core: Core, releases: list[Path]) -> None:
+    for key in ("a/reference.bin", "a/x.zip.delta", ".deltaglider/x"):
+        with pytest.raises(FormatError):
+            await core.put(releases[0], key)
+
+
+async def test_rename_within_and_across_deltaspaces(
+    core: Core, memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    await core.put(releases[0], "s/a.zip")
+    await core.put(releases[1], "s/b.zip")
+    moved = await core.rename("s/b.zip", "s/c.zip")
+    assert moved.kind is Kind.DELTA and moved.ref_key == "s/reference.bin"
+    meta = memory_store.objects["s/c.zip.delta"].metadata
+    assert meta["dg-original-name"] == "c.zip"
+    assert "s/b.zip.delta" not in memory_store.objects
+    across = await core.rename("s/c.zip", "t/c.zip")
+    assert across.ref_key == "t/reference.bin"  # rebuilt into its new deltaspace
+    for key in ("s/a.zip", "t/c.zip"):
+        await core.get(key, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == releases[1].read_bytes()
+
+
+async def test_directory_rename_moves_reference_and_rewrites_pointers(
+    core: Core, memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    for path in releases[:3]:
+        await core.put(path, f"old/{path.name}")
+    await memory_store.put_bytes("old/", b"", {})
+    moved = await core.rename_prefix("old", "new")
+    assert moved == 5
+    assert not [k for k in memory_store.objects if k.startswith("old/")]
+    for path in releases[:3]:
+        meta = memory_store.objects[f"new/{path.name}.delta"].metadata
+        assert meta["dg-ref-key"] == "new/reference.bin"
+        await core.get(f"new/{path.name}", tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == path.read_bytes()
+
+
+async def test_delete_leaves_the_reference(
+    core: Core, memory_store: MemoryStore, releases: list[Path]
+) -> None:
+    await core.put(releases[0], "d/a.zip")
+    await core.delete("d/a.zip")
+    assert set(memory_store.objects) == {"d/reference.bin"}
+    with pytest.raises(NotFound):
+        await core.delete("d/a.zip")
+
+
+async def test_materialize_shares_one_rebuild(
+    core: Core, memory_store: MemoryStore, releases: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await core.put(releases[0], "s/a.zip")
+    await core.put(releases[1], "s/b.zip")
+    core.cache.discard(sha(releases[1].read_bytes()))
+    calls = 0
+    real_decode = core.engine.decode
+
+    async def counting_decode(*args: object) -> None:
+        nonlocal calls
+        calls += 1
+        await trio.sleep(0.05)
+        await real_decode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(core.engine, "decode", counting_decode)
+    stored = await core.locate("s/b.zip")
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(core.materialize, stored)
+    assert calls == 1
+    with core.cache.open(stored.file_sha256 or "") as reader:  # type: ignore[union-attr]
+        assert reader.read(0, reader.size) == releases[1].read_bytes()
+
+
+@pytest.mark.slow
+async def test_large_file_with_changes_beyond_64_mib_stays_small(
+    core: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    mib = 1 << 20
+    rng = random.Random(11)
+    base = bytearray(rng.randbytes(110 * mib))
+    # Content moved by more than xdelta3's default 64 MiB window, plus edits
+    # far beyond it: only a source window covering the whole reference finds it.
+    target = bytearray(base[72 * mib :] + base[: 72 * mib])
+    target[90 * mib : 90 * mib + 4096] = rng.randbytes(4096)
+    target[105 * mib : 105 * mib + 4096] = rng.randbytes(4096)
+    # Zip magic so the policy treats them as archives.
+    base[:4] = target[:4] = b"PK\x03\x04"
+    first = write(tmp_path / "big-1.zip", bytes(base))
+    second = write(tmp_path / "big-2.zip", bytes(target))
+    del base
+    await core.put(first, "big/big-1.zip")
+    result = await core.put(second, "big/big-2.zip")
+    assert result.kind is Kind.DELTA
+    assert result.stored_size < mib, result.stored_size
+    out = tmp_path / "out"
+    await core.get("big/big-2.zip", out)
+    assert sha(out.read_bytes()) == sha(bytes(target))
