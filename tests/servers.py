@@ -187,7 +187,10 @@ class _ServerProcess:
             # left behind in that group goes too.
             with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) survived SIGKILL", self.name, proc.pid)
             self._cleanup_after_stop()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)

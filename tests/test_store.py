@@ -307,6 +307,9 @@ async def test_copy_keeps_or_replaces_metadata(store: ObjectStore) -> None:
     assert dict((await store.head("replaced")).metadata) == {"d": "4"}
     with pytest.raises(NotFound):
         await store.copy("missing", "x")
+    # S3 refuses to copy an object onto itself without changing anything.
+    with pytest.raises(StoreError, match="InvalidRequest"):
+        await store.copy("src", "src")
 
 
 async def test_non_ascii_metadata_is_refused(store: ObjectStore) -> None:

@@ -152,6 +152,11 @@ class MemoryStore(ObjectStore):
     ) -> str:
         await trio.lowlevel.checkpoint()
         source = self._get(src_key)
+        if src_key == dst_key and metadata is None:
+            raise StoreError(
+                f"CopyObject s3://{self.bucket}/{dst_key} failed: InvalidRequest: "
+                "copying an object to itself without changing its metadata"
+            )
         new_metadata = source.metadata if metadata is None else metadata
         return self._put(dst_key, source.body, new_metadata, source.content_type, False)
 
