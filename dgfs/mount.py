@@ -12,6 +12,7 @@ live (or failed, with the child's message).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import logging.handlers
 import os
@@ -89,8 +90,30 @@ def _fuse_options(config: MountConfig) -> set[str]:
     return opts
 
 
+class _InterruptedReplyFilter(logging.Filter):
+    """Show pyfuse3's "fuse_reply_* failed with No such file or directory" at DEBUG.
+
+    libfuse returns ENOENT when the kernel no longer waits for the reply: the
+    request was interrupted, or an asynchronous release was still being
+    handled while the filesystem was unmounted. The operation itself ran;
+    nothing is lost, so an ERROR line would only alarm.
+    """
+
+    _marker = f"fuse_reply_* failed with {os.strerror(errno.ENOENT)}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._marker in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+_PYFUSE3_FILTER = _InterruptedReplyFilter()
+
+
 async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     settings = config.settings
+    logging.getLogger("pyfuse3").addFilter(_PYFUSE3_FILTER)  # once: filters are a set
     async with open_core(config.location, settings) as core:
         conditional = await _probe_store(core.store, config.fs_options.read_only)
         core.conditional_create = conditional
