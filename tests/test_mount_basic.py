@@ -1,0 +1,292 @@
+"""Real mounts: copying a release series in, reading it back, and the bucket's layout.
+
+Also the in-place edits (truncate, append, writes in the middle of a
+delta-stored file), xattrs, statfs and parallel writers. Every expectation
+is computed from local copies, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mountutil import (
+    DgfsMount,
+    Mounts,
+    S3View,
+    dg_download,
+    sha256_bytes,
+    sha256_file,
+)
+from tests.releases import ReleaseSeries, write_series
+
+pytestmark = pytest.mark.mount
+
+SERIES_SIZE = 512 << 10  # zips of ~250 KiB
+
+
+@pytest.fixture(scope="module")
+def mounts(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
+    with Mounts(moto_endpoint, tmp_path_factory.mktemp("basic")) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def shared(mounts: Mounts) -> DgfsMount:
+    """One mount for the tests that can share it (each works in its own directory)."""
+    return mounts.mount()
+
+
+@pytest.fixture
+def s3(shared: DgfsMount) -> Iterator[S3View]:
+    view = S3View(shared.endpoint, shared.bucket)
+    yield view
+    view.close()
+
+
+@pytest.fixture(autouse=True)
+def _daemon_log_clean(shared: DgfsMount) -> Iterator[None]:
+    yield
+    shared.check_log()
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Twelve consecutive release zips, local."""
+    return write_series(tmp_path_factory.mktemp("series"), 12, size=SERIES_SIZE)
+
+
+def _fresh_dir(mount: DgfsMount, name: str) -> Path:
+    path = mount / name
+    path.mkdir()
+    return path
+
+
+# --- a release series -----------------------------------------------------------
+
+
+def test_cp_series_reads_back_and_is_stored_as_deltas(
+    shared: DgfsMount, s3: S3View, series: list[Path], tmp_path: Path
+) -> None:
+    dest = _fresh_dir(shared, "series")
+    subprocess.run(["cp", *map(str, series), str(dest)], check=True)
+
+    # ls -l: the original names and sizes, nothing else.
+    assert sorted(os.listdir(dest)) == sorted(p.name for p in series)
+    for src in series:
+        assert (dest / src.name).stat().st_size == src.stat().st_size
+        assert sha256_file(dest / src.name) == sha256_file(src)
+
+    shared.settle(*(dest / p.name for p in series))
+    stored = s3.keys("series/")
+    expected = {"series/", "series/reference.bin"} | {f"series/{p.name}.delta" for p in series}
+    assert set(stored) == expected
+    # The reference is a full copy of one of the files (whichever was uploaded first).
+    by_sha = {sha256_file(p): p for p in series}
+    ref_sha = s3.metadata("series/reference.bin")["dg-file-sha256"]
+    assert ref_sha in by_sha
+    assert stored["series/reference.bin"] == by_sha[ref_sha].stat().st_size
+    for src in series:
+        size = src.stat().st_size
+        delta_size = stored[f"series/{src.name}.delta"]
+        assert delta_size < size * 0.3, f"{src.name}: delta {delta_size} of {size} bytes"
+        meta = s3.metadata(f"series/{src.name}.delta")
+        assert meta["dg-file-sha256"] == sha256_file(src)
+        assert int(meta["dg-file-size"]) == size
+        assert meta["dg-ref-key"] == "series/reference.bin"
+        assert meta["dg-original-name"] == src.name
+    total_deltas = sum(v for k, v in stored.items() if k.endswith(".delta"))
+    assert total_deltas < sum(p.stat().st_size for p in series) * 0.3
+
+    # The real DeltaGlider CLI reads what the mount wrote (first, middle, last).
+    for src in (series[0], series[len(series) // 2], series[-1]):
+        out = dg_download(shared.endpoint, shared.bucket, f"series/{src.name}", tmp_path / src.name)
+        assert sha256_file(out) == sha256_file(src)
+
+    # After a remount (no local state but the cache dir) everything is the same.
+    shared.remount()
+    assert sorted(os.listdir(dest)) == sorted(p.name for p in series)
+    for src in series:
+        assert (dest / src.name).stat().st_size == src.stat().st_size
+        assert sha256_file(dest / src.name) == sha256_file(src)
+
+
+def test_stat_sizes_before_and_after_upload(shared: DgfsMount, series: list[Path]) -> None:
+    dest = _fresh_dir(shared, "sizes")
+    shutil.copyfile(series[0], dest / "a.zip")
+    assert (dest / "a.zip").stat().st_size == series[0].stat().st_size  # pending
+    shared.settle(dest / "a.zip")
+    assert (dest / "a.zip").stat().st_size == series[0].stat().st_size  # in S3
+    assert os.stat(dest).st_nlink >= 1
+
+
+# --- edits of stored files --------------------------------------------------------
+
+
+def _edit_matrix(dest: Path, local: Path, series: list[Path]) -> None:
+    """Apply the same edits to a file in the mount and to a local copy."""
+    for name, src in (("shrink.zip", series[1]), ("grow.zip", series[2]), ("zero.zip", series[3])):
+        shutil.copyfile(src, dest / name)
+        shutil.copyfile(src, local / name)
+    for name in ("append.zip", "middle.zip", "rmw.zip"):
+        shutil.copyfile(series[4], dest / name)
+        shutil.copyfile(series[4], local / name)
+
+
+def _apply_edits(root: Path) -> None:
+    os.truncate(root / "shrink.zip", 1000)
+    size = (root / "grow.zip").stat().st_size
+    os.truncate(root / "grow.zip", size + 70_000)
+    os.truncate(root / "zero.zip", 0)
+    with open(root / "append.zip", "ab") as handle:
+        handle.write(b"appended tail\n" * 100)
+    with open(root / "middle.zip", "r+b") as handle:
+        handle.seek(100_000)
+        handle.write(b"X" * 5000)
+        handle.seek(7)
+        handle.write(b"hello")
+    # open(O_RDWR), read, write back elsewhere: read-modify-write like an editor.
+    with open(root / "rmw.zip", "r+b") as handle:
+        head = handle.read(4096)
+        handle.seek(50_000)
+        handle.write(head[::-1])
+
+
+def test_truncate_append_and_random_writes_on_delta_files(
+    shared: DgfsMount, s3: S3View, series: list[Path], tmp_path: Path
+) -> None:
+    dest = _fresh_dir(shared, "edits")
+    local = tmp_path / "local"
+    local.mkdir()
+    _edit_matrix(dest, local, series)
+    names = sorted(os.listdir(local))
+    # Make sure the originals are really stored as deltas before editing them.
+    shared.settle(*(dest / n for n in names))
+    assert {k for k in s3.keys("edits/") if k.endswith(".delta")} == {
+        f"edits/{n}.delta" for n in names
+    }
+    _apply_edits(dest)
+    _apply_edits(local)
+
+    def compare() -> None:
+        for name in names:
+            data = (dest / name).read_bytes()
+            expected = (local / name).read_bytes()
+            assert len(data) == len(expected), name
+            assert sha256_bytes(data) == sha256_bytes(expected), name
+
+    compare()  # before the upload (staging)
+    shared.settle(*(dest / n for n in names))
+    for name in names:
+        meta = s3.metadata(
+            f"edits/{name}.delta" if s3.exists(f"edits/{name}.delta") else f"edits/{name}"
+        )
+        assert meta["dg-file-sha256"] == sha256_file(local / name), name
+    shared.remount()
+    compare()  # from S3 after a remount
+
+
+def test_overwrite_with_o_trunc_replaces_content(shared: DgfsMount, series: list[Path]) -> None:
+    dest = _fresh_dir(shared, "overwrite")
+    shutil.copyfile(series[0], dest / "f.zip")
+    shared.settle(dest / "f.zip")
+    shutil.copyfile(series[5], dest / "f.zip")  # O_TRUNC over a stored delta
+    assert sha256_file(dest / "f.zip") == sha256_file(series[5])
+    shared.settle(dest / "f.zip")
+    (dest / "f.zip").write_bytes(b"short")
+    assert (dest / "f.zip").read_bytes() == b"short"
+    shared.settle(dest / "f.zip")
+    assert (dest / "f.zip").read_bytes() == b"short"
+
+
+def test_small_and_empty_files(shared: DgfsMount, s3: S3View) -> None:
+    dest = _fresh_dir(shared, "small")
+    (dest / "empty").write_bytes(b"")
+    (dest / "note.txt").write_text("hello\n")
+    shared.settle(dest / "empty", dest / "note.txt")
+    assert (dest / "empty").read_bytes() == b""
+    assert (dest / "note.txt").read_text() == "hello\n"
+    assert set(s3.keys("small/")) == {"small/", "small/empty", "small/note.txt"}
+    assert s3.get("small/note.txt") == b"hello\n"
+
+
+# --- xattrs, statfs ---------------------------------------------------------------
+
+
+def test_xattrs_describe_storage(shared: DgfsMount, s3: S3View, series: list[Path]) -> None:
+    dest = _fresh_dir(shared, "xattr")
+    shutil.copyfile(series[0], dest / "ref.zip")
+    shared.settle(dest / "ref.zip")
+    shutil.copyfile(series[1], dest / "next.zip")
+    (dest / "plain.txt").write_text("plain text\n")
+    shared.settle(dest / "next.zip", dest / "plain.txt")
+    stored = s3.keys("xattr/")
+
+    def attr(name: str, field: str) -> str:
+        return os.getxattr(dest / name, f"user.dgfs.{field}").decode()
+
+    assert attr("next.zip", "kind") == "delta"
+    assert attr("next.zip", "sha256") == sha256_file(series[1])
+    assert int(attr("next.zip", "stored_size")) == stored["xattr/next.zip.delta"]
+    assert int(attr("next.zip", "original_size")) == series[1].stat().st_size
+    assert attr("plain.txt", "kind") == "direct"
+    assert attr("plain.txt", "sha256") == sha256_bytes(b"plain text\n")
+    assert int(attr("plain.txt", "stored_size")) == stored["xattr/plain.txt"]
+    assert attr("plain.txt", "key") == "xattr/plain.txt"
+    assert attr("plain.txt", "bucket") == shared.bucket
+    listed = set(os.listxattr(dest / "next.zip"))
+    assert {"user.dgfs.kind", "user.dgfs.sha256", "user.dgfs.stored_size"} <= listed
+    with pytest.raises(OSError) as info:
+        os.getxattr(dest / "next.zip", "user.dgfs.nonexistent")
+    assert info.value.errno == 61  # ENODATA
+
+    # After a remount the values come from S3 metadata.
+    shared.remount()
+    assert attr("next.zip", "kind") == "delta"
+    assert attr("next.zip", "sha256") == sha256_file(series[1])
+    assert int(attr("next.zip", "stored_size")) == stored["xattr/next.zip.delta"]
+
+
+def test_statfs(shared: DgfsMount) -> None:
+    info = os.statvfs(shared.mountpoint)
+    assert info.f_bsize > 0
+    assert info.f_blocks > 0 and info.f_bavail > 0
+    assert info.f_namemax == 255
+    assert shutil.disk_usage(shared.mountpoint).free > 0
+
+
+# --- parallel writers -------------------------------------------------------------
+
+
+def test_parallel_writers(shared: DgfsMount, tmp_path: Path) -> None:
+    dest = _fresh_dir(shared, "parallel")
+    series = ReleaseSeries(size=SERIES_SIZE, seed=7)
+    files = dict(series.zips(8))
+    errors: list[BaseException] = []
+
+    def writer(name: str, data: bytes) -> None:
+        try:
+            with open(dest / name, "wb") as handle:
+                for start in range(0, len(data), 65536):
+                    handle.write(data[start : start + 65536])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=item) for item in files.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    for name, data in files.items():
+        assert sha256_file(dest / name) == sha256_bytes(data), name
+    shared.settle(*(dest / n for n in files))
+    shared.remount()
+    for name, data in files.items():
+        assert sha256_file(dest / name) == sha256_bytes(data), name
