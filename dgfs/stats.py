@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -447,27 +447,33 @@ def _cache_document(
     }
 
 
-def encode_cache(
-    stats: BucketStats, fingerprint: Fingerprint, others: Iterable[ObjectInfo]
-) -> bytes:
-    """The cache file for ``stats``, valid for DeltaGlider too.
+def encode_caches(
+    entries: Mapping[Mode, BucketStats], fingerprint: Fingerprint, listing: Iterable[ObjectInfo]
+) -> dict[Mode, bytes]:
+    """The cache files for ``entries`` (one per mode), valid for DeltaGlider too.
 
     DeltaGlider validates a cache by the count and total size of *every*
-    object a LIST shows, this cache file included; so the file states its
-    own size. The JSON is padded with trailing spaces to reach the size it
-    claims (a fixed point; JSON ignores trailing whitespace).
+    object a LIST shows, cache files included; so each file states the
+    sizes of all the files written together with it, its own included.
+    Each JSON body is padded with trailing spaces to the size the others
+    claim for it (a fixed point; JSON ignores trailing whitespace).
+    ``listing`` is the bucket's LIST before the write.
     """
-    other_list = [o for o in others if o.key != cache_key(stats.mode)]
-    count = len(other_list) + 1
-    base = sum(o.size for o in other_list)
-    claimed = 0
+    keys = {cache_key(mode) for mode in entries}
+    others = [o for o in listing if o.key not in keys]
+    count = len(others) + len(entries)
+    base = sum(o.size for o in others)
+    claimed = dict.fromkeys(entries, 0)
     for _ in range(20):
-        body = json.dumps(_cache_document(stats, fingerprint, count, base + claimed), indent=2)
-        size = len(body.encode())
-        if size <= claimed:
-            return (body + " " * (claimed - size)).encode()
-        claimed = size
-    raise AssertionError("stats cache size did not settle")
+        total = base + sum(claimed.values())
+        bodies = {
+            mode: json.dumps(_cache_document(stats, fingerprint, count, total), indent=2).encode()
+            for mode, stats in entries.items()
+        }
+        if all(len(bodies[mode]) <= claimed[mode] for mode in entries):
+            return {mode: body.ljust(claimed[mode]) for mode, body in bodies.items()}
+        claimed = {mode: max(claimed[mode], len(bodies[mode])) for mode in entries}
+    raise AssertionError("stats cache sizes did not settle")
 
 
 async def _read_cache(
@@ -508,13 +514,28 @@ async def _write_cache(
     everything: list[ObjectInfo],
     fingerprint: Fingerprint,
 ) -> None:
-    body = encode_cache(stats, fingerprint, everything)
-    try:
-        await store.put_bytes(
-            cache_key(mode),
-            body,
-            {"x-deltaglider-cache": "true"},
-            content_type="application/json",
-        )
-    except DgfsError as exc:  # caching is optional: a read-only user still gets stats
-        log.warning("could not write the stats cache %s: %s", cache_key(mode), exc)
+    """Write this mode's cache, and rewrite the other modes' still-valid ones.
+
+    A new or resized cache file changes what a LIST shows, which would make
+    DeltaGlider reject the other modes' files; they are rewritten with the
+    same numbers and a validation that counts every file written now.
+    """
+    entries: dict[Mode, BucketStats] = {mode: stats}
+    for other in MODES:
+        if other != mode:
+            existing = await _read_cache(store, other, everything, fingerprint)
+            if existing is not None:
+                existing.from_cache = False
+                entries[other] = existing
+    bodies = encode_caches(entries, fingerprint, everything)
+    for written, body in bodies.items():
+        try:
+            await store.put_bytes(
+                cache_key(written),
+                body,
+                {"x-deltaglider-cache": "true"},
+                content_type="application/json",
+            )
+        except DgfsError as exc:  # caching is optional: a read-only user still gets stats
+            log.warning("could not write the stats cache %s: %s", cache_key(written), exc)
+            return
