@@ -232,8 +232,9 @@ class S3Store(ObjectStore):
     flight) of this store. The transfer tuning attributes
     (``multipart_threshold``, ``part_size``, ``download_threshold``,
     ``download_range_size``, ``copy_threshold``, ``copy_part_size``,
-    ``page_size``, ``retry_delays``) start from the module constants and
-    may be changed per instance (tests make them small).
+    ``transfer_concurrency``, ``page_size``, ``retry_delays``) start from
+    the module constants and may be changed per instance (tests make them
+    small).
     """
 
     def __init__(
