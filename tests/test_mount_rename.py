@@ -1,0 +1,280 @@
+"""Real mounts: rename/mv of files and directories, unlink, mkdir/rmdir, symlinks.
+
+A delta moved to another directory has to be stored against that
+directory's reference (or become its reference), so both the mount and the
+DeltaGlider CLI must read it back after the move.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mountutil import (
+    DgfsMount,
+    Mounts,
+    S3View,
+    dg_download,
+    sha256_file,
+    tree_digest,
+)
+from tests.releases import write_series
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture(scope="module")
+def mounts(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
+    with Mounts(moto_endpoint, tmp_path_factory.mktemp("rename")) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def shared(mounts: Mounts) -> DgfsMount:
+    return mounts.mount()
+
+
+@pytest.fixture
+def s3(shared: DgfsMount) -> Iterator[S3View]:
+    view = S3View(shared.endpoint, shared.bucket)
+    yield view
+    view.close()
+
+
+@pytest.fixture(autouse=True)
+def _daemon_log_clean(shared: DgfsMount) -> Iterator[None]:
+    yield
+    shared.check_log()
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_series(tmp_path_factory.mktemp("series"), 6, size=512 << 10, seed=11)
+
+
+def _stored_names(s3: S3View, prefix: str) -> set[str]:
+    return {k[len(prefix) :] for k in s3.keys(prefix) if "/" not in k[len(prefix) :]}
+
+
+def _populate(directory: Path, series: list[Path], *, settle: DgfsMount | None = None) -> None:
+    directory.mkdir(parents=True)
+    for src in series:
+        shutil.copyfile(src, directory / src.name)
+    if settle is not None:
+        settle.settle(*(directory / src.name for src in series))
+
+
+# --- files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settled", [True, False], ids=["stored", "pending"])
+def test_rename_file_in_same_directory(
+    shared: DgfsMount, s3: S3View, series: list[Path], settled: bool
+) -> None:
+    base = f"same-{'stored' if settled else 'pending'}"
+    _populate(shared / base, series, settle=shared if settled else None)
+    old, new = shared / base / series[3].name, shared / base / "renamed.zip"
+    os.rename(old, new)
+    assert not old.exists()
+    assert sha256_file(new) == sha256_file(series[3])
+    assert series[3].name not in os.listdir(shared / base)
+    shared.settle(new)
+    names = _stored_names(s3, f"{base}/")
+    assert "renamed.zip.delta" in names
+    assert f"{series[3].name}.delta" not in names and series[3].name not in names
+    meta = s3.metadata(f"{base}/renamed.zip.delta")
+    assert meta["dg-original-name"] == "renamed.zip"
+    shared.remount()
+    assert sha256_file(new) == sha256_file(series[3])
+    assert not old.exists()
+
+
+@pytest.mark.parametrize("settled", [True, False], ids=["stored", "pending"])
+def test_move_delta_to_another_directory(
+    shared: DgfsMount, s3: S3View, series: list[Path], tmp_path: Path, settled: bool
+) -> None:
+    base = f"across-{'stored' if settled else 'pending'}"
+    _populate(shared / base / "a", series, settle=shared if settled else None)
+    (shared / base / "b").mkdir()
+    shutil.copyfile(series[0], shared / base / "b" / "first.zip")  # b gets its own reference
+    moved = shared / base / "b" / "moved.zip"
+    os.rename(shared / base / "a" / series[4].name, moved)
+    # Also into a directory without a reference yet.
+    (shared / base / "c").mkdir()
+    os.rename(shared / base / "a" / series[2].name, shared / base / "c" / series[2].name)
+    assert sha256_file(moved) == sha256_file(series[4])
+    shared.settle(moved, shared / base / "c" / series[2].name, shared / base / "b" / "first.zip")
+
+    for key, src in (
+        (f"{base}/b/moved.zip", series[4]),
+        (f"{base}/c/{series[2].name}", series[2]),
+    ):
+        stored = s3.keys(f"{base}/")
+        assert f"{key}.delta" in stored, sorted(stored)
+        meta = s3.metadata(f"{key}.delta")
+        ref_key = meta["dg-ref-key"]
+        assert ref_key == key.rsplit("/", 1)[0] + "/reference.bin"
+        assert ref_key in stored
+        out = dg_download(shared.endpoint, shared.bucket, key, tmp_path / key.replace("/", "_"))
+        assert sha256_file(out) == sha256_file(src)
+    assert series[4].name not in os.listdir(shared / base / "a")
+    shared.remount()
+    assert sha256_file(moved) == sha256_file(series[4])
+    assert sha256_file(shared / base / "c" / series[2].name) == sha256_file(series[2])
+    # What stayed behind still reads.
+    for src in (series[0], series[1], series[3], series[5]):
+        assert sha256_file(shared / base / "a" / src.name) == sha256_file(src)
+
+
+@pytest.mark.parametrize("settled", [True, False], ids=["stored", "pending"])
+def test_mv_onto_existing_file_replaces_it(
+    shared: DgfsMount, s3: S3View, series: list[Path], settled: bool
+) -> None:
+    base = f"replace-{'stored' if settled else 'pending'}"
+    _populate(shared / base, series[:3], settle=shared if settled else None)
+    (shared / base / "note.txt").write_text("old note\n")
+    target = shared / base / series[0].name
+    subprocess.run(["mv", str(shared / base / series[2].name), str(target)], check=True)
+    assert sha256_file(target) == sha256_file(series[2])
+    assert sorted(os.listdir(shared / base)) == sorted([series[0].name, series[1].name, "note.txt"])
+    # A zip replaced by a text file: the other form must go.
+    os.rename(shared / base / "note.txt", shared / base / series[1].name)
+    assert (shared / base / series[1].name).read_text() == "old note\n"
+    shared.settle(target, shared / base / series[1].name)
+    names = _stored_names(s3, f"{base}/")
+    assert names - {"", "reference.bin"} == {f"{series[0].name}.delta", series[1].name}
+    shared.remount()
+    assert sha256_file(target) == sha256_file(series[2])
+    assert (shared / base / series[1].name).read_text() == "old note\n"
+    assert sorted(os.listdir(shared / base)) == sorted([series[0].name, series[1].name])
+
+
+def test_rename_noreplace_and_exchange_are_refused_cleanly(shared: DgfsMount) -> None:
+    base = shared / "renameflags"
+    base.mkdir()
+    (base / "a").write_text("a")
+    (base / "b").write_text("b")
+    result = subprocess.run(
+        ["mv", "--no-clobber", str(base / "a"), str(base / "b")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (base / "b").read_text() == "b" and (base / "a").read_text() == "a", result
+
+
+# --- directories --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settled", [True, False], ids=["stored", "pending"])
+def test_mv_directory_with_deltas(
+    shared: DgfsMount, s3: S3View, series: list[Path], tmp_path: Path, settled: bool
+) -> None:
+    base = f"mvdir-{'stored' if settled else 'pending'}"
+    _populate(shared / base / "old" / "sub", series, settle=shared if settled else None)
+    (shared / base / "old" / "top.txt").write_text("top\n")
+    (shared / base / "old" / "emptydir").mkdir()
+    before = tree_digest(shared / base / "old")
+    os.rename(shared / base / "old", shared / base / "new")
+    assert not (shared / base / "old").exists()
+    assert tree_digest(shared / base / "new") == before
+    assert (shared / base / "new" / "emptydir").is_dir()
+    shared.settle(*(shared / base / "new" / "sub" / p.name for p in series))
+    stored = s3.keys(f"{base}/")
+    assert not [k for k in stored if k.startswith(f"{base}/old")], sorted(stored)
+    for src in series:
+        meta = s3.metadata(f"{base}/new/sub/{src.name}.delta")
+        assert meta["dg-ref-key"] == f"{base}/new/sub/reference.bin"
+    for src in (series[0], series[-1]):
+        key = f"{base}/new/sub/{src.name}"
+        out = dg_download(shared.endpoint, shared.bucket, key, tmp_path / src.name)
+        assert sha256_file(out) == sha256_file(src)
+    shared.remount()
+    assert tree_digest(shared / base / "new") == before
+    assert (shared / base / "new" / "emptydir").is_dir()
+    assert not (shared / base / "old").exists()
+
+
+def test_mv_directory_onto_empty_directory(shared: DgfsMount, series: list[Path]) -> None:
+    base = shared / "mvdir-onto"
+    _populate(base / "src", series[:2], settle=shared)
+    (base / "dst").mkdir()
+    os.rename(base / "src", base / "dst")
+    assert sorted(os.listdir(base)) == ["dst"]
+    assert sorted(os.listdir(base / "dst")) == sorted(p.name for p in series[:2])
+    (base / "full").mkdir()
+    (base / "full" / "x").write_text("x")
+    with pytest.raises(OSError) as info:
+        os.rename(base / "dst", base / "full")
+    assert info.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
+    with pytest.raises(OSError) as info:
+        os.rename(base / "dst", base / "dst" / "inside")
+    assert info.value.errno == errno.EINVAL
+
+
+def test_unlink_and_rmdir(shared: DgfsMount, s3: S3View, series: list[Path]) -> None:
+    base = shared / "unlink"
+    _populate(base / "d", series[:3], settle=shared)
+    with pytest.raises(OSError) as info:
+        os.rmdir(base / "d")
+    assert info.value.errno == errno.ENOTEMPTY
+    os.unlink(base / "d" / series[1].name)
+    assert sorted(os.listdir(base / "d")) == sorted([series[0].name, series[2].name])
+    assert sha256_file(base / "d" / series[0].name) == sha256_file(series[0])
+    assert sha256_file(base / "d" / series[2].name) == sha256_file(series[2])
+    for src in (series[0], series[2]):
+        os.unlink(base / "d" / src.name)
+    os.rmdir(base / "d")
+    assert not (base / "d").exists()
+    assert not s3.keys("unlink/d/"), "rmdir leaves nothing (reference and marker go)"
+    with pytest.raises(FileNotFoundError):
+        os.unlink(base / "missing")
+    with pytest.raises(IsADirectoryError):
+        os.unlink(base)
+    # Unlinking a file right after writing it (upload still pending) leaves nothing.
+    (base / "quick.txt").write_text("gone soon")
+    os.unlink(base / "quick.txt")
+    shared.remount()
+    assert os.listdir(base) == []
+    assert set(s3.keys("unlink/")) <= {"unlink/"}
+
+
+def test_mkdir_persists_across_remount(shared: DgfsMount, s3: S3View) -> None:
+    base = shared / "dirs"
+    (base / "a" / "b" / "c").mkdir(parents=True)
+    (base / "empty").mkdir()
+    with pytest.raises(FileExistsError):
+        (base / "empty").mkdir()
+    shared.remount()
+    assert (base / "a" / "b" / "c").is_dir()
+    assert (base / "empty").is_dir()
+    assert sorted(os.listdir(base)) == ["a", "empty"]
+    os.rmdir(base / "empty")
+    shared.remount()
+    assert sorted(os.listdir(base)) == ["a"]
+
+
+def test_symlinks_survive_remount(shared: DgfsMount, series: list[Path]) -> None:
+    base = shared / "links"
+    _populate(base, series[:1])
+    os.symlink(series[0].name, base / "latest.zip")
+    os.symlink("../nowhere/at/all", base / "dangling")
+    assert os.readlink(base / "latest.zip") == series[0].name
+    assert sha256_file(base / "latest.zip") == sha256_file(series[0])
+    shared.remount()
+    assert (base / "latest.zip").is_symlink()
+    assert os.readlink(base / "latest.zip") == series[0].name
+    assert os.readlink(base / "dangling") == "../nowhere/at/all"
+    assert sha256_file(base / "latest.zip") == sha256_file(series[0])
+    os.rename(base / "latest.zip", base / "current.zip")
+    assert os.readlink(base / "current.zip") == series[0].name
+    os.unlink(base / "dangling")
+    shared.remount()
+    assert sorted(os.listdir(base)) == sorted([series[0].name, "current.zip"])
+    assert os.readlink(base / "current.zip") == series[0].name
