@@ -1,0 +1,421 @@
+"""dgfs migrate: streaming copy, resume after a kill, dry run, filters, prefixes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from dgfs import format as fmt
+from dgfs.core import Core
+from dgfs.errors import ConfigError
+from dgfs.format import Kind
+from dgfs.migrate import (
+    effective_dest_prefix,
+    open_migration,
+    plan_migration,
+    run_migration,
+    selected,
+)
+from dgfs.runtime import S3Location, Settings, open_core
+from tests.mountutil import deltaglider_bin, dg_upload, dgfs_bin
+from tests.releases import ReleaseSeries
+from tests.servers import REGION, make_bucket, s3_client
+
+# --- pure rules -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "dest", "preserve", "expected"),
+    [
+        ("a/b", "x", True, "x/b"),  # DeltaGlider: the last component is kept
+        ("a/b/", "x/", True, "x/b"),
+        ("prefix1", "", True, "prefix1"),
+        ("", "x", True, "x"),
+        ("", "", True, ""),
+        ("a/b", "x", False, "x"),
+        ("a/b", "", False, ""),
+    ],
+)
+def test_prefix_rules(source: str, dest: str, preserve: bool, expected: str) -> None:
+    assert effective_dest_prefix(source, dest, preserve) == expected
+
+
+def test_filters() -> None:
+    assert selected("app/x-1.zip")
+    assert selected("app/x-1.zip", include=["*.zip"])
+    assert not selected("app/x-1.tar", include=["*.zip"])
+    assert not selected("app/x-1.zip", include=["*.zip"], exclude=["*-1.*"])
+    assert selected("app/x-2.zip", include=["*.txt", "app/*"], exclude=["*-1.*"])
+    assert not selected("notes.txt", exclude=["*.txt"])
+
+
+# --- helpers ----------------------------------------------------------------------
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def new_bucket(endpoint: str, tag: str) -> str:
+    name = f"dgfs-mig-{tag}-{time.monotonic_ns() % 10**12}"
+    make_bucket(endpoint, name)
+    return name
+
+
+def upload_series(
+    endpoint: str, bucket: str, prefix: str, count: int, seed: int = 1
+) -> dict[str, bytes]:
+    """``count`` raw releases under ``prefix`` (with content type and user metadata)."""
+    client = s3_client(endpoint)
+    files = {}
+    for name, data in ReleaseSeries(size=256 << 10, seed=seed).zips(count):
+        client.put_object(
+            Bucket=bucket,
+            Key=f"{prefix}{name}",
+            Body=data,
+            ContentType="application/zip",
+            Metadata={"owner": "ci", "build": name},
+        )
+        files[name] = data
+    client.close()
+    return files
+
+
+def listing(endpoint: str, bucket: str) -> dict[str, dict[str, Any]]:
+    client = s3_client(endpoint)
+    found: dict[str, dict[str, Any]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            found[obj["Key"]] = obj
+    client.close()
+    return found
+
+
+@pytest.fixture
+def settings(moto_endpoint: str, tmp_path: Path) -> Settings:
+    return Settings(endpoint_url=moto_endpoint, region=REGION, cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture
+def buckets(moto_endpoint: str) -> Iterator[tuple[str, str]]:
+    yield new_bucket(moto_endpoint, "src"), new_bucket(moto_endpoint, "dst")
+
+
+@pytest.fixture
+async def reader(
+    moto_endpoint: str, buckets: tuple[str, str], tmp_path: Path
+) -> AsyncIterator[Core]:
+    """A core on the destination bucket, to read files back (verified)."""
+    settings = Settings(endpoint_url=moto_endpoint, region=REGION, cache_dir=tmp_path / "read")
+    async with open_core(S3Location(buckets[1]), settings) as core:
+        yield core
+
+
+async def read_back(core: Core, key: str, tmp_path: Path) -> bytes:
+    out = tmp_path / "read-back"
+    await core.get(key, out)
+    return out.read_bytes()
+
+
+# --- the copy itself ------------------------------------------------------------------
+
+
+async def test_migrate_plain_bucket_keeps_names_metadata_and_content_type(
+    moto_endpoint: str,
+    buckets: tuple[str, str],
+    settings: Settings,
+    reader: Core,
+    tmp_path: Path,
+) -> None:
+    src, dst = buckets
+    files = upload_series(moto_endpoint, src, "a/b/", 5)
+    client = s3_client(moto_endpoint)
+    client.put_object(Bucket=src, Key="a/b/notes.txt", Body=b"notes " * 100)
+    files["notes.txt"] = b"notes " * 100
+
+    source, dest = S3Location(src, "a/b"), S3Location(dst, "x")
+    async with open_migration(source, dest, settings) as (source_core, dest_core):
+        plan = await plan_migration(source_core.store, dest_core.store, source, dest)
+        assert plan.dest_prefix == "x/b"
+        assert len(plan.to_copy) == 6 and plan.total_bytes == sum(map(len, files.values()))
+        report = await run_migration(source_core, dest_core, plan, concurrency=4)
+    assert not report.failed and len(report.copied) == 6
+    assert report.stored_bytes < report.original_bytes
+    kinds = {c.rel_key: c.kind for c in report.copied}
+    assert kinds["notes.txt"] is Kind.DIRECT
+    assert all(kind is Kind.DELTA for name, kind in kinds.items() if name.endswith(".zip"))
+
+    # Only final names: one object per file, plus the one reference.
+    expected = {f"x/b/{n}.delta" for n in files if n.endswith(".zip")}
+    expected |= {"x/b/notes.txt", "x/b/reference.bin"}
+    assert set(listing(moto_endpoint, dst)) == expected
+    for name, data in files.items():
+        assert await read_back(reader, f"x/b/{name}", tmp_path) == data
+    name = sorted(files)[1]
+    head = client.head_object(Bucket=dst, Key=f"x/b/{name}.delta")
+    assert head["ContentType"] == "application/zip"
+    assert head["Metadata"]["owner"] == "ci" and head["Metadata"]["build"] == name
+    assert head["Metadata"]["dg-file-sha256"] == sha(files[name])
+    client.close()
+
+
+async def test_deltaglider_format_source_is_rehydrated_not_copied_as_deltas(
+    moto_endpoint: str,
+    buckets: tuple[str, str],
+    settings: Settings,
+    reader: Core,
+    tmp_path: Path,
+) -> None:
+    src, dst = buckets
+    files = {}
+    src_settings = Settings(
+        endpoint_url=moto_endpoint, region=REGION, cache_dir=tmp_path / "src-cache"
+    )
+    async with open_core(S3Location(src), src_settings) as writer:
+        for name, data in ReleaseSeries(size=256 << 10, seed=9).zips(4):
+            path = tmp_path / name
+            path.write_bytes(data)
+            await writer.put(path, f"rel/{name}", extra_metadata={"mtime": "1700000000"})
+            files[name] = data
+    source, dest = S3Location(src, "rel"), S3Location(dst, "")
+    async with open_migration(source, dest, settings) as (source_core, dest_core):
+        plan = await plan_migration(
+            source_core.store, dest_core.store, source, dest, preserve_prefix=False
+        )
+        # Sizes are the files' own, from the deltas' metadata, not the deltas'.
+        assert {f.rel_key: f.size for f in plan.to_copy} == {n: len(d) for n, d in files.items()}
+        report = await run_migration(source_core, dest_core, plan)
+    assert not report.failed and len(report.copied) == 4
+    keys = set(listing(moto_endpoint, dst))
+    assert keys == {f"{n}.delta" for n in files} | {"reference.bin"}
+    client = s3_client(moto_endpoint)
+    for name, data in files.items():
+        assert await read_back(reader, name, tmp_path) == data
+        meta = client.head_object(Bucket=dst, Key=f"{name}.delta")["Metadata"]
+        assert meta["dg-ref-key"] == "reference.bin"  # made against the destination's reference
+        assert meta["mtime"] == "1700000000"
+    client.close()
+
+
+@pytest.mark.interop
+async def test_bucket_written_by_deltaglider_migrates(
+    moto_endpoint: str,
+    buckets: tuple[str, str],
+    settings: Settings,
+    reader: Core,
+    tmp_path: Path,
+) -> None:
+    if deltaglider_bin() is None:
+        pytest.skip("DeltaGlider CLI not found (set DELTAGLIDER_BIN or make .venv-deltaglider)")
+    src, dst = buckets
+    files = {}
+    for name, data in ReleaseSeries(size=256 << 10, seed=11).zips(3):
+        path = tmp_path / name
+        path.write_bytes(data)
+        dg_upload(moto_endpoint, path, src, f"dg/{name}")
+        files[name] = data
+    source, dest = S3Location(src, "dg"), S3Location(dst, "")
+    async with open_migration(source, dest, settings) as (source_core, dest_core):
+        plan = await plan_migration(source_core.store, dest_core.store, source, dest)
+        report = await run_migration(source_core, dest_core, plan)
+    assert not report.failed
+    assert {c.dest_key for c in report.copied} == {f"dg/{n}" for n in files}
+    for name, data in files.items():
+        assert await read_back(reader, f"dg/{name}", tmp_path) == data
+
+
+async def test_corrupt_source_file_is_reported_and_the_rest_is_copied(
+    moto_endpoint: str, buckets: tuple[str, str], settings: Settings
+) -> None:
+    src, dst = buckets
+    upload_series(moto_endpoint, src, "", 3)
+    client = s3_client(moto_endpoint)
+    # A direct object whose bytes no longer match its recorded SHA-256.
+    meta = {"dg-file-sha256": sha(b"original"), "dg-file-size": "7", "dg-compression": "none"}
+    client.put_object(Bucket=src, Key="bad.txt", Body=b"changed", Metadata=meta)
+    client.close()
+    source, dest = S3Location(src), S3Location(dst)
+    async with open_migration(source, dest, settings) as (source_core, dest_core):
+        plan = await plan_migration(source_core.store, dest_core.store, source, dest)
+        report = await run_migration(source_core, dest_core, plan)
+    assert [key for key, _ in report.failed] == ["bad.txt"]
+    assert "SHA-256" in report.failed[0][1]
+    assert len(report.copied) == 3
+    assert "bad.txt" not in listing(moto_endpoint, dst)
+
+
+async def test_resume_skips_same_size_and_replaces_different(
+    moto_endpoint: str, buckets: tuple[str, str], settings: Settings, reader: Core, tmp_path: Path
+) -> None:
+    src, dst = buckets
+    files = upload_series(moto_endpoint, src, "", 4)
+    names = sorted(files)
+    source, dest = S3Location(src), S3Location(dst)
+    async with open_migration(source, dest, settings) as (source_core, dest_core):
+        plan = await plan_migration(
+            source_core.store, dest_core.store, source, dest, include=[names[0], names[1]]
+        )
+        assert plan.filtered_out == 2
+        await run_migration(source_core, dest_core, plan)
+        # The source's second file changes (another size) after it was copied.
+        changed = files[names[1]] + b"appendix"
+        s3_client(moto_endpoint).put_object(Bucket=src, Key=names[1], Body=changed)
+        plan = await plan_migration(source_core.store, dest_core.store, source, dest)
+        assert [f.rel_key for f in plan.present] == [names[0]]
+        assert sorted(f.rel_key for f in plan.to_copy) == names[1:]
+        assert [f.rel_key for f in plan.replacing] == [names[1]]
+        report = await run_migration(source_core, dest_core, plan)
+    assert not report.failed and report.skipped == 1
+    assert await read_back(reader, names[1], tmp_path) == changed
+
+
+async def test_overlapping_locations_are_refused(
+    moto_endpoint: str, buckets: tuple[str, str], settings: Settings
+) -> None:
+    src, _ = buckets
+    async with open_migration(S3Location(src), S3Location(src, "x"), settings) as (s, d):
+        with pytest.raises(ConfigError, match="overlap"):
+            await plan_migration(s.store, d.store, S3Location(src), S3Location(src, "x"))
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+def dgfs(
+    endpoint: str, cache: Path, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dgfs_bin(), *args, "--endpoint-url", endpoint, "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def test_cli_dry_run_filters_and_prefixes(
+    moto_endpoint: str, buckets: tuple[str, str], tmp_path: Path
+) -> None:
+    src, dst = buckets
+    files = upload_series(moto_endpoint, src, "a/b/", 4)
+    s3_client(moto_endpoint).put_object(Bucket=src, Key="a/b/notes.txt", Body=b"n")
+    names = sorted(files)
+    result = dgfs(
+        moto_endpoint,
+        tmp_path / "c",
+        "migrate",
+        "--dry-run",
+        "--include",
+        "*.zip",
+        "--exclude",
+        f"*{names[0]}",
+        f"s3://{src}/a/b/",
+        f"s3://{dst}/x/",
+    )
+    assert result.returncode == 0, result.stderr
+    assert listing(moto_endpoint, dst) == {}  # nothing written
+    for name in names[1:]:
+        assert f"-> x/b/{name}" in result.stdout
+    assert names[0] not in result.stdout and "notes.txt" not in result.stdout
+    assert "to copy:          3 files" in result.stdout
+
+    # Without confirmation on a non-terminal stdin: refused, nothing written.
+    refused = dgfs(moto_endpoint, tmp_path / "c", "migrate", f"s3://{src}/a/b/", f"s3://{dst}/x/")
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert listing(moto_endpoint, dst) == {}
+
+    done = dgfs(
+        moto_endpoint,
+        tmp_path / "c",
+        "migrate",
+        "--yes",
+        "--no-preserve-prefix",
+        "--exclude",
+        "*.txt",
+        f"s3://{src}/a/b/",
+        f"s3://{dst}/x/",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "saved:" in done.stdout and "files/s" in done.stdout
+    assert set(listing(moto_endpoint, dst)) == {f"x/{n}.delta" for n in names} | {"x/reference.bin"}
+
+
+def test_cli_resume_after_kill_copies_nothing_twice(
+    moto_endpoint: str, buckets: tuple[str, str], tmp_path: Path
+) -> None:
+    src, dst = buckets
+    total = 40
+    files = upload_series(moto_endpoint, src, "rel/", total, seed=21)
+    args = [
+        dgfs_bin(),
+        "migrate",
+        "--yes",
+        "--json",
+        "--concurrency",
+        "1",
+        f"s3://{src}/rel/",
+        f"s3://{dst}/",
+        "--endpoint-url",
+        moto_endpoint,
+        "--cache-dir",
+        str(tmp_path / "c1"),
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            landed = [k for k in listing(moto_endpoint, dst) if k != "rel/reference.bin"]
+            if len(landed) >= 5 or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the migration finished before it could be interrupted"
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+    after_kill = listing(moto_endpoint, dst)
+    landed = {k: v for k, v in after_kill.items() if k != "rel/reference.bin"}
+    assert 5 <= len(landed) < total
+
+    result = dgfs(
+        moto_endpoint,
+        tmp_path / "c2",
+        "migrate",
+        "--yes",
+        "--json",
+        f"s3://{src}/rel/",
+        f"s3://{dst}/",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["skipped"] == len(landed)
+    assert report["copied"] == total - len(landed)
+    assert report["failed"] == []
+
+    final = listing(moto_endpoint, dst)
+    visible = [fmt.visible_key(key) for key in final if key != "rel/reference.bin"]
+    assert sorted(visible) == sorted(f"rel/{n}" for n in files)  # each file exactly once
+    for key, obj in landed.items():  # not rewritten by the second run
+        assert (final[key]["ETag"], final[key]["LastModified"]) == (
+            obj["ETag"],
+            obj["LastModified"],
+        )
+
+    async def check() -> None:
+        settings = Settings(endpoint_url=moto_endpoint, region=REGION, cache_dir=tmp_path / "check")
+        async with open_core(S3Location(dst), settings) as core:
+            for name, data in files.items():
+                assert await read_back(core, f"rel/{name}", tmp_path) == data
+
+    trio.run(check)
