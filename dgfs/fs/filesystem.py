@@ -192,6 +192,13 @@ class FileSystem:
     def _reserved_at_root(self, parent: Node, name: str) -> bool:
         return parent.path == "" and not self.root_prefix and name == ".deltaglider"
 
+    def _check_new_name(self, parent: Node, name: str) -> None:
+        """A name a new entry of ``parent`` may take (not one the format owns)."""
+        self._check_name(name)
+        if self._reserved_at_root(parent, name):
+            # Keys under .deltaglider/ are DeltaGlider's own and never shown.
+            raise FsError(errno.EINVAL, f"{name}: reserved by the DeltaGlider format")
+
     # --- listings -------------------------------------------------------------------
 
     async def _fetch_listing(self, path: str) -> dict[str, DirEntry]:
@@ -438,8 +445,8 @@ class FileSystem:
 
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
         self._check_writable()
-        self._check_name(name)
         parent = self.get_dir(parent_ino)
+        self._check_new_name(parent, name)
         await self._check_absent(parent, name)
         path = child_path(parent.path, name)
         node = self.nodes.new(path, NodeKind.DIR)
@@ -489,8 +496,8 @@ class FileSystem:
         self, parent_ino: int, name: str, mode: int, uid: int, gid: int, flags: int
     ) -> tuple[Handle, Node]:
         self._check_writable()
-        self._check_name(name)
         parent = self.get_dir(parent_ino)
+        self._check_new_name(parent, name)
         path = child_path(parent.path, name)
         existing = None
         with contextlib.suppress(FsError):
@@ -949,9 +956,9 @@ class FileSystem:
         noreplace, exchange = 1, 2  # RENAME_NOREPLACE, RENAME_EXCHANGE
         if flags & exchange:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
-        self._check_name(new_name)
         old_parent = self.get_dir(old_parent_ino)
         new_parent = self.get_dir(new_parent_ino)
+        self._check_new_name(new_parent, new_name)
         node = await self.lookup(old_parent.ino, old_name)
         new_path = child_path(new_parent.path, new_name)
         if new_path == node.path:
@@ -1030,8 +1037,8 @@ class FileSystem:
 
     async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Node:
         self._check_writable()
-        self._check_name(name)
         parent = self.get_dir(parent_ino)
+        self._check_new_name(parent, name)
         await self._check_absent(parent, name)
         path = child_path(parent.path, name)
         node = self.nodes.new(path, NodeKind.SYMLINK)
