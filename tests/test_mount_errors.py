@@ -1,0 +1,252 @@
+"""Real mounts: what is refused, with which errno, and mount-time mistakes.
+
+Mount-time mistakes (missing bucket, bad mountpoint, unreachable endpoint,
+unknown option) must fail fast with one clear line and exit status 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mountutil import (
+    DgfsMount,
+    Mounts,
+    S3View,
+    daemon_env,
+    daemon_pids,
+    dgfs_bin,
+    is_mounted,
+    sha256_file,
+)
+from tests.releases import write_series
+from tests.servers import free_port
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture(scope="module")
+def mounts(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
+    with Mounts(moto_endpoint, tmp_path_factory.mktemp("errors")) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def shared(mounts: Mounts) -> DgfsMount:
+    return mounts.mount()
+
+
+@pytest.fixture(autouse=True)
+def _daemon_log_clean(shared: DgfsMount) -> Iterator[None]:
+    yield
+    shared.check_log()
+
+
+def _errno_of(fn: object, *args: object) -> int:
+    assert callable(fn)
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    return info.value.errno or 0
+
+
+# --- refused operations -------------------------------------------------------------
+
+
+def test_hard_link_is_eperm(shared: DgfsMount) -> None:
+    base = shared / "hardlink"
+    base.mkdir()
+    (base / "f").write_text("data")
+    assert _errno_of(os.link, base / "f", base / "g") == errno.EPERM
+    assert os.listdir(base) == ["f"]
+
+
+def test_mkfifo_and_device_nodes_are_eperm(shared: DgfsMount) -> None:
+    base = shared / "special"
+    base.mkdir()
+    assert _errno_of(os.mkfifo, base / "fifo") == errno.EPERM
+    assert _errno_of(os.mknod, base / "node", 0o600 | 0o020000, os.makedev(1, 3)) == errno.EPERM
+    assert os.listdir(base) == []
+
+
+@pytest.mark.parametrize("name", ["x.delta", "reference.bin", "app.zip.delta"])
+def test_names_reserved_by_the_format_are_einval(shared: DgfsMount, name: str) -> None:
+    base = shared / f"reserved-{name.replace('.', '-')}"
+    base.mkdir()
+    assert _errno_of(open, base / name, "wb") == errno.EINVAL
+    assert _errno_of(os.mkdir, base / name) == errno.EINVAL
+    assert _errno_of(os.symlink, "target", base / name) == errno.EINVAL
+    (base / "ok.txt").write_text("ok")
+    assert _errno_of(os.rename, base / "ok.txt", base / name) == errno.EINVAL
+    assert sorted(os.listdir(base)) == ["ok.txt"]
+
+
+def test_internal_prefix_cannot_be_created_at_the_root(shared: DgfsMount) -> None:
+    assert ".deltaglider" not in os.listdir(shared.mountpoint)
+    assert _errno_of(os.mkdir, shared / ".deltaglider") == errno.EINVAL
+    assert _errno_of(open, shared / ".deltaglider", "wb") == errno.EINVAL
+    assert ".deltaglider" not in os.listdir(shared.mountpoint)
+    # Below the root the name is an ordinary one.
+    (shared / "sub").mkdir(exist_ok=True)
+    (shared / "sub" / ".deltaglider").mkdir()
+    (shared / "sub" / ".deltaglider" / "f").write_text("f")
+    shared.settle(shared / "sub" / ".deltaglider" / "f")
+    assert (shared / "sub" / ".deltaglider" / "f").read_text() == "f"
+
+
+def test_setxattr_is_enotsup_and_getxattr_of_unknown_is_enodata(shared: DgfsMount) -> None:
+    path = shared / "xattr.txt"
+    path.write_text("x")
+    assert _errno_of(os.setxattr, path, "user.test", b"1") == errno.ENOTSUP
+    assert _errno_of(os.removexattr, path, "user.dgfs.kind") == errno.ENOTSUP
+    assert _errno_of(os.getxattr, path, "user.other") == errno.ENODATA
+
+
+def test_missing_files(shared: DgfsMount) -> None:
+    missing = shared / "does-not-exist"
+    assert _errno_of(os.stat, missing) == errno.ENOENT
+    assert _errno_of(open, missing, "rb") == errno.ENOENT
+    assert _errno_of(os.rename, missing, shared / "x") == errno.ENOENT
+    assert _errno_of(os.listdir, missing) == errno.ENOENT
+    (shared / "file-not-dir").write_text("f")
+    assert _errno_of(os.listdir, shared / "file-not-dir") == errno.ENOTDIR
+    assert _errno_of(os.mkdir, shared / "file-not-dir" / "sub") == errno.ENOTDIR
+    assert _errno_of(os.rmdir, shared / "file-not-dir") == errno.ENOTDIR
+
+
+# --- a read-only mount ----------------------------------------------------------------
+
+
+def test_read_only_mount(mounts: Mounts, tmp_path: Path) -> None:
+    series = write_series(tmp_path / "src", 2, size=512 << 10)
+    writer = mounts.mount()
+    (writer / "dir").mkdir()
+    for src in series:
+        shutil.copyfile(src, writer / "dir" / src.name)
+    writer.unmount()
+
+    ro = mounts.mount(writer.bucket, ro=None)
+    target = ro / "dir" / series[0].name
+    assert sha256_file(target) == sha256_file(series[0])
+    assert _errno_of(open, ro / "dir" / "new", "wb") == errno.EROFS
+    assert _errno_of(open, target, "r+b") == errno.EROFS
+    assert _errno_of(os.mkdir, ro / "newdir") == errno.EROFS
+    assert _errno_of(os.unlink, target) == errno.EROFS
+    assert _errno_of(os.rename, target, ro / "dir" / "x.zip") == errno.EROFS
+    assert _errno_of(os.rmdir, ro / "dir") == errno.EROFS
+    assert _errno_of(os.truncate, target, 0) == errno.EROFS
+    assert _errno_of(os.chmod, target, 0o600) == errno.EROFS
+    assert _errno_of(os.symlink, "x", ro / "link") == errno.EROFS
+    assert sha256_file(target) == sha256_file(series[0])
+    ro.unmount()
+    view = S3View(ro.endpoint, ro.bucket)
+    try:
+        assert set(view.keys()) == {
+            "dir/",
+            "dir/reference.bin",
+            *(f"dir/{p.name}.delta" for p in series),
+        }
+    finally:
+        view.close()
+
+
+# --- mount-time mistakes ------------------------------------------------------------------
+
+
+def _dgfs_mount(*args: str, timeout: float = 30) -> tuple[int, str, float]:
+    start = time.monotonic()
+    result = subprocess.run(
+        [dgfs_bin(), "mount", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=daemon_env(),
+        check=False,
+    )
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - start
+
+
+def _assert_one_clear_line(output: str, *words: str) -> None:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    assert lines[0].startswith("dgfs mount: "), output
+    for word in words:
+        assert word in lines[0], output
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_missing_bucket_fails_fast(moto_endpoint: str, tmp_path: Path, foreground: bool) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    args = ["no-such-bucket-here", str(mnt), "-o", f"endpoint={moto_endpoint},cache_dir={tmp_path}"]
+    code, output, elapsed = _dgfs_mount(*args, *(["-f"] if foreground else []))
+    assert code == 2, output
+    _assert_one_clear_line(output, "no-such-bucket-here", "does not exist")
+    assert elapsed < 15
+    assert not is_mounted(mnt)
+    assert not daemon_pids(mnt)
+
+
+def test_mountpoint_not_a_directory(moto_endpoint: str, tmp_path: Path) -> None:
+    bucket = "irrelevant"
+    (tmp_path / "file").write_text("x")
+    code, output, _ = _dgfs_mount(bucket, str(tmp_path / "file"), "-o", f"endpoint={moto_endpoint}")
+    assert code == 2
+    _assert_one_clear_line(output, "not a directory")
+    code, output, _ = _dgfs_mount(bucket, str(tmp_path / "nope"), "-o", f"endpoint={moto_endpoint}")
+    assert code == 2
+    _assert_one_clear_line(output, "does not exist")
+
+
+def test_mountpoint_already_mounted(shared: DgfsMount, tmp_path: Path) -> None:
+    code, output, _ = _dgfs_mount(
+        shared.bucket,
+        str(shared.mountpoint),
+        "-o",
+        f"endpoint={shared.endpoint},cache_dir={tmp_path}",
+    )
+    assert code == 2
+    _assert_one_clear_line(output, "busy")
+    assert is_mounted(shared.mountpoint)
+
+
+def test_endpoint_unreachable(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    closed = f"http://127.0.0.1:{free_port()}"
+    code, output, elapsed = _dgfs_mount(
+        "bucket", str(mnt), "-o", f"endpoint={closed},cache_dir={tmp_path}"
+    )
+    assert code == 2, output
+    _assert_one_clear_line(output, closed)
+    assert elapsed < 20
+    assert not is_mounted(mnt)
+
+
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        ("bogus", ["bogus"]),
+        ("upload_delay=soon", ["upload_delay"]),
+        ("umask=999", ["umask"]),
+        ("endpoint", ["endpoint"]),
+        ("ro=1", ["ro"]),
+        ("cache_size=lots", ["lots"]),
+    ],
+)
+def test_bad_options(tmp_path: Path, option: str, words: list[str]) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    code, output, elapsed = _dgfs_mount("bucket", str(mnt), "-o", option)
+    assert code == 2, output
+    _assert_one_clear_line(output, *words)
+    assert elapsed < 10
+    assert not is_mounted(mnt)
