@@ -127,6 +127,7 @@ class FileSystem:
         self._upload_send = send
         self._upload_receive = receive
         self._inflight = 0
+        self._draining = False  # unmounting: upload without delay
         self._idle = trio.Event()
         self._idle.set()
 
@@ -732,6 +733,7 @@ class FileSystem:
                 return
             if pending.error is not None:
                 raise pending.error
+            pending.hurry.set()  # somebody waits for it: no upload delay
             await pending.changed.wait()
 
     # --- uploads --------------------------------------------------------------------
@@ -759,8 +761,16 @@ class FileSystem:
     async def _upload_worker(self) -> None:
         async for node in self._upload_receive:
             try:
-                if self.options.upload_delay and not self.options.sync_upload:
-                    await trio.sleep(self.options.upload_delay)
+                pending = node.pending
+                if (
+                    pending is not None
+                    and self.options.upload_delay
+                    and not self.options.sync_upload
+                    and not self._draining
+                ):
+                    # Cut short by fsync() or an unmount, which wait for the upload.
+                    with trio.move_on_after(self.options.upload_delay):
+                        await pending.hurry.wait()
                 await self._upload(node)
             finally:
                 self._inflight -= 1
@@ -768,7 +778,14 @@ class FileSystem:
                     self._idle.set()
 
     async def wait_idle(self) -> None:
-        """Until every queued upload has finished (success or recorded failure)."""
+        """Until every queued upload has finished (success or recorded failure).
+
+        Called at unmount: uploads still in their delay start at once.
+        """
+        self._draining = True
+        for node in self.nodes.pending_nodes():
+            if node.pending is not None:
+                node.pending.hurry.set()
         while self._inflight:
             await self._idle.wait()
 

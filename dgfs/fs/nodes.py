@@ -53,6 +53,7 @@ class Pending:
     queued: bool = False
     error: DgfsError | None = None
     changed: trio.Event = field(default_factory=trio.Event)
+    hurry: trio.Event = field(default_factory=trio.Event)  # set: upload without delay
 
     @property
     def dirty(self) -> bool:
