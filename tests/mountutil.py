@@ -171,6 +171,7 @@ class DgfsMount:
         self.daemon = daemon
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
+        self.last_returncode: int | None = None
         self.generation = 0
         self.log_path = cache_dir.parent / f"{mountpoint.name}-stderr.log"
         self.expected: list[re.Pattern[str]] = []
@@ -280,7 +281,8 @@ class DgfsMount:
 
     @property
     def returncode(self) -> int | None:
-        return self.proc.returncode if self.proc is not None else None
+        """The foreground daemon's exit status (after it exited), else None."""
+        return self.proc.returncode if self.proc is not None else self.last_returncode
 
     def unmount(self, *, timeout: float = UNMOUNT_TIMEOUT) -> None:
         """``fusermount3 -u`` and wait until the daemon has finished its uploads and exited."""
@@ -330,6 +332,7 @@ class DgfsMount:
         if self.proc is not None:
             with suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=5)
+            self.last_returncode = self.proc.returncode
         self.proc = None
         self.pid = None
 
