@@ -8,7 +8,7 @@
   cache_dir), ``crash()`` (SIGKILL + lazy unmount), ``expect_log()`` for
   tests that provoke errors, ``check_log()`` to fail on unexpected ones.
 - ``S3View``: what the bucket really holds (boto3, no dgfs code).
-- ``deltaglider()``: the real DeltaGlider CLI, for interop.
+- ``dg_download()``/``dg_upload()``: the real DeltaGlider CLI, for interop.
 
 Only processes started here are ever signalled, by PID. A mount that
 cannot be unmounted cleanly is detached lazily (``fusermount3 -uz``) so
@@ -28,16 +28,14 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import pytest
 
+from tests.dgcli import run_deltaglider
 from tests.servers import make_bucket, s3_client
-
-ROOT = Path(__file__).resolve().parents[1]
 
 MOUNT_TIMEOUT = 20.0
 UNMOUNT_TIMEOUT = 60.0
@@ -55,14 +53,6 @@ def dgfs_bin() -> str:
     if found is None:
         raise RuntimeError("dgfs is not installed in this environment (pip install -e .)")
     return found
-
-
-def deltaglider_bin() -> str | None:
-    """The DeltaGlider CLI: ``$DELTAGLIDER_BIN``, else ``<repo>/.venv-deltaglider``."""
-    candidate = os.environ.get("DELTAGLIDER_BIN") or str(
-        ROOT / ".venv-deltaglider" / "bin" / "deltaglider"
-    )
-    return candidate if os.access(candidate, os.X_OK) else None
 
 
 def sha256_file(path: Path | str) -> str:
@@ -520,51 +510,15 @@ class S3View:
             time.sleep(0.1)
 
 
-@dataclass
-class DgResult:
-    returncode: int
-    output: str
-
-
-def deltaglider(endpoint: str, *args: str, timeout: float = 60.0) -> DgResult:
-    """Run the DeltaGlider CLI against ``endpoint`` (skips the test if it is not installed)."""
-    binary = deltaglider_bin()
-    if binary is None:
-        pytest.skip("DeltaGlider CLI not found (set DELTAGLIDER_BIN or make .venv-deltaglider)")
-    env = dict(os.environ)
-    env.update(
-        {
-            "DG_DISABLE_EC2_DETECTION": "1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "DG_SUPPRESS_DEPRECATION": "1",
-            # Debian's xdelta3 re-compresses gzip on decode unless told not to.
-            "XDELTA": "-D -R",
-        }
-    )
-    result = subprocess.run(
-        [binary, *args, "--endpoint-url", endpoint],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-    return DgResult(result.returncode, result.stdout + result.stderr)
-
-
 def dg_download(endpoint: str, bucket: str, key: str, dest: Path) -> Path:
-    """``deltaglider cp s3://bucket/key dest``; asserts it worked."""
-    result = deltaglider(endpoint, "cp", f"s3://{bucket}/{key}", str(dest))
-    assert result.returncode == 0, f"deltaglider cp s3://{bucket}/{key} failed:\n{result.output}"
+    """``deltaglider cp s3://bucket/key dest`` with the real CLI; asserts it worked."""
+    run_deltaglider(endpoint, "cp", f"s3://{bucket}/{key}", str(dest))
     return dest
 
 
 def dg_upload(endpoint: str, src: Path, bucket: str, key: str) -> None:
     """``deltaglider cp src s3://bucket/key`` (full key: 6.2.0 drops a bare prefix)."""
-    result = deltaglider(endpoint, "cp", str(src), f"s3://{bucket}/{key}")
-    assert result.returncode == 0, (
-        f"deltaglider cp {src} s3://{bucket}/{key} failed:\n{result.output}"
-    )
+    run_deltaglider(endpoint, "cp", str(src), f"s3://{bucket}/{key}")
 
 
 def tree_digest(root: Path) -> dict[str, tuple[int, str]]:
@@ -603,7 +557,6 @@ __all__ = [
     "Mounts",
     "S3View",
     "assert_no_stale_mounts",
-    "deltaglider",
     "dg_download",
     "dg_upload",
     "is_mounted",
