@@ -1,6 +1,6 @@
 """``mount.dgfs``: what ``mount -t dgfs`` and fstab lines call.
 
-mount(8) runs ``mount.dgfs SOURCE MOUNTPOINT [-sfnv] [-o OPTIONS]``. The
+mount(8) runs ``mount.dgfs SOURCE MOUNTPOINT [-sfnv] [-o OPTIONS] [-t TYPE.SUBTYPE]``. The
 options mount(8) itself understands (``rw``, ``_netdev``, ``nofail``,
 ``x-systemd.*``, ...) are dropped; the rest is handed to ``dgfs mount``,
 which returns once the mount is live.
@@ -71,7 +71,9 @@ def translate(argv: list[str]) -> list[str]:
             options.extend(filter_options(next(args, "")))
         elif arg.startswith("-o"):
             options.extend(filter_options(arg[2:]))
-        elif arg in ("-s", "-f", "-n", "-v") or arg.startswith("-t"):
+        elif arg in ("-t", "-N"):
+            next(args, None)  # type.subtype, namespace: their value is a separate argument
+        elif arg in ("-s", "-f", "-n", "-v") or arg.startswith(("-t", "-N")):
             continue  # sloppy, fake, no-mtab, verbose, type: nothing to do for dgfs
         else:
             positional.append(arg)
