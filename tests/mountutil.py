@@ -127,7 +127,7 @@ def daemon_pids(mountpoint: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if wanted in argv and any(b"dgfs" in a for a in argv[:3]) and b"mount" in argv:
+        if wanted in argv and any(b"dgfs" in a for a in argv[:4]):
             pids.append(int(entry.name))
     return pids
 
@@ -151,6 +151,7 @@ class DgfsMount:
         *,
         daemon: bool = False,
         source: str | None = None,
+        via_mount_t: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.bucket = bucket
@@ -158,7 +159,8 @@ class DgfsMount:
         self.mountpoint = mountpoint
         self.cache_dir = cache_dir
         self.options = dict(options)
-        self.daemon = daemon
+        self.via_mount_t = via_mount_t  # `mount -t dgfs` through mount.dgfs (daemonizes)
+        self.daemon = daemon or via_mount_t
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.last_returncode: int | None = None
@@ -188,6 +190,16 @@ class DgfsMount:
         return ",".join(k if v is None else f"{k}={v}" for k, v in items.items())
 
     def command(self) -> list[str]:
+        if self.via_mount_t:
+            return [
+                "mount",
+                "-t",
+                "dgfs",
+                self.source,
+                str(self.mountpoint),
+                "-o",
+                self.option_text(),
+            ]
         cmd = [dgfs_bin(), "mount", self.source, str(self.mountpoint), "-o", self.option_text()]
         if not self.daemon:
             cmd.append("-f")
@@ -274,14 +286,24 @@ class DgfsMount:
         """The foreground daemon's exit status (after it exited), else None."""
         return self.proc.returncode if self.proc is not None else self.last_returncode
 
-    def unmount(self, *, timeout: float = UNMOUNT_TIMEOUT) -> None:
-        """``fusermount3 -u`` and wait until the daemon has finished its uploads and exited."""
+    def unmount(self, *, timeout: float = UNMOUNT_TIMEOUT, with_umount: bool = False) -> None:
+        """``fusermount3 -u`` (or ``umount``) and wait until the daemon has
+        finished its uploads and exited."""
         if self.pid is None:
             return
         try:
             deadline = time.monotonic() + 10
             while is_mounted(self.mountpoint):
-                result = fusermount("-u", str(self.mountpoint))
+                if with_umount:
+                    result = subprocess.run(
+                        ["umount", str(self.mountpoint)],
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                        check=False,
+                    )
+                else:
+                    result = fusermount("-u", str(self.mountpoint))
                 if result.returncode == 0 or not is_mounted(self.mountpoint):
                     break
                 if time.monotonic() > deadline:
@@ -419,6 +441,7 @@ class Mounts:
         cache_dir: Path | None = None,
         daemon: bool = False,
         source: str | None = None,
+        via_mount_t: bool = False,
         start: bool = True,
         **options: str | None,
     ) -> DgfsMount:
@@ -437,6 +460,7 @@ class Mounts:
             defaults,
             daemon=daemon,
             source=source,
+            via_mount_t=via_mount_t,
         )
         self.mounts.append(mount)
         if start:

@@ -1,0 +1,200 @@
+"""``mount -t dgfs`` through the installed ``mount.dgfs`` helper, and daemon mode.
+
+Also unit tests of ``mount_helper.translate`` for what mount(8) and fstab
+lines hand the helper.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dgfs.mount_helper import translate
+from tests.mountutil import (
+    Mounts,
+    S3View,
+    daemon_pids,
+    dgfs_bin,
+    is_mounted,
+    mount_fstype,
+    sha256_bytes,
+    sha256_file,
+)
+from tests.releases import ReleaseSeries
+
+HELPER = Path("/sbin/mount.dgfs")
+
+
+# --- translate (no mount) -------------------------------------------------------
+
+
+def test_translate_drops_what_mount_and_systemd_own() -> None:
+    argv = [
+        "releases/app",
+        "/mnt/app",
+        "-o",
+        "rw,endpoint=http://127.0.0.1:8333,cache_dir=/var/cache/dgfs,_netdev,nofail,"
+        "noauto,x-systemd.automount,x-systemd.mount-timeout=30,defaults,noatime,uid=1000",
+    ]
+    assert translate(argv) == [
+        "mount",
+        "releases/app",
+        "/mnt/app",
+        "-o",
+        "endpoint=http://127.0.0.1:8333,cache_dir=/var/cache/dgfs,uid=1000",
+    ]
+
+
+def test_translate_keeps_ro_and_handles_flags_and_types() -> None:
+    assert translate(["b", "/m", "-s", "-n", "-v", "-o", "ro,allow_other"]) == [
+        "mount",
+        "b",
+        "/m",
+        "-o",
+        "ro,allow_other",
+    ]
+    # mount(8) passes "-t type.subtype" as two arguments for a subtype.
+    assert translate(["b", "/m", "-o", "ro", "-t", "dgfs.releases"]) == [
+        "mount",
+        "b",
+        "/m",
+        "-o",
+        "ro",
+    ]
+    assert translate(["b", "/m", "-oendpoint=http://h:1,nofail"]) == [
+        "mount",
+        "b",
+        "/m",
+        "-o",
+        "endpoint=http://h:1",
+    ]
+    assert translate(["b", "/m", "-o", "defaults,_netdev"]) == ["mount", "b", "/m"]
+    assert translate(["b", "/m", "-o", "a=1", "-o", "b=2"]) == ["mount", "b", "/m", "-o", "a=1,b=2"]
+
+
+def test_translate_needs_source_and_mountpoint() -> None:
+    with pytest.raises(SystemExit):
+        translate(["only-one"])
+    with pytest.raises(SystemExit):
+        translate(["a", "b", "c"])
+
+
+def test_install_helper_writes_an_executable_script(tmp_path: Path) -> None:
+    target = tmp_path / "mount.dgfs"
+    subprocess.run([dgfs_bin(), "install-helper", "--path", str(target)], check=True)
+    text = target.read_text()
+    assert text.startswith("#!/bin/sh")
+    assert sys.executable in text and "dgfs.mount_helper" in text
+    assert target.stat().st_mode & stat.S_IXUSR
+    subprocess.run([dgfs_bin(), "install-helper", "--uninstall", "--path", str(target)], check=True)
+    assert not target.exists()
+
+
+# --- real mounts --------------------------------------------------------------------
+
+
+@pytest.fixture
+def mounts(moto_endpoint: str, tmp_path: Path) -> Iterator[Mounts]:
+    with Mounts(moto_endpoint, tmp_path) as factory:
+        yield factory
+
+
+@pytest.fixture
+def installed_helper() -> Iterator[Path]:
+    """/sbin/mount.dgfs for this environment; the previous one (if any) is put back."""
+    if os.geteuid() != 0:
+        pytest.skip("installing /sbin/mount.dgfs needs root")
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("mount(8) not installed")
+    previous = HELPER.read_bytes() if HELPER.exists() else None
+    subprocess.run([dgfs_bin(), "install-helper", "--path", str(HELPER)], check=True)
+    try:
+        yield HELPER
+    finally:
+        if previous is None:
+            HELPER.unlink(missing_ok=True)
+        else:
+            HELPER.write_bytes(previous)
+            HELPER.chmod(0o755)
+
+
+def _zip() -> tuple[str, bytes]:
+    return ReleaseSeries(size=256 << 10, seed=51).next_zip()
+
+
+@pytest.mark.mount
+def test_mount_t_dgfs_round_trip(mounts: Mounts, installed_helper: Path) -> None:
+    mount = mounts.mount(via_mount_t=True, _netdev=None, nofail=None)
+    assert mount_fstype(mount.mountpoint) == "fuse.dgfs"
+    assert mount.pid in daemon_pids(mount.mountpoint)
+    name, data = _zip()
+    (mount / "app").mkdir()
+    (mount / "app" / name).write_bytes(data)
+    (mount / "app" / "note.txt").write_text("hello from mount -t\n")
+    assert sha256_file(mount / "app" / name) == sha256_bytes(data)
+    mount.unmount(with_umount=True)
+    assert not is_mounted(mount.mountpoint)
+    view = S3View(mount.endpoint, mount.bucket)
+    try:
+        assert view.metadata(f"app/{name}.delta")["dg-file-sha256"] == sha256_bytes(data)
+        assert view.get("app/note.txt") == b"hello from mount -t\n"
+    finally:
+        view.close()
+    # The daemon logged to the cache dir (no syslog here); nothing alarming in it.
+    assert "mounted s3://" in mount.log_text()
+    mount.check_log()
+
+    # And again, read-only, with a prefix as the root.
+    mount.source = f"{mount.bucket}/app"
+    mount.remount(ro=None)
+    assert (mount / "note.txt").read_text() == "hello from mount -t\n"
+    assert sha256_file(mount / name) == sha256_bytes(data)
+    with pytest.raises(OSError):
+        (mount / "new.txt").write_text("refused")
+    mount.unmount(with_umount=True)
+
+
+@pytest.mark.mount
+def test_mount_t_dgfs_reports_a_missing_bucket(
+    installed_helper: Path, moto_endpoint: str, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = subprocess.run(
+        [
+            "mount",
+            "-t",
+            "dgfs",
+            "no-such-bucket-for-helper",
+            str(mnt),
+            "-o",
+            f"endpoint={moto_endpoint},cache_dir={tmp_path / 'cache'},_netdev",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "no-such-bucket-for-helper" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not is_mounted(mnt)
+
+
+@pytest.mark.mount
+def test_daemon_mode_round_trip(mounts: Mounts) -> None:
+    mount = mounts.mount(daemon=True)
+    assert mount.pid is not None and mount.proc is None
+    name, data = _zip()
+    (mount / name).write_bytes(data)
+    mount.unmount()
+    mount.check_log()
+    mount.remount()
+    assert sha256_file(mount / name) == sha256_bytes(data)
