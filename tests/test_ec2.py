@@ -16,6 +16,13 @@ from tests.servers import free_port
 TOKEN = "test-token-123"
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that gave up (the timeout tests) is not an error here
+
+
 class FakeImds:
     """IMDSv2 on 127.0.0.1: token by PUT, metadata by GET with the token."""
 
@@ -23,6 +30,7 @@ class FakeImds:
         self.region = region
         self.mode = mode  # "v2", "v1-only" (no tokens), "hang" (never answers in time)
         self.requests: list[tuple[str, str]] = []
+        self.closing = threading.Event()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,7 +47,7 @@ class FakeImds:
             def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
                 owner.requests.append(("PUT", self.path))
                 if owner.mode == "hang":
-                    time.sleep(3)
+                    owner.closing.wait(3)
                 if owner.mode != "v2" or self.path != ec2.TOKEN_PATH:
                     return self._reply(403)
                 if not self.headers.get(ec2.TOKEN_TTL_HEADER):
@@ -58,8 +66,7 @@ class FakeImds:
                     return self._reply(404)
                 self._reply(200, answers[self.path])
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -71,6 +78,7 @@ class FakeImds:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 

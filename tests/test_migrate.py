@@ -25,7 +25,7 @@ from dgfs.migrate import (
     selected,
 )
 from dgfs.runtime import S3Location, Settings, open_core
-from tests.mountutil import deltaglider_bin, dg_upload, dgfs_bin
+from tests.mountutil import dg_upload, dgfs_bin
 from tests.releases import ReleaseSeries
 from tests.servers import REGION, make_bucket, s3_client
 
@@ -213,8 +213,6 @@ async def test_bucket_written_by_deltaglider_migrates(
     reader: Core,
     tmp_path: Path,
 ) -> None:
-    if deltaglider_bin() is None:
-        pytest.skip("DeltaGlider CLI not found (set DELTAGLIDER_BIN or make .venv-deltaglider)")
     src, dst = buckets
     files = {}
     for name, data in ReleaseSeries(size=256 << 10, seed=11).zips(3):

@@ -15,7 +15,8 @@ from dgfs.stats import BucketStats, Fingerprint, cache_key, compute_stats, encod
 from dgfs.store.base import ObjectInfo, ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
-from tests.mountutil import deltaglider_bin, dg_upload
+from tests.dgcli import deltaglider_bin
+from tests.mountutil import dg_upload
 from tests.releases import ReleaseSeries
 from tests.servers import s3_client
 
@@ -216,10 +217,7 @@ print(json.dumps({
 
 def dg_read_cache(endpoint: str, bucket: str, mode: str) -> dict[str, object]:
     """What DeltaGlider's cache reader makes of ``.deltaglider/stats_{mode}.json``."""
-    binary = deltaglider_bin()
-    if binary is None:
-        pytest.skip("DeltaGlider CLI not found (set DELTAGLIDER_BIN or make .venv-deltaglider)")
-    python = Path(binary).parent / "python"
+    python = Path(deltaglider_bin()).parent / "python"
     result = subprocess.run(
         [str(python), "-c", DG_READ_CACHE, endpoint, bucket, mode],
         capture_output=True,
@@ -236,8 +234,6 @@ def dg_read_cache(endpoint: str, bucket: str, mode: str) -> dict[str, object]:
 async def test_bucket_written_by_deltaglider_and_its_cache_reads_in_deltaglider(
     moto_endpoint: str, bucket_name: str, s3_store: S3Store, tmp_path: Path
 ) -> None:
-    if deltaglider_bin() is None:
-        pytest.skip("DeltaGlider CLI not found (set DELTAGLIDER_BIN or make .venv-deltaglider)")
     dist = tmp_path / "dist"
     dist.mkdir()
     sizes = []
