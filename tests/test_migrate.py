@@ -326,6 +326,21 @@ def test_cli_dry_run_filters_and_prefixes(
     assert names[0] not in result.stdout and "notes.txt" not in result.stdout
     assert "to copy:          3 files" in result.stdout
 
+    as_json = dgfs(
+        moto_endpoint,
+        tmp_path / "c",
+        "migrate",
+        "--dry-run",
+        "--json",
+        "--exclude",
+        "*.txt",
+        f"s3://{src}/a/b/",
+        f"s3://{dst}/x/",
+    )
+    plan = json.loads(as_json.stdout)
+    assert [f["dest_key"] for f in plan["to_copy"]] == [f"x/b/{n}" for n in names]
+    assert plan["to_copy_bytes"] == sum(len(files[n]) for n in names)
+
     # Without confirmation on a non-terminal stdin: refused, nothing written.
     refused = dgfs(moto_endpoint, tmp_path / "c", "migrate", f"s3://{src}/a/b/", f"s3://{dst}/x/")
     assert refused.returncode == 2 and "--yes" in refused.stderr

@@ -93,8 +93,11 @@ def main(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     settings = settings_from_args(args)
-    report = run(_migrate, source, dest, settings, args)
+    plan, report = run(_migrate, source, dest, settings, args)
     if report is None:
+        if args.json:
+            json.dump(plan_json(plan), sys.stdout, indent=2)
+            print()
         return EXIT_OK
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2)
@@ -130,7 +133,7 @@ async def _region_warnings(settings: Settings, buckets: list[str]) -> list[str]:
 
 async def _migrate(
     source: S3Location, dest: S3Location, settings: Settings, args: argparse.Namespace
-) -> MigrationReport | None:
+) -> tuple[MigrationPlan, MigrationReport | None]:
     for warning in await _region_warnings(settings, [source.bucket, dest.bucket]):
         print(warning, file=sys.stderr)
     async with open_migration(source, dest, settings) as (source_core, dest_core):
@@ -146,12 +149,28 @@ async def _migrate(
         show_plan(plan, args)
         if not plan.to_copy:
             _say(args, "Nothing to copy: the destination holds every file.")
-            return None
+            return plan, None
         if args.dry_run:
-            return None
+            return plan, None
         if not args.yes:
             await _confirm(plan)
-        return await _run(source_core, dest_core, plan, args)
+        return plan, await _run(source_core, dest_core, plan, args)
+
+
+def plan_json(plan: MigrationPlan) -> dict[str, object]:
+    """The plan as ``--json`` prints it for a dry run (or when nothing is to do)."""
+    return {
+        "source": str(plan.source),
+        "destination": f"s3://{plan.dest.bucket}/{plan.dest_prefix}",
+        "to_copy": [
+            {"key": f.rel_key, "dest_key": f.dest_key, "size": f.size} for f in plan.to_copy
+        ],
+        "to_copy_bytes": plan.total_bytes,
+        "replacing": [f.rel_key for f in plan.replacing],
+        "present": len(plan.present),
+        "present_bytes": plan.present_bytes,
+        "filtered_out": plan.filtered_out,
+    }
 
 
 def show_plan(plan: MigrationPlan, args: argparse.Namespace) -> None:
@@ -191,7 +210,7 @@ async def _confirm(plan: MigrationPlan) -> None:
 async def _run(
     source_core: Core, dest_core: Core, plan: MigrationPlan, args: argparse.Namespace
 ) -> MigrationReport:
-    enabled = None if not (args.quiet or args.json) else False
+    enabled = False if (args.quiet or args.json) else None
     with Progress("migrate", len(plan.to_copy), plan.total_bytes, enabled=enabled) as progress:
 
         def on_done(file: SourceFile, copied: Copied | None, error: str | None) -> None:
