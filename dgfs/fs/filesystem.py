@@ -27,7 +27,7 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
-from dgfs.core import Core
+from dgfs.core import Core, text_metadata
 from dgfs.errors import (
     DgfsError,
     FsError,
@@ -260,7 +260,7 @@ class FileSystem:
 
     def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry | None:
         try:
-            stored = fmt.classify(head.key, head.size, head.metadata)
+            stored = fmt.classify(head.key, head.size, text_metadata(head.metadata))
         except DgfsError as exc:
             log.warning("%s: %s; hiding it", head.key, exc)
             return None
