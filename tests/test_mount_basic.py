@@ -290,3 +290,64 @@ def test_parallel_writers(shared: DgfsMount, tmp_path: Path) -> None:
     shared.remount()
     for name, data in files.items():
         assert sha256_file(dest / name) == sha256_bytes(data), name
+
+
+# --- names --------------------------------------------------------------------------
+
+ODD_NAMES = [
+    "name with spaces.txt",
+    "ünïcödé.txt",
+    "日本語.zip",
+    "percent%20.zip",
+    "plus+sign.txt",
+    "q?mark&amp;.txt",
+    "hash#.txt",
+    "ﬁle-ligature.txt",
+]
+
+
+def test_odd_names_round_trip(
+    shared: DgfsMount, s3: S3View, series: list[Path], tmp_path: Path
+) -> None:
+    dest = _fresh_dir(shared, "names")
+    expected: dict[str, str] = {}
+    for index, name in enumerate(ODD_NAMES):
+        if name.endswith(".zip"):
+            shutil.copyfile(series[index], dest / name)
+            expected[name] = sha256_file(series[index])
+        else:
+            (dest / name).write_text(f"content of {name}\n")
+            expected[name] = sha256_bytes(f"content of {name}\n".encode())
+    shared.settle(*(dest / n for n in expected))
+    # A stored delta renamed to a non-ASCII name.
+    os.rename(dest / "percent%20.zip", dest / "переименован.zip")
+    expected["переименован.zip"] = expected.pop("percent%20.zip")
+    shared.settle(dest / "переименован.zip")
+    assert sorted(os.listdir(dest)) == sorted(expected)
+    stored = s3.keys("names/")
+    assert "names/日本語.zip.delta" in stored
+    assert "names/переименован.zip.delta" in stored
+    shared.remount()
+    assert sorted(os.listdir(dest)) == sorted(expected)
+    for name, digest in expected.items():
+        assert sha256_file(dest / name) == digest, name
+    for name in ("日本語.zip", "переименован.zip"):
+        out = dg_download(shared.endpoint, shared.bucket, f"names/{name}", tmp_path / "x.zip")
+        assert sha256_file(out) == expected[name], name
+
+
+def test_non_ascii_directory_holds_deltas(shared: DgfsMount, series: list[Path]) -> None:
+    """The reference key in a delta's metadata is then non-ASCII too."""
+    dest = _fresh_dir(shared, "répertoire")
+    for src in series[:3]:
+        shutil.copyfile(src, dest / src.name)
+    shared.settle(*(dest / p.name for p in series[:3]))
+    os.rename(dest, shared / "каталог")
+    os.rename(shared / "каталог" / series[0].name, shared / "каталог" / "ü.zip")
+    shared.remount()
+    moved = shared / "каталог"
+    assert sorted(os.listdir(moved)) == sorted(["ü.zip", series[1].name, series[2].name])
+    assert sha256_file(moved / "ü.zip") == sha256_file(series[0])
+    for src in series[1:3]:
+        assert sha256_file(moved / src.name) == sha256_file(src)
+    assert os.getxattr(moved / series[2].name, "user.dgfs.kind") == b"delta"
