@@ -106,6 +106,11 @@ def is_internal_key(key: str) -> bool:
     return key.startswith(INTERNAL_PREFIX)
 
 
+def is_directory_marker(key: str) -> bool:
+    """``"app/"``: an empty object standing for a directory (mkdir in a mount, s3fs)."""
+    return key.endswith("/")
+
+
 def visible_key(stored_key: str) -> str | None:
     """The user-visible key an object stands for, or None if it is hidden.
 

@@ -21,6 +21,8 @@ What a caller may rely on:
 - Filters are ``fnmatch`` globs on the key relative to the source prefix
   (``*`` also matches ``/``): a file is taken if it matches no exclude and,
   when includes are given, at least one include.
+- Directory markers (empty ``dir/`` objects, a mount's mkdir) are copied
+  as they are, with their metadata.
 - One file's failure never stops the others; ``MigrationReport.failed``
   names each.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +48,7 @@ from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 8
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 # --- names -------------------------------------------------------------------------
@@ -200,6 +204,8 @@ async def plan_migration(
     files: list[SourceFile] = []
     for visible, entry in sorted(wanted.items()):
         rel_key = visible[len(src_root) :]
+        if not rel_key:
+            continue  # the source directory's own marker
         head = delta_heads.get(entry.obj.key)
         if entry.delta and head is None:
             continue  # deleted since the listing
@@ -310,6 +316,12 @@ class MigrationReport:
 
 async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> PutResult:
     """Copy one file: download (or rehydrate) to scratch, then ``put`` at its final name."""
+    if fmt.is_directory_marker(file.key):
+        # A directory (a mount's mkdir): copied as it is, attributes and all.
+        head = await source_core.store.head(file.key)
+        meta = fmt.user_metadata(head.metadata)
+        await dest_core.store.put_bytes(file.dest_key, b"", meta, content_type=head.content_type)
+        return PutResult(file.dest_key, file.dest_key, Kind.FOREIGN, False, 0, 0, EMPTY_SHA256)
     scratch = dest_core.scratch_path()
     try:
         if file.delta:

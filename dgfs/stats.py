@@ -4,7 +4,8 @@ Counting rules (what a caller may rely on):
 
 - Files are what a user sees: deltas, direct objects and foreign objects.
   ``reference.bin`` objects are not files, but their bytes are stored
-  bytes. ``.deltaglider/`` (stats caches, temp files) is left out.
+  bytes. ``.deltaglider/`` (stats caches, temp files) and directory
+  markers (empty ``dir/`` objects) are left out.
 - A delta's original size is its ``dg-file-size``; a direct or foreign
   object's original and stored sizes are its object size.
 - Modes trade requests for accuracy:
@@ -251,7 +252,9 @@ async def compute_stats(
     root = _list_root(prefix)
     listing = await store.list(root, delimiter=None)
     everything = listing.objects
-    content = [o for o in everything if not fmt.is_internal_key(o.key)]
+    content = [
+        o for o in everything if not (fmt.is_internal_key(o.key) or fmt.is_directory_marker(o.key))
+    ]
     fingerprint = Fingerprint.of(content)
     cacheable = root == ""
 

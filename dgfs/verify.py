@@ -157,7 +157,7 @@ class Verifier:
             actual, size = await self._hash_object(ref_key)
         except NotFound:
             return _ReferenceState(None, None, 0, f"{ref_key} is missing")
-        except DgfsError as exc:
+        except (DgfsError, OSError) as exc:
             return _ReferenceState(None, None, 0, f"{ref_key} could not be read: {exc}")
         return _ReferenceState(recorded, actual, size)
 
@@ -202,7 +202,7 @@ class Verifier:
             if stored.kind is Kind.DELTA:
                 return await self._verify_delta(stored, template)
             actual, size = await self._hash_object(stored.stored_key)
-        except DgfsError as exc:
+        except (DgfsError, OSError) as exc:
             return replace(template, status=Status.FAILED, message=str(exc))
         return _verdict(template, actual, size)
 
@@ -268,7 +268,11 @@ async def verify_all(
     """
     root = prefix.strip("/") + "/" if prefix.strip("/") else ""
     listing = await core.store.list(root, delimiter=None)
-    objects = [o for o in listing.objects if not fmt.is_internal_key(o.key)]
+    objects = [
+        o
+        for o in listing.objects
+        if not (fmt.is_internal_key(o.key) or fmt.is_directory_marker(o.key))
+    ]
     report = VerifyReport(core.store.bucket, root.rstrip("/"))
     if on_start is not None:
         on_start(len(objects), sum(o.size for o in objects))

@@ -140,22 +140,27 @@ async def test_migrate_plain_bucket_keeps_names_metadata_and_content_type(
     client = s3_client(moto_endpoint)
     client.put_object(Bucket=src, Key="a/b/notes.txt", Body=b"notes " * 100)
     files["notes.txt"] = b"notes " * 100
+    # Directory markers, as a mount's mkdir writes them (the source's own is not copied).
+    client.put_object(Bucket=src, Key="a/b/", Body=b"")
+    client.put_object(Bucket=src, Key="a/b/empty/", Body=b"", Metadata={"mode": "16877"})
 
     source, dest = S3Location(src, "a/b"), S3Location(dst, "x")
     async with open_migration(source, dest, settings) as (source_core, dest_core):
         plan = await plan_migration(source_core.store, dest_core.store, source, dest)
         assert plan.dest_prefix == "x/b"
-        assert len(plan.to_copy) == 6 and plan.total_bytes == sum(map(len, files.values()))
+        assert len(plan.to_copy) == 7 and plan.total_bytes == sum(map(len, files.values()))
         report = await run_migration(source_core, dest_core, plan, concurrency=4)
-    assert not report.failed and len(report.copied) == 6
+    assert not report.failed and len(report.copied) == 7
     assert report.stored_bytes < report.original_bytes
     kinds = {c.rel_key: c.kind for c in report.copied}
     assert kinds["notes.txt"] is Kind.DIRECT
     assert all(kind is Kind.DELTA for name, kind in kinds.items() if name.endswith(".zip"))
+    marker = client.head_object(Bucket=dst, Key="x/b/empty/")
+    assert marker["ContentLength"] == 0 and marker["Metadata"] == {"mode": "16877"}
 
     # Only final names: one object per file, plus the one reference.
     expected = {f"x/b/{n}.delta" for n in files if n.endswith(".zip")}
-    expected |= {"x/b/notes.txt", "x/b/reference.bin"}
+    expected |= {"x/b/notes.txt", "x/b/reference.bin", "x/b/empty/"}
     assert set(listing(moto_endpoint, dst)) == expected
     for name, data in files.items():
         assert await read_back(reader, f"x/b/{name}", tmp_path) == data

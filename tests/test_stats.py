@@ -57,6 +57,7 @@ async def fill_known_bucket(store: ObjectStore) -> None:
     await store.put_bytes("old/readme", b"x" * 40, {})
     await store.put_bytes("top.txt", b"t" * 7, {})
     await store.put_bytes(".deltaglider/tmp/junk", b"j" * 99, {})
+    await store.put_bytes("app/", b"", {"mode": "16877"})  # a directory marker: no file
 
 
 PLAIN_ORIGINAL = 200 + 300 + 40 + 7

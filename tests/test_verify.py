@@ -42,6 +42,7 @@ async def filled(core: Core, tmp_path: Path) -> list[str]:
     notes.write_bytes(b"release notes\n" * 100)
     assert (await core.put(notes, "app/notes.txt")).kind is Kind.DIRECT
     await core.store.put_bytes("app/foreign.bin", b"someone else's", {})
+    await core.store.put_bytes("app/empty/", b"", {})  # a directory marker: not verified
     return keys
 
 
