@@ -318,16 +318,17 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
     """Copy one file: download (or rehydrate) to scratch, then ``put`` at its final name."""
     if fmt.is_directory_marker(file.key):
         # A directory (a mount's mkdir): copied as it is, attributes and all.
-        head = await source_core.store.head(file.key)
-        meta = fmt.user_metadata(head.metadata)
-        await dest_core.store.put_bytes(file.dest_key, b"", meta, content_type=head.content_type)
+        marker = await source_core.store.head(file.key)
+        meta = fmt.user_metadata(marker.metadata)
+        await dest_core.store.put_bytes(file.dest_key, b"", meta, content_type=marker.content_type)
         return PutResult(file.dest_key, file.dest_key, Kind.FOREIGN, False, 0, 0, EMPTY_SHA256)
     scratch = dest_core.scratch_path()
     try:
         if file.delta:
             stored = await source_core.get(file.key, scratch)  # rebuilt and verified
-            head = file.head
-            if head is None or head.key != stored.stored_key:
+            if file.head is not None and file.head.key == stored.stored_key:
+                head = file.head
+            else:  # the newer form is not the one planned with
                 head = await source_core.store.head(stored.stored_key)
             expected = stored.file_sha256
         else:
