@@ -314,7 +314,14 @@ class FileSystem:
         listing = self._cached_listing(node.parent_path)
         if listing is not None and node.path:
             listing[node.name] = DirEntry(
-                node.name, node.kind, node.size, node.mtime_ns, None, None, None, node.stored
+                node.name,
+                node.kind,
+                node.size,
+                node.mtime_ns,
+                node.mode,
+                node.uid,
+                node.gid,
+                node.stored,
             )
 
     def _drop_entry(self, path: str) -> None:
@@ -930,12 +937,21 @@ class FileSystem:
     async def _store_attributes(self, node: Node) -> None:
         meta = self._posix_metadata(node)
         pending = node.pending
-        if pending is not None and not pending.uploading and pending.committed >= 0:
+        if pending is not None:
+            if pending.uploading or pending.committed < 0:
+                return  # uploading or not yet committed: the upload picks the attributes up
             entry = JournalEntry(pending.entry_id, self.key_of(node.path), meta)
             await trio.to_thread.run_sync(self.journal.write_manifest, entry)
-            return
-        if pending is not None:
-            return  # uploading or not yet committed: the upload picks the attributes up
+            current = node.pending
+            if current is not None and (
+                current is not pending
+                or current.uploading
+                or current.dirty
+                or current.uploaded < current.committed
+            ):
+                return  # an upload is still to come, and carries the attributes
+            # Already in S3 (the file is only held open, or settled meanwhile):
+            # no upload will follow, so the object itself gets them.
         if node.kind is NodeKind.DIR:
             if node.path:
                 await self.store.put_bytes(self.key_of(node.path) + "/", b"", meta)
