@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,3 +197,37 @@ def test_chmod_and_utime_on_stored_file(shared: DgfsMount, tree: Path) -> None:
     assert stat.S_IMODE(info.st_mode) == 0o640
     assert info.st_mtime_ns == 1_500_000_000_987_654_321
     assert sha256_file(dest / "f.zip") == sha256_file(src)
+
+
+def test_attributes_changed_while_the_file_is_held_open(shared: DgfsMount) -> None:
+    """chmod/utime after the upload finished but before the last close reach S3."""
+    dest = shared / "held-open"
+    dest.mkdir()
+    mtime = 1_400_000_000_555_555_555
+    fd = os.open(dest / "w.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, b"written")
+        os.fsync(fd)  # in S3 now; the handle keeps the local copy alive
+        os.fchmod(fd, 0o600)
+        os.utime(fd, ns=(mtime, mtime))
+    finally:
+        os.close(fd)
+    (dest / "r.txt").write_text("read")
+    shared.settle(dest / "r.txt")
+    reader = os.open(dest / "r.txt", os.O_RDONLY)
+    try:
+        os.chmod(dest / "r.txt", 0o640)
+    finally:
+        os.close(reader)
+
+    def check() -> None:
+        info = os.stat(dest / "w.txt")
+        assert stat.S_IMODE(info.st_mode) == 0o600
+        assert info.st_mtime_ns == mtime
+        assert stat.S_IMODE(os.stat(dest / "r.txt").st_mode) == 0o640
+
+    check()
+    time.sleep(2.5)  # past listing_ttl and attr_timeout: attributes come from S3 again
+    check()
+    shared.remount()
+    check()
