@@ -44,6 +44,7 @@ from typing import Any, Literal
 import trio
 
 from dgfs import format as fmt
+from dgfs.core import text_metadata
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
 
@@ -377,7 +378,7 @@ def _classified(
     if not isinstance(head, ObjectHead):
         return None
     try:
-        return fmt.classify(obj.key, obj.size, head.metadata)
+        return fmt.classify(obj.key, obj.size, text_metadata(head.metadata))
     except FormatError as exc:
         log.warning("%s", exc)
         unreadable.append(obj.key)

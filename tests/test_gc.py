@@ -178,3 +178,15 @@ def test_parse_duration() -> None:
     assert parse_duration("7d") == timedelta(days=7)
     with pytest.raises(ConfigError):
         parse_duration("soon")
+
+
+async def test_non_ascii_orphan_is_backed_up_and_restored(memory_store: MemoryStore) -> None:
+    await memory_store.put_bytes("relé/reference.bin", b"r" * 10, {"dg-file-sha256": SHA})
+    found = await find_garbage(memory_store, now=NOW)
+    result = await collect(memory_store, found, settle=0, now=NOW)
+    assert [g.key for g in result.removed] == ["relé/reference.bin"]
+    await memory_store.put_bytes("relé/a.zip.delta", b"d", {"dg-file-sha256": SHA})
+    restore = await find_garbage(memory_store, now=NOW)
+    assert [(g.kind, g.key) for g in restore] == [(Kind.RESTORE_REFERENCE, "relé/reference.bin")]
+    await collect(memory_store, restore, settle=0)
+    assert memory_store.objects["relé/reference.bin"].body == b"r" * 10

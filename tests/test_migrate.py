@@ -186,11 +186,12 @@ async def test_deltaglider_format_source_is_rehydrated_not_copied_as_deltas(
     )
     async with open_core(S3Location(src), src_settings) as writer:
         for name, data in ReleaseSeries(size=256 << 10, seed=9).zips(4):
+            name = f"é-{name}"  # non-ASCII names travel RFC 2047-encoded in metadata
             path = tmp_path / name
             path.write_bytes(data)
-            await writer.put(path, f"rel/{name}", extra_metadata={"mtime": "1700000000"})
+            await writer.put(path, f"relé/{name}", extra_metadata={"mtime": "1700000000"})
             files[name] = data
-    source, dest = S3Location(src, "rel"), S3Location(dst, "")
+    source, dest = S3Location(src, "relé"), S3Location(dst, "")
     async with open_migration(source, dest, settings) as (source_core, dest_core):
         plan = await plan_migration(
             source_core.store, dest_core.store, source, dest, preserve_prefix=False

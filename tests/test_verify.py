@@ -176,3 +176,12 @@ def test_cli_verifies_a_path_inside_a_mount_by_its_xattrs(
     plain.write_bytes(b"x")
     assert run_cli("verify", str(plain), *common) == 2
     assert "not inside a dgfs mount" in capsys.readouterr().err
+
+
+async def test_non_ascii_directory_and_names_verify(core: Core, tmp_path: Path) -> None:
+    for name, data in ReleaseSeries(size=256 << 10, seed=8).zips(2):
+        path = tmp_path / name
+        path.write_bytes(data)
+        await core.put(path, f"relé/日本語-{name}")
+    report = await verify_all(core, "relé")
+    assert report.ok and report.count(Status.OK) == 3
