@@ -7,9 +7,11 @@ DeltaGlider CLI must read it back after the move.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,18 +157,33 @@ def test_mv_onto_existing_file_replaces_it(
     assert sorted(os.listdir(shared / base)) == sorted([series[0].name, series[1].name])
 
 
-def test_rename_noreplace_and_exchange_are_refused_cleanly(shared: DgfsMount) -> None:
+def _renameat2(old: Path, new: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    result = libc.renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags)
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def test_rename_noreplace_and_exchange(shared: DgfsMount) -> None:
     base = shared / "renameflags"
     base.mkdir()
     (base / "a").write_text("a")
     (base / "b").write_text("b")
-    result = subprocess.run(
-        ["mv", "--no-clobber", str(base / "a"), str(base / "b")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert (base / "b").read_text() == "b" and (base / "a").read_text() == "a", result
+    with pytest.raises(OSError) as info:
+        _renameat2(base / "a", base / "b", RENAME_NOREPLACE)
+    assert info.value.errno == errno.EEXIST
+    with pytest.raises(OSError) as info:
+        _renameat2(base / "a", base / "b", RENAME_EXCHANGE)
+    assert info.value.errno == errno.EINVAL
+    assert (base / "a").read_text() == "a" and (base / "b").read_text() == "b"
+    _renameat2(base / "a", base / "c", RENAME_NOREPLACE)
+    assert sorted(os.listdir(base)) == ["b", "c"]
+    assert (base / "c").read_text() == "a"
 
 
 # --- directories --------------------------------------------------------------------
@@ -230,6 +247,9 @@ def test_unlink_and_rmdir(shared: DgfsMount, s3: S3View, series: list[Path]) -> 
     assert sha256_file(base / "d" / series[2].name) == sha256_file(series[2])
     for src in (series[0], series[2]):
         os.unlink(base / "d" / src.name)
+    # The reference stays while the directory does (as DeltaGlider leaves it).
+    assert set(s3.keys("unlink/d/")) == {"unlink/d/", "unlink/d/reference.bin"}
+    assert os.listdir(base / "d") == []
     os.rmdir(base / "d")
     assert not (base / "d").exists()
     assert not s3.keys("unlink/d/"), "rmdir leaves nothing (reference and marker go)"
@@ -260,13 +280,16 @@ def test_mkdir_persists_across_remount(shared: DgfsMount, s3: S3View) -> None:
     assert sorted(os.listdir(base)) == ["a"]
 
 
-def test_symlinks_survive_remount(shared: DgfsMount, series: list[Path]) -> None:
+def test_symlinks_survive_remount(shared: DgfsMount, s3: S3View, series: list[Path]) -> None:
     base = shared / "links"
     _populate(base, series[:1])
     os.symlink(series[0].name, base / "latest.zip")
     os.symlink("../nowhere/at/all", base / "dangling")
     assert os.readlink(base / "latest.zip") == series[0].name
     assert sha256_file(base / "latest.zip") == sha256_file(series[0])
+    # Stored as s3fs does: the body is the target, the mode says S_IFLNK.
+    assert s3.get("links/latest.zip") == series[0].name.encode()
+    assert stat.S_ISLNK(int(s3.metadata("links/latest.zip")["mode"]))
     shared.remount()
     assert (base / "latest.zip").is_symlink()
     assert os.readlink(base / "latest.zip") == series[0].name
