@@ -556,12 +556,17 @@ def tree_digest(root: Path) -> dict[str, tuple[int, str]]:
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` (an ``OSError`` counts as False) until true or ``timeout``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
+    while True:
+        try:
+            if predicate():
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
         time.sleep(interval)
-    return bool(predicate())
 
 
 def assert_no_stale_mounts(base: Path) -> None:

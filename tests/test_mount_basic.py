@@ -7,10 +7,14 @@ is computed from local copies, never hard-coded.
 
 from __future__ import annotations
 
+import gzip
 import os
+import random
 import shutil
+import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from tests.mountutil import (
     dg_download,
     sha256_bytes,
     sha256_file,
+    wait_until,
 )
 from tests.releases import ReleaseSeries, write_series
 
@@ -351,3 +356,141 @@ def test_non_ascii_directory_holds_deltas(shared: DgfsMount, series: list[Path])
     for src in series[1:3]:
         assert sha256_file(moved / src.name) == sha256_file(src)
     assert os.getxattr(moved / series[2].name, "user.dgfs.kind") == b"delta"
+
+
+# --- what becomes a delta -------------------------------------------------------------
+
+
+def test_delta_decision_by_content_size_and_ratio(
+    shared: DgfsMount, s3: S3View, series: list[Path]
+) -> None:
+    dest = _fresh_dir(shared, "decide")
+    shutil.copyfile(series[0], dest / "first.zip")  # becomes the reference
+    shared.settle(dest / "first.zip")
+    files = {
+        "release.whl": series[1].read_bytes(),  # zip content, name not on DeltaGlider's list
+        "blob.bin": series[2].read_bytes(),  # zip content under a neutral name
+        "small.zip": series[3].read_bytes()[: 32 << 10],  # below min_delta_size (64 KiB)
+        "noise.zip": random.Random(5).randbytes(200_000),  # no delta under max_ratio
+        "data.tar.gz": gzip.compress(series[4].read_bytes(), mtime=0),  # gzip: always direct
+    }
+    for name, data in files.items():
+        (dest / name).write_bytes(data)
+    shared.settle(*(dest / n for n in files))
+    stored = s3.keys("decide/")
+    expected_kind = {
+        "release.whl": "delta",
+        "blob.bin": "delta",
+        "small.zip": "direct",
+        "noise.zip": "direct",
+        "data.tar.gz": "direct",
+    }
+    for name, kind in expected_kind.items():
+        assert (f"decide/{name}.delta" in stored) == (kind == "delta"), name
+        assert (f"decide/{name}" in stored) == (kind == "direct"), name
+        assert os.getxattr(dest / name, "user.dgfs.kind").decode() == kind, name
+    for name in ("release.whl", "blob.bin"):
+        assert stored[f"decide/{name}.delta"] < len(files[name]) * 0.5, name
+    shared.remount()
+    for name, data in files.items():
+        assert sha256_file(dest / name) == sha256_bytes(data), name
+
+
+# --- attributes of objects without POSIX metadata, and mount options -----------------
+
+
+def test_foreign_object_defaults(shared: DgfsMount, s3: S3View) -> None:
+    s3.put("foreign/plain.dat", b"someone else's bytes")
+    s3.put("foreign/sub/deep.dat", b"deep")  # a directory with no marker object
+    head = s3.client.head_object(Bucket=shared.bucket, Key="foreign/plain.dat")
+    dest = shared / "foreign"
+    assert wait_until(lambda: "plain.dat" in os.listdir(dest), 5)
+    info = os.stat(dest / "plain.dat")
+    assert info.st_size == len(b"someone else's bytes")
+    assert stat.S_IMODE(info.st_mode) == 0o644  # 0666 & ~umask 022
+    assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid())
+    assert info.st_mtime_ns // 10**9 == int(head["LastModified"].timestamp())
+    assert info.st_atime_ns == info.st_mtime_ns  # atime is not kept
+    assert stat.S_IMODE(os.stat(dest / "sub").st_mode) == 0o755
+    assert (dest / "plain.dat").read_bytes() == b"someone else's bytes"
+    assert (dest / "sub" / "deep.dat").read_bytes() == b"deep"
+    assert os.getxattr(dest / "plain.dat", "user.dgfs.kind") == b"foreign"
+
+
+def test_posix_metadata_in_s3_uses_s3fs_keys(shared: DgfsMount, s3: S3View) -> None:
+    dest = _fresh_dir(shared, "posixmeta")
+    (dest / "f.txt").write_text("f")
+    os.chmod(dest / "f.txt", 0o640)
+    os.chown(dest / "f.txt", 1111, 2222)
+    os.utime(dest / "f.txt", ns=(1_600_000_000_250_000_000,) * 2)
+    shared.settle(dest / "f.txt")
+    assert wait_until(lambda: s3.metadata("posixmeta/f.txt").get("uid") == "1111")
+    meta = s3.metadata("posixmeta/f.txt")
+    assert meta["mtime"] == "1600000000.25"
+    assert int(meta["mode"]) == stat.S_IFREG | 0o640
+    assert (meta["uid"], meta["gid"]) == ("1111", "2222")
+
+
+def test_owner_and_mode_options(mounts: Mounts, shared: DgfsMount) -> None:
+    dest = _fresh_dir(shared, "options")
+    (dest / "f.txt").write_text("f")
+    os.chmod(dest / "f.txt", 0o666)
+    (dest / "d").mkdir(mode=0o777)
+    shared.settle(dest / "f.txt")
+    forced = mounts.mount(
+        shared.bucket, ro=None, uid="1234", gid="2345", file_mode="600", dir_mode="700"
+    )
+    try:
+        for path, mode in ((forced / "options" / "f.txt", 0o600), (forced / "options", 0o700)):
+            info = os.stat(path)
+            assert (info.st_uid, info.st_gid) == (1234, 2345), path
+            assert stat.S_IMODE(info.st_mode) == mode, path
+        assert stat.S_IMODE(os.stat(forced / "options" / "d").st_mode) == 0o700
+    finally:
+        forced.unmount()
+    masked = mounts.mount(shared.bucket, ro=None, umask="077")
+    try:
+        shared_view = S3View(shared.endpoint, shared.bucket)
+        shared_view.put("options/foreign.dat", b"x")
+        shared_view.close()
+        assert stat.S_IMODE(os.stat(masked / "options" / "foreign.dat").st_mode) == 0o600
+        # A file with its own mode keeps it.
+        assert stat.S_IMODE(os.stat(masked / "options" / "f.txt").st_mode) == 0o666
+    finally:
+        masked.unmount()
+
+
+def test_sync_upload_close_waits_for_the_upload(mounts: Mounts, series: list[Path]) -> None:
+    mount = mounts.mount(sync_upload=None, upload_delay="30")
+    view = S3View(mount.endpoint, mount.bucket)
+    try:
+        started = time.monotonic()
+        shutil.copyfile(series[0], mount / "a.zip")
+        assert "a.zip.delta" in view.keys("")  # right after close returned
+        assert time.monotonic() - started < 15
+    finally:
+        view.close()
+        mount.unmount()
+
+
+# --- big direct files ---------------------------------------------------------------------
+
+
+def test_large_direct_file_ranged_reads(shared: DgfsMount, s3: S3View, tmp_path: Path) -> None:
+    """Over 32 MiB and not an archive: stored direct, read by ranged GETs."""
+    data = random.Random(9).randbytes(33 << 20)
+    dest = _fresh_dir(shared, "large")
+    (dest / "big.bin").write_bytes(data)
+    shared.settle(dest / "big.bin")
+    assert s3.keys("large/")["large/big.bin"] == len(data)
+    shared.remount()
+    assert os.getxattr(dest / "big.bin", "user.dgfs.kind") == b"direct"
+    assert sha256_file(dest / "big.bin") == sha256_bytes(data)
+    rng = random.Random(3)
+    with open(dest / "big.bin", "rb", buffering=0) as handle:
+        for _ in range(8):
+            offset, size = rng.randrange(len(data)), rng.randrange(1, 300_000)
+            handle.seek(offset)
+            assert handle.read(size) == data[offset : offset + size], (offset, size)
+        handle.seek(len(data) - 10)
+        assert handle.read(100) == data[-10:]
