@@ -23,6 +23,9 @@ from dgfs.store.base import ObjectStore
 
 MIN_WINDOW = 1 << 20
 MAX_WINDOW = 16 << 20
+# The kernel reads ahead with several requests at once and they reach us in
+# any order; pieces beyond the hashed prefix wait here (up to this much).
+MAX_HELD_AHEAD = 2 * MAX_WINDOW
 
 
 class Reader(abc.ABC):
@@ -71,11 +74,18 @@ class RangeReader(Reader):
         # Sequential verification state.
         self._sha = hashlib.sha256() if expected_sha256 else None
         self._hashed_upto = 0
+        self._held: dict[int, bytes] = {}  # offset -> bytes read ahead of _hashed_upto
+        self._held_bytes = 0
+        # Once the whole file failed its check every later read fails too: the
+        # kernel retries a failed read-ahead page with a read of its own.
+        self._mismatch: IntegrityError | None = None
 
     async def _fetch(self, start: int, length: int) -> bytes:
         return await self.store.get_range(self.key, start, length)
 
     async def read(self, offset: int, size: int) -> bytes:
+        if self._mismatch is not None:
+            raise self._mismatch
         if offset >= self.size:
             return b""
         size = min(size, self.size - offset)
@@ -96,14 +106,43 @@ class RangeReader(Reader):
             return data
 
     def _verify(self, offset: int, data: bytes) -> None:
-        if self._sha is None:
+        """Hash what was read, in file order; raise on the read that completes a bad file.
+
+        Reads that arrive ahead of the hashed prefix (the kernel's concurrent
+        read-ahead) are held until the gap is filled; a reader that really
+        jumps around holds too much and is not verified.
+        """
+        if self._sha is None or offset + len(data) <= self._hashed_upto:
             return
         if offset > self._hashed_upto:
-            self._sha = None  # not a sequential reader: cannot verify
+            if len(data) > len(self._held.get(offset, b"")):
+                self._held_bytes += len(data) - len(self._held.get(offset, b""))
+                self._held[offset] = data
+            if self._held_bytes > MAX_HELD_AHEAD:
+                self._sha = None  # not a sequential reader: cannot verify
+                self._held.clear()
             return
+        self._hash_from(offset, data)
+        while self._held:
+            start = min(self._held)
+            if start > self._hashed_upto:
+                break
+            piece = self._held.pop(start)
+            self._held_bytes -= len(piece)
+            self._hash_from(start, piece)
+        if self._hashed_upto >= self.size:
+            good = self._sha.hexdigest() == self.expected_sha256
+            self._sha = None
+            self._held.clear()
+            if not good:
+                self._mismatch = IntegrityError(
+                    f"{self.key}: SHA-256 mismatch; refusing to return wrong bytes"
+                )
+                raise self._mismatch
+
+    def _hash_from(self, offset: int, data: bytes) -> None:
+        """Hash the part of ``data`` (read at ``offset``) beyond the hashed prefix."""
+        assert self._sha is not None and offset <= self._hashed_upto
         fresh = data[self._hashed_upto - offset :]
         self._sha.update(fresh)
         self._hashed_upto += len(fresh)
-        if self._hashed_upto >= self.size and self._sha.hexdigest() != self.expected_sha256:
-            self._sha = None
-            raise IntegrityError(f"{self.key}: SHA-256 mismatch; refusing to return wrong bytes")
