@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -250,3 +251,87 @@ def test_bad_options(tmp_path: Path, option: str, words: list[str]) -> None:
     _assert_one_clear_line(output, *words)
     assert elapsed < 10
     assert not is_mounted(mnt)
+
+
+# --- integrity: never wrong bytes -------------------------------------------------------
+
+
+def _read_errno(path: Path) -> int | None:
+    try:
+        sha256_file(path)
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def test_replaced_reference_gives_eio_not_wrong_bytes(mounts: Mounts, tmp_path: Path) -> None:
+    series = write_series(tmp_path / "src", 2, size=512 << 10, seed=71)
+    writer = mounts.mount()
+    (writer / "app").mkdir()
+    for src in series:
+        shutil.copyfile(src, writer / "app" / src.name)
+    writer.unmount()
+    view = S3View(writer.endpoint, writer.bucket)
+    try:
+        # Someone replaces the reference's bytes (metadata kept): every delta is now unusable.
+        meta = view.metadata("app/reference.bin")
+        view.put("app/reference.bin", series[1].read_bytes()[::-1], meta)
+        # And a direct file's bytes, keeping its recorded SHA-256.
+        (tmp_path / "note.txt").write_text("original note\n")
+        text_meta = {
+            "dg-file-sha256": sha256_file(tmp_path / "note.txt"),
+            "dg-file-size": "14",
+            "dg-compression": "none",
+            "dg-original-name": "note.txt",
+        }
+        view.put("app/note.txt", b"tampered note\n", text_meta)
+    finally:
+        view.close()
+    reader = mounts.mount(writer.bucket, ro=None)  # a fresh cache: nothing to fall back on
+    reader.expect_log(r"reference\.bin|SHA-256|app/note\.txt|app/plugin")
+    for src in series:
+        assert _read_errno(reader / "app" / src.name) == errno.EIO, src.name
+    assert _read_errno(reader / "app" / "note.txt") == errno.EIO
+    assert "reference.bin" in reader.log_text()
+    assert "app/note.txt" in reader.log_text()
+
+
+def test_large_direct_file_tampered_fails_the_last_read(mounts: Mounts) -> None:
+    data = random.Random(13).randbytes(33 << 20)
+    writer = mounts.mount()
+    (writer / "big.bin").write_bytes(data)
+    writer.unmount()
+    view = S3View(writer.endpoint, writer.bucket)
+    try:
+        meta = view.metadata("big.bin")
+        tampered = bytearray(data)
+        tampered[20 << 20] ^= 0xFF
+        view.put("big.bin", bytes(tampered), meta)
+    finally:
+        view.close()
+    reader = mounts.mount(writer.bucket, ro=None)
+    reader.expect_log(r"big\.bin")
+    assert _read_errno(reader / "big.bin") == errno.EIO
+    # Reading only a range before the damage is allowed (not checked end to end).
+    with open(reader / "big.bin", "rb") as handle:
+        assert handle.read(1 << 20) == data[: 1 << 20]
+
+
+def test_permanent_upload_failure_is_reported_and_kept(mounts: Mounts) -> None:
+    """The bucket vanishes under the mount: fsync reports it, the data is kept aside."""
+    mount = mounts.mount(upload_delay="30")
+    (mount / "late.txt").write_text("never uploaded")
+    fd = os.open(mount / "late.txt", os.O_RDONLY)
+    view = S3View(mount.endpoint, mount.bucket)
+    try:
+        view.client.delete_bucket(Bucket=mount.bucket)
+        mount.expect_log(r"late\.txt|NoSuchBucket|does not exist|not uploaded")
+        with pytest.raises(OSError) as info:
+            os.fsync(fd)
+        assert info.value.errno not in (0, None)
+    finally:
+        os.close(fd)
+        view.close()
+    mount.unmount()
+    failed = list((mount.cache_dir / "journal").rglob("failed/*.data"))
+    assert [p.read_text() for p in failed] == ["never uploaded"]
