@@ -25,7 +25,14 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from dgfs.errors import AccessDenied, ConfigError, DgfsError, StoreError, UserError
+from dgfs.errors import (
+    AccessDenied,
+    ConfigError,
+    DgfsError,
+    StoreError,
+    TransientError,
+    UserError,
+)
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.fuse_ops import FuseOperations
@@ -150,14 +157,24 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 pyfuse3.close(unmount=True)
             await fs.close()
             journal.close()
-            left = len(fs.nodes.pending_nodes())
-            if left:
+            left = [n.pending for n in fs.nodes.pending_nodes() if n.pending is not None]
+            # A permanent failure moved its entry to failed/: no mount retries those.
+            failed = sum(
+                1 for p in left if p.error is not None and not isinstance(p.error, TransientError)
+            )
+            if len(left) > failed:
                 log.warning(
                     "%d file(s) not uploaded; kept in %s for the next mount",
-                    left,
+                    len(left) - failed,
                     journal.directory,
                 )
-            else:
+            if failed:
+                log.error(
+                    "%d file(s) could not be uploaded (see above); their data is in %s",
+                    failed,
+                    journal.directory / "failed",
+                )
+            if not left:
                 log.info("all uploads done")
 
 
