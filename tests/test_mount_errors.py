@@ -325,7 +325,7 @@ def test_permanent_upload_failure_is_reported_and_kept(mounts: Mounts) -> None:
     view = S3View(mount.endpoint, mount.bucket)
     try:
         view.client.delete_bucket(Bucket=mount.bucket)
-        mount.expect_log(r"late\.txt|NoSuchBucket|does not exist|not uploaded")
+        mount.expect_log(r"late\.txt|NoSuchBucket|does not exist|could not be uploaded")
         with pytest.raises(OSError) as info:
             os.fsync(fd)
         assert info.value.errno not in (0, None)
@@ -335,3 +335,6 @@ def test_permanent_upload_failure_is_reported_and_kept(mounts: Mounts) -> None:
     mount.unmount()
     failed = list((mount.cache_dir / "journal").rglob("failed/*.data"))
     assert [p.read_text() for p in failed] == ["never uploaded"]
+    log = mount.log_text()
+    assert "1 file(s) could not be uploaded" in log and "/failed" in log
+    assert "for the next mount" not in log  # no mount retries a failed entry
