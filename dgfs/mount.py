@@ -199,10 +199,11 @@ def run_foreground(config: MountConfig, on_ready: Callable[[], None] = lambda: N
 
 def _setup_daemon_logging(config: MountConfig) -> None:
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
     if os.path.exists("/dev/log"):
-        handler: logging.Handler = logging.handlers.SysLogHandler("/dev/log")
+        handler = logging.handlers.SysLogHandler("/dev/log")
         handler.setFormatter(
             logging.Formatter("dgfs[%(process)d]: %(levelname)s %(name)s: %(message)s")
         )

@@ -22,6 +22,7 @@ import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 from cachetools import TTLCache
@@ -579,7 +580,7 @@ class FileSystem:
                 self._retire(old)
             return node.pending
 
-    async def _copy_current_content(self, node: Node, dest: os.PathLike[str]) -> None:
+    async def _copy_current_content(self, node: Node, dest: Path) -> None:
         if node.pending is not None:
             src = node.pending.staging
             await trio.to_thread.run_sync(_copy_file, src, dest, limiter=self.disk_limiter)

@@ -12,8 +12,8 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -24,13 +24,14 @@ from dgfs.fs.nodes import Node, NodeKind
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 BLOCK = 4096
 
 
-def _fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _fuse_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -108,7 +109,7 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         )
         return self._attrs(node)
 
-    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.fs.forget(list(inode_list))
 
     @_fuse_errors

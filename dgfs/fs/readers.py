@@ -32,7 +32,7 @@ class Reader(abc.ABC):
     @abc.abstractmethod
     async def read(self, offset: int, size: int) -> bytes: ...
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the reader holds."""
 
 

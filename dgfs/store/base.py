@@ -12,6 +12,7 @@ missing key, ``PreconditionFailed`` when a conditional create loses,
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -121,20 +122,22 @@ class ObjectStore(abc.ABC):
         """Store a small body; returns the new ETag."""
 
     @abc.abstractmethod
-    async def copy(self, src_key: str, dst_key: str, metadata: Mapping[str, str] | None = None) -> str:
+    async def copy(
+        self, src_key: str, dst_key: str, metadata: Mapping[str, str] | None = None
+    ) -> str:
         """Server-side copy; ``metadata`` given means replace it, else keep it."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
 
-    async def delete_many(self, keys: list[str]) -> None:
+    async def delete_many(self, keys: builtins.list[str]) -> None:
         """Delete several keys (implementations may batch)."""
         for key in keys:
             await self.delete(key)
 
     @abc.abstractmethod
-    async def list_multipart_uploads(self, prefix: str = "") -> list[MultipartUpload]:
+    async def list_multipart_uploads(self, prefix: str = "") -> builtins.list[MultipartUpload]:
         """Incomplete multipart uploads under ``prefix``."""
 
     @abc.abstractmethod
@@ -160,5 +163,5 @@ class ObjectStore(abc.ABC):
             await self.delete(key)
         return False
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources (thread pools, connections)."""
