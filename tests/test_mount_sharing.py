@@ -83,8 +83,10 @@ def test_changes_appear_in_the_other_mount(
 
     # Removed through a: gone from b.
     os.unlink(a / "shared" / "f.zip")
-    assert wait_until(lambda: os.listdir(b / "shared") == [], SEEN_WITHIN)
-    assert not (b / "shared" / "f.zip").exists()
+    assert wait_until(
+        lambda: os.listdir(b / "shared") == [] and not (b / "shared" / "f.zip").exists(),
+        SEEN_WITHIN,
+    )
 
 
 def test_two_mounts_create_the_first_file_of_a_directory_at_once(
