@@ -20,7 +20,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +129,11 @@ class FileSystem:
         self._upload_receive = receive
         self._inflight = 0
         self._draining = False  # unmounting: upload without delay
+        # No upload starts while a rename runs: it would store under a name
+        # the rename is taking away (see _hold_uploads).
+        self._renames = 0
+        self._no_renames = trio.Event()
+        self._no_renames.set()
         self._idle = trio.Event()
         self._idle.set()
 
@@ -798,6 +803,10 @@ class FileSystem:
             await self._idle.wait()
 
     async def _upload(self, node: Node) -> None:
+        while self._renames:
+            await self._no_renames.wait()
+        # From here to ``uploading = True`` nothing awaits: a rename that starts
+        # later waits for this upload to land.
         pending = node.pending
         if pending is None:
             return
@@ -830,8 +839,16 @@ class FileSystem:
             return
         pending.uploading = False
         if node.pending is not pending:
-            # Superseded while uploading: the newer staging file is queued on its own.
+            # Superseded while uploading: the newer staging file is queued on its
+            # own. What this upload stored is the file's S3 version until then.
             self._retire(pending)
+            if node.unlinked:
+                with contextlib.suppress(NotFound):
+                    await self.core.delete(key)
+            else:
+                node.stored = result.as_stored()
+                node.etag = None
+            pending.notify()
             return
         pending.uploaded = max(pending.uploaded, generation)
         if node.unlinked:
@@ -969,6 +986,9 @@ class FileSystem:
         node = await self.lookup(parent.ino, name)
         if node.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
+        # An upload in flight lands first: finishing after the unlink it would
+        # delete whatever a new file of the same name stored meanwhile.
+        await self._wait_not_uploading(node)
         key = self.key_of(node.path)
         pending = node.pending
         in_s3 = node.stored is not None or (pending is not None and pending.uploaded >= 0)
@@ -1012,14 +1032,38 @@ class FileSystem:
                 await self.rmdir(new_parent.ino, new_name)
             elif target.kind is NodeKind.DIR:
                 raise FsError(errno.EISDIR)
-        old_path = node.path
-        if node.kind is NodeKind.DIR:
-            await self._rename_dir(node, new_path)
-        else:
-            await self._rename_file(node, new_path, target)
-        self._drop_entry(old_path)
-        self.nodes.move(node, new_path)
-        self._note_entry(node)
+        async with self._hold_uploads():
+            old_path = node.path
+            if node.kind is NodeKind.DIR:
+                await self._rename_dir(node, new_path)
+            else:
+                # Uploads in flight of either file land first, under the names
+                # they were started for; then the move sees what S3 holds.
+                await self._wait_not_uploading(node)
+                if target is not None:
+                    await self._wait_not_uploading(target)
+                await self._rename_file(node, new_path, target)
+            self._drop_entry(old_path)
+            self.nodes.move(node, new_path)
+            self._note_entry(node)
+
+    @contextlib.asynccontextmanager
+    async def _hold_uploads(self) -> AsyncIterator[None]:
+        """No upload starts inside: it would read a name that is being changed."""
+        if self._renames == 0:
+            self._no_renames = trio.Event()
+        self._renames += 1
+        try:
+            yield
+        finally:
+            self._renames -= 1
+            if self._renames == 0:
+                self._no_renames.set()
+
+    async def _wait_not_uploading(self, node: Node) -> None:
+        """Until no upload of ``node`` is in flight (queued ones may wait)."""
+        while node.pending is not None and node.pending.uploading:
+            await node.pending.changed.wait()
 
     async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
         old_key, new_key = self.key_of(node.path), self.key_of(new_path)
@@ -1031,14 +1075,24 @@ class FileSystem:
             if tp is not None and not tp.uploading:
                 target.pending = None
                 self._retire(tp)
-        if pending is not None and pending.uploaded < 0:
-            # Not in S3 yet: renaming is only a change of the journal entry.
-            if target is not None and (target.stored is not None):
-                with contextlib.suppress(NotFound):
-                    await self.core.delete(new_key)
-            if pending.committed >= 0 and not pending.uploading:
+        if pending is not None:
+            # No upload is in flight (rename waited) and none starts meanwhile.
+            if pending.committed >= 0:
+                # The journal entry follows the name: a crash recovers the file under it.
                 entry = JournalEntry(pending.entry_id, new_key, self._posix_metadata(node))
                 await trio.to_thread.run_sync(self.journal.write_manifest, entry)
+            if node.stored is None:
+                # Not in S3 yet: renaming was only a change of the journal entry.
+                if target is not None and target.stored is not None:
+                    with contextlib.suppress(NotFound):
+                        await self.core.delete(new_key)
+                return
+            # An older version is in S3 under the old name (the file was
+            # written again since): it moves too, or the old name would come
+            # back; the upload then replaces it under the new name.
+            with contextlib.suppress(NotFound):
+                node.stored = await self.core.rename(old_key, new_key)
+                node.etag = None
             return
         if node.kind is NodeKind.SYMLINK:
             await self.store.copy(old_key, new_key)
@@ -1054,8 +1108,7 @@ class FileSystem:
         # lands under the old name after the move.
         busy = [n for n in self.nodes.pending_nodes() if n.path.startswith(node.path + "/")]
         for n in busy:
-            if n.pending is not None and n.pending.uploading:
-                await self._wait_uploaded(n)
+            await self._wait_not_uploading(n)  # no new one starts: rename holds uploads
         await self.core.rename_prefix(old_prefix, new_prefix)
         for n in busy:
             p = n.pending
