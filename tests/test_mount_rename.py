@@ -23,6 +23,7 @@ from tests.mountutil import (
     Mounts,
     S3View,
     dg_download,
+    sha256_bytes,
     sha256_file,
     tree_digest,
 )
@@ -301,3 +302,88 @@ def test_symlinks_survive_remount(shared: DgfsMount, s3: S3View, series: list[Pa
     shared.remount()
     assert sorted(os.listdir(base)) == sorted([series[0].name, "current.zip"])
     assert os.readlink(base / "current.zip") == series[0].name
+
+
+# --- renames and unlinks racing uploads -------------------------------------------------
+#
+# Whatever the timing, the end state must be the same: each name holds the
+# bytes last written under it, and a name that was moved away or removed
+# does not come back.
+
+
+def _names_in_s3(s3: S3View, prefix: str) -> set[str]:
+    return {
+        k[len(prefix) :].removesuffix(".delta")
+        for k in s3.keys(prefix)
+        if k != prefix and not k.endswith("reference.bin")
+    }
+
+
+def test_rename_after_rewrite_of_a_stored_file(shared: DgfsMount, s3: S3View) -> None:
+    """Log rotation: append to an uploaded file, then rename it before the upload."""
+    base = shared / "rotate"
+    base.mkdir()
+    (base / "app.log").write_text("one\n")
+    shared.settle(base / "app.log")
+    with open(base / "app.log", "a") as handle:
+        handle.write("two\n")
+    os.rename(base / "app.log", base / "app.log.1")
+    (base / "app.log").write_text("fresh\n")
+    shared.settle(base / "app.log.1", base / "app.log")
+    assert _names_in_s3(s3, "rotate/") == {"app.log", "app.log.1"}
+    assert s3.get("rotate/app.log.1") == b"one\ntwo\n"
+    assert s3.get("rotate/app.log") == b"fresh\n"
+    shared.remount()
+    assert (base / "app.log.1").read_text() == "one\ntwo\n"
+    assert (base / "app.log").read_text() == "fresh\n"
+    # Same without a new file under the old name: the old name must not come back.
+    (base / "solo").write_text("v1")
+    shared.settle(base / "solo")
+    (base / "solo").write_text("v2")
+    os.rename(base / "solo", base / "solo.moved")
+    shared.settle(base / "solo.moved")
+    shared.remount()
+    assert sorted(os.listdir(base)) == ["app.log", "app.log.1", "solo.moved"]
+    assert (base / "solo.moved").read_text() == "v2"
+
+
+@pytest.mark.parametrize("delay", ["0", "0.05"])
+def test_rename_unlink_and_replace_while_uploading(
+    mounts: Mounts, tmp_path: Path, delay: str
+) -> None:
+    """Big files keep their uploads in flight while the names change under them."""
+    # More workers than big files: the small new files can overtake the big uploads.
+    mount = mounts.mount(upload_delay=delay, upload_workers="8")
+    view = S3View(mount.endpoint, mount.bucket)
+    try:
+        big = {name: os.urandom(16 << 20) for name in ("a.bin", "b.bin", "c.bin", "d.bin")}
+        for name, data in big.items():
+            (mount / name).write_bytes(data)
+        # a: renamed mid-upload, and a new file takes its old name at once.
+        os.rename(mount / "a.bin", mount / "a-moved.bin")
+        (mount / "a.bin").write_bytes(b"new a")
+        # b: removed mid-upload, and made again.
+        os.unlink(mount / "b.bin")
+        (mount / "b.bin").write_bytes(b"new b")
+        # c is replaced by d mid-upload of both.
+        os.rename(mount / "d.bin", mount / "c.bin")
+        expected = {
+            "a-moved.bin": sha256_bytes(big["a.bin"]),
+            "a.bin": sha256_bytes(b"new a"),
+            "b.bin": sha256_bytes(b"new b"),
+            "c.bin": sha256_bytes(big["d.bin"]),
+        }
+
+        def check() -> None:
+            assert sorted(os.listdir(mount.mountpoint)) == sorted(expected)
+            for name, digest in expected.items():
+                assert sha256_file(mount / name) == digest, name
+
+        check()
+        mount.settle(*(mount / n for n in expected))
+        mount.unmount()
+        assert _names_in_s3(view, "") == set(expected)
+        mount.remount(upload_delay="0.2")
+        check()
+    finally:
+        view.close()
