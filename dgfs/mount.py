@@ -30,7 +30,6 @@ from dgfs.errors import (
     ConfigError,
     DgfsError,
     StoreError,
-    TransientError,
     UserError,
 )
 from dgfs.fs.attrcache import AttrCache
@@ -159,15 +158,18 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
             journal.close()
             left = [n.pending for n in fs.nodes.pending_nodes() if n.pending is not None]
             # A permanent failure moved its entry to failed/: no mount retries those.
-            failed = sum(
-                1 for p in left if p.error is not None and not isinstance(p.error, TransientError)
-            )
-            if len(left) > failed:
+            failed = sum(1 for p in left if p.quarantined)
+            # Never committed: their close() failed (ENOSPC), nothing was promised.
+            dropped = sum(1 for p in left if p.committed < 0 and not p.quarantined)
+            kept = len(left) - failed - dropped
+            if kept:
                 log.warning(
                     "%d file(s) not uploaded; kept in %s for the next mount",
-                    len(left) - failed,
+                    kept,
                     journal.directory,
                 )
+            if dropped:
+                log.warning("%d file(s) whose close() failed were not kept", dropped)
             if failed:
                 log.error(
                     "%d file(s) could not be uploaded (see above); their data is in %s",

@@ -820,22 +820,23 @@ class FileSystem:
         try:
             result = await self.core.put(pending.staging, key, extra_metadata=meta)
         except TransientError as exc:
-            pending.uploading = False
-            log.warning(
-                "upload of %s failed (%s); retrying in %.0fs", key, exc, self.options.retry_delay
-            )
-            pending.error = exc
-            pending.notify()
-            await trio.sleep(self.options.retry_delay)
-            pending.error = None
-            self._queue_upload(node)
+            await self._retry_upload(node, pending, key, exc)
             return
         except DgfsError as exc:
             pending.uploading = False
             pending.error = exc
+            pending.quarantined = True
             where = await trio.to_thread.run_sync(self.journal.quarantine, pending.entry_id)
             log.error("upload of %s failed for good: %s; the data is kept in %s", key, exc, where)
             pending.notify()
+            return
+        except Exception as exc:
+            # The local disk (ENOSPC in the scratch or cache directory), or a
+            # bug: keep the data and the mount, and try again later.
+            if not isinstance(exc, OSError):
+                log.exception("upload of %s failed unexpectedly", key)
+            errno_ = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            await self._retry_upload(node, pending, key, FsError(errno_, str(exc)))
             return
         pending.uploading = False
         if node.pending is not pending:
@@ -851,21 +852,37 @@ class FileSystem:
             pending.notify()
             return
         pending.uploaded = max(pending.uploaded, generation)
-        if node.unlinked:
-            with contextlib.suppress(NotFound):
-                await self.core.delete(key)
-        else:
-            current_key = self.key_of(node.path)
-            if current_key != key:
-                await self.core.rename(key, current_key)
-            elif self._posix_metadata(node) != meta:
-                await self.core.update_metadata(key, self._posix_metadata(node))
+        try:
+            if node.unlinked:
+                with contextlib.suppress(NotFound):
+                    await self.core.delete(key)
+            else:
+                current_key = self.key_of(node.path)
+                if current_key != key:
+                    await self.core.rename(key, current_key)
+                elif self._posix_metadata(node) != meta:
+                    await self.core.update_metadata(key, self._posix_metadata(node))
+        except (DgfsError, OSError) as exc:
+            # The bytes are stored; only a follow-up (name, attributes) is missing.
+            log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
         node.stored = result.as_stored()
         node.etag = None
         if pending.committed > generation:
             self._queue_upload(node)  # written again meanwhile
         pending.notify()
         self._maybe_settle(node)
+
+    async def _retry_upload(self, node: Node, pending: Pending, key: str, exc: DgfsError) -> None:
+        """Report ``exc`` to fsync() waiters, then queue the upload again after a pause."""
+        pending.uploading = False
+        log.warning(
+            "upload of %s failed (%s); retrying in %.0fs", key, exc, self.options.retry_delay
+        )
+        pending.error = exc
+        pending.notify()
+        await trio.sleep(self.options.retry_delay)
+        pending.error = None
+        self._queue_upload(node)
 
     def _maybe_settle(self, node: Node) -> None:
         """Drop local content once it is all in S3 and no handle is open."""

@@ -52,6 +52,7 @@ class Pending:
     uploading: bool = False
     queued: bool = False
     error: DgfsError | None = None
+    quarantined: bool = False  # failed for good: moved to the journal's failed/
     changed: trio.Event = field(default_factory=trio.Event)
     hurry: trio.Event = field(default_factory=trio.Event)  # set: upload without delay
 
