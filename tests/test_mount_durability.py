@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,3 +224,52 @@ def test_fsync_of_a_directory_and_of_an_unmodified_file(mounts: Mounts) -> None:
     finally:
         os.close(fd)
     assert wait_until(lambda: (mount / "d" / "f").read_text() == "f")
+
+
+def test_full_cache_disk_is_reported_and_survived(
+    mounts: Mounts, series: list[Path], tmp_path: Path
+) -> None:
+    """ENOSPC in cache_dir: writers get the errno, the daemon stays, uploads resume."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    tiny = tmp_path / "tiny-cache"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(tiny)], check=True)
+    try:
+        mount = mounts.mount(cache_dir=tiny)
+        mount.expect_log(r"No space left|disk is full|close\(\) failed were not kept")
+        (mount / "full").mkdir()
+        outcomes = {}
+        for src in series:
+            try:
+                shutil.copyfile(src, mount / "full" / src.name)
+                outcomes[src.name] = True
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                outcomes[src.name] = False
+            time.sleep(0.6)  # let its upload run: it needs room for deltas and references
+        assert not all(outcomes.values()), "the cache disk never filled up"
+        assert mount.alive, mount.log_text()
+        # Room again: what close() accepted reaches S3 and reads back.
+        subprocess.run(["mount", "-o", "remount,size=64m", str(tiny)], check=True)
+        accepted = [src for src in series if outcomes[src.name]]
+        assert accepted, "not even the first file fitted"
+        # fsync reports the upload's last error until a retry (every 2 s) succeeds.
+        assert wait_until(
+            lambda: mount.settle(*(mount / "full" / src.name for src in accepted)) is None, 15
+        ), mount.log_text()
+        for src in accepted:
+            assert sha256_file(mount / "full" / src.name) == sha256_file(src)
+        # And the filesystem still takes new files.
+        retry = series[-1]
+        shutil.copyfile(retry, mount / "full" / retry.name)
+        mount.settle(mount / "full" / retry.name)
+        mount.remount()
+        for src in [*accepted, retry]:
+            assert sha256_file(mount / "full" / src.name) == sha256_file(src)
+        mount.unmount()
+    finally:
+        for candidate in mounts.mounts:
+            if candidate.cache_dir == tiny:
+                candidate.unmount()
+        subprocess.run(["umount", str(tiny)], check=False)
