@@ -1009,7 +1009,14 @@ class FileSystem:
         key = self.key_of(node.path)
         pending = node.pending
         in_s3 = node.stored is not None or (pending is not None and pending.uploaded >= 0)
-        if pending is not None and not pending.uploading:
+        if node.open_handles and node.kind is NodeKind.FILE:
+            # Still open (tempfile.TemporaryFile does this): as POSIX has it, its
+            # handles keep reading and writing the file, from a local copy that is
+            # never uploaded and that a crash does not bring back.
+            with contextlib.suppress(DgfsError, OSError):
+                local = await self._start_staging(node, keep_content=True)
+                await trio.to_thread.run_sync(self.journal.remove, local.entry_id)
+        elif pending is not None and not pending.uploading:
             node.pending = None
             self._retire(pending)
         if node.kind is NodeKind.SYMLINK:
