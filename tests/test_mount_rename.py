@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -387,3 +388,34 @@ def test_rename_unlink_and_replace_while_uploading(
         check()
     finally:
         view.close()
+
+
+def test_unlinked_open_file_stays_usable(shared: DgfsMount, s3: S3View) -> None:
+    """tempfile.TemporaryFile: created, unlinked at once, then written and read."""
+    base = shared / "tmpfiles"
+    base.mkdir()
+    with tempfile.TemporaryFile(dir=base) as handle:
+        handle.write(b"scratch data " * 1000)
+        handle.flush()
+        handle.seek(0)
+        assert handle.read() == b"scratch data " * 1000
+        assert os.listdir(base) == []
+        handle.seek(6)
+        handle.write(b"!")
+        handle.seek(0)
+        assert handle.read(13) == b"scratc! data "
+    # Written, closed, reopened, unlinked while open: still readable, whether
+    # its upload is still to come or done (then the bytes come from S3 first).
+    (base / "open.txt").write_text("still here")
+    (base / "stored.zip").write_bytes(b"PK\x03\x04" + b"stored bytes " * 10000)
+    shared.settle(base / "stored.zip")
+    with open(base / "open.txt", "rb") as reader, open(base / "stored.zip", "rb") as stored:
+        os.unlink(base / "open.txt")
+        os.unlink(base / "stored.zip")
+        assert reader.read() == b"still here"
+        assert stored.read() == b"PK\x03\x04" + b"stored bytes " * 10000
+        assert os.listdir(base) == []
+    shared.remount()
+    assert os.listdir(base) == []
+    # Only the directory marker, and the reference stored.zip created, remain.
+    assert set(s3.keys("tmpfiles/")) == {"tmpfiles/", "tmpfiles/reference.bin"}
