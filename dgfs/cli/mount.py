@@ -107,7 +107,8 @@ def build_config(
     if "cache_dir" in options:
         changes["cache_dir"] = Path(str(options["cache_dir"])).expanduser().absolute()
     if "cache_key_file" in options:
-        changes["cache_key_file"] = Path(str(options["cache_key_file"])).expanduser()
+        # absolute: a daemon works from / (chdir) when it reads the key
+        changes["cache_key_file"] = Path(str(options["cache_key_file"])).expanduser().absolute()
     if "cache_size" in options:
         changes["cache_size"] = parse_size(str(options["cache_size"]))
     policy_overrides: dict[str, object] = {}
