@@ -165,6 +165,7 @@ class DgfsMount:
         self.pid: int | None = None
         self.last_returncode: int | None = None
         self.generation = 0
+        self.cwd: Path | None = None  # where `dgfs mount` runs (relative option paths)
         self.log_path = cache_dir.parent / f"{mountpoint.name}-stderr.log"
         self.expected: list[re.Pattern[str]] = []
         self._checked_upto = 0
@@ -220,6 +221,7 @@ class DgfsMount:
                     stdout=log_file,
                     stderr=log_file,
                     env=daemon_env(),
+                    cwd=self.cwd,
                     timeout=timeout,
                     check=False,
                 )
@@ -237,6 +239,7 @@ class DgfsMount:
                     stdout=log_file,
                     stderr=log_file,
                     env=daemon_env(),
+                    cwd=self.cwd,
                     start_new_session=True,
                 )
                 self.pid = self.proc.pid

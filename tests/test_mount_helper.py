@@ -6,6 +6,7 @@ lines hand the helper.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import stat
@@ -198,3 +199,23 @@ def test_daemon_mode_round_trip(mounts: Mounts) -> None:
     mount.check_log()
     mount.remount()
     assert sha256_file(mount / name) == sha256_bytes(data)
+
+
+@pytest.mark.mount
+def test_daemon_mode_with_relative_paths(mounts: Mounts, tmp_path: Path) -> None:
+    """The daemon works from /, yet a relative cache_key_file given from elsewhere is found."""
+    key = tmp_path / "cache.key"
+    key.write_text(base64.urlsafe_b64encode(os.urandom(32)).decode())
+    key.chmod(0o600)
+    mount = mounts.mount(daemon=True, cache_key_file="cache.key", start=False)
+    mount.cwd = tmp_path
+    mount.start()
+    name, data = _zip()
+    (mount / name).write_bytes(data)
+    mount.settle(mount / name)
+    assert sha256_file(mount / name) == sha256_bytes(data)
+    mount.unmount()
+    # With a key the cache is the persistent one, not a per-process throwaway.
+    assert (mount.cache_dir / "content").is_dir()
+    assert not list(mount.cache_dir.glob("content-ephemeral-*"))
+    mount.check_log()
