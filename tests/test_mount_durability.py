@@ -273,3 +273,37 @@ def test_full_cache_disk_is_reported_and_survived(
             if candidate.cache_dir == tiny:
                 candidate.unmount()
         subprocess.run(["umount", str(tiny)], check=False)
+
+
+def test_prefix_mount_writes_and_recovers_under_its_prefix(
+    mounts: Mounts, series: list[Path]
+) -> None:
+    bucket = mounts.new_bucket()
+    mount = mounts.mount(bucket, source=f"{bucket}/team/app", upload_delay=LONG_DELAY)
+    view = S3View(mount.endpoint, bucket)
+    try:
+        (mount / "v1").mkdir()
+        shutil.copyfile(series[0], mount / "v1" / series[0].name)
+        shutil.copyfile(series[1], mount / "top.zip")
+        mount.settle(mount / "top.zip")
+        os.rename(mount / "top.zip", mount / "v1" / "moved.zip")
+        shutil.copyfile(series[2], mount / "late.zip")
+        mount.expect_log(r"recovered \d+ file")
+        mount.crash()
+        mount.start()
+        mount.settle(mount / "late.zip", mount / "v1" / series[0].name)
+        keys = set(view.keys())
+        assert keys == {
+            "team/app/v1/",
+            "team/app/v1/reference.bin",
+            f"team/app/v1/{series[0].name}.delta",
+            "team/app/v1/moved.zip.delta",
+            "team/app/reference.bin",
+            "team/app/late.zip.delta",
+        }, keys
+        mount.remount(upload_delay="0.2")
+        assert sha256_file(mount / "v1" / series[0].name) == sha256_file(series[0])
+        assert sha256_file(mount / "v1" / "moved.zip") == sha256_file(series[1])
+        assert sha256_file(mount / "late.zip") == sha256_file(series[2])
+    finally:
+        view.close()
