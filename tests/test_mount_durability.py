@@ -31,6 +31,7 @@ from tests.mountutil import (
     wait_until,
 )
 from tests.releases import write_series
+from tests.servers import MotoServer, make_bucket
 
 pytestmark = pytest.mark.mount
 
@@ -307,3 +308,43 @@ def test_prefix_mount_writes_and_recovers_under_its_prefix(
         assert sha256_file(mount / "late.zip") == sha256_file(series[2])
     finally:
         view.close()
+
+
+def test_store_down_at_unmount_then_second_signal(tmp_path: Path, series: list[Path]) -> None:
+    """S3 unreachable: umount keeps retrying; a second SIGTERM leaves the journal."""
+    server = MotoServer()
+    server.start()
+    try:
+        make_bucket(server.endpoint_url, "downbucket")
+        with Mounts(server.endpoint_url, tmp_path) as factory:
+            mount = factory.mount("downbucket", upload_delay=LONG_DELAY)
+            mount.expect_log(
+                r"failed .*retrying|second signal|kept in .* for the next mount"
+                r"|recovered \d+ file|Could not connect|cannot reach"
+            )
+            shutil.copyfile(series[0], mount / "a.zip")
+            (mount / "b.txt").write_text("bee")
+            server.stop()
+            assert mount.proc is not None
+            mount.proc.terminate()
+            assert wait_until(lambda: not is_mounted(mount.mountpoint), 10)
+            time.sleep(3)  # it keeps trying while the store is down
+            assert mount.alive, mount.log_text()
+            mount.proc.terminate()
+            assert mount.wait_exit(15), mount.log_text()
+            assert "2 file(s) not uploaded; kept in" in mount.log_text()
+
+            server = MotoServer(port=server.port)  # same endpoint, same journal
+            server.start()
+            make_bucket(server.endpoint_url, "downbucket")
+            mount.start()
+            mount.settle(mount / "a.zip", mount / "b.txt")
+            assert sha256_file(mount / "a.zip") == sha256_file(series[0])
+            assert (mount / "b.txt").read_text() == "bee"
+            view = S3View(server.endpoint_url, "downbucket")
+            try:
+                assert {"a.zip.delta", "b.txt"} <= set(view.keys())
+            finally:
+                view.close()
+    finally:
+        server.stop()
