@@ -109,8 +109,8 @@ def test_cp_series_reads_back_and_is_stored_as_deltas(
     total_deltas = sum(v for k, v in stored.items() if k.endswith(".delta"))
     assert total_deltas < sum(p.stat().st_size for p in series) * 0.3
 
-    # The real DeltaGlider CLI reads what the mount wrote (first, middle, last).
-    for src in (series[0], series[len(series) // 2], series[-1]):
+    # The real DeltaGlider CLI reads what the mount wrote.
+    for src in series:
         out = dg_download(shared.endpoint, shared.bucket, f"series/{src.name}", tmp_path / src.name)
         assert sha256_file(out) == sha256_file(src)
 
