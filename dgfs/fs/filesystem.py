@@ -1009,14 +1009,8 @@ class FileSystem:
         key = self.key_of(node.path)
         pending = node.pending
         in_s3 = node.stored is not None or (pending is not None and pending.uploaded >= 0)
-        if node.open_handles and node.kind is NodeKind.FILE:
-            # Still open (tempfile.TemporaryFile does this): as POSIX has it, its
-            # handles keep reading and writing the file, from a local copy that is
-            # never uploaded and that a crash does not bring back.
-            with contextlib.suppress(DgfsError, OSError):
-                local = await self._start_staging(node, keep_content=True)
-                await trio.to_thread.run_sync(self.journal.remove, local.entry_id)
-        elif pending is not None and not pending.uploading:
+        kept = await self._keep_for_open_handles(node)
+        if not kept and pending is not None and not pending.uploading:
             node.pending = None
             self._retire(pending)
         if node.kind is NodeKind.SYMLINK:
@@ -1026,6 +1020,21 @@ class FileSystem:
                 await self.core.delete(key)
         self._drop_entry(node.path)
         self.nodes.unlink(node)
+
+    async def _keep_for_open_handles(self, node: Node) -> bool:
+        """Before ``node`` loses its name: True if open handles keep using a local copy.
+
+        As POSIX has it, a file unlinked (or replaced by a rename) while open
+        stays readable and writable through its handles (tempfile.TemporaryFile
+        relies on it). The copy is never uploaded and leaves the journal at
+        once, so a crash does not bring it back.
+        """
+        if not node.open_handles or node.kind is not NodeKind.FILE:
+            return False
+        with contextlib.suppress(DgfsError, OSError):
+            local = await self._start_staging(node, keep_content=True)
+            await trio.to_thread.run_sync(self.journal.remove, local.entry_id)
+        return True
 
     async def rename(
         self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str, flags: int
@@ -1096,8 +1105,8 @@ class FileSystem:
             # The replaced file's local state goes; its S3 object is
             # overwritten (or removed below when the source is still local).
             tp = target.pending
-            if tp is not None and not tp.uploading:
-                target.pending = None
+            if not await self._keep_for_open_handles(target) and tp is not None:
+                target.pending = None  # not uploading: rename waited
                 self._retire(tp)
         if pending is not None:
             # No upload is in flight (rename waited) and none starts meanwhile.
