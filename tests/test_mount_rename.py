@@ -415,6 +415,15 @@ def test_unlinked_open_file_stays_usable(shared: DgfsMount, s3: S3View) -> None:
         assert reader.read() == b"still here"
         assert stored.read() == b"PK\x03\x04" + b"stored bytes " * 10000
         assert os.listdir(base) == []
+    # Replaced by a rename while open: the reader keeps the old bytes.
+    (base / "old.txt").write_text("old content")
+    (base / "new.txt").write_text("new content")
+    shared.settle(base / "old.txt", base / "new.txt")
+    with open(base / "old.txt", "rb") as reader:
+        os.rename(base / "new.txt", base / "old.txt")
+        assert reader.read() == b"old content"
+    assert (base / "old.txt").read_text() == "new content"
+    os.unlink(base / "old.txt")
     shared.remount()
     assert os.listdir(base) == []
     # Only the directory marker, and the reference stored.zip created, remain.
