@@ -49,27 +49,13 @@ from tests.dgcli import deltaglider_bin  # noqa: E402
 from tests.releases import write_series  # noqa: E402
 from tests.servers import ACCESS_KEY, SECRET_KEY, SeaweedServer, make_bucket, s3_client  # noqa: E402
 
-# No s3fs option is needed for SeaweedFS beyond the path-style URL. What made
-# `cp` into s3fs fail ("failed to close ...: Input/output error", after ~35 s
-# of retried PUTs answered 500) was the server: SeaweedFS puts each bucket in
-# a collection of its own and grows 7 volumes for a new collection, while a
-# volume server has 8 volume slots by default (-volume.max=8). The first
-# bucket (dgfs) took 7, the second (the CLI's) the last one, and the third
-# (s3fs) none: "No writable volumes and no free volumes left". So the server
-# here gets room for every bucket (see CompareSeaweed).
+# s3fs needs only path-style URLs for SeaweedFS (tests/servers.py gives the
+# server enough volume slots for several buckets).
 S3FS_OPTIONS = "use_path_request_style,nocopyapi"
-VOLUME_SLOTS = 64  # 3 buckets x 7 volumes, sparse files of <= 256 MB each
 
 CMD_TIMEOUT = 900.0  # one cp / one CLI call; a hung tool fails instead of blocking the run
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 300.0  # a daemon finishing its work after the unmount
-
-
-class CompareSeaweed(SeaweedServer):
-    """SeaweedServer with volume slots for several buckets (see above)."""
-
-    def _command(self) -> list[str]:
-        return [*super()._command(), f"-volume.max={VOLUME_SLOTS}"]
 
 
 class ToolFailed(Exception):
@@ -366,7 +352,7 @@ def main() -> int:
         paths = write_series(work / "dist", args.versions, size=int(args.size_mb * (1 << 20)))
         digests = {p.name: sha256(p) for p in paths}
         original = sum(p.stat().st_size for p in paths)
-        with CompareSeaweed(stop_timeout=5) as server:  # throwaway data: SIGKILL after 5 s is fine
+        with SeaweedServer(stop_timeout=5) as server:  # throwaway data: SIGKILL after 5 s is fine
             endpoint = server.endpoint_url
             print(f"== SeaweedFS on {endpoint}")
             for name, bench in BENCHES:

@@ -350,6 +350,9 @@ class SeaweedServer(_ServerProcess):
             f"-volume.port={self.volume_port}",
             f"-volume.port.grpc={self.volume_grpc_port}",
             "-volume.preStopSeconds=0",
+            # Each bucket takes 7 volumes; the default 8 slots fit one bucket
+            # and then every PUT fails with HTTP 500 (no free volumes).
+            "-volume.max=64",
             f"-filer.port={self.filer_port}",
             f"-filer.port.grpc={self.filer_grpc_port}",
             f"-filer.localSocket={work / 'filer.sock'}",
