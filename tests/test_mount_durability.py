@@ -255,10 +255,13 @@ def test_full_cache_disk_is_reported_and_survived(
         subprocess.run(["mount", "-o", "remount,size=64m", str(tiny)], check=True)
         accepted = [src for src in series if outcomes[src.name]]
         assert accepted, "not even the first file fitted"
+
         # fsync reports the upload's last error until a retry (every 2 s) succeeds.
-        assert wait_until(
-            lambda: mount.settle(*(mount / "full" / src.name for src in accepted)) is None, 15
-        ), mount.log_text()
+        def settled() -> bool:
+            mount.settle(*(mount / "full" / src.name for src in accepted))
+            return True
+
+        assert wait_until(settled, 15), mount.log_text()
         for src in accepted:
             assert sha256_file(mount / "full" / src.name) == sha256_file(src)
         # And the filesystem still takes new files.
