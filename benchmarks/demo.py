@@ -73,9 +73,13 @@ def settle(directory: Path, names: dict[str, object]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--versions", type=int, default=12)
-    parser.add_argument("--size-mb", type=float, default=8.0, help="uncompressed size of one release")
+    parser.add_argument(
+        "--size-mb", type=float, default=8.0, help="uncompressed size of one release"
+    )
     parser.add_argument("--keep", action="store_true", help="leave the temp dir for inspection")
     args = parser.parse_args()
 
@@ -103,8 +107,12 @@ def main() -> int:
         print(f"== SeaweedFS S3 on {endpoint}")
         make_bucket(endpoint, BUCKET)
         mount_cmd = [
-            dgfs_bin(), "mount", BUCKET, str(mnt),
-            "-o", f"endpoint={endpoint},cache_dir={work / 'cache'}",
+            dgfs_bin(),
+            "mount",
+            BUCKET,
+            str(mnt),
+            "-o",
+            f"endpoint={endpoint},cache_dir={work / 'cache'}",
         ]
         print("== " + " ".join(mount_cmd))
         subprocess.run(mount_cmd, check=True, env=env)
@@ -124,18 +132,31 @@ def main() -> int:
             t0 = time.monotonic()
             again = subprocess.run(
                 ["rsync", "-a", "--stats", f"{source}/", f"{mnt / 'app-rsync'}/"],
-                check=True, capture_output=True, text=True,
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             rsync_again_seconds = time.monotonic() - t0
             transferred = next(
-                (line.split(":")[1].strip() for line in again.splitlines()
-                 if line.startswith("Number of regular files transferred")), "?"
+                (
+                    line.split(":")[1].strip()
+                    for line in again.splitlines()
+                    if line.startswith("Number of regular files transferred")
+                ),
+                "?",
             )
-            print(f"== cp: {cp_seconds:.2f} s ({cp_durable_seconds:.2f} s until all in S3)   "
-                  f"rsync -a: {rsync_seconds:.2f} s ({rsync_durable_seconds:.2f} s until all in S3)   "
-                  f"rsync -a again: {rsync_again_seconds:.2f} s ({transferred} files transferred)")
+            print(
+                f"== cp: {cp_seconds:.2f} s ({cp_durable_seconds:.2f} s until all in S3)   "
+                f"rsync -a: {rsync_seconds:.2f} s "
+                f"({rsync_durable_seconds:.2f} s until all in S3)   "
+                f"rsync -a again: {rsync_again_seconds:.2f} s ({transferred} files transferred)"
+            )
             print("\n$ ls -l " + str(mnt / "app"))
-            print(subprocess.run(["ls", "-l", str(mnt / "app")], capture_output=True, text=True).stdout)
+            print(
+                subprocess.run(
+                    ["ls", "-l", str(mnt / "app")], capture_output=True, text=True
+                ).stdout
+            )
             rows = []
             for name, (size, digest) in sorted(original.items()):
                 path = mnt / "app" / name
@@ -154,22 +175,27 @@ def main() -> int:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
             objects += page.get("Contents", [])
         stored_total = {
-            d: sum(o["Size"] for o in objects if o["Key"].startswith(d + "/")) for d in ("app", "app-rsync")
+            d: sum(o["Size"] for o in objects if o["Key"].startswith(d + "/"))
+            for d in ("app", "app-rsync")
         }
 
     print(f"{'file':<28} {'original':>12} {'stored as':>10} {'stored':>12} {'ratio':>7}  sha256")
     for name, size, kind, stored, ok in rows:
-        print(f"{name:<28} {human(size):>12} {kind:>10} {human(stored):>12} {stored / size:>7.3f}  "
-              f"{'ok' if ok else 'MISMATCH'}")
+        print(
+            f"{name:<28} {human(size):>12} {kind:>10} {human(stored):>12} {stored / size:>7.3f}  "
+            f"{'ok' if ok else 'MISMATCH'}"
+        )
     for o in objects:
         if o["Key"].endswith("/reference.bin"):
             print(f"{o['Key']:<28} {'':>12} {'reference':>10} {human(o['Size']):>12}")
     original_total = sum(size for size, _ in original.values())
     print()
     for d in ("app", "app-rsync"):
-        print(f"{d + '/':<12} original {human(original_total):>10}   in the bucket "
-              f"{human(stored_total[d]):>10} (reference included)   "
-              f"saved {100 * (1 - stored_total[d] / original_total):.1f}%")
+        print(
+            f"{d + '/':<12} original {human(original_total):>10}   in the bucket "
+            f"{human(stored_total[d]):>10} (reference included)   "
+            f"saved {100 * (1 - stored_total[d] / original_total):.1f}%"
+        )
     all_ok = all(r[4] for r in rows) and transferred == "0"
     results = {
         "versions": args.versions,
