@@ -16,7 +16,6 @@ Guarantees a caller may rely on:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import os
@@ -24,8 +23,6 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.errors import HeaderParseError
-from email.header import decode_header, make_header
 from pathlib import Path
 
 import trio
@@ -48,33 +45,6 @@ from dgfs.store.base import ObjectHead, ObjectStore
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
-
-
-def ascii_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """User metadata S3 accepts: values that are not ASCII are RFC 2047 encoded.
-
-    S3 metadata travels in HTTP headers and must be ASCII (boto3 refuses
-    anything else), yet file names go into ``dg-original-name``,
-    ``dg-source-name`` and ``dg-delta-cmd``. RFC 2047 is what S3 itself
-    answers with for such values.
-    """
-    return {
-        key: value
-        if value.isascii()
-        else "=?UTF-8?B?" + base64.b64encode(value.encode()).decode() + "?="
-        for key, value in metadata.items()
-    }
-
-
-def text_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """User metadata as text: RFC 2047 encoded values (see ``ascii_metadata``) decoded."""
-    decoded = {}
-    for key, value in metadata.items():
-        if value.startswith("=?") and value.endswith("?="):
-            with contextlib.suppress(ValueError, LookupError, HeaderParseError):
-                value = str(make_header(decode_header(value)))
-        decoded[key] = value
-    return decoded
 
 
 @dataclass(frozen=True)
@@ -214,7 +184,7 @@ class Core:
         if not heads:
             raise NotFound(f"no such file: {key}")
         newest = max(heads.values(), key=lambda h: (h.last_modified, h.key.endswith(".delta")))
-        return fmt.classify(newest.key, newest.size, text_metadata(newest.metadata))
+        return fmt.classify(newest.key, newest.size, newest.metadata)
 
     # --- put -----------------------------------------------------------------
 
@@ -255,9 +225,7 @@ class Core:
         meta = fmt.direct_metadata(
             original_name=name, file_sha256=digest.sha256, file_size=digest.size, now=self._now()
         )
-        await self.store.upload(
-            key, src, ascii_metadata({**extra, **meta}), content_type=content_type
-        )
+        await self.store.upload(key, src, {**extra, **meta}, content_type=content_type)
         await self.store.delete(fmt.delta_key(key))
         log.info("stored %s direct (%d bytes)", key, digest.size)
         return PutResult(key, key, Kind.DIRECT, False, digest.size, digest.size, digest.sha256)
@@ -302,7 +270,7 @@ class Core:
             )
             stored_key = fmt.delta_key(key)
             await self.store.upload(
-                stored_key, delta_path, ascii_metadata({**extra, **meta}), content_type=content_type
+                stored_key, delta_path, {**extra, **meta}, content_type=content_type
             )
         await self.store.delete(key)
         log.info(
@@ -335,7 +303,7 @@ class Core:
         try:
             head = await self.store.head(ref_key)
         except NotFound:
-            meta = ascii_metadata(fmt.reference_metadata(name, digest.sha256, self._now()))
+            meta = fmt.reference_metadata(name, digest.sha256, self._now())
             try:
                 await self.store.upload(ref_key, src, meta, if_none_match=self.conditional_create)
             except PreconditionFailed:
@@ -530,7 +498,7 @@ class Core:
                 dst_stored, other_form = dst_key, fmt.delta_key(dst_key)
             meta = None
             if stored.kind in (Kind.DELTA, Kind.DIRECT):
-                meta = ascii_metadata(fmt.with_original_name(head.metadata, dst_name))
+                meta = fmt.with_original_name(head.metadata, dst_name)
             await self.store.copy(stored.stored_key, dst_stored, meta)
             await self.store.delete(other_form)
         await self.store.delete(stored.stored_key)
@@ -561,11 +529,10 @@ class Core:
                 meta = None
                 if key.endswith(fmt.DELTA_SUFFIX):
                     head = await self.store.head(key)
-                    ref_key = fmt.meta_value(text_metadata(head.metadata), "ref_key")
+                    ref_key = fmt.meta_value(head.metadata, "ref_key")
                     if ref_key and ref_key.startswith(src_root):
-                        meta = ascii_metadata(
-                            fmt.with_ref_key(head.metadata, dst_root + ref_key[len(src_root) :])
-                        )
+                        new_ref_key = dst_root + ref_key[len(src_root) :]
+                        meta = fmt.with_ref_key(head.metadata, new_ref_key)
                 await self.store.copy(key, new_key, meta)
 
         limiter = trio.CapacityLimiter(16)

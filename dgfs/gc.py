@@ -32,7 +32,6 @@ from datetime import UTC, datetime, timedelta
 import trio
 
 from dgfs import format as fmt
-from dgfs.core import ascii_metadata, text_metadata
 from dgfs.errors import DgfsError, NotFound
 from dgfs.store.base import ObjectInfo, ObjectStore
 
@@ -157,7 +156,7 @@ async def _tmp_garbage(
                 head = await store.head(obj.key)
             except NotFound:
                 return
-        original = text_metadata(head.metadata).get(META_GC_ORIGINAL_KEY)
+        original = head.metadata.get(META_GC_ORIGINAL_KEY)
         needed = original and _has_delta(all_keys, fmt.split_key(original)[0])
         if original and needed and original not in present:
             found.append(
@@ -224,12 +223,8 @@ async def collect(
                     backup,
                     {
                         **head.metadata,
-                        **ascii_metadata(
-                            {
-                                META_EXPIRES_AT: (now + backup_ttl).isoformat(),
-                                META_GC_ORIGINAL_KEY: item.key,
-                            }
-                        ),
+                        META_EXPIRES_AT: (now + backup_ttl).isoformat(),
+                        META_GC_ORIGINAL_KEY: item.key,
                     },
                 )
                 await store.delete(item.key)

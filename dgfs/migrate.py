@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import trio
 
 from dgfs import format as fmt
-from dgfs.core import Core, PutResult, text_metadata
+from dgfs.core import Core, PutResult
 from dgfs.errors import ConfigError, DgfsError, IntegrityError, NotFound
 from dgfs.format import Kind
 from dgfs.runtime import S3Location, Settings, open_core, open_store
@@ -163,7 +163,7 @@ async def _heads(store: ObjectStore, keys: list[str], concurrency: int) -> dict[
 def _original_size(head: ObjectHead) -> tuple[int, str | None, bool]:
     """``(original size, recorded sha256, is a real delta)`` from a HEAD."""
     try:
-        stored = fmt.classify(head.key, head.size, text_metadata(head.metadata))
+        stored = fmt.classify(head.key, head.size, head.metadata)
     except DgfsError:
         return head.size, None, False
     return stored.original_size, stored.file_sha256, stored.kind is Kind.DELTA
@@ -343,7 +343,7 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
         return await dest_core.put(
             scratch,
             file.dest_key,
-            extra_metadata=fmt.user_metadata(text_metadata(head.metadata)),
+            extra_metadata=fmt.user_metadata(head.metadata),
             digest=digest,
             content_type=head.content_type,
         )

@@ -44,7 +44,6 @@ from typing import Any, Literal
 import trio
 
 from dgfs import format as fmt
-from dgfs.core import text_metadata
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
 
@@ -378,7 +377,7 @@ def _classified(
     if not isinstance(head, ObjectHead):
         return None
     try:
-        return fmt.classify(obj.key, obj.size, text_metadata(head.metadata))
+        return fmt.classify(obj.key, obj.size, head.metadata)
     except FormatError as exc:
         log.warning("%s", exc)
         unreadable.append(obj.key)

@@ -28,7 +28,7 @@ from pathlib import Path
 import trio
 
 from dgfs import format as fmt
-from dgfs.core import Core, text_metadata
+from dgfs.core import Core
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.format import Kind, StoredFile
 
@@ -303,7 +303,7 @@ async def _verify_object(verifier: Verifier, key: str, size: int) -> VerifyResul
     visible = fmt.visible_key(key) or key
     try:
         head = await verifier.core.store.head(key)
-        stored = fmt.classify(key, size, text_metadata(head.metadata))
+        stored = fmt.classify(key, size, head.metadata)
     except NotFound:
         return VerifyResult(key, visible, None, Status.SKIPPED, message="deleted during the run")
     except DgfsError as exc:

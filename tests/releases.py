@@ -16,10 +16,29 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-_WORDS = (
-    "def class return import self value result config error buffer stream "
-    "delta store cache plugin release build module export handler request "
-).split()
+_WORDS = [
+    "def",
+    "class",
+    "return",
+    "import",
+    "self",
+    "value",
+    "result",
+    "config",
+    "error",
+    "buffer",
+    "stream",
+    "delta",
+    "store",
+    "cache",
+    "plugin",
+    "release",
+    "build",
+    "module",
+    "export",
+    "handler",
+    "request",
+]
 _EPOCH = (2024, 1, 1, 0, 0, 0)
 
 

@@ -28,7 +28,7 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
-from dgfs.core import Core, text_metadata
+from dgfs.core import Core
 from dgfs.errors import (
     DgfsError,
     FsError,
@@ -266,7 +266,7 @@ class FileSystem:
 
     def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry | None:
         try:
-            stored = fmt.classify(head.key, head.size, text_metadata(head.metadata))
+            stored = fmt.classify(head.key, head.size, head.metadata)
         except DgfsError as exc:
             log.warning("%s: %s; hiding it", head.key, exc)
             return None

@@ -2,7 +2,8 @@
 
 An ``ObjectStore`` is bound to one bucket. Keys are plain S3 keys (no
 leading slash). Metadata dicts hold user metadata *without* the
-``x-amz-meta-`` prefix, keys lower-case, exactly as boto3 returns them.
+``x-amz-meta-`` prefix, keys lower-case, values as text: stores encode
+non-ASCII values on write and decode them on read (``encode_metadata``).
 
 Implementations raise only ``dgfs.errors`` exceptions: ``NotFound`` for a
 missing key, ``PreconditionFailed`` when a conditional create loses,
@@ -12,15 +13,45 @@ missing key, ``PreconditionFailed`` when a conditional create loses,
 from __future__ import annotations
 
 import abc
+import base64
 import builtins
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 from pathlib import Path
 
 # Objects at least this large are uploaded in parts.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_PART_SIZE = 16 * 1024 * 1024
+
+
+def encode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Metadata as S3 accepts it: names lower-case, non-ASCII values RFC 2047 encoded.
+
+    Metadata travels in HTTP headers and must be ASCII, yet file names go
+    into ``dg-original-name`` and friends. RFC 2047 is what S3 itself
+    answers with for such values. Stores apply this on every write.
+    """
+    return {
+        name.lower(): value
+        if value.isascii()
+        else "=?UTF-8?B?" + base64.b64encode(value.encode()).decode() + "?="
+        for name, value in metadata.items()
+    }
+
+
+def decode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Metadata as text: RFC 2047 encoded values decoded. Stores apply this on HEAD."""
+    decoded = {}
+    for name, value in metadata.items():
+        if value.startswith("=?") and value.endswith("?="):
+            with contextlib.suppress(ValueError, LookupError, HeaderParseError):
+                value = str(make_header(decode_header(value)))
+        decoded[name] = value
+    return decoded
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,15 @@ from pathlib import Path
 import trio
 
 from dgfs.errors import NotFound, PreconditionFailed, StoreError
-from dgfs.store.base import ListPage, MultipartUpload, ObjectHead, ObjectInfo, ObjectStore
+from dgfs.store.base import (
+    ListPage,
+    MultipartUpload,
+    ObjectHead,
+    ObjectInfo,
+    ObjectStore,
+    decode_metadata,
+    encode_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +70,14 @@ class MemoryStore(ObjectStore):
         content_type: str,
         if_none_match: bool,
     ) -> str:
-        if not all(name.isascii() and value.isascii() for name, value in metadata.items()):
+        if not all(name.isascii() for name in metadata):
             # What botocore refuses before sending (headers are ASCII).
-            raise StoreError(f"PutObject s3://{self.bucket}/{key}: metadata must be ASCII")
+            raise StoreError(f"PutObject s3://{self.bucket}/{key}: metadata names must be ASCII")
         if if_none_match and key in self.objects:
             raise PreconditionFailed(f"PutObject s3://{self.bucket}/{key}: precondition failed")
         etag = hashlib.md5(body).hexdigest()
-        # S3 lower-cases metadata names (they travel as HTTP headers).
-        stored_metadata = {name.lower(): value for name, value in metadata.items()}
+        # Held as S3 would hold it (names lower-case, values ASCII).
+        stored_metadata = encode_metadata(metadata)
         self.objects[key] = StoredObject(bytes(body), stored_metadata, content_type, etag)
         return etag
 
@@ -103,7 +111,7 @@ class MemoryStore(ObjectStore):
             len(stored.body),
             stored.etag,
             stored.last_modified,
-            dict(stored.metadata),
+            decode_metadata(stored.metadata),
             stored.content_type,
         )
 

@@ -53,6 +53,8 @@ from dgfs.store.base import (
     ObjectHead,
     ObjectInfo,
     ObjectStore,
+    decode_metadata,
+    encode_metadata,
 )
 
 log = logging.getLogger(__name__)
@@ -220,7 +222,7 @@ def _head_from_response(key: str, response: Mapping[str, Any], size: int) -> Obj
         size=size,
         etag=_etag(response["ETag"]),
         last_modified=_utc(response["LastModified"]),
-        metadata=dict(response.get("Metadata") or {}),
+        metadata=decode_metadata(response.get("Metadata") or {}),
         content_type=response.get("ContentType") or "application/octet-stream",
     )
 
@@ -556,7 +558,7 @@ class S3Store(ObjectStore):
         params: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": key,
-            "Metadata": dict(metadata),
+            "Metadata": encode_metadata(metadata),
             "ContentType": content_type,
         }
         if if_none_match:
@@ -573,7 +575,7 @@ class S3Store(ObjectStore):
         CopyObject limit) are copied with UploadPartCopy.
         """
         source = await self.head(src_key)
-        new_metadata = dict(source.metadata if metadata is None else metadata)
+        new_metadata = encode_metadata(source.metadata if metadata is None else metadata)
         if source.size > self.copy_threshold:
             return await self._copy_multipart(source, dst_key, new_metadata)
         params: dict[str, Any] = {
