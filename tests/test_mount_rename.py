@@ -282,6 +282,21 @@ def test_mkdir_persists_across_remount(shared: DgfsMount, s3: S3View) -> None:
     assert sorted(os.listdir(base)) == ["a"]
 
 
+def test_directory_attributes_survive_remount(shared: DgfsMount) -> None:
+    base = shared / "dirattrs"
+    base.mkdir()
+    os.mkdir(base / "private", 0o700)
+    (base / "dated").mkdir()
+    os.utime(base / "dated", ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
+    os.chmod(base / "dated", 0o750)
+    shared.remount()
+    private = os.stat(base / "private")
+    dated = os.stat(base / "dated")
+    assert stat.S_IMODE(private.st_mode) == 0o700
+    assert stat.S_IMODE(dated.st_mode) == 0o750
+    assert dated.st_mtime_ns == 1_600_000_000_123_456_789
+
+
 def test_symlinks_survive_remount(shared: DgfsMount, s3: S3View, series: list[Path]) -> None:
     base = shared / "links"
     _populate(base, series[:1])

@@ -122,6 +122,7 @@ class FileSystem:
         )
         self._listing_flights: dict[str, trio.Event] = {}
         self._handles: dict[int, Handle] = {}
+        self._dir_meta: dict[str, dict[str, str]] = {}  # marker key -> its metadata
         self._next_fh = 1
         self.disk_limiter = trio.CapacityLimiter(8)
         send, receive = trio.open_memory_channel[Node](float("inf"))
@@ -212,11 +213,25 @@ class FileSystem:
         prefix = self.dir_prefix(path)
         page = await self.store.list(prefix, "/")
         entries: dict[str, DirEntry] = {}
-        for sub in page.prefixes:
+        subdirs = [
+            sub
+            for sub in page.prefixes
+            if sub[len(prefix) : -1]
+            and "/" not in sub[len(prefix) : -1]
+            and not (not prefix and sub == fmt.INTERNAL_PREFIX)
+        ]
+        markers = await self._marker_metadata(subdirs)
+        for sub in subdirs:
             name = sub[len(prefix) : -1]
-            if not name or "/" in name or (not prefix and sub == fmt.INTERNAL_PREFIX):
-                continue
-            entries[name] = DirEntry(name, NodeKind.DIR, mtime_ns=self.mounted_at_ns)
+            meta = markers.get(sub) or {}
+            entries[name] = DirEntry(
+                name,
+                NodeKind.DIR,
+                mtime_ns=fmt.parse_mtime_ns(meta) or self.mounted_at_ns,
+                mode=fmt.parse_int_meta(meta, fmt.META_MODE),
+                uid=fmt.parse_int_meta(meta, fmt.META_UID),
+                gid=fmt.parse_int_meta(meta, fmt.META_GID),
+            )
         candidates: dict[str, ObjectInfo] = {}
         for obj in page.objects:
             rel = obj.key[len(prefix) :]
@@ -240,6 +255,27 @@ class FileSystem:
             if entry is not None:
                 entries[name] = entry
         return entries
+
+    async def _marker_metadata(self, marker_keys: list[str]) -> dict[str, dict[str, str]]:
+        """POSIX attributes of directories from their ``dir/`` markers.
+
+        Fetched once per mount and then kept in step with this mount's own
+        changes (a directory's attributes changed by another mount show
+        after a remount). A directory without a marker gets ``{}``.
+        """
+        missing = [k for k in marker_keys if k not in self._dir_meta]
+
+        async def head_marker(key: str) -> None:
+            try:
+                self._dir_meta[key] = dict((await self.store.head(key)).metadata)
+            except NotFound:
+                self._dir_meta[key] = {}
+
+        if missing:
+            async with trio.open_nursery() as nursery:
+                for key in missing:
+                    nursery.start_soon(head_marker, key)
+        return {k: self._dir_meta.get(k, {}) for k in marker_keys}
 
     async def _heads(self, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
         """HEAD what the attribute cache does not know, concurrently."""
@@ -372,9 +408,8 @@ class FileSystem:
 
     def _refresh_from_entry(self, node: Node, entry: DirEntry) -> None:
         if node.kind is NodeKind.DIR:
-            if not node.mtime_ns:
-                node.mtime_ns = entry.mtime_ns
-            self._apply_defaults(node, node.mode if node.checked_at else None, None, None)
+            node.mtime_ns = entry.mtime_ns
+            self._apply_defaults(node, entry.mode, entry.uid, entry.gid)
         else:
             if entry.etag != node.etag:
                 node.symlink_target = None
@@ -466,11 +501,18 @@ class FileSystem:
         node = self.nodes.new(path, NodeKind.DIR)
         self._apply_defaults(node, mode, uid, gid)
         node.mtime_ns = node.ctime_ns = _now_ns()
-        await self.store.put_bytes(self.key_of(path) + "/", b"", self._posix_metadata(node))
+        await self._write_marker(node)
         node.checked_at = trio.current_time()
         self._note_entry(node)
         self._listings[path] = {}
         return node
+
+    async def _write_marker(self, node: Node) -> None:
+        """Store a directory's marker with its POSIX attributes."""
+        key = self.key_of(node.path) + "/"
+        meta = self._posix_metadata(node)
+        await self.store.put_bytes(key, b"", meta)
+        self._dir_meta[key] = meta
 
     async def _check_absent(self, parent: Node, name: str) -> None:
         try:
@@ -989,7 +1031,7 @@ class FileSystem:
             # no upload will follow, so the object itself gets them.
         if node.kind is NodeKind.DIR:
             if node.path:
-                await self.store.put_bytes(self.key_of(node.path) + "/", b"", meta)
+                await self._write_marker(node)
             return
         await self.core.update_metadata(self.key_of(node.path), meta)
         node.etag = None
