@@ -329,12 +329,19 @@ def test_permanent_upload_failure_is_reported_and_kept(mounts: Mounts) -> None:
         with pytest.raises(OSError) as info:
             os.fsync(fd)
         assert info.value.errno not in (0, None)
+        # Writing on after the failure still works: the next version gets a
+        # staging file of its own (the failed one stays aside).
+        with open(mount / "late.txt", "a") as again:
+            again.write(", again")
+        assert (mount / "late.txt").read_text() == "never uploaded, again"
+        with pytest.raises(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
         view.close()
     mount.unmount()
     failed = list((mount.cache_dir / "journal").rglob("failed/*.data"))
-    assert [p.read_text() for p in failed] == ["never uploaded"]
+    assert sorted(p.read_text() for p in failed) == ["never uploaded", "never uploaded, again"]
     log = mount.log_text()
-    assert "1 file(s) could not be uploaded" in log and "/failed" in log
+    assert "file(s) could not be uploaded" in log and "/failed" in log
     assert "for the next mount" not in log  # no mount retries a failed entry

@@ -605,7 +605,7 @@ class FileSystem:
         """Give ``node`` local content to write to (a copy of its current bytes if asked)."""
         async with node.lock:
             pending = node.pending
-            if pending is not None and not pending.uploading:
+            if pending is not None and pending.writable:
                 if not keep_content:
                     await trio.to_thread.run_sync(os.ftruncate, pending.fd, 0)
                     pending.generation += 1
@@ -629,8 +629,8 @@ class FileSystem:
 
     async def _copy_current_content(self, node: Node, dest: Path) -> None:
         if node.pending is not None:
-            src = node.pending.staging
-            await trio.to_thread.run_sync(_copy_file, src, dest, limiter=self.disk_limiter)
+            src_fd = node.pending.fd
+            await trio.to_thread.run_sync(_copy_from_fd, src_fd, dest, limiter=self.disk_limiter)
             return
         stored = node.stored
         if stored is None or node.size == 0:
@@ -692,7 +692,7 @@ class FileSystem:
             raise FsError(errno.EBADF)
         node = handle.node
         pending = node.pending
-        if pending is None or pending.uploading:
+        if pending is None or not pending.writable:
             pending = await self._start_staging(node, keep_content=True)
         written = await trio.to_thread.run_sync(
             os.pwrite, pending.fd, data, offset, limiter=self.disk_limiter
@@ -709,7 +709,7 @@ class FileSystem:
         if size == node.size and node.pending is None:
             return
         pending = node.pending
-        if pending is None or pending.uploading:
+        if pending is None or not pending.writable:
             pending = await self._start_staging(node, keep_content=size > 0)
         await trio.to_thread.run_sync(os.ftruncate, pending.fd, size)
         pending.generation += 1
@@ -1273,7 +1273,10 @@ class FileSystem:
         await self.flush_attr_cache()
 
 
-def _copy_file(src: os.PathLike[str], dest: os.PathLike[str]) -> None:
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(1 << 20):
+def _copy_from_fd(src_fd: int, dest: os.PathLike[str]) -> None:
+    """Copy a staging file by descriptor (its path may have moved: failed/, unlinked)."""
+    offset = 0
+    with open(dest, "wb") as fout:
+        while chunk := os.pread(src_fd, 1 << 20, offset):
             fout.write(chunk)
+            offset += len(chunk)

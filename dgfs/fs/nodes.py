@@ -57,6 +57,12 @@ class Pending:
     hurry: trio.Event = field(default_factory=trio.Event)  # set: upload without delay
 
     @property
+    def writable(self) -> bool:
+        """Whether new writes may go into this staging file (not being
+        uploaded, not moved to failed/); else the next version gets its own."""
+        return not self.uploading and not self.quarantined
+
+    @property
     def dirty(self) -> bool:
         """Written since the last commit."""
         return self.generation > self.committed
