@@ -80,28 +80,35 @@ class PutResult:
 
 
 class SingleFlight:
-    """Runs one coroutine per key at a time; concurrent callers wait for it.
+    """One run of a job per key at a time; concurrent callers share it.
 
-    Waiters do not receive the result: they re-check whatever state the
-    winner produced (a cache entry, say) once it is done.
+    Callers do not receive a result: they ask again for the state the job
+    produces (a cache entry, say).
     """
 
     def __init__(self) -> None:
         self._running: dict[str, trio.Event] = {}
 
-    async def run(self, key: str, fn: Callable[[], Awaitable[None]]) -> bool:
-        """Run ``fn`` unless another task is running it for ``key``; True if we ran it."""
-        event = self._running.get(key)
-        if event is not None:
-            await event.wait()
-            return False
-        event = self._running[key] = trio.Event()
-        try:
-            await fn()
-        finally:
-            del self._running[key]
-            event.set()
-        return True
+    async def ensure(
+        self, key: str, is_done: Callable[[], bool], job: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``job`` until ``is_done()``, sharing a run already in flight for ``key``.
+
+        A caller whose shared run failed runs the job itself, so every
+        caller gets the error rather than silently nothing.
+        """
+        while not is_done():
+            event = self._running.get(key)
+            if event is not None:
+                await event.wait()
+                continue
+            event = self._running[key] = trio.Event()
+            try:
+                await job()
+            finally:
+                del self._running[key]
+                event.set()
+            return
 
 
 class Core:
@@ -329,12 +336,7 @@ class Core:
 
     async def ensure_cached(self, key: str, sha256: str) -> None:
         """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
-        if self.cache.contains(sha256):
-            return
-
         async def fetch() -> None:
-            if self.cache.contains(sha256):
-                return
             async with self._scratch() as tmp:
                 try:
                     await self.store.download(key, tmp)
@@ -348,10 +350,7 @@ class Core:
                         " (replaced or corrupted)"
                     ) from None
 
-        await self._flights.run(f"fetch:{sha256}", fetch)
-        if not self.cache.contains(sha256):
-            # The winner failed; run it ourselves to get its error.
-            await fetch()
+        await self._flights.ensure(f"fetch:{sha256}", lambda: self.cache.contains(sha256), fetch)
 
     @contextlib.asynccontextmanager
     async def _plain_reference(self, ref_key: str, ref_sha256: str) -> AsyncIterator[Path]:
@@ -369,11 +368,10 @@ class Core:
                     raise
                 self._plain_refs[ref_sha256] = out
 
-            await self._flights.run(f"plain:{ref_sha256}", export)
-            path = self._plain_refs.get(ref_sha256)
-            if path is None:
-                await export()
-                path = self._plain_refs[ref_sha256]
+            await self._flights.ensure(
+                f"plain:{ref_sha256}", lambda: ref_sha256 in self._plain_refs, export
+            )
+            path = self._plain_refs[ref_sha256]
         self._plain_ref_users[ref_sha256] = self._plain_ref_users.get(ref_sha256, 0) + 1
         try:
             yield path
@@ -449,8 +447,6 @@ class Core:
             return sha256
 
         async def rebuild_into_cache() -> None:
-            if self.cache.contains(sha256):
-                return
             async with self._scratch() as out:
                 await self.rebuild(stored, out, verify=False)
                 try:
@@ -461,9 +457,9 @@ class Core:
                         " refusing to return wrong bytes"
                     ) from None
 
-        await self._flights.run(f"rebuild:{sha256}", rebuild_into_cache)
-        if not self.cache.contains(sha256):
-            await rebuild_into_cache()
+        await self._flights.ensure(
+            f"rebuild:{sha256}", lambda: self.cache.contains(sha256), rebuild_into_cache
+        )
         return sha256
 
     # --- delete / rename / metadata -------------------------------------------------
