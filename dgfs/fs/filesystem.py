@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-from cachetools import TTLCache
 
 from dgfs import format as fmt
 from dgfs.core import Core
@@ -35,12 +34,12 @@ from dgfs.errors import (
     NotFound,
     TransientError,
 )
-from dgfs.format import Kind, StoredFile
+from dgfs.format import Kind
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.journal import Journal, JournalEntry
+from dgfs.fs.namespace import DirEntry, Namespace
 from dgfs.fs.nodes import Node, NodeKind, NodeTable, Pending, child_path
 from dgfs.fs.readers import CachedReader, RangeReader, Reader, StagingReader
-from dgfs.store.base import ObjectHead, ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +64,6 @@ class FsOptions:
     sync_upload: bool = False  # close waits for the upload and reports its error
     verify_whole_below: int = 32 << 20  # direct files up to this size are verified on open
     retry_delay: float = 2.0
-
-
-@dataclass
-class DirEntry:
-    """One name in a directory listing, with the attributes it will show."""
-
-    name: str
-    kind: NodeKind
-    size: int = 0
-    mtime_ns: int = 0
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    stored: StoredFile | None = None
-    etag: str | None = None
 
 
 @dataclass
@@ -108,7 +92,6 @@ class FileSystem:
         self.core = core
         self.store = core.store
         self.journal = journal
-        self.attr_cache = attr_cache
         self.options = options
         self.root_prefix = root_prefix.strip("/")
         self.nodes = NodeTable()
@@ -117,12 +100,16 @@ class FileSystem:
         self._apply_defaults(root, None, None, None)
         root.mtime_ns = root.ctime_ns = self.mounted_at_ns
         self.nodes.add_root(root)
-        self._listings: TTLCache[str, dict[str, DirEntry]] = TTLCache(
-            maxsize=4096, ttl=max(options.listing_ttl, 0.001)
+        self.ns = Namespace(
+            self.store,
+            attr_cache,
+            root_prefix=self.root_prefix,
+            listing_ttl=options.listing_ttl,
+            mounted_at_ns=self.mounted_at_ns,
         )
-        self._listing_flights: dict[str, trio.Event] = {}
+        self.key_of = self.ns.key_of
+        self.dir_prefix = self.ns.dir_prefix
         self._handles: dict[int, Handle] = {}
-        self._dir_meta: dict[str, dict[str, str]] = {}  # marker key -> its metadata
         self._next_fh = 1
         self.disk_limiter = trio.CapacityLimiter(8)
         send, receive = trio.open_memory_channel[Node](float("inf"))
@@ -139,15 +126,6 @@ class FileSystem:
         self._idle.set()
 
     # --- keys and attributes ------------------------------------------------------
-
-    def key_of(self, path: str) -> str:
-        """The user-visible S3 key of a mount path."""
-        return fmt.join_key(self.root_prefix, path) if path else self.root_prefix
-
-    def dir_prefix(self, path: str) -> str:
-        """The listing prefix of a directory (with trailing slash, or "" at bucket root)."""
-        key = self.key_of(path)
-        return key + "/" if key else ""
 
     def _apply_defaults(
         self, node: Node, mode: int | None, uid: int | None, gid: int | None
@@ -209,168 +187,22 @@ class FileSystem:
 
     # --- listings -------------------------------------------------------------------
 
-    async def _fetch_listing(self, path: str) -> dict[str, DirEntry]:
-        prefix = self.dir_prefix(path)
-        page = await self.store.list(prefix, "/")
-        entries: dict[str, DirEntry] = {}
-        subdirs = [
-            sub
-            for sub in page.prefixes
-            if sub[len(prefix) : -1]
-            and "/" not in sub[len(prefix) : -1]
-            and not (not prefix and sub == fmt.INTERNAL_PREFIX)
-        ]
-        markers = await self._marker_metadata(subdirs)
-        for sub in subdirs:
-            name = sub[len(prefix) : -1]
-            meta = markers.get(sub) or {}
-            entries[name] = DirEntry(
-                name,
-                NodeKind.DIR,
-                mtime_ns=fmt.parse_mtime_ns(meta) or self.mounted_at_ns,
-                mode=fmt.parse_int_meta(meta, fmt.META_MODE),
-                uid=fmt.parse_int_meta(meta, fmt.META_UID),
-                gid=fmt.parse_int_meta(meta, fmt.META_GID),
-            )
-        candidates: dict[str, ObjectInfo] = {}
-        for obj in page.objects:
-            rel = obj.key[len(prefix) :]
-            if not rel or "/" in rel:
-                continue  # the directory's own marker, or an odd key
-            visible = fmt.visible_key(obj.key)
-            if visible is None or fmt.is_internal_key(obj.key):
-                continue
-            name = visible[len(prefix) :]
-            if not name or name in entries:
-                continue
-            other = candidates.get(name)
-            if other is None or obj.last_modified > other.last_modified:
-                candidates[name] = obj
-        heads = await self._heads(list(candidates.values()))
-        for name, obj in candidates.items():
-            head = heads.get(obj.key)
-            if head is None:
-                continue  # vanished between LIST and HEAD
-            entry = self._entry_from_head(name, head)
-            if entry is not None:
-                entries[name] = entry
-        return entries
-
-    async def _marker_metadata(self, marker_keys: list[str]) -> dict[str, dict[str, str]]:
-        """POSIX attributes of directories from their ``dir/`` markers.
-
-        Fetched once per mount and then kept in step with this mount's own
-        changes (a directory's attributes changed by another mount show
-        after a remount). A directory without a marker gets ``{}``.
-        """
-        missing = [k for k in marker_keys if k not in self._dir_meta]
-
-        async def head_marker(key: str) -> None:
-            try:
-                self._dir_meta[key] = dict((await self.store.head(key)).metadata)
-            except NotFound:
-                self._dir_meta[key] = {}
-
-        if missing:
-            async with trio.open_nursery() as nursery:
-                for key in missing:
-                    nursery.start_soon(head_marker, key)
-        return {k: self._dir_meta.get(k, {}) for k in marker_keys}
-
-    async def _heads(self, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
-        """HEAD what the attribute cache does not know, concurrently."""
-        heads: dict[str, ObjectHead] = {}
-        missing: list[ObjectInfo] = []
-        for obj in objects:
-            meta = self.attr_cache.get(obj.key, obj.etag)
-            if meta is None:
-                missing.append(obj)
-            else:
-                heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, meta)
-
-        async def head_one(obj: ObjectInfo) -> None:
-            with contextlib.suppress(NotFound):
-                head = await self.store.head(obj.key)
-                heads[obj.key] = head
-                self.attr_cache.put(obj.key, head.etag, head.metadata)
-
-        if missing:
-            async with trio.open_nursery() as nursery:
-                for obj in missing:
-                    nursery.start_soon(head_one, obj)
-        return heads
-
-    def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry | None:
-        try:
-            stored = fmt.classify(head.key, head.size, head.metadata)
-        except DgfsError as exc:
-            log.warning("%s: %s; hiding it", head.key, exc)
-            return None
-        meta = head.metadata
-        raw_mode = fmt.parse_int_meta(meta, fmt.META_MODE)
-        kind = NodeKind.FILE
-        if raw_mode is not None and stat.S_ISLNK(raw_mode) and stored.kind is Kind.FOREIGN:
-            kind = NodeKind.SYMLINK
-        mtime_ns = fmt.parse_mtime_ns(meta) or int(head.last_modified.timestamp() * 1e9)
-        return DirEntry(
-            name,
-            kind,
-            size=stored.original_size,
-            mtime_ns=mtime_ns,
-            mode=raw_mode,
-            uid=fmt.parse_int_meta(meta, fmt.META_UID),
-            gid=fmt.parse_int_meta(meta, fmt.META_GID),
-            stored=stored,
-            etag=head.etag,
-        )
-
-    async def listing(self, path: str, *, fresh: bool = False) -> dict[str, DirEntry]:
-        """The directory's entries as S3 has them (cached for ``listing_ttl``)."""
-        while True:
-            if not fresh:
-                cached = self._listings.get(path)
-                if cached is not None:
-                    return cached
-            flight = self._listing_flights.get(path)
-            if flight is None:
-                break
-            await flight.wait()
-            fresh = False
-        event = self._listing_flights[path] = trio.Event()
-        try:
-            entries = await self._fetch_listing(path)
-            self._listings[path] = entries
-            return entries
-        finally:
-            del self._listing_flights[path]
-            event.set()
-
-    def _cached_listing(self, path: str) -> dict[str, DirEntry] | None:
-        return self._listings.get(path)
-
-    def _forget_listing(self, path: str) -> None:
-        self._listings.pop(path, None)
-
     def _note_entry(self, node: Node) -> None:
         """Keep the parent's cached listing in step with a local change."""
-        listing = self._cached_listing(node.parent_path)
-        if listing is not None and node.path:
-            listing[node.name] = DirEntry(
-                node.name,
-                node.kind,
-                node.size,
-                node.mtime_ns,
-                node.mode,
-                node.uid,
-                node.gid,
-                node.stored,
+        if node.path:
+            self.ns.note(
+                node.parent_path,
+                DirEntry(
+                    node.name,
+                    node.kind,
+                    node.size,
+                    node.mtime_ns,
+                    node.mode,
+                    node.uid,
+                    node.gid,
+                    node.stored,
+                ),
             )
-
-    def _drop_entry(self, path: str) -> None:
-        parent, _, name = path.rpartition("/")
-        listing = self._cached_listing(parent)
-        if listing is not None:
-            listing.pop(name, None)
 
     def _local_children(self, path: str) -> dict[str, Node]:
         """Nodes under ``path`` that exist locally but maybe not yet in S3."""
@@ -436,7 +268,7 @@ class FileSystem:
         local = self._local_children(parent.path).get(name)
         if local is not None:
             return local
-        entry = (await self.listing(parent.path)).get(name)
+        entry = (await self.ns.listing(parent.path)).get(name)
         if entry is None:
             if node is not None and node.kind is NodeKind.DIR and node.checked_at == 0:
                 return node  # made here, S3 shows it only once something is inside
@@ -462,7 +294,7 @@ class FileSystem:
         node = self.get_node(ino)
         if node.ino == 1 or node.pending is not None or node.unlinked or self._is_fresh(node):
             return node
-        listing = await self.listing(node.parent_path)
+        listing = await self.ns.listing(node.parent_path)
         entry = listing.get(node.name)
         if entry is not None and entry.kind is node.kind:
             self._refresh_from_entry(node, entry)
@@ -481,7 +313,7 @@ class FileSystem:
     async def readdir(self, ino: int) -> list[tuple[str, Node]]:
         """All entries of a directory as (name, node); the caller counts lookups."""
         node = self.get_dir(ino)
-        listing = await self.listing(node.path)
+        listing = await self.ns.listing(node.path)
         result: dict[str, Node] = {}
         for name, entry in listing.items():
             existing = self.nodes.by_path(child_path(node.path, name))
@@ -501,18 +333,11 @@ class FileSystem:
         node = self.nodes.new(path, NodeKind.DIR)
         self._apply_defaults(node, mode, uid, gid)
         node.mtime_ns = node.ctime_ns = _now_ns()
-        await self._write_marker(node)
+        await self.ns.write_marker(path, self._posix_metadata(node))
         node.checked_at = trio.current_time()
         self._note_entry(node)
-        self._listings[path] = {}
+        self.ns.set_empty(path)
         return node
-
-    async def _write_marker(self, node: Node) -> None:
-        """Store a directory's marker with its POSIX attributes."""
-        key = self.key_of(node.path) + "/"
-        meta = self._posix_metadata(node)
-        await self.store.put_bytes(key, b"", meta)
-        self._dir_meta[key] = meta
 
     async def _check_absent(self, parent: Node, name: str) -> None:
         try:
@@ -536,14 +361,14 @@ class FileSystem:
         # An empty directory may still hold its reference (no deltas left):
         # it goes with the directory, as nothing can use it any more.
         await self.store.delete_many(leftovers)
-        self._forget_listing(node.path)
-        self._drop_entry(node.path)
+        self.ns.forget(node.path)
+        self.ns.drop(node.path)
         self.nodes.unlink(node)
 
     async def _check_empty(self, node: Node) -> None:
         if self._local_children(node.path):
             raise FsError(errno.ENOTEMPTY)
-        if await self.listing(node.path, fresh=True):
+        if await self.ns.listing(node.path, fresh=True):
             raise FsError(errno.ENOTEMPTY)
 
     # --- files: create / open / read / write -------------------------------------------
@@ -667,7 +492,7 @@ class FileSystem:
     async def _open_reader(self, node: Node) -> Reader:
         stored = node.stored
         if stored is None:
-            listing = await self.listing(node.parent_path, fresh=True)
+            listing = await self.ns.listing(node.parent_path, fresh=True)
             entry = listing.get(node.name)
             if entry is None or entry.stored is None:
                 raise FsError(errno.ENOENT)
@@ -800,18 +625,8 @@ class FileSystem:
         async with trio.open_nursery() as nursery:
             for _ in range(self.options.upload_workers):
                 nursery.start_soon(self._upload_worker)
-            nursery.start_soon(self._persist_attr_cache)
+            nursery.start_soon(self.ns.persist_attr_cache)
             task_status.started()
-
-    async def _persist_attr_cache(self) -> None:
-        while True:
-            await trio.sleep(5)
-            await self.flush_attr_cache()
-
-    async def flush_attr_cache(self) -> None:
-        rows = self.attr_cache.take_dirty()
-        if rows:
-            await trio.to_thread.run_sync(self.attr_cache.write, rows)
 
     async def _upload_worker(self) -> None:
         async for node in self._upload_receive:
@@ -1031,7 +846,7 @@ class FileSystem:
             # no upload will follow, so the object itself gets them.
         if node.kind is NodeKind.DIR:
             if node.path:
-                await self._write_marker(node)
+                await self.ns.write_marker(node.path, self._posix_metadata(node))
             return
         await self.core.update_metadata(self.key_of(node.path), meta)
         node.etag = None
@@ -1060,7 +875,7 @@ class FileSystem:
         elif in_s3:
             with contextlib.suppress(NotFound):
                 await self.core.delete(key)
-        self._drop_entry(node.path)
+        self.ns.drop(node.path)
         self.nodes.unlink(node)
 
     async def _keep_for_open_handles(self, node: Node) -> bool:
@@ -1118,7 +933,7 @@ class FileSystem:
                 if target is not None:
                     await self._wait_not_uploading(target)
                 await self._rename_file(node, new_path, target)
-            self._drop_entry(old_path)
+            self.ns.drop(old_path)
             self.nodes.move(node, new_path)
             self._note_entry(node)
 
@@ -1191,11 +1006,9 @@ class FileSystem:
                 new_key = new_prefix + self.key_of(n.path)[len(old_prefix) :]
                 entry = JournalEntry(p.entry_id, new_key, self._posix_metadata(n))
                 await trio.to_thread.run_sync(self.journal.write_manifest, entry)
-        for path in list(self._listings.keys()):
-            if path == node.path or path.startswith(node.path + "/"):
-                self._forget_listing(path)
-        self._forget_listing(node.parent_path)
-        self._forget_listing(new_path.rpartition("/")[0])
+        self.ns.forget_tree(node.path)
+        self.ns.forget(node.parent_path)
+        self.ns.forget(new_path.rpartition("/")[0])
 
     async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Node:
         self._check_writable()
@@ -1270,7 +1083,7 @@ class FileSystem:
             if node.pending is not None:
                 with contextlib.suppress(OSError):
                     os.close(node.pending.fd)
-        await self.flush_attr_cache()
+        await self.ns.flush_attr_cache()
 
 
 def _copy_from_fd(src_fd: int, dest: os.PathLike[str]) -> None:

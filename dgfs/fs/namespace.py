@@ -1,0 +1,258 @@
+"""What S3 says each directory holds.
+
+``Namespace`` turns ``ListObjectsV2`` pages into directory entries with the
+attributes ``ls -l`` shows: delta sizes, mtimes and modes need a HEAD per
+object, fetched concurrently and kept in the persistent attribute cache by
+ETag (a remount does not HEAD unchanged objects again); directories take
+their attributes from their ``dir/`` markers. Listings are cached for
+``listing_ttl`` and kept in step with this mount's own changes. Paths are
+relative to the mount root; ``key_of`` maps them to S3 keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import stat
+from dataclasses import dataclass
+
+import trio
+from cachetools import TTLCache
+
+from dgfs import format as fmt
+from dgfs.errors import DgfsError, NotFound
+from dgfs.format import Kind, StoredFile
+from dgfs.fs.attrcache import AttrCache
+from dgfs.fs.nodes import NodeKind
+from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DirEntry:
+    """One name in a directory listing, with the attributes it will show."""
+
+    name: str
+    kind: NodeKind
+    size: int = 0
+    mtime_ns: int = 0
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    stored: StoredFile | None = None
+    etag: str | None = None
+
+
+class Namespace:
+    """Directory listings of one mount (trio thread only: cachetools is not thread-safe)."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        attr_cache: AttrCache,
+        *,
+        root_prefix: str,
+        listing_ttl: float,
+        mounted_at_ns: int,
+    ) -> None:
+        self.store = store
+        self.attr_cache = attr_cache
+        self.root_prefix = root_prefix.strip("/")
+        self.mounted_at_ns = mounted_at_ns
+        self._listings: TTLCache[str, dict[str, DirEntry]] = TTLCache(
+            maxsize=4096, ttl=max(listing_ttl, 0.001)
+        )
+        self._listing_flights: dict[str, trio.Event] = {}
+        self._dir_meta: dict[str, dict[str, str]] = {}  # marker key -> its metadata
+
+    def key_of(self, path: str) -> str:
+        """The user-visible S3 key of a mount path."""
+        return fmt.join_key(self.root_prefix, path) if path else self.root_prefix
+
+    def dir_prefix(self, path: str) -> str:
+        """The listing prefix of a directory (with trailing slash, or "" at bucket root)."""
+        key = self.key_of(path)
+        return key + "/" if key else ""
+
+    async def _fetch(self, path: str) -> dict[str, DirEntry]:
+        prefix = self.dir_prefix(path)
+        page = await self.store.list(prefix, "/")
+        entries: dict[str, DirEntry] = {}
+        subdirs = [
+            sub
+            for sub in page.prefixes
+            if sub[len(prefix) : -1]
+            and "/" not in sub[len(prefix) : -1]
+            and not (not prefix and sub == fmt.INTERNAL_PREFIX)
+        ]
+        markers = await self._marker_metadata(subdirs)
+        for sub in subdirs:
+            name = sub[len(prefix) : -1]
+            meta = markers.get(sub) or {}
+            entries[name] = DirEntry(
+                name,
+                NodeKind.DIR,
+                mtime_ns=fmt.parse_mtime_ns(meta) or self.mounted_at_ns,
+                mode=fmt.parse_int_meta(meta, fmt.META_MODE),
+                uid=fmt.parse_int_meta(meta, fmt.META_UID),
+                gid=fmt.parse_int_meta(meta, fmt.META_GID),
+            )
+        candidates: dict[str, ObjectInfo] = {}
+        for obj in page.objects:
+            rel = obj.key[len(prefix) :]
+            if not rel or "/" in rel:
+                continue  # the directory's own marker, or an odd key
+            visible = fmt.visible_key(obj.key)
+            if visible is None or fmt.is_internal_key(obj.key):
+                continue
+            name = visible[len(prefix) :]
+            if not name or name in entries:
+                continue
+            other = candidates.get(name)
+            if other is None or obj.last_modified > other.last_modified:
+                candidates[name] = obj
+        heads = await self._heads(list(candidates.values()))
+        for name, obj in candidates.items():
+            head = heads.get(obj.key)
+            if head is None:
+                continue  # vanished between LIST and HEAD
+            entry = self._entry_from_head(name, head)
+            if entry is not None:
+                entries[name] = entry
+        return entries
+
+    async def _marker_metadata(self, marker_keys: list[str]) -> dict[str, dict[str, str]]:
+        """POSIX attributes of directories from their ``dir/`` markers.
+
+        Fetched once per mount and then kept in step with this mount's own
+        changes (a directory's attributes changed by another mount show
+        after a remount). A directory without a marker gets ``{}``.
+        """
+        missing = [k for k in marker_keys if k not in self._dir_meta]
+
+        async def head_marker(key: str) -> None:
+            try:
+                self._dir_meta[key] = dict((await self.store.head(key)).metadata)
+            except NotFound:
+                self._dir_meta[key] = {}
+
+        if missing:
+            async with trio.open_nursery() as nursery:
+                for key in missing:
+                    nursery.start_soon(head_marker, key)
+        return {k: self._dir_meta.get(k, {}) for k in marker_keys}
+
+    async def _heads(self, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
+        """HEAD what the attribute cache does not know, concurrently."""
+        heads: dict[str, ObjectHead] = {}
+        missing: list[ObjectInfo] = []
+        for obj in objects:
+            meta = self.attr_cache.get(obj.key, obj.etag)
+            if meta is None:
+                missing.append(obj)
+            else:
+                heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, meta)
+
+        async def head_one(obj: ObjectInfo) -> None:
+            with contextlib.suppress(NotFound):
+                head = await self.store.head(obj.key)
+                heads[obj.key] = head
+                self.attr_cache.put(obj.key, head.etag, head.metadata)
+
+        if missing:
+            async with trio.open_nursery() as nursery:
+                for obj in missing:
+                    nursery.start_soon(head_one, obj)
+        return heads
+
+    def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry | None:
+        try:
+            stored = fmt.classify(head.key, head.size, head.metadata)
+        except DgfsError as exc:
+            log.warning("%s: %s; hiding it", head.key, exc)
+            return None
+        meta = head.metadata
+        raw_mode = fmt.parse_int_meta(meta, fmt.META_MODE)
+        kind = NodeKind.FILE
+        if raw_mode is not None and stat.S_ISLNK(raw_mode) and stored.kind is Kind.FOREIGN:
+            kind = NodeKind.SYMLINK
+        mtime_ns = fmt.parse_mtime_ns(meta) or int(head.last_modified.timestamp() * 1e9)
+        return DirEntry(
+            name,
+            kind,
+            size=stored.original_size,
+            mtime_ns=mtime_ns,
+            mode=raw_mode,
+            uid=fmt.parse_int_meta(meta, fmt.META_UID),
+            gid=fmt.parse_int_meta(meta, fmt.META_GID),
+            stored=stored,
+            etag=head.etag,
+        )
+
+    async def listing(self, path: str, *, fresh: bool = False) -> dict[str, DirEntry]:
+        """The directory's entries as S3 has them (cached for ``listing_ttl``)."""
+        while True:
+            if not fresh:
+                cached = self._listings.get(path)
+                if cached is not None:
+                    return cached
+            flight = self._listing_flights.get(path)
+            if flight is None:
+                break
+            await flight.wait()
+            fresh = False
+        event = self._listing_flights[path] = trio.Event()
+        try:
+            entries = await self._fetch(path)
+            self._listings[path] = entries
+            return entries
+        finally:
+            del self._listing_flights[path]
+            event.set()
+
+    def cached(self, path: str) -> dict[str, DirEntry] | None:
+        return self._listings.get(path)
+
+    def forget(self, path: str) -> None:
+        self._listings.pop(path, None)
+
+    def drop(self, path: str) -> None:
+        """Remove ``path`` from its parent's cached listing."""
+        parent, _, name = path.rpartition("/")
+        listing = self.cached(parent)
+        if listing is not None:
+            listing.pop(name, None)
+
+    def note(self, parent_path: str, entry: DirEntry) -> None:
+        """Put a locally made or changed entry into its parent's cached listing."""
+        listing = self.cached(parent_path)
+        if listing is not None:
+            listing[entry.name] = entry
+
+    def set_empty(self, path: str) -> None:
+        """A directory just made here is known to be empty."""
+        self._listings[path] = {}
+
+    def forget_tree(self, path: str) -> None:
+        """Drop cached listings of ``path`` and everything under it."""
+        for cached in list(self._listings.keys()):
+            if cached == path or cached.startswith(path + "/"):
+                self.forget(cached)
+
+    async def write_marker(self, path: str, meta: dict[str, str]) -> None:
+        """Store a directory's marker with its POSIX attributes."""
+        key = self.dir_prefix(path)
+        await self.store.put_bytes(key, b"", meta)
+        self._dir_meta[key] = meta
+
+    async def persist_attr_cache(self) -> None:
+        """Write new attribute-cache rows every few seconds (run in a nursery)."""
+        while True:
+            await trio.sleep(5)
+            await self.flush_attr_cache()
+
+    async def flush_attr_cache(self) -> None:
+        rows = self.attr_cache.take_dirty()
+        if rows:
+            await trio.to_thread.run_sync(self.attr_cache.write, rows)
