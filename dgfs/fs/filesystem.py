@@ -601,6 +601,7 @@ class FileSystem:
         if pending is None or pending.queued:
             return
         pending.queued = True
+        pending.due = trio.current_time() + self.options.upload_delay
         if self._inflight == 0:
             self._idle = trio.Event()
         self._inflight += 1
@@ -638,8 +639,9 @@ class FileSystem:
                     and not self.options.sync_upload
                     and not self._draining
                 ):
-                    # Cut short by fsync() or an unmount, which wait for the upload.
-                    with trio.move_on_after(self.options.upload_delay):
+                    # The delay runs from the close, not from when a worker
+                    # got here; fsync() or an unmount cut it short.
+                    with trio.move_on_at(pending.due):
                         await pending.hurry.wait()
                 await self._upload(node)
             finally:

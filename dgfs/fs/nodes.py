@@ -51,6 +51,7 @@ class Pending:
     uploaded: int = -1
     uploading: bool = False
     queued: bool = False
+    due: float = 0.0  # trio time after which a queued upload may start (close + delay)
     error: DgfsError | None = None
     quarantined: bool = False  # failed for good: moved to the journal's failed/
     changed: trio.Event = field(default_factory=trio.Event)
