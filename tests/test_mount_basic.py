@@ -73,6 +73,32 @@ def _fresh_dir(mount: DgfsMount, name: str) -> Path:
     return path
 
 
+def test_file_still_being_written_is_not_uploaded_half_done(
+    shared: DgfsMount, s3: S3View, series: list[Path]
+) -> None:
+    """A shell redirect closes duplicate descriptors (FUSE flush) while it still
+    writes: that must not upload the first half, which would become the
+    directory's reference for good and spoil every later delta."""
+    dest = _fresh_dir(shared, "halfdone")
+    name, first, second = series[0].name, series[0].read_bytes(), series[1]
+    fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, first[: len(first) // 2])
+        os.close(os.dup(fd))  # a flush while the file is still open for writing
+        time.sleep(1.0)  # well past upload_delay
+        assert not s3.exists(f"halfdone/{name}.delta")
+        assert not s3.exists("halfdone/reference.bin")
+        os.write(fd, first[len(first) // 2 :])
+    finally:
+        os.close(fd)
+    subprocess.run(["cp", str(second), str(dest)], check=True)
+    shared.settle(dest / name, dest / second.name)
+    stored = s3.keys("halfdone/")
+    assert stored["halfdone/reference.bin"] == len(first)
+    assert stored[f"halfdone/{second.name}.delta"] < second.stat().st_size * 0.3
+    assert sha256_file(dest / name) == sha256_bytes(first)
+
+
 # --- a release series -----------------------------------------------------------
 
 

@@ -404,6 +404,7 @@ class FileSystem:
         self._next_fh += 1
         self._handles[handle.fh] = handle
         node.open_handles += 1
+        node.writers += writable
         return handle
 
     def get_handle(self, fh: int) -> Handle:
@@ -544,15 +545,23 @@ class FileSystem:
             await self._commit(node)
 
     async def flush(self, fh: int) -> None:
-        """close(): make what was written durable (journal) and queue its upload."""
+        """close(): make what was written durable (journal).
+
+        The upload starts once no handle that may write is left open (at
+        release), so a file still being written — a shell redirect whose
+        duplicate descriptors close one by one — is not uploaded half done
+        (the first file of a directory becomes its reference for good).
+        With ``sync_upload`` the last writer's close waits for the upload.
+        """
         handle = self.get_handle(fh)
         node = handle.node
-        if node.pending is None or not node.pending.dirty:
-            if self.options.sync_upload and node.pending is not None:
-                await self._wait_uploaded(node)
+        pending = node.pending
+        if pending is None:
             return
-        await self._commit(node)
-        if self.options.sync_upload:
+        if pending.dirty:
+            await self._commit(node)
+        if self.options.sync_upload and node.writers - handle.writable == 0:
+            self._queue_upload(node, force=True)
             await self._wait_uploaded(node)
 
     async def fsync(self, fh: int) -> None:
@@ -562,6 +571,7 @@ class FileSystem:
             return
         if node.pending.dirty:
             await self._commit(node)
+        self._queue_upload(node, force=True)  # even with writers open: a snapshot
         await self._wait_uploaded(node)
 
     async def release(self, fh: int) -> None:
@@ -570,10 +580,13 @@ class FileSystem:
             return
         node = handle.node
         node.open_handles -= 1
+        node.writers -= handle.writable
         if handle.reader is not None:
             await handle.reader.close()
         if node.pending is not None and node.pending.dirty and not node.unlinked:
             await self._commit(node)  # a writer that never flushed
+        else:
+            self._queue_upload(node)  # the last writer is gone: upload what was committed
         self._maybe_settle(node)
         self.nodes.release(node)
 
@@ -596,9 +609,15 @@ class FileSystem:
         self._note_entry(node)
         self._queue_upload(node)
 
-    def _queue_upload(self, node: Node) -> None:
+    def _queue_upload(self, node: Node, *, force: bool = False) -> None:
+        """Queue the upload of what was committed; without ``force`` only
+        once no writer is left (see ``flush``)."""
         pending = node.pending
-        if pending is None or pending.queued:
+        if pending is None or pending.queued or pending.uploading or node.unlinked:
+            return  # (a running upload queues again itself if more was committed)
+        if pending.committed <= pending.uploaded or pending.quarantined:
+            return
+        if node.writers and not force:
             return
         pending.queued = True
         pending.due = trio.current_time() + self.options.upload_delay
@@ -741,7 +760,7 @@ class FileSystem:
         pending.notify()
         await trio.sleep(self.options.retry_delay)
         pending.error = None
-        self._queue_upload(node)
+        self._queue_upload(node, force=True)
 
     def _maybe_settle(self, node: Node) -> None:
         """Drop local content once it is all in S3 and no handle is open."""

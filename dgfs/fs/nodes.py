@@ -97,6 +97,7 @@ class Node:
     symlink_target: bytes | None = None
     lookups: int = 0
     open_handles: int = 0
+    writers: int = 0  # open handles that may write; uploads wait until none is left
     pending: Pending | None = None
     unlinked: bool = False
     checked_at: float = 0.0  # trio.current_time() when attrs were last confirmed
