@@ -97,7 +97,7 @@ def main() -> int:
     source = work / "dist"
     mnt = work / "mnt"
     mnt.mkdir()
-    print(f"== generating {args.versions} releases of a ~{args.size_mb:g} MiB plugin")
+    print(f"== generating {args.versions} releases of a plugin (~{args.size_mb:g} MiB unzipped)")
     paths = write_series(source, args.versions, size=int(args.size_mb * (1 << 20)))
     original = {p.name: (p.stat().st_size, sha256(p)) for p in paths}
 

@@ -336,6 +336,7 @@ class Core:
 
     async def ensure_cached(self, key: str, sha256: str) -> None:
         """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
+
         async def fetch() -> None:
             async with self._scratch() as tmp:
                 try:

@@ -53,6 +53,15 @@ class MountConfig:
 
 def check_mountpoint(mountpoint: Path) -> None:
     """A clear ``UserError`` for a mountpoint that cannot be used."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise ConfigError(
+                f"mountpoint {mountpoint} is a dead FUSE mount (its daemon is gone):"
+                f" run `fusermount3 -u {mountpoint}` first; files it had not uploaded"
+                " are in the journal and this mount will upload them"
+            ) from None
     if not mountpoint.exists():
         raise ConfigError(f"mountpoint {mountpoint} does not exist")
     if not mountpoint.is_dir():

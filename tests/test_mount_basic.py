@@ -24,7 +24,9 @@ from tests.mountutil import (
     DgfsMount,
     Mounts,
     S3View,
+    daemon_env,
     dg_download,
+    dgfs_bin,
     sha256_bytes,
     sha256_file,
     wait_until,
@@ -97,6 +99,25 @@ def test_file_still_being_written_is_not_uploaded_half_done(
     assert stored["halfdone/reference.bin"] == len(first)
     assert stored[f"halfdone/{second.name}.delta"] < second.stat().st_size * 0.3
     assert sha256_file(dest / name) == sha256_bytes(first)
+
+
+def test_verify_a_path_inside_the_mount(shared: DgfsMount, series: list[Path]) -> None:
+    """`dgfs verify PATH` finds bucket, key and endpoint from the mount's xattrs."""
+    dest = _fresh_dir(shared, "verifypath")
+    shutil.copyfile(series[0], dest / "a.zip")
+    shutil.copyfile(series[1], dest / "b.zip")
+    shared.settle(dest / "a.zip", dest / "b.zip")
+    env = {k: v for k, v in daemon_env().items() if k != "AWS_ENDPOINT_URL"}
+    result = subprocess.run(
+        [dgfs_bin(), "verify", str(dest / "b.zip")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verifypath/b.zip" in result.stdout
 
 
 # --- a release series -----------------------------------------------------------
@@ -271,6 +292,7 @@ def test_xattrs_describe_storage(shared: DgfsMount, s3: S3View, series: list[Pat
     assert int(attr("plain.txt", "stored_size")) == stored["xattr/plain.txt"]
     assert attr("plain.txt", "key") == "xattr/plain.txt"
     assert attr("plain.txt", "bucket") == shared.bucket
+    assert attr("plain.txt", "endpoint") == shared.endpoint  # for `dgfs verify PATH`
     listed = set(os.listxattr(dest / "next.zip"))
     assert {"user.dgfs.kind", "user.dgfs.sha256", "user.dgfs.stored_size"} <= listed
     with pytest.raises(OSError) as info:

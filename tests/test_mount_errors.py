@@ -11,6 +11,7 @@ import errno
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from tests.mountutil import (
     daemon_env,
     daemon_pids,
     dgfs_bin,
+    fusermount,
     is_mounted,
     sha256_file,
 )
@@ -232,6 +234,22 @@ def test_endpoint_unreachable(tmp_path: Path) -> None:
     assert not is_mounted(mnt)
 
 
+def test_mounting_over_a_dead_mount_says_what_to_do(mounts: Mounts) -> None:
+    mount = mounts.mount()
+    assert mount.pid is not None
+    os.kill(mount.pid, signal.SIGKILL)  # the kernel keeps a dead mount behind
+    mount.wait_exit(10)
+    mount.expect_log(".")  # killed mid-run: whatever it logged is expected
+    try:
+        code, output, _ = _dgfs_mount(
+            mount.bucket, str(mount.mountpoint), "-o", f"endpoint={mount.endpoint}"
+        )
+        assert code == 2, output
+        _assert_one_clear_line(output, "dead FUSE mount", "fusermount3 -u")
+    finally:
+        fusermount("-uz", str(mount.mountpoint))
+
+
 @pytest.mark.parametrize(
     "option, words",
     [
@@ -241,6 +259,7 @@ def test_endpoint_unreachable(tmp_path: Path) -> None:
         ("endpoint", ["endpoint"]),
         ("ro=1", ["ro"]),
         ("cache_size=lots", ["lots"]),
+        ("endpoint=notaurl", ["notaurl", "endpoint"]),
     ],
 )
 def test_bad_options(tmp_path: Path, option: str, words: list[str]) -> None:

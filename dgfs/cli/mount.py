@@ -27,6 +27,8 @@ options (-o, comma separated):
   file_mode=644    dir_mode=755                                 listing_ttl=10 (seconds)
   sync_upload      close() waits for the upload and reports its error
   upload_workers=4 concurrent uploads                            log_level=info
+  upload_delay=0.5 seconds between the last close and the upload (fsync skips it)
+  min_delta_size=64K  smaller files are stored direct           attr_timeout=1
 """
 
 FLAG_OPTIONS = {"ro", "rw", "allow_other", "sync_upload", "foreground"}

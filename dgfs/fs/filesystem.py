@@ -110,6 +110,7 @@ class FileSystem:
         self.key_of = self.ns.key_of
         self.dir_prefix = self.ns.dir_prefix
         self._handles: dict[int, Handle] = {}
+        self._endpoint: str | None = getattr(self.store, "endpoint", None)
         self._next_fh = 1
         self.disk_limiter = trio.CapacityLimiter(8)
         send, receive = trio.open_memory_channel[Node](float("inf"))
@@ -1062,9 +1063,10 @@ class FileSystem:
 
     def listxattr(self, ino: int) -> list[str]:
         node = self.get_node(ino)
-        if node.kind is NodeKind.DIR:
-            return [XATTR_PREFIX + n for n in ("bucket", "key")]
-        return [XATTR_PREFIX + n for n in XATTR_NAMES]
+        names = ["bucket", "key"] if node.kind is NodeKind.DIR else list(XATTR_NAMES)
+        if self._endpoint:
+            names.append("endpoint")  # so `dgfs verify PATH` reaches the same store
+        return [XATTR_PREFIX + n for n in names]
 
     def getxattr(self, ino: int, name: str) -> bytes:
         node = self.get_node(ino)
@@ -1075,6 +1077,8 @@ class FileSystem:
             return self.store.bucket.encode()
         if field_name == "key":
             return self.key_of(node.path).encode()
+        if field_name == "endpoint":
+            return (self._endpoint or "").encode()
         stored = node.stored
         if node.pending is not None and not node.pending.settled:
             values: Mapping[str, object] = {

@@ -154,7 +154,12 @@ def make_client(
         user_agent_extra=f"dgfs/{__version__}",
         s3={"addressing_style": "path"} if endpoint_url else None,
     )
-    return session.client("s3", endpoint_url=endpoint_url, config=config)
+    try:
+        return session.client("s3", endpoint_url=endpoint_url, config=config)
+    except ValueError as exc:  # botocore: "Invalid endpoint: ..."
+        raise ConfigError(
+            f"bad endpoint URL {endpoint_url!r}: expected http(s)://HOST[:PORT] ({exc})"
+        ) from None
 
 
 def translate_error(
