@@ -1,0 +1,122 @@
+"""Directory listings without FUSE: names, sizes, hidden objects, HEADs saved by the attribute cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dgfs import format as fmt
+from dgfs.fs.attrcache import AttrCache
+from dgfs.fs.namespace import Namespace
+from dgfs.fs.nodes import NodeKind
+from dgfs.store.base import ObjectHead
+from dgfs.store.memory import MemoryStore
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts HEAD requests."""
+
+    def __init__(self) -> None:
+        super().__init__("counting")
+        self.heads = 0
+
+    async def head(self, key: str) -> ObjectHead:
+        self.heads += 1
+        return await super().head(key)
+
+
+def delta_meta(name: str, size: int) -> dict[str, str]:
+    return {
+        "dg-file-sha256": "ab" * 32,
+        "dg-file-size": str(size),
+        "dg-ref-key": "rel/reference.bin",
+        "dg-ref-sha256": "cd" * 32,
+        "dg-original-name": name,
+        "mtime": "1700000000.5",
+        "mode": str(0o100640),
+    }
+
+
+def namespace(store: MemoryStore, db: Path | None, prefix: str = "") -> Namespace:
+    return Namespace(store, AttrCache(db), root_prefix=prefix, listing_ttl=60, mounted_at_ns=1)
+
+
+async def fill(store: MemoryStore, count: int) -> None:
+    await store.put_bytes("rel/reference.bin", b"R" * 100, {"dg-file-sha256": "cd" * 32})
+    for i in range(count):
+        name = f"app-{i}.zip"
+        await store.put_bytes(f"rel/{name}.delta", b"d" * 10, delta_meta(name, 5000 + i))
+    await store.put_bytes("rel/notes.txt", b"hello", {})
+    await store.put_bytes("rel/sub/", b"", {"mode": str(0o40700), "mtime": "1600000000"})
+    await store.put_bytes(".deltaglider/stats_quick.json", b"{}", {})
+
+
+async def test_listing_shows_original_names_and_sizes() -> None:
+    store = CountingStore()
+    await fill(store, 3)
+    entries = await namespace(store, None).listing("rel")
+    assert sorted(entries) == ["app-0.zip", "app-1.zip", "app-2.zip", "notes.txt", "sub"]
+    app = entries["app-2.zip"]
+    assert (app.kind, app.size, app.mode) == (NodeKind.FILE, 5002, 0o100640)
+    assert app.mtime_ns == 1_700_000_000_500_000_000
+    assert app.stored is not None and app.stored.kind is fmt.Kind.DELTA
+    assert entries["notes.txt"].stored is not None
+    assert entries["notes.txt"].stored.kind is fmt.Kind.FOREIGN
+    sub = entries["sub"]
+    assert (sub.kind, sub.mode, sub.mtime_ns) == (NodeKind.DIR, 0o40700, 1_600_000_000 * 10**9)
+    root = await namespace(store, None).listing("")
+    assert sorted(root) == ["rel"]  # .deltaglider/ is never shown
+
+
+async def test_remount_does_not_head_unchanged_objects(tmp_path: Path) -> None:
+    store = CountingStore()
+    await fill(store, 40)
+    db = tmp_path / "attrs.sqlite"
+    first = namespace(store, db)
+    await first.listing("rel")
+    assert store.heads >= 41  # every object once (+ the sub/ marker)
+    await first.flush_attr_cache()
+
+    store.heads = 0
+    second = namespace(store, db)  # a remount: new process, same cache file
+    entries = await second.listing("rel")
+    assert entries["app-39.zip"].size == 5039
+    assert store.heads == 1  # only the directory marker; no object HEAD again
+
+    # A changed object (new ETag) is asked again.
+    await store.put_bytes("rel/app-0.zip.delta", b"changed", delta_meta("app-0.zip", 1))
+    third = namespace(store, db)
+    store.heads = 0
+    assert (await third.listing("rel"))["app-0.zip"].size == 1
+    assert store.heads == 2
+
+
+async def test_newer_form_wins_when_both_exist() -> None:
+    store = MemoryStore()
+    await store.put_bytes("a.zip.delta", b"d", delta_meta("a.zip", 10))
+    await store.put_bytes(
+        "a.zip", b"x" * 7, {"dg-file-sha256": "ef" * 32, "dg-compression": "none"}
+    )
+    entries = await namespace(store, None).listing("")
+    assert entries["a.zip"].size == 7  # the direct object, written last
+
+
+@pytest.mark.parametrize("prefix", ["", "mnt/root"])
+async def test_prefix_mount_keys(prefix: str) -> None:
+    ns = namespace(MemoryStore(), None, prefix)
+    assert ns.key_of("a/b") == (f"{prefix}/a/b" if prefix else "a/b")
+    assert ns.dir_prefix("") == (f"{prefix}/" if prefix else "")
+
+
+def test_attr_cache_survives_and_recovers_from_garbage(tmp_path: Path) -> None:
+    db = tmp_path / "attrs.sqlite"
+    cache = AttrCache(db)
+    cache.put("k", "etag1", {"dg-file-size": "5", "x-unrelated": "dropped"})
+    cache.write(cache.take_dirty())
+    again = AttrCache(db)
+    assert again.get("k", "etag1") == {"dg-file-size": "5"}
+    assert again.get("k", "etag2") is None
+    db.write_bytes(b"not a database at all" * 100)
+    broken = AttrCache(db)  # unreadable: starts empty instead of failing the mount
+    assert broken.get("k", "etag1") is None
