@@ -1,4 +1,4 @@
-"""Directory listings without FUSE: names, sizes, hidden objects, HEADs saved by the attribute cache."""
+"""Directory listings without FUSE: names, sizes, hidden objects, HEADs saved by ETag."""
 
 from __future__ import annotations
 
