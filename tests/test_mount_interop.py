@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,6 @@ from tests.mountutil import (
 from tests.releases import ReleaseSeries
 
 pytestmark = [pytest.mark.mount, pytest.mark.interop]
-
-
-@pytest.fixture(scope="module")
-def mounts(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
-    with Mounts(moto_endpoint, tmp_path_factory.mktemp("interop")) as factory:
-        yield factory
 
 
 @pytest.fixture(scope="module")

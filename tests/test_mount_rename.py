@@ -14,7 +14,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,30 +30,6 @@ from tests.mountutil import (
 from tests.releases import write_series
 
 pytestmark = pytest.mark.mount
-
-
-@pytest.fixture(scope="module")
-def mounts(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
-    with Mounts(moto_endpoint, tmp_path_factory.mktemp("rename")) as factory:
-        yield factory
-
-
-@pytest.fixture(scope="module")
-def shared(mounts: Mounts) -> DgfsMount:
-    return mounts.mount()
-
-
-@pytest.fixture
-def s3(shared: DgfsMount) -> Iterator[S3View]:
-    view = S3View(shared.endpoint, shared.bucket)
-    yield view
-    view.close()
-
-
-@pytest.fixture(autouse=True)
-def _daemon_log_clean(shared: DgfsMount) -> Iterator[None]:
-    yield
-    shared.check_log()
 
 
 @pytest.fixture(scope="module")

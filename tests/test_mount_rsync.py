@@ -13,41 +13,16 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.mountutil import DgfsMount, Mounts, S3View, sha256_file, tree_digest
+from tests.mountutil import DgfsMount, S3View, sha256_file, tree_digest
 from tests.releases import write_series
 
 pytestmark = pytest.mark.mount
 
 needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed")
-
-
-@pytest.fixture(scope="module")
-def mounts(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
-    with Mounts(moto_endpoint, tmp_path_factory.mktemp("rsync")) as factory:
-        yield factory
-
-
-@pytest.fixture(scope="module")
-def shared(mounts: Mounts) -> DgfsMount:
-    return mounts.mount()
-
-
-@pytest.fixture
-def s3(shared: DgfsMount) -> Iterator[S3View]:
-    view = S3View(shared.endpoint, shared.bucket)
-    yield view
-    view.close()
-
-
-@pytest.fixture(autouse=True)
-def _daemon_log_clean(shared: DgfsMount) -> Iterator[None]:
-    yield
-    shared.check_log()
 
 
 @pytest.fixture

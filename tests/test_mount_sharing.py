@@ -30,12 +30,6 @@ SEEN_WITHIN = 6.0  # listing_ttl=1 plus attr_timeout=1, with room for a slow box
 
 
 @pytest.fixture(scope="module")
-def mounts(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
-    with Mounts(moto_endpoint, tmp_path_factory.mktemp("sharing")) as factory:
-        yield factory
-
-
-@pytest.fixture(scope="module")
 def pair(mounts: Mounts) -> tuple[DgfsMount, DgfsMount]:
     first = mounts.mount()
     second = mounts.mount(first.bucket)
