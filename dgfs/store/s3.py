@@ -66,6 +66,9 @@ PARALLEL_DOWNLOAD_THRESHOLD = 32 * 1024 * 1024
 DOWNLOAD_RANGE_SIZE = 8 * 1024 * 1024
 # Parts (upload or download ranges) in flight at once for one object.
 TRANSFER_CONCURRENCY = 4
+# Part bodies held in memory at once by all uploads of one store together:
+# several files uploading at once share them, so memory stays bounded.
+PART_BUFFERS = 6
 # CopyObject refuses sources above 5 GiB; those are copied part by part.
 MAX_COPY_OBJECT_SIZE = 5 * 1024**3
 COPY_PART_SIZE = 512 * 1024 * 1024
@@ -267,6 +270,7 @@ class S3Store(ObjectStore):
         self.copy_threshold = MAX_COPY_OBJECT_SIZE
         self.copy_part_size = COPY_PART_SIZE
         self.transfer_concurrency = min(TRANSFER_CONCURRENCY, max_concurrency)
+        self._part_buffers = trio.CapacityLimiter(PART_BUFFERS)
         self.page_size = 1000
         self.retry_delays = RETRY_DELAYS
 
@@ -449,7 +453,8 @@ class S3Store(ObjectStore):
         """Upload ``src``: one PUT below ``multipart_threshold``, else multipart.
 
         The file is streamed (single PUT) or read part by part at its
-        offset, so memory stays bounded by ``transfer_concurrency`` parts.
+        offset; all uploads of the store together hold at most
+        ``PART_BUFFERS`` parts in memory.
         With ``if_none_match`` the PUT, or the CompleteMultipartUpload, is
         conditional; losing raises ``PreconditionFailed`` (and the parts are
         aborted).
@@ -492,7 +497,8 @@ class S3Store(ObjectStore):
                 )
                 return _etag(response["ETag"])
 
-            etags[number] = await self._call("UploadPart", key, send)
+            async with self._part_buffers:
+                etags[number] = await self._call("UploadPart", key, send)
 
         try:
             await self._run_bounded(
