@@ -302,11 +302,6 @@ def _parse_size(key: str, text: str) -> int:
     return size
 
 
-def deltaspace_of(ref_key: str) -> str:
-    """Prefix of the deltaspace a reference key belongs to."""
-    return split_key(ref_key)[0]
-
-
 def user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """A DeltaGlider object's metadata without the format's own keys.
 

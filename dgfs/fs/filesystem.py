@@ -159,10 +159,6 @@ class FileSystem:
             gid=node.gid,
         )
 
-    def attrs(self, node: Node) -> Node:
-        """The node itself carries the attributes the adapter reports."""
-        return node
-
     def _check_writable(self) -> None:
         if self.options.read_only:
             raise FsError(errno.EROFS, "mounted read-only")
