@@ -362,7 +362,8 @@ async def _compute(
     stats.unreadable = sorted(unreadable)
     stats.computed_at = datetime.now(UTC).isoformat()
     if stats.orphans:
-        log.warning(
+        # Reported to the user by the command; a note in the log is enough.
+        log.info(
             "%d orphaned reference(s) hold %d bytes with no delta left",
             len(stats.orphans),
             sum(o.size for o in stats.orphans),

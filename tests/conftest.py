@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -152,3 +154,32 @@ def _shared_mount_log_clean(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "shared" in request.fixturenames:
         request.getfixturevalue("shared").check_log()
+
+
+# --- unexpected log records fail the test (s3ql's checklogs habit) ------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "expected_log(pattern): a dgfs WARNING/ERROR log record matching the regex is expected",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_dgfs_warnings(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """In-process dgfs code that logs a warning or error the test did not expect fails it."""
+    yield
+    allowed = [m.args[0] for m in request.node.iter_markers("expected_log")]
+    unexpected = [
+        record
+        for record in caplog.get_records("call")
+        if record.levelno >= logging.WARNING
+        and record.name.startswith("dgfs")
+        and not any(re.search(p, record.getMessage()) for p in allowed)
+    ]
+    if unexpected:
+        lines = "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in unexpected)
+        pytest.fail(f"unexpected dgfs log records:\n{lines}", pytrace=False)

@@ -18,6 +18,8 @@ from dgfs.cache import HEADER_SIZE, CacheReader, ContentCache, stored_size
 from dgfs.crypto import TAG_SIZE, ChunkAead, content_id, encryption_key, new_key
 from dgfs.errors import CacheCorrupt, ConfigError, IntegrityError
 
+pytestmark = pytest.mark.expected_log("is corrupt|vanished from")
+
 CHUNK = 4096
 
 MakeCache = Callable[..., ContentCache]

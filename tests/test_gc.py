@@ -73,6 +73,7 @@ async def test_collect_removes_and_keeps_a_backup(memory_store: MemoryStore) -> 
     assert backups[0] in {g.key for g in later}
 
 
+@pytest.mark.expected_log("a delta appeared")
 async def test_reference_is_put_back_if_a_delta_arrives_while_gc_runs(
     memory_store: MemoryStore,
 ) -> None:

@@ -46,6 +46,7 @@ def test_manifest_rewrite_follows_a_rename(tmp_path: Path) -> None:
     journal.close()
 
 
+@pytest.mark.expected_log("unreadable|lost its data")
 def test_unreadable_manifest_and_lost_data_are_not_fatal(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j")
     bad = staged(journal, b"data")

@@ -236,6 +236,7 @@ async def test_bucket_written_by_deltaglider_migrates(
         assert await read_back(reader, f"dg/{name}", tmp_path) == data
 
 
+@pytest.mark.expected_log("does not match its recorded SHA-256")
 async def test_corrupt_source_file_is_reported_and_the_rest_is_copied(
     moto_endpoint: str, buckets: tuple[str, str], settings: Settings
 ) -> None:

@@ -109,6 +109,7 @@ async def test_prefix_mount_keys(prefix: str) -> None:
     assert ns.dir_prefix("") == (f"{prefix}/" if prefix else "")
 
 
+@pytest.mark.expected_log("attribute cache .* unreadable")
 def test_attr_cache_survives_and_recovers_from_garbage(tmp_path: Path) -> None:
     db = tmp_path / "attrs.sqlite"
     cache = AttrCache(db)

@@ -449,6 +449,7 @@ async def test_unreachable_endpoint(tmp_path: Path) -> None:
     assert time.monotonic() - started < 15  # botocore's retries only, not ours
 
 
+@pytest.mark.expected_log("retry \\d/\\d")
 async def test_transient_errors_are_retried(
     s3_store: S3Store, caplog: pytest.LogCaptureFixture
 ) -> None:

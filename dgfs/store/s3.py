@@ -293,10 +293,7 @@ class S3Store(ObjectStore):
                     raise err from exc
             delay = self.retry_delays[attempt] * random.uniform(0.5, 1.5)
             log.warning(
-                "%s s3://%s/%s: %s; retry %d/%d in %.1fs",
-                operation,
-                self.bucket,
-                key or "",
+                "%s; retry %d/%d in %.1fs",
                 err,
                 attempt + 1,
                 attempts - 1,
