@@ -179,6 +179,10 @@ class Core:
         When both a delta and a direct object exist (a writer died between
         writing the new form and deleting the old), the newer one wins.
         """
+        return (await self._locate_with_head(key))[0]
+
+    async def _locate_with_head(self, key: str) -> tuple[StoredFile, ObjectHead]:
+        """``locate``, plus the HEAD it was read from (for callers that copy metadata)."""
         heads: dict[str, ObjectHead] = {}
 
         async def head(stored_key: str) -> None:
@@ -191,7 +195,7 @@ class Core:
         if not heads:
             raise NotFound(f"no such file: {key}")
         newest = max(heads.values(), key=lambda h: (h.last_modified, h.key.endswith(".delta")))
-        return fmt.classify(newest.key, newest.size, newest.metadata)
+        return fmt.classify(newest.key, newest.size, newest.metadata), newest
 
     # --- put -----------------------------------------------------------------
 
@@ -476,10 +480,9 @@ class Core:
         deltaspace; moved to another directory it is rebuilt and stored there."""
         if fmt.is_hidden_name(fmt.split_key(dst_key)[1]) or fmt.is_internal_key(dst_key):
             raise FormatError(f"{dst_key}: name is reserved by the DeltaGlider format")
-        stored = await self.locate(src_key)
+        stored, head = await self._locate_with_head(src_key)
         if src_key == dst_key:
             return stored
-        head = await self.store.head(stored.stored_key)
         dst_name = fmt.split_key(dst_key)[1]
         same_space = fmt.split_key(src_key)[0] == fmt.split_key(dst_key)[0]
         if stored.kind is Kind.DELTA and not same_space:
@@ -504,8 +507,7 @@ class Core:
 
     async def update_metadata(self, key: str, changes: Mapping[str, str]) -> StoredFile:
         """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place."""
-        stored = await self.locate(key)
-        head = await self.store.head(stored.stored_key)
+        stored, head = await self._locate_with_head(key)
         await self.store.copy(stored.stored_key, stored.stored_key, {**head.metadata, **changes})
         return stored
 
