@@ -12,11 +12,15 @@ Guarantees a caller may rely on:
   reader always finds one complete version.
 - Exactly one reference per deltaspace: it is created with a conditional
   PUT (``If-None-Match: *``) when the store honours it.
+- A deltaspace keeps the mode its reference was made in: ``reference.bin``
+  (DeltaGlider v6 byte-level deltas) or ``reference.deep`` (deltas of
+  expanded forms, :mod:`dgfs.deep`); ``deltas`` only chooses for new ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -29,15 +33,18 @@ import trio
 
 from dgfs import format as fmt
 from dgfs.cache import ContentCache
+from dgfs.deep import expand, objects
+from dgfs.deep.deflate import zlib_is_reference
 from dgfs.delta import DeltaEngine
 from dgfs.errors import (
+    DgfsError,
     FormatError,
     IntegrityError,
     MissingReference,
     NotFound,
     PreconditionFailed,
 )
-from dgfs.format import Kind, StoredFile
+from dgfs.format import DeltaMode, Kind, StoredFile
 from dgfs.hashing import FileDigest, digest_file
 from dgfs.policy import SNIFF_BYTES, Policy
 from dgfs.store.base import ObjectHead, ObjectStore
@@ -60,6 +67,7 @@ class PutResult:
     file_sha256: str
     ref_key: str | None = None
     ref_sha256: str | None = None
+    deep: bool = False
 
     @property
     def ratio(self) -> float:
@@ -76,6 +84,7 @@ class PutResult:
             self.file_sha256,
             self.ref_key,
             self.ref_sha256,
+            self.deep,
         )
 
 
@@ -125,6 +134,7 @@ class Core:
         conditional_create: bool = True,
         cpu_limiter: trio.CapacityLimiter | None = None,
         plain_reference_slots: int = 4,
+        deltas: DeltaMode = DeltaMode.DG,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -134,6 +144,7 @@ class Core:
         scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(scratch_dir, 0o700)
         self.conditional_create = conditional_create
+        self.deltas = deltas
         self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self._flights = SingleFlight()
         # Decrypted copies of recently used references, for xdelta3 (it needs
@@ -171,6 +182,28 @@ class Core:
     def _now() -> datetime:
         return datetime.now(UTC)
 
+    async def _heads(self, keys: list[str]) -> dict[str, ObjectHead]:
+        """HEAD ``keys`` concurrently; the ones that exist. A failure is
+        raised as itself (the first one), not as an exception group, so
+        callers can tell a transient store error from a real one."""
+        heads: dict[str, ObjectHead] = {}
+        errors: list[BaseException] = []
+
+        async def head(key: str) -> None:
+            try:
+                heads[key] = await self.store.head(key)
+            except NotFound:
+                pass
+            except DgfsError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(head, key)
+        if errors:
+            raise errors[0]
+        return heads
+
     # --- locating ------------------------------------------------------------
 
     async def locate(self, key: str) -> StoredFile:
@@ -183,15 +216,7 @@ class Core:
 
     async def _locate_with_head(self, key: str) -> tuple[StoredFile, ObjectHead]:
         """``locate``, plus the HEAD it was read from (for callers that copy metadata)."""
-        heads: dict[str, ObjectHead] = {}
-
-        async def head(stored_key: str) -> None:
-            with contextlib.suppress(NotFound):
-                heads[stored_key] = await self.store.head(stored_key)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(head, fmt.delta_key(key))
-            nursery.start_soon(head, key)
+        heads = await self._heads([fmt.delta_key(key), key])
         if not heads:
             raise NotFound(f"no such file: {key}")
         newest = max(heads.values(), key=lambda h: (h.last_modified, h.key.endswith(".delta")))
@@ -207,6 +232,7 @@ class Core:
         extra_metadata: Mapping[str, str] | None = None,
         digest: FileDigest | None = None,
         content_type: str = DEFAULT_CONTENT_TYPE,
+        mode: DeltaMode | None = None,
     ) -> PutResult:
         """Store the local file ``src`` under the user-visible ``key``.
 
@@ -214,15 +240,46 @@ class Core:
         metadata) is stored beside the format's own keys. ``digest`` saves
         re-hashing when the caller has it. ``content_type`` is set on the
         object that holds the file (delta or direct), not on the reference.
+        ``mode`` forces the deltaspace mode (a conversion); by default the
+        directory's existing reference decides (see ``_deltaspace``).
         """
         if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
             raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
         digest = digest or await self.digest(src)
         extra = dict(extra_metadata or {})
-        name = fmt.split_key(key)[1]
-        if not self.policy.is_delta_candidate(name, digest.head, digest.size):
+        prefix, name = fmt.split_key(key)
+        if not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
             return await self._put_direct(src, key, digest, extra, content_type)
-        return await self._put_delta(src, key, digest, extra, content_type)
+        mode, ref_head = await self._deltaspace(prefix, mode)
+        deep = mode is DeltaMode.DEEP
+        if not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=deep):
+            return await self._put_direct(src, key, digest, extra, content_type)
+        if deep:
+            return await self._put_deep(src, key, digest, extra, content_type, ref_head)
+        return await self._put_delta(src, key, digest, extra, content_type, ref_head)
+
+    async def _deltaspace(
+        self, prefix: str, force: DeltaMode | None = None
+    ) -> tuple[DeltaMode, ObjectHead | None]:
+        """The mode of the deltaspace ``prefix`` and its reference's HEAD (None if it has none).
+
+        An existing reference decides (deep first: a DeltaGlider client
+        writing into a deep directory adds a ``reference.bin`` beside it);
+        without one the core's own ``deltas`` setting does. ``force``
+        overrides both.
+        """
+        found = await self._heads([fmt.reference_key(prefix, mode) for mode in DeltaMode])
+        heads = {
+            mode: found[fmt.reference_key(prefix, mode)]
+            for mode in DeltaMode
+            if fmt.reference_key(prefix, mode) in found
+        }
+        if force is not None:
+            return force, heads.get(force)
+        for mode in (DeltaMode.DEEP, DeltaMode.DG):
+            if mode in heads:
+                return mode, heads[mode]
+        return self.deltas, None
 
     async def _put_direct(
         self,
@@ -247,11 +304,12 @@ class Core:
         key: str,
         digest: FileDigest,
         extra: dict[str, str],
-        content_type: str = DEFAULT_CONTENT_TYPE,
+        content_type: str,
+        ref_head: ObjectHead | None,
     ) -> PutResult:
         prefix, name = fmt.split_key(key)
         ref_key = fmt.reference_key(prefix)
-        ref_sha256, created = await self._ensure_reference(src, ref_key, name, digest)
+        ref_sha256, created = await self._ensure_reference(src, ref_key, name, digest, ref_head)
         if ref_sha256 is None:
             return await self._put_direct(src, key, digest, extra, content_type)
         async with self._scratch(".delta") as delta_path:
@@ -304,19 +362,31 @@ class Core:
         )
 
     async def _ensure_reference(
-        self, src: Path, ref_key: str, name: str, digest: FileDigest
+        self,
+        src: Path,
+        ref_key: str,
+        name: str,
+        digest: FileDigest,
+        head: ObjectHead | None,
+        *,
+        meta: dict[str, str] | None = None,
+        body: Path | None = None,
     ) -> tuple[str | None, bool]:
         """The deltaspace's reference sha256, creating it from ``src`` if absent.
 
-        Returns ``(ref_sha256, created_by_us)``; ``(None, False)`` when the
-        existing ``reference.bin`` is not a usable reference.
+        ``head`` is the reference's HEAD if it was seen. Returns
+        ``(ref_sha256, created_by_us)``; ``(None, False)`` when the existing
+        reference is not a usable one. ``src``/``digest`` are what the
+        reference holds (for a deep one, the expanded form); ``body`` is
+        what to upload if that differs (the compressed expanded form), and
+        ``meta`` the reference's metadata.
         """
-        try:
-            head = await self.store.head(ref_key)
-        except NotFound:
-            meta = fmt.reference_metadata(name, digest.sha256, self._now())
+        if head is None:
+            meta = meta or fmt.reference_metadata(name, digest.sha256, self._now())
             try:
-                await self.store.upload(ref_key, src, meta, if_none_match=self.conditional_create)
+                await self.store.upload(
+                    ref_key, body or src, meta, if_none_match=self.conditional_create
+                )
             except PreconditionFailed:
                 head = await self.store.head(ref_key)  # another writer won the race
             else:
@@ -336,17 +406,141 @@ class Core:
             return None, False
         return ref_sha256, False
 
+    # --- deep deltaspaces --------------------------------------------------------
+
+    async def _put_deep(
+        self,
+        src: Path,
+        key: str,
+        digest: FileDigest,
+        extra: dict[str, str],
+        content_type: str,
+        ref_head: ObjectHead | None,
+    ) -> PutResult:
+        """Store ``src`` as a delta of its expanded form against the expanded reference."""
+        prefix, name = fmt.split_key(key)
+        ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
+        async with (
+            self._scratch(".dgx") as expanded,
+            self._scratch(".vcdiff") as vcdiff,
+            self._scratch(".delta") as body,
+        ):
+            expanded_digest = await self._expand(src, expanded, digest, key)
+            if ref_head is None:
+                async with self._scratch(".zst") as packed:
+                    await self._cpu(objects.compress_reference, expanded, packed)
+                    meta = fmt.deep_reference_metadata(
+                        name, expanded_digest.sha256, expanded_digest.size, self._now()
+                    )
+                    ref_sha256, created = await self._ensure_reference(
+                        expanded, ref_key, name, expanded_digest, None, meta=meta, body=packed
+                    )
+            else:
+                ref_sha256, created = await self._ensure_reference(
+                    expanded, ref_key, name, expanded_digest, ref_head
+                )
+            if ref_sha256 is None:
+                return await self._put_direct(src, key, digest, extra, content_type)
+            if created:
+                await self.engine.encode(expanded, expanded, vcdiff)
+            else:
+                async with self._plain_reference(ref_key, ref_sha256) as plain_ref:
+                    await self.engine.encode(plain_ref, expanded, vcdiff)
+            delta_size = await self._cpu_int(objects.wrap_delta, vcdiff, body)
+            if not created and not self.policy.accepts_ratio(delta_size, digest.size):
+                log.info(
+                    "%s: deep delta is %.2f of the file (max %.2f), storing direct",
+                    key,
+                    delta_size / max(digest.size, 1),
+                    self.policy.max_ratio,
+                )
+                return await self._put_direct(src, key, digest, extra, content_type)
+            meta = fmt.deep_delta_metadata(
+                original_name=name,
+                file_sha256=digest.sha256,
+                file_size=digest.size,
+                ref_key=ref_key,
+                ref_sha256=ref_sha256,
+                delta_size=delta_size,
+                now=self._now(),
+                zero_diff=created,
+            )
+            meta[fmt.META_EXPANDED_SIZE] = str(expanded_digest.size)
+            stored_key = fmt.delta_key(key)
+            await self.store.upload(stored_key, body, {**extra, **meta}, content_type=content_type)
+        await self.store.delete(key)
+        log.info(
+            "stored %s as deep delta: %d -> %d bytes (expanded %d)%s",
+            key,
+            digest.size,
+            delta_size,
+            expanded_digest.size,
+            " (new reference)" if created else "",
+        )
+        return PutResult(
+            key,
+            stored_key,
+            Kind.DELTA,
+            created,
+            digest.size,
+            delta_size,
+            digest.sha256,
+            ref_key,
+            ref_sha256,
+            deep=True,
+        )
+
+    async def _cpu_int(self, fn: Callable[..., int], *args: object) -> int:
+        result = await self._cpu(fn, *args)
+        assert isinstance(result, int)
+        return result
+
+    async def _expand(self, src: Path, out: Path, digest: FileDigest, key: str) -> FileDigest:
+        """The expanded form of ``src`` in ``out``, proven to rebuild to ``digest``.
+
+        Falls back to the form that expands nothing when the proof fails
+        (never expected; logged) or when this machine's zlib is not the
+        reference one (its recompressions could not be trusted elsewhere).
+        """
+        if not zlib_is_reference():
+            log.warning("this zlib does not deflate like reference zlib; %s is not expanded", key)
+            await self._cpu(expand.plain_form, src, out)
+        else:
+            expand_one = functools.partial(expand.expand_file, scratch_dir=self.scratch_dir)
+            stats = await self._cpu(expand_one, src, out)
+            assert isinstance(stats, expand.ExpandStats)
+            rebuilt = await self._cpu(expand.rebuild_digest, out, self.scratch_dir)
+            if rebuilt != (digest.sha256, digest.size):
+                log.error("%s: expanded form does not rebuild exactly; not expanding it", key)
+                await self._cpu(expand.plain_form, src, out)
+            else:
+                log.debug(
+                    "%s: %d streams inflated (%d by GNU gzip), %d kept; %d -> %d bytes",
+                    key,
+                    stats.streams_inflated,
+                    stats.streams_gnu,
+                    stats.streams_kept,
+                    stats.original_size,
+                    stats.expanded_size,
+                )
+        return await self.digest(out)
+
     # --- references ------------------------------------------------------------
 
     async def ensure_cached(self, key: str, sha256: str) -> None:
         """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
 
+        deep_reference = fmt.split_key(key)[1] == fmt.DEEP_REFERENCE_NAME
+
         async def fetch() -> None:
-            async with self._scratch() as tmp:
+            async with self._scratch() as tmp, self._scratch() as plain:
                 try:
                     await self.store.download(key, tmp)
                 except NotFound:
                     raise MissingReference(f"{key} is missing") from None
+                if deep_reference:
+                    await self._cpu(objects.decompress_reference, tmp, plain)
+                    tmp, plain = plain, tmp
                 try:
                     await self._cpu(self.cache.add_file, sha256, tmp)
                 except IntegrityError:
@@ -400,12 +594,39 @@ class Core:
         and ``out`` removed, on mismatch).
         """
         assert stored.kind is Kind.DELTA and stored.ref_key and stored.ref_sha256
+        if stored.deep:
+            await self._rebuild_deep(stored, out)
+        else:
+            await self._rebuild_dg(stored, out)
+        if verify:
+            await self._verify_file(out, stored)
+
+    async def _rebuild_dg(self, stored: StoredFile, out: Path) -> None:
+        assert stored.ref_key and stored.ref_sha256
         async with self._scratch(".delta") as delta_path:
             await self.store.download(stored.stored_key, delta_path)
             async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
                 await self.engine.decode(plain_ref, delta_path, out)
-        if verify:
-            await self._verify_file(out, stored)
+
+    async def _rebuild_deep(self, stored: StoredFile, out: Path) -> None:
+        assert stored.ref_key and stored.ref_sha256
+        async with (
+            self._scratch(".delta") as body,
+            self._scratch(".vcdiff") as vcdiff,
+            self._scratch(".dgx") as expanded,
+        ):
+            await self.store.download(stored.stored_key, body)
+            try:
+                await self._cpu(objects.unwrap_delta, body, vcdiff)
+            except FormatError as exc:
+                raise IntegrityError(f"{stored.stored_key}: {exc}") from None
+            async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
+                await self.engine.decode(plain_ref, vcdiff, expanded)
+            try:
+                await self._cpu(expand.rebuild_file, expanded, out, self.scratch_dir)
+            except (FormatError, DgfsError) as exc:
+                out.unlink(missing_ok=True)
+                raise IntegrityError(f"{stored.visible_key}: cannot rebuild: {exc}") from None
 
     async def _verify_file(self, path: Path, stored: StoredFile) -> None:
         if stored.file_sha256 is None:

@@ -9,6 +9,11 @@ This module is the only place that knows how DeltaGlider lays a bucket out:
 - ``<prefix>/<name>``: a direct object, ``dg-compression: none``;
 - anything without ``dg-file-sha256``: a foreign object, served as is.
 
+dgfs's own extension, deep deltaspaces (docs/FORMAT.md), adds
+``<prefix>/reference.deep`` (the zstd-compressed expanded form of the
+first file) and ``.delta`` objects marked ``dgfs-format: deep-1`` whose
+body is ``DEEP_DELTA_MAGIC`` followed by a VCDIFF between expanded forms.
+
 Metadata values written here match deltaglider 6.2.0 byte for byte
 (including its quirk of writing ``dg-created-at`` without ``Z`` on direct
 objects). POSIX attributes travel in the keys s3fs-fuse and rclone use.
@@ -26,6 +31,8 @@ from dgfs.errors import FormatError
 
 TOOL = f"dgfs/{__version__}"
 REFERENCE_NAME = "reference.bin"
+DEEP_REFERENCE_NAME = "reference.deep"
+REFERENCE_NAMES = (REFERENCE_NAME, DEEP_REFERENCE_NAME)
 DELTA_SUFFIX = ".delta"
 INTERNAL_PREFIX = ".deltaglider/"
 TMP_PREFIX = ".deltaglider/tmp/"
@@ -47,6 +54,31 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "compression": ("dg-compression", "dg_compression", "compression"),
     "source_name": ("dg-source-name", "dg_source_name", "source_name", "source-name"),
 }
+
+# Deep deltaspaces (dgfs's extension).
+META_FORMAT = "dgfs-format"
+DEEP_FORMAT = "deep-1"
+META_EXPANDED_SIZE = "dgfs-expanded-size"
+META_ENCODING = "dgfs-encoding"  # how a deep reference's body is compressed
+DEEP_REFERENCE_ENCODING = "zstd"
+#: First bytes of a deep delta's body. Not VCDIFF, so xdelta3 (and with it
+#: the stock DeltaGlider CLI) refuses the object instead of decoding it.
+DEEP_DELTA_MAGIC = b"DGFSDEEP\x01\n"
+
+
+class DeltaMode(enum.Enum):
+    """How a deltaspace stores its deltas."""
+
+    DG = "dg"  # DeltaGlider v6: byte-level deltas against reference.bin
+    DEEP = "deep"  # dgfs: deltas of expanded forms against reference.deep
+
+    @classmethod
+    def parse(cls, text: str) -> DeltaMode:
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise FormatError(f"deltas must be 'dg' or 'deep', not {text!r}") from None
+
 
 # POSIX attributes, as s3fs-fuse and rclone store them.
 META_MTIME = "mtime"
@@ -88,9 +120,9 @@ def join_key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
-def reference_key(prefix: str) -> str:
+def reference_key(prefix: str, mode: DeltaMode = DeltaMode.DG) -> str:
     """Key of the reference of the deltaspace ``prefix`` (no trailing slash)."""
-    return join_key(prefix, REFERENCE_NAME)
+    return join_key(prefix, DEEP_REFERENCE_NAME if mode is DeltaMode.DEEP else REFERENCE_NAME)
 
 
 def delta_key(key: str) -> str:
@@ -99,7 +131,8 @@ def delta_key(key: str) -> str:
 
 
 def is_reference_key(key: str) -> bool:
-    return split_key(key)[1] == REFERENCE_NAME
+    """A deltaspace's reference, of either mode."""
+    return split_key(key)[1] in REFERENCE_NAMES
 
 
 def is_internal_key(key: str) -> bool:
@@ -126,7 +159,7 @@ def visible_key(stored_key: str) -> str | None:
 
 def is_hidden_name(name: str) -> bool:
     """Names a user may not create in the mount because the format owns them."""
-    return name == REFERENCE_NAME or name.endswith(DELTA_SUFFIX)
+    return name in REFERENCE_NAMES or name.endswith(DELTA_SUFFIX)
 
 
 def delta_cmd_text(original_name: str) -> str:
@@ -249,6 +282,8 @@ class StoredFile:
     file_sha256: str | None
     ref_key: str | None = None
     ref_sha256: str | None = None
+    deep: bool = False
+    """A deep delta (or reference): its bytes are an expanded form's."""
 
     @property
     def ratio(self) -> float:
@@ -263,9 +298,16 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
     that lacks what is needed to rebuild it.
     """
     file_sha256 = meta_value(metadata, "file_sha256")
+    deep = is_deep(metadata)
     if is_reference_key(stored_key):
         return StoredFile(
-            Kind.REFERENCE, stored_key, stored_key, stored_size, stored_size, file_sha256
+            Kind.REFERENCE,
+            stored_key,
+            stored_key,
+            stored_size,
+            stored_size,
+            file_sha256,
+            deep=deep,
         )
     visible = visible_key(stored_key) or stored_key
     if file_sha256 is None:
@@ -287,9 +329,37 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
             file_sha256,
             ref_key,
             ref_sha256,
+            deep=deep,
         )
     original_size = _parse_size(stored_key, size_text) if size_text else stored_size
     return StoredFile(Kind.DIRECT, stored_key, visible, original_size, stored_size, file_sha256)
+
+
+def is_deep(metadata: Mapping[str, str]) -> bool:
+    """Whether an object belongs to a deep deltaspace (dgfs's extension)."""
+    return metadata.get(META_FORMAT) == DEEP_FORMAT
+
+
+def deep_reference_metadata(
+    source_name: str, expanded_sha256: str, expanded_size: int, now: datetime
+) -> dict[str, str]:
+    """A deep reference: ``dg-file-sha256`` is that of the expanded form it holds."""
+    meta = reference_metadata(source_name, expanded_sha256, now)
+    meta[META_FORMAT] = DEEP_FORMAT
+    meta[META_ENCODING] = DEEP_REFERENCE_ENCODING
+    meta[META_EXPANDED_SIZE] = str(expanded_size)
+    return meta
+
+
+def deep_delta_metadata(**fields: object) -> dict[str, str]:
+    """``delta_metadata`` for a deep delta (``ref_sha256``: the expanded reference's)."""
+    meta = delta_metadata(**fields)  # type: ignore[arg-type]
+    meta[META_FORMAT] = DEEP_FORMAT
+    meta["dg-delta-cmd"] = DEEP_DELTA_CMD
+    return meta
+
+
+DEEP_DELTA_CMD = "dgfs deep-1: xdelta3 of expanded forms (see dgfs docs/FORMAT.md)"
 
 
 def _parse_size(key: str, text: str) -> int:
@@ -313,7 +383,7 @@ def user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return {
         key: value
         for key, value in metadata.items()
-        if key not in own and not key.startswith(("dg-", "dg_"))
+        if key not in own and not key.startswith(("dg-", "dg_", "dgfs-"))
     }
 
 
@@ -323,7 +393,7 @@ def with_original_name(metadata: Mapping[str, str], new_name: str) -> dict[str, 
     for key in _ALIASES["original_name"]:
         if key in meta:
             meta[key] = new_name
-    if "dg-delta-cmd" in meta:
+    if "dg-delta-cmd" in meta and not is_deep(meta):
         meta["dg-delta-cmd"] = delta_cmd_text(new_name)
     return meta
 

@@ -138,17 +138,19 @@ class Policy:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ConfigError(f"min_delta_size must be a whole number >= 0, not {size!r}")
 
-    def is_delta_candidate(self, name: str, head: bytes, size: int) -> bool:
+    def is_delta_candidate(self, name: str, head: bytes, size: int, *, deep: bool = False) -> bool:
         """Whether to try storing this file as a delta.
 
         ``name`` is the file's name (or path), ``head`` its first
         :data:`SNIFF_BYTES` bytes (fewer if the file is shorter), ``size``
-        its length in bytes.
+        its length in bytes. ``deep``: for a deep deltaspace, where gzip
+        and friends are welcome (their deltas are taken of the expanded
+        form and never decoded by the stock CLI).
         """
         if size < self.min_delta_size:
             return False
         kind = sniff_kind(head)
-        if kind in XDELTA_AUTO_DECOMPRESSED_KINDS:
+        if kind in XDELTA_AUTO_DECOMPRESSED_KINDS and not deep:
             # Stock DeltaGlider decodes without -D, so xdelta3 would
             # decompress such a reference and fail: store direct, which
             # costs little (a correct gzip delta is ~0.94 of the file).

@@ -21,6 +21,7 @@ from dgfs.core import Core
 from dgfs.crypto import load_cache_key
 from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError
+from dgfs.format import DeltaMode
 from dgfs.policy import Policy
 from dgfs.store.s3 import S3Store
 
@@ -84,6 +85,8 @@ class Settings:
     xdelta3: str = "xdelta3"
     xdelta_memory: int = 1 << 30
     s3_concurrency: int = 16
+    deltas: DeltaMode = DeltaMode.DG
+    """Mode of new deltaspaces: DeltaGlider v6 (``dg``) or dgfs's ``deep`` extension."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
@@ -145,7 +148,14 @@ async def open_core(
         async with open_store(location, settings) as store:
             if check_bucket:
                 await store.check_bucket()
-            core = Core(store, cache, engine, settings.policy, scratch_dir=scratch)
+            core = Core(
+                store,
+                cache,
+                engine,
+                settings.policy,
+                scratch_dir=scratch,
+                deltas=settings.deltas,
+            )
             try:
                 yield core
             finally:

@@ -7,7 +7,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from dgfs.errors import ConfigError
+from dgfs.errors import ConfigError, FormatError
+from dgfs.format import DeltaMode
 from dgfs.fs.filesystem import FsOptions
 from dgfs.policy import Policy
 from dgfs.runtime import S3Location, Settings, parse_size
@@ -29,6 +30,8 @@ options (-o, comma separated):
   upload_workers=4 concurrent uploads                            log_level=info
   upload_delay=0.5 seconds between the last close and the upload (fsync skips it)
   min_delta_size=64K  smaller files are stored direct           attr_timeout=1
+  deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of
+                   archives' expanded content (dgfs only; docs/FORMAT.md)
 """
 
 FLAG_OPTIONS = {"ro", "rw", "allow_other", "sync_upload", "foreground"}
@@ -51,6 +54,7 @@ VALUE_OPTIONS = {
     "upload_workers",
     "upload_delay",
     "attr_timeout",
+    "deltas",
 }
 
 
@@ -81,6 +85,13 @@ def _float(name: str, value: str | None) -> float:
         return float(value or "")
     except ValueError:
         raise ConfigError(f"option {name} needs a number, got {value!r}") from None
+
+
+def _delta_mode(value: str | None) -> DeltaMode:
+    try:
+        return DeltaMode.parse(value or "")
+    except FormatError:
+        raise ConfigError(f"option deltas must be 'dg' or 'deep', not {value!r}") from None
 
 
 def build_config(
@@ -118,6 +129,8 @@ def build_config(
         policy_overrides["max_ratio"] = _float("max_ratio", options["max_ratio"])
     if "min_delta_size" in options:
         policy_overrides["min_delta_size"] = parse_size(str(options["min_delta_size"]))
+    if "deltas" in options:
+        changes["deltas"] = _delta_mode(options["deltas"])
     if policy_overrides:
         changes["policy"] = Policy.from_env(os.environ, **policy_overrides)
     settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]

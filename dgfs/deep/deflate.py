@@ -1,0 +1,229 @@
+"""Exact re-deflation: find zlib settings that reproduce a deflate stream bit for bit.
+
+A deflate stream can be replaced by its uncompressed bytes only if
+compressing those bytes again gives back the very same stream. Deflate
+leaves the encoder free to choose, so that holds only when the stream was
+made by zlib (Python's ``zlib``/``gzip``/``zipfile``, Java's
+``java.util.zip``, most zip and tar.gz writers) with settings we can
+guess: level, memLevel, window bits and strategy. Streams made by other
+encoders (GNU gzip, pigz, 7-Zip, Zopfli, zlib-ng) come out different and
+stay compressed.
+
+:func:`match_deflate` decompresses a raw deflate stream while feeding the
+output to every candidate compressor at once and comparing what each
+emits against the original bytes; a candidate that emits one wrong byte is
+dropped on the spot, so an unreproducible stream costs about one deflate
+block per candidate, not a full recompression. Deflate's output does not
+depend on how the input is sliced into ``compress()`` calls (zlib with
+``Z_NO_FLUSH``), which is what makes the comparison valid while streaming.
+
+zlib's output is stable across its 1.2.x and 1.3.x releases; other
+implementations (zlib-ng, Intel's, Cloudflare's) differ. :func:`zlib_is_reference`
+checks the running zlib against known answers: callers refuse to create
+deep objects when it fails, and every rebuild is checked by SHA-256 anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cache
+from typing import BinaryIO
+
+#: Decompressed bytes handed to the candidate compressors at a time: small
+#: enough that a wrong candidate is dropped soon after its first block.
+_FEED = 32 * 1024
+_READ = 256 * 1024
+#: A candidate that reproduced this many bytes and then went wrong shows the
+#: stream came from a near relative of zlib (GNU gzip, say): the other
+#: settings will not do better, so the search stops there.
+NEAR_MISS = 4096
+
+
+@dataclass(frozen=True)
+class DeflateParams:
+    """zlib settings for a raw deflate stream (no zlib or gzip wrapper)."""
+
+    level: int
+    mem_level: int = 8
+    window_bits: int = 15
+    strategy: int = zlib.Z_DEFAULT_STRATEGY
+
+    def compressor(self) -> zlib._Compress:
+        return zlib.compressobj(
+            self.level, zlib.DEFLATED, -self.window_bits, self.mem_level, self.strategy
+        )
+
+    def pack(self) -> bytes:
+        """Four bytes, as stored in the expanded form (docs/FORMAT.md)."""
+        return bytes((self.level, self.mem_level, self.window_bits, self.strategy))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> DeflateParams:
+        level, mem_level, window_bits, strategy = raw
+        if not (
+            0 <= level <= 9 and 1 <= mem_level <= 9 and 9 <= window_bits <= 15 and strategy <= 4
+        ):
+            raise ValueError(f"invalid deflate parameters {raw.hex()}")
+        return cls(level, mem_level, window_bits, strategy)
+
+
+def _candidates() -> tuple[DeflateParams, ...]:
+    # Most likely first: zipfile/jar default (6), gzip module and tarfile (9).
+    levels = (6, 9, 1, 5, 4, 7, 8, 3, 2)
+    first = [DeflateParams(level) for level in levels]
+    rarer = [DeflateParams(level, mem_level=9) for level in levels]
+    rarer += [DeflateParams(level, strategy=zlib.Z_FILTERED) for level in (6, 9)]
+    return tuple(first + rarer)
+
+
+CANDIDATES: tuple[DeflateParams, ...] = _candidates()
+
+
+@dataclass(frozen=True)
+class DeflateMatch:
+    """What :func:`match_deflate` found about one stream."""
+
+    compressed_length: int
+    """Bytes of the deflate stream (up to its final block); 0 if it is not valid deflate."""
+    uncompressed_length: int
+    params: DeflateParams | None
+    """Settings that reproduce the stream exactly, or None."""
+    near_miss: bool = False
+    """No settings fit, and one fitted a long prefix: trying others is pointless."""
+
+
+class _Candidate:
+    __slots__ = ("params", "compressor", "matched")
+
+    def __init__(self, params: DeflateParams) -> None:
+        self.params = params
+        self.compressor = params.compressor()
+        self.matched = 0  # bytes of the original stream this candidate reproduced so far
+
+
+def match_deflate(
+    src: BinaryIO,
+    start: int,
+    limit: int,
+    sink: Callable[[bytes], object] | None,
+    candidates: Iterable[DeflateParams] = CANDIDATES,
+) -> DeflateMatch:
+    """Decompress the raw deflate stream at ``start`` of ``src`` (not past
+    ``limit``), handing its output to ``sink``, and find which of
+    ``candidates`` reproduces it.
+
+    ``sink`` stops being called once no candidate is left (the output is
+    useless then), but the stream is still decompressed to find its end.
+    With no ``candidates`` at all it is a plain streaming inflate into ``sink``.
+    Returns ``compressed_length == 0`` when the bytes are not valid deflate.
+    """
+    live = [_Candidate(p) for p in candidates]
+    candidates_given = bool(live)
+    decomp = zlib.decompressobj(-15)
+    window = bytearray()  # original bytes from window_start on, still needed for comparison
+    window_start = 0  # stream offset of window[0]
+    consumed = 0  # stream bytes given to the decompressor
+    produced = 0
+    near_miss = False
+    src.seek(start)
+
+    def check(cand: _Candidate, out: bytes) -> bool:
+        if not out:
+            return True
+        offset = cand.matched - window_start
+        if window[offset : offset + len(out)] != out:
+            return False
+        cand.matched += len(out)
+        return True
+
+    while not decomp.eof:
+        want = min(_READ, limit - start - consumed)
+        chunk = src.read(want) if want > 0 else b""
+        if not chunk:
+            return DeflateMatch(0, produced, None)  # truncated: not a whole stream
+        consumed += len(chunk)
+        window += chunk
+        try:
+            plain = decomp.decompress(chunk)
+        except zlib.error:
+            return DeflateMatch(0, produced, None)
+        produced += len(plain)
+        for pos in range(0, len(plain), _FEED):
+            piece = plain[pos : pos + _FEED]
+            if live:
+                survivors = [c for c in live if check(c, c.compressor.compress(piece))]
+                if len(survivors) < len(live) and any(
+                    c.matched >= NEAR_MISS for c in live if c not in survivors
+                ):
+                    near_miss = True
+                    survivors = []
+                live = survivors
+                if live and sink is not None:
+                    sink(piece)
+            elif sink is not None and not candidates_given:
+                sink(piece)  # plain inflation: no candidates asked for
+        if live:
+            keep_from = min(c.matched for c in live)
+            if keep_from > window_start:
+                del window[: keep_from - window_start]
+                window_start = keep_from
+        else:
+            window.clear()
+            window_start = consumed
+    length = consumed - len(decomp.unused_data)
+    for cand in live:
+        tail = cand.compressor.flush()
+        if check(cand, tail) and cand.matched == length:
+            return DeflateMatch(length, produced, cand.params)
+        near_miss = near_miss or cand.matched >= NEAR_MISS
+    return DeflateMatch(length, produced, None, near_miss)
+
+
+def deflate_chunks(params: DeflateParams, chunks: Iterable[bytes]) -> Iterable[bytes]:
+    """Compress ``chunks`` with ``params``: the inverse of a successful match."""
+    compressor = params.compressor()
+    for chunk in chunks:
+        out = compressor.compress(chunk)
+        if out:
+            yield out
+    yield compressor.flush()
+
+
+# Known answers: SHA-256 prefixes of raw deflate of _kat_input() at four
+# levels, as reference zlib (1.2.13, Debian 12) makes them.
+def _kat_input() -> bytes:
+    words = [b"delta", b"glider", b"release", b"archive", b"zip", b"gzip", b"store", b"fs"]
+    out = bytearray()
+    state = 12345
+    for _ in range(40000):
+        state = (state * 1103515245 + 12345) & 0x7FFFFFFF
+        out += words[state % len(words)] + (b" " if state & 0x100 else b"\n")
+    return bytes(out)
+
+
+def _kat_digest(params: DeflateParams) -> str:
+    data = _kat_input()
+    return hashlib.sha256(b"".join(deflate_chunks(params, [data]))).hexdigest()[:16]
+
+
+_KAT_PARAMS = (DeflateParams(1), DeflateParams(4), DeflateParams(6), DeflateParams(9))
+_KAT_EXPECTED: tuple[str, ...] = (
+    "ccc5ba438fe45b34",
+    "3df99efb7178b801",
+    "0181d8c7043224b9",
+    "c9d900cdacc6e9b5",
+)
+
+
+@cache
+def zlib_is_reference() -> bool:
+    """Whether this process's zlib deflates exactly like reference zlib 1.2.11+.
+
+    Deep objects made here are rebuilt elsewhere (and the other way round),
+    so a zlib whose output differs (zlib-ng, a patched build) must not be
+    used to make them.
+    """
+    return tuple(_kat_digest(p) for p in _KAT_PARAMS) == _KAT_EXPECTED

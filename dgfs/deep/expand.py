@@ -1,0 +1,605 @@
+"""The expanded form: an archive with its compressed parts inflated, reversibly.
+
+``expand_file`` turns a file into a byte stream in which every deflate
+stream that zlib reproduces exactly (gzip members, zip/jar/whl members,
+and gzip or zip files nested inside those) is replaced by its
+uncompressed bytes plus the four bytes of settings that recompress it.
+Everything else (headers, trailers, central directories, stored members,
+streams nobody can reproduce, files that are not archives at all) is
+copied as it is. ``rebuild`` turns the stream back into the original
+bytes. Consecutive releases differ by a few percent in *content*, so
+xdelta3 finds far more in common between expanded forms than between
+the compressed files.
+
+Correctness never rests on the archive parsers: a span becomes a
+``DEFLATE`` segment only after recompressing its inflated bytes gave back
+exactly the original span, and anything a parser misreads simply stays
+``RAW``. Callers still check ``rebuild(expand(x))`` by SHA-256 before
+storing.
+
+Stream layout (version 1; docs/FORMAT.md is the normative text)::
+
+    stream   := MAGIC segment* END
+    segment  := RAW | DEFLATE
+    RAW      := 0x01 varint(n) byte{n}
+    DEFLATE  := 0x02 level memLevel windowBits strategy segment* END
+    GNU      := 0x03 level segment* END
+    END      := 0x00
+
+A ``DEFLATE`` segment's inner segments rebuild to the uncompressed bytes,
+which raw deflate with those settings turns into the original span; a
+``GNU`` segment's are compressed by GNU gzip at that level instead
+(:mod:`dgfs.deep.gnuzip`).
+Nothing is held in memory beyond one segment's buffer (``RAW_CHUNK``) and
+zlib's own state; nested archives are spooled to a scratch file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from dgfs.deep import gnuzip
+from dgfs.deep.deflate import CANDIDATES, DeflateMatch, DeflateParams, deflate_chunks, match_deflate
+from dgfs.errors import FormatError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DGFSX1\n\x00"
+TAG_END = 0
+TAG_RAW = 1
+TAG_DEFLATE = 2
+TAG_GNU = 3
+
+#: Largest RAW segment written; also the read/copy buffer size.
+RAW_CHUNK = 1 << 20
+#: Archives nested deeper than this stay as they are.
+MAX_DEPTH = 4
+#: After this many zip members in a row that no candidate reproduces, the
+#: rest of the archive is copied as it is (its writer was not zlib).
+MAX_MISSES = 4
+#: Once the settings that reproduced earlier streams of the same kind have
+#: worked this often, a stream they fail on is kept as it is without trying
+#: the others: one writer made them all, and it was not zlib this time
+#: (e.g. GNU gzip's .json.gz inside a wheel whose members zlib made).
+TRUSTED_HINT = 3
+#: Streams zlib cannot reproduce are offered to GNU gzip (zgz) from this
+#: many uncompressed bytes on; below it a process start costs more than it gains.
+GNU_MIN_SIZE = 4096
+
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+_ZIP_LOCAL = b"PK\x03\x04"
+_ZIP_DESCRIPTOR = b"PK\x07\x08"
+_ZIP_CENTRAL = b"PK\x01\x02"
+_ZIP_END = b"PK\x05\x06"
+_U32_MAX = 0xFFFFFFFF
+
+
+def nested_kind(head: bytes) -> str | None:
+    """``"gzip"`` or ``"zip"`` if ``head`` starts a format we expand, else None."""
+    if head.startswith(_GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(_ZIP_LOCAL):
+        return "zip"
+    return None
+
+
+@dataclass
+class ExpandStats:
+    """What ``expand_file`` did, for logs and benchmarks."""
+
+    original_size: int = 0
+    expanded_size: int = 0
+    streams_inflated: int = 0
+    streams_kept: int = 0
+    streams_gnu: int = 0
+    inflated_bytes: int = 0
+    params_seen: dict[DeflateParams, int] = field(default_factory=dict)
+
+
+# --- writing -----------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class _Writer:
+    """Segments onto a seekable file; RAW data is buffered up to ``RAW_CHUNK``."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self._pending = bytearray()
+
+    def raw(self, data: bytes) -> None:
+        self._pending += data
+        while len(self._pending) >= RAW_CHUNK:
+            self._emit(RAW_CHUNK)
+
+    def _emit(self, size: int) -> None:
+        piece = bytes(self._pending[:size])
+        del self._pending[:size]
+        self.out.write(bytes((TAG_RAW,)) + _varint(len(piece)) + piece)
+
+    def flush_raw(self) -> None:
+        if self._pending:
+            self._emit(len(self._pending))
+
+    def tag(self, data: bytes) -> None:
+        self.flush_raw()
+        self.out.write(data)
+
+    def tell(self) -> int:
+        self.flush_raw()
+        return self.out.tell()
+
+    def rewind(self, pos: int) -> None:
+        """Drop everything written from ``pos`` on (a failed segment)."""
+        self._pending.clear()
+        self.out.seek(pos)
+        self.out.truncate()
+
+    def patch(self, pos: int, data: bytes) -> None:
+        self.flush_raw()
+        end = self.out.tell()
+        self.out.seek(pos)
+        self.out.write(data)
+        self.out.seek(end)
+
+
+@dataclass
+class _Hint:
+    """The settings that last reproduced a stream of one kind, and how often they did."""
+
+    params: DeflateParams | None = None
+    successes: int = 0
+    gnu_level: int | None = None
+    gnu_failures: int = 0
+
+    def record(self, params: DeflateParams) -> None:
+        if params == self.params:
+            self.successes += 1
+        else:
+            self.params, self.successes = params, 1
+
+
+class _Expander:
+    def __init__(self, writer: _Writer, scratch_dir: Path, stats: ExpandStats) -> None:
+        self.w = writer
+        self.scratch_dir = scratch_dir
+        self.stats = stats
+        # Per kind of stream ("zip" members, "gzip" members) and nesting depth.
+        self.hints: dict[tuple[str, int], _Hint] = {}
+
+    # -- plumbing --
+
+    def copy(self, src: BinaryIO, start: int, end: int) -> None:
+        src.seek(start)
+        left = end - start
+        while left > 0:
+            chunk = src.read(min(RAW_CHUNK, left))
+            if not chunk:
+                raise FormatError("source ended early")
+            self.w.raw(chunk)
+            left -= len(chunk)
+
+    def range(self, src: BinaryIO, start: int, end: int, depth: int) -> None:
+        """Segments for ``src[start:end]``, expanding what it recognises."""
+        src.seek(start)
+        kind = nested_kind(src.read(4)) if depth <= MAX_DEPTH else None
+        if kind == "gzip":
+            self.gzip(src, start, end, depth)
+        elif kind == "zip":
+            self.zip(src, start, end, depth)
+        else:
+            self.copy(src, start, end)
+
+    def deflate(
+        self, src: BinaryIO, start: int, limit: int, depth: int, kind: str
+    ) -> tuple[DeflateMatch, bool]:
+        """One deflate stream at ``start``: a segment if reproducible, else nothing.
+
+        Returns the match (``compressed_length == 0`` means "not deflate")
+        and whether a segment was written for it.
+        """
+        hint = self.hints.setdefault((kind, depth), _Hint())
+        if hint.params is None:
+            found = self._try_deflate(src, start, limit, depth, CANDIDATES)
+        else:
+            found = self._try_deflate(src, start, limit, depth, (hint.params,))
+            retry = found.params is None and found.compressed_length and not found.near_miss
+            if retry and hint.successes < TRUSTED_HINT:
+                others = tuple(c for c in CANDIDATES if c != hint.params)
+                found = self._try_deflate(src, start, limit, depth, others)
+        if found.params is not None:
+            hint.record(found.params)
+            return found, True
+        gnu_worth_it = (
+            found.uncompressed_length >= GNU_MIN_SIZE
+            and gnuzip.zgz_path() is not None
+            and (hint.gnu_level is not None or hint.gnu_failures < MAX_MISSES)
+        )
+        return found, gnu_worth_it and self._try_gnu(src, start, found, depth, hint)
+
+    def _try_gnu(
+        self, src: BinaryIO, start: int, found: DeflateMatch, depth: int, hint: _Hint
+    ) -> bool:
+        """Write a GNU segment for the stream if GNU gzip reproduces it."""
+        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".gnu")
+        payload = Path(name)
+        try:
+            with os.fdopen(fd, "w+b") as spool:
+                match_deflate(src, start, start + found.compressed_length, spool.write, ())
+            levels = [lv for lv in (hint.gnu_level, *gnuzip.LEVELS) if lv is not None]
+            for level in dict.fromkeys(levels):
+                span = _span_chunks(src, start, found.compressed_length)
+                if gnuzip.gnu_matches(level, payload, span):
+                    break
+            else:
+                hint.gnu_failures += 1
+                return False
+            hint.gnu_level = level
+            self.w.tag(bytes((TAG_GNU, level)))
+            with open(payload, "rb") as spool:
+                self.range(spool, 0, found.uncompressed_length, depth + 1)
+            self.w.tag(bytes((TAG_END,)))
+            self.stats.streams_inflated += 1
+            self.stats.streams_gnu += 1
+            self.stats.inflated_bytes += found.uncompressed_length
+            return True
+        finally:
+            payload.unlink(missing_ok=True)
+
+    def _try_deflate(
+        self,
+        src: BinaryIO,
+        start: int,
+        limit: int,
+        depth: int,
+        candidates: tuple[DeflateParams, ...],
+    ) -> DeflateMatch:
+        seg_pos = self.w.tell()
+        self.w.tag(bytes((TAG_DEFLATE,)) + b"\0\0\0\0")
+        body_pos = self.w.tell()
+        spool: BinaryIO | None = None
+        spool_path: Path | None = None
+        first = True
+
+        def sink(piece: bytes) -> None:
+            nonlocal first, spool, spool_path
+            if first:
+                first = False
+                if depth < MAX_DEPTH and nested_kind(piece) is not None:
+                    fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".nested")
+                    spool_path = Path(name)
+                    spool = os.fdopen(fd, "w+b")
+            if spool is not None:
+                spool.write(piece)
+            else:
+                self.w.raw(piece)
+
+        try:
+            found = match_deflate(src, start, limit, sink, candidates)
+            if found.params is None:
+                self.w.rewind(seg_pos)
+                return found
+            self.w.patch(seg_pos + 1, found.params.pack())
+            if spool is not None:
+                spool.flush()
+                self.w.rewind(body_pos)
+                self.range(spool, 0, found.uncompressed_length, depth + 1)
+            self.w.tag(bytes((TAG_END,)))
+            self.stats.streams_inflated += 1
+            self.stats.inflated_bytes += found.uncompressed_length
+            seen = self.stats.params_seen
+            seen[found.params] = seen.get(found.params, 0) + 1
+            return found
+        finally:
+            if spool is not None:
+                spool.close()
+            if spool_path is not None:
+                spool_path.unlink(missing_ok=True)
+
+    # -- gzip (RFC 1952), one or more members --
+
+    def gzip(self, src: BinaryIO, start: int, end: int, depth: int) -> None:
+        pos = start
+        while pos < end:
+            src.seek(pos)
+            if src.read(3) != _GZIP_MAGIC:
+                break
+            body = _gzip_body_offset(src, pos, end)
+            if body is None:
+                break
+            self.copy(src, pos, body)
+            found, expanded = self.deflate(src, body, end, depth, "gzip")
+            if found.compressed_length == 0:
+                self.copy(src, body, end)  # not deflate after all: keep the rest
+                return
+            if not expanded:
+                self.stats.streams_kept += 1
+                self.copy(src, body, body + found.compressed_length)
+            pos = min(end, body + found.compressed_length + 8)  # CRC32 + ISIZE
+            self.copy(src, body + found.compressed_length, pos)
+        self.copy(src, pos, end)
+
+    # -- zip: walk local headers in order (data descriptors and zip64 included) --
+
+    def zip(self, src: BinaryIO, start: int, end: int, depth: int) -> None:
+        pos = cursor = start
+        misses = 0
+        while pos + 30 <= end:
+            entry = _read_local_header(src, pos, end)
+            if entry is None:
+                break
+            data_start, method, flags, csize = entry
+            if method == 8 and misses < MAX_MISSES:
+                self.copy(src, cursor, data_start)
+                cursor = data_start
+                limit = end if csize is None else min(end, data_start + csize)
+                found, expanded = self.deflate(src, data_start, limit, depth, "zip")
+                if found.compressed_length == 0 and csize is None:
+                    break  # neither deflate nor a known size: keep the rest as it is
+                if expanded:
+                    misses = 0
+                    cursor = data_start + found.compressed_length
+                elif found.compressed_length:
+                    misses += 1
+                    self.stats.streams_kept += 1
+                # Bytes the stream did not cover (if any) are copied with the next span.
+                data_end = data_start + (found.compressed_length if csize is None else csize)
+            elif csize is not None:
+                data_end = data_start + csize
+                if method == 0 and csize >= 64 and depth < MAX_DEPTH:
+                    src.seek(data_start)
+                    if nested_kind(src.read(4)) is not None:
+                        self.copy(src, cursor, data_start)
+                        self.range(src, data_start, data_end, depth + 1)
+                        cursor = data_end
+            else:
+                break  # size unknown (stored with a data descriptor): stop walking
+            after = _after_descriptor(src, data_end, end, flags)
+            if after is None:
+                break
+            pos = after
+        self.copy(src, cursor, end)
+
+
+def _span_chunks(src: BinaryIO, start: int, length: int) -> Iterator[bytes]:
+    src.seek(start)
+    while length > 0:
+        chunk = src.read(min(RAW_CHUNK, length))
+        if not chunk:
+            return
+        length -= len(chunk)
+        yield chunk
+
+
+def _gzip_body_offset(src: BinaryIO, pos: int, end: int) -> int | None:
+    """Offset of a gzip member's deflate data, or None if its header is cut short."""
+    src.seek(pos)
+    head = src.read(10)
+    if len(head) < 10:
+        return None
+    flags = head[3]
+    if flags & 0xE0:
+        return None  # reserved bits set: not a gzip member we understand
+    offset = pos + 10
+    if flags & 0x04:  # FEXTRA
+        src.seek(offset)
+        raw = src.read(2)
+        if len(raw) < 2:
+            return None
+        offset += 2 + struct.unpack("<H", raw)[0]
+    for flag in (0x08, 0x10):  # FNAME, FCOMMENT: zero-terminated
+        if flags & flag:
+            src.seek(offset)
+            while True:
+                chunk = src.read(4096)
+                if not chunk:
+                    return None
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    offset += nul + 1
+                    break
+                offset += len(chunk)
+    if flags & 0x02:  # FHCRC
+        offset += 2
+    return offset if offset <= end else None
+
+
+def _read_local_header(
+    src: BinaryIO, pos: int, end: int
+) -> tuple[int, int, int, int | None] | None:
+    """``(data_start, method, flags, compressed_size or None)`` of the zip entry at ``pos``."""
+    src.seek(pos)
+    head = src.read(30)
+    if len(head) < 30 or not head.startswith(_ZIP_LOCAL):
+        return None
+    flags, method = struct.unpack("<HH", head[6:10])
+    csize, usize, name_len, extra_len = struct.unpack("<IIHH", head[18:30])
+    data_start = pos + 30 + name_len + extra_len
+    if data_start > end:
+        return None
+    extra = src.read(name_len + extra_len)[name_len:]
+    size: int | None = csize
+    if csize == _U32_MAX or usize == _U32_MAX:
+        size = _zip64_csize(extra, usize == _U32_MAX, csize == _U32_MAX)
+    if flags & 0x08 and size == 0:
+        size = None  # sizes follow the data, in a descriptor
+    if size is not None and data_start + size > end:
+        return None
+    return data_start, method, flags, size
+
+
+def _zip64_csize(extra: bytes, has_usize: bool, has_csize: bool) -> int | None:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack("<HH", extra[pos : pos + 4])
+        body = extra[pos + 4 : pos + 4 + length]
+        if tag == 0x0001:
+            offset = 8 if has_usize else 0
+            if has_csize and len(body) >= offset + 8:
+                return int(struct.unpack("<Q", body[offset : offset + 8])[0])
+            return None
+        pos += 4 + length
+    return None
+
+
+def _after_descriptor(src: BinaryIO, data_end: int, end: int, flags: int) -> int | None:
+    """Where the next record starts after an entry's data (and its data descriptor)."""
+    if not flags & 0x08:
+        return data_end
+    # Descriptor: optional signature, CRC, then 4- or 8-byte sizes. Pick the
+    # length after which the next record's signature follows.
+    for length in (16, 12, 24, 20):
+        nxt = data_end + length
+        if nxt + 4 > end:
+            continue
+        src.seek(nxt)
+        if src.read(4) in (_ZIP_LOCAL, _ZIP_CENTRAL, _ZIP_END):
+            return nxt
+    return None
+
+
+# --- public API ------------------------------------------------------------------
+
+
+def expand_file(src: Path, out: Path, *, scratch_dir: Path) -> ExpandStats:
+    """Write the expanded form of ``src`` to ``out`` (blocking; run it in a thread)."""
+    stats = ExpandStats(original_size=src.stat().st_size)
+    with open(src, "rb") as source, open(out, "w+b") as sink:
+        sink.write(MAGIC)
+        writer = _Writer(sink)
+        expander = _Expander(writer, scratch_dir, stats)
+        try:
+            expander.range(source, 0, stats.original_size, 0)
+        except FormatError as exc:
+            # A parser disagreed with the bytes: the plain form is always right.
+            log.info("%s: expansion stopped (%s); kept as it is", src, exc)
+            writer.rewind(len(MAGIC))
+            stats.streams_inflated = stats.inflated_bytes = 0
+            expander.copy(source, 0, stats.original_size)
+        writer.tag(bytes((TAG_END,)))
+        stats.expanded_size = sink.tell()
+    return stats
+
+
+def plain_form(src: Path, out: Path) -> None:
+    """The expanded form that expands nothing (what ``expand_file`` falls back to)."""
+    with open(src, "rb") as source, open(out, "wb") as sink:
+        sink.write(MAGIC)
+        writer = _Writer(sink)
+        _Expander(writer, Path(tempfile.gettempdir()), ExpandStats()).copy(
+            source, 0, src.stat().st_size
+        )
+        writer.tag(bytes((TAG_END,)))
+
+
+class _Reader:
+    def __init__(self, src: BinaryIO, scratch_dir: Path | None) -> None:
+        self.src = src
+        self.scratch_dir = scratch_dir
+
+    def exact(self, size: int) -> bytes:
+        data = self.src.read(size)
+        if len(data) != size:
+            raise FormatError("expanded form ends early")
+        return data
+
+    def varint(self) -> int:
+        value = shift = 0
+        for _ in range(10):
+            byte = self.exact(1)[0]
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+        raise FormatError("expanded form: bad length")
+
+    def _gnu(self, level: int) -> Iterator[bytes]:
+        if not 1 <= level <= 9:
+            raise FormatError(f"expanded form: bad GNU gzip level {level}")
+        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".gnu")
+        payload = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as spool:
+                for chunk in self.segments():
+                    spool.write(chunk)
+            yield from gnuzip.gnu_deflate(level, payload)
+        finally:
+            payload.unlink(missing_ok=True)
+
+    def segments(self) -> Iterator[bytes]:
+        while True:
+            tag = self.exact(1)[0]
+            if tag == TAG_END:
+                return
+            if tag == TAG_RAW:
+                left = self.varint()
+                while left:
+                    chunk = self.exact(min(left, RAW_CHUNK))
+                    left -= len(chunk)
+                    yield chunk
+            elif tag == TAG_DEFLATE:
+                try:
+                    params = DeflateParams.unpack(self.exact(4))
+                except ValueError as exc:
+                    raise FormatError(f"expanded form: {exc}") from None
+                yield from deflate_chunks(params, self.segments())
+            elif tag == TAG_GNU:
+                yield from self._gnu(self.exact(1)[0])
+            else:
+                raise FormatError(f"expanded form: unknown segment tag {tag}")
+
+
+def rebuild_chunks(src: BinaryIO, scratch_dir: Path | None = None) -> Iterator[bytes]:
+    """The original bytes of the expanded stream ``src``, in pieces.
+
+    Raises ``FormatError`` if the stream is not a complete expanded form.
+    ``scratch_dir`` holds GNU segments' payloads while zgz compresses them.
+    """
+    if src.read(len(MAGIC)) != MAGIC:
+        raise FormatError("not a dgfs expanded form (bad magic)")
+    reader = _Reader(src, scratch_dir)
+    yield from reader.segments()
+    if src.read(1):
+        raise FormatError("expanded form: bytes after the end")
+
+
+def rebuild_file(expanded: Path, out: Path, scratch_dir: Path | None = None) -> tuple[str, int]:
+    """Write the original bytes of ``expanded`` to ``out``; returns (sha256, size)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(expanded, "rb") as src, open(out, "wb") as sink:
+        for chunk in rebuild_chunks(src, scratch_dir):
+            digest.update(chunk)
+            size += len(chunk)
+            sink.write(chunk)
+    return digest.hexdigest(), size
+
+
+def rebuild_digest(expanded: Path, scratch_dir: Path | None = None) -> tuple[str, int]:
+    """SHA-256 and size of what ``expanded`` rebuilds to, without writing it."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(expanded, "rb") as src:
+        for chunk in rebuild_chunks(src, scratch_dir):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size

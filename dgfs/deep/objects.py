@@ -1,0 +1,71 @@
+"""Bodies of deep objects: the compressed reference and the wrapped delta.
+
+Blocking file-to-file functions (run them in a worker thread); nothing is
+held in memory beyond a stream buffer. docs/FORMAT.md is the normative
+description.
+
+- A deep reference's body is one zstd frame holding the expanded form of
+  the deltaspace's first file. Level 9 with long-distance matching over a
+  128 MiB window: measured on a botocore wheel's 95 MB expanded form, 7.7 MB
+  in 1.5 s (level 3: 10.3 MB in 0.2 s; level 15: 7.1 MB in 10.5 s); on a
+  Django sdist's 59 MB, 8.0 MB in 1.3 s (the ``.tar.gz`` itself is 10.4 MB).
+- A deep delta's body is ``DEEP_DELTA_MAGIC`` followed by a VCDIFF (xdelta3)
+  that turns the expanded reference into the file's expanded form.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import zstandard
+
+from dgfs.errors import FormatError
+from dgfs.format import DEEP_DELTA_MAGIC
+
+ZSTD_LEVEL = 9
+ZSTD_WINDOW_LOG = 27
+_BUFFER = 1 << 20
+
+
+def compress_reference(expanded: Path, out: Path) -> int:
+    """zstd-compress ``expanded`` into ``out``; returns the compressed size."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        ZSTD_LEVEL,
+        window_log=ZSTD_WINDOW_LOG,
+        enable_ldm=True,
+        write_checksum=True,
+        write_content_size=True,
+    )
+    compressor = zstandard.ZstdCompressor(compression_params=params)
+    size = expanded.stat().st_size
+    with open(expanded, "rb") as src, open(out, "wb") as dst:
+        compressor.copy_stream(src, dst, size=size, read_size=_BUFFER, write_size=_BUFFER)
+    return out.stat().st_size
+
+
+def decompress_reference(stored: Path, out: Path) -> None:
+    """Undo :func:`compress_reference`; ``FormatError`` if ``stored`` is not such a body."""
+    decompressor = zstandard.ZstdDecompressor(max_window_size=1 << ZSTD_WINDOW_LOG)
+    try:
+        with open(stored, "rb") as src, open(out, "wb") as dst:
+            decompressor.copy_stream(src, dst, read_size=_BUFFER, write_size=_BUFFER)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"deep reference body is not valid zstd: {exc}") from None
+
+
+def wrap_delta(vcdiff: Path, out: Path) -> int:
+    """``DEEP_DELTA_MAGIC`` + ``vcdiff`` into ``out``; returns the body's size."""
+    with open(vcdiff, "rb") as src, open(out, "wb") as dst:
+        dst.write(DEEP_DELTA_MAGIC)
+        shutil.copyfileobj(src, dst, _BUFFER)
+    return out.stat().st_size
+
+
+def unwrap_delta(body: Path, out: Path) -> None:
+    """The VCDIFF inside a deep delta's body; ``FormatError`` if the magic is wrong."""
+    with open(body, "rb") as src:
+        if src.read(len(DEEP_DELTA_MAGIC)) != DEEP_DELTA_MAGIC:
+            raise FormatError("not a dgfs deep delta (bad magic)")
+        with open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, _BUFFER)

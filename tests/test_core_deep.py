@@ -1,0 +1,181 @@
+"""Deep deltaspaces in the storage core: deltas of expanded forms (no FUSE)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import random
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dgfs import format as fmt
+from dgfs.cache import ContentCache
+from dgfs.core import Core
+from dgfs.delta import DeltaEngine
+from dgfs.errors import IntegrityError
+from dgfs.format import DeltaMode, Kind
+from dgfs.policy import Policy
+from dgfs.store.memory import MemoryStore
+from tests.releases import write_series
+
+
+def make_core(store: MemoryStore, root: Path, deltas: DeltaMode) -> tuple[Core, ContentCache]:
+    cache = ContentCache(root / f"cache-{deltas.value}", 1 << 30)
+    policy = Policy(min_delta_size=1024)
+    core = Core(store, cache, DeltaEngine(), policy, scratch_dir=root / "scratch", deltas=deltas)
+    return core, cache
+
+
+@pytest.fixture
+async def deep(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
+    core, cache = make_core(memory_store, tmp_path, DeltaMode.DEEP)
+    yield core
+    await core.aclose()
+    cache.close()
+
+
+@pytest.fixture
+async def plain(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
+    core, cache = make_core(memory_store, tmp_path, DeltaMode.DG)
+    yield core
+    await core.aclose()
+    cache.close()
+
+
+def sdist(tmp: Path, version: int, files: int = 40) -> Path:
+    """A Python-made ``.tar.gz`` like an sdist: most members unchanged between versions."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(files):
+            body = random.Random(i).randbytes(3000).hex().encode()
+            if i == 3:
+                body += f"version {version}".encode()
+            info = tarfile.TarInfo(f"pkg-{version}/mod{i}.py")
+            info.size = len(body)
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(body))
+    path = tmp / f"pkg-{version}.tar.gz"
+    with gzip.GzipFile(path, "wb", compresslevel=9, mtime=1_700_000_000 + version) as gz:
+        gz.write(buf.getvalue())
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_targz_series_stored_as_small_deep_deltas(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    paths = [sdist(tmp_path, v) for v in range(1, 4)]
+    results = [await deep.put(p, f"app/{p.name}") for p in paths]
+    assert results[0].created_reference and all(r.deep for r in results)
+    assert "app/reference.deep" in memory_store.objects
+    assert "app/reference.bin" not in memory_store.objects
+    for path, result in zip(paths[1:], results[1:], strict=True):
+        assert result.kind is Kind.DELTA
+        # The gzip streams differ almost entirely; their content barely does.
+        assert result.stored_size < 0.05 * path.stat().st_size
+    for path in paths:
+        out = tmp_path / "out"
+        stored = await deep.get(f"app/{path.name}", out)
+        assert stored.deep and sha(out) == sha(path)
+    head = memory_store.objects["app/pkg-2.tar.gz.delta"]
+    assert head.metadata[fmt.META_FORMAT] == fmt.DEEP_FORMAT
+    assert head.body.startswith(fmt.DEEP_DELTA_MAGIC)
+
+
+async def test_dg_mode_stores_gzip_direct(plain: Core, tmp_path: Path) -> None:
+    result = await plain.put(sdist(tmp_path, 1), "app/pkg-1.tar.gz")
+    assert result.kind is Kind.DIRECT and not result.deep
+
+
+async def test_directory_keeps_the_mode_it_was_created_with(
+    memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    zips = write_series(tmp_path / "rel", 3, size=512 << 10)
+    deep_core, deep_cache = make_core(memory_store, tmp_path / "d", DeltaMode.DEEP)
+    dg_core, dg_cache = make_core(memory_store, tmp_path / "g", DeltaMode.DG)
+    try:
+        assert (await dg_core.put(zips[0], "dgdir/a.zip")).deep is False
+        assert (await deep_core.put(zips[1], "dgdir/b.zip")).deep is False  # stays DG
+        assert (await deep_core.put(zips[0], "deepdir/a.zip")).deep is True
+        assert (await dg_core.put(zips[2], "deepdir/c.zip")).deep is True  # stays deep
+        for key, path in [("dgdir/b.zip", zips[1]), ("deepdir/c.zip", zips[2])]:
+            for core in (deep_core, dg_core):
+                out = tmp_path / "out"
+                await core.get(key, out)
+                assert sha(out) == sha(path)
+    finally:
+        for core, cache in ((deep_core, deep_cache), (dg_core, dg_cache)):
+            await core.aclose()
+            cache.close()
+
+
+async def test_deep_reads_from_a_fresh_cache(memory_store: MemoryStore, tmp_path: Path) -> None:
+    """The reader fetches and unpacks reference.deep itself (another machine's view)."""
+    writer, wcache = make_core(memory_store, tmp_path / "w", DeltaMode.DEEP)
+    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    for p in paths:
+        await writer.put(p, f"app/{p.name}")
+    await writer.aclose()
+    wcache.close()
+    reader, rcache = make_core(memory_store, tmp_path / "r", DeltaMode.DG)
+    try:
+        for p in paths:
+            out = tmp_path / "out"
+            await reader.get(f"app/{p.name}", out)
+            assert sha(out) == sha(p)
+    finally:
+        await reader.aclose()
+        rcache.close()
+
+
+async def test_corrupt_deep_delta_is_refused(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    for p in paths:
+        await deep.put(p, f"app/{p.name}")
+    obj = memory_store.objects["app/pkg-2.tar.gz.delta"]
+    memory_store.objects["app/pkg-2.tar.gz.delta"] = dataclasses.replace(
+        obj, body=b"NOTDEEP" + obj.body[7:]
+    )
+    with pytest.raises(IntegrityError):
+        await deep.get("app/pkg-2.tar.gz", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+async def test_rename_across_directories_rebuilds_into_the_target_mode(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    path = sdist(tmp_path, 1)
+    await deep.put(path, "app/pkg-1.tar.gz")
+    await deep.put(sdist(tmp_path, 2), "app/pkg-2.tar.gz")
+    moved = await deep.rename("app/pkg-2.tar.gz", "other/pkg-2.tar.gz")
+    assert moved.deep
+    out = tmp_path / "out"
+    await deep.get("other/pkg-2.tar.gz", out)
+    assert sha(out) == sha(tmp_path / "pkg-2.tar.gz")
+    renamed = await deep.rename("app/pkg-1.tar.gz", "app/first.tar.gz")
+    assert renamed.deep and renamed.ref_key == "app/reference.deep"
+    await deep.get("app/first.tar.gz", out)
+    assert sha(out) == sha(path)
+
+
+async def test_directory_rename_moves_the_deep_reference(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    for p in paths:
+        await deep.put(p, f"app/{p.name}")
+    await deep.rename_prefix("app", "moved")
+    assert "moved/reference.deep" in memory_store.objects
+    out = tmp_path / "out"
+    stored = await deep.get("moved/pkg-2.tar.gz", out)
+    assert stored.ref_key == "moved/reference.deep" and sha(out) == sha(paths[1])
