@@ -1088,7 +1088,8 @@ class FileSystem:
             raise FsError(errno.ENODATA)
         else:
             values = {
-                "kind": stored.kind.value,
+                # A deep delta (dgfs's extension) is told apart from a DeltaGlider one.
+                "kind": f"deep-{stored.kind.value}" if stored.deep else stored.kind.value,
                 "stored_size": stored.stored_size,
                 "original_size": stored.original_size,
                 "ratio": f"{stored.ratio:.4f}",

@@ -1,0 +1,177 @@
+"""Real mounts with ``-o deltas=deep``: archives stored by their expanded content.
+
+- A series of Python-made ``.tar.gz`` files and zips with nested ``.gz``
+  members copied in with ``cp`` reads back byte for byte, through the same
+  mount, a fresh mount, and a mount in the default (DeltaGlider) mode.
+- The bucket holds ``reference.deep`` and deep deltas far smaller than a
+  DeltaGlider-mode directory of the same files.
+- The stock DeltaGlider CLI refuses a deep file loudly and writes nothing.
+- A directory keeps its mode: a DeltaGlider-mode mount writing into a deep
+  directory adds deep deltas, and a deep mount writing into a DeltaGlider
+  directory adds DeltaGlider deltas.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import random
+import shutil
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.dgcli import run_deltaglider
+from tests.mountutil import Mounts, S3View, sha256_file
+
+pytestmark = [pytest.mark.mount]
+
+
+def _module(i: int, version: int) -> bytes:
+    body = random.Random(i).randbytes(6000).hex().encode()
+    if i % 7 == version % 7:
+        body += f"\n# changed in {version}\n".encode()
+    return body
+
+
+def sdist(directory: Path, version: int) -> Path:
+    """Like setuptools' sdist: a tar gzipped by Python's gzip at level 9."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(60):
+            data = _module(i, version)
+            info = tarfile.TarInfo(f"pkg-1.{version}/pkg/mod{i}.py")
+            info.size, info.mtime = len(data), 1_700_000_000 + version
+            tar.addfile(info, io.BytesIO(data))
+    path = directory / f"pkg-1.{version}.tar.gz"
+    with gzip.GzipFile(path, "wb", compresslevel=9, mtime=1_700_000_100 + version) as gz:
+        gz.write(buf.getvalue())
+    return path
+
+
+def wheel(directory: Path, version: int) -> Path:
+    """Like a botocore wheel: zip members, some of them gzip files themselves."""
+    path = directory / f"pkg-1.{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(30):
+            zf.writestr(f"pkg/mod{i}.py", _module(i, version))
+            zf.writestr(f"pkg/data/{i}.json.gz", gzip.compress(_module(100 + i, version), mtime=0))
+        zf.writestr("pkg-1.dist-info/METADATA", f"Version: 1.{version}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    directory = tmp_path_factory.mktemp("deep-series")
+    return [sdist(directory, v) for v in range(1, 5)] + [wheel(directory, v) for v in range(1, 5)]
+
+
+def _stored_bytes(view: S3View, prefix: str) -> int:
+    return sum(view.keys(prefix).values())
+
+
+def test_deep_mount_stores_expanded_deltas_and_reads_back(
+    mounts: Mounts, series: list[Path], tmp_path: Path
+) -> None:
+    bucket = mounts.new_bucket()
+    mount = mounts.mount(bucket, deltas="deep")
+    view = S3View(mounts.endpoint, bucket)
+    try:
+        for subdir, mode_mount in (("deep", mount), ("plain", None)):
+            target = mount if mode_mount else mounts.mount(bucket)
+            for kind in ("sdist", "wheel"):
+                (target / subdir / kind).mkdir(parents=True)
+            for path in series:
+                kind = "wheel" if path.suffix == ".whl" else "sdist"
+                subprocess.run(["cp", str(path), str(target / subdir / kind)], check=True)
+            target.settle(
+                *(
+                    target / subdir / k / p.name
+                    for k in ("sdist", "wheel")
+                    for p in series
+                    if (target / subdir / k / p.name).exists()
+                )
+            )
+            if target is not mount:
+                target.unmount()
+        keys = view.keys()
+        assert "deep/sdist/reference.deep" in keys and "deep/wheel/reference.deep" in keys
+        assert "plain/wheel/reference.bin" in keys and "plain/sdist/reference.deep" not in keys
+        meta = view.metadata("deep/sdist/pkg-1.3.tar.gz.delta")
+        assert meta["dgfs-format"] == "deep-1"
+        assert os.getxattr(mount / "deep/sdist/pkg-1.3.tar.gz", "user.dgfs.kind") == b"deep-delta"
+        # Far smaller than the same files in a DeltaGlider-mode directory.
+        for kind in ("sdist", "wheel"):
+            deep_size = _stored_bytes(view, f"deep/{kind}/")
+            plain_size = _stored_bytes(view, f"plain/{kind}/")
+            assert deep_size < 0.6 * plain_size, (kind, deep_size, plain_size)
+        names = sorted(p.name for p in series if p.suffix != ".whl")
+        assert sorted(os.listdir(mount / "deep/sdist")) == names
+        for path in series:
+            kind = "wheel" if path.suffix == ".whl" else "sdist"
+            assert (mount / "deep" / kind / path.name).stat().st_size == path.stat().st_size
+            assert sha256_file(mount / "deep" / kind / path.name) == sha256_file(path)
+        # A fresh mount in the default mode (another machine) reads the deep files too.
+        other = mounts.mount(bucket, ro=None)
+        for path in series:
+            kind = "wheel" if path.suffix == ".whl" else "sdist"
+            assert sha256_file(other / "deep" / kind / path.name) == sha256_file(path)
+        other.unmount()
+    finally:
+        view.close()
+        mount.unmount()
+
+
+@pytest.mark.interop
+def test_stock_deltaglider_refuses_deep_files_loudly(
+    mounts: Mounts, series: list[Path], tmp_path: Path
+) -> None:
+    bucket = mounts.new_bucket()
+    mount = mounts.mount(bucket, deltas="deep")
+    try:
+        (mount / "app").mkdir()
+        for path in series[:2]:
+            shutil.copy(path, mount / "app")
+        mount.settle(*(mount / "app" / p.name for p in series[:2]))
+    finally:
+        mount.unmount()
+    for path in series[:2]:
+        out = tmp_path / f"dg-{path.name}"
+        result = run_deltaglider(
+            mounts.endpoint, "cp", f"s3://{bucket}/app/{path.name}", str(out), check=False
+        )
+        assert result.returncode != 0, result.stdout
+        assert not out.exists() or sha256_file(out) == sha256_file(path)
+
+
+def test_directories_keep_their_mode(mounts: Mounts, series: list[Path]) -> None:
+    bucket = mounts.new_bucket()
+    view = S3View(mounts.endpoint, bucket)
+    deep = mounts.mount(bucket, deltas="deep")
+    try:
+        (deep / "d").mkdir()
+        shutil.copy(series[4], deep / "d")
+        deep.settle(deep / "d" / series[4].name)
+        deep.unmount()
+        plain = mounts.mount(bucket)
+        (plain / "g").mkdir()
+        shutil.copy(series[4], plain / "g")
+        shutil.copy(series[5], plain / "d")
+        plain.settle(plain / "g" / series[4].name, plain / "d" / series[5].name)
+        plain.unmount()
+        deep = mounts.mount(bucket, deltas="deep")
+        shutil.copy(series[5], deep / "g")
+        deep.settle(deep / "g" / series[5].name)
+        assert view.metadata(f"d/{series[5].name}.delta").get("dgfs-format") == "deep-1"
+        assert "dgfs-format" not in view.metadata(f"g/{series[5].name}.delta")
+        assert view.metadata(f"g/{series[5].name}.delta")["dg-ref-key"] == "g/reference.bin"
+        for name in ("d", "g"):
+            for path in series[4:6]:
+                assert sha256_file(deep / name / path.name) == sha256_file(path)
+    finally:
+        view.close()
+        deep.unmount()
