@@ -146,6 +146,13 @@ def test_stock_deltaglider_refuses_deep_files_loudly(
         )
         assert result.returncode != 0, result.stdout
         assert not out.exists() or sha256_file(out) == sha256_file(path)
+    out = tmp_path / "dg-reference"
+    result = run_deltaglider(
+        mounts.endpoint, "cp", f"s3://{bucket}/app/reference.deep", str(out), check=False
+    )
+    assert result.returncode != 0 and not out.exists()
+    listing = run_deltaglider(mounts.endpoint, "ls", f"s3://{bucket}/app/").stdout
+    assert all(path.name in listing for path in series[:2]), listing
 
 
 def test_directories_keep_their_mode(mounts: Mounts, series: list[Path]) -> None:

@@ -80,6 +80,10 @@ _ZIP_DESCRIPTOR = b"PK\x07\x08"
 _ZIP_CENTRAL = b"PK\x01\x02"
 _ZIP_END = b"PK\x05\x06"
 _U32_MAX = 0xFFFFFFFF
+# What a writer's header says of its level: gzip's XFL byte (2: slowest,
+# 4: fastest), a zip entry's flag bits 1-2 (normal, maximum, fast, superfast).
+_XFL_PRIOR = {0: DeflateParams(6), 2: DeflateParams(9), 4: DeflateParams(1)}
+_ZIP_FLAG_PRIOR = (DeflateParams(6), DeflateParams(9), DeflateParams(1), DeflateParams(1))
 
 
 def nested_kind(head: bytes) -> str | None:
@@ -210,21 +214,32 @@ class _Expander:
             self.copy(src, start, end)
 
     def deflate(
-        self, src: BinaryIO, start: int, limit: int, depth: int, kind: str
+        self,
+        src: BinaryIO,
+        start: int,
+        limit: int,
+        depth: int,
+        kind: str,
+        prior: DeflateParams | None = None,
     ) -> tuple[DeflateMatch, bool]:
         """One deflate stream at ``start``: a segment if reproducible, else nothing.
 
-        Returns the match (``compressed_length == 0`` means "not deflate")
-        and whether a segment was written for it.
+        ``prior`` is what the container's header suggests (gzip's XFL, a
+        zip entry's flags). Returns the match (``compressed_length == 0``
+        means "not deflate") and whether a segment was written for it.
         """
         hint = self.hints.setdefault((kind, depth), _Hint())
-        if hint.params is None:
+        first = hint.params or prior
+        if first is None:
             found = self._try_deflate(src, start, limit, depth, CANDIDATES)
         else:
-            found = self._try_deflate(src, start, limit, depth, (hint.params,))
+            # One likely candidate alone first: on very compressible data a
+            # wrong candidate emits its first block late, so running all of
+            # them side by side would cost many full compressions.
+            found = self._try_deflate(src, start, limit, depth, (first,))
             retry = found.params is None and found.compressed_length and not found.near_miss
-            if retry and hint.successes < TRUSTED_HINT:
-                others = tuple(c for c in CANDIDATES if c != hint.params)
+            if retry and (hint.params is None or hint.successes < TRUSTED_HINT):
+                others = tuple(c for c in CANDIDATES if c != first)
                 found = self._try_deflate(src, start, limit, depth, others)
         if found.params is not None:
             hint.record(found.params)
@@ -327,7 +342,9 @@ class _Expander:
             if body is None:
                 break
             self.copy(src, pos, body)
-            found, expanded = self.deflate(src, body, end, depth, "gzip")
+            src.seek(pos + 8)
+            prior = _XFL_PRIOR.get(src.read(1)[0])
+            found, expanded = self.deflate(src, body, end, depth, "gzip", prior)
             if found.compressed_length == 0:
                 self.copy(src, body, end)  # not deflate after all: keep the rest
                 return
@@ -352,7 +369,8 @@ class _Expander:
                 self.copy(src, cursor, data_start)
                 cursor = data_start
                 limit = end if csize is None else min(end, data_start + csize)
-                found, expanded = self.deflate(src, data_start, limit, depth, "zip")
+                prior = _ZIP_FLAG_PRIOR[(flags >> 1) & 3]
+                found, expanded = self.deflate(src, data_start, limit, depth, "zip", prior)
                 if found.compressed_length == 0 and csize is None:
                     break  # neither deflate nor a known size: keep the rest as it is
                 if expanded:
