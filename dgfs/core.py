@@ -52,6 +52,8 @@ from dgfs.store.base import ObjectHead, ObjectStore
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# For an existing reference ``_ensure_reference`` never looks at the digest.
+_NO_DIGEST = FileDigest("", 0, b"")
 
 
 @dataclass(frozen=True)
@@ -417,7 +419,12 @@ class Core:
         content_type: str,
         ref_head: ObjectHead | None,
     ) -> PutResult:
-        """Store ``src`` as a delta of its expanded form against the expanded reference."""
+        """Store ``src`` as a delta of its expanded form against the expanded reference.
+
+        The proof that the expanded form rebuilds to ``src`` runs beside
+        the reference work and xdelta3 (they use the other core), and is
+        awaited before anything is uploaded as ``key``.
+        """
         prefix, name = fmt.split_key(key)
         ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
         async with (
@@ -425,29 +432,33 @@ class Core:
             self._scratch(".vcdiff") as vcdiff,
             self._scratch(".delta") as body,
         ):
-            expanded_digest = await self._expand(src, expanded, digest, key)
-            if ref_head is None:
-                async with self._scratch(".zst") as packed:
-                    await self._cpu(objects.compress_reference, expanded, packed)
-                    meta = fmt.deep_reference_metadata(
-                        name, expanded_digest.sha256, expanded_digest.size, self._now()
-                    )
-                    ref_sha256, created = await self._ensure_reference(
-                        expanded, ref_key, name, expanded_digest, None, meta=meta, body=packed
-                    )
-            else:
-                ref_sha256, created = await self._ensure_reference(
-                    expanded, ref_key, name, expanded_digest, ref_head
-                )
+            await self._expand(src, expanded, key)
+            proof: list[bool] = []
+
+            async def prove() -> None:
+                result = await self._cpu(expand.rebuild_digest, expanded, self.scratch_dir)
+                proof.append(result == (digest.sha256, digest.size))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(prove)
+                ref_sha256, created = await self._deep_reference(expanded, ref_key, name, ref_head)
+                if ref_sha256 is not None and created:
+                    await self.engine.encode(expanded, expanded, vcdiff)
+                elif ref_sha256 is not None:
+                    async with self._plain_reference(ref_key, ref_sha256) as plain_ref:
+                        await self.engine.encode(plain_ref, expanded, vcdiff)
             if ref_sha256 is None:
                 return await self._put_direct(src, key, digest, extra, content_type)
-            if created:
-                await self.engine.encode(expanded, expanded, vcdiff)
-            else:
+            zero_diff = created
+            if not proof[0]:
+                # Never expected: the expansion checked every stream it inflated.
+                log.error("%s: expanded form does not rebuild exactly; not expanding it", key)
+                await self._cpu(expand.plain_form, src, expanded)
                 async with self._plain_reference(ref_key, ref_sha256) as plain_ref:
                     await self.engine.encode(plain_ref, expanded, vcdiff)
+                zero_diff = False
             delta_size = await self._cpu_int(objects.wrap_delta, vcdiff, body)
-            if not created and not self.policy.accepts_ratio(delta_size, digest.size):
+            if not zero_diff and not self.policy.accepts_ratio(delta_size, digest.size):
                 log.info(
                     "%s: deep delta is %.2f of the file (max %.2f), storing direct",
                     key,
@@ -455,6 +466,7 @@ class Core:
                     self.policy.max_ratio,
                 )
                 return await self._put_direct(src, key, digest, extra, content_type)
+            expanded_size = expanded.stat().st_size
             meta = fmt.deep_delta_metadata(
                 original_name=name,
                 file_sha256=digest.sha256,
@@ -463,9 +475,9 @@ class Core:
                 ref_sha256=ref_sha256,
                 delta_size=delta_size,
                 now=self._now(),
-                zero_diff=created,
+                zero_diff=zero_diff,
             )
-            meta[fmt.META_EXPANDED_SIZE] = str(expanded_digest.size)
+            meta[fmt.META_EXPANDED_SIZE] = str(expanded_size)
             stored_key = fmt.delta_key(key)
             await self.store.upload(stored_key, body, {**extra, **meta}, content_type=content_type)
         await self.store.delete(key)
@@ -474,7 +486,7 @@ class Core:
             key,
             digest.size,
             delta_size,
-            expanded_digest.size,
+            expanded_size,
             " (new reference)" if created else "",
         )
         return PutResult(
@@ -490,40 +502,50 @@ class Core:
             deep=True,
         )
 
+    async def _deep_reference(
+        self, expanded: Path, ref_key: str, name: str, ref_head: ObjectHead | None
+    ) -> tuple[str | None, bool]:
+        """``_ensure_reference`` for a deep deltaspace: made from ``expanded``, stored zstd."""
+        if ref_head is not None:
+            return await self._ensure_reference(expanded, ref_key, name, _NO_DIGEST, ref_head)
+        expanded_digest = await self.digest(expanded)
+        async with self._scratch(".zst") as packed:
+            await self._cpu(objects.compress_reference, expanded, packed)
+            meta = fmt.deep_reference_metadata(
+                name, expanded_digest.sha256, expanded_digest.size, self._now()
+            )
+            return await self._ensure_reference(
+                expanded, ref_key, name, expanded_digest, None, meta=meta, body=packed
+            )
+
     async def _cpu_int(self, fn: Callable[..., int], *args: object) -> int:
         result = await self._cpu(fn, *args)
         assert isinstance(result, int)
         return result
 
-    async def _expand(self, src: Path, out: Path, digest: FileDigest, key: str) -> FileDigest:
-        """The expanded form of ``src`` in ``out``, proven to rebuild to ``digest``.
+    async def _expand(self, src: Path, out: Path, key: str) -> None:
+        """Write the expanded form of ``src`` to ``out``.
 
-        Falls back to the form that expands nothing when the proof fails
-        (never expected; logged) or when this machine's zlib is not the
-        reference one (its recompressions could not be trusted elsewhere).
+        With a zlib that does not deflate like reference zlib, its
+        recompressions could not be trusted on other machines: the file
+        then gets the form that expands nothing.
         """
         if not zlib_is_reference():
             log.warning("this zlib does not deflate like reference zlib; %s is not expanded", key)
             await self._cpu(expand.plain_form, src, out)
-        else:
-            expand_one = functools.partial(expand.expand_file, scratch_dir=self.scratch_dir)
-            stats = await self._cpu(expand_one, src, out)
-            assert isinstance(stats, expand.ExpandStats)
-            rebuilt = await self._cpu(expand.rebuild_digest, out, self.scratch_dir)
-            if rebuilt != (digest.sha256, digest.size):
-                log.error("%s: expanded form does not rebuild exactly; not expanding it", key)
-                await self._cpu(expand.plain_form, src, out)
-            else:
-                log.debug(
-                    "%s: %d streams inflated (%d by GNU gzip), %d kept; %d -> %d bytes",
-                    key,
-                    stats.streams_inflated,
-                    stats.streams_gnu,
-                    stats.streams_kept,
-                    stats.original_size,
-                    stats.expanded_size,
-                )
-        return await self.digest(out)
+            return
+        expand_one = functools.partial(expand.expand_file, scratch_dir=self.scratch_dir)
+        stats = await self._cpu(expand_one, src, out)
+        assert isinstance(stats, expand.ExpandStats)
+        log.debug(
+            "%s: %d streams inflated (%d by GNU gzip), %d kept; %d -> %d bytes",
+            key,
+            stats.streams_inflated,
+            stats.streams_gnu,
+            stats.streams_kept,
+            stats.original_size,
+            stats.expanded_size,
+        )
 
     # --- references ------------------------------------------------------------
 

@@ -179,3 +179,38 @@ async def test_directory_rename_moves_the_deep_reference(
     out = tmp_path / "out"
     stored = await deep.get("moved/pkg-2.tar.gz", out)
     assert stored.ref_key == "moved/reference.deep" and sha(out) == sha(paths[1])
+
+
+@pytest.mark.expected_log(r"does not rebuild exactly")
+async def test_expansion_that_fails_its_proof_is_stored_unexpanded(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rebuild(expand(x)) != x must never reach the bucket (here: a faked proof failure)."""
+    from dgfs.deep import expand
+
+    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    await deep.put(paths[0], f"app/{paths[0].name}")
+    monkeypatch.setattr(expand, "rebuild_digest", lambda *_: ("0" * 64, 0))
+    result = await deep.put(paths[1], f"app/{paths[1].name}")
+    monkeypatch.undo()
+    # Unexpanded: the delta of a gzip stream against an expanded tar is large.
+    assert result.stored_size > 0.3 * paths[1].stat().st_size or result.kind is Kind.DIRECT
+    out = tmp_path / "out"
+    await deep.get(f"app/{paths[1].name}", out)
+    assert sha(out) == sha(paths[1])
+
+
+@pytest.mark.expected_log(r"does not deflate like reference zlib")
+async def test_foreign_zlib_makes_unexpanded_deep_objects(
+    deep: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dgfs.core
+
+    monkeypatch.setattr(dgfs.core, "zlib_is_reference", lambda: False)
+    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    results = [await deep.put(p, f"app/{p.name}") for p in paths]
+    assert results[1].kind is Kind.DIRECT or results[1].stored_size > 0.3 * paths[1].stat().st_size
+    for path in paths:
+        out = tmp_path / "out"
+        await deep.get(f"app/{path.name}", out)
+        assert sha(out) == sha(path)
