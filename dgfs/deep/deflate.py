@@ -36,6 +36,7 @@ from typing import BinaryIO
 #: enough that a wrong candidate is dropped soon after its first block.
 _FEED = 32 * 1024
 _READ = 256 * 1024
+_INFLATE_MAX = 1024 * 1024
 #: A candidate that reproduced this many bytes and then went wrong shows the
 #: stream came from a near relative of zlib (GNU gzip, say): the other
 #: settings will not do better, so the search stops there.
@@ -140,14 +141,17 @@ def match_deflate(
         return True
 
     while not decomp.eof:
-        want = min(_READ, limit - start - consumed)
-        chunk = src.read(want) if want > 0 else b""
-        if not chunk:
-            return DeflateMatch(0, produced, None)  # truncated: not a whole stream
-        consumed += len(chunk)
-        window += chunk
+        pending = decomp.unconsumed_tail
+        if not pending:
+            want = min(_READ, limit - start - consumed)
+            pending = src.read(want) if want > 0 else b""
+            if not pending:
+                return DeflateMatch(0, produced, None)  # truncated: not a whole stream
+            consumed += len(pending)
+            window += pending
         try:
-            plain = decomp.decompress(chunk)
+            # Bounded output: a stream of zeros inflates ~1000-fold.
+            plain = decomp.decompress(pending, _INFLATE_MAX)
         except zlib.error:
             return DeflateMatch(0, produced, None)
         produced += len(plain)

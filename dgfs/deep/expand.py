@@ -47,7 +47,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dgfs.deep import gnuzip
-from dgfs.deep.deflate import CANDIDATES, DeflateMatch, DeflateParams, deflate_chunks, match_deflate
+from dgfs.deep.deflate import (
+    CANDIDATES,
+    NEAR_MISS,
+    DeflateMatch,
+    DeflateParams,
+    deflate_chunks,
+    match_deflate,
+)
 from dgfs.errors import FormatError
 
 log = logging.getLogger(__name__)
@@ -62,7 +69,7 @@ TAG_GNU = 3
 RAW_CHUNK = 1 << 20
 #: Archives nested deeper than this stay as they are.
 MAX_DEPTH = 4
-#: After this many zip members in a row that no candidate reproduces, the
+#: After this many zip or gzip members in a row that nothing reproduces, the
 #: rest of the archive is copied as it is (its writer was not zlib).
 MAX_MISSES = 4
 #: Once the settings that reproduced earlier streams of the same kind have
@@ -175,11 +182,14 @@ class _Hint:
     gnu_level: int | None = None
     gnu_failures: int = 0
 
-    def record(self, params: DeflateParams) -> None:
+    def record(self, params: DeflateParams, compressed_length: int) -> None:
+        # A short stream often comes out the same at several levels: it
+        # names the settings but is no evidence that they are the writer's.
+        evidence = 1 if compressed_length >= NEAR_MISS else 0
         if params == self.params:
-            self.successes += 1
+            self.successes += evidence
         else:
-            self.params, self.successes = params, 1
+            self.params, self.successes = params, evidence
 
 
 class _Expander:
@@ -242,7 +252,7 @@ class _Expander:
                 others = tuple(c for c in CANDIDATES if c != first)
                 found = self._try_deflate(src, start, limit, depth, others)
         if found.params is not None:
-            hint.record(found.params)
+            hint.record(found.params, found.compressed_length)
             return found, True
         gnu_worth_it = (
             found.uncompressed_length >= GNU_MIN_SIZE
@@ -334,7 +344,8 @@ class _Expander:
 
     def gzip(self, src: BinaryIO, start: int, end: int, depth: int) -> None:
         pos = start
-        while pos < end:
+        misses = 0
+        while pos < end and misses < MAX_MISSES:
             src.seek(pos)
             if src.read(3) != _GZIP_MAGIC:
                 break
@@ -349,8 +360,11 @@ class _Expander:
                 self.copy(src, body, end)  # not deflate after all: keep the rest
                 return
             if not expanded:
+                misses += 1
                 self.stats.streams_kept += 1
                 self.copy(src, body, body + found.compressed_length)
+            else:
+                misses = 0
             pos = min(end, body + found.compressed_length + 8)  # CRC32 + ISIZE
             self.copy(src, body + found.compressed_length, pos)
         self.copy(src, pos, end)
