@@ -52,6 +52,8 @@ from dgfs.store.base import ObjectHead, ObjectStore
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# Threads re-deflating one expanded form's streams (zlib releases the GIL).
+_REBUILD_WORKERS = min(4, os.cpu_count() or 1)
 # For an existing reference ``_ensure_reference`` never looks at the digest.
 _NO_DIGEST = FileDigest("", 0, b"")
 
@@ -436,7 +438,9 @@ class Core:
             proof: list[bool] = []
 
             async def prove() -> None:
-                result = await self._cpu(expand.rebuild_digest, expanded, self.scratch_dir)
+                result = await self._cpu(
+                    expand.rebuild_digest, expanded, self.scratch_dir, _REBUILD_WORKERS
+                )
                 proof.append(result == (digest.sha256, digest.size))
 
             async with trio.open_nursery() as nursery:
@@ -645,7 +649,9 @@ class Core:
             async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
                 await self.engine.decode(plain_ref, vcdiff, expanded)
             try:
-                await self._cpu(expand.rebuild_file, expanded, out, self.scratch_dir)
+                await self._cpu(
+                    expand.rebuild_file, expanded, out, self.scratch_dir, _REBUILD_WORKERS
+                )
             except (FormatError, DgfsError) as exc:
                 out.unlink(missing_ok=True)
                 raise IntegrityError(f"{stored.visible_key}: cannot rebuild: {exc}") from None

@@ -269,6 +269,7 @@ def round_trip(tmp: Path, data: bytes, name: str = "input.bin") -> tuple[ExpandS
     assert rebuilt.read_bytes() == data
     assert (digest, size) == (sha256(data), len(data))
     assert rebuild_digest(expanded, scratch) == (digest, size)
+    assert rebuild_digest(expanded, scratch, workers=3) == (digest, size)
     assert stats.original_size == len(data)
     assert stats.expanded_size == expanded.stat().st_size
     assert list(scratch.iterdir()) == [], "scratch files left behind"
@@ -1184,3 +1185,22 @@ def test_gnu_deflate_without_zgz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(DeltaEngineError, match="zgz"):
         list(gnuzip.gnu_deflate(6, tmp_path / "payload"))
     assert not gnuzip.gnu_matches(6, tmp_path / "payload", iter([raw_deflate(b"abc")]))
+
+
+@pytest.mark.parametrize("limit", [1, 3000, 1 << 30])
+def test_parallel_rebuild_streams_big_segments_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    """Subtrees above PARALLEL_PAYLOAD are streamed in place, the others rebuilt
+    by threads: the bytes and their order never change."""
+    monkeypatch.setattr(expand, "PARALLEL_PAYLOAD", limit)
+    monkeypatch.setattr(expand, "_IN_FLIGHT", 4096)
+    war, _ = nested_war()
+    data = war + gzip_member(text(20000, 9), level=6)
+    src = tmp_path / "in.war"
+    src.write_bytes(data)
+    form = tmp_path / "in.dgx"
+    expand_file(src, form, scratch_dir=tmp_path)
+    out = tmp_path / "out"
+    assert rebuild_file(form, out, tmp_path, workers=2) == (sha256(data), len(data))
+    assert out.read_bytes() == data

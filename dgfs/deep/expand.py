@@ -37,11 +37,14 @@ zlib's own state; nested archives are spooled to a scratch file.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -80,6 +83,10 @@ TRUSTED_HINT = 3
 #: Streams zlib cannot reproduce are offered to GNU gzip (zgz) from this
 #: many uncompressed bytes on; below it a process start costs more than it gains.
 GNU_MIN_SIZE = 4096
+#: Rebuilding: top-level DEFLATE segments up to this many uncompressed bytes
+#: are compressed in worker threads; at most _IN_FLIGHT bytes wait for them.
+PARALLEL_PAYLOAD = 4 << 20
+_IN_FLIGHT = 32 << 20
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _ZIP_LOCAL = b"PK\x03\x04"
@@ -578,60 +585,143 @@ class _Reader:
             payload.unlink(missing_ok=True)
 
     def segments(self) -> Iterator[bytes]:
-        while True:
+        """Rebuild segments up to the next END, in order."""
+        while (tag := self.exact(1)[0]) != TAG_END:
+            if tag == TAG_DEFLATE:
+                yield from deflate_chunks(self.params(), self.segments())
+            else:
+                yield from self.segment(tag)
+
+    def params(self) -> DeflateParams:
+        try:
+            return DeflateParams.unpack(self.exact(4))
+        except ValueError as exc:
+            raise FormatError(f"expanded form: {exc}") from None
+
+    def segment(self, tag: int) -> Iterator[bytes]:
+        """One RAW or GNU segment whose tag was just read."""
+        if tag == TAG_RAW:
+            left = self.varint()
+            while left:
+                chunk = self.exact(min(left, RAW_CHUNK))
+                left -= len(chunk)
+                yield chunk
+        elif tag == TAG_GNU:
+            yield from self._gnu(self.exact(1)[0])
+        else:
+            raise FormatError(f"expanded form: unknown segment tag {tag}")
+
+    def segments_in_parallel(self, workers: int) -> Iterator[bytes]:
+        """``segments``, with small DEFLATE subtrees rebuilt by ``workers`` threads.
+
+        zlib releases the GIL while compressing, so a zip's members (and the
+        gzip files inside them) are re-deflated side by side; output order
+        and bytes are unchanged, and at most ``_IN_FLIGHT`` expanded bytes
+        wait in memory.
+        """
+        queue: deque[Future[list[bytes]]] = deque()
+        sizes: deque[int] = deque()
+        in_flight = 0
+
+        def ready(force: bool) -> Iterator[bytes]:
+            nonlocal in_flight
+            while queue and (force or queue[0].done() or in_flight > _IN_FLIGHT):
+                in_flight -= sizes.popleft()
+                yield from queue.popleft().result()
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="dgfs-deflate") as pool:
+            while (tag := self.exact(1)[0]) != TAG_END:
+                if tag != TAG_DEFLATE:
+                    yield from ready(force=True)
+                    yield from self.segment(tag)
+                    continue
+                start = self.src.tell() - 1
+                end = self._subtree_end(PARALLEL_PAYLOAD)
+                if end is None:  # too big to hold: stream it, in order
+                    self.src.seek(start + 1)
+                    yield from ready(force=True)
+                    yield from deflate_chunks(self.params(), self.segments())
+                    continue
+                self.src.seek(start)
+                subtree = self.exact(end - start)
+                queue.append(pool.submit(_rebuild_subtree, subtree, self.scratch_dir))
+                sizes.append(len(subtree))
+                in_flight += len(subtree)
+                yield from ready(force=False)
+            yield from ready(force=True)
+
+    def _subtree_end(self, limit: int) -> int | None:
+        """Where the DEFLATE segment whose tag was just read ends, or None
+        if it holds more than ``limit`` RAW bytes. Reads only tags and lengths."""
+        self.src.seek(4, os.SEEK_CUR)
+        depth, total = 1, 0
+        while depth:
             tag = self.exact(1)[0]
             if tag == TAG_END:
-                return
-            if tag == TAG_RAW:
-                left = self.varint()
-                while left:
-                    chunk = self.exact(min(left, RAW_CHUNK))
-                    left -= len(chunk)
-                    yield chunk
-            elif tag == TAG_DEFLATE:
-                try:
-                    params = DeflateParams.unpack(self.exact(4))
-                except ValueError as exc:
-                    raise FormatError(f"expanded form: {exc}") from None
-                yield from deflate_chunks(params, self.segments())
-            elif tag == TAG_GNU:
-                yield from self._gnu(self.exact(1)[0])
+                depth -= 1
+            elif tag == TAG_RAW:
+                size = self.varint()
+                total += size
+                if total > limit:
+                    return None
+                self.src.seek(size, os.SEEK_CUR)
+            elif tag in (TAG_DEFLATE, TAG_GNU):
+                self.src.seek(4 if tag == TAG_DEFLATE else 1, os.SEEK_CUR)
+                depth += 1
             else:
                 raise FormatError(f"expanded form: unknown segment tag {tag}")
+        return self.src.tell()
 
 
-def rebuild_chunks(src: BinaryIO, scratch_dir: Path | None = None) -> Iterator[bytes]:
+def _rebuild_subtree(subtree: bytes, scratch_dir: Path | None) -> list[bytes]:
+    """The original bytes of one DEFLATE segment given whole (tag included)."""
+    reader = _Reader(io.BytesIO(subtree), scratch_dir)
+    reader.exact(1)
+    return list(deflate_chunks(reader.params(), reader.segments()))
+
+
+def rebuild_chunks(
+    src: BinaryIO, scratch_dir: Path | None = None, workers: int = 1
+) -> Iterator[bytes]:
     """The original bytes of the expanded stream ``src``, in pieces.
 
     Raises ``FormatError`` if the stream is not a complete expanded form.
-    ``scratch_dir`` holds GNU segments' payloads while zgz compresses them.
+    ``scratch_dir`` holds GNU segments' payloads while zgz compresses them;
+    ``workers`` > 1 re-deflates small top-level streams in that many threads.
     """
     if src.read(len(MAGIC)) != MAGIC:
         raise FormatError("not a dgfs expanded form (bad magic)")
     reader = _Reader(src, scratch_dir)
-    yield from reader.segments()
+    if workers > 1:
+        yield from reader.segments_in_parallel(workers)
+    else:
+        yield from reader.segments()
     if src.read(1):
         raise FormatError("expanded form: bytes after the end")
 
 
-def rebuild_file(expanded: Path, out: Path, scratch_dir: Path | None = None) -> tuple[str, int]:
+def rebuild_file(
+    expanded: Path, out: Path, scratch_dir: Path | None = None, workers: int = 1
+) -> tuple[str, int]:
     """Write the original bytes of ``expanded`` to ``out``; returns (sha256, size)."""
     digest = hashlib.sha256()
     size = 0
     with open(expanded, "rb") as src, open(out, "wb") as sink:
-        for chunk in rebuild_chunks(src, scratch_dir):
+        for chunk in rebuild_chunks(src, scratch_dir, workers):
             digest.update(chunk)
             size += len(chunk)
             sink.write(chunk)
     return digest.hexdigest(), size
 
 
-def rebuild_digest(expanded: Path, scratch_dir: Path | None = None) -> tuple[str, int]:
+def rebuild_digest(
+    expanded: Path, scratch_dir: Path | None = None, workers: int = 1
+) -> tuple[str, int]:
     """SHA-256 and size of what ``expanded`` rebuilds to, without writing it."""
     digest = hashlib.sha256()
     size = 0
     with open(expanded, "rb") as src:
-        for chunk in rebuild_chunks(src, scratch_dir):
+        for chunk in rebuild_chunks(src, scratch_dir, workers):
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
