@@ -130,6 +130,11 @@ def delta_key(key: str) -> str:
     return key + DELTA_SUFFIX
 
 
+def reference_mode(ref_key: str) -> DeltaMode:
+    """The mode of the deltaspace a reference key belongs to."""
+    return DeltaMode.DEEP if split_key(ref_key)[1] == DEEP_REFERENCE_NAME else DeltaMode.DG
+
+
 def is_reference_key(key: str) -> bool:
     """A deltaspace's reference, of either mode."""
     return split_key(key)[1] in REFERENCE_NAMES

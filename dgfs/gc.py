@@ -2,8 +2,13 @@
 
 Garbage is:
 
-- an orphaned reference: ``reference.bin`` in a directory with no
-  ``.delta`` object left;
+- an orphaned reference: ``reference.bin`` or ``reference.deep`` in a
+  directory with no ``.delta`` object left that needs it. A directory
+  with one reference needs it while it holds any ``.delta`` (a LIST tells);
+  one holding both (a deep deltaspace a DeltaGlider client wrote into, or
+  a conversion under way) has each delta's metadata read (a HEAD each):
+  deep deltas (``dgfs-format: deep-1``) need ``reference.deep``, the
+  others ``reference.bin``;
 - an expired temp object under ``.deltaglider/tmp/``: its ``dg-expires-at``
   (DeltaGlider's rehydrated downloads) has passed, or, without one, it is
   older than ``tmp_max_age`` (leftovers of crashed writers and probes);
@@ -17,6 +22,7 @@ seconds once more; if a delta has appeared meanwhile the reference is put
 back. A later ``find_garbage`` also proposes putting a backup back when
 its directory has deltas again but no reference. Temp objects are only
 looked for when the whole bucket is collected (they live at its root).
+Each "is a delta left that needs it" question below follows the same rule.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import contextlib
 import enum
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -33,6 +39,7 @@ import trio
 
 from dgfs import format as fmt
 from dgfs.errors import DgfsError, NotFound
+from dgfs.format import DeltaMode
 from dgfs.store.base import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -85,30 +92,85 @@ def _parse_time(text: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _has_delta(keys: list[str], space: str) -> bool:
+def _is_delta_name(name: str) -> bool:
+    return name.endswith(fmt.DELTA_SUFFIX) and name != fmt.DELTA_SUFFIX
+
+
+async def delta_modes(
+    store: ObjectStore, delta_keys: Iterable[str], concurrency: int = 16
+) -> dict[str, DeltaMode | None]:
+    """The mode of each delta from its metadata (HEADs); None when it could not be read."""
+    modes: dict[str, DeltaMode | None] = {}
+    limiter = trio.CapacityLimiter(max(1, concurrency))
+
+    async def one(key: str) -> None:
+        async with limiter:
+            try:
+                head = await store.head(key)
+            except NotFound:
+                return  # gone: needs nothing
+            except DgfsError as exc:
+                log.warning("cannot read %s (%s): assuming it needs its references", key, exc)
+                modes[key] = None
+                return
+        modes[key] = DeltaMode.DEEP if fmt.is_deep(head.metadata) else DeltaMode.DG
+
+    async with trio.open_nursery() as nursery:
+        for key in dict.fromkeys(delta_keys):
+            nursery.start_soon(one, key)
+    return modes
+
+
+async def needed(store: ObjectStore, ref_key: str, keys: Iterable[str]) -> bool:
+    """Whether a ``.delta`` among ``keys`` (a LIST) needs the reference ``ref_key``.
+
+    ``ref_key`` need not exist (a removed reference: should it come back?).
+    Without the other mode's reference beside it, any delta in the
+    directory needs it; with it, each delta's metadata decides (a delta
+    that cannot be read is taken to need both).
+    """
+    space = fmt.split_key(ref_key)[0]
+    mode = fmt.reference_mode(ref_key)
+    deltas: list[str] = []
+    others = False
     for key in keys:
         prefix, name = fmt.split_key(key)
-        if prefix == space and name.endswith(fmt.DELTA_SUFFIX) and name != fmt.DELTA_SUFFIX:
-            return True
-    return False
+        if prefix != space:
+            continue
+        if _is_delta_name(name):
+            deltas.append(key)
+        elif name in fmt.REFERENCE_NAMES and key != ref_key:
+            others = True
+    if not deltas:
+        return False
+    if not others:
+        return True
+    modes = await delta_modes(store, deltas)
+    return any(found in (mode, None) for found in modes.values())
 
 
-def _orphans(objects: list[ObjectInfo]) -> list[Garbage]:
-    spaces_with_delta: set[str] = set()
+async def orphaned_references(store: ObjectStore, objects: list[ObjectInfo]) -> list[Garbage]:
+    """The references in a LIST (``objects``) that no delta needs."""
+    by_space: dict[str, list[str]] = {}
     refs: list[ObjectInfo] = []
     for obj in objects:
         if fmt.is_internal_key(obj.key):
             continue
-        prefix, name = fmt.split_key(obj.key)
-        if name == fmt.REFERENCE_NAME:
+        by_space.setdefault(fmt.split_key(obj.key)[0], []).append(obj.key)
+        if fmt.is_reference_key(obj.key):
             refs.append(obj)
-        elif name.endswith(fmt.DELTA_SUFFIX) and name != fmt.DELTA_SUFFIX:
-            spaces_with_delta.add(prefix)
-    return [
-        Garbage(Kind.ORPHANED_REFERENCE, ref.key, ref.size, "no delta left in its directory")
-        for ref in refs
-        if fmt.split_key(ref.key)[0] not in spaces_with_delta
-    ]
+    found: list[Garbage] = []
+    for ref in refs:
+        keys = by_space[fmt.split_key(ref.key)[0]]
+        if await needed(store, ref.key, keys):
+            continue
+        if any(_is_delta_name(fmt.split_key(key)[1]) for key in keys):
+            other = "deep" if fmt.reference_mode(ref.key) is DeltaMode.DG else "DeltaGlider"
+            reason = f"its directory has only {other} deltas left"
+        else:
+            reason = "no delta left in its directory"
+        found.append(Garbage(Kind.ORPHANED_REFERENCE, ref.key, ref.size, reason))
+    return found
 
 
 async def find_garbage(
@@ -123,7 +185,7 @@ async def find_garbage(
     now = now or datetime.now(UTC)
     root = prefix.strip("/") + "/" if prefix.strip("/") else ""
     listing = await store.list(root, delimiter=None)
-    found = _orphans(listing.objects)
+    found = await orphaned_references(store, listing.objects)
     if not root:
         found += await _tmp_garbage(store, listing.objects, now, tmp_max_age)
     for upload in await store.list_multipart_uploads(root):
@@ -157,8 +219,7 @@ async def _tmp_garbage(
             except NotFound:
                 return
         original = head.metadata.get(META_GC_ORIGINAL_KEY)
-        needed = original and _has_delta(all_keys, fmt.split_key(original)[0])
-        if original and needed and original not in present:
+        if original and original not in present and await needed(store, original, all_keys):
             found.append(
                 Garbage(
                     Kind.RESTORE_REFERENCE,
@@ -213,7 +274,7 @@ async def collect(
         try:
             if item.kind is Kind.ORPHANED_REFERENCE:
                 space = fmt.split_key(item.key)[0]
-                if _has_delta(await _space_keys(store, space), space):
+                if await needed(store, item.key, await _space_keys(store, space)):
                     result.kept.append((item, "a delta appeared; no longer orphaned"))
                     continue
                 head = await store.head(item.key)
@@ -256,7 +317,7 @@ async def collect(
         for ref_key, (item, backup, _meta) in deleted_refs.items():
             space = fmt.split_key(ref_key)[0]
             keys = await _space_keys(store, space)
-            if _has_delta(keys, space) and ref_key not in keys:
+            if ref_key not in keys and await needed(store, ref_key, keys):
                 log.warning("a delta appeared in %s while gc ran: restoring %s", space, ref_key)
                 try:
                     await _restore(store, backup, ref_key)

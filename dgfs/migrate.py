@@ -25,6 +25,27 @@ What a caller may rely on:
   as they are, with their metadata.
 - One file's failure never stops the others; ``MigrationReport.failed``
   names each.
+- The destination's new deltaspaces take the destination core's
+  ``deltas`` mode (``Settings.deltas``); existing ones keep theirs.
+
+In-place conversion (``plan_conversion``/``convert_in_place``) turns the
+deltas under one location into one mode, DeltaGlider v6 (``reference.bin``)
+or deep (``reference.deep``), without a second bucket:
+
+- Each delta of the other mode is rebuilt (verified against its SHA-256)
+  and stored again by ``Core.put(mode=...)`` under the same key, with its
+  user metadata and content type. Deltas already in the target mode,
+  direct and foreign objects are left alone.
+- Every step leaves every file readable: the new delta replaces the old
+  one in a single PUT of the same ``.delta`` key, and the target mode's
+  reference is created before it. A file that goes direct instead (the
+  target mode's policy says so) is written before its old delta is
+  deleted; should a crash leave both, the newer direct copy is what
+  readers see, and the next run deletes the stale delta.
+- The old mode's references are removed last, through ``gc.collect``
+  (backup, re-check, settle, put back if a delta appeared), and only
+  those no delta of their directory needs any more.
+- Rerunning finishes an interrupted conversion and skips what is done.
 """
 
 from __future__ import annotations
@@ -33,15 +54,16 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
 from dgfs import format as fmt
+from dgfs import gc
 from dgfs.core import Core, PutResult
 from dgfs.errors import ConfigError, DgfsError, IntegrityError, NotFound
-from dgfs.format import Kind
+from dgfs.format import DeltaMode, Kind
 from dgfs.runtime import S3Location, Settings, open_core, open_store
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
 
@@ -365,6 +387,26 @@ async def run_migration(
     that directory, so the reference is uploaded once rather than raced for.
     """
     report = MigrationReport(skipped=len(plan.present))
+
+    async def copy(file: SourceFile) -> Copied:
+        return Copied.of(file, await copy_file(source_core, dest_core, file))
+
+    await _run_files(plan.to_copy, copy, report, "migrate", concurrency, on_done)
+    return report
+
+
+async def _run_files(
+    files: list[SourceFile],
+    action: Callable[[SourceFile], Awaitable[Copied | None]],
+    report: MigrationReport,
+    verb: str,
+    concurrency: int,
+    on_done: Callable[[SourceFile, Copied | None, str | None], None] | None,
+) -> None:
+    """Run ``action`` on ``files``, the first of each destination directory first.
+
+    ``action`` returning None counts the file as skipped.
+    """
     limiter = trio.CapacityLimiter(max(1, concurrency))
     started = trio.current_time()
     seeds: dict[str, trio.Event] = {}
@@ -377,22 +419,24 @@ async def run_migration(
                 copied: Copied | None = None
                 error: str | None = None
                 try:
-                    copied = Copied.of(file, await copy_file(source_core, dest_core, file))
+                    copied = await action(file)
                 except (DgfsError, OSError) as exc:
                     error = str(exc) or type(exc).__name__
-                    log.error("migrate %s failed: %s", file.rel_key, error)
+                    log.error("%s %s failed: %s", verb, file.rel_key, error)
         finally:
             if done is not None:
                 done.set()
         if copied is not None:
             report.copied.append(copied)
+        elif error is None:
+            report.skipped += 1
         else:
-            report.failed.append((file.rel_key, error or "failed"))
+            report.failed.append((file.rel_key, error))
         if on_done is not None:
             on_done(file, copied, error)
 
     async with trio.open_nursery() as nursery:
-        for file in plan.to_copy:
+        for file in files:
             space = fmt.split_key(file.dest_key)[0]
             if space in seeds:
                 nursery.start_soon(one, file, seeds[space], None)
@@ -401,7 +445,6 @@ async def run_migration(
                 nursery.start_soon(one, file, None, seeds[space])
     report.failed.sort()
     report.elapsed = trio.current_time() - started
-    return report
 
 
 @contextlib.asynccontextmanager
@@ -427,3 +470,237 @@ async def open_migration(
             yield source_core, dest_core
         finally:
             await source_core.aclose()
+
+
+# --- in-place conversion between delta modes ---------------------------------------
+
+
+def is_in_place(source: S3Location, dest: S3Location) -> bool:
+    """Whether source and destination name the same location (an in-place conversion)."""
+    return source.bucket == dest.bucket and source.prefix.strip("/") == dest.prefix.strip("/")
+
+
+def other_mode(mode: DeltaMode) -> DeltaMode:
+    return DeltaMode.DG if mode is DeltaMode.DEEP else DeltaMode.DEEP
+
+
+@dataclass
+class ConversionPlan:
+    """What an in-place conversion would do; nothing has been written when you hold one.
+
+    Files, stale deltas and references are named by their full keys.
+    """
+
+    location: S3Location
+    target: DeltaMode
+    to_convert: list[SourceFile] = field(default_factory=list)  # deltas of the other mode
+    already: int = 0  # deltas in the target mode (or beside no other-mode reference)
+    stale: list[str] = field(default_factory=list)  # other-mode .delta behind a newer direct copy
+    old_references: list[ObjectInfo] = field(default_factory=list)  # the other mode's
+    filtered_out: int = 0
+    stored_bytes: int = 0  # every object under the location now (.deltaglider/ aside)
+
+    @property
+    def source_mode(self) -> DeltaMode:
+        return other_mode(self.target)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.to_convert)
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not (self.to_convert or self.stale or self.old_references)
+
+
+async def plan_conversion(
+    store: ObjectStore,
+    location: S3Location,
+    target: DeltaMode,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    concurrency: int = 32,
+) -> ConversionPlan:
+    """List ``location`` and decide which deltas to convert to ``target`` (no writes).
+
+    Only deltas in a directory that holds the other mode's reference can be
+    of that mode; those are HEADed to read their mode, size and metadata.
+    """
+    root = _root(location.prefix)
+    plan = ConversionPlan(location, target)
+    old_ref_name = fmt.reference_key("", plan.source_mode)  # the bare name
+    listing = await store.list(root, delimiter=None)
+    objects = [o for o in listing.objects if not (not root and fmt.is_internal_key(o.key))]
+    plan.stored_bytes = sum(o.size for o in objects)
+    old_spaces = {
+        fmt.split_key(o.key)[0] for o in objects if fmt.split_key(o.key)[1] == old_ref_name
+    }
+    plan.old_references = [o for o in objects if fmt.split_key(o.key)[1] == old_ref_name]
+    by_key = {o.key: o for o in objects}
+    candidates: list[ObjectInfo] = []
+    for obj in objects:
+        visible = fmt.visible_key(obj.key)
+        if visible is None or visible == obj.key:
+            continue  # a reference, or not a delta
+        if not selected(visible[len(root) :], include, exclude):
+            plan.filtered_out += 1
+        elif fmt.split_key(obj.key)[0] in old_spaces:
+            candidates.append(obj)
+        else:
+            plan.already += 1
+    heads = await _heads(store, [o.key for o in candidates], concurrency)
+    for obj in sorted(candidates, key=lambda o: o.key):
+        head = heads.get(obj.key)
+        if head is None:
+            continue  # deleted since the listing
+        visible = fmt.visible_key(obj.key)
+        assert visible is not None
+        if fmt.is_deep(head.metadata) == (target is DeltaMode.DEEP):
+            plan.already += 1
+            continue
+        direct = by_key.get(visible)
+        if direct is not None and direct.last_modified > head.last_modified:
+            plan.stale.append(obj.key)  # a put that went direct died before deleting it
+            continue
+        size, sha256, _ = _original_size(head)
+        # Named by their full keys everywhere (rel_key too), like the references.
+        plan.to_convert.append(SourceFile(visible, visible, visible, size, sha256, True, head))
+    return plan
+
+
+@dataclass
+class ConversionReport(MigrationReport):
+    """What an in-place conversion did (``copied``: the files converted)."""
+
+    target: DeltaMode = DeltaMode.DG
+    stored_before: int = 0  # every object under the location (.deltaglider/ aside)
+    stored_after: int = 0
+    stale_removed: list[str] = field(default_factory=list)
+    references_removed: list[gc.Garbage] = field(default_factory=list)
+    references_kept: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
+    references_failed: list[tuple[str, str]] = field(default_factory=list)  # (key, error)
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(g.size for g in self.references_removed)
+
+    def to_json(self) -> dict[str, object]:
+        data = super().to_json()
+        data["converted"] = data.pop("copied")
+        return {
+            "in_place": True,
+            "deltas": self.target.value,
+            **data,
+            "stale_removed": self.stale_removed,
+            "references_removed": [g.key for g in self.references_removed],
+            "references_kept": [{"key": k, "why": why} for k, why in self.references_kept],
+            "references_failed": [{"key": k, "error": e} for k, e in self.references_failed],
+            "freed_bytes": self.freed_bytes,
+            "location_bytes_before": self.stored_before,
+            "location_bytes_after": self.stored_after,
+        }
+
+
+async def convert_file(core: Core, file: SourceFile, target: DeltaMode) -> PutResult | None:
+    """Rebuild one delta (verified) and store it again under its key in ``target`` mode.
+
+    None when it is no longer a delta of the other mode (done since the plan).
+    """
+    scratch = core.scratch_path()
+    try:
+        stored = await core.get(file.key, scratch)  # rebuilt and verified
+        if stored.kind is not Kind.DELTA or stored.deep == (target is DeltaMode.DEEP):
+            return None
+        if file.head is not None and file.head.key == stored.stored_key:
+            head = file.head
+        else:
+            head = await core.store.head(stored.stored_key)
+        return await core.put(
+            scratch,
+            file.key,
+            extra_metadata=fmt.user_metadata(head.metadata),
+            digest=await core.digest(scratch),
+            content_type=head.content_type,
+            mode=target,
+        )
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+async def convert_in_place(
+    core: Core,
+    plan: ConversionPlan,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    settle: float = gc.DEFAULT_SETTLE_SECONDS,
+    on_done: Callable[[SourceFile, Copied | None, str | None], None] | None = None,
+) -> ConversionReport:
+    """Convert ``plan.to_convert``, drop stale deltas, then remove unneeded old references.
+
+    ``settle``: seconds ``gc.collect`` waits before re-checking the removed
+    references. ``on_done(file, copied, error)`` follows each file
+    (``copied`` and ``error`` both None: already converted).
+    """
+    started = trio.current_time()
+    report = ConversionReport(
+        skipped=plan.already, target=plan.target, stored_before=plan.stored_bytes
+    )
+
+    async def convert(file: SourceFile) -> Copied | None:
+        result = await convert_file(core, file, plan.target)
+        return None if result is None else Copied.of(file, result)
+
+    await _run_files(plan.to_convert, convert, report, "convert", concurrency, on_done)
+    for key in plan.stale:
+        try:
+            if await _still_stale(core.store, key):
+                await core.store.delete(key)
+                report.stale_removed.append(key)
+        except DgfsError as exc:
+            log.error("convert: cannot remove the stale delta %s: %s", key, exc)
+            report.failed.append((key, f"stale delta not removed: {exc}"))
+    await _remove_old_references(core.store, plan, report, settle)
+    root = _root(plan.location.prefix)
+    after = await core.store.list(root, delimiter=None)
+    report.stored_after = sum(
+        o.size for o in after.objects if root or not fmt.is_internal_key(o.key)
+    )
+    report.elapsed = trio.current_time() - started
+    return report
+
+
+async def _still_stale(store: ObjectStore, delta_key: str) -> bool:
+    """Whether a direct copy newer than the delta ``delta_key`` is (still) there."""
+    visible = fmt.visible_key(delta_key)
+    assert visible is not None
+    try:
+        delta, direct = await store.head(delta_key), await store.head(visible)
+    except NotFound:
+        return False
+    return direct.last_modified > delta.last_modified
+
+
+async def _remove_old_references(
+    store: ObjectStore, plan: ConversionPlan, report: ConversionReport, settle: float
+) -> None:
+    """Remove the plan's old references that no delta needs now (``gc``'s rules and safety)."""
+    if not plan.old_references:
+        return
+    planned = {ref.key for ref in plan.old_references}
+    listing = await store.list(_root(plan.location.prefix), delimiter=None)
+    unneeded = {
+        g.key: g for g in await gc.orphaned_references(store, listing.objects) if g.key in planned
+    }
+    present = {o.key for o in listing.objects}
+    for ref in plan.old_references:
+        if ref.key not in unneeded and ref.key in present:
+            why = f"{plan.source_mode.value} deltas still need it (rerun to finish)"
+            report.references_kept.append((ref.key, why))
+    if not unneeded:
+        return
+    result = await gc.collect(store, list(unneeded.values()), settle=settle)
+    report.references_removed = result.removed
+    report.references_kept += [(g.key, why) for g, why in result.kept]
+    report.references_kept += [(key, "a delta appeared; put back") for key in result.restored]
+    report.references_failed += [(g.key, error) for g, error in result.failed]

@@ -3,9 +3,10 @@
 Counting rules (what a caller may rely on):
 
 - Files are what a user sees: deltas, direct objects and foreign objects.
-  ``reference.bin`` objects are not files, but their bytes are stored
-  bytes. ``.deltaglider/`` (stats caches, temp files) and directory
-  markers (empty ``dir/`` objects) are left out.
+  References (``reference.bin``, and ``reference.deep`` of dgfs's deep
+  deltaspaces) are not files, but their bytes are stored bytes.
+  ``.deltaglider/`` (stats caches, temp files) and directory markers
+  (empty ``dir/`` objects) are left out.
 - A delta's original size is its ``dg-file-size``; a direct or foreign
   object's original and stored sizes are its object size.
 - Modes trade requests for accuracy:
@@ -18,8 +19,19 @@ Counting rules (what a caller may rely on):
   and the reference size (versions of a series drift between the two).
   ``detailed``: LIST plus a HEAD of every delta and every plain object, all
   exact; direct and foreign are told apart.
-- An orphaned reference is a ``reference.bin`` whose directory holds no
-  ``.delta`` object any more; its bytes are still counted as stored.
+  In every mode, a directory holding both ``reference.bin`` and
+  ``reference.deep`` has each of its deltas HEADed (their metadata alone
+  tells which reference they use).
+- Deltas by mode (``delta_modes``): a delta is deep when its metadata says
+  so (``dgfs-format: deep-1``) or, not HEADed, when its directory's only
+  reference is ``reference.deep``. Each mode counts the directories holding
+  its reference, the reference bytes, its deltas' count, stored and
+  original bytes. A deep delta's quick estimate uses ``reference.deep``'s
+  size, which is that of a compressed expanded form: rougher than for
+  DeltaGlider deltas.
+- An orphaned reference is one that no ``.delta`` of its directory needs
+  (a deep delta needs ``reference.deep``, any other ``reference.bin``); its
+  bytes are still counted as stored.
 
 Whole-bucket results are cached in the bucket at
 ``.deltaglider/stats_{mode}.json`` in DeltaGlider's layout (so ``deltaglider
@@ -45,6 +57,7 @@ import trio
 
 from dgfs import format as fmt
 from dgfs.errors import DgfsError, FormatError, NotFound
+from dgfs.format import DeltaMode
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -54,7 +67,7 @@ MODES: tuple[Mode, ...] = ("quick", "sampled", "detailed")
 
 # DeltaGlider's stats cache layout (deltaglider 6.x, client_operations/stats.py).
 DG_CACHE_VERSION = "1.0"
-DGFS_CACHE_FORMAT = 1
+DGFS_CACHE_FORMAT = 2  # 2: deltas by mode (deep deltaspaces)
 DG_STATS_FIELDS = (
     "bucket",
     "object_count",
@@ -83,14 +96,38 @@ class SpaceStats:
     foreign_count: int | None = 0
     plain_count: int = 0  # direct + foreign
     original_bytes: int = 0
-    stored_bytes: int = 0  # includes the reference
-    reference_bytes: int = 0
-    has_reference: bool = False
+    stored_bytes: int = 0  # includes the references
+    reference_bytes: int = 0  # both references when both are there
+    has_reference: bool = False  # either reference
     estimated: bool = False
+    dg_reference: bool = False  # reference.bin is there
+    deep_reference: bool = False  # reference.deep is there
+    deep_reference_bytes: int = 0
+    delta_bytes: int = 0  # stored bytes of the deltas (either mode)
+    delta_original_bytes: int = 0
+    deep_delta_count: int = 0
+    deep_delta_bytes: int = 0
+    deep_original_bytes: int = 0
 
     @property
     def file_count(self) -> int:
         return self.delta_count + self.plain_count
+
+    @property
+    def mode(self) -> str | None:
+        """``dg``, ``deep``, ``dg+deep`` (both references), or None (no reference)."""
+        modes = [DeltaMode.DG.value] if self.dg_reference else []
+        modes += [DeltaMode.DEEP.value] if self.deep_reference else []
+        return "+".join(modes) or None
+
+    def orphaned_references(self) -> list[str]:
+        """Names of the references here that no delta needs."""
+        names = []
+        if self.dg_reference and self.delta_count == self.deep_delta_count:
+            names.append(fmt.REFERENCE_NAME)
+        if self.deep_reference and self.deep_delta_count == 0:
+            names.append(fmt.DEEP_REFERENCE_NAME)
+        return names
 
     @property
     def saved_bytes(self) -> int:
@@ -103,13 +140,59 @@ class SpaceStats:
 
     @property
     def orphaned(self) -> bool:
-        return self.has_reference and self.delta_count == 0
+        return bool(self.orphaned_references())
 
 
 @dataclass(frozen=True)
 class Orphan:
     key: str
     size: int
+
+
+@dataclass
+class ModeStats:
+    """The delta-compressed part of a bucket in one mode (DeltaGlider v6 or deep)."""
+
+    spaces: int = 0  # directories holding this mode's reference
+    reference_bytes: int = 0
+    delta_count: int = 0
+    delta_bytes: int = 0  # the deltas' stored bytes
+    original_bytes: int = 0  # the deltas' original bytes (estimated unless detailed)
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.reference_bytes + self.delta_bytes
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.original_bytes - self.stored_bytes
+
+    @property
+    def ratio(self) -> float:
+        """stored / original (1.0 when nothing is stored)."""
+        return self.stored_bytes / self.original_bytes if self.original_bytes else 1.0
+
+    def add_space(self, space: SpaceStats, deep: bool) -> None:
+        there = space.deep_reference if deep else space.dg_reference
+        self.spaces += int(there)
+        if deep:
+            self.reference_bytes += space.deep_reference_bytes
+            self.delta_count += space.deep_delta_count
+            self.delta_bytes += space.deep_delta_bytes
+            self.original_bytes += space.deep_original_bytes
+        else:
+            self.reference_bytes += space.reference_bytes - space.deep_reference_bytes
+            self.delta_count += space.delta_count - space.deep_delta_count
+            self.delta_bytes += space.delta_bytes - space.deep_delta_bytes
+            self.original_bytes += space.delta_original_bytes - space.deep_original_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "stored_bytes": self.stored_bytes,
+            "saved_bytes": self.saved_bytes,
+            "ratio": round(self.ratio, 6),
+        }
 
 
 @dataclass
@@ -130,6 +213,8 @@ class BucketStats:
     reference_bytes: int = 0
     estimated: bool = False
     spaces: list[SpaceStats] = field(default_factory=list)
+    delta_modes: dict[str, ModeStats] = field(default_factory=dict)  # "dg", "deep"
+    mixed_spaces: int = 0  # directories holding both references
     orphans: list[Orphan] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # objects with broken metadata
     computed_at: str = ""
@@ -166,6 +251,8 @@ class BucketStats:
             raw["saved_bytes"] = space.saved_bytes
             raw["ratio"] = round(space.ratio, 6)
             raw["orphaned"] = space.orphaned
+            raw["mode"] = space.mode
+        data["delta_modes"] = {name: m.to_json() for name, m in self.delta_modes.items()}
         return data
 
     @classmethod
@@ -177,6 +264,11 @@ class BucketStats:
             SpaceStats(**{k: v for k, v in raw.items() if k in space_fields})
             for raw in data.get("spaces", [])
         ]
+        mode_fields = set(ModeStats.__dataclass_fields__)
+        values["delta_modes"] = {
+            name: ModeStats(**{k: v for k, v in raw.items() if k in mode_fields})
+            for name, raw in data.get("delta_modes", {}).items()
+        }
         values["orphans"] = [Orphan(o["key"], o["size"]) for o in data.get("orphans", [])]
         if values.get("mode") not in MODES:
             raise ValueError(f"bad mode {values.get('mode')!r}")
@@ -278,14 +370,14 @@ async def _compute(
     on_head: Callable[[int], None] | None,
 ) -> BucketStats:
     spaces: dict[str, SpaceStats] = {}
-    refs: dict[str, ObjectInfo] = {}
+    refs: dict[str, dict[DeltaMode, ObjectInfo]] = {}
     deltas: dict[str, list[ObjectInfo]] = {}
     plain: dict[str, list[ObjectInfo]] = {}
     for obj in objects:
         space_name = fmt.split_key(obj.key)[0]
         spaces.setdefault(space_name, SpaceStats(space_name))
         if fmt.is_reference_key(obj.key):
-            refs[space_name] = obj
+            refs.setdefault(space_name, {})[fmt.reference_mode(obj.key)] = obj
         elif _is_delta_name(obj.key):
             deltas.setdefault(space_name, []).append(obj)
         else:
@@ -296,22 +388,30 @@ async def _compute(
     if mode == "detailed":
         to_head = [o.key for group in deltas.values() for o in group]
         to_head += [o.key for group in plain.values() for o in group]
-    elif mode == "sampled":
-        for group in deltas.values():
-            newest = max(group, key=lambda o: (o.last_modified, o.key))
-            to_head.append(newest.key)
+    else:
+        for name, group in deltas.items():
+            if len(refs.get(name, {})) > 1:  # both references: each delta's mode is needed
+                to_head += [o.key for o in group]
+            elif mode == "sampled":
+                newest = max(group, key=lambda o: (o.last_modified, o.key))
+                to_head.append(newest.key)
     heads = await _head_all(store, to_head, concurrency, on_head)
 
     stats = BucketStats(store.bucket, root.rstrip("/"), mode)
     unreadable: list[str] = []
     for name, space in sorted(spaces.items()):
-        ref = refs.get(name)
-        if ref is not None:
+        space_refs = refs.get(name, {})
+        for ref_mode, ref in space_refs.items():
             space.has_reference = True
-            space.reference_bytes = ref.size
+            space.reference_bytes += ref.size
             space.stored_bytes += ref.size
+            if ref_mode is DeltaMode.DEEP:
+                space.deep_reference = True
+                space.deep_reference_bytes = ref.size
+            else:
+                space.dg_reference = True
         sample_size: int | None = None
-        unknown: list[ObjectInfo] = []  # deltas whose original size must be estimated
+        unknown: list[tuple[ObjectInfo, DeltaMode]] = []  # original size to estimate
         for obj in deltas.get(name, []):
             head = heads.get(obj.key)
             if head is False:  # gone since the LIST
@@ -320,16 +420,24 @@ async def _compute(
             if stored is not None and stored.kind is not fmt.Kind.DELTA:
                 _add_plain(space, stored.kind, stored.original_size, obj.size)
                 continue
+            delta_mode = _delta_mode(head, space_refs)
+            deep = delta_mode is DeltaMode.DEEP
             space.delta_count += 1
             space.stored_bytes += obj.size
+            space.delta_bytes += obj.size
+            if deep:
+                space.deep_delta_count += 1
+                space.deep_delta_bytes += obj.size
             if stored is None:
-                unknown.append(obj)
+                unknown.append((obj, delta_mode))
             else:
-                space.original_bytes += stored.original_size
+                _add_delta_original(space, stored.original_size, deep)
                 sample_size = stored.original_size
-        for obj in unknown:
+        for obj, delta_mode in unknown:
             space.estimated = True
-            space.original_bytes += _estimate(obj, ref, sample_size if mode == "sampled" else None)
+            own_ref = space_refs.get(delta_mode) or next(iter(space_refs.values()), None)
+            estimate = _estimate(obj, own_ref, sample_size if mode == "sampled" else None)
+            _add_delta_original(space, estimate, delta_mode is DeltaMode.DEEP)
         for obj in plain.get(name, []):
             head = heads.get(obj.key)
             if head is False:
@@ -342,17 +450,22 @@ async def _compute(
         if mode != "detailed":
             space.direct_count = space.foreign_count = None
         stats.spaces.append(space)
-        if space.orphaned and ref is not None:
+        for ref_name in space.orphaned_references():
+            ref = space_refs[fmt.reference_mode(ref_name)]
             stats.orphans.append(Orphan(ref.key, ref.size))
 
+    stats.delta_modes = {m.value: ModeStats() for m in DeltaMode}
     for space in stats.spaces:
         stats.delta_count += space.delta_count
         stats.plain_count += space.plain_count
         stats.original_bytes += space.original_bytes
         stats.stored_bytes += space.stored_bytes
         stats.reference_bytes += space.reference_bytes
-        stats.reference_count += int(space.has_reference)
+        stats.reference_count += int(space.dg_reference) + int(space.deep_reference)
+        stats.mixed_spaces += int(space.dg_reference and space.deep_reference)
         stats.estimated = stats.estimated or space.estimated
+        for delta_mode in DeltaMode:
+            stats.delta_modes[delta_mode.value].add_space(space, delta_mode is DeltaMode.DEEP)
     stats.file_count = stats.delta_count + stats.plain_count
     if mode == "detailed":
         stats.direct_count = sum(s.direct_count or 0 for s in stats.spaces)
@@ -369,6 +482,24 @@ async def _compute(
             sum(o.size for o in stats.orphans),
         )
     return stats
+
+
+def _delta_mode(
+    head: ObjectHead | bool | None, space_refs: Mapping[DeltaMode, object]
+) -> DeltaMode:
+    """A delta's mode: from its metadata if HEADed, else its directory's only reference."""
+    if isinstance(head, ObjectHead):
+        return DeltaMode.DEEP if fmt.is_deep(head.metadata) else DeltaMode.DG
+    if len(space_refs) == 1:
+        return next(iter(space_refs))
+    return DeltaMode.DG
+
+
+def _add_delta_original(space: SpaceStats, original: int, deep: bool) -> None:
+    space.original_bytes += original
+    space.delta_original_bytes += original
+    if deep:
+        space.deep_original_bytes += original
 
 
 def _classified(

@@ -11,8 +11,13 @@ What a caller may rely on:
   size matches ``dg-file-size``).
 - A foreign object (no recorded SHA-256) cannot be checked: it is
   reported as skipped, never as passed or failed.
-- ``verify_all`` also checks each ``reference.bin`` against its own
+- ``verify_all`` also checks each reference against its own
   ``dg-file-sha256``; one object's failure never stops the others.
+- A deep deltaspace's ``reference.deep`` records the SHA-256 of the
+  expanded form it holds, not of its stored (zstd) bytes: it is
+  decompressed and the result hashed (and sized against
+  ``dgfs-expanded-size`` when recorded). Its deep deltas are checked by
+  rebuilding, like any delta; ``VerifyResult.deep`` marks such objects.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import trio
 
 from dgfs import format as fmt
 from dgfs.core import Core
+from dgfs.deep import objects
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.format import Kind, StoredFile
 
@@ -58,12 +64,21 @@ class VerifyResult:
     expected_sha256: str | None = None
     actual_sha256: str | None = None
     message: str = ""
+    deep: bool = False
+    """A deep delta or ``reference.deep`` (dgfs's extension)."""
+
+    @property
+    def kind_label(self) -> str:
+        """``delta``, ``direct``, ``reference``...; ``deep delta``, ``deep reference``."""
+        label = self.kind.value if self.kind else "?"
+        return f"deep {label}" if self.deep else label
 
     def to_json(self) -> dict[str, object]:
         return {
             "key": self.visible_key,
             "stored_key": self.stored_key,
             "kind": self.kind.value if self.kind else None,
+            "deep": self.deep,
             "status": self.status.value,
             "original_size": self.original_size,
             "expected_sha256": self.expected_sha256,
@@ -112,9 +127,10 @@ class VerifyReport:
 @dataclass(frozen=True)
 class _ReferenceState:
     recorded_sha256: str | None  # its own dg-file-sha256
-    actual_sha256: str | None  # None when it could not be read
-    size: int
+    actual_sha256: str | None  # None when it could not be read (of the expanded form if deep)
+    size: int  # bytes hashed: the expanded form's for a deep reference
     error: str = ""
+    deep: bool = False
 
 
 class Verifier:
@@ -150,21 +166,54 @@ class Verifier:
                 event.set()
         return self._refs[ref_key]
 
+    async def _hash_deep_reference(self, ref_key: str) -> tuple[str, int]:
+        """SHA-256 and size of the expanded form a ``reference.deep`` holds."""
+        stored = self.core.scratch_path(".zst")
+        plain = self.core.scratch_path(".dgx")
+        try:
+            await self.core.store.download(ref_key, stored)
+            await trio.to_thread.run_sync(
+                objects.decompress_reference, stored, plain, limiter=self.core.cpu_limiter
+            )
+            digest = await self.core.digest(plain)
+        finally:
+            stored.unlink(missing_ok=True)
+            plain.unlink(missing_ok=True)
+        return digest.sha256, digest.size
+
     async def _check_reference(self, ref_key: str) -> _ReferenceState:
+        deep = fmt.split_key(ref_key)[1] == fmt.DEEP_REFERENCE_NAME
         try:
             head = await self.core.store.head(ref_key)
             recorded = fmt.meta_value(head.metadata, "file_sha256")
-            actual, size = await self._hash_object(ref_key)
+            if deep:
+                actual, size = await self._hash_deep_reference(ref_key)
+            else:
+                actual, size = await self._hash_object(ref_key)
         except NotFound:
-            return _ReferenceState(None, None, 0, f"{ref_key} is missing")
+            return _ReferenceState(None, None, 0, f"{ref_key} is missing", deep)
+        except FormatError as exc:  # a deep reference whose body is not zstd
+            return _ReferenceState(None, None, 0, f"{ref_key}: {exc}", deep)
         except (DgfsError, OSError) as exc:
-            return _ReferenceState(None, None, 0, f"{ref_key} could not be read: {exc}")
-        return _ReferenceState(recorded, actual, size)
+            return _ReferenceState(None, None, 0, f"{ref_key} could not be read: {exc}", deep)
+        if deep:
+            expanded_size = head.metadata.get(fmt.META_EXPANDED_SIZE, "")
+            if expanded_size.isdigit() and int(expanded_size) != size:
+                return _ReferenceState(
+                    recorded,
+                    actual,
+                    size,
+                    f"{ref_key} expands to {size} bytes, not the recorded {expanded_size}",
+                    deep,
+                )
+        return _ReferenceState(recorded, actual, size, deep=deep)
 
     async def verify_reference(self, ref_key: str) -> VerifyResult:
-        """A ``reference.bin`` against its own recorded SHA-256."""
+        """A reference against its own recorded SHA-256 (a deep one's: once expanded)."""
         state = await self.reference(ref_key)
-        result = VerifyResult(ref_key, ref_key, Kind.REFERENCE, Status.OK, state.size)
+        result = VerifyResult(
+            ref_key, ref_key, Kind.REFERENCE, Status.OK, state.size, deep=state.deep
+        )
         if state.error:
             return replace(result, status=Status.FAILED, message=state.error)
         result = replace(
@@ -193,6 +242,7 @@ class Verifier:
             Status.OK,
             stored.original_size,
             stored.file_sha256,
+            deep=stored.deep,
         )
         if stored.kind is Kind.FOREIGN or stored.file_sha256 is None:
             return replace(

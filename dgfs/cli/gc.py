@@ -26,9 +26,10 @@ from dgfs.runtime import S3Location, Settings, open_store
 EPILOG = """\
 Without --yes nothing is changed: the command lists what it would do.
 
-  orphaned-reference  reference.bin in a directory with no .delta left (a copy is
-                      kept 24 h under .deltaglider/tmp/gc/ and put back if a delta
-                      appears meanwhile)
+  orphaned-reference  reference.bin or reference.deep that no .delta in its directory
+                      needs (deep deltas need reference.deep, the others
+                      reference.bin); a copy is kept 24 h under
+                      .deltaglider/tmp/gc/ and put back if a delta appears meanwhile
   expired-tmp         .deltaglider/tmp/ objects past their dg-expires-at, or older
                       than --tmp-max-age without one (whole-bucket runs only)
   stale-multipart     incomplete multipart uploads older than --multipart-max-age

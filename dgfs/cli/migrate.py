@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -10,22 +11,35 @@ import sys
 import trio
 
 from dgfs import ec2
+from dgfs import format as fmt
 from dgfs.cli.common import add_cache_options, add_s3_options, settings_from_args
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
 from dgfs.cli.runner import run
 from dgfs.core import Core
 from dgfs.errors import ConfigError, UserError
+from dgfs.format import DeltaMode
+from dgfs.gc import DEFAULT_SETTLE_SECONDS
 from dgfs.migrate import (
+    ConversionPlan,
+    ConversionReport,
     Copied,
     MigrationPlan,
     MigrationReport,
     SourceFile,
+    convert_in_place,
+    is_in_place,
     open_migration,
+    other_mode,
+    plan_conversion,
     plan_migration,
     run_migration,
 )
 from dgfs.progress import Progress, human_bytes
-from dgfs.runtime import S3Location, Settings
+from dgfs.runtime import S3Location, Settings, open_core
+
+#: Seconds to wait before re-checking removed references (``gc --settle``).
+CONVERSION_SETTLE_SECONDS = DEFAULT_SETTLE_SECONDS
+MODE_NAMES = {DeltaMode.DG: "DeltaGlider v6", DeltaMode.DEEP: "deep"}
 
 EPILOG = """\
 Files are copied one by one through a local scratch file and stored as deltas
@@ -38,11 +52,21 @@ prefixes (as DeltaGlider): the last component of the source prefix is kept
   s3://src/a/b/ -> s3://dst/x/   lands in s3://dst/x/b/
   with --no-preserve-prefix      lands in s3://dst/x/
 
+delta modes: --deltas dg (DeltaGlider v6, reference.bin) or deep (dgfs's deep
+deltas of archives' expanded content, reference.deep) for directories new at the
+destination; existing directories keep their mode. With SRC = DST and --deltas,
+the location is converted IN PLACE: every delta of the other mode is rebuilt,
+checked and stored again in the given mode, then the other mode's references are
+removed (a backup is kept 24 h under .deltaglider/tmp/gc/). Every file stays
+readable throughout; rerun to finish an interrupted conversion.
+
 examples:
   dgfs migrate s3://old-releases/ s3://releases/
   dgfs migrate --dry-run s3://old/app/ s3://releases/
   dgfs migrate --yes --include '*.zip' --exclude '*-rc*' s3://old/ s3://releases/
   dgfs migrate --yes --concurrency 16 --endpoint-url http://127.0.0.1:9000 s3://a/ s3://b/
+  dgfs migrate --yes --deltas deep s3://old-releases/ s3://releases/
+  dgfs migrate --dry-run --deltas dg s3://releases/ s3://releases/   # deep -> DeltaGlider
 
 exit codes: 0 all copied (or nothing to do, or dry run), 1 some files failed (listed),
             2 usage error (bad location, no such bucket, access denied,
@@ -75,6 +99,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--concurrency", type=int, default=8, help="files in flight (default 8)")
     parser.add_argument("--max-ratio", type=float, help="keep a delta up to this size ratio")
+    parser.add_argument(
+        "--deltas",
+        choices=[mode.value for mode in DeltaMode],
+        help="mode of new destination directories: dg (DeltaGlider v6, default) or deep; "
+        "with SRC = DST, convert the location in place to that mode",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     add_s3_options(parser)
@@ -93,6 +123,15 @@ def main(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     settings = settings_from_args(args)
+    if args.deltas:
+        settings = dataclasses.replace(settings, deltas=DeltaMode.parse(args.deltas))
+    if is_in_place(source, dest):
+        if not args.deltas:
+            raise ConfigError(
+                f"source and destination are the same location ({source}): nothing to copy; "
+                "to convert its deltas in place pass --deltas dg or --deltas deep"
+            )
+        return _main_in_place(source, settings, args)
     plan, report = run(_migrate, source, dest, settings, args)
     if report is None:
         if args.json:
@@ -239,6 +278,176 @@ def print_summary(report: MigrationReport) -> None:
         f"  rate:      {len(report.copied) / elapsed:.2f} files/s, "
         f"{report.original_bytes / elapsed / 1e6:.2f} MB/s"
     )
+    if report.failed:
+        print("\nFailed files (rerun to retry them):")
+        for key, reason in report.failed:
+            print(f"  {key}: {reason}")
+
+
+# --- in-place conversion ------------------------------------------------------------
+
+
+def _main_in_place(location: S3Location, settings: Settings, args: argparse.Namespace) -> int:
+    plan, report = run(_convert, location, settings, args)
+    if report is None:
+        if args.json:
+            json.dump(conversion_plan_json(plan), sys.stdout, indent=2)
+            print()
+        return EXIT_OK
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        print()
+    elif not args.quiet or report.failed or report.references_failed:
+        print_conversion_summary(report)
+    return EXIT_FAILURE if report.failed or report.references_failed else EXIT_OK
+
+
+async def _convert(
+    location: S3Location, settings: Settings, args: argparse.Namespace
+) -> tuple[ConversionPlan, ConversionReport | None]:
+    for warning in await _region_warnings(settings, [location.bucket]):
+        print(warning, file=sys.stderr)
+    async with open_core(location, settings) as core:
+        plan = await plan_conversion(
+            core.store, location, settings.deltas, include=args.include, exclude=args.exclude
+        )
+        show_conversion_plan(plan, args)
+        if plan.nothing_to_do:
+            _say(args, f"Nothing to convert: every delta there is already {plan.target.value}.")
+            return plan, None
+        if args.dry_run:
+            return plan, None
+        if not args.yes:
+            await _confirm_conversion(plan)
+        return plan, await _run_conversion(core, plan, args)
+
+
+def _location_text(location: S3Location) -> str:
+    return str(location).rstrip("/") + "/"
+
+
+def conversion_plan_json(plan: ConversionPlan) -> dict[str, object]:
+    """The conversion plan as ``--json`` prints it for a dry run (or when nothing is to do)."""
+    return {
+        "in_place": True,
+        "location": str(plan.location),
+        "deltas": plan.target.value,
+        "to_convert": [
+            {"key": f.rel_key, "size": f.size, "from": plan.source_mode.value}
+            for f in plan.to_convert
+        ],
+        "to_convert_bytes": plan.total_bytes,
+        "already": plan.already,
+        "stale_deltas": plan.stale,
+        "old_references": [{"key": o.key, "size": o.size} for o in plan.old_references],
+        "filtered_out": plan.filtered_out,
+    }
+
+
+def show_conversion_plan(plan: ConversionPlan, args: argparse.Namespace) -> None:
+    old, new = plan.source_mode.value, plan.target.value
+    old_ref = fmt.reference_key("", plan.source_mode)
+    _say(
+        args,
+        f"Converting {_location_text(plan.location)} in place to {MODE_NAMES[plan.target]} "
+        f"deltas ({fmt.reference_key('', plan.target)})",
+    )
+    _say(
+        args,
+        f"  to convert:       {len(plan.to_convert):,} {old} deltas, "
+        f"{human_bytes(plan.total_bytes)}",
+    )
+    _say(args, f"  already {new + ':':<9} {plan.already:,} deltas (skipped)")
+    if plan.stale:
+        _say(args, f"  stale deltas:     {len(plan.stale):,} (a newer direct copy exists; removed)")
+    if plan.old_references:
+        _say(
+            args,
+            f"  old references:   {len(plan.old_references):,} {old_ref} "
+            f"(removed once no {old} delta needs them)",
+        )
+    if plan.filtered_out:
+        _say(args, f"  filtered out:     {plan.filtered_out:,} files")
+    if args.dry_run:
+        _say(args, "\nDry run, nothing written. Would convert:")
+        shown = plan.to_convert[:50]
+        for file in shown:
+            _say(args, f"  {file.rel_key}  ({human_bytes(file.size)})  {old} -> {new}")
+        if len(shown) < len(plan.to_convert):
+            _say(args, f"  ... and {len(plan.to_convert) - len(shown)} more")
+        for key in plan.stale:
+            _say(args, f"  {key}  (stale, delete)")
+        for ref in plan.old_references:
+            _say(args, f"  {ref.key}  ({human_bytes(ref.size)})  remove if no {old} delta is left")
+
+
+async def _confirm_conversion(plan: ConversionPlan) -> None:
+    if not sys.stdin.isatty():
+        raise UserError("refusing to convert without confirmation: pass --yes (or use a terminal)")
+    question = (
+        f"Convert {len(plan.to_convert):,} deltas ({human_bytes(plan.total_bytes)}) in "
+        f"{_location_text(plan.location)} to {plan.target.value} and remove the "
+        f"{fmt.reference_key('', plan.source_mode)} references no delta needs? [y/N] "
+    )
+    answer = await trio.to_thread.run_sync(input, question)
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UserError("conversion cancelled")
+
+
+async def _run_conversion(
+    core: Core, plan: ConversionPlan, args: argparse.Namespace
+) -> ConversionReport:
+    enabled = False if (args.quiet or args.json) else None
+    with Progress("convert", len(plan.to_convert), plan.total_bytes, enabled=enabled) as progress:
+
+        def on_done(file: SourceFile, copied: Copied | None, error: str | None) -> None:
+            if error is not None:
+                progress.note(f"FAILED {file.rel_key}: {error}")
+            progress.advance(1, file.size)
+
+        return await convert_in_place(
+            core,
+            plan,
+            concurrency=args.concurrency,
+            settle=CONVERSION_SETTLE_SECONDS,
+            on_done=on_done,
+        )
+
+
+def print_conversion_summary(report: ConversionReport) -> None:
+    elapsed = max(report.elapsed, 1e-9)
+    new = report.target.value
+    old_ref = fmt.reference_key("", other_mode(report.target))
+    print()
+    print(f"Conversion summary (to {MODE_NAMES[report.target]} deltas)")
+    print(
+        f"  converted:  {len(report.copied):,} files ({human_bytes(report.original_bytes)}) "
+        f"in {report.elapsed:.1f} s"
+    )
+    print(f"  skipped:    {report.skipped:,} deltas already {new}")
+    print(f"  failed:     {len(report.failed):,} files")
+    if report.stale_removed:
+        print(
+            f"  stale:      {len(report.stale_removed):,} old deltas behind a direct copy removed"
+        )
+    print(
+        f"  references: {len(report.references_removed):,} {old_ref} removed "
+        f"({human_bytes(report.freed_bytes)}), {len(report.references_kept):,} kept"
+    )
+    print(
+        f"  stored:     {human_bytes(report.stored_before)} before, "
+        f"{human_bytes(report.stored_after)} after (everything under the location)"
+    )
+    print(
+        f"  rate:       {len(report.copied) / elapsed:.2f} files/s, "
+        f"{report.original_bytes / elapsed / 1e6:.2f} MB/s"
+    )
+    if report.references_removed:
+        print("Removed references are kept 24 h under .deltaglider/tmp/gc/ in case one is needed.")
+    for key, why in report.references_kept:
+        print(f"  kept {key}: {why}")
+    for key, error in report.references_failed:
+        print(f"  FAILED to remove {key}: {error}")
     if report.failed:
         print("\nFailed files (rerun to retry them):")
         for key, reason in report.failed:

@@ -14,13 +14,17 @@ from dgfs.cli.runner import run
 from dgfs.errors import ConfigError
 from dgfs.progress import Progress, human_bytes
 from dgfs.runtime import S3Location, Settings, open_store
-from dgfs.stats import BucketStats, Mode, compute_stats
+from dgfs.stats import BucketStats, Mode, ModeStats, compute_stats
 
 EPILOG = """\
 modes:
   --quick     one LIST; deltas' original sizes estimated from their reference (default)
   --sampled   LIST + one HEAD per directory; the other deltas estimated from it
   --detailed  LIST + a HEAD of every object: exact, tells direct from foreign
+
+Deltas by mode: DeltaGlider v6 directories (reference.bin) and dgfs's deep ones
+(reference.deep), each with its directories, deltas, stored and original bytes.
+A directory holding both references has its deltas HEADed in every mode.
 
 Whole-bucket results are cached in the bucket at .deltaglider/stats_{mode}.json
 (DeltaGlider's layout; `deltaglider stats` reads it) and reused while a LIST
@@ -120,6 +124,17 @@ def _size(n: int) -> str:
     return f"{human_bytes(n)} ({n:,} bytes)"
 
 
+def _mode_line(mode: ModeStats | None, tilde: str) -> str:
+    mode = mode or ModeStats()
+    if not mode.spaces and not mode.delta_count:
+        return "none"
+    return (
+        f"{mode.delta_count:,} deltas in {mode.spaces:,} dir(s), "
+        f"original {human_bytes(mode.original_bytes)}{tilde}, "
+        f"stored {human_bytes(mode.stored_bytes)} (refs {human_bytes(mode.reference_bytes)})"
+    )
+
+
 def print_stats(
     stats: BucketStats, out: TextIO, *, by_prefix: bool = False, remove_hint: str = ""
 ) -> None:
@@ -137,6 +152,13 @@ def print_stats(
         w(f"  Direct:            {stats.direct_count:,}\n")
         w(f"  Foreign:           {stats.foreign_count:,}\n")
     w(f"References:          {stats.reference_count:,}  {_size(stats.reference_bytes)}\n")
+    if stats.reference_count or stats.delta_count:
+        tilde = "~" if stats.estimated else ""
+        w("Deltas by mode:\n")
+        for name, label in (("dg", "DeltaGlider v6"), ("deep", "deep (dgfs)")):
+            w(f"  {label + ':':<18} {_mode_line(stats.delta_modes.get(name), tilde)}\n")
+        if stats.mixed_spaces:
+            w(f"  {'both references:':<18} {stats.mixed_spaces:,} dir(s)\n")
     w(f"Original size:       {_size(stats.original_bytes)}{estimate}\n")
     w(f"Stored size:         {_size(stats.stored_bytes)}\n")
     w(f"Saved:               {_size(stats.saved_bytes)}{estimate}\n")
@@ -150,10 +172,11 @@ def print_stats(
         w(f"(cached result computed {stats.computed_at}; --refresh recomputes)\n")
     if by_prefix and stats.spaces:
         w("\n")
-        header = ("DIRECTORY", "FILES", "DELTA", "OTHER", "ORIGINAL", "STORED", "RATIO")
+        header = ("DIRECTORY", "MODE", "FILES", "DELTA", "OTHER", "ORIGINAL", "STORED", "RATIO")
         rows = [
             (
                 (space.prefix or "(root)") + "/",
+                space.mode or "-",
                 f"{space.file_count:,}",
                 f"{space.delta_count:,}",
                 f"{space.plain_count:,}",
@@ -165,8 +188,8 @@ def print_stats(
         ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
-            cells = [row[0].ljust(widths[0])]
-            middle = zip(row[1:-1], widths[1:-1], strict=True)
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+            middle = zip(row[2:-1], widths[2:-1], strict=True)
             cells += [cell.rjust(width) for cell, width in middle]
             cells.append(row[-1])
             w("  ".join(cells).rstrip() + "\n")

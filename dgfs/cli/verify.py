@@ -23,6 +23,8 @@ inside a dgfs mount, or with --all s3://BUCKET[/PREFIX] (or a directory in a mou
 A delta passes when its reference in the bucket matches the SHA-256 the delta was
 made against and the rebuilt bytes match the file's SHA-256; a direct object when
 its bytes match. Foreign objects (no recorded SHA-256) are reported as skipped.
+Deep deltaspaces (dgfs's extension): reference.deep is decompressed and its
+expanded form checked; deep deltas are rebuilt like others ("deep delta").
 
 examples:
   dgfs verify s3://releases/app/app-1.4.2.zip
@@ -129,7 +131,7 @@ async def _verify_all(
 
 
 def _result_line(bucket: str, result: VerifyResult) -> str:
-    kind = result.kind.value if result.kind else "?"
+    kind = result.kind_label
     where = f"s3://{bucket}/{result.visible_key}"
     if result.status is Status.OK:
         return (
