@@ -33,10 +33,11 @@ import trio
 
 from dgfs import format as fmt
 from dgfs.cache import ContentCache
-from dgfs.deep import expand, objects
+from dgfs.deep import dgzip, expand, objects
 from dgfs.deep.deflate import zlib_is_reference
-from dgfs.delta import DeltaEngine
+from dgfs.delta import DeltaEngine, external_compression
 from dgfs.errors import (
+    DeltaEngineError,
     DgfsError,
     FormatError,
     IntegrityError,
@@ -52,6 +53,19 @@ from dgfs.store.base import ObjectHead, ObjectStore
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+_UNRECOVERABLE = (
+    "{key}: DeltaGlider stored it from gzip input without -D, and no gzip settings"
+    " reproduce the original bytes; refusing to return other bytes"
+)
+
+
+def _made_from_gzip(delta: Path) -> bool:
+    """Whether a DG v6 delta is the stock CLI's diff of decompressed gzip input."""
+    with open(delta, "rb") as f:
+        marks = external_compression(f.read(4096))
+    return marks is not None and marks[0] == "G"
+
+
 # Threads re-deflating one expanded form's streams (zlib releases the GIL).
 _REBUILD_WORKERS = min(4, os.cpu_count() or 1)
 # For an existing reference ``_ensure_reference`` never looks at the digest.
@@ -156,6 +170,8 @@ class Core:
         self._plain_refs: dict[str, Path] = {}
         self._plain_ref_users: dict[str, int] = {}
         self._plain_ref_slots = plain_reference_slots
+        # SHA-256 of stock gzip deltas whose recovery failed (a search costs ~30 s).
+        self._unrecoverable: set[str] = set()
 
     # --- small helpers -------------------------------------------------------
 
@@ -613,26 +629,80 @@ class Core:
 
     # --- get -------------------------------------------------------------------
 
-    async def rebuild(self, stored: StoredFile, out: Path, *, verify: bool = True) -> None:
+    async def rebuild(self, stored: StoredFile, out: Path, *, verify: bool = True) -> bool:
         """Write the original bytes of a delta into ``out``.
 
         With ``verify`` the result's SHA-256 is checked (``IntegrityError``,
-        and ``out`` removed, on mismatch).
+        and ``out`` removed, on mismatch). Returns True when the delta was
+        one the stock DeltaGlider CLI made from gzip input and cannot read
+        back itself, and dgfs recovered its bytes.
         """
         assert stored.kind is Kind.DELTA and stored.ref_key and stored.ref_sha256
+        recovered = False
         if stored.deep:
             await self._rebuild_deep(stored, out)
         else:
-            await self._rebuild_dg(stored, out)
+            recovered = await self._rebuild_dg(stored, out)
         if verify:
             await self._verify_file(out, stored)
+        return recovered
 
-    async def _rebuild_dg(self, stored: StoredFile, out: Path) -> None:
+    async def _rebuild_dg(self, stored: StoredFile, out: Path) -> bool:
         assert stored.ref_key and stored.ref_sha256
         async with self._scratch(".delta") as delta_path:
             await self.store.download(stored.stored_key, delta_path)
             async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
-                await self.engine.decode(plain_ref, delta_path, out)
+                from_gzip = await self._cpu(_made_from_gzip, delta_path)
+                try:
+                    await self.engine.decode(plain_ref, delta_path, out)
+                except DeltaEngineError:
+                    if not from_gzip:
+                        raise
+                else:
+                    # The stock decode of gzip input gives the original back
+                    # only when gzip(1) happens to recompress it the same way.
+                    if not from_gzip or await self._matches(out, stored):
+                        return False
+                await self._recover_stock_gzip(stored, plain_ref, delta_path, out)
+                return True
+
+    async def _matches(self, path: Path, stored: StoredFile) -> bool:
+        return (await self.digest(path)).sha256 == stored.file_sha256
+
+    async def _recover_stock_gzip(
+        self, stored: StoredFile, plain_ref: Path, delta_path: Path, out: Path
+    ) -> None:
+        """The original bytes of a delta the stock DeltaGlider CLI made from gzip input.
+
+        Its xdelta3 diffed the decompressed streams and recompresses on
+        decode with other settings, so DeltaGlider itself cannot give the
+        file back; the decompressed content is exact, and the gzip settings
+        that made the original are searched for (:mod:`dgfs.deep.dgzip`).
+        A search that failed is not repeated in this process.
+        """
+        sha256 = stored.file_sha256
+        if sha256 is None or sha256 in self._unrecoverable:
+            raise IntegrityError(_UNRECOVERABLE.format(key=stored.visible_key))
+        async with self._scratch(".tar") as decompressed:
+            await self.engine.decode_decompressed(plain_ref, delta_path, decompressed)
+            recover = functools.partial(
+                dgzip.recover_gzip,
+                decompressed,
+                out,
+                original_name=fmt.split_key(stored.visible_key)[1],
+                expected_sha256=sha256,
+                expected_size=stored.original_size,
+                reference_gzip=plain_ref,
+                scratch_dir=self.scratch_dir,
+            )
+            if not await self._cpu(recover):
+                self._unrecoverable.add(sha256)
+                raise IntegrityError(_UNRECOVERABLE.format(key=stored.visible_key))
+        log.info(
+            "%s: written by DeltaGlider from gzip input, which DeltaGlider cannot read back;"
+            " recovered the original bytes",
+            stored.visible_key,
+        )
 
     async def _rebuild_deep(self, stored: StoredFile, out: Path) -> None:
         assert stored.ref_key and stored.ref_sha256

@@ -69,6 +69,10 @@ _VCD_CODETABLE = 0x02
 _VCD_APPHEADER = 0x04
 
 _STDERR_TAIL = 2000
+#: Guessed expansion of a non-gzip compressed source (bzip2/xz keep no size).
+_UNKNOWN_EXPANSION = 8
+#: bzip2, xz and compress(1) magic: sources xdelta3 also decompresses.
+_OTHER_COMPRESSED_MAGIC = (b"BZh", b"\xfd7zXZ\x00", b"\x1f\x9d")
 _VERSION_RE = re.compile(rb"version\s+([0-9][^\s,]*)", re.IGNORECASE)
 
 
@@ -210,10 +214,72 @@ class DeltaEngine:
                 "/".join(marks),
             )
             flags = ["-d", "-f"]
+            # The source is then read decompressed, through a pipe that
+            # cannot seek: the window must hold all of it.
+            window = await self._decompressed_window_for(source)
         else:
             flags = ["-d", "-f", "-D"]
         args: list[str | Path] = [*flags, "-B", str(window), "-s", source, delta, out]
         await self._run("decode", args, out)
+
+    async def decode_decompressed(self, source: Path, delta: Path, out: Path) -> str:
+        """Decode a stock delta of a compressed file without recompressing it.
+
+        For a delta that the stock command (``xdelta3 -e -9 -s ref target``)
+        made from a gzip/bzip2/xz ``target``, xdelta3 decompresses ``source``
+        exactly as the encoder did and writes the target *as the encoder saw
+        it*, decompressed (e.g. the ``.tar`` of a ``.tar.gz``), to ``out``:
+        those bytes are exact, unlike the recompressed ones :meth:`decode`
+        gives (see :mod:`dgfs.deep.dgzip` for getting the original back).
+
+        Returns the target's compression mark (``"G"`` for gzip, ``"B"``
+        bzip2, ``"X"`` xz). Raises :class:`DeltaEngineError` if the delta
+        records no target compression (then :meth:`decode` already gives
+        the original bytes) or xdelta3 fails; ``out`` is removed on failure.
+        """
+        try:
+            async with await trio.open_file(delta, "rb") as f:
+                header = await f.read(_HEADER_PROBE)
+        except OSError as exc:
+            raise DeltaEngineError(f"cannot read delta {delta}: {exc}") from exc
+        marks = external_compression(header)
+        if marks is None or not marks[0]:
+            raise DeltaEngineError(f"{delta} records no external compression of its target")
+        # The decoder reads a decompressed source from a pipe, so it cannot
+        # seek: the window must hold all of it, not just the compressed size.
+        window = await self._decompressed_window_for(source)
+        args: list[str | Path] = ["-d", "-f", "-R", "-B", str(window), "-s", source, delta, out]
+        await self._run("decode", args, out)
+        return marks[0]
+
+    async def _decompressed_window_for(self, source: Path) -> int:
+        """The ``-B`` for reading ``source`` through external decompression."""
+        try:
+            async with await trio.open_file(source, "rb") as f:
+                magic = await f.read(6)
+                size = await f.seek(0, os.SEEK_END)
+                trailer = b""
+                if magic.startswith(b"\x1f\x8b") and size >= 18:
+                    await f.seek(-4, os.SEEK_END)
+                    trailer = await f.read(4)
+        except OSError as exc:
+            raise DeltaEngineError(f"cannot read delta source {source}: {exc}") from exc
+        if len(trailer) == 4:
+            # gzip's ISIZE: the (last member's) uncompressed size modulo 2**32.
+            expected = max(size, int.from_bytes(trailer, "little"))
+        elif magic.startswith(_OTHER_COMPRESSED_MAGIC):
+            expected = size * _UNKNOWN_EXPANSION
+        else:
+            expected = size  # not decompressed: xdelta3 reads and seeks it as it is
+        window = source_window(expected, self.memory_limit)
+        if expected > window:
+            log.info(
+                "%s decompresses to about %d bytes, more than the %d-byte source window",
+                source,
+                expected,
+                window,
+            )
+        return window
 
     async def _window_for(self, source: Path) -> int:
         try:

@@ -46,6 +46,10 @@ XATTR_KEY = "user.dgfs.key"
 XATTR_ENDPOINT = "user.dgfs.endpoint"  # optional
 
 
+#: The note on a delta the stock CLI made from gzip input (see Core.rebuild).
+RECOVERED = "unreadable by DeltaGlider, recovered by dgfs"
+
+
 class Status(enum.Enum):
     OK = "ok"
     FAILED = "failed"
@@ -274,11 +278,14 @@ class Verifier:
         try:
             # The reference bytes were just checked against dg-ref-sha256, and
             # the core's cache is addressed by that same SHA-256.
-            await self.core.rebuild(stored, out, verify=False)
+            recovered = await self.core.rebuild(stored, out, verify=False)
             digest = await self.core.digest(out)
         finally:
             out.unlink(missing_ok=True)
-        return _verdict(template, digest.sha256, digest.size)
+        result = _verdict(template, digest.sha256, digest.size)
+        if recovered and result.status is Status.OK:
+            result = replace(result, message=RECOVERED)
+        return result
 
 
 def _verdict(template: VerifyResult, actual_sha256: str, size: int) -> VerifyResult:

@@ -6,6 +6,8 @@
 - The bucket holds ``reference.deep`` and deep deltas far smaller than a
   DeltaGlider-mode directory of the same files.
 - The stock DeltaGlider CLI refuses a deep file loudly and writes nothing.
+- Deltas the stock DeltaGlider CLI made from gzip input (which it cannot
+  read back itself) read back exactly through the mount.
 - A directory keeps its mode: a DeltaGlider-mode mount writing into a deep
   directory adds deep deltas, and a deep mount writing into a DeltaGlider
   directory adds DeltaGlider deltas.
@@ -26,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.dgcli import run_deltaglider
-from tests.mountutil import Mounts, S3View, sha256_file
+from tests.mountutil import Mounts, S3View, daemon_env, dgfs_bin, sha256_file
 
 pytestmark = [pytest.mark.mount]
 
@@ -182,3 +184,49 @@ def test_directories_keep_their_mode(mounts: Mounts, series: list[Path]) -> None
     finally:
         view.close()
         deep.unmount()
+
+
+@pytest.mark.interop
+def test_stock_deltaglider_gzip_deltas_read_back_exactly(
+    mounts: Mounts, series: list[Path], tmp_path: Path
+) -> None:
+    """The stock CLI (no XDELTA fix) stores .tar.gz files it cannot give back
+    itself; the mount reads every one of them byte for byte, and verify says so."""
+    bucket = mounts.new_bucket()
+    sdists = [p for p in series if p.name.endswith(".tar.gz")][:3]
+    for path in sdists:
+        run_deltaglider(
+            mounts.endpoint, "cp", str(path), f"s3://{bucket}/pkg/{path.name}", stock=True
+        )
+    view = S3View(mounts.endpoint, bucket)
+    try:
+        stored = view.keys()
+        assert "pkg/reference.bin" in stored and f"pkg/{sdists[1].name}.delta" in stored
+    finally:
+        view.close()
+    failed = run_deltaglider(
+        mounts.endpoint,
+        "cp",
+        f"s3://{bucket}/pkg/{sdists[1].name}",
+        str(tmp_path / "x"),
+        check=False,
+        stock=True,
+    )
+    assert failed.returncode != 0  # the known DeltaGlider 6.2.0 bug
+    mount = mounts.mount(bucket, ro=None)
+    try:
+        for path in sdists:
+            assert sha256_file(mount / "pkg" / path.name) == sha256_file(path), path.name
+        env = {k: v for k, v in daemon_env().items() if k != "AWS_ENDPOINT_URL"}
+        result = subprocess.run(
+            [dgfs_bin(), "verify", str(mount / "pkg" / sdists[1].name)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "unreadable by DeltaGlider, recovered by dgfs" in result.stdout
+    finally:
+        mount.unmount()

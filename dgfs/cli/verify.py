@@ -136,7 +136,7 @@ def _result_line(bucket: str, result: VerifyResult) -> str:
     if result.status is Status.OK:
         return (
             f"OK      {where} ({kind}, {human_bytes(result.original_size)}, "
-            f"sha256 {result.actual_sha256})"
+            f"sha256 {result.actual_sha256})" + (f": {result.message}" if result.message else "")
         )
     if result.status is Status.SKIPPED:
         return f"SKIPPED {where} ({kind}): {result.message}"
