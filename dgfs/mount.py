@@ -32,6 +32,7 @@ from dgfs.errors import (
     StoreError,
     UserError,
 )
+from dgfs.fs.attrcache import VERSION as ATTR_CACHE_VERSION
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.fuse_ops import FuseOperations
@@ -138,7 +139,9 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 journal_root, settings.endpoint_url, config.location.bucket, config.location.prefix
             )
         )
-        attr_cache = AttrCache(settings.cache_dir / f"attrs-{journal.directory.name}.sqlite")
+        attr_cache = AttrCache(
+            settings.cache_dir / f"attrs-{journal.directory.name}.{ATTR_CACHE_VERSION}.sqlite"
+        )
         fs = FileSystem(core, journal, attr_cache, config.fs_options, config.location.prefix)
         ops = FuseOperations(fs, attr_timeout=config.attr_timeout)
         try:

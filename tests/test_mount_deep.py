@@ -118,10 +118,19 @@ def test_deep_mount_stores_expanded_deltas_and_reads_back(
             assert (mount / "deep" / kind / path.name).stat().st_size == path.stat().st_size
             assert sha256_file(mount / "deep" / kind / path.name) == sha256_file(path)
         # A fresh mount in the default mode (another machine) reads the deep files too.
+        # First a listing (attributes come from the listing's cache), then reads;
+        # then again after a remount on the same cache (attributes from disk).
         other = mounts.mount(bucket, ro=None)
-        for path in series:
-            kind = "wheel" if path.suffix == ".whl" else "sdist"
-            assert sha256_file(other / "deep" / kind / path.name) == sha256_file(path)
+        cache_dir = other.cache_dir
+        for _ in range(2):
+            for kind in ("sdist", "wheel"):
+                for entry in os.scandir(other / "deep" / kind):
+                    entry.stat()
+            for path in series:
+                kind = "wheel" if path.suffix == ".whl" else "sdist"
+                assert sha256_file(other / "deep" / kind / path.name) == sha256_file(path)
+            other.unmount()
+            other = mounts.mount(bucket, ro=None, cache_dir=cache_dir)
         other.unmount()
     finally:
         view.close()

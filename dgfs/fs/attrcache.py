@@ -18,6 +18,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+#: Part of the cache file's name: a new version starts empty (2: keeps the
+#: ``dgfs-`` keys that tell deep objects apart).
+VERSION = "v2"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS heads (
     key TEXT NOT NULL,
@@ -30,7 +34,7 @@ CREATE TABLE IF NOT EXISTS heads (
 
 # Only these metadata keys matter to the mount; the rest is not kept.
 def _relevant(name: str) -> bool:
-    return name.startswith(("dg-", "dg_")) or name in {
+    return name.startswith(("dg-", "dg_", "dgfs-")) or name in {
         "mtime",
         "mode",
         "uid",
