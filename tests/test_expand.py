@@ -250,6 +250,13 @@ def nested_war() -> tuple[bytes, int]:
 # --- helpers -----------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _fresh_memos() -> None:
+    """Each test starts without streams proven by another."""
+    expand.VERIFIED_SPANS.clear()
+    expand.REBUILT_SUBTREES.clear()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -546,6 +553,7 @@ def test_gnu_segment_cannot_be_rebuilt_without_zgz(
     _, form = round_trip(tmp_path, data, "items.json.gz")
     (tmp_path / "form").write_bytes(form)
     monkeypatch.setattr(gnuzip, "zgz_path", lambda: None)
+    expand.REBUILT_SUBTREES.clear()  # (a rebuild remembered here would still serve)
     with pytest.raises(DeltaEngineError, match="pristine-tar"):
         rebuild_file(tmp_path / "form", tmp_path / "out", tmp_path)
 
@@ -1204,3 +1212,28 @@ def test_parallel_rebuild_streams_big_segments_in_order(
     out = tmp_path / "out"
     assert rebuild_file(form, out, tmp_path, workers=2) == (sha256(data), len(data))
     assert out.read_bytes() == data
+
+
+def test_streams_proven_before_are_inflated_without_a_check(tmp_path: Path) -> None:
+    """A release's zip members mostly equal the previous release's: the second
+    time their spans are only inflated, and the expanded form is the same."""
+    war, _ = nested_war()
+    data = war + gzip_member(text(20000, 9), level=6)
+    first_stats, first_form = round_trip(tmp_path, data, "a.war")
+    second_stats, second_form = round_trip(tmp_path, data, "a.war")
+    assert second_form == first_form
+    # (The war holds the same jar and .gz twice: some are remembered at once.)
+    assert second_stats.streams_remembered > first_stats.streams_remembered
+    assert second_stats.streams_inflated == first_stats.streams_inflated
+
+
+@needs_zgz
+def test_remembered_gnu_span_is_not_used_without_zgz(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = gnu_gzip(json_lines(), 6)
+    stats, _ = round_trip(tmp_path, data, "items.json.gz")
+    assert stats.streams_gnu == 1
+    monkeypatch.setattr(gnuzip, "zgz_path", lambda: None)
+    stats, _ = round_trip(tmp_path, data, "items.json.gz")
+    assert (stats.streams_inflated, stats.streams_kept, stats.streams_gnu) == (0, 1, 0)

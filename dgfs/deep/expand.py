@@ -42,7 +42,8 @@ import logging
 import os
 import struct
 import tempfile
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -83,6 +84,9 @@ TRUSTED_HINT = 3
 #: Streams zlib cannot reproduce are offered to GNU gzip (zgz) from this
 #: many uncompressed bytes on; below it a process start costs more than it gains.
 GNU_MIN_SIZE = 4096
+#: A gzip member is looked up in VERIFIED_SPANS as if it filled the rest of
+#: its range only when that range is at most this long (hashing is not free).
+GZIP_GUESS_MAX = 8 << 20
 #: Rebuilding: top-level DEFLATE segments up to this many uncompressed bytes
 #: are compressed in worker threads; at most _IN_FLIGHT bytes wait for them.
 PARALLEL_PAYLOAD = 4 << 20
@@ -118,6 +122,8 @@ class ExpandStats:
     streams_inflated: int = 0
     streams_kept: int = 0
     streams_gnu: int = 0
+    streams_remembered: int = 0
+    """Inflated without a new check: the same bytes were proven before."""
     inflated_bytes: int = 0
     params_seen: dict[DeflateParams, int] = field(default_factory=dict)
 
@@ -199,6 +205,58 @@ class _Hint:
             self.params, self.successes = params, evidence
 
 
+#: How a stream is re-compressed: zlib settings, or a GNU gzip level.
+Recipe = DeflateParams | int
+
+
+def _header(recipe: Recipe) -> bytes:
+    if isinstance(recipe, DeflateParams):
+        return bytes((TAG_DEFLATE,)) + recipe.pack()
+    return bytes((TAG_GNU, recipe))
+
+
+class _Memo:
+    """A thread-safe LRU map with a byte budget (shared by concurrent expansions)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[bytes, tuple[object, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> object | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: bytes, value: object, size: int) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._items[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes and self._items:
+                self._bytes -= self._items.popitem(last=False)[1][1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+#: SHA-256 of a compressed span -> the recipe proven to reproduce it. Consecutive
+#: releases share most of their zip members byte for byte: their spans are
+#: inflated (to write the payload) but not compressed again to be checked.
+#: Deflate is deterministic, so a span proven once is proven for good.
+VERIFIED_SPANS = _Memo(16 << 20)
+#: Only spans at least this long are remembered (shorter ones are cheap).
+MEMO_MIN_SPAN = 512
+
+
 class _Expander:
     def __init__(self, writer: _Writer, scratch_dir: Path, stats: ExpandStats) -> None:
         self.w = writer
@@ -238,40 +296,77 @@ class _Expander:
         depth: int,
         kind: str,
         prior: DeflateParams | None = None,
+        length: int | None = None,
     ) -> tuple[DeflateMatch, bool]:
         """One deflate stream at ``start``: a segment if reproducible, else nothing.
 
         ``prior`` is what the container's header suggests (gzip's XFL, a
-        zip entry's flags). Returns the match (``compressed_length == 0``
-        means "not deflate") and whether a segment was written for it.
+        zip entry's flags); ``length`` the stream's length if the container
+        says (a span proven before is then only inflated). Returns the
+        match (``compressed_length == 0`` means "not deflate") and whether
+        a segment was written for it.
         """
+        span_digest = None
+        if length is not None and length >= MEMO_MIN_SPAN and start + length <= limit:
+            span_digest = _span_digest(src, start, length)
+            known = VERIFIED_SPANS.get(span_digest)
+            if isinstance(known, int) and gnuzip.zgz_path() is None:
+                known = None  # proven with zgz, which is gone: could not be rebuilt here
+            if isinstance(known, DeflateParams | int):
+                found, recipe = self._segment(src, start, limit, depth, (), known, length)
+                if recipe is not None:
+                    self.stats.streams_remembered += 1
+                    if isinstance(recipe, int):
+                        self.stats.streams_gnu += 1
+                    return found, True
+        found, recipe = self._search(src, start, limit, depth, kind, prior)
+        if recipe is not None and found.compressed_length >= MEMO_MIN_SPAN:
+            if span_digest is None or length != found.compressed_length:
+                span_digest = _span_digest(src, start, found.compressed_length)
+            VERIFIED_SPANS.put(span_digest, recipe, 64)
+        return found, recipe is not None
+
+    def _search(
+        self,
+        src: BinaryIO,
+        start: int,
+        limit: int,
+        depth: int,
+        kind: str,
+        prior: DeflateParams | None,
+    ) -> tuple[DeflateMatch, Recipe | None]:
+        """Find the recipe of the stream at ``start`` and write its segment."""
         hint = self.hints.setdefault((kind, depth), _Hint())
         first = hint.params or prior
         if first is None:
-            found = self._try_deflate(src, start, limit, depth, CANDIDATES)
+            found, recipe = self._segment(src, start, limit, depth, CANDIDATES)
         else:
             # One likely candidate alone first: on very compressible data a
             # wrong candidate emits its first block late, so running all of
             # them side by side would cost many full compressions.
-            found = self._try_deflate(src, start, limit, depth, (first,))
-            retry = found.params is None and found.compressed_length and not found.near_miss
+            found, recipe = self._segment(src, start, limit, depth, (first,))
+            retry = recipe is None and found.compressed_length and not found.near_miss
             if retry and (hint.params is None or hint.successes < TRUSTED_HINT):
                 others = tuple(c for c in CANDIDATES if c != first)
-                found = self._try_deflate(src, start, limit, depth, others)
+                found, recipe = self._segment(src, start, limit, depth, others)
         if found.params is not None:
             hint.record(found.params, found.compressed_length)
-            return found, True
+            return found, found.params
         gnu_worth_it = (
             found.uncompressed_length >= GNU_MIN_SIZE
             and gnuzip.zgz_path() is not None
             and (hint.gnu_level is not None or hint.gnu_failures < MAX_MISSES)
         )
-        return found, gnu_worth_it and self._try_gnu(src, start, found, depth, hint)
+        level = self._gnu_level(src, start, found, hint) if gnu_worth_it else None
+        if level is None:
+            return found, None
+        found, recipe = self._segment(src, start, limit, depth, (), level, found.compressed_length)
+        if recipe is not None:
+            self.stats.streams_gnu += 1
+        return found, recipe
 
-    def _try_gnu(
-        self, src: BinaryIO, start: int, found: DeflateMatch, depth: int, hint: _Hint
-    ) -> bool:
-        """Write a GNU segment for the stream if GNU gzip reproduces it."""
+    def _gnu_level(self, src: BinaryIO, start: int, found: DeflateMatch, hint: _Hint) -> int | None:
+        """The GNU gzip level that reproduces the stream, if any (needs zgz)."""
         fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".gnu")
         payload = Path(name)
         try:
@@ -281,32 +376,28 @@ class _Expander:
             for level in dict.fromkeys(levels):
                 span = _span_chunks(src, start, found.compressed_length)
                 if gnuzip.gnu_matches(level, payload, span):
-                    break
-            else:
-                hint.gnu_failures += 1
-                return False
-            hint.gnu_level = level
-            self.w.tag(bytes((TAG_GNU, level)))
-            with open(payload, "rb") as spool:
-                self.range(spool, 0, found.uncompressed_length, depth + 1)
-            self.w.tag(bytes((TAG_END,)))
-            self.stats.streams_inflated += 1
-            self.stats.streams_gnu += 1
-            self.stats.inflated_bytes += found.uncompressed_length
-            return True
+                    hint.gnu_level = level
+                    return level
+            hint.gnu_failures += 1
+            return None
         finally:
             payload.unlink(missing_ok=True)
 
-    def _try_deflate(
+    def _segment(
         self,
         src: BinaryIO,
         start: int,
         limit: int,
         depth: int,
         candidates: tuple[DeflateParams, ...],
-    ) -> DeflateMatch:
+        known: Recipe | None = None,
+        known_length: int = 0,
+    ) -> tuple[DeflateMatch, Recipe | None]:
+        """Write the segment of the stream at ``start`` if one of ``candidates``
+        reproduces it, or (with ``known``) if it is ``known_length`` long and
+        inflates: a recipe proven for these very bytes before."""
         seg_pos = self.w.tell()
-        self.w.tag(bytes((TAG_DEFLATE,)) + b"\0\0\0\0")
+        self.w.tag(_header(known) if known is not None else bytes((TAG_DEFLATE,)) + b"\0" * 4)
         body_pos = self.w.tell()
         spool: BinaryIO | None = None
         spool_path: Path | None = None
@@ -326,11 +417,17 @@ class _Expander:
                 self.w.raw(piece)
 
         try:
-            found = match_deflate(src, start, limit, sink, candidates)
-            if found.params is None:
+            found = match_deflate(src, start, limit, sink, () if known is not None else candidates)
+            recipe: Recipe | None
+            if known is not None:
+                recipe = known if found.compressed_length == known_length else None
+            else:
+                recipe = found.params
+            if recipe is None:
                 self.w.rewind(seg_pos)
-                return found
-            self.w.patch(seg_pos + 1, found.params.pack())
+                return found, None
+            if known is None:
+                self.w.patch(seg_pos + 1, found.params.pack())  # type: ignore[union-attr]
             if spool is not None:
                 spool.flush()
                 self.w.rewind(body_pos)
@@ -338,9 +435,10 @@ class _Expander:
             self.w.tag(bytes((TAG_END,)))
             self.stats.streams_inflated += 1
             self.stats.inflated_bytes += found.uncompressed_length
-            seen = self.stats.params_seen
-            seen[found.params] = seen.get(found.params, 0) + 1
-            return found
+            if isinstance(recipe, DeflateParams):
+                seen = self.stats.params_seen
+                seen[recipe] = seen.get(recipe, 0) + 1
+            return found, recipe
         finally:
             if spool is not None:
                 spool.close()
@@ -362,7 +460,9 @@ class _Expander:
             self.copy(src, pos, body)
             src.seek(pos + 8)
             prior = _XFL_PRIOR.get(src.read(1)[0])
-            found, expanded = self.deflate(src, body, end, depth, "gzip", prior)
+            # A gzip file of one member: its body ends 8 bytes before the end.
+            guess = end - 8 - body if end - body <= GZIP_GUESS_MAX else None
+            found, expanded = self.deflate(src, body, end, depth, "gzip", prior, guess)
             if found.compressed_length == 0:
                 self.copy(src, body, end)  # not deflate after all: keep the rest
                 return
@@ -391,7 +491,7 @@ class _Expander:
                 cursor = data_start
                 limit = end if csize is None else min(end, data_start + csize)
                 prior = _ZIP_FLAG_PRIOR[(flags >> 1) & 3]
-                found, expanded = self.deflate(src, data_start, limit, depth, "zip", prior)
+                found, expanded = self.deflate(src, data_start, limit, depth, "zip", prior, csize)
                 if found.compressed_length == 0 and csize is None:
                     break  # neither deflate nor a known size: keep the rest as it is
                 if expanded:
@@ -417,6 +517,13 @@ class _Expander:
                 break
             pos = after
         self.copy(src, cursor, end)
+
+
+def _span_digest(src: BinaryIO, start: int, length: int) -> bytes:
+    digest = hashlib.sha256()
+    for chunk in _span_chunks(src, start, length):
+        digest.update(chunk)
+    return digest.digest()
 
 
 def _span_chunks(src: BinaryIO, start: int, length: int) -> Iterator[bytes]:
@@ -587,8 +694,8 @@ class _Reader:
     def segments(self) -> Iterator[bytes]:
         """Rebuild segments up to the next END, in order."""
         while (tag := self.exact(1)[0]) != TAG_END:
-            if tag == TAG_DEFLATE:
-                yield from deflate_chunks(self.params(), self.segments())
+            if tag in (TAG_DEFLATE, TAG_GNU):
+                yield from self._subtree(tag)
             else:
                 yield from self.segment(tag)
 
@@ -599,20 +706,34 @@ class _Reader:
             raise FormatError(f"expanded form: {exc}") from None
 
     def segment(self, tag: int) -> Iterator[bytes]:
-        """One RAW or GNU segment whose tag was just read."""
-        if tag == TAG_RAW:
-            left = self.varint()
-            while left:
-                chunk = self.exact(min(left, RAW_CHUNK))
-                left -= len(chunk)
-                yield chunk
-        elif tag == TAG_GNU:
-            yield from self._gnu(self.exact(1)[0])
-        else:
+        """One RAW segment whose tag was just read."""
+        if tag != TAG_RAW:
             raise FormatError(f"expanded form: unknown segment tag {tag}")
+        left = self.varint()
+        while left:
+            chunk = self.exact(min(left, RAW_CHUNK))
+            left -= len(chunk)
+            yield chunk
+
+    def compressed(self, tag: int) -> Iterator[bytes]:
+        """One DEFLATE or GNU segment whose tag was just read, compressed as it goes."""
+        if tag == TAG_DEFLATE:
+            yield from deflate_chunks(self.params(), self.segments())
+        else:
+            yield from self._gnu(self.exact(1)[0])
+
+    def _subtree(self, tag: int) -> Iterator[bytes]:
+        """A DEFLATE or GNU segment: from REBUILT_SUBTREES when small enough, else streamed."""
+        start = self.src.tell() - 1
+        end = self._subtree_end(tag, PARALLEL_PAYLOAD)
+        self.src.seek(start if end is not None else start + 1)
+        if end is None:
+            yield from self.compressed(tag)
+        else:
+            yield from _rebuild_subtree(self.exact(end - start), self.scratch_dir)
 
     def segments_in_parallel(self, workers: int) -> Iterator[bytes]:
-        """``segments``, with small DEFLATE subtrees rebuilt by ``workers`` threads.
+        """``segments``, with small subtrees rebuilt by ``workers`` threads.
 
         zlib releases the GIL while compressing, so a zip's members (and the
         gzip files inside them) are re-deflated side by side; output order
@@ -631,16 +752,16 @@ class _Reader:
 
         with ThreadPoolExecutor(workers, thread_name_prefix="dgfs-deflate") as pool:
             while (tag := self.exact(1)[0]) != TAG_END:
-                if tag != TAG_DEFLATE:
+                if tag not in (TAG_DEFLATE, TAG_GNU):
                     yield from ready(force=True)
                     yield from self.segment(tag)
                     continue
                 start = self.src.tell() - 1
-                end = self._subtree_end(PARALLEL_PAYLOAD)
+                end = self._subtree_end(tag, PARALLEL_PAYLOAD)
                 if end is None:  # too big to hold: stream it, in order
                     self.src.seek(start + 1)
                     yield from ready(force=True)
-                    yield from deflate_chunks(self.params(), self.segments())
+                    yield from self.compressed(tag)
                     continue
                 self.src.seek(start)
                 subtree = self.exact(end - start)
@@ -650,10 +771,10 @@ class _Reader:
                 yield from ready(force=False)
             yield from ready(force=True)
 
-    def _subtree_end(self, limit: int) -> int | None:
-        """Where the DEFLATE segment whose tag was just read ends, or None
+    def _subtree_end(self, tag: int, limit: int) -> int | None:
+        """Where the DEFLATE or GNU segment whose tag was just read ends, or None
         if it holds more than ``limit`` RAW bytes. Reads only tags and lengths."""
-        self.src.seek(4, os.SEEK_CUR)
+        self.src.seek(4 if tag == TAG_DEFLATE else 1, os.SEEK_CUR)
         depth, total = 1, 0
         while depth:
             tag = self.exact(1)[0]
@@ -673,11 +794,25 @@ class _Reader:
         return self.src.tell()
 
 
+#: SHA-256 of a DEFLATE or GNU subtree -> the bytes it rebuilds to. A file's
+#: zip members (and the gzip files in them) are mostly the same as the
+#: previous release's; rebuilding is a pure function of the subtree's
+#: bytes, so its result is reused, at every nesting level.
+REBUILT_SUBTREES = _Memo(64 << 20)
+
+
 def _rebuild_subtree(subtree: bytes, scratch_dir: Path | None) -> list[bytes]:
-    """The original bytes of one DEFLATE segment given whole (tag included)."""
+    """The original bytes of one DEFLATE or GNU segment given whole (tag included)."""
+    key = hashlib.sha256(subtree).digest()
+    cached = REBUILT_SUBTREES.get(key)
+    if isinstance(cached, list):
+        return cached
     reader = _Reader(io.BytesIO(subtree), scratch_dir)
-    reader.exact(1)
-    return list(deflate_chunks(reader.params(), reader.segments()))
+    rebuilt = list(reader.compressed(reader.exact(1)[0]))
+    if reader.src.read(1):
+        raise FormatError("expanded form: bytes after a segment's end")
+    REBUILT_SUBTREES.put(key, rebuilt, sum(map(len, rebuilt)) + 64)
+    return rebuilt
 
 
 def rebuild_chunks(
