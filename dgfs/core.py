@@ -35,7 +35,7 @@ from dgfs import format as fmt
 from dgfs.cache import ContentCache
 from dgfs.deep import dgzip, expand, objects
 from dgfs.deep.deflate import zlib_is_reference
-from dgfs.delta import DeltaEngine, external_compression
+from dgfs.delta import HEADER_PROBE, DeltaEngine, is_stock_gzip_delta
 from dgfs.errors import (
     DeltaEngineError,
     DgfsError,
@@ -62,8 +62,7 @@ _UNRECOVERABLE = (
 def _made_from_gzip(delta: Path) -> bool:
     """Whether a DG v6 delta is the stock CLI's diff of decompressed gzip input."""
     with open(delta, "rb") as f:
-        marks = external_compression(f.read(4096))
-    return marks is not None and marks[0] == "G"
+        return is_stock_gzip_delta(f.read(HEADER_PROBE))
 
 
 # Threads re-deflating one expanded form's streams (zlib releases the GIL).

@@ -117,6 +117,17 @@ def external_compression(header: bytes) -> tuple[str, str] | None:
     return fields[1].decode("latin-1"), fields[3].decode("latin-1")
 
 
+#: Bytes of a delta's start that hold its application header.
+HEADER_PROBE = _HEADER_PROBE
+
+
+def is_stock_gzip_delta(header: bytes) -> bool:
+    """Whether a delta (its first ``HEADER_PROBE`` bytes) is the stock command's
+    diff of decompressed gzip input: DeltaGlider cannot give such a file back."""
+    marks = external_compression(header)
+    return marks is not None and marks[0] == "G"
+
+
 def _read_varint(data: bytes, pos: int) -> tuple[int | None, int]:
     """A VCDIFF (RFC 3284) base-128 integer at ``pos``; (None, pos) if truncated."""
     value = 0

@@ -46,6 +46,15 @@ or deep (``reference.deep``), without a second bucket:
   (backup, re-check, settle, put back if a delta appeared), and only
   those no delta of their directory needs any more.
 - Rerunning finishes an interrupted conversion and skips what is done.
+- Into DeltaGlider mode, the deltas the stock DeltaGlider CLI made from
+  gzip input (xdelta3 without ``-D`` diffed the decompressed streams, so
+  DeltaGlider reads them back only if its gzip happens to recompress the
+  same bytes) are rewritten too: rebuilt by dgfs (verified) and stored
+  again by ``Core.put(mode=DG)``, which stores gzip content direct, as
+  DeltaGlider reads it. Telling them apart costs a HEAD per delta of a
+  DeltaGlider directory and, for those dgfs did not write, one ranged GET
+  of their first ``delta.HEADER_PROBE`` bytes. Into deep mode they are DeltaGlider
+  deltas like the others and are converted.
 """
 
 from __future__ import annotations
@@ -54,13 +63,13 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
+from dgfs import delta, gc
 from dgfs import format as fmt
-from dgfs import gc
 from dgfs.core import Core, PutResult
 from dgfs.errors import ConfigError, DgfsError, IntegrityError, NotFound
 from dgfs.format import DeltaMode, Kind
@@ -71,6 +80,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 8
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+#: Bytes read from the start of a delta to find xdelta3's application header.
+#: How ``dg-tool`` starts on everything dgfs writes (``dgfs/<version>``).
+DGFS_TOOL_PREFIX = fmt.TOOL.split("/", 1)[0] + "/"
 
 
 # --- names -------------------------------------------------------------------------
@@ -494,8 +506,10 @@ class ConversionPlan:
     location: S3Location
     target: DeltaMode
     to_convert: list[SourceFile] = field(default_factory=list)  # deltas of the other mode
+    # Target dg: DeltaGlider deltas of gzip input it cannot read back (``is_stock_gzip_delta``).
+    to_rewrite: list[SourceFile] = field(default_factory=list)
     already: int = 0  # deltas in the target mode (or beside no other-mode reference)
-    stale: list[str] = field(default_factory=list)  # other-mode .delta behind a newer direct copy
+    stale: list[str] = field(default_factory=list)  # planned .delta behind a newer direct copy
     old_references: list[ObjectInfo] = field(default_factory=list)  # the other mode's
     filtered_out: int = 0
     stored_bytes: int = 0  # every object under the location now (.deltaglider/ aside)
@@ -509,8 +523,49 @@ class ConversionPlan:
         return sum(f.size for f in self.to_convert)
 
     @property
+    def rewrite_bytes(self) -> int:
+        return sum(f.size for f in self.to_rewrite)
+
+    @property
     def nothing_to_do(self) -> bool:
-        return not (self.to_convert or self.stale or self.old_references)
+        return not (self.to_convert or self.to_rewrite or self.stale or self.old_references)
+
+
+def written_by_dgfs(metadata: Mapping[str, str]) -> bool:
+    """Whether an object's ``dg-tool`` names dgfs (DeltaGlider writes ``deltaglider/<v>``)."""
+    return (fmt.meta_value(metadata, "tool") or "").startswith(DGFS_TOOL_PREFIX)
+
+
+async def is_stock_gzip_delta(store: ObjectStore, head: ObjectHead) -> bool:
+    """Whether the delta ``head`` is one the stock DeltaGlider CLI made from gzip input.
+
+    Such a delta (xdelta3 without ``-D`` diffed the decompressed streams)
+    is read back by DeltaGlider only if its gzip happens to recompress the
+    original bytes; dgfs recovers them. Deep deltas and deltas dgfs wrote
+    cost no request; others one ranged GET of ``delta.HEADER_PROBE`` bytes.
+    """
+    if fmt.is_deep(head.metadata) or written_by_dgfs(head.metadata):
+        return False
+    return delta.is_stock_gzip_delta(await store.get_range(head.key, 0, delta.HEADER_PROBE))
+
+
+async def _stock_gzip_deltas(
+    store: ObjectStore, heads: list[ObjectHead], concurrency: int
+) -> set[str]:
+    """The keys among ``heads`` that ``is_stock_gzip_delta`` (gone ones are not)."""
+    found: set[str] = set()
+    limiter = trio.CapacityLimiter(max(1, concurrency))
+
+    async def one(head: ObjectHead) -> None:
+        async with limiter:
+            with contextlib.suppress(NotFound):
+                if await is_stock_gzip_delta(store, head):
+                    found.add(head.key)
+
+    async with trio.open_nursery() as nursery:
+        for head in heads:
+            nursery.start_soon(one, head)
+    return found
 
 
 async def plan_conversion(
@@ -526,6 +581,9 @@ async def plan_conversion(
 
     Only deltas in a directory that holds the other mode's reference can be
     of that mode; those are HEADed to read their mode, size and metadata.
+    Into ``dg``, the deltas of directories holding ``reference.bin`` are
+    HEADed too, and those dgfs did not write are checked with
+    ``is_stock_gzip_delta`` (``to_rewrite``).
     """
     root = _root(location.prefix)
     plan = ConversionPlan(location, target)
@@ -533,10 +591,15 @@ async def plan_conversion(
     listing = await store.list(root, delimiter=None)
     objects = [o for o in listing.objects if not (not root and fmt.is_internal_key(o.key))]
     plan.stored_bytes = sum(o.size for o in objects)
-    old_spaces = {
-        fmt.split_key(o.key)[0] for o in objects if fmt.split_key(o.key)[1] == old_ref_name
-    }
     plan.old_references = [o for o in objects if fmt.split_key(o.key)[1] == old_ref_name]
+    checked_spaces = {fmt.split_key(o.key)[0] for o in plan.old_references}
+    if target is DeltaMode.DG:
+        # DeltaGlider's own gzip deltas can only be where its reference is.
+        checked_spaces |= {
+            fmt.split_key(o.key)[0]
+            for o in objects
+            if fmt.split_key(o.key)[1] == fmt.REFERENCE_NAME
+        }
     by_key = {o.key: o for o in objects}
     candidates: list[ObjectInfo] = []
     for obj in objects:
@@ -545,18 +608,26 @@ async def plan_conversion(
             continue  # a reference, or not a delta
         if not selected(visible[len(root) :], include, exclude):
             plan.filtered_out += 1
-        elif fmt.split_key(obj.key)[0] in old_spaces:
+        elif fmt.split_key(obj.key)[0] in checked_spaces:
             candidates.append(obj)
         else:
             plan.already += 1
     heads = await _heads(store, [o.key for o in candidates], concurrency)
+    in_target = {
+        key: head
+        for key, head in heads.items()
+        if fmt.is_deep(head.metadata) == (target is DeltaMode.DEEP)
+    }
+    stock_gzip: set[str] = set()
+    if target is DeltaMode.DG:
+        stock_gzip = await _stock_gzip_deltas(store, list(in_target.values()), concurrency)
     for obj in sorted(candidates, key=lambda o: o.key):
         head = heads.get(obj.key)
         if head is None:
             continue  # deleted since the listing
         visible = fmt.visible_key(obj.key)
         assert visible is not None
-        if fmt.is_deep(head.metadata) == (target is DeltaMode.DEEP):
+        if obj.key in in_target and obj.key not in stock_gzip:
             plan.already += 1
             continue
         direct = by_key.get(visible)
@@ -565,21 +636,35 @@ async def plan_conversion(
             continue
         size, sha256, _ = _original_size(head)
         # Named by their full keys everywhere (rel_key too), like the references.
-        plan.to_convert.append(SourceFile(visible, visible, visible, size, sha256, True, head))
+        file = SourceFile(visible, visible, visible, size, sha256, True, head)
+        (plan.to_rewrite if obj.key in stock_gzip else plan.to_convert).append(file)
     return plan
 
 
 @dataclass
 class ConversionReport(MigrationReport):
-    """What an in-place conversion did (``copied``: the files converted)."""
+    """What an in-place conversion did.
+
+    ``copied``: every file stored again, converted or rewritten;
+    ``rewritten``: the keys of those that were DeltaGlider's gzip deltas.
+    """
 
     target: DeltaMode = DeltaMode.DG
     stored_before: int = 0  # every object under the location (.deltaglider/ aside)
     stored_after: int = 0
+    rewritten: list[str] = field(default_factory=list)
     stale_removed: list[str] = field(default_factory=list)
     references_removed: list[gc.Garbage] = field(default_factory=list)
     references_kept: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
     references_failed: list[tuple[str, str]] = field(default_factory=list)  # (key, error)
+    # reference.bin of a rewritten directory that no delta needs now (``dgfs gc`` removes it).
+    unused_references: list[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[Copied]:
+        """The files converted from the other mode (``copied`` less the rewritten)."""
+        rewritten = set(self.rewritten)
+        return [c for c in self.copied if c.dest_key not in rewritten]
 
     @property
     def freed_bytes(self) -> int:
@@ -587,10 +672,12 @@ class ConversionReport(MigrationReport):
 
     def to_json(self) -> dict[str, object]:
         data = super().to_json()
-        data["converted"] = data.pop("copied")
+        del data["copied"]
         return {
             "in_place": True,
             "deltas": self.target.value,
+            "converted": len(self.converted),
+            "rewritten": self.rewritten,
             **data,
             "stale_removed": self.stale_removed,
             "references_removed": [g.key for g in self.references_removed],
@@ -599,23 +686,31 @@ class ConversionReport(MigrationReport):
             "freed_bytes": self.freed_bytes,
             "location_bytes_before": self.stored_before,
             "location_bytes_after": self.stored_after,
+            "unused_references": self.unused_references,
         }
 
 
-async def convert_file(core: Core, file: SourceFile, target: DeltaMode) -> PutResult | None:
+async def convert_file(
+    core: Core, file: SourceFile, target: DeltaMode, *, rewrite: bool = False
+) -> PutResult | None:
     """Rebuild one delta (verified) and store it again under its key in ``target`` mode.
 
-    None when it is no longer a delta of the other mode (done since the plan).
+    ``rewrite``: the plan found it to be one of DeltaGlider's gzip deltas
+    (``is_stock_gzip_delta``), stored again even though it is in the target
+    mode. None when there is nothing left to do (done since the plan).
     """
     scratch = core.scratch_path()
     try:
         stored = await core.get(file.key, scratch)  # rebuilt and verified
-        if stored.kind is not Kind.DELTA or stored.deep == (target is DeltaMode.DEEP):
+        in_target = stored.deep == (target is DeltaMode.DEEP)
+        if stored.kind is not Kind.DELTA or (in_target and not rewrite):
             return None
         if file.head is not None and file.head.key == stored.stored_key:
             head = file.head
         else:
             head = await core.store.head(stored.stored_key)
+        if in_target and not await is_stock_gzip_delta(core.store, head):
+            return None  # replaced since the plan by a delta DeltaGlider reads
         return await core.put(
             scratch,
             file.key,
@@ -636,22 +731,30 @@ async def convert_in_place(
     settle: float = gc.DEFAULT_SETTLE_SECONDS,
     on_done: Callable[[SourceFile, Copied | None, str | None], None] | None = None,
 ) -> ConversionReport:
-    """Convert ``plan.to_convert``, drop stale deltas, then remove unneeded old references.
+    """Convert and rewrite the plan's files, drop stale deltas, remove unneeded old references.
 
     ``settle``: seconds ``gc.collect`` waits before re-checking the removed
     references. ``on_done(file, copied, error)`` follows each file
-    (``copied`` and ``error`` both None: already converted).
+    (``copied`` and ``error`` both None: already done).
     """
     started = trio.current_time()
     report = ConversionReport(
         skipped=plan.already, target=plan.target, stored_before=plan.stored_bytes
     )
+    rewrite_keys = {f.key for f in plan.to_rewrite}
 
     async def convert(file: SourceFile) -> Copied | None:
-        result = await convert_file(core, file, plan.target)
-        return None if result is None else Copied.of(file, result)
+        rewrite = file.key in rewrite_keys
+        result = await convert_file(core, file, plan.target, rewrite=rewrite)
+        if result is None:
+            return None
+        if rewrite:
+            report.rewritten.append(file.key)
+        return Copied.of(file, result)
 
-    await _run_files(plan.to_convert, convert, report, "convert", concurrency, on_done)
+    files = plan.to_convert + plan.to_rewrite
+    await _run_files(files, convert, report, "convert", concurrency, on_done)
+    report.rewritten.sort()
     for key in plan.stale:
         try:
             if await _still_stale(core.store, key):
@@ -663,9 +766,13 @@ async def convert_in_place(
     await _remove_old_references(core.store, plan, report, settle)
     root = _root(plan.location.prefix)
     after = await core.store.list(root, delimiter=None)
-    report.stored_after = sum(
-        o.size for o in after.objects if root or not fmt.is_internal_key(o.key)
-    )
+    objects = [o for o in after.objects if root or not fmt.is_internal_key(o.key)]
+    report.stored_after = sum(o.size for o in objects)
+    touched = [*report.rewritten, *report.stale_removed]
+    if plan.target is DeltaMode.DG and touched:
+        refs = {fmt.reference_key(fmt.split_key(key)[0]) for key in touched}
+        orphans = await gc.orphaned_references(core.store, objects)
+        report.unused_references = sorted(g.key for g in orphans if g.key in refs)
     report.elapsed = trio.current_time() - started
     return report
 

@@ -40,6 +40,8 @@ from dgfs.runtime import S3Location, Settings, open_core
 #: Seconds to wait before re-checking removed references (``gc --settle``).
 CONVERSION_SETTLE_SECONDS = DEFAULT_SETTLE_SECONDS
 MODE_NAMES = {DeltaMode.DG: "DeltaGlider v6", DeltaMode.DEEP: "deep"}
+STOCK_GZIP_DELTAS = "DeltaGlider gzip deltas it cannot read back"
+REWRITE_NOTE = "DeltaGlider cannot read this gzip delta back: rewrite"
 
 EPILOG = """\
 Files are copied one by one through a local scratch file and stored as deltas
@@ -58,7 +60,9 @@ destination; existing directories keep their mode. With SRC = DST and --deltas,
 the location is converted IN PLACE: every delta of the other mode is rebuilt,
 checked and stored again in the given mode, then the other mode's references are
 removed (a backup is kept 24 h under .deltaglider/tmp/gc/). Every file stays
-readable throughout; rerun to finish an interrupted conversion.
+readable throughout; rerun to finish an interrupted conversion. --deltas dg in
+place also rewrites the .tar.gz/.tgz deltas the deltaglider CLI stored from gzip
+input and cannot read back (stored direct again, as it reads them).
 
 examples:
   dgfs migrate s3://old-releases/ s3://releases/
@@ -337,6 +341,8 @@ def conversion_plan_json(plan: ConversionPlan) -> dict[str, object]:
             for f in plan.to_convert
         ],
         "to_convert_bytes": plan.total_bytes,
+        "to_rewrite": [{"key": f.rel_key, "size": f.size} for f in plan.to_rewrite],
+        "to_rewrite_bytes": plan.rewrite_bytes,
         "already": plan.already,
         "stale_deltas": plan.stale,
         "old_references": [{"key": o.key, "size": o.size} for o in plan.old_references],
@@ -357,6 +363,12 @@ def show_conversion_plan(plan: ConversionPlan, args: argparse.Namespace) -> None
         f"  to convert:       {len(plan.to_convert):,} {old} deltas, "
         f"{human_bytes(plan.total_bytes)}",
     )
+    if plan.to_rewrite:
+        _say(
+            args,
+            f"  to rewrite:       {len(plan.to_rewrite):,} {STOCK_GZIP_DELTAS}, "
+            f"{human_bytes(plan.rewrite_bytes)}",
+        )
     _say(args, f"  already {new + ':':<9} {plan.already:,} deltas (skipped)")
     if plan.stale:
         _say(args, f"  stale deltas:     {len(plan.stale):,} (a newer direct copy exists; removed)")
@@ -375,6 +387,10 @@ def show_conversion_plan(plan: ConversionPlan, args: argparse.Namespace) -> None
             _say(args, f"  {file.rel_key}  ({human_bytes(file.size)})  {old} -> {new}")
         if len(shown) < len(plan.to_convert):
             _say(args, f"  ... and {len(plan.to_convert) - len(shown)} more")
+        for file in plan.to_rewrite[:50]:
+            _say(args, f"  {file.rel_key}  ({human_bytes(file.size)})  {REWRITE_NOTE}")
+        if len(plan.to_rewrite) > 50:
+            _say(args, f"  ... and {len(plan.to_rewrite) - 50} more to rewrite")
         for key in plan.stale:
             _say(args, f"  {key}  (stale, delete)")
         for ref in plan.old_references:
@@ -384,9 +400,15 @@ def show_conversion_plan(plan: ConversionPlan, args: argparse.Namespace) -> None
 async def _confirm_conversion(plan: ConversionPlan) -> None:
     if not sys.stdin.isatty():
         raise UserError("refusing to convert without confirmation: pass --yes (or use a terminal)")
+    rewrite = (
+        f", rewrite {len(plan.to_rewrite):,} {STOCK_GZIP_DELTAS} "
+        f"({human_bytes(plan.rewrite_bytes)})"
+        if plan.to_rewrite
+        else ""
+    )
     question = (
         f"Convert {len(plan.to_convert):,} deltas ({human_bytes(plan.total_bytes)}) in "
-        f"{_location_text(plan.location)} to {plan.target.value} and remove the "
+        f"{_location_text(plan.location)} to {plan.target.value}{rewrite} and remove the "
         f"{fmt.reference_key('', plan.source_mode)} references no delta needs? [y/N] "
     )
     answer = await trio.to_thread.run_sync(input, question)
@@ -398,7 +420,9 @@ async def _run_conversion(
     core: Core, plan: ConversionPlan, args: argparse.Namespace
 ) -> ConversionReport:
     enabled = False if (args.quiet or args.json) else None
-    with Progress("convert", len(plan.to_convert), plan.total_bytes, enabled=enabled) as progress:
+    files = len(plan.to_convert) + len(plan.to_rewrite)
+    total = plan.total_bytes + plan.rewrite_bytes
+    with Progress("convert", files, total, enabled=enabled) as progress:
 
         def on_done(file: SourceFile, copied: Copied | None, error: str | None) -> None:
             if error is not None:
@@ -420,10 +444,18 @@ def print_conversion_summary(report: ConversionReport) -> None:
     old_ref = fmt.reference_key("", other_mode(report.target))
     print()
     print(f"Conversion summary (to {MODE_NAMES[report.target]} deltas)")
+    converted = report.converted
+    converted_bytes = sum(c.original_size for c in converted)
     print(
-        f"  converted:  {len(report.copied):,} files ({human_bytes(report.original_bytes)}) "
+        f"  converted:  {len(converted):,} files ({human_bytes(converted_bytes)}) "
         f"in {report.elapsed:.1f} s"
     )
+    if report.rewritten:
+        rewritten_bytes = report.original_bytes - converted_bytes
+        print(
+            f"  rewritten:  {len(report.rewritten):,} DeltaGlider gzip deltas "
+            f"({human_bytes(rewritten_bytes)}), now readable by DeltaGlider"
+        )
     print(f"  skipped:    {report.skipped:,} deltas already {new}")
     print(f"  failed:     {len(report.failed):,} files")
     if report.stale_removed:
@@ -448,6 +480,13 @@ def print_conversion_summary(report: ConversionReport) -> None:
         print(f"  kept {key}: {why}")
     for key, error in report.references_failed:
         print(f"  FAILED to remove {key}: {error}")
+    if report.unused_references:
+        print(
+            f"{len(report.unused_references):,} {fmt.REFERENCE_NAME} left that no delta needs "
+            "any more (`dgfs gc --yes` removes them):"
+        )
+        for key in report.unused_references:
+            print(f"  {key}")
     if report.failed:
         print("\nFailed files (rerun to retry them):")
         for key, reason in report.failed:
