@@ -45,9 +45,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo import dgfs_bin, settle, sha256  # noqa: E402
-from tests.dgcli import deltaglider_bin  # noqa: E402
+from tests.dgcli import deltaglider_bin, deltaglider_env  # noqa: E402
 from tests.releases import write_series  # noqa: E402
-from tests.servers import ACCESS_KEY, SECRET_KEY, SeaweedServer, make_bucket, s3_client  # noqa: E402
+from tests.servers import (  # noqa: E402
+    ACCESS_KEY,
+    S3_TEST_ENV,
+    SECRET_KEY,
+    SeaweedServer,
+    make_bucket,
+    s3_client,
+)
 
 # s3fs needs only path-style URLs for SeaweedFS (tests/servers.py gives the
 # server enough volume slots for several buckets).
@@ -211,13 +218,7 @@ def bench_deltaglider(
 ) -> None:
     bucket = "deltaglider"
     make_bucket(endpoint, bucket)
-    env = dict(
-        os.environ,
-        DG_DISABLE_EC2_DETECTION="1",
-        AWS_EC2_METADATA_DISABLED="true",
-        XDELTA="-D -R",
-        DG_LOG_LEVEL="WARNING",
-    )
+    env = deltaglider_env()
     dg = deltaglider_bin()
 
     def upload() -> None:
@@ -333,12 +334,7 @@ def main() -> int:
     parser.add_argument("--versions", type=int, default=20)
     parser.add_argument("--size-mb", type=float, default=16.0)
     args = parser.parse_args()
-    os.environ.update(
-        AWS_ACCESS_KEY_ID=ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
+    os.environ.update(S3_TEST_ENV)
     # A SIGTERM/SIGHUP (a timeout, a closed terminal) unwinds like Ctrl-C, so the
     # mounts, daemons and server are still cleaned up.
     signal.signal(signal.SIGTERM, _raise_interrupt)

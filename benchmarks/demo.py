@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.releases import ReleaseSeries, write_series  # noqa: E402
-from tests.servers import ACCESS_KEY, SECRET_KEY, SeaweedServer, make_bucket, s3_client  # noqa: E402
+from tests.servers import S3_TEST_ENV, SeaweedServer, make_bucket, s3_client  # noqa: E402
 
 BUCKET = "releases"
 
@@ -196,13 +196,7 @@ def main() -> int:
     if not SeaweedServer.available():
         raise SystemExit("SeaweedFS (weed) not found: run `bash .ci/setup` first")
     work = Path(tempfile.mkdtemp(prefix="dgfs-demo-"))
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID=ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
+    env = dict(os.environ, **S3_TEST_ENV)
     os.environ.update(env)
     size = int(args.size_mb * (1 << 20))
     print(

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo import dgfs_bin, settle, sha256, wait_mounted  # noqa: E402
-from tests.servers import ACCESS_KEY, SECRET_KEY, SeaweedServer, make_bucket  # noqa: E402
+from tests.servers import S3_TEST_ENV, SeaweedServer, make_bucket  # noqa: E402
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -55,12 +55,7 @@ def main() -> int:
     )
     parser.add_argument("--size-mb", type=int, default=512)
     args = parser.parse_args()
-    os.environ.update(
-        AWS_ACCESS_KEY_ID=ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
+    os.environ.update(S3_TEST_ENV)
     size = args.size_mb << 20
     work = Path(tempfile.mkdtemp(prefix="dgfs-memory-"))
     src = work / "src"

@@ -20,14 +20,9 @@ def deltaglider_bin() -> str:
     return str(path)
 
 
-def run_deltaglider(
-    endpoint: str, *args: str, check: bool = True, stock: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """Run ``deltaglider ARGS --endpoint-url ENDPOINT`` hermetically on loopback.
-
-    With ``stock`` it runs as users run it, without the ``XDELTA`` fix, so
-    it stores gzip input it cannot give back (see DESIGN.md).
-    """
+def deltaglider_env(*, stock: bool = False) -> dict[str, str]:
+    """The environment to run DeltaGlider in: no EC2 probes, few logs, and
+    (unless ``stock``) ``XDELTA=-D -R`` so its gzip deltas can be read back."""
     env = dict(
         os.environ,
         DG_DISABLE_EC2_DETECTION="1",
@@ -37,6 +32,18 @@ def run_deltaglider(
     )
     if stock:
         del env["XDELTA"]
+    return env
+
+
+def run_deltaglider(
+    endpoint: str, *args: str, check: bool = True, stock: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run ``deltaglider ARGS --endpoint-url ENDPOINT`` hermetically on loopback.
+
+    With ``stock`` it runs as users run it, without the ``XDELTA`` fix, so
+    it stores gzip input it cannot give back (see DESIGN.md).
+    """
+    env = deltaglider_env(stock=stock)
     result = subprocess.run(
         [deltaglider_bin(), *args, "--endpoint-url", endpoint],
         capture_output=True,

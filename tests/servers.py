@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 # The fixed credentials every test server accepts (moto accepts any).
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
+#: What a client of the local test servers needs in its environment.
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 REGION = "us-east-1"
 
 

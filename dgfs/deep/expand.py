@@ -90,7 +90,7 @@ GZIP_GUESS_MAX = 8 << 20
 #: Rebuilding: top-level DEFLATE segments up to this many uncompressed bytes
 #: are compressed in worker threads; at most _IN_FLIGHT bytes wait for them.
 PARALLEL_PAYLOAD = 4 << 20
-_IN_FLIGHT = 32 << 20
+_IN_FLIGHT = 16 << 20
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _ZIP_LOCAL = b"PK\x03\x04"
@@ -255,6 +255,8 @@ class _Memo:
 VERIFIED_SPANS = _Memo(16 << 20)
 #: Only spans at least this long are remembered (shorter ones are cheap).
 MEMO_MIN_SPAN = 512
+#: What one remembered span costs in memory (key, recipe, dict slot).
+_SPAN_ENTRY_BYTES = 256
 
 
 class _Expander:
@@ -323,7 +325,7 @@ class _Expander:
         if recipe is not None and found.compressed_length >= MEMO_MIN_SPAN:
             if span_digest is None or length != found.compressed_length:
                 span_digest = _span_digest(src, start, found.compressed_length)
-            VERIFIED_SPANS.put(span_digest, recipe, 64)
+            VERIFIED_SPANS.put(span_digest, recipe, _SPAN_ENTRY_BYTES)
         return found, recipe is not None
 
     def _search(
@@ -798,7 +800,7 @@ class _Reader:
 #: zip members (and the gzip files in them) are mostly the same as the
 #: previous release's; rebuilding is a pure function of the subtree's
 #: bytes, so its result is reused, at every nesting level.
-REBUILT_SUBTREES = _Memo(64 << 20)
+REBUILT_SUBTREES = _Memo(32 << 20)
 
 
 def _rebuild_subtree(subtree: bytes, scratch_dir: Path | None) -> list[bytes]:
