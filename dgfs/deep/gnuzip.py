@@ -9,7 +9,8 @@ compressor made for exactly this; ``zgz --gnu -N -n`` writes a gzip
 member whose deflate body is GNU gzip's at level N (the 10-byte header and
 8-byte trailer are ours to drop).
 
-It is optional: without ``zgz`` such streams simply stay compressed, and
+It is optional (``DGFS_ZGZ=`` turns it off, ``DGFS_ZGZ=/path/zgz`` picks
+one): without ``zgz`` such streams simply stay compressed, and
 an expanded form that needs it cannot be rebuilt here (a clear error, and
 never wrong bytes: every rebuild is checked by SHA-256).
 """
@@ -25,7 +26,8 @@ from pathlib import Path
 
 from dgfs.errors import DeltaEngineError
 
-ZGZ = "zgz"
+#: The zgz binary: ``DGFS_ZGZ`` names another one, or (empty) none at all.
+ZGZ_ENV = "DGFS_ZGZ"
 INSTALL_HINT = "install Debian's pristine-tar package (apt install pristine-tar) for zgz"
 _HEADER = 10
 _TRAILER = 8
@@ -37,8 +39,9 @@ LEVELS = (6, 9, 1)
 
 @cache
 def zgz_path() -> str | None:
-    """Where ``zgz`` is, or None."""
-    return shutil.which(ZGZ)
+    """Where ``zgz`` is (``$DGFS_ZGZ``, else ``zgz`` on PATH), or None."""
+    name = os.environ.get(ZGZ_ENV, "zgz")
+    return shutil.which(name) if name else None
 
 
 def gnu_deflate(level: int, payload: Path) -> Iterator[bytes]:
