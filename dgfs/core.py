@@ -65,6 +65,14 @@ def _made_from_gzip(delta: Path) -> bool:
         return is_stock_gzip_delta(f.read(HEADER_PROBE))
 
 
+def _made_by_gzip_tool(gzip_file: Path) -> bool:
+    """Whether a gzip file's header is gzip(1)'s (OS byte 3, Unix); Python's
+    gzip module writes 255, and then gzip(1) never gives the same bytes."""
+    with open(gzip_file, "rb") as f:
+        head = f.read(10)
+    return len(head) == 10 and head[9] == 3
+
+
 # Threads re-deflating one expanded form's streams (zlib releases the GIL).
 _REBUILD_WORKERS = min(4, os.cpu_count() or 1)
 # For an existing reference ``_ensure_reference`` never looks at the digest.
@@ -652,14 +660,18 @@ class Core:
             await self.store.download(stored.stored_key, delta_path)
             async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
                 from_gzip = await self._cpu(_made_from_gzip, delta_path)
+                # The stock decode of gzip input gives the original back only
+                # when gzip(1) recompresses it the same way: never for files
+                # another gzip writer made (their header's OS byte says so).
+                if from_gzip and not await self._cpu(_made_by_gzip_tool, plain_ref):
+                    await self._recover_stock_gzip(stored, plain_ref, delta_path, out)
+                    return True
                 try:
                     await self.engine.decode(plain_ref, delta_path, out)
                 except DeltaEngineError:
                     if not from_gzip:
                         raise
                 else:
-                    # The stock decode of gzip input gives the original back
-                    # only when gzip(1) happens to recompress it the same way.
                     if not from_gzip or await self._matches(out, stored):
                         return False
                 await self._recover_stock_gzip(stored, plain_ref, delta_path, out)

@@ -214,3 +214,47 @@ async def test_foreign_zlib_makes_unexpanded_deep_objects(
         out = tmp_path / "out"
         await deep.get(f"app/{path.name}", out)
         assert sha(out) == sha(path)
+
+
+async def test_stock_deltaglider_gzip_delta_is_recovered(
+    plain: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    """A .tar.gz delta as DeltaGlider 6.2.0 makes it (xdelta3 without -D -R,
+    so DeltaGlider cannot read it back) is rebuilt byte for byte."""
+    import os
+    import subprocess
+    from datetime import UTC, datetime
+
+    paths = [sdist(tmp_path, v) for v in (1, 2)]
+    now = datetime.now(UTC)
+    ref_sha = sha(paths[0])
+    await memory_store.put_bytes(
+        "app/reference.bin", paths[0].read_bytes(), fmt.reference_metadata("a", ref_sha, now)
+    )
+    delta = tmp_path / "stock.delta"
+    env = {k: v for k, v in os.environ.items() if k != "XDELTA"}
+    subprocess.run(
+        ["xdelta3", "-e", "-9", "-f", "-s", str(paths[0]), str(paths[1]), str(delta)],
+        check=True,
+        env=env,
+    )
+    meta = fmt.delta_metadata(
+        original_name=paths[1].name,
+        file_sha256=sha(paths[1]),
+        file_size=paths[1].stat().st_size,
+        ref_key="app/reference.bin",
+        ref_sha256=ref_sha,
+        delta_size=delta.stat().st_size,
+        now=now,
+    )
+    await memory_store.put_bytes(f"app/{paths[1].name}.delta", delta.read_bytes(), meta)
+    stored = await plain.locate(f"app/{paths[1].name}")
+    out = tmp_path / "out"
+    assert await plain.rebuild(stored, out) is True  # recovered, not plainly decoded
+    assert sha(out) == sha(paths[1])
+    # A file no gzip setting reproduces is refused, never returned wrong.
+    await memory_store.put_bytes(
+        "app/other.tar.gz.delta", delta.read_bytes(), {**meta, "dg-file-sha256": "0" * 64}
+    )
+    with pytest.raises(IntegrityError, match="refusing"):
+        await plain.get("app/other.tar.gz", tmp_path / "other")
