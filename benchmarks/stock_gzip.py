@@ -119,7 +119,7 @@ async def read_back(
     return rows
 
 
-async def run(cache: Path) -> dict[str, object]:
+async def run(cache: Path, only: set[str] | None) -> dict[str, object]:
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="dgfs-stock-gzip-") as tmp:
         work = Path(tmp)
@@ -128,6 +128,8 @@ async def run(cache: Path) -> dict[str, object]:
         core = Core(store, content, DeltaEngine(), Policy(), scratch_dir=work / "scratch")
         try:
             for release in SDISTS:
+                if only is not None and release.project not in only:
+                    continue
                 paths = fetch(release, cache / "pypi")
                 print(f"== {release.project} {release.span()} ({len(paths)} sdists)")
                 await store_like_deltaglider(store, release.project, paths, work)
@@ -143,8 +145,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--only", help="comma-separated projects (default: all)")
     args = parser.parse_args()
-    results = trio.run(run, args.cache)
+    only = set(args.only.split(",")) if args.only else None
+    results = trio.run(run, args.cache, only)
     rows = [row for series in results.values() for row in series]  # type: ignore[attr-defined]
     exact = sum(1 for row in rows if row["exact"])
     seconds = [row["seconds"] for row in rows if row["exact"]]

@@ -348,8 +348,14 @@ def _tar_facts(plain: Path) -> _TarFacts:
     return _TarFacts(None if newest is None else max(0, math.floor(newest)), top)
 
 
-def _name_candidates(original_name: str, tar: _TarFacts) -> list[bytes]:
-    """Names a writer may have put in FNAME, most likely first."""
+def _name_candidates(
+    original_name: str, tar: _TarFacts, ref_header: GzipHeader | None = None
+) -> list[bytes]:
+    """Names a writer may have put in FNAME, most likely first.
+
+    Older Pythons' gzip wrote the path it was given (``dist/x.tar`` from
+    setuptools): the reference's directory part, and ``dist/``, are tried too.
+    """
     base = original_name.rsplit("/", 1)[-1]
     names: list[str] = []
     if base.endswith(".gz"):
@@ -359,6 +365,11 @@ def _name_candidates(original_name: str, tar: _TarFacts) -> list[bytes]:
     names.append(base)  # Python's gzip keeps any other suffix, e.g. ".tgz"
     if tar.top_dir is not None:
         names.append(tar.top_dir + ".tar")  # sdists: the archive is named after its top directory
+    directories = ["dist/"]
+    if ref_header is not None and ref_header.name and b"/" in ref_header.name:
+        with contextlib.suppress(UnicodeDecodeError):
+            directories.insert(0, ref_header.name.decode("latin-1").rsplit("/", 1)[0] + "/")
+    names += [d + n for d in dict.fromkeys(directories) for n in list(names)]
     encoded = []
     for name in names:
         with contextlib.suppress(UnicodeEncodeError):
@@ -471,7 +482,7 @@ def recover_gzip(
     started = time.monotonic()
     ref_header = read_gzip_header(reference_gzip) if reference_gzip is not None else None
     tar = _tar_facts(decompressed)
-    names = _name_candidates(original_name, tar)
+    names = _name_candidates(original_name, tar, ref_header)
     mtimes = _mtime_candidates(tar, ref_header)
     plans = _body_plans(reference_gzip, ref_header, scratch_dir)[:max_bodies]
     budget = expected_size - _HEADER_SIZE - _TRAILER_SIZE
