@@ -148,6 +148,20 @@ def test_recovers_python_sdist(tmp_path: Path, seconds_after: int) -> None:
     assert out.read_bytes() == original
 
 
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_recovers_a_name_with_a_directory(tmp_path: Path, with_reference: bool) -> None:
+    """Older Pythons' gzip wrote the path it was given: ``dist/pkg-1.1.tar``
+    (requests 2.28.2 to 2.30.0 on PyPI)."""
+    plain = sdist_tar("pkg-1.1", edit=2)
+    original = python_gzip(plain, "dist/pkg-1.1.tar.gz", NEWEST)
+    assert b"dist/pkg-1.1.tar\x00" in original[:40]
+    reference = python_gzip(sdist_tar("pkg-1.0"), "dist/pkg-1.0.tar.gz", NEWEST - 5000)
+    found, out = recover(
+        tmp_path, original, plain, "pkg-1.1.tar.gz", reference if with_reference else None
+    )
+    assert found and out.read_bytes() == original
+
+
 def test_recovers_without_a_reference(tmp_path: Path) -> None:
     plain = sdist_tar("pkg-1.1", edit=1)
     original = python_gzip(plain, "pkg-1.1.tar.gz", NEWEST + 1)
