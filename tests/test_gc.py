@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +19,13 @@ from tests.servers import s3_client
 
 SHA = "1" * 64
 NOW = datetime.now(UTC) + timedelta(minutes=1)  # objects are written just before
+
+
+@pytest.fixture(autouse=True)
+def _now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOW is a minute after each test starts, not after the module was
+    imported: a long suite would otherwise write the objects after NOW."""
+    monkeypatch.setattr(sys.modules[__name__], "NOW", datetime.now(UTC) + timedelta(minutes=1))
 
 
 async def fill(store: MemoryStore | S3Store) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import random
+import sys
 import tarfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -306,6 +307,12 @@ async def test_stats_orphans_per_mode_in_a_directory_with_both_references(
 # --- gc -------------------------------------------------------------------------------
 
 NOW = datetime.now(UTC) + timedelta(minutes=1)
+
+
+@pytest.fixture(autouse=True)
+def _now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOW follows each test's start (a long suite runs it long after import)."""
+    monkeypatch.setattr(sys.modules[__name__], "NOW", datetime.now(UTC) + timedelta(minutes=1))
 
 
 async def test_gc_finds_orphaned_reference_deep_only(memory_store: MemoryStore) -> None:
