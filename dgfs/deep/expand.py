@@ -248,11 +248,14 @@ class _Memo:
             self._bytes = 0
 
 
-#: SHA-256 of a compressed span -> the recipe proven to reproduce it. Consecutive
+#: SHA-256 of a compressed span -> the recipe proven to reproduce it (or that
+#: none does). Consecutive
 #: releases share most of their zip members byte for byte: their spans are
 #: inflated (to write the payload) but not compressed again to be checked.
 #: Deflate is deterministic, so a span proven once is proven for good.
 VERIFIED_SPANS = _Memo(16 << 20)
+#: Remembered for a span that nothing reproduces (with the zgz of this process).
+_UNREPRODUCIBLE = "unreproducible"
 #: Only spans at least this long are remembered (shorter ones are cheap).
 MEMO_MIN_SPAN = 512
 #: What one remembered span costs in memory (key, recipe, dict slot).
@@ -314,18 +317,24 @@ class _Expander:
             known = VERIFIED_SPANS.get(span_digest)
             if isinstance(known, int) and gnuzip.zgz_path() is None:
                 known = None  # proven with zgz, which is gone: could not be rebuilt here
+            if known == _UNREPRODUCIBLE:
+                return DeflateMatch(length, 0, None), False
             if isinstance(known, DeflateParams | int):
                 found, recipe = self._segment(src, start, limit, depth, (), known, length)
                 if recipe is not None:
                     self.stats.streams_remembered += 1
-                    if isinstance(recipe, int):
+                    if isinstance(recipe, DeflateParams):
+                        hint = self.hints.setdefault((kind, depth), _Hint())
+                        hint.record(recipe, found.compressed_length)
+                    else:
                         self.stats.streams_gnu += 1
                     return found, True
         found, recipe = self._search(src, start, limit, depth, kind, prior)
-        if recipe is not None and found.compressed_length >= MEMO_MIN_SPAN:
+        if found.compressed_length >= MEMO_MIN_SPAN:
             if span_digest is None or length != found.compressed_length:
                 span_digest = _span_digest(src, start, found.compressed_length)
-            VERIFIED_SPANS.put(span_digest, recipe, _SPAN_ENTRY_BYTES)
+            verdict = _UNREPRODUCIBLE if recipe is None else recipe
+            VERIFIED_SPANS.put(span_digest, verdict, _SPAN_ENTRY_BYTES)
         return found, recipe is not None
 
     def _search(
