@@ -152,6 +152,7 @@ def test_recovers_python_sdist(tmp_path: Path, seconds_after: int) -> None:
 def test_recovers_a_name_with_a_directory(tmp_path: Path, with_reference: bool) -> None:
     """Older Pythons' gzip wrote the path it was given: ``dist/pkg-1.1.tar``
     (requests 2.28.2 to 2.30.0 on PyPI)."""
+
     def old_python_gzip(plain: bytes, name: bytes, mtime: int) -> bytes:
         header = gzip_header(mtime=mtime, xfl=2, os_byte=255, name=name)
         return deflate_gzip(plain, header, zlib.compressobj(9, zlib.DEFLATED, -15))
