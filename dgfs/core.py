@@ -28,11 +28,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
 from dgfs import format as fmt
-from dgfs.cache import ContentCache
+from dgfs.cache import CacheReader, ContentCache
 from dgfs.deep import dgzip, expand, objects
 from dgfs.deep.deflate import zlib_is_reference
 from dgfs.delta import HEADER_PROBE, DeltaEngine, is_stock_gzip_delta
@@ -52,7 +53,10 @@ from dgfs.store.base import ObjectHead, ObjectStore
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+SYMLINK_MAX = 4096  # PATH_MAX: the longest symlink body read back
 _UNRECOVERABLE = (
     "{key}: DeltaGlider stored it from gzip input without -D, and no gzip settings"
     " reproduce the original bytes; refusing to return other bytes"
@@ -871,6 +875,52 @@ class Core:
         await self.store.delete_many(keys)
         log.info("moved %d objects %s -> %s", len(keys), src_root, dst_root)
         return len(keys)
+
+    # --- for the filesystem: cached content, directory leftovers, symlinks ----------
+
+    async def open_cached(self, stored: StoredFile) -> CacheReader:
+        """A reader of the original bytes of ``stored`` from the cache, which gets
+        them first (rebuilt or fetched, verified); the caller closes it."""
+        return await self._use_cached(stored, self.cache.open)
+
+    async def export_cached(self, stored: StoredFile, dest: Path) -> None:
+        """Write the original bytes of ``stored`` to ``dest`` through the cache (verified)."""
+
+        def export(sha256: str) -> bool | None:
+            return self.cache.export(sha256, dest) or None
+
+        await self._use_cached(stored, export)
+
+    async def _use_cached(self, stored: StoredFile, use: Callable[[str], _T | None]) -> _T:
+        """``use(sha256)`` in a worker thread once the content of ``stored`` is cached."""
+        for _ in range(2):  # evicted at once by a tiny budget: bring it in once more
+            sha256 = await self.materialize(stored)
+            result = await trio.to_thread.run_sync(use, sha256)
+            if result is not None:
+                return result
+        raise DgfsError(f"{stored.visible_key}: the cache is too small to hold it")
+
+    async def remove_dir_leftovers(self, prefix: str) -> None:
+        """Remove what an empty directory ``prefix`` (ending in "/") still holds:
+        its marker, and a reference no delta uses any more."""
+        page = await self.store.list(prefix, "/")
+        leftovers = [o.key for o in page.objects if o.key == prefix or fmt.is_reference_key(o.key)]
+        await self.store.delete_many(leftovers)
+
+    async def put_symlink(self, key: str, target: bytes, metadata: Mapping[str, str]) -> None:
+        """Store a symlink as s3fs does: an object whose body is the target
+        (``metadata`` carries a ``mode`` with S_IFLNK)."""
+        await self.store.put_bytes(key, target, metadata)
+
+    async def read_symlink(self, key: str) -> bytes:
+        return await self.store.get_range(key, 0, SYMLINK_MAX)
+
+    async def move_symlink(self, src_key: str, dst_key: str) -> None:
+        await self.store.copy(src_key, dst_key)
+        await self.store.delete(src_key)
+
+    async def delete_symlink(self, key: str) -> None:
+        await self.store.delete(key)
 
     async def aclose(self) -> None:
         """Remove decrypted reference copies."""

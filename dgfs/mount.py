@@ -34,9 +34,10 @@ from dgfs.errors import (
 )
 from dgfs.fs.attrcache import VERSION as ATTR_CACHE_VERSION
 from dgfs.fs.attrcache import AttrCache
-from dgfs.fs.filesystem import FileSystem, FsOptions
+from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.journal import Journal, journal_dir_for
+from dgfs.fs.options import FsOptions
 from dgfs.runtime import S3Location, Settings, open_core
 
 log = logging.getLogger(__name__)
@@ -168,24 +169,20 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 pyfuse3.close(unmount=True)
             await fs.close()
             journal.close()
-            left = [n.pending for n in fs.nodes.pending_nodes() if n.pending is not None]
-            # A permanent failure moved its entry to failed/: no mount retries those.
-            failed = sum(1 for p in left if p.quarantined)
-            # Never committed: their close() failed (ENOSPC), nothing was promised.
-            dropped = sum(1 for p in left if p.committed < 0 and not p.quarantined)
-            kept = len(left) - failed - dropped
-            if kept:
+            left = fs.uploads.leftovers()
+            if left.kept:
                 log.warning(
                     "%d file(s) not uploaded; kept in %s for the next mount",
-                    kept,
+                    left.kept,
                     journal.directory,
                 )
-            if dropped:
-                log.warning("%d file(s) whose close() failed were not kept", dropped)
-            if failed:
+            if left.dropped:
+                log.warning("%d file(s) whose close() failed were not kept", left.dropped)
+            if left.failed:
+                # A permanent failure moved its entry to failed/: no mount retries those.
                 log.error(
                     "%d file(s) could not be uploaded (see above); their data is in %s",
-                    failed,
+                    left.failed,
                     journal.directory / "failed",
                 )
             if not left:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from dgfs import format as fmt
 from dgfs.fs.attrcache import AttrCache
-from dgfs.fs.namespace import Namespace
+from dgfs.fs.namespace import DirEntry, Namespace
 from dgfs.fs.nodes import NodeKind
-from dgfs.store.base import ObjectHead
+from dgfs.store.base import ListPage, ObjectHead
 from dgfs.store.memory import MemoryStore
 
 
@@ -90,6 +92,46 @@ async def test_remount_does_not_head_unchanged_objects(tmp_path: Path) -> None:
     store.heads = 0
     assert (await third.listing("rel"))["app-0.zip"].size == 1
     assert store.heads == 2
+
+
+class HeldListStore(MemoryStore):
+    """A memory store whose next LIST is answered only once the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__("held")
+        self.listed = trio.Event()  # the LIST was taken (its answer is held)
+        self.answer = trio.Event()
+
+    async def list(self, prefix: str = "", delimiter: str | None = "/") -> ListPage:
+        page = await super().list(prefix, delimiter)
+        self.listed.set()
+        await self.answer.wait()
+        return page
+
+
+async def test_changes_noted_while_a_listing_is_fetched_are_kept() -> None:
+    """A file that reaches S3 (or is removed) after the LIST was taken is listed as it is now.
+
+    The mount notes its own changes into cached listings; one being fetched
+    must not lose them (a file settling during a readdir vanished from it).
+    """
+    store = HeldListStore()
+    await store.put_bytes("d/gone.txt", b"x", {})
+    ns = namespace(store, None)
+    result: dict[str, DirEntry] = {}
+
+    async def fetch() -> None:
+        result.update(await ns.listing("d"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fetch)
+        await store.listed.wait()
+        await store.put_bytes("d/new.txt", b"new", {})
+        ns.note("d", DirEntry("new.txt", NodeKind.FILE, size=3))
+        ns.drop("d/gone.txt")
+        store.answer.set()
+    assert sorted(result) == ["new.txt"]
+    assert sorted(ns.cached("d") or {}) == ["new.txt"]
 
 
 async def test_newer_form_wins_when_both_exist() -> None:

@@ -1,15 +1,17 @@
 """The filesystem: POSIX operations over the storage core, without FUSE.
 
-``FileSystem`` speaks in inodes, names and byte strings like the kernel
-does, but raises only ``dgfs.errors`` exceptions; the pyfuse3 adapter in
-``fuse_ops`` turns them into errno. Tests drive this class directly.
+``FileSystem`` answers the kernel's requests in inodes, names and byte
+strings, and raises only ``dgfs.errors`` exceptions; the pyfuse3 adapter
+in ``fuse_ops`` converts arguments, results and errors, nothing more.
+Tests drive this class directly (tests/test_filesystem.py).
 
-Writes go to a staging file in the journal. ``flush`` (close) commits it
-durably to the journal and queues the upload; ``fsync`` waits until the
-bytes are in S3 and reports the upload's error. Uploads run in the
-background, several at once, after a short delay so that what usually
-follows a close (rsync's utimes + rename, cp -a's chmod) is folded into
-the one upload.
+It keeps the kernel's view consistent: every reply that hands out a node
+counts a lookup (``forget`` gives them back, ``NodeTable`` drops a node
+only then), and every refusal of what S3 cannot do (hard links, device
+nodes, xattr writes) is made here. Directory listings come from
+``Namespace``, open files from ``HandleTable``; what is written goes to a
+staging file and reaches S3 through the ``UploadPipeline`` (close commits
+to the journal, fsync waits for the upload).
 """
 
 from __future__ import annotations
@@ -20,62 +22,31 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from typing import NoReturn
 
 import trio
 
-from dgfs import format as fmt
 from dgfs.core import Core
-from dgfs.errors import (
-    DgfsError,
-    FsError,
-    NotFound,
-    TransientError,
-)
-from dgfs.format import Kind
+from dgfs.errors import FsError, NotFound
+from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
-from dgfs.fs.journal import Journal, JournalEntry
-from dgfs.fs.namespace import DirEntry, Namespace
-from dgfs.fs.nodes import Node, NodeKind, NodeTable, Pending, child_path
-from dgfs.fs.readers import CachedReader, RangeReader, Reader, StagingReader
+from dgfs.fs.handles import Access, Handle, HandleTable
+from dgfs.fs.journal import Journal
+from dgfs.fs.namespace import Namespace
+from dgfs.fs.nodes import ROOT_INODE, Node, NodeKind, NodeTable, child_path
+from dgfs.fs.options import FsOptions
+from dgfs.fs.readers import Reader, StagingReader, StoredContent
+from dgfs.fs.uploads import UploadPipeline
 
 log = logging.getLogger(__name__)
 
-XATTR_PREFIX = "user.dgfs."
-XATTR_NAMES = ("kind", "stored_size", "original_size", "ratio", "sha256", "bucket", "key")
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
+# (name, node, next offset) -> whether the kernel took the entry (pyfuse3.readdir_reply)
+ReaddirReply = Callable[[str, Node, int], bool]
 
-@dataclass(frozen=True)
-class FsOptions:
-    """Mount options that shape the filesystem's behaviour."""
-
-    read_only: bool = False
-    uid: int = field(default_factory=os.getuid)
-    gid: int = field(default_factory=os.getgid)
-    force_owner: bool = False  # uid=/gid= given: every file shows that owner
-    umask: int = 0o022
-    file_mode: int | None = None  # forced permission bits for files
-    dir_mode: int | None = None  # forced permission bits for directories
-    listing_ttl: float = 10.0
-    upload_workers: int = 4
-    upload_delay: float = 0.5
-    sync_upload: bool = False  # close waits for the upload and reports its error
-    verify_whole_below: int = 32 << 20  # direct files up to this size are verified on open
-    retry_delay: float = 2.0
-
-
-@dataclass
-class Handle:
-    fh: int
-    node: Node
-    writable: bool
-    reader: Reader | None = None
-
-
-def _now_ns() -> int:
-    return time.time_ns()
+__all__ = ["FileSystem", "FsOptions", "ReaddirReply"]  # FsOptions: where callers import it
 
 
 class FileSystem:
@@ -91,189 +62,29 @@ class FileSystem:
     ) -> None:
         self.core = core
         self.store = core.store
-        self.journal = journal
         self.options = options
-        self.root_prefix = root_prefix.strip("/")
-        self.nodes = NodeTable()
-        self.mounted_at_ns = _now_ns()
-        root = Node(ino=1, path="", kind=NodeKind.DIR)
-        self._apply_defaults(root, None, None, None)
-        root.mtime_ns = root.ctime_ns = self.mounted_at_ns
-        self.nodes.add_root(root)
+        self.mounted_at_ns = time.time_ns()
+        self.nodes = NodeTable(options, self.mounted_at_ns)
         self.ns = Namespace(
             self.store,
             attr_cache,
-            root_prefix=self.root_prefix,
+            root_prefix=root_prefix,
             listing_ttl=options.listing_ttl,
             mounted_at_ns=self.mounted_at_ns,
         )
         self.key_of = self.ns.key_of
-        self.dir_prefix = self.ns.dir_prefix
-        self._handles: dict[int, Handle] = {}
-        self._endpoint: str | None = getattr(self.store, "endpoint", None)
-        self._next_fh = 1
+        self.handles = HandleTable()
         self.disk_limiter = trio.CapacityLimiter(8)
-        send, receive = trio.open_memory_channel[Node](float("inf"))
-        self._upload_send = send
-        self._upload_receive = receive
-        self._inflight = 0
-        self._draining = False  # unmounting: upload without delay
-        # No upload starts while a rename runs: it would store under a name
-        # the rename is taking away (see _hold_uploads).
-        self._renames = 0
-        self._no_renames = trio.Event()
-        self._no_renames.set()
-        self._idle = trio.Event()
-        self._idle.set()
-
-    # --- keys and attributes ------------------------------------------------------
-
-    def _apply_defaults(
-        self, node: Node, mode: int | None, uid: int | None, gid: int | None
-    ) -> None:
-        opts = self.options
-        if node.kind is NodeKind.DIR:
-            default_mode = 0o777 & ~opts.umask
-            forced = opts.dir_mode
-        elif node.kind is NodeKind.SYMLINK:
-            default_mode, forced = 0o777, None
-        else:
-            default_mode = 0o666 & ~opts.umask
-            forced = opts.file_mode
-        node.mode = (
-            forced
-            if forced is not None
-            else (stat.S_IMODE(mode) if mode is not None else default_mode)
+        self.content = StoredContent(
+            core, self.disk_limiter, verify_whole_below=options.verify_whole_below
         )
-        if opts.force_owner:
-            node.uid, node.gid = opts.uid, opts.gid
-        else:
-            node.uid = uid if uid is not None else opts.uid
-            node.gid = gid if gid is not None else opts.gid
-
-    def _posix_metadata(self, node: Node) -> dict[str, str]:
-        return fmt.posix_metadata(
-            mtime_ns=node.mtime_ns,
-            mode=node.kind.type_bits | node.mode,
-            uid=node.uid,
-            gid=node.gid,
-        )
+        self.uploads = UploadPipeline(core, journal, self.ns, self.nodes, options, self.content)
 
     def _check_writable(self) -> None:
         if self.options.read_only:
             raise FsError(errno.EROFS, "mounted read-only")
 
-    @staticmethod
-    def _check_name(name: str) -> None:
-        if not name or "/" in name or name in (".", ".."):
-            raise FsError(errno.EINVAL, f"bad name {name!r}")
-        if len(name.encode()) > 255:
-            raise FsError(errno.ENAMETOOLONG)
-        if fmt.is_hidden_name(name):
-            raise FsError(errno.EINVAL, f"{name}: reserved by the DeltaGlider format")
-
-    def _reserved_at_root(self, parent: Node, name: str) -> bool:
-        return parent.path == "" and not self.root_prefix and name == ".deltaglider"
-
-    def _check_new_name(self, parent: Node, name: str) -> None:
-        """A name a new entry of ``parent`` may take (not one the format owns)."""
-        self._check_name(name)
-        if self._reserved_at_root(parent, name):
-            # Keys under .deltaglider/ are DeltaGlider's own and never shown.
-            raise FsError(errno.EINVAL, f"{name}: reserved by the DeltaGlider format")
-
-    # --- listings -------------------------------------------------------------------
-
-    def _note_entry(self, node: Node) -> None:
-        """Keep the parent's cached listing in step with a local change."""
-        if node.path:
-            self.ns.note(
-                node.parent_path,
-                DirEntry(
-                    node.name,
-                    node.kind,
-                    node.size,
-                    node.mtime_ns,
-                    node.mode,
-                    node.uid,
-                    node.gid,
-                    node.stored,
-                ),
-            )
-
-    def _local_children(self, path: str) -> dict[str, Node]:
-        """Nodes under ``path`` that exist locally but maybe not yet in S3."""
-        children: dict[str, Node] = {}
-        prefix = path + "/" if path else ""
-        for node in self.nodes.pending_nodes():
-            if node.unlinked or not node.path.startswith(prefix):
-                continue
-            rest = node.path[len(prefix) :]
-            first, sep, _ = rest.partition("/")
-            if sep:
-                # A pending file deeper down implies the directory exists.
-                if first not in children:
-                    dir_node = self.nodes.by_path(child_path(path, first))
-                    if dir_node is not None:
-                        children[first] = dir_node
-            else:
-                children[first] = node
-        return children
-
-    # --- nodes from entries -------------------------------------------------------------
-
-    def _node_for_entry(self, parent_path: str, entry: DirEntry) -> Node:
-        path = child_path(parent_path, entry.name)
-        node = self.nodes.by_path(path)
-        if node is not None and node.kind is not entry.kind and node.pending is None:
-            self.nodes.unlink(node)
-            node = None
-        if node is None:
-            node = self.nodes.new(path, entry.kind)
-            node.ctime_ns = entry.mtime_ns or self.mounted_at_ns
-        if node.pending is None:
-            self._refresh_from_entry(node, entry)
-        return node
-
-    def _refresh_from_entry(self, node: Node, entry: DirEntry) -> None:
-        if node.kind is NodeKind.DIR:
-            node.mtime_ns = entry.mtime_ns
-            self._apply_defaults(node, entry.mode, entry.uid, entry.gid)
-        else:
-            if entry.etag != node.etag:
-                node.symlink_target = None
-            node.size = entry.size
-            node.mtime_ns = entry.mtime_ns
-            node.stored = entry.stored
-            node.etag = entry.etag
-            self._apply_defaults(node, entry.mode, entry.uid, entry.gid)
-        node.checked_at = trio.current_time()
-
-    async def lookup(self, parent_ino: int, name: str) -> Node:
-        """The node for ``name`` in a directory; the caller counts the lookup."""
-        parent = self.get_dir(parent_ino)
-        if name == ".":
-            return parent
-        if name == "..":
-            return self.nodes.by_path(parent.parent_path) or parent
-        path = child_path(parent.path, name)
-        node = self.nodes.by_path(path)
-        if node is not None and (node.pending is not None or self._is_fresh(node)):
-            return node
-        if self._reserved_at_root(parent, name):
-            raise FsError(errno.ENOENT)
-        local = self._local_children(parent.path).get(name)
-        if local is not None:
-            return local
-        entry = (await self.ns.listing(parent.path)).get(name)
-        if entry is None:
-            if node is not None and node.kind is NodeKind.DIR and node.checked_at == 0:
-                return node  # made here, S3 shows it only once something is inside
-            raise FsError(errno.ENOENT)
-        return self._node_for_entry(parent.path, entry)
-
-    def _is_fresh(self, node: Node) -> bool:
-        return trio.current_time() - node.checked_at < self.options.listing_ttl
+    # --- nodes and lookups ------------------------------------------------------------
 
     def get_node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
@@ -287,14 +98,45 @@ class FileSystem:
             raise FsError(errno.ENOTDIR)
         return node
 
+    async def lookup(self, parent_ino: int, name: str) -> Node:
+        """The node for ``name`` in a directory, handed to the kernel (one lookup)."""
+        return self.nodes.looked_up(await self._find(self.get_dir(parent_ino), name))
+
+    async def _find(self, parent: Node, name: str) -> Node:
+        """The node for ``name`` in ``parent``, or ``FsError(ENOENT)``; counts nothing."""
+        if name == ".":
+            return parent
+        if name == "..":
+            return self.nodes.by_path(parent.parent_path) or parent
+        node = self.nodes.by_path(child_path(parent.path, name))
+        if node is not None and (node.staged is not None or self.nodes.is_fresh(node)):
+            return node
+        if self.ns.is_reserved(parent.path, name):
+            raise FsError(errno.ENOENT)
+        local = self.nodes.local_children(parent.path).get(name)
+        if local is not None:
+            return local
+        entry = (await self.ns.listing(parent.path)).get(name)
+        if entry is None:
+            if node is not None and node.kind is NodeKind.DIR and node.checked_at == 0:
+                return node  # made here, S3 shows it only once something is inside
+            raise FsError(errno.ENOENT)
+        return self.nodes.from_entry(parent.path, entry)
+
+    async def _find_or_none(self, parent: Node, name: str) -> Node | None:
+        with contextlib.suppress(FsError):
+            return await self._find(parent, name)
+        return None
+
     async def getattr(self, ino: int) -> Node:
         node = self.get_node(ino)
-        if node.ino == 1 or node.pending is not None or node.unlinked or self._is_fresh(node):
+        if node.ino == ROOT_INODE or node.staged is not None or node.unlinked:
             return node
-        listing = await self.ns.listing(node.parent_path)
-        entry = listing.get(node.name)
+        if self.nodes.is_fresh(node):
+            return node
+        entry = (await self.ns.listing(node.parent_path)).get(node.name)
         if entry is not None and entry.kind is node.kind:
-            self._refresh_from_entry(node, entry)
+            self.nodes.refresh(node, entry)
         elif node.kind is NodeKind.DIR:
             node.checked_at = trio.current_time()  # an empty dir made here, or implied
         elif node.open_handles == 0:
@@ -302,68 +144,69 @@ class FileSystem:
         return node
 
     def forget(self, items: list[tuple[int, int]]) -> None:
+        """The kernel gives back lookups: a node may go once it holds none."""
         for ino, count in items:
             self.nodes.forget(ino, count)
 
     # --- directories --------------------------------------------------------------------
 
-    async def readdir(self, ino: int) -> list[tuple[str, Node]]:
-        """All entries of a directory as (name, node); the caller counts lookups."""
+    async def readdir(self, ino: int, start: int, reply: ReaddirReply) -> None:
+        """Hand the entries of a directory from offset ``start`` to ``reply``, in
+        name order, until it refuses one; each entry taken counts a lookup."""
         node = self.get_dir(ino)
         listing = await self.ns.listing(node.path)
-        result: dict[str, Node] = {}
+        entries: dict[str, Node] = {}
         for name, entry in listing.items():
             existing = self.nodes.by_path(child_path(node.path, name))
-            if existing is not None and existing.pending is not None:
-                result[name] = existing
+            if existing is not None and existing.staged is not None:
+                entries[name] = existing
             else:
-                result[name] = self._node_for_entry(node.path, entry)
-        result.update(self._local_children(node.path))
-        return sorted(result.items())
+                entries[name] = self.nodes.from_entry(node.path, entry)
+        entries.update(self.nodes.local_children(node.path))
+        for offset, (name, child) in enumerate(sorted(entries.items())[start:], start + 1):
+            if not reply(name, child, offset):
+                break
+            self.nodes.looked_up(child)
 
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
+        parent = await self._new_entry_in(parent_ino, name)
+        node = self.nodes.new(child_path(parent.path, name), NodeKind.DIR)
+        self.options.apply_defaults(node, mode, uid, gid)
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+        await self.ns.write_marker(node.path, node.posix_metadata())
+        node.checked_at = trio.current_time()
+        self.ns.note_node(node)
+        self.ns.set_empty(node.path)
+        return self.nodes.looked_up(node)
+
+    async def _new_entry_in(self, parent_ino: int, name: str) -> Node:
+        """The directory a new entry ``name`` goes into, once it may (else ``FsError``)."""
         self._check_writable()
         parent = self.get_dir(parent_ino)
-        self._check_new_name(parent, name)
-        await self._check_absent(parent, name)
-        path = child_path(parent.path, name)
-        node = self.nodes.new(path, NodeKind.DIR)
-        self._apply_defaults(node, mode, uid, gid)
-        node.mtime_ns = node.ctime_ns = _now_ns()
-        await self.ns.write_marker(path, self._posix_metadata(node))
-        node.checked_at = trio.current_time()
-        self._note_entry(node)
-        self.ns.set_empty(path)
-        return node
-
-    async def _check_absent(self, parent: Node, name: str) -> None:
+        self.ns.check_new_name(parent.path, name)
         try:
-            await self.lookup(parent.ino, name)
+            await self._find(parent, name)
         except FsError as exc:
             if exc.errno == errno.ENOENT:
-                return
+                return parent
             raise
         raise FsError(errno.EEXIST)
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         self._check_writable()
-        parent = self.get_dir(parent_ino)
-        node = await self.lookup(parent.ino, name)
+        node = await self._find(self.get_dir(parent_ino), name)
         if node.kind is not NodeKind.DIR:
             raise FsError(errno.ENOTDIR)
         await self._check_empty(node)
-        prefix = self.dir_prefix(node.path)
-        page = await self.store.list(prefix, "/")
-        leftovers = [o.key for o in page.objects if o.key == prefix or fmt.is_reference_key(o.key)]
         # An empty directory may still hold its reference (no deltas left):
         # it goes with the directory, as nothing can use it any more.
-        await self.store.delete_many(leftovers)
+        await self.core.remove_dir_leftovers(self.ns.dir_prefix(node.path))
         self.ns.forget(node.path)
         self.ns.drop(node.path)
         self.nodes.unlink(node)
 
     async def _check_empty(self, node: Node) -> None:
-        if self._local_children(node.path):
+        if self.nodes.local_children(node.path):
             raise FsError(errno.ENOTEMPTY)
         if await self.ns.listing(node.path, fresh=True):
             raise FsError(errno.ENOTEMPTY)
@@ -373,116 +216,51 @@ class FileSystem:
     async def create(
         self, parent_ino: int, name: str, mode: int, uid: int, gid: int, flags: int
     ) -> tuple[Handle, Node]:
+        """open(O_CREAT): a writable handle on a new or emptied file (one lookup)."""
         self._check_writable()
         parent = self.get_dir(parent_ino)
-        self._check_new_name(parent, name)
-        path = child_path(parent.path, name)
-        existing = None
-        with contextlib.suppress(FsError):
-            existing = await self.lookup(parent.ino, name)
-        if existing is not None:
-            if flags & os.O_EXCL:
-                raise FsError(errno.EEXIST)
-            if existing.kind is NodeKind.DIR:
-                raise FsError(errno.EISDIR)
-        node = existing if existing is not None else self.nodes.new(path, NodeKind.FILE)
-        if existing is None:
-            self._apply_defaults(node, mode, uid, gid)
-            node.ctime_ns = _now_ns()
-        await self._start_staging(node, keep_content=False)
+        self.ns.check_new_name(parent.path, name)
+        node = await self._find_or_none(parent, name)
+        if node is not None and flags & os.O_EXCL:
+            raise FsError(errno.EEXIST)
+        if node is not None and node.kind is NodeKind.DIR:
+            raise FsError(errno.EISDIR)
+        if node is None:
+            node = self.nodes.new(child_path(parent.path, name), NodeKind.FILE)
+            self.options.apply_defaults(node, mode, uid, gid)
+            node.ctime_ns = time.time_ns()
+        await self.uploads.stage_empty(node)
         node.size = 0
-        node.mtime_ns = _now_ns()
-        self._note_entry(node)
-        handle = self._new_handle(node, writable=True)
-        return handle, node
+        node.mtime_ns = time.time_ns()
+        self.ns.note_node(node)
+        return self.handles.open(node, Access.WRITE), self.nodes.looked_up(node)
 
-    def _new_handle(self, node: Node, writable: bool) -> Handle:
-        handle = Handle(self._next_fh, node, writable)
-        self._next_fh += 1
-        self._handles[handle.fh] = handle
-        node.open_handles += 1
-        node.writers += writable
-        return handle
-
-    def get_handle(self, fh: int) -> Handle:
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise FsError(errno.EBADF)
-        return handle
+    async def mknod(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
+        """Only regular files: S3 has no devices, FIFOs or sockets (one lookup)."""
+        if not stat.S_ISREG(mode):
+            raise FsError(errno.EPERM, "only regular files, directories and symlinks")
+        handle, node = await self.create(parent_ino, name, mode, uid, gid, os.O_CREAT | os.O_EXCL)
+        await self.release(handle.fh)
+        return node
 
     async def open(self, ino: int, flags: int) -> Handle:
         node = self.get_node(ino)
         if node.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
-        accmode = flags & os.O_ACCMODE
-        writable = accmode in (os.O_WRONLY, os.O_RDWR)
-        if writable or flags & os.O_TRUNC:
+        access = Access.of_flags(flags)
+        if access is Access.WRITE or flags & os.O_TRUNC:
             self._check_writable()
-        if flags & os.O_TRUNC and writable:
-            await self._start_staging(node, keep_content=False)
+        if flags & os.O_TRUNC and access is Access.WRITE:
+            await self.uploads.stage_empty(node)
             node.size = 0
-            node.mtime_ns = _now_ns()
-        return self._new_handle(node, writable)
-
-    async def _start_staging(self, node: Node, *, keep_content: bool) -> Pending:
-        """Give ``node`` local content to write to (a copy of its current bytes if asked)."""
-        async with node.lock:
-            pending = node.pending
-            if pending is not None and pending.writable:
-                if not keep_content:
-                    await trio.to_thread.run_sync(os.ftruncate, pending.fd, 0)
-                    pending.generation += 1
-                return pending
-            entry_id, staging = await trio.to_thread.run_sync(self.journal.new_staging)
-            fd = os.open(staging, os.O_RDWR)
-            if keep_content:
-                try:
-                    await self._copy_current_content(node, staging)
-                except BaseException:
-                    os.close(fd)
-                    await trio.to_thread.run_sync(self.journal.remove, entry_id)
-                    raise
-            old = node.pending
-            node.pending = Pending(entry_id, staging, fd, generation=1)
-            if old is not None:
-                # An upload of an older version is running; it will notice
-                # it is superseded and leave the new staging file alone.
-                self._retire(old)
-            return node.pending
-
-    async def _copy_current_content(self, node: Node, dest: Path) -> None:
-        if node.pending is not None:
-            src_fd = node.pending.fd
-            await trio.to_thread.run_sync(_copy_from_fd, src_fd, dest, limiter=self.disk_limiter)
-            return
-        stored = node.stored
-        if stored is None or node.size == 0:
-            return
-        if stored.kind is Kind.DELTA or (
-            stored.file_sha256 and stored.original_size <= self.options.verify_whole_below
-        ):
-            sha = await self.core.materialize(stored)
-            await trio.to_thread.run_sync(self.core.cache.export, sha, dest)
-        else:
-            tmp = self.core.scratch_path()
-            try:
-                await self.core.get(self.key_of(node.path), tmp)
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
-
-    def _retire(self, pending: Pending) -> None:
-        """Forget a superseded staging file once nothing uses it."""
-        if not pending.uploading:
-            with contextlib.suppress(OSError):
-                os.close(pending.fd)
-            self.journal.remove(pending.entry_id)
+            node.mtime_ns = time.time_ns()
+        return self.handles.open(node, access)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        handle = self.get_handle(fh)
+        handle = self.handles.get(fh)
         node = handle.node
-        if node.pending is not None:
-            return await StagingReader(node.pending.fd, self.disk_limiter).read(offset, size)
+        if node.staged is not None:
+            return await StagingReader(node.staged.fd, self.disk_limiter).read(offset, size)
         if handle.reader is None:
             handle.reader = await self._open_reader(node)
         return await handle.reader.read(offset, size)
@@ -494,52 +272,37 @@ class FileSystem:
             entry = listing.get(node.name)
             if entry is None or entry.stored is None:
                 raise FsError(errno.ENOENT)
-            self._refresh_from_entry(node, entry)
+            self.nodes.refresh(node, entry)
             stored = entry.stored
-        if stored.kind is Kind.DELTA or (
-            stored.file_sha256 and stored.original_size <= self.options.verify_whole_below
-        ):
-            sha = await self.core.materialize(stored)
-            reader = await trio.to_thread.run_sync(self.core.cache.open, sha)
-            if reader is None:  # evicted at once by a tiny budget: rebuild once more
-                sha = await self.core.materialize(stored)
-                reader = await trio.to_thread.run_sync(self.core.cache.open, sha)
-            if reader is None:
-                raise FsError(errno.EIO, "cache too small to hold the file")
-            return CachedReader(reader, self.disk_limiter)
-        return RangeReader(self.store, stored.stored_key, stored.original_size, stored.file_sha256)
+        return await self.content.reader(stored)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
-        handle = self.get_handle(fh)
+        handle = self.handles.get(fh)
         if not handle.writable:
             raise FsError(errno.EBADF)
         node = handle.node
-        pending = node.pending
-        if pending is None or not pending.writable:
-            pending = await self._start_staging(node, keep_content=True)
+        staged = await self.uploads.staging(node)
         written = await trio.to_thread.run_sync(
-            os.pwrite, pending.fd, data, offset, limiter=self.disk_limiter
+            os.pwrite, staged.fd, data, offset, limiter=self.disk_limiter
         )
-        pending.generation += 1
+        staged.wrote()
         node.size = max(node.size, offset + written)
-        node.mtime_ns = node.ctime_ns = _now_ns()
+        node.mtime_ns = node.ctime_ns = time.time_ns()
         return written
 
     async def truncate(self, node: Node, size: int) -> None:
         self._check_writable()
         if node.kind is not NodeKind.FILE:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
-        if size == node.size and node.pending is None:
+        if size == node.size and node.staged is None:
             return
-        pending = node.pending
-        if pending is None or not pending.writable:
-            pending = await self._start_staging(node, keep_content=size > 0)
-        await trio.to_thread.run_sync(os.ftruncate, pending.fd, size)
-        pending.generation += 1
+        staged = await self.uploads.staging(node, keep_content=size > 0)
+        await trio.to_thread.run_sync(os.ftruncate, staged.fd, size)
+        staged.wrote()
         node.size = size
-        node.mtime_ns = node.ctime_ns = _now_ns()
+        node.mtime_ns = node.ctime_ns = time.time_ns()
         if node.open_handles == 0:
-            await self._commit(node)
+            await self.uploads.commit(node)
 
     async def flush(self, fh: int) -> None:
         """close(): make what was written durable (journal).
@@ -550,263 +313,27 @@ class FileSystem:
         (the first file of a directory becomes its reference for good).
         With ``sync_upload`` the last writer's close waits for the upload.
         """
-        handle = self.get_handle(fh)
+        handle = self.handles.get(fh)
         node = handle.node
-        pending = node.pending
-        if pending is None:
+        if node.staged is None:
             return
-        if pending.dirty:
-            await self._commit(node)
+        await self.uploads.commit(node)
         if self.options.sync_upload and node.writers - handle.writable == 0:
-            self._queue_upload(node, force=True)
-            await self._wait_uploaded(node)
+            await self.uploads.wait_uploaded(node)
 
     async def fsync(self, fh: int) -> None:
         """fsync(): return only once the bytes are in S3 (or raise the upload's error)."""
-        node = self.get_handle(fh).node
-        if node.pending is None:
-            return
-        if node.pending.dirty:
-            await self._commit(node)
-        self._queue_upload(node, force=True)  # even with writers open: a snapshot
-        await self._wait_uploaded(node)
+        node = self.handles.get(fh).node
+        if node.staged is not None:
+            await self.uploads.commit(node)
+            await self.uploads.wait_uploaded(node)  # even with writers open: a snapshot
 
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
+        handle = await self.handles.close(fh)
         if handle is None:
             return
-        node = handle.node
-        node.open_handles -= 1
-        node.writers -= handle.writable
-        if handle.reader is not None:
-            await handle.reader.close()
-        if node.pending is not None and node.pending.dirty and not node.unlinked:
-            await self._commit(node)  # a writer that never flushed
-        else:
-            self._queue_upload(node)  # the last writer is gone: upload what was committed
-        self._maybe_settle(node)
-        self.nodes.release(node)
-
-    async def _commit(self, node: Node) -> None:
-        pending = node.pending
-        assert pending is not None
-        if node.unlinked:
-            return
-        generation = pending.generation
-        key = self.key_of(node.path)
-        meta = self._posix_metadata(node)
-        try:
-            await trio.to_thread.run_sync(
-                self.journal.commit, pending.entry_id, key, meta, limiter=self.disk_limiter
-            )
-        except OSError as exc:
-            raise FsError(exc.errno or errno.EIO, f"journal commit failed: {exc}") from exc
-        pending.committed = max(pending.committed, generation)
-        pending.error = None
-        self._note_entry(node)
-        self._queue_upload(node)
-
-    def _queue_upload(self, node: Node, *, force: bool = False) -> None:
-        """Queue the upload of what was committed; without ``force`` only
-        once no writer is left (see ``flush``)."""
-        pending = node.pending
-        if pending is None or pending.queued or pending.uploading or node.unlinked:
-            return  # (a running upload queues again itself if more was committed)
-        if pending.committed <= pending.uploaded or pending.quarantined:
-            return
-        if node.writers and not force:
-            return
-        pending.queued = True
-        pending.due = trio.current_time() + self.options.upload_delay
-        if self._inflight == 0:
-            self._idle = trio.Event()
-        self._inflight += 1
-        self._upload_send.send_nowait(node)
-
-    async def _wait_uploaded(self, node: Node) -> None:
-        while True:
-            pending = node.pending
-            if pending is None or pending.uploaded >= pending.committed:
-                return
-            if pending.error is not None:
-                raise pending.error
-            pending.hurry.set()  # somebody waits for it: no upload delay
-            await pending.changed.wait()
-
-    # --- uploads --------------------------------------------------------------------
-
-    async def run_uploads(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Upload workers; run in the mount's nursery until cancelled."""
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.options.upload_workers):
-                nursery.start_soon(self._upload_worker)
-            nursery.start_soon(self.ns.persist_attr_cache)
-            task_status.started()
-
-    async def _upload_worker(self) -> None:
-        async for node in self._upload_receive:
-            try:
-                pending = node.pending
-                if (
-                    pending is not None
-                    and self.options.upload_delay
-                    and not self.options.sync_upload
-                    and not self._draining
-                ):
-                    # The delay runs from the close, not from when a worker
-                    # got here; fsync() or an unmount cut it short.
-                    with trio.move_on_at(pending.due):
-                        await pending.hurry.wait()
-                await self._upload(node)
-            finally:
-                self._inflight -= 1
-                if self._inflight == 0:
-                    self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Until every queued upload has finished (success or recorded failure).
-
-        Called at unmount: uploads still in their delay start at once.
-        """
-        self._draining = True
-        for node in self.nodes.pending_nodes():
-            if node.pending is not None:
-                node.pending.hurry.set()
-        while self._inflight:
-            await self._idle.wait()
-
-    async def _upload(self, node: Node) -> None:
-        while self._renames:
-            await self._no_renames.wait()
-        # From here to ``uploading = True`` nothing awaits: a rename that starts
-        # later waits for this upload to land.
-        pending = node.pending
-        if pending is None:
-            return
-        pending.queued = False
-        if node.unlinked or pending.uploaded >= pending.committed:
-            return
-        generation = pending.committed
-        key = self.key_of(node.path)
-        meta = self._posix_metadata(node)
-        pending.uploading = True
-        try:
-            result = await self.core.put(pending.staging, key, extra_metadata=meta)
-        except TransientError as exc:
-            await self._retry_upload(node, pending, key, exc)
-            return
-        except DgfsError as exc:
-            pending.uploading = False
-            pending.error = exc
-            pending.quarantined = True
-            where = await trio.to_thread.run_sync(self.journal.quarantine, pending.entry_id)
-            log.error("upload of %s failed for good: %s; the data is kept in %s", key, exc, where)
-            pending.notify()
-            return
-        except Exception as exc:
-            # The local disk (ENOSPC in the scratch or cache directory), or a
-            # bug: keep the data and the mount, and try again later.
-            if not isinstance(exc, OSError):
-                log.exception("upload of %s failed unexpectedly", key)
-            errno_ = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-            await self._retry_upload(node, pending, key, FsError(errno_, str(exc)))
-            return
-        pending.uploading = False
-        if node.pending is not pending:
-            # Superseded while uploading: the newer staging file is queued on its
-            # own. What this upload stored is the file's S3 version until then.
-            self._retire(pending)
-            if node.unlinked:
-                with contextlib.suppress(NotFound):
-                    await self.core.delete(key)
-            else:
-                node.stored = result.as_stored()
-                node.etag = None
-            pending.notify()
-            return
-        pending.uploaded = max(pending.uploaded, generation)
-        try:
-            if node.unlinked:
-                with contextlib.suppress(NotFound):
-                    await self.core.delete(key)
-            else:
-                current_key = self.key_of(node.path)
-                if current_key != key:
-                    await self.core.rename(key, current_key)
-                elif self._posix_metadata(node) != meta:
-                    await self.core.update_metadata(key, self._posix_metadata(node))
-        except (DgfsError, OSError) as exc:
-            # The bytes are stored; only a follow-up (name, attributes) is missing.
-            log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
-        node.stored = result.as_stored()
-        node.etag = None
-        if pending.committed > generation:
-            self._queue_upload(node)  # written again meanwhile
-        pending.notify()
-        self._maybe_settle(node)
-
-    async def _retry_upload(self, node: Node, pending: Pending, key: str, exc: DgfsError) -> None:
-        """Report ``exc`` to fsync() waiters, then queue the upload again after a pause."""
-        pending.uploading = False
-        log.warning(
-            "upload of %s failed (%s); retrying in %.0fs", key, exc, self.options.retry_delay
-        )
-        pending.error = exc
-        pending.notify()
-        await trio.sleep(self.options.retry_delay)
-        pending.error = None
-        self._queue_upload(node, force=True)
-
-    def _maybe_settle(self, node: Node) -> None:
-        """Drop local content once it is all in S3 and no handle is open."""
-        pending = node.pending
-        if pending is None or pending.uploading or node.open_handles:
-            return
-        if node.unlinked:
-            node.pending = None
-            self._retire(pending)
-        elif pending.settled:
-            node.pending = None
-            node.checked_at = trio.current_time()
-            self._retire(pending)
-            self._note_entry(node)
-        self.nodes.release(node)
-
-    async def recover_journal(self) -> int:
-        """Queue uploads of what an earlier mount committed but did not upload."""
-        entries = await trio.to_thread.run_sync(self.journal.recover)
-        for entry in entries:
-            self._adopt(entry)
-        if entries:
-            log.info("recovered %d file(s) from the journal; uploading", len(entries))
-        return len(entries)
-
-    def _adopt(self, entry: JournalEntry) -> None:
-        key = entry.key
-        if self.root_prefix:
-            if not key.startswith(self.root_prefix + "/"):
-                log.error("journal entry %s is outside this mount; kept", key)
-                return
-            path = key[len(self.root_prefix) + 1 :]
-        else:
-            path = key
-        node = self.nodes.new(path, NodeKind.FILE)
-        staging = self.journal.data_path(entry.entry_id)
-        fd = os.open(staging, os.O_RDWR)
-        node.pending = Pending(entry.entry_id, staging, fd, generation=1, committed=1)
-        node.size = os.fstat(fd).st_size
-        meta = entry.metadata
-        node.mtime_ns = fmt.parse_mtime_ns(meta) or _now_ns()
-        node.ctime_ns = node.mtime_ns
-        self._apply_defaults(
-            node,
-            fmt.parse_int_meta(meta, fmt.META_MODE),
-            fmt.parse_int_meta(meta, fmt.META_UID),
-            fmt.parse_int_meta(meta, fmt.META_GID),
-        )
-        self._queue_upload(node)
+        await self.uploads.released(handle.node)
+        self.nodes.release(handle.node)
 
     # --- metadata ----------------------------------------------------------------------
 
@@ -840,155 +367,107 @@ class FileSystem:
             changed = True
         if not changed:
             return node
-        node.ctime_ns = _now_ns()
+        node.ctime_ns = time.time_ns()
         await self._store_attributes(node)
         return node
 
     async def _store_attributes(self, node: Node) -> None:
-        meta = self._posix_metadata(node)
-        pending = node.pending
-        if pending is not None:
-            if pending.uploading or pending.committed < 0:
-                return  # uploading or not yet committed: the upload picks the attributes up
-            entry = JournalEntry(pending.entry_id, self.key_of(node.path), meta)
-            await trio.to_thread.run_sync(self.journal.write_manifest, entry)
-            current = node.pending
-            if current is not None and (
-                current is not pending
-                or current.uploading
-                or current.dirty
-                or current.uploaded < current.committed
-            ):
-                return  # an upload is still to come, and carries the attributes
-            # Already in S3 (the file is only held open, or settled meanwhile):
-            # no upload will follow, so the object itself gets them.
+        if await self.uploads.carries_attributes(node):
+            return
         if node.kind is NodeKind.DIR:
             if node.path:
-                await self.ns.write_marker(node.path, self._posix_metadata(node))
+                await self.ns.write_marker(node.path, node.posix_metadata())
             return
-        await self.core.update_metadata(self.key_of(node.path), meta)
+        await self.core.update_metadata(self.key_of(node.path), node.posix_metadata())
         node.etag = None
-        self._note_entry(node)
+        self.ns.note_node(node)
 
     # --- unlink / rename / links --------------------------------------------------------
 
     async def unlink(self, parent_ino: int, name: str) -> None:
         self._check_writable()
-        parent = self.get_dir(parent_ino)
-        node = await self.lookup(parent.ino, name)
+        node = await self._find(self.get_dir(parent_ino), name)
         if node.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
         # An upload in flight lands first: finishing after the unlink it would
         # delete whatever a new file of the same name stored meanwhile.
-        await self._wait_not_uploading(node)
+        await self.uploads.wait_not_uploading(node)
         key = self.key_of(node.path)
-        pending = node.pending
-        in_s3 = node.stored is not None or (pending is not None and pending.uploaded >= 0)
-        kept = await self._keep_for_open_handles(node)
-        if not kept and pending is not None and not pending.uploading:
-            node.pending = None
-            self._retire(pending)
+        staged = node.staged
+        in_s3 = node.stored is not None or (staged is not None and staged.was_uploaded)
+        if not await self.uploads.keep_for_open_handles(node):
+            self.uploads.discard(node)
         if node.kind is NodeKind.SYMLINK:
-            await self.store.delete(key)
+            await self.core.delete_symlink(key)
         elif in_s3:
             with contextlib.suppress(NotFound):
                 await self.core.delete(key)
         self.ns.drop(node.path)
         self.nodes.unlink(node)
 
-    async def _keep_for_open_handles(self, node: Node) -> bool:
-        """Before ``node`` loses its name: True if open handles keep using a local copy.
-
-        As POSIX has it, a file unlinked (or replaced by a rename) while open
-        stays readable and writable through its handles (tempfile.TemporaryFile
-        relies on it). The copy is never uploaded and leaves the journal at
-        once, so a crash does not bring it back.
-        """
-        if not node.open_handles or node.kind is not NodeKind.FILE:
-            return False
-        with contextlib.suppress(DgfsError, OSError):
-            local = await self._start_staging(node, keep_content=True)
-            await trio.to_thread.run_sync(self.journal.remove, local.entry_id)
-        return True
-
     async def rename(
         self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str, flags: int
     ) -> None:
         self._check_writable()
-        noreplace, exchange = 1, 2  # RENAME_NOREPLACE, RENAME_EXCHANGE
-        if flags & exchange:
+        if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         old_parent = self.get_dir(old_parent_ino)
         new_parent = self.get_dir(new_parent_ino)
-        self._check_new_name(new_parent, new_name)
-        node = await self.lookup(old_parent.ino, old_name)
+        self.ns.check_new_name(new_parent.path, new_name)
+        node = await self._find(old_parent, old_name)
         new_path = child_path(new_parent.path, new_name)
         if new_path == node.path:
             return
         if node.kind is NodeKind.DIR and (new_path + "/").startswith(node.path + "/"):
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
-        target = None
-        with contextlib.suppress(FsError):
-            target = await self.lookup(new_parent.ino, new_name)
-        if target is not None:
-            if flags & noreplace:
-                raise FsError(errno.EEXIST)
-            if node.kind is NodeKind.DIR:
-                if target.kind is not NodeKind.DIR:
-                    raise FsError(errno.ENOTDIR)
-                await self._check_empty(target)
-                await self.rmdir(new_parent.ino, new_name)
-            elif target.kind is NodeKind.DIR:
-                raise FsError(errno.EISDIR)
-        async with self._hold_uploads():
+        target = await self._rename_target(node, new_parent, new_name, flags)
+        async with self.uploads.hold():
             old_path = node.path
             if node.kind is NodeKind.DIR:
                 await self._rename_dir(node, new_path)
             else:
                 # Uploads in flight of either file land first, under the names
                 # they were started for; then the move sees what S3 holds.
-                await self._wait_not_uploading(node)
+                await self.uploads.wait_not_uploading(node)
                 if target is not None:
-                    await self._wait_not_uploading(target)
+                    await self.uploads.wait_not_uploading(target)
                 await self._rename_file(node, new_path, target)
             self.ns.drop(old_path)
             self.nodes.move(node, new_path)
-            self._note_entry(node)
+            self.ns.note_node(node)
 
-    @contextlib.asynccontextmanager
-    async def _hold_uploads(self) -> AsyncIterator[None]:
-        """No upload starts inside: it would read a name that is being changed."""
-        if self._renames == 0:
-            self._no_renames = trio.Event()
-        self._renames += 1
-        try:
-            yield
-        finally:
-            self._renames -= 1
-            if self._renames == 0:
-                self._no_renames.set()
-
-    async def _wait_not_uploading(self, node: Node) -> None:
-        """Until no upload of ``node`` is in flight (queued ones may wait)."""
-        while node.pending is not None and node.pending.uploading:
-            await node.pending.changed.wait()
+    async def _rename_target(
+        self, node: Node, new_parent: Node, new_name: str, flags: int
+    ) -> Node | None:
+        """The file a rename replaces (None if none); an empty directory it
+        replaces is removed here, anything it may not replace refused."""
+        target = await self._find_or_none(new_parent, new_name)
+        if target is None:
+            return None
+        if flags & RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST)
+        if node.kind is NodeKind.DIR:
+            if target.kind is not NodeKind.DIR:
+                raise FsError(errno.ENOTDIR)
+            await self._check_empty(target)
+            await self.rmdir(new_parent.ino, new_name)
+        elif target.kind is NodeKind.DIR:
+            raise FsError(errno.EISDIR)
+        return target
 
     async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
         old_key, new_key = self.key_of(node.path), self.key_of(new_path)
-        pending = node.pending
-        if target is not None and target is not node:
-            # The replaced file's local state goes; its S3 object is
-            # overwritten (or removed below when the source is still local).
-            tp = target.pending
-            if not await self._keep_for_open_handles(target) and tp is not None:
-                target.pending = None  # not uploading: rename waited
-                self._retire(tp)
-        if pending is not None:
+        # The replaced file's local state goes (not uploading: rename waited); its
+        # S3 object is overwritten (or removed below when the source is still local).
+        if (
+            target is not None
+            and target is not node
+            and not await self.uploads.keep_for_open_handles(target)
+        ):
+            self.uploads.discard(target)
+        if node.staged is not None:
             # No upload is in flight (rename waited) and none starts meanwhile.
-            if pending.committed >= 0:
-                # The journal entry follows the name: a crash recovers the file under it.
-                entry = JournalEntry(pending.entry_id, new_key, self._posix_metadata(node))
-                await trio.to_thread.run_sync(self.journal.write_manifest, entry)
+            await self.uploads.follow_rename(node, new_key)
             if node.stored is None:
                 # Not in S3 yet: renaming was only a change of the journal entry.
                 if target is not None and target.stored is not None:
@@ -1001,117 +480,92 @@ class FileSystem:
             with contextlib.suppress(NotFound):
                 node.stored = await self.core.rename(old_key, new_key)
                 node.etag = None
-            return
-        if node.kind is NodeKind.SYMLINK:
-            await self.store.copy(old_key, new_key)
-            await self.store.delete(old_key)
-            return
-        node.stored = await self.core.rename(old_key, new_key)
-        node.etag = None
+        elif node.kind is NodeKind.SYMLINK:
+            await self.core.move_symlink(old_key, new_key)
+        else:
+            node.stored = await self.core.rename(old_key, new_key)
+            node.etag = None
 
     async def _rename_dir(self, node: Node, new_path: str) -> None:
         old_prefix = self.key_of(node.path)
         new_prefix = self.key_of(new_path)
         # Uploads in flight under the directory finish first, so nothing
         # lands under the old name after the move.
-        busy = [n for n in self.nodes.pending_nodes() if n.path.startswith(node.path + "/")]
-        for n in busy:
-            await self._wait_not_uploading(n)  # no new one starts: rename holds uploads
+        busy = await self.uploads.wait_subtree(node.path)
         await self.core.rename_prefix(old_prefix, new_prefix)
         for n in busy:
-            p = n.pending
-            if p is not None and p.committed >= 0 and not p.uploading:
-                new_key = new_prefix + self.key_of(n.path)[len(old_prefix) :]
-                entry = JournalEntry(p.entry_id, new_key, self._posix_metadata(n))
-                await trio.to_thread.run_sync(self.journal.write_manifest, entry)
+            await self.uploads.follow_rename(n, new_prefix + self.key_of(n.path)[len(old_prefix) :])
         self.ns.forget_tree(node.path)
         self.ns.forget(node.parent_path)
         self.ns.forget(new_path.rpartition("/")[0])
 
     async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Node:
-        self._check_writable()
-        parent = self.get_dir(parent_ino)
-        self._check_new_name(parent, name)
-        await self._check_absent(parent, name)
-        path = child_path(parent.path, name)
-        node = self.nodes.new(path, NodeKind.SYMLINK)
-        self._apply_defaults(node, 0o777, uid, gid)
-        node.mtime_ns = node.ctime_ns = _now_ns()
+        parent = await self._new_entry_in(parent_ino, name)
+        node = self.nodes.new(child_path(parent.path, name), NodeKind.SYMLINK)
+        self.options.apply_defaults(node, 0o777, uid, gid)
+        node.mtime_ns = node.ctime_ns = time.time_ns()
         node.size = len(target)
         node.symlink_target = target
-        await self.store.put_bytes(self.key_of(path), target, self._posix_metadata(node))
+        await self.core.put_symlink(self.key_of(node.path), target, node.posix_metadata())
         node.checked_at = trio.current_time()
-        self._note_entry(node)
-        return node
+        self.ns.note_node(node)
+        return self.nodes.looked_up(node)
 
     async def readlink(self, ino: int) -> bytes:
         node = self.get_node(ino)
         if node.kind is not NodeKind.SYMLINK:
             raise FsError(errno.EINVAL)
         if node.symlink_target is None:
-            node.symlink_target = await self.store.get_range(self.key_of(node.path), 0, 4096)
+            node.symlink_target = await self.core.read_symlink(self.key_of(node.path))
         return node.symlink_target
 
-    def link(self) -> None:
+    def link(self, ino: int, new_parent_ino: int, new_name: str) -> NoReturn:
         raise FsError(errno.EPERM, "hard links are not supported on S3")
 
-    # --- xattrs / statfs ------------------------------------------------------------
+    # --- extended attributes ----------------------------------------------------------
 
     def listxattr(self, ino: int) -> list[str]:
-        node = self.get_node(ino)
-        names = ["bucket", "key"] if node.kind is NodeKind.DIR else list(XATTR_NAMES)
-        if self._endpoint:
-            names.append("endpoint")  # so `dgfs verify PATH` reaches the same store
-        return [XATTR_PREFIX + n for n in names]
+        return xattrs.names(self.get_node(ino), self.store.endpoint)
 
     def getxattr(self, ino: int, name: str) -> bytes:
         node = self.get_node(ino)
-        if not name.startswith(XATTR_PREFIX) or name not in self.listxattr(ino):
-            raise FsError(errno.ENODATA)
-        field_name = name[len(XATTR_PREFIX) :]
-        if field_name == "bucket":
-            return self.store.bucket.encode()
-        if field_name == "key":
-            return self.key_of(node.path).encode()
-        if field_name == "endpoint":
-            return (self._endpoint or "").encode()
-        stored = node.stored
-        if node.pending is not None and not node.pending.settled:
-            values: Mapping[str, object] = {
-                "kind": "pending",
-                "stored_size": 0,
-                "original_size": node.size,
-                "ratio": "",
-                "sha256": "",
-            }
-        elif stored is None:
-            raise FsError(errno.ENODATA)
-        else:
-            values = {
-                # A deep delta (dgfs's extension) is told apart from a DeltaGlider one.
-                "kind": f"deep-{stored.kind.value}" if stored.deep else stored.kind.value,
-                "stored_size": stored.stored_size,
-                "original_size": stored.original_size,
-                "ratio": f"{stored.ratio:.4f}",
-                "sha256": stored.file_sha256 or "",
-            }
-        return str(values[field_name]).encode()
+        return xattrs.value(
+            node,
+            name,
+            bucket=self.store.bucket,
+            key=self.key_of(node.path),
+            endpoint=self.store.endpoint,
+        )
+
+    def setxattr(self, ino: int, name: str, value: bytes) -> NoReturn:
+        raise FsError(errno.ENOTSUP, "extended attributes are read-only")
+
+    def removexattr(self, ino: int, name: str) -> NoReturn:
+        raise FsError(errno.ENOTSUP, "extended attributes are read-only")
+
+    # --- the mount's lifetime -------------------------------------------------------------
+
+    async def run_uploads(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Background work (upload workers, attribute-cache writes); run in the
+        mount's nursery until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.uploads.run)
+            nursery.start_soon(self.ns.persist_attr_cache)
+            task_status.started()
+
+    async def recover_journal(self) -> int:
+        """Queue uploads of what an earlier mount committed but did not upload."""
+        return await self.uploads.recover()
+
+    async def wait_idle(self) -> None:
+        """Until every queued upload has finished (at unmount: without delays)."""
+        await self.uploads.drain()
 
     async def close(self) -> None:
         """Release handles and file descriptors (after uploads are done)."""
-        for fh in list(self._handles):
+        for fh in self.handles.open_fhs():
             await self.release(fh)
-        for node in self.nodes.pending_nodes():
-            if node.pending is not None:
-                with contextlib.suppress(OSError):
-                    os.close(node.pending.fd)
+        self.uploads.close()
         await self.ns.flush_attr_cache()
-
-
-def _copy_from_fd(src_fd: int, dest: os.PathLike[str]) -> None:
-    """Copy a staging file by descriptor (its path may have moved: failed/, unlinked)."""
-    offset = 0
-    with open(dest, "wb") as fout:
-        while chunk := os.pread(src_fd, 1 << 20, offset):
-            fout.write(chunk)
-            offset += len(chunk)

@@ -11,11 +11,24 @@ import errno
 import functools
 import logging
 import os
-import stat
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+    XAttrNameT,
+)
 
 from dgfs.errors import DgfsError, FsError, errno_of
 from dgfs.fs.filesystem import FileSystem
@@ -55,7 +68,7 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
-class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
+class FuseOperations(pyfuse3.Operations):
     """pyfuse3 entry points over a ``FileSystem``."""
 
     enable_writeback_cache = False
@@ -66,8 +79,8 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         self.fs = fs
         self.attr_timeout = attr_timeout
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
+    def _attrs(self, node: Node) -> EntryAttributes:
+        entry = EntryAttributes()
         entry.st_ino = node.ino
         entry.generation = 0
         entry.entry_timeout = self.attr_timeout
@@ -85,20 +98,25 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         entry.st_atime_ns = node.mtime_ns
         return entry
 
-    def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
-        node.lookups += 1
-        return self._attrs(node)
+    @_fuse_errors
+    async def lookup(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        return self._attrs(await self.fs.lookup(parent_inode, _name(name)))
 
     @_fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        return self._looked_up(await self.fs.lookup(parent_inode, _name(name)))
-
-    @_fuse_errors
-    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+    async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
         return self._attrs(await self.fs.getattr(inode))
 
     @_fuse_errors
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
         node = await self.fs.setattr(
             inode,
             size=attr.st_size if fields.update_size else None,
@@ -109,113 +127,122 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         )
         return self._attrs(node)
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         self.fs.forget(list(inode_list))
 
     @_fuse_errors
-    async def opendir(self, inode: int, ctx: Any) -> int:
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         self.fs.get_dir(inode)
         return inode
 
     @_fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        entries = await self.fs.readdir(fh)
-        for index, (name, node) in enumerate(entries[start_id:], start_id + 1):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), index):
-                break
-            node.lookups += 1
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
+        def reply(name: str, node: Node, next_id: int) -> bool:
+            return bool(pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), next_id))
 
-    async def releasedir(self, fh: int) -> None:
+        await self.fs.readdir(fh, start_id, reply)
+
+    async def releasedir(self, fh: FileHandleT) -> None:
         return None
 
     @_fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
+    ) -> EntryAttributes:
         node = await self.fs.mkdir(parent_inode, _name(name), mode, ctx.uid, ctx.gid)
-        return self._looked_up(node)
+        return self._attrs(node)
 
     @_fuse_errors
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         await self.fs.rmdir(parent_inode, _name(name))
 
     @_fuse_errors
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         await self.fs.unlink(parent_inode, _name(name))
 
     @_fuse_errors
     async def rename(
         self,
-        parent_inode_old: int,
-        name_old: bytes,
-        parent_inode_new: int,
-        name_new: bytes,
-        flags: int,
-        ctx: Any,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: RequestContext,
     ) -> None:
         await self.fs.rename(
             parent_inode_old, _name(name_old), parent_inode_new, _name(name_new), flags
         )
 
     @_fuse_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
         node = await self.fs.symlink(parent_inode, _name(name), target, ctx.uid, ctx.gid)
-        return self._looked_up(node)
+        return self._attrs(node)
 
     @_fuse_errors
-    async def readlink(self, inode: int, ctx: Any) -> bytes:
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
         return await self.fs.readlink(inode)
 
     @_fuse_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
-        self.fs.link()
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
+        self.fs.link(inode, new_parent_inode, _name(new_name))
 
     @_fuse_errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        if not stat.S_ISREG(mode):
-            raise FsError(errno.EPERM, "only regular files, directories and symlinks")
-        handle, node = await self.fs.create(
-            parent_inode, _name(name), mode, ctx.uid, ctx.gid, os.O_CREAT | os.O_EXCL
-        )
-        await self.fs.release(handle.fh)
-        return self._looked_up(node)
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        node = await self.fs.mknod(parent_inode, _name(name), mode, ctx.uid, ctx.gid)
+        return self._attrs(node)
 
     @_fuse_errors
-    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         handle = await self.fs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False)
+        return FileInfo(fh=handle.fh, keep_cache=False)
 
     @_fuse_errors
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+    async def create(
+        self,
+        parent_inode: InodeT,
+        name: FileNameT,
+        mode: ModeT,
+        flags: FlagT,
+        ctx: RequestContext,
+    ) -> tuple[FileInfo, EntryAttributes]:
         handle, node = await self.fs.create(
             parent_inode, _name(name), mode, ctx.uid, ctx.gid, flags
         )
-        return pyfuse3.FileInfo(fh=handle.fh), self._looked_up(node)
+        return FileInfo(fh=handle.fh), self._attrs(node)
 
     @_fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         return await self.fs.read(fh, off, size)
 
     @_fuse_errors
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         return await self.fs.write(fh, off, buf)
 
     @_fuse_errors
-    async def flush(self, fh: int) -> None:
+    async def flush(self, fh: FileHandleT) -> None:
         await self.fs.flush(fh)
 
     @_fuse_errors
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await self.fs.fsync(fh)
 
     @_fuse_errors
-    async def release(self, fh: int) -> None:
+    async def release(self, fh: FileHandleT) -> None:
         await self.fs.release(fh)
 
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         return None
 
     @_fuse_errors
-    async def statfs(self, ctx: Any) -> Any:
-        data = pyfuse3.StatvfsData()
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
+        data = StatvfsData()
         data.f_bsize = BLOCK
         data.f_frsize = BLOCK
         # S3 has no capacity; report 1 PiB free like other S3 filesystems do.
@@ -229,22 +256,19 @@ class FuseOperations(pyfuse3.Operations):  # type: ignore[misc]
         return data
 
     @_fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        try:
-            return self.fs.getxattr(inode, _name(name))
-        except FsError as exc:
-            if exc.errno == errno.ENODATA:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
-            raise
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
+        return self.fs.getxattr(inode, _name(name))
 
     @_fuse_errors
-    async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
-        return [n.encode() for n in self.fs.listxattr(inode)]
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
+        return [os.fsencode(n) for n in self.fs.listxattr(inode)]
 
     @_fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raise FsError(errno.ENOTSUP, "extended attributes are read-only")
+    async def setxattr(
+        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
+    ) -> None:
+        self.fs.setxattr(inode, _name(name), value)
 
     @_fuse_errors
-    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise FsError(errno.ENOTSUP, "extended attributes are read-only")
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
+        self.fs.removexattr(inode, _name(name))

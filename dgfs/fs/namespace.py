@@ -12,6 +12,7 @@ relative to the mount root; ``key_of`` maps them to S3 keys.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import stat
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
-from dgfs.errors import DgfsError, NotFound
+from dgfs.errors import DgfsError, FsError, NotFound
 from dgfs.format import Kind, StoredFile
 from dgfs.fs.attrcache import AttrCache
-from dgfs.fs.nodes import NodeKind
+from dgfs.fs.nodes import Node, NodeKind
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ class Namespace:
             maxsize=4096, ttl=max(listing_ttl, 0.001)
         )
         self._listing_flights: dict[str, trio.Event] = {}
+        # Local changes noted while a directory's listing is being fetched: the
+        # LIST may predate them (a file uploaded meanwhile), so they are laid
+        # over its result. name -> entry, or None for a name dropped.
+        self._flight_changes: dict[str, dict[str, DirEntry | None]] = {}
         self._dir_meta: dict[str, dict[str, str]] = {}  # marker key -> its metadata
 
     def key_of(self, path: str) -> str:
@@ -74,6 +79,27 @@ class Namespace:
         """The listing prefix of a directory (with trailing slash, or "" at bucket root)."""
         key = self.key_of(path)
         return key + "/" if key else ""
+
+    def path_of(self, key: str) -> str | None:
+        """The mount path of a file's S3 key; None when the key is outside the mount."""
+        if not self.root_prefix:
+            return key
+        if not key.startswith(self.root_prefix + "/"):
+            return None
+        return key[len(self.root_prefix) + 1 :]
+
+    def is_reserved(self, parent_path: str, name: str) -> bool:
+        """Keys under .deltaglider/ at the bucket root are DeltaGlider's own, never shown."""
+        return parent_path == "" and not self.root_prefix and name == ".deltaglider"
+
+    def check_new_name(self, parent_path: str, name: str) -> None:
+        """Refuse a name a new entry of ``parent_path`` may not take (``FsError``)."""
+        if not name or "/" in name or name in (".", ".."):
+            raise FsError(errno.EINVAL, f"bad name {name!r}")
+        if len(name.encode()) > 255:
+            raise FsError(errno.ENAMETOOLONG)
+        if fmt.is_hidden_name(name) or self.is_reserved(parent_path, name):
+            raise FsError(errno.EINVAL, f"{name}: reserved by the DeltaGlider format")
 
     async def _fetch(self, path: str) -> dict[str, DirEntry]:
         prefix = self.dir_prefix(path)
@@ -203,12 +229,19 @@ class Namespace:
             await flight.wait()
             fresh = False
         event = self._listing_flights[path] = trio.Event()
+        changes = self._flight_changes[path] = {}
         try:
             entries = await self._fetch(path)
+            for name, entry in changes.items():
+                if entry is None:
+                    entries.pop(name, None)
+                else:
+                    entries[name] = entry
             self._listings[path] = entries
             return entries
         finally:
             del self._listing_flights[path]
+            del self._flight_changes[path]
             event.set()
 
     def cached(self, path: str) -> dict[str, DirEntry] | None:
@@ -223,12 +256,33 @@ class Namespace:
         listing = self.cached(parent)
         if listing is not None:
             listing.pop(name, None)
+        changes = self._flight_changes.get(parent)
+        if changes is not None:
+            changes[name] = None
 
     def note(self, parent_path: str, entry: DirEntry) -> None:
         """Put a locally made or changed entry into its parent's cached listing."""
         listing = self.cached(parent_path)
         if listing is not None:
             listing[entry.name] = entry
+        changes = self._flight_changes.get(parent_path)
+        if changes is not None:
+            changes[entry.name] = entry
+
+    def note_node(self, node: Node) -> None:
+        """Keep the parent's cached listing in step with a local change to ``node``."""
+        if node.path:
+            entry = DirEntry(
+                node.name,
+                node.kind,
+                node.size,
+                node.mtime_ns,
+                node.mode,
+                node.uid,
+                node.gid,
+                node.stored,
+            )
+            self.note(node.parent_path, entry)
 
     def set_empty(self, path: str) -> None:
         """A directory just made here is known to be empty."""

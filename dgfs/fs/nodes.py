@@ -4,6 +4,10 @@ Lifetimes follow the kernel: every reply that hands out an inode counts a
 lookup, ``forget`` gives them back, and a node's state is dropped only when
 the kernel has forgotten it and nothing local (an open handle, an upload
 in flight) still needs it.
+
+A node shows the attributes its directory listing gives it, the mount's
+defaults filling what S3 does not hold; a file with local content shows
+its own until that is in S3.
 """
 
 from __future__ import annotations
@@ -11,12 +15,17 @@ from __future__ import annotations
 import enum
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from dgfs.errors import DgfsError
+from dgfs import format as fmt
 from dgfs.format import StoredFile
+
+if TYPE_CHECKING:
+    from dgfs.fs.namespace import DirEntry
+    from dgfs.fs.options import FsOptions
+    from dgfs.fs.uploads import StagedFile
 
 ROOT_INODE = 1
 
@@ -33,50 +42,6 @@ class NodeKind(enum.Enum):
             NodeKind.DIR: stat.S_IFDIR,
             NodeKind.SYMLINK: stat.S_IFLNK,
         }[self]
-
-
-@dataclass
-class Pending:
-    """Local content of a file that S3 does not hold yet (or not this version).
-
-    ``generation`` counts writes; ``committed`` is the generation last made
-    durable in the journal, ``uploaded`` the one last stored in S3.
-    """
-
-    entry_id: str
-    staging: Path
-    fd: int
-    generation: int = 0
-    committed: int = -1
-    uploaded: int = -1
-    uploading: bool = False
-    queued: bool = False
-    due: float = 0.0  # trio time after which a queued upload may start (close + delay)
-    error: DgfsError | None = None
-    quarantined: bool = False  # failed for good: moved to the journal's failed/
-    changed: trio.Event = field(default_factory=trio.Event)
-    hurry: trio.Event = field(default_factory=trio.Event)  # set: upload without delay
-
-    @property
-    def writable(self) -> bool:
-        """Whether new writes may go into this staging file (not being
-        uploaded, not moved to failed/); else the next version gets its own."""
-        return not self.uploading and not self.quarantined
-
-    @property
-    def dirty(self) -> bool:
-        """Written since the last commit."""
-        return self.generation > self.committed
-
-    @property
-    def settled(self) -> bool:
-        """Everything written is in S3."""
-        return self.uploaded >= self.generation
-
-    def notify(self) -> None:
-        """Wake whoever waits for this file's upload state to change."""
-        self.changed.set()
-        self.changed = trio.Event()
 
 
 @dataclass
@@ -98,7 +63,7 @@ class Node:
     lookups: int = 0
     open_handles: int = 0
     writers: int = 0  # open handles that may write; uploads wait until none is left
-    pending: Pending | None = None
+    staged: StagedFile | None = None  # local content not (all) in S3; the upload pipeline's
     unlinked: bool = False
     checked_at: float = 0.0  # trio.current_time() when attrs were last confirmed
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -111,25 +76,61 @@ class Node:
     def parent_path(self) -> str:
         return self.path.rpartition("/")[0]
 
+    def posix_metadata(self) -> dict[str, str]:
+        """The attributes S3 lacks, as the user metadata that carries them."""
+        return fmt.posix_metadata(
+            mtime_ns=self.mtime_ns, mode=self.kind.type_bits | self.mode, uid=self.uid, gid=self.gid
+        )
+
 
 def child_path(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
 class NodeTable:
-    """inode number <-> node <-> path."""
+    """inode number <-> node <-> path, and the attributes nodes show."""
 
-    def __init__(self) -> None:
-        self._by_ino: dict[int, Node] = {}
-        self._by_path: dict[str, Node] = {}
+    def __init__(self, options: FsOptions, mounted_at_ns: int) -> None:
+        self.options = options
+        self.mounted_at_ns = mounted_at_ns
+        root = Node(ino=ROOT_INODE, path="", kind=NodeKind.DIR)
+        root.lookups = 1  # the kernel never forgets the root
+        options.apply_defaults(root, None, None, None)
+        root.mtime_ns = root.ctime_ns = mounted_at_ns
+        self._by_ino: dict[int, Node] = {ROOT_INODE: root}
+        self._by_path: dict[str, Node] = {"": root}
         self._next_ino = ROOT_INODE + 1
 
-    def add_root(self, node: Node) -> Node:
-        node.ino = ROOT_INODE
-        node.lookups = 1  # the kernel never forgets the root
-        self._by_ino[ROOT_INODE] = node
-        self._by_path[""] = node
+    def from_entry(self, parent_path: str, entry: DirEntry) -> Node:
+        """The node for a listed entry (a new one if the kind changed), its
+        attributes taken from the listing unless it has local content."""
+        path = child_path(parent_path, entry.name)
+        node = self._by_path.get(path)
+        if node is not None and node.kind is not entry.kind and node.staged is None:
+            self.unlink(node)
+            node = None
+        if node is None:
+            node = self.new(path, entry.kind)
+            node.ctime_ns = entry.mtime_ns or self.mounted_at_ns
+        if node.staged is None:
+            self.refresh(node, entry)
         return node
+
+    def refresh(self, node: Node, entry: DirEntry) -> None:
+        """Take ``node``'s attributes from its listing entry; they are fresh now."""
+        if node.kind is not NodeKind.DIR:
+            if entry.etag != node.etag:
+                node.symlink_target = None
+            node.size = entry.size
+            node.stored = entry.stored
+            node.etag = entry.etag
+        node.mtime_ns = entry.mtime_ns
+        self.options.apply_defaults(node, entry.mode, entry.uid, entry.gid)
+        node.checked_at = trio.current_time()
+
+    def is_fresh(self, node: Node) -> bool:
+        """Whether ``node``'s attributes were confirmed within ``listing_ttl``."""
+        return trio.current_time() - node.checked_at < self.options.listing_ttl
 
     def new(self, path: str, kind: NodeKind) -> Node:
         """A node for ``path``, replacing whatever held that path before."""
@@ -148,8 +149,31 @@ class NodeTable:
     def by_path(self, path: str) -> Node | None:
         return self._by_path.get(path)
 
-    def pending_nodes(self) -> list[Node]:
-        return [n for n in self._by_ino.values() if n.pending is not None]
+    def staged_nodes(self) -> list[Node]:
+        """Nodes with local content (see ``dgfs.fs.uploads``)."""
+        return [n for n in self._by_ino.values() if n.staged is not None]
+
+    def local_children(self, path: str) -> dict[str, Node]:
+        """Entries of the directory ``path`` that exist locally but maybe not yet in S3."""
+        children: dict[str, Node] = {}
+        prefix = path + "/" if path else ""
+        for node in self.staged_nodes():
+            if node.unlinked or not node.path.startswith(prefix):
+                continue
+            first, sep, _ = node.path[len(prefix) :].partition("/")
+            if not sep:
+                children[first] = node
+            elif first not in children:
+                # A local file deeper down implies the directory exists.
+                dir_node = self._by_path.get(child_path(path, first))
+                if dir_node is not None:
+                    children[first] = dir_node
+        return children
+
+    def looked_up(self, node: Node) -> Node:
+        """Count one lookup: a reply that hands the kernel ``node`` (see ``forget``)."""
+        node.lookups += 1
+        return node
 
     def _detach(self, node: Node) -> None:
         """The node no longer stands for its path (unlinked or replaced)."""
@@ -186,7 +210,7 @@ class NodeTable:
         self._maybe_drop(node)
 
     def _maybe_drop(self, node: Node) -> None:
-        if node.lookups or node.open_handles or node.pending is not None:
+        if node.lookups or node.open_handles or node.staged is not None:
             return
         if node.ino == ROOT_INODE:
             return

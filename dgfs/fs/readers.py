@@ -1,5 +1,8 @@
 """Ways of reading a file's bytes for an open handle.
 
+``StoredContent`` chooses how what S3 holds is read (and copied, when a
+file is written again):
+
 - ``StagingReader``: a file with local, not yet uploaded content.
 - ``CachedReader``: content materialized in the encrypted cache (deltas,
   and direct files small enough to verify whole on open).
@@ -14,11 +17,14 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
+from pathlib import Path
 
 import trio
 
 from dgfs.cache import CacheReader
+from dgfs.core import Core
 from dgfs.errors import IntegrityError
+from dgfs.format import Kind, StoredFile
 from dgfs.store.base import ObjectStore
 
 MIN_WINDOW = 1 << 20
@@ -146,3 +152,44 @@ class RangeReader(Reader):
         fresh = data[self._hashed_upto - offset :]
         self._sha.update(fresh)
         self._hashed_upto += len(fresh)
+
+
+class StoredContent:
+    """The original bytes of stored files, for the filesystem.
+
+    Deltas, and direct files with a recorded SHA-256 up to
+    ``verify_whole_below`` bytes, are read whole through the cache and
+    verified before the first byte is returned; larger direct and foreign
+    objects are read by ranges (``RangeReader``).
+    """
+
+    def __init__(
+        self, core: Core, limiter: trio.CapacityLimiter, *, verify_whole_below: int
+    ) -> None:
+        self.core = core
+        self.limiter = limiter
+        self.verify_whole_below = verify_whole_below
+
+    def _through_cache(self, stored: StoredFile) -> bool:
+        small = stored.original_size <= self.verify_whole_below
+        return stored.kind is Kind.DELTA or bool(stored.file_sha256 and small)
+
+    async def reader(self, stored: StoredFile) -> Reader:
+        """A reader of ``stored`` for one open handle."""
+        if self._through_cache(stored):
+            return CachedReader(await self.core.open_cached(stored), self.limiter)
+        return RangeReader(
+            self.core.store, stored.stored_key, stored.original_size, stored.file_sha256
+        )
+
+    async def copy(self, stored: StoredFile, key: str, dest: Path) -> None:
+        """Write the original bytes of ``stored`` (the file ``key``) to ``dest``, verified."""
+        if self._through_cache(stored):
+            await self.core.export_cached(stored, dest)
+            return
+        tmp = self.core.scratch_path()  # not beside dest: that is the journal
+        try:
+            await self.core.get(key, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -98,6 +98,12 @@ class ObjectStore(abc.ABC):
 
     bucket: str
 
+    @property
+    def endpoint(self) -> str | None:
+        """The URL of the service this store talks to; None for one that has none
+        (in memory). The mount shows it as ``user.dgfs.endpoint``."""
+        return None
+
     @abc.abstractmethod
     def list_pages(self, prefix: str = "", delimiter: str | None = "/") -> AsyncIterator[ListPage]:
         """Yield listing pages under ``prefix`` (pagination handled here)."""

@@ -261,7 +261,7 @@ class S3Store(ObjectStore):
             self._client = make_client(endpoint_url, region, profile, max_concurrency + 4)
         except bexc.BotoCoreError as exc:  # e.g. ProfileNotFound
             raise ConfigError(f"cannot configure the S3 client: {exc}") from exc
-        self.endpoint: str = self._client.meta.endpoint_url
+        self._endpoint: str = self._client.meta.endpoint_url
         self._limiter = trio.CapacityLimiter(max_concurrency)
         self.multipart_threshold = MULTIPART_THRESHOLD
         self.part_size = MULTIPART_PART_SIZE
@@ -273,6 +273,10 @@ class S3Store(ObjectStore):
         self._part_buffers = trio.CapacityLimiter(PART_BUFFERS)
         self.page_size = 1000
         self.retry_delays = RETRY_DELAYS
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
 
     def __repr__(self) -> str:
         return f"S3Store({self.bucket!r}, endpoint_url={self.endpoint!r})"

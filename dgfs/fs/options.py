@@ -1,0 +1,55 @@
+"""Mount options that shape the filesystem, and the attributes they give nodes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from dgfs.fs.nodes import Node, NodeKind
+
+
+@dataclass(frozen=True)
+class FsOptions:
+    """Mount options that shape the filesystem's behaviour."""
+
+    read_only: bool = False
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    force_owner: bool = False  # uid=/gid= given: every file shows that owner
+    umask: int = 0o022
+    file_mode: int | None = None  # forced permission bits for files
+    dir_mode: int | None = None  # forced permission bits for directories
+    listing_ttl: float = 10.0
+    upload_workers: int = 4
+    upload_delay: float = 0.5
+    sync_upload: bool = False  # close waits for the upload and reports its error
+    verify_whole_below: int = 32 << 20  # direct files up to this size are verified on open
+    retry_delay: float = 2.0
+
+    def apply_defaults(
+        self, node: Node, mode: int | None, uid: int | None, gid: int | None
+    ) -> None:
+        """Give ``node`` the permission bits and owner it shows.
+
+        ``mode``/``uid``/``gid`` are what is stored (None: nothing); the
+        mount's defaults fill the gaps and its forced values win.
+        """
+        if node.kind is NodeKind.DIR:
+            default_mode = 0o777 & ~self.umask
+            forced = self.dir_mode
+        elif node.kind is NodeKind.SYMLINK:
+            default_mode, forced = 0o777, None
+        else:
+            default_mode = 0o666 & ~self.umask
+            forced = self.file_mode
+        node.mode = (
+            forced
+            if forced is not None
+            else (stat.S_IMODE(mode) if mode is not None else default_mode)
+        )
+        if self.force_owner:
+            node.uid, node.gid = self.uid, self.gid
+        else:
+            node.uid = uid if uid is not None else self.uid
+            node.gid = gid if gid is not None else self.gid

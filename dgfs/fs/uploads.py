@@ -1,0 +1,634 @@
+"""The upload pipeline: how a file written through the mount reaches S3.
+
+A file's new content lives in a staging file of the journal; its
+``StagedFile`` says how far it has come::
+
+    staged --commit--> committed --(no writer left)--> queued --> uploading --> settled
+                                                          ^            |
+                                                          +-- retry <--+--> failed (failed/)
+
+- ``UploadPipeline.staging`` (``stage_empty``) gives a node a staging
+  file; the filesystem writes into it and counts each write
+  (``StagedFile.wrote``).
+- ``commit`` (close) makes it durable in the journal and queues the
+  upload once no handle that may write is left. A queued upload starts
+  after ``upload_delay``, so what usually follows a close (rsync's utimes
+  and rename) travels in the same upload; ``wait_uploaded`` (fsync) and
+  ``drain`` (unmount) skip the delay.
+- A worker stores the last committed version under the node's current
+  name. ``hold`` keeps new uploads from starting while a rename runs, and
+  ``wait_not_uploading`` lets a rename or unlink wait for one in flight.
+- Transient failures (and a full local disk) are retried every
+  ``retry_delay``; a permanent one moves the entry to the journal's
+  ``failed/``.
+- Once everything written is in S3 and no handle is open, the staging
+  file goes and the node is settled.
+- ``recover`` adopts what an earlier mount committed; ``leftovers`` says
+  what did not reach S3 when the pipeline stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from dgfs import format as fmt
+from dgfs.core import Core
+from dgfs.errors import DgfsError, FsError, NotFound, TransientError
+from dgfs.format import StoredFile
+from dgfs.fs.journal import Journal, JournalEntry
+from dgfs.fs.namespace import Namespace
+from dgfs.fs.nodes import Node, NodeKind, NodeTable
+from dgfs.fs.options import FsOptions
+from dgfs.fs.readers import StoredContent
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    """Where a staged file's upload stands."""
+
+    IDLE = "idle"  # none scheduled: nothing new committed, a writer still open, or a retry waits
+    QUEUED = "queued"  # waiting for a worker and for its delay
+    UPLOADING = "uploading"  # a worker is storing it
+    FAILED = "failed"  # failed for good: the entry is in the journal's failed/
+
+
+class StagedFile:
+    """Local content of a file that S3 does not hold yet (or not this version).
+
+    Every write makes a new version (``generation``); the last one made
+    durable in the journal and the last one stored in S3 are recorded, each
+    None until it first happens. Only the transitions below change state.
+    """
+
+    def __init__(self, entry_id: str, path: Path, fd: int, *, committed: bool = False) -> None:
+        self.entry_id = entry_id
+        self.path = path
+        self.fd = fd
+        self._generation = 1
+        self._committed: int | None = 1 if committed else None
+        self._uploaded: int | None = None
+        self._phase = Phase.IDLE
+        self._due = 0.0  # trio time after which a queued upload may start
+        self._error: DgfsError | None = None
+        self._changed = trio.Event()
+        self._hurry = trio.Event()  # set: upload without delay
+
+    # --- predicates ------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def error(self) -> DgfsError | None:
+        """The last upload's error, for fsync() to report (None once retried or committed)."""
+        return self._error
+
+    @property
+    def is_writable(self) -> bool:
+        """Whether new writes may go into this staging file (not being uploaded,
+        not moved to failed/); else the next version gets its own."""
+        return self._phase not in (Phase.UPLOADING, Phase.FAILED)
+
+    @property
+    def is_uploading(self) -> bool:
+        return self._phase is Phase.UPLOADING
+
+    @property
+    def is_failed(self) -> bool:
+        return self._phase is Phase.FAILED
+
+    @property
+    def is_committed(self) -> bool:
+        """Some version is durable in the journal (a crash does not lose it)."""
+        return self._committed is not None
+
+    @property
+    def is_dirty(self) -> bool:
+        """Written since the last commit."""
+        return self._committed is None or self._generation > self._committed
+
+    @property
+    def needs_upload(self) -> bool:
+        """A committed version is not in S3 yet."""
+        if self._committed is None:
+            return False
+        return self._uploaded is None or self._uploaded < self._committed
+
+    @property
+    def was_uploaded(self) -> bool:
+        """Some version of it is in S3."""
+        return self._uploaded is not None
+
+    @property
+    def is_settled(self) -> bool:
+        """Everything written is in S3."""
+        return self._uploaded is not None and self._uploaded >= self._generation
+
+    # --- transitions -----------------------------------------------------------------
+
+    def wrote(self) -> None:
+        """The content changed (write, truncate): a new version."""
+        self._generation += 1
+
+    def mark_committed(self, generation: int) -> None:
+        self._committed = max(self._committed or 0, generation)
+        self._error = None
+
+    def mark_queued(self, due: float) -> None:
+        assert self._phase is Phase.IDLE
+        self._phase = Phase.QUEUED
+        self._due = due
+
+    def take(self) -> None:
+        """A worker has it: no longer queued (it may find nothing to do)."""
+        if self._phase is Phase.QUEUED:
+            self._phase = Phase.IDLE
+
+    def start_upload(self) -> int:
+        """Uploading now; returns the version being stored."""
+        assert self._committed is not None and self._phase is Phase.IDLE
+        self._phase = Phase.UPLOADING
+        return self._committed
+
+    def landed(self, generation: int) -> None:
+        """Version ``generation`` is stored."""
+        self._phase = Phase.IDLE
+        self._uploaded = max(self._uploaded or 0, generation)
+
+    def failed_transiently(self, error: DgfsError) -> None:
+        """The upload failed and will be retried; fsync() waiters hear ``error``."""
+        self._phase = Phase.IDLE
+        self._error = error
+        self.notify()
+
+    def retrying(self) -> None:
+        self._error = None
+
+    def failed_for_good(self, error: DgfsError) -> None:
+        """Never retried: the entry goes to failed/ (``notify`` once it is there)."""
+        self._phase = Phase.FAILED
+        self._error = error
+
+    def hurry(self) -> None:
+        """Somebody waits for this upload: no delay."""
+        self._hurry.set()
+
+    async def wait_due(self) -> None:
+        """Until the upload delay is over, or somebody hurries it."""
+        with trio.move_on_at(self._due):
+            await self._hurry.wait()
+
+    def notify(self) -> None:
+        """Wake whoever waits for this file's upload state to change."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """Files not in S3 when the pipeline stopped."""
+
+    kept: int = 0  # committed: they stay in the journal for the next mount
+    dropped: int = 0  # never committed (their close() failed): nothing was promised
+    failed: int = 0  # failed for good: their data is in the journal's failed/
+
+    def __bool__(self) -> bool:
+        return bool(self.kept or self.dropped or self.failed)
+
+
+class UploadPipeline:
+    """The journal, the upload queue and its workers of one mount (trio thread only)."""
+
+    def __init__(
+        self,
+        core: Core,
+        journal: Journal,
+        ns: Namespace,
+        nodes: NodeTable,
+        options: FsOptions,
+        content: StoredContent,
+    ) -> None:
+        self.core = core
+        self.journal = journal
+        self.ns = ns
+        self.nodes = nodes
+        self.options = options
+        self.content = content
+        self.disk_limiter = content.limiter
+        send, receive = trio.open_memory_channel[Node](float("inf"))
+        self._send = send
+        self._receive = receive
+        self._inflight = 0
+        self._draining = False  # unmounting: upload without delay
+        self._idle = trio.Event()
+        self._idle.set()
+        # No upload starts while a rename runs: it would store under a name
+        # the rename is taking away (see hold).
+        self._renames = 0
+        self._no_renames = trio.Event()
+        self._no_renames.set()
+
+    # --- staging and commit ---------------------------------------------------------
+
+    async def stage_empty(self, node: Node) -> StagedFile:
+        """New content for ``node`` that starts empty (create, open with O_TRUNC)."""
+        return await self._stage(node, keep_content=False)
+
+    async def staging(self, node: Node, *, keep_content: bool = True) -> StagedFile:
+        """The staging file writes to ``node`` go to: its current one while that
+        takes writes, else a new one holding the file's current content (or
+        nothing, without ``keep_content``)."""
+        staged = node.staged
+        if staged is not None and staged.is_writable:
+            return staged
+        return await self._stage(node, keep_content=keep_content)
+
+    async def _stage(self, node: Node, *, keep_content: bool) -> StagedFile:
+        async with node.lock:
+            staged = node.staged
+            if staged is not None and staged.is_writable:
+                if not keep_content:
+                    await trio.to_thread.run_sync(os.ftruncate, staged.fd, 0)
+                    staged.wrote()
+                return staged
+            entry_id, path = await trio.to_thread.run_sync(self.journal.new_staging)
+            fd = os.open(path, os.O_RDWR)
+            if keep_content:
+                try:
+                    await self._copy_current(node, path)
+                except BaseException:
+                    os.close(fd)
+                    await trio.to_thread.run_sync(self.journal.remove, entry_id)
+                    raise
+            node.staged = StagedFile(entry_id, path, fd)
+            if staged is not None:
+                # An upload of an older version is running; it will notice
+                # it is superseded and leave the new staging file alone.
+                self._retire(staged)
+            return node.staged
+
+    async def _copy_current(self, node: Node, dest: Path) -> None:
+        """The file's current content into ``dest``: an older staging file's, else S3's."""
+        if node.staged is not None:
+            fd = node.staged.fd
+            await trio.to_thread.run_sync(_copy_from_fd, fd, dest, limiter=self.disk_limiter)
+        elif node.stored is not None and node.size:
+            await self.content.copy(node.stored, self.ns.key_of(node.path), dest)
+
+    async def commit(self, node: Node) -> None:
+        """Make what was written since the last commit durable in the journal,
+        then queue its upload. Raises ``FsError`` when the journal cannot take
+        it (ENOSPC, EIO).
+        """
+        staged = node.staged
+        if staged is None or not staged.is_dirty or node.unlinked:
+            return
+        generation = staged.generation
+        key = self.ns.key_of(node.path)
+        meta = node.posix_metadata()
+        try:
+            await trio.to_thread.run_sync(
+                self.journal.commit, staged.entry_id, key, meta, limiter=self.disk_limiter
+            )
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"journal commit failed: {exc}") from exc
+        staged.mark_committed(generation)
+        self.ns.note_node(node)
+        self._request(node)
+
+    async def wait_uploaded(self, node: Node) -> None:
+        """Upload what was committed now (open writers or not, no delay) and
+        return once it is in S3; raises the upload's error (fsync)."""
+        self._request(node, despite_writers=True)
+        while True:
+            staged = node.staged
+            if staged is None or not staged.needs_upload:
+                return
+            if staged.error is not None:
+                raise staged.error
+            staged.hurry()
+            await staged.wait_changed()
+
+    async def released(self, node: Node) -> None:
+        """A handle of ``node`` was closed: commit what it left, upload once no writer is left."""
+        staged = node.staged
+        if staged is not None and staged.is_dirty and not node.unlinked:
+            await self.commit(node)  # a writer that never flushed
+        else:
+            self._request(node)
+        self._settle(node)
+
+    async def carries_attributes(self, node: Node) -> bool:
+        """After a chmod/chown/utimes of ``node``: True when an upload still to
+        come stores the new attributes (the journal entry has them now), False
+        when the stored object itself must be changed."""
+        staged = node.staged
+        if staged is None:
+            return False
+        if staged.is_uploading or not staged.is_committed:
+            return True  # uploading or not yet committed: the upload picks the attributes up
+        entry = JournalEntry(staged.entry_id, self.ns.key_of(node.path), node.posix_metadata())
+        await trio.to_thread.run_sync(self.journal.write_manifest, entry)
+        current = node.staged
+        # None, or settled meanwhile: no upload follows, the object gets them.
+        return current is not None and (
+            current is not staged
+            or current.is_uploading
+            or current.is_dirty
+            or current.needs_upload
+        )
+
+    # --- names changing under uploads ---------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """No upload starts inside: it would read a name that is being changed."""
+        if self._renames == 0:
+            self._no_renames = trio.Event()
+        self._renames += 1
+        try:
+            yield
+        finally:
+            self._renames -= 1
+            if self._renames == 0:
+                self._no_renames.set()
+
+    async def wait_not_uploading(self, node: Node) -> None:
+        """Until no upload of ``node`` is in flight (queued ones may wait)."""
+        while node.staged is not None and node.staged.is_uploading:
+            await node.staged.wait_changed()
+
+    async def wait_subtree(self, path: str) -> list[Node]:
+        """Until no upload under the directory ``path`` is in flight; returns
+        the nodes there with local content (inside ``hold``, none starts)."""
+        busy = [n for n in self.nodes.staged_nodes() if n.path.startswith(path + "/")]
+        for node in busy:
+            await self.wait_not_uploading(node)
+        return busy
+
+    async def follow_rename(self, node: Node, new_key: str) -> None:
+        """The journal entry follows the name: a crash recovers the file under it."""
+        staged = node.staged
+        if staged is not None and staged.is_committed and not staged.is_uploading:
+            entry = JournalEntry(staged.entry_id, new_key, node.posix_metadata())
+            await trio.to_thread.run_sync(self.journal.write_manifest, entry)
+
+    def discard(self, node: Node) -> None:
+        """``node`` lost its name and no handle uses it: its local content goes
+        (unless an upload is in flight, which cleans up when it lands)."""
+        staged = node.staged
+        if staged is not None and not staged.is_uploading:
+            node.staged = None
+            self._retire(staged)
+
+    async def keep_for_open_handles(self, node: Node) -> bool:
+        """Before ``node`` loses its name: True if open handles keep using a local copy.
+
+        As POSIX has it, a file unlinked (or replaced by a rename) while open
+        stays readable and writable through its handles (tempfile.TemporaryFile
+        relies on it). The copy is never uploaded and leaves the journal at
+        once, so a crash does not bring it back.
+        """
+        if not node.open_handles or node.kind is not NodeKind.FILE:
+            return False
+        with contextlib.suppress(DgfsError, OSError):
+            local = await self.staging(node)
+            await trio.to_thread.run_sync(self.journal.remove, local.entry_id)
+        return True
+
+    # --- the queue and its workers --------------------------------------------------------
+
+    def _request(self, node: Node, *, despite_writers: bool = False) -> None:
+        """Queue the upload of what was committed; unless ``despite_writers``,
+        only once no handle that may write is left (see ``FileSystem.flush``)."""
+        staged = node.staged
+        if staged is None or staged.phase is not Phase.IDLE or node.unlinked:
+            return  # (a running upload queues again itself if more was committed)
+        if not staged.needs_upload or (node.writers and not despite_writers):
+            return
+        staged.mark_queued(trio.current_time() + self.options.upload_delay)
+        if self._inflight == 0:
+            self._idle = trio.Event()
+        self._inflight += 1
+        self._send.send_nowait(node)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The upload workers; run in the mount's nursery until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.options.upload_workers):
+                nursery.start_soon(self._worker)
+            task_status.started()
+
+    async def _worker(self) -> None:
+        async for node in self._receive:
+            try:
+                staged = node.staged
+                if (
+                    staged is not None
+                    and self.options.upload_delay
+                    and not self.options.sync_upload
+                    and not self._draining
+                ):
+                    # The delay runs from the close, not from when a worker
+                    # got here; fsync() or an unmount cut it short.
+                    await staged.wait_due()
+                await self._upload(node)
+            finally:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.set()
+
+    async def drain(self) -> None:
+        """Until every queued upload has finished (success or recorded failure).
+
+        Called at unmount: uploads still in their delay start at once.
+        """
+        self._draining = True
+        for node in self.nodes.staged_nodes():
+            if node.staged is not None:
+                node.staged.hurry()
+        while self._inflight:
+            await self._idle.wait()
+
+    async def _upload(self, node: Node) -> None:
+        while self._renames:
+            await self._no_renames.wait()
+        # From here to start_upload() nothing awaits: a rename that starts
+        # later waits for this upload to land.
+        staged = node.staged
+        if staged is None:
+            return
+        staged.take()
+        if node.unlinked or not staged.needs_upload:
+            return
+        key = self.ns.key_of(node.path)
+        meta = node.posix_metadata()
+        generation = staged.start_upload()
+        try:
+            result = await self.core.put(staged.path, key, extra_metadata=meta)
+        except TransientError as exc:
+            await self._retry(node, staged, key, exc)
+            return
+        except DgfsError as exc:
+            staged.failed_for_good(exc)
+            where = await trio.to_thread.run_sync(self.journal.quarantine, staged.entry_id)
+            log.error("upload of %s failed for good: %s; the data is kept in %s", key, exc, where)
+            staged.notify()
+            return
+        except Exception as exc:
+            # The local disk (ENOSPC in the scratch or cache directory), or a
+            # bug: keep the data and the mount, and try again later.
+            if not isinstance(exc, OSError):
+                log.exception("upload of %s failed unexpectedly", key)
+            errno_ = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            await self._retry(node, staged, key, FsError(errno_, str(exc)))
+            return
+        staged.landed(generation)
+        if node.staged is not staged:
+            await self._superseded(node, staged, key, result.as_stored())
+            return
+        await self._follow_up(node, key, meta)
+        node.stored = result.as_stored()
+        node.etag = None
+        if staged.needs_upload:
+            self._request(node)  # written again meanwhile
+        staged.notify()
+        self._settle(node)
+
+    async def _superseded(
+        self, node: Node, staged: StagedFile, key: str, stored: StoredFile
+    ) -> None:
+        """A newer staging file replaced ``staged`` while it uploaded; the newer
+        one is queued on its own. What this upload stored is the file's S3
+        version until then."""
+        self._retire(staged)
+        if node.unlinked:
+            with contextlib.suppress(NotFound):
+                await self.core.delete(key)
+        else:
+            node.stored = stored
+            node.etag = None
+        staged.notify()
+
+    async def _follow_up(self, node: Node, key: str, meta: dict[str, str]) -> None:
+        """The bytes are stored under ``key``: bring the name and attributes up
+        to date, or remove them again if the file was unlinked meanwhile."""
+        try:
+            if node.unlinked:
+                with contextlib.suppress(NotFound):
+                    await self.core.delete(key)
+                return
+            current_key = self.ns.key_of(node.path)
+            if current_key != key:
+                await self.core.rename(key, current_key)
+            elif node.posix_metadata() != meta:
+                await self.core.update_metadata(key, node.posix_metadata())
+        except (DgfsError, OSError) as exc:
+            # The bytes are stored; only a follow-up (name, attributes) is missing.
+            log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
+
+    async def _retry(self, node: Node, staged: StagedFile, key: str, exc: DgfsError) -> None:
+        """Report ``exc`` to fsync() waiters, then queue the upload again after a pause."""
+        log.warning(
+            "upload of %s failed (%s); retrying in %.0fs", key, exc, self.options.retry_delay
+        )
+        staged.failed_transiently(exc)
+        await trio.sleep(self.options.retry_delay)
+        staged.retrying()
+        self._request(node, despite_writers=True)
+
+    def _retire(self, staged: StagedFile) -> None:
+        """Forget a superseded staging file once nothing uses it."""
+        if not staged.is_uploading:
+            with contextlib.suppress(OSError):
+                os.close(staged.fd)
+            self.journal.remove(staged.entry_id)
+
+    def _settle(self, node: Node) -> None:
+        """Drop local content once it is all in S3 and no handle is open."""
+        staged = node.staged
+        if staged is None or staged.is_uploading or node.open_handles:
+            return
+        if node.unlinked:
+            node.staged = None
+            self._retire(staged)
+        elif staged.is_settled:
+            node.staged = None
+            node.checked_at = trio.current_time()
+            self._retire(staged)
+            self.ns.note_node(node)
+        self.nodes.release(node)
+
+    # --- start and stop -------------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Queue uploads of what an earlier mount committed but did not upload."""
+        entries = await trio.to_thread.run_sync(self.journal.recover)
+        for entry in entries:
+            self._adopt(entry)
+        if entries:
+            log.info("recovered %d file(s) from the journal; uploading", len(entries))
+        return len(entries)
+
+    def _adopt(self, entry: JournalEntry) -> None:
+        path = self.ns.path_of(entry.key)
+        if path is None:
+            log.error("journal entry %s is outside this mount; kept", entry.key)
+            return
+        node = self.nodes.new(path, NodeKind.FILE)
+        staging = self.journal.data_path(entry.entry_id)
+        fd = os.open(staging, os.O_RDWR)
+        node.staged = StagedFile(entry.entry_id, staging, fd, committed=True)
+        node.size = os.fstat(fd).st_size
+        meta = entry.metadata
+        node.mtime_ns = fmt.parse_mtime_ns(meta) or time.time_ns()
+        node.ctime_ns = node.mtime_ns
+        self.options.apply_defaults(
+            node,
+            fmt.parse_int_meta(meta, fmt.META_MODE),
+            fmt.parse_int_meta(meta, fmt.META_UID),
+            fmt.parse_int_meta(meta, fmt.META_GID),
+        )
+        self._request(node)
+
+    def leftovers(self) -> Leftovers:
+        """What is not in S3 (call once the workers have stopped)."""
+        left = [n.staged for n in self.nodes.staged_nodes() if n.staged is not None]
+        failed = sum(1 for s in left if s.is_failed)
+        dropped = sum(1 for s in left if not s.is_committed and not s.is_failed)
+        return Leftovers(kept=len(left) - failed - dropped, dropped=dropped, failed=failed)
+
+    def close(self) -> None:
+        """Close the staging files' descriptors (after the workers have stopped)."""
+        for node in self.nodes.staged_nodes():
+            if node.staged is not None:
+                with contextlib.suppress(OSError):
+                    os.close(node.staged.fd)
+
+
+def _copy_from_fd(src_fd: int, dest: os.PathLike[str]) -> None:
+    """Copy a staging file by descriptor (its path may have moved: failed/, unlinked)."""
+    offset = 0
+    with open(dest, "wb") as fout:
+        while chunk := os.pread(src_fd, 1 << 20, offset):
+            fout.write(chunk)
+            offset += len(chunk)
