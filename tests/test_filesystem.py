@@ -397,15 +397,7 @@ async def test_unlink_before_the_upload_starts_uploads_nothing(
     "new_lands_first",
     [
         pytest.param(False, id="old-lands-first"),
-        pytest.param(
-            True,
-            id="new-lands-first",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known bug: the superseded upload's PUT lands last and wins"
-                " (FileSystem._upload does not serialise uploads of one file)",
-            ),
-        ),
+        pytest.param(True, id="fsync-while-the-old-is-in-flight"),
     ],
 )
 async def test_newer_version_supersedes_an_upload_in_flight(
@@ -418,8 +410,9 @@ async def test_newer_version_supersedes_an_upload_in_flight(
     """Rewritten after close while the first upload is held: the store ends with the newest.
 
     The clock stands still, so the new version's upload starts only when
-    the test says: once the old PUT is done (unmount), or while it is
-    held (fsync).
+    the test says: once the old PUT is done (unmount), or on fsync, which
+    must wait for the old PUT: a new version's PUT that overtook it would
+    be overwritten by the old one when it lands.
     """
     held = faulty.hang("upload", key="a.txt")  # the first upload only
     async with mounted(faulty, tmp_path) as m:
@@ -428,8 +421,18 @@ async def test_newer_version_supersedes_an_upload_in_flight(
         await held.reached.wait()
         fh = await open_for_rewrite(m.fs, "a.txt", b"version 2\n")
         if new_lands_first:
-            await m.fs.fsync(fh)  # version 2 is in the store: fsync said so
-            assert bucket(memory) == {"a.txt": b"version 2\n"}
+            synced = trio.Event()
+
+            async def sync() -> None:
+                await m.fs.fsync(fh)
+                synced.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sync)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not synced.is_set() and faulty.in_flight("upload") == 1
+                held.release()
+            assert bucket(memory) == {"a.txt": b"version 2\n"}  # fsync said so
         await close(m.fs, fh)
         held.release()
         await faulty.wait_calls("upload", faulty.count("upload"))  # every PUT so far is done
@@ -451,11 +454,6 @@ class GatedJournal(Journal):
         super().write_manifest(entry)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: setattr rewrites the manifest of an entry the upload"
-    " retires meanwhile; a manifest without data is left in the journal",
-)
 async def test_chmod_while_the_upload_settles_leaves_no_orphan_manifest(
     memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

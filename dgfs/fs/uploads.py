@@ -83,6 +83,7 @@ class StagedFile:
         self._error: DgfsError | None = None
         self._changed = trio.Event()
         self._hurry = trio.Event()  # set: upload without delay
+        self._retired = False  # its journal entry is gone: nothing may write it again
 
     # --- predicates ------------------------------------------------------------------
 
@@ -136,11 +137,19 @@ class StagedFile:
         return self._uploaded is not None
 
     @property
+    def is_retired(self) -> bool:
+        """Forgotten: its journal entry was removed (stored, superseded or discarded)."""
+        return self._retired
+
+    @property
     def is_settled(self) -> bool:
         """Everything written is in S3."""
         return self._uploaded is not None and self._uploaded >= self._generation
 
     # --- transitions -----------------------------------------------------------------
+
+    def retire(self) -> None:
+        self._retired = True
 
     def wrote(self) -> None:
         """The content changed (write, truncate): a new version."""
@@ -246,6 +255,9 @@ class UploadPipeline:
         self._renames = 0
         self._no_renames = trio.Event()
         self._no_renames.set()
+        # One upload of a file at a time: a newer version's PUT must never be
+        # overtaken by an older one still in flight (node id -> set when it ends).
+        self._flights: dict[int, trio.Event] = {}
 
     # --- staging and commit ---------------------------------------------------------
 
@@ -348,6 +360,10 @@ class UploadPipeline:
             return True  # uploading or not yet committed: the upload picks the attributes up
         entry = JournalEntry(staged.entry_id, self.ns.key_of(node.path), node.posix_metadata())
         await trio.to_thread.run_sync(self.journal.write_manifest, entry)
+        if staged.is_retired:
+            # Stored and forgotten while the manifest was written: that write
+            # brought back an entry whose data is gone.
+            await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
         current = node.staged
         # None, or settled meanwhile: no upload follows, the object gets them.
         return current is not None and (
@@ -373,9 +389,10 @@ class UploadPipeline:
                 self._no_renames.set()
 
     async def wait_not_uploading(self, node: Node) -> None:
-        """Until no upload of ``node`` is in flight (queued ones may wait)."""
-        while node.staged is not None and node.staged.is_uploading:
-            await node.staged.wait_changed()
+        """Until no upload of ``node`` is in flight, of its newest version or
+        of one it superseded (queued ones may wait)."""
+        while (flight := self._flights.get(id(node))) is not None:
+            await flight.wait()
 
     async def wait_subtree(self, path: str) -> list[Node]:
         """Until no upload under the directory ``path`` is in flight; returns
@@ -470,8 +487,9 @@ class UploadPipeline:
             await self._idle.wait()
 
     async def _upload(self, node: Node) -> None:
-        while self._renames:
+        while self._renames or id(node) in self._flights:
             await self._no_renames.wait()
+            await self.wait_not_uploading(node)
         # From here to start_upload() nothing awaits: a rename that starts
         # later waits for this upload to land.
         staged = node.staged
@@ -483,6 +501,17 @@ class UploadPipeline:
         key = self.ns.key_of(node.path)
         meta = node.posix_metadata()
         generation = staged.start_upload()
+        flight = self._flights[id(node)] = trio.Event()
+        try:
+            await self._upload_version(node, staged, key, meta, generation)
+        finally:
+            del self._flights[id(node)]
+            flight.set()
+
+    async def _upload_version(
+        self, node: Node, staged: StagedFile, key: str, meta: dict[str, str], generation: int
+    ) -> None:
+        """Store ``staged`` (its ``generation``) under ``key`` and record the outcome."""
         try:
             result = await self.core.put(staged.path, key, extra_metadata=meta)
         except TransientError as exc:
@@ -559,6 +588,7 @@ class UploadPipeline:
     def _retire(self, staged: StagedFile) -> None:
         """Forget a superseded staging file once nothing uses it."""
         if not staged.is_uploading:
+            staged.retire()
             with contextlib.suppress(OSError):
                 os.close(staged.fd)
             self.journal.remove(staged.entry_id)
