@@ -53,7 +53,7 @@ DEFAULT_BACKUP_TTL = timedelta(hours=24)
 DEFAULT_SETTLE_SECONDS = 10.0
 
 
-class Kind(enum.Enum):
+class GarbageKind(enum.Enum):
     ORPHANED_REFERENCE = "orphaned-reference"
     EXPIRED_TMP = "expired-tmp"
     STALE_MULTIPART = "stale-multipart"
@@ -64,7 +64,7 @@ class Kind(enum.Enum):
 class Garbage:
     """One thing ``collect`` would act on."""
 
-    kind: Kind
+    kind: GarbageKind
     key: str
     size: int = 0
     reason: str = ""
@@ -169,7 +169,7 @@ async def orphaned_references(store: ObjectStore, objects: list[ObjectInfo]) -> 
             reason = f"its directory has only {other} deltas left"
         else:
             reason = "no delta left in its directory"
-        found.append(Garbage(Kind.ORPHANED_REFERENCE, ref.key, ref.size, reason))
+        found.append(Garbage(GarbageKind.ORPHANED_REFERENCE, ref.key, ref.size, reason))
     return found
 
 
@@ -193,7 +193,7 @@ async def find_garbage(
         if age >= multipart_max_age:
             found.append(
                 Garbage(
-                    Kind.STALE_MULTIPART,
+                    GarbageKind.STALE_MULTIPART,
                     upload.key,
                     0,
                     f"incomplete multipart upload started {upload.initiated:%Y-%m-%d %H:%M} UTC",
@@ -222,7 +222,7 @@ async def _tmp_garbage(
         if original and original not in present and await needed(store, original, all_keys):
             found.append(
                 Garbage(
-                    Kind.RESTORE_REFERENCE,
+                    GarbageKind.RESTORE_REFERENCE,
                     original,
                     obj.size,
                     "its directory has deltas again but no reference",
@@ -234,12 +234,14 @@ async def _tmp_garbage(
         if expires is not None:
             if expires <= now:
                 found.append(
-                    Garbage(Kind.EXPIRED_TMP, obj.key, obj.size, f"expired {expires.isoformat()}")
+                    Garbage(
+                        GarbageKind.EXPIRED_TMP, obj.key, obj.size, f"expired {expires.isoformat()}"
+                    )
                 )
         elif now - obj.last_modified >= max_age:
             found.append(
                 Garbage(
-                    Kind.EXPIRED_TMP,
+                    GarbageKind.EXPIRED_TMP,
                     obj.key,
                     obj.size,
                     f"no expiry, written {obj.last_modified:%Y-%m-%d %H:%M} UTC",
@@ -272,7 +274,7 @@ async def collect(
 
     for item in garbage:
         try:
-            if item.kind is Kind.ORPHANED_REFERENCE:
+            if item.kind is GarbageKind.ORPHANED_REFERENCE:
                 space = fmt.split_key(item.key)[0]
                 if await needed(store, item.key, await _space_keys(store, space)):
                     result.kept.append((item, "a delta appeared; no longer orphaned"))
@@ -291,12 +293,12 @@ async def collect(
                 await store.delete(item.key)
                 deleted_refs[item.key] = (item, backup, head.metadata)
                 log.info("removed orphaned reference %s (backup %s)", item.key, backup)
-            elif item.kind is Kind.EXPIRED_TMP:
+            elif item.kind is GarbageKind.EXPIRED_TMP:
                 await store.delete(item.key)
-            elif item.kind is Kind.STALE_MULTIPART:
+            elif item.kind is GarbageKind.STALE_MULTIPART:
                 assert item.upload_id is not None
                 await store.abort_multipart_upload(item.key, item.upload_id)
-            elif item.kind is Kind.RESTORE_REFERENCE:
+            elif item.kind is GarbageKind.RESTORE_REFERENCE:
                 assert item.backup_key is not None
                 await _restore(store, item.backup_key, item.key)
                 result.restored.append(item.key)

@@ -64,9 +64,6 @@ class S3Location:
             raise ConfigError(f"bad bucket in {text!r}: expected s3://BUCKET[/PREFIX] or BUCKET")
         return cls(bucket, prefix.strip("/"))
 
-    def key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 

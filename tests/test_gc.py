@@ -12,7 +12,7 @@ import trio
 from dgfs.cli.gc import parse_duration
 from dgfs.cli.main import main as dgfs_main
 from dgfs.errors import ConfigError
-from dgfs.gc import GC_BACKUP_PREFIX, Kind, collect, find_garbage
+from dgfs.gc import GC_BACKUP_PREFIX, GarbageKind, collect, find_garbage
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
 from tests.servers import s3_client
@@ -47,12 +47,14 @@ async def test_find_garbage_looks_without_touching(memory_store: MemoryStore) ->
     before = dict(memory_store.objects)
     found = await find_garbage(memory_store, now=NOW)
     assert {(g.kind, g.key) for g in found} == {
-        (Kind.ORPHANED_REFERENCE, "gone/reference.bin"),
-        (Kind.EXPIRED_TMP, ".deltaglider/tmp/old-rehydrated"),
+        (GarbageKind.ORPHANED_REFERENCE, "gone/reference.bin"),
+        (GarbageKind.EXPIRED_TMP, ".deltaglider/tmp/old-rehydrated"),
     }
     # Without an expiry, age decides.
     aged = await find_garbage(memory_store, now=NOW, tmp_max_age=timedelta(0))
-    assert (Kind.EXPIRED_TMP, ".deltaglider/tmp/probe-leftover") in {(g.kind, g.key) for g in aged}
+    assert (GarbageKind.EXPIRED_TMP, ".deltaglider/tmp/probe-leftover") in {
+        (g.kind, g.key) for g in aged
+    }
     young = await find_garbage(memory_store, tmp_max_age=timedelta(hours=1))
     assert ".deltaglider/tmp/probe-leftover" not in {g.key for g in young}
     # A prefix limits the search (temp objects live at the bucket root).
@@ -110,7 +112,7 @@ async def test_a_later_run_restores_a_needed_backup(memory_store: MemoryStore) -
     # A delta lands in the directory after gc finished.
     await memory_store.put_bytes("gone/late.zip.delta", b"d", {"dg-file-sha256": SHA})
     found = await find_garbage(memory_store, now=NOW + timedelta(days=3))
-    restore = [g for g in found if g.kind is Kind.RESTORE_REFERENCE]
+    restore = [g for g in found if g.kind is GarbageKind.RESTORE_REFERENCE]
     assert [g.key for g in restore] == ["gone/reference.bin"]
     result = await collect(memory_store, restore, settle=0)
     assert result.restored == ["gone/reference.bin"]
@@ -138,7 +140,7 @@ async def test_stale_multipart_uploads_on_s3(s3_store: S3Store, moto_endpoint: s
     assert found == []  # younger than a day
     found = await find_garbage(s3_store, now=initiated + timedelta(hours=25))
     assert [(g.kind, g.key, g.upload_id) for g in found] == [
-        (Kind.STALE_MULTIPART, "app/big.zip.delta", upload["UploadId"])
+        (GarbageKind.STALE_MULTIPART, "app/big.zip.delta", upload["UploadId"])
     ]
     result = await collect(s3_store, found, settle=0)
     assert result.removed == found
@@ -196,6 +198,8 @@ async def test_non_ascii_orphan_is_backed_up_and_restored(memory_store: MemorySt
     assert [g.key for g in result.removed] == ["relé/reference.bin"]
     await memory_store.put_bytes("relé/a.zip.delta", b"d", {"dg-file-sha256": SHA})
     restore = await find_garbage(memory_store, now=NOW)
-    assert [(g.kind, g.key) for g in restore] == [(Kind.RESTORE_REFERENCE, "relé/reference.bin")]
+    assert [(g.kind, g.key) for g in restore] == [
+        (GarbageKind.RESTORE_REFERENCE, "relé/reference.bin")
+    ]
     await collect(memory_store, restore, settle=0)
     assert memory_store.objects["relé/reference.bin"].body == b"r" * 10

@@ -97,6 +97,7 @@ def test_verify_a_path_inside_the_mount(shared: DgfsMount, series: list[Path]) -
 # --- a release series -----------------------------------------------------------
 
 
+@pytest.mark.interop  # reads back with the DeltaGlider CLI
 def test_cp_series_reads_back_and_is_stored_as_deltas(
     shared: DgfsMount, s3: S3View, series: list[Path], tmp_path: Path
 ) -> None:
@@ -333,6 +334,7 @@ ODD_NAMES = [
 ]
 
 
+@pytest.mark.interop  # reads back with the DeltaGlider CLI
 def test_odd_names_round_trip(
     shared: DgfsMount, s3: S3View, series: list[Path], tmp_path: Path
 ) -> None:

@@ -75,6 +75,7 @@ def test_rename_file_in_same_directory(
 
 
 @pytest.mark.parametrize("settled", [True, False], ids=["stored", "pending"])
+@pytest.mark.interop  # reads back with the DeltaGlider CLI
 def test_move_delta_to_another_directory(
     shared: DgfsMount, s3: S3View, series: list[Path], tmp_path: Path, settled: bool
 ) -> None:
@@ -167,6 +168,7 @@ def test_rename_noreplace_and_exchange(shared: DgfsMount) -> None:
 
 
 @pytest.mark.parametrize("settled", [True, False], ids=["stored", "pending"])
+@pytest.mark.interop  # reads back with the DeltaGlider CLI
 def test_mv_directory_with_deltas(
     shared: DgfsMount, s3: S3View, series: list[Path], tmp_path: Path, settled: bool
 ) -> None:

@@ -29,7 +29,7 @@ from dgfs.delta import DeltaEngine
 from dgfs.errors import StoreError
 from dgfs.format import DeltaMode, Kind
 from dgfs.gc import GC_BACKUP_PREFIX, collect, find_garbage
-from dgfs.gc import Kind as GcKind
+from dgfs.gc import GarbageKind as GcKind
 from dgfs.migrate import SourceFile, convert_in_place, plan_conversion
 from dgfs.policy import Policy
 from dgfs.progress import human_bytes

@@ -15,8 +15,8 @@ from dgfs.errors import ConfigError
 from dgfs.gc import (
     DEFAULT_SETTLE_SECONDS,
     Garbage,
+    GarbageKind,
     GcResult,
-    Kind,
     collect,
     find_garbage,
 )
@@ -156,5 +156,5 @@ def print_result(location: S3Location, garbage: list[Garbage], result: GcResult 
         print(f"  kept {item.key}: {why}")
     for item, error in result.failed:
         print(f"  FAILED {item.key}: {error}")
-    if any(item.kind is Kind.ORPHANED_REFERENCE for item in result.removed):
+    if any(item.kind is GarbageKind.ORPHANED_REFERENCE for item in result.removed):
         print("Removed references are kept 24 h under .deltaglider/tmp/gc/ in case one is needed.")

@@ -153,9 +153,6 @@ class Journal:
         os.replace(tmp, final)
         _fsync_dir(self.directory)
 
-    def is_committed(self, entry_id: str) -> bool:
-        return self._manifest_path(entry_id).exists()
-
     def remove(self, entry_id: str) -> None:
         """Forget an entry (uploaded, or its file deleted); the manifest goes first."""
         self._manifest_path(entry_id).unlink(missing_ok=True)
