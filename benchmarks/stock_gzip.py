@@ -17,7 +17,6 @@ Writes benchmarks/results/stock_gzip.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -32,6 +31,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.demo import sha256  # noqa: E402
 from benchmarks.series import DEFAULT_CACHE, DJANGO, PIP, Release, fetch  # noqa: E402
 from dgfs import format as fmt  # noqa: E402
 from dgfs.cache import ContentCache  # noqa: E402
@@ -52,14 +52,6 @@ SDISTS = (
         + ("2.32.0", "2.32.1", "2.32.2", "2.32.3"),
     ),
 )
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def stock_delta(reference: Path, target: Path, out: Path) -> None:
