@@ -57,7 +57,7 @@ def environment(endpoint: str) -> dict[str, str]:
         DG_DISABLE_EC2_DETECTION="1",
         DG_SUPPRESS_DEPRECATION="1",
         DG_LOG_LEVEL="WARNING",
-        XDELTA="-D -R",  # Debian's xdelta3 gzip trap (DESIGN.md)
+        XDELTA="-D -R",  # Debian's xdelta3 gzip trap (see dgfs/delta.py)
     )
     for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
         env.pop(name, None)

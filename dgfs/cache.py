@@ -35,7 +35,7 @@ file size is also checked against the header when an entry is opened.
 Measured on the development machine (2 cores, cryptography 50, AES-NI,
 1 MiB chunks, 80 MiB file, warm page cache): ``add_file`` 1.2 GB/s and
 ``export`` 1.0 GB/s (both bounded by SHA-256 at 2.0 GB/s), sequential
-128 KiB ``CacheReader.read`` 7 GB/s (each chunk decrypted once), a random
+128 KiB ``CacheEntryReader.read`` 7 GB/s (each chunk decrypted once), a random
 4 KiB read 0.1 ms (one 1 MiB chunk decrypted).
 """
 
@@ -141,7 +141,7 @@ class _Entry:
     plain_size: int
 
 
-class CacheReader:
+class CacheEntryReader:
     """Random-access, authenticated reads of one cache entry (a context manager).
 
     Obtained from ``ContentCache.open``. Keeps the entry's file open, so it
@@ -174,7 +174,7 @@ class CacheReader:
         self._last_index = -1
         self._last_plain = b""
 
-    def __enter__(self) -> CacheReader:
+    def __enter__(self) -> CacheEntryReader:
         return self
 
     def __exit__(
@@ -219,7 +219,7 @@ class CacheReader:
 
     def _check_usable(self) -> None:
         if self._closed:
-            raise ValueError("read from a closed CacheReader")
+            raise ValueError("read from a closed CacheEntryReader")
         if self._failed is not None:
             raise CacheCorrupt(self._failed)
 
@@ -289,7 +289,7 @@ class ContentCache:
       tags included) after each ``add_file``, except that the entry just
       added is never evicted by its own addition: an entry larger than the
       whole budget is kept until the next ``add_file`` evicts it. Entries
-      held open by a ``CacheReader`` keep using disk space until closed.
+      held open by a ``CacheEntryReader`` keep using disk space until closed.
     - With ``key=None`` the cache is ephemeral: a random key, and entries of
       earlier runs (unreadable without their key) are deleted at start. With
       a persistent key, entries written under that key survive, in LRU order
@@ -552,7 +552,7 @@ class ContentCache:
                 raise
         return tmp, _Entry(stored_size(plain_size, chunk_size), plain_size)
 
-    def open(self, sha256: str) -> CacheReader | None:
+    def open(self, sha256: str) -> CacheEntryReader | None:
         """A reader of content ``sha256``, or None if it is not cached. Counts as a use.
 
         Raises CacheCorrupt (and drops the entry) if the entry's header is
@@ -586,7 +586,7 @@ class ContentCache:
                 log.debug("cannot touch cache entry %s: %s", cid, exc)
         return reader
 
-    def _make_reader(self, fd: int, cid: str, sha256: str, sha_raw: bytes) -> CacheReader:
+    def _make_reader(self, fd: int, cid: str, sha256: str, sha_raw: bytes) -> CacheEntryReader:
         def on_corrupt(entry_fd: int, reason: str) -> None:
             self._drop_corrupt(cid, entry_fd, reason)
 
@@ -601,7 +601,7 @@ class ContentCache:
         except InvalidTag:
             on_corrupt(fd, "header failed authentication")
             raise CacheCorrupt(f"cache entry for {sha256}: header failed authentication") from None
-        return CacheReader(fd, sha256, header, aead, on_corrupt)
+        return CacheEntryReader(fd, sha256, header, aead, on_corrupt)
 
     def export(self, sha256: str, dest: Path) -> bool:
         """Decrypt content ``sha256`` into ``dest`` (created or truncated, mode 0600).

@@ -24,7 +24,7 @@ import functools
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ from typing import TypeVar
 import trio
 
 from dgfs import format as fmt
-from dgfs.cache import CacheReader, ContentCache
+from dgfs.cache import CacheEntryReader, ContentCache
 from dgfs.deep import dgzip, expand, objects
 from dgfs.deep.deflate import zlib_is_reference
 from dgfs.delta import HEADER_PROBE, DeltaEngine, is_stock_gzip_delta
@@ -46,10 +46,11 @@ from dgfs.errors import (
     NotFound,
     PreconditionFailed,
 )
+from dgfs.flight import SingleFlight
 from dgfs.format import DeltaMode, Kind, StoredFile
 from dgfs.hashing import FileDigest, digest_file
 from dgfs.policy import SNIFF_BYTES, Policy
-from dgfs.store.base import ObjectHead, ObjectStore
+from dgfs.store.base import ObjectHead, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
 
@@ -117,38 +118,6 @@ class PutResult:
         )
 
 
-class SingleFlight:
-    """One run of a job per key at a time; concurrent callers share it.
-
-    Callers do not receive a result: they ask again for the state the job
-    produces (a cache entry, say).
-    """
-
-    def __init__(self) -> None:
-        self._running: dict[str, trio.Event] = {}
-
-    async def ensure(
-        self, key: str, is_done: Callable[[], bool], job: Callable[[], Awaitable[None]]
-    ) -> None:
-        """Run ``job`` until ``is_done()``, sharing a run already in flight for ``key``.
-
-        A caller whose shared run failed runs the job itself, so every
-        caller gets the error rather than silently nothing.
-        """
-        while not is_done():
-            event = self._running.get(key)
-            if event is not None:
-                await event.wait()
-                continue
-            event = self._running[key] = trio.Event()
-            try:
-                await job()
-            finally:
-                del self._running[key]
-                event.set()
-            return
-
-
 class Core:
     """The storage core shared by the mount and the CLI."""
 
@@ -213,28 +182,6 @@ class Core:
     def _now() -> datetime:
         return datetime.now(UTC)
 
-    async def _heads(self, keys: list[str]) -> dict[str, ObjectHead]:
-        """HEAD ``keys`` concurrently; the ones that exist. A failure is
-        raised as itself (the first one), not as an exception group, so
-        callers can tell a transient store error from a real one."""
-        heads: dict[str, ObjectHead] = {}
-        errors: list[BaseException] = []
-
-        async def head(key: str) -> None:
-            try:
-                heads[key] = await self.store.head(key)
-            except NotFound:
-                pass
-            except DgfsError as exc:
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for key in keys:
-                nursery.start_soon(head, key)
-        if errors:
-            raise errors[0]
-        return heads
-
     # --- locating ------------------------------------------------------------
 
     async def locate(self, key: str) -> StoredFile:
@@ -247,7 +194,7 @@ class Core:
 
     async def _locate_with_head(self, key: str) -> tuple[StoredFile, ObjectHead]:
         """``locate``, plus the HEAD it was read from (for callers that copy metadata)."""
-        heads = await self._heads([fmt.delta_key(key), key])
+        heads = await head_many(self.store, [fmt.delta_key(key), key])
         if not heads:
             raise NotFound(f"no such file: {key}")
         newest = max(heads.values(), key=lambda h: (h.last_modified, h.key.endswith(".delta")))
@@ -299,7 +246,7 @@ class Core:
         without one the core's own ``deltas`` setting does. ``force``
         overrides both.
         """
-        found = await self._heads([fmt.reference_key(prefix, mode) for mode in DeltaMode])
+        found = await head_many(self.store, [fmt.reference_key(prefix, mode) for mode in DeltaMode])
         heads = {
             mode: found[fmt.reference_key(prefix, mode)]
             for mode in DeltaMode
@@ -878,7 +825,7 @@ class Core:
 
     # --- for the filesystem: cached content, directory leftovers, symlinks ----------
 
-    async def open_cached(self, stored: StoredFile) -> CacheReader:
+    async def open_cached(self, stored: StoredFile) -> CacheEntryReader:
         """A reader of the original bytes of ``stored`` from the cache, which gets
         them first (rebuilt or fetched, verified); the caller closes it."""
         return await self._use_cached(stored, self.cache.open)

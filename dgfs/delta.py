@@ -8,7 +8,7 @@ Flags, and why (measured on Debian's xdelta3 3.0.11):
 - ``-D -R`` on encode, ``-D`` on decode: xdelta3 otherwise notices gzip,
   bzip2, xz and compress(1) input by its magic bytes, diffs the
   *decompressed* stream and re-compresses on decode with the system tool,
-  which gives back different bytes (see DESIGN.md, "Known traps").
+  which gives back different bytes.
 - ``-B``: the source window, sized to the whole source (clamped to
   xdelta3's accepted range and to ``memory_limit``). With the default
   64 MiB window, content that moved further than that is not found: a

@@ -120,6 +120,18 @@ def join_key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
+def listing_root(prefix: str) -> str:
+    """The LIST prefix of the directory ``prefix``: ``"a/b/"``; ``""`` for the bucket."""
+    prefix = prefix.strip("/")
+    return prefix + "/" if prefix else ""
+
+
+def is_delta_key(key: str) -> bool:
+    """Whether ``key`` names a delta: ``x.delta`` with a non-empty ``x``."""
+    name = split_key(key)[1]
+    return name.endswith(DELTA_SUFFIX) and len(name) > len(DELTA_SUFFIX)
+
+
 def reference_key(prefix: str, mode: DeltaMode = DeltaMode.DG) -> str:
     """Key of the reference of the deltaspace ``prefix`` (no trailing slash)."""
     return join_key(prefix, DEEP_REFERENCE_NAME if mode is DeltaMode.DEEP else REFERENCE_NAME)
@@ -157,7 +169,7 @@ def visible_key(stored_key: str) -> str | None:
     """
     if is_internal_key(stored_key) or is_reference_key(stored_key):
         return None
-    if stored_key.endswith(DELTA_SUFFIX) and len(split_key(stored_key)[1]) > len(DELTA_SUFFIX):
+    if is_delta_key(stored_key):
         return stored_key[: -len(DELTA_SUFFIX)]
     return stored_key
 

@@ -40,7 +40,7 @@ import trio
 from dgfs import format as fmt
 from dgfs.errors import DgfsError, NotFound
 from dgfs.format import DeltaMode
-from dgfs.store.base import ObjectInfo, ObjectStore
+from dgfs.store.base import ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
 
@@ -92,32 +92,21 @@ def _parse_time(text: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _is_delta_name(name: str) -> bool:
-    return name.endswith(fmt.DELTA_SUFFIX) and name != fmt.DELTA_SUFFIX
-
-
 async def delta_modes(
     store: ObjectStore, delta_keys: Iterable[str], concurrency: int = 16
 ) -> dict[str, DeltaMode | None]:
     """The mode of each delta from its metadata (HEADs); None when it could not be read."""
     modes: dict[str, DeltaMode | None] = {}
-    limiter = trio.CapacityLimiter(max(1, concurrency))
 
-    async def one(key: str) -> None:
-        async with limiter:
-            try:
-                head = await store.head(key)
-            except NotFound:
-                return  # gone: needs nothing
-            except DgfsError as exc:
-                log.warning("cannot read %s (%s): assuming it needs its references", key, exc)
-                modes[key] = None
-                return
+    def unreadable(key: str, exc: DgfsError) -> None:
+        log.warning("cannot read %s (%s): assuming it needs its references", key, exc)
+        modes[key] = None
+
+    heads = await head_many(
+        store, dict.fromkeys(delta_keys), concurrency=concurrency, on_error=unreadable
+    )
+    for key, head in heads.items():
         modes[key] = DeltaMode.DEEP if fmt.is_deep(head.metadata) else DeltaMode.DG
-
-    async with trio.open_nursery() as nursery:
-        for key in dict.fromkeys(delta_keys):
-            nursery.start_soon(one, key)
     return modes
 
 
@@ -137,7 +126,7 @@ async def needed(store: ObjectStore, ref_key: str, keys: Iterable[str]) -> bool:
         prefix, name = fmt.split_key(key)
         if prefix != space:
             continue
-        if _is_delta_name(name):
+        if fmt.is_delta_key(key):
             deltas.append(key)
         elif name in fmt.REFERENCE_NAMES and key != ref_key:
             others = True
@@ -164,7 +153,7 @@ async def orphaned_references(store: ObjectStore, objects: list[ObjectInfo]) -> 
         keys = by_space[fmt.split_key(ref.key)[0]]
         if await needed(store, ref.key, keys):
             continue
-        if any(_is_delta_name(fmt.split_key(key)[1]) for key in keys):
+        if any(fmt.is_delta_key(key) for key in keys):
             other = "deep" if fmt.reference_mode(ref.key) is DeltaMode.DG else "DeltaGlider"
             reason = f"its directory has only {other} deltas left"
         else:
@@ -183,7 +172,7 @@ async def find_garbage(
 ) -> list[Garbage]:
     """Everything ``collect`` would act on under ``prefix`` ("" = whole bucket). No writes."""
     now = now or datetime.now(UTC)
-    root = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    root = fmt.listing_root(prefix)
     listing = await store.list(root, delimiter=None)
     found = await orphaned_references(store, listing.objects)
     if not root:

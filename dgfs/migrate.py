@@ -74,7 +74,7 @@ from dgfs.core import Core, PutResult
 from dgfs.errors import ConfigError, DgfsError, IntegrityError, NotFound
 from dgfs.format import DeltaMode, Kind
 from dgfs.runtime import S3Location, Settings, open_core, open_store
-from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
+from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,6 @@ def selected(rel_key: str, include: Sequence[str] = (), exclude: Sequence[str] =
     if any(fnmatch.fnmatchcase(rel_key, pattern) for pattern in exclude):
         return False
     return not include or any(fnmatch.fnmatchcase(rel_key, pattern) for pattern in include)
-
-
-def _root(prefix: str) -> str:
-    return prefix.strip("/") + "/" if prefix.strip("/") else ""
 
 
 # --- planning --------------------------------------------------------------------
@@ -149,7 +145,7 @@ def check_locations(source: S3Location, dest: S3Location, dest_prefix: str) -> N
     """Refuse a destination inside the source (a rerun would copy copies) or vice versa."""
     if source.bucket != dest.bucket:
         return
-    src_root, dst_root = _root(source.prefix), _root(dest_prefix)
+    src_root, dst_root = fmt.listing_root(source.prefix), fmt.listing_root(dest_prefix)
     if dst_root.startswith(src_root) or src_root.startswith(dst_root):
         raise ConfigError(
             f"source {source} and destination s3://{dest.bucket}/{dst_root} overlap; "
@@ -179,21 +175,6 @@ def _visible_entries(objects: list[ObjectInfo], root: str) -> dict[str, _Entry]:
     return entries
 
 
-async def _heads(store: ObjectStore, keys: list[str], concurrency: int) -> dict[str, ObjectHead]:
-    heads: dict[str, ObjectHead] = {}
-    limiter = trio.CapacityLimiter(max(1, concurrency))
-
-    async def one(key: str) -> None:
-        async with limiter:
-            with contextlib.suppress(NotFound):
-                heads[key] = await store.head(key)
-
-    async with trio.open_nursery() as nursery:
-        for key in keys:
-            nursery.start_soon(one, key)
-    return heads
-
-
 def _original_size(head: ObjectHead) -> tuple[int, str | None, bool]:
     """``(original size, recorded sha256, is a real delta)`` from a HEAD."""
     try:
@@ -217,7 +198,7 @@ async def plan_migration(
     """List both sides once and decide what to copy (no writes)."""
     dest_prefix = effective_dest_prefix(source.prefix, dest.prefix, preserve_prefix)
     check_locations(source, dest, dest_prefix)
-    src_root, dst_root = _root(source.prefix), _root(dest_prefix)
+    src_root, dst_root = fmt.listing_root(source.prefix), fmt.listing_root(dest_prefix)
     plan = MigrationPlan(source, dest, dest_prefix)
 
     source_listing = await source_store.list(src_root, delimiter=None)
@@ -228,8 +209,10 @@ async def plan_migration(
         else:
             plan.filtered_out += 1
     # A delta's original size is in its metadata only.
-    delta_heads = await _heads(
-        source_store, [e.obj.key for e in wanted.values() if e.delta], concurrency
+    delta_heads = await head_many(
+        source_store,
+        [e.obj.key for e in wanted.values() if e.delta],
+        concurrency=concurrency,
     )
 
     dest_listing = await dest_store.list(dst_root, delimiter=None)
@@ -261,8 +244,8 @@ async def plan_migration(
 
     # Destination deltas need a HEAD for their original size (and sha256).
     at_dest = {f.dest_key: dest_entries[f.dest_key] for f in files if f.dest_key in dest_entries}
-    dest_heads = await _heads(
-        dest_store, [e.obj.key for e in at_dest.values() if e.delta], concurrency
+    dest_heads = await head_many(
+        dest_store, [e.obj.key for e in at_dest.values() if e.delta], concurrency=concurrency
     )
     for f in files:
         existing = at_dest.get(f.dest_key)
@@ -585,7 +568,7 @@ async def plan_conversion(
     HEADed too, and those dgfs did not write are checked with
     ``is_stock_gzip_delta`` (``to_rewrite``).
     """
-    root = _root(location.prefix)
+    root = fmt.listing_root(location.prefix)
     plan = ConversionPlan(location, target)
     old_ref_name = fmt.reference_key("", plan.source_mode)  # the bare name
     listing = await store.list(root, delimiter=None)
@@ -612,7 +595,7 @@ async def plan_conversion(
             candidates.append(obj)
         else:
             plan.already += 1
-    heads = await _heads(store, [o.key for o in candidates], concurrency)
+    heads = await head_many(store, [o.key for o in candidates], concurrency=concurrency)
     in_target = {
         key: head
         for key, head in heads.items()
@@ -764,7 +747,7 @@ async def convert_in_place(
             log.error("convert: cannot remove the stale delta %s: %s", key, exc)
             report.failed.append((key, f"stale delta not removed: {exc}"))
     await _remove_old_references(core.store, plan, report, settle)
-    root = _root(plan.location.prefix)
+    root = fmt.listing_root(plan.location.prefix)
     after = await core.store.list(root, delimiter=None)
     objects = [o for o in after.objects if root or not fmt.is_internal_key(o.key)]
     report.stored_after = sum(o.size for o in objects)
@@ -795,7 +778,7 @@ async def _remove_old_references(
     if not plan.old_references:
         return
     planned = {ref.key for ref in plan.old_references}
-    listing = await store.list(_root(plan.location.prefix), delimiter=None)
+    listing = await store.list(fmt.listing_root(plan.location.prefix), delimiter=None)
     unneeded = {
         g.key: g for g in await gc.orphaned_references(store, listing.objects) if g.key in planned
     }

@@ -53,12 +53,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import trio
-
 from dgfs import format as fmt
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.format import DeltaMode
-from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
+from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
 
@@ -314,15 +312,6 @@ class Fingerprint:
 # --- computing -------------------------------------------------------------------
 
 
-def _is_delta_name(key: str) -> bool:
-    name = fmt.split_key(key)[1]
-    return name.endswith(fmt.DELTA_SUFFIX) and len(name) > len(fmt.DELTA_SUFFIX)
-
-
-def _list_root(prefix: str) -> str:
-    return prefix.strip("/") + "/" if prefix.strip("/") else ""
-
-
 async def compute_stats(
     store: ObjectStore,
     prefix: str = "",
@@ -341,7 +330,7 @@ async def compute_stats(
     """
     if mode not in MODES:
         raise ValueError(f"unknown stats mode {mode!r}")
-    root = _list_root(prefix)
+    root = fmt.listing_root(prefix)
     listing = await store.list(root, delimiter=None)
     everything = listing.objects
     content = [
@@ -378,7 +367,7 @@ async def _compute(
         spaces.setdefault(space_name, SpaceStats(space_name))
         if fmt.is_reference_key(obj.key):
             refs.setdefault(space_name, {})[fmt.reference_mode(obj.key)] = obj
-        elif _is_delta_name(obj.key):
+        elif fmt.is_delta_key(obj.key):
             deltas.setdefault(space_name, []).append(obj)
         else:
             plain.setdefault(space_name, []).append(obj)
@@ -540,26 +529,17 @@ async def _head_all(
     on_head: Callable[[int], None] | None,
 ) -> dict[str, ObjectHead | bool]:
     """HEAD ``keys`` concurrently: key -> head, or False if it vanished since the LIST."""
-    results: dict[str, ObjectHead | bool] = {}
     if on_head is not None:
         on_head(len(keys))
     if not keys:
-        return results
-    limiter = trio.CapacityLimiter(max(1, concurrency))
+        return {}
 
-    async def one(key: str) -> None:
-        async with limiter:
-            try:
-                results[key] = await store.head(key)
-            except NotFound:
-                results[key] = False
+    def headed(key: str, head: ObjectHead | None) -> None:
         if on_head is not None:
             on_head(1)
 
-    async with trio.open_nursery() as nursery:
-        for key in keys:
-            nursery.start_soon(one, key)
-    return results
+    heads = await head_many(store, keys, concurrency=concurrency, on_head=headed)
+    return {key: heads.get(key, False) for key in keys}
 
 
 # --- the cache ----------------------------------------------------------------

@@ -36,6 +36,7 @@ from dgfs import format as fmt
 from dgfs.core import Core
 from dgfs.deep import objects
 from dgfs.errors import DgfsError, FormatError, NotFound
+from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Verifier:
     def __init__(self, core: Core) -> None:
         self.core = core
         self._refs: dict[str, _ReferenceState] = {}
-        self._ref_flights: dict[str, trio.Event] = {}
+        self._ref_flights = SingleFlight()
 
     async def _hash_object(self, stored_key: str) -> tuple[str, int]:
         """SHA-256 and size of an object's bytes as stored (downloaded to scratch)."""
@@ -157,17 +158,11 @@ class Verifier:
 
     async def reference(self, ref_key: str) -> _ReferenceState:
         """Download and hash ``ref_key`` once per Verifier (concurrent callers share it)."""
-        while ref_key not in self._refs:
-            event = self._ref_flights.get(ref_key)
-            if event is not None:
-                await event.wait()
-                continue
-            event = self._ref_flights[ref_key] = trio.Event()
-            try:
-                self._refs[ref_key] = await self._check_reference(ref_key)
-            finally:
-                del self._ref_flights[ref_key]
-                event.set()
+
+        async def check() -> None:
+            self._refs[ref_key] = await self._check_reference(ref_key)
+
+        await self._ref_flights.ensure(ref_key, lambda: ref_key in self._refs, check)
         return self._refs[ref_key]
 
     async def _hash_deep_reference(self, ref_key: str) -> tuple[str, int]:
@@ -323,7 +318,7 @@ async def verify_all(
     ``on_start(objects, stored_bytes)`` is called once after the listing;
     ``on_result`` after each verdict (for a progress bar).
     """
-    root = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    root = fmt.listing_root(prefix)
     listing = await core.store.list(root, delimiter=None)
     objects = [
         o

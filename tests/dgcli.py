@@ -41,7 +41,7 @@ def run_deltaglider(
     """Run ``deltaglider ARGS --endpoint-url ENDPOINT`` hermetically on loopback.
 
     With ``stock`` it runs as users run it, without the ``XDELTA`` fix, so
-    it stores gzip input it cannot give back (see DESIGN.md).
+    it stores gzip input it cannot give back.
     """
     env = deltaglider_env(stock=stock)
     result = subprocess.run(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dgfs.cache import HEADER_SIZE, CacheReader, ContentCache, stored_size
+from dgfs.cache import HEADER_SIZE, CacheEntryReader, ContentCache, stored_size
 from dgfs.crypto import TAG_SIZE, ChunkAead, content_id, encryption_key, new_key
 from dgfs.errors import CacheCorrupt, ConfigError, IntegrityError
 
@@ -174,7 +174,7 @@ def test_closed_reader_refuses_reads(make_cache: MakeCache, tmp_path: Path) -> N
     cache = make_cache()
     sha = _put(cache, b"data", tmp_path)
     reader = cache.open(sha)
-    assert isinstance(reader, CacheReader)
+    assert isinstance(reader, CacheEntryReader)
     reader.close()
     reader.close()
     with pytest.raises(ValueError):
@@ -625,7 +625,7 @@ def test_concurrent_add_read_export_evict(make_cache: MakeCache, tmp_path: Path)
         nonlocal reads
         wrng = random.Random(worker)
         dest = tmp_path / f"dest-{worker}"
-        readers: list[tuple[CacheReader, bytes]] = []
+        readers: list[tuple[CacheEntryReader, bytes]] = []
         try:
             start.wait()
             for _ in range(300):

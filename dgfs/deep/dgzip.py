@@ -5,8 +5,7 @@ without ``-D -R``. For a gzip ``FILE`` xdelta3 then encodes the
 *decompressed* file (against the decompressed reference) and marks the
 delta so that decoding re-gzips its output with the system ``gzip``: the
 content comes back exact, the compressed bytes do not (different level,
-header name, mtime and OS byte), so the recorded ``dg-file-sha256`` fails
-(DESIGN.md, "Known traps").
+header name, mtime and OS byte), so the recorded ``dg-file-sha256`` fails.
 
 The recorded SHA-256 and size are enough to find the original again when
 its compressor can be replayed. :meth:`dgfs.delta.DeltaEngine.decode_decompressed`

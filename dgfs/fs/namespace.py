@@ -11,7 +11,6 @@ relative to the mount root; ``key_of`` maps them to S3 keys.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import stat
@@ -21,11 +20,12 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
-from dgfs.errors import DgfsError, FsError, NotFound
+from dgfs.errors import DgfsError, FsError
+from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.nodes import Node, NodeKind
-from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore
+from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Namespace:
         self._listings: TTLCache[str, dict[str, DirEntry]] = TTLCache(
             maxsize=4096, ttl=max(listing_ttl, 0.001)
         )
-        self._listing_flights: dict[str, trio.Event] = {}
+        self._listing_flights = SingleFlight()
         # Local changes noted while a directory's listing is being fetched: the
         # LIST may predate them (a file uploaded meanwhile), so they are laid
         # over its result. name -> entry, or None for a name dropped.
@@ -157,39 +157,30 @@ class Namespace:
         """
         missing = [k for k in marker_keys if k not in self._dir_meta]
 
-        async def head_marker(key: str) -> None:
-            try:
-                self._dir_meta[key] = dict((await self.store.head(key)).metadata)
-            except NotFound:
-                self._dir_meta[key] = {}
+        def headed(key: str, head: ObjectHead | None) -> None:
+            self._dir_meta[key] = dict(head.metadata) if head is not None else {}
 
         if missing:
-            async with trio.open_nursery() as nursery:
-                for key in missing:
-                    nursery.start_soon(head_marker, key)
+            await head_many(self.store, missing, on_head=headed)
         return {k: self._dir_meta.get(k, {}) for k in marker_keys}
 
     async def _heads(self, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
         """HEAD what the attribute cache does not know, concurrently."""
         heads: dict[str, ObjectHead] = {}
-        missing: list[ObjectInfo] = []
+        missing: list[str] = []
         for obj in objects:
             meta = self.attr_cache.get(obj.key, obj.etag)
             if meta is None:
-                missing.append(obj)
+                missing.append(obj.key)
             else:
                 heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, meta)
 
-        async def head_one(obj: ObjectInfo) -> None:
-            with contextlib.suppress(NotFound):
-                head = await self.store.head(obj.key)
-                heads[obj.key] = head
-                self.attr_cache.put(obj.key, head.etag, head.metadata)
+        def headed(key: str, head: ObjectHead | None) -> None:
+            if head is not None:
+                self.attr_cache.put(key, head.etag, head.metadata)
 
         if missing:
-            async with trio.open_nursery() as nursery:
-                for obj in missing:
-                    nursery.start_soon(head_one, obj)
+            heads.update(await head_many(self.store, missing, on_head=headed))
         return heads
 
     def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry | None:
@@ -218,31 +209,34 @@ class Namespace:
 
     async def listing(self, path: str, *, fresh: bool = False) -> dict[str, DirEntry]:
         """The directory's entries as S3 has them (cached for ``listing_ttl``)."""
-        while True:
+        found: dict[str, DirEntry] | None = None
+
+        def have() -> bool:
+            # A fresh request skips the cache, yet takes the result of a
+            # fetch it waited for.
+            nonlocal found, fresh
             if not fresh:
-                cached = self._listings.get(path)
-                if cached is not None:
-                    return cached
-            flight = self._listing_flights.get(path)
-            if flight is None:
-                break
-            await flight.wait()
+                found = self._listings.get(path)
             fresh = False
-        event = self._listing_flights[path] = trio.Event()
-        changes = self._flight_changes[path] = {}
-        try:
-            entries = await self._fetch(path)
-            for name, entry in changes.items():
-                if entry is None:
-                    entries.pop(name, None)
-                else:
-                    entries[name] = entry
-            self._listings[path] = entries
-            return entries
-        finally:
-            del self._listing_flights[path]
-            del self._flight_changes[path]
-            event.set()
+            return found is not None
+
+        async def fetch() -> None:
+            nonlocal found
+            changes = self._flight_changes[path] = {}
+            try:
+                entries = await self._fetch(path)
+                for name, entry in changes.items():
+                    if entry is None:
+                        entries.pop(name, None)
+                    else:
+                        entries[name] = entry
+                self._listings[path] = found = entries
+            finally:
+                del self._flight_changes[path]
+
+        await self._listing_flights.ensure(path, have, fetch)
+        assert found is not None
+        return found
 
     def cached(self, path: str) -> dict[str, DirEntry] | None:
         return self._listings.get(path)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from dgfs.cache import CacheReader
+from dgfs.cache import CacheEntryReader
 from dgfs.core import Core
 from dgfs.errors import IntegrityError
 from dgfs.format import Kind, StoredFile
@@ -52,7 +52,7 @@ class StagingReader(Reader):
 
 
 class CachedReader(Reader):
-    def __init__(self, reader: CacheReader, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, reader: CacheEntryReader, limiter: trio.CapacityLimiter) -> None:
         self.reader = reader
         self.limiter = limiter
 

@@ -16,12 +16,16 @@ import abc
 import base64
 import builtins
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from pathlib import Path
+
+import trio
+
+from dgfs.errors import DgfsError, NotFound
 
 # Objects at least this large are uploaded in parts.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
@@ -202,3 +206,52 @@ class ObjectStore(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources (thread pools, connections)."""
+
+
+async def head_many(
+    store: ObjectStore,
+    keys: Iterable[str],
+    *,
+    concurrency: int | None = None,
+    on_head: Callable[[str, ObjectHead | None], None] | None = None,
+    on_error: Callable[[str, DgfsError], None] | None = None,
+) -> dict[str, ObjectHead]:
+    """HEAD ``keys`` concurrently (at most ``concurrency`` at once; None: all).
+
+    Returns the heads of the keys that exist; a ``NotFound`` is skipped.
+    ``on_head(key, head or None)`` is called as each HEAD succeeds or finds
+    nothing. A failed HEAD goes to ``on_error(key, exc)`` when given;
+    otherwise, once the others finish, the first failure is raised as
+    itself, not as an exception group, so callers can tell a transient
+    store error from a real one.
+    """
+    heads: dict[str, ObjectHead] = {}
+    errors: list[DgfsError] = []
+    limiter = trio.CapacityLimiter(max(1, concurrency)) if concurrency is not None else None
+
+    async def head(key: str) -> None:
+        try:
+            if limiter is None:
+                found: ObjectHead | None = await store.head(key)
+            else:
+                async with limiter:
+                    found = await store.head(key)
+        except NotFound:
+            found = None
+        except DgfsError as exc:
+            if on_error is None:
+                errors.append(exc)
+            else:
+                on_error(key, exc)
+            return
+        if found is not None:
+            heads[key] = found
+        if on_head is not None:
+            on_head(key, found)
+
+    async with trio.open_nursery() as nursery:
+        for key in keys:
+            nursery.start_soon(head, key)
+    if errors:
+        raise errors[0]
+    return heads
