@@ -127,3 +127,11 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO
+
+
+def exception_leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in ``group`` and in the groups nested in it, flattened."""
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(exception_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves

@@ -12,16 +12,9 @@ from typing import TypeVar
 
 import trio
 
-from dgfs.errors import DgfsError, UserError
+from dgfs.errors import DgfsError, UserError, exception_leaves
 
 T = TypeVar("T")
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 def run(fn: Callable[..., Awaitable[T]], *args: object) -> T:
@@ -29,7 +22,7 @@ def run(fn: Callable[..., Awaitable[T]], *args: object) -> T:
     try:
         return trio.run(fn, *args)
     except BaseExceptionGroup as group:
-        leaves = _leaves(group)
+        leaves = exception_leaves(group)
         for wanted in (KeyboardInterrupt, UserError, DgfsError):
             for leaf in leaves:
                 if isinstance(leaf, wanted):

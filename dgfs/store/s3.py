@@ -44,6 +44,7 @@ from dgfs.errors import (
     PreconditionFailed,
     StoreError,
     TransientError,
+    exception_leaves,
 )
 from dgfs.store.base import (
     MULTIPART_PART_SIZE,
@@ -556,7 +557,7 @@ class S3Store(ObjectStore):
                 for _ in range(min(self.transfer_concurrency, len(jobs))):
                     nursery.start_soon(worker)
         except BaseExceptionGroup as group:
-            failures = _leaves(group)
+            failures = exception_leaves(group)
             errors = [exc for exc in failures if not isinstance(exc, trio.Cancelled)]
             if not errors:
                 raise  # only cancellation: trio's cancel scopes handle the group
@@ -738,13 +739,6 @@ class S3Store(ObjectStore):
     async def aclose(self) -> None:
         """Close the client's connection pool."""
         await trio.to_thread.run_sync(self._client.close, limiter=self._limiter)
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 def _copy_stream(body: Any, out: Any, limit: int) -> int:
