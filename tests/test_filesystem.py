@@ -113,20 +113,10 @@ def _close_fds_under(directory: Path) -> None:
 # --- POSIX-level helpers --------------------------------------------------------------
 
 
-def kernel_holds(node: Node) -> Node:
-    """Count the lookup a reply hands the kernel (the FUSE adapter does it at HEAD).
-
-    The kernel keeps a node it was given until it sends ``forget``; these
-    tests never do, so a name a test used stays valid, as in a real mount.
-    Once ``FileSystem.lookup``/``create`` count it themselves (issue 8) this
-    is a second count, harmless here, and the helper can go.
-    """
-    node.lookups += 1
-    return node
-
-
 async def lookup(fs: FileSystem, name: str, parent: int = ROOT) -> Node:
-    return kernel_holds(await fs.lookup(parent, name))
+    """``FileSystem.lookup`` counts the lookup it hands the kernel; these tests
+    never send ``forget``, so a name a test used stays valid, as in a mount."""
+    return await fs.lookup(parent, name)
 
 
 async def create(fs: FileSystem, name: str, data: bytes, parent: int = ROOT) -> int:
@@ -134,7 +124,6 @@ async def create(fs: FileSystem, name: str, data: bytes, parent: int = ROOT) -> 
     handle, node = await fs.create(
         parent, name, 0o644, UID, GID, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     )
-    kernel_holds(node)
     await fs.write(handle.fh, 0, data)
     return handle.fh
 
