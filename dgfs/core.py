@@ -86,36 +86,54 @@ _NO_DIGEST = FileDigest("", 0, b"")
 
 @dataclass(frozen=True)
 class PutResult:
-    """What ``put`` stored for one file."""
+    """What ``put`` stored for one file: the ``StoredFile`` a ``locate`` would
+    now return, and whether the put created its deltaspace's reference."""
 
-    key: str
-    stored_key: str
-    kind: Kind  # DELTA or DIRECT
-    created_reference: bool
-    original_size: int
-    stored_size: int
-    file_sha256: str
-    ref_key: str | None = None
-    ref_sha256: str | None = None
-    deep: bool = False
+    stored: StoredFile
+    created_reference: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.stored.visible_key
+
+    @property
+    def stored_key(self) -> str:
+        return self.stored.stored_key
+
+    @property
+    def kind(self) -> Kind:
+        return self.stored.kind
+
+    @property
+    def original_size(self) -> int:
+        return self.stored.original_size
+
+    @property
+    def stored_size(self) -> int:
+        return self.stored.stored_size
+
+    @property
+    def file_sha256(self) -> str | None:
+        return self.stored.file_sha256
+
+    @property
+    def ref_key(self) -> str | None:
+        return self.stored.ref_key
+
+    @property
+    def ref_sha256(self) -> str | None:
+        return self.stored.ref_sha256
+
+    @property
+    def deep(self) -> bool:
+        return self.stored.deep
 
     @property
     def ratio(self) -> float:
-        return self.stored_size / self.original_size if self.original_size else 1.0
+        return self.stored.ratio
 
     def as_stored(self) -> StoredFile:
-        """The ``StoredFile`` a ``locate`` would now return."""
-        return StoredFile(
-            self.kind,
-            self.stored_key,
-            self.key,
-            self.original_size,
-            self.stored_size,
-            self.file_sha256,
-            self.ref_key,
-            self.ref_sha256,
-            self.deep,
-        )
+        return self.stored
 
 
 class Core:
@@ -274,7 +292,8 @@ class Core:
         await self.store.upload(key, src, {**extra, **meta}, content_type=content_type)
         await self.store.delete(fmt.delta_key(key))
         log.info("stored %s direct (%d bytes)", key, digest.size)
-        return PutResult(key, key, Kind.DIRECT, False, digest.size, digest.size, digest.sha256)
+        stored = StoredFile(Kind.DIRECT, key, key, digest.size, digest.size, digest.sha256)
+        return PutResult(stored)
 
     async def _put_delta(
         self,
@@ -327,17 +346,10 @@ class Core:
             delta_size,
             " (new reference)" if created else "",
         )
-        return PutResult(
-            key,
-            stored_key,
-            Kind.DELTA,
-            created,
-            digest.size,
-            delta_size,
-            digest.sha256,
-            ref_key,
-            ref_sha256,
+        stored = StoredFile(
+            Kind.DELTA, stored_key, key, digest.size, delta_size, digest.sha256, ref_key, ref_sha256
         )
+        return PutResult(stored, created)
 
     async def _ensure_reference(
         self,
@@ -467,11 +479,10 @@ class Core:
             expanded_size,
             " (new reference)" if created else "",
         )
-        return PutResult(
-            key,
-            stored_key,
+        stored = StoredFile(
             Kind.DELTA,
-            created,
+            stored_key,
+            key,
             digest.size,
             delta_size,
             digest.sha256,
@@ -479,6 +490,7 @@ class Core:
             ref_sha256,
             deep=True,
         )
+        return PutResult(stored, created)
 
     async def _deep_reference(
         self, expanded: Path, ref_key: str, name: str, ref_head: ObjectHead | None

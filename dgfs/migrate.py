@@ -72,7 +72,7 @@ from dgfs import delta, gc
 from dgfs import format as fmt
 from dgfs.core import Core, PutResult
 from dgfs.errors import ConfigError, DgfsError, IntegrityError, NotFound
-from dgfs.format import DeltaMode, Kind
+from dgfs.format import DeltaMode, Kind, StoredFile
 from dgfs.runtime import S3Location, Settings, open_core, open_store
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
@@ -338,7 +338,8 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
         marker = await source_core.store.head(file.key)
         meta = fmt.user_metadata(marker.metadata)
         await dest_core.store.put_bytes(file.dest_key, b"", meta, content_type=marker.content_type)
-        return PutResult(file.dest_key, file.dest_key, Kind.FOREIGN, False, 0, 0, EMPTY_SHA256)
+        copied = StoredFile(Kind.FOREIGN, file.dest_key, file.dest_key, 0, 0, EMPTY_SHA256)
+        return PutResult(copied)
     scratch = dest_core.scratch_path()
     try:
         if file.delta:
