@@ -209,12 +209,7 @@ class DeltaEngine:
         the result's SHA-256: that is the caller's job.
         """
         window = await self._window_for(source)
-        try:
-            async with await trio.open_file(delta, "rb") as f:
-                header = await f.read(_HEADER_PROBE)
-        except OSError as exc:
-            raise DeltaEngineError(f"cannot read delta {delta}: {exc}") from exc
-        marks = external_compression(header)
+        marks = await _compression_marks(delta)
         if marks is not None and any(marks):
             # Made by the stock command from compressed input: the delta is
             # against the decompressed source, so xdelta3 must decompress it
@@ -248,12 +243,7 @@ class DeltaEngine:
         records no target compression (then :meth:`decode` already gives
         the original bytes) or xdelta3 fails; ``out`` is removed on failure.
         """
-        try:
-            async with await trio.open_file(delta, "rb") as f:
-                header = await f.read(_HEADER_PROBE)
-        except OSError as exc:
-            raise DeltaEngineError(f"cannot read delta {delta}: {exc}") from exc
-        marks = external_compression(header)
+        marks = await _compression_marks(delta)
         if marks is None or not marks[0]:
             raise DeltaEngineError(f"{delta} records no external compression of its target")
         # The decoder reads a decompressed source from a pipe, so it cannot
@@ -337,6 +327,16 @@ class DeltaEngine:
             with contextlib.suppress(OSError):
                 out.unlink(missing_ok=True)
             raise
+
+
+async def _compression_marks(delta: Path) -> tuple[str, str] | None:
+    """``external_compression`` of the delta file ``delta``."""
+    try:
+        async with await trio.open_file(delta, "rb") as f:
+            header = await f.read(_HEADER_PROBE)
+    except OSError as exc:
+        raise DeltaEngineError(f"cannot read delta {delta}: {exc}") from exc
+    return external_compression(header)
 
 
 async def _kill_group(process: trio.Process) -> None:
