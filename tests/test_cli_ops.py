@@ -207,3 +207,17 @@ def test_human_units() -> None:
     assert human_bytes(8 << 20) == "8.00 MiB"
     assert human_duration(75.2) == "1:15"
     assert human_duration(3725) == "1:02:05"
+
+
+def test_mount_option_deltas_is_checked() -> None:
+    """``-o deltas=`` (also from fstab) takes dg or deep and says so otherwise."""
+    from dgfs.cli.mount import build_config
+    from dgfs.errors import ConfigError
+    from dgfs.format import DeltaMode
+
+    config, _, _ = build_config("bucket", "/mnt/x", ["deltas=deep"])
+    assert config.settings.deltas is DeltaMode.DEEP  # type: ignore[attr-defined]
+    config, _, _ = build_config("bucket", "/mnt/x", [])
+    assert config.settings.deltas is DeltaMode.DG  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="'dg' or 'deep'"):
+        build_config("bucket", "/mnt/x", ["deltas=fast"])

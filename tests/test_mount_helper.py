@@ -42,14 +42,15 @@ def test_translate_drops_what_mount_and_systemd_own() -> None:
         "/mnt/app",
         "-o",
         "rw,endpoint=http://127.0.0.1:8333,cache_dir=/var/cache/dgfs,_netdev,nofail,"
-        "noauto,x-systemd.automount,x-systemd.mount-timeout=30,defaults,noatime,uid=1000",
+        "noauto,x-systemd.automount,x-systemd.mount-timeout=30,defaults,noatime,uid=1000,"
+        "deltas=deep",
     ]
     assert translate(argv) == [
         "mount",
         "releases/app",
         "/mnt/app",
         "-o",
-        "endpoint=http://127.0.0.1:8333,cache_dir=/var/cache/dgfs,uid=1000",
+        "endpoint=http://127.0.0.1:8333,cache_dir=/var/cache/dgfs,uid=1000,deltas=deep",
     ]
 
 
