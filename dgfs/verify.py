@@ -38,13 +38,14 @@ from dgfs.deep import objects
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
+from dgfs.fs import xattrs
 
 log = logging.getLogger(__name__)
 
 # What the mount tells about each of its paths.
-XATTR_BUCKET = "user.dgfs.bucket"
-XATTR_KEY = "user.dgfs.key"
-XATTR_ENDPOINT = "user.dgfs.endpoint"  # optional
+XATTR_BUCKET = xattrs.PREFIX + "bucket"
+XATTR_KEY = xattrs.PREFIX + "key"
+XATTR_ENDPOINT = xattrs.PREFIX + "endpoint"  # optional
 
 
 #: The note on a delta the stock CLI made from gzip input (see Core.rebuild).
