@@ -39,6 +39,7 @@ from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.journal import Journal, journal_dir_for
 from dgfs.fs.options import FsOptions
 from dgfs.runtime import S3Location, Settings, open_core
+from dgfs.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,12 @@ async def _probe_store(core_store: object, read_only: bool) -> bool:
     return honoured
 
 
+#: Seconds between STATUS= updates while mounted.
+STATUS_INTERVAL = 5.0
+#: While a drain makes progress, each progress buys this many more seconds.
+DRAIN_GRACE = 120.0
+
+
 def _fuse_options(config: MountConfig) -> set[str]:
     opts = set(pyfuse3.default_options)
     opts.add(f"fsname=dgfs:{config.location.bucket}")
@@ -130,6 +137,7 @@ _PYFUSE3_FILTER = _InterruptedReplyFilter()
 
 async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     settings = config.settings
+    notifier = Notifier()
     logging.getLogger("pyfuse3").addFilter(_PYFUSE3_FILTER)  # once: filters are a set
     async with open_core(config.location, settings) as core:
         conditional = await _probe_store(core.store, config.fs_options.read_only)
@@ -158,11 +166,19 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 await fs.recover_journal()
                 log.info("mounted %s on %s", config.location, config.mountpoint)
                 on_ready()
+                notifier.ready(f"mounted {config.location} on {config.mountpoint}")
+                reporting = trio.CancelScope()  # entered by the task, cancelled here
+                nursery.start_soon(_report_status, fs, notifier, reporting)
                 await pyfuse3.main()
+                reporting.cancel()
                 log.info("unmounted %s; finishing uploads", config.mountpoint)
                 pyfuse3.close(unmount=True)
                 unmounted = True
+                notifier.stopping("unmounted; finishing uploads")
+                draining = trio.CancelScope()
+                nursery.start_soon(_report_drain, fs, notifier, draining)
                 await fs.wait_idle()
+                draining.cancel()
                 nursery.cancel_scope.cancel()
         finally:
             if not unmounted:
@@ -187,6 +203,38 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 )
             if not left:
                 log.info("all uploads done")
+
+
+def _backlog_text(fs: FileSystem) -> str:
+    pending, failed = fs.uploads.backlog()
+    return f"{pending} upload(s) pending, {failed} failed"
+
+
+async def _report_status(fs: FileSystem, notifier: Notifier, scope: trio.CancelScope) -> None:
+    """``STATUS=`` for ``systemctl status`` while mounted, when it changes."""
+    with scope:
+        last = ""
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            text = _backlog_text(fs)
+            if text != last:
+                notifier.status(text)
+                last = text
+
+
+async def _report_drain(fs: FileSystem, notifier: Notifier, scope: trio.CancelScope) -> None:
+    """While the unmount drains uploads: more time from systemd as long as
+    files keep reaching S3; none once the drain stalls (a dead endpoint), so a
+    stop then ends at the unit's TimeoutStopSec with the data in the journal."""
+    with scope:
+        best = fs.uploads.backlog()[0]
+        notifier.extend_timeout(DRAIN_GRACE, _backlog_text(fs))
+        while True:
+            await trio.sleep(DRAIN_GRACE / 2)
+            pending = fs.uploads.backlog()[0]
+            if pending < best:
+                best = pending
+                notifier.extend_timeout(DRAIN_GRACE, "unmounted; " + _backlog_text(fs))
 
 
 async def _watch_signals(scope: trio.CancelScope) -> None:

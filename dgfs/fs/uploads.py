@@ -640,6 +640,13 @@ class UploadPipeline:
         )
         self._request(node)
 
+    def backlog(self) -> tuple[int, int]:
+        """``(pending, failed)``: closed files not in S3 yet, and those that failed for good."""
+        staged = [n.staged for n in self.nodes.staged_nodes() if n.staged is not None]
+        failed = sum(1 for s in staged if s.is_failed)
+        pending = sum(1 for s in staged if not s.is_failed and (s.needs_upload or s.is_uploading))
+        return pending, failed
+
     def leftovers(self) -> Leftovers:
         """What is not in S3 (call once the workers have stopped)."""
         left = [n.staged for n in self.nodes.staged_nodes() if n.staged is not None]
