@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import tempfile
 import threading
@@ -249,14 +250,22 @@ async def test_faulty_store_acts_on_the_chosen_calls_only(
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["memory", "faulty-no-faults"])
 async def test_closed_file_is_stored_and_reads_back(
-    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock, wrapped: bool
+    memory: MemoryStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    wrapped: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dgfs")
     store: ObjectStore = FaultyStore(memory) if wrapped else memory
     data = b"hello, dgfs\n" * 10
     async with mounted(store, tmp_path) as m:
         await write_file(m.fs, "a.txt", data)
         assert await read_file(m.fs, "a.txt") == data  # from the journal, before the upload
     assert bucket(memory) == {"a.txt": data}
+    # One INFO line per upload, for operators.
+    uploaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("uploaded ")]
+    assert uploaded and "a.txt: direct, 120 -> 120 bytes (ratio 1.000)" in uploaded[0]
     assert journal_entries(m.journal_dir) == []
     async with mounted(store, tmp_path) as m:
         assert await read_file(m.fs, "a.txt") == data  # from the store

@@ -43,7 +43,7 @@ import trio
 
 from dgfs import format as fmt
 from dgfs.core import Core
-from dgfs.errors import DgfsError, FsError, NotFound, TransientError
+from dgfs.errors import DgfsError, FsError, NotFound, TransientError, errno_of
 from dgfs.format import StoredFile
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.namespace import Namespace
@@ -512,6 +512,7 @@ class UploadPipeline:
         self, node: Node, staged: StagedFile, key: str, meta: dict[str, str], generation: int
     ) -> None:
         """Store ``staged`` (its ``generation``) under ``key`` and record the outcome."""
+        started = trio.current_time()
         try:
             result = await self.core.put(staged.path, key, extra_metadata=meta)
         except TransientError as exc:
@@ -520,7 +521,13 @@ class UploadPipeline:
         except DgfsError as exc:
             staged.failed_for_good(exc)
             where = await trio.to_thread.run_sync(self.journal.quarantine, staged.entry_id)
-            log.error("upload of %s failed for good: %s; the data is kept in %s", key, exc, where)
+            log.error(
+                "upload of %s failed for good (%s, users see %s); the data is kept in %s",
+                key,
+                exc,
+                errno.errorcode.get(errno_of(exc), "EIO"),
+                where,
+            )
             staged.notify()
             return
         except Exception as exc:
@@ -531,6 +538,17 @@ class UploadPipeline:
             errno_ = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
             await self._retry(node, staged, key, FsError(errno_, str(exc)))
             return
+        # One line per upload, for operators (no credentials: key and sizes only).
+        log.info(
+            "uploaded %s: %s%s, %d -> %d bytes (ratio %.3f) in %.2f s",
+            key,
+            "deep " if result.deep else "",
+            result.kind.value,
+            result.original_size,
+            result.stored_size,
+            result.ratio,
+            trio.current_time() - started,
+        )
         staged.landed(generation)
         if node.staged is not staged:
             await self._superseded(node, staged, key, result.as_stored())
@@ -578,7 +596,11 @@ class UploadPipeline:
     async def _retry(self, node: Node, staged: StagedFile, key: str, exc: DgfsError) -> None:
         """Report ``exc`` to fsync() waiters, then queue the upload again after a pause."""
         log.warning(
-            "upload of %s failed (%s); retrying in %.0fs", key, exc, self.options.retry_delay
+            "upload of %s failed (%s, fsync sees %s); retrying in %.0fs",
+            key,
+            exc,
+            errno.errorcode.get(errno_of(exc), "EIO"),
+            self.options.retry_delay,
         )
         staged.failed_transiently(exc)
         await trio.sleep(self.options.retry_delay)
