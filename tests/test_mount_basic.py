@@ -518,3 +518,33 @@ def test_large_direct_file_ranged_reads(shared: DgfsMount, s3: S3View, tmp_path:
             assert handle.read(size) == data[offset : offset + size], (offset, size)
         handle.seek(len(data) - 10)
         assert handle.read(100) == data[-10:]
+
+
+def test_dgfs_sync_waits_for_the_uploads_under_a_directory(mounts: Mounts) -> None:
+    """`dgfs sync DIR` returns once every file closed under DIR is in S3 (with a
+    long upload delay, they are all still pending when it is called)."""
+    mount = mounts.mount(upload_delay="60")
+    view = S3View(mount.endpoint, mount.bucket)
+    try:
+        (mount / "app" / "sub").mkdir(parents=True)
+        for name in ("a.txt", "sub/b.txt"):
+            (mount / "app" / name).write_text(f"{name}\n")
+        assert os.getxattr(mount / "app" / "a.txt", "user.dgfs.kind") == b"pending"
+        result = subprocess.run(
+            [dgfs_bin(), "sync", str(mount / "app")],
+            capture_output=True,
+            text=True,
+            env=daemon_env(),
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "2 file(s) were pending and are now in S3; 0 failed" in result.stdout
+        assert {"app/a.txt", "app/sub/b.txt"} <= set(view.keys("app/"))
+        outside = subprocess.run(
+            [dgfs_bin(), "sync", "/tmp"], capture_output=True, text=True, check=False
+        )
+        assert outside.returncode == 2 and "not inside a dgfs mount" in outside.stderr
+    finally:
+        view.close()
+        mount.unmount()
