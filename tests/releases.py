@@ -9,6 +9,7 @@ dgfs exists for. Used by tests, the demo and the benchmarks (no pytest here).
 
 from __future__ import annotations
 
+import gzip
 import io
 import random
 import tarfile
@@ -124,3 +125,21 @@ def write_series(directory: Path, count: int, *, size: int = 4 << 20, seed: int 
         path.write_bytes(data)
         paths.append(path)
     return paths
+
+
+def write_sdist(tmp: Path, version: int, files: int = 40) -> Path:
+    """A Python-made ``.tar.gz`` like an sdist: most members unchanged between versions."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(files):
+            body = random.Random(i).randbytes(3000).hex().encode()
+            if i == 3:
+                body += f"version {version}".encode()
+            info = tarfile.TarInfo(f"pkg-{version}/mod{i}.py")
+            info.size = len(body)
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(body))
+    path = tmp / f"pkg-{version}.tar.gz"
+    with gzip.GzipFile(path, "wb", compresslevel=9, mtime=1_700_000_000 + version) as gz:
+        gz.write(buf.getvalue())
+    return path

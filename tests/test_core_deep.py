@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
-import io
-import random
-import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +17,7 @@ from dgfs.errors import IntegrityError
 from dgfs.format import DeltaMode, Kind
 from dgfs.policy import Policy
 from dgfs.store.memory import MemoryStore
-from tests.releases import write_series
+from tests.releases import write_sdist, write_series
 
 
 def make_core(store: MemoryStore, root: Path, deltas: DeltaMode) -> tuple[Core, ContentCache]:
@@ -47,24 +43,6 @@ async def plain(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core
     cache.close()
 
 
-def sdist(tmp: Path, version: int, files: int = 40) -> Path:
-    """A Python-made ``.tar.gz`` like an sdist: most members unchanged between versions."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for i in range(files):
-            body = random.Random(i).randbytes(3000).hex().encode()
-            if i == 3:
-                body += f"version {version}".encode()
-            info = tarfile.TarInfo(f"pkg-{version}/mod{i}.py")
-            info.size = len(body)
-            info.mtime = 1_700_000_000
-            tar.addfile(info, io.BytesIO(body))
-    path = tmp / f"pkg-{version}.tar.gz"
-    with gzip.GzipFile(path, "wb", compresslevel=9, mtime=1_700_000_000 + version) as gz:
-        gz.write(buf.getvalue())
-    return path
-
-
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -72,7 +50,7 @@ def sha(path: Path) -> str:
 async def test_targz_series_stored_as_small_deep_deltas(
     deep: Core, memory_store: MemoryStore, tmp_path: Path
 ) -> None:
-    paths = [sdist(tmp_path, v) for v in range(1, 4)]
+    paths = [write_sdist(tmp_path, v) for v in range(1, 4)]
     results = [await deep.put(p, f"app/{p.name}") for p in paths]
     assert results[0].created_reference and all(r.deep for r in results)
     assert "app/reference.deep" in memory_store.objects
@@ -91,7 +69,7 @@ async def test_targz_series_stored_as_small_deep_deltas(
 
 
 async def test_dg_mode_stores_gzip_direct(plain: Core, tmp_path: Path) -> None:
-    result = await plain.put(sdist(tmp_path, 1), "app/pkg-1.tar.gz")
+    result = await plain.put(write_sdist(tmp_path, 1), "app/pkg-1.tar.gz")
     assert result.kind is Kind.DIRECT and not result.deep
 
 
@@ -120,7 +98,7 @@ async def test_directory_keeps_the_mode_it_was_created_with(
 async def test_deep_reads_from_a_fresh_cache(memory_store: MemoryStore, tmp_path: Path) -> None:
     """The reader fetches and unpacks reference.deep itself (another machine's view)."""
     writer, wcache = make_core(memory_store, tmp_path / "w", DeltaMode.DEEP)
-    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     for p in paths:
         await writer.put(p, f"app/{p.name}")
     await writer.aclose()
@@ -139,7 +117,7 @@ async def test_deep_reads_from_a_fresh_cache(memory_store: MemoryStore, tmp_path
 async def test_corrupt_deep_delta_is_refused(
     deep: Core, memory_store: MemoryStore, tmp_path: Path
 ) -> None:
-    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     for p in paths:
         await deep.put(p, f"app/{p.name}")
     obj = memory_store.objects["app/pkg-2.tar.gz.delta"]
@@ -154,9 +132,9 @@ async def test_corrupt_deep_delta_is_refused(
 async def test_rename_across_directories_rebuilds_into_the_target_mode(
     deep: Core, memory_store: MemoryStore, tmp_path: Path
 ) -> None:
-    path = sdist(tmp_path, 1)
+    path = write_sdist(tmp_path, 1)
     await deep.put(path, "app/pkg-1.tar.gz")
-    await deep.put(sdist(tmp_path, 2), "app/pkg-2.tar.gz")
+    await deep.put(write_sdist(tmp_path, 2), "app/pkg-2.tar.gz")
     moved = await deep.rename("app/pkg-2.tar.gz", "other/pkg-2.tar.gz")
     assert moved.deep
     out = tmp_path / "out"
@@ -171,7 +149,7 @@ async def test_rename_across_directories_rebuilds_into_the_target_mode(
 async def test_directory_rename_moves_the_deep_reference(
     deep: Core, memory_store: MemoryStore, tmp_path: Path
 ) -> None:
-    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     for p in paths:
         await deep.put(p, f"app/{p.name}")
     await deep.rename_prefix("app", "moved")
@@ -188,7 +166,7 @@ async def test_expansion_that_fails_its_proof_is_stored_unexpanded(
     """rebuild(expand(x)) != x must never reach the bucket (here: a faked proof failure)."""
     from dgfs.deep import expand
 
-    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     await deep.put(paths[0], f"app/{paths[0].name}")
     monkeypatch.setattr(expand, "rebuild_digest", lambda *_: ("0" * 64, 0))
     result = await deep.put(paths[1], f"app/{paths[1].name}")
@@ -207,7 +185,7 @@ async def test_foreign_zlib_makes_unexpanded_deep_objects(
     import dgfs.core
 
     monkeypatch.setattr(dgfs.core, "zlib_is_reference", lambda: False)
-    paths = [sdist(tmp_path, v) for v in range(1, 3)]
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     results = [await deep.put(p, f"app/{p.name}") for p in paths]
     assert results[1].kind is Kind.DIRECT or results[1].stored_size > 0.3 * paths[1].stat().st_size
     for path in paths:
@@ -225,7 +203,7 @@ async def test_stock_deltaglider_gzip_delta_is_recovered(
     import subprocess
     from datetime import UTC, datetime
 
-    paths = [sdist(tmp_path, v) for v in (1, 2)]
+    paths = [write_sdist(tmp_path, v) for v in (1, 2)]
     now = datetime.now(UTC)
     ref_sha = sha(paths[0])
     await memory_store.put_bytes(

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
 import random
 import sys
-import tarfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,28 +35,10 @@ from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.stats import BucketStats, compute_stats
 from dgfs.store.memory import MemoryStore
 from dgfs.verify import Status, verify_all, verify_key
-from tests.releases import ReleaseSeries
+from tests.releases import ReleaseSeries, write_sdist
 from tests.servers import REGION, make_bucket, s3_client
 
 # --- test data ------------------------------------------------------------------------
-
-
-def sdist(tmp: Path, version: int, files: int = 40) -> Path:
-    """A Python-made ``.tar.gz`` like an sdist: most members unchanged between versions."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for i in range(files):
-            body = random.Random(i).randbytes(3000).hex().encode()
-            if i == 3:
-                body += f"version {version}".encode()
-            info = tarfile.TarInfo(f"pkg-{version}/mod{i}.py")
-            info.size = len(body)
-            info.mtime = 1_700_000_000
-            tar.addfile(info, io.BytesIO(body))
-    path = tmp / f"pkg-{version}.tar.gz"
-    with gzip.GzipFile(path, "wb", compresslevel=9, mtime=1_700_000_000 + version) as gz:
-        gz.write(buf.getvalue())
-    return path
 
 
 def release_zips(tmp: Path, count: int, seed: int = 4) -> list[Path]:
@@ -107,7 +87,7 @@ async def fill_deep(core: Core, tmp_path: Path) -> dict[str, bytes]:
     """src/: three sdists; rel/: three zips; both deep. Returns key -> bytes."""
     files: dict[str, bytes] = {}
     for version in (1, 2, 3):
-        path = sdist(tmp_path, version)
+        path = write_sdist(tmp_path, version)
         result = await core.put(path, f"src/{path.name}", content_type="application/gzip")
         assert result.kind is Kind.DELTA and result.deep
         files[f"src/{path.name}"] = path.read_bytes()
@@ -424,7 +404,7 @@ async def test_interrupted_deep_to_dg_conversion_stays_readable_and_resumes(
     store = CrashingStore("crashy")
     writer, wcache = make_core(store, tmp_path / "w", DeltaMode.DEEP)
     files: dict[str, bytes] = {}
-    for path in [sdist(tmp_path, v) for v in (1, 2, 3)]:
+    for path in [write_sdist(tmp_path, v) for v in (1, 2, 3)]:
         await writer.put(path, f"mix/src/{path.name}")
         files[f"mix/src/{path.name}"] = path.read_bytes()
     for path in release_zips(tmp_path / "z", 4):
@@ -534,7 +514,7 @@ def test_cli_migrate_deltas_deep_into_a_new_bucket(
     client = s3_client(moto_endpoint)
     files = {}
     for version in (1, 2, 3):
-        path = sdist(tmp_path, version)
+        path = write_sdist(tmp_path, version)
         client.put_object(Bucket=src, Key=f"pkgs/{path.name}", Body=path.read_bytes())
         files[f"pkgs/{path.name}"] = path.read_bytes()
     client.close()
@@ -592,7 +572,7 @@ def test_cli_in_place_deep_to_dg_is_read_by_deltaglider(
                 await core.put(path, f"app/{path.name}", content_type="application/zip")
                 files[f"app/{path.name}"] = path
             for version in (1, 2):
-                path = sdist(tmp_path, version)
+                path = write_sdist(tmp_path, version)
                 await core.put(path, f"app/src/{path.name}")
                 files[f"app/src/{path.name}"] = path
 
