@@ -64,6 +64,15 @@ _UNRECOVERABLE = (
 )
 
 
+def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, bool]:
+    """``(ref_sha256, False)`` for a reference already there; ``(None, False)``
+    when it records no SHA-256 (then files beside it are stored direct)."""
+    ref_sha256 = fmt.meta_value(head.metadata, "file_sha256")
+    if ref_sha256 is None:
+        log.warning("%s has no dg-file-sha256; storing files beside it direct", ref_key)
+    return ref_sha256, False
+
+
 def _made_from_gzip(delta: Path) -> bool:
     """Whether a DG v6 delta is the stock CLI's diff of decompressed gzip input."""
     with open(delta, "rb") as f:
@@ -80,8 +89,6 @@ def _made_by_gzip_tool(gzip_file: Path) -> bool:
 
 # Threads re-deflating one expanded form's streams (zlib releases the GIL).
 _REBUILD_WORKERS = min(4, os.cpu_count() or 1)
-# For an existing reference ``_ensure_reference`` never looks at the digest.
-_NO_DIGEST = FileDigest("", 0, b"")
 
 
 @dataclass(frozen=True)
@@ -390,11 +397,7 @@ class Core:
                 await self._cpu(self.cache.add_file, digest.sha256, src)
                 log.info("created reference %s from %s", ref_key, name)
                 return digest.sha256, True
-        ref_sha256 = fmt.meta_value(head.metadata, "file_sha256")
-        if ref_sha256 is None:
-            log.warning("%s has no dg-file-sha256; storing files beside it direct", ref_key)
-            return None, False
-        return ref_sha256, False
+        return _existing_reference(ref_key, head)
 
     # --- deep deltaspaces --------------------------------------------------------
 
@@ -497,7 +500,7 @@ class Core:
     ) -> tuple[str | None, bool]:
         """``_ensure_reference`` for a deep deltaspace: made from ``expanded``, stored zstd."""
         if ref_head is not None:
-            return await self._ensure_reference(expanded, ref_key, name, _NO_DIGEST, ref_head)
+            return _existing_reference(ref_key, ref_head)
         expanded_digest = await self.digest(expanded)
         async with self._scratch(".zst") as packed:
             await self._cpu(objects.compress_reference, expanded, packed)
