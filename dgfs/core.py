@@ -869,19 +869,21 @@ class Core:
         leftovers = [o.key for o in page.objects if o.key == prefix or fmt.is_reference_key(o.key)]
         await self.store.delete_many(leftovers)
 
-    async def put_symlink(self, key: str, target: bytes, metadata: Mapping[str, str]) -> None:
-        """Store a symlink as s3fs does: an object whose body is the target
-        (``metadata`` carries a ``mode`` with S_IFLNK)."""
-        await self.store.put_bytes(key, target, metadata)
+    # Symlinks and special files (FIFOs, devices, sockets) are single plain
+    # objects as s3fs stores them: the type in the ``mode`` metadata, the body
+    # a symlink's target or empty. Never deltas, never staged.
+
+    async def put_plain(self, key: str, body: bytes, metadata: Mapping[str, str]) -> None:
+        await self.store.put_bytes(key, body, metadata)
 
     async def read_symlink(self, key: str) -> bytes:
         return await self.store.get_range(key, 0, SYMLINK_MAX)
 
-    async def move_symlink(self, src_key: str, dst_key: str) -> None:
+    async def move_plain(self, src_key: str, dst_key: str) -> None:
         await self.store.copy(src_key, dst_key)
         await self.store.delete(src_key)
 
-    async def delete_symlink(self, key: str) -> None:
+    async def delete_plain(self, key: str) -> None:
         await self.store.delete(key)
 
     async def aclose(self) -> None:

@@ -85,8 +85,10 @@ META_MTIME = "mtime"
 META_MODE = "mode"
 META_UID = "uid"
 META_GID = "gid"
-# Symlinks: s3fs keeps the target as the object body and marks the mode.
-POSIX_KEYS = (META_MTIME, META_MODE, META_UID, META_GID)
+META_RDEV = "rdev"  # device number (st_rdev, decimal) of a character or block device
+# Symlinks, FIFOs, devices and sockets are objects as s3fs stores them: the
+# type is in ``mode``, the body is a symlink's target (else empty).
+POSIX_KEYS = (META_MTIME, META_MODE, META_UID, META_GID, META_RDEV)
 
 
 def meta_value(metadata: Mapping[str, str], field: str) -> str | None:
@@ -243,7 +245,12 @@ def direct_metadata(
 
 
 def posix_metadata(
-    *, mtime_ns: int | None, mode: int | None, uid: int | None, gid: int | None
+    *,
+    mtime_ns: int | None,
+    mode: int | None,
+    uid: int | None,
+    gid: int | None,
+    rdev: int | None = None,
 ) -> dict[str, str]:
     """POSIX attributes in s3fs/rclone spelling (mtime in seconds, may be fractional)."""
     meta: dict[str, str] = {}
@@ -256,6 +263,8 @@ def posix_metadata(
         meta[META_UID] = str(uid)
     if gid is not None:
         meta[META_GID] = str(gid)
+    if rdev is not None:
+        meta[META_RDEV] = str(rdev)
     return meta
 
 

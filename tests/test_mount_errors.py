@@ -53,14 +53,6 @@ def test_hard_link_is_eperm(shared: DgfsMount) -> None:
     assert os.listdir(base) == ["f"]
 
 
-def test_mkfifo_and_device_nodes_are_eperm(shared: DgfsMount) -> None:
-    base = shared / "special"
-    base.mkdir()
-    assert _errno_of(os.mkfifo, base / "fifo") == errno.EPERM
-    assert _errno_of(os.mknod, base / "node", 0o600 | 0o020000, os.makedev(1, 3)) == errno.EPERM
-    assert os.listdir(base) == []
-
-
 @pytest.mark.parametrize("name", ["x.delta", "reference.bin", "app.zip.delta"])
 def test_names_reserved_by_the_format_are_einval(shared: DgfsMount, name: str) -> None:
     base = shared / f"reserved-{name.replace('.', '-')}"

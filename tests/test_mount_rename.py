@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -295,6 +296,49 @@ def test_symlinks_survive_remount(shared: DgfsMount, s3: S3View, series: list[Pa
     shared.remount()
     assert sorted(os.listdir(base)) == sorted([series[0].name, "current.zip"])
     assert os.readlink(base / "current.zip") == series[0].name
+
+
+def test_special_files_are_stored_as_s3fs_stores_them(shared: DgfsMount, s3: S3View) -> None:
+    """FIFOs, devices and sockets: created, listed, stat'ed, chmod'ed, renamed,
+    unlinked; in S3 an empty object whose ``mode`` carries the type and whose
+    ``rdev`` carries the device number, as s3fs-fuse writes them."""
+    base = shared / "special"
+    base.mkdir()
+    os.mkfifo(base / "fifo", 0o640)
+    os.mknod(base / "chr", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(base / "blk", 0o660 | stat.S_IFBLK, os.makedev(259, 70000))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(base / "sock"))
+    assert stat.S_ISFIFO(os.lstat(base / "fifo").st_mode)
+    assert s3.get("special/chr") == b""
+    meta = s3.metadata("special/chr")
+    assert int(meta["mode"]) == stat.S_IFCHR | 0o600
+    assert int(meta["rdev"]) == os.makedev(1, 3)
+    assert stat.S_ISFIFO(int(s3.metadata("special/fifo")["mode"]))
+    assert "rdev" not in s3.metadata("special/fifo")
+    os.chmod(base / "fifo", 0o600)
+    os.utime(base / "chr", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    os.rename(base / "blk", base / "disk")
+    shared.remount()
+    assert sorted(os.listdir(base)) == ["chr", "disk", "fifo", "sock"]
+    fifo, chr_, disk, sock = (os.lstat(base / n) for n in ("fifo", "chr", "disk", "sock"))
+    assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o600
+    assert stat.S_ISCHR(chr_.st_mode) and chr_.st_rdev == os.makedev(1, 3)
+    assert chr_.st_mtime_ns == 1_600_000_000_000_000_000
+    assert stat.S_ISBLK(disk.st_mode) and disk.st_rdev == os.makedev(259, 70000)
+    assert stat.S_ISSOCK(sock.st_mode)
+    # The FIFO works as a pipe: the kernel, not dgfs, carries its data.
+    reader = os.open(base / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with open(base / "fifo", "wb") as writer:
+            writer.write(b"through the pipe")
+        assert os.read(reader, 100) == b"through the pipe"
+    finally:
+        os.close(reader)
+    for name in ("fifo", "chr", "disk", "sock"):
+        os.unlink(base / name)
+    assert os.listdir(base) == []
+    assert set(s3.keys("special/")) <= {"special/"}
 
 
 # --- renames and unlinks racing uploads -------------------------------------------------

@@ -235,13 +235,20 @@ class FileSystem:
         self.ns.note_node(node)
         return self.handles.open(node, Access.WRITE), self.nodes.looked_up(node)
 
-    async def mknod(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
-        """Only regular files: S3 has no devices, FIFOs or sockets (one lookup)."""
-        if not stat.S_ISREG(mode):
-            raise FsError(errno.EPERM, "only regular files, directories and symlinks")
-        handle, node = await self.create(parent_ino, name, mode, uid, gid, os.O_CREAT | os.O_EXCL)
-        await self.release(handle.fh)
-        return node
+    async def mknod(
+        self, parent_ino: int, name: str, mode: int, rdev: int, uid: int, gid: int
+    ) -> Node:
+        """A regular file (created empty), FIFO, device or socket (one lookup)."""
+        if stat.S_ISREG(mode):
+            handle, node = await self.create(
+                parent_ino, name, mode, uid, gid, os.O_CREAT | os.O_EXCL
+            )
+            await self.release(handle.fh)
+            return node
+        kind = NodeKind.of_mode(mode)
+        if kind is None or not kind.is_special:
+            raise FsError(errno.EINVAL, f"mknod of file type {stat.S_IFMT(mode):o}")
+        return await self._make_single_object(parent_ino, name, kind, mode, uid, gid, rdev=rdev)
 
     async def open(self, ino: int, flags: int) -> Handle:
         node = self.get_node(ino)
@@ -397,8 +404,8 @@ class FileSystem:
         in_s3 = node.stored is not None or (staged is not None and staged.was_uploaded)
         if not await self.uploads.keep_for_open_handles(node):
             self.uploads.discard(node)
-        if node.kind is NodeKind.SYMLINK:
-            await self.core.delete_symlink(key)
+        if node.kind.is_single_object:
+            await self.core.delete_plain(key)
         elif in_s3:
             with contextlib.suppress(NotFound):
                 await self.core.delete(key)
@@ -480,8 +487,8 @@ class FileSystem:
             with contextlib.suppress(NotFound):
                 node.stored = await self.core.rename(old_key, new_key)
                 node.etag = None
-        elif node.kind is NodeKind.SYMLINK:
-            await self.core.move_symlink(old_key, new_key)
+        elif node.kind.is_single_object:
+            await self.core.move_plain(old_key, new_key)
         else:
             node.stored = await self.core.rename(old_key, new_key)
             node.etag = None
@@ -500,13 +507,36 @@ class FileSystem:
         self.ns.forget(new_path.rpartition("/")[0])
 
     async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Node:
+        return await self._make_single_object(
+            parent_ino, name, NodeKind.SYMLINK, 0o777, uid, gid, body=target
+        )
+
+    async def _make_single_object(
+        self,
+        parent_ino: int,
+        name: str,
+        kind: NodeKind,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        body: bytes = b"",
+        rdev: int = 0,
+    ) -> Node:
+        """A symlink or special file, in S3 once this returns (one lookup)."""
         parent = await self._new_entry_in(parent_ino, name)
-        node = self.nodes.new(child_path(parent.path, name), NodeKind.SYMLINK)
-        self.options.apply_defaults(node, 0o777, uid, gid)
+        node = self.nodes.new(child_path(parent.path, name), kind)
+        self.options.apply_defaults(node, mode, uid, gid)
         node.mtime_ns = node.ctime_ns = time.time_ns()
-        node.size = len(target)
-        node.symlink_target = target
-        await self.core.put_symlink(self.key_of(node.path), target, node.posix_metadata())
+        node.size = len(body)
+        node.rdev = rdev
+        if kind is NodeKind.SYMLINK:
+            node.symlink_target = body
+        try:
+            await self.core.put_plain(self.key_of(node.path), body, node.posix_metadata())
+        except BaseException:
+            self.nodes.unlink(node)
+            raise
         node.checked_at = trio.current_time()
         self.ns.note_node(node)
         return self.nodes.looked_up(node)

@@ -89,7 +89,7 @@ class FuseOperations(pyfuse3.Operations):
         entry.st_nlink = 2 if node.kind is NodeKind.DIR else 1
         entry.st_uid = node.uid
         entry.st_gid = node.gid
-        entry.st_rdev = 0
+        entry.st_rdev = node.rdev
         entry.st_size = node.size if node.kind is not NodeKind.DIR else BLOCK
         entry.st_blksize = BLOCK
         entry.st_blocks = (entry.st_size + 511) // 512
@@ -195,7 +195,7 @@ class FuseOperations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
     ) -> EntryAttributes:
-        node = await self.fs.mknod(parent_inode, _name(name), mode, ctx.uid, ctx.gid)
+        node = await self.fs.mknod(parent_inode, _name(name), mode, rdev, ctx.uid, ctx.gid)
         return self._attrs(node)
 
     @_fuse_errors

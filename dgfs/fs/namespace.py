@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import stat
 from dataclasses import dataclass
 
 import trio
@@ -43,6 +42,7 @@ class DirEntry:
     gid: int | None = None
     stored: StoredFile | None = None
     etag: str | None = None
+    rdev: int = 0
 
 
 class Namespace:
@@ -192,8 +192,13 @@ class Namespace:
         meta = head.metadata
         raw_mode = fmt.parse_int_meta(meta, fmt.META_MODE)
         kind = NodeKind.FILE
-        if raw_mode is not None and stat.S_ISLNK(raw_mode) and stored.kind is Kind.FOREIGN:
-            kind = NodeKind.SYMLINK
+        if raw_mode is not None and stored.kind is Kind.FOREIGN:
+            # A plain object is a symlink, FIFO, device or socket when its
+            # mode says so (s3fs's convention); a directory type on an object
+            # is nonsense and the object stays a file.
+            typed = NodeKind.of_mode(raw_mode)
+            if typed is not None and typed.is_single_object:
+                kind = typed
         mtime_ns = fmt.parse_mtime_ns(meta) or int(head.last_modified.timestamp() * 1e9)
         return DirEntry(
             name,
@@ -205,6 +210,7 @@ class Namespace:
             gid=fmt.parse_int_meta(meta, fmt.META_GID),
             stored=stored,
             etag=head.etag,
+            rdev=fmt.parse_int_meta(meta, fmt.META_RDEV) or 0,
         )
 
     async def listing(self, path: str, *, fresh: bool = False) -> dict[str, DirEntry]:

@@ -34,19 +34,48 @@ class NodeKind(enum.Enum):
     FILE = "file"
     DIR = "dir"
     SYMLINK = "symlink"
+    FIFO = "fifo"
+    CHAR_DEVICE = "char device"
+    BLOCK_DEVICE = "block device"
+    SOCKET = "socket"
 
     @property
     def type_bits(self) -> int:
-        return {
-            NodeKind.FILE: stat.S_IFREG,
-            NodeKind.DIR: stat.S_IFDIR,
-            NodeKind.SYMLINK: stat.S_IFLNK,
-        }[self]
+        return _TYPE_BITS[self]
+
+    @classmethod
+    def of_mode(cls, mode: int) -> NodeKind | None:
+        """The kind a full ``st_mode`` names (None for no known file type)."""
+        return _KIND_OF_TYPE.get(stat.S_IFMT(mode))
+
+    @property
+    def is_special(self) -> bool:
+        """A FIFO, device or socket: only a name and attributes, its I/O is the
+        kernel's (FUSE never sees an open of one)."""
+        return self in (NodeKind.FIFO, NodeKind.CHAR_DEVICE, NodeKind.BLOCK_DEVICE, NodeKind.SOCKET)
+
+    @property
+    def is_single_object(self) -> bool:
+        """Stored as one plain object written at once (a symlink's body is its
+        target, a special file's is empty), never staged or stored as a delta."""
+        return self is NodeKind.SYMLINK or self.is_special
+
+
+_TYPE_BITS = {
+    NodeKind.FILE: stat.S_IFREG,
+    NodeKind.DIR: stat.S_IFDIR,
+    NodeKind.SYMLINK: stat.S_IFLNK,
+    NodeKind.FIFO: stat.S_IFIFO,
+    NodeKind.CHAR_DEVICE: stat.S_IFCHR,
+    NodeKind.BLOCK_DEVICE: stat.S_IFBLK,
+    NodeKind.SOCKET: stat.S_IFSOCK,
+}
+_KIND_OF_TYPE = {bits: kind for kind, bits in _TYPE_BITS.items()}
 
 
 @dataclass
 class Node:
-    """One file, directory or symlink of the mount."""
+    """One file, directory, symlink or special file of the mount."""
 
     ino: int
     path: str  # relative to the mount root; "" is the root
@@ -60,6 +89,7 @@ class Node:
     stored: StoredFile | None = None
     etag: str | None = None
     symlink_target: bytes | None = None
+    rdev: int = 0  # device number of a character or block device
     lookups: int = 0
     open_handles: int = 0
     writers: int = 0  # open handles that may write; uploads wait until none is left
@@ -78,8 +108,13 @@ class Node:
 
     def posix_metadata(self) -> dict[str, str]:
         """The attributes S3 lacks, as the user metadata that carries them."""
+        is_device = self.kind in (NodeKind.CHAR_DEVICE, NodeKind.BLOCK_DEVICE)
         return fmt.posix_metadata(
-            mtime_ns=self.mtime_ns, mode=self.kind.type_bits | self.mode, uid=self.uid, gid=self.gid
+            mtime_ns=self.mtime_ns,
+            mode=self.kind.type_bits | self.mode,
+            uid=self.uid,
+            gid=self.gid,
+            rdev=self.rdev if is_device else None,
         )
 
 
@@ -124,6 +159,7 @@ class NodeTable:
             node.size = entry.size
             node.stored = entry.stored
             node.etag = entry.etag
+            node.rdev = entry.rdev
         node.mtime_ns = entry.mtime_ns
         self.options.apply_defaults(node, entry.mode, entry.uid, entry.gid)
         node.checked_at = trio.current_time()
