@@ -608,3 +608,51 @@ async def test_crash_leaves_committed_files_to_the_next_mount(
         await assert_absent(m.fs, "e.txt")
     assert bucket(memory) == {"a.txt": b"queued\n", "b.txt": b"uploading\n", "d.txt": b"renamed\n"}
     assert journal_entries(m.journal_dir) == []
+
+
+# --- POSIX details ------------------------------------------------------------------
+
+
+async def test_directory_times_follow_its_entries_until_set_explicitly(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with mounted(memory, tmp_path) as m:
+        fs = m.fs
+        d = await fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        times: list[tuple[int, int]] = []
+
+        async def changed(op: Callable[[], Awaitable[object]]) -> None:
+            before = (d.mtime_ns, d.ctime_ns)
+            await op()
+            node = await fs.getattr(d.ino)
+            assert node.mtime_ns > before[0] and node.ctime_ns > before[1]
+            times.append((node.mtime_ns, node.ctime_ns))
+
+        await changed(lambda: write_file(fs, "f", b"x", parent=d.ino))
+        await changed(lambda: fs.mknod(d.ino, "fifo", 0o600 | 0o010000, 0, UID, GID))
+        await changed(lambda: fs.rename(d.ino, "f", d.ino, "g", 0))
+        await changed(lambda: fs.unlink(d.ino, "g"))
+        await changed(lambda: fs.symlink(d.ino, "l", b"target", UID, GID))
+        # A listing that shows the stored (older) mtime does not take it back.
+        autojump_clock.jump(3600)
+        assert (await fs.getattr(d.ino)).mtime_ns == times[-1][0]
+        # Set explicitly, the stored time holds.
+        await fs.setattr(d.ino, mtime_ns=1_000_000_000)
+        autojump_clock.jump(3600)
+        assert (await fs.getattr(d.ino)).mtime_ns == 1_000_000_000
+
+
+async def test_names_longer_than_255_bytes_are_enametoolong(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with mounted(memory, tmp_path) as m:
+        for op in (
+            lambda: m.fs.lookup(ROOT, "é" * 128),
+            lambda: m.fs.mkdir(ROOT, "x" * 256, 0o755, UID, GID),
+            lambda: create(m.fs, "x" * 256, b""),
+        ):
+            with pytest.raises(FsError) as exc:
+                await op()
+            assert exc.value.errno == errno.ENAMETOOLONG
+        await write_file(m.fs, "x" * 255, b"fits")
+        assert await read_file(m.fs, "x" * 255) == b"fits"

@@ -42,6 +42,7 @@ from dgfs.fs.uploads import UploadPipeline
 log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+NAME_MAX = 255  # bytes in one name (statfs f_namemax)
 
 # (name, node, next offset) -> whether the kernel took the entry (pyfuse3.readdir_reply)
 ReaddirReply = Callable[[str, Node, int], bool]
@@ -80,6 +81,14 @@ class FileSystem:
         )
         self.uploads = UploadPipeline(core, journal, self.ns, self.nodes, options, self.content)
 
+    @staticmethod
+    def _entries_changed(*dirs: Node) -> None:
+        """An entry of each of ``dirs`` was added, removed or renamed: their
+        mtime and ctime change (in memory; see ``Node.entries_changed_ns``)."""
+        now = time.time_ns()
+        for d in dirs:
+            d.mtime_ns = d.ctime_ns = d.entries_changed_ns = now
+
     def _check_writable(self) -> None:
         if self.options.read_only:
             raise FsError(errno.EROFS, "mounted read-only")
@@ -100,6 +109,8 @@ class FileSystem:
 
     async def lookup(self, parent_ino: int, name: str) -> Node:
         """The node for ``name`` in a directory, handed to the kernel (one lookup)."""
+        if len(name.encode()) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
         return self.nodes.looked_up(await self._find(self.get_dir(parent_ino), name))
 
     async def _find(self, parent: Node, name: str) -> Node:
@@ -174,6 +185,7 @@ class FileSystem:
         self.options.apply_defaults(node, mode, uid, gid)
         node.mtime_ns = node.ctime_ns = time.time_ns()
         await self.ns.write_marker(node.path, node.posix_metadata())
+        self._entries_changed(parent)
         node.checked_at = trio.current_time()
         self.ns.note_node(node)
         self.ns.set_empty(node.path)
@@ -194,7 +206,8 @@ class FileSystem:
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         self._check_writable()
-        node = await self._find(self.get_dir(parent_ino), name)
+        parent = self.get_dir(parent_ino)
+        node = await self._find(parent, name)
         if node.kind is not NodeKind.DIR:
             raise FsError(errno.ENOTDIR)
         await self._check_empty(node)
@@ -204,6 +217,7 @@ class FileSystem:
         self.ns.forget(node.path)
         self.ns.drop(node.path)
         self.nodes.unlink(node)
+        self._entries_changed(parent)
 
     async def _check_empty(self, node: Node) -> None:
         if self.nodes.local_children(node.path):
@@ -229,6 +243,7 @@ class FileSystem:
             node = self.nodes.new(child_path(parent.path, name), NodeKind.FILE)
             self.options.apply_defaults(node, mode, uid, gid)
             node.ctime_ns = time.time_ns()
+            self._entries_changed(parent)
         await self.uploads.stage_empty(node)
         node.size = 0
         node.mtime_ns = time.time_ns()
@@ -371,6 +386,7 @@ class FileSystem:
             changed = True
         if mtime_ns is not None and mtime_ns != node.mtime_ns:
             node.mtime_ns = mtime_ns
+            node.entries_changed_ns = 0  # set explicitly: the stored one holds now
             changed = True
         if not changed:
             return node
@@ -384,6 +400,7 @@ class FileSystem:
         if node.kind is NodeKind.DIR:
             if node.path:
                 await self.ns.write_marker(node.path, node.posix_metadata())
+                self.ns.note_node(node)
             return
         await self.core.update_metadata(self.key_of(node.path), node.posix_metadata())
         node.etag = None
@@ -393,7 +410,8 @@ class FileSystem:
 
     async def unlink(self, parent_ino: int, name: str) -> None:
         self._check_writable()
-        node = await self._find(self.get_dir(parent_ino), name)
+        parent = self.get_dir(parent_ino)
+        node = await self._find(parent, name)
         if node.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
         # An upload in flight lands first: finishing after the unlink it would
@@ -411,6 +429,8 @@ class FileSystem:
                 await self.core.delete(key)
         self.ns.drop(node.path)
         self.nodes.unlink(node)
+        node.ctime_ns = time.time_ns()  # open handles see the link count change
+        self._entries_changed(parent)
 
     async def rename(
         self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str, flags: int
@@ -442,6 +462,8 @@ class FileSystem:
             self.ns.drop(old_path)
             self.nodes.move(node, new_path)
             self.ns.note_node(node)
+        node.ctime_ns = time.time_ns()
+        self._entries_changed(old_parent, new_parent)
 
     async def _rename_target(
         self, node: Node, new_parent: Node, new_name: str, flags: int
@@ -539,6 +561,7 @@ class FileSystem:
             raise
         node.checked_at = trio.current_time()
         self.ns.note_node(node)
+        self._entries_changed(parent)
         return self.nodes.looked_up(node)
 
     async def readlink(self, ino: int) -> bytes:

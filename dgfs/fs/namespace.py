@@ -61,8 +61,9 @@ class Namespace:
         self.attr_cache = attr_cache
         self.root_prefix = root_prefix.strip("/")
         self.mounted_at_ns = mounted_at_ns
+        # On trio's clock, like the nodes' freshness (``NodeTable.is_fresh``).
         self._listings: TTLCache[str, dict[str, DirEntry]] = TTLCache(
-            maxsize=4096, ttl=max(listing_ttl, 0.001)
+            maxsize=4096, ttl=max(listing_ttl, 0.001), timer=trio.current_time
         )
         self._listing_flights = SingleFlight()
         # Local changes noted while a directory's listing is being fetched: the

@@ -90,6 +90,10 @@ class Node:
     etag: str | None = None
     symlink_target: bytes | None = None
     rdev: int = 0  # device number of a character or block device
+    # A directory's mtime from the last entry added or removed here: kept in
+    # memory only (storing it would cost a PUT per new file), so a listing
+    # that shows the stored, older mtime does not take it back.
+    entries_changed_ns: int = 0
     lookups: int = 0
     open_handles: int = 0
     writers: int = 0  # open handles that may write; uploads wait until none is left
@@ -160,7 +164,7 @@ class NodeTable:
             node.stored = entry.stored
             node.etag = entry.etag
             node.rdev = entry.rdev
-        node.mtime_ns = entry.mtime_ns
+        node.mtime_ns = max(entry.mtime_ns, node.entries_changed_ns)
         self.options.apply_defaults(node, entry.mode, entry.uid, entry.gid)
         node.checked_at = trio.current_time()
 
