@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,27 @@ async def test_remount_does_not_head_unchanged_objects(tmp_path: Path) -> None:
     assert store.heads == 2
 
 
+async def test_a_metadata_change_with_the_same_etag_is_seen_after_remount(tmp_path: Path) -> None:
+    """chmod elsewhere copies the object onto itself: same bytes, same ETag,
+    new metadata and Last-Modified; the attribute cache must not hide it."""
+    store = CountingStore()
+    await fill(store, 2)
+    db = tmp_path / "attrs.sqlite"
+    first = namespace(store, db)
+    assert (await first.listing("rel"))["app-0.zip"].mode == 0o100640
+    await first.flush_attr_cache()
+    key = "rel/app-0.zip.delta"
+    old = store.objects[key]
+    meta = {**delta_meta("app-0.zip", 5000), "mode": str(0o100600)}
+    await store.put_bytes(key, old.body, meta)
+    store.objects[key] = dataclasses.replace(
+        store.objects[key], last_modified=old.last_modified + timedelta(seconds=1)
+    )
+    assert store.objects[key].etag == old.etag
+    second = namespace(store, db)
+    assert (await second.listing("rel"))["app-0.zip"].mode == 0o100600
+
+
 class HeldListStore(MemoryStore):
     """A memory store whose next LIST is answered only once the test lets it go."""
 
@@ -155,11 +178,11 @@ async def test_prefix_mount_keys(prefix: str) -> None:
 def test_attr_cache_survives_and_recovers_from_garbage(tmp_path: Path) -> None:
     db = tmp_path / "attrs.sqlite"
     cache = AttrCache(db)
-    cache.put("k", "etag1", {"dg-file-size": "5", "x-unrelated": "dropped"})
+    cache.put("k", "v1", {"dg-file-size": "5", "x-unrelated": "dropped"})
     cache.write(cache.take_dirty())
     again = AttrCache(db)
-    assert again.get("k", "etag1") == {"dg-file-size": "5"}
-    assert again.get("k", "etag2") is None
+    assert again.get("k", "v1") == {"dg-file-size": "5"}
+    assert again.get("k", "v2") is None
     db.write_bytes(b"not a database at all" * 100)
     broken = AttrCache(db)  # unreadable: starts empty instead of failing the mount
-    assert broken.get("k", "etag1") is None
+    assert broken.get("k", "v1") is None

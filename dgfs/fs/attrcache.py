@@ -1,6 +1,9 @@
-"""Persistent cache of object metadata keyed by (key, ETag).
+"""Persistent cache of object metadata keyed by (key, version).
 
-A HEAD answer never changes for a given ETag of a key, so once seen it can
+A version is the ETag plus the Last-Modified second (``version_of``): the
+ETag alone does not change when only the metadata does (a chmod is a
+copy of the object onto itself, same bytes, same MD5), Last-Modified
+does. A HEAD answer never changes for a given version, so once seen it can
 be reused across remounts: ``ls -l`` of a large directory after a remount
 costs one LIST, not one HEAD per file. Stored in SQLite under the cache
 directory. ``get``/``put`` work on an in-memory dict (trio thread only);
@@ -14,20 +17,29 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 #: Part of the cache file's name: a new version starts empty (2: keeps the
-#: ``dgfs-`` keys that tell deep objects apart).
-VERSION = "v2"
+#: ``dgfs-`` keys that tell deep objects apart; 3: rows keyed by
+#: ``version_of``, and ``rdev`` kept).
+VERSION = "v3"
+
+
+def version_of(etag: str, last_modified: datetime) -> str:
+    """What identifies one version of an object's metadata in a LIST or a HEAD
+    (whole seconds: HEAD's Last-Modified has no finer ones)."""
+    return f"{etag}@{int(last_modified.timestamp())}"
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS heads (
     key TEXT NOT NULL,
-    etag TEXT NOT NULL,
+    version TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    PRIMARY KEY (key, etag)
+    PRIMARY KEY (key, version)
 )
 """
 
@@ -39,6 +51,9 @@ def _relevant(name: str) -> bool:
         "mode",
         "uid",
         "gid",
+        "rdev",
+        "atime",
+        "ctime",
         "file_sha256",
         "file_size",
         "compression",
@@ -51,7 +66,7 @@ def _relevant(name: str) -> bool:
 
 
 class AttrCache:
-    """(key, etag) -> user metadata, persisted in ``path`` (SQLite)."""
+    """(key, version) -> user metadata, persisted in ``path`` (SQLite)."""
 
     def __init__(self, path: Path | None, max_entries: int = 1_000_000) -> None:
         self.path = path
@@ -71,23 +86,23 @@ class AttrCache:
     def _load(self) -> None:
         try:
             with self._connect() as conn:
-                for key, etag, meta in conn.execute("SELECT key, etag, metadata FROM heads"):
-                    self._rows[(key, etag)] = json.loads(meta)
+                for key, version, meta in conn.execute("SELECT key, version, metadata FROM heads"):
+                    self._rows[(key, version)] = json.loads(meta)
         except (sqlite3.Error, ValueError) as exc:
             log.warning("attribute cache %s unreadable (%s); starting empty", self.path, exc)
             self._rows.clear()
             if self.path is not None:
                 self.path.unlink(missing_ok=True)
 
-    def get(self, key: str, etag: str) -> dict[str, str] | None:
-        return self._rows.get((key, etag))
+    def get(self, key: str, version: str) -> dict[str, str] | None:
+        return self._rows.get((key, version))
 
-    def put(self, key: str, etag: str, metadata: Mapping[str, str]) -> None:
+    def put(self, key: str, version: str, metadata: Mapping[str, str]) -> None:
         kept = {k: v for k, v in metadata.items() if _relevant(k)}
         if len(self._rows) >= self.max_entries:
             self._rows.clear()  # crude bound; the store is the truth
-        self._rows[(key, etag)] = kept
-        self._dirty[(key, etag)] = kept
+        self._rows[(key, version)] = kept
+        self._dirty[(key, version)] = kept
 
     def take_dirty(self) -> list[tuple[str, str, str]]:
         """Rows not yet persisted (call on the trio thread, then ``write`` them in a worker)."""

@@ -22,7 +22,7 @@ from dgfs import format as fmt
 from dgfs.errors import DgfsError, FsError
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
-from dgfs.fs.attrcache import AttrCache
+from dgfs.fs.attrcache import AttrCache, version_of
 from dgfs.fs.nodes import Node, NodeKind
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
@@ -170,7 +170,7 @@ class Namespace:
         heads: dict[str, ObjectHead] = {}
         missing: list[str] = []
         for obj in objects:
-            meta = self.attr_cache.get(obj.key, obj.etag)
+            meta = self.attr_cache.get(obj.key, version_of(obj.etag, obj.last_modified))
             if meta is None:
                 missing.append(obj.key)
             else:
@@ -178,7 +178,7 @@ class Namespace:
 
         def headed(key: str, head: ObjectHead | None) -> None:
             if head is not None:
-                self.attr_cache.put(key, head.etag, head.metadata)
+                self.attr_cache.put(key, version_of(head.etag, head.last_modified), head.metadata)
 
         if missing:
             heads.update(await head_many(self.store, missing, on_head=headed))
