@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from dgfs import format as fmt
+from dgfs.fs import dirindex
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.namespace import DirEntry, Namespace
 from dgfs.fs.nodes import NodeKind
@@ -186,3 +187,60 @@ def test_attr_cache_survives_and_recovers_from_garbage(tmp_path: Path) -> None:
     db.write_bytes(b"not a database at all" * 100)
     broken = AttrCache(db)  # unreadable: starts empty instead of failing the mount
     assert broken.get("k", "v1") is None
+
+
+async def test_a_fresh_mount_reads_the_directory_index_instead_of_heading(
+    tmp_path: Path,
+) -> None:
+    store = CountingStore()
+    await fill(store, 40)
+    first = namespace(store, None)
+    await first.listing("rel")
+    assert store.heads >= 41
+    await first.flush_attr_cache()  # writes the index the listing found missing
+    index_key = dirindex.index_key("rel/")
+    assert index_key in store.objects
+
+    store.heads = 0
+    second = namespace(store, None)  # another machine: no attribute cache
+    entries = await second.listing("rel")
+    assert entries["app-39.zip"].size == 5039 and entries["app-39.zip"].mode == 0o100640
+    assert store.heads == 1  # the sub/ marker only
+
+    # An object changed since is not taken from the index (its version moved on).
+    await store.put_bytes("rel/app-0.zip.delta", b"changed", delta_meta("app-0.zip", 1))
+    store.heads = 0
+    third = namespace(store, None)
+    assert (await third.listing("rel"))["app-0.zip"].size == 1
+    assert store.heads == 2
+
+
+@pytest.mark.expected_log("directory index not used")
+async def test_a_garbled_or_lying_directory_index_costs_heads_never_a_wrong_attribute() -> None:
+    store = CountingStore()
+    await fill(store, 20)
+    # A row for the right key with another version, and one for a key of another directory.
+    obj = store.objects["rel/app-1.zip.delta"]
+    lying = {
+        "rel/app-1.zip.delta": ("0" * 32 + "@1", {**delta_meta("app-1.zip", 1)}),
+        "rel/sub/x.delta": (obj.etag, delta_meta("x", 1)),
+    }
+    await store.put_bytes(dirindex.index_key("rel/"), dirindex.encode("rel/", lying), {})
+    entries = await namespace(store, None).listing("rel")
+    assert entries["app-1.zip"].size == 5001
+    await store.put_bytes(dirindex.index_key("rel/"), b"garbage" * 10, {})
+    store.heads = 0
+    entries = await namespace(store, None).listing("rel")
+    assert entries["app-1.zip"].size == 5001
+    assert store.heads == 22  # 20 deltas, notes.txt and the sub/ marker
+
+
+async def test_a_read_only_mount_writes_no_index() -> None:
+    store = CountingStore()
+    await fill(store, 20)
+    ns = Namespace(
+        store, AttrCache(None), root_prefix="", listing_ttl=60, mounted_at_ns=1, write_indexes=False
+    )
+    await ns.listing("rel")
+    await ns.flush_attr_cache()
+    assert not [k for k in store.objects if k.startswith(dirindex.PREFIX)]

@@ -65,6 +65,11 @@ def _relevant(name: str) -> bool:
     }
 
 
+def relevant_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The part of an object's user metadata the mount uses."""
+    return {k: v for k, v in metadata.items() if _relevant(k)}
+
+
 class AttrCache:
     """(key, version) -> user metadata, persisted in ``path`` (SQLite)."""
 
@@ -98,7 +103,7 @@ class AttrCache:
         return self._rows.get((key, version))
 
     def put(self, key: str, version: str, metadata: Mapping[str, str]) -> None:
-        kept = {k: v for k, v in metadata.items() if _relevant(k)}
+        kept = relevant_metadata(metadata)
         if len(self._rows) >= self.max_entries:
             self._rows.clear()  # crude bound; the store is the truth
         self._rows[(key, version)] = kept

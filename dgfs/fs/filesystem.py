@@ -72,6 +72,7 @@ class FileSystem:
             root_prefix=root_prefix,
             listing_ttl=options.listing_ttl,
             mounted_at_ns=self.mounted_at_ns,
+            write_indexes=not options.read_only,
         )
         self.key_of = self.ns.key_of
         self.handles = HandleTable()

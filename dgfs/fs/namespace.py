@@ -19,14 +19,19 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
-from dgfs.errors import DgfsError, FsError
+from dgfs.errors import AccessDenied, DgfsError, FsError, NotFound, StoreError
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
-from dgfs.fs.attrcache import AttrCache, version_of
+from dgfs.fs import dirindex
+from dgfs.fs.attrcache import AttrCache, relevant_metadata, version_of
 from dgfs.fs.nodes import Node, NodeKind
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
+
+#: A listing that must HEAD at least this many objects reads the directory's
+#: index first (and, if still that many are unknown, writes a new one).
+INDEX_MIN_MISSES = 16
 
 
 @dataclass
@@ -56,8 +61,11 @@ class Namespace:
         root_prefix: str,
         listing_ttl: float,
         mounted_at_ns: int,
+        write_indexes: bool = True,
     ) -> None:
         self.store = store
+        self.write_indexes = write_indexes  # see dgfs.fs.dirindex
+        self._indexes_due: dict[str, dirindex.Rows] = {}  # dir prefix -> rows to store
         self.attr_cache = attr_cache
         self.root_prefix = root_prefix.strip("/")
         self.mounted_at_ns = mounted_at_ns
@@ -139,7 +147,7 @@ class Namespace:
             other = candidates.get(name)
             if other is None or obj.last_modified > other.last_modified:
                 candidates[name] = obj
-        heads = await self._heads(list(candidates.values()))
+        heads = await self._heads(prefix, list(candidates.values()))
         for name, obj in candidates.items():
             head = heads.get(obj.key)
             if head is None:
@@ -165,24 +173,73 @@ class Namespace:
             await head_many(self.store, missing, on_head=headed)
         return {k: self._dir_meta.get(k, {}) for k in marker_keys}
 
-    async def _heads(self, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
-        """HEAD what the attribute cache does not know, concurrently."""
+    async def _heads(self, prefix: str, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
+        """Metadata of a directory's ``objects``: from the attribute cache, else
+        the directory's index, else a HEAD each (concurrently)."""
         heads: dict[str, ObjectHead] = {}
-        missing: list[str] = []
+        missing: list[ObjectInfo] = []
         for obj in objects:
             meta = self.attr_cache.get(obj.key, version_of(obj.etag, obj.last_modified))
             if meta is None:
-                missing.append(obj.key)
+                missing.append(obj)
             else:
                 heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, meta)
+        if len(missing) < INDEX_MIN_MISSES:
+            return heads | await self._head_each(missing)
+        indexed = await self._read_index(prefix)
+        unknown: list[ObjectInfo] = []
+        for obj in missing:
+            version = version_of(obj.etag, obj.last_modified)
+            row = indexed.get(obj.key)
+            if row is not None and row[0] == version:
+                self.attr_cache.put(obj.key, version, row[1])
+                heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, row[1])
+            else:
+                unknown.append(obj)
+        heads |= await self._head_each(unknown)
+        if self.write_indexes and len(unknown) >= INDEX_MIN_MISSES:
+            # Missing or stale for many: the next fresh mount gets a full one.
+            self._indexes_due[prefix] = {
+                key: (version_of(head.etag, head.last_modified), dict(head.metadata))
+                for key, head in heads.items()
+            }
+        return heads
 
+    async def _head_each(self, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
         def headed(key: str, head: ObjectHead | None) -> None:
             if head is not None:
                 self.attr_cache.put(key, version_of(head.etag, head.last_modified), head.metadata)
 
-        if missing:
-            heads.update(await head_many(self.store, missing, on_head=headed))
-        return heads
+        if not objects:
+            return {}
+        return await head_many(self.store, [o.key for o in objects], on_head=headed)
+
+    async def _read_index(self, prefix: str) -> dirindex.Rows:
+        """The rows of the directory's index; {} when it has none or it is unusable."""
+        key = dirindex.index_key(prefix)
+        try:
+            body = await self.store.get_range(key, 0, dirindex.MAX_BYTES)
+            return await trio.to_thread.run_sync(dirindex.decode, prefix, body)
+        except NotFound:
+            return {}
+        except (ValueError, StoreError) as exc:
+            log.warning("%s: directory index not used (%s)", key, exc)
+            return {}
+
+    async def write_due_indexes(self) -> None:
+        """Store the directory indexes that listings found missing or stale."""
+        while self._indexes_due and self.write_indexes:
+            prefix, rows = self._indexes_due.popitem()
+            key = dirindex.index_key(prefix)
+            relevant = {k: (v, relevant_metadata(m)) for k, (v, m) in rows.items()}
+            body = await trio.to_thread.run_sync(dirindex.encode, prefix, relevant)
+            try:
+                await self.store.put_bytes(key, body, {})
+            except AccessDenied as exc:
+                log.warning("%s: cannot write directory indexes (%s); not trying again", key, exc)
+                self.write_indexes = False
+            except StoreError as exc:
+                log.warning("%s: directory index not written (%s)", key, exc)
 
     def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry | None:
         try:
@@ -302,7 +359,8 @@ class Namespace:
         self._dir_meta[key] = meta
 
     async def persist_attr_cache(self) -> None:
-        """Write new attribute-cache rows every few seconds (run in a nursery)."""
+        """Write new attribute-cache rows and due directory indexes every few
+        seconds (run in a nursery)."""
         while True:
             await trio.sleep(5)
             await self.flush_attr_cache()
@@ -311,3 +369,4 @@ class Namespace:
         rows = self.attr_cache.take_dirty()
         if rows:
             await trio.to_thread.run_sync(self.attr_cache.write, rows)
+        await self.write_due_indexes()
