@@ -818,22 +818,48 @@ class Core:
         listing = await self.store.list(src_root, delimiter=None)
         keys = [obj.key for obj in listing.objects]
 
+        copied: list[str] = []
+        failures: list[DgfsError] = []
+
+        async def copy_one(key: str, new_key: str) -> None:
+            if key.endswith("/"):
+                # A directory marker is written anew: SeaweedFS answers
+                # NoSuchKey to a CopyObject whose source key ends in "/".
+                head = await self.store.head(key)
+                body = await self.store.get_range(key, 0, head.size) if head.size else b""
+                await self.store.put_bytes(new_key, body, head.metadata)
+                return
+            meta = None
+            if key.endswith(fmt.DELTA_SUFFIX):
+                head = await self.store.head(key)
+                ref_key = fmt.meta_value(head.metadata, "ref_key")
+                if ref_key and ref_key.startswith(src_root):
+                    new_ref_key = dst_root + ref_key[len(src_root) :]
+                    meta = fmt.with_ref_key(head.metadata, new_ref_key)
+            await self.store.copy(key, new_key, meta)
+
         async def move_one(key: str, limiter: trio.CapacityLimiter) -> None:
+            new_key = dst_root + key[len(src_root) :]
             async with limiter:
-                new_key = dst_root + key[len(src_root) :]
-                meta = None
-                if key.endswith(fmt.DELTA_SUFFIX):
-                    head = await self.store.head(key)
-                    ref_key = fmt.meta_value(head.metadata, "ref_key")
-                    if ref_key and ref_key.startswith(src_root):
-                        new_ref_key = dst_root + ref_key[len(src_root) :]
-                        meta = fmt.with_ref_key(head.metadata, new_ref_key)
-                await self.store.copy(key, new_key, meta)
+                try:
+                    await copy_one(key, new_key)
+                except NotFound:
+                    return  # removed meanwhile (another mount): nothing to move
+                except DgfsError as exc:
+                    failures.append(exc)
+                    return
+            copied.append(new_key)
 
         limiter = trio.CapacityLimiter(16)
         async with trio.open_nursery() as nursery:
             for key in keys:
                 nursery.start_soon(move_one, key, limiter)
+        if failures:
+            # Nothing is deleted at the source; the copies made go, so the
+            # rename fails whole rather than leaving two trees.
+            with contextlib.suppress(DgfsError):
+                await self.store.delete_many(copied)
+            raise failures[0]
         await self.store.delete_many(keys)
         log.info("moved %d objects %s -> %s", len(keys), src_root, dst_root)
         return len(keys)

@@ -18,14 +18,23 @@ from dgfs import format as fmt
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.delta import DeltaEngine
-from dgfs.errors import DeltaEngineError, FormatError, IntegrityError, MissingReference, NotFound
+from dgfs.errors import (
+    DeltaEngineError,
+    FormatError,
+    IntegrityError,
+    MissingReference,
+    NotFound,
+    StoreError,
+)
 from dgfs.format import Kind
 from dgfs.policy import Policy
+from dgfs.store.base import ObjectStore
+from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from tests.releases import ReleaseSeries
 
 
-def make_core(store: MemoryStore, root: Path, **policy: object) -> tuple[Core, ContentCache]:
+def make_core(store: ObjectStore, root: Path, **policy: object) -> tuple[Core, ContentCache]:
     cache = ContentCache(root / "cache", 1 << 30)
     pol = Policy(min_delta_size=1024, **policy)  # type: ignore[arg-type]
     return Core(store, cache, DeltaEngine(), pol, scratch_dir=root / "scratch"), cache
@@ -324,6 +333,30 @@ async def test_directory_rename_moves_reference_and_rewrites_pointers(
         assert meta["dg-ref-key"] == "new/reference.bin"
         await core.get(f"new/{path.name}", tmp_path / "out")
         assert (tmp_path / "out").read_bytes() == path.read_bytes()
+
+
+async def test_a_directory_rename_that_fails_midway_leaves_the_source_whole(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    faulty = FaultyStore(memory_store)
+    core, cache = make_core(faulty, tmp_path)
+    try:
+        for path in releases[:3]:
+            await core.put(path, f"old/{path.name}")
+        await memory_store.put_bytes("old/sub/", b"", {"mode": "16877"})
+        before = dict(memory_store.objects)
+        faulty.fail("copy", key=f"old/{releases[1].name}.delta", transient=False)
+        with pytest.raises(StoreError):
+            await core.rename_prefix("old", "new")
+        # Nothing deleted at the source, no half copy left under the new name.
+        assert memory_store.objects.keys() == before.keys()
+        # The marker is written anew, not copied (SeaweedFS refuses to copy "dir/").
+        assert await core.rename_prefix("old", "new") == 5
+        assert memory_store.objects["new/sub/"].metadata == {"mode": "16877"}
+        assert [c for c in faulty.log if c.operation == "copy" and c.keys[0].endswith("/")] == []
+    finally:
+        await core.aclose()
+        cache.close()
 
 
 async def test_delete_leaves_the_reference(

@@ -656,3 +656,16 @@ async def test_names_longer_than_255_bytes_are_enametoolong(
             assert exc.value.errno == errno.ENAMETOOLONG
         await write_file(m.fs, "x" * 255, b"fits")
         assert await read_file(m.fs, "x" * 255) == b"fits"
+
+
+async def test_a_name_whose_s3_key_would_pass_1024_bytes_is_enametoolong(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with mounted(memory, tmp_path) as m:
+        parent = ROOT
+        for depth in range(4):  # 4 levels of 250 bytes: 1,003 bytes of key so far
+            parent = (await m.fs.mkdir(parent, f"{depth}" * 250, 0o755, UID, GID)).ino
+        with pytest.raises(FsError) as exc:
+            await m.fs.mkdir(parent, "x" * 20, 0o755, UID, GID)
+        assert exc.value.errno == errno.ENAMETOOLONG
+        await m.fs.mkdir(parent, "x" * 14, 0o755, UID, GID)  # 1,018 + ".delta" fits

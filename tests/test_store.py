@@ -16,6 +16,9 @@ import botocore.exceptions as bexc
 import pytest
 import trio
 
+from dgfs.cache import ContentCache
+from dgfs.core import Core
+from dgfs.delta import DeltaEngine
 from dgfs.errors import (
     AccessDenied,
     ConfigError,
@@ -27,6 +30,7 @@ from dgfs.errors import (
     TransientError,
     UserError,
 )
+from dgfs.policy import Policy
 from dgfs.store.base import ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store, translate_error
@@ -625,6 +629,23 @@ async def test_core_behaviours_seaweedfs(
     finally:
         await store.aclose()
         await missing.aclose()
+
+    # A directory rename moves markers too (SeaweedFS cannot copy a key ending in "/").
+    store = S3Store(bucket, endpoint_url=seaweed_endpoint, region=REGION)
+    cache = ContentCache(tmp_path / "rename-cache", 1 << 20)
+    core = Core(store, cache, DeltaEngine(), Policy(), scratch_dir=tmp_path / "rename-scratch")
+    try:
+        await store.put_bytes("d1/", b"", {"mode": "16877"})
+        await store.put_bytes("d1/sub/", b"", {"mode": "16832"})
+        await store.put_bytes("d1/f.txt", b"text", {})
+        assert await core.rename_prefix("d1", "d2") == 3
+        await store.head("d2/sub/")  # (SeaweedFS keeps no metadata on markers)
+        assert await store.get_range("d2/f.txt", 0, 10) == b"text"
+        assert not (await store.list("d1/", None)).objects
+    finally:
+        await core.aclose()
+        cache.close()
+        await store.aclose()
 
     # SeaweedFS checks signatures (moto does not): a wrong secret is AccessDenied.
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")

@@ -276,7 +276,7 @@ class FileSystem:
         if flags & os.O_TRUNC and access is Access.WRITE:
             await self.uploads.stage_empty(node)
             node.size = 0
-            node.mtime_ns = time.time_ns()
+            node.mtime_ns = node.ctime_ns = time.time_ns()
         return self.handles.open(node, access)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:

@@ -40,6 +40,8 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 BLOCK = 4096
+# OS errors a request causes by itself (os.ftruncate to 2**63 - 1: EFBIG).
+_CALLER_ERRNOS = frozenset({errno.EFBIG, errno.EINVAL, errno.ENAMETOOLONG, errno.EOVERFLOW})
 
 
 def _fuse_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -55,7 +57,10 @@ def _fuse_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, An
             log.error("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno_of(exc)) from None
         except OSError as exc:
-            log.error("%s: %s", fn.__name__, exc)
+            # What the caller asked for (a file too large, say) is its own error,
+            # not the mount's.
+            level = logging.DEBUG if exc.errno in _CALLER_ERRNOS else logging.ERROR
+            log.log(level, "%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s", fn.__name__)
@@ -86,7 +91,9 @@ class FuseOperations(pyfuse3.Operations):
         entry.entry_timeout = self.attr_timeout
         entry.attr_timeout = self.attr_timeout
         entry.st_mode = node.kind.type_bits | node.mode
-        entry.st_nlink = 2 if node.kind is NodeKind.DIR else 1
+        # A directory's subdirectories are not counted (that would need its
+        # listing); an unlinked file still open has no name left.
+        entry.st_nlink = 2 if node.kind is NodeKind.DIR else 0 if node.unlinked else 1
         entry.st_uid = node.uid
         entry.st_gid = node.gid
         entry.st_rdev = node.rdev

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 #: A listing that must HEAD at least this many objects reads the directory's
 #: index first (and, if still that many are unknown, writes a new one).
 INDEX_MIN_MISSES = 16
+S3_KEY_MAX = 1024  # bytes
 
 
 @dataclass
@@ -106,6 +107,11 @@ class Namespace:
         if not name or "/" in name or name in (".", ".."):
             raise FsError(errno.EINVAL, f"bad name {name!r}")
         if len(name.encode()) > 255:
+            raise FsError(errno.ENAMETOOLONG)
+        # S3 keys hold at most 1,024 bytes; the longest form of an entry is a
+        # directory's marker ("/") or a delta (".delta").
+        key = self.key_of(f"{parent_path}/{name}" if parent_path else name)
+        if len(key.encode()) + len(fmt.DELTA_SUFFIX) > S3_KEY_MAX:
             raise FsError(errno.ENAMETOOLONG)
         if fmt.is_hidden_name(name) or self.is_reserved(parent_path, name):
             raise FsError(errno.EINVAL, f"{name}: reserved by the DeltaGlider format")
