@@ -58,7 +58,6 @@ from collections import Counter
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -84,7 +83,8 @@ if [ -n "${PJDFSTEST_FS}" ]; then
 fi
 """
 PLAN = re.compile(r"^1\.\.(\d+)")
-RESULT = re.compile(r"^(not ok|ok)\b\s*(\d+)?(.*)$")
+# Test lines carry their number; prove -v also prints a bare "ok" per file.
+RESULT = re.compile(r"^(not ok|ok)\s+(\d+)\b(.*)$")
 TODO = re.compile(r"#\s*TODO\b", re.IGNORECASE)
 
 
@@ -104,7 +104,7 @@ class FileResult:
 
     @property
     def total(self) -> int:
-        return max(self.planned, self.passed + self.failed + self.todo)
+        return max(self.planned, self.passed + self.failed + self.todo + self.missing)
 
     @property
     def failed_total(self) -> int:
@@ -371,7 +371,10 @@ def main() -> int:
         if args.fs:
             env["PJDFSTEST_FS"] = args.fs
         fs_type = args.fs or _detected_fs(cwd)
-        print(f"== {len(files)} test files, fs={fs_type}, timeout {args.timeout:.0f}s each", flush=True)
+        print(
+            f"== {len(files)} test files, fs={fs_type}, timeout {args.timeout:.0f}s each",
+            flush=True,
+        )
         for test in files:
             name = str(test.relative_to(tests))
             if time.monotonic() - t_start > args.budget:
@@ -379,10 +382,14 @@ def main() -> int:
                 break
             text, result = run_file(test, cwd, args.timeout, env)
             results[name] = result
-            mark = "TIMEOUT" if result.timed_out else (
-                "ok" if result.failed_total == 0 else f"{result.failed_total} failed"
+            mark = (
+                "TIMEOUT"
+                if result.timed_out
+                else ("ok" if result.failed_total == 0 else f"{result.failed_total} failed")
             )
-            print(f"   {name:<24} {result.total:>5} tests  {result.seconds:6.1f}s  {mark}", flush=True)
+            print(
+                f"   {name:<24} {result.total:>5} tests  {result.seconds:6.1f}s  {mark}", flush=True
+            )
     except KeyboardInterrupt:
         interrupted = True
         print("\n   interrupted: stopping", file=sys.stderr)
@@ -393,6 +400,9 @@ def main() -> int:
         if mount is not None:
             mount.stop()
         if server is not None:
+            # Its log goes beside the results: a 5xx the daemon saw is explained there.
+            with suppress(OSError, AssertionError):
+                shutil.copyfile(server.log_path, args.json.with_suffix(".server.log"))
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
