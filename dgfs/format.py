@@ -358,9 +358,9 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
         )
     visible = visible_key(stored_key) or stored_key
     if file_sha256 is None:
-        # Foreign: not written by DeltaGlider; shown under its own name,
-        # except that a bare ``.delta`` suffix is still hidden (as DeltaGlider does).
-        return StoredFile(Kind.FOREIGN, stored_key, visible, stored_size, stored_size, None)
+        # Foreign: not written by DeltaGlider; shown under its own name, a
+        # ``.delta`` suffix included (its bytes are no file's delta dgfs could rebuild).
+        return StoredFile(Kind.FOREIGN, stored_key, stored_key, stored_size, stored_size, None)
     size_text = meta_value(metadata, "file_size")
     if stored_key.endswith(DELTA_SUFFIX) and meta_value(metadata, "compression") != "none":
         ref_key = meta_value(metadata, "ref_key")
@@ -380,6 +380,16 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
         )
     original_size = _parse_size(stored_key, size_text) if size_text else stored_size
     return StoredFile(Kind.DIRECT, stored_key, visible, original_size, stored_size, file_sha256)
+
+
+def classify_shown(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> StoredFile:
+    """``classify`` as the mount shows objects: one whose DeltaGlider metadata
+    cannot be used (a ``.delta`` without its size or reference, a garbled
+    size) is a foreign file under its own stored name, never an error."""
+    try:
+        return classify(stored_key, stored_size, metadata)
+    except FormatError:
+        return StoredFile(Kind.FOREIGN, stored_key, stored_key, stored_size, stored_size, None)
 
 
 def is_deep(metadata: Mapping[str, str]) -> bool:
