@@ -45,6 +45,7 @@ from dgfs.errors import (
     MissingReference,
     NotFound,
     PreconditionFailed,
+    XdeltaMissing,
 )
 from dgfs.flight import SingleFlight
 from dgfs.format import DeltaMode, Kind, StoredFile
@@ -649,10 +650,25 @@ class Core:
         """
         assert stored.kind is Kind.DELTA and stored.ref_key and stored.ref_sha256
         recovered = False
-        if stored.deep:
-            await self._rebuild_deep(stored, out)
-        else:
-            recovered = await self._rebuild_dg(stored, out)
+        try:
+            if stored.deep:
+                await self._rebuild_deep(stored, out)
+            else:
+                recovered = await self._rebuild_dg(stored, out)
+        except XdeltaMissing:
+            raise
+        except DeltaEngineError as exc:
+            # A truncated or corrupt delta body (or a reference it was not made
+            # against): the object is broken, say which one.
+            out.unlink(missing_ok=True)
+            raise IntegrityError(f"{stored.stored_key}: cannot be decoded: {exc}") from None
+        size = out.stat().st_size
+        if size != stored.original_size:
+            out.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{stored.stored_key}: rebuilt {size} bytes where its metadata says"
+                f" {stored.original_size}; refusing to return them"
+            )
         if verify:
             await self._verify_file(out, stored)
         return recovered

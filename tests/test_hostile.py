@@ -11,6 +11,7 @@ The same inputs through a real mount: tests/test_mount_hostile.py.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from pathlib import Path
@@ -23,7 +24,7 @@ from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.nodes import Node
 from dgfs.store.memory import MemoryStore
 from tests.releases import ReleaseSeries
-from tests.test_core import make_core, write
+from tests.test_core import flip_byte, make_core, write
 from tests.test_filesystem import ROOT, lookup, mounted, read_file, write_file
 
 pytestmark = pytest.mark.timeout(60)
@@ -294,3 +295,70 @@ async def test_a_delta_is_never_stored_over_a_foreign_delta_object(tmp_path: Pat
     assert (tmp_path / "back").read_bytes() == zips[2].read_bytes()
     await core.aclose()
     cache.close()
+
+
+# --- deltas and references that lie or are broken -----------------------------------------
+
+BROKEN = [
+    "wrong-size",
+    "wrong-sha256",
+    "ref-key-nowhere",
+    "ref-sha-mismatch",
+    "truncated-delta",
+    "corrupt-delta",
+    "missing-reference",
+    "corrupt-reference",
+]
+
+
+async def break_one(store: MemoryStore, how: str, key: str) -> None:
+    """Damage the delta ``key`` (``dir/name.zip.delta``) or its reference, as ``how`` says."""
+    obj = store.objects[key]
+    meta = dict(obj.metadata)
+    ref = f"{fmt.split_key(key)[0]}/reference.bin"
+    if how == "wrong-size":
+        meta["dg-file-size"] = str(int(meta["dg-file-size"]) - 10)
+    elif how == "wrong-sha256":
+        meta["dg-file-sha256"] = "0" * 64
+    elif how == "ref-key-nowhere":
+        meta["dg-ref-key"] = "nowhere/reference.bin"
+    elif how == "ref-sha-mismatch":
+        meta["dg-ref-sha256"] = "1" * 64
+    elif how == "truncated-delta":
+        await store.put_bytes(key, obj.body[: len(obj.body) // 2], meta)
+        return
+    elif how == "corrupt-delta":
+        flip_byte(store, key, lambda body: len(body) // 2)
+        return
+    elif how == "missing-reference":
+        del store.objects[ref]
+        return
+    elif how == "corrupt-reference":
+        flip_byte(store, ref, lambda body: 100)
+        return
+    await store.put_bytes(key, obj.body, meta)
+
+
+@pytest.mark.expected_log(r"cannot read")
+@pytest.mark.parametrize("how", BROKEN)
+async def test_broken_delta_reads_eio_with_one_log_line(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryStore()
+    core, cache = make_core(store, tmp_path / "writer")
+    zips = [write(tmp_path / n, d) for n, d in ReleaseSeries(size=256 << 10).zips(2)]
+    await core.put(zips[0], "b/first.zip")
+    await core.put(zips[1], "b/second.zip")
+    await core.aclose()
+    cache.close()
+    await break_one(store, how, "b/second.zip.delta")
+    async with mounted(store, tmp_path) as m:
+        names = await readdir(m.fs, "b")  # stat and listing still work
+        assert "second.zip" in names
+        for _ in range(3):  # the kernel retries, a user runs cat again
+            with pytest.raises(FsError) as exc:
+                await read_file(m.fs, "second.zip", await ino_of(m.fs, "b"))
+            assert exc.value.errno == errno.EIO
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "b/second.zip.delta" in lines[0].getMessage()
