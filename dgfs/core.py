@@ -661,7 +661,10 @@ class Core:
             # A truncated or corrupt delta body (or a reference it was not made
             # against): the object is broken, say which one.
             out.unlink(missing_ok=True)
-            raise IntegrityError(f"{stored.stored_key}: cannot be decoded: {exc}") from None
+            # xdelta3's own words, without the scratch paths and advice lines:
+            # the log gets one line naming the object.
+            reason = str(exc).splitlines()[0].rpartition("xdelta3: ")[2]
+            raise IntegrityError(f"{stored.stored_key}: cannot be decoded ({reason})") from None
         size = out.stat().st_size
         if size != stored.original_size:
             out.unlink(missing_ok=True)
