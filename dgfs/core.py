@@ -45,6 +45,7 @@ from dgfs.errors import (
     MissingReference,
     NotFound,
     PreconditionFailed,
+    XdeltaMissing,
 )
 from dgfs.flight import SingleFlight
 from dgfs.format import DeltaMode, Kind, StoredFile
@@ -71,6 +72,11 @@ def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, boo
     if ref_sha256 is None:
         log.warning("%s has no dg-file-sha256; storing files beside it direct", ref_key)
     return ref_sha256, False
+
+
+def _holds(head: ObjectHead, key: str) -> bool:
+    """Whether the object ``head`` holds the user-visible file ``key`` (as the mount shows it)."""
+    return fmt.classify_shown(head.key, head.size, head.metadata).visible_key == key
 
 
 def _made_from_gzip(delta: Path) -> bool:
@@ -219,11 +225,39 @@ class Core:
 
     async def _locate_with_head(self, key: str) -> tuple[StoredFile, ObjectHead]:
         """``locate``, plus the HEAD it was read from (for callers that copy metadata)."""
-        heads = await head_many(self.store, [fmt.delta_key(key), key])
-        if not heads:
+        forms = await self._forms(key)
+        if not forms:
             raise NotFound(f"no such file: {key}")
-        newest = max(heads.values(), key=lambda h: (h.last_modified, h.key.endswith(".delta")))
-        return fmt.classify(newest.key, newest.size, newest.metadata), newest
+        newest = max(forms.values(), key=lambda h: (h.last_modified, h.key.endswith(".delta")))
+        return fmt.classify_shown(newest.key, newest.size, newest.metadata), newest
+
+    async def _forms(self, key: str) -> dict[str, ObjectHead]:
+        """The objects that hold the user-visible ``key`` (stored key -> HEAD).
+
+        ``key.delta`` is one only when it is a usable delta: a ``.delta`` that
+        is not (no DeltaGlider metadata, or too little) is a file of its own
+        name, which nothing done to ``key`` may overwrite or remove.
+        """
+        heads = await head_many(self.store, [fmt.delta_key(key), key])
+        return {stored_key: head for stored_key, head in heads.items() if _holds(head, key)}
+
+    async def _delta_form(self, key: str) -> ObjectHead | None:
+        """The HEAD of ``key.delta`` (None if there is none)."""
+        try:
+            return await self.store.head(fmt.delta_key(key))
+        except NotFound:
+            return None
+
+    async def _delta_form_taken(self, key: str) -> bool:
+        """Whether ``key.delta`` holds an object that is not ``key``'s delta."""
+        head = await self._delta_form(key)
+        return head is not None and not _holds(head, key)
+
+    async def _delete_delta_form(self, key: str) -> None:
+        """Remove ``key.delta`` if it is ``key``'s delta (an older form), nothing else."""
+        head = await self._delta_form(key)
+        if head is not None and _holds(head, key):
+            await self.store.delete(head.key)
 
     # --- put -----------------------------------------------------------------
 
@@ -252,6 +286,10 @@ class Core:
         extra = dict(extra_metadata or {})
         prefix, name = fmt.split_key(key)
         if not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
+            return await self._put_direct(src, key, digest, extra, content_type)
+        if await self._delta_form_taken(key):
+            # A foreign ``key.delta`` (shown as a file of that name) stays untouched.
+            log.info("%s: %s is another file; storing direct", key, fmt.delta_key(key))
             return await self._put_direct(src, key, digest, extra, content_type)
         mode, ref_head = await self._deltaspace(prefix, mode)
         deep = mode is DeltaMode.DEEP
@@ -297,7 +335,7 @@ class Core:
             original_name=name, file_sha256=digest.sha256, file_size=digest.size, now=self._now()
         )
         await self.store.upload(key, src, {**extra, **meta}, content_type=content_type)
-        await self.store.delete(fmt.delta_key(key))
+        await self._delete_delta_form(key)
         log.info("stored %s direct (%d bytes)", key, digest.size)
         stored = StoredFile(Kind.DIRECT, key, key, digest.size, digest.size, digest.sha256)
         return PutResult(stored)
@@ -612,10 +650,28 @@ class Core:
         """
         assert stored.kind is Kind.DELTA and stored.ref_key and stored.ref_sha256
         recovered = False
-        if stored.deep:
-            await self._rebuild_deep(stored, out)
-        else:
-            recovered = await self._rebuild_dg(stored, out)
+        try:
+            if stored.deep:
+                await self._rebuild_deep(stored, out)
+            else:
+                recovered = await self._rebuild_dg(stored, out)
+        except XdeltaMissing:
+            raise
+        except DeltaEngineError as exc:
+            # A truncated or corrupt delta body (or a reference it was not made
+            # against): the object is broken, say which one.
+            out.unlink(missing_ok=True)
+            # xdelta3's own words, without the scratch paths and advice lines:
+            # the log gets one line naming the object.
+            reason = str(exc).splitlines()[0].rpartition("xdelta3: ")[2]
+            raise IntegrityError(f"{stored.stored_key}: cannot be decoded ({reason})") from None
+        size = out.stat().st_size
+        if size != stored.original_size:
+            out.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{stored.stored_key}: rebuilt {size} bytes where its metadata says"
+                f" {stored.original_size}; refusing to return them"
+            )
         if verify:
             await self._verify_file(out, stored)
         return recovered
@@ -767,9 +823,11 @@ class Core:
 
     async def delete(self, key: str) -> None:
         """Remove the file ``key`` in every form; the reference stays (as DeltaGlider does)."""
-        stored = await self.locate(key)
-        await self.store.delete_many([fmt.delta_key(key), key])
-        log.info("deleted %s (%s)", key, stored.kind.value)
+        forms = await self._forms(key)
+        if not forms:
+            raise NotFound(f"no such file: {key}")
+        await self.store.delete_many(list(forms))
+        log.info("deleted %s (%s)", key, ", ".join(sorted(forms)))
 
     async def rename(self, src_key: str, dst_key: str) -> StoredFile:
         """Move one file. A delta keeps its reference when it stays in its
@@ -781,7 +839,9 @@ class Core:
             return stored
         dst_name = fmt.split_key(dst_key)[1]
         same_space = fmt.split_key(src_key)[0] == fmt.split_key(dst_key)[0]
-        if stored.kind is Kind.DELTA and not same_space:
+        # A delta moves as a delta only where ``dst.delta`` is free for it;
+        # otherwise it is rebuilt and stored (direct, beside a foreign ``dst.delta``).
+        if stored.kind is Kind.DELTA and (not same_space or await self._delta_form_taken(dst_key)):
             async with self._scratch() as plain:
                 await self.rebuild(stored, plain)
                 extra = {k: v for k, v in head.metadata.items() if k in fmt.POSIX_KEYS}
@@ -796,7 +856,10 @@ class Core:
             if stored.kind in (Kind.DELTA, Kind.DIRECT):
                 meta = fmt.with_original_name(head.metadata, dst_name)
             await self.store.copy(stored.stored_key, dst_stored, meta)
-            await self.store.delete(other_form)
+            if other_form == dst_key:
+                await self.store.delete(other_form)
+            else:
+                await self._delete_delta_form(dst_key)
         await self.store.delete(stored.stored_key)
         log.info("renamed %s -> %s", src_key, dst_key)
         return await self.locate(dst_key)
@@ -888,12 +951,30 @@ class Core:
                 return result
         raise DgfsError(f"{stored.visible_key}: the cache is too small to hold it")
 
-    async def remove_dir_leftovers(self, prefix: str) -> None:
-        """Remove what an empty directory ``prefix`` (ending in "/") still holds:
-        its marker, and a reference no delta uses any more."""
+    async def dir_leftovers(self, prefix: str) -> tuple[list[str], list[str]]:
+        """What a directory that lists empty (``prefix`` ends in "/") still holds:
+        ``(removable, kept)``.
+
+        Removable: its empty marker, and references (with DeltaGlider
+        metadata) no delta uses any more. Kept: everything else, which the
+        mount does not show and must not delete: a marker with bytes, a
+        ``reference.bin`` another tool wrote, objects under names the mount
+        skips (``a//b``, ``./x``, names over 255 bytes).
+        """
         page = await self.store.list(prefix, "/")
-        leftovers = [o.key for o in page.objects if o.key == prefix or fmt.is_reference_key(o.key)]
-        await self.store.delete_many(leftovers)
+        removable: list[str] = []
+        kept = list(page.prefixes)
+        refs = [o.key for o in page.objects if fmt.is_reference_key(o.key)]
+        ref_heads = await head_many(self.store, refs)
+        for obj in page.objects:
+            head = ref_heads.get(obj.key)
+            if (obj.key == prefix and obj.size == 0) or (
+                head is not None and fmt.meta_value(head.metadata, "file_sha256")
+            ):
+                removable.append(obj.key)
+            elif obj.key not in refs or obj.key in ref_heads:  # not gone since the LIST
+                kept.append(obj.key)
+        return removable, kept
 
     # Symlinks and special files (FIFOs, devices, sockets) are single plain
     # objects as s3fs stores them: the type in the ``mode`` metadata, the body

@@ -22,6 +22,7 @@ objects). POSIX attributes travel in the keys s3fs-fuse and rclone use.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -268,29 +269,58 @@ def posix_metadata(
     return meta
 
 
+# What a kernel stat can carry. Metadata outside these bounds (written by
+# some other tool, or garbled) is ignored, as if absent: one odd object
+# must never make a directory unlistable (docs/SEMANTICS.md, "Buckets dgfs
+# did not write").
+_NS_MIN, _NS_MAX = -(2**63), 2**63 - 1  # st_mtime_ns is a signed 64-bit count
+ID_MAX = 2**32 - 2  # uid_t; 2**32 - 1 is (uid_t)-1, "no owner" to chown(2)
+_MODE_MAX = 0o177777
+#: File types a ``mode`` may carry (0: permission bits only, as some tools write).
+_FILE_TYPES = frozenset({0, 0o010000, 0o020000, 0o040000, 0o060000, 0o100000, 0o120000, 0o140000})
+_MTIME = re.compile(r"(-?)(\d{1,20})(?:\.(\d{1,30}))?")
+_DECIMAL = re.compile(r"\d{1,20}")
+_OCTAL = re.compile(r"0(?:o)?([0-7]{1,20})")
+
+
 def parse_mtime_ns(metadata: Mapping[str, str]) -> int | None:
-    """mtime from s3fs/rclone metadata, in ns, or None if absent or garbled."""
+    """mtime from s3fs/rclone metadata (seconds, optional fraction), in ns.
+
+    None if absent, not a plain decimal number, or outside what a stat
+    can show. Times before 1970 are negative and kept.
+    """
     raw = metadata.get(META_MTIME)
-    if not raw:
+    match = _MTIME.fullmatch(raw.strip()) if raw else None
+    if match is None:
         return None
-    try:
-        sec, _, frac = raw.partition(".")
-        return int(sec) * 1_000_000_000 + (int(frac.ljust(9, "0")[:9]) if frac else 0)
-    except ValueError:
-        return None
+    sign, sec, frac = match.groups()
+    ns = int(sec) * 1_000_000_000 + (int(frac.ljust(9, "0")[:9]) if frac else 0)
+    ns = -ns if sign else ns
+    return ns if _NS_MIN <= ns <= _NS_MAX else None
 
 
 def parse_int_meta(metadata: Mapping[str, str], key: str) -> int | None:
-    raw = metadata.get(key)
-    if raw is None:
+    """``mode``, ``uid``, ``gid`` or ``rdev`` from s3fs/rclone metadata; None if absent or unusable.
+
+    s3fs writes decimal, rclone octal with a leading zero. Negative values,
+    uid/gid/rdev beyond ``ID_MAX``, a mode beyond 16 bits or with a file type
+    that does not exist count as absent.
+    """
+    raw = (metadata.get(key) or "").strip()
+    if len(raw) > 1 and raw.startswith("0"):
+        octal = _OCTAL.fullmatch(raw)
+        if octal is None:
+            return None
+        value = int(octal.group(1), 8)
+    elif _DECIMAL.fullmatch(raw):
+        value = int(raw)
+    else:
         return None
-    try:
-        # s3fs writes decimal; rclone writes octal with a leading zero.
-        if len(raw) > 1 and raw.startswith("0"):
-            return int(raw.removeprefix("0o").removeprefix("0"), 8)
-        return int(raw)
-    except ValueError:
-        return None
+    if key == META_MODE:
+        usable = value <= _MODE_MAX and value & 0o170000 in _FILE_TYPES
+    else:
+        usable = value <= ID_MAX
+    return value if usable else None
 
 
 # --- classification ------------------------------------------------------------
@@ -337,9 +367,9 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
         )
     visible = visible_key(stored_key) or stored_key
     if file_sha256 is None:
-        # Foreign: not written by DeltaGlider; shown under its own name,
-        # except that a bare ``.delta`` suffix is still hidden (as DeltaGlider does).
-        return StoredFile(Kind.FOREIGN, stored_key, visible, stored_size, stored_size, None)
+        # Foreign: not written by DeltaGlider; shown under its own name, a
+        # ``.delta`` suffix included (its bytes are no file's delta dgfs could rebuild).
+        return StoredFile(Kind.FOREIGN, stored_key, stored_key, stored_size, stored_size, None)
     size_text = meta_value(metadata, "file_size")
     if stored_key.endswith(DELTA_SUFFIX) and meta_value(metadata, "compression") != "none":
         ref_key = meta_value(metadata, "ref_key")
@@ -359,6 +389,16 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
         )
     original_size = _parse_size(stored_key, size_text) if size_text else stored_size
     return StoredFile(Kind.DIRECT, stored_key, visible, original_size, stored_size, file_sha256)
+
+
+def classify_shown(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> StoredFile:
+    """``classify`` as the mount shows objects: one whose DeltaGlider metadata
+    cannot be used (a ``.delta`` without its size or reference, a garbled
+    size) is a foreign file under its own stored name, never an error."""
+    try:
+        return classify(stored_key, stored_size, metadata)
+    except FormatError:
+        return StoredFile(Kind.FOREIGN, stored_key, stored_key, stored_size, stored_size, None)
 
 
 def is_deep(metadata: Mapping[str, str]) -> bool:

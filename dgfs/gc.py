@@ -153,6 +153,8 @@ async def orphaned_references(store: ObjectStore, objects: list[ObjectInfo]) -> 
         keys = by_space[fmt.split_key(ref.key)[0]]
         if await needed(store, ref.key, keys):
             continue
+        if not await _is_deltaglider_reference(store, ref.key):
+            continue
         if any(fmt.is_delta_key(key) for key in keys):
             other = "deep" if fmt.reference_mode(ref.key) is DeltaMode.DG else "DeltaGlider"
             reason = f"its directory has only {other} deltas left"
@@ -160,6 +162,20 @@ async def orphaned_references(store: ObjectStore, objects: list[ObjectInfo]) -> 
             reason = "no delta left in its directory"
         found.append(Garbage(GarbageKind.ORPHANED_REFERENCE, ref.key, ref.size, reason))
     return found
+
+
+async def _is_deltaglider_reference(store: ObjectStore, key: str) -> bool:
+    """Whether ``key`` is a reference a DeltaGlider writer made (it records a
+    ``dg-file-sha256``). Another tool's ``reference.bin`` is a user's file: gc
+    never removes an object it does not understand."""
+    try:
+        head = await store.head(key)
+    except NotFound:
+        return False
+    if fmt.meta_value(head.metadata, "file_sha256") is None:
+        log.warning("%s has no DeltaGlider metadata: not a reference, left alone", key)
+        return False
+    return True
 
 
 async def find_garbage(

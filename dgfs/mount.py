@@ -107,6 +107,9 @@ def _fuse_options(config: MountConfig) -> set[str]:
     opts = set(pyfuse3.default_options)
     opts.add(f"fsname=dgfs:{config.location.bucket}")
     opts.add("subtype=dgfs")
+    # Modes come from the bucket, which anyone with write access to it controls:
+    # a setuid-root binary or a device node there must not gain its powers here.
+    opts |= {"nosuid", "nodev"}
     if config.allow_other:
         opts.add("allow_other")
     if config.fs_options.read_only:

@@ -490,10 +490,10 @@ def _enospc(message: str) -> OSError:
     [
         ("upload", TransientError, False),
         ("upload", TransientError, True),  # stored, but the reply was lost
-        ("delete", TransientError, False),  # the put's clean-up of an older delta
+        ("head", TransientError, False),  # the put's look for an older delta to remove
         ("upload", _enospc, False),  # the local disk, not the store
     ],
-    ids=["upload", "upload-reply-lost", "delete", "enospc"],
+    ids=["upload", "upload-reply-lost", "head", "enospc"],
 )
 async def test_transient_failure_is_retried_until_it_succeeds(
     memory: MemoryStore,

@@ -174,7 +174,7 @@ async def test_verify_reports_a_reference_deep_that_is_not_zstd(
     assert all("not valid zstd" in r.message for r in report.failures)
 
 
-@pytest.mark.expected_log("cannot rebuild|xdelta3|SHA-256|bad magic")
+@pytest.mark.expected_log("cannot rebuild|cannot be decoded|xdelta3|SHA-256|bad magic")
 async def test_verify_reports_a_corrupt_deep_delta(
     deep: Core, memory_store: MemoryStore, tmp_path: Path
 ) -> None:

@@ -18,7 +18,9 @@ from dgfs.verify import Status, mount_location, verify_all, verify_key
 from tests.releases import ReleaseSeries
 from tests.servers import REGION, s3_client
 
-pytestmark = pytest.mark.expected_log("SHA-256|xdelta3 decode failed|does not match")
+pytestmark = pytest.mark.expected_log(
+    "SHA-256|cannot be decoded|xdelta3 decode failed|does not match"
+)
 
 COUNT = 4
 

@@ -213,8 +213,13 @@ class FileSystem:
             raise FsError(errno.ENOTDIR)
         await self._check_empty(node)
         # An empty directory may still hold its reference (no deltas left):
-        # it goes with the directory, as nothing can use it any more.
-        await self.core.remove_dir_leftovers(self.ns.dir_prefix(node.path))
+        # it goes with the directory, as nothing can use it any more. What
+        # the mount does not show stays, and so does the directory.
+        removable, kept = await self.core.dir_leftovers(self.ns.dir_prefix(node.path))
+        if kept:
+            log.info("rmdir %s: it holds objects the mount does not show: %s", node.path, kept[:5])
+            raise FsError(errno.ENOTEMPTY)
+        await self.store.delete_many(removable)
         self.ns.forget(node.path)
         self.ns.drop(node.path)
         self.nodes.unlink(node)

@@ -19,7 +19,7 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
-from dgfs.errors import AccessDenied, DgfsError, FsError, NotFound, StoreError
+from dgfs.errors import AccessDenied, FsError, NotFound, StoreError
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
 from dgfs.fs import dirindex
@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 #: index first (and, if still that many are unknown, writes a new one).
 INDEX_MIN_MISSES = 16
 S3_KEY_MAX = 1024  # bytes
+NAME_MAX = 255  # bytes in one name, as statfs reports
+
+
+def _newer(head: ObjectHead, other: ObjectHead) -> bool:
+    """Of two forms of one file, whether ``head`` is the one shown (the newer; a delta on a tie)."""
+    return (head.last_modified, head.key.endswith(fmt.DELTA_SUFFIX)) > (
+        other.last_modified,
+        other.key.endswith(fmt.DELTA_SUFFIX),
+    )
 
 
 @dataclass
@@ -80,6 +89,7 @@ class Namespace:
         # over its result. name -> entry, or None for a name dropped.
         self._flight_changes: dict[str, dict[str, DirEntry | None]] = {}
         self._dir_meta: dict[str, dict[str, str]] = {}  # marker key -> its metadata
+        self._marker_bodies: set[str] = set()  # markers that hold bytes (not dgfs's)
 
     def key_of(self, path: str) -> str:
         """The user-visible S3 key of a mount path."""
@@ -106,7 +116,7 @@ class Namespace:
         """Refuse a name a new entry of ``parent_path`` may not take (``FsError``)."""
         if not name or "/" in name or name in (".", ".."):
             raise FsError(errno.EINVAL, f"bad name {name!r}")
-        if len(name.encode()) > 255:
+        if len(name.encode()) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         # S3 keys hold at most 1,024 bytes; the longest form of an entry is a
         # directory's marker ("/") or a delta (".delta").
@@ -123,9 +133,7 @@ class Namespace:
         subdirs = [
             sub
             for sub in page.prefixes
-            if sub[len(prefix) : -1]
-            and "/" not in sub[len(prefix) : -1]
-            and not (not prefix and sub == fmt.INTERNAL_PREFIX)
+            if self.shows(path, sub[len(prefix) : -1]) and "/" not in sub[len(prefix) : -1]
         ]
         markers = await self._marker_metadata(subdirs)
         for sub in subdirs:
@@ -139,29 +147,44 @@ class Namespace:
                 uid=fmt.parse_int_meta(meta, fmt.META_UID),
                 gid=fmt.parse_int_meta(meta, fmt.META_GID),
             )
-        candidates: dict[str, ObjectInfo] = {}
-        for obj in page.objects:
-            rel = obj.key[len(prefix) :]
-            if not rel or "/" in rel:
-                continue  # the directory's own marker, or an odd key
-            visible = fmt.visible_key(obj.key)
-            if visible is None or fmt.is_internal_key(obj.key):
-                continue
-            name = visible[len(prefix) :]
-            if not name or name in entries:
-                continue
-            other = candidates.get(name)
-            if other is None or obj.last_modified > other.last_modified:
-                candidates[name] = obj
-        heads = await self._heads(prefix, list(candidates.values()))
-        for name, obj in candidates.items():
-            head = heads.get(obj.key)
-            if head is None:
-                continue  # vanished between LIST and HEAD
-            entry = self._entry_from_head(name, head)
-            if entry is not None:
-                entries[name] = entry
+        candidates = [
+            obj
+            for obj in page.objects
+            if obj.key[len(prefix) :]
+            and "/" not in obj.key[len(prefix) :]  # not the directory's own marker
+            and fmt.visible_key(obj.key) is not None
+        ]
+        heads = await self._heads(prefix, candidates)
+        files: dict[str, ObjectHead] = {}
+        for head in heads.values():
+            # Which name an object shows under is known only from its metadata:
+            # a ``.delta`` that is no usable delta shows under its own name.
+            name = fmt.classify_shown(head.key, head.size, head.metadata).visible_key
+            name = name[len(prefix) :]
+            if not self.shows(path, name) or name in entries:
+                continue  # a directory of that name wins; the object stays untouched
+            other = files.get(name)
+            # Both forms of one file (a writer died before removing the old one): the newer.
+            if other is None or _newer(head, other):
+                files[name] = head
+        for name, head in files.items():
+            entries[name] = self._entry_from_head(name, head)
         return entries
+
+    def shows(self, parent_path: str, name: str) -> bool:
+        """Whether an S3 name can be an entry of ``parent_path``.
+
+        Not: the empty name (``a//b``, a leading ``/``), ``.`` and ``..``,
+        names longer than NAME_MAX (255 bytes) or holding NUL, and
+        ``.deltaglider`` at the bucket root. Objects under such names stay
+        in the bucket untouched (a directory holding them is not empty).
+        """
+        return (
+            name not in ("", ".", "..")
+            and "\0" not in name
+            and len(name.encode()) <= NAME_MAX
+            and not self.is_reserved(parent_path, name)
+        )
 
     async def _marker_metadata(self, marker_keys: list[str]) -> dict[str, dict[str, str]]:
         """POSIX attributes of directories from their ``dir/`` markers.
@@ -174,6 +197,8 @@ class Namespace:
 
         def headed(key: str, head: ObjectHead | None) -> None:
             self._dir_meta[key] = dict(head.metadata) if head is not None else {}
+            if head is not None and head.size:
+                self._marker_bodies.add(key)
 
         if missing:
             await head_many(self.store, missing, on_head=headed)
@@ -247,12 +272,8 @@ class Namespace:
             except StoreError as exc:
                 log.warning("%s: directory index not written (%s)", key, exc)
 
-    def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry | None:
-        try:
-            stored = fmt.classify(head.key, head.size, head.metadata)
-        except DgfsError as exc:
-            log.warning("%s: %s; hiding it", head.key, exc)
-            return None
+    def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry:
+        stored = fmt.classify_shown(head.key, head.size, head.metadata)
         meta = head.metadata
         raw_mode = fmt.parse_int_meta(meta, fmt.META_MODE)
         kind = NodeKind.FILE
@@ -361,7 +382,11 @@ class Namespace:
     async def write_marker(self, path: str, meta: dict[str, str]) -> None:
         """Store a directory's marker with its POSIX attributes."""
         key = self.dir_prefix(path)
-        await self.store.put_bytes(key, b"", meta)
+        if key in self._marker_bodies:
+            # A marker another tool gave bytes: keep them, change the metadata only.
+            await self.store.copy(key, key, meta)
+        else:
+            await self.store.put_bytes(key, b"", meta)
         self._dir_meta[key] = meta
 
     async def persist_attr_cache(self) -> None:

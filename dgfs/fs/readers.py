@@ -15,17 +15,23 @@ file is written again):
 from __future__ import annotations
 
 import abc
+import contextlib
+import errno
 import hashlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
 
 from dgfs.cache import CacheEntryReader
 from dgfs.core import Core
-from dgfs.errors import IntegrityError
+from dgfs.errors import FormatError, FsError, IntegrityError
 from dgfs.format import Kind, StoredFile
 from dgfs.store.base import ObjectStore
+
+log = logging.getLogger(__name__)
 
 MIN_WINDOW = 1 << 20
 MAX_WINDOW = 16 << 20
@@ -154,6 +160,22 @@ class RangeReader(Reader):
         self._hashed_upto += len(fresh)
 
 
+class _Reported(Reader):
+    """A reader whose integrity failures are reported as ``StoredContent`` does."""
+
+    def __init__(self, inner: Reader, content: StoredContent, stored: StoredFile) -> None:
+        self.inner = inner
+        self.content = content
+        self.stored = stored
+
+    async def read(self, offset: int, size: int) -> bytes:
+        with self.content.broken(self.stored):
+            return await self.inner.read(offset, size)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 class StoredContent:
     """The original bytes of stored files, for the filesystem.
 
@@ -169,27 +191,58 @@ class StoredContent:
         self.core = core
         self.limiter = limiter
         self.verify_whole_below = verify_whole_below
+        self._reported: set[tuple[str, str | None]] = set()  # broken objects logged
 
     def _through_cache(self, stored: StoredFile) -> bool:
         small = stored.original_size <= self.verify_whole_below
         return stored.kind is Kind.DELTA or bool(stored.file_sha256 and small)
 
     async def reader(self, stored: StoredFile) -> Reader:
-        """A reader of ``stored`` for one open handle."""
-        if self._through_cache(stored):
-            return CachedReader(await self.core.open_cached(stored), self.limiter)
-        return RangeReader(
-            self.core.store, stored.stored_key, stored.original_size, stored.file_sha256
-        )
+        """A reader of ``stored`` for one open handle.
+
+        A broken object (see ``broken``) raises ``FsError(EIO)``.
+        """
+        if not self._through_cache(stored):
+            ranges = RangeReader(
+                self.core.store, stored.stored_key, stored.original_size, stored.file_sha256
+            )
+            return _Reported(ranges, self, stored)
+        with self.broken(stored):
+            entry = await self.core.open_cached(stored)
+            if entry.size != stored.original_size:
+                entry.close()
+                raise IntegrityError(
+                    f"{stored.stored_key}: holds {entry.size} bytes where its metadata"
+                    f" says {stored.original_size}"
+                )
+        return CachedReader(entry, self.limiter)
 
     async def copy(self, stored: StoredFile, key: str, dest: Path) -> None:
         """Write the original bytes of ``stored`` (the file ``key``) to ``dest``, verified."""
-        if self._through_cache(stored):
-            await self.core.export_cached(stored, dest)
-            return
-        tmp = self.core.scratch_path()  # not beside dest: that is the journal
+        with self.broken(stored):
+            if self._through_cache(stored):
+                await self.core.export_cached(stored, dest)
+                return
+            tmp = self.core.scratch_path()  # not beside dest: that is the journal
+            try:
+                await self.core.get(key, tmp)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def broken(self, stored: StoredFile) -> Iterator[None]:
+        """Turn what makes an object unreadable for good into ``EIO``, logged
+        once per object and mount: a corrupt or truncated delta, a missing or
+        changed reference, bytes that fail their SHA-256 or size, unusable
+        metadata. The kernel retries a failed read, a user runs ``cat``
+        again: the log says it once, naming the object."""
         try:
-            await self.core.get(key, tmp)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+            yield
+        except (IntegrityError, FormatError) as exc:
+            if (stored.stored_key, stored.file_sha256) not in self._reported:
+                if len(self._reported) >= 4096:
+                    self._reported.clear()  # a crude bound: some lines may repeat
+                self._reported.add((stored.stored_key, stored.file_sha256))
+                log.error("cannot read %s: %s", stored.stored_key, exc)
+            raise FsError(errno.EIO, str(exc)) from None

@@ -1,0 +1,364 @@
+"""Buckets dgfs did not write, in-process: garbled metadata, odd names, lying deltas.
+
+Every object is seeded straight into a ``MemoryStore``, as another tool
+(or a vandal) could have written it; the filesystem core must list every
+directory, show or skip each name by the rules of docs/SEMANTICS.md
+("Buckets dgfs did not write"), refuse broken content with EIO, and never
+overwrite or remove an object it does not show as the file being changed.
+The same inputs through a real mount: tests/test_mount_hostile.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dgfs import format as fmt
+from dgfs.errors import FsError
+from dgfs.fs.filesystem import FileSystem
+from dgfs.fs.nodes import Node
+from dgfs.store.memory import MemoryStore
+from tests.releases import ReleaseSeries
+from tests.test_core import flip_byte, make_core, write
+from tests.test_filesystem import ROOT, lookup, mounted, read_file, write_file
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# --- metadata values ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        ("uid", "1000", 1000),
+        ("uid", "0", 0),
+        ("uid", "-1", None),
+        ("uid", str(2**40), None),
+        ("uid", str(2**32 - 1), None),  # (uid_t)-1: "no owner"
+        ("uid", str(2**32 - 2), 2**32 - 2),
+        ("gid", "abc", None),
+        ("gid", "", None),
+        ("gid", " 12 ", 12),
+        ("gid", "1_000", None),
+        ("gid", "1e3", None),
+        ("mode", str(0o100644), 0o100644),
+        ("mode", "0644", 0o644),  # rclone: octal with a leading zero
+        ("mode", "0o755", 0o755),
+        ("mode", "644", 644),  # decimal, as s3fs writes (a strange but valid mode)
+        ("mode", "zzz", None),
+        ("mode", "-5", None),
+        ("mode", str(2**70), None),
+        ("mode", str(0o200644), None),  # beyond 16 bits
+        ("mode", str(0o030644), None),  # a file type that does not exist
+        ("mode", "09", None),  # not octal
+    ],
+)
+def test_out_of_range_ids_and_modes_count_as_absent(
+    key: str, raw: str, expected: int | None
+) -> None:
+    assert fmt.parse_int_meta({key: raw}, key) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1700000000", 1_700_000_000 * 10**9),
+        ("1700000000.5", 1_700_000_000_500_000_000),
+        ("-100", -100 * 10**9),  # before 1970: kept
+        ("-1.5", -1_500_000_000),
+        ("yesterday", None),
+        ("nan", None),
+        ("inf", None),
+        ("-1.-5", None),
+        ("1.5e3", None),
+        (str(10**30), None),  # beyond what a stat carries
+        (str(2**63 // 10**9 + 1), None),
+        ("", None),
+    ],
+)
+def test_garbled_or_huge_mtime_counts_as_absent(raw: str, expected: int | None) -> None:
+    assert fmt.parse_mtime_ns({"mtime": raw}) == expected
+
+
+BAD_METADATA = {
+    "uid-neg": {"uid": "-1"},
+    "uid-big": {"uid": str(2**40)},
+    "uid-abc": {"uid": "abc"},
+    "gid-neg": {"gid": "-1"},
+    "mode-garbage": {"mode": "zzz"},
+    "mode-dir": {"mode": str(0o40700)},  # a directory's mode on a file
+    "mode-huge": {"mode": str(2**70)},
+    "mode-neg": {"mode": "-5"},
+    "mtime-garbage": {"mtime": "yesterday"},
+    "mtime-neg": {"mtime": "-100"},
+    "mtime-huge": {"mtime": str(10**30)},
+}
+
+
+async def test_one_bad_object_never_breaks_a_listing(tmp_path: Path) -> None:
+    """Bad values are ignored (the mount's defaults show); every name is listed."""
+    store = MemoryStore()
+    for name, meta in BAD_METADATA.items():
+        await store.put_bytes(f"m/{name}", b"data", meta)
+    await store.put_bytes("m/good", b"data", {"uid": "4242", "mode": str(0o100600)})
+    await store.put_bytes("m/sub/", b"", {"uid": "-1", "mode": str(0o100600), "mtime": "x"})
+    async with mounted(store, tmp_path) as m:
+        names = await readdir(m.fs, "m")
+        assert sorted(names) == sorted([*BAD_METADATA, "good", "sub"])
+        good = names["good"]
+        assert (good.uid, good.mode) == (4242, 0o600)
+        for name in ("uid-neg", "uid-big", "uid-abc"):
+            assert names[name].uid == os.getuid()
+        assert names["gid-neg"].gid == os.getgid()
+        for name in ("mode-garbage", "mode-huge", "mode-neg"):
+            assert names[name].mode == 0o644  # 0666 & ~umask
+        # A mode whose file type contradicts the object: the object decides
+        # (a file), the permission bits are taken.
+        assert (names["mode-dir"].kind.type_bits, names["mode-dir"].mode) == (stat.S_IFREG, 0o700)
+        assert names["mtime-neg"].mtime_ns == -100 * 10**9
+        for name in ("mtime-garbage", "mtime-huge"):
+            assert 0 < names[name].mtime_ns < 2**63  # LastModified
+        sub = names["sub"]
+        assert (sub.kind.type_bits, sub.uid, sub.mode) == (stat.S_IFDIR, os.getuid(), 0o600)
+        assert await read_file(m.fs, "uid-neg", await ino_of(m.fs, "m")) == b"data"
+
+
+async def ino_of(fs: FileSystem, path: str) -> int:
+    """The inode of the directory ``path`` (slash-separated, from the root)."""
+    ino = ROOT
+    for part in filter(None, path.split("/")):
+        ino = (await lookup(fs, part, ino)).ino
+    return ino
+
+
+async def readdir(fs: FileSystem, path: str) -> dict[str, Node]:
+    """name -> node of every entry of the directory ``path``."""
+    found: dict[str, Node] = {}
+
+    def reply(name: str, node: Node, offset: int) -> bool:
+        found[name] = node
+        return True
+
+    await fs.readdir(await ino_of(fs, path), 0, reply)
+    return found
+
+
+# --- names ----------------------------------------------------------------------------
+
+LONG = "L" * 256
+
+
+async def seed_names(store: MemoryStore) -> None:
+    for key in (
+        "n/a",  # a file and a directory of one name: the directory is shown
+        "n/a/b",
+        "n/c//d",  # an empty name: c shows as a directory, d is skipped
+        "n/./x",
+        "n/../y",
+        "n/e/./f",
+        "/leading",
+        f"n/{LONG}",  # over NAME_MAX
+        f"n/{'M' * 255}",  # exactly NAME_MAX: shown
+        "n/nul\0name",
+        "n/ok",
+        ".deltaglider",  # the internal prefix's name, as a file at the root
+        ".deltaglider/stats_quick.json",
+        "n/.deltaglider/kept",  # below the root it is an ordinary name
+    ):
+        await store.put_bytes(key, f"body of {key}".encode(), {})
+    await store.put_bytes("n/dm/", b"a marker with bytes", {"mode": str(0o40700)})
+
+
+async def test_names_the_mount_cannot_show_are_skipped(tmp_path: Path) -> None:
+    store = MemoryStore()
+    await seed_names(store)
+    async with mounted(store, tmp_path) as m:
+        root = await readdir(m.fs, "")
+        assert sorted(root) == ["n"]
+        names = await readdir(m.fs, "n")
+        assert sorted(names) == sorted([".deltaglider", "M" * 255, "a", "c", "dm", "e", "ok"])
+        assert names["a"].kind.type_bits == stat.S_IFDIR
+        assert sorted(await readdir(m.fs, "n/a")) == ["b"]
+        assert await readdir(m.fs, "n/c") == {}
+        assert await readdir(m.fs, "n/e") == {}
+        assert names["dm"].mode == 0o700
+        assert (
+            await read_file(m.fs, "M" * 255, await ino_of(m.fs, "n")) == b"body of n/" + b"M" * 255
+        )
+        n = await ino_of(m.fs, "n")
+        for name in (LONG, "nul\0name"):
+            with pytest.raises(FsError) as exc:
+                await m.fs.lookup(n, name)
+            assert exc.value.errno == errno.ENOENT
+        with pytest.raises(FsError) as exc:
+            await m.fs.lookup(ROOT, ".deltaglider")
+        assert exc.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("directory", ["c", "e", "dm"])
+async def test_rmdir_of_a_directory_holding_unshown_objects_is_enotempty(
+    tmp_path: Path, directory: str
+) -> None:
+    store = MemoryStore()
+    await seed_names(store)
+    before = dict(store.objects)
+    async with mounted(store, tmp_path) as m:
+        n = (await lookup(m.fs, "n")).ino
+        with pytest.raises(FsError) as exc:
+            await m.fs.rmdir(n, directory)
+        assert exc.value.errno == errno.ENOTEMPTY
+    assert store.objects == before
+
+
+async def test_chmod_of_a_marker_with_bytes_keeps_them(tmp_path: Path) -> None:
+    store = MemoryStore()
+    await seed_names(store)
+    async with mounted(store, tmp_path) as m:
+        await readdir(m.fs, "n")
+        dm = await lookup(m.fs, "dm", (await lookup(m.fs, "n")).ino)
+        await m.fs.setattr(dm.ino, mode=0o40750)
+    assert store.objects["n/dm/"].body == b"a marker with bytes"
+    assert store.objects["n/dm/"].metadata["mode"] == str(0o40750)
+
+
+async def test_writes_beside_a_file_hidden_by_a_directory_leave_it(tmp_path: Path) -> None:
+    """``a`` (a file) is hidden by ``a/``: creating ``a`` is EISDIR, removing the
+    directory's content and the directory leaves the file, which then shows."""
+    store = MemoryStore()
+    await store.put_bytes("a", b"the file a", {})
+    await store.put_bytes("a/b", b"b", {})
+    async with mounted(store, tmp_path) as m:
+        with pytest.raises(FsError) as exc:
+            await write_file(m.fs, "a", b"clobber")
+        assert exc.value.errno == errno.EISDIR
+        a = await lookup(m.fs, "a")
+        await m.fs.unlink(a.ino, "b")
+        await m.fs.rmdir(ROOT, "a")
+        assert store.objects["a"].body == b"the file a"
+        m.fs.ns.forget("")
+        assert await read_file(m.fs, "a") == b"the file a"
+
+
+# --- .delta objects that are no usable delta ----------------------------------------------
+
+
+async def test_delta_without_deltaglider_metadata_shows_under_its_own_name(tmp_path: Path) -> None:
+    store = MemoryStore()
+    await store.put_bytes("d/x.zip.delta", b"raw bytes, no metadata", {})
+    # DeltaGlider metadata that lacks what a rebuild needs: the same.
+    await store.put_bytes("d/y.zip.delta", b"half", {"dg-file-sha256": "ab" * 32})
+    await store.put_bytes(
+        "d/z.zip.delta", b"bad size", {"dg-file-sha256": "ab" * 32, "dg-file-size": "-3"}
+    )
+    async with mounted(store, tmp_path) as m:
+        names = await readdir(m.fs, "d")
+        assert sorted(names) == ["x.zip.delta", "y.zip.delta", "z.zip.delta"]
+        d = await ino_of(m.fs, "d")
+        assert await read_file(m.fs, "x.zip.delta", d) == b"raw bytes, no metadata"
+        assert names["x.zip.delta"].size == len(b"raw bytes, no metadata")
+        assert await read_file(m.fs, "y.zip.delta", d) == b"half"
+        # Writing and removing x.zip never touches the object shown as x.zip.delta.
+        await write_file(m.fs, "x.zip", b"a new small file", d)
+        await m.fs.wait_idle()
+        assert store.objects["d/x.zip.delta"].body == b"raw bytes, no metadata"
+        await m.fs.unlink(d, "x.zip")
+        assert store.objects["d/x.zip.delta"].body == b"raw bytes, no metadata"
+        assert "d/x.zip" not in store.objects
+        await m.fs.unlink(d, "x.zip.delta")
+        assert "d/x.zip.delta" not in store.objects
+        assert "d/y.zip.delta" in store.objects
+
+
+async def test_a_delta_is_never_stored_over_a_foreign_delta_object(tmp_path: Path) -> None:
+    store = MemoryStore()
+    core, cache = make_core(store, tmp_path)
+    zips = [write(tmp_path / n, d) for n, d in ReleaseSeries(size=256 << 10).zips(3)]
+    await core.put(zips[0], "r/first.zip")
+    await store.put_bytes("r/second.zip.delta", b"someone else's file", {})
+    stored = (await core.put(zips[1], "r/second.zip")).stored
+    assert stored.kind is fmt.Kind.DIRECT
+    assert store.objects["r/second.zip.delta"].body == b"someone else's file"
+    # A delta renamed onto that name is rebuilt and stored direct too.
+    await core.put(zips[2], "r/third.zip")
+    await core.rename("r/third.zip", "r/other.zip")
+    await store.put_bytes("r/moved.zip.delta", b"another foreign file", {})
+    moved = await core.rename("r/other.zip", "r/moved.zip")
+    assert moved.kind is fmt.Kind.DIRECT
+    assert store.objects["r/moved.zip.delta"].body == b"another foreign file"
+    await core.get("r/moved.zip", tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == zips[2].read_bytes()
+    await core.aclose()
+    cache.close()
+
+
+# --- deltas and references that lie or are broken -----------------------------------------
+
+BROKEN = [
+    "wrong-size",
+    "wrong-sha256",
+    "ref-key-nowhere",
+    "ref-sha-mismatch",
+    "truncated-delta",
+    "corrupt-delta",
+    "missing-reference",
+    "corrupt-reference",
+]
+
+
+async def break_one(store: MemoryStore, how: str, key: str) -> None:
+    """Damage the delta ``key`` (``dir/name.zip.delta``) or its reference, as ``how`` says."""
+    obj = store.objects[key]
+    meta = dict(obj.metadata)
+    ref = f"{fmt.split_key(key)[0]}/reference.bin"
+    if how == "wrong-size":
+        meta["dg-file-size"] = str(int(meta["dg-file-size"]) - 10)
+    elif how == "wrong-sha256":
+        meta["dg-file-sha256"] = "0" * 64
+    elif how == "ref-key-nowhere":
+        meta["dg-ref-key"] = "nowhere/reference.bin"
+    elif how == "ref-sha-mismatch":
+        meta["dg-ref-sha256"] = "1" * 64
+    elif how == "truncated-delta":
+        await store.put_bytes(key, obj.body[: len(obj.body) // 2], meta)
+        return
+    elif how == "corrupt-delta":
+        flip_byte(store, key, lambda body: len(body) // 2)
+        return
+    elif how == "missing-reference":
+        del store.objects[ref]
+        return
+    elif how == "corrupt-reference":
+        flip_byte(store, ref, lambda body: 100)
+        return
+    await store.put_bytes(key, obj.body, meta)
+
+
+@pytest.mark.expected_log(r"cannot read")
+@pytest.mark.parametrize("how", BROKEN)
+async def test_broken_delta_reads_eio_with_one_log_line(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryStore()
+    core, cache = make_core(store, tmp_path / "writer")
+    zips = [write(tmp_path / n, d) for n, d in ReleaseSeries(size=256 << 10).zips(2)]
+    await core.put(zips[0], "b/first.zip")
+    await core.put(zips[1], "b/second.zip")
+    await core.aclose()
+    cache.close()
+    await break_one(store, how, "b/second.zip.delta")
+    async with mounted(store, tmp_path) as m:
+        names = await readdir(m.fs, "b")  # stat and listing still work
+        assert "second.zip" in names
+        for _ in range(3):  # the kernel retries, a user runs cat again
+            with pytest.raises(FsError) as exc:
+                await read_file(m.fs, "second.zip", await ino_of(m.fs, "b"))
+            assert exc.value.errno == errno.EIO
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "b/second.zip.delta" in lines[0].getMessage()
