@@ -164,7 +164,9 @@ class NodeTable:
             node.stored = entry.stored
             node.etag = entry.etag
             node.rdev = entry.rdev
-        node.mtime_ns = max(entry.mtime_ns, node.entries_changed_ns)
+        node.mtime_ns = entry.mtime_ns
+        if node.entries_changed_ns:
+            node.mtime_ns = max(node.mtime_ns, node.entries_changed_ns)
         self.options.apply_defaults(node, entry.mode, entry.uid, entry.gid)
         node.checked_at = trio.current_time()
 
