@@ -302,6 +302,18 @@ def test_failed_upload_shows_with_its_path_and_where_the_data_is(mounts: Mounts)
     assert f"data kept in {kept}" in human.stdout
 
 
+@pytest.mark.mount
+def test_two_mounts_of_one_bucket_show_two_journal_slots(mounts: Mounts) -> None:
+    first = mounts.mount()
+    second = mounts.mount(first.bucket, cache_dir=first.cache_dir)
+    one, two = status_json(first)["journal"], status_json(second)["journal"]
+    assert (one["slot"], two["slot"]) == (0, 1)
+    assert one["slots_in_use"] == two["slots_in_use"] == 2
+    assert Path(two["directory"]).name == Path(one["directory"]).name + ".1"
+    second.unmount()
+    assert status_json(first)["journal"]["slots_in_use"] == 1
+
+
 def _run_as(uid: int, argv: list[str]) -> tuple[int, str]:
     """``dgfs ARGV`` in a forked child that dropped to ``uid`` (code already imported)."""
     build_parser()  # imports every sub-command while still allowed to read them
