@@ -5,8 +5,9 @@ and for each delta mode (``-o deltas=dg``, DeltaGlider v6, then
 ``-o deltas=deep``) mounts it with dgfs, copies two series of similar
 releases (zips, and Python-made ``.tar.gz`` files) in with ``cp`` and
 again with ``rsync -a``, reads everything back through the mount and
-checks SHA-256, unmounts (waiting for uploads), and prints what each file
-cost in the bucket next to its original size, per mode. Writes the
+checks SHA-256, shows ``dgfs status`` of the mount, unmounts (waiting for
+uploads), and prints what each file cost in the bucket next to its
+original size, per mode. Writes the
 numbers to benchmarks/results/demo.json.
 
     .venv/bin/python benchmarks/demo.py [--versions 12] [--size-mb 8]
@@ -161,6 +162,10 @@ def run_mode(
                 "rsync_durable_seconds": rsync_durable,
                 "rsync_again_transferred": transferred,
             }
+        # What the mount itself reports after the workload (docs/CLI.md).
+        print(f"\n$ dgfs status {mnt}")
+        status = subprocess.run([dgfs_bin(), "status", str(mnt)], capture_output=True, text=True)
+        print(status.stdout or status.stderr)
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         deadline = time.monotonic() + 300

@@ -69,6 +69,7 @@ from dgfs.crypto import (
     sha256_bytes,
 )
 from dgfs.errors import CacheCorrupt, ConfigError, IntegrityError
+from dgfs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -307,12 +308,14 @@ class ContentCache:
         key: bytes | None = None,
         *,
         chunk_size: int = 1 << 20,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if budget_bytes < 0:
             raise ValueError("budget_bytes must be >= 0")
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK_SIZE}")
         self._directory = Path(directory)
+        self.telemetry = telemetry or Telemetry()
         self._budget_bytes = budget_bytes
         self._chunk_size = chunk_size
         self._persistent = key is not None
@@ -476,6 +479,12 @@ class ContentCache:
         cid = self._cid(sha256)
         with self._lock:
             return cid in self._index
+
+    def lookup(self, sha256: str) -> bool:
+        """``contains``, counted as a cache hit or miss: a reader asks for the content."""
+        found = self.contains(sha256)
+        self.telemetry.cache_lookup(found)
+        return found
 
     def add_file(self, sha256: str, src: Path) -> int:
         """Cache the contents of plain file ``src`` as ``sha256``; return its size.
@@ -665,8 +674,10 @@ class ContentCache:
             victim = next((cid for cid in self._index if cid != keep), None)
             if victim is None:
                 return
-            log.debug("evicting cache entry %s (%d bytes)", victim, self._index[victim].stored_size)
+            size = self._index[victim].stored_size
+            log.debug("evicting cache entry %s (%d bytes)", victim, size)
             self._remove_locked(victim)
+            self.telemetry.cache_evicted(size)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -52,6 +52,7 @@ from dgfs.format import DeltaMode, Kind, StoredFile
 from dgfs.hashing import FileDigest, digest_file
 from dgfs.policy import SNIFF_BYTES, Policy
 from dgfs.store.base import ObjectHead, ObjectStore, head_many
+from dgfs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,10 @@ class Core:
         cpu_limiter: trio.CapacityLimiter | None = None,
         plain_reference_slots: int = 4,
         deltas: DeltaMode = DeltaMode.DG,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
+        self.telemetry = telemetry or Telemetry()
         self.cache = cache
         self.engine = engine
         self.policy = policy
@@ -797,15 +800,17 @@ class Core:
         sha256 = stored.file_sha256
         if sha256 is None:
             raise FormatError(f"{stored.stored_key}: no SHA-256 recorded")
+        if self.cache.lookup(sha256):
+            return sha256
         if stored.kind is not Kind.DELTA:
             await self.ensure_cached(stored.stored_key, sha256)
-            return sha256
-        if self.cache.contains(sha256):
             return sha256
 
         async def rebuild_into_cache() -> None:
             async with self._scratch() as out:
+                started = trio.current_time()
                 await self.rebuild(stored, out, verify=False)
+                self.telemetry.rebuilt(trio.current_time() - started)
                 try:
                     await self._cpu(self.cache.add_file, sha256, out)  # verifies sha256
                 except IntegrityError:

@@ -25,6 +25,13 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from dgfs.control import (
+    SOCKET_NAME,
+    MountFacts,
+    open_control_listener,
+    serve_control,
+    status_document,
+)
 from dgfs.errors import (
     AccessDenied,
     ConfigError,
@@ -38,8 +45,10 @@ from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.journal import Journal, journal_dir_for
 from dgfs.fs.options import FsOptions
+from dgfs.metrics import ListenAddress, make_registry, open_metrics_listener, serve_metrics
 from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.sdnotify import Notifier
+from dgfs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,7 @@ class MountConfig:
     fs_options: FsOptions = field(default_factory=FsOptions)
     allow_other: bool = False
     attr_timeout: float = 1.0
+    metrics: ListenAddress | None = None  # serve Prometheus metrics there
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -142,28 +152,58 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     settings = config.settings
     notifier = Notifier()
     logging.getLogger("pyfuse3").addFilter(_PYFUSE3_FILTER)  # once: filters are a set
-    async with open_core(config.location, settings) as core:
+    telemetry = Telemetry()
+    async with open_core(config.location, settings, telemetry=telemetry) as core:
         conditional = await _probe_store(core.store, config.fs_options.read_only)
         core.conditional_create = conditional
         journal_root = settings.cache_dir / "journal"
         journal = Journal.open_slot(
             journal_dir_for(
                 journal_root, settings.endpoint_url, config.location.bucket, config.location.prefix
-            )
+            ),
+            telemetry=telemetry,
         )
         attr_cache = AttrCache(
             settings.cache_dir / f"attrs-{journal.directory.name}.{ATTR_CACHE_VERSION}.sqlite"
         )
         fs = FileSystem(core, journal, attr_cache, config.fs_options, config.location.prefix)
         ops = FuseOperations(fs, attr_timeout=config.attr_timeout)
+        facts = MountFacts(
+            mountpoint=config.mountpoint,
+            bucket=config.location.bucket,
+            prefix=config.location.prefix,
+            deltas=settings.deltas.value,
+            read_only=config.fs_options.read_only,
+            metrics=str(config.metrics) if config.metrics else None,
+        )
+
+        def document() -> dict[str, object]:
+            return status_document(facts, fs, journal, telemetry)
+
+        # Both listeners exist before the mount does: a taken port or an
+        # unusable cache directory fails the mount, not its status later.
+        control_path = journal.directory / SOCKET_NAME
+        listeners: list[trio.SocketListener] = []
         try:
+            listeners.append(await open_control_listener(control_path))
+            if config.metrics is not None:
+                listeners += await open_metrics_listener(config.metrics)
             pyfuse3.init(ops, str(config.mountpoint), _fuse_options(config))
-        except RuntimeError as exc:
+        except (RuntimeError, ConfigError) as exc:
+            for listener in listeners:
+                listener.socket.close()
+            control_path.unlink(missing_ok=True)
             journal.close()
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from None
+        fs.status_socket = str(control_path)
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(serve_control, listeners[0], document)
+                if config.metrics is not None:
+                    await nursery.start(serve_metrics, listeners[1:], make_registry(document))
                 await nursery.start(fs.run_uploads)
                 nursery.start_soon(_watch_signals, nursery.cancel_scope)
                 await fs.recover_journal()
@@ -186,6 +226,9 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         finally:
             if not unmounted:
                 pyfuse3.close(unmount=True)
+            for listener in listeners:
+                listener.socket.close()  # no checkpoint: cleanup below must run
+            control_path.unlink(missing_ok=True)
             await fs.close()
             journal.close()
             left = fs.uploads.leftovers()

@@ -24,6 +24,7 @@ from dgfs.errors import ConfigError
 from dgfs.format import DeltaMode
 from dgfs.policy import Policy
 from dgfs.store.s3 import S3Store
+from dgfs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,16 @@ class Settings:
 
 
 @contextlib.asynccontextmanager
-async def open_store(location: S3Location, settings: Settings) -> AsyncIterator[S3Store]:
+async def open_store(
+    location: S3Location, settings: Settings, telemetry: Telemetry | None = None
+) -> AsyncIterator[S3Store]:
     store = S3Store(
         location.bucket,
         endpoint_url=settings.endpoint_url,
         region=settings.region,
         profile=settings.profile,
         max_concurrency=settings.s3_concurrency,
+        telemetry=telemetry,
     )
     try:
         yield store
@@ -111,13 +115,20 @@ async def open_store(location: S3Location, settings: Settings) -> AsyncIterator[
 
 @contextlib.asynccontextmanager
 async def open_core(
-    location: S3Location, settings: Settings, *, check_bucket: bool = True
+    location: S3Location,
+    settings: Settings,
+    *,
+    check_bucket: bool = True,
+    telemetry: Telemetry | None = None,
 ) -> AsyncIterator[Core]:
     """A ready ``Core`` on ``location.bucket``; everything is released on exit.
+
+    The store, the cache and the core count into ``telemetry`` (a new one if None).
 
     Checks xdelta3 and the bucket first so a user's mistake fails fast
     with one clear message.
     """
+    telemetry = telemetry or Telemetry()
     engine = DeltaEngine(settings.xdelta3, memory_limit=settings.xdelta_memory)
     engine.check()
     key = load_cache_key(os.environ, settings.cache_key_file)
@@ -130,19 +141,19 @@ async def open_core(
     ephemeral_dir = root / f"content-ephemeral-{os.getpid()}"
     cache_dir = root / "content" if key else ephemeral_dir
     try:
-        cache = ContentCache(cache_dir, settings.cache_size, key)
+        cache = ContentCache(cache_dir, settings.cache_size, key, telemetry=telemetry)
     except ConfigError:
         # The persistent cache is held by a mount; this process (a CLI
         # command beside it, say) gets a private one instead of failing.
         log.info("cache %s is in use; using a private cache for this process", cache_dir)
         key, cache_dir = None, ephemeral_dir
-        cache = ContentCache(cache_dir, settings.cache_size, None)
+        cache = ContentCache(cache_dir, settings.cache_size, None, telemetry=telemetry)
     # Scratch (staging, deltas, decrypted references) sits beside the cache,
     # on disk rather than a possibly small tmpfs.
     (root / "scratch").mkdir(mode=0o700, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root / "scratch"))
     try:
-        async with open_store(location, settings) as store:
+        async with open_store(location, settings, telemetry) as store:
             if check_bucket:
                 await store.check_bucket()
             core = Core(
@@ -152,6 +163,7 @@ async def open_core(
                 settings.policy,
                 scratch_dir=scratch,
                 deltas=settings.deltas,
+                telemetry=telemetry,
             )
             try:
                 yield core

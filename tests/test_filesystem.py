@@ -584,6 +584,18 @@ async def test_unmount_drains_every_pending_upload_without_waiting_for_delays(
     assert journal_entries(m.journal_dir) == []
 
 
+async def test_unmount_uploads_a_closed_file_whose_release_never_came(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """close() committed it, but the kernel's RELEASE (sent asynchronously) had not
+    arrived when the unmount began: the unmount still uploads it."""
+    async with mounted(memory, tmp_path) as m:
+        fh = await create(m.fs, "a.txt", b"closed\n")
+        await m.fs.flush(fh)  # close(2) ends here; release(fh) never comes
+    assert bucket(memory) == {"a.txt": b"closed\n"}
+    assert journal_entries(m.journal_dir) == []
+
+
 async def test_crash_leaves_committed_files_to_the_next_mount(
     memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

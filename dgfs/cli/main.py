@@ -17,7 +17,7 @@ import sys
 from dgfs import __version__
 from dgfs.errors import DgfsError, UserError
 
-SUBCOMMANDS = ("mount", "sync", "stats", "verify", "migrate", "gc", "install_helper")
+SUBCOMMANDS = ("mount", "sync", "status", "stats", "verify", "migrate", "gc", "install_helper")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the command ran but something failed (see its report)

@@ -32,6 +32,7 @@ options (-o, comma separated):
   min_delta_size=64K  smaller files are stored direct           attr_timeout=1
   deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of
                    archives' expanded content (dgfs only; docs/FORMAT.md)
+  metrics=[IP:]PORT  serve Prometheus metrics (default address 127.0.0.1; docs/metrics.md)
 """
 
 FLAG_OPTIONS = {"ro", "rw", "allow_other", "sync_upload", "foreground"}
@@ -55,6 +56,7 @@ VALUE_OPTIONS = {
     "upload_delay",
     "attr_timeout",
     "deltas",
+    "metrics",
 }
 
 
@@ -162,6 +164,11 @@ def build_config(
     attr_timeout = (
         _float("attr_timeout", options["attr_timeout"]) if "attr_timeout" in options else 1.0
     )
+    metrics = None
+    if "metrics" in options:
+        from dgfs.metrics import parse_listen_address
+
+        metrics = parse_listen_address(str(options["metrics"]))
     config = MountConfig(
         location=S3Location.parse(source),
         mountpoint=Path(mountpoint).absolute(),
@@ -169,6 +176,7 @@ def build_config(
         fs_options=fs_options,
         allow_other="allow_other" in options,
         attr_timeout=attr_timeout,
+        metrics=metrics,
     )
     return config, options.get("log_level"), "foreground" in options
 

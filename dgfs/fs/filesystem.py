@@ -81,6 +81,8 @@ class FileSystem:
             core, self.disk_limiter, verify_whole_below=options.verify_whole_below
         )
         self.uploads = UploadPipeline(core, journal, self.ns, self.nodes, options, self.content)
+        # Where ``dgfs status`` reaches the daemon (the root's user.dgfs.status_socket).
+        self.status_socket: str | None = None
 
     @staticmethod
     def _entries_changed(*dirs: Node) -> None:
@@ -314,6 +316,7 @@ class FileSystem:
             os.pwrite, staged.fd, data, offset, limiter=self.disk_limiter
         )
         staged.wrote()
+        self.core.telemetry.wrote(written)
         node.size = max(node.size, offset + written)
         node.mtime_ns = node.ctime_ns = time.time_ns()
         return written
@@ -584,7 +587,7 @@ class FileSystem:
     # --- extended attributes ----------------------------------------------------------
 
     def listxattr(self, ino: int) -> list[str]:
-        return xattrs.names(self.get_node(ino), self.store.endpoint)
+        return xattrs.names(self.get_node(ino), self.store.endpoint, self.status_socket)
 
     def getxattr(self, ino: int, name: str) -> bytes:
         node = self.get_node(ino)
@@ -594,6 +597,7 @@ class FileSystem:
             bucket=self.store.bucket,
             key=self.key_of(node.path),
             endpoint=self.store.endpoint,
+            status_socket=self.status_socket,
         )
 
     def setxattr(self, ino: int, name: str, value: bytes) -> NoReturn:

@@ -24,10 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgfs.errors import ConfigError
+from dgfs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+#: Journals one bucket/prefix may have at once (mounts of it on this machine).
+SLOTS = 8
 
 
 @dataclass
@@ -46,6 +49,28 @@ def journal_dir_for(root: Path, endpoint: str | None, bucket: str, prefix: str) 
     return root / f"{bucket}-{digest}"
 
 
+def slot_paths(base: Path, slots: int = SLOTS) -> list[Path]:
+    """The journal directories a bucket/prefix may use: ``base``, ``base.1``, ..."""
+    return [base] + [base.with_name(f"{base.name}.{i}") for i in range(1, slots)]
+
+
+def _flocked_files() -> set[tuple[int, int, int]]:
+    """``(major, minor, inode)`` of every file somebody holds a flock() on."""
+    held: set[tuple[int, int, int]] = set()
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return held
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"; waiters have "->" after the id.
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        major, minor, inode = fields[5].split(":")
+        held.add((int(major, 16), int(minor, 16), int(inode)))
+    return held
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -61,8 +86,10 @@ class Journal:
     threads. Only one process may hold a journal directory at a time.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, telemetry: Telemetry | None = None) -> None:
         self.directory = directory
+        self.telemetry = telemetry or Telemetry()
+        self.slots = [directory]  # every slot of this bucket/prefix (see open_slot)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         self._lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -76,7 +103,9 @@ class Journal:
             ) from None
 
     @classmethod
-    def open_slot(cls, base: Path, slots: int = 8) -> Journal:
+    def open_slot(
+        cls, base: Path, slots: int = SLOTS, telemetry: Telemetry | None = None
+    ) -> Journal:
         """The first free journal of ``base`` (``base``, ``base.1``, ...).
 
         A mount that finds the main journal held (an earlier mount of the
@@ -84,16 +113,17 @@ class Journal:
         left in slots nobody holds are moved into the one taken, so the next
         mount always uploads them.
         """
-        candidates = [base] + [base.with_name(f"{base.name}.{i}") for i in range(1, slots)]
+        candidates = slot_paths(base, slots)
         mine: Journal | None = None
         for path in candidates:
             try:
-                mine = cls(path)
+                mine = cls(path, telemetry)
                 break
             except ConfigError:
                 continue
         if mine is None:
             raise ConfigError(f"all {slots} journals under {base.parent} are in use")
+        mine.slots = candidates
         for path in candidates:
             if path == mine.directory or not path.is_dir():
                 continue
@@ -112,6 +142,31 @@ class Journal:
 
     def close(self) -> None:
         os.close(self._lock_fd)
+
+    # --- for dgfs status ------------------------------------------------------------
+
+    def slots_in_use(self) -> int:
+        """How many of this bucket's journal slots live mounts hold (this one included).
+
+        Read from /proc/locks, so asking takes no lock a starting mount could trip on.
+        """
+        held = _flocked_files()
+        count = 0
+        for path in self.slots:
+            try:
+                st = os.stat(path / "lock")
+            except OSError:
+                continue
+            count += (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in held
+        return max(count, 1)  # this mount's own, even where /proc/locks is unreadable
+
+    def entry_count(self) -> int:
+        """Committed entries waiting for upload (durable here, not in S3 yet)."""
+        return sum(1 for _ in self.directory.glob("*.json"))
+
+    def failed_count(self) -> int:
+        """Entries in failed/: uploads that failed for good, kept for a person to look at."""
+        return sum(1 for _ in (self.directory / "failed").glob("*.data"))
 
     def data_path(self, entry_id: str) -> Path:
         return self.directory / f"{entry_id}.data"
@@ -136,6 +191,7 @@ class Journal:
         finally:
             os.close(fd)
         self.write_manifest(JournalEntry(entry_id, key, dict(metadata)))
+        self.telemetry.journal_committed()
 
     def write_manifest(self, entry: JournalEntry) -> None:
         """Atomically (re)write an entry's manifest (after a rename or chmod, say)."""

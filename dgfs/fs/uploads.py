@@ -50,6 +50,7 @@ from dgfs.fs.namespace import Namespace
 from dgfs.fs.nodes import Node, NodeKind, NodeTable
 from dgfs.fs.options import FsOptions
 from dgfs.fs.readers import StoredContent
+from dgfs.telemetry import FailedUpload
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,16 @@ class StagedFile:
 
 
 @dataclass(frozen=True)
+class UploadCounts:
+    """Files with local content, by where their upload stands."""
+
+    pending: int  # closed (committed), not in S3 yet, no upload running
+    in_flight: int  # being stored right now
+    failed: int  # failed for good and still known to the mount (data in failed/)
+    open_unsaved: int  # written but not closed yet: nothing is promised for them
+
+
+@dataclass(frozen=True)
 class Leftovers:
     """Files not in S3 when the pipeline stopped."""
 
@@ -242,6 +253,7 @@ class UploadPipeline:
         self.nodes = nodes
         self.options = options
         self.content = content
+        self.telemetry = core.telemetry
         self.disk_limiter = content.limiter
         send, receive = trio.open_memory_channel[Node](float("inf"))
         self._send = send
@@ -481,8 +493,14 @@ class UploadPipeline:
         """
         self._draining = True
         for node in self.nodes.staged_nodes():
-            if node.staged is not None:
-                node.staged.hurry()
+            staged = node.staged
+            if staged is not None:
+                staged.hurry()
+                # The kernel has let go: a release it had not sent before the
+                # unmount never comes, and no handle writes again. What was
+                # committed goes up now (one waiting for a retry queues itself).
+                if staged.error is None:
+                    self._request(node, despite_writers=True)
         while self._inflight:
             await self._idle.wait()
 
@@ -521,12 +539,16 @@ class UploadPipeline:
         except DgfsError as exc:
             staged.failed_for_good(exc)
             where = await trio.to_thread.run_sync(self.journal.quarantine, staged.entry_id)
+            seen = errno.errorcode.get(errno_of(exc), "EIO")
             log.error(
                 "upload of %s failed for good (%s, users see %s); the data is kept in %s",
                 key,
                 exc,
-                errno.errorcode.get(errno_of(exc), "EIO"),
+                seen,
                 where,
+            )
+            self.telemetry.upload_failed(
+                FailedUpload(node.path, key, str(exc), seen, str(where), time.time())
             )
             staged.notify()
             return
@@ -538,6 +560,9 @@ class UploadPipeline:
             errno_ = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
             await self._retry(node, staged, key, FsError(errno_, str(exc)))
             return
+        seconds = trio.current_time() - started
+        kind = ("deep-" if result.deep else "") + result.kind.value
+        self.telemetry.uploaded(kind, result.original_size, result.stored_size, seconds)
         # One line per upload, for operators (no credentials: key and sizes only).
         log.info(
             "uploaded %s: %s%s, %d -> %d bytes (ratio %.3f) in %.2f s",
@@ -547,7 +572,7 @@ class UploadPipeline:
             result.original_size,
             result.stored_size,
             result.ratio,
-            trio.current_time() - started,
+            seconds,
         )
         staged.landed(generation)
         if node.staged is not staged:
@@ -603,6 +628,7 @@ class UploadPipeline:
             self.options.retry_delay,
         )
         staged.failed_transiently(exc)
+        self.telemetry.upload_retried()
         await trio.sleep(self.options.retry_delay)
         staged.retrying()
         self._request(node, despite_writers=True)
@@ -664,10 +690,20 @@ class UploadPipeline:
 
     def backlog(self) -> tuple[int, int]:
         """``(pending, failed)``: closed files not in S3 yet, and those that failed for good."""
+        counts = self.counts()
+        return counts.pending + counts.in_flight, counts.failed
+
+    def counts(self) -> UploadCounts:
+        """Where the files with local content stand right now."""
         staged = [n.staged for n in self.nodes.staged_nodes() if n.staged is not None]
-        failed = sum(1 for s in staged if s.is_failed)
-        pending = sum(1 for s in staged if not s.is_failed and (s.needs_upload or s.is_uploading))
-        return pending, failed
+        return UploadCounts(
+            pending=sum(
+                1 for s in staged if s.needs_upload and not (s.is_failed or s.is_uploading)
+            ),
+            in_flight=sum(1 for s in staged if s.is_uploading),
+            failed=sum(1 for s in staged if s.is_failed),
+            open_unsaved=sum(1 for s in staged if not s.is_committed and not s.is_failed),
+        )
 
     def leftovers(self) -> Leftovers:
         """What is not in S3 (call once the workers have stopped)."""

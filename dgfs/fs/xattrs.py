@@ -1,7 +1,8 @@
 """The read-only ``user.dgfs.*`` extended attributes: how and where a file is stored.
 
 ``dgfs verify PATH`` reads ``bucket``, ``key`` and ``endpoint`` to reach
-the same object the mount shows.
+the same object the mount shows. The mount's root also has
+``status_socket``: where ``dgfs status`` reaches the daemon (dgfs/control.py).
 """
 
 from __future__ import annotations
@@ -10,27 +11,44 @@ import errno
 from collections.abc import Mapping
 
 from dgfs.errors import FsError
-from dgfs.fs.nodes import Node, NodeKind
+from dgfs.fs.nodes import ROOT_INODE, Node, NodeKind
 
 PREFIX = "user.dgfs."
 FILE_FIELDS = ("kind", "stored_size", "original_size", "ratio", "sha256", "bucket", "key")
 DIR_FIELDS = ("bucket", "key")
+STATUS_SOCKET = PREFIX + "status_socket"
 
 
-def names(node: Node, endpoint: str | None) -> list[str]:
-    """The attribute names ``node`` has (``endpoint`` only when the store has one)."""
+def names(node: Node, endpoint: str | None, status_socket: str | None = None) -> list[str]:
+    """The attribute names ``node`` has (``endpoint`` only when the store has one,
+    ``status_socket`` only on the root of a mount that serves one)."""
     fields = list(DIR_FIELDS if node.kind is NodeKind.DIR else FILE_FIELDS)
     if endpoint:
         fields.append("endpoint")
+    if status_socket and node.ino == ROOT_INODE:
+        fields.append("status_socket")
     return [PREFIX + f for f in fields]
 
 
-def value(node: Node, name: str, *, bucket: str, key: str, endpoint: str | None) -> bytes:
+def value(
+    node: Node,
+    name: str,
+    *,
+    bucket: str,
+    key: str,
+    endpoint: str | None,
+    status_socket: str | None = None,
+) -> bytes:
     """The value of attribute ``name`` of ``node``; ``FsError(ENODATA)`` if it has none."""
-    if name not in names(node, endpoint):
+    if name not in names(node, endpoint, status_socket):
         raise FsError(errno.ENODATA)
     field = name[len(PREFIX) :]
-    where = {"bucket": bucket, "key": key, "endpoint": endpoint or ""}
+    where = {
+        "bucket": bucket,
+        "key": key,
+        "endpoint": endpoint or "",
+        "status_socket": status_socket or "",
+    }
     if field in where:
         return where[field].encode()
     return str(_storage(node)[field]).encode()

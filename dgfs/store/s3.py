@@ -57,6 +57,7 @@ from dgfs.store.base import (
     decode_metadata,
     encode_metadata,
 )
+from dgfs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +257,10 @@ class S3Store(ObjectStore):
         region: str | None = None,
         profile: str | None = None,
         max_concurrency: int = 16,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.bucket = bucket
+        self.telemetry = telemetry or Telemetry()
         try:
             self._client = make_client(endpoint_url, region, profile, max_concurrency + 4)
         except bexc.BotoCoreError as exc:  # e.g. ProfileNotFound
@@ -288,13 +291,16 @@ class S3Store(ObjectStore):
         """Run ``fn`` in a worker thread, translating and retrying errors."""
         attempts = len(self.retry_delays) + 1
         for attempt in range(attempts):
+            self.telemetry.s3_request(operation)
             try:
                 return await trio.to_thread.run_sync(fn, limiter=self._limiter)
             except (bexc.BotoCoreError, bexc.ClientError) as exc:
                 err = translate_error(
                     exc, bucket=self.bucket, key=key, endpoint=self.endpoint, operation=operation
                 )
-                if not _retryable(err) or attempt == attempts - 1:
+                retry = _retryable(err) and attempt < attempts - 1
+                self.telemetry.s3_error(operation, type(err).__name__, retried=retry)
+                if not retry:
                     raise err from exc
             delay = self.retry_delays[attempt] * random.uniform(0.5, 1.5)
             log.warning(
