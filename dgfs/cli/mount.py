@@ -30,6 +30,7 @@ options (-o, comma separated):
   upload_workers=4 concurrent uploads                            log_level=info
   upload_delay=0.5 seconds between the last close and the upload (fsync skips it)
   min_delta_size=64K  smaller files are stored direct           attr_timeout=1
+  s3_timeout=60    seconds to wait for S3 to answer a read before retrying the request
   deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of
                    archives' expanded content (dgfs only; docs/FORMAT.md)
 """
@@ -55,6 +56,7 @@ VALUE_OPTIONS = {
     "upload_delay",
     "attr_timeout",
     "deltas",
+    "s3_timeout",
 }
 
 
@@ -131,6 +133,11 @@ def build_config(
         policy_overrides["min_delta_size"] = parse_size(str(options["min_delta_size"]))
     if "deltas" in options:
         changes["deltas"] = _delta_mode(options["deltas"])
+    if "s3_timeout" in options:
+        timeout = _float("s3_timeout", options["s3_timeout"])
+        if not timeout > 0:
+            raise ConfigError(f"option s3_timeout must be more than 0 seconds, got {timeout:g}")
+        changes["s3_timeout"] = timeout
     if policy_overrides:
         changes["policy"] = Policy.from_env(os.environ, **policy_overrides)
     settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
