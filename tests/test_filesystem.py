@@ -88,6 +88,7 @@ async def mounted(
             recovered = await fs.recover_journal()
             yield Mount(fs, journal.directory, recovered)
             if not crash:
+                await fs.unmounted()
                 await fs.wait_idle()
             nursery.cancel_scope.cancel()
     finally:
@@ -581,6 +582,19 @@ async def test_unmount_drains_every_pending_upload_without_waiting_for_delays(
         assert bucket(memory) == {}  # the clock stands still: none came due
     assert bucket(memory) == files
     assert trio.current_time() == start
+    assert journal_entries(m.journal_dir) == []
+
+
+async def test_unmount_uploads_a_closed_file_whose_release_never_came(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """close() (flush) returned, then the unmount ended the session before the
+    kernel's asynchronous RELEASE arrived: the file is uploaded all the same,
+    not left in the journal for a next mount."""
+    async with mounted(memory, tmp_path) as m:
+        fh = await create(m.fs, "late.txt", b"released by the unmount\n")
+        await m.fs.flush(fh)  # close(2) returned; no release follows
+    assert bucket(memory) == {"late.txt": b"released by the unmount\n"}
     assert journal_entries(m.journal_dir) == []
 
 

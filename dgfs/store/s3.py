@@ -230,6 +230,22 @@ def translate_error(
     return StoreError(f"{operation} {where} failed: {exc}")
 
 
+class _CutHeadFilter(logging.Filter):
+    """urllib3's "Failed to parse headers" warning (with a traceback) at DEBUG:
+    ``_refuse_cut_head`` turns such an answer into a retried request, which
+    logs its own one-line warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to parse headers"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = None
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("urllib3.connection").addFilter(_CutHeadFilter())
+
+
 def _refuse_cut_head(response: Any = None, endpoint: Any = None, **_: Any) -> None:
     """botocore hook, run on every answer: refuse one whose header block was cut off.
 
