@@ -220,6 +220,7 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 notifier.stopping("unmounted; finishing uploads")
                 draining = trio.CancelScope()
                 nursery.start_soon(_report_drain, fs, notifier, draining)
+                await fs.unmounted()
                 await fs.wait_idle()
                 draining.cancel()
                 nursery.cancel_scope.cancel()

@@ -23,7 +23,7 @@ from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError
 from dgfs.format import DeltaMode
 from dgfs.policy import Policy
-from dgfs.store.s3 import S3Store
+from dgfs.store.s3 import READ_TIMEOUT, S3Store
 from dgfs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class Settings:
     xdelta3: str = "xdelta3"
     xdelta_memory: int = 1 << 30
     s3_concurrency: int = 16
+    s3_timeout: float = READ_TIMEOUT
+    """Seconds to wait for each read from the S3 endpoint before the request is retried."""
     deltas: DeltaMode = DeltaMode.DG
     """Mode of new deltaspaces: DeltaGlider v6 (``dg``) or dgfs's ``deep`` extension."""
 
@@ -106,10 +108,13 @@ async def open_store(
         profile=settings.profile,
         max_concurrency=settings.s3_concurrency,
         telemetry=telemetry,
+        read_timeout=settings.s3_timeout,
     )
     try:
         yield store
     finally:
+        # Retries mean a flaky endpoint: operators (and the fault tests) read this line.
+        log.info("s3://%s: %s", location.bucket, store.stats)
         await store.aclose()
 
 

@@ -221,3 +221,19 @@ def test_mount_option_deltas_is_checked() -> None:
     assert config.settings.deltas is DeltaMode.DG  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="'dg' or 'deep'"):
         build_config("bucket", "/mnt/x", ["deltas=fast"])
+
+
+def test_mount_option_s3_timeout_is_checked() -> None:
+    """``-o s3_timeout=`` sets the store's read timeout; it must be a positive number."""
+    from dgfs.cli.mount import build_config
+    from dgfs.errors import ConfigError
+    from dgfs.store.s3 import READ_TIMEOUT
+
+    config, _, _ = build_config("bucket", "/mnt/x", ["s3_timeout=2.5"])
+    assert config.settings.s3_timeout == 2.5  # type: ignore[attr-defined]
+    config, _, _ = build_config("bucket", "/mnt/x", [])
+    assert config.settings.s3_timeout == READ_TIMEOUT  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="more than 0"):
+        build_config("bucket", "/mnt/x", ["s3_timeout=0"])
+    with pytest.raises(ConfigError, match="needs a number"):
+        build_config("bucket", "/mnt/x", ["s3_timeout=soon"])

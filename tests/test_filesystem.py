@@ -88,6 +88,7 @@ async def mounted(
             recovered = await fs.recover_journal()
             yield Mount(fs, journal.directory, recovered)
             if not crash:
+                await fs.unmounted()
                 await fs.wait_idle()
             nursery.cancel_scope.cancel()
     finally:

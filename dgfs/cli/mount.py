@@ -30,6 +30,7 @@ options (-o, comma separated):
   upload_workers=4 concurrent uploads                            log_level=info
   upload_delay=0.5 seconds between the last close and the upload (fsync skips it)
   min_delta_size=64K  smaller files are stored direct           attr_timeout=1
+  s3_timeout=60    seconds to wait for S3 to answer a read before retrying the request
   deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of
                    archives' expanded content (dgfs only; docs/FORMAT.md)
   metrics=[IP:]PORT  serve Prometheus metrics (default address 127.0.0.1; docs/metrics.md)
@@ -57,6 +58,7 @@ VALUE_OPTIONS = {
     "attr_timeout",
     "deltas",
     "metrics",
+    "s3_timeout",
 }
 
 
@@ -133,6 +135,11 @@ def build_config(
         policy_overrides["min_delta_size"] = parse_size(str(options["min_delta_size"]))
     if "deltas" in options:
         changes["deltas"] = _delta_mode(options["deltas"])
+    if "s3_timeout" in options:
+        timeout = _float("s3_timeout", options["s3_timeout"])
+        if not timeout > 0:
+            raise ConfigError(f"option s3_timeout must be more than 0 seconds, got {timeout:g}")
+        changes["s3_timeout"] = timeout
     if policy_overrides:
         changes["policy"] = Policy.from_env(os.environ, **policy_overrides)
     settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]

@@ -622,6 +622,19 @@ class FileSystem:
         """Queue uploads of what an earlier mount committed but did not upload."""
         return await self.uploads.recover()
 
+    async def unmounted(self) -> None:
+        """The kernel has let go: release the handles it never released.
+
+        FUSE sends RELEASE asynchronously after close(2), and an unmount
+        that comes right after a close ends the session before that
+        request arrives: the file's close() returned, its content is
+        committed, but its writer still counts and keeps the upload from
+        being queued. No handle can be used any more, so each is released
+        here, before the drain, and its file is uploaded like the rest.
+        """
+        for fh in self.handles.open_fhs():
+            await self.release(fh)
+
     async def wait_idle(self) -> None:
         """Until every queued upload has finished (at unmount: without delays)."""
         await self.uploads.drain()

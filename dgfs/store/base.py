@@ -195,7 +195,13 @@ class ObjectStore(abc.ABC):
         from dgfs.errors import PreconditionFailed
 
         key = f".deltaglider/tmp/probe-{uuid.uuid4().hex}"
-        await self.put_bytes(key, b"1", {}, if_none_match=True)
+        try:
+            await self.put_bytes(key, b"1", {}, if_none_match=True)
+        except PreconditionFailed:
+            # The key is new, so the PUT that exists is our own: an attempt
+            # landed, its answer was lost, and the retry was refused.
+            await self.delete(key)
+            return True
         try:
             await self.put_bytes(key, b"2", {}, if_none_match=True)
         except PreconditionFailed:

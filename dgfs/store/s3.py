@@ -14,15 +14,24 @@ What callers may rely on:
   An endpoint that refuses connections is not retried beyond botocore:
   it raises ``EndpointUnreachable`` quickly.
 - ETags are returned without quotes; timestamps are timezone-aware UTC.
-- A multipart upload that fails or is cancelled is aborted.
+- A multipart upload that fails or is cancelled is aborted. One whose
+  CompleteMultipartUpload did succeed although its answer was lost (the
+  retry then hears NoSuchUpload) counts as done once the object's ETag
+  proves it is this upload's.
+- ``stats`` counts requests and retries (botocore's and ours), for the log
+  and for tests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -80,6 +89,11 @@ DELETE_BATCH = 1000
 STREAM_CHUNK = 1024 * 1024
 # Our retries after botocore's own; the delays are scaled by a random jitter.
 RETRY_DELAYS: tuple[float, ...] = (0.5, 2.0, 5.0)
+# Seconds a request may wait for the connection and then for each read from
+# it. The read timeout is also how long a stalled endpoint holds a request
+# before it is retried (mount option s3_timeout).
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
 
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
 _ACCESS_CODES = {
@@ -137,6 +151,7 @@ def make_client(
     region: str | None,
     profile: str | None,
     max_pool: int,
+    read_timeout: float = READ_TIMEOUT,
 ) -> Any:
     """One boto3 S3 client, safe to share between threads.
 
@@ -145,6 +160,8 @@ def make_client(
     request. Checksums are sent and validated only when an operation
     requires them: several S3-compatible stores reject boto3's default
     CRC headers. A custom ``endpoint_url`` gets path-style addressing.
+    ``read_timeout`` bounds each wait for data from the endpoint (and the
+    connect timeout, which is at most ``CONNECT_TIMEOUT``).
     """
     session = boto3.session.Session(profile_name=profile)
     config = Config(
@@ -153,8 +170,8 @@ def make_client(
         response_checksum_validation="when_required",
         max_pool_connections=max_pool,
         retries={"mode": "standard", "total_max_attempts": 3},
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=min(CONNECT_TIMEOUT, read_timeout),
+        read_timeout=read_timeout,
         tcp_keepalive=True,
         user_agent_extra=f"dgfs/{__version__}",
         s3={"addressing_style": "path"} if endpoint_url else None,
@@ -214,6 +231,50 @@ def translate_error(
     return StoreError(f"{operation} {where} failed: {exc}")
 
 
+class _CutHeadFilter(logging.Filter):
+    """urllib3's "Failed to parse headers" warning (with a traceback) at DEBUG:
+    ``_refuse_cut_head`` turns such an answer into a retried request, which
+    logs its own one-line warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to parse headers"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = None
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("urllib3.connection").addFilter(_CutHeadFilter())
+
+
+def _refuse_cut_head(response: Any = None, endpoint: Any = None, **_: Any) -> None:
+    """botocore hook, run on every answer: refuse one whose header block was cut off.
+
+    http.client takes whatever header lines arrived before the connection
+    closed, and urllib3 only logs the damage, so a cut answer would parse
+    as a success without its ETag, metadata or length (a HEAD with no
+    ``dg-file-sha256``, a GET with an empty body). Every S3 answer frames
+    its body (Content-Length or chunked; 204 has none), so one that does not, or whose
+    headers did not parse, is a broken connection: ``ConnectionClosedError``,
+    which ``_call`` retries.
+    """
+    if response is None:
+        return
+    http_response = response[0]
+    original = getattr(getattr(http_response, "raw", None), "_original_response", None)
+    defects = getattr(getattr(original, "msg", None), "defects", None)
+    headers = getattr(http_response, "headers", {})
+    status = getattr(http_response, "status_code", 0)
+    bodiless = status in (204, 304) or 100 <= status < 200
+    framed = bodiless or "content-length" in headers or "transfer-encoding" in headers
+    if defects or not framed:
+        raw = getattr(http_response, "raw", None)
+        if raw is not None:
+            raw.close()  # the connection is broken: it must not go back to the pool
+        url = getattr(endpoint, "host", None) or "the S3 endpoint"
+        raise bexc.ConnectionClosedError(endpoint_url=url)
+
+
 def _retryable(err: DgfsError) -> bool:
     return isinstance(err, TransientError) and not isinstance(err, EndpointUnreachable)
 
@@ -237,6 +298,38 @@ def _head_from_response(key: str, response: Mapping[str, Any], size: int) -> Obj
     )
 
 
+@dataclass
+class RequestStats:
+    """Requests of one store so far (thread-safe counters).
+
+    ``operations``: S3 API calls made; ``attempts``: HTTP requests sent for
+    them, so ``attempts - operations`` were botocore's own retries;
+    ``retries``: calls dgfs repeated after botocore gave up (each logged
+    as a warning).
+    """
+
+    operations: int = 0
+    attempts: int = 0
+    retries: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def count(self, field_name: str) -> None:
+        with self._lock:
+            setattr(self, field_name, getattr(self, field_name) + 1)
+
+    @property
+    def botocore_retries(self) -> int:
+        return max(0, self.attempts - self.operations)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.operations} S3 requests, {self.botocore_retries} retried by botocore,"
+            f" {self.retries} retried by dgfs"
+        )
+
+
 class S3Store(ObjectStore):
     """An ObjectStore on one S3 bucket.
 
@@ -246,7 +339,7 @@ class S3Store(ObjectStore):
     ``download_range_size``, ``copy_threshold``, ``copy_part_size``,
     ``transfer_concurrency``, ``page_size``, ``retry_delays``) start from
     the module constants and may be changed per instance (tests make them
-    small).
+    small). ``read_timeout``: see ``make_client``.
     """
 
     def __init__(
@@ -258,13 +351,21 @@ class S3Store(ObjectStore):
         profile: str | None = None,
         max_concurrency: int = 16,
         telemetry: Telemetry | None = None,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         self.bucket = bucket
         self.telemetry = telemetry or Telemetry()
         try:
-            self._client = make_client(endpoint_url, region, profile, max_concurrency + 4)
+            self._client = make_client(
+                endpoint_url, region, profile, max_concurrency + 4, read_timeout
+            )
         except bexc.BotoCoreError as exc:  # e.g. ProfileNotFound
             raise ConfigError(f"cannot configure the S3 client: {exc}") from exc
+        self.stats = RequestStats()
+        events = self._client.meta.events
+        events.register("before-call.s3", lambda **_: self.stats.count("operations"))
+        events.register("before-send.s3", lambda **_: self.stats.count("attempts"))
+        events.register("needs-retry.s3", _refuse_cut_head)
         self._endpoint: str = self._client.meta.endpoint_url
         self._limiter = trio.CapacityLimiter(max_concurrency)
         self.multipart_threshold = MULTIPART_THRESHOLD
@@ -302,6 +403,7 @@ class S3Store(ObjectStore):
                 self.telemetry.s3_error(operation, type(err).__name__, retried=retry)
                 if not retry:
                     raise err from exc
+            self.stats.count("retries")
             delay = self.retry_delays[attempt] * random.uniform(0.5, 1.5)
             log.warning(
                 "%s; retry %d/%d in %.1fs",
@@ -375,7 +477,10 @@ class S3Store(ObjectStore):
                 if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                     return b""
                 raise
-            with response["Body"] as body:
+            # closing(), not the body's own `with`: that yields the raw urllib3
+            # stream, whose broken-connection errors escape botocore's
+            # exceptions (and our retries) and whose length nobody checks.
+            with closing(response["Body"]) as body:
                 return bytes(body.read())
 
         return await self._call("GetObject", key, fetch)
@@ -395,7 +500,7 @@ class S3Store(ObjectStore):
             # Small objects: the whole body; large ones: only the first range
             # from this stream (the rest comes in parallel below).
             wanted = size if size < self.download_threshold else self.download_range_size
-            with response["Body"] as body, open(dest, "wb") as out:
+            with closing(response["Body"]) as body, open(dest, "wb") as out:
                 written = _copy_stream(body, out, wanted)
                 if wanted < size:
                     out.truncate(size)
@@ -422,7 +527,7 @@ class S3Store(ObjectStore):
             response = self._client.get_object(
                 Bucket=self.bucket, Key=key, Range=f"bytes={first}-{last}", IfMatch=f'"{etag}"'
             )
-            with response["Body"] as body, open(dest, "r+b") as out:
+            with closing(response["Body"]) as body, open(dest, "r+b") as out:
                 out.seek(first)
                 if _copy_stream(body, out, last - first + 1) != last - first + 1:
                     raise bexc.IncompleteReadError(
@@ -522,14 +627,37 @@ class S3Store(ObjectStore):
             }
             if if_none_match:
                 complete["IfNoneMatch"] = if_none_match
+            return await self._complete(key, complete, [etags[n] for n in sorted(etags)])
+        except BaseException:
+            await self._abort_quietly(key, upload_id)
+            raise
+
+    async def _complete(self, key: str, complete: dict[str, Any], part_etags: list[str]) -> str:
+        """CompleteMultipartUpload; returns the object's ETag.
+
+        When an attempt completes the upload but its answer is lost, the
+        retry hears NoSuchUpload: the upload is ours if the object now
+        carries the ETag its parts give. (A PreconditionFailed stays one:
+        the same bytes may have been stored by another writer first.)
+        """
+        try:
             response = await self._call(
                 "CompleteMultipartUpload",
                 key,
                 partial(self._client.complete_multipart_upload, **complete),
             )
-        except BaseException:
-            await self._abort_quietly(key, upload_id)
-            raise
+        except NotFound:
+            expected = multipart_etag(part_etags)
+            try:
+                current = (await self.head(key)).etag if expected else None
+            except NotFound:
+                current = None
+            if current is None or current != expected:
+                raise
+            log.info(
+                "multipart upload of s3://%s/%s completed; its answer was lost", self.bucket, key
+            )
+            return current
         return _etag(response["ETag"])
 
     async def _abort_quietly(self, key: str, upload_id: str) -> None:
@@ -654,21 +782,16 @@ class S3Store(ObjectStore):
                 [partial(copy_part, number, offset) for number, offset in enumerate(offsets, 1)]
             )
             parts = [{"PartNumber": n, "ETag": f'"{etags[n]}"'} for n in sorted(etags)]
-            response = await self._call(
-                "CompleteMultipartUpload",
-                dst_key,
-                partial(
-                    self._client.complete_multipart_upload,
-                    Bucket=self.bucket,
-                    Key=dst_key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                ),
-            )
+            complete = {
+                "Bucket": self.bucket,
+                "Key": dst_key,
+                "UploadId": upload_id,
+                "MultipartUpload": {"Parts": parts},
+            }
+            return await self._complete(dst_key, complete, [etags[n] for n in sorted(etags)])
         except BaseException:
             await self._abort_quietly(dst_key, upload_id)
             raise
-        return _etag(response["ETag"])
 
     # --- deleting and housekeeping -------------------------------------------
 
@@ -745,6 +868,20 @@ class S3Store(ObjectStore):
     async def aclose(self) -> None:
         """Close the client's connection pool."""
         await trio.to_thread.run_sync(self._client.close, limiter=self._limiter)
+
+
+def multipart_etag(part_etags: Sequence[str]) -> str | None:
+    """The ETag S3 gives an object completed from parts with these (MD5) ETags:
+    the MD5 of their digests, ``-`` and the part count. None if a part's
+    ETag is not an MD5 (some encryption modes)."""
+    try:
+        digests = [bytes.fromhex(etag) for etag in part_etags]
+    except ValueError:
+        return None
+    if not digests or any(len(digest) != 16 for digest in digests):
+        return None
+    combined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+    return f"{combined}-{len(digests)}"
 
 
 def _copy_stream(body: Any, out: Any, limit: int) -> int:
