@@ -87,9 +87,10 @@ META_MODE = "mode"
 META_UID = "uid"
 META_GID = "gid"
 META_RDEV = "rdev"  # device number (st_rdev, decimal) of a character or block device
+META_ATIME = "atime"  # written only when set explicitly (utimensat); as s3fs >= 1.91
 # Symlinks, FIFOs, devices and sockets are objects as s3fs stores them: the
 # type is in ``mode``, the body is a symlink's target (else empty).
-POSIX_KEYS = (META_MTIME, META_MODE, META_UID, META_GID, META_RDEV)
+POSIX_KEYS = (META_MTIME, META_MODE, META_UID, META_GID, META_RDEV, META_ATIME)
 
 
 def meta_value(metadata: Mapping[str, str], field: str) -> str | None:
@@ -252,12 +253,14 @@ def posix_metadata(
     uid: int | None,
     gid: int | None,
     rdev: int | None = None,
+    atime_ns: int | None = None,
 ) -> dict[str, str]:
-    """POSIX attributes in s3fs/rclone spelling (mtime in seconds, may be fractional)."""
+    """POSIX attributes in s3fs/rclone spelling (times in seconds, may be fractional)."""
     meta: dict[str, str] = {}
     if mtime_ns is not None:
-        sec, frac = divmod(mtime_ns, 1_000_000_000)
-        meta[META_MTIME] = f"{sec}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(sec)
+        meta[META_MTIME] = _seconds(mtime_ns)
+    if atime_ns is not None:
+        meta[META_ATIME] = _seconds(atime_ns)
     if mode is not None:
         meta[META_MODE] = str(mode)
     if uid is not None:
@@ -283,13 +286,19 @@ _DECIMAL = re.compile(r"\d{1,20}")
 _OCTAL = re.compile(r"0(?:o)?([0-7]{1,20})")
 
 
-def parse_mtime_ns(metadata: Mapping[str, str]) -> int | None:
-    """mtime from s3fs/rclone metadata (seconds, optional fraction), in ns.
+def _seconds(ns: int) -> str:
+    sec, frac = divmod(ns, 1_000_000_000)
+    return f"{sec}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(sec)
+
+
+def parse_mtime_ns(metadata: Mapping[str, str], key: str = "mtime") -> int | None:
+    """mtime (or, with ``key``, atime) from s3fs/rclone metadata (seconds,
+    optional fraction), in ns.
 
     None if absent, not a plain decimal number, or outside what a stat
     can show. Times before 1970 are negative and kept.
     """
-    raw = metadata.get(META_MTIME)
+    raw = metadata.get(key)
     match = _MTIME.fullmatch(raw.strip()) if raw else None
     if match is None:
         return None

@@ -682,3 +682,20 @@ async def test_a_name_whose_s3_key_would_pass_1024_bytes_is_enametoolong(
             await m.fs.mkdir(parent, "x" * 20, 0o755, UID, GID)
         assert exc.value.errno == errno.ENAMETOOLONG
         await m.fs.mkdir(parent, "x" * 14, 0o755, UID, GID)  # 1,018 + ".delta" fits
+
+
+async def test_device_numbers_and_explicit_atimes_outlive_the_listing_ttl_and_a_remount(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    rdev = os.makedev(8, 1)
+    async with mounted(memory, tmp_path) as m:
+        dev = await m.fs.mknod(ROOT, "sda1", 0o660 | 0o060000, rdev, UID, GID)
+        await m.fs.setattr(dev.ino, atime_ns=1_500_000_000_250_000_000)
+        autojump_clock.jump(3600)  # past the listing TTL: attributes come from the listing
+        node = await m.fs.getattr(dev.ino)
+        assert (node.rdev, node.atime_ns) == (rdev, 1_500_000_000_250_000_000)
+    assert memory.objects["sda1"].metadata["atime"] == "1500000000.25"
+    async with mounted(memory, tmp_path) as m:
+        node = await lookup(m.fs, "sda1")
+        assert node.kind.is_special and node.rdev == rdev
+        assert node.atime_ns == 1_500_000_000_250_000_000

@@ -377,9 +377,10 @@ class FileSystem:
         uid: int | None = None,
         gid: int | None = None,
         mtime_ns: int | None = None,
+        atime_ns: int | None = None,
     ) -> Node:
         node = self.get_node(ino)
-        if any(v is not None for v in (size, mode, uid, gid, mtime_ns)):
+        if any(v is not None for v in (size, mode, uid, gid, mtime_ns, atime_ns)):
             self._check_writable()
         if size is not None:
             await self.truncate(node, size)
@@ -396,6 +397,9 @@ class FileSystem:
         if mtime_ns is not None and mtime_ns != node.mtime_ns:
             node.mtime_ns = mtime_ns
             node.entries_changed_ns = 0  # set explicitly: the stored one holds now
+            changed = True
+        if atime_ns is not None and atime_ns != node.atime_ns:
+            node.atime_ns = atime_ns
             changed = True
         if not changed:
             return node

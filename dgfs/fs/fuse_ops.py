@@ -102,7 +102,7 @@ class FuseOperations(pyfuse3.Operations):
         entry.st_blocks = (entry.st_size + 511) // 512
         entry.st_mtime_ns = node.mtime_ns
         entry.st_ctime_ns = node.ctime_ns or node.mtime_ns
-        entry.st_atime_ns = node.mtime_ns
+        entry.st_atime_ns = node.mtime_ns if node.atime_ns is None else node.atime_ns
         return entry
 
     @_fuse_errors
@@ -131,6 +131,7 @@ class FuseOperations(pyfuse3.Operations):
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
         )
         return self._attrs(node)
 

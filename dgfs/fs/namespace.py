@@ -58,6 +58,7 @@ class DirEntry:
     stored: StoredFile | None = None
     etag: str | None = None
     rdev: int = 0
+    atime_ns: int | None = None
 
 
 class Namespace:
@@ -143,6 +144,7 @@ class Namespace:
                 name,
                 NodeKind.DIR,
                 mtime_ns=fmt.parse_mtime_ns(meta) or self.mounted_at_ns,
+                atime_ns=fmt.parse_mtime_ns(meta, fmt.META_ATIME),
                 mode=fmt.parse_int_meta(meta, fmt.META_MODE),
                 uid=fmt.parse_int_meta(meta, fmt.META_UID),
                 gid=fmt.parse_int_meta(meta, fmt.META_GID),
@@ -296,6 +298,7 @@ class Namespace:
             stored=stored,
             etag=head.etag,
             rdev=fmt.parse_int_meta(meta, fmt.META_RDEV) or 0,
+            atime_ns=fmt.parse_mtime_ns(meta, fmt.META_ATIME),
         )
 
     async def listing(self, path: str, *, fresh: bool = False) -> dict[str, DirEntry]:
@@ -366,6 +369,8 @@ class Namespace:
                 node.uid,
                 node.gid,
                 node.stored,
+                rdev=node.rdev,
+                atime_ns=node.atime_ns,
             )
             self.note(node.parent_path, entry)
 

@@ -90,6 +90,7 @@ class Node:
     etag: str | None = None
     symlink_target: bytes | None = None
     rdev: int = 0  # device number of a character or block device
+    atime_ns: int | None = None  # set by utimensat and kept; None: shows mtime
     # A directory's mtime from the last entry added or removed here: kept in
     # memory only (storing it would cost a PUT per new file), so a listing
     # that shows the stored, older mtime does not take it back.
@@ -119,6 +120,7 @@ class Node:
             uid=self.uid,
             gid=self.gid,
             rdev=self.rdev if is_device else None,
+            atime_ns=self.atime_ns,
         )
 
 
@@ -165,6 +167,7 @@ class NodeTable:
             node.etag = entry.etag
             node.rdev = entry.rdev
         node.mtime_ns = entry.mtime_ns
+        node.atime_ns = entry.atime_ns
         if node.entries_changed_ns:
             node.mtime_ns = max(node.mtime_ns, node.entries_changed_ns)
         self.options.apply_defaults(node, entry.mode, entry.uid, entry.gid)

@@ -679,6 +679,7 @@ class UploadPipeline:
         node.size = os.fstat(fd).st_size
         meta = entry.metadata
         node.mtime_ns = fmt.parse_mtime_ns(meta) or time.time_ns()
+        node.atime_ns = fmt.parse_mtime_ns(meta, fmt.META_ATIME)
         node.ctime_ns = node.mtime_ns
         self.options.apply_defaults(
             node,
