@@ -237,3 +237,14 @@ def test_mount_option_s3_timeout_is_checked() -> None:
         build_config("bucket", "/mnt/x", ["s3_timeout=0"])
     with pytest.raises(ConfigError, match="needs a number"):
         build_config("bucket", "/mnt/x", ["s3_timeout=soon"])
+
+
+def test_mount_option_xdelta_level_is_checked() -> None:
+    from dgfs.cli.mount import build_config
+    from dgfs.errors import ConfigError
+
+    config, _, _ = build_config("bucket", "/mnt/x", ["xdelta_level=6"])
+    assert config.settings.xdelta_level == 6  # type: ignore[attr-defined]
+    assert build_config("bucket", "/mnt/x", [])[0].settings.xdelta_level == 9  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="1 to 9"):
+        build_config("bucket", "/mnt/x", ["xdelta_level=0"])

@@ -416,3 +416,18 @@ async def test_cancellation_kills_xdelta3(tmp_path: Path) -> None:
     assert trio.current_time() - started < 5
     assert xdelta3_children_with(str(out)) == []
     assert not out.exists()
+
+
+async def test_a_lower_level_encodes_what_any_level_decodes(tmp_path: Path) -> None:
+    rng = random.Random(6)
+    source = bytes(rng.getrandbits(8) for _ in range(200_000))
+    target = source[:50_000] + b"changed" * 100 + source[50_000:]
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.write_bytes(source)
+    tgt.write_bytes(target)
+    fast, default = DeltaEngine(level=6), DeltaEngine()
+    await fast.encode(src, tgt, tmp_path / "d6")
+    await default.decode(src, tmp_path / "d6", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == target
+    with pytest.raises(ValueError, match="1-9"):
+        DeltaEngine(level=0)
