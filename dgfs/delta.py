@@ -45,7 +45,7 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import trio
@@ -147,7 +147,10 @@ class DeltaEngine:
 
     ``memory_limit`` caps the source window (``-B``) and so xdelta3's memory
     use: a source larger than it is still diffed, but content that moved
-    further than the window may not be found and the delta grows.
+    further than the window may not be found and the delta grows. It is
+    one budget for all the engine's xdelta3 processes together: a run
+    waits until the windows of those running leave room for its own, so
+    four concurrent uploads of 2 GiB files do not ask for 8 GiB.
 
     ``level`` is xdelta3's compression level for encoding (DeltaGlider: 9).
     Measured on this machine (benchmark notes in docs/configuration.md):
@@ -163,6 +166,7 @@ class DeltaEngine:
         self.binary = binary
         self.memory_limit = memory_limit
         self.level = level
+        self._windows = _Budget(max(MIN_SOURCE_WINDOW, memory_limit))
 
     def check(self) -> str:
         """Run ``xdelta3 -V`` once (blocking; call at startup) and return its version.
@@ -205,7 +209,8 @@ class DeltaEngine:
         window = await self._window_for(source)
         args: list[str | Path] = ["-e", f"-{self.level}", "-f", "-D", "-R", "-A", "-B", str(window)]
         args += ["-s", source, target, out]
-        await self._run("encode", args, out)
+        async with self._windows.hold(window):
+            await self._run("encode", args, out)
         delta_size = (await trio.Path(out).stat()).st_size
         log.debug("encoded %s against %s: %d bytes (-B %d)", target, source, delta_size, window)
         return delta_size
@@ -236,7 +241,8 @@ class DeltaEngine:
         else:
             flags = ["-d", "-f", "-D"]
         args: list[str | Path] = [*flags, "-B", str(window), "-s", source, delta, out]
-        await self._run("decode", args, out)
+        async with self._windows.hold(window):
+            await self._run("decode", args, out)
 
     async def decode_decompressed(self, source: Path, delta: Path, out: Path) -> str:
         """Decode a stock delta of a compressed file without recompressing it.
@@ -260,7 +266,8 @@ class DeltaEngine:
         # seek: the window must hold all of it, not just the compressed size.
         window = await self._decompressed_window_for(source)
         args: list[str | Path] = ["-d", "-f", "-R", "-B", str(window), "-s", source, delta, out]
-        await self._run("decode", args, out)
+        async with self._windows.hold(window):
+            await self._run("decode", args, out)
         return marks[0]
 
     async def _decompressed_window_for(self, source: Path) -> int:
@@ -337,6 +344,32 @@ class DeltaEngine:
             with contextlib.suppress(OSError):
                 out.unlink(missing_ok=True)
             raise
+
+
+class _Budget:
+    """Bytes that the xdelta3 processes of one engine may hold as source
+    windows at once (trio thread only)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self.peak = 0  # the most held at once: tests and telemetry
+        self._released = trio.Event()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, amount: int) -> AsyncIterator[None]:
+        # A window larger than the whole budget runs once nothing else holds any.
+        amount = min(amount, self.total)
+        while self.used + amount > self.total:
+            await self._released.wait()
+        self.used += amount
+        self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            self.used -= amount
+            self._released.set()
+            self._released = trio.Event()
 
 
 async def _compression_marks(delta: Path) -> tuple[str, str] | None:

@@ -12,7 +12,9 @@ import stat
 import subprocess
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -431,3 +433,35 @@ async def test_a_lower_level_encodes_what_any_level_decodes(tmp_path: Path) -> N
     assert (tmp_path / "out").read_bytes() == target
     with pytest.raises(ValueError, match="1-9"):
         DeltaEngine(level=0)
+
+
+async def test_concurrent_runs_share_one_window_budget(tmp_path: Path) -> None:
+    """Three encodes whose windows each need the whole budget run one at a
+    time; with room for two, two at once."""
+    source, target = similar_pair(tmp_path)  # ~300 KB: the window is MIN_SOURCE_WINDOW
+    running = 0
+    most = 0
+
+    for budget, expected in ((MIN_SOURCE_WINDOW, 1), (2 * MIN_SOURCE_WINDOW, 2)):
+        engine = DeltaEngine(memory_limit=budget)
+        real_run = engine._run
+
+        async def counting_run(
+            what: str, args: Sequence[str | Path], out: Path, real_run: Any = real_run
+        ) -> None:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            try:
+                await trio.sleep(0.05)  # long enough for the others to try to start
+                await real_run(what, args, out)
+            finally:
+                running -= 1
+
+        engine._run = counting_run  # type: ignore[method-assign]
+        most = 0
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(engine.encode, source, target, tmp_path / f"d{i}")
+        assert most == expected
+        assert engine._windows.used == 0
