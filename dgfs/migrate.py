@@ -27,6 +27,10 @@ What a caller may rely on:
   names each.
 - The destination's new deltaspaces take the destination core's
   ``deltas`` mode (``Settings.deltas``); existing ones keep theirs.
+- With a ``shard`` (``dgfs.shard``), a plan holds only the files whose
+  destination directory that shard owns, so each destination reference is
+  created by one worker; the ``N`` shards' plans together hold every file
+  once. Resume works per shard: a shard's rerun skips what it copied.
 
 In-place conversion (``plan_conversion``/``convert_in_place``) turns the
 deltas under one location into one mode, DeltaGlider v6 (``reference.bin``)
@@ -46,6 +50,10 @@ or deep (``reference.deep``), without a second bucket:
   (backup, re-check, settle, put back if a delta appeared), and only
   those no delta of their directory needs any more.
 - Rerunning finishes an interrupted conversion and skips what is done.
+- With a ``shard``, the plan and every step (conversion, stale deltas,
+  removal of old references, the sizes before and after) cover only the
+  directories that shard owns; the ``N`` shards together convert the
+  location as one worker would.
 - Into DeltaGlider mode, the deltas the stock DeltaGlider CLI made from
   gzip input (xdelta3 without ``-D`` diffed the decompressed streams, so
   DeltaGlider reads them back only if its gzip happens to recompress the
@@ -74,6 +82,7 @@ from dgfs.core import Core, PutResult
 from dgfs.errors import ConfigError, DgfsError, IntegrityError, NotFound
 from dgfs.format import DeltaMode, Kind, StoredFile
 from dgfs.runtime import S3Location, Settings, open_core, open_store
+from dgfs.shard import Shard, label, owned
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
@@ -131,6 +140,8 @@ class MigrationPlan:
     present: list[SourceFile] = field(default_factory=list)  # already in the destination
     replacing: list[SourceFile] = field(default_factory=list)  # in to_copy, differ at dest
     filtered_out: int = 0
+    shard: Shard | None = None  # the destination directories planned; None: all
+    other_shards: int = 0  # selected files whose directory another shard owns
 
     @property
     def total_bytes(self) -> int:
@@ -194,20 +205,28 @@ async def plan_migration(
     exclude: Sequence[str] = (),
     preserve_prefix: bool = True,
     concurrency: int = 32,
+    shard: Shard | None = None,
 ) -> MigrationPlan:
-    """List both sides once and decide what to copy (no writes)."""
+    """List both sides once and decide what to copy (no writes).
+
+    ``shard``: only the files whose destination directory it owns (the
+    others are counted in ``other_shards``, after the filters).
+    """
     dest_prefix = effective_dest_prefix(source.prefix, dest.prefix, preserve_prefix)
     check_locations(source, dest, dest_prefix)
     src_root, dst_root = fmt.listing_root(source.prefix), fmt.listing_root(dest_prefix)
-    plan = MigrationPlan(source, dest, dest_prefix)
+    plan = MigrationPlan(source, dest, dest_prefix, shard=shard)
 
     source_listing = await source_store.list(src_root, delimiter=None)
     wanted: dict[str, _Entry] = {}
     for visible, entry in _visible_entries(source_listing.objects, src_root).items():
-        if selected(visible[len(src_root) :], include, exclude):
+        rel_key = visible[len(src_root) :]
+        if not selected(rel_key, include, exclude):
+            plan.filtered_out += 1
+        elif owned(shard, dst_root + rel_key):
             wanted[visible] = entry
         else:
-            plan.filtered_out += 1
+            plan.other_shards += 1  # before any HEAD: a shard pays only for its own files
     # A delta's original size is in its metadata only.
     delta_heads = await head_many(
         source_store,
@@ -296,6 +315,7 @@ class MigrationReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rel_key, reason)
     skipped: int = 0
     elapsed: float = 0.0
+    shard: Shard | None = None  # the directories the run covered; None: all
 
     @property
     def original_bytes(self) -> int:
@@ -319,6 +339,7 @@ class MigrationReport:
 
     def to_json(self) -> dict[str, object]:
         return {
+            "shard": label(self.shard),
             "copied": len(self.copied),
             "failed": [{"key": key, "error": reason} for key, reason in self.failed],
             "skipped": self.skipped,
@@ -382,7 +403,7 @@ async def run_migration(
     The first file of each destination directory runs before the others of
     that directory, so the reference is uploaded once rather than raced for.
     """
-    report = MigrationReport(skipped=len(plan.present))
+    report = MigrationReport(skipped=len(plan.present), shard=plan.shard)
 
     async def copy(file: SourceFile) -> Copied:
         return Copied.of(file, await copy_file(source_core, dest_core, file))
@@ -497,6 +518,8 @@ class ConversionPlan:
     old_references: list[ObjectInfo] = field(default_factory=list)  # the other mode's
     filtered_out: int = 0
     stored_bytes: int = 0  # every object under the location now (.deltaglider/ aside)
+    shard: Shard | None = None  # the directories planned (stored_bytes too); None: all
+    other_shards: int = 0  # deltas whose directory another shard owns
 
     @property
     def source_mode(self) -> DeltaMode:
@@ -560,8 +583,13 @@ async def plan_conversion(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     concurrency: int = 32,
+    shard: Shard | None = None,
 ) -> ConversionPlan:
     """List ``location`` and decide which deltas to convert to ``target`` (no writes).
+
+    ``shard``: only the directories it owns, the old references and
+    ``stored_bytes`` included (the other shards' deltas are counted in
+    ``other_shards``).
 
     Only deltas in a directory that holds the other mode's reference can be
     of that mode; those are HEADed to read their mode, size and metadata.
@@ -570,10 +598,17 @@ async def plan_conversion(
     ``is_stock_gzip_delta`` (``to_rewrite``).
     """
     root = fmt.listing_root(location.prefix)
-    plan = ConversionPlan(location, target)
+    plan = ConversionPlan(location, target, shard=shard)
     old_ref_name = fmt.reference_key("", plan.source_mode)  # the bare name
     listing = await store.list(root, delimiter=None)
-    objects = [o for o in listing.objects if not (not root and fmt.is_internal_key(o.key))]
+    objects = []
+    for obj in listing.objects:
+        if not root and fmt.is_internal_key(obj.key):
+            continue
+        if owned(shard, obj.key):
+            objects.append(obj)
+        elif fmt.is_delta_key(obj.key):
+            plan.other_shards += 1
     plan.stored_bytes = sum(o.size for o in objects)
     plan.old_references = [o for o in objects if fmt.split_key(o.key)[1] == old_ref_name]
     checked_spaces = {fmt.split_key(o.key)[0] for o in plan.old_references}
@@ -723,7 +758,10 @@ async def convert_in_place(
     """
     started = trio.current_time()
     report = ConversionReport(
-        skipped=plan.already, target=plan.target, stored_before=plan.stored_bytes
+        skipped=plan.already,
+        shard=plan.shard,
+        target=plan.target,
+        stored_before=plan.stored_bytes,
     )
     rewrite_keys = {f.key for f in plan.to_rewrite}
 
@@ -750,7 +788,7 @@ async def convert_in_place(
     await _remove_old_references(core.store, plan, report, settle)
     root = fmt.listing_root(plan.location.prefix)
     after = await core.store.list(root, delimiter=None)
-    objects = [o for o in after.objects if root or not fmt.is_internal_key(o.key)]
+    objects = _shard_objects(after.objects, root, plan.shard)
     report.stored_after = sum(o.size for o in objects)
     touched = [*report.rewritten, *report.stale_removed]
     if plan.target is DeltaMode.DG and touched:
@@ -759,6 +797,11 @@ async def convert_in_place(
         report.unused_references = sorted(g.key for g in orphans if g.key in refs)
     report.elapsed = trio.current_time() - started
     return report
+
+
+def _shard_objects(objects: list[ObjectInfo], root: str, shard: Shard | None) -> list[ObjectInfo]:
+    """The LIST ``objects`` a conversion counts: ``.deltaglider/`` aside, the shard's only."""
+    return [o for o in objects if (root or not fmt.is_internal_key(o.key)) and owned(shard, o.key)]
 
 
 async def _still_stale(store: ObjectStore, delta_key: str) -> bool:
@@ -779,11 +822,12 @@ async def _remove_old_references(
     if not plan.old_references:
         return
     planned = {ref.key for ref in plan.old_references}
-    listing = await store.list(fmt.listing_root(plan.location.prefix), delimiter=None)
-    unneeded = {
-        g.key: g for g in await gc.orphaned_references(store, listing.objects) if g.key in planned
-    }
-    present = {o.key for o in listing.objects}
+    root = fmt.listing_root(plan.location.prefix)
+    listing = await store.list(root, delimiter=None)
+    # Whole directories: what a reference's own directory holds is all that decides.
+    objects = _shard_objects(listing.objects, root, plan.shard)
+    unneeded = {g.key: g for g in await gc.orphaned_references(store, objects) if g.key in planned}
+    present = {o.key for o in objects}
     for ref in plan.old_references:
         if ref.key not in unneeded and ref.key in present:
             why = f"{plan.source_mode.value} deltas still need it (rerun to finish)"

@@ -18,6 +18,10 @@ What a caller may rely on:
   decompressed and the result hashed (and sized against
   ``dgfs-expanded-size`` when recorded). Its deep deltas are checked by
   rebuilding, like any delta; ``VerifyResult.deep`` marks such objects.
+- With a ``shard``, ``verify_all`` checks only the directories that shard
+  owns (``dgfs.shard``), references included: the shards of one ``N``
+  together check every object exactly once, each reference downloaded by
+  one of them only.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
 from dgfs.fs import xattrs
+from dgfs.shard import Shard, label, owned
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,7 @@ class VerifyReport:
     prefix: str
     results: list[VerifyResult] = field(default_factory=list)
     elapsed: float = 0.0
+    shard: Shard | None = None  # the directories checked; None: all of them
 
     def count(self, status: Status) -> int:
         return sum(1 for r in self.results if r.status is status)
@@ -121,6 +127,7 @@ class VerifyReport:
         return {
             "bucket": self.bucket,
             "prefix": self.prefix,
+            "shard": label(self.shard),
             "ok": self.count(Status.OK),
             "failed": self.count(Status.FAILED),
             "skipped": self.count(Status.SKIPPED),
@@ -311,13 +318,16 @@ async def verify_all(
     prefix: str = "",
     *,
     concurrency: int = 8,
+    shard: Shard | None = None,
     on_start: Callable[[int, int], None] | None = None,
     on_result: Callable[[VerifyResult], None] | None = None,
 ) -> VerifyReport:
     """Verify every object under ``prefix`` (a directory; "" = whole bucket).
 
-    ``on_start(objects, stored_bytes)`` is called once after the listing;
-    ``on_result`` after each verdict (for a progress bar).
+    ``shard``: only the objects of the directories it owns.
+    ``on_start(objects, stored_bytes)`` is called once after the listing
+    (the shard's objects only); ``on_result`` after each verdict (for a
+    progress bar).
     """
     root = fmt.listing_root(prefix)
     listing = await core.store.list(root, delimiter=None)
@@ -325,8 +335,9 @@ async def verify_all(
         o
         for o in listing.objects
         if not (fmt.is_internal_key(o.key) or fmt.is_directory_marker(o.key))
+        and owned(shard, o.key)
     ]
-    report = VerifyReport(core.store.bucket, root.rstrip("/"))
+    report = VerifyReport(core.store.bucket, root.rstrip("/"), shard=shard)
     if on_start is not None:
         on_start(len(objects), sum(o.size for o in objects))
     verifier = Verifier(core)

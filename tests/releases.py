@@ -17,6 +17,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from dgfs.shard import Shard
+
 _WORDS = [
     "def",
     "class",
@@ -143,3 +145,17 @@ def write_sdist(tmp: Path, version: int, files: int = 40) -> Path:
     with gzip.GzipFile(path, "wb", compresslevel=9, mtime=1_700_000_000 + version) as gz:
         gz.write(buf.getvalue())
     return path
+
+
+def directories_per_shard(count: int, per_shard: int, parent: str = "rel") -> list[str]:
+    """Sorted directory names under ``parent``, ``per_shard`` of them owned by each of
+    the ``count`` shards of ``dgfs.shard``: a bucket in which every worker has work."""
+    chosen: dict[int, list[str]] = {k: [] for k in range(1, count + 1)}
+    number = 0
+    while any(len(names) < per_shard for names in chosen.values()):
+        name = f"{parent}/app{number}"
+        owner = next(k for k in chosen if Shard(k, count).owns_space(name))
+        if len(chosen[owner]) < per_shard:
+            chosen[owner].append(name)
+        number += 1
+    return sorted(name for names in chosen.values() for name in names)

@@ -138,6 +138,33 @@ def test_bad_locations_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> N
     assert dgfs_main(["gc", "b", "--tmp-max-age", "soon"]) == EXIT_USAGE
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["verify", "--all", "s3://releases"],
+        ["migrate", "--yes", "s3://old/", "s3://releases/"],
+        ["migrate", "--yes", "--deltas", "deep", "s3://releases/", "s3://releases/"],  # in place
+    ],
+)
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("0/3", "K must be between 1 and N (the 3 workers are 1/3 ... 3/3)"),
+        ("3/2", "K must be between 1 and N (the 2 workers are 1/2 ... 2/2)"),
+        ("1/0", "N (the number of workers) must be at least 1"),
+        ("x/y", "give K/N"),
+    ],
+)
+def test_bad_shard_is_a_usage_error(
+    command: list[str], value: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused before any request: no endpoint is needed to get the message.
+    assert dgfs_main([*command, "--shard", value]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"dgfs {command[0]}: bad --shard ") and reason in err
+    assert value in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_stats_command_text_and_json(
     moto_endpoint: str, bucket_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

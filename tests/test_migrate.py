@@ -1,9 +1,11 @@
-"""dgfs migrate: streaming copy, resume after a kill, dry run, filters, prefixes."""
+"""dgfs migrate: streaming copy, resume after a kill, dry run, filters, prefixes, shards."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,19 +16,31 @@ import pytest
 import trio
 
 from dgfs import format as fmt
+from dgfs.cache import ContentCache
+from dgfs.cli.main import EXIT_OK
+from dgfs.cli.main import main as dgfs_main
 from dgfs.core import Core
+from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError
-from dgfs.format import Kind
+from dgfs.format import DeltaMode, Kind
 from dgfs.migrate import (
+    ConversionPlan,
+    MigrationPlan,
+    SourceFile,
+    convert_in_place,
     effective_dest_prefix,
     open_migration,
+    plan_conversion,
     plan_migration,
     run_migration,
     selected,
 )
+from dgfs.policy import Policy
 from dgfs.runtime import S3Location, Settings, open_core
+from dgfs.shard import Shard
+from dgfs.store.memory import MemoryStore
 from tests.mountutil import dg_upload, dgfs_bin
-from tests.releases import ReleaseSeries
+from tests.releases import ReleaseSeries, directories_per_shard
 from tests.servers import REGION, make_bucket, s3_client
 
 # --- pure rules -----------------------------------------------------------------
@@ -46,6 +60,41 @@ from tests.servers import REGION, make_bucket, s3_client
 )
 def test_prefix_rules(source: str, dest: str, preserve: bool, expected: str) -> None:
     assert effective_dest_prefix(source, dest, preserve) == expected
+
+
+def test_shard_rule_is_a_stable_hash_of_the_directory_and_a_partition() -> None:
+    spaces = ["", "a", "a/b", "releases/app", "é/ü", *(f"dir{i}" for i in range(300))]
+    for count in (1, 2, 3, 5):
+        shards = [Shard(k, count) for k in range(1, count + 1)]
+        for space in spaces:
+            owners = [shard for shard in shards if shard.owns_space(space)]
+            assert len(owners) == 1  # every directory, exactly once
+            # The documented rule, so that workers agree across machines and versions.
+            digest = hashlib.sha256(space.encode()).digest()
+            assert owners[0].index == int.from_bytes(digest[:8], "big") % count + 1
+            # A directory's files and its references go with it; subdirectories need not.
+            for name in ("x-1.zip", "x-1.zip.delta", "reference.bin", "reference.deep"):
+                assert owners[0].owns(fmt.join_key(space, name))
+    # Spread: 300 directories over 3 shards, about 100 each.
+    sizes = [sum(Shard(k, 3).owns_space(f"dir{i}") for i in range(300)) for k in (1, 2, 3)]
+    assert min(sizes) >= 70, sizes
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0/3", "K must be between 1 and N"),
+        ("3/2", "K must be between 1 and N"),
+        ("1/0", "N (the number of workers) must be at least 1"),
+        ("x/y", "give K/N"),
+        ("2", "give K/N"),
+        ("-1/3", "give K/N"),
+        ("1/3/4", "give K/N"),
+    ],
+)
+def test_bad_shard_values_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Shard.parse(text)
 
 
 def test_filters() -> None:
@@ -439,3 +488,239 @@ def test_cli_resume_after_kill_copies_nothing_twice(
                 assert await read_back(core, f"rel/{name}", tmp_path) == data
 
     trio.run(check)
+
+
+# --- shards: several workers, each its own directories ------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def worker(
+    store: MemoryStore, root: Path, deltas: DeltaMode = DeltaMode.DG
+) -> AsyncIterator[Core]:
+    """A core on ``store`` with its own cache and scratch, as one machine of a batch has."""
+    cache = ContentCache(root / "cache", 1 << 30)
+    core = Core(
+        store,
+        cache,
+        DeltaEngine(),
+        Policy(min_delta_size=1024),
+        scratch_dir=root / "scratch",
+        deltas=deltas,
+    )
+    try:
+        yield core
+    finally:
+        await core.aclose()
+        cache.close()
+
+
+async def fill_raw(store: MemoryStore, spaces: list[str]) -> dict[str, bytes]:
+    """Three raw zip releases in each directory of ``spaces``, and a file at the root."""
+    files: dict[str, bytes] = {}
+    for number, space in enumerate(spaces):
+        for name, data in ReleaseSeries(size=64 << 10, seed=number).zips(3):
+            key = f"{space}/{name}"
+            await store.put_bytes(key, data, {"owner": "ci"}, content_type="application/zip")
+            files[key] = data
+    files["README.txt"] = b"read me\n" * 50
+    await store.put_bytes("README.txt", files["README.txt"], {})
+    return files
+
+
+def visible_files(store: MemoryStore) -> set[str]:
+    return {
+        fmt.visible_key(key) or key
+        for key in store.objects
+        if not (fmt.is_reference_key(key) or fmt.is_internal_key(key))
+    }
+
+
+async def test_shards_together_migrate_every_file_once_each_directory_in_one(
+    tmp_path: Path,
+) -> None:
+    source, dest = MemoryStore("src"), MemoryStore("dst")
+    spaces = directories_per_shard(3, 2)
+    files = await fill_raw(source, spaces)
+    src_loc, dst_loc = S3Location("src"), S3Location("dst")
+    shards = [Shard(k, 3) for k in (1, 2, 3)]
+    # A batch: every worker plans before any copies, then all run at once.
+    plans = [await plan_migration(source, dest, src_loc, dst_loc, shard=s) for s in shards]
+    for shard, plan in zip(shards, plans, strict=True):
+        assert plan.shard == shard and plan.to_copy
+        assert len(plan.to_copy) + plan.other_shards == len(files)
+        assert all(shard.owns(f.dest_key) for f in plan.to_copy)
+    copied_by: dict[str, list[int]] = {}
+
+    async def run_worker(shard: Shard, plan: MigrationPlan) -> None:
+        root = tmp_path / f"worker{shard.index}"
+        async with worker(source, root / "src") as source_core, worker(dest, root) as dest_core:
+            report = await run_migration(source_core, dest_core, plan, concurrency=2)
+        assert not report.failed and report.skipped == 0
+        assert report.shard == shard and report.to_json()["shard"] == f"{shard.index}/3"
+        for copied in report.copied:
+            copied_by.setdefault(copied.dest_key, []).append(shard.index)
+
+    async with trio.open_nursery() as nursery:
+        for shard, plan in zip(shards, plans, strict=True):
+            nursery.start_soon(run_worker, shard, plan)
+
+    assert copied_by.keys() == files.keys()
+    assert all(len(by) == 1 for by in copied_by.values())  # each file exactly once
+    shards_of_space: dict[str, set[int]] = {}
+    for key, by in copied_by.items():
+        shards_of_space.setdefault(fmt.split_key(key)[0], set()).update(by)
+    assert all(len(owners) == 1 for owners in shards_of_space.values())
+    # One reference per directory, made by the one worker that had the directory.
+    references = {key for key in dest.objects if fmt.is_reference_key(key)}
+    assert references == {f"{space}/reference.bin" for space in spaces}
+    assert visible_files(dest) == files.keys()
+    async with worker(dest, tmp_path / "reader") as reader:
+        for key, data in files.items():
+            assert await read_back(reader, key, tmp_path) == data
+
+
+async def test_a_shard_rerun_resumes_exactly(tmp_path: Path) -> None:
+    source, dest = MemoryStore("src"), MemoryStore("dst")
+    files = await fill_raw(source, directories_per_shard(3, 2))
+    src_loc, dst_loc = S3Location("src"), S3Location("dst")
+    shard = Shard(2, 3)
+    mine = {key for key in files if shard.owns(key)}
+    async with worker(source, tmp_path / "src") as source_core:
+        async with worker(dest, tmp_path / "dst") as dest_core:
+            plan = await plan_migration(source, dest, src_loc, dst_loc, shard=shard)
+            assert {f.dest_key for f in plan.to_copy} == mine
+            done: list[str] = []
+            with trio.CancelScope() as scope:  # the worker is killed after two files
+
+                def on_done(file: SourceFile, copied: object, error: str | None) -> None:
+                    assert error is None
+                    done.append(file.dest_key)
+                    if len(done) == 2:
+                        scope.cancel()
+
+                await run_migration(source_core, dest_core, plan, concurrency=1, on_done=on_done)
+            assert visible_files(dest) == set(done)
+            landed = dict(dest.objects)
+
+        # The same shard again (another machine, another cache): what is there is skipped.
+        async with worker(dest, tmp_path / "dst2") as dest_core:
+            resumed = await plan_migration(source, dest, src_loc, dst_loc, shard=shard)
+            assert {f.dest_key for f in resumed.present} == set(done)
+            assert {f.dest_key for f in resumed.to_copy} == mine - set(done)
+            report = await run_migration(source_core, dest_core, resumed)
+    assert not report.failed and report.skipped == 2 and len(report.copied) == len(mine) - 2
+    for key, obj in landed.items():
+        assert dest.objects[key] is obj  # not rewritten
+    assert visible_files(dest) == mine  # nothing of the other shards
+    final = await plan_migration(source, dest, src_loc, dst_loc, shard=shard)
+    assert not final.to_copy and len(final.present) == len(mine)
+
+
+def without_times(metadata: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in metadata.items() if name != "dg-created-at"}
+
+
+async def test_in_place_conversion_by_shards_equals_one_worker(tmp_path: Path) -> None:
+    one = MemoryStore("one")
+    spaces = directories_per_shard(3, 2)
+    files: dict[str, bytes] = {}
+    async with worker(one, tmp_path / "writer") as writer:
+        for number, space in enumerate(spaces):
+            for name, data in ReleaseSeries(size=64 << 10, seed=number).zips(3):
+                path = tmp_path / name
+                path.write_bytes(data)
+                assert (await writer.put(path, f"{space}/{name}")).kind is Kind.DELTA
+                files[f"{space}/{name}"] = data
+    split = MemoryStore("split")
+    split.objects = dict(one.objects)  # the same bucket twice
+
+    async with worker(one, tmp_path / "single", DeltaMode.DEEP) as core:
+        plan = await plan_conversion(one, S3Location("one"), DeltaMode.DEEP)
+        single = await convert_in_place(core, plan, settle=0)
+    assert not single.failed and len(single.copied) == len(files)
+
+    location = S3Location("split")
+    shards = [Shard(k, 3) for k in (1, 2, 3)]
+    plans = [await plan_conversion(split, location, DeltaMode.DEEP, shard=s) for s in shards]
+    planned: list[str] = []
+    for shard, plan in zip(shards, plans, strict=True):
+        assert plan.to_convert and plan.other_shards == len(files) - len(plan.to_convert)
+        assert all(shard.owns(f.key) for f in plan.to_convert)
+        assert plan.old_references and all(shard.owns(o.key) for o in plan.old_references)
+        planned += [f.key for f in plan.to_convert]
+    assert sorted(planned) == sorted(files)
+
+    # Worker 1 alone first: it converts, and removes the references of, its directories only.
+    before = dict(split.objects)
+    async with worker(split, tmp_path / "w1", DeltaMode.DEEP) as core:
+        first = await convert_in_place(core, plans[0], settle=0)
+    assert not first.failed and first.to_json()["shard"] == "1/3"
+    assert [g.key for g in first.references_removed] == [o.key for o in plans[0].old_references]
+    for key, obj in before.items():
+        if not shards[0].owns(key):
+            assert split.objects[key] is obj
+    assert first.stored_after == sum(
+        len(o.body)
+        for key, o in split.objects.items()
+        if shards[0].owns(key) and not fmt.is_internal_key(key)
+    )
+    assert (await plan_conversion(split, location, DeltaMode.DEEP, shard=shards[0])).nothing_to_do
+    assert not (await plan_conversion(split, location, DeltaMode.DEEP)).nothing_to_do
+
+    # Then the two others at the same time, with the plans made at the start.
+    async def run_worker(shard: Shard, plan: ConversionPlan) -> None:
+        async with worker(split, tmp_path / f"w{shard.index}", DeltaMode.DEEP) as core:
+            report = await convert_in_place(core, plan, settle=0)
+        assert not report.failed and report.references_removed
+
+    async with trio.open_nursery() as nursery:
+        for shard, plan in zip(shards[1:], plans[1:], strict=True):
+            nursery.start_soon(run_worker, shard, plan)
+
+    # The bucket is the one a single worker leaves (gc's backups aside).
+    def visible(store: MemoryStore) -> dict[str, tuple[bytes, dict[str, str]]]:
+        return {
+            key: (o.body, without_times(o.metadata))
+            for key, o in store.objects.items()
+            if not fmt.is_internal_key(key)
+        }
+
+    assert visible(split) == visible(one)
+    assert not any(key.endswith("/reference.bin") for key in visible(split))
+    assert (await plan_conversion(split, location, DeltaMode.DEEP)).nothing_to_do
+    async with worker(split, tmp_path / "reader", DeltaMode.DEEP) as reader:
+        for key, data in files.items():
+            assert await read_back(reader, key, tmp_path) == data
+
+
+def test_cli_shards_split_a_migration_and_say_so(
+    moto_endpoint: str,
+    buckets: tuple[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    src, dst = buckets
+    files: set[str] = set()
+    for number, space in enumerate(directories_per_shard(2, 1)):
+        files |= {f"{space}/{n}" for n in upload_series(moto_endpoint, src, f"{space}/", 2, number)}
+    common = ["--endpoint-url", moto_endpoint, "--cache-dir", str(tmp_path / "c")]
+    locations = [f"s3://{src}/", f"s3://{dst}/"]
+
+    assert dgfs_main(["migrate", "--dry-run", "--shard", "1/2", *locations, *common]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "(shard 1/2)" in out and "to copy:          2 files" in out
+    assert "other shards:     2 files" in out
+    for k in (1, 2):
+        code = dgfs_main(["migrate", "--yes", "--json", "--shard", f"{k}/2", *locations, *common])
+        report = json.loads(capsys.readouterr().out)
+        assert code == EXIT_OK and report["shard"] == f"{k}/2"
+        assert report["copied"] == 2 and report["skipped"] == 0 and report["failed"] == []
+    # A rerun of a finished worker: nothing to copy, its plan says which shard it covers.
+    code = dgfs_main(["migrate", "--yes", "--json", "--shard", "2/2", *locations, *common])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == EXIT_OK and plan["shard"] == "2/2"
+    assert plan["to_copy"] == [] and plan["present"] == 2 and plan["other_shards"] == 2
+    client = s3_client(moto_endpoint)
+    keys = {obj["Key"] for obj in client.list_objects_v2(Bucket=dst).get("Contents", [])}
+    client.close()
+    assert {fmt.visible_key(k) or k for k in keys if not fmt.is_reference_key(k)} == files

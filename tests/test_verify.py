@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,8 +15,9 @@ from dgfs.cli.main import main as dgfs_main
 from dgfs.core import Core
 from dgfs.format import Kind
 from dgfs.runtime import S3Location, Settings, open_core
+from dgfs.shard import Shard
 from dgfs.verify import Status, mount_location, verify_all, verify_key
-from tests.releases import ReleaseSeries
+from tests.releases import ReleaseSeries, directories_per_shard
 from tests.servers import REGION, s3_client
 
 pytestmark = pytest.mark.expected_log(
@@ -189,3 +191,77 @@ async def test_non_ascii_directory_and_names_verify(core: Core, tmp_path: Path) 
         await core.put(path, f"relé/日本語-{name}")
     report = await verify_all(core, "relé")
     assert report.ok and report.count(Status.OK) == 3
+
+
+async def fill_spaces(core: Core, tmp_path: Path, spaces: list[str]) -> None:
+    """Two releases (a reference and a delta) in each directory, a direct file at the root."""
+    for number, space in enumerate(spaces):
+        for name, data in ReleaseSeries(size=256 << 10, seed=number).zips(2):
+            path = tmp_path / name
+            path.write_bytes(data)
+            assert (await core.put(path, f"{space}/{name}")).kind is Kind.DELTA
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"release notes\n" * 100)
+    assert (await core.put(notes, "notes.txt")).kind is Kind.DIRECT
+
+
+async def test_shards_verify_every_object_once_each_directory_in_one(
+    core: Core, moto_endpoint: str, bucket_name: str, tmp_path: Path
+) -> None:
+    spaces = directories_per_shard(3, 2)
+    await fill_spaces(core, tmp_path, spaces)
+    broken = fmt.delta_key(next(k for k in await keys_of(core) if k.startswith(spaces[3])))
+    tamper(moto_endpoint, bucket_name, broken)
+    whole = await verify_all(core)
+    checked_by: dict[str, list[int]] = {}
+    for shard in (Shard(k, 3) for k in (1, 2, 3)):
+        report = await verify_all(core, shard=shard, concurrency=4)
+        assert report.shard == shard and report.to_json()["shard"] == str(shard)
+        assert report.results and all(shard.owns(r.stored_key) for r in report.results)
+        for result in report.results:
+            checked_by.setdefault(result.stored_key, []).append(shard.index)
+        # A failure is reported by the worker that has its directory, and by that one only.
+        expected = [broken] if shard.owns(broken) else []
+        assert [r.stored_key for r in report.failures] == expected
+    assert sorted(checked_by) == [r.stored_key for r in whole.results]
+    assert all(len(by) == 1 for by in checked_by.values())  # every object exactly once
+    for space in spaces:  # a directory, its reference included, in one shard
+        owners = {by[0] for key, by in checked_by.items() if fmt.split_key(key)[0] == space}
+        assert len(owners) == 1
+        assert f"{space}/reference.bin" in checked_by
+
+
+async def keys_of(core: Core) -> list[str]:
+    """The visible keys of the deltas under the bucket."""
+    listing = await core.store.list("", delimiter=None)
+    return sorted(
+        fmt.visible_key(o.key) or o.key for o in listing.objects if o.key.endswith(".delta")
+    )
+
+
+def test_cli_verify_all_by_shard(
+    moto_endpoint: str, bucket_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spaces = directories_per_shard(2, 1)
+
+    async def fill() -> None:
+        settings = Settings(endpoint_url=moto_endpoint, region=REGION, cache_dir=tmp_path / "w")
+        async with open_core(S3Location(bucket_name), settings) as core:
+            await fill_spaces(core, tmp_path, spaces)
+
+    trio.run(fill)
+    common = ["--endpoint-url", moto_endpoint, "--cache-dir", str(tmp_path / "c")]
+    objects = 0
+    for k in (1, 2):
+        code = run_cli(
+            "verify", "--all", "--shard", f"{k}/2", "--json", f"s3://{bucket_name}", *common
+        )
+        report = json.loads(capsys.readouterr().out)
+        assert code == 0 and report["shard"] == f"{k}/2" and report["failed"] == 0
+        objects += len(report["results"])
+    assert objects == 2 * 3 + 1  # each directory: its reference and two deltas; the root file
+    assert run_cli("verify", "--all", "--shard", "2/2", f"s3://{bucket_name}", *common) == 0
+    assert f"Verified s3://{bucket_name} (shard 2/2):" in capsys.readouterr().out
+    # --shard splits a --all run; on one file it is a usage error.
+    assert run_cli("verify", "--shard", "1/2", f"s3://{bucket_name}/notes.txt", *common) == 2
+    assert "--all" in capsys.readouterr().err

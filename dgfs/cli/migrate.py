@@ -36,6 +36,7 @@ from dgfs.migrate import (
 )
 from dgfs.progress import Progress, human_bytes
 from dgfs.runtime import S3Location, Settings, open_core
+from dgfs.shard import Shard, label, suffix
 
 #: Seconds to wait before re-checking removed references (``gc --settle``).
 CONVERSION_SETTLE_SECONDS = DEFAULT_SETTLE_SECONDS
@@ -64,6 +65,12 @@ readable throughout; rerun to finish an interrupted conversion. --deltas dg in
 place also rewrites the .tar.gz/.tgz deltas the deltaglider CLI stored from gzip
 input and cannot read back (stored direct again, as it reads them).
 
+several machines: --shard K/N takes only the directories (destination directories;
+in place, the location's) of worker K of N, by a stable hash of each directory's
+name, so N workers running 1/N ... N/N with the same other arguments cover every
+file once and each directory's reference is made by one of them. Rerun a worker
+with the same K/N to resume it.
+
 examples:
   dgfs migrate s3://old-releases/ s3://releases/
   dgfs migrate --dry-run s3://old/app/ s3://releases/
@@ -71,6 +78,7 @@ examples:
   dgfs migrate --yes --concurrency 16 --endpoint-url http://127.0.0.1:9000 s3://a/ s3://b/
   dgfs migrate --yes --deltas deep s3://old-releases/ s3://releases/
   dgfs migrate --dry-run --deltas dg s3://releases/ s3://releases/   # deep -> DeltaGlider
+  dgfs migrate --yes --shard 3/8 s3://old-releases/ s3://releases/    # worker 3 of 8
 
 exit codes: 0 all copied (or nothing to do, or dry run), 1 some files failed (listed),
             2 usage error (bad location, no such bucket, access denied,
@@ -109,6 +117,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="mode of new destination directories: dg (DeltaGlider v6, default) or deep; "
         "with SRC = DST, convert the location in place to that mode",
     )
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="only the directories of worker K of N (1 <= K <= N), to split a run across machines",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     add_s3_options(parser)
@@ -126,6 +139,8 @@ def main(args: argparse.Namespace) -> int:
     source, dest = _location(args.source, "source"), _location(args.dest, "destination")
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
+    # Parsed here so that a bad value is a one-line usage error (exit 2), like the others.
+    shard = Shard.parse(args.shard) if args.shard is not None else None
     settings = settings_from_args(args)
     if args.deltas:
         settings = dataclasses.replace(settings, deltas=DeltaMode.parse(args.deltas))
@@ -135,8 +150,8 @@ def main(args: argparse.Namespace) -> int:
                 f"source and destination are the same location ({source}): nothing to copy; "
                 "to convert its deltas in place pass --deltas dg or --deltas deep"
             )
-        return _main_in_place(source, settings, args)
-    plan, report = run(_migrate, source, dest, settings, args)
+        return _main_in_place(source, settings, args, shard)
+    plan, report = run(_migrate, source, dest, settings, args, shard)
     if report is None:
         if args.json:
             json.dump(plan_json(plan), sys.stdout, indent=2)
@@ -175,7 +190,11 @@ async def _region_warnings(settings: Settings, buckets: list[str]) -> list[str]:
 
 
 async def _migrate(
-    source: S3Location, dest: S3Location, settings: Settings, args: argparse.Namespace
+    source: S3Location,
+    dest: S3Location,
+    settings: Settings,
+    args: argparse.Namespace,
+    shard: Shard | None,
 ) -> tuple[MigrationPlan, MigrationReport | None]:
     for warning in await _region_warnings(settings, [source.bucket, dest.bucket]):
         print(warning, file=sys.stderr)
@@ -188,10 +207,12 @@ async def _migrate(
             include=args.include,
             exclude=args.exclude,
             preserve_prefix=not args.no_preserve_prefix,
+            shard=shard,
         )
         show_plan(plan, args)
         if not plan.to_copy:
-            _say(args, "Nothing to copy: the destination holds every file.")
+            mine = f" of shard {plan.shard}" if plan.shard else ""
+            _say(args, f"Nothing to copy: the destination holds every file{mine}.")
             return plan, None
         if args.dry_run:
             return plan, None
@@ -205,6 +226,8 @@ def plan_json(plan: MigrationPlan) -> dict[str, object]:
     return {
         "source": str(plan.source),
         "destination": f"s3://{plan.dest.bucket}/{plan.dest_prefix}",
+        "shard": label(plan.shard),
+        "other_shards": plan.other_shards,
         "to_copy": [
             {"key": f.rel_key, "dest_key": f.dest_key, "size": f.size} for f in plan.to_copy
         ],
@@ -218,7 +241,7 @@ def plan_json(plan: MigrationPlan) -> dict[str, object]:
 
 def show_plan(plan: MigrationPlan, args: argparse.Namespace) -> None:
     target = f"s3://{plan.dest.bucket}/{plan.dest_prefix}".rstrip("/") + "/"
-    _say(args, f"Migrating {plan.source}/ -> {target}")
+    _say(args, f"Migrating {plan.source}/ -> {target}{suffix(plan.shard)}")
     _say(args, f"  to copy:          {len(plan.to_copy):,} files, {human_bytes(plan.total_bytes)}")
     if plan.replacing:
         _say(args, f"    of which differ at the destination (replaced): {len(plan.replacing):,}")
@@ -229,6 +252,8 @@ def show_plan(plan: MigrationPlan, args: argparse.Namespace) -> None:
     )
     if plan.filtered_out:
         _say(args, f"  filtered out:     {plan.filtered_out:,} files")
+    if plan.shard is not None:
+        _say(args, f"  other shards:     {plan.other_shards:,} files (their directories' workers)")
     if args.dry_run:
         _say(args, "\nDry run, nothing written. Would copy:")
         shown = plan.to_copy if len(plan.to_copy) <= 50 else plan.to_copy[:50]
@@ -243,7 +268,7 @@ async def _confirm(plan: MigrationPlan) -> None:
         raise UserError("refusing to migrate without confirmation: pass --yes (or use a terminal)")
     question = (
         f"Copy {len(plan.to_copy):,} files ({human_bytes(plan.total_bytes)}) "
-        f"to s3://{plan.dest.bucket}/{plan.dest_prefix}? [y/N] "
+        f"to s3://{plan.dest.bucket}/{plan.dest_prefix}{suffix(plan.shard)}? [y/N] "
     )
     answer = await trio.to_thread.run_sync(input, question)
     if answer.strip().lower() not in ("y", "yes"):
@@ -254,7 +279,9 @@ async def _run(
     source_core: Core, dest_core: Core, plan: MigrationPlan, args: argparse.Namespace
 ) -> MigrationReport:
     enabled = False if (args.quiet or args.json) else None
-    with Progress("migrate", len(plan.to_copy), plan.total_bytes, enabled=enabled) as progress:
+    with Progress(
+        "migrate" + suffix(plan.shard), len(plan.to_copy), plan.total_bytes, enabled=enabled
+    ) as progress:
 
         def on_done(file: SourceFile, copied: Copied | None, error: str | None) -> None:
             if error is not None:
@@ -269,7 +296,7 @@ async def _run(
 def print_summary(report: MigrationReport) -> None:
     elapsed = max(report.elapsed, 1e-9)
     print()
-    print("Migration summary")
+    print("Migration summary" + suffix(report.shard))
     print(f"  copied:    {len(report.copied):,} files in {report.elapsed:.1f} s")
     print(f"  skipped:   {report.skipped:,} files already at the destination")
     print(f"  failed:    {len(report.failed):,} files")
@@ -291,8 +318,10 @@ def print_summary(report: MigrationReport) -> None:
 # --- in-place conversion ------------------------------------------------------------
 
 
-def _main_in_place(location: S3Location, settings: Settings, args: argparse.Namespace) -> int:
-    plan, report = run(_convert, location, settings, args)
+def _main_in_place(
+    location: S3Location, settings: Settings, args: argparse.Namespace, shard: Shard | None
+) -> int:
+    plan, report = run(_convert, location, settings, args, shard)
     if report is None:
         if args.json:
             json.dump(conversion_plan_json(plan), sys.stdout, indent=2)
@@ -307,17 +336,23 @@ def _main_in_place(location: S3Location, settings: Settings, args: argparse.Name
 
 
 async def _convert(
-    location: S3Location, settings: Settings, args: argparse.Namespace
+    location: S3Location, settings: Settings, args: argparse.Namespace, shard: Shard | None
 ) -> tuple[ConversionPlan, ConversionReport | None]:
     for warning in await _region_warnings(settings, [location.bucket]):
         print(warning, file=sys.stderr)
     async with open_core(location, settings) as core:
         plan = await plan_conversion(
-            core.store, location, settings.deltas, include=args.include, exclude=args.exclude
+            core.store,
+            location,
+            settings.deltas,
+            include=args.include,
+            exclude=args.exclude,
+            shard=shard,
         )
         show_conversion_plan(plan, args)
         if plan.nothing_to_do:
-            _say(args, f"Nothing to convert: every delta there is already {plan.target.value}.")
+            there = "in this shard's directories" if plan.shard else "there"
+            _say(args, f"Nothing to convert: every delta {there} is already {plan.target.value}.")
             return plan, None
         if args.dry_run:
             return plan, None
@@ -335,6 +370,8 @@ def conversion_plan_json(plan: ConversionPlan) -> dict[str, object]:
     return {
         "in_place": True,
         "location": str(plan.location),
+        "shard": label(plan.shard),
+        "other_shards": plan.other_shards,
         "deltas": plan.target.value,
         "to_convert": [
             {"key": f.rel_key, "size": f.size, "from": plan.source_mode.value}
@@ -356,7 +393,7 @@ def show_conversion_plan(plan: ConversionPlan, args: argparse.Namespace) -> None
     _say(
         args,
         f"Converting {_location_text(plan.location)} in place to {MODE_NAMES[plan.target]} "
-        f"deltas ({fmt.reference_key('', plan.target)})",
+        f"deltas ({fmt.reference_key('', plan.target)}){suffix(plan.shard)}",
     )
     _say(
         args,
@@ -380,6 +417,8 @@ def show_conversion_plan(plan: ConversionPlan, args: argparse.Namespace) -> None
         )
     if plan.filtered_out:
         _say(args, f"  filtered out:     {plan.filtered_out:,} files")
+    if plan.shard is not None:
+        _say(args, f"  other shards:     {plan.other_shards:,} deltas (their directories' workers)")
     if args.dry_run:
         _say(args, "\nDry run, nothing written. Would convert:")
         shown = plan.to_convert[:50]
@@ -408,7 +447,8 @@ async def _confirm_conversion(plan: ConversionPlan) -> None:
     )
     question = (
         f"Convert {len(plan.to_convert):,} deltas ({human_bytes(plan.total_bytes)}) in "
-        f"{_location_text(plan.location)} to {plan.target.value}{rewrite} and remove the "
+        f"{_location_text(plan.location)}{suffix(plan.shard)} to {plan.target.value}{rewrite} "
+        "and remove the "
         f"{fmt.reference_key('', plan.source_mode)} references no delta needs? [y/N] "
     )
     answer = await trio.to_thread.run_sync(input, question)
@@ -422,7 +462,7 @@ async def _run_conversion(
     enabled = False if (args.quiet or args.json) else None
     files = len(plan.to_convert) + len(plan.to_rewrite)
     total = plan.total_bytes + plan.rewrite_bytes
-    with Progress("convert", files, total, enabled=enabled) as progress:
+    with Progress("convert" + suffix(plan.shard), files, total, enabled=enabled) as progress:
 
         def on_done(file: SourceFile, copied: Copied | None, error: str | None) -> None:
             if error is not None:
@@ -443,7 +483,7 @@ def print_conversion_summary(report: ConversionReport) -> None:
     new = report.target.value
     old_ref = fmt.reference_key("", other_mode(report.target))
     print()
-    print(f"Conversion summary (to {MODE_NAMES[report.target]} deltas)")
+    print(f"Conversion summary (to {MODE_NAMES[report.target]} deltas){suffix(report.shard)}")
     converted = report.converted
     converted_bytes = sum(c.original_size for c in converted)
     print(
@@ -468,7 +508,12 @@ def print_conversion_summary(report: ConversionReport) -> None:
     )
     print(
         f"  stored:     {human_bytes(report.stored_before)} before, "
-        f"{human_bytes(report.stored_after)} after (everything under the location)"
+        f"{human_bytes(report.stored_after)} after "
+        + (
+            f"(the directories of shard {report.shard})"
+            if report.shard
+            else "(everything under the location)"
+        )
     )
     print(
         f"  rate:       {len(report.copied) / elapsed:.2f} files/s, "

@@ -14,6 +14,7 @@ from dgfs.cli.runner import run
 from dgfs.errors import ConfigError, NotFound, UserError
 from dgfs.progress import Progress, human_bytes
 from dgfs.runtime import S3Location, Settings, open_core
+from dgfs.shard import Shard, suffix
 from dgfs.verify import Status, VerifyReport, VerifyResult, mount_location, verify_all, verify_key
 
 EPILOG = """\
@@ -31,6 +32,10 @@ examples:
   dgfs verify /mnt/releases/app/app-1.4.2.zip
   dgfs verify --all s3://releases/app
   dgfs verify --all releases --json > report.json
+  dgfs verify --all --shard 2/4 s3://releases   # worker 2 of 4 (by directory)
+
+--shard K/N checks only the directories of worker K of N (a stable hash of each
+directory's name), so N machines running 1/N ... N/N check every object once.
 
 exit codes: 0 all verified, 1 a file failed (or could not be read),
             2 usage error (bad target, no such bucket or file), 130 interrupted
@@ -51,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--concurrency", type=int, default=8, help="files verified at once (default 8)"
     )
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="with --all: only the directories of worker K of N (1 <= K <= N)",
+    )
     add_s3_options(parser)
     add_cache_options(parser)
     parser.set_defaults(func=main)
@@ -70,12 +80,15 @@ def resolve_target(target: str) -> tuple[S3Location, str | None]:
 def main(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
+    shard = Shard.parse(args.shard) if args.shard is not None else None
+    if shard is not None and not args.all:
+        raise ConfigError("--shard splits a --all run: pass --all with it")
     location, mount_endpoint = resolve_target(args.target)
     settings = settings_from_args(args)
     if mount_endpoint and not args.endpoint_url:
         settings = replace(settings, endpoint_url=mount_endpoint)
     if args.all:
-        report = run(_verify_all, location, settings, args)
+        report = run(_verify_all, location, settings, args, shard)
         if args.json:
             json.dump(report.to_json(), sys.stdout, indent=2)
             print()
@@ -102,14 +115,14 @@ async def _verify_one(location: S3Location, settings: Settings) -> VerifyResult:
 
 
 async def _verify_all(
-    location: S3Location, settings: Settings, args: argparse.Namespace
+    location: S3Location, settings: Settings, args: argparse.Namespace, shard: Shard | None
 ) -> VerifyReport:
     async with open_core(location, settings) as core:
         progress: Progress | None = None
 
         def on_start(objects: int, stored_bytes: int) -> None:
             nonlocal progress
-            progress = Progress("verify", objects)
+            progress = Progress("verify" + suffix(shard), objects)
 
         def on_result(result: VerifyResult) -> None:
             if progress is not None:
@@ -122,6 +135,7 @@ async def _verify_all(
                 core,
                 location.prefix,
                 concurrency=args.concurrency,
+                shard=shard,
                 on_start=on_start,
                 on_result=on_result,
             )
@@ -151,6 +165,7 @@ def print_report(report: VerifyReport) -> None:
     where = f"s3://{report.bucket}/{report.prefix}" if report.prefix else f"s3://{report.bucket}"
     ok, failed = report.count(Status.OK), report.count(Status.FAILED)
     skipped = report.count(Status.SKIPPED)
+    where += suffix(report.shard)
     print(f"Verified {where}: {len(report.results)} objects in {report.elapsed:.1f} s")
     print(f"  ok:      {ok}  ({human_bytes(report.verified_bytes)} checked)")
     print(f"  failed:  {failed}")
