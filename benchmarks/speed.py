@@ -867,22 +867,24 @@ def draw_charts(data: dict[str, Any], directory: Path) -> list[Path]:
             values = [s["stored_bytes"][t] / 1e6 for t in names]
             bars = ax.bar(range(len(names)), values, color=[colors[t] for t in names])
             original = s["original_bytes"] / 1e6
-            ax.axhline(original, color="black", linestyle="--", linewidth=1)
-            ax.text(len(names) - 0.5, original, "original ", va="bottom", ha="right", fontsize=8)
-            ax.set_ylim(0, original * 1.15)
+            ax.axhline(original, color="black", linestyle="--", linewidth=1, label="original")
+            ax.set_ylim(0, original * 1.25)
             for bar, value in zip(bars, values, strict=True):
                 ax.text(
                     bar.get_x() + bar.get_width() / 2,
                     value,
-                    f"{value:.0f}" if value >= 10 else f"{value:.1f}",
+                    f"{value:.3g}\n{value / original:.2f}×",
                     ha="center",
                     va="bottom",
-                    fontsize=8,
+                    fontsize=7,
                 )
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
             ax.set_title(s["description_short"], fontsize=9)
             ax.set_ylabel("stored MB")
-        fig.suptitle(f"Stored bytes per tool and series ({subtitle})", fontsize=10)
+        axes[0][0].legend(fontsize=8, loc="upper left")
+        fig.suptitle(
+            f"Stored MB per tool and series, and stored ÷ original ({subtitle})", fontsize=10
+        )
         fig.tight_layout()
         path = directory / "speed-stored.png"
         fig.savefig(path, dpi=110)
@@ -908,6 +910,7 @@ def draw_charts(data: dict[str, Any], directory: Path) -> list[Path]:
             for x, y in zip(xs, ys, strict=True):
                 ax.text(x, y, f"{y:.2g}", ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=1)
+        ax.text(-0.5, 1.0, f" {BASELINE} = 1", va="bottom", ha="left", fontsize=8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -967,7 +970,14 @@ def main() -> int:
     parser.add_argument(
         "--charts", type=Path, default=CHARTS, help=f"PNG directory (default {CHARTS})"
     )
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="only redraw the charts of a JSON of a past run"
+    )
     args = parser.parse_args()
+    if args.replot:
+        for path in draw_charts(json.loads(args.replot.read_text()), args.charts):
+            print(f"written: {path}")
+        return 0
     repeats = args.repeats or (1 if args.quick else 3)
     ls_files = args.ls_files or (LS_FILES_QUICK if args.quick else LS_FILES)
     if repeats < 1 or ls_files < 1:
