@@ -61,7 +61,8 @@ def test_tables_show_seconds_ratios_and_dashes() -> None:
     assert "3.00s  2.00x" in row and "12.00s  8.00x" in row and row.rstrip().endswith("0.25x")
     assert row.split()[-2] == "-"  # boto3 has no measure
     md = markdown_table([w], [DGFS, DG_API, S3FS, BOTO3])
-    assert md.splitlines()[-1] == "| store x | 3.00 s (2.00×) | 12.00 s (8.00×) | 1.50 s | – | 0.25× |"
+    last = md.splitlines()[-1]
+    assert last == "| store x | 3.00 s (2.00×) | 12.00 s (8.00×) | 1.50 s | – | 0.25× |"
 
 
 def test_ls_zips_are_delta_candidates_of_varying_sizes(tmp_path: Path) -> None:
