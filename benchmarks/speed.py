@@ -348,6 +348,9 @@ class MountTool(Tool):
         self.mountpoint = ctx.work / f"mnt-{self.bucket}"
         self.current: MonitoredMount | None = None
         self._count = 0
+        #: When set, the next mounts' daemons are sampled by py-spy into this file.
+        self.profile_to: Path | None = None
+        self._spy: subprocess.Popen[bytes] | None = None
 
     def command(self, cache: Path) -> list[str]:
         raise NotImplementedError
@@ -368,10 +371,15 @@ class MountTool(Tool):
         except ToolFailed:
             self.current = None
             raise
+        if self.profile_to is not None and mount.pid is not None:
+            self._spy = start_py_spy(mount.pid, self.profile_to)
         return mount
 
     def _unmount(self, phase: str) -> None:
         mount, self.current = self.current, None
+        if self._spy is not None:
+            stop_py_spy(self._spy)
+            self._spy = None
         if mount is None:
             return
         mount.stop()
@@ -756,14 +764,17 @@ def run_series(
 
 def run_ls(
     tools: dict[str, Tool], count: int, repeats: int, workloads: list[Workload], work: Path
-) -> dict[str, dict[str, int]]:
-    """``ls -l`` of a directory of ``count`` files on each mount; what each file became."""
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """``ls -l`` of a directory of ``count`` files on each mount.
+
+    Returns what each tool stored each file as, and the names and sizes listed.
+    """
     mounts = {n: t for n, t in tools.items() if isinstance(t, MountTool)}
     cold = Workload("ls cold", f"ls -l {count:,} files, fresh mount+cache", "ls cold")
     warm = Workload("ls warm", f"ls -l {count:,} files, warm", "ls warm")
     workloads += [cold, warm]
     if not mounts:
-        return {}
+        return {}, {}
     print(f"== ls -l of {count:,} small similar zips", flush=True)
     paths = write_similar_zips(work / "ls-src", count)
     expected = {p.name: p.stat().st_size for p in paths}
@@ -785,7 +796,155 @@ def run_ls(
                 m.samples.append(got[0])
                 warm.measures.setdefault(name, Measure()).samples.append(got[1])
                 print(f"   {name:<16} ls -l #{rep + 1}: cold {got[0]:.3f} s, warm {got[1]:.3f} s")
-    return kinds
+    return kinds, expected
+
+
+SPY_RATE = 200  # samples per second
+
+
+def py_spy() -> str | None:
+    return shutil.which("py-spy") or (
+        str(Path(sys.executable).with_name("py-spy"))
+        if Path(sys.executable).with_name("py-spy").exists()
+        else None
+    )
+
+
+def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling ``pid`` into ``output`` (collapsed stacks).
+
+    Only samples of a thread holding the GIL (``--gil``): in a daemon whose
+    threads mostly wait (on S3, on xdelta3), that is where the Python CPU
+    goes, and the count of samples against the rate gives how busy the GIL was.
+    """
+    binary = py_spy()
+    if binary is None:
+        raise ToolFailed("py-spy is not installed (pip install py-spy)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(
+        [
+            binary,
+            "record",
+            "--pid",
+            str(pid),
+            "--gil",
+            "--format",
+            "raw",
+            "--rate",
+            str(SPY_RATE),
+            "-o",
+            str(output),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    time.sleep(1.0)  # attached before the workload starts
+    return spy
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    """Stop ``spy`` (SIGINT: it writes its file), by PID; killed if it hangs."""
+    if spy.poll() is None:
+        spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait(timeout=10)
+
+
+def top_functions(
+    collapsed: str, count: int = 12, within: str = ""
+) -> tuple[int, list[tuple[str, float, float]]]:
+    """Samples in py-spy raw output, and (function, own share, inclusive share) of the
+    ``count`` functions with the most inclusive samples whose name contains ``within``
+    (all: the most own samples)."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not stack or not samples.isdigit():
+            continue
+        n = int(samples)
+        total += n
+        # "func (module.py:123)" -> "func (module.py)": lines of one function together
+        frames = [f.rsplit(":", 1)[0] + ")" if ":" in f else f for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    if not total:
+        return 0, []
+    ranked = (
+        [f for f, _ in inclusive.most_common() if within in f][:count]
+        if within
+        else [f for f, _ in own.most_common(count)]
+    )
+    return total, [(f, own[f] / total, inclusive[f] / total) for f in ranked]
+
+
+def run_profiles(
+    tools: dict[str, Tool],
+    chosen: list[Series],
+    repeats: int,
+    listed: dict[str, int],
+    directory: Path,
+) -> dict[str, str]:
+    """dgfs's store, cold+warm read and ls -l once more under py-spy; profile files by name."""
+    tool = tools.get(DGFS)
+    if not isinstance(tool, MountTool):
+        return {}
+    if py_spy() is None:
+        print("== --profile: py-spy is not installed (pip install py-spy); no profiles")
+        return {}
+    jobs: list[tuple[str, Callable[[], Any]]] = []
+    for series in chosen:
+        digests = {p.name: sha256(p) for p in series.paths}
+        jobs.append(
+            (
+                f"store-{series.name}",
+                functools.partial(tool.store, series, f"{series.name}-profile"),
+            )
+        )
+        jobs.append(
+            (
+                f"read-{series.name}",
+                functools.partial(tool.read, series, f"{series.name}-{repeats - 1}", digests),
+            )
+        )
+    if listed:
+        jobs.append(("ls", functools.partial(tool.list_dir, listed)))
+    written = {}
+    for name, job in jobs:
+        path = directory / f"dgfs-{name}.txt"
+        path.unlink(missing_ok=True)
+        tool.profile_to = path
+        print(f"== profiling dgfs {name} (untimed)", flush=True)
+        t0 = time.monotonic()
+        try:
+            job()
+        except Exception as exc:  # a profile is extra: report, and the results still follow
+            print(f"   FAILED: {str(exc).splitlines()[0]}")
+        finally:
+            tool.profile_to = None
+        if path.exists():
+            written[name] = str(path)
+            text = path.read_text()
+            samples, top = top_functions(text)
+            # Mount, workload and unmount: the GIL's share of that wall time.
+            elapsed = time.monotonic() - t0
+            print(
+                f"   GIL held {samples / SPY_RATE / elapsed:.0%} of {elapsed:.1f} s "
+                "(mount to unmount); share of those samples, own and inclusive:"
+            )
+            for function, mine, incl in top:
+                print(f"   {mine:5.0%} {incl:5.0%}  {function}")
+            print("   dgfs functions, by inclusive share:")
+            for function, mine, incl in top_functions(text, 10, "(dgfs/")[1]:
+                print(f"   {mine:5.0%} {incl:5.0%}  {function}")
+    return written
 
 
 def _output(command: list[str]) -> str | None:
@@ -971,6 +1130,13 @@ def main() -> int:
         "--charts", type=Path, default=CHARTS, help=f"PNG directory (default {CHARTS})"
     )
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="then, untimed, run dgfs's store, read and ls -l again under py-spy "
+        "(collapsed stacks into DIR, top functions printed)",
+    )
+    parser.add_argument(
         "--replot", type=Path, metavar="JSON", help="only redraw the charts of a JSON of a past run"
     )
     args = parser.parse_args()
@@ -982,6 +1148,11 @@ def main() -> int:
     ls_files = args.ls_files or (LS_FILES_QUICK if args.quick else LS_FILES)
     if repeats < 1 or ls_files < 1:
         raise SystemExit("--repeats and --ls-files must be at least 1")
+    if args.profile:
+        try:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SystemExit(f"--profile {args.profile}: {exc.strerror}") from None
     wanted_series = args.series.split(",") if args.series else list(DEFAULT_SERIES)
     tool_names = parse_tools(args.tools)
 
@@ -1004,6 +1175,7 @@ def main() -> int:
     workloads: list[Workload] = []
     stored: dict[str, dict[str, int | None]] = {}
     ls_kinds: dict[str, dict[str, int]] = {}
+    profiles: dict[str, str] = {}
     interrupted = False
     try:
         with SeaweedServer(stop_timeout=5) as server:  # throwaway data: SIGKILL after 5 s is fine
@@ -1022,7 +1194,9 @@ def main() -> int:
             try:
                 for series in chosen:
                     stored[series.name] = run_series(series, tools, repeats, workloads)
-                ls_kinds = run_ls(tools, ls_files, repeats, workloads, work)
+                ls_kinds, listed = run_ls(tools, ls_files, repeats, workloads, work)
+                if args.profile:
+                    profiles = run_profiles(tools, chosen, repeats, listed, args.profile)
             except KeyboardInterrupt:
                 interrupted = True
                 print("\n== interrupted: stopping, results so far follow", flush=True)
@@ -1062,6 +1236,7 @@ def main() -> int:
         ],
         "workloads": [w.to_json(shown) for w in workloads],
         "ls_kinds": ls_kinds,
+        "profiles": profiles,
         "peak_rss_kib": {n: t.rss_kib for n, t in tools.items() if t.rss_kib},
         "peak_tree_rss_kib": {n: t.tree_rss_kib for n, t in tools.items() if t.tree_rss_kib},
     }
