@@ -107,6 +107,7 @@ TOOLS = (DGFS, DG_CLI, DG_API, S3FS, BOTO3)
 BASELINE = S3FS  # every workload is also given as a ratio to this tool
 STORE_BASELINE = DG_API  # stores are also given as a ratio to this one
 
+PHASES = ("store", "read", "ls setup", "ls", "aborted")  # of the RSS table, in this order
 DEFAULT_SERIES = ("wheels", "sdists", "tars")
 LS_FILES = 1000
 LS_FILES_QUICK = 200
@@ -261,6 +262,54 @@ def markdown_table(workloads: Sequence[Workload], tools: Sequence[str]) -> str:
             f"| {w.label} | " + " | ".join(cells) + f" | {f'{vs_api:.2f}×' if vs_api else ''} |"
         )
     return "\n".join(lines)
+
+
+def workloads_from_json(data: dict[str, Any]) -> list[Workload]:
+    """The workloads of a run's JSON, to print its tables again."""
+    workloads = []
+    for w in data["workloads"]:
+        workload = Workload(w["key"], w["label"], w["kind"], w["series"])
+        for tool, m in w["tools"].items():
+            workload.measures[tool] = Measure(list(m["samples"]), m["error"])
+        workloads.append(workload)
+    return workloads
+
+
+def markdown_report(data: dict[str, Any]) -> str:
+    """Timing, stored-bytes and memory tables of a run's JSON, in Markdown."""
+    tools = data["tools"]
+    parts = [markdown_table(workloads_from_json(data), tools), ""]
+    parts.append("| series | original MB | " + " | ".join(tools) + " |")
+    parts.append("|" + "---|" * (len(tools) + 2))
+    for s in data["series"]:
+        original = s["original_bytes"]
+        cells = [
+            "–"
+            if (b := s["stored_bytes"].get(t)) is None
+            else f"{b / 1e6:.1f} ({b / original:.3f})"
+            for t in tools
+        ]
+        parts.append(
+            f"| {s['description_short']} | {original / 1e6:.1f} | " + " | ".join(cells) + " |"
+        )
+    rss, tree = data["peak_rss_kib"], data["peak_tree_rss_kib"]
+    if rss:
+        phases = sorted({p for t in rss.values() for p in t}, key=PHASES.index)
+        parts += [
+            "",
+            "| peak RSS MB | " + " | ".join(phases) + " |",
+            "|" + "---|" * (len(phases) + 1),
+        ]
+        for tool, by_phase in rss.items():
+            cells = []
+            for p in phases:
+                own, whole = by_phase.get(p), tree.get(tool, {}).get(p)
+                text = "–" if own is None else f"{own / 1024:.0f}"
+                if own is not None and whole is not None:
+                    text += f" ({whole / 1024:.0f})"
+                cells.append(text)
+            parts.append(f"| {tool} | " + " | ".join(cells) + " |")
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------
@@ -1137,11 +1186,16 @@ def main() -> int:
         "(collapsed stacks into DIR, top functions printed)",
     )
     parser.add_argument(
-        "--replot", type=Path, metavar="JSON", help="only redraw the charts of a JSON of a past run"
+        "--replot",
+        type=Path,
+        metavar="JSON",
+        help="only print the tables of a past run's JSON in Markdown and redraw its charts",
     )
     args = parser.parse_args()
     if args.replot:
-        for path in draw_charts(json.loads(args.replot.read_text()), args.charts):
+        past = json.loads(args.replot.read_text())
+        print(markdown_report(past))
+        for path in draw_charts(past, args.charts):
             print(f"written: {path}")
         return 0
     repeats = args.repeats or (1 if args.quick else 3)
