@@ -792,15 +792,17 @@ class Core:
             tmp.unlink(missing_ok=True)
         return stored
 
-    async def materialize(self, stored: StoredFile) -> str:
+    async def materialize(self, stored: StoredFile, *, counted: bool = True) -> str:
         """Bring the original bytes of ``stored`` into the cache; returns their sha256.
 
         Concurrent callers for the same content share one reconstruction.
+        ``counted``: the cache counts this as a reader's hit or miss (not so
+        for a prefetch).
         """
         sha256 = stored.file_sha256
         if sha256 is None:
             raise FormatError(f"{stored.stored_key}: no SHA-256 recorded")
-        if self.cache.lookup(sha256):
+        if (self.cache.lookup if counted else self.cache.contains)(sha256):
             return sha256
         if stored.kind is not Kind.DELTA:
             await self.ensure_cached(stored.stored_key, sha256)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import itertools
 import logging
 import os
@@ -43,6 +44,7 @@ from dgfs.policy import Policy
 from dgfs.store.base import ObjectStore
 from dgfs.store.faulty import FaultyStore, Operation
 from dgfs.store.memory import MemoryStore
+from tests.releases import ReleaseSeries
 
 # A deadlock would hang (mock_clock) or spin (autojump_clock) until the suite's 300 s.
 pytestmark = pytest.mark.timeout(30)
@@ -699,3 +701,31 @@ async def test_device_numbers_and_explicit_atimes_outlive_the_listing_ttl_and_a_
         node = await lookup(m.fs, "sda1")
         assert node.kind.is_special and node.rdev == rdev
         assert node.atime_ns == 1_500_000_000_250_000_000
+
+
+async def test_a_reader_walking_a_directory_gets_the_next_deltas_rebuilt_ahead(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """Real clock: the rebuilds are xdelta3 processes."""
+    releases = list(ReleaseSeries(size=256 << 10).zips(5))
+    async with mounted(memory, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+        for name, data in releases:
+            await write_file(m.fs, name, data, parent=d.ino)
+    assert sum(k.endswith(".delta") for k in memory.objects) == 5
+    async with mounted(memory, tmp_path) as m:  # a new cache: every delta is cold
+        d = await lookup(m.fs, "rel")
+        names = [name for name, _ in releases]
+        assert await read_file(m.fs, names[0], d.ino) == releases[0][1]
+        assert m.fs.prefetch.started == 0  # one open is no walk yet
+        assert await read_file(m.fs, names[1], d.ino) == releases[1][1]
+        assert m.fs.prefetch.started == 2  # the next two
+        cache = m.fs.core.cache
+        shas = [hashlib.sha256(data).hexdigest() for _, data in releases]
+        with trio.fail_after(20):
+            while not (cache.contains(shas[2]) and cache.contains(shas[3])):
+                await trio.sleep(0.05)
+        assert not cache.contains(shas[4])
+        hits_before = cache.telemetry.snapshot().cache_hits
+        assert await read_file(m.fs, names[2], d.ino) == releases[2][1]
+        assert cache.telemetry.snapshot().cache_hits == hits_before + 1

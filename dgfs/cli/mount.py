@@ -30,6 +30,7 @@ options (-o, comma separated):
   upload_workers=4 concurrent uploads                            log_level=info
   upload_delay=0.5 seconds between the last close and the upload (fsync skips it)
   min_delta_size=64K  smaller files are stored direct           attr_timeout=1
+  prefetch=2       deltas rebuilt ahead of a reader walking a directory in order (0: off)
   s3_timeout=60    seconds to wait for S3 to answer a read before retrying the request
   xdelta_level=9   xdelta3's encoding level; 6: ~45% less CPU, deltas up to ~8% larger
   deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of
@@ -55,6 +56,7 @@ VALUE_OPTIONS = {
     "listing_ttl",
     "log_level",
     "upload_workers",
+    "prefetch",
     "upload_delay",
     "attr_timeout",
     "deltas",
@@ -168,6 +170,8 @@ def build_config(
         fs_changes["dir_mode"] = _int("dir_mode", options["dir_mode"], 8) & 0o7777
     if "listing_ttl" in options:
         fs_changes["listing_ttl"] = max(0.0, _float("listing_ttl", options["listing_ttl"]))
+    if "prefetch" in options:
+        fs_changes["prefetch"] = max(0, _int("prefetch", options["prefetch"]))
     if "upload_workers" in options:
         fs_changes["upload_workers"] = max(1, _int("upload_workers", options["upload_workers"]))
     if "upload_delay" in options:

@@ -36,6 +36,7 @@ from dgfs.fs.journal import Journal
 from dgfs.fs.namespace import Namespace
 from dgfs.fs.nodes import ROOT_INODE, Node, NodeKind, NodeTable, child_path
 from dgfs.fs.options import FsOptions
+from dgfs.fs.prefetch import Prefetcher
 from dgfs.fs.readers import Reader, StagingReader, StoredContent
 from dgfs.fs.uploads import UploadPipeline
 
@@ -81,6 +82,9 @@ class FileSystem:
             core, self.disk_limiter, verify_whole_below=options.verify_whole_below
         )
         self.uploads = UploadPipeline(core, journal, self.ns, self.nodes, options, self.content)
+        self.prefetch = Prefetcher(
+            core, self.ns, ahead=options.prefetch, cache_budget=core.cache.budget_bytes
+        )
         # Where ``dgfs status`` reaches the daemon (the root's user.dgfs.status_socket).
         self.status_socket: str | None = None
 
@@ -304,6 +308,7 @@ class FileSystem:
                 raise FsError(errno.ENOENT)
             self.nodes.refresh(node, entry)
             stored = entry.stored
+        self.prefetch.opened(node)
         return await self.content.reader(stored)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -619,6 +624,7 @@ class FileSystem:
         mount's nursery until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.uploads.run)
+            await nursery.start(self.prefetch.run)
             nursery.start_soon(self.ns.persist_attr_cache)
             task_status.started()
 

@@ -1,0 +1,107 @@
+"""Rebuild the next deltas of a directory while a reader walks it in order.
+
+``cp -r``, ``rsync``, ``sha256sum *`` and ``unzip`` loops open a
+directory's files one after the other, in name order. A cold read of a
+delta is CPU work (xdelta3, then hashing into the cache) that the reader
+waits for; done for the next files while the current one is served, it
+overlaps with the reading instead. Two opens in increasing name order
+in one directory count as a walk; the next ``ahead`` deltas are then
+materialized in the background, at most ``workers`` at once (the other
+core serves the reader). A prefetched rebuild is the same shared flight
+a later open joins, so nothing is done twice; failures are left for the
+reader's own open to report.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from collections import OrderedDict
+
+import trio
+
+from dgfs.core import Core
+from dgfs.errors import DgfsError
+from dgfs.format import Kind, StoredFile
+from dgfs.fs.namespace import Namespace
+from dgfs.fs.nodes import Node
+
+log = logging.getLogger(__name__)
+
+
+class Prefetcher:
+    """Background rebuilds of the deltas a walking reader opens next (trio thread only)."""
+
+    def __init__(
+        self,
+        core: Core,
+        ns: Namespace,
+        *,
+        ahead: int = 2,
+        workers: int | None = None,
+        cache_budget: int,
+    ) -> None:
+        self.core = core
+        self.ns = ns
+        self.ahead = ahead
+        self.cache_budget = cache_budget
+        self._limiter = trio.CapacityLimiter(workers or max(1, (os.cpu_count() or 2) - 1))
+        self._last_opened: OrderedDict[str, str] = OrderedDict()  # dir path -> name
+        self._wanted: set[str] = set()  # sha256 of rebuilds queued or running
+        self._nursery: trio.Nursery | None = None
+        self.started = 0  # rebuilds started here (tests, telemetry)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the background rebuilds until cancelled (in the mount's nursery)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def opened(self, node: Node) -> None:
+        """``node`` (a stored file) is being read: prefetch what follows it if
+        this directory is being walked in name order."""
+        parent, name = node.parent_path, node.name
+        last = self._last_opened.pop(parent, None)
+        self._last_opened[parent] = name
+        while len(self._last_opened) > 256:
+            self._last_opened.popitem(last=False)
+        if self._nursery is None or last is None or name <= last:
+            return
+        listing = self.ns.cached(parent)
+        if listing is None:
+            return
+        names = sorted(listing)
+        start = bisect.bisect_right(names, name)
+        for following in names[start : start + self.ahead]:
+            stored = listing[following].stored
+            if stored is not None and self._worth_it(stored):
+                assert stored.file_sha256 is not None
+                self._wanted.add(stored.file_sha256)
+                self.started += 1
+                self._nursery.start_soon(self._rebuild, stored)
+
+    def _worth_it(self, stored: StoredFile) -> bool:
+        # Only deltas cost CPU to read; a file that would crowd the cache
+        # evicts what the reader is using.
+        return (
+            stored.kind is Kind.DELTA
+            and stored.file_sha256 is not None
+            and stored.file_sha256 not in self._wanted
+            and stored.original_size * 4 <= self.cache_budget
+            and not self.core.cache.contains(stored.file_sha256)
+        )
+
+    async def _rebuild(self, stored: StoredFile) -> None:
+        assert stored.file_sha256 is not None
+        try:
+            async with self._limiter:
+                await self.core.materialize(stored, counted=False)
+        except DgfsError as exc:
+            log.debug("prefetch of %s failed: %s", stored.visible_key, exc)
+        finally:
+            self._wanted.discard(stored.file_sha256)
