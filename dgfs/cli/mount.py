@@ -30,7 +30,7 @@ options (-o, comma separated):
   upload_workers=4 concurrent uploads                            log_level=info
   upload_delay=0.5 seconds between the last close and the upload (fsync skips it)
   min_delta_size=64K  smaller files are stored direct           attr_timeout=1
-  prefetch=2       deltas rebuilt ahead of a reader walking a directory in order (0: off)
+  prefetch=4       deltas rebuilt ahead of a reader walking a directory in order (0: off)
   s3_timeout=60    seconds to wait for S3 to answer a read before retrying the request
   xdelta_level=9   xdelta3's encoding level; 6: ~45% less CPU, deltas up to ~8% larger
   deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of

@@ -26,7 +26,7 @@ class FsOptions:
     sync_upload: bool = False  # close waits for the upload and reports its error
     verify_whole_below: int = 32 << 20  # direct files up to this size are verified on open
     retry_delay: float = 2.0
-    prefetch: int = 2  # deltas rebuilt ahead of a reader walking a directory (dgfs.fs.prefetch)
+    prefetch: int = 4  # deltas rebuilt ahead of a reader walking a directory (dgfs.fs.prefetch)
 
     def apply_defaults(
         self, node: Node, mode: int | None, uid: int | None, gid: int | None

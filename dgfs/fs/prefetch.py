@@ -4,12 +4,14 @@
 directory's files one after the other, in name order. A cold read of a
 delta is CPU work (xdelta3, then hashing into the cache) that the reader
 waits for; done for the next files while the current one is served, it
-overlaps with the reading instead. Two opens in increasing name order
-in one directory count as a walk; the next ``ahead`` deltas are then
-materialized in the background, at most ``workers`` at once (the other
-core serves the reader). A prefetched rebuild is the same shared flight
-a later open joins, so nothing is done twice; failures are left for the
-reader's own open to report.
+overlaps with the reading instead. An open of a directory's first file,
+or two opens in increasing name order, count as a walk; the next
+``ahead`` deltas are then materialized in the background, at most
+``workers`` at once (xdelta3 runs as its own process: one per core). A
+prefetched rebuild is the same shared flight a later open joins, so
+nothing is done twice; failures are left for the reader's own open to
+report. Nothing is prefetched that would make the files ahead crowd out
+half of the cache.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Prefetcher:
         core: Core,
         ns: Namespace,
         *,
-        ahead: int = 2,
+        ahead: int = 4,
         workers: int | None = None,
         cache_budget: int,
     ) -> None:
@@ -46,7 +48,7 @@ class Prefetcher:
         self.ns = ns
         self.ahead = ahead
         self.cache_budget = cache_budget
-        self._limiter = trio.CapacityLimiter(workers or max(1, (os.cpu_count() or 2) - 1))
+        self._limiter = trio.CapacityLimiter(workers or os.cpu_count() or 2)
         self._last_opened: OrderedDict[str, str] = OrderedDict()  # dir path -> name
         self._wanted: set[str] = set()  # sha256 of rebuilds queued or running
         self._nursery: trio.Nursery | None = None
@@ -70,12 +72,13 @@ class Prefetcher:
         self._last_opened[parent] = name
         while len(self._last_opened) > 256:
             self._last_opened.popitem(last=False)
-        if self._nursery is None or last is None or name <= last:
-            return
         listing = self.ns.cached(parent)
-        if listing is None:
+        if self._nursery is None or listing is None:
             return
         names = sorted(listing)
+        walking = name > last if last is not None else bool(names) and name == names[0]
+        if not walking:
+            return
         start = bisect.bisect_right(names, name)
         for following in names[start : start + self.ahead]:
             stored = listing[following].stored
@@ -92,7 +95,7 @@ class Prefetcher:
             stored.kind is Kind.DELTA
             and stored.file_sha256 is not None
             and stored.file_sha256 not in self._wanted
-            and stored.original_size * 4 <= self.cache_budget
+            and stored.original_size * self.ahead * 2 <= self.cache_budget
             and not self.core.cache.contains(stored.file_sha256)
         )
 
