@@ -477,6 +477,34 @@ async def test_chmod_while_the_upload_settles_leaves_no_orphan_manifest(
         GatedJournal.gate.set()
 
 
+async def test_chmod_and_utime_of_a_directory_show_in_its_parents_listing(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A listing of the parent (readdir) shows a directory's new mode and mtime,
+    not the ones its cached listing entry had from mkdir (found by the model test)."""
+    mtime_ns = 1_000_000_000_123_456_789
+
+    async def listed(fs: FileSystem) -> dict[str, tuple[int, int]]:
+        seen: dict[str, tuple[int, int]] = {}
+
+        def reply(name: str, node: Node, offset: int) -> bool:
+            seen[name] = (node.mode, node.mtime_ns)
+            return True
+
+        await fs.readdir(ROOT, 0, reply)
+        return seen
+
+    async with mounted(memory, tmp_path) as m:
+        await listed(m.fs)  # the root's listing is cached from now on
+        node = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await m.fs.setattr(node.ino, mode=0o700, mtime_ns=mtime_ns)
+        assert (await listed(m.fs))["d"] == (0o700, mtime_ns)
+        got = await m.fs.getattr(node.ino)
+        assert (got.mode, got.mtime_ns) == (0o700, mtime_ns)
+    async with mounted(memory, tmp_path) as m:  # from the marker after a remount
+        assert (await listed(m.fs))["d"] == (0o700, mtime_ns)
+
+
 # --- failures ---------------------------------------------------------------------------
 
 

@@ -377,6 +377,9 @@ class FileSystem:
         if node.kind is NodeKind.DIR:
             if node.path:
                 await self.ns.write_marker(node.path, node.posix_metadata())
+                # The parent's cached listing would otherwise give the old
+                # attributes back once the kernel's attribute timeout ends.
+                self.ns.note_node(node)
             return
         await self.core.update_metadata(self.key_of(node.path), node.posix_metadata())
         node.etag = None
