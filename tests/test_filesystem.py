@@ -505,6 +505,25 @@ async def test_chmod_and_utime_of_a_directory_show_in_its_parents_listing(
         assert (await listed(m.fs))["d"] == (0o700, mtime_ns)
 
 
+async def test_files_in_a_renamed_directory_are_found_under_their_new_keys(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """After a directory rename, a file below it that the mount already knew
+    is read (and rewritten in place) from its new key, not its old one
+    (found by the model test: ftruncate gave EIO, "d/f is missing")."""
+    async with mounted(memory, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await write_file(m.fs, "f", b"0123456789\n", parent=d.ino)
+    async with mounted(memory, tmp_path) as m:  # a fresh cache: the bytes come from S3
+        d = await lookup(m.fs, "d")
+        f = await lookup(m.fs, "f", parent=d.ino)
+        await rename(m.fs, "d", "e")
+        await m.fs.setattr(f.ino, size=4)  # keeps the first 4 bytes: reads them first
+        assert await read_file(m.fs, "f", parent=d.ino) == b"0123"
+    assert bucket(memory)["e/f"] == b"0123"
+    assert "d/f" not in bucket(memory)
+
+
 # --- failures ---------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ to the journal, fsync waits for the upload).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -29,6 +30,7 @@ import trio
 
 from dgfs.core import Core
 from dgfs.errors import FsError, NotFound
+from dgfs.format import StoredFile
 from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.handles import Access, Handle, HandleTable
@@ -496,6 +498,11 @@ class FileSystem:
         # lands under the old name after the move.
         busy = await self.uploads.wait_subtree(node.path)
         await self.core.rename_prefix(old_prefix, new_prefix)
+        # What the nodes below know of their objects moved too: reading (or
+        # rewriting) one by its old key would find nothing there.
+        for n in self.nodes.under(node.path):
+            if n.stored is not None:
+                n.stored = _moved(n.stored, old_prefix + "/", new_prefix + "/")
         for n in busy:
             await self.uploads.follow_rename(n, new_prefix + self.key_of(n.path)[len(old_prefix) :])
         self.ns.forget_tree(node.path)
@@ -572,3 +579,20 @@ class FileSystem:
             await self.release(fh)
         self.uploads.close()
         await self.ns.flush_attr_cache()
+
+
+def _moved(stored: StoredFile, old_root: str, new_root: str) -> StoredFile:
+    """``stored`` after ``Core.rename_prefix(old_root, new_root)``: its keys, and
+    its reference's when that moved with it, under the new prefix."""
+
+    def move(key: str | None) -> str | None:
+        if key is not None and key.startswith(old_root):
+            return new_root + key[len(old_root) :]
+        return key
+
+    return dataclasses.replace(
+        stored,
+        stored_key=move(stored.stored_key) or stored.stored_key,
+        visible_key=move(stored.visible_key) or stored.visible_key,
+        ref_key=move(stored.ref_key),
+    )
