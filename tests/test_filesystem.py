@@ -524,6 +524,44 @@ async def test_files_in_a_renamed_directory_are_found_under_their_new_keys(
     assert "d/f" not in bucket(memory)
 
 
+class SlowRemoveJournal(Journal):
+    """A journal whose ``remove`` deletes, then waits (in its worker thread) for ``gate``."""
+
+    gate = threading.Event()
+
+    def remove(self, entry_id: str) -> None:
+        super().remove(entry_id)
+        self.gate.wait(timeout=20)
+
+
+async def test_unlink_of_an_open_file_starts_no_upload_of_its_removed_entry(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """unlink of a file whose upload is queued and that a handle keeps open:
+    while unlink takes the entry out of the journal (a slow disk), the upload
+    comes due; it must not start on the removed staging file (found by the
+    model test: "upload of b failed (No such file or directory ...)")."""
+    SlowRemoveJournal.gate = threading.Event()
+    SlowRemoveJournal.gate.set()
+    try:
+        async with mounted(memory, tmp_path, journal_type=SlowRemoveJournal) as m:
+            await write_file(m.fs, "a.txt", b"queued\n")
+            handle = await m.fs.open((await lookup(m.fs, "a.txt")).ino, os.O_RDWR)
+            SlowRemoveJournal.gate.clear()
+            async with trio.open_nursery() as nursery:
+                unlinked = await started(lambda: m.fs.unlink(ROOT, "a.txt"), nursery)
+                await trio.sleep(OPTIONS.upload_delay * 2)  # the upload came due meanwhile
+                SlowRemoveJournal.gate.set()
+                await unlinked.wait()
+            await m.fs.write(handle.fh, 0, b"still ")
+            assert await m.fs.read(handle.fh, 0, 100) == b"still \n"
+            await close(m.fs, handle.fh)
+            await assert_absent(m.fs, "a.txt")
+        assert bucket(memory) == {}
+    finally:
+        SlowRemoveJournal.gate.set()
+
+
 # --- failures ---------------------------------------------------------------------------
 
 

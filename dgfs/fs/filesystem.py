@@ -394,21 +394,24 @@ class FileSystem:
         node = await self._find(self.get_dir(parent_ino), name)
         if node.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
-        # An upload in flight lands first: finishing after the unlink it would
-        # delete whatever a new file of the same name stored meanwhile.
-        await self.uploads.wait_not_uploading(node)
-        key = self.key_of(node.path)
-        staged = node.staged
-        in_s3 = node.stored is not None or (staged is not None and staged.was_uploaded)
-        if not await self.uploads.keep_for_open_handles(node):
-            self.uploads.discard(node)
-        if node.kind is NodeKind.SYMLINK:
-            await self.core.delete_symlink(key)
-        elif in_s3:
-            with contextlib.suppress(NotFound):
-                await self.core.delete(key)
-        self.ns.drop(node.path)
-        self.nodes.unlink(node)
+        # No upload starts meanwhile: keeping a copy for open handles removes
+        # the journal entry a queued upload would read.
+        async with self.uploads.hold():
+            # An upload in flight lands first: finishing after the unlink it would
+            # delete whatever a new file of the same name stored meanwhile.
+            await self.uploads.wait_not_uploading(node)
+            key = self.key_of(node.path)
+            staged = node.staged
+            in_s3 = node.stored is not None or (staged is not None and staged.was_uploaded)
+            if not await self.uploads.keep_for_open_handles(node):
+                self.uploads.discard(node)
+            if node.kind is NodeKind.SYMLINK:
+                await self.core.delete_symlink(key)
+            elif in_s3:
+                with contextlib.suppress(NotFound):
+                    await self.core.delete(key)
+            self.ns.drop(node.path)
+            self.nodes.unlink(node)
 
     async def rename(
         self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str, flags: int
