@@ -524,6 +524,26 @@ async def test_files_in_a_renamed_directory_are_found_under_their_new_keys(
     assert "d/f" not in bucket(memory)
 
 
+async def test_chmod_and_utime_of_a_listed_file_outlive_its_cached_listing(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """The metadata rewrite keeps the object's ETag; the next LIST after the
+    listing TTL must not bring back the mode and mtime of the HEAD cached
+    before it (found by the model test: a utime was undone a second later)."""
+    options = FsOptions(upload_delay=0.0, listing_ttl=0.01)  # real time: TTLCache's clock
+    mtime_ns = 1_000_000_000_123_456_789
+    async with mounted(memory, tmp_path, options) as m:
+        await write_file(m.fs, "a.txt", b"data\n")
+        await m.fs.wait_idle()
+        await trio.sleep(0.05)
+        await m.fs.readdir(ROOT, 0, lambda name, node, offset: True)  # HEADs a.txt
+        node = await lookup(m.fs, "a.txt")
+        await m.fs.setattr(node.ino, mode=0o600, mtime_ns=mtime_ns)
+        await trio.sleep(0.05)
+        got = await m.fs.getattr(node.ino)  # from a new LIST (and the attribute cache)
+        assert (got.mode, got.mtime_ns) == (0o600, mtime_ns)
+
+
 class SlowRemoveJournal(Journal):
     """A journal whose ``remove`` deletes, then waits (in its worker thread) for ``gate``."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,29 @@ async def test_remount_does_not_head_unchanged_objects(tmp_path: Path) -> None:
     store.heads = 0
     assert (await third.listing("rel"))["app-0.zip"].size == 1
     assert store.heads == 2
+
+
+async def test_a_metadata_change_keeping_the_etag_is_seen_after_a_remount(tmp_path: Path) -> None:
+    """chmod/utime by another mount is a server-side copy onto the object itself:
+    same content, same ETag, only LastModified moves. The cached HEAD of the
+    old version must not be served for it (found by the model test)."""
+    store = CountingStore()
+    await fill(store, 1)
+    db = tmp_path / "attrs.sqlite"
+    first = namespace(store, db)
+    assert (await first.listing("rel"))["app-0.zip"].mode == 0o100640
+    await first.flush_attr_cache()
+
+    key = "rel/app-0.zip.delta"
+    await store.copy(key, key, {**delta_meta("app-0.zip", 5000), "mode": str(0o100600)})
+    changed = store.objects[key]
+    assert changed.etag == (await store.head(key)).etag  # as S3 does: the content's MD5
+    # A second later than the version the cache saw.
+    store.objects[key] = dataclasses.replace(
+        changed, last_modified=changed.last_modified + timedelta(seconds=1)
+    )
+    second = namespace(store, db)
+    assert (await second.listing("rel"))["app-0.zip"].mode == 0o100600
 
 
 class HeldListStore(MemoryStore):

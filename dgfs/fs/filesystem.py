@@ -383,7 +383,8 @@ class FileSystem:
                 # attributes back once the kernel's attribute timeout ends.
                 self.ns.note_node(node)
             return
-        await self.core.update_metadata(self.key_of(node.path), node.posix_metadata())
+        stored = await self.core.update_metadata(self.key_of(node.path), node.posix_metadata())
+        await self.ns.metadata_changed(stored.stored_key)
         node.etag = None
         self.ns.note_node(node)
 

@@ -20,10 +20,10 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
-from dgfs.errors import DgfsError, FsError
+from dgfs.errors import DgfsError, FsError, NotFound
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
-from dgfs.fs.attrcache import AttrCache
+from dgfs.fs.attrcache import AttrCache, version_of
 from dgfs.fs.nodes import Node, NodeKind
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
@@ -169,7 +169,7 @@ class Namespace:
         heads: dict[str, ObjectHead] = {}
         missing: list[str] = []
         for obj in objects:
-            meta = self.attr_cache.get(obj.key, obj.etag)
+            meta = self.attr_cache.get(obj.key, version_of(obj.etag, obj.last_modified))
             if meta is None:
                 missing.append(obj.key)
             else:
@@ -177,7 +177,7 @@ class Namespace:
 
         def headed(key: str, head: ObjectHead | None) -> None:
             if head is not None:
-                self.attr_cache.put(key, head.etag, head.metadata)
+                self.attr_cache.put(key, version_of(head.etag, head.last_modified), head.metadata)
 
         if missing:
             heads.update(await head_many(self.store, missing, on_head=headed))
@@ -287,6 +287,16 @@ class Namespace:
         for cached in list(self._listings.keys()):
             if cached == path or cached.startswith(path + "/"):
                 self.forget(cached)
+
+    async def metadata_changed(self, key: str) -> None:
+        """This mount rewrote the metadata of object ``key``: cache what it holds
+        now, as the next listing will find it (the old row may have the same
+        version when the change came within the second of the last write)."""
+        try:
+            head = await self.store.head(key)
+        except NotFound:
+            return  # removed meanwhile: no row to bring up to date
+        self.attr_cache.put(key, version_of(head.etag, head.last_modified), head.metadata)
 
     async def write_marker(self, path: str, meta: dict[str, str]) -> None:
         """Store a directory's marker with its POSIX attributes."""
