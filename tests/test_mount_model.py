@@ -170,6 +170,7 @@ class MountModel(RuleBasedStateMachine):
         # directory's mtime does not change when entries come and go, so it
         # must keep exactly this value; the local disk moves it on.
         self.dir_mtimes: dict[str, int] = {}
+        self.history: list[str] = []  # this example's operations, for failure messages
 
     # --- running one operation on both sides -----------------------------------------
 
@@ -179,10 +180,18 @@ class MountModel(RuleBasedStateMachine):
         world.steps += 1
         expected = _run(fn, self.local)
         got = _run(fn, self.mounted)
-        key = f"{what.split()[0]} {'ok' if expected[0] == 'ok' else expected[1]}"
+        result = "ok" if expected[0] == "ok" else expected[1]
+        self.history.append(f"{time.strftime('%H:%M:%S')} {what}: {result}")
+        key = f"{what.split()[0]} {result}"
         world.outcomes[key] = world.outcomes.get(key, 0) + 1
-        assert got == expected, f"{what}: local gave {expected!r}, the mount gave {got!r}"
+        assert got == expected, (
+            f"{what}: local gave {expected!r}, the mount gave {got!r}\n{self.recent()}"
+        )
         return expected
+
+    def recent(self) -> str:
+        """The example's last operations (timestamps match the daemon's log)."""
+        return f"in {self.mounted.name}, after:\n  " + "\n  ".join(self.history[-25:])
 
     def existing(self) -> dict[str, list[str]]:
         """The example's entries by kind ("file", "dir", "link"), as the model has them."""
@@ -450,6 +459,12 @@ class MountModel(RuleBasedStateMachine):
 
     def compare_entry(self, path: str) -> None:
         """lstat of ``path`` on both sides: what dgfs promises must be equal."""
+        try:
+            self._compare_entry(path)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.recent()}") from None
+
+    def _compare_entry(self, path: str) -> None:
         expected = _run(lambda root: os.lstat(root / path), self.local)
         got = _run(lambda root: os.lstat(root / path), self.mounted)
         assert expected[0] == got[0], f"lstat {path}: local {expected}, mount {got}"
@@ -496,7 +511,7 @@ class MountModel(RuleBasedStateMachine):
                     assert os.readlink(self.mounted / path) == os.readlink(local), path
                 elif contents and local.is_file():
                     assert (self.mounted / path).read_bytes() == local.read_bytes(), (
-                        f"content of {path}"
+                        f"content of {path}\n{self.recent()}"
                     )
 
     def teardown(self) -> None:
