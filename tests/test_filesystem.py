@@ -544,6 +544,41 @@ async def test_chmod_and_utime_of_a_listed_file_outlive_its_cached_listing(
         assert (got.mode, got.mtime_ns) == (0o600, mtime_ns)
 
 
+async def test_truncate_by_path_while_the_upload_comes_due(
+    memory: MemoryStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """truncate(path) of a file whose upload is queued, the upload coming due
+    while the staging file is being truncated (a slow disk): no handle keeps
+    that staging file, so an upload landing then retired it (found by the
+    model test: setattr failed with EBADF and the new size was lost)."""
+    gate = threading.Event()
+    real_ftruncate = os.ftruncate
+
+    def slow_ftruncate(fd: int, size: int) -> None:
+        gate.wait(timeout=20)
+        real_ftruncate(fd, size)
+
+    try:
+        async with mounted(memory, tmp_path) as m:
+            await write_file(m.fs, "a.txt", b"0123456789\n")
+            node = await lookup(m.fs, "a.txt")
+            monkeypatch.setattr(os, "ftruncate", slow_ftruncate)
+            async with trio.open_nursery() as nursery:
+                truncated = await started(lambda: m.fs.setattr(node.ino, size=4), nursery)
+                mock_clock.jump(OPTIONS.upload_delay)  # the upload is due
+                for _ in range(50):  # let it run, if it may (a worker thread counts as blocked)
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                gate.set()
+                await truncated.wait()
+            assert (await m.fs.getattr(node.ino)).size == 4
+        assert bucket(memory) == {"a.txt": b"0123"}
+    finally:
+        gate.set()
+
+
 class SlowRemoveJournal(Journal):
     """A journal whose ``remove`` deletes, then waits (in its worker thread) for ``gate``."""
 

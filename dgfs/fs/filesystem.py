@@ -298,13 +298,18 @@ class FileSystem:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
         if size == node.size and node.staged is None:
             return
-        staged = await self.uploads.staging(node, keep_content=size > 0)
-        await trio.to_thread.run_sync(os.ftruncate, staged.fd, size)
-        staged.wrote()
-        node.size = size
-        node.mtime_ns = node.ctime_ns = time.time_ns()
-        if node.open_handles == 0:
-            await self.uploads.commit(node)
+        # A truncate by path has no open handle to keep the staging file: an
+        # upload of it that landed meanwhile would retire it under our feet
+        # (EBADF, or the new size lost). Let one in flight land, start none.
+        async with self.uploads.hold():
+            await self.uploads.wait_not_uploading(node)
+            staged = await self.uploads.staging(node, keep_content=size > 0)
+            await trio.to_thread.run_sync(os.ftruncate, staged.fd, size)
+            staged.wrote()
+            node.size = size
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+            if node.open_handles == 0:
+                await self.uploads.commit(node)
 
     async def flush(self, fh: int) -> None:
         """close(): make what was written durable (journal).
