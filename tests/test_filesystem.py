@@ -544,16 +544,19 @@ async def test_chmod_and_utime_of_a_listed_file_outlive_its_cached_listing(
         assert (got.mode, got.mtime_ns) == (0o600, mtime_ns)
 
 
-async def test_truncate_by_path_while_the_upload_comes_due(
+@pytest.mark.parametrize("how", ["truncate", "open-trunc"])
+async def test_truncate_without_a_handle_while_the_upload_comes_due(
     memory: MemoryStore,
     tmp_path: Path,
     mock_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,
+    how: str,
 ) -> None:
-    """truncate(path) of a file whose upload is queued, the upload coming due
-    while the staging file is being truncated (a slow disk): no handle keeps
-    that staging file, so an upload landing then retired it (found by the
-    model test: setattr failed with EBADF and the new size was lost)."""
+    """truncate(path), or open(O_TRUNC) before its handle exists, of a file whose
+    upload is queued, the upload coming due while the staging file is being
+    truncated (a slow disk): no handle keeps that staging file, so an upload
+    landing then retired it (found by the model test: setattr and write
+    failed with EBADF, the new size or content was lost)."""
     gate = threading.Event()
     real_ftruncate = os.ftruncate
 
@@ -561,20 +564,30 @@ async def test_truncate_by_path_while_the_upload_comes_due(
         gate.wait(timeout=20)
         real_ftruncate(fd, size)
 
+    expected = b"0123" if how == "truncate" else b"new\n"
     try:
         async with mounted(memory, tmp_path) as m:
             await write_file(m.fs, "a.txt", b"0123456789\n")
             node = await lookup(m.fs, "a.txt")
             monkeypatch.setattr(os, "ftruncate", slow_ftruncate)
+
+            async def change() -> None:
+                if how == "truncate":
+                    await m.fs.setattr(node.ino, size=4)
+                    return
+                handle = await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+                await m.fs.write(handle.fh, 0, b"new\n")
+                await close(m.fs, handle.fh)
+
             async with trio.open_nursery() as nursery:
-                truncated = await started(lambda: m.fs.setattr(node.ino, size=4), nursery)
+                changed = await started(change, nursery)
                 mock_clock.jump(OPTIONS.upload_delay)  # the upload is due
                 for _ in range(50):  # let it run, if it may (a worker thread counts as blocked)
                     await trio.testing.wait_all_tasks_blocked(cushion=0.01)
                 gate.set()
-                await truncated.wait()
-            assert (await m.fs.getattr(node.ino)).size == 4
-        assert bucket(memory) == {"a.txt": b"0123"}
+                await changed.wait()
+            assert (await m.fs.getattr(node.ino)).size == len(expected)
+        assert bucket(memory) == {"a.txt": expected}
     finally:
         gate.set()
 

@@ -23,7 +23,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
 import trio
@@ -231,7 +231,8 @@ class FileSystem:
             node = self.nodes.new(child_path(parent.path, name), NodeKind.FILE)
             self.options.apply_defaults(node, mode, uid, gid)
             node.ctime_ns = time.time_ns()
-        await self.uploads.stage_empty(node)
+        async with self._changing_unheld(node, copies=False):
+            await self.uploads.stage_empty(node)
         node.size = 0
         node.mtime_ns = time.time_ns()
         self.ns.note_node(node)
@@ -253,7 +254,8 @@ class FileSystem:
         if access is Access.WRITE or flags & os.O_TRUNC:
             self._check_writable()
         if flags & os.O_TRUNC and access is Access.WRITE:
-            await self.uploads.stage_empty(node)
+            async with self._changing_unheld(node, copies=False):
+                await self.uploads.stage_empty(node)
             node.size = 0
             node.mtime_ns = time.time_ns()
         return self.handles.open(node, access)
@@ -298,11 +300,7 @@ class FileSystem:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
         if size == node.size and node.staged is None:
             return
-        # A truncate by path has no open handle to keep the staging file: an
-        # upload of it that landed meanwhile would retire it under our feet
-        # (EBADF, or the new size lost). Let one in flight land, start none.
-        async with self.uploads.hold():
-            await self.uploads.wait_not_uploading(node)
+        async with self._changing_unheld(node, copies=size > 0):
             staged = await self.uploads.staging(node, keep_content=size > 0)
             await trio.to_thread.run_sync(os.ftruncate, staged.fd, size)
             staged.wrote()
@@ -310,6 +308,19 @@ class FileSystem:
             node.mtime_ns = node.ctime_ns = time.time_ns()
             if node.open_handles == 0:
                 await self.uploads.commit(node)
+
+    @contextlib.asynccontextmanager
+    async def _changing_unheld(self, node: Node, *, copies: bool) -> AsyncIterator[None]:
+        """Around a change of ``node``'s staging file that no open handle keeps
+        (truncate by path, the O_TRUNC of open and create before the handle
+        exists): an upload starting and landing meanwhile would retire that
+        file under the change (EBADF, or the change lost), so none starts
+        inside. When the change ``copies`` the current content, an upload in
+        flight would retire its source as it lands: it lands first."""
+        async with self.uploads.hold():
+            if copies and node.open_handles == 0:
+                await self.uploads.wait_not_uploading(node)
+            yield
 
     async def flush(self, fh: int) -> None:
         """close(): make what was written durable (journal).
