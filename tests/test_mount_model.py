@@ -49,7 +49,7 @@ from tests.releases import ReleaseSeries
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(3600)]
 
 _LONG_EXAMPLES = int(os.environ.get("DGFS_MODEL_EXAMPLES", "0"))
-EXAMPLES = _LONG_EXAMPLES or 60
+EXAMPLES = _LONG_EXAMPLES or 100
 STEPS = int(os.environ.get("DGFS_MODEL_STEPS", "0")) or 60
 SEED = int(os.environ.get("DGFS_MODEL_SEED", "0"))
 # Shrinking a failure on a real mount takes minutes; DGFS_MODEL_SHRINK=0 skips it.
