@@ -480,6 +480,159 @@ async def test_chmod_while_the_upload_settles_leaves_no_orphan_manifest(
         GatedJournal.gate.set()
 
 
+async def test_chmod_and_utime_of_a_directory_show_in_its_parents_listing(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A listing of the parent (readdir) shows a directory's new mode and mtime,
+    not the ones its cached listing entry had from mkdir (found by the model test)."""
+    mtime_ns = 1_000_000_000_123_456_789
+
+    async def listed(fs: FileSystem) -> dict[str, tuple[int, int]]:
+        seen: dict[str, tuple[int, int]] = {}
+
+        def reply(name: str, node: Node, offset: int) -> bool:
+            seen[name] = (node.mode, node.mtime_ns)
+            return True
+
+        await fs.readdir(ROOT, 0, reply)
+        return seen
+
+    async with mounted(memory, tmp_path) as m:
+        await listed(m.fs)  # the root's listing is cached from now on
+        node = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await m.fs.setattr(node.ino, mode=0o700, mtime_ns=mtime_ns)
+        assert (await listed(m.fs))["d"] == (0o700, mtime_ns)
+        got = await m.fs.getattr(node.ino)
+        assert (got.mode, got.mtime_ns) == (0o700, mtime_ns)
+    async with mounted(memory, tmp_path) as m:  # from the marker after a remount
+        assert (await listed(m.fs))["d"] == (0o700, mtime_ns)
+
+
+async def test_files_in_a_renamed_directory_are_found_under_their_new_keys(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """After a directory rename, a file below it that the mount already knew
+    is read (and rewritten in place) from its new key, not its old one
+    (found by the model test: ftruncate gave EIO, "d/f is missing")."""
+    async with mounted(memory, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await write_file(m.fs, "f", b"0123456789\n", parent=d.ino)
+    async with mounted(memory, tmp_path) as m:  # a fresh cache: the bytes come from S3
+        d = await lookup(m.fs, "d")
+        f = await lookup(m.fs, "f", parent=d.ino)
+        await rename(m.fs, "d", "e")
+        await m.fs.setattr(f.ino, size=4)  # keeps the first 4 bytes: reads them first
+        assert await read_file(m.fs, "f", parent=d.ino) == b"0123"
+    assert bucket(memory)["e/f"] == b"0123"
+    assert "d/f" not in bucket(memory)
+
+
+async def test_chmod_and_utime_of_a_listed_file_outlive_its_cached_listing(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """The metadata rewrite keeps the object's ETag; the next LIST after the
+    listing TTL must not bring back the mode and mtime of the HEAD cached
+    before it (found by the model test: a utime was undone a second later)."""
+    options = FsOptions(upload_delay=0.0, listing_ttl=0.01)  # real time: TTLCache's clock
+    mtime_ns = 1_000_000_000_123_456_789
+    async with mounted(memory, tmp_path, options) as m:
+        await write_file(m.fs, "a.txt", b"data\n")
+        await m.fs.wait_idle()
+        await trio.sleep(0.05)
+        await m.fs.readdir(ROOT, 0, lambda name, node, offset: True)  # HEADs a.txt
+        node = await lookup(m.fs, "a.txt")
+        await m.fs.setattr(node.ino, mode=0o600, mtime_ns=mtime_ns)
+        await trio.sleep(0.05)
+        got = await m.fs.getattr(node.ino)  # from a new LIST (and the attribute cache)
+        assert (got.mode, got.mtime_ns) == (0o600, mtime_ns)
+
+
+@pytest.mark.parametrize("how", ["truncate", "open-trunc"])
+async def test_truncate_without_a_handle_while_the_upload_comes_due(
+    memory: MemoryStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """truncate(path), or open(O_TRUNC) before its handle exists, of a file whose
+    upload is queued, the upload coming due while the staging file is being
+    truncated (a slow disk): no handle keeps that staging file, so an upload
+    landing then retired it (found by the model test: setattr and write
+    failed with EBADF, the new size or content was lost)."""
+    gate = threading.Event()
+    real_ftruncate = os.ftruncate
+
+    def slow_ftruncate(fd: int, size: int) -> None:
+        gate.wait(timeout=20)
+        real_ftruncate(fd, size)
+
+    expected = b"0123" if how == "truncate" else b"new\n"
+    try:
+        async with mounted(memory, tmp_path) as m:
+            await write_file(m.fs, "a.txt", b"0123456789\n")
+            node = await lookup(m.fs, "a.txt")
+            monkeypatch.setattr(os, "ftruncate", slow_ftruncate)
+
+            async def change() -> None:
+                if how == "truncate":
+                    await m.fs.setattr(node.ino, size=4)
+                    return
+                handle = await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+                await m.fs.write(handle.fh, 0, b"new\n")
+                await close(m.fs, handle.fh)
+
+            async with trio.open_nursery() as nursery:
+                changed = await started(change, nursery)
+                mock_clock.jump(OPTIONS.upload_delay)  # the upload is due
+                for _ in range(50):  # let it run, if it may (a worker thread counts as blocked)
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                gate.set()
+                await changed.wait()
+            assert (await m.fs.getattr(node.ino)).size == len(expected)
+        assert bucket(memory) == {"a.txt": expected}
+    finally:
+        gate.set()
+
+
+class SlowRemoveJournal(Journal):
+    """A journal whose ``remove`` deletes, then waits (in its worker thread) for ``gate``."""
+
+    gate = threading.Event()
+
+    def remove(self, entry_id: str) -> None:
+        super().remove(entry_id)
+        self.gate.wait(timeout=20)
+
+
+async def test_unlink_of_an_open_file_starts_no_upload_of_its_removed_entry(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """unlink of a file whose upload is queued and that a handle keeps open:
+    while unlink takes the entry out of the journal (a slow disk), the upload
+    comes due; it must not start on the removed staging file (found by the
+    model test: "upload of b failed (No such file or directory ...)")."""
+    SlowRemoveJournal.gate = threading.Event()
+    SlowRemoveJournal.gate.set()
+    try:
+        async with mounted(memory, tmp_path, journal_type=SlowRemoveJournal) as m:
+            await write_file(m.fs, "a.txt", b"queued\n")
+            handle = await m.fs.open((await lookup(m.fs, "a.txt")).ino, os.O_RDWR)
+            SlowRemoveJournal.gate.clear()
+            async with trio.open_nursery() as nursery:
+                unlinked = await started(lambda: m.fs.unlink(ROOT, "a.txt"), nursery)
+                await trio.sleep(OPTIONS.upload_delay * 2)  # the upload came due meanwhile
+                SlowRemoveJournal.gate.set()
+                await unlinked.wait()
+            await m.fs.write(handle.fh, 0, b"still ")
+            assert await m.fs.read(handle.fh, 0, 100) == b"still \n"
+            await close(m.fs, handle.fh)
+            await assert_absent(m.fs, "a.txt")
+        assert bucket(memory) == {}
+    finally:
+        SlowRemoveJournal.gate.set()
+
+
 # --- failures ---------------------------------------------------------------------------
 
 

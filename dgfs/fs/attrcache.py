@@ -1,13 +1,15 @@
 """Persistent cache of object metadata keyed by (key, version).
 
-A version is the ETag plus the Last-Modified second (``version_of``): the
-ETag alone does not change when only the metadata does (a chmod is a
-copy of the object onto itself, same bytes, same MD5), Last-Modified
-does. A HEAD answer never changes for a given version, so once seen it can
-be reused across remounts: ``ls -l`` of a large directory after a remount
-costs one LIST, not one HEAD per file. Stored in SQLite under the cache
-directory. ``get``/``put`` work on an in-memory dict (trio thread only);
-``flush`` writes new rows and is meant for a worker thread.
+An object's version is its ETag and its LastModified second (``version_of``):
+the ETag alone does not change when only the metadata does (chmod, utime:
+a server-side copy onto itself keeps the content's MD5). A HEAD answer
+never changes for a given version of a key, so once seen it can be reused
+across remounts: ``ls -l`` of a large directory after a remount costs one
+LIST, not one HEAD per file. (A metadata change by another mount within
+the second of the object's last write can go unseen until it changes
+again.) Stored in SQLite under the cache directory. ``get``/``put`` work
+on an in-memory dict (trio thread only); ``flush`` writes new rows and is
+meant for a worker thread.
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+
+def version_of(etag: str, last_modified: datetime) -> str:
+    """The version of an object a cache row belongs to, the same from LIST and
+    HEAD (whole seconds: HEAD's Last-Modified has no finer ones)."""
+    return f"{etag}@{int(last_modified.timestamp())}"
+
+
 #: Part of the cache file's name: a new version starts empty (2: keeps the
 #: ``dgfs-`` keys that tell deep objects apart; 3: rows keyed by
 #: ``version_of``, and ``rdev`` kept).
 VERSION = "v3"
-
-
-def version_of(etag: str, last_modified: datetime) -> str:
-    """What identifies one version of an object's metadata in a LIST or a HEAD
-    (whole seconds: HEAD's Last-Modified has no finer ones)."""
-    return f"{etag}@{int(last_modified.timestamp())}"
 
 
 _SCHEMA = """

@@ -17,18 +17,20 @@ to the journal, fsync waits for the upload).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
 import trio
 
 from dgfs.core import Core
 from dgfs.errors import FsError, NotFound
+from dgfs.format import StoredFile
 from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.handles import Access, Handle, HandleTable
@@ -256,7 +258,8 @@ class FileSystem:
             self.options.apply_defaults(node, mode, uid, gid)
             node.ctime_ns = time.time_ns()
             self._entries_changed(parent)
-        await self.uploads.stage_empty(node)
+        async with self._changing_unheld(node, copies=False):
+            await self.uploads.stage_empty(node)
         node.size = 0
         node.mtime_ns = time.time_ns()
         self.ns.note_node(node)
@@ -285,7 +288,8 @@ class FileSystem:
         if access is Access.WRITE or flags & os.O_TRUNC:
             self._check_writable()
         if flags & os.O_TRUNC and access is Access.WRITE:
-            await self.uploads.stage_empty(node)
+            async with self._changing_unheld(node, copies=False):
+                await self.uploads.stage_empty(node)
             node.size = 0
             node.mtime_ns = node.ctime_ns = time.time_ns()
         return self.handles.open(node, access)
@@ -332,13 +336,27 @@ class FileSystem:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
         if size == node.size and node.staged is None:
             return
-        staged = await self.uploads.staging(node, keep_content=size > 0)
-        await trio.to_thread.run_sync(os.ftruncate, staged.fd, size)
-        staged.wrote()
-        node.size = size
-        node.mtime_ns = node.ctime_ns = time.time_ns()
-        if node.open_handles == 0:
-            await self.uploads.commit(node)
+        async with self._changing_unheld(node, copies=size > 0):
+            staged = await self.uploads.staging(node, keep_content=size > 0)
+            await trio.to_thread.run_sync(os.ftruncate, staged.fd, size)
+            staged.wrote()
+            node.size = size
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+            if node.open_handles == 0:
+                await self.uploads.commit(node)
+
+    @contextlib.asynccontextmanager
+    async def _changing_unheld(self, node: Node, *, copies: bool) -> AsyncIterator[None]:
+        """Around a change of ``node``'s staging file that no open handle keeps
+        (truncate by path, the O_TRUNC of open and create before the handle
+        exists): an upload starting and landing meanwhile would retire that
+        file under the change (EBADF, or the change lost), so none starts
+        inside. When the change ``copies`` the current content, an upload in
+        flight would retire its source as it lands: it lands first."""
+        async with self.uploads.hold():
+            if copies and node.open_handles == 0:
+                await self.uploads.wait_not_uploading(node)
+            yield
 
     async def flush(self, fh: int) -> None:
         """close(): make what was written durable (journal).
@@ -418,9 +436,12 @@ class FileSystem:
         if node.kind is NodeKind.DIR:
             if node.path:
                 await self.ns.write_marker(node.path, node.posix_metadata())
+                # The parent's cached listing would otherwise give the old
+                # attributes back once the kernel's attribute timeout ends.
                 self.ns.note_node(node)
             return
-        await self.core.update_metadata(self.key_of(node.path), node.posix_metadata())
+        stored = await self.core.update_metadata(self.key_of(node.path), node.posix_metadata())
+        await self.ns.metadata_changed(stored.stored_key)
         node.etag = None
         self.ns.note_node(node)
 
@@ -432,21 +453,24 @@ class FileSystem:
         node = await self._find(parent, name)
         if node.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
-        # An upload in flight lands first: finishing after the unlink it would
-        # delete whatever a new file of the same name stored meanwhile.
-        await self.uploads.wait_not_uploading(node)
-        key = self.key_of(node.path)
-        staged = node.staged
-        in_s3 = node.stored is not None or (staged is not None and staged.was_uploaded)
-        if not await self.uploads.keep_for_open_handles(node):
-            self.uploads.discard(node)
-        if node.kind.is_single_object:
-            await self.core.delete_plain(key)
-        elif in_s3:
-            with contextlib.suppress(NotFound):
-                await self.core.delete(key)
-        self.ns.drop(node.path)
-        self.nodes.unlink(node)
+        # No upload starts meanwhile: keeping a copy for open handles removes
+        # the journal entry a queued upload would read.
+        async with self.uploads.hold():
+            # An upload in flight lands first: finishing after the unlink it would
+            # delete whatever a new file of the same name stored meanwhile.
+            await self.uploads.wait_not_uploading(node)
+            key = self.key_of(node.path)
+            staged = node.staged
+            in_s3 = node.stored is not None or (staged is not None and staged.was_uploaded)
+            if not await self.uploads.keep_for_open_handles(node):
+                self.uploads.discard(node)
+            if node.kind.is_single_object:
+                await self.core.delete_plain(key)
+            elif in_s3:
+                with contextlib.suppress(NotFound):
+                    await self.core.delete(key)
+            self.ns.drop(node.path)
+            self.nodes.unlink(node)
         node.ctime_ns = time.time_ns()  # open handles see the link count change
         self._entries_changed(parent)
 
@@ -540,6 +564,11 @@ class FileSystem:
         # lands under the old name after the move.
         busy = await self.uploads.wait_subtree(node.path)
         await self.core.rename_prefix(old_prefix, new_prefix)
+        # What the nodes below know of their objects moved too: reading (or
+        # rewriting) one by its old key would find nothing there.
+        for n in self.nodes.under(node.path):
+            if n.stored is not None:
+                n.stored = _moved(n.stored, old_prefix + "/", new_prefix + "/")
         for n in busy:
             await self.uploads.follow_rename(n, new_prefix + self.key_of(n.path)[len(old_prefix) :])
         self.ns.forget_tree(node.path)
@@ -655,3 +684,20 @@ class FileSystem:
             await self.release(fh)
         self.uploads.close()
         await self.ns.flush_attr_cache()
+
+
+def _moved(stored: StoredFile, old_root: str, new_root: str) -> StoredFile:
+    """``stored`` after ``Core.rename_prefix(old_root, new_root)``: its keys, and
+    its reference's when that moved with it, under the new prefix."""
+
+    def move(key: str | None) -> str | None:
+        if key is not None and key.startswith(old_root):
+            return new_root + key[len(old_root) :]
+        return key
+
+    return dataclasses.replace(
+        stored,
+        stored_key=move(stored.stored_key) or stored.stored_key,
+        visible_key=move(stored.visible_key) or stored.visible_key,
+        ref_key=move(stored.ref_key),
+    )

@@ -384,6 +384,16 @@ class Namespace:
             if cached == path or cached.startswith(path + "/"):
                 self.forget(cached)
 
+    async def metadata_changed(self, key: str) -> None:
+        """This mount rewrote the metadata of object ``key``: cache what it holds
+        now, as the next listing will find it (the old row may have the same
+        version when the change came within the second of the last write)."""
+        try:
+            head = await self.store.head(key)
+        except NotFound:
+            return  # removed meanwhile: no row to bring up to date
+        self.attr_cache.put(key, version_of(head.etag, head.last_modified), head.metadata)
+
     async def write_marker(self, path: str, meta: dict[str, str]) -> None:
         """Store a directory's marker with its POSIX attributes."""
         key = self.dir_prefix(path)

@@ -194,6 +194,11 @@ class NodeTable:
     def by_path(self, path: str) -> Node | None:
         return self._by_path.get(path)
 
+    def under(self, path: str) -> list[Node]:
+        """The nodes below the directory ``path`` (not itself) that hold a name."""
+        prefix = path + "/" if path else ""
+        return [n for p, n in self._by_path.items() if p.startswith(prefix) and p != path]
+
     def staged_nodes(self) -> list[Node]:
         """Nodes with local content (see ``dgfs.fs.uploads``)."""
         return [n for n in self._by_ino.values() if n.staged is not None]

@@ -613,7 +613,8 @@ class UploadPipeline:
             if current_key != key:
                 await self.core.rename(key, current_key)
             elif node.posix_metadata() != meta:
-                await self.core.update_metadata(key, node.posix_metadata())
+                stored = await self.core.update_metadata(key, node.posix_metadata())
+                await self.ns.metadata_changed(stored.stored_key)
         except (DgfsError, OSError) as exc:
             # The bytes are stored; only a follow-up (name, attributes) is missing.
             log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
