@@ -886,3 +886,38 @@ async def test_a_reader_walking_a_directory_gets_the_next_deltas_rebuilt_ahead(
         hits_before = cache.telemetry.snapshot().cache_hits
         assert await read_file(m.fs, names[2], d.ino) == releases[2][1]
         assert cache.telemetry.snapshot().cache_hits == hits_before + 1
+
+
+async def test_a_directory_renamed_over_a_removed_name_keeps_its_own_attributes(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Found by the model test: the removed ``b``'s marker attributes, still
+    remembered, were shown for the directory renamed to ``b``."""
+    async with mounted(memory, tmp_path) as m:
+        fs = m.fs
+        await fs.mkdir(ROOT, "b", 0o700, UID, GID)
+        await fs.readdir(ROOT, 0, lambda name, node, offset: True)  # b's marker is read
+        await fs.rmdir(ROOT, "b")
+        a = await fs.mkdir(ROOT, "a", 0o755, UID, GID)
+        await fs.mkdir(a.ino, "sub", 0o750, UID, GID)
+        await fs.setattr(a.ino, mtime_ns=1_300_000_000_000_000_000)
+        await fs.rename(ROOT, "a", ROOT, "b", 0)
+        autojump_clock.jump(3600)  # attributes come from listings again
+        b = await fs.getattr((await lookup(fs, "b")).ino)
+        assert (b.mode, b.mtime_ns) == (0o755, 1_300_000_000_000_000_000)
+        sub = await fs.getattr((await lookup(fs, "sub", b.ino)).ino)
+        assert sub.mode == 0o750
+
+
+async def test_entries_of_a_setgid_directory_take_its_group(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with mounted(memory, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "shared", 0o2775, UID, 4242)
+        sub = await m.fs.mkdir(d.ino, "sub", 0o755, UID, GID)
+        assert (sub.mode, sub.gid) == (0o2755, 4242)
+        handle, f = await m.fs.create(d.ino, "f", 0o644, UID, GID, os.O_WRONLY | os.O_CREAT)
+        await m.fs.release(handle.fh)
+        assert (f.mode, f.gid) == (0o644, 4242)
+        plain = await m.fs.mkdir(ROOT, "plain", 0o755, UID, GID)
+        assert (plain.mode, plain.gid) == (0o755, GID)

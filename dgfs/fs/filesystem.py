@@ -98,6 +98,16 @@ class FileSystem:
         for d in dirs:
             d.mtime_ns = d.ctime_ns = d.entries_changed_ns = now
 
+    def _new_node_attributes(self, node: Node, parent: Node, mode: int, uid: int, gid: int) -> None:
+        """Mode and owner of a node made here. In a set-group-ID directory a
+        new entry takes the directory's group, and a new directory the bit
+        too (as Linux filesystems do)."""
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if node.kind is NodeKind.DIR:
+                mode |= stat.S_ISGID
+        self.options.apply_defaults(node, mode, uid, gid)
+
     def _check_writable(self) -> None:
         if self.options.read_only:
             raise FsError(errno.EROFS, "mounted read-only")
@@ -191,7 +201,7 @@ class FileSystem:
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
         parent = await self._new_entry_in(parent_ino, name)
         node = self.nodes.new(child_path(parent.path, name), NodeKind.DIR)
-        self.options.apply_defaults(node, mode, uid, gid)
+        self._new_node_attributes(node, parent, mode, uid, gid)
         node.mtime_ns = node.ctime_ns = time.time_ns()
         await self.ns.write_marker(node.path, node.posix_metadata())
         self._entries_changed(parent)
@@ -230,6 +240,7 @@ class FileSystem:
         await self.store.delete_many(removable)
         self.ns.forget(node.path)
         self.ns.drop(node.path)
+        self.ns.dir_removed(node.path)
         self.nodes.unlink(node)
         self._entries_changed(parent)
 
@@ -255,7 +266,7 @@ class FileSystem:
             raise FsError(errno.EISDIR)
         if node is None:
             node = self.nodes.new(child_path(parent.path, name), NodeKind.FILE)
-            self.options.apply_defaults(node, mode, uid, gid)
+            self._new_node_attributes(node, parent, mode, uid, gid)
             node.ctime_ns = time.time_ns()
             self._entries_changed(parent)
         async with self._changing_unheld(node, copies=False):
@@ -571,6 +582,7 @@ class FileSystem:
                 n.stored = _moved(n.stored, old_prefix + "/", new_prefix + "/")
         for n in busy:
             await self.uploads.follow_rename(n, new_prefix + self.key_of(n.path)[len(old_prefix) :])
+        self.ns.dir_tree_moved(node.path, new_path)
         self.ns.forget_tree(node.path)
         self.ns.forget(node.parent_path)
         self.ns.forget(new_path.rpartition("/")[0])
@@ -595,7 +607,7 @@ class FileSystem:
         """A symlink or special file, in S3 once this returns (one lookup)."""
         parent = await self._new_entry_in(parent_ino, name)
         node = self.nodes.new(child_path(parent.path, name), kind)
-        self.options.apply_defaults(node, mode, uid, gid)
+        self._new_node_attributes(node, parent, mode, uid, gid)
         node.mtime_ns = node.ctime_ns = time.time_ns()
         node.size = len(body)
         node.rdev = rdev

@@ -394,6 +394,20 @@ class Namespace:
             return  # removed meanwhile: no row to bring up to date
         self.attr_cache.put(key, version_of(head.etag, head.last_modified), head.metadata)
 
+    def dir_removed(self, path: str) -> None:
+        """The directory ``path`` is gone: its marker's attributes with it (a
+        new directory of that name must not show them)."""
+        self._dir_meta.pop(self.dir_prefix(path), None)
+
+    def dir_tree_moved(self, old_path: str, new_path: str) -> None:
+        """A directory rename: the markers under ``old_path`` now stand under
+        ``new_path``, and whatever was known under ``new_path`` is gone."""
+        old, new = self.dir_prefix(old_path), self.dir_prefix(new_path)
+        for key in [k for k in self._dir_meta if k.startswith(new)]:
+            del self._dir_meta[key]
+        for key in [k for k in self._dir_meta if k.startswith(old)]:
+            self._dir_meta[new + key[len(old) :]] = self._dir_meta.pop(key)
+
     async def write_marker(self, path: str, meta: dict[str, str]) -> None:
         """Store a directory's marker with its POSIX attributes."""
         key = self.dir_prefix(path)
