@@ -832,6 +832,12 @@ class Core:
         if stored.kind is not Kind.DELTA:
             await self.ensure_cached(stored.stored_key, sha256)
             return sha256
+        if sha256 == stored.ref_sha256 and stored.ref_key:
+            # The file is its directory's reference (the self-delta of the first
+            # file stored there): its bytes are the reference's, which the cache
+            # verifies by this very SHA-256. No xdelta3 run, no second copy.
+            await self.ensure_cached(stored.ref_key, sha256)
+            return sha256
 
         async def rebuild_into_cache() -> None:
             async with self._scratch() as out:

@@ -423,6 +423,34 @@ async def test_a_cold_rebuild_downloads_the_reference_once_and_keeps_it_plain(
         cache.close()
 
 
+async def test_the_reference_file_is_read_without_decoding_its_self_delta(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, wcache = make_core(memory_store, tmp_path / "w")
+    await writer.put(releases[0], "s/a.zip")  # becomes the reference, stored as a self-delta
+    await writer.put(releases[1], "s/b.zip")
+    reader, rcache = make_core(memory_store, tmp_path / "r")  # cold cache
+    decodes: list[Path] = []
+    real_decode = reader.engine.decode
+
+    async def counting_decode(source: Path, delta: Path, out: Path) -> None:
+        decodes.append(delta)
+        await real_decode(source, delta, out)
+
+    monkeypatch.setattr(reader.engine, "decode", counting_decode)
+    stored = await reader.locate("s/a.zip")
+    assert stored.kind is Kind.DELTA and stored.file_sha256 == stored.ref_sha256
+    with await reader.open_cached(stored) as entry:
+        assert entry.read(0, entry.size) == releases[0].read_bytes()
+    assert decodes == []
+    with await reader.open_cached(await reader.locate("s/b.zip")) as entry:
+        assert entry.read(0, entry.size) == releases[1].read_bytes()
+    assert len(decodes) == 1
+    for c, cache in ((writer, wcache), (reader, rcache)):
+        await c.aclose()
+        cache.close()
+
+
 @pytest.mark.slow
 async def test_large_file_with_changes_beyond_64_mib_stays_small(
     core: Core, memory_store: MemoryStore, tmp_path: Path
