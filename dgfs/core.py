@@ -585,27 +585,55 @@ class Core:
 
     async def ensure_cached(self, key: str, sha256: str) -> None:
         """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
+        await self._flights.ensure(
+            f"fetch:{sha256}",
+            lambda: self.cache.contains(sha256),
+            functools.partial(self._fetch, key, sha256),
+        )
 
+    async def _fetch(self, key: str, sha256: str, keep: Path | None = None) -> None:
+        """Download the object ``key`` into the cache, verified against ``sha256``.
+
+        With ``keep``, its plain bytes are also left there: a caller that
+        needs a plain copy (xdelta3 does) saves decrypting it back out of
+        the cache, a whole write and hash of a file that may be GiBs.
+        """
         deep_reference = fmt.split_key(key)[1] == fmt.DEEP_REFERENCE_NAME
+        async with self._scratch() as tmp, self._scratch() as plain:
+            try:
+                await self.store.download(key, tmp)
+            except NotFound:
+                raise MissingReference(f"{key} is missing") from None
+            if deep_reference:
+                await self._cpu(objects.decompress_reference, tmp, plain)
+                tmp, plain = plain, tmp
+            try:
+                await self._cpu(self.cache.add_file, sha256, tmp)
+            except IntegrityError:
+                raise IntegrityError(
+                    f"{key} does not match its recorded SHA-256 {sha256[:12]}…"
+                    " (replaced or corrupted)"
+                ) from None
+            if keep is not None:
+                os.replace(tmp, keep)
 
-        async def fetch() -> None:
-            async with self._scratch() as tmp, self._scratch() as plain:
-                try:
-                    await self.store.download(key, tmp)
-                except NotFound:
-                    raise MissingReference(f"{key} is missing") from None
-                if deep_reference:
-                    await self._cpu(objects.decompress_reference, tmp, plain)
-                    tmp, plain = plain, tmp
-                try:
-                    await self._cpu(self.cache.add_file, sha256, tmp)
-                except IntegrityError:
-                    raise IntegrityError(
-                        f"{key} does not match its recorded SHA-256 {sha256[:12]}…"
-                        " (replaced or corrupted)"
-                    ) from None
+    async def _fetch_plain(self, key: str, sha256: str, out: Path) -> None:
+        """The plain bytes of the object ``key`` (``sha256``) in ``out``, through the cache:
+        decrypted from it when cached, else downloaded once, cached and kept."""
+        for _ in range(2):  # evicted between fetch and export by a tiny budget: once more
+            kept = False
 
-        await self._flights.ensure(f"fetch:{sha256}", lambda: self.cache.contains(sha256), fetch)
+            async def fetch_and_keep() -> None:
+                nonlocal kept
+                await self._fetch(key, sha256, keep=out)
+                kept = True
+
+            await self._flights.ensure(
+                f"fetch:{sha256}", lambda: self.cache.contains(sha256), fetch_and_keep
+            )
+            if kept or await self._cpu(self.cache.export, sha256, out):
+                return
+        raise DgfsError(f"{key}: the cache is too small to hold it")
 
     @contextlib.asynccontextmanager
     async def _plain_reference(self, ref_key: str, ref_sha256: str) -> AsyncIterator[Path]:
@@ -614,10 +642,9 @@ class Core:
         if path is None:
 
             async def export() -> None:
-                await self.ensure_cached(ref_key, ref_sha256)
                 out = self.scratch_path(".ref")
                 try:
-                    await self._cpu(self.cache.export, ref_sha256, out)
+                    await self._fetch_plain(ref_key, ref_sha256, out)
                 except BaseException:
                     out.unlink(missing_ok=True)
                     raise
@@ -806,6 +833,12 @@ class Core:
             return sha256
         if stored.kind is not Kind.DELTA:
             await self.ensure_cached(stored.stored_key, sha256)
+            return sha256
+        if sha256 == stored.ref_sha256 and stored.ref_key:
+            # The file is its directory's reference (the self-delta of the first
+            # file stored there): its bytes are the reference's, which the cache
+            # verifies by this very SHA-256. No xdelta3 run, no second copy.
+            await self.ensure_cached(stored.ref_key, sha256)
             return sha256
 
         async def rebuild_into_cache() -> None:

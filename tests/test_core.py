@@ -394,6 +394,63 @@ async def test_materialize_shares_one_rebuild(
         assert reader.read(0, reader.size) == releases[1].read_bytes()
 
 
+async def test_a_cold_rebuild_downloads_the_reference_once_and_keeps_it_plain(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, wcache = make_core(memory_store, tmp_path / "w")
+    for n, release in enumerate(releases[:3]):
+        await writer.put(release, f"c/{n}.zip")
+    reader, rcache = make_core(memory_store, tmp_path / "r")  # cold cache
+    downloads: list[str] = []
+    real_download = memory_store.download
+
+    async def counting_download(key: str, dest: Path) -> None:
+        downloads.append(key)
+        await real_download(key, dest)
+
+    def no_export(sha256: str, dest: Path) -> bool:
+        raise AssertionError("the downloaded reference was decrypted back out of the cache")
+
+    monkeypatch.setattr(memory_store, "download", counting_download)
+    monkeypatch.setattr(rcache, "export", no_export)
+    for n in (1, 2):
+        await reader.get(f"c/{n}.zip", tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == releases[n].read_bytes()
+    assert downloads.count("c/reference.bin") == 1
+    assert rcache.contains(sha(releases[0].read_bytes()))  # and it is cached for later mounts
+    for c, cache in ((writer, wcache), (reader, rcache)):
+        await c.aclose()
+        cache.close()
+
+
+async def test_the_reference_file_is_read_without_decoding_its_self_delta(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, wcache = make_core(memory_store, tmp_path / "w")
+    await writer.put(releases[0], "s/a.zip")  # becomes the reference, stored as a self-delta
+    await writer.put(releases[1], "s/b.zip")
+    reader, rcache = make_core(memory_store, tmp_path / "r")  # cold cache
+    decodes: list[Path] = []
+    real_decode = reader.engine.decode
+
+    async def counting_decode(source: Path, delta: Path, out: Path) -> None:
+        decodes.append(delta)
+        await real_decode(source, delta, out)
+
+    monkeypatch.setattr(reader.engine, "decode", counting_decode)
+    stored = await reader.locate("s/a.zip")
+    assert stored.kind is Kind.DELTA and stored.file_sha256 == stored.ref_sha256
+    with await reader.open_cached(stored) as entry:
+        assert entry.read(0, entry.size) == releases[0].read_bytes()
+    assert decodes == []
+    with await reader.open_cached(await reader.locate("s/b.zip")) as entry:
+        assert entry.read(0, entry.size) == releases[1].read_bytes()
+    assert len(decodes) == 1
+    for c, cache in ((writer, wcache), (reader, rcache)):
+        await c.aclose()
+        cache.close()
+
+
 @pytest.mark.slow
 async def test_large_file_with_changes_beyond_64_mib_stays_small(
     core: Core, memory_store: MemoryStore, tmp_path: Path
