@@ -116,7 +116,7 @@ async def open_store(
         yield store
     finally:
         # Retries mean a flaky endpoint: operators (and the fault tests) read this line.
-        log.info("s3://%s: %s", location.bucket, store.stats)
+        log.info("s3://%s: %s", location.bucket, store.telemetry.snapshot().s3_summary())
         await store.aclose()
 
 

@@ -99,8 +99,21 @@ class Snapshot:
     cache_evicted_bytes: int
     s3_requests: dict[str, int]  # operation -> requests sent (every attempt)
     s3_errors: dict[tuple[str, str], int]  # (operation, error kind) -> failed attempts
-    s3_retries: int
+    s3_retries: int  # requests dgfs repeated after botocore gave up
+    s3_api_calls: int  # botocore API calls (a multipart upload makes several)
+    s3_http_requests: int  # HTTP requests botocore sent for them
     journal_commits: int
+
+    @property
+    def s3_botocore_retries(self) -> int:
+        return max(0, self.s3_http_requests - self.s3_api_calls)
+
+    def s3_summary(self) -> str:
+        """The line a store logs when it closes: how flaky the endpoint was."""
+        return (
+            f"{self.s3_api_calls} S3 requests, {self.s3_botocore_retries} retried by botocore,"
+            f" {self.s3_retries} retried by dgfs"
+        )
 
     @property
     def uploaded_files(self) -> int:
@@ -142,6 +155,8 @@ class Telemetry:
         self._s3_requests: Counter[str] = Counter()
         self._s3_errors: Counter[tuple[str, str]] = Counter()
         self._s3_retries = 0
+        self._s3_api_calls = 0
+        self._s3_http_requests = 0
         self._journal_commits = 0
 
     # --- the filesystem and its uploads -------------------------------------------------
@@ -197,6 +212,15 @@ class Telemetry:
         with self._lock:
             self._s3_requests[operation] += 1
 
+    def s3_api_call(self) -> None:
+        """botocore makes one API call (its retries are ``s3_http_request``s)."""
+        with self._lock:
+            self._s3_api_calls += 1
+
+    def s3_http_request(self) -> None:
+        with self._lock:
+            self._s3_http_requests += 1
+
     def s3_error(self, operation: str, kind: str, *, retried: bool) -> None:
         """A request failed with the dgfs error class ``kind`` (AccessDenied, NotFound...)."""
         with self._lock:
@@ -227,5 +251,7 @@ class Telemetry:
                 s3_requests=dict(self._s3_requests),
                 s3_errors=dict(self._s3_errors),
                 s3_retries=self._s3_retries,
+                s3_api_calls=self._s3_api_calls,
+                s3_http_requests=self._s3_http_requests,
                 journal_commits=self._journal_commits,
             )

@@ -131,7 +131,8 @@ async def test_stall_past_the_read_timeout_is_retried(
     await store.upload("stalled", src, {})
     assert await store.get_range("stalled", 0, 1 << 20) == src.read_bytes()
     assert proxy.faults[FaultKind.STALL] == 1
-    assert store.stats.attempts > store.stats.operations or store.stats.retries
+    snap = store.telemetry.snapshot()
+    assert snap.s3_botocore_retries or snap.s3_retries
 
 
 @pytest.mark.expected_log(r"retry \d/\d|could not abort multipart")
@@ -184,8 +185,9 @@ async def test_random_faults_never_give_wrong_bytes(
         "seed %d: %s; store: %s; failed calls: %s",
         seed,
         proxy.summary(),
-        store.stats,
+        store.telemetry.snapshot().s3_summary(),
         failures or "none",
     )
     assert sum(proxy.faults.values()) >= 5
-    assert store.stats.retries + store.stats.botocore_retries > 0
+    snap = store.telemetry.snapshot()
+    assert snap.s3_retries + snap.s3_botocore_retries > 0

@@ -18,8 +18,8 @@ What callers may rely on:
   CompleteMultipartUpload did succeed although its answer was lost (the
   retry then hears NoSuchUpload) counts as done once the object's ETag
   proves it is this upload's.
-- ``stats`` counts requests and retries (botocore's and ours), for the log
-  and for tests.
+- ``telemetry`` counts requests and retries (botocore's and ours), for
+  ``dgfs status``, the log line at close and tests.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ import hashlib
 import logging
 import math
 import random
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -298,38 +296,6 @@ def _head_from_response(key: str, response: Mapping[str, Any], size: int) -> Obj
     )
 
 
-@dataclass
-class RequestStats:
-    """Requests of one store so far (thread-safe counters).
-
-    ``operations``: S3 API calls made; ``attempts``: HTTP requests sent for
-    them, so ``attempts - operations`` were botocore's own retries;
-    ``retries``: calls dgfs repeated after botocore gave up (each logged
-    as a warning).
-    """
-
-    operations: int = 0
-    attempts: int = 0
-    retries: int = 0
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def count(self, field_name: str) -> None:
-        with self._lock:
-            setattr(self, field_name, getattr(self, field_name) + 1)
-
-    @property
-    def botocore_retries(self) -> int:
-        return max(0, self.attempts - self.operations)
-
-    def __str__(self) -> str:
-        return (
-            f"{self.operations} S3 requests, {self.botocore_retries} retried by botocore,"
-            f" {self.retries} retried by dgfs"
-        )
-
-
 class S3Store(ObjectStore):
     """An ObjectStore on one S3 bucket.
 
@@ -361,10 +327,9 @@ class S3Store(ObjectStore):
             )
         except bexc.BotoCoreError as exc:  # e.g. ProfileNotFound
             raise ConfigError(f"cannot configure the S3 client: {exc}") from exc
-        self.stats = RequestStats()
         events = self._client.meta.events
-        events.register("before-call.s3", lambda **_: self.stats.count("operations"))
-        events.register("before-send.s3", lambda **_: self.stats.count("attempts"))
+        events.register("before-call.s3", lambda **_: self.telemetry.s3_api_call())
+        events.register("before-send.s3", lambda **_: self.telemetry.s3_http_request())
         events.register("needs-retry.s3", _refuse_cut_head)
         self._endpoint: str = self._client.meta.endpoint_url
         self._limiter = trio.CapacityLimiter(max_concurrency)
@@ -403,7 +368,6 @@ class S3Store(ObjectStore):
                 self.telemetry.s3_error(operation, type(err).__name__, retried=retry)
                 if not retry:
                     raise err from exc
-            self.stats.count("retries")
             delay = self.retry_delays[attempt] * random.uniform(0.5, 1.5)
             log.warning(
                 "%s; retry %d/%d in %.1fs",
