@@ -496,11 +496,6 @@ class UploadPipeline:
             staged = node.staged
             if staged is not None:
                 staged.hurry()
-                # The kernel has let go: a release it had not sent before the
-                # unmount never comes, and no handle writes again. What was
-                # committed goes up now (one waiting for a retry queues itself).
-                if staged.error is None:
-                    self._request(node, despite_writers=True)
         while self._inflight:
             await self._idle.wait()
 
