@@ -56,7 +56,6 @@ def _relevant(name: str) -> bool:
         "gid",
         "rdev",
         "atime",
-        "ctime",
         "file_sha256",
         "file_size",
         "compression",
