@@ -26,7 +26,7 @@ import trio
 from dgfs.core import Core
 from dgfs.errors import DgfsError
 from dgfs.format import Kind, StoredFile
-from dgfs.fs.namespace import Namespace
+from dgfs.fs.namespace import DirEntry, Namespace
 from dgfs.fs.nodes import Node
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Prefetcher:
         self.cache_budget = cache_budget
         self._limiter = trio.CapacityLimiter(workers or os.cpu_count() or 2)
         self._last_opened: OrderedDict[str, str] = OrderedDict()  # dir path -> name
+        self._sorted: dict[str, tuple[dict[str, DirEntry], list[str]]] = {}  # see _sorted_names
         self._wanted: set[str] = set()  # sha256 of rebuilds queued or running
         self._nursery: trio.Nursery | None = None
         self.started = 0  # rebuilds started here (tests, telemetry)
@@ -73,20 +74,31 @@ class Prefetcher:
         while len(self._last_opened) > 256:
             self._last_opened.popitem(last=False)
         listing = self.ns.cached(parent)
-        if self._nursery is None or listing is None:
+        if self._nursery is None or not listing or self.ahead <= 0:
             return
-        names = sorted(listing)
-        walking = name > last if last is not None else bool(names) and name == names[0]
+        names = self._sorted_names(parent, listing)
+        walking = name > last if last is not None else name == names[0]
         if not walking:
             return
         start = bisect.bisect_right(names, name)
         for following in names[start : start + self.ahead]:
-            stored = listing[following].stored
+            entry = listing.get(following)  # the names may predate a local change
+            stored = entry.stored if entry is not None else None
             if stored is not None and self._worth_it(stored):
                 assert stored.file_sha256 is not None
                 self._wanted.add(stored.file_sha256)
                 self.started += 1
                 self._nursery.start_soon(self._rebuild, stored)
+
+    def _sorted_names(self, parent: str, listing: dict[str, DirEntry]) -> list[str]:
+        """The names of ``listing`` in order, sorted once per fetched listing
+        (a directory of 100,000 files is opened file after file)."""
+        known = self._sorted.get(parent)
+        if known is None or known[0] is not listing:
+            known = self._sorted[parent] = (listing, sorted(listing))
+            while len(self._sorted) > 16:
+                del self._sorted[next(iter(self._sorted))]
+        return known[1]
 
     def _worth_it(self, stored: StoredFile) -> bool:
         # Only deltas cost CPU to read; a file that would crowd the cache
