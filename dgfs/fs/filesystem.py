@@ -35,7 +35,7 @@ from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.handles import Access, Handle, HandleTable
 from dgfs.fs.journal import Journal
-from dgfs.fs.namespace import Namespace
+from dgfs.fs.namespace import NAME_MAX, Namespace
 from dgfs.fs.nodes import ROOT_INODE, Node, NodeKind, NodeTable, child_path
 from dgfs.fs.options import FsOptions
 from dgfs.fs.prefetch import Prefetcher
@@ -45,7 +45,6 @@ from dgfs.fs.uploads import UploadPipeline
 log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-NAME_MAX = 255  # bytes in one name (statfs f_namemax)
 
 # (name, node, next offset) -> whether the kernel took the entry (pyfuse3.readdir_reply)
 ReaddirReply = Callable[[str, Node, int], bool]

@@ -32,6 +32,7 @@ from pyfuse3 import (
 
 from dgfs.errors import DgfsError, FsError, errno_of
 from dgfs.fs.filesystem import FileSystem
+from dgfs.fs.namespace import NAME_MAX
 from dgfs.fs.nodes import Node, NodeKind
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ class FuseOperations(pyfuse3.Operations):
         data.f_files = 1 << 32
         data.f_ffree = data.f_files
         data.f_favail = data.f_files
-        data.f_namemax = 255
+        data.f_namemax = NAME_MAX
         return data
 
     @_fuse_errors
