@@ -153,9 +153,9 @@ class DeltaEngine:
     four concurrent uploads of 2 GiB files do not ask for 8 GiB.
 
     ``level`` is xdelta3's compression level for encoding (DeltaGlider: 9).
-    Measured on this machine (benchmark notes in docs/configuration.md):
-    levels 7-9 give the same deltas; 6 needs ~45% less CPU for deltas up
-    to ~8% larger; any level decodes with any xdelta3.
+    Levels 7-9 give the same deltas; 6 stores a series markedly faster for
+    deltas a fraction of a percent larger (docs/configuration.md has the
+    benchmark); any level decodes with any xdelta3.
     """
 
     def __init__(

@@ -83,7 +83,7 @@ class Settings:
     xdelta3: str = "xdelta3"
     xdelta_memory: int = 1 << 30
     xdelta_level: int = 9
-    """xdelta3's encoding level (1-9): 6 costs ~45% less CPU per store, deltas up to ~8% larger."""
+    """xdelta3's encoding level (1-9); docs/configuration.md measures 6 against 9."""
     s3_concurrency: int = 16
     s3_timeout: float = READ_TIMEOUT
     """Seconds to wait for each read from the S3 endpoint before the request is retried."""

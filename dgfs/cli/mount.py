@@ -32,7 +32,7 @@ options (-o, comma separated):
   min_delta_size=64K  smaller files are stored direct           attr_timeout=1
   prefetch=4       deltas rebuilt ahead of a reader walking a directory in order (0: off)
   s3_timeout=60    seconds to wait for S3 to answer a read before retrying the request
-  xdelta_level=9   xdelta3's encoding level; 6: ~45% less CPU, deltas up to ~8% larger
+  xdelta_level=9   xdelta3's encoding level; 6 stores faster, deltas slightly larger
   deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of
                    archives' expanded content (dgfs only; docs/FORMAT.md)
   metrics=[IP:]PORT  serve Prometheus metrics (default address 127.0.0.1; docs/metrics.md)
