@@ -84,6 +84,9 @@ def test_setxattr_is_enotsup_and_getxattr_of_unknown_is_enodata(shared: DgfsMoun
     assert _errno_of(os.setxattr, path, "user.test", b"1") == errno.ENOTSUP
     assert _errno_of(os.removexattr, path, "user.dgfs.kind") == errno.ENOTSUP
     assert _errno_of(os.getxattr, path, "user.other") == errno.ENODATA
+    # Outside user.: no labels, no ACLs (what makes ls -l stop asking).
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        assert _errno_of(os.getxattr, path, name) == errno.EOPNOTSUPP, name
 
 
 def test_missing_files(shared: DgfsMount) -> None:

@@ -39,7 +39,16 @@ def value(
     endpoint: str | None,
     status_socket: str | None = None,
 ) -> bytes:
-    """The value of attribute ``name`` of ``node``; ``FsError(ENODATA)`` if it has none."""
+    """The value of attribute ``name`` of ``node``; ``FsError(ENODATA)`` if it has none.
+
+    Names outside ``user.`` give EOPNOTSUPP, as on a filesystem without
+    security labels or ACLs: ``ls -l`` asks every entry for
+    ``security.selinux`` until it sees that answer once, then stops asking
+    for the whole filesystem (gnulib's per-device cache), which halves the
+    requests of a warm ``ls -l``.
+    """
+    if not name.startswith("user."):
+        raise FsError(errno.EOPNOTSUPP)
     if name not in names(node, endpoint, status_socket):
         raise FsError(errno.ENODATA)
     field = name[len(PREFIX) :]
