@@ -25,6 +25,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from dgfs import readahead
 from dgfs.control import (
     SOCKET_NAME,
     MountFacts,
@@ -62,6 +63,7 @@ class MountConfig:
     allow_other: bool = False
     attr_timeout: float = 1.0
     metrics: ListenAddress | None = None  # serve Prometheus metrics there
+    read_ahead_kb: int = readahead.DEFAULT_KIB  # 0: the kernel's default (dgfs/readahead.py)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -148,6 +150,19 @@ class _InterruptedReplyFilter(logging.Filter):
 _PYFUSE3_FILTER = _InterruptedReplyFilter()
 
 
+async def _set_read_ahead(mountpoint: Path, kib: int) -> None:
+    """Set the kernel's read-ahead once the kernel has its answer to FUSE_INIT,
+    which would otherwise lower it again: a ``stat`` of the root (served by
+    this daemon, in a worker thread) is answered only after INIT."""
+
+    def stat_then_set() -> None:
+        with contextlib.suppress(OSError):
+            os.stat(mountpoint)
+        readahead.set_read_ahead(mountpoint, kib)
+
+    await trio.to_thread.run_sync(stat_then_set, abandon_on_cancel=True)
+
+
 async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     settings = config.settings
     notifier = Notifier()
@@ -184,6 +199,8 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         # unusable cache directory fails the mount, not its status later.
         control_path = journal.directory / SOCKET_NAME
         listeners: list[trio.SocketListener] = []
+        # Resolved before the mount exists: afterwards resolving it would ask this daemon.
+        mounted_at = Path(os.path.realpath(config.mountpoint))
         try:
             listeners.append(await open_control_listener(control_path))
             if config.metrics is not None:
@@ -212,6 +229,8 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 notifier.ready(f"mounted {config.location} on {config.mountpoint}")
                 reporting = trio.CancelScope()  # entered by the task, cancelled here
                 nursery.start_soon(_report_status, fs, notifier, reporting)
+                if config.read_ahead_kb > 0:
+                    nursery.start_soon(_set_read_ahead, mounted_at, config.read_ahead_kb)
                 await pyfuse3.main()
                 reporting.cancel()
                 log.info("unmounted %s; finishing uploads", config.mountpoint)

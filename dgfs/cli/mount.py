@@ -7,6 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from dgfs import readahead
 from dgfs.errors import ConfigError, FormatError
 from dgfs.format import DeltaMode
 from dgfs.fs.filesystem import FsOptions
@@ -31,6 +32,7 @@ options (-o, comma separated):
   upload_delay=0.5 seconds between the last close and the upload (fsync skips it)
   min_delta_size=64K  smaller files are stored direct           attr_timeout=1
   prefetch=4       deltas rebuilt ahead of a reader walking a directory in order (0: off)
+  read_ahead_kb=1024  the kernel's read-ahead for the mount (root only; 0: kernel default)
   s3_timeout=60    seconds to wait for S3 to answer a read before retrying the request
   xdelta_level=9   xdelta3's encoding level; 6 stores faster, deltas slightly larger
   deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of
@@ -63,6 +65,7 @@ VALUE_OPTIONS = {
     "metrics",
     "s3_timeout",
     "xdelta_level",
+    "read_ahead_kb",
 }
 
 
@@ -182,6 +185,11 @@ def build_config(
     attr_timeout = (
         _float("attr_timeout", options["attr_timeout"]) if "attr_timeout" in options else 1.0
     )
+    read_ahead_kb = readahead.DEFAULT_KIB
+    if "read_ahead_kb" in options:
+        read_ahead_kb = _int("read_ahead_kb", options["read_ahead_kb"])
+        if not 0 <= read_ahead_kb <= 1 << 20:
+            raise ConfigError(f"option read_ahead_kb must be 0 to 1048576, got {read_ahead_kb}")
     metrics = None
     if "metrics" in options:
         from dgfs.metrics import parse_listen_address
@@ -195,6 +203,7 @@ def build_config(
         allow_other="allow_other" in options,
         attr_timeout=attr_timeout,
         metrics=metrics,
+        read_ahead_kb=read_ahead_kb,
     )
     return config, options.get("log_level"), "foreground" in options
 
