@@ -1,4 +1,5 @@
-"""The mount's kernel read-ahead (dgfs/readahead.py): found through mountinfo, set in sysfs."""
+"""The mount's kernel read-ahead (dgfs/readahead.py): found through mountinfo, set in
+sysfs; and the I/O size the mount asks programs to use (st_blksize)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ def test_a_mount_gets_its_read_ahead(mounts) -> None:  # type: ignore[no-untyped
         pytest.skip("only root may set a mount's read-ahead")
     default = mounts.mount()
     assert _read_ahead_of(default.root, 1024) == 1024
+    # ...and cp, rsync and stdio read and write it in 1 MiB pieces (st_blksize).
+    (default / "f").write_bytes(b"x")
+    assert os.stat(default / "f").st_blksize == 1 << 20
     custom = mounts.mount(read_ahead_kb="4096")
     assert _read_ahead_of(custom.root, 4096) == 4096
     kernel = mounts.mount(read_ahead_kb="0")

@@ -41,6 +41,10 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 BLOCK = 4096
+# st_blksize, the "preferred I/O size": cp, rsync and stdio read and write in
+# pieces of it (coreutils: at least 128 KiB). 1 MiB is FUSE's largest request,
+# so a cp into or out of the mount costs the daemon 8x fewer round trips.
+IO_SIZE = 1 << 20
 # OS errors a request causes by itself (os.ftruncate to 2**63 - 1: EFBIG).
 _CALLER_ERRNOS = frozenset({errno.EFBIG, errno.EINVAL, errno.ENAMETOOLONG, errno.EOVERFLOW})
 
@@ -99,7 +103,7 @@ class FuseOperations(pyfuse3.Operations):
         entry.st_gid = node.gid
         entry.st_rdev = node.rdev
         entry.st_size = node.size if node.kind is not NodeKind.DIR else BLOCK
-        entry.st_blksize = BLOCK
+        entry.st_blksize = IO_SIZE
         entry.st_blocks = (entry.st_size + 511) // 512
         entry.st_mtime_ns = node.mtime_ns
         entry.st_ctime_ns = node.ctime_ns or node.mtime_ns
