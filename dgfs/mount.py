@@ -69,7 +69,9 @@ class MountConfig:
 def check_mountpoint(mountpoint: Path) -> None:
     """A clear ``UserError`` for a mountpoint that cannot be used."""
     try:
-        os.stat(mountpoint)
+        # statfs, not stat: the kernel answers a stat of a dead mount's root from
+        # the attributes it cached (for attr_timeout), a statfs always asks the daemon.
+        os.statvfs(mountpoint)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise ConfigError(
