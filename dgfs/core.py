@@ -150,6 +150,25 @@ class PutResult:
         return self.stored
 
 
+@dataclass
+class RebuildStream:
+    """The output file of a delta's rebuild while xdelta3 writes it (``Core.rebuild_stream``).
+
+    xdelta3 writes its output once, in order, into the same file (measured:
+    O_TRUNC of the path given, then 8 MiB writes), so every byte below the
+    file's current size is final. ``writing``: that has begun (a stock
+    gzip delta, whose output may be rewritten, never sets it);
+    ``complete``: all ``size`` bytes are there; ``error``: the rebuild
+    failed, nothing more will come.
+    """
+
+    path: Path
+    size: int
+    writing: bool = False
+    complete: bool = False
+    error: DgfsError | None = None
+
+
 class Core:
     """The storage core shared by the mount and the CLI."""
 
@@ -182,6 +201,8 @@ class Core:
         # Decrypted copies of recently used references, for xdelta3 (it needs
         # a plain file). Bounded; an entry in use is never removed.
         self._plain_refs: dict[str, Path] = {}
+        # sha256 -> the rebuild of that content running now (served while written)
+        self._streams: dict[str, RebuildStream] = {}
         self._plain_ref_users: dict[str, int] = {}
         self._plain_ref_slots = plain_reference_slots
         # SHA-256 of stock gzip deltas whose recovery failed (a search costs ~30 s).
@@ -670,7 +691,14 @@ class Core:
 
     # --- get -------------------------------------------------------------------
 
-    async def rebuild(self, stored: StoredFile, out: Path, *, verify: bool = True) -> bool:
+    async def rebuild(
+        self,
+        stored: StoredFile,
+        out: Path,
+        *,
+        verify: bool = True,
+        stream: RebuildStream | None = None,
+    ) -> bool:
         """Write the original bytes of a delta into ``out``.
 
         With ``verify`` the result's SHA-256 is checked (``IntegrityError``,
@@ -684,7 +712,7 @@ class Core:
             if stored.deep:
                 await self._rebuild_deep(stored, out)
             else:
-                recovered = await self._rebuild_dg(stored, out)
+                recovered = await self._rebuild_dg(stored, out, stream)
         except XdeltaMissing:
             raise
         except DeltaEngineError as exc:
@@ -706,7 +734,9 @@ class Core:
             await self._verify_file(out, stored)
         return recovered
 
-    async def _rebuild_dg(self, stored: StoredFile, out: Path) -> bool:
+    async def _rebuild_dg(
+        self, stored: StoredFile, out: Path, stream: RebuildStream | None = None
+    ) -> bool:
         assert stored.ref_key and stored.ref_sha256
         async with self._scratch(".delta") as delta_path:
             await self.store.download(stored.stored_key, delta_path)
@@ -718,6 +748,8 @@ class Core:
                 if from_gzip and not await self._cpu(_made_by_gzip_tool, plain_ref):
                     await self._recover_stock_gzip(stored, plain_ref, delta_path, out)
                     return True
+                if stream is not None and not from_gzip:
+                    stream.writing = True  # xdelta3 writes ``out`` once, in order
                 try:
                     await self.engine.decode(plain_ref, delta_path, out)
                 except DeltaEngineError:
@@ -843,16 +875,29 @@ class Core:
 
         async def rebuild_into_cache() -> None:
             async with self._scratch() as out:
-                started = trio.current_time()
-                await self.rebuild(stored, out, verify=False)
-                self.telemetry.rebuilt(trio.current_time() - started)
+                stream = self._streams[sha256] = RebuildStream(out, stored.original_size)
                 try:
-                    await self._cpu(self.cache.add_file, sha256, out)  # verifies sha256
-                except IntegrityError:
-                    raise IntegrityError(
-                        f"{stored.visible_key}: rebuilt bytes fail their SHA-256;"
-                        " refusing to return wrong bytes"
-                    ) from None
+                    started = trio.current_time()
+                    await self.rebuild(stored, out, verify=False, stream=stream)
+                    stream.complete = True
+                    self.telemetry.rebuilt(trio.current_time() - started)
+                    try:
+                        await self._cpu(self.cache.add_file, sha256, out)  # verifies sha256
+                    except IntegrityError:
+                        raise IntegrityError(
+                            f"{stored.visible_key}: rebuilt bytes fail their SHA-256;"
+                            " refusing to return wrong bytes"
+                        ) from None
+                except BaseException as exc:
+                    stream.error = (
+                        exc
+                        if isinstance(exc, DgfsError)
+                        else DgfsError(f"{stored.visible_key}: rebuild stopped")
+                    )
+                    raise
+                finally:
+                    # Before ``out`` goes: a reader holding it open keeps reading.
+                    del self._streams[sha256]
 
         await self._flights.ensure(
             f"rebuild:{sha256}", lambda: self.cache.contains(sha256), rebuild_into_cache
@@ -968,6 +1013,10 @@ class Core:
         return len(keys)
 
     # --- for the filesystem: cached content, directory leftovers, symlinks ----------
+
+    def rebuild_stream(self, sha256: str) -> RebuildStream | None:
+        """The rebuild of content ``sha256`` running now, if any (see ``RebuildStream``)."""
+        return self._streams.get(sha256)
 
     async def open_cached(self, stored: StoredFile) -> CacheEntryReader:
         """A reader of the original bytes of ``stored`` from the cache, which gets

@@ -79,13 +79,16 @@ class FileSystem:
         self.key_of = self.ns.key_of
         self.handles = HandleTable()
         self.disk_limiter = trio.CapacityLimiter(8)
-        self.content = StoredContent(
-            core, self.disk_limiter, verify_whole_below=options.verify_whole_below
-        )
-        self.uploads = UploadPipeline(core, journal, self.ns, self.nodes, options, self.content)
         self.prefetch = Prefetcher(
             core, self.ns, ahead=options.prefetch, cache_budget=core.cache.budget_bytes
         )
+        self.content = StoredContent(
+            core,
+            self.disk_limiter,
+            verify_whole_below=options.verify_whole_below,
+            background=self.prefetch.rebuild_now,
+        )
+        self.uploads = UploadPipeline(core, journal, self.ns, self.nodes, options, self.content)
         # Where ``dgfs status`` reaches the daemon (the root's user.dgfs.status_socket).
         self.status_socket: str | None = None
 

@@ -111,6 +111,25 @@ class Prefetcher:
             and not self.core.cache.contains(stored.file_sha256)
         )
 
+    def rebuild_now(self, stored: StoredFile) -> trio.Event | None:
+        """Rebuild ``stored`` in the background for a reader that opened it and
+        is served while it is written (``dgfs.fs.readers.StreamReader``); not
+        limited like prefetches: someone waits. Joins a rebuild already
+        running. Returns an event set once it is over, None when not running."""
+        if self._nursery is None:
+            return None
+        done = trio.Event()
+        self._nursery.start_soon(self._rebuild_for_reader, stored, done)
+        return done
+
+    async def _rebuild_for_reader(self, stored: StoredFile, done: trio.Event) -> None:
+        try:
+            await self.core.materialize(stored, counted=False)
+        except DgfsError as exc:
+            log.debug("rebuild of %s failed: %s", stored.visible_key, exc)  # the reader reports it
+        finally:
+            done.set()
+
     async def _rebuild(self, stored: StoredFile) -> None:
         assert stored.file_sha256 is not None
         try:

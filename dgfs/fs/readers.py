@@ -10,6 +10,9 @@ file is written again):
   growing read-ahead window; never downloads the object on open. A reader
   that goes through the file in order gets its SHA-256 checked at the end
   (``IntegrityError`` instead of the final bytes on mismatch).
+- ``StreamReader``: a large delta not cached yet, served while xdelta3
+  writes it, checked the same way; a reader that leaves file order waits
+  for the verified cached copy instead.
 """
 
 from __future__ import annotations
@@ -17,16 +20,17 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import trio
 
 from dgfs.cache import CacheEntryReader
-from dgfs.core import Core
+from dgfs.core import Core, RebuildStream
 from dgfs.errors import FormatError, FsError, IntegrityError
 from dgfs.format import Kind, StoredFile
 from dgfs.store.base import ObjectStore
@@ -38,6 +42,9 @@ MAX_WINDOW = 16 << 20
 # The kernel reads ahead with several requests at once and they reach us in
 # any order; pieces beyond the hashed prefix wait here (up to this much).
 MAX_HELD_AHEAD = 2 * MAX_WINDOW
+# How often a reader waiting for a rebuild looks again (xdelta3 writes 8 MiB
+# at a time, ~20 ms apart).
+STREAM_POLL = 0.005
 
 
 class Reader(abc.ABC):
@@ -83,21 +90,13 @@ class RangeReader(Reader):
         self._buf_start = 0
         self._window = MIN_WINDOW
         self._lock = trio.Lock()
-        # Sequential verification state.
-        self._sha = hashlib.sha256() if expected_sha256 else None
-        self._hashed_upto = 0
-        self._held: dict[int, bytes] = {}  # offset -> bytes read ahead of _hashed_upto
-        self._held_bytes = 0
-        # Once the whole file failed its check every later read fails too: the
-        # kernel retries a failed read-ahead page with a read of its own.
-        self._mismatch: IntegrityError | None = None
+        self._check = InOrderCheck(key, size, expected_sha256)
 
     async def _fetch(self, start: int, length: int) -> bytes:
         return await self.store.get_range(self.key, start, length)
 
     async def read(self, offset: int, size: int) -> bytes:
-        if self._mismatch is not None:
-            raise self._mismatch
+        self._check.raise_if_failed()
         if offset >= self.size:
             return b""
         size = min(size, self.size - offset)
@@ -114,10 +113,42 @@ class RangeReader(Reader):
                     raise IntegrityError(f"{self.key}: object shorter than recorded")
             start = offset - self._buf_start
             data = self._buf[start : start + size]
-            self._verify(offset, data)
+            self._check.add(offset, data)
             return data
 
-    def _verify(self, offset: int, data: bytes) -> None:
+
+class InOrderCheck:
+    """The SHA-256 of a file checked as it is read, for readers that cannot
+    verify it before the first byte (large objects read by ranges, a rebuild
+    served while it is written).
+
+    ``add`` raises ``IntegrityError`` on the read that completes a file whose
+    hash is wrong, and every later ``add``/``raise_if_failed`` too.
+    """
+
+    def __init__(self, name: str, size: int, expected_sha256: str | None) -> None:
+        self.name = name
+        self.size = size
+        self.expected_sha256 = expected_sha256
+        self._sha = hashlib.sha256() if expected_sha256 else None
+        self._hashed_upto = 0
+        self._held: dict[int, bytes] = {}  # offset -> bytes read ahead of _hashed_upto
+        self._held_bytes = 0
+        # Once the whole file failed its check every later read fails too: the
+        # kernel retries a failed read-ahead page with a read of its own.
+        self._mismatch: IntegrityError | None = None
+        #: The reads left file order (more held ahead than MAX_HELD_AHEAD): no check.
+        self.gave_up = False
+
+    def is_ahead(self, offset: int) -> bool:
+        """Whether a read at ``offset`` would leave the reader's order behind."""
+        return offset > self._hashed_upto + MAX_HELD_AHEAD
+
+    def raise_if_failed(self) -> None:
+        if self._mismatch is not None:
+            raise self._mismatch
+
+    def add(self, offset: int, data: bytes) -> None:
         """Hash what was read, in file order; raise on the read that completes a bad file.
 
         Reads that arrive ahead of the hashed prefix (the kernel's concurrent
@@ -133,6 +164,7 @@ class RangeReader(Reader):
             if self._held_bytes > MAX_HELD_AHEAD:
                 self._sha = None  # not a sequential reader: cannot verify
                 self._held.clear()
+                self.gave_up = True
             return
         self._hash_from(offset, data)
         while self._held:
@@ -148,7 +180,7 @@ class RangeReader(Reader):
             self._held.clear()
             if not good:
                 self._mismatch = IntegrityError(
-                    f"{self.key}: SHA-256 mismatch; refusing to return wrong bytes"
+                    f"{self.name}: SHA-256 mismatch; refusing to return wrong bytes"
                 )
                 raise self._mismatch
 
@@ -158,6 +190,68 @@ class RangeReader(Reader):
         fresh = data[self._hashed_upto - offset :]
         self._sha.update(fresh)
         self._hashed_upto += len(fresh)
+
+
+class StreamReader(Reader):
+    """A delta served while its rebuild writes it (``dgfs.core.RebuildStream``).
+
+    A read waits until xdelta3 has written its bytes; what is read is
+    hashed in file order (``InOrderCheck``), so the read that completes a
+    file with the wrong SHA-256 fails, as with ``RangeReader``. xdelta3
+    itself checks each window it decodes (VCDIFF's Adler-32). A read that
+    leaves file order (``unzip`` going to the end first, a reader far
+    ahead of the hashed part) is served from the cached copy instead, once
+    the rebuild has verified it there: bytes out of order are never served
+    unchecked.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        stream: RebuildStream,
+        stored: StoredFile,
+        open_cached: Callable[[], Awaitable[Reader]],
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.fd = fd
+        self.stream = stream
+        self.name = stored.stored_key
+        self.size = stored.original_size
+        self._check = InOrderCheck(stored.stored_key, self.size, stored.file_sha256)
+        self._open_cached = open_cached
+        self._cached: Reader | None = None
+        self.limiter = limiter
+
+    async def read(self, offset: int, size: int) -> bytes:
+        self._check.raise_if_failed()
+        if self._cached is None and (self._check.gave_up or self._check.is_ahead(offset)):
+            self._cached = await self._open_cached()
+        if self._cached is not None:
+            return await self._cached.read(offset, size)
+        if offset >= self.size:
+            return b""
+        size = min(size, self.size - offset)
+        await self._written(offset + size)
+        data = await trio.to_thread.run_sync(os.pread, self.fd, size, offset, limiter=self.limiter)
+        if len(data) != size:
+            raise IntegrityError(f"{self.name}: rebuilt shorter than recorded")
+        self._check.add(offset, data)
+        return data
+
+    async def _written(self, end: int) -> None:
+        """Wait until the rebuild has written the bytes up to ``end``."""
+        stream = self.stream
+        while not stream.complete:
+            if stream.error is not None:
+                raise stream.error
+            if os.fstat(self.fd).st_size >= end:
+                return
+            await trio.sleep(STREAM_POLL)
+
+    async def close(self) -> None:
+        os.close(self.fd)
+        if self._cached is not None:
+            await self._cached.close()
 
 
 class _Reported(Reader):
@@ -186,11 +280,19 @@ class StoredContent:
     """
 
     def __init__(
-        self, core: Core, limiter: trio.CapacityLimiter, *, verify_whole_below: int
+        self,
+        core: Core,
+        limiter: trio.CapacityLimiter,
+        *,
+        verify_whole_below: int,
+        background: Callable[[StoredFile], trio.Event | None] | None = None,
     ) -> None:
         self.core = core
         self.limiter = limiter
         self.verify_whole_below = verify_whole_below
+        # Starts a rebuild in the background; returns an event set when it is
+        # over (None: cannot, then deltas are served once cached).
+        self.background = background
         self._reported: set[tuple[str, str | None]] = set()  # broken objects logged
 
     def _through_cache(self, stored: StoredFile) -> bool:
@@ -207,6 +309,15 @@ class StoredContent:
                 self.core.store, stored.stored_key, stored.original_size, stored.file_sha256
             )
             return _Reported(ranges, self, stored)
+        if self._streamable(stored):
+            streamed = await self._streamed(stored)
+            if streamed is not None:
+                assert stored.file_sha256 is not None
+                self.core.cache.lookup(stored.file_sha256)  # this reader's use: a miss
+                return _Reported(streamed, self, stored)
+        return await self._cached_reader(stored)
+
+    async def _cached_reader(self, stored: StoredFile) -> Reader:
         with self.broken(stored):
             entry = await self.core.open_cached(stored)
             if entry.size != stored.original_size:
@@ -216,6 +327,40 @@ class StoredContent:
                     f" says {stored.original_size}"
                 )
         return CachedReader(entry, self.limiter)
+
+    def _streamable(self, stored: StoredFile) -> bool:
+        """A delta large enough to be verified as it is read (like a direct file
+        that size), not cached yet, and rebuilt by xdelta3 (not a deep delta,
+        not the reference itself)."""
+        return (
+            self.background is not None
+            and stored.kind is Kind.DELTA
+            and not stored.deep
+            and stored.original_size > self.verify_whole_below
+            and stored.file_sha256 is not None
+            and stored.file_sha256 != stored.ref_sha256
+            and not self.core.cache.contains(stored.file_sha256)
+        )
+
+    async def _streamed(self, stored: StoredFile) -> StreamReader | None:
+        """A reader of ``stored`` served while it is rebuilt; None when the cached
+        path is the way: rebuilt already, failed (that path reports why), or a
+        stock gzip delta, whose output xdelta3 may write twice."""
+        assert self.background is not None and stored.file_sha256 is not None
+        done = self.background(stored)  # or joins the rebuild running already
+        if done is None:
+            return None
+        while True:
+            stream = self.core.rebuild_stream(stored.file_sha256)
+            if stream is not None and stream.writing and stream.error is None:
+                # Opened now, while the rebuild still holds the file: its end
+                # unlinks it, and this descriptor keeps it readable.
+                fd = os.open(stream.path, os.O_RDONLY | os.O_CLOEXEC)
+                opener = functools.partial(self._cached_reader, stored)
+                return StreamReader(fd, stream, stored, opener, self.limiter)
+            if done.is_set():
+                return None
+            await trio.sleep(STREAM_POLL)
 
     async def copy(self, stored: StoredFile, key: str, dest: Path) -> None:
         """Write the original bytes of ``stored`` (the file ``key``) to ``dest``, verified."""
