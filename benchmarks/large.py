@@ -657,6 +657,8 @@ def main() -> int:
     files = series(size)
     work = Path(tempfile.mkdtemp(prefix="dgfs-large-"))
     try:
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)  # py-spy does not create it
         measured = run(files, work, args.profile)
     finally:
         if not args.keep:
