@@ -246,3 +246,26 @@ async def test_a_read_only_mount_writes_no_index() -> None:
     await ns.listing("rel")
     await ns.flush_attr_cache()
     assert not [k for k in store.objects if k.startswith(dirindex.PREFIX)]
+
+
+async def test_a_mount_that_stored_many_files_writes_their_directory_index(
+    tmp_path: Path,
+) -> None:
+    """The writer lists what it wrote once its uploads go quiet (here: at
+    unmount), so the first fresh mount reads one index instead of a HEAD per file."""
+    from dgfs.fs.filesystem import FileSystem
+    from tests.test_filesystem import GID, ROOT, UID, mounted, write_file
+
+    store = CountingStore()
+    async with mounted(store, tmp_path) as m:
+        fs: FileSystem = m.fs
+        rel = await fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+        for i in range(20):
+            await write_file(fs, f"notes-{i}.txt", f"note {i}\n".encode(), parent=rel.ino)
+    assert dirindex.index_key("rel/") in store.objects
+
+    store.heads = 0
+    fresh = namespace(store, None)  # another machine: no attribute cache
+    entries = await fresh.listing("rel")
+    assert sorted(entries) == sorted(f"notes-{i}.txt" for i in range(20))
+    assert store.heads <= 1  # the rel/ marker at most, no file

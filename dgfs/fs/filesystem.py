@@ -697,7 +697,7 @@ class FileSystem:
         for fh in self.handles.open_fhs():
             await self.release(fh)
         self.uploads.close()
-        await self.ns.flush_attr_cache()
+        await self.ns.flush_attr_cache(unmounting=True)
 
 
 def _moved(stored: StoredFile, old_root: str, new_root: str) -> StoredFile:

@@ -19,7 +19,7 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
-from dgfs.errors import AccessDenied, FsError, NotFound, StoreError
+from dgfs.errors import AccessDenied, DgfsError, FsError, NotFound, StoreError
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
 from dgfs.fs import dirindex
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 #: A listing that must HEAD at least this many objects reads the directory's
 #: index first (and, if still that many are unknown, writes a new one).
 INDEX_MIN_MISSES = 16
+#: Seconds without an upload into a directory after which a mount that stored
+#: at least INDEX_MIN_MISSES files there lists it, so the directory index gets
+#: written by the writer, not by the first fresh mount that lists it.
+INDEX_AFTER_QUIET = 5.0
 S3_KEY_MAX = 1024  # bytes
 NAME_MAX = 255  # bytes in one name, as statfs reports
 
@@ -77,6 +81,9 @@ class Namespace:
         self.store = store
         self.write_indexes = write_indexes  # see dgfs.fs.dirindex
         self._indexes_due: dict[str, dirindex.Rows] = {}  # dir prefix -> rows to store
+        # dir path -> (files this mount stored there since it last listed it for
+        # its index, trio time of the last one)
+        self._stored_into: dict[str, tuple[int, float]] = {}
         self.attr_cache = attr_cache
         self.root_prefix = root_prefix.strip("/")
         self.mounted_at_ns = mounted_at_ns
@@ -425,8 +432,32 @@ class Namespace:
             await trio.sleep(5)
             await self.flush_attr_cache()
 
-    async def flush_attr_cache(self) -> None:
+    async def flush_attr_cache(self, *, unmounting: bool = False) -> None:
+        await self.list_written_dirs(quiet_for=0.0 if unmounting else INDEX_AFTER_QUIET)
         rows = self.attr_cache.take_dirty()
         if rows:
             await trio.to_thread.run_sync(self.attr_cache.write, rows)
         await self.write_due_indexes()
+
+    def stored_into(self, path: str) -> None:
+        """This mount stored a file in directory ``path`` (see ``list_written_dirs``)."""
+        if self.write_indexes:
+            count, _ = self._stored_into.get(path, (0, 0.0))
+            self._stored_into[path] = (count + 1, trio.current_time())
+
+    async def list_written_dirs(self, quiet_for: float) -> None:
+        """List the directories this mount stored many files in, once no upload
+        came for ``quiet_for`` seconds: their new objects are HEADed now, in
+        the background, and their index written (``_heads``), so the first
+        fresh mount that lists them reads one index instead of a HEAD per file."""
+        now = trio.current_time()
+        for path, (count, last) in list(self._stored_into.items()):
+            if count < INDEX_MIN_MISSES:
+                continue
+            if now - last < quiet_for:
+                continue
+            del self._stored_into[path]
+            try:
+                await self.listing(path, fresh=True)
+            except (DgfsError, OSError) as exc:  # gone, or S3 down: a later reader pays
+                log.debug("listing %s for its index failed: %s", path, exc)

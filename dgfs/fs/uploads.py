@@ -570,6 +570,7 @@ class UploadPipeline:
             seconds,
         )
         staged.landed(generation)
+        self.ns.stored_into(node.parent_path)
         if node.staged is not staged:
             await self._superseded(node, staged, key, result.as_stored())
             return
