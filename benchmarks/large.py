@@ -420,10 +420,15 @@ def timed(fn: Any, *args: Any) -> tuple[float, Any]:
 class Mount:
     """A dgfs mount in the foreground (its PID is the daemon's)."""
 
+    #: More ``-o`` options for every mount (``--mount-options``).
+    extra_options = ""
+
     def __init__(self, endpoint: str, bucket: str, mnt: Path, cache: Path, log: Path) -> None:
         self.mnt = mnt
         self._log = open(log, "ab")  # noqa: SIM115 - closed in close()
         options = f"endpoint={endpoint},cache_dir={cache},cache_size=64G,log_level=info"
+        if self.extra_options:
+            options += "," + self.extra_options
         self.process = subprocess.Popen(
             [dgfs_bin(), "mount", bucket, str(mnt), "-f", "-o", options], stderr=self._log
         )
@@ -649,9 +654,13 @@ def main() -> int:
         "--profile", type=Path, help="record py-spy profiles (collapsed stacks) of each phase here"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--mount-options", default="", help="more -o options for the dgfs mounts (xdelta_level=1)"
+    )
     parser.add_argument("--output", type=Path, help="default: benchmarks/results/large.json")
     args = parser.parse_args()
     os.environ.update(S3_TEST_ENV)
+    Mount.extra_options = args.mount_options
     size = 256 << 20 if args.quick else int(args.size_gb * (1 << 30))
     print(f"== series of {VERSIONS} tars of {human(size)} in {DATA_DIR}")
     files = series(size)
