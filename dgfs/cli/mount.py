@@ -34,7 +34,7 @@ options (-o, comma separated):
   prefetch=4       deltas rebuilt ahead of a reader walking a directory in order (0: off)
   read_ahead_kb=1024  the kernel's read-ahead for the mount (root only; 0: kernel default)
   s3_timeout=60    seconds to wait for S3 to answer a read before retrying the request
-  xdelta_level=9   xdelta3's encoding level; 6 stores faster, deltas slightly larger
+  xdelta_level=9   xdelta3's encoding level; lower stores faster (1 for files of GiBs)
   deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of
                    archives' expanded content (dgfs only; docs/FORMAT.md)
   metrics=[IP:]PORT  serve Prometheus metrics (default address 127.0.0.1; docs/metrics.md)
