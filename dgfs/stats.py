@@ -388,6 +388,7 @@ async def _compute(
 
     stats = BucketStats(store.bucket, root.rstrip("/"), mode)
     unreadable: list[str] = []
+    candidates: list[ObjectInfo] = []  # references that look orphaned
     for name, space in sorted(spaces.items()):
         space_refs = refs.get(name, {})
         for ref_mode, ref in space_refs.items():
@@ -440,8 +441,18 @@ async def _compute(
             space.direct_count = space.foreign_count = None
         stats.spaces.append(space)
         for ref_name in space.orphaned_references():
-            ref = space_refs[fmt.reference_mode(ref_name)]
-            stats.orphans.append(Orphan(ref.key, ref.size))
+            candidates.append(space_refs[fmt.reference_mode(ref_name)])
+    # A reference.bin another tool wrote (no DeltaGlider metadata) is nobody's
+    # reference: not an orphan for `dgfs gc`, which keeps it too. One HEAD
+    # per candidate (few: directories whose deltas are all gone).
+    ref_heads = await _head_all(store, [ref.key for ref in candidates], concurrency, on_head)
+    for ref in candidates:
+        head = ref_heads.get(ref.key)
+        if head is False:
+            continue  # gone since the LIST
+        if isinstance(head, ObjectHead) and not fmt.meta_value(head.metadata, "file_sha256"):
+            continue
+        stats.orphans.append(Orphan(ref.key, ref.size))
 
     stats.delta_modes = {m.value: ModeStats() for m in DeltaMode}
     for space in stats.spaces:

@@ -288,3 +288,12 @@ async def test_orphan_detection_needs_no_delta_at_all(memory_store: MemoryStore)
     await memory_store.put_bytes(fmt.delta_key("a/y.zip"), b"d", delta_meta(10, "a/reference.bin"))
     stats = await compute_stats(memory_store, "", "quick", use_cache=False)
     assert stats.orphans == []
+
+
+async def test_a_reference_bin_another_tool_wrote_is_no_orphan(memory_store: MemoryStore) -> None:
+    """`dgfs gc` keeps a reference.bin without DeltaGlider metadata, so stats must
+    not call it orphaned (and suggest a gc that then refuses)."""
+    await memory_store.put_bytes("a/reference.bin", b"r" * 10, {})
+    await memory_store.put_bytes("b/reference.bin", b"r" * 20, {"dg-file-sha256": SHA})
+    stats = await compute_stats(memory_store, "", "quick", use_cache=False)
+    assert [o.key for o in stats.orphans] == ["b/reference.bin"]
