@@ -47,7 +47,7 @@ from dgfs.errors import (
     PreconditionFailed,
     XdeltaMissing,
 )
-from dgfs.flight import SingleFlight, plain_nursery
+from dgfs.flight import SingleFlight
 from dgfs.format import DeltaMode, Kind, StoredFile
 from dgfs.hashing import FileDigest, digest_file
 from dgfs.policy import SNIFF_BYTES, Policy
@@ -375,21 +375,13 @@ class Core:
     ) -> PutResult:
         prefix, name = fmt.split_key(key)
         ref_key = fmt.reference_key(prefix)
+        ref_sha256, created = await self._ensure_reference(src, ref_key, name, digest, ref_head)
+        if ref_sha256 is None:
+            return await self._put_direct(src, key, digest, extra, content_type)
         async with self._scratch(".delta") as delta_path:
-            async with plain_nursery() as nursery:
-                if ref_head is None:
-                    # Likely the directory's first file, then stored as a delta
-                    # of itself: encoded while the reference uploads, dropped if
-                    # another writer's reference wins.
-                    nursery.start_soon(self.engine.encode, src, src, delta_path)
-                ref_sha256, created = await self._ensure_reference(
-                    src, ref_key, name, digest, ref_head
-                )
-                if not created:
-                    nursery.cancel_scope.cancel()
-            if ref_sha256 is None:
-                return await self._put_direct(src, key, digest, extra, content_type)
-            if not created:
+            if created:
+                await self.engine.encode(src, src, delta_path)
+            else:
                 async with self._plain_reference(ref_key, ref_sha256) as plain_ref:
                     await self.engine.encode(plain_ref, src, delta_path)
             delta_size = delta_path.stat().st_size
@@ -450,21 +442,12 @@ class Core:
         """
         if head is None:
             meta = meta or fmt.reference_metadata(name, digest.sha256, self._now())
-            won = False
-            async with plain_nursery() as nursery:
-                # Cached while it uploads (a 2 GiB file: seconds of hashing and
-                # encrypting off the wait); content-addressed, so right whoever
-                # wins a race for the reference.
-                nursery.start_soon(self._cpu, self.cache.add_file, digest.sha256, src)
-                try:
-                    await self.store.upload(
-                        ref_key, body or src, meta, if_none_match=self.conditional_create
-                    )
-                    won = True
-                except PreconditionFailed:
-                    pass  # another writer won the race
-            if not won:
-                head = await self.store.head(ref_key)
+            try:
+                await self.store.upload(
+                    ref_key, body or src, meta, if_none_match=self.conditional_create
+                )
+            except PreconditionFailed:
+                head = await self.store.head(ref_key)  # another writer won the race
             else:
                 if not self.conditional_create:
                     # No conditional PUT: the last writer wins; re-read to see whose it is.
@@ -473,6 +456,7 @@ class Core:
                     if winner != digest.sha256:
                         log.warning("reference race on %s: using the other writer's", ref_key)
                         return winner, False
+                await self._cpu(self.cache.add_file, digest.sha256, src)
                 log.info("created reference %s from %s", ref_key, name)
                 return digest.sha256, True
         return _existing_reference(ref_key, head)

@@ -1,35 +1,10 @@
-"""Concurrency helpers (trio thread only): single-flight, one run of a job per
-key at a time; and nurseries whose failures come out as plain exceptions."""
+"""Single-flight: one run of a job per key at a time (trio thread only)."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import trio
-
-from dgfs.errors import exception_leaves
-
-log = logging.getLogger(__name__)
-
-
-@contextlib.asynccontextmanager
-async def plain_nursery() -> AsyncIterator[trio.Nursery]:
-    """A nursery that raises its first failure as itself, not in an exception
-    group: callers of dgfs's cores expect plain ``dgfs.errors``. Further
-    failures are logged at debug; a group of cancellations stays as it is
-    (trio's cancel scopes handle it)."""
-    try:
-        async with trio.open_nursery() as nursery:
-            yield nursery
-    except BaseExceptionGroup as group:
-        errors = [exc for exc in exception_leaves(group) if not isinstance(exc, trio.Cancelled)]
-        if not errors:
-            raise
-        for other in errors[1:]:
-            log.debug("further failure: %r", other)
-        raise errors[0] from None
 
 
 class SingleFlight:

@@ -144,27 +144,6 @@ async def test_exactly_one_reference_when_many_writers_race(
         cache.close()
 
 
-async def test_a_new_reference_is_cached_and_its_self_delta_encoded_while_it_uploads(
-    memory_store: MemoryStore, releases: list[Path], tmp_path: Path
-) -> None:
-    faulty = FaultyStore(memory_store)
-    core, cache = make_core(faulty, tmp_path)
-    # The upload of the reference fails: the put says so plainly (no exception
-    # group from the work done alongside), and leaves no delta behind.
-    faulty.fail("upload", transient=False, key="n/reference.bin")
-    with pytest.raises(StoreError):
-        await core.put(releases[0], f"n/{releases[0].name}")
-    assert not [k for k in memory_store.objects if k.startswith("n/")]
-    result = await core.put(releases[0], f"n/{releases[0].name}")
-    assert result.created_reference
-    ref_sha = memory_store.objects["n/reference.bin"].metadata["dg-file-sha256"]
-    assert cache.contains(ref_sha)  # later deltas of it need no download
-    await core.get(f"n/{releases[0].name}", tmp_path / "out")
-    assert (tmp_path / "out").read_bytes() == releases[0].read_bytes()
-    await core.aclose()
-    cache.close()
-
-
 async def test_unrelated_archive_falls_back_to_direct(
     core: Core, memory_store: MemoryStore, tmp_path: Path
 ) -> None:

@@ -51,8 +51,8 @@ from dgfs.errors import (
     PreconditionFailed,
     StoreError,
     TransientError,
+    exception_leaves,
 )
-from dgfs.flight import plain_nursery
 from dgfs.store.base import (
     MULTIPART_PART_SIZE,
     MULTIPART_THRESHOLD,
@@ -653,9 +653,18 @@ class S3Store(ObjectStore):
             for job in pending:
                 await job()
 
-        async with plain_nursery() as nursery:
-            for _ in range(min(self.transfer_concurrency, len(jobs))):
-                nursery.start_soon(worker)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(self.transfer_concurrency, len(jobs))):
+                    nursery.start_soon(worker)
+        except BaseExceptionGroup as group:
+            failures = exception_leaves(group)
+            errors = [exc for exc in failures if not isinstance(exc, trio.Cancelled)]
+            if not errors:
+                raise  # only cancellation: trio's cancel scopes handle the group
+            for other in errors[1:]:
+                log.debug("further transfer failure: %r", other)
+            raise errors[0] from None
 
     def _put_params(
         self, key: str, metadata: Mapping[str, str], content_type: str, if_none_match: bool
