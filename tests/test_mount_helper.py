@@ -6,8 +6,10 @@ lines hand the helper.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from dgfs.cli import install_helper
+from dgfs.errors import ConfigError
 from dgfs.mount_helper import translate
 from tests.mountutil import (
     Mounts,
@@ -97,6 +101,62 @@ def test_install_helper_writes_an_executable_script(tmp_path: Path) -> None:
     assert target.stat().st_mode & stat.S_IXUSR
     subprocess.run([dgfs_bin(), "install-helper", "--uninstall", "--path", str(target)], check=True)
     assert not target.exists()
+
+
+def test_the_helper_imports_nothing_from_the_directory_it_runs_in(tmp_path: Path) -> None:
+    """mount(8) runs the helper as root from any directory (/tmp, a home): a
+    ``dgfs`` package planted there must never be what it imports."""
+    target = tmp_path / "mount.dgfs"
+    subprocess.run([dgfs_bin(), "install-helper", "--path", str(target)], check=True)
+    cwd = tmp_path / "writable-by-someone"
+    (cwd / "dgfs").mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (cwd / "dgfs" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    env = {**os.environ, "PYTHONPATH": str(cwd)}  # a variable root may have set: ignored too
+    result = subprocess.run(
+        [str(target), "only-a-source"], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert not marker.exists(), "the helper ran a dgfs package from its working directory"
+    assert result.returncode != 0 and "usage: mount.dgfs" in result.stderr, result.stderr
+
+
+def test_install_helper_as_root_refuses_an_interpreter_others_can_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the check is made when root installs the helper")
+    real_python = Path(os.path.realpath(sys.executable))
+    assert install_helper.replaceable_by_others(real_python) is None
+
+    def install(python: Path) -> Path:
+        monkeypatch.setattr(sys, "executable", str(python))
+        target = tmp_path / "mount.dgfs"
+        target.unlink(missing_ok=True)
+        args = argparse.Namespace(path=target, uninstall=False)
+        install_helper.run(args)
+        return target
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may replace what is in it
+    (shared / "python3").symlink_to(real_python)
+    loose = tmp_path / "loose-python3"
+    shutil.copy(real_python, loose)
+    loose.chmod(0o775)  # group-writable
+    someones = tmp_path / "someones-python3"
+    shutil.copy(real_python, someones)
+    os.chown(someones, 1000, 1000)
+    for python, why in [
+        (shared / "python3", "writable by its group or others"),
+        (loose, "0775"),
+        (someones, "owned by uid 1000"),
+    ]:
+        with pytest.raises(ConfigError, match=f"refusing.*{re.escape(str(python))}.*{why}"):
+            install(python)
+        assert not (tmp_path / "mount.dgfs").exists()
+    # The interpreter running the tests is root's own: installed as usual.
+    target = install(real_python)
+    assert f"{real_python} -I -m dgfs.mount_helper" in target.read_text()
 
 
 # --- real mounts --------------------------------------------------------------------

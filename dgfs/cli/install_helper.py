@@ -1,18 +1,30 @@
-"""``dgfs install-helper``: make ``mount -t dgfs`` and fstab lines work."""
+"""``dgfs install-helper``: make ``mount -t dgfs`` and fstab lines work.
+
+mount(8) runs the helper as root, from whatever directory root is in, so
+the helper must import nothing from there: it runs the interpreter in
+isolated mode (``-I``: no current directory or script directory on
+``sys.path``, no ``PYTHON*`` variables, no user site-packages). Installed
+by root, it also refuses an interpreter, or a dgfs installation, that
+someone other than root could replace (see ``replaceable_by_others``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
+import stat
 import sys
 from pathlib import Path
 
+import dgfs
 from dgfs.errors import ConfigError
 
 SCRIPT = """#!/bin/sh
 # Installed by `dgfs install-helper`: mount(8) calls this for `-t dgfs` and fstab lines.
-exec {python} -m dgfs.mount_helper "$@"
+# -I: isolated, so nothing in the directory mount(8) runs from is ever imported.
+exec {python} -I -m dgfs.mount_helper "$@"
 """
 
 
@@ -30,6 +42,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.set_defaults(func=run)
 
 
+def replaceable_by_others(path: Path) -> str | None:
+    """Why someone other than root could change what ``path`` is, or None if nobody can.
+
+    ``path`` (as written and with its symlinks resolved) and every directory
+    above it must be owned by root and writable by neither group nor
+    others; a sticky directory (``/tmp``) is allowed, since others cannot
+    rename or remove root's entries in it. Symlinks themselves have no
+    mode: what could replace one is its directory, which is checked.
+    """
+    absolute = Path(os.path.abspath(path))
+    for candidate in dict.fromkeys([absolute, Path(os.path.realpath(absolute))]):
+        for part in [candidate, *candidate.parents]:
+            try:
+                st = os.lstat(part)
+            except OSError as exc:
+                return f"{part}: {exc.strerror}"
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if st.st_uid != 0:
+                return f"{part} is owned by uid {st.st_uid}, not root"
+            sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+                return f"{part} is writable by its group or others (mode {st.st_mode & 0o7777:04o})"
+    return None
+
+
+def _check_safe_to_run_as_root(python: Path) -> None:
+    """``ConfigError`` when root's helper would run code another user can change."""
+    package = Path(dgfs.__file__).resolve().parent
+    for what, path in (("the Python interpreter", python), ("the dgfs package", package)):
+        why = replaceable_by_others(path)
+        if why is not None:
+            raise ConfigError(
+                f"refusing to install a helper that root runs with {what} {path}: {why};"
+                " install dgfs with a root-owned Python (for example in a root-owned venv)"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     path: Path = args.path
     if args.uninstall:
@@ -38,11 +88,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not os.access(path.parent, os.W_OK):
         raise ConfigError(f"cannot write {path}: run as root (sudo dgfs install-helper)")
+    python = Path(sys.executable)
+    if os.geteuid() == 0:
+        _check_safe_to_run_as_root(python)
     if not shutil.which("fusermount3"):
         print("warning: fusermount3 not found; install fuse3", file=sys.stderr)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(SCRIPT.format(python=sys.executable))
+    tmp.write_text(SCRIPT.format(python=shlex.quote(str(python))))
     tmp.chmod(0o755)
     os.replace(tmp, path)
-    print(f"installed {path} -> {sys.executable} -m dgfs.mount_helper")
+    print(f"installed {path} -> {python} -I -m dgfs.mount_helper")
     return 0
