@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dgfs.fs import staging  # noqa: E402
 from dgfs.store.memory import MemoryStore  # noqa: E402
 from dgfs.store.s3 import S3Store  # noqa: E402
 from tests.mountutil import DgfsMount, Mounts, S3View  # noqa: E402
@@ -38,6 +39,10 @@ from tests.servers import (  # noqa: E402
     SeaweedServer,
     make_bucket,
 )
+
+# A staging file retired, closed or used after its owner let it go raises
+# in-process (a running mount only logs it): see dgfs/fs/staging.py.
+staging.STRICT = True
 
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": ACCESS_KEY,

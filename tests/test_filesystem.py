@@ -921,3 +921,119 @@ async def test_entries_of_a_setgid_directory_take_its_group(
         assert (f.mode, f.gid) == (0o644, 4242)
         plain = await m.fs.mkdir(ROOT, "plain", 0o755, UID, GID)
         assert (plain.mode, plain.gid) == (0o755, GID)
+
+
+# --- the staging file has one owner ------------------------------------------------------
+
+
+class GatedStagingJournal(Journal):
+    """A journal whose ``new_staging`` waits (in its worker thread) until ``gate`` is set."""
+
+    gate = threading.Event()
+    calls = 0
+
+    def new_staging(self) -> tuple[str, Path]:
+        type(self).calls += 1
+        if type(self).calls > 1:  # the first staging file (the create) is made at once
+            self.gate.wait(timeout=20)
+        return super().new_staging()
+
+
+@pytest.mark.parametrize("how", ["open-trunc", "create-trunc", "truncate-0"])
+@pytest.mark.parametrize("other_file", [False, True], ids=["alone", "another-file-opened"])
+async def test_an_upload_landing_while_a_truncating_open_stages_closes_only_its_own_file(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    how: str,
+    other_file: bool,
+) -> None:
+    """The model test's flake (EBADF on pwrite, or "content of a" wrong after a remount).
+
+    open(O_TRUNC) (or create over it, or truncate(path, 0)) of a file whose
+    upload is in flight needs a new staging file; while the journal makes
+    it, the upload lands and settles, which retired (closed) the old staging
+    file. ``_stage`` then retired it a
+    second time: ``os.close`` of the number the new staging file had just
+    been given. Its write failed with EBADF and the bucket ended holding an
+    empty file; once another file's staging file took the number
+    (``another-file-opened``), the bytes silently went into that file.
+    """
+    GatedStagingJournal.gate = threading.Event()
+    GatedStagingJournal.calls = 0
+    held = faulty.hang("upload", key="a.txt", after=True)
+    fhs: list[int] = []
+    try:
+        async with mounted(faulty, tmp_path, journal_type=GatedStagingJournal) as m:
+            await write_file(m.fs, "a.txt", b"version 1\n")
+            await held.reached.wait()  # stored, the PUT not yet returned
+
+            async def truncating_open() -> None:
+                if how == "open-trunc":
+                    node = await lookup(m.fs, "a.txt")
+                    handle = await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+                elif how == "truncate-0":  # truncate(path, 0), then open
+                    node = await lookup(m.fs, "a.txt")
+                    await m.fs.setattr(node.ino, size=0)
+                    handle = await m.fs.open(node.ino, os.O_WRONLY)
+                else:
+                    handle, _ = await m.fs.create(
+                        ROOT, "a.txt", 0o644, UID, GID, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                    )
+                fhs.append(handle.fh)
+
+            async with trio.open_nursery() as nursery:
+                opened = await started(truncating_open, nursery)  # waits in new_staging
+                held.release()
+                await faulty.wait_calls("upload", 1)
+                for _ in range(20):  # the first upload lands and settles
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                GatedStagingJournal.gate.set()
+                await opened.wait()
+            if other_file:
+                await write_file(m.fs, "b.txt", b"bbbbbbbbbbbbbbbbbbbb\n")
+            await m.fs.write(fhs[0], 0, b"version 2\n")
+            await close(m.fs, fhs[0])
+            assert await read_file(m.fs, "a.txt") == b"version 2\n"
+        expected = {"a.txt": b"version 2\n"}
+        if other_file:
+            expected["b.txt"] = b"bbbbbbbbbbbbbbbbbbbb\n"
+        assert bucket(memory) == expected
+        async with mounted(memory, tmp_path) as m:
+            assert await read_file(m.fs, "a.txt") == b"version 2\n"
+    finally:
+        GatedStagingJournal.gate.set()
+
+
+# --- a listing fetched across a change of its directory -------------------------------------
+
+
+async def test_a_listing_fetched_before_a_directory_changed_is_not_cached_after(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A background listing (``list_written_dirs`` lists a directory a mount
+    stored many files in) whose LIST went out before the directory was
+    renamed away and made anew: its result described the old directory,
+    yet it was cached for the new one, which then showed a file it never
+    held (for ``listing_ttl``; reading it found no object)."""
+    async with mounted(faulty, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await write_file(m.fs, "x", b"old\n", parent=d.ino)
+        await m.fs.wait_idle()
+        held = faulty.hang("head", key="d/x", after=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: m.fs.ns.listing("d", fresh=True))
+            await held.reached.wait()
+            await rename(m.fs, "d", "e")
+            d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+            held.release()
+        with pytest.raises(FsError) as exc:
+            await m.fs.lookup(d.ino, "x")
+        assert exc.value.errno == errno.ENOENT
+        names: list[str] = []
+        await m.fs.readdir(d.ino, 0, lambda name, node, offset: names.append(name) or True)
+        assert names == []

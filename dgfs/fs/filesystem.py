@@ -39,7 +39,7 @@ from dgfs.fs.namespace import NAME_MAX, Namespace
 from dgfs.fs.nodes import ROOT_INODE, Node, NodeKind, NodeTable, child_path
 from dgfs.fs.options import FsOptions
 from dgfs.fs.prefetch import Prefetcher
-from dgfs.fs.readers import Reader, StagingReader, StoredContent
+from dgfs.fs.readers import Reader, StoredContent
 from dgfs.fs.uploads import UploadPipeline
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class FileSystem:
         handle = self.handles.get(fh)
         node = handle.node
         if node.staged is not None:
-            return await StagingReader(node.staged.fd, self.disk_limiter).read(offset, size)
+            return await node.staged.pread(offset, size, self.disk_limiter)
         if handle.reader is None:
             handle.reader = await self._open_reader(node)
         return await handle.reader.read(offset, size)
@@ -334,10 +334,7 @@ class FileSystem:
             raise FsError(errno.EBADF)
         node = handle.node
         staged = await self.uploads.staging(node)
-        written = await trio.to_thread.run_sync(
-            os.pwrite, staged.fd, data, offset, limiter=self.disk_limiter
-        )
-        staged.wrote()
+        written = await staged.pwrite(data, offset, self.disk_limiter)
         self.core.telemetry.wrote(written)
         node.size = max(node.size, offset + written)
         node.mtime_ns = node.ctime_ns = time.time_ns()
@@ -351,8 +348,7 @@ class FileSystem:
             return
         async with self._changing_unheld(node, copies=size > 0):
             staged = await self.uploads.staging(node, keep_content=size > 0)
-            await trio.to_thread.run_sync(os.ftruncate, staged.fd, size)
-            staged.wrote()
+            await staged.truncate(size, self.disk_limiter)
             node.size = size
             node.mtime_ns = node.ctime_ns = time.time_ns()
             if node.open_handles == 0:

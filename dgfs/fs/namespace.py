@@ -96,6 +96,11 @@ class Namespace:
         # LIST may predate them (a file uploaded meanwhile), so they are laid
         # over its result. name -> entry, or None for a name dropped.
         self._flight_changes: dict[str, dict[str, DirEntry | None]] = {}
+        # Directories whose listing was forgotten or replaced (``forget``,
+        # ``set_empty``) while a fetch of it was in flight: that fetch may
+        # describe the directory as it was before (renamed away, removed and
+        # made anew), so its result goes to its callers but is not cached.
+        self._flight_stale: set[str] = set()
         self._dir_meta: dict[str, dict[str, str]] = {}  # marker key -> its metadata
         self._marker_bodies: set[str] = set()  # markers that hold bytes (not dgfs's)
 
@@ -331,9 +336,12 @@ class Namespace:
                         entries.pop(name, None)
                     else:
                         entries[name] = entry
-                self._listings[path] = found = entries
+                found = entries
+                if path not in self._flight_stale:
+                    self._listings[path] = entries
             finally:
                 del self._flight_changes[path]
+                self._flight_stale.discard(path)
 
         await self._listing_flights.ensure(path, have, fetch)
         assert found is not None
@@ -343,7 +351,11 @@ class Namespace:
         return self._listings.get(path)
 
     def forget(self, path: str) -> None:
+        """Drop the cached listing of ``path``, and keep a fetch of it in
+        flight from caching what it finds (it may predate the change)."""
         self._listings.pop(path, None)
+        if path in self._flight_changes:
+            self._flight_stale.add(path)
 
     def drop(self, path: str) -> None:
         """Remove ``path`` from its parent's cached listing."""
@@ -383,11 +395,12 @@ class Namespace:
 
     def set_empty(self, path: str) -> None:
         """A directory just made here is known to be empty."""
+        self.forget(path)
         self._listings[path] = {}
 
     def forget_tree(self, path: str) -> None:
         """Drop cached listings of ``path`` and everything under it."""
-        for cached in list(self._listings.keys()):
+        for cached in list(self._listings.keys()) + list(self._flight_changes):
             if cached == path or cached.startswith(path + "/"):
                 self.forget(cached)
 

@@ -25,7 +25,7 @@ from dgfs.format import StoredFile
 if TYPE_CHECKING:
     from dgfs.fs.namespace import DirEntry
     from dgfs.fs.options import FsOptions
-    from dgfs.fs.uploads import StagedFile
+    from dgfs.fs.staging import StagedFile
 
 ROOT_INODE = 1
 

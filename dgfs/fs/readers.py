@@ -3,7 +3,6 @@
 ``StoredContent`` chooses how what S3 holds is read (and copied, when a
 file is written again):
 
-- ``StagingReader``: a file with local, not yet uploaded content.
 - ``CachedReader``: content materialized in the encrypted cache (deltas,
   and direct files small enough to verify whole on open).
 - ``RangeReader``: large direct and foreign objects, by ranged GETs with a
@@ -53,15 +52,6 @@ class Reader(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the reader holds."""
-
-
-class StagingReader(Reader):
-    def __init__(self, fd: int, limiter: trio.CapacityLimiter) -> None:
-        self.fd = fd
-        self.limiter = limiter
-
-    async def read(self, offset: int, size: int) -> bytes:
-        return await trio.to_thread.run_sync(os.pread, self.fd, size, offset, limiter=self.limiter)
 
 
 class CachedReader(Reader):

@@ -30,7 +30,6 @@ A file's new content lives in a staging file of the journal; its
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import logging
 import os
@@ -50,167 +49,10 @@ from dgfs.fs.namespace import Namespace
 from dgfs.fs.nodes import Node, NodeKind, NodeTable
 from dgfs.fs.options import FsOptions
 from dgfs.fs.readers import StoredContent
+from dgfs.fs.staging import Phase, StagedFile
 from dgfs.telemetry import FailedUpload
 
 log = logging.getLogger(__name__)
-
-
-class Phase(enum.Enum):
-    """Where a staged file's upload stands."""
-
-    IDLE = "idle"  # none scheduled: nothing new committed, a writer still open, or a retry waits
-    QUEUED = "queued"  # waiting for a worker and for its delay
-    UPLOADING = "uploading"  # a worker is storing it
-    FAILED = "failed"  # failed for good: the entry is in the journal's failed/
-
-
-class StagedFile:
-    """Local content of a file that S3 does not hold yet (or not this version).
-
-    Every write makes a new version (``generation``); the last one made
-    durable in the journal and the last one stored in S3 are recorded, each
-    None until it first happens. Only the transitions below change state.
-    """
-
-    def __init__(self, entry_id: str, path: Path, fd: int, *, committed: bool = False) -> None:
-        self.entry_id = entry_id
-        self.path = path
-        self.fd = fd
-        self._generation = 1
-        self._committed: int | None = 1 if committed else None
-        self._uploaded: int | None = None
-        self._phase = Phase.IDLE
-        self._due = 0.0  # trio time after which a queued upload may start
-        self._error: DgfsError | None = None
-        self._changed = trio.Event()
-        self._hurry = trio.Event()  # set: upload without delay
-        self._retired = False  # its journal entry is gone: nothing may write it again
-
-    # --- predicates ------------------------------------------------------------------
-
-    @property
-    def generation(self) -> int:
-        return self._generation
-
-    @property
-    def phase(self) -> Phase:
-        return self._phase
-
-    @property
-    def error(self) -> DgfsError | None:
-        """The last upload's error, for fsync() to report (None once retried or committed)."""
-        return self._error
-
-    @property
-    def is_writable(self) -> bool:
-        """Whether new writes may go into this staging file (not being uploaded,
-        not moved to failed/); else the next version gets its own."""
-        return self._phase not in (Phase.UPLOADING, Phase.FAILED)
-
-    @property
-    def is_uploading(self) -> bool:
-        return self._phase is Phase.UPLOADING
-
-    @property
-    def is_failed(self) -> bool:
-        return self._phase is Phase.FAILED
-
-    @property
-    def is_committed(self) -> bool:
-        """Some version is durable in the journal (a crash does not lose it)."""
-        return self._committed is not None
-
-    @property
-    def is_dirty(self) -> bool:
-        """Written since the last commit."""
-        return self._committed is None or self._generation > self._committed
-
-    @property
-    def needs_upload(self) -> bool:
-        """A committed version is not in S3 yet."""
-        if self._committed is None:
-            return False
-        return self._uploaded is None or self._uploaded < self._committed
-
-    @property
-    def was_uploaded(self) -> bool:
-        """Some version of it is in S3."""
-        return self._uploaded is not None
-
-    @property
-    def is_retired(self) -> bool:
-        """Forgotten: its journal entry was removed (stored, superseded or discarded)."""
-        return self._retired
-
-    @property
-    def is_settled(self) -> bool:
-        """Everything written is in S3."""
-        return self._uploaded is not None and self._uploaded >= self._generation
-
-    # --- transitions -----------------------------------------------------------------
-
-    def retire(self) -> None:
-        self._retired = True
-
-    def wrote(self) -> None:
-        """The content changed (write, truncate): a new version."""
-        self._generation += 1
-
-    def mark_committed(self, generation: int) -> None:
-        self._committed = max(self._committed or 0, generation)
-        self._error = None
-
-    def mark_queued(self, due: float) -> None:
-        assert self._phase is Phase.IDLE
-        self._phase = Phase.QUEUED
-        self._due = due
-
-    def take(self) -> None:
-        """A worker has it: no longer queued (it may find nothing to do)."""
-        if self._phase is Phase.QUEUED:
-            self._phase = Phase.IDLE
-
-    def start_upload(self) -> int:
-        """Uploading now; returns the version being stored."""
-        assert self._committed is not None and self._phase is Phase.IDLE
-        self._phase = Phase.UPLOADING
-        return self._committed
-
-    def landed(self, generation: int) -> None:
-        """Version ``generation`` is stored."""
-        self._phase = Phase.IDLE
-        self._uploaded = max(self._uploaded or 0, generation)
-
-    def failed_transiently(self, error: DgfsError) -> None:
-        """The upload failed and will be retried; fsync() waiters hear ``error``."""
-        self._phase = Phase.IDLE
-        self._error = error
-        self.notify()
-
-    def retrying(self) -> None:
-        self._error = None
-
-    def failed_for_good(self, error: DgfsError) -> None:
-        """Never retried: the entry goes to failed/ (``notify`` once it is there)."""
-        self._phase = Phase.FAILED
-        self._error = error
-
-    def hurry(self) -> None:
-        """Somebody waits for this upload: no delay."""
-        self._hurry.set()
-
-    async def wait_due(self) -> None:
-        """Until the upload delay is over, or somebody hurries it."""
-        with trio.move_on_at(self._due):
-            await self._hurry.wait()
-
-    def notify(self) -> None:
-        """Wake whoever waits for this file's upload state to change."""
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_changed(self) -> None:
-        await self._changed.wait()
 
 
 @dataclass(frozen=True)
@@ -291,30 +133,31 @@ class UploadPipeline:
             staged = node.staged
             if staged is not None and staged.is_writable:
                 if not keep_content:
-                    await trio.to_thread.run_sync(os.ftruncate, staged.fd, 0)
-                    staged.wrote()
+                    await staged.truncate(0, self.disk_limiter)
                 return staged
             entry_id, path = await trio.to_thread.run_sync(self.journal.new_staging)
-            fd = os.open(path, os.O_RDWR)
+            new = StagedFile(entry_id, path, os.open(path, os.O_RDWR))
             if keep_content:
                 try:
                     await self._copy_current(node, path)
                 except BaseException:
-                    os.close(fd)
+                    new.retire()
                     await trio.to_thread.run_sync(self.journal.remove, entry_id)
                     raise
-            node.staged = StagedFile(entry_id, path, fd)
-            if staged is not None:
-                # An upload of an older version is running; it will notice
-                # it is superseded and leave the new staging file alone.
-                self._retire(staged)
-            return node.staged
+            # While the journal made the new file, the old one may have been
+            # stored and settled (retired, node.staged None): it is not
+            # retired again. One being uploaded notices it is superseded
+            # when it lands and retires itself (_superseded).
+            old = node.staged
+            node.staged = new
+            if old is not None:
+                self._retire(old)
+            return new
 
     async def _copy_current(self, node: Node, dest: Path) -> None:
         """The file's current content into ``dest``: an older staging file's, else S3's."""
         if node.staged is not None:
-            fd = node.staged.fd
-            await trio.to_thread.run_sync(_copy_from_fd, fd, dest, limiter=self.disk_limiter)
+            await node.staged.copy_to(dest, self.disk_limiter)
         elif node.stored is not None and node.size:
             await self.content.copy(node.stored, self.ns.key_of(node.path), dest)
 
@@ -631,11 +474,10 @@ class UploadPipeline:
         self._request(node, despite_writers=True)
 
     def _retire(self, staged: StagedFile) -> None:
-        """Forget a superseded staging file once nothing uses it."""
+        """Forget a staging file nothing will store or read again (one being
+        uploaded retires itself when it lands)."""
         if not staged.is_uploading:
             staged.retire()
-            with contextlib.suppress(OSError):
-                os.close(staged.fd)
             self.journal.remove(staged.entry_id)
 
     def _settle(self, node: Node) -> None:
@@ -672,8 +514,8 @@ class UploadPipeline:
         node = self.nodes.new(path, NodeKind.FILE)
         staging = self.journal.data_path(entry.entry_id)
         fd = os.open(staging, os.O_RDWR)
-        node.staged = StagedFile(entry.entry_id, staging, fd, committed=True)
         node.size = os.fstat(fd).st_size
+        node.staged = StagedFile(entry.entry_id, staging, fd, committed=True)
         meta = entry.metadata
         node.mtime_ns = fmt.parse_mtime_ns(meta) or time.time_ns()
         node.atime_ns = fmt.parse_mtime_ns(meta, fmt.META_ATIME)
@@ -714,14 +556,4 @@ class UploadPipeline:
         """Close the staging files' descriptors (after the workers have stopped)."""
         for node in self.nodes.staged_nodes():
             if node.staged is not None:
-                with contextlib.suppress(OSError):
-                    os.close(node.staged.fd)
-
-
-def _copy_from_fd(src_fd: int, dest: os.PathLike[str]) -> None:
-    """Copy a staging file by descriptor (its path may have moved: failed/, unlinked)."""
-    offset = 0
-    with open(dest, "wb") as fout:
-        while chunk := os.pread(src_fd, 1 << 20, offset):
-            fout.write(chunk)
-            offset += len(chunk)
+                node.staged.close()
