@@ -32,6 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
+from dgfs.background import contained
 from dgfs.errors import ConfigError
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.journal import Journal
@@ -214,16 +215,19 @@ async def serve_control(
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
-            try:
-                with trio.fail_after(REQUEST_TIMEOUT):
-                    request = await _read_line(stream)
-                reply = _answer(request, document)
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
-            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away or never asked: nothing to answer
+            with contained("a status request", logger=log):
+                try:
+                    with trio.fail_after(REQUEST_TIMEOUT):
+                        request = await _read_line(stream)
+                    reply = _answer(request, document)
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+                except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the client went away or never asked: nothing to answer
 
     task_status.started()
-    await trio.serve_listeners(handle, [listener])
+    # Should accepting itself fail for good, status is gone, the mount is not.
+    with contained("the status socket", logger=log):
+        await trio.serve_listeners(handle, [listener])
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:

@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from dgfs.background import contained
 from dgfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -256,25 +257,31 @@ async def serve_metrics(
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream, slots:
-            try:
-                with trio.fail_after(REQUEST_TIMEOUT):
-                    head = await _read_head(stream)
-                    method, path = _request_line(head)
-                    if method not in ("GET", "HEAD"):
-                        await _respond(stream, 405, b"only GET\n", "text/plain", method)
-                    elif path.split("?", 1)[0] not in ("/metrics", "/"):
-                        await _respond(stream, 404, b"see /metrics\n", "text/plain", method)
-                    else:
-                        body = generate_latest(registry)  # on the trio thread: see above
-                        await _respond(stream, 200, body, CONTENT_TYPE_LATEST, method)
-            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            except ValueError:
-                with trio.move_on_after(REQUEST_TIMEOUT):
-                    await _respond(stream, 400, b"bad request\n", "text/plain", "GET")
+            with contained("a metrics scrape", logger=log):
+                await answer(stream)
+
+    async def answer(stream: trio.SocketStream) -> None:
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                head = await _read_head(stream)
+                method, path = _request_line(head)
+                if method not in ("GET", "HEAD"):
+                    await _respond(stream, 405, b"only GET\n", "text/plain", method)
+                elif path.split("?", 1)[0] not in ("/metrics", "/"):
+                    await _respond(stream, 404, b"see /metrics\n", "text/plain", method)
+                else:
+                    body = generate_latest(registry)  # on the trio thread: see above
+                    await _respond(stream, 200, body, CONTENT_TYPE_LATEST, method)
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except ValueError:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                await _respond(stream, 400, b"bad request\n", "text/plain", "GET")
 
     task_status.started()
-    await trio.serve_listeners(handle, listeners)
+    # Should accepting itself fail for good, metrics are gone, the mount is not.
+    with contained("the metrics endpoint", logger=log):
+        await trio.serve_listeners(handle, listeners)
 
 
 async def _read_head(stream: trio.SocketStream) -> bytes:

@@ -19,6 +19,7 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
+from dgfs.background import contained
 from dgfs.errors import AccessDenied, DgfsError, FsError, NotFound, StoreError
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
@@ -272,19 +273,23 @@ class Namespace:
             return {}
 
     async def write_due_indexes(self) -> None:
-        """Store the directory indexes that listings found missing or stale."""
+        """Store the directory indexes that listings found missing or stale
+        (each a job of its own: one that fails is logged, the others go on)."""
         while self._indexes_due and self.write_indexes:
             prefix, rows = self._indexes_due.popitem()
             key = dirindex.index_key(prefix)
-            relevant = {k: (v, relevant_metadata(m)) for k, (v, m) in rows.items()}
-            body = await trio.to_thread.run_sync(dirindex.encode, prefix, relevant)
-            try:
-                await self.store.put_bytes(key, body, {})
-            except AccessDenied as exc:
-                log.warning("%s: cannot write directory indexes (%s); not trying again", key, exc)
-                self.write_indexes = False
-            except StoreError as exc:
-                log.warning("%s: directory index not written (%s)", key, exc)
+            with contained(f"writing the directory index {key}", logger=log):
+                relevant = {k: (v, relevant_metadata(m)) for k, (v, m) in rows.items()}
+                body = await trio.to_thread.run_sync(dirindex.encode, prefix, relevant)
+                try:
+                    await self.store.put_bytes(key, body, {})
+                except AccessDenied as exc:
+                    log.warning(
+                        "%s: cannot write directory indexes (%s); not trying again", key, exc
+                    )
+                    self.write_indexes = False
+                except StoreError as exc:
+                    log.warning("%s: directory index not written (%s)", key, exc)
 
     def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry:
         stored = fmt.classify_shown(head.key, head.size, head.metadata)
@@ -440,16 +445,20 @@ class Namespace:
 
     async def persist_attr_cache(self) -> None:
         """Write new attribute-cache rows and due directory indexes every few
-        seconds (run in a nursery)."""
+        seconds (run in a nursery; a round that fails is logged, the next
+        one comes)."""
         while True:
             await trio.sleep(5)
             await self.flush_attr_cache()
 
     async def flush_attr_cache(self, *, unmounting: bool = False) -> None:
+        """One round of ``persist_attr_cache``; raises nothing but cancellation."""
         await self.list_written_dirs(quiet_for=0.0 if unmounting else INDEX_AFTER_QUIET)
-        rows = self.attr_cache.take_dirty()
-        if rows:
-            await trio.to_thread.run_sync(self.attr_cache.write, rows)
+        with contained("writing the attribute cache", logger=log):
+            # Rows that fail to be written stay in memory only: a remount HEADs them again.
+            rows = self.attr_cache.take_dirty()
+            if rows:
+                await trio.to_thread.run_sync(self.attr_cache.write, rows)
         await self.write_due_indexes()
 
     def stored_into(self, path: str) -> None:
@@ -470,7 +479,6 @@ class Namespace:
             if now - last < quiet_for:
                 continue
             del self._stored_into[path]
-            try:
+            # Gone, or S3 down: a later reader pays (and sees why).
+            with contained(f"listing {path!r} for its index", quiet=(DgfsError,), logger=log):
                 await self.listing(path, fresh=True)
-            except (DgfsError, OSError) as exc:  # gone, or S3 down: a later reader pays
-                log.debug("listing %s for its index failed: %s", path, exc)

@@ -10,7 +10,8 @@ or two opens in increasing name order, count as a walk; the next
 ``workers`` at once (xdelta3 runs as its own process: one per core). A
 prefetched rebuild is the same shared flight a later open joins, so
 nothing is done twice; failures are left for the reader's own open to
-report. Nothing is prefetched that would make the files ahead crowd out
+report (an unexpected one, a full disk say, is also logged once:
+``dgfs.background``). Nothing is prefetched that would make the files ahead crowd out
 half of the cache.
 """
 
@@ -23,6 +24,7 @@ from collections import OrderedDict
 
 import trio
 
+from dgfs.background import contained
 from dgfs.core import Core
 from dgfs.errors import DgfsError
 from dgfs.format import Kind, StoredFile
@@ -123,19 +125,19 @@ class Prefetcher:
         return done
 
     async def _rebuild_for_reader(self, stored: StoredFile, done: trio.Event) -> None:
+        # The reader reports a dgfs error itself (its stream carries it); any
+        # failure ends this rebuild only, never the mount.
         try:
-            await self.core.materialize(stored, counted=False)
-        except DgfsError as exc:
-            log.debug("rebuild of %s failed: %s", stored.visible_key, exc)  # the reader reports it
+            with contained(f"rebuild of {stored.visible_key}", quiet=(DgfsError,), logger=log):
+                await self.core.materialize(stored, counted=False)
         finally:
             done.set()
 
     async def _rebuild(self, stored: StoredFile) -> None:
         assert stored.file_sha256 is not None
         try:
-            async with self._limiter:
-                await self.core.materialize(stored, counted=False)
-        except DgfsError as exc:
-            log.debug("prefetch of %s failed: %s", stored.visible_key, exc)
+            with contained(f"prefetch of {stored.visible_key}", quiet=(DgfsError,), logger=log):
+                async with self._limiter:
+                    await self.core.materialize(stored, counted=False)
         finally:
             self._wanted.discard(stored.file_sha256)
