@@ -28,11 +28,30 @@ from dgfs import format as fmt
 
 FORMAT = "dgfs-dir-index-1"
 PREFIX = f"{fmt.INTERNAL_PREFIX}dgfs-index/v1/"
-#: An index larger than this is not read (a directory of ~500,000 files).
-MAX_BYTES = 64 << 20
+
+# An index is bucket content anyone with write access may have written: it
+# is parsed under limits a real directory's index never meets (~600 bytes
+# of JSON and ~30 strings per object), each checked before the work it
+# bounds. A hostile one costs no more than a real index of MAX_ENTRIES
+# objects (measured: ~170 MB for a second at most), then is ignored
+# (``ValueError``) and the listing HEADs the directory's objects instead.
+#: The stored (zstd) object, read at most this far.
+MAX_BYTES = 8 << 20
+#: The JSON inside it (50,000 objects of ~600 bytes: 30 MB).
+MAX_TEXT = 32 << 20
+#: Objects described.
+MAX_ENTRIES = 50_000
+#: JSON strings (dict keys included) per object described, on average.
+MAX_STRINGS_PER_ENTRY = 40
+#: Metadata entries of one object, and the characters of one value (S3
+#: allows 2 KB of user metadata per object).
+MAX_META_ITEMS = 64
+MAX_META_VALUE = 2048
 
 #: key -> (version, metadata)
 Rows = dict[str, tuple[str, dict[str, str]]]
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def index_key(dir_prefix: str) -> str:
@@ -50,11 +69,23 @@ def encode(dir_prefix: str, rows: Mapping[str, tuple[str, Mapping[str, str]]]) -
 
 
 def decode(dir_prefix: str, body: bytes) -> Rows:
-    """The rows of an index of ``dir_prefix``; ``ValueError`` if it is not one."""
+    """The rows of an index of ``dir_prefix``.
+
+    ``ValueError`` (naming the limit when one is the reason) if ``body`` is
+    not one, or larger than the limits above allow; rows that are not
+    well-formed rows of this directory are left out.
+    """
+    if len(body) > MAX_BYTES:
+        raise ValueError(f"directory index larger than {MAX_BYTES} bytes")
+    text = _decompress(body)
+    _check_size_of_parse(text)
     try:
-        text = zstandard.ZstdDecompressor().decompress(body, max_output_size=8 * MAX_BYTES)
         doc = json.loads(text)
-    except (zstandard.ZstdError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        # An index nests 4 deep; the parser stops at the interpreter's
+        # recursion limit (~1,000), long before that costs anything.
+        raise ValueError("not a directory index: nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not a directory index: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError("not a directory index (format)")
@@ -63,6 +94,8 @@ def decode(dir_prefix: str, body: bytes) -> Rows:
     objects = doc.get("objects")
     if not isinstance(objects, dict):
         raise ValueError("not a directory index (objects)")
+    if len(objects) > MAX_ENTRIES:
+        raise ValueError(f"directory index of more than {MAX_ENTRIES} objects")
     rows: Rows = {}
     for key, row in objects.items():
         # Only rows of this directory's own objects, with string metadata.
@@ -74,8 +107,44 @@ def decode(dir_prefix: str, body: bytes) -> Rows:
         if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)):
             continue
         meta = row[1]
-        if isinstance(meta, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        if (
+            isinstance(meta, dict)
+            and len(meta) <= MAX_META_ITEMS
+            and all(
+                isinstance(k, str) and isinstance(v, str) and len(v) <= MAX_META_VALUE
+                for k, v in meta.items()
+            )
         ):
             rows[key] = (row[0], meta)
     return rows
+
+
+def _decompress(body: bytes) -> bytes:
+    """The zstd frame ``body`` decompressed, never more than MAX_TEXT bytes of it
+    (whatever size its header claims)."""
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=False)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_TEXT:
+            chunk = reader.read(min(1 << 20, MAX_TEXT + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"not a directory index: {exc}") from None
+    if size > MAX_TEXT:
+        raise ValueError(f"directory index holds more than {MAX_TEXT} bytes of JSON")
+    return b"".join(chunks)
+
+
+def _check_size_of_parse(text: bytes) -> None:
+    """``ValueError`` if parsing the JSON ``text`` could build more strings,
+    arrays and objects than MAX_ENTRIES rows need: counted as quotes and
+    brackets, which is an upper bound (a bracket or escaped quote inside a
+    string counts too) found without building anything."""
+    if text.count(b'"') > 2 * (MAX_STRINGS_PER_ENTRY * MAX_ENTRIES + 8):
+        raise ValueError(f"directory index of more than {MAX_ENTRIES} objects (strings)")
+    if len(text.translate(None, _NOT_BRACKETS)) > 2 * (2 * MAX_ENTRIES + 2):
+        raise ValueError(f"directory index of more than {MAX_ENTRIES} objects (containers)")

@@ -264,7 +264,8 @@ class Namespace:
         """The rows of the directory's index; {} when it has none or it is unusable."""
         key = dirindex.index_key(prefix)
         try:
-            body = await self.store.get_range(key, 0, dirindex.MAX_BYTES)
+            # One byte more than an index may hold: a larger one is refused, not cut.
+            body = await self.store.get_range(key, 0, dirindex.MAX_BYTES + 1)
             return await trio.to_thread.run_sync(dirindex.decode, prefix, body)
         except NotFound:
             return {}
