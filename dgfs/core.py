@@ -38,6 +38,7 @@ from dgfs.deep import dgzip, expand, objects
 from dgfs.deep.deflate import zlib_is_reference
 from dgfs.delta import HEADER_PROBE, DeltaEngine, is_stock_gzip_delta
 from dgfs.errors import (
+    CacheCorrupt,
     DeltaEngineError,
     DgfsError,
     FormatError,
@@ -294,6 +295,7 @@ class Core:
         digest: FileDigest | None = None,
         content_type: str = DEFAULT_CONTENT_TYPE,
         mode: DeltaMode | None = None,
+        direct: bool = False,
     ) -> PutResult:
         """Store the local file ``src`` under the user-visible ``key``.
 
@@ -303,13 +305,15 @@ class Core:
         object that holds the file (delta or direct), not on the reference.
         ``mode`` forces the deltaspace mode (a conversion); by default the
         directory's existing reference decides (see ``_deltaspace``).
+        ``direct`` stores the file whole whatever the policy says: the upload
+        pipeline's way out when making its delta keeps failing locally.
         """
         if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
             raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
         digest = digest or await self.digest(src)
         extra = dict(extra_metadata or {})
         prefix, name = fmt.split_key(key)
-        if not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
+        if direct or not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
             return await self._put_direct(src, key, digest, extra, content_type)
         if await self._delta_form_taken(key):
             # A foreign ``key.delta`` (shown as a file of that name) stays untouched.
@@ -641,7 +645,7 @@ class Core:
     async def _fetch_plain(self, key: str, sha256: str, out: Path) -> None:
         """The plain bytes of the object ``key`` (``sha256``) in ``out``, through the cache:
         decrypted from it when cached, else downloaded once, cached and kept."""
-        for _ in range(2):  # evicted between fetch and export by a tiny budget: once more
+        for _ in range(3):  # evicted by a tiny budget, or a corrupt entry dropped: once more
             kept = False
 
             async def fetch_and_keep() -> None:
@@ -652,8 +656,11 @@ class Core:
             await self._flights.ensure(
                 f"fetch:{sha256}", lambda: self.cache.contains(sha256), fetch_and_keep
             )
-            if kept or await self._cpu(self.cache.export, sha256, out):
-                return
+            try:
+                if kept or await self._cpu(self.cache.export, sha256, out):
+                    return
+            except CacheCorrupt:
+                continue  # dropped (and logged) by the cache: fetched again from S3
         raise DgfsError(f"{key}: the cache is too small to hold it")
 
     @contextlib.asynccontextmanager
@@ -1033,9 +1040,12 @@ class Core:
 
     async def _use_cached(self, stored: StoredFile, use: Callable[[str], _T | None]) -> _T:
         """``use(sha256)`` in a worker thread once the content of ``stored`` is cached."""
-        for _ in range(2):  # evicted at once by a tiny budget: bring it in once more
+        for _ in range(3):  # evicted by a tiny budget, or a corrupt entry dropped: once more
             sha256 = await self.materialize(stored)
-            result = await trio.to_thread.run_sync(use, sha256)
+            try:
+                result = await trio.to_thread.run_sync(use, sha256)
+            except CacheCorrupt:
+                continue  # dropped (and logged) by the cache: brought in again
             if result is not None:
                 return result
         raise DgfsError(f"{stored.visible_key}: the cache is too small to hold it")

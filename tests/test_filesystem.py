@@ -72,6 +72,7 @@ async def mounted(
     *,
     crash: bool = False,
     journal_type: type[Journal] = Journal,
+    engine: DeltaEngine | None = None,
 ) -> AsyncIterator[Mount]:
     """A mount's lifetime as ``dgfs.mount`` runs it; the journal is ``tmp_path/journal``.
 
@@ -81,7 +82,7 @@ async def mounted(
     """
     run_dir = Path(tempfile.mkdtemp(dir=tmp_path, prefix="mount-"))
     cache = ContentCache(run_dir / "cache", 64 << 20)
-    core = Core(store, cache, DeltaEngine(), Policy(), scratch_dir=run_dir / "scratch")
+    core = Core(store, cache, engine or DeltaEngine(), Policy(), scratch_dir=run_dir / "scratch")
     journal = journal_type(tmp_path / "journal")
     fs = FileSystem(core, journal, AttrCache(None), options)
     try:

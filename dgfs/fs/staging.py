@@ -47,7 +47,8 @@ def _ownership_bug(message: str) -> None:
 class Phase(enum.Enum):
     """Where a staged file's upload stands."""
 
-    IDLE = "idle"  # none scheduled: nothing new committed, a writer still open, or a retry waits
+    IDLE = "idle"  # none scheduled: nothing new committed, or a writer still open
+    RETRY_WAIT = "retry wait"  # the last attempt failed; the next comes after a pause
     QUEUED = "queued"  # waiting for a worker and for its delay
     UPLOADING = "uploading"  # a worker is storing it
     FAILED = "failed"  # failed for good: the entry is in the journal's failed/
@@ -75,6 +76,8 @@ class StagedFile:
         self._changed = trio.Event()
         self._hurry = trio.Event()  # set: upload without delay
         self._retired = False  # its journal entry is gone: nothing may write it again
+        self._failures = 0  # upload attempts failed in a row (any cause)
+        self._local_failures = 0  # of those, failures on this machine (not S3's)
 
     # --- predicates ------------------------------------------------------------------
 
@@ -233,14 +236,31 @@ class StagedFile:
         """Version ``generation`` is stored."""
         self._phase = Phase.IDLE
         self._uploaded = max(self._uploaded or 0, generation)
+        self._failures = self._local_failures = 0
 
-    def failed_transiently(self, error: DgfsError) -> None:
-        """The upload failed and will be retried; fsync() waiters hear ``error``."""
-        self._phase = Phase.IDLE
+    def failed_transiently(self, error: DgfsError, *, local: bool) -> None:
+        """The upload failed and will be retried; fsync() waiters hear ``error``.
+        ``local``: it failed on this machine (disk, cache, xdelta3), not in S3."""
+        self._phase = Phase.RETRY_WAIT
         self._error = error
+        self._failures += 1
+        self._local_failures += local
         self.notify()
 
+    @property
+    def failures(self) -> int:
+        """Upload attempts that failed in a row (0 once one lands)."""
+        return self._failures
+
+    @property
+    def local_failures(self) -> int:
+        """Of ``failures``, those on this machine rather than in S3."""
+        return self._local_failures
+
     def retrying(self) -> None:
+        """The pause after a failure is over: it may be queued again."""
+        if self._phase is Phase.RETRY_WAIT:
+            self._phase = Phase.IDLE
         self._error = None
 
     def failed_for_good(self, error: DgfsError) -> None:

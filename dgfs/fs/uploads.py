@@ -18,9 +18,12 @@ A file's new content lives in a staging file of the journal; its
 - A worker stores the last committed version under the node's current
   name. ``hold`` keeps new uploads from starting while a rename runs, and
   ``wait_not_uploading`` lets a rename or unlink wait for one in flight.
-- Transient failures (and a full local disk) are retried every
-  ``retry_delay``; a permanent one moves the entry to the journal's
-  ``failed/``.
+- A failed upload is retried, the pause doubling from ``retry_delay`` up
+  to ``RETRY_MAX_DELAY``, the data kept in the journal: S3 unreachable, a
+  full or failing local disk, a corrupt cache entry, xdelta3 failing or
+  killed. After ``LOCAL_FAILURES_BEFORE_DIRECT`` failures on this machine
+  the file is stored whole. Only S3 refusing the write itself
+  (``refused_for_good``) moves the entry to the journal's ``failed/``.
 - Once everything written is in S3 and no handle is open, the staging
   file goes and the node is settled.
 - ``recover`` adopts what an earlier mount committed; ``leftovers`` says
@@ -42,7 +45,17 @@ import trio
 
 from dgfs import format as fmt
 from dgfs.core import Core
-from dgfs.errors import DgfsError, FsError, NotFound, TransientError, errno_of
+from dgfs.errors import (
+    DgfsError,
+    FormatError,
+    FsError,
+    NoSuchBucket,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    TransientError,
+    errno_of,
+)
 from dgfs.format import StoredFile
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.namespace import Namespace
@@ -53,6 +66,40 @@ from dgfs.fs.staging import Phase, StagedFile
 from dgfs.telemetry import FailedUpload
 
 log = logging.getLogger(__name__)
+
+#: Local failures (disk, cache, xdelta3; not S3's) of one file's upload after
+#: which it is stored whole instead of as a delta.
+LOCAL_FAILURES_BEFORE_DIRECT = 2
+#: The longest pause between two attempts of one file (seconds).
+RETRY_MAX_DELAY = 60.0
+
+
+def refused_for_good(exc: BaseException, *, direct: bool) -> bool:
+    """Whether an upload that failed with ``exc`` can never succeed, so its
+    entry goes to the journal's failed/ instead of being retried.
+
+    Only S3 refusing the write itself is: access denied, the bucket gone, or
+    a request it rejects whatever the timing (a 4xx other than a missing
+    object or a lost condition). Everything else is retried with the data in the journal:
+    S3 unreachable or throttling, a full or failing local disk, a corrupt or
+    evicted cache entry, xdelta3 failing or killed, a reference another
+    writer replaced or removed; after LOCAL_FAILURES_BEFORE_DIRECT local
+    failures the file is stored whole (``direct``), and a format error then
+    (a name the format reserves) is final too.
+    """
+    if isinstance(exc, NoSuchBucket):
+        return True  # gone: a person must act (the data waits in failed/)
+    if isinstance(exc, StoreError):
+        return not isinstance(exc, (TransientError, NotFound, PreconditionFailed))
+    return direct and isinstance(exc, FormatError)
+
+
+def _as_dgfs_error(exc: BaseException) -> DgfsError:
+    """``exc`` as fsync() reports it (its errno; EIO when it has none)."""
+    if isinstance(exc, DgfsError):
+        return exc
+    err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+    return FsError(err, str(exc) or type(exc).__name__)
 
 
 @dataclass(frozen=True)
@@ -101,6 +148,7 @@ class UploadPipeline:
         self._send = send
         self._receive = receive
         self._inflight = 0
+        self._retry_timers: trio.Nursery | None = None  # set by run()
         self._draining = False  # unmounting: upload without delay
         self._idle = trio.Event()
         self._idle.set()
@@ -298,14 +346,24 @@ class UploadPipeline:
         if not staged.needs_upload or (node.writers and not despite_writers):
             return
         staged.mark_queued(trio.current_time() + self.options.upload_delay)
+        self._busy()
+        self._send.send_nowait(node)
+
+    def _busy(self) -> None:
+        """One more upload queued, running or waiting for its retry (see ``drain``)."""
         if self._inflight == 0:
             self._idle = trio.Event()
         self._inflight += 1
-        self._send.send_nowait(node)
+
+    def _done(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The upload workers; run in the mount's nursery until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._retry_timers = nursery
             for _ in range(self.options.upload_workers):
                 nursery.start_soon(self._worker)
             task_status.started()
@@ -325,9 +383,7 @@ class UploadPipeline:
                     await staged.wait_due()
                 await self._upload(node)
             finally:
-                self._inflight -= 1
-                if self._inflight == 0:
-                    self._idle.set()
+                self._done()
 
     async def drain(self) -> None:
         """Until every queued upload has finished (success or recorded failure).
@@ -369,34 +425,14 @@ class UploadPipeline:
     ) -> None:
         """Store ``staged`` (its ``generation``) under ``key`` and record the outcome."""
         started = trio.current_time()
+        direct = staged.local_failures >= LOCAL_FAILURES_BEFORE_DIRECT
         try:
-            result = await self.core.put(staged.path, key, extra_metadata=meta)
-        except TransientError as exc:
-            await self._retry(node, staged, key, exc)
-            return
-        except DgfsError as exc:
-            staged.failed_for_good(exc)
-            where = await trio.to_thread.run_sync(self.journal.quarantine, staged.entry_id)
-            seen = errno.errorcode.get(errno_of(exc), "EIO")
-            log.error(
-                "upload of %s failed for good (%s, users see %s); the data is kept in %s",
-                key,
-                exc,
-                seen,
-                where,
-            )
-            self.telemetry.upload_failed(
-                FailedUpload(node.path, key, str(exc), seen, str(where), time.time())
-            )
-            staged.notify()
-            return
+            result = await self.core.put(staged.path, key, extra_metadata=meta, direct=direct)
         except Exception as exc:
-            # The local disk (ENOSPC in the scratch or cache directory), or a
-            # bug: keep the data and the mount, and try again later.
-            if not isinstance(exc, OSError):
-                log.exception("upload of %s failed unexpectedly", key)
-            errno_ = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-            await self._retry(node, staged, key, FsError(errno_, str(exc)))
+            if refused_for_good(exc, direct=direct):
+                await self._quarantine(node, staged, key, exc)
+            else:
+                await self._retry(node, staged, key, exc)
             return
         seconds = trio.current_time() - started
         kind = ("deep-" if result.deep else "") + result.kind.value
@@ -458,20 +494,59 @@ class UploadPipeline:
             # The bytes are stored; only a follow-up (name, attributes) is missing.
             log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
 
-    async def _retry(self, node: Node, staged: StagedFile, key: str, exc: DgfsError) -> None:
-        """Report ``exc`` to fsync() waiters, then queue the upload again after a pause."""
-        log.warning(
-            "upload of %s failed (%s, fsync sees %s); retrying in %.0fs",
+    async def _quarantine(self, node: Node, staged: StagedFile, key: str, exc: Exception) -> None:
+        """The bucket refuses this file for good: its entry goes to failed/."""
+        error = _as_dgfs_error(exc)
+        staged.failed_for_good(error)
+        where = await trio.to_thread.run_sync(self.journal.quarantine, staged.entry_id)
+        seen = errno.errorcode.get(errno_of(error), "EIO")
+        log.error(
+            "upload of %s failed for good (%s, users see %s); the data is kept in %s",
             key,
-            exc,
-            errno.errorcode.get(errno_of(exc), "EIO"),
-            self.options.retry_delay,
+            error,
+            seen,
+            where,
         )
-        staged.failed_transiently(exc)
+        self.telemetry.upload_failed(
+            FailedUpload(node.path, key, str(error), seen, str(where), time.time())
+        )
+        staged.notify()
+
+    async def _retry(self, node: Node, staged: StagedFile, key: str, exc: Exception) -> None:
+        """Report ``exc`` to fsync() waiters, then queue the upload again after
+        a pause that doubles with each failure in a row (up to RETRY_MAX_DELAY).
+        The data stays in the journal meanwhile, and the worker is free."""
+        if not isinstance(exc, (DgfsError, OSError)):
+            log.error("upload of %s failed unexpectedly", key, exc_info=exc)
+        local = not isinstance(exc, TransientError)
+        error = _as_dgfs_error(exc)
+        staged.failed_transiently(error, local=local)
+        delay = min(
+            self.options.retry_delay * 2 ** (staged.failures - 1),
+            max(self.options.retry_delay, RETRY_MAX_DELAY),
+        )
+        whole = local and staged.local_failures == LOCAL_FAILURES_BEFORE_DIRECT
+        log.warning(
+            "upload of %s failed (%s, fsync sees %s); retrying in %.0fs%s",
+            key,
+            error,
+            errno.errorcode.get(errno_of(error), "EIO"),
+            delay,
+            ", storing it whole (its delta failed on this machine twice)" if whole else "",
+        )
         self.telemetry.upload_retried()
-        await trio.sleep(self.options.retry_delay)
-        staged.retrying()
-        self._request(node, despite_writers=True)
+        assert self._retry_timers is not None  # workers run only inside run()
+        self._busy()  # a retry waiting counts as in flight: unmount waits for it
+        self._retry_timers.start_soon(self._retry_after, node, staged, delay)
+
+    async def _retry_after(self, node: Node, staged: StagedFile, delay: float) -> None:
+        try:
+            await trio.sleep(delay)
+            staged.retrying()
+            if node.staged is staged:  # else superseded or discarded meanwhile
+                self._request(node, despite_writers=True)
+        finally:
+            self._done()
 
     def _retire(self, staged: StagedFile) -> None:
         """Forget a staging file nothing will store or read again (one being
