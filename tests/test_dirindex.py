@@ -104,6 +104,18 @@ def test_rows_of_the_wrong_shape_are_left_out() -> None:
     assert dirindex.decode("rel/", zstd(json.dumps(doc).encode())) == {"rel/good": good}
 
 
+async def test_no_index_is_written_that_readers_would_refuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dirindex, "MAX_ENTRIES", 20)
+    store = CountingStore()
+    await fill(store, 20)  # and notes.txt: 21 objects
+    ns = namespace(store, None)
+    await ns.listing("rel")
+    await ns.flush_attr_cache()
+    assert dirindex.index_key("rel/") not in store.objects
+
+
 @pytest.mark.expected_log(r"directory index not used \(not a directory index: nested too deeply\)")
 async def test_a_hostile_index_costs_heads_and_one_log_line(
     caplog: pytest.LogCaptureFixture,

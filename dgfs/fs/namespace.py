@@ -279,6 +279,8 @@ class Namespace:
         while self._indexes_due and self.write_indexes:
             prefix, rows = self._indexes_due.popitem()
             key = dirindex.index_key(prefix)
+            if len(rows) > dirindex.MAX_ENTRIES:
+                continue  # readers would refuse it: such a directory is HEADed
             with contained(f"writing the directory index {key}", logger=log):
                 relevant = {k: (v, relevant_metadata(m)) for k, (v, m) in rows.items()}
                 body = await trio.to_thread.run_sync(dirindex.encode, prefix, relevant)
