@@ -32,10 +32,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
-from dgfs.background import contained
 from dgfs.errors import ConfigError
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.journal import Journal
+from dgfs.serving import serve_requests
 from dgfs.telemetry import Histogram, Telemetry
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "status.sock"
 DOCUMENT_VERSION = 1
 MAX_REQUEST = 64 * 1024
+#: Seconds a client has from its connection to its request, and again for the answer.
 REQUEST_TIMEOUT = 5.0
+#: Connections open at once (dgfs/serving.py: idle ones make room for new ones).
+MAX_CONNECTIONS = 16
 # Paths of unix sockets are limited to 107 bytes; longer ones are reached
 # through the directory's /proc/self/fd entry.
 _MAX_SUN_PATH = 100
@@ -213,21 +216,20 @@ async def serve_control(
 ) -> None:
     """Answer status requests on ``listener`` until cancelled."""
 
-    async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            with contained("a status request", logger=log):
-                try:
-                    with trio.fail_after(REQUEST_TIMEOUT):
-                        request = await _read_line(stream)
-                    reply = _answer(request, document)
-                    await stream.send_all(json.dumps(reply).encode() + b"\n")
-                except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the client went away or never asked: nothing to answer
+    async def answer(stream: trio.SocketStream, request: bytes) -> None:
+        reply = _answer(request, document)
+        await stream.send_all(json.dumps(reply).encode() + b"\n")
 
     task_status.started()
-    # Should accepting itself fail for good, status is gone, the mount is not.
-    with contained("the status socket", logger=log):
-        await trio.serve_listeners(handle, [listener])
+    await serve_requests(
+        [listener],
+        _read_line,
+        answer,
+        name="the status socket",
+        job="a status request",
+        max_connections=MAX_CONNECTIONS,
+        request_timeout=REQUEST_TIMEOUT,
+    )
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:

@@ -24,15 +24,17 @@ from typing import Any
 
 import trio
 
-from dgfs.background import contained
 from dgfs.errors import ConfigError
+from dgfs.serving import serve_requests
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9464
 MAX_REQUEST_HEAD = 16 * 1024
+#: Seconds a client has from its connection to its request, and again for the answer.
 REQUEST_TIMEOUT = 10.0
-CONNECTIONS = 8  # scrapes answered at once; more wait
+#: Connections open at once (dgfs/serving.py: idle ones make room for new ones).
+MAX_CONNECTIONS = 32
 
 Document = Callable[[], dict[str, Any]]
 
@@ -253,35 +255,36 @@ async def serve_metrics(
     """Answer ``GET /metrics`` (and ``/``) in Prometheus' text format until cancelled."""
     from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-    slots = trio.CapacityLimiter(CONNECTIONS)
-
-    async def handle(stream: trio.SocketStream) -> None:
-        async with stream, slots:
-            with contained("a metrics scrape", logger=log):
-                await answer(stream)
-
-    async def answer(stream: trio.SocketStream) -> None:
+    async def read_request(stream: trio.SocketStream) -> tuple[str, str] | None:
+        """(method, path) of the request; None when it is no HTTP request."""
         try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                head = await _read_head(stream)
-                method, path = _request_line(head)
-                if method not in ("GET", "HEAD"):
-                    await _respond(stream, 405, b"only GET\n", "text/plain", method)
-                elif path.split("?", 1)[0] not in ("/metrics", "/"):
-                    await _respond(stream, 404, b"see /metrics\n", "text/plain", method)
-                else:
-                    body = generate_latest(registry)  # on the trio thread: see above
-                    await _respond(stream, 200, body, CONTENT_TYPE_LATEST, method)
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            return _request_line(await _read_head(stream))
         except ValueError:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                await _respond(stream, 400, b"bad request\n", "text/plain", "GET")
+            return None
+
+    async def answer(stream: trio.SocketStream, request: tuple[str, str] | None) -> None:
+        if request is None:
+            await _respond(stream, 400, b"bad request\n", "text/plain", "GET")
+            return
+        method, path = request
+        if method not in ("GET", "HEAD"):
+            await _respond(stream, 405, b"only GET\n", "text/plain", method)
+        elif path.split("?", 1)[0] not in ("/metrics", "/"):
+            await _respond(stream, 404, b"see /metrics\n", "text/plain", method)
+        else:
+            body = generate_latest(registry)  # on the trio thread: see above
+            await _respond(stream, 200, body, CONTENT_TYPE_LATEST, method)
 
     task_status.started()
-    # Should accepting itself fail for good, metrics are gone, the mount is not.
-    with contained("the metrics endpoint", logger=log):
-        await trio.serve_listeners(handle, listeners)
+    await serve_requests(
+        listeners,
+        read_request,
+        answer,
+        name="the metrics endpoint",
+        job="a metrics scrape",
+        max_connections=MAX_CONNECTIONS,
+        request_timeout=REQUEST_TIMEOUT,
+    )
 
 
 async def _read_head(stream: trio.SocketStream) -> bytes:
