@@ -281,6 +281,9 @@ ID_MAX = 2**32 - 2  # uid_t; 2**32 - 1 is (uid_t)-1, "no owner" to chown(2)
 _MODE_MAX = 0o177777
 #: File types a ``mode`` may carry (0: permission bits only, as some tools write).
 _FILE_TYPES = frozenset({0, 0o010000, 0o020000, 0o040000, 0o060000, 0o100000, 0o120000, 0o140000})
+#: A file size a stat can carry (st_size is a signed 64-bit off_t).
+SIZE_MAX = 2**63 - 1
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _MTIME = re.compile(r"(-?)(\d{1,20})(?:\.(\d{1,30}))?")
 _DECIMAL = re.compile(r"\d{1,20}")
 _OCTAL = re.compile(r"0(?:o)?([0-7]{1,20})")
@@ -379,12 +382,14 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
         # Foreign: not written by DeltaGlider; shown under its own name, a
         # ``.delta`` suffix included (its bytes are no file's delta dgfs could rebuild).
         return StoredFile(Kind.FOREIGN, stored_key, stored_key, stored_size, stored_size, None)
+    _check_sha256(stored_key, "dg-file-sha256", file_sha256)
     size_text = meta_value(metadata, "file_size")
     if stored_key.endswith(DELTA_SUFFIX) and meta_value(metadata, "compression") != "none":
         ref_key = meta_value(metadata, "ref_key")
         ref_sha256 = meta_value(metadata, "ref_sha256")
         if not (size_text and ref_key and ref_sha256):
             raise FormatError(f"{stored_key}: delta metadata lacks file size or reference")
+        _check_sha256(stored_key, "dg-ref-sha256", ref_sha256)
         return StoredFile(
             Kind.DELTA,
             stored_key,
@@ -438,13 +443,22 @@ DEEP_DELTA_CMD = "dgfs deep-1: xdelta3 of expanded forms (see dgfs docs/FORMAT.m
 
 
 def _parse_size(key: str, text: str) -> int:
-    try:
-        size = int(text)
-    except ValueError:
-        raise FormatError(f"{key}: bad dg-file-size {text!r}") from None
-    if size < 0:
-        raise FormatError(f"{key}: negative dg-file-size {text!r}")
+    """``dg-file-size``: decimal digits, at most what a stat can carry (else
+    ``FormatError``: a size of 2^63 or more made a whole listing fail)."""
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 19):
+        raise FormatError(f"{key}: bad dg-file-size {text!r}")
+    size = int(digits)
+    if size > SIZE_MAX:
+        raise FormatError(f"{key}: dg-file-size {text!r} is beyond what a file can hold")
     return size
+
+
+def _check_sha256(key: str, field: str, value: str) -> None:
+    """``FormatError`` unless ``value`` is a hex SHA-256 (64 hex digits): it
+    names cache entries and is compared with what is read."""
+    if not _SHA256_HEX.fullmatch(value):
+        raise FormatError(f"{key}: {field} {value[:80]!r} is not a hex SHA-256")
 
 
 def user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

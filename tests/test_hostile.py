@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from dgfs import format as fmt
-from dgfs.errors import FsError
+from dgfs.errors import FormatError, FsError
 from dgfs.fs.filesystem import FileSystem
+from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.nodes import Node
 from dgfs.store.memory import MemoryStore
 from tests.releases import ReleaseSeries
@@ -84,6 +85,88 @@ def test_out_of_range_ids_and_modes_count_as_absent(
 )
 def test_garbled_or_huge_mtime_counts_as_absent(raw: str, expected: int | None) -> None:
     assert fmt.parse_mtime_ns({"mtime": raw}) == expected
+
+
+SHA = "ab" * 32
+
+
+def delta_meta(size: str, sha256: str = SHA, ref_sha256: str = "cd" * 32) -> dict[str, str]:
+    return {
+        "dg-file-sha256": sha256,
+        "dg-file-size": size,
+        "dg-ref-key": "h/reference.bin",
+        "dg-ref-sha256": ref_sha256,
+    }
+
+
+@pytest.mark.parametrize(
+    ("size", "usable"),
+    [
+        ("0", True),
+        (str(2**63 - 1), True),  # the largest st_size
+        (str(2**63), False),  # made the whole listing EIO (pyfuse3: OverflowError)
+        (str(2**64), False),
+        ("9" * 40, False),
+        ("1_000", False),
+        ("+5", False),
+        ("5e3", False),
+        ("\u0665", False),  # a digit, but not an ASCII one
+        ("-3", False),
+    ],
+)
+def test_a_size_no_stat_can_carry_makes_the_object_foreign(size: str, usable: bool) -> None:
+    stored = fmt.classify_shown("h/x.zip.delta", 7, delta_meta(size))
+    if usable:
+        assert (stored.kind, stored.original_size) == (fmt.Kind.DELTA, int(size))
+    else:
+        assert (stored.kind, stored.visible_key, stored.original_size) == (
+            fmt.Kind.FOREIGN,
+            "h/x.zip.delta",
+            7,
+        )
+        with pytest.raises(FormatError, match="dg-file-size"):
+            fmt.classify("h/x.zip.delta", 7, delta_meta(size))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("sha256", "zz" * 32),
+        ("sha256", "ab" * 31),
+        ("sha256", "ab" * 33),
+        ("sha256", "../../etc/passwd"),
+        ("ref_sha256", "not hex"),
+    ],
+)
+def test_a_sha256_that_is_not_hex_makes_the_object_foreign(field: str, value: str) -> None:
+    meta = delta_meta("10", **{field: value})
+    assert fmt.classify_shown("h/x.zip.delta", 7, meta).kind is fmt.Kind.FOREIGN
+    with pytest.raises(FormatError, match="not a hex SHA-256"):
+        fmt.classify("h/x.zip.delta", 7, meta)
+    # Upper-case hex is hex.
+    assert fmt.classify("h/x.zip.delta", 7, delta_meta("10", "AB" * 32)).kind is fmt.Kind.DELTA
+
+
+async def test_garbled_sizes_and_hashes_never_break_a_listing_or_the_previous_file(
+    tmp_path: Path,
+) -> None:
+    """A dg-file-size of 2^63 made ``ls`` of the whole directory fail (pyfuse3
+    cannot carry it); a non-hex dg-file-sha256 made the open of the file
+    before it fail (the walk's prefetch asked the cache about it)."""
+    store = MemoryStore()
+    await store.put_bytes("h/a-first.txt", b"first file\n", {})
+    await store.put_bytes("h/b-nonhex.zip.delta", b"delta bytes", delta_meta("10", "zz" * 32))
+    await store.put_bytes("h/c-huge.zip.delta", b"delta bytes", delta_meta(str(2**63)))
+    async with mounted(store, tmp_path) as m:
+        names = await readdir(m.fs, "h")
+        assert sorted(names) == ["a-first.txt", "b-nonhex.zip.delta", "c-huge.zip.delta"]
+        ops = FuseOperations(m.fs)
+        for node in names.values():
+            assert ops._attrs(node).st_size == len(b"delta bytes") or node.name == "a-first.txt"
+        h = await ino_of(m.fs, "h")
+        assert await read_file(m.fs, "a-first.txt", h) == b"first file\n"
+        assert await read_file(m.fs, "b-nonhex.zip.delta", h) == b"delta bytes"
+        assert await read_file(m.fs, "c-huge.zip.delta", h) == b"delta bytes"
 
 
 BAD_METADATA = {
