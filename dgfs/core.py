@@ -46,6 +46,7 @@ from dgfs.errors import (
     MissingReference,
     NotFound,
     PreconditionFailed,
+    TransientError,
     XdeltaMissing,
 )
 from dgfs.flight import SingleFlight
@@ -74,6 +75,12 @@ def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, boo
     if ref_sha256 is None:
         log.warning("%s has no dg-file-sha256; storing files beside it direct", ref_key)
     return ref_sha256, False
+
+
+def _form_rank(head: ObjectHead) -> tuple[datetime, bool]:
+    """Of two forms of one file, the one with the higher rank is shown: the
+    newer, and the delta on a tie (``Namespace`` and ``locate`` agree)."""
+    return head.last_modified, head.key.endswith(fmt.DELTA_SUFFIX)
 
 
 def _holds(head: ObjectHead, key: str) -> bool:
@@ -253,7 +260,7 @@ class Core:
         forms = await self._forms(key)
         if not forms:
             raise NotFound(f"no such file: {key}")
-        newest = max(forms.values(), key=lambda h: (h.last_modified, h.key.endswith(".delta")))
+        newest = max(forms.values(), key=_form_rank)
         return fmt.classify_shown(newest.key, newest.size, newest.metadata), newest
 
     async def _forms(self, key: str) -> dict[str, ObjectHead]:
@@ -283,6 +290,69 @@ class Core:
         head = await self._delta_form(key)
         if head is not None and _holds(head, key):
             await self.store.delete(head.key)
+
+    async def _store_delta(
+        self,
+        key: str,
+        body: Path,
+        metadata: Mapping[str, str],
+        content_type: str,
+        ref_key: str,
+        ref_sha256: str,
+    ) -> None:
+        """Upload ``key``'s delta, made against the reference ``ref_sha256``.
+
+        Another mount may have removed the reference meanwhile (an rmdir or a
+        directory rename), or, on a store without conditional PUTs, replaced
+        it: then the delta could never be rebuilt. So once it is stored the
+        reference is checked; if it changed, the delta goes again and
+        ``TransientError`` asks the caller to store the file again, against
+        what is there now (the upload pipeline does). Then the direct form
+        of ``key`` goes, unless it is newer (``_drop_other_form``).
+        """
+        stored_key = fmt.delta_key(key)
+        etag = await self.store.upload(stored_key, body, metadata, content_type=content_type)
+        try:
+            ref_now = fmt.meta_value((await self.store.head(ref_key)).metadata, "file_sha256")
+        except NotFound:
+            ref_now = None
+        if ref_now != ref_sha256:
+            with contextlib.suppress(NotFound):
+                if (await self.store.head(stored_key)).etag == etag:  # still ours
+                    await self.store.delete(stored_key)
+            raise TransientError(
+                f"{key}: its reference {ref_key} was removed or replaced by another"
+                " writer while the delta was stored; storing it again"
+            )
+        await self._drop_other_form(key, stored_key, key)
+
+    async def _drop_other_form(self, key: str, own_key: str, other_key: str) -> None:
+        """``key`` was just stored as ``own_key``: remove its other form
+        ``other_key`` (the direct file or the delta), unless that one is
+        newer — another mount stored it after us, and it is what the mount
+        shows (``_form_rank``).
+
+        Two mounts storing one name in its two forms at once each remove
+        the other's: the HEAD before and the DELETE after leave a moment in
+        which both can go. So our own form is looked at once more; gone, it
+        is stored again (``TransientError``): one of the two always stays.
+        """
+        heads = await head_many(self.store, [own_key, other_key])
+        own, other = heads.get(own_key), heads.get(other_key)
+        if own is not None and other is not None and _holds(other, key):
+            if _form_rank(other) > _form_rank(own):
+                log.info("%s: a newer %s stored by another writer stays", key, other_key)
+                return
+            with contextlib.suppress(NotFound):
+                await self.store.delete(other_key)
+            try:
+                await self.store.head(own_key)
+            except NotFound:
+                own = None
+        if own is None:
+            raise TransientError(
+                f"{key}: another writer removed {own_key} while it was stored; storing it again"
+            )
 
     # --- put -----------------------------------------------------------------
 
@@ -363,7 +433,7 @@ class Core:
             original_name=name, file_sha256=digest.sha256, file_size=digest.size, now=self._now()
         )
         await self.store.upload(key, src, {**extra, **meta}, content_type=content_type)
-        await self._delete_delta_form(key)
+        await self._drop_other_form(key, key, fmt.delta_key(key))
         log.info("stored %s direct (%d bytes)", key, digest.size)
         stored = StoredFile(Kind.DIRECT, key, key, digest.size, digest.size, digest.sha256)
         return PutResult(stored)
@@ -408,10 +478,9 @@ class Core:
                 zero_diff=created,
             )
             stored_key = fmt.delta_key(key)
-            await self.store.upload(
-                stored_key, delta_path, {**extra, **meta}, content_type=content_type
+            await self._store_delta(
+                key, delta_path, {**extra, **meta}, content_type, ref_key, ref_sha256
             )
-        await self.store.delete(key)
         log.info(
             "stored %s as delta: %d -> %d bytes%s",
             key,
@@ -538,8 +607,7 @@ class Core:
             )
             meta[fmt.META_EXPANDED_SIZE] = str(expanded_size)
             stored_key = fmt.delta_key(key)
-            await self.store.upload(stored_key, body, {**extra, **meta}, content_type=content_type)
-        await self.store.delete(key)
+            await self._store_delta(key, body, {**extra, **meta}, content_type, ref_key, ref_sha256)
         log.info(
             "stored %s as deep delta: %d -> %d bytes (expanded %d)%s",
             key,

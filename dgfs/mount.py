@@ -106,7 +106,8 @@ async def _probe_store(core_store: object, read_only: bool) -> bool:
     if not honoured:
         log.warning(
             "the store ignores If-None-Match: *; two mounts creating the first file of a"
-            " directory at once may race for its reference (the loser falls back safely)"
+            " directory at once race for its reference: the loser stores its file again,"
+            " unless it was done before the winner's reference upload ended (see SEMANTICS.md)"
         )
     return honoured
 

@@ -1,0 +1,146 @@
+"""Two machines, one name: two in-process mounts of one bucket, interleaved.
+
+Each test runs two ``FileSystem`` mounts (tests/test_filesystem.py's
+``mounted``), each through its own ``FaultyStore`` over one shared
+``MemoryStore``, and holds one mount's upload at a chosen point while the
+other acts. Whatever the interleaving, one of the two versions survives
+and reads back exactly — never neither, never bytes nobody wrote
+(docs/SEMANTICS.md, "Several writers, several mounts").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from dgfs.errors import DgfsError
+from dgfs.fs.filesystem import FsOptions
+from dgfs.store.faulty import FaultyStore
+from dgfs.store.memory import MemoryStore
+from tests.releases import ReleaseSeries
+from tests.test_filesystem import GID, ROOT, UID, lookup, mounted, read_file, write_file
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST_RETRIES = FsOptions(upload_delay=0.0, retry_delay=0.01)
+RELEASES = list(ReleaseSeries(size=512 << 10).zips(3))  # zips of ~250 KB: deltas
+SMALL = b"a small file of that name, stored whole\n"  # under 64 KiB: direct
+
+
+@pytest.fixture
+def memory() -> MemoryStore:
+    return MemoryStore("shared-bucket")
+
+
+def home(tmp_path: Path, mount: str) -> Path:
+    """The directory of one mount's journal and cache."""
+    path = tmp_path / mount
+    path.mkdir(exist_ok=True)
+    return path
+
+
+async def read_fresh(memory: MemoryStore, tmp_path: Path, path: str) -> bytes:
+    """``path`` as a third, fresh mount reads it."""
+    async with mounted(memory, home(tmp_path, "reader")) as m:
+        parent, _, name = path.rpartition("/")
+        return await read_file(m.fs, name, (await lookup(m.fs, parent)).ino)
+
+
+async def with_reference(memory: MemoryStore, tmp_path: Path) -> None:
+    """Directory ``rel`` holding the first release (its reference)."""
+    async with mounted(memory, home(tmp_path, "setup")) as m:
+        d = await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+        await write_file(m.fs, RELEASES[0][0], RELEASES[0][1], parent=d.ino)
+
+
+@pytest.mark.parametrize("held", ["delta-writer", "direct-writer"])
+@pytest.mark.expected_log(r"another writer removed")
+async def test_one_name_stored_as_a_delta_and_as_a_whole_file_at_once_keeps_one(
+    memory: MemoryStore, tmp_path: Path, held: str
+) -> None:
+    """Mount A stores ``rel/x.zip`` as a delta, mount B a small file of the
+    same name whole. Each removed the other's form after storing its own,
+    so when the two overlapped both were gone. The one held here has stored
+    its object and not yet removed the other form."""
+    await with_reference(memory, tmp_path)
+    store_a, store_b = FaultyStore(memory), FaultyStore(memory)
+    if held == "delta-writer":
+        gate = store_a.hang("upload", key="rel/x.zip.delta", after=True)
+    else:
+        gate = store_b.hang("upload", key="rel/x.zip", after=True)
+    async with (
+        mounted(store_a, home(tmp_path, "a"), FAST_RETRIES) as a,
+        mounted(store_b, home(tmp_path, "b"), FAST_RETRIES) as b,
+    ):
+        da, db = await lookup(a.fs, "rel"), await lookup(b.fs, "rel")
+        first, second = (a, b) if held == "delta-writer" else (b, a)
+        await write_file(a.fs, "x.zip", RELEASES[1][1], parent=da.ino)
+        await write_file(b.fs, "x.zip", SMALL, parent=db.ino)
+        await gate.reached.wait()
+        await second.fs.wait_idle()  # the other stored and cleaned up fully
+        gate.release()
+        await first.fs.wait_idle()
+    assert await read_fresh(memory, tmp_path, "rel/x.zip") in (RELEASES[1][1], SMALL)
+
+
+@pytest.mark.expected_log(r"reference rel/reference.bin was removed or replaced")
+async def test_a_delta_whose_reference_an_rmdir_removed_meanwhile_is_stored_again(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """Mount B removes ``rel`` (it lists empty: its only file was deleted,
+    the reference stays until the directory goes) while mount A encodes a
+    new file's delta against that reference. The delta pointed at a
+    deleted reference: the file was lost though A's close() returned."""
+    await with_reference(memory, tmp_path)
+    store_a = FaultyStore(memory)
+    gate = store_a.hang("upload", key="rel/y.zip.delta")  # encoded, not stored yet
+    async with (
+        mounted(store_a, home(tmp_path, "a"), FAST_RETRIES) as a,
+        mounted(memory, home(tmp_path, "b"), FAST_RETRIES) as b,
+    ):
+        await b.fs.unlink((await lookup(b.fs, "rel")).ino, RELEASES[0][0])
+        await write_file(a.fs, "y.zip", RELEASES[1][1], parent=(await lookup(a.fs, "rel")).ino)
+        await gate.reached.wait()
+        await b.fs.rmdir(ROOT, "rel")
+        assert "rel/reference.bin" not in memory.objects
+        gate.release()
+        await a.fs.wait_idle()
+    assert await read_fresh(memory, tmp_path, "rel/y.zip") == RELEASES[1][1]
+
+
+@pytest.mark.expected_log(r"reference rel/reference.bin was removed or replaced")
+async def test_the_loser_of_a_reference_race_without_conditional_puts_is_stored_again(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """A store without If-None-Match: mount B finds no reference and starts
+    storing its file as one; meanwhile mount A does the same, stores its
+    reference and its zero-diff delta; then B's reference overwrites A's.
+    A's delta could not be rebuilt any more."""
+    async with mounted(memory, home(tmp_path, "setup")) as m:
+        await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+    store_a, store_b = FaultyStore(memory), FaultyStore(memory)
+    b_ref = store_b.hang("upload", key="rel/reference.bin")  # B saw none; PUT held
+    a_delta = store_a.hang("upload", key="rel/a.zip.delta", after=True)
+    async with (
+        mounted(store_a, home(tmp_path, "a"), FAST_RETRIES) as a,
+        mounted(store_b, home(tmp_path, "b"), FAST_RETRIES) as b,
+        trio.open_nursery() as nursery,
+    ):
+        a.fs.core.conditional_create = b.fs.core.conditional_create = False
+        da, db = await lookup(a.fs, "rel"), await lookup(b.fs, "rel")
+        await write_file(b.fs, "b.zip", RELEASES[2][1], parent=db.ino)
+        await b_ref.reached.wait()
+        await write_file(a.fs, "a.zip", RELEASES[1][1], parent=da.ino)
+        await a_delta.reached.wait()  # A's reference and delta are stored
+        b_ref.release()
+        nursery.start_soon(b.fs.wait_idle)
+        await store_b.wait_calls("upload", 2)  # B's reference and its delta
+        a_delta.release()
+        await a.fs.wait_idle()
+    for name, data in (("a.zip", RELEASES[1][1]), ("b.zip", RELEASES[2][1])):
+        try:
+            assert await read_fresh(memory, tmp_path, f"rel/{name}") == data
+        except DgfsError as exc:
+            pytest.fail(f"rel/{name} is unreadable: {exc}")
