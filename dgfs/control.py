@@ -128,6 +128,10 @@ def status_document(
                 }
                 for f in snap.failed
             ],
+            "retrying_files": [
+                {"path": str(root / r.path), "error": r.error, "failures": r.failures}
+                for r in fs.uploads.retrying()
+            ],
             "seconds": _histogram(snap.upload_seconds),
         },
         "bytes": {

@@ -179,9 +179,13 @@ async def test_s3_unreachable_for_ten_minutes_loses_nothing(
         with pytest.raises(TransientError) as exc:  # an attempt still fails after this
             await m.fs.fsync(handle.fh)
         assert errno_of(exc.value) == errno.EIO
+        (retrying,) = m.fs.uploads.retrying()  # what dgfs status lists
+        assert retrying.path == "a.txt" and retrying.failures >= 3
+        assert "injected failure" in retrying.error
         await faulty.wait_calls("upload", 15)
         await m.fs.fsync(handle.fh)
         await m.fs.release(handle.fh)
+        assert m.fs.uploads.retrying() == []
         attempts = [c.at for c in faulty.log if c.operation == "upload"]
         assert len(attempts) == 15  # fsync reported the error; it started no extra attempt
         # 2, 4, 8, 16, 32, then 60 s apart at least (the clock may jump further

@@ -231,6 +231,11 @@ def render(doc: dict[str, Any]) -> str:
         f"  uploads:  {up['pending']} pending, {up['in_flight']} in flight,"
         f" {up['failed']} failed; {up['uploaded']} uploaded{kinds}, {up['retries']} retried"
     )
+    for retrying in up.get("retrying_files", []):
+        lines.append(
+            f"    RETRYING  {retrying['path']}: {retrying['error']}"
+            f" ({retrying['failures']} attempts failed; the data waits in the journal)"
+        )
     for failed in up["failed_files"]:
         lines.append(
             f"    FAILED  {failed['path']}: {failed['error']} (writers saw {failed['errno']});"

@@ -113,6 +113,15 @@ class UploadCounts:
 
 
 @dataclass(frozen=True)
+class RetryingUpload:
+    """A file whose upload failed and will be tried again (its data is in the journal)."""
+
+    path: str
+    error: str  # the last attempt's
+    failures: int  # attempts failed in a row
+
+
+@dataclass(frozen=True)
 class Leftovers:
     """Files not in S3 when the pipeline stopped."""
 
@@ -619,6 +628,14 @@ class UploadPipeline:
             failed=sum(1 for s in staged if s.is_failed),
             open_unsaved=sum(1 for s in staged if not s.is_committed and not s.is_failed),
         )
+
+    def retrying(self) -> list[RetryingUpload]:
+        """Files whose last upload attempt failed and that will be tried again."""
+        return [
+            RetryingUpload(n.path, str(n.staged.error), n.staged.failures)
+            for n in self.nodes.staged_nodes()
+            if n.staged is not None and n.staged.failures and not n.staged.is_failed
+        ]
 
     def leftovers(self) -> Leftovers:
         """What is not in S3 (call once the workers have stopped)."""
