@@ -12,6 +12,7 @@ live (or failed, with the child's message).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import logging.handlers
@@ -47,7 +48,7 @@ from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.journal import Journal, journal_dir_for
 from dgfs.fs.options import FsOptions
 from dgfs.metrics import ListenAddress, make_registry, open_metrics_listener, serve_metrics
-from dgfs.runtime import S3Location, Settings, open_core
+from dgfs.runtime import S3Location, Settings, open_core, private_cache_root
 from dgfs.sdnotify import Notifier
 from dgfs.telemetry import Telemetry
 
@@ -319,9 +320,18 @@ async def _watch_signals(scope: trio.CancelScope) -> None:
                 scope.cancel()
 
 
+def _with_private_cache(config: MountConfig) -> MountConfig:
+    """``config`` with the directory dgfs keeps its files in for ``cache_dir``
+    (``runtime.private_cache_root``: never a directory others share)."""
+    settings = config.settings
+    root = private_cache_root(settings.cache_dir)
+    return dataclasses.replace(config, settings=dataclasses.replace(settings, cache_dir=root))
+
+
 def run_foreground(config: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted. Raises ``UserError`` for a user's mistake."""
     check_mountpoint(config.mountpoint)
+    config = _with_private_cache(config)
     trio.run(_serve, config, on_ready)
 
 
@@ -347,6 +357,7 @@ def _setup_daemon_logging(config: MountConfig) -> None:
 def daemonize(config: MountConfig) -> int:
     """Fork a daemon that mounts; return 0 once the mount is live, else print why and return 2."""
     check_mountpoint(config.mountpoint)
+    config = _with_private_cache(config)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,72 @@ def default_cache_dir() -> Path:
         "/var/cache" if os.geteuid() == 0 else str(Path.home() / ".cache")
     )
     return Path(base) / "dgfs"
+
+
+def private_cache_root(cache_dir: Path) -> Path:
+    """The directory that holds the cache, journal, scratch space, attribute
+    cache and log for the ``cache_dir`` option; created if need be.
+
+    ``cache_dir`` itself when dgfs creates it now, or when it is private
+    already (this user's, closed to group and others: what dgfs made
+    before). A directory other users have a say in (``/tmp``,
+    ``/var/cache``) is never used directly, nor is its mode changed: dgfs
+    keeps its files in a subdirectory ``dgfs-UID`` it creates there
+    (logged once). ``ConfigError`` when that cannot be done, or when
+    ``dgfs-UID`` exists and is not this user's private directory (another
+    user made it, or it is a symlink).
+    """
+    try:
+        cache_dir.mkdir(mode=0o700, parents=True)
+        os.chmod(cache_dir, 0o700)  # dgfs made it: mkdir's mode went through the umask
+        return cache_dir
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot use cache directory {cache_dir}: {exc.strerror}") from None
+    try:
+        st = os.stat(cache_dir)  # the user's own path: a symlink they made is followed
+    except OSError as exc:
+        raise ConfigError(f"cannot use cache directory {cache_dir}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"cache directory {cache_dir} is not a directory")
+    if st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+        return cache_dir
+    private = cache_dir / f"dgfs-{os.geteuid()}"
+    try:
+        private.mkdir(mode=0o700)
+        os.chmod(private, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot use cache directory {cache_dir}: {exc.strerror}") from None
+    own = os.lstat(private)  # not followed: someone else may have planted it
+    if not (stat.S_ISDIR(own.st_mode) and own.st_uid == os.geteuid() and not own.st_mode & 0o077):
+        raise ConfigError(
+            f"cache directory {cache_dir} is shared (mode {stat.S_IMODE(st.st_mode):04o},"
+            f" owner uid {st.st_uid}) and {private} is not this user's private directory:"
+            " give cache_dir a directory of your own"
+        )
+    if (cache_dir / "journal").is_dir():
+        log.warning(
+            "cache directory %s is not private (mode %04o, owner uid %d): dgfs keeps its"
+            " files in %s; a journal an earlier version left in %s is not read: chmod 700 %s"
+            " to use it again",
+            cache_dir,
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            private,
+            cache_dir / "journal",
+            cache_dir,
+        )
+    else:
+        log.info(
+            "cache directory %s is shared (mode %04o): dgfs keeps its files in %s",
+            cache_dir,
+            stat.S_IMODE(st.st_mode),
+            private,
+        )
+    return private
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -141,9 +208,7 @@ async def open_core(
     )
     engine.check()
     key = load_cache_key(os.environ, settings.cache_key_file)
-    root = settings.cache_dir
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
+    root = private_cache_root(settings.cache_dir)
     # An ephemeral key cannot read another process's entries: such a cache
     # lives in a private directory per process so concurrent users never collide.
     _remove_dead_ephemeral_caches(root)

@@ -22,7 +22,7 @@ examples:
 
 options (-o, comma separated):
   endpoint=URL     S3 endpoint (MinIO, Ceph, SeaweedFS...)      region=NAME   profile=NAME
-  cache_dir=DIR    cache, journal and attribute cache (0700)    cache_size=2G
+  cache_dir=DIR    cache, journal, attribute cache (private)    cache_size=2G
   cache_key_file=F keep the encrypted cache across remounts     max_ratio=0.5 (DG_MAX_RATIO)
   ro / rw          read-only or read-write (default rw)         allow_other
   uid=N gid=N      owner shown for every file                   umask=022
