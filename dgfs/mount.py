@@ -48,6 +48,7 @@ from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.journal import Journal, journal_dir_for
 from dgfs.fs.options import FsOptions
 from dgfs.metrics import ListenAddress, make_registry, open_metrics_listener, serve_metrics
+from dgfs.printable import PrintableFormatter
 from dgfs.runtime import S3Location, Settings, open_core, private_cache_root
 from dgfs.sdnotify import Notifier
 from dgfs.telemetry import Telemetry
@@ -343,13 +344,13 @@ def _setup_daemon_logging(config: MountConfig) -> None:
     if os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler("/dev/log")
         handler.setFormatter(
-            logging.Formatter("dgfs[%(process)d]: %(levelname)s %(name)s: %(message)s")
+            PrintableFormatter("dgfs[%(process)d]: %(levelname)s %(name)s: %(message)s")
         )
     else:
         config.settings.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         handler = logging.FileHandler(config.settings.cache_dir / "dgfs.log")
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+            PrintableFormatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
         )
     root.addHandler(handler)
 

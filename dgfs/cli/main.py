@@ -16,6 +16,7 @@ import sys
 
 from dgfs import __version__
 from dgfs.errors import DgfsError, UserError
+from dgfs.printable import PrintableFormatter, printable
 
 SUBCOMMANDS = ("mount", "sync", "status", "stats", "verify", "migrate", "gc", "install_helper")
 
@@ -29,7 +30,9 @@ def setup_logging(level: str | None) -> None:
     name = (level or os.environ.get("DG_LOG_LEVEL") or "WARNING").upper()
     if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise UserError(f"bad log level {name!r}: use debug, info, warning or error")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(handlers=[handler])  # nothing if logging is set up already
     logging.getLogger().setLevel(getattr(logging, name))
     # boto's own chatter is noise at INFO.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
@@ -69,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         print("dgfs: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except UserError as exc:
-        print(f"dgfs {args.command}: {exc}", file=sys.stderr)
+        print(f"dgfs {args.command}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except DgfsError as exc:
-        print(f"dgfs {args.command}: {exc}", file=sys.stderr)
+        print(f"dgfs {args.command}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     return int(code or 0)
 

@@ -21,6 +21,7 @@ from typing import Any
 from dgfs.control import query
 from dgfs.errors import ConfigError, DgfsError
 from dgfs.fs.xattrs import PREFIX, STATUS_SOCKET
+from dgfs.printable import printable
 
 #: Seconds to wait for the daemon (through the mount, then on its socket).
 TIMEOUT = 10.0
@@ -263,4 +264,5 @@ def render(doc: dict[str, Any]) -> str:
         f" {j['entries']} waiting, {j['failed_kept']} in failed/; {j['directory']}"
     )
     lines.append(f"  rebuilds: {rb['count']} ({rb['seconds_total']:.2f} s)")
-    return "\n".join(lines)
+    # Paths, keys and errors name files anyone who can write the bucket named.
+    return "\n".join(printable(line) for line in lines)
