@@ -27,6 +27,7 @@ import pyfuse3
 import trio
 
 from dgfs import readahead
+from dgfs.background import contained
 from dgfs.control import (
     SOCKET_NAME,
     MountFacts,
@@ -165,7 +166,8 @@ async def _set_read_ahead(mountpoint: Path, kib: int) -> None:
             os.stat(mountpoint)
         readahead.set_read_ahead(mountpoint, kib)
 
-    await trio.to_thread.run_sync(stat_then_set, abandon_on_cancel=True)
+    with contained("setting read_ahead_kb", logger=log):
+        await trio.to_thread.run_sync(stat_then_set, abandon_on_cancel=True)
 
 
 async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
@@ -283,7 +285,7 @@ def _backlog_text(fs: FileSystem) -> str:
 
 async def _report_status(fs: FileSystem, notifier: Notifier, scope: trio.CancelScope) -> None:
     """``STATUS=`` for ``systemctl status`` while mounted, when it changes."""
-    with scope:
+    with scope, contained("reporting the status to systemd", logger=log):
         last = ""
         while True:
             await trio.sleep(STATUS_INTERVAL)
@@ -297,7 +299,7 @@ async def _report_drain(fs: FileSystem, notifier: Notifier, scope: trio.CancelSc
     """While the unmount drains uploads: more time from systemd as long as
     files keep reaching S3; none once the drain stalls (a dead endpoint), so a
     stop then ends at the unit's TimeoutStopSec with the data in the journal."""
-    with scope:
+    with scope, contained("reporting the drain to systemd", logger=log):
         best = fs.uploads.backlog()[0]
         notifier.extend_timeout(DRAIN_GRACE, _backlog_text(fs))
         while True:

@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -82,7 +83,9 @@ async def test_a_prefetch_that_fails_unexpectedly_fails_alone(
     v2 = await store_versions(memory, tmp_path)
     real_decode = DeltaEngine.decode
 
-    async def decode(engine: DeltaEngine, source: Path, delta: Path, out: Path) -> None:
+    async def decode(
+        engine: DeltaEngine, source: Path, delta: Path, out: Path, **limits: object
+    ) -> None:
         raise failure()
 
     monkeypatch.setattr(DeltaEngine, "decode", decode)
@@ -115,10 +118,12 @@ async def test_a_streamed_rebuild_that_fails_unexpectedly_fails_its_reader_alone
     real_decode = DeltaEngine.decode
     half_written, release = trio.Event(), trio.Event()
 
-    async def decode(engine: DeltaEngine, source: Path, delta: Path, out: Path) -> None:
+    async def decode(
+        engine: DeltaEngine, source: Path, delta: Path, out: Path, **limits: Any
+    ) -> None:
         # xdelta3 wrote half of the file, then the disk filled up (or worse).
         full = out.with_name(out.name + ".full")
-        await real_decode(engine, source, delta, full)
+        await real_decode(engine, source, delta, full, **limits)
         out.write_bytes(full.read_bytes()[:HALF])
         full.unlink()
         half_written.set()
@@ -281,3 +286,39 @@ async def test_a_status_request_that_fails_unexpectedly_fails_alone(
         nursery.cancel_scope.cancel()
     [line] = failed_jobs(caplog)
     assert line.startswith("a status request failed (the mount goes on): ")
+
+
+# --- the mount's own helpers (dgfs/mount.py) -----------------------------------------------
+
+
+async def test_the_mounts_systemd_reports_and_read_ahead_fail_alone(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    idle_jump_clock: trio.testing.MockClock,  # noqa: F811 - the read-ahead thread ends first
+    failure: Callable[[], BaseException],
+) -> None:
+    from dgfs import mount, readahead
+
+    class Uploads:
+        def backlog(self) -> tuple[int, int]:
+            raise failure()
+
+    class Fs:
+        uploads = Uploads()
+
+    def set_read_ahead(mountpoint: Path, kib: int) -> None:
+        raise failure()
+
+    monkeypatch.setattr(readahead, "set_read_ahead", set_read_ahead)
+    notifier = mount.Notifier({})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mount._report_status, Fs(), notifier, trio.CancelScope())
+        nursery.start_soon(mount._report_drain, Fs(), notifier, trio.CancelScope())
+        nursery.start_soon(mount._set_read_ahead, Path("/nonexistent"), 1024)
+        await trio.sleep(3 * mount.STATUS_INTERVAL)
+        nursery.cancel_scope.cancel()
+    assert sorted(line.partition(" failed")[0] for line in failed_jobs(caplog)) == [
+        "reporting the drain to systemd",
+        "reporting the status to systemd",
+        "setting read_ahead_kb",
+    ]
