@@ -23,6 +23,13 @@ Flags, and why (measured on Debian's xdelta3 3.0.11):
 - ``-W``, ``-P`` and ``-I`` changed neither size nor speed measurably on
   100 MiB inputs, so they stay at xdelta3's defaults.
 
+Deltas come from the bucket, which others can write: a 646-byte VCDIFF
+decodes to 256 MiB. A decode is given the size its output must have
+(``max_size``, from ``dg-file-size``) and xdelta3 cannot write a byte
+more (:func:`dgfs.children.file_size_cap`); every run has a time limit
+proportional to its work. xdelta3 is run by the absolute path resolved
+when the engine is made, with a minimal environment (:mod:`dgfs.children`).
+
 A delta made by DeltaGlider's stock command (``xdelta3 -e -9 -s ref
 target out``) from gzip/bzip2/xz input says so in its application header;
 :meth:`DeltaEngine.decode` then lets xdelta3 decompress and recompress as
@@ -42,7 +49,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Sequence
@@ -50,7 +56,8 @@ from pathlib import Path
 
 import trio
 
-from dgfs.errors import DeltaEngineError, XdeltaMissing
+from dgfs import children
+from dgfs.errors import DecodeLimit, DeltaEngineError, XdeltaMissing
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +171,8 @@ class DeltaEngine:
         if not 1 <= level <= 9:
             raise ValueError(f"xdelta3 level must be 1-9, not {level}")
         self.binary = binary
+        #: Where ``binary`` is, resolved once (None: not found; runs fail with XdeltaMissing).
+        self.path = children.resolve(binary)
         self.memory_limit = memory_limit
         self.level = level
         self._windows = _Budget(max(MIN_SOURCE_WINDOW, memory_limit))
@@ -174,7 +183,7 @@ class DeltaEngine:
         Raises :class:`XdeltaMissing`, naming how to install it, when the
         binary is missing, not executable or does not answer like xdelta3.
         """
-        resolved = shutil.which(self.binary)
+        resolved = self.path
         if resolved is None:
             raise XdeltaMissing(f"xdelta3 not found as {self.binary!r}; {INSTALL_HINT}")
         try:
@@ -184,7 +193,7 @@ class DeltaEngine:
                 capture_output=True,
                 timeout=30,
                 check=False,
-                env=_child_env(),
+                env=children.child_env(),
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise XdeltaMissing(f"cannot run {resolved}: {exc}; {INSTALL_HINT}") from exc
@@ -209,19 +218,31 @@ class DeltaEngine:
         window = await self._window_for(source)
         args: list[str | Path] = ["-e", f"-{self.level}", "-f", "-D", "-R", "-A", "-B", str(window)]
         args += ["-s", source, target, out]
+        work = await _size(source) + await _size(target)
         async with self._windows.hold(window):
-            await self._run("encode", args, out)
+            await self._run("encode", args, out, work=work)
         delta_size = (await trio.Path(out).stat()).st_size
         log.debug("encoded %s against %s: %d bytes (-B %d)", target, source, delta_size, window)
         return delta_size
 
-    async def decode(self, source: Path, delta: Path, out: Path) -> None:
+    async def decode(
+        self,
+        source: Path,
+        delta: Path,
+        out: Path,
+        *,
+        max_size: int | None = None,
+        cap_name: str = "dg-file-size",
+    ) -> None:
         """Rebuild into ``out`` the file that ``delta`` encodes against ``source``.
 
         ``out`` is overwritten; on failure or cancellation it is removed.
         Raises :class:`DeltaEngineError` if xdelta3 fails (corrupt delta,
-        wrong source), :class:`XdeltaMissing` if it is gone. Does not check
-        the result's SHA-256: that is the caller's job.
+        wrong source), :class:`XdeltaMissing` if it is gone, and
+        :class:`DecodeLimit` if the output would pass ``max_size`` bytes
+        (xdelta3 is stopped at that size; ``cap_name`` says in the message
+        where the number comes from) or the run its time limit. Does not
+        check the result's SHA-256: that is the caller's job.
         """
         window = await self._window_for(source)
         marks = await _compression_marks(delta)
@@ -241,10 +262,19 @@ class DeltaEngine:
         else:
             flags = ["-d", "-f", "-D"]
         args: list[str | Path] = [*flags, "-B", str(window), "-s", source, delta, out]
+        work = await _size(source) + (await _size(delta) if max_size is None else max_size)
         async with self._windows.hold(window):
-            await self._run("decode", args, out)
+            await self._run("decode", args, out, work=work, max_size=max_size, cap_name=cap_name)
 
-    async def decode_decompressed(self, source: Path, delta: Path, out: Path) -> str:
+    async def decode_decompressed(
+        self,
+        source: Path,
+        delta: Path,
+        out: Path,
+        *,
+        max_size: int | None = None,
+        cap_name: str = "expand_ratio",
+    ) -> str:
         """Decode a stock delta of a compressed file without recompressing it.
 
         For a delta that the stock command (``xdelta3 -e -9 -s ref target``)
@@ -257,7 +287,8 @@ class DeltaEngine:
         Returns the target's compression mark (``"G"`` for gzip, ``"B"``
         bzip2, ``"X"`` xz). Raises :class:`DeltaEngineError` if the delta
         records no target compression (then :meth:`decode` already gives
-        the original bytes) or xdelta3 fails; ``out`` is removed on failure.
+        the original bytes) or xdelta3 fails, :class:`DecodeLimit` past
+        ``max_size`` bytes or the time limit; ``out`` is removed on failure.
         """
         marks = await _compression_marks(delta)
         if marks is None or not marks[0]:
@@ -266,8 +297,9 @@ class DeltaEngine:
         # seek: the window must hold all of it, not just the compressed size.
         window = await self._decompressed_window_for(source)
         args: list[str | Path] = ["-d", "-f", "-R", "-B", str(window), "-s", source, delta, out]
+        work = await _size(source) + (await _size(delta) if max_size is None else max_size)
         async with self._windows.hold(window):
-            await self._run("decode", args, out)
+            await self._run("decode", args, out, work=work, max_size=max_size, cap_name=cap_name)
         return marks[0]
 
     async def _decompressed_window_for(self, source: Path) -> int:
@@ -314,26 +346,54 @@ class DeltaEngine:
             )
         return window
 
-    async def _run(self, what: str, args: Sequence[str | Path], out: Path) -> None:
-        command = [self.binary, *(os.fspath(a) for a in args)]
+    async def _run(
+        self,
+        what: str,
+        args: Sequence[str | Path],
+        out: Path,
+        *,
+        work: int,
+        max_size: int | None = None,
+        cap_name: str = "",
+    ) -> None:
+        """Run xdelta3 writing ``out``: at most ``max_size`` bytes (None: no cap;
+        ``cap_name`` names it), within the time limit for ``work`` bytes
+        (:func:`dgfs.children.timeout_for`)."""
+        if self.path is None:
+            raise XdeltaMissing(f"cannot run {self.binary!r} to {what}: not found; {INSTALL_HINT}")
+        command = [self.path, *(os.fspath(a) for a in args)]
+        timeout = children.timeout_for(work)
+        limit = DecodeLimit if what == "decode" else DeltaEngineError
         try:
             try:
-                result = await trio.run_process(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    capture_stderr=True,
-                    check=False,
-                    deliver_cancel=_kill_group,
-                    # Own process group, so cancellation also kills the gzip
-                    # helpers xdelta3 may spawn when decoding stock deltas.
-                    start_new_session=True,
-                    env=_child_env(),
-                )
+                with trio.move_on_after(timeout) as deadline:
+                    result = await trio.run_process(
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        capture_stderr=True,
+                        check=False,
+                        deliver_cancel=_kill_group,
+                        # Own process group, so cancellation also kills the gzip
+                        # helpers xdelta3 may spawn when decoding stock deltas.
+                        start_new_session=True,
+                        env=children.child_env(),
+                        preexec_fn=None if max_size is None else children.file_size_cap(max_size),
+                    )
             except (FileNotFoundError, PermissionError) as exc:
                 raise XdeltaMissing(
                     f"cannot run {self.binary!r} to {what}: {exc}; {INSTALL_HINT}"
                 ) from exc
+            if deadline.cancelled_caught:
+                raise limit(
+                    f"xdelta3 {what} stopped after {timeout:.0f} s, the time limit for"
+                    f" {work} bytes of input and output"
+                )
+            if max_size is not None and children.wrote_past_cap(result.returncode, result.stderr):
+                raise DecodeLimit(
+                    f"xdelta3 {what} stopped at {max_size} bytes of output, the limit"
+                    f" ({cap_name}) for this object"
+                )
             if result.returncode != 0:
                 raise DeltaEngineError(
                     f"xdelta3 {what} failed (exit {result.returncode}): "
@@ -372,6 +432,14 @@ class _Budget:
             self._released = trio.Event()
 
 
+async def _size(path: Path) -> int:
+    """Size of an input file (0 if it cannot be read: xdelta3 then says why)."""
+    try:
+        return (await trio.Path(path).stat()).st_size
+    except OSError:
+        return 0
+
+
 async def _compression_marks(delta: Path) -> tuple[str, str] | None:
     """``external_compression`` of the delta file ``delta``."""
     try:
@@ -387,12 +455,6 @@ async def _kill_group(process: trio.Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     process.kill()
-
-
-def _child_env() -> dict[str, str]:
-    """The environment for xdelta3, without ``XDELTA``: that variable adds
-    command-line flags and would silently change what we run."""
-    return {k: v for k, v in os.environ.items() if k != "XDELTA"}
 
 
 def _tail(output: bytes) -> str:

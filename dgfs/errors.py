@@ -103,6 +103,27 @@ class XdeltaMissing(DeltaEngineError, UserError):
     """The xdelta3 binary is not installed or not runnable."""
 
 
+class LimitExceeded(DgfsError):
+    """Untrusted bytes would cost more than a configured limit allows (bytes
+    written, members, nesting or time). The message names the limit and the
+    option that raises it; the work stopped before the limit was passed."""
+
+    errno = errno.EIO
+
+
+class ExpansionLimit(LimitExceeded):
+    """Expanding a file for a deep delta passed a limit (``dgfs.deep.expand``).
+
+    Never an error for the writer: the file is stored without expansion."""
+
+
+class DecodeLimit(LimitExceeded, IntegrityError):
+    """Rebuilding an object from the bucket passed a limit: more bytes than
+    its metadata allows, nesting deeper than any writer makes, or a child
+    process that runs too long. The object is refused (EIO), like any other
+    that cannot be rebuilt exactly."""
+
+
 class CacheCorrupt(DgfsError):
     """A cache entry failed authentication or is truncated (it is dropped)."""
 

@@ -447,14 +447,18 @@ async def test_concurrent_runs_share_one_window_budget(tmp_path: Path) -> None:
         real_run = engine._run
 
         async def counting_run(
-            what: str, args: Sequence[str | Path], out: Path, real_run: Any = real_run
+            what: str,
+            args: Sequence[str | Path],
+            out: Path,
+            real_run: Any = real_run,
+            **limits: Any,
         ) -> None:
             nonlocal running, most
             running += 1
             most = max(most, running)
             try:
                 await trio.sleep(0.05)  # long enough for the others to try to start
-                await real_run(what, args, out)
+                await real_run(what, args, out, **limits)
             finally:
                 running -= 1
 

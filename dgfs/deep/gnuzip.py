@@ -13,18 +13,23 @@ It is optional (``DGFS_ZGZ=`` turns it off, ``DGFS_ZGZ=/path/zgz`` picks
 one): without ``zgz`` such streams simply stay compressed, and
 an expanded form that needs it cannot be rebuilt here (a clear error, and
 never wrong bytes: every rebuild is checked by SHA-256).
+
+It runs by the absolute path found once, with a minimal environment, and
+is stopped at its time limit (:mod:`dgfs.children`).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import select
 import subprocess
+import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-from dgfs.errors import DeltaEngineError
+from dgfs import children
+from dgfs.errors import DecodeLimit, DeltaEngineError
 
 #: The zgz binary: ``DGFS_ZGZ`` names another one, or (empty) none at all.
 ZGZ_ENV = "DGFS_ZGZ"
@@ -41,32 +46,45 @@ LEVELS = (6, 9, 1)
 def zgz_path() -> str | None:
     """Where ``zgz`` is (``$DGFS_ZGZ``, else ``zgz`` on PATH), or None."""
     name = os.environ.get(ZGZ_ENV, "zgz")
-    return shutil.which(name) if name else None
+    return children.resolve(name) if name else None
 
 
-def gnu_deflate(level: int, payload: Path) -> Iterator[bytes]:
+def gnu_deflate(level: int, payload: Path, timeout: float | None = None) -> Iterator[bytes]:
     """GNU gzip's raw deflate of the file ``payload`` at ``level``, in pieces.
 
-    Raises ``DeltaEngineError`` if ``zgz`` is missing or fails.
+    Raises ``DeltaEngineError`` if ``zgz`` is missing or fails, and
+    ``DecodeLimit`` if it runs longer than ``timeout`` seconds (by default
+    the time limit for the payload's size, :func:`dgfs.children.timeout_for`).
     """
     binary = zgz_path()
     if binary is None:
         raise DeltaEngineError(f"this file needs GNU gzip's compressor to rebuild: {INSTALL_HINT}")
+    if timeout is None:
+        timeout = children.timeout_for(2 * payload.stat().st_size)
+    deadline = time.monotonic() + timeout
     with open(payload, "rb") as stdin:
         proc = subprocess.Popen(
             [binary, "--gnu", f"-{level}", "-n", "-q"],
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env={k: v for k, v in os.environ.items() if k != "GZIP"},
+            env=children.child_env(),
+            bufsize=0,  # read() returns what the pipe holds: the deadline is checked in between
         )
     assert proc.stdout is not None
+    poller = select.poll()
+    poller.register(proc.stdout, select.POLLIN)
+    finished = False
     try:
         skip = _HEADER
         held = b""
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise DecodeLimit(f"zgz --gnu -{level} stopped after {timeout:.0f} s (time limit)")
             chunk = proc.stdout.read(_READ)
             if not chunk:
+                finished = True
                 break
             if skip:
                 cut = min(skip, len(chunk))
@@ -77,17 +95,22 @@ def gnu_deflate(level: int, payload: Path) -> Iterator[bytes]:
                 held = held[-_TRAILER:]
     finally:
         proc.stdout.close()
+        if not finished:  # stopped early (time limit, or the caller saw enough)
+            proc.kill()
         code = proc.wait()
     if code != 0 or len(held) != _TRAILER:
         raise DeltaEngineError(f"zgz --gnu -{level} failed (exit {code})")
 
 
-def gnu_matches(level: int, payload: Path, original: Iterator[bytes]) -> bool:
-    """Whether GNU gzip at ``level`` turns ``payload`` into exactly ``original``'s bytes."""
+def gnu_matches(
+    level: int, payload: Path, original: Iterator[bytes], timeout: float | None = None
+) -> bool:
+    """Whether GNU gzip at ``level`` turns ``payload`` into exactly ``original``'s
+    bytes within ``timeout`` seconds (as :func:`gnu_deflate`)."""
     pending = b""
     source = iter(original)
     try:
-        for piece in gnu_deflate(level, payload):
+        for piece in gnu_deflate(level, payload, timeout):
             while len(pending) < len(piece):
                 more = next(source, None)
                 if more is None:
@@ -96,6 +119,6 @@ def gnu_matches(level: int, payload: Path, original: Iterator[bytes]) -> bool:
             if pending[: len(piece)] != piece:
                 return False
             pending = pending[len(piece) :]
-    except DeltaEngineError:
+    except (DeltaEngineError, DecodeLimit):
         return False
     return not pending and next(source, None) is None
