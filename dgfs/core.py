@@ -41,6 +41,7 @@ from dgfs.errors import (
     CacheCorrupt,
     DeltaEngineError,
     DgfsError,
+    ExpansionLimit,
     FormatError,
     IntegrityError,
     MissingReference,
@@ -193,8 +194,11 @@ class Core:
         plain_reference_slots: int = 4,
         deltas: DeltaMode = DeltaMode.DG,
         telemetry: Telemetry | None = None,
+        limits: expand.ExpansionLimits | None = None,
     ) -> None:
         self.store = store
+        # Bounds on expanding files and on rebuilding objects (docs/SECURITY.md).
+        self.limits = limits or expand.ExpansionLimits()
         self.telemetry = telemetry or Telemetry()
         self.cache = cache
         self.engine = engine
@@ -661,8 +665,15 @@ class Core:
             log.warning("this zlib does not deflate like reference zlib; %s is not expanded", key)
             await self._cpu(expand.plain_form, src, out)
             return
-        expand_one = functools.partial(expand.expand_file, scratch_dir=self.scratch_dir)
-        stats = await self._cpu(expand_one, src, out)
+        expand_one = functools.partial(
+            expand.expand_file, scratch_dir=self.scratch_dir, limits=self.limits
+        )
+        try:
+            stats = await self._cpu(expand_one, src, out)
+        except ExpansionLimit as exc:  # a bomb, or beyond what this mount expands
+            log.warning("%s: %s; stored without expanding it", key, exc)
+            await self._cpu(expand.plain_form, src, out)
+            return
         assert isinstance(stats, expand.ExpandStats)
         log.debug(
             "%s: %d streams inflated (%d by GNU gzip), %d kept; %d -> %d bytes",
@@ -694,11 +705,12 @@ class Core:
         deep_reference = fmt.split_key(key)[1] == fmt.DEEP_REFERENCE_NAME
         async with self._scratch() as tmp, self._scratch() as plain:
             try:
-                await self.store.download(key, tmp)
+                head = await self.store.download(key, tmp)
             except NotFound:
                 raise MissingReference(f"{key} is missing") from None
             if deep_reference:
-                await self._cpu(objects.decompress_reference, tmp, plain)
+                cap = objects.reference_cap(head.metadata, self.limits.max_bytes)
+                await self._cpu(objects.decompress_reference, tmp, plain, cap)
                 tmp, plain = plain, tmp
             try:
                 await self._cpu(self.cache.add_file, sha256, tmp)
@@ -826,7 +838,9 @@ class Core:
                 if stream is not None and not from_gzip:
                     stream.writing = True  # xdelta3 writes ``out`` once, in order
                 try:
-                    await self.engine.decode(plain_ref, delta_path, out)
+                    await self.engine.decode(
+                        plain_ref, delta_path, out, max_size=stored.original_size
+                    )
                 except DeltaEngineError:
                     if not from_gzip:
                         raise
@@ -854,7 +868,12 @@ class Core:
         if sha256 is None or sha256 in self._unrecoverable:
             raise IntegrityError(_UNRECOVERABLE.format(key=stored.visible_key))
         async with self._scratch(".tar") as decompressed:
-            await self.engine.decode_decompressed(plain_ref, delta_path, decompressed)
+            await self.engine.decode_decompressed(
+                plain_ref,
+                delta_path,
+                decompressed,
+                max_size=self.limits.allowance(stored.original_size),
+            )
             recover = functools.partial(
                 dgzip.recover_gzip,
                 decompressed,
@@ -887,10 +906,24 @@ class Core:
             except FormatError as exc:
                 raise IntegrityError(f"{stored.stored_key}: {exc}") from None
             async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
-                await self.engine.decode(plain_ref, vcdiff, expanded)
+                await self.engine.decode(
+                    plain_ref,
+                    vcdiff,
+                    expanded,
+                    max_size=self.limits.allowance(stored.original_size),
+                    cap_name="expand_ratio × its dg-file-size, at most expand_max",
+                )
             try:
                 await self._cpu(
-                    expand.rebuild_file, expanded, out, self.scratch_dir, _REBUILD_WORKERS
+                    functools.partial(
+                        expand.rebuild_file,
+                        max_size=stored.original_size,
+                        seconds=self.limits.seconds,
+                    ),
+                    expanded,
+                    out,
+                    self.scratch_dir,
+                    _REBUILD_WORKERS,
                 )
             except (FormatError, DgfsError) as exc:
                 out.unlink(missing_ok=True)

@@ -482,6 +482,7 @@ async def open_migration(
             dest_core.policy,
             scratch_dir=dest_core.scratch_dir / "source",
             cpu_limiter=dest_core.cpu_limiter,
+            limits=dest_core.limits,
         )
         try:
             yield source_core, dest_core

@@ -20,6 +20,7 @@ from pathlib import Path
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.crypto import load_cache_key
+from dgfs.deep.expand import ExpansionLimits
 from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError
 from dgfs.format import DeltaMode
@@ -156,6 +157,8 @@ class Settings:
     """Seconds to wait for each read from the S3 endpoint before the request is retried."""
     deltas: DeltaMode = DeltaMode.DG
     """Mode of new deltaspaces: DeltaGlider v6 (``dg``) or dgfs's ``deep`` extension."""
+    expansion: ExpansionLimits = field(default_factory=ExpansionLimits)
+    """How far a file may be expanded for a deep delta, and an object rebuilt from one."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
@@ -238,6 +241,7 @@ async def open_core(
                 scratch_dir=scratch,
                 deltas=settings.deltas,
                 telemetry=telemetry,
+                limits=settings.expansion,
             )
             try:
                 yield core

@@ -378,11 +378,11 @@ async def test_materialize_shares_one_rebuild(
     calls = 0
     real_decode = core.engine.decode
 
-    async def counting_decode(*args: object) -> None:
+    async def counting_decode(*args: object, **limits: object) -> None:
         nonlocal calls
         calls += 1
         await trio.sleep(0.05)
-        await real_decode(*args)  # type: ignore[arg-type]
+        await real_decode(*args, **limits)  # type: ignore[arg-type]
 
     monkeypatch.setattr(core.engine, "decode", counting_decode)
     stored = await core.locate("s/b.zip")
@@ -433,9 +433,9 @@ async def test_the_reference_file_is_read_without_decoding_its_self_delta(
     decodes: list[Path] = []
     real_decode = reader.engine.decode
 
-    async def counting_decode(source: Path, delta: Path, out: Path) -> None:
+    async def counting_decode(source: Path, delta: Path, out: Path, **limits: object) -> None:
         decodes.append(delta)
-        await real_decode(source, delta, out)
+        await real_decode(source, delta, out, **limits)
 
     monkeypatch.setattr(reader.engine, "decode", counting_decode)
     stored = await reader.locate("s/a.zip")

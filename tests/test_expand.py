@@ -40,6 +40,7 @@ from dgfs.deep.expand import (
     MAGIC,
     MAX_DEPTH,
     ExpandStats,
+    ExpansionLimits,
     expand_file,
     plain_form,
     rebuild_chunks,
@@ -783,7 +784,11 @@ def test_expansion_memory_is_bounded(tmp_path: Path) -> None:
     (tmp_path / "zeros.gz").write_bytes(data)
     tracemalloc.start()
     try:
-        stats = expand_file(tmp_path / "zeros.gz", tmp_path / "zeros.dgx", scratch_dir=tmp_path)
+        # ~1000 times its size: beyond the default expand_ratio, which is not tested here.
+        limits = ExpansionLimits(ratio=2000)
+        stats = expand_file(
+            tmp_path / "zeros.gz", tmp_path / "zeros.dgx", scratch_dir=tmp_path, limits=limits
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

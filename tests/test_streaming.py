@@ -57,9 +57,11 @@ class HeldDecode:
         real = DeltaEngine.decode
         held = self
 
-        async def decode(engine: DeltaEngine, source: Path, delta: Path, out: Path) -> None:
+        async def decode(
+            engine: DeltaEngine, source: Path, delta: Path, out: Path, **limits: object
+        ) -> None:
             full = out.with_name(out.name + ".full")
-            await real(engine, source, delta, full)
+            await real(engine, source, delta, full, **limits)
             data = full.read_bytes()
             full.unlink()
             with open(out, "r+b") as f:

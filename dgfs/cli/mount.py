@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from dgfs import readahead
+from dgfs.deep.expand import ExpansionLimits
 from dgfs.errors import ConfigError, FormatError
 from dgfs.format import DeltaMode
 from dgfs.fs.filesystem import FsOptions
@@ -37,6 +38,9 @@ options (-o, comma separated):
   xdelta_level=9   xdelta3's encoding level; lower stores faster (1 for files of GiBs)
   deltas=dg|deep   new directories: DeltaGlider v6 deltas (default), or deep deltas of
                    archives' expanded content (dgfs only; docs/FORMAT.md)
+  expand_ratio=100 expand_max=4G expand_members=200000 expand_time=600
+                   how far deep mode expands one file (bytes per byte of the file, bytes,
+                   zip entries + gzip members, seconds); beyond, it is stored unexpanded
   metrics=[IP:]PORT  serve Prometheus metrics (default address 127.0.0.1; docs/metrics.md)
 """
 
@@ -62,6 +66,10 @@ VALUE_OPTIONS = {
     "upload_delay",
     "attr_timeout",
     "deltas",
+    "expand_ratio",
+    "expand_max",
+    "expand_members",
+    "expand_time",
     "metrics",
     "s3_timeout",
     "xdelta_level",
@@ -103,6 +111,32 @@ def _delta_mode(value: str | None) -> DeltaMode:
         return DeltaMode.parse(value or "")
     except FormatError:
         raise ConfigError(f"option deltas must be 'dg' or 'deep', not {value!r}") from None
+
+
+def _expansion_limits(options: dict[str, str | None]) -> ExpansionLimits | None:
+    """The ``expand_*`` options over the defaults; None if none is given."""
+    limits: dict[str, object] = {}
+    if "expand_ratio" in options:
+        ratio = _float("expand_ratio", options["expand_ratio"])
+        if not 2 <= ratio < 1e9:
+            raise ConfigError(f"option expand_ratio must be 2 to 1e9, got {ratio:g}")
+        limits["ratio"] = ratio
+    if "expand_max" in options:
+        max_bytes = parse_size(str(options["expand_max"]))
+        if max_bytes < 1 << 20:
+            raise ConfigError(f"option expand_max must be at least 1M, got {options['expand_max']}")
+        limits["max_bytes"] = max_bytes
+    if "expand_members" in options:
+        members = _int("expand_members", options["expand_members"])
+        if members < 1:
+            raise ConfigError(f"option expand_members must be at least 1, got {members}")
+        limits["members"] = members
+    if "expand_time" in options:
+        seconds = _float("expand_time", options["expand_time"])
+        if not seconds > 0:
+            raise ConfigError(f"option expand_time must be more than 0 seconds, got {seconds:g}")
+        limits["seconds"] = seconds
+    return ExpansionLimits(**limits) if limits else None  # type: ignore[arg-type]
 
 
 def build_config(
@@ -154,6 +188,9 @@ def build_config(
         changes["xdelta_level"] = level
     if policy_overrides:
         changes["policy"] = Policy.from_env(os.environ, **policy_overrides)
+    expansion = _expansion_limits(options)
+    if expansion is not None:
+        changes["expansion"] = expansion
     settings = dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
 
     fs_changes: dict[str, object] = {}

@@ -111,6 +111,7 @@ def match_deflate(
     limit: int,
     sink: Callable[[bytes], object] | None,
     candidates: Iterable[DeflateParams] = CANDIDATES,
+    on_inflate: Callable[[int], object] | None = None,
 ) -> DeflateMatch:
     """Decompress the raw deflate stream at ``start`` of ``src`` (not past
     ``limit``), handing its output to ``sink``, and find which of
@@ -120,6 +121,8 @@ def match_deflate(
     useless then), but the stream is still decompressed to find its end.
     With no ``candidates`` at all it is a plain streaming inflate into ``sink``.
     Returns ``compressed_length == 0`` when the bytes are not valid deflate.
+    ``on_inflate`` is told the size of every piece inflated (sink or not),
+    at most ``_INFLATE_MAX`` bytes at a time: it may raise to stop a bomb.
     """
     live = [_Candidate(p) for p in candidates]
     candidates_given = bool(live)
@@ -155,6 +158,8 @@ def match_deflate(
         except zlib.error:
             return DeflateMatch(0, produced, None)
         produced += len(plain)
+        if on_inflate is not None:
+            on_inflate(len(plain))
         for pos in range(0, len(plain), _FEED):
             piece = plain[pos : pos + _FEED]
             if live:

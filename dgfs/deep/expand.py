@@ -32,6 +32,15 @@ which raw deflate with those settings turns into the original span; a
 (:mod:`dgfs.deep.gnuzip`).
 Nothing is held in memory beyond one segment's buffer (``RAW_CHUNK``) and
 zlib's own state; nested archives are spooled to a scratch file.
+
+Files come from users and, read back, from a bucket others can write: a
+353-byte zip expanded to 134 MB in 0.5 s. ``expand_file`` works under
+``ExpansionLimits`` (scratch bytes held, bytes inflated, zip entries and
+gzip members, wall time; nesting stops at ``MAX_DEPTH``) and raises
+``ExpansionLimit`` the moment one is passed: the writer then stores the file
+unexpanded. Rebuilding refuses nesting deeper than ``MAX_NESTING`` and, in
+``rebuild_file``, more output or time than the caller allows
+(``DecodeLimit``).
 """
 
 from __future__ import annotations
@@ -43,13 +52,15 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from dgfs import children
 from dgfs.deep import gnuzip
 from dgfs.deep.deflate import (
     CANDIDATES,
@@ -59,7 +70,7 @@ from dgfs.deep.deflate import (
     deflate_chunks,
     match_deflate,
 )
-from dgfs.errors import FormatError
+from dgfs.errors import DecodeLimit, ExpansionLimit, FormatError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +84,10 @@ TAG_GNU = 3
 RAW_CHUNK = 1 << 20
 #: Archives nested deeper than this stay as they are.
 MAX_DEPTH = 4
+#: Readers refuse DEFLATE/GNU segments nested deeper than this. dgfs writes at
+#: most MAX_DEPTH + 1; a hostile form nesting 1,000 deep exhausted Python's
+#: recursion (the rebuild recurses once per level).
+MAX_NESTING = 16
 #: After this many zip or gzip members in a row that nothing reproduces, the
 #: rest of the archive is copied as it is (its writer was not zlib).
 MAX_MISSES = 4
@@ -91,6 +106,14 @@ GZIP_GUESS_MAX = 8 << 20
 #: are compressed in worker threads; at most _IN_FLIGHT bytes wait for them.
 PARALLEL_PAYLOAD = 4 << 20
 _IN_FLIGHT = 16 << 20
+#: Default of ``ExpansionLimits.max_bytes``.
+DEFAULT_MAX_BYTES = 4 << 30
+#: However small a file, its expansion may take this much.
+MIN_ALLOWANCE = 1 << 20
+#: Bytes one expansion may inflate, all attempts together, per byte it may
+#: write: a stream is inflated again when its first candidate settings fail,
+#: for GNU gzip, and once more inside a nested archive.
+INFLATE_FACTOR = 4
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _ZIP_LOCAL = b"PK\x03\x04"
@@ -113,6 +136,100 @@ def nested_kind(head: bytes) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ExpansionLimits:
+    """How far expanding one file may go (docs/SECURITY.md; mount options in
+    brackets). Past any of them ``expand_file`` raises ``ExpansionLimit`` and
+    the file is stored without expansion. The defaults are far beyond any
+    real release series: botocore wheels and Django sdists expand 6-8 times,
+    in about a second."""
+
+    ratio: float = 100.0
+    """Expanded bytes per byte of the file (``expand_ratio``)."""
+    max_bytes: int = DEFAULT_MAX_BYTES
+    """Expanded bytes of any one file (``expand_max``); also the most a deep
+    reference may decompress to."""
+    members: int = 200_000
+    """Zip entries and gzip members walked, at every depth (``expand_members``)."""
+    seconds: float = 600.0
+    """Wall time of one expansion, or of one rebuild when reading (``expand_time``)."""
+
+    def allowance(self, size: int) -> int:
+        """Bytes the expanded form of a ``size``-byte file may take, and the
+        scratch space its expansion may hold at once."""
+        return min(self.max_bytes, max(MIN_ALLOWANCE, int(self.ratio * size)))
+
+
+class _Budget:
+    """What one expansion may still spend (used by the expansion's thread only)."""
+
+    def __init__(self, limits: ExpansionLimits, original_size: int) -> None:
+        self.limits = limits
+        self.original_size = original_size
+        self.max_bytes = limits.allowance(original_size)
+        self.held = 0
+        """Bytes on scratch now: the expanded form so far and open spools."""
+        self.peak = 0
+        self.inflated = 0
+        self.members = 0
+        self.deadline = time.monotonic() + limits.seconds
+
+    def hold(self, size: int) -> None:
+        """``size`` more bytes are written to scratch."""
+        self.held += size
+        self.peak = max(self.peak, self.held)
+        if self.held > self.max_bytes:
+            raise ExpansionLimit(
+                f"its expanded form would pass {self.max_bytes} bytes (expand_ratio="
+                f"{self.limits.ratio:g} × its {self.original_size} bytes, at most"
+                f" expand_max={self.limits.max_bytes})"
+            )
+        self.check_time()
+
+    def release(self, size: int) -> None:
+        """``size`` bytes written before were removed from scratch."""
+        self.held -= size
+
+    def stream(self) -> Callable[[int], None]:
+        """An ``on_inflate`` counter for one more deflate stream."""
+        produced = 0
+
+        def count(size: int) -> None:
+            nonlocal produced
+            produced += size
+            self.inflated += size
+            if produced > self.max_bytes:
+                raise ExpansionLimit(
+                    f"a stream in it inflates to more than {self.max_bytes} bytes"
+                    " (expand_ratio × its size, at most expand_max)"
+                )
+            if self.inflated > INFLATE_FACTOR * self.max_bytes:
+                raise ExpansionLimit(
+                    f"expanding it inflated more than {INFLATE_FACTOR * self.max_bytes} bytes"
+                    f" ({INFLATE_FACTOR} × expand_ratio × its size, at most expand_max)"
+                )
+            self.check_time()
+
+        return count
+
+    def member(self) -> None:
+        """One more zip entry or gzip member."""
+        self.members += 1
+        if self.members > self.limits.members:
+            raise ExpansionLimit(
+                f"it holds more than {self.limits.members} zip entries and gzip members"
+                " (expand_members)"
+            )
+        self.check_time()
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise ExpansionLimit(f"expanding it took over {self.limits.seconds:g} s (expand_time)")
+
+    def time_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
 @dataclass
 class ExpandStats:
     """What ``expand_file`` did, for logs and benchmarks."""
@@ -126,6 +243,8 @@ class ExpandStats:
     """Inflated without a new check: the same bytes were proven before."""
     inflated_bytes: int = 0
     params_seen: dict[DeflateParams, int] = field(default_factory=dict)
+    peak_scratch: int = 0
+    """The most scratch bytes the expansion held at once (output and spools)."""
 
 
 # --- writing -----------------------------------------------------------------
@@ -144,11 +263,18 @@ def _varint(value: int) -> bytes:
 
 
 class _Writer:
-    """Segments onto a seekable file; RAW data is buffered up to ``RAW_CHUNK``."""
+    """Segments onto a seekable file; RAW data is buffered up to ``RAW_CHUNK``.
+    Every byte written is counted in ``budget`` (if any) before it is written."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, budget: _Budget | None = None) -> None:
         self.out = out
+        self.budget = budget
         self._pending = bytearray()
+
+    def _write(self, data: bytes) -> None:
+        if self.budget is not None:
+            self.budget.hold(len(data))
+        self.out.write(data)
 
     def raw(self, data: bytes) -> None:
         self._pending += data
@@ -158,7 +284,7 @@ class _Writer:
     def _emit(self, size: int) -> None:
         piece = bytes(self._pending[:size])
         del self._pending[:size]
-        self.out.write(bytes((TAG_RAW,)) + _varint(len(piece)) + piece)
+        self._write(bytes((TAG_RAW,)) + _varint(len(piece)) + piece)
 
     def flush_raw(self) -> None:
         if self._pending:
@@ -166,7 +292,7 @@ class _Writer:
 
     def tag(self, data: bytes) -> None:
         self.flush_raw()
-        self.out.write(data)
+        self._write(data)
 
     def tell(self) -> int:
         self.flush_raw()
@@ -175,6 +301,9 @@ class _Writer:
     def rewind(self, pos: int) -> None:
         """Drop everything written from ``pos`` on (a failed segment)."""
         self._pending.clear()
+        end = self.out.seek(0, os.SEEK_END)
+        if self.budget is not None:
+            self.budget.release(end - pos)
         self.out.seek(pos)
         self.out.truncate()
 
@@ -263,10 +392,13 @@ _SPAN_ENTRY_BYTES = 256
 
 
 class _Expander:
-    def __init__(self, writer: _Writer, scratch_dir: Path, stats: ExpandStats) -> None:
+    def __init__(
+        self, writer: _Writer, scratch_dir: Path, stats: ExpandStats, budget: _Budget
+    ) -> None:
         self.w = writer
         self.scratch_dir = scratch_dir
         self.stats = stats
+        self.budget = budget
         # Per kind of stream ("zip" members, "gzip" members) and nesting depth.
         self.hints: dict[tuple[str, int], _Hint] = {}
 
@@ -380,19 +512,32 @@ class _Expander:
         """The GNU gzip level that reproduces the stream, if any (needs zgz)."""
         fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".gnu")
         payload = Path(name)
+        spooled = 0
+
+        def spool_write(piece: bytes) -> None:
+            nonlocal spooled
+            self.budget.hold(len(piece))
+            spooled += len(piece)
+            spool.write(piece)
+
         try:
             with os.fdopen(fd, "w+b") as spool:
-                match_deflate(src, start, start + found.compressed_length, spool.write, ())
+                end = start + found.compressed_length
+                match_deflate(src, start, end, spool_write, (), self.budget.stream())
             levels = [lv for lv in (hint.gnu_level, *gnuzip.LEVELS) if lv is not None]
             for level in dict.fromkeys(levels):
                 span = _span_chunks(src, start, found.compressed_length)
-                if gnuzip.gnu_matches(level, payload, span):
+                timeout = min(children.timeout_for(2 * spooled), self.budget.time_left())
+                matched = gnuzip.gnu_matches(level, payload, span, timeout)
+                self.budget.check_time()
+                if matched:
                     hint.gnu_level = level
                     return level
             hint.gnu_failures += 1
             return None
         finally:
             payload.unlink(missing_ok=True)
+            self.budget.release(spooled)
 
     def _segment(
         self,
@@ -412,10 +557,11 @@ class _Expander:
         body_pos = self.w.tell()
         spool: BinaryIO | None = None
         spool_path: Path | None = None
+        spooled = 0
         first = True
 
         def sink(piece: bytes) -> None:
-            nonlocal first, spool, spool_path
+            nonlocal first, spool, spool_path, spooled
             if first:
                 first = False
                 if depth < MAX_DEPTH and nested_kind(piece) is not None:
@@ -423,12 +569,21 @@ class _Expander:
                     spool_path = Path(name)
                     spool = os.fdopen(fd, "w+b")
             if spool is not None:
+                self.budget.hold(len(piece))
+                spooled += len(piece)
                 spool.write(piece)
             else:
                 self.w.raw(piece)
 
         try:
-            found = match_deflate(src, start, limit, sink, () if known is not None else candidates)
+            found = match_deflate(
+                src,
+                start,
+                limit,
+                sink,
+                () if known is not None else candidates,
+                self.budget.stream(),
+            )
             recipe: Recipe | None
             if known is not None:
                 recipe = known if found.compressed_length == known_length else None
@@ -455,6 +610,7 @@ class _Expander:
                 spool.close()
             if spool_path is not None:
                 spool_path.unlink(missing_ok=True)
+            self.budget.release(spooled)
 
     # -- gzip (RFC 1952), one or more members --
 
@@ -465,6 +621,7 @@ class _Expander:
             src.seek(pos)
             if src.read(3) != _GZIP_MAGIC:
                 break
+            self.budget.member()
             body = _gzip_body_offset(src, pos, end)
             if body is None:
                 break
@@ -496,6 +653,7 @@ class _Expander:
             entry = _read_local_header(src, pos, end)
             if entry is None:
                 break
+            self.budget.member()
             data_start, method, flags, csize = entry
             if method == 8 and misses < MAX_MISSES:
                 self.copy(src, cursor, data_start)
@@ -637,41 +795,66 @@ def _after_descriptor(src: BinaryIO, data_end: int, end: int, flags: int) -> int
 # --- public API ------------------------------------------------------------------
 
 
-def expand_file(src: Path, out: Path, *, scratch_dir: Path) -> ExpandStats:
-    """Write the expanded form of ``src`` to ``out`` (blocking; run it in a thread)."""
+def expand_file(
+    src: Path, out: Path, *, scratch_dir: Path, limits: ExpansionLimits | None = None
+) -> ExpandStats:
+    """Write the expanded form of ``src`` to ``out`` (blocking; run it in a thread).
+
+    Raises ``ExpansionLimit`` the moment the expansion would pass one of
+    ``limits`` (by default ``ExpansionLimits()``), or at once for a file
+    larger than ``limits.max_bytes``; ``out`` is then empty and nothing is
+    left in ``scratch_dir``. The caller stores such a file unexpanded
+    (:func:`plain_form`).
+    """
+    limits = limits or ExpansionLimits()
     stats = ExpandStats(original_size=src.stat().st_size)
+    if stats.original_size > limits.max_bytes:
+        raise ExpansionLimit(
+            f"it is {stats.original_size} bytes, more than expand_max={limits.max_bytes}"
+        )
+    budget = _Budget(limits, stats.original_size)
     with open(src, "rb") as source, open(out, "w+b") as sink:
-        sink.write(MAGIC)
-        writer = _Writer(sink)
-        expander = _Expander(writer, scratch_dir, stats)
+        writer = _Writer(sink, budget)
         try:
-            expander.range(source, 0, stats.original_size, 0)
-        except FormatError as exc:
-            # A parser disagreed with the bytes: the plain form is always right.
-            log.info("%s: expansion stopped (%s); kept as it is", src, exc)
-            writer.rewind(len(MAGIC))
-            stats.streams_inflated = stats.inflated_bytes = 0
-            expander.copy(source, 0, stats.original_size)
-        writer.tag(bytes((TAG_END,)))
+            writer.tag(MAGIC)
+            expander = _Expander(writer, scratch_dir, stats, budget)
+            try:
+                expander.range(source, 0, stats.original_size, 0)
+            except FormatError as exc:
+                # A parser disagreed with the bytes: the plain form is always right.
+                log.info("%s: expansion stopped (%s); kept as it is", src, exc)
+                writer.rewind(len(MAGIC))
+                stats.streams_inflated = stats.inflated_bytes = 0
+                expander.copy(source, 0, stats.original_size)
+            writer.tag(bytes((TAG_END,)))
+        except ExpansionLimit:
+            sink.truncate(0)
+            raise
         stats.expanded_size = sink.tell()
+    stats.peak_scratch = budget.peak
     return stats
 
 
 def plain_form(src: Path, out: Path) -> None:
     """The expanded form that expands nothing (what ``expand_file`` falls back to)."""
+    size = src.stat().st_size
     with open(src, "rb") as source, open(out, "wb") as sink:
         sink.write(MAGIC)
         writer = _Writer(sink)
-        _Expander(writer, Path(tempfile.gettempdir()), ExpandStats()).copy(
-            source, 0, src.stat().st_size
+        # Copying spends nothing but the file's own size: no limits.
+        unlimited = _Budget(ExpansionLimits(max_bytes=size, seconds=float("inf")), size)
+        _Expander(writer, Path(tempfile.gettempdir()), ExpandStats(), unlimited).copy(
+            source, 0, size
         )
         writer.tag(bytes((TAG_END,)))
 
 
 class _Reader:
-    def __init__(self, src: BinaryIO, scratch_dir: Path | None) -> None:
+    def __init__(self, src: BinaryIO, scratch_dir: Path | None, depth: int = 0) -> None:
         self.src = src
         self.scratch_dir = scratch_dir
+        self.depth = depth
+        """DEFLATE/GNU segments open around the one being read (at most ``MAX_NESTING``)."""
 
     def exact(self, size: int) -> bytes:
         data = self.src.read(size)
@@ -728,10 +911,16 @@ class _Reader:
 
     def compressed(self, tag: int) -> Iterator[bytes]:
         """One DEFLATE or GNU segment whose tag was just read, compressed as it goes."""
-        if tag == TAG_DEFLATE:
-            yield from deflate_chunks(self.params(), self.segments())
-        else:
-            yield from self._gnu(self.exact(1)[0])
+        if self.depth >= MAX_NESTING:
+            raise DecodeLimit(f"expanded form: segments nest deeper than {MAX_NESTING}")
+        self.depth += 1
+        try:
+            if tag == TAG_DEFLATE:
+                yield from deflate_chunks(self.params(), self.segments())
+            else:
+                yield from self._gnu(self.exact(1)[0])
+        finally:
+            self.depth -= 1
 
     def _subtree(self, tag: int) -> Iterator[bytes]:
         """A DEFLATE or GNU segment: from REBUILT_SUBTREES when small enough, else streamed."""
@@ -741,7 +930,7 @@ class _Reader:
         if end is None:
             yield from self.compressed(tag)
         else:
-            yield from _rebuild_subtree(self.exact(end - start), self.scratch_dir)
+            yield from _rebuild_subtree(self.exact(end - start), self.scratch_dir, self.depth)
 
     def segments_in_parallel(self, workers: int) -> Iterator[bytes]:
         """``segments``, with small subtrees rebuilt by ``workers`` threads.
@@ -776,7 +965,7 @@ class _Reader:
                     continue
                 self.src.seek(start)
                 subtree = self.exact(end - start)
-                queue.append(pool.submit(_rebuild_subtree, subtree, self.scratch_dir))
+                queue.append(pool.submit(_rebuild_subtree, subtree, self.scratch_dir, 0))
                 sizes.append(len(subtree))
                 in_flight += len(subtree)
                 yield from ready(force=False)
@@ -812,13 +1001,14 @@ class _Reader:
 REBUILT_SUBTREES = _Memo(32 << 20)
 
 
-def _rebuild_subtree(subtree: bytes, scratch_dir: Path | None) -> list[bytes]:
-    """The original bytes of one DEFLATE or GNU segment given whole (tag included)."""
+def _rebuild_subtree(subtree: bytes, scratch_dir: Path | None, depth: int) -> list[bytes]:
+    """The original bytes of one DEFLATE or GNU segment given whole (tag
+    included), found inside ``depth`` others."""
     key = hashlib.sha256(subtree).digest()
     cached = REBUILT_SUBTREES.get(key)
     if isinstance(cached, list):
         return cached
-    reader = _Reader(io.BytesIO(subtree), scratch_dir)
+    reader = _Reader(io.BytesIO(subtree), scratch_dir, depth)
     rebuilt = list(reader.compressed(reader.exact(1)[0]))
     if reader.src.read(1):
         raise FormatError("expanded form: bytes after a segment's end")
@@ -847,15 +1037,33 @@ def rebuild_chunks(
 
 
 def rebuild_file(
-    expanded: Path, out: Path, scratch_dir: Path | None = None, workers: int = 1
+    expanded: Path,
+    out: Path,
+    scratch_dir: Path | None = None,
+    workers: int = 1,
+    *,
+    max_size: int | None = None,
+    seconds: float | None = None,
 ) -> tuple[str, int]:
-    """Write the original bytes of ``expanded`` to ``out``; returns (sha256, size)."""
+    """Write the original bytes of ``expanded`` to ``out``; returns (sha256, size).
+
+    Raises ``DecodeLimit`` once the bytes pass ``max_size`` (the file's
+    recorded size; ``out`` then holds no more than that) or the rebuild
+    ``seconds`` (None: no limit).
+    """
     digest = hashlib.sha256()
     size = 0
+    deadline = None if seconds is None else time.monotonic() + seconds
     with open(expanded, "rb") as src, open(out, "wb") as sink:
         for chunk in rebuild_chunks(src, scratch_dir, workers):
-            digest.update(chunk)
             size += len(chunk)
+            if max_size is not None and size > max_size:
+                raise DecodeLimit(
+                    f"expanded form rebuilds to more than {max_size} bytes (its dg-file-size)"
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                raise DecodeLimit(f"rebuilding took over {seconds:g} s (expand_time)")
+            digest.update(chunk)
             sink.write(chunk)
     return digest.hexdigest(), size
 

@@ -14,22 +14,32 @@ description.
   2^27 bytes.
 - A deep delta's body is ``DEEP_DELTA_MAGIC`` followed by a VCDIFF (xdelta3)
   that turns the expanded reference into the file's expanded form.
+
+A reference comes from the bucket: an 8 KB zstd frame decompresses to
+256 MiB. :func:`decompress_reference` refuses a window over 2^27 bytes, a
+frame whose header announces more than its limit, and stops writing at
+that limit (the reference's recorded ``dgfs-expanded-size``, at most the
+expansion cap: :func:`reference_cap`).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import zstandard
 
-from dgfs.errors import FormatError
+from dgfs import format as fmt
+from dgfs.deep.expand import DEFAULT_MAX_BYTES
+from dgfs.errors import DecodeLimit, FormatError
 from dgfs.format import DEEP_DELTA_MAGIC
 
 ZSTD_LEVEL = 9
 #: The largest window a reader accepts (a writer may use long-distance matching).
 MAX_WINDOW_LOG = 27
 _BUFFER = 1 << 20
+_FRAME_HEADER_MAX = 18  # ZSTD_FRAMEHEADERSIZE_MAX
 
 
 def compress_reference(expanded: Path, out: Path) -> int:
@@ -44,14 +54,42 @@ def compress_reference(expanded: Path, out: Path) -> int:
     return out.stat().st_size
 
 
-def decompress_reference(stored: Path, out: Path) -> None:
-    """Undo :func:`compress_reference`; ``FormatError`` if ``stored`` is not such a body."""
+def reference_cap(metadata: Mapping[str, str], max_bytes: int) -> int:
+    """The most a deep reference with ``metadata`` may decompress to: its
+    recorded ``dgfs-expanded-size`` when it has one, never over ``max_bytes``."""
+    recorded = metadata.get(fmt.META_EXPANDED_SIZE, "").strip()
+    if recorded.isascii() and recorded.isdigit() and len(recorded) <= 19:
+        return min(int(recorded), max_bytes)
+    return max_bytes
+
+
+def decompress_reference(stored: Path, out: Path, max_size: int = DEFAULT_MAX_BYTES) -> None:
+    """Undo :func:`compress_reference`; ``FormatError`` if ``stored`` is not such a body,
+    ``DecodeLimit`` (and ``out`` holds no more than ``max_size`` bytes) if it
+    decompresses to more than ``max_size`` bytes."""
     decompressor = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
     try:
         with open(stored, "rb") as src, open(out, "wb") as dst:
-            decompressor.copy_stream(src, dst, read_size=_BUFFER, write_size=_BUFFER)
+            announced = zstandard.get_frame_parameters(src.read(_FRAME_HEADER_MAX)).content_size
+            if announced != zstandard.CONTENTSIZE_UNKNOWN and announced > max_size:
+                raise _over(max_size, f"its header announces {announced}")
+            src.seek(0)
+            written = 0
+            with decompressor.stream_reader(src, read_size=_BUFFER) as reader:
+                while chunk := reader.read(_BUFFER):
+                    written += len(chunk)
+                    if written > max_size:
+                        raise _over(max_size, "it holds more")
+                    dst.write(chunk)
     except zstandard.ZstdError as exc:
         raise FormatError(f"deep reference body is not valid zstd: {exc}") from None
+
+
+def _over(max_size: int, how: str) -> DecodeLimit:
+    return DecodeLimit(
+        f"deep reference decompresses to more than {max_size} bytes ({how}): the limit is its"
+        " recorded dgfs-expanded-size, at most expand_max"
+    )
 
 
 def wrap_delta(vcdiff: Path, out: Path) -> int:
