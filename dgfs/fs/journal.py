@@ -1,11 +1,45 @@
 """Crash-safe local journal of files written through the mount but not yet in S3.
 
 A file being written lives in ``<id>.data`` inside the journal directory
-(the staging file). ``commit`` makes it durable: the data is fsync'd, then
-a manifest ``<id>.json`` (target key and POSIX metadata) is written to a
-temp name, fsync'd and renamed into place, and the directory is fsync'd.
-An entry exists exactly when its manifest does; a ``.data`` without a
-manifest is an uncommitted staging file and is discarded at start.
+(the staging file); its manifest ``<id>.json`` (target key and POSIX
+metadata) makes it a committed entry. Entries that can never be uploaded
+are kept in ``failed/`` the same way. Two rules make every operation
+crash-safe:
+
+- An entry is where its manifest is, and a manifest is only ever put where
+  the entry's complete data already is. A manifest changes place by one
+  rename, so an entry is never in two places. A ``.data`` without a
+  manifest is uncommitted staging, or a spare link left by a move cut
+  short: ``recover`` deletes it.
+- Manifests and copies are written under a ``.tmp`` name, fsync'd,
+  renamed into place, and the directory fsync'd; ``recover`` deletes any
+  ``.tmp`` left.
+
+What a crash at any step leaves, operation by operation:
+
+- ``commit``: the data is fsync'd, then ``write_manifest``. Before the
+  manifest's rename the file is uncommitted staging (its ``close()`` did
+  not return); after it, the entry is committed.
+- ``write_manifest``: the whole body is written (short writes continued)
+  to a temp name of its own, fsync'd and renamed over the old manifest:
+  the old manifest or the new one, never a part.
+- ``remove``: the manifest goes first: the entry, or staging to delete.
+- Moving an entry to another directory (``quarantine`` into ``failed/``;
+  ``open_slot`` from a slot nobody holds into the one taken): (1) the data
+  gets a second name in the destination (a hard link, or a copy where the
+  filesystem has none), fsync'd; (2) the manifest is renamed into the
+  destination and both directories fsync'd; (3) the source's data name is
+  removed. Before (2) the entry is whole in the source and the destination
+  holds a spare data name; from (2) on, the reverse. Each directory
+  recovered on its own, by whichever mount takes it, is right, and a
+  repeated move starts over safely.
+- ``recover`` only deletes what no entry needs, and quarantines an
+  unreadable manifest with the move above. It also finishes what earlier
+  versions of this module could leave half done, which moved the data
+  before the manifest and quarantined the manifest before the data:
+  ``open_slot`` brings a manifest and data left in different slots
+  together in the slot taken, and ``recover`` moves data whose manifest is
+  already in ``failed/`` there too.
 
 The directory is locked (``flock``) by the mount that uses it; the next
 mount of the same bucket finds the committed entries and uploads them.
@@ -13,6 +47,7 @@ mount of the same bucket finds the committed entries and uploads them.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -79,6 +114,78 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, body: bytes) -> None:
+    """All of ``body``: ``os.write`` may write less than it was given."""
+    view = memoryview(body)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "write() wrote nothing")
+        view = view[written:]
+
+
+#: link() errors of a filesystem without hard links (vfat, some FUSE ones):
+#: the data is copied instead.
+_NO_HARD_LINKS = frozenset(
+    {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV}
+)
+
+
+def _place_copy(source: Path, dest: Path) -> None:
+    """``dest`` becomes a durable second name of ``source``'s bytes (a hard
+    link, else a copy); ``source`` stays. Whatever ``dest`` was is replaced:
+    callers only place data where no manifest refers to it."""
+    # Unlinked first: renaming a link over another link of the same file
+    # (left by a move cut short) would do nothing and leave the temp name.
+    _unlink(dest)
+    try:
+        os.link(source, dest)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        tmp = dest.with_name(f"{dest.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with open(source, "rb") as reader:
+                while chunk := reader.read(1 << 20):
+                    _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+
+
+def _unlink(path: Path) -> bool:
+    """Removes ``path``; False if it was not there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _manifest_name(entry_id: str) -> str:
+    return f"{entry_id}.json"
+
+
+def _data_name(entry_id: str) -> str:
+    return f"{entry_id}.data"
+
+
+def _move_entry(entry_id: str, source: Path, dest: Path) -> None:
+    """Moves what ``source`` holds of an entry into ``dest``; a crash at any
+    step leaves the entry whole in one of the two (see the module docstring)."""
+    data, manifest = _data_name(entry_id), _manifest_name(entry_id)
+    if (source / data).exists():
+        _place_copy(source / data, dest / data)
+    if (source / manifest).exists():
+        os.replace(source / manifest, dest / manifest)
+        _fsync_dir(dest)
+        _fsync_dir(source)
+    _unlink(source / data)
+
+
 class Journal:
     """The staging files and committed entries of one mount.
 
@@ -92,15 +199,18 @@ class Journal:
         self.slots = [directory]  # every slot of this bucket/prefix (see open_slot)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        self._lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise ConfigError(
-                f"journal {directory} is in use by another dgfs mount of the same bucket;"
-                " give this mount its own cache_dir"
-            ) from None
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException as exc:
+            os.close(lock_fd)
+            if isinstance(exc, BlockingIOError):
+                raise ConfigError(
+                    f"journal {directory} is in use by another dgfs mount of the same bucket;"
+                    " give this mount its own cache_dir"
+                ) from None
+            raise
+        self._lock_fd: int | None = lock_fd  # None once closed
 
     @classmethod
     def open_slot(
@@ -124,24 +234,88 @@ class Journal:
         if mine is None:
             raise ConfigError(f"all {slots} journals under {base.parent} are in use")
         mine.slots = candidates
-        for path in candidates:
-            if path == mine.directory or not path.is_dir():
-                continue
-            try:
-                other = cls(path)
-            except ConfigError:
-                continue  # held by a live mount: it will finish its own entries
-            try:
-                for entry in other.recover():
-                    os.replace(other.data_path(entry.entry_id), mine.data_path(entry.entry_id))
-                    mine.write_manifest(entry)
-                    other._manifest_path(entry.entry_id).unlink(missing_ok=True)
-            finally:
-                other.close()
+        try:
+            mine._adopt_orphans()
+        except BaseException:
+            mine.close()
+            raise
         return mine
 
+    def _adopt_orphans(self) -> None:
+        """Moves the entries of the slots nobody holds into this one."""
+        others: list[Journal] = []
+        try:
+            for path in self.slots:
+                if path == self.directory or not path.is_dir():
+                    continue
+                try:
+                    others.append(type(self)(path))
+                except ConfigError:
+                    continue  # held by a live mount: it will finish its own entries
+            found = {
+                path.stem
+                for other in others
+                for pattern in ("*.json", "*.data")
+                for path in other.directory.glob(pattern)
+            }
+            for entry_id in sorted(found):
+                try:
+                    self._gather(entry_id, [other.directory for other in others])
+                except OSError as exc:
+                    log.error(
+                        "journal entry %s could not be moved into %s (%s); it stays where it is",
+                        entry_id,
+                        self.directory,
+                        exc,
+                    )
+            for other in others:
+                # What is left there: staging, spare links, unfinished writes.
+                try:
+                    left = other.recover()
+                except OSError as exc:
+                    log.error("journal %s could not be cleaned up: %s", other.directory, exc)
+                    continue
+                if left:
+                    log.warning("%d journal entries stay in %s", len(left), other.directory)
+        finally:
+            for other in others:
+                other.close()
+
+    def _gather(self, entry_id: str, others: list[Path]) -> None:
+        """Brings one entry from the slots ``others`` (held by this process)
+        into this one, in the order the module docstring gives."""
+        data, manifest = _data_name(entry_id), _manifest_name(entry_id)
+        places = [self.directory, *others]
+        with_manifest = [d for d in places if (d / manifest).exists()]
+        with_data = [d for d in places if (d / data).exists()]
+        if not with_manifest or not with_data:
+            return  # staging, a spare link, or a manifest whose data is lost: recover() decides
+        whole = [d for d in with_manifest if d in with_data]
+        # Whole in one slot, or (left by an earlier version, which moved the
+        # data first) the manifest in one slot and the data in another.
+        home = whole[0] if whole else with_manifest[0]
+        data_from = home if home in with_data else with_data[0]
+        if data_from != self.directory:
+            _place_copy(data_from / data, self.directory / data)
+        if home != self.directory:
+            os.replace(home / manifest, self.directory / manifest)
+            _fsync_dir(self.directory)
+            _fsync_dir(home)
+        # Only spares are left in the other slots: their manifests (copies an
+        # earlier version could leave) go before their data.
+        for directory in others:
+            if _unlink(directory / manifest):
+                _fsync_dir(directory)
+        for directory in others:
+            _unlink(directory / data)
+
     def close(self) -> None:
-        os.close(self._lock_fd)
+        """Releases the journal (its lock). Closing it twice is a bug and raises:
+        the descriptor's number may belong to another file by then."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            raise RuntimeError(f"journal {self.directory} closed twice")
+        os.close(fd)
 
     # --- for dgfs status ------------------------------------------------------------
 
@@ -166,13 +340,17 @@ class Journal:
 
     def failed_count(self) -> int:
         """Entries in failed/: uploads that failed for good, kept for a person to look at."""
-        return sum(1 for _ in (self.directory / "failed").glob("*.data"))
+        return sum(1 for _ in self._failed_dir.glob("*.data"))
+
+    @property
+    def _failed_dir(self) -> Path:
+        return self.directory / "failed"
 
     def data_path(self, entry_id: str) -> Path:
-        return self.directory / f"{entry_id}.data"
+        return self.directory / _data_name(entry_id)
 
     def _manifest_path(self, entry_id: str) -> Path:
-        return self.directory / f"{entry_id}.json"
+        return self.directory / _manifest_name(entry_id)
 
     def new_staging(self) -> tuple[str, Path]:
         """A new empty staging file; returns ``(entry_id, path)``."""
@@ -196,13 +374,15 @@ class Journal:
     def write_manifest(self, entry: JournalEntry) -> None:
         """Atomically (re)write an entry's manifest (after a rename or chmod, say)."""
         final = self._manifest_path(entry.entry_id)
-        tmp = final.with_suffix(".json.tmp")
+        # A temp name of its own: two threads rewriting one manifest must not
+        # truncate each other's temp file.
+        tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.tmp")
         body = json.dumps(
             {"version": MANIFEST_VERSION, "key": entry.key, "metadata": entry.metadata}
         ).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, body)
+            _write_all(fd, body)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -211,41 +391,55 @@ class Journal:
 
     def remove(self, entry_id: str) -> None:
         """Forget an entry (uploaded, or its file deleted); the manifest goes first."""
-        self._manifest_path(entry_id).unlink(missing_ok=True)
-        self.data_path(entry_id).unlink(missing_ok=True)
+        _unlink(self._manifest_path(entry_id))
+        _unlink(self.data_path(entry_id))
 
     def quarantine(self, entry_id: str) -> Path:
         """Move an entry that can never be uploaded aside (never silently dropped)."""
-        failed = self.directory / "failed"
+        failed = self._failed_dir
         failed.mkdir(mode=0o700, exist_ok=True)
-        for suffix in (".json", ".data"):
-            src = self.directory / f"{entry_id}{suffix}"
-            if src.exists():
-                os.replace(src, failed / src.name)
-        return failed / f"{entry_id}.data"
+        _move_entry(entry_id, self.directory, failed)
+        return failed / _data_name(entry_id)
 
     def recover(self) -> list[JournalEntry]:
-        """Committed entries left by an earlier mount; uncommitted staging is removed."""
+        """Committed entries left by an earlier mount, each once; uncommitted
+        staging, spare links and unfinished writes are removed."""
+        for path in [*self.directory.glob("*.tmp"), *self._failed_dir.glob("*.tmp")]:
+            _unlink(path)
+        self._settle_failed()
         entries: list[JournalEntry] = []
-        for path in sorted(self.directory.iterdir()):
-            if path.suffix == ".tmp" or path.name.endswith(".json.tmp"):
-                path.unlink(missing_ok=True)
-            elif path.suffix == ".json":
-                entry_id = path.stem
-                try:
-                    body = json.loads(path.read_bytes())
-                    entry = JournalEntry(entry_id, str(body["key"]), dict(body["metadata"]))
-                except (ValueError, KeyError, TypeError):
-                    log.error("journal manifest %s is unreadable; moved to failed/", path)
-                    self.quarantine(entry_id)
-                    continue
-                if not self.data_path(entry_id).exists():
-                    log.error("journal entry %s lost its data; dropping the manifest", entry_id)
-                    path.unlink()
-                    continue
-                entries.append(entry)
+        for path in sorted(self.directory.glob("*.json")):
+            entry_id = path.stem
+            try:
+                body = json.loads(path.read_bytes())
+                entry = JournalEntry(entry_id, str(body["key"]), dict(body["metadata"]))
+            except (ValueError, KeyError, TypeError):
+                log.error("journal manifest %s is unreadable; moved to failed/", path)
+                self.quarantine(entry_id)
+                continue
+            if not self.data_path(entry_id).exists():
+                log.error("journal entry %s lost its data; dropping the manifest", entry_id)
+                _unlink(path)
+                continue
+            entries.append(entry)
         committed = {e.entry_id for e in entries}
         for path in self.directory.glob("*.data"):
             if path.stem not in committed:
-                path.unlink(missing_ok=True)
+                _unlink(path)  # staging never committed, or a spare link of a move
         return entries
+
+    def _settle_failed(self) -> None:
+        """Finishes or undoes what a crash left half moved into failed/."""
+        failed = self._failed_dir
+        found = {path.stem for pattern in ("*.json", "*.data") for path in failed.glob(pattern)}
+        for entry_id in sorted(found):
+            data, manifest = _data_name(entry_id), _manifest_name(entry_id)
+            here = (self.directory / manifest).exists(), (self.directory / data).exists()
+            there = (failed / manifest).exists(), (failed / data).exists()
+            if all(here):
+                if not there[0]:
+                    _unlink(failed / data)  # the quarantine died before its manifest moved
+            elif (here[0] or there[0]) and (here[1] or there[1]) and not all(there):
+                # An earlier version moved the manifest first and died before the data.
+                log.warning("finishing the move of journal entry %s into %s", entry_id, failed)
+                _move_entry(entry_id, self.directory, failed)
