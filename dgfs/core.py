@@ -709,7 +709,7 @@ class Core:
             except NotFound:
                 raise MissingReference(f"{key} is missing") from None
             if deep_reference:
-                cap = objects.reference_cap(head.metadata, self.limits.max_bytes)
+                cap = objects.reference_cap(head.metadata, head.size, self.limits)
                 await self._cpu(objects.decompress_reference, tmp, plain, cap)
                 tmp, plain = plain, tmp
             try:
@@ -910,7 +910,7 @@ class Core:
                     plain_ref,
                     vcdiff,
                     expanded,
-                    max_size=self.limits.allowance(stored.original_size),
+                    max_size=self.limits.expanded_cap(stored.original_size),
                     cap_name="expand_ratio × its dg-file-size, at most expand_max",
                 )
             try:

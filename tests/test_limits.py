@@ -313,12 +313,48 @@ def test_a_zstd_reference_bomb_stops_at_its_cap(tmp_path: Path) -> None:
     assert out.stat().st_size == 256 * MiB
 
 
-def test_reference_cap_is_the_recorded_size_within_expand_max() -> None:
-    assert objects.reference_cap({fmt.META_EXPANDED_SIZE: "1234"}, 1 << 30) == 1234
-    assert objects.reference_cap({fmt.META_EXPANDED_SIZE: str(1 << 40)}, 1 << 30) == 1 << 30
+def test_reference_cap() -> None:
+    """What a reference records, within expand_max unless it is stored compressed
+    less than expand_ratio times (the plain form of a large first file)."""
+    limits = expand.ExpansionLimits(ratio=100, max_bytes=1 << 30)
+    recorded = fmt.META_EXPANDED_SIZE
+    assert objects.reference_cap({recorded: "1234"}, 100, limits) == 1234
+    assert objects.reference_cap({recorded: str(1 << 40)}, 100, limits) == 1 << 30
+    assert objects.reference_cap({recorded: str(5 << 30)}, 4 << 30, limits) == 5 << 30
     for junk in ("", "-1", "1e9", "0x10", "9" * 30):
-        assert objects.reference_cap({fmt.META_EXPANDED_SIZE: junk}, 1 << 30) == 1 << 30
-    assert objects.reference_cap({}, 1 << 30) == 1 << 30
+        assert objects.reference_cap({recorded: junk}, 100, limits) == 1 << 30
+    assert objects.reference_cap({}, 100, limits) == 1 << 30
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, MiB - 1, MiB, MiB + 1, 3 * MiB + 5])
+def test_plain_form_size(tmp_path: Path, size: int) -> None:
+    form = tmp_path / "form"
+    expand.plain_form(write(tmp_path / "src", bytes(size)), form)
+    assert form.stat().st_size == expand.plain_form_size(size)
+
+
+@pytest.mark.expected_log(r"more than expand_max=2097152; stored without expanding it")
+async def test_files_larger_than_expand_max_in_a_deep_directory_read_back(tmp_path: Path) -> None:
+    """Such a file is stored as its plain form, even as the directory's
+    reference: readers with the same limits read it all back."""
+    store = MemoryStore()
+    base = random.Random(6).randbytes(3 * MiB)
+    first = write(tmp_path / "a.bin", b"PK\x03\x04" + base)
+    second = write(tmp_path / "b.bin", b"PK\x03\x04" + base[:MiB] + b"new" + base[MiB:])
+    writer, wcache = deep_core(store, tmp_path / "w", max_bytes=2 * MiB)
+    for path in (first, second):
+        assert (await writer.put(path, f"big/{path.name}")).deep
+    await writer.aclose()
+    wcache.close()
+    assert int(store.objects["big/reference.deep"].metadata[fmt.META_EXPANDED_SIZE]) > 3 * MiB
+    reader, rcache = deep_core(store, tmp_path / "r", max_bytes=2 * MiB)
+    try:
+        for path in (first, second):
+            await reader.get(f"big/{path.name}", tmp_path / "out")
+            assert (tmp_path / "out").read_bytes() == path.read_bytes()
+    finally:
+        await reader.aclose()
+        rcache.close()
 
 
 async def test_a_deep_reference_larger_than_it_says_is_refused(tmp_path: Path) -> None:

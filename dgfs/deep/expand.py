@@ -159,6 +159,28 @@ class ExpansionLimits:
         scratch space its expansion may hold at once."""
         return min(self.max_bytes, max(MIN_ALLOWANCE, int(self.ratio * size)))
 
+    def expanded_cap(self, size: int) -> int:
+        """The most the expanded form of a ``size``-byte file may hold when
+        read back: its allowance, or the form that expands nothing (what a
+        file over a limit gets) when that is larger."""
+        return max(self.allowance(size), plain_form_size(size))
+
+    def reference_cap(self, expanded_size: int | None, stored_size: int) -> int:
+        """The most a deep reference stored in ``stored_size`` bytes, recording
+        ``expanded_size`` (None: nothing usable), may decompress to: what it
+        records, and no more than ``max_bytes`` unless it is compressed less
+        than ``ratio`` times (the plain form of a large first file is; a bomb
+        is not)."""
+        cap = max(self.max_bytes, int(self.ratio * stored_size))
+        return cap if expanded_size is None else min(expanded_size, cap)
+
+
+def plain_form_size(size: int) -> int:
+    """Bytes of the form that expands nothing of a ``size``-byte file (``plain_form``)."""
+    full, tail = divmod(size, RAW_CHUNK)
+    headers = full * (1 + len(_varint(RAW_CHUNK))) + (1 + len(_varint(tail)) if tail else 0)
+    return len(MAGIC) + size + headers + 1
+
 
 class _Budget:
     """What one expansion may still spend (used by the expansion's thread only)."""

@@ -18,8 +18,8 @@ description.
 A reference comes from the bucket: an 8 KB zstd frame decompresses to
 256 MiB. :func:`decompress_reference` refuses a window over 2^27 bytes, a
 frame whose header announces more than its limit, and stops writing at
-that limit (the reference's recorded ``dgfs-expanded-size``, at most the
-expansion cap: :func:`reference_cap`).
+that limit (the reference's recorded ``dgfs-expanded-size``, within the
+expansion limits: :func:`reference_cap`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import zstandard
 
 from dgfs import format as fmt
-from dgfs.deep.expand import DEFAULT_MAX_BYTES
+from dgfs.deep.expand import DEFAULT_MAX_BYTES, ExpansionLimits
 from dgfs.errors import DecodeLimit, FormatError
 from dgfs.format import DEEP_DELTA_MAGIC
 
@@ -54,13 +54,13 @@ def compress_reference(expanded: Path, out: Path) -> int:
     return out.stat().st_size
 
 
-def reference_cap(metadata: Mapping[str, str], max_bytes: int) -> int:
-    """The most a deep reference with ``metadata`` may decompress to: its
-    recorded ``dgfs-expanded-size`` when it has one, never over ``max_bytes``."""
+def reference_cap(metadata: Mapping[str, str], stored_size: int, limits: ExpansionLimits) -> int:
+    """The most a deep reference (``metadata``, ``stored_size`` bytes of zstd)
+    may decompress to (:meth:`ExpansionLimits.reference_cap`), from its
+    recorded ``dgfs-expanded-size``."""
     recorded = metadata.get(fmt.META_EXPANDED_SIZE, "").strip()
-    if recorded.isascii() and recorded.isdigit() and len(recorded) <= 19:
-        return min(int(recorded), max_bytes)
-    return max_bytes
+    usable = recorded.isascii() and recorded.isdigit() and len(recorded) <= 19
+    return limits.reference_cap(int(recorded) if usable else None, stored_size)
 
 
 def decompress_reference(stored: Path, out: Path, max_size: int = DEFAULT_MAX_BYTES) -> None:
@@ -88,7 +88,7 @@ def decompress_reference(stored: Path, out: Path, max_size: int = DEFAULT_MAX_BY
 def _over(max_size: int, how: str) -> DecodeLimit:
     return DecodeLimit(
         f"deep reference decompresses to more than {max_size} bytes ({how}): the limit is its"
-        " recorded dgfs-expanded-size, at most expand_max"
+        " recorded dgfs-expanded-size, at most expand_max unless expand_ratio × its size is more"
     )
 
 
