@@ -178,9 +178,10 @@ class Verifier:
         stored = self.core.scratch_path(".zst")
         plain = self.core.scratch_path(".dgx")
         try:
-            await self.core.store.download(ref_key, stored)
+            head = await self.core.store.download(ref_key, stored)
+            cap = objects.reference_cap(head.metadata, head.size, self.core.limits)
             await trio.to_thread.run_sync(
-                objects.decompress_reference, stored, plain, limiter=self.core.cpu_limiter
+                objects.decompress_reference, stored, plain, cap, limiter=self.core.cpu_limiter
             )
             digest = await self.core.digest(plain)
         finally:

@@ -377,6 +377,25 @@ async def test_a_deep_reference_larger_than_it_says_is_refused(tmp_path: Path) -
         rcache.close()
 
 
+async def test_verify_of_a_deep_reference_larger_than_it_says(tmp_path: Path) -> None:
+    """``dgfs verify`` decompresses a reference under the same cap as a read."""
+    from dgfs.verify import Status, Verifier
+
+    store = MemoryStore()
+    await deep_reference_object(store, "d", b"reference " * 1000, tmp_path)
+    ref = store.objects["d/reference.deep"]
+    await store.put_bytes("d/reference.deep", bombs.zstd_zeros(256 * MiB), ref.metadata)
+    core, cache = deep_core(store, tmp_path / "core")
+    try:
+        result = await Verifier(core).verify_reference("d/reference.deep")
+    finally:
+        await core.aclose()
+        cache.close()
+    assert result.status is Status.FAILED
+    assert "dgfs-expanded-size" in (result.message or "")
+    assert scratch_files(core.scratch_dir) == []
+
+
 def test_an_expanded_form_nesting_2000_deep_is_refused(tmp_path: Path) -> None:
     """It raised RecursionError, which nothing in dgfs expected."""
     from dgfs.errors import DecodeLimit
