@@ -1,0 +1,338 @@
+"""Divergences the in-process model test (tests/test_fs_model.py) found, each
+shrunk to a deterministic test on ``tests/test_filesystem.py``'s helpers.
+
+A test marked ``xfail(strict=True)`` describes a dgfs bug not fixed yet: it
+fails today and must pass with the fix (then the mark goes, and so does the
+model's matching entry in ``KNOWN_BUGS``, which keeps the model clear of it
+meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from dgfs.errors import DgfsError
+from dgfs.store import memory as memory_module
+from dgfs.store.faulty import FaultyStore
+from dgfs.store.memory import MemoryStore
+from tests.test_filesystem import (
+    OPTIONS,
+    ROOT,
+    assert_absent,
+    bucket,
+    close,
+    create,
+    journal_entries,
+    lookup,
+    mounted,
+    read_file,
+    rename,
+    started,
+    write_file,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def memory() -> MemoryStore:
+    return MemoryStore("fs-bucket")
+
+
+@pytest.fixture
+def faulty(memory: MemoryStore) -> FaultyStore:
+    return FaultyStore(memory)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fsync of an unlinked open file waits for an upload that never comes (uploads.py)",
+)
+async def test_fsync_of_a_file_unlinked_while_open_returns(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """fsync() of a file unlinked while open hung for good.
+
+    ``a`` was closed (committed, its upload queued in its delay) and opened
+    again; ``unlink`` keeps the open handle's copy and takes the entry out
+    of the journal, but the staged file still "needs upload". fsync then
+    hurries that upload and waits for it to change state; the worker takes
+    it, sees the node unlinked and returns without a word (``_upload``), so
+    the waiter is never woken: the fsync never returns (on a real mount the
+    process hangs in fsync(2)).
+    """
+    async with mounted(memory, tmp_path) as m, trio.open_nursery() as nursery:
+        await write_file(m.fs, "a", b"version 1\n")
+        node = await lookup(m.fs, "a")
+        fh = (await m.fs.open(node.ino, os.O_RDWR)).fh
+        await m.fs.unlink(ROOT, "a")
+        synced = await started(lambda: m.fs.fsync(fh), nursery)
+        for _ in range(10):  # worker-thread calls settle
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        try:
+            assert synced.is_set(), "fsync of the unlinked file is still waiting"
+        finally:
+            nursery.cancel_scope.cancel()
+            await close(m.fs, fh)
+    assert bucket(memory) == {}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a file whose stored upload's reply was lost is not removed from S3 by unlink "
+    "or rename (uploads.py/filesystem.py: was_uploaded only counts replies)",
+)
+@pytest.mark.expected_log(r"retrying in")
+@pytest.mark.parametrize("how", ["unlink", "rename"])
+async def test_a_file_whose_upload_reply_was_lost_leaves_no_object_behind(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    how: str,
+) -> None:
+    """The old name came back after a remount.
+
+    ``a``'s PUT reached S3 but its reply was lost (``after=True``): the
+    upload counts as failed and waits for its retry, so neither
+    ``node.stored`` nor ``staged.was_uploaded`` says S3 holds it. ``unlink``
+    then deletes nothing in S3, and ``rename`` only rewrites the journal
+    entry: the object stays under ``a`` and shows again after a remount (or
+    a crash), the unlinked file back from the dead or the renamed one in
+    two places.
+    """
+    faulty.fail("upload", key="a", after=True)
+    async with mounted(faulty, tmp_path) as m:
+        await write_file(m.fs, "a", b"stored, reply lost\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await faulty.wait_calls("upload", 1)
+        await trio.testing.wait_all_tasks_blocked()  # the failure is recorded, a retry waits
+        assert bucket(memory) == {"a": b"stored, reply lost\n"}
+        if how == "unlink":
+            await m.fs.unlink(ROOT, "a")
+        else:
+            await rename(m.fs, "a", "b")
+        await assert_absent(m.fs, "a")
+        mock_clock.jump(OPTIONS.retry_delay)  # the retry comes due; the unmount drains
+    expected = {} if how == "unlink" else {"b": b"stored, reply lost\n"}
+    assert bucket(memory) == expected
+    async with mounted(memory, tmp_path) as m:
+        await assert_absent(m.fs, "a")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="chmod/utime/truncate of a file unlinked while open rewrites the journal "
+    "manifest of its removed entry (uploads.py carries_attributes)",
+)
+@pytest.mark.expected_log(r"lost its data")  # the symptom, asserted below
+async def test_attributes_of_a_file_unlinked_while_open_write_no_journal_manifest(
+    memory: MemoryStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """fchmod (or futimens, or ftruncate: the kernel sends the mtime with it)
+    of a file unlinked while open: ``carries_attributes`` sees a committed
+    staging file and writes its manifest again, though ``unlink`` took the
+    entry (manifest and data) out of the journal. A crash then leaves a
+    manifest without data, which the next mount reports as an ERROR
+    ("lost its data; dropping the manifest")."""
+    async with mounted(memory, tmp_path, crash=True) as m:
+        await write_file(m.fs, "a", b"data\n")  # committed, its upload in its delay
+        node = await lookup(m.fs, "a")
+        fh = (await m.fs.open(node.ino, os.O_RDWR)).fh
+        await m.fs.unlink(ROOT, "a")
+        assert journal_entries(m.journal_dir) == []
+        await m.fs.setattr(node.ino, mode=0o600)  # fchmod through the open handle
+        assert await m.fs.read(fh, 0, 100) == b"data\n"
+        leftover = journal_entries(m.journal_dir)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="dgfs"):
+        async with mounted(memory, tmp_path) as m:
+            await assert_absent(m.fs, "a")
+    assert leftover == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="unlink or rename of a file recovered from the journal leaves its older "
+    "version in S3 (filesystem.py: a recovered node does not know what S3 holds)",
+)
+@pytest.mark.parametrize("how", ["unlink", "rename"])
+async def test_a_recovered_file_leaves_no_older_version_behind(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock, how: str
+) -> None:
+    """After a crash, an unlinked file came back with its older content.
+
+    ``a`` is in S3 (version 1); version 2 is closed (committed) and the
+    mount dies before uploading it. The next mount adopts the journal entry
+    as a new node with ``stored`` None: it does not know that S3 holds
+    version 1. ``unlink`` then removes the entry and deletes nothing in S3,
+    so version 1 is back after the next remount; ``rename`` moves only the
+    entry, leaving version 1 under the old name. (An ``rmdir`` of the
+    directory then fails with ENOTEMPTY too.)
+    """
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "a", b"version 1\n")
+    async with mounted(memory, tmp_path, crash=True) as m:
+        await write_file(m.fs, "a", b"version 2\n")  # committed; the clock stands still
+    async with mounted(memory, tmp_path) as m:
+        assert m.recovered == 1
+        if how == "unlink":
+            await m.fs.unlink(ROOT, "a")
+        else:
+            await rename(m.fs, "a", "b")
+        await assert_absent(m.fs, "a")
+    assert bucket(memory) == ({} if how == "unlink" else {"b": b"version 2\n"})
+    async with mounted(memory, tmp_path) as m:
+        await assert_absent(m.fs, "a")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="truncate to the size a file has changes its mtime while the file is staged "
+    "(filesystem.py truncate returns early only when nothing is staged)",
+)
+async def test_truncate_to_the_current_size_leaves_the_mtime(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """POSIX: truncate and ftruncate mark st_mtime for update only "if the size
+    changed" (ext4 and tmpfs do so), and the kernel sends FUSE no mtime with
+    them. dgfs skips a truncate to the current size only for a file with no
+    local content; one staged (closed but not uploaded yet, say) gets a new
+    mtime, and an mtime set by utime is lost."""
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "a", b"0123456789\n")  # staged until its upload
+        node = await lookup(m.fs, "a")
+        await m.fs.setattr(node.ino, mtime_ns=1_000_000_000_000_000_000)
+        await m.fs.setattr(node.ino, size=11)
+        assert (await m.fs.getattr(node.ino)).mtime_ns == 1_000_000_000_000_000_000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a superseded upload that fails is retried never and retired never: its "
+    "journal entry outlives the unmount and the next mount uploads the old version "
+    "(uploads.py _upload_version/_retry)",
+)
+@pytest.mark.expected_log(r"retrying in")
+async def test_an_upload_failing_after_its_file_was_rewritten_leaves_no_stale_entry(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """An acknowledged write lost after a clean remount.
+
+    Version 1's upload is in flight when ``open(O_TRUNC)`` writes version 2
+    into a new staging file (the old one is left to retire itself when it
+    lands, ``_superseded``). The upload then fails transiently: ``_retry``
+    waits and finds ``node.staged`` is another file, so nothing happens,
+    and nothing retires version 1's entry either. Version 2 is stored and
+    the unmount is clean, yet the journal still holds version 1: the next
+    mount recovers it and uploads it over version 2. (After a crash instead,
+    both entries name the same key and the older may win.)
+    """
+    held = faulty.hang("upload", key="a")
+    faulty.fail("upload", key="a")  # the same, first upload: held, then failing
+    async with mounted(faulty, tmp_path) as m:
+        await write_file(m.fs, "a", b"version 1\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await held.reached.wait()
+        node = await lookup(m.fs, "a")
+        handle = await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+        await m.fs.write(handle.fh, 0, b"version 2\n")
+        await close(m.fs, handle.fh)
+        held.release()
+        for _ in range(10):  # the upload fails; its retry waits
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        mock_clock.jump(OPTIONS.retry_delay)
+    assert bucket(memory) == {"a": b"version 2\n"}
+    assert journal_entries(m.journal_dir) == []
+    async with mounted(memory, tmp_path) as m:
+        assert await read_file(m.fs, "a") == b"version 2\n"
+    assert bucket(memory) == {"a": b"version 2\n"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a rename that fails in S3 has already dropped the local content of the file "
+    "it would replace (filesystem.py _rename_file)",
+)
+@pytest.mark.parametrize("target", ["open", "closed"])
+async def test_a_rename_failing_in_s3_keeps_the_file_it_would_replace(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    target: str,
+) -> None:
+    """rename(a, b) fails (a transient S3 error on the server-side copy; for a
+    delta moved to another directory, on storing it there): POSIX says
+    nothing changed. But ``_rename_file`` first disposed of ``b``'s local
+    content: kept only for its open handles (its journal entry removed) or
+    discarded. An ``open`` ``b`` then fails fsync and close with ENOENT
+    (the journal commit finds no data file), and so does the unmount's
+    release of it; a ``closed`` ``b``, committed but not uploaded yet, is
+    gone: its acknowledged content is lost.
+    """
+    async with mounted(faulty, tmp_path) as m:
+        await write_file(m.fs, "a", b"source\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await m.fs.wait_idle()  # a is in S3
+        fh = await create(m.fs, "b", b"target\n")
+        if target == "closed":
+            await close(m.fs, fh)  # committed, its upload in its delay
+        faulty.fail("copy", key="a")
+        with pytest.raises(DgfsError):
+            await rename(m.fs, "a", "b")
+        if target == "open":
+            await m.fs.fsync(fh)
+            await close(m.fs, fh)
+        assert await read_file(m.fs, "b") == b"target\n"
+        assert await read_file(m.fs, "a") == b"source\n"
+    assert bucket(memory) == {"a": b"source\n", "b": b"target\n"}
+
+
+class _OneSecond:
+    """``datetime`` for the memory store: every write in the same second."""
+
+    @staticmethod
+    def now(tz: object = None) -> datetime:
+        return datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the attribute cache keys rows by ETag and Last-Modified second: this mount's "
+    "own rename over an object with the same bytes shows the replaced one's attributes",
+)
+async def test_a_file_renamed_over_one_with_the_same_bytes_shows_its_own_mode(
+    memory: MemoryStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``a`` and ``b`` hold the same bytes; ``chmod 600 a``, then ``mv b a``
+    within the second: S3's ``a`` has b's mode (644), but the next listing
+    finds the row the chmod cached for ``a`` at that ETag and second (the
+    version a row is kept for) and shows 600, until ``a`` changes again (a
+    remount with the disk attribute cache too, docs/SEMANTICS.md allows it
+    only for another mount's change)."""
+    monkeypatch.setattr(memory_module, "datetime", _OneSecond)
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "a", b"same\n")
+        await write_file(m.fs, "b", b"same\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await m.fs.wait_idle()
+        await m.fs.setattr((await lookup(m.fs, "a")).ino, mode=0o600)
+        await rename(m.fs, "b", "a")
+        mock_clock.jump(3600)  # attributes come from a new listing
+        node = await m.fs.getattr((await lookup(m.fs, "a")).ino)
+        assert node.mode == 0o644
