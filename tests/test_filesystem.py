@@ -317,7 +317,8 @@ async def test_rename_before_the_upload_starts_uploads_under_the_new_name(
 async def test_no_upload_starts_while_a_rename_runs(
     memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Log rotation: append to a stored file, rename it while its copy is held.
+    """Log rotation: append to a stored file, rename it while the removal of
+    its older, stored version is held.
 
     The new version's upload comes due during the rename; it must not go
     to the old name (where the rename is taking the object away from).
@@ -332,7 +333,7 @@ async def test_no_upload_starts_while_a_rename_runs(
         await close(m.fs, fh)
         uploads_before = faulty.count("upload", "a.txt")
 
-        held = faulty.hang("copy", key="a.txt")
+        held = faulty.hang("delete_many", key="a.txt")
         renamed = await started(lambda: rename(m.fs, "a.txt", "b.txt"), nursery)
         await held.reached.wait()
         await trio.sleep(10 * OPTIONS.upload_delay)  # the upload comes due (trio time)

@@ -52,6 +52,26 @@ def test_manifest_rewrite_follows_a_rename(tmp_path: Path) -> None:
     journal.close()
 
 
+def test_of_two_entries_for_one_key_the_newest_manifest_wins(tmp_path: Path) -> None:
+    """A rename over a file not uploaded yet writes the moved entry's manifest,
+    then removes the replaced entry; a crash between leaves both for one key.
+    Whichever sorts first by id, the replaced one must not be uploaded last."""
+    for order in ("moved-id-first", "moved-id-last"):
+        journal = Journal(tmp_path / order)
+        ids = sorted([staged(journal, b"replaced"), staged(journal, b"moved")])
+        replaced, moved = ids if order == "moved-id-last" else ids[::-1]
+        journal.data_path(replaced).write_bytes(b"replaced")
+        journal.data_path(moved).write_bytes(b"moved")
+        journal.commit(replaced, "e.txt", {})
+        journal.commit(moved, "f.txt", {})
+        journal.write_manifest(JournalEntry(moved, "e.txt", {}))  # then the crash
+        (entry,) = journal.recover()
+        assert (entry.entry_id, entry.key) == (moved, "e.txt")
+        assert journal.data_path(moved).read_bytes() == b"moved"
+        assert not journal.data_path(replaced).exists()
+        journal.close()
+
+
 @pytest.mark.expected_log("unreadable|lost its data")
 def test_unreadable_manifest_and_lost_data_are_not_fatal(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j")

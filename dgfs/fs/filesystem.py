@@ -471,13 +471,15 @@ class FileSystem:
             key = self.key_of(node.path)
             staged = node.staged
             in_s3 = node.stored is not None or (staged is not None and staged.was_uploaded)
-            if not await self.uploads.keep_for_open_handles(node):
-                self.uploads.discard(node)
+            kept = await self.uploads.keep_for_open_handles(node)
+            # S3 first, the journal after: a crash in between brings the file
+            # back as it was (its newest version), never an older one.
             if node.kind.is_single_object:
                 await self.core.delete_plain(key)
             elif in_s3:
                 with contextlib.suppress(NotFound):
                     await self.core.delete(key)
+            await self.uploads.lost_name(node, kept=kept)
             self.ns.drop(node.path)
             self.nodes.unlink(node)
         node.ctime_ns = time.time_ns()  # open handles see the link count change
@@ -536,35 +538,43 @@ class FileSystem:
         return target
 
     async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
+        """Move a file's S3 object or journal entry to ``new_path``, over ``target``.
+
+        Ordered so that a crash at any point leaves the file under its old
+        name or its new one, with its newest acknowledged content, never an
+        older version under either (tests/test_crash_points.py): what S3
+        holds changes first, and the journal entries that supersede it are
+        dropped last.
+        """
         old_key, new_key = self.key_of(node.path), self.key_of(new_path)
-        # The replaced file's local state goes (not uploading: rename waited); its
-        # S3 object is overwritten (or removed below when the source is still local).
-        if (
-            target is not None
-            and target is not node
-            and not await self.uploads.keep_for_open_handles(target)
-        ):
-            self.uploads.discard(target)
-        if node.staged is not None:
-            # No upload is in flight (rename waited) and none starts meanwhile.
-            await self.uploads.follow_rename(node, new_key)
-            if node.stored is None:
-                # Not in S3 yet: renaming was only a change of the journal entry.
-                if target is not None and target.stored is not None:
-                    with contextlib.suppress(NotFound):
-                        await self.core.delete(new_key)
-                return
-            # An older version is in S3 under the old name (the file was
-            # written again since): it moves too, or the old name would come
-            # back; the upload then replaces it under the new name.
-            with contextlib.suppress(NotFound):
-                node.stored = await self.core.rename(old_key, new_key)
+        # The replaced file: a local copy for its open handles is made while
+        # its object is still there (not uploading: rename waited).
+        replaced = target is not None and target is not node
+        kept = replaced and target is not None and await self.uploads.keep_for_open_handles(target)
+        staged = node.staged
+        if staged is not None and staged.is_committed and not staged.is_failed:
+            # Its newest acknowledged version is local, and will be uploaded
+            # under the new name; an older one in S3 under the old name goes
+            # first (a crash after it recovers the file under the old name).
+            if node.stored is not None:
+                with contextlib.suppress(NotFound):
+                    await self.core.delete(old_key)
+                node.stored = None
                 node.etag = None
+            await self.uploads.follow_rename(node, new_key)
+            if target is not None and replaced and target.stored is not None:
+                # Its object would show under the new name until the upload lands.
+                with contextlib.suppress(NotFound):
+                    await self.core.delete(new_key)
         elif node.kind.is_single_object:
             await self.core.move_plain(old_key, new_key)
         else:
+            # What S3 holds is the acknowledged content (any local writes are
+            # not closed yet): it moves, and the upload replaces it later.
             node.stored = await self.core.rename(old_key, new_key)
             node.etag = None
+        if replaced and target is not None:
+            await self.uploads.lost_name(target, kept=kept)
 
     async def _rename_dir(self, node: Node, new_path: str) -> None:
         old_prefix = self.key_of(node.path)

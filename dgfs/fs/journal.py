@@ -53,6 +53,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -75,6 +76,9 @@ class JournalEntry:
     entry_id: str
     key: str
     metadata: dict[str, str] = field(default_factory=dict)
+    # When its manifest was last written (ns): of two entries for one key, the
+    # newer holds the file (0 in manifests older versions wrote).
+    written_ns: int = 0
 
 
 def journal_dir_for(root: Path, endpoint: str | None, bucket: str, prefix: str) -> Path:
@@ -197,6 +201,7 @@ class Journal:
         self.directory = directory
         self.telemetry = telemetry or Telemetry()
         self.slots = [directory]  # every slot of this bucket/prefix (see open_slot)
+        self._last_written_ns = 0
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -377,8 +382,14 @@ class Journal:
         # A temp name of its own: two threads rewriting one manifest must not
         # truncate each other's temp file.
         tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+        entry.written_ns = self._next_written_ns()
         body = json.dumps(
-            {"version": MANIFEST_VERSION, "key": entry.key, "metadata": entry.metadata}
+            {
+                "version": MANIFEST_VERSION,
+                "key": entry.key,
+                "metadata": entry.metadata,
+                "written_ns": entry.written_ns,
+            }
         ).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -412,8 +423,13 @@ class Journal:
             entry_id = path.stem
             try:
                 body = json.loads(path.read_bytes())
-                entry = JournalEntry(entry_id, str(body["key"]), dict(body["metadata"]))
-            except (ValueError, KeyError, TypeError):
+                entry = JournalEntry(
+                    entry_id,
+                    str(body["key"]),
+                    dict(body["metadata"]),
+                    int(body.get("written_ns", 0)),
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
                 log.error("journal manifest %s is unreadable; moved to failed/", path)
                 self.quarantine(entry_id)
                 continue
@@ -422,11 +438,31 @@ class Journal:
                 _unlink(path)
                 continue
             entries.append(entry)
+        entries = self._newest_per_key(entries)
         committed = {e.entry_id for e in entries}
         for path in self.directory.glob("*.data"):
             if path.stem not in committed:
                 _unlink(path)  # staging never committed, or a spare link of a move
         return entries
+
+    def _newest_per_key(self, entries: list[JournalEntry]) -> list[JournalEntry]:
+        """Of several entries for one key, the newest: the others were being
+        replaced when the mount stopped (a rename over a file not uploaded
+        yet writes the moved entry's manifest, then removes the replaced
+        one's), and uploading them after it would bring back older bytes."""
+        newest: dict[str, JournalEntry] = {}
+        for entry in sorted(entries, key=lambda e: (e.written_ns, e.entry_id)):
+            older = newest.get(entry.key)
+            if older is not None:
+                log.info("journal: %s was replaced by a newer entry; dropping it", entry.key)
+                self.remove(older.entry_id)
+            newest[entry.key] = entry
+        return list(newest.values())
+
+    def _next_written_ns(self) -> int:
+        """A manifest's time, later than any this journal wrote before."""
+        self._last_written_ns = max(time.time_ns(), self._last_written_ns + 1)
+        return self._last_written_ns
 
     def _settle_failed(self) -> None:
         """Finishes or undoes what a crash left half moved into failed/."""

@@ -149,6 +149,7 @@ class StagedFile:
             _ownership_bug(f"staging file {self.entry_id} retired twice")
             return
         self._retired = True
+        self._hurry.set()  # a worker waiting out its upload delay finds nothing to do
         if self._users == 0:
             self._close_fd()
 

@@ -334,15 +334,26 @@ class UploadPipeline:
 
         As POSIX has it, a file unlinked (or replaced by a rename) while open
         stays readable and writable through its handles (tempfile.TemporaryFile
-        relies on it). The copy is never uploaded and leaves the journal at
-        once, so a crash does not bring it back.
+        relies on it). The copy is made here, from S3 if need be, while the
+        object is still there; ``lost_name`` then takes it out of the journal,
+        so it is never uploaded and a crash does not bring it back.
         """
         if not node.open_handles or node.kind is not NodeKind.FILE:
             return False
         with contextlib.suppress(DgfsError, OSError):
-            local = await self.staging(node)
-            await trio.to_thread.run_sync(self.journal.remove, local.entry_id)
+            await self.staging(node)
         return True
+
+    async def lost_name(self, node: Node, *, kept: bool) -> None:
+        """``node``'s name is gone from S3 (unlinked, or replaced by a rename):
+        its journal entry goes now, and not before, so a crash in between
+        uploads it again under the name it still had. With ``kept`` (see
+        ``keep_for_open_handles``) open handles go on using the local copy."""
+        staged = node.staged
+        if not kept:
+            self.discard(node)
+        elif staged is not None:
+            await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
 
     # --- the queue and its workers --------------------------------------------------------
 
