@@ -1,10 +1,9 @@
 """Divergences the in-process model test (tests/test_fs_model.py) found, each
 shrunk to a deterministic test on ``tests/test_filesystem.py``'s helpers.
 
-A test marked ``xfail(strict=True)`` describes a dgfs bug not fixed yet: it
-fails today and must pass with the fix (then the mark goes, and so does the
-model's matching entry in ``KNOWN_BUGS``, which keeps the model clear of it
-meanwhile).
+Each failed before its fix (a test marked ``xfail(strict=True)`` would
+describe a bug not fixed yet, and the model's ``KNOWN_BUGS`` would keep it
+clear of that bug meanwhile).
 """
 
 from __future__ import annotations
@@ -51,10 +50,6 @@ def faulty(memory: MemoryStore) -> FaultyStore:
     return FaultyStore(memory)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fsync of an unlinked open file waits for an upload that never comes (uploads.py)",
-)
 async def test_fsync_of_a_file_unlinked_while_open_returns(
     memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -84,11 +79,6 @@ async def test_fsync_of_a_file_unlinked_while_open_returns(
     assert bucket(memory) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a file whose stored upload's reply was lost is not removed from S3 by unlink "
-    "or rename (uploads.py/filesystem.py: was_uploaded only counts replies)",
-)
 @pytest.mark.expected_log(r"retrying in")
 @pytest.mark.parametrize("how", ["unlink", "rename"])
 async def test_a_file_whose_upload_reply_was_lost_leaves_no_object_behind(
@@ -127,11 +117,6 @@ async def test_a_file_whose_upload_reply_was_lost_leaves_no_object_behind(
         await assert_absent(m.fs, "a")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chmod/utime/truncate of a file unlinked while open rewrites the journal "
-    "manifest of its removed entry (uploads.py carries_attributes)",
-)
 @pytest.mark.expected_log(r"lost its data")  # the symptom, asserted below
 async def test_attributes_of_a_file_unlinked_while_open_write_no_journal_manifest(
     memory: MemoryStore,
@@ -162,11 +147,6 @@ async def test_attributes_of_a_file_unlinked_while_open_write_no_journal_manifes
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="unlink or rename of a file recovered from the journal leaves its older "
-    "version in S3 (filesystem.py: a recovered node does not know what S3 holds)",
-)
 @pytest.mark.parametrize("how", ["unlink", "rename"])
 async def test_a_recovered_file_leaves_no_older_version_behind(
     memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock, how: str
@@ -197,11 +177,6 @@ async def test_a_recovered_file_leaves_no_older_version_behind(
         await assert_absent(m.fs, "a")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="truncate to the size a file has changes its mtime while the file is staged "
-    "(filesystem.py truncate returns early only when nothing is staged)",
-)
 async def test_truncate_to_the_current_size_leaves_the_mtime(
     memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -218,12 +193,6 @@ async def test_truncate_to_the_current_size_leaves_the_mtime(
         assert (await m.fs.getattr(node.ino)).mtime_ns == 1_000_000_000_000_000_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a superseded upload that fails is retried never and retired never: its "
-    "journal entry outlives the unmount and the next mount uploads the old version "
-    "(uploads.py _upload_version/_retry)",
-)
 @pytest.mark.expected_log(r"retrying in")
 async def test_an_upload_failing_after_its_file_was_rewritten_leaves_no_stale_entry(
     memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
@@ -260,11 +229,6 @@ async def test_an_upload_failing_after_its_file_was_rewritten_leaves_no_stale_en
     assert bucket(memory) == {"a": b"version 2\n"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rename that fails in S3 has already dropped the local content of the file "
-    "it would replace (filesystem.py _rename_file)",
-)
 @pytest.mark.parametrize("target", ["open", "closed"])
 async def test_a_rename_failing_in_s3_keeps_the_file_it_would_replace(
     memory: MemoryStore,
@@ -308,11 +272,6 @@ class _OneSecond:
         return datetime(2030, 1, 1, tzinfo=UTC)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the attribute cache keys rows by ETag and Last-Modified second: this mount's "
-    "own rename over an object with the same bytes shows the replaced one's attributes",
-)
 async def test_a_file_renamed_over_one_with_the_same_bytes_shows_its_own_mode(
     memory: MemoryStore,
     tmp_path: Path,

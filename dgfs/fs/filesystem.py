@@ -344,8 +344,8 @@ class FileSystem:
         self._check_writable()
         if node.kind is not NodeKind.FILE:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
-        if size == node.size and node.staged is None:
-            return
+        if size == node.size:
+            return  # POSIX: st_mtime changes only if the size does
         async with self._changing_unheld(node, copies=size > 0):
             staged = await self.uploads.staging(node, keep_content=size > 0)
             await staged.truncate(size, self.disk_limiter)
@@ -469,14 +469,15 @@ class FileSystem:
             # delete whatever a new file of the same name stored meanwhile.
             await self.uploads.wait_not_uploading(node)
             key = self.key_of(node.path)
-            staged = node.staged
-            in_s3 = node.stored is not None or (staged is not None and staged.was_uploaded)
             kept = await self.uploads.keep_for_open_handles(node)
             # S3 first, the journal after: a crash in between brings the file
-            # back as it was (its newest version), never an older one.
+            # back as it was (its newest version), never an older one. A file
+            # with local content may be in S3 though this mount does not know
+            # it (an upload whose reply was lost, an entry recovered from the
+            # journal over an older version): the DELETE goes out anyway.
             if node.kind.is_single_object:
                 await self.core.delete_plain(key)
-            elif in_s3:
+            else:
                 with contextlib.suppress(NotFound):
                     await self.core.delete(key)
             await self.uploads.lost_name(node, kept=kept)
@@ -555,12 +556,12 @@ class FileSystem:
         if staged is not None and staged.is_committed and not staged.is_failed:
             # Its newest acknowledged version is local, and will be uploaded
             # under the new name; an older one in S3 under the old name goes
-            # first (a crash after it recovers the file under the old name).
-            if node.stored is not None:
-                with contextlib.suppress(NotFound):
-                    await self.core.delete(old_key)
-                node.stored = None
-                node.etag = None
+            # first (a crash after it recovers the file under the old name),
+            # known to this mount or not (see unlink).
+            with contextlib.suppress(NotFound):
+                await self.core.delete(old_key)
+            node.stored = None
+            node.etag = None
             await self.uploads.follow_rename(node, new_key)
             if target is not None and replaced and target.stored is not None:
                 # Its object would show under the new name until the upload lands.
@@ -568,11 +569,16 @@ class FileSystem:
                     await self.core.delete(new_key)
         elif node.kind.is_single_object:
             await self.core.move_plain(old_key, new_key)
+            await self.ns.metadata_changed(new_key)
         else:
             # What S3 holds is the acknowledged content (any local writes are
             # not closed yet): it moves, and the upload replaces it later.
             node.stored = await self.core.rename(old_key, new_key)
             node.etag = None
+            # The copy can have the ETag and second of what the name held
+            # before (same bytes): the attribute cache's row for that version
+            # must be this file's now.
+            await self.ns.metadata_changed(node.stored.stored_key)
         if replaced and target is not None:
             await self.uploads.lost_name(target, kept=kept)
 

@@ -245,8 +245,8 @@ class UploadPipeline:
         self._request(node, despite_writers=True)
         while True:
             staged = node.staged
-            if staged is None or not staged.needs_upload:
-                return
+            if staged is None or not staged.needs_upload or node.unlinked:
+                return  # stored, or nameless: unlinked while open, nothing goes to S3
             if staged.error is not None:
                 raise staged.error
             staged.hurry()
@@ -265,6 +265,8 @@ class UploadPipeline:
         """After a chmod/chown/utimes of ``node``: True when an upload still to
         come stores the new attributes (the journal entry has them now), False
         when the stored object itself must be changed."""
+        if node.unlinked:
+            return True  # only its open handles see it: nothing to store, no entry to write
         staged = node.staged
         if staged is None:
             return False
@@ -560,10 +562,21 @@ class UploadPipeline:
         self._retry_timers.start_soon(self._retry_after, node, staged, delay)
 
     async def _retry_after(self, node: Node, staged: StagedFile, delay: float) -> None:
+        """After the pause, queue the upload again. A version superseded
+        meanwhile (rewritten with O_TRUNC while it uploaded) is kept in the
+        journal, as the file's acknowledged content, until the newer one is
+        committed (or the file is gone), then retired: uploading it after
+        the newer would bring older bytes back."""
         try:
             await trio.sleep(delay)
             staged.retrying()
-            if node.staged is staged:  # else superseded or discarded meanwhile
+            while node.staged is not staged and not staged.is_retired:
+                newer = node.staged
+                if node.unlinked or newer is None or newer.is_committed:
+                    self._retire(staged)
+                    return
+                await trio.sleep(delay)
+            if not staged.is_retired:
                 self._request(node, despite_writers=True)
         finally:
             self._done()
