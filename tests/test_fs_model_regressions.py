@@ -22,8 +22,10 @@ from dgfs.store import memory as memory_module
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from tests.test_filesystem import (
+    GID,
     OPTIONS,
     ROOT,
+    UID,
     assert_absent,
     bucket,
     close,
@@ -295,3 +297,78 @@ async def test_a_file_renamed_over_one_with_the_same_bytes_shows_its_own_mode(
         mock_clock.jump(3600)  # attributes come from a new listing
         node = await m.fs.getattr((await lookup(m.fs, "a")).ino)
         assert node.mode == 0o644
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rename of a file created and not closed yet looks for it in S3 "
+    "(filesystem.py _rename_file, since d933e6d): ENOENT",
+)
+@pytest.mark.parametrize("target", [None, "open", "closed", "stored"])
+async def test_rename_of_a_file_not_closed_yet_moves_it(
+    memory: MemoryStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    target: str | None,
+) -> None:
+    """write a temporary file, rename it into place, then close it: the rename
+    failed with ENOENT, whatever it replaced (nothing; a file open, closed
+    but not uploaded, or in S3).
+
+    ``_rename_file`` moves a journal entry only for a staging file with a
+    committed version; one never committed (created, written, not closed)
+    takes the branch for files whose acknowledged content is in S3, and
+    ``Core.rename`` finds no object: ``NotFound``, so ENOENT. (Found by the
+    model at c894ae0.)
+    """
+    async with mounted(memory, tmp_path) as m:
+        if target == "open":
+            await create(m.fs, "a", b"old a\n")
+        elif target is not None:
+            await write_file(m.fs, "a", b"old a\n")
+            if target == "stored":
+                mock_clock.jump(OPTIONS.upload_delay)
+                await m.fs.wait_idle()
+        fh = await create(m.fs, "x", b"new\n")
+        await rename(m.fs, "x", "a")
+        await close(m.fs, fh)
+        assert await read_file(m.fs, "a") == b"new\n"
+        await assert_absent(m.fs, "x")
+    assert bucket(memory) == {"a": b"new\n"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a directory rename rewrites the journal manifest of a file under it that "
+    "was unlinked while open (filesystem.py _rename_dir -> uploads.follow_rename)",
+)
+@pytest.mark.expected_log(r"lost its data")  # the symptom, asserted below
+async def test_a_directory_rename_writes_no_manifest_for_a_file_unlinked_while_open(
+    memory: MemoryStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``d/a`` is closed (committed), opened again and unlinked: its entry
+    leaves the journal and the handle keeps a copy. ``mv d e`` then calls
+    ``follow_rename`` for every staged node under ``d``, this one included
+    (``wait_subtree`` goes by path and does not skip unlinked nodes), and
+    writes its manifest back: a crash leaves a manifest without data, an
+    ERROR at the next mount. (The chmod path to the same mistake was fixed
+    in 14c0f88.)
+    """
+    async with mounted(memory, tmp_path, crash=True) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await write_file(m.fs, "a", b"data\n", parent=d.ino)
+        node = await lookup(m.fs, "a", d.ino)
+        fh = (await m.fs.open(node.ino, os.O_RDONLY)).fh
+        await m.fs.unlink(d.ino, "a")
+        await rename(m.fs, "d", "e")
+        assert await m.fs.read(fh, 0, 100) == b"data\n"
+        leftover = journal_entries(m.journal_dir)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="dgfs"):
+        async with mounted(memory, tmp_path) as m:
+            await assert_absent(m.fs, "a")
+    assert leftover == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
