@@ -344,7 +344,10 @@ class Core:
         heads = await head_many(self.store, [own_key, other_key])
         own, other = heads.get(own_key), heads.get(other_key)
         if own is not None and other is not None and _holds(other, key):
-            if _form_rank(other) > _form_rank(own):
+            # Strictly newer only: many stores give Last-Modified in whole
+            # seconds, and the form this writer replaces was usually written
+            # within the same second (truncate after a copy, say).
+            if other.last_modified > own.last_modified:
                 log.info("%s: a newer %s stored by another writer stays", key, other_key)
                 return
             with contextlib.suppress(NotFound):
