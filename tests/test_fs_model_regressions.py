@@ -299,11 +299,6 @@ async def test_a_file_renamed_over_one_with_the_same_bytes_shows_its_own_mode(
         assert node.mode == 0o644
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rename of a file created and not closed yet looks for it in S3 "
-    "(filesystem.py _rename_file, since d933e6d): ENOENT",
-)
 @pytest.mark.parametrize("target", [None, "open", "closed", "stored"])
 async def test_rename_of_a_file_not_closed_yet_moves_it(
     memory: MemoryStore,
@@ -337,11 +332,6 @@ async def test_rename_of_a_file_not_closed_yet_moves_it(
     assert bucket(memory) == {"a": b"new\n"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a directory rename rewrites the journal manifest of a file under it that "
-    "was unlinked while open (filesystem.py _rename_dir -> uploads.follow_rename)",
-)
 @pytest.mark.expected_log(r"lost its data")  # the symptom, asserted below
 async def test_a_directory_rename_writes_no_manifest_for_a_file_unlinked_while_open(
     memory: MemoryStore,

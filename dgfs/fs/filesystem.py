@@ -567,6 +567,8 @@ class FileSystem:
                 # Its object would show under the new name until the upload lands.
                 with contextlib.suppress(NotFound):
                     await self.core.delete(new_key)
+        elif staged is not None and node.stored is None:
+            pass  # made here and not closed yet: nothing in S3, only the name moves
         elif node.kind.is_single_object:
             await self.core.move_plain(old_key, new_key)
             await self.ns.metadata_changed(new_key)

@@ -319,6 +319,8 @@ class UploadPipeline:
     async def follow_rename(self, node: Node, new_key: str) -> None:
         """The journal entry follows the name: a crash recovers the file under it."""
         staged = node.staged
+        if node.unlinked:
+            return  # its entry left the journal with its name (open handles keep a copy)
         if staged is not None and staged.is_committed and not staged.is_uploading:
             entry = JournalEntry(staged.entry_id, new_key, node.posix_metadata())
             await trio.to_thread.run_sync(self.journal.write_manifest, entry)
