@@ -5,7 +5,8 @@
 - ``moto_endpoint`` (session): URL of one ``moto_server`` for the whole run.
 - ``bucket_name``: a fresh bucket on that moto server, per test.
 - ``s3_store``: an ``S3Store`` on ``bucket_name``.
-- ``memory_store``: an empty ``MemoryStore``.
+- ``memory_store``: an empty ``MemoryStore``; ``memory`` and ``faulty`` (a
+  ``FaultyStore`` around it) for the in-process ``FileSystem`` tests.
 - ``seaweed_endpoint`` (session): URL of a SeaweedFS server (skipped only
   when the ``weed`` binary is not installed).
 """
@@ -28,6 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dgfs.fs import staging  # noqa: E402
+from dgfs.store.faulty import FaultyStore  # noqa: E402
 from dgfs.store.memory import MemoryStore  # noqa: E402
 from dgfs.store.s3 import S3Store  # noqa: E402
 from tests.mountutil import DgfsMount, Mounts, S3View  # noqa: E402
@@ -110,6 +112,18 @@ async def s3_store(moto_endpoint: str, bucket_name: str) -> AsyncIterator[S3Stor
 def memory_store() -> MemoryStore:
     """An empty in-memory store."""
     return MemoryStore("memory-bucket")
+
+
+@pytest.fixture
+def memory() -> MemoryStore:
+    """The bucket of an in-process ``FileSystem`` test (tests/test_filesystem.py's ``mounted``)."""
+    return MemoryStore("fs-bucket")
+
+
+@pytest.fixture
+def faulty(memory: MemoryStore) -> FaultyStore:
+    """``memory`` behind a store that fails, delays or holds the calls a test chooses."""
+    return FaultyStore(memory)
 
 
 @pytest.fixture(scope="session")

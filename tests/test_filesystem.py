@@ -207,16 +207,6 @@ def idle_jump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.01)
 
 
-@pytest.fixture
-def memory() -> MemoryStore:
-    return MemoryStore("fs-bucket")
-
-
-@pytest.fixture
-def faulty(memory: MemoryStore) -> FaultyStore:
-    return FaultyStore(memory)
-
-
 # --- the fault-injecting store itself -------------------------------------------------
 
 

@@ -42,16 +42,6 @@ from tests.test_filesystem import (
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def memory() -> MemoryStore:
-    return MemoryStore("fs-bucket")
-
-
-@pytest.fixture
-def faulty(memory: MemoryStore) -> FaultyStore:
-    return FaultyStore(memory)
-
-
 async def test_fsync_of_a_file_unlinked_while_open_returns(
     memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

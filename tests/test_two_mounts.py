@@ -31,11 +31,6 @@ RELEASES = list(ReleaseSeries(size=512 << 10).zips(3))  # zips of ~250 KB: delta
 SMALL = b"a small file of that name, stored whole\n"  # under 64 KiB: direct
 
 
-@pytest.fixture
-def memory() -> MemoryStore:
-    return MemoryStore("shared-bucket")
-
-
 def home(tmp_path: Path, mount: str) -> Path:
     """The directory of one mount's journal and cache."""
     path = tmp_path / mount

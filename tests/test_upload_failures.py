@@ -51,11 +51,6 @@ FAST_RETRIES = FsOptions(upload_delay=0.0, retry_delay=0.01)
 RELEASES = list(ReleaseSeries(size=512 << 10).zips(3))  # zips of ~250 KB: deltas
 
 
-@pytest.fixture
-def memory() -> MemoryStore:
-    return MemoryStore("failures-bucket")
-
-
 class FailingEngine(DeltaEngine):
     """xdelta3 whose encodes fail with ``error`` the first ``times`` runs (None: always)."""
 
