@@ -5,7 +5,15 @@ A file's new content lives in a staging file of the journal; its
 
     staged --commit--> committed --(no writer left)--> queued --> uploading --> settled
                                                           ^            |
-                                                          +-- retry <--+--> failed (failed/)
+                                               retry wait +------------+--> failed (failed/)
+
+Who owns what: ``StagedFile`` (dgfs/fs/staging.py) owns the staging file's
+descriptor and its phase; this pipeline alone decides when a staging file
+is retired and its journal entry removed, and the journal owns the files on
+disk. A journal entry that holds a file's newest acknowledged content goes
+only after S3 holds what replaces it (``lost_name``, the unlink and rename
+orders in ``FileSystem``), so a crash at any point recovers the newest
+acknowledged version (tests/test_crash_points.py).
 
 - ``UploadPipeline.staging`` (``stage_empty``) gives a node a staging
   file; the filesystem writes into it and counts each write
