@@ -1190,7 +1190,11 @@ class Core:
         return await self.store.get_range(key, 0, SYMLINK_MAX)
 
     async def move_plain(self, src_key: str, dst_key: str) -> None:
+        """Rename a symlink or special file (one plain object), over whatever
+        file ``dst_key`` names: a delta it replaces goes too, or listings
+        would show that (the delta wins a tie of Last-Modified seconds)."""
         await self.store.copy(src_key, dst_key)
+        await self._delete_delta_form(dst_key)
         await self.store.delete(src_key)
 
     async def delete_plain(self, key: str) -> None:

@@ -172,3 +172,25 @@ async def test_a_file_stored_whole_within_the_second_of_its_delta_replaces_it(
         await a.fs.wait_idle()
     assert "rel/x.zip.delta" not in memory.objects
     assert await read_fresh(memory, tmp_path, "rel/x.zip") == RELEASES[1][1][:1000]
+
+
+async def test_a_symlink_renamed_over_a_delta_replaces_it(
+    memory: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mv link file.zip`` where file.zip is a delta: the symlink's object
+    took the name, the delta stayed beside it, and within the same second
+    the listing showed the delta (found by the real-mount model, seed 107)."""
+    monkeypatch.setattr(memory_module, "datetime", _OneSecond)
+    await with_reference(memory, tmp_path)
+    async with mounted(memory, home(tmp_path, "a"), FAST_RETRIES) as a:
+        rel = await lookup(a.fs, "rel")
+        await write_file(a.fs, "x.zip", RELEASES[1][1], parent=rel.ino)
+        await a.fs.wait_idle()
+        assert "rel/x.zip.delta" in memory.objects
+        await a.fs.symlink(rel.ino, "link", b"elsewhere", UID, GID)
+        await a.fs.rename(rel.ino, "link", rel.ino, "x.zip", 0)
+    assert "rel/x.zip.delta" not in memory.objects
+    async with mounted(memory, home(tmp_path, "reader")) as m:
+        rel = await lookup(m.fs, "rel")
+        node = await lookup(m.fs, "x.zip", rel.ino)
+        assert await m.fs.readlink(node.ino) == b"elsewhere"
