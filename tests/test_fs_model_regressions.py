@@ -169,22 +169,6 @@ async def test_a_recovered_file_leaves_no_older_version_behind(
         await assert_absent(m.fs, "a")
 
 
-async def test_truncate_to_the_current_size_leaves_the_mtime(
-    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
-) -> None:
-    """POSIX: truncate and ftruncate mark st_mtime for update only "if the size
-    changed" (ext4 and tmpfs do so), and the kernel sends FUSE no mtime with
-    them. dgfs skips a truncate to the current size only for a file with no
-    local content; one staged (closed but not uploaded yet, say) gets a new
-    mtime, and an mtime set by utime is lost."""
-    async with mounted(memory, tmp_path) as m:
-        await write_file(m.fs, "a", b"0123456789\n")  # staged until its upload
-        node = await lookup(m.fs, "a")
-        await m.fs.setattr(node.ino, mtime_ns=1_000_000_000_000_000_000)
-        await m.fs.setattr(node.ino, size=11)
-        assert (await m.fs.getattr(node.ino)).mtime_ns == 1_000_000_000_000_000_000
-
-
 @pytest.mark.expected_log(r"retrying in")
 async def test_an_upload_failing_after_its_file_was_rewritten_leaves_no_stale_entry(
     memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock

@@ -344,8 +344,11 @@ class FileSystem:
         self._check_writable()
         if node.kind is not NodeKind.FILE:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
-        if size == node.size:
-            return  # POSIX: st_mtime changes only if the size does
+        if size == node.size and node.staged is None:
+            # Nothing to store. (Linux filesystems still update the times
+            # of a truncate to the same size, as a staged file does here;
+            # for a stored one that would cost a copy of its object.)
+            return
         async with self._changing_unheld(node, copies=size > 0):
             staged = await self.uploads.staging(node, keep_content=size > 0)
             await staged.truncate(size, self.disk_limiter)
