@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import trio
 import trio.testing
 
 from dgfs.errors import DgfsError
+from dgfs.fs.journal import Journal
 from dgfs.store import memory as memory_module
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
@@ -336,3 +339,102 @@ async def test_a_directory_rename_writes_no_manifest_for_a_file_unlinked_while_o
             await assert_absent(m.fs, "a")
     assert leftover == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rename of an open file whose newest version is in S3 deletes it there and "
+    "never uploads it under the new name (filesystem.py _rename_file, since d933e6d)",
+)
+@pytest.mark.parametrize("how", ["fsync", "reader"])
+async def test_rename_of_an_open_file_already_uploaded_keeps_its_content(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock, how: str
+) -> None:
+    """``mv a b`` lost the file: its bytes were in S3, and after the rename
+    neither name held anything (a remount shows no ``b``).
+
+    While a handle is open the staging file stays after its upload lands
+    (settled, ``needs_upload`` false). ``_rename_file`` takes any committed
+    staging file for "the newest version is local": it deletes the object
+    under the old name and moves the journal entry, but no upload follows,
+    as nothing new was committed; at the last close the staging file goes
+    and the content with it. ``fsync``: written, fsync'd (so acknowledged in
+    S3) and renamed before the close; ``reader``: closed and uploaded while
+    another process reads it.
+    """
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "a", b"version 1\n")
+        node = await lookup(m.fs, "a")
+        if how == "fsync":
+            handle = await m.fs.open(node.ino, os.O_RDWR)
+            await m.fs.write(handle.fh, 0, b"version 2\n")
+            await m.fs.fsync(handle.fh)
+            expected = b"version 2\n"
+        else:
+            handle = await m.fs.open(node.ino, os.O_RDONLY)
+            mock_clock.jump(OPTIONS.upload_delay)
+            await m.fs.wait_idle()
+            expected = b"version 1\n"
+        await rename(m.fs, "a", "b")
+        await close(m.fs, handle.fh)
+        assert await read_file(m.fs, "b") == expected
+    assert bucket(memory) == {"b": expected}
+
+
+class GatedCommitJournal(Journal):
+    """A journal whose commits wait (in their worker thread) until ``gate`` is set."""
+
+    gate = threading.Event()
+
+    def commit(self, entry_id: str, key: str, metadata: Mapping[str, str]) -> None:
+        self.gate.wait(timeout=20)
+        super().commit(entry_id, key, metadata)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fsync waits for an upload nobody queues when the previous commit's upload "
+    "starts during its own commit, a writer open (uploads.py wait_uploaded/_request)",
+)
+async def test_fsync_returns_when_an_upload_starts_during_its_commit(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """fsync() hung for good.
+
+    ``a`` is closed (committed, its upload queued), opened again and written
+    (in the same staging file: the upload has not started). fsync commits;
+    while the journal makes the commit durable (a worker thread), the
+    queued upload comes due and starts, storing the version committed
+    before. fsync's ``_request(despite_writers=True)`` finds it uploading
+    and queues nothing; when it lands, ``_upload_version`` queues the newer
+    commit with ``_request(node)``, which waits for the writers to close,
+    and the fsyncing handle is one: nothing uploads the version fsync waits
+    for. (Found by the model with ``arm_concurrent``.)
+    """
+    GatedCommitJournal.gate = threading.Event()
+    GatedCommitJournal.gate.set()
+    try:
+        async with mounted(faulty, tmp_path, journal_type=GatedCommitJournal) as m:
+            await write_file(m.fs, "a", b"version 1\n")  # committed, queued
+            handle = await m.fs.open((await lookup(m.fs, "a")).ino, os.O_RDWR)
+            await m.fs.write(handle.fh, 0, b"version 2\n")
+            GatedCommitJournal.gate.clear()
+            held = faulty.hang("upload", key="a")
+            async with trio.open_nursery() as nursery:
+                synced = await started(lambda: m.fs.fsync(handle.fh), nursery)  # in commit
+                mock_clock.jump(OPTIONS.upload_delay)  # the queued upload starts, held
+                await held.reached.wait()
+                GatedCommitJournal.gate.set()  # fsync's commit ends: it waits for S3
+                for _ in range(10):
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                held.release()  # the older commit's upload lands
+                for _ in range(10):
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                try:
+                    assert synced.is_set(), "fsync is still waiting"
+                finally:
+                    nursery.cancel_scope.cancel()
+            await close(m.fs, handle.fh)
+        assert bucket(memory) == {"a": b"version 2\n"}
+    finally:
+        GatedCommitJournal.gate.set()
