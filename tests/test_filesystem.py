@@ -1031,3 +1031,34 @@ async def test_a_listing_fetched_before_a_directory_changed_is_not_cached_after(
         names: list[str] = []
         await m.fs.readdir(d.ino, 0, lambda name, node, offset: names.append(name) or True)
         assert names == []
+
+
+async def test_a_read_while_an_upload_updates_the_attributes_it_stored_gets_the_new_version(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Version 2's bytes are stored; its upload then writes a chmod made
+    meanwhile (a copy onto itself, held here). A handle closed then settled
+    the file (its local content went) while the node still described
+    version 1's object: a read opened then took version 1's size and SHA-256
+    to version 2's object and failed with EIO (found by the real-mount
+    model: "xdelta3 decode stopped at ... the limit (dg-file-size)")."""
+    async with mounted(faulty, tmp_path) as m, trio.open_nursery() as nursery:
+        await write_file(m.fs, "a.txt", b"version 1\n")
+        await m.fs.wait_idle()
+        node = await lookup(m.fs, "a.txt")
+        held = faulty.hang("copy", key="a.txt")  # the follow-up's metadata update
+        fh = await open_for_rewrite(m.fs, "a.txt", b"version 2, longer\n")
+        await m.fs.flush(fh)
+        await m.fs.setattr(node.ino, mode=0o600)  # the upload to come carries it...
+        uploading = faulty.hang("upload", key="a.txt", after=True)
+        await m.fs.release(fh)
+        await uploading.reached.wait()
+        await m.fs.setattr(node.ino, mode=0o640)  # ...this one needs the follow-up
+        uploading.release()
+        await held.reached.wait()
+        reader = await m.fs.open(node.ino, os.O_RDONLY)  # and its release settles
+        await m.fs.release(reader.fh)
+        assert await read_file(m.fs, "a.txt") == b"version 2, longer\n"
+        held.release()
+        nursery.cancel_scope.cancel()
+    assert bucket(memory) == {"a.txt": b"version 2, longer\n"}

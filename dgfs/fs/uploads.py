@@ -485,9 +485,11 @@ class UploadPipeline:
         if node.staged is not staged:
             await self._superseded(node, staged, key, result.as_stored())
             return
-        await self._follow_up(node, key, meta)
+        # What S3 holds now, before the follow-up awaits: a handle released
+        # meanwhile settles the file, and readers then go by node.stored.
         node.stored = result.as_stored()
         node.etag = None
+        await self._follow_up(node, key, meta)
         if staged.needs_upload:
             self._request(node)  # written again meanwhile
         staged.notify()
@@ -518,10 +520,10 @@ class UploadPipeline:
                 return
             current_key = self.ns.key_of(node.path)
             if current_key != key:
-                await self.core.rename(key, current_key)
+                node.stored = await self.core.rename(key, current_key)
             elif node.posix_metadata() != meta:
-                stored = await self.core.update_metadata(key, node.posix_metadata())
-                await self.ns.metadata_changed(stored.stored_key)
+                node.stored = await self.core.update_metadata(key, node.posix_metadata())
+                await self.ns.metadata_changed(node.stored.stored_key)
         except (DgfsError, OSError) as exc:
             # The bytes are stored; only a follow-up (name, attributes) is missing.
             log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
