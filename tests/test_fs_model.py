@@ -180,6 +180,8 @@ KNOWN_BUGS = frozenset(
         "test_rename_of_an_open_file_already_uploaded_keeps_its_content",
         # fsync hangs when the upload of an earlier commit is in flight.
         "test_fsync_returns_when_an_upload_starts_during_its_commit",
+        # a rename failing after its copy reached S3 leaves a second name.
+        "test_a_rename_failing_after_its_copy_leaves_no_second_name",
     }
 )
 # utime sets mtimes in 2001..2011; anything a write leaves is "now". A model
@@ -1149,6 +1151,10 @@ class FsModel(RuleBasedStateMachine):
             "test_rename_of_an_open_file_already_uploaded_keeps_its_content" in KNOWN_BUGS
             and source.is_file()
             and any(h.local_ino == source.stat().st_ino for h in self.handles)
+        ):
+            return
+        if "test_a_rename_failing_after_its_copy_leaves_no_second_name" in KNOWN_BUGS and any(
+            fault.after and fault.hits < (fault.times or 1) for fault in self.failing
         ):
             return
 
