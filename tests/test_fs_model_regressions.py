@@ -341,11 +341,6 @@ async def test_a_directory_rename_writes_no_manifest_for_a_file_unlinked_while_o
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rename of an open file whose newest version is in S3 deletes it there and "
-    "never uploads it under the new name (filesystem.py _rename_file, since d933e6d)",
-)
 @pytest.mark.parametrize("how", ["fsync", "reader"])
 async def test_rename_of_an_open_file_already_uploaded_keeps_its_content(
     memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock, how: str
@@ -391,11 +386,6 @@ class GatedCommitJournal(Journal):
         super().commit(entry_id, key, metadata)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fsync waits for an upload nobody queues when the previous commit's upload "
-    "starts during its own commit, a writer open (uploads.py wait_uploaded/_request)",
-)
 async def test_fsync_returns_when_an_upload_starts_during_its_commit(
     memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

@@ -556,7 +556,7 @@ class FileSystem:
         replaced = target is not None and target is not node
         kept = replaced and target is not None and await self.uploads.keep_for_open_handles(target)
         staged = node.staged
-        if staged is not None and staged.is_committed and not staged.is_failed:
+        if staged is not None and staged.needs_upload and not staged.is_failed:
             # Its newest acknowledged version is local, and will be uploaded
             # under the new name; an older one in S3 under the old name goes
             # first (a crash after it recovers the file under the old name),
@@ -584,6 +584,9 @@ class FileSystem:
             # before (same bytes): the attribute cache's row for that version
             # must be this file's now.
             await self.ns.metadata_changed(node.stored.stored_key)
+            # An open file's uploaded staging file stays in the journal until
+            # its last close: a crash must not recover it under the old name.
+            await self.uploads.follow_rename(node, new_key)
         if replaced and target is not None:
             await self.uploads.lost_name(target, kept=kept)
 

@@ -250,8 +250,11 @@ class UploadPipeline:
     async def wait_uploaded(self, node: Node) -> None:
         """Upload what was committed now (open writers or not, no delay) and
         return once it is in S3; raises the upload's error (fsync)."""
-        self._request(node, despite_writers=True)
         while True:
+            # Asked again each time: an upload that started during our commit
+            # stored the version before it, and queues ours only once no
+            # writer is left; the fsyncing handle is one.
+            self._request(node, despite_writers=True)
             staged = node.staged
             if staged is None or not staged.needs_upload or node.unlinked:
                 return  # stored, or nameless: unlinked while open, nothing goes to S3
