@@ -1643,7 +1643,8 @@ def test_filesystem_matches_local_model(inline_workers: None, dgfs_log_watch: No
     for number in itertools.count(FIRST_SEED):
         before = STATS.steps
         machine = seed(number)(type(f"FsModelSeed{number}", (FsModel,), {}))
-        examples = max(1, per_seed // (EXAMPLE_STEPS // 2))
+        # An example runs about three operations (steps) for every four rules.
+        examples = max(1, per_seed * 4 // (EXAMPLE_STEPS * 3))
         outcome = "no divergence"
         try:
             run_state_machine_as_test(machine, settings=_settings(examples, derandomize=False))
