@@ -1062,3 +1062,49 @@ async def test_a_read_while_an_upload_updates_the_attributes_it_stored_gets_the_
         held.release()
         nursery.cancel_scope.cancel()
     assert bucket(memory) == {"a.txt": b"version 2, longer\n"}
+
+
+async def test_an_upload_never_starts_while_a_write_to_its_staging_file_runs(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closed (its upload queued), opened again and written: the write's
+    pwrite was in its worker thread when the upload came due and started.
+    The upload hashed the file, then the write changed it, and S3 got bytes
+    other than the SHA-256 it recorded (found by the real-mount model, seed
+    531: a directory's reference.bin that failed its own SHA-256)."""
+    gate = threading.Event()
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd: int, data: bytes, offset: int) -> int:
+        if data == b"VERSION 2":
+            gate.wait(timeout=20)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    held = faulty.hang("upload", key="a.txt")
+    try:
+        async with mounted(faulty, tmp_path) as m, trio.open_nursery() as nursery:
+            await write_file(m.fs, "a.txt", b"version 1")  # queued, in its delay
+            node = await lookup(m.fs, "a.txt")
+            fh = (await m.fs.open(node.ino, os.O_WRONLY)).fh
+            written = await started(lambda: m.fs.write(fh, 0, b"VERSION 2"), nursery)
+            mock_clock.jump(OPTIONS.upload_delay)  # the queued upload comes due
+            for _ in range(20):
+                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            gate.set()  # the write lands
+            await written.wait()
+            held.release()
+            await faulty.wait_calls("upload", 1)
+            # Whatever version that upload stored, its bytes are the ones it recorded.
+            stored = memory.objects["a.txt"]
+            assert stored.metadata["dg-file-sha256"] == hashlib.sha256(stored.body).hexdigest()
+            await close(m.fs, fh)
+        assert bucket(memory) == {"a.txt": b"VERSION 2"}
+        async with mounted(memory, tmp_path) as m:
+            assert await read_file(m.fs, "a.txt") == b"VERSION 2"
+    finally:
+        gate.set()

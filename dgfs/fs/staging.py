@@ -67,6 +67,8 @@ class StagedFile:
         self.path = path  # the journal's data file (gone once retired or quarantined)
         self._fd: int | None = fd  # None once closed
         self._users = 0  # worker threads using _fd right now
+        self._io_done = trio.Event()  # set while no worker thread uses _fd
+        self._io_done.set()
         self._generation = 1
         self._committed: int | None = 1 if committed else None
         self._uploaded: int | None = None
@@ -174,13 +176,27 @@ class StagedFile:
         if self._fd is None or self._retired:
             _ownership_bug(f"staging file {self.entry_id} used after it was retired")
             raise FsError(errno.EIO, "staging file is gone")
+        if self._users == 0:
+            self._io_done = trio.Event()
         self._users += 1
         try:
             yield self._fd
         finally:
             self._users -= 1
-            if self._retired and self._users == 0:
-                self._close_fd()
+            if self._users == 0:
+                self._io_done.set()
+                if self._retired:
+                    self._close_fd()
+
+    @property
+    def in_use(self) -> bool:
+        """A read, write or copy of it runs in a worker thread right now."""
+        return self._users > 0
+
+    async def wait_io_done(self) -> None:
+        """Until no worker thread uses the file (an upload must not start
+        while a write it would not see, or only half, is landing)."""
+        await self._io_done.wait()
 
     async def pread(self, offset: int, size: int, limiter: trio.CapacityLimiter) -> bytes:
         with self._descriptor() as fd:

@@ -434,9 +434,17 @@ class UploadPipeline:
             await self._idle.wait()
 
     async def _upload(self, node: Node) -> None:
-        while self._renames or id(node) in self._flights:
-            await self._no_renames.wait()
-            await self.wait_not_uploading(node)
+        while True:
+            if self._renames or id(node) in self._flights:
+                await self._no_renames.wait()
+                await self.wait_not_uploading(node)
+            elif node.staged is not None and node.staged.in_use:
+                # A write landing in a worker thread would change the file
+                # under the upload's hash: it lands first (a later one goes
+                # to a new staging file once this one is uploading).
+                await node.staged.wait_io_done()
+            else:
+                break
         # From here to start_upload() nothing awaits: a rename that starts
         # later waits for this upload to land.
         staged = node.staged
