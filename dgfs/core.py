@@ -396,13 +396,23 @@ class Core:
             # A foreign ``key.delta`` (shown as a file of that name) stays untouched.
             log.info("%s: %s is another file; storing direct", key, fmt.delta_key(key))
             return await self._put_direct(src, key, digest, extra, content_type)
-        mode, ref_head = await self._deltaspace(prefix, mode)
-        deep = mode is DeltaMode.DEEP
-        if not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=deep):
-            return await self._put_direct(src, key, digest, extra, content_type)
-        if deep:
-            return await self._put_deep(src, key, digest, extra, content_type, ref_head)
-        return await self._put_delta(src, key, digest, extra, content_type, ref_head)
+        for attempt in (1, 2):
+            space, ref_head = await self._deltaspace(prefix, mode)
+            deep = space is DeltaMode.DEEP
+            if not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=deep):
+                return await self._put_direct(src, key, digest, extra, content_type)
+            try:
+                if deep:
+                    return await self._put_deep(src, key, digest, extra, content_type, ref_head)
+                return await self._put_delta(src, key, digest, extra, content_type, ref_head)
+            except MissingReference as exc:
+                # Another mount removed or replaced the reference between our
+                # HEAD and its download (a directory renamed over this one,
+                # say): once more against what the directory holds now.
+                if attempt == 2:
+                    raise
+                log.info("%s: %s; storing it against the reference there now", key, exc)
+        raise AssertionError("unreachable")
 
     async def _deltaspace(
         self, prefix: str, force: DeltaMode | None = None
@@ -718,7 +728,7 @@ class Core:
             try:
                 await self._cpu(self.cache.add_file, sha256, tmp)
             except IntegrityError:
-                raise IntegrityError(
+                raise MissingReference(
                     f"{key} does not match its recorded SHA-256 {sha256[:12]}…"
                     " (replaced or corrupted)"
                 ) from None
@@ -1033,32 +1043,55 @@ class Core:
         stored, head = await self._locate_with_head(src_key)
         if src_key == dst_key:
             return stored
-        dst_name = fmt.split_key(dst_key)[1]
         same_space = fmt.split_key(src_key)[0] == fmt.split_key(dst_key)[0]
         # A delta moves as a delta only where ``dst.delta`` is free for it;
         # otherwise it is rebuilt and stored (direct, beside a foreign ``dst.delta``).
+        try:
+            await self._write_renamed(stored, head, src_key, dst_key, same_space)
+        except TransientError:
+            # S3 may have done it and lost the reply (the store's own retries
+            # spent): with the file under both names, finish the rename
+            # rather than report a failure that leaves a second name.
+            if not await self._holds_file(dst_key, stored.file_sha256):
+                raise
+            log.info("%s: stored as %s though the reply was lost; renaming on", src_key, dst_key)
+        await self.store.delete(stored.stored_key)
+        log.info("renamed %s -> %s", src_key, dst_key)
+        return await self.locate(dst_key)
+
+    async def _write_renamed(
+        self, stored: StoredFile, head: ObjectHead, src_key: str, dst_key: str, same_space: bool
+    ) -> None:
+        """``rename``'s first half: the file under ``dst_key`` (a delta keeps
+        its reference in its deltaspace, else it is rebuilt and stored)."""
         if stored.kind is Kind.DELTA and (not same_space or await self._delta_form_taken(dst_key)):
             async with self._scratch() as plain:
                 await self.rebuild(stored, plain)
                 extra = {k: v for k, v in head.metadata.items() if k in fmt.POSIX_KEYS}
                 await self.put(plain, dst_key, extra_metadata=extra)
+            return
+        if stored.kind is Kind.DELTA:
+            dst_stored = fmt.delta_key(dst_key)
+            other_form = dst_key
         else:
-            if stored.kind is Kind.DELTA:
-                dst_stored = fmt.delta_key(dst_key)
-                other_form = dst_key
-            else:
-                dst_stored, other_form = dst_key, fmt.delta_key(dst_key)
-            meta = None
-            if stored.kind in (Kind.DELTA, Kind.DIRECT):
-                meta = fmt.with_original_name(head.metadata, dst_name)
-            await self.store.copy(stored.stored_key, dst_stored, meta)
-            if other_form == dst_key:
-                await self.store.delete(other_form)
-            else:
-                await self._delete_delta_form(dst_key)
-        await self.store.delete(stored.stored_key)
-        log.info("renamed %s -> %s", src_key, dst_key)
-        return await self.locate(dst_key)
+            dst_stored, other_form = dst_key, fmt.delta_key(dst_key)
+        meta = None
+        if stored.kind in (Kind.DELTA, Kind.DIRECT):
+            meta = fmt.with_original_name(head.metadata, fmt.split_key(dst_key)[1])
+        await self.store.copy(stored.stored_key, dst_stored, meta)
+        if other_form == dst_key:
+            await self.store.delete(other_form)
+        else:
+            await self._delete_delta_form(dst_key)
+
+    async def _holds_file(self, key: str, sha256: str | None) -> bool:
+        """Whether ``key`` shows the file with ``sha256`` (False when unknown)."""
+        if sha256 is None:
+            return False
+        try:
+            return (await self.locate(key)).file_sha256 == sha256
+        except (NotFound, TransientError):
+            return False
 
     async def update_metadata(self, key: str, changes: Mapping[str, str]) -> StoredFile:
         """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place."""

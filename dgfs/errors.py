@@ -90,7 +90,8 @@ class FormatError(DgfsError):
 
 
 class MissingReference(IntegrityError):
-    """A delta's reference object is gone."""
+    """A delta's reference object is gone, or holds other bytes than the
+    SHA-256 it was recorded with (replaced)."""
 
 
 class DeltaEngineError(DgfsError):

@@ -10,12 +10,14 @@ and reads back exactly — never neither, never bytes nobody wrote
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import trio
 
+from dgfs import format as fmt
 from dgfs.errors import DgfsError
 from dgfs.fs.filesystem import FsOptions
 from dgfs.store import memory as memory_module
@@ -194,3 +196,29 @@ async def test_a_symlink_renamed_over_a_delta_replaces_it(
         rel = await lookup(m.fs, "rel")
         node = await lookup(m.fs, "x.zip", rel.ino)
         assert await m.fs.readlink(node.ino) == b"elsewhere"
+
+
+async def test_a_reference_replaced_between_its_head_and_its_download_is_used_as_it_is_now(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """A mount HEADs the directory's reference, then downloads it to encode
+    against; meanwhile another mount's directory rename put another
+    reference there. The download failed its SHA-256 check, and the upload
+    waited for a retry with a warning (before that fix: went to failed/).
+    Now the put looks at the directory again at once (found by the
+    real-mount model, seed 512)."""
+    await with_reference(memory, tmp_path)
+    store_b = FaultyStore(memory)
+    held = store_b.hang("download", key="rel/reference.bin")
+    async with mounted(store_b, home(tmp_path, "b"), FAST_RETRIES) as b:
+        rel = await lookup(b.fs, "rel")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_file, b.fs, "y.zip", RELEASES[1][1], rel.ino)
+            await held.reached.wait()
+            other, other_data = RELEASES[2]
+            sha = hashlib.sha256(other_data).hexdigest()
+            meta = fmt.reference_metadata(other, sha, datetime.now(UTC))
+            await memory.put_bytes("rel/reference.bin", other_data, meta)
+            held.release()
+        await b.fs.wait_idle()
+    assert await read_fresh(memory, tmp_path, "rel/y.zip") == RELEASES[1][1]
