@@ -453,3 +453,35 @@ async def test_a_rename_whose_copy_lost_its_reply_leaves_one_name(
         assert await read_file(m.fs, "b", (await lookup(m.fs, "d")).ino) == b"data\n"
         with pytest.raises(FsError):
             await lookup(m.fs, "a")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="chmod/utime of a file whose upload is in flight is not written to the journal: "
+    "a crash before the upload lands loses it (uploads.py carries_attributes)",
+)
+async def test_attributes_changed_during_an_upload_survive_a_crash(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """chmod 600 and touch -d of ``a`` returned while its upload was in
+    flight; the mount then died. After recovery ``a`` showed its old mode
+    and mtime, for good: the recovered upload stored the journal entry's.
+
+    ``carries_attributes`` answers "the upload picks the attributes up" for
+    a file being uploaded, and so writes no manifest: the new attributes
+    live only in memory until the upload lands and its follow-up rewrites
+    the object's metadata. docs/SEMANTICS.md: "on a file not yet uploaded,
+    only the journal entry changes".
+    """
+    held = faulty.hang("upload", key="a")
+    async with mounted(faulty, tmp_path, crash=True) as m:
+        await write_file(m.fs, "a", b"data\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await held.reached.wait()
+        node = await lookup(m.fs, "a")
+        await m.fs.setattr(node.ino, mode=0o600, mtime_ns=1_000_000_000_000_000_000)
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        node = await m.fs.getattr((await lookup(m.fs, "a")).ino)
+        assert (node.mode, node.mtime_ns) == (0o600, 1_000_000_000_000_000_000)
+    assert memory.objects["a"].metadata["mode"] == str(0o100600)
