@@ -53,7 +53,10 @@ What is compared, and when:
   content is its content at some moment since its last acknowledgement:
   the acknowledged version, or that version with some prefix of the later
   writes and truncations applied (each whole). A file never acknowledged
-  may be absent, or hold such a version of itself. A file's mode is the
+  may be absent, or hold such a version of itself, or, if it was renamed
+  over another file and has not moved since, that file as a crash may
+  bring it back (its object stays in S3 until the new file's upload
+  replaces it: one of the two survives, never neither). A file's mode is the
   last one chmod gave it, or, while it has writes not acknowledged, any it
   had since its last acknowledgement (the mode then travels with those
   writes). The model then takes what the mount shows, and the run goes on.
@@ -94,6 +97,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import itertools
 import logging
@@ -107,8 +111,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -185,6 +190,15 @@ KNOWN_BUGS = frozenset(
     {
         # chmod during an upload is lost in a crash: modes are not compared then.
         "test_attributes_changed_during_an_upload_survive_a_crash",
+        # a file not closed yet, moved over another and then on, leaves the
+        # replaced file's object under the first name.
+        "test_a_file_moved_over_another_then_on_leaves_no_replaced_copy",
+        # a file not closed yet, moved over one saved but not uploaded, drops
+        # that save: no such rename over a file.
+        "test_a_crash_after_two_saves_keeps_the_first",
+        # an upload with the bytes of what it replaces, within the second,
+        # shows the replaced one's mode: the store's Last-Modified moves on.
+        "test_an_upload_with_the_same_bytes_shows_its_own_mode",
     }
 )
 # utime sets mtimes in 2001..2011; anything a write leaves is "now". A model
@@ -273,6 +287,27 @@ def inline_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trio.to_thread, "run_sync", _inline_run_sync)
     monkeypatch.setattr(trio._path, "run_sync", _inline_run_sync)  # bound at its import
     monkeypatch.setattr(trio, "run_process", _inline_run_process)
+
+
+class _TickingStore(MemoryStore):
+    """A memory store whose every write comes a second after the one before."""
+
+    def __init__(self, bucket: str) -> None:
+        super().__init__(bucket)
+        self._now = datetime.now(UTC)
+
+    def _put(
+        self,
+        key: str,
+        body: bytes,
+        metadata: Mapping[str, str],
+        content_type: str,
+        if_none_match: bool,
+    ) -> str:
+        etag = super()._put(key, body, metadata, content_type, if_none_match)
+        self._now += timedelta(seconds=1)
+        self.objects[key] = dataclasses.replace(self.objects[key], last_modified=self._now)
+        return etag
 
 
 # --- the trio side: one loop per example, one mount at a time --------------------------
@@ -631,6 +666,9 @@ class History:
     since: list[bytes] = field(default_factory=lambda: [b""])
     # Its modes since then; only the last while nothing unacknowledged is written.
     modes: list[int] = field(default_factory=lambda: [0o644 & ~UMASK])
+    # Never acknowledged and renamed over another file: that path, and the
+    # versions and modes the replaced file may come back with after a crash.
+    replaced: tuple[str, list[bytes], list[int]] | None = None
 
     @property
     def dirty(self) -> bool:
@@ -647,6 +685,7 @@ class History:
         self.acked = True
         self.since = [content]
         self.modes = [mode]
+        self.replaced = None
 
 
 @dataclass
@@ -727,7 +766,11 @@ class FsModel(RuleBasedStateMachine):
         self.base = Path(tempfile.mkdtemp(prefix="dgfs-fs-model-", dir=_scratch_root()))
         self.local = self.base / "local"
         self.local.mkdir()
-        self.memory = MemoryStore("model-bucket")
+        self.memory = (
+            _TickingStore("model-bucket")
+            if "test_an_upload_with_the_same_bytes_shows_its_own_mode" in KNOWN_BUGS
+            else MemoryStore("model-bucket")
+        )
         self.faulty = FaultyStore(self.memory)
         self.files: dict[int, History] = {}  # by the model's st_ino
         self.handles: list[OpenFile] = []
@@ -1166,6 +1209,28 @@ class FsModel(RuleBasedStateMachine):
                 raise FsError(errno.ENOTEMPTY)
             await k.fs.rename(old_parent.ino, old_name, new_parent.ino, new_name, 0)
 
+        source, target = self.local / old, self.local / new
+        moved = self.history(source.stat().st_ino) if source.is_file() else None
+        if (
+            "test_a_file_moved_over_another_then_on_leaves_no_replaced_copy" in KNOWN_BUGS
+            and moved is not None
+            and moved.replaced is not None
+            and moved.replaced[0] == old
+        ):
+            return
+        replaced = (
+            self.history(target.stat().st_ino)
+            if moved is not None and target.is_file() and not target.samefile(source)
+            else None
+        )
+        if (
+            "test_a_crash_after_two_saves_keeps_the_first" in KNOWN_BUGS
+            and replaced is not None
+            and moved is not None
+            and not moved.acked
+        ):
+            return
+        was_dir = source.is_dir()
         what = f"rename {old} -> {new}"
         hits = self.failures_hit()
         got = self.remote(remote)
@@ -1176,7 +1241,24 @@ class FsModel(RuleBasedStateMachine):
             self.count("rename EIO (injected)")
             self.compare_paths(what, [old, new])
             return
-        self.compare(what, _local(lambda: os.rename(self.local / old, self.local / new)), got)
+        self.compare(what, _local(lambda: os.rename(source, target)), got)
+        if got[0] != "ok":
+            return
+        if moved is not None:
+            moved.replaced = None
+            if replaced is not None and not moved.acked:
+                # Until this file is acknowledged, a crash may bring back the one
+                # it replaced (its object stays in S3 until the upload: never neither).
+                versions, modes = (replaced.since, replaced.modes) if replaced.acked else ([], [])
+                if replaced.replaced is not None and replaced.replaced[0] == new:
+                    versions, modes = versions + replaced.replaced[1], modes + replaced.replaced[2]
+                if versions:
+                    moved.replaced = (new, versions, modes)
+        elif was_dir:
+            for history in self.files.values():
+                if history.replaced is not None and history.replaced[0].startswith(f"{old}/"):
+                    path, versions, modes = history.replaced
+                    history.replaced = (new + path[len(old) :], versions, modes)
 
     @rule(data=st.data())
     def unlink(self, data: st.DataObject) -> None:
@@ -1466,7 +1548,17 @@ class FsModel(RuleBasedStateMachine):
                 else:
                     target.unlink()
                 continue
-            if shown.kind != "file" or shown.content not in history.since:
+            modes = history.modes
+            shadow = history.replaced
+            if (
+                shown.kind == "file"
+                and shown.content not in history.since
+                and shadow is not None
+                and shadow[0] == path
+                and shown.content in shadow[1]
+            ):
+                modes = shadow[2]  # the file it replaced, its object still in S3
+            elif shown.kind != "file" or shown.content not in history.since:
                 versions = [len(v) for v in history.since]
                 problems.append(
                     f"{path}: after the crash the mount shows {_describe(shown)}, not one of its "
@@ -1475,11 +1567,11 @@ class FsModel(RuleBasedStateMachine):
                 )
                 continue
             if (
-                shown.mode not in history.modes
+                shown.mode not in modes
                 and "test_attributes_changed_during_an_upload_survive_a_crash" not in KNOWN_BUGS
             ):
-                modes = " or ".join(f"{m:o}" for m in history.modes)
-                problems.append(f"{path}: mode {shown.mode:o} after the crash, not {modes}")
+                listed = " or ".join(f"{m:o}" for m in modes)
+                problems.append(f"{path}: mode {shown.mode:o} after the crash, not {listed}")
                 continue
             assert shown.content is not None and shown.mtime_ns is not None
             if shown.content != entry.content:
