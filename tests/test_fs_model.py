@@ -53,10 +53,9 @@ What is compared, and when:
   content is its content at some moment since its last acknowledgement:
   the acknowledged version, or that version with some prefix of the later
   writes and truncations applied (each whole). A file never acknowledged
-  may be absent, or hold such a version of itself, or, if it was renamed
-  over another file and has not moved since, that file as a crash may
-  bring it back (its object stays in S3 until the new file's upload
-  replaces it: one of the two survives, never neither). A file's mode is the
+  may be absent, or hold such a version of itself. Renaming a file over
+  another acknowledges it (dgfs commits it first, as ext4's auto_da_alloc
+  flushes it: the name shows one of the two, never neither). A file's mode is the
   last one chmod gave it, or, while it has writes not acknowledged, any it
   had since its last acknowledgement (the mode then travels with those
   writes). The model then takes what the mount shows, and the run goes on.
@@ -188,14 +187,6 @@ DIR_MODES = (0o755, 0o700, 0o775)
 # each (look for its name below) until the fix removes the entry and the mark.
 KNOWN_BUGS = frozenset(
     {
-        # chmod during an upload is lost in a crash: modes are not compared then.
-        "test_attributes_changed_during_an_upload_survive_a_crash",
-        # a file not closed yet, moved over another and then on, leaves the
-        # replaced file's object under the first name.
-        "test_a_file_moved_over_another_then_on_leaves_no_replaced_copy",
-        # a file not closed yet, moved over one saved but not uploaded, drops
-        # that save: no such rename over a file.
-        "test_a_crash_after_two_saves_keeps_the_first",
         # an upload with the bytes of what it replaces, within the second,
         # shows the replaced one's mode: the store's Last-Modified moves on.
         "test_an_upload_with_the_same_bytes_shows_its_own_mode",
@@ -666,9 +657,6 @@ class History:
     since: list[bytes] = field(default_factory=lambda: [b""])
     # Its modes since then; only the last while nothing unacknowledged is written.
     modes: list[int] = field(default_factory=lambda: [0o644 & ~UMASK])
-    # Never acknowledged and renamed over another file: that path, and the
-    # versions and modes the replaced file may come back with after a crash.
-    replaced: tuple[str, list[bytes], list[int]] | None = None
 
     @property
     def dirty(self) -> bool:
@@ -685,7 +673,6 @@ class History:
         self.acked = True
         self.since = [content]
         self.modes = [mode]
-        self.replaced = None
 
 
 @dataclass
@@ -1211,26 +1198,7 @@ class FsModel(RuleBasedStateMachine):
 
         source, target = self.local / old, self.local / new
         moved = self.history(source.stat().st_ino) if source.is_file() else None
-        if (
-            "test_a_file_moved_over_another_then_on_leaves_no_replaced_copy" in KNOWN_BUGS
-            and moved is not None
-            and moved.replaced is not None
-            and moved.replaced[0] == old
-        ):
-            return
-        replaced = (
-            self.history(target.stat().st_ino)
-            if moved is not None and target.is_file() and not target.samefile(source)
-            else None
-        )
-        if (
-            "test_a_crash_after_two_saves_keeps_the_first" in KNOWN_BUGS
-            and replaced is not None
-            and moved is not None
-            and not moved.acked
-        ):
-            return
-        was_dir = source.is_dir()
+        replaces = moved is not None and target.is_file() and not target.samefile(source)
         what = f"rename {old} -> {new}"
         hits = self.failures_hit()
         got = self.remote(remote)
@@ -1244,21 +1212,9 @@ class FsModel(RuleBasedStateMachine):
         self.compare(what, _local(lambda: os.rename(source, target)), got)
         if got[0] != "ok":
             return
-        if moved is not None:
-            moved.replaced = None
-            if replaced is not None and not moved.acked:
-                # Until this file is acknowledged, a crash may bring back the one
-                # it replaced (its object stays in S3 until the upload: never neither).
-                versions, modes = (replaced.since, replaced.modes) if replaced.acked else ([], [])
-                if replaced.replaced is not None and replaced.replaced[0] == new:
-                    versions, modes = versions + replaced.replaced[1], modes + replaced.replaced[2]
-                if versions:
-                    moved.replaced = (new, versions, modes)
-        elif was_dir:
-            for history in self.files.values():
-                if history.replaced is not None and history.replaced[0].startswith(f"{old}/"):
-                    path, versions, modes = history.replaced
-                    history.replaced = (new + path[len(old) :], versions, modes)
+        if moved is not None and replaces and not moved.acked:
+            # The rename made what the file holds now durable (see the docstring).
+            moved.acknowledged(target.read_bytes(), stat.S_IMODE(target.stat().st_mode))
 
     @rule(data=st.data())
     def unlink(self, data: st.DataObject) -> None:
@@ -1549,16 +1505,7 @@ class FsModel(RuleBasedStateMachine):
                     target.unlink()
                 continue
             modes = history.modes
-            shadow = history.replaced
-            if (
-                shown.kind == "file"
-                and shown.content not in history.since
-                and shadow is not None
-                and shadow[0] == path
-                and shown.content in shadow[1]
-            ):
-                modes = shadow[2]  # the file it replaced, its object still in S3
-            elif shown.kind != "file" or shown.content not in history.since:
+            if shown.kind != "file" or shown.content not in history.since:
                 versions = [len(v) for v in history.since]
                 problems.append(
                     f"{path}: after the crash the mount shows {_describe(shown)}, not one of its "
@@ -1566,10 +1513,7 @@ class FsModel(RuleBasedStateMachine):
                     f"acknowledged={history.acked})"
                 )
                 continue
-            if (
-                shown.mode not in modes
-                and "test_attributes_changed_during_an_upload_survive_a_crash" not in KNOWN_BUGS
-            ):
+            if shown.mode not in modes:
                 listed = " or ".join(f"{m:o}" for m in modes)
                 problems.append(f"{path}: mode {shown.mode:o} after the crash, not {listed}")
                 continue

@@ -455,11 +455,6 @@ async def test_a_rename_whose_copy_lost_its_reply_leaves_one_name(
             await lookup(m.fs, "a")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chmod/utime of a file whose upload is in flight is not written to the journal: "
-    "a crash before the upload lands loses it (uploads.py carries_attributes)",
-)
 async def test_attributes_changed_during_an_upload_survive_a_crash(
     memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -487,11 +482,6 @@ async def test_attributes_changed_during_an_upload_survive_a_crash(
     assert memory.objects["a"].metadata["mode"] == str(0o100600)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a file not closed yet, renamed over a stored file and then renamed on, leaves "
-    "the replaced object under the first name (filesystem.py _rename_file since 575dd77)",
-)
 async def test_a_file_moved_over_another_then_on_leaves_no_replaced_copy(
     memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -522,15 +512,7 @@ async def test_a_file_moved_over_another_then_on_leaves_no_replaced_copy(
 @pytest.mark.parametrize(
     "where",
     [
-        pytest.param(
-            "journal",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a file not closed yet, renamed over one whose newest version is only "
-                "in the journal, drops that entry: after a crash the file is gone "
-                "(filesystem.py _rename_file / uploads.lost_name)",
-            ),
-        ),
+        "journal",
         "s3",
     ],
 )
@@ -542,12 +524,11 @@ async def test_a_crash_after_two_saves_keeps_the_first(
     recovery ``a`` was gone, though the first save was acknowledged by its
     close (the model saw the version before it come back instead).
 
-    Renaming a file not closed yet over ``a`` keeps what ``a`` holds (the
-    replaced version survives a crash: one of the two, never neither). But
-    when that is a journal entry (saved, not uploaded yet: ``journal``), the
-    second rename drops the entry of the first save, as it would a file it
-    replaces for good, and nothing in S3 or the journal holds ``a`` any
-    more. (With ``a``'s newest version in S3 it survives: ``s3``.)
+    The second rename dropped the first save's journal entry (saved, not
+    uploaded yet: ``journal``) as it would for any file it replaces, and
+    the renamed file had nothing durable. Now a file not closed yet that
+    replaces another is committed by the rename (as ext4's auto_da_alloc
+    flushes it), so ``a`` shows the second save's bytes as of the rename.
     """
     async with mounted(memory, tmp_path, crash=True) as m:
         await write_file(m.fs, "a", b"version 0\n")
@@ -560,7 +541,7 @@ async def test_a_crash_after_two_saves_keeps_the_first(
         await create(m.fs, "tmp2", b"version 2\n")
         await rename(m.fs, "tmp2", "a")  # not closed when the mount dies
     async with mounted(memory, tmp_path) as m:
-        assert await read_file(m.fs, "a") == b"version 1\n"
+        assert await read_file(m.fs, "a") == b"version 2\n"
 
 
 @pytest.mark.xfail(

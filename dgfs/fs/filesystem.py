@@ -551,11 +551,17 @@ class FileSystem:
         dropped last.
         """
         old_key, new_key = self.key_of(node.path), self.key_of(new_path)
+        replaced = target is not None and target is not node
+        staged = node.staged
+        if replaced and staged is not None and not staged.is_committed:
+            # A file not closed yet replaces another: what it holds so far is
+            # made durable first (as ext4's auto_da_alloc does), so a crash
+            # after the rename shows it under the name, never neither file.
+            # From here it moves as any file saved and not uploaded yet.
+            await self.uploads.commit(node)
         # The replaced file: a local copy for its open handles is made while
         # its object is still there (not uploading: rename waited).
-        replaced = target is not None and target is not node
         kept = replaced and target is not None and await self.uploads.keep_for_open_handles(target)
-        staged = node.staged
         if staged is not None and staged.needs_upload and not staged.is_failed:
             # Its newest acknowledged version is local, and will be uploaded
             # under the new name; an older one in S3 under the old name goes

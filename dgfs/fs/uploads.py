@@ -281,8 +281,11 @@ class UploadPipeline:
         staged = node.staged
         if staged is None:
             return False
-        if staged.is_uploading or not staged.is_committed:
-            return True  # uploading or not yet committed: the upload picks the attributes up
+        if not staged.is_committed:
+            return True  # nothing durable yet: the commit writes the attributes with the data
+        # The entry gets them now, also while its upload is in flight: that
+        # upload stores the old ones (its follow-up changes them once it
+        # lands), and a crash before it lands recovers the entry as it is.
         entry = JournalEntry(staged.entry_id, self.ns.key_of(node.path), node.posix_metadata())
         await trio.to_thread.run_sync(self.journal.write_manifest, entry)
         if staged.is_retired:
