@@ -18,7 +18,17 @@ from dgfs import __version__
 from dgfs.errors import DgfsError, UserError
 from dgfs.printable import PrintableFormatter, printable
 
-SUBCOMMANDS = ("mount", "sync", "status", "stats", "verify", "migrate", "gc", "install_helper")
+SUBCOMMANDS = (
+    "mount",
+    "sync",
+    "status",
+    "stats",
+    "verify",
+    "migrate",
+    "gc",
+    "install_helper",
+    "doctor",
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the command ran but something failed (see its report)

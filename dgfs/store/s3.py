@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import closing
@@ -183,6 +184,27 @@ def make_client(
         raise ConfigError(
             f"bad endpoint URL {endpoint_url!r}: expected http(s)://HOST[:PORT] ({exc})"
         ) from None
+
+
+def credential_source(profile: str | None) -> str | None:
+    """Which provider in AWS's chain supplies the credentials, by botocore's
+    name for it (``env``, ``shared-credentials-file``, ``iam-role``,
+    ``assume-role``...), or None when none does. The credentials themselves
+    never leave this function. ``ConfigError`` for a profile that does not exist.
+    """
+    try:
+        credentials = boto3.session.Session(profile_name=profile).get_credentials()
+    except bexc.BotoCoreError as exc:  # ProfileNotFound, a broken config file...
+        raise ConfigError(f"cannot read the AWS configuration: {exc}") from None
+    return None if credentials is None else str(credentials.method)
+
+
+def ca_bundle() -> str | None:
+    """The CA certificates boto3 verifies TLS endpoints with (``AWS_CA_BUNDLE``, else
+    botocore's default: certifi's bundle when installed)."""
+    from botocore.httpsession import get_cert_path
+
+    return os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
 
 
 def translate_error(
