@@ -96,7 +96,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import errno
 import itertools
 import logging
@@ -110,9 +109,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -185,13 +183,7 @@ DIR_MODES = (0o755, 0o700, 0o775)
 # dgfs bugs this model found that are not fixed yet, by the name of their
 # xfail test in tests/test_fs_model_regressions.py: the model steers clear of
 # each (look for its name below) until the fix removes the entry and the mark.
-KNOWN_BUGS = frozenset(
-    {
-        # an upload with the bytes of what it replaces, within the second,
-        # shows the replaced one's mode: the store's Last-Modified moves on.
-        "test_an_upload_with_the_same_bytes_shows_its_own_mode",
-    }
-)
+KNOWN_BUGS: frozenset[str] = frozenset()
 # utime sets mtimes in 2001..2011; anything a write leaves is "now". A model
 # mtime in this range was set by utime and nothing changed the entry since.
 UTIME_RANGE = (978_307_200 * 10**9, 1_300_000_000 * 10**9)
@@ -278,27 +270,6 @@ def inline_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trio.to_thread, "run_sync", _inline_run_sync)
     monkeypatch.setattr(trio._path, "run_sync", _inline_run_sync)  # bound at its import
     monkeypatch.setattr(trio, "run_process", _inline_run_process)
-
-
-class _TickingStore(MemoryStore):
-    """A memory store whose every write comes a second after the one before."""
-
-    def __init__(self, bucket: str) -> None:
-        super().__init__(bucket)
-        self._now = datetime.now(UTC)
-
-    def _put(
-        self,
-        key: str,
-        body: bytes,
-        metadata: Mapping[str, str],
-        content_type: str,
-        if_none_match: bool,
-    ) -> str:
-        etag = super()._put(key, body, metadata, content_type, if_none_match)
-        self._now += timedelta(seconds=1)
-        self.objects[key] = dataclasses.replace(self.objects[key], last_modified=self._now)
-        return etag
 
 
 # --- the trio side: one loop per example, one mount at a time --------------------------
@@ -753,11 +724,7 @@ class FsModel(RuleBasedStateMachine):
         self.base = Path(tempfile.mkdtemp(prefix="dgfs-fs-model-", dir=_scratch_root()))
         self.local = self.base / "local"
         self.local.mkdir()
-        self.memory = (
-            _TickingStore("model-bucket")
-            if "test_an_upload_with_the_same_bytes_shows_its_own_mode" in KNOWN_BUGS
-            else MemoryStore("model-bucket")
-        )
+        self.memory = MemoryStore("model-bucket")
         self.faulty = FaultyStore(self.memory)
         self.files: dict[int, History] = {}  # by the model's st_ino
         self.handles: list[OpenFile] = []

@@ -544,11 +544,6 @@ async def test_a_crash_after_two_saves_keeps_the_first(
         assert await read_file(m.fs, "a") == b"version 2\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upload over an object with the same bytes within its second shows the "
-    "replaced object's attributes (the attribute cache's row for that ETag and second)",
-)
 async def test_an_upload_with_the_same_bytes_shows_its_own_mode(
     memory: MemoryStore,
     tmp_path: Path,

@@ -78,7 +78,8 @@ class AttrCache:
     def __init__(self, path: Path | None, max_entries: int = 1_000_000) -> None:
         self.path = path
         self.max_entries = max_entries
-        self._rows: dict[tuple[str, str], dict[str, str]] = {}
+        self._rows: dict[str, dict[str, dict[str, str]]] = {}  # key -> version -> metadata
+        self._count = 0
         self._dirty: dict[tuple[str, str], dict[str, str]] = {}
         self._io_lock = threading.Lock()
         if path is not None:
@@ -94,21 +95,35 @@ class AttrCache:
         try:
             with self._connect() as conn:
                 for key, version, meta in conn.execute("SELECT key, version, metadata FROM heads"):
-                    self._rows[(key, version)] = json.loads(meta)
+                    self._rows.setdefault(key, {})[version] = json.loads(meta)
+                    self._count += 1
         except (sqlite3.Error, ValueError) as exc:
             log.warning("attribute cache %s unreadable (%s); starting empty", self.path, exc)
             self._rows.clear()
+            self._count = 0
             if self.path is not None:
                 self.path.unlink(missing_ok=True)
 
     def get(self, key: str, version: str) -> dict[str, str] | None:
-        return self._rows.get((key, version))
+        return self._rows.get(key, {}).get(version)
+
+    def knows(self, key: str) -> bool:
+        """Whether some version of ``key`` has a row (one a new object under
+        it could be taken for, if it has that ETag and second)."""
+        return key in self._rows
+
+    def forget(self, key: str) -> None:
+        """Drop the rows of every version of ``key`` held in memory."""
+        self._count -= len(self._rows.pop(key, {}))
 
     def put(self, key: str, version: str, metadata: Mapping[str, str]) -> None:
         kept = relevant_metadata(metadata)
-        if len(self._rows) >= self.max_entries:
+        if self._count >= self.max_entries:
             self._rows.clear()  # crude bound; the store is the truth
-        self._rows[(key, version)] = kept
+            self._count = 0
+        versions = self._rows.setdefault(key, {})
+        self._count += version not in versions
+        versions[version] = kept
         self._dirty[(key, version)] = kept
 
     def take_dirty(self) -> list[tuple[str, str, str]]:

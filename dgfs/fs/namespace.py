@@ -422,6 +422,19 @@ class Namespace:
             return  # removed meanwhile: no row to bring up to date
         self.attr_cache.put(key, version_of(head.etag, head.last_modified), head.metadata)
 
+    async def overwritten(self, key: str) -> None:
+        """This mount stored a new object under ``key``. If the attribute cache
+        has a row for an earlier one, the new one may match its version (the
+        same bytes within the second): its row is fetched now. (A new key
+        costs nothing: the next listing HEADs it, as any new object.)"""
+        if not self.attr_cache.knows(key):
+            return
+        try:
+            await self.metadata_changed(key)
+        except DgfsError as exc:
+            self.attr_cache.forget(key)  # in memory: a remount may still find the old row
+            log.info("attributes of %s not fetched after its upload (%s)", key, exc)
+
     def dir_removed(self, path: str) -> None:
         """The directory ``path`` is gone: its marker's attributes with it (a
         new directory of that name must not show them)."""

@@ -503,6 +503,10 @@ class UploadPipeline:
         # meanwhile settles the file, and readers then go by node.stored.
         node.stored = result.as_stored()
         node.etag = None
+        # An object this mount already knew under that key may have had the
+        # same bytes (ETag) within the same second: the row cached for that
+        # version would show its attributes for this one.
+        await self.ns.overwritten(result.stored_key)
         await self._follow_up(node, key, meta)
         if staged.needs_upload:
             self._request(node)  # written again meanwhile
