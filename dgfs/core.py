@@ -447,7 +447,11 @@ class Core:
     ) -> PutResult:
         name = fmt.split_key(key)[1]
         meta = fmt.direct_metadata(
-            original_name=name, file_sha256=digest.sha256, file_size=digest.size, now=self._now()
+            original_name=name,
+            file_sha256=digest.sha256,
+            file_size=digest.size,
+            now=self._now(),
+            md5=digest.md5,
         )
         await self.store.upload(key, src, {**extra, **meta}, content_type=content_type)
         await self._drop_other_form(key, key, fmt.delta_key(key))
@@ -493,6 +497,7 @@ class Core:
                 delta_size=delta_size,
                 now=self._now(),
                 zero_diff=created,
+                md5=digest.md5,
             )
             stored_key = fmt.delta_key(key)
             await self._store_delta(
@@ -531,7 +536,9 @@ class Core:
         ``meta`` the reference's metadata.
         """
         if head is None:
-            meta = meta or fmt.reference_metadata(name, digest.sha256, self._now())
+            meta = meta or fmt.reference_metadata(
+                name, digest.sha256, self._now(), file_size=digest.size, md5=digest.md5
+            )
             try:
                 await self.store.upload(
                     ref_key, body or src, meta, if_none_match=self.conditional_create

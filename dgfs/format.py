@@ -14,9 +14,15 @@ dgfs's own extension, deep deltaspaces (docs/FORMAT.md), adds
 first file) and ``.delta`` objects marked ``dgfs-format: deep-1`` whose
 body is ``DEEP_DELTA_MAGIC`` followed by a VCDIFF between expanded forms.
 
-Metadata values written here match deltaglider 6.2.0 byte for byte
-(including its quirk of writing ``dg-created-at`` without ``Z`` on direct
-objects). POSIX attributes travel in the keys s3fs-fuse and rclone use.
+Metadata values written here are a superset of what deltaglider 6.2.0
+writes (including its quirk of writing ``dg-created-at`` without ``Z`` on
+direct objects): every key it writes, with its value, plus the keys
+deltaglider_proxy (DeltaGlider's Rust successor) needs to read the object
+(``dg-ref-path``, ``dg-note``, ``dg-md5``, and on references
+``dg-original-name``/``dg-file-size``). Objects the proxy writes are read
+here too: its relative ``dg-ref-path``, its ``dg-note`` kinds and its
+``user-`` metadata (docs/FORMAT.md, "deltaglider_proxy"). POSIX attributes
+travel in the keys s3fs-fuse and rclone use.
 """
 
 from __future__ import annotations
@@ -36,9 +42,18 @@ DEEP_REFERENCE_NAME = "reference.deep"
 REFERENCE_NAMES = (REFERENCE_NAME, DEEP_REFERENCE_NAME)
 DELTA_SUFFIX = ".delta"
 INTERNAL_PREFIX = ".deltaglider/"
+#: Bucket-root prefixes no listing shows: DeltaGlider's, and deltaglider_proxy's
+#: coordination objects (``_dgp/locks/reference/…``, ``_dgp/leases/…``; its
+#: src/coordination/reference_lock.rs and s3_lease.rs) when the bucket is also
+#: its coordination bucket.
+INTERNAL_PREFIXES = (INTERNAL_PREFIX, "_dgp/")
 TMP_PREFIX = ".deltaglider/tmp/"
 ZERO_DIFF_NOTE = "zero-diff (reference identical)"
 REFERENCE_NOTE = "reference"
+DELTA_NOTE = "delta"  # deltaglider_proxy's note on a delta
+PASSTHROUGH_NOTE = "passthrough"  # deltaglider_proxy's note on a direct object
+#: deltaglider_proxy's ``dg-original-name`` of a reference (src/deltaglider/engine/store.rs).
+PROXY_REFERENCE_NAME = "__reference__"
 
 # Canonical key first; older spellings DeltaGlider still reads follow.
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -54,7 +69,26 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "note": ("dg-note", "dg_note", "note"),
     "compression": ("dg-compression", "dg_compression", "compression"),
     "source_name": ("dg-source-name", "dg_source_name", "source_name", "source-name"),
+    # deltaglider_proxy's keys (src/types.rs ``meta_keys``, read by
+    # src/storage/s3.rs ``headers_to_metadata``).
+    "ref_path": ("dg-ref-path", "ref-path"),
+    "md5": ("dg-md5",),
 }
+
+#: deltaglider_proxy's at-rest encryption markers (src/storage/encrypting.rs
+#: ``ENCRYPTION_MARKER_KEY``/``ENCRYPTION_KEY_ID_KEY``). The proxy keeps them
+#: among a client's own metadata, which it stores as ``user-<k>``
+#: (src/types.rs ``to_bare_metadata_map``); the bare spelling is read too.
+PROXY_ENCRYPTED_KEYS = ("user-dg-encrypted", "dg-encrypted")
+PROXY_KEY_ID_KEYS = ("user-dg-encryption-key-id", "dg-encryption-key-id")
+PROXY_MARKER_KEYS = PROXY_ENCRYPTED_KEYS + PROXY_KEY_ID_KEYS
+#: ``dg-encrypted`` values: ``[12-byte IV][ciphertext+tag]`` and the chunked ``DGE1`` framing.
+PROXY_AES_GCM = "aes-256-gcm-v1"
+PROXY_AES_GCM_CHUNKED = "aes-256-gcm-chunked-v1"
+#: Every metadata key the format reads, in any spelling (the proxy's markers included).
+FORMAT_KEYS = frozenset(key for keys in _ALIASES.values() for key in keys) | frozenset(
+    PROXY_MARKER_KEYS
+)
 
 # Deep deltaspaces (dgfs's extension).
 META_FORMAT = "dgfs-format"
@@ -157,7 +191,7 @@ def is_reference_key(key: str) -> bool:
 
 
 def is_internal_key(key: str) -> bool:
-    return key.startswith(INTERNAL_PREFIX)
+    return key.startswith(INTERNAL_PREFIXES)
 
 
 def is_directory_marker(key: str) -> bool:
@@ -196,14 +230,32 @@ def _timestamp(now: datetime) -> str:
     return now.astimezone(UTC).replace(tzinfo=None).isoformat()
 
 
-def reference_metadata(source_name: str, file_sha256: str, now: datetime) -> dict[str, str]:
-    return {
+def reference_metadata(
+    source_name: str,
+    file_sha256: str,
+    now: datetime,
+    *,
+    file_size: int | None = None,
+    md5: str | None = None,
+) -> dict[str, str]:
+    """A reference's metadata: DeltaGlider 6.2.0's keys, plus deltaglider_proxy's
+    ``dg-original-name = __reference__`` (else its legacy-reference migration
+    takes the reference for an old one) and, when known, the reference's own
+    ``dg-file-size`` and ``dg-md5`` (the proxy reads its size from
+    ``dg-file-size``, 0 when absent; src/storage/s3.rs ``headers_to_metadata``)."""
+    meta = {
         "dg-tool": TOOL,
         "dg-source-name": source_name,
         "dg-file-sha256": file_sha256,
         "dg-created-at": _timestamp(now) + "Z",
         "dg-note": REFERENCE_NOTE,
+        "dg-original-name": PROXY_REFERENCE_NAME,
     }
+    if file_size is not None:
+        meta["dg-file-size"] = str(file_size)
+    if md5:
+        meta["dg-md5"] = md5
+    return meta
 
 
 def delta_metadata(
@@ -216,7 +268,13 @@ def delta_metadata(
     delta_size: int,
     now: datetime,
     zero_diff: bool = False,
+    md5: str | None = None,
 ) -> dict[str, str]:
+    """A delta's metadata: DeltaGlider 6.2.0's keys (``dg-ref-key``, the
+    reference's full key), plus deltaglider_proxy's ``dg-ref-path`` (the
+    reference's name, relative to the delta's directory), ``dg-note: delta``
+    (the self-delta keeps DeltaGlider's zero-diff note, which the proxy also
+    reads as a delta) and ``dg-md5`` (the file's MD5: the proxy's ETag)."""
     meta = {
         "dg-tool": TOOL,
         "dg-original-name": original_name,
@@ -227,23 +285,36 @@ def delta_metadata(
         "dg-ref-sha256": ref_sha256,
         "dg-delta-size": str(delta_size),
         "dg-delta-cmd": delta_cmd_text(original_name),
+        "dg-ref-path": split_key(ref_key)[1],
+        "dg-note": ZERO_DIFF_NOTE if zero_diff else DELTA_NOTE,
     }
-    if zero_diff:
-        meta["dg-note"] = ZERO_DIFF_NOTE
+    if md5:
+        meta["dg-md5"] = md5
     return meta
 
 
 def direct_metadata(
-    *, original_name: str, file_sha256: str, file_size: int, now: datetime
+    *,
+    original_name: str,
+    file_sha256: str,
+    file_size: int,
+    now: datetime,
+    md5: str | None = None,
 ) -> dict[str, str]:
-    return {
+    """A direct object's metadata: DeltaGlider 6.2.0's ``dg-compression: none``
+    and deltaglider_proxy's ``dg-note: passthrough`` and ``dg-md5``."""
+    meta = {
         "dg-tool": TOOL,
         "dg-original-name": original_name,
         "dg-file-sha256": file_sha256,
         "dg-file-size": str(file_size),
         "dg-created-at": _timestamp(now),
         "dg-compression": "none",
+        "dg-note": PASSTHROUGH_NOTE,
     }
+    if md5:
+        meta["dg-md5"] = md5
+    return meta
 
 
 def posix_metadata(
@@ -352,6 +423,9 @@ class StoredFile:
     ref_sha256: str | None = None
     deep: bool = False
     """A deep delta (or reference): its bytes are an expanded form's."""
+    encryption: str | None = None
+    """deltaglider_proxy's ``dg-encrypted`` scheme when the object's body is
+    ciphertext (``proxy_encryption``): never served by ranges, never as is."""
 
     @property
     def ratio(self) -> float:
@@ -367,6 +441,7 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
     """
     file_sha256 = meta_value(metadata, "file_sha256")
     deep = is_deep(metadata)
+    encryption = proxy_encryption(metadata)
     if is_reference_key(stored_key):
         return StoredFile(
             Kind.REFERENCE,
@@ -376,6 +451,7 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
             stored_size,
             file_sha256,
             deep=deep,
+            encryption=encryption,
         )
     visible = visible_key(stored_key) or stored_key
     if file_sha256 is None:
@@ -384,8 +460,8 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
         return StoredFile(Kind.FOREIGN, stored_key, stored_key, stored_size, stored_size, None)
     _check_sha256(stored_key, "dg-file-sha256", file_sha256)
     size_text = meta_value(metadata, "file_size")
-    if stored_key.endswith(DELTA_SUFFIX) and meta_value(metadata, "compression") != "none":
-        ref_key = meta_value(metadata, "ref_key")
+    if stored_key.endswith(DELTA_SUFFIX) and not _is_passthrough(metadata):
+        ref_key = _reference_of(stored_key, metadata)
         ref_sha256 = meta_value(metadata, "ref_sha256")
         if not (size_text and ref_key and ref_sha256):
             raise FormatError(f"{stored_key}: delta metadata lacks file size or reference")
@@ -400,9 +476,66 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
             ref_key,
             ref_sha256,
             deep=deep,
+            encryption=encryption,
         )
     original_size = _parse_size(stored_key, size_text) if size_text else stored_size
-    return StoredFile(Kind.DIRECT, stored_key, visible, original_size, stored_size, file_sha256)
+    return StoredFile(
+        Kind.DIRECT,
+        stored_key,
+        visible,
+        original_size,
+        stored_size,
+        file_sha256,
+        encryption=encryption,
+    )
+
+
+def _is_passthrough(metadata: Mapping[str, str]) -> bool:
+    """A direct object by its metadata: DeltaGlider's ``dg-compression: none``,
+    or deltaglider_proxy's ``dg-note: passthrough``."""
+    return (
+        meta_value(metadata, "compression") == "none"
+        or meta_value(metadata, "note") == PASSTHROUGH_NOTE
+    )
+
+
+def _reference_of(stored_key: str, metadata: Mapping[str, str]) -> str | None:
+    """The key of the reference a delta was made against.
+
+    ``dg-ref-key`` (DeltaGlider, dgfs) is the reference's full key. An
+    object with only deltaglider_proxy's ``dg-ref-path`` (``reference.bin``,
+    relative; older proxies wrote a full key there) is decoded, as the proxy
+    decodes it, against the ``reference.bin`` beside the delta whatever the
+    path says (src/storage/s3.rs ``headers_to_metadata`` keeps only its last
+    segment; src/deltaglider/engine/retrieve.rs reads the sibling): a path
+    pointing elsewhere, ``../`` included, never reaches outside the directory.
+    """
+    ref_key = meta_value(metadata, "ref_key")
+    if ref_key:
+        return ref_key
+    if meta_value(metadata, "ref_path"):
+        return reference_key(split_key(stored_key)[0])
+    return None
+
+
+def proxy_encryption(metadata: Mapping[str, str]) -> str | None:
+    """deltaglider_proxy's at-rest encryption scheme of an object (its
+    ``dg-encrypted`` marker), or None for plain bytes. Native SSE-S3/KMS
+    objects (``dg-encrypted-native``) come back from S3 as plain bytes: None."""
+    for key in PROXY_ENCRYPTED_KEYS:
+        value = metadata.get(key)
+        if value:
+            return value.strip()
+    return None
+
+
+def proxy_key_id(metadata: Mapping[str, str]) -> str | None:
+    """The key-id stamp of a proxy-encrypted object (``dg-encryption-key-id``), if any."""
+    for key in PROXY_KEY_ID_KEYS:
+        value = metadata.get(key)
+        if value:
+            return value.strip()
+    return None
 
 
 def classify_shown(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> StoredFile:
@@ -467,12 +600,13 @@ def user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     What remains is what a user or another tool attached (``mtime``,
     ``owner``...): what must follow the file when it is copied elsewhere.
     Every ``dg-``/``dg_`` key and every older alias is dropped.
+    deltaglider_proxy's encryption markers go too: they describe the stored
+    body, not the file (a copy written elsewhere is plain).
     """
-    own = {key for keys in _ALIASES.values() for key in keys}
     return {
         key: value
         for key, value in metadata.items()
-        if key not in own and not key.startswith(("dg-", "dg_", "dgfs-"))
+        if key not in FORMAT_KEYS and not key.startswith(("dg-", "dg_", "dgfs-"))
     }
 
 

@@ -14,11 +14,13 @@ class FileDigest:
     sha256: str
     size: int
     head: bytes  # the first ``head_bytes`` bytes, for content sniffing
+    md5: str | None = None  # hex; deltaglider_proxy serves it as the ETag (``dg-md5``)
 
 
 def digest_file(path: Path, head_bytes: int = 0) -> FileDigest:
-    """SHA-256, size and leading bytes of ``path``, reading it once in chunks."""
+    """SHA-256, MD5, size and leading bytes of ``path``, reading it once in chunks."""
     sha = hashlib.sha256()
+    md5 = hashlib.md5(usedforsecurity=False)
     size = 0
     head = b""
     with open(path, "rb") as f:
@@ -26,5 +28,6 @@ def digest_file(path: Path, head_bytes: int = 0) -> FileDigest:
             if len(head) < head_bytes:
                 head += chunk[: head_bytes - len(head)]
             sha.update(chunk)
+            md5.update(chunk)
             size += len(chunk)
-    return FileDigest(sha.hexdigest(), size, head)
+    return FileDigest(sha.hexdigest(), size, head, md5.hexdigest())

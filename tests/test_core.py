@@ -191,7 +191,9 @@ async def test_metadata_matches_the_deltaglider_format(
     await core.put(releases[1], "m/" + releases[1].name)
     await core.put(write(tmp_path / "n.txt", b"x" * 5000), "m/n.txt")
     ref = memory_store.objects["m/reference.bin"].metadata
-    assert set(ref) == {"dg-tool", "dg-source-name", "dg-file-sha256", "dg-created-at", "dg-note"}
+    # DeltaGlider 6.2.0's keys, plus deltaglider_proxy's (tests/test_format_proxy.py).
+    dg_ref_keys = {"dg-tool", "dg-source-name", "dg-file-sha256", "dg-created-at", "dg-note"}
+    assert set(ref) == dg_ref_keys | {"dg-original-name", "dg-file-size", "dg-md5"}
     assert ref["dg-source-name"] == releases[0].name
     assert ref["dg-note"] == "reference"
     assert ref["dg-file-sha256"] == sha(releases[0].read_bytes())
@@ -211,8 +213,9 @@ async def test_metadata_matches_the_deltaglider_format(
         "dg-delta-size",
         "dg-delta-cmd",
     }
-    assert set(delta) == delta_keys
-    assert set(zero) == delta_keys | {"dg-note"}
+    proxy_keys = {"dg-ref-path", "dg-note", "dg-md5"}
+    assert set(delta) == delta_keys | proxy_keys
+    assert set(zero) == delta_keys | proxy_keys
     assert zero["dg-note"] == "zero-diff (reference identical)"
     name = releases[1].name
     assert delta["dg-original-name"] == name
@@ -231,7 +234,7 @@ async def test_metadata_matches_the_deltaglider_format(
         "dg-file-size",
         "dg-created-at",
         "dg-compression",
-    }
+    } | {"dg-note", "dg-md5"}
     assert direct["dg-compression"] == "none"
     assert ISO.match(direct["dg-created-at"])  # DeltaGlider writes no Z here
 

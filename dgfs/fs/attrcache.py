@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
+from dgfs import format as fmt
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ def version_of(etag: str, last_modified: datetime) -> str:
 #: Part of the cache file's name: a new version starts empty (2: keeps the
 #: ``dgfs-`` keys that tell deep objects apart; 3: rows keyed by
 #: ``version_of``, and ``rdev`` kept).
-VERSION = "v3"
+VERSION = "v4"  # v4: keeps deltaglider_proxy's encryption markers
 
 
 _SCHEMA = """
@@ -49,22 +51,11 @@ CREATE TABLE IF NOT EXISTS heads (
 
 # Only these metadata keys matter to the mount; the rest is not kept.
 def _relevant(name: str) -> bool:
-    return name.startswith(("dg-", "dg_", "dgfs-")) or name in {
-        "mtime",
-        "mode",
-        "uid",
-        "gid",
-        "rdev",
-        "atime",
-        "file_sha256",
-        "file_size",
-        "compression",
-        "original_name",
-        "ref_key",
-        "ref_sha256",
-        "delta_size",
-        "note",
-    }
+    return (
+        name.startswith(("dg-", "dg_", "dgfs-"))
+        or name in fmt.FORMAT_KEYS
+        or name in fmt.POSIX_KEYS
+    )
 
 
 def relevant_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
