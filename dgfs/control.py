@@ -249,7 +249,7 @@ async def _read_line(stream: trio.SocketStream) -> bytes:
 def _answer(request: bytes, document: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         wanted = json.loads(request or b"{}").get("request", "status")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # nesting: json recurses per level
         return {"error": "a request is one JSON object on one line"}
     if wanted != "status":
         return {"error": f"unknown request {wanted!r}"}

@@ -28,7 +28,7 @@ import pytest
 
 from dgfs.cli.main import build_parser
 from dgfs.cli.main import main as dgfs_main
-from dgfs.control import public_endpoint
+from dgfs.control import _answer, public_endpoint
 from dgfs.errors import ConfigError
 from dgfs.metrics import parse_listen_address
 from dgfs.mount_helper import translate
@@ -98,6 +98,16 @@ def test_endpoint_never_shows_credentials() -> None:
     assert public_endpoint("http://AKIA:secret@s3.local:9000/") == "http://s3.local:9000/"
     assert public_endpoint("https://s3.amazonaws.com") == "https://s3.amazonaws.com"
     assert public_endpoint(None) == ""
+
+
+def test_a_status_request_nesting_deeper_than_json_recurses_is_refused() -> None:
+    # Found by fuzzing (tests/fuzz_corpus/control/crash-dbb2cb47...): the
+    # parser recursed once per bracket and its RecursionError escaped.
+    def document() -> dict[str, Any]:
+        raise AssertionError("no status for a malformed request")
+
+    for request in (b"[" * 5000, b'{"a":' * 5000, b'{"request": ' + b"[" * 5000):
+        assert _answer(request, document) == {"error": "a request is one JSON object on one line"}
 
 
 def test_metrics_option_reaches_dgfs_through_the_mount_helper() -> None:
