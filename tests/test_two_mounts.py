@@ -222,3 +222,25 @@ async def test_a_reference_replaced_between_its_head_and_its_download_is_used_as
             held.release()
         await b.fs.wait_idle()
     assert await read_fresh(memory, tmp_path, "rel/y.zip") == RELEASES[1][1]
+
+
+async def test_a_file_the_other_mount_stored_in_its_other_form_reads_its_new_version(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """Mount A stores ``rel/x.zip`` as a delta and keeps knowing it; mount B
+    then stores the name whole, which removes the delta. A's next open went
+    to the delta it remembered and failed ("not found", ENOENT and an ERROR
+    line on every read) until its listing expired; now it reads B's version."""
+    await with_reference(memory, tmp_path)
+    async with (
+        mounted(memory, home(tmp_path, "a"), FAST_RETRIES) as a,
+        mounted(memory, home(tmp_path, "b"), FAST_RETRIES) as b,
+    ):
+        da, db = await lookup(a.fs, "rel"), await lookup(b.fs, "rel")
+        await write_file(a.fs, "x.zip", RELEASES[1][1], parent=da.ino)
+        await a.fs.wait_idle()
+        assert "rel/x.zip.delta" in memory.objects
+        await write_file(b.fs, "x.zip", SMALL, parent=db.ino)
+        await b.fs.wait_idle()
+        assert "rel/x.zip.delta" not in memory.objects
+        assert await read_file(a.fs, "x.zip", da.ino) == SMALL

@@ -317,16 +317,23 @@ class FileSystem:
         return await handle.reader.read(offset, size)
 
     async def _open_reader(self, node: Node) -> Reader:
-        stored = node.stored
-        if stored is None:
-            listing = await self.ns.listing(node.parent_path, fresh=True)
-            entry = listing.get(node.name)
-            if entry is None or entry.stored is None:
-                raise FsError(errno.ENOENT)
-            self.nodes.refresh(node, entry)
-            stored = entry.stored
+        if node.stored is not None:
+            try:
+                reader = await self.content.reader(node.stored)
+            except NotFound:
+                # Replaced (in its other form) or removed by another mount
+                # since this one stored or listed it: S3's current version.
+                log.info("%s changed in S3 under this mount; reading it anew", node.path)
+            else:
+                self.prefetch.opened(node)
+                return reader
+        listing = await self.ns.listing(node.parent_path, fresh=True)
+        entry = listing.get(node.name)
+        if entry is None or entry.stored is None:
+            raise FsError(errno.ENOENT)
+        self.nodes.refresh(node, entry)
         self.prefetch.opened(node)
-        return await self.content.reader(stored)
+        return await self.content.reader(entry.stored)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles.get(fh)
