@@ -237,13 +237,15 @@ async def serve_control(
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:
-    data = b""
-    while b"\n" not in data and len(data) < MAX_REQUEST:
+    data = bytearray()  # searched only where a chunk arrives (a client may send bytes one by one)
+    while len(data) < MAX_REQUEST:
         chunk = await stream.receive_some(4096)
         if not chunk:
             break
         data += chunk
-    return data.split(b"\n", 1)[0]
+        if b"\n" in chunk:
+            break
+    return bytes(data.split(b"\n", 1)[0])
 
 
 def _answer(request: bytes, document: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,12 +21,14 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from dgfs import control, metrics
 from dgfs.cli.main import build_parser
 from dgfs.cli.main import main as dgfs_main
 from dgfs.control import _answer, public_endpoint
@@ -33,6 +36,7 @@ from dgfs.errors import ConfigError
 from dgfs.metrics import parse_listen_address
 from dgfs.mount_helper import translate
 from dgfs.telemetry import Histogram, Telemetry
+from tests.fuzz_targets import _complete, _Stream
 from tests.mountutil import DgfsMount, Mounts, S3View, daemon_env, dgfs_bin
 from tests.servers import free_port
 
@@ -108,6 +112,24 @@ def test_a_status_request_nesting_deeper_than_json_recurses_is_refused() -> None
 
     for request in (b"[" * 5000, b'{"a":' * 5000, b'{"request": ' + b"[" * 5000):
         assert _answer(request, document) == {"error": "a request is one JSON object on one line"}
+
+
+def test_a_request_sent_byte_by_byte_costs_the_trio_thread_little() -> None:
+    # Found by fuzzing (benchmarks/fuzz.py --target control, its slowest
+    # input): each byte made the reader search everything received again,
+    # 0.5 s of the trio thread for one 16 KiB metrics request head.
+
+    def read_head(data: bytes) -> float:
+        started = time.perf_counter()
+        with contextlib.suppress(ValueError):
+            _complete(metrics._read_head(cast(Any, _Stream(data, 1))))
+        return time.perf_counter() - started
+
+    assert min(read_head(b"G" * (20 << 10)) for _ in range(3)) < 0.2
+    head = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert _complete(metrics._read_head(cast(Any, _Stream(head + b"more", 1)))) == head
+    line = _complete(control._read_line(cast(Any, _Stream(b'{"request": "status"}\nx', 1))))
+    assert line == b'{"request": "status"}'
 
 
 def test_metrics_option_reaches_dgfs_through_the_mount_helper() -> None:
