@@ -48,6 +48,7 @@ from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.journal import Journal, journal_dir_for
 from dgfs.fs.options import FsOptions
+from dgfs.handoff import FD_NAME, check_fuse_fd, open_and_mount, unmount_lazily, user_ids
 from dgfs.metrics import ListenAddress, make_registry, open_metrics_listener, serve_metrics
 from dgfs.printable import PrintableFormatter
 from dgfs.runtime import S3Location, Settings, open_core, private_cache_root
@@ -67,6 +68,9 @@ class MountConfig:
     attr_timeout: float = 1.0
     metrics: ListenAddress | None = None  # serve Prometheus metrics there
     read_ahead_kb: int = readahead.DEFAULT_KIB  # 0: the kernel's default (dgfs/readahead.py)
+    #: An open /dev/fuse already mounted on ``mountpoint`` by a privileged step
+    #: (dgfs/handoff.py); None: libfuse mounts (itself as root, else fusermount3).
+    fuse_fd: int | None = None
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -90,6 +94,28 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise ConfigError(f"mountpoint {mountpoint} is busy: something is already mounted there")
     if not os.path.exists("/dev/fuse"):
         raise ConfigError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+
+
+def check_handed_over(mountpoint: Path, fuse_fd: int) -> None:
+    """A clear ``ConfigError`` unless ``fuse_fd`` is /dev/fuse and a FUSE
+    filesystem is mounted on ``mountpoint`` (read from mountinfo: touching the
+    mount before this process serves it would wait for this process)."""
+    check_fuse_fd(fuse_fd)
+    try:
+        mountinfo = readahead.MOUNTINFO.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {readahead.MOUNTINFO}: {exc.strerror}") from None
+    if readahead.fuse_device(_mounted_path(mountpoint), mountinfo) is None:
+        raise ConfigError(
+            f"nothing is mounted on {mountpoint} for descriptor {fuse_fd}: the privileged"
+            " step (dgfs mount ... --handoff USER) mounts it first"
+        )
+
+
+def _mounted_path(mountpoint: Path) -> Path:
+    """``mountpoint`` as mountinfo shows it, without a lookup of the mount point
+    itself (which, mounted already, only this process could answer)."""
+    return Path(os.path.realpath(mountpoint.parent)) / mountpoint.name
 
 
 async def _probe_store(core_store: object, read_only: bool) -> bool:
@@ -207,12 +233,20 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         control_path = journal.directory / SOCKET_NAME
         listeners: list[trio.SocketListener] = []
         # Resolved before the mount exists: afterwards resolving it would ask this daemon.
-        mounted_at = Path(os.path.realpath(config.mountpoint))
+        mounted_at = (
+            _mounted_path(config.mountpoint)
+            if config.fuse_fd is not None
+            else Path(os.path.realpath(config.mountpoint))
+        )
+        # Handed over: libfuse serves the open descriptor and mounts nothing.
+        fuse_target = (
+            f"/dev/fd/{config.fuse_fd}" if config.fuse_fd is not None else str(config.mountpoint)
+        )
         try:
             listeners.append(await open_control_listener(control_path))
             if config.metrics is not None:
                 listeners += await open_metrics_listener(config.metrics)
-            pyfuse3.init(ops, str(config.mountpoint), _fuse_options(config))
+            pyfuse3.init(ops, fuse_target, _fuse_options(config))
         except (RuntimeError, ConfigError) as exc:
             for listener in listeners:
                 listener.socket.close()
@@ -222,6 +256,10 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 raise
             raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from None
         fs.status_socket = str(control_path)
+        if config.fuse_fd is not None:
+            # libfuse owns the descriptor now; systemd's copy would keep the
+            # connection alive (hanging, not "not connected") if this process died.
+            notifier.remove_fd(FD_NAME)
         unmounted = False
         try:
             async with trio.open_nursery() as nursery:
@@ -331,9 +369,41 @@ def _with_private_cache(config: MountConfig) -> MountConfig:
     return dataclasses.replace(config, settings=dataclasses.replace(settings, cache_dir=root))
 
 
+def hand_over(config: MountConfig, user: str) -> None:
+    """The privileged step of a sandboxed mount (``ExecStartPre=+``, as root):
+    mount ``config.mountpoint`` for ``user`` and give the /dev/fuse descriptor
+    to systemd's store, for the daemon that ``--fuse-fd systemd`` starts next
+    (dgfs/handoff.py). Touches no bucket and no cache."""
+    notifier = Notifier()
+    if not notifier.enabled:
+        raise ConfigError(
+            "--handoff gives the mount to systemd, which passes it to the daemon:"
+            " run it as ExecStartPre=+ of a unit (systemd/dgfs@.service)"
+        )
+    check_mountpoint(config.mountpoint)
+    uid, gid = user_ids(user)
+    target = Path(os.path.realpath(config.mountpoint))
+    fd = open_and_mount(target, _fuse_options(config), uid, gid)
+    try:
+        notifier.store_fd(fd, FD_NAME)
+    except BaseException:
+        unmount_lazily(target)
+        raise
+    finally:
+        os.close(fd)
+    log.info("mounted %s on %s for %s; descriptor handed to systemd", config.location, target, user)
+
+
+def _check(config: MountConfig) -> None:
+    if config.fuse_fd is not None:
+        check_handed_over(config.mountpoint, config.fuse_fd)
+    else:
+        check_mountpoint(config.mountpoint)
+
+
 def run_foreground(config: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted. Raises ``UserError`` for a user's mistake."""
-    check_mountpoint(config.mountpoint)
+    _check(config)
     config = _with_private_cache(config)
     trio.run(_serve, config, on_ready)
 
@@ -359,7 +429,7 @@ def _setup_daemon_logging(config: MountConfig) -> None:
 
 def daemonize(config: MountConfig) -> int:
     """Fork a daemon that mounts; return 0 once the mount is live, else print why and return 2."""
-    check_mountpoint(config.mountpoint)
+    _check(config)
     config = _with_private_cache(config)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -415,4 +485,4 @@ def daemonize(config: MountConfig) -> int:
     os._exit(code)
 
 
-__all__ = ["MountConfig", "daemonize", "run_foreground", "check_mountpoint"]
+__all__ = ["MountConfig", "daemonize", "run_foreground", "check_mountpoint", "hand_over"]

@@ -260,17 +260,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("mountpoint", metavar="MOUNTPOINT")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    sandbox = parser.add_argument_group(
+        "sandboxed mounts (systemd/dgfs@.service; docs/operations.md)"
+    )
+    sandbox.add_argument(
+        "--handoff",
+        metavar="USER",
+        help="the privileged step, as root (ExecStartPre=+): mount MOUNTPOINT for USER and give"
+        " the /dev/fuse descriptor to systemd, then exit; no daemon is started",
+    )
+    sandbox.add_argument(
+        "--fuse-fd",
+        metavar="N|systemd",
+        help="serve /dev/fuse descriptor N, already mounted on MOUNTPOINT (systemd: the one"
+        " --handoff gave systemd); needs no privileges",
+    )
     parser.set_defaults(func=run)
+
+
+def fuse_fd_argument(value: str) -> int:
+    """The descriptor ``--fuse-fd`` names: a number, or ``systemd`` (from LISTEN_FDS)."""
+    from dgfs.handoff import FD_NAME
+    from dgfs.sdnotify import listened_fds
+
+    if value == "systemd":
+        passed = listened_fds()
+        if FD_NAME not in passed:
+            raise ConfigError(
+                f"--fuse-fd systemd: systemd passed no descriptor named {FD_NAME!r}"
+                " (the unit's ExecStartPre=+ ... --handoff USER gives it one)"
+            )
+        return passed[FD_NAME]
+    if not value.isdigit() or int(value) < 3:
+        raise ConfigError(
+            f"--fuse-fd takes a descriptor number (3 or more) or 'systemd', not {value!r}"
+        )
+    return int(value)
 
 
 def run(args: argparse.Namespace) -> int:
     from dgfs.cli.main import setup_logging
-    from dgfs.mount import MountConfig, daemonize, run_foreground
+    from dgfs.mount import MountConfig, daemonize, hand_over, run_foreground
 
     config, log_level, foreground = build_config(args.source, args.mountpoint, args.options)
     assert isinstance(config, MountConfig)
     if log_level:
         setup_logging(log_level)
+    if args.handoff is not None:
+        if args.fuse_fd is not None:
+            raise ConfigError("--handoff mounts for a daemon started with --fuse-fd: not both")
+        hand_over(config, args.handoff)
+        return 0
+    if args.fuse_fd is not None:
+        config = dataclasses.replace(config, fuse_fd=fuse_fd_argument(args.fuse_fd))
     if args.foreground or foreground:
         run_foreground(config)
         return 0

@@ -1,0 +1,447 @@
+"""Least privilege: the daemon runs as an unprivileged user, and in systemd's sandbox.
+
+- As a plain user (``nobody``), ``dgfs mount`` mounts through the setuid
+  ``fusermount3`` like any FUSE filesystem.
+- The sandboxed mount of ``systemd/dgfs@.service``, with systemd played
+  by this test: ``dgfs mount ... --handoff USER`` (root, ``ExecStartPre=+``)
+  mounts and sends the /dev/fuse descriptor to a notify socket as to
+  systemd's descriptor store; the daemon then starts as ``nobody`` in a
+  mount namespace of its own that is a *slave* of the host's (the
+  propagation systemd gives a sandboxed service), with the root file system
+  read-only but for its cache (``ProtectSystem=strict`` + ``CacheDirectory=``),
+  no new privileges, no capabilities, no writable-executable memory
+  (``MemoryDenyWriteExecute=``), and the descriptor as fd 3 with
+  ``LISTEN_FDS``. The host sees and uses the mount; stopping as the unit
+  does (``umount --lazy`` as root, then SIGTERM) uploads everything first.
+- ``systemd-analyze security --offline=true`` rates the unit 5.0 or less.
+
+Only processes started here are signalled, by PID; every mount made here
+is detached in ``finally`` blocks.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mountutil import S3View, dgfs_bin, fusermount, is_mounted, new_bucket
+
+pytestmark = pytest.mark.mount
+
+NOBODY = 65534
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "dgfs@.service"
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, setpriv, unshare)")
+needs_tools = pytest.mark.skipif(
+    not (shutil.which("setpriv") and shutil.which("unshare") and shutil.which("fusermount3")),
+    reason="needs setpriv, unshare (util-linux) and fusermount3",
+)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory ``nobody`` can reach (pytest's tmp_path is root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="dgfs-unpriv-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for mountpoint in (path / "mnt",):
+            if is_mounted(mountpoint):
+                fusermount("-uz", str(mountpoint))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _daemon_env(endpoint: str, **extra: str) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith("AWS_")
+        and name not in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+    }
+    env.update(
+        PATH="/usr/local/bin:/usr/bin:/bin",
+        HOME="/nonexistent",
+        AWS_CONFIG_FILE="/nonexistent/config",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials",
+        PYTHONUNBUFFERED="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        **extra,
+    )
+    if "PYTHONPATH" in os.environ:  # a worktree under test, not the installed copy
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def _as_nobody(*, no_new_privs: bool) -> list[str]:
+    command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    if no_new_privs:
+        command += ["--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"]
+    return [*command, "--"]
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def _wait_mounted(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not is_mounted(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"not mounted (exit {proc.poll()}):\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Our daemon, by PID: SIGKILL if it is still there."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _clean_log(log: Path) -> str:
+    text = log.read_text(errors="replace")
+    bad = [
+        line
+        for line in text.splitlines()
+        if re.search(r"Traceback|\b(ERROR|CRITICAL|WARNING)\b", line)
+    ]
+    assert not bad, text
+    return text
+
+
+@needs_root
+@needs_tools
+@pytest.mark.skipif(
+    os.path.exists("/dev/fuse") and not os.stat("/dev/fuse").st_mode & 0o006,
+    reason="/dev/fuse is closed to other users here (libfuse opens it itself; distributions"
+    " make it 0666)",
+)
+def test_an_unprivileged_user_mounts_through_fusermount3(
+    moto_endpoint: str, open_dir: Path
+) -> None:
+    """``nobody`` mounts, writes and reads back; nothing of the daemon runs as root."""
+    bucket = new_bucket(moto_endpoint)
+    mnt, cache, log = open_dir / "mnt", open_dir / "cache", open_dir / "daemon.log"
+    mnt.mkdir()
+    cache.mkdir()
+    os.chown(mnt, NOBODY, NOBODY)  # fusermount3 mounts only where the user may write
+    os.chown(cache, NOBODY, NOBODY)
+    options = f"endpoint={moto_endpoint},cache_dir={cache},log_level=info"
+    command = [*_as_nobody(no_new_privs=False), dgfs_bin(), "mount", bucket, str(mnt)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*command, "-f", "-o", options],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=_daemon_env(moto_endpoint),
+            start_new_session=True,
+        )
+    try:
+        _wait_mounted(mnt, proc, log)
+        assert _proc_status(proc.pid)["Uid"].split()[0] == str(NOBODY)
+        # Without allow_other only the mounting user may enter: the test acts as nobody.
+        script = (
+            "import os, sys; p = sys.argv[1] + '/app/a.bin'; os.mkdir(sys.argv[1] + '/app');"
+            "open(p, 'wb').write(b'x' * 300000); fd = os.open(p, os.O_RDONLY); os.fsync(fd);"
+            "assert open(p, 'rb').read() == b'x' * 300000"
+        )
+        subprocess.run(
+            [*_as_nobody(no_new_privs=True), sys.executable, "-c", script, str(mnt)],
+            check=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+        assert fusermount("-u", str(mnt)).returncode == 0  # as root, for nobody's mount
+        assert proc.wait(60) == 0
+        assert S3View(moto_endpoint, bucket).keys("app/")
+        _clean_log(log)
+    finally:
+        _stop(proc)
+        if is_mounted(mnt):
+            fusermount("-uz", str(mnt))
+
+
+class FakeSystemd:
+    """systemd's side of the notify protocol for one unit: a datagram socket that
+    keeps descriptors sent with ``FDSTORE=1`` and confirms ``BARRIER=1``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        os.chmod(path, 0o777)  # the daemon (nobody) notifies too
+        self.store: dict[str, int] = {}
+        self.messages: list[dict[str, str]] = []
+
+    def receive(self, timeout: float) -> dict[str, str]:
+        self.sock.settimeout(timeout)
+        data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+        fds: list[int] = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % 4])
+                fds += list(received)
+        message = dict(line.split("=", 1) for line in data.decode().splitlines())
+        self.messages.append(message)
+        if message.get("BARRIER") == "1":
+            for fd in fds:
+                os.close(fd)
+        elif message.get("FDSTOREREMOVE") == "1":
+            old = self.store.pop(message["FDNAME"], None)
+            if old is not None:
+                os.close(old)
+        elif message.get("FDSTORE") == "1":
+            assert len(fds) == 1, message
+            self.store[message.get("FDNAME", "stored")] = fds[0]
+        else:
+            for fd in fds:
+                os.close(fd)
+        return message
+
+    def wait_for(self, key: str, timeout: float = 30) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.receive(max(0.1, deadline - time.monotonic()))
+            if key in message:
+                return message
+
+    def close(self) -> None:
+        for fd in self.store.values():
+            os.close(fd)
+        self.store.clear()
+        self.sock.close()
+
+
+def _wait_ready(
+    systemd: FakeSystemd, daemon: subprocess.Popen[bytes], log: Path, timeout: float = 30
+) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and daemon.poll() is None:
+        with contextlib.suppress(TimeoutError):
+            message = systemd.receive(0.5)
+            if "READY" in message:
+                return message
+    raise AssertionError(f"no READY=1 (exit {daemon.poll()}):\n{log.read_text()}")
+
+
+def _dgfs_without_wx_memory() -> list[str]:
+    """``dgfs`` in a process that may never map memory writable and executable
+    (prctl PR_SET_MDWE, Linux 6.3+: what MemoryDenyWriteExecute= enforces with
+    seccomp), set before dgfs, pyfuse3, trio, boto3 or cryptography is imported;
+    plain ``dgfs`` where the kernel has no PR_SET_MDWE."""
+    code = (
+        "import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True);"
+        f"assert libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) == 0,"
+        " os.strerror(ctypes.get_errno());"
+        "from dgfs.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", code, "--version"], capture_output=True, timeout=60, check=False
+    )
+    return [sys.executable, "-c", code] if probe.returncode == 0 else [dgfs_bin()]
+
+
+@needs_root
+@needs_tools
+def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Path) -> None:
+    """The unit's design without systemd: the privileged step mounts and hands
+    over /dev/fuse; the daemon, unprivileged in a slave mount namespace with a
+    read-only root, serves a mount that the host sees, writes and reads; the
+    unit's stop (root's lazy umount, then SIGTERM) uploads everything."""
+    bucket = new_bucket(moto_endpoint)
+    mnt, cache, log = open_dir / "mnt", open_dir / "cache", open_dir / "daemon.log"
+    mnt.mkdir()
+    cache.mkdir(mode=0o700)
+    os.chown(cache, NOBODY, NOBODY)  # CacheDirectory= of the unit, owned by User=
+    systemd = FakeSystemd(open_dir / "notify.sock")
+    options = f"endpoint={moto_endpoint},allow_other,log_level=info"
+    common = [bucket, str(mnt), "-o", f"cache_dir={cache}", "-o", options]
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        # ExecStartPre=+dgfs mount ... --handoff nobody: as root, on the host.
+        env = _daemon_env(moto_endpoint, NOTIFY_SOCKET=str(systemd.path))
+        step = subprocess.Popen(
+            [dgfs_bin(), "mount", *common, "--handoff", "nobody"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        stored = systemd.wait_for("FDSTORE")
+        assert stored == {"FDSTORE": "1", "FDNAME": "fuse", "FDPOLL": "0"}
+        systemd.wait_for("BARRIER")
+        output, _ = step.communicate(timeout=30)
+        assert step.returncode == 0, output.decode()
+        assert is_mounted(mnt)  # mounted on the host (not to be touched before it is served)
+        fuse_fd = systemd.store["fuse"]
+
+        # ExecStart=dgfs mount ... --fuse-fd systemd: sandboxed, as User=nobody.
+        sandbox = (
+            f"mount --bind {cache} {cache} && mount -o remount,bind,ro / && "
+            'exec env LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=fuse "$@"'
+        )
+        command = [
+            "unshare", "--mount", "--propagation", "slave", "--",
+            "/bin/sh", "-c", sandbox, "sh",
+            *_as_nobody(no_new_privs=True),
+            *_dgfs_without_wx_memory(), "mount", *common, "-f", "--fuse-fd", "systemd",
+        ]  # fmt: skip
+        with open(log, "wb") as out:
+            daemon = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+                pass_fds=(3,),
+                preexec_fn=lambda: os.dup2(fuse_fd, 3),
+                start_new_session=True,
+            )
+        ready = _wait_ready(systemd, daemon, log)
+        assert ready["MAINPID"] == str(daemon.pid)
+        assert "fuse" not in systemd.store  # FDSTOREREMOVE: only the daemon holds it now
+        status = _proc_status(daemon.pid)
+        assert status["Uid"].split()[0] == str(NOBODY)
+        assert status["NoNewPrivs"] == "1"
+        assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
+        assert os.readlink(f"/proc/{daemon.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+
+        # The host (root, allow_other) uses the mount.
+        data = os.urandom(200_000)
+        (mnt / "app").mkdir()
+        (mnt / "app" / "one.bin").write_bytes(data)
+        (mnt / "app" / "two.bin").write_bytes(data[:150_000] + b"changed" + data[150_000:])
+        fd = os.open(mnt / "app" / "one.bin", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert (mnt / "app" / "one.bin").read_bytes() == data
+        assert sorted(os.listdir(mnt / "app")) == ["one.bin", "two.bin"]
+        # Its writes landed in the cache, the one writable place.
+        assert any(path.stat().st_uid == NOBODY for path in cache.rglob("*"))
+
+        # ExecStop=+umount --lazy, then SIGTERM: pending uploads finish, then exit.
+        subprocess.run(["umount", "--lazy", str(mnt)], check=True, timeout=30)
+        assert not is_mounted(mnt)
+        os.kill(daemon.pid, signal.SIGTERM)
+        assert daemon.wait(60) == 0, log.read_text()
+        keys = S3View(moto_endpoint, bucket).keys("app/")
+        for name in ("app/one.bin", "app/two.bin"):
+            assert any(key.startswith(name) for key in keys), (keys, log.read_text())
+        assert systemd.wait_for("STOPPING")["STOPPING"] == "1"
+        text = _clean_log(log)
+        assert "all uploads done" in text
+    finally:
+        if daemon is not None:
+            _stop(daemon)
+        if is_mounted(mnt):
+            fusermount("-uz", str(mnt))
+        systemd.close()
+
+
+def test_handoff_refuses_to_run_outside_systemd(tmp_path: Path) -> None:
+    """Without NOTIFY_SOCKET nobody could take the descriptor: nothing is mounted."""
+    (tmp_path / "mnt").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    result = subprocess.run(
+        [dgfs_bin(), "mount", "b", str(tmp_path / "mnt"), "--handoff", "nobody"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "ExecStartPre=+" in result.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+
+def test_fuse_fd_systemd_needs_the_descriptor(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    result = subprocess.run(
+        [dgfs_bin(), "mount", "b", str(tmp_path / "mnt"), "-f", "--fuse-fd", "systemd"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "passed no descriptor named 'fuse'" in result.stderr
+
+
+def test_a_descriptor_that_is_not_dev_fuse_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    with open(tmp_path / "plain", "wb") as plain:
+        os.dup2(plain.fileno(), 9)
+    try:
+        result = subprocess.run(
+            [dgfs_bin(), "mount", "b", str(tmp_path / "mnt"), "-f", "--fuse-fd", "9"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            pass_fds=(9,),
+            check=False,
+        )
+    finally:
+        os.close(9)
+    assert result.returncode == 2
+    assert "descriptor 9 is not /dev/fuse" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_unit_is_rated_5_or_less_by_systemd_analyze(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 5.0, result.stdout
+
+
+def test_the_unit_hands_over_the_mount_and_serves_it_sandboxed() -> None:
+    """The unit's privileged step and its daemon agree: same source, mount point
+    and options, --handoff for the unit's User=, --fuse-fd systemd; and only the
+    privileged steps carry the "+" that escapes the sandbox."""
+    text = UNIT.read_text()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    user = next(line.split("=", 1)[1] for line in lines if line.startswith("User="))
+    (start,) = [line for line in lines if line.startswith("ExecStart=")]
+    pre = [line for line in lines if line.startswith("ExecStartPre=")]
+    (handoff,) = [line for line in pre if "--handoff" in line]
+    assert start.startswith("ExecStart=/") and "--fuse-fd systemd" in start
+    assert handoff.startswith("ExecStartPre=+") and handoff.endswith(f"--handoff {user}")
+    assert "${DGFS_SOURCE} %f" in handoff and "${DGFS_SOURCE} %f" in start
+    assert "-o ${DGFS_OPTIONS}" in handoff and "-o ${DGFS_OPTIONS}" in start
+    for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
+                    "ProtectHome=yes", "CapabilityBoundingSet=", "NotifyAccess=exec",
+                    "FileDescriptorStoreMax=1"):  # fmt: skip
+        assert setting in lines, setting
