@@ -99,3 +99,53 @@ def test_mount_is_ready_only_when_live_and_says_when_it_stops(
     extend = next(got)
     assert int(extend["EXTEND_TIMEOUT_USEC"]) > 0, extend
     assert time.monotonic() - started < 60
+
+
+def test_listened_fds_are_named_and_only_for_this_process() -> None:
+    """sd_listen_fds_with_names(3): descriptors from 3 on, by LISTEN_FDNAMES;
+    variables meant for another process (LISTEN_PID) are ignored."""
+    from dgfs.sdnotify import listened_fds
+
+    mine = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "fuse:"}
+    assert listened_fds(mine) == {"fuse": 3, "unknown": 4}
+    assert listened_fds({**mine, "LISTEN_PID": str(os.getpid() + 1)}) == {}
+    assert listened_fds({**mine, "LISTEN_FDS": "x"}) == {}
+    assert listened_fds({}) == {}
+
+
+def test_store_fd_needs_systemd() -> None:
+    from dgfs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="NOTIFY_SOCKET"):
+        Notifier({}).store_fd(0, "fuse")
+
+
+def test_store_fd_waits_for_systemd_to_confirm(
+    listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FDSTOREREMOVE then FDSTORE with the descriptor, then a barrier that fails
+    the call when nobody closes its pipe (systemd never processed the messages)."""
+    from dgfs import sdnotify
+    from dgfs.errors import ConfigError
+
+    sock, path = listener
+    monkeypatch.setattr(sdnotify, "BARRIER_TIMEOUT", 0.5)
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(ConfigError, match="did not confirm"):
+            Notifier({"NOTIFY_SOCKET": path}).store_fd(read_end, "fuse")
+        texts = []
+        for _ in range(3):
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+            texts.append(data.decode())
+            for _level, _kind, payload in ancillary:
+                for index in range(0, len(payload) - len(payload) % 4, 4):
+                    os.close(int.from_bytes(payload[index : index + 4], "little"))
+        assert texts == [
+            "FDSTOREREMOVE=1\nFDNAME=fuse",
+            "FDSTORE=1\nFDNAME=fuse\nFDPOLL=0",
+            "BARRIER=1",
+        ]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
