@@ -76,6 +76,8 @@ class Target:
     """Valid inputs to start from (built here, deterministic)."""
     dictionary: tuple[bytes, ...] = ()
     """Tokens the mutator may insert (atheris ``-dict``)."""
+    max_len: int = MAX_LEN
+    """Bytes of one input, at most (atheris ``-max_len``)."""
 
 
 class Scratch:
@@ -649,7 +651,7 @@ TARGETS: dict[str, Target] = {
         Target("dirindex", run_dirindex, dirindex_seeds, DIRINDEX_DICTIONARY),
         Target("metadata", run_metadata, metadata_seeds, METADATA_DICTIONARY),
         Target("dgzip", run_dgzip, dgzip_seeds, DGZIP_DICTIONARY),
-        Target("control", run_control, control_seeds, CONTROL_DICTIONARY),
+        Target("control", run_control, control_seeds, CONTROL_DICTIONARY, 4096),
     )
 }
 
@@ -660,12 +662,12 @@ def repeat_token(rng: random.Random, data: bytes, dictionary: tuple[bytes, ...])
     when the parser recursing is C (``json``)."""
     pos = rng.randrange(len(data) + 1)
     token = rng.choice(dictionary) if dictionary else bytes((rng.randrange(256),))
-    return data[:pos] + token * rng.choice((2, 16, 300, 3000)) + data[pos:]
+    return data[:pos] + token * rng.choice((2, 16, 64, 1100)) + data[pos:]
 
 
 def mutate(rng: random.Random, seeds: list[bytes], dictionary: tuple[bytes, ...]) -> bytes:
     """One seeded mutation of a seed, libFuzzer's way (for the test suite's smoke)."""
-    if rng.randrange(20) == 0:
+    if rng.randrange(50) == 0:
         return repeat_token(rng, rng.choice(seeds), dictionary)[:MAX_LEN]
     data = bytearray(rng.choice(seeds))
     for _ in range(rng.randint(1, 6)):
