@@ -54,6 +54,7 @@ class HeldDecode:
         self.half_written = trio.Event()
         self.release = trio.Event()
         self.fail = False
+        self.fail_with: BaseException | None = None  # what the decode raises instead
         real = DeltaEngine.decode
         held = self
 
@@ -69,6 +70,8 @@ class HeldDecode:
                 f.write(data[:HALF])
             held.half_written.set()
             await held.release.wait()
+            if held.fail_with is not None:
+                raise held.fail_with
             if held.fail:
                 raise DeltaEngineError(
                     "xdelta3 decode failed (exit 1): xdelta3: target window checksum mismatch"
@@ -208,6 +211,28 @@ async def test_a_decode_that_fails_midway_fails_the_reads_past_what_it_wrote(
         with pytest.raises(FsError) as failed:
             await read_from(m.fs, fh, 4096)
         assert failed.value.errno == errno.EIO
+        await m.fs.release(fh)
+
+
+@pytest.mark.expected_log(r"rebuilding v2\.tar|No space left")
+async def test_a_rebuild_stopped_by_a_local_error_fails_each_read_past_it_with_eio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scratch disk fills up while a streamed rebuild runs: the reads past
+    what it wrote fail with EIO (the kernel and ``cat`` retry them), not with
+    a bare dgfs error that the FUSE layer logs as an ERROR on every retry."""
+    memory = MemoryStore()
+    v2 = await store_versions(memory, tmp_path)
+    held = HeldDecode(monkeypatch)
+    held.fail_with = OSError(errno.ENOSPC, "No space left on device")
+    async with mounted(memory, new_dir(tmp_path / "reader"), STREAMING) as m:
+        fh = await open_v2(m.fs)
+        assert await m.fs.read(fh, 0, 4096) == v2[:4096]
+        held.release.set()
+        for _ in range(3):  # a read retried
+            with pytest.raises(FsError) as failed:
+                await read_from(m.fs, fh, HALF)
+            assert failed.value.errno == errno.EIO
         await m.fs.release(fh)
 
 

@@ -233,7 +233,11 @@ class StreamReader(Reader):
         stream = self.stream
         while not stream.complete:
             if stream.error is not None:
-                raise stream.error
+                if isinstance(stream.error, (IntegrityError, FormatError)):
+                    raise stream.error  # unreadable for good: logged once (_unreadable)
+                # Stopped by a local error (a full disk, a killed xdelta3) that
+                # its owner logged: the kernel retries this read, quietly.
+                raise FsError(errno.EIO, f"{self.name}: its rebuild stopped") from None
             if os.fstat(self.fd).st_size >= end:
                 return
             await trio.sleep(STREAM_POLL)
