@@ -68,6 +68,15 @@ INSTALL_HINT = "install it: apt install xdelta3 / dnf install xdelta / brew inst
 MIN_SOURCE_WINDOW = 512 * 1024
 MAX_SOURCE_WINDOW = 2 * 1024 * 1024 * 1024
 
+#: What xdelta3 3.0.11 holds besides its source window: for encoding, a hash
+#: table of the source of up to 2 x the window rounded up to a power of two
+#: (level 9; 1 x at level 6), never more than 1 GiB; for both, ~10-45 MiB of
+#: buffers. Measured (maximum RSS, 2026-12-06, docs/operations.md): encode -9
+#: 235 MiB for a 64 MiB window, 685 for 130, 1,327 for 260, 1,587 for 520,
+#: 2.2 GB for 1 GiB (docs/benchmarks-large.md); decode 1.02-1.16 x the window.
+_HASH_TABLE_CAP = 1 << 30
+_BUFFERS = 64 << 20
+
 #: Bytes of a delta read to find its VCDIFF application header.
 _HEADER_PROBE = 4096
 _VCDIFF_MAGIC = b"\xd6\xc3\xc4\x00"
@@ -91,6 +100,14 @@ def source_window(source_size: int, memory_limit: int) -> int:
     """
     cap = max(MIN_SOURCE_WINDOW, min(memory_limit, MAX_SOURCE_WINDOW))
     return max(MIN_SOURCE_WINDOW, min(source_size, cap))
+
+
+def memory_estimate(what: str, window: int) -> int:
+    """An upper bound of the memory one xdelta3 run with source window
+    ``window`` holds: ``"encode"`` (any level) or ``"decode"``."""
+    if what == "encode":
+        return window + min(2 * (1 << (window - 1).bit_length()), _HASH_TABLE_CAP) + _BUFFERS
+    return window + _BUFFERS
 
 
 def external_compression(header: bytes) -> tuple[str, str] | None:
@@ -154,10 +171,12 @@ class DeltaEngine:
 
     ``memory_limit`` caps the source window (``-B``) and so xdelta3's memory
     use: a source larger than it is still diffed, but content that moved
-    further than the window may not be found and the delta grows. It is
-    one budget for all the engine's xdelta3 processes together: a run
-    waits until the windows of those running leave room for its own, so
-    four concurrent uploads of 2 GiB files do not ask for 8 GiB.
+    further than the window may not be found and the delta grows. All the
+    engine's xdelta3 processes together hold at most ``memory_budget``
+    bytes, what one encode with the largest window needs
+    (:func:`memory_estimate`): a run waits until those running leave room
+    for its own, so concurrent uploads and reads of large files queue
+    instead of adding up (four 260 MiB encodes would hold 5.3 GB at once).
 
     ``level`` is xdelta3's compression level for encoding (DeltaGlider: 9).
     Levels 7-9 give the same deltas; 6 stores a series markedly faster for
@@ -175,7 +194,10 @@ class DeltaEngine:
         self.path = children.resolve(binary)
         self.memory_limit = memory_limit
         self.level = level
-        self._windows = _Budget(max(MIN_SOURCE_WINDOW, memory_limit))
+        largest = source_window(MAX_SOURCE_WINDOW, memory_limit)
+        #: Bytes all of this engine's xdelta3 runs together may hold (estimated).
+        self.memory_budget = memory_estimate("encode", largest)
+        self._memory = _Budget(self.memory_budget)
 
     def check(self) -> str:
         """Run ``xdelta3 -V`` once (blocking; call at startup) and return its version.
@@ -219,7 +241,7 @@ class DeltaEngine:
         args: list[str | Path] = ["-e", f"-{self.level}", "-f", "-D", "-R", "-A", "-B", str(window)]
         args += ["-s", source, target, out]
         work = await _size(source) + await _size(target)
-        async with self._windows.hold(window):
+        async with self._memory.hold(memory_estimate("encode", window)):
             await self._run("encode", args, out, work=work)
         delta_size = (await trio.Path(out).stat()).st_size
         log.debug("encoded %s against %s: %d bytes (-B %d)", target, source, delta_size, window)
@@ -263,7 +285,7 @@ class DeltaEngine:
             flags = ["-d", "-f", "-D"]
         args: list[str | Path] = [*flags, "-B", str(window), "-s", source, delta, out]
         work = await _size(source) + (await _size(delta) if max_size is None else max_size)
-        async with self._windows.hold(window):
+        async with self._memory.hold(memory_estimate("decode", window)):
             await self._run("decode", args, out, work=work, max_size=max_size, cap_name=cap_name)
 
     async def decode_decompressed(
@@ -298,7 +320,7 @@ class DeltaEngine:
         window = await self._decompressed_window_for(source)
         args: list[str | Path] = ["-d", "-f", "-R", "-B", str(window), "-s", source, delta, out]
         work = await _size(source) + (await _size(delta) if max_size is None else max_size)
-        async with self._windows.hold(window):
+        async with self._memory.hold(memory_estimate("decode", window)):
             await self._run("decode", args, out, work=work, max_size=max_size, cap_name=cap_name)
         return marks[0]
 
@@ -407,8 +429,8 @@ class DeltaEngine:
 
 
 class _Budget:
-    """Bytes that the xdelta3 processes of one engine may hold as source
-    windows at once (trio thread only)."""
+    """Bytes that the xdelta3 processes of one engine may hold at once
+    (trio thread only)."""
 
     def __init__(self, total: int) -> None:
         self.total = total
@@ -418,7 +440,7 @@ class _Budget:
 
     @contextlib.asynccontextmanager
     async def hold(self, amount: int) -> AsyncIterator[None]:
-        # A window larger than the whole budget runs once nothing else holds any.
+        # A run larger than the whole budget runs once nothing else holds any.
         amount = min(amount, self.total)
         while self.used + amount > self.total:
             await self._released.wait()

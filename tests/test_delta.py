@@ -25,6 +25,7 @@ from dgfs.delta import (
     MIN_SOURCE_WINDOW,
     DeltaEngine,
     external_compression,
+    memory_estimate,
     source_window,
 )
 from dgfs.errors import DeltaEngineError, XdeltaMissing
@@ -435,37 +436,71 @@ async def test_a_lower_level_encodes_what_any_level_decodes(tmp_path: Path) -> N
         DeltaEngine(level=0)
 
 
-async def test_concurrent_runs_share_one_window_budget(tmp_path: Path) -> None:
-    """Three encodes whose windows each need the whole budget run one at a
-    time; with room for two, two at once."""
-    source, target = similar_pair(tmp_path)  # ~300 KB: the window is MIN_SOURCE_WINDOW
-    running = 0
-    most = 0
+def _counting(engine: DeltaEngine, *, real: bool) -> list[int]:
+    """Replace ``engine._run`` with one that counts runs at once: ``[running, most]``."""
+    counts = [0, 0]
+    real_run = engine._run
 
-    for budget, expected in ((MIN_SOURCE_WINDOW, 1), (2 * MIN_SOURCE_WINDOW, 2)):
-        engine = DeltaEngine(memory_limit=budget)
-        real_run = engine._run
-
-        async def counting_run(
-            what: str,
-            args: Sequence[str | Path],
-            out: Path,
-            real_run: Any = real_run,
-            **limits: Any,
-        ) -> None:
-            nonlocal running, most
-            running += 1
-            most = max(most, running)
-            try:
-                await trio.sleep(0.05)  # long enough for the others to try to start
+    async def counting_run(what: str, args: Sequence[str | Path], out: Path, **limits: Any) -> None:
+        counts[0] += 1
+        counts[1] = max(counts[1], counts[0])
+        try:
+            await trio.sleep(0.05)  # long enough for the others to try to start
+            if real:
                 await real_run(what, args, out, **limits)
-            finally:
-                running -= 1
+            else:
+                out.write_bytes(b"delta")
+        finally:
+            counts[0] -= 1
 
-        engine._run = counting_run  # type: ignore[method-assign]
-        most = 0
+    engine._run = counting_run  # type: ignore[method-assign]
+    return counts
+
+
+async def test_concurrent_runs_share_one_memory_budget(tmp_path: Path) -> None:
+    """Three encodes that each need the whole budget run one at a time; with
+    room for two, two at once."""
+    source, target = similar_pair(tmp_path)  # ~300 KB: the window is MIN_SOURCE_WINDOW
+    one = memory_estimate("encode", MIN_SOURCE_WINDOW)
+    for limit, expected in ((MIN_SOURCE_WINDOW, 1), (32 * MiB, 2)):
+        engine = DeltaEngine(memory_limit=limit)
+        assert engine.memory_budget // one == expected
+        counts = _counting(engine, real=True)
         async with trio.open_nursery() as nursery:
             for i in range(3):
                 nursery.start_soon(engine.encode, source, target, tmp_path / f"d{i}")
-        assert most == expected
-        assert engine._windows.used == 0
+        assert counts[1] == expected
+        assert engine._memory.used == 0
+
+
+async def test_concurrent_encodes_are_bounded_by_memory_not_windows(tmp_path: Path) -> None:
+    """Two encodes whose 32 MiB windows fit a 64 MiB window cap together still
+    run one at a time: each holds ~5 x its window (hash tables), and all of a
+    mount's xdelta3 runs share what one encode with the largest window needs."""
+    engine = DeltaEngine(memory_limit=64 * MiB)
+    assert engine.memory_budget == memory_estimate("encode", 64 * MiB)
+    sources = []
+    for i in range(2):
+        path = tmp_path / f"src{i}"
+        with open(path, "wb") as f:
+            f.truncate(32 * MiB)  # sparse: only its size matters here
+        sources.append(path)
+    counts = _counting(engine, real=False)
+    async with trio.open_nursery() as nursery:
+        for i, source in enumerate(sources):
+            nursery.start_soon(engine.encode, source, source, tmp_path / f"d{i}")
+    assert counts[1] == 1
+    assert engine._memory.peak <= engine.memory_budget
+
+
+def test_memory_estimate_covers_what_xdelta3_was_measured_to_hold() -> None:
+    """Maximum RSS of xdelta3 3.0.11 (-e -9 / -d, -B = the source size), measured
+    on this project's machines (docs/operations.md)."""
+    measured_encode = {64 * MiB: 240_732 << 10, 130 * MiB: 701_744 << 10,
+                       260 * MiB: 1_359_112 << 10, 520 * MiB: 1_625_276 << 10,
+                       1 << 30: 2_200_000_000}  # fmt: skip
+    for window, rss in measured_encode.items():
+        assert rss <= memory_estimate("encode", window) <= rss * 1.1, window
+    measured_decode = {64 * MiB: 75_696 << 10, 260 * MiB: 276_408 << 10, 520 * MiB: 542_584 << 10}
+    for window, rss in measured_decode.items():
+        assert rss <= memory_estimate("decode", window) <= rss + 64 * MiB, window
