@@ -25,6 +25,7 @@ import array
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -233,6 +234,13 @@ class FakeSystemd:
         self.sock.close()
 
 
+def _unit_command(setting: str, mountpoint: Path) -> list[str]:
+    """The unit's (one) ``setting=`` command line as systemd would run it for ``mountpoint``."""
+    (line,) = [x for x in UNIT.read_text().splitlines() if x.startswith(f"{setting}=")]
+    command = line.split("=", 1)[1].lstrip("-+")
+    return shlex.split(command.replace("%f", str(mountpoint)).replace("$$", "$"))
+
+
 def _wait_ready(
     systemd: FakeSystemd, daemon: subprocess.Popen[bytes], log: Path, timeout: float = 30
 ) -> dict[str, str]:
@@ -327,6 +335,13 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
         assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
         assert os.readlink(f"/proc/{daemon.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
 
+        # ExecStartPost=+: root sets the read-ahead the sandboxed daemon cannot.
+        subprocess.run(_unit_command("ExecStartPost", mnt), check=True, timeout=30)
+        device = subprocess.run(
+            ["mountpoint", "-d", str(mnt)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "1024"
+
         # The host (root, allow_other) uses the mount.
         data = os.urandom(200_000)
         (mnt / "app").mkdir()
@@ -343,7 +358,7 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
         assert any(path.stat().st_uid == NOBODY for path in cache.rglob("*"))
 
         # ExecStop=+umount --lazy, then SIGTERM: pending uploads finish, then exit.
-        subprocess.run(["umount", "--lazy", str(mnt)], check=True, timeout=30)
+        subprocess.run(_unit_command("ExecStop", mnt), check=True, timeout=30)
         assert not is_mounted(mnt)
         os.kill(daemon.pid, signal.SIGTERM)
         assert daemon.wait(60) == 0, log.read_text()
