@@ -54,6 +54,7 @@ from dgfs.flight import SingleFlight
 from dgfs.format import DeltaMode, Kind, StoredFile
 from dgfs.hashing import FileDigest, digest_file
 from dgfs.policy import SNIFF_BYTES, Policy
+from dgfs.proxycrypt import ProxyKey, decrypt_in_place
 from dgfs.store.base import ObjectHead, ObjectStore, head_many
 from dgfs.telemetry import Telemetry
 
@@ -195,8 +196,11 @@ class Core:
         deltas: DeltaMode = DeltaMode.DG,
         telemetry: Telemetry | None = None,
         limits: expand.ExpansionLimits | None = None,
+        proxy_key: ProxyKey | None = None,
     ) -> None:
         self.store = store
+        # deltaglider_proxy's key, for objects it encrypted (``download``).
+        self.proxy_key = proxy_key
         # Bounds on expanding files and on rebuilding objects (docs/SECURITY.md).
         self.limits = limits or expand.ExpansionLimits()
         self.telemetry = telemetry or Telemetry()
@@ -244,6 +248,25 @@ class Core:
         result = await self._cpu(digest_file, path, SNIFF_BYTES)
         assert isinstance(result, FileDigest)
         return result
+
+    async def download(self, key: str, dest: Path) -> ObjectHead:
+        """The object ``key``'s bytes in ``dest``, as the file they hold: a body
+        deltaglider_proxy encrypted is decrypted (``ProxyDecryptError`` without
+        the key, or when it fails authentication; never its ciphertext)."""
+        head = await self.store.download(key, dest)
+        scheme = fmt.proxy_encryption(head.metadata)
+        if scheme is not None:
+            await self._cpu(
+                functools.partial(
+                    decrypt_in_place,
+                    dest,
+                    scheme=scheme,
+                    key=self.proxy_key,
+                    key_id=fmt.proxy_key_id(head.metadata),
+                    what=key,
+                )
+            )
+        return head
 
     @staticmethod
     def _now() -> datetime:
@@ -628,6 +651,7 @@ class Core:
                 delta_size=delta_size,
                 now=self._now(),
                 zero_diff=zero_diff,
+                md5=digest.md5,
             )
             meta[fmt.META_EXPANDED_SIZE] = str(expanded_size)
             stored_key = fmt.delta_key(key)
@@ -725,7 +749,7 @@ class Core:
         deep_reference = fmt.split_key(key)[1] == fmt.DEEP_REFERENCE_NAME
         async with self._scratch() as tmp, self._scratch() as plain:
             try:
-                head = await self.store.download(key, tmp)
+                head = await self.download(key, tmp)
             except NotFound:
                 raise MissingReference(f"{key} is missing") from None
             if deep_reference:
@@ -846,7 +870,7 @@ class Core:
     ) -> bool:
         assert stored.ref_key and stored.ref_sha256
         async with self._scratch(".delta") as delta_path:
-            await self.store.download(stored.stored_key, delta_path)
+            await self.download(stored.stored_key, delta_path)
             async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
                 from_gzip = await self._cpu(_made_from_gzip, delta_path)
                 # The stock decode of gzip input gives the original back only
@@ -920,7 +944,7 @@ class Core:
             self._scratch(".vcdiff") as vcdiff,
             self._scratch(".dgx") as expanded,
         ):
-            await self.store.download(stored.stored_key, body)
+            await self.download(stored.stored_key, body)
             try:
                 await self._cpu(objects.unwrap_delta, body, vcdiff)
             except FormatError as exc:
@@ -972,7 +996,7 @@ class Core:
             if stored.kind is Kind.DELTA:
                 await self.rebuild(stored, tmp)
             else:
-                await self.store.download(stored.stored_key, tmp)
+                await self.download(stored.stored_key, tmp)
                 await self._verify_file(tmp, stored)
             os.replace(tmp, dest)
         finally:

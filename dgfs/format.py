@@ -47,6 +47,8 @@ INTERNAL_PREFIX = ".deltaglider/"
 #: src/coordination/reference_lock.rs and s3_lease.rs) when the bucket is also
 #: its coordination bucket.
 INTERNAL_PREFIXES = (INTERNAL_PREFIX, "_dgp/")
+#: The directory names those prefixes show as at the bucket root: never shown, never created.
+RESERVED_ROOT_NAMES = frozenset(prefix.rstrip("/") for prefix in INTERNAL_PREFIXES)
 TMP_PREFIX = ".deltaglider/tmp/"
 ZERO_DIFF_NOTE = "zero-diff (reference identical)"
 REFERENCE_NOTE = "reference"
@@ -457,7 +459,15 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
     if file_sha256 is None:
         # Foreign: not written by DeltaGlider; shown under its own name, a
         # ``.delta`` suffix included (its bytes are no file's delta dgfs could rebuild).
-        return StoredFile(Kind.FOREIGN, stored_key, stored_key, stored_size, stored_size, None)
+        return StoredFile(
+            Kind.FOREIGN,
+            stored_key,
+            stored_key,
+            stored_size,
+            stored_size,
+            None,
+            encryption=encryption,
+        )
     _check_sha256(stored_key, "dg-file-sha256", file_sha256)
     size_text = meta_value(metadata, "file_size")
     if stored_key.endswith(DELTA_SUFFIX) and not _is_passthrough(metadata):
@@ -545,7 +555,15 @@ def classify_shown(stored_key: str, stored_size: int, metadata: Mapping[str, str
     try:
         return classify(stored_key, stored_size, metadata)
     except FormatError:
-        return StoredFile(Kind.FOREIGN, stored_key, stored_key, stored_size, stored_size, None)
+        return StoredFile(
+            Kind.FOREIGN,
+            stored_key,
+            stored_key,
+            stored_size,
+            stored_size,
+            None,
+            encryption=proxy_encryption(metadata),
+        )
 
 
 def is_deep(metadata: Mapping[str, str]) -> bool:

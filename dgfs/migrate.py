@@ -371,7 +371,7 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
                 head = await source_core.store.head(stored.stored_key)
             expected = stored.file_sha256
         else:
-            head = await source_core.store.download(file.key, scratch)
+            head = await source_core.download(file.key, scratch)
             expected = fmt.meta_value(head.metadata, "file_sha256")
         digest = await dest_core.digest(scratch)
         if expected is not None and digest.sha256 != expected:
@@ -483,6 +483,7 @@ async def open_migration(
             scratch_dir=dest_core.scratch_dir / "source",
             cpu_limiter=dest_core.cpu_limiter,
             limits=dest_core.limits,
+            proxy_key=dest_core.proxy_key,
         )
         try:
             yield source_core, dest_core

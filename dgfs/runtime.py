@@ -25,6 +25,7 @@ from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError
 from dgfs.format import DeltaMode
 from dgfs.policy import Policy
+from dgfs.proxycrypt import load_proxy_key
 from dgfs.store.s3 import READ_TIMEOUT, S3Store
 from dgfs.telemetry import Telemetry
 
@@ -147,6 +148,8 @@ class Settings:
     cache_dir: Path = field(default_factory=default_cache_dir)
     cache_size: int = DEFAULT_CACHE_SIZE
     cache_key_file: Path | None = None
+    proxy_key_file: Path | None = None
+    """deltaglider_proxy's encryption key, to read the objects it encrypted (dgfs/proxycrypt.py)."""
     policy: Policy = field(default_factory=Policy)
     xdelta3: str = "xdelta3"
     xdelta_memory: int = 1 << 30
@@ -210,6 +213,7 @@ async def open_core(
         settings.xdelta3, memory_limit=settings.xdelta_memory, level=settings.xdelta_level
     )
     engine.check()
+    proxy_key = load_proxy_key(settings.proxy_key_file) if settings.proxy_key_file else None
     key = load_cache_key(os.environ, settings.cache_key_file)
     root = private_cache_root(settings.cache_dir)
     # An ephemeral key cannot read another process's entries: such a cache
@@ -242,6 +246,7 @@ async def open_core(
                 deltas=settings.deltas,
                 telemetry=telemetry,
                 limits=settings.expansion,
+                proxy_key=proxy_key,
             )
             try:
                 yield core

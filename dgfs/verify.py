@@ -158,7 +158,7 @@ class Verifier:
         """SHA-256 and size of an object's bytes as stored (downloaded to scratch)."""
         path = self.core.scratch_path()
         try:
-            await self.core.store.download(stored_key, path)
+            await self.core.download(stored_key, path)
             digest = await self.core.digest(path)
         finally:
             path.unlink(missing_ok=True)
@@ -178,7 +178,7 @@ class Verifier:
         stored = self.core.scratch_path(".zst")
         plain = self.core.scratch_path(".dgx")
         try:
-            head = await self.core.store.download(ref_key, stored)
+            head = await self.core.download(ref_key, stored)
             cap = objects.reference_cap(head.metadata, head.size, self.core.limits)
             await trio.to_thread.run_sync(
                 objects.decompress_reference, stored, plain, cap, limiter=self.core.cpu_limiter

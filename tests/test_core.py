@@ -28,7 +28,7 @@ from dgfs.errors import (
 )
 from dgfs.format import Kind
 from dgfs.policy import Policy
-from dgfs.store.base import ObjectStore
+from dgfs.store.base import ObjectHead, ObjectStore
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from tests.releases import ReleaseSeries
@@ -407,9 +407,9 @@ async def test_a_cold_rebuild_downloads_the_reference_once_and_keeps_it_plain(
     downloads: list[str] = []
     real_download = memory_store.download
 
-    async def counting_download(key: str, dest: Path) -> None:
+    async def counting_download(key: str, dest: Path) -> ObjectHead:
         downloads.append(key)
-        await real_download(key, dest)
+        return await real_download(key, dest)
 
     def no_export(sha256: str, dest: Path) -> bool:
         raise AssertionError("the downloaded reference was decrypted back out of the cache")

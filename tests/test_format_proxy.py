@@ -8,21 +8,41 @@ proxy's own parse rules ported there (``proxy_parse``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dgfs import format as fmt
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.delta import DeltaEngine
+from dgfs.errors import ConfigError, FsError
 from dgfs.format import Kind
+from dgfs.fs.readers import StoredContent
 from dgfs.policy import Policy
+from dgfs.proxycrypt import (
+    ProxyDecryptError,
+    ProxyKey,
+    decrypt_file,
+    parse_proxy_key,
+)
 from dgfs.store.memory import MemoryStore
-from tests.proxyobjects import ProxyWriter, StoredObject, proxy_parse
+from tests.proxyobjects import (
+    ProxyEncryption,
+    ProxyWriter,
+    StoredObject,
+    derive_key_id,
+    encrypt_chunked,
+    encrypt_single,
+    proxy_parse,
+)
 from tests.releases import ReleaseSeries
 
 
@@ -238,3 +258,172 @@ def test_dgfs_metadata_functions_write_the_union() -> None:
     assert ref["dg-original-name"] == "__reference__" and ref["dg-file-size"] == "9"
     parsed = proxy_parse(ref)
     assert parsed["storage"] == "reference" and parsed["md5"] == "d" * 32
+
+
+# --- deltaglider_proxy's encryption at rest ---------------------------------------------------
+
+KEY = bytes(range(32))
+KEY_HEX = KEY.hex()
+
+
+def proxy_key(text: str = KEY_HEX) -> ProxyKey:
+    return parse_proxy_key(text)
+
+
+def decrypt(
+    tmp_path: Path, body: bytes, scheme: str, key: ProxyKey | None, key_id: str | None = None
+) -> bytes:
+    src, dest = tmp_path / "ct", tmp_path / "pt"
+    src.write_bytes(body)
+    decrypt_file(src, dest, scheme=scheme, key=key, key_id=key_id, what="app/x")
+    return dest.read_bytes()
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 * 65536, 200_001])
+def test_both_schemes_decrypt_what_the_proxy_encrypts(tmp_path: Path, size: int) -> None:
+    data = bytes(i * 7 % 251 for i in range(size))
+    assert decrypt(tmp_path, encrypt_single(KEY, data), fmt.PROXY_AES_GCM, proxy_key()) == data
+    chunked = encrypt_chunked(KEY, data)
+    assert decrypt(tmp_path, chunked, fmt.PROXY_AES_GCM_CHUNKED, proxy_key()) == data
+
+
+def test_key_file_and_key_ids() -> None:
+    key = proxy_key(f"# the proxy's DGP_ENCRYPTION_KEY\n{KEY_HEX}\n")
+    assert key.key == KEY and key.key_ids == {derive_key_id("default", KEY)}
+    key = proxy_key(f"{KEY_HEX} backend=eu-archive key_id=pinned-1")
+    assert key.key_ids == {derive_key_id("eu-archive", KEY), "pinned-1"}
+    for bad in ("", "abc", KEY_HEX[:-2], f"{KEY_HEX} colour=blue"):
+        with pytest.raises(ConfigError, match="proxy_key_file"):
+            proxy_key(bad)
+
+
+def test_hostile_and_wrong_encrypted_bodies_never_decrypt(tmp_path: Path) -> None:
+    data = b"x" * (3 * 65536 + 5)
+    chunked = encrypt_chunked(KEY, data)
+    frame = 4 + 65536 + 16
+    header = 16
+    hostile = {
+        "truncated inside a frame": chunked[:-10],
+        "last frame dropped": chunked[: header + 3 * frame],
+        "frames swapped": chunked[:header]
+        + chunked[header + frame : header + 2 * frame]
+        + chunked[header : header + frame]
+        + chunked[header + 2 * frame :],
+        "huge length field": chunked[:header] + b"\xff\xff\xff\x7f" + chunked[header + 4 :],
+        "no header": chunked[:10],
+        "trailing bytes": chunked + b"\0",
+        "bit flipped": chunked[:100] + bytes([chunked[100] ^ 1]) + chunked[101:],
+    }
+    for what, body in hostile.items():
+        with pytest.raises(ProxyDecryptError):
+            decrypt(tmp_path, body, fmt.PROXY_AES_GCM_CHUNKED, proxy_key())
+        assert not (tmp_path / "pt").exists(), what
+    single = encrypt_single(KEY, data)
+    for body in (single[:-1], single[:20], single[:50] + b"!" + single[51:]):
+        with pytest.raises(ProxyDecryptError):
+            decrypt(tmp_path, body, fmt.PROXY_AES_GCM, proxy_key())
+    other = proxy_key(bytes(range(1, 33)).hex())
+    stamp = derive_key_id("default", KEY)
+    with pytest.raises(ProxyDecryptError, match=f"key id {stamp}"):
+        decrypt(tmp_path, single, fmt.PROXY_AES_GCM, other, key_id=stamp)
+    with pytest.raises(ProxyDecryptError, match="-o proxy_key_file=PATH"):
+        decrypt(tmp_path, single, fmt.PROXY_AES_GCM, None, key_id=stamp)
+    with pytest.raises(ProxyDecryptError, match="does not know"):
+        decrypt(tmp_path, single, "rot13-v9", proxy_key())
+
+
+@pytest.fixture
+def encrypted_files() -> dict[str, bytes]:
+    series = ReleaseSeries(size=200 << 10, seed=21)
+    files = {f"sec/{name}": data for name, data in series.zips(3)}
+    files["sec/big.bin"] = bytes(range(256)) * 1200  # passthrough, several DGE1 frames
+    files["sec/small.txt"] = b"secret notes\n"
+    return files
+
+
+async def write_encrypted_bucket(store: MemoryStore, files: dict[str, bytes]) -> None:
+    # Passthrough PUTs streamed in: chunked; references and deltas: single-shot.
+    writer = ProxyWriter(encryption=ProxyEncryption(KEY, chunked_passthrough=True))
+    for key, data in files.items():
+        await store_all(store, writer.put(key, data, delta=key.endswith(".zip")))
+
+
+async def test_core_reads_what_the_proxy_encrypted_with_its_key(
+    core: Core, memory_store: MemoryStore, encrypted_files: dict[str, bytes], tmp_path: Path
+) -> None:
+    await write_encrypted_bucket(memory_store, encrypted_files)
+    markers = {o.metadata["user-dg-encrypted"] for o in memory_store.objects.values()}
+    assert markers == {fmt.PROXY_AES_GCM, fmt.PROXY_AES_GCM_CHUNKED}  # the premise
+    core.proxy_key = proxy_key()
+    for key, data in encrypted_files.items():
+        stored = await core.locate(key)
+        assert stored.encryption is not None and stored.original_size == len(data)
+        out = tmp_path / "out"
+        await core.get(key, out)
+        assert out.read_bytes() == data, key
+        assert await core.materialize(stored) == sha(data)
+
+
+async def test_core_without_the_key_refuses_encrypted_objects(
+    core: Core, memory_store: MemoryStore, encrypted_files: dict[str, bytes], tmp_path: Path
+) -> None:
+    await write_encrypted_bucket(memory_store, encrypted_files)
+    for key in encrypted_files:
+        stored = await core.locate(key)
+        with pytest.raises(ProxyDecryptError, match="proxy_key_file"):
+            await core.get(key, tmp_path / "out")
+        with pytest.raises(ProxyDecryptError):
+            await core.materialize(stored)
+        assert not (tmp_path / "out").exists()
+    core.proxy_key = proxy_key(bytes(32).hex())  # the wrong key
+    with pytest.raises(ProxyDecryptError, match="another key"):
+        await core.get("sec/small.txt", tmp_path / "out")
+
+
+@pytest.mark.expected_log(r"cannot read sec/big.bin: .*proxy_key_file")
+async def test_encrypted_files_are_never_read_by_ranges(
+    core: Core, memory_store: MemoryStore, encrypted_files: dict[str, bytes]
+) -> None:
+    """A passthrough file above ``verify_whole_below`` is read by ranges when
+    plain; encrypted, ranges would be ciphertext, so it goes through the cache
+    (decrypted, verified), or fails with EIO without the key."""
+    await write_encrypted_bucket(memory_store, encrypted_files)
+    content = StoredContent(core, trio.CapacityLimiter(2), verify_whole_below=1024)
+    stored = await core.locate("sec/big.bin")
+    assert stored.original_size > 1024 and stored.kind is Kind.DIRECT
+    with pytest.raises(FsError) as caught:
+        await content.reader(stored)
+    assert caught.value.errno == errno.EIO
+    core.proxy_key = proxy_key()
+    reader = await content.reader(stored)
+    try:
+        assert await reader.read(0, stored.original_size) == encrypted_files["sec/big.bin"]
+    finally:
+        await reader.close()
+
+
+# --- fuzzing the decoders: whatever the bytes, plaintext that authenticated or the error ---
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.binary(max_size=3 * 65536 + 100),
+    cut=st.integers(min_value=0, max_value=4 * 65536),
+    flip=st.integers(min_value=0, max_value=4 * 65536),
+    garbage=st.binary(max_size=64),
+)
+def test_fuzz_chunked_bodies(
+    tmp_path: Path, data: bytes, cut: int, flip: int, garbage: bytes
+) -> None:
+    body = bytearray(encrypt_chunked(KEY, data))
+    body = body[: min(cut, len(body))] + garbage if cut < len(body) else body
+    if body and flip < len(body):
+        body[flip] ^= 0x40
+    try:
+        plain = decrypt(tmp_path, bytes(body), fmt.PROXY_AES_GCM_CHUNKED, proxy_key())
+    except ProxyDecryptError:
+        assert not (tmp_path / "pt").exists()
+    else:
+        assert plain == data  # only the untouched body decrypts, to exactly its plaintext

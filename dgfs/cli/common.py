@@ -23,6 +23,11 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cache")
     group.add_argument("--cache-dir", type=Path, help="where references are cached (0700)")
     group.add_argument("--cache-size", help="cache budget, e.g. 2G (default 2G)")
+    group.add_argument(
+        "--proxy-key-file",
+        type=Path,
+        help="deltaglider_proxy's encryption key (64 hex digits): read the objects it encrypted",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -30,7 +35,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, object] = {}
     if getattr(args, "endpoint_url", None):
         overrides["endpoint_url"] = args.endpoint_url
-    for name in ("region", "profile", "cache_dir"):
+    for name in ("region", "profile", "cache_dir", "proxy_key_file"):
         if getattr(args, name, None):
             overrides[name] = getattr(args, name)
     if getattr(args, "cache_size", None):

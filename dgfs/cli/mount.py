@@ -13,6 +13,7 @@ from dgfs.errors import ConfigError, FormatError
 from dgfs.format import DeltaMode
 from dgfs.fs.filesystem import FsOptions
 from dgfs.policy import Policy
+from dgfs.proxycrypt import load_proxy_key
 from dgfs.runtime import S3Location, Settings, parse_size
 
 EXAMPLES = """
@@ -25,6 +26,7 @@ options (-o, comma separated):
   endpoint=URL     S3 endpoint (MinIO, Ceph, SeaweedFS...)      region=NAME   profile=NAME
   cache_dir=DIR    cache, journal, attribute cache (private)    cache_size=2G
   cache_key_file=F keep the encrypted cache across remounts     max_ratio=0.5 (DG_MAX_RATIO)
+  proxy_key_file=F deltaglider_proxy's key (64 hex digits): read the objects it encrypted
   ro / rw          read-only or read-write (default rw)         allow_other
   uid=N gid=N      owner shown for every file                   umask=022
   file_mode=644    dir_mode=755                                 listing_ttl=10 (seconds)
@@ -52,6 +54,7 @@ VALUE_OPTIONS = {
     "cache_dir",
     "cache_size",
     "cache_key_file",
+    "proxy_key_file",
     "max_ratio",
     "min_delta_size",
     "uid",
@@ -167,6 +170,10 @@ def build_config(
     if "cache_key_file" in options:
         # absolute: a daemon works from / (chdir) when it reads the key
         changes["cache_key_file"] = Path(str(options["cache_key_file"])).expanduser().absolute()
+    if "proxy_key_file" in options:
+        path = Path(str(options["proxy_key_file"])).expanduser().absolute()
+        load_proxy_key(path)  # a bad file stops the mount now, with one line
+        changes["proxy_key_file"] = path
     if "cache_size" in options:
         changes["cache_size"] = parse_size(str(options["cache_size"]))
     policy_overrides: dict[str, object] = {}

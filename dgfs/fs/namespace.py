@@ -123,8 +123,9 @@ class Namespace:
         return key[len(self.root_prefix) + 1 :]
 
     def is_reserved(self, parent_path: str, name: str) -> bool:
-        """Keys under .deltaglider/ at the bucket root are DeltaGlider's own, never shown."""
-        return parent_path == "" and not self.root_prefix and name == ".deltaglider"
+        """Keys under .deltaglider/ (and deltaglider_proxy's _dgp/) at the bucket
+        root are the format's own, never shown."""
+        return parent_path == "" and not self.root_prefix and name in fmt.RESERVED_ROOT_NAMES
 
     def check_new_name(self, parent_path: str, name: str) -> None:
         """Refuse a name a new entry of ``parent_path`` may not take (``FsError``)."""
@@ -191,7 +192,7 @@ class Namespace:
 
         Not: the empty name (``a//b``, a leading ``/``), ``.`` and ``..``,
         names longer than NAME_MAX (255 bytes) or holding NUL, and
-        ``.deltaglider`` at the bucket root. Objects under such names stay
+        ``.deltaglider`` and ``_dgp`` at the bucket root. Objects under such names stay
         in the bucket untouched (a directory holding them is not empty).
         """
         return (

@@ -290,8 +290,15 @@ class StoredContent:
         self._reported: set[tuple[str, str | None]] = set()  # broken objects logged
 
     def _through_cache(self, stored: StoredFile) -> bool:
+        """Whether ``stored`` is read whole (and verified) through the cache, not
+        by ranges: deltas, small files with a SHA-256, and whatever
+        deltaglider_proxy encrypted (ranges of it would be ciphertext)."""
         small = stored.original_size <= self.verify_whole_below
-        return stored.kind is Kind.DELTA or bool(stored.file_sha256 and small)
+        return (
+            stored.kind is Kind.DELTA
+            or bool(stored.file_sha256 and small)
+            or stored.encryption is not None
+        )
 
     async def reader(self, stored: StoredFile) -> Reader:
         """A reader of ``stored`` for one open handle.
