@@ -128,57 +128,68 @@ def _clean_log(log: Path) -> str:
     return text
 
 
+_USER_MOUNT = """
+set -e
+# Users may open /dev/fuse, as distributions ship it (0666), in this namespace only.
+mknod -m 666 "$DIR/fuse" c 10 229
+mount --bind "$DIR/fuse" /dev/fuse
+"$@" > "$DIR/daemon.log" 2>&1 &
+daemon=$!
+trap 'kill -KILL $daemon 2>/dev/null || true' EXIT
+for _ in $(seq 300); do
+    grep -q " $MNT " /proc/self/mountinfo && break
+    kill -0 $daemon
+    sleep 0.1
+done
+echo "daemon uid: $(awk '/^Uid/{print $2}' /proc/$daemon/status)"
+setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs -- "$PY" -c "$WRITE" "$MNT"
+setpriv --reuid=65534 --regid=65534 --clear-groups -- fusermount3 -u "$MNT"
+wait $daemon
+echo "daemon exit: $?"
+"""
+
+
 @needs_root
 @needs_tools
-@pytest.mark.skipif(
-    os.path.exists("/dev/fuse") and not os.stat("/dev/fuse").st_mode & 0o006,
-    reason="/dev/fuse is closed to other users here (libfuse opens it itself; distributions"
-    " make it 0666)",
-)
 def test_an_unprivileged_user_mounts_through_fusermount3(
     moto_endpoint: str, open_dir: Path
 ) -> None:
-    """``nobody`` mounts, writes and reads back; nothing of the daemon runs as root."""
+    """``nobody`` mounts (through the setuid fusermount3), writes, reads back and
+    unmounts its own mount; the daemon runs as nobody. In a mount namespace of
+    the test's own where users may open /dev/fuse (this machine keeps it 0600:
+    FUSE for root only, and fusermount3 opens it with the user's rights)."""
     bucket = new_bucket(moto_endpoint)
-    mnt, cache, log = open_dir / "mnt", open_dir / "cache", open_dir / "daemon.log"
+    mnt, cache = open_dir / "mnt", open_dir / "cache"
     mnt.mkdir()
     cache.mkdir()
     os.chown(mnt, NOBODY, NOBODY)  # fusermount3 mounts only where the user may write
     os.chown(cache, NOBODY, NOBODY)
     options = f"endpoint={moto_endpoint},cache_dir={cache},log_level=info"
-    command = [*_as_nobody(no_new_privs=False), dgfs_bin(), "mount", bucket, str(mnt)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*command, "-f", "-o", options],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env=_daemon_env(moto_endpoint),
-            start_new_session=True,
-        )
-    try:
-        _wait_mounted(mnt, proc, log)
-        assert _proc_status(proc.pid)["Uid"].split()[0] == str(NOBODY)
-        # Without allow_other only the mounting user may enter: the test acts as nobody.
-        script = (
-            "import os, sys; p = sys.argv[1] + '/app/a.bin'; os.mkdir(sys.argv[1] + '/app');"
-            "open(p, 'wb').write(b'x' * 300000); fd = os.open(p, os.O_RDONLY); os.fsync(fd);"
-            "assert open(p, 'rb').read() == b'x' * 300000"
-        )
-        subprocess.run(
-            [*_as_nobody(no_new_privs=True), sys.executable, "-c", script, str(mnt)],
-            check=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin"},
-        )
-        assert fusermount("-u", str(mnt)).returncode == 0  # as root, for nobody's mount
-        assert proc.wait(60) == 0
-        assert S3View(moto_endpoint, bucket).keys("app/")
-        _clean_log(log)
-    finally:
-        _stop(proc)
-        if is_mounted(mnt):
-            fusermount("-uz", str(mnt))
+    daemon = [*_as_nobody(no_new_privs=False), dgfs_bin(), "mount", bucket, str(mnt)]
+    # Without allow_other only the mounting user may enter: nobody writes and reads.
+    write = (
+        "import os, sys; p = sys.argv[1] + '/app/a.bin'; os.mkdir(sys.argv[1] + '/app');"
+        "open(p, 'wb').write(b'x' * 300000); fd = os.open(p, os.O_RDONLY); os.fsync(fd);"
+        "assert open(p, 'rb').read() == b'x' * 300000"
+    )
+    env = _daemon_env(moto_endpoint, DIR=str(open_dir), MNT=str(mnt), PY=sys.executable)
+    env["WRITE"] = write
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--",
+         "/bin/sh", "-c", _USER_MOUNT, "sh", *daemon, "-f", "-o", options],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )  # fmt: skip
+    log = (open_dir / "daemon.log").read_text(errors="replace")
+    assert result.returncode == 0, result.stdout + result.stderr + log
+    assert f"daemon uid: {NOBODY}" in result.stdout
+    assert "daemon exit: 0" in result.stdout, result.stdout + log
+    assert S3View(moto_endpoint, bucket).keys("app/")
+    _clean_log(open_dir / "daemon.log")
+    assert not is_mounted(mnt)  # never visible here: the namespace was the test's own
 
 
 class FakeSystemd:
