@@ -10,7 +10,8 @@
   propagation systemd gives a sandboxed service), with the root file system
   read-only but for its cache (``ProtectSystem=strict`` + ``CacheDirectory=``),
   no new privileges, no capabilities, no writable-executable memory
-  (``MemoryDenyWriteExecute=``), and the descriptor as fd 3 with
+  (``MemoryDenyWriteExecute=``), the unit's system-call filter (loaded with
+  libseccomp from python3-seccomp), and the descriptor as fd 3 with
   ``LISTEN_FDS``. The host sees and uses the mount; stopping as the unit
   does (``umount --lazy`` as root, then SIGTERM) uploads everything first.
 - ``systemd-analyze security --offline=true`` rates the unit 5.0 or less.
@@ -264,21 +265,80 @@ def _wait_ready(
     raise AssertionError(f"no READY=1 (exit {daemon.poll()}):\n{log.read_text()}")
 
 
-def _dgfs_without_wx_memory() -> list[str]:
-    """``dgfs`` in a process that may never map memory writable and executable
-    (prctl PR_SET_MDWE, Linux 6.3+: what MemoryDenyWriteExecute= enforces with
-    seccomp), set before dgfs, pyfuse3, trio, boto3 or cryptography is imported;
-    plain ``dgfs`` where the kernel has no PR_SET_MDWE."""
-    code = (
-        "import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True);"
+def _syscalls(group: str) -> set[str]:
+    """The system calls of a systemd syscall group, nested groups expanded."""
+    listing = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager", group],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    names: set[str] = set()
+    for line in listing.splitlines()[1:]:
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        names |= _syscalls(item) if item.startswith("@") else {item}
+    return names
+
+
+#: libseccomp's Python binding comes with the system's Python (python3-seccomp);
+#: the venv's Python 3.11 loads the same extension module.
+SYSTEM_SITE = "/usr/lib/python3/dist-packages"
+
+
+def _unit_syscall_filter(directory: Path) -> Path | None:
+    """The system calls the unit's SystemCallFilter= lines allow (the first
+    line's groups minus the second's), one per line in a file; None without
+    python3-seccomp or systemd-analyze (then only systemd itself applies them)."""
+    if not Path(SYSTEM_SITE, "seccomp.cpython-311-x86_64-linux-gnu.so").exists():
+        return None
+    if shutil.which("systemd-analyze") is None or sys.version_info[:2] != (3, 11):
+        return None
+    lines = [x for x in UNIT.read_text().splitlines() if x.startswith("SystemCallFilter=")]
+    allow_groups = lines[0].split("=", 1)[1].split()
+    deny_groups = lines[1].split("=", 1)[1].lstrip("~").split()
+    allowed = set().union(*map(_syscalls, allow_groups)) - set().union(*map(_syscalls, deny_groups))
+    path = directory / "allowed-syscalls.txt"
+    path.write_text("\n".join(sorted(allowed)))
+    return path
+
+
+def _sandboxed_dgfs(directory: Path) -> tuple[list[str], list[str]]:
+    """``(command, what it enforces)``: ``dgfs`` in a process that first forbids
+    writable-executable memory (prctl PR_SET_MDWE, Linux 6.3+: what
+    MemoryDenyWriteExecute= enforces) and loads the unit's system-call filter
+    (libseccomp; every other call fails with EPERM, as SystemCallErrorNumber=
+    says), before dgfs, pyfuse3, trio, boto3 or cryptography is imported; in
+    the same process, as the venv's Python may live where the daemon's user
+    could not exec it again. Each part only where this machine can do it."""
+    parts = ["import ctypes, errno, os, sys"]
+    mdwe = (
+        "libc = ctypes.CDLL(None, use_errno=True);"
         f"assert libc.prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) == 0,"
-        " os.strerror(ctypes.get_errno());"
-        "from dgfs.cli.main import main; sys.exit(main(sys.argv[1:]))"
+        " os.strerror(ctypes.get_errno())"
     )
+    enforced = []
     probe = subprocess.run(
-        [sys.executable, "-c", code, "--version"], capture_output=True, timeout=60, check=False
+        [sys.executable, "-c", f"import ctypes, os; {mdwe}"], capture_output=True, timeout=60
     )
-    return [sys.executable, "-c", code] if probe.returncode == 0 else [dgfs_bin()]
+    if probe.returncode == 0:
+        parts.append(mdwe)
+        enforced.append("MemoryDenyWriteExecute")
+    allowed = _unit_syscall_filter(directory)
+    if allowed is not None:
+        parts += [
+            f"sys.path.append({SYSTEM_SITE!r}); import seccomp; sys.path.remove({SYSTEM_SITE!r})",
+            "f = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))",
+            f"names = open({str(allowed)!r}).read().split()",
+            "[f.add_rule(seccomp.ALLOW, n) for n in names if seccomp.resolve_syscall("
+            "seccomp.Arch.NATIVE, n) >= 0]",
+            "f.load()",
+        ]
+        enforced.append("SystemCallFilter")
+    parts.append("from dgfs.cli.main import main; sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-c", "\n".join(parts)], enforced
 
 
 @needs_root
@@ -316,6 +376,8 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
         fuse_fd = systemd.store["fuse"]
 
         # ExecStart=dgfs mount ... --fuse-fd systemd: sandboxed, as User=nobody.
+        sandboxed_dgfs, enforced = _sandboxed_dgfs(open_dir)
+        print("also enforced here:", ", ".join(enforced) or "nothing more")
         sandbox = (
             f"mount --bind {cache} {cache} && mount -o remount,bind,ro / && "
             'exec env LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=fuse "$@"'
@@ -324,7 +386,7 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
             "unshare", "--mount", "--propagation", "slave", "--",
             "/bin/sh", "-c", sandbox, "sh",
             *_as_nobody(no_new_privs=True),
-            *_dgfs_without_wx_memory(), "mount", *common, "-f", "--fuse-fd", "systemd",
+            *sandboxed_dgfs, "mount", *common, "-f", "--fuse-fd", "systemd",
         ]  # fmt: skip
         with open(log, "wb") as out:
             daemon = subprocess.Popen(
@@ -344,6 +406,11 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
         assert status["Uid"].split()[0] == str(NOBODY)
         assert status["NoNewPrivs"] == "1"
         assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
+        if "SystemCallFilter" in enforced:
+            assert status["Seccomp"].strip() == "2"  # a filter is loaded
+            allowed = set((open_dir / "allowed-syscalls.txt").read_text().split())
+            assert {"read", "openat", "setrlimit", "execve"} <= allowed
+            assert not {"mount", "ptrace", "setuid", "chown", "reboot"} & allowed
         assert os.readlink(f"/proc/{daemon.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
 
         # ExecStartPost=+: root sets the read-ahead the sandboxed daemon cannot.
