@@ -79,10 +79,10 @@ def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, boo
     return ref_sha256, False
 
 
-def _form_rank(head: ObjectHead) -> tuple[datetime, bool]:
-    """Of two forms of one file, the one with the higher rank is shown: the
-    newer, and the delta on a tie (``Namespace`` and ``locate`` agree)."""
-    return head.last_modified, head.key.endswith(fmt.DELTA_SUFFIX)
+def _form_rank(head: ObjectHead) -> tuple[datetime, datetime, bool]:
+    """Of two forms of one file, the one with the higher rank is shown
+    (``fmt.form_rank``: ``Namespace`` and ``locate`` agree)."""
+    return fmt.form_rank(head.key, head.last_modified, head.metadata)
 
 
 def _holds(head: ObjectHead, key: str) -> bool:

@@ -566,6 +566,36 @@ def classify_shown(stored_key: str, stored_size: int, metadata: Mapping[str, str
         )
 
 
+def created_at(metadata: Mapping[str, str]) -> datetime | None:
+    """``dg-created-at`` as an aware UTC time; None if absent or unusable.
+
+    DeltaGlider writes ISO 8601 with or without ``Z`` (microseconds when not
+    zero), deltaglider_proxy always six fraction digits and ``Z``; an
+    explicit offset is honoured, a time without one is UTC.
+    """
+    raw = meta_value(metadata, "created_at")
+    if not raw or len(raw) > 64:
+        return None
+    try:
+        when = datetime.fromisoformat(raw.strip())
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def form_rank(
+    stored_key: str, last_modified: datetime, metadata: Mapping[str, str]
+) -> tuple[datetime, datetime, bool]:
+    """Of two forms of one file (``x`` and ``x.delta``, both left by a writer
+    that died between storing one and removing the other), the one with the
+    higher rank is shown: the newer by S3's Last-Modified (one clock, the
+    store's, for every writer); within the same second, the newer
+    ``dg-created-at`` (a writer's clock, microseconds: deltaglider_proxy's
+    only rule); then the delta."""
+    stamp = created_at(metadata) or datetime.min.replace(tzinfo=UTC)
+    return last_modified, stamp, stored_key.endswith(DELTA_SUFFIX)
+
+
 def is_deep(metadata: Mapping[str, str]) -> bool:
     """Whether an object belongs to a deep deltaspace (dgfs's extension)."""
     return metadata.get(META_FORMAT) == DEEP_FORMAT

@@ -8,6 +8,7 @@ proxy's own parse rules ported there (``proxy_parse``).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 from collections.abc import AsyncIterator
@@ -427,3 +428,54 @@ def test_fuzz_chunked_bodies(
         assert not (tmp_path / "pt").exists()
     else:
         assert plain == data  # only the untouched body decrypts, to exactly its plaintext
+
+
+@pytest.mark.parametrize("newer", ["delta", "passthrough"])
+async def test_of_two_forms_within_a_second_the_newer_created_at_shows(
+    core: Core, memory_store: MemoryStore, tmp_path: Path, newer: str
+) -> None:
+    """``x`` and ``x.delta`` both there (a writer died between storing one and
+    removing the other) with the same Last-Modified second: the newer
+    ``dg-created-at`` wins, as in the proxy (its ``dedup_keep_latest``)."""
+    series = ReleaseSeries(size=128 << 10, seed=22)
+    (_, old), (_, new) = series.zips(2)
+    early = datetime(2026, 5, 1, 12, 0, 0, 100000, tzinfo=UTC)
+    late = early.replace(microsecond=900000)
+    writer = ProxyWriter()
+    objects = writer.put(
+        "app/x.zip", old if newer == "passthrough" else new, now=late if newer == "delta" else early
+    )
+    objects += writer.put(
+        "app/x.zip",
+        new if newer == "passthrough" else old,
+        delta=False,
+        now=late if newer == "passthrough" else early,
+    )
+    await store_all(memory_store, objects)
+    second = early.replace(microsecond=0)
+    for key, obj in memory_store.objects.items():
+        memory_store.objects[key] = dataclasses.replace(obj, last_modified=second)
+    stored = await core.locate("app/x.zip")
+    assert stored.kind is (Kind.DELTA if newer == "delta" else Kind.DIRECT)
+    out = tmp_path / "out"
+    await core.get("app/x.zip", out)
+    assert out.read_bytes() == new
+    # A whole second apart, Last-Modified (the store's one clock) decides.
+    other_key = "app/x.zip" if newer == "delta" else "app/x.zip.delta"
+    memory_store.objects[other_key] = dataclasses.replace(
+        memory_store.objects[other_key], last_modified=second.replace(second=1)
+    )
+    assert (await core.locate("app/x.zip")).stored_key == other_key
+
+
+def test_created_at_parses_both_tools_spellings() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    for text in (
+        "2026-01-02T03:04:05.678901Z",  # deltaglider_proxy
+        "2026-01-02T03:04:05.678901",  # DeltaGlider, direct objects
+        "2026-01-02T05:04:05.678901+02:00",
+    ):
+        assert fmt.created_at({"dg-created-at": text}) == when, text
+    assert fmt.created_at({"dg-created-at": "2026-01-02T03:04:05Z"}) == when.replace(microsecond=0)
+    for bad in ("", "yesterday", "9" * 100):
+        assert fmt.created_at({"dg-created-at": bad}) is None

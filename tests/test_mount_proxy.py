@@ -128,6 +128,11 @@ def test_file_added_to_a_proxy_deltaspace_reads_in_every_tool(
         out = dg_download(mounts.endpoint, bucket, f"app/{name}", tmp_path / name)
         assert sha256_file(out) == sha256_bytes(data)
         assert sha256_file(target) == sha256_bytes(data)
+        # The proxy's coordination prefix cannot be made at the root.
+        with pytest.raises(OSError) as caught:
+            (mount.mountpoint / "_dgp").mkdir()
+        assert caught.value.errno == errno.EINVAL
+        assert "_dgp" not in os.listdir(mount.mountpoint)
     finally:
         view.close()
         mount.unmount()

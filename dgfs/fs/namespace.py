@@ -42,10 +42,9 @@ NAME_MAX = 255  # bytes in one name, as statfs reports
 
 
 def _newer(head: ObjectHead, other: ObjectHead) -> bool:
-    """Of two forms of one file, whether ``head`` is the one shown (the newer; a delta on a tie)."""
-    return (head.last_modified, head.key.endswith(fmt.DELTA_SUFFIX)) > (
-        other.last_modified,
-        other.key.endswith(fmt.DELTA_SUFFIX),
+    """Of two forms of one file, whether ``head`` is the one shown (``fmt.form_rank``)."""
+    return fmt.form_rank(head.key, head.last_modified, head.metadata) > fmt.form_rank(
+        other.key, other.last_modified, other.metadata
     )
 
 
