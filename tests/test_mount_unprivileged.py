@@ -9,6 +9,7 @@
   mount namespace of its own that is a *slave* of the host's (the
   propagation systemd gives a sandboxed service), with the root file system
   read-only but for its cache (``ProtectSystem=strict`` + ``CacheDirectory=``),
+  in a user namespace that maps only root and itself (``PrivateUsers=``),
   no new privileges, no capabilities, no writable-executable memory
   (``MemoryDenyWriteExecute=``), the unit's system-call filter (loaded with
   libseccomp from python3-seccomp), and the descriptor as fd 3 with
@@ -305,6 +306,38 @@ def _unit_syscall_filter(directory: Path) -> Path | None:
     return path
 
 
+_USERNS_EXEC = """
+import ctypes, os, sys
+# PrivateUsers=: a user namespace where only root and the service's user exist.
+# Its maps are written from outside (by a helper left in the host's namespace),
+# as only a process privileged there may map more than its own uid.
+CLONE_NEWUSER = 0x10000000
+ready_r, ready_w = os.pipe()
+helper = os.fork()
+if helper == 0:
+    os.close(ready_w)
+    os.read(ready_r, 1)
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{os.getppid()}/{name}", "w") as f:
+            f.write(f"0 0 1\\n{sys.argv[1]} {sys.argv[1]} 1\\n")
+    os._exit(0)
+os.close(ready_r)
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.unshare(CLONE_NEWUSER) == 0, os.strerror(ctypes.get_errno())
+os.write(ready_w, b"x")
+assert os.waitpid(helper, 0)[1] == 0
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _private_users() -> list[str]:
+    """A prefix for the unit's PrivateUsers=yes (else none): the rest runs in a
+    user namespace mapping only root and ``nobody`` (the test's service user)."""
+    if "PrivateUsers=yes" not in UNIT.read_text().splitlines():
+        return []
+    return [sys.executable, "-c", _USERNS_EXEC, str(NOBODY)]
+
+
 def _sandboxed_dgfs(directory: Path) -> tuple[list[str], list[str]]:
     """``(command, what it enforces)``: ``dgfs`` in a process that first forbids
     writable-executable memory (prctl PR_SET_MDWE, Linux 6.3+: what
@@ -383,6 +416,7 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
             'exec env LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=fuse "$@"'
         )
         command = [
+            *_private_users(),
             "unshare", "--mount", "--propagation", "slave", "--",
             "/bin/sh", "-c", sandbox, "sh",
             *_as_nobody(no_new_privs=True),
@@ -412,6 +446,10 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
             assert {"read", "openat", "setrlimit", "execve"} <= allowed
             assert not {"mount", "ptrace", "setuid", "chown", "reboot"} & allowed
         assert os.readlink(f"/proc/{daemon.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        if _private_users():
+            assert os.readlink(f"/proc/{daemon.pid}/ns/user") != os.readlink("/proc/self/ns/user")
+            uid_map = Path(f"/proc/{daemon.pid}/uid_map").read_text().split()
+            assert uid_map == ["0", "0", "1", str(NOBODY), str(NOBODY), "1"]
 
         # ExecStartPost=+: root sets the read-ahead the sandboxed daemon cannot.
         subprocess.run(_unit_command("ExecStartPost", mnt), check=True, timeout=30)
@@ -434,6 +472,12 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
         assert sorted(os.listdir(mnt / "app")) == ["one.bin", "two.bin"]
         # Its writes landed in the cache, the one writable place.
         assert any(path.stat().st_uid == NOBODY for path in cache.rglob("*"))
+
+        # Root on the host reads the sandboxed daemon's status (its socket is in the cache).
+        status_run = subprocess.run(
+            [dgfs_bin(), "status", str(mnt)], capture_output=True, text=True, timeout=60
+        )
+        assert status_run.returncode == 0, status_run.stdout + status_run.stderr
 
         # ExecStop=+umount --lazy, then SIGTERM: pending uploads finish, then exit.
         subprocess.run(_unit_command("ExecStop", mnt), check=True, timeout=30)
