@@ -5,7 +5,8 @@ service in a mount namespace of its own, where a mount it makes stays
 invisible to the host, and ``NoNewPrivileges=`` stops the setuid
 ``fusermount3`` that libfuse would ask to mount. So the mount is made
 before the sandbox exists, by root, in the host's namespace: the unit's
-``ExecStartPre=+`` step (:func:`mount_for`) opens /dev/fuse, mounts it
+``ExecStartPre=+`` step (``dgfs mount --handoff USER``:
+:func:`dgfs.mount.hand_over`, :func:`open_and_mount`) opens /dev/fuse, mounts it
 on the mount point for the daemon's user and gives the descriptor to
 systemd's descriptor store; systemd passes it to the sandboxed daemon
 (``LISTEN_FDS``), which serves it through libfuse's ``/dev/fd/N`` mount
