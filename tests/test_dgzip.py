@@ -166,6 +166,23 @@ def test_recovers_a_name_with_a_directory(tmp_path: Path, with_reference: bool) 
     assert found and out.read_bytes() == original
 
 
+@pytest.mark.parametrize("mtime", ["inf", "-inf", "nan", "1e999"])
+def test_a_pax_mtime_no_integer_holds_is_ignored(tmp_path: Path, mtime: str) -> None:
+    # Found by fuzzing (tests/fuzz_corpus/dgzip/crash-b9f236e9...): a pax
+    # header's mtime is read as any float, and floor(inf) raised
+    # OverflowError out of the search (floor(nan) ValueError).
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, pax in (("pkg-1.1/a.txt", {"mtime": mtime}), ("pkg-1.1/b.txt", {})):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.pax_headers = 3, NEWEST, pax
+            tar.addfile(info, io.BytesIO(b"abc"))
+    plain = buf.getvalue()
+    original = python_gzip(plain, "pkg-1.1.tar.gz", NEWEST)
+    found, out = recover(tmp_path, original, plain, "pkg-1.1.tar.gz")
+    assert found and out.read_bytes() == original
+
+
 def test_recovers_without_a_reference(tmp_path: Path) -> None:
     plain = sdist_tar("pkg-1.1", edit=1)
     original = python_gzip(plain, "pkg-1.1.tar.gz", NEWEST + 1)

@@ -338,6 +338,9 @@ def _tar_facts(plain: Path) -> _TarFacts:
     try:
         with tarfile.open(plain, "r:") as tar:
             for member in tar:
+                # A pax header's mtime is any float ("inf", "nan"): floor() refuses those.
+                if not math.isfinite(member.mtime):
+                    continue
                 if newest is None or member.mtime > newest:
                     newest = member.mtime
                 if top is None:
