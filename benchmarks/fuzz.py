@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/fuzz.py --target NAME --execs N
 
-Targets (tests/fuzz_targets.py): deep, dirindex, metadata, dgzip, control
+Targets (tests/fuzz_targets.py): deep, dirindex, metadata, dgzip, control, proxycrypt
 (``--list``). Each input is one call of the target; an exception the
 parser does not declare, an input running over ``--timeout`` seconds
 (5) or the process's address space passing ``--max-mb`` (512 MB, set as

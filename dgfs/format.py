@@ -596,6 +596,49 @@ def form_rank(
     return last_modified, stamp, stored_key.endswith(DELTA_SUFFIX)
 
 
+def normalized_metadata(stored_key: str, metadata: Mapping[str, str]) -> dict[str, str] | None:
+    """The metadata that makes an object readable by all three of dgfs, the
+    DeltaGlider CLI and deltaglider_proxy, or None when it needs no change
+    (``dgfs migrate --normalize``; docs/FORMAT.md, "deltaglider_proxy").
+
+    Nothing is removed or changed; what is missing is added from what is
+    there: the canonical ``dg-`` key of a field found only under an older
+    alias; on a delta ``dg-ref-key`` (the full key of the reference it is
+    read against), ``dg-ref-path`` and ``dg-note: delta``; on a direct
+    object ``dg-compression: none`` and ``dg-note: passthrough``; on
+    ``reference.bin`` ``dg-note: reference`` and ``dg-original-name:
+    __reference__``. Deep objects (dgfs's own), foreign objects and objects
+    whose metadata cannot be used are left alone. ``dg-md5`` is not added:
+    it needs the file's bytes.
+    """
+    if is_deep(metadata) or meta_value(metadata, "file_sha256") is None:
+        return None
+    try:
+        stored = classify(stored_key, 0, metadata)
+    except FormatError:
+        return None
+    meta = dict(metadata)
+    for field, keys in _ALIASES.items():
+        value = meta_value(metadata, field)
+        if value and not metadata.get(keys[0]) and keys[0].startswith("dg-"):
+            meta[keys[0]] = value
+    if stored.kind is Kind.REFERENCE:
+        if split_key(stored_key)[1] != REFERENCE_NAME:
+            return None
+        meta.setdefault("dg-note", REFERENCE_NOTE)
+        if not metadata.get("dg-original-name"):
+            meta["dg-original-name"] = PROXY_REFERENCE_NAME
+    elif stored.kind is Kind.DELTA:
+        assert stored.ref_key is not None
+        meta["dg-ref-key"] = meta.get("dg-ref-key") or stored.ref_key
+        meta["dg-ref-path"] = meta.get("dg-ref-path") or split_key(stored.ref_key)[1]
+        meta["dg-note"] = meta.get("dg-note") or DELTA_NOTE
+    elif stored.kind is Kind.DIRECT:
+        meta["dg-compression"] = meta.get("dg-compression") or "none"
+        meta["dg-note"] = meta.get("dg-note") or PASSTHROUGH_NOTE
+    return meta if meta != dict(metadata) else None
+
+
 def is_deep(metadata: Mapping[str, str]) -> bool:
     """Whether an object belongs to a deep deltaspace (dgfs's extension)."""
     return metadata.get(META_FORMAT) == DEEP_FORMAT

@@ -18,6 +18,10 @@ also replays every input kept in ``tests/fuzz_corpus/<target>/``.
 - ``dgzip``: the search for the gzip bytes the stock DeltaGlider CLI lost
   (``dgfs.deep.dgzip.recover_gzip``): the reference's gzip header, the tar
   inside, the recorded name, size and SHA-256.
+- ``proxycrypt``: bodies deltaglider_proxy encrypted at rest
+  (``dgfs.proxycrypt.decrypt_file``: ``aes-256-gcm-v1`` and chunked
+  ``DGE1``): plaintext only when it authenticates, else the declared error
+  and no output file.
 - ``control``: the status socket's request line (``dgfs.control``) and the
   metrics endpoint's HTTP request head (``dgfs.metrics``).
 
@@ -50,7 +54,7 @@ from typing import Any, cast
 import pyfuse3
 import zstandard
 
-from dgfs import control, metrics
+from dgfs import control, metrics, proxycrypt
 from dgfs import format as fmt
 from dgfs.deep import dgzip, expand, gnuzip, objects
 from dgfs.deep.deflate import DeflateParams
@@ -665,6 +669,40 @@ CONTROL_DICTIONARY = (
 )
 
 
+# --- deltaglider_proxy's encryption at rest -----------------------------------------------
+
+_PROXY_KEY = proxycrypt.parse_proxy_key(bytes(range(32)).hex())
+_PROXY_SCHEMES = (fmt.PROXY_AES_GCM, fmt.PROXY_AES_GCM_CHUNKED)
+
+
+def run_proxycrypt(data: bytes) -> None:
+    if not data:
+        return
+    src, dest = Scratch.file("proxy.ct", data[1:]), Scratch.file("proxy.pt")
+    dest.unlink(missing_ok=True)
+    scheme = _PROXY_SCHEMES[data[0] % 2]
+    try:
+        proxycrypt.decrypt_file(src, dest, scheme=scheme, key=_PROXY_KEY, key_id=None, what="fuzz")
+    except proxycrypt.ProxyDecryptError:
+        if dest.exists():
+            raise AssertionError("a body that failed left plaintext behind") from None
+
+
+def proxycrypt_seeds() -> list[bytes]:
+    from tests.proxyobjects import encrypt_chunked, encrypt_single
+
+    key = _PROXY_KEY.key
+    seeds = []
+    for size in (0, 1, 100, 65536, 65536 + 7):
+        plain = _text(size)
+        seeds.append(b"\0" + encrypt_single(key, plain, iv=bytes(12)))
+        seeds.append(b"\1" + encrypt_chunked(key, plain, base_iv=bytes(12)))
+    return seeds
+
+
+PROXYCRYPT_DICTIONARY = (b"DGE1", struct.pack("<I", 65552), struct.pack("<I", 0xFFFFFFFF))
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -673,6 +711,7 @@ TARGETS: dict[str, Target] = {
         Target("metadata", run_metadata, metadata_seeds, METADATA_DICTIONARY),
         Target("dgzip", run_dgzip, dgzip_seeds, DGZIP_DICTIONARY, 4096),
         Target("control", run_control, control_seeds, CONTROL_DICTIONARY, 4096),
+        Target("proxycrypt", run_proxycrypt, proxycrypt_seeds, PROXYCRYPT_DICTIONARY, 1 << 18),
     )
 }
 

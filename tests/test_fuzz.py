@@ -16,7 +16,14 @@ import pytest
 from tests.fuzz_targets import TARGETS, Scratch, corpus, mutate
 
 #: Mutated inputs per target (about a second each here).
-SMOKE_INPUTS = {"deep": 1500, "dirindex": 4000, "metadata": 4000, "dgzip": 600, "control": 1500}
+SMOKE_INPUTS = {
+    "deep": 1500,
+    "dirindex": 4000,
+    "metadata": 4000,
+    "dgzip": 600,
+    "control": 1500,
+    "proxycrypt": 1500,
+}
 
 
 @pytest.fixture(autouse=True)

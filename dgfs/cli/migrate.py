@@ -34,8 +34,9 @@ from dgfs.migrate import (
     plan_migration,
     run_migration,
 )
+from dgfs.normalize import NormalizeReport, normalize
 from dgfs.progress import Progress, human_bytes
-from dgfs.runtime import S3Location, Settings, open_core
+from dgfs.runtime import S3Location, Settings, open_core, open_store
 from dgfs.shard import Shard, label, suffix
 
 #: Seconds to wait before re-checking removed references (``gc --settle``).
@@ -65,6 +66,14 @@ readable throughout; rerun to finish an interrupted conversion. --deltas dg in
 place also rewrites the .tar.gz/.tgz deltas the deltaglider CLI stored from gzip
 input and cannot read back (stored direct again, as it reads them).
 
+normalize: --normalize with SRC = DST rewrites, in place, the metadata of every
+object under the location that lacks some of what the DeltaGlider CLI, dgfs and
+deltaglider_proxy each need (CopyObject onto itself, no byte moved), so that
+all three read a bucket any of them wrote: the proxy's deltas get dg-ref-key,
+its direct files dg-compression; DeltaGlider's get dg-ref-path and dg-note.
+Nothing is removed. An object replaced meanwhile is left alone (rerun); a rerun
+skips what is done. --dry-run lists what would change; --shard K/N splits it.
+
 several machines: --shard K/N takes only the directories (destination directories;
 in place, the location's) of worker K of N, by a stable hash of each directory's
 name, so N workers running 1/N ... N/N with the same other arguments cover every
@@ -79,6 +88,7 @@ examples:
   dgfs migrate --yes --deltas deep s3://old-releases/ s3://releases/
   dgfs migrate --dry-run --deltas dg s3://releases/ s3://releases/   # deep -> DeltaGlider
   dgfs migrate --yes --shard 3/8 s3://old-releases/ s3://releases/    # worker 3 of 8
+  dgfs migrate --yes --normalize s3://releases/ s3://releases/      # readable by all three
 
 exit codes: 0 all copied (or nothing to do, or dry run), 1 some files failed (listed),
             2 usage error (bad location, no such bucket, access denied,
@@ -118,6 +128,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "with SRC = DST, convert the location in place to that mode",
     )
     parser.add_argument(
+        "--normalize",
+        action="store_true",
+        help="with SRC = DST: add the metadata keys the DeltaGlider CLI and "
+        "deltaglider_proxy need, in place (no bytes copied)",
+    )
+    parser.add_argument(
         "--shard",
         metavar="K/N",
         help="only the directories of worker K of N (1 <= K <= N), to split a run across machines",
@@ -144,6 +160,8 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.deltas:
         settings = dataclasses.replace(settings, deltas=DeltaMode.parse(args.deltas))
+    if args.normalize:
+        return _main_normalize(source, dest, settings, args, shard)
     if is_in_place(source, dest):
         if not args.deltas:
             raise ConfigError(
@@ -162,6 +180,57 @@ def main(args: argparse.Namespace) -> int:
         print()
     elif not args.quiet or report.failed:
         print_summary(report)
+    return EXIT_FAILURE if report.failed else EXIT_OK
+
+
+def _main_normalize(
+    source: S3Location,
+    dest: S3Location,
+    settings: Settings,
+    args: argparse.Namespace,
+    shard: Shard | None,
+) -> int:
+    if not is_in_place(source, dest) or args.deltas:
+        raise ConfigError(
+            "--normalize rewrites a location in place: give it as SRC and DST, no --deltas"
+        )
+    if not args.dry_run and not args.yes:
+        raise ConfigError(
+            "--normalize rewrites the metadata of objects in place: pass --yes (or --dry-run first)"
+        )
+
+    async def go() -> NormalizeReport:
+        async with open_store(source, settings) as store:
+            await store.check_bucket()
+            return await normalize(
+                store,
+                source.prefix,
+                dry_run=args.dry_run,
+                shard=shard,
+                concurrency=args.concurrency,
+            )
+
+    report = run(go)
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        print()
+    else:
+        verb = "would rewrite" if args.dry_run else "rewrote"
+        _say(args, f"Normalizing {source}/{suffix(shard)}: examined {report.examined:,} objects")
+        _say(
+            args,
+            f"  {verb}: {len(report.rewritten):,}; already readable by all: {report.unchanged:,}",
+        )
+        if args.dry_run:
+            for key in report.rewritten[:50]:
+                _say(args, f"    {key}")
+        if report.changed_meanwhile:
+            _say(
+                args,
+                f"  changed while it ran (left alone, rerun): {len(report.changed_meanwhile):,}",
+            )
+        for key, why in sorted(report.failed.items()):
+            print(f"  FAILED {key}: {why}", file=sys.stderr)
     return EXIT_FAILURE if report.failed else EXIT_OK
 
 

@@ -164,9 +164,18 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     async def copy(
-        self, src_key: str, dst_key: str, metadata: Mapping[str, str] | None = None
+        self,
+        src_key: str,
+        dst_key: str,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        if_match: str | None = None,
     ) -> str:
-        """Server-side copy; ``metadata`` given means replace it, else keep it."""
+        """Server-side copy; ``metadata`` given means replace it, else keep it.
+
+        ``if_match``: copy only while the source's ETag is this one
+        (``PreconditionFailed`` otherwise): metadata read from one version
+        never lands on another."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:

@@ -283,10 +283,15 @@ class FaultyStore(ObjectStore):
             )
 
     async def copy(
-        self, src_key: str, dst_key: str, metadata: Mapping[str, str] | None = None
+        self,
+        src_key: str,
+        dst_key: str,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        if_match: str | None = None,
     ) -> str:
         async with self._faults("copy", src_key, dst_key):
-            return await self.inner.copy(src_key, dst_key, metadata)
+            return await self.inner.copy(src_key, dst_key, metadata, if_match=if_match)
 
     async def delete(self, key: str) -> None:
         async with self._faults("delete", key):

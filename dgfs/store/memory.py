@@ -156,10 +156,19 @@ class MemoryStore(ObjectStore):
         return self._put(key, body, metadata, content_type, if_none_match)
 
     async def copy(
-        self, src_key: str, dst_key: str, metadata: Mapping[str, str] | None = None
+        self,
+        src_key: str,
+        dst_key: str,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        if_match: str | None = None,
     ) -> str:
         await trio.lowlevel.checkpoint()
         source = self._get(src_key)
+        if if_match is not None and source.etag != if_match:
+            raise PreconditionFailed(
+                f"CopyObject s3://{self.bucket}/{src_key}: precondition failed"
+            )
         if src_key == dst_key and metadata is None:
             raise StoreError(
                 f"CopyObject s3://{self.bucket}/{dst_key} failed: InvalidRequest: "

@@ -702,7 +702,12 @@ class S3Store(ObjectStore):
         return params
 
     async def copy(
-        self, src_key: str, dst_key: str, metadata: Mapping[str, str] | None = None
+        self,
+        src_key: str,
+        dst_key: str,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        if_match: str | None = None,
     ) -> str:
         """Server-side copy; returns the new ETag.
 
@@ -711,6 +716,10 @@ class S3Store(ObjectStore):
         CopyObject limit) are copied with UploadPartCopy.
         """
         source = await self.head(src_key)
+        if if_match is not None and source.etag != if_match:
+            raise PreconditionFailed(
+                f"CopyObject s3://{self.bucket}/{src_key}: precondition failed"
+            )
         new_metadata = encode_metadata(source.metadata if metadata is None else metadata)
         if source.size > self.copy_threshold:
             return await self._copy_multipart(source, dst_key, new_metadata)
@@ -719,6 +728,8 @@ class S3Store(ObjectStore):
             "Key": dst_key,
             "CopySource": {"Bucket": self.bucket, "Key": src_key},
         }
+        if if_match is not None:
+            params["CopySourceIfMatch"] = f'"{if_match}"'
         if metadata is None:
             params["MetadataDirective"] = "COPY"
         else:

@@ -1,0 +1,103 @@
+"""``dgfs migrate --normalize``: metadata every reader understands, in place.
+
+A bucket written by the DeltaGlider CLI, by deltaglider_proxy or by dgfs
+becomes readable by all three when each object carries the union of their
+metadata keys (``format.normalized_metadata``). Each object that lacks some
+is copied onto itself with the keys added (CopyObject, metadata replaced,
+no byte transferred), on the condition that it is still the version whose
+metadata was read (``If-Match`` on its ETag): a file replaced meanwhile is
+left alone and counted, and a rerun looks at it again. Objects that need
+nothing are skipped, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from dgfs import format as fmt
+from dgfs.errors import NotFound, PreconditionFailed, StoreError
+from dgfs.shard import Shard, owned
+from dgfs.store.base import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NormalizeReport:
+    """What a normalization did (or, in a dry run, would do)."""
+
+    examined: int = 0
+    rewritten: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    """Objects that needed nothing, foreign, deep or unusable ones included."""
+    changed_meanwhile: list[str] = field(default_factory=list)
+    """Replaced or removed between their HEAD and their copy: rerun to look again."""
+    failed: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "examined": self.examined,
+            "rewritten" if not self.dry_run else "would_rewrite": self.rewritten,
+            "unchanged": self.unchanged,
+            "changed_meanwhile": self.changed_meanwhile,
+            "failed": self.failed,
+        }
+
+
+def _candidates(objects: list[ObjectInfo], shard: Shard | None) -> list[ObjectInfo]:
+    return [
+        o
+        for o in objects
+        if not fmt.is_internal_key(o.key)
+        and not fmt.is_directory_marker(o.key)
+        and owned(shard, o.key)
+    ]
+
+
+async def normalize(
+    store: ObjectStore,
+    prefix: str,
+    *,
+    dry_run: bool = False,
+    shard: Shard | None = None,
+    concurrency: int = 8,
+) -> NormalizeReport:
+    """Give every object under ``prefix`` (recursively) the union metadata."""
+    report = NormalizeReport(dry_run=dry_run)
+    objects: list[ObjectInfo] = []
+    async for page in store.list_pages(fmt.listing_root(prefix), delimiter=None):
+        objects.extend(page.objects)
+    todo = sorted(_candidates(objects, shard), key=lambda o: o.key)
+    report.examined = len(todo)
+    pending = iter(todo)  # shared by the workers (one trio thread)
+
+    async def one(obj: ObjectInfo) -> None:
+        try:
+            head = await store.head(obj.key)
+            new = fmt.normalized_metadata(obj.key, head.metadata)
+            if new is None:
+                report.unchanged += 1
+                return
+            if not dry_run:
+                await store.copy(obj.key, obj.key, new, if_match=head.etag)
+            report.rewritten.append(obj.key)
+        except (NotFound, PreconditionFailed):
+            report.changed_meanwhile.append(obj.key)
+        except StoreError as exc:
+            log.warning("%s: not normalized: %s", obj.key, exc)
+            report.failed[obj.key] = str(exc)
+
+    async def worker() -> None:
+        for obj in pending:
+            await one(obj)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(max(1, concurrency)):
+            nursery.start_soon(worker)
+    report.rewritten.sort()
+    report.changed_meanwhile.sort()
+    return report

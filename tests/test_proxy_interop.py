@@ -1,0 +1,201 @@
+"""A bucket written the deltaglider_proxy way, the DeltaGlider CLI, and
+``dgfs migrate --normalize`` between them (docs/FORMAT.md, "deltaglider_proxy").
+
+The CLI cannot read what the proxy writes (no ``dg-ref-key``, no
+``dg-compression``); after ``--normalize`` it reads every file, and so do
+dgfs and the proxy's own parse rules (``tests/proxyobjects.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+
+from dgfs import format as fmt
+from dgfs.cli.main import EXIT_OK, EXIT_USAGE
+from dgfs.cli.main import main as dgfs_main
+from dgfs.errors import PreconditionFailed
+from dgfs.normalize import normalize
+from dgfs.store.base import ObjectHead, ObjectStore
+from dgfs.store.memory import MemoryStore
+from dgfs.store.s3 import S3Store
+from tests.dgcli import run_deltaglider
+from tests.proxyobjects import ProxyWriter, StoredObject, proxy_parse
+from tests.releases import ReleaseSeries
+from tests.servers import REGION
+
+
+def proxy_files() -> dict[str, bytes]:
+    series = ReleaseSeries(size=256 << 10, seed=51)
+    files = {f"app/{name}": data for name, data in series.zips(3)}
+    files["app/NOTES.txt"] = b"notes\n" * 400
+    files["top.zip"] = series.next_zip()[1]  # a deltaspace at the bucket root
+    return files
+
+
+def proxy_objects(files: dict[str, bytes]) -> list[StoredObject]:
+    writer = ProxyWriter()
+    return [
+        obj
+        for key, data in files.items()
+        for obj in writer.put(key, data, delta=key.endswith(".zip"), user={"ci": "7"})
+    ]
+
+
+def test_normalized_metadata_adds_what_each_reader_lacks() -> None:
+    writer = ProxyWriter()
+    data = b"PK" + bytes(5000)
+    ref, delta = writer.put("a/x.zip", data)
+    (direct,) = writer.put("a/n.txt", b"n", delta=False)
+    new_delta = fmt.normalized_metadata(delta.key, delta.metadata)
+    assert new_delta is not None
+    assert new_delta["dg-ref-key"] == "a/reference.bin"  # what DeltaGlider requires
+    assert {k: new_delta[k] for k in delta.metadata} == delta.metadata  # nothing changed
+    new_direct = fmt.normalized_metadata(direct.key, direct.metadata)
+    assert new_direct is not None and new_direct["dg-compression"] == "none"
+    assert fmt.normalized_metadata(ref.key, ref.metadata) is None  # the proxy's has it all
+    for meta, key in ((new_delta, delta.key), (new_direct, direct.key)):
+        assert fmt.normalized_metadata(key, meta) is None  # idempotent
+    # DeltaGlider's own objects gain the proxy's keys.
+    dg_delta = {
+        "dg-tool": "deltaglider/6.2.0",
+        "dg-original-name": "x.zip",
+        "dg-file-sha256": "a" * 64,
+        "dg-file-size": "9",
+        "dg-created-at": "2026-01-01T00:00:00Z",
+        "dg-ref-key": "a/reference.bin",
+        "dg-ref-sha256": "b" * 64,
+        "dg-delta-size": "3",
+        "dg-delta-cmd": "xdelta3 -e -9 -s reference.bin x.zip x.zip.delta",
+    }
+    new = fmt.normalized_metadata("a/x.zip.delta", dg_delta)
+    assert new == {**dg_delta, "dg-ref-path": "reference.bin", "dg-note": "delta"}
+    dg_ref = {"dg-tool": "t", "dg-source-name": "x.zip", "dg-file-sha256": "a" * 64,
+              "dg-created-at": "2026-01-01T00:00:00Z", "dg-note": "reference"}  # fmt: skip
+    new_ref = fmt.normalized_metadata("a/reference.bin", dg_ref)
+    assert new_ref == {**dg_ref, "dg-original-name": "__reference__"}
+    assert proxy_parse(new_ref)["storage"] == "reference"
+    # Foreign and deep objects, and unusable metadata, are left alone.
+    assert fmt.normalized_metadata("a/y.bin", {"owner": "x"}) is None
+    deep = {**dg_delta, "dgfs-format": "deep-1", "dg-ref-key": "a/reference.deep"}
+    assert fmt.normalized_metadata("a/x.zip.delta", deep) is None
+    assert fmt.normalized_metadata("a/x.zip.delta", {**dg_delta, "dg-file-size": "x"}) is None
+
+
+async def test_normalize_rewrites_in_place_and_skips_a_file_replaced_meanwhile() -> None:
+    store = MemoryStore("m")
+    for obj in proxy_objects(proxy_files()):
+        await store.put_bytes(obj.key, obj.body, obj.metadata)
+    bodies = {k: o.body for k, o in store.objects.items()}
+    dry = await normalize(store, "", dry_run=True)
+    assert dry.rewritten and all(o.body == bodies[k] for k, o in store.objects.items())
+    assert all("dg-ref-key" not in o.metadata for o in store.objects.values())
+
+    real_head = store.head
+    raced = "app/NOTES.txt"
+
+    async def head_then_replace(key: str) -> ObjectHead:
+        head = await real_head(key)
+        if key == raced:  # another writer replaces it between our HEAD and our copy
+            await store.put_bytes(key, b"new", {"owner": "z"})
+        return head
+
+    store.head = head_then_replace  # type: ignore[method-assign]
+    report = await normalize(store, "")
+    assert report.changed_meanwhile == [raced]
+    assert store.objects[raced].metadata == {"owner": "z"}  # the new version, untouched
+    assert sorted(report.rewritten) == sorted(k for k in dry.rewritten if k != raced)
+    store.head = real_head  # type: ignore[method-assign]
+    for key, obj in store.objects.items():
+        assert key == raced or obj.body == bodies[key]  # no byte moved
+    again = await normalize(store, "")
+    assert again.rewritten == [] and again.changed_meanwhile == []
+
+
+@pytest.mark.interop
+def test_deltaglider_reads_a_proxy_bucket_after_normalize(
+    moto_endpoint: str, bucket_name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION)
+    files = proxy_files()
+
+    for obj in proxy_objects(files):
+        client.put_object(Bucket=bucket_name, Key=obj.key, Body=obj.body, Metadata=obj.metadata)
+    zip_key = next(k for k in files if k.startswith("app/") and k.endswith(".zip"))
+    before = run_deltaglider(
+        moto_endpoint, "cp", f"s3://{bucket_name}/{zip_key}", str(tmp_path / "b"), check=False
+    )
+    assert before.returncode != 0 and "dg-ref-key" in before.stdout + before.stderr  # the premise
+
+    base = ["migrate", "--normalize", f"s3://{bucket_name}/", f"s3://{bucket_name}/"]
+    endpoint = ["--endpoint-url", moto_endpoint]
+    assert dgfs_main([*base, *endpoint]) == EXIT_USAGE  # neither --yes nor --dry-run
+    capsys.readouterr()
+    assert dgfs_main([*base, "--dry-run", "--json", *endpoint]) == EXIT_OK
+    planned = json.loads(capsys.readouterr().out)["would_rewrite"]
+    assert sorted(planned) == sorted(
+        [k + ".delta" for k in files if k.endswith(".zip")] + ["app/NOTES.txt"]
+    )
+    assert dgfs_main([*base, "--yes", "--quiet", *endpoint]) == EXIT_OK
+
+    for key, data in files.items():
+        out = tmp_path / hashlib.sha256(key.encode()).hexdigest()
+        run_deltaglider(moto_endpoint, "cp", f"s3://{bucket_name}/{key}", str(out))
+        assert out.read_bytes() == data, key
+        stored_key = key + ".delta" if key.endswith(".zip") else key
+        meta = client.head_object(Bucket=bucket_name, Key=stored_key)["Metadata"]
+        assert meta["user-ci"] == "7"  # the client's own metadata stays
+        assert proxy_parse(meta)["storage"] == ("delta" if key.endswith(".zip") else "passthrough")
+    client.close()
+
+
+@pytest.mark.interop
+def test_proxy_parses_what_deltaglider_writes(
+    moto_endpoint: str, bucket_name: str, tmp_path: Path
+) -> None:
+    """The proxy reads the CLI's objects (``dg-ref-key`` is its fallback) but
+    serves them with an empty ETag (no ``dg-md5``) until dgfs rewrites them;
+    ``--normalize`` adds what it can from metadata alone."""
+    series = ReleaseSeries(size=256 << 10, seed=52)
+    names = []
+    for name, data in [*series.zips(2), ("N.txt", b"n\n" * 500)]:
+        (tmp_path / name).write_bytes(data)
+        run_deltaglider(moto_endpoint, "cp", str(tmp_path / name), f"s3://{bucket_name}/d/{name}")
+        names.append(name)
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION)
+    try:
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket_name)["Contents"]]
+        expected = {"d/reference.bin": "reference", "d/N.txt": "passthrough"}
+        expected.update({f"d/{n}.delta": "delta" for n in names if n.endswith(".zip")})
+        assert sorted(keys) == sorted(expected)
+        for key, storage in expected.items():
+            parsed = proxy_parse(client.head_object(Bucket=bucket_name, Key=key)["Metadata"])
+            assert parsed["storage"] == storage, key
+            assert parsed["md5"] == ""  # the proxy's ETag for them: empty
+            if storage == "delta":
+                assert parsed["ref_path"] == "reference.bin"
+    finally:
+        client.close()
+
+
+async def copy_if_match_refuses_another_version(store: ObjectStore) -> None:
+    etag = await store.put_bytes("k", b"one", {"a": "1"})
+    await store.put_bytes("k", b"two", {"a": "2"})
+    with pytest.raises(PreconditionFailed):
+        await store.copy("k", "k", {"a": "3"}, if_match=etag)
+    assert (await store.head("k")).metadata == {"a": "2"}
+    current = (await store.head("k")).etag
+    await store.copy("k", "k", {"a": "3"}, if_match=current)
+    assert (await store.head("k")).metadata == {"a": "3"}
+
+
+async def test_s3_copy_if_match_refuses_another_version(s3_store: S3Store) -> None:
+    await copy_if_match_refuses_another_version(s3_store)
+
+
+async def test_memory_copy_if_match_refuses_another_version(memory_store: MemoryStore) -> None:
+    await copy_if_match_refuses_another_version(memory_store)
