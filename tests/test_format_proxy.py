@@ -27,6 +27,7 @@ from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError, FsError
 from dgfs.format import Kind
 from dgfs.fs.readers import StoredContent
+from dgfs.gc import find_garbage
 from dgfs.policy import Policy
 from dgfs.proxycrypt import (
     ProxyDecryptError,
@@ -34,7 +35,9 @@ from dgfs.proxycrypt import (
     decrypt_file,
     parse_proxy_key,
 )
+from dgfs.stats import compute_stats
 from dgfs.store.memory import MemoryStore
+from dgfs.verify import Status, verify_all
 from tests.proxyobjects import (
     ProxyEncryption,
     ProxyWriter,
@@ -479,3 +482,36 @@ def test_created_at_parses_both_tools_spellings() -> None:
     assert fmt.created_at({"dg-created-at": "2026-01-02T03:04:05Z"}) == when.replace(microsecond=0)
     for bad in ("", "yesterday", "9" * 100):
         assert fmt.created_at({"dg-created-at": bad}) is None
+
+
+# --- the operator commands on a proxy bucket ---------------------------------------------------
+
+
+@pytest.mark.expected_log(r"sec/.*encrypted by deltaglider_proxy.*proxy_key_file")
+async def test_verify_stats_and_gc_on_a_proxy_bucket(
+    core: Core,
+    memory_store: MemoryStore,
+    proxy_files: dict[str, bytes],
+    encrypted_files: dict[str, bytes],
+) -> None:
+    await write_proxy_bucket(memory_store, proxy_files)
+    await write_encrypted_bucket(memory_store, encrypted_files)
+    core.proxy_key = proxy_key()
+    report = await verify_all(core)
+    assert report.ok, [(r.stored_key, r.detail) for r in report.failures]
+    checked = {r.stored_key for r in report.results if r.status is Status.OK}
+    assert {"app/reference.bin", "sec/reference.bin"} <= checked
+    assert all(
+        (k + ".delta" if k.endswith(".zip") else k) in checked
+        for k in [*proxy_files, *encrypted_files]
+    )
+    stats = await compute_stats(memory_store, "", "detailed", use_cache=False)
+    everything = {**proxy_files, **encrypted_files}
+    assert stats.file_count == len(everything)
+    assert stats.original_bytes == sum(len(v) for v in everything.values())
+    assert await find_garbage(memory_store) == []  # the proxy's references are in use
+
+    core.proxy_key = None  # without the key: the encrypted files fail, named
+    report = await verify_all(core)
+    failed = {r.stored_key for r in report.failures}
+    assert failed and all(k.startswith("sec/") for k in failed)
