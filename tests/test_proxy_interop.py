@@ -14,17 +14,21 @@ from pathlib import Path
 
 import boto3
 import pytest
+import trio
 
 from dgfs import format as fmt
 from dgfs.cli.main import EXIT_OK, EXIT_USAGE
 from dgfs.cli.main import main as dgfs_main
 from dgfs.errors import PreconditionFailed
+from dgfs.migrate import open_migration, plan_migration, run_migration
 from dgfs.normalize import normalize
+from dgfs.policy import Policy
+from dgfs.runtime import S3Location, Settings
 from dgfs.store.base import ObjectHead, ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
 from tests.dgcli import run_deltaglider
-from tests.proxyobjects import ProxyWriter, StoredObject, proxy_parse
+from tests.proxyobjects import ProxyEncryption, ProxyWriter, StoredObject, proxy_parse
 from tests.releases import ReleaseSeries
 from tests.servers import REGION
 
@@ -199,3 +203,45 @@ async def test_s3_copy_if_match_refuses_another_version(s3_store: S3Store) -> No
 
 async def test_memory_copy_if_match_refuses_another_version(memory_store: MemoryStore) -> None:
     await copy_if_match_refuses_another_version(memory_store)
+
+
+@pytest.mark.interop
+async def test_migrate_copies_an_encrypted_proxy_bucket_for_every_reader(
+    moto_endpoint: str, bucket_name: str, tmp_path: Path
+) -> None:
+    """``dgfs migrate`` from a bucket the proxy wrote and encrypted (its key
+    given): the copy is plain dgfs objects, which the DeltaGlider CLI reads,
+    with the client's own metadata and without the encryption markers."""
+    key = bytes(range(7, 39))
+    (tmp_path / "proxy.key").write_text(key.hex())
+    files = proxy_files()
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION)
+    dest_bucket = bucket_name + "-copy"
+    client.create_bucket(Bucket=dest_bucket)
+    writer = ProxyWriter(encryption=ProxyEncryption(key, chunked_passthrough=True))
+    for path, data in files.items():
+        for obj in writer.put(path, data, delta=path.endswith(".zip"), user={"ci": "7"}):
+            client.put_object(Bucket=bucket_name, Key=obj.key, Body=obj.body, Metadata=obj.metadata)
+    settings = Settings(
+        endpoint_url=moto_endpoint,
+        cache_dir=tmp_path / "cache",
+        policy=Policy(min_delta_size=1024),
+        proxy_key_file=tmp_path / "proxy.key",
+    )
+    source, dest = S3Location(bucket_name), S3Location(dest_bucket)
+    async with open_migration(source, dest, settings) as (source_core, dest_core):
+        plan = await plan_migration(source_core.store, dest_core.store, source, dest)
+        report = await run_migration(source_core, dest_core, plan, concurrency=2)
+    assert not report.failed and len(report.copied) == len(files)
+    for path, data in files.items():
+        out = tmp_path / hashlib.sha256(path.encode()).hexdigest()
+        await trio.to_thread.run_sync(
+            lambda p=path, o=out: run_deltaglider(
+                moto_endpoint, "cp", f"s3://{dest_bucket}/{p}", str(o)
+            )
+        )
+        assert out.read_bytes() == data, path
+        stored_key = path + ".delta" if path.endswith(".zip") else path
+        meta = client.head_object(Bucket=dest_bucket, Key=stored_key)["Metadata"]
+        assert meta.get("user-ci") == "7" and "user-dg-encrypted" not in meta, path
+    client.close()
