@@ -28,8 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,9 +43,10 @@ def _child(target_name: str, libfuzzer_args: list[str]) -> None:
     import atheris
 
     sys.path.insert(0, str(ROOT))
-    with atheris.instrument_imports(include=["dgfs", "tarfile"]):
-        from tests import fuzz_targets
+    from tests import fuzz_targets
+
     target = fuzz_targets.TARGETS[target_name]
+    _instrument(atheris, ("dgfs", "tarfile"), set(target.not_instrumented))
 
     def mutator(data: bytes, max_size: int, seed: int) -> bytes:
         # libFuzzer's own mutations, and one in 50 a dictionary token
@@ -55,6 +58,32 @@ def _child(target_name: str, libfuzzer_args: list[str]) -> None:
 
     atheris.Setup([sys.argv[0], *libfuzzer_args], target.run, custom_mutator=mutator)
     atheris.Fuzz()
+
+
+def _instrument(atheris: Any, packages: tuple[str, ...], skipped: set[str]) -> None:
+    """Coverage instrumentation of every function and method of ``packages``
+    (nested functions included), except the ``skipped`` ones (``module.name``)."""
+    done: set[int] = set()
+
+    def patch(func: Any, qualname: str) -> None:
+        code = getattr(func, "__code__", None)
+        if isinstance(code, types.CodeType) and id(func) not in done and qualname not in skipped:
+            done.add(id(func))
+            atheris.instrument_func(func)
+
+    for name, module in list(sys.modules.items()):
+        if module is None or not any(name == p or name.startswith(p + ".") for p in packages):
+            continue
+        for attr, value in vars(module).items():
+            if getattr(value, "__module__", None) != name:
+                continue  # imported from elsewhere: patched with its own module
+            if isinstance(value, type):
+                for member_name, member in vars(value).items():
+                    member = getattr(member, "__func__", member)  # static and class methods
+                    member = getattr(member, "fget", member)  # properties
+                    patch(member, f"{name}.{attr}.{member_name}")
+            else:
+                patch(value, f"{name}.{attr}")
 
 
 def main() -> int:
