@@ -7,17 +7,18 @@ Tests drive this class directly (tests/test_filesystem.py).
 
 It keeps the kernel's view consistent: every reply that hands out a node
 counts a lookup (``forget`` gives them back, ``NodeTable`` drops a node
-only then), and every refusal of what S3 cannot do (hard links, device
-nodes, xattr writes) is made here. Directory listings come from
+only then), and every refusal of what S3 cannot do (hard links, xattr
+writes, ``RENAME_EXCHANGE``) is made here. Directory listings come from
 ``Namespace``, open files from ``HandleTable``; what is written goes to a
 staging file and reaches S3 through the ``UploadPipeline`` (close commits
-to the journal, fsync waits for the upload).
+to the journal, fsync waits for the upload); what unlink, rename, rmdir
+and chmod change in S3 and the journal, in a crash-safe order, is
+``StoredChanges``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -30,9 +31,9 @@ import trio
 
 from dgfs.core import Core
 from dgfs.errors import FsError, NotFound
-from dgfs.format import StoredFile
 from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
+from dgfs.fs.changes import StoredChanges
 from dgfs.fs.handles import Access, Handle, HandleTable
 from dgfs.fs.journal import Journal
 from dgfs.fs.namespace import NAME_MAX, Namespace
@@ -89,6 +90,7 @@ class FileSystem:
             background=self.prefetch.rebuild_now,
         )
         self.uploads = UploadPipeline(core, journal, self.ns, self.nodes, options, self.content)
+        self.changes = StoredChanges(core, self.ns, self.nodes, self.uploads)
         # Where ``dgfs status`` reaches the daemon (the root's user.dgfs.status_socket).
         self.status_socket: str | None = None
 
@@ -108,7 +110,7 @@ class FileSystem:
             gid = parent.gid
             if node.kind is NodeKind.DIR:
                 mode |= stat.S_ISGID
-        self.options.apply_defaults(node, mode, uid, gid)
+        node.mode, node.uid, node.gid = self.options.shown_attributes(node.kind, mode, uid, gid)
 
     def _check_writable(self) -> None:
         if self.options.read_only:
@@ -232,18 +234,7 @@ class FileSystem:
         if node.kind is not NodeKind.DIR:
             raise FsError(errno.ENOTDIR)
         await self._check_empty(node)
-        # An empty directory may still hold its reference (no deltas left):
-        # it goes with the directory, as nothing can use it any more. What
-        # the mount does not show stays, and so does the directory.
-        removable, kept = await self.core.dir_leftovers(self.ns.dir_prefix(node.path))
-        if kept:
-            log.info("rmdir %s: it holds objects the mount does not show: %s", node.path, kept[:5])
-            raise FsError(errno.ENOTEMPTY)
-        await self.store.delete_many(removable)
-        self.ns.forget(node.path)
-        self.ns.drop(node.path)
-        self.ns.dir_removed(node.path)
-        self.nodes.unlink(node)
+        await self.changes.remove_dir(node)
         self._entries_changed(parent)
 
     async def _check_empty(self, node: Node) -> None:
@@ -273,8 +264,7 @@ class FileSystem:
             self._entries_changed(parent)
         async with self._changing_unheld(node, copies=False):
             await self.uploads.stage_empty(node)
-        node.size = 0
-        node.mtime_ns = time.time_ns()
+        node.content_changed(0)
         self.ns.note_node(node)
         return self.handles.open(node, Access.WRITE), self.nodes.looked_up(node)
 
@@ -303,8 +293,7 @@ class FileSystem:
         if flags & os.O_TRUNC and access is Access.WRITE:
             async with self._changing_unheld(node, copies=False):
                 await self.uploads.stage_empty(node)
-            node.size = 0
-            node.mtime_ns = node.ctime_ns = time.time_ns()
+            node.content_changed(0)
         return self.handles.open(node, access)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -343,8 +332,7 @@ class FileSystem:
         staged = await self.uploads.staging(node)
         written = await staged.pwrite(data, offset, self.disk_limiter)
         self.core.telemetry.wrote(written)
-        node.size = max(node.size, offset + written)
-        node.mtime_ns = node.ctime_ns = time.time_ns()
+        node.content_changed(max(node.size, offset + written))
         return written
 
     async def truncate(self, node: Node, size: int) -> None:
@@ -359,8 +347,7 @@ class FileSystem:
         async with self._changing_unheld(node, copies=size > 0):
             staged = await self.uploads.staging(node, keep_content=size > 0)
             await staged.truncate(size, self.disk_limiter)
-            node.size = size
-            node.mtime_ns = node.ctime_ns = time.time_ns()
+            node.content_changed(size)
             if node.open_handles == 0:
                 await self.uploads.commit(node)
 
@@ -426,43 +413,11 @@ class FileSystem:
             self._check_writable()
         if size is not None:
             await self.truncate(node, size)
-        changed = False
-        if mode is not None and stat.S_IMODE(mode) != node.mode:
-            node.mode = stat.S_IMODE(mode)
-            changed = True
-        if uid is not None and uid != node.uid:
-            node.uid = uid
-            changed = True
-        if gid is not None and gid != node.gid:
-            node.gid = gid
-            changed = True
-        if mtime_ns is not None and mtime_ns != node.mtime_ns:
-            node.mtime_ns = mtime_ns
-            node.entries_changed_ns = 0  # set explicitly: the stored one holds now
-            changed = True
-        if atime_ns is not None and atime_ns != node.atime_ns:
-            node.atime_ns = atime_ns
-            changed = True
-        if not changed:
-            return node
-        node.ctime_ns = time.time_ns()
-        await self._store_attributes(node)
+        if node.change_attributes(
+            mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns, atime_ns=atime_ns
+        ):
+            await self.changes.store_attributes(node)
         return node
-
-    async def _store_attributes(self, node: Node) -> None:
-        if await self.uploads.carries_attributes(node):
-            return
-        if node.kind is NodeKind.DIR:
-            if node.path:
-                await self.ns.write_marker(node.path, node.posix_metadata())
-                # The parent's cached listing would otherwise give the old
-                # attributes back once the kernel's attribute timeout ends.
-                self.ns.note_node(node)
-            return
-        stored = await self.core.update_metadata(self.key_of(node.path), node.posix_metadata())
-        await self.ns.metadata_changed(stored.stored_key)
-        node.etag = None
-        self.ns.note_node(node)
 
     # --- unlink / rename / links --------------------------------------------------------
 
@@ -475,24 +430,7 @@ class FileSystem:
         # No upload starts meanwhile: keeping a copy for open handles removes
         # the journal entry a queued upload would read.
         async with self.uploads.hold():
-            # An upload in flight lands first: finishing after the unlink it would
-            # delete whatever a new file of the same name stored meanwhile.
-            await self.uploads.wait_not_uploading(node)
-            key = self.key_of(node.path)
-            kept = await self.uploads.keep_for_open_handles(node)
-            # S3 first, the journal after: a crash in between brings the file
-            # back as it was (its newest version), never an older one. A file
-            # with local content may be in S3 though this mount does not know
-            # it (an upload whose reply was lost, an entry recovered from the
-            # journal over an older version): the DELETE goes out anyway.
-            if node.kind.is_single_object:
-                await self.core.delete_plain(key)
-            else:
-                with contextlib.suppress(NotFound):
-                    await self.core.delete(key)
-            await self.uploads.lost_name(node, kept=kept)
-            self.ns.drop(node.path)
-            self.nodes.unlink(node)
+            await self.changes.unlink_file(node)
         node.ctime_ns = time.time_ns()  # open handles see the link count change
         self._entries_changed(parent)
 
@@ -515,14 +453,14 @@ class FileSystem:
         async with self.uploads.hold():
             old_path = node.path
             if node.kind is NodeKind.DIR:
-                await self._rename_dir(node, new_path)
+                await self.changes.move_dir(node, new_path)
             else:
                 # Uploads in flight of either file land first, under the names
                 # they were started for; then the move sees what S3 holds.
                 await self.uploads.wait_not_uploading(node)
                 if target is not None:
                     await self.uploads.wait_not_uploading(target)
-                await self._rename_file(node, new_path, target)
+                await self.changes.move_file(node, new_path, target)
             self.ns.drop(old_path)
             self.nodes.move(node, new_path)
             self.ns.note_node(node)
@@ -547,80 +485,6 @@ class FileSystem:
         elif target.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
         return target
-
-    async def _rename_file(self, node: Node, new_path: str, target: Node | None) -> None:
-        """Move a file's S3 object or journal entry to ``new_path``, over ``target``.
-
-        Ordered so that a crash at any point leaves the file under its old
-        name or its new one, with its newest acknowledged content, never an
-        older version under either (tests/test_crash_points.py): what S3
-        holds changes first, and the journal entries that supersede it are
-        dropped last.
-        """
-        old_key, new_key = self.key_of(node.path), self.key_of(new_path)
-        replaced = target is not None and target is not node
-        staged = node.staged
-        if replaced and staged is not None and not staged.is_committed:
-            # A file not closed yet replaces another: what it holds so far is
-            # made durable first (as ext4's auto_da_alloc does), so a crash
-            # after the rename shows it under the name, never neither file.
-            # From here it moves as any file saved and not uploaded yet.
-            await self.uploads.commit(node)
-        # The replaced file: a local copy for its open handles is made while
-        # its object is still there (not uploading: rename waited).
-        kept = replaced and target is not None and await self.uploads.keep_for_open_handles(target)
-        if staged is not None and staged.needs_upload and not staged.is_failed:
-            # Its newest acknowledged version is local, and will be uploaded
-            # under the new name; an older one in S3 under the old name goes
-            # first (a crash after it recovers the file under the old name),
-            # known to this mount or not (see unlink).
-            with contextlib.suppress(NotFound):
-                await self.core.delete(old_key)
-            node.stored = None
-            node.etag = None
-            await self.uploads.follow_rename(node, new_key)
-            if target is not None and replaced and target.stored is not None:
-                # Its object would show under the new name until the upload lands.
-                with contextlib.suppress(NotFound):
-                    await self.core.delete(new_key)
-        elif staged is not None and node.stored is None:
-            pass  # made here and not closed yet: nothing in S3, only the name moves
-        elif node.kind.is_single_object:
-            await self.core.move_plain(old_key, new_key)
-            await self.ns.metadata_changed(new_key)
-        else:
-            # What S3 holds is the acknowledged content (any local writes are
-            # not closed yet): it moves, and the upload replaces it later.
-            node.stored = await self.core.rename(old_key, new_key)
-            node.etag = None
-            # The copy can have the ETag and second of what the name held
-            # before (same bytes): the attribute cache's row for that version
-            # must be this file's now.
-            await self.ns.metadata_changed(node.stored.stored_key)
-            # An open file's uploaded staging file stays in the journal until
-            # its last close: a crash must not recover it under the old name.
-            await self.uploads.follow_rename(node, new_key)
-        if replaced and target is not None:
-            await self.uploads.lost_name(target, kept=kept)
-
-    async def _rename_dir(self, node: Node, new_path: str) -> None:
-        old_prefix = self.key_of(node.path)
-        new_prefix = self.key_of(new_path)
-        # Uploads in flight under the directory finish first, so nothing
-        # lands under the old name after the move.
-        busy = await self.uploads.wait_subtree(node.path)
-        await self.core.rename_prefix(old_prefix, new_prefix)
-        # What the nodes below know of their objects moved too: reading (or
-        # rewriting) one by its old key would find nothing there.
-        for n in self.nodes.under(node.path):
-            if n.stored is not None:
-                n.stored = _moved(n.stored, old_prefix + "/", new_prefix + "/")
-        for n in busy:
-            await self.uploads.follow_rename(n, new_prefix + self.key_of(n.path)[len(old_prefix) :])
-        self.ns.dir_tree_moved(node.path, new_path)
-        self.ns.forget_tree(node.path)
-        self.ns.forget(node.parent_path)
-        self.ns.forget(new_path.rpartition("/")[0])
 
     async def symlink(self, parent_ino: int, name: str, target: bytes, uid: int, gid: int) -> Node:
         return await self._make_single_object(
@@ -648,13 +512,7 @@ class FileSystem:
         node.rdev = rdev
         if kind is NodeKind.SYMLINK:
             node.symlink_target = body
-        try:
-            await self.core.put_plain(self.key_of(node.path), body, node.posix_metadata())
-        except BaseException:
-            self.nodes.unlink(node)
-            raise
-        node.checked_at = trio.current_time()
-        self.ns.note_node(node)
+        await self.changes.put_single_object(node, body)
         self._entries_changed(parent)
         return self.nodes.looked_up(node)
 
@@ -731,20 +589,3 @@ class FileSystem:
             await self.release(fh)
         self.uploads.close()
         await self.ns.flush_attr_cache(unmounting=True)
-
-
-def _moved(stored: StoredFile, old_root: str, new_root: str) -> StoredFile:
-    """``stored`` after ``Core.rename_prefix(old_root, new_root)``: its keys, and
-    its reference's when that moved with it, under the new prefix."""
-
-    def move(key: str | None) -> str | None:
-        if key is not None and key.startswith(old_root):
-            return new_root + key[len(old_root) :]
-        return key
-
-    return dataclasses.replace(
-        stored,
-        stored_key=move(stored.stored_key) or stored.stored_key,
-        visible_key=move(stored.visible_key) or stored.visible_key,
-        ref_key=move(stored.ref_key),
-    )

@@ -8,12 +8,40 @@ in flight) still needs it.
 A node shows the attributes its directory listing gives it, the mount's
 defaults filling what S3 does not hold; a file with local content shows
 its own until that is in S3.
+
+Who writes a ``Node``'s fields (everyone else only reads them):
+
+================================  ==============================================
+field                             written by
+================================  ==============================================
+ino, path, lookups, unlinked      ``NodeTable`` (new, move, looked_up/forget,
+                                  unlink)
+size, times, mode, uid, gid,      ``FileSystem``'s POSIX operations, through
+rdev, symlink_target              ``content_changed`` and ``change_attributes``;
+                                  ``NodeTable.refresh`` from a listing, only
+                                  while the node has no local content;
+                                  ``UploadPipeline`` once, when it adopts a
+                                  journal entry at mount (before the kernel
+                                  knows the node)
+stored, etag                      whoever changed what S3 holds under the name,
+                                  through ``stored_as``: ``UploadPipeline`` (an
+                                  upload landed), ``StoredChanges`` (rename,
+                                  chmod), ``NodeTable.refresh`` (a listing)
+staged, lock                      ``UploadPipeline``; the ``StagedFile`` owns its
+                                  descriptor and phase (dgfs/fs/staging.py)
+open_handles, writers             ``HandleTable`` (open, close)
+checked_at                        whoever confirmed the attributes with S3: a
+                                  listing, mkdir, an upload settling
+entries_changed_ns                ``FileSystem`` (an entry added or removed),
+                                  ``change_attributes`` (an explicit mtime)
+================================  ==============================================
 """
 
 from __future__ import annotations
 
 import enum
 import stat
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -111,6 +139,49 @@ class Node:
     def parent_path(self) -> str:
         return self.path.rpartition("/")[0]
 
+    def content_changed(self, size: int) -> None:
+        """A write, truncate or O_TRUNC left the file ``size`` bytes long."""
+        self.size = size
+        self.mtime_ns = self.ctime_ns = time.time_ns()
+
+    def change_attributes(
+        self,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        mtime_ns: int | None = None,
+        atime_ns: int | None = None,
+    ) -> bool:
+        """chmod, chown, utimens: set what is given; True (and a new ctime) if
+        anything changed."""
+        changed = False
+        if mode is not None and stat.S_IMODE(mode) != self.mode:
+            self.mode = stat.S_IMODE(mode)
+            changed = True
+        if uid is not None and uid != self.uid:
+            self.uid = uid
+            changed = True
+        if gid is not None and gid != self.gid:
+            self.gid = gid
+            changed = True
+        if mtime_ns is not None and mtime_ns != self.mtime_ns:
+            self.mtime_ns = mtime_ns
+            self.entries_changed_ns = 0  # set explicitly: the stored one holds now
+            changed = True
+        if atime_ns is not None and atime_ns != self.atime_ns:
+            self.atime_ns = atime_ns
+            changed = True
+        if changed:
+            self.ctime_ns = time.time_ns()
+        return changed
+
+    def stored_as(self, stored: StoredFile | None) -> None:
+        """S3 now holds ``stored`` under the node's name (None: nothing known);
+        the ETag a listing showed for the old object no longer applies."""
+        self.stored = stored
+        self.etag = None
+
     def posix_metadata(self) -> dict[str, str]:
         """The attributes S3 lacks, as the user metadata that carries them."""
         is_device = self.kind in (NodeKind.CHAR_DEVICE, NodeKind.BLOCK_DEVICE)
@@ -136,7 +207,7 @@ class NodeTable:
         self.mounted_at_ns = mounted_at_ns
         root = Node(ino=ROOT_INODE, path="", kind=NodeKind.DIR)
         root.lookups = 1  # the kernel never forgets the root
-        options.apply_defaults(root, None, None, None)
+        root.mode, root.uid, root.gid = options.shown_attributes(root.kind, None, None, None)
         root.mtime_ns = root.ctime_ns = mounted_at_ns
         self._by_ino: dict[int, Node] = {ROOT_INODE: root}
         self._by_path: dict[str, Node] = {"": root}
@@ -170,7 +241,9 @@ class NodeTable:
         node.atime_ns = entry.atime_ns
         if node.entries_changed_ns:
             node.mtime_ns = max(node.mtime_ns, node.entries_changed_ns)
-        self.options.apply_defaults(node, entry.mode, entry.uid, entry.gid)
+        node.mode, node.uid, node.gid = self.options.shown_attributes(
+            node.kind, entry.mode, entry.uid, entry.gid
+        )
         node.checked_at = trio.current_time()
 
     def is_fresh(self, node: Node) -> bool:

@@ -6,7 +6,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from dgfs.fs.nodes import Node, NodeKind
+from dgfs.fs.nodes import NodeKind
 
 
 @dataclass(frozen=True)
@@ -28,29 +28,31 @@ class FsOptions:
     retry_delay: float = 2.0
     prefetch: int = 4  # deltas rebuilt ahead of a reader walking a directory (dgfs.fs.prefetch)
 
-    def apply_defaults(
-        self, node: Node, mode: int | None, uid: int | None, gid: int | None
-    ) -> None:
-        """Give ``node`` the permission bits and owner it shows.
+    def shown_attributes(
+        self, kind: NodeKind, mode: int | None, uid: int | None, gid: int | None
+    ) -> tuple[int, int, int]:
+        """``(permission bits, uid, gid)`` a node of ``kind`` shows.
 
         ``mode``/``uid``/``gid`` are what is stored (None: nothing); the
         mount's defaults fill the gaps and its forced values win.
         """
-        if node.kind is NodeKind.DIR:
+        if kind is NodeKind.DIR:
             default_mode = 0o777 & ~self.umask
             forced = self.dir_mode
-        elif node.kind is NodeKind.SYMLINK:
+        elif kind is NodeKind.SYMLINK:
             default_mode, forced = 0o777, None
         else:
             default_mode = 0o666 & ~self.umask
             forced = self.file_mode
-        node.mode = (
+        shown_mode = (
             forced
             if forced is not None
             else (stat.S_IMODE(mode) if mode is not None else default_mode)
         )
         if self.force_owner:
-            node.uid, node.gid = self.uid, self.gid
-        else:
-            node.uid = uid if uid is not None else self.uid
-            node.gid = gid if gid is not None else self.gid
+            return shown_mode, self.uid, self.gid
+        return (
+            shown_mode,
+            uid if uid is not None else self.uid,
+            gid if gid is not None else self.gid,
+        )

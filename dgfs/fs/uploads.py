@@ -501,8 +501,7 @@ class UploadPipeline:
             return
         # What S3 holds now, before the follow-up awaits: a handle released
         # meanwhile settles the file, and readers then go by node.stored.
-        node.stored = result.as_stored()
-        node.etag = None
+        node.stored_as(result.as_stored())
         # An object this mount already knew under that key may have had the
         # same bytes (ETag) within the same second: the row cached for that
         # version would show its attributes for this one.
@@ -524,8 +523,7 @@ class UploadPipeline:
             with contextlib.suppress(NotFound):
                 await self.core.delete(key)
         else:
-            node.stored = stored
-            node.etag = None
+            node.stored_as(stored)
         staged.notify()
 
     async def _follow_up(self, node: Node, key: str, meta: dict[str, str]) -> None:
@@ -538,10 +536,11 @@ class UploadPipeline:
                 return
             current_key = self.ns.key_of(node.path)
             if current_key != key:
-                node.stored = await self.core.rename(key, current_key)
+                node.stored_as(await self.core.rename(key, current_key))
             elif node.posix_metadata() != meta:
-                node.stored = await self.core.update_metadata(key, node.posix_metadata())
-                await self.ns.metadata_changed(node.stored.stored_key)
+                stored = await self.core.update_metadata(key, node.posix_metadata())
+                node.stored_as(stored)
+                await self.ns.metadata_changed(stored.stored_key)
         except (DgfsError, OSError) as exc:
             # The bytes are stored; only a follow-up (name, attributes) is missing.
             log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
@@ -658,8 +657,8 @@ class UploadPipeline:
         node.mtime_ns = fmt.parse_mtime_ns(meta) or time.time_ns()
         node.atime_ns = fmt.parse_mtime_ns(meta, fmt.META_ATIME)
         node.ctime_ns = node.mtime_ns
-        self.options.apply_defaults(
-            node,
+        node.mode, node.uid, node.gid = self.options.shown_attributes(
+            node.kind,
             fmt.parse_int_meta(meta, fmt.META_MODE),
             fmt.parse_int_meta(meta, fmt.META_UID),
             fmt.parse_int_meta(meta, fmt.META_GID),
