@@ -491,6 +491,8 @@ async def _check_contents(store: ObjectStore, prefix: str) -> Check:
     deltas = [key for key in keys if key.endswith(DELTA_SUFFIX)]
     sidecars = [key for key in keys if key.endswith((".delta.meta", ".direct.meta", ".bin.meta"))]
     if not references and not deltas and not sidecars:
+        if not keys:
+            return Check(name, Status.OK, "empty: no DeltaGlider objects")
         scope = f"first {SCAN_KEYS} keys" if len(keys) >= SCAN_KEYS else f"{len(keys)} keys"
         return Check(name, Status.OK, f"no DeltaGlider objects in the {scope}")
     sample = (references + deltas)[:SCAN_HEADS]

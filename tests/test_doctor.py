@@ -332,4 +332,4 @@ async def test_no_list_permission(faulty: FaultyStore) -> None:
 async def test_an_empty_bucket_holds_no_deltaglider_objects(memory: MemoryStore) -> None:
     checks = {check.name: check for check in await doctor.check_bucket(memory, "", False)}
     assert checks["bucket-data"].status is Status.OK
-    assert "no DeltaGlider objects" in checks["bucket-data"].detail
+    assert checks["bucket-data"].detail == "empty: no DeltaGlider objects"
