@@ -85,10 +85,28 @@ def translate(argv: list[str]) -> list[str]:
     return result
 
 
+USAGE = """usage: mount.dgfs BUCKET[/PREFIX] MOUNTPOINT [-o OPTIONS]
+
+What mount(8) runs for `mount -t dgfs` and fstab lines of type dgfs. mount(8)'s own
+options (rw, defaults, _netdev, nofail, noauto, x-systemd.*, ...) are dropped; the
+rest go to `dgfs mount` (its options: dgfs mount --help), which returns once the
+mount is live.
+
+examples:
+  mount -t dgfs releases /mnt/releases -o endpoint=http://127.0.0.1:8333
+  # /etc/fstab
+  releases  /mnt/releases  dgfs  _netdev,allow_other,endpoint=http://127.0.0.1:8333  0 0
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     from dgfs.cli.main import main as dgfs_main
 
-    return dgfs_main(translate(sys.argv[1:] if argv is None else argv))
+    args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print(USAGE, end="")
+        return 0
+    return dgfs_main(translate(args))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,15 @@ import dgfs
 from dgfs.errors import ConfigError
 
 SCRIPT = """#!/bin/sh
-# Installed by `dgfs install-helper`: mount(8) calls this for `-t dgfs` and fstab lines.
+# Installed by {installer}: mount(8) calls this for `-t dgfs` and fstab lines.
 # -I: isolated, so nothing in the directory mount(8) runs from is ever imported.
 exec {python} -I -m dgfs.mount_helper "$@"
 """
+
+
+def helper_script(python: str, installer: str = "`dgfs install-helper`") -> str:
+    """The text of ``mount.dgfs`` running ``python`` (the Debian package writes it too)."""
+    return SCRIPT.format(python=shlex.quote(python), installer=installer)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if not shutil.which("fusermount3"):
         print("warning: fusermount3 not found; install fuse3", file=sys.stderr)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(SCRIPT.format(python=shlex.quote(str(python))))
+    tmp.write_text(helper_script(str(python)))
     tmp.chmod(0o755)
     os.replace(tmp, path)
     print(f"installed {path} -> {python} -I -m dgfs.mount_helper")
