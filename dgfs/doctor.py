@@ -41,13 +41,14 @@ from dgfs.deep import gnuzip
 from dgfs.delta import DeltaEngine
 from dgfs.errors import AccessDenied, DgfsError, NoSuchBucket, UserError
 from dgfs.format import (
-    DEEP_REFERENCE_NAME,
     DELTA_SUFFIX,
     INTERNAL_PREFIX,
     REFERENCE_NAMES,
     is_deep,
+    is_internal_key,
     listing_root,
     meta_value,
+    proxy_encryption,
     split_key,
 )
 from dgfs.runtime import private_cache_root
@@ -63,10 +64,10 @@ SCAN_KEYS = 1000
 SCAN_HEADS = 40
 #: Filesystem types whose content is gone at the next boot.
 VOLATILE_FS = {"tmpfs", "ramfs"}
-#: Metadata only deltaglider_proxy writes (DeltaGlider writes dg-ref-key; its notes
-#: are "reference" and "zero-diff ...").
-PROXY_NOTES = {"delta", "direct"}
-PROXY_REF_KEY = "dg-ref-path"
+#: ``dg-tool`` prefixes of the writers (dgfs also writes the proxy's keys, so the
+#: tool tells them apart; an object without one is judged by its keys).
+DGFS_TOOL = "dgfs/"
+PROXY_TOOL = "deltaglider_proxy/"
 
 
 class Status(enum.Enum):
@@ -397,8 +398,11 @@ def check_endpoint(
 # --- the bucket ------------------------------------------------------------------
 
 
-async def check_bucket(store: ObjectStore, prefix: str, read_only: bool) -> list[Check]:
-    """List, probe-write (unless ``read_only``) and look at what ``store``'s bucket holds."""
+async def check_bucket(
+    store: ObjectStore, prefix: str, read_only: bool, proxy_key: bool = False
+) -> list[Check]:
+    """List, probe-write (unless ``read_only``) and look at what ``store``'s bucket
+    holds (``proxy_key``: the mount has deltaglider_proxy's key, ``proxy_key_file``)."""
     where = f"s3://{store.bucket}/{prefix}".rstrip("/")
     try:
         page = await store.list(listing_root(prefix))
@@ -431,7 +435,7 @@ async def check_bucket(store: ObjectStore, prefix: str, read_only: bool) -> list
         )
     ]
     checks.append(await _check_write(store, read_only))
-    checks.append(await _check_contents(store, prefix))
+    checks.append(await _check_contents(store, prefix, proxy_key))
     return checks
 
 
@@ -466,17 +470,22 @@ async def _check_write(store: ObjectStore, read_only: bool) -> Check:
     )
 
 
-def _kind(head: ObjectHead) -> str:
-    """Who made a DeltaGlider-style object: ``deep``, ``proxy`` or ``dg``."""
-    if is_deep(head.metadata):
+def _writer(head: ObjectHead) -> str:
+    """Which tool wrote a DeltaGlider-format object: ``deep`` (dgfs's deep
+    deltaspaces), ``dgfs``, ``proxy`` (deltaglider_proxy) or ``dg`` (the DeltaGlider CLI)."""
+    metadata = head.metadata
+    if is_deep(metadata):
         return "deep"
-    note = meta_value(head.metadata, "note")
-    if PROXY_REF_KEY in head.metadata or note in PROXY_NOTES:
+    tool = (meta_value(metadata, "tool") or "").lower()
+    if tool.startswith(DGFS_TOOL):
+        return "dgfs"
+    proxy_only = meta_value(metadata, "ref_path") and not meta_value(metadata, "ref_key")
+    if tool.startswith(PROXY_TOOL) or proxy_only or proxy_encryption(metadata):
         return "proxy"
     return "dg"
 
 
-async def _check_contents(store: ObjectStore, prefix: str) -> Check:
+async def _check_contents(store: ObjectStore, prefix: str, proxy_key: bool) -> Check:
     name = "bucket-data"
     keys: list[str] = []
     try:
@@ -486,11 +495,10 @@ async def _check_contents(store: ObjectStore, prefix: str) -> Check:
                 break
     except DgfsError as exc:
         return Check(name, Status.FAIL, f"cannot list the bucket's keys: {exc}")
-    keys = [key for key in keys[:SCAN_KEYS] if not key.startswith(INTERNAL_PREFIX)]
+    keys = [key for key in keys[:SCAN_KEYS] if not is_internal_key(key)]
     references = [key for key in keys if split_key(key)[1] in REFERENCE_NAMES]
     deltas = [key for key in keys if key.endswith(DELTA_SUFFIX)]
-    sidecars = [key for key in keys if key.endswith((".delta.meta", ".direct.meta", ".bin.meta"))]
-    if not references and not deltas and not sidecars:
+    if not references and not deltas:
         if not keys:
             return Check(name, Status.OK, "empty: no DeltaGlider objects")
         scope = f"first {SCAN_KEYS} keys" if len(keys) >= SCAN_KEYS else f"{len(keys)} keys"
@@ -500,30 +508,25 @@ async def _check_contents(store: ObjectStore, prefix: str) -> Check:
         heads = await head_many(store, sample, concurrency=8)
     except DgfsError as exc:
         return Check(name, Status.FAIL, f"cannot read objects' metadata: {exc}")
-    kinds = Counter(_kind(head) for head in heads.values())
-    kinds["proxy"] += len(sidecars)
-    tools = sorted({tool for h in heads.values() if (tool := meta_value(h.metadata, "tool"))})
-    spaces = Counter(
-        "deep" if split_key(key)[1] == DEEP_REFERENCE_NAME else "dg" for key in references
-    )
-    parts = []
-    if kinds["dg"]:
-        parts.append(f"DeltaGlider v6 ({spaces['dg']} reference(s), readable by both tools)")
-    if kinds["deep"]:
-        parts.append(f"dgfs deep ({spaces['deep']} reference(s); the DeltaGlider CLI refuses them)")
-    if kinds["proxy"]:
-        parts.append(f"deltaglider_proxy ({kinds['proxy']} object(s))")
+    writers = Counter(_writer(head) for head in heads.values())
+    encrypted = sum(1 for head in heads.values() if proxy_encryption(head.metadata))
+    labels = {
+        "dg": "DeltaGlider v6 (the DeltaGlider CLI)",
+        "dgfs": "DeltaGlider v6 (dgfs)",
+        "deep": "dgfs deep (the DeltaGlider CLI refuses them)",
+        "proxy": "deltaglider_proxy",
+    }
+    found = ", ".join(f"{labels[kind]}: {writers[kind]}" for kind in labels if writers[kind])
     detail = (
-        f"in {len(keys)} keys: {len(references)} references, {len(deltas)} deltas; "
-        f"{len(heads)} read: "
-        + ", ".join(parts)
-        + (f"; written by {', '.join(tools)}" if tools else "")
+        f"in {len(keys)} keys: {len(references)} references, {len(deltas)} deltas;"
+        f" of {len(heads)} read: {found}"
     )
-    if kinds["proxy"]:
+    if encrypted and not proxy_key:
         return Check(
             name,
             Status.WARN,
-            f"{detail}: dgfs shows proxy objects under their stored names, it cannot rebuild them",
-            "read those through deltaglider_proxy, or mount another prefix",
+            f"{detail}; {encrypted} encrypted by deltaglider_proxy: they read as EIO"
+            " without its key",
+            "-o proxy_key_file=FILE (the proxy's key, 64 hex digits)",
         )
     return Check(name, Status.OK, detail)

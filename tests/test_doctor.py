@@ -65,7 +65,12 @@ def test_a_good_bucket_passes_and_what_it_holds_is_named(
         Bucket=bucket_name,
         Key="proxy/app.zip.delta",
         Body=b"d",
-        Metadata={"dg-note": "delta", "dg-ref-path": "reference.bin", "dg-file-sha256": sha},
+        Metadata={
+            "dg-tool": "deltaglider_proxy/1.19.0",
+            "dg-note": "delta",
+            "dg-ref-path": "reference.bin",
+            "dg-file-sha256": sha,
+        },
     )
     code, checks = run_doctor(capsys, bucket_name, *options(moto_endpoint, tmp_path))
     statuses = {name: check["status"] for name, check in checks.items()}
@@ -76,8 +81,8 @@ def test_a_good_bucket_passes_and_what_it_holds_is_named(
     assert statuses["bucket-write"] == "ok" and "If-None-Match" in checks["bucket-write"]["detail"]
     assert checks["credentials"]["detail"] == "from env (values not shown)"
     data = checks["bucket-data"]
-    assert data["status"] == "warn"  # the proxy's object: dgfs cannot rebuild it
-    for kind in ("DeltaGlider v6", "dgfs deep", "deltaglider_proxy"):
+    assert data["status"] == "ok"
+    for kind in ("DeltaGlider v6 (the DeltaGlider CLI): 1", "dgfs deep", "deltaglider_proxy: 1"):
         assert kind in data["detail"]
     # the probe object is gone, and no secret was printed
     probes = client.list_objects_v2(Bucket=bucket_name, Prefix=".deltaglider/tmp/")
@@ -333,3 +338,18 @@ async def test_an_empty_bucket_holds_no_deltaglider_objects(memory: MemoryStore)
     checks = {check.name: check for check in await doctor.check_bucket(memory, "", False)}
     assert checks["bucket-data"].status is Status.OK
     assert checks["bucket-data"].detail == "empty: no DeltaGlider objects"
+
+
+async def test_objects_the_proxy_encrypted_need_its_key(memory: MemoryStore) -> None:
+    metadata = {
+        "dg-tool": "deltaglider_proxy/1.19.0",
+        "dg-note": "delta",
+        "dg-ref-path": "reference.bin",
+        "dg-encrypted": "aes-256-gcm-v1",
+    }
+    await memory.put_bytes("app/x.zip.delta", b"ciphertext", metadata)
+    (data,) = [c for c in await doctor.check_bucket(memory, "", True) if c.name == "bucket-data"]
+    assert data.status is Status.WARN and "encrypted by deltaglider_proxy" in data.detail
+    assert "proxy_key_file" in (data.fix or "")
+    with_key = await doctor.check_bucket(memory, "", True, proxy_key=True)
+    assert with_key[-1].status is Status.OK and "deltaglider_proxy: 1" in with_key[-1].detail

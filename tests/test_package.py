@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFIX = Path("/opt/dgfs")
 DGFS = Path("/usr/bin/dgfs")
 HELPER = Path("/sbin/mount.dgfs")
-USER_CACHE = Path("/var/lib/dgfs/.cache/dgfs")
+#: Where the test plants a journal entry for purge to find (a dgfs@ unit's cache).
+UNIT_CACHE = Path("/var/cache/dgfs/dgfs-package-test")
 
 pytestmark = [pytest.mark.package, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -165,15 +166,15 @@ def test_the_package_builds_installs_mounts_and_purges(
     check(run("dpkg", "-r", "dgfs"))
     for path in (DGFS, HELPER, PREFIX, Path("/lib/systemd/system/dgfs@.service")):
         assert not path.exists(), path
-    pending = USER_CACHE / "journal" / "slot" / "entry.json"
+    pending = UNIT_CACHE / "journal" / "slot" / "entry.json"
     pending.parent.mkdir(parents=True, exist_ok=True)
     pending.write_text("{}")
     try:
         purge = run("dpkg", "--purge", "dgfs")
         assert purge.returncode == 0, purge.stderr
-        assert "dgfs: kept /var/lib/dgfs" in purge.stderr
+        assert "dgfs: kept /var/cache/dgfs" in purge.stderr
         assert pending.exists()
         assert not etc.exists()
     finally:
-        shutil.rmtree(USER_CACHE / "journal" / "slot", ignore_errors=True)
+        shutil.rmtree(UNIT_CACHE, ignore_errors=True)
     print(f"package built in {built:.0f} s; whole test {time.monotonic() - started:.0f} s")

@@ -98,7 +98,8 @@ async def remote_checks(config: object, bucket_given: bool, can_sign: bool) -> l
             else:
                 location = config.location
                 read_only = config.fs_options.read_only
-                checks += await doctor.check_bucket(store, location.prefix, read_only)
+                proxy_key = config.settings.proxy_key_file is not None
+                checks += await doctor.check_bucket(store, location.prefix, read_only, proxy_key)
             return checks
     except DgfsError as exc:  # the client cannot even be made (a malformed endpoint URL)
         return [Check("endpoint", Status.FAIL, str(exc), "check -o endpoint=")]
