@@ -100,6 +100,7 @@ def test_the_package_builds_installs_mounts_and_purges(
     started = time.monotonic()
     out = check(run(ROOT / "packaging" / "build-deb", cwd=ROOT, timeout=840))
     built = time.monotonic() - started
+    print(out)  # the build's phases and their times, for CI's log
     arch = check(run("dpkg", "--print-architecture")).strip()
     deb = ROOT / "dist" / f"dgfs_{__version__}_{arch}.deb"
     assert deb.is_file(), out
