@@ -86,6 +86,12 @@ def _instrument(atheris: Any, packages: tuple[str, ...], skipped: set[str]) -> N
                 patch(value, f"{name}.{attr}")
 
 
+def _stat(log: str, name: str) -> int | None:
+    """A number from libFuzzer's final statistics (``-print_final_stats``)."""
+    found = re.search(rf"stat::{name}:\s+(\d+)", log)
+    return int(found.group(1)) if found else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", help="one of --list")
@@ -163,6 +169,8 @@ def main() -> int:
         "seconds": round(seconds, 1),
         "crashed": code != 0,
         "crash_inputs": found,
+        "slowest_input_s": _stat(text, "slowest_unit_time_sec"),
+        "peak_rss_mb": _stat(text, "peak_rss_mb"),
         "timeout_s": args.timeout,
         "max_mb": args.max_mb,
         "seed": args.seed,
