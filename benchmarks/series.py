@@ -145,9 +145,13 @@ def gunzipped(paths: list[Path], directory: Path) -> list[Path]:
     return tars
 
 
-def all_series(cache: Path = DEFAULT_CACHE, small: bool = False) -> list[Series]:
-    """The four series, downloaded into ``cache`` as needed (``small``: 3 versions each)."""
-    count = SMALL_COUNT if small else None
+def all_series(
+    cache: Path = DEFAULT_CACHE, small: bool = False, count: int | None = None
+) -> list[Series]:
+    """The four series, downloaded into ``cache`` as needed (``small``: 3 versions
+    each; ``count``: that many, where a series has them)."""
+    if count is None and small:
+        count = SMALL_COUNT
     pypi = cache / "pypi"
     wheels = fetch(BOTOCORE, pypi, count)
     sdists = fetch(DJANGO, pypi, count)

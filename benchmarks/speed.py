@@ -6,6 +6,8 @@ consecutive releases from PyPI (benchmarks/series.py: downloaded once into
 workload that applies to each tool, all against the same server:
 
 - dgfs: a real mount in DeltaGlider mode (``-o deltas=dg``), foreground;
+- dgfs deep: the same with ``-o deltas=deep`` (archives diffed by their
+  content, rebuilt and SHA-256 checked on read), in a bucket of its own;
 - DeltaGlider CLI 6.2.0: one ``deltaglider cp`` per file in version order
   (the first file becomes the reference), ``XDELTA="-D -R"`` so its
   ``.tar.gz`` deltas can be read back; stock extensions, so wheels go whole;
@@ -33,9 +35,10 @@ checked.
 
 Timings are medians of ``--repeats`` runs (tools interleaved within each
 repeat, so a noisy neighbour hits all of them alike). Ratios compare tools
-within this run: each workload against s3fs-fuse, stores also against the
-DeltaGlider API. The dgfs (and s3fs) daemon's peak RSS (VmHWM) and the peak
-of daemon + children (xdelta3) are sampled in every phase.
+within this run: each workload against s3fs-fuse, stores and cold reads
+also against the DeltaGlider API (the last columns: dgfs and dgfs deep).
+The dgfs (and s3fs) daemon's peak RSS (VmHWM) and the peak of daemon +
+children (xdelta3) are sampled in every phase.
 
 Prints the tables, writes benchmarks/results/speed.json and, when matplotlib
 is installed (``pip install -e '.[bench]'``), PNG charts into docs/img/.
@@ -43,7 +46,8 @@ Mounts are unmounted and daemons and server stopped (by PID) on errors and
 Ctrl-C too.
 
     .venv/bin/python benchmarks/speed.py [--quick] [--repeats 3] [--series wheels,tars]
-        [--tools dgfs,s3fs-fuse] [--ls-files 1000] [--mount-options upload_workers=2]
+        [--tools dgfs,deep,api] [--count 6] [--ls-files 1000 | 0]
+        [--mount-options upload_workers=2]
 """
 
 from __future__ import annotations
@@ -99,13 +103,16 @@ from tests.servers import (  # noqa: E402
 )
 
 DGFS = "dgfs"
+DGFS_DEEP = "dgfs deep"
 DG_CLI = "DeltaGlider CLI"
 DG_API = "DeltaGlider API"
 S3FS = "s3fs-fuse"
 BOTO3 = "boto3"
-TOOLS = (DGFS, DG_CLI, DG_API, S3FS, BOTO3)
+TOOLS = (DGFS, DGFS_DEEP, DG_CLI, DG_API, S3FS, BOTO3)
 BASELINE = S3FS  # every workload is also given as a ratio to this tool
-STORE_BASELINE = DG_API  # stores are also given as a ratio to this one
+STORE_BASELINE = DG_API  # stores and cold reads are also given as a ratio to this one
+API_KINDS = ("store", "cold read")
+DGFS_TOOLS = (DGFS, DGFS_DEEP)  # each gets a column of its ratio to STORE_BASELINE
 
 PHASES = ("store", "read", "ls setup", "ls", "aborted")  # of the RSS table, in this order
 DEFAULT_SERIES = ("wheels", "sdists", "tars")
@@ -166,7 +173,7 @@ class Workload:
         """``tool``'s median against the baselines of this run."""
         mine = self.seconds(tool)
         out = {f"vs {BASELINE}": ratio(mine, self.seconds(BASELINE))}
-        if self.kind == "store":
+        if self.kind in API_KINDS:
             out[f"vs {STORE_BASELINE}"] = ratio(mine, self.seconds(STORE_BASELINE))
         return out
 
@@ -198,17 +205,24 @@ def cell(seconds: float | None, vs_baseline: float | None, width: int = 15) -> s
     return f"{text:>{width}}"
 
 
+def _api_columns(tools: Sequence[str]) -> list[str]:
+    """The dgfs tools among ``tools``: each gets a last column, its time ÷ the DeltaGlider API."""
+    return [t for t in DGFS_TOOLS if t in tools] or [DGFS]
+
+
 def format_table(workloads: Sequence[Workload], tools: Sequence[str]) -> str:
     """The timing table: one row per workload, per tool the median and its ratio to s3fs."""
     label_width = max([len(w.label) for w in workloads] + [8])
     head = f"{'workload':<{label_width}} " + " ".join(f"{t:>15}" for t in tools)
-    head += f" {'dgfs÷API':>9}"
+    columns = _api_columns(tools)
+    head += "".join(f" {t.replace('dgfs ', '') + '÷API':>9}" for t in columns)
     lines = [head, "-" * len(head)]
     for w in workloads:
         row = f"{w.label:<{label_width}} "
         row += " ".join(cell(w.seconds(t), w.ratios(t)[f"vs {BASELINE}"]) for t in tools)
-        vs_api = w.ratios(DGFS).get(f"vs {STORE_BASELINE}")
-        row += f" {vs_api:>8.2f}x" if vs_api is not None else f" {'':>9}"
+        for t in columns:
+            vs_api = w.ratios(t).get(f"vs {STORE_BASELINE}")
+            row += f" {vs_api:>8.2f}x" if vs_api is not None else f" {'':>9}"
         lines.append(row)
     return "\n".join(lines)
 
@@ -244,8 +258,10 @@ def parse_ls(output: str) -> dict[str, int]:
 
 def markdown_table(workloads: Sequence[Workload], tools: Sequence[str]) -> str:
     """The timing table as Markdown (for docs/benchmarks.md)."""
-    head = "| workload | " + " | ".join(tools) + " | dgfs ÷ DeltaGlider API |"
-    lines = [head, "|" + "---|" * (len(tools) + 2)]
+    columns = _api_columns(tools)
+    head = "| workload | " + " | ".join(tools) + " | "
+    head += " | ".join(f"{t} ÷ DeltaGlider API" for t in columns) + " |"
+    lines = [head, "|" + "---|" * (len(tools) + 1 + len(columns))]
     for w in workloads:
         cells = []
         for t in tools:
@@ -257,10 +273,10 @@ def markdown_table(workloads: Sequence[Workload], tools: Sequence[str]) -> str:
                 cells.append(f"{s:.2f} s")
             else:
                 cells.append(f"{s:.2f} s ({r:.2f}×)")
-        vs_api = w.ratios(DGFS).get(f"vs {STORE_BASELINE}")
-        lines.append(
-            f"| {w.label} | " + " | ".join(cells) + f" | {f'{vs_api:.2f}×' if vs_api else ''} |"
-        )
+        for t in columns:
+            vs_api = w.ratios(t).get(f"vs {STORE_BASELINE}")
+            cells.append(f"{vs_api:.2f}×" if vs_api else "")
+        lines.append(f"| {w.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -553,6 +569,18 @@ class DgfsTool(MountTool):
         return dict(Counter(os.getxattr(directory / n, "user.dgfs.kind").decode() for n in names))
 
 
+class DgfsDeepTool(DgfsTool):
+    """dgfs with ``-o deltas=deep``: new directories store archives by their content."""
+
+    name = DGFS_DEEP
+    bucket = "dgfs-deep"
+
+    def command(self, cache: Path) -> list[str]:
+        command = super().command(cache)
+        command[-1] = command[-1].replace("deltas=dg", "deltas=deep", 1)
+        return command
+
+
 class S3fsTool(MountTool):
     name = S3FS
     bucket = "s3fs"
@@ -711,6 +739,7 @@ class Boto3Tool(Tool):
 
 TOOL_CLASSES: dict[str, type[Tool]] = {
     DGFS: DgfsTool,
+    DGFS_DEEP: DgfsDeepTool,
     DG_CLI: DeltaGliderCli,
     DG_API: DeltaGliderApi,
     S3FS: S3fsTool,
@@ -718,6 +747,8 @@ TOOL_CLASSES: dict[str, type[Tool]] = {
 }
 TOOL_ALIASES = {
     "dgfs": DGFS,
+    "deep": DGFS_DEEP,
+    "dgfs-deep": DGFS_DEEP,
     "cli": DG_CLI,
     "deltaglider-cli": DG_CLI,
     "api": DG_API,
@@ -1062,7 +1093,13 @@ def draw_charts(data: dict[str, Any], directory: Path) -> list[Path]:
         return []
     directory.mkdir(parents=True, exist_ok=True)
     tools = data["tools"]
-    colors = dict(zip(TOOLS, ("#1f77b4", "#ff7f0e", "#d62728", "#7f7f7f", "#2ca02c"), strict=True))
+    colors = dict(
+        zip(
+            TOOLS,
+            ("#1f77b4", "#17becf", "#ff7f0e", "#d62728", "#7f7f7f", "#2ca02c"),
+            strict=True,
+        )
+    )
     subtitle = f"{data['environment']['date']}, {_machine(data['environment'])}"
     written = []
 
@@ -1168,8 +1205,15 @@ def main() -> int:
     parser.add_argument(
         "--series", help=f"comma-separated (default {','.join(DEFAULT_SERIES)}; also plain-wheels)"
     )
-    parser.add_argument("--tools", help="comma-separated: dgfs,cli,api,s3fs,boto3 (default all)")
-    parser.add_argument("--ls-files", type=int, help=f"files to ls -l (default {LS_FILES})")
+    parser.add_argument(
+        "--tools", help="comma-separated: dgfs,deep,cli,api,s3fs,boto3 (default all)"
+    )
+    parser.add_argument(
+        "--count", type=int, help="the first COUNT versions of each series (default all)"
+    )
+    parser.add_argument(
+        "--ls-files", type=int, help=f"files to ls -l (default {LS_FILES}; 0: no ls -l)"
+    )
     parser.add_argument("--mount-options", default="", help="more -o options for dgfs mounts")
     parser.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help=f"default {DEFAULT_CACHE}"
@@ -1199,9 +1243,11 @@ def main() -> int:
             print(f"written: {path}")
         return 0
     repeats = args.repeats or (1 if args.quick else 3)
-    ls_files = args.ls_files or (LS_FILES_QUICK if args.quick else LS_FILES)
-    if repeats < 1 or ls_files < 1:
-        raise SystemExit("--repeats and --ls-files must be at least 1")
+    ls_files = args.ls_files
+    if ls_files is None:
+        ls_files = LS_FILES_QUICK if args.quick else LS_FILES
+    if repeats < 1 or ls_files < 0 or (args.count is not None and args.count < 2):
+        raise SystemExit("--repeats must be at least 1, --count 2, --ls-files 0")
     if args.profile:
         try:
             args.profile.mkdir(parents=True, exist_ok=True)
@@ -1216,7 +1262,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, _raise_interrupt)
 
     print(f"== release series in {args.cache}", flush=True)
-    every = {s.name: s for s in all_series(args.cache, small=args.quick)}
+    every = {s.name: s for s in all_series(args.cache, small=args.quick, count=args.count)}
     unknown = set(wanted_series) - every.keys()
     if unknown:
         raise SystemExit(f"unknown series {', '.join(sorted(unknown))}; known: {', '.join(every)}")
@@ -1248,7 +1294,9 @@ def main() -> int:
             try:
                 for series in chosen:
                     stored[series.name] = run_series(series, tools, repeats, workloads)
-                ls_kinds, listed = run_ls(tools, ls_files, repeats, workloads, work)
+                listed: dict[str, int] = {}
+                if ls_files:
+                    ls_kinds, listed = run_ls(tools, ls_files, repeats, workloads, work)
                 if args.profile:
                     profiles = run_profiles(tools, chosen, repeats, listed, args.profile)
             except KeyboardInterrupt:

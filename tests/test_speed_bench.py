@@ -11,6 +11,7 @@ from benchmarks.speed import (
     BOTO3,
     DG_API,
     DGFS,
+    DGFS_DEEP,
     S3FS,
     Measure,
     Workload,
@@ -48,7 +49,22 @@ def test_workload_ratios_use_medians_and_tolerate_missing_tools() -> None:
     assert w.ratios(BOTO3) == {f"vs {S3FS}": None, f"vs {DG_API}": None}
     read = Workload("cold read x", "cold read x", "cold read", "x")
     read.measures[DGFS] = Measure([2.0])
-    assert read.ratios(DGFS) == {f"vs {S3FS}": None}  # no s3fs: no ratio, no store baseline
+    assert read.ratios(DGFS) == {f"vs {S3FS}": None, f"vs {DG_API}": None}  # neither ran
+    warm = Workload("warm read x", "warm read x", "warm read", "x")
+    warm.measures[DGFS] = Measure([2.0])
+    assert warm.ratios(DGFS) == {f"vs {S3FS}": None}  # the API has no warm read
+
+
+def test_tables_give_dgfs_and_dgfs_deep_each_a_column_against_the_api() -> None:
+    w = Workload("cold read x", "cold read x", "cold read", "x")
+    w.measures[DGFS] = Measure([1.0])
+    w.measures[DGFS_DEEP] = Measure([6.0])
+    w.measures[DG_API] = Measure([4.0])
+    row = format_table([w], [DGFS, DGFS_DEEP, DG_API]).splitlines()[-1]
+    assert row.split()[-2:] == ["0.25x", "1.50x"]
+    md = markdown_table([w], [DGFS, DGFS_DEEP, DG_API]).splitlines()
+    assert md[0].endswith("| dgfs ÷ DeltaGlider API | dgfs deep ÷ DeltaGlider API |")
+    assert md[-1] == "| cold read x | 1.00 s | 6.00 s | 4.00 s | 0.25× | 1.50× |"
 
 
 def test_tables_show_seconds_ratios_and_dashes() -> None:
