@@ -104,15 +104,16 @@ from tests.servers import (  # noqa: E402
 
 DGFS = "dgfs"
 DGFS_DEEP = "dgfs deep"
+DGFS_DEEP_BASE = "deep base"  # --deep-base: dgfs deep from another source tree, for A/B
 DG_CLI = "DeltaGlider CLI"
 DG_API = "DeltaGlider API"
 S3FS = "s3fs-fuse"
 BOTO3 = "boto3"
-TOOLS = (DGFS, DGFS_DEEP, DG_CLI, DG_API, S3FS, BOTO3)
+TOOLS = (DGFS, DGFS_DEEP, DGFS_DEEP_BASE, DG_CLI, DG_API, S3FS, BOTO3)
 BASELINE = S3FS  # every workload is also given as a ratio to this tool
 STORE_BASELINE = DG_API  # stores and cold reads are also given as a ratio to this one
 API_KINDS = ("store", "cold read")
-DGFS_TOOLS = (DGFS, DGFS_DEEP)  # each gets a column of its ratio to STORE_BASELINE
+DGFS_TOOLS = (DGFS, DGFS_DEEP, DGFS_DEEP_BASE)  # each gets a column of its ratio to STORE_BASELINE
 
 PHASES = ("store", "read", "ls setup", "ls", "aborted")  # of the RSS table, in this order
 DEFAULT_SERIES = ("wheels", "sdists", "tars")
@@ -364,6 +365,7 @@ class Context:
     endpoint: str
     work: Path
     mount_options: str
+    deep_base: Path | None = None
 
 
 class Tool:
@@ -581,6 +583,24 @@ class DgfsDeepTool(DgfsTool):
         return command
 
 
+class DgfsDeepBaseTool(DgfsDeepTool):
+    """dgfs deep with its daemon importing dgfs from ``Context.deep_base`` (a
+    worktree of the commit to compare with): an A/B of a change in one run."""
+
+    name = DGFS_DEEP_BASE
+    bucket = "dgfs-deep-base"
+
+    def missing(self) -> str | None:
+        base = self.ctx.deep_base
+        if base is None or not (base / "dgfs" / "__init__.py").exists():
+            return "no --deep-base TREE holding dgfs/"
+        return None
+
+    def command(self, cache: Path) -> list[str]:
+        # env execs the daemon: its PID is the one sampled and stopped.
+        return ["env", f"PYTHONPATH={self.ctx.deep_base}", *super().command(cache)]
+
+
 class S3fsTool(MountTool):
     name = S3FS
     bucket = "s3fs"
@@ -740,6 +760,7 @@ class Boto3Tool(Tool):
 TOOL_CLASSES: dict[str, type[Tool]] = {
     DGFS: DgfsTool,
     DGFS_DEEP: DgfsDeepTool,
+    DGFS_DEEP_BASE: DgfsDeepBaseTool,
     DG_CLI: DeltaGliderCli,
     DG_API: DeltaGliderApi,
     S3FS: S3fsTool,
@@ -1096,7 +1117,7 @@ def draw_charts(data: dict[str, Any], directory: Path) -> list[Path]:
     colors = dict(
         zip(
             TOOLS,
-            ("#1f77b4", "#17becf", "#ff7f0e", "#d62728", "#7f7f7f", "#2ca02c"),
+            ("#1f77b4", "#17becf", "#9467bd", "#ff7f0e", "#d62728", "#7f7f7f", "#2ca02c"),
             strict=True,
         )
     )
@@ -1182,7 +1203,7 @@ def _machine(env: dict[str, Any]) -> str:
 
 def parse_tools(text: str | None) -> list[str]:
     if not text:
-        return list(TOOLS)
+        return [t for t in TOOLS if t != DGFS_DEEP_BASE]  # that one only with --deep-base
     chosen = []
     for item in text.split(","):
         name = TOOL_ALIASES.get(item.strip().lower())
@@ -1215,6 +1236,13 @@ def main() -> int:
         "--ls-files", type=int, help=f"files to ls -l (default {LS_FILES}; 0: no ls -l)"
     )
     parser.add_argument("--mount-options", default="", help="more -o options for dgfs mounts")
+    parser.add_argument(
+        "--deep-base",
+        type=Path,
+        metavar="TREE",
+        help=f"also run {DGFS_DEEP!r} with dgfs imported from TREE (say, a git worktree"
+        f" of main), as the tool {DGFS_DEEP_BASE!r}: a change and its base in one run",
+    )
     parser.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help=f"default {DEFAULT_CACHE}"
     )
@@ -1255,6 +1283,10 @@ def main() -> int:
             raise SystemExit(f"--profile {args.profile}: {exc.strerror}") from None
     wanted_series = args.series.split(",") if args.series else list(DEFAULT_SERIES)
     tool_names = parse_tools(args.tools)
+    if args.deep_base and DGFS_DEEP_BASE not in tool_names:
+        tool_names.insert(
+            tool_names.index(DGFS_DEEP) + 1 if DGFS_DEEP in tool_names else 0, DGFS_DEEP_BASE
+        )
 
     os.environ.update(S3_TEST_ENV)
     # A SIGTERM/SIGHUP unwinds like Ctrl-C: mounts, daemons and server are cleaned up.
@@ -1279,7 +1311,8 @@ def main() -> int:
     interrupted = False
     try:
         with SeaweedServer(stop_timeout=5) as server:  # throwaway data: SIGKILL after 5 s is fine
-            ctx = Context(server.endpoint_url, work, args.mount_options)
+            deep_base = args.deep_base.resolve() if args.deep_base else None
+            ctx = Context(server.endpoint_url, work, args.mount_options, deep_base)
             print(f"== SeaweedFS on {ctx.endpoint}")
             for name in tool_names:
                 tool = TOOL_CLASSES[name](ctx)
@@ -1319,6 +1352,7 @@ def main() -> int:
             "repeats": repeats,
             "ls_files": ls_files,
             "mount_options": args.mount_options,
+            "deep_base": str(args.deep_base) if args.deep_base else None,
             "s3fs_options": S3FS_OPTIONS,
             "interrupted": interrupted,
         },
