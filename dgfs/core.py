@@ -596,7 +596,10 @@ class Core:
 
         The proof that the expanded form rebuilds to ``src`` runs beside
         the reference work and xdelta3 (they use the other core), and is
-        awaited before anything is uploaded as ``key``.
+        awaited before anything is uploaded as ``key``. It compresses
+        nothing again: the expansion compared every stream's recompression
+        with the original, and ``expand.prove_form`` checks the rest of the
+        form against ``src`` (readers still check the SHA-256 of every rebuild).
         """
         prefix, name = fmt.split_key(key)
         ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
@@ -605,14 +608,11 @@ class Core:
             self._scratch(".vcdiff") as vcdiff,
             self._scratch(".delta") as body,
         ):
-            await self._expand(src, expanded, key)
+            proven = await self._expand(src, expanded, key)
             proof: list[bool] = []
 
             async def prove() -> None:
-                result = await self._cpu(
-                    expand.rebuild_digest, expanded, self.scratch_dir, _REBUILD_WORKERS
-                )
-                proof.append(result == (digest.sha256, digest.size))
+                proof.append(await self._cpu(expand.prove_form, expanded, src, proven) is True)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(prove)
@@ -698,8 +698,9 @@ class Core:
         assert isinstance(result, int)
         return result
 
-    async def _expand(self, src: Path, out: Path, key: str) -> None:
-        """Write the expanded form of ``src`` to ``out``.
+    async def _expand(self, src: Path, out: Path, key: str) -> set[tuple[bytes, expand.Recipe]]:
+        """Write the expanded form of ``src`` to ``out``; returns what its search
+        proved (``ExpandStats.proven``, for ``expand.prove_form``).
 
         With a zlib that does not deflate like reference zlib, its
         recompressions could not be trusted on other machines: the file
@@ -708,7 +709,7 @@ class Core:
         if not zlib_is_reference():
             log.warning("this zlib does not deflate like reference zlib; %s is not expanded", key)
             await self._cpu(expand.plain_form, src, out)
-            return
+            return set()
         expand_one = functools.partial(
             expand.expand_file, scratch_dir=self.scratch_dir, limits=self.limits
         )
@@ -717,7 +718,7 @@ class Core:
         except ExpansionLimit as exc:  # a bomb, or beyond what this mount expands
             log.warning("%s: %s; stored without expanding it", key, exc)
             await self._cpu(expand.plain_form, src, out)
-            return
+            return set()
         assert isinstance(stats, expand.ExpandStats)
         log.debug(
             "%s: %d streams inflated (%d by GNU gzip), %d kept; %d -> %d bytes",
@@ -728,6 +729,7 @@ class Core:
             stats.original_size,
             stats.expanded_size,
         )
+        return stats.proven
 
     # --- references ------------------------------------------------------------
 

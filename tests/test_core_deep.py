@@ -168,10 +168,54 @@ async def test_expansion_that_fails_its_proof_is_stored_unexpanded(
 
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     await deep.put(paths[0], f"app/{paths[0].name}")
-    monkeypatch.setattr(expand, "rebuild_digest", lambda *_: ("0" * 64, 0))
+    monkeypatch.setattr(expand, "prove_form", lambda *_: False)
     result = await deep.put(paths[1], f"app/{paths[1].name}")
     monkeypatch.undo()
     # Unexpanded: the delta of a gzip stream against an expanded tar is large.
+    assert result.stored_size > 0.3 * paths[1].stat().st_size or result.kind is Kind.DIRECT
+    out = tmp_path / "out"
+    await deep.get(f"app/{paths[1].name}", out)
+    assert sha(out) == sha(paths[1])
+
+
+@pytest.mark.expected_log(r"does not rebuild exactly")
+@pytest.mark.parametrize("damage", ["raw byte", "deflate level"])
+async def test_a_wrong_expanded_form_is_caught_without_a_second_deflate(
+    deep: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """The write path proves the form by ``prove_form``, not by deflating it
+    all again: a form that would rebuild to other bytes (a RAW byte changed,
+    or the tar.gz's level changed after its search) is never stored."""
+    from dgfs.deep import expand
+    from dgfs.deep.deflate import DeflateParams
+
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
+    await deep.put(paths[0], f"app/{paths[0].name}")
+    real_expand = expand.expand_file
+    deflated_again: list[Path] = []
+    real_rebuild_digest = expand.rebuild_digest
+
+    def spoiled(src: Path, out: Path, **kwargs: object) -> expand.ExpandStats:
+        stats = real_expand(src, out, **kwargs)  # type: ignore[arg-type]
+        form = bytearray(out.read_bytes())
+        if damage == "raw byte":
+            at = form.index(b"/mod3.py")  # a tar header, inside the gzip's DEFLATE
+            form[at] ^= 0x01
+        else:
+            at = form.index(bytes((expand.TAG_DEFLATE,)) + DeflateParams(9).pack())
+            form[at + 1] = 6
+        out.write_bytes(bytes(form))
+        return stats
+
+    def counted(expanded: Path, *args: object) -> tuple[str, int]:
+        deflated_again.append(expanded)
+        return real_rebuild_digest(expanded, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(expand, "expand_file", spoiled)
+    monkeypatch.setattr(expand, "rebuild_digest", counted)
+    result = await deep.put(paths[1], f"app/{paths[1].name}")
+    monkeypatch.undo()
+    assert deflated_again == []
     assert result.stored_size > 0.3 * paths[1].stat().st_size or result.kind is Kind.DIRECT
     out = tmp_path / "out"
     await deep.get(f"app/{paths[1].name}", out)

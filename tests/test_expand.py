@@ -278,6 +278,9 @@ def round_trip(tmp: Path, data: bytes, name: str = "input.bin") -> tuple[ExpandS
     assert (digest, size) == (sha256(data), len(data))
     assert rebuild_digest(expanded, scratch) == (digest, size)
     assert rebuild_digest(expanded, scratch, workers=3) == (digest, size)
+    assert expand.prove_form(expanded, src, stats.proven)
+    if stats.streams_inflated:
+        assert not expand.prove_form(expanded, src, set()), "proven without the search's word"
     assert stats.original_size == len(data)
     assert stats.expanded_size == expanded.stat().st_size
     assert list(scratch.iterdir()) == [], "scratch files left behind"
@@ -1242,3 +1245,91 @@ def test_remembered_gnu_span_is_not_used_without_zgz(
     monkeypatch.setattr(gnuzip, "zgz_path", lambda: None)
     stats, _ = round_trip(tmp_path, data, "items.json.gz")
     assert (stats.streams_inflated, stats.streams_kept, stats.streams_gnu) == (0, 1, 0)
+
+
+# --- the proof that needs no second deflate ------------------------------------------------
+
+
+def _deflate_param_offsets(form: bytes) -> list[int]:
+    """Where the four parameter bytes of every DEFLATE segment of ``form`` sit."""
+    pos, depth, found = len(MAGIC), 0, []
+    while True:
+        tag = form[pos]
+        pos += 1
+        if tag == expand.TAG_END:
+            if depth == 0:
+                return found
+            depth -= 1
+        elif tag == expand.TAG_RAW:
+            length, pos = read_varint(form, pos)
+            pos += length
+        elif tag == expand.TAG_DEFLATE:
+            found.append(pos)
+            pos, depth = pos + 4, depth + 1
+        else:
+            pos, depth = pos + 1, depth + 1
+
+
+def test_proof_refuses_every_form_that_rebuilds_to_other_bytes(tmp_path: Path) -> None:
+    """``prove_form`` replaces the write path's second full deflate: each way a
+    form can rebuild to bytes other than the file's must fail it (the rebuild
+    confirms those bytes differ), and so must a stream the search never proved."""
+    war, _ = nested_war()
+    src, expanded, scratch = tmp_path / "app.war", tmp_path / "app.dgx", tmp_path / "scratch"
+    scratch.mkdir()
+    src.write_bytes(war)
+    stats = expand_file(src, expanded, scratch_dir=scratch)
+    form = expanded.read_bytes()
+    assert expand.prove_form(expanded, src, stats.proven)
+
+    def proven(candidate: bytes, original: bytes = war, facts: Any = stats.proven) -> bool:
+        (tmp_path / "c.dgx").write_bytes(candidate)
+        (tmp_path / "c.orig").write_bytes(original)
+        return expand.prove_form(tmp_path / "c.dgx", tmp_path / "c.orig", facts)
+
+    def rebuilds_to_war(candidate: bytes) -> bool:
+        (tmp_path / "c.dgx").write_bytes(candidate)
+        try:
+            return rebuild_digest(tmp_path / "c.dgx", scratch) == (sha256(war), len(war))
+        except (FormatError, DeltaEngineError, ValueError):
+            return False
+
+    # Another level in one DEFLATE segment's header (nested ones too).
+    offsets = _deflate_param_offsets(form)
+    assert len(offsets) >= 3
+    for offset in offsets:
+        level = form[offset]
+        changed = form[:offset] + bytes((level % 9 + 1,)) + form[offset + 1 :]
+        if rebuilds_to_war(changed):
+            continue  # a short stream every level compresses alike: not a wrong form
+        assert not proven(changed), f"other level at {offset} proven"
+    # One byte of every RAW and inflated region in turn (the war's stored bytes,
+    # headers, members' content); and the original changed, cut or lengthened.
+    for pos in range(len(MAGIC), len(form) - 1, 97):
+        damaged = form[:pos] + bytes((form[pos] ^ 0x20,)) + form[pos + 1 :]
+        if not rebuilds_to_war(damaged):
+            assert not proven(damaged), f"byte {pos} flipped, proven"
+    for pos in range(0, len(war), 101):
+        other = war[:pos] + bytes((war[pos] ^ 1,)) + war[pos + 1 :]
+        assert not proven(form, other), f"original byte {pos} flipped, proven"
+    assert not proven(form, war[:-1]) and not proven(form, war + b"\0")
+    assert not proven(form, b"")
+    # The search's word is what proves a stream: none, or another recipe, fails.
+    assert not proven(form, war, set())
+    swapped = {
+        (digest, DeflateParams(9 if r == DeflateParams(6) else 6)) for digest, r in stats.proven
+    }
+    assert not proven(form, war, swapped)
+
+
+def test_proof_of_gnu_segments_needs_the_gnu_level(tmp_path: Path) -> None:
+    if gnuzip.zgz_path() is None:
+        pytest.skip("zgz (pristine-tar) not installed")
+    data = gnu_gzip(json_lines(), 6)
+    src, expanded = tmp_path / "g", tmp_path / "g.dgx"
+    src.write_bytes(data)
+    stats = expand_file(src, expanded, scratch_dir=tmp_path)
+    assert stats.streams_gnu == 1
+    assert expand.prove_form(expanded, src, stats.proven)
+    other = {(digest, 9) for digest, _ in stats.proven}
+    assert not expand.prove_form(expanded, src, other)

@@ -53,6 +53,7 @@ import struct
 import tempfile
 import threading
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -252,6 +253,10 @@ class _Budget:
         return max(0.0, self.deadline - time.monotonic())
 
 
+#: How a stream is re-compressed: zlib settings, or a GNU gzip level.
+Recipe = DeflateParams | int
+
+
 @dataclass
 class ExpandStats:
     """What ``expand_file`` did, for logs and benchmarks."""
@@ -267,6 +272,11 @@ class ExpandStats:
     params_seen: dict[DeflateParams, int] = field(default_factory=dict)
     peak_scratch: int = 0
     """The most scratch bytes the expansion held at once (output and spools)."""
+    proven: set[tuple[bytes, Recipe]] = field(default_factory=set)
+    """(SHA-256 of a compressed span, recipe) for every DEFLATE and GNU segment
+    written: the recipe turns the span's inflated bytes into exactly the span,
+    as the search compared byte for byte (or an earlier search, for a span
+    remembered in ``VERIFIED_SPANS``). :func:`prove_form` builds on these."""
 
 
 # --- writing -----------------------------------------------------------------
@@ -354,10 +364,6 @@ class _Hint:
             self.successes += evidence
         else:
             self.params, self.successes = params, evidence
-
-
-#: How a stream is re-compressed: zlib settings, or a GNU gzip level.
-Recipe = DeflateParams | int
 
 
 def _header(recipe: Recipe) -> bytes:
@@ -616,6 +622,7 @@ class _Expander:
                 return found, None
             if known is None:
                 self.w.patch(seg_pos + 1, found.params.pack())  # type: ignore[union-attr]
+            self.stats.proven.add((_span_digest(src, start, found.compressed_length), recipe))
             if spool is not None:
                 spool.flush()
                 self.w.rewind(body_pos)
@@ -1101,3 +1108,135 @@ def rebuild_digest(
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+# --- proving a form without compressing again ----------------------------------------
+
+
+class _Mismatch(Exception):
+    """The form does not rebuild to the expected bytes."""
+
+
+class _Expected:
+    """The bytes a form must rebuild to, read in order, with read-back."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def _more(self, want: int) -> bytes:
+        """Up to about ``want`` further bytes; b"" at the end."""
+        raise NotImplementedError
+
+    def read(self, size: int) -> bytes:
+        """The next ``size`` bytes (fewer only at the end)."""
+        while len(self._buf) < size:
+            more = self._more(size - len(self._buf))
+            if not more:
+                break
+            self._buf += more
+        out = bytes(self._buf[:size])
+        del self._buf[:size]
+        return out
+
+    def unread(self, data: bytes) -> None:
+        self._buf[:0] = data
+
+
+class _ExpectedFile(_Expected):
+    def __init__(self, src: BinaryIO) -> None:
+        super().__init__()
+        self._src = src
+
+    def _more(self, want: int) -> bytes:
+        return self._src.read(max(want, RAW_CHUNK))
+
+
+class _ExpectedInflated(_Expected):
+    """The inflated bytes of the raw deflate stream that starts where ``parent`` is."""
+
+    def __init__(self, parent: _Expected) -> None:
+        super().__init__()
+        self._parent = parent
+        self._decomp = zlib.decompressobj(-15)
+        self._digest = hashlib.sha256()
+        self._last = b""  # the chunk given to zlib last; its tail may follow the stream
+
+    def _more(self, want: int) -> bytes:
+        while not self._decomp.eof:
+            data = self._decomp.unconsumed_tail
+            if not data:
+                self._digest.update(self._last)
+                data = self._last = self._parent.read(_PROOF_READ)
+                if not data:
+                    raise _Mismatch("a deflate stream ends early")
+            try:
+                out = self._decomp.decompress(data, max(want, _PROOF_READ))
+            except zlib.error:
+                raise _Mismatch("not a deflate stream") from None
+            if out:
+                return out
+        return b""
+
+    def finish(self) -> bytes:
+        """SHA-256 of the compressed stream, once all of its bytes were read;
+        what followed it goes back to the parent."""
+        if self.read(1) or not self._decomp.eof:
+            raise _Mismatch("a deflate stream holds more than its segment rebuilds")
+        unused = self._decomp.unused_data
+        self._digest.update(self._last[: len(self._last) - len(unused)])
+        self._parent.unread(unused)
+        return self._digest.digest()
+
+
+_PROOF_READ = 64 * 1024
+
+
+def _prove(reader: _Reader, expected: _Expected, proven: set[tuple[bytes, Recipe]]) -> None:
+    """Check the segments up to the next END against ``expected`` (raises ``_Mismatch``)."""
+    while (tag := reader.exact(1)[0]) != TAG_END:
+        if tag == TAG_RAW:
+            left = reader.varint()
+            while left:
+                chunk = reader.exact(min(left, RAW_CHUNK))
+                left -= len(chunk)
+                if expected.read(len(chunk)) != chunk:
+                    raise _Mismatch("a RAW segment differs")
+            continue
+        if tag not in (TAG_DEFLATE, TAG_GNU):
+            raise FormatError(f"expanded form: unknown segment tag {tag}")
+        if reader.depth >= MAX_NESTING:
+            raise DecodeLimit(f"expanded form: segments nest deeper than {MAX_NESTING}")
+        recipe: Recipe = reader.params() if tag == TAG_DEFLATE else reader.exact(1)[0]
+        inflated = _ExpectedInflated(expected)
+        reader.depth += 1
+        _prove(reader, inflated, proven)
+        reader.depth -= 1
+        if (inflated.finish(), recipe) not in proven:
+            raise _Mismatch(f"no search proved {recipe} for a stream")
+
+
+def prove_form(expanded: Path, original: Path, proven: set[tuple[bytes, Recipe]]) -> bool:
+    """Whether ``expanded`` rebuilds to exactly the bytes of ``original``,
+    without compressing anything: what ``rebuild_file`` would compare by
+    SHA-256, at the cost of inflating.
+
+    Walks the form and the original together: RAW segments must equal the
+    original's bytes where they stand; a DEFLATE or GNU segment must stand
+    where a deflate stream starts whose inflated bytes its inner segments
+    rebuild to (checked the same way, recursively), and whose (SHA-256,
+    recipe) is in ``proven`` (``ExpandStats.proven``): the expansion's search
+    compressed those inflated bytes with that recipe, by the code the
+    rebuild runs (``deflate_chunks``, ``gnuzip.gnu_deflate``), and compared
+    every byte with the span. Deflate's output does not depend on how its
+    input is split, so the rebuild gives the span back.
+    """
+    with open(expanded, "rb") as src, open(original, "rb") as orig:
+        if src.read(len(MAGIC)) != MAGIC:
+            return False
+        expected = _ExpectedFile(orig)
+        try:
+            _prove(_Reader(src, None), expected, proven)
+        except (_Mismatch, FormatError, DecodeLimit) as exc:
+            log.debug("%s: expanded form not proven: %s", original, exc)
+            return False
+        return not src.read(1) and not expected.read(1)
