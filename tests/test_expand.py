@@ -1333,3 +1333,91 @@ def test_proof_of_gnu_segments_needs_the_gnu_level(tmp_path: Path) -> None:
     assert expand.prove_form(expanded, src, stats.proven)
     other = {(digest, 9) for digest, _ in stats.proven}
     assert not expand.prove_form(expanded, src, other)
+
+
+# --- memo entries computed once for threads asking at once ------------------------------------
+
+
+def test_memo_entry_asked_for_at_once_is_computed_once() -> None:
+    import threading
+    import time
+
+    memo = expand._Memo(1 << 20)
+    computed: list[int] = []
+    got: list[object] = []
+    start = threading.Barrier(4)
+
+    def ask(n: int) -> None:
+        start.wait()
+        with memo.computing(b"k", wait=30) as value:
+            if value is None:
+                computed.append(n)
+                time.sleep(0.3)
+                value = f"made by {n}"
+                memo.put(b"k", value, 10)
+            got.append(value)
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(computed) == 1 and got == [f"made by {computed[0]}"] * 4
+    assert memo.waits == 3
+
+
+def test_memo_waiter_computes_itself_when_its_peer_fails_or_is_itself() -> None:
+    import threading
+
+    memo = expand._Memo(1 << 20)
+    claimed, release = threading.Event(), threading.Event()
+
+    def failing_peer() -> None:
+        with contextlib.suppress(RuntimeError), memo.computing(b"k") as value:
+            assert value is None
+            claimed.set()
+            release.wait()
+            raise RuntimeError("peer failed")
+
+    peer = threading.Thread(target=failing_peer)
+    peer.start()
+    claimed.wait()
+    threading.Timer(0.2, release.set).start()
+    with memo.computing(b"k", wait=30) as value:
+        assert value is None  # waited, got nothing: computes it itself
+    peer.join()
+    # A thread asking again inside its own computation does not wait for itself.
+    with memo.computing(b"n", wait=30) as outer, memo.computing(b"n", wait=30) as inner:
+        assert outer is None and inner is None
+    assert memo.waits == 1
+
+
+def test_concurrent_rebuilds_and_expansions_of_one_archive_share_their_work(
+    tmp_path: Path,
+) -> None:
+    """Side by side (a prefetch beside a read, two uploads), rebuilds share
+    rebuilt subtrees and expansions share verdicts: every byte still right."""
+    import threading
+
+    war, _ = nested_war()
+    src = tmp_path / "app.war"
+    src.write_bytes(war)
+    forms = [tmp_path / f"{n}.dgx" for n in range(3)]
+    results: list[object] = []
+    start = threading.Barrier(3)
+
+    def expand_and_rebuild(n: int) -> None:
+        start.wait()
+        stats = expand_file(src, forms[n], scratch_dir=tmp_path)
+        results.append(expand.prove_form(forms[n], src, stats.proven))
+        start.wait()
+        results.append(rebuild_digest(forms[n], tmp_path, workers=2))
+
+    threads = [threading.Thread(target=expand_and_rebuild, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 3
+    assert results.count((sha256(war), len(war))) == 3
+    assert len({f.read_bytes() for f in forms}) == 1

@@ -57,6 +57,7 @@ import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -372,14 +373,63 @@ def _header(recipe: Recipe) -> bytes:
     return bytes((TAG_GNU, recipe))
 
 
+#: How long a thread waits for another one computing the same memo entry
+#: before computing it too (a bound, not a timing: they normally finish first).
+PEER_WAIT = 60.0
+
+
 class _Memo:
-    """A thread-safe LRU map with a byte budget (shared by concurrent expansions)."""
+    """A thread-safe LRU map with a byte budget (shared by concurrent expansions
+    and rebuilds), whose entries are computed once when asked for at once."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[bytes, tuple[object, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        # key -> (set when its computation ends, the thread computing it)
+        self._flights: dict[bytes, tuple[threading.Event, int]] = {}
+        self.waits = 0
+        """Lookups that waited for another thread's computation (tests, benchmarks)."""
+
+    @contextmanager
+    def computing(self, key: bytes, wait: float = PEER_WAIT) -> Iterator[object | None]:
+        """The value of ``key``; or None, and then the caller computes it and
+        ``put``s it before leaving the block.
+
+        Consecutive releases read or stored side by side (a prefetch beside a
+        read, uploads in parallel) ask for the same entries at the same time:
+        a thread that finds one being computed by another waits for it (at
+        most ``wait`` seconds, then computes it too). Nested entries are
+        computed inside outer ones; a thread never waits for itself, and
+        the bound on the wait keeps a cycle (two archives nested in each
+        other both ways) from blocking for good.
+        """
+        me = threading.get_ident()
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            flight = self._flights.get(key) if item is None else None
+            claimed = item is None and flight is None
+            if claimed:
+                self._flights[key] = (threading.Event(), me)
+        if item is not None:
+            yield item[0]
+            return
+        if flight is not None:
+            event, owner = flight
+            if owner != me:
+                self.waits += 1
+                event.wait(wait)
+            yield self.get(key)
+            return
+        try:
+            yield None
+        finally:
+            with self._lock:
+                event, _ = self._flights.pop(key)
+            event.set()
 
     def get(self, key: bytes) -> object | None:
         with self._lock:
@@ -471,24 +521,47 @@ class _Expander:
         match (``compressed_length == 0`` means "not deflate") and whether
         a segment was written for it.
         """
-        span_digest = None
-        if length is not None and length >= MEMO_MIN_SPAN and start + length <= limit:
-            span_digest = _span_digest(src, start, length)
-            known = VERIFIED_SPANS.get(span_digest)
-            if isinstance(known, int) and gnuzip.zgz_path() is None:
-                known = None  # proven with zgz, which is gone: could not be rebuilt here
-            if known == _UNREPRODUCIBLE:
-                return DeflateMatch(length, 0, None), False
-            if isinstance(known, DeflateParams | int):
-                found, recipe = self._segment(src, start, limit, depth, (), known, length)
-                if recipe is not None:
-                    self.stats.streams_remembered += 1
-                    if isinstance(recipe, DeflateParams):
-                        hint = self.hints.setdefault((kind, depth), _Hint())
-                        hint.record(recipe, found.compressed_length)
-                    else:
-                        self.stats.streams_gnu += 1
-                    return found, True
+        if length is None or length < MEMO_MIN_SPAN or start + length > limit:
+            return self._stream(src, start, limit, depth, kind, prior, length, None, None)
+        span_digest = _span_digest(src, start, length)
+        # Another expansion (the next release, uploaded beside this one) may
+        # be searching these very bytes: its verdict is worth waiting for.
+        wait = min(PEER_WAIT, self.budget.time_left())
+        with VERIFIED_SPANS.computing(span_digest, wait) as known:
+            self.budget.check_time()
+            return self._stream(
+                src, start, limit, depth, kind, prior, length, span_digest, known
+            )
+
+    def _stream(
+        self,
+        src: BinaryIO,
+        start: int,
+        limit: int,
+        depth: int,
+        kind: str,
+        prior: DeflateParams | None,
+        length: int | None,
+        span_digest: bytes | None,
+        known: object,
+    ) -> tuple[DeflateMatch, bool]:
+        """``deflate`` once the memo was asked: ``known`` is its verdict on the
+        ``length`` bytes at ``start`` (``span_digest``); None: search, and
+        tell the memo."""
+        if isinstance(known, int) and gnuzip.zgz_path() is None:
+            known = None  # proven with zgz, which is gone: could not be rebuilt here
+        if length is not None and known == _UNREPRODUCIBLE:
+            return DeflateMatch(length, 0, None), False
+        if length is not None and isinstance(known, DeflateParams | int):
+            found, recipe = self._segment(src, start, limit, depth, (), known, length)
+            if recipe is not None:
+                self.stats.streams_remembered += 1
+                if isinstance(recipe, DeflateParams):
+                    hint = self.hints.setdefault((kind, depth), _Hint())
+                    hint.record(recipe, found.compressed_length)
+                else:
+                    self.stats.streams_gnu += 1
+                return found, True
         found, recipe = self._search(src, start, limit, depth, kind, prior)
         if found.compressed_length >= MEMO_MIN_SPAN:
             if span_digest is None or length != found.compressed_length:
@@ -1034,15 +1107,15 @@ def _rebuild_subtree(subtree: bytes, scratch_dir: Path | None, depth: int) -> li
     """The original bytes of one DEFLATE or GNU segment given whole (tag
     included), found inside ``depth`` others."""
     key = hashlib.sha256(subtree).digest()
-    cached = REBUILT_SUBTREES.get(key)
-    if isinstance(cached, list):
-        return cached
-    reader = _Reader(io.BytesIO(subtree), scratch_dir, depth)
-    rebuilt = list(reader.compressed(reader.exact(1)[0]))
-    if reader.src.read(1):
-        raise FormatError("expanded form: bytes after a segment's end")
-    REBUILT_SUBTREES.put(key, rebuilt, sum(map(len, rebuilt)) + 64)
-    return rebuilt
+    with REBUILT_SUBTREES.computing(key) as cached:
+        if isinstance(cached, list):
+            return cached
+        reader = _Reader(io.BytesIO(subtree), scratch_dir, depth)
+        rebuilt = list(reader.compressed(reader.exact(1)[0]))
+        if reader.src.read(1):
+            raise FormatError("expanded form: bytes after a segment's end")
+        REBUILT_SUBTREES.put(key, rebuilt, sum(map(len, rebuilt)) + 64)
+        return rebuilt
 
 
 def rebuild_chunks(
