@@ -1421,3 +1421,39 @@ def test_concurrent_rebuilds_and_expansions_of_one_archive_share_their_work(
     assert results.count(True) == 3
     assert results.count((sha256(war), len(war))) == 3
     assert len({f.read_bytes() for f in forms}) == 1
+
+
+def _leaf_subtrees(form: bytes) -> set[bytes]:
+    """The DEFLATE and GNU segments of ``form`` (whole, tag included) that hold no other."""
+    pos, stack, leaves = len(MAGIC), [], set()  # stack: [start, holds others]
+    while True:
+        tag = form[pos]
+        pos += 1
+        if tag == expand.TAG_END:
+            if not stack:
+                return leaves
+            start, nests = stack.pop()
+            if not nests:
+                leaves.add(form[start:pos])
+        elif tag == expand.TAG_RAW:
+            length, pos = read_varint(form, pos)
+            pos += length
+        else:
+            if stack:
+                stack[-1][1] = True
+            stack.append([pos - 1, False])
+            pos += 4 if tag == expand.TAG_DEFLATE else 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_only_subtrees_holding_no_others_are_remembered(tmp_path: Path, workers: int) -> None:
+    war, _ = nested_war()
+    _, form = round_trip(tmp_path, war, "app.war")
+    expand.REBUILT_SUBTREES.clear()
+    (tmp_path / "f.dgx").write_bytes(form)
+    for _ in range(2):  # the second time from the memo
+        assert rebuild_digest(tmp_path / "f.dgx", tmp_path, workers) == (sha256(war), len(war))
+    leaves = _leaf_subtrees(form)
+    assert 0 < len(leaves) < len(segment_tags(form))
+    remembered = set(expand.REBUILT_SUBTREES._items)
+    assert remembered == {hashlib.sha256(leaf).digest() for leaf in leaves}

@@ -529,9 +529,7 @@ class _Expander:
         wait = min(PEER_WAIT, self.budget.time_left())
         with VERIFIED_SPANS.computing(span_digest, wait) as known:
             self.budget.check_time()
-            return self._stream(
-                src, start, limit, depth, kind, prior, length, span_digest, known
-            )
+            return self._stream(src, start, limit, depth, kind, prior, length, span_digest, known)
 
     def _stream(
         self,
@@ -957,6 +955,8 @@ class _Reader:
         self.scratch_dir = scratch_dir
         self.depth = depth
         """DEFLATE/GNU segments open around the one being read (at most ``MAX_NESTING``)."""
+        self.nests = False
+        """Whether the subtree ``_subtree_end`` walked last holds others."""
 
     def exact(self, size: int) -> bytes:
         data = self.src.read(size)
@@ -1032,7 +1032,10 @@ class _Reader:
         if end is None:
             yield from self.compressed(tag)
         else:
-            yield from _rebuild_subtree(self.exact(end - start), self.scratch_dir, self.depth)
+            nests = self.nests
+            yield from _rebuild_subtree(
+                self.exact(end - start), self.scratch_dir, self.depth, remember=not nests
+            )
 
     def segments_in_parallel(self, workers: int) -> Iterator[bytes]:
         """``segments``, with small subtrees rebuilt by ``workers`` threads.
@@ -1067,7 +1070,10 @@ class _Reader:
                     continue
                 self.src.seek(start)
                 subtree = self.exact(end - start)
-                queue.append(pool.submit(_rebuild_subtree, subtree, self.scratch_dir, 0))
+                remember = not self.nests
+                queue.append(
+                    pool.submit(_rebuild_subtree, subtree, self.scratch_dir, 0, remember=remember)
+                )
                 sizes.append(len(subtree))
                 in_flight += len(subtree)
                 yield from ready(force=False)
@@ -1075,9 +1081,11 @@ class _Reader:
 
     def _subtree_end(self, tag: int, limit: int) -> int | None:
         """Where the DEFLATE or GNU segment whose tag was just read ends, or None
-        if it holds more than ``limit`` RAW bytes. Reads only tags and lengths."""
+        if it holds more than ``limit`` RAW bytes. Reads only tags and lengths;
+        ``nests`` then says whether it holds DEFLATE or GNU segments itself."""
         self.src.seek(4 if tag == TAG_DEFLATE else 1, os.SEEK_CUR)
         depth, total = 1, 0
+        self.nests = False
         while depth:
             tag = self.exact(1)[0]
             if tag == TAG_END:
@@ -1091,31 +1099,46 @@ class _Reader:
             elif tag in (TAG_DEFLATE, TAG_GNU):
                 self.src.seek(4 if tag == TAG_DEFLATE else 1, os.SEEK_CUR)
                 depth += 1
+                self.nests = True
             else:
                 raise FormatError(f"expanded form: unknown segment tag {tag}")
         return self.src.tell()
 
 
-#: SHA-256 of a DEFLATE or GNU subtree -> the bytes it rebuilds to. A file's
-#: zip members (and the gzip files in them) are mostly the same as the
-#: previous release's; rebuilding is a pure function of the subtree's
-#: bytes, so its result is reused, at every nesting level.
+#: SHA-256 of a DEFLATE or GNU subtree that holds no other -> the bytes it
+#: rebuilds to. A file's zip members (and the gzip files in them) are
+#: mostly the same as the previous release's; rebuilding is a pure function
+#: of the subtree's bytes, so its result is reused. Subtrees holding others
+#: are not kept: their own bytes seldom recur (a wheel's ``.json.gz``
+#: members carry build times in their gzip headers), the streams inside
+#: them do, and the budget then holds two to three botocore wheels' worth
+#: of those instead of one.
 REBUILT_SUBTREES = _Memo(32 << 20)
 
 
-def _rebuild_subtree(subtree: bytes, scratch_dir: Path | None, depth: int) -> list[bytes]:
+def _rebuild_subtree(
+    subtree: bytes, scratch_dir: Path | None, depth: int, *, remember: bool = True
+) -> list[bytes]:
     """The original bytes of one DEFLATE or GNU segment given whole (tag
-    included), found inside ``depth`` others."""
+    included), found inside ``depth`` others; from and into REBUILT_SUBTREES
+    if ``remember``."""
+    if not remember:
+        return _rebuild_whole(subtree, scratch_dir, depth)
     key = hashlib.sha256(subtree).digest()
     with REBUILT_SUBTREES.computing(key) as cached:
         if isinstance(cached, list):
             return cached
-        reader = _Reader(io.BytesIO(subtree), scratch_dir, depth)
-        rebuilt = list(reader.compressed(reader.exact(1)[0]))
-        if reader.src.read(1):
-            raise FormatError("expanded form: bytes after a segment's end")
+        rebuilt = _rebuild_whole(subtree, scratch_dir, depth)
         REBUILT_SUBTREES.put(key, rebuilt, sum(map(len, rebuilt)) + 64)
         return rebuilt
+
+
+def _rebuild_whole(subtree: bytes, scratch_dir: Path | None, depth: int) -> list[bytes]:
+    reader = _Reader(io.BytesIO(subtree), scratch_dir, depth)
+    rebuilt = list(reader.compressed(reader.exact(1)[0]))
+    if reader.src.read(1):
+        raise FormatError("expanded form: bytes after a segment's end")
+    return rebuilt
 
 
 def rebuild_chunks(
