@@ -216,14 +216,16 @@ def format_table(workloads: Sequence[Workload], tools: Sequence[str]) -> str:
     label_width = max([len(w.label) for w in workloads] + [8])
     head = f"{'workload':<{label_width}} " + " ".join(f"{t:>15}" for t in tools)
     columns = _api_columns(tools)
-    head += "".join(f" {t.replace('dgfs ', '') + '÷API':>9}" for t in columns)
+    titles = [t.replace("dgfs ", "") + "÷API" for t in columns]
+    head += "".join(f" {title:>9}" for title in titles)
     lines = [head, "-" * len(head)]
     for w in workloads:
         row = f"{w.label:<{label_width}} "
         row += " ".join(cell(w.seconds(t), w.ratios(t)[f"vs {BASELINE}"]) for t in tools)
-        for t in columns:
+        for t, title in zip(columns, titles, strict=True):
             vs_api = w.ratios(t).get(f"vs {STORE_BASELINE}")
-            row += f" {vs_api:>8.2f}x" if vs_api is not None else f" {'':>9}"
+            width = max(9, len(title))
+            row += f" {vs_api:>{width - 1}.2f}x" if vs_api is not None else f" {'':>{width}}"
         lines.append(row)
     return "\n".join(lines)
 
