@@ -26,6 +26,8 @@ import shutil
 import signal
 from collections.abc import Callable
 
+from dgfs import environment
+
 #: A child's time limit: this much, plus one second per ``MIN_RATE`` bytes of work.
 BASE_SECONDS = 120.0
 #: Bytes per second below which a child counts as hung. Measured here on a
@@ -45,7 +47,7 @@ def resolve(name: str) -> str | None:
 
 def child_env() -> dict[str, str]:
     """The whole environment a child process gets."""
-    return {"PATH": os.environ.get("PATH") or _FALLBACK_PATH, "LC_ALL": "C"}
+    return {"PATH": environment.search_path() or _FALLBACK_PATH, "LC_ALL": "C"}
 
 
 def timeout_for(work_bytes: int) -> float:

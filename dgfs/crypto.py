@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from dgfs import environment
 from dgfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def read_key_file(path: Path) -> bytes:
     return parse_key(text, f"cache key file {path}")
 
 
-def load_cache_key(environ: Mapping[str, str], key_file: Path | None) -> bytes | None:
+def load_cache_key(environ: Mapping[str, str] | None, key_file: Path | None) -> bytes | None:
     """The persistent cache key, or None for an ephemeral (per-mount) cache.
 
     ``DG_CACHE_ENCRYPTION_KEY`` wins if set and not blank; otherwise
@@ -235,7 +236,7 @@ def load_cache_key(environ: Mapping[str, str], key_file: Path | None) -> bytes |
     fit to show the user, when the value or file is malformed or the file is
     readable by group or others.
     """
-    env_value = environ.get(KEY_ENV, "")
+    env_value = environment.cache_key_text(environ)
     if env_value.strip():
         log.debug("cache key from %s", KEY_ENV)
         return parse_key(env_value, KEY_ENV)

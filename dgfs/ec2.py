@@ -13,11 +13,12 @@ The functions here block (HTTP); call them from a worker thread.
 from __future__ import annotations
 
 import logging
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from dgfs import environment
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ TOKEN_HEADER = "X-aws-ec2-metadata-token"
 TOKEN_TTL_SECONDS = 60  # we ask two questions, then forget the token
 TIMEOUT_SECONDS = 1.0  # off EC2 the address does not answer: give up fast
 
-_TRUE = ("true", "1", "yes")
-
 
 @dataclass(frozen=True)
 class InstanceInfo:
@@ -41,19 +40,16 @@ class InstanceInfo:
     availability_zone: str | None
 
 
-def detection_disabled(environ: Mapping[str, str] = os.environ) -> bool:
-    return (
-        environ.get("DG_DISABLE_EC2_DETECTION", "").strip().lower() in _TRUE
-        or environ.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() == "true"
-    )
+def detection_disabled(environ: Mapping[str, str] | None = None) -> bool:
+    return environment.ec2_detection_disabled(environ)
 
 
-def metadata_endpoint(environ: Mapping[str, str] = os.environ) -> str:
-    return (environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+def metadata_endpoint(environ: Mapping[str, str] | None = None) -> str:
+    return (environment.ec2_metadata_endpoint(environ) or DEFAULT_ENDPOINT).rstrip("/")
 
 
 def instance_info(
-    environ: Mapping[str, str] = os.environ, *, timeout: float = TIMEOUT_SECONDS
+    environ: Mapping[str, str] | None = None, *, timeout: float = TIMEOUT_SECONDS
 ) -> InstanceInfo | None:
     """The instance's region and zone, or None when not on EC2 (or detection is off).
 

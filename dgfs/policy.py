@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from dgfs import environment
 from dgfs.errors import ConfigError
 
 DEFAULT_MAX_RATIO = 0.5
@@ -163,7 +164,7 @@ class Policy:
         return delta_size <= self.max_ratio * file_size
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Policy:
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Policy:
         """A policy from DeltaGlider's environment variables, then ``overrides``.
 
         Reads ``DG_MAX_RATIO`` (a number from 0 to 1; unset or blank means
@@ -178,7 +179,7 @@ class Policy:
         if unknown:
             raise TypeError(f"unknown Policy fields: {', '.join(sorted(unknown))}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        raw_ratio = environ.get("DG_MAX_RATIO", "").strip()
+        raw_ratio = environment.max_ratio_text(environ)
         if raw_ratio and "max_ratio" not in given:
             given["max_ratio"] = _parse_ratio("DG_MAX_RATIO", raw_ratio)
         return cls(**given)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from dgfs import environment
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.crypto import load_cache_key
@@ -35,7 +36,7 @@ DEFAULT_CACHE_SIZE = 2 << 30
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or (
+    base = environment.cache_home() or (
         "/var/cache" if os.geteuid() == 0 else str(Path.home() / ".cache")
     )
     return Path(base) / "dgfs"
@@ -164,9 +165,9 @@ class Settings:
     """How far a file may be expanded for a deep delta, and an object rebuilt from one."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides: object) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Settings:
         settings = cls(
-            endpoint_url=environ.get("AWS_ENDPOINT_URL") or None,
+            endpoint_url=environment.endpoint_url(environ),
             policy=Policy.from_env(environ),
         )
         return replace(settings, **overrides)  # type: ignore[arg-type]
@@ -214,7 +215,7 @@ async def open_core(
     )
     engine.check()
     proxy_key = load_proxy_key(settings.proxy_key_file) if settings.proxy_key_file else None
-    key = load_cache_key(os.environ, settings.cache_key_file)
+    key = load_cache_key(None, settings.cache_key_file)
     root = private_cache_root(settings.cache_dir)
     # An ephemeral key cannot read another process's entries: such a cache
     # lives in a private directory per process so concurrent users never collide.

@@ -24,6 +24,7 @@ import select
 import socket
 from collections.abc import Mapping
 
+from dgfs import environment
 from dgfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ BARRIER_TIMEOUT = 10.0
 class Notifier:
     """Sends sd_notify messages to ``$NOTIFY_SOCKET`` (a path, or ``@name`` for an abstract one)."""
 
-    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
-        address = environ.get("NOTIFY_SOCKET", "")
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        address = environment.notify_socket(environ)
         self.address: str | None = None
         if address.startswith("@"):
             self.address = "\0" + address[1:]
@@ -118,20 +119,21 @@ class Notifier:
             os.close(read_end)
 
 
-def listened_fds(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
+def listened_fds(environ: Mapping[str, str] | None = None) -> dict[str, int]:
     """The descriptors systemd passed to this process, by name (sd_listen_fds_with_names(3)).
 
     Empty when ``LISTEN_PID`` names another process (the variables were
     inherited) or nothing was passed; a descriptor without a name is
     ``"unknown"``, as systemd calls it.
     """
-    if environ.get("LISTEN_PID", "") != str(os.getpid()):
+    pid, fds, fdnames = environment.listen_fds(environ)
+    if pid != str(os.getpid()):
         return {}
     try:
-        count = int(environ.get("LISTEN_FDS", "0"))
+        count = int(fds or "0")
     except ValueError:
         return {}
-    names = environ.get("LISTEN_FDNAMES", "").split(":")
+    names = fdnames.split(":")
     found: dict[str, int] = {}
     for index in range(max(0, count)):
         name = names[index] if index < len(names) and names[index] else "unknown"

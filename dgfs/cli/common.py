@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from dgfs.policy import Policy
@@ -41,5 +40,5 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "cache_size", None):
         overrides["cache_size"] = parse_size(args.cache_size)
     if getattr(args, "max_ratio", None) is not None:
-        overrides["policy"] = Policy.from_env(os.environ, max_ratio=args.max_ratio)
-    return Settings.from_env(os.environ, **overrides)
+        overrides["policy"] = Policy.from_env(max_ratio=args.max_ratio)
+    return Settings.from_env(**overrides)

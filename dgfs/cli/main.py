@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
-from dgfs import __version__
+from dgfs import __version__, environment
 from dgfs.errors import DgfsError, UserError
 from dgfs.printable import PrintableFormatter, printable
 
@@ -37,7 +36,7 @@ EXIT_INTERRUPTED = 130
 
 
 def setup_logging(level: str | None) -> None:
-    name = (level or os.environ.get("DG_LOG_LEVEL") or "WARNING").upper()
+    name = (level or environment.log_level() or "WARNING").upper()
     if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise UserError(f"bad log level {name!r}: use debug, info, warning or error")
     handler = logging.StreamHandler()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 import trio
 
-from dgfs import ec2
+from dgfs import ec2, environment
 from dgfs import format as fmt
 from dgfs.cli.common import add_cache_options, add_s3_options, settings_from_args
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
@@ -244,12 +243,7 @@ async def _region_warnings(settings: Settings, buckets: list[str]) -> list[str]:
     if instance is None:
         return []
     # The bucket's region as the client addresses it (DeltaGlider compares the same).
-    region = (
-        settings.region
-        or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION")
-        or "us-east-1"
-    )
+    region = settings.region or environment.region() or "us-east-1"
     warnings = []
     for bucket in dict.fromkeys(buckets):
         warning = ec2.region_warning(instance, bucket, region)

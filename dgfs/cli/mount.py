@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 
 from dgfs import readahead
@@ -158,7 +157,7 @@ def build_config(
                 raise ConfigError(f"option {name} needs a value ({name}=...)")
         else:
             raise ConfigError(f"unknown option {name!r} (see dgfs mount --help)")
-    settings = Settings.from_env(os.environ)
+    settings = Settings.from_env()
     changes: dict[str, object] = {}
     if "endpoint" in options:
         changes["endpoint_url"] = options["endpoint"]
@@ -194,7 +193,7 @@ def build_config(
             raise ConfigError(f"option xdelta_level must be 1 to 9, got {level}")
         changes["xdelta_level"] = level
     if policy_overrides:
-        changes["policy"] = Policy.from_env(os.environ, **policy_overrides)
+        changes["policy"] = Policy.from_env(**policy_overrides)
     expansion = _expansion_limits(options)
     if expansion is not None:
         changes["expansion"] = expansion

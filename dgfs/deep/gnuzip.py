@@ -20,7 +20,6 @@ is stopped at its time limit (:mod:`dgfs.children`).
 
 from __future__ import annotations
 
-import os
 import select
 import subprocess
 import time
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-from dgfs import children
+from dgfs import children, environment
 from dgfs.errors import DecodeLimit, DeltaEngineError
 
 #: The zgz binary: ``DGFS_ZGZ`` names another one, or (empty) none at all.
@@ -45,7 +44,7 @@ LEVELS = (6, 9, 1)
 @cache
 def zgz_path() -> str | None:
     """Where ``zgz`` is (``$DGFS_ZGZ``, else ``zgz`` on PATH), or None."""
-    name = os.environ.get(ZGZ_ENV, "zgz")
+    name = environment.zgz()
     return children.resolve(name) if name else None
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import closing
@@ -41,7 +40,7 @@ import botocore.exceptions as bexc
 import trio
 from botocore.config import Config
 
-from dgfs import __version__
+from dgfs import __version__, environment
 from dgfs.errors import (
     AccessDenied,
     ConfigError,
@@ -204,7 +203,7 @@ def ca_bundle() -> str | None:
     botocore's default: certifi's bundle when installed)."""
     from botocore.httpsession import get_cert_path
 
-    return os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
+    return environment.ca_bundle() or get_cert_path(True)
 
 
 def translate_error(
