@@ -134,9 +134,10 @@ from dgfs.core import Core
 from dgfs.delta import DeltaEngine
 from dgfs.errors import DgfsError, FsError, errno_of
 from dgfs.fs.attrcache import AttrCache
+from dgfs.fs.entries import NodeKind
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal
-from dgfs.fs.nodes import Node, NodeKind
+from dgfs.fs.nodes import Node
 from dgfs.fs.uploads import RETRY_MAX_DELAY
 from dgfs.policy import Policy
 from dgfs.store.faulty import Fault, FaultyStore

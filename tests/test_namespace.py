@@ -13,8 +13,8 @@ import trio.testing
 from dgfs import format as fmt
 from dgfs.fs import dirindex
 from dgfs.fs.attrcache import AttrCache
-from dgfs.fs.namespace import DirEntry, Namespace
-from dgfs.fs.nodes import NodeKind
+from dgfs.fs.entries import DirEntry, NodeKind
+from dgfs.fs.namespace import Namespace
 from dgfs.store.base import ListPage, ObjectHead
 from dgfs.store.memory import MemoryStore
 

@@ -25,8 +25,9 @@ import trio
 from dgfs.core import Core
 from dgfs.errors import FsError, NotFound
 from dgfs.format import StoredFile
+from dgfs.fs.entries import NodeKind
 from dgfs.fs.namespace import Namespace
-from dgfs.fs.nodes import Node, NodeKind, NodeTable
+from dgfs.fs.nodes import Node, NodeTable
 from dgfs.fs.uploads import UploadPipeline
 
 log = logging.getLogger(__name__)

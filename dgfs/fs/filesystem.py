@@ -34,10 +34,11 @@ from dgfs.errors import FsError, NotFound
 from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.changes import StoredChanges
+from dgfs.fs.entries import NodeKind
 from dgfs.fs.handles import Access, Handle, HandleTable
 from dgfs.fs.journal import Journal
 from dgfs.fs.namespace import NAME_MAX, Namespace
-from dgfs.fs.nodes import ROOT_INODE, Node, NodeKind, NodeTable, child_path
+from dgfs.fs.nodes import ROOT_INODE, Node, NodeTable, child_path
 from dgfs.fs.options import FsOptions
 from dgfs.fs.prefetch import Prefetcher
 from dgfs.fs.readers import Reader, StoredContent

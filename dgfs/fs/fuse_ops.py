@@ -31,9 +31,10 @@ from pyfuse3 import (
 )
 
 from dgfs.errors import DgfsError, FsError, errno_of
+from dgfs.fs.entries import NodeKind
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.namespace import NAME_MAX
-from dgfs.fs.nodes import Node, NodeKind
+from dgfs.fs.nodes import Node
 
 log = logging.getLogger(__name__)
 

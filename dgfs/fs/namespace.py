@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
 
 import trio
 from cachetools import TTLCache
@@ -22,10 +21,11 @@ from dgfs import format as fmt
 from dgfs.background import contained
 from dgfs.errors import AccessDenied, DgfsError, FsError, NotFound, StoreError
 from dgfs.flight import SingleFlight
-from dgfs.format import Kind, StoredFile
+from dgfs.format import Kind
 from dgfs.fs import dirindex
 from dgfs.fs.attrcache import AttrCache, relevant_metadata, version_of
-from dgfs.fs.nodes import Node, NodeKind
+from dgfs.fs.entries import DirEntry, NodeKind
+from dgfs.fs.nodes import Node
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
@@ -46,23 +46,6 @@ def _newer(head: ObjectHead, other: ObjectHead) -> bool:
     return fmt.form_rank(head.key, head.last_modified, head.metadata) > fmt.form_rank(
         other.key, other.last_modified, other.metadata
     )
-
-
-@dataclass
-class DirEntry:
-    """One name in a directory listing, with the attributes it will show."""
-
-    name: str
-    kind: NodeKind
-    size: int = 0
-    mtime_ns: int = 0
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    stored: StoredFile | None = None
-    etag: str | None = None
-    rdev: int = 0
-    atime_ns: int | None = None
 
 
 class Namespace:

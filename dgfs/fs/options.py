@@ -6,7 +6,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from dgfs.fs.nodes import NodeKind
+from dgfs.fs.entries import NodeKind
 
 
 @dataclass(frozen=True)

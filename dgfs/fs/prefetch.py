@@ -28,7 +28,8 @@ from dgfs.background import contained
 from dgfs.core import Core
 from dgfs.errors import DgfsError
 from dgfs.format import Kind, StoredFile
-from dgfs.fs.namespace import DirEntry, Namespace
+from dgfs.fs.entries import DirEntry
+from dgfs.fs.namespace import Namespace
 from dgfs.fs.nodes import Node
 
 log = logging.getLogger(__name__)

@@ -65,9 +65,10 @@ from dgfs.errors import (
     errno_of,
 )
 from dgfs.format import StoredFile
+from dgfs.fs.entries import NodeKind
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.namespace import Namespace
-from dgfs.fs.nodes import Node, NodeKind, NodeTable
+from dgfs.fs.nodes import Node, NodeTable
 from dgfs.fs.options import FsOptions
 from dgfs.fs.readers import StoredContent
 from dgfs.fs.staging import Phase, StagedFile

@@ -11,7 +11,8 @@ import errno
 from collections.abc import Mapping
 
 from dgfs.errors import FsError
-from dgfs.fs.nodes import ROOT_INODE, Node, NodeKind
+from dgfs.fs.entries import NodeKind
+from dgfs.fs.nodes import ROOT_INODE, Node
 
 PREFIX = "user.dgfs."
 FILE_FIELDS = ("kind", "stored_size", "original_size", "ratio", "sha256", "bucket", "key")
