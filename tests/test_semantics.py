@@ -1,0 +1,348 @@
+"""docs/SEMANTICS.md, statement by statement: the promises no other test proves.
+
+Each test names the statement it proves (the section of docs/SEMANTICS.md
+in its docstring), and that statement names the test. In-process, as
+tests/test_filesystem.py drives ``FileSystem``: no kernel, a memory store.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Awaitable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from dgfs.errors import FsError
+from dgfs.fs.filesystem import FsOptions
+from dgfs.fs.fuse_ops import FuseOperations
+from dgfs.store.faulty import FaultyStore
+from dgfs.store.memory import MemoryStore
+from tests.releases import ReleaseSeries
+from tests.test_core import flip_byte, make_core, write
+from tests.test_filesystem import (
+    ROOT,
+    UID,
+    create,
+    lookup,
+    mounted,
+    read_file,
+    write_file,
+)
+from tests.test_hostile import readdir
+
+pytestmark = pytest.mark.timeout(60)
+
+GID = os.getgid()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _errno_of(call: Awaitable[object]) -> int:
+    with pytest.raises(FsError) as exc:
+        await call
+    return exc.value.errno
+
+
+# --- Names and layout -----------------------------------------------------------------
+
+
+async def test_names_the_format_or_the_proxy_own_cannot_be_created(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Names and layout: ``.delta``, ``reference.bin`` and ``reference.deep``
+    anywhere, ``.deltaglider`` and ``_dgp`` at the bucket root: EINVAL."""
+    async with mounted(memory, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        for parent, name in (
+            (d.ino, "reference.deep"),
+            (d.ino, "reference.bin"),
+            (d.ino, "x.zip.delta"),
+            (ROOT, "_dgp"),
+            (ROOT, ".deltaglider"),
+        ):
+            assert await _errno_of(create(m.fs, name, b"x", parent)) == errno.EINVAL
+            assert await _errno_of(m.fs.mkdir(parent, name, 0o755, UID, GID)) == errno.EINVAL
+            assert await _errno_of(m.fs.symlink(parent, name, b"t", UID, GID)) == errno.EINVAL
+        # Below the root, _dgp is an ordinary name.
+        await write_file(m.fs, "_dgp", b"mine", d.ino)
+    assert memory.objects["d/_dgp"].body == b"mine"
+    assert sorted(memory.objects) == ["d/", "d/_dgp"]
+
+
+async def test_mkdir_writes_a_marker_holding_the_directorys_attributes(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Names and layout (an empty directory is a marker object ``app/``), and
+    Operations, ``mkdir``: writes the marker ``dir/``."""
+    async with mounted(memory, tmp_path) as m:
+        await m.fs.mkdir(ROOT, "app", 0o750, 1234, 5678)
+    marker = memory.objects["app/"]
+    assert marker.body == b""
+    assert int(marker.metadata["mode"]) == stat.S_IFDIR | 0o750
+    assert (marker.metadata["uid"], marker.metadata["gid"]) == ("1234", "5678")
+    assert "mtime" in marker.metadata
+
+
+async def test_a_directory_without_a_marker_shows_the_defaults_and_the_mount_time(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Names and layout: a directory without a marker shows the defaults
+    (``0777 & ~umask``, the mount's owner) and the mount time."""
+    await memory.put_bytes("nomarker/f.txt", b"f", {})
+    options = FsOptions(upload_delay=0.5, retry_delay=2.0, umask=0o027, uid=4321, gid=8765)
+    async with mounted(memory, tmp_path, options) as m:
+        d = await lookup(m.fs, "nomarker")
+        assert d.kind.type_bits == stat.S_IFDIR
+        assert (d.mode, d.uid, d.gid) == (0o750, 4321, 8765)
+        assert d.mtime_ns == m.fs.mounted_at_ns
+
+
+async def test_a_directorys_mtime_changes_in_memory_only(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Names and layout: a directory's mtime changes when this mount adds an
+    entry, in memory only (no PUT of its marker); after a remount it shows its
+    stored mtime again, which an explicit utime (``rsync -a``) sets."""
+    stored_ns = 1_600_000_000_000_000_000
+    async with mounted(memory, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await m.fs.setattr(d.ino, mtime_ns=stored_ns)
+        marker = memory.objects["d/"]
+        await write_file(m.fs, "f", b"new entry", d.ino)
+        assert (await m.fs.getattr(d.ino)).mtime_ns > stored_ns
+        await m.fs.wait_idle()
+        assert memory.objects["d/"] is marker  # not written again
+    async with mounted(memory, tmp_path) as m:
+        assert (await lookup(m.fs, "d")).mtime_ns == stored_ns
+
+
+async def test_another_mounts_chmod_of_a_directory_shows_after_a_remount(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Names and layout: a directory's attributes are read once per mount, so
+    another mount's ``chmod`` of a directory shows after a remount."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with mounted(memory, tmp_path / "a") as a:
+        d = await a.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        async with mounted(memory, tmp_path / "b") as b:
+            await b.fs.setattr((await lookup(b.fs, "d")).ino, mode=stat.S_IFDIR | 0o700)
+        assert int(memory.objects["d/"].metadata["mode"]) == stat.S_IFDIR | 0o700
+        autojump_clock.jump(3600)  # far past the listing TTL
+        await readdir(a.fs, "")
+        assert (await a.fs.getattr(d.ino)).mode == 0o755
+    async with mounted(memory, tmp_path / "a") as a:
+        assert (await lookup(a.fs, "d")).mode == 0o700
+
+
+# --- Operations -----------------------------------------------------------------------
+
+
+async def test_statfs_block_size_blocks_and_link_counts(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Operations, ``statfs`` (1 PiB free, 2^32 inodes) and ``st_blksize``
+    (1 MiB; ``st_blocks`` in 512-byte units); Conformance: a directory's link
+    count is 2 whatever it holds."""
+    async with mounted(memory, tmp_path) as m:
+        ops = FuseOperations(m.fs)
+        fs_stat = await ops.statfs(None)  # type: ignore[arg-type]
+        assert fs_stat.f_bavail * fs_stat.f_frsize == 1 << 50
+        assert fs_stat.f_bfree == fs_stat.f_blocks == fs_stat.f_bavail
+        assert fs_stat.f_files == fs_stat.f_ffree == 1 << 32
+        assert fs_stat.f_namemax == 255
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        for name in ("s1", "s2", "s3"):
+            await m.fs.mkdir(d.ino, name, 0o755, UID, GID)
+        await write_file(m.fs, "f", b"x" * 1025, d.ino)
+        f = await lookup(m.fs, "f", d.ino)
+        for ino in (f.ino, d.ino):
+            attrs = ops._attrs(await m.fs.getattr(ino))
+            assert attrs.st_blksize == 1 << 20
+            assert attrs.st_blocks == (attrs.st_size + 511) // 512
+        assert ops._attrs(f).st_blocks == 3
+        assert ops._attrs(await m.fs.getattr(d.ino)).st_nlink == 2
+        assert ops._attrs(f).st_nlink == 1
+
+
+async def test_reads_never_update_atime(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Operations, ``atime``: reads never update it; a file with none shows
+    its mtime."""
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "f.txt", b"read me")
+        await m.fs.wait_idle()
+        ops = FuseOperations(m.fs)
+        f = ops._attrs(await lookup(m.fs, "f.txt"))
+        assert f.st_atime_ns == f.st_mtime_ns
+        autojump_clock.jump(5)
+        assert await read_file(m.fs, "f.txt") == b"read me"
+        assert ops._attrs(await m.fs.getattr(f.st_ino)).st_atime_ns == f.st_mtime_ns
+    assert "atime" not in memory.objects["f.txt"].metadata
+    async with mounted(memory, tmp_path) as m:
+        assert await read_file(m.fs, "f.txt") == b"read me"
+        f = FuseOperations(m.fs)._attrs(await lookup(m.fs, "f.txt"))
+        assert f.st_atime_ns == f.st_mtime_ns
+
+
+async def test_xattrs_give_the_ratio_and_sizes_of_a_file_pending_or_stored(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Operations, ``getxattr``: ``user.dgfs.kind`` is ``pending`` until the
+    upload is done, then ``direct`` (or ``foreign``); ``original_size``,
+    ``stored_size`` and ``ratio`` describe what S3 holds."""
+    await memory.put_bytes("other.dat", b"written by another tool", {})
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "a.txt", b"a" * 100)
+        a = await lookup(m.fs, "a.txt")
+
+        def xattr(ino: int, name: str) -> bytes:
+            return m.fs.getxattr(ino, f"user.dgfs.{name}")
+
+        assert xattr(a.ino, "kind") == b"pending"
+        assert xattr(a.ino, "original_size") == b"100"
+        await m.fs.wait_idle()
+        assert xattr(a.ino, "kind") == b"direct"
+        assert (xattr(a.ino, "original_size"), xattr(a.ino, "stored_size")) == (b"100", b"100")
+        assert xattr(a.ino, "ratio") == b"1.0000"
+        assert xattr(a.ino, "sha256") == _sha(b"a" * 100).encode()
+        other = await lookup(m.fs, "other.dat")
+        assert xattr(other.ino, "kind") == b"foreign"
+        assert xattr(other.ino, "key") == b"other.dat"
+
+
+async def test_special_files_only_where_a_foreign_objects_mode_says_so(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Operations, ``mkfifo``/``mknod``: an object a foreign tool wrote counts
+    as a special file only when its ``mode`` says so and it is not a
+    DeltaGlider file."""
+    fifo_mode = str(stat.S_IFIFO | 0o640)
+    body = b"a DeltaGlider file, whatever its mode says"
+    await memory.put_bytes("s/fifo", b"", {"mode": fifo_mode})
+    await memory.put_bytes("s/plain", b"", {})
+    await memory.put_bytes(
+        "s/dg",
+        body,
+        {
+            "mode": fifo_mode,
+            "dg-file-sha256": _sha(body),
+            "dg-file-size": str(len(body)),
+            "dg-compression": "none",
+        },
+    )
+    async with mounted(memory, tmp_path) as m:
+        names = await readdir(m.fs, "s")
+        assert names["fifo"].kind.type_bits == stat.S_IFIFO
+        assert names["plain"].kind.type_bits == stat.S_IFREG
+        assert names["dg"].kind.type_bits == stat.S_IFREG
+        assert await read_file(m.fs, "dg", (await lookup(m.fs, "s")).ino) == body
+
+
+async def test_opening_a_large_direct_file_never_downloads_it_whole(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Operations, ``open``/``read``: direct files above the whole-verify size
+    (32 MiB; 1 MiB here) are read by ranged GETs; opening never downloads them."""
+    data = os.urandom(3 << 20)
+    await memory.put_bytes("big.bin", data, {})
+    store = FaultyStore(memory)
+    small_whole = FsOptions(upload_delay=0.5, retry_delay=2.0, verify_whole_below=1 << 20)
+    async with mounted(store, tmp_path, small_whole) as m:
+        node = await lookup(m.fs, "big.bin")
+        handle = await m.fs.open(node.ino, os.O_RDONLY)
+        try:
+            assert await m.fs.read(handle.fh, 2 << 20, 4096) == data[2 << 20 : (2 << 20) + 4096]
+        finally:
+            await m.fs.release(handle.fh)
+    assert store.count("download") == 0
+    assert store.count("get_range") >= 1
+
+
+@pytest.mark.expected_log(r"cannot read small\.txt")
+async def test_a_small_direct_file_is_checked_whole_before_the_first_byte(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Integrity: files up to 32 MiB are checked whole before the first byte
+    is returned: a direct file whose bytes fail their SHA-256 gives EIO on
+    open or on its first read, never bytes."""
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "small.txt", b"0123456789" * 1000)
+    flip_byte(memory, "small.txt", lambda body: len(body) - 1)
+    async with mounted(memory, tmp_path) as m:
+        node = await lookup(m.fs, "small.txt")
+
+        async def first_read() -> bytes:
+            handle = await m.fs.open(node.ino, os.O_RDONLY)
+            try:
+                return await m.fs.read(handle.fh, 0, 10)
+            finally:
+                await m.fs.release(handle.fh)
+
+        assert await _errno_of(first_read()) == errno.EIO
+
+
+# --- Buckets dgfs did not write ---------------------------------------------------------
+
+
+async def test_rmdir_keeps_a_foreign_reference_and_a_name_too_long_to_show(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Buckets dgfs did not write: ``reference.bin`` without DeltaGlider
+    metadata is hidden and never removed by ``rmdir``; a directory that lists
+    empty but holds it, or a name over 255 bytes, is ``ENOTEMPTY``."""
+    await memory.put_bytes("r/reference.bin", b"a user's file of that name", {})
+    await memory.put_bytes("long/" + "L" * 256, b"too long to show", {})
+    before = dict(memory.objects)
+    async with mounted(memory, tmp_path) as m:
+        for name in ("r", "long"):
+            assert await readdir(m.fs, name) == {}
+            assert await _errno_of(m.fs.rmdir(ROOT, name)) == errno.ENOTEMPTY
+    assert memory.objects == before
+
+
+async def test_a_marker_with_bytes_keeps_them_through_chown_and_touch(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Buckets dgfs did not write: a ``dir/`` marker with bytes keeps them
+    through ``chown`` and ``touch`` (``chmod``: tests/test_hostile.py)."""
+    await memory.put_bytes("dm/", b"a marker with bytes", {})
+    async with mounted(memory, tmp_path) as m:
+        dm = await lookup(m.fs, "dm")
+        await m.fs.setattr(dm.ino, uid=4242, gid=4343)
+        await m.fs.setattr(dm.ino, mtime_ns=1_600_000_000_000_000_000)
+    marker = memory.objects["dm/"]
+    assert marker.body == b"a marker with bytes"
+    assert (marker.metadata["uid"], marker.metadata["gid"]) == ("4242", "4343")
+    assert marker.metadata["mtime"].startswith("1600000000")
+
+
+async def test_unlink_of_a_file_in_both_forms_removes_both(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """Buckets dgfs did not write: ``x`` and a usable ``x.delta`` are one
+    file ``x``; an unlink of ``x`` removes both (a write replaces both:
+    tests/test_core.py::test_overwrite_switches_form_and_removes_the_old_one)."""
+    core, cache = make_core(memory, tmp_path / "writer")
+    zips = [write(tmp_path / n, d) for n, d in ReleaseSeries(size=256 << 10).zips(2)]
+    await core.put(zips[0], "two/first.zip")
+    await core.put(zips[1], "two/x.zip")
+    await core.aclose()
+    cache.close()
+    assert "two/x.zip.delta" in memory.objects
+    await memory.put_bytes("two/x.zip", b"the older, direct form", {})
+    async with mounted(memory, tmp_path) as m:
+        two = await lookup(m.fs, "two")
+        assert sorted(await readdir(m.fs, "two")) == ["first.zip", "x.zip"]
+        await m.fs.unlink(two.ino, "x.zip")
+    assert "two/x.zip" not in memory.objects and "two/x.zip.delta" not in memory.objects
+    assert "two/first.zip.delta" in memory.objects
