@@ -20,9 +20,8 @@ size, times, mode, uid, gid,      ``FileSystem``'s POSIX operations, through
 rdev, symlink_target              ``content_changed`` and ``change_attributes``;
                                   ``NodeTable.refresh`` from a listing, only
                                   while the node has no local content;
-                                  ``UploadPipeline`` once, when it adopts a
-                                  journal entry at mount (before the kernel
-                                  knows the node)
+                                  ``NodeTable.recovered`` from a journal entry
+                                  at mount (before the kernel knows the node)
 stored, etag                      whoever changed what S3 holds under the name,
                                   through ``stored_as``: ``UploadPipeline`` (an
                                   upload landed), ``StoredChanges`` (rename,
@@ -41,6 +40,7 @@ from __future__ import annotations
 
 import stat
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -201,6 +201,21 @@ class NodeTable:
             node.kind, entry.mode, entry.uid, entry.gid
         )
         node.checked_at = trio.current_time()
+
+    def recovered(self, path: str, size: int, metadata: Mapping[str, str]) -> Node:
+        """A file an earlier mount committed to its journal, ``size`` bytes
+        long, with the attributes its journal entry's ``metadata`` carries."""
+        node = self.new(path, NodeKind.FILE)
+        node.size = size
+        node.mtime_ns = node.ctime_ns = fmt.parse_mtime_ns(metadata) or time.time_ns()
+        node.atime_ns = fmt.parse_mtime_ns(metadata, fmt.META_ATIME)
+        node.mode, node.uid, node.gid = self.options.shown_attributes(
+            node.kind,
+            fmt.parse_int_meta(metadata, fmt.META_MODE),
+            fmt.parse_int_meta(metadata, fmt.META_UID),
+            fmt.parse_int_meta(metadata, fmt.META_GID),
+        )
+        return node
 
     def is_fresh(self, node: Node) -> bool:
         """Whether ``node``'s attributes were confirmed within ``listing_ttl``."""

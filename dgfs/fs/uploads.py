@@ -51,7 +51,6 @@ from pathlib import Path
 
 import trio
 
-from dgfs import format as fmt
 from dgfs.core import Core
 from dgfs.errors import (
     DgfsError,
@@ -649,21 +648,10 @@ class UploadPipeline:
         if path is None:
             log.error("journal entry %s is outside this mount; kept", entry.key)
             return
-        node = self.nodes.new(path, NodeKind.FILE)
         staging = self.journal.data_path(entry.entry_id)
         fd = os.open(staging, os.O_RDWR)
-        node.size = os.fstat(fd).st_size
+        node = self.nodes.recovered(path, os.fstat(fd).st_size, entry.metadata)
         node.staged = StagedFile(entry.entry_id, staging, fd, committed=True)
-        meta = entry.metadata
-        node.mtime_ns = fmt.parse_mtime_ns(meta) or time.time_ns()
-        node.atime_ns = fmt.parse_mtime_ns(meta, fmt.META_ATIME)
-        node.ctime_ns = node.mtime_ns
-        node.mode, node.uid, node.gid = self.options.shown_attributes(
-            node.kind,
-            fmt.parse_int_meta(meta, fmt.META_MODE),
-            fmt.parse_int_meta(meta, fmt.META_UID),
-            fmt.parse_int_meta(meta, fmt.META_GID),
-        )
         self._request(node)
 
     def backlog(self) -> tuple[int, int]:
