@@ -12,18 +12,25 @@ import hashlib
 import os
 import stat
 from collections.abc import Awaitable
+from email.header import decode_header, make_header
 from pathlib import Path
 
+import boto3
 import pytest
 import trio
 import trio.testing
 
 from dgfs.errors import FsError
+from dgfs.fs import readers
 from dgfs.fs.filesystem import FsOptions
 from dgfs.fs.fuse_ops import FuseOperations
+from dgfs.mount import MountConfig, _fuse_options
+from dgfs.runtime import S3Location, Settings
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
+from dgfs.store.s3 import S3Store
 from tests.releases import ReleaseSeries
+from tests.servers import REGION
 from tests.test_core import flip_byte, make_core, write
 from tests.test_filesystem import (
     ROOT,
@@ -346,3 +353,79 @@ async def test_unlink_of_a_file_in_both_forms_removes_both(
         await m.fs.unlink(two.ino, "x.zip")
     assert "two/x.zip" not in memory.objects and "two/x.zip.delta" not in memory.objects
     assert "two/first.zip.delta" in memory.objects
+
+
+async def test_a_delta_whose_ref_key_points_nowhere_reads_while_the_cache_holds_its_reference(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """Buckets dgfs did not write, broken content: a reference is found by
+    its SHA-256 in the cache first, so a delta whose ``dg-ref-key`` points
+    nowhere still reads while the cache holds the reference it names."""
+    core, cache = make_core(memory, tmp_path / "core")
+    try:
+        zips = [write(tmp_path / n, d) for n, d in ReleaseSeries(size=256 << 10).zips(2)]
+        await core.put(zips[0], "rel/first.zip")
+        await core.put(zips[1], "rel/second.zip")
+        delta = memory.objects["rel/second.zip.delta"]
+        meta = {**delta.metadata, "dg-ref-key": "nowhere/reference.bin"}
+        await memory.put_bytes("rel/second.zip.delta", delta.body, meta)
+        await core.get("rel/second.zip", tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == zips[1].read_bytes()
+    finally:
+        await core.aclose()
+        cache.close()
+
+
+def test_a_reader_jumping_around_a_large_direct_file_is_not_checked_end_to_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Integrity: a reader that jumps around a large direct file (further
+    ahead than the kernel's read-ahead reorders) is not checked end to end.
+    (Front to back, even reordered: tests/test_mount_readers.py.)"""
+    monkeypatch.setattr(readers, "MAX_HELD_AHEAD", 256 << 10)
+    data = os.urandom(2 << 20)
+    served = bytearray(data)
+    served[-1] ^= 0xFF
+
+    async def jump_around() -> None:
+        store = MemoryStore()
+        await store.put_bytes("big.bin", bytes(served), {})
+        reader = readers.RangeReader(store, "big.bin", len(data), _sha(data))
+        chunk = 128 << 10
+        offsets = list(range(0, len(data), chunk))
+        for offset in offsets[::-1]:  # back to front: the first read is far ahead
+            assert await reader.read(offset, chunk) == bytes(served[offset : offset + chunk])
+        assert reader._check.gave_up
+
+    trio.run(jump_around)
+
+
+def test_permission_checks_are_the_kernels_and_bucket_modes_give_no_powers(
+    tmp_path: Path,
+) -> None:
+    """Names and layout: permission checks are the kernel's
+    (``default_permissions``); Buckets dgfs did not write: the mount is
+    ``nosuid,nodev``, whatever the options."""
+    for read_only, allow_other in ((False, False), (True, True)):
+        config = MountConfig(
+            location=S3Location.parse("bucket"),
+            mountpoint=tmp_path,
+            settings=Settings(cache_dir=tmp_path),
+            fs_options=FsOptions(read_only=read_only),
+            allow_other=allow_other,
+        )
+        assert {"default_permissions", "nosuid", "nodev"} <= _fuse_options(config)
+
+
+async def test_non_ascii_metadata_is_stored_rfc_2047_encoded(
+    s3_store: S3Store, moto_endpoint: str, bucket_name: str
+) -> None:
+    """Names and layout: metadata values that are not ASCII (file names in
+    ``dg-original-name``) are stored RFC 2047 encoded, as S3 itself returns
+    them; read back decoded."""
+    await s3_store.put_bytes("k", b"x", {"dg-original-name": "café 東京.zip"})
+    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name=REGION)
+    raw = client.head_object(Bucket=bucket_name, Key="k")["Metadata"]["dg-original-name"]
+    assert raw.lower().startswith("=?utf-8?") and raw.isascii()
+    assert str(make_header(decode_header(raw))) == "café 東京.zip"
+    assert (await s3_store.head("k")).metadata["dg-original-name"] == "café 東京.zip"
