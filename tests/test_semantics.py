@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Awaitable
 from email.header import decode_header, make_header
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from dgfs.errors import FsError
+from dgfs.errors import DgfsError, FsError, errno_of
 from dgfs.fs import readers
 from dgfs.fs.filesystem import FsOptions
 from dgfs.fs.fuse_ops import FuseOperations
@@ -33,6 +34,7 @@ from tests.releases import ReleaseSeries
 from tests.servers import REGION
 from tests.test_core import flip_byte, make_core, write
 from tests.test_filesystem import (
+    OPTIONS,
     ROOT,
     UID,
     create,
@@ -429,3 +431,83 @@ async def test_non_ascii_metadata_is_stored_rfc_2047_encoded(
     assert raw.lower().startswith("=?utf-8?") and raw.isascii()
     assert str(make_header(decode_header(raw))) == "café 東京.zip"
     assert (await s3_store.head("k")).metadata["dg-original-name"] == "café 東京.zip"
+
+
+# --- Durability -----------------------------------------------------------------------
+
+
+async def test_fsync_uploads_at_once_whatever_else_is_open(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Durability: a file is uploaded once the last handle that may write is
+    closed, but ``fsync`` uploads at once, whatever else is open (the clock
+    stands still: no upload delay ever passes)."""
+    async with mounted(memory, tmp_path) as m:
+        fh = await create(m.fs, "a.txt", b"synced\n")
+        other = await m.fs.open((await lookup(m.fs, "a.txt")).ino, os.O_WRONLY)
+        await m.fs.flush(fh)
+        await m.fs.release(fh)
+        assert "a.txt" not in memory.objects  # a handle that may write is still open
+        await m.fs.fsync(other.fh)
+        assert memory.objects["a.txt"].body == b"synced\n"
+        await m.fs.flush(other.fh)
+        await m.fs.release(other.fh)
+
+
+async def test_what_follows_a_close_reaches_s3_in_the_same_upload(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Durability: uploads start after ``upload_delay``, so what usually
+    follows a close (rsync's utimes and rename) reaches S3 in the same
+    upload: one PUT, under the final name, with the final mtime."""
+    async with mounted(faulty, tmp_path) as m:
+        await write_file(m.fs, ".a.txt.XyZ123", b"rsync'd\n")
+        tmp = await lookup(m.fs, ".a.txt.XyZ123")
+        await m.fs.setattr(tmp.ino, mtime_ns=1_500_000_000_000_000_000)
+        await m.fs.rename(ROOT, ".a.txt.XyZ123", ROOT, "a.txt", 0)
+        assert not memory.objects
+        mock_clock.jump(OPTIONS.upload_delay)
+        await m.fs.wait_idle()
+    assert list(memory.objects) == ["a.txt"]
+    assert memory.objects["a.txt"].metadata["mtime"].startswith("1500000000")
+    puts = faulty.count("upload") + faulty.count("put_bytes")
+    assert (puts, faulty.count("copy"), faulty.count("delete")) == (1, 0, 0)
+
+
+async def test_several_files_upload_at_once(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Durability: several files upload at once (``upload_workers=4``)."""
+    held = faulty.hang("upload", times=None)
+    async with mounted(faulty, tmp_path) as m:
+        for i in range(6):
+            await write_file(m.fs, f"f{i}.txt", b"x")
+        mock_clock.jump(OPTIONS.upload_delay)
+        deadline = time.monotonic() + 20
+        while faulty.in_flight("upload") < 4 and time.monotonic() < deadline:
+            await trio.testing.wait_all_tasks_blocked()  # the others hash in worker threads
+            time.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
+        assert faulty.in_flight("upload") == OPTIONS.upload_workers == 4
+        held.release()
+    assert sorted(memory.objects) == [f"f{i}.txt" for i in range(6)]
+
+
+@pytest.mark.expected_log(r"upload of a\.txt failed for good")
+async def test_sync_upload_close_returns_the_uploads_errno(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Durability: with ``-o sync_upload``, the close of the last handle that
+    may write waits for the upload and returns its errno."""
+    faulty.fail("upload", transient=False)
+    options = FsOptions(upload_delay=0.5, retry_delay=2.0, sync_upload=True)
+    async with mounted(faulty, tmp_path, options) as m:
+        fh = await create(m.fs, "a.txt", b"refused\n")
+        with pytest.raises(DgfsError) as exc:
+            await m.fs.flush(fh)
+        assert errno_of(exc.value) == errno.EIO  # what the FUSE adapter replies
+        await m.fs.release(fh)
+        fh = await create(m.fs, "b.txt", b"stored\n")
+        await m.fs.flush(fh)
+        assert memory.objects["b.txt"].body == b"stored\n"  # before close returned
+        await m.fs.release(fh)
