@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 import time
+import uuid
 from collections.abc import Awaitable
 from email.header import decode_header, make_header
 from pathlib import Path
@@ -31,7 +32,7 @@ from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
 from tests.releases import ReleaseSeries
-from tests.servers import REGION
+from tests.servers import REGION, make_bucket
 from tests.test_core import flip_byte, make_core, write
 from tests.test_filesystem import (
     OPTIONS,
@@ -511,3 +512,21 @@ async def test_sync_upload_close_returns_the_uploads_errno(
         await m.fs.flush(fh)
         assert memory.objects["b.txt"].body == b"stored\n"  # before close returned
         await m.fs.release(fh)
+
+
+@pytest.mark.seaweedfs
+async def test_seaweedfs_keeps_no_metadata_on_directory_markers(seaweed_endpoint: str) -> None:
+    """Names and layout: SeaweedFS keeps no user metadata on keys ending in
+    ``/``, so there a directory's mode, owner and mtime last only until the
+    next remount (a file's metadata is kept)."""
+    bucket = f"dgfs-test-{uuid.uuid4().hex[:12]}"
+    make_bucket(seaweed_endpoint, bucket)
+    store = S3Store(bucket, endpoint_url=seaweed_endpoint, region=REGION)
+    try:
+        meta = {"mode": str(stat.S_IFDIR | 0o700), "uid": "1234", "mtime": "1600000000"}
+        await store.put_bytes("d/", b"", meta)
+        await store.put_bytes("d/f", b"f", {**meta, "mode": str(stat.S_IFREG | 0o600)})
+        assert not {"mode", "uid", "mtime"} & set((await store.head("d/")).metadata)
+        assert (await store.head("d/f")).metadata["uid"] == "1234"
+    finally:
+        await store.aclose()
