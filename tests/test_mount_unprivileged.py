@@ -338,6 +338,12 @@ def _private_users() -> list[str]:
     return [sys.executable, "-c", _USERNS_EXEC, str(NOBODY)]
 
 
+def _unit_address_families() -> list[int]:
+    """The unit's RestrictAddressFamilies= as numbers (AF_UNIX: 1, ...)."""
+    (line,) = [x for x in UNIT.read_text().splitlines() if x.startswith("RestrictAddressFamilies=")]
+    return sorted(int(getattr(socket, name)) for name in line.split("=", 1)[1].split())
+
+
 def _sandboxed_dgfs(directory: Path) -> tuple[list[str], list[str]]:
     """``(command, what it enforces)``: ``dgfs`` in a process that first forbids
     writable-executable memory (prctl PR_SET_MDWE, Linux 6.3+: what
@@ -365,11 +371,19 @@ def _sandboxed_dgfs(directory: Path) -> tuple[list[str], list[str]]:
             f"sys.path.append({SYSTEM_SITE!r}); import seccomp; sys.path.remove({SYSTEM_SITE!r})",
             "f = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))",
             f"names = open({str(allowed)!r}).read().split()",
-            "[f.add_rule(seccomp.ALLOW, n) for n in names if seccomp.resolve_syscall("
-            "seccomp.Arch.NATIVE, n) >= 0]",
+            "[f.add_rule(seccomp.ALLOW, n) for n in names if n != 'socket' and"
+            " seccomp.resolve_syscall(seccomp.Arch.NATIVE, n) >= 0]",
+            # RestrictAddressFamilies=: socket() of another family fails EAFNOSUPPORT.
+            f"families = {_unit_address_families()!r}",
+            "[f.add_rule(seccomp.ALLOW, 'socket', seccomp.Arg(0, seccomp.EQ, n))"
+            " for n in families]",
+            "deny = seccomp.ERRNO(errno.EAFNOSUPPORT)",
+            "[f.add_rule(deny, 'socket', seccomp.Arg(0, seccomp.EQ, n))"
+            " for n in range(max(families)) if n not in families]",
+            "f.add_rule(deny, 'socket', seccomp.Arg(0, seccomp.GT, max(families)))",
             "f.load()",
         ]
-        enforced.append("SystemCallFilter")
+        enforced += ["SystemCallFilter", "RestrictAddressFamilies"]
     parts.append("from dgfs.cli.main import main; sys.exit(main(sys.argv[1:]))")
     return [sys.executable, "-c", "\n".join(parts)], enforced
 
@@ -387,7 +401,9 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
     cache.mkdir(mode=0o700)
     os.chown(cache, NOBODY, NOBODY)  # CacheDirectory= of the unit, owned by User=
     systemd = FakeSystemd(open_dir / "notify.sock")
-    options = f"endpoint={moto_endpoint},allow_other,log_level=info"
+    # A name to resolve, as real endpoints are: getaddrinfo under the unit's filters.
+    endpoint = moto_endpoint.replace("127.0.0.1", "localhost")
+    options = f"endpoint={endpoint},allow_other,log_level=info"
     common = [bucket, str(mnt), "-o", f"cache_dir={cache}", "-o", options]
     daemon: subprocess.Popen[bytes] | None = None
     try:
