@@ -474,18 +474,22 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
         ).stdout.strip()
         assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "1024"
 
-        # The host (root, allow_other) uses the mount.
-        data = os.urandom(200_000)
+        # The host (root, allow_other) uses the mount; the second release is stored
+        # as a delta, so xdelta3 runs inside the sandbox too.
+        first = os.urandom(200_000)
+        second = first[:150_000] + b"changed" + first[150_000:]
         (mnt / "app").mkdir()
-        (mnt / "app" / "one.bin").write_bytes(data)
-        (mnt / "app" / "two.bin").write_bytes(data[:150_000] + b"changed" + data[150_000:])
-        fd = os.open(mnt / "app" / "one.bin", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        assert (mnt / "app" / "one.bin").read_bytes() == data
-        assert sorted(os.listdir(mnt / "app")) == ["one.bin", "two.bin"]
+        (mnt / "app" / "app-1.0.zip").write_bytes(first)
+        (mnt / "app" / "app-1.1.zip").write_bytes(second)
+        for name in ("app-1.0.zip", "app-1.1.zip"):
+            fd = os.open(mnt / "app" / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # returns once it is in S3
+            finally:
+                os.close(fd)
+        assert (mnt / "app" / "app-1.0.zip").read_bytes() == first
+        assert (mnt / "app" / "app-1.1.zip").read_bytes() == second
+        assert sorted(os.listdir(mnt / "app")) == ["app-1.0.zip", "app-1.1.zip"]
         # Its writes landed in the cache, the one writable place.
         assert any(path.stat().st_uid == NOBODY for path in cache.rglob("*"))
 
@@ -501,8 +505,7 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
         os.kill(daemon.pid, signal.SIGTERM)
         assert daemon.wait(60) == 0, log.read_text()
         keys = S3View(moto_endpoint, bucket).keys("app/")
-        for name in ("app/one.bin", "app/two.bin"):
-            assert any(key.startswith(name) for key in keys), (keys, log.read_text())
+        assert {"app/reference.bin", "app/app-1.1.zip.delta"} <= set(keys), keys
         assert systemd.wait_for("STOPPING")["STOPPING"] == "1"
         text = _clean_log(log)
         assert "all uploads done" in text
