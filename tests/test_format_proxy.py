@@ -515,3 +515,27 @@ async def test_verify_stats_and_gc_on_a_proxy_bucket(
     report = await verify_all(core)
     failed = {r.stored_key for r in report.failures}
     assert failed and all(k.startswith("sec/") for k in failed)
+
+
+@pytest.mark.expected_log(r"cannot read sec/big.bin: .*proxy_key_file")
+async def test_encrypted_file_known_without_its_marker_is_never_read_by_ranges(
+    core: Core, memory_store: MemoryStore, encrypted_files: dict[str, bytes]
+) -> None:
+    """Attributes kept from before dgfs knew the markers (a directory index an
+    older dgfs wrote holds the other keys only): the object's size is not the
+    recorded one, so it is read whole, from a download whose metadata says."""
+    await write_encrypted_bucket(memory_store, encrypted_files)
+    obj = memory_store.objects["sec/big.bin"]
+    stale = {k: v for k, v in obj.metadata.items() if k not in fmt.PROXY_MARKER_KEYS}
+    stored = fmt.classify("sec/big.bin", len(obj.body), stale)
+    assert stored.encryption is None and stored.stored_size != stored.original_size
+    content = StoredContent(core, trio.CapacityLimiter(2), verify_whole_below=1024)
+    with pytest.raises(FsError) as caught:
+        await content.reader(stored)
+    assert caught.value.errno == errno.EIO
+    core.proxy_key = proxy_key()
+    reader = await content.reader(stored)
+    try:
+        assert await reader.read(0, stored.original_size) == encrypted_files["sec/big.bin"]
+    finally:
+        await reader.close()

@@ -292,12 +292,17 @@ class StoredContent:
     def _through_cache(self, stored: StoredFile) -> bool:
         """Whether ``stored`` is read whole (and verified) through the cache, not
         by ranges: deltas, small files with a SHA-256, and whatever
-        deltaglider_proxy encrypted (ranges of it would be ciphertext)."""
+        deltaglider_proxy encrypted (ranges of it would be ciphertext). A
+        direct file whose object is not the size its metadata records is
+        read whole too: an encrypted body known from metadata kept before
+        its marker was (a directory index an older dgfs wrote) is then
+        decrypted from a fresh download, or refused."""
         small = stored.original_size <= self.verify_whole_below
         return (
             stored.kind is Kind.DELTA
             or bool(stored.file_sha256 and small)
             or stored.encryption is not None
+            or (stored.kind is Kind.DIRECT and stored.stored_size != stored.original_size)
         )
 
     async def reader(self, stored: StoredFile) -> Reader:
