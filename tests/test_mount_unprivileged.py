@@ -138,7 +138,7 @@ mount --bind "$DIR/fuse" /dev/fuse
 "$@" > "$DIR/daemon.log" 2>&1 &
 daemon=$!
 trap 'kill -KILL $daemon 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
+for _ in $(seq 900); do
     grep -q " $MNT " /proc/self/mountinfo && break
     kill -0 $daemon
     sleep 0.1
@@ -182,7 +182,7 @@ def test_an_unprivileged_user_mounts_through_fusermount3(
         capture_output=True,
         text=True,
         env=env,
-        timeout=180,
+        timeout=300,
         check=False,
     )  # fmt: skip
     log = (open_dir / "daemon.log").read_text(errors="replace")
@@ -233,7 +233,7 @@ class FakeSystemd:
                 os.close(fd)
         return message
 
-    def wait_for(self, key: str, timeout: float = 30) -> dict[str, str]:
+    def wait_for(self, key: str, timeout: float = 90) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
             message = self.receive(max(0.1, deadline - time.monotonic()))
@@ -255,7 +255,7 @@ def _unit_command(setting: str, mountpoint: Path) -> list[str]:
 
 
 def _wait_ready(
-    systemd: FakeSystemd, daemon: subprocess.Popen[bytes], log: Path, timeout: float = 30
+    systemd: FakeSystemd, daemon: subprocess.Popen[bytes], log: Path, timeout: float = 90
 ) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and daemon.poll() is None:
@@ -419,7 +419,7 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
         stored = systemd.wait_for("FDSTORE")
         assert stored == {"FDSTORE": "1", "FDNAME": "fuse", "FDPOLL": "0"}
         systemd.wait_for("BARRIER")
-        output, _ = step.communicate(timeout=30)
+        output, _ = step.communicate(timeout=90)
         assert step.returncode == 0, output.decode()
         assert is_mounted(mnt)  # mounted on the host (not to be touched before it is served)
         fuse_fd = systemd.store["fuse"]
@@ -503,7 +503,7 @@ def test_the_sandboxed_unit_mounts_for_the_host(moto_endpoint: str, open_dir: Pa
         subprocess.run(_unit_command("ExecStop", mnt), check=True, timeout=30)
         assert not is_mounted(mnt)
         os.kill(daemon.pid, signal.SIGTERM)
-        assert daemon.wait(60) == 0, log.read_text()
+        assert daemon.wait(120) == 0, log.read_text()
         keys = S3View(moto_endpoint, bucket).keys("app/")
         assert {"app/reference.bin", "app/app-1.1.zip.delta"} <= set(keys), keys
         assert systemd.wait_for("STOPPING")["STOPPING"] == "1"
