@@ -31,6 +31,7 @@ from dgfs.runtime import S3Location, Settings
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
+from dgfs.verify import Status, verify_key
 from tests.releases import ReleaseSeries
 from tests.servers import REGION, make_bucket
 from tests.test_core import flip_byte, make_core, write
@@ -45,6 +46,7 @@ from tests.test_filesystem import (
     write_file,
 )
 from tests.test_hostile import readdir
+from tests.test_two_mounts import FAST_RETRIES, RELEASES, home, read_fresh
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -530,3 +532,67 @@ async def test_seaweedfs_keeps_no_metadata_on_directory_markers(seaweed_endpoint
         assert (await store.head("d/f")).metadata["uid"] == "1234"
     finally:
         await store.aclose()
+
+
+# --- Several writers, several mounts ----------------------------------------------------
+
+
+async def test_another_mounts_new_file_appears_once_the_listing_ttl_passes(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Several writers: a directory listing is cached for ``listing_ttl``
+    seconds (default 10): another mount's new file appears within that time."""
+    assert FsOptions().listing_ttl == 10
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with mounted(memory, tmp_path / "a") as a:
+        await a.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        assert await readdir(a.fs, "d") == {}
+        async with mounted(memory, tmp_path / "b", FAST_RETRIES) as b:
+            await write_file(b.fs, "new.txt", b"from b", (await lookup(b.fs, "d")).ino)
+        assert "d/new.txt" in memory.objects  # the clock stands still meanwhile
+        mock_clock.jump(9)
+        assert await readdir(a.fs, "d") == {}  # the cached listing
+        mock_clock.jump(2)
+        assert list(await readdir(a.fs, "d")) == ["new.txt"]
+
+
+@pytest.mark.expected_log(r"cannot read rel/a\.zip")
+async def test_without_conditional_puts_a_file_stored_while_another_reference_uploads_is_lost(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """Several writers: on a store without conditional PUT, a mount whose file
+    is stored completely while another mount's reference for the same new
+    directory is still uploading loses the race: that file reads as EIO,
+    and ``dgfs verify`` reports it. (With the reference stored first, the
+    loser is stored again: tests/test_two_mounts.py.)"""
+    async with mounted(memory, home(tmp_path, "setup")) as m:
+        await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+    store_a, store_b = FaultyStore(memory), FaultyStore(memory)
+    b_ref = store_b.hang("upload", key="rel/reference.bin")  # B saw none; its PUT held
+    async with (
+        mounted(store_a, home(tmp_path, "a"), FAST_RETRIES) as a,
+        mounted(store_b, home(tmp_path, "b"), FAST_RETRIES) as b,
+        trio.open_nursery() as nursery,
+    ):
+        a.fs.core.conditional_create = b.fs.core.conditional_create = False
+        da, db = await lookup(a.fs, "rel"), await lookup(b.fs, "rel")
+        await write_file(b.fs, "b.zip", RELEASES[2][1], parent=db.ino)
+        await b_ref.reached.wait()
+        await write_file(a.fs, "a.zip", RELEASES[1][1], parent=da.ino)
+        await a.fs.wait_idle()  # A's reference and delta stored, and checked
+        b_ref.release()  # B's reference overwrites A's
+        nursery.start_soon(b.fs.wait_idle)
+    assert await read_fresh(memory, tmp_path, "rel/b.zip") == RELEASES[2][1]
+    async with mounted(memory, home(tmp_path, "reader")) as m:
+        rel = (await lookup(m.fs, "rel")).ino
+        with pytest.raises(DgfsError) as exc:
+            await read_file(m.fs, "a.zip", rel)
+        assert errno_of(exc.value) == errno.EIO
+    core, cache = make_core(memory, tmp_path / "verify")
+    try:
+        assert (await verify_key(core, "rel/a.zip")).status is Status.FAILED
+        assert (await verify_key(core, "rel/b.zip")).status is Status.OK
+    finally:
+        await core.aclose()
+        cache.close()
