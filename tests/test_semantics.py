@@ -7,6 +7,7 @@ tests/test_filesystem.py drives ``FileSystem``: no kernel, a memory store.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -46,6 +47,7 @@ from tests.test_filesystem import (
     write_file,
 )
 from tests.test_hostile import readdir
+from tests.test_namespace import CountingStore, fill, namespace
 from tests.test_two_mounts import FAST_RETRIES, RELEASES, home, read_fresh
 
 pytestmark = pytest.mark.timeout(60)
@@ -596,3 +598,28 @@ async def test_without_conditional_puts_a_file_stored_while_another_reference_up
     finally:
         await core.aclose()
         cache.close()
+
+
+async def test_a_chmod_by_another_mount_within_the_second_of_the_last_write_can_stay_unseen(
+    tmp_path: Path,
+) -> None:
+    """Several writers: object attributes are cached on disk keyed by ETag and
+    Last-Modified, so a chmod by another mount within the same second as the
+    object's last write (same ETag, same Last-Modified) stays unseen after a
+    remount; a second later it is seen
+    (tests/test_namespace.py::test_a_metadata_change_keeping_the_etag_is_seen_after_a_remount)."""
+    store = CountingStore()
+    await fill(store, 1)
+    db = tmp_path / "attrs.sqlite"
+    first = namespace(store, db)
+    assert (await first.listing("rel"))["app-0.zip"].mode == 0o100640
+    await first.flush_attr_cache()
+    key = "rel/app-0.zip.delta"
+    written = store.objects[key]
+    await store.copy(key, key, {**written.metadata, "mode": str(0o100600)})
+    store.objects[key] = dataclasses.replace(
+        store.objects[key], last_modified=written.last_modified
+    )
+    store.heads = 0
+    assert (await namespace(store, db).listing("rel"))["app-0.zip"].mode == 0o100640
+    assert store.heads <= 1  # the directory marker at most: the object was not asked again
