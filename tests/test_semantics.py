@@ -23,6 +23,7 @@ import pytest
 import trio
 import trio.testing
 
+from dgfs import format as fmt
 from dgfs.errors import DgfsError, FsError, errno_of
 from dgfs.fs import readers
 from dgfs.fs.filesystem import FsOptions
@@ -47,7 +48,7 @@ from tests.test_filesystem import (
     write_file,
 )
 from tests.test_hostile import readdir
-from tests.test_namespace import CountingStore, fill, namespace
+from tests.test_namespace import CountingStore, delta_meta, fill, namespace
 from tests.test_two_mounts import FAST_RETRIES, RELEASES, home, read_fresh
 
 pytestmark = pytest.mark.timeout(60)
@@ -543,8 +544,13 @@ async def test_another_mounts_new_file_appears_once_the_listing_ttl_passes(
     memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     """Several writers: a directory listing is cached for ``listing_ttl``
-    seconds (default 10): another mount's new file appears within that time."""
+    seconds (default 10), attributes by the kernel for 1 s: another mount's
+    new file appears within those times."""
     assert FsOptions().listing_ttl == 10
+    fields = {f.name: f.default for f in dataclasses.fields(MountConfig)}
+    attr_timeout = fields["attr_timeout"]
+    assert isinstance(attr_timeout, float)
+    assert attr_timeout == 1.0
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     async with mounted(memory, tmp_path / "a") as a:
@@ -557,6 +563,8 @@ async def test_another_mounts_new_file_appears_once_the_listing_ttl_passes(
         assert await readdir(a.fs, "d") == {}  # the cached listing
         mock_clock.jump(2)
         assert list(await readdir(a.fs, "d")) == ["new.txt"]
+        attrs = FuseOperations(a.fs, attr_timeout=attr_timeout)._attrs(await lookup(a.fs, "d"))
+        assert attrs.attr_timeout == attrs.entry_timeout == 1.0
 
 
 @pytest.mark.expected_log(r"cannot read rel/a\.zip")
@@ -623,3 +631,38 @@ async def test_a_chmod_by_another_mount_within_the_second_of_the_last_write_can_
     store.heads = 0
     assert (await namespace(store, db).listing("rel"))["app-0.zip"].mode == 0o100640
     assert store.heads <= 1  # the directory marker at most: the object was not asked again
+
+
+async def test_of_two_forms_in_one_second_without_created_at_the_delta_shows() -> None:
+    """Buckets dgfs did not write: of ``x`` and a usable ``x.delta`` with the
+    same Last-Modified second and no ``dg-created-at``, the delta shows
+    (newer Last-Modified: tests/test_namespace.py; ``dg-created-at``:
+    tests/test_format_proxy.py)."""
+    store = MemoryStore()
+    await store.put_bytes("a.zip.delta", b"d", delta_meta("a.zip", 10))
+    await store.put_bytes(
+        "a.zip", b"x" * 7, {"dg-file-sha256": "ef" * 32, "dg-compression": "none"}
+    )
+    second = store.objects["a.zip"].last_modified.replace(microsecond=0)
+    for key in ("a.zip", "a.zip.delta"):
+        store.objects[key] = dataclasses.replace(store.objects[key], last_modified=second)
+    assert (await namespace(store, None).listing(""))["a.zip"].size == 10  # the delta's
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"dg-file-sha256": "ab" * 32, "dg-file-size": str(2**63)},
+        {"dg-file-sha256": "ab" * 32, "dg-file-size": "1_000"},
+        {"dg-file-sha256": "not hex", "dg-file-size": "7"},
+    ],
+)
+def test_a_direct_object_with_garbled_metadata_is_a_plain_file(meta: dict[str, str]) -> None:
+    """Buckets dgfs did not write: a direct object (no ``.delta``) whose
+    DeltaGlider metadata is garbled is a plain file with its own bytes."""
+    stored = fmt.classify_shown("h/x.zip", 7, meta)
+    assert (stored.kind, stored.visible_key, stored.original_size) == (
+        fmt.Kind.FOREIGN,
+        "h/x.zip",
+        7,
+    )
