@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import logging
 import os
+import re
 import stat
 import time
 import uuid
@@ -310,11 +312,16 @@ async def test_a_small_direct_file_is_checked_whole_before_the_first_byte(
 
 
 async def test_rmdir_keeps_a_foreign_reference_and_a_name_too_long_to_show(
-    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    memory: MemoryStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Buckets dgfs did not write: ``reference.bin`` without DeltaGlider
     metadata is hidden and never removed by ``rmdir``; a directory that lists
-    empty but holds it, or a name over 255 bytes, is ``ENOTEMPTY``."""
+    empty but holds it, or a name over 255 bytes, is ``ENOTEMPTY``, and the
+    daemon logs which keys at INFO."""
+    caplog.set_level(logging.INFO, logger="dgfs")
     await memory.put_bytes("r/reference.bin", b"a user's file of that name", {})
     await memory.put_bytes("long/" + "L" * 256, b"too long to show", {})
     before = dict(memory.objects)
@@ -323,6 +330,9 @@ async def test_rmdir_keeps_a_foreign_reference_and_a_name_too_long_to_show(
             assert await readdir(m.fs, name) == {}
             assert await _errno_of(m.fs.rmdir(ROOT, name)) == errno.ENOTEMPTY
     assert memory.objects == before
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("rmdir r:" in line and "r/reference.bin" in line for line in logged), logged
+    assert any("rmdir long:" in line and "L" * 256 in line for line in logged), logged
 
 
 async def test_a_marker_with_bytes_keeps_them_through_chown_and_touch(
@@ -666,3 +676,48 @@ def test_a_direct_object_with_garbled_metadata_is_a_plain_file(meta: dict[str, s
         "h/x.zip",
         7,
     )
+
+
+# --- the page itself ----------------------------------------------------------------------
+
+SEMANTICS = Path(__file__).parent.parent / "docs" / "SEMANTICS.md"
+
+
+def _promises(text: str) -> list[str]:
+    """The promises of SEMANTICS.md, each as one string: every table row,
+    every bullet and every paragraph of prose, but for the page's
+    introduction, the table titles and the pjdfstest figures (measured by
+    benchmarks/pjdfstest.py, not by a test)."""
+    found: list[str] = []
+    headers = {"In the mount", "In the bucket", "Operation", "tests"}
+    for block in re.split(r"\n\s*\n", "## " + text.split("\n## ", 1)[1]):
+        lines = block.strip().splitlines()
+        if lines[0].startswith("|"):
+            for line in lines:
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                if cells[0] not in headers and not all(set(c) <= {"-"} for c in cells):
+                    found.append(line)
+        elif lines[0].startswith("- "):
+            for line in lines:
+                if line.startswith("- "):
+                    found.append(line)
+                else:
+                    found[-1] += " " + line.strip()
+        elif not lines[0].startswith(("#", "[pjdfstest]", "**Names.**")):
+            found.append(" ".join(lines))
+    return found
+
+
+def test_every_promise_names_a_test_that_exists() -> None:
+    """Every promise of docs/SEMANTICS.md (table row, bullet, paragraph)
+    names a test, and each test or test file it names exists."""
+    text = SEMANTICS.read_text()
+    promises = _promises(text)
+    assert len(promises) > 60
+    unproved = [p[:80] for p in promises if "`tests/test_" not in p]
+    assert not unproved
+    for ref in sorted(set(re.findall(r"`(tests/test_\w+\.py)(?:::(\w+))?`", text))):
+        path, name = ref
+        source = (SEMANTICS.parent.parent / path).read_text()
+        if name:
+            assert re.search(rf"^(async )?def {name}\(", source, re.MULTILINE), f"{path}::{name}"

@@ -3,11 +3,12 @@ has the in-process ones)."""
 
 from __future__ import annotations
 
+import fcntl
 import signal
 
 import pytest
 
-from tests.mountutil import Mounts, S3View, is_mounted
+from tests.mountutil import Mounts, S3View, is_mounted, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -28,3 +29,27 @@ def test_sigint_finishes_pending_uploads_before_the_daemon_exits(mounts: Mounts)
         assert view.get("a.txt") == b"pending at SIGINT\n"
     finally:
         view.close()
+
+
+def test_file_locks_are_local_to_one_mount(mounts: Mounts) -> None:
+    """Not supported: file locking across mounts. ``flock`` works within one
+    mount (the kernel's), but a lock taken through one mount does not stop
+    another mount of the bucket from taking the same lock."""
+    first = mounts.mount()
+    second = mounts.mount(first.bucket)
+    try:
+        (first / "locked.txt").write_text("lock me\n")
+        first.settle(first / "locked.txt")
+        assert wait_until(lambda: (second / "locked.txt").exists(), 15)
+        with (
+            open(first / "locked.txt", "rb") as holder,
+            open(first / "locked.txt", "rb") as same_mount,
+            open(second / "locked.txt", "rb") as other_mount,
+        ):
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(same_mount, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(other_mount, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not seen there
+    finally:
+        second.unmount()
+        first.unmount()
