@@ -476,6 +476,7 @@ async def test_what_follows_a_close_reaches_s3_in_the_same_upload(
     """Durability: uploads start after ``upload_delay``, so what usually
     follows a close (rsync's utimes and rename) reaches S3 in the same
     upload: one PUT, under the final name, with the final mtime."""
+    assert FsOptions().upload_delay == OPTIONS.upload_delay == 0.5  # the mount's default
     async with mounted(faulty, tmp_path) as m:
         await write_file(m.fs, ".a.txt.XyZ123", b"rsync'd\n")
         tmp = await lookup(m.fs, ".a.txt.XyZ123")
@@ -494,6 +495,7 @@ async def test_several_files_upload_at_once(
     memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     """Durability: several files upload at once (``upload_workers=4``)."""
+    assert FsOptions().upload_workers == 4  # the mount's default
     held = faulty.hang("upload", times=None)
     async with mounted(faulty, tmp_path) as m:
         for i in range(6):
