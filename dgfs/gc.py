@@ -31,7 +31,7 @@ import contextlib
 import enum
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -110,32 +110,55 @@ async def delta_modes(
     return modes
 
 
+def unneeded_references(
+    references: Collection[DeltaMode], delta_modes: Collection[DeltaMode | None]
+) -> set[DeltaMode]:
+    """Which of one directory's references (by mode) none of its deltas needs.
+
+    The one rule ``dgfs gc`` and ``dgfs stats`` both follow. ``delta_modes``
+    holds the mode of each delta in the directory (None: its metadata was
+    not read). A directory's only reference is needed by any delta; with
+    both references, a delta needs the one of its own mode, and a delta of
+    unknown mode needs both.
+    """
+    if not delta_modes:
+        return set(references)
+    if len(references) == 1:
+        return set()
+    return {ref for ref in references if not any(m in (ref, None) for m in delta_modes)}
+
+
+def is_deltaglider_reference(metadata: Mapping[str, str]) -> bool:
+    """Whether a reference's metadata says a DeltaGlider writer made it (a
+    ``dg-file-sha256``). Another tool's ``reference.bin`` is a user's file:
+    never an orphan, never removed."""
+    return bool(fmt.meta_value(metadata, "file_sha256"))
+
+
 async def needed(store: ObjectStore, ref_key: str, keys: Iterable[str]) -> bool:
     """Whether a ``.delta`` among ``keys`` (a LIST) needs the reference ``ref_key``.
 
     ``ref_key`` need not exist (a removed reference: should it come back?).
-    Without the other mode's reference beside it, any delta in the
-    directory needs it; with it, each delta's metadata decides (a delta
-    that cannot be read is taken to need both).
+    ``unneeded_references`` decides; each delta's metadata is read (a HEAD)
+    only when the other mode's reference is there too.
     """
     space = fmt.split_key(ref_key)[0]
     mode = fmt.reference_mode(ref_key)
     deltas: list[str] = []
-    others = False
+    references = {mode}
     for key in keys:
         prefix, name = fmt.split_key(key)
         if prefix != space:
             continue
         if fmt.is_delta_key(key):
             deltas.append(key)
-        elif name in fmt.REFERENCE_NAMES and key != ref_key:
-            others = True
-    if not deltas:
-        return False
-    if not others:
-        return True
-    modes = await delta_modes(store, deltas)
-    return any(found in (mode, None) for found in modes.values())
+        elif name in fmt.REFERENCE_NAMES:
+            references.add(fmt.reference_mode(key))
+    if len(references) > 1 and deltas:
+        modes = set((await delta_modes(store, deltas)).values())
+    else:
+        modes = {None} if deltas else set()
+    return mode not in unneeded_references(references, modes)
 
 
 async def orphaned_references(store: ObjectStore, objects: list[ObjectInfo]) -> list[Garbage]:
@@ -165,14 +188,11 @@ async def orphaned_references(store: ObjectStore, objects: list[ObjectInfo]) -> 
 
 
 async def _is_deltaglider_reference(store: ObjectStore, key: str) -> bool:
-    """Whether ``key`` is a reference a DeltaGlider writer made (it records a
-    ``dg-file-sha256``). Another tool's ``reference.bin`` is a user's file: gc
-    never removes an object it does not understand."""
     try:
         head = await store.head(key)
     except NotFound:
         return False
-    if fmt.meta_value(head.metadata, "file_sha256") is None:
+    if not is_deltaglider_reference(head.metadata):
         log.warning("%s has no DeltaGlider metadata: not a reference, left alone", key)
         return False
     return True

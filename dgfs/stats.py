@@ -54,6 +54,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from dgfs import format as fmt
+from dgfs import gc
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.format import DeltaMode
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
@@ -120,12 +121,12 @@ class SpaceStats:
 
     def orphaned_references(self) -> list[str]:
         """Names of the references here that no delta needs."""
-        names = []
-        if self.dg_reference and self.delta_count == self.deep_delta_count:
-            names.append(fmt.REFERENCE_NAME)
-        if self.deep_reference and self.deep_delta_count == 0:
-            names.append(fmt.DEEP_REFERENCE_NAME)
-        return names
+        references = {DeltaMode.DG} if self.dg_reference else set()
+        references |= {DeltaMode.DEEP} if self.deep_reference else set()
+        modes = {DeltaMode.DG} if self.delta_count > self.deep_delta_count else set()
+        modes |= {DeltaMode.DEEP} if self.deep_delta_count else set()
+        unneeded = gc.unneeded_references(references, modes)
+        return [name for name in fmt.REFERENCE_NAMES if fmt.reference_mode(name) in unneeded]
 
     @property
     def saved_bytes(self) -> int:
@@ -450,7 +451,7 @@ async def _compute(
         head = ref_heads.get(ref.key)
         if head is False:
             continue  # gone since the LIST
-        if isinstance(head, ObjectHead) and not fmt.meta_value(head.metadata, "file_sha256"):
+        if isinstance(head, ObjectHead) and not gc.is_deltaglider_reference(head.metadata):
             continue
         stats.orphans.append(Orphan(ref.key, ref.size))
 

@@ -12,6 +12,7 @@ import trio
 from dgfs.cli.gc import parse_duration
 from dgfs.cli.main import main as dgfs_main
 from dgfs.errors import ConfigError
+from dgfs.format import DeltaMode
 from dgfs.gc import GC_BACKUP_PREFIX, GarbageKind, collect, find_garbage
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
@@ -203,3 +204,14 @@ async def test_non_ascii_orphan_is_backed_up_and_restored(memory_store: MemorySt
     ]
     await collect(memory_store, restore, settle=0)
     assert memory_store.objects["relé/reference.bin"].body == b"r" * 10
+
+
+def test_one_rule_says_which_references_are_unneeded() -> None:
+    from dgfs.gc import unneeded_references
+
+    dg, deep = DeltaMode.DG, DeltaMode.DEEP
+    assert unneeded_references({dg}, set()) == {dg}
+    assert unneeded_references({dg}, {deep}) == set()  # a directory's only reference
+    assert unneeded_references({dg, deep}, {deep}) == {dg}
+    assert unneeded_references({dg, deep}, {dg}) == {deep}
+    assert unneeded_references({dg, deep}, {None}) == set()  # unread: needs both
