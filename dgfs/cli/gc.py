@@ -8,7 +8,7 @@ import re
 import sys
 from datetime import timedelta
 
-from dgfs.cli.common import add_s3_options, settings_from_args
+from dgfs.cli import options
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
 from dgfs.cli.runner import run
 from dgfs.errors import ConfigError
@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="seconds to wait before re-checking removed references (default %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    add_s3_options(parser)
+    options.add_flags(parser, options.S3_GROUP)
     parser.set_defaults(func=main)
 
 
@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     multipart_max_age = parse_duration(args.multipart_max_age)
     if args.settle < 0:
         raise ConfigError("--settle must be >= 0")
-    settings = settings_from_args(args)
+    settings = options.settings_from_args(args)
     garbage, result = run(_gc, location, settings, args, tmp_max_age, multipart_max_age)
     if args.json:
         json.dump(_json(location, garbage, result), sys.stdout, indent=2)

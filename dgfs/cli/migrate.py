@@ -11,7 +11,7 @@ import trio
 
 from dgfs import ec2, environment
 from dgfs import format as fmt
-from dgfs.cli.common import add_cache_options, add_s3_options, settings_from_args
+from dgfs.cli import options
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
 from dgfs.cli.runner import run
 from dgfs.core import Core
@@ -119,7 +119,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="put files right under the destination prefix",
     )
     parser.add_argument("--concurrency", type=int, default=8, help="files in flight (default 8)")
-    parser.add_argument("--max-ratio", type=float, help="keep a delta up to this size ratio")
+    options.add_flag(parser, "max_ratio")
     parser.add_argument(
         "--deltas",
         choices=[mode.value for mode in DeltaMode],
@@ -139,8 +139,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
-    add_s3_options(parser)
-    add_cache_options(parser)
+    options.add_flags(parser, options.S3_GROUP)
+    options.add_flags(parser, options.CACHE_GROUP)
     parser.set_defaults(func=main)
 
 
@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--concurrency must be at least 1")
     # Parsed here so that a bad value is a one-line usage error (exit 2), like the others.
     shard = Shard.parse(args.shard) if args.shard is not None else None
-    settings = settings_from_args(args)
+    settings = options.settings_from_args(args)
     if args.deltas:
         settings = dataclasses.replace(settings, deltas=DeltaMode.parse(args.deltas))
     if args.normalize:

@@ -8,7 +8,7 @@ import shlex
 import sys
 from typing import TextIO
 
-from dgfs.cli.common import add_s3_options, settings_from_args
+from dgfs.cli import options
 from dgfs.cli.main import EXIT_OK
 from dgfs.cli.runner import run
 from dgfs.errors import ConfigError
@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--concurrency", type=int, default=32, help="HEAD requests in flight (default 32)"
     )
-    add_s3_options(parser)
+    options.add_flags(parser, options.S3_GROUP)
     parser.set_defaults(func=main, mode="quick")
 
 
@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     location = S3Location.parse(args.location)
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
-    settings = settings_from_args(args)
+    settings = options.settings_from_args(args)
     stats = run(_stats, location, settings, args)
     if args.json:
         json.dump(stats.to_json(), sys.stdout, indent=2)

@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from dgfs.cli.common import add_cache_options, add_s3_options, settings_from_args
+from dgfs.cli import options
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
 from dgfs.cli.runner import run
 from dgfs.errors import ConfigError, NotFound, UserError
@@ -61,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="K/N",
         help="with --all: only the directories of worker K of N (1 <= K <= N)",
     )
-    add_s3_options(parser)
-    add_cache_options(parser)
+    options.add_flags(parser, options.S3_GROUP)
+    options.add_flags(parser, options.CACHE_GROUP)
     parser.set_defaults(func=main)
 
 
@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
     if shard is not None and not args.all:
         raise ConfigError("--shard splits a --all run: pass --all with it")
     location, mount_endpoint = resolve_target(args.target)
-    settings = settings_from_args(args)
+    settings = options.settings_from_args(args)
     if mount_endpoint and not args.endpoint_url:
         settings = replace(settings, endpoint_url=mount_endpoint)
     if args.all:
