@@ -284,6 +284,14 @@ async def _space_keys(store: ObjectStore, space: str) -> list[str]:
     return [o.key for o in listing.objects]
 
 
+@dataclass(frozen=True)
+class _Removed:
+    """A reference ``collect`` removed: its backup, for the re-check after ``settle``."""
+
+    item: Garbage
+    backup_key: str
+
+
 async def collect(
     store: ObjectStore,
     garbage: list[Garbage],
@@ -295,29 +303,15 @@ async def collect(
     """Act on ``garbage`` (from ``find_garbage``); see the module docstring for the safety net."""
     now = now or datetime.now(UTC)
     result = GcResult()
-    deleted_refs: dict[str, tuple[Garbage, str, Mapping[str, str]]] = {}
-
+    removed_refs: list[_Removed] = []
     for item in garbage:
         try:
             if item.kind is GarbageKind.ORPHANED_REFERENCE:
-                space = fmt.split_key(item.key)[0]
-                if await needed(store, item.key, await _space_keys(store, space)):
+                backup = await _remove_reference(store, item, now + backup_ttl, now)
+                if backup is None:
                     result.kept.append((item, "a delta appeared; no longer orphaned"))
                     continue
-                head = await store.head(item.key)
-                backup = f"{GC_BACKUP_PREFIX}{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}/{item.key}"
-                await store.copy(
-                    item.key,
-                    backup,
-                    {
-                        **head.metadata,
-                        META_EXPIRES_AT: (now + backup_ttl).isoformat(),
-                        META_GC_ORIGINAL_KEY: item.key,
-                    },
-                )
-                await store.delete(item.key)
-                deleted_refs[item.key] = (item, backup, head.metadata)
-                log.info("removed orphaned reference %s (backup %s)", item.key, backup)
+                removed_refs.append(_Removed(item, backup))
             elif item.kind is GarbageKind.EXPIRED_TMP:
                 await store.delete(item.key)
             elif item.kind is GarbageKind.STALE_MULTIPART:
@@ -336,24 +330,47 @@ async def collect(
             result.failed.append((item, str(exc)))
             continue
         result.removed.append(item)
-
-    if deleted_refs:
+    if removed_refs:
         # A writer may have looked the reference up just before it went: give
         # its delta time to land, then look again.
         await trio.sleep(settle)
-        for ref_key, (item, backup, _meta) in deleted_refs.items():
-            space = fmt.split_key(ref_key)[0]
-            keys = await _space_keys(store, space)
-            if ref_key not in keys and await needed(store, ref_key, keys):
-                log.warning("a delta appeared in %s while gc ran: restoring %s", space, ref_key)
-                try:
-                    await _restore(store, backup, ref_key)
-                except DgfsError as exc:
-                    result.failed.append((item, f"could not restore from {backup}: {exc}"))
-                    continue
-                result.removed.remove(item)
-                result.restored.append(ref_key)
+        await _put_back_needed(store, removed_refs, result)
     return result
+
+
+async def _remove_reference(
+    store: ObjectStore, item: Garbage, expires: datetime, now: datetime
+) -> str | None:
+    """Back an orphaned reference up under ``GC_BACKUP_PREFIX`` and delete it; the
+    backup's key, or None when a delta needs it again (nothing done)."""
+    space = fmt.split_key(item.key)[0]
+    if await needed(store, item.key, await _space_keys(store, space)):
+        return None
+    head = await store.head(item.key)
+    backup = f"{GC_BACKUP_PREFIX}{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}/{item.key}"
+    meta = {**head.metadata, META_EXPIRES_AT: expires.isoformat(), META_GC_ORIGINAL_KEY: item.key}
+    await store.copy(item.key, backup, meta)
+    await store.delete(item.key)
+    log.info("removed orphaned reference %s (backup %s)", item.key, backup)
+    return backup
+
+
+async def _put_back_needed(store: ObjectStore, removed: list[_Removed], result: GcResult) -> None:
+    """Restore each removed reference a delta has needed since (listing its directory again)."""
+    for entry in removed:
+        ref_key = entry.item.key
+        space = fmt.split_key(ref_key)[0]
+        keys = await _space_keys(store, space)
+        if ref_key in keys or not await needed(store, ref_key, keys):
+            continue
+        log.warning("a delta appeared in %s while gc ran: restoring %s", space, ref_key)
+        try:
+            await _restore(store, entry.backup_key, ref_key)
+        except DgfsError as exc:
+            result.failed.append((entry.item, f"could not restore from {entry.backup_key}: {exc}"))
+            continue
+        result.removed.remove(entry.item)
+        result.restored.append(ref_key)
 
 
 async def _restore(store: ObjectStore, backup_key: str, ref_key: str) -> None:

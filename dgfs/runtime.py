@@ -55,6 +55,10 @@ def private_cache_root(cache_dir: Path) -> Path:
     ``dgfs-UID`` exists and is not this user's private directory (another
     user made it, or it is a symlink).
     """
+
+    def refused(exc: OSError) -> ConfigError:
+        return ConfigError(f"cannot use cache directory {cache_dir}: {exc.strerror}")
+
     try:
         cache_dir.mkdir(mode=0o700, parents=True)
         os.chmod(cache_dir, 0o700)  # dgfs made it: mkdir's mode went through the umask
@@ -62,23 +66,27 @@ def private_cache_root(cache_dir: Path) -> Path:
     except FileExistsError:
         pass
     except OSError as exc:
-        raise ConfigError(f"cannot use cache directory {cache_dir}: {exc.strerror}") from None
+        raise refused(exc) from None
     try:
         st = os.stat(cache_dir)  # the user's own path: a symlink they made is followed
     except OSError as exc:
-        raise ConfigError(f"cannot use cache directory {cache_dir}: {exc.strerror}") from None
+        raise refused(exc) from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"cache directory {cache_dir} is not a directory")
     if st.st_uid == os.geteuid() and not st.st_mode & 0o077:
         return cache_dir
-    private = cache_dir / f"dgfs-{os.geteuid()}"
     try:
+        return _private_subdirectory(cache_dir, st)
+    except OSError as exc:
+        raise refused(exc) from None
+
+
+def _private_subdirectory(cache_dir: Path, st: os.stat_result) -> Path:
+    """``cache_dir/dgfs-UID`` of a shared ``cache_dir`` (stat ``st``): made, checked, logged."""
+    private = cache_dir / f"dgfs-{os.geteuid()}"
+    with contextlib.suppress(FileExistsError):
         private.mkdir(mode=0o700)
         os.chmod(private, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"cannot use cache directory {cache_dir}: {exc.strerror}") from None
     own = os.lstat(private)  # not followed: someone else may have planted it
     if not (stat.S_ISDIR(own.st_mode) and own.st_uid == os.geteuid() and not own.st_mode & 0o077):
         raise ConfigError(
@@ -215,21 +223,8 @@ async def open_core(
     )
     engine.check()
     proxy_key = load_proxy_key(settings.proxy_key_file) if settings.proxy_key_file else None
-    key = load_cache_key(None, settings.cache_key_file)
     root = private_cache_root(settings.cache_dir)
-    # An ephemeral key cannot read another process's entries: such a cache
-    # lives in a private directory per process so concurrent users never collide.
-    _remove_dead_ephemeral_caches(root)
-    ephemeral_dir = root / f"content-ephemeral-{os.getpid()}"
-    cache_dir = root / "content" if key else ephemeral_dir
-    try:
-        cache = ContentCache(cache_dir, settings.cache_size, key, telemetry=telemetry)
-    except ConfigError:
-        # The persistent cache is held by a mount; this process (a CLI
-        # command beside it, say) gets a private one instead of failing.
-        log.info("cache %s is in use; using a private cache for this process", cache_dir)
-        key, cache_dir = None, ephemeral_dir
-        cache = ContentCache(cache_dir, settings.cache_size, None, telemetry=telemetry)
+    cache, ephemeral = _open_cache(root, settings, telemetry)
     # Scratch (staging, deltas, decrypted references) sits beside the cache,
     # on disk rather than a possibly small tmpfs.
     (root / "scratch").mkdir(mode=0o700, exist_ok=True)
@@ -256,8 +251,26 @@ async def open_core(
     finally:
         cache.close()
         shutil.rmtree(scratch, ignore_errors=True)
-        if key is None:
-            shutil.rmtree(cache_dir, ignore_errors=True)
+        if ephemeral:
+            shutil.rmtree(cache.directory, ignore_errors=True)
+
+
+def _open_cache(root: Path, settings: Settings, telemetry: Telemetry) -> tuple[ContentCache, bool]:
+    """``(cache, ephemeral)``: the content cache under ``root``, ``content/`` with a
+    persistent key, else (ephemeral) a directory of this process's own."""
+    key = load_cache_key(None, settings.cache_key_file)
+    # An ephemeral key cannot read another process's entries: such a cache
+    # lives in a private directory per process so concurrent users never collide.
+    _remove_dead_ephemeral_caches(root)
+    ephemeral_dir = root / f"content-ephemeral-{os.getpid()}"
+    cache_dir = root / "content" if key else ephemeral_dir
+    try:
+        return ContentCache(cache_dir, settings.cache_size, key, telemetry=telemetry), key is None
+    except ConfigError:
+        # The persistent cache is held by a mount; this process (a CLI
+        # command beside it, say) gets a private one instead of failing.
+        log.info("cache %s is in use; using a private cache for this process", cache_dir)
+        return ContentCache(ephemeral_dir, settings.cache_size, None, telemetry=telemetry), True
 
 
 def _pid_alive(pid: int) -> bool:

@@ -351,6 +351,43 @@ async def compute_stats(
     return stats
 
 
+@dataclass
+class _Listing:
+    """A LIST sorted by directory: its references (by mode), deltas and plain objects."""
+
+    spaces: dict[str, SpaceStats] = field(default_factory=dict)
+    refs: dict[str, dict[DeltaMode, ObjectInfo]] = field(default_factory=dict)
+    deltas: dict[str, list[ObjectInfo]] = field(default_factory=dict)
+    plain: dict[str, list[ObjectInfo]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, objects: Iterable[ObjectInfo]) -> _Listing:
+        listing = cls()
+        for obj in objects:
+            space_name = fmt.split_key(obj.key)[0]
+            listing.spaces.setdefault(space_name, SpaceStats(space_name))
+            if fmt.is_reference_key(obj.key):
+                listing.refs.setdefault(space_name, {})[fmt.reference_mode(obj.key)] = obj
+            elif fmt.is_delta_key(obj.key):
+                listing.deltas.setdefault(space_name, []).append(obj)
+            else:
+                listing.plain.setdefault(space_name, []).append(obj)
+        return listing
+
+    def keys_to_head(self, mode: Mode) -> list[str]:
+        """Which objects ``mode`` HEADs (see the module docstring)."""
+        if mode == "detailed":
+            return [o.key for group in (*self.deltas.values(), *self.plain.values()) for o in group]
+        to_head: list[str] = []
+        for name, group in self.deltas.items():
+            if len(self.refs.get(name, {})) > 1:  # both references: each delta's mode is needed
+                to_head += [o.key for o in group]
+            elif mode == "sampled":
+                newest = max(group, key=lambda o: (o.last_modified, o.key))
+                to_head.append(newest.key)
+        return to_head
+
+
 async def _compute(
     store: ObjectStore,
     root: str,
@@ -359,102 +396,126 @@ async def _compute(
     concurrency: int,
     on_head: Callable[[int], None] | None,
 ) -> BucketStats:
-    spaces: dict[str, SpaceStats] = {}
-    refs: dict[str, dict[DeltaMode, ObjectInfo]] = {}
-    deltas: dict[str, list[ObjectInfo]] = {}
-    plain: dict[str, list[ObjectInfo]] = {}
-    for obj in objects:
-        space_name = fmt.split_key(obj.key)[0]
-        spaces.setdefault(space_name, SpaceStats(space_name))
-        if fmt.is_reference_key(obj.key):
-            refs.setdefault(space_name, {})[fmt.reference_mode(obj.key)] = obj
-        elif fmt.is_delta_key(obj.key):
-            deltas.setdefault(space_name, []).append(obj)
-        else:
-            plain.setdefault(space_name, []).append(obj)
-
-    # Which objects get a HEAD.
-    to_head: list[str] = []
-    if mode == "detailed":
-        to_head = [o.key for group in deltas.values() for o in group]
-        to_head += [o.key for group in plain.values() for o in group]
-    else:
-        for name, group in deltas.items():
-            if len(refs.get(name, {})) > 1:  # both references: each delta's mode is needed
-                to_head += [o.key for o in group]
-            elif mode == "sampled":
-                newest = max(group, key=lambda o: (o.last_modified, o.key))
-                to_head.append(newest.key)
-    heads = await _head_all(store, to_head, concurrency, on_head)
-
+    listing = _Listing.of(objects)
+    heads = await _head_all(store, listing.keys_to_head(mode), concurrency, on_head)
     stats = BucketStats(store.bucket, root.rstrip("/"), mode)
-    unreadable: list[str] = []
     candidates: list[ObjectInfo] = []  # references that look orphaned
-    for name, space in sorted(spaces.items()):
-        space_refs = refs.get(name, {})
-        for ref_mode, ref in space_refs.items():
-            space.has_reference = True
-            space.reference_bytes += ref.size
-            space.stored_bytes += ref.size
-            if ref_mode is DeltaMode.DEEP:
-                space.deep_reference = True
-                space.deep_reference_bytes = ref.size
-            else:
-                space.dg_reference = True
-        sample_size: int | None = None
-        unknown: list[tuple[ObjectInfo, DeltaMode]] = []  # original size to estimate
-        for obj in deltas.get(name, []):
-            head = heads.get(obj.key)
-            if head is False:  # gone since the LIST
-                continue
-            stored = _classified(obj, head, unreadable)
-            if stored is not None and stored.kind is not fmt.Kind.DELTA:
-                _add_plain(space, stored.kind, stored.original_size, obj.size)
-                continue
-            delta_mode = _delta_mode(head, space_refs)
-            deep = delta_mode is DeltaMode.DEEP
-            space.delta_count += 1
-            space.stored_bytes += obj.size
-            space.delta_bytes += obj.size
-            if deep:
-                space.deep_delta_count += 1
-                space.deep_delta_bytes += obj.size
-            if stored is None:
-                unknown.append((obj, delta_mode))
-            else:
-                _add_delta_original(space, stored.original_size, deep)
-                sample_size = stored.original_size
-        for obj, delta_mode in unknown:
-            space.estimated = True
-            own_ref = space_refs.get(delta_mode) or next(iter(space_refs.values()), None)
-            estimate = _estimate(obj, own_ref, sample_size if mode == "sampled" else None)
-            _add_delta_original(space, estimate, delta_mode is DeltaMode.DEEP)
-        for obj in plain.get(name, []):
-            head = heads.get(obj.key)
-            if head is False:
-                continue
-            stored = _classified(obj, head, unreadable)
-            if mode == "detailed" and stored is not None:
-                _add_plain(space, stored.kind, stored.original_size, obj.size)
-            else:
-                _add_plain(space, None, obj.size, obj.size)
-        if mode != "detailed":
-            space.direct_count = space.foreign_count = None
+    for name, space in sorted(listing.spaces.items()):
+        space_refs = listing.refs.get(name, {})
+        _count_references(space, space_refs)
+        _count_deltas(
+            space, space_refs, listing.deltas.get(name, []), heads, mode, stats.unreadable
+        )
+        _count_plain(space, listing.plain.get(name, []), heads, mode, stats.unreadable)
         stats.spaces.append(space)
-        for ref_name in space.orphaned_references():
-            candidates.append(space_refs[fmt.reference_mode(ref_name)])
-    # A reference.bin another tool wrote (no DeltaGlider metadata) is nobody's
-    # reference: not an orphan for `dgfs gc`, which keeps it too. One HEAD
-    # per candidate (few: directories whose deltas are all gone).
+        candidates += [space_refs[fmt.reference_mode(n)] for n in space.orphaned_references()]
+    stats.orphans = await _orphans(store, candidates, concurrency, on_head)
+    _add_up(stats)
+    return stats
+
+
+def _count_references(space: SpaceStats, space_refs: Mapping[DeltaMode, ObjectInfo]) -> None:
+    for ref_mode, ref in space_refs.items():
+        space.has_reference = True
+        space.reference_bytes += ref.size
+        space.stored_bytes += ref.size
+        if ref_mode is DeltaMode.DEEP:
+            space.deep_reference = True
+            space.deep_reference_bytes = ref.size
+        else:
+            space.dg_reference = True
+
+
+def _count_deltas(
+    space: SpaceStats,
+    space_refs: Mapping[DeltaMode, ObjectInfo],
+    deltas: list[ObjectInfo],
+    heads: Mapping[str, ObjectHead | bool],
+    mode: Mode,
+    unreadable: list[str],
+) -> None:
+    """A directory's deltas: exact where HEADed, estimated otherwise."""
+    sample_size: int | None = None
+    unknown: list[tuple[ObjectInfo, DeltaMode]] = []  # original size to estimate
+    for obj in deltas:
+        head = heads.get(obj.key)
+        if head is False:  # gone since the LIST
+            continue
+        stored = _classified(obj, head, unreadable)
+        if stored is not None and stored.kind is not fmt.Kind.DELTA:
+            _add_plain(space, stored.kind, stored.original_size, obj.size)
+            continue
+        delta_mode = _delta_mode(head, space_refs)
+        deep = delta_mode is DeltaMode.DEEP
+        space.delta_count += 1
+        space.stored_bytes += obj.size
+        space.delta_bytes += obj.size
+        if deep:
+            space.deep_delta_count += 1
+            space.deep_delta_bytes += obj.size
+        if stored is None:
+            unknown.append((obj, delta_mode))
+        else:
+            _add_delta_original(space, stored.original_size, deep)
+            sample_size = stored.original_size
+    for obj, delta_mode in unknown:
+        space.estimated = True
+        own_ref = space_refs.get(delta_mode) or next(iter(space_refs.values()), None)
+        estimate = _estimate(obj, own_ref, sample_size if mode == "sampled" else None)
+        _add_delta_original(space, estimate, delta_mode is DeltaMode.DEEP)
+
+
+def _count_plain(
+    space: SpaceStats,
+    plain: list[ObjectInfo],
+    heads: Mapping[str, ObjectHead | bool],
+    mode: Mode,
+    unreadable: list[str],
+) -> None:
+    for obj in plain:
+        head = heads.get(obj.key)
+        if head is False:
+            continue
+        stored = _classified(obj, head, unreadable)
+        if mode == "detailed" and stored is not None:
+            _add_plain(space, stored.kind, stored.original_size, obj.size)
+        else:
+            _add_plain(space, None, obj.size, obj.size)
+    if mode != "detailed":
+        space.direct_count = space.foreign_count = None
+
+
+async def _orphans(
+    store: ObjectStore,
+    candidates: list[ObjectInfo],
+    concurrency: int,
+    on_head: Callable[[int], None] | None,
+) -> list[Orphan]:
+    """The ``candidates`` (references no delta needs) that are still there and are
+    DeltaGlider references: one a tool wrote without DeltaGlider metadata is nobody's
+    reference, not an orphan for `dgfs gc`, which keeps it too. One HEAD each (few:
+    directories whose deltas are all gone)."""
     ref_heads = await _head_all(store, [ref.key for ref in candidates], concurrency, on_head)
+    orphans = []
     for ref in candidates:
         head = ref_heads.get(ref.key)
         if head is False:
             continue  # gone since the LIST
         if isinstance(head, ObjectHead) and not gc.is_deltaglider_reference(head.metadata):
             continue
-        stats.orphans.append(Orphan(ref.key, ref.size))
+        orphans.append(Orphan(ref.key, ref.size))
+    if orphans:
+        # Reported to the user by the command; a note in the log is enough.
+        log.info(
+            "%d orphaned reference(s) hold %d bytes with no delta left",
+            len(orphans),
+            sum(o.size for o in orphans),
+        )
+    return orphans
 
+
+def _add_up(stats: BucketStats) -> None:
+    """The bucket's totals from its directories'."""
     stats.delta_modes = {m.value: ModeStats() for m in DeltaMode}
     for space in stats.spaces:
         stats.delta_count += space.delta_count
@@ -468,21 +529,13 @@ async def _compute(
         for delta_mode in DeltaMode:
             stats.delta_modes[delta_mode.value].add_space(space, delta_mode is DeltaMode.DEEP)
     stats.file_count = stats.delta_count + stats.plain_count
-    if mode == "detailed":
+    if stats.mode == "detailed":
         stats.direct_count = sum(s.direct_count or 0 for s in stats.spaces)
         stats.foreign_count = sum(s.foreign_count or 0 for s in stats.spaces)
     else:
         stats.direct_count = stats.foreign_count = None
-    stats.unreadable = sorted(unreadable)
+    stats.unreadable = sorted(stats.unreadable)
     stats.computed_at = datetime.now(UTC).isoformat()
-    if stats.orphans:
-        # Reported to the user by the command; a note in the log is enough.
-        log.info(
-            "%d orphaned reference(s) hold %d bytes with no delta left",
-            len(stats.orphans),
-            sum(o.size for o in stats.orphans),
-        )
-    return stats
 
 
 def _delta_mode(

@@ -139,6 +139,14 @@ def print_stats(
     stats: BucketStats, out: TextIO, *, by_prefix: bool = False, remove_hint: str = ""
 ) -> None:
     """The human-readable report."""
+    _print_totals(stats, out)
+    if by_prefix and stats.spaces:
+        _print_by_prefix(stats, out)
+    if stats.orphans:
+        _print_orphans(stats, out, remove_hint)
+
+
+def _print_totals(stats: BucketStats, out: TextIO) -> None:
     where = f"s3://{stats.bucket}/{stats.prefix}" if stats.prefix else f"s3://{stats.bucket}"
     estimate = " (estimated)" if stats.estimated else ""
     w = out.write
@@ -170,38 +178,45 @@ def print_stats(
         w(f"Unreadable metadata: {len(stats.unreadable)} object(s), e.g. {stats.unreadable[0]}\n")
     if stats.from_cache:
         w(f"(cached result computed {stats.computed_at}; --refresh recomputes)\n")
-    if by_prefix and stats.spaces:
-        w("\n")
-        header = ("DIRECTORY", "MODE", "FILES", "DELTA", "OTHER", "ORIGINAL", "STORED", "RATIO")
-        rows = [
-            (
-                (space.prefix or "(root)") + "/",
-                space.mode or "-",
-                f"{space.file_count:,}",
-                f"{space.delta_count:,}",
-                f"{space.plain_count:,}",
-                human_bytes(space.original_bytes) + ("~" if space.estimated else ""),
-                human_bytes(space.stored_bytes),
-                f"{space.ratio:.4f}" + (" orphaned reference" if space.orphaned else ""),
-            )
-            for space in stats.spaces
-        ]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-            middle = zip(row[2:-1], widths[2:-1], strict=True)
-            cells += [cell.rjust(width) for cell, width in middle]
-            cells.append(row[-1])
-            w("  ".join(cells).rstrip() + "\n")
-        if any(space.estimated for space in stats.spaces):
-            w("~ estimated (use --detailed for exact sizes)\n")
-    if stats.orphans:
-        w("\n")
-        w(
-            f"Orphaned references (no delta left), {len(stats.orphans)} holding "
-            f"{human_bytes(stats.orphan_bytes)}:\n"
+
+
+def _print_by_prefix(stats: BucketStats, out: TextIO) -> None:
+    """A table of the directories."""
+    w = out.write
+    w("\n")
+    header = ("DIRECTORY", "MODE", "FILES", "DELTA", "OTHER", "ORIGINAL", "STORED", "RATIO")
+    rows = [
+        (
+            (space.prefix or "(root)") + "/",
+            space.mode or "-",
+            f"{space.file_count:,}",
+            f"{space.delta_count:,}",
+            f"{space.plain_count:,}",
+            human_bytes(space.original_bytes) + ("~" if space.estimated else ""),
+            human_bytes(space.stored_bytes),
+            f"{space.ratio:.4f}" + (" orphaned reference" if space.orphaned else ""),
         )
-        for orphan in stats.orphans:
-            w(f"  s3://{stats.bucket}/{orphan.key}  {human_bytes(orphan.size)}\n")
-        if remove_hint:
-            w(f"Remove them with: {remove_hint}\n")
+        for space in stats.spaces
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        middle = zip(row[2:-1], widths[2:-1], strict=True)
+        cells += [cell.rjust(width) for cell, width in middle]
+        cells.append(row[-1])
+        w("  ".join(cells).rstrip() + "\n")
+    if any(space.estimated for space in stats.spaces):
+        w("~ estimated (use --detailed for exact sizes)\n")
+
+
+def _print_orphans(stats: BucketStats, out: TextIO, remove_hint: str) -> None:
+    w = out.write
+    w("\n")
+    w(
+        f"Orphaned references (no delta left), {len(stats.orphans)} holding "
+        f"{human_bytes(stats.orphan_bytes)}:\n"
+    )
+    for orphan in stats.orphans:
+        w(f"  s3://{stats.bucket}/{orphan.key}  {human_bytes(orphan.size)}\n")
+    if remove_hint:
+        w(f"Remove them with: {remove_hint}\n")
