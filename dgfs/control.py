@@ -32,11 +32,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
+from dgfs.cache import ContentCache
 from dgfs.errors import ConfigError
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.journal import Journal
 from dgfs.serving import serve_requests
-from dgfs.telemetry import Histogram, Telemetry
+from dgfs.telemetry import Histogram, Snapshot, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -89,92 +90,110 @@ def status_document(
 ) -> dict[str, Any]:
     """The status of the mount now (trio thread only): the ``dgfs status --json`` document."""
     snap = telemetry.snapshot()
-    counts = fs.uploads.counts()
-    cache = fs.core.cache
-    errors_by_kind: dict[str, int] = {}
-    for (_operation, kind), n in snap.s3_errors.items():
-        errors_by_kind[kind] = errors_by_kind.get(kind, 0) + n
-    root = facts.mountpoint
     return {
         "version": DOCUMENT_VERSION,
-        "mount": {
-            "mountpoint": str(root),
-            "bucket": facts.bucket,
-            "prefix": facts.prefix,
-            "endpoint": public_endpoint(fs.store.endpoint),
-            "deltas": facts.deltas,
-            "read_only": facts.read_only,
-            "pid": os.getpid(),
-            "started_at": datetime.fromtimestamp(snap.started_at, UTC).isoformat(),
-            "uptime_seconds": round(snap.uptime_seconds, 3),
-            "metrics": facts.metrics,
-        },
-        "uploads": {
-            "pending": counts.pending,
-            "in_flight": counts.in_flight,
-            "failed": snap.uploads_failed,
-            "open_unsaved": counts.open_unsaved,
-            "uploaded": snap.uploaded_files,
-            "uploaded_by_kind": dict(sorted(snap.uploads.items())),
-            "retries": snap.upload_retries,
-            "failed_files": [
-                {
-                    "path": str(root / f.path),
-                    "key": f.key,
-                    "error": f.error,
-                    "errno": f.errno_name,
-                    "kept_in": f.kept_in,
-                    "at": datetime.fromtimestamp(f.at, UTC).isoformat(),
-                }
-                for f in snap.failed
-            ],
-            "retrying_files": [
-                {"path": str(root / r.path), "error": r.error, "failures": r.failures}
-                for r in fs.uploads.retrying()
-            ],
-            "seconds": _histogram(snap.upload_seconds),
-        },
+        "mount": _mount_section(facts, fs, snap),
+        "uploads": _uploads_section(facts.mountpoint, fs, snap),
         "bytes": {
             "written": snap.bytes_written,
             "uploaded_original": snap.uploaded_original_bytes,
             "uploaded_stored": snap.uploaded_stored_bytes,
             "ratio": None if snap.ratio is None else round(snap.ratio, 6),
         },
-        "cache": {
-            "directory": str(cache.directory),
-            "size_bytes": cache.stored_bytes,
-            "budget_bytes": cache.budget_bytes,
-            "entries": cache.entry_count,
-            "hits": snap.cache_hits,
-            "misses": snap.cache_misses,
-            "hit_rate": None if snap.cache_hit_rate is None else round(snap.cache_hit_rate, 6),
-            "evictions": snap.cache_evictions,
-            "evicted_bytes": snap.cache_evicted_bytes,
-        },
-        "s3": {
-            "requests": dict(sorted(snap.s3_requests.items())),
-            "requests_total": sum(snap.s3_requests.values()),
-            "errors": dict(sorted(errors_by_kind.items())),
-            "errors_by_operation": [
-                {"operation": op, "kind": kind, "count": n}
-                for (op, kind), n in sorted(snap.s3_errors.items())
-            ],
-            "retries": snap.s3_retries,
-        },
-        "journal": {
-            "directory": str(journal.directory),
-            "slot": journal.slots.index(journal.directory),
-            "slots": len(journal.slots),
-            "slots_in_use": journal.slots_in_use(),
-            "entries": journal.entry_count(),
-            "failed_kept": journal.failed_count(),
-            "commits": snap.journal_commits,
-        },
+        "cache": _cache_section(fs.core.cache, snap),
+        "s3": _s3_section(snap),
+        "journal": _journal_section(journal, snap),
         "rebuilds": {
             "count": snap.rebuild_seconds.count,
             "seconds_total": round(snap.rebuild_seconds.total, 6),
             "seconds": _histogram(snap.rebuild_seconds),
         },
+    }
+
+
+def _mount_section(facts: MountFacts, fs: FileSystem, snap: Snapshot) -> dict[str, Any]:
+    return {
+        "mountpoint": str(facts.mountpoint),
+        "bucket": facts.bucket,
+        "prefix": facts.prefix,
+        "endpoint": public_endpoint(fs.store.endpoint),
+        "deltas": facts.deltas,
+        "read_only": facts.read_only,
+        "pid": os.getpid(),
+        "started_at": datetime.fromtimestamp(snap.started_at, UTC).isoformat(),
+        "uptime_seconds": round(snap.uptime_seconds, 3),
+        "metrics": facts.metrics,
+    }
+
+
+def _uploads_section(root: Path, fs: FileSystem, snap: Snapshot) -> dict[str, Any]:
+    counts = fs.uploads.counts()
+    return {
+        "pending": counts.pending,
+        "in_flight": counts.in_flight,
+        "failed": snap.uploads_failed,
+        "open_unsaved": counts.open_unsaved,
+        "uploaded": snap.uploaded_files,
+        "uploaded_by_kind": dict(sorted(snap.uploads.items())),
+        "retries": snap.upload_retries,
+        "failed_files": [
+            {
+                "path": str(root / f.path),
+                "key": f.key,
+                "error": f.error,
+                "errno": f.errno_name,
+                "kept_in": f.kept_in,
+                "at": datetime.fromtimestamp(f.at, UTC).isoformat(),
+            }
+            for f in snap.failed
+        ],
+        "retrying_files": [
+            {"path": str(root / r.path), "error": r.error, "failures": r.failures}
+            for r in fs.uploads.retrying()
+        ],
+        "seconds": _histogram(snap.upload_seconds),
+    }
+
+
+def _cache_section(cache: ContentCache, snap: Snapshot) -> dict[str, Any]:
+    return {
+        "directory": str(cache.directory),
+        "size_bytes": cache.stored_bytes,
+        "budget_bytes": cache.budget_bytes,
+        "entries": cache.entry_count,
+        "hits": snap.cache_hits,
+        "misses": snap.cache_misses,
+        "hit_rate": None if snap.cache_hit_rate is None else round(snap.cache_hit_rate, 6),
+        "evictions": snap.cache_evictions,
+        "evicted_bytes": snap.cache_evicted_bytes,
+    }
+
+
+def _s3_section(snap: Snapshot) -> dict[str, Any]:
+    errors_by_kind: dict[str, int] = {}
+    for (_operation, kind), n in snap.s3_errors.items():
+        errors_by_kind[kind] = errors_by_kind.get(kind, 0) + n
+    return {
+        "requests": dict(sorted(snap.s3_requests.items())),
+        "requests_total": sum(snap.s3_requests.values()),
+        "errors": dict(sorted(errors_by_kind.items())),
+        "errors_by_operation": [
+            {"operation": op, "kind": kind, "count": n}
+            for (op, kind), n in sorted(snap.s3_errors.items())
+        ],
+        "retries": snap.s3_retries,
+    }
+
+
+def _journal_section(journal: Journal, snap: Snapshot) -> dict[str, Any]:
+    return {
+        "directory": str(journal.directory),
+        "slot": journal.slots.index(journal.directory),
+        "slots": len(journal.slots),
+        "slots_in_use": journal.slots_in_use(),
+        "entries": journal.entry_count(),
+        "failed_kept": journal.failed_count(),
+        "commits": snap.journal_commits,
     }
 
 

@@ -90,63 +90,60 @@ def make_registry(document: Document) -> Any:
     return registry
 
 
+#: Metrics read straight from one field of the status document (control.py):
+#: ``(gauge or counter, name, help, section, field)``, in groups kept in the
+#: order ``_StatusCollector.collect`` exposes them between the labelled ones.
+_Plain = tuple[str, str, str, str, str]
+_UPLOAD_METRICS: tuple[_Plain, ...] = (
+    ("gauge", "dgfs_uptime_seconds", "Seconds since the mount started", "mount", "uptime_seconds"),
+    ("gauge", "dgfs_uploads_pending", "Closed files not in S3 yet and not being uploaded",
+     "uploads", "pending"),
+    ("gauge", "dgfs_uploads_in_flight", "Files being uploaded now", "uploads", "in_flight"),
+    ("counter", "dgfs_uploads_failed",
+     "Uploads that failed for good (data kept in the journal's failed/)", "uploads", "failed"),
+    ("counter", "dgfs_upload_retries", "Uploads that failed transiently and were queued again",
+     "uploads", "retries"),
+)  # fmt: skip
+_BYTES_AND_CACHE_METRICS: tuple[_Plain, ...] = (
+    ("counter", "dgfs_written_bytes", "Bytes users wrote through the mount", "bytes", "written"),
+    ("counter", "dgfs_uploaded_original_bytes", "Original size of the files uploaded",
+     "bytes", "uploaded_original"),
+    ("counter", "dgfs_uploaded_stored_bytes",
+     "Bytes those files take in S3 (delta or direct object)", "bytes", "uploaded_stored"),
+    ("gauge", "dgfs_cache_size_bytes", "Bytes the cache holds on disk", "cache", "size_bytes"),
+    ("gauge", "dgfs_cache_budget_bytes", "The cache's budget (cache_size)",
+     "cache", "budget_bytes"),
+    ("gauge", "dgfs_cache_entries", "Entries in the cache", "cache", "entries"),
+    ("counter", "dgfs_cache_hits", "Opens whose content was in the cache", "cache", "hits"),
+    ("counter", "dgfs_cache_misses", "Opens whose content had to be fetched or rebuilt",
+     "cache", "misses"),
+    ("counter", "dgfs_cache_evictions", "Entries evicted to keep the budget",
+     "cache", "evictions"),
+)  # fmt: skip
+_S3_AND_JOURNAL_METRICS: tuple[_Plain, ...] = (
+    ("counter", "dgfs_s3_retries", "S3 requests retried after a transient error",
+     "s3", "retries"),
+    ("gauge", "dgfs_journal_slots_in_use",
+     "Journal slots of this bucket held by live mounts on this machine",
+     "journal", "slots_in_use"),
+    ("gauge", "dgfs_journal_entries", "Closed files durable in the journal, waiting for upload",
+     "journal", "entries"),
+    ("gauge", "dgfs_journal_failed_entries", "Files in the journal's failed/ directory",
+     "journal", "failed_kept"),
+)  # fmt: skip
+
+
 class _StatusCollector:
     def __init__(self, document: Document) -> None:
         self._document = document
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         doc = self._document()
-        mount, uploads, nbytes = doc["mount"], doc["uploads"], doc["bytes"]
-        cache, s3, journal = doc["cache"], doc["s3"], doc["journal"]
-
-        info = GaugeMetricFamily(
-            "dgfs_mount_info",
-            "The mount: bucket, prefix, endpoint (without credentials), delta mode; always 1",
-            labels=["bucket", "prefix", "endpoint", "deltas", "mountpoint"],
-        )
-        info.add_metric(
-            [
-                mount["bucket"],
-                mount["prefix"],
-                mount["endpoint"],
-                mount["deltas"],
-                mount["mountpoint"],
-            ],
-            1,
-        )
-        yield info
-
-        def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, text, value=value)
-
-        def counter(name: str, text: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(name, text, value=value)
-
-        yield gauge(
-            "dgfs_uptime_seconds", "Seconds since the mount started", mount["uptime_seconds"]
-        )
-        yield gauge(
-            "dgfs_uploads_pending",
-            "Closed files not in S3 yet and not being uploaded",
-            uploads["pending"],
-        )
-        yield gauge("dgfs_uploads_in_flight", "Files being uploaded now", uploads["in_flight"])
-        yield counter(
-            "dgfs_uploads_failed",
-            "Uploads that failed for good (data kept in the journal's failed/)",
-            uploads["failed"],
-        )
-        yield counter(
-            "dgfs_upload_retries",
-            "Uploads that failed transiently and were queued again",
-            uploads["retries"],
-        )
+        uploads, s3 = doc["uploads"], doc["s3"]
+        yield _mount_info(doc["mount"])
+        yield from _plain(doc, _UPLOAD_METRICS)
         by_kind = CounterMetricFamily(
             "dgfs_uploads", "Files stored in S3, by how they are stored", labels=["kind"]
         )
@@ -159,33 +156,7 @@ class _StatusCollector:
             "Seconds from the start of a file's upload until it was stored",
             uploads["seconds"],
         )
-        yield counter(
-            "dgfs_written_bytes", "Bytes users wrote through the mount", nbytes["written"]
-        )
-        yield counter(
-            "dgfs_uploaded_original_bytes",
-            "Original size of the files uploaded",
-            nbytes["uploaded_original"],
-        )
-        yield counter(
-            "dgfs_uploaded_stored_bytes",
-            "Bytes those files take in S3 (delta or direct object)",
-            nbytes["uploaded_stored"],
-        )
-        yield gauge("dgfs_cache_size_bytes", "Bytes the cache holds on disk", cache["size_bytes"])
-        yield gauge(
-            "dgfs_cache_budget_bytes", "The cache's budget (cache_size)", cache["budget_bytes"]
-        )
-        yield gauge("dgfs_cache_entries", "Entries in the cache", cache["entries"])
-        yield counter("dgfs_cache_hits", "Opens whose content was in the cache", cache["hits"])
-        yield counter(
-            "dgfs_cache_misses",
-            "Opens whose content had to be fetched or rebuilt",
-            cache["misses"],
-        )
-        yield counter(
-            "dgfs_cache_evictions", "Entries evicted to keep the budget", cache["evictions"]
-        )
+        yield from _plain(doc, _BYTES_AND_CACHE_METRICS)
         requests = CounterMetricFamily(
             "dgfs_s3_requests", "S3 requests sent (each attempt)", labels=["operation"]
         )
@@ -198,30 +169,34 @@ class _StatusCollector:
         for row in s3["errors_by_operation"]:
             errors.add_metric([row["operation"], row["kind"]], row["count"])
         yield errors
-        yield counter(
-            "dgfs_s3_retries", "S3 requests retried after a transient error", s3["retries"]
-        )
-        yield gauge(
-            "dgfs_journal_slots_in_use",
-            "Journal slots of this bucket held by live mounts on this machine",
-            journal["slots_in_use"],
-        )
-        yield gauge(
-            "dgfs_journal_entries",
-            "Closed files durable in the journal, waiting for upload",
-            journal["entries"],
-        )
-        yield gauge(
-            "dgfs_journal_failed_entries",
-            "Files in the journal's failed/ directory",
-            journal["failed_kept"],
-        )
+        yield from _plain(doc, _S3_AND_JOURNAL_METRICS)
         yield _histogram(
             HistogramMetricFamily,
             "dgfs_rebuild_duration_seconds",
             "Seconds to reconstruct a delta for a read that found it in no cache",
             doc["rebuilds"]["seconds"],
         )
+
+
+def _mount_info(mount: dict[str, Any]) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+
+    info = GaugeMetricFamily(
+        "dgfs_mount_info",
+        "The mount: bucket, prefix, endpoint (without credentials), delta mode; always 1",
+        labels=["bucket", "prefix", "endpoint", "deltas", "mountpoint"],
+    )
+    labels = ("bucket", "prefix", "endpoint", "deltas", "mountpoint")
+    info.add_metric([mount[label] for label in labels], 1)
+    return info
+
+
+def _plain(doc: dict[str, Any], metrics: tuple[_Plain, ...]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    for kind, name, text, section, key in metrics:
+        family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+        yield family(name, text, value=doc[section][key])
 
 
 def _histogram(family: Any, name: str, text: str, data: dict[str, Any]) -> Any:
