@@ -35,6 +35,7 @@ from dgfs.control import (
     serve_control,
     status_document,
 )
+from dgfs.core import Core
 from dgfs.errors import (
     AccessDenied,
     ConfigError,
@@ -202,20 +203,7 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     logging.getLogger("pyfuse3").addFilter(_PYFUSE3_FILTER)  # once: filters are a set
     telemetry = Telemetry()
     async with open_core(config.location, settings, telemetry=telemetry) as core:
-        conditional = await _probe_store(core.store, config.fs_options.read_only)
-        core.conditional_create = conditional
-        journal_root = settings.cache_dir / "journal"
-        journal = Journal.open_slot(
-            journal_dir_for(
-                journal_root, settings.endpoint_url, config.location.bucket, config.location.prefix
-            ),
-            telemetry=telemetry,
-        )
-        attr_cache = AttrCache(
-            settings.cache_dir / f"attrs-{journal.directory.name}.{ATTR_CACHE_VERSION}.sqlite"
-        )
-        fs = FileSystem(core, journal, attr_cache, config.fs_options, config.location.prefix)
-        ops = FuseOperations(fs, attr_timeout=config.attr_timeout)
+        fs, journal = await _open_filesystem(config, core, telemetry)
         facts = MountFacts(
             mountpoint=config.mountpoint,
             bucket=config.location.bucket,
@@ -228,92 +216,142 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         def document() -> dict[str, object]:
             return status_document(facts, fs, journal, telemetry)
 
-        # Both listeners exist before the mount does: a taken port or an
-        # unusable cache directory fails the mount, not its status later.
-        control_path = journal.directory / SOCKET_NAME
-        listeners: list[trio.SocketListener] = []
         # Resolved before the mount exists: afterwards resolving it would ask this daemon.
         mounted_at = (
             _mounted_path(config.mountpoint)
             if config.fuse_fd is not None
             else Path(os.path.realpath(config.mountpoint))
         )
-        # Handed over: libfuse serves the open descriptor and mounts nothing.
-        fuse_target = (
-            f"/dev/fd/{config.fuse_fd}" if config.fuse_fd is not None else str(config.mountpoint)
-        )
-        try:
-            listeners.append(await open_control_listener(control_path))
-            if config.metrics is not None:
-                listeners += await open_metrics_listener(config.metrics)
-            pyfuse3.init(ops, fuse_target, _fuse_options(config))
-        except (RuntimeError, ConfigError) as exc:
-            for listener in listeners:
-                listener.socket.close()
-            control_path.unlink(missing_ok=True)
-            journal.close()
-            if isinstance(exc, ConfigError):
-                raise
-            raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from None
+        control_path = journal.directory / SOCKET_NAME
+        listeners = await _bind(config, fs, journal, control_path)
         fs.status_socket = str(control_path)
         if config.fuse_fd is not None:
             # libfuse owns the descriptor now; systemd's copy would keep the
             # connection alive (hanging, not "not connected") if this process died.
             notifier.remove_fd(FD_NAME)
-        unmounted = False
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_control, listeners[0], document)
-                if config.metrics is not None:
-                    await nursery.start(serve_metrics, listeners[1:], make_registry(document))
-                await nursery.start(fs.run_uploads)
-                nursery.start_soon(_watch_signals, nursery.cancel_scope)
-                await fs.recover_journal()
-                log.info("mounted %s on %s", config.location, config.mountpoint)
-                on_ready()
-                notifier.ready(f"mounted {config.location} on {config.mountpoint}")
-                reporting = trio.CancelScope()  # entered by the task, cancelled here
-                nursery.start_soon(_report_status, fs, notifier, reporting)
-                if config.read_ahead_kb > 0:
-                    nursery.start_soon(_set_read_ahead, mounted_at, config.read_ahead_kb)
-                await pyfuse3.main()
-                reporting.cancel()
-                log.info("unmounted %s; finishing uploads", config.mountpoint)
-                pyfuse3.close(unmount=True)
-                unmounted = True
-                notifier.stopping("unmounted; finishing uploads")
-                draining = trio.CancelScope()
-                nursery.start_soon(_report_drain, fs, notifier, draining)
-                await fs.unmounted()
-                await fs.wait_idle()
-                draining.cancel()
-                nursery.cancel_scope.cancel()
+            await _run_mounted(config, fs, listeners, document, notifier, on_ready, mounted_at)
         finally:
-            if not unmounted:
-                pyfuse3.close(unmount=True)
             for listener in listeners:
                 listener.socket.close()  # no checkpoint: cleanup below must run
             control_path.unlink(missing_ok=True)
             await fs.close()
             journal.close()
-            left = fs.uploads.leftovers()
-            if left.kept:
-                log.warning(
-                    "%d file(s) not uploaded; kept in %s for the next mount",
-                    left.kept,
-                    journal.directory,
-                )
-            if left.dropped:
-                log.warning("%d file(s) whose close() failed were not kept", left.dropped)
-            if left.failed:
-                # A permanent failure moved its entry to failed/: no mount retries those.
-                log.error(
-                    "%d file(s) could not be uploaded (see above); their data is in %s",
-                    left.failed,
-                    journal.directory / "failed",
-                )
-            if not left:
-                log.info("all uploads done")
+            _log_leftovers(fs, journal)
+
+
+async def _open_filesystem(
+    config: MountConfig, core: Core, telemetry: Telemetry
+) -> tuple[FileSystem, Journal]:
+    """The filesystem over ``core``, with this mount's journal slot and attribute cache."""
+    settings = config.settings
+    core.conditional_create = await _probe_store(core.store, config.fs_options.read_only)
+    journal_root = settings.cache_dir / "journal"
+    journal = Journal.open_slot(
+        journal_dir_for(
+            journal_root, settings.endpoint_url, config.location.bucket, config.location.prefix
+        ),
+        telemetry=telemetry,
+    )
+    attr_cache = AttrCache(
+        settings.cache_dir / f"attrs-{journal.directory.name}.{ATTR_CACHE_VERSION}.sqlite"
+    )
+    fs = FileSystem(core, journal, attr_cache, config.fs_options, config.location.prefix)
+    return fs, journal
+
+
+async def _bind(
+    config: MountConfig, fs: FileSystem, journal: Journal, control_path: Path
+) -> list[trio.SocketListener]:
+    """The control listener (then the metrics ones), then the mount itself.
+
+    Both listeners exist before the mount does: a taken port or an unusable
+    cache directory fails the mount, not its status later. On failure
+    everything made here is undone and the journal closed.
+    """
+    # Handed over: libfuse serves the open descriptor and mounts nothing.
+    fuse_target = (
+        f"/dev/fd/{config.fuse_fd}" if config.fuse_fd is not None else str(config.mountpoint)
+    )
+    listeners: list[trio.SocketListener] = []
+    try:
+        listeners.append(await open_control_listener(control_path))
+        if config.metrics is not None:
+            listeners += await open_metrics_listener(config.metrics)
+        ops = FuseOperations(fs, attr_timeout=config.attr_timeout)
+        pyfuse3.init(ops, fuse_target, _fuse_options(config))
+    except (RuntimeError, ConfigError) as exc:
+        for listener in listeners:
+            listener.socket.close()
+        control_path.unlink(missing_ok=True)
+        journal.close()
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from None
+    return listeners
+
+
+async def _run_mounted(
+    config: MountConfig,
+    fs: FileSystem,
+    listeners: list[trio.SocketListener],
+    document: Callable[[], dict[str, object]],
+    notifier: Notifier,
+    on_ready: Callable[[], None],
+    mounted_at: Path,
+) -> None:
+    """Serve until unmounted, then finish the uploads; the mount is gone on return."""
+    unmounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, listeners[0], document)
+            if config.metrics is not None:
+                await nursery.start(serve_metrics, listeners[1:], make_registry(document))
+            await nursery.start(fs.run_uploads)
+            nursery.start_soon(_watch_signals, nursery.cancel_scope)
+            await fs.recover_journal()
+            log.info("mounted %s on %s", config.location, config.mountpoint)
+            on_ready()
+            notifier.ready(f"mounted {config.location} on {config.mountpoint}")
+            reporting = trio.CancelScope()  # entered by the task, cancelled here
+            nursery.start_soon(_report_status, fs, notifier, reporting)
+            if config.read_ahead_kb > 0:
+                nursery.start_soon(_set_read_ahead, mounted_at, config.read_ahead_kb)
+            await pyfuse3.main()
+            reporting.cancel()
+            log.info("unmounted %s; finishing uploads", config.mountpoint)
+            pyfuse3.close(unmount=True)
+            unmounted = True
+            notifier.stopping("unmounted; finishing uploads")
+            draining = trio.CancelScope()
+            nursery.start_soon(_report_drain, fs, notifier, draining)
+            await fs.unmounted()
+            await fs.wait_idle()
+            draining.cancel()
+            nursery.cancel_scope.cancel()
+    finally:
+        if not unmounted:
+            pyfuse3.close(unmount=True)
+
+
+def _log_leftovers(fs: FileSystem, journal: Journal) -> None:
+    """What the uploads left behind, for the operator."""
+    left = fs.uploads.leftovers()
+    if left.kept:
+        log.warning(
+            "%d file(s) not uploaded; kept in %s for the next mount", left.kept, journal.directory
+        )
+    if left.dropped:
+        log.warning("%d file(s) whose close() failed were not kept", left.dropped)
+    if left.failed:
+        # A permanent failure moved its entry to failed/: no mount retries those.
+        log.error(
+            "%d file(s) could not be uploaded (see above); their data is in %s",
+            left.failed,
+            journal.directory / "failed",
+        )
+    if not left:
+        log.info("all uploads done")
 
 
 def _backlog_text(fs: FileSystem) -> str:
