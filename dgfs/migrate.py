@@ -195,6 +195,20 @@ def _original_size(head: ObjectHead) -> tuple[int, str | None, bool]:
     return stored.original_size, stored.file_sha256, stored.kind is Kind.DELTA
 
 
+def _source_file(
+    visible: str, rel_key: str, dest_key: str, obj: ObjectInfo, head: ObjectHead | None
+) -> SourceFile:
+    """The file ``obj`` holds, visible as ``visible``; its sizes from ``head`` when HEADed
+    (a delta's original size is in its metadata only)."""
+    delta = visible != obj.key
+    if head is not None:
+        size, sha256, is_delta = _original_size(head)
+    else:
+        size, sha256, is_delta = obj.size, None, False
+    kept = head if is_delta or delta else None
+    return SourceFile(visible, rel_key, dest_key, size, sha256, delta, kept)
+
+
 async def plan_migration(
     source_store: ObjectStore,
     dest_store: ObjectStore,
@@ -227,16 +241,11 @@ async def plan_migration(
             wanted[visible] = entry
         else:
             plan.other_shards += 1  # before any HEAD: a shard pays only for its own files
-    # A delta's original size is in its metadata only.
     delta_heads = await head_many(
         source_store,
         [e.obj.key for e in wanted.values() if e.delta],
         concurrency=concurrency,
     )
-
-    dest_listing = await dest_store.list(dst_root, delimiter=None)
-    dest_entries = _visible_entries(dest_listing.objects, dst_root)
-
     files: list[SourceFile] = []
     for visible, entry in sorted(wanted.items()):
         rel_key = visible[len(src_root) :]
@@ -245,22 +254,21 @@ async def plan_migration(
         head = delta_heads.get(entry.obj.key)
         if entry.delta and head is None:
             continue  # deleted since the listing
-        if head is not None:
-            size, sha256, is_delta = _original_size(head)
-        else:
-            size, sha256, is_delta = entry.obj.size, None, False
-        files.append(
-            SourceFile(
-                key=visible,
-                rel_key=rel_key,
-                dest_key=dst_root + rel_key,
-                size=size,
-                sha256=sha256,
-                delta=entry.delta,
-                head=head if is_delta or entry.delta else None,
-            )
-        )
+        files.append(_source_file(visible, rel_key, dst_root + rel_key, entry.obj, head))
+    dest_listing = await dest_store.list(dst_root, delimiter=None)
+    dest_entries = _visible_entries(dest_listing.objects, dst_root)
+    await _compare_with_destination(plan, files, dest_store, dest_entries, concurrency)
+    return plan
 
+
+async def _compare_with_destination(
+    plan: MigrationPlan,
+    files: list[SourceFile],
+    dest_store: ObjectStore,
+    dest_entries: Mapping[str, _Entry],
+    concurrency: int,
+) -> None:
+    """Sort ``files`` into ``plan.to_copy`` (``replacing`` when they differ) and ``present``."""
     # Destination deltas need a HEAD for their original size (and sha256).
     at_dest = {f.dest_key: dest_entries[f.dest_key] for f in files if f.dest_key in dest_entries}
     dest_heads = await head_many(
@@ -285,7 +293,6 @@ async def plan_migration(
         else:
             plan.to_copy.append(f)
             plan.replacing.append(f)
-    return plan
 
 
 # --- running ---------------------------------------------------------------------
@@ -316,6 +323,11 @@ class MigrationReport:
     skipped: int = 0
     elapsed: float = 0.0
     shard: Shard | None = None  # the directories the run covered; None: all
+
+    @property
+    def any_failed(self) -> bool:
+        """Whether something failed (the command exits 1)."""
+        return bool(self.failed)
 
     @property
     def original_bytes(self) -> int:
@@ -601,38 +613,8 @@ async def plan_conversion(
     """
     root = fmt.listing_root(location.prefix)
     plan = ConversionPlan(location, target, shard=shard)
-    old_ref_name = fmt.reference_key("", plan.source_mode)  # the bare name
-    listing = await store.list(root, delimiter=None)
-    objects = []
-    for obj in listing.objects:
-        if not root and fmt.is_internal_key(obj.key):
-            continue
-        if owned(shard, obj.key):
-            objects.append(obj)
-        elif fmt.is_delta_key(obj.key):
-            plan.other_shards += 1
-    plan.stored_bytes = sum(o.size for o in objects)
-    plan.old_references = [o for o in objects if fmt.split_key(o.key)[1] == old_ref_name]
-    checked_spaces = {fmt.split_key(o.key)[0] for o in plan.old_references}
-    if target is DeltaMode.DG:
-        # DeltaGlider's own gzip deltas can only be where its reference is.
-        checked_spaces |= {
-            fmt.split_key(o.key)[0]
-            for o in objects
-            if fmt.split_key(o.key)[1] == fmt.REFERENCE_NAME
-        }
-    by_key = {o.key: o for o in objects}
-    candidates: list[ObjectInfo] = []
-    for obj in objects:
-        visible = fmt.visible_key(obj.key)
-        if visible is None or visible == obj.key:
-            continue  # a reference, or not a delta
-        if not selected(visible[len(root) :], include, exclude):
-            plan.filtered_out += 1
-        elif fmt.split_key(obj.key)[0] in checked_spaces:
-            candidates.append(obj)
-        else:
-            plan.already += 1
+    objects = await _owned_objects(store, root, plan)
+    candidates = _candidates(plan, objects, root, include, exclude)
     heads = await head_many(store, [o.key for o in candidates], concurrency=concurrency)
     in_target = {
         key: head
@@ -642,6 +624,7 @@ async def plan_conversion(
     stock_gzip: set[str] = set()
     if target is DeltaMode.DG:
         stock_gzip = await _stock_gzip_deltas(store, list(in_target.values()), concurrency)
+    by_key = {o.key: o for o in objects}
     for obj in sorted(candidates, key=lambda o: o.key):
         head = heads.get(obj.key)
         if head is None:
@@ -655,11 +638,65 @@ async def plan_conversion(
         if direct is not None and direct.last_modified > head.last_modified:
             plan.stale.append(obj.key)  # a put that went direct died before deleting it
             continue
-        size, sha256, _ = _original_size(head)
         # Named by their full keys everywhere (rel_key too), like the references.
-        file = SourceFile(visible, visible, visible, size, sha256, True, head)
+        file = _source_file(visible, visible, visible, obj, head)
         (plan.to_rewrite if obj.key in stock_gzip else plan.to_convert).append(file)
     return plan
+
+
+async def _owned_objects(store: ObjectStore, root: str, plan: ConversionPlan) -> list[ObjectInfo]:
+    """The objects under ``root`` in ``plan.shard``'s directories; sets ``stored_bytes``,
+    ``old_references`` and ``other_shards`` (the other shards' deltas)."""
+    listing = await store.list(root, delimiter=None)
+    objects = []
+    for obj in listing.objects:
+        if not root and fmt.is_internal_key(obj.key):
+            continue
+        if owned(plan.shard, obj.key):
+            objects.append(obj)
+        elif fmt.is_delta_key(obj.key):
+            plan.other_shards += 1
+    plan.stored_bytes = sum(o.size for o in objects)
+    old_ref_name = fmt.reference_key("", plan.source_mode)  # the bare name
+    plan.old_references = [o for o in objects if fmt.split_key(o.key)[1] == old_ref_name]
+    return objects
+
+
+def _candidates(
+    plan: ConversionPlan,
+    objects: list[ObjectInfo],
+    root: str,
+    include: Sequence[str],
+    exclude: Sequence[str],
+) -> list[ObjectInfo]:
+    """The deltas that may need converting: selected, in a directory ``_spaces_to_check``
+    names (the others are counted in ``plan.filtered_out`` and ``plan.already``)."""
+    checked_spaces = _spaces_to_check(plan, objects)
+    candidates: list[ObjectInfo] = []
+    for obj in objects:
+        visible = fmt.visible_key(obj.key)
+        if visible is None or visible == obj.key:
+            continue  # a reference, or not a delta
+        if not selected(visible[len(root) :], include, exclude):
+            plan.filtered_out += 1
+        elif fmt.split_key(obj.key)[0] in checked_spaces:
+            candidates.append(obj)
+        else:
+            plan.already += 1
+    return candidates
+
+
+def _spaces_to_check(plan: ConversionPlan, objects: list[ObjectInfo]) -> set[str]:
+    """The directories whose deltas may need converting (or, into dg, rewriting)."""
+    spaces = {fmt.split_key(o.key)[0] for o in plan.old_references}
+    if plan.target is DeltaMode.DG:
+        # DeltaGlider's own gzip deltas can only be where its reference is.
+        spaces |= {
+            fmt.split_key(o.key)[0]
+            for o in objects
+            if fmt.split_key(o.key)[1] == fmt.REFERENCE_NAME
+        }
+    return spaces
 
 
 @dataclass
@@ -686,6 +723,10 @@ class ConversionReport(MigrationReport):
         """The files converted from the other mode (``copied`` less the rewritten)."""
         rewritten = set(self.rewritten)
         return [c for c in self.copied if c.dest_key not in rewritten]
+
+    @property
+    def any_failed(self) -> bool:
+        return bool(self.failed or self.references_failed)
 
     @property
     def freed_bytes(self) -> int:

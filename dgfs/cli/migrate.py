@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import trio
 
@@ -37,6 +40,8 @@ from dgfs.normalize import NormalizeReport, normalize
 from dgfs.progress import Progress, human_bytes
 from dgfs.runtime import S3Location, Settings, open_core, open_store
 from dgfs.shard import Shard, label, suffix
+
+ReportT = TypeVar("ReportT", bound=MigrationReport)
 
 #: Seconds to wait before re-checking removed references (``gc --settle``).
 CONVERSION_SETTLE_SECONDS = DEFAULT_SETTLE_SECONDS
@@ -169,17 +174,28 @@ def main(args: argparse.Namespace) -> int:
             )
         return _main_in_place(source, settings, args, shard)
     plan, report = run(_migrate, source, dest, settings, args, shard)
+    return _outcome(args, plan_json(plan), report, print_summary)
+
+
+def _outcome(
+    args: argparse.Namespace,
+    plan_document: dict[str, object],
+    report: ReportT | None,
+    print_report: Callable[[ReportT], None],
+) -> int:
+    """Print what a run (migration or conversion) did, or its plan when nothing ran
+    (``--json`` only); its exit code."""
     if report is None:
         if args.json:
-            json.dump(plan_json(plan), sys.stdout, indent=2)
+            json.dump(plan_document, sys.stdout, indent=2)
             print()
         return EXIT_OK
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2)
         print()
-    elif not args.quiet or report.failed:
-        print_summary(report)
-    return EXIT_FAILURE if report.failed else EXIT_OK
+    elif not args.quiet or report.any_failed:
+        print_report(report)
+    return EXIT_FAILURE if report.any_failed else EXIT_OK
 
 
 def _main_normalize(
@@ -238,18 +254,17 @@ def _say(args: argparse.Namespace, text: str = "") -> None:
         print(text)
 
 
-async def _region_warnings(settings: Settings, buckets: list[str]) -> list[str]:
+async def _warn_regions(settings: Settings, buckets: list[str]) -> None:
+    """On EC2, a line on stderr for each bucket addressed in another region than the instance's."""
     instance = await trio.to_thread.run_sync(ec2.instance_info)
     if instance is None:
-        return []
+        return
     # The bucket's region as the client addresses it (DeltaGlider compares the same).
     region = settings.region or environment.region() or "us-east-1"
-    warnings = []
     for bucket in dict.fromkeys(buckets):
         warning = ec2.region_warning(instance, bucket, region)
         if warning:
-            warnings.append(warning)
-    return warnings
+            print(warning, file=sys.stderr)
 
 
 async def _migrate(
@@ -259,8 +274,7 @@ async def _migrate(
     args: argparse.Namespace,
     shard: Shard | None,
 ) -> tuple[MigrationPlan, MigrationReport | None]:
-    for warning in await _region_warnings(settings, [source.bucket, dest.bucket]):
-        print(warning, file=sys.stderr)
+    await _warn_regions(settings, [source.bucket, dest.bucket])
     async with open_migration(source, dest, settings) as (source_core, dest_core):
         plan = await plan_migration(
             source_core.store,
@@ -327,37 +341,49 @@ def show_plan(plan: MigrationPlan, args: argparse.Namespace) -> None:
 
 
 async def _confirm(plan: MigrationPlan) -> None:
-    if not sys.stdin.isatty():
-        raise UserError("refusing to migrate without confirmation: pass --yes (or use a terminal)")
     question = (
         f"Copy {len(plan.to_copy):,} files ({human_bytes(plan.total_bytes)}) "
         f"to s3://{plan.dest.bucket}/{plan.dest_prefix}{suffix(plan.shard)}? [y/N] "
     )
+    await _ask(question, "migrate", "migration")
+
+
+async def _ask(question: str, verb: str, noun: str) -> None:
+    """``UserError`` unless the user at the terminal answers yes."""
+    if not sys.stdin.isatty():
+        raise UserError(f"refusing to {verb} without confirmation: pass --yes (or use a terminal)")
     answer = await trio.to_thread.run_sync(input, question)
     if answer.strip().lower() not in ("y", "yes"):
-        raise UserError("migration cancelled")
+        raise UserError(f"{noun} cancelled")
 
 
-async def _run(
-    source_core: Core, dest_core: Core, plan: MigrationPlan, args: argparse.Namespace
-) -> MigrationReport:
+@contextlib.contextmanager
+def _progress(
+    name: str, files: int, total_bytes: int, args: argparse.Namespace
+) -> Iterator[Callable[[SourceFile, Copied | None, str | None], None]]:
+    """A progress bar (none with --quiet or --json) and the ``on_done`` that advances it."""
     enabled = False if (args.quiet or args.json) else None
-    with Progress(
-        "migrate" + suffix(plan.shard), len(plan.to_copy), plan.total_bytes, enabled=enabled
-    ) as progress:
+    with Progress(name, files, total_bytes, enabled=enabled) as progress:
 
         def on_done(file: SourceFile, copied: Copied | None, error: str | None) -> None:
             if error is not None:
                 progress.note(f"FAILED {file.rel_key}: {error}")
             progress.advance(1, file.size)
 
+        yield on_done
+
+
+async def _run(
+    source_core: Core, dest_core: Core, plan: MigrationPlan, args: argparse.Namespace
+) -> MigrationReport:
+    name = "migrate" + suffix(plan.shard)
+    with _progress(name, len(plan.to_copy), plan.total_bytes, args) as on_done:
         return await run_migration(
             source_core, dest_core, plan, concurrency=args.concurrency, on_done=on_done
         )
 
 
 def print_summary(report: MigrationReport) -> None:
-    elapsed = max(report.elapsed, 1e-9)
     print()
     print("Migration summary" + suffix(report.shard))
     print(f"  copied:    {len(report.copied):,} files in {report.elapsed:.1f} s")
@@ -368,10 +394,19 @@ def print_summary(report: MigrationReport) -> None:
     if report.original_bytes:
         fraction = report.saved_bytes / report.original_bytes
         print(f"  saved:     {human_bytes(report.saved_bytes)} ({fraction:.1%})")
-    print(
-        f"  rate:      {len(report.copied) / elapsed:.2f} files/s, "
+    print(f"  rate:      {_rate(report)}")
+    _print_failed(report)
+
+
+def _rate(report: MigrationReport) -> str:
+    elapsed = max(report.elapsed, 1e-9)
+    return (
+        f"{len(report.copied) / elapsed:.2f} files/s, "
         f"{report.original_bytes / elapsed / 1e6:.2f} MB/s"
     )
+
+
+def _print_failed(report: MigrationReport) -> None:
     if report.failed:
         print("\nFailed files (rerun to retry them):")
         for key, reason in report.failed:
@@ -385,24 +420,13 @@ def _main_in_place(
     location: S3Location, settings: Settings, args: argparse.Namespace, shard: Shard | None
 ) -> int:
     plan, report = run(_convert, location, settings, args, shard)
-    if report is None:
-        if args.json:
-            json.dump(conversion_plan_json(plan), sys.stdout, indent=2)
-            print()
-        return EXIT_OK
-    if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2)
-        print()
-    elif not args.quiet or report.failed or report.references_failed:
-        print_conversion_summary(report)
-    return EXIT_FAILURE if report.failed or report.references_failed else EXIT_OK
+    return _outcome(args, conversion_plan_json(plan), report, print_conversion_summary)
 
 
 async def _convert(
     location: S3Location, settings: Settings, args: argparse.Namespace, shard: Shard | None
 ) -> tuple[ConversionPlan, ConversionReport | None]:
-    for warning in await _region_warnings(settings, [location.bucket]):
-        print(warning, file=sys.stderr)
+    await _warn_regions(settings, [location.bucket])
     async with open_core(location, settings) as core:
         plan = await plan_conversion(
             core.store,
@@ -500,8 +524,6 @@ def show_conversion_plan(plan: ConversionPlan, args: argparse.Namespace) -> None
 
 
 async def _confirm_conversion(plan: ConversionPlan) -> None:
-    if not sys.stdin.isatty():
-        raise UserError("refusing to convert without confirmation: pass --yes (or use a terminal)")
     rewrite = (
         f", rewrite {len(plan.to_rewrite):,} {STOCK_GZIP_DELTAS} "
         f"({human_bytes(plan.rewrite_bytes)})"
@@ -514,24 +536,15 @@ async def _confirm_conversion(plan: ConversionPlan) -> None:
         "and remove the "
         f"{fmt.reference_key('', plan.source_mode)} references no delta needs? [y/N] "
     )
-    answer = await trio.to_thread.run_sync(input, question)
-    if answer.strip().lower() not in ("y", "yes"):
-        raise UserError("conversion cancelled")
+    await _ask(question, "convert", "conversion")
 
 
 async def _run_conversion(
     core: Core, plan: ConversionPlan, args: argparse.Namespace
 ) -> ConversionReport:
-    enabled = False if (args.quiet or args.json) else None
     files = len(plan.to_convert) + len(plan.to_rewrite)
     total = plan.total_bytes + plan.rewrite_bytes
-    with Progress("convert" + suffix(plan.shard), files, total, enabled=enabled) as progress:
-
-        def on_done(file: SourceFile, copied: Copied | None, error: str | None) -> None:
-            if error is not None:
-                progress.note(f"FAILED {file.rel_key}: {error}")
-            progress.advance(1, file.size)
-
+    with _progress("convert" + suffix(plan.shard), files, total, args) as on_done:
         return await convert_in_place(
             core,
             plan,
@@ -542,7 +555,6 @@ async def _run_conversion(
 
 
 def print_conversion_summary(report: ConversionReport) -> None:
-    elapsed = max(report.elapsed, 1e-9)
     new = report.target.value
     old_ref = fmt.reference_key("", other_mode(report.target))
     print()
@@ -578,10 +590,7 @@ def print_conversion_summary(report: ConversionReport) -> None:
             else "(everything under the location)"
         )
     )
-    print(
-        f"  rate:       {len(report.copied) / elapsed:.2f} files/s, "
-        f"{report.original_bytes / elapsed / 1e6:.2f} MB/s"
-    )
+    print(f"  rate:       {_rate(report)}")
     if report.references_removed:
         print("Removed references are kept 24 h under .deltaglider/tmp/gc/ in case one is needed.")
     for key, why in report.references_kept:
@@ -595,7 +604,4 @@ def print_conversion_summary(report: ConversionReport) -> None:
         )
         for key in report.unused_references:
             print(f"  {key}")
-    if report.failed:
-        print("\nFailed files (rerun to retry them):")
-        for key, reason in report.failed:
-            print(f"  {key}: {reason}")
+    _print_failed(report)
