@@ -2,7 +2,8 @@
 
 Builds (once, seeded, kept in ~/.cache/dgfs-bench/large/) a tar of real
 content -- the members of the Django release tars and the PyPI wheels and
-sdists that the other benchmarks cache, repeated in a shuffled order and
+sdists of benchmarks/series.py (downloaded into ~/.cache/dgfs-bench once,
+about 250 MB, if they are not there yet), repeated in a shuffled order and
 interleaved with pseudo-random blobs -- and two later versions of it with
 changes spread through the whole file: members edited (bytes replaced and
 inserted, so everything after shifts), inserted and removed, from the
@@ -54,9 +55,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo import dgfs_bin, human, wait_mounted  # noqa: E402
+from benchmarks.series import DEFAULT_CACHE, all_series  # noqa: E402
 from tests.servers import S3_TEST_ENV, SeaweedServer, make_bucket, s3_client  # noqa: E402
 
-BENCH_CACHE = Path.home() / ".cache" / "dgfs-bench"
+BENCH_CACHE = DEFAULT_CACHE
 DATA_DIR = BENCH_CACHE / "large"
 #: Bump when the generator changes: cached series of another version are rebuilt.
 GENERATOR_VERSION = 1
@@ -121,13 +123,12 @@ def _edit_bytes(edit: Edit, data: bytes) -> bytes:
 
 
 def real_sources() -> list[Member]:
-    """Every regular member of the cached Django tars, and every cached PyPI file."""
-    tars = sorted((BENCH_CACHE / "tars").glob("*.tar"))
-    dists = sorted(p for p in (BENCH_CACHE / "pypi").iterdir() if p.is_file())
-    if not tars and not dists:
-        raise SystemExit(
-            f"no cached releases in {BENCH_CACHE}/tars or /pypi: run benchmarks/series.py first"
-        )
+    """Every regular member of the Django tars, and every PyPI file of benchmarks/series.py's
+    series (downloaded into BENCH_CACHE once, as speed.py and deep.py do)."""
+    print(f"   the release series in {BENCH_CACHE} (downloaded if missing)", flush=True)
+    by_name = {s.name: s.paths for s in all_series(BENCH_CACHE)}
+    tars = sorted(by_name["tars"])
+    dists = sorted(by_name["wheels"] + by_name["sdists"] + by_name["plain-wheels"])
     members: list[Member] = []
     for tar_path in tars:
         with tarfile.open(tar_path) as tar:
