@@ -15,7 +15,13 @@ from typing import Any, TypeVar
 import pytest
 
 from dgfs.errors import ConfigError
-from dgfs.fs.journal import Journal, JournalEntry, journal_dir_for, slot_paths
+from dgfs.fs.journal import (
+    MANIFEST_VERSION,
+    Journal,
+    JournalEntry,
+    journal_dir_for,
+    slot_paths,
+)
 
 
 def staged(journal: Journal, data: bytes) -> str:
@@ -523,3 +529,102 @@ def test_an_entry_that_cannot_be_moved_stays_in_its_slot(
     assert recovered(Journal.open_slot(base)) == {a: A}  # the mount starts all the same
     monkeypatch.undo()
     assert recovered(Journal(slot_paths(base)[1])) == {b: B}  # and b is still there
+
+
+# --- the manifest's format version ------------------------------------------------
+
+
+def test_manifests_carry_their_format_version(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    entry_id = staged(journal, b"bytes")
+    journal.commit(entry_id, "app/a.zip", {})
+    body = json.loads((journal.directory / f"{entry_id}.json").read_bytes())
+    assert body["version"] == MANIFEST_VERSION == 1
+    journal.close()
+
+
+def test_a_manifest_without_a_version_is_read_as_version_1(tmp_path: Path) -> None:
+    directory = tmp_path / "j"
+    journal = Journal(directory)
+    entry_id = staged(journal, b"written by an older dgfs")
+    journal.close()
+    # The shape of a manifest that names no version.
+    (directory / f"{entry_id}.json").write_text(
+        json.dumps({"key": "app/old.zip", "metadata": {"mtime": "1700000000"}})
+    )
+    again = Journal(directory)
+    assert [(e.entry_id, e.key, e.metadata, e.written_ns) for e in again.recover()] == [
+        (entry_id, "app/old.zip", {"mtime": "1700000000"}, 0)
+    ]
+    again.close()
+
+
+@pytest.mark.expected_log("format version 2; this dgfs reads up to 1|names the same file")
+def test_a_newer_manifest_stays_with_its_data_and_its_key_s_older_entries(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "j"
+    journal = Journal(directory)
+    newer = staged(journal, b"written by a newer dgfs")
+    older_same_key = staged(journal, b"an older entry of the same file")
+    journal.commit(older_same_key, "app/a.zip", {})
+    other = staged(journal, b"another file")
+    journal.commit(other, "app/b.zip", {})
+    journal.close()
+    # A format this code does not know, down to the fields it would need.
+    newer_manifest = json.dumps(
+        {"version": MANIFEST_VERSION + 1, "key": "app/a.zip", "chunks": ["x"], "written_ns": 9}
+    )
+    (directory / f"{newer}.json").write_text(newer_manifest)
+
+    for _ in range(2):  # a downgraded mount, then the next one: nothing is lost
+        again = Journal.open_slot(directory)
+        assert [e.key for e in again.recover()] == ["app/b.zip"]
+        again.close()
+        assert (directory / f"{newer}.json").read_text() == newer_manifest
+        assert (directory / f"{newer}.data").read_bytes() == b"written by a newer dgfs"
+        assert (directory / f"{older_same_key}.data").exists()
+        assert (directory / f"{older_same_key}.json").exists()
+        assert not (directory / "failed").exists() or not any((directory / "failed").iterdir())
+    assert f"{newer}.json has format version 2; this dgfs reads up to 1" in caplog.text
+
+
+@pytest.mark.expected_log("format version 7")
+def test_a_newer_manifest_without_its_data_is_not_dropped(tmp_path: Path) -> None:
+    """A newer format may keep its data elsewhere: its manifest is never deleted."""
+    directory = tmp_path / "j"
+    Journal(directory).close()
+    (directory / "abc.json").write_text(json.dumps({"version": 7}))
+    again = Journal(directory)
+    assert again.recover() == []
+    again.close()
+    assert json.loads((directory / "abc.json").read_text()) == {"version": 7}
+
+
+@pytest.mark.expected_log("format version 3")
+def test_a_newer_manifest_in_an_orphaned_slot_is_moved_not_lost(tmp_path: Path) -> None:
+    base = tmp_path / "j"
+    held = Journal(base)  # a live mount holds the main slot
+    orphan_dir = slot_paths(base)[2]
+    Journal(orphan_dir).close()
+    (orphan_dir / "n.data").write_bytes(b"newer")
+    (orphan_dir / "n.json").write_text(json.dumps({"version": 3, "key": "k"}))
+    mine = Journal.open_slot(base)
+    assert mine.recover() == []
+    assert (mine.directory / "n.data").read_bytes() == b"newer"
+    assert json.loads((mine.directory / "n.json").read_text())["version"] == 3
+    mine.close()
+    held.close()
+
+
+@pytest.mark.expected_log("unreadable")
+@pytest.mark.parametrize("version", ["2", 0, -1, None, 1.5, True])
+def test_a_garbled_version_is_an_unreadable_manifest(tmp_path: Path, version: object) -> None:
+    journal = Journal(tmp_path / "j")
+    entry_id = staged(journal, b"data")
+    journal.commit(entry_id, "k", {})
+    path = journal.directory / f"{entry_id}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": version}))
+    assert journal.recover() == []
+    assert (journal.directory / "failed" / f"{entry_id}.data").read_bytes() == b"data"
+    journal.close()

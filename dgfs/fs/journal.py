@@ -33,6 +33,11 @@ What a crash at any step leaves, operation by operation:
   holds a spare data name; from (2) on, the reverse. Each directory
   recovered on its own, by whichever mount takes it, is right, and a
   repeated move starts over safely.
+- Every manifest carries its format ``version`` (``MANIFEST_VERSION``;
+  none means 1). ``recover`` leaves one of a newer version than it knows,
+  and its data, where they are, and logs it: a downgraded dgfs never
+  uploads, quarantines or deletes an entry it cannot read, nor an older
+  entry of the same key.
 - ``recover`` only deletes what no entry needs, and quarantines an
   unreadable manifest with the move above. It also finishes what earlier
   versions of this module could leave half done, which moved the data
@@ -64,6 +69,10 @@ from dgfs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+#: The manifest format this code writes and the newest it reads. A manifest
+#: without ``version`` is version 1 (the first format carried it already). One
+#: with a newer version is left where it is, with its data, for the dgfs that
+#: wrote it: never uploaded, quarantined or deleted by this one (a downgrade).
 MANIFEST_VERSION = 1
 #: Journals one bucket/prefix may have at once (mounts of it on this machine).
 SLOTS = 8
@@ -167,6 +176,19 @@ def _unlink(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def manifest_version(body: object) -> int:
+    """The format version of a parsed manifest (1 when it names none).
+
+    Raises ValueError or TypeError for a body that is no manifest of any version.
+    """
+    if not isinstance(body, dict):
+        raise TypeError(f"a manifest is a JSON object, not {type(body).__name__}")
+    version = body.get("version", 1)
+    if type(version) is not int or version < 1:
+        raise ValueError(f"manifest version {version!r}")
+    return version
 
 
 def _manifest_name(entry_id: str) -> str:
@@ -419,10 +441,22 @@ class Journal:
             _unlink(path)
         self._settle_failed()
         entries: list[JournalEntry] = []
+        newer: dict[str, object] = {}  # entry id -> key (if readable) of newer-format manifests
         for path in sorted(self.directory.glob("*.json")):
             entry_id = path.stem
             try:
                 body = json.loads(path.read_bytes())
+                version = manifest_version(body)
+                if version > MANIFEST_VERSION:
+                    newer[entry_id] = body.get("key")
+                    log.error(
+                        "journal manifest %s has format version %d; this dgfs reads up to %d:"
+                        " the entry stays, with its data, for a newer dgfs to upload",
+                        path,
+                        version,
+                        MANIFEST_VERSION,
+                    )
+                    continue
                 entry = JournalEntry(
                     entry_id,
                     str(body["key"]),
@@ -438,10 +472,15 @@ class Journal:
                 _unlink(path)
                 continue
             entries.append(entry)
-        entries = self._newest_per_key(entries)
-        committed = {e.entry_id for e in entries}
+        # Entries of a key a newer-format manifest names stay too: which of
+        # them holds the file is for the newer dgfs to decide.
+        held = {e.entry_id for e in entries if e.key in newer.values()}
+        for entry_id in sorted(held):
+            log.error("journal entry %s stays: a newer dgfs's entry names the same file", entry_id)
+        entries = self._newest_per_key([e for e in entries if e.entry_id not in held])
+        keep = {e.entry_id for e in entries} | set(newer) | held
         for path in self.directory.glob("*.data"):
-            if path.stem not in committed:
+            if path.stem not in keep:
                 _unlink(path)  # staging never committed, or a spare link of a move
         return entries
 
