@@ -1159,18 +1159,21 @@ def draw_charts(data: dict[str, Any], directory: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    # Time per workload as a ratio to s3fs-fuse (log scale, 1 = s3fs).
-    rows = [
-        w for w in data["workloads"] if (w["tools"].get(BASELINE) or {}).get("median_s") is not None
-    ]
-    others = [t for t in tools if t != BASELINE]
+    # Time per workload as a ratio to s3fs-fuse (log scale, 1 = s3fs); without
+    # s3fs timings, stores and cold reads as a ratio to the DeltaGlider API.
+    baseline = BASELINE
+    rows = [w for w in data["workloads"] if _median(w, BASELINE) is not None]
+    if not rows:
+        baseline = STORE_BASELINE
+        rows = [w for w in data["workloads"] if _median(w, STORE_BASELINE) is not None]
+    others = [t for t in tools if t != baseline]
     if rows:
         fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.8))
         width = 0.8 / max(1, len(others))
         for i, t in enumerate(others):
             xs, ys = [], []
             for j, w in enumerate(rows):
-                r = (w["tools"].get(t) or {}).get("ratios", {}).get(f"vs {BASELINE}")
+                r = ratio(_median(w, t), _median(w, baseline))
                 if r is not None:
                     xs.append(j + (i - (len(others) - 1) / 2) * width)
                     ys.append(r)
@@ -1178,13 +1181,13 @@ def draw_charts(data: dict[str, Any], directory: Path) -> list[Path]:
             for x, y in zip(xs, ys, strict=True):
                 ax.text(x, y, f"{y:.2g}", ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=1)
-        ax.text(-0.5, 1.0, f" {BASELINE} = 1", va="bottom", ha="left", fontsize=8)
+        ax.text(-0.5, 1.0, f" {baseline} = 1", va="bottom", ha="left", fontsize=8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(range(len(rows)), [w["label"] for w in rows], rotation=30, ha="right")
-        ax.set_ylabel(f"median time ÷ {BASELINE} (log; < 1 is faster)")
-        ax.set_title(f"Time per workload as a ratio to {BASELINE} ({subtitle})", fontsize=10)
+        ax.set_ylabel(f"median time ÷ {baseline} (log; < 1 is faster)")
+        ax.set_title(f"Time per workload as a ratio to {baseline}\n({subtitle})", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = directory / "speed-ratios.png"
@@ -1192,8 +1195,14 @@ def draw_charts(data: dict[str, Any], directory: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     else:
-        print(f"no {BASELINE} timings: the ratio chart is not drawn")
+        print(f"no {BASELINE} or {STORE_BASELINE} timings: the ratio chart is not drawn")
     return written
+
+
+def _median(workload: dict[str, Any], tool: str) -> float | None:
+    """A tool's median seconds in a workload of the JSON, or None."""
+    median_s = (workload["tools"].get(tool) or {}).get("median_s")
+    return float(median_s) if median_s is not None else None
 
 
 def _machine(env: dict[str, Any]) -> str:
