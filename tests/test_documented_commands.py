@@ -510,29 +510,45 @@ def test_the_operator_commands_run_against_a_bucket(moto_endpoint: str, tmp_path
     assert "bucket" in results[("doctor", bucket, "-o", f"endpoint={moto_endpoint}")].stdout
 
 
+#: Blocks that run as written on a real mount: (page, the heading above the block).
+MOUNTED_BLOCKS = [("README.md", "## Using it"), ("docs/install.md", "## Checking the installation")]
+
+
+def _block_under(page: str, heading: str) -> str:
+    """The first ``sh`` block after ``heading`` on ``page``."""
+    text = (ROOT / page).read_text()
+    return text.split(heading + "\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def _as_here(block: str, bucket: str, endpoint: str, tmp_path: Path) -> str:
+    """``block`` with its bucket, endpoint, mount point and dist/ made this test's."""
+    mnt, dist = tmp_path / "mnt", tmp_path / "dist"
+    endpoint_here = f"endpoint={endpoint},cache_dir={tmp_path / 'cache'}"
+    script = re.sub(r"endpoint=(http://minio:9000|URL)", endpoint_here, block)
+    script = re.sub(r"/mnt/(releases|test)\b", str(mnt), script)
+    script = re.sub(r"\b(dgfs (?:mount|doctor)) (releases|BUCKET)\b", rf"\1 {bucket}", script)
+    script = re.sub(r"(?<![\w/])dist/", f"{dist}/", script)
+    return "\n".join(
+        line for line in script.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    )
+
+
 @pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")
 @pytest.mark.timeout(120)
-def test_readme_using_it_runs_as_written(moto_endpoint: str, tmp_path: Path) -> None:
-    """README's "Using it" block, with its bucket, endpoint and paths replaced."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("## Using it")[1].split("```sh\n")[1].split("```")[0]
+@pytest.mark.parametrize(("page", "heading"), MOUNTED_BLOCKS)
+def test_mount_blocks_run_as_written(
+    moto_endpoint: str, tmp_path: Path, page: str, heading: str
+) -> None:
+    """A block that mounts, with its bucket, endpoint and paths replaced by this
+    test's (a moto bucket; the placeholders BUCKET and URL likewise): run by
+    bash -e as a user pastes it, it succeeds and leaves no mount behind."""
     bucket = new_bucket(moto_endpoint)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    dist = tmp_path / "dist"
+    mnt, dist = tmp_path / "mnt", tmp_path / "dist"
     (dist / "1.4.2").mkdir(parents=True)
     (dist / "app-1.4.2.zip").write_bytes(os.urandom(4096))
     (dist / "1.4.2" / "notes.txt").write_text("notes\n")
-    cache = tmp_path / "cache"
-    script = (
-        block.replace("/mnt/releases", str(mnt))
-        .replace("http://minio:9000", f"{moto_endpoint},cache_dir={cache}")
-        .replace("dgfs mount releases", f"dgfs mount {bucket}")
-        .replace("dist/", f"{dist}/")
-    )
-    script = "\n".join(
-        line for line in script.splitlines() if line.strip() and not line.lstrip().startswith("#")
-    )
+    script = _as_here(_block_under(page, heading), bucket, moto_endpoint, tmp_path)
+    assert str(mnt) in script and bucket in script, script
     bin_dir = str(Path(dgfs_bin()).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     try:
@@ -549,9 +565,10 @@ def test_readme_using_it_runs_as_written(moto_endpoint: str, tmp_path: Path) -> 
             subprocess.run(["umount", "-l", str(mnt)], check=False)
         wait_until(lambda: not daemon_pids(mnt), timeout=30)
     assert ran.returncode == 0, f"{script}\n---\n{ran.stdout}\n{ran.stderr}"
-    assert "app-1.4.2.zip" in ran.stdout and "user.dgfs.kind" in ran.stdout
-    keys = {
-        o["Key"]
-        for o in s3_client(moto_endpoint).list_objects_v2(Bucket=bucket).get("Contents", [])
-    }
-    assert any(k.startswith("app/1.4.2/") for k in keys) and any("app-1.4.2.zip" in k for k in keys)
+    assert not is_mounted(mnt)
+    if page == "README.md":
+        assert "app-1.4.2.zip" in ran.stdout and "user.dgfs.kind" in ran.stdout
+        listing = s3_client(moto_endpoint).list_objects_v2(Bucket=bucket).get("Contents", [])
+        keys = {o["Key"] for o in listing}
+        assert any(k.startswith("app/1.4.2/") for k in keys), keys
+        assert any("app-1.4.2.zip" in k for k in keys), keys
