@@ -22,8 +22,9 @@ it runs:
 
 A command of any other program fails the test, naming where it is: add its
 check here. The dgfs subcommands also run for real against a moto_server
-(stats, verify, gc, migrate --dry-run, doctor), and README's "Using it"
-block runs as written against a real mount. Benchmarks only run ``--help``.
+(stats, verify, gc, migrate --dry-run, doctor, install-helper --path), and
+README's "Using it" and install.md's "Checking the installation" blocks run
+as written against a real mount. Benchmarks only run ``--help``.
 """
 
 from __future__ import annotations
@@ -508,6 +509,12 @@ def test_the_operator_commands_run_against_a_bucket(moto_endpoint: str, tmp_path
             f"dgfs {shlex.join(args)} exited {ran.returncode}:\n{ran.stdout}\n{ran.stderr}"
         )
     assert "bucket" in results[("doctor", bucket, "-o", f"endpoint={moto_endpoint}")].stdout
+    # install-helper and its --uninstall, where this test may write.
+    helper = tmp_path / "mount.dgfs"
+    for args in (("--path", str(helper)), ("--uninstall", "--path", str(helper))):
+        ran = _dgfs("install-helper", *args)
+        assert ran.returncode == 0, f"dgfs install-helper {shlex.join(args)}: {ran.stderr}"
+    assert not helper.exists()
 
 
 #: Blocks that run as written on a real mount: (page, the heading above the block).

@@ -103,6 +103,24 @@ def test_install_helper_writes_an_executable_script(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+def test_install_helper_says_what_is_wrong_with_its_path(tmp_path: Path) -> None:
+    """A missing directory is named as such (not "run as root" to root), and
+    --uninstall of nothing says there was nothing, not "removed"."""
+    target = tmp_path / "no-such-dir" / "mount.dgfs"
+    ran = subprocess.run(
+        [dgfs_bin(), "install-helper", "--path", str(target)], capture_output=True, text=True
+    )
+    assert ran.returncode == 2
+    assert f"{target.parent} is not a directory" in ran.stderr, ran.stderr
+    ran = subprocess.run(
+        [dgfs_bin(), "install-helper", "--uninstall", "--path", str(target)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert ran.stdout == f"nothing to remove: {target} does not exist\n"
+
+
 def test_the_helper_imports_nothing_from_the_directory_it_runs_in(tmp_path: Path) -> None:
     """mount(8) runs the helper as root from any directory (/tmp, a home): a
     ``dgfs`` package planted there must never be what it imports."""

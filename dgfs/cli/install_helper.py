@@ -42,7 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "-o endpoint=http://127.0.0.1:8333",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--path", type=Path, default=Path("/sbin/mount.dgfs"))
+    parser.add_argument(
+        "--path",
+        type=Path,
+        default=Path("/sbin/mount.dgfs"),
+        help="where to write the helper (default /sbin/mount.dgfs)",
+    )
     parser.add_argument("--uninstall", action="store_true", help="remove the helper")
     parser.set_defaults(func=run)
 
@@ -88,11 +93,18 @@ def _check_safe_to_run_as_root(python: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     path: Path = args.path
     if args.uninstall:
-        path.unlink(missing_ok=True)
-        print(f"removed {path}")
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            print(f"nothing to remove: {path} does not exist")
+        else:
+            print(f"removed {path}")
         return 0
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: {path.parent} is not a directory")
     if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"cannot write {path}: run as root (sudo dgfs install-helper)")
+        fix = "run as root (sudo dgfs install-helper)" if os.geteuid() else "not writable"
+        raise ConfigError(f"cannot write {path}: {fix}")
     python = Path(sys.executable)
     if os.geteuid() == 0:
         _check_safe_to_run_as_root(python)
