@@ -62,8 +62,8 @@ PIP = {".venv/bin/pip", "pip"}
 #: The system's tools: not run here; their paths into the checkout must exist.
 SYSTEM = {
     ".", "apt", "apt-get", "cat", "cd", "chmod", "cp", "echo", "fusermount3", "getfattr",
-    "git", "journalctl", "ln", "ls", "mkdir", "mount", "pipx", "rsync", "seq", "set",
-    "sudoedit", "systemctl", "systemd-analyze", "umount", "useradd", "xargs",
+    "git", "install", "journalctl", "ln", "ls", "mkdir", "mount", "pipx", "rsync", "seq", "set",
+    "sudoedit", "systemctl", "systemd-analyze", "touch", "umount", "useradd", "xargs",
 }  # fmt: skip
 #: Inline code spans that start with one of these are commands (the rest is prose).
 INLINE_STARTS = (DGFS | PYTHON | PIP | SYSTEM | {"sudo", "bash", "packaging/build-deb"}) - {
@@ -76,6 +76,8 @@ INLINE_STARTS = (DGFS | PYTHON | PIP | SYSTEM | {"sudo", "bash", "packaging/buil
     "mkdir",
     "set",
     "seq",
+    "install",
+    "touch",
 }
 #: Top-level entries of the checkout: a relative path starting with one names a file in it.
 CHECKOUT_DIRS = {".ci", "benchmarks", "dgfs", "docs", "packaging", "systemd", "tests"}
@@ -157,6 +159,8 @@ def _page_lines(page: Path) -> Iterator[tuple[str, str, bool]]:
             words = span.group(1).split()
             if not words or words[0] not in INLINE_STARTS:
                 continue
+            if len(words) == 1 and "/" not in words[0]:
+                continue  # a program named in prose (`umount`, `python3`)
             if len(words) > 1 and words[0] in DGFS and words[1].endswith(":"):
                 continue  # a message dgfs prints (`dgfs stats: bucket ...`), not a command
             line_no = text[: start + span.start()].count("\n") + 1
