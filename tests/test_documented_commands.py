@@ -296,6 +296,12 @@ def _apt_packages(names: frozenset[str]) -> frozenset[str]:
     return frozenset(re.findall(r"^Package: (\S+)", shown.stdout, re.M))
 
 
+def _apt_has_lists() -> bool:
+    """apt-cache can answer for packages not installed (``apt-get update`` ran)."""
+    lists = Path("/var/lib/apt/lists")
+    return shutil.which("apt-cache") is not None and any(lists.glob("*_Packages*"))
+
+
 def _apt_installs(argv: tuple[str, ...]) -> list[str]:
     if argv[0] not in ("apt", "apt-get") or argv[1:2] != ("install",):
         return []
@@ -423,7 +429,7 @@ def _system_problems(doc: Documented) -> list[str]:
     if argv[0] == "mount" and "-t" in argv and argv[argv.index("-t") + 1 :][:1] == ("dgfs",):
         for text in _option_values(argv):
             problems += [f"unknown option {name}" for name in _unknown_options(text)]
-    if shutil.which("apt-cache") and (wanted := _apt_installs(argv)):
+    if _apt_has_lists() and (wanted := _apt_installs(argv)):
         every = frozenset(p for d in documented_commands() for p in _apt_installs(d.argv))
         known = _apt_packages(every | frozenset(wanted))
         problems += [f"apt knows no package {p}" for p in wanted if p not in known]
@@ -472,6 +478,8 @@ def test_the_check_catches_a_missing_flag_and_subcommand() -> None:
         Documented("x", "", (".venv/bin/pip", "install", "-e", ".[nope]")),
         Documented("x", "r /m dgfs nope=1 0 0", ("r", "/m", "dgfs", "nope=1", "0", "0")),
     ]
+    if _apt_has_lists():
+        bad.append(Documented("x", "", ("apt-get", "install", "-y", "no-such-package-dgfs")))
     for doc in bad:
         assert _problems(doc), doc
     with pytest.raises(LookupError):
@@ -481,32 +489,33 @@ def test_the_check_catches_a_missing_flag_and_subcommand() -> None:
 # --- running the dgfs subcommands -----------------------------------------------------
 
 
-def _dgfs(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def _dgfs(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [dgfs_bin(), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [dgfs_bin(), *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
     )
 
 
 @pytest.mark.timeout(120)
 def test_the_operator_commands_run_against_a_bucket(moto_endpoint: str, tmp_path: Path) -> None:
-    """CLI.md's and install.md's commands on a real (moto) bucket, as written but
-    for the bucket and endpoint: each exits as its page says, without a traceback."""
+    """CLI.md's and install.md's commands on a real (moto) bucket holding a file,
+    as written but for the bucket and endpoint: each exits as its page says,
+    without a traceback."""
     bucket = new_bucket(moto_endpoint)
-    os.environ["AWS_ENDPOINT_URL"] = moto_endpoint
-    try:
-        runs = {
-            ("stats", f"s3://{bucket}", "--json"): {0},
-            ("verify", "--all", f"s3://{bucket}"): {0},
-            ("gc", f"s3://{bucket}", "--json"): {0},
-            ("migrate", "--dry-run", f"s3://{bucket}/a/", f"s3://{bucket}/b/"): {0},
-            # 1: a check failed on this machine (no user_allow_other, say), which is its job.
-            ("doctor", bucket, "-o", f"endpoint={moto_endpoint}"): {0, 1},
-            ("--version",): {0},
-        }
-        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-            results = dict(zip(runs, pool.map(lambda a: _dgfs(*a), runs), strict=True))
-    finally:
-        del os.environ["AWS_ENDPOINT_URL"]
+    s3_client(moto_endpoint).put_object(Bucket=bucket, Key="a/notes.txt", Body=b"notes\n")
+    env = {**os.environ, "AWS_ENDPOINT_URL": moto_endpoint}
+    runs = {
+        ("stats", f"s3://{bucket}", "--json"): {0},
+        ("verify", "--all", f"s3://{bucket}"): {0},
+        ("gc", f"s3://{bucket}", "--json"): {0},
+        ("migrate", "--dry-run", f"s3://{bucket}/a/", f"s3://{bucket}/b/"): {0},
+        # 1: a check failed on this machine (no user_allow_other, say), which is its job.
+        ("doctor", bucket, "-o", f"endpoint={moto_endpoint}"): {0, 1},
+        ("--version",): {0},
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(zip(runs, pool.map(lambda a: _dgfs(*a, env=env), runs), strict=True))
     for args, allowed in runs.items():
         ran = results[args]
         assert ran.returncode in allowed and "Traceback" not in ran.stderr, (
