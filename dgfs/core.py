@@ -116,49 +116,6 @@ class PutResult:
     stored: StoredFile
     created_reference: bool = False
 
-    @property
-    def key(self) -> str:
-        return self.stored.visible_key
-
-    @property
-    def stored_key(self) -> str:
-        return self.stored.stored_key
-
-    @property
-    def kind(self) -> Kind:
-        return self.stored.kind
-
-    @property
-    def original_size(self) -> int:
-        return self.stored.original_size
-
-    @property
-    def stored_size(self) -> int:
-        return self.stored.stored_size
-
-    @property
-    def file_sha256(self) -> str | None:
-        return self.stored.file_sha256
-
-    @property
-    def ref_key(self) -> str | None:
-        return self.stored.ref_key
-
-    @property
-    def ref_sha256(self) -> str | None:
-        return self.stored.ref_sha256
-
-    @property
-    def deep(self) -> bool:
-        return self.stored.deep
-
-    @property
-    def ratio(self) -> float:
-        return self.stored.ratio
-
-    def as_stored(self) -> StoredFile:
-        return self.stored
-
 
 @dataclass
 class RebuildStream:

@@ -310,8 +310,9 @@ class Copied:
 
     @classmethod
     def of(cls, file: SourceFile, result: PutResult) -> Copied:
-        stored = result.stored_size + (result.original_size if result.created_reference else 0)
-        return cls(file.rel_key, file.dest_key, result.kind, result.original_size, stored)
+        put = result.stored
+        stored = put.stored_size + (put.original_size if result.created_reference else 0)
+        return cls(file.rel_key, file.dest_key, put.kind, put.original_size, stored)
 
 
 @dataclass

@@ -76,13 +76,13 @@ async def test_reference_delta_direct_and_foreign_round_trip(
     core: Core, memory_store: MemoryStore, releases: list[Path], tmp_path: Path
 ) -> None:
     first = await core.put(releases[0], "app/" + releases[0].name)
-    assert first.kind is Kind.DELTA and first.created_reference
+    assert first.stored.kind is Kind.DELTA and first.created_reference
     second = await core.put(releases[1], "app/" + releases[1].name)
-    assert second.kind is Kind.DELTA and not second.created_reference
-    assert second.stored_size < releases[1].stat().st_size * 0.2
+    assert second.stored.kind is Kind.DELTA and not second.created_reference
+    assert second.stored.stored_size < releases[1].stat().st_size * 0.2
     text = write(tmp_path / "notes.txt", b"release notes\n" * 200)
     direct = await core.put(text, "app/notes.txt")
-    assert direct.kind is Kind.DIRECT
+    assert direct.stored.kind is Kind.DIRECT
     await memory_store.put_bytes("app/foreign.bin", b"not ours", {})
 
     assert set(memory_store.objects) == {
@@ -157,7 +157,7 @@ async def test_unrelated_archive_falls_back_to_direct(
 
     await core.put(write(tmp_path / "a.zip", random_zip("a")), "x/a.zip")
     result = await core.put(write(tmp_path / "b.zip", random_zip("b")), "x/b.zip")
-    assert result.kind is Kind.DIRECT
+    assert result.stored.kind is Kind.DIRECT
     assert "x/b.zip.delta" not in memory_store.objects
     assert memory_store.objects["x/b.zip"].metadata["dg-compression"] == "none"
     await core.get("x/b.zip", tmp_path / "out")
@@ -473,8 +473,8 @@ async def test_large_file_with_changes_beyond_64_mib_stays_small(
     del base
     await core.put(first, "big/big-1.zip")
     result = await core.put(second, "big/big-2.zip")
-    assert result.kind is Kind.DELTA
-    assert result.stored_size < mib, result.stored_size
+    assert result.stored.kind is Kind.DELTA
+    assert result.stored.stored_size < mib, result.stored.stored_size
     out = tmp_path / "out"
     await core.get("big/big-2.zip", out)
     assert sha(out.read_bytes()) == sha(bytes(target))

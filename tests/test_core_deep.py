@@ -52,13 +52,13 @@ async def test_targz_series_stored_as_small_deep_deltas(
 ) -> None:
     paths = [write_sdist(tmp_path, v) for v in range(1, 4)]
     results = [await deep.put(p, f"app/{p.name}") for p in paths]
-    assert results[0].created_reference and all(r.deep for r in results)
+    assert results[0].created_reference and all(r.stored.deep for r in results)
     assert "app/reference.deep" in memory_store.objects
     assert "app/reference.bin" not in memory_store.objects
     for path, result in zip(paths[1:], results[1:], strict=True):
-        assert result.kind is Kind.DELTA
+        assert result.stored.kind is Kind.DELTA
         # The gzip streams differ almost entirely; their content barely does.
-        assert result.stored_size < 0.05 * path.stat().st_size
+        assert result.stored.stored_size < 0.05 * path.stat().st_size
     for path in paths:
         out = tmp_path / "out"
         stored = await deep.get(f"app/{path.name}", out)
@@ -70,7 +70,7 @@ async def test_targz_series_stored_as_small_deep_deltas(
 
 async def test_dg_mode_stores_gzip_direct(plain: Core, tmp_path: Path) -> None:
     result = await plain.put(write_sdist(tmp_path, 1), "app/pkg-1.tar.gz")
-    assert result.kind is Kind.DIRECT and not result.deep
+    assert result.stored.kind is Kind.DIRECT and not result.stored.deep
 
 
 async def test_directory_keeps_the_mode_it_was_created_with(
@@ -80,10 +80,10 @@ async def test_directory_keeps_the_mode_it_was_created_with(
     deep_core, deep_cache = make_core(memory_store, tmp_path / "d", DeltaMode.DEEP)
     dg_core, dg_cache = make_core(memory_store, tmp_path / "g", DeltaMode.DG)
     try:
-        assert (await dg_core.put(zips[0], "dgdir/a.zip")).deep is False
-        assert (await deep_core.put(zips[1], "dgdir/b.zip")).deep is False  # stays DG
-        assert (await deep_core.put(zips[0], "deepdir/a.zip")).deep is True
-        assert (await dg_core.put(zips[2], "deepdir/c.zip")).deep is True  # stays deep
+        assert (await dg_core.put(zips[0], "dgdir/a.zip")).stored.deep is False
+        assert (await deep_core.put(zips[1], "dgdir/b.zip")).stored.deep is False  # stays DG
+        assert (await deep_core.put(zips[0], "deepdir/a.zip")).stored.deep is True
+        assert (await dg_core.put(zips[2], "deepdir/c.zip")).stored.deep is True  # stays deep
         for key, path in [("dgdir/b.zip", zips[1]), ("deepdir/c.zip", zips[2])]:
             for core in (deep_core, dg_core):
                 out = tmp_path / "out"
@@ -172,7 +172,10 @@ async def test_expansion_that_fails_its_proof_is_stored_unexpanded(
     result = await deep.put(paths[1], f"app/{paths[1].name}")
     monkeypatch.undo()
     # Unexpanded: the delta of a gzip stream against an expanded tar is large.
-    assert result.stored_size > 0.3 * paths[1].stat().st_size or result.kind is Kind.DIRECT
+    assert (
+        result.stored.stored_size > 0.3 * paths[1].stat().st_size
+        or result.stored.kind is Kind.DIRECT
+    )
     out = tmp_path / "out"
     await deep.get(f"app/{paths[1].name}", out)
     assert sha(out) == sha(paths[1])
@@ -216,7 +219,10 @@ async def test_a_wrong_expanded_form_is_caught_without_a_second_deflate(
     result = await deep.put(paths[1], f"app/{paths[1].name}")
     monkeypatch.undo()
     assert deflated_again == []
-    assert result.stored_size > 0.3 * paths[1].stat().st_size or result.kind is Kind.DIRECT
+    assert (
+        result.stored.stored_size > 0.3 * paths[1].stat().st_size
+        or result.stored.kind is Kind.DIRECT
+    )
     out = tmp_path / "out"
     await deep.get(f"app/{paths[1].name}", out)
     assert sha(out) == sha(paths[1])
@@ -231,7 +237,10 @@ async def test_foreign_zlib_makes_unexpanded_deep_objects(
     monkeypatch.setattr(dgfs.core, "zlib_is_reference", lambda: False)
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     results = [await deep.put(p, f"app/{p.name}") for p in paths]
-    assert results[1].kind is Kind.DIRECT or results[1].stored_size > 0.3 * paths[1].stat().st_size
+    assert (
+        results[1].stored.kind is Kind.DIRECT
+        or results[1].stored.stored_size > 0.3 * paths[1].stat().st_size
+    )
     for path in paths:
         out = tmp_path / "out"
         await deep.get(f"app/{path.name}", out)

@@ -47,7 +47,7 @@ async def test_dgfs_writes_deltaglider_reads(
 ) -> None:
     kinds = {}
     for path in series:
-        kinds[path.name] = (await core.put(path, f"app/{path.name}")).kind
+        kinds[path.name] = (await core.put(path, f"app/{path.name}")).stored.kind
     assert kinds["NOTES.txt"] is Kind.DIRECT
     assert sum(k is Kind.DELTA for k in kinds.values()) == 5
     for path in series:

@@ -182,8 +182,8 @@ async def test_deep_put_of_a_bomb_is_stored_unexpanded_and_logged_once(
         await core.put(write_sdist(tmp_path, 1), "app/pkg-1.tar.gz")
         bomb = write(tmp_path / "bomb.zip", bombs.nested_gzip_zip(filler=100_000))
         result = await core.put(bomb, "app/bomb.zip")
-        assert result.kind in (Kind.DELTA, Kind.DIRECT)
-        if result.kind is Kind.DELTA:
+        assert result.stored.kind in (Kind.DELTA, Kind.DIRECT)
+        if result.stored.kind is Kind.DELTA:
             stored = store.objects["app/bomb.zip.delta"]
             # The form that expands nothing: the file's own bytes, in RAW segments.
             assert int(stored.metadata[fmt.META_EXPANDED_SIZE]) < 2 * bomb.stat().st_size
@@ -343,7 +343,7 @@ async def test_files_larger_than_expand_max_in_a_deep_directory_read_back(tmp_pa
     second = write(tmp_path / "b.bin", b"PK\x03\x04" + base[:MiB] + b"new" + base[MiB:])
     writer, wcache = deep_core(store, tmp_path / "w", max_bytes=2 * MiB)
     for path in (first, second):
-        assert (await writer.put(path, f"big/{path.name}")).deep
+        assert (await writer.put(path, f"big/{path.name}")).stored.deep
     await writer.aclose()
     wcache.close()
     assert int(store.objects["big/reference.deep"].metadata[fmt.META_EXPANDED_SIZE]) > 3 * MiB

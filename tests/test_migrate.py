@@ -629,7 +629,7 @@ async def test_in_place_conversion_by_shards_equals_one_worker(tmp_path: Path) -
             for name, data in ReleaseSeries(size=64 << 10, seed=number).zips(3):
                 path = tmp_path / name
                 path.write_bytes(data)
-                assert (await writer.put(path, f"{space}/{name}")).kind is Kind.DELTA
+                assert (await writer.put(path, f"{space}/{name}")).stored.kind is Kind.DELTA
                 files[f"{space}/{name}"] = data
     split = MemoryStore("split")
     split.objects = dict(one.objects)  # the same bucket twice

@@ -89,11 +89,11 @@ async def fill_deep(core: Core, tmp_path: Path) -> dict[str, bytes]:
     for version in (1, 2, 3):
         path = write_sdist(tmp_path, version)
         result = await core.put(path, f"src/{path.name}", content_type="application/gzip")
-        assert result.kind is Kind.DELTA and result.deep
+        assert result.stored.kind is Kind.DELTA and result.stored.deep
         files[f"src/{path.name}"] = path.read_bytes()
     for path in release_zips(tmp_path / "zips", 3):
         result = await core.put(path, f"rel/{path.name}", extra_metadata={"owner": "ci"})
-        assert result.kind is Kind.DELTA and result.deep
+        assert result.stored.kind is Kind.DELTA and result.stored.deep
         files[f"rel/{path.name}"] = path.read_bytes()
     return files
 

@@ -42,11 +42,11 @@ async def filled(core: Core, tmp_path: Path) -> list[str]:
         path = tmp_path / name
         path.write_bytes(data)
         result = await core.put(path, f"app/{name}")
-        assert result.kind is Kind.DELTA
+        assert result.stored.kind is Kind.DELTA
         keys.append(f"app/{name}")
     notes = tmp_path / "notes.txt"
     notes.write_bytes(b"release notes\n" * 100)
-    assert (await core.put(notes, "app/notes.txt")).kind is Kind.DIRECT
+    assert (await core.put(notes, "app/notes.txt")).stored.kind is Kind.DIRECT
     await core.store.put_bytes("app/foreign.bin", b"someone else's", {})
     await core.store.put_bytes("app/empty/", b"", {})  # a directory marker: not verified
     return keys
@@ -199,10 +199,10 @@ async def fill_spaces(core: Core, tmp_path: Path, spaces: list[str]) -> None:
         for name, data in ReleaseSeries(size=256 << 10, seed=number).zips(2):
             path = tmp_path / name
             path.write_bytes(data)
-            assert (await core.put(path, f"{space}/{name}")).kind is Kind.DELTA
+            assert (await core.put(path, f"{space}/{name}")).stored.kind is Kind.DELTA
     notes = tmp_path / "notes.txt"
     notes.write_bytes(b"release notes\n" * 100)
-    assert (await core.put(notes, "notes.txt")).kind is Kind.DIRECT
+    assert (await core.put(notes, "notes.txt")).stored.kind is Kind.DIRECT
 
 
 async def test_shards_verify_every_object_once_each_directory_in_one(

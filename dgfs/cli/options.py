@@ -486,9 +486,7 @@ def add_flags(parser: argparse.ArgumentParser, group: str) -> None:
     arguments = parser.add_argument_group(group)
     for option in OPTIONS:
         if option.flag is not None and option.flag_group == group:
-            arguments.add_argument(
-                option.flag, metavar=option.metavar, help=_flag_help(option)
-            )
+            arguments.add_argument(option.flag, metavar=option.metavar, help=_flag_help(option))
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str) -> None:

@@ -473,7 +473,9 @@ class UploadPipeline:
         started = trio.current_time()
         direct = staged.local_failures >= LOCAL_FAILURES_BEFORE_DIRECT
         try:
-            result = await self.core.put(staged.path, key, extra_metadata=meta, direct=direct)
+            stored = (
+                await self.core.put(staged.path, key, extra_metadata=meta, direct=direct)
+            ).stored
         except Exception as exc:
             if refused_for_good(exc, direct=direct):
                 await self._quarantine(node, staged, key, exc)
@@ -481,31 +483,31 @@ class UploadPipeline:
                 await self._retry(node, staged, key, exc)
             return
         seconds = trio.current_time() - started
-        kind = ("deep-" if result.deep else "") + result.kind.value
-        self.telemetry.uploaded(kind, result.original_size, result.stored_size, seconds)
+        kind = ("deep-" if stored.deep else "") + stored.kind.value
+        self.telemetry.uploaded(kind, stored.original_size, stored.stored_size, seconds)
         # One line per upload, for operators (no credentials: key and sizes only).
         log.info(
             "uploaded %s: %s%s, %d -> %d bytes (ratio %.3f) in %.2f s",
             key,
-            "deep " if result.deep else "",
-            result.kind.value,
-            result.original_size,
-            result.stored_size,
-            result.ratio,
+            "deep " if stored.deep else "",
+            stored.kind.value,
+            stored.original_size,
+            stored.stored_size,
+            stored.ratio,
             seconds,
         )
         staged.landed(generation)
         self.ns.stored_into(node.parent_path)
         if node.staged is not staged:
-            await self._superseded(node, staged, key, result.as_stored())
+            await self._superseded(node, staged, key, stored)
             return
         # What S3 holds now, before the follow-up awaits: a handle released
         # meanwhile settles the file, and readers then go by node.stored.
-        node.stored_as(result.as_stored())
+        node.stored_as(stored)
         # An object this mount already knew under that key may have had the
         # same bytes (ETag) within the same second: the row cached for that
         # version would show its attributes for this one.
-        await self.ns.overwritten(result.stored_key)
+        await self.ns.overwritten(stored.stored_key)
         await self._follow_up(node, key, meta)
         if staged.needs_upload:
             self._request(node)  # written again meanwhile
