@@ -26,7 +26,7 @@ from dgfs.errors import (
     NotFound,
     StoreError,
 )
-from dgfs.format import Kind
+from dgfs.format import DeltaMode, Kind
 from dgfs.policy import Policy
 from dgfs.store.base import ObjectHead, ObjectStore
 from dgfs.store.faulty import FaultyStore
@@ -34,10 +34,16 @@ from dgfs.store.memory import MemoryStore
 from tests.releases import ReleaseSeries
 
 
-def make_core(store: ObjectStore, root: Path, **policy: object) -> tuple[Core, ContentCache]:
-    cache = ContentCache(root / "cache", 1 << 30)
+def make_core(
+    store: ObjectStore, root: Path, deltas: DeltaMode = DeltaMode.DG, **policy: object
+) -> tuple[Core, ContentCache]:
+    """A core over ``store``, new deltaspaces in mode ``deltas``, files from
+    1 KiB stored as deltas; its cache and scratch under ``root``, one pair
+    per mode (a DG and a deep core may share a root)."""
+    cache = ContentCache(root / f"cache-{deltas.value}", 1 << 30)
     pol = Policy(min_delta_size=1024, **policy)  # type: ignore[arg-type]
-    return Core(store, cache, DeltaEngine(), pol, scratch_dir=root / "scratch"), cache
+    scratch = root / f"scratch-{deltas.value}"
+    return Core(store, cache, DeltaEngine(), pol, scratch_dir=scratch, deltas=deltas), cache
 
 
 @pytest.fixture

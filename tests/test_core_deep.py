@@ -10,21 +10,12 @@ from pathlib import Path
 import pytest
 
 from dgfs import format as fmt
-from dgfs.cache import ContentCache
 from dgfs.core import Core
-from dgfs.delta import DeltaEngine
 from dgfs.errors import IntegrityError
 from dgfs.format import DeltaMode, Kind
-from dgfs.policy import Policy
 from dgfs.store.memory import MemoryStore
 from tests.releases import write_sdist, write_series
-
-
-def make_core(store: MemoryStore, root: Path, deltas: DeltaMode) -> tuple[Core, ContentCache]:
-    cache = ContentCache(root / f"cache-{deltas.value}", 1 << 30)
-    policy = Policy(min_delta_size=1024)
-    core = Core(store, cache, DeltaEngine(), policy, scratch_dir=root / "scratch", deltas=deltas)
-    return core, cache
+from tests.test_core import make_core
 
 
 @pytest.fixture

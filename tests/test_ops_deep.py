@@ -17,13 +17,11 @@ import trio
 import zstandard
 
 from dgfs import format as fmt
-from dgfs.cache import ContentCache
 from dgfs.cli import migrate as cli_migrate
 from dgfs.cli.main import EXIT_OK
 from dgfs.cli.main import main as dgfs_main
 from dgfs.cli.stats import print_stats
 from dgfs.core import Core
-from dgfs.delta import DeltaEngine
 from dgfs.errors import StoreError
 from dgfs.format import DeltaMode, Kind
 from dgfs.gc import GC_BACKUP_PREFIX, collect, find_garbage
@@ -37,6 +35,7 @@ from dgfs.store.memory import MemoryStore
 from dgfs.verify import Status, verify_all, verify_key
 from tests.releases import ReleaseSeries, write_sdist
 from tests.servers import REGION, make_bucket, s3_client
+from tests.test_core import make_core
 
 # --- test data ------------------------------------------------------------------------
 
@@ -52,19 +51,6 @@ def release_zips(tmp: Path, count: int, seed: int = 4) -> list[Path]:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def make_core(store: MemoryStore, root: Path, deltas: DeltaMode) -> tuple[Core, ContentCache]:
-    cache = ContentCache(root / f"cache-{deltas.value}", 1 << 30)
-    core = Core(
-        store,
-        cache,
-        DeltaEngine(),
-        Policy(min_delta_size=1024),
-        scratch_dir=root / f"scratch-{deltas.value}",
-        deltas=deltas,
-    )
-    return core, cache
 
 
 @pytest.fixture
