@@ -138,18 +138,18 @@ class _StatusCollector:
         self._document = document
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import HistogramMetricFamily
 
         doc = self._document()
         uploads, s3 = doc["uploads"], doc["s3"]
         yield _mount_info(doc["mount"])
         yield from _plain(doc, _UPLOAD_METRICS)
-        by_kind = CounterMetricFamily(
-            "dgfs_uploads", "Files stored in S3, by how they are stored", labels=["kind"]
+        yield _labelled(
+            "dgfs_uploads",
+            "Files stored in S3, by how they are stored",
+            ["kind"],
+            {(kind,): n for kind, n in uploads["uploaded_by_kind"].items()},
         )
-        for kind, n in uploads["uploaded_by_kind"].items():
-            by_kind.add_metric([kind], n)
-        yield by_kind
         yield _histogram(
             HistogramMetricFamily,
             "dgfs_upload_duration_seconds",
@@ -157,18 +157,18 @@ class _StatusCollector:
             uploads["seconds"],
         )
         yield from _plain(doc, _BYTES_AND_CACHE_METRICS)
-        requests = CounterMetricFamily(
-            "dgfs_s3_requests", "S3 requests sent (each attempt)", labels=["operation"]
+        yield _labelled(
+            "dgfs_s3_requests",
+            "S3 requests sent (each attempt)",
+            ["operation"],
+            {(operation,): n for operation, n in s3["requests"].items()},
         )
-        for operation, n in s3["requests"].items():
-            requests.add_metric([operation], n)
-        yield requests
-        errors = CounterMetricFamily(
-            "dgfs_s3_errors", "S3 requests that failed, by error kind", labels=["operation", "kind"]
+        yield _labelled(
+            "dgfs_s3_errors",
+            "S3 requests that failed, by error kind",
+            ["operation", "kind"],
+            {(row["operation"], row["kind"]): row["count"] for row in s3["errors_by_operation"]},
         )
-        for row in s3["errors_by_operation"]:
-            errors.add_metric([row["operation"], row["kind"]], row["count"])
-        yield errors
         yield from _plain(doc, _S3_AND_JOURNAL_METRICS)
         yield _histogram(
             HistogramMetricFamily,
@@ -189,6 +189,16 @@ def _mount_info(mount: dict[str, Any]) -> Any:
     labels = ("bucket", "prefix", "endpoint", "deltas", "mountpoint")
     info.add_metric([mount[label] for label in labels], 1)
     return info
+
+
+def _labelled(name: str, text: str, labels: list[str], values: dict[tuple[str, ...], float]) -> Any:
+    """A counter with one sample per label tuple."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(name, text, labels=labels)
+    for label_values, value in values.items():
+        family.add_metric(list(label_values), value)
+    return family
 
 
 def _plain(doc: dict[str, Any], metrics: tuple[_Plain, ...]) -> Iterator[Any]:

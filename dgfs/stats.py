@@ -51,7 +51,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dgfs import format as fmt
 from dgfs import gc
@@ -85,8 +85,29 @@ def cache_key(mode: Mode) -> str:
     return f"{fmt.INTERNAL_PREFIX}stats_{mode}.json"
 
 
+class _Savings:
+    """``saved_bytes`` and ``ratio`` of anything with original and stored bytes."""
+
+    if TYPE_CHECKING:
+
+        @property
+        def original_bytes(self) -> int: ...
+
+        @property
+        def stored_bytes(self) -> int: ...
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.original_bytes - self.stored_bytes
+
+    @property
+    def ratio(self) -> float:
+        """stored / original (1.0 when nothing is stored)."""
+        return self.stored_bytes / self.original_bytes if self.original_bytes else 1.0
+
+
 @dataclass
-class SpaceStats:
+class SpaceStats(_Savings):
     """One directory (deltaspace) of the bucket."""
 
     prefix: str
@@ -129,15 +150,6 @@ class SpaceStats:
         return [name for name in fmt.REFERENCE_NAMES if fmt.reference_mode(name) in unneeded]
 
     @property
-    def saved_bytes(self) -> int:
-        return self.original_bytes - self.stored_bytes
-
-    @property
-    def ratio(self) -> float:
-        """stored / original (1.0 when nothing is stored)."""
-        return self.stored_bytes / self.original_bytes if self.original_bytes else 1.0
-
-    @property
     def orphaned(self) -> bool:
         return bool(self.orphaned_references())
 
@@ -149,7 +161,7 @@ class Orphan:
 
 
 @dataclass
-class ModeStats:
+class ModeStats(_Savings):
     """The delta-compressed part of a bucket in one mode (DeltaGlider v6 or deep)."""
 
     spaces: int = 0  # directories holding this mode's reference
@@ -161,15 +173,6 @@ class ModeStats:
     @property
     def stored_bytes(self) -> int:
         return self.reference_bytes + self.delta_bytes
-
-    @property
-    def saved_bytes(self) -> int:
-        return self.original_bytes - self.stored_bytes
-
-    @property
-    def ratio(self) -> float:
-        """stored / original (1.0 when nothing is stored)."""
-        return self.stored_bytes / self.original_bytes if self.original_bytes else 1.0
 
     def add_space(self, space: SpaceStats, deep: bool) -> None:
         there = space.deep_reference if deep else space.dg_reference
@@ -195,7 +198,7 @@ class ModeStats:
 
 
 @dataclass
-class BucketStats:
+class BucketStats(_Savings):
     """Totals for ``bucket``/``prefix`` in one mode; see the module docstring."""
 
     bucket: str
@@ -218,15 +221,6 @@ class BucketStats:
     unreadable: list[str] = field(default_factory=list)  # objects with broken metadata
     computed_at: str = ""
     from_cache: bool = False
-
-    @property
-    def saved_bytes(self) -> int:
-        return self.original_bytes - self.stored_bytes
-
-    @property
-    def ratio(self) -> float:
-        """stored / original (1.0 when nothing is stored)."""
-        return self.stored_bytes / self.original_bytes if self.original_bytes else 1.0
 
     @property
     def saved_fraction(self) -> float:

@@ -7,7 +7,8 @@ import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from typing import TypeVar
 
 import trio
@@ -287,15 +288,33 @@ async def _migrate(
             shard=shard,
         )
         show_plan(plan, args)
-        if not plan.to_copy:
-            mine = f" of shard {plan.shard}" if plan.shard else ""
-            _say(args, f"Nothing to copy: the destination holds every file{mine}.")
-            return plan, None
-        if args.dry_run:
-            return plan, None
-        if not args.yes:
-            await _confirm(plan)
-        return plan, await _run(source_core, dest_core, plan, args)
+        mine = f" of shard {plan.shard}" if plan.shard else ""
+        nothing = f"Nothing to copy: the destination holds every file{mine}."
+        report = await _carry_out(
+            args,
+            nothing if not plan.to_copy else None,
+            partial(_confirm, plan),
+            partial(_run, source_core, dest_core, plan, args),
+        )
+        return plan, report
+
+
+async def _carry_out(
+    args: argparse.Namespace,
+    nothing_to_do: str | None,
+    confirm: Callable[[], Awaitable[None]],
+    execute: Callable[[], Awaitable[ReportT]],
+) -> ReportT | None:
+    """Run a shown plan, unless there is nothing to do (say ``nothing_to_do``) or it is
+    a dry run; ask first unless --yes. The run's report, or None when nothing ran."""
+    if nothing_to_do is not None:
+        _say(args, nothing_to_do)
+        return None
+    if args.dry_run:
+        return None
+    if not args.yes:
+        await confirm()
+    return await execute()
 
 
 def plan_json(plan: MigrationPlan) -> dict[str, object]:
@@ -437,15 +456,15 @@ async def _convert(
             shard=shard,
         )
         show_conversion_plan(plan, args)
-        if plan.nothing_to_do:
-            there = "in this shard's directories" if plan.shard else "there"
-            _say(args, f"Nothing to convert: every delta {there} is already {plan.target.value}.")
-            return plan, None
-        if args.dry_run:
-            return plan, None
-        if not args.yes:
-            await _confirm_conversion(plan)
-        return plan, await _run_conversion(core, plan, args)
+        there = "in this shard's directories" if plan.shard else "there"
+        nothing = f"Nothing to convert: every delta {there} is already {plan.target.value}."
+        report = await _carry_out(
+            args,
+            nothing if plan.nothing_to_do else None,
+            partial(_confirm_conversion, plan),
+            partial(_run_conversion, core, plan, args),
+        )
+        return plan, report
 
 
 def _location_text(location: S3Location) -> str:
