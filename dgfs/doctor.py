@@ -324,39 +324,63 @@ def check_endpoint(
     host = parts.hostname or ""
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 80)
-    fix_url = "check -o endpoint= (scheme, host, port), that the S3 server runs, and firewalls"
     skipped = Check("clock", Status.SKIP, "needs the endpoint")
     started = time.monotonic()
+    connected = _connect(url, host, port, tls, ca_bundle, timeout)
+    if isinstance(connected, Check):
+        return [connected, skipped]
+    protocol, context = connected
+    answer = _http_answer(url, host, port, context, timeout, now)
+    if isinstance(answer, Check):
+        return [answer, skipped]
+    status, skew = answer
+    elapsed = (time.monotonic() - started) * 1000
+    via = f", {protocol}, certificate trusted" if tls else " (plain HTTP: no TLS)"
+    endpoint = Check("endpoint", Status.OK, f"{url} answers (HTTP {status}, {elapsed:.0f} ms){via}")
+    return [endpoint, _clock_check(skew)]
+
+
+_FIX_URL = "check -o endpoint= (scheme, host, port), that the S3 server runs, and firewalls"
+
+
+def _connect(
+    url: str, host: str, port: int, tls: bool, ca_bundle: str | None, timeout: float
+) -> tuple[str, ssl.SSLContext | None] | Check:
+    """A TCP connection (and with ``tls`` a handshake trusting ``ca_bundle``):
+    ``(TLS version, the context that trusted it)`` (``("", None)`` without TLS),
+    or the failed ``endpoint`` check."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            if tls:
-                context = ssl.create_default_context(cafile=ca_bundle)
-                with context.wrap_socket(sock, server_hostname=host) as wrapped:
-                    protocol = wrapped.version()
+            if not tls:
+                return "", None
+            context = ssl.create_default_context(cafile=ca_bundle)
+            with context.wrap_socket(sock, server_hostname=host) as wrapped:
+                return wrapped.version() or "", context
     except socket.gaierror as exc:
-        return [
-            Check("endpoint", Status.FAIL, f"{url}: cannot resolve {host}: {exc}", fix_url),
-            skipped,
-        ]
+        return Check("endpoint", Status.FAIL, f"{url}: cannot resolve {host}: {exc}", _FIX_URL)
     except ssl.SSLCertVerificationError as exc:
-        return [
-            Check(
-                "endpoint",
-                Status.FAIL,
-                f"{url}: TLS certificate not trusted: {exc.verify_message}",
-                "install the server's CA (update-ca-certificates) and point AWS_CA_BUNDLE at it",
-            ),
-            skipped,
-        ]
+        return Check(
+            "endpoint",
+            Status.FAIL,
+            f"{url}: TLS certificate not trusted: {exc.verify_message}",
+            "install the server's CA (update-ca-certificates) and point AWS_CA_BUNDLE at it",
+        )
     except (ssl.SSLError, OSError) as exc:
         reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
-        return [
-            Check("endpoint", Status.FAIL, f"{url}: cannot connect: {reason}", fix_url),
-            skipped,
-        ]
+        return Check("endpoint", Status.FAIL, f"{url}: cannot connect: {reason}", _FIX_URL)
+
+
+def _http_answer(
+    url: str,
+    host: str,
+    port: int,
+    context: ssl.SSLContext | None,
+    timeout: float,
+    now: Callable[[], float],
+) -> tuple[int, float | None] | Check:
+    """``(HTTP status, clock skew)`` of a ``HEAD /``, or the failed ``endpoint`` check."""
     connection: http.client.HTTPConnection
-    if tls:
-        context = ssl.create_default_context(cafile=ca_bundle)
+    if context is not None:
         connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
     else:
         connection = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -364,35 +388,28 @@ def check_endpoint(
         connection.request("HEAD", "/", headers={"User-Agent": "dgfs-doctor"})
         response = connection.getresponse()
         response.read()
-        status, skew = response.status, _http_date_skew(response.headers, now())
+        return response.status, _http_date_skew(response.headers, now())
     except (OSError, http.client.HTTPException) as exc:
-        return [
-            Check("endpoint", Status.FAIL, f"{url}: connected, but no HTTP answer: {exc}", fix_url),
-            skipped,
-        ]
+        message = f"{url}: connected, but no HTTP answer: {exc}"
+        return Check("endpoint", Status.FAIL, message, _FIX_URL)
     finally:
         connection.close()
-    elapsed = (time.monotonic() - started) * 1000
-    via = f", {protocol}, certificate trusted" if tls else " (plain HTTP: no TLS)"
-    endpoint = Check("endpoint", Status.OK, f"{url} answers (HTTP {status}, {elapsed:.0f} ms){via}")
+
+
+def _clock_check(skew: float | None) -> Check:
+    """Our clock against the endpoint's (``skew`` seconds ahead; None: no Date header)."""
     if skew is None:
-        return [
-            endpoint,
-            Check("clock", Status.WARN, "the endpoint sent no Date header to compare"),
-        ]
+        return Check("clock", Status.WARN, "the endpoint sent no Date header to compare")
     direction = "ahead of" if skew > 0 else "behind"
     detail = f"{abs(skew):.0f} s {direction} the endpoint's clock"
     if abs(skew) > MAX_CLOCK_SKEW:
-        return [
-            endpoint,
-            Check(
-                "clock",
-                Status.FAIL,
-                f"{detail} (more than {MAX_CLOCK_SKEW:.0f} s)",
-                "sync the clock: timedatectl set-ntp true (systemd-timesyncd or chrony)",
-            ),
-        ]
-    return [endpoint, Check("clock", Status.OK, detail)]
+        return Check(
+            "clock",
+            Status.FAIL,
+            f"{detail} (more than {MAX_CLOCK_SKEW:.0f} s)",
+            "sync the clock: timedatectl set-ntp true (systemd-timesyncd or chrony)",
+        )
+    return Check("clock", Status.OK, detail)
 
 
 # --- the bucket ------------------------------------------------------------------
