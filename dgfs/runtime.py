@@ -1,7 +1,11 @@
 """Wiring of the storage core from user settings (used by the mount and the CLI).
 
-``Settings`` holds everything a user can configure; ``open_core`` builds
-the store, cache, delta engine and policy from it and closes them again.
+``Settings`` holds what the storage core is configured with (the S3
+connection, cache, policy, delta mode and limits: the options
+``dgfs.cli.options`` maps to ``settings.*``, ``policy.*`` and
+``expansion.*``; the filesystem's are ``FsOptions``, the mount's
+``MountConfig``); ``open_core`` builds the store, cache, delta engine and
+policy from it and closes them again.
 """
 
 from __future__ import annotations

@@ -346,10 +346,7 @@ def show_plan(plan: MigrationPlan, args: argparse.Namespace) -> None:
         f"  already present:  {len(plan.present):,} files, {human_bytes(plan.present_bytes)}"
         " (skipped)",
     )
-    if plan.filtered_out:
-        _say(args, f"  filtered out:     {plan.filtered_out:,} files")
-    if plan.shard is not None:
-        _say(args, f"  other shards:     {plan.other_shards:,} files (their directories' workers)")
+    _show_selection(plan, "files", args)
     if args.dry_run:
         _say(args, "\nDry run, nothing written. Would copy:")
         shown = plan.to_copy if len(plan.to_copy) <= 50 else plan.to_copy[:50]
@@ -357,6 +354,16 @@ def show_plan(plan: MigrationPlan, args: argparse.Namespace) -> None:
             _say(args, f"  {file.rel_key}  ({human_bytes(file.size)}) -> {file.dest_key}")
         if len(shown) < len(plan.to_copy):
             _say(args, f"  ... and {len(plan.to_copy) - len(shown)} more")
+
+
+def _show_selection(
+    plan: MigrationPlan | ConversionPlan, unit: str, args: argparse.Namespace
+) -> None:
+    """The plan's lines on what --include/--exclude and --shard left to others."""
+    if plan.filtered_out:
+        _say(args, f"  filtered out:     {plan.filtered_out:,} files")
+    if plan.shard is not None:
+        _say(args, f"  other shards:     {plan.other_shards:,} {unit} (their directories' workers)")
 
 
 async def _confirm(plan: MigrationPlan) -> None:
@@ -521,10 +528,7 @@ def show_conversion_plan(plan: ConversionPlan, args: argparse.Namespace) -> None
             f"  old references:   {len(plan.old_references):,} {old_ref} "
             f"(removed once no {old} delta needs them)",
         )
-    if plan.filtered_out:
-        _say(args, f"  filtered out:     {plan.filtered_out:,} files")
-    if plan.shard is not None:
-        _say(args, f"  other shards:     {plan.other_shards:,} deltas (their directories' workers)")
+    _show_selection(plan, "deltas", args)
     if args.dry_run:
         _say(args, "\nDry run, nothing written. Would convert:")
         shown = plan.to_convert[:50]
