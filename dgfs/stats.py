@@ -33,7 +33,7 @@ Counting rules (what a caller may rely on):
   (a deep delta needs ``reference.deep``, any other ``reference.bin``); its
   bytes are still counted as stored.
 
-Whole-bucket results are cached in the bucket at
+Whole-bucket results are cached (files encoded by ``dgfs.stats_cache``) in the bucket at
 ``.deltaglider/stats_{mode}.json`` in DeltaGlider's layout (so ``deltaglider
 stats`` reads them), plus a ``dgfs`` section with the full breakdown and a
 fingerprint of the listing (count, bytes, and a digest of every key, size
@@ -45,7 +45,6 @@ results are not cached.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -57,32 +56,19 @@ from dgfs import format as fmt
 from dgfs import gc
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.format import DeltaMode
+from dgfs.stats_cache import (
+    DG_CACHE_VERSION,
+    DGFS_CACHE_FORMAT,
+    Fingerprint,
+    cache_key,
+    encode_caches,
+)
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["quick", "sampled", "detailed"]
 MODES: tuple[Mode, ...] = ("quick", "sampled", "detailed")
-
-# DeltaGlider's stats cache layout (deltaglider 6.x, client_operations/stats.py).
-DG_CACHE_VERSION = "1.0"
-DGFS_CACHE_FORMAT = 2  # 2: deltas by mode (deep deltaspaces)
-DG_STATS_FIELDS = (
-    "bucket",
-    "object_count",
-    "total_size",
-    "compressed_size",
-    "space_saved",
-    "average_compression_ratio",
-    "delta_objects",
-    "direct_objects",
-    "object_limit_reached",
-)
-
-
-def cache_key(mode: Mode) -> str:
-    """Where the stats of ``mode`` are cached in the bucket."""
-    return f"{fmt.INTERNAL_PREFIX}stats_{mode}.json"
 
 
 class _Savings:
@@ -283,25 +269,6 @@ class BucketStats(_Savings):
             "direct_objects": self.plain_count,
             "object_limit_reached": False,
         }
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What a LIST says about the bucket's content (internal objects excluded)."""
-
-    object_count: int
-    total_bytes: int
-    digest: str
-
-    @classmethod
-    def of(cls, objects: Iterable[ObjectInfo]) -> Fingerprint:
-        sha = hashlib.sha256()
-        count = total = 0
-        for obj in sorted(objects, key=lambda o: o.key):
-            sha.update(f"{obj.key}\0{obj.size}\0{obj.etag.strip(chr(34))}\n".encode())
-            count += 1
-            total += obj.size
-        return cls(count, total, sha.hexdigest())
 
 
 # --- computing -------------------------------------------------------------------
@@ -602,52 +569,6 @@ async def _head_all(
 
 
 # --- the cache ----------------------------------------------------------------
-
-
-def _cache_document(
-    stats: BucketStats, fingerprint: Fingerprint, dg_count: int, dg_size: int
-) -> dict[str, Any]:
-    return {
-        "version": DG_CACHE_VERSION,
-        "mode": stats.mode,
-        "computed_at": stats.computed_at,
-        "validation": {"object_count": dg_count, "compressed_size": dg_size},
-        "stats": stats.deltaglider_stats(),
-        "dgfs": {
-            "format": DGFS_CACHE_FORMAT,
-            "validation": asdict(fingerprint),
-            "stats": stats.to_json(),
-        },
-    }
-
-
-def encode_caches(
-    entries: Mapping[Mode, BucketStats], fingerprint: Fingerprint, listing: Iterable[ObjectInfo]
-) -> dict[Mode, bytes]:
-    """The cache files for ``entries`` (one per mode), valid for DeltaGlider too.
-
-    DeltaGlider validates a cache by the count and total size of *every*
-    object a LIST shows, cache files included; so each file states the
-    sizes of all the files written together with it, its own included.
-    Each JSON body is padded with trailing spaces to the size the others
-    claim for it (a fixed point; JSON ignores trailing whitespace).
-    ``listing`` is the bucket's LIST before the write.
-    """
-    keys = {cache_key(mode) for mode in entries}
-    others = [o for o in listing if o.key not in keys]
-    count = len(others) + len(entries)
-    base = sum(o.size for o in others)
-    claimed = dict.fromkeys(entries, 0)
-    for _ in range(20):
-        total = base + sum(claimed.values())
-        bodies = {
-            mode: json.dumps(_cache_document(stats, fingerprint, count, total), indent=2).encode()
-            for mode, stats in entries.items()
-        }
-        if all(len(bodies[mode]) <= claimed[mode] for mode in entries):
-            return {mode: body.ljust(claimed[mode]) for mode, body in bodies.items()}
-        claimed = {mode: max(claimed[mode], len(bodies[mode])) for mode in entries}
-    raise AssertionError("stats cache sizes did not settle")
 
 
 async def _read_cache(
