@@ -459,15 +459,7 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
     if file_sha256 is None:
         # Foreign: not written by DeltaGlider; shown under its own name, a
         # ``.delta`` suffix included (its bytes are no file's delta dgfs could rebuild).
-        return StoredFile(
-            Kind.FOREIGN,
-            stored_key,
-            stored_key,
-            stored_size,
-            stored_size,
-            None,
-            encryption=encryption,
-        )
+        return foreign(stored_key, stored_size, encryption)
     _check_sha256(stored_key, "dg-file-sha256", file_sha256)
     size_text = meta_value(metadata, "file_size")
     if stored_key.endswith(DELTA_SUFFIX) and not _is_passthrough(metadata):
@@ -548,6 +540,13 @@ def proxy_key_id(metadata: Mapping[str, str]) -> str | None:
     return None
 
 
+def foreign(stored_key: str, stored_size: int, encryption: str | None) -> StoredFile:
+    """An object dgfs shows as a plain file under its own name, bytes as stored."""
+    return StoredFile(
+        Kind.FOREIGN, stored_key, stored_key, stored_size, stored_size, None, encryption=encryption
+    )
+
+
 def classify_shown(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> StoredFile:
     """``classify`` as the mount shows objects: one whose DeltaGlider metadata
     cannot be used (a ``.delta`` without its size or reference, a garbled
@@ -555,15 +554,7 @@ def classify_shown(stored_key: str, stored_size: int, metadata: Mapping[str, str
     try:
         return classify(stored_key, stored_size, metadata)
     except FormatError:
-        return StoredFile(
-            Kind.FOREIGN,
-            stored_key,
-            stored_key,
-            stored_size,
-            stored_size,
-            None,
-            encryption=proxy_encryption(metadata),
-        )
+        return foreign(stored_key, stored_size, proxy_encryption(metadata))
 
 
 def created_at(metadata: Mapping[str, str]) -> datetime | None:
