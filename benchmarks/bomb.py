@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo import dgfs_bin, wait_mounted  # noqa: E402
 from dgfs.deep.expand import ExpansionLimits  # noqa: E402
-from tests.bombs import zeros_zip  # noqa: E402
-from tests.releases import ReleaseSeries  # noqa: E402
-from tests.servers import S3_TEST_ENV, MotoServer, make_bucket, s3_client  # noqa: E402
+from testsupport.bombs import zeros_zip  # noqa: E402
+from testsupport.releases import ReleaseSeries  # noqa: E402
+from testsupport.servers import S3_TEST_ENV, MotoServer, make_bucket, s3_client  # noqa: E402
 
 MB = 10**6
 MiB = 1 << 20

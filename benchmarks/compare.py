@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo import dgfs_bin, settle, sha256  # noqa: E402
-from tests.dgcli import deltaglider_bin, deltaglider_env  # noqa: E402
-from tests.releases import write_series  # noqa: E402
-from tests.servers import (  # noqa: E402
+from testsupport.dgcli import deltaglider_bin, deltaglider_env  # noqa: E402
+from testsupport.releases import write_series  # noqa: E402
+from testsupport.servers import (  # noqa: E402
     ACCESS_KEY,
     S3_TEST_ENV,
     SECRET_KEY,
@@ -56,7 +56,7 @@ from tests.servers import (  # noqa: E402
     s3_client,
 )
 
-# s3fs needs only path-style URLs for SeaweedFS (tests/servers.py gives the
+# s3fs needs only path-style URLs for SeaweedFS (testsupport/servers.py gives the
 # server enough volume slots for several buckets).
 S3FS_OPTIONS = "use_path_request_style,nocopyapi"
 

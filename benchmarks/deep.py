@@ -62,8 +62,8 @@ from benchmarks.compare import (  # noqa: E402
 from benchmarks.demo import dgfs_bin, settle, sha256  # noqa: E402
 from benchmarks.series import DEFAULT_CACHE, Series, all_series  # noqa: E402
 from dgfs.deep.gnuzip import zgz_path  # noqa: E402
-from tests.dgcli import deltaglider_bin, deltaglider_env  # noqa: E402
-from tests.servers import S3_TEST_ENV, SeaweedServer, make_bucket, s3_client  # noqa: E402
+from testsupport.dgcli import deltaglider_bin, deltaglider_env  # noqa: E402
+from testsupport.servers import S3_TEST_ENV, SeaweedServer, make_bucket, s3_client  # noqa: E402
 
 TOOLS = ("DeltaGlider", "dgfs dg", "dgfs deep")
 BUCKETS = {"DeltaGlider": "deltaglider", "dgfs dg": "dgfs-dg", "dgfs deep": "dgfs-deep"}

@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.releases import ReleaseSeries, write_series  # noqa: E402
-from tests.servers import S3_TEST_ENV, SeaweedServer, make_bucket, s3_client  # noqa: E402
+from testsupport.releases import ReleaseSeries, write_series  # noqa: E402
+from testsupport.servers import S3_TEST_ENV, SeaweedServer, make_bucket, s3_client  # noqa: E402
 
 BUCKET = "releases"
 

@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/fuzz.py --target NAME --execs N
 
-Targets (tests/fuzz_targets.py): deep, dirindex, metadata, dgzip, control, proxycrypt
+Targets (testsupport/fuzz_targets.py): deep, dirindex, metadata, dgzip, control, proxycrypt
 (``--list``). Each input is one call of the target; an exception the
 parser does not declare, an input running over ``--timeout`` seconds
 (5, an interval timer that raises ``Hang`` through the target) or the
@@ -54,7 +54,7 @@ def _child(target_name: str, libfuzzer_args: list[str], timeout: float) -> None:
     import atheris
 
     sys.path.insert(0, str(ROOT))
-    from tests import fuzz_targets
+    from testsupport import fuzz_targets
 
     target = fuzz_targets.TARGETS[target_name]
     _instrument(atheris, ("dgfs", "tarfile"), set(target.not_instrumented))
@@ -131,7 +131,7 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
-    from tests import fuzz_targets
+    from testsupport import fuzz_targets
 
     if args.list or args.target not in fuzz_targets.TARGETS:
         print("targets:", " ".join(fuzz_targets.TARGETS))

@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo import dgfs_bin, human, wait_mounted  # noqa: E402
 from benchmarks.series import DEFAULT_CACHE, all_series  # noqa: E402
-from tests.servers import S3_TEST_ENV, SeaweedServer, make_bucket, s3_client  # noqa: E402
+from testsupport.servers import S3_TEST_ENV, SeaweedServer, make_bucket, s3_client  # noqa: E402
 
 BENCH_CACHE = DEFAULT_CACHE
 DATA_DIR = BENCH_CACHE / "large"

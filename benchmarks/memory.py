@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo import dgfs_bin, settle, sha256, wait_mounted  # noqa: E402
-from tests.servers import S3_TEST_ENV, SeaweedServer, make_bucket  # noqa: E402
+from testsupport.servers import S3_TEST_ENV, SeaweedServer, make_bucket  # noqa: E402
 
 
 def peak_rss_kib(pid: int) -> int:

@@ -28,8 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.releases import ReleaseSeries  # noqa: E402
-from tests.servers import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, make_bucket, s3_client  # noqa: E402
+from testsupport.releases import ReleaseSeries  # noqa: E402
+from testsupport.servers import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, make_bucket, s3_client  # noqa: E402
 
 PREFIX = "releases/plugin/"
 

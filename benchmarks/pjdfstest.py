@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.compare import FuseMount, ToolFailed, _raise_interrupt  # noqa: E402
 from benchmarks.demo import dgfs_bin  # noqa: E402
 from benchmarks.series import DEFAULT_CACHE  # noqa: E402
-from tests.servers import (  # noqa: E402
+from testsupport.servers import (  # noqa: E402
     S3_TEST_ENV,
     MotoServer,
     SeaweedServer,

@@ -92,8 +92,8 @@ from benchmarks.compare import (  # noqa: E402
 from benchmarks.deep import DG_SCRIPT, MonitoredMount, prefix_bytes  # noqa: E402
 from benchmarks.demo import dgfs_bin, settle, sha256  # noqa: E402
 from benchmarks.series import DEFAULT_CACHE, Series, all_series  # noqa: E402
-from tests.dgcli import deltaglider_bin, deltaglider_env  # noqa: E402
-from tests.servers import (  # noqa: E402
+from testsupport.dgcli import deltaglider_bin, deltaglider_env  # noqa: E402
+from testsupport.servers import (  # noqa: E402
     ACCESS_KEY,
     REGION,
     S3_TEST_ENV,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-# The repository root, so ``dgfs`` and ``tests.servers`` import without an install.
+# The repository root, so ``dgfs`` and ``testsupport.servers`` import without an install.
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -33,7 +33,7 @@ from dgfs.store.faulty import FaultyStore  # noqa: E402
 from dgfs.store.memory import MemoryStore  # noqa: E402
 from dgfs.store.s3 import S3Store  # noqa: E402
 from tests.mountutil import DgfsMount, Mounts, S3View  # noqa: E402
-from tests.servers import (  # noqa: E402
+from testsupport.servers import (  # noqa: E402
     ACCESS_KEY,
     REGION,
     SECRET_KEY,

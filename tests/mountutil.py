@@ -34,8 +34,8 @@ from typing import Any, Self
 
 import pytest
 
-from tests.dgcli import run_deltaglider
-from tests.servers import make_bucket, s3_client
+from testsupport.dgcli import run_deltaglider
+from testsupport.servers import make_bucket, s3_client
 
 MOUNT_TIMEOUT = 20.0
 UNMOUNT_TIMEOUT = 60.0

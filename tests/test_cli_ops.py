@@ -18,8 +18,8 @@ from dgfs.cli.runner import run
 from dgfs.errors import AccessDenied, NoSuchBucket
 from dgfs.progress import Progress, human_bytes, human_duration
 from dgfs.runtime import S3Location, Settings, open_core
-from tests.releases import ReleaseSeries
-from tests.servers import REGION, free_port
+from testsupport.releases import ReleaseSeries
+from testsupport.servers import REGION, free_port
 
 COMMANDS = ("stats", "verify", "migrate", "gc")
 

@@ -31,7 +31,7 @@ from dgfs.policy import Policy
 from dgfs.store.base import ObjectHead, ObjectStore
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.releases import ReleaseSeries
+from testsupport.releases import ReleaseSeries
 
 
 def make_core(

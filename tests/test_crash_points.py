@@ -44,7 +44,6 @@ from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.policy import Policy
 from dgfs.store.faulty import FaultyStore, Operation
 from dgfs.store.memory import MemoryStore
-from tests.releases import ReleaseSeries
 from tests.test_filesystem import (
     GID,
     ROOT,
@@ -56,6 +55,7 @@ from tests.test_filesystem import (
     rename,
     write_file,
 )
+from testsupport.releases import ReleaseSeries
 
 pytestmark = pytest.mark.timeout(300)
 

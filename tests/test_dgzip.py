@@ -21,8 +21,8 @@ from dgfs.deep import dgzip
 from dgfs.deep.dgzip import gzip_header, read_gzip_header, recover_gzip
 from dgfs.delta import DeltaEngine, external_compression
 from dgfs.errors import DeltaEngineError
-from tests.dgcli import run_deltaglider
-from tests.servers import s3_client
+from testsupport.dgcli import run_deltaglider
+from testsupport.servers import s3_client
 
 NEWEST = 1_700_000_000  # the newest member's mtime in the synthetic sdists
 _WORDS = b"def class return import self value result config error stream delta store".split()

@@ -27,7 +27,7 @@ from dgfs.doctor import Status
 from dgfs.errors import AccessDenied
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.servers import SECRET_KEY, free_port, s3_client
+from testsupport.servers import SECRET_KEY, free_port, s3_client
 
 
 def run_doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, dict]]:

@@ -50,7 +50,7 @@ from dgfs.cli import options
 from dgfs.cli.main import build_parser
 from dgfs.mount_helper import filter_options
 from tests.mountutil import daemon_pids, dgfs_bin, is_mounted, new_bucket, wait_until
-from tests.servers import s3_client
+from testsupport.servers import s3_client
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

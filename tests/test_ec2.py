@@ -11,7 +11,7 @@ import pytest
 
 from dgfs import ec2
 from dgfs.cli.main import main as dgfs_main
-from tests.servers import free_port
+from testsupport.servers import free_port
 
 TOKEN = "test-token-123"
 

@@ -44,7 +44,7 @@ from dgfs.policy import Policy
 from dgfs.store.base import ObjectStore
 from dgfs.store.faulty import FaultyStore, Operation
 from dgfs.store.memory import MemoryStore
-from tests.releases import ReleaseSeries
+from testsupport.releases import ReleaseSeries
 
 # A deadlock would hang (mock_clock) or spin (autojump_clock) until the suite's 300 s.
 pytestmark = pytest.mark.timeout(30)

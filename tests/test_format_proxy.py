@@ -47,7 +47,7 @@ from tests.proxyobjects import (
     encrypt_single,
     proxy_parse,
 )
-from tests.releases import ReleaseSeries
+from testsupport.releases import ReleaseSeries
 
 
 @pytest.fixture

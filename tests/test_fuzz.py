@@ -1,4 +1,4 @@
-"""The fuzz targets as a short seeded smoke (tests/fuzz_targets.py).
+"""The fuzz targets as a short seeded smoke (testsupport/fuzz_targets.py).
 
 Each target replays its seeds and every input kept in
 ``tests/fuzz_corpus/<target>/`` (crashes fuzzing found, since fixed), then
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fuzz_targets import TARGETS, Scratch, corpus, mutate
+from testsupport.fuzz_targets import TARGETS, Scratch, corpus, mutate
 
 #: Mutated inputs per target (about a second each here).
 SMOKE_INPUTS = {

@@ -16,7 +16,7 @@ from dgfs.format import DeltaMode
 from dgfs.gc import GC_BACKUP_PREFIX, GarbageKind, collect, find_garbage
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
-from tests.servers import s3_client
+from testsupport.servers import s3_client
 
 SHA = "1" * 64
 NOW = datetime.now(UTC) + timedelta(minutes=1)  # objects are written just before

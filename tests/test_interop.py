@@ -12,8 +12,8 @@ from dgfs.format import Kind
 from dgfs.policy import Policy
 from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.store.s3 import S3Store
-from tests.dgcli import run_deltaglider
-from tests.releases import ReleaseSeries
+from testsupport.dgcli import run_deltaglider
+from testsupport.releases import ReleaseSeries
 
 pytestmark = pytest.mark.interop
 

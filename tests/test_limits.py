@@ -35,9 +35,9 @@ from dgfs.errors import DgfsError, FsError, IntegrityError
 from dgfs.format import DeltaMode, Kind
 from dgfs.policy import Policy
 from dgfs.store.memory import MemoryStore
-from tests import bombs
-from tests.releases import write_sdist
 from tests.test_filesystem import lookup, mounted, read_file, write_file
+from testsupport import bombs
+from testsupport.releases import write_sdist
 
 MiB = 1 << 20
 

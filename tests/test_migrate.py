@@ -40,8 +40,8 @@ from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.shard import Shard
 from dgfs.store.memory import MemoryStore
 from tests.mountutil import dg_upload, dgfs_bin
-from tests.releases import ReleaseSeries, directories_per_shard
-from tests.servers import REGION, make_bucket, s3_client
+from testsupport.releases import ReleaseSeries, directories_per_shard
+from testsupport.servers import REGION, make_bucket, s3_client
 
 # --- pure rules -----------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from tests.mountutil import (
     sha256_file,
     wait_until,
 )
-from tests.releases import ReleaseSeries, write_series
+from testsupport.releases import ReleaseSeries, write_series
 
 pytestmark = pytest.mark.mount
 

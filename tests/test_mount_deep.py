@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.dgcli import run_deltaglider
 from tests.mountutil import Mounts, S3View, daemon_env, dgfs_bin, sha256_file
+from testsupport.dgcli import run_deltaglider
 
 pytestmark = [pytest.mark.mount]
 

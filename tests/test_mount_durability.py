@@ -30,8 +30,8 @@ from tests.mountutil import (
     sha256_file,
     wait_until,
 )
-from tests.releases import write_series
-from tests.servers import MotoServer, make_bucket
+from testsupport.releases import write_series
+from testsupport.servers import MotoServer, make_bucket
 
 pytestmark = pytest.mark.mount
 

@@ -29,8 +29,8 @@ from tests.mountutil import (
     is_mounted,
     sha256_file,
 )
-from tests.releases import write_series
-from tests.servers import free_port
+from testsupport.releases import write_series
+from testsupport.servers import free_port
 
 pytestmark = pytest.mark.mount
 

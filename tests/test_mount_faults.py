@@ -35,7 +35,7 @@ import pytest
 
 from tests.faultproxy import ALL_FAULTS, QUICK_FAULTS, FaultKind, FaultProxy, FaultSchedule
 from tests.mountutil import DgfsMount, Mounts, S3View, new_bucket, sha256_file
-from tests.releases import write_series
+from testsupport.releases import write_series
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 

@@ -32,7 +32,7 @@ from tests.mountutil import (
     sha256_bytes,
     sha256_file,
 )
-from tests.releases import ReleaseSeries
+from testsupport.releases import ReleaseSeries
 
 HELPER = Path("/sbin/mount.dgfs")
 

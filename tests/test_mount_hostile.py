@@ -23,9 +23,9 @@ import trio
 
 from dgfs.store.memory import MemoryStore
 from tests.mountutil import DgfsMount, Mounts, S3View, daemon_env, dgfs_bin
-from tests.releases import ReleaseSeries
 from tests.test_core import make_core, write
 from tests.test_hostile import BAD_METADATA, BROKEN, LONG, break_one
+from testsupport.releases import ReleaseSeries
 
 pytestmark = pytest.mark.mount
 

@@ -22,7 +22,7 @@ from tests.mountutil import (
     sha256_bytes,
     sha256_file,
 )
-from tests.releases import ReleaseSeries
+from testsupport.releases import ReleaseSeries
 
 pytestmark = [pytest.mark.mount, pytest.mark.interop]
 

@@ -44,7 +44,7 @@ from hypothesis.stateful import (
 )
 
 from tests.mountutil import DgfsMount, Mounts
-from tests.releases import ReleaseSeries
+from testsupport.releases import ReleaseSeries
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(3600)]
 

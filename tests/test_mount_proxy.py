@@ -24,7 +24,7 @@ import pytest
 
 from tests.mountutil import Mounts, S3View, dg_download, sha256_bytes, sha256_file
 from tests.proxyobjects import ProxyEncryption, ProxyWriter, proxy_parse
-from tests.releases import ReleaseSeries
+from testsupport.releases import ReleaseSeries
 
 pytestmark = [pytest.mark.mount, pytest.mark.interop]
 

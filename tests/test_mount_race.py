@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.dgcli import run_deltaglider
 from tests.mountutil import DgfsMount, Mounts, S3View, sha256_file, wait_until
-from tests.releases import write_series
+from testsupport.dgcli import run_deltaglider
+from testsupport.releases import write_series
 
 pytestmark = [pytest.mark.mount, pytest.mark.interop]
 

@@ -28,7 +28,7 @@ from tests.mountutil import (
     sha256_file,
     tree_digest,
 )
-from tests.releases import write_series
+from testsupport.releases import write_series
 
 pytestmark = pytest.mark.mount
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.mountutil import DgfsMount, S3View, sha256_file, tree_digest
-from tests.releases import write_series
+from testsupport.releases import write_series
 
 pytestmark = pytest.mark.mount
 

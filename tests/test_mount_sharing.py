@@ -22,7 +22,7 @@ from tests.mountutil import (
     sha256_file,
     wait_until,
 )
-from tests.releases import write_series
+from testsupport.releases import write_series
 
 pytestmark = pytest.mark.mount
 

@@ -33,9 +33,9 @@ from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.stats import BucketStats, compute_stats
 from dgfs.store.memory import MemoryStore
 from dgfs.verify import Status, verify_all, verify_key
-from tests.releases import ReleaseSeries, write_sdist
-from tests.servers import REGION, make_bucket, s3_client
 from tests.test_core import make_core
+from testsupport.releases import ReleaseSeries, write_sdist
+from testsupport.servers import REGION, make_bucket, s3_client
 
 # --- test data ------------------------------------------------------------------------
 
@@ -541,7 +541,7 @@ def test_cli_in_place_deep_to_dg_is_read_by_deltaglider(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tests.dgcli import run_deltaglider
+    from testsupport.dgcli import run_deltaglider
 
     files: dict[str, Path] = {}
 
@@ -878,7 +878,7 @@ def test_cli_in_place_dg_makes_stock_cli_tar_gz_readable_by_deltaglider(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tests.dgcli import run_deltaglider
+    from testsupport.dgcli import run_deltaglider
 
     paths = stock_tar_gzs(tmp_path / "dist")
     for path in paths:

@@ -26,7 +26,7 @@ import pytest
 
 from dgfs import __version__
 from tests.mountutil import is_mounted
-from tests.servers import s3_client
+from testsupport.servers import s3_client
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = Path("/opt/dgfs")

@@ -27,10 +27,10 @@ from dgfs.runtime import S3Location, Settings
 from dgfs.store.base import ObjectHead, ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
-from tests.dgcli import run_deltaglider
 from tests.proxyobjects import ProxyEncryption, ProxyWriter, StoredObject, proxy_parse
-from tests.releases import ReleaseSeries
-from tests.servers import REGION
+from testsupport.dgcli import run_deltaglider
+from testsupport.releases import ReleaseSeries
+from testsupport.servers import REGION
 
 
 def proxy_files() -> dict[str, bytes]:

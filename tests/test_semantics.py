@@ -36,8 +36,6 @@ from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
 from dgfs.verify import Status, verify_key
-from tests.releases import ReleaseSeries
-from tests.servers import REGION, make_bucket
 from tests.test_core import flip_byte, make_core, write
 from tests.test_filesystem import (
     OPTIONS,
@@ -52,6 +50,8 @@ from tests.test_filesystem import (
 from tests.test_hostile import readdir
 from tests.test_namespace import CountingStore, delta_meta, fill, namespace
 from tests.test_two_mounts import FAST_RETRIES, RELEASES, home, read_fresh
+from testsupport.releases import ReleaseSeries
+from testsupport.servers import REGION, make_bucket
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,10 +15,10 @@ from dgfs.stats import BucketStats, Fingerprint, cache_key, compute_stats, encod
 from dgfs.store.base import ObjectInfo, ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
-from tests.dgcli import deltaglider_bin
 from tests.mountutil import dg_upload
-from tests.releases import ReleaseSeries
-from tests.servers import s3_client
+from testsupport.dgcli import deltaglider_bin
+from testsupport.releases import ReleaseSeries
+from testsupport.servers import s3_client
 
 SHA = "0" * 64
 

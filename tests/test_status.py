@@ -36,9 +36,9 @@ from dgfs.errors import ConfigError
 from dgfs.metrics import parse_listen_address
 from dgfs.mount_helper import translate
 from dgfs.telemetry import Histogram, Telemetry
-from tests.fuzz_targets import _complete, _Stream
 from tests.mountutil import DgfsMount, Mounts, S3View, daemon_env, dgfs_bin
-from tests.servers import free_port
+from testsupport.fuzz_targets import _complete, _Stream
+from testsupport.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -34,7 +34,7 @@ from dgfs.policy import Policy
 from dgfs.store.base import ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store, translate_error
-from tests.servers import REGION, free_port, make_bucket
+from testsupport.servers import REGION, free_port, make_bucket
 
 MiB = 1024 * 1024
 

@@ -18,7 +18,7 @@ import pytest
 from dgfs.errors import DgfsError, NotFound
 from dgfs.store.s3 import S3Store, multipart_etag
 from tests.faultproxy import NO_FAULTS, QUICK_FAULTS, FaultKind, FaultProxy, FaultSchedule
-from tests.servers import REGION
+from testsupport.servers import REGION
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from dgfs.fs.filesystem import FsOptions
 from dgfs.store import memory as memory_module
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.releases import ReleaseSeries
 from tests.test_filesystem import GID, ROOT, UID, lookup, mounted, read_file, write_file
+from testsupport.releases import ReleaseSeries
 
 pytestmark = pytest.mark.timeout(60)
 

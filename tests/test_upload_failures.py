@@ -31,7 +31,6 @@ from dgfs.errors import DeltaEngineError, TransientError, errno_of
 from dgfs.fs.filesystem import FsOptions
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.releases import ReleaseSeries
 from tests.test_filesystem import (
     GID,
     ROOT,
@@ -44,6 +43,7 @@ from tests.test_filesystem import (
     read_file,
     write_file,
 )
+from testsupport.releases import ReleaseSeries
 
 pytestmark = pytest.mark.timeout(60)
 

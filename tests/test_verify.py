@@ -17,8 +17,8 @@ from dgfs.format import Kind
 from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.shard import Shard
 from dgfs.verify import Status, mount_location, verify_all, verify_key
-from tests.releases import ReleaseSeries, directories_per_shard
-from tests.servers import REGION, s3_client
+from testsupport.releases import ReleaseSeries, directories_per_shard
+from testsupport.servers import REGION, s3_client
 
 pytestmark = pytest.mark.expected_log(
     "SHA-256|cannot be decoded|xdelta3 decode failed|does not match"

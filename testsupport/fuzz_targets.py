@@ -769,7 +769,7 @@ def mutate(rng: random.Random, seeds: list[bytes], dictionary: tuple[bytes, ...]
     return bytes(data[:MAX_LEN])
 
 
-CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "fuzz_corpus"
 
 
 def corpus(name: str) -> list[Path]:
