@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 # The repository root, so ``dgfs`` and ``testsupport.servers`` import without an install.
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,19 @@ _AWS_ENV_REMOVED = (
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
 )
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """pytest-trio's ``autojump_clock``, jumping after 1 ms of real idle time, not 0.
+
+    With a threshold of 0 the clock jumps whenever every task waits, also
+    while a worker thread hashes or reads: trio's loop then runs each
+    periodic task (attribute-cache saves, upload ticks) again and again,
+    keeps the GIL, and starves that thread. A test that took 0.5 s took
+    10-20 s so, and over 30 s on a loaded machine (CI on e9aa0da).
+    """
+    return trio.testing.MockClock(autojump_threshold=0.001)
 
 
 @pytest.fixture(scope="session", autouse=True)
