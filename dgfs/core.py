@@ -48,6 +48,7 @@ from dgfs.errors import (
     NotFound,
     PreconditionFailed,
     TransientError,
+    WriteConflict,
     XdeltaMissing,
 )
 from dgfs.flight import SingleFlight
@@ -290,7 +291,7 @@ class Core:
         directory rename), or, on a store without conditional PUTs, replaced
         it: then the delta could never be rebuilt. So once it is stored the
         reference is checked; if it changed, the delta goes again and
-        ``TransientError`` asks the caller to store the file again, against
+        ``WriteConflict`` asks the caller to store the file again, against
         what is there now (the upload pipeline does). Then the direct form
         of ``key`` goes, unless it is newer (``_drop_other_form``).
         """
@@ -304,7 +305,7 @@ class Core:
             with contextlib.suppress(NotFound):
                 if (await self.store.head(stored_key)).etag == etag:  # still ours
                     await self.store.delete(stored_key)
-            raise TransientError(
+            raise WriteConflict(
                 f"{key}: its reference {ref_key} was removed or replaced by another"
                 " writer while the delta was stored; storing it again"
             )
@@ -319,7 +320,7 @@ class Core:
         Two mounts storing one name in its two forms at once each remove
         the other's: the HEAD before and the DELETE after leave a moment in
         which both can go. So our own form is looked at once more; gone, it
-        is stored again (``TransientError``): one of the two always stays.
+        is stored again (``WriteConflict``): one of the two always stays.
         """
         heads = await head_many(self.store, [own_key, other_key])
         own, other = heads.get(own_key), heads.get(other_key)
@@ -337,7 +338,7 @@ class Core:
             except NotFound:
                 own = None
         if own is None:
-            raise TransientError(
+            raise WriteConflict(
                 f"{key}: another writer removed {own_key} while it was stored; storing it again"
             )
 

@@ -65,6 +65,12 @@ class TransientError(StoreError):
     errno = errno.EIO
 
 
+class WriteConflict(TransientError):
+    """Another writer changed what a write depended on while it was stored
+    (removed its object, replaced its reference): nothing failed, the write
+    is redone at once."""
+
+
 class EndpointUnreachable(TransientError, UserError):
     """The endpoint could not be reached at all."""
 

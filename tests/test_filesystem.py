@@ -35,11 +35,19 @@ import trio.testing
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.delta import DeltaEngine
-from dgfs.errors import DgfsError, FsError, StoreError, TransientError, errno_of
+from dgfs.errors import (
+    DgfsError,
+    FsError,
+    StoreError,
+    TransientError,
+    WriteConflict,
+    errno_of,
+)
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.nodes import Node
+from dgfs.fs.uploads import RACES_REDONE_AT_ONCE
 from dgfs.policy import Policy
 from dgfs.store.base import ObjectStore
 from dgfs.store.faulty import FaultyStore, Operation
@@ -679,6 +687,40 @@ async def test_fsync_reports_a_transient_failure_and_the_upload_goes_on(
         assert errno_of(exc.value) == errno.EIO
         await close(m.fs, fh)
     assert bucket(memory) == {"a.txt": b"later\n"}
+
+
+@pytest.mark.parametrize(
+    "races",
+    [
+        RACES_REDONE_AT_ONCE,  # no warning either: nothing failed
+        pytest.param(RACES_REDONE_AT_ONCE + 1, marks=pytest.mark.expected_log(r"fsync sees EIO")),
+    ],
+)
+async def test_fsync_waits_while_races_lost_to_another_writer_are_redone(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    races: int,
+) -> None:
+    """Another writer undid this upload (``WriteConflict``): it is redone at
+    once, and fsync() waits for it; only a race lost once more than
+    RACES_REDONE_AT_ONCE in a row counts as a failure (fsync sees EIO, the
+    upload pauses, then goes on)."""
+    faulty.fail("upload", key="a.txt", times=races, error=WriteConflict, after=True)
+    async with mounted(faulty, tmp_path) as m:
+        fh = await create(m.fs, "a.txt", b"contested\n")
+        if races <= RACES_REDONE_AT_ONCE:
+            await m.fs.fsync(fh)
+            assert faulty.count("upload", "a.txt") == races + 1
+        else:
+            with pytest.raises(DgfsError) as exc:
+                await m.fs.fsync(fh)
+            assert errno_of(exc.value) == errno.EIO
+            assert faulty.count("upload", "a.txt") == races
+        await close(m.fs, fh)
+    assert bucket(memory) == {"a.txt": b"contested\n"}
+    assert journal_entries(m.journal_dir) == []
 
 
 @pytest.mark.expected_log(r"failed for good")

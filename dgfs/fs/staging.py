@@ -80,6 +80,7 @@ class StagedFile:
         self._retired = False  # its journal entry is gone: nothing may write it again
         self._failures = 0  # upload attempts failed in a row (any cause)
         self._local_failures = 0  # of those, failures on this machine (not S3's)
+        self._races_lost = 0  # attempts redone in a row: another writer changed the object
 
     # --- predicates ------------------------------------------------------------------
 
@@ -253,7 +254,7 @@ class StagedFile:
         """Version ``generation`` is stored."""
         self._phase = Phase.IDLE
         self._uploaded = max(self._uploaded or 0, generation)
-        self._failures = self._local_failures = 0
+        self._failures = self._local_failures = self._races_lost = 0
 
     def failed_transiently(self, error: DgfsError, *, local: bool) -> None:
         """The upload failed and will be retried; fsync() waiters hear ``error``.
@@ -263,6 +264,19 @@ class StagedFile:
         self._failures += 1
         self._local_failures += local
         self.notify()
+
+    def lost_race(self) -> None:
+        """Another writer changed the object this upload depends on while it
+        was stored: nothing failed, so fsync() waiters hear nothing and the
+        upload is queued again at once."""
+        assert self._phase is Phase.UPLOADING
+        self._phase = Phase.IDLE
+        self._races_lost += 1
+
+    @property
+    def races_lost(self) -> int:
+        """Attempts redone in a row because another writer changed the object."""
+        return self._races_lost
 
     @property
     def failures(self) -> int:

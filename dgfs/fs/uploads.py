@@ -61,6 +61,7 @@ from dgfs.errors import (
     PreconditionFailed,
     StoreError,
     TransientError,
+    WriteConflict,
     errno_of,
 )
 from dgfs.format import StoredFile
@@ -80,6 +81,9 @@ log = logging.getLogger(__name__)
 LOCAL_FAILURES_BEFORE_DIRECT = 2
 #: The longest pause between two attempts of one file (seconds).
 RETRY_MAX_DELAY = 60.0
+#: Races lost to another writer in a row that are redone at once (then the
+#: upload pauses as after a failure, see ``UploadPipeline._retry``).
+RACES_REDONE_AT_ONCE = 3
 
 
 def refused_for_good(exc: BaseException, *, direct: bool) -> bool:
@@ -568,7 +572,17 @@ class UploadPipeline:
     async def _retry(self, node: Node, staged: StagedFile, key: str, exc: Exception) -> None:
         """Report ``exc`` to fsync() waiters, then queue the upload again after
         a pause that doubles with each failure in a row (up to RETRY_MAX_DELAY).
-        The data stays in the journal meanwhile, and the worker is free."""
+        The data stays in the journal meanwhile, and the worker is free.
+
+        A race lost to another writer (``WriteConflict``) is no failure: it
+        is redone at once, unseen by fsync(), up to RACES_REDONE_AT_ONCE
+        times in a row; two mounts that keep undoing each other then pause
+        like any failure, so one of them gets through."""
+        if isinstance(exc, WriteConflict) and staged.races_lost < RACES_REDONE_AT_ONCE:
+            log.info("%s; storing it again at once", exc)
+            staged.lost_race()
+            self._request(node, despite_writers=True)
+            return
         if not isinstance(exc, (DgfsError, OSError)):
             log.error("upload of %s failed unexpectedly", key, exc_info=exc)
         local = not isinstance(exc, TransientError)
