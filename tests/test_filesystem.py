@@ -723,6 +723,40 @@ async def test_fsync_waits_while_races_lost_to_another_writer_are_redone(
     assert journal_entries(m.journal_dir) == []
 
 
+@pytest.mark.parametrize("rewriter", ["closed", "open"])
+async def test_a_race_lost_by_a_version_rewritten_meanwhile_never_comes_back(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    rewriter: str,
+) -> None:
+    """Version 1's upload loses a race to another writer (``WriteConflict``)
+    after version 2 replaced it (open with O_TRUNC). Redoing "at once"
+    queued version 2 (or, its writer open, nothing) and left version 1's
+    journal entry behind: the next mount uploaded it over version 2.
+    Found by review; version 1 was kept only until version 2 is committed."""
+    held = faulty.hang("upload", key="a.txt", after=True)
+    faulty.fail("upload", key="a.txt", error=WriteConflict, after=True)
+    async with mounted(faulty, tmp_path) as m:
+        await write_file(m.fs, "a.txt", b"version 1\n")
+        await held.reached.wait()
+        fh = await open_for_rewrite(m.fs, "a.txt", b"version 2\n")
+        if rewriter == "closed":
+            await close(m.fs, fh)
+        held.release()
+        await faulty.wait_calls("upload", 1)
+        if rewriter == "open":
+            await trio.sleep(10 * OPTIONS.retry_delay)
+            assert faulty.count("upload", "a.txt") == 1  # version 1 waits, not redone
+            await close(m.fs, fh)
+    assert bucket(memory) == {"a.txt": b"version 2\n"}
+    assert journal_entries(m.journal_dir) == []
+    async with mounted(memory, tmp_path) as m:
+        assert m.recovered == 0
+        assert await read_file(m.fs, "a.txt") == b"version 2\n"
+
+
 @pytest.mark.expected_log(r"failed for good")
 @pytest.mark.parametrize("reported_by", ["fsync", "close"])
 async def test_permanent_failure_keeps_the_file_in_failed(

@@ -10,7 +10,10 @@ and reads back exactly — never neither, never bytes nobody wrote
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,12 +24,13 @@ from dgfs import format as fmt
 from dgfs.errors import DgfsError
 from dgfs.fs.filesystem import FsOptions
 from dgfs.store import memory as memory_module
-from dgfs.store.faulty import FaultyStore
+from dgfs.store.faulty import Fault, FaultyStore
 from dgfs.store.memory import MemoryStore
 from tests.test_filesystem import (
     GID,
     ROOT,
     UID,
+    Mount,
     close,
     create,
     lookup,
@@ -64,7 +68,46 @@ async def with_reference(memory: MemoryStore, tmp_path: Path) -> None:
         await write_file(m.fs, RELEASES[0][0], RELEASES[0][1], parent=d.ino)
 
 
-@pytest.mark.parametrize("held", ["delta-writer", "direct-writer"])
+@dataclass
+class OneNameTwoForms:
+    """Mount ``a`` writes ``rel/x.zip`` as a delta, mount ``b`` the same
+    name small enough to go whole; ``first`` (the ``held`` one) stops after
+    storing its form, before removing the other's, until ``gate`` lets it go."""
+
+    a: Mount
+    b: Mount
+    first: Mount
+    second: Mount
+    first_store: FaultyStore
+    gate: Fault
+
+    async def create(self) -> tuple[int, int]:
+        """Both files created and written, left open: the handles of ``first`` and ``second``."""
+        fh_a = await create(
+            self.a.fs, "x.zip", RELEASES[1][1], (await lookup(self.a.fs, "rel")).ino
+        )
+        fh_b = await create(self.b.fs, "x.zip", SMALL, (await lookup(self.b.fs, "rel")).ino)
+        return (fh_a, fh_b) if self.first is self.a else (fh_b, fh_a)
+
+
+@contextlib.asynccontextmanager
+async def one_name_two_forms(
+    memory: MemoryStore, tmp_path: Path, held: str
+) -> AsyncIterator[OneNameTwoForms]:
+    await with_reference(memory, tmp_path)
+    store_a, store_b = FaultyStore(memory), FaultyStore(memory)
+    first_store, form = (store_a, "rel/x.zip.delta") if held == "a" else (store_b, "rel/x.zip")
+    gate = first_store.hang("upload", key=form, after=True)
+    async with (
+        mounted(store_a, home(tmp_path, "a"), FAST_RETRIES) as a,
+        mounted(store_b, home(tmp_path, "b"), FAST_RETRIES) as b,
+    ):
+        first, second = (a, b) if held == "a" else (b, a)
+        yield OneNameTwoForms(a, b, first, second, first_store, gate)
+    assert await read_fresh(memory, tmp_path, "rel/x.zip") in (RELEASES[1][1], SMALL)
+
+
+@pytest.mark.parametrize("held", ["a", "b"], ids=["delta-writer", "direct-writer"])
 async def test_one_name_stored_as_a_delta_and_as_a_whole_file_at_once_keeps_one(
     memory: MemoryStore, tmp_path: Path, held: str
 ) -> None:
@@ -72,28 +115,17 @@ async def test_one_name_stored_as_a_delta_and_as_a_whole_file_at_once_keeps_one(
     same name whole. Each removed the other's form after storing its own,
     so when the two overlapped both were gone. The one held here has stored
     its object and not yet removed the other form."""
-    await with_reference(memory, tmp_path)
-    store_a, store_b = FaultyStore(memory), FaultyStore(memory)
-    if held == "delta-writer":
-        gate = store_a.hang("upload", key="rel/x.zip.delta", after=True)
-    else:
-        gate = store_b.hang("upload", key="rel/x.zip", after=True)
-    async with (
-        mounted(store_a, home(tmp_path, "a"), FAST_RETRIES) as a,
-        mounted(store_b, home(tmp_path, "b"), FAST_RETRIES) as b,
-    ):
-        da, db = await lookup(a.fs, "rel"), await lookup(b.fs, "rel")
-        first, second = (a, b) if held == "delta-writer" else (b, a)
-        await write_file(a.fs, "x.zip", RELEASES[1][1], parent=da.ino)
-        await write_file(b.fs, "x.zip", SMALL, parent=db.ino)
-        await gate.reached.wait()
-        await second.fs.wait_idle()  # the other stored and cleaned up fully
-        gate.release()
-        await first.fs.wait_idle()
-    assert await read_fresh(memory, tmp_path, "rel/x.zip") in (RELEASES[1][1], SMALL)
+    async with one_name_two_forms(memory, tmp_path, held) as race:
+        fh_first, fh_second = await race.create()
+        await close(race.first.fs, fh_first)
+        await close(race.second.fs, fh_second)
+        await race.gate.reached.wait()
+        await race.second.fs.wait_idle()  # the other stored and cleaned up fully
+        race.gate.release()
+        await race.first.fs.wait_idle()
 
 
-@pytest.mark.parametrize("held", ["delta-writer", "direct-writer"])
+@pytest.mark.parametrize("held", ["a", "b"], ids=["delta-writer", "direct-writer"])
 async def test_an_fsync_across_a_lost_race_with_another_writer_waits_for_the_redo(
     memory: MemoryStore, tmp_path: Path, held: str
 ) -> None:
@@ -102,30 +134,17 @@ async def test_an_fsync_across_a_lost_race_with_another_writer_waits_for_the_red
     upload is redone at once, and fsync returns once that redo is stored.
     It returned EIO (the real-mount test saw it), and the mount logged an
     error, though nothing had failed and nothing was lost."""
-    await with_reference(memory, tmp_path)
-    store_a, store_b = FaultyStore(memory), FaultyStore(memory)
-    if held == "delta-writer":
-        gate = store_a.hang("upload", key="rel/x.zip.delta", after=True)
-    else:
-        gate = store_b.hang("upload", key="rel/x.zip", after=True)
-    async with (
-        mounted(store_a, home(tmp_path, "a"), FAST_RETRIES) as a,
-        mounted(store_b, home(tmp_path, "b"), FAST_RETRIES) as b,
-    ):
-        da, db = await lookup(a.fs, "rel"), await lookup(b.fs, "rel")
-        first, second = (a, b) if held == "delta-writer" else (b, a)
-        fh_a = await create(a.fs, "x.zip", RELEASES[1][1], parent=da.ino)
-        fh_b = await create(b.fs, "x.zip", SMALL, parent=db.ino)
-        fh_first, fh_second = (fh_a, fh_b) if held == "delta-writer" else (fh_b, fh_a)
+    async with one_name_two_forms(memory, tmp_path, held) as race:
+        fh_first, fh_second = await race.create()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(first.fs.fsync, fh_first)
-            await gate.reached.wait()
-            await second.fs.fsync(fh_second)  # the other stored its form, removed ours
-            gate.release()
-        assert first.fs.uploads.counts().pending == 0  # fsync returned once stored
-        await close(a.fs, fh_a)
-        await close(b.fs, fh_b)
-    assert await read_fresh(memory, tmp_path, "rel/x.zip") in (RELEASES[1][1], SMALL)
+            nursery.start_soon(race.first.fs.fsync, fh_first)
+            await race.gate.reached.wait()
+            await race.second.fs.fsync(fh_second)  # stored its form, removed ours
+            race.gate.release()
+        assert race.first_store.count("upload", race.gate.key) == 2  # redone once
+        assert race.first.fs.uploads.counts().pending == 0  # fsync returned once stored
+        await close(race.first.fs, fh_first)
+        await close(race.second.fs, fh_second)
 
 
 async def test_a_delta_whose_reference_an_rmdir_removed_meanwhile_is_stored_again(

@@ -581,7 +581,10 @@ class UploadPipeline:
         if isinstance(exc, WriteConflict) and staged.races_lost < RACES_REDONE_AT_ONCE:
             log.info("%s; storing it again at once", exc)
             staged.lost_race()
-            self._request(node, despite_writers=True)
+            if node.staged is staged:
+                self._request(node, despite_writers=True)
+            else:  # rewritten meanwhile: kept as it is until the newer version is committed
+                self._retry_later(node, staged, self.options.retry_delay)
             return
         if not isinstance(exc, (DgfsError, OSError)):
             log.error("upload of %s failed unexpectedly", key, exc_info=exc)
@@ -602,6 +605,9 @@ class UploadPipeline:
             ", storing it whole (its delta failed on this machine twice)" if whole else "",
         )
         self.telemetry.upload_retried()
+        self._retry_later(node, staged, delay)
+
+    def _retry_later(self, node: Node, staged: StagedFile, delay: float) -> None:
         assert self._retry_timers is not None  # workers run only inside run()
         self._busy()  # a retry waiting counts as in flight: unmount waits for it
         self._retry_timers.start_soon(self._retry_after, node, staged, delay)
