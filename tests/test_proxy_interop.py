@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import boto3
@@ -28,6 +30,7 @@ from dgfs.store.base import ObjectHead, ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
 from tests.proxyobjects import ProxyEncryption, ProxyWriter, StoredObject, proxy_parse
+from tests.test_core import make_core
 from testsupport.dgcli import run_deltaglider
 from testsupport.releases import ReleaseSeries
 from testsupport.servers import REGION
@@ -118,6 +121,39 @@ async def test_normalize_rewrites_in_place_and_skips_a_file_replaced_meanwhile()
         assert key == raced or obj.body == bodies[key]  # no byte moved
     again = await normalize(store, "")
     assert again.rewritten == [] and again.changed_meanwhile == []
+
+
+async def test_normalize_leaves_the_hidden_form_of_a_file_alone(tmp_path: Path) -> None:
+    """A writer died between storing ``d/a.zip.delta`` and removing the
+    older ``d/a.zip`` (as DeltaGlider 6.2 wrote it: no ``dg-note``). The
+    copy gave the old form a new Last-Modified, so it became the one shown:
+    normalizing brought the old version back (found by review)."""
+    store = MemoryStore("m")
+    core, cache = make_core(store, tmp_path)
+    new, old = b"the new version\n" * 256, b"the old version\n" * 256
+    (tmp_path / "new").write_bytes(new)
+    assert (await core.put(tmp_path / "new", "d/a.zip")).stored.stored_key == "d/a.zip.delta"
+    old_meta = fmt.direct_metadata(
+        original_name="a.zip",
+        file_sha256=hashlib.sha256(old).hexdigest(),
+        file_size=len(old),
+        now=datetime.now(UTC),
+    )
+    del old_meta["dg-note"]
+    await store.put_bytes("d/a.zip", old, old_meta)
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    store.objects["d/a.zip"] = replace(store.objects["d/a.zip"], last_modified=hour_ago)
+    assert fmt.normalized_metadata("d/a.zip", old_meta) is not None  # it lacks a key
+    try:
+        report = await normalize(store, "")
+        assert report.shadowed == ["d/a.zip"]
+        assert "d/a.zip" not in report.rewritten
+        shown = await core.locate("d/a.zip")
+        assert shown.stored_key == "d/a.zip.delta"
+        assert shown.file_sha256 == hashlib.sha256(new).hexdigest()
+    finally:
+        await core.aclose()
+        cache.close()
 
 
 @pytest.mark.interop

@@ -245,6 +245,11 @@ def _main_normalize(
                 args,
                 f"  changed while it ran (left alone, rerun): {len(report.changed_meanwhile):,}",
             )
+        if report.shadowed:
+            _say(
+                args,
+                f"  hidden by a newer form of the same file (left alone): {len(report.shadowed):,}",
+            )
         for key, why in sorted(report.failed.items()):
             print(f"  FAILED {key}: {why}", file=sys.stderr)
     return EXIT_FAILURE if report.failed else EXIT_OK
