@@ -51,6 +51,8 @@ from dgfs.format import (
     proxy_encryption,
     split_key,
 )
+from dgfs.fs.journal import committed_entries, failed_entries
+from dgfs.progress import human_bytes
 from dgfs.runtime import private_cache_root
 from dgfs.store.base import ObjectHead, ObjectStore, head_many
 
@@ -214,18 +216,16 @@ def mount_of(path: Path, mounts_file: Path = Path("/proc/self/mounts")) -> tuple
     return best
 
 
-def _size(count: float) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(count) < 1024 or unit == "T":
-            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
-
-
-def pending_uploads(root: Path) -> int:
-    """Files written through a mount and not yet in S3: the journal's committed entries."""
+def journal_counts(root: Path) -> tuple[int, int]:
+    """Of the journals under the cache directory ``root``: files written
+    through a mount and not in S3 yet, and files whose upload failed for
+    good (kept in failed/)."""
     journal = root / "journal"
-    return sum(1 for _ in journal.rglob("*.json")) if journal.is_dir() else 0
+    slots = [d for d in journal.iterdir() if d.is_dir()] if journal.is_dir() else []
+    return (
+        sum(committed_entries(d) for d in slots),
+        sum(failed_entries(d) for d in slots),
+    )
 
 
 def check_cache_dir(
@@ -255,11 +255,12 @@ def check_cache_dir(
     vfs = os.statvfs(root)
     free = vfs.f_bavail * vfs.f_frsize
     point, fstype = mount_of(root, mounts_file)
-    pending = pending_uploads(root)
+    pending, failed = journal_counts(root)
     detail = (
         f"{root}{'' if existed else ' (created)'}: owner {owner}, mode"
-        f" {stat.S_IMODE(st.st_mode):04o}, {_size(free)} free, {fstype} on {point}"
+        f" {stat.S_IMODE(st.st_mode):04o}, {human_bytes(free)} free, {fstype} on {point}"
         + (f", {pending} file(s) waiting for upload in its journal" if pending else "")
+        + (f", {failed} file(s) whose upload failed for good in its failed/" if failed else "")
     )
     if fstype in VOLATILE_FS:
         return Check(
@@ -272,7 +273,7 @@ def check_cache_dir(
         return Check(
             name,
             Status.WARN,
-            f"{detail}: less than cache_size ({_size(cache_size)})",
+            f"{detail}: less than cache_size ({human_bytes(cache_size)})",
             "free space there, or lower -o cache_size=",
         )
     return Check(name, Status.OK, detail)

@@ -225,9 +225,13 @@ def test_cache_dir_smaller_than_cache_size_and_pending_uploads(tmp_path: Path) -
     journal.mkdir(parents=True)
     (tmp_path / "cache").chmod(0o700)  # private, as dgfs makes it
     (journal / "a.json").write_text("{}")
+    (journal / "failed").mkdir()
+    for name in ("b.json", "b.data"):  # failed for good: not waiting for upload
+        (journal / "failed" / name).write_text("{}")
     check = doctor.check_cache_dir(tmp_path / "cache", 1 << 62)
     assert check.status is Status.WARN and "cache_size" in (check.fix or "")
     assert "1 file(s) waiting for upload" in check.detail
+    assert "1 file(s) whose upload failed for good" in check.detail
 
 
 def test_cache_dir_someone_else_controls(tmp_path: Path) -> None:

@@ -97,6 +97,21 @@ def journal_dir_for(root: Path, endpoint: str | None, bucket: str, prefix: str) 
     return root / f"{bucket}-{digest}"
 
 
+def failed_dir(directory: Path) -> Path:
+    """Where a journal directory keeps the entries that failed for good."""
+    return directory / "failed"
+
+
+def committed_entries(directory: Path) -> int:
+    """Committed entries of one journal directory (slot) waiting for upload; failed/ not counted."""
+    return sum(1 for _ in directory.glob("*.json"))
+
+
+def failed_entries(directory: Path) -> int:
+    """Entries of one journal directory (slot) in its failed/."""
+    return sum(1 for _ in failed_dir(directory).glob("*.data"))
+
+
 def slot_paths(base: Path, slots: int = SLOTS) -> list[Path]:
     """The journal directories a bucket/prefix may use: ``base``, ``base.1``, ..."""
     return [base] + [base.with_name(f"{base.name}.{i}") for i in range(1, slots)]
@@ -363,15 +378,15 @@ class Journal:
 
     def entry_count(self) -> int:
         """Committed entries waiting for upload (durable here, not in S3 yet)."""
-        return sum(1 for _ in self.directory.glob("*.json"))
+        return committed_entries(self.directory)
 
     def failed_count(self) -> int:
         """Entries in failed/: uploads that failed for good, kept for a person to look at."""
-        return sum(1 for _ in self._failed_dir.glob("*.data"))
+        return failed_entries(self.directory)
 
     @property
     def _failed_dir(self) -> Path:
-        return self.directory / "failed"
+        return failed_dir(self.directory)
 
     def data_path(self, entry_id: str) -> Path:
         return self.directory / _data_name(entry_id)
