@@ -1076,6 +1076,46 @@ async def test_an_upload_landing_while_a_truncating_open_stages_closes_only_its_
         GatedStagingJournal.gate.set()
 
 
+@pytest.mark.parametrize("io", ["read", "write"])
+async def test_an_upload_waits_for_a_write_landing_but_not_for_a_read(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    io: str,
+) -> None:
+    """A write (or truncation) in a worker thread when the upload starts
+    would change the file under the upload's hash: the upload waits for it.
+    A read changes nothing, yet uploads waited for reads too, so readers
+    whose preads overlapped could hold an upload back for good (found by
+    review). Here the staging file's descriptor is in use, its thread call
+    waiting for a limiter the test holds."""
+    async with mounted(faulty, tmp_path) as m:
+        fh = await create(m.fs, "a.txt", b"version 1\n")
+        staged = m.fs.get_node((await lookup(m.fs, "a.txt")).ino).staged
+        assert staged is not None
+        held = trio.CapacityLimiter(1)
+        await held.acquire()
+        async with trio.open_nursery() as nursery:
+            if io == "read":
+                nursery.start_soon(staged.pread, 0, 4, held)
+            else:
+                nursery.start_soon(staged.pwrite, b"version 2", 0, held)
+            await trio.testing.wait_all_tasks_blocked()
+            synced = await started(lambda: m.fs.fsync(fh), nursery)
+            if io == "read":
+                with trio.fail_after(60):  # trio time: a hang fails at once
+                    await synced.wait()
+                assert faulty.count("upload", "a.txt") == 1
+            else:
+                assert faulty.count("upload", "a.txt") == 0  # waits for the write
+            held.release()
+        await synced.wait()
+        await close(m.fs, fh)
+    expected = b"version 1\n" if io == "read" else b"version 2\n"
+    assert bucket(memory) == {"a.txt": expected}
+
+
 # --- a listing fetched across a change of its directory -------------------------------------
 
 

@@ -66,9 +66,10 @@ class StagedFile:
         self.entry_id = entry_id
         self.path = path  # the journal's data file (gone once retired or quarantined)
         self._fd: int | None = fd  # None once closed
-        self._users = 0  # worker threads using _fd right now
-        self._io_done = trio.Event()  # set while no worker thread uses _fd
-        self._io_done.set()
+        self._users = 0  # worker threads using _fd right now (it stays open for them)
+        self._writers = 0  # of those, the ones changing the content
+        self._writes_done = trio.Event()  # set while no worker thread changes the content
+        self._writes_done.set()
         self._generation = 1
         self._committed: int | None = 1 if committed else None
         self._uploaded: int | None = None
@@ -172,32 +173,36 @@ class StagedFile:
     # --- using the descriptor ----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _descriptor(self) -> Iterator[int]:
-        """The descriptor, kept open until the block ends even if retired meanwhile."""
+    def _descriptor(self, *, writes: bool = False) -> Iterator[int]:
+        """The descriptor, kept open until the block ends even if retired
+        meanwhile; ``writes``: the block changes the content."""
         if self._fd is None or self._retired:
             _ownership_bug(f"staging file {self.entry_id} used after it was retired")
             raise FsError(errno.EIO, "staging file is gone")
-        if self._users == 0:
-            self._io_done = trio.Event()
+        if writes and self._writers == 0:
+            self._writes_done = trio.Event()
         self._users += 1
+        self._writers += writes
         try:
             yield self._fd
         finally:
             self._users -= 1
-            if self._users == 0:
-                self._io_done.set()
-                if self._retired:
-                    self._close_fd()
+            self._writers -= writes
+            if writes and self._writers == 0:
+                self._writes_done.set()
+            if self._users == 0 and self._retired:
+                self._close_fd()
 
     @property
-    def in_use(self) -> bool:
-        """A read, write or copy of it runs in a worker thread right now."""
-        return self._users > 0
+    def being_written(self) -> bool:
+        """A write or truncation of it runs in a worker thread right now."""
+        return self._writers > 0
 
-    async def wait_io_done(self) -> None:
-        """Until no worker thread uses the file (an upload must not start
-        while a write it would not see, or only half, is landing)."""
-        await self._io_done.wait()
+    async def wait_writes_done(self) -> None:
+        """Until no worker thread changes the file (an upload must not start
+        while a write it would not see, or only half, is landing; reads,
+        however many and however long, do not hold it up)."""
+        await self._writes_done.wait()
 
     async def pread(self, offset: int, size: int, limiter: trio.CapacityLimiter) -> bytes:
         with self._descriptor() as fd:
@@ -205,14 +210,14 @@ class StagedFile:
 
     async def pwrite(self, data: bytes, offset: int, limiter: trio.CapacityLimiter) -> int:
         """Write ``data`` at ``offset``; a new version (``wrote``)."""
-        with self._descriptor() as fd:
+        with self._descriptor(writes=True) as fd:
             written = await trio.to_thread.run_sync(os.pwrite, fd, data, offset, limiter=limiter)
         self.wrote()
         return written
 
     async def truncate(self, size: int, limiter: trio.CapacityLimiter) -> None:
         """Cut or extend to ``size``; a new version (``wrote``)."""
-        with self._descriptor() as fd:
+        with self._descriptor(writes=True) as fd:
             await trio.to_thread.run_sync(os.ftruncate, fd, size, limiter=limiter)
         self.wrote()
 

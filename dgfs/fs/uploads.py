@@ -445,11 +445,11 @@ class UploadPipeline:
             if self._renames or id(node) in self._flights:
                 await self._no_renames.wait()
                 await self.wait_not_uploading(node)
-            elif node.staged is not None and node.staged.in_use:
+            elif node.staged is not None and node.staged.being_written:
                 # A write landing in a worker thread would change the file
                 # under the upload's hash: it lands first (a later one goes
                 # to a new staging file once this one is uploading).
-                await node.staged.wait_io_done()
+                await node.staged.wait_writes_done()
             else:
                 break
         # From here to start_upload() nothing awaits: a rename that starts
