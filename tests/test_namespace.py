@@ -191,6 +191,22 @@ def test_attr_cache_survives_and_recovers_from_garbage(tmp_path: Path) -> None:
     assert broken.get("k", "v1") is None
 
 
+def test_a_forgotten_key_is_forgotten_on_disk_too(tmp_path: Path) -> None:
+    """``forget`` dropped the rows in memory only: one written earlier, or
+    still waiting to be written, came back after a remount (found by review)."""
+    db = tmp_path / "attrs.sqlite"
+    cache = AttrCache(db)
+    cache.put("k", "v1", {"dg-file-size": "5"})
+    cache.put("other", "v1", {"dg-file-size": "7"})
+    cache.write(cache.take_dirty())
+    cache.put("k", "v2", {"dg-file-size": "6"})  # not written yet
+    cache.forget("k")
+    cache.write(cache.take_dirty())
+    again = AttrCache(db)
+    assert not again.knows("k")
+    assert again.get("other", "v1") == {"dg-file-size": "7"}
+
+
 async def test_a_fresh_mount_reads_the_directory_index_instead_of_heading(
     tmp_path: Path,
 ) -> None:

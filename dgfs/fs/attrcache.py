@@ -19,6 +19,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -63,6 +64,17 @@ def relevant_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if _relevant(k)}
 
 
+@dataclass(frozen=True)
+class AttrChanges:
+    """What ``AttrCache.write`` persists: keys whose rows go, rows (key, version, JSON) to add."""
+
+    forgotten: list[str]
+    rows: list[tuple[str, str, str]]
+
+    def __bool__(self) -> bool:
+        return bool(self.forgotten or self.rows)
+
+
 class AttrCache:
     """(key, version) -> user metadata, persisted in ``path`` (SQLite)."""
 
@@ -72,6 +84,7 @@ class AttrCache:
         self._rows: dict[str, dict[str, dict[str, str]]] = {}  # key -> version -> metadata
         self._count = 0
         self._dirty: dict[tuple[str, str], dict[str, str]] = {}
+        self._forgotten: set[str] = set()  # keys whose persisted rows go at the next write
         self._io_lock = threading.Lock()
         if path is not None:
             self._load()
@@ -104,8 +117,12 @@ class AttrCache:
         return key in self._rows
 
     def forget(self, key: str) -> None:
-        """Drop the rows of every version of ``key`` held in memory."""
+        """Drop the rows of every version of ``key``: in memory now, on disk
+        at the next ``write`` (a remount must not find them either)."""
         self._count -= len(self._rows.pop(key, {}))
+        for row in [r for r in self._dirty if r[0] == key]:
+            del self._dirty[row]
+        self._forgotten.add(key)
 
     def put(self, key: str, version: str, metadata: Mapping[str, str]) -> None:
         kept = relevant_metadata(metadata)
@@ -117,19 +134,26 @@ class AttrCache:
         versions[version] = kept
         self._dirty[(key, version)] = kept
 
-    def take_dirty(self) -> list[tuple[str, str, str]]:
-        """Rows not yet persisted (call on the trio thread, then ``write`` them in a worker)."""
-        rows = [(k, e, json.dumps(m)) for (k, e), m in self._dirty.items()]
+    def take_dirty(self) -> AttrChanges:
+        """Changes not yet persisted (call on the trio thread, then ``write``
+        them in a worker)."""
+        changes = AttrChanges(
+            sorted(self._forgotten), [(k, e, json.dumps(m)) for (k, e), m in self._dirty.items()]
+        )
         self._dirty.clear()
-        return rows
+        self._forgotten.clear()
+        return changes
 
-    def write(self, rows: list[tuple[str, str, str]]) -> None:
-        """Persist rows (blocking)."""
-        if self.path is None or not rows:
+    def write(self, changes: AttrChanges) -> None:
+        """Persist ``changes`` (blocking): forgotten keys' rows go, then new rows are added."""
+        if self.path is None or not changes:
             return
         with self._io_lock:
             try:
                 with self._connect() as conn:
-                    conn.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", rows)
+                    conn.executemany(
+                        "DELETE FROM heads WHERE key = ?", [(k,) for k in changes.forgotten]
+                    )
+                    conn.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", changes.rows)
             except sqlite3.Error as exc:
                 log.warning("could not persist attribute cache: %s", exc)

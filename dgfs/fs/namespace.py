@@ -415,7 +415,7 @@ class Namespace:
         try:
             await self.metadata_changed(key)
         except DgfsError as exc:
-            self.attr_cache.forget(key)  # in memory: a remount may still find the old row
+            self.attr_cache.forget(key)
             log.info("attributes of %s not fetched after its upload (%s)", key, exc)
 
     def dir_removed(self, path: str) -> None:
@@ -455,9 +455,9 @@ class Namespace:
         await self.list_written_dirs(quiet_for=0.0 if unmounting else INDEX_AFTER_QUIET)
         with contained("writing the attribute cache", logger=log):
             # Rows that fail to be written stay in memory only: a remount HEADs them again.
-            rows = self.attr_cache.take_dirty()
-            if rows:
-                await trio.to_thread.run_sync(self.attr_cache.write, rows)
+            changes = self.attr_cache.take_dirty()
+            if changes:
+                await trio.to_thread.run_sync(self.attr_cache.write, changes)
         await self.write_due_indexes()
 
     def stored_into(self, path: str) -> None:
