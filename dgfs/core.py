@@ -1196,7 +1196,7 @@ class Core:
         for obj in page.objects:
             head = ref_heads.get(obj.key)
             if (obj.key == prefix and obj.size == 0) or (
-                head is not None and fmt.meta_value(head.metadata, "file_sha256")
+                head is not None and fmt.is_deltaglider_reference(head.metadata)
             ):
                 removable.append(obj.key)
             elif obj.key not in refs or obj.key in ref_heads:  # not gone since the LIST

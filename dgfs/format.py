@@ -587,6 +587,13 @@ def form_rank(
     return last_modified, stamp, stored_key.endswith(DELTA_SUFFIX)
 
 
+def is_deltaglider_reference(metadata: Mapping[str, str]) -> bool:
+    """Whether a ``reference.bin``'s metadata says a DeltaGlider writer (the
+    CLI, the proxy, dgfs) made it: a ``dg-file-sha256``. Another tool's
+    ``reference.bin`` is a user's file: never an orphan, never removed."""
+    return bool(meta_value(metadata, "file_sha256"))
+
+
 def normalized_metadata(stored_key: str, metadata: Mapping[str, str]) -> dict[str, str] | None:
     """The metadata that makes an object readable by all three of dgfs, the
     DeltaGlider CLI and deltaglider_proxy, or None when it needs no change

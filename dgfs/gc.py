@@ -31,7 +31,7 @@ import contextlib
 import enum
 import logging
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -128,13 +128,6 @@ def unneeded_references(
     return {ref for ref in references if not any(m in (ref, None) for m in delta_modes)}
 
 
-def is_deltaglider_reference(metadata: Mapping[str, str]) -> bool:
-    """Whether a reference's metadata says a DeltaGlider writer made it (a
-    ``dg-file-sha256``). Another tool's ``reference.bin`` is a user's file:
-    never an orphan, never removed."""
-    return bool(fmt.meta_value(metadata, "file_sha256"))
-
-
 async def needed(store: ObjectStore, ref_key: str, keys: Iterable[str]) -> bool:
     """Whether a ``.delta`` among ``keys`` (a LIST) needs the reference ``ref_key``.
 
@@ -192,7 +185,7 @@ async def _is_deltaglider_reference(store: ObjectStore, key: str) -> bool:
         head = await store.head(key)
     except NotFound:
         return False
-    if not is_deltaglider_reference(head.metadata):
+    if not fmt.is_deltaglider_reference(head.metadata):
         log.warning("%s has no DeltaGlider metadata: not a reference, left alone", key)
         return False
     return True

@@ -24,17 +24,6 @@ if TYPE_CHECKING:
 # DeltaGlider's stats cache layout (deltaglider 6.x, client_operations/stats.py).
 DG_CACHE_VERSION = "1.0"
 DGFS_CACHE_FORMAT = 2  # 2: deltas by mode (deep deltaspaces)
-DG_STATS_FIELDS = (
-    "bucket",
-    "object_count",
-    "total_size",
-    "compressed_size",
-    "space_saved",
-    "average_compression_ratio",
-    "delta_objects",
-    "direct_objects",
-    "object_limit_reached",
-)
 
 
 def cache_key(mode: Mode) -> str:

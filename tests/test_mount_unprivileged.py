@@ -15,7 +15,7 @@
   libseccomp from python3-seccomp), and the descriptor as fd 3 with
   ``LISTEN_FDS``. The host sees and uses the mount; stopping as the unit
   does (``umount --lazy`` as root, then SIGTERM) uploads everything first.
-- ``systemd-analyze security --offline=true`` rates the unit 5.0 or less.
+- ``systemd-analyze security --offline=true`` rates the unit 1.2 (the docs' figure).
 
 Only processes started here are signalled, by PID; every mount made here
 is detached in ``finally`` blocks.
@@ -566,7 +566,8 @@ def test_a_descriptor_that_is_not_dev_fuse_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-def test_the_unit_is_rated_5_or_less_by_systemd_analyze(tmp_path: Path) -> None:
+def test_the_unit_is_rated_1_2_by_systemd_analyze(tmp_path: Path) -> None:
+    """The figure README.md and docs/operations.md give (it was 9.6 as root, unsandboxed)."""
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
         capture_output=True,
@@ -577,7 +578,7 @@ def test_the_unit_is_rated_5_or_less_by_systemd_analyze(tmp_path: Path) -> None:
     )
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
     assert match, result.stdout + result.stderr
-    assert float(match.group(1)) <= 5.0, result.stdout
+    assert float(match.group(1)) <= 1.2, result.stdout
 
 
 def test_the_unit_hands_over_the_mount_and_serves_it_sandboxed() -> None:

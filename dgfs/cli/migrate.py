@@ -147,6 +147,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     options.add_flags(parser, options.S3_GROUP)
     options.add_flags(parser, options.CACHE_GROUP)
+    options.add_flags(parser, options.PROXY_GROUP)
     parser.set_defaults(func=main)
 
 

@@ -114,6 +114,7 @@ def _at_least_1m(name: str, text: str) -> object:
 #: The groups of the other commands' flags (``add_flags``).
 S3_GROUP = "S3 connection"
 CACHE_GROUP = "cache"
+PROXY_GROUP = "deltaglider_proxy"
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ OPTIONS: tuple[MountOption, ...] = (
     MountOption("proxy_key_file", "FILE", "none",
                 "deltaglider_proxy's encryption key (64 hex digits): read the objects it encrypted",
                 "settings.proxy_key_file", _proxy_key_path, flag="--proxy-key-file",
-                flag_group=CACHE_GROUP),
+                flag_group=PROXY_GROUP),
     MountOption("upload_workers", "N", "4", "concurrent uploads", "fs.upload_workers",
                 _clamped(_INT, lambda v: max(1, int(v)))),
     MountOption("upload_delay", "SECONDS", "0.5",
@@ -308,7 +309,7 @@ def _flag_dest(option: MountOption) -> str:
 
 
 def add_flags(parser: argparse.ArgumentParser, group: str) -> None:
-    """The flags of ``group`` ("S3 connection", "cache"), from the table."""
+    """The flags of ``group`` (``S3_GROUP``, ``CACHE_GROUP``, ``PROXY_GROUP``), from the table."""
     arguments = parser.add_argument_group(group)
     for option in OPTIONS:
         if option.flag is not None and option.flag_group == group:

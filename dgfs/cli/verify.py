@@ -63,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     options.add_flags(parser, options.S3_GROUP)
     options.add_flags(parser, options.CACHE_GROUP)
+    options.add_flags(parser, options.PROXY_GROUP)
     parser.set_defaults(func=main)
 
 

@@ -174,8 +174,8 @@ class StoredChanges:
         # What the nodes below know of their objects moved too: reading (or
         # rewriting) one by its old key would find nothing there.
         for n in self.nodes.under(node.path):
-            if n.stored is not None:
-                n.stored = _moved(n.stored, old_prefix + "/", new_prefix + "/")
+            if n.stored is not None:  # new objects: the ETags listed for the old ones go
+                n.stored_as(_moved(n.stored, old_prefix + "/", new_prefix + "/"))
         for n in busy:
             await self.uploads.follow_rename(n, new_prefix + self.key_of(n.path)[len(old_prefix) :])
         self.ns.dir_tree_moved(node.path, new_path)

@@ -236,7 +236,8 @@ class StreamReader(Reader):
                 if isinstance(stream.error, (IntegrityError, FormatError)):
                     raise stream.error  # unreadable for good: logged once (_unreadable)
                 # Stopped by a local error (a full disk, a killed xdelta3) that
-                # its owner logged: the kernel retries this read, quietly.
+                # its owner logged once: this handle's reads fail with EIO
+                # without another line; opening the file again rebuilds it.
                 raise FsError(errno.EIO, f"{self.name}: its rebuild stopped") from None
             if os.fstat(self.fd).st_size >= end:
                 return
