@@ -301,3 +301,22 @@ def proxy_parse(headers: dict[str, str]) -> dict[str, object]:
     else:
         parsed["storage"] = "passthrough"
     return parsed
+
+
+def proxy_client_view(headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """What an S3 client HEADing the object through the proxy gets: its
+    Content-Type and its ``x-amz-meta-*`` (bare names). A port of
+    src/s3_adapter_s3s.rs ``head_object_output_from_metadata`` (the stored
+    ``content-type`` trimmed, blank -> ``application/octet-stream``) and
+    ``response_metadata_map`` (the ``dg-`` map without ``content-type`` and
+    ``user-`` keys, plus each client key whose name does not start with
+    ``dg-``, case-insensitively)."""
+    parsed = proxy_parse(headers)
+    content_type = str(parsed["content_type"] or "").strip() or "application/octet-stream"
+    shown = {k: v for k, v in headers.items() if k.startswith("dg-")}
+    user = parsed["user_metadata"]
+    assert isinstance(user, dict)
+    for key, value in user.items():
+        if not key.lower().startswith("dg-"):
+            shown[key] = value
+    return content_type, shown

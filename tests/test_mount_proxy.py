@@ -4,7 +4,8 @@ The objects come from ``tests/proxyobjects.py`` (the proxy's metadata map,
 its xdelta3 argv and its encryption framing, ported from its source):
 
 - every file is listed under its real name and size and reads back exactly;
-  no ``.delta``, ``reference.bin`` or ``_dgp/`` is ever listed;
+  no ``.delta``, ``reference.bin`` or ``_dgp/`` is ever listed; a client's
+  own metadata shows as read-only ``user.s3.*`` attributes;
 - encrypted objects read with ``-o proxy_key_file``; without it they list
   with their real sizes and every read fails with EIO and one log line
   naming the option, never ciphertext;
@@ -75,6 +76,11 @@ def test_proxy_bucket_lists_and_reads_exactly(
             assert sha256_file(mount / key) == sha256_bytes(data), key
         zip_key = next(k for k in files if k.startswith("app/") and k.endswith(".zip"))
         assert os.getxattr(mount / zip_key, "user.dgfs.kind") == b"delta"
+        # The client's own metadata (user-build), as the proxy serves it; read-only.
+        for key in (zip_key, "app/NOTES.txt", "sec/NOTES.txt"):
+            assert "user.s3.build" in os.listxattr(mount / key), key
+            assert os.getxattr(mount / key, "user.s3.build") == b"42", key
+        assert not [n for n in os.listxattr(mount / "sec/NOTES.txt") if "dg-" in n]
     finally:
         mount.unmount()
 
@@ -128,6 +134,10 @@ def test_file_added_to_a_proxy_deltaspace_reads_in_every_tool(
         out = dg_download(mounts.endpoint, bucket, f"app/{name}", tmp_path / name)
         assert sha256_file(out) == sha256_bytes(data)
         assert sha256_file(target) == sha256_bytes(data)
+        # The client's own metadata is read-only, as the rest (a writable mount).
+        with pytest.raises(OSError) as caught:
+            os.setxattr(mount / "app/NOTES.txt", "user.s3.build", b"43")
+        assert caught.value.errno == errno.ENOTSUP
         # The proxy's coordination prefix cannot be made at the root.
         with pytest.raises(OSError) as caught:
             (mount.mountpoint / "_dgp").mkdir()

@@ -36,6 +36,7 @@ from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
 from dgfs.verify import Status, verify_key
+from tests.proxyobjects import ProxyWriter, proxy_client_view
 from tests.test_core import flip_byte, make_core, write
 from tests.test_filesystem import (
     OPTIONS,
@@ -222,19 +223,106 @@ async def test_xattrs_give_the_ratio_and_sizes_of_a_file_pending_or_stored(
         await write_file(m.fs, "a.txt", b"a" * 100)
         a = await lookup(m.fs, "a.txt")
 
-        def xattr(ino: int, name: str) -> bytes:
-            return m.fs.getxattr(ino, f"user.dgfs.{name}")
+        async def xattr(ino: int, name: str) -> bytes:
+            return await m.fs.getxattr(ino, f"user.dgfs.{name}")
 
-        assert xattr(a.ino, "kind") == b"pending"
-        assert xattr(a.ino, "original_size") == b"100"
+        assert await xattr(a.ino, "kind") == b"pending"
+        assert await xattr(a.ino, "original_size") == b"100"
         await m.fs.wait_idle()
-        assert xattr(a.ino, "kind") == b"direct"
-        assert (xattr(a.ino, "original_size"), xattr(a.ino, "stored_size")) == (b"100", b"100")
-        assert xattr(a.ino, "ratio") == b"1.0000"
-        assert xattr(a.ino, "sha256") == _sha(b"a" * 100).encode()
+        assert await xattr(a.ino, "kind") == b"direct"
+        sizes = (await xattr(a.ino, "original_size"), await xattr(a.ino, "stored_size"))
+        assert sizes == (b"100", b"100")
+        assert await xattr(a.ino, "ratio") == b"1.0000"
+        assert await xattr(a.ino, "sha256") == _sha(b"a" * 100).encode()
         other = await lookup(m.fs, "other.dat")
-        assert xattr(other.ino, "kind") == b"foreign"
-        assert xattr(other.ino, "key") == b"other.dat"
+        assert await xattr(other.ino, "kind") == b"foreign"
+        assert await xattr(other.ino, "key") == b"other.dat"
+
+
+async def test_client_metadata_shows_as_read_only_user_s3_xattrs(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Operations, ``getxattr``: an S3 client's own metadata, as
+    deltaglider_proxy keeps it (``user-K``), shows as ``user.s3.K``: the
+    names and values an S3 client reading through the proxy gets as
+    ``x-amz-meta-K``, HEADed once when asked, never the proxy's markers;
+    read-only like the rest."""
+    store = CountingStore()
+    writer = ProxyWriter()
+    client = {"build": "42", "release.channel_1": "stable", "note": "d\u00e9j\u00e0 vu"}
+    data = b"zip-ish " * 4096
+    for obj in writer.put("app/a.zip", data, user=client, content_type="application/zip"):
+        await store.put_bytes(obj.key, obj.body, obj.metadata)
+    for obj in writer.put("app/notes.txt", b"notes", delta=False, user={"owner": "ci"}):
+        await store.put_bytes(obj.key, obj.body, obj.metadata)
+    async with mounted(store, tmp_path) as m:
+        app = await lookup(m.fs, "app")
+        a = await lookup(m.fs, "a.zip", app.ino)
+        before = store.heads
+        names = await m.fs.listxattr(a.ino)
+        assert [n for n in names if n.startswith("user.s3.")] == sorted(
+            f"user.s3.{k}" for k in client
+        )
+        for key, value in client.items():
+            assert await m.fs.getxattr(a.ino, f"user.s3.{key}") == value.encode()
+        assert store.heads - before == 1  # one HEAD for the list and every value
+        # Exactly what an S3 client gets through the proxy.
+        head = await store.head("app/a.zip.delta")  # non-ASCII values RFC 2047 decoded
+        content_type, shown = proxy_client_view(dict(head.metadata))
+        assert {k: v for k, v in shown.items() if not k.startswith("dg-")} == client
+        assert content_type == "application/zip"
+        notes = await lookup(m.fs, "notes.txt", app.ino)
+        assert await m.fs.getxattr(notes.ino, "user.s3.owner") == b"ci"
+        assert await _errno_of(m.fs.getxattr(notes.ino, "user.s3.build")) == errno.ENODATA
+        assert await _errno_of(m.fs.getxattr(app.ino, "user.s3.build")) == errno.ENODATA
+        with pytest.raises(FsError) as caught:
+            m.fs.setxattr(a.ino, "user.s3.build", b"43")
+        assert caught.value.errno == errno.ENOTSUP
+        with pytest.raises(FsError) as caught:
+            m.fs.removexattr(a.ino, "user.s3.build")
+        assert caught.value.errno == errno.ENOTSUP
+        # A file written here has none (and is not HEADed while pending).
+        await write_file(m.fs, "mine.txt", b"mine")
+        mine = await lookup(m.fs, "mine.txt")
+        assert not [n for n in await m.fs.listxattr(mine.ino) if n.startswith("user.s3.")]
+
+
+async def test_client_metadata_is_read_under_limits(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Operations, ``getxattr``: client metadata is untrusted: names that are
+    not 1 to 128 of ``A-Za-z0-9_.-`` (starting with a letter or digit),
+    values over 2,048 bytes and the proxy's ``dg-`` markers are left out,
+    and at most 64 names show (the first in sorted order)."""
+    meta = {
+        "dg-tool": "deltaglider_proxy/1.19.0",
+        "dg-original-name": "f.bin",
+        "dg-file-sha256": _sha(b"x"),
+        "dg-file-size": "1",
+        "dg-note": "passthrough",
+        "user-dg-encrypted": "aes-256-gcm-v1",
+        "user-DG-Other": "hidden as the proxy hides it",
+        "user-a/b": "slash",
+        "user-..": "dots",
+        "user-": "empty",
+        "user-" + "n" * 129: "too long a name",
+        "user-big": "v" * 2049,
+        "user-edge": "v" * 2048,
+        **{f"user-k{i:03d}": str(i) for i in range(100)},
+    }
+    assert fmt.client_metadata({"user-a\x00b": "nul", "user-a b": "space"}) == {}
+    shown = fmt.client_metadata(meta)
+    assert len(shown) == fmt.CLIENT_METADATA_MAX_ENTRIES == 64
+    assert list(shown) == ["edge", *(f"k{i:03d}" for i in range(63))]
+    store = MemoryStore()
+    await store.put_bytes("f.bin", b"x", meta)
+    async with mounted(store, tmp_path) as m:
+        f = await lookup(m.fs, "f.bin")
+        names = [n for n in await m.fs.listxattr(f.ino) if n.startswith("user.s3.")]
+        assert names == [f"user.s3.{k}" for k in shown]
+        assert await m.fs.getxattr(f.ino, "user.s3.edge") == b"v" * 2048
+        for hidden in ("big", "dg-encrypted", "DG-Other", "k099"):
+            assert await _errno_of(m.fs.getxattr(f.ino, f"user.s3.{hidden}")) == errno.ENODATA
 
 
 async def test_special_files_only_where_a_foreign_objects_mode_says_so(

@@ -14,7 +14,8 @@ also replays every input kept in ``tests/fuzz_corpus/<target>/``.
 - ``dirindex``: directory indexes (``dgfs.fs.dirindex.decode``).
 - ``metadata``: S3 user metadata to a file's kind, size and stat
   (``dgfs.format`` and the listing's ``_entry_from_head``), down to the
-  ``EntryAttributes`` the kernel gets.
+  ``EntryAttributes`` the kernel gets, and to its client metadata
+  (``format.client_metadata``, the ``user.s3.*`` attributes).
 - ``dgzip``: the search for the gzip bytes the stock DeltaGlider CLI lost
   (``dgfs.deep.dgzip.recover_gzip``): the reference's gzip header, the tar
   inside, the recorded name, size and SHA-256.
@@ -59,7 +60,7 @@ from dgfs import format as fmt
 from dgfs.deep import dgzip, expand, gnuzip, objects
 from dgfs.deep.deflate import DeflateParams
 from dgfs.errors import DecodeLimit, DgfsError, ExpansionLimit, FormatError
-from dgfs.fs import dirindex
+from dgfs.fs import dirindex, xattrs
 from dgfs.fs.namespace import Namespace
 from dgfs.store.base import ObjectHead
 
@@ -411,6 +412,14 @@ def run_metadata(data: bytes) -> None:
     for name in fmt.POSIX_KEYS:
         fmt.parse_int_meta(meta, name)
     fmt.user_metadata(meta)
+    client = fmt.client_metadata(meta)  # the mount's user.s3.* attributes
+    if len(client) > fmt.CLIENT_METADATA_MAX_ENTRIES:
+        raise AssertionError(f"{len(client)} client metadata entries shown")
+    for name, value in client.items():
+        xattrs.client_value(client, xattrs.CLIENT_PREFIX + name)
+        if "/" in name or "\0" in name or len(value.encode("utf-8", "replace")) > 2048:
+            raise AssertionError(f"client metadata {name!r} shown")
+    fmt.content_type_of(meta, meta.get("content-type"))
     fmt.with_original_name(meta, "renamed.zip")
     fmt.with_ref_key(meta, "other/reference.bin")
     with contextlib.suppress(FormatError):
@@ -469,6 +478,11 @@ def metadata_seeds() -> list[bytes]:
         ),
         encode_metadata("link", 5, {"mode": "0120777", "mtime": "-1.5", "uid": "0"}),
         encode_metadata("dev", 0, {"mode": "8592", "rdev": "2049", "atime": "1"}),
+        encode_metadata(  # deltaglider_proxy's: a client's own metadata and content type
+            "app/notes.txt",
+            5,
+            {"dg-note": "passthrough", "user-build": "42", "content-type": "text/plain"},
+        ),
     ]
 
 

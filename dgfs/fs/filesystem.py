@@ -92,6 +92,7 @@ class FileSystem:
         )
         self.uploads = UploadPipeline(core, journal, self.ns, self.nodes, options, self.content)
         self.changes = StoredChanges(core, self.ns, self.nodes, self.uploads)
+        self.client_metadata = xattrs.ClientMetadata(self.store, options.listing_ttl)
         # Where ``dgfs status`` reaches the daemon (the root's user.dgfs.status_socket).
         self.status_socket: str | None = None
 
@@ -530,11 +531,15 @@ class FileSystem:
 
     # --- extended attributes ----------------------------------------------------------
 
-    def listxattr(self, ino: int) -> list[str]:
-        return xattrs.names(self.get_node(ino), self.store.endpoint, self.status_socket)
-
-    def getxattr(self, ino: int, name: str) -> bytes:
+    async def listxattr(self, ino: int) -> list[str]:
         node = self.get_node(ino)
+        own = xattrs.names(node, self.store.endpoint, self.status_socket)
+        return own + xattrs.client_names(await self.client_metadata.of(node))
+
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        node = self.get_node(ino)
+        if name.startswith(xattrs.CLIENT_PREFIX):
+            return xattrs.client_value(await self.client_metadata.of(node), name)
         return xattrs.value(
             node,
             name,

@@ -271,11 +271,11 @@ class FuseOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
-        return self.fs.getxattr(inode, _name(name))
+        return await self.fs.getxattr(inode, _name(name))
 
     @_fuse_errors
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
-        return [os.fsencode(n) for n in self.fs.listxattr(inode)]
+        return [os.fsencode(n) for n in await self.fs.listxattr(inode)]
 
     @_fuse_errors
     async def setxattr(

@@ -1,8 +1,15 @@
-"""The read-only ``user.dgfs.*`` extended attributes: how and where a file is stored.
+"""The read-only extended attributes of the mount.
 
-``dgfs verify PATH`` reads ``bucket``, ``key`` and ``endpoint`` to reach
-the same object the mount shows. The mount's root also has
-``status_socket``: where ``dgfs status`` reaches the daemon (dgfs/control.py).
+``user.dgfs.*``: how and where a file is stored. ``dgfs verify PATH``
+reads ``bucket``, ``key`` and ``endpoint`` to reach the same object the
+mount shows. The mount's root also has ``status_socket``: where ``dgfs
+status`` reaches the daemon (dgfs/control.py).
+
+``user.s3.<k>``: an S3 client's own metadata ``k`` on a stored file, as
+deltaglider_proxy keeps it (``user-<k>``, ``format.client_metadata``):
+what an S3 client reading the file through the proxy gets as
+``x-amz-meta-<k>``. Listings carry no metadata, so ``ClientMetadata``
+HEADs the file's object when one of these is asked for.
 """
 
 from __future__ import annotations
@@ -10,11 +17,18 @@ from __future__ import annotations
 import errno
 from collections.abc import Mapping
 
-from dgfs.errors import FsError
+import trio
+from cachetools import TTLCache
+
+from dgfs import format as fmt
+from dgfs.errors import FsError, NotFound
+from dgfs.format import StoredFile
 from dgfs.fs.entries import NodeKind
 from dgfs.fs.nodes import ROOT_INODE, Node
+from dgfs.store.base import ObjectStore
 
 PREFIX = "user.dgfs."
+CLIENT_PREFIX = "user.s3."
 FILE_FIELDS = ("kind", "stored_size", "original_size", "ratio", "sha256", "bucket", "key")
 DIR_FIELDS = ("bucket", "key")
 STATUS_SOCKET = PREFIX + "status_socket"
@@ -85,3 +99,53 @@ def _storage(node: Node) -> Mapping[str, object]:
         "ratio": f"{stored.ratio:.4f}",
         "sha256": stored.file_sha256 or "",
     }
+
+
+def client_names(metadata: Mapping[str, str]) -> list[str]:
+    """The ``user.s3.*`` names of a file whose client metadata is ``metadata``
+    (``format.client_metadata``'s result: names already checked)."""
+    return [CLIENT_PREFIX + name for name in metadata]
+
+
+def client_value(metadata: Mapping[str, str], name: str) -> bytes:
+    """The value of ``user.s3.<k>``, UTF-8; ``FsError(ENODATA)`` if the file has no ``k``."""
+    value = metadata.get(name[len(CLIENT_PREFIX) :])
+    if value is None:
+        raise FsError(errno.ENODATA)
+    return value.encode("utf-8", "replace")
+
+
+class ClientMetadata:
+    """The client metadata of the mount's stored files, HEADed when asked.
+
+    Owns its cache (trio thread only: cachetools is not thread-safe). An
+    entry serves the node it was read for while the node still shows the
+    same stored object (the same ``StoredFile`` and ETag) and for at most
+    ``ttl`` seconds, the mount's listing TTL: another writer's change shows
+    as soon as a listing would show it.
+    """
+
+    def __init__(self, store: ObjectStore, ttl: float, maxsize: int = 4096) -> None:
+        self._store = store
+        self._cache: TTLCache[int, tuple[StoredFile, str | None, dict[str, str]]] = TTLCache(
+            maxsize=maxsize, ttl=max(ttl, 0.001), timer=trio.current_time
+        )
+
+    async def of(self, node: Node) -> dict[str, str]:
+        """``node``'s client metadata (empty for a directory, a special file,
+        a file not in S3 yet, or one whose object is gone since it was listed)."""
+        stored = node.stored
+        pending = node.staged is not None and not node.staged.is_settled
+        if node.kind is not NodeKind.FILE or stored is None or pending:
+            return {}
+        cached = self._cache.get(node.ino)
+        if cached is not None and cached[0] is stored and cached[1] == node.etag:
+            return cached[2]
+        try:
+            head = await self._store.head(stored.stored_key)
+        except NotFound:
+            return {}
+        found = fmt.client_metadata(head.metadata)
+        if node.stored is stored:  # not replaced while the HEAD ran
+            self._cache[node.ino] = (stored, node.etag, found)
+        return found
