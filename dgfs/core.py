@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-DEFAULT_CONTENT_TYPE = "application/octet-stream"
+DEFAULT_CONTENT_TYPE = fmt.DEFAULT_CONTENT_TYPE
 SYMLINK_MAX = 4096  # PATH_MAX: the longest symlink body read back
 _UNRECOVERABLE = (
     "{key}: DeltaGlider stored it from gzip input without -D, and no gzip settings"
@@ -360,7 +360,9 @@ class Core:
         ``extra_metadata`` (POSIX attributes, a migrated object's user
         metadata) is stored beside the format's own keys. ``digest`` saves
         re-hashing when the caller has it. ``content_type`` is set on the
-        object that holds the file (delta or direct), not on the reference.
+        object that holds the file (delta or direct), not on the reference,
+        and written as deltaglider_proxy's ``content-type`` key too
+        (``fmt.content_type_metadata``), which it serves instead.
         ``mode`` forces the deltaspace mode (a conversion); by default the
         directory's existing reference decides (see ``_deltaspace``).
         ``direct`` stores the file whole whatever the policy says: the upload
@@ -369,7 +371,7 @@ class Core:
         if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
             raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
         digest = digest or await self.digest(src)
-        extra = dict(extra_metadata or {})
+        extra = {**(extra_metadata or {}), **fmt.content_type_metadata(content_type)}
         prefix, name = fmt.split_key(key)
         if direct or not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
             return await self._put_direct(src, key, digest, extra, content_type)
@@ -1058,8 +1060,13 @@ class Core:
         if stored.kind is Kind.DELTA and (not same_space or await self._delta_form_taken(dst_key)):
             async with self._scratch() as plain:
                 await self.rebuild(stored, plain)
-                extra = {k: v for k, v in head.metadata.items() if k in fmt.POSIX_KEYS}
-                await self.put(plain, dst_key, extra_metadata=extra)
+                # Everything but the format's keys follows the file, as a copy does.
+                await self.put(
+                    plain,
+                    dst_key,
+                    extra_metadata=fmt.user_metadata(head.metadata),
+                    content_type=fmt.content_type_of(head.metadata, head.content_type),
+                )
             return
         if stored.kind is Kind.DELTA:
             dst_stored = fmt.delta_key(dst_key)

@@ -594,7 +594,9 @@ def is_deltaglider_reference(metadata: Mapping[str, str]) -> bool:
     return bool(meta_value(metadata, "file_sha256"))
 
 
-def normalized_metadata(stored_key: str, metadata: Mapping[str, str]) -> dict[str, str] | None:
+def normalized_metadata(
+    stored_key: str, metadata: Mapping[str, str], content_type: str | None = None
+) -> dict[str, str] | None:
     """The metadata that makes an object readable by all three of dgfs, the
     DeltaGlider CLI and deltaglider_proxy, or None when it needs no change
     (``dgfs migrate --normalize``; docs/FORMAT.md, "deltaglider_proxy").
@@ -605,9 +607,12 @@ def normalized_metadata(stored_key: str, metadata: Mapping[str, str]) -> dict[st
     read against), ``dg-ref-path`` and ``dg-note: delta``; on a direct
     object ``dg-compression: none`` and ``dg-note: passthrough``; on
     ``reference.bin`` ``dg-note: reference`` and ``dg-original-name:
-    __reference__``. Deep objects (dgfs's own), foreign objects and objects
-    whose metadata cannot be used are left alone. ``dg-md5`` is not added:
-    it needs the file's bytes.
+    __reference__``; on a delta or direct object whose Content-Type
+    (``content_type``, the object's own) is other than
+    ``application/octet-stream``, the proxy's ``content-type`` key with that
+    type (without it the proxy serves ``application/octet-stream``). Deep
+    objects (dgfs's own), foreign objects and objects whose metadata cannot
+    be used are left alone. ``dg-md5`` is not added: it needs the file's bytes.
     """
     if is_deep(metadata) or meta_value(metadata, "file_sha256") is None:
         return None
@@ -634,6 +639,9 @@ def normalized_metadata(stored_key: str, metadata: Mapping[str, str]) -> dict[st
     elif stored.kind is Kind.DIRECT:
         meta["dg-compression"] = meta.get("dg-compression") or "none"
         meta["dg-note"] = meta.get("dg-note") or PASSTHROUGH_NOTE
+    served = content_type_of(meta, content_type)
+    if stored.kind is not Kind.REFERENCE and served != DEFAULT_CONTENT_TYPE:
+        meta.update(content_type_metadata(served))
     return meta if meta != dict(metadata) else None
 
 

@@ -371,7 +371,12 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
         # A directory (a mount's mkdir): copied as it is, attributes and all.
         marker = await source_core.store.head(file.key)
         meta = fmt.user_metadata(marker.metadata)
-        await dest_core.store.put_bytes(file.dest_key, b"", meta, content_type=marker.content_type)
+        await dest_core.store.put_bytes(
+            file.dest_key,
+            b"",
+            meta,
+            content_type=fmt.content_type_of(marker.metadata, marker.content_type),
+        )
         copied = StoredFile(Kind.FOREIGN, file.dest_key, file.dest_key, 0, 0, EMPTY_SHA256)
         return PutResult(copied)
     scratch = dest_core.scratch_path()
@@ -397,7 +402,7 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
             file.dest_key,
             extra_metadata=fmt.user_metadata(head.metadata),
             digest=digest,
-            content_type=head.content_type,
+            content_type=fmt.content_type_of(head.metadata, head.content_type),
         )
     finally:
         scratch.unlink(missing_ok=True)
@@ -779,7 +784,7 @@ async def convert_file(
             file.key,
             extra_metadata=fmt.user_metadata(head.metadata),
             digest=await core.digest(scratch),
-            content_type=head.content_type,
+            content_type=fmt.content_type_of(head.metadata, head.content_type),
             mode=target,
         )
     finally:

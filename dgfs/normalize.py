@@ -93,7 +93,7 @@ async def normalize(
             if other in keys and await _outranked(store, head, other):
                 report.shadowed.append(obj.key)
                 return
-            new = fmt.normalized_metadata(obj.key, head.metadata)
+            new = fmt.normalized_metadata(obj.key, head.metadata, head.content_type)
             if new is None:
                 report.unchanged += 1
                 return

@@ -219,7 +219,7 @@ async def test_metadata_matches_the_deltaglider_format(
         "dg-delta-size",
         "dg-delta-cmd",
     }
-    proxy_keys = {"dg-ref-path", "dg-note", "dg-md5"}
+    proxy_keys = {"dg-ref-path", "dg-note", "dg-md5", "content-type"}
     assert set(delta) == delta_keys | proxy_keys
     assert set(zero) == delta_keys | proxy_keys
     assert zero["dg-note"] == "zero-diff (reference identical)"
@@ -240,7 +240,7 @@ async def test_metadata_matches_the_deltaglider_format(
         "dg-file-size",
         "dg-created-at",
         "dg-compression",
-    } | {"dg-note", "dg-md5"}
+    } | {"dg-note", "dg-md5", "content-type"}
     assert direct["dg-compression"] == "none"
     assert ISO.match(direct["dg-created-at"])  # DeltaGlider writes no Z here
 

@@ -28,6 +28,7 @@ from dgfs.errors import ConfigError, FsError
 from dgfs.format import Kind
 from dgfs.fs.readers import StoredContent
 from dgfs.gc import find_garbage
+from dgfs.migrate import SourceFile, copy_file
 from dgfs.policy import Policy
 from dgfs.proxycrypt import (
     ProxyDecryptError,
@@ -45,6 +46,7 @@ from tests.proxyobjects import (
     derive_key_id,
     encrypt_chunked,
     encrypt_single,
+    proxy_client_view,
     proxy_parse,
 )
 from testsupport.releases import ReleaseSeries
@@ -248,6 +250,58 @@ async def test_dgfs_objects_keep_every_deltaglider_key(
     zero = memory_store.objects[f"app/{name1}.delta"].metadata
     assert zero["dg-note"] == fmt.ZERO_DIFF_NOTE  # DeltaGlider's; the proxy reads it as a delta
     assert proxy_parse(dict(zero))["storage"] == "delta"
+
+
+async def test_dgfs_writes_the_content_type_the_proxy_serves(
+    core: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    """dgfs writes the proxy's ``content-type`` key (src/types.rs
+    ``to_bare_metadata_map``) with the Content-Type it sets on the object,
+    so the proxy serves what S3 does; the reference has none (it is never
+    served)."""
+    series = ReleaseSeries(size=256 << 10, seed=23)
+    files: dict[str, bytes] = {f"app/{name}": data for name, data in series.zips(2)}
+    files["app/notes.txt"] = b"notes\n" * 300
+    for key, data in files.items():
+        (tmp_path / "src").write_bytes(data)
+        await core.put(tmp_path / "src", key, content_type="application/zip")
+    (tmp_path / "src").write_bytes(b"plain")
+    await core.put(tmp_path / "src", "app/plain.bin")  # the mount's: no type given
+    for stored_key in (*(k + ".delta" for k in files if k.endswith(".zip")), "app/notes.txt"):
+        obj = memory_store.objects[stored_key]
+        assert obj.content_type == "application/zip", stored_key
+        assert proxy_client_view(obj.metadata)[0] == "application/zip", stored_key
+    plain = memory_store.objects["app/plain.bin"]
+    assert plain.metadata["content-type"] == plain.content_type == "application/octet-stream"
+    assert "content-type" not in memory_store.objects["app/reference.bin"].metadata
+
+
+async def test_migrate_and_rename_keep_the_proxys_content_type_and_client_metadata(
+    core: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    """The proxy keeps a client's Content-Type in its ``content-type`` key
+    (the object's own is ``application/octet-stream``): ``dgfs migrate``
+    and a rename into another directory keep that type, on the object and
+    in the key, and the client's ``user-`` metadata."""
+    writer = ProxyWriter()
+    zips = []
+    for name, data in ReleaseSeries(size=256 << 10, seed=24).zips(2):
+        zips.append(f"app/{name}")
+        objects = writer.put(zips[-1], data, user={"build": "7"}, content_type="application/zip")
+        await store_all(memory_store, objects)
+    assert memory_store.objects[zips[1] + ".delta"].content_type == "application/octet-stream"
+    source = dataclasses.replace(migrate_source(zips[1]), dest_key="copy/x.zip")
+    await copy_file(core, core, source)
+    await core.rename(zips[1], "moved/y.zip")
+    for stored_key in ("copy/x.zip.delta", "moved/y.zip.delta"):
+        obj = memory_store.objects[stored_key]
+        assert obj.content_type == "application/zip", stored_key
+        assert proxy_client_view(obj.metadata)[0] == "application/zip", stored_key
+        assert obj.metadata["user-build"] == "7", stored_key
+
+
+def migrate_source(key: str) -> SourceFile:
+    return SourceFile(key=key, rel_key=key, dest_key=key, size=0, delta=True)
 
 
 def test_dgfs_metadata_functions_write_the_union() -> None:

@@ -75,8 +75,16 @@ async def test_deltaglider_writes_dgfs_reads(
         assert stored.original_size == path.stat().st_size
 
 
-#: What dgfs adds to DeltaGlider's keys so that deltaglider_proxy reads its objects.
-PROXY_KEYS = {"dg-ref-path", "dg-note", "dg-md5", "dg-original-name", "dg-file-size"}
+#: What dgfs adds to DeltaGlider's keys so that deltaglider_proxy reads its objects
+#: (``content-type``: the type it serves, on deltas and direct objects).
+PROXY_KEYS = {
+    "dg-ref-path",
+    "dg-note",
+    "dg-md5",
+    "dg-original-name",
+    "dg-file-size",
+    "content-type",
+}
 
 
 async def test_metadata_keys_match_what_deltaglider_writes(

@@ -29,7 +29,13 @@ from dgfs.runtime import S3Location, Settings
 from dgfs.store.base import ObjectHead, ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
-from tests.proxyobjects import ProxyEncryption, ProxyWriter, StoredObject, proxy_parse
+from tests.proxyobjects import (
+    ProxyEncryption,
+    ProxyWriter,
+    StoredObject,
+    proxy_client_view,
+    proxy_parse,
+)
 from tests.test_core import make_core
 from testsupport.dgcli import run_deltaglider
 from testsupport.releases import ReleaseSeries
@@ -86,6 +92,24 @@ def test_normalized_metadata_adds_what_each_reader_lacks() -> None:
     new_ref = fmt.normalized_metadata("a/reference.bin", dg_ref)
     assert new_ref == {**dg_ref, "dg-original-name": "__reference__"}
     assert proxy_parse(new_ref)["storage"] == "reference"
+    # A Content-Type the proxy would not serve is added as its content-type key;
+    # application/octet-stream (what it serves without one) is not.
+    typed = fmt.normalized_metadata("a/x.zip.delta", dg_delta, "application/zip")
+    assert typed is not None and typed["content-type"] == "application/zip"
+    assert proxy_client_view(typed)[0] == "application/zip"
+    assert fmt.normalized_metadata("a/x.zip.delta", typed, "application/zip") is None
+    assert "content-type" not in new  # no Content-Type given
+    assert fmt.normalized_metadata("a/x.zip.delta", dg_delta, fmt.DEFAULT_CONTENT_TYPE) == new
+    assert fmt.normalized_metadata(direct.key, direct.metadata, "text/plain") == {
+        **new_direct,
+        "content-type": "text/plain",
+    }
+    kept = {**delta.metadata, "content-type": "x/y"}  # the proxy's own is never changed
+    assert fmt.normalized_metadata(delta.key, kept, "application/zip") == {
+        **new_delta,
+        "content-type": "x/y",
+    }
+    assert fmt.normalized_metadata(ref.key, ref.metadata, "text/plain") is None
     # Foreign and deep objects, and unusable metadata, are left alone.
     assert fmt.normalized_metadata("a/y.bin", {"owner": "x"}) is None
     deep = {**dg_delta, "dgfs-format": "deep-1", "dg-ref-key": "a/reference.deep"}
