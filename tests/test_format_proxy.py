@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from dgfs import format as fmt
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.delta import DeltaEngine
-from dgfs.errors import ConfigError, FsError
+from dgfs.errors import ConfigError, FsError, MissingReference, WriteConflict
 from dgfs.format import Kind
 from dgfs.fs.readers import StoredContent
 from dgfs.gc import find_garbage
@@ -49,6 +49,7 @@ from tests.proxyobjects import (
     proxy_client_view,
     proxy_parse,
 )
+from tests.test_core import make_core
 from testsupport.releases import ReleaseSeries
 
 
@@ -302,6 +303,78 @@ async def test_migrate_and_rename_keep_the_proxys_content_type_and_client_metada
 
 def migrate_source(key: str) -> SourceFile:
     return SourceFile(key=key, rel_key=key, dest_key=key, size=0, delta=True)
+
+
+class ProxyOverwritesReference(MemoryStore):
+    """A bucket a proxy also writes: just before dgfs uploads ``trigger``, the
+    proxy stores its own first file of the directory, which PUTs
+    ``reference.bin`` unconditionally (src/storage/s3.rs ``put_reference``,
+    after its ``has_reference`` in src/deltaglider/engine/store.rs
+    ``store_inner``: no If-None-Match, no lock a single instance shares)."""
+
+    def __init__(self, trigger: str, proxy_objects: list[StoredObject]) -> None:
+        super().__init__("proxy-race")
+        self.trigger = trigger
+        self.proxy_objects = proxy_objects
+
+    async def upload(
+        self,
+        key: str,
+        src: Path,
+        metadata: Mapping[str, str],
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+    ) -> str:
+        if key == self.trigger and self.proxy_objects:
+            for obj in self.proxy_objects:
+                await self.put_bytes(obj.key, obj.body, obj.metadata)  # unconditional
+            self.proxy_objects = []
+        return await super().upload(
+            key, src, metadata, content_type=content_type, if_none_match=if_none_match
+        )
+
+
+async def test_a_reference_the_proxy_overwrites_is_caught_or_fails_loudly(
+    tmp_path: Path,
+) -> None:
+    """docs/FORMAT.md, "What does not meet": the proxy replaces
+    ``reference.bin`` without a condition. Landing while dgfs stores a delta
+    against the old one, ``_store_delta``'s re-check sees it: the delta is
+    withdrawn (``WriteConflict``) and stored again against the proxy's
+    reference. Deltas dgfs stored before the replacement no longer match
+    their ``dg-ref-sha256``: reading them fails, never with wrong bytes."""
+    (first, v1), (second, v2), (third, v3) = ReleaseSeries(size=256 << 10, seed=25).zips(3)
+    proxy = ProxyWriter().put("app/proxy-first.zip", v3)  # the proxy's own reference
+    store = ProxyOverwritesReference(f"app/{second}.delta", proxy)
+    core, cache = make_core(store, tmp_path)
+    try:
+        for name, data in ((first, v1), (second, v2)):
+            (tmp_path / name).write_bytes(data)
+        await core.put(tmp_path / first, f"app/{first}")
+        with pytest.raises(WriteConflict):
+            await core.put(tmp_path / second, f"app/{second}")
+        assert f"app/{second}.delta" not in store.objects  # withdrawn, never left orphaned
+        assert store.objects["app/reference.bin"].body == v3  # the proxy's, as it wrote it
+        await core.put(tmp_path / second, f"app/{second}")  # the upload pipeline's retry
+        assert store.objects[f"app/{second}.delta"].metadata["dg-ref-sha256"] == sha(v3)
+        out = tmp_path / "out"
+        await core.get(f"app/{second}", out)
+        assert out.read_bytes() == v2
+        await core.get("app/proxy-first.zip", out)
+        assert out.read_bytes() == v3
+        await core.get(f"app/{first}", out)  # this cache still holds the old reference
+        assert out.read_bytes() == v1
+        fresh, fresh_cache = make_core(store, tmp_path / "fresh")  # another mount
+        try:
+            with pytest.raises(MissingReference):  # stored before the overwrite: lost, loudly
+                await fresh.get(f"app/{first}", out)
+        finally:
+            await fresh.aclose()
+            fresh_cache.close()
+    finally:
+        await core.aclose()
+        cache.close()
 
 
 def test_dgfs_metadata_functions_write_the_union() -> None:
