@@ -37,7 +37,7 @@ def version_of(etag: str, last_modified: datetime) -> str:
 #: Part of the cache file's name: a new version starts empty (2: keeps the
 #: ``dgfs-`` keys that tell deep objects apart; 3: rows keyed by
 #: ``version_of``, and ``rdev`` kept).
-VERSION = "v4"  # v4: keeps deltaglider_proxy's encryption markers
+VERSION = "v5"  # v4: keeps deltaglider_proxy's encryption markers; v5: client metadata
 
 
 _SCHEMA = """
@@ -60,8 +60,13 @@ def _relevant(name: str) -> bool:
 
 
 def relevant_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """The part of an object's user metadata the mount uses."""
-    return {k: v for k, v in metadata.items() if _relevant(k)}
+    """The part of an object's user metadata the mount uses: the format's and
+    POSIX keys, and an S3 client's own metadata as ``format.client_metadata``
+    reads it (under its limits), which ``user.s3.*`` xattrs show."""
+    kept = {k: v for k, v in metadata.items() if _relevant(k)}
+    for name, value in fmt.client_metadata(metadata).items():
+        kept[fmt.CLIENT_PREFIX + name] = value
+    return kept
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,11 @@ class AttrCache:
 
     def get(self, key: str, version: str) -> dict[str, str] | None:
         return self._rows.get(key, {}).get(version)
+
+    def get_by_etag(self, key: str, etag: str) -> dict[str, str] | None:
+        """The row of the one version of ``key`` with this ETag, if exactly one is known."""
+        rows = [m for v, m in self._rows.get(key, {}).items() if v.rpartition("@")[0] == etag]
+        return rows[0] if len(rows) == 1 else None
 
     def knows(self, key: str) -> bool:
         """Whether some version of ``key`` has a row (one a new object under

@@ -26,7 +26,7 @@ import zstandard
 
 from dgfs import format as fmt
 
-FORMAT = "dgfs-dir-index-1"
+FORMAT = "dgfs-dir-index-2"  # 2: rows carry client metadata (user-<k>)
 PREFIX = f"{fmt.INTERNAL_PREFIX}dgfs-index/v1/"
 
 # An index is bucket content anyone with write access may have written: it

@@ -92,7 +92,9 @@ class FileSystem:
         )
         self.uploads = UploadPipeline(core, journal, self.ns, self.nodes, options, self.content)
         self.changes = StoredChanges(core, self.ns, self.nodes, self.uploads)
-        self.client_metadata = xattrs.ClientMetadata(self.store, options.listing_ttl)
+        self.client_metadata = xattrs.ClientMetadata(
+            self.store, self.ns.attr_cache, options.listing_ttl
+        )
         # Where ``dgfs status`` reaches the daemon (the root's user.dgfs.status_socket).
         self.status_socket: str | None = None
 

@@ -8,8 +8,8 @@ status`` reaches the daemon (dgfs/control.py).
 ``user.s3.<k>``: an S3 client's own metadata ``k`` on a stored file, as
 deltaglider_proxy keeps it (``user-<k>``, ``format.client_metadata``):
 what an S3 client reading the file through the proxy gets as
-``x-amz-meta-<k>``. Listings carry no metadata, so ``ClientMetadata``
-HEADs the file's object when one of these is asked for.
+``x-amz-meta-<k>``. ``ClientMetadata`` takes it from the attribute cache
+row of the version the listing showed, else HEADs the file's object.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from cachetools import TTLCache
 from dgfs import format as fmt
 from dgfs.errors import FsError, NotFound
 from dgfs.format import StoredFile
+from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.entries import NodeKind
 from dgfs.fs.nodes import ROOT_INODE, Node
 from dgfs.store.base import ObjectStore
@@ -125,8 +126,11 @@ class ClientMetadata:
     as soon as a listing would show it.
     """
 
-    def __init__(self, store: ObjectStore, ttl: float, maxsize: int = 4096) -> None:
+    def __init__(
+        self, store: ObjectStore, attr_cache: AttrCache, ttl: float, maxsize: int = 4096
+    ) -> None:
         self._store = store
+        self._attr_cache = attr_cache
         self._cache: TTLCache[int, tuple[StoredFile, str | None, dict[str, str]]] = TTLCache(
             maxsize=maxsize, ttl=max(ttl, 0.001), timer=trio.current_time
         )
@@ -141,6 +145,12 @@ class ClientMetadata:
         cached = self._cache.get(node.ino)
         if cached is not None and cached[0] is stored and cached[1] == node.etag:
             return cached[2]
+        # The listing that showed this version HEADed it (or read its
+        # directory's index) and kept the metadata: no HEAD per file when
+        # ``ls -l`` asks every file for its attribute names (coreutils 9.4+).
+        row = self._attr_cache.get_by_etag(stored.stored_key, node.etag) if node.etag else None
+        if row is not None:
+            return fmt.client_metadata(row)
         try:
             head = await self._store.head(stored.stored_key)
         except NotFound:
