@@ -23,8 +23,7 @@ import contextlib
 import functools
 import logging
 import os
-import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,11 +52,13 @@ from dgfs.errors import (
 )
 from dgfs.flight import SingleFlight
 from dgfs.format import DeltaMode, Kind, StoredFile
-from dgfs.hashing import FileDigest, digest_file
-from dgfs.policy import SNIFF_BYTES, Policy
-from dgfs.proxycrypt import ProxyKey, decrypt_in_place
+from dgfs.hashing import FileDigest
+from dgfs.policy import Policy
+from dgfs.proxycrypt import ProxyKey
+from dgfs.references import ReferencePool
 from dgfs.store.base import ObjectHead, ObjectStore, head_many
 from dgfs.telemetry import Telemetry
+from dgfs.workbench import Workbench
 
 log = logging.getLogger(__name__)
 
@@ -157,74 +158,58 @@ class Core:
         proxy_key: ProxyKey | None = None,
     ) -> None:
         self.store = store
-        # deltaglider_proxy's key, for objects it encrypted (``download``).
-        self.proxy_key = proxy_key
         # Bounds on expanding files and on rebuilding objects (docs/SECURITY.md).
         self.limits = limits or expand.ExpansionLimits()
         self.telemetry = telemetry or Telemetry()
         self.cache = cache
         self.engine = engine
         self.policy = policy
-        self.scratch_dir = scratch_dir
-        scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(scratch_dir, 0o700)
         self.conditional_create = conditional_create
         self.deltas = deltas
-        self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self.bench = Workbench(
+            store, scratch_dir=scratch_dir, cpu_limiter=cpu_limiter, proxy_key=proxy_key
+        )
+        self.references = ReferencePool(self.bench, cache, self.limits, slots=plain_reference_slots)
         self._flights = SingleFlight()
-        # Decrypted copies of recently used references, for xdelta3 (it needs
-        # a plain file). Bounded; an entry in use is never removed.
-        self._plain_refs: dict[str, Path] = {}
         # sha256 -> the rebuild of that content running now (served while written)
         self._streams: dict[str, RebuildStream] = {}
-        self._plain_ref_users: dict[str, int] = {}
-        self._plain_ref_slots = plain_reference_slots
         # SHA-256 of stock gzip deltas whose recovery failed (a search costs ~30 s).
         self._unrecoverable: set[str] = set()
 
     # --- small helpers -------------------------------------------------------
 
+    @property
+    def scratch_dir(self) -> Path:
+        return self.bench.scratch_dir
+
+    @property
+    def cpu_limiter(self) -> trio.CapacityLimiter:
+        return self.bench.cpu_limiter
+
+    @property
+    def proxy_key(self) -> ProxyKey | None:
+        """deltaglider_proxy's key, for objects it encrypted (the workbench's)."""
+        return self.bench.proxy_key
+
+    @proxy_key.setter
+    def proxy_key(self, key: ProxyKey | None) -> None:
+        self.bench.proxy_key = key
+
     def scratch_path(self, suffix: str = "") -> Path:
         """A new, empty, private temp file in the scratch dir."""
-        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=suffix)
-        os.close(fd)
-        return Path(name)
-
-    @contextlib.asynccontextmanager
-    async def _scratch(self, suffix: str = "") -> AsyncIterator[Path]:
-        path = self.scratch_path(suffix)
-        try:
-            yield path
-        finally:
-            path.unlink(missing_ok=True)
-
-    async def _cpu(self, fn: Callable[..., object], *args: object) -> object:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+        return self.bench.scratch_path(suffix)
 
     async def digest(self, path: Path) -> FileDigest:
         """SHA-256, size and sniffable head of a local file (in a worker thread)."""
-        result = await self._cpu(digest_file, path, SNIFF_BYTES)
-        assert isinstance(result, FileDigest)
-        return result
+        return await self.bench.digest(path)
 
     async def download(self, key: str, dest: Path) -> ObjectHead:
-        """The object ``key``'s bytes in ``dest``, as the file they hold: a body
-        deltaglider_proxy encrypted is decrypted (``ProxyDecryptError`` without
-        the key, or when it fails authentication; never its ciphertext)."""
-        head = await self.store.download(key, dest)
-        scheme = fmt.proxy_encryption(head.metadata)
-        if scheme is not None:
-            await self._cpu(
-                functools.partial(
-                    decrypt_in_place,
-                    dest,
-                    scheme=scheme,
-                    key=self.proxy_key,
-                    key_id=fmt.proxy_key_id(head.metadata),
-                    what=key,
-                )
-            )
-        return head
+        """``Workbench.download``: the object ``key`` as the file it holds, in ``dest``."""
+        return await self.bench.download(key, dest)
+
+    async def ensure_cached(self, key: str, sha256: str) -> None:
+        """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
+        await self.references.ensure_cached(key, sha256)
 
     @staticmethod
     def _now() -> datetime:
@@ -370,8 +355,8 @@ class Core:
         """
         if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
             raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
-        digest = digest or await self.digest(src)
-        extra = {**(extra_metadata or {}), **fmt.content_type_metadata(content_type)}
+        digest = digest or await self.bench.digest(src)
+        extra = dict(extra_metadata or {})
         prefix, name = fmt.split_key(key)
         if direct or not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
             return await self._put_direct(src, key, digest, extra, content_type)
@@ -456,11 +441,11 @@ class Core:
         ref_sha256, created = await self._ensure_reference(src, ref_key, name, digest, ref_head)
         if ref_sha256 is None:
             return await self._put_direct(src, key, digest, extra, content_type)
-        async with self._scratch(".delta") as delta_path:
+        async with self.bench.scratch(".delta") as delta_path:
             if created:
                 await self.engine.encode(src, src, delta_path)
             else:
-                async with self._plain_reference(ref_key, ref_sha256) as plain_ref:
+                async with self.references.plain_copy(ref_key, ref_sha256) as plain_ref:
                     await self.engine.encode(plain_ref, src, delta_path)
             delta_size = delta_path.stat().st_size
             if not created and not self.policy.accepts_ratio(delta_size, digest.size):
@@ -536,7 +521,7 @@ class Core:
                     if winner != digest.sha256:
                         log.warning("reference race on %s: using the other writer's", ref_key)
                         return winner, False
-                await self._cpu(self.cache.add_file, digest.sha256, src)
+                await self.bench.cpu(self.cache.add_file, digest.sha256, src)
                 log.info("created reference %s from %s", ref_key, name)
                 return digest.sha256, True
         return _existing_reference(ref_key, head)
@@ -564,15 +549,15 @@ class Core:
         prefix, name = fmt.split_key(key)
         ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
         async with (
-            self._scratch(".dgx") as expanded,
-            self._scratch(".vcdiff") as vcdiff,
-            self._scratch(".delta") as body,
+            self.bench.scratch(".dgx") as expanded,
+            self.bench.scratch(".vcdiff") as vcdiff,
+            self.bench.scratch(".delta") as body,
         ):
             proven = await self._expand(src, expanded, key)
             proof: list[bool] = []
 
             async def prove() -> None:
-                proof.append(await self._cpu(expand.prove_form, expanded, src, proven) is True)
+                proof.append(await self.bench.cpu(expand.prove_form, expanded, src, proven) is True)
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(prove)
@@ -580,7 +565,7 @@ class Core:
                 if ref_sha256 is not None and created:
                     await self.engine.encode(expanded, expanded, vcdiff)
                 elif ref_sha256 is not None:
-                    async with self._plain_reference(ref_key, ref_sha256) as plain_ref:
+                    async with self.references.plain_copy(ref_key, ref_sha256) as plain_ref:
                         await self.engine.encode(plain_ref, expanded, vcdiff)
             if ref_sha256 is None:
                 return await self._put_direct(src, key, digest, extra, content_type)
@@ -588,11 +573,11 @@ class Core:
             if not proof[0]:
                 # Never expected: the expansion checked every stream it inflated.
                 log.error("%s: expanded form does not rebuild exactly; not expanding it", key)
-                await self._cpu(expand.plain_form, src, expanded)
-                async with self._plain_reference(ref_key, ref_sha256) as plain_ref:
+                await self.bench.cpu(expand.plain_form, src, expanded)
+                async with self.references.plain_copy(ref_key, ref_sha256) as plain_ref:
                     await self.engine.encode(plain_ref, expanded, vcdiff)
                 zero_diff = False
-            delta_size = await self._cpu_int(objects.wrap_delta, vcdiff, body)
+            delta_size = await self.bench.cpu_int(objects.wrap_delta, vcdiff, body)
             if not zero_diff and not self.policy.accepts_ratio(delta_size, digest.size):
                 log.info(
                     "%s: deep delta is %.2f of the file (max %.2f), storing direct",
@@ -643,20 +628,15 @@ class Core:
         """``_ensure_reference`` for a deep deltaspace: made from ``expanded``, stored zstd."""
         if ref_head is not None:
             return _existing_reference(ref_key, ref_head)
-        expanded_digest = await self.digest(expanded)
-        async with self._scratch(".zst") as packed:
-            await self._cpu(objects.compress_reference, expanded, packed)
+        expanded_digest = await self.bench.digest(expanded)
+        async with self.bench.scratch(".zst") as packed:
+            await self.bench.cpu(objects.compress_reference, expanded, packed)
             meta = fmt.deep_reference_metadata(
                 name, expanded_digest.sha256, expanded_digest.size, self._now()
             )
             return await self._ensure_reference(
                 expanded, ref_key, name, expanded_digest, None, meta=meta, body=packed
             )
-
-    async def _cpu_int(self, fn: Callable[..., int], *args: object) -> int:
-        result = await self._cpu(fn, *args)
-        assert isinstance(result, int)
-        return result
 
     async def _expand(self, src: Path, out: Path, key: str) -> set[tuple[bytes, expand.Recipe]]:
         """Write the expanded form of ``src`` to ``out``; returns what its search
@@ -668,16 +648,16 @@ class Core:
         """
         if not zlib_is_reference():
             log.warning("this zlib does not deflate like reference zlib; %s is not expanded", key)
-            await self._cpu(expand.plain_form, src, out)
+            await self.bench.cpu(expand.plain_form, src, out)
             return set()
         expand_one = functools.partial(
-            expand.expand_file, scratch_dir=self.scratch_dir, limits=self.limits
+            expand.expand_file, scratch_dir=self.bench.scratch_dir, limits=self.limits
         )
         try:
-            stats = await self._cpu(expand_one, src, out)
+            stats = await self.bench.cpu(expand_one, src, out)
         except ExpansionLimit as exc:  # a bomb, or beyond what this mount expands
             log.warning("%s: %s; stored without expanding it", key, exc)
-            await self._cpu(expand.plain_form, src, out)
+            await self.bench.cpu(expand.plain_form, src, out)
             return set()
         assert isinstance(stats, expand.ExpandStats)
         log.debug(
@@ -690,97 +670,6 @@ class Core:
             stats.expanded_size,
         )
         return stats.proven
-
-    # --- references ------------------------------------------------------------
-
-    async def ensure_cached(self, key: str, sha256: str) -> None:
-        """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
-        await self._flights.ensure(
-            f"fetch:{sha256}",
-            lambda: self.cache.contains(sha256),
-            functools.partial(self._fetch, key, sha256),
-        )
-
-    async def _fetch(self, key: str, sha256: str, keep: Path | None = None) -> None:
-        """Download the object ``key`` into the cache, verified against ``sha256``.
-
-        With ``keep``, its plain bytes are also left there: a caller that
-        needs a plain copy (xdelta3 does) saves decrypting it back out of
-        the cache, a whole write and hash of a file that may be GiBs.
-        """
-        deep_reference = fmt.split_key(key)[1] == fmt.DEEP_REFERENCE_NAME
-        async with self._scratch() as tmp, self._scratch() as plain:
-            try:
-                head = await self.download(key, tmp)
-            except NotFound:
-                raise MissingReference(f"{key} is missing") from None
-            if deep_reference:
-                cap = objects.reference_cap(head.metadata, head.size, self.limits)
-                await self._cpu(objects.decompress_reference, tmp, plain, cap)
-                tmp, plain = plain, tmp
-            try:
-                await self._cpu(self.cache.add_file, sha256, tmp)
-            except IntegrityError:
-                raise MissingReference(
-                    f"{key} does not match its recorded SHA-256 {sha256[:12]}…"
-                    " (replaced or corrupted)"
-                ) from None
-            if keep is not None:
-                os.replace(tmp, keep)
-
-    async def _fetch_plain(self, key: str, sha256: str, out: Path) -> None:
-        """The plain bytes of the object ``key`` (``sha256``) in ``out``, through the cache:
-        decrypted from it when cached, else downloaded once, cached and kept."""
-        for _ in range(3):  # evicted by a tiny budget, or a corrupt entry dropped: once more
-            kept = False
-
-            async def fetch_and_keep() -> None:
-                nonlocal kept
-                await self._fetch(key, sha256, keep=out)
-                kept = True
-
-            await self._flights.ensure(
-                f"fetch:{sha256}", lambda: self.cache.contains(sha256), fetch_and_keep
-            )
-            try:
-                if kept or await self._cpu(self.cache.export, sha256, out):
-                    return
-            except CacheCorrupt:
-                continue  # dropped (and logged) by the cache: fetched again from S3
-        raise DgfsError(f"{key}: the cache is too small to hold it")
-
-    @contextlib.asynccontextmanager
-    async def _plain_reference(self, ref_key: str, ref_sha256: str) -> AsyncIterator[Path]:
-        """A plain (decrypted) copy of the reference, kept for reuse while slots last."""
-        path = self._plain_refs.get(ref_sha256)
-        if path is None:
-
-            async def export() -> None:
-                out = self.scratch_path(".ref")
-                try:
-                    await self._fetch_plain(ref_key, ref_sha256, out)
-                except BaseException:
-                    out.unlink(missing_ok=True)
-                    raise
-                self._plain_refs[ref_sha256] = out
-
-            await self._flights.ensure(
-                f"plain:{ref_sha256}", lambda: ref_sha256 in self._plain_refs, export
-            )
-            path = self._plain_refs[ref_sha256]
-        self._plain_ref_users[ref_sha256] = self._plain_ref_users.get(ref_sha256, 0) + 1
-        try:
-            yield path
-        finally:
-            self._plain_ref_users[ref_sha256] -= 1
-            self._trim_plain_refs()
-
-    def _trim_plain_refs(self) -> None:
-        idle = [sha for sha in self._plain_refs if not self._plain_ref_users.get(sha)]
-        while len(self._plain_refs) > self._plain_ref_slots and idle:
-            sha = idle.pop(0)
-            self._plain_refs.pop(sha).unlink(missing_ok=True)
-            self._plain_ref_users.pop(sha, None)
 
     # --- get -------------------------------------------------------------------
 
@@ -831,14 +720,14 @@ class Core:
         self, stored: StoredFile, out: Path, stream: RebuildStream | None = None
     ) -> bool:
         assert stored.ref_key and stored.ref_sha256
-        async with self._scratch(".delta") as delta_path:
-            await self.download(stored.stored_key, delta_path)
-            async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
-                from_gzip = await self._cpu(_made_from_gzip, delta_path)
+        async with self.bench.scratch(".delta") as delta_path:
+            await self.bench.download(stored.stored_key, delta_path)
+            async with self.references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
+                from_gzip = await self.bench.cpu(_made_from_gzip, delta_path)
                 # The stock decode of gzip input gives the original back only
                 # when gzip(1) recompresses it the same way: never for files
                 # another gzip writer made (their header's OS byte says so).
-                if from_gzip and not await self._cpu(_made_by_gzip_tool, plain_ref):
+                if from_gzip and not await self.bench.cpu(_made_by_gzip_tool, plain_ref):
                     await self._recover_stock_gzip(stored, plain_ref, delta_path, out)
                     return True
                 if stream is not None and not from_gzip:
@@ -857,7 +746,7 @@ class Core:
                 return True
 
     async def _matches(self, path: Path, stored: StoredFile) -> bool:
-        return (await self.digest(path)).sha256 == stored.file_sha256
+        return (await self.bench.digest(path)).sha256 == stored.file_sha256
 
     async def _recover_stock_gzip(
         self, stored: StoredFile, plain_ref: Path, delta_path: Path, out: Path
@@ -873,7 +762,7 @@ class Core:
         sha256 = stored.file_sha256
         if sha256 is None or sha256 in self._unrecoverable:
             raise IntegrityError(_UNRECOVERABLE.format(key=stored.visible_key))
-        async with self._scratch(".tar") as decompressed:
+        async with self.bench.scratch(".tar") as decompressed:
             await self.engine.decode_decompressed(
                 plain_ref,
                 delta_path,
@@ -888,9 +777,9 @@ class Core:
                 expected_sha256=sha256,
                 expected_size=stored.original_size,
                 reference_gzip=plain_ref,
-                scratch_dir=self.scratch_dir,
+                scratch_dir=self.bench.scratch_dir,
             )
-            if not await self._cpu(recover):
+            if not await self.bench.cpu(recover):
                 self._unrecoverable.add(sha256)
                 raise IntegrityError(_UNRECOVERABLE.format(key=stored.visible_key))
         log.info(
@@ -902,16 +791,16 @@ class Core:
     async def _rebuild_deep(self, stored: StoredFile, out: Path) -> None:
         assert stored.ref_key and stored.ref_sha256
         async with (
-            self._scratch(".delta") as body,
-            self._scratch(".vcdiff") as vcdiff,
-            self._scratch(".dgx") as expanded,
+            self.bench.scratch(".delta") as body,
+            self.bench.scratch(".vcdiff") as vcdiff,
+            self.bench.scratch(".dgx") as expanded,
         ):
-            await self.download(stored.stored_key, body)
+            await self.bench.download(stored.stored_key, body)
             try:
-                await self._cpu(objects.unwrap_delta, body, vcdiff)
+                await self.bench.cpu(objects.unwrap_delta, body, vcdiff)
             except FormatError as exc:
                 raise IntegrityError(f"{stored.stored_key}: {exc}") from None
-            async with self._plain_reference(stored.ref_key, stored.ref_sha256) as plain_ref:
+            async with self.references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
                 await self.engine.decode(
                     plain_ref,
                     vcdiff,
@@ -920,7 +809,7 @@ class Core:
                     cap_name="expand_ratio × its dg-file-size, at most expand_max",
                 )
             try:
-                await self._cpu(
+                await self.bench.cpu(
                     functools.partial(
                         expand.rebuild_file,
                         max_size=stored.original_size,
@@ -928,7 +817,7 @@ class Core:
                     ),
                     expanded,
                     out,
-                    self.scratch_dir,
+                    self.bench.scratch_dir,
                     _REBUILD_WORKERS,
                 )
             except (FormatError, DgfsError) as exc:
@@ -938,7 +827,7 @@ class Core:
     async def _verify_file(self, path: Path, stored: StoredFile) -> None:
         if stored.file_sha256 is None:
             return
-        digest = await self.digest(path)
+        digest = await self.bench.digest(path)
         if digest.sha256 != stored.file_sha256:
             path.unlink(missing_ok=True)
             raise IntegrityError(
@@ -958,7 +847,7 @@ class Core:
             if stored.kind is Kind.DELTA:
                 await self.rebuild(stored, tmp)
             else:
-                await self.download(stored.stored_key, tmp)
+                await self.bench.download(stored.stored_key, tmp)
                 await self._verify_file(tmp, stored)
             os.replace(tmp, dest)
         finally:
@@ -978,17 +867,17 @@ class Core:
         if (self.cache.lookup if counted else self.cache.contains)(sha256):
             return sha256
         if stored.kind is not Kind.DELTA:
-            await self.ensure_cached(stored.stored_key, sha256)
+            await self.references.ensure_cached(stored.stored_key, sha256)
             return sha256
         if sha256 == stored.ref_sha256 and stored.ref_key:
             # The file is its directory's reference (the self-delta of the first
             # file stored there): its bytes are the reference's, which the cache
             # verifies by this very SHA-256. No xdelta3 run, no second copy.
-            await self.ensure_cached(stored.ref_key, sha256)
+            await self.references.ensure_cached(stored.ref_key, sha256)
             return sha256
 
         async def rebuild_into_cache() -> None:
-            async with self._scratch() as out:
+            async with self.bench.scratch() as out:
                 stream = self._streams[sha256] = RebuildStream(out, stored.original_size)
                 try:
                     started = trio.current_time()
@@ -996,7 +885,7 @@ class Core:
                     stream.complete = True
                     self.telemetry.rebuilt(trio.current_time() - started)
                     try:
-                        await self._cpu(self.cache.add_file, sha256, out)  # verifies sha256
+                        await self.bench.cpu(self.cache.add_file, sha256, out)  # verifies sha256
                     except IntegrityError:
                         raise IntegrityError(
                             f"{stored.visible_key}: rebuilt bytes fail their SHA-256;"
@@ -1058,7 +947,7 @@ class Core:
         """``rename``'s first half: the file under ``dst_key`` (a delta keeps
         its reference in its deltaspace, else it is rebuilt and stored)."""
         if stored.kind is Kind.DELTA and (not same_space or await self._delta_form_taken(dst_key)):
-            async with self._scratch() as plain:
+            async with self.bench.scratch() as plain:
                 await self.rebuild(stored, plain)
                 # Everything but the format's keys follows the file, as a copy does.
                 await self.put(
@@ -1233,7 +1122,4 @@ class Core:
 
     async def aclose(self) -> None:
         """Remove decrypted reference copies."""
-        for path in self._plain_refs.values():
-            path.unlink(missing_ok=True)
-        self._plain_refs.clear()
-        self._plain_ref_users.clear()
+        self.references.close()

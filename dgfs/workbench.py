@@ -1,0 +1,94 @@
+"""Where the core's local work happens: scratch files, CPU-bound jobs, downloads.
+
+``Workbench`` makes the scratch directory and keeps it private (whoever
+chose it removes it), and owns the limiter that CPU-bound jobs of the
+core share (hashing, expanding, re-deflating), and ``proxy_key``, the only
+secret ``download`` needs. The core's parts (references, rebuilds, puts)
+each hold the one workbench and create nothing of these themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import trio
+
+from dgfs import format as fmt
+from dgfs.hashing import FileDigest, digest_file
+from dgfs.policy import SNIFF_BYTES
+from dgfs.proxycrypt import ProxyKey, decrypt_in_place
+from dgfs.store.base import ObjectHead, ObjectStore
+
+
+class Workbench:
+    """Scratch files, the CPU limiter and object downloads, shared by the core's parts."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        scratch_dir: Path,
+        cpu_limiter: trio.CapacityLimiter | None = None,
+        proxy_key: ProxyKey | None = None,
+    ) -> None:
+        self.store = store
+        # deltaglider_proxy's key, for objects it encrypted (``download``).
+        self.proxy_key = proxy_key
+        self.scratch_dir = scratch_dir
+        scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(scratch_dir, 0o700)
+        self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+
+    def scratch_path(self, suffix: str = "") -> Path:
+        """A new, empty, private temp file in the scratch dir."""
+        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    @contextlib.asynccontextmanager
+    async def scratch(self, suffix: str = "") -> AsyncIterator[Path]:
+        """``scratch_path``, removed when the block ends."""
+        path = self.scratch_path(suffix)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def cpu(self, fn: Callable[..., object], *args: object) -> object:
+        """``fn(*args)`` in a worker thread, under the CPU limiter."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+
+    async def cpu_int(self, fn: Callable[..., int], *args: object) -> int:
+        result = await self.cpu(fn, *args)
+        assert isinstance(result, int)
+        return result
+
+    async def digest(self, path: Path) -> FileDigest:
+        """SHA-256, size and sniffable head of a local file (in a worker thread)."""
+        result = await self.cpu(digest_file, path, SNIFF_BYTES)
+        assert isinstance(result, FileDigest)
+        return result
+
+    async def download(self, key: str, dest: Path) -> ObjectHead:
+        """The object ``key``'s bytes in ``dest``, as the file they hold: a body
+        deltaglider_proxy encrypted is decrypted (``ProxyDecryptError`` without
+        the key, or when it fails authentication; never its ciphertext)."""
+        head = await self.store.download(key, dest)
+        scheme = fmt.proxy_encryption(head.metadata)
+        if scheme is not None:
+            await self.cpu(
+                functools.partial(
+                    decrypt_in_place,
+                    dest,
+                    scheme=scheme,
+                    key=self.proxy_key,
+                    key_id=fmt.proxy_key_id(head.metadata),
+                    what=key,
+                )
+            )
+        return head
