@@ -29,9 +29,10 @@ from pathlib import Path
 import trio
 
 from dgfs.cache import CacheEntryReader
-from dgfs.core import Core, RebuildStream
+from dgfs.core import Core
 from dgfs.errors import FormatError, FsError, IntegrityError
 from dgfs.format import Kind, StoredFile
+from dgfs.rebuild import RebuildStream
 from dgfs.store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class InOrderCheck:
 
 
 class StreamReader(Reader):
-    """A delta served while its rebuild writes it (``dgfs.core.RebuildStream``).
+    """A delta served while its rebuild writes it (``dgfs.rebuild.RebuildStream``).
 
     A read waits until xdelta3 has written its bytes; what is read is
     hashed in file order (``InOrderCheck``), so the read that completes a

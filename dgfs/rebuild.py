@@ -1,0 +1,370 @@
+"""Rebuilding: the original bytes of stored files, verified, and into the cache.
+
+``Rebuilder`` turns a ``StoredFile`` (a delta against its reference, deep
+or DeltaGlider v6, or a direct object) back into the file's bytes, and never
+hands back bytes whose SHA-256 differs from the recorded one. It owns the
+rebuilds running now (``stream``: served while xdelta3 writes them) and the
+stock gzip deltas whose recovery failed in this process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from dgfs import format as fmt
+from dgfs.cache import CacheEntryReader, ContentCache
+from dgfs.deep import dgzip, expand, objects
+from dgfs.delta import HEADER_PROBE, DeltaEngine, is_stock_gzip_delta
+from dgfs.errors import (
+    CacheCorrupt,
+    DeltaEngineError,
+    DgfsError,
+    FormatError,
+    IntegrityError,
+    XdeltaMissing,
+)
+from dgfs.flight import SingleFlight
+from dgfs.format import Kind, StoredFile
+from dgfs.references import ReferencePool
+from dgfs.telemetry import Telemetry
+from dgfs.workbench import Workbench
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_UNRECOVERABLE = (
+    "{key}: DeltaGlider stored it from gzip input without -D, and no gzip settings"
+    " reproduce the original bytes; refusing to return other bytes"
+)
+
+
+def _made_from_gzip(delta: Path) -> bool:
+    """Whether a DG v6 delta is the stock CLI's diff of decompressed gzip input."""
+    with open(delta, "rb") as f:
+        return is_stock_gzip_delta(f.read(HEADER_PROBE))
+
+
+def _made_by_gzip_tool(gzip_file: Path) -> bool:
+    """Whether a gzip file's header is gzip(1)'s (OS byte 3, Unix); Python's
+    gzip module writes 255, and then gzip(1) never gives the same bytes."""
+    with open(gzip_file, "rb") as f:
+        head = f.read(10)
+    return len(head) == 10 and head[9] == 3
+
+
+# Threads re-deflating one expanded form's streams (zlib releases the GIL).
+_REBUILD_WORKERS = min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class RebuildStream:
+    """The output file of a delta's rebuild while xdelta3 writes it (``Rebuilder.stream``).
+
+    xdelta3 writes its output once, in order, into the same file (measured:
+    O_TRUNC of the path given, then 8 MiB writes), so every byte below the
+    file's current size is final. ``writing``: that has begun (a stock
+    gzip delta, whose output may be rewritten, never sets it);
+    ``complete``: all ``size`` bytes are there; ``error``: the rebuild
+    failed, nothing more will come.
+    """
+
+    path: Path
+    size: int
+    writing: bool = False
+    complete: bool = False
+    error: DgfsError | None = None
+
+
+class Rebuilder:
+    """The original bytes of stored files: into a path, or into the cache."""
+
+    def __init__(
+        self,
+        bench: Workbench,
+        references: ReferencePool,
+        cache: ContentCache,
+        engine: DeltaEngine,
+        limits: expand.ExpansionLimits,
+        telemetry: Telemetry,
+    ) -> None:
+        self._bench = bench
+        self._references = references
+        self._cache = cache
+        self._engine = engine
+        self._limits = limits
+        self._telemetry = telemetry
+        self._flights = SingleFlight()
+        # sha256 -> the rebuild of that content running now (served while written)
+        self._streams: dict[str, RebuildStream] = {}
+        # SHA-256 of stock gzip deltas whose recovery failed (a search costs ~30 s).
+        self._unrecoverable: set[str] = set()
+
+    async def rebuild(
+        self,
+        stored: StoredFile,
+        out: Path,
+        *,
+        verify: bool = True,
+        stream: RebuildStream | None = None,
+    ) -> bool:
+        """Write the original bytes of a delta into ``out``.
+
+        With ``verify`` the result's SHA-256 is checked (``IntegrityError``,
+        and ``out`` removed, on mismatch). Returns True when the delta was
+        one the stock DeltaGlider CLI made from gzip input and cannot read
+        back itself, and dgfs recovered its bytes.
+        """
+        assert stored.kind is Kind.DELTA and stored.ref_key and stored.ref_sha256
+        recovered = False
+        try:
+            if stored.deep:
+                await self._rebuild_deep(stored, out)
+            else:
+                recovered = await self._rebuild_dg(stored, out, stream)
+        except XdeltaMissing:
+            raise
+        except DeltaEngineError as exc:
+            # A truncated or corrupt delta body (or a reference it was not made
+            # against): the object is broken, say which one.
+            out.unlink(missing_ok=True)
+            # xdelta3's own words, without the scratch paths and advice lines:
+            # the log gets one line naming the object.
+            reason = str(exc).splitlines()[0].rpartition("xdelta3: ")[2]
+            raise IntegrityError(f"{stored.stored_key}: cannot be decoded ({reason})") from None
+        size = out.stat().st_size
+        if size != stored.original_size:
+            out.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{stored.stored_key}: rebuilt {size} bytes where its metadata says"
+                f" {stored.original_size}; refusing to return them"
+            )
+        if verify:
+            await self._verify_file(out, stored)
+        return recovered
+
+    async def _rebuild_dg(
+        self, stored: StoredFile, out: Path, stream: RebuildStream | None = None
+    ) -> bool:
+        assert stored.ref_key and stored.ref_sha256
+        async with self._bench.scratch(".delta") as delta_path:
+            await self._bench.download(stored.stored_key, delta_path)
+            async with self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
+                from_gzip = await self._bench.cpu(_made_from_gzip, delta_path)
+                # The stock decode of gzip input gives the original back only
+                # when gzip(1) recompresses it the same way: never for files
+                # another gzip writer made (their header's OS byte says so).
+                if from_gzip and not await self._bench.cpu(_made_by_gzip_tool, plain_ref):
+                    await self._recover_stock_gzip(stored, plain_ref, delta_path, out)
+                    return True
+                if stream is not None and not from_gzip:
+                    stream.writing = True  # xdelta3 writes ``out`` once, in order
+                try:
+                    await self._engine.decode(
+                        plain_ref, delta_path, out, max_size=stored.original_size
+                    )
+                except DeltaEngineError:
+                    if not from_gzip:
+                        raise
+                else:
+                    if not from_gzip or await self._matches(out, stored):
+                        return False
+                await self._recover_stock_gzip(stored, plain_ref, delta_path, out)
+                return True
+
+    async def _matches(self, path: Path, stored: StoredFile) -> bool:
+        return (await self._bench.digest(path)).sha256 == stored.file_sha256
+
+    async def _recover_stock_gzip(
+        self, stored: StoredFile, plain_ref: Path, delta_path: Path, out: Path
+    ) -> None:
+        """The original bytes of a delta the stock DeltaGlider CLI made from gzip input.
+
+        Its xdelta3 diffed the decompressed streams and recompresses on
+        decode with other settings, so DeltaGlider itself cannot give the
+        file back; the decompressed content is exact, and the gzip settings
+        that made the original are searched for (:mod:`dgfs.deep.dgzip`).
+        A search that failed is not repeated in this process.
+        """
+        sha256 = stored.file_sha256
+        if sha256 is None or sha256 in self._unrecoverable:
+            raise IntegrityError(_UNRECOVERABLE.format(key=stored.visible_key))
+        async with self._bench.scratch(".tar") as decompressed:
+            await self._engine.decode_decompressed(
+                plain_ref,
+                delta_path,
+                decompressed,
+                max_size=self._limits.allowance(stored.original_size),
+            )
+            recover = functools.partial(
+                dgzip.recover_gzip,
+                decompressed,
+                out,
+                original_name=fmt.split_key(stored.visible_key)[1],
+                expected_sha256=sha256,
+                expected_size=stored.original_size,
+                reference_gzip=plain_ref,
+                scratch_dir=self._bench.scratch_dir,
+            )
+            if not await self._bench.cpu(recover):
+                self._unrecoverable.add(sha256)
+                raise IntegrityError(_UNRECOVERABLE.format(key=stored.visible_key))
+        log.info(
+            "%s: written by DeltaGlider from gzip input, which DeltaGlider cannot read back;"
+            " recovered the original bytes",
+            stored.visible_key,
+        )
+
+    async def _rebuild_deep(self, stored: StoredFile, out: Path) -> None:
+        assert stored.ref_key and stored.ref_sha256
+        async with (
+            self._bench.scratch(".delta") as body,
+            self._bench.scratch(".vcdiff") as vcdiff,
+            self._bench.scratch(".dgx") as expanded,
+        ):
+            await self._bench.download(stored.stored_key, body)
+            try:
+                await self._bench.cpu(objects.unwrap_delta, body, vcdiff)
+            except FormatError as exc:
+                raise IntegrityError(f"{stored.stored_key}: {exc}") from None
+            async with self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
+                await self._engine.decode(
+                    plain_ref,
+                    vcdiff,
+                    expanded,
+                    max_size=self._limits.expanded_cap(stored.original_size),
+                    cap_name="expand_ratio × its dg-file-size, at most expand_max",
+                )
+            try:
+                await self._bench.cpu(
+                    functools.partial(
+                        expand.rebuild_file,
+                        max_size=stored.original_size,
+                        seconds=self._limits.seconds,
+                    ),
+                    expanded,
+                    out,
+                    self._bench.scratch_dir,
+                    _REBUILD_WORKERS,
+                )
+            except (FormatError, DgfsError) as exc:
+                out.unlink(missing_ok=True)
+                raise IntegrityError(f"{stored.visible_key}: cannot rebuild: {exc}") from None
+
+    async def _verify_file(self, path: Path, stored: StoredFile) -> None:
+        if stored.file_sha256 is None:
+            return
+        digest = await self._bench.digest(path)
+        if digest.sha256 != stored.file_sha256:
+            path.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{stored.visible_key}: SHA-256 mismatch (expected {stored.file_sha256},"
+                f" got {digest.sha256}); refusing to return wrong bytes"
+            )
+
+    async def write(self, stored: StoredFile, dest: Path) -> None:
+        """Write the original bytes of ``stored`` to ``dest``, verified.
+
+        ``dest`` appears only once complete and verified (written beside it,
+        then renamed).
+        """
+        tmp = dest.with_name(f".{dest.name}.dgfs-{os.getpid()}-{id(stored):x}")
+        try:
+            if stored.kind is Kind.DELTA:
+                await self.rebuild(stored, tmp)
+            else:
+                await self._bench.download(stored.stored_key, tmp)
+                await self._verify_file(tmp, stored)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def materialize(self, stored: StoredFile, *, counted: bool = True) -> str:
+        """Bring the original bytes of ``stored`` into the cache; returns their sha256.
+
+        Concurrent callers for the same content share one reconstruction.
+        ``counted``: the cache counts this as a reader's hit or miss (not so
+        for a prefetch).
+        """
+        sha256 = stored.file_sha256
+        if sha256 is None:
+            raise FormatError(f"{stored.stored_key}: no SHA-256 recorded")
+        if (self._cache.lookup if counted else self._cache.contains)(sha256):
+            return sha256
+        if stored.kind is not Kind.DELTA:
+            await self._references.ensure_cached(stored.stored_key, sha256)
+            return sha256
+        if sha256 == stored.ref_sha256 and stored.ref_key:
+            # The file is its directory's reference (the self-delta of the first
+            # file stored there): its bytes are the reference's, which the cache
+            # verifies by this very SHA-256. No xdelta3 run, no second copy.
+            await self._references.ensure_cached(stored.ref_key, sha256)
+            return sha256
+
+        async def rebuild_into_cache() -> None:
+            async with self._bench.scratch() as out:
+                stream = self._streams[sha256] = RebuildStream(out, stored.original_size)
+                try:
+                    started = trio.current_time()
+                    await self.rebuild(stored, out, verify=False, stream=stream)
+                    stream.complete = True
+                    self._telemetry.rebuilt(trio.current_time() - started)
+                    try:
+                        await self._bench.cpu(self._cache.add_file, sha256, out)  # verifies sha256
+                    except IntegrityError:
+                        raise IntegrityError(
+                            f"{stored.visible_key}: rebuilt bytes fail their SHA-256;"
+                            " refusing to return wrong bytes"
+                        ) from None
+                except BaseException as exc:
+                    stream.error = (
+                        exc
+                        if isinstance(exc, DgfsError)
+                        else DgfsError(f"{stored.visible_key}: rebuild stopped")
+                    )
+                    raise
+                finally:
+                    # Before ``out`` goes: a reader holding it open keeps reading.
+                    del self._streams[sha256]
+
+        await self._flights.ensure(
+            f"rebuild:{sha256}", lambda: self._cache.contains(sha256), rebuild_into_cache
+        )
+        return sha256
+
+    def stream(self, sha256: str) -> RebuildStream | None:
+        """The rebuild of content ``sha256`` running now, if any (see ``RebuildStream``)."""
+        return self._streams.get(sha256)
+
+    async def open_cached(self, stored: StoredFile) -> CacheEntryReader:
+        """A reader of the original bytes of ``stored`` from the cache, which gets
+        them first (rebuilt or fetched, verified); the caller closes it."""
+        return await self._use_cached(stored, self._cache.open)
+
+    async def export_cached(self, stored: StoredFile, dest: Path) -> None:
+        """Write the original bytes of ``stored`` to ``dest`` through the cache (verified)."""
+
+        def export(sha256: str) -> bool | None:
+            return self._cache.export(sha256, dest) or None
+
+        await self._use_cached(stored, export)
+
+    async def _use_cached(self, stored: StoredFile, use: Callable[[str], _T | None]) -> _T:
+        """``use(sha256)`` in a worker thread once the content of ``stored`` is cached."""
+        for _ in range(3):  # evicted by a tiny budget, or a corrupt entry dropped: once more
+            sha256 = await self.materialize(stored)
+            try:
+                result = await trio.to_thread.run_sync(use, sha256)
+            except CacheCorrupt:
+                continue  # dropped (and logged) by the cache: brought in again
+            if result is not None:
+                return result
+        raise DgfsError(f"{stored.visible_key}: the cache is too small to hold it")
