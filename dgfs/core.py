@@ -20,32 +20,24 @@ Guarantees a caller may rely on:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 
 from dgfs import format as fmt
 from dgfs.cache import CacheEntryReader, ContentCache
-from dgfs.deep import expand, objects
-from dgfs.deep.deflate import zlib_is_reference
+from dgfs.deep import expand
 from dgfs.delta import DeltaEngine
 from dgfs.errors import (
     DgfsError,
-    ExpansionLimit,
     FormatError,
-    MissingReference,
     NotFound,
-    PreconditionFailed,
     TransientError,
-    WriteConflict,
 )
 from dgfs.format import DeltaMode, Kind, StoredFile
+from dgfs.forms import Forms
 from dgfs.hashing import FileDigest
 from dgfs.policy import Policy
 from dgfs.proxycrypt import ProxyKey
@@ -54,42 +46,11 @@ from dgfs.references import ReferencePool
 from dgfs.store.base import ObjectHead, ObjectStore, head_many
 from dgfs.telemetry import Telemetry
 from dgfs.workbench import Workbench
+from dgfs.writer import DEFAULT_CONTENT_TYPE, FileWriter, PutResult
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-
-DEFAULT_CONTENT_TYPE = fmt.DEFAULT_CONTENT_TYPE
 SYMLINK_MAX = 4096  # PATH_MAX: the longest symlink body read back
-
-
-def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, bool]:
-    """``(ref_sha256, False)`` for a reference already there; ``(None, False)``
-    when it records no SHA-256 (then files beside it are stored direct)."""
-    ref_sha256 = fmt.meta_value(head.metadata, "file_sha256")
-    if ref_sha256 is None:
-        log.warning("%s has no dg-file-sha256; storing files beside it direct", ref_key)
-    return ref_sha256, False
-
-
-def _form_rank(head: ObjectHead) -> tuple[datetime, datetime, bool]:
-    """Of two forms of one file, the one with the higher rank is shown
-    (``fmt.form_rank``: ``Namespace`` and ``locate`` agree)."""
-    return fmt.form_rank(head.key, head.last_modified, head.metadata)
-
-
-def _holds(head: ObjectHead, key: str) -> bool:
-    """Whether the object ``head`` holds the user-visible file ``key`` (as the mount shows it)."""
-    return fmt.classify_shown(head.key, head.size, head.metadata).visible_key == key
-
-
-@dataclass(frozen=True)
-class PutResult:
-    """What ``put`` stored for one file: the ``StoredFile`` a ``locate`` would
-    now return, and whether the put created its deltaspace's reference."""
-
-    stored: StoredFile
-    created_reference: bool = False
 
 
 class Core:
@@ -118,12 +79,22 @@ class Core:
         self.cache = cache
         self.engine = engine
         self.policy = policy
-        self.conditional_create = conditional_create
-        self.deltas = deltas
         self.bench = Workbench(
             store, scratch_dir=scratch_dir, cpu_limiter=cpu_limiter, proxy_key=proxy_key
         )
         self.references = ReferencePool(self.bench, cache, self.limits, slots=plain_reference_slots)
+        self.forms = Forms(store)
+        self.writer = FileWriter(
+            self.bench,
+            self.forms,
+            self.references,
+            cache,
+            engine,
+            policy,
+            self.limits,
+            deltas=deltas,
+            conditional_create=conditional_create,
+        )
         self.rebuilder = Rebuilder(
             self.bench, self.references, cache, engine, self.limits, self.telemetry
         )
@@ -147,6 +118,20 @@ class Core:
     def proxy_key(self, key: ProxyKey | None) -> None:
         self.bench.proxy_key = key
 
+    @property
+    def conditional_create(self) -> bool:
+        """Whether references are created with If-None-Match (the writer's)."""
+        return self.writer.conditional_create
+
+    @conditional_create.setter
+    def conditional_create(self, conditional: bool) -> None:
+        self.writer.conditional_create = conditional
+
+    @property
+    def deltas(self) -> DeltaMode:
+        """The mode of new deltaspaces (the writer's)."""
+        return self.writer.deltas
+
     def scratch_path(self, suffix: str = "") -> Path:
         """A new, empty, private temp file in the scratch dir."""
         return self.bench.scratch_path(suffix)
@@ -163,11 +148,7 @@ class Core:
         """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
         await self.references.ensure_cached(key, sha256)
 
-    @staticmethod
-    def _now() -> datetime:
-        return datetime.now(UTC)
-
-    # --- locating ------------------------------------------------------------
+    # --- locating and storing --------------------------------------------------
 
     async def locate(self, key: str) -> StoredFile:
         """Find how the user-visible ``key`` is stored; ``NotFound`` if it is not.
@@ -175,111 +156,7 @@ class Core:
         When both a delta and a direct object exist (a writer died between
         writing the new form and deleting the old), the newer one wins.
         """
-        return (await self._locate_with_head(key))[0]
-
-    async def _locate_with_head(self, key: str) -> tuple[StoredFile, ObjectHead]:
-        """``locate``, plus the HEAD it was read from (for callers that copy metadata)."""
-        forms = await self._forms(key)
-        if not forms:
-            raise NotFound(f"no such file: {key}")
-        newest = max(forms.values(), key=_form_rank)
-        return fmt.classify_shown(newest.key, newest.size, newest.metadata), newest
-
-    async def _forms(self, key: str) -> dict[str, ObjectHead]:
-        """The objects that hold the user-visible ``key`` (stored key -> HEAD).
-
-        ``key.delta`` is one only when it is a usable delta: a ``.delta`` that
-        is not (no DeltaGlider metadata, or too little) is a file of its own
-        name, which nothing done to ``key`` may overwrite or remove.
-        """
-        heads = await head_many(self.store, [fmt.delta_key(key), key])
-        return {stored_key: head for stored_key, head in heads.items() if _holds(head, key)}
-
-    async def _delta_form(self, key: str) -> ObjectHead | None:
-        """The HEAD of ``key.delta`` (None if there is none)."""
-        try:
-            return await self.store.head(fmt.delta_key(key))
-        except NotFound:
-            return None
-
-    async def _delta_form_taken(self, key: str) -> bool:
-        """Whether ``key.delta`` holds an object that is not ``key``'s delta."""
-        head = await self._delta_form(key)
-        return head is not None and not _holds(head, key)
-
-    async def _delete_delta_form(self, key: str) -> None:
-        """Remove ``key.delta`` if it is ``key``'s delta (an older form), nothing else."""
-        head = await self._delta_form(key)
-        if head is not None and _holds(head, key):
-            await self.store.delete(head.key)
-
-    async def _store_delta(
-        self,
-        key: str,
-        body: Path,
-        metadata: Mapping[str, str],
-        content_type: str,
-        ref_key: str,
-        ref_sha256: str,
-    ) -> None:
-        """Upload ``key``'s delta, made against the reference ``ref_sha256``.
-
-        Another mount may have removed the reference meanwhile (an rmdir or a
-        directory rename), or, on a store without conditional PUTs, replaced
-        it: then the delta could never be rebuilt. So once it is stored the
-        reference is checked; if it changed, the delta goes again and
-        ``WriteConflict`` asks the caller to store the file again, against
-        what is there now (the upload pipeline does). Then the direct form
-        of ``key`` goes, unless it is newer (``_drop_other_form``).
-        """
-        stored_key = fmt.delta_key(key)
-        etag = await self.store.upload(stored_key, body, metadata, content_type=content_type)
-        try:
-            ref_now = fmt.meta_value((await self.store.head(ref_key)).metadata, "file_sha256")
-        except NotFound:
-            ref_now = None
-        if ref_now != ref_sha256:
-            with contextlib.suppress(NotFound):
-                if (await self.store.head(stored_key)).etag == etag:  # still ours
-                    await self.store.delete(stored_key)
-            raise WriteConflict(
-                f"{key}: its reference {ref_key} was removed or replaced by another"
-                " writer while the delta was stored; storing it again"
-            )
-        await self._drop_other_form(key, stored_key, key)
-
-    async def _drop_other_form(self, key: str, own_key: str, other_key: str) -> None:
-        """``key`` was just stored as ``own_key``: remove its other form
-        ``other_key`` (the direct file or the delta), unless that one is
-        newer — another mount stored it after us, and it is what the mount
-        shows (``_form_rank``).
-
-        Two mounts storing one name in its two forms at once each remove
-        the other's: the HEAD before and the DELETE after leave a moment in
-        which both can go. So our own form is looked at once more; gone, it
-        is stored again (``WriteConflict``): one of the two always stays.
-        """
-        heads = await head_many(self.store, [own_key, other_key])
-        own, other = heads.get(own_key), heads.get(other_key)
-        if own is not None and other is not None and _holds(other, key):
-            # Strictly newer only: many stores give Last-Modified in whole
-            # seconds, and the form this writer replaces was usually written
-            # within the same second (truncate after a copy, say).
-            if other.last_modified > own.last_modified:
-                log.info("%s: a newer %s stored by another writer stays", key, other_key)
-                return
-            with contextlib.suppress(NotFound):
-                await self.store.delete(other_key)
-            try:
-                await self.store.head(own_key)
-            except NotFound:
-                own = None
-        if own is None:
-            raise WriteConflict(
-                f"{key}: another writer removed {own_key} while it was stored; storing it again"
-            )
-
-    # --- put -----------------------------------------------------------------
+        return await self.forms.locate(key)
 
     async def put(
         self,
@@ -292,336 +169,16 @@ class Core:
         mode: DeltaMode | None = None,
         direct: bool = False,
     ) -> PutResult:
-        """Store the local file ``src`` under the user-visible ``key``.
-
-        ``extra_metadata`` (POSIX attributes, a migrated object's user
-        metadata) is stored beside the format's own keys. ``digest`` saves
-        re-hashing when the caller has it. ``content_type`` is set on the
-        object that holds the file (delta or direct), not on the reference,
-        and written as deltaglider_proxy's ``content-type`` key too
-        (``fmt.content_type_metadata``), which it serves instead.
-        ``mode`` forces the deltaspace mode (a conversion); by default the
-        directory's existing reference decides (see ``_deltaspace``).
-        ``direct`` stores the file whole whatever the policy says: the upload
-        pipeline's way out when making its delta keeps failing locally.
-        """
-        if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
-            raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
-        digest = digest or await self.bench.digest(src)
-        extra = dict(extra_metadata or {})
-        prefix, name = fmt.split_key(key)
-        if direct or not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
-            return await self._put_direct(src, key, digest, extra, content_type)
-        if await self._delta_form_taken(key):
-            # A foreign ``key.delta`` (shown as a file of that name) stays untouched.
-            log.info("%s: %s is another file; storing direct", key, fmt.delta_key(key))
-            return await self._put_direct(src, key, digest, extra, content_type)
-        for attempt in (1, 2):
-            space, ref_head = await self._deltaspace(prefix, mode)
-            deep = space is DeltaMode.DEEP
-            if not self.policy.is_delta_candidate(name, digest.head, digest.size, deep=deep):
-                return await self._put_direct(src, key, digest, extra, content_type)
-            try:
-                if deep:
-                    return await self._put_deep(src, key, digest, extra, content_type, ref_head)
-                return await self._put_delta(src, key, digest, extra, content_type, ref_head)
-            except MissingReference as exc:
-                # Another mount removed or replaced the reference between our
-                # HEAD and its download (a directory renamed over this one,
-                # say): once more against what the directory holds now.
-                if attempt == 2:
-                    raise
-                log.info("%s: %s; storing it against the reference there now", key, exc)
-        raise AssertionError("unreachable")
-
-    async def _deltaspace(
-        self, prefix: str, force: DeltaMode | None = None
-    ) -> tuple[DeltaMode, ObjectHead | None]:
-        """The mode of the deltaspace ``prefix`` and its reference's HEAD (None if it has none).
-
-        An existing reference decides (deep first: a DeltaGlider client
-        writing into a deep directory adds a ``reference.bin`` beside it);
-        without one the core's own ``deltas`` setting does. ``force``
-        overrides both.
-        """
-        found = await head_many(self.store, [fmt.reference_key(prefix, mode) for mode in DeltaMode])
-        heads = {
-            mode: found[fmt.reference_key(prefix, mode)]
-            for mode in DeltaMode
-            if fmt.reference_key(prefix, mode) in found
-        }
-        if force is not None:
-            return force, heads.get(force)
-        for mode in (DeltaMode.DEEP, DeltaMode.DG):
-            if mode in heads:
-                return mode, heads[mode]
-        return self.deltas, None
-
-    async def _put_direct(
-        self,
-        src: Path,
-        key: str,
-        digest: FileDigest,
-        extra: dict[str, str],
-        content_type: str = DEFAULT_CONTENT_TYPE,
-    ) -> PutResult:
-        name = fmt.split_key(key)[1]
-        meta = fmt.direct_metadata(
-            original_name=name,
-            file_sha256=digest.sha256,
-            file_size=digest.size,
-            now=self._now(),
-            md5=digest.md5,
-        )
-        await self.store.upload(key, src, {**extra, **meta}, content_type=content_type)
-        await self._drop_other_form(key, key, fmt.delta_key(key))
-        log.info("stored %s direct (%d bytes)", key, digest.size)
-        stored = StoredFile(Kind.DIRECT, key, key, digest.size, digest.size, digest.sha256)
-        return PutResult(stored)
-
-    async def _put_delta(
-        self,
-        src: Path,
-        key: str,
-        digest: FileDigest,
-        extra: dict[str, str],
-        content_type: str,
-        ref_head: ObjectHead | None,
-    ) -> PutResult:
-        prefix, name = fmt.split_key(key)
-        ref_key = fmt.reference_key(prefix)
-        ref_sha256, created = await self._ensure_reference(src, ref_key, name, digest, ref_head)
-        if ref_sha256 is None:
-            return await self._put_direct(src, key, digest, extra, content_type)
-        async with self.bench.scratch(".delta") as delta_path:
-            if created:
-                await self.engine.encode(src, src, delta_path)
-            else:
-                async with self.references.plain_copy(ref_key, ref_sha256) as plain_ref:
-                    await self.engine.encode(plain_ref, src, delta_path)
-            delta_size = delta_path.stat().st_size
-            if not created and not self.policy.accepts_ratio(delta_size, digest.size):
-                log.info(
-                    "%s: delta is %.2f of the file (max %.2f), storing direct",
-                    key,
-                    delta_size / max(digest.size, 1),
-                    self.policy.max_ratio,
-                )
-                return await self._put_direct(src, key, digest, extra, content_type)
-            meta = fmt.delta_metadata(
-                original_name=name,
-                file_sha256=digest.sha256,
-                file_size=digest.size,
-                ref_key=ref_key,
-                ref_sha256=ref_sha256,
-                delta_size=delta_size,
-                now=self._now(),
-                zero_diff=created,
-                md5=digest.md5,
-            )
-            stored_key = fmt.delta_key(key)
-            await self._store_delta(
-                key, delta_path, {**extra, **meta}, content_type, ref_key, ref_sha256
-            )
-        log.info(
-            "stored %s as delta: %d -> %d bytes%s",
+        """Store the local file ``src`` under the user-visible ``key`` (``FileWriter.put``)."""
+        return await self.writer.put(
+            src,
             key,
-            digest.size,
-            delta_size,
-            " (new reference)" if created else "",
+            extra_metadata=extra_metadata,
+            digest=digest,
+            content_type=content_type,
+            mode=mode,
+            direct=direct,
         )
-        stored = StoredFile(
-            Kind.DELTA, stored_key, key, digest.size, delta_size, digest.sha256, ref_key, ref_sha256
-        )
-        return PutResult(stored, created)
-
-    async def _ensure_reference(
-        self,
-        src: Path,
-        ref_key: str,
-        name: str,
-        digest: FileDigest,
-        head: ObjectHead | None,
-        *,
-        meta: dict[str, str] | None = None,
-        body: Path | None = None,
-    ) -> tuple[str | None, bool]:
-        """The deltaspace's reference sha256, creating it from ``src`` if absent.
-
-        ``head`` is the reference's HEAD if it was seen. Returns
-        ``(ref_sha256, created_by_us)``; ``(None, False)`` when the existing
-        reference is not a usable one. ``src``/``digest`` are what the
-        reference holds (for a deep one, the expanded form); ``body`` is
-        what to upload if that differs (the compressed expanded form), and
-        ``meta`` the reference's metadata.
-        """
-        if head is None:
-            meta = meta or fmt.reference_metadata(
-                name, digest.sha256, self._now(), file_size=digest.size, md5=digest.md5
-            )
-            try:
-                await self.store.upload(
-                    ref_key, body or src, meta, if_none_match=self.conditional_create
-                )
-            except PreconditionFailed:
-                head = await self.store.head(ref_key)  # another writer won the race
-            else:
-                if not self.conditional_create:
-                    # No conditional PUT: the last writer wins; re-read to see whose it is.
-                    head = await self.store.head(ref_key)
-                    winner = fmt.meta_value(head.metadata, "file_sha256")
-                    if winner != digest.sha256:
-                        log.warning("reference race on %s: using the other writer's", ref_key)
-                        return winner, False
-                await self.bench.cpu(self.cache.add_file, digest.sha256, src)
-                log.info("created reference %s from %s", ref_key, name)
-                return digest.sha256, True
-        return _existing_reference(ref_key, head)
-
-    # --- deep deltaspaces --------------------------------------------------------
-
-    async def _put_deep(
-        self,
-        src: Path,
-        key: str,
-        digest: FileDigest,
-        extra: dict[str, str],
-        content_type: str,
-        ref_head: ObjectHead | None,
-    ) -> PutResult:
-        """Store ``src`` as a delta of its expanded form against the expanded reference.
-
-        The proof that the expanded form rebuilds to ``src`` runs beside
-        the reference work and xdelta3 (they use the other core), and is
-        awaited before anything is uploaded as ``key``. It compresses
-        nothing again: the expansion compared every stream's recompression
-        with the original, and ``expand.prove_form`` checks the rest of the
-        form against ``src`` (readers still check the SHA-256 of every rebuild).
-        """
-        prefix, name = fmt.split_key(key)
-        ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
-        async with (
-            self.bench.scratch(".dgx") as expanded,
-            self.bench.scratch(".vcdiff") as vcdiff,
-            self.bench.scratch(".delta") as body,
-        ):
-            proven = await self._expand(src, expanded, key)
-            proof: list[bool] = []
-
-            async def prove() -> None:
-                proof.append(await self.bench.cpu(expand.prove_form, expanded, src, proven) is True)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(prove)
-                ref_sha256, created = await self._deep_reference(expanded, ref_key, name, ref_head)
-                if ref_sha256 is not None and created:
-                    await self.engine.encode(expanded, expanded, vcdiff)
-                elif ref_sha256 is not None:
-                    async with self.references.plain_copy(ref_key, ref_sha256) as plain_ref:
-                        await self.engine.encode(plain_ref, expanded, vcdiff)
-            if ref_sha256 is None:
-                return await self._put_direct(src, key, digest, extra, content_type)
-            zero_diff = created
-            if not proof[0]:
-                # Never expected: the expansion checked every stream it inflated.
-                log.error("%s: expanded form does not rebuild exactly; not expanding it", key)
-                await self.bench.cpu(expand.plain_form, src, expanded)
-                async with self.references.plain_copy(ref_key, ref_sha256) as plain_ref:
-                    await self.engine.encode(plain_ref, expanded, vcdiff)
-                zero_diff = False
-            delta_size = await self.bench.cpu_int(objects.wrap_delta, vcdiff, body)
-            if not zero_diff and not self.policy.accepts_ratio(delta_size, digest.size):
-                log.info(
-                    "%s: deep delta is %.2f of the file (max %.2f), storing direct",
-                    key,
-                    delta_size / max(digest.size, 1),
-                    self.policy.max_ratio,
-                )
-                return await self._put_direct(src, key, digest, extra, content_type)
-            expanded_size = expanded.stat().st_size
-            meta = fmt.deep_delta_metadata(
-                original_name=name,
-                file_sha256=digest.sha256,
-                file_size=digest.size,
-                ref_key=ref_key,
-                ref_sha256=ref_sha256,
-                delta_size=delta_size,
-                now=self._now(),
-                zero_diff=zero_diff,
-                md5=digest.md5,
-            )
-            meta[fmt.META_EXPANDED_SIZE] = str(expanded_size)
-            stored_key = fmt.delta_key(key)
-            await self._store_delta(key, body, {**extra, **meta}, content_type, ref_key, ref_sha256)
-        log.info(
-            "stored %s as deep delta: %d -> %d bytes (expanded %d)%s",
-            key,
-            digest.size,
-            delta_size,
-            expanded_size,
-            " (new reference)" if created else "",
-        )
-        stored = StoredFile(
-            Kind.DELTA,
-            stored_key,
-            key,
-            digest.size,
-            delta_size,
-            digest.sha256,
-            ref_key,
-            ref_sha256,
-            deep=True,
-        )
-        return PutResult(stored, created)
-
-    async def _deep_reference(
-        self, expanded: Path, ref_key: str, name: str, ref_head: ObjectHead | None
-    ) -> tuple[str | None, bool]:
-        """``_ensure_reference`` for a deep deltaspace: made from ``expanded``, stored zstd."""
-        if ref_head is not None:
-            return _existing_reference(ref_key, ref_head)
-        expanded_digest = await self.bench.digest(expanded)
-        async with self.bench.scratch(".zst") as packed:
-            await self.bench.cpu(objects.compress_reference, expanded, packed)
-            meta = fmt.deep_reference_metadata(
-                name, expanded_digest.sha256, expanded_digest.size, self._now()
-            )
-            return await self._ensure_reference(
-                expanded, ref_key, name, expanded_digest, None, meta=meta, body=packed
-            )
-
-    async def _expand(self, src: Path, out: Path, key: str) -> set[tuple[bytes, expand.Recipe]]:
-        """Write the expanded form of ``src`` to ``out``; returns what its search
-        proved (``ExpandStats.proven``, for ``expand.prove_form``).
-
-        With a zlib that does not deflate like reference zlib, its
-        recompressions could not be trusted on other machines: the file
-        then gets the form that expands nothing.
-        """
-        if not zlib_is_reference():
-            log.warning("this zlib does not deflate like reference zlib; %s is not expanded", key)
-            await self.bench.cpu(expand.plain_form, src, out)
-            return set()
-        expand_one = functools.partial(
-            expand.expand_file, scratch_dir=self.bench.scratch_dir, limits=self.limits
-        )
-        try:
-            stats = await self.bench.cpu(expand_one, src, out)
-        except ExpansionLimit as exc:  # a bomb, or beyond what this mount expands
-            log.warning("%s: %s; stored without expanding it", key, exc)
-            await self.bench.cpu(expand.plain_form, src, out)
-            return set()
-        assert isinstance(stats, expand.ExpandStats)
-        log.debug(
-            "%s: %d streams inflated (%d by GNU gzip), %d kept; %d -> %d bytes",
-            key,
-            stats.streams_inflated,
-            stats.streams_gnu,
-            stats.streams_kept,
-            stats.original_size,
-            stats.expanded_size,
-        )
-        return stats.proven
 
     # --- get -------------------------------------------------------------------
 
@@ -654,7 +211,7 @@ class Core:
 
     async def delete(self, key: str) -> None:
         """Remove the file ``key`` in every form; the reference stays (as DeltaGlider does)."""
-        forms = await self._forms(key)
+        forms = await self.forms.holders(key)
         if not forms:
             raise NotFound(f"no such file: {key}")
         await self.store.delete_many(list(forms))
@@ -665,7 +222,7 @@ class Core:
         deltaspace; moved to another directory it is rebuilt and stored there."""
         if fmt.is_hidden_name(fmt.split_key(dst_key)[1]) or fmt.is_internal_key(dst_key):
             raise FormatError(f"{dst_key}: name is reserved by the DeltaGlider format")
-        stored, head = await self._locate_with_head(src_key)
+        stored, head = await self.forms.locate_with_head(src_key)
         if src_key == dst_key:
             return stored
         same_space = fmt.split_key(src_key)[0] == fmt.split_key(dst_key)[0]
@@ -689,7 +246,9 @@ class Core:
     ) -> None:
         """``rename``'s first half: the file under ``dst_key`` (a delta keeps
         its reference in its deltaspace, else it is rebuilt and stored)."""
-        if stored.kind is Kind.DELTA and (not same_space or await self._delta_form_taken(dst_key)):
+        if stored.kind is Kind.DELTA and (
+            not same_space or await self.forms.delta_form_taken(dst_key)
+        ):
             async with self.bench.scratch() as plain:
                 await self.rebuild(stored, plain)
                 # Everything but the format's keys follows the file, as a copy does.
@@ -712,7 +271,7 @@ class Core:
         if other_form == dst_key:
             await self.store.delete(other_form)
         else:
-            await self._delete_delta_form(dst_key)
+            await self.forms.delete_delta_form(dst_key)
 
     async def _holds_file(self, key: str, sha256: str | None) -> bool:
         """Whether ``key`` shows the file with ``sha256`` (False when unknown)."""
@@ -725,7 +284,7 @@ class Core:
 
     async def update_metadata(self, key: str, changes: Mapping[str, str]) -> StoredFile:
         """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place."""
-        stored, head = await self._locate_with_head(key)
+        stored, head = await self.forms.locate_with_head(key)
         await self.store.copy(stored.stored_key, stored.stored_key, {**head.metadata, **changes})
         return stored
 
@@ -841,7 +400,7 @@ class Core:
         file ``dst_key`` names: a delta it replaces goes too, or listings
         would show that (the delta wins a tie of Last-Modified seconds)."""
         await self.store.copy(src_key, dst_key)
-        await self._delete_delta_form(dst_key)
+        await self.forms.delete_delta_form(dst_key)
         await self.store.delete(src_key)
 
     async def delete_plain(self, key: str) -> None:

@@ -223,9 +223,9 @@ async def test_a_wrong_expanded_form_is_caught_without_a_second_deflate(
 async def test_foreign_zlib_makes_unexpanded_deep_objects(
     deep: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dgfs.core
+    import dgfs.writer
 
-    monkeypatch.setattr(dgfs.core, "zlib_is_reference", lambda: False)
+    monkeypatch.setattr(dgfs.writer, "zlib_is_reference", lambda: False)
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     results = [await deep.put(p, f"app/{p.name}") for p in paths]
     assert (

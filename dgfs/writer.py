@@ -1,0 +1,491 @@
+"""Storing: local files put under user-visible keys, as deltas where they pay.
+
+``FileWriter.put`` stores a file direct or as a delta against its
+deltaspace's reference, creating that reference (conditionally, when the
+store honours ``If-None-Match``) for the first file of a directory. It
+writes the new form before removing an older one (``Forms``). It owns the
+mode new deltaspaces are made in (``deltas``) and whether references are
+created conditionally (``conditional_create``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from dgfs import format as fmt
+from dgfs.cache import ContentCache
+from dgfs.deep import expand, objects
+from dgfs.deep.deflate import zlib_is_reference
+from dgfs.delta import DeltaEngine
+from dgfs.errors import (
+    ExpansionLimit,
+    FormatError,
+    MissingReference,
+    NotFound,
+    PreconditionFailed,
+    WriteConflict,
+)
+from dgfs.format import DeltaMode, Kind, StoredFile
+from dgfs.forms import Forms
+from dgfs.hashing import FileDigest
+from dgfs.policy import Policy
+from dgfs.references import ReferencePool
+from dgfs.store.base import ObjectHead, head_many
+from dgfs.workbench import Workbench
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, bool]:
+    """``(ref_sha256, False)`` for a reference already there; ``(None, False)``
+    when it records no SHA-256 (then files beside it are stored direct)."""
+    ref_sha256 = fmt.meta_value(head.metadata, "file_sha256")
+    if ref_sha256 is None:
+        log.warning("%s has no dg-file-sha256; storing files beside it direct", ref_key)
+    return ref_sha256, False
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What ``put`` stored for one file: the ``StoredFile`` a ``locate`` would
+    now return, and whether the put created its deltaspace's reference."""
+
+    stored: StoredFile
+    created_reference: bool = False
+
+
+class FileWriter:
+    """Local files stored under user-visible keys (``put``)."""
+
+    def __init__(
+        self,
+        bench: Workbench,
+        forms: Forms,
+        references: ReferencePool,
+        cache: ContentCache,
+        engine: DeltaEngine,
+        policy: Policy,
+        limits: expand.ExpansionLimits,
+        *,
+        deltas: DeltaMode = DeltaMode.DG,
+        conditional_create: bool = True,
+    ) -> None:
+        self._store = bench.store
+        self._bench = bench
+        self._forms = forms
+        self._references = references
+        self._cache = cache
+        self._engine = engine
+        self._policy = policy
+        self._limits = limits
+        # The mode of new deltaspaces; an existing one keeps its own.
+        self.deltas = deltas
+        # Whether the store honours If-None-Match (the mount probes it).
+        self.conditional_create = conditional_create
+
+    async def _store_delta(
+        self,
+        key: str,
+        body: Path,
+        metadata: Mapping[str, str],
+        content_type: str,
+        ref_key: str,
+        ref_sha256: str,
+    ) -> None:
+        """Upload ``key``'s delta, made against the reference ``ref_sha256``.
+
+        Another mount may have removed the reference meanwhile (an rmdir or a
+        directory rename), or, on a store without conditional PUTs, replaced
+        it: then the delta could never be rebuilt. So once it is stored the
+        reference is checked; if it changed, the delta goes again and
+        ``WriteConflict`` asks the caller to store the file again, against
+        what is there now (the upload pipeline does). Then the direct form
+        of ``key`` goes, unless it is newer (``_drop_other_form``).
+        """
+        stored_key = fmt.delta_key(key)
+        etag = await self._store.upload(stored_key, body, metadata, content_type=content_type)
+        try:
+            ref_now = fmt.meta_value((await self._store.head(ref_key)).metadata, "file_sha256")
+        except NotFound:
+            ref_now = None
+        if ref_now != ref_sha256:
+            with contextlib.suppress(NotFound):
+                if (await self._store.head(stored_key)).etag == etag:  # still ours
+                    await self._store.delete(stored_key)
+            raise WriteConflict(
+                f"{key}: its reference {ref_key} was removed or replaced by another"
+                " writer while the delta was stored; storing it again"
+            )
+        await self._forms.drop_other_form(key, stored_key, key)
+
+    async def put(
+        self,
+        src: Path,
+        key: str,
+        *,
+        extra_metadata: Mapping[str, str] | None = None,
+        digest: FileDigest | None = None,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        mode: DeltaMode | None = None,
+        direct: bool = False,
+    ) -> PutResult:
+        """Store the local file ``src`` under the user-visible ``key``.
+
+        ``extra_metadata`` (POSIX attributes, a migrated object's user
+        metadata) is stored beside the format's own keys. ``digest`` saves
+        re-hashing when the caller has it. ``content_type`` is set on the
+        object that holds the file (delta or direct), not on the reference.
+        ``mode`` forces the deltaspace mode (a conversion); by default the
+        directory's existing reference decides (see ``_deltaspace``).
+        ``direct`` stores the file whole whatever the policy says: the upload
+        pipeline's way out when making its delta keeps failing locally.
+        """
+        if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
+            raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
+        digest = digest or await self._bench.digest(src)
+        extra = dict(extra_metadata or {})
+        prefix, name = fmt.split_key(key)
+        if direct or not self._policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
+            return await self._put_direct(src, key, digest, extra, content_type)
+        if await self._forms.delta_form_taken(key):
+            # A foreign ``key.delta`` (shown as a file of that name) stays untouched.
+            log.info("%s: %s is another file; storing direct", key, fmt.delta_key(key))
+            return await self._put_direct(src, key, digest, extra, content_type)
+        for attempt in (1, 2):
+            space, ref_head = await self._deltaspace(prefix, mode)
+            deep = space is DeltaMode.DEEP
+            if not self._policy.is_delta_candidate(name, digest.head, digest.size, deep=deep):
+                return await self._put_direct(src, key, digest, extra, content_type)
+            try:
+                if deep:
+                    return await self._put_deep(src, key, digest, extra, content_type, ref_head)
+                return await self._put_delta(src, key, digest, extra, content_type, ref_head)
+            except MissingReference as exc:
+                # Another mount removed or replaced the reference between our
+                # HEAD and its download (a directory renamed over this one,
+                # say): once more against what the directory holds now.
+                if attempt == 2:
+                    raise
+                log.info("%s: %s; storing it against the reference there now", key, exc)
+        raise AssertionError("unreachable")
+
+    async def _deltaspace(
+        self, prefix: str, force: DeltaMode | None = None
+    ) -> tuple[DeltaMode, ObjectHead | None]:
+        """The mode of the deltaspace ``prefix`` and its reference's HEAD (None if it has none).
+
+        An existing reference decides (deep first: a DeltaGlider client
+        writing into a deep directory adds a ``reference.bin`` beside it);
+        without one the core's own ``deltas`` setting does. ``force``
+        overrides both.
+        """
+        found = await head_many(
+            self._store, [fmt.reference_key(prefix, mode) for mode in DeltaMode]
+        )
+        heads = {
+            mode: found[fmt.reference_key(prefix, mode)]
+            for mode in DeltaMode
+            if fmt.reference_key(prefix, mode) in found
+        }
+        if force is not None:
+            return force, heads.get(force)
+        for mode in (DeltaMode.DEEP, DeltaMode.DG):
+            if mode in heads:
+                return mode, heads[mode]
+        return self.deltas, None
+
+    async def _put_direct(
+        self,
+        src: Path,
+        key: str,
+        digest: FileDigest,
+        extra: dict[str, str],
+        content_type: str = DEFAULT_CONTENT_TYPE,
+    ) -> PutResult:
+        name = fmt.split_key(key)[1]
+        meta = fmt.direct_metadata(
+            original_name=name,
+            file_sha256=digest.sha256,
+            file_size=digest.size,
+            now=self._now(),
+            md5=digest.md5,
+        )
+        await self._store.upload(key, src, {**extra, **meta}, content_type=content_type)
+        await self._forms.drop_other_form(key, key, fmt.delta_key(key))
+        log.info("stored %s direct (%d bytes)", key, digest.size)
+        stored = StoredFile(Kind.DIRECT, key, key, digest.size, digest.size, digest.sha256)
+        return PutResult(stored)
+
+    async def _put_delta(
+        self,
+        src: Path,
+        key: str,
+        digest: FileDigest,
+        extra: dict[str, str],
+        content_type: str,
+        ref_head: ObjectHead | None,
+    ) -> PutResult:
+        prefix, name = fmt.split_key(key)
+        ref_key = fmt.reference_key(prefix)
+        ref_sha256, created = await self._ensure_reference(src, ref_key, name, digest, ref_head)
+        if ref_sha256 is None:
+            return await self._put_direct(src, key, digest, extra, content_type)
+        async with self._bench.scratch(".delta") as delta_path:
+            if created:
+                await self._engine.encode(src, src, delta_path)
+            else:
+                async with self._references.plain_copy(ref_key, ref_sha256) as plain_ref:
+                    await self._engine.encode(plain_ref, src, delta_path)
+            delta_size = delta_path.stat().st_size
+            if not created and not self._pays(key, "delta", delta_size, digest.size):
+                return await self._put_direct(src, key, digest, extra, content_type)
+            meta = fmt.delta_metadata(
+                original_name=name,
+                file_sha256=digest.sha256,
+                file_size=digest.size,
+                ref_key=ref_key,
+                ref_sha256=ref_sha256,
+                delta_size=delta_size,
+                now=self._now(),
+                zero_diff=created,
+                md5=digest.md5,
+            )
+            stored_key = fmt.delta_key(key)
+            await self._store_delta(
+                key, delta_path, {**extra, **meta}, content_type, ref_key, ref_sha256
+            )
+        log.info(
+            "stored %s as delta: %d -> %d bytes%s",
+            key,
+            digest.size,
+            delta_size,
+            " (new reference)" if created else "",
+        )
+        stored = StoredFile(
+            Kind.DELTA, stored_key, key, digest.size, delta_size, digest.sha256, ref_key, ref_sha256
+        )
+        return PutResult(stored, created)
+
+    def _pays(self, key: str, what: str, delta_size: int, file_size: int) -> bool:
+        """Whether the policy takes a delta of ``delta_size`` for a file of
+        ``file_size``; when not, it is logged that ``key`` goes direct."""
+        if self._policy.accepts_ratio(delta_size, file_size):
+            return True
+        log.info(
+            "%s: %s is %.2f of the file (max %.2f), storing direct",
+            key,
+            what,
+            delta_size / max(file_size, 1),
+            self._policy.max_ratio,
+        )
+        return False
+
+    async def _ensure_reference(
+        self,
+        src: Path,
+        ref_key: str,
+        name: str,
+        digest: FileDigest,
+        head: ObjectHead | None,
+        *,
+        meta: dict[str, str] | None = None,
+        body: Path | None = None,
+    ) -> tuple[str | None, bool]:
+        """The deltaspace's reference sha256, creating it from ``src`` if absent.
+
+        ``head`` is the reference's HEAD if it was seen. Returns
+        ``(ref_sha256, created_by_us)``; ``(None, False)`` when the existing
+        reference is not a usable one. ``src``/``digest`` are what the
+        reference holds (for a deep one, the expanded form); ``body`` is
+        what to upload if that differs (the compressed expanded form), and
+        ``meta`` the reference's metadata.
+        """
+        if head is None:
+            meta = meta or fmt.reference_metadata(
+                name, digest.sha256, self._now(), file_size=digest.size, md5=digest.md5
+            )
+            try:
+                await self._store.upload(
+                    ref_key, body or src, meta, if_none_match=self.conditional_create
+                )
+            except PreconditionFailed:
+                head = await self._store.head(ref_key)  # another writer won the race
+            else:
+                if not self.conditional_create:
+                    # No conditional PUT: the last writer wins; re-read to see whose it is.
+                    head = await self._store.head(ref_key)
+                    winner = fmt.meta_value(head.metadata, "file_sha256")
+                    if winner != digest.sha256:
+                        log.warning("reference race on %s: using the other writer's", ref_key)
+                        return winner, False
+                await self._bench.cpu(self._cache.add_file, digest.sha256, src)
+                log.info("created reference %s from %s", ref_key, name)
+                return digest.sha256, True
+        return _existing_reference(ref_key, head)
+
+    # --- deep deltaspaces --------------------------------------------------------
+
+    async def _put_deep(
+        self,
+        src: Path,
+        key: str,
+        digest: FileDigest,
+        extra: dict[str, str],
+        content_type: str,
+        ref_head: ObjectHead | None,
+    ) -> PutResult:
+        """Store ``src`` as a delta of its expanded form against the expanded reference."""
+        prefix, name = fmt.split_key(key)
+        ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
+        async with (
+            self._bench.scratch(".dgx") as expanded,
+            self._bench.scratch(".vcdiff") as vcdiff,
+            self._bench.scratch(".delta") as body,
+        ):
+            ref_sha256, created, zero_diff = await self._encode_deep(
+                src, key, ref_head, expanded, vcdiff
+            )
+            if ref_sha256 is None:
+                return await self._put_direct(src, key, digest, extra, content_type)
+            delta_size = await self._bench.cpu_int(objects.wrap_delta, vcdiff, body)
+            if not zero_diff and not self._pays(key, "deep delta", delta_size, digest.size):
+                return await self._put_direct(src, key, digest, extra, content_type)
+            expanded_size = expanded.stat().st_size
+            meta = fmt.deep_delta_metadata(
+                original_name=name,
+                file_sha256=digest.sha256,
+                file_size=digest.size,
+                ref_key=ref_key,
+                ref_sha256=ref_sha256,
+                delta_size=delta_size,
+                now=self._now(),
+                zero_diff=zero_diff,
+                md5=digest.md5,
+            )
+            meta[fmt.META_EXPANDED_SIZE] = str(expanded_size)
+            stored_key = fmt.delta_key(key)
+            await self._store_delta(key, body, {**extra, **meta}, content_type, ref_key, ref_sha256)
+        log.info(
+            "stored %s as deep delta: %d -> %d bytes (expanded %d)%s",
+            key,
+            digest.size,
+            delta_size,
+            expanded_size,
+            " (new reference)" if created else "",
+        )
+        stored = StoredFile(
+            Kind.DELTA,
+            stored_key,
+            key,
+            digest.size,
+            delta_size,
+            digest.sha256,
+            ref_key,
+            ref_sha256,
+            deep=True,
+        )
+        return PutResult(stored, created)
+
+    async def _encode_deep(
+        self, src: Path, key: str, ref_head: ObjectHead | None, expanded: Path, vcdiff: Path
+    ) -> tuple[str | None, bool, bool]:
+        """The expanded form of ``src`` in ``expanded``, and its xdelta3 diff against
+        the deltaspace's deep reference in ``vcdiff``; returns ``(ref_sha256,
+        created, zero_diff)`` (``ref_sha256`` None: no usable reference, store direct).
+
+        The proof that the expanded form rebuilds to ``src`` runs beside
+        the reference work and xdelta3 (they use the other core), and is
+        awaited before anything is uploaded as ``key``. It compresses
+        nothing again: the expansion compared every stream's recompression
+        with the original, and ``expand.prove_form`` checks the rest of the
+        form against ``src`` (readers still check the SHA-256 of every rebuild).
+        """
+        prefix, name = fmt.split_key(key)
+        ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
+        proven = await self._expand(src, expanded, key)
+        proof: list[bool] = []
+
+        async def prove() -> None:
+            proof.append(await self._bench.cpu(expand.prove_form, expanded, src, proven) is True)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prove)
+            ref_sha256, created = await self._deep_reference(expanded, ref_key, name, ref_head)
+            if ref_sha256 is not None and created:
+                await self._engine.encode(expanded, expanded, vcdiff)
+            elif ref_sha256 is not None:
+                async with self._references.plain_copy(ref_key, ref_sha256) as plain_ref:
+                    await self._engine.encode(plain_ref, expanded, vcdiff)
+        if ref_sha256 is None:
+            return None, False, False
+        if proof[0]:
+            return ref_sha256, created, created
+        # Never expected: the expansion checked every stream it inflated.
+        log.error("%s: expanded form does not rebuild exactly; not expanding it", key)
+        await self._bench.cpu(expand.plain_form, src, expanded)
+        async with self._references.plain_copy(ref_key, ref_sha256) as plain_ref:
+            await self._engine.encode(plain_ref, expanded, vcdiff)
+        return ref_sha256, created, False
+
+    async def _deep_reference(
+        self, expanded: Path, ref_key: str, name: str, ref_head: ObjectHead | None
+    ) -> tuple[str | None, bool]:
+        """``_ensure_reference`` for a deep deltaspace: made from ``expanded``, stored zstd."""
+        if ref_head is not None:
+            return _existing_reference(ref_key, ref_head)
+        expanded_digest = await self._bench.digest(expanded)
+        async with self._bench.scratch(".zst") as packed:
+            await self._bench.cpu(objects.compress_reference, expanded, packed)
+            meta = fmt.deep_reference_metadata(
+                name, expanded_digest.sha256, expanded_digest.size, self._now()
+            )
+            return await self._ensure_reference(
+                expanded, ref_key, name, expanded_digest, None, meta=meta, body=packed
+            )
+
+    async def _expand(self, src: Path, out: Path, key: str) -> set[tuple[bytes, expand.Recipe]]:
+        """Write the expanded form of ``src`` to ``out``; returns what its search
+        proved (``ExpandStats.proven``, for ``expand.prove_form``).
+
+        With a zlib that does not deflate like reference zlib, its
+        recompressions could not be trusted on other machines: the file
+        then gets the form that expands nothing.
+        """
+        if not zlib_is_reference():
+            log.warning("this zlib does not deflate like reference zlib; %s is not expanded", key)
+            await self._bench.cpu(expand.plain_form, src, out)
+            return set()
+        expand_one = functools.partial(
+            expand.expand_file, scratch_dir=self._bench.scratch_dir, limits=self._limits
+        )
+        try:
+            stats = await self._bench.cpu(expand_one, src, out)
+        except ExpansionLimit as exc:  # a bomb, or beyond what this mount expands
+            log.warning("%s: %s; stored without expanding it", key, exc)
+            await self._bench.cpu(expand.plain_form, src, out)
+            return set()
+        assert isinstance(stats, expand.ExpandStats)
+        log.debug(
+            "%s: %d streams inflated (%d by GNU gzip), %d kept; %d -> %d bytes",
+            key,
+            stats.streams_inflated,
+            stats.streams_gnu,
+            stats.streams_kept,
+            stats.original_size,
+            stats.expanded_size,
+        )
+        return stats.proven
+
+    @staticmethod
+    def _now() -> datetime:
+        return datetime.now(UTC)
