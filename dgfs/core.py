@@ -15,11 +15,26 @@ Guarantees a caller may rely on:
 - A deltaspace keeps the mode its reference was made in: ``reference.bin``
   (DeltaGlider v6 byte-level deltas) or ``reference.deep`` (deltas of
   expanded forms, :mod:`dgfs.deep`); ``deltas`` only chooses for new ones.
+
+``Core`` is a facade over parts of one job each, which it makes and wires;
+each piece of mutable state has the one owner named here:
+
+- ``bench`` (:mod:`dgfs.workbench`): scratch files, the CPU limiter,
+  downloads; owns ``proxy_key``.
+- ``forms`` (:mod:`dgfs.forms`): where a file is stored, the two-form rules.
+- ``references`` (:mod:`dgfs.references`): cache fetches; owns the plain
+  reference copies and who uses them.
+- ``writer`` (:mod:`dgfs.writer`): ``put``; owns ``deltas`` and
+  ``conditional_create``.
+- ``rebuilder`` (:mod:`dgfs.rebuild`): original bytes into a path or the
+  cache; owns the rebuilds running now and failed gzip recoveries.
+- ``renamer`` (:mod:`dgfs.renames`): delete, rename, metadata, directory renames.
+
+``Core.proxy_key`` and ``Core.conditional_create`` read and set the owner's value.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,19 +45,14 @@ from dgfs import format as fmt
 from dgfs.cache import CacheEntryReader, ContentCache
 from dgfs.deep import expand
 from dgfs.delta import DeltaEngine
-from dgfs.errors import (
-    DgfsError,
-    FormatError,
-    NotFound,
-    TransientError,
-)
-from dgfs.format import DeltaMode, Kind, StoredFile
+from dgfs.format import DeltaMode, StoredFile
 from dgfs.forms import Forms
 from dgfs.hashing import FileDigest
 from dgfs.policy import Policy
 from dgfs.proxycrypt import ProxyKey
 from dgfs.rebuild import Rebuilder, RebuildStream
 from dgfs.references import ReferencePool
+from dgfs.renames import Renamer
 from dgfs.store.base import ObjectHead, ObjectStore, head_many
 from dgfs.telemetry import Telemetry
 from dgfs.workbench import Workbench
@@ -98,6 +108,7 @@ class Core:
         self.rebuilder = Rebuilder(
             self.bench, self.references, cache, engine, self.limits, self.telemetry
         )
+        self.renamer = Renamer(self.bench, self.forms, self.writer, self.rebuilder)
 
     # --- small helpers -------------------------------------------------------
 
@@ -182,23 +193,12 @@ class Core:
 
     # --- get -------------------------------------------------------------------
 
-    async def rebuild(
-        self,
-        stored: StoredFile,
-        out: Path,
-        *,
-        verify: bool = True,
-        stream: RebuildStream | None = None,
-    ) -> bool:
+    async def rebuild(self, stored: StoredFile, out: Path, *, verify: bool = True) -> bool:
         """``Rebuilder.rebuild``: the original bytes of a delta in ``out``."""
-        return await self.rebuilder.rebuild(stored, out, verify=verify, stream=stream)
+        return await self.rebuilder.rebuild(stored, out, verify=verify)
 
     async def get(self, key: str, dest: Path) -> StoredFile:
-        """Write the original bytes of ``key`` to ``dest``, verified.
-
-        ``dest`` appears only once complete and verified (written beside it,
-        then renamed).
-        """
+        """The original bytes of ``key`` in ``dest``, verified (``Rebuilder.write``)."""
         stored = await self.locate(key)
         await self.rebuilder.write(stored, dest)
         return stored
@@ -207,143 +207,23 @@ class Core:
         """``Rebuilder.materialize``: the bytes of ``stored`` in the cache; their sha256."""
         return await self.rebuilder.materialize(stored, counted=counted)
 
-    # --- delete / rename / metadata -------------------------------------------------
+    # --- delete / rename / metadata (``Renamer``) -------------------------------
 
     async def delete(self, key: str) -> None:
         """Remove the file ``key`` in every form; the reference stays (as DeltaGlider does)."""
-        forms = await self.forms.holders(key)
-        if not forms:
-            raise NotFound(f"no such file: {key}")
-        await self.store.delete_many(list(forms))
-        log.info("deleted %s (%s)", key, ", ".join(sorted(forms)))
+        await self.renamer.delete(key)
 
     async def rename(self, src_key: str, dst_key: str) -> StoredFile:
-        """Move one file. A delta keeps its reference when it stays in its
-        deltaspace; moved to another directory it is rebuilt and stored there."""
-        if fmt.is_hidden_name(fmt.split_key(dst_key)[1]) or fmt.is_internal_key(dst_key):
-            raise FormatError(f"{dst_key}: name is reserved by the DeltaGlider format")
-        stored, head = await self.forms.locate_with_head(src_key)
-        if src_key == dst_key:
-            return stored
-        same_space = fmt.split_key(src_key)[0] == fmt.split_key(dst_key)[0]
-        # A delta moves as a delta only where ``dst.delta`` is free for it;
-        # otherwise it is rebuilt and stored (direct, beside a foreign ``dst.delta``).
-        try:
-            await self._write_renamed(stored, head, src_key, dst_key, same_space)
-        except TransientError:
-            # S3 may have done it and lost the reply (the store's own retries
-            # spent): with the file under both names, finish the rename
-            # rather than report a failure that leaves a second name.
-            if not await self._holds_file(dst_key, stored.file_sha256):
-                raise
-            log.info("%s: stored as %s though the reply was lost; renaming on", src_key, dst_key)
-        await self.store.delete(stored.stored_key)
-        log.info("renamed %s -> %s", src_key, dst_key)
-        return await self.locate(dst_key)
-
-    async def _write_renamed(
-        self, stored: StoredFile, head: ObjectHead, src_key: str, dst_key: str, same_space: bool
-    ) -> None:
-        """``rename``'s first half: the file under ``dst_key`` (a delta keeps
-        its reference in its deltaspace, else it is rebuilt and stored)."""
-        if stored.kind is Kind.DELTA and (
-            not same_space or await self.forms.delta_form_taken(dst_key)
-        ):
-            async with self.bench.scratch() as plain:
-                await self.rebuild(stored, plain)
-                # Everything but the format's keys follows the file, as a copy does.
-                await self.put(
-                    plain,
-                    dst_key,
-                    extra_metadata=fmt.user_metadata(head.metadata),
-                    content_type=fmt.content_type_of(head.metadata, head.content_type),
-                )
-            return
-        if stored.kind is Kind.DELTA:
-            dst_stored = fmt.delta_key(dst_key)
-            other_form = dst_key
-        else:
-            dst_stored, other_form = dst_key, fmt.delta_key(dst_key)
-        meta = None
-        if stored.kind in (Kind.DELTA, Kind.DIRECT):
-            meta = fmt.with_original_name(head.metadata, fmt.split_key(dst_key)[1])
-        await self.store.copy(stored.stored_key, dst_stored, meta)
-        if other_form == dst_key:
-            await self.store.delete(other_form)
-        else:
-            await self.forms.delete_delta_form(dst_key)
-
-    async def _holds_file(self, key: str, sha256: str | None) -> bool:
-        """Whether ``key`` shows the file with ``sha256`` (False when unknown)."""
-        if sha256 is None:
-            return False
-        try:
-            return (await self.locate(key)).file_sha256 == sha256
-        except (NotFound, TransientError):
-            return False
+        """Move one file (``Renamer.rename``); returns it as now stored."""
+        return await self.renamer.rename(src_key, dst_key)
 
     async def update_metadata(self, key: str, changes: Mapping[str, str]) -> StoredFile:
         """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place."""
-        stored, head = await self.forms.locate_with_head(key)
-        await self.store.copy(stored.stored_key, stored.stored_key, {**head.metadata, **changes})
-        return stored
+        return await self.renamer.update_metadata(key, changes)
 
     async def rename_prefix(self, src_prefix: str, dst_prefix: str) -> int:
-        """Move every object under ``src_prefix/`` to ``dst_prefix/`` (a directory rename).
-
-        References move with their deltas and the deltas' ``dg-ref-key`` is
-        rewritten, so the moved tree stays readable by DeltaGlider. Sources
-        are deleted only after every copy succeeded. Returns objects moved.
-        """
-        src_root, dst_root = src_prefix.rstrip("/") + "/", dst_prefix.rstrip("/") + "/"
-        listing = await self.store.list(src_root, delimiter=None)
-        keys = [obj.key for obj in listing.objects]
-
-        copied: list[str] = []
-        failures: list[DgfsError] = []
-
-        async def copy_one(key: str, new_key: str) -> None:
-            if key.endswith("/"):
-                # A directory marker is written anew: SeaweedFS answers
-                # NoSuchKey to a CopyObject whose source key ends in "/".
-                head = await self.store.head(key)
-                body = await self.store.get_range(key, 0, head.size) if head.size else b""
-                await self.store.put_bytes(new_key, body, head.metadata)
-                return
-            meta = None
-            if key.endswith(fmt.DELTA_SUFFIX):
-                head = await self.store.head(key)
-                ref_key = fmt.meta_value(head.metadata, "ref_key")
-                if ref_key and ref_key.startswith(src_root):
-                    new_ref_key = dst_root + ref_key[len(src_root) :]
-                    meta = fmt.with_ref_key(head.metadata, new_ref_key)
-            await self.store.copy(key, new_key, meta)
-
-        async def move_one(key: str, limiter: trio.CapacityLimiter) -> None:
-            new_key = dst_root + key[len(src_root) :]
-            async with limiter:
-                try:
-                    await copy_one(key, new_key)
-                except NotFound:
-                    return  # removed meanwhile (another mount): nothing to move
-                except DgfsError as exc:
-                    failures.append(exc)
-                    return
-            copied.append(new_key)
-
-        limiter = trio.CapacityLimiter(16)
-        async with trio.open_nursery() as nursery:
-            for key in keys:
-                nursery.start_soon(move_one, key, limiter)
-        if failures:
-            # Nothing is deleted at the source; the copies made go, so the
-            # rename fails whole rather than leaving two trees.
-            with contextlib.suppress(DgfsError):
-                await self.store.delete_many(copied)
-            raise failures[0]
-        await self.store.delete_many(keys)
-        log.info("moved %d objects %s -> %s", len(keys), src_root, dst_root)
-        return len(keys)
+        """A directory rename (``Renamer.rename_prefix``); returns the objects moved."""
+        return await self.renamer.rename_prefix(src_prefix, dst_prefix)
 
     # --- for the filesystem: cached content, directory leftovers, symlinks ----------
 
@@ -396,12 +276,8 @@ class Core:
         return await self.store.get_range(key, 0, SYMLINK_MAX)
 
     async def move_plain(self, src_key: str, dst_key: str) -> None:
-        """Rename a symlink or special file (one plain object), over whatever
-        file ``dst_key`` names: a delta it replaces goes too, or listings
-        would show that (the delta wins a tie of Last-Modified seconds)."""
-        await self.store.copy(src_key, dst_key)
-        await self.forms.delete_delta_form(dst_key)
-        await self.store.delete(src_key)
+        """Rename a symlink or special file (``Renamer.move_plain``)."""
+        await self.renamer.move_plain(src_key, dst_key)
 
     async def delete_plain(self, key: str) -> None:
         await self.store.delete(key)

@@ -110,7 +110,7 @@ class FileWriter:
         reference is checked; if it changed, the delta goes again and
         ``WriteConflict`` asks the caller to store the file again, against
         what is there now (the upload pipeline does). Then the direct form
-        of ``key`` goes, unless it is newer (``_drop_other_form``).
+        of ``key`` goes, unless it is newer (``Forms.drop_other_form``).
         """
         stored_key = fmt.delta_key(key)
         etag = await self._store.upload(stored_key, body, metadata, content_type=content_type)

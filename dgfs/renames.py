@@ -1,0 +1,179 @@
+"""Renames, removals and metadata changes of stored files, and directory renames.
+
+``Renamer`` changes where files are stored: a delta keeps its reference
+when it stays in its deltaspace and is rebuilt and stored again when it
+moves out; a directory rename moves its references with its deltas. It
+writes the new name before removing the old, so a file is never lost
+between them. It holds no state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+
+import trio
+
+from dgfs import format as fmt
+from dgfs.errors import DgfsError, FormatError, NotFound, TransientError
+from dgfs.format import Kind, StoredFile
+from dgfs.forms import Forms
+from dgfs.rebuild import Rebuilder
+from dgfs.store.base import ObjectHead
+from dgfs.workbench import Workbench
+from dgfs.writer import FileWriter
+
+log = logging.getLogger(__name__)
+
+
+class Renamer:
+    """Delete, rename and re-label stored files; rename directories."""
+
+    def __init__(
+        self, bench: Workbench, forms: Forms, writer: FileWriter, rebuilder: Rebuilder
+    ) -> None:
+        self._store = bench.store
+        self._bench = bench
+        self._forms = forms
+        self._writer = writer
+        self._rebuilder = rebuilder
+
+    async def delete(self, key: str) -> None:
+        """Remove the file ``key`` in every form; the reference stays (as DeltaGlider does)."""
+        forms = await self._forms.holders(key)
+        if not forms:
+            raise NotFound(f"no such file: {key}")
+        await self._store.delete_many(list(forms))
+        log.info("deleted %s (%s)", key, ", ".join(sorted(forms)))
+
+    async def rename(self, src_key: str, dst_key: str) -> StoredFile:
+        """Move one file. A delta keeps its reference when it stays in its
+        deltaspace; moved to another directory it is rebuilt and stored there."""
+        if fmt.is_hidden_name(fmt.split_key(dst_key)[1]) or fmt.is_internal_key(dst_key):
+            raise FormatError(f"{dst_key}: name is reserved by the DeltaGlider format")
+        stored, head = await self._forms.locate_with_head(src_key)
+        if src_key == dst_key:
+            return stored
+        same_space = fmt.split_key(src_key)[0] == fmt.split_key(dst_key)[0]
+        # A delta moves as a delta only where ``dst.delta`` is free for it;
+        # otherwise it is rebuilt and stored (direct, beside a foreign ``dst.delta``).
+        try:
+            await self._write_renamed(stored, head, src_key, dst_key, same_space)
+        except TransientError:
+            # S3 may have done it and lost the reply (the store's own retries
+            # spent): with the file under both names, finish the rename
+            # rather than report a failure that leaves a second name.
+            if not await self._holds_file(dst_key, stored.file_sha256):
+                raise
+            log.info("%s: stored as %s though the reply was lost; renaming on", src_key, dst_key)
+        await self._store.delete(stored.stored_key)
+        log.info("renamed %s -> %s", src_key, dst_key)
+        return await self._forms.locate(dst_key)
+
+    async def _write_renamed(
+        self, stored: StoredFile, head: ObjectHead, src_key: str, dst_key: str, same_space: bool
+    ) -> None:
+        """``rename``'s first half: the file under ``dst_key`` (a delta keeps
+        its reference in its deltaspace, else it is rebuilt and stored)."""
+        if stored.kind is Kind.DELTA and (
+            not same_space or await self._forms.delta_form_taken(dst_key)
+        ):
+            async with self._bench.scratch() as plain:
+                await self._rebuilder.rebuild(stored, plain)
+                extra = {k: v for k, v in head.metadata.items() if k in fmt.POSIX_KEYS}
+                await self._writer.put(plain, dst_key, extra_metadata=extra)
+            return
+        if stored.kind is Kind.DELTA:
+            dst_stored = fmt.delta_key(dst_key)
+            other_form = dst_key
+        else:
+            dst_stored, other_form = dst_key, fmt.delta_key(dst_key)
+        meta = None
+        if stored.kind in (Kind.DELTA, Kind.DIRECT):
+            meta = fmt.with_original_name(head.metadata, fmt.split_key(dst_key)[1])
+        await self._store.copy(stored.stored_key, dst_stored, meta)
+        if other_form == dst_key:
+            await self._store.delete(other_form)
+        else:
+            await self._forms.delete_delta_form(dst_key)
+
+    async def _holds_file(self, key: str, sha256: str | None) -> bool:
+        """Whether ``key`` shows the file with ``sha256`` (False when unknown)."""
+        if sha256 is None:
+            return False
+        try:
+            return (await self._forms.locate(key)).file_sha256 == sha256
+        except (NotFound, TransientError):
+            return False
+
+    async def update_metadata(self, key: str, changes: Mapping[str, str]) -> StoredFile:
+        """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place."""
+        stored, head = await self._forms.locate_with_head(key)
+        await self._store.copy(stored.stored_key, stored.stored_key, {**head.metadata, **changes})
+        return stored
+
+    async def rename_prefix(self, src_prefix: str, dst_prefix: str) -> int:
+        """Move every object under ``src_prefix/`` to ``dst_prefix/`` (a directory rename).
+
+        References move with their deltas and the deltas' ``dg-ref-key`` is
+        rewritten, so the moved tree stays readable by DeltaGlider. Sources
+        are deleted only after every copy succeeded. Returns objects moved.
+        """
+        src_root, dst_root = src_prefix.rstrip("/") + "/", dst_prefix.rstrip("/") + "/"
+        listing = await self._store.list(src_root, delimiter=None)
+        keys = [obj.key for obj in listing.objects]
+
+        copied: list[str] = []
+        failures: list[DgfsError] = []
+
+        async def copy_one(key: str, new_key: str) -> None:
+            if key.endswith("/"):
+                # A directory marker is written anew: SeaweedFS answers
+                # NoSuchKey to a CopyObject whose source key ends in "/".
+                head = await self._store.head(key)
+                body = await self._store.get_range(key, 0, head.size) if head.size else b""
+                await self._store.put_bytes(new_key, body, head.metadata)
+                return
+            meta = None
+            if key.endswith(fmt.DELTA_SUFFIX):
+                head = await self._store.head(key)
+                ref_key = fmt.meta_value(head.metadata, "ref_key")
+                if ref_key and ref_key.startswith(src_root):
+                    new_ref_key = dst_root + ref_key[len(src_root) :]
+                    meta = fmt.with_ref_key(head.metadata, new_ref_key)
+            await self._store.copy(key, new_key, meta)
+
+        async def move_one(key: str, limiter: trio.CapacityLimiter) -> None:
+            new_key = dst_root + key[len(src_root) :]
+            async with limiter:
+                try:
+                    await copy_one(key, new_key)
+                except NotFound:
+                    return  # removed meanwhile (another mount): nothing to move
+                except DgfsError as exc:
+                    failures.append(exc)
+                    return
+            copied.append(new_key)
+
+        limiter = trio.CapacityLimiter(16)
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(move_one, key, limiter)
+        if failures:
+            # Nothing is deleted at the source; the copies made go, so the
+            # rename fails whole rather than leaving two trees.
+            with contextlib.suppress(DgfsError):
+                await self._store.delete_many(copied)
+            raise failures[0]
+        await self._store.delete_many(keys)
+        log.info("moved %d objects %s -> %s", len(keys), src_root, dst_root)
+        return len(keys)
+
+    async def move_plain(self, src_key: str, dst_key: str) -> None:
+        """Rename a symlink or special file (one plain object), over whatever
+        file ``dst_key`` names: a delta it replaces goes too, or listings
+        would show that (the delta wins a tie of Last-Modified seconds)."""
+        await self._store.copy(src_key, dst_key)
+        await self._forms.delete_delta_form(dst_key)
+        await self._store.delete(src_key)
