@@ -373,7 +373,6 @@ class FileWriter:
                 md5=digest.md5,
             )
             meta[fmt.META_EXPANDED_SIZE] = str(expanded_size)
-            stored_key = fmt.delta_key(key)
             await self._store_delta(key, body, {**extra, **meta}, content_type, ref_key, ref_sha256)
         log.info(
             "stored %s as deep delta: %d -> %d bytes (expanded %d)%s",
@@ -385,7 +384,7 @@ class FileWriter:
         )
         stored = StoredFile(
             Kind.DELTA,
-            stored_key,
+            fmt.delta_key(key),
             key,
             digest.size,
             delta_size,
