@@ -19,18 +19,16 @@ from dgfs import format as fmt
 from dgfs.cache import ContentCache
 from dgfs.cli.main import EXIT_OK
 from dgfs.cli.main import main as dgfs_main
+from dgfs.convert import ConversionPlan, convert_in_place, plan_conversion
 from dgfs.core import Core
 from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError
 from dgfs.format import DeltaMode, Kind
 from dgfs.migrate import (
-    ConversionPlan,
     MigrationPlan,
     SourceFile,
-    convert_in_place,
     effective_dest_prefix,
     open_migration,
-    plan_conversion,
     plan_migration,
     run_migration,
     selected,

@@ -21,12 +21,13 @@ from dgfs.cli import migrate as cli_migrate
 from dgfs.cli.main import EXIT_OK
 from dgfs.cli.main import main as dgfs_main
 from dgfs.cli.stats import print_stats
+from dgfs.convert import convert_in_place, plan_conversion
 from dgfs.core import Core
 from dgfs.errors import StoreError
 from dgfs.format import DeltaMode, Kind
 from dgfs.gc import GC_BACKUP_PREFIX, collect, find_garbage
 from dgfs.gc import GarbageKind as GcKind
-from dgfs.migrate import SourceFile, convert_in_place, plan_conversion
+from dgfs.migrate import SourceFile
 from dgfs.policy import Policy
 from dgfs.progress import human_bytes
 from dgfs.runtime import S3Location, Settings, open_core

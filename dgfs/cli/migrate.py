@@ -18,22 +18,24 @@ from dgfs import format as fmt
 from dgfs.cli import options
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
 from dgfs.cli.runner import run
+from dgfs.convert import (
+    ConversionPlan,
+    ConversionReport,
+    convert_in_place,
+    is_in_place,
+    other_mode,
+    plan_conversion,
+)
 from dgfs.core import Core
 from dgfs.errors import ConfigError, UserError
 from dgfs.format import DeltaMode
 from dgfs.gc import DEFAULT_SETTLE_SECONDS
 from dgfs.migrate import (
-    ConversionPlan,
-    ConversionReport,
     Copied,
     MigrationPlan,
     MigrationReport,
     SourceFile,
-    convert_in_place,
-    is_in_place,
     open_migration,
-    other_mode,
-    plan_conversion,
     plan_migration,
     run_migration,
 )
