@@ -339,7 +339,7 @@ async def convert_file(
             file.key,
             extra_metadata=fmt.user_metadata(head.metadata),
             digest=await core.digest(scratch),
-            content_type=head.content_type,
+            content_type=fmt.content_type_of(head.metadata, head.content_type),
             mode=target,
         )
     finally:

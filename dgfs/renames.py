@@ -81,8 +81,13 @@ class Renamer:
         ):
             async with self._bench.scratch() as plain:
                 await self._rebuilder.rebuild(stored, plain)
-                extra = {k: v for k, v in head.metadata.items() if k in fmt.POSIX_KEYS}
-                await self._writer.put(plain, dst_key, extra_metadata=extra)
+                # Everything but the format's keys follows the file, as a copy does.
+                await self._writer.put(
+                    plain,
+                    dst_key,
+                    extra_metadata=fmt.user_metadata(head.metadata),
+                    content_type=fmt.content_type_of(head.metadata, head.content_type),
+                )
             return
         if stored.kind is Kind.DELTA:
             dst_stored = fmt.delta_key(dst_key)

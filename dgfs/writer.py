@@ -43,7 +43,7 @@ from dgfs.workbench import Workbench
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTENT_TYPE = "application/octet-stream"
+DEFAULT_CONTENT_TYPE = fmt.DEFAULT_CONTENT_TYPE
 
 
 def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, bool]:
@@ -144,7 +144,9 @@ class FileWriter:
         ``extra_metadata`` (POSIX attributes, a migrated object's user
         metadata) is stored beside the format's own keys. ``digest`` saves
         re-hashing when the caller has it. ``content_type`` is set on the
-        object that holds the file (delta or direct), not on the reference.
+        object that holds the file (delta or direct), not on the reference,
+        and written as deltaglider_proxy's ``content-type`` key too
+        (``fmt.content_type_metadata``), which it serves instead.
         ``mode`` forces the deltaspace mode (a conversion); by default the
         directory's existing reference decides (see ``_deltaspace``).
         ``direct`` stores the file whole whatever the policy says: the upload
@@ -153,7 +155,7 @@ class FileWriter:
         if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
             raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
         digest = digest or await self._bench.digest(src)
-        extra = dict(extra_metadata or {})
+        extra = {**(extra_metadata or {}), **fmt.content_type_metadata(content_type)}
         prefix, name = fmt.split_key(key)
         if direct or not self._policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
             return await self._put_direct(src, key, digest, extra, content_type)
