@@ -84,6 +84,18 @@ def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.001)
 
 
+@pytest.fixture
+def idle_jump_clock() -> trio.testing.MockClock:
+    """Trio time that jumps once every task has been idle for 10 ms of real time.
+
+    ``autojump_clock`` jumps to the next deadline even while a worker thread
+    runs (hashing, file I/O), so the trio time between two events can grow
+    by whatever deadline came next. This one leaves time alone while a
+    thread works, so a duration measured is what the code waited for.
+    """
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def aws_test_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Fixed credentials and no AWS config files, set before any client exists."""
@@ -131,7 +143,7 @@ def memory_store() -> MemoryStore:
 
 @pytest.fixture
 def memory() -> MemoryStore:
-    """The bucket of an in-process ``FileSystem`` test (tests/test_filesystem.py's ``mounted``)."""
+    """The bucket of an in-process ``FileSystem`` test (tests/fsharness.py's ``mounted``)."""
     return MemoryStore("fs-bucket")
 
 

@@ -2,7 +2,7 @@
 
 Each test injects what dgfs does not raise on purpose (a full disk, no
 descriptors left, a ``RecursionError``, a ``MemoryError``) into one
-background job of an in-process mount (``tests.test_filesystem.mounted``)
+background job of an in-process mount (``tests.fsharness.mounted``)
 or into a listener the mount runs (metrics, status socket), then checks
 that the job's failure is one log line, that the mount's nursery is still
 running (leaving ``mounted`` unmounts it in order) and that other
@@ -31,7 +31,7 @@ from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.namespace import Namespace
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.test_filesystem import OPTIONS, idle_jump_clock, lookup, mounted, write_file  # noqa: F401
+from tests.fsharness import OPTIONS, lookup, mounted, write_file
 from tests.test_streaming import HALF, STREAMING, new_dir, open_v2, read_from, store_versions
 
 pytestmark = [

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import random
 import re
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from dgfs import format as fmt
-from dgfs.cache import ContentCache
 from dgfs.core import Core
-from dgfs.delta import DeltaEngine
 from dgfs.errors import (
     DeltaEngineError,
     FormatError,
@@ -26,24 +23,12 @@ from dgfs.errors import (
     NotFound,
     StoreError,
 )
-from dgfs.format import DeltaMode, Kind
-from dgfs.policy import Policy
-from dgfs.store.base import ObjectHead, ObjectStore
+from dgfs.format import Kind
+from dgfs.store.base import ObjectHead
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
+from tests.coreharness import flip_byte, make_core, write
 from testsupport.releases import ReleaseSeries
-
-
-def make_core(
-    store: ObjectStore, root: Path, deltas: DeltaMode = DeltaMode.DG, **policy: object
-) -> tuple[Core, ContentCache]:
-    """A core over ``store``, new deltaspaces in mode ``deltas``, files from
-    1 KiB stored as deltas; its cache and scratch under ``root``, one pair
-    per mode (a DG and a deep core may share a root)."""
-    cache = ContentCache(root / f"cache-{deltas.value}", 1 << 30)
-    pol = Policy(min_delta_size=1024, **policy)  # type: ignore[arg-type]
-    scratch = root / f"scratch-{deltas.value}"
-    return Core(store, cache, DeltaEngine(), pol, scratch_dir=scratch, deltas=deltas), cache
 
 
 @pytest.fixture
@@ -52,19 +37,6 @@ async def core(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]
     yield core
     await core.aclose()
     cache.close()
-
-
-def write(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
-
-
-def flip_byte(store: MemoryStore, key: str, where: Callable[[bytes], int]) -> None:
-    """Corrupt one byte of a stored object behind the store's back."""
-    obj = store.objects[key]
-    body = bytearray(obj.body)
-    body[where(obj.body)] ^= 0xFF
-    store.objects[key] = dataclasses.replace(obj, body=bytes(body))
 
 
 def sha(data: bytes) -> str:

@@ -14,7 +14,7 @@ from dgfs.core import Core
 from dgfs.errors import IntegrityError
 from dgfs.format import DeltaMode, Kind
 from dgfs.store.memory import MemoryStore
-from tests.test_core import make_core
+from tests.coreharness import make_core
 from testsupport.releases import write_sdist, write_series
 
 

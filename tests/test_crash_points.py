@@ -44,12 +44,12 @@ from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.policy import Policy
 from dgfs.store.faulty import FaultyStore, Operation
 from dgfs.store.memory import MemoryStore
-from tests.test_filesystem import (
+from tests.fsharness import (
     GID,
     ROOT,
     UID,
-    _close_fds_under,
     close,
+    close_fds_under,
     lookup,
     read_file,
     rename,
@@ -251,7 +251,7 @@ async def run_crashing(memory: MemoryStore, home: Path, plan: CrashPlan, model: 
             crashed = True
         if crashed:
             journal.close()
-            _close_fds_under(journal.directory)  # as the kernel does for a dead process
+            close_fds_under(journal.directory)  # as the kernel does for a dead process
         else:
             await fs.close()
             journal.close()

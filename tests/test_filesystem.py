@@ -1,6 +1,6 @@
 """``FileSystem`` in-process, without the kernel: the upload pipeline, deterministically.
 
-Each test mounts a ``FileSystem`` the way ``dgfs.mount`` wires one (a
+Each test mounts a ``FileSystem`` (tests/fsharness.py: wired the way ``dgfs.mount`` wires one, a
 ``Core`` over the store, a journal, upload workers in a nursery, journal
 recovery, ``wait_idle`` at unmount) and drives it through its POSIX-level
 methods, on a ``MemoryStore`` or a ``FaultyStore`` around one. Nothing
@@ -16,25 +16,19 @@ a test can compare the bucket with what it expects, byte for byte.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import itertools
 import logging
 import os
-import tempfile
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from dgfs.cache import ContentCache
-from dgfs.core import Core
-from dgfs.delta import DeltaEngine
 from dgfs.errors import (
     DgfsError,
     FsError,
@@ -43,177 +37,35 @@ from dgfs.errors import (
     WriteConflict,
     errno_of,
 )
-from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.nodes import Node
 from dgfs.fs.uploads import RACES_REDONE_AT_ONCE
-from dgfs.policy import Policy
 from dgfs.store.base import ObjectStore
 from dgfs.store.faulty import FaultyStore, Operation
 from dgfs.store.memory import MemoryStore
+from tests.fsharness import (
+    GID,
+    OPTIONS,
+    ROOT,
+    UID,
+    assert_absent,
+    bucket,
+    close,
+    create,
+    journal_entries,
+    lookup,
+    mounted,
+    open_for_rewrite,
+    read_file,
+    rename,
+    started,
+    write_file,
+)
 from testsupport.releases import ReleaseSeries
 
 # A deadlock would hang (mock_clock) or spin (autojump_clock) until the suite's 300 s.
 pytestmark = pytest.mark.timeout(30)
-
-ROOT = 1
-UID, GID = os.getuid(), os.getgid()
-OPTIONS = FsOptions(upload_delay=0.5, retry_delay=2.0)
-
-
-# --- mounting -------------------------------------------------------------------------
-
-
-@dataclass
-class Mount:
-    fs: FileSystem
-    journal_dir: Path
-    recovered: int  # entries an earlier mount left in the journal
-
-
-@contextlib.asynccontextmanager
-async def mounted(
-    store: ObjectStore,
-    tmp_path: Path,
-    options: FsOptions = OPTIONS,
-    *,
-    crash: bool = False,
-    journal_type: type[Journal] = Journal,
-    engine: DeltaEngine | None = None,
-) -> AsyncIterator[Mount]:
-    """A mount's lifetime as ``dgfs.mount`` runs it; the journal is ``tmp_path/journal``.
-
-    Leaving the block unmounts: pending uploads are drained, then the
-    filesystem and journal are closed. With ``crash`` the process "dies"
-    instead: no drain, no close; the journal keeps what it holds.
-    """
-    run_dir = Path(tempfile.mkdtemp(dir=tmp_path, prefix="mount-"))
-    cache = ContentCache(run_dir / "cache", 64 << 20)
-    core = Core(store, cache, engine or DeltaEngine(), Policy(), scratch_dir=run_dir / "scratch")
-    journal = journal_type(tmp_path / "journal")
-    fs = FileSystem(core, journal, AttrCache(None), options)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(fs.run_uploads)
-            recovered = await fs.recover_journal()
-            yield Mount(fs, journal.directory, recovered)
-            if not crash:
-                await fs.unmounted()
-                await fs.wait_idle()
-            nursery.cancel_scope.cancel()
-    finally:
-        if crash:
-            journal.close()
-            _close_fds_under(journal.directory)  # as the kernel would for a dead process
-        else:
-            await fs.close()
-            journal.close()
-        await core.aclose()
-        cache.close()
-
-
-def _close_fds_under(directory: Path) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith(f"{directory}/"):
-            os.close(int(name))
-
-
-# --- POSIX-level helpers --------------------------------------------------------------
-
-
-async def lookup(fs: FileSystem, name: str, parent: int = ROOT) -> Node:
-    """``FileSystem.lookup`` counts the lookup it hands the kernel; these tests
-    never send ``forget``, so a name a test used stays valid, as in a mount."""
-    return await fs.lookup(parent, name)
-
-
-async def create(fs: FileSystem, name: str, data: bytes, parent: int = ROOT) -> int:
-    """open(O_CREAT|O_TRUNC) and write ``data``, left open; returns the handle."""
-    handle, node = await fs.create(
-        parent, name, 0o644, UID, GID, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    )
-    await fs.write(handle.fh, 0, data)
-    return handle.fh
-
-
-async def close(fs: FileSystem, fh: int) -> None:
-    await fs.flush(fh)
-    await fs.release(fh)
-
-
-async def write_file(fs: FileSystem, name: str, data: bytes, parent: int = ROOT) -> None:
-    """What ``echo > name`` does: create, write, close."""
-    await close(fs, await create(fs, name, data, parent))
-
-
-async def open_for_rewrite(fs: FileSystem, name: str, data: bytes) -> int:
-    """open(O_TRUNC) an existing file and write ``data``, left open; returns the handle."""
-    node = await lookup(fs, name)
-    handle = await fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
-    await fs.write(handle.fh, 0, data)
-    return handle.fh
-
-
-async def read_file(fs: FileSystem, name: str, parent: int = ROOT) -> bytes:
-    node = await lookup(fs, name, parent)
-    handle = await fs.open(node.ino, os.O_RDONLY)
-    try:
-        return await fs.read(handle.fh, 0, 1 << 20)
-    finally:
-        await fs.release(handle.fh)
-
-
-async def rename(fs: FileSystem, old: str, new: str) -> None:
-    await fs.rename(ROOT, old, ROOT, new, 0)
-
-
-async def assert_absent(fs: FileSystem, name: str) -> None:
-    with pytest.raises(FsError) as exc:
-        await fs.lookup(ROOT, name)
-    assert exc.value.errno == errno.ENOENT
-
-
-def bucket(memory: MemoryStore) -> dict[str, bytes]:
-    """Every object of the bucket and its body."""
-    return {key: obj.body for key, obj in memory.objects.items()}
-
-
-def journal_entries(journal_dir: Path) -> list[str]:
-    """Staging files and manifests still in the journal (not counting failed/)."""
-    return sorted(p.name for p in journal_dir.iterdir() if p.suffix in (".data", ".json"))
-
-
-async def started(job: Callable[[], Awaitable[object]], nursery: trio.Nursery) -> trio.Event:
-    """Start ``job`` in ``nursery`` and let it run until every task is blocked
-    (one waiting for a worker thread counts as blocked); returns an event set
-    when the job is done."""
-    done = trio.Event()
-
-    async def run() -> None:
-        await job()
-        done.set()
-
-    nursery.start_soon(run)
-    await trio.testing.wait_all_tasks_blocked()
-    return done
-
-
-@pytest.fixture
-def idle_jump_clock() -> trio.testing.MockClock:
-    """Trio time that jumps once every task has been idle for 10 ms of real time.
-
-    ``autojump_clock`` jumps to the next deadline even while a worker thread
-    runs (hashing, file I/O), so the trio time between two events can grow
-    by whatever deadline came next. This one leaves time alone while a
-    thread works, so a duration measured is what the code waited for.
-    """
-    return trio.testing.MockClock(autojump_threshold=0.01)
-
 
 # --- the fault-injecting store itself -------------------------------------------------
 

@@ -39,6 +39,7 @@ from dgfs.proxycrypt import (
 from dgfs.stats import compute_stats
 from dgfs.store.memory import MemoryStore
 from dgfs.verify import Status, verify_all
+from tests.coreharness import make_core
 from tests.proxyobjects import (
     ProxyEncryption,
     ProxyWriter,
@@ -49,7 +50,6 @@ from tests.proxyobjects import (
     proxy_client_view,
     proxy_parse,
 )
-from tests.test_core import make_core
 from testsupport.releases import ReleaseSeries
 
 

@@ -1,7 +1,7 @@
 """A randomized model test of ``FileSystem`` in-process: no kernel, a mock clock, by the thousand.
 
 Hypothesis's ``RuleBasedStateMachine`` drives ``dgfs.fs.filesystem.FileSystem``
-(wired as ``tests/test_filesystem.py``'s ``mounted()`` wires it, over a
+(wired as ``tests/fsharness.py``'s ``mounted()`` wires it, over a
 ``FaultyStore`` around a ``MemoryStore``) and a directory of the local disk
 in lockstep, and fails on the first difference in results or errno. The
 local directory is the model: it is what POSIX says (errnos, renames over
@@ -365,7 +365,7 @@ async def settle() -> None:
 
 
 def _close_fds_under(directory: Path) -> None:
-    """As the kernel does for a process that dies (see tests/test_filesystem.py)."""
+    """As the kernel does for a process that dies (see tests/fsharness.py)."""
     for name in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{name}")
@@ -376,7 +376,7 @@ def _close_fds_under(directory: Path) -> None:
 
 
 class Mount:
-    """One mount's lifetime as ``tests/test_filesystem.py``'s ``mounted()`` runs it,
+    """One mount's lifetime as ``tests/fsharness.py``'s ``mounted()`` runs it,
     its end (unmount or crash) chosen when it comes. Lives in a task of the loop."""
 
     def __init__(self, store: FaultyStore, base: Path, cache_dir: Path) -> None:

@@ -1,5 +1,5 @@
 """Divergences the in-process model test (tests/test_fs_model.py) found, each
-shrunk to a deterministic test on ``tests/test_filesystem.py``'s helpers.
+shrunk to a deterministic test on ``tests/fsharness.py``'s helpers.
 
 Each failed before its fix (a test marked ``xfail(strict=True)`` would
 describe a bug not fixed yet, and the model's ``KNOWN_BUGS`` would keep it
@@ -24,7 +24,7 @@ from dgfs.fs.journal import Journal
 from dgfs.store import memory as memory_module
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.test_filesystem import (
+from tests.fsharness import (
     GID,
     OPTIONS,
     ROOT,

@@ -24,8 +24,8 @@ from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.nodes import Node
 from dgfs.store.memory import MemoryStore
-from tests.test_core import flip_byte, make_core, write
-from tests.test_filesystem import ROOT, lookup, mounted, read_file, write_file
+from tests.coreharness import flip_byte, make_core, write
+from tests.fsharness import ROOT, lookup, mounted, read_file, write_file
 from testsupport.releases import ReleaseSeries
 
 pytestmark = pytest.mark.timeout(60)

@@ -35,7 +35,7 @@ from dgfs.errors import DgfsError, FsError, IntegrityError
 from dgfs.format import DeltaMode, Kind
 from dgfs.policy import Policy
 from dgfs.store.memory import MemoryStore
-from tests.test_filesystem import lookup, mounted, read_file, write_file
+from tests.fsharness import lookup, mounted, read_file, write_file
 from testsupport import bombs
 from testsupport.releases import write_sdist
 

@@ -22,8 +22,8 @@ import pytest
 import trio
 
 from dgfs.store.memory import MemoryStore
+from tests.coreharness import make_core, write
 from tests.mountutil import DgfsMount, Mounts, S3View, daemon_env, dgfs_bin
-from tests.test_core import make_core, write
 from tests.test_hostile import BAD_METADATA, BROKEN, LONG, break_one
 from testsupport.releases import ReleaseSeries
 

@@ -270,7 +270,7 @@ async def test_a_mount_that_stored_many_files_writes_their_directory_index(
     """The writer lists what it wrote once its uploads go quiet (here: at
     unmount), so the first fresh mount reads one index instead of a HEAD per file."""
     from dgfs.fs.filesystem import FileSystem
-    from tests.test_filesystem import GID, ROOT, UID, mounted, write_file
+    from tests.fsharness import GID, ROOT, UID, mounted, write_file
 
     store = CountingStore()
     async with mounted(store, tmp_path) as m:

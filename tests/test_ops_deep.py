@@ -34,7 +34,7 @@ from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.stats import BucketStats, compute_stats
 from dgfs.store.memory import MemoryStore
 from dgfs.verify import Status, verify_all, verify_key
-from tests.test_core import make_core
+from tests.coreharness import make_core
 from testsupport.releases import ReleaseSeries, write_sdist
 from testsupport.servers import REGION, make_bucket, s3_client
 

@@ -29,6 +29,7 @@ from dgfs.runtime import S3Location, Settings
 from dgfs.store.base import ObjectHead, ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
+from tests.coreharness import make_core
 from tests.proxyobjects import (
     ProxyEncryption,
     ProxyWriter,
@@ -36,7 +37,6 @@ from tests.proxyobjects import (
     proxy_client_view,
     proxy_parse,
 )
-from tests.test_core import make_core
 from testsupport.dgcli import run_deltaglider
 from testsupport.releases import ReleaseSeries
 from testsupport.servers import REGION

@@ -36,21 +36,24 @@ from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
 from dgfs.verify import Status, verify_key
-from tests.proxyobjects import ProxyWriter, proxy_client_view
-from tests.test_core import flip_byte, make_core, write
-from tests.test_filesystem import (
+from tests.coreharness import flip_byte, make_core, write
+from tests.fsharness import (
+    FAST_RETRIES,
     OPTIONS,
+    RELEASES,
     ROOT,
     UID,
     create,
+    home,
     lookup,
     mounted,
     read_file,
+    read_fresh,
     write_file,
 )
+from tests.proxyobjects import ProxyWriter, proxy_client_view
 from tests.test_hostile import readdir
 from tests.test_namespace import CountingStore, delta_meta, fill, namespace
-from tests.test_two_mounts import FAST_RETRIES, RELEASES, home, read_fresh
 from testsupport.releases import ReleaseSeries
 from testsupport.servers import REGION, make_bucket
 

@@ -25,7 +25,7 @@ from dgfs.fs import readers
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.readers import StreamReader
 from dgfs.store.memory import MemoryStore
-from tests.test_filesystem import OPTIONS, close, create, lookup, mounted, write_file
+from tests.fsharness import OPTIONS, close, create, lookup, mounted, write_file
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,6 +1,6 @@
 """Two machines, one name: two in-process mounts of one bucket, interleaved.
 
-Each test runs two ``FileSystem`` mounts (tests/test_filesystem.py's
+Each test runs two ``FileSystem`` mounts (tests/fsharness.py's
 ``mounted``), each through its own ``FaultyStore`` over one shared
 ``MemoryStore``, and holds one mount's upload at a chosen point while the
 other acts. Whatever the interleaving, one of the two versions survives
@@ -22,43 +22,29 @@ import trio
 
 from dgfs import format as fmt
 from dgfs.errors import DgfsError
-from dgfs.fs.filesystem import FsOptions
 from dgfs.store import memory as memory_module
 from dgfs.store.faulty import Fault, FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.test_filesystem import (
+from tests.fsharness import (
+    FAST_RETRIES,
     GID,
+    RELEASES,
     ROOT,
     UID,
     Mount,
     close,
     create,
+    home,
     lookup,
     mounted,
     read_file,
+    read_fresh,
     write_file,
 )
-from testsupport.releases import ReleaseSeries
 
 pytestmark = pytest.mark.timeout(60)
 
-FAST_RETRIES = FsOptions(upload_delay=0.0, retry_delay=0.01)
-RELEASES = list(ReleaseSeries(size=512 << 10).zips(3))  # zips of ~250 KB: deltas
 SMALL = b"a small file of that name, stored whole\n"  # under 64 KiB: direct
-
-
-def home(tmp_path: Path, mount: str) -> Path:
-    """The directory of one mount's journal and cache."""
-    path = tmp_path / mount
-    path.mkdir(exist_ok=True)
-    return path
-
-
-async def read_fresh(memory: MemoryStore, tmp_path: Path, path: str) -> bytes:
-    """``path`` as a third, fresh mount reads it."""
-    async with mounted(memory, home(tmp_path, "reader")) as m:
-        parent, _, name = path.rpartition("/")
-        return await read_file(m.fs, name, (await lookup(m.fs, parent)).ino)
 
 
 async def with_reference(memory: MemoryStore, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ failing on this machine, the file is stored whole. Only S3 refusing the
 write itself moves an entry to the journal's failed/
 (``test_filesystem.py::test_permanent_failure_keeps_the_file_in_failed``).
 
-In-process, as tests/test_filesystem.py mounts a ``FileSystem``; files are
+In-process, as tests/fsharness.py mounts a ``FileSystem``; files are
 real release zips, so they are stored as xdelta3 deltas. The clock is
 real (xdelta3 is a process) with retry pauses of milliseconds, except for
 the S3 outage, which runs on trio's autojump clock.
@@ -31,7 +31,7 @@ from dgfs.errors import DeltaEngineError, TransientError, errno_of
 from dgfs.fs.filesystem import FsOptions
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.test_filesystem import (
+from tests.fsharness import (
     GID,
     ROOT,
     UID,

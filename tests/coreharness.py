@@ -1,0 +1,40 @@
+"""A ``Core`` for tests, over any store, and what they do to stored objects."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from dgfs.cache import ContentCache
+from dgfs.core import Core
+from dgfs.delta import DeltaEngine
+from dgfs.format import DeltaMode
+from dgfs.policy import Policy
+from dgfs.store.base import ObjectStore
+from dgfs.store.memory import MemoryStore
+
+
+def make_core(
+    store: ObjectStore, root: Path, deltas: DeltaMode = DeltaMode.DG, **policy: object
+) -> tuple[Core, ContentCache]:
+    """A core over ``store``, new deltaspaces in mode ``deltas``, files from
+    1 KiB stored as deltas; its cache and scratch under ``root``, one pair
+    per mode (a DG and a deep core may share a root)."""
+    cache = ContentCache(root / f"cache-{deltas.value}", 1 << 30)
+    pol = Policy(min_delta_size=1024, **policy)  # type: ignore[arg-type]
+    scratch = root / f"scratch-{deltas.value}"
+    return Core(store, cache, DeltaEngine(), pol, scratch_dir=scratch, deltas=deltas), cache
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def flip_byte(store: MemoryStore, key: str, where: Callable[[bytes], int]) -> None:
+    """Corrupt one byte of a stored object behind the store's back."""
+    obj = store.objects[key]
+    body = bytearray(obj.body)
+    body[where(obj.body)] ^= 0xFF
+    store.objects[key] = dataclasses.replace(obj, body=bytes(body))
