@@ -40,7 +40,7 @@ from dgfs.errors import (
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.nodes import Node
-from dgfs.fs.uploads import RACES_REDONE_AT_ONCE
+from dgfs.fs.upload_failures import RACES_REDONE_AT_ONCE
 from dgfs.store.base import ObjectStore
 from dgfs.store.faulty import FaultyStore, Operation
 from dgfs.store.memory import MemoryStore

@@ -138,7 +138,7 @@ from dgfs.fs.entries import NodeKind
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal
 from dgfs.fs.nodes import Node
-from dgfs.fs.uploads import RETRY_MAX_DELAY
+from dgfs.fs.upload_failures import RETRY_MAX_DELAY
 from dgfs.policy import Policy
 from dgfs.store.faulty import Fault, FaultyStore
 from dgfs.store.memory import MemoryStore

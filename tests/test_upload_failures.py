@@ -27,8 +27,20 @@ import trio
 import trio.testing
 
 from dgfs.delta import DeltaEngine
-from dgfs.errors import DeltaEngineError, TransientError, errno_of
+from dgfs.errors import (
+    AccessDenied,
+    DeltaEngineError,
+    FormatError,
+    NoSuchBucket,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    TransientError,
+    WriteConflict,
+    errno_of,
+)
 from dgfs.fs.filesystem import FsOptions
+from dgfs.fs.upload_failures import RACES_REDONE_AT_ONCE, Next, judge, retry_delay, store_whole
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from tests.fsharness import (
@@ -190,3 +202,39 @@ async def test_s3_unreachable_for_ten_minutes_loses_nothing(
         assert attempts[-1] - attempts[0] >= 602
     assert memory.objects["a.txt"].body == b"kept through the outage\n"
     assert_nothing_failed(m.journal_dir)
+
+
+# --- the rules themselves (dgfs/fs/upload_failures.py) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "direct", "races_lost", "expected", "local"),
+    [
+        (AccessDenied("no"), False, 0, Next.GIVE_UP, False),
+        (NoSuchBucket("gone"), False, 0, Next.GIVE_UP, False),
+        (StoreError("HTTP 400"), False, 0, Next.GIVE_UP, False),
+        (TransientError("HTTP 503"), False, 0, Next.RETRY, False),
+        (NotFound("reference gone"), False, 0, Next.RETRY, False),
+        (PreconditionFailed("lost the condition"), False, 0, Next.RETRY, False),
+        (OSError(errno.ENOSPC, "full"), False, 0, Next.RETRY, True),
+        (DeltaEngineError("xdelta3 killed"), False, 0, Next.RETRY, True),
+        (FormatError("reserved name"), False, 0, Next.RETRY, True),  # a delta: stored whole next
+        (FormatError("reserved name"), True, 0, Next.GIVE_UP, True),  # whole, and still refused
+        (WriteConflict("another writer"), False, 0, Next.REDO, False),
+        (WriteConflict("another writer"), False, RACES_REDONE_AT_ONCE - 1, Next.REDO, False),
+        (WriteConflict("another writer"), False, RACES_REDONE_AT_ONCE, Next.RETRY, False),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,
+)
+def test_a_failed_attempt_is_given_up_redone_or_retried_by_one_rule(
+    exc: BaseException, direct: bool, races_lost: int, expected: Next, local: bool
+) -> None:
+    verdict = judge(exc, direct=direct, races_lost=races_lost)
+    assert (verdict.next, verdict.local) == (expected, local)
+    assert errno_of(verdict.error) == (exc.errno if isinstance(exc, OSError) else errno_of(exc))
+
+
+def test_the_pause_doubles_up_to_a_minute_and_local_failures_store_whole() -> None:
+    assert [retry_delay(2.0, n) for n in range(1, 8)] == [2, 4, 8, 16, 32, 60, 60]
+    assert retry_delay(120.0, 3) == 120.0  # a longer base than the cap is kept
+    assert [store_whole(n) for n in range(4)] == [False, False, True, True]

@@ -26,12 +26,9 @@ acknowledged version (tests/test_crash_points.py).
 - A worker stores the last committed version under the node's current
   name. ``hold`` keeps new uploads from starting while a rename runs, and
   ``wait_not_uploading`` lets a rename or unlink wait for one in flight.
-- A failed upload is retried, the pause doubling from ``retry_delay`` up
-  to ``RETRY_MAX_DELAY``, the data kept in the journal: S3 unreachable, a
-  full or failing local disk, a corrupt cache entry, xdelta3 failing or
-  killed. After ``LOCAL_FAILURES_BEFORE_DIRECT`` failures on this machine
-  the file is stored whole. Only S3 refusing the write itself
-  (``refused_for_good``) moves the entry to the journal's ``failed/``.
+- A failed upload is given up (its entry to the journal's ``failed/``),
+  redone at once, or retried after a pause, the data kept in the journal;
+  dgfs/fs/upload_failures.py holds the rules.
 - Once everything written is in S3 and no handle is open, the staging
   file goes and the node is settled.
 - ``recover`` adopts what an earlier mount committed; ``leftovers`` says
@@ -52,19 +49,9 @@ from pathlib import Path
 import trio
 
 from dgfs.core import Core
-from dgfs.errors import (
-    DgfsError,
-    FormatError,
-    FsError,
-    NoSuchBucket,
-    NotFound,
-    PreconditionFailed,
-    StoreError,
-    TransientError,
-    WriteConflict,
-    errno_of,
-)
+from dgfs.errors import DgfsError, FsError, NotFound, errno_of
 from dgfs.format import StoredFile
+from dgfs.fs import upload_failures as failures
 from dgfs.fs.entries import NodeKind
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.namespace import Namespace
@@ -72,46 +59,10 @@ from dgfs.fs.nodes import Node, NodeTable
 from dgfs.fs.options import FsOptions
 from dgfs.fs.readers import StoredContent
 from dgfs.fs.staging import Phase, StagedFile
+from dgfs.fs.upload_failures import Next
 from dgfs.telemetry import FailedUpload
 
 log = logging.getLogger(__name__)
-
-#: Local failures (disk, cache, xdelta3; not S3's) of one file's upload after
-#: which it is stored whole instead of as a delta.
-LOCAL_FAILURES_BEFORE_DIRECT = 2
-#: The longest pause between two attempts of one file (seconds).
-RETRY_MAX_DELAY = 60.0
-#: Races lost to another writer in a row that are redone at once (then the
-#: upload pauses as after a failure, see ``UploadPipeline._retry``).
-RACES_REDONE_AT_ONCE = 3
-
-
-def refused_for_good(exc: BaseException, *, direct: bool) -> bool:
-    """Whether an upload that failed with ``exc`` can never succeed, so its
-    entry goes to the journal's failed/ instead of being retried.
-
-    Only S3 refusing the write itself is: access denied, the bucket gone, or
-    a request it rejects whatever the timing (a 4xx other than a missing
-    object or a lost condition). Everything else is retried with the data in the journal:
-    S3 unreachable or throttling, a full or failing local disk, a corrupt or
-    evicted cache entry, xdelta3 failing or killed, a reference another
-    writer replaced or removed; after LOCAL_FAILURES_BEFORE_DIRECT local
-    failures the file is stored whole (``direct``), and a format error then
-    (a name the format reserves) is final too.
-    """
-    if isinstance(exc, NoSuchBucket):
-        return True  # gone: a person must act (the data waits in failed/)
-    if isinstance(exc, StoreError):
-        return not isinstance(exc, (TransientError, NotFound, PreconditionFailed))
-    return direct and isinstance(exc, FormatError)
-
-
-def _as_dgfs_error(exc: BaseException) -> DgfsError:
-    """``exc`` as fsync() reports it (its errno; EIO when it has none)."""
-    if isinstance(exc, DgfsError):
-        return exc
-    err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-    return FsError(err, str(exc) or type(exc).__name__)
 
 
 @dataclass(frozen=True)
@@ -475,16 +426,21 @@ class UploadPipeline:
     ) -> None:
         """Store ``staged`` (its ``generation``) under ``key`` and record the outcome."""
         started = trio.current_time()
-        direct = staged.local_failures >= LOCAL_FAILURES_BEFORE_DIRECT
+        direct = failures.store_whole(staged.local_failures)
         try:
             stored = (
                 await self.core.put(staged.path, key, extra_metadata=meta, direct=direct)
             ).stored
         except Exception as exc:
-            if refused_for_good(exc, direct=direct):
-                await self._quarantine(node, staged, key, exc)
+            verdict = failures.judge(exc, direct=direct, races_lost=staged.races_lost)
+            if verdict.unexpected:
+                log.error("upload of %s failed unexpectedly", key, exc_info=exc)
+            if verdict.next is Next.GIVE_UP:
+                await self._quarantine(node, staged, key, verdict.error)
+            elif verdict.next is Next.REDO:
+                self._redo(node, staged, verdict.error)
             else:
-                await self._retry(node, staged, key, exc)
+                self._retry(node, staged, key, verdict)
             return
         seconds = trio.current_time() - started
         kind = ("deep-" if stored.deep else "") + stored.kind.value
@@ -551,9 +507,8 @@ class UploadPipeline:
             # The bytes are stored; only a follow-up (name, attributes) is missing.
             log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
 
-    async def _quarantine(self, node: Node, staged: StagedFile, key: str, exc: Exception) -> None:
+    async def _quarantine(self, node: Node, staged: StagedFile, key: str, error: DgfsError) -> None:
         """The bucket refuses this file for good: its entry goes to failed/."""
-        error = _as_dgfs_error(exc)
         staged.failed_for_good(error)
         where = await trio.to_thread.run_sync(self.journal.quarantine, staged.entry_id)
         seen = errno.errorcode.get(errno_of(error), "EIO")
@@ -569,38 +524,27 @@ class UploadPipeline:
         )
         staged.notify()
 
-    async def _retry(self, node: Node, staged: StagedFile, key: str, exc: Exception) -> None:
-        """Report ``exc`` to fsync() waiters, then queue the upload again after
-        a pause that doubles with each failure in a row (up to RETRY_MAX_DELAY).
-        The data stays in the journal meanwhile, and the worker is free.
+    def _redo(self, node: Node, staged: StagedFile, error: DgfsError) -> None:
+        """A race lost to another writer: queued again at once, fsync waiting on."""
+        log.info("%s; storing it again at once", error)
+        staged.lost_race()
+        if node.staged is staged:
+            self._request(node, despite_writers=True)
+        else:  # rewritten meanwhile: kept as it is until the newer version is committed
+            self._retry_later(node, staged, self.options.retry_delay)
 
-        A race lost to another writer (``WriteConflict``) is no failure: it
-        is redone at once, unseen by fsync(), up to RACES_REDONE_AT_ONCE
-        times in a row; two mounts that keep undoing each other then pause
-        like any failure, so one of them gets through."""
-        if isinstance(exc, WriteConflict) and staged.races_lost < RACES_REDONE_AT_ONCE:
-            log.info("%s; storing it again at once", exc)
-            staged.lost_race()
-            if node.staged is staged:
-                self._request(node, despite_writers=True)
-            else:  # rewritten meanwhile: kept as it is until the newer version is committed
-                self._retry_later(node, staged, self.options.retry_delay)
-            return
-        if not isinstance(exc, (DgfsError, OSError)):
-            log.error("upload of %s failed unexpectedly", key, exc_info=exc)
-        local = not isinstance(exc, TransientError)
-        error = _as_dgfs_error(exc)
-        staged.failed_transiently(error, local=local)
-        delay = min(
-            self.options.retry_delay * 2 ** (staged.failures - 1),
-            max(self.options.retry_delay, RETRY_MAX_DELAY),
-        )
-        whole = local and staged.local_failures == LOCAL_FAILURES_BEFORE_DIRECT
+    def _retry(self, node: Node, staged: StagedFile, key: str, verdict: failures.Verdict) -> None:
+        """Report the error to fsync() waiters, then queue the upload again
+        after a pause (``failures.retry_delay``). The data stays in the
+        journal meanwhile, and the worker is free."""
+        staged.failed_transiently(verdict.error, local=verdict.local)
+        delay = failures.retry_delay(self.options.retry_delay, staged.failures)
+        whole = verdict.local and staged.local_failures == failures.LOCAL_FAILURES_BEFORE_DIRECT
         log.warning(
             "upload of %s failed (%s, fsync sees %s); retrying in %.0fs%s",
             key,
-            error,
-            errno.errorcode.get(errno_of(error), "EIO"),
+            verdict.error,
+            errno.errorcode.get(errno_of(verdict.error), "EIO"),
             delay,
             ", storing it whole (its delta failed on this machine twice)" if whole else "",
         )
