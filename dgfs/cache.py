@@ -53,11 +53,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
 
+from dgfs.closing import Closing
 from dgfs.crypto import (
     MAX_CHUNKS,
     TAG_SIZE,
@@ -142,7 +142,7 @@ class _Entry:
     plain_size: int
 
 
-class CacheEntryReader:
+class CacheEntryReader(Closing):
     """Random-access, authenticated reads of one cache entry (a context manager).
 
     Obtained from ``ContentCache.open``. Keeps the entry's file open, so it
@@ -174,17 +174,6 @@ class CacheEntryReader:
         # chunk is decrypted once, not eight times, by a sequential reader.
         self._last_index = -1
         self._last_plain = b""
-
-    def __enter__(self) -> CacheEntryReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Release the file. Idempotent."""
@@ -276,7 +265,7 @@ class CacheEntryReader:
         os.close(out)
 
 
-class ContentCache:
+class ContentCache(Closing):
     """Encrypted, content-addressed files on disk, bounded by an LRU byte budget.
 
     Callers may rely on:
@@ -433,17 +422,6 @@ class ContentCache:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
-
-    def __enter__(self) -> ContentCache:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- properties -----------------------------------------------------------------
 

@@ -45,7 +45,7 @@ import trio
 
 from dgfs import delta, gc
 from dgfs import format as fmt
-from dgfs.core import Core, PutResult
+from dgfs.core import Core
 from dgfs.errors import DgfsError, NotFound
 from dgfs.format import DeltaMode, Kind
 from dgfs.migrate import (
@@ -60,6 +60,7 @@ from dgfs.migrate import (
 from dgfs.runtime import S3Location
 from dgfs.shard import Shard, owned
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
+from dgfs.writer import PutResult
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from dgfs.renames import Renamer
 from dgfs.store.base import ObjectHead, ObjectStore, head_many
 from dgfs.telemetry import Telemetry
 from dgfs.workbench import Workbench
-from dgfs.writer import DEFAULT_CONTENT_TYPE, FileWriter, PutResult
+from dgfs.writer import FileWriter
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class Core:
             self.bench, self.references, cache, engine, self.limits, self.telemetry
         )
         self.renamer = Renamer(self.bench, self.forms, self.writer, self.rebuilder)
+        # Storing the local file ``src`` under the user-visible ``key``.
+        self.put = self.writer.put
 
     # --- small helpers -------------------------------------------------------
 
@@ -168,28 +170,6 @@ class Core:
         writing the new form and deleting the old), the newer one wins.
         """
         return await self.forms.locate(key)
-
-    async def put(
-        self,
-        src: Path,
-        key: str,
-        *,
-        extra_metadata: Mapping[str, str] | None = None,
-        digest: FileDigest | None = None,
-        content_type: str = DEFAULT_CONTENT_TYPE,
-        mode: DeltaMode | None = None,
-        direct: bool = False,
-    ) -> PutResult:
-        """Store the local file ``src`` under the user-visible ``key`` (``FileWriter.put``)."""
-        return await self.writer.put(
-            src,
-            key,
-            extra_metadata=extra_metadata,
-            digest=digest,
-            content_type=content_type,
-            mode=mode,
-            direct=direct,
-        )
 
     # --- get -------------------------------------------------------------------
 

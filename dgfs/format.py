@@ -329,19 +329,10 @@ def posix_metadata(
     atime_ns: int | None = None,
 ) -> dict[str, str]:
     """POSIX attributes in s3fs/rclone spelling (times in seconds, may be fractional)."""
-    meta: dict[str, str] = {}
-    if mtime_ns is not None:
-        meta[META_MTIME] = _seconds(mtime_ns)
-    if atime_ns is not None:
-        meta[META_ATIME] = _seconds(atime_ns)
-    if mode is not None:
-        meta[META_MODE] = str(mode)
-    if uid is not None:
-        meta[META_UID] = str(uid)
-    if gid is not None:
-        meta[META_GID] = str(gid)
-    if rdev is not None:
-        meta[META_RDEV] = str(rdev)
+    times = {META_MTIME: mtime_ns, META_ATIME: atime_ns}
+    numbers = {META_MODE: mode, META_UID: uid, META_GID: gid, META_RDEV: rdev}
+    meta = {key: _seconds(ns) for key, ns in times.items() if ns is not None}
+    meta.update((key, str(value)) for key, value in numbers.items() if value is not None)
     return meta
 
 

@@ -47,12 +47,13 @@ from dataclasses import dataclass, field
 import trio
 
 from dgfs import format as fmt
-from dgfs.core import Core, PutResult
+from dgfs.core import Core
 from dgfs.errors import ConfigError, DgfsError, IntegrityError
 from dgfs.format import Kind, StoredFile
 from dgfs.runtime import S3Location, Settings, open_core, open_store
 from dgfs.shard import Shard, label, owned
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
+from dgfs.writer import PutResult
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 import time
-from types import TracebackType
 from typing import TextIO
+
+from dgfs.closing import Closing
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -33,7 +34,7 @@ def human_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-class Progress:
+class Progress(Closing):
     """Files and bytes done out of a known total, with rate and ETA.
 
     ``advance`` is cheap: the line is redrawn at most every
@@ -124,14 +125,3 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self._drawn = False
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -30,6 +30,8 @@ from dgfs.errors import DgfsError, NotFound
 # Objects at least this large are uploaded in parts.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_PART_SIZE = 16 * 1024 * 1024
+# What S3 gives an object stored without a Content-Type.
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
 def encode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -77,7 +79,21 @@ class ObjectHead:
     etag: str
     last_modified: datetime
     metadata: Mapping[str, str] = field(default_factory=dict)
-    content_type: str = "application/octet-stream"
+    content_type: str = DEFAULT_CONTENT_TYPE
+
+
+@dataclass(frozen=True)
+class NewObject:
+    """What a write stores beside the body, and on what condition.
+
+    ``metadata``: user metadata as in ``ObjectHead``. ``if_none_match``: the
+    object is created only if the key does not exist yet
+    (``PreconditionFailed`` otherwise).
+    """
+
+    metadata: Mapping[str, str]
+    content_type: str = DEFAULT_CONTENT_TYPE
+    if_none_match: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,14 +149,13 @@ class ObjectStore(abc.ABC):
     async def download(self, key: str, dest: Path) -> ObjectHead:
         """Stream ``key`` into the file ``dest`` (created/truncated); returns its head."""
 
-    @abc.abstractmethod
     async def upload(
         self,
         key: str,
         src: Path,
         metadata: Mapping[str, str],
         *,
-        content_type: str = "application/octet-stream",
+        content_type: str = DEFAULT_CONTENT_TYPE,
         if_none_match: bool = False,
     ) -> str:
         """Upload the file ``src`` (multipart when large); returns the new ETag.
@@ -149,18 +164,25 @@ class ObjectStore(abc.ABC):
         exist yet (``PreconditionFailed`` otherwise). A failed multipart
         upload is aborted, never left behind.
         """
+        return await self.write(key, src, NewObject(metadata, content_type, if_none_match))
 
-    @abc.abstractmethod
     async def put_bytes(
         self,
         key: str,
         body: bytes,
         metadata: Mapping[str, str],
         *,
-        content_type: str = "application/octet-stream",
+        content_type: str = DEFAULT_CONTENT_TYPE,
         if_none_match: bool = False,
     ) -> str:
-        """Store a small body; returns the new ETag."""
+        """Store a small body; returns the new ETag (``if_none_match`` as in ``upload``)."""
+        return await self.write(key, body, NewObject(metadata, content_type, if_none_match))
+
+    @abc.abstractmethod
+    async def write(self, key: str, body: bytes | Path, new: NewObject) -> str:
+        """Store ``body`` (bytes, or the file at that path) under ``key`` as
+        ``new`` says; returns the new ETag. ``upload`` and ``put_bytes`` come
+        here: implementations write this one method."""
 
     @abc.abstractmethod
     async def copy(

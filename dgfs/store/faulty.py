@@ -39,7 +39,7 @@ from typing import Literal
 import trio
 
 from dgfs.errors import StoreError, TransientError
-from dgfs.store.base import ListPage, MultipartUpload, ObjectHead, ObjectStore
+from dgfs.store.base import ListPage, MultipartUpload, NewObject, ObjectHead, ObjectStore
 
 Operation = Literal[
     "list",
@@ -254,33 +254,10 @@ class FaultyStore(ObjectStore):
         async with self._faults("download", key):
             return await self.inner.download(key, dest)
 
-    async def upload(
-        self,
-        key: str,
-        src: Path,
-        metadata: Mapping[str, str],
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-    ) -> str:
-        async with self._faults("upload", key):
-            return await self.inner.upload(
-                key, src, metadata, content_type=content_type, if_none_match=if_none_match
-            )
-
-    async def put_bytes(
-        self,
-        key: str,
-        body: bytes,
-        metadata: Mapping[str, str],
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-    ) -> str:
-        async with self._faults("put_bytes", key):
-            return await self.inner.put_bytes(
-                key, body, metadata, content_type=content_type, if_none_match=if_none_match
-            )
+    async def write(self, key: str, body: bytes | Path, new: NewObject) -> str:
+        operation: Operation = "upload" if isinstance(body, Path) else "put_bytes"
+        async with self._faults(operation, key):
+            return await self.inner.write(key, body, new)
 
     async def copy(
         self,

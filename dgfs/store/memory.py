@@ -27,6 +27,7 @@ from dgfs.errors import NotFound, PreconditionFailed, StoreError
 from dgfs.store.base import (
     ListPage,
     MultipartUpload,
+    NewObject,
     ObjectHead,
     ObjectInfo,
     ObjectStore,
@@ -62,23 +63,23 @@ class MemoryStore(ObjectStore):
         except KeyError:
             raise NotFound(f"s3://{self.bucket}/{key} not found") from None
 
-    def _put(
-        self,
-        key: str,
-        body: bytes,
-        metadata: Mapping[str, str],
-        content_type: str,
-        if_none_match: bool,
-    ) -> str:
-        if not all(name.isascii() for name in metadata):
+    async def write(self, key: str, body: bytes | Path, new: NewObject) -> str:
+        if isinstance(body, Path):
+            body = await trio.Path(body).read_bytes()
+        else:
+            await trio.lowlevel.checkpoint()
+        return self._store(key, body, new)
+
+    def _store(self, key: str, body: bytes, new: NewObject) -> str:
+        if not all(name.isascii() for name in new.metadata):
             # What botocore refuses before sending (headers are ASCII).
             raise StoreError(f"PutObject s3://{self.bucket}/{key}: metadata names must be ASCII")
-        if if_none_match and key in self.objects:
+        if new.if_none_match and key in self.objects:
             raise PreconditionFailed(f"PutObject s3://{self.bucket}/{key}: precondition failed")
         etag = hashlib.md5(body).hexdigest()
         # Held as S3 would hold it (names lower-case, values ASCII).
-        stored_metadata = encode_metadata(metadata)
-        self.objects[key] = StoredObject(bytes(body), stored_metadata, content_type, etag)
+        stored_metadata = encode_metadata(new.metadata)
+        self.objects[key] = StoredObject(bytes(body), stored_metadata, new.content_type, etag)
         return etag
 
     async def list_pages(
@@ -131,30 +132,6 @@ class MemoryStore(ObjectStore):
         await trio.Path(dest).write_bytes(self.objects[key].body)
         return head
 
-    async def upload(
-        self,
-        key: str,
-        src: Path,
-        metadata: Mapping[str, str],
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-    ) -> str:
-        body = await trio.Path(src).read_bytes()
-        return self._put(key, body, metadata, content_type, if_none_match)
-
-    async def put_bytes(
-        self,
-        key: str,
-        body: bytes,
-        metadata: Mapping[str, str],
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-    ) -> str:
-        await trio.lowlevel.checkpoint()
-        return self._put(key, body, metadata, content_type, if_none_match)
-
     async def copy(
         self,
         src_key: str,
@@ -175,7 +152,7 @@ class MemoryStore(ObjectStore):
                 "copying an object to itself without changing its metadata"
             )
         new_metadata = source.metadata if metadata is None else metadata
-        return self._put(dst_key, source.body, new_metadata, source.content_type, False)
+        return self._store(dst_key, source.body, NewObject(new_metadata, source.content_type))
 
     async def delete(self, key: str) -> None:
         await trio.lowlevel.checkpoint()

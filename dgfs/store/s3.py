@@ -54,10 +54,12 @@ from dgfs.errors import (
     exception_leaves,
 )
 from dgfs.store.base import (
+    DEFAULT_CONTENT_TYPE,
     MULTIPART_PART_SIZE,
     MULTIPART_THRESHOLD,
     ListPage,
     MultipartUpload,
+    NewObject,
     ObjectHead,
     ObjectInfo,
     ObjectStore,
@@ -316,7 +318,7 @@ def _head_from_response(key: str, response: Mapping[str, Any], size: int) -> Obj
         etag=_etag(response["ETag"]),
         last_modified=_utc(response["LastModified"]),
         metadata=decode_metadata(response.get("Metadata") or {}),
-        content_type=response.get("ContentType") or "application/octet-stream",
+        content_type=response.get("ContentType") or DEFAULT_CONTENT_TYPE,
     )
 
 
@@ -526,51 +528,29 @@ class S3Store(ObjectStore):
 
     # --- writing -------------------------------------------------------------
 
-    async def put_bytes(
-        self,
-        key: str,
-        body: bytes,
-        metadata: Mapping[str, str],
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-    ) -> str:
-        """PUT ``body``; returns the ETag. ``if_none_match`` sends ``If-None-Match: *``."""
-        params = self._put_params(key, metadata, content_type, if_none_match)
-        response = await self._call(
-            "PutObject", key, partial(self._client.put_object, Body=body, **params)
-        )
-        return _etag(response["ETag"])
+    async def write(self, key: str, body: bytes | Path, new: NewObject) -> str:
+        """One PUT for bytes and for files below ``multipart_threshold``, else multipart.
 
-    async def upload(
-        self,
-        key: str,
-        src: Path,
-        metadata: Mapping[str, str],
-        *,
-        content_type: str = "application/octet-stream",
-        if_none_match: bool = False,
-    ) -> str:
-        """Upload ``src``: one PUT below ``multipart_threshold``, else multipart.
-
-        The file is streamed (single PUT) or read part by part at its
-        offset; all uploads of the store together hold at most
-        ``PART_BUFFERS`` parts in memory.
-        With ``if_none_match`` the PUT, or the CompleteMultipartUpload, is
-        conditional; losing raises ``PreconditionFailed`` (and the parts are
-        aborted).
+        A file is streamed (single PUT) or read part by part at its offset;
+        all uploads of the store together hold at most ``PART_BUFFERS`` parts
+        in memory. With ``if_none_match`` the PUT (``If-None-Match: *``), or
+        the CompleteMultipartUpload, is conditional; losing raises
+        ``PreconditionFailed`` (and the parts are aborted).
         """
-        params = self._put_params(key, metadata, content_type, if_none_match)
+        params = self._put_params(key, new)
+        if isinstance(body, bytes):
+            put_object = partial(self._client.put_object, Body=body, **params)
+            return _etag((await self._call("PutObject", key, put_object))["ETag"])
+        src = body
         size = (await trio.Path(src).stat()).st_size
-        if size < self.multipart_threshold:
+        if size >= self.multipart_threshold:
+            return await self._upload_multipart(key, src, size, params)
 
-            def put() -> dict[str, Any]:
-                with open(src, "rb") as body:
-                    return self._client.put_object(Body=body, **params)
+        def put() -> dict[str, Any]:
+            with open(src, "rb") as stream:
+                return self._client.put_object(Body=stream, **params)
 
-            response = await self._call("PutObject", key, put)
-            return _etag(response["ETag"])
-        return await self._upload_multipart(key, src, size, params)
+        return _etag((await self._call("PutObject", key, put))["ETag"])
 
     async def _upload_multipart(
         self, key: str, src: Path, size: int, params: dict[str, Any]
@@ -687,16 +667,14 @@ class S3Store(ObjectStore):
                 log.debug("further transfer failure: %r", other)
             raise errors[0] from None
 
-    def _put_params(
-        self, key: str, metadata: Mapping[str, str], content_type: str, if_none_match: bool
-    ) -> dict[str, Any]:
+    def _put_params(self, key: str, new: NewObject) -> dict[str, Any]:
         params: dict[str, Any] = {
             "Bucket": self.bucket,
             "Key": key,
-            "Metadata": encode_metadata(metadata),
-            "ContentType": content_type,
+            "Metadata": encode_metadata(new.metadata),
+            "ContentType": new.content_type,
         }
-        if if_none_match:
+        if new.if_none_match:
             params["IfNoneMatch"] = "*"
         return params
 
