@@ -1,0 +1,397 @@
+"""``S3Store``: the ObjectStore on S3 (and S3-compatible stores), via boto3.
+
+One client is created per store (``client.make_client``) and shared by
+worker threads; every blocking call runs in ``trio.to_thread.run_sync``
+under the store's ``CapacityLimiter``, through ``_call`` (``calls``).
+
+What callers may rely on:
+
+- Only ``dgfs.errors`` exceptions leave the store (``calls.translate_error``
+  is the one place that maps botocore exceptions). Local file errors while
+  reading an upload source or writing a download target stay ``OSError``.
+- Throttling, 5xx and broken connections are retried with backoff, on top
+  of botocore's own retries, before ``TransientError`` is raised. An
+  endpoint that refuses connections is not retried beyond botocore: it
+  raises ``EndpointUnreachable`` quickly.
+- ETags are returned without quotes; timestamps are timezone-aware UTC.
+- Multipart uploads and copies are aborted when they fail (``transfers``).
+- ``telemetry`` counts requests and retries (botocore's and ours), for
+  ``dgfs status``, the log line at close and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import closing
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import botocore.exceptions as bexc
+import trio
+
+from dgfs.errors import (
+    ConfigError,
+    NoSuchBucket,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    TransientError,
+)
+from dgfs.store.base import (
+    MULTIPART_PART_SIZE,
+    MULTIPART_THRESHOLD,
+    ListPage,
+    MultipartUpload,
+    NewObject,
+    ObjectHead,
+    ObjectInfo,
+    ObjectStore,
+    encode_metadata,
+)
+from dgfs.store.s3 import transfers
+from dgfs.store.s3.calls import RETRY_DELAYS, call_retrying
+from dgfs.store.s3.client import (
+    READ_TIMEOUT,
+    etag,
+    head_from_response,
+    instrument,
+    make_client,
+    utc,
+)
+from dgfs.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DELETE_BATCH = 1000
+
+
+class S3Store(ObjectStore):
+    """An ObjectStore on one S3 bucket.
+
+    ``max_concurrency`` bounds the worker threads (and so the requests in
+    flight) of this store. The transfer tuning attributes
+    (``multipart_threshold``, ``part_size``, ``download_threshold``,
+    ``download_range_size``, ``copy_threshold``, ``copy_part_size``,
+    ``transfer_concurrency``, ``page_size``, ``retry_delays``) start from
+    the module constants and may be changed per instance (tests make them
+    small). ``read_timeout``: see ``make_client``.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        max_concurrency: int = 16,
+        telemetry: Telemetry | None = None,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        self.bucket = bucket
+        self.telemetry = telemetry or Telemetry()
+        try:
+            self._client = make_client(
+                endpoint_url, region, profile, max_concurrency + 4, read_timeout
+            )
+        except bexc.BotoCoreError as exc:  # e.g. ProfileNotFound
+            raise ConfigError(f"cannot configure the S3 client: {exc}") from exc
+        instrument(self._client, self.telemetry)
+        self._endpoint: str = self._client.meta.endpoint_url
+        self._limiter = trio.CapacityLimiter(max_concurrency)
+        self._requests = transfers.Requests(self._client, bucket, self._call)
+        self.multipart_threshold = MULTIPART_THRESHOLD
+        self.part_size = MULTIPART_PART_SIZE
+        self.download_threshold = transfers.PARALLEL_DOWNLOAD_THRESHOLD
+        self.download_range_size = transfers.DOWNLOAD_RANGE_SIZE
+        self.copy_threshold = transfers.MAX_COPY_OBJECT_SIZE
+        self.copy_part_size = transfers.COPY_PART_SIZE
+        self.transfer_concurrency = min(transfers.TRANSFER_CONCURRENCY, max_concurrency)
+        self._part_buffers = trio.CapacityLimiter(transfers.PART_BUFFERS)
+        self.page_size = 1000
+        self.retry_delays = RETRY_DELAYS
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.bucket!r}, endpoint_url={self.endpoint!r})"
+
+    # --- the one way to call S3 --------------------------------------------
+
+    async def _call(self, operation: str, key: str | None, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a worker thread, translating and retrying errors."""
+        return await call_retrying(
+            operation,
+            key,
+            fn,
+            bucket=self.bucket,
+            endpoint=self.endpoint,
+            limiter=self._limiter,
+            telemetry=self.telemetry,
+            retry_delays=self.retry_delays,
+        )
+
+    async def check_bucket(self) -> None:
+        """Check that the bucket exists and the credentials may use it.
+
+        Raises ``NoSuchBucket``, ``AccessDenied`` or ``EndpointUnreachable``
+        with a one-line message fit for the user.
+        """
+        await self._call("HeadBucket", None, partial(self._client.head_bucket, Bucket=self.bucket))
+
+    # --- reading -------------------------------------------------------------
+
+    async def list_pages(
+        self, prefix: str = "", delimiter: str | None = "/"
+    ) -> AsyncIterator[ListPage]:
+        """Yield ``ListObjectsV2`` pages (at least one, possibly empty), in key order."""
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": prefix,
+            "MaxKeys": self.page_size,
+        }
+        if delimiter:
+            params["Delimiter"] = delimiter
+        while True:
+            response = await self._call(
+                "ListObjectsV2", prefix, partial(self._client.list_objects_v2, **params)
+            )
+            objects = [
+                ObjectInfo(
+                    key=item["Key"],
+                    size=item["Size"],
+                    etag=etag(item.get("ETag", "")),
+                    last_modified=utc(item["LastModified"]),
+                )
+                for item in response.get("Contents", [])
+            ]
+            prefixes = [item["Prefix"] for item in response.get("CommonPrefixes", [])]
+            yield ListPage(objects, prefixes)
+            token = response.get("NextContinuationToken")
+            if not response.get("IsTruncated") or not token:
+                return
+            params["ContinuationToken"] = token
+
+    async def head(self, key: str) -> ObjectHead:
+        """HEAD ``key``; metadata keys lower-case as S3 returns them."""
+        response = await self._call(
+            "HeadObject", key, partial(self._client.head_object, Bucket=self.bucket, Key=key)
+        )
+        return head_from_response(key, response, response["ContentLength"])
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``start``; ``b""`` at or past the end."""
+        if length <= 0:
+            return b""
+
+        def fetch() -> bytes:
+            try:
+                response = self._client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
+                )
+            except bexc.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return b""
+                raise
+            # closing(), not the body's own `with`: that yields the raw urllib3
+            # stream, whose broken-connection errors escape botocore's
+            # exceptions (and our retries) and whose length nobody checks.
+            with closing(response["Body"]) as body:
+                return bytes(body.read())
+
+        return await self._call("GetObject", key, fetch)
+
+    async def download(self, key: str, dest: Path) -> ObjectHead:
+        """Stream ``key`` into ``dest`` (created or truncated) in chunks.
+
+        Objects of at least ``download_threshold`` bytes are fetched as
+        parallel ranged GETs pinned to the first response's ETag; if the
+        object changes meanwhile, ``TransientError`` is raised. Returns the
+        head from the GET response.
+        """
+
+        def fetch_first() -> tuple[ObjectHead, int]:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            size = response["ContentLength"]
+            # Small objects: the whole body; large ones: only the first range
+            # from this stream (the rest comes in parallel below).
+            wanted = size if size < self.download_threshold else self.download_range_size
+            with closing(response["Body"]) as body, open(dest, "wb") as out:
+                written = transfers.copy_stream(body, out, wanted)
+                if wanted < size:
+                    out.truncate(size)
+            return head_from_response(key, response, size), written
+
+        head, written = await self._call("GetObject", key, fetch_first)
+        if written < head.size:
+            ranges = [
+                (offset, min(offset + self.download_range_size, head.size) - 1)
+                for offset in range(written, head.size, self.download_range_size)
+            ]
+            try:
+                await transfers.download_ranges(
+                    self._requests, key, dest, ranges, head.etag, self.transfer_concurrency
+                )
+            except PreconditionFailed as exc:
+                raise TransientError(f"s3://{self.bucket}/{key} changed during download") from exc
+        return head
+
+    # --- writing -------------------------------------------------------------
+
+    async def write(self, key: str, body: bytes | Path, new: NewObject) -> str:
+        """One PUT for bytes and for files below ``multipart_threshold``, else multipart.
+
+        A file is streamed (single PUT) or read part by part at its offset;
+        all uploads of the store together hold at most ``PART_BUFFERS`` parts
+        in memory. With ``if_none_match`` the PUT (``If-None-Match: *``), or
+        the CompleteMultipartUpload, is conditional; losing raises
+        ``PreconditionFailed`` (and the parts are aborted).
+        """
+        params = self._put_params(key, new)
+        if isinstance(body, bytes):
+            put_object = partial(self._client.put_object, Body=body, **params)
+            return etag((await self._call("PutObject", key, put_object))["ETag"])
+        src = body
+        size = (await trio.Path(src).stat()).st_size
+        if size >= self.multipart_threshold:
+            return await transfers.upload_multipart(
+                self._requests,
+                key,
+                src,
+                size,
+                params,
+                part_size=self.part_size,
+                part_buffers=self._part_buffers,
+                concurrency=self.transfer_concurrency,
+            )
+
+        def put() -> dict[str, Any]:
+            with open(src, "rb") as stream:
+                return self._client.put_object(Body=stream, **params)
+
+        return etag((await self._call("PutObject", key, put))["ETag"])
+
+    def _put_params(self, key: str, new: NewObject) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "Metadata": encode_metadata(new.metadata),
+            "ContentType": new.content_type,
+        }
+        if new.if_none_match:
+            params["IfNoneMatch"] = "*"
+        return params
+
+    async def copy(
+        self,
+        src_key: str,
+        dst_key: str,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        if_match: str | None = None,
+    ) -> str:
+        """Server-side copy; returns the new ETag.
+
+        ``metadata`` given replaces the user metadata (content type kept),
+        else it is copied. Sources above ``copy_threshold`` (5 GiB, the
+        CopyObject limit) are copied with UploadPartCopy.
+        """
+        source = await self.head(src_key)
+        if if_match is not None and source.etag != if_match:
+            raise PreconditionFailed(
+                f"CopyObject s3://{self.bucket}/{src_key}: precondition failed"
+            )
+        new_metadata = encode_metadata(source.metadata if metadata is None else metadata)
+        if source.size > self.copy_threshold:
+            return await transfers.copy_multipart(
+                self._requests,
+                source,
+                dst_key,
+                new_metadata,
+                part_size=self.copy_part_size,
+                concurrency=self.transfer_concurrency,
+            )
+        params: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": dst_key,
+            "CopySource": {"Bucket": self.bucket, "Key": src_key},
+        }
+        if if_match is not None:
+            params["CopySourceIfMatch"] = f'"{if_match}"'
+        if metadata is None:
+            params["MetadataDirective"] = "COPY"
+        else:
+            params.update(
+                MetadataDirective="REPLACE", Metadata=new_metadata, ContentType=source.content_type
+            )
+        copy_object = partial(self._client.copy_object, **params)
+        response = await self._call("CopyObject", dst_key, copy_object)
+        return etag(response["CopyObjectResult"]["ETag"])
+
+    # --- deleting and housekeeping -------------------------------------------
+
+    async def delete(self, key: str) -> None:
+        """Delete ``key``; a missing key is not an error."""
+        try:
+            delete_object = partial(self._client.delete_object, Bucket=self.bucket, Key=key)
+            await self._call("DeleteObject", key, delete_object)
+        except NoSuchBucket:
+            raise
+        except NotFound:
+            pass
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete ``keys`` with DeleteObjects, 1000 per request.
+
+        Missing keys are fine; keys S3 refuses to delete raise one
+        ``StoreError`` naming them, after every batch has been tried.
+        """
+        failures: list[str] = []
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            request = {"Objects": [{"Key": key} for key in batch], "Quiet": True}
+            response = await self._call(
+                "DeleteObjects",
+                batch[0],
+                partial(self._client.delete_objects, Bucket=self.bucket, Delete=request),
+            )
+            for error in response.get("Errors", []):
+                if error.get("Code") == "NoSuchKey":
+                    continue
+                failures.append(f"{error.get('Key')} ({error.get('Code')}: {error.get('Message')})")
+        if failures:
+            shown = ", ".join(failures[:5])
+            more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
+            raise StoreError(f"could not delete from s3://{self.bucket}: {shown}{more}")
+
+    async def list_multipart_uploads(self, prefix: str = "") -> list[MultipartUpload]:
+        """Every incomplete multipart upload under ``prefix``."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        uploads: list[MultipartUpload] = []
+        while True:
+            list_uploads = partial(self._client.list_multipart_uploads, **params)
+            response = await self._call("ListMultipartUploads", prefix, list_uploads)
+            uploads.extend(
+                MultipartUpload(
+                    key=item["Key"], upload_id=item["UploadId"], initiated=utc(item["Initiated"])
+                )
+                for item in response.get("Uploads", [])
+            )
+            if not response.get("IsTruncated"):
+                return uploads
+            params["KeyMarker"] = response["NextKeyMarker"]
+            params["UploadIdMarker"] = response["NextUploadIdMarker"]
+
+    async def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        """Abort one upload; an upload that is already gone is fine."""
+        await transfers.abort(self._requests, key, upload_id)
+
+    async def aclose(self) -> None:
+        """Close the client's connection pool."""
+        await trio.to_thread.run_sync(self._client.close, limiter=self._limiter)
