@@ -74,18 +74,9 @@ async def upload_multipart(
     body is in memory; ``params``: the PutObject parameters (an ``IfNoneMatch``
     among them goes to CompleteMultipartUpload). Returns the ETag."""
     client, bucket, call = requests.client, requests.bucket, requests.call
-    part_size = max(part_size, math.ceil(size / MAX_PARTS))
-    offsets = range(0, size, part_size)
     if_none_match = params.pop("IfNoneMatch", None)
-    created = await call(
-        "CreateMultipartUpload", key, partial(client.create_multipart_upload, **params)
-    )
-    upload_id: str = created["UploadId"]
-    etags: dict[int, str] = {}
 
-    async def send_part(number: int, offset: int) -> None:
-        length = min(part_size, size - offset)
-
+    async def send_part(upload_id: str, number: int, offset: int, length: int) -> str:
         def send() -> str:
             with open(src, "rb") as source:
                 source.seek(offset)
@@ -98,27 +89,18 @@ async def upload_multipart(
             return etag(response["ETag"])
 
         async with part_buffers:
-            etags[number] = await call("UploadPart", key, send)
+            return await call("UploadPart", key, send)
 
-    try:
-        await run_bounded(
-            [partial(send_part, number, offset) for number, offset in enumerate(offsets, 1)],
-            concurrency,
-        )
-        complete: dict[str, Any] = {
-            "Bucket": bucket,
-            "Key": key,
-            "UploadId": upload_id,
-            "MultipartUpload": {
-                "Parts": [{"PartNumber": n, "ETag": f'"{etags[n]}"'} for n in sorted(etags)]
-            },
-        }
-        if if_none_match:
-            complete["IfNoneMatch"] = if_none_match
-        return await _complete(requests, key, complete, [etags[n] for n in sorted(etags)])
-    except BaseException:
-        await _abort_quietly(requests, key, upload_id)
-        raise
+    return await _in_parts(
+        requests,
+        key,
+        params,
+        size,
+        send_part,
+        part_size=part_size,
+        concurrency=concurrency,
+        complete_params={"IfNoneMatch": if_none_match} if if_none_match else {},
+    )
 
 
 async def copy_multipart(
@@ -133,23 +115,8 @@ async def copy_multipart(
     """Copy ``source`` to ``dst_key`` with UploadPartCopy, each part pinned to
     the source's ETag; ``metadata`` already encoded. Returns the new ETag."""
     client, bucket, call = requests.client, requests.bucket, requests.call
-    part_size = max(part_size, math.ceil(source.size / MAX_PARTS))
-    created = await call(
-        "CreateMultipartUpload",
-        dst_key,
-        partial(
-            client.create_multipart_upload,
-            Bucket=bucket,
-            Key=dst_key,
-            Metadata=metadata,
-            ContentType=source.content_type,
-        ),
-    )
-    upload_id: str = created["UploadId"]
-    etags: dict[int, str] = {}
 
-    async def copy_part(number: int, offset: int) -> None:
-        last = min(offset + part_size, source.size) - 1
+    async def copy_part(upload_id: str, number: int, offset: int, length: int) -> str:
         response = await call(
             "UploadPartCopy",
             dst_key,
@@ -160,28 +127,77 @@ async def copy_multipart(
                 UploadId=upload_id,
                 PartNumber=number,
                 CopySource={"Bucket": bucket, "Key": source.key},
-                CopySourceRange=f"bytes={offset}-{last}",
+                CopySourceRange=f"bytes={offset}-{offset + length - 1}",
                 CopySourceIfMatch=f'"{source.etag}"',
             ),
         )
-        etags[number] = etag(response["CopyPartResult"]["ETag"])
+        return etag(response["CopyPartResult"]["ETag"])
+
+    create = {
+        "Bucket": bucket,
+        "Key": dst_key,
+        "Metadata": metadata,
+        "ContentType": source.content_type,
+    }
+    return await _in_parts(
+        requests,
+        dst_key,
+        create,
+        source.size,
+        copy_part,
+        part_size=part_size,
+        concurrency=concurrency,
+    )
+
+
+#: One part: (upload id, part number, offset, length) -> the part's ETag.
+PartSender = Callable[[str, int, int, int], Awaitable[str]]
+
+
+async def _in_parts(
+    requests: Requests,
+    key: str,
+    create_params: dict[str, Any],
+    size: int,
+    send_part: PartSender,
+    *,
+    part_size: int,
+    concurrency: int,
+    complete_params: dict[str, Any] | None = None,
+) -> str:
+    """A multipart upload of ``size`` bytes to ``key``: created with
+    ``create_params``, its parts (at least ``part_size``, at most MAX_PARTS of
+    them) sent ``concurrency`` at a time, completed with ``complete_params``
+    added, or aborted on any failure. Returns the object's ETag."""
+    client, call = requests.client, requests.call
+    part_size = max(part_size, math.ceil(size / MAX_PARTS))
+    created = await call(
+        "CreateMultipartUpload", key, partial(client.create_multipart_upload, **create_params)
+    )
+    upload_id: str = created["UploadId"]
+    etags: dict[int, str] = {}
+
+    async def one(number: int, offset: int) -> None:
+        length = min(part_size, size - offset)
+        etags[number] = await send_part(upload_id, number, offset, length)
 
     try:
-        offsets = range(0, source.size, part_size)
+        offsets = range(0, size, part_size)
         await run_bounded(
-            [partial(copy_part, number, offset) for number, offset in enumerate(offsets, 1)],
+            [partial(one, number, offset) for number, offset in enumerate(offsets, 1)],
             concurrency,
         )
         parts = [{"PartNumber": n, "ETag": f'"{etags[n]}"'} for n in sorted(etags)]
         complete = {
-            "Bucket": bucket,
-            "Key": dst_key,
+            "Bucket": requests.bucket,
+            "Key": key,
             "UploadId": upload_id,
             "MultipartUpload": {"Parts": parts},
+            **(complete_params or {}),
         }
-        return await _complete(requests, dst_key, complete, [etags[n] for n in sorted(etags)])
+        return await _complete(requests, key, complete, [etags[n] for n in sorted(etags)])
     except BaseException:
-        await _abort_quietly(requests, dst_key, upload_id)
+        await _abort_quietly(requests, key, upload_id)
         raise
 
 
