@@ -83,6 +83,16 @@ class ObjectHead:
 
 
 @dataclass(frozen=True)
+class CopyRequest:
+    """What a server-side copy changes: ``metadata`` replaced (None: the
+    source's kept), and only while the source's ETag is ``if_match`` (None:
+    whatever it is)."""
+
+    metadata: Mapping[str, str] | None = None
+    if_match: str | None = None
+
+
+@dataclass(frozen=True)
 class NewObject:
     """What a write stores beside the body, and on what condition.
 
@@ -184,7 +194,6 @@ class ObjectStore(abc.ABC):
         ``new`` says; returns the new ETag. ``upload`` and ``put_bytes`` come
         here: implementations write this one method."""
 
-    @abc.abstractmethod
     async def copy(
         self,
         src_key: str,
@@ -198,6 +207,13 @@ class ObjectStore(abc.ABC):
         ``if_match``: copy only while the source's ETag is this one
         (``PreconditionFailed`` otherwise): metadata read from one version
         never lands on another."""
+        return await self.copy_object(src_key, dst_key, CopyRequest(metadata, if_match))
+
+    @abc.abstractmethod
+    async def copy_object(self, src_key: str, dst_key: str, request: CopyRequest) -> str:
+        """Copy ``src_key`` to ``dst_key`` in the store as ``request`` says;
+        returns the new ETag. ``copy`` comes here: implementations write
+        this one method."""
 
     @abc.abstractmethod
     async def delete(self, key: str) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import builtins
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,7 +39,14 @@ from typing import Literal
 import trio
 
 from dgfs.errors import StoreError, TransientError
-from dgfs.store.base import ListPage, MultipartUpload, NewObject, ObjectHead, ObjectStore
+from dgfs.store.base import (
+    CopyRequest,
+    ListPage,
+    MultipartUpload,
+    NewObject,
+    ObjectHead,
+    ObjectStore,
+)
 
 Operation = Literal[
     "list",
@@ -259,16 +266,9 @@ class FaultyStore(ObjectStore):
         async with self._faults(operation, key):
             return await self.inner.write(key, body, new)
 
-    async def copy(
-        self,
-        src_key: str,
-        dst_key: str,
-        metadata: Mapping[str, str] | None = None,
-        *,
-        if_match: str | None = None,
-    ) -> str:
+    async def copy_object(self, src_key: str, dst_key: str, request: CopyRequest) -> str:
         async with self._faults("copy", src_key, dst_key):
-            return await self.inner.copy(src_key, dst_key, metadata, if_match=if_match)
+            return await self.inner.copy_object(src_key, dst_key, request)
 
     async def delete(self, key: str) -> None:
         async with self._faults("delete", key):

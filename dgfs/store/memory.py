@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ import trio
 
 from dgfs.errors import NotFound, PreconditionFailed, StoreError
 from dgfs.store.base import (
+    CopyRequest,
     ListPage,
     MultipartUpload,
     NewObject,
@@ -132,17 +133,11 @@ class MemoryStore(ObjectStore):
         await trio.Path(dest).write_bytes(self.objects[key].body)
         return head
 
-    async def copy(
-        self,
-        src_key: str,
-        dst_key: str,
-        metadata: Mapping[str, str] | None = None,
-        *,
-        if_match: str | None = None,
-    ) -> str:
+    async def copy_object(self, src_key: str, dst_key: str, request: CopyRequest) -> str:
         await trio.lowlevel.checkpoint()
+        metadata = request.metadata
         source = self._get(src_key)
-        if if_match is not None and source.etag != if_match:
+        if request.if_match is not None and source.etag != request.if_match:
             raise PreconditionFailed(
                 f"CopyObject s3://{self.bucket}/{src_key}: precondition failed"
             )

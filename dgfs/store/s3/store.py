@@ -22,7 +22,7 @@ What callers may rely on:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -42,6 +42,7 @@ from dgfs.errors import (
 from dgfs.store.base import (
     MULTIPART_PART_SIZE,
     MULTIPART_THRESHOLD,
+    CopyRequest,
     ListPage,
     MultipartUpload,
     NewObject,
@@ -288,20 +289,14 @@ class S3Store(ObjectStore):
             params["IfNoneMatch"] = "*"
         return params
 
-    async def copy(
-        self,
-        src_key: str,
-        dst_key: str,
-        metadata: Mapping[str, str] | None = None,
-        *,
-        if_match: str | None = None,
-    ) -> str:
+    async def copy_object(self, src_key: str, dst_key: str, request: CopyRequest) -> str:
         """Server-side copy; returns the new ETag.
 
-        ``metadata`` given replaces the user metadata (content type kept),
-        else it is copied. Sources above ``copy_threshold`` (5 GiB, the
-        CopyObject limit) are copied with UploadPartCopy.
+        ``request.metadata`` given replaces the user metadata (content type
+        kept), else it is copied. Sources above ``copy_threshold`` (5 GiB,
+        the CopyObject limit) are copied with UploadPartCopy.
         """
+        metadata, if_match = request.metadata, request.if_match
         source = await self.head(src_key)
         if if_match is not None and source.etag != if_match:
             raise PreconditionFailed(
