@@ -50,7 +50,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from dgfs import format as fmt
 from dgfs import gc
@@ -60,6 +60,7 @@ from dgfs.stats_cache import (
     DG_CACHE_VERSION,
     DGFS_CACHE_FORMAT,
     Fingerprint,
+    Mode,
     cache_key,
     encode_caches,
 )
@@ -67,7 +68,6 @@ from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["quick", "sampled", "detailed"]
 MODES: tuple[Mode, ...] = ("quick", "sampled", "detailed")
 
 

@@ -13,13 +13,28 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 from dgfs import format as fmt
 from dgfs.store.base import ObjectInfo
 
-if TYPE_CHECKING:
-    from dgfs.stats import BucketStats, Mode
+#: How thorough a ``dgfs stats`` run is; each mode has its cache file.
+Mode = Literal["quick", "sampled", "detailed"]
+
+
+class BucketStats(Protocol):
+    """What the cache keeps of one run's results (``dgfs.stats.BucketStats``)."""
+
+    @property
+    def mode(self) -> Mode: ...
+
+    @property
+    def computed_at(self) -> str: ...
+
+    def deltaglider_stats(self) -> dict[str, Any]: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
 
 # DeltaGlider's stats cache layout (deltaglider 6.x, client_operations/stats.py).
 DG_CACHE_VERSION = "1.0"
