@@ -37,6 +37,7 @@ from dgfs.errors import (
     WriteConflict,
     errno_of,
 )
+from dgfs.fs import journal as journal_module
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.nodes import Node
@@ -966,6 +967,47 @@ async def test_an_upload_waits_for_a_write_landing_but_not_for_a_read(
         await close(m.fs, fh)
     expected = b"version 1\n" if io == "read" else b"version 2\n"
     assert bucket(memory) == {"a.txt": expected}
+
+
+@pytest.mark.parametrize("change", ["unlink", "rename", "rename-dir"])
+async def test_removed_journal_entries_are_durable_before_s3_loses_the_name(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+) -> None:
+    """An entry removed when its upload landed was unlinked in the journal
+    directory without an fsync of it: after a power loss it came back, and
+    the next mount uploaded it again, bringing a deleted (or renamed away)
+    file back. Now the directory is fsync'd before the DELETE or copy that
+    takes the old name away."""
+    events: list[str] = []
+    real_fsync_dir = journal_module._fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        events.append(f"fsync {path.name}")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(journal_module, "_fsync_dir", fsync_dir)
+    async with mounted(faulty, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await write_file(m.fs, "a.txt", b"stored, then gone\n", parent=d.ino)
+        await m.fs.wait_idle()  # uploaded: its journal entry removed
+        events.clear()
+        held = faulty.hang("delete_many" if change == "unlink" else "copy")
+        async with trio.open_nursery() as nursery:
+            if change == "unlink":
+                nursery.start_soon(m.fs.unlink, d.ino, "a.txt")
+            elif change == "rename":
+                nursery.start_soon(m.fs.rename, d.ino, "a.txt", d.ino, "b.txt", 0)
+            else:
+                nursery.start_soon(m.fs.rename, ROOT, "d", ROOT, "e", 0)
+            await held.reached.wait()
+            assert events == [f"fsync {m.journal_dir.name}"]  # before S3 loses the name
+            held.release()
+        await m.fs.wait_idle()
 
 
 # --- a listing fetched across a change of its directory -------------------------------------

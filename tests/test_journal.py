@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import pytest
 
 from dgfs.errors import ConfigError
+from dgfs.fs import journal as journal_module
 from dgfs.fs.journal import (
     MANIFEST_VERSION,
     Journal,
@@ -627,4 +628,23 @@ def test_a_garbled_version_is_an_unreadable_manifest(tmp_path: Path, version: ob
     path.write_text(json.dumps({**json.loads(path.read_text()), "version": version}))
     assert journal.recover() == []
     assert (journal.directory / "failed" / f"{entry_id}.data").read_bytes() == b"data"
+    journal.close()
+
+
+def test_removals_are_synced_once_and_only_when_there_were_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(journal_module, "_fsync_dir", synced.append)
+    journal = Journal(tmp_path / "j")
+    journal.sync_removals()
+    assert synced == []  # nothing removed yet
+    for _ in range(3):
+        entry_id = staged(journal, b"x")
+        journal.commit(entry_id, "k", {})
+        journal.remove(entry_id)
+    synced.clear()  # (commits fsync the directory too)
+    journal.sync_removals()
+    journal.sync_removals()
+    assert synced == [journal.directory]
     journal.close()

@@ -51,6 +51,7 @@ class StoredChanges:
         # An upload in flight lands first: finishing after the unlink it would
         # delete whatever a new file of the same name stored meanwhile.
         await self.uploads.wait_not_uploading(node)
+        await self.uploads.removals_durable()
         key = self.key_of(node.path)
         kept = await self.uploads.keep_for_open_handles(node)
         # S3 first, the journal after: a crash in between brings the file
@@ -119,6 +120,7 @@ class StoredChanges:
         holds changes first, and the journal entries that supersede it are
         dropped last.
         """
+        await self.uploads.removals_durable()
         old_key, new_key = self.key_of(node.path), self.key_of(new_path)
         replaced = target is not None and target is not node
         staged = node.staged
@@ -170,6 +172,7 @@ class StoredChanges:
         # Uploads in flight under the directory finish first, so nothing
         # lands under the old name after the move.
         busy = await self.uploads.wait_subtree(node.path)
+        await self.uploads.removals_durable()
         await self.core.rename_prefix(old_prefix, new_prefix)
         # What the nodes below know of their objects moved too: reading (or
         # rewriting) one by its old key would find nothing there.

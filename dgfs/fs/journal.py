@@ -239,6 +239,7 @@ class Journal:
         self.telemetry = telemetry or Telemetry()
         self.slots = [directory]  # every slot of this bucket/prefix (see open_slot)
         self._last_written_ns = 0
+        self._removals_unsynced = False  # an entry removed since the directory was fsync'd
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -438,9 +439,25 @@ class Journal:
         _fsync_dir(self.directory)
 
     def remove(self, entry_id: str) -> None:
-        """Forget an entry (uploaded, or its file deleted); the manifest goes first."""
+        """Forget an entry (uploaded, or its file deleted); the manifest goes
+        first. Durable against a process crash at once; against a power loss
+        once ``sync_removals`` ran."""
         _unlink(self._manifest_path(entry_id))
         _unlink(self.data_path(entry_id))
+        self._removals_unsynced = True
+
+    def sync_removals(self) -> None:
+        """Make the removals so far survive a power loss: one fsync of the
+        directory, only when there were any since the last.
+
+        An entry whose removal is lost comes back at the next mount and is
+        uploaded again: harmless while S3 holds that version, but after the
+        file was deleted or renamed it would bring the old name back. So
+        this runs before the mount deletes or moves an object.
+        """
+        if self._removals_unsynced:
+            self._removals_unsynced = False  # before: a removal meanwhile sets it again
+            _fsync_dir(self.directory)
 
     def quarantine(self, entry_id: str) -> Path:
         """Move an entry that can never be uploaded aside (never silently dropped)."""
