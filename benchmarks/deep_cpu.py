@@ -9,9 +9,11 @@ deep path can be measured against its base on a busy machine too:
     .venv/bin/python benchmarks/deep_cpu.py --tree /tmp/base-worktree   # the same, on another tree
 
 For each series it stores the files in order into a deep directory (a
-``Core`` over the in-memory store: no S3, no FUSE), then reads every file
-back from an empty cache one after the other ("sequential"), then again all
-at once ("concurrent", as a prefetch beside a reader does), SHA-256 checked.
+``Core`` over the in-memory store: no S3, no FUSE), then again into a new
+directory all at once, ``--workers`` at a time (as a mount's upload workers
+do after ``cp``), then reads every file back from an empty cache one after
+the other ("sequential"), then again all at once ("concurrent", as a
+prefetch beside a reader does), SHA-256 checked.
 For a ``.tar.gz`` it also measures the floor the issue sets: inflating it
 plus one zlib level-9 deflate of its content.
 """
@@ -52,6 +54,9 @@ def main() -> int:
     parser.add_argument("--series", default="wheels,sdists,plain-wheels")
     parser.add_argument("--count", type=int, default=4, help="versions per series (default 4)")
     parser.add_argument("--tree", type=Path, help="import dgfs from this source tree")
+    parser.add_argument(
+        "--workers", type=int, default=4, help="stores at once (default 4: upload_workers)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from benchmarks.series import all_series  # this tree's, whichever dgfs is measured
@@ -90,6 +95,25 @@ def main() -> int:
         await writer.aclose()
         cache.close()
         print("  store, per file: " + ", ".join(f"{c:.2f} ({w:.1f})" for c, w in puts))
+        expand.VERIFIED_SPANS.clear()
+        writer, cache = core("put-at-once")
+        limiter = trio.CapacityLimiter(args.workers)
+
+        async def put(path: Path) -> None:
+            async with limiter:
+                await writer.put(path, f"at-once/{path.name}")
+
+        c, w = cpu_seconds(), time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(put, path)
+                await trio.sleep(0.01)  # in order, as cp closes them
+        print(
+            f"  store, all at once ({args.workers} at a time):"
+            f" {cpu_seconds() - c:.2f} ({time.perf_counter() - w:.1f})"
+        )
+        await writer.aclose()
+        cache.close()
         for mode in ("sequential", "concurrent"):
             expand.REBUILT_SUBTREES.clear()
             reader, cache = core(mode)

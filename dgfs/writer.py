@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +92,9 @@ class FileWriter:
         self.deltas = deltas
         # Whether the store honours If-None-Match (the mount probes it).
         self.conditional_create = conditional_create
+        # Deep references being created by this writer (reference key -> the
+        # lock its creator holds, and how many puts hold or await it).
+        self._creating: dict[str, tuple[trio.Lock, int]] = {}
 
     async def _store_delta(
         self,
@@ -441,18 +444,44 @@ class FileWriter:
     async def _deep_reference(
         self, expanded: Path, ref_key: str, name: str, ref_head: ObjectHead | None
     ) -> tuple[str | None, bool]:
-        """``_ensure_reference`` for a deep deltaspace: made from ``expanded``, stored zstd."""
+        """``_ensure_reference`` for a deep deltaspace: made from ``expanded``, stored zstd.
+
+        The first files of a new directory are stored side by side (upload
+        workers): one of them makes the reference while the others wait for
+        it and then diff against it, instead of each compressing a reference
+        of its own that the conditional PUT refuses.
+        """
         if ref_head is not None:
             return _existing_reference(ref_key, ref_head)
-        expanded_digest = await self._bench.digest(expanded)
-        async with self._bench.scratch(".zst") as packed:
-            await self._bench.cpu(objects.compress_reference, expanded, packed)
-            meta = fmt.deep_reference_metadata(
-                name, expanded_digest.sha256, expanded_digest.size, self._now()
-            )
-            return await self._ensure_reference(
-                expanded, ref_key, name, expanded_digest, None, meta=meta, body=packed
-            )
+        async with self._creating_reference(ref_key):
+            # Made meanwhile, by a put of this writer or another mount?
+            with contextlib.suppress(NotFound):
+                return _existing_reference(ref_key, await self._store.head(ref_key))
+            async with self._bench.scratch(".zst") as packed:
+                body = await self._bench.cpu(objects.compress_reference, expanded, packed)
+                assert isinstance(body, objects.PackedReference)
+                expanded_digest = FileDigest(body.expanded_sha256, body.expanded_size, b"")
+                meta = fmt.deep_reference_metadata(
+                    name, body.expanded_sha256, body.expanded_size, self._now()
+                )
+                return await self._ensure_reference(
+                    expanded, ref_key, name, expanded_digest, None, meta=meta, body=packed
+                )
+
+    @contextlib.asynccontextmanager
+    async def _creating_reference(self, ref_key: str) -> AsyncIterator[None]:
+        """Held while this writer creates (or checks for) ``ref_key``: one put at a time."""
+        lock, users = self._creating.get(ref_key, (trio.Lock(), 0))
+        self._creating[ref_key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._creating[ref_key]
+            if users == 1:
+                del self._creating[ref_key]
+            else:
+                self._creating[ref_key] = (lock, users - 1)
 
     async def _expand(self, src: Path, out: Path, key: str) -> set[tuple[bytes, expand.Recipe]]:
         """Write the expanded form of ``src`` to ``out``; returns what its search

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from dgfs import format as fmt
 from dgfs.core import Core
@@ -217,6 +218,50 @@ async def test_a_wrong_expanded_form_is_caught_without_a_second_deflate(
     out = tmp_path / "out"
     await deep.get(f"app/{paths[1].name}", out)
     assert sha(out) == sha(paths[1])
+
+
+async def test_first_files_of_a_directory_stored_at_once_make_one_reference(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upload workers store a new directory's first files side by side: one of
+    them compresses the reference and the others wait for it, instead of each
+    compressing one that the conditional PUT then refuses (botocore: 0.8 CPU
+    seconds of zstd each)."""
+    import time
+
+    import trio
+
+    from dgfs.deep import objects
+
+    real_compress = objects.compress_reference
+    compressed: list[Path] = []
+
+    def slow_compress(expanded: Path, out: Path) -> objects.PackedReference:
+        compressed.append(expanded)
+        time.sleep(0.3)  # every put reaches the reference before the first one made it
+        return real_compress(expanded, out)
+
+    monkeypatch.setattr(objects, "compress_reference", slow_compress)
+    paths = [write_sdist(tmp_path, v) for v in range(1, 4)]
+    created: list[bool] = []
+
+    async def put(path: Path) -> None:
+        created.append((await deep.put(path, f"app/{path.name}")).created_reference)
+
+    async with trio.open_nursery() as nursery:
+        for path in paths:
+            nursery.start_soon(put, path)
+    assert len(compressed) == 1
+    assert sorted(created) == [False, False, True]
+    # The SHA-256 and size recorded are those of the form it holds (hashed while compressed).
+    ref = memory_store.objects["app/reference.deep"]
+    held = zstandard.ZstdDecompressor().decompress(ref.body)
+    assert ref.metadata["dg-file-sha256"] == hashlib.sha256(held).hexdigest()
+    assert ref.metadata[fmt.META_EXPANDED_SIZE] == str(len(held))
+    for path in paths:
+        out = tmp_path / "out"
+        await deep.get(f"app/{path.name}", out)
+        assert sha(out) == sha(path)
 
 
 @pytest.mark.expected_log(r"does not deflate like reference zlib")

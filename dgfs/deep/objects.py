@@ -24,9 +24,12 @@ expansion limits: :func:`reference_cap`).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import zstandard
 
@@ -42,16 +45,47 @@ _BUFFER = 1 << 20
 _FRAME_HEADER_MAX = 18  # ZSTD_FRAMEHEADERSIZE_MAX
 
 
-def compress_reference(expanded: Path, out: Path) -> int:
-    """zstd-compress ``expanded`` into ``out``; returns the compressed size."""
+@dataclass(frozen=True)
+class PackedReference:
+    """What :func:`compress_reference` read and wrote."""
+
+    expanded_sha256: str
+    expanded_size: int
+    stored_size: int
+
+
+class _Hashing:
+    """A file read through for zstd, hashed on the way (one read of the
+    expanded form instead of one to hash it and one to compress it)."""
+
+    def __init__(self, src: BinaryIO) -> None:
+        self._src = src
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._src.read(size)
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+
+def compress_reference(expanded: Path, out: Path) -> PackedReference:
+    """zstd-compress ``expanded`` into ``out``; returns the SHA-256 and size of
+    what it read and the compressed size."""
     params = zstandard.ZstdCompressionParameters.from_level(
         ZSTD_LEVEL, write_checksum=True, write_content_size=True
     )
     compressor = zstandard.ZstdCompressor(compression_params=params)
     size = expanded.stat().st_size
     with open(expanded, "rb") as src, open(out, "wb") as dst:
-        compressor.copy_stream(src, dst, size=size, read_size=_BUFFER, write_size=_BUFFER)
-    return out.stat().st_size
+        hashing = _Hashing(src)
+        # copy_stream only calls read(): the same call, so the same bytes, as on src.
+        reader = cast(BinaryIO, hashing)
+        compressor.copy_stream(reader, dst, size=size, read_size=_BUFFER, write_size=_BUFFER)
+    if hashing.size != size:
+        raise FormatError(f"{expanded} changed size while it was compressed")
+    return PackedReference(hashing.sha256.hexdigest(), size, out.stat().st_size)
 
 
 def reference_cap(metadata: Mapping[str, str], stored_size: int, limits: ExpansionLimits) -> int:
