@@ -1217,7 +1217,8 @@ class _Expected:
     """The bytes a form must rebuild to, read in order, with read-back."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._data = b""  # read ahead from _more; the caller's next bytes start at _pos
+        self._pos = 0
 
     def _more(self, want: int) -> bytes:
         """Up to about ``want`` further bytes; b"" at the end."""
@@ -1225,26 +1226,44 @@ class _Expected:
 
     def read(self, size: int) -> bytes:
         """The next ``size`` bytes (fewer only at the end)."""
-        while len(self._buf) < size:
-            more = self._more(size - len(self._buf))
+        end = self._pos + size
+        if end <= len(self._data):
+            out = self._data[self._pos : end]
+            self._pos = end
+            return out
+        parts = [self._data[self._pos :]]
+        have = len(parts[0])
+        self._data, self._pos = b"", 0
+        while have < size:
+            more = self._more(size - have)
             if not more:
                 break
-            self._buf += more
-        out = bytes(self._buf[:size])
-        del self._buf[:size]
-        return out
+            take = size - have
+            if take < len(more):
+                parts.append(more[:take])
+                self._data, self._pos = more, take
+                break
+            parts.append(more)
+            have += len(more)
+        return b"".join(parts)
 
     def unread(self, data: bytes) -> None:
-        self._buf[:0] = data
+        """Put back ``data``, the last bytes ``read`` returned."""
+        self._data, self._pos = data + self._data[self._pos :], 0
 
 
 class _ExpectedFile(_Expected):
+    """The original file itself: read in place, and what is put back is read again."""
+
     def __init__(self, src: BinaryIO) -> None:
         super().__init__()
         self._src = src
 
-    def _more(self, want: int) -> bytes:
-        return self._src.read(max(want, RAW_CHUNK))
+    def read(self, size: int) -> bytes:
+        return self._src.read(size)
+
+    def unread(self, data: bytes) -> None:
+        self._src.seek(-len(data), os.SEEK_CUR)
 
 
 class _ExpectedInflated(_Expected):
