@@ -303,7 +303,7 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def segment_tags(form: bytes) -> list[tuple[int, int]]:
-    """``(tag, depth)`` of every DEFLATE and GNU segment of an expanded form,
+    """``(tag, depth)`` of every DEFLATE, GNU and SPLIT segment of an expanded form,
     read straight from the grammar in the module docstring."""
     assert form.startswith(MAGIC)
     pos, depth, found = len(MAGIC), 0, []
@@ -326,6 +326,13 @@ def segment_tags(form: bytes) -> list[tuple[int, int]]:
             assert 1 <= form[pos] <= 9
             found.append((tag, depth))
             pos, depth = pos + 1, depth + 1
+        elif tag == expand.TAG_SPLIT:
+            DeflateParams.unpack(form[pos : pos + 4])
+            count, pos = read_varint(form, pos + 4)
+            for _ in range(2 * count):
+                _, pos = read_varint(form, pos)
+            found.append((tag, depth))
+            depth += 1
         else:
             raise AssertionError(f"unknown tag {tag} at {pos - 1}")
     assert pos == len(form), "bytes after the final END"

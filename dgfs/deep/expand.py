@@ -20,16 +20,21 @@ storing.
 Stream layout (version 1; docs/FORMAT.md is the normative text)::
 
     stream   := MAGIC segment* END
-    segment  := RAW | DEFLATE
+    segment  := RAW | DEFLATE | GNU | SPLIT
     RAW      := 0x01 varint(n) byte{n}
     DEFLATE  := 0x02 level memLevel windowBits strategy segment* END
     GNU      := 0x03 level segment* END
+    SPLIT    := 0x04 level memLevel windowBits strategy varint(k)
+                (varint(c) varint(u)){k} segment* END
     END      := 0x00
 
 A ``DEFLATE`` segment's inner segments rebuild to the uncompressed bytes,
 which raw deflate with those settings turns into the original span; a
 ``GNU`` segment's are compressed by GNU gzip at that level instead
-(:mod:`dgfs.deep.gnuzip`).
+(:mod:`dgfs.deep.gnuzip`); a ``SPLIT`` segment's are compressed as a
+``DEFLATE`` segment's, in pieces that start at the checkpoints (offsets in
+the stream and in the inflated bytes of byte-aligned block boundaries),
+side by side (:func:`dgfs.deep.deflate.deflate_pieces`).
 Nothing is held in memory beyond one segment's buffer (``RAW_CHUNK``) and
 zlib's own state; nested archives are spooled to a scratch file.
 
@@ -48,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import mmap
 import os
 import struct
 import tempfile
@@ -67,9 +73,13 @@ from dgfs.deep import gnuzip
 from dgfs.deep.deflate import (
     CANDIDATES,
     NEAR_MISS,
+    Checkpoint,
     DeflateMatch,
     DeflateParams,
     deflate_chunks,
+    deflate_piece,
+    deflate_pieces,
+    inflate_blocks,
     match_deflate,
 )
 from dgfs.errors import DecodeLimit, ExpansionLimit, FormatError
@@ -81,6 +91,9 @@ TAG_END = 0
 TAG_RAW = 1
 TAG_DEFLATE = 2
 TAG_GNU = 3
+TAG_SPLIT = 4
+#: Tags of segments that compress what their inner segments rebuild to.
+_COMPRESSING = (TAG_DEFLATE, TAG_GNU, TAG_SPLIT)
 
 #: Largest RAW segment written; also the read/copy buffer size.
 RAW_CHUNK = 1 << 20
@@ -108,6 +121,13 @@ GZIP_GUESS_MAX = 8 << 20
 #: are compressed in worker threads; at most _IN_FLIGHT bytes wait for them.
 PARALLEL_PAYLOAD = 4 << 20
 _IN_FLIGHT = 16 << 20
+#: A gzip member whose deflate body is at least this long is first tried as a
+#: SPLIT segment: pieces of about SPLIT_PIECE inflated bytes, each rebuilt by
+#: its own compressor, side by side (a .tar.gz is one deflate stream).
+SPLIT_MIN = 1 << 20
+SPLIT_PIECE = 4 << 20
+#: Readers refuse SPLIT segments with more checkpoints than this.
+MAX_CHECKPOINTS = 1 << 16
 #: Default of ``ExpansionLimits.max_bytes``.
 DEFAULT_MAX_BYTES = 4 << 30
 #: However small a file, its expansion may take this much.
@@ -254,8 +274,16 @@ class _Budget:
         return max(0.0, self.deadline - time.monotonic())
 
 
-#: How a stream is re-compressed: zlib settings, or a GNU gzip level.
-Recipe = DeflateParams | int
+@dataclass(frozen=True)
+class SplitRecipe:
+    """zlib settings, and the checkpoints where pieces of the stream start."""
+
+    params: DeflateParams
+    checkpoints: tuple[Checkpoint, ...]
+
+
+#: How a stream is re-compressed: zlib settings (whole or in pieces), or a GNU gzip level.
+Recipe = DeflateParams | SplitRecipe | int
 
 
 @dataclass
@@ -267,6 +295,8 @@ class ExpandStats:
     streams_inflated: int = 0
     streams_kept: int = 0
     streams_gnu: int = 0
+    streams_split: int = 0
+    """Streams written as SPLIT segments (rebuilt in pieces side by side)."""
     streams_remembered: int = 0
     """Inflated without a new check: the same bytes were proven before."""
     inflated_bytes: int = 0
@@ -370,7 +400,28 @@ class _Hint:
 def _header(recipe: Recipe) -> bytes:
     if isinstance(recipe, DeflateParams):
         return bytes((TAG_DEFLATE,)) + recipe.pack()
+    if isinstance(recipe, SplitRecipe):
+        out = bytearray((TAG_SPLIT,)) + recipe.params.pack() + _varint(len(recipe.checkpoints))
+        for point in recipe.checkpoints:
+            out += _varint(point.compressed) + _varint(point.uncompressed)
+        return bytes(out)
     return bytes((TAG_GNU, recipe))
+
+
+def _pick_checkpoints(boundaries: list[Checkpoint], total: int) -> tuple[Checkpoint, ...]:
+    """Byte-aligned block boundaries about SPLIT_PIECE inflated bytes apart,
+    none within half a piece of the end."""
+    picked: list[Checkpoint] = []
+    last = 0
+    for point in boundaries:
+        if len(picked) >= MAX_CHECKPOINTS:
+            break
+        if point.uncompressed - last >= SPLIT_PIECE and total - point.uncompressed >= (
+            SPLIT_PIECE // 2
+        ):
+            picked.append(point)
+            last = point.uncompressed
+    return tuple(picked)
 
 
 #: How long a thread waits for another one computing the same memo entry
@@ -712,6 +763,67 @@ class _Expander:
                 spool_path.unlink(missing_ok=True)
             self.budget.release(spooled)
 
+    def _split(
+        self, src: BinaryIO, start: int, limit: int, depth: int, prior: DeflateParams | None
+    ) -> tuple[DeflateMatch, bool] | None:
+        """The large deflate stream at ``start`` as a SPLIT segment, if the
+        settings that worked last for gzip bodies (or ``prior``, from the
+        header) reproduce it piece by piece from checkpoints; None if not
+        tried or not reproduced (the caller then searches as for any stream).
+
+        Every piece is compressed, as the rebuild will, and compared with the
+        original's bytes (all stop at the first wrong byte of any): the stream
+        is deflated once, by all cores.
+        """
+        hint = self.hints.setdefault(("gzip", depth), _Hint())
+        params = hint.params or prior
+        if params is None or params.level < 4:  # levels 1-3 do not insert every string
+            return None
+        try:
+            fileno = src.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return None
+        if not _prefix_matches(fileno, start, limit, params):
+            return None  # another writer (GNU gzip, say): not worth inflating it all here
+        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".split")
+        spool_path = Path(name)
+        spooled = 0
+
+        def spool_write(piece: bytes) -> None:
+            nonlocal spooled
+            self.budget.hold(len(piece))
+            spooled += len(piece)
+            spool.write(piece)
+
+        try:
+            with os.fdopen(fd, "w+b") as spool:
+                found = inflate_blocks(src, start, limit, spool_write, self.budget.stream())
+                if found is None or not found.compressed_length or not found.uncompressed_length:
+                    return None
+                spool.flush()
+                checkpoints = _pick_checkpoints(found.checkpoints, found.uncompressed_length)
+                with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as payload:
+                    if not checkpoints or nested_kind(payload[:4]) is not None:
+                        return None  # small, or an archive inside: the ordinary way
+                    ends = (*checkpoints, Checkpoint(found.compressed_length, len(payload)))
+                    if not _pieces_match(params, payload, fileno, start, checkpoints, ends):
+                        return None
+                recipe = SplitRecipe(params, checkpoints)
+                self.w.tag(_header(recipe))
+                self.copy(spool, 0, found.uncompressed_length)
+                self.w.tag(bytes((TAG_END,)))
+        finally:
+            spool_path.unlink(missing_ok=True)
+            self.budget.release(spooled)
+        hint.record(params, found.compressed_length)
+        self.stats.proven.add((_span_digest(src, start, found.compressed_length), recipe))
+        self.stats.streams_inflated += 1
+        self.stats.streams_split += 1
+        self.stats.inflated_bytes += found.uncompressed_length
+        self.stats.params_seen[params] = self.stats.params_seen.get(params, 0) + 1
+        match = DeflateMatch(found.compressed_length, found.uncompressed_length, params)
+        return match, True
+
     # -- gzip (RFC 1952), one or more members --
 
     def gzip(self, src: BinaryIO, start: int, end: int, depth: int) -> None:
@@ -730,7 +842,8 @@ class _Expander:
             prior = _XFL_PRIOR.get(src.read(1)[0])
             # A gzip file of one member: its body ends 8 bytes before the end.
             guess = end - 8 - body if end - body <= GZIP_GUESS_MAX else None
-            found, expanded = self.deflate(src, body, end, depth, "gzip", prior, guess)
+            split = self._split(src, body, end, depth, prior) if end - body >= SPLIT_MIN else None
+            found, expanded = split or self.deflate(src, body, end, depth, "gzip", prior, guess)
             if found.compressed_length == 0:
                 self.copy(src, body, end)  # not deflate after all: keep the rest
                 return
@@ -786,6 +899,57 @@ class _Expander:
                 break
             pos = after
         self.copy(src, cursor, end)
+
+
+def _prefix_matches(fileno: int, start: int, limit: int, params: DeflateParams) -> bool:
+    """Whether ``params`` reproduce what the first ``_PREFIX`` inflated bytes of
+    the deflate stream at ``start`` compress to (True when they tell nothing)."""
+    head = os.pread(fileno, min(_PREFIX, limit - start), start)
+    try:
+        plain = zlib.decompressobj(-15).decompress(head, _PREFIX)
+    except zlib.error:
+        return False
+    out = params.compressor().compress(plain)
+    return head.startswith(out)
+
+
+#: Inflated bytes ``_prefix_matches`` compresses (zlib emits its first block
+#: after about 16,000 symbols at memLevel 8).
+_PREFIX = 1 << 20
+
+
+def _pieces_match(
+    params: DeflateParams,
+    payload: mmap.mmap,
+    fileno: int,
+    start: int,
+    checkpoints: tuple[Checkpoint, ...],
+    ends: tuple[Checkpoint, ...],
+) -> bool:
+    """Whether every piece of ``payload``'s deflate stream (pieces from ``checkpoints``
+    to ``ends``) compresses to the original's bytes at ``start`` of ``fileno``."""
+    failed = threading.Event()
+    starts = (Checkpoint(0, 0), *checkpoints)
+
+    def piece_matches(index: int) -> bool:
+        begin, end = starts[index], ends[index]
+        final = index == len(checkpoints)
+        want = end.compressed - begin.compressed
+        offset = 0
+        for out in deflate_piece(params, payload, begin.uncompressed, end.uncompressed, final):
+            take = out[: want - offset] if not final else out
+            original = os.pread(fileno, len(take), start + begin.compressed + offset)
+            if failed.is_set() or take != original:
+                failed.set()
+                return False
+            offset += len(take)
+            if not final and offset == want:
+                return True
+        return offset == want
+
+    workers = min(len(starts), os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers, thread_name_prefix="dgfs-piece") as pool:
+        return all(list(pool.map(piece_matches, range(len(starts)))))
 
 
 def _span_digest(src: BinaryIO, start: int, length: int) -> bytes:
@@ -950,10 +1114,14 @@ def plain_form(src: Path, out: Path) -> None:
 
 
 class _Reader:
-    def __init__(self, src: BinaryIO, scratch_dir: Path | None, depth: int = 0) -> None:
+    def __init__(
+        self, src: BinaryIO, scratch_dir: Path | None, depth: int = 0, workers: int = 1
+    ) -> None:
         self.src = src
         self.scratch_dir = scratch_dir
         self.depth = depth
+        self.workers = workers
+        """Threads a SPLIT segment's pieces are compressed by."""
         """DEFLATE/GNU segments open around the one being read (at most ``MAX_NESTING``)."""
         self.nests = False
         """Whether the subtree ``_subtree_end`` walked last holds others."""
@@ -990,7 +1158,7 @@ class _Reader:
     def segments(self) -> Iterator[bytes]:
         """Rebuild segments up to the next END, in order."""
         while (tag := self.exact(1)[0]) != TAG_END:
-            if tag in (TAG_DEFLATE, TAG_GNU):
+            if tag in _COMPRESSING:
                 yield from self._subtree(tag)
             else:
                 yield from self.segment(tag)
@@ -1000,6 +1168,47 @@ class _Reader:
             return DeflateParams.unpack(self.exact(4))
         except ValueError as exc:
             raise FormatError(f"expanded form: {exc}") from None
+
+    def split_recipe(self) -> SplitRecipe:
+        """A SPLIT segment's settings and checkpoints (its tag was just read)."""
+        params = self.params()
+        count = self.varint()
+        if not 0 < count <= MAX_CHECKPOINTS:
+            raise FormatError(f"expanded form: {count} checkpoints in a SPLIT segment")
+        points = [Checkpoint(self.varint(), self.varint()) for _ in range(count)]
+        for before, after in zip([Checkpoint(0, 0), *points], points, strict=False):
+            if after.compressed <= before.compressed or after.uncompressed <= before.uncompressed:
+                raise FormatError("expanded form: SPLIT checkpoints do not increase")
+        return SplitRecipe(params, tuple(points))
+
+    def skip_header(self, tag: int) -> None:
+        """Past the header of a DEFLATE, GNU or SPLIT segment whose tag was just read."""
+        if tag == TAG_SPLIT:
+            self.split_recipe()
+        else:
+            self.src.seek(4 if tag == TAG_DEFLATE else 1, os.SEEK_CUR)
+
+    def _split(self, recipe: SplitRecipe) -> Iterator[bytes]:
+        """A SPLIT segment's stream: its inner segments spooled, then compressed
+        in pieces, ``workers`` at a time."""
+        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".split")
+        payload_path = Path(name)
+        try:
+            with os.fdopen(fd, "w+b") as spool:
+                for chunk in self.segments():
+                    spool.write(chunk)
+                spool.flush()
+                if recipe.checkpoints[-1].uncompressed >= spool.tell():
+                    raise FormatError("expanded form: a SPLIT checkpoint past its bytes")
+                with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as payload:
+                    try:
+                        yield from deflate_pieces(
+                            recipe.params, payload, recipe.checkpoints, self.workers
+                        )
+                    except ValueError as exc:
+                        raise FormatError(f"expanded form: {exc}") from None
+        finally:
+            payload_path.unlink(missing_ok=True)
 
     def segment(self, tag: int) -> Iterator[bytes]:
         """One RAW segment whose tag was just read."""
@@ -1019,6 +1228,8 @@ class _Reader:
         try:
             if tag == TAG_DEFLATE:
                 yield from deflate_chunks(self.params(), self.segments())
+            elif tag == TAG_SPLIT:
+                yield from self._split(self.split_recipe())
             else:
                 yield from self._gnu(self.exact(1)[0])
         finally:
@@ -1057,7 +1268,7 @@ class _Reader:
 
         with ThreadPoolExecutor(workers, thread_name_prefix="dgfs-deflate") as pool:
             while (tag := self.exact(1)[0]) != TAG_END:
-                if tag not in (TAG_DEFLATE, TAG_GNU):
+                if tag not in _COMPRESSING:
                     yield from ready(force=True)
                     yield from self.segment(tag)
                     continue
@@ -1083,7 +1294,7 @@ class _Reader:
         """Where the DEFLATE or GNU segment whose tag was just read ends, or None
         if it holds more than ``limit`` RAW bytes. Reads only tags and lengths;
         ``nests`` then says whether it holds DEFLATE or GNU segments itself."""
-        self.src.seek(4 if tag == TAG_DEFLATE else 1, os.SEEK_CUR)
+        self.skip_header(tag)
         depth, total = 1, 0
         self.nests = False
         while depth:
@@ -1096,8 +1307,8 @@ class _Reader:
                 if total > limit:
                     return None
                 self.src.seek(size, os.SEEK_CUR)
-            elif tag in (TAG_DEFLATE, TAG_GNU):
-                self.src.seek(4 if tag == TAG_DEFLATE else 1, os.SEEK_CUR)
+            elif tag in _COMPRESSING:
+                self.skip_header(tag)
                 depth += 1
                 self.nests = True
             else:
@@ -1152,7 +1363,7 @@ def rebuild_chunks(
     """
     if src.read(len(MAGIC)) != MAGIC:
         raise FormatError("not a dgfs expanded form (bad magic)")
-    reader = _Reader(src, scratch_dir)
+    reader = _Reader(src, scratch_dir, workers=workers)
     if workers > 1:
         yield from reader.segments_in_parallel(workers)
     else:
@@ -1317,11 +1528,17 @@ def _prove(reader: _Reader, expected: _Expected, proven: set[tuple[bytes, Recipe
                 if expected.read(len(chunk)) != chunk:
                     raise _Mismatch("a RAW segment differs")
             continue
-        if tag not in (TAG_DEFLATE, TAG_GNU):
+        if tag not in _COMPRESSING:
             raise FormatError(f"expanded form: unknown segment tag {tag}")
         if reader.depth >= MAX_NESTING:
             raise DecodeLimit(f"expanded form: segments nest deeper than {MAX_NESTING}")
-        recipe: Recipe = reader.params() if tag == TAG_DEFLATE else reader.exact(1)[0]
+        recipe: Recipe
+        if tag == TAG_DEFLATE:
+            recipe = reader.params()
+        elif tag == TAG_SPLIT:
+            recipe = reader.split_recipe()
+        else:
+            recipe = reader.exact(1)[0]
         inflated = _ExpectedInflated(expected)
         reader.depth += 1
         _prove(reader, inflated, proven)
