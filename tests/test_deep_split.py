@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 
 from dgfs.deep import expand
-from dgfs.deep.deflate import Checkpoint, DeflateParams, deflate_pieces, inflate_blocks
+from dgfs.deep.deflate import (
+    Checkpoint,
+    DeflateParams,
+    Payload,
+    deflate_pieces,
+    inflate_blocks,
+)
 from dgfs.deep.expand import expand_file, prove_form, rebuild_file
 from dgfs.errors import FormatError
 from tests.test_expand import gnu_gzip, needs_zgz, round_trip, segment_tags, text
@@ -170,5 +176,7 @@ def test_inflate_blocks_finds_byte_aligned_boundaries() -> None:
         cut = inflate_blocks(src, 0, len(stream), lambda _: None)
     assert cut is not None and cut.compressed_length == 0  # not a whole stream
     # The pieces between all of them, compressed side by side, are the stream.
-    pieces = deflate_pieces(DeflateParams(9), payload, found.checkpoints, workers=2)
+    pieces = deflate_pieces(
+        DeflateParams(9), Payload.of_bytes(payload), found.checkpoints, workers=2
+    )
     assert b"".join(pieces) == stream

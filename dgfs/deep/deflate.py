@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
-import mmap
+import os
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -263,9 +263,6 @@ def zlib_is_reference() -> bool:
 # original (``benchmarks/parallel_deflate.py`` measured 100% of the
 # byte-aligned boundaries of Django sdists reproducing).
 
-#: What pieces are compressed from: the inflated bytes, in memory or mapped.
-_Buffer = bytes | memoryview | mmap.mmap
-
 #: Input past a piece's end given to its compressor: zlib looks at most
 #: 258 + 3 bytes ahead when it chooses a piece's last symbols.
 PIECE_LOOKAHEAD = 4096
@@ -280,20 +277,47 @@ class Checkpoint(NamedTuple):
     """Offset in its inflated bytes."""
 
 
+class Payload:
+    """The inflated bytes that pieces are compressed from: bytes, or a file
+    read by offset (``os.pread``: threads read it side by side), so that each
+    piece holds only its window and one feed in memory."""
+
+    def __init__(self, size: int, data: bytes = b"", fileno: int | None = None) -> None:
+        self.size = size
+        self._data = data
+        self._fileno = fileno
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> Payload:
+        return cls(len(data), data=data)
+
+    @classmethod
+    def of_file(cls, fileno: int, size: int) -> Payload:
+        return cls(size, fileno=fileno)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._fileno is None:
+            return self._data[offset : offset + length]
+        out = os.pread(self._fileno, length, offset)
+        if len(out) != min(length, max(0, self.size - offset)):
+            raise ValueError("the inflated bytes of a deflate stream changed size")
+        return out
+
+
 def deflate_piece(
-    params: DeflateParams, data: _Buffer, start: int, end: int, final: bool
+    params: DeflateParams, payload: Payload, start: int, end: int, final: bool
 ) -> Iterator[bytes]:
-    """The deflate stream of ``data`` (with ``params``) from the checkpoint at
+    """The deflate stream of ``payload`` (with ``params``) from the checkpoint at
     ``start``, as a compressor primed with the window before ``start`` makes it:
     the bytes of the blocks up to ``end``, and more after them unless ``final``
     (the caller keeps what it knows to be the piece); ``final``: to the end of
-    ``data``, finished. Input goes in ``_PIECE_FEED`` pieces (deflate's output
+    ``payload``, finished. Input goes in ``_PIECE_FEED`` pieces (deflate's output
     does not depend on how its input is split)."""
-    view = memoryview(data)
-    compressor = params.compressor(view[max(0, start - (1 << params.window_bits)) : start])
-    stop = end if final else min(len(view), end + PIECE_LOOKAHEAD)
+    window = max(0, start - (1 << params.window_bits))
+    compressor = params.compressor(payload.read(window, start - window))
+    stop = end if final else min(payload.size, end + PIECE_LOOKAHEAD)
     for pos in range(start, stop, _PIECE_FEED):
-        out = compressor.compress(view[pos : min(stop, pos + _PIECE_FEED)])
+        out = compressor.compress(payload.read(pos, min(stop, pos + _PIECE_FEED) - pos))
         if out:
             yield out
     # Z_BLOCK ends the block in progress, so every bit before ``end`` is out.
@@ -304,9 +328,9 @@ _PIECE_FEED = 256 * 1024
 
 
 def deflate_pieces(
-    params: DeflateParams, data: _Buffer, checkpoints: Sequence[Checkpoint], workers: int
+    params: DeflateParams, payload: Payload, checkpoints: Sequence[Checkpoint], workers: int
 ) -> Iterator[bytes]:
-    """The deflate stream of ``data`` with ``params``, its pieces between
+    """The deflate stream of ``payload`` with ``params``, its pieces between
     ``checkpoints`` (after the start, before the end, increasing) compressed by
     ``workers`` threads side by side (zlib releases the GIL) and given in order.
     Raises ``ValueError`` if a piece comes out shorter than its checkpoints say."""
@@ -316,9 +340,11 @@ def deflate_pieces(
     def piece(index: int) -> bytes:
         begin, after = starts[index], ends[index]
         if after is None:
-            return b"".join(deflate_piece(params, data, begin.uncompressed, len(data), True))
+            return b"".join(deflate_piece(params, payload, begin.uncompressed, payload.size, True))
         length = after.compressed - begin.compressed
-        out = b"".join(deflate_piece(params, data, begin.uncompressed, after.uncompressed, False))
+        out = b"".join(
+            deflate_piece(params, payload, begin.uncompressed, after.uncompressed, False)
+        )
         if len(out) < length:
             raise ValueError(f"a deflate piece gave {len(out)} bytes, not {length}")
         return out[:length]

@@ -53,7 +53,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import mmap
 import os
 import struct
 import tempfile
@@ -76,6 +75,7 @@ from dgfs.deep.deflate import (
     Checkpoint,
     DeflateMatch,
     DeflateParams,
+    Payload,
     deflate_chunks,
     deflate_piece,
     deflate_pieces,
@@ -802,12 +802,12 @@ class _Expander:
                     return None
                 spool.flush()
                 checkpoints = _pick_checkpoints(found.checkpoints, found.uncompressed_length)
-                with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as payload:
-                    if not checkpoints or nested_kind(payload[:4]) is not None:
-                        return None  # small, or an archive inside: the ordinary way
-                    ends = (*checkpoints, Checkpoint(found.compressed_length, len(payload)))
-                    if not _pieces_match(params, payload, fileno, start, checkpoints, ends):
-                        return None
+                payload = Payload.of_file(spool.fileno(), found.uncompressed_length)
+                if not checkpoints or nested_kind(payload.read(0, 4)) is not None:
+                    return None  # small, or an archive inside: the ordinary way
+                ends = (*checkpoints, Checkpoint(found.compressed_length, payload.size))
+                if not _pieces_match(params, payload, fileno, start, checkpoints, ends):
+                    return None
                 recipe = SplitRecipe(params, checkpoints)
                 self.w.tag(_header(recipe))
                 self.copy(spool, 0, found.uncompressed_length)
@@ -920,7 +920,7 @@ _PREFIX = 1 << 20
 
 def _pieces_match(
     params: DeflateParams,
-    payload: mmap.mmap,
+    payload: Payload,
     fileno: int,
     start: int,
     checkpoints: tuple[Checkpoint, ...],
@@ -1200,13 +1200,13 @@ class _Reader:
                 spool.flush()
                 if recipe.checkpoints[-1].uncompressed >= spool.tell():
                     raise FormatError("expanded form: a SPLIT checkpoint past its bytes")
-                with mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ) as payload:
-                    try:
-                        yield from deflate_pieces(
-                            recipe.params, payload, recipe.checkpoints, self.workers
-                        )
-                    except ValueError as exc:
-                        raise FormatError(f"expanded form: {exc}") from None
+                payload = Payload.of_file(spool.fileno(), spool.tell())
+                try:
+                    yield from deflate_pieces(
+                        recipe.params, payload, recipe.checkpoints, self.workers
+                    )
+                except ValueError as exc:
+                    raise FormatError(f"expanded form: {exc}") from None
         finally:
             payload_path.unlink(missing_ok=True)
 
