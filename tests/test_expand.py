@@ -636,6 +636,25 @@ def test_nested_archives_in_a_war(tmp_path: Path) -> None:
     assert text(3000, 1) in form and text(5000, 3) in form
 
 
+def test_small_nested_archives_are_expanded_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A botocore wheel holds ~800 .json.gz members: a scratch file each cost
+    0.05 of a warm expansion's 0.37 CPU seconds."""
+    scratch_files: list[str] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        scratch_files.append(kwargs.get("suffix", ""))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(expand.tempfile, "mkstemp", counted)
+    war, streams = nested_war()
+    stats, _ = round_trip(tmp_path, war, "app.war")
+    assert stats.streams_inflated == streams
+    assert ".nested" not in scratch_files
+
+
 def test_zip_with_data_descriptors(tmp_path: Path) -> None:
     members: list[Member] = [
         ("a.txt", text(10_000, 30), zipfile.ZIP_DEFLATED, 6),

@@ -65,7 +65,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from dgfs import children
 from dgfs.deep import gnuzip
@@ -128,6 +128,9 @@ SPLIT_MIN = 1 << 20
 SPLIT_PIECE = 4 << 20
 #: Readers refuse SPLIT segments with more checkpoints than this.
 MAX_CHECKPOINTS = 1 << 16
+#: Inflated bytes of a nested archive held in memory while it is expanded;
+#: larger ones are spooled to scratch.
+NESTED_IN_MEMORY = 1 << 20
 #: Default of ``ExpansionLimits.max_bytes``.
 DEFAULT_MAX_BYTES = 4 << 30
 #: However small a file, its expansion may take this much.
@@ -706,18 +709,20 @@ class _Expander:
         self.w.tag(_header(known) if known is not None else bytes((TAG_DEFLATE,)) + b"\0" * 4)
         body_pos = self.w.tell()
         spool: BinaryIO | None = None
-        spool_path: Path | None = None
         spooled = 0
         first = True
 
         def sink(piece: bytes) -> None:
-            nonlocal first, spool, spool_path, spooled
+            nonlocal first, spool, spooled
             if first:
                 first = False
                 if depth < MAX_DEPTH and nested_kind(piece) is not None:
-                    fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".nested")
-                    spool_path = Path(name)
-                    spool = os.fdopen(fd, "w+b")
+                    # Most nested archives are small (a wheel's .json.gz): in memory
+                    # up to NESTED_IN_MEMORY, then in scratch.
+                    spooled_file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed below)
+                        NESTED_IN_MEMORY, "w+b", dir=str(self.scratch_dir), suffix=".nested"
+                    )
+                    spool = cast(BinaryIO, spooled_file)
             if spool is not None:
                 self.budget.hold(len(piece))
                 spooled += len(piece)
@@ -759,8 +764,6 @@ class _Expander:
         finally:
             if spool is not None:
                 spool.close()
-            if spool_path is not None:
-                spool_path.unlink(missing_ok=True)
             self.budget.release(spooled)
 
     def _split(
