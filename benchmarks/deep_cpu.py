@@ -15,13 +15,16 @@ do after ``cp``), then reads every file back from an empty cache one after
 the other ("sequential"), then again all at once ("concurrent", as a
 prefetch beside a reader does), SHA-256 checked.
 For a ``.tar.gz`` it also measures the floor the issue sets: inflating it
-plus one zlib level-9 deflate of its content.
+plus one zlib level-9 deflate of its content, and the rebuild of the first
+file's expanded form with 1 and 2 workers (a large gzip stream is rebuilt
+in pieces side by side where the tree supports it).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import os
 import sys
 import tempfile
@@ -45,6 +48,24 @@ def floor_seconds(path: Path) -> float:
     compressor.compress(content)
     compressor.flush()
     return cpu_seconds() - start
+
+
+def rebuild_seconds(path: Path, work: Path) -> list[tuple[float, float]]:
+    """CPU and wall seconds of ``rebuild_file`` of ``path``'s expanded form,
+    with 1 and 2 workers (the SHA-256 checked)."""
+    from dgfs.deep import expand
+
+    form = work / "form.dgx"
+    expand.expand_file(path, form, scratch_dir=work)
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    out = []
+    for workers in (1, 2):
+        c, w = cpu_seconds(), time.perf_counter()
+        digest, _ = expand.rebuild_file(form, work / "out", work, workers)
+        out.append((cpu_seconds() - c, time.perf_counter() - w))
+        if digest != want:
+            raise SystemExit(f"{path.name}: rebuilt to other bytes")
+    return out
 
 
 def main() -> int:
@@ -138,6 +159,12 @@ def main() -> int:
             print(
                 "  floor (inflate + one level-9 deflate), per file: "
                 + ", ".join(f"{f:.2f}" for f in floors)
+            )
+            with tempfile.TemporaryDirectory(prefix="dgfs-deep-cpu-") as work:
+                rebuilds = rebuild_seconds(series.paths[0], Path(work))
+            print(
+                "  rebuild of the first one's expanded form, 1 / 2 workers: "
+                + ", ".join(f"{c:.2f} ({w:.2f})" for c, w in rebuilds)
             )
         expand.VERIFIED_SPANS.clear()
         with tempfile.TemporaryDirectory(prefix="dgfs-deep-cpu-") as work:
