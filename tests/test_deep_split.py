@@ -92,6 +92,36 @@ def test_a_large_gnu_gzip_stream_is_not_split(
     assert [tag for tag, _ in segment_tags(form)] == [expand.TAG_GNU]
 
 
+@pytest.mark.usefixtures("small_pieces")
+def test_every_large_member_of_a_gzip_file_is_split(tmp_path: Path) -> None:
+    data = python_gzip(tarball_like(2 << 20, seed=2), 9) + python_gzip(tarball_like(2 << 20), 6)
+    stats, form = round_trip(tmp_path, data, "two-members.gz")
+    assert stats.streams_split == 2
+    assert [tag for tag, _ in segment_tags(form)] == [expand.TAG_SPLIT, expand.TAG_SPLIT]
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_a_stream_proven_before_is_only_inflated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gzip body up to GZIP_GUESS_MAX that an earlier expansion proved (the
+    same data file in the next release) is inflated, not deflated in pieces."""
+    data = python_gzip(tarball_like(1 << 20), 9)
+    expand.VERIFIED_SPANS.clear()
+    stats, _ = round_trip(tmp_path, data, "data.gz")  # split: not remembered
+    assert stats.streams_split == 1
+    stats, _ = round_trip(tmp_path, data, "again.gz")
+    assert stats.streams_split == 1  # a split stream is not remembered either
+    monkeypatch.setattr(expand, "SPLIT_MIN", 1 << 30)
+    stats, _ = round_trip(tmp_path, data, "whole.gz")  # the ordinary way: remembered
+    monkeypatch.undo()
+    monkeypatch.setattr(expand, "SPLIT_MIN", 64 << 10)
+    monkeypatch.setattr(expand, "SPLIT_PIECE", 256 << 10)
+    stats, form = round_trip(tmp_path, data, "third.gz")
+    assert stats.streams_split == 0 and stats.streams_remembered == 1
+    assert [tag for tag, _ in segment_tags(form)] == [expand.TAG_DEFLATE]
+
+
 def test_small_gzip_streams_stay_whole(tmp_path: Path) -> None:
     stats, form = round_trip(tmp_path, python_gzip(text(300_000), 9), "small.gz")
     assert stats.streams_split == 0

@@ -779,14 +779,16 @@ class _Expander:
         is deflated once, by all cores.
         """
         hint = self.hints.setdefault(("gzip", depth), _Hint())
-        params = hint.params or prior
-        if params is None or params.level < 4:  # levels 1-3 do not insert every string
-            return None
         try:
             fileno = src.fileno()
         except (AttributeError, OSError, io.UnsupportedOperation):
             return None
-        if not _prefix_matches(fileno, start, limit, params):
+        # Levels 1-3 do not insert every string in the hash chains: no pieces.
+        likely = [p for p in (hint.params, prior) if p is not None and p.level >= 4]
+        params = next(
+            (p for p in dict.fromkeys(likely) if _prefix_matches(fileno, start, limit, p)), None
+        )
+        if params is None:
             return None  # another writer (GNU gzip, say): not worth inflating it all here
         fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".split")
         spool_path = Path(name)
@@ -845,7 +847,9 @@ class _Expander:
             prior = _XFL_PRIOR.get(src.read(1)[0])
             # A gzip file of one member: its body ends 8 bytes before the end.
             guess = end - 8 - body if end - body <= GZIP_GUESS_MAX else None
-            split = self._split(src, body, end, depth, prior) if end - body >= SPLIT_MIN else None
+            split = None
+            if end - body >= SPLIT_MIN and not _remembered(src, body, guess):
+                split = self._split(src, body, end, depth, prior)
             found, expanded = split or self.deflate(src, body, end, depth, "gzip", prior, guess)
             if found.compressed_length == 0:
                 self.copy(src, body, end)  # not deflate after all: keep the rest
@@ -902,6 +906,14 @@ class _Expander:
                 break
             pos = after
         self.copy(src, cursor, end)
+
+
+def _remembered(src: BinaryIO, start: int, length: int | None) -> bool:
+    """Whether VERIFIED_SPANS has a verdict on the ``length`` bytes at ``start``
+    (then inflating them is all the ordinary way costs)."""
+    if length is None or length < MEMO_MIN_SPAN:
+        return False
+    return VERIFIED_SPANS.get(_span_digest(src, start, length)) is not None
 
 
 def _prefix_matches(fileno: int, start: int, limit: int, params: DeflateParams) -> bool:
