@@ -416,11 +416,12 @@ class FileWriter:
         """
         prefix, name = fmt.split_key(key)
         ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
-        proven = await self._expand(src, expanded, key)
+        proven, leaves = await self._expand(src, expanded, key)
         proof: list[bool] = []
 
         async def prove() -> None:
-            proof.append(await self._bench.cpu(expand.prove_form, expanded, src, proven) is True)
+            proved = await self._bench.cpu(expand.prove_form, expanded, src, proven, leaves)
+            proof.append(proved is True)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(prove)
@@ -483,9 +484,13 @@ class FileWriter:
             else:
                 self._creating[ref_key] = (lock, users - 1)
 
-    async def _expand(self, src: Path, out: Path, key: str) -> set[tuple[bytes, expand.Recipe]]:
+    async def _expand(
+        self, src: Path, out: Path, key: str
+    ) -> tuple[
+        set[tuple[bytes, expand.Recipe]], dict[tuple[bytes, expand.Recipe], tuple[bytes, int]]
+    ]:
         """Write the expanded form of ``src`` to ``out``; returns what its search
-        proved (``ExpandStats.proven``, for ``expand.prove_form``).
+        proved (``ExpandStats.proven`` and ``leaves``, for ``expand.prove_form``).
 
         With a zlib that does not deflate like reference zlib, its
         recompressions could not be trusted on other machines: the file
@@ -494,7 +499,7 @@ class FileWriter:
         if not zlib_is_reference():
             log.warning("this zlib does not deflate like reference zlib; %s is not expanded", key)
             await self._bench.cpu(expand.plain_form, src, out)
-            return set()
+            return set(), {}
         expand_one = functools.partial(
             expand.expand_file, scratch_dir=self._bench.scratch_dir, limits=self._limits
         )
@@ -503,7 +508,7 @@ class FileWriter:
         except ExpansionLimit as exc:  # a bomb, or beyond what this mount expands
             log.warning("%s: %s; stored without expanding it", key, exc)
             await self._bench.cpu(expand.plain_form, src, out)
-            return set()
+            return set(), {}
         assert isinstance(stats, expand.ExpandStats)
         log.debug(
             "%s: %d streams inflated (%d by GNU gzip), %d kept; %d -> %d bytes",
@@ -514,7 +519,7 @@ class FileWriter:
             stats.original_size,
             stats.expanded_size,
         )
-        return stats.proven
+        return stats.proven, stats.leaves
 
     @staticmethod
     def _now() -> datetime:

@@ -311,6 +311,11 @@ class ExpandStats:
     written: the recipe turns the span's inflated bytes into exactly the span,
     as the search compared byte for byte (or an earlier search, for a span
     remembered in ``VERIFIED_SPANS``). :func:`prove_form` builds on these."""
+    leaves: dict[tuple[bytes, Recipe], tuple[bytes, int]] = field(default_factory=dict)
+    """(SHA-256 of inflated bytes, recipe) -> (SHA-256, length) of the compressed
+    span they came from, for every DEFLATE and GNU segment that holds only RAW
+    segments: what ``proven`` says of the span, found by its content, so that
+    :func:`prove_form` checks such a segment by hashing instead of inflating."""
 
 
 # --- writing -----------------------------------------------------------------
@@ -711,6 +716,7 @@ class _Expander:
         spool: BinaryIO | None = None
         spooled = 0
         first = True
+        content = hashlib.sha256()  # of what goes into the segment as RAW (a leaf)
 
         def sink(piece: bytes) -> None:
             nonlocal first, spool, spooled
@@ -728,6 +734,7 @@ class _Expander:
                 spooled += len(piece)
                 spool.write(piece)
             else:
+                content.update(piece)
                 self.w.raw(piece)
 
         try:
@@ -749,7 +756,10 @@ class _Expander:
                 return found, None
             if known is None:
                 self.w.patch(seg_pos + 1, found.params.pack())  # type: ignore[union-attr]
-            self.stats.proven.add((_span_digest(src, start, found.compressed_length), recipe))
+            span = (_span_digest(src, start, found.compressed_length), found.compressed_length)
+            self.stats.proven.add((span[0], recipe))
+            if spool is None:
+                self.stats.leaves[(content.digest(), recipe)] = span
             if spool is not None:
                 spool.flush()
                 self.w.rewind(body_pos)
@@ -793,11 +803,13 @@ class _Expander:
         fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".split")
         spool_path = Path(name)
         spooled = 0
+        content = hashlib.sha256()
 
         def spool_write(piece: bytes) -> None:
             nonlocal spooled
             self.budget.hold(len(piece))
             spooled += len(piece)
+            content.update(piece)
             spool.write(piece)
 
         try:
@@ -821,7 +833,9 @@ class _Expander:
             spool_path.unlink(missing_ok=True)
             self.budget.release(spooled)
         hint.record(params, found.compressed_length)
-        self.stats.proven.add((_span_digest(src, start, found.compressed_length), recipe))
+        span = (_span_digest(src, start, found.compressed_length), found.compressed_length)
+        self.stats.proven.add((span[0], recipe))
+        self.stats.leaves[(content.digest(), recipe)] = span
         self.stats.streams_inflated += 1
         self.stats.streams_split += 1
         self.stats.inflated_bytes += found.uncompressed_length
@@ -1532,7 +1546,47 @@ class _ExpectedInflated(_Expected):
 _PROOF_READ = 64 * 1024
 
 
-def _prove(reader: _Reader, expected: _Expected, proven: set[tuple[bytes, Recipe]]) -> None:
+def _prove_leaf(
+    reader: _Reader,
+    expected: _Expected,
+    recipe: Recipe,
+    leaves: dict[tuple[bytes, Recipe], tuple[bytes, int]],
+) -> bool:
+    """Check the segment whose header was just read by hashes, if it holds only
+    RAW segments whose bytes ``leaves`` knows with ``recipe``: the span it
+    rebuilds to must stand next in ``expected`` (raises ``_Mismatch``).
+    Returns False, with ``reader`` back where it was, when it cannot say."""
+    start = reader.src.tell()
+    content = hashlib.sha256()
+    while (tag := reader.exact(1)[0]) == TAG_RAW:
+        left = reader.varint()
+        while left:
+            chunk = reader.exact(min(left, RAW_CHUNK))
+            left -= len(chunk)
+            content.update(chunk)
+    span = leaves.get((content.digest(), recipe)) if tag == TAG_END else None
+    if span is None:
+        reader.src.seek(start)
+        return False
+    span_sha256, left = span
+    digest = hashlib.sha256()
+    while left:
+        chunk = expected.read(min(left, RAW_CHUNK))
+        if not chunk:
+            raise _Mismatch("the file ends inside a deflate stream")
+        left -= len(chunk)
+        digest.update(chunk)
+    if digest.digest() != span_sha256:
+        raise _Mismatch("a deflate stream differs")
+    return True
+
+
+def _prove(
+    reader: _Reader,
+    expected: _Expected,
+    proven: set[tuple[bytes, Recipe]],
+    leaves: dict[tuple[bytes, Recipe], tuple[bytes, int]],
+) -> None:
     """Check the segments up to the next END against ``expected`` (raises ``_Mismatch``)."""
     while (tag := reader.exact(1)[0]) != TAG_END:
         if tag == TAG_RAW:
@@ -1554,15 +1608,22 @@ def _prove(reader: _Reader, expected: _Expected, proven: set[tuple[bytes, Recipe
             recipe = reader.split_recipe()
         else:
             recipe = reader.exact(1)[0]
+        if leaves and _prove_leaf(reader, expected, recipe, leaves):
+            continue
         inflated = _ExpectedInflated(expected)
         reader.depth += 1
-        _prove(reader, inflated, proven)
+        _prove(reader, inflated, proven, leaves)
         reader.depth -= 1
         if (inflated.finish(), recipe) not in proven:
             raise _Mismatch(f"no search proved {recipe} for a stream")
 
 
-def prove_form(expanded: Path, original: Path, proven: set[tuple[bytes, Recipe]]) -> bool:
+def prove_form(
+    expanded: Path,
+    original: Path,
+    proven: set[tuple[bytes, Recipe]],
+    leaves: dict[tuple[bytes, Recipe], tuple[bytes, int]] | None = None,
+) -> bool:
     """Whether ``expanded`` rebuilds to exactly the bytes of ``original``,
     without compressing anything: what ``rebuild_file`` would compare by
     SHA-256, at the cost of inflating.
@@ -1576,13 +1637,19 @@ def prove_form(expanded: Path, original: Path, proven: set[tuple[bytes, Recipe]]
     rebuild runs (``deflate_chunks``, ``gnuzip.gnu_deflate``), and compared
     every byte with the span. Deflate's output does not depend on how its
     input is split, so the rebuild gives the span back.
+
+    With ``leaves`` (``ExpandStats.leaves``), a segment that holds only RAW
+    segments is checked without inflating: the SHA-256 of its RAW bytes and
+    its recipe name, in ``leaves``, the SHA-256 and length of the span the
+    search compressed them into, and the original's next bytes must be that
+    span (a segment ``leaves`` does not know is checked as above).
     """
     with open(expanded, "rb") as src, open(original, "rb") as orig:
         if src.read(len(MAGIC)) != MAGIC:
             return False
         expected = _ExpectedFile(orig)
         try:
-            _prove(_Reader(src, None), expected, proven)
+            _prove(_Reader(src, None), expected, proven, leaves or {})
         except (_Mismatch, FormatError, DecodeLimit) as exc:
             log.debug("%s: expanded form not proven: %s", original, exc)
             return False
