@@ -160,7 +160,9 @@ def _with_checkpoints(form: bytes, recipe: expand.SplitRecipe, points: list[Chec
 
 
 @pytest.mark.usefixtures("small_pieces")
-@pytest.mark.parametrize("damage", ["not increasing", "past the end", "inside a block", "fewer"])
+@pytest.mark.parametrize(
+    "damage", ["not increasing", "past the end", "inside a block", "fewer", "tiny pieces"]
+)
 def test_forms_with_wrong_checkpoints_are_refused(tmp_path: Path, damage: str) -> None:
     """Checkpoints come from the bucket: malformed ones fail the rebuild, wrong
     ones rebuild other bytes (the SHA-256 check refuses them) and never pass
@@ -173,6 +175,10 @@ def test_forms_with_wrong_checkpoints_are_refused(tmp_path: Path, damage: str) -
         points[1] = points[0]
     elif damage == "past the end":
         points[-1] = Checkpoint(points[-1].compressed, 1 << 40)
+    elif damage == "tiny pieces":
+        # 1,000 pieces of 1 byte: each would cost a window and a look-ahead.
+        base = points[0]
+        points = [Checkpoint(base.compressed + i, base.uncompressed + i) for i in range(1000)]
     elif damage == "inside a block":
         points[2] = Checkpoint(points[2].compressed, points[2].uncompressed + 1000)
     else:

@@ -126,8 +126,12 @@ _IN_FLIGHT = 16 << 20
 #: its own compressor, side by side (a .tar.gz is one deflate stream).
 SPLIT_MIN = 1 << 20
 SPLIT_PIECE = 4 << 20
-#: Readers refuse SPLIT segments with more checkpoints than this.
+#: Readers refuse SPLIT segments with more checkpoints than this, or with
+#: checkpoints closer than MIN_PIECE inflated bytes: every piece costs a
+#: window and a look-ahead, so tiny pieces would let a small form cost
+#: far more CPU than its bytes.
 MAX_CHECKPOINTS = 1 << 16
+MIN_PIECE = 1 << 16
 #: Inflated bytes of a nested archive held in memory while it is expanded;
 #: larger ones are spooled to scratch.
 NESTED_IN_MEMORY = 1 << 20
@@ -424,8 +428,8 @@ def _pick_checkpoints(boundaries: list[Checkpoint], total: int) -> tuple[Checkpo
     for point in boundaries:
         if len(picked) >= MAX_CHECKPOINTS:
             break
-        if point.uncompressed - last >= SPLIT_PIECE and total - point.uncompressed >= (
-            SPLIT_PIECE // 2
+        if point.uncompressed - last >= max(SPLIT_PIECE, MIN_PIECE) and (
+            total - point.uncompressed >= max(SPLIT_PIECE // 2, MIN_PIECE)
         ):
             picked.append(point)
             last = point.uncompressed
@@ -1206,8 +1210,12 @@ class _Reader:
             raise FormatError(f"expanded form: {count} checkpoints in a SPLIT segment")
         points = [Checkpoint(self.varint(), self.varint()) for _ in range(count)]
         for before, after in zip([Checkpoint(0, 0), *points], points, strict=False):
-            if after.compressed <= before.compressed or after.uncompressed <= before.uncompressed:
-                raise FormatError("expanded form: SPLIT checkpoints do not increase")
+            if after.compressed <= before.compressed or (
+                after.uncompressed < before.uncompressed + MIN_PIECE
+            ):
+                raise FormatError(
+                    f"expanded form: SPLIT checkpoints do not increase (by {MIN_PIECE} inflated)"
+                )
         return SplitRecipe(params, tuple(points))
 
     def skip_header(self, tag: int) -> None:
@@ -1227,7 +1235,7 @@ class _Reader:
                 for chunk in self.segments():
                     spool.write(chunk)
                 spool.flush()
-                if recipe.checkpoints[-1].uncompressed >= spool.tell():
+                if recipe.checkpoints[-1].uncompressed + MIN_PIECE > spool.tell():
                     raise FormatError("expanded form: a SPLIT checkpoint past its bytes")
                 payload = Payload.of_file(spool.fileno(), spool.tell())
                 try:
