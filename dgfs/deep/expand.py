@@ -156,6 +156,14 @@ _XFL_PRIOR = {0: DeflateParams(6), 2: DeflateParams(9), 4: DeflateParams(1)}
 _ZIP_FLAG_PRIOR = (DeflateParams(6), DeflateParams(9), DeflateParams(1), DeflateParams(1))
 
 
+def _unknown_tag(tag: int) -> str:
+    """A segment tag this dgfs does not know: corrupt, or written by a newer dgfs."""
+    return (
+        f"expanded form: unknown segment tag {tag} (a newer dgfs wrote it,"
+        " or the object is corrupt: upgrade dgfs on this machine to read it)"
+    )
+
+
 def nested_kind(head: bytes) -> str | None:
     """``"gzip"`` or ``"zip"`` if ``head`` starts a format we expand, else None."""
     if head.startswith(_GZIP_MAGIC):
@@ -1250,7 +1258,7 @@ class _Reader:
     def segment(self, tag: int) -> Iterator[bytes]:
         """One RAW segment whose tag was just read."""
         if tag != TAG_RAW:
-            raise FormatError(f"expanded form: unknown segment tag {tag}")
+            raise FormatError(_unknown_tag(tag))
         left = self.varint()
         while left:
             chunk = self.exact(min(left, RAW_CHUNK))
@@ -1349,7 +1357,7 @@ class _Reader:
                 depth += 1
                 self.nests = True
             else:
-                raise FormatError(f"expanded form: unknown segment tag {tag}")
+                raise FormatError(_unknown_tag(tag))
         return self.src.tell()
 
 
@@ -1606,7 +1614,7 @@ def _prove(
                     raise _Mismatch("a RAW segment differs")
             continue
         if tag not in _COMPRESSING:
-            raise FormatError(f"expanded form: unknown segment tag {tag}")
+            raise FormatError(_unknown_tag(tag))
         if reader.depth >= MAX_NESTING:
             raise DecodeLimit(f"expanded form: segments nest deeper than {MAX_NESTING}")
         recipe: Recipe
