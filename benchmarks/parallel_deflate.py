@@ -55,31 +55,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # dgfs and benchmarks/ from this tree
 
-Z_BLOCK = 5
-Z_STREAM_END = 1
-Z_OK = 0
-Z_BUF_ERROR = -5
+from dgfs.deep.deflate import Z_BLOCK, Z_BUF_ERROR, Z_OK, Z_STREAM_END, ZStream  # noqa: E402
+
 WINDOW = 32768
-
-
-class ZStream(ctypes.Structure):
-    _fields_ = [
-        ("next_in", ctypes.c_void_p),
-        ("avail_in", ctypes.c_uint),
-        ("total_in", ctypes.c_ulong),
-        ("next_out", ctypes.c_void_p),
-        ("avail_out", ctypes.c_uint),
-        ("total_out", ctypes.c_ulong),
-        ("msg", ctypes.c_char_p),
-        ("state", ctypes.c_void_p),
-        ("zalloc", ctypes.c_void_p),
-        ("zfree", ctypes.c_void_p),
-        ("opaque", ctypes.c_void_p),
-        ("data_type", ctypes.c_int),
-        ("adler", ctypes.c_ulong),
-        ("reserved", ctypes.c_ulong),
-    ]
 
 
 def _libz() -> ctypes.CDLL:
@@ -262,7 +243,6 @@ def main() -> int:
     args = parser.parse_args()
     files = args.files
     if not files:
-        sys.path.insert(0, str(ROOT))
         from benchmarks.series import all_series
 
         files = {s.name: s for s in all_series(count=args.count)}["sdists"].paths

@@ -142,6 +142,7 @@ from dgfs.fs.upload_failures import RETRY_MAX_DELAY
 from dgfs.policy import Policy
 from dgfs.store.faulty import Fault, FaultyStore
 from dgfs.store.memory import MemoryStore
+from tests.fsharness import close_fds_under
 
 pytestmark = [
     # A guard against a hang in CI's short run; the long mode's seeds report
@@ -364,17 +365,6 @@ async def settle() -> None:
     assert _waiting_for_io() <= 1, "real I/O in flight: a worker call that is not inline"
 
 
-def _close_fds_under(directory: Path) -> None:
-    """As the kernel does for a process that dies (see tests/fsharness.py)."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith(f"{directory}/"):
-            os.close(int(name))
-
-
 class Mount:
     """One mount's lifetime as ``tests/fsharness.py``'s ``mounted()`` runs it,
     its end (unmount or crash) chosen when it comes. Lives in a task of the loop."""
@@ -425,7 +415,7 @@ class Mount:
         finally:
             if self._crash or self.failure is not None:
                 journal.close()
-                _close_fds_under(journal.directory)
+                close_fds_under(journal.directory)
             else:
                 await fs.close()
                 journal.close()

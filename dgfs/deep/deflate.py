@@ -366,7 +366,9 @@ def deflate_pieces(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _ZStream(ctypes.Structure):
+class ZStream(ctypes.Structure):
+    """zlib's ``z_stream`` (zlib.h), for ``inflate`` through ctypes."""
+
     _fields_ = [
         ("next_in", ctypes.c_void_p),
         ("avail_in", ctypes.c_uint),
@@ -385,7 +387,7 @@ class _ZStream(ctypes.Structure):
     ]
 
 
-_Z_OK, _Z_STREAM_END, _Z_BUF_ERROR, _Z_BLOCK = 0, 1, -5, 5
+Z_OK, Z_STREAM_END, Z_BUF_ERROR, Z_BLOCK = 0, 1, -5, 5  # zlib.h
 
 
 @cache
@@ -428,8 +430,8 @@ def inflate_blocks(
     lib = _libz()
     if lib is None:
         return None
-    strm = _ZStream()
-    if lib.inflateInit2_(ctypes.byref(strm), -15, lib.zlibVersion(), ctypes.sizeof(_ZStream)):
+    strm = ZStream()
+    if lib.inflateInit2_(ctypes.byref(strm), -15, lib.zlibVersion(), ctypes.sizeof(ZStream)):
         return None
     out = ctypes.create_string_buffer(_INFLATE_MAX)
     checkpoints: list[Checkpoint] = []
@@ -450,7 +452,7 @@ def inflate_blocks(
             strm.next_out = ctypes.addressof(out)
             strm.avail_out = _INFLATE_MAX
             before = strm.total_in
-            rc = lib.inflate(ctypes.byref(strm), _Z_BLOCK)
+            rc = lib.inflate(ctypes.byref(strm), Z_BLOCK)
             size = _INFLATE_MAX - strm.avail_out
             # Out of input and nothing moves (a stream may end a call after
             # its last input byte): the stream is cut short.
@@ -462,9 +464,9 @@ def inflate_blocks(
                 if on_inflate is not None:
                     on_inflate(size)
                 sink(ctypes.string_at(ctypes.addressof(out), size))
-            if rc == _Z_STREAM_END:
+            if rc == Z_STREAM_END:
                 return BlockInflate(strm.total_in, produced, checkpoints)
-            if rc not in (_Z_OK, _Z_BUF_ERROR):
+            if rc not in (Z_OK, Z_BUF_ERROR):
                 return BlockInflate(0, produced, [])
             # Stopped right after a block's end code (128), not inside the
             # last block (64), with no bits of the last byte left (& 7).
