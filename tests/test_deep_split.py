@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dgfs.deep import expand
+from dgfs.deep import expand, search, segments
 from dgfs.deep.deflate import (
     Checkpoint,
     DeflateParams,
@@ -37,7 +37,7 @@ BENCH_CACHE = Path.home() / ".cache" / "dgfs-bench" / "pypi"
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces of 256 KiB, so that test inputs of a few MB are split."""
     monkeypatch.setattr(expand, "SPLIT_MIN", 64 << 10)
-    monkeypatch.setattr(expand, "SPLIT_PIECE", 256 << 10)
+    monkeypatch.setattr(search, "SPLIT_PIECE", 256 << 10)
 
 
 def tarball_like(size: int, seed: int = 1) -> bytes:
@@ -78,13 +78,13 @@ def test_a_large_gnu_gzip_stream_is_not_split(
     stream's first block, before the stream is inflated whole for pieces,
     and the ordinary search (zgz) takes over."""
     inflated_for_pieces: list[int] = []
-    real_inflate_blocks = expand.inflate_blocks
+    real_inflate_blocks = search.inflate_blocks
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         inflated_for_pieces.append(1)
         return real_inflate_blocks(*args, **kwargs)
 
-    monkeypatch.setattr(expand, "inflate_blocks", counted)
+    monkeypatch.setattr(search, "inflate_blocks", counted)
     data = gnu_gzip(tarball_like(1 << 20), 9)
     stats, form = round_trip(tmp_path, data, "app-1.0.tar.gz")
     assert inflated_for_pieces == []
@@ -116,7 +116,7 @@ def test_a_stream_proven_before_is_only_inflated(
     stats, _ = round_trip(tmp_path, data, "whole.gz")  # the ordinary way: remembered
     monkeypatch.undo()
     monkeypatch.setattr(expand, "SPLIT_MIN", 64 << 10)
-    monkeypatch.setattr(expand, "SPLIT_PIECE", 256 << 10)
+    monkeypatch.setattr(search, "SPLIT_PIECE", 256 << 10)
     stats, form = round_trip(tmp_path, data, "third.gz")
     assert stats.streams_split == 0 and stats.streams_remembered == 1
     assert [tag for tag, _ in segment_tags(form)] == [expand.TAG_DEFLATE]
@@ -154,9 +154,9 @@ def _expanded(tmp_path: Path) -> tuple[Path, Path, expand.ExpandStats]:
 
 
 def _with_checkpoints(form: bytes, recipe: expand.SplitRecipe, points: list[Checkpoint]) -> bytes:
-    old = expand._header(recipe)
+    old = segments.header(recipe)
     assert form.count(old) == 1
-    return form.replace(old, expand._header(expand.SplitRecipe(recipe.params, tuple(points))))
+    return form.replace(old, segments.header(expand.SplitRecipe(recipe.params, tuple(points))))
 
 
 @pytest.mark.usefixtures("small_pieces")

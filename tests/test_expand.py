@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dgfs.deep import expand, gnuzip
+from dgfs.deep import expand, gnuzip, proof, recompress, search
 from dgfs.deep.deflate import (
     CANDIDATES,
     DeflateParams,
@@ -47,6 +47,7 @@ from dgfs.deep.expand import (
     rebuild_digest,
     rebuild_file,
 )
+from dgfs.deep.memo import Memo
 from dgfs.errors import DeltaEngineError, FormatError
 
 GNU_GZIP = "/bin/gzip"
@@ -832,7 +833,7 @@ def test_small_raw_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     """The RAW segment size is the writer's choice: a form made with tiny RAW
     segments rebuilds with any reader buffer."""
     war, streams = nested_war()
-    monkeypatch.setattr(expand, "RAW_CHUNK", 97)
+    monkeypatch.setattr(search, "RAW_CHUNK", 97)
     stats, form = round_trip(tmp_path, war, "app.war")
     assert stats.streams_inflated == streams
     monkeypatch.undo()
@@ -1237,8 +1238,8 @@ def test_parallel_rebuild_streams_big_segments_in_order(
 ) -> None:
     """Subtrees above PARALLEL_PAYLOAD are streamed in place, the others rebuilt
     by threads: the bytes and their order never change."""
-    monkeypatch.setattr(expand, "PARALLEL_PAYLOAD", limit)
-    monkeypatch.setattr(expand, "_IN_FLIGHT", 4096)
+    monkeypatch.setattr(recompress, "PARALLEL_PAYLOAD", limit)
+    monkeypatch.setattr(recompress, "_IN_FLIGHT", 4096)
     war, _ = nested_war()
     data = war + gzip_member(text(20000, 9), level=6)
     src = tmp_path / "in.war"
@@ -1373,13 +1374,13 @@ def test_proof_with_leaves_inflates_only_segments_that_hold_others(
     src.write_bytes(war)
     stats = expand_file(src, expanded, scratch_dir=tmp_path)
     inflated: list[object] = []
-    real = expand._ExpectedInflated
+    real = proof._ExpectedInflated
 
     def counted(parent: Any) -> Any:
         inflated.append(parent)
         return real(parent)
 
-    monkeypatch.setattr(expand, "_ExpectedInflated", counted)
+    monkeypatch.setattr(proof, "_ExpectedInflated", counted)
     assert expand.prove_form(expanded, src, stats.proven, stats.leaves)
     assert stats.streams_inflated == streams
     assert len(inflated) == 2  # deflated.jar and other.json.gz hold the 7 others
@@ -1405,7 +1406,7 @@ def test_memo_entry_asked_for_at_once_is_computed_once() -> None:
     import threading
     import time
 
-    memo = expand._Memo(1 << 20)
+    memo = Memo(1 << 20)
     computed: list[int] = []
     got: list[object] = []
     start = threading.Barrier(4)
@@ -1432,7 +1433,7 @@ def test_memo_entry_asked_for_at_once_is_computed_once() -> None:
 def test_memo_waiter_computes_itself_when_its_peer_fails_or_is_itself() -> None:
     import threading
 
-    memo = expand._Memo(1 << 20)
+    memo = Memo(1 << 20)
     claimed, release = threading.Event(), threading.Event()
 
     def failing_peer() -> None:

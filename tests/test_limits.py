@@ -156,7 +156,7 @@ def test_time_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     src = write(tmp_path / "x.tar.gz", write_sdist(tmp_path, 1).read_bytes())
     clock = iter(range(0, 10**6, 5))  # every look at the clock: 5 s later
-    monkeypatch.setattr(expand.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr("dgfs.deep.limits.time.monotonic", lambda: float(next(clock)))
     with pytest.raises(ExpansionLimit, match=r"took over 12 s \(expand_time\)"):
         expand.expand_file(
             src, tmp_path / "out", scratch_dir=tmp_path, limits=expand.ExpansionLimits(seconds=12)

@@ -34,7 +34,7 @@ from typing import BinaryIO, cast
 import zstandard
 
 from dgfs import format as fmt
-from dgfs.deep.expand import DEFAULT_MAX_BYTES, ExpansionLimits
+from dgfs.deep.limits import DEFAULT_MAX_BYTES, ExpansionLimits
 from dgfs.errors import DecodeLimit, FormatError
 from dgfs.format import DEEP_DELTA_MAGIC
 

@@ -1,0 +1,267 @@
+"""Rebuilding the original bytes from an expanded form: every DEFLATE, GNU and
+SPLIT segment re-compressed, small subtrees side by side and remembered.
+
+Rebuilding refuses nesting deeper than ``MAX_NESTING`` and, in
+``rebuild_file``, more output or time than the caller allows
+(``DecodeLimit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+from dgfs.deep import gnuzip
+from dgfs.deep.deflate import Payload, deflate_chunks, deflate_pieces
+from dgfs.deep.memo import Memo
+from dgfs.deep.segments import (
+    COMPRESSING,
+    MAGIC,
+    MAX_NESTING,
+    MIN_PIECE,
+    TAG_DEFLATE,
+    TAG_END,
+    TAG_SPLIT,
+    Reader,
+    SplitRecipe,
+)
+from dgfs.errors import DecodeLimit, FormatError
+
+#: Rebuilding: top-level DEFLATE segments up to this many uncompressed bytes
+#: are compressed in worker threads; at most _IN_FLIGHT bytes wait for them.
+PARALLEL_PAYLOAD = 4 << 20
+_IN_FLIGHT = 16 << 20
+
+
+class _Rebuilder(Reader):
+    """A reader that rebuilds the original bytes as it goes."""
+
+    def __init__(
+        self, src: BinaryIO, scratch_dir: Path | None, depth: int = 0, workers: int = 1
+    ) -> None:
+        super().__init__(src, depth)
+        self.scratch_dir = scratch_dir
+        self.workers = workers
+        """Threads a SPLIT segment's pieces are compressed by."""
+
+    def _gnu(self, level: int) -> Iterator[bytes]:
+        if not 1 <= level <= 9:
+            raise FormatError(f"expanded form: bad GNU gzip level {level}")
+        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".gnu")
+        payload = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as spool:
+                for chunk in self.segments():
+                    spool.write(chunk)
+            yield from gnuzip.gnu_deflate(level, payload)
+        finally:
+            payload.unlink(missing_ok=True)
+
+    def segments(self) -> Iterator[bytes]:
+        """Rebuild segments up to the next END, in order."""
+        while (tag := self.exact(1)[0]) != TAG_END:
+            if tag in COMPRESSING:
+                yield from self._subtree(tag)
+            else:
+                yield from self.segment(tag)
+
+    def _split(self, recipe: SplitRecipe) -> Iterator[bytes]:
+        """A SPLIT segment's stream: its inner segments spooled, then compressed
+        in pieces, ``workers`` at a time."""
+        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".split")
+        payload_path = Path(name)
+        try:
+            with os.fdopen(fd, "w+b") as spool:
+                for chunk in self.segments():
+                    spool.write(chunk)
+                spool.flush()
+                if recipe.checkpoints[-1].uncompressed + MIN_PIECE > spool.tell():
+                    raise FormatError("expanded form: a SPLIT checkpoint past its bytes")
+                payload = Payload.of_file(spool.fileno(), spool.tell())
+                try:
+                    yield from deflate_pieces(
+                        recipe.params, payload, recipe.checkpoints, self.workers
+                    )
+                except ValueError as exc:
+                    raise FormatError(f"expanded form: {exc}") from None
+        finally:
+            payload_path.unlink(missing_ok=True)
+
+    def compressed(self, tag: int) -> Iterator[bytes]:
+        """One DEFLATE or GNU segment whose tag was just read, compressed as it goes."""
+        if self.depth >= MAX_NESTING:
+            raise DecodeLimit(f"expanded form: segments nest deeper than {MAX_NESTING}")
+        self.depth += 1
+        try:
+            if tag == TAG_DEFLATE:
+                yield from deflate_chunks(self.params(), self.segments())
+            elif tag == TAG_SPLIT:
+                yield from self._split(self.split_recipe())
+            else:
+                yield from self._gnu(self.exact(1)[0])
+        finally:
+            self.depth -= 1
+
+    def _subtree(self, tag: int) -> Iterator[bytes]:
+        """A DEFLATE or GNU segment: from REBUILT_SUBTREES when small enough, else streamed."""
+        start = self.src.tell() - 1
+        end = self._subtree_end(tag, PARALLEL_PAYLOAD)
+        self.src.seek(start if end is not None else start + 1)
+        if end is None:
+            yield from self.compressed(tag)
+        else:
+            nests = self.nests
+            yield from _rebuild_subtree(
+                self.exact(end - start), self.scratch_dir, self.depth, remember=not nests
+            )
+
+    def segments_in_parallel(self, workers: int) -> Iterator[bytes]:
+        """``segments``, with small subtrees rebuilt by ``workers`` threads.
+
+        zlib releases the GIL while compressing, so a zip's members (and the
+        gzip files inside them) are re-deflated side by side; output order
+        and bytes are unchanged, and at most ``_IN_FLIGHT`` expanded bytes
+        wait in memory.
+        """
+        queue: deque[Future[list[bytes]]] = deque()
+        sizes: deque[int] = deque()
+        in_flight = 0
+
+        def ready(force: bool) -> Iterator[bytes]:
+            nonlocal in_flight
+            while queue and (force or queue[0].done() or in_flight > _IN_FLIGHT):
+                in_flight -= sizes.popleft()
+                yield from queue.popleft().result()
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="dgfs-deflate") as pool:
+            while (tag := self.exact(1)[0]) != TAG_END:
+                if tag not in COMPRESSING:
+                    yield from ready(force=True)
+                    yield from self.segment(tag)
+                    continue
+                start = self.src.tell() - 1
+                end = self._subtree_end(tag, PARALLEL_PAYLOAD)
+                if end is None:  # too big to hold: stream it, in order
+                    self.src.seek(start + 1)
+                    yield from ready(force=True)
+                    yield from self.compressed(tag)
+                    continue
+                self.src.seek(start)
+                subtree = self.exact(end - start)
+                remember = not self.nests
+                queue.append(
+                    pool.submit(_rebuild_subtree, subtree, self.scratch_dir, 0, remember=remember)
+                )
+                sizes.append(len(subtree))
+                in_flight += len(subtree)
+                yield from ready(force=False)
+            yield from ready(force=True)
+
+
+#: SHA-256 of a DEFLATE or GNU subtree that holds no other -> the bytes it
+#: rebuilds to. A file's zip members (and the gzip files in them) are
+#: mostly the same as the previous release's; rebuilding is a pure function
+#: of the subtree's bytes, so its result is reused. Subtrees holding others
+#: are not kept: their own bytes seldom recur (a wheel's ``.json.gz``
+#: members carry build times in their gzip headers), the streams inside
+#: them do, and the budget then holds two to three botocore wheels' worth
+#: of those instead of one.
+REBUILT_SUBTREES = Memo(32 << 20)
+
+
+def _rebuild_subtree(
+    subtree: bytes, scratch_dir: Path | None, depth: int, *, remember: bool = True
+) -> list[bytes]:
+    """The original bytes of one DEFLATE or GNU segment given whole (tag
+    included), found inside ``depth`` others; from and into REBUILT_SUBTREES
+    if ``remember``."""
+    if not remember:
+        return _rebuild_whole(subtree, scratch_dir, depth)
+    key = hashlib.sha256(subtree).digest()
+    with REBUILT_SUBTREES.computing(key) as cached:
+        if isinstance(cached, list):
+            return cached
+        rebuilt = _rebuild_whole(subtree, scratch_dir, depth)
+        REBUILT_SUBTREES.put(key, rebuilt, sum(map(len, rebuilt)) + 64)
+        return rebuilt
+
+
+def _rebuild_whole(subtree: bytes, scratch_dir: Path | None, depth: int) -> list[bytes]:
+    reader = _Rebuilder(io.BytesIO(subtree), scratch_dir, depth)
+    rebuilt = list(reader.compressed(reader.exact(1)[0]))
+    if reader.src.read(1):
+        raise FormatError("expanded form: bytes after a segment's end")
+    return rebuilt
+
+
+def rebuild_chunks(
+    src: BinaryIO, scratch_dir: Path | None = None, workers: int = 1
+) -> Iterator[bytes]:
+    """The original bytes of the expanded stream ``src``, in pieces.
+
+    Raises ``FormatError`` if the stream is not a complete expanded form.
+    ``scratch_dir`` holds GNU segments' payloads while zgz compresses them;
+    ``workers`` > 1 re-deflates small top-level streams in that many threads.
+    """
+    if src.read(len(MAGIC)) != MAGIC:
+        raise FormatError("not a dgfs expanded form (bad magic)")
+    reader = _Rebuilder(src, scratch_dir, workers=workers)
+    if workers > 1:
+        yield from reader.segments_in_parallel(workers)
+    else:
+        yield from reader.segments()
+    if src.read(1):
+        raise FormatError("expanded form: bytes after the end")
+
+
+def rebuild_file(
+    expanded: Path,
+    out: Path,
+    scratch_dir: Path | None = None,
+    workers: int = 1,
+    *,
+    max_size: int | None = None,
+    seconds: float | None = None,
+) -> tuple[str, int]:
+    """Write the original bytes of ``expanded`` to ``out``; returns (sha256, size).
+
+    Raises ``DecodeLimit`` once the bytes pass ``max_size`` (the file's
+    recorded size; ``out`` then holds no more than that) or the rebuild
+    ``seconds`` (None: no limit).
+    """
+    digest = hashlib.sha256()
+    size = 0
+    deadline = None if seconds is None else time.monotonic() + seconds
+    with open(expanded, "rb") as src, open(out, "wb") as sink:
+        for chunk in rebuild_chunks(src, scratch_dir, workers):
+            size += len(chunk)
+            if max_size is not None and size > max_size:
+                raise DecodeLimit(
+                    f"expanded form rebuilds to more than {max_size} bytes (its dg-file-size)"
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                raise DecodeLimit(f"rebuilding took over {seconds:g} s (expand_time)")
+            digest.update(chunk)
+            sink.write(chunk)
+    return digest.hexdigest(), size
+
+
+def rebuild_digest(
+    expanded: Path, scratch_dir: Path | None = None, workers: int = 1
+) -> tuple[str, int]:
+    """SHA-256 and size of what ``expanded`` rebuilds to, without writing it."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(expanded, "rb") as src:
+        for chunk in rebuild_chunks(src, scratch_dir, workers):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
