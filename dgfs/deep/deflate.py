@@ -137,22 +137,11 @@ def match_deflate(
     live = [_Candidate(p) for p in candidates]
     candidates_given = bool(live)
     decomp = zlib.decompressobj(-15)
-    window = bytearray()  # original bytes from window_start on, still needed for comparison
-    window_start = 0  # stream offset of window[0]
+    window = _Window()
     consumed = 0  # stream bytes given to the decompressor
     produced = 0
     near_miss = False
     src.seek(start)
-
-    def check(cand: _Candidate, out: bytes) -> bool:
-        if not out:
-            return True
-        offset = cand.matched - window_start
-        if window[offset : offset + len(out)] != out:
-            return False
-        cand.matched += len(out)
-        return True
-
     while not decomp.eof:
         pending = decomp.unconsumed_tail
         if not pending:
@@ -161,7 +150,7 @@ def match_deflate(
             if not pending:
                 return DeflateMatch(0, produced, None)  # truncated: not a whole stream
             consumed += len(pending)
-            window += pending
+            window.data += pending
         try:
             # Bounded output: a stream of zeros inflates ~1000-fold.
             plain = decomp.decompress(pending, _INFLATE_MAX)
@@ -173,29 +162,69 @@ def match_deflate(
         for pos in range(0, len(plain), _FEED):
             piece = plain[pos : pos + _FEED]
             if live:
-                survivors = [c for c in live if check(c, c.compressor.compress(piece))]
-                if len(survivors) < len(live) and any(
-                    c.matched >= NEAR_MISS for c in live if c not in survivors
-                ):
-                    near_miss = True
-                    survivors = []
-                live = survivors
+                live, missed = _survivors(live, piece, window)
+                near_miss = near_miss or missed
                 if live and sink is not None:
                     sink(piece)
             elif sink is not None and not candidates_given:
                 sink(piece)  # plain inflation: no candidates asked for
+        window.trim(live, consumed)
+    length = consumed - len(decomp.unused_data)
+    return _finish(live, window, length, produced, near_miss)
+
+
+class _Window:
+    """The original stream's bytes that a live candidate has still to match."""
+
+    __slots__ = ("data", "start")
+
+    def __init__(self) -> None:
+        self.data = bytearray()  # original bytes from start on, still needed for comparison
+        self.start = 0  # stream offset of data[0]
+
+    def check(self, cand: _Candidate, out: bytes) -> bool:
+        """Whether ``out``, the candidate's next output, is the original's next bytes."""
+        if not out:
+            return True
+        offset = cand.matched - self.start
+        if self.data[offset : offset + len(out)] != out:
+            return False
+        cand.matched += len(out)
+        return True
+
+    def trim(self, live: list[_Candidate], consumed: int) -> None:
+        """Drop what every live candidate has matched (everything when none is left)."""
         if live:
             keep_from = min(c.matched for c in live)
-            if keep_from > window_start:
-                del window[: keep_from - window_start]
-                window_start = keep_from
+            if keep_from > self.start:
+                del self.data[: keep_from - self.start]
+                self.start = keep_from
         else:
-            window.clear()
-            window_start = consumed
-    length = consumed - len(decomp.unused_data)
+            self.data.clear()
+            self.start = consumed
+
+
+def _survivors(
+    live: list[_Candidate], piece: bytes, window: _Window
+) -> tuple[list[_Candidate], bool]:
+    """The candidates whose output for ``piece`` matches, and whether one that
+    failed had matched ``NEAR_MISS`` bytes (then none is left: a near miss)."""
+    survivors = [c for c in live if window.check(c, c.compressor.compress(piece))]
+    if len(survivors) < len(live) and any(
+        c.matched >= NEAR_MISS for c in live if c not in survivors
+    ):
+        return [], True
+    return survivors, False
+
+
+def _finish(
+    live: list[_Candidate], window: _Window, length: int, produced: int, near_miss: bool
+) -> DeflateMatch:
+    """The match once the stream of ``length`` bytes ended: the first live
+    candidate whose flushed tail completes it exactly."""
     for cand in live:
         tail = cand.compressor.flush()
-        if check(cand, tail) and cand.matched == length:
+        if window.check(cand, tail) and cand.matched == length:
             return DeflateMatch(length, produced, cand.params)
         near_miss = near_miss or cand.matched >= NEAR_MISS
     return DeflateMatch(length, produced, None, near_miss)

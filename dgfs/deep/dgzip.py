@@ -490,10 +490,7 @@ def recover_gzip(
     budget = expected_size - _HEADER_SIZE - _TRAILER_SIZE
     trailer = _gzip_trailer(decompressed)
     hashed = 0
-    fd, name = tempfile.mkstemp(prefix="dgzip-", suffix=".deflate", dir=scratch_dir)
-    os.close(fd)
-    body_path = Path(name)
-    try:
+    with _scratch_body(scratch_dir) as body_path:
         for body in plans:
             body_length = _write_body(body, decompressed, body_path, budget)
             if body_length is None:
@@ -509,31 +506,52 @@ def recover_gzip(
                 log.debug("%s: %s fits the size, no header among %d", original_name, body, tried)
                 continue
             _write_result(header, body_path, trailer, out, expected_sha256)
-            mtime, xfl, os_byte = struct.unpack("<IBB", header[4:10])
-            log.info(
-                "%s: recovered its original gzip bytes (%s, MTIME %d, XFL %d, OS %d, name %r;"
-                " %d bodies, %d hashes, %.1fs)",
-                original_name,
-                body,
-                mtime,
-                xfl,
-                os_byte,
-                header[_HEADER_SIZE:-1].decode("latin-1") if len(header) > _HEADER_SIZE else None,
-                plans.index(body) + 1,
-                hashed,
-                time.monotonic() - started,
-            )
+            _log_found(original_name, body, header, plans.index(body) + 1, hashed, started)
             return True
+    _log_not_found(original_name, len(plans), hashed, started)
+    return False
+
+
+@contextlib.contextmanager
+def _scratch_body(scratch_dir: Path) -> Iterator[Path]:
+    """A scratch file for the candidate deflate bodies, removed afterwards."""
+    fd, name = tempfile.mkstemp(prefix="dgzip-", suffix=".deflate", dir=scratch_dir)
+    os.close(fd)
+    body_path = Path(name)
+    try:
+        yield body_path
     finally:
         body_path.unlink(missing_ok=True)
+
+
+def _log_found(
+    original_name: str, body: _Body, header: bytes, bodies: int, hashed: int, started: float
+) -> None:
+    """Log the settings ``recover_gzip`` found, and what the search cost."""
+    mtime, xfl, os_byte = struct.unpack("<IBB", header[4:10])
     log.info(
-        "%s: no gzip settings among %d bodies and %d hashes give its SHA-256 (%.1fs)",
+        "%s: recovered its original gzip bytes (%s, MTIME %d, XFL %d, OS %d, name %r;"
+        " %d bodies, %d hashes, %.1fs)",
         original_name,
-        len(plans),
+        body,
+        mtime,
+        xfl,
+        os_byte,
+        header[_HEADER_SIZE:-1].decode("latin-1") if len(header) > _HEADER_SIZE else None,
+        bodies,
         hashed,
         time.monotonic() - started,
     )
-    return False
+
+
+def _log_not_found(original_name: str, bodies: int, hashed: int, started: float) -> None:
+    log.info(
+        "%s: no gzip settings among %d bodies and %d hashes give its SHA-256 (%.1fs)",
+        original_name,
+        bodies,
+        hashed,
+        time.monotonic() - started,
+    )
 
 
 def _find_header(

@@ -26,6 +26,7 @@ from dgfs.deep.archives import nested_kind
 from dgfs.deep.deflate import (
     CANDIDATES,
     NEAR_MISS,
+    BlockInflate,
     Checkpoint,
     DeflateMatch,
     DeflateParams,
@@ -386,30 +387,7 @@ class StreamExpander:
         seg_pos = self.w.tell()
         self.w.tag(header(known) if known is not None else bytes((TAG_DEFLATE,)) + b"\0" * 4)
         body_pos = self.w.tell()
-        spool: BinaryIO | None = None
-        spooled = 0
-        first = True
-        content = hashlib.sha256()  # of what goes into the segment as RAW (a leaf)
-
-        def sink(piece: bytes) -> None:
-            nonlocal first, spool, spooled
-            if first:
-                first = False
-                if depth < MAX_DEPTH and nested_kind(piece) is not None:
-                    # Most nested archives are small (a wheel's .json.gz): in memory
-                    # up to NESTED_IN_MEMORY, then in scratch.
-                    spooled_file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed below)
-                        NESTED_IN_MEMORY, "w+b", dir=str(self.scratch_dir), suffix=".nested"
-                    )
-                    spool = cast(BinaryIO, spooled_file)
-            if spool is not None:
-                self.budget.hold(len(piece))
-                spooled += len(piece)
-                spool.write(piece)
-            else:
-                content.update(piece)
-                self.w.raw(piece)
-
+        sink = _SegmentSink(self, depth)
         try:
             found = match_deflate(
                 src,
@@ -429,25 +407,37 @@ class StreamExpander:
                 return found, None
             if known is None:
                 self.w.patch(seg_pos + 1, found.params.pack())  # type: ignore[union-attr]
-            span = (_span_digest(src, start, found.compressed_length), found.compressed_length)
-            self.stats.proven.add((span[0], recipe))
-            if spool is None:
-                self.stats.leaves[(content.digest(), recipe)] = span
-            if spool is not None:
-                spool.flush()
-                self.w.rewind(body_pos)
-                self.range(spool, 0, found.uncompressed_length, depth + 1)
-            self.w.tag(bytes((TAG_END,)))
-            self.stats.streams_inflated += 1
-            self.stats.inflated_bytes += found.uncompressed_length
-            if isinstance(recipe, DeflateParams):
-                seen = self.stats.params_seen
-                seen[recipe] = seen.get(recipe, 0) + 1
+            self._end_segment(src, start, depth, found, recipe, sink, body_pos)
             return found, recipe
         finally:
-            if spool is not None:
-                spool.close()
-            self.budget.release(spooled)
+            sink.close()
+
+    def _end_segment(
+        self,
+        src: BinaryIO,
+        start: int,
+        depth: int,
+        found: DeflateMatch,
+        recipe: Recipe,
+        sink: _SegmentSink,
+        body_pos: int,
+    ) -> None:
+        """Record what the segment of the stream at ``start`` proved, expand the
+        archive it holds (if ``sink`` spooled one), and end it."""
+        span = (_span_digest(src, start, found.compressed_length), found.compressed_length)
+        self.stats.proven.add((span[0], recipe))
+        if sink.spool is None:
+            self.stats.leaves[(sink.content.digest(), recipe)] = span
+        if sink.spool is not None:
+            sink.spool.flush()
+            self.w.rewind(body_pos)
+            self.range(sink.spool, 0, found.uncompressed_length, depth + 1)
+        self.w.tag(bytes((TAG_END,)))
+        self.stats.streams_inflated += 1
+        self.stats.inflated_bytes += found.uncompressed_length
+        if isinstance(recipe, DeflateParams):
+            seen = self.stats.params_seen
+            seen[recipe] = seen.get(recipe, 0) + 1
 
     def _split(
         self, src: BinaryIO, start: int, limit: int, depth: int, prior: DeflateParams | None
@@ -506,15 +496,62 @@ class StreamExpander:
             spool_path.unlink(missing_ok=True)
             self.budget.release(spooled)
         hint.record(params, found.compressed_length)
+        self._record_split(src, start, found, recipe, content.digest())
+        return DeflateMatch(found.compressed_length, found.uncompressed_length, params), True
+
+    def _record_split(
+        self, src: BinaryIO, start: int, found: BlockInflate, recipe: SplitRecipe, content: bytes
+    ) -> None:
+        """Record the SPLIT segment of the stream at ``start`` in the stats: what
+        it proved (``content``: SHA-256 of its inflated bytes), and its counts."""
         span = (_span_digest(src, start, found.compressed_length), found.compressed_length)
         self.stats.proven.add((span[0], recipe))
-        self.stats.leaves[(content.digest(), recipe)] = span
+        self.stats.leaves[(content, recipe)] = span
         self.stats.streams_inflated += 1
         self.stats.streams_split += 1
         self.stats.inflated_bytes += found.uncompressed_length
-        self.stats.params_seen[params] = self.stats.params_seen.get(params, 0) + 1
-        match = DeflateMatch(found.compressed_length, found.uncompressed_length, params)
-        return match, True
+        self.stats.params_seen[recipe.params] = self.stats.params_seen.get(recipe.params, 0) + 1
+
+
+class _SegmentSink:
+    """Where ``StreamExpander._segment`` puts a stream's inflated bytes: RAW
+    segments (hashed: the segment may be a leaf), or a spool when they start
+    an archive, which is expanded once the stream has ended."""
+
+    def __init__(self, expander: StreamExpander, depth: int) -> None:
+        self._expander = expander
+        self._depth = depth
+        self._first = True
+        self.spool: BinaryIO | None = None
+        self.spooled = 0
+        self.content = hashlib.sha256()  # of what goes into the segment as RAW (a leaf)
+
+    def __call__(self, piece: bytes) -> None:
+        if self._first:
+            self._first = False
+            if self._depth < MAX_DEPTH and nested_kind(piece) is not None:
+                # Most nested archives are small (a wheel's .json.gz): in memory
+                # up to NESTED_IN_MEMORY, then in scratch.
+                spooled_file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in close)
+                    NESTED_IN_MEMORY,
+                    "w+b",
+                    dir=str(self._expander.scratch_dir),
+                    suffix=".nested",
+                )
+                self.spool = cast(BinaryIO, spooled_file)
+        if self.spool is not None:
+            self._expander.budget.hold(len(piece))
+            self.spooled += len(piece)
+            self.spool.write(piece)
+        else:
+            self.content.update(piece)
+            self._expander.w.raw(piece)
+
+    def close(self) -> None:
+        """Drop the spool (if any) and what it held from the budget."""
+        if self.spool is not None:
+            self.spool.close()
+        self._expander.budget.release(self.spooled)
 
 
 def remembered(src: BinaryIO, start: int, length: int | None) -> bool:
