@@ -446,6 +446,11 @@ class Journal:
         _unlink(self.data_path(entry_id))
         self._removals_unsynced = True
 
+    @property
+    def removals_unsynced(self) -> bool:
+        """An entry was removed since the directory was last fsync'd."""
+        return self._removals_unsynced
+
     def sync_removals(self) -> None:
         """Make the removals so far survive a power loss: one fsync of the
         directory, only when there were any since the last.

@@ -222,7 +222,8 @@ class UploadPipeline:
         """Before an object is deleted or moved in S3: journal entries removed
         so far (uploads that landed) stay removed after a power loss, so none
         comes back to restore the old name (``Journal.sync_removals``)."""
-        await trio.to_thread.run_sync(self.journal.sync_removals, limiter=self.disk_limiter)
+        if self.journal.removals_unsynced:  # most unlinks and renames: no thread hop
+            await trio.to_thread.run_sync(self.journal.sync_removals, limiter=self.disk_limiter)
 
     async def released(self, node: Node) -> None:
         """A handle of ``node`` was closed: commit what it left, upload once no writer is left."""
