@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -1118,3 +1119,33 @@ async def test_an_upload_never_starts_while_a_write_to_its_staging_file_runs(
             assert await read_file(m.fs, "a.txt") == b"VERSION 2"
     finally:
         gate.set()
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["stored", "staged"])
+async def test_a_truncate_to_the_same_size_marks_the_times_as_linux_does(
+    memory: MemoryStore, tmp_path: Path, staged: bool
+) -> None:
+    """ext4 and tmpfs mark mtime and ctime on every truncate and ftruncate,
+    even to the size the file has; FUSE sends the size alone, so dgfs marks
+    them. A file already in S3 once kept the mtime a utime had set (found by
+    the real-mount model, seed 1034: utime, remount, ftruncate to the same
+    size, rename, and the mount showed 2001)."""
+    set_ns = 999_999_999_000_000_000
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "f", b"x" * 300)
+        node = await lookup(m.fs, "f")
+        await m.fs.setattr(node.ino, mtime_ns=set_ns)
+    async with mounted(memory, tmp_path) as m:
+        node = await lookup(m.fs, "f")
+        assert node.mtime_ns == set_ns
+        fh = await open_for_rewrite(m.fs, "f", b"y" * 300) if staged else None
+        await m.fs.setattr(node.ino, mtime_ns=set_ns)
+        before = time.time_ns()
+        await m.fs.setattr(node.ino, size=300)
+        assert node.mtime_ns >= before and node.ctime_ns >= before
+        if fh is not None:
+            await close(m.fs, fh)
+    async with mounted(memory, tmp_path) as m:
+        node = await lookup(m.fs, "f")
+        assert node.mtime_ns >= before
+        assert await read_file(m.fs, "f") == (b"y" if staged else b"x") * 300

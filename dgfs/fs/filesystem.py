@@ -344,9 +344,11 @@ class FileSystem:
         if node.kind is not NodeKind.FILE:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
         if size == node.size and node.staged is None:
-            # Nothing to store. (Linux filesystems still update the times
-            # of a truncate to the same size, as a staged file does here;
-            # for a stored one that would cost a copy of its object.)
+            # No content to store, but ext4 and tmpfs mark the times of every
+            # truncate, to the same size too (FUSE sends the size alone): the
+            # object's metadata gets them, as a utime's would.
+            if node.change_attributes(mtime_ns=time.time_ns()):
+                await self.changes.store_attributes(node)
             return
         async with self._changing_unheld(node, copies=size > 0):
             staged = await self.uploads.staging(node, keep_content=size > 0)
