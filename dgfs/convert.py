@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from dgfs import delta, gc
+from dgfs import delta, gc, proxymeta
 from dgfs import format as fmt
 from dgfs.core import Core
 from dgfs.errors import DgfsError, NotFound
@@ -340,7 +340,7 @@ async def convert_file(
             file.key,
             extra_metadata=fmt.user_metadata(head.metadata),
             digest=await core.digest(scratch),
-            content_type=fmt.content_type_of(head.metadata, head.content_type),
+            content_type=proxymeta.content_type_of(head.metadata, head.content_type),
             mode=target,
         )
     finally:

@@ -21,8 +21,10 @@ deltaglider_proxy (DeltaGlider's Rust successor) needs to read the object
 (``dg-ref-path``, ``dg-note``, ``dg-md5``, and on references
 ``dg-original-name``/``dg-file-size``). Objects the proxy writes are read
 here too: its relative ``dg-ref-path``, its ``dg-note`` kinds and its
-``user-`` metadata (docs/FORMAT.md, "deltaglider_proxy"). POSIX attributes
-travel in the keys s3fs-fuse and rclone use.
+``user-`` metadata (docs/FORMAT.md, "deltaglider_proxy"); the proxy's
+encryption markers and an S3 client's own metadata are read in
+:mod:`dgfs.proxymeta`. POSIX attributes travel beside the format's keys, in
+the keys s3fs-fuse and rclone use (:mod:`dgfs.posixmeta`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,44 @@ from datetime import UTC, datetime
 
 from dgfs import __version__
 from dgfs.errors import FormatError
+from dgfs.proxymeta import (
+    CLIENT_NAME_MAX as CLIENT_NAME_MAX,
+)
+from dgfs.proxymeta import (
+    CLIENT_PREFIX as CLIENT_PREFIX,
+)
+from dgfs.proxymeta import (
+    CLIENT_VALUE_MAX as CLIENT_VALUE_MAX,
+)
+from dgfs.proxymeta import (
+    CONTENT_TYPE_KEY as CONTENT_TYPE_KEY,
+)
+
+# Read here by dgfs/writer.py; their home is dgfs.proxymeta.
+from dgfs.proxymeta import DEFAULT_CONTENT_TYPE as DEFAULT_CONTENT_TYPE
+from dgfs.proxymeta import (
+    PROXY_AES_GCM as PROXY_AES_GCM,
+)
+from dgfs.proxymeta import (
+    PROXY_AES_GCM_CHUNKED as PROXY_AES_GCM_CHUNKED,
+)
+from dgfs.proxymeta import (
+    PROXY_ENCRYPTED_KEYS as PROXY_ENCRYPTED_KEYS,
+)
+from dgfs.proxymeta import (
+    PROXY_KEY_ID_KEYS as PROXY_KEY_ID_KEYS,
+)
+from dgfs.proxymeta import PROXY_MARKER_KEYS, proxy_encryption
+from dgfs.proxymeta import (
+    client_metadata as client_metadata,
+)
+from dgfs.proxymeta import content_type_metadata as content_type_metadata
+from dgfs.proxymeta import (
+    content_type_of as content_type_of,
+)
+from dgfs.proxymeta import (
+    proxy_key_id as proxy_key_id,
+)
 
 TOOL = f"dgfs/{__version__}"
 REFERENCE_NAME = "reference.bin"
@@ -77,16 +117,6 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "md5": ("dg-md5",),
 }
 
-#: deltaglider_proxy's at-rest encryption markers (src/storage/encrypting.rs
-#: ``ENCRYPTION_MARKER_KEY``/``ENCRYPTION_KEY_ID_KEY``). The proxy keeps them
-#: among a client's own metadata, which it stores as ``user-<k>``
-#: (src/types.rs ``to_bare_metadata_map``); the bare spelling is read too.
-PROXY_ENCRYPTED_KEYS = ("user-dg-encrypted", "dg-encrypted")
-PROXY_KEY_ID_KEYS = ("user-dg-encryption-key-id", "dg-encryption-key-id")
-PROXY_MARKER_KEYS = PROXY_ENCRYPTED_KEYS + PROXY_KEY_ID_KEYS
-#: ``dg-encrypted`` values: ``[12-byte IV][ciphertext+tag]`` and the chunked ``DGE1`` framing.
-PROXY_AES_GCM = "aes-256-gcm-v1"
-PROXY_AES_GCM_CHUNKED = "aes-256-gcm-chunked-v1"
 #: Every metadata key the format reads, in any spelling (the proxy's markers included).
 FORMAT_KEYS = frozenset(key for keys in _ALIASES.values() for key in keys) | frozenset(
     PROXY_MARKER_KEYS
@@ -118,17 +148,6 @@ class DeltaMode(enum.Enum):
 
 
 # POSIX attributes, as s3fs-fuse and rclone store them.
-META_MTIME = "mtime"
-META_MODE = "mode"
-META_UID = "uid"
-META_GID = "gid"
-META_RDEV = "rdev"  # device number (st_rdev, decimal) of a character or block device
-META_ATIME = "atime"  # written only when set explicitly (utimensat); as s3fs >= 1.91
-# Symlinks, FIFOs, devices and sockets are objects as s3fs stores them: the
-# type is in ``mode``, the body is a symlink's target (else empty).
-POSIX_KEYS = (META_MTIME, META_MODE, META_UID, META_GID, META_RDEV, META_ATIME)
-
-
 def meta_value(metadata: Mapping[str, str], field: str) -> str | None:
     """First non-empty value of ``field`` under any of its known key spellings."""
     for key in _ALIASES[field]:
@@ -319,87 +338,9 @@ def direct_metadata(
     return meta
 
 
-def posix_metadata(
-    *,
-    mtime_ns: int | None,
-    mode: int | None,
-    uid: int | None,
-    gid: int | None,
-    rdev: int | None = None,
-    atime_ns: int | None = None,
-) -> dict[str, str]:
-    """POSIX attributes in s3fs/rclone spelling (times in seconds, may be fractional)."""
-    times = {META_MTIME: mtime_ns, META_ATIME: atime_ns}
-    numbers = {META_MODE: mode, META_UID: uid, META_GID: gid, META_RDEV: rdev}
-    meta = {key: _seconds(ns) for key, ns in times.items() if ns is not None}
-    meta.update((key, str(value)) for key, value in numbers.items() if value is not None)
-    return meta
-
-
-# What a kernel stat can carry. Metadata outside these bounds (written by
-# some other tool, or garbled) is ignored, as if absent: one odd object
-# must never make a directory unlistable (docs/SEMANTICS.md, "Buckets dgfs
-# did not write").
-_NS_MIN, _NS_MAX = -(2**63), 2**63 - 1  # st_mtime_ns is a signed 64-bit count
-ID_MAX = 2**32 - 2  # uid_t; 2**32 - 1 is (uid_t)-1, "no owner" to chown(2)
-_MODE_MAX = 0o177777
-#: File types a ``mode`` may carry (0: permission bits only, as some tools write).
-_FILE_TYPES = frozenset({0, 0o010000, 0o020000, 0o040000, 0o060000, 0o100000, 0o120000, 0o140000})
 #: A file size a stat can carry (st_size is a signed 64-bit off_t).
 SIZE_MAX = 2**63 - 1
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-_MTIME = re.compile(r"(-?)(\d{1,20})(?:\.(\d{1,30}))?")
-_DECIMAL = re.compile(r"\d{1,20}")
-_OCTAL = re.compile(r"0(?:o)?([0-7]{1,20})")
-
-
-def _seconds(ns: int) -> str:
-    sec, frac = divmod(ns, 1_000_000_000)
-    return f"{sec}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(sec)
-
-
-def parse_mtime_ns(metadata: Mapping[str, str], key: str = "mtime") -> int | None:
-    """mtime (or, with ``key``, atime) from s3fs/rclone metadata (seconds,
-    optional fraction), in ns.
-
-    None if absent, not a plain decimal number, or outside what a stat
-    can show. Times before 1970 are negative and kept.
-    """
-    raw = metadata.get(key)
-    match = _MTIME.fullmatch(raw.strip()) if raw else None
-    if match is None:
-        return None
-    sign, sec, frac = match.groups()
-    ns = int(sec) * 1_000_000_000 + (int(frac.ljust(9, "0")[:9]) if frac else 0)
-    ns = -ns if sign else ns
-    return ns if _NS_MIN <= ns <= _NS_MAX else None
-
-
-def parse_int_meta(metadata: Mapping[str, str], key: str) -> int | None:
-    """``mode``, ``uid``, ``gid`` or ``rdev`` from s3fs/rclone metadata; None if absent or unusable.
-
-    s3fs writes decimal, rclone octal with a leading zero. Negative values,
-    uid/gid/rdev beyond ``ID_MAX``, a mode beyond 16 bits or with a file type
-    that does not exist count as absent.
-    """
-    raw = (metadata.get(key) or "").strip()
-    if len(raw) > 1 and raw.startswith("0"):
-        octal = _OCTAL.fullmatch(raw)
-        if octal is None:
-            return None
-        value = int(octal.group(1), 8)
-    elif _DECIMAL.fullmatch(raw):
-        value = int(raw)
-    else:
-        return None
-    if key == META_MODE:
-        usable = value <= _MODE_MAX and value & 0o170000 in _FILE_TYPES
-    else:
-        usable = value <= ID_MAX
-    return value if usable else None
-
-
-# --- classification ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -508,26 +449,6 @@ def _reference_of(stored_key: str, metadata: Mapping[str, str]) -> str | None:
         return ref_key
     if meta_value(metadata, "ref_path"):
         return reference_key(split_key(stored_key)[0])
-    return None
-
-
-def proxy_encryption(metadata: Mapping[str, str]) -> str | None:
-    """deltaglider_proxy's at-rest encryption scheme of an object (its
-    ``dg-encrypted`` marker), or None for plain bytes. Native SSE-S3/KMS
-    objects (``dg-encrypted-native``) come back from S3 as plain bytes: None."""
-    for key in PROXY_ENCRYPTED_KEYS:
-        value = metadata.get(key)
-        if value:
-            return value.strip()
-    return None
-
-
-def proxy_key_id(metadata: Mapping[str, str]) -> str | None:
-    """The key-id stamp of a proxy-encrypted object (``dg-encryption-key-id``), if any."""
-    for key in PROXY_KEY_ID_KEYS:
-        value = metadata.get(key)
-        if value:
-            return value.strip()
     return None
 
 
@@ -696,70 +617,6 @@ def user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
         for key, value in metadata.items()
         if key not in FORMAT_KEYS and not key.startswith(("dg-", "dg_", "dgfs-"))
     }
-
-
-# --- an S3 client's own metadata, as deltaglider_proxy keeps it ---------------------
-
-#: The proxy stores an S3 client's own metadata ``x-amz-meta-<k>`` as
-#: ``user-<k>`` (src/types.rs ``to_bare_metadata_map``); ``headers_to_metadata``
-#: (src/storage/s3.rs) strips the prefix on read.
-CLIENT_PREFIX = "user-"
-#: The proxy's ``FileMetadata.content_type``, a client's Content-Type, kept
-#: among the user metadata (the object's own Content-Type is always
-#: ``application/octet-stream``). ``headers_to_metadata`` reads it with
-#: ``get_value(&["content-type"])``: an empty value counts as none.
-CONTENT_TYPE_KEY = "content-type"
-#: What the proxy serves when there is none (src/s3_adapter_s3s.rs
-#: ``head_object_output_from_metadata``).
-DEFAULT_CONTENT_TYPE = "application/octet-stream"
-#: Limits on the client metadata read from an object (untrusted: any writer
-#: of the bucket). S3 itself caps a whole object's user metadata at 2 KiB.
-CLIENT_METADATA_MAX_ENTRIES = 64
-CLIENT_NAME_MAX = 128
-CLIENT_VALUE_MAX = 2048  # bytes, UTF-8
-_CLIENT_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{CLIENT_NAME_MAX - 1}}}")
-
-
-def client_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """An S3 client's own metadata in an object, name -> value, as
-    deltaglider_proxy hands it back to its clients: every ``user-<k>`` key
-    but those whose ``k`` starts with ``dg-`` (its encryption markers;
-    src/s3_adapter_s3s.rs ``response_metadata_map``).
-
-    Read under limits: a name that is not 1 to ``CLIENT_NAME_MAX``
-    characters of ``A-Za-z0-9_.-`` (starting with a letter or digit) and a
-    value over ``CLIENT_VALUE_MAX`` bytes are left out, and of what remains
-    only the first ``CLIENT_METADATA_MAX_ENTRIES`` names in sorted order are
-    kept. Never raises on what a bucket holds.
-    """
-    found: dict[str, str] = {}
-    for key, value in metadata.items():
-        if not key.startswith(CLIENT_PREFIX):
-            continue
-        name = key[len(CLIENT_PREFIX) :]
-        if not _CLIENT_NAME.fullmatch(name) or name.lower().startswith("dg-"):
-            continue
-        if len(value.encode("utf-8", "replace")) > CLIENT_VALUE_MAX:
-            continue
-        found[name] = value
-    return {name: found[name] for name in sorted(found)[:CLIENT_METADATA_MAX_ENTRIES]}
-
-
-def content_type_metadata(content_type: str) -> dict[str, str]:
-    """The ``content-type`` key the proxy writes for a file stored with this
-    Content-Type (``to_bare_metadata_map``), so that it serves the same type
-    S3 does; nothing for an empty one (the proxy reads it as none)."""
-    content_type = content_type.strip()
-    return {CONTENT_TYPE_KEY: content_type} if content_type else {}
-
-
-def content_type_of(metadata: Mapping[str, str], object_content_type: str | None) -> str:
-    """The Content-Type a file was stored with: the proxy's ``content-type``
-    key when it is there (the proxy stores every object as
-    ``application/octet-stream`` and keeps the client's type in that key),
-    else the object's own Content-Type."""
-    stored = (metadata.get(CONTENT_TYPE_KEY) or "").strip()
-    return stored or (object_content_type or "").strip() or DEFAULT_CONTENT_TYPE
 
 
 def with_original_name(metadata: Mapping[str, str], new_name: str) -> dict[str, str]:

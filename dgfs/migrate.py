@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import trio
 
 from dgfs import format as fmt
+from dgfs import proxymeta
 from dgfs.core import Core
 from dgfs.errors import ConfigError, DgfsError, IntegrityError
 from dgfs.format import Kind, StoredFile
@@ -342,7 +343,7 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
             file.dest_key,
             b"",
             meta,
-            content_type=fmt.content_type_of(marker.metadata, marker.content_type),
+            content_type=proxymeta.content_type_of(marker.metadata, marker.content_type),
         )
         copied = StoredFile(Kind.FOREIGN, file.dest_key, file.dest_key, 0, 0, EMPTY_SHA256)
         return PutResult(copied)
@@ -369,7 +370,7 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
             file.dest_key,
             extra_metadata=fmt.user_metadata(head.metadata),
             digest=digest,
-            content_type=fmt.content_type_of(head.metadata, head.content_type),
+            content_type=proxymeta.content_type_of(head.metadata, head.content_type),
         )
     finally:
         scratch.unlink(missing_ok=True)

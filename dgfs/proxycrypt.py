@@ -2,7 +2,7 @@
 
 The proxy (DeltaGlider's Rust successor) can encrypt every body it stores
 with AES-256-GCM (its src/storage/encrypting.rs) and marks the object in
-its user metadata (``format.proxy_encryption``):
+its user metadata (``proxymeta.proxy_encryption``):
 
 - ``aes-256-gcm-v1``: ``[12-byte IV][ciphertext][16-byte tag]``, no AAD.
 - ``aes-256-gcm-chunked-v1``: ``"DGE1"`` + a 12-byte base IV, then frames
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dgfs.errors import ConfigError, IntegrityError
-from dgfs.format import PROXY_AES_GCM, PROXY_AES_GCM_CHUNKED
+from dgfs.proxymeta import PROXY_AES_GCM, PROXY_AES_GCM_CHUNKED
 
 OPTION = "proxy_key_file"
 IV_LEN = 12

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import trio
 
 from dgfs import format as fmt
+from dgfs import proxymeta
 from dgfs.errors import DgfsError, FormatError, NotFound, TransientError
 from dgfs.format import Kind, StoredFile
 from dgfs.forms import Forms
@@ -86,7 +87,7 @@ class Renamer:
                     plain,
                     dst_key,
                     extra_metadata=fmt.user_metadata(head.metadata),
-                    content_type=fmt.content_type_of(head.metadata, head.content_type),
+                    content_type=proxymeta.content_type_of(head.metadata, head.content_type),
                 )
             return
         if stored.kind is Kind.DELTA:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from dgfs import format as fmt
+from dgfs import proxymeta
 from dgfs.hashing import FileDigest, digest_file
 from dgfs.policy import SNIFF_BYTES
 from dgfs.proxycrypt import ProxyKey, decrypt_in_place
@@ -79,7 +79,7 @@ class Workbench:
         deltaglider_proxy encrypted is decrypted (``ProxyDecryptError`` without
         the key, or when it fails authentication; never its ciphertext)."""
         head = await self.store.download(key, dest)
-        scheme = fmt.proxy_encryption(head.metadata)
+        scheme = proxymeta.proxy_encryption(head.metadata)
         if scheme is not None:
             await self.cpu(
                 functools.partial(
@@ -87,7 +87,7 @@ class Workbench:
                     dest,
                     scheme=scheme,
                     key=self.proxy_key,
-                    key_id=fmt.proxy_key_id(head.metadata),
+                    key_id=proxymeta.proxy_key_id(head.metadata),
                     what=key,
                 )
             )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from dgfs import format as fmt
+from dgfs import posixmeta
 from dgfs.core import Core
 from dgfs.errors import (
     DeltaEngineError,
@@ -220,12 +220,14 @@ async def test_metadata_matches_the_deltaglider_format(
 async def test_posix_metadata_travels_beside_the_format(
     core: Core, memory_store: MemoryStore, releases: list[Path]
 ) -> None:
-    extra = fmt.posix_metadata(mtime_ns=1_700_000_000_123_456_789, mode=0o100640, uid=7, gid=8)
+    extra = posixmeta.posix_metadata(
+        mtime_ns=1_700_000_000_123_456_789, mode=0o100640, uid=7, gid=8
+    )
     await core.put(releases[0], "p/a.zip", extra_metadata=extra)
     meta = memory_store.objects["p/a.zip.delta"].metadata
     assert meta["mtime"] == "1700000000.123456789"
-    assert fmt.parse_mtime_ns(meta) == 1_700_000_000_123_456_789
-    assert fmt.parse_int_meta(meta, "mode") == 0o100640
+    assert posixmeta.parse_mtime_ns(meta) == 1_700_000_000_123_456_789
+    assert posixmeta.parse_int_meta(meta, "mode") == 0o100640
     assert (meta["uid"], meta["gid"]) == ("7", "8")
 
 

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dgfs import format as fmt
+from dgfs import proxymeta
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.delta import DeltaEngine
@@ -413,9 +414,11 @@ def decrypt(
 @pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 3 * 65536, 200_001])
 def test_both_schemes_decrypt_what_the_proxy_encrypts(tmp_path: Path, size: int) -> None:
     data = bytes(i * 7 % 251 for i in range(size))
-    assert decrypt(tmp_path, encrypt_single(KEY, data), fmt.PROXY_AES_GCM, proxy_key()) == data
+    assert (
+        decrypt(tmp_path, encrypt_single(KEY, data), proxymeta.PROXY_AES_GCM, proxy_key()) == data
+    )
     chunked = encrypt_chunked(KEY, data)
-    assert decrypt(tmp_path, chunked, fmt.PROXY_AES_GCM_CHUNKED, proxy_key()) == data
+    assert decrypt(tmp_path, chunked, proxymeta.PROXY_AES_GCM_CHUNKED, proxy_key()) == data
 
 
 def test_key_file_and_key_ids() -> None:
@@ -447,18 +450,18 @@ def test_hostile_and_wrong_encrypted_bodies_never_decrypt(tmp_path: Path) -> Non
     }
     for what, body in hostile.items():
         with pytest.raises(ProxyDecryptError):
-            decrypt(tmp_path, body, fmt.PROXY_AES_GCM_CHUNKED, proxy_key())
+            decrypt(tmp_path, body, proxymeta.PROXY_AES_GCM_CHUNKED, proxy_key())
         assert not (tmp_path / "pt").exists(), what
     single = encrypt_single(KEY, data)
     for body in (single[:-1], single[:20], single[:50] + b"!" + single[51:]):
         with pytest.raises(ProxyDecryptError):
-            decrypt(tmp_path, body, fmt.PROXY_AES_GCM, proxy_key())
+            decrypt(tmp_path, body, proxymeta.PROXY_AES_GCM, proxy_key())
     other = proxy_key(bytes(range(1, 33)).hex())
     stamp = derive_key_id("default", KEY)
     with pytest.raises(ProxyDecryptError, match=f"key id {stamp}"):
-        decrypt(tmp_path, single, fmt.PROXY_AES_GCM, other, key_id=stamp)
+        decrypt(tmp_path, single, proxymeta.PROXY_AES_GCM, other, key_id=stamp)
     with pytest.raises(ProxyDecryptError, match="-o proxy_key_file=PATH"):
-        decrypt(tmp_path, single, fmt.PROXY_AES_GCM, None, key_id=stamp)
+        decrypt(tmp_path, single, proxymeta.PROXY_AES_GCM, None, key_id=stamp)
     with pytest.raises(ProxyDecryptError, match="does not know"):
         decrypt(tmp_path, single, "rot13-v9", proxy_key())
 
@@ -484,7 +487,7 @@ async def test_core_reads_what_the_proxy_encrypted_with_its_key(
 ) -> None:
     await write_encrypted_bucket(memory_store, encrypted_files)
     markers = {o.metadata["user-dg-encrypted"] for o in memory_store.objects.values()}
-    assert markers == {fmt.PROXY_AES_GCM, fmt.PROXY_AES_GCM_CHUNKED}  # the premise
+    assert markers == {proxymeta.PROXY_AES_GCM, proxymeta.PROXY_AES_GCM_CHUNKED}  # the premise
     core.proxy_key = proxy_key()
     for key, data in encrypted_files.items():
         stored = await core.locate(key)
@@ -553,7 +556,7 @@ def test_fuzz_chunked_bodies(
     if body and flip < len(body):
         body[flip] ^= 0x40
     try:
-        plain = decrypt(tmp_path, bytes(body), fmt.PROXY_AES_GCM_CHUNKED, proxy_key())
+        plain = decrypt(tmp_path, bytes(body), proxymeta.PROXY_AES_GCM_CHUNKED, proxy_key())
     except ProxyDecryptError:
         assert not (tmp_path / "pt").exists()
     else:
@@ -653,7 +656,7 @@ async def test_encrypted_file_known_without_its_marker_is_never_read_by_ranges(
     recorded one, so it is read whole, from a download whose metadata says."""
     await write_encrypted_bucket(memory_store, encrypted_files)
     obj = memory_store.objects["sec/big.bin"]
-    stale = {k: v for k, v in obj.metadata.items() if k not in fmt.PROXY_MARKER_KEYS}
+    stale = {k: v for k, v in obj.metadata.items() if k not in proxymeta.PROXY_MARKER_KEYS}
     stored = fmt.classify("sec/big.bin", len(obj.body), stale)
     assert stored.encryption is None and stored.stored_size != stored.original_size
     content = StoredContent(core, trio.CapacityLimiter(2), verify_whole_below=1024)

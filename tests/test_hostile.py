@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from dgfs import format as fmt
+from dgfs import posixmeta
 from dgfs.errors import FormatError, FsError
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
@@ -63,7 +64,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_out_of_range_ids_and_modes_count_as_absent(
     key: str, raw: str, expected: int | None
 ) -> None:
-    assert fmt.parse_int_meta({key: raw}, key) == expected
+    assert posixmeta.parse_int_meta({key: raw}, key) == expected
 
 
 @pytest.mark.parametrize(
@@ -84,7 +85,7 @@ def test_out_of_range_ids_and_modes_count_as_absent(
     ],
 )
 def test_garbled_or_huge_mtime_counts_as_absent(raw: str, expected: int | None) -> None:
-    assert fmt.parse_mtime_ns({"mtime": raw}) == expected
+    assert posixmeta.parse_mtime_ns({"mtime": raw}) == expected
 
 
 SHA = "ab" * 32

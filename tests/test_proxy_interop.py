@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from dgfs import format as fmt
+from dgfs import proxymeta
 from dgfs.cli.main import EXIT_OK, EXIT_USAGE
 from dgfs.cli.main import main as dgfs_main
 from dgfs.errors import PreconditionFailed
@@ -99,7 +100,7 @@ def test_normalized_metadata_adds_what_each_reader_lacks() -> None:
     assert proxy_client_view(typed)[0] == "application/zip"
     assert fmt.normalized_metadata("a/x.zip.delta", typed, "application/zip") is None
     assert "content-type" not in new  # no Content-Type given
-    assert fmt.normalized_metadata("a/x.zip.delta", dg_delta, fmt.DEFAULT_CONTENT_TYPE) == new
+    assert fmt.normalized_metadata("a/x.zip.delta", dg_delta, proxymeta.DEFAULT_CONTENT_TYPE) == new
     assert fmt.normalized_metadata(direct.key, direct.metadata, "text/plain") == {
         **new_direct,
         "content-type": "text/plain",

@@ -26,6 +26,7 @@ import trio
 import trio.testing
 
 from dgfs import format as fmt
+from dgfs import proxymeta
 from dgfs.errors import DgfsError, FsError, errno_of
 from dgfs.fs import readers
 from dgfs.fs.filesystem import FsOptions
@@ -318,9 +319,9 @@ async def test_client_metadata_is_read_under_limits(
         "user-edge": "v" * 2048,
         **{f"user-k{i:03d}": str(i) for i in range(100)},
     }
-    assert fmt.client_metadata({"user-a\x00b": "nul", "user-a b": "space"}) == {}
-    shown = fmt.client_metadata(meta)
-    assert len(shown) == fmt.CLIENT_METADATA_MAX_ENTRIES == 64
+    assert proxymeta.client_metadata({"user-a\x00b": "nul", "user-a b": "space"}) == {}
+    shown = proxymeta.client_metadata(meta)
+    assert len(shown) == proxymeta.CLIENT_METADATA_MAX_ENTRIES == 64
     assert list(shown) == ["edge", *(f"k{i:03d}" for i in range(63))]
     store = MemoryStore()
     await store.put_bytes("f.bin", b"x", meta)

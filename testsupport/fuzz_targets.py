@@ -15,7 +15,7 @@ also replays every input kept in ``tests/fuzz_corpus/<target>/``.
 - ``metadata``: S3 user metadata to a file's kind, size and stat
   (``dgfs.format`` and the listing's ``_entry_from_head``), down to the
   ``EntryAttributes`` the kernel gets, and to its client metadata
-  (``format.client_metadata``, the ``user.s3.*`` attributes).
+  (``proxymeta.client_metadata``, the ``user.s3.*`` attributes).
 - ``dgzip``: the search for the gzip bytes the stock DeltaGlider CLI lost
   (``dgfs.deep.dgzip.recover_gzip``): the reference's gzip header, the tar
   inside, the recorded name, size and SHA-256.
@@ -55,7 +55,7 @@ from typing import Any, cast
 import pyfuse3
 import zstandard
 
-from dgfs import control, metrics, proxycrypt
+from dgfs import control, metrics, posixmeta, proxycrypt, proxymeta
 from dgfs import format as fmt
 from dgfs.deep import dgzip, expand, gnuzip, objects
 from dgfs.deep.deflate import DeflateParams
@@ -355,7 +355,7 @@ DIRINDEX_DICTIONARY = (
 META_KEYS = tuple(
     dict.fromkeys(
         [alias for aliases in fmt._ALIASES.values() for alias in aliases]
-        + list(fmt.POSIX_KEYS)
+        + list(posixmeta.POSIX_KEYS)
         + [fmt.META_FORMAT, fmt.META_EXPANDED_SIZE, fmt.META_ENCODING]
     )
 )
@@ -409,17 +409,17 @@ def run_metadata(data: bytes) -> None:
     if not 0 <= shown.original_size <= fmt.SIZE_MAX:
         raise AssertionError(f"size {shown.original_size} shown")
     _ = shown.ratio
-    for name in fmt.POSIX_KEYS:
-        fmt.parse_int_meta(meta, name)
+    for name in posixmeta.POSIX_KEYS:
+        posixmeta.parse_int_meta(meta, name)
     fmt.user_metadata(meta)
-    client = fmt.client_metadata(meta)  # the mount's user.s3.* attributes
-    if len(client) > fmt.CLIENT_METADATA_MAX_ENTRIES:
+    client = proxymeta.client_metadata(meta)  # the mount's user.s3.* attributes
+    if len(client) > proxymeta.CLIENT_METADATA_MAX_ENTRIES:
         raise AssertionError(f"{len(client)} client metadata entries shown")
     for name, value in client.items():
         xattrs.client_value(client, xattrs.CLIENT_PREFIX + name)
         if "/" in name or "\0" in name or len(value.encode("utf-8", "replace")) > 2048:
             raise AssertionError(f"client metadata {name!r} shown")
-    fmt.content_type_of(meta, meta.get("content-type"))
+    proxymeta.content_type_of(meta, meta.get("content-type"))
     fmt.with_original_name(meta, "renamed.zip")
     fmt.with_ref_key(meta, "other/reference.bin")
     with contextlib.suppress(FormatError):
@@ -442,7 +442,7 @@ def run_metadata(data: bytes) -> None:
 def metadata_seeds() -> list[bytes]:
     now = datetime(2026, 1, 1, tzinfo=UTC)
     sha = "ab" * 32
-    posix = fmt.posix_metadata(
+    posix = posixmeta.posix_metadata(
         mtime_ns=1_700_000_000_500_000_000, mode=0o100644, uid=1000, gid=1000
     )
     delta = fmt.delta_metadata(
@@ -691,7 +691,7 @@ CONTROL_DICTIONARY = (
 # --- deltaglider_proxy's encryption at rest -----------------------------------------------
 
 _PROXY_KEY = proxycrypt.parse_proxy_key(bytes(range(32)).hex())
-_PROXY_SCHEMES = (fmt.PROXY_AES_GCM, fmt.PROXY_AES_GCM_CHUNKED)
+_PROXY_SCHEMES = (proxymeta.PROXY_AES_GCM, proxymeta.PROXY_AES_GCM_CHUNKED)
 
 
 def run_proxycrypt(data: bytes) -> None:

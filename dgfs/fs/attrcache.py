@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dgfs import format as fmt
+from dgfs import posixmeta, proxymeta
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,17 @@ def _relevant(name: str) -> bool:
     return (
         name.startswith(("dg-", "dg_", "dgfs-"))
         or name in fmt.FORMAT_KEYS
-        or name in fmt.POSIX_KEYS
+        or name in posixmeta.POSIX_KEYS
     )
 
 
 def relevant_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """The part of an object's user metadata the mount uses: the format's and
-    POSIX keys, and an S3 client's own metadata as ``format.client_metadata``
+    POSIX keys, and an S3 client's own metadata as ``proxymeta.client_metadata``
     reads it (under its limits), which ``user.s3.*`` xattrs show."""
     kept = {k: v for k, v in metadata.items() if _relevant(k)}
-    for name, value in fmt.client_metadata(metadata).items():
-        kept[fmt.CLIENT_PREFIX + name] = value
+    for name, value in proxymeta.client_metadata(metadata).items():
+        kept[proxymeta.CLIENT_PREFIX + name] = value
     return kept
 
 

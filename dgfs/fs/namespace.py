@@ -18,6 +18,7 @@ import trio
 from cachetools import TTLCache
 
 from dgfs import format as fmt
+from dgfs import posixmeta
 from dgfs.background import contained
 from dgfs.errors import AccessDenied, DgfsError, FsError, NotFound, StoreError
 from dgfs.flight import SingleFlight
@@ -139,11 +140,11 @@ class Namespace:
             entries[name] = DirEntry(
                 name,
                 NodeKind.DIR,
-                mtime_ns=fmt.parse_mtime_ns(meta) or self.mounted_at_ns,
-                atime_ns=fmt.parse_mtime_ns(meta, fmt.META_ATIME),
-                mode=fmt.parse_int_meta(meta, fmt.META_MODE),
-                uid=fmt.parse_int_meta(meta, fmt.META_UID),
-                gid=fmt.parse_int_meta(meta, fmt.META_GID),
+                mtime_ns=posixmeta.parse_mtime_ns(meta) or self.mounted_at_ns,
+                atime_ns=posixmeta.parse_mtime_ns(meta, posixmeta.META_ATIME),
+                mode=posixmeta.parse_int_meta(meta, posixmeta.META_MODE),
+                uid=posixmeta.parse_int_meta(meta, posixmeta.META_UID),
+                gid=posixmeta.parse_int_meta(meta, posixmeta.META_GID),
             )
         candidates = [
             obj
@@ -280,7 +281,7 @@ class Namespace:
     def _entry_from_head(self, name: str, head: ObjectHead) -> DirEntry:
         stored = fmt.classify_shown(head.key, head.size, head.metadata)
         meta = head.metadata
-        raw_mode = fmt.parse_int_meta(meta, fmt.META_MODE)
+        raw_mode = posixmeta.parse_int_meta(meta, posixmeta.META_MODE)
         kind = NodeKind.FILE
         if raw_mode is not None and stored.kind is Kind.FOREIGN:
             # A plain object is a symlink, FIFO, device or socket when its
@@ -289,19 +290,19 @@ class Namespace:
             typed = NodeKind.of_mode(raw_mode)
             if typed is not None and typed.is_single_object:
                 kind = typed
-        mtime_ns = fmt.parse_mtime_ns(meta) or int(head.last_modified.timestamp() * 1e9)
+        mtime_ns = posixmeta.parse_mtime_ns(meta) or int(head.last_modified.timestamp() * 1e9)
         return DirEntry(
             name,
             kind,
             size=stored.original_size,
             mtime_ns=mtime_ns,
             mode=raw_mode,
-            uid=fmt.parse_int_meta(meta, fmt.META_UID),
-            gid=fmt.parse_int_meta(meta, fmt.META_GID),
+            uid=posixmeta.parse_int_meta(meta, posixmeta.META_UID),
+            gid=posixmeta.parse_int_meta(meta, posixmeta.META_GID),
             stored=stored,
             etag=head.etag,
-            rdev=fmt.parse_int_meta(meta, fmt.META_RDEV) or 0,
-            atime_ns=fmt.parse_mtime_ns(meta, fmt.META_ATIME),
+            rdev=posixmeta.parse_int_meta(meta, posixmeta.META_RDEV) or 0,
+            atime_ns=posixmeta.parse_mtime_ns(meta, posixmeta.META_ATIME),
         )
 
     async def listing(self, path: str, *, fresh: bool = False) -> dict[str, DirEntry]:

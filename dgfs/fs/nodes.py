@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from dgfs import format as fmt
+from dgfs import posixmeta
 from dgfs.format import StoredFile
 from dgfs.fs.entries import DirEntry, NodeKind
 
@@ -141,7 +141,7 @@ class Node:
     def posix_metadata(self) -> dict[str, str]:
         """The attributes S3 lacks, as the user metadata that carries them."""
         is_device = self.kind in (NodeKind.CHAR_DEVICE, NodeKind.BLOCK_DEVICE)
-        return fmt.posix_metadata(
+        return posixmeta.posix_metadata(
             mtime_ns=self.mtime_ns,
             mode=self.kind.type_bits | self.mode,
             uid=self.uid,
@@ -207,13 +207,13 @@ class NodeTable:
         long, with the attributes its journal entry's ``metadata`` carries."""
         node = self.new(path, NodeKind.FILE)
         node.size = size
-        node.mtime_ns = node.ctime_ns = fmt.parse_mtime_ns(metadata) or time.time_ns()
-        node.atime_ns = fmt.parse_mtime_ns(metadata, fmt.META_ATIME)
+        node.mtime_ns = node.ctime_ns = posixmeta.parse_mtime_ns(metadata) or time.time_ns()
+        node.atime_ns = posixmeta.parse_mtime_ns(metadata, posixmeta.META_ATIME)
         node.mode, node.uid, node.gid = self.options.shown_attributes(
             node.kind,
-            fmt.parse_int_meta(metadata, fmt.META_MODE),
-            fmt.parse_int_meta(metadata, fmt.META_UID),
-            fmt.parse_int_meta(metadata, fmt.META_GID),
+            posixmeta.parse_int_meta(metadata, posixmeta.META_MODE),
+            posixmeta.parse_int_meta(metadata, posixmeta.META_UID),
+            posixmeta.parse_int_meta(metadata, posixmeta.META_GID),
         )
         return node
 

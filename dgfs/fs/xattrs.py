@@ -6,7 +6,7 @@ mount shows. The mount's root also has ``status_socket``: where ``dgfs
 status`` reaches the daemon (dgfs/control.py).
 
 ``user.s3.<k>``: an S3 client's own metadata ``k`` on a stored file, as
-deltaglider_proxy keeps it (``user-<k>``, ``format.client_metadata``):
+deltaglider_proxy keeps it (``user-<k>``, ``proxymeta.client_metadata``):
 what an S3 client reading the file through the proxy gets as
 ``x-amz-meta-<k>``. ``ClientMetadata`` takes it from the attribute cache
 row of the version the listing showed, else HEADs the file's object.
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import trio
 from cachetools import TTLCache
 
-from dgfs import format as fmt
+from dgfs import proxymeta
 from dgfs.errors import FsError, NotFound
 from dgfs.format import StoredFile
 from dgfs.fs.attrcache import AttrCache
@@ -104,7 +104,7 @@ def _storage(node: Node) -> Mapping[str, object]:
 
 def client_names(metadata: Mapping[str, str]) -> list[str]:
     """The ``user.s3.*`` names of a file whose client metadata is ``metadata``
-    (``format.client_metadata``'s result: names already checked)."""
+    (``proxymeta.client_metadata``'s result: names already checked)."""
     return [CLIENT_PREFIX + name for name in metadata]
 
 
@@ -150,12 +150,12 @@ class ClientMetadata:
         # ``ls -l`` asks every file for its attribute names (coreutils 9.4+).
         row = self._attr_cache.get_by_etag(stored.stored_key, node.etag) if node.etag else None
         if row is not None:
-            return fmt.client_metadata(row)
+            return proxymeta.client_metadata(row)
         try:
             head = await self._store.head(stored.stored_key)
         except NotFound:
             return {}
-        found = fmt.client_metadata(head.metadata)
+        found = proxymeta.client_metadata(head.metadata)
         if node.stored is stored:  # not replaced while the HEAD ran
             self._cache[node.ino] = (stored, node.etag, found)
         return found
