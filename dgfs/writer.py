@@ -56,6 +56,64 @@ def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, boo
 
 
 @dataclass(frozen=True)
+class _Put:
+    """One file being stored: ``src`` under ``key``, with the metadata it carries."""
+
+    src: Path
+    key: str
+    digest: FileDigest
+    extra: dict[str, str]  # POSIX attributes, a client's metadata, content-type
+    content_type: str
+
+    @property
+    def name(self) -> str:
+        return fmt.split_key(self.key)[1]
+
+
+@dataclass(frozen=True)
+class _NewDelta:
+    """A delta made in ``body``, ready to store for ``put.key``."""
+
+    put: _Put
+    ref_key: str
+    ref_sha256: str  # a deep delta's: the expanded reference's
+    body: Path
+    zero_diff: bool
+    expanded: int | None = None  # a deep delta's expanded size
+
+    def metadata(self, now: datetime) -> dict[str, str]:
+        digest = self.put.digest
+        make = fmt.delta_metadata if self.expanded is None else fmt.deep_delta_metadata
+        meta = make(
+            original_name=self.put.name,
+            file_sha256=digest.sha256,
+            file_size=digest.size,
+            ref_key=self.ref_key,
+            ref_sha256=self.ref_sha256,
+            delta_size=self.body.stat().st_size,
+            now=now,
+            zero_diff=self.zero_diff,
+            md5=digest.md5,
+        )
+        if self.expanded is not None:
+            meta[fmt.META_EXPANDED_SIZE] = str(self.expanded)
+        return {**self.put.extra, **meta}
+
+    def stored(self) -> StoredFile:
+        return StoredFile(
+            Kind.DELTA,
+            fmt.delta_key(self.put.key),
+            self.put.key,
+            self.put.digest.size,
+            self.body.stat().st_size,
+            self.put.digest.sha256,
+            self.ref_key,
+            self.ref_sha256,
+            deep=self.expanded is not None,
+        )
+
+
+@dataclass(frozen=True)
 class PutResult:
     """What ``put`` stored for one file: the ``StoredFile`` a ``locate`` would
     now return, and whether the put created its deltaspace's reference."""
@@ -96,16 +154,8 @@ class FileWriter:
         # lock its creator holds, and how many puts hold or await it).
         self._creating: dict[str, tuple[trio.Lock, int]] = {}
 
-    async def _store_delta(
-        self,
-        key: str,
-        body: Path,
-        metadata: Mapping[str, str],
-        content_type: str,
-        ref_key: str,
-        ref_sha256: str,
-    ) -> None:
-        """Upload ``key``'s delta, made against the reference ``ref_sha256``.
+    async def _store_delta(self, delta: _NewDelta) -> StoredFile:
+        """Upload ``delta``, made against the reference ``ref_sha256``.
 
         Another mount may have removed the reference meanwhile (an rmdir or a
         directory rename), or, on a store without conditional PUTs, replaced
@@ -115,8 +165,12 @@ class FileWriter:
         what is there now (the upload pipeline does). Then the direct form
         of ``key`` goes, unless it is newer (``Forms.drop_other_form``).
         """
+        key, ref_key, ref_sha256 = delta.put.key, delta.ref_key, delta.ref_sha256
         stored_key = fmt.delta_key(key)
-        etag = await self._store.upload(stored_key, body, metadata, content_type=content_type)
+        metadata = delta.metadata(self._now())
+        etag = await self._store.upload(
+            stored_key, delta.body, metadata, content_type=delta.put.content_type
+        )
         try:
             ref_now = fmt.meta_value((await self._store.head(ref_key)).metadata, "file_sha256")
         except NotFound:
@@ -130,6 +184,7 @@ class FileWriter:
                 " writer while the delta was stored; storing it again"
             )
         await self._forms.drop_other_form(key, stored_key, key)
+        return delta.stored()
 
     async def put(
         self,
@@ -159,22 +214,23 @@ class FileWriter:
             raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
         digest = digest or await self._bench.digest(src)
         extra = {**(extra_metadata or {}), **fmt.content_type_metadata(content_type)}
+        job = _Put(src, key, digest, extra, content_type)
         prefix, name = fmt.split_key(key)
         if direct or not self._policy.is_delta_candidate(name, digest.head, digest.size, deep=True):
-            return await self._put_direct(src, key, digest, extra, content_type)
+            return await self._put_direct(job)
         if await self._forms.delta_form_taken(key):
             # A foreign ``key.delta`` (shown as a file of that name) stays untouched.
             log.info("%s: %s is another file; storing direct", key, fmt.delta_key(key))
-            return await self._put_direct(src, key, digest, extra, content_type)
+            return await self._put_direct(job)
         for attempt in (1, 2):
             space, ref_head = await self._deltaspace(prefix, mode)
             deep = space is DeltaMode.DEEP
             if not self._policy.is_delta_candidate(name, digest.head, digest.size, deep=deep):
-                return await self._put_direct(src, key, digest, extra, content_type)
+                return await self._put_direct(job)
             try:
                 if deep:
-                    return await self._put_deep(src, key, digest, extra, content_type, ref_head)
-                return await self._put_delta(src, key, digest, extra, content_type, ref_head)
+                    return await self._put_deep(job, ref_head)
+                return await self._put_delta(job, ref_head)
             except MissingReference as exc:
                 # Another mount removed or replaced the reference between our
                 # HEAD and its download (a directory renamed over this one,
@@ -209,42 +265,28 @@ class FileWriter:
                 return mode, heads[mode]
         return self.deltas, None
 
-    async def _put_direct(
-        self,
-        src: Path,
-        key: str,
-        digest: FileDigest,
-        extra: dict[str, str],
-        content_type: str = DEFAULT_CONTENT_TYPE,
-    ) -> PutResult:
-        name = fmt.split_key(key)[1]
+    async def _put_direct(self, job: _Put) -> PutResult:
+        key, digest = job.key, job.digest
         meta = fmt.direct_metadata(
-            original_name=name,
+            original_name=job.name,
             file_sha256=digest.sha256,
             file_size=digest.size,
             now=self._now(),
             md5=digest.md5,
         )
-        await self._store.upload(key, src, {**extra, **meta}, content_type=content_type)
+        await self._store.upload(key, job.src, {**job.extra, **meta}, content_type=job.content_type)
         await self._forms.drop_other_form(key, key, fmt.delta_key(key))
         log.info("stored %s direct (%d bytes)", key, digest.size)
         stored = StoredFile(Kind.DIRECT, key, key, digest.size, digest.size, digest.sha256)
         return PutResult(stored)
 
-    async def _put_delta(
-        self,
-        src: Path,
-        key: str,
-        digest: FileDigest,
-        extra: dict[str, str],
-        content_type: str,
-        ref_head: ObjectHead | None,
-    ) -> PutResult:
+    async def _put_delta(self, job: _Put, ref_head: ObjectHead | None) -> PutResult:
+        src, key, digest = job.src, job.key, job.digest
         prefix, name = fmt.split_key(key)
         ref_key = fmt.reference_key(prefix)
         ref_sha256, created = await self._ensure_reference(src, ref_key, name, digest, ref_head)
         if ref_sha256 is None:
-            return await self._put_direct(src, key, digest, extra, content_type)
+            return await self._put_direct(job)
         async with self._bench.scratch(".delta") as delta_path:
             if created:
                 await self._engine.encode(src, src, delta_path)
@@ -253,31 +295,15 @@ class FileWriter:
                     await self._engine.encode(plain_ref, src, delta_path)
             delta_size = delta_path.stat().st_size
             if not created and not self._pays(key, "delta", delta_size, digest.size):
-                return await self._put_direct(src, key, digest, extra, content_type)
-            meta = fmt.delta_metadata(
-                original_name=name,
-                file_sha256=digest.sha256,
-                file_size=digest.size,
-                ref_key=ref_key,
-                ref_sha256=ref_sha256,
-                delta_size=delta_size,
-                now=self._now(),
-                zero_diff=created,
-                md5=digest.md5,
-            )
-            stored_key = fmt.delta_key(key)
-            await self._store_delta(
-                key, delta_path, {**extra, **meta}, content_type, ref_key, ref_sha256
-            )
+                return await self._put_direct(job)
+            delta = _NewDelta(job, ref_key, ref_sha256, delta_path, zero_diff=created)
+            stored = await self._store_delta(delta)
         log.info(
             "stored %s as delta: %d -> %d bytes%s",
             key,
             digest.size,
             delta_size,
             " (new reference)" if created else "",
-        )
-        stored = StoredFile(
-            Kind.DELTA, stored_key, key, digest.size, delta_size, digest.sha256, ref_key, ref_sha256
         )
         return PutResult(stored, created)
 
@@ -340,17 +366,10 @@ class FileWriter:
 
     # --- deep deltaspaces --------------------------------------------------------
 
-    async def _put_deep(
-        self,
-        src: Path,
-        key: str,
-        digest: FileDigest,
-        extra: dict[str, str],
-        content_type: str,
-        ref_head: ObjectHead | None,
-    ) -> PutResult:
-        """Store ``src`` as a delta of its expanded form against the expanded reference."""
-        prefix, name = fmt.split_key(key)
+    async def _put_deep(self, job: _Put, ref_head: ObjectHead | None) -> PutResult:
+        """Store the file as a delta of its expanded form against the expanded reference."""
+        src, key, digest = job.src, job.key, job.digest
+        prefix = fmt.split_key(key)[0]
         ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
         async with (
             self._bench.scratch(".dgx") as expanded,
@@ -361,24 +380,13 @@ class FileWriter:
                 src, key, ref_head, expanded, vcdiff
             )
             if ref_sha256 is None:
-                return await self._put_direct(src, key, digest, extra, content_type)
+                return await self._put_direct(job)
             delta_size = await self._bench.cpu_int(objects.wrap_delta, vcdiff, body)
             if not zero_diff and not self._pays(key, "deep delta", delta_size, digest.size):
-                return await self._put_direct(src, key, digest, extra, content_type)
+                return await self._put_direct(job)
             expanded_size = expanded.stat().st_size
-            meta = fmt.deep_delta_metadata(
-                original_name=name,
-                file_sha256=digest.sha256,
-                file_size=digest.size,
-                ref_key=ref_key,
-                ref_sha256=ref_sha256,
-                delta_size=delta_size,
-                now=self._now(),
-                zero_diff=zero_diff,
-                md5=digest.md5,
-            )
-            meta[fmt.META_EXPANDED_SIZE] = str(expanded_size)
-            await self._store_delta(key, body, {**extra, **meta}, content_type, ref_key, ref_sha256)
+            delta = _NewDelta(job, ref_key, ref_sha256, body, zero_diff, expanded_size)
+            stored = await self._store_delta(delta)
         log.info(
             "stored %s as deep delta: %d -> %d bytes (expanded %d)%s",
             key,
@@ -386,17 +394,6 @@ class FileWriter:
             delta_size,
             expanded_size,
             " (new reference)" if created else "",
-        )
-        stored = StoredFile(
-            Kind.DELTA,
-            fmt.delta_key(key),
-            key,
-            digest.size,
-            delta_size,
-            digest.sha256,
-            ref_key,
-            ref_sha256,
-            deep=True,
         )
         return PutResult(stored, created)
 

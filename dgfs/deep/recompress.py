@@ -8,6 +8,7 @@ Rebuilding refuses nesting deeper than ``MAX_NESTING`` and, in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -52,18 +53,25 @@ class _Rebuilder(Reader):
         self.workers = workers
         """Threads a SPLIT segment's pieces are compressed by."""
 
+    @contextlib.contextmanager
+    def _spooled(self, suffix: str) -> Iterator[tuple[BinaryIO, Path]]:
+        """The inner segments up to the next END, rebuilt into a scratch file
+        (open at its end, flushed) and its path; removed when the block ends."""
+        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=suffix)
+        try:
+            with os.fdopen(fd, "w+b") as spool:
+                for chunk in self.segments():
+                    spool.write(chunk)
+                spool.flush()
+                yield spool, Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
     def _gnu(self, level: int) -> Iterator[bytes]:
         if not 1 <= level <= 9:
             raise FormatError(f"expanded form: bad GNU gzip level {level}")
-        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".gnu")
-        payload = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as spool:
-                for chunk in self.segments():
-                    spool.write(chunk)
+        with self._spooled(".gnu") as (_, payload):
             yield from gnuzip.gnu_deflate(level, payload)
-        finally:
-            payload.unlink(missing_ok=True)
 
     def segments(self) -> Iterator[bytes]:
         """Rebuild segments up to the next END, in order."""
@@ -76,24 +84,14 @@ class _Rebuilder(Reader):
     def _split(self, recipe: SplitRecipe) -> Iterator[bytes]:
         """A SPLIT segment's stream: its inner segments spooled, then compressed
         in pieces, ``workers`` at a time."""
-        fd, name = tempfile.mkstemp(dir=self.scratch_dir, suffix=".split")
-        payload_path = Path(name)
-        try:
-            with os.fdopen(fd, "w+b") as spool:
-                for chunk in self.segments():
-                    spool.write(chunk)
-                spool.flush()
-                if recipe.checkpoints[-1].uncompressed + MIN_PIECE > spool.tell():
-                    raise FormatError("expanded form: a SPLIT checkpoint past its bytes")
-                payload = Payload.of_file(spool.fileno(), spool.tell())
-                try:
-                    yield from deflate_pieces(
-                        recipe.params, payload, recipe.checkpoints, self.workers
-                    )
-                except ValueError as exc:
-                    raise FormatError(f"expanded form: {exc}") from None
-        finally:
-            payload_path.unlink(missing_ok=True)
+        with self._spooled(".split") as (spool, _):
+            if recipe.checkpoints[-1].uncompressed + MIN_PIECE > spool.tell():
+                raise FormatError("expanded form: a SPLIT checkpoint past its bytes")
+            payload = Payload.of_file(spool.fileno(), spool.tell())
+            try:
+                yield from deflate_pieces(recipe.params, payload, recipe.checkpoints, self.workers)
+            except ValueError as exc:
+                raise FormatError(f"expanded form: {exc}") from None
 
     def compressed(self, tag: int) -> Iterator[bytes]:
         """One DEFLATE or GNU segment whose tag was just read, compressed as it goes."""

@@ -205,6 +205,17 @@ MEMO_MIN_SPAN = 512
 _SPAN_ENTRY_BYTES = 256
 
 
+@dataclass(frozen=True)
+class StreamAt:
+    """Where a deflate stream starts: ``src[start:]``, ending by ``limit``,
+    in an archive nested ``depth`` deep."""
+
+    src: BinaryIO
+    start: int
+    limit: int
+    depth: int
+
+
 class StreamExpander:
     """Segments for the deflate streams of one expansion; ``range`` (the walk
     over archives, :class:`dgfs.deep.expand._Expander`) expands what a stream
@@ -254,22 +265,20 @@ class StreamExpander:
         match (``compressed_length == 0`` means "not deflate") and whether
         a segment was written for it.
         """
+        at = StreamAt(src, start, limit, depth)
         if length is None or length < MEMO_MIN_SPAN or start + length > limit:
-            return self._stream(src, start, limit, depth, kind, prior, length, None, None)
+            return self._stream(at, kind, prior, length, None, None)
         span_digest = _span_digest(src, start, length)
         # Another expansion (the next release, uploaded beside this one) may
         # be searching these very bytes: its verdict is worth waiting for.
         wait = min(PEER_WAIT, self.budget.time_left())
         with VERIFIED_SPANS.computing(span_digest, wait) as known:
             self.budget.check_time()
-            return self._stream(src, start, limit, depth, kind, prior, length, span_digest, known)
+            return self._stream(at, kind, prior, length, span_digest, known)
 
     def _stream(
         self,
-        src: BinaryIO,
-        start: int,
-        limit: int,
-        depth: int,
+        at: StreamAt,
         kind: str,
         prior: DeflateParams | None,
         length: int | None,
@@ -277,53 +286,47 @@ class StreamExpander:
         known: object,
     ) -> tuple[DeflateMatch, bool]:
         """``deflate`` once the memo was asked: ``known`` is its verdict on the
-        ``length`` bytes at ``start`` (``span_digest``); None: search, and
+        ``length`` bytes ``at`` (``span_digest``); None: search, and
         tell the memo."""
         if isinstance(known, int) and gnuzip.zgz_path() is None:
             known = None  # proven with zgz, which is gone: could not be rebuilt here
         if length is not None and known == _UNREPRODUCIBLE:
             return DeflateMatch(length, 0, None), False
         if length is not None and isinstance(known, DeflateParams | int):
-            found, recipe = self._segment(src, start, limit, depth, (), known, length)
+            found, recipe = self._segment(at, (), known, length)
             if recipe is not None:
                 self.stats.streams_remembered += 1
                 if isinstance(recipe, DeflateParams):
-                    hint = self.hints.setdefault((kind, depth), _Hint())
+                    hint = self.hints.setdefault((kind, at.depth), _Hint())
                     hint.record(recipe, found.compressed_length)
                 else:
                     self.stats.streams_gnu += 1
                 return found, True
-        found, recipe = self._search(src, start, limit, depth, kind, prior)
+        found, recipe = self._search(at, kind, prior)
         if found.compressed_length >= MEMO_MIN_SPAN:
             if span_digest is None or length != found.compressed_length:
-                span_digest = _span_digest(src, start, found.compressed_length)
+                span_digest = _span_digest(at.src, at.start, found.compressed_length)
             verdict = _UNREPRODUCIBLE if recipe is None else recipe
             VERIFIED_SPANS.put(span_digest, verdict, _SPAN_ENTRY_BYTES)
         return found, recipe is not None
 
     def _search(
-        self,
-        src: BinaryIO,
-        start: int,
-        limit: int,
-        depth: int,
-        kind: str,
-        prior: DeflateParams | None,
+        self, at: StreamAt, kind: str, prior: DeflateParams | None
     ) -> tuple[DeflateMatch, Recipe | None]:
-        """Find the recipe of the stream at ``start`` and write its segment."""
-        hint = self.hints.setdefault((kind, depth), _Hint())
+        """Find the recipe of the stream ``at`` and write its segment."""
+        hint = self.hints.setdefault((kind, at.depth), _Hint())
         first = hint.params or prior
         if first is None:
-            found, recipe = self._segment(src, start, limit, depth, CANDIDATES)
+            found, recipe = self._segment(at, CANDIDATES)
         else:
             # One likely candidate alone first: on very compressible data a
             # wrong candidate emits its first block late, so running all of
             # them side by side would cost many full compressions.
-            found, recipe = self._segment(src, start, limit, depth, (first,))
+            found, recipe = self._segment(at, (first,))
             retry = recipe is None and found.compressed_length and not found.near_miss
             if retry and (hint.params is None or hint.successes < TRUSTED_HINT):
                 others = tuple(c for c in CANDIDATES if c != first)
-                found, recipe = self._segment(src, start, limit, depth, others)
+                found, recipe = self._segment(at, others)
         if found.params is not None:
             hint.record(found.params, found.compressed_length)
             return found, found.params
@@ -332,10 +335,10 @@ class StreamExpander:
             and gnuzip.zgz_path() is not None
             and (hint.gnu_level is not None or hint.gnu_failures < MAX_MISSES)
         )
-        level = self._gnu_level(src, start, found, hint) if gnu_worth_it else None
+        level = self._gnu_level(at.src, at.start, found, hint) if gnu_worth_it else None
         if level is None:
             return found, None
-        found, recipe = self._segment(src, start, limit, depth, (), level, found.compressed_length)
+        found, recipe = self._segment(at, (), level, found.compressed_length)
         if recipe is not None:
             self.stats.streams_gnu += 1
         return found, recipe
@@ -373,26 +376,23 @@ class StreamExpander:
 
     def _segment(
         self,
-        src: BinaryIO,
-        start: int,
-        limit: int,
-        depth: int,
+        at: StreamAt,
         candidates: tuple[DeflateParams, ...],
         known: Recipe | None = None,
         known_length: int = 0,
     ) -> tuple[DeflateMatch, Recipe | None]:
-        """Write the segment of the stream at ``start`` if one of ``candidates``
+        """Write the segment of the stream ``at`` if one of ``candidates``
         reproduces it, or (with ``known``) if it is ``known_length`` long and
         inflates: a recipe proven for these very bytes before."""
         seg_pos = self.w.tell()
         self.w.tag(header(known) if known is not None else bytes((TAG_DEFLATE,)) + b"\0" * 4)
         body_pos = self.w.tell()
-        sink = _SegmentSink(self, depth)
+        sink = _SegmentSink(self, at.depth)
         try:
             found = match_deflate(
-                src,
-                start,
-                limit,
+                at.src,
+                at.start,
+                at.limit,
                 sink,
                 () if known is not None else candidates,
                 self.budget.stream(),
@@ -407,31 +407,24 @@ class StreamExpander:
                 return found, None
             if known is None:
                 self.w.patch(seg_pos + 1, found.params.pack())  # type: ignore[union-attr]
-            self._end_segment(src, start, depth, found, recipe, sink, body_pos)
+            self._end_segment(at, found, recipe, sink, body_pos)
             return found, recipe
         finally:
             sink.close()
 
     def _end_segment(
-        self,
-        src: BinaryIO,
-        start: int,
-        depth: int,
-        found: DeflateMatch,
-        recipe: Recipe,
-        sink: _SegmentSink,
-        body_pos: int,
+        self, at: StreamAt, found: DeflateMatch, recipe: Recipe, sink: _SegmentSink, body_pos: int
     ) -> None:
-        """Record what the segment of the stream at ``start`` proved, expand the
+        """Record what the segment of the stream ``at`` proved, expand the
         archive it holds (if ``sink`` spooled one), and end it."""
-        span = (_span_digest(src, start, found.compressed_length), found.compressed_length)
+        span = (_span_digest(at.src, at.start, found.compressed_length), found.compressed_length)
         self.stats.proven.add((span[0], recipe))
         if sink.spool is None:
             self.stats.leaves[(sink.content.digest(), recipe)] = span
         if sink.spool is not None:
             sink.spool.flush()
             self.w.rewind(body_pos)
-            self.range(sink.spool, 0, found.uncompressed_length, depth + 1)
+            self.range(sink.spool, 0, found.uncompressed_length, at.depth + 1)
         self.w.tag(bytes((TAG_END,)))
         self.stats.streams_inflated += 1
         self.stats.inflated_bytes += found.uncompressed_length
