@@ -98,14 +98,6 @@ class FileSystem:
         # Where ``dgfs status`` reaches the daemon (the root's user.dgfs.status_socket).
         self.status_socket: str | None = None
 
-    @staticmethod
-    def _entries_changed(*dirs: Node) -> None:
-        """An entry of each of ``dirs`` was added, removed or renamed: their
-        mtime and ctime change (in memory; see ``Node.entries_changed_ns``)."""
-        now = time.time_ns()
-        for d in dirs:
-            d.mtime_ns = d.ctime_ns = d.entries_changed_ns = now
-
     def _new_node_attributes(self, node: Node, parent: Node, mode: int, uid: int, gid: int) -> None:
         """Mode and owner of a node made here. In a set-group-ID directory a
         new entry takes the directory's group, and a new directory the bit
@@ -212,7 +204,7 @@ class FileSystem:
         self._new_node_attributes(node, parent, mode, uid, gid)
         node.mtime_ns = node.ctime_ns = time.time_ns()
         await self.ns.write_marker(node.path, node.posix_metadata())
-        self._entries_changed(parent)
+        parent.entries_changed(time.time_ns())
         node.checked_at = trio.current_time()
         self.ns.note_node(node)
         self.ns.set_empty(node.path)
@@ -239,7 +231,7 @@ class FileSystem:
             raise FsError(errno.ENOTDIR)
         await self._check_empty(node)
         await self.changes.remove_dir(node)
-        self._entries_changed(parent)
+        parent.entries_changed(time.time_ns())
 
     async def _check_empty(self, node: Node) -> None:
         if self.nodes.local_children(node.path):
@@ -265,7 +257,7 @@ class FileSystem:
             node = self.nodes.new(child_path(parent.path, name), NodeKind.FILE)
             self._new_node_attributes(node, parent, mode, uid, gid)
             node.ctime_ns = time.time_ns()
-            self._entries_changed(parent)
+            parent.entries_changed(time.time_ns())
         async with self._changing_unheld(node, copies=False):
             await self.uploads.stage_empty(node)
         node.content_changed(0)
@@ -345,8 +337,7 @@ class FileSystem:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
         if size == node.size and node.staged is None:
             # No content to store, but ext4 and tmpfs mark the times of every
-            # truncate, to the same size too (FUSE sends the size alone): the
-            # object's metadata gets them, as a utime's would.
+            # truncate (FUSE sends the size alone): the metadata gets them.
             if node.change_attributes(mtime_ns=time.time_ns()):
                 await self.changes.store_attributes(node)
             return
@@ -438,7 +429,7 @@ class FileSystem:
         async with self.uploads.hold():
             await self.changes.unlink_file(node)
         node.ctime_ns = time.time_ns()  # open handles see the link count change
-        self._entries_changed(parent)
+        parent.entries_changed(time.time_ns())
 
     async def rename(
         self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str, flags: int
@@ -471,7 +462,9 @@ class FileSystem:
             self.nodes.move(node, new_path)
             self.ns.note_node(node)
         node.ctime_ns = time.time_ns()
-        self._entries_changed(old_parent, new_parent)
+        now = time.time_ns()
+        old_parent.entries_changed(now)
+        new_parent.entries_changed(now)
 
     async def _rename_target(
         self, node: Node, new_parent: Node, new_name: str, flags: int
@@ -519,7 +512,7 @@ class FileSystem:
         if kind is NodeKind.SYMLINK:
             node.symlink_target = body
         await self.changes.put_single_object(node, body)
-        self._entries_changed(parent)
+        parent.entries_changed(time.time_ns())
         return self.nodes.looked_up(node)
 
     async def readlink(self, ino: int) -> bytes:

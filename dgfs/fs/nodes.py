@@ -31,8 +31,9 @@ staged, lock                      ``UploadPipeline``; the ``StagedFile`` owns it
 open_handles, writers             ``HandleTable`` (open, close)
 checked_at                        whoever confirmed the attributes with S3: a
                                   listing, mkdir, an upload settling
-entries_changed_ns                ``FileSystem`` (an entry added or removed),
-                                  ``change_attributes`` (an explicit mtime)
+entries_changed_ns                ``entries_changed`` (``FileSystem``: an entry
+                                  added or removed), ``change_attributes`` (an
+                                  explicit mtime)
 ================================  ==============================================
 """
 
@@ -94,6 +95,11 @@ class Node:
     @property
     def parent_path(self) -> str:
         return self.path.rpartition("/")[0]
+
+    def entries_changed(self, now: int) -> None:
+        """An entry of this directory was added, removed or renamed at ``now``:
+        its mtime and ctime change (in memory; see ``entries_changed_ns``)."""
+        self.mtime_ns = self.ctime_ns = self.entries_changed_ns = now
 
     def content_changed(self, size: int) -> None:
         """A write, truncate or O_TRUNC left the file ``size`` bytes long."""
