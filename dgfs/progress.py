@@ -12,6 +12,7 @@ import time
 from typing import TextIO
 
 from dgfs.closing import Closing
+from dgfs.printable import printable
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -83,9 +84,10 @@ class Progress(Closing):
             self._draw(now)
 
     def note(self, message: str) -> None:
+        """A line above the bar; ``message`` (it names keys) is shown ``printable``."""
         if self.enabled and self._drawn:
             self.stream.write("\r\x1b[K")
-        self.stream.write(message + "\n")
+        self.stream.write(printable(message) + "\n")
         if self.enabled and self._drawn:
             self._draw(time.monotonic())
         self.stream.flush()

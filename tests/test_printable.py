@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dgfs import format as fmt
+from dgfs.cli.main import main as dgfs_main
 from dgfs.cli.status import render
 from dgfs.printable import PrintableFormatter, printable
 from tests.conftest import DgfsMount
+from testsupport.servers import s3_client
 
 HOSTILE = "evil\x1b[2J\x1b[31mname\u202etxt.exe\r\nFAKE dgfs.fs: all good\x07"
 RAW = ("\x1b", "\r", "\n", "\u202e", "\x07")
@@ -120,3 +124,35 @@ def test_a_hostile_file_name_reaches_the_daemon_log_escaped(shared: DgfsMount) -
     log = Path(shared.log_path).read_text(errors="replace")
     assert "evil\\x1b[31mname\\u202etxt.exe" in log
     assert "\x1b" not in log and "\u202e" not in log
+
+
+@pytest.mark.expected_log("SHA-256 mismatch|do not match their recorded SHA-256")
+def test_operator_commands_show_hostile_keys_escaped(
+    moto_endpoint: str, bucket_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dgfs verify`` and ``dgfs gc`` name keys whoever writes the bucket
+    chose: each one's line stays one line and drives no terminal. (moto
+    refuses a newline in a key: a carriage return forges the line here.)"""
+    hostile = "evil\x1b[2J\x1b[31mname\u202etxt.exe\rFAKE verify: all good\x07"
+    client = s3_client(moto_endpoint)
+    body = b"not what the metadata says\n"
+    meta = fmt.direct_metadata(
+        original_name="x", file_sha256="0" * 64, file_size=len(body), now=datetime.now(UTC)
+    )
+    client.put_object(Bucket=bucket_name, Key=f"d/{hostile}.bin", Body=body, Metadata=meta)
+    ref_meta = fmt.reference_metadata("x", "1" * 64, datetime.now(UTC))
+    client.put_object(
+        Bucket=bucket_name, Key=f"{hostile}/reference.bin", Body=b"r", Metadata=ref_meta
+    )
+    client.close()
+    common = ["--endpoint-url", moto_endpoint]
+    assert dgfs_main(["verify", "--all", f"s3://{bucket_name}", *common]) == 1
+    assert dgfs_main(["gc", f"s3://{bucket_name}", "--settle", "0", *common]) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert not any(c in text for c in RAW if c != "\n")
+    named = [line for line in text.splitlines() if "evil" in line]
+    assert any("FAILED" in line for line in named), text  # verify's
+    assert any("orphaned-reference" in line for line in named), text  # gc's
+    assert all("\\x1b[2J" in line and "\\u202etxt.exe\\x0dFAKE" in line for line in named)
+    assert not any(line.startswith("FAKE") for line in text.splitlines())

@@ -20,6 +20,7 @@ from dgfs.gc import (
     collect,
     find_garbage,
 )
+from dgfs.printable import printable
 from dgfs.progress import human_bytes
 from dgfs.runtime import S3Location, Settings, open_store
 
@@ -138,23 +139,23 @@ def _json(
 
 def print_result(location: S3Location, garbage: list[Garbage], result: GcResult | None) -> None:
     if not garbage:
-        print(f"{location}: nothing to collect")
+        print(printable(f"{location}: nothing to collect"))
         return
     total = sum(item.size for item in garbage)
     verb = "Would act on" if result is None else "Found"
-    print(f"{verb} {len(garbage)} item(s) in {location} ({human_bytes(total)}):")
+    print(printable(f"{verb} {len(garbage)} item(s) in {location} ({human_bytes(total)}):"))
     for item in garbage:
         size = f"  {human_bytes(item.size)}" if item.size else ""
-        print(f"  {item.kind.value:<19} {item.key}{size}  ({item.reason})")
+        print(printable(f"  {item.kind.value:<19} {item.key}{size}  ({item.reason})"))
     if result is None:
         print("\nDry run: nothing changed. Rerun with --yes to remove them.")
         return
     print(f"\nRemoved {len(result.removed)} item(s), freed {human_bytes(result.freed_bytes)}.")
     for key in result.restored:
-        print(f"  restored {key}")
+        print(printable(f"  restored {key}"))
     for item, why in result.kept:
-        print(f"  kept {item.key}: {why}")
+        print(printable(f"  kept {item.key}: {why}"))
     for item, error in result.failed:
-        print(f"  FAILED {item.key}: {error}")
+        print(printable(f"  FAILED {item.key}: {error}"))
     if any(item.kind is GarbageKind.ORPHANED_REFERENCE for item in result.removed):
         print("Removed references are kept 24 h under .deltaglider/tmp/gc/ in case one is needed.")

@@ -40,6 +40,7 @@ from dgfs.migrate import (
     run_migration,
 )
 from dgfs.normalize import NormalizeReport, normalize
+from dgfs.printable import printable
 from dgfs.progress import Progress, human_bytes
 from dgfs.runtime import S3Location, Settings, open_core, open_store
 from dgfs.shard import Shard, label, suffix
@@ -242,7 +243,7 @@ def _main_normalize(
         )
         if args.dry_run:
             for key in report.rewritten[:50]:
-                _say(args, f"    {key}")
+                _say(args, printable(f"    {key}"))
         if report.changed_meanwhile:
             _say(
                 args,
@@ -254,7 +255,7 @@ def _main_normalize(
                 f"  hidden by a newer form of the same file (left alone): {len(report.shadowed):,}",
             )
         for key, why in sorted(report.failed.items()):
-            print(f"  FAILED {key}: {why}", file=sys.stderr)
+            print(printable(f"  FAILED {key}: {why}"), file=sys.stderr)
     return EXIT_FAILURE if report.failed else EXIT_OK
 
 
@@ -359,7 +360,9 @@ def show_plan(plan: MigrationPlan, args: argparse.Namespace) -> None:
         _say(args, "\nDry run, nothing written. Would copy:")
         shown = plan.to_copy if len(plan.to_copy) <= 50 else plan.to_copy[:50]
         for file in shown:
-            _say(args, f"  {file.rel_key}  ({human_bytes(file.size)}) -> {file.dest_key}")
+            _say(
+                args, printable(f"  {file.rel_key}  ({human_bytes(file.size)}) -> {file.dest_key}")
+            )
         if len(shown) < len(plan.to_copy):
             _say(args, f"  ... and {len(plan.to_copy) - len(shown)} more")
 
@@ -444,7 +447,7 @@ def _print_failed(report: MigrationReport) -> None:
     if report.failed:
         print("\nFailed files (rerun to retry them):")
         for key, reason in report.failed:
-            print(f"  {key}: {reason}")
+            print(printable(f"  {key}: {reason}"))
 
 
 # --- in-place conversion ------------------------------------------------------------
@@ -541,17 +544,22 @@ def show_conversion_plan(plan: ConversionPlan, args: argparse.Namespace) -> None
         _say(args, "\nDry run, nothing written. Would convert:")
         shown = plan.to_convert[:50]
         for file in shown:
-            _say(args, f"  {file.rel_key}  ({human_bytes(file.size)})  {old} -> {new}")
+            _say(args, printable(f"  {file.rel_key}  ({human_bytes(file.size)})  {old} -> {new}"))
         if len(shown) < len(plan.to_convert):
             _say(args, f"  ... and {len(plan.to_convert) - len(shown)} more")
         for file in plan.to_rewrite[:50]:
-            _say(args, f"  {file.rel_key}  ({human_bytes(file.size)})  {REWRITE_NOTE}")
+            _say(args, printable(f"  {file.rel_key}  ({human_bytes(file.size)})  {REWRITE_NOTE}"))
         if len(plan.to_rewrite) > 50:
             _say(args, f"  ... and {len(plan.to_rewrite) - 50} more to rewrite")
         for key in plan.stale:
-            _say(args, f"  {key}  (stale, delete)")
+            _say(args, printable(f"  {key}  (stale, delete)"))
         for ref in plan.old_references:
-            _say(args, f"  {ref.key}  ({human_bytes(ref.size)})  remove if no {old} delta is left")
+            _say(
+                args,
+                printable(
+                    f"  {ref.key}  ({human_bytes(ref.size)})  remove if no {old} delta is left"
+                ),
+            )
 
 
 async def _confirm_conversion(plan: ConversionPlan) -> None:
@@ -625,14 +633,14 @@ def print_conversion_summary(report: ConversionReport) -> None:
     if report.references_removed:
         print("Removed references are kept 24 h under .deltaglider/tmp/gc/ in case one is needed.")
     for key, why in report.references_kept:
-        print(f"  kept {key}: {why}")
+        print(printable(f"  kept {key}: {why}"))
     for key, error in report.references_failed:
-        print(f"  FAILED to remove {key}: {error}")
+        print(printable(f"  FAILED to remove {key}: {error}"))
     if report.unused_references:
         print(
             f"{len(report.unused_references):,} {fmt.REFERENCE_NAME} left that no delta needs "
             "any more (`dgfs gc --yes` removes them):"
         )
         for key in report.unused_references:
-            print(f"  {key}")
+            print(printable(f"  {key}"))
     _print_failed(report)

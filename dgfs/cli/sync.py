@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dgfs.errors import ConfigError
 from dgfs.fs.xattrs import PREFIX
+from dgfs.printable import printable
 
 KIND = PREFIX + "kind"
 
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             except OSError as exc:
                 failures.append((file, exc))
     for file, error in failures:
-        print(f"FAILED  {file}: {error.strerror or error}", file=sys.stderr)
+        print(printable(f"FAILED  {file}: {error.strerror or error}"), file=sys.stderr)
     if not args.quiet:
         print(f"{synced} file(s) were pending and are now in S3; {len(failures)} failed")
     return EXIT_FAILED if failures else EXIT_OK

@@ -12,6 +12,7 @@ from dgfs.cli import options
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
 from dgfs.cli.runner import run
 from dgfs.errors import ConfigError, NotFound, UserError
+from dgfs.printable import printable
 from dgfs.progress import Progress, human_bytes
 from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.shard import Shard, suffix
@@ -103,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
         json.dump(result.to_json(), sys.stdout, indent=2)
         print()
     else:
-        print(_result_line(location.bucket, result))
+        print(printable(_result_line(location.bucket, result)))
     return EXIT_FAILURE if result.status is Status.FAILED else EXIT_OK
 
 
@@ -167,11 +168,11 @@ def print_report(report: VerifyReport) -> None:
     ok, failed = report.count(Status.OK), report.count(Status.FAILED)
     skipped = report.count(Status.SKIPPED)
     where += suffix(report.shard)
-    print(f"Verified {where}: {len(report.results)} objects in {report.elapsed:.1f} s")
+    print(printable(f"Verified {where}: {len(report.results)} objects in {report.elapsed:.1f} s"))
     print(f"  ok:      {ok}  ({human_bytes(report.verified_bytes)} checked)")
     print(f"  failed:  {failed}")
     print(f"  skipped: {skipped}  (foreign objects have no recorded SHA-256)")
     if report.failures:
         print("\nFailures:")
         for result in report.failures:
-            print("  " + _result_line(report.bucket, result))
+            print("  " + printable(_result_line(report.bucket, result)))
