@@ -1,7 +1,7 @@
 """deltaglider_proxy interop, in process: dgfs reads what the proxy writes, and
 writes what the proxy reads (docs/FORMAT.md, "deltaglider_proxy").
 
-Proxy objects come from ``tests/proxyobjects.py`` (its metadata map and
+Proxy objects come from ``testsupport/proxyobjects.py`` (its metadata map and
 xdelta3 argv, ported from its source); dgfs's objects are checked with the
 proxy's own parse rules ported there (``proxy_parse``).
 """
@@ -41,7 +41,7 @@ from dgfs.stats import compute_stats
 from dgfs.store.memory import MemoryStore
 from dgfs.verify import Status, verify_all
 from tests.coreharness import make_core
-from tests.proxyobjects import (
+from testsupport.proxyobjects import (
     ProxyEncryption,
     ProxyWriter,
     StoredObject,

@@ -1,6 +1,6 @@
 """Real mounts of a bucket written the way deltaglider_proxy writes it.
 
-The objects come from ``tests/proxyobjects.py`` (the proxy's metadata map,
+The objects come from ``testsupport/proxyobjects.py`` (the proxy's metadata map,
 its xdelta3 argv and its encryption framing, ported from its source):
 
 - every file is listed under its real name and size and reads back exactly;
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.mountutil import Mounts, S3View, dg_download, sha256_bytes, sha256_file
-from tests.proxyobjects import ProxyEncryption, ProxyWriter, proxy_parse
+from testsupport.proxyobjects import ProxyEncryption, ProxyWriter, proxy_parse
 from testsupport.releases import ReleaseSeries
 
 pytestmark = [pytest.mark.mount, pytest.mark.interop]

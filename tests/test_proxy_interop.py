@@ -3,7 +3,7 @@
 
 The CLI cannot read what the proxy writes (no ``dg-ref-key``, no
 ``dg-compression``); after ``--normalize`` it reads every file, and so do
-dgfs and the proxy's own parse rules (``tests/proxyobjects.py``).
+dgfs and the proxy's own parse rules (``testsupport/proxyobjects.py``).
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from dgfs.store.base import ObjectHead, ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
 from tests.coreharness import make_core
-from tests.proxyobjects import (
+from testsupport.dgcli import run_deltaglider
+from testsupport.proxyobjects import (
     ProxyEncryption,
     ProxyWriter,
     StoredObject,
     proxy_client_view,
     proxy_parse,
 )
-from testsupport.dgcli import run_deltaglider
 from testsupport.releases import ReleaseSeries
 from testsupport.servers import REGION
 

@@ -52,9 +52,9 @@ from tests.fsharness import (
     read_fresh,
     write_file,
 )
-from tests.proxyobjects import ProxyWriter, proxy_client_view
 from tests.test_hostile import readdir
 from tests.test_namespace import CountingStore, delta_meta, fill, namespace
+from testsupport.proxyobjects import ProxyWriter, proxy_client_view
 from testsupport.releases import ReleaseSeries
 from testsupport.servers import REGION, make_bucket
 

@@ -708,7 +708,7 @@ def run_proxycrypt(data: bytes) -> None:
 
 
 def proxycrypt_seeds() -> list[bytes]:
-    from tests.proxyobjects import encrypt_chunked, encrypt_single
+    from testsupport.proxyobjects import encrypt_chunked, encrypt_single
 
     key = _PROXY_KEY.key
     seeds = []
