@@ -41,9 +41,9 @@ from pathlib import Path
 
 import trio
 
+from dgfs import deep
 from dgfs import format as fmt
 from dgfs.cache import CacheEntryReader, ContentCache
-from dgfs.deep import expand
 from dgfs.delta import DeltaEngine
 from dgfs.format import DeltaMode, StoredFile
 from dgfs.forms import Forms
@@ -79,12 +79,12 @@ class Core:
         plain_reference_slots: int = 4,
         deltas: DeltaMode = DeltaMode.DG,
         telemetry: Telemetry | None = None,
-        limits: expand.ExpansionLimits | None = None,
+        limits: deep.ExpansionLimits | None = None,
         proxy_key: ProxyKey | None = None,
     ) -> None:
         self.store = store
         # Bounds on expanding files and on rebuilding objects (docs/SECURITY.md).
-        self.limits = limits or expand.ExpansionLimits()
+        self.limits = limits or deep.ExpansionLimits()
         self.telemetry = telemetry or Telemetry()
         self.cache = cache
         self.engine = engine

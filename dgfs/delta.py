@@ -304,7 +304,7 @@ class DeltaEngine:
         exactly as the encoder did and writes the target *as the encoder saw
         it*, decompressed (e.g. the ``.tar`` of a ``.tar.gz``), to ``out``:
         those bytes are exact, unlike the recompressed ones :meth:`decode`
-        gives (see :mod:`dgfs.deep.dgzip` for getting the original back).
+        gives (see :mod:`dgfs.dgzip` for getting the original back).
 
         Returns the target's compression mark (``"G"`` for gzip, ``"B"``
         bzip2, ``"X"`` xz). Raises :class:`DeltaEngineError` if the delta

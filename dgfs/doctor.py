@@ -36,8 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dgfs import children
-from dgfs.deep import gnuzip
+from dgfs import children, deep
 from dgfs.delta import DeltaEngine
 from dgfs.errors import AccessDenied, DgfsError, NoSuchBucket, UserError
 from dgfs.format import (
@@ -187,14 +186,14 @@ def check_xdelta3(binary: str = "xdelta3") -> Check:
 
 
 def check_zgz() -> Check:
-    path = gnuzip.zgz_path()
+    path = deep.zgz_path()
     if path is None:
         return Check(
             "zgz",
             Status.WARN,
             "not found: deep directories store gzip members made by GNU gzip unexpanded,"
             " and cannot rebuild such files another dgfs stored (EIO)",
-            gnuzip.INSTALL_HINT,
+            deep.ZGZ_INSTALL_HINT,
         )
     return Check("zgz", Status.OK, path)
 

@@ -119,7 +119,7 @@ class LimitExceeded(DgfsError):
 
 
 class ExpansionLimit(LimitExceeded):
-    """Expanding a file for a deep delta passed a limit (``dgfs.deep.expand``).
+    """Expanding a file for a deep delta passed a limit (``dgfs.deep``).
 
     Never an error for the writer: the file is stored without expansion."""
 

@@ -19,9 +19,9 @@ from typing import TypeVar
 
 import trio
 
+from dgfs import deep, dgzip
 from dgfs import format as fmt
 from dgfs.cache import CacheEntryReader, ContentCache
-from dgfs.deep import dgzip, expand, objects
 from dgfs.delta import HEADER_PROBE, DeltaEngine, is_stock_gzip_delta
 from dgfs.errors import (
     CacheCorrupt,
@@ -93,7 +93,7 @@ class Rebuilder:
         references: ReferencePool,
         cache: ContentCache,
         engine: DeltaEngine,
-        limits: expand.ExpansionLimits,
+        limits: deep.ExpansionLimits,
         telemetry: Telemetry,
     ) -> None:
         self._bench = bench
@@ -191,7 +191,7 @@ class Rebuilder:
         Its xdelta3 diffed the decompressed streams and recompresses on
         decode with other settings, so DeltaGlider itself cannot give the
         file back; the decompressed content is exact, and the gzip settings
-        that made the original are searched for (:mod:`dgfs.deep.dgzip`).
+        that made the original are searched for (:mod:`dgfs.dgzip`).
         A search that failed is not repeated in this process.
         """
         sha256 = stored.file_sha256
@@ -232,7 +232,7 @@ class Rebuilder:
         ):
             await self._bench.download(stored.stored_key, body)
             try:
-                await self._bench.cpu(objects.unwrap_delta, body, vcdiff)
+                await self._bench.cpu(deep.unwrap_delta, body, vcdiff)
             except FormatError as exc:
                 raise IntegrityError(f"{stored.stored_key}: {exc}") from None
             async with self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
@@ -246,7 +246,7 @@ class Rebuilder:
             try:
                 await self._bench.cpu(
                     functools.partial(
-                        expand.rebuild_file,
+                        deep.rebuild_file,
                         max_size=stored.original_size,
                         seconds=self._limits.seconds,
                     ),

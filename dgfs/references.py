@@ -15,9 +15,9 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from dgfs import deep
 from dgfs import format as fmt
 from dgfs.cache import ContentCache
-from dgfs.deep import expand, objects
 from dgfs.errors import CacheCorrupt, DgfsError, IntegrityError, MissingReference, NotFound
 from dgfs.flight import SingleFlight
 from dgfs.workbench import Workbench
@@ -30,7 +30,7 @@ class ReferencePool:
         self,
         bench: Workbench,
         cache: ContentCache,
-        limits: expand.ExpansionLimits,
+        limits: deep.ExpansionLimits,
         *,
         slots: int = 4,
     ) -> None:
@@ -66,8 +66,8 @@ class ReferencePool:
             except NotFound:
                 raise MissingReference(f"{key} is missing") from None
             if deep_reference:
-                cap = objects.reference_cap(head.metadata, head.size, self._limits)
-                await self._bench.cpu(objects.decompress_reference, tmp, plain, cap)
+                cap = deep.reference_cap(head.metadata, head.size, self._limits)
+                await self._bench.cpu(deep.decompress_reference, tmp, plain, cap)
                 tmp, plain = plain, tmp
             try:
                 await self._bench.cpu(self._cache.add_file, sha256, tmp)

@@ -25,7 +25,7 @@ from dgfs import environment
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.crypto import load_cache_key
-from dgfs.deep.expand import ExpansionLimits
+from dgfs.deep import ExpansionLimits
 from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError
 from dgfs.format import DeltaMode

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import trio
 
+from dgfs import deep
 from dgfs import format as fmt
 from dgfs.core import Core
-from dgfs.deep import objects
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind, StoredFile
@@ -179,9 +179,9 @@ class Verifier:
         plain = self.core.scratch_path(".dgx")
         try:
             head = await self.core.download(ref_key, stored)
-            cap = objects.reference_cap(head.metadata, head.size, self.core.limits)
+            cap = deep.reference_cap(head.metadata, head.size, self.core.limits)
             await trio.to_thread.run_sync(
-                objects.decompress_reference, stored, plain, cap, limiter=self.core.cpu_limiter
+                deep.decompress_reference, stored, plain, cap, limiter=self.core.cpu_limiter
             )
             digest = await self.core.digest(plain)
         finally:

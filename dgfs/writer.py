@@ -20,10 +20,9 @@ from pathlib import Path
 
 import trio
 
+from dgfs import deep
 from dgfs import format as fmt
 from dgfs.cache import ContentCache
-from dgfs.deep import expand, objects
-from dgfs.deep.deflate import zlib_is_reference
 from dgfs.delta import DeltaEngine
 from dgfs.errors import (
     ExpansionLimit,
@@ -133,7 +132,7 @@ class FileWriter:
         cache: ContentCache,
         engine: DeltaEngine,
         policy: Policy,
-        limits: expand.ExpansionLimits,
+        limits: deep.ExpansionLimits,
         *,
         deltas: DeltaMode = DeltaMode.DG,
         conditional_create: bool = True,
@@ -381,7 +380,7 @@ class FileWriter:
             )
             if ref_sha256 is None:
                 return await self._put_direct(job)
-            delta_size = await self._bench.cpu_int(objects.wrap_delta, vcdiff, body)
+            delta_size = await self._bench.cpu_int(deep.wrap_delta, vcdiff, body)
             if not zero_diff and not self._pays(key, "deep delta", delta_size, digest.size):
                 return await self._put_direct(job)
             expanded_size = expanded.stat().st_size
@@ -408,7 +407,7 @@ class FileWriter:
         the reference work and xdelta3 (they use the other core), and is
         awaited before anything is uploaded as ``key``. It compresses
         nothing again: the expansion compared every stream's recompression
-        with the original, and ``expand.prove_form`` checks the rest of the
+        with the original, and ``deep.prove_form`` checks the rest of the
         form against ``src`` (readers still check the SHA-256 of every rebuild).
         """
         prefix, name = fmt.split_key(key)
@@ -417,7 +416,7 @@ class FileWriter:
         proof: list[bool] = []
 
         async def prove() -> None:
-            proved = await self._bench.cpu(expand.prove_form, expanded, src, proven, leaves)
+            proved = await self._bench.cpu(deep.prove_form, expanded, src, proven, leaves)
             proof.append(proved is True)
 
         async with trio.open_nursery() as nursery:
@@ -434,7 +433,7 @@ class FileWriter:
             return ref_sha256, created, created
         # Never expected: the expansion checked every stream it inflated.
         log.error("%s: expanded form does not rebuild exactly; not expanding it", key)
-        await self._bench.cpu(expand.plain_form, src, expanded)
+        await self._bench.cpu(deep.plain_form, src, expanded)
         async with self._references.plain_copy(ref_key, ref_sha256) as plain_ref:
             await self._engine.encode(plain_ref, expanded, vcdiff)
         return ref_sha256, created, False
@@ -456,8 +455,8 @@ class FileWriter:
             with contextlib.suppress(NotFound):
                 return _existing_reference(ref_key, await self._store.head(ref_key))
             async with self._bench.scratch(".zst") as packed:
-                body = await self._bench.cpu(objects.compress_reference, expanded, packed)
-                assert isinstance(body, objects.PackedReference)
+                body = await self._bench.cpu(deep.compress_reference, expanded, packed)
+                assert isinstance(body, deep.PackedReference)
                 expanded_digest = FileDigest(body.expanded_sha256, body.expanded_size, b"")
                 meta = fmt.deep_reference_metadata(
                     name, body.expanded_sha256, body.expanded_size, self._now()
@@ -483,30 +482,28 @@ class FileWriter:
 
     async def _expand(
         self, src: Path, out: Path, key: str
-    ) -> tuple[
-        set[tuple[bytes, expand.Recipe]], dict[tuple[bytes, expand.Recipe], tuple[bytes, int]]
-    ]:
+    ) -> tuple[set[tuple[bytes, deep.Recipe]], dict[tuple[bytes, deep.Recipe], tuple[bytes, int]]]:
         """Write the expanded form of ``src`` to ``out``; returns what its search
-        proved (``ExpandStats.proven`` and ``leaves``, for ``expand.prove_form``).
+        proved (``ExpandStats.proven`` and ``leaves``, for ``deep.prove_form``).
 
         With a zlib that does not deflate like reference zlib, its
         recompressions could not be trusted on other machines: the file
         then gets the form that expands nothing.
         """
-        if not zlib_is_reference():
+        if not deep.zlib_is_reference():
             log.warning("this zlib does not deflate like reference zlib; %s is not expanded", key)
-            await self._bench.cpu(expand.plain_form, src, out)
+            await self._bench.cpu(deep.plain_form, src, out)
             return set(), {}
         expand_one = functools.partial(
-            expand.expand_file, scratch_dir=self._bench.scratch_dir, limits=self._limits
+            deep.expand_file, scratch_dir=self._bench.scratch_dir, limits=self._limits
         )
         try:
             stats = await self._bench.cpu(expand_one, src, out)
         except ExpansionLimit as exc:  # a bomb, or beyond what this mount expands
             log.warning("%s: %s; stored without expanding it", key, exc)
-            await self._bench.cpu(expand.plain_form, src, out)
+            await self._bench.cpu(deep.plain_form, src, out)
             return set(), {}
-        assert isinstance(stats, expand.ExpandStats)
+        assert isinstance(stats, deep.ExpandStats)
         log.debug(
             "%s: %d streams inflated (%d by GNU gzip), %d kept; %d -> %d bytes",
             key,

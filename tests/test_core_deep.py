@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+import dgfs.deep
 from dgfs import format as fmt
 from dgfs.core import Core
 from dgfs.errors import IntegrityError
@@ -156,11 +157,10 @@ async def test_expansion_that_fails_its_proof_is_stored_unexpanded(
     deep: Core, memory_store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """rebuild(expand(x)) != x must never reach the bucket (here: a faked proof failure)."""
-    from dgfs.deep import expand
 
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     await deep.put(paths[0], f"app/{paths[0].name}")
-    monkeypatch.setattr(expand, "prove_form", lambda *_: False)
+    monkeypatch.setattr(dgfs.deep, "prove_form", lambda *_: False)
     result = await deep.put(paths[1], f"app/{paths[1].name}")
     monkeypatch.undo()
     # Unexpanded: the delta of a gzip stream against an expanded tar is large.
@@ -206,7 +206,7 @@ async def test_a_wrong_expanded_form_is_caught_without_a_second_deflate(
         deflated_again.append(expanded)
         return real_rebuild_digest(expanded, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(expand, "expand_file", spoiled)
+    monkeypatch.setattr(dgfs.deep, "expand_file", spoiled)
     monkeypatch.setattr(expand, "rebuild_digest", counted)
     result = await deep.put(paths[1], f"app/{paths[1].name}")
     monkeypatch.undo()
@@ -241,7 +241,7 @@ async def test_first_files_of_a_directory_stored_at_once_make_one_reference(
         time.sleep(0.3)  # every put reaches the reference before the first one made it
         return real_compress(expanded, out)
 
-    monkeypatch.setattr(objects, "compress_reference", slow_compress)
+    monkeypatch.setattr(dgfs.deep, "compress_reference", slow_compress)
     paths = [write_sdist(tmp_path, v) for v in range(1, 4)]
     created: list[bool] = []
 
@@ -268,9 +268,7 @@ async def test_first_files_of_a_directory_stored_at_once_make_one_reference(
 async def test_foreign_zlib_makes_unexpanded_deep_objects(
     deep: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dgfs.writer
-
-    monkeypatch.setattr(dgfs.writer, "zlib_is_reference", lambda: False)
+    monkeypatch.setattr(dgfs.deep, "zlib_is_reference", lambda: False)
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     results = [await deep.put(p, f"app/{p.name}") for p in paths]
     assert (

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from dgfs.deep import dgzip
-from dgfs.deep.dgzip import gzip_header, read_gzip_header, recover_gzip
+from dgfs import dgzip
 from dgfs.delta import DeltaEngine, external_compression
+from dgfs.dgzip import gzip_header, read_gzip_header, recover_gzip
 from dgfs.errors import DeltaEngineError
 from testsupport.dgcli import run_deltaglider
 from testsupport.servers import s3_client

@@ -17,7 +17,7 @@ also replays every input kept in ``tests/fuzz_corpus/<target>/``.
   ``EntryAttributes`` the kernel gets, and to its client metadata
   (``proxymeta.client_metadata``, the ``user.s3.*`` attributes).
 - ``dgzip``: the search for the gzip bytes the stock DeltaGlider CLI lost
-  (``dgfs.deep.dgzip.recover_gzip``): the reference's gzip header, the tar
+  (``dgfs.dgzip.recover_gzip``): the reference's gzip header, the tar
   inside, the recorded name, size and SHA-256.
 - ``proxycrypt``: bodies deltaglider_proxy encrypted at rest
   (``dgfs.proxycrypt.decrypt_file``: ``aes-256-gcm-v1`` and chunked
@@ -55,9 +55,9 @@ from typing import Any, cast
 import pyfuse3
 import zstandard
 
-from dgfs import control, metrics, posixmeta, proxycrypt, proxymeta
+from dgfs import control, dgzip, metrics, posixmeta, proxycrypt, proxymeta
 from dgfs import format as fmt
-from dgfs.deep import dgzip, expand, gnuzip, objects
+from dgfs.deep import expand, gnuzip, objects
 from dgfs.deep.deflate import DeflateParams
 from dgfs.errors import DecodeLimit, DgfsError, ExpansionLimit, FormatError
 from dgfs.fs import dirindex, xattrs
@@ -735,9 +735,9 @@ TARGETS: dict[str, Target] = {
             DGZIP_DICTIONARY,
             4096,
             (
-                "dgfs.deep.dgzip._mtime_candidates",
-                "dgfs.deep.dgzip._header_candidates",
-                "dgfs.deep.dgzip._find_header",
+                "dgfs.dgzip._mtime_candidates",
+                "dgfs.dgzip._header_candidates",
+                "dgfs.dgzip._find_header",
             ),
         ),
         Target("control", run_control, control_seeds, CONTROL_DICTIONARY, 4096),

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dgfs.deep.expand import ExpansionLimits
+from dgfs.deep import ExpansionLimits
 from dgfs.errors import ConfigError, FormatError
 from dgfs.format import DeltaMode
 from dgfs.policy import Policy

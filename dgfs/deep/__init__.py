@@ -1,0 +1,58 @@
+"""Deep deltas: archives diffed by what they hold (docs/FORMAT.md, "deep").
+
+A zip, gzip or tar.gz is turned into its expanded form (every deflate
+stream inflated, with the recipe that compresses it back bit for bit),
+the expanded forms are diffed with xdelta3, and a read compresses the
+expanded form back and checks the file's SHA-256. What the rest of dgfs
+uses of deep mode is named here; the modules under it are its parts
+(tests reach into them, the rest of dgfs does not):
+
+- ``expand``: expand, prove, rebuild (under ``ExpansionLimits``);
+- ``objects``: what S3 holds (the zstd reference, the wrapped delta);
+- ``deflate``, ``gnuzip``: the compressors replayed (zlib, GNU gzip's zgz).
+"""
+
+from dgfs.deep.deflate import CANDIDATES, DeflateParams, zlib_is_reference
+from dgfs.deep.expand import (
+    ExpandStats,
+    ExpansionLimits,
+    Recipe,
+    expand_file,
+    plain_form,
+    prove_form,
+    rebuild_file,
+)
+from dgfs.deep.gnuzip import INSTALL_HINT as ZGZ_INSTALL_HINT
+from dgfs.deep.gnuzip import LEVELS as GNU_LEVELS
+from dgfs.deep.gnuzip import gnu_deflate, zgz_path
+from dgfs.deep.objects import (
+    PackedReference,
+    compress_reference,
+    decompress_reference,
+    reference_cap,
+    unwrap_delta,
+    wrap_delta,
+)
+
+__all__ = [
+    "CANDIDATES",
+    "ZGZ_INSTALL_HINT",
+    "GNU_LEVELS",
+    "DeflateParams",
+    "ExpandStats",
+    "ExpansionLimits",
+    "PackedReference",
+    "Recipe",
+    "compress_reference",
+    "decompress_reference",
+    "expand_file",
+    "gnu_deflate",
+    "plain_form",
+    "prove_form",
+    "rebuild_file",
+    "reference_cap",
+    "unwrap_delta",
+    "wrap_delta",
+    "zgz_path",
+    "zlib_is_reference",
+]

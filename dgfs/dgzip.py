@@ -11,8 +11,8 @@ The recorded SHA-256 and size are enough to find the original again when
 its compressor can be replayed. :meth:`dgfs.delta.DeltaEngine.decode_decompressed`
 gives the decompressed target; :func:`recover_gzip` then searches
 
-- the deflate body: zlib settings (:data:`dgfs.deep.deflate.CANDIDATES`)
-  and GNU gzip levels (through ``zgz``, :mod:`dgfs.deep.gnuzip`), those
+- the deflate body: zlib settings (:data:`dgfs.deep.CANDIDATES`)
+  and GNU gzip levels (through ``zgz``, :func:`dgfs.deep.gnu_deflate`), those
   that reproduce the start of the reference's own stream first. Each is
   computed once; its length alone must fit the recorded size
   (``header + body + 8 == expected_size``), which rules out nearly all of
@@ -55,8 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from dgfs.deep import gnuzip
-from dgfs.deep.deflate import CANDIDATES, DeflateParams
+from dgfs.deep import CANDIDATES, GNU_LEVELS, DeflateParams, gnu_deflate, zgz_path
 from dgfs.errors import DeltaEngineError
 
 log = logging.getLogger(__name__)
@@ -170,7 +169,7 @@ class _Body:
     def chunks(self, plain: Path) -> Generator[bytes, None, None]:
         """The raw deflate body of the file ``plain``; DeltaEngineError if zgz fails."""
         if self.gnu_level is not None:
-            yield from gnuzip.gnu_deflate(self.gnu_level, plain)
+            yield from gnu_deflate(self.gnu_level, plain)
             return
         assert self.params is not None
         compressor = self.params.compressor()
@@ -209,8 +208,8 @@ def _body_plans(
         plans += _XFL_BODIES.get(ref_header.xfl, ())
     plans.append(_Body(DeflateParams(9)))
     plans += [_Body(p) for p in CANDIDATES]
-    plans += [_Body(gnu_level=level) for level in gnuzip.LEVELS]
-    have_gnu = gnuzip.zgz_path() is not None
+    plans += [_Body(gnu_level=level) for level in GNU_LEVELS]
+    have_gnu = zgz_path() is not None
     return [
         body
         for body in dict.fromkeys(plans)  # ordered, without repeats
@@ -242,7 +241,7 @@ def _reference_writers(reference: Path, header: GzipHeader, scratch_dir: Path) -
         if not live:
             break
     found = [_Body(params) for params, (_, matched) in live.items() if matched >= _PROBE_EVIDENCE]
-    if found or gnuzip.zgz_path() is None:
+    if found or zgz_path() is None:
         return found
     # GNU gzip's output for a prefix ends in a flushed block: compare what comes before.
     with tempfile.NamedTemporaryFile(prefix="dgzip-probe-", dir=scratch_dir) as probe:
