@@ -20,6 +20,7 @@ from dgfs import format as fmt
 from dgfs.cache import ContentCache
 from dgfs.errors import CacheCorrupt, DgfsError, IntegrityError, MissingReference, NotFound
 from dgfs.flight import SingleFlight
+from dgfs.format import DeltaMode
 from dgfs.workbench import Workbench
 
 
@@ -59,7 +60,7 @@ class ReferencePool:
         needs a plain copy (xdelta3 does) saves decrypting it back out of
         the cache, a whole write and hash of a file that may be GiBs.
         """
-        deep_reference = fmt.split_key(key)[1] == fmt.DEEP_REFERENCE_NAME
+        deep_reference = fmt.reference_mode(key) is DeltaMode.DEEP
         async with self._bench.scratch() as tmp, self._bench.scratch() as plain:
             try:
                 head = await self._bench.download(key, tmp)

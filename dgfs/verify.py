@@ -41,7 +41,7 @@ from dgfs import format as fmt
 from dgfs.core import Core
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.flight import SingleFlight
-from dgfs.format import Kind, StoredFile
+from dgfs.format import DeltaMode, Kind, StoredFile
 from dgfs.fs import xattrs
 from dgfs.shard import Shard, label, owned
 
@@ -190,7 +190,7 @@ class Verifier:
         return digest.sha256, digest.size
 
     async def _check_reference(self, ref_key: str) -> _ReferenceState:
-        deep = fmt.split_key(ref_key)[1] == fmt.DEEP_REFERENCE_NAME
+        deep = fmt.reference_mode(ref_key) is DeltaMode.DEEP
         try:
             head = await self.core.store.head(ref_key)
             recorded = fmt.meta_value(head.metadata, "file_sha256")
