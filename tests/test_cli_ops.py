@@ -14,7 +14,7 @@ import trio
 
 from dgfs.cli.main import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from dgfs.cli.main import main as dgfs_main
-from dgfs.cli.runner import run
+from dgfs.cli.runner import run_trio
 from dgfs.errors import AccessDenied, NoSuchBucket
 from dgfs.progress import Progress, human_bytes, human_duration
 from dgfs.runtime import S3Location, Settings, open_core
@@ -203,11 +203,11 @@ def test_runner_unwraps_exception_groups() -> None:
             nursery.start_soon(boom)
 
     with pytest.raises(NoSuchBucket):
-        run(fails, NoSuchBucket("gone"))
+        run_trio(fails, NoSuchBucket("gone"))
     with pytest.raises(AccessDenied):
-        run(fails, AccessDenied("no"))
+        run_trio(fails, AccessDenied("no"))
     with pytest.raises(ExceptionGroup):
-        run(fails, ValueError("a bug stays a bug"))
+        run_trio(fails, ValueError("a bug stays a bug"))
 
 
 def test_progress_is_silent_off_a_terminal_and_draws_on_one() -> None:

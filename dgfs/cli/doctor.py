@@ -19,7 +19,7 @@ from dgfs.doctor import Check, Status
 from dgfs.errors import DgfsError
 from dgfs.runtime import S3Location, open_store
 
-EXAMPLES = """
+EPILOG = """
 examples:
   dgfs doctor                  # this machine: FUSE, xdelta3, zgz, cache, credentials
   dgfs doctor releases -o endpoint=http://127.0.0.1:8333,allow_other
@@ -34,15 +34,14 @@ writes one probe object under .deltaglider/tmp/ and deletes it (not with ro).
 _NO_BUCKET = "dgfs-doctor-no-bucket"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser(
-        "doctor",
-        help="check what a mount needs (FUSE, xdelta3, cache, credentials, endpoint, bucket)",
-        description="Check this machine, the S3 endpoint and (with BUCKET) the bucket for what "
-        "`dgfs mount BUCKET ... -o OPTIONS` needs; one line per check, with its fix.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "check what a mount needs (FUSE, xdelta3, cache, credentials, endpoint, bucket)"
+DESCRIPTION = (
+    "Check this machine, the S3 endpoint and (with BUCKET) the bucket for what "
+    "`dgfs mount BUCKET ... -o OPTIONS` needs; one line per check, with its fix."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
         nargs="?",
@@ -58,7 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="the mount's options (see dgfs mount --help)",
     )
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
-    parser.set_defaults(func=run)
 
 
 def local_checks(config: object) -> list[Check]:

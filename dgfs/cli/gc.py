@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from dgfs.cli import options
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
-from dgfs.cli.runner import run
+from dgfs.cli.runner import run_trio
 from dgfs.errors import ConfigError
 from dgfs.gc import (
     DEFAULT_SETTLE_SECONDS,
@@ -57,14 +57,11 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "gc",
-        help="remove orphaned references, expired temp objects, stale uploads",
-        description="Find (and with --yes remove) what no file needs any more.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "remove orphaned references, expired temp objects, stale uploads"
+DESCRIPTION = "Find (and with --yes remove) what no file needs any more."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("location", metavar="BUCKET|s3://BUCKET[/PREFIX]")
     parser.add_argument("--yes", "-y", action="store_true", help="really remove (default: dry run)")
     parser.add_argument("--tmp-max-age", default="24h", help="age of a temp object without expiry")
@@ -77,17 +74,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     options.add_flags(parser, options.S3_GROUP)
-    parser.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     location = S3Location.parse(args.location)
     tmp_max_age = parse_duration(args.tmp_max_age)
     multipart_max_age = parse_duration(args.multipart_max_age)
     if args.settle < 0:
         raise ConfigError("--settle must be >= 0")
     settings = options.settings_from_args(args)
-    garbage, result = run(_gc, location, settings, args, tmp_max_age, multipart_max_age)
+    garbage, result = run_trio(_gc, location, settings, args, tmp_max_age, multipart_max_age)
     if args.json:
         json.dump(_json(location, garbage, result), sys.stdout, indent=2)
         print()

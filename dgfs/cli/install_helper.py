@@ -33,15 +33,15 @@ def helper_script(python: str, installer: str = "`dgfs install-helper`") -> str:
     return SCRIPT.format(python=shlex.quote(python), installer=installer)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser(
-        "install-helper",
-        help="install /sbin/mount.dgfs so `mount -t dgfs` and fstab work",
-        description="Write a mount.dgfs helper that runs this dgfs installation.",
-        epilog="example:\n  sudo dgfs install-helper\n  sudo mount -t dgfs releases /mnt/releases "
-        "-o endpoint=http://127.0.0.1:8333",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "install /sbin/mount.dgfs so `mount -t dgfs` and fstab work"
+DESCRIPTION = "Write a mount.dgfs helper that runs this dgfs installation."
+EPILOG = (
+    "example:\n  sudo dgfs install-helper\n  sudo mount -t dgfs releases /mnt/releases "
+    "-o endpoint=http://127.0.0.1:8333"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--path",
         type=Path,
@@ -49,7 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="where to write the helper (default /sbin/mount.dgfs)",
     )
     parser.add_argument("--uninstall", action="store_true", help="remove the helper")
-    parser.set_defaults(func=run)
 
 
 def replaceable_by_others(path: Path) -> str | None:

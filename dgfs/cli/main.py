@@ -1,8 +1,9 @@
 """The ``dgfs`` command: one sub-command per module in ``dgfs.cli``.
 
-Each sub-command module provides ``register(subparsers)``, which adds its
-parser and sets ``func`` to a callable taking the parsed arguments and
-returning an exit code. A ``UserError`` ends the program with a one-line
+Each sub-command module provides ``HELP``, ``DESCRIPTION`` and (if it has
+examples) ``EPILOG``, ``add_arguments(parser)``, and ``run(args)``, which
+returns the exit code; ``build_parser`` makes every sub-command's parser
+from them the same way. A ``UserError`` ends the program with a one-line
 message (exit 2), never a traceback.
 """
 
@@ -48,6 +49,16 @@ def setup_logging(level: str | None) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+class _Formatter(argparse.HelpFormatter):
+    """A description is wrapped to the terminal; an epilog of examples (any
+    text with line breaks) is shown as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dgfs",
@@ -67,7 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"dgfs.cli.{name}":
                 raise
             continue
-        module.register(subparsers)
+        command = subparsers.add_parser(
+            name.replace("_", "-"),
+            help=module.HELP,
+            description=module.DESCRIPTION,
+            epilog=getattr(module, "EPILOG", None),
+            formatter_class=_Formatter,
+        )
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
     return parser
 
 

@@ -17,7 +17,7 @@ from dgfs import ec2, environment
 from dgfs import format as fmt
 from dgfs.cli import options
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
-from dgfs.cli.runner import run
+from dgfs.cli.runner import run_trio
 from dgfs.convert import (
     ConversionPlan,
     ConversionReport,
@@ -104,14 +104,11 @@ exit codes: 0 all copied (or nothing to do, or dry run), 1 some files failed (li
 """
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "migrate",
-        help="copy a bucket/prefix into delta-compressed storage (resumable)",
-        description="Copy a bucket or prefix into DeltaGlider-compressed storage.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "copy a bucket/prefix into delta-compressed storage (resumable)"
+DESCRIPTION = "Copy a bucket or prefix into DeltaGlider-compressed storage."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="s3://SRC[/PREFIX]/")
     parser.add_argument("dest", metavar="s3://DST[/PREFIX]/")
     parser.add_argument("--dry-run", action="store_true", help="show what would be copied")
@@ -151,7 +148,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     options.add_flags(parser, options.S3_GROUP)
     options.add_flags(parser, options.CACHE_GROUP)
     options.add_flags(parser, options.PROXY_GROUP)
-    parser.set_defaults(func=main)
 
 
 def _location(text: str, what: str) -> S3Location:
@@ -160,7 +156,7 @@ def _location(text: str, what: str) -> S3Location:
     return S3Location.parse(text)
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     source, dest = _location(args.source, "source"), _location(args.dest, "destination")
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
@@ -178,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
                 "to convert its deltas in place pass --deltas dg or --deltas deep"
             )
         return _main_in_place(source, settings, args, shard)
-    plan, report = run(_migrate, source, dest, settings, args, shard)
+    plan, report = run_trio(_migrate, source, dest, settings, args, shard)
     return _outcome(args, plan_json(plan), report, print_summary)
 
 
@@ -230,7 +226,7 @@ def _main_normalize(
                 concurrency=args.concurrency,
             )
 
-    report = run(go)
+    report = run_trio(go)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2)
         print()
@@ -456,7 +452,7 @@ def _print_failed(report: MigrationReport) -> None:
 def _main_in_place(
     location: S3Location, settings: Settings, args: argparse.Namespace, shard: Shard | None
 ) -> int:
-    plan, report = run(_convert, location, settings, args, shard)
+    plan, report = run_trio(_convert, location, settings, args, shard)
     return _outcome(args, conversion_plan_json(plan), report, print_conversion_summary)
 
 

@@ -11,7 +11,7 @@ from dgfs.errors import ConfigError
 from dgfs.fs.filesystem import FsOptions
 from dgfs.runtime import S3Location, Settings
 
-EXAMPLES = """
+EPILOG = """
 examples:
   dgfs mount releases /mnt/releases -o endpoint=http://127.0.0.1:8333
   dgfs mount releases/app /mnt/app -o ro,allow_other
@@ -38,15 +38,14 @@ def build_config(
     return config, str(log_level) if log_level else None, "foreground" in chosen.command
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser(
-        "mount",
-        help="mount a bucket (or a prefix of it) as a directory",
-        description="Mount BUCKET[/PREFIX] on MOUNTPOINT. Without -f the command returns "
-        "once the mount is live (or fails with the reason).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "mount a bucket (or a prefix of it) as a directory"
+DESCRIPTION = (
+    "Mount BUCKET[/PREFIX] on MOUNTPOINT. Without -f the command returns "
+    "once the mount is live (or fails with the reason)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source", metavar="BUCKET[/PREFIX]", help="bucket, bucket/prefix or s3://bucket/prefix"
     )
@@ -68,7 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="serve /dev/fuse descriptor N, already mounted on MOUNTPOINT (systemd: the one"
         " --handoff gave systemd); needs no privileges",
     )
-    parser.set_defaults(func=run)
 
 
 def fuse_fd_argument(value: str) -> int:

@@ -2,7 +2,7 @@
 
 trio wraps exceptions raised inside nurseries in exception groups; the
 dispatcher in ``dgfs.cli.main`` expects plain ``DgfsError``s (one-line
-messages, exit codes). ``run`` unwraps a group to the error that explains it.
+messages, exit codes). ``run_trio`` unwraps a group to the error that explains it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dgfs.errors import DgfsError, UserError, exception_leaves
 T = TypeVar("T")
 
 
-def run(fn: Callable[..., Awaitable[T]], *args: object) -> T:
+def run_trio(fn: Callable[..., Awaitable[T]], *args: object) -> T:
     """``trio.run(fn, *args)``; a group is replaced by its Ctrl-C, user error or dgfs error."""
     try:
         return trio.run(fn, *args)

@@ -10,7 +10,7 @@ from typing import TextIO
 
 from dgfs.cli import options
 from dgfs.cli.main import EXIT_OK
-from dgfs.cli.runner import run
+from dgfs.cli.runner import run_trio
 from dgfs.errors import ConfigError
 from dgfs.progress import Progress, human_bytes
 from dgfs.runtime import S3Location, Settings, open_store
@@ -40,15 +40,14 @@ exit codes: 0 ok, 1 failure, 2 usage error (bad bucket, access denied), 130 inte
 """
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "stats",
-        help="object counts, original and stored bytes, savings",
-        description="Count files, original bytes, stored bytes (references included) and "
-        "savings of a bucket or prefix stored in the DeltaGlider format.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "object counts, original and stored bytes, savings"
+DESCRIPTION = (
+    "Count files, original bytes, stored bytes (references included) and "
+    "savings of a bucket or prefix stored in the DeltaGlider format."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("location", metavar="BUCKET|s3://BUCKET[/PREFIX]")
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--quick", dest="mode", action="store_const", const="quick")
@@ -65,15 +64,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--concurrency", type=int, default=32, help="HEAD requests in flight (default 32)"
     )
     options.add_flags(parser, options.S3_GROUP)
-    parser.set_defaults(func=main, mode="quick")
+    parser.set_defaults(mode="quick")
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     location = S3Location.parse(args.location)
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     settings = options.settings_from_args(args)
-    stats = run(_stats, location, settings, args)
+    stats = run_trio(_stats, location, settings, args)
     if args.json:
         json.dump(stats.to_json(), sys.stdout, indent=2)
         print()

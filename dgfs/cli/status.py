@@ -27,20 +27,20 @@ from dgfs.printable import printable
 TIMEOUT = 10.0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser(
-        "status",
-        help="show what a live mount is doing (uploads, bytes, cache, S3 requests)",
-        description="Ask the daemon serving MOUNTPOINT for its state: pending and failed "
-        "uploads, bytes written and stored, cache use, S3 requests and errors, journal. "
-        "Only the user who mounted it (or root) may ask.",
-    )
+HELP = "show what a live mount is doing (uploads, bytes, cache, S3 requests)"
+DESCRIPTION = (
+    "Ask the daemon serving MOUNTPOINT for its state: pending and failed "
+    "uploads, bytes written and stored, cache use, S3 requests and errors, journal. "
+    "Only the user who mounted it (or root) may ask."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="a dgfs mount (or a path in one)")
     parser.add_argument("--json", action="store_true", help="print the full JSON document")
     parser.add_argument(
         "--timeout", type=float, default=TIMEOUT, help=f"seconds to wait (default {TIMEOUT:g})"
     )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

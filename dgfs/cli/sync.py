@@ -28,19 +28,17 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser(
-        "sync",
-        help="wait until files closed under PATH in a mount are in S3",
-        description="Return once every file under each PATH that was closed before the call "
-        "is in S3; exit 1 naming the files whose upload failed.",
-        epilog="example:\n"
-        "  cp dist/app-1.4.2.zip /mnt/releases/app/ && dgfs sync /mnt/releases/app",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "wait until files closed under PATH in a mount are in S3"
+DESCRIPTION = (
+    "Return once every file under each PATH that was closed before the call "
+    "is in S3; exit 1 naming the files whose upload failed."
+)
+EPILOG = "example:\n  cp dist/app-1.4.2.zip /mnt/releases/app/ && dgfs sync /mnt/releases/app"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="a file or directory in a mount")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only failures")
-    parser.set_defaults(func=run)
 
 
 def _files(path: Path) -> Iterator[Path]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dgfs.cli import options
 from dgfs.cli.main import EXIT_FAILURE, EXIT_OK
-from dgfs.cli.runner import run
+from dgfs.cli.runner import run_trio
 from dgfs.errors import ConfigError, NotFound, UserError
 from dgfs.printable import printable
 from dgfs.progress import Progress, human_bytes
@@ -43,14 +43,11 @@ exit codes: 0 all verified, 1 a file failed (or could not be read),
 """
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "verify",
-        help="rebuild files and check their SHA-256",
-        description="Reconstruct stored files and check them against their recorded SHA-256.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "rebuild files and check their SHA-256"
+DESCRIPTION = "Reconstruct stored files and check them against their recorded SHA-256."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="TARGET")
     parser.add_argument("--all", action="store_true", help="verify everything under TARGET")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
@@ -65,7 +62,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     options.add_flags(parser, options.S3_GROUP)
     options.add_flags(parser, options.CACHE_GROUP)
     options.add_flags(parser, options.PROXY_GROUP)
-    parser.set_defaults(func=main)
 
 
 def resolve_target(target: str) -> tuple[S3Location, str | None]:
@@ -79,7 +75,7 @@ def resolve_target(target: str) -> tuple[S3Location, str | None]:
     return S3Location(mount.bucket, mount.key), mount.endpoint_url
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     shard = Shard.parse(args.shard) if args.shard is not None else None
@@ -90,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     if mount_endpoint and not args.endpoint_url:
         settings = replace(settings, endpoint_url=mount_endpoint)
     if args.all:
-        report = run(_verify_all, location, settings, args, shard)
+        report = run_trio(_verify_all, location, settings, args, shard)
         if args.json:
             json.dump(report.to_json(), sys.stdout, indent=2)
             print()
@@ -99,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_OK if report.ok else EXIT_FAILURE
     if not location.prefix:
         raise ConfigError(f"{args.target}: name a file (s3://BUCKET/KEY), or use --all")
-    result = run(_verify_one, location, settings)
+    result = run_trio(_verify_one, location, settings)
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=2)
         print()
