@@ -303,15 +303,17 @@ class FileSystem:
 
     async def _open_reader(self, node: Node) -> Reader:
         if node.stored is not None:
+            # Before this file's own rebuild or download, so that the next
+            # files' rebuilds start beside it, not after it (a cold directory's
+            # first file waits for the reference; a second call for the same
+            # file prefetches nothing).
+            self.prefetch.opened(node)
             try:
-                reader = await self.content.reader(node.stored)
+                return await self.content.reader(node.stored)
             except NotFound:
                 # Replaced (in its other form) or removed by another mount
                 # since this one stored or listed it: S3's current version.
                 log.info("%s changed in S3 under this mount; reading it anew", node.path)
-            else:
-                self.prefetch.opened(node)
-                return reader
         listing = await self.ns.listing(node.parent_path, fresh=True)
         entry = listing.get(node.name)
         if entry is None or entry.stored is None:

@@ -1,0 +1,132 @@
+"""A cold read of a directory of deltas, file after file in name order (``cp -r``,
+``sha256sum *``): the next files' rebuilds overlap the first file's download,
+run in the order the reader opens them, and reuse the reference it
+downloaded; and still no byte that fails its SHA-256 is returned.
+
+In-process mounts over a ``MemoryStore`` (wrapped in a ``FaultyStore`` to
+hold chosen calls), with real xdelta3 and a real clock: nothing is timed,
+the tests look at which store calls were made while another was held.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from dgfs.errors import FsError
+from dgfs.fs.filesystem import FileSystem
+from dgfs.store.faulty import FaultyStore
+from dgfs.store.memory import MemoryStore
+from tests.coreharness import flip_byte
+from tests.fsharness import GID, ROOT, UID, close, create, lookup, mounted, read_file, write_file
+from tests.test_streaming import new_dir
+from testsupport.releases import ReleaseSeries
+
+pytestmark = pytest.mark.timeout(60)
+
+DIR = "rel"
+REFERENCE = f"{DIR}/reference.bin"
+#: Five releases of ~256 KiB: the first is the directory's reference, the rest deltas.
+RELEASES = list(ReleaseSeries(size=256 << 10).zips(5))
+NAMES = [name for name, _ in RELEASES]
+
+
+def delta_key(index: int) -> str:
+    return f"{DIR}/{NAMES[index]}.delta"
+
+
+async def store_series(memory: MemoryStore, tmp_path: Path) -> None:
+    """RELEASES in ``rel/``, the first one uploaded first: it is the reference."""
+    async with mounted(memory, new_dir(tmp_path / "writer")) as m:
+        d = await m.fs.mkdir(ROOT, DIR, 0o755, UID, GID)
+        first, *rest = RELEASES
+        fh = await create(m.fs, first[0], first[1], d.ino)
+        await m.fs.fsync(fh)
+        await close(m.fs, fh)
+        for name, data in rest:
+            await write_file(m.fs, name, data, parent=d.ino)
+    assert all(delta_key(i) in memory.objects for i in range(1, len(RELEASES)))
+    assert memory.objects[REFERENCE].body == RELEASES[0][1]
+
+
+async def read_in_dir(fs: FileSystem, index: int) -> bytes:
+    return await read_file(fs, NAMES[index], (await lookup(fs, DIR)).ino)
+
+
+async def prefetches_done(fs: FileSystem) -> None:
+    with trio.fail_after(30):  # a safety net, not a measurement
+        while fs.prefetch._wanted:
+            await trio.sleep(0.01)
+
+
+def downloaded(store: FaultyStore) -> list[str]:
+    """The keys of the store's downloads, in the order they were asked for."""
+    return [call.keys[0] for call in store.log if call.operation == "download"]
+
+
+async def test_the_next_deltas_download_while_the_first_file_waits_for_the_reference(
+    tmp_path: Path,
+) -> None:
+    """Opening a directory's first file starts the walk's prefetch at once: the
+    next files' deltas are fetched beside the reference, not after it."""
+    memory = MemoryStore()
+    await store_series(memory, tmp_path)
+    store = FaultyStore(memory)
+    held = store.hang("download", key=REFERENCE)
+    async with mounted(store, new_dir(tmp_path / "reader")) as m:
+        d = await lookup(m.fs, DIR)
+        first: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read_first() -> None:
+                first.append(await read_file(m.fs, NAMES[0], d.ino))
+
+            nursery.start_soon(read_first)
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.in_flight("download", key=REFERENCE) == 1
+            assert [key for key in downloaded(store) if key.endswith(".delta")]
+            held.release()
+        assert first == [RELEASES[0][1]]
+        await prefetches_done(m.fs)
+        for index in range(1, len(RELEASES)):
+            assert await read_in_dir(m.fs, index) == RELEASES[index][1]
+    assert downloaded(store).count(REFERENCE) == 1
+
+
+@pytest.mark.expected_log(r"cannot read rel/")
+async def test_a_corrupt_reference_fails_every_file_of_the_walk(tmp_path: Path) -> None:
+    """A reference that no longer matches its SHA-256 gives EIO for its own file
+    and every delta against it, prefetched or not, and no plain copy of it
+    is kept for later reads."""
+    memory = MemoryStore()
+    await store_series(memory, tmp_path)
+    flip_byte(memory, REFERENCE, lambda body: len(body) // 2)
+    async with mounted(memory, new_dir(tmp_path / "reader")) as m:
+        for index in range(len(RELEASES)):
+            with pytest.raises(FsError) as exc:
+                await read_in_dir(m.fs, index)
+            assert exc.value.errno == errno.EIO
+        await prefetches_done(m.fs)
+        assert not list(m.fs.core.bench.scratch_dir.glob("*.ref"))
+
+
+@pytest.mark.expected_log(r"cannot read rel/")
+async def test_a_corrupt_delta_in_a_walk_fails_alone(tmp_path: Path) -> None:
+    """A delta whose rebuild fails (here: its body altered) gives EIO, whether
+    the prefetch or the reader rebuilt it first; the files around it read."""
+    memory = MemoryStore()
+    await store_series(memory, tmp_path)
+    flip_byte(memory, delta_key(2), lambda body: len(body) // 2)
+    async with mounted(memory, new_dir(tmp_path / "reader")) as m:
+        for index, (_, data) in enumerate(RELEASES):
+            if index == 2:
+                with pytest.raises(FsError) as exc:
+                    await read_in_dir(m.fs, index)
+                assert exc.value.errno == errno.EIO
+            else:
+                assert await read_in_dir(m.fs, index) == data
+        await prefetches_done(m.fs)
