@@ -6,9 +6,9 @@ delta is CPU work (xdelta3, then hashing into the cache) that the reader
 waits for; done for the next files while the current one is served, it
 overlaps with the reading instead. An open of a directory's first file,
 or two opens in increasing name order, count as a walk; the next
-``ahead`` deltas are then materialized in the background, at most
-``workers`` at once (xdelta3 runs as its own process: one per core). A
-prefetched rebuild is the same shared flight a later open joins, so
+``ahead`` deltas are then materialized in the background, in name order,
+at most ``workers`` at once (xdelta3 runs as its own process: one per
+core). A prefetched rebuild is the same shared flight a later open joins, so
 nothing is done twice; failures are left for the reader's own open to
 report (an unexpected one, a full disk say, is also logged once:
 ``dgfs.background``). Nothing is prefetched that would make the files ahead crowd out
@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import trio
 
@@ -51,7 +51,10 @@ class Prefetcher:
         self.ns = ns
         self.ahead = ahead
         self.cache_budget = cache_budget
-        self._limiter = trio.CapacityLimiter(workers or os.cpu_count() or 2)
+        self.workers = workers or os.cpu_count() or 2
+        # Rebuilds waiting for a worker, in the order the reader will want them.
+        self._queue: deque[StoredFile] = deque()
+        self._running = 0  # workers taking rebuilds from the queue
         self._last_opened: OrderedDict[str, str] = OrderedDict()  # dir path -> name
         self._sorted: dict[str, tuple[dict[str, DirEntry], list[str]]] = {}  # see _sorted_names
         self._wanted: set[str] = set()  # sha256 of rebuilds queued or running
@@ -91,7 +94,10 @@ class Prefetcher:
                 assert stored.file_sha256 is not None
                 self._wanted.add(stored.file_sha256)
                 self.started += 1
-                self._nursery.start_soon(self._rebuild, stored)
+                self._queue.append(stored)
+        while self._queue and self._running < self.workers:
+            self._running += 1
+            self._nursery.start_soon(self._work)
 
     def _sorted_names(self, parent: str, listing: dict[str, DirEntry]) -> list[str]:
         """The names of ``listing`` in order, sorted once per fetched listing
@@ -134,11 +140,22 @@ class Prefetcher:
         finally:
             done.set()
 
+    async def _work(self) -> None:
+        """Rebuild what the queue holds, first in first out, until it is empty.
+
+        Tasks started side by side run in no promised order (trio even
+        shuffles them): a task per file, waiting on a limiter, rebuilt the
+        files after the next one first while the reader waited for it."""
+        try:
+            while self._queue:
+                await self._rebuild(self._queue.popleft())
+        finally:
+            self._running -= 1
+
     async def _rebuild(self, stored: StoredFile) -> None:
         assert stored.file_sha256 is not None
         try:
             with contained(f"prefetch of {stored.visible_key}", quiet=(DgfsError,), logger=log):
-                async with self._limiter:
-                    await self.core.materialize(stored, counted=False)
+                await self.core.materialize(stored, counted=False)
         finally:
             self._wanted.discard(stored.file_sha256)
