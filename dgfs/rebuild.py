@@ -306,7 +306,7 @@ class Rebuilder:
             # The file is its directory's reference (the self-delta of the first
             # file stored there): its bytes are the reference's, which the cache
             # verifies by this very SHA-256. No xdelta3 run, no second copy.
-            await self._references.ensure_cached(stored.ref_key, sha256)
+            await self._references.ensure_reference_cached(stored.ref_key, sha256)
             return sha256
 
         async def rebuild_into_cache() -> None:

@@ -53,6 +53,16 @@ class ReferencePool:
             functools.partial(self._fetch, key, sha256),
         )
 
+    async def ensure_reference_cached(self, ref_key: str, ref_sha256: str) -> None:
+        """``ensure_cached`` for a reference read as a file (the self-delta of its
+        directory's first file): its plain copy is kept too, as ``plain_copy``
+        keeps it, for the deltas read next, which then need not decrypt it
+        back out of the cache."""
+        if ref_sha256 not in self._plain_refs:
+            async with self.plain_copy(ref_key, ref_sha256):
+                pass
+        await self.ensure_cached(ref_key, ref_sha256)  # a plain copy outlives its cache entry
+
     async def _fetch(self, key: str, sha256: str, keep: Path | None = None) -> None:
         """Download the object ``key`` into the cache, verified against ``sha256``.
 

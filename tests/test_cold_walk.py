@@ -11,12 +11,14 @@ the tests look at which store calls were made while another was held.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from dgfs.cache import ContentCache
 from dgfs.errors import FsError
 from dgfs.fs.filesystem import FileSystem
 from dgfs.store.faulty import FaultyStore
@@ -122,6 +124,38 @@ async def test_a_walk_rebuilds_the_next_file_first(tmp_path: Path) -> None:
         assert deltas == [delta_key(1), delta_key(2), delta_key(3)]
         for index in range(1, len(RELEASES)):
             assert await read_in_dir(m.fs, index) == RELEASES[index][1]
+
+
+@pytest.fixture
+def exports(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The SHA-256 of every cache entry decrypted into a plain file."""
+    seen: list[str] = []
+    real = ContentCache.export
+
+    def export(cache: ContentCache, sha256: str, dest: Path) -> bool:
+        seen.append(sha256)
+        return real(cache, sha256, dest)
+
+    monkeypatch.setattr(ContentCache, "export", export)
+    yield seen
+
+
+async def test_the_reference_read_as_a_file_is_kept_plain_for_the_deltas(
+    tmp_path: Path, exports: list[str]
+) -> None:
+    """The first file of a walk is the reference: the plain copy downloaded for
+    it is what xdelta3 reads for the deltas after it, not a copy decrypted
+    back out of the cache."""
+    memory = MemoryStore()
+    await store_series(memory, tmp_path)
+    exports.clear()  # the writer's
+    store = FaultyStore(memory)
+    async with mounted(store, new_dir(tmp_path / "reader")) as m:
+        for index, (_, data) in enumerate(RELEASES):
+            assert await read_in_dir(m.fs, index) == data
+        await prefetches_done(m.fs)
+    assert exports == []
+    assert downloaded(store).count(REFERENCE) == 1
 
 
 @pytest.mark.expected_log(r"cannot read rel/")
