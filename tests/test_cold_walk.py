@@ -88,9 +88,13 @@ async def test_the_next_deltas_download_while_the_first_file_waits_for_the_refer
                 first.append(await read_file(m.fs, NAMES[0], d.ino))
 
             nursery.start_soon(read_first)
-            await trio.testing.wait_all_tasks_blocked()
+            # Held, the reference download cannot end: a delta download seen
+            # meanwhile was started beside it (before the fix: never, and
+            # this fails after 10 s).
+            with trio.fail_after(10):
+                while not [key for key in downloaded(store) if key.endswith(".delta")]:
+                    await trio.sleep(0.005)
             assert store.in_flight("download", key=REFERENCE) == 1
-            assert [key for key in downloaded(store) if key.endswith(".delta")]
             held.release()
         assert first == [RELEASES[0][1]]
         await prefetches_done(m.fs)
