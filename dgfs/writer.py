@@ -223,11 +223,11 @@ class FileWriter:
             return await self._put_direct(job)
         for attempt in (1, 2):
             space, ref_head = await self._deltaspace(prefix, mode)
-            deep = space is DeltaMode.DEEP
-            if not self._policy.is_delta_candidate(name, digest.head, digest.size, deep=deep):
+            is_deep = space is DeltaMode.DEEP
+            if not self._policy.is_delta_candidate(name, digest.head, digest.size, deep=is_deep):
                 return await self._put_direct(job)
             try:
-                if deep:
+                if is_deep:
                     return await self._put_deep(job, ref_head)
                 return await self._put_delta(job, ref_head)
             except MissingReference as exc:

@@ -187,11 +187,14 @@ async def test_a_wrong_expanded_form_is_caught_without_a_second_deflate(
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     await deep.put(paths[0], f"app/{paths[0].name}")
     real_expand = expand.expand_file
-    deflated_again: list[Path] = []
-    real_rebuild_digest = expand.rebuild_digest
+    deflated_again: list[DeflateParams] = []  # compressors made once the form exists
+    expanded = False
+    real_compressor = DeflateParams.compressor
 
     def spoiled(src: Path, out: Path, **kwargs: object) -> expand.ExpandStats:
+        nonlocal expanded
         stats = real_expand(src, out, **kwargs)  # type: ignore[arg-type]
+        expanded = True
         form = bytearray(out.read_bytes())
         if damage == "raw byte":
             at = form.index(b"/mod3.py")  # a tar header, inside the gzip's DEFLATE
@@ -202,12 +205,13 @@ async def test_a_wrong_expanded_form_is_caught_without_a_second_deflate(
         out.write_bytes(bytes(form))
         return stats
 
-    def counted(expanded: Path, *args: object) -> tuple[str, int]:
-        deflated_again.append(expanded)
-        return real_rebuild_digest(expanded, *args)  # type: ignore[arg-type]
+    def counted(params: DeflateParams, zdict: bytes | memoryview = b"") -> object:
+        if expanded:
+            deflated_again.append(params)
+        return real_compressor(params, zdict)
 
     monkeypatch.setattr(dgfs.deep, "expand_file", spoiled)
-    monkeypatch.setattr(expand, "rebuild_digest", counted)
+    monkeypatch.setattr(DeflateParams, "compressor", counted)
     result = await deep.put(paths[1], f"app/{paths[1].name}")
     monkeypatch.undo()
     assert deflated_again == []

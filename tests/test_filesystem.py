@@ -1149,3 +1149,26 @@ async def test_a_truncate_to_the_same_size_marks_the_times_as_linux_does(
         node = await lookup(m.fs, "f")
         assert node.mtime_ns >= before
         assert await read_file(m.fs, "f") == (b"y" if staged else b"x") * 300
+
+
+async def test_a_same_size_truncate_that_brings_its_mtime_copies_the_object_once(
+    memory: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SETATTR with the size and the mtime (as the kernel may send for
+    ftruncate) marks the times once: one metadata copy, not one for the
+    truncate and another for the mtime."""
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "f", b"x" * 300)
+    async with mounted(memory, tmp_path) as m:
+        node = await lookup(m.fs, "f")
+        copies: list[str] = []
+        real = m.fs.core.update_metadata
+
+        async def counted(key: str, metadata: dict[str, str]) -> object:
+            copies.append(key)
+            return await real(key, metadata)
+
+        monkeypatch.setattr(m.fs.core, "update_metadata", counted)
+        now = time.time_ns()
+        await m.fs.setattr(node.ino, size=300, mtime_ns=now)
+        assert copies == ["f"] and node.mtime_ns == now

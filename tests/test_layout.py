@@ -49,7 +49,13 @@ def test_the_rest_of_dgfs_uses_deep_mode_through_its_interface() -> None:
         if path.parent.name == "deep":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if (
+            if isinstance(node, ast.Import):
+                wrong += [
+                    f"{path.relative_to(ROOT)} imports {alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("dgfs.deep.")
+                ]
+            elif (
                 isinstance(node, ast.ImportFrom)
                 and node.module
                 and node.module.startswith("dgfs.deep.")

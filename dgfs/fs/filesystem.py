@@ -333,14 +333,15 @@ class FileSystem:
         node.content_changed(max(node.size, offset + written))
         return written
 
-    async def truncate(self, node: Node, size: int) -> None:
+    async def truncate(self, node: Node, size: int, *, mark_times: bool = True) -> None:
+        """``mark_times``: False when the caller sets the mtime itself."""
         self._check_writable()
         if node.kind is not NodeKind.FILE:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
         if size == node.size and node.staged is None:
             # No content to store, but ext4 and tmpfs mark the times of every
-            # truncate (FUSE sends the size alone): the metadata gets them.
-            if node.change_attributes(mtime_ns=time.time_ns()):
+            # truncate (FUSE may send the size alone): the metadata gets them.
+            if mark_times and node.change_attributes(mtime_ns=time.time_ns()):
                 await self.changes.store_attributes(node)
             return
         async with self._changing_unheld(node, copies=size > 0):
@@ -411,7 +412,7 @@ class FileSystem:
         if any(v is not None for v in (size, mode, uid, gid, mtime_ns, atime_ns)):
             self._check_writable()
         if size is not None:
-            await self.truncate(node, size)
+            await self.truncate(node, size, mark_times=mtime_ns is None)
         if node.change_attributes(
             mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns, atime_ns=atime_ns
         ):
