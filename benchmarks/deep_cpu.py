@@ -13,7 +13,10 @@ For each series it stores the files in order into a deep directory (a
 directory all at once, ``--workers`` at a time (as a mount's upload workers
 do after ``cp``), then reads every file back from an empty cache one after
 the other ("sequential"), then again all at once ("concurrent", as a
-prefetch beside a reader does), SHA-256 checked.
+prefetch beside a reader does), SHA-256 checked. The last version is also
+stored again as a new process would store it first (after a remount):
+knowing no verdicts on compressed spans, and knowing those the earlier
+stores left in the cache directory (``dgfs.deep.remember``).
 For a ``.tar.gz`` it also measures the floor the issue sets: inflating it
 plus one zlib level-9 deflate of its content, and the rebuild of the first
 file's expanded form with 1 and 2 workers (a large gzip stream is rebuilt
@@ -86,6 +89,7 @@ def main() -> int:
         sys.path.insert(0, str(args.tree.resolve()))
     import trio
 
+    import dgfs.deep
     from dgfs.cache import ContentCache
     from dgfs.core import Core
     from dgfs.deep import expand
@@ -95,6 +99,8 @@ def main() -> int:
     from dgfs.store.memory import MemoryStore
 
     print(f"dgfs from {Path(expand.__file__).parents[2]}; CPU seconds (wall seconds)")
+    save_verdicts = getattr(dgfs.deep, "save_verified_spans", None)  # trees before 2026-12-06
+    load_verdicts = getattr(dgfs.deep, "load_verified_spans", None)
     every = {s.name: s for s in all_series(count=args.count)}
 
     async def run(paths: list[Path], work: Path) -> None:
@@ -109,13 +115,35 @@ def main() -> int:
 
         writer, cache = core("put")
         puts = []
+        verdicts = work / "verdicts"  # what a mount's cache_dir keeps (dgfs.deep.remember)
+        verdicts.mkdir()
         for path in paths:
+            if path == paths[-1] and save_verdicts is not None:
+                save_verdicts(verdicts)
             c, w = cpu_seconds(), time.perf_counter()
             await writer.put(path, f"s/{path.name}")
             puts.append((cpu_seconds() - c, time.perf_counter() - w))
         await writer.aclose()
         cache.close()
         print("  store, per file: " + ", ".join(f"{c:.2f} ({w:.1f})" for c, w in puts))
+        # The last version stored again, as the first store of a new process
+        # (a remount): with no verdicts, or with those the cache_dir kept.
+        for label in ("forgotten", "remembered"):
+            if label == "remembered" and load_verdicts is None:
+                print("  store after a remount, verdicts remembered: not in this tree")
+                continue
+            expand.VERIFIED_SPANS.clear()
+            if label == "remembered":
+                load_verdicts(verdicts)
+            again, cache = core(f"remount-{label}")
+            c, w = cpu_seconds(), time.perf_counter()
+            await again.put(paths[-1], f"s/{label}-{paths[-1].name}")
+            print(
+                f"  store after a remount, verdicts {label}:"
+                f" {cpu_seconds() - c:.2f} ({time.perf_counter() - w:.1f})"
+            )
+            await again.aclose()
+            cache.close()
         expand.VERIFIED_SPANS.clear()
         writer, cache = core("put-at-once")
         limiter = trio.CapacityLimiter(args.workers)

@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from dgfs import environment
+import trio
+
+from dgfs import deep, environment
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.crypto import load_cache_key
@@ -229,6 +231,9 @@ async def open_core(
     proxy_key = load_proxy_key(settings.proxy_key_file) if settings.proxy_key_file else None
     root = private_cache_root(settings.cache_dir)
     cache, ephemeral = _open_cache(root, settings, telemetry)
+    # What earlier processes on this cache_dir proved (dgfs.deep.remember).
+    remembered = await trio.to_thread.run_sync(deep.load_verified_spans, root)
+    log.debug("%d verified spans remembered from %s", remembered, root)
     # Scratch (staging, deltas, decrypted references) sits beside the cache,
     # on disk rather than a possibly small tmpfs.
     (root / "scratch").mkdir(mode=0o700, exist_ok=True)
@@ -253,6 +258,8 @@ async def open_core(
             finally:
                 await core.aclose()
     finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(deep.save_verified_spans, root)
         cache.close()
         shutil.rmtree(scratch, ignore_errors=True)
         if ephemeral:

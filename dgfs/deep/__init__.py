@@ -9,7 +9,8 @@ uses of deep mode is named here; the modules under it are its parts
 
 - ``expand``: expand, prove, rebuild (under ``ExpansionLimits``);
 - ``objects``: what S3 holds (the zstd reference, the wrapped delta);
-- ``deflate``, ``gnuzip``: the compressors replayed (zlib, GNU gzip's zgz).
+- ``deflate``, ``gnuzip``: the compressors replayed (zlib, GNU gzip's zgz);
+- ``remember``: the verdicts on compressed spans, kept across mounts.
 """
 
 from dgfs.deep.deflate import CANDIDATES, DeflateParams, zlib_is_reference
@@ -33,6 +34,8 @@ from dgfs.deep.objects import (
     unwrap_delta,
     wrap_delta,
 )
+from dgfs.deep.remember import load as load_verified_spans
+from dgfs.deep.remember import save as save_verified_spans
 
 __all__ = [
     "CANDIDATES",
@@ -47,10 +50,12 @@ __all__ = [
     "decompress_reference",
     "expand_file",
     "gnu_deflate",
+    "load_verified_spans",
     "plain_form",
     "prove_form",
     "rebuild_file",
     "reference_cap",
+    "save_verified_spans",
     "unwrap_delta",
     "wrap_delta",
     "zgz_path",

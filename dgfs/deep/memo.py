@@ -25,6 +25,8 @@ class Memo:
         self._flights: dict[bytes, tuple[threading.Event, int]] = {}
         self.waits = 0
         """Lookups that waited for another thread's computation (tests, benchmarks)."""
+        self.puts = 0
+        """Entries put so far (``dgfs.deep.remember`` saves only when it grew)."""
 
     @contextmanager
     def computing(self, key: bytes, wait: float = PEER_WAIT) -> Iterator[object | None]:
@@ -75,6 +77,7 @@ class Memo:
 
     def put(self, key: bytes, value: object, size: int) -> None:
         with self._lock:
+            self.puts += 1
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= old[1]
@@ -82,6 +85,11 @@ class Memo:
             self._bytes += size
             while self._bytes > self.max_bytes and self._items:
                 self._bytes -= self._items.popitem(last=False)[1][1]
+
+    def snapshot(self) -> list[tuple[bytes, object]]:
+        """Every entry, least recently used first."""
+        with self._lock:
+            return [(key, value) for key, (value, _) in self._items.items()]
 
     def clear(self) -> None:
         with self._lock:
