@@ -48,6 +48,17 @@ def test_the_docs_cite_tests() -> None:
     assert len(_citations()) > 100  # the pattern still finds the citations
 
 
+def test_every_cited_test_module_exists() -> None:
+    """A bare ``tests/x.py`` (no test named) must exist too."""
+    missing = sorted(
+        f"{page.relative_to(ROOT)}: {m.group(0)}"
+        for page in PAGES
+        for m in re.finditer(r"tests/[\w/]+\.py", page.read_text())
+        if not (ROOT / m.group(0)).is_file()
+    )
+    assert not missing, "\n".join(missing)
+
+
 @pytest.mark.parametrize("page,module,name", _citations())
 def test_every_cited_test_exists(page: str, module: str, name: str) -> None:
     path = ROOT / "tests" / module
