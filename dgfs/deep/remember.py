@@ -60,6 +60,8 @@ def binding() -> bytes:
 
 
 def _record(digest: bytes, verdict: object) -> bytes | None:
+    if len(digest) != _DIGEST:
+        return None  # not a span's SHA-256; never written
     if verdict == _UNREPRODUCIBLE:
         return digest + bytes((_UNREPRODUCIBLE_TAG,))
     if isinstance(verdict, DeflateParams):
