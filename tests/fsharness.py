@@ -55,6 +55,40 @@ class Mount:
 
 
 @contextlib.asynccontextmanager
+async def wired(
+    store: ObjectStore,
+    home: Path,
+    options: FsOptions = OPTIONS,
+    *,
+    journal_type: type[Journal] = Journal,
+    engine: DeltaEngine | None = None,
+) -> AsyncIterator[tuple[FileSystem, Journal]]:
+    """A ``FileSystem`` wired as ``dgfs.mount`` wires one, not started: a new
+    core and cache, the journal in ``home/journal``. The core and cache are
+    closed on the way out; ending the mount is the caller's (``end_mount``)."""
+    run_dir = Path(tempfile.mkdtemp(dir=home, prefix="mount-"))
+    cache = ContentCache(run_dir / "cache", 64 << 20)
+    core = Core(store, cache, engine or DeltaEngine(), Policy(), scratch_dir=run_dir / "scratch")
+    journal = journal_type(home / "journal")
+    try:
+        yield FileSystem(core, journal, AttrCache(None), options), journal
+    finally:
+        await core.aclose()
+        cache.close()
+
+
+async def end_mount(fs: FileSystem, journal: Journal, *, crashed: bool) -> None:
+    """Close a mount's filesystem and journal; a ``crashed`` one only lets go
+    of its descriptors, as the kernel does for a dead process."""
+    if crashed:
+        journal.close()
+        close_fds_under(journal.directory)
+    else:
+        await fs.close()
+        journal.close()
+
+
+@contextlib.asynccontextmanager
 async def mounted(
     store: ObjectStore,
     tmp_path: Path,
@@ -70,29 +104,21 @@ async def mounted(
     filesystem and journal are closed. With ``crash`` the process "dies"
     instead: no drain, no close; the journal keeps what it holds.
     """
-    run_dir = Path(tempfile.mkdtemp(dir=tmp_path, prefix="mount-"))
-    cache = ContentCache(run_dir / "cache", 64 << 20)
-    core = Core(store, cache, engine or DeltaEngine(), Policy(), scratch_dir=run_dir / "scratch")
-    journal = journal_type(tmp_path / "journal")
-    fs = FileSystem(core, journal, AttrCache(None), options)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(fs.run_uploads)
-            recovered = await fs.recover_journal()
-            yield Mount(fs, journal.directory, recovered)
-            if not crash:
-                await fs.unmounted()
-                await fs.wait_idle()
-            nursery.cancel_scope.cancel()
-    finally:
-        if crash:
-            journal.close()
-            close_fds_under(journal.directory)  # as the kernel would for a dead process
-        else:
-            await fs.close()
-            journal.close()
-        await core.aclose()
-        cache.close()
+    async with wired(store, tmp_path, options, journal_type=journal_type, engine=engine) as (
+        fs,
+        journal,
+    ):
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(fs.run_uploads)
+                recovered = await fs.recover_journal()
+                yield Mount(fs, journal.directory, recovered)
+                if not crash:
+                    await fs.unmounted()
+                    await fs.wait_idle()
+                nursery.cancel_scope.cancel()
+        finally:
+            await end_mount(fs, journal, crashed=crash)
 
 
 def close_fds_under(directory: Path) -> None:

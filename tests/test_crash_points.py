@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
@@ -35,13 +34,8 @@ import pytest
 import trio
 import trio.testing
 
-from dgfs.cache import ContentCache
-from dgfs.core import Core
-from dgfs.delta import DeltaEngine
-from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal, JournalEntry
-from dgfs.policy import Policy
 from dgfs.store.faulty import FaultyStore, Operation
 from dgfs.store.memory import MemoryStore
 from tests.fsharness import (
@@ -49,10 +43,11 @@ from tests.fsharness import (
     ROOT,
     UID,
     close,
-    close_fds_under,
+    end_mount,
     lookup,
     read_file,
     rename,
+    wired,
     write_file,
 )
 from testsupport.releases import ReleaseSeries
@@ -218,26 +213,10 @@ async def scenario(fs: FileSystem, model: Model) -> None:
     await upload_all(fs)  # its delta
 
 
-@contextlib.asynccontextmanager
-async def mount_parts(
-    store: MemoryStore | FaultyStore, home: Path, journal_type: type[Journal]
-) -> AsyncIterator[tuple[FileSystem, Journal]]:
-    run_dir = Path(tempfile.mkdtemp(dir=home, prefix="mount-"))
-    cache = ContentCache(run_dir / "cache", 64 << 20)
-    core = Core(store, cache, DeltaEngine(), Policy(), scratch_dir=run_dir / "scratch")
-    journal = journal_type(home / "journal")
-    fs = FileSystem(core, journal, AttrCache(None), OPTIONS)
-    try:
-        yield fs, journal
-    finally:
-        await core.aclose()
-        cache.close()
-
-
 async def run_crashing(memory: MemoryStore, home: Path, plan: CrashPlan, model: Model) -> bool:
     """The scenario on a mount that dies at ``plan.at``; True if it did."""
     store = CrashingStore(memory, plan)
-    async with mount_parts(store, home, crashing_journal(plan)) as (fs, journal):
+    async with wired(store, home, OPTIONS, journal_type=crashing_journal(plan)) as (fs, journal):
         crashed = False
         try:
             async with trio.open_nursery() as nursery:
@@ -249,19 +228,14 @@ async def run_crashing(memory: MemoryStore, home: Path, plan: CrashPlan, model: 
                 nursery.cancel_scope.cancel()
         except* Crashed:
             crashed = True
-        if crashed:
-            journal.close()
-            close_fds_under(journal.directory)  # as the kernel does for a dead process
-        else:
-            await fs.close()
-            journal.close()
+        await end_mount(fs, journal, crashed=crashed)
         return crashed
 
 
 async def read_back(memory: MemoryStore, home: Path) -> Files:
     """Recover the journal on a new mount, upload it all, then read every file
     through a fresh mount."""
-    async with mount_parts(memory, home, Journal) as (fs, journal):
+    async with wired(memory, home, OPTIONS) as (fs, journal):
         async with trio.open_nursery() as nursery:
             await nursery.start(fs.run_uploads)
             await fs.recover_journal()
@@ -273,7 +247,7 @@ async def read_back(memory: MemoryStore, home: Path) -> Files:
     found: Files = {}
     fresh = home / "fresh"
     fresh.mkdir()
-    async with mount_parts(memory, fresh, Journal) as (fs, journal):
+    async with wired(memory, fresh, OPTIONS) as (fs, journal):
         for parent_path, parent_ino in (("", ROOT), ("rel", None)):
             if parent_ino is None:
                 try:
