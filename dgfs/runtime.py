@@ -231,9 +231,9 @@ async def open_core(
     proxy_key = load_proxy_key(settings.proxy_key_file) if settings.proxy_key_file else None
     root = private_cache_root(settings.cache_dir)
     cache, ephemeral = _open_cache(root, settings, telemetry)
-    # What earlier processes on this cache_dir proved (dgfs.deep.remember).
-    remembered = await trio.to_thread.run_sync(deep.load_verified_spans, root)
-    log.debug("%d verified spans remembered from %s", remembered, root)
+    # What earlier processes on this cache_dir proved, loaded by the first
+    # expansion (dgfs.deep.remember).
+    deep.keep_verified_spans_in(root)
     # Scratch (staging, deltas, decrypted references) sits beside the cache,
     # on disk rather than a possibly small tmpfs.
     (root / "scratch").mkdir(mode=0o700, exist_ok=True)
@@ -259,7 +259,7 @@ async def open_core(
                 await core.aclose()
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(deep.save_verified_spans, root)
+            await trio.to_thread.run_sync(deep.save_kept_verified_spans)
         cache.close()
         shutil.rmtree(scratch, ignore_errors=True)
         if ephemeral:

@@ -24,9 +24,11 @@ from testsupport.releases import write_series
 def empty_memo() -> Iterator[None]:
     """Each test starts as a new process does: nothing remembered."""
     VERIFIED_SPANS.clear()
+    remember.keep_in(None)
     remember._puts_known = VERIFIED_SPANS.puts
     yield
     VERIFIED_SPANS.clear()
+    remember.keep_in(None)
 
 
 @pytest.fixture
@@ -143,7 +145,7 @@ def test_a_damaged_file_is_not_used_at_all(tmp_path: Path, damage: str) -> None:
     assert VERIFIED_SPANS.snapshot() == []
 
 
-async def test_a_core_loads_the_verdicts_of_its_cache_dir_and_saves_them_at_its_end(
+async def test_a_core_keeps_the_verdicts_of_its_cache_dir_and_loads_them_when_first_needed(
     tmp_path: Path,
 ) -> None:
     settings = Settings(endpoint_url="http://127.0.0.1:9", cache_dir=tmp_path / "cache")
@@ -153,4 +155,16 @@ async def test_a_core_loads_the_verdicts_of_its_cache_dir_and_saves_them_at_its_
     assert (root / remember.FILE_NAME).exists()
     VERIFIED_SPANS.clear()
     async with open_core(S3Location("bucket"), settings, check_bucket=False):
+        assert VERIFIED_SPANS.snapshot() == []  # a command that expands nothing reads nothing
+        remember.ensure_loaded()  # what an expansion does first
         assert dict(VERIFIED_SPANS.snapshot()) == {b"p" * 32: DeflateParams(9)}
+        remember.ensure_loaded()  # once
+        assert len(VERIFIED_SPANS.snapshot()) == 1
+
+
+def test_an_expansion_loads_the_kept_verdicts_first(releases: list[Path], tmp_path: Path) -> None:
+    expand(releases[0], tmp_path)
+    remember.save(tmp_path)
+    VERIFIED_SPANS.clear()
+    remember.keep_in(tmp_path)  # as open_core does
+    assert expand(releases[1], tmp_path).streams_remembered > 10

@@ -34,8 +34,10 @@ from dgfs.deep.objects import (
     unwrap_delta,
     wrap_delta,
 )
+from dgfs.deep.remember import keep_in as keep_verified_spans_in
 from dgfs.deep.remember import load as load_verified_spans
 from dgfs.deep.remember import save as save_verified_spans
+from dgfs.deep.remember import save_kept as save_kept_verified_spans
 
 __all__ = [
     "CANDIDATES",
@@ -50,11 +52,13 @@ __all__ = [
     "decompress_reference",
     "expand_file",
     "gnu_deflate",
+    "keep_verified_spans_in",
     "load_verified_spans",
     "plain_form",
     "prove_form",
     "rebuild_file",
     "reference_cap",
+    "save_kept_verified_spans",
     "save_verified_spans",
     "unwrap_delta",
     "wrap_delta",

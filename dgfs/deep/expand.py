@@ -41,6 +41,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from dgfs.deep import remember
 from dgfs.deep.archives import (
     GZIP_MAGIC,
     XFL_PRIOR,
@@ -225,6 +226,7 @@ def expand_file(
         raise ExpansionLimit(
             f"it is {stats.original_size} bytes, more than expand_max={limits.max_bytes}"
         )
+    remember.ensure_loaded()  # what earlier processes proved, on first need
     budget = Budget(limits, stats.original_size)
     with open(src, "rb") as source, open(out, "w+b") as sink:
         writer = Writer(sink, budget)

@@ -4,10 +4,12 @@
 expansion searched, the recipe that reproduces it (or that none does), so
 the next release's identical spans are only inflated. A new process starts
 with it empty: the first deep store after a remount searched every stream
-again (botocore 1.34.101's expansion: 2.6 CPU seconds, zgz included, with
-nothing remembered; 0.6 with 1.34.100's verdicts). ``load`` reads them when
-a mount or command starts on a ``cache_dir``, ``save`` writes them when it
-ends, if it proved anything new. Processes sharing a ``cache_dir`` share the
+again (``benchmarks/deep_cpu.py``: a botocore wheel's first store in a new
+process, 3.69 CPU s with nothing remembered, 1.69 with the verdicts of the
+versions before). ``keep_in`` names the ``cache_dir`` when a mount or
+command starts; the first expansion loads its verdicts (``ensure_loaded``,
+so a command that expands nothing reads nothing); ``save_kept`` writes
+them back at the end, if anything was proven meanwhile. Processes sharing a ``cache_dir`` share the
 file: a save replaces it whole, so the last one to end wins (the verdicts
 depend on the bytes only, not on the bucket).
 
@@ -28,6 +30,7 @@ import logging
 import os
 import struct
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 
@@ -73,6 +76,34 @@ def _record(digest: bytes, verdict: object) -> bytes | None:
 
 #: ``VERIFIED_SPANS.puts`` when the verdicts were last loaded or saved.
 _puts_known = 0
+#: Where this process keeps its verdicts (``keep_in``), and whether they were loaded.
+_kept_in: Path | None = None
+_loaded = False
+_load_lock = threading.Lock()
+
+
+def keep_in(directory: Path | None) -> None:
+    """Keep this process's verdicts in ``directory`` (None: nowhere); they are
+    loaded from it on first need (``ensure_loaded``), not now."""
+    global _kept_in, _loaded
+    with _load_lock:
+        _kept_in, _loaded = directory, False
+
+
+def ensure_loaded() -> None:
+    """Load the verdicts kept where ``keep_in`` said, once (blocking: an
+    expansion calls it in its worker thread before it searches anything)."""
+    global _loaded
+    with _load_lock:
+        if _loaded or _kept_in is None:
+            return
+        _loaded = True
+        load(_kept_in)
+
+
+def save_kept() -> int:
+    """``save`` where ``keep_in`` said (0 if nowhere, or nothing new)."""
+    return save(_kept_in) if _kept_in is not None else 0
 
 
 def save(directory: Path) -> int:
