@@ -38,42 +38,11 @@ from datetime import UTC, datetime
 from dgfs import __version__
 from dgfs.errors import FormatError
 from dgfs.proxymeta import (
-    CLIENT_NAME_MAX as CLIENT_NAME_MAX,
-)
-from dgfs.proxymeta import (
-    CLIENT_PREFIX as CLIENT_PREFIX,
-)
-from dgfs.proxymeta import (
-    CLIENT_VALUE_MAX as CLIENT_VALUE_MAX,
-)
-from dgfs.proxymeta import (
-    CONTENT_TYPE_KEY as CONTENT_TYPE_KEY,
-)
-
-# Read here by dgfs/writer.py; their home is dgfs.proxymeta.
-from dgfs.proxymeta import DEFAULT_CONTENT_TYPE as DEFAULT_CONTENT_TYPE
-from dgfs.proxymeta import (
-    PROXY_AES_GCM as PROXY_AES_GCM,
-)
-from dgfs.proxymeta import (
-    PROXY_AES_GCM_CHUNKED as PROXY_AES_GCM_CHUNKED,
-)
-from dgfs.proxymeta import (
-    PROXY_ENCRYPTED_KEYS as PROXY_ENCRYPTED_KEYS,
-)
-from dgfs.proxymeta import (
-    PROXY_KEY_ID_KEYS as PROXY_KEY_ID_KEYS,
-)
-from dgfs.proxymeta import PROXY_MARKER_KEYS, proxy_encryption
-from dgfs.proxymeta import (
-    client_metadata as client_metadata,
-)
-from dgfs.proxymeta import content_type_metadata as content_type_metadata
-from dgfs.proxymeta import (
-    content_type_of as content_type_of,
-)
-from dgfs.proxymeta import (
-    proxy_key_id as proxy_key_id,
+    DEFAULT_CONTENT_TYPE,
+    PROXY_MARKER_KEYS,
+    content_type_metadata,
+    content_type_of,
+    proxy_encryption,
 )
 
 TOOL = f"dgfs/{__version__}"

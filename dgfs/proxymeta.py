@@ -1,7 +1,7 @@
 """deltaglider_proxy's own metadata keys: its at-rest encryption markers, and
 an S3 client's own metadata and Content-Type as the proxy keeps them
-(``user-<k>``, ``content-type``). Pure, no I/O; ``dgfs.format`` re-exports
-every name here for its callers.
+(``user-<k>``, ``content-type``). Pure, no I/O; callers import these names
+from here (``dgfs.format`` uses the encryption markers to classify objects).
 
 What a bucket holds is untrusted: ``client_metadata`` reads under limits
 and never raises.

@@ -190,21 +190,21 @@ class Verifier:
         return digest.sha256, digest.size
 
     async def _check_reference(self, ref_key: str) -> _ReferenceState:
-        deep = fmt.reference_mode(ref_key) is DeltaMode.DEEP
+        is_deep = fmt.reference_mode(ref_key) is DeltaMode.DEEP
         try:
             head = await self.core.store.head(ref_key)
             recorded = fmt.meta_value(head.metadata, "file_sha256")
-            if deep:
+            if is_deep:
                 actual, size = await self._hash_deep_reference(ref_key)
             else:
                 actual, size = await self._hash_object(ref_key)
         except NotFound:
-            return _ReferenceState(None, None, 0, f"{ref_key} is missing", deep)
+            return _ReferenceState(None, None, 0, f"{ref_key} is missing", is_deep)
         except FormatError as exc:  # a deep reference whose body is not zstd
-            return _ReferenceState(None, None, 0, f"{ref_key}: {exc}", deep)
+            return _ReferenceState(None, None, 0, f"{ref_key}: {exc}", is_deep)
         except (DgfsError, OSError) as exc:
-            return _ReferenceState(None, None, 0, f"{ref_key} could not be read: {exc}", deep)
-        if deep:
+            return _ReferenceState(None, None, 0, f"{ref_key} could not be read: {exc}", is_deep)
+        if is_deep:
             expanded_size = head.metadata.get(fmt.META_EXPANDED_SIZE, "")
             if expanded_size.isdigit() and int(expanded_size) != size:
                 return _ReferenceState(
@@ -212,9 +212,9 @@ class Verifier:
                     actual,
                     size,
                     f"{ref_key} expands to {size} bytes, not the recorded {expanded_size}",
-                    deep,
+                    is_deep,
                 )
-        return _ReferenceState(recorded, actual, size, deep=deep)
+        return _ReferenceState(recorded, actual, size, deep=is_deep)
 
     async def verify_reference(self, ref_key: str) -> VerifyResult:
         """A reference against its own recorded SHA-256 (a deep one's: once expanded)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from dgfs import deep
+from dgfs import deep, proxymeta
 from dgfs import format as fmt
 from dgfs.cache import ContentCache
 from dgfs.delta import DeltaEngine
@@ -41,8 +41,6 @@ from dgfs.store.base import ObjectHead, head_many
 from dgfs.workbench import Workbench
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CONTENT_TYPE = fmt.DEFAULT_CONTENT_TYPE
 
 
 def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, bool]:
@@ -192,7 +190,7 @@ class FileWriter:
         *,
         extra_metadata: Mapping[str, str] | None = None,
         digest: FileDigest | None = None,
-        content_type: str = DEFAULT_CONTENT_TYPE,
+        content_type: str = proxymeta.DEFAULT_CONTENT_TYPE,
         mode: DeltaMode | None = None,
         direct: bool = False,
     ) -> PutResult:
@@ -203,7 +201,7 @@ class FileWriter:
         re-hashing when the caller has it. ``content_type`` is set on the
         object that holds the file (delta or direct), not on the reference,
         and written as deltaglider_proxy's ``content-type`` key too
-        (``fmt.content_type_metadata``), which it serves instead.
+        (``proxymeta.content_type_metadata``), which it serves instead.
         ``mode`` forces the deltaspace mode (a conversion); by default the
         directory's existing reference decides (see ``_deltaspace``).
         ``direct`` stores the file whole whatever the policy says: the upload
@@ -212,7 +210,7 @@ class FileWriter:
         if fmt.is_hidden_name(fmt.split_key(key)[1]) or fmt.is_internal_key(key):
             raise FormatError(f"{key}: name is reserved by the DeltaGlider format")
         digest = digest or await self._bench.digest(src)
-        extra = {**(extra_metadata or {}), **fmt.content_type_metadata(content_type)}
+        extra = {**(extra_metadata or {}), **proxymeta.content_type_metadata(content_type)}
         job = _Put(src, key, digest, extra, content_type)
         prefix, name = fmt.split_key(key)
         if direct or not self._policy.is_delta_candidate(name, digest.head, digest.size, deep=True):

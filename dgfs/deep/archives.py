@@ -9,7 +9,6 @@ from dgfs.deep.deflate import DeflateParams
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 _ZIP_LOCAL = b"PK\x03\x04"
-_ZIP_DESCRIPTOR = b"PK\x07\x08"
 _ZIP_CENTRAL = b"PK\x01\x02"
 _ZIP_END = b"PK\x05\x06"
 _U32_MAX = 0xFFFFFFFF

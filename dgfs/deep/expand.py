@@ -51,7 +51,7 @@ from dgfs.deep.archives import (
     nested_kind,
     read_local_header,
 )
-from dgfs.deep.limits import DEFAULT_MAX_BYTES, Budget, ExpansionLimits
+from dgfs.deep.limits import Budget, ExpansionLimits
 from dgfs.deep.proof import prove_form
 from dgfs.deep.recompress import REBUILT_SUBTREES, rebuild_chunks, rebuild_digest, rebuild_file
 from dgfs.deep.search import (
@@ -82,7 +82,6 @@ from dgfs.errors import ExpansionLimit, FormatError
 
 # What callers import from here, wherever it lives.
 __all__ = [
-    "DEFAULT_MAX_BYTES",
     "MAGIC",
     "MAX_DEPTH",
     "MAX_NESTING",

@@ -421,7 +421,7 @@ class StreamExpander:
         self.stats.proven.add((span[0], recipe))
         if sink.spool is None:
             self.stats.leaves[(sink.content.digest(), recipe)] = span
-        if sink.spool is not None:
+        else:
             sink.spool.flush()
             self.w.rewind(body_pos)
             self.range(sink.spool, 0, found.uncompressed_length, at.depth + 1)

@@ -26,12 +26,12 @@ from pathlib import Path
 import trio
 
 from dgfs.errors import DgfsError, NotFound
+from dgfs.proxymeta import DEFAULT_CONTENT_TYPE
 
 # Objects at least this large are uploaded in parts.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_PART_SIZE = 16 * 1024 * 1024
 # What S3 gives an object stored without a Content-Type.
-DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
 def encode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
