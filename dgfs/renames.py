@@ -17,7 +17,7 @@ import trio
 
 from dgfs import format as fmt
 from dgfs import proxymeta
-from dgfs.errors import DgfsError, FormatError, NotFound, TransientError
+from dgfs.errors import DgfsError, FormatError, NotFound, PreconditionFailed, TransientError
 from dgfs.format import Kind, StoredFile
 from dgfs.forms import Forms
 from dgfs.rebuild import Rebuilder
@@ -26,6 +26,10 @@ from dgfs.workbench import Workbench
 from dgfs.writer import FileWriter
 
 log = logging.getLogger(__name__)
+
+
+#: Metadata updates raced by another writer's new version before giving up.
+UPDATE_ATTEMPTS = 3
 
 
 class Renamer:
@@ -114,10 +118,26 @@ class Renamer:
             return False
 
     async def update_metadata(self, key: str, changes: Mapping[str, str]) -> StoredFile:
-        """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place."""
-        stored, head = await self._forms.locate_with_head(key)
-        await self._store.copy(stored.stored_key, stored.stored_key, {**head.metadata, **changes})
-        return stored
+        """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place.
+
+        The copy is made only while the object is the version whose metadata
+        was read (``if_match``): another mount's new version must never get
+        the old one's ``dg-file-sha256`` (every read of it would fail its
+        check). Replaced meanwhile, the object is read again and the changes
+        merged into its own metadata."""
+        for attempt in range(UPDATE_ATTEMPTS):
+            stored, head = await self._forms.locate_with_head(key)
+            meta = {**head.metadata, **changes}
+            try:
+                await self._store.copy(
+                    stored.stored_key, stored.stored_key, meta, if_match=head.etag
+                )
+            except PreconditionFailed:
+                if attempt == UPDATE_ATTEMPTS - 1:
+                    raise
+                continue
+            return stored
+        raise AssertionError("unreachable")
 
     async def rename_prefix(self, src_prefix: str, dst_prefix: str) -> int:
         """Move every object under ``src_prefix/`` to ``dst_prefix/`` (a directory rename).

@@ -291,3 +291,39 @@ async def test_a_file_the_other_mount_stored_in_its_other_form_reads_its_new_ver
         await b.fs.wait_idle()
         assert "rel/x.zip.delta" not in memory.objects
         assert await read_file(a.fs, "x.zip", da.ino) == SMALL
+
+
+async def test_a_metadata_update_never_gives_another_writers_new_version_the_old_hash(
+    memory: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """chmod (or a same-size truncate) reads the object's metadata, then copies
+    it onto itself with the change. Another mount that stores a new version
+    in between must keep its own dg-file-sha256: the copy is made only while
+    the object is the version read, else read again (before: EIO for good)."""
+    from tests.coreharness import make_core
+
+    core, cache = make_core(memory, tmp_path)
+    src = tmp_path / "v"
+    src.write_bytes(b"version one\n" * 10)
+    await core.put(src, "f")
+    renamer = core.renamer
+    real_locate = renamer._forms.locate_with_head
+    rewritten = False
+
+    async def locate_then_rewrite(key: str) -> object:
+        nonlocal rewritten
+        found = await real_locate(key)
+        if not rewritten:  # another mount stores version two right after the read
+            rewritten = True
+            src.write_bytes(b"version two, longer\n" * 10)
+            await core.put(src, "f")
+        return found
+
+    monkeypatch.setattr(renamer._forms, "locate_with_head", locate_then_rewrite)
+    await core.update_metadata("f", {"mode": "33152"})
+    out = tmp_path / "out"
+    await core.get("f", out)
+    assert out.read_bytes() == b"version two, longer\n" * 10
+    assert memory.objects["f"].metadata["mode"] == "33152"
+    await core.aclose()
+    cache.close()
