@@ -64,6 +64,13 @@ def _made_by_gzip_tool(gzip_file: Path) -> bool:
 # Threads re-deflating one expanded form's streams (zlib releases the GIL).
 _REBUILD_WORKERS = min(4, os.cpu_count() or 1)
 
+#: Rebuilt files up to this size reach a reader only once whole and checked
+#: against their SHA-256 (the filesystem's ``verify_whole_below``), so
+#: xdelta3 need not check each window it decodes (a fifth of its CPU).
+#: Larger ones may be served while xdelta3 writes them (``RebuildStream``):
+#: their windows stay checked, so a corrupt one is never written.
+CHECKED_WHOLE_UP_TO = 32 << 20
+
 
 @dataclass
 class RebuildStream:
@@ -169,7 +176,11 @@ class Rebuilder:
                     stream.writing = True  # xdelta3 writes ``out`` once, in order
                 try:
                     await self._engine.decode(
-                        plain_ref, delta_path, out, max_size=stored.original_size
+                        plain_ref,
+                        delta_path,
+                        out,
+                        max_size=stored.original_size,
+                        window_checks=stored.original_size > CHECKED_WHOLE_UP_TO,
                     )
                 except DeltaEngineError:
                     if not from_gzip:
@@ -242,6 +253,8 @@ class Rebuilder:
                     expanded,
                     max_size=self._limits.expanded_cap(stored.original_size),
                     cap_name="expand_ratio × its dg-file-size, at most expand_max",
+                    # Parsed under limits, rebuilt and checked whole: never streamed.
+                    window_checks=False,
                 )
             try:
                 await self._bench.cpu(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from dgfs import posixmeta
+from dgfs import posixmeta, rebuild
 from dgfs.core import Core
 from dgfs.errors import (
     DeltaEngineError,
@@ -254,6 +254,45 @@ async def test_corrupted_reference_is_detected(
     with pytest.raises(IntegrityError, match="SHA-256"):
         await reader.get("r/b.zip", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    for c, cache in ((writer, wcache), (reader, rcache)):
+        await c.aclose()
+        cache.close()
+
+
+@pytest.mark.parametrize("checked_whole", [True, False], ids=["whole", "may-stream"])
+async def test_a_corrupt_delta_window_never_gives_wrong_bytes(
+    memory_store: MemoryStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    checked_whole: bool,
+) -> None:
+    """A byte flipped inside the literal bytes a delta adds. A file checked
+    whole before use is decoded without xdelta3's window checks (the SHA-256
+    catches it); a larger one, which may be served while it is written, keeps
+    them (xdelta3 refuses the window). Either way no wrong byte comes out."""
+    rng = random.Random(7)
+    base = rng.randbytes(64 << 10)
+    added = rng.randbytes(8 << 10)  # incompressible: stored as it is in the delta
+    first = write(tmp_path / "a.bin", base)
+    second = write(tmp_path / "b.bin", base[:30000] + added + base[30000:])
+    writer, wcache = make_core(memory_store, tmp_path / "w")
+    await writer.put(first, "c/a.zip")
+    await writer.put(second, "c/b.zip")
+    body = memory_store.objects["c/b.zip.delta"].body
+    at = body.find(added[4096:4160])
+    assert at > 0, "the added bytes are not stored literally; pick other test data"
+    flip_byte(memory_store, "c/b.zip.delta", lambda _: at)
+    if not checked_whole:
+        monkeypatch.setattr(rebuild, "CHECKED_WHOLE_UP_TO", len(second.read_bytes()) - 1)
+    reader, rcache = make_core(memory_store, tmp_path / "r")
+    caught_by = "SHA-256 mismatch" if checked_whole else "cannot be decoded"
+    with pytest.raises(IntegrityError, match=caught_by):
+        await reader.get("c/b.zip", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    stored = await reader.locate("c/b.zip")
+    with pytest.raises(IntegrityError):
+        await reader.materialize(stored)
+    assert stored.file_sha256 is not None and not rcache.contains(stored.file_sha256)
     for c, cache in ((writer, wcache), (reader, rcache)):
         await c.aclose()
         cache.close()

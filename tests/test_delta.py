@@ -354,6 +354,28 @@ async def test_corrupt_delta(engine: DeltaEngine, tmp_path: Path) -> None:
     assert not out.exists()
 
 
+async def test_without_window_checks_a_corrupt_window_decodes_to_other_bytes(
+    engine: DeltaEngine, tmp_path: Path
+) -> None:
+    """``window_checks=False`` really drops xdelta3's Adler-32 check (callers
+    must check the result whole): the same corrupt delta fails with it and
+    decodes without it, to bytes that differ from the target."""
+    source, target = similar_pair(tmp_path)
+    delta, out = tmp_path / "d", tmp_path / "out"
+    await engine.encode(source, target, delta)
+    inserted = target.read_bytes()[150_000 : 150_000 + 5000]  # similar_pair's random insert
+    data = bytearray(delta.read_bytes())
+    at = data.find(inserted[2000:2064])
+    assert at > 0
+    data[at] ^= 0xFF
+    write(delta, bytes(data))
+    with pytest.raises(DeltaEngineError):
+        await engine.decode(source, delta, out)
+    await engine.decode(source, delta, out, window_checks=False)
+    assert out.stat().st_size == target.stat().st_size
+    assert sha256_of(out) != sha256_of(target)
+
+
 async def test_garbage_and_truncated_delta(engine: DeltaEngine, tmp_path: Path) -> None:
     source, target = similar_pair(tmp_path)
     delta, out = tmp_path / "d", tmp_path / "out"

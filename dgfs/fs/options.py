@@ -7,6 +7,7 @@ import stat
 from dataclasses import dataclass, field
 
 from dgfs.fs.entries import NodeKind
+from dgfs.rebuild import CHECKED_WHOLE_UP_TO
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class FsOptions:
     upload_workers: int = 4
     upload_delay: float = 0.5
     sync_upload: bool = False  # close waits for the upload and reports its error
-    verify_whole_below: int = 32 << 20  # direct files up to this size are verified on open
+    # Files up to this size are verified whole on open (deltas: see CHECKED_WHOLE_UP_TO).
+    verify_whole_below: int = CHECKED_WHOLE_UP_TO
     retry_delay: float = 2.0
     prefetch: int = 4  # deltas rebuilt ahead of a reader walking a directory (dgfs.fs.prefetch)
 

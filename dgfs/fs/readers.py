@@ -189,7 +189,9 @@ class StreamReader(Reader):
     A read waits until xdelta3 has written its bytes; what is read is
     hashed in file order (``InOrderCheck``), so the read that completes a
     file with the wrong SHA-256 fails, as with ``RangeReader``. xdelta3
-    itself checks each window it decodes (VCDIFF's Adler-32). A read that
+    itself checks each window it decodes (VCDIFF's Adler-32) of a file
+    larger than ``dgfs.rebuild.CHECKED_WHOLE_UP_TO`` (the default
+    ``verify_whole_below``: only such files are streamed). A read that
     leaves file order (``unzip`` going to the end first, a reader far
     ahead of the hashed part) is served from the cached copy instead, once
     the rebuild has verified it there: bytes out of order are never served
