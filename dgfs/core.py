@@ -140,11 +140,6 @@ class Core:
     def conditional_create(self, conditional: bool) -> None:
         self.writer.conditional_create = conditional
 
-    @property
-    def deltas(self) -> DeltaMode:
-        """The mode of new deltaspaces (the writer's)."""
-        return self.writer.deltas
-
     def scratch_path(self, suffix: str = "") -> Path:
         """A new, empty, private temp file in the scratch dir."""
         return self.bench.scratch_path(suffix)
@@ -156,10 +151,6 @@ class Core:
     async def download(self, key: str, dest: Path) -> ObjectHead:
         """``Workbench.download``: the object ``key`` as the file it holds, in ``dest``."""
         return await self.bench.download(key, dest)
-
-    async def ensure_cached(self, key: str, sha256: str) -> None:
-        """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
-        await self.references.ensure_cached(key, sha256)
 
     # --- locating and storing --------------------------------------------------
 

@@ -31,7 +31,6 @@ from dgfs.proxymeta import DEFAULT_CONTENT_TYPE
 # Objects at least this large are uploaded in parts.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_PART_SIZE = 16 * 1024 * 1024
-# What S3 gives an object stored without a Content-Type.
 
 
 def encode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
