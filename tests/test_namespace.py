@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -205,6 +208,48 @@ def test_a_forgotten_key_is_forgotten_on_disk_too(tmp_path: Path) -> None:
     again = AttrCache(db)
     assert not again.knows("k")
     assert again.get("other", "v1") == {"dg-file-size": "7"}
+
+
+@pytest.mark.expected_log("could not persist attribute cache")
+async def test_a_forget_that_failed_to_be_written_is_written_at_the_next_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk failed the round that was to drop a forgotten key's rows:
+    they were lost with it, and a remount found the old row (a new object
+    with the same ETag within the second shows its attributes). Now the
+    next round drops them; two failed rounds log one warning, and the
+    recovery one line."""
+    db = tmp_path / "attrs.sqlite"
+    cache = AttrCache(db)
+    cache.put("k", "v1", {"dg-file-size": "5"})
+    cache.write(cache.take_dirty())
+    ns = Namespace(MemoryStore(), cache, root_prefix="", listing_ttl=60, mounted_at_ns=1)
+    real_connect = AttrCache._connect
+    full = 2
+
+    def connect(self: AttrCache) -> sqlite3.Connection:
+        nonlocal full
+        if full:
+            full -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_connect(self)
+
+    def rows_on_disk() -> int:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return int(conn.execute("SELECT count(*) FROM heads WHERE key = 'k'").fetchone()[0])
+
+    caplog.set_level(logging.DEBUG, logger="dgfs.fs.attrcache")
+    monkeypatch.setattr(AttrCache, "_connect", connect)
+    cache.forget("k")
+    await ns.flush_attr_cache(unmounting=True)
+    assert rows_on_disk() == 1  # the round failed
+    await ns.flush_attr_cache(unmounting=True)  # fails again: nothing new to say
+    await ns.flush_attr_cache(unmounting=True)
+    assert rows_on_disk() == 0
+    said = [
+        (r.levelname, r.getMessage()) for r in caplog.records if "attribute cache" in r.getMessage()
+    ]
+    assert [level for level, _ in said] == ["WARNING", "DEBUG", "INFO"], said
 
 
 async def test_a_fresh_mount_reads_the_directory_index_instead_of_heading(

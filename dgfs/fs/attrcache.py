@@ -92,6 +92,7 @@ class AttrCache:
         self._dirty: dict[tuple[str, str], dict[str, str]] = {}
         self._forgotten: set[str] = set()  # keys whose persisted rows go at the next write
         self._io_lock = threading.Lock()
+        self._failing = False  # the last write failed (logged once, until one succeeds)
         if path is not None:
             self._load()
 
@@ -155,10 +156,14 @@ class AttrCache:
         self._forgotten.clear()
         return changes
 
-    def write(self, changes: AttrChanges) -> None:
-        """Persist ``changes`` (blocking): forgotten keys' rows go, then new rows are added."""
+    def write(self, changes: AttrChanges) -> bool:
+        """Persist ``changes`` (blocking): forgotten keys' rows go, then new rows
+        are added. False when that failed (a full disk): the caller gives the
+        forgotten keys back (``unwritten``); the rows stay in memory only.
+        The first failure is logged as a warning, the next ones quietly,
+        until a write succeeds again."""
         if self.path is None or not changes:
-            return
+            return True
         with self._io_lock:
             try:
                 with self._connect() as conn:
@@ -167,4 +172,17 @@ class AttrCache:
                     )
                     conn.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", changes.rows)
             except sqlite3.Error as exc:
-                log.warning("could not persist attribute cache: %s", exc)
+                level = logging.DEBUG if self._failing else logging.WARNING
+                log.log(level, "could not persist attribute cache %s: %s", self.path, exc)
+                self._failing = True
+                return False
+            if self._failing:
+                log.info("attribute cache %s written again", self.path)
+                self._failing = False
+            return True
+
+    def unwritten(self, changes: AttrChanges) -> None:
+        """``changes`` failed to be written (trio thread): its forgotten keys go
+        at the next write, so no remount finds their old rows (a new object
+        could be taken for one: the same ETag within the second)."""
+        self._forgotten.update(changes.forgotten)

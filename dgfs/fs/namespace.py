@@ -457,8 +457,8 @@ class Namespace:
         with contained("writing the attribute cache", logger=log):
             # Rows that fail to be written stay in memory only: a remount HEADs them again.
             changes = self.attr_cache.take_dirty()
-            if changes:
-                await trio.to_thread.run_sync(self.attr_cache.write, changes)
+            if changes and not await trio.to_thread.run_sync(self.attr_cache.write, changes):
+                self.attr_cache.unwritten(changes)
         await self.write_due_indexes()
 
     def stored_into(self, path: str) -> None:
