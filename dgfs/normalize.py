@@ -98,7 +98,7 @@ async def normalize(
                 report.unchanged += 1
                 return
             if not dry_run:
-                await store.copy(obj.key, obj.key, new, if_match=head.etag)
+                await store.copy(obj.key, obj.key, new, version=head)
             report.rewritten.append(obj.key)
         except (NotFound, PreconditionFailed):
             report.changed_meanwhile.append(obj.key)

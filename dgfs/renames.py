@@ -54,12 +54,44 @@ class Renamer:
 
     async def rename(self, src_key: str, dst_key: str) -> StoredFile:
         """Move one file. A delta keeps its reference when it stays in its
-        deltaspace; moved to another directory it is rebuilt and stored there."""
+        deltaspace; moved to another directory it is rebuilt and stored there.
+
+        Another mount storing a new version of ``src_key`` meanwhile never
+        loses it: the copy is made only while the file is the version read
+        (else it is read again), so the new name never gets one version's
+        bytes with another's metadata (every read would fail its SHA-256);
+        and the old name is removed only while it is still that version, so
+        a version stored after the copy stays there, as if stored after the
+        rename."""
         if fmt.is_hidden_name(fmt.split_key(dst_key)[1]) or fmt.is_internal_key(dst_key):
             raise FormatError(f"{dst_key}: name is reserved by the DeltaGlider format")
-        stored, head = await self._forms.locate_with_head(src_key)
-        if src_key == dst_key:
-            return stored
+        for attempt in range(UPDATE_ATTEMPTS):
+            stored, head = await self._forms.locate_with_head(src_key)
+            if src_key == dst_key:
+                return stored
+            try:
+                await self._move_version(stored, head, src_key, dst_key)
+            except PreconditionFailed:
+                if attempt == UPDATE_ATTEMPTS - 1:
+                    raise
+                continue
+            break
+        try:
+            await self._store.delete(stored.stored_key, version=head)
+        except PreconditionFailed:
+            log.info(
+                "%s: another mount stored a new version while it was renamed to %s; it stays",
+                src_key,
+                dst_key,
+            )
+        log.info("renamed %s -> %s", src_key, dst_key)
+        return await self._forms.locate(dst_key)
+
+    async def _move_version(
+        self, stored: StoredFile, head: ObjectHead, src_key: str, dst_key: str
+    ) -> None:
+        """The version ``head`` of ``src_key`` under ``dst_key`` too
+        (``PreconditionFailed``: ``src_key`` is another version now)."""
         same_space = fmt.split_key(src_key)[0] == fmt.split_key(dst_key)[0]
         # A delta moves as a delta only where ``dst.delta`` is free for it;
         # otherwise it is rebuilt and stored (direct, beside a foreign ``dst.delta``).
@@ -72,9 +104,6 @@ class Renamer:
             if not await self._holds_file(dst_key, stored.file_sha256):
                 raise
             log.info("%s: stored as %s though the reply was lost; renaming on", src_key, dst_key)
-        await self._store.delete(stored.stored_key)
-        log.info("renamed %s -> %s", src_key, dst_key)
-        return await self._forms.locate(dst_key)
 
     async def _write_renamed(
         self, stored: StoredFile, head: ObjectHead, src_key: str, dst_key: str, same_space: bool
@@ -102,7 +131,7 @@ class Renamer:
         meta = None
         if stored.kind in (Kind.DELTA, Kind.DIRECT):
             meta = fmt.with_original_name(head.metadata, fmt.split_key(dst_key)[1])
-        await self._store.copy(stored.stored_key, dst_stored, meta)
+        await self._store.copy(stored.stored_key, dst_stored, meta, version=head)
         if other_form == dst_key:
             await self._store.delete(other_form)
         else:
@@ -121,7 +150,7 @@ class Renamer:
         """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place.
 
         The copy is made only while the object is the version whose metadata
-        was read (``if_match``): another mount's new version must never get
+        was read (``version``): another mount's new version must never get
         the old one's ``dg-file-sha256`` (every read of it would fail its
         check). Replaced meanwhile, the object is read again and the changes
         merged into its own metadata."""
@@ -129,9 +158,7 @@ class Renamer:
             stored, head = await self._forms.locate_with_head(key)
             meta = {**head.metadata, **changes}
             try:
-                await self._store.copy(
-                    stored.stored_key, stored.stored_key, meta, if_match=head.etag
-                )
+                await self._store.copy(stored.stored_key, stored.stored_key, meta, version=head)
             except PreconditionFailed:
                 if attempt == UPDATE_ATTEMPTS - 1:
                     raise
@@ -161,14 +188,16 @@ class Renamer:
                 body = await self._store.get_range(key, 0, head.size) if head.size else b""
                 await self._store.put_bytes(new_key, body, head.metadata)
                 return
-            meta = None
+            meta, version = None, None
             if key.endswith(fmt.DELTA_SUFFIX):
-                head = await self._store.head(key)
-                ref_key = fmt.meta_value(head.metadata, "ref_key")
+                version = await self._store.head(key)
+                ref_key = fmt.meta_value(version.metadata, "ref_key")
                 if ref_key and ref_key.startswith(src_root):
                     new_ref_key = dst_root + ref_key[len(src_root) :]
-                    meta = fmt.with_ref_key(head.metadata, new_ref_key)
-            await self._store.copy(key, new_key, meta)
+                    meta = fmt.with_ref_key(version.metadata, new_ref_key)
+            # Metadata read from one version lands on no other (a failed copy
+            # fails the whole rename, and nothing is deleted).
+            await self._store.copy(key, new_key, meta, version=version)
 
         async def move_one(key: str, limiter: trio.CapacityLimiter) -> None:
             new_key = dst_root + key[len(src_root) :]

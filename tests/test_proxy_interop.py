@@ -22,7 +22,7 @@ from dgfs import format as fmt
 from dgfs import proxymeta
 from dgfs.cli.main import EXIT_OK, EXIT_USAGE
 from dgfs.cli.main import main as dgfs_main
-from dgfs.errors import PreconditionFailed
+from dgfs.errors import NotFound, PreconditionFailed
 from dgfs.migrate import open_migration, plan_migration, run_migration
 from dgfs.normalize import normalize
 from dgfs.policy import Policy
@@ -248,14 +248,27 @@ def test_proxy_parses_what_deltaglider_writes(
 
 
 async def copy_if_match_refuses_another_version(store: ObjectStore) -> None:
-    etag = await store.put_bytes("k", b"one", {"a": "1"})
+    """A copy or delete on the condition of a version read earlier refuses
+    another writer's newer object under the key, and goes ahead on its own."""
+    await store.put_bytes("k", b"one", {"a": "1"})
+    old = await store.head("k")
     await store.put_bytes("k", b"two", {"a": "2"})
     with pytest.raises(PreconditionFailed):
-        await store.copy("k", "k", {"a": "3"}, if_match=etag)
+        await store.copy("k", "k", {"a": "3"}, version=old)
+    with pytest.raises(PreconditionFailed):
+        await store.copy("k", "k2", None, version=old)
+    with pytest.raises(PreconditionFailed):
+        await store.delete("k", version=old)
     assert (await store.head("k")).metadata == {"a": "2"}
-    current = (await store.head("k")).etag
-    await store.copy("k", "k", {"a": "3"}, if_match=current)
+    current = await store.head("k")
+    await store.copy("k", "k2", None, version=current)
+    assert (await store.get_range("k2", 0, 10)) == b"two"
+    await store.copy("k", "k", {"a": "3"}, version=current)
     assert (await store.head("k")).metadata == {"a": "3"}
+    await store.delete("k", version=await store.head("k"))
+    with pytest.raises(NotFound):
+        await store.head("k")
+    await store.delete("k", version=current)  # gone already: as any delete of a missing key
 
 
 async def test_s3_copy_if_match_refuses_another_version(s3_store: S3Store) -> None:

@@ -327,3 +327,95 @@ async def test_a_metadata_update_never_gives_another_writers_new_version_the_old
     assert memory.objects["f"].metadata["mode"] == "33152"
     await core.aclose()
     cache.close()
+
+
+VERSIONS = {
+    # Text under make_core's 1 KiB: stored whole; zips: deltas against a reference.
+    "direct": ("f.txt", "g.txt", b"version one\n" * 10, b"version two, longer\n" * 10),
+    "delta": ("f.zip", "g.zip", RELEASES[1][1], RELEASES[2][1]),
+}
+
+
+async def renamed_racing_a_rewrite(
+    memory: MemoryStore, tmp_path: Path, kind: str, rewrite_after: str
+) -> tuple[bytes, bytes, bytes | None]:
+    """Rename ``d/f`` to ``d/g`` while another writer stores version two of
+    ``d/f`` right after the rename's ``rewrite_after`` step ("read" or "copy");
+    returns both versions and what ``d/f`` holds afterwards (None: gone)."""
+    from tests.coreharness import make_core
+
+    src_name, dst_name, one, two = VERSIONS[kind]
+    core, cache = make_core(memory, tmp_path)
+    src = tmp_path / src_name
+    src.write_bytes(RELEASES[0][1])
+    await core.put(src, "d/first.zip")  # the directory's reference
+    src.write_bytes(one)
+    await core.put(src, f"d/{src_name}")
+    done = False
+
+    async def rewrite() -> None:
+        nonlocal done
+        if not done:  # another mount stores version two, once
+            done = True
+            src.write_bytes(two)
+            await core.put(src, f"d/{src_name}")
+
+    renamer = core.renamer
+    if rewrite_after == "read":
+        real_locate = renamer._forms.locate_with_head
+
+        async def locate_then_rewrite(key: str) -> object:
+            found = await real_locate(key)
+            await rewrite()
+            return found
+
+        renamer._forms.locate_with_head = locate_then_rewrite  # type: ignore[method-assign]
+    else:
+        real_copy = memory.copy_object
+
+        async def copy_then_rewrite(src_key: str, dst_key: str, request: object) -> str:
+            etag = await real_copy(src_key, dst_key, request)  # type: ignore[arg-type]
+            await rewrite()
+            return etag
+
+        memory.copy_object = copy_then_rewrite  # type: ignore[method-assign]
+    await core.rename(f"d/{src_name}", f"d/{dst_name}")
+    out = tmp_path / "out"
+    await core.get(f"d/{dst_name}", out)
+    renamed = out.read_bytes()
+    try:
+        await core.get(f"d/{src_name}", out)
+        left: bytes | None = out.read_bytes()
+    except DgfsError:
+        left = None
+    await core.aclose()
+    cache.close()
+    return renamed, two, left
+
+
+@pytest.mark.parametrize("kind", VERSIONS)
+async def test_a_rename_never_gives_another_writers_new_version_the_old_hash(
+    memory: MemoryStore, tmp_path: Path, kind: str
+) -> None:
+    """A rename reads the file's metadata, copies it to the new name with the
+    name changed, then removes the old. Another mount storing a new version
+    between the read and the copy: the copy carried the old dg-file-sha256
+    onto the new bytes (every read of the renamed file failed: EIO for
+    good). Now the copy is made only while the file is the version read,
+    else it is read again: the new name holds version two, whole."""
+    renamed, two, left = await renamed_racing_a_rewrite(memory, tmp_path, kind, "read")
+    assert renamed == two
+    assert left is None
+
+
+@pytest.mark.parametrize("kind", VERSIONS)
+async def test_a_version_stored_during_a_rename_stays_under_the_old_name(
+    memory: MemoryStore, tmp_path: Path, kind: str
+) -> None:
+    """Another mount stores a new version after the rename's copy, before its
+    delete: the delete removed it (an acknowledged write gone). Now the old
+    name is deleted only while it is the version copied, so version two
+    stays under it, as if stored just after the rename."""
+    renamed, two, left = await renamed_racing_a_rewrite(memory, tmp_path, kind, "copy")
+    assert renamed == VERSIONS[kind][2]
+    assert left == two

@@ -84,11 +84,16 @@ class ObjectHead:
 @dataclass(frozen=True)
 class CopyRequest:
     """What a server-side copy changes: ``metadata`` replaced (None: the
-    source's kept), and only while the source's ETag is ``if_match`` (None:
-    whatever it is)."""
+    source's kept), and only while the source is ``version`` (its head as the
+    caller read it, compared by ETag; None: whatever it is)."""
 
     metadata: Mapping[str, str] | None = None
-    if_match: str | None = None
+    version: ObjectHead | None = None
+
+    @property
+    def if_match(self) -> str | None:
+        """The ETag the source must still have (None: no condition)."""
+        return self.version.etag if self.version is not None else None
 
 
 @dataclass(frozen=True)
@@ -199,14 +204,15 @@ class ObjectStore(abc.ABC):
         dst_key: str,
         metadata: Mapping[str, str] | None = None,
         *,
-        if_match: str | None = None,
+        version: ObjectHead | None = None,
     ) -> str:
         """Server-side copy; ``metadata`` given means replace it, else keep it.
 
-        ``if_match``: copy only while the source's ETag is this one
-        (``PreconditionFailed`` otherwise): metadata read from one version
+        ``version``: the source's head as the caller read it; the copy is
+        made only while the source is still that version (its ETag;
+        ``PreconditionFailed`` otherwise), so metadata read from one version
         never lands on another."""
-        return await self.copy_object(src_key, dst_key, CopyRequest(metadata, if_match))
+        return await self.copy_object(src_key, dst_key, CopyRequest(metadata, version))
 
     @abc.abstractmethod
     async def copy_object(self, src_key: str, dst_key: str, request: CopyRequest) -> str:
@@ -215,8 +221,12 @@ class ObjectStore(abc.ABC):
         this one method."""
 
     @abc.abstractmethod
-    async def delete(self, key: str) -> None:
-        """Delete ``key``; deleting a missing key is not an error."""
+    async def delete(self, key: str, *, version: ObjectHead | None = None) -> None:
+        """Delete ``key``; deleting a missing key is not an error.
+
+        ``version``: delete only while ``key`` is still that version (its
+        ETag; ``PreconditionFailed`` otherwise): another writer's newer
+        object under the key is never deleted in its place."""
 
     async def delete_many(self, keys: builtins.list[str]) -> None:
         """Delete several keys (implementations may batch)."""

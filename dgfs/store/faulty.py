@@ -270,9 +270,9 @@ class FaultyStore(ObjectStore):
         async with self._faults("copy", src_key, dst_key):
             return await self.inner.copy_object(src_key, dst_key, request)
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, version: ObjectHead | None = None) -> None:
         async with self._faults("delete", key):
-            await self.inner.delete(key)
+            await self.inner.delete(key, version=version)
 
     async def delete_many(self, keys: builtins.list[str]) -> None:
         async with self._faults("delete_many", *keys):

@@ -149,8 +149,11 @@ class MemoryStore(ObjectStore):
         new_metadata = source.metadata if metadata is None else metadata
         return self._store(dst_key, source.body, NewObject(new_metadata, source.content_type))
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, version: ObjectHead | None = None) -> None:
         await trio.lowlevel.checkpoint()
+        current = self.objects.get(key)
+        if version is not None and current is not None and current.etag != version.etag:
+            raise PreconditionFailed(f"DeleteObject s3://{self.bucket}/{key}: precondition failed")
         self.objects.pop(key, None)
 
     async def delete_many(self, keys: list[str]) -> None:

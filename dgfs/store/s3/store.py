@@ -297,6 +297,8 @@ class S3Store(ObjectStore):
         the CopyObject limit) are copied with UploadPartCopy.
         """
         metadata, if_match = request.metadata, request.if_match
+        # HEADed even when the caller read it: some stores ignore
+        # CopySourceIfMatch (moto does), and this check still holds there.
         source = await self.head(src_key)
         if if_match is not None and source.etag != if_match:
             raise PreconditionFailed(
@@ -331,10 +333,16 @@ class S3Store(ObjectStore):
 
     # --- deleting and housekeeping -------------------------------------------
 
-    async def delete(self, key: str) -> None:
-        """Delete ``key``; a missing key is not an error."""
+    async def delete(self, key: str, *, version: ObjectHead | None = None) -> None:
+        """Delete ``key``; a missing key is not an error. With ``version``,
+        only while ``key`` has its ETag (``If-Match``, ``PreconditionFailed``
+        otherwise: AWS S3 and Ceph document it, SeaweedFS and moto honour it;
+        a store that ignores it deletes as without)."""
+        condition = {} if version is None else {"IfMatch": f'"{version.etag}"'}
         try:
-            delete_object = partial(self._client.delete_object, Bucket=self.bucket, Key=key)
+            delete_object = partial(
+                self._client.delete_object, Bucket=self.bucket, Key=key, **condition
+            )
             await self._call("DeleteObject", key, delete_object)
         except NoSuchBucket:
             raise
