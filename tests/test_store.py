@@ -657,3 +657,33 @@ async def test_core_behaviours_seaweedfs(
             await refused.get_range("app/reference.bin", 0, 1)
     finally:
         await refused.aclose()
+
+
+@pytest.mark.expected_log("refuses DeleteObject with If-Match")
+async def test_a_store_refusing_conditional_deletes_gets_plain_ones_after_one_warning(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that answers If-Match on DeleteObject with an error (here
+    501 NotImplemented) must not fail every rename: the delete is made
+    without the condition, the log says so once, and none is sent again."""
+    real = s3_store._client.delete_object
+    sent: list[bool] = []
+
+    def delete_object(**kwargs: Any) -> Any:
+        sent.append("IfMatch" in kwargs)
+        if "IfMatch" in kwargs:
+            error = {"Error": {"Code": "NotImplemented", "Message": "If-Match"}}
+            error["ResponseMetadata"] = {"HTTPStatusCode": 501}  # type: ignore[dict-item]
+            raise bexc.ClientError(error, "DeleteObject")  # type: ignore[arg-type]
+        return real(**kwargs)
+
+    monkeypatch.setattr(s3_store._client, "delete_object", delete_object)
+    s3_store.retry_delays = ()
+    for key in ("a", "b"):
+        await s3_store.put_bytes(key, b"x", {})
+        await s3_store.delete(key, version=await s3_store.head(key))
+        with pytest.raises(NotFound):
+            await s3_store.head(key)
+    assert sent == [True, False, False]
+    warned = [r for r in caplog.records if "If-Match" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING

@@ -32,7 +32,9 @@ import botocore.exceptions as bexc
 import trio
 
 from dgfs.errors import (
+    AccessDenied,
     ConfigError,
+    EndpointUnreachable,
     NoSuchBucket,
     NotFound,
     PreconditionFailed,
@@ -114,6 +116,8 @@ class S3Store(ObjectStore):
         self.transfer_concurrency = min(transfers.TRANSFER_CONCURRENCY, max_concurrency)
         self._part_buffers = trio.CapacityLimiter(transfers.PART_BUFFERS)
         self.page_size = 1000
+        # False once the store refused a conditional DeleteObject (see ``delete``).
+        self.conditional_delete = True
         self.retry_delays = RETRY_DELAYS
 
     @property
@@ -337,8 +341,27 @@ class S3Store(ObjectStore):
         """Delete ``key``; a missing key is not an error. With ``version``,
         only while ``key`` has its ETag (``If-Match``, ``PreconditionFailed``
         otherwise: AWS S3 and Ceph document it, SeaweedFS and moto honour it;
-        a store that ignores it deletes as without)."""
-        condition = {} if version is None else {"IfMatch": f'"{version.etag}"'}
+        a store that ignores it deletes as without). A store that refuses
+        the condition itself (an error, where the same delete without it
+        then succeeds) is sent none again, and the log says so once."""
+        if version is None or not self.conditional_delete:
+            await self._delete(key)
+            return
+        try:
+            await self._delete(key, IfMatch=f'"{version.etag}"')
+        except (PreconditionFailed, NoSuchBucket, AccessDenied, EndpointUnreachable):
+            raise
+        except StoreError as refused:
+            await self._delete(key)  # fails too when the store, not the condition, is the matter
+            self.conditional_delete = False
+            log.warning(
+                "s3://%s refuses DeleteObject with If-Match (%s); deleting without it:"
+                " a rename may then remove a version another mount stored meanwhile",
+                self.bucket,
+                refused,
+            )
+
+    async def _delete(self, key: str, **condition: str) -> None:
         try:
             delete_object = partial(
                 self._client.delete_object, Bucket=self.bucket, Key=key, **condition
