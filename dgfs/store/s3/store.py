@@ -32,9 +32,7 @@ import botocore.exceptions as bexc
 import trio
 
 from dgfs.errors import (
-    AccessDenied,
     ConfigError,
-    EndpointUnreachable,
     NoSuchBucket,
     NotFound,
     PreconditionFailed,
@@ -349,10 +347,12 @@ class S3Store(ObjectStore):
             return
         try:
             await self._delete(key, IfMatch=f'"{version.etag}"')
-        except (PreconditionFailed, NoSuchBucket, AccessDenied, EndpointUnreachable):
+        except PreconditionFailed:
             raise
         except StoreError as refused:
-            await self._delete(key)  # fails too when the store, not the condition, is the matter
+            # Fails too (and that error is raised) when the store is the matter,
+            # not the condition: unreachable, the bucket gone, no access.
+            await self._delete(key)
             self.conditional_delete = False
             log.warning(
                 "s3://%s refuses DeleteObject with If-Match (%s); deleting without it:"
