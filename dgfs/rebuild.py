@@ -172,7 +172,10 @@ class Rebuilder:
                 if from_gzip and not await self._bench.cpu(_made_by_gzip_tool, plain_ref):
                     await self._recover_stock_gzip(stored, plain_ref, delta_path, out)
                     return True
-                if stream is not None and not from_gzip:
+                # Served while written only when xdelta3 checks every window:
+                # no reader gets bytes nothing checked before the file's end.
+                window_checks = stored.original_size > CHECKED_WHOLE_UP_TO
+                if stream is not None and window_checks and not from_gzip:
                     stream.writing = True  # xdelta3 writes ``out`` once, in order
                 try:
                     await self._engine.decode(
@@ -180,7 +183,7 @@ class Rebuilder:
                         delta_path,
                         out,
                         max_size=stored.original_size,
-                        window_checks=stored.original_size > CHECKED_WHOLE_UP_TO,
+                        window_checks=window_checks,
                     )
                 except DeltaEngineError:
                     if not from_gzip:

@@ -32,7 +32,15 @@ from dgfs.fs.namespace import Namespace
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from tests.fsharness import OPTIONS, lookup, mounted, write_file
-from tests.test_streaming import HALF, STREAMING, new_dir, open_v2, read_from, store_versions
+from tests.test_streaming import (
+    HALF,
+    STREAMING,
+    new_dir,
+    open_v2,
+    read_from,
+    store_versions,
+    streamed_over_1mib,
+)
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -107,6 +115,7 @@ async def test_a_prefetch_that_fails_unexpectedly_fails_alone(
     assert memory.objects["after.txt"].body == b"still mounted\n"
 
 
+@pytest.mark.usefixtures(streamed_over_1mib.__name__)
 async def test_a_streamed_rebuild_that_fails_unexpectedly_fails_its_reader_alone(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

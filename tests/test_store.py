@@ -659,31 +659,55 @@ async def test_core_behaviours_seaweedfs(
         await refused.aclose()
 
 
-@pytest.mark.expected_log("refuses DeleteObject with If-Match")
-async def test_a_store_refusing_conditional_deletes_gets_plain_ones_after_one_warning(
-    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+#: How a store answers If-Match on DeleteObject -> whether dgfs deletes without it.
+CONDITION_ANSWERS = {
+    "refused-501": ("NotImplemented", 501, True),
+    "refused-400": ("InvalidArgument", 400, True),
+    "failing-503": ("SlowDown", 503, False),
+    "conflict-409": ("ConditionalRequestConflict", 409, False),
+}
+
+
+@pytest.mark.expected_log("refuses DeleteObject with If-Match|failed")
+@pytest.mark.parametrize("answer", CONDITION_ANSWERS)
+async def test_only_a_store_refusing_conditional_deletes_gets_plain_ones(
+    s3_store: S3Store,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    answer: str,
 ) -> None:
-    """A store that answers If-Match on DeleteObject with an error (here
-    501 NotImplemented) must not fail every rename: the delete is made
-    without the condition, the log says so once, and none is sent again."""
+    """A store that refuses If-Match on DeleteObject (501 NotImplemented, a
+    400 naming it) must not fail every rename: the delete is made without
+    the condition, the log says so once, and none is sent again. A store
+    that is failing (503) or a delete that raced another write (409) is no
+    refusal: deleting without the condition could remove another mount's
+    new version, so the error is raised and the condition kept."""
+    code, status, refused = CONDITION_ANSWERS[answer]
     real = s3_store._client.delete_object
     sent: list[bool] = []
 
     def delete_object(**kwargs: Any) -> Any:
         sent.append("IfMatch" in kwargs)
         if "IfMatch" in kwargs:
-            error = {"Error": {"Code": "NotImplemented", "Message": "If-Match"}}
-            error["ResponseMetadata"] = {"HTTPStatusCode": 501}  # type: ignore[dict-item]
-            raise bexc.ClientError(error, "DeleteObject")  # type: ignore[arg-type]
+            response: Any = {"Error": {"Code": code, "Message": "If-Match"}}
+            response["ResponseMetadata"] = {"HTTPStatusCode": status}
+            raise bexc.ClientError(response, "DeleteObject")
         return real(**kwargs)
 
     monkeypatch.setattr(s3_store._client, "delete_object", delete_object)
     s3_store.retry_delays = ()
     for key in ("a", "b"):
         await s3_store.put_bytes(key, b"x", {})
-        await s3_store.delete(key, version=await s3_store.head(key))
+        version = await s3_store.head(key)
+        if not refused:
+            with pytest.raises(PreconditionFailed if status == 409 else TransientError):
+                await s3_store.delete(key, version=version)
+            assert (await s3_store.head(key)).etag == version.etag
+            continue
+        await s3_store.delete(key, version=version)
         with pytest.raises(NotFound):
             await s3_store.head(key)
-    assert sent == [True, False, False]
-    warned = [r for r in caplog.records if "If-Match" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert sent == ([True, False, False] if refused else [True, True])
+    assert s3_store.conditional_delete is not refused
+    warned = [r for r in caplog.records if "refuses DeleteObject" in r.getMessage()]
+    assert len(warned) == refused

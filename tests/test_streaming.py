@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from dgfs import rebuild
 from dgfs.delta import DeltaEngine, DeltaEngineError
 from dgfs.errors import FsError
 from dgfs.fs import readers
@@ -27,12 +28,19 @@ from dgfs.fs.readers import StreamReader
 from dgfs.store.memory import MemoryStore
 from tests.fsharness import OPTIONS, close, create, lookup, mounted, write_file
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("streamed_over_1mib")]
 
 SIZE = 3 << 20
 HALF = SIZE // 2
 # Deltas over 1 MiB are verified as they are read (the default is 32 MiB).
 STREAMING = dataclasses.replace(OPTIONS, verify_whole_below=1 << 20)
+
+
+@pytest.fixture
+def streamed_over_1mib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """xdelta3 checks the windows of deltas over STREAMING's 1 MiB, as it does
+    over the default 32 MiB: only such rebuilds are served while written."""
+    monkeypatch.setattr(rebuild, "CHECKED_WHOLE_UP_TO", STREAMING.verify_whole_below)
 
 
 def versions() -> tuple[bytes, bytes]:

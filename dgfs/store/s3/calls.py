@@ -45,7 +45,8 @@ _ACCESS_CODES = {
     "TokenRefreshRequired",
     "AccountProblem",
 }
-_PRECONDITION_CODES = {"PreconditionFailed", "412"}
+# ConditionalRequestConflict (409): a conditional request raced another write.
+_PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _TRANSIENT_CODES = {
     "SlowDown",
     "Throttling",
@@ -123,6 +124,9 @@ def translate_error(
             )
         if code in _PRECONDITION_CODES or status == 412:
             return PreconditionFailed(f"{operation} {where}: precondition failed ({detail})")
+        if code == "NotImplemented" or status == 501:
+            # Not a failure to retry: this store does not do that request (or a header of it).
+            return StoreError(f"{operation} {where}: not supported by the store ({detail})")
         if code in _TRANSIENT_CODES or status == 429 or status >= 500:
             return TransientError(f"{operation} {where} failed: {detail} (HTTP {status})")
         return StoreError(f"{operation} {where} failed: {detail} (HTTP {status})")

@@ -347,11 +347,11 @@ class S3Store(ObjectStore):
             return
         try:
             await self._delete(key, IfMatch=f'"{version.etag}"')
-        except PreconditionFailed:
-            raise
-        except StoreError as refused:
-            # Fails too (and that error is raised) when the store is the matter,
-            # not the condition: unreachable, the bucket gone, no access.
+        except (PreconditionFailed, TransientError):
+            raise  # lost to another writer, or the store is failing: never delete without it
+        except StoreError as refused:  # 501 NotImplemented, a 400 naming the header, no access
+            # Fails too (and that error is raised) when the store is the
+            # matter, not the condition: the bucket gone, no access at all.
             await self._delete(key)
             self.conditional_delete = False
             log.warning(
