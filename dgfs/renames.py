@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
@@ -28,7 +28,8 @@ from dgfs.writer import FileWriter
 log = logging.getLogger(__name__)
 
 
-#: Metadata updates raced by another writer's new version before giving up.
+#: Renames and metadata updates raced by another writer's new version
+#: (or other form) of the file before giving up.
 UPDATE_ATTEMPTS = 3
 
 
@@ -65,17 +66,13 @@ class Renamer:
         rename."""
         if fmt.is_hidden_name(fmt.split_key(dst_key)[1]) or fmt.is_internal_key(dst_key):
             raise FormatError(f"{dst_key}: name is reserved by the DeltaGlider format")
-        for attempt in range(UPDATE_ATTEMPTS):
-            stored, head = await self._forms.locate_with_head(src_key)
-            if src_key == dst_key:
-                return stored
-            try:
-                await self._move_version(stored, head, src_key, dst_key)
-            except PreconditionFailed:
-                if attempt == UPDATE_ATTEMPTS - 1:
-                    raise
-                continue
-            break
+        if src_key == dst_key:
+            return await self._forms.locate(src_key)
+
+        async def move(stored: StoredFile, head: ObjectHead) -> None:
+            await self._move_version(stored, head, src_key, dst_key)
+
+        stored, head = await self._at_the_version_read(src_key, move)
         try:
             await self._store.delete(stored.stored_key, version=head)
         except PreconditionFailed:
@@ -154,17 +151,30 @@ class Renamer:
         the old one's ``dg-file-sha256`` (every read of it would fail its
         check). Replaced meanwhile, the object is read again and the changes
         merged into its own metadata."""
-        for attempt in range(UPDATE_ATTEMPTS):
-            stored, head = await self._forms.locate_with_head(key)
+
+        async def relabel(stored: StoredFile, head: ObjectHead) -> None:
             meta = {**head.metadata, **changes}
+            await self._store.copy(stored.stored_key, stored.stored_key, meta, version=head)
+
+        return (await self._at_the_version_read(key, relabel))[0]
+
+    async def _at_the_version_read(
+        self, key: str, act: Callable[[StoredFile, ObjectHead], Awaitable[None]]
+    ) -> tuple[StoredFile, ObjectHead]:
+        """Locate the file ``key`` and ``act`` on that version; ``act`` raising
+        ``PreconditionFailed`` (another writer stored a new version since the
+        read) or ``NotFound`` (it stored the other form, removing this one)
+        means read it again. Gone for good: ``NotFound`` from the read."""
+        for _ in range(UPDATE_ATTEMPTS):
+            stored, head = await self._forms.locate_with_head(key)
             try:
-                await self._store.copy(stored.stored_key, stored.stored_key, meta, version=head)
-            except PreconditionFailed:
-                if attempt == UPDATE_ATTEMPTS - 1:
-                    raise
+                await act(stored, head)
+            except (PreconditionFailed, NotFound):
                 continue
-            return stored
-        raise AssertionError("unreachable")
+            return stored, head
+        raise TransientError(
+            f"{key}: changed by another writer {UPDATE_ATTEMPTS} times meanwhile; try again"
+        )
 
     async def rename_prefix(self, src_prefix: str, dst_prefix: str) -> int:
         """Move every object under ``src_prefix/`` to ``dst_prefix/`` (a directory rename).
@@ -197,7 +207,10 @@ class Renamer:
                     meta = fmt.with_ref_key(version.metadata, new_ref_key)
             # Metadata read from one version lands on no other (a failed copy
             # fails the whole rename, and nothing is deleted).
-            await self._store.copy(key, new_key, meta, version=version)
+            try:
+                await self._store.copy(key, new_key, meta, version=version)
+            except PreconditionFailed:
+                raise TransientError(f"{key}: changed by another writer meanwhile") from None
 
         async def move_one(key: str, limiter: trio.CapacityLimiter) -> None:
             new_key = dst_root + key[len(src_root) :]

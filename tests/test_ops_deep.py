@@ -32,6 +32,7 @@ from dgfs.policy import Policy
 from dgfs.progress import human_bytes
 from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.stats import BucketStats, compute_stats
+from dgfs.store.base import ObjectHead
 from dgfs.store.memory import MemoryStore
 from dgfs.verify import Status, verify_all, verify_key
 from tests.coreharness import make_core
@@ -377,11 +378,11 @@ class CrashingStore(MemoryStore):
         super().__init__(bucket)
         self.fail_delete: set[str] = set()
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, version: ObjectHead | None = None) -> None:
         if key in self.fail_delete:
             self.fail_delete.discard(key)
             raise StoreError(f"crash before deleting {key}")
-        await super().delete(key)
+        await super().delete(key, version=version)
 
 
 @pytest.mark.expected_log("crash before deleting|convert .* failed")

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from dgfs import format as fmt
-from dgfs.errors import DgfsError
+from dgfs.errors import DgfsError, NotFound
 from dgfs.store import memory as memory_module
 from dgfs.store.faulty import Fault, FaultyStore
 from dgfs.store.memory import MemoryStore
@@ -386,7 +386,7 @@ async def renamed_racing_a_rewrite(
     try:
         await core.get(f"d/{src_name}", out)
         left: bytes | None = out.read_bytes()
-    except DgfsError:
+    except NotFound:
         left = None
     await core.aclose()
     cache.close()
