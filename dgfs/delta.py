@@ -268,10 +268,10 @@ class DeltaEngine:
         check the result's SHA-256: that is the caller's job.
 
         ``window_checks=False`` skips xdelta3's check of every window it
-        decodes against the delta's Adler-32 (``-n``; about a fifth of a
-        decode's CPU): only for a caller that checks the whole result
-        before any of it is used, since a corrupt delta, or one made
-        against another source, then gives wrong bytes instead of failing.
+        decodes against the delta's Adler-32 (``-n``): only for a caller
+        that checks the whole result before any of it is used, since a
+        corrupt delta, or one made against another source, then gives wrong
+        bytes instead of failing.
         """
         window = await self._window_for(source)
         marks = await _compression_marks(delta)

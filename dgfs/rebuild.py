@@ -66,7 +66,7 @@ _REBUILD_WORKERS = min(4, os.cpu_count() or 1)
 
 #: Rebuilt files up to this size reach a reader only once whole and checked
 #: against their SHA-256 (the filesystem's ``verify_whole_below``), so
-#: xdelta3 need not check each window it decodes (a fifth of its CPU).
+#: xdelta3 need not also check each window it decodes (a repeated cost).
 #: Larger ones may be served while xdelta3 writes them (``RebuildStream``):
 #: their windows stay checked, so a corrupt one is never written.
 CHECKED_WHOLE_UP_TO = 32 << 20
