@@ -46,12 +46,17 @@ class Renamer:
         self._rebuilder = rebuilder
 
     async def delete(self, key: str) -> None:
-        """Remove the file ``key`` in every form; the reference stays (as DeltaGlider does)."""
+        """Remove the file ``key`` in every form; the reference stays (as DeltaGlider does).
+        Only the versions read go: one another writer stores meanwhile stays,
+        as if stored after the removal."""
         forms = await self._forms.holders(key)
         if not forms:
             raise NotFound(f"no such file: {key}")
-        await self._store.delete_many(list(forms))
-        log.info("deleted %s (%s)", key, ", ".join(sorted(forms)))
+        etags = {stored_key: head.etag for stored_key, head in forms.items()}
+        kept = await self._store.delete_many(list(forms), etags=etags)
+        if kept:
+            log.info("%s: another writer stored %s meanwhile; it stays", key, ", ".join(kept))
+        log.info("deleted %s (%s)", key, ", ".join(sorted(set(forms) - set(kept))))
 
     async def rename(self, src_key: str, dst_key: str) -> StoredFile:
         """Move one file. A delta keeps its reference when it stays in its
@@ -234,7 +239,15 @@ class Renamer:
             with contextlib.suppress(DgfsError):
                 await self._store.delete_many(copied)
             raise failures[0]
-        await self._store.delete_many(keys)
+        # Only the versions listed go: one another writer stored meanwhile
+        # stays under the old name (it was copied, or came after the copy).
+        kept = await self._store.delete_many(
+            keys, etags={obj.key: obj.etag for obj in listing.objects}
+        )
+        if kept:
+            log.info(
+                "%d objects changed meanwhile stay under %s: %s", len(kept), src_root, kept[:5]
+            )
         log.info("moved %d objects %s -> %s", len(keys), src_root, dst_root)
         return len(keys)
 

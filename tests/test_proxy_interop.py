@@ -271,6 +271,33 @@ async def copy_if_match_refuses_another_version(store: ObjectStore) -> None:
     await store.delete("k", version=current)  # gone already: as any delete of a missing key
 
 
+async def delete_many_keeps_what_changed(store: ObjectStore) -> None:
+    """``delete_many`` with ETags deletes what is still the version read and
+    keeps (and returns) what another writer changed; missing keys are fine."""
+    for key in ("a", "b", "c"):
+        await store.put_bytes(key, b"one " + key.encode(), {})
+    etags = {key: (await store.head(key)).etag for key in ("a", "b", "c")}
+    etags["gone"] = "0" * 32
+    await store.put_bytes("b", b"two", {})  # another writer, after the read
+    kept = await store.delete_many(["a", "b", "c", "gone"], etags=etags)
+    assert kept == ["b"]
+    assert await store.get_range("b", 0, 10) == b"two"
+    for key in ("a", "c"):
+        with pytest.raises(NotFound):
+            await store.head(key)
+    assert await store.delete_many(["b"]) == []  # no ETags: deleted as it is
+    with pytest.raises(NotFound):
+        await store.head("b")
+
+
+async def test_s3_delete_many_keeps_what_changed(s3_store: S3Store) -> None:
+    await delete_many_keeps_what_changed(s3_store)
+
+
+async def test_memory_delete_many_keeps_what_changed(memory_store: MemoryStore) -> None:
+    await delete_many_keeps_what_changed(memory_store)
+
+
 async def test_s3_copy_if_match_refuses_another_version(s3_store: S3Store) -> None:
     await copy_if_match_refuses_another_version(s3_store)
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -419,3 +420,71 @@ async def test_a_version_stored_during_a_rename_stays_under_the_old_name(
     renamed, two, left = await renamed_racing_a_rewrite(memory, tmp_path, kind, "copy")
     assert renamed == VERSIONS[kind][2]
     assert left == two
+
+
+StoredOutcome = dict[str, bytes | None]  # key -> its bytes, None: no such file
+
+
+async def removed_racing_a_rewrite(
+    memory: MemoryStore, tmp_path: Path, remove: str
+) -> tuple[bytes, StoredOutcome]:
+    """Remove ``d/f.txt`` (``remove``: "file", an rm; "dir", ``d`` renamed to
+    ``e``) while another writer stores version two of it just before the
+    removal's delete; returns version two and what each name holds."""
+    from tests.coreharness import make_core
+
+    core, cache = make_core(memory, tmp_path)
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"version one\n")
+    await core.put(src, "d/f.txt")
+    src.write_bytes(b"other\n")
+    await core.put(src, "d/other.txt")
+    two = b"version two, stored meanwhile\n"
+    real_delete_many = memory.delete_many
+
+    async def rewrite_then_delete(keys: list[str], **kwargs: Any) -> list[str]:
+        src.write_bytes(two)
+        await core.put(src, "d/f.txt")  # another mount, after the removal read it
+        return await real_delete_many(keys, **kwargs)
+
+    memory.delete_many = rewrite_then_delete  # type: ignore[method-assign]
+    if remove == "file":
+        await core.delete("d/f.txt")
+    else:
+        await core.rename_prefix("d", "e")
+    memory.delete_many = real_delete_many  # type: ignore[method-assign]
+    outcome: StoredOutcome = {}
+    for key in ("d/f.txt", "e/f.txt", "d/other.txt", "e/other.txt"):
+        out = tmp_path / "out"
+        try:
+            await core.get(key, out)
+            outcome[key] = out.read_bytes()
+        except NotFound:
+            outcome[key] = None
+    await core.aclose()
+    cache.close()
+    return two, outcome
+
+
+async def test_a_version_stored_during_an_rm_stays(memory: MemoryStore, tmp_path: Path) -> None:
+    """rm HEADs the file's forms, then deletes them: another mount's new
+    version stored in between was deleted with them (an acknowledged write
+    gone). Now only the versions read go; the new one stays, as if stored
+    after the rm."""
+    two, outcome = await removed_racing_a_rewrite(memory, tmp_path, "file")
+    assert outcome["d/f.txt"] == two
+    assert outcome["d/other.txt"] == b"other\n"
+
+
+async def test_a_version_stored_during_a_directory_rename_stays_under_the_old_name(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """A directory rename copies every object, then deletes the old tree with
+    DeleteObjects: a version another mount stored after the copy was
+    deleted. Now only the versions listed go: the new one stays under the
+    old name, the renamed tree holds what was copied."""
+    two, outcome = await removed_racing_a_rewrite(memory, tmp_path, "dir")
+    assert outcome["e/f.txt"] == b"version one\n"
+    assert outcome["d/f.txt"] == two
+    assert outcome["e/other.txt"] == b"other\n"
+    assert outcome["d/other.txt"] is None

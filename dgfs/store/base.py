@@ -228,10 +228,16 @@ class ObjectStore(abc.ABC):
         ETag; ``PreconditionFailed`` otherwise): another writer's newer
         object under the key is never deleted in its place."""
 
-    async def delete_many(self, keys: builtins.list[str]) -> None:
-        """Delete several keys (implementations may batch)."""
-        for key in keys:
-            await self.delete(key)
+    @abc.abstractmethod
+    async def delete_many(
+        self, keys: builtins.list[str], *, etags: Mapping[str, str] | None = None
+    ) -> builtins.list[str]:
+        """Delete several keys (implementations batch them); missing ones are fine.
+
+        ``etags`` (key -> ETag): such a key is deleted only while it still
+        has that ETag. Those another writer changed meanwhile are kept and
+        returned, not raised: what a rename or removal read is gone, what
+        came after it stays."""
 
     @abc.abstractmethod
     async def list_multipart_uploads(self, prefix: str = "") -> builtins.list[MultipartUpload]:

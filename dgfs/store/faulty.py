@@ -31,7 +31,7 @@ from __future__ import annotations
 import builtins
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -274,9 +274,11 @@ class FaultyStore(ObjectStore):
         async with self._faults("delete", key):
             await self.inner.delete(key, version=version)
 
-    async def delete_many(self, keys: builtins.list[str]) -> None:
+    async def delete_many(
+        self, keys: builtins.list[str], *, etags: Mapping[str, str] | None = None
+    ) -> builtins.list[str]:
         async with self._faults("delete_many", *keys):
-            await self.inner.delete_many(keys)
+            return await self.inner.delete_many(keys, etags=etags)
 
     async def list_multipart_uploads(self, prefix: str = "") -> builtins.list[MultipartUpload]:
         async with self._faults("list_multipart_uploads", prefix):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,10 +156,18 @@ class MemoryStore(ObjectStore):
             raise PreconditionFailed(f"DeleteObject s3://{self.bucket}/{key}: precondition failed")
         self.objects.pop(key, None)
 
-    async def delete_many(self, keys: list[str]) -> None:
+    async def delete_many(
+        self, keys: list[str], *, etags: Mapping[str, str] | None = None
+    ) -> list[str]:
         await trio.lowlevel.checkpoint()
+        kept = []
         for key in keys:
-            self.objects.pop(key, None)
+            current = self.objects.get(key)
+            if etags and key in etags and current is not None and current.etag != etags[key]:
+                kept.append(key)
+            else:
+                self.objects.pop(key, None)
+        return kept
 
     async def list_multipart_uploads(self, prefix: str = "") -> list[MultipartUpload]:
         await trio.lowlevel.checkpoint()

@@ -22,7 +22,7 @@ What callers may rely on:
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -353,11 +353,18 @@ class S3Store(ObjectStore):
             # Fails too (and that error is raised) when the store is the
             # matter, not the condition: the bucket gone, no access at all.
             await self._delete(key)
+            self._conditions_refused("DeleteObject with If-Match", refused)
+
+    def _conditions_refused(self, request: str, refused: StoreError) -> None:
+        """The store refused a conditional delete that succeeded without the
+        condition: none is sent again, and the log says so once."""
+        if self.conditional_delete:
             self.conditional_delete = False
             log.warning(
-                "s3://%s refuses DeleteObject with If-Match (%s); deleting without it:"
-                " a rename may then remove a version another mount stored meanwhile",
+                "s3://%s refuses %s (%s); deleting without it: a rename or removal"
+                " may then delete a version another mount stored meanwhile",
                 self.bucket,
+                request,
                 refused,
             )
 
@@ -372,29 +379,63 @@ class S3Store(ObjectStore):
         except NotFound:
             pass
 
-    async def delete_many(self, keys: list[str]) -> None:
+    async def delete_many(
+        self, keys: list[str], *, etags: Mapping[str, str] | None = None
+    ) -> list[str]:
         """Delete ``keys`` with DeleteObjects, 1000 per request.
 
         Missing keys are fine; keys S3 refuses to delete raise one
         ``StoreError`` naming them, after every batch has been tried.
+        ``etags``: as ``ObjectStore.delete_many``, sent as each object's
+        ``ETag`` (AWS S3, SeaweedFS and moto honour it; a store that refuses
+        it gets plain deletes from then on, as ``delete``).
         """
         failures: list[str] = []
+        kept: list[str] = []
         for start in range(0, len(keys), DELETE_BATCH):
             batch = keys[start : start + DELETE_BATCH]
-            request = {"Objects": [{"Key": key} for key in batch], "Quiet": True}
-            response = await self._call(
-                "DeleteObjects",
-                batch[0],
-                partial(self._client.delete_objects, Bucket=self.bucket, Delete=request),
-            )
-            for error in response.get("Errors", []):
-                if error.get("Code") == "NoSuchKey":
+            conditions = etags if etags and self.conditional_delete else {}
+            try:
+                errors = await self._delete_batch(batch, conditions)
+            except (PreconditionFailed, TransientError):
+                raise
+            except StoreError as refused:  # the whole request, for its conditions?
+                if not conditions:
+                    raise
+                errors = await self._delete_batch(batch, {})
+                self._conditions_refused("DeleteObjects with ETags", refused)
+            for error in errors:
+                code, key = error.get("Code", ""), error.get("Key", "")
+                if code == "NoSuchKey":
                     continue
-                failures.append(f"{error.get('Key')} ({error.get('Code')}: {error.get('Message')})")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    kept.append(key)
+                elif key in conditions and not await self._delete_batch([key], {}):
+                    # Refused with its condition, deleted without it.
+                    self._conditions_refused("DeleteObjects with ETags", StoreError(code))
+                else:
+                    failures.append(f"{key} ({code}: {error.get('Message')})")
         if failures:
             shown = ", ".join(failures[:5])
             more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
             raise StoreError(f"could not delete from s3://{self.bucket}: {shown}{more}")
+        return kept
+
+    async def _delete_batch(
+        self, batch: list[str], etags: Mapping[str, str]
+    ) -> list[dict[str, str]]:
+        """One DeleteObjects request; the per-object errors it answers."""
+        objects = [
+            {"Key": key, "ETag": f'"{etags[key]}"'} if key in etags else {"Key": key}
+            for key in batch
+        ]
+        request = {"Objects": objects, "Quiet": True}
+        response = await self._call(
+            "DeleteObjects",
+            batch[0],
+            partial(self._client.delete_objects, Bucket=self.bucket, Delete=request),
+        )
+        return list(response.get("Errors", []))
 
     async def list_multipart_uploads(self, prefix: str = "") -> list[MultipartUpload]:
         """Every incomplete multipart upload under ``prefix``."""
