@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 import trio
 
 from dgfs import format as fmt
-from dgfs.errors import DgfsError, NotFound
+from dgfs.errors import DgfsError, NotFound, PreconditionFailed
 from dgfs.format import DeltaMode
 from dgfs.store.base import ObjectInfo, ObjectStore, head_many
 
@@ -302,7 +302,7 @@ async def collect(
             if item.kind is GarbageKind.ORPHANED_REFERENCE:
                 backup = await _remove_reference(store, item, now + backup_ttl, now)
                 if backup is None:
-                    result.kept.append((item, "a delta appeared; no longer orphaned"))
+                    result.kept.append((item, "a delta appeared, or it was replaced; kept"))
                     continue
                 removed_refs.append(_Removed(item, backup))
             elif item.kind is GarbageKind.EXPIRED_TMP:
@@ -335,15 +335,23 @@ async def _remove_reference(
     store: ObjectStore, item: Garbage, expires: datetime, now: datetime
 ) -> str | None:
     """Back an orphaned reference up under ``GC_BACKUP_PREFIX`` and delete it; the
-    backup's key, or None when a delta needs it again (nothing done)."""
+    backup's key, or None when a delta needs it again or a writer replaced
+    it meanwhile (nothing done: only the version backed up is deleted, so a
+    new reference and the deltas made against it stay readable)."""
     space = fmt.split_key(item.key)[0]
     if await needed(store, item.key, await _space_keys(store, space)):
         return None
     head = await store.head(item.key)
     backup = f"{GC_BACKUP_PREFIX}{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}/{item.key}"
     meta = {**head.metadata, META_EXPIRES_AT: expires.isoformat(), META_GC_ORIGINAL_KEY: item.key}
-    await store.copy(item.key, backup, meta)
-    await store.delete(item.key)
+    try:
+        await store.copy(item.key, backup, meta, version=head)
+        await store.delete(item.key, version=head)
+    except PreconditionFailed:
+        log.info("gc: %s was replaced while it was collected; kept", item.key)
+        with contextlib.suppress(DgfsError):
+            await store.delete(backup)
+        return None
     log.info("removed orphaned reference %s (backup %s)", item.key, backup)
     return backup
 

@@ -107,6 +107,31 @@ async def test_reference_is_put_back_if_a_delta_arrives_while_gc_runs(
     assert [g.key for g in result.removed] == [".deltaglider/tmp/old-rehydrated"]
 
 
+@pytest.mark.parametrize("replaced_after", ["copy_object", "delete"])
+async def test_a_reference_a_writer_replaces_while_gc_runs_is_kept(
+    memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch, replaced_after: str
+) -> None:
+    """gc read an orphaned reference, backed it up, then deleted whatever was
+    at its key: a new reference another writer stored in between (with the
+    deltas made against it) was deleted, and the settle check put the old
+    bytes back, so those deltas failed their reference check for good.
+    Now only the version read is backed up and deleted; a new one stays."""
+    await fill(memory_store)
+    found = await find_garbage(memory_store, now=NOW)
+    real = getattr(memory_store, replaced_after)
+
+    async def then_replaced(*args: object, **kwargs: object) -> object:
+        if "gone/reference.bin" in memory_store.objects and args[0] == "gone/reference.bin":
+            await memory_store.put_bytes("gone/reference.bin", b"n" * 200, {"dg-note": "new"})
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(memory_store, replaced_after, then_replaced)
+    result = await collect(memory_store, found, settle=0, now=NOW)
+    assert memory_store.objects["gone/reference.bin"].body == b"n" * 200
+    assert [item.key for item, _ in result.kept] == ["gone/reference.bin"]
+    assert not [k for k in memory_store.objects if k.startswith(GC_BACKUP_PREFIX)]
+
+
 async def test_a_later_run_restores_a_needed_backup(memory_store: MemoryStore) -> None:
     await fill(memory_store)
     await collect(memory_store, await find_garbage(memory_store, now=NOW), settle=0, now=NOW)
