@@ -240,13 +240,25 @@ class Renamer:
                 await self._store.delete_many(copied)
             raise failures[0]
         # Only the versions listed go: one another writer stored meanwhile
-        # stays under the old name (it was copied, or came after the copy).
+        # stays under the old name (it was copied, or came after the copy),
+        # and so does the reference of a delta that stays, or it could not
+        # be read. References go last, once what stays is known.
+        etags = {obj.key: obj.etag for obj in listing.objects if obj.etag}
+        references = [key for key in keys if fmt.is_reference_key(key)]
         kept = await self._store.delete_many(
-            keys, etags={obj.key: obj.etag for obj in listing.objects}
+            [key for key in keys if not fmt.is_reference_key(key)], etags=etags
+        )
+        staying = {fmt.split_key(key)[0] for key in kept if key.endswith(fmt.DELTA_SUFFIX)}
+        kept += [ref for ref in references if fmt.split_key(ref)[0] in staying]
+        kept += await self._store.delete_many(
+            [ref for ref in references if fmt.split_key(ref)[0] not in staying], etags=etags
         )
         if kept:
-            log.info(
-                "%d objects changed meanwhile stay under %s: %s", len(kept), src_root, kept[:5]
+            log.warning(
+                "%d objects another writer changed meanwhile stay under %s: %s",
+                len(kept),
+                src_root,
+                kept[:5],
             )
         log.info("moved %d objects %s -> %s", len(keys), src_root, dst_root)
         return len(keys)

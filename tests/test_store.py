@@ -713,26 +713,37 @@ async def test_only_a_store_refusing_conditional_deletes_gets_plain_ones(
     assert len(warned) == refused
 
 
-@pytest.mark.expected_log("refuses DeleteObjects with ETags")
-@pytest.mark.parametrize("how", ["whole-request", "per-object"])
+#: How a store answers ETags in DeleteObjects -> whether dgfs deletes without them.
+ETAG_ANSWERS = {
+    "whole-request-400": True,
+    "per-object-NotImplemented": True,
+    "per-object-InternalError": False,
+}
+
+
+@pytest.mark.expected_log("refuses DeleteObjects with ETags|could not delete")
+@pytest.mark.parametrize("how", ETAG_ANSWERS)
 async def test_a_store_refusing_etags_in_delete_objects_gets_plain_ones(
     s3_store: S3Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     """A store that refuses ETags in DeleteObjects, for the whole request (a
     400) or object by object, must not leave a renamed directory's old tree
-    behind: its objects are deleted without them, with one warning."""
+    behind: its objects are deleted without them, with one warning. An
+    error that is no refusal (InternalError: the store could not check) is
+    raised, and nothing is deleted without the condition."""
+    refused = ETAG_ANSWERS[how]
     real = s3_store._client.delete_objects
 
     def delete_objects(**kwargs: Any) -> Any:
         objects = kwargs["Delete"]["Objects"]
         if not any("ETag" in o for o in objects):
             return real(**kwargs)
-        if how == "whole-request":
+        if how == "whole-request-400":
             response: Any = {"Error": {"Code": "MalformedXML", "Message": "ETag"}}
             response["ResponseMetadata"] = {"HTTPStatusCode": 400}
             raise bexc.ClientError(response, "DeleteObjects")
-        errors = [{"Key": o["Key"], "Code": "NotImplemented", "Message": "ETag"} for o in objects]
-        return {"Errors": errors}
+        code = how.rpartition("-")[2]
+        return {"Errors": [{"Key": o["Key"], "Code": code, "Message": "ETag"} for o in objects]}
 
     monkeypatch.setattr(s3_store._client, "delete_objects", delete_objects)
     s3_store.retry_delays = ()
@@ -740,10 +751,15 @@ async def test_a_store_refusing_etags_in_delete_objects_gets_plain_ones(
     for key in keys:
         await s3_store.put_bytes(key, b"x", {})
     etags = {key: (await s3_store.head(key)).etag for key in keys}
-    assert await s3_store.delete_many(keys, etags=etags) == []
-    for key in keys:
-        with pytest.raises(NotFound):
-            await s3_store.head(key)
-    assert not s3_store.conditional_delete
+    if refused:
+        assert await s3_store.delete_many(keys, etags=etags) == []
+        for key in keys:
+            with pytest.raises(NotFound):
+                await s3_store.head(key)
+    else:
+        with pytest.raises(StoreError, match="InternalError"):
+            await s3_store.delete_many(keys, etags=etags)
+        assert [(await s3_store.head(key)).etag for key in keys] == list(etags.values())
+    assert s3_store.conditional_delete is not refused
     warned = [r for r in caplog.records if "refuses DeleteObjects" in r.getMessage()]
-    assert len(warned) == 1
+    assert len(warned) == refused

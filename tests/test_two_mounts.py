@@ -426,25 +426,36 @@ StoredOutcome = dict[str, bytes | None]  # key -> its bytes, None: no such file
 
 
 async def removed_racing_a_rewrite(
-    memory: MemoryStore, tmp_path: Path, remove: str
-) -> tuple[bytes, StoredOutcome]:
-    """Remove ``d/f.txt`` (``remove``: "file", an rm; "dir", ``d`` renamed to
+    memory: MemoryStore, tmp_path: Path, remove: str, name: str = "f.txt"
+) -> tuple[bytes, bytes, StoredOutcome]:
+    """Remove ``d/<name>`` (``remove``: "file", an rm; "dir", ``d`` renamed to
     ``e``) while another writer stores version two of it just before the
-    removal's delete; returns version two and what each name holds."""
+    removal's first delete; returns both versions and what each name holds
+    (a ``.zip`` is a delta against the directory's reference)."""
     from tests.coreharness import make_core
 
     core, cache = make_core(memory, tmp_path)
-    src = tmp_path / "f.txt"
-    src.write_bytes(b"version one\n")
-    await core.put(src, "d/f.txt")
+    src = tmp_path / name
+    one, two = (
+        (RELEASES[1][1], RELEASES[2][1])
+        if name.endswith(".zip")
+        else (b"version one\n", b"version two, stored meanwhile\n")
+    )
+    src.write_bytes(RELEASES[0][1])
+    await core.put(src, "d/first.zip")  # the directory's reference
+    src.write_bytes(one)
+    await core.put(src, f"d/{name}")
     src.write_bytes(b"other\n")
     await core.put(src, "d/other.txt")
-    two = b"version two, stored meanwhile\n"
     real_delete_many = memory.delete_many
+    rewritten = False
 
     async def rewrite_then_delete(keys: list[str], **kwargs: Any) -> list[str]:
-        src.write_bytes(two)
-        await core.put(src, "d/f.txt")  # another mount, after the removal read it
+        nonlocal rewritten
+        if not rewritten:  # another mount, after the removal read it
+            rewritten = True
+            src.write_bytes(two)
+            await core.put(src, f"d/{name}")
         return await real_delete_many(keys, **kwargs)
 
     memory.delete_many = rewrite_then_delete  # type: ignore[method-assign]
@@ -453,17 +464,20 @@ async def removed_racing_a_rewrite(
     else:
         await core.rename_prefix("d", "e")
     memory.delete_many = real_delete_many  # type: ignore[method-assign]
+    await core.aclose()
+    cache.close()
+    reader, reader_cache = make_core(memory, tmp_path / "reader")  # nothing cached
     outcome: StoredOutcome = {}
-    for key in ("d/f.txt", "e/f.txt", "d/other.txt", "e/other.txt"):
+    for key in (f"d/{name}", f"e/{name}", "d/other.txt", "e/other.txt"):
         out = tmp_path / "out"
         try:
-            await core.get(key, out)
+            await reader.get(key, out)
             outcome[key] = out.read_bytes()
         except NotFound:
             outcome[key] = None
-    await core.aclose()
-    cache.close()
-    return two, outcome
+    await reader.aclose()
+    reader_cache.close()
+    return one, two, outcome
 
 
 async def test_a_version_stored_during_an_rm_stays(memory: MemoryStore, tmp_path: Path) -> None:
@@ -471,20 +485,23 @@ async def test_a_version_stored_during_an_rm_stays(memory: MemoryStore, tmp_path
     version stored in between was deleted with them (an acknowledged write
     gone). Now only the versions read go; the new one stays, as if stored
     after the rm."""
-    two, outcome = await removed_racing_a_rewrite(memory, tmp_path, "file")
+    _, two, outcome = await removed_racing_a_rewrite(memory, tmp_path, "file")
     assert outcome["d/f.txt"] == two
     assert outcome["d/other.txt"] == b"other\n"
 
 
+@pytest.mark.expected_log("another writer changed meanwhile stay")
+@pytest.mark.parametrize("name", ["f.txt", "f.zip"])
 async def test_a_version_stored_during_a_directory_rename_stays_under_the_old_name(
-    memory: MemoryStore, tmp_path: Path
+    memory: MemoryStore, tmp_path: Path, name: str
 ) -> None:
     """A directory rename copies every object, then deletes the old tree with
     DeleteObjects: a version another mount stored after the copy was
     deleted. Now only the versions listed go: the new one stays under the
-    old name, the renamed tree holds what was copied."""
-    two, outcome = await removed_racing_a_rewrite(memory, tmp_path, "dir")
-    assert outcome["e/f.txt"] == b"version one\n"
-    assert outcome["d/f.txt"] == two
+    old name, readable (a delta keeps its reference there), and the renamed
+    tree holds what was copied."""
+    one, two, outcome = await removed_racing_a_rewrite(memory, tmp_path, "dir", name)
+    assert outcome[f"e/{name}"] == one
+    assert outcome[f"d/{name}"] == two
     assert outcome["e/other.txt"] == b"other\n"
     assert outcome["d/other.txt"] is None

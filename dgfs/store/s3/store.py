@@ -65,6 +65,10 @@ from dgfs.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+#: Per-object DeleteObjects errors that refuse the ETag condition itself (a
+#: plain delete may follow); any other (InternalError, SlowDown) is a failure.
+_REFUSALS = frozenset({"NotImplemented", "InvalidArgument", "InvalidRequest", "AccessDenied"})
+
 T = TypeVar("T")
 
 DELETE_BATCH = 1000
@@ -410,7 +414,11 @@ class S3Store(ObjectStore):
                     continue
                 if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     kept.append(key)
-                elif key in conditions and not await self._delete_batch([key], {}):
+                elif (
+                    key in conditions
+                    and code in _REFUSALS
+                    and not await self._delete_batch([key], {})
+                ):
                     # Refused with its condition, deleted without it.
                     self._conditions_refused("DeleteObjects with ETags", StoreError(code))
                 else:
