@@ -337,6 +337,28 @@ VERSIONS = {
 }
 
 
+StoredOutcome = dict[str, bytes | None]  # key -> its bytes, None: no such file
+
+
+async def read_cold(memory: MemoryStore, tmp_path: Path, keys: list[str]) -> StoredOutcome:
+    """What each of ``keys`` reads as through a core with nothing cached (a
+    delta whose reference went, or whose metadata lies, fails here)."""
+    from tests.coreharness import make_core
+
+    reader, cache = make_core(memory, tmp_path / "cold-reader")
+    outcome: StoredOutcome = {}
+    for key in keys:
+        out = tmp_path / "cold-out"
+        try:
+            await reader.get(key, out)
+            outcome[key] = out.read_bytes()
+        except NotFound:
+            outcome[key] = None
+    await reader.aclose()
+    cache.close()
+    return outcome
+
+
 async def renamed_racing_a_rewrite(
     memory: MemoryStore, tmp_path: Path, kind: str, rewrite_after: str
 ) -> tuple[bytes, bytes, bytes | None]:
@@ -381,17 +403,12 @@ async def renamed_racing_a_rewrite(
 
         memory.copy_object = copy_then_rewrite  # type: ignore[method-assign]
     await core.rename(f"d/{src_name}", f"d/{dst_name}")
-    out = tmp_path / "out"
-    await core.get(f"d/{dst_name}", out)
-    renamed = out.read_bytes()
-    try:
-        await core.get(f"d/{src_name}", out)
-        left: bytes | None = out.read_bytes()
-    except NotFound:
-        left = None
     await core.aclose()
     cache.close()
-    return renamed, two, left
+    outcome = await read_cold(memory, tmp_path, [f"d/{dst_name}", f"d/{src_name}"])
+    renamed = outcome[f"d/{dst_name}"]
+    assert renamed is not None
+    return renamed, two, outcome[f"d/{src_name}"]
 
 
 @pytest.mark.parametrize("kind", VERSIONS)
@@ -420,9 +437,6 @@ async def test_a_version_stored_during_a_rename_stays_under_the_old_name(
     renamed, two, left = await renamed_racing_a_rewrite(memory, tmp_path, kind, "copy")
     assert renamed == VERSIONS[kind][2]
     assert left == two
-
-
-StoredOutcome = dict[str, bytes | None]  # key -> its bytes, None: no such file
 
 
 async def removed_racing_a_rewrite(
@@ -466,18 +480,8 @@ async def removed_racing_a_rewrite(
     memory.delete_many = real_delete_many  # type: ignore[method-assign]
     await core.aclose()
     cache.close()
-    reader, reader_cache = make_core(memory, tmp_path / "reader")  # nothing cached
-    outcome: StoredOutcome = {}
-    for key in (f"d/{name}", f"e/{name}", "d/other.txt", "e/other.txt"):
-        out = tmp_path / "out"
-        try:
-            await reader.get(key, out)
-            outcome[key] = out.read_bytes()
-        except NotFound:
-            outcome[key] = None
-    await reader.aclose()
-    reader_cache.close()
-    return one, two, outcome
+    keys = [f"d/{name}", f"e/{name}", "d/other.txt", "e/other.txt"]
+    return one, two, await read_cold(memory, tmp_path, keys)
 
 
 async def test_a_version_stored_during_an_rm_stays(memory: MemoryStore, tmp_path: Path) -> None:
