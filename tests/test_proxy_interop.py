@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,7 +41,7 @@ from testsupport.proxyobjects import (
     proxy_parse,
 )
 from testsupport.releases import ReleaseSeries
-from testsupport.servers import REGION
+from testsupport.servers import REGION, make_bucket
 
 
 def proxy_files() -> dict[str, bytes]:
@@ -304,6 +305,23 @@ async def test_s3_copy_if_match_refuses_another_version(s3_store: S3Store) -> No
 
 async def test_memory_copy_if_match_refuses_another_version(memory_store: MemoryStore) -> None:
     await copy_if_match_refuses_another_version(memory_store)
+
+
+@pytest.mark.seaweedfs
+async def test_seaweedfs_honours_the_conditions_of_copies_and_deletes(
+    seaweed_endpoint: str,
+) -> None:
+    """S3Store's docstrings say SeaweedFS honours If-Match on DeleteObject and
+    the ETags of DeleteObjects (renames, rm and gc rely on them): checked."""
+    bucket = f"dgfs-cond-{uuid.uuid4().hex[:12]}"
+    make_bucket(seaweed_endpoint, bucket)
+    store = S3Store(bucket, endpoint_url=seaweed_endpoint, region=REGION)
+    try:
+        await copy_if_match_refuses_another_version(store)
+        await delete_many_keeps_what_changed(store)
+        assert store.conditional_delete  # never refused, so never dropped
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.interop

@@ -351,8 +351,11 @@ class S3Store(ObjectStore):
             return
         try:
             await self._delete(key, IfMatch=f'"{version.etag}"')
-        except (PreconditionFailed, TransientError):
-            raise  # lost to another writer, or the store is failing: never delete without it
+        except PreconditionFailed:
+            if await self._exists(key):
+                raise  # another writer's version: it stays
+        except TransientError:
+            raise  # the store is failing: never delete without the condition
         except StoreError as refused:  # 501 NotImplemented, a 400 naming the header, no access
             # Fails too (and that error is raised) when the store is the
             # matter, not the condition: the bucket gone, no access at all.
@@ -427,7 +430,17 @@ class S3Store(ObjectStore):
             shown = ", ".join(failures[:5])
             more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
             raise StoreError(f"could not delete from s3://{self.bucket}: {shown}{more}")
-        return kept
+        return [key for key in kept if await self._exists(key)]
+
+    async def _exists(self, key: str) -> bool:
+        """Whether ``key`` is there: SeaweedFS answers a conditional delete of a
+        missing key with PreconditionFailed, where S3 says NoSuchKey (gone:
+        as any delete of a missing key, nothing was kept)."""
+        try:
+            await self.head(key)
+        except NotFound:
+            return False
+        return True
 
     async def _delete_batch(
         self, batch: list[str], etags: Mapping[str, str]
