@@ -21,7 +21,7 @@ from dgfs.errors import DgfsError, FormatError, NotFound, PreconditionFailed, Tr
 from dgfs.format import Kind, StoredFile
 from dgfs.forms import Forms
 from dgfs.rebuild import Rebuilder
-from dgfs.store.base import ObjectHead
+from dgfs.store.base import ObjectHead, ObjectInfo
 from dgfs.workbench import Workbench
 from dgfs.writer import FileWriter
 
@@ -190,38 +190,23 @@ class Renamer:
         """
         src_root, dst_root = src_prefix.rstrip("/") + "/", dst_prefix.rstrip("/") + "/"
         listing = await self._store.list(src_root, delimiter=None)
-        keys = [obj.key for obj in listing.objects]
+        await self._copy_tree(listing.objects, src_root, dst_root)
+        await self._delete_tree(listing.objects, src_root)
+        log.info("moved %d objects %s -> %s", len(listing.objects), src_root, dst_root)
+        return len(listing.objects)
 
+    async def _copy_tree(self, objects: list[ObjectInfo], src_root: str, dst_root: str) -> None:
+        """Copy ``objects`` from under ``src_root`` to under ``dst_root``, side
+        by side; if one copy fails, the copies made go and its error is raised,
+        so the rename fails whole rather than leaving two trees."""
         copied: list[str] = []
         failures: list[DgfsError] = []
-
-        async def copy_one(key: str, new_key: str) -> None:
-            if key.endswith("/"):
-                # A directory marker is written anew: SeaweedFS answers
-                # NoSuchKey to a CopyObject whose source key ends in "/".
-                head = await self._store.head(key)
-                body = await self._store.get_range(key, 0, head.size) if head.size else b""
-                await self._store.put_bytes(new_key, body, head.metadata)
-                return
-            meta, version = None, None
-            if key.endswith(fmt.DELTA_SUFFIX):
-                version = await self._store.head(key)
-                ref_key = fmt.meta_value(version.metadata, "ref_key")
-                if ref_key and ref_key.startswith(src_root):
-                    new_ref_key = dst_root + ref_key[len(src_root) :]
-                    meta = fmt.with_ref_key(version.metadata, new_ref_key)
-            # Metadata read from one version lands on no other (a failed copy
-            # fails the whole rename, and nothing is deleted).
-            try:
-                await self._store.copy(key, new_key, meta, version=version)
-            except PreconditionFailed:
-                raise TransientError(f"{key}: changed by another writer meanwhile") from None
 
         async def move_one(key: str, limiter: trio.CapacityLimiter) -> None:
             new_key = dst_root + key[len(src_root) :]
             async with limiter:
                 try:
-                    await copy_one(key, new_key)
+                    await self._copy_tree_object(key, new_key, src_root, dst_root)
                 except NotFound:
                     return  # removed meanwhile (another mount): nothing to move
                 except DgfsError as exc:
@@ -231,19 +216,42 @@ class Renamer:
 
         limiter = trio.CapacityLimiter(16)
         async with trio.open_nursery() as nursery:
-            for key in keys:
-                nursery.start_soon(move_one, key, limiter)
+            for obj in objects:
+                nursery.start_soon(move_one, obj.key, limiter)
         if failures:
-            # Nothing is deleted at the source; the copies made go, so the
-            # rename fails whole rather than leaving two trees.
             with contextlib.suppress(DgfsError):
                 await self._store.delete_many(copied)
             raise failures[0]
-        # Only the versions listed go: one another writer stored meanwhile
-        # stays under the old name (it was copied, or came after the copy),
-        # and so does the reference of a delta that stays, or it could not
-        # be read. References go last, once what stays is known.
-        etags = {obj.key: obj.etag for obj in listing.objects if obj.etag}
+
+    async def _copy_tree_object(self, key: str, new_key: str, src_root: str, dst_root: str) -> None:
+        if key.endswith("/"):
+            # A directory marker is written anew: SeaweedFS answers
+            # NoSuchKey to a CopyObject whose source key ends in "/".
+            head = await self._store.head(key)
+            body = await self._store.get_range(key, 0, head.size) if head.size else b""
+            await self._store.put_bytes(new_key, body, head.metadata)
+            return
+        meta, version = None, None
+        if key.endswith(fmt.DELTA_SUFFIX):
+            version = await self._store.head(key)
+            ref_key = fmt.meta_value(version.metadata, "ref_key")
+            if ref_key and ref_key.startswith(src_root):
+                new_ref_key = dst_root + ref_key[len(src_root) :]
+                meta = fmt.with_ref_key(version.metadata, new_ref_key)
+        # Metadata read from one version lands on no other (a failed copy
+        # fails the whole rename, and nothing is deleted).
+        try:
+            await self._store.copy(key, new_key, meta, version=version)
+        except PreconditionFailed:
+            raise TransientError(f"{key}: changed by another writer meanwhile") from None
+
+    async def _delete_tree(self, objects: list[ObjectInfo], src_root: str) -> None:
+        """Delete the versions of ``objects`` listed. One another writer stored
+        meanwhile stays under the old name (it was copied, or came after the
+        copy), and so does the reference of a delta that stays, or it could
+        not be read: references go last, once what stays is known."""
+        etags = {obj.key: obj.etag for obj in objects if obj.etag}
+        keys = [obj.key for obj in objects]
         references = [key for key in keys if fmt.is_reference_key(key)]
         kept = await self._store.delete_many(
             [key for key in keys if not fmt.is_reference_key(key)], etags=etags
@@ -260,8 +268,6 @@ class Renamer:
                 src_root,
                 kept[:5],
             )
-        log.info("moved %d objects %s -> %s", len(keys), src_root, dst_root)
-        return len(keys)
 
     async def move_plain(self, src_key: str, dst_key: str) -> None:
         """Rename a symlink or special file (one plain object), over whatever
