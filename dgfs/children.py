@@ -6,8 +6,9 @@ One place for what every child gets, whoever starts it:
   on every run;
 - a minimal environment (:func:`child_env`): ``PATH`` (xdelta3 finds gzip
   through it when it decodes a stock delta of gzip input) and the C locale
-  (its messages are parsed), nothing else: no AWS credentials, no
-  ``DG_CACHE_ENCRYPTION_KEY``, no ``XDELTA`` or ``GZIP`` variable that
+  (its messages are parsed), and glibc's malloc asked for transparent
+  huge pages (:data:`MALLOC_TUNABLES`), nothing else: no AWS credentials,
+  no ``DG_CACHE_ENCRYPTION_KEY``, no ``XDELTA`` or ``GZIP`` variable that
   would change what the tool does;
 - when it writes a file whose size is known beforehand, a cap on that size
   (:func:`file_size_cap`: ``RLIMIT_FSIZE``; a write past it fails with
@@ -38,6 +39,17 @@ MIN_RATE = 1 << 20
 
 _FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin"
 
+#: xdelta3 mallocs its source window and hash table whole (tens to hundreds
+#: of MiB) and touches every page of them: with 4 KiB pages, the faults and
+#: TLB misses are a third of an encode and most of a decode. This tunable
+#: (glibc 2.35+; older ones ignore it) makes malloc madvise its large
+#: mappings for huge pages, which the kernel grants where its
+#: transparent_hugepage setting is ``madvise`` (Debian's default) or
+#: ``always``. Measured (benchmarks/children_env.py, 2026-12-06): encode
+#: -9 of a 12 MB wheel or a 60 MB tar takes ~20% less CPU (of a .tar.gz,
+#: where matching dominates, 9%), decode 20-28% less; maximum RSS 1-5% more.
+MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
+
 
 def resolve(name: str) -> str | None:
     """The absolute path of the program ``name`` (a path, or looked up on ``PATH``), or None."""
@@ -47,7 +59,11 @@ def resolve(name: str) -> str | None:
 
 def child_env() -> dict[str, str]:
     """The whole environment a child process gets."""
-    return {"PATH": environment.search_path() or _FALLBACK_PATH, "LC_ALL": "C"}
+    return {
+        "PATH": environment.search_path() or _FALLBACK_PATH,
+        "LC_ALL": "C",
+        "GLIBC_TUNABLES": MALLOC_TUNABLES,
+    }
 
 
 def timeout_for(work_bytes: int) -> float:

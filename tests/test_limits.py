@@ -482,6 +482,8 @@ async def test_xdelta3_gets_a_minimal_environment(tmp_path: Path, secrets: dict[
     env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
     assert not set(secrets) & set(env), env
     assert env.get("LC_ALL") == "C" and env.get("PATH")
+    # Huge pages for its window and hash table (benchmarks/children_env.py).
+    assert env.get("GLIBC_TUNABLES") == "glibc.malloc.hugetlb=1"
 
 
 def test_zgz_gets_a_minimal_environment(
