@@ -14,9 +14,10 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -26,6 +27,7 @@ from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.delta import DeltaEngine
 from dgfs.errors import FsError
+from dgfs.fs import dirindex
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal
@@ -34,6 +36,8 @@ from dgfs.policy import Policy
 from dgfs.store.base import ObjectStore
 from dgfs.store.memory import MemoryStore
 from testsupport.releases import ReleaseSeries
+
+T = TypeVar("T")
 
 ROOT = 1
 UID, GID = os.getuid(), os.getgid()
@@ -187,8 +191,14 @@ async def assert_absent(fs: FileSystem, name: str) -> None:
 
 
 def bucket(memory: MemoryStore) -> dict[str, bytes]:
-    """Every object of the bucket and its body."""
-    return {key: obj.body for key, obj in memory.objects.items()}
+    """Every object of the bucket and its body, but directory indexes."""
+    return {key: obj.body for key, obj in without_indexes(memory.objects).items()}
+
+
+def without_indexes(objects: Mapping[str, T]) -> dict[str, T]:
+    """``objects`` but directory indexes: hints a mount writes where it listed
+    or stored 4 or more files (``dgfs.fs.dirindex``), not files."""
+    return {key: obj for key, obj in objects.items() if not key.startswith(dirindex.PREFIX)}
 
 
 def journal_entries(journal_dir: Path) -> list[str]:

@@ -228,7 +228,13 @@ async def run_crashing(memory: MemoryStore, home: Path, plan: CrashPlan, model: 
                 nursery.cancel_scope.cancel()
         except* Crashed:
             crashed = True
-        await end_mount(fs, journal, crashed=crashed)
+        if not crashed:
+            try:
+                await end_mount(fs, journal, crashed=False)
+            except* Crashed:  # at unmount (listing for a directory index): dead there
+                crashed = True
+        if crashed:
+            await end_mount(fs, journal, crashed=True)
         return crashed
 
 

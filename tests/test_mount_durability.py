@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from dgfs.fs import dirindex
 from tests.mountutil import (
     Mounts,
     S3View,
@@ -50,7 +51,12 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def _user_keys(view: S3View) -> set[str]:
-    return {k for k in view.keys("") if not k.endswith(("/", "reference.bin"))}
+    """Keys of files: not references, directory markers or directory indexes."""
+    return {
+        k
+        for k in view.keys("")
+        if not k.endswith(("/", "reference.bin")) and not k.startswith(dirindex.PREFIX)
+    }
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -44,6 +44,7 @@ from tests.fsharness import (
     RELEASES,
     ROOT,
     UID,
+    bucket,
     create,
     home,
     lookup,
@@ -605,7 +606,7 @@ async def test_several_files_upload_at_once(
         await trio.testing.wait_all_tasks_blocked()
         assert faulty.in_flight("upload") == OPTIONS.upload_workers == 4
         held.release()
-    assert sorted(memory.objects) == [f"f{i}.txt" for i in range(6)]
+    assert sorted(bucket(memory)) == [f"f{i}.txt" for i in range(6)]
 
 
 @pytest.mark.expected_log(r"upload of a\.txt failed for good")
