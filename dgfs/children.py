@@ -11,8 +11,8 @@ One place for what every child gets, whoever starts it:
   no ``DG_CACHE_ENCRYPTION_KEY``, no ``XDELTA`` or ``GZIP`` variable that
   would change what the tool does;
 - when it writes a file whose size is known beforehand, a cap on that size
-  (:func:`file_size_cap`: ``RLIMIT_FSIZE``; a write past it fails with
-  ``EFBIG`` at once, :func:`wrote_past_cap` tells);
+  (:func:`size_capped`: ``RLIMIT_FSIZE``; a write past it fails, or ends
+  the child, at once, :func:`wrote_past_cap` tells);
 - a time limit proportional to its work (:func:`timeout_for`): far beyond
   what a real run needs, it only ends a child that hangs or crawls on
   hostile input.
@@ -21,6 +21,7 @@ One place for what every child gets, whoever starts it:
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import resource
 import shutil
@@ -71,26 +72,48 @@ def timeout_for(work_bytes: int) -> float:
     return BASE_SECONDS + max(0, work_bytes) / MIN_RATE
 
 
-def file_size_cap(max_bytes: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that caps every file the child (and its children) write
-    at ``max_bytes``: a write past it fails with ``EFBIG`` (``SIGXFSZ`` is
-    ignored, so no core dump); nothing beyond the cap reaches the disk.
+@functools.cache
+def _prlimit() -> str | None:
+    """util-linux's ``prlimit``, resolved once (None: not installed)."""
+    return resolve("prlimit")
 
-    It runs between fork and exec, so it does no more than two system calls
-    (no locks, no allocation a thread of the parent could hold).
+
+def size_capped(command: list[str], max_bytes: int) -> tuple[list[str], Callable[[], None] | None]:
+    """``command`` and the ``preexec_fn`` to start it with, so that no file it
+    (or a child of it) writes passes ``max_bytes``: nothing beyond the cap
+    reaches the disk (:func:`wrote_past_cap` tells that it was reached).
+
+    Through util-linux's ``prlimit`` where it is installed: the child then
+    dies of ``SIGXFSZ`` at the cap (``--core=0``: a hostile input leaves no
+    core dump), and Python starts it with vfork. A ``preexec_fn`` makes
+    Python fork the whole daemon, threads and page tables, for every run:
+    measured, 40 ms of a 0.43 s cold read of 12 wheels (11 decodes).
+    Without ``prlimit``, a ``preexec_fn`` sets the limit and ignores
+    ``SIGXFSZ``, so a write past it fails with ``EFBIG``.
     """
     _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     if hard != resource.RLIM_INFINITY:
         max_bytes = min(max_bytes, hard)
+    prlimit = _prlimit()
+    if prlimit is not None:
+        return [prlimit, f"--fsize={max_bytes}", "--core=0", "--", *command], None
     limit = (max_bytes, max_bytes)
 
     def cap() -> None:
+        # Between fork and exec: two system calls, no locks, no allocation
+        # a thread of the parent could hold.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
 
-    return cap
+    return command, cap
+
+
+def could_not_start(returncode: int, stderr: bytes) -> bool:
+    """Whether a child run through :func:`size_capped`'s ``prlimit`` never
+    started: its program is gone or cannot be run."""
+    return returncode in (126, 127) and stderr.startswith(b"prlimit: failed to execute")
 
 
 def wrote_past_cap(returncode: int, stderr: bytes) -> bool:
-    """Whether a child run under :func:`file_size_cap` ended because it hit the cap."""
+    """Whether a child run under :func:`size_capped` ended because it hit the cap."""
     return returncode == -signal.SIGXFSZ or os.strerror(errno.EFBIG).encode() in stderr

@@ -26,7 +26,7 @@ Flags, and why (measured on Debian's xdelta3 3.0.11):
 Deltas come from the bucket, which others can write: a 646-byte VCDIFF
 decodes to 256 MiB. A decode is given the size its output must have
 (``max_size``, from ``dg-file-size``) and xdelta3 cannot write a byte
-more (:func:`dgfs.children.file_size_cap`); every run has a time limit
+more (:func:`dgfs.children.size_capped`); every run has a time limit
 proportional to its work. xdelta3 is run by the absolute path resolved
 when the engine is made, with a minimal environment (:mod:`dgfs.children`).
 
@@ -393,6 +393,9 @@ class DeltaEngine:
         if self.path is None:
             raise XdeltaMissing(f"cannot run {self.binary!r} to {what}: not found; {INSTALL_HINT}")
         command = [self.path, *(os.fspath(a) for a in args)]
+        preexec = None
+        if max_size is not None:
+            command, preexec = children.size_capped(command, max_size)
         timeout = children.timeout_for(work)
         limit = DecodeLimit if what == "decode" else DeltaEngineError
         try:
@@ -409,7 +412,7 @@ class DeltaEngine:
                         # helpers xdelta3 may spawn when decoding stock deltas.
                         start_new_session=True,
                         env=children.child_env(),
-                        preexec_fn=None if max_size is None else children.file_size_cap(max_size),
+                        preexec_fn=preexec,
                     )
             except (FileNotFoundError, PermissionError) as exc:
                 raise XdeltaMissing(
@@ -424,6 +427,10 @@ class DeltaEngine:
                 raise DecodeLimit(
                     f"xdelta3 {what} stopped at {max_size} bytes of output, the limit"
                     f" ({cap_name}) for this object"
+                )
+            if children.could_not_start(result.returncode, result.stderr):
+                raise XdeltaMissing(
+                    f"cannot run {self.binary!r} to {what}: {_tail(result.stderr)}; {INSTALL_HINT}"
                 )
             if result.returncode != 0:
                 raise DeltaEngineError(

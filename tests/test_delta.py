@@ -335,6 +335,8 @@ async def test_missing_binary_at_run_time(tmp_path: Path) -> None:
         await engine.encode(source, target, tmp_path / "d")
     with pytest.raises(XdeltaMissing):
         await engine.decode(source, write(tmp_path / "d2", b"x"), tmp_path / "out")
+    with pytest.raises(XdeltaMissing, match="apt install xdelta3"):  # size-capped (prlimit)
+        await engine.decode(source, tmp_path / "d2", tmp_path / "out", max_size=100)
 
 
 async def test_corrupt_delta(engine: DeltaEngine, tmp_path: Path) -> None:

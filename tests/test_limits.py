@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from dgfs import children
 from dgfs import format as fmt
 from dgfs.cache import ContentCache
 from dgfs.core import Core
@@ -238,7 +239,20 @@ async def test_a_bomb_copied_into_a_directory_a_bucket_writer_made_deep(
 # --- decoding objects from the bucket (reading) ------------------------------------------
 
 
-async def test_a_vcdiff_bomb_is_stopped_at_the_size_it_must_have(tmp_path: Path) -> None:
+@pytest.fixture(params=["prlimit", "preexec_fn"])
+def size_cap_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The two ways a child's output is capped: util-linux's prlimit, or
+    (where it is not installed) a preexec_fn."""
+    if request.param == "prlimit":
+        assert children.resolve("prlimit"), "util-linux's prlimit (Debian: essential)"
+    else:
+        monkeypatch.setattr(children, "_prlimit", lambda: None)
+    return str(request.param)
+
+
+async def test_a_vcdiff_bomb_is_stopped_at_the_size_it_must_have(
+    tmp_path: Path, size_cap_by: str
+) -> None:
     """261 bytes of VCDIFF decode to 256 MiB: xdelta3 writes no byte past ``max_size``."""
     from dgfs.errors import DecodeLimit
 
