@@ -47,7 +47,7 @@ Ctrl-C too.
 
     .venv/bin/python benchmarks/speed.py [--quick] [--repeats 3] [--series wheels,tars]
         [--tools dgfs,deep,api] [--count 6] [--ls-files 1000 | 0]
-        [--mount-options upload_workers=2]
+        [--mount-options upload_workers=2] [--base TREE]
 """
 
 from __future__ import annotations
@@ -104,16 +104,20 @@ from testsupport.servers import (  # noqa: E402
 
 DGFS = "dgfs"
 DGFS_DEEP = "dgfs deep"
-DGFS_DEEP_BASE = "deep base"  # --deep-base: dgfs deep from another source tree, for A/B
+DGFS_BASE = "dgfs base"  # --base: dgfs from another source tree, for A/B
+DGFS_DEEP_BASE = "deep base"  # --base: dgfs deep from another source tree, for A/B
 DG_CLI = "DeltaGlider CLI"
 DG_API = "DeltaGlider API"
 S3FS = "s3fs-fuse"
 BOTO3 = "boto3"
-TOOLS = (DGFS, DGFS_DEEP, DGFS_DEEP_BASE, DG_CLI, DG_API, S3FS, BOTO3)
+TOOLS = (DGFS, DGFS_BASE, DGFS_DEEP, DGFS_DEEP_BASE, DG_CLI, DG_API, S3FS, BOTO3)
+#: The tool each base tool measures from another tree (--base).
+BASE_OF = {DGFS: DGFS_BASE, DGFS_DEEP: DGFS_DEEP_BASE}
 BASELINE = S3FS  # every workload is also given as a ratio to this tool
 STORE_BASELINE = DG_API  # stores and cold reads are also given as a ratio to this one
 API_KINDS = ("store", "cold read")
-DGFS_TOOLS = (DGFS, DGFS_DEEP, DGFS_DEEP_BASE)  # each gets a column of its ratio to STORE_BASELINE
+# Each gets a column of its ratio to STORE_BASELINE.
+DGFS_TOOLS = (DGFS, DGFS_BASE, DGFS_DEEP, DGFS_DEEP_BASE)
 
 PHASES = ("store", "read", "ls setup", "ls", "aborted")  # of the RSS table, in this order
 DEFAULT_SERIES = ("wheels", "sdists", "tars")
@@ -367,7 +371,7 @@ class Context:
     endpoint: str
     work: Path
     mount_options: str
-    deep_base: Path | None = None
+    base: Path | None = None
 
 
 class Tool:
@@ -585,22 +589,29 @@ class DgfsDeepTool(DgfsTool):
         return command
 
 
-class DgfsDeepBaseTool(DgfsDeepTool):
-    """dgfs deep with its daemon importing dgfs from ``Context.deep_base`` (a
-    worktree of the commit to compare with): an A/B of a change in one run."""
-
-    name = DGFS_DEEP_BASE
-    bucket = "dgfs-deep-base"
+class _BaseTree(DgfsTool):
+    """A dgfs tool whose daemon imports dgfs from ``Context.base`` (a worktree
+    of the commit to compare with): an A/B of a change in one run."""
 
     def missing(self) -> str | None:
-        base = self.ctx.deep_base
+        base = self.ctx.base
         if base is None or not (base / "dgfs" / "__init__.py").exists():
-            return "no --deep-base TREE holding dgfs/"
+            return "no --base TREE holding dgfs/"
         return None
 
     def command(self, cache: Path) -> list[str]:
         # env execs the daemon: its PID is the one sampled and stopped.
-        return ["env", f"PYTHONPATH={self.ctx.deep_base}", *super().command(cache)]
+        return ["env", f"PYTHONPATH={self.ctx.base}", *super().command(cache)]
+
+
+class DgfsBaseTool(_BaseTree, DgfsTool):
+    name = DGFS_BASE
+    bucket = "dgfs-base"
+
+
+class DgfsDeepBaseTool(_BaseTree, DgfsDeepTool):
+    name = DGFS_DEEP_BASE
+    bucket = "dgfs-deep-base"
 
 
 class S3fsTool(MountTool):
@@ -762,6 +773,7 @@ class Boto3Tool(Tool):
 TOOL_CLASSES: dict[str, type[Tool]] = {
     DGFS: DgfsTool,
     DGFS_DEEP: DgfsDeepTool,
+    DGFS_BASE: DgfsBaseTool,
     DGFS_DEEP_BASE: DgfsDeepBaseTool,
     DG_CLI: DeltaGliderCli,
     DG_API: DeltaGliderApi,
@@ -1214,7 +1226,7 @@ def _machine(env: dict[str, Any]) -> str:
 
 def parse_tools(text: str | None) -> list[str]:
     if not text:
-        return [t for t in TOOLS if t != DGFS_DEEP_BASE]  # that one only with --deep-base
+        return [t for t in TOOLS if t not in BASE_OF.values()]  # those only with --base
     chosen = []
     for item in text.split(","):
         name = TOOL_ALIASES.get(item.strip().lower())
@@ -1248,11 +1260,13 @@ def main() -> int:
     )
     parser.add_argument("--mount-options", default="", help="more -o options for dgfs mounts")
     parser.add_argument(
+        "--base",
         "--deep-base",
         type=Path,
         metavar="TREE",
-        help=f"also run {DGFS_DEEP!r} with dgfs imported from TREE (say, a git worktree"
-        f" of main), as the tool {DGFS_DEEP_BASE!r}: a change and its base in one run",
+        help=f"also run {DGFS!r} and {DGFS_DEEP!r} (those chosen) with dgfs imported from"
+        f" TREE (say, a git worktree of main), as {DGFS_BASE!r} and {DGFS_DEEP_BASE!r}:"
+        " a change and its base in one run",
     )
     parser.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help=f"default {DEFAULT_CACHE}"
@@ -1294,10 +1308,10 @@ def main() -> int:
             raise SystemExit(f"--profile {args.profile}: {exc.strerror}") from None
     wanted_series = args.series.split(",") if args.series else list(DEFAULT_SERIES)
     tool_names = parse_tools(args.tools)
-    if args.deep_base and DGFS_DEEP_BASE not in tool_names:
-        tool_names.insert(
-            tool_names.index(DGFS_DEEP) + 1 if DGFS_DEEP in tool_names else 0, DGFS_DEEP_BASE
-        )
+    if args.base:
+        tool_names = [
+            t for tool in tool_names for t in (tool, BASE_OF.get(tool)) if t is not None
+        ]
 
     os.environ.update(S3_TEST_ENV)
     # A SIGTERM/SIGHUP unwinds like Ctrl-C: mounts, daemons and server are cleaned up.
@@ -1322,8 +1336,8 @@ def main() -> int:
     interrupted = False
     try:
         with SeaweedServer(stop_timeout=5) as server:  # throwaway data: SIGKILL after 5 s is fine
-            deep_base = args.deep_base.resolve() if args.deep_base else None
-            ctx = Context(server.endpoint_url, work, args.mount_options, deep_base)
+            base = args.base.resolve() if args.base else None
+            ctx = Context(server.endpoint_url, work, args.mount_options, base)
             print(f"== SeaweedFS on {ctx.endpoint}")
             for name in tool_names:
                 tool = TOOL_CLASSES[name](ctx)
@@ -1363,7 +1377,7 @@ def main() -> int:
             "repeats": repeats,
             "ls_files": ls_files,
             "mount_options": args.mount_options,
-            "deep_base": str(args.deep_base) if args.deep_base else None,
+            "base": str(args.base) if args.base else None,
             "s3fs_options": S3FS_OPTIONS,
             "interrupted": interrupted,
         },
