@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import json
 import logging
 import sqlite3
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+import zstandard
 
 from dgfs import format as fmt
 from dgfs.fs import dirindex
-from dgfs.fs.attrcache import AttrCache
+from dgfs.fs.attrcache import AttrCache, version_of
 from dgfs.fs.entries import DirEntry, NodeKind
 from dgfs.fs.namespace import Namespace
 from dgfs.store.base import ListPage, ObjectHead
@@ -58,6 +61,14 @@ async def fill(store: MemoryStore, count: int) -> None:
     await store.put_bytes("rel/notes.txt", b"hello", {})
     await store.put_bytes("rel/sub/", b"", {"mode": str(0o40700), "mtime": "1600000000"})
     await store.put_bytes(".deltaglider/stats_quick.json", b"{}", {})
+    age(store)
+
+
+def age(store: MemoryStore, by: timedelta = timedelta(minutes=1)) -> None:
+    """Every object written ``by`` earlier: settled (``dirindex.settled``), as
+    what a real writer stored before the listing's second."""
+    for key, obj in store.objects.items():
+        store.objects[key] = dataclasses.replace(obj, last_modified=obj.last_modified - by)
 
 
 async def test_listing_shows_original_names_and_sizes() -> None:
@@ -278,6 +289,54 @@ async def test_a_fresh_mount_reads_the_directory_index_instead_of_heading(
     assert store.heads == 2
 
 
+async def test_an_index_never_vouches_for_a_version_that_can_still_change_unseen() -> None:
+    """A version is an ETag and a Last-Modified second: an object changed again
+    within the second of its last write (a chmod right after an upload)
+    keeps it. An index made in that second leaves the object out, so a
+    fresh mount HEADs it and shows the change."""
+    store = CountingStore()
+    await fill(store, 20)
+    key = "rel/app-3.zip.delta"
+    written = store.objects[key]
+    # Written in the second the listing below is made (the store's clock).
+    in_the_listed_second = written.last_modified + timedelta(hours=1)
+    store.objects[key] = dataclasses.replace(written, last_modified=in_the_listed_second)
+    first = namespace(store, None)
+    await first.listing("rel")
+    await first.flush_attr_cache()
+    rows = dirindex.decode("rel/", store.objects[dirindex.index_key("rel/")].body)
+    assert key not in rows and "rel/app-4.zip.delta" in rows
+
+    # A chmod within that second: the same bytes (ETag), the same second.
+    await store.put_bytes(key, written.body, {**delta_meta("app-3.zip", 5003), "mode": "33152"})
+    store.objects[key] = dataclasses.replace(store.objects[key], last_modified=in_the_listed_second)
+    store.heads = 0
+    entries = await namespace(store, None).listing("rel")  # a fresh mount
+    assert entries["app-3.zip"].mode == 0o100600
+    assert entries["app-4.zip"].mode == 0o100640
+    assert store.heads == 2  # the sub/ marker and app-3
+
+
+async def test_an_index_of_the_format_before_settled_rows_is_not_used() -> None:
+    """Indexes written before rows had to be settled may vouch for a version
+    changed within its second: read as none (HEADs), then written anew."""
+    store = CountingStore()
+    await fill(store, 20)
+    obj = store.objects["rel/app-1.zip.delta"]
+    row = [version_of(obj.etag, obj.last_modified), delta_meta("app-1.zip", 1)]
+    doc = {"format": "dgfs-dir-index-2", "prefix": "rel/", "objects": {"rel/app-1.zip.delta": row}}
+    old = zstandard.ZstdCompressor().compress(json.dumps(doc).encode())
+    assert dirindex.decode("rel/", old) == {}
+    await store.put_bytes(dirindex.index_key("rel/"), old, {})
+    first = namespace(store, None)
+    assert (await first.listing("rel"))["app-1.zip"].size == 5001
+    assert store.heads >= 21
+    await first.flush_attr_cache()
+    assert "rel/app-1.zip.delta" in dirindex.decode(
+        "rel/", store.objects[dirindex.index_key("rel/")].body
+    )
+
+
 @pytest.mark.expected_log("directory index not used")
 async def test_a_garbled_or_lying_directory_index_costs_heads_never_a_wrong_attribute() -> None:
     store = CountingStore()
@@ -318,6 +377,11 @@ async def test_a_mount_that_stored_many_files_writes_their_directory_index(
     from tests.fsharness import GID, ROOT, UID, mounted, write_file
 
     store = CountingStore()
+    # Each request a second after the last: the unmount's listing comes after
+    # the seconds the files were written in, as it does on a real store.
+    ticks = itertools.count()
+    started = datetime.now(UTC)
+    store.clock = lambda: started + timedelta(seconds=next(ticks))
     async with mounted(store, tmp_path) as m:
         fs: FileSystem = m.fs
         rel = await fs.mkdir(ROOT, "rel", 0o755, UID, GID)

@@ -10,8 +10,12 @@ LIST and HEADs only the objects it does not describe.
 
 It is a hint, never trusted: a row counts only while its version is the
 one the LIST shows, so an object written since, by any tool, is HEADed as
-before. Any mount may therefore rewrite it at any time (last writer wins,
-no conditional request needed): a lost, stale, foreign or garbled index
+before. A version is whole seconds, so an object can change again within
+the second of its last write and keep it (a chmod right after an upload):
+an index holds only rows of versions from before the second its listing
+was made (``settled``), which nothing can change unseen any more. Any
+mount may therefore rewrite it at any time (last writer wins, no
+conditional request needed): a lost, stale, foreign or garbled index
 costs HEADs, never a wrong attribute. It lives under ``.deltaglider/``,
 which DeltaGlider and dgfs never show, at
 ``.deltaglider/dgfs-index/v1/<directory prefix>dir.index`` (zstd JSON).
@@ -21,12 +25,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import datetime
 
 import zstandard
 
 from dgfs import format as fmt
 
-FORMAT = "dgfs-dir-index-2"  # 2: rows carry client metadata (user-<k>)
+FORMAT = "dgfs-dir-index-3"  # 2: rows carry client metadata (user-<k>); 3: settled rows only
+#: Indexes of this format may hold rows of versions that changed within their
+#: second: read as no index (the directory is HEADed, and a new one written).
+_UNSETTLED_FORMATS = ("dgfs-dir-index-2",)
 PREFIX = f"{fmt.INTERNAL_PREFIX}dgfs-index/v1/"
 
 # An index is bucket content anyone with write access may have written: it
@@ -52,6 +60,16 @@ MAX_META_VALUE = 2048
 Rows = dict[str, tuple[str, dict[str, str]]]
 
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def settled(last_modified: datetime, listed_at: datetime | None) -> bool:
+    """Whether a row of an object version last modified at ``last_modified``,
+    read for a listing the store answered at ``listed_at`` (its own clock),
+    may go into an index: only if that second was over before the listing.
+    Any change made since has a later second, so a reader tells it from
+    the row's version; a change within the same second would keep the
+    version, and the row would vouch for metadata the object no longer has."""
+    return listed_at is not None and int(last_modified.timestamp()) < int(listed_at.timestamp())
 
 
 def index_key(dir_prefix: str) -> str:
@@ -87,6 +105,8 @@ def decode(dir_prefix: str, body: bytes) -> Rows:
         raise ValueError("not a directory index: nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not a directory index: {exc}") from None
+    if isinstance(doc, dict) and doc.get("format") in _UNSETTLED_FORMATS:
+        return {}
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError("not a directory index (format)")
     if doc.get("prefix") != dir_prefix:

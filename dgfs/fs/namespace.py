@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from datetime import datetime
 
 import trio
 from cachetools import TTLCache
@@ -157,7 +158,7 @@ class Namespace:
             and "/" not in obj.key[len(prefix) :]  # not the directory's own marker
             and fmt.visible_key(obj.key) is not None
         ]
-        heads = await self._heads(prefix, candidates)
+        heads = await self._heads(prefix, candidates, page.listed_at)
         files: dict[str, ObjectHead] = {}
         for head in heads.values():
             # Which name an object shows under is known only from its metadata:
@@ -207,9 +208,12 @@ class Namespace:
             await head_many(self.store, missing, on_head=headed)
         return {k: self._dir_meta.get(k, {}) for k in marker_keys}
 
-    async def _heads(self, prefix: str, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
-        """Metadata of a directory's ``objects``: from the attribute cache, else
-        the directory's index, else a HEAD each (concurrently)."""
+    async def _heads(
+        self, prefix: str, objects: list[ObjectInfo], listed_at: datetime | None
+    ) -> dict[str, ObjectHead]:
+        """Metadata of a directory's ``objects`` (listed at ``listed_at``): from
+        the attribute cache, else the directory's index, else a HEAD each
+        (concurrently)."""
         heads: dict[str, ObjectHead] = {}
         missing: list[ObjectInfo] = []
         for obj in objects:
@@ -232,10 +236,12 @@ class Namespace:
                 unknown.append(obj)
         heads |= await self._head_each(unknown)
         if self.write_indexes and len(unknown) >= INDEX_MIN_MISSES:
-            # Missing or stale for many: the next fresh mount gets a full one.
+            # Missing or stale for many: the next fresh mount gets a full one,
+            # of the versions that can no longer change unseen.
             self._indexes_due[prefix] = {
                 key: (version_of(head.etag, head.last_modified), dict(head.metadata))
                 for key, head in heads.items()
+                if dirindex.settled(head.last_modified, listed_at)
             }
         return heads
 

@@ -112,10 +112,17 @@ class NewObject:
 
 @dataclass(frozen=True)
 class ListPage:
-    """One page of ``ListObjectsV2``: objects, and common prefixes (with trailing '/')."""
+    """One page of ``ListObjectsV2``: objects, and common prefixes (with trailing '/').
+
+    ``listed_at``: when the store answered, by its own clock (the ``Date``
+    of the response; the clock ``last_modified`` comes from), None if it
+    did not say. An object whose ``last_modified`` second is not before it
+    may still change within that second and keep its ETag and
+    ``last_modified`` (``dgfs.fs.dirindex``)."""
 
     objects: list[ObjectInfo]
     prefixes: list[str]
+    listed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -146,10 +153,14 @@ class ObjectStore(abc.ABC):
         """The whole listing under ``prefix`` as one page."""
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
+        listed_at: datetime | None = None
+        first = True
         async for page in self.list_pages(prefix, delimiter):
             objects.extend(page.objects)
             prefixes.extend(page.prefixes)
-        return ListPage(objects, prefixes)
+            if first:  # the earliest answer: what came later may only be newer
+                listed_at, first = page.listed_at, False
+        return ListPage(objects, prefixes, listed_at)
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectHead:

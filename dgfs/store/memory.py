@@ -2,7 +2,8 @@
 
 What it shares with ``S3Store`` (and tests may rely on): ETags are the MD5
 hex of the body (no quotes), ``last_modified`` is the time of the write in
-UTC, ``If-None-Match: *`` is honoured, listings are in key order with
+UTC by the store's ``clock`` (which also dates listings, as a server's
+``Date`` does), ``If-None-Match: *`` is honoured, listings are in key order with
 common prefixes rolled up exactly as ``ListObjectsV2`` does (a common
 prefix counts as one entry of a page), copies keep or replace metadata,
 deleting a missing key is fine. What it does not model: multipart ETags,
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,10 +54,18 @@ class StoredObject:
 class MemoryStore(ObjectStore):
     """A bucket held in a dict (``objects``: key -> ``StoredObject``)."""
 
-    def __init__(self, bucket: str = "memory", *, page_size: int = 1000) -> None:
+    def __init__(
+        self,
+        bucket: str = "memory",
+        *,
+        page_size: int = 1000,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.bucket = bucket
         self.page_size = page_size
         self.objects: dict[str, StoredObject] = {}
+        #: The server's clock: Last-Modified of writes, and when listings were made.
+        self.clock = clock
 
     def _get(self, key: str) -> StoredObject:
         try:
@@ -80,7 +89,9 @@ class MemoryStore(ObjectStore):
         etag = hashlib.md5(body).hexdigest()
         # Held as S3 would hold it (names lower-case, values ASCII).
         stored_metadata = encode_metadata(new.metadata)
-        self.objects[key] = StoredObject(bytes(body), stored_metadata, new.content_type, etag)
+        self.objects[key] = StoredObject(
+            bytes(body), stored_metadata, new.content_type, etag, self.clock()
+        )
         return etag
 
     async def list_pages(
@@ -103,6 +114,7 @@ class MemoryStore(ObjectStore):
             yield ListPage(
                 [entry for entry in page if isinstance(entry, ObjectInfo)],
                 [entry for entry in page if isinstance(entry, str)],
+                self.clock(),
             )
             await trio.lowlevel.checkpoint()
 

@@ -6,6 +6,7 @@ The only module that creates a boto3 client or session.
 
 from __future__ import annotations
 
+import email.utils
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -146,6 +147,15 @@ def etag(raw: str) -> str:
 
 def utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
+
+
+def response_date(response: Mapping[str, Any]) -> datetime | None:
+    """The ``Date`` header of a boto3 answer (the server's clock), None if absent or garbled."""
+    headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+    try:
+        return utc(email.utils.parsedate_to_datetime(headers["date"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def head_from_response(key: str, response: Mapping[str, Any], size: int) -> ObjectHead:
