@@ -317,6 +317,18 @@ async def test_an_index_never_vouches_for_a_version_that_can_still_change_unseen
     assert store.heads == 2  # the sub/ marker and app-3
 
 
+async def test_a_listing_of_nothing_settled_writes_no_index() -> None:
+    """Every object written in the second being listed: an index would hold
+    no row, and only replace one another mount wrote that may hold some."""
+    store = CountingStore()
+    await fill(store, 20)
+    age(store, timedelta(hours=-1))
+    first = namespace(store, None)
+    await first.listing("rel")
+    await first.flush_attr_cache()
+    assert dirindex.index_key("rel/") not in store.objects
+
+
 async def test_an_index_of_the_format_before_settled_rows_is_not_used() -> None:
     """Indexes written before rows had to be settled may vouch for a version
     changed within its second: read as none (HEADs), then written anew."""

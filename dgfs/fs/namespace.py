@@ -237,12 +237,15 @@ class Namespace:
         heads |= await self._head_each(unknown)
         if self.write_indexes and len(unknown) >= INDEX_MIN_MISSES:
             # Missing or stale for many: the next fresh mount gets a full one,
-            # of the versions that can no longer change unseen.
-            self._indexes_due[prefix] = {
+            # of the versions that can no longer change unseen (none of those:
+            # an index would only replace one that may hold some).
+            rows = {
                 key: (version_of(head.etag, head.last_modified), dict(head.metadata))
                 for key, head in heads.items()
                 if dirindex.settled(head.last_modified, listed_at)
             }
+            if rows:
+                self._indexes_due[prefix] = rows
         return heads
 
     async def _head_each(self, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
