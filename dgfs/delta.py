@@ -428,9 +428,13 @@ class DeltaEngine:
                     f"xdelta3 {what} stopped at {max_size} bytes of output, the limit"
                     f" ({cap_name}) for this object"
                 )
-            if children.could_not_start(result.returncode, result.stderr):
+            if children.prlimit_failed(result.returncode, result.stderr):
+                # Not the object's fault: this machine cannot run xdelta3 capped.
+                gone = b"failed to execute" in result.stderr
                 raise XdeltaMissing(
-                    f"cannot run {self.binary!r} to {what}: {_tail(result.stderr)}; {INSTALL_HINT}"
+                    f"cannot run {self.binary!r} to {what} under prlimit (which caps its"
+                    f" output): {_tail(result.stderr)}; "
+                    + (INSTALL_HINT if gone else "a seccomp filter may forbid prlimit(2)")
                 )
             if result.returncode != 0:
                 raise DeltaEngineError(

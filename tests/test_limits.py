@@ -16,7 +16,9 @@ import hashlib
 import logging
 import os
 import random
+import shutil
 import stat
+import subprocess
 import time
 import zlib
 from collections.abc import Iterator
@@ -245,8 +247,10 @@ def size_cap_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     (where it is not installed) a preexec_fn."""
     if request.param == "prlimit":
         assert children.resolve("prlimit"), "util-linux's prlimit (Debian: essential)"
+        assert children.size_capped(["x"], 1)[1] is None  # no preexec_fn: prlimit it is
     else:
         monkeypatch.setattr(children, "_prlimit", lambda: None)
+        assert children.size_capped(["x"], 1)[0] == ["x"]
     return str(request.param)
 
 
@@ -269,6 +273,54 @@ async def test_a_vcdiff_bomb_is_stopped_at_the_size_it_must_have(
     small = write(tmp_path / "small.vcdiff", bombs.vcdiff_run(1000))
     await DeltaEngine().decode(source, small, out, max_size=1000)
     assert out.read_bytes() == bytes(1000)
+
+
+@pytest.mark.skipif(shutil.which("gzip") is None, reason="needs gzip(1)")
+async def test_a_stock_gzip_delta_past_its_size_is_stopped_as_a_limit(
+    tmp_path: Path, size_cap_by: str
+) -> None:
+    """A stock delta of gzip input: xdelta3 pipes its output through gzip(1),
+    which hits the cap (killed by SIGXFSZ under prlimit, EFBIG otherwise):
+    a limit reached, not a broken object (which the reader would then try
+    to recover from, a search of ~30 s)."""
+    from dgfs.errors import DecodeLimit
+
+    content = os.urandom(1 << 16) * 4
+    for name, data in (("a", content), ("b", content + b"more")):
+        write(tmp_path / name, data)
+        subprocess.run(["gzip", "-kn", str(tmp_path / name)], check=True)
+    delta = tmp_path / "stock.delta"
+    subprocess.run(
+        ["xdelta3", "-e", "-f", "-s", tmp_path / "a.gz", tmp_path / "b.gz", delta], check=True
+    )
+    with pytest.raises(DecodeLimit, match="stopped at 1000 bytes"):
+        await DeltaEngine().decode(tmp_path / "a.gz", delta, tmp_path / "out", max_size=1000)
+    assert not (tmp_path / "out").exists()
+
+
+async def test_a_prlimit_that_cannot_set_the_limit_is_a_setup_error(tmp_path: Path) -> None:
+    """prlimit refused (a seccomp filter): this machine's problem, said so,
+    not an object that "cannot be decoded"."""
+    from dgfs.errors import XdeltaMissing
+
+    fake = script(
+        tmp_path / "prlimit",
+        'echo "prlimit: failed to set the FSIZE resource limit: Operation not permitted"'
+        " >&2\nexit 1\n",
+    )
+    children._prlimit.cache_clear()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(children, "_prlimit", lambda: str(fake))
+            with pytest.raises(XdeltaMissing, match="under prlimit.*Operation not permitted"):
+                await DeltaEngine().decode(
+                    write(tmp_path / "ref", b"r"),
+                    write(tmp_path / "d", b"d"),
+                    tmp_path / "o",
+                    max_size=10,
+                )
+    finally:
+        children._prlimit.cache_clear()
 
 
 async def seed_dg_delta(store: MemoryStore, key: str, body: bytes, size: int) -> None:
