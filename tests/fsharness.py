@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -188,6 +190,16 @@ async def assert_absent(fs: FileSystem, name: str) -> None:
     with pytest.raises(FsError) as exc:
         await fs.lookup(ROOT, name)
     assert exc.value.errno == errno.ENOENT
+
+
+def ticking_clock() -> Callable[[], datetime]:
+    """A store clock one second later at every call: a mount's HEAD of what
+    it wrote is answered after that second, as on a real store, where
+    uploads are seconds apart from the listings that follow them
+    (``dgfs.fs.dirindex.settled``)."""
+    ticks = itertools.count()
+    started = datetime.now(UTC)
+    return lambda: started + timedelta(seconds=next(ticks))
 
 
 def bucket(memory: MemoryStore) -> dict[str, bytes]:

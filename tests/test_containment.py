@@ -31,7 +31,7 @@ from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.namespace import Namespace
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.fsharness import OPTIONS, lookup, mounted, write_file
+from tests.fsharness import OPTIONS, lookup, mounted, ticking_clock, write_file
 from tests.test_streaming import (
     HALF,
     STREAMING,
@@ -169,7 +169,7 @@ async def test_the_periodic_index_and_attribute_cache_writer_survives_its_failur
     their indexes and the attribute cache: one listing fails (reading the
     old index), one index write fails, the attribute cache's write fails.
     Each is one line; the next rounds still run."""
-    memory = MemoryStore()
+    memory = MemoryStore(clock=ticking_clock())
     store = FaultyStore(memory)
     ns = Namespace(store, AttrCache(None), root_prefix="", listing_ttl=60, mounted_at_ns=1)
     store.fail("get_range", key=dirindex.index_key("listed/"), error=lambda _: failure())

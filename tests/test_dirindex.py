@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tracemalloc
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import zstandard
@@ -167,3 +168,14 @@ def test_fuzz_json_documents(objects: object, depth: int) -> None:
     _decodes_or_refuses(zstd(text.encode()))
     # The same, buried ``depth`` arrays deep.
     _decodes_or_refuses(zstd(("[" * depth + text + "]" * depth).encode()))
+
+
+def test_a_row_is_settled_only_once_read_after_its_second_and_the_margin() -> None:
+    """``settled``: read more than SETTLE_MARGIN seconds after the second of
+    the version's Last-Modified (both by the store's clock); unknown: never."""
+    written = datetime(2026, 12, 6, 12, 0, 0, 900_000, tzinfo=UTC)
+    margin = dirindex.SETTLE_MARGIN
+    assert not dirindex.settled(written, None)
+    assert not dirindex.settled(written, written + timedelta(milliseconds=50))  # same second
+    assert not dirindex.settled(written, written.replace(microsecond=0) + timedelta(seconds=margin))
+    assert dirindex.settled(written, written.replace(microsecond=0) + timedelta(seconds=margin + 1))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -195,11 +194,13 @@ async def test_prefix_mount_keys(prefix: str) -> None:
 def test_attr_cache_survives_and_recovers_from_garbage(tmp_path: Path) -> None:
     db = tmp_path / "attrs.sqlite"
     cache = AttrCache(db)
-    cache.put("k", "v1", {"dg-file-size": "5", "x-unrelated": "dropped"})
+    cache.put("k", "v1", {"dg-file-size": "5", "x-unrelated": "dropped"}, settled=True)
+    cache.put("k", "v0", {"dg-file-size": "4"}, settled=False)
     cache.write(cache.take_dirty())
     again = AttrCache(db)
     assert again.get("k", "v1") == {"dg-file-size": "5"}
     assert again.get("k", "v2") is None
+    assert again.settled("k", "v1") and not again.settled("k", "v0")
     db.write_bytes(b"not a database at all" * 100)
     broken = AttrCache(db)  # unreadable: starts empty instead of failing the mount
     assert broken.get("k", "v1") is None
@@ -210,10 +211,10 @@ def test_a_forgotten_key_is_forgotten_on_disk_too(tmp_path: Path) -> None:
     still waiting to be written, came back after a remount (found by review)."""
     db = tmp_path / "attrs.sqlite"
     cache = AttrCache(db)
-    cache.put("k", "v1", {"dg-file-size": "5"})
-    cache.put("other", "v1", {"dg-file-size": "7"})
+    cache.put("k", "v1", {"dg-file-size": "5"}, settled=False)
+    cache.put("other", "v1", {"dg-file-size": "7"}, settled=True)
     cache.write(cache.take_dirty())
-    cache.put("k", "v2", {"dg-file-size": "6"})  # not written yet
+    cache.put("k", "v2", {"dg-file-size": "6"}, settled=True)  # not written yet
     cache.forget("k")
     cache.write(cache.take_dirty())
     again = AttrCache(db)
@@ -232,7 +233,7 @@ async def test_a_forget_that_failed_to_be_written_is_written_at_the_next_round(
     recovery one line."""
     db = tmp_path / "attrs.sqlite"
     cache = AttrCache(db)
-    cache.put("k", "v1", {"dg-file-size": "5"})
+    cache.put("k", "v1", {"dg-file-size": "5"}, settled=False)
     cache.write(cache.take_dirty())
     ns = Namespace(MemoryStore(), cache, root_prefix="", listing_ttl=60, mounted_at_ns=1)
     real_connect = AttrCache._connect
@@ -317,6 +318,41 @@ async def test_an_index_never_vouches_for_a_version_that_can_still_change_unseen
     assert store.heads == 2  # the sub/ marker and app-3
 
 
+async def test_a_row_read_in_the_second_of_its_write_stays_out_of_later_indexes(
+    tmp_path: Path,
+) -> None:
+    """Mount A reads an object's attributes in the second of its last write;
+    another mount's chmod in that same second keeps the version. When A
+    writes the directory's index later, from its attribute cache, that row
+    stays out: fresh mounts HEAD the object and show the chmod (found by
+    review: the first rule compared with the later listing's time)."""
+    store = CountingStore()
+    await fill(store, 20)
+    key = "rel/app-0.zip.delta"
+    written = store.objects[key]
+    second = written.last_modified.replace(microsecond=100_000) + timedelta(hours=1)
+    store.objects[key] = dataclasses.replace(written, last_modified=second)
+    store.clock = lambda: second + timedelta(milliseconds=500)  # the same second
+    a = namespace(store, tmp_path / "attrs.sqlite")
+    assert (await a.listing("rel"))["app-0.zip"].mode == 0o100640
+
+    # Another mount's chmod within that second: the same bytes, the same second.
+    await store.put_bytes(key, written.body, {**delta_meta("app-0.zip", 5000), "mode": "33152"})
+    store.objects[key] = dataclasses.replace(store.objects[key], last_modified=second)
+    # Files come in later; A lists again and writes the index.
+    store.clock = lambda: second + timedelta(minutes=1)
+    for i in range(20, 25):
+        await store.put_bytes(f"rel/app-{i}.zip.delta", b"d" * 10, delta_meta(f"app-{i}.zip", 1))
+    store.clock = lambda: second + timedelta(minutes=2)
+    await a.listing("rel", fresh=True)
+    await a.flush_attr_cache()
+    rows = dirindex.decode("rel/", store.objects[dirindex.index_key("rel/")].body)
+    assert key not in rows and "rel/app-24.zip.delta" in rows
+
+    entries = await namespace(store, None).listing("rel")  # a fresh mount
+    assert entries["app-0.zip"].mode == 0o100600
+
+
 async def test_a_listing_of_nothing_settled_writes_no_index() -> None:
     """Every object written in the second being listed: an index would hold
     no row, and only replace one another mount wrote that may hold some."""
@@ -386,14 +422,10 @@ async def test_a_mount_that_stored_many_files_writes_their_directory_index(
     """The writer lists what it wrote once its uploads go quiet (here: at
     unmount), so the first fresh mount reads one index instead of a HEAD per file."""
     from dgfs.fs.filesystem import FileSystem
-    from tests.fsharness import GID, ROOT, UID, mounted, write_file
+    from tests.fsharness import GID, ROOT, UID, mounted, ticking_clock, write_file
 
     store = CountingStore()
-    # Each request a second after the last: the unmount's listing comes after
-    # the seconds the files were written in, as it does on a real store.
-    ticks = itertools.count()
-    started = datetime.now(UTC)
-    store.clock = lambda: started + timedelta(seconds=next(ticks))
+    store.clock = ticking_clock()
     async with mounted(store, tmp_path) as m:
         fs: FileSystem = m.fs
         rel = await fs.mkdir(ROOT, "rel", 0o755, UID, GID)

@@ -101,10 +101,11 @@ async def test_list_with_delimiter(store: ObjectStore) -> None:
     assert info.etag == md5(b"c")
     assert info.last_modified.tzinfo is not None
     assert abs(info.last_modified - before) < timedelta(minutes=5)
-    # When the store answered, by the clock of last_modified (its Date header).
-    assert top.listed_at is not None and top.listed_at.tzinfo is not None
-    assert info.last_modified - timedelta(seconds=1) <= top.listed_at
-    assert abs(top.listed_at - before) < timedelta(minutes=5)
+    # When the store answered a HEAD, by the clock of last_modified (its Date header).
+    head = await store.head("c")
+    assert head.observed_at is not None and head.observed_at.tzinfo is not None
+    assert info.last_modified - timedelta(seconds=1) <= head.observed_at
+    assert abs(head.observed_at - before) < timedelta(minutes=5)
 
 
 async def test_list_pagination(store: ObjectStore) -> None:

@@ -38,7 +38,8 @@ def version_of(etag: str, last_modified: datetime) -> str:
 #: Part of the cache file's name: a new version starts empty (2: keeps the
 #: ``dgfs-`` keys that tell deep objects apart; 3: rows keyed by
 #: ``version_of``, and ``rdev`` kept).
-VERSION = "v5"  # v4: keeps deltaglider_proxy's encryption markers; v5: client metadata
+# v4: keeps deltaglider_proxy's encryption markers; v5: client metadata; v6: settled
+VERSION = "v6"
 
 
 _SCHEMA = """
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS heads (
     key TEXT NOT NULL,
     version TEXT NOT NULL,
     metadata TEXT NOT NULL,
+    settled INTEGER NOT NULL,
     PRIMARY KEY (key, version)
 )
 """
@@ -72,17 +74,22 @@ def relevant_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class AttrChanges:
-    """What ``AttrCache.write`` persists: keys whose rows go, rows (key, version, JSON) to add."""
+    """What ``AttrCache.write`` persists: keys whose rows go, rows (key,
+    version, JSON, settled) to add."""
 
     forgotten: list[str]
-    rows: list[tuple[str, str, str]]
+    rows: list[tuple[str, str, str, int]]
 
     def __bool__(self) -> bool:
         return bool(self.forgotten or self.rows)
 
 
 class AttrCache:
-    """(key, version) -> user metadata, persisted in ``path`` (SQLite)."""
+    """(key, version) -> user metadata, persisted in ``path`` (SQLite).
+
+    A row is *settled* when it was read after its version's second was over
+    (``dgfs.fs.dirindex.settled``): only such rows go into directory indexes.
+    """
 
     def __init__(self, path: Path | None, max_entries: int = 1_000_000) -> None:
         self.path = path
@@ -90,6 +97,7 @@ class AttrCache:
         self._rows: dict[str, dict[str, dict[str, str]]] = {}  # key -> version -> metadata
         self._count = 0
         self._dirty: dict[tuple[str, str], dict[str, str]] = {}
+        self._settled: set[tuple[str, str]] = set()  # rows read after their second
         self._forgotten: set[str] = set()  # keys whose persisted rows go at the next write
         self._io_lock = threading.Lock()
         self._failing = False  # the last write failed (logged once, until one succeeds)
@@ -105,18 +113,26 @@ class AttrCache:
     def _load(self) -> None:
         try:
             with self._connect() as conn:
-                for key, version, meta in conn.execute("SELECT key, version, metadata FROM heads"):
+                rows = conn.execute("SELECT key, version, metadata, settled FROM heads")
+                for key, version, meta, settled in rows:
                     self._rows.setdefault(key, {})[version] = json.loads(meta)
+                    if settled:
+                        self._settled.add((key, version))
                     self._count += 1
         except (sqlite3.Error, ValueError) as exc:
             log.warning("attribute cache %s unreadable (%s); starting empty", self.path, exc)
             self._rows.clear()
+            self._settled.clear()
             self._count = 0
             if self.path is not None:
                 self.path.unlink(missing_ok=True)
 
     def get(self, key: str, version: str) -> dict[str, str] | None:
         return self._rows.get(key, {}).get(version)
+
+    def settled(self, key: str, version: str) -> bool:
+        """Whether the row of that version was read after its second (see the class)."""
+        return (key, version) in self._settled
 
     def get_by_etag(self, key: str, etag: str) -> dict[str, str] | None:
         """The row of the one version of ``key`` with this ETag, if exactly one is known."""
@@ -131,26 +147,39 @@ class AttrCache:
     def forget(self, key: str) -> None:
         """Drop the rows of every version of ``key``: in memory now, on disk
         at the next ``write`` (a remount must not find them either)."""
+        for version in self._rows.get(key, {}):
+            self._settled.discard((key, version))
         self._count -= len(self._rows.pop(key, {}))
         for row in [r for r in self._dirty if r[0] == key]:
             del self._dirty[row]
         self._forgotten.add(key)
 
-    def put(self, key: str, version: str, metadata: Mapping[str, str]) -> None:
+    def put(self, key: str, version: str, metadata: Mapping[str, str], *, settled: bool) -> None:
+        """The metadata of ``key`` at ``version``; ``settled``: read after the
+        version's second was over (a row that was replaces one that was not)."""
         kept = relevant_metadata(metadata)
         if self._count >= self.max_entries:
             self._rows.clear()  # crude bound; the store is the truth
+            self._settled.clear()
             self._count = 0
         versions = self._rows.setdefault(key, {})
         self._count += version not in versions
         versions[version] = kept
+        if settled:
+            self._settled.add((key, version))
+        else:
+            self._settled.discard((key, version))
         self._dirty[(key, version)] = kept
 
     def take_dirty(self) -> AttrChanges:
         """Changes not yet persisted (call on the trio thread, then ``write``
         them in a worker)."""
         changes = AttrChanges(
-            sorted(self._forgotten), [(k, e, json.dumps(m)) for (k, e), m in self._dirty.items()]
+            sorted(self._forgotten),
+            [
+                (k, e, json.dumps(m), int((k, e) in self._settled))
+                for (k, e), m in self._dirty.items()
+            ],
         )
         self._dirty.clear()
         self._forgotten.clear()
@@ -170,7 +199,9 @@ class AttrCache:
                     conn.executemany(
                         "DELETE FROM heads WHERE key = ?", [(k,) for k in changes.forgotten]
                     )
-                    conn.executemany("INSERT OR REPLACE INTO heads VALUES (?, ?, ?)", changes.rows)
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO heads VALUES (?, ?, ?, ?)", changes.rows
+                    )
             except sqlite3.Error as exc:
                 level = logging.DEBUG if self._failing else logging.WARNING
                 log.log(level, "could not persist attribute cache %s: %s", self.path, exc)

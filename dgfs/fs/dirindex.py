@@ -12,8 +12,8 @@ It is a hint, never trusted: a row counts only while its version is the
 one the LIST shows, so an object written since, by any tool, is HEADed as
 before. A version is whole seconds, so an object can change again within
 the second of its last write and keep it (a chmod right after an upload):
-an index holds only rows of versions from before the second its listing
-was made (``settled``), which nothing can change unseen any more. Any
+an index holds only rows read after that second was over (``settled``),
+which nothing can change unseen any more. Any
 mount may therefore rewrite it at any time (last writer wins, no
 conditional request needed): a lost, stale, foreign or garbled index
 costs HEADs, never a wrong attribute. It lives under ``.deltaglider/``,
@@ -62,14 +62,23 @@ Rows = dict[str, tuple[str, dict[str, str]]]
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
-def settled(last_modified: datetime, listed_at: datetime | None) -> bool:
-    """Whether a row of an object version last modified at ``last_modified``,
-    read for a listing the store answered at ``listed_at`` (its own clock),
-    may go into an index: only if that second was over before the listing.
-    Any change made since has a later second, so a reader tells it from
-    the row's version; a change within the same second would keep the
-    version, and the row would vouch for metadata the object no longer has."""
-    return listed_at is not None and int(last_modified.timestamp()) < int(listed_at.timestamp())
+#: Seconds a row must have been read after its version's second: the
+#: ``Date`` and ``Last-Modified`` of a store behind several gateways may
+#: come from clocks that differ by that much.
+SETTLE_MARGIN = 1
+
+
+def settled(last_modified: datetime, observed_at: datetime | None) -> bool:
+    """Whether the metadata of an object version last modified at
+    ``last_modified``, as the store answered it at ``observed_at`` (its own
+    clock), is that version's for good: only if that second was over when
+    it was read. Any change made since has a later second, so a reader
+    tells it from the version; one within the same second keeps the
+    version, and a row read before it would vouch for metadata the object
+    no longer has. Only such rows go into an index."""
+    if observed_at is None:
+        return False
+    return int(last_modified.timestamp()) + SETTLE_MARGIN < int(observed_at.timestamp())
 
 
 def index_key(dir_prefix: str) -> str:

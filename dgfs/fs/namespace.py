@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from datetime import datetime
 
 import trio
 from cachetools import TTLCache
@@ -37,7 +36,8 @@ log = logging.getLogger(__name__)
 #: GET costs what one HEAD does (measured on SeaweedFS with boto3: ~0.9 ms
 #: of CPU, which the GIL serialises across concurrent HEADs; a 404 as
 #: much): from 4 objects on, an index found saves 3 or more requests, one
-#: missing costs 1 (once: the index is then written).
+#: missing costs 1 (until a mount that may write writes one: not on -o ro,
+#: nor while no row is settled, ``dirindex.settled``).
 INDEX_MIN_MISSES = 4
 #: Seconds without an upload into a directory after which a mount that stored
 #: at least INDEX_MIN_MISSES files there lists it, so the directory index gets
@@ -158,7 +158,7 @@ class Namespace:
             and "/" not in obj.key[len(prefix) :]  # not the directory's own marker
             and fmt.visible_key(obj.key) is not None
         ]
-        heads = await self._heads(prefix, candidates, page.listed_at)
+        heads = await self._heads(prefix, candidates)
         files: dict[str, ObjectHead] = {}
         for head in heads.values():
             # Which name an object shows under is known only from its metadata:
@@ -208,12 +208,9 @@ class Namespace:
             await head_many(self.store, missing, on_head=headed)
         return {k: self._dir_meta.get(k, {}) for k in marker_keys}
 
-    async def _heads(
-        self, prefix: str, objects: list[ObjectInfo], listed_at: datetime | None
-    ) -> dict[str, ObjectHead]:
-        """Metadata of a directory's ``objects`` (listed at ``listed_at``): from
-        the attribute cache, else the directory's index, else a HEAD each
-        (concurrently)."""
+    async def _heads(self, prefix: str, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
+        """Metadata of a directory's ``objects``: from the attribute cache, else
+        the directory's index, else a HEAD each (concurrently)."""
         heads: dict[str, ObjectHead] = {}
         missing: list[ObjectInfo] = []
         for obj in objects:
@@ -230,19 +227,20 @@ class Namespace:
             version = version_of(obj.etag, obj.last_modified)
             row = indexed.get(obj.key)
             if row is not None and row[0] == version:
-                self.attr_cache.put(obj.key, version, row[1])
+                self.attr_cache.put(obj.key, version, row[1], settled=True)  # as all in an index
                 heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, row[1])
             else:
                 unknown.append(obj)
         heads |= await self._head_each(unknown)
         if self.write_indexes and len(unknown) >= INDEX_MIN_MISSES:
             # Missing or stale for many: the next fresh mount gets a full one,
-            # of the versions that can no longer change unseen (none of those:
-            # an index would only replace one that may hold some).
+            # of the rows no same-second change can have made stale (none of
+            # those: an index would only replace one that may hold some).
+            versions = {key: version_of(h.etag, h.last_modified) for key, h in heads.items()}
             rows = {
-                key: (version_of(head.etag, head.last_modified), dict(head.metadata))
+                key: (versions[key], dict(head.metadata))
                 for key, head in heads.items()
-                if dirindex.settled(head.last_modified, listed_at)
+                if self.attr_cache.settled(key, versions[key])
             }
             if rows:
                 self._indexes_due[prefix] = rows
@@ -251,7 +249,7 @@ class Namespace:
     async def _head_each(self, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
         def headed(key: str, head: ObjectHead | None) -> None:
             if head is not None:
-                self.attr_cache.put(key, version_of(head.etag, head.last_modified), head.metadata)
+                self._keep(head)
 
         if not objects:
             return {}
@@ -417,7 +415,16 @@ class Namespace:
             head = await self.store.head(key)
         except NotFound:
             return  # removed meanwhile: no row to bring up to date
-        self.attr_cache.put(key, version_of(head.etag, head.last_modified), head.metadata)
+        self._keep(head)
+
+    def _keep(self, head: ObjectHead) -> None:
+        """A HEAD's answer into the attribute cache."""
+        self.attr_cache.put(
+            head.key,
+            version_of(head.etag, head.last_modified),
+            head.metadata,
+            settled=dirindex.settled(head.last_modified, head.observed_at),
+        )
 
     async def overwritten(self, key: str) -> None:
         """This mount stored a new object under ``key``. If the attribute cache

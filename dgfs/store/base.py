@@ -71,7 +71,15 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class ObjectHead:
-    """One object as HEAD reports it."""
+    """One object as HEAD reports it.
+
+    ``observed_at``: when the store answered, by its own clock (the
+    ``Date`` of the response, the clock ``last_modified`` comes from);
+    None if it did not say, or the head was not read from the store. An
+    object can change again within its ``last_modified`` second and keep
+    both its ETag and ``last_modified``: what a HEAD answered in that
+    second may be stale without its version showing it
+    (``dgfs.fs.dirindex.settled``)."""
 
     key: str
     size: int
@@ -79,6 +87,7 @@ class ObjectHead:
     last_modified: datetime
     metadata: Mapping[str, str] = field(default_factory=dict)
     content_type: str = DEFAULT_CONTENT_TYPE
+    observed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -112,17 +121,10 @@ class NewObject:
 
 @dataclass(frozen=True)
 class ListPage:
-    """One page of ``ListObjectsV2``: objects, and common prefixes (with trailing '/').
-
-    ``listed_at``: when the store answered, by its own clock (the ``Date``
-    of the response; the clock ``last_modified`` comes from), None if it
-    did not say. An object whose ``last_modified`` second is not before it
-    may still change within that second and keep its ETag and
-    ``last_modified`` (``dgfs.fs.dirindex``)."""
+    """One page of ``ListObjectsV2``: objects, and common prefixes (with trailing '/')."""
 
     objects: list[ObjectInfo]
     prefixes: list[str]
-    listed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -153,14 +155,10 @@ class ObjectStore(abc.ABC):
         """The whole listing under ``prefix`` as one page."""
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
-        listed_at: datetime | None = None
-        first = True
         async for page in self.list_pages(prefix, delimiter):
             objects.extend(page.objects)
             prefixes.extend(page.prefixes)
-            if first:  # the earliest answer: what came later may only be newer
-                listed_at, first = page.listed_at, False
-        return ListPage(objects, prefixes, listed_at)
+        return ListPage(objects, prefixes)
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectHead:

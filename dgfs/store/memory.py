@@ -2,8 +2,8 @@
 
 What it shares with ``S3Store`` (and tests may rely on): ETags are the MD5
 hex of the body (no quotes), ``last_modified`` is the time of the write in
-UTC by the store's ``clock`` (which also dates listings, as a server's
-``Date`` does), ``If-None-Match: *`` is honoured, listings are in key order with
+UTC by the store's ``clock`` (which also dates HEAD answers, as a
+server's ``Date`` does), ``If-None-Match: *`` is honoured, listings are in key order with
 common prefixes rolled up exactly as ``ListObjectsV2`` does (a common
 prefix counts as one entry of a page), copies keep or replace metadata,
 deleting a missing key is fine. What it does not model: multipart ETags,
@@ -64,7 +64,7 @@ class MemoryStore(ObjectStore):
         self.bucket = bucket
         self.page_size = page_size
         self.objects: dict[str, StoredObject] = {}
-        #: The server's clock: Last-Modified of writes, and when listings were made.
+        #: The server's clock: Last-Modified of writes, and when HEADs were answered.
         self.clock = clock
 
     def _get(self, key: str) -> StoredObject:
@@ -114,7 +114,6 @@ class MemoryStore(ObjectStore):
             yield ListPage(
                 [entry for entry in page if isinstance(entry, ObjectInfo)],
                 [entry for entry in page if isinstance(entry, str)],
-                self.clock(),
             )
             await trio.lowlevel.checkpoint()
 
@@ -127,6 +126,7 @@ class MemoryStore(ObjectStore):
             stored.last_modified,
             decode_metadata(stored.metadata),
             stored.content_type,
+            self.clock(),
         )
 
     async def head(self, key: str) -> ObjectHead:

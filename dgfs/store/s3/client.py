@@ -167,4 +167,5 @@ def head_from_response(key: str, response: Mapping[str, Any], size: int) -> Obje
         last_modified=utc(response["LastModified"]),
         metadata=decode_metadata(response.get("Metadata") or {}),
         content_type=response.get("ContentType") or DEFAULT_CONTENT_TYPE,
+        observed_at=response_date(response),
     )
