@@ -88,7 +88,8 @@ def size_capped(command: list[str], max_bytes: int) -> tuple[list[str], Callable
     dies of ``SIGXFSZ`` at the cap (``--core=0``: a hostile input leaves no
     core dump), and Python starts it with vfork. A ``preexec_fn`` makes
     Python fork the whole daemon, threads and page tables, for every run:
-    measured, 40 ms of a 0.43 s cold read of 12 wheels (11 decodes).
+    ~3 ms per run from a process of ~80 MB (docs/benchmarks.md, "Third
+    round").
     Without ``prlimit``, a ``preexec_fn`` sets the limit (core dumps off
     too) and ignores ``SIGXFSZ``, so a write past it fails with ``EFBIG``.
     """
