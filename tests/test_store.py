@@ -738,8 +738,11 @@ async def test_a_store_refusing_etags_in_delete_objects_gets_plain_ones(
     raised, and nothing is deleted without the condition."""
     refused = ETAG_ANSWERS[how]
     real = s3_store._client.delete_objects
+    requests = 0
 
     def delete_objects(**kwargs: Any) -> Any:
+        nonlocal requests
+        requests += 1
         objects = kwargs["Delete"]["Objects"]
         if not any("ETag" in o for o in objects):
             return real(**kwargs)
@@ -758,6 +761,7 @@ async def test_a_store_refusing_etags_in_delete_objects_gets_plain_ones(
     etags = {key: (await s3_store.head(key)).etag for key in keys}
     if refused:
         assert await s3_store.delete_many(keys, etags=etags) == []
+        assert requests == 2  # with the ETags, then all the refused ones without
         for key in keys:
             with pytest.raises(NotFound):
                 await s3_store.head(key)

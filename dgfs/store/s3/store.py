@@ -411,19 +411,21 @@ class S3Store(ObjectStore):
                     raise
                 errors = await self._delete_batch(batch, {})
                 self._conditions_refused("DeleteObjects with ETags", refused)
+            refusals = [
+                e for e in errors if e.get("Key") in conditions and e.get("Code") in _REFUSALS
+            ]
+            if refusals:  # refused with their conditions: deleted without them, in one request
+                errors = [e for e in errors if e not in refusals]
+                errors += await self._delete_batch([e["Key"] for e in refusals], {})
+                self._conditions_refused(
+                    "DeleteObjects with ETags", StoreError(refusals[0].get("Code", ""))
+                )
             for error in errors:
                 code, key = error.get("Code", ""), error.get("Key", "")
                 if code == "NoSuchKey":
                     continue
                 if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     kept.append(key)
-                elif (
-                    key in conditions
-                    and code in _REFUSALS
-                    and not await self._delete_batch([key], {})
-                ):
-                    # Refused with its condition, deleted without it.
-                    self._conditions_refused("DeleteObjects with ETags", StoreError(code))
                 else:
                     failures.append(f"{key} ({code}: {error.get('Message')})")
         if failures:
