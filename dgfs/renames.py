@@ -55,7 +55,8 @@ class Renamer:
         etags = {stored_key: head.etag for stored_key, head in forms.items()}
         kept = await self._store.delete_many(list(forms), etags=etags)
         if kept:
-            log.info("%s: another writer stored %s meanwhile; it stays", key, ", ".join(kept))
+            # As a directory rename's: what was removed still shows.
+            log.warning("%s: another writer stored %s meanwhile; it stays", key, ", ".join(kept))
         log.info("deleted %s (%s)", key, ", ".join(sorted(set(forms) - set(kept))))
 
     async def rename(self, src_key: str, dst_key: str) -> StoredFile:
@@ -81,7 +82,7 @@ class Renamer:
         try:
             await self._store.delete(stored.stored_key, version=head)
         except PreconditionFailed:
-            log.info(
+            log.warning(
                 "%s: another mount stored a new version while it was renamed to %s; it stays",
                 src_key,
                 dst_key,

@@ -426,6 +426,7 @@ async def test_a_rename_never_gives_another_writers_new_version_the_old_hash(
     assert left is None
 
 
+@pytest.mark.expected_log("stored a new version while it was renamed .* it stays")
 @pytest.mark.parametrize("kind", VERSIONS)
 async def test_a_version_stored_during_a_rename_stays_under_the_old_name(
     memory: MemoryStore, tmp_path: Path, kind: str
@@ -484,6 +485,7 @@ async def removed_racing_a_rewrite(
     return one, two, await read_cold(memory, tmp_path, keys)
 
 
+@pytest.mark.expected_log("stored .* meanwhile; it stays")
 async def test_a_version_stored_during_an_rm_stays(memory: MemoryStore, tmp_path: Path) -> None:
     """rm HEADs the file's forms, then deletes them: another mount's new
     version stored in between was deleted with them (an acknowledged write
