@@ -11,6 +11,12 @@ of one run:
 
     .venv/bin/python benchmarks/children_env.py [--series wheels] [--pairs 3] [--repeats 5]
 
+Then (``--ballast-mib``, 80 by default: a mount daemon's size) it times
+the start of a size-capped run as dgfs makes it, from a process holding
+that much memory: through util-linux's ``prlimit`` (Python vforks), and
+with the ``preexec_fn`` dgfs falls back to (Python forks the whole
+process): the median wall seconds of ``xdelta3 -V``.
+
 Every decode's output is compared with the file it rebuilds. The kernel
 grants the pages only where /sys/kernel/mm/transparent_hugepage/enabled
 is ``madvise`` or ``always``; the script prints the setting.
@@ -58,6 +64,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=3, help="consecutive pairs per series")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--ballast-mib", type=int, default=80)
     args = parser.parse_args()
     xdelta3 = children.resolve("xdelta3")
     if xdelta3 is None:
@@ -96,7 +103,32 @@ def main() -> int:
                 cpu = statistics.mean(r[1] for r in runs)
                 rss = max(r[2] for r in runs) / 1024
                 print(f"{series.name:8} {what:7} {name:12} {wall:8.3f} {cpu:8.3f} {rss:12.0f}")
+    spawn_costs(xdelta3, args.ballast_mib, args.repeats * 20)
     return 0
+
+
+def spawn_costs(xdelta3: str, ballast_mib: int, runs: int) -> None:
+    """Median wall seconds to run ``xdelta3 -V`` size-capped, both ways."""
+    ballast = bytearray(ballast_mib << 20)
+    for offset in range(0, len(ballast), 4096):  # resident, as a daemon's heap is
+        ballast[offset] = 1
+    ways = {"prlimit": children.size_capped([xdelta3, "-V"], 1 << 30)}
+    prlimit = children._prlimit
+    try:
+        children._prlimit = lambda: None  # type: ignore[assignment]
+        ways["preexec_fn"] = children.size_capped([xdelta3, "-V"], 1 << 30)
+    finally:
+        children._prlimit = prlimit  # type: ignore[assignment]
+    print(f"start of a size-capped run from a process of {ballast_mib} MiB (median of {runs}):")
+    for name, (command, preexec) in ways.items():
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            subprocess.run(
+                command, env=children.child_env(), preexec_fn=preexec, capture_output=True
+            )
+            times.append(time.perf_counter() - start)
+        print(f"  {name:10} {statistics.median(times) * 1000:6.2f} ms")
 
 
 if __name__ == "__main__":

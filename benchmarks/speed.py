@@ -1309,9 +1309,7 @@ def main() -> int:
     wanted_series = args.series.split(",") if args.series else list(DEFAULT_SERIES)
     tool_names = parse_tools(args.tools)
     if args.base:
-        tool_names = [
-            t for tool in tool_names for t in (tool, BASE_OF.get(tool)) if t is not None
-        ]
+        tool_names = [t for tool in tool_names for t in (tool, BASE_OF.get(tool)) if t is not None]
 
     os.environ.update(S3_TEST_ENV)
     # A SIGTERM/SIGHUP unwinds like Ctrl-C: mounts, daemons and server are cleaned up.

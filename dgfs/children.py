@@ -88,8 +88,7 @@ def size_capped(command: list[str], max_bytes: int) -> tuple[list[str], Callable
     dies of ``SIGXFSZ`` at the cap (``--core=0``: a hostile input leaves no
     core dump), and Python starts it with vfork. A ``preexec_fn`` makes
     Python fork the whole daemon, threads and page tables, for every run:
-    ~3 ms per run from a process of ~80 MB (docs/benchmarks.md, "Third
-    round").
+    2.5 ms more per run from a process of 80 MiB (benchmarks/children_env.py).
     Without ``prlimit``, a ``preexec_fn`` sets the limit (core dumps off
     too) and ignores ``SIGXFSZ``, so a write past it fails with ``EFBIG``.
     """
