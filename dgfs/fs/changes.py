@@ -147,7 +147,9 @@ class StoredChanges:
                 with contextlib.suppress(NotFound):
                     await self.core.delete(new_key)
         elif staged is not None and node.stored is None:
-            pass  # made here and not closed yet: nothing in S3, only the name moves
+            # Not closed yet and nothing in S3: only the name moves, and a
+            # version it superseded, still in the journal, with it.
+            await self.uploads.follow_rename(node, new_key)
         elif node.kind.is_single_object:
             await self.core.move_plain(old_key, new_key)
             await self.ns.metadata_changed(new_key)

@@ -26,7 +26,7 @@ stored, etag                      whoever changed what S3 holds under the name,
                                   through ``stored_as``: ``UploadPipeline`` (an
                                   upload landed), ``StoredChanges`` (rename,
                                   chmod), ``NodeTable.refresh`` (a listing)
-staged, lock                      ``UploadPipeline``; the ``StagedFile`` owns its
+staged, superseded, lock          ``UploadPipeline``; the ``StagedFile`` owns its
                                   descriptor and phase (dgfs/fs/staging.py)
 open_handles, writers             ``HandleTable`` (open, close)
 checked_at                        whoever confirmed the attributes with S3: a
@@ -84,6 +84,10 @@ class Node:
     open_handles: int = 0
     writers: int = 0  # open handles that may write; uploads wait until none is left
     staged: StagedFile | None = None  # local content not (all) in S3; the upload pipeline's
+    # Older versions whose upload was in flight when ``staged`` replaced
+    # them, still in the journal as the file's acknowledged content until
+    # ``staged`` is committed (see UploadPipeline._supersede).
+    superseded: list[StagedFile] = field(default_factory=list)
     unlinked: bool = False
     checked_at: float = 0.0  # trio.current_time() when attrs were last confirmed
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -310,7 +314,7 @@ class NodeTable:
         self._maybe_drop(node)
 
     def _maybe_drop(self, node: Node) -> None:
-        if node.lookups or node.open_handles or node.staged is not None:
+        if node.lookups or node.open_handles or node.staged is not None or node.superseded:
             return
         if node.ino == ROOT_INODE:
             return

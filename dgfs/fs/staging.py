@@ -299,6 +299,12 @@ class StagedFile:
             self._phase = Phase.IDLE
         self._error = None
 
+    def stopped(self) -> None:
+        """Its upload ended without landing and is not tried again (a newer
+        version replaced it meanwhile)."""
+        assert self._phase is Phase.UPLOADING
+        self._phase = Phase.IDLE
+
     def failed_for_good(self, error: DgfsError) -> None:
         """Never retried: the entry goes to failed/ (``notify`` once it is there)."""
         self._phase = Phase.FAILED

@@ -29,6 +29,10 @@ acknowledged version (tests/test_crash_points.py).
 - A failed upload is given up (its entry to the journal's ``failed/``),
   redone at once, or retried after a pause, the data kept in the journal;
   dgfs/fs/upload_failures.py holds the rules.
+- A version replaced by a newer one while it uploads (``open(O_TRUNC)``)
+  is never uploaded after it: it is retired when it lands, and if its
+  upload fails its entry stays, following renames, only until the newer
+  version is committed or the name goes (``_supersede``).
 - Once everything written is in S3 and no handle is open, the staging
   file goes and the node is settled.
 - ``recover`` adopts what an earlier mount committed; ``leftovers`` says
@@ -166,13 +170,25 @@ class UploadPipeline:
                     raise
             # While the journal made the new file, the old one may have been
             # stored and settled (retired, node.staged None): it is not
-            # retired again. One being uploaded notices it is superseded
-            # when it lands and retires itself (_superseded).
+            # retired again.
             old = node.staged
             node.staged = new
             if old is not None:
-                self._retire(old)
+                self._supersede(node, old)
             return new
+
+    def _supersede(self, node: Node, old: StagedFile) -> None:
+        """``old`` gave way to a newer staging file (it was being uploaded, or
+        had failed for good). One in flight stays in ``node.superseded``, its
+        journal entry the file's acknowledged content until the newer version
+        is committed: if its upload fails it is not tried again, but a crash
+        before that commit recovers it. It leaves when it lands
+        (``_superseded``), when the newer version is committed, or when the
+        name goes (``_drop_superseded``); until then it follows renames."""
+        if old.is_uploading:
+            node.superseded.append(old)
+        else:
+            self._retire(old)
 
     async def _copy_current(self, node: Node, dest: Path) -> None:
         """The file's current content into ``dest``: an older staging file's, else S3's."""
@@ -199,6 +215,7 @@ class UploadPipeline:
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO, f"journal commit failed: {exc}") from exc
         staged.mark_committed(generation)
+        self._drop_superseded(node)
         self.ns.note_node(node)
         self._request(node)
 
@@ -243,17 +260,12 @@ class UploadPipeline:
         staged = node.staged
         if staged is None:
             return False
+        # The entries get them now, also while an upload is in flight: that
+        # upload stores the old ones (its follow-up changes them once it
+        # lands), and a crash before it lands recovers an entry as it is.
+        await self._write_manifests(node, self.ns.key_of(node.path))
         if not staged.is_committed:
             return True  # nothing durable yet: the commit writes the attributes with the data
-        # The entry gets them now, also while its upload is in flight: that
-        # upload stores the old ones (its follow-up changes them once it
-        # lands), and a crash before it lands recovers the entry as it is.
-        entry = JournalEntry(staged.entry_id, self.ns.key_of(node.path), node.posix_metadata())
-        await trio.to_thread.run_sync(self.journal.write_manifest, entry)
-        if staged.is_retired:
-            # Stored and forgotten while the manifest was written: that write
-            # brought back an entry whose data is gone.
-            await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
         current = node.staged
         # None, or settled meanwhile: no upload follows, the object gets them.
         return current is not None and (
@@ -293,13 +305,28 @@ class UploadPipeline:
         return busy
 
     async def follow_rename(self, node: Node, new_key: str) -> None:
-        """The journal entry follows the name: a crash recovers the file under it."""
-        staged = node.staged
+        """The journal entries follow the name: a crash recovers the file under it."""
         if node.unlinked:
             return  # its entry left the journal with its name (open handles keep a copy)
-        if staged is not None and staged.is_committed and not staged.is_uploading:
-            entry = JournalEntry(staged.entry_id, new_key, node.posix_metadata())
+        await self._write_manifests(node, new_key, in_flight=False)
+
+    async def _write_manifests(self, node: Node, key: str, *, in_flight: bool = True) -> None:
+        """Rewrite the journal entries of ``node``'s committed versions with
+        ``key`` and its attributes now (of those in flight only with
+        ``in_flight``). Superseded ones first: of two entries for one key, a
+        crash recovers the one written last (``Journal.recover``)."""
+        meta = node.posix_metadata()
+        for version in [*node.superseded, node.staged]:
+            if version is None or not version.is_committed or version.is_retired:
+                continue
+            if version.is_failed or (version.is_uploading and not in_flight):
+                continue
+            entry = JournalEntry(version.entry_id, key, meta)
             await trio.to_thread.run_sync(self.journal.write_manifest, entry)
+            if version.is_retired:
+                # Stored and forgotten while the manifest was written: that
+                # write brought back an entry whose data is gone.
+                await trio.to_thread.run_sync(self.journal.remove, version.entry_id)
 
     def discard(self, node: Node) -> None:
         """``node`` lost its name and no handle uses it: its local content goes
@@ -308,6 +335,7 @@ class UploadPipeline:
         if staged is not None and not staged.is_uploading:
             node.staged = None
             self._retire(staged)
+        self._drop_superseded(node)
 
     async def keep_for_open_handles(self, node: Node) -> bool:
         """Before ``node`` loses its name: True if open handles keep using a local copy.
@@ -334,6 +362,7 @@ class UploadPipeline:
             self.discard(node)
         elif staged is not None:
             await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
+            self._drop_superseded(node)
 
     # --- the queue and its workers --------------------------------------------------------
 
@@ -442,8 +471,14 @@ class UploadPipeline:
             verdict = failures.judge(exc, direct=direct, races_lost=staged.races_lost)
             if verdict.unexpected:
                 log.error("upload of %s failed unexpectedly", key, exc_info=exc)
+            replaced = node.staged is not staged
             if verdict.next is Next.GIVE_UP:
                 await self._quarantine(node, staged, key, verdict.error)
+                if replaced:
+                    self._forget_superseded(node, staged)  # its entry is in failed/ now
+            elif replaced:
+                log.info("upload of %s failed (%s); a newer version replaces it", key, exc)
+                self._superseded_stopped(node, staged)
             elif verdict.next is Next.REDO:
                 self._redo(node, staged, verdict.error)
             else:
@@ -487,7 +522,7 @@ class UploadPipeline:
         """A newer staging file replaced ``staged`` while it uploaded; the newer
         one is queued on its own. What this upload stored is the file's S3
         version until then."""
-        self._retire(staged)
+        self._forget_superseded(node, staged)
         if node.unlinked:
             with contextlib.suppress(NotFound):
                 await self.core.delete(key)
@@ -535,10 +570,17 @@ class UploadPipeline:
         """A race lost to another writer: queued again at once, fsync waiting on."""
         log.info("%s; storing it again at once", error)
         staged.lost_race()
-        if node.staged is staged:
-            self._request(node, despite_writers=True)
-        else:  # rewritten meanwhile: kept as it is until the newer version is committed
-            self._retry_later(node, staged, self.options.retry_delay)
+        self._request(node, despite_writers=True)
+
+    def _superseded_stopped(self, node: Node, staged: StagedFile) -> None:
+        """The upload of ``staged``, superseded while in flight, ended without
+        landing. It is not tried again: the newer version is stored instead,
+        and uploading this one after it would bring older bytes back. Its
+        entry stays only while the newer version is not committed."""
+        staged.stopped()
+        newest = node.staged
+        if node.unlinked or newest is None or newest.is_committed:
+            self._drop_superseded(node)
 
     def _retry(self, node: Node, staged: StagedFile, key: str, verdict: failures.Verdict) -> None:
         """Report the error to fsync() waiters, then queue the upload again
@@ -564,24 +606,30 @@ class UploadPipeline:
         self._retry_timers.start_soon(self._retry_after, node, staged, delay)
 
     async def _retry_after(self, node: Node, staged: StagedFile, delay: float) -> None:
-        """After the pause, queue the upload again. A version superseded
-        meanwhile (rewritten with O_TRUNC while it uploaded) is kept in the
-        journal, as the file's acknowledged content, until the newer one is
-        committed (or the file is gone), then retired: uploading it after
-        the newer would bring older bytes back."""
+        """After the pause, queue the upload again (a staging file waiting for
+        its retry takes new writes itself, so none supersedes it; it may be
+        discarded meanwhile)."""
         try:
             await trio.sleep(delay)
             staged.retrying()
-            while node.staged is not staged and not staged.is_retired:
-                newer = node.staged
-                if node.unlinked or newer is None or newer.is_committed:
-                    self._retire(staged)
-                    return
-                await trio.sleep(delay)
-            if not staged.is_retired:
+            if node.staged is staged and not staged.is_retired:
                 self._request(node, despite_writers=True)
         finally:
             self._done()
+
+    def _drop_superseded(self, node: Node) -> None:
+        """The superseded versions not in flight leave the journal: the newest
+        version is committed, or the name is gone (see ``_supersede``)."""
+        for older in [s for s in node.superseded if not s.is_uploading]:
+            self._forget_superseded(node, older)
+
+    def _forget_superseded(self, node: Node, staged: StagedFile) -> None:
+        """``staged`` leaves ``node.superseded`` and is retired, by whoever
+        takes it out of the list (two may try: a failed-for-good upload and
+        a commit that drops it meanwhile)."""
+        if staged in node.superseded:
+            node.superseded.remove(staged)
+            self._retire(staged)
 
     def _retire(self, staged: StagedFile) -> None:
         """Forget a staging file nothing will store or read again (one being
@@ -654,13 +702,18 @@ class UploadPipeline:
 
     def leftovers(self) -> Leftovers:
         """What is not in S3 (call once the workers have stopped)."""
-        left = [n.staged for n in self.nodes.staged_nodes() if n.staged is not None]
+        nodes = self.nodes.staged_nodes()
+        left = [n.staged for n in nodes if n.staged is not None]
         failed = sum(1 for s in left if s.is_failed)
         dropped = sum(1 for s in left if not s.is_committed and not s.is_failed)
-        return Leftovers(kept=len(left) - failed - dropped, dropped=dropped, failed=failed)
+        # A superseded version is kept when the newer one was never committed.
+        kept = len(left) - failed - dropped + sum(len(n.superseded) for n in nodes)
+        return Leftovers(kept=kept, dropped=dropped, failed=failed)
 
     def close(self) -> None:
         """Close the staging files' descriptors (after the workers have stopped)."""
         for node in self.nodes.staged_nodes():
+            for older in node.superseded:
+                older.close()
             if node.staged is not None:
                 node.staged.close()
