@@ -320,9 +320,10 @@ async def test_seaweedfs_honours_the_conditions_of_copies_and_deletes(
         await copy_if_match_refuses_another_version(store)
         await delete_many_keeps_what_changed(store)
         assert store.conditional_delete  # never refused, so never dropped
-        # HEAD answers are dated by the server (directory indexes rely on it).
+        # HEAD and LIST answers are dated by the server (directory indexes
+        # and the attribute cache rely on it).
         listed = await store.list("")
-        assert listed.objects
+        assert listed.objects and listed.observed_at is not None
         for obj in listed.objects:
             head = await store.head(obj.key)
             assert head.observed_at is not None

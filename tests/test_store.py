@@ -106,6 +106,9 @@ async def test_list_with_delimiter(store: ObjectStore) -> None:
     assert head.observed_at is not None and head.observed_at.tzinfo is not None
     assert info.last_modified - timedelta(seconds=1) <= head.observed_at
     assert abs(head.observed_at - before) < timedelta(minutes=5)
+    # And a listing (a row read in its version's second is asked again after it).
+    assert top.observed_at is not None
+    assert info.last_modified - timedelta(seconds=1) <= top.observed_at
 
 
 async def test_list_pagination(store: ObjectStore) -> None:

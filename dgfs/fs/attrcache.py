@@ -88,7 +88,9 @@ class AttrCache:
     """(key, version) -> user metadata, persisted in ``path`` (SQLite).
 
     A row is *settled* when it was read after its version's second was over
-    (``dgfs.fs.dirindex.settled``): only such rows go into directory indexes.
+    (``dgfs.fs.dirindex.settled``): only such rows go into directory indexes,
+    and a listing dated after that second asks the object of any other
+    again (``Namespace._heads``).
     """
 
     def __init__(self, path: Path | None, max_entries: int = 1_000_000) -> None:

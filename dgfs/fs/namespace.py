@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from datetime import datetime
 
 import trio
 from cachetools import TTLCache
@@ -158,7 +159,7 @@ class Namespace:
             and "/" not in obj.key[len(prefix) :]  # not the directory's own marker
             and fmt.visible_key(obj.key) is not None
         ]
-        heads = await self._heads(prefix, candidates)
+        heads = await self._heads(prefix, candidates, page.observed_at)
         files: dict[str, ObjectHead] = {}
         for head in heads.values():
             # Which name an object shows under is known only from its metadata:
@@ -208,14 +209,25 @@ class Namespace:
             await head_many(self.store, missing, on_head=headed)
         return {k: self._dir_meta.get(k, {}) for k in marker_keys}
 
-    async def _heads(self, prefix: str, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
+    async def _heads(
+        self, prefix: str, objects: list[ObjectInfo], listed_at: datetime | None
+    ) -> dict[str, ObjectHead]:
         """Metadata of a directory's ``objects``: from the attribute cache, else
-        the directory's index, else a HEAD each (concurrently)."""
+        the directory's index, else a HEAD each (concurrently).
+
+        A cached row read within its version's second is asked again once
+        the listing (answered at ``listed_at``) shows that second is over:
+        a chmod or utime by another mount in that second kept the version,
+        and only a read after it tells (``dirindex.settled``)."""
         heads: dict[str, ObjectHead] = {}
         missing: list[ObjectInfo] = []
         for obj in objects:
-            meta = self.attr_cache.get(obj.key, version_of(obj.etag, obj.last_modified))
-            if meta is None:
+            version = version_of(obj.etag, obj.last_modified)
+            meta = self.attr_cache.get(obj.key, version)
+            if meta is None or (
+                not self.attr_cache.settled(obj.key, version)
+                and dirindex.settled(obj.last_modified, listed_at)
+            ):
                 missing.append(obj)
             else:
                 heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, meta)

@@ -125,6 +125,10 @@ class ListPage:
 
     objects: list[ObjectInfo]
     prefixes: list[str]
+    # When the store answered, by its own clock (its ``Date`` header); None
+    # if it did not say. Tells whether a version's second is over
+    # (``dgfs.fs.dirindex.settled``).
+    observed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -155,10 +159,12 @@ class ObjectStore(abc.ABC):
         """The whole listing under ``prefix`` as one page."""
         objects: list[ObjectInfo] = []
         prefixes: list[str] = []
+        observed_at: datetime | None = None
         async for page in self.list_pages(prefix, delimiter):
             objects.extend(page.objects)
             prefixes.extend(page.prefixes)
-        return ListPage(objects, prefixes)
+            observed_at = observed_at or page.observed_at  # the first page's: the earliest
+        return ListPage(objects, prefixes, observed_at)
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectHead:

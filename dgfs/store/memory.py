@@ -114,6 +114,7 @@ class MemoryStore(ObjectStore):
             yield ListPage(
                 [entry for entry in page if isinstance(entry, ObjectInfo)],
                 [entry for entry in page if isinstance(entry, str)],
+                self.clock(),
             )
             await trio.lowlevel.checkpoint()
 

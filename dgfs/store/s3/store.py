@@ -59,6 +59,7 @@ from dgfs.store.s3.client import (
     head_from_response,
     instrument,
     make_client,
+    response_date,
     utc,
 )
 from dgfs.telemetry import Telemetry
@@ -179,7 +180,7 @@ class S3Store(ObjectStore):
                 for item in response.get("Contents", [])
             ]
             prefixes = [item["Prefix"] for item in response.get("CommonPrefixes", [])]
-            yield ListPage(objects, prefixes)
+            yield ListPage(objects, prefixes, response_date(response))
             token = response.get("NextContinuationToken")
             if not response.get("IsTruncated") or not token:
                 return
