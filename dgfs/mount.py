@@ -43,8 +43,7 @@ from dgfs.errors import (
     StoreError,
     UserError,
 )
-from dgfs.fs.attrcache import VERSION as ATTR_CACHE_VERSION
-from dgfs.fs.attrcache import AttrCache
+from dgfs.fs import attrcache
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.journal import Journal, journal_dir_for
@@ -253,9 +252,7 @@ async def _open_filesystem(
         ),
         telemetry=telemetry,
     )
-    attr_cache = AttrCache(
-        settings.cache_dir / f"attrs-{journal.directory.name}.{ATTR_CACHE_VERSION}.sqlite"
-    )
+    attr_cache = attrcache.for_slot(settings.cache_dir, journal.directory.name)
     fs = FileSystem(core, journal, attr_cache, config.fs_options, config.location.prefix)
     return fs, journal
 

@@ -17,7 +17,7 @@ import trio.testing
 import zstandard
 
 from dgfs import format as fmt
-from dgfs.fs import dirindex
+from dgfs.fs import attrcache, dirindex
 from dgfs.fs.attrcache import AttrCache, version_of
 from dgfs.fs.entries import DirEntry, NodeKind
 from dgfs.fs.namespace import Namespace
@@ -215,6 +215,23 @@ def test_attr_cache_survives_and_recovers_from_garbage(tmp_path: Path) -> None:
     db.write_bytes(b"not a database at all" * 100)
     broken = AttrCache(db)  # unreadable: starts empty instead of failing the mount
     assert broken.get("k", "v1") is None
+
+
+def test_a_slot_s_attribute_cache_of_an_older_format_is_removed(tmp_path: Path) -> None:
+    """An upgrade starts a new cache file (its format is in the name); the
+    old one, never read again, stayed in cache_dir for good."""
+    names = [
+        "attrs-b-1.v5.sqlite",
+        "attrs-b-1.v5.sqlite-wal",
+        f"attrs-b-1.{attrcache.VERSION}.sqlite",
+        "attrs-b-12.v5.sqlite",  # another slot's
+        "attrs-b-1-2.v5.sqlite",  # another slot's
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    cache = attrcache.for_slot(tmp_path, "b-1")
+    assert cache.path == tmp_path / f"attrs-b-1.{attrcache.VERSION}.sqlite"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
 
 
 def test_a_forgotten_key_is_forgotten_on_disk_too(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ a server-side copy onto itself keeps the content's MD5). A HEAD answer
 never changes for a given version of a key, so once seen it can be reused
 across remounts: ``ls -l`` of a large directory after a remount costs one
 LIST, not one HEAD per file. (A metadata change by another mount within
-the second of the object's last write can go unseen until it changes
-again.) Stored in SQLite under the cache directory. ``get``/``put`` work
+the second of the object's last write keeps the version: a row read in
+that second is asked again after it, see ``AttrCache``.) Stored in SQLite
+under the cache directory, one file per journal slot (``for_slot``). ``get``/``put`` work
 on an in-memory dict (trio thread only); ``flush`` writes new rows and is
 meant for a worker thread.
 """
@@ -82,6 +83,17 @@ class AttrChanges:
 
     def __bool__(self) -> bool:
         return bool(self.forgotten or self.rows)
+
+
+def for_slot(cache_dir: Path, slot: str) -> AttrCache:
+    """The attribute cache of the mount that holds the journal slot ``slot``
+    (whose lock keeps other mounts off its file). Files an earlier dgfs
+    kept for that slot in an older format go: nothing reads them again."""
+    current = cache_dir / f"attrs-{slot}.{VERSION}.sqlite"
+    for old in cache_dir.glob(f"attrs-{slot}.v*.sqlite*"):
+        if not old.name.startswith(current.name):  # its -wal and -shm stay too
+            old.unlink(missing_ok=True)
+    return AttrCache(current)
 
 
 class AttrCache:
