@@ -12,7 +12,11 @@ Garbage is:
 - an expired temp object under ``.deltaglider/tmp/``: its ``dg-expires-at``
   (DeltaGlider's rehydrated downloads) has passed, or, without one, it is
   older than ``tmp_max_age`` (leftovers of crashed writers and probes);
-- an incomplete multipart upload older than ``multipart_max_age``.
+- an incomplete multipart upload older than ``multipart_max_age``;
+- an orphaned directory index (``dgfs.fs.dirindex``): one of a directory
+  that holds no object any more (removed or renamed by a mount of another
+  machine, or by another tool). An index is a hint, so one removed while a
+  mount writes a new one costs that mount HEADs, never an attribute.
 
 ``find_garbage`` only looks. ``collect`` removes, safely against a writer
 that is about to use a reference it saw a moment ago: each reference is
@@ -20,8 +24,9 @@ first copied to ``.deltaglider/tmp/gc/`` (kept ``backup_ttl``), its
 directory is listed again right before the delete, and after ``settle``
 seconds once more; if a delta has appeared meanwhile the reference is put
 back. A later ``find_garbage`` also proposes putting a backup back when
-its directory has deltas again but no reference. Temp objects are only
-looked for when the whole bucket is collected (they live at its root).
+its directory has deltas again but no reference. Temp objects and
+directory indexes are only looked for when the whole bucket is collected
+(they live at its root).
 Each "is a delta left that needs it" question below follows the same rule.
 """
 
@@ -40,6 +45,7 @@ import trio
 from dgfs import format as fmt
 from dgfs.errors import DgfsError, NotFound, PreconditionFailed
 from dgfs.format import DeltaMode
+from dgfs.fs import dirindex
 from dgfs.store.base import ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,7 @@ class GarbageKind(enum.Enum):
     ORPHANED_REFERENCE = "orphaned-reference"
     EXPIRED_TMP = "expired-tmp"
     STALE_MULTIPART = "stale-multipart"
+    ORPHANED_INDEX = "orphaned-index"
     RESTORE_REFERENCE = "restore-reference"  # put a gc backup back
 
 
@@ -206,6 +213,7 @@ async def find_garbage(
     found = await orphaned_references(store, listing.objects)
     if not root:
         found += await _tmp_garbage(store, listing.objects, now, tmp_max_age)
+        found += orphaned_indexes(listing.objects)
     for upload in await store.list_multipart_uploads(root):
         age = now - upload.initiated
         if age >= multipart_max_age:
@@ -272,6 +280,23 @@ async def _tmp_garbage(
     return sorted(found, key=lambda g: g.key)
 
 
+def orphaned_indexes(objects: list[ObjectInfo]) -> list[Garbage]:
+    """The directory indexes among ``objects`` (a whole bucket's listing) whose
+    directory holds no object, not even another directory."""
+    directories: set[str] = set()
+    for obj in objects:
+        if not obj.key.startswith(fmt.INTERNAL_PREFIX):
+            directories.update(obj.key[: at + 1] for at, char in enumerate(obj.key) if char == "/")
+    found = []
+    for obj in objects:
+        directory = dirindex.directory_of(obj.key)
+        if directory and directory not in directories:
+            found.append(
+                Garbage(GarbageKind.ORPHANED_INDEX, obj.key, obj.size, f"{directory} holds nothing")
+            )
+    return found
+
+
 async def _space_keys(store: ObjectStore, space: str) -> list[str]:
     listing = await store.list(space + "/" if space else "", delimiter="/")
     return [o.key for o in listing.objects]
@@ -305,7 +330,7 @@ async def collect(
                     result.kept.append((item, "a delta appeared, or it was replaced; kept"))
                     continue
                 removed_refs.append(_Removed(item, backup))
-            elif item.kind is GarbageKind.EXPIRED_TMP:
+            elif item.kind in (GarbageKind.EXPIRED_TMP, GarbageKind.ORPHANED_INDEX):
                 await store.delete(item.key)
             elif item.kind is GarbageKind.STALE_MULTIPART:
                 assert item.upload_id is not None

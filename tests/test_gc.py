@@ -13,6 +13,7 @@ from dgfs.cli.gc import parse_duration
 from dgfs.cli.main import main as dgfs_main
 from dgfs.errors import ConfigError
 from dgfs.format import DeltaMode
+from dgfs.fs import dirindex
 from dgfs.gc import GC_BACKUP_PREFIX, GarbageKind, collect, find_garbage
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
@@ -240,3 +241,25 @@ def test_one_rule_says_which_references_are_unneeded() -> None:
     assert unneeded_references({dg, deep}, {deep}) == {dg}
     assert unneeded_references({dg, deep}, {dg}) == {deep}
     assert unneeded_references({dg, deep}, {None}) == set()  # unread: needs both
+
+
+async def test_indexes_of_directories_that_hold_nothing_are_garbage(
+    memory_store: MemoryStore,
+) -> None:
+    """A directory removed or renamed by another machine (or another tool)
+    leaves its index (a mount writes them to save HEADs); nothing reads it."""
+    index = dirindex.index_key
+    await memory_store.put_bytes("app/x.zip", b"x", {})
+    await memory_store.put_bytes("tree/sub/y.zip", b"y", {})  # tree/ holds a directory
+    await memory_store.put_bytes("empty/", b"", {})  # a directory's marker only
+    for directory in ("", "app/", "tree/", "tree/sub/", "empty/", "gone/", "gone/deeper/"):
+        await memory_store.put_bytes(index(directory), b"i" * 7, {})
+    await memory_store.put_bytes(".deltaglider/gone/x", b"i", {})  # not a directory that counts
+    found = await find_garbage(memory_store, now=NOW)
+    orphans = [g for g in found if g.kind is GarbageKind.ORPHANED_INDEX]
+    assert sorted(g.key for g in orphans) == [index("gone/deeper/"), index("gone/")]
+    assert not [g for g in await find_garbage(memory_store, "app", now=NOW) if g in orphans]
+    result = await collect(memory_store, found, settle=0, now=NOW)
+    assert set(orphans) <= set(result.removed)
+    assert index("gone/") not in memory_store.objects
+    assert index("tree/sub/") in memory_store.objects and index("") in memory_store.objects

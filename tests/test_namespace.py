@@ -475,6 +475,32 @@ async def test_a_read_only_mount_writes_no_index() -> None:
     assert not [k for k in store.objects if k.startswith(dirindex.PREFIX)]
 
 
+@pytest.mark.parametrize("how", ["rmdir", "rename"])
+async def test_no_index_is_written_for_a_directory_removed_or_renamed_after_its_listing(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, how: str
+) -> None:
+    """A listing found ``rel``'s index missing; ``rm -r rel`` (or ``mv rel
+    new``) came before the index was written, which then described keys
+    that no longer exist, and stayed in the bucket for good."""
+    from tests.fsharness import GID, OPTIONS, ROOT, UID, mounted, rename, ticking_clock
+
+    store = CountingStore()
+    store.clock = ticking_clock()
+    async with mounted(store, tmp_path) as m:
+        rel = await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+        for i in range(6):
+            await store.put_bytes(f"rel/n-{i}.txt", b"n", {})  # another machine's
+        await m.fs.ns.listing("rel", fresh=True)  # finds the index missing
+        if how == "rmdir":
+            for i in range(6):
+                await m.fs.unlink(rel.ino, f"n-{i}.txt")
+            await m.fs.rmdir(ROOT, "rel")
+        else:
+            await rename(m.fs, "rel", "new")
+        mock_clock.jump(OPTIONS.upload_delay)
+    assert not [k for k in store.objects if k.startswith(dirindex.PREFIX)]
+
+
 async def test_a_mount_that_stored_many_files_writes_their_directory_index(
     tmp_path: Path,
 ) -> None:

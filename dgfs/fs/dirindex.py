@@ -81,9 +81,21 @@ def settled(last_modified: datetime, observed_at: datetime | None) -> bool:
     return int(last_modified.timestamp()) + SETTLE_MARGIN < int(observed_at.timestamp())
 
 
+_NAME = "dir.index"
+
+
 def index_key(dir_prefix: str) -> str:
     """Where the index of the directory ``dir_prefix`` ("" or ending in "/") is kept."""
-    return f"{PREFIX}{dir_prefix}dir.index"
+    return f"{PREFIX}{dir_prefix}{_NAME}"
+
+
+def directory_of(key: str) -> str | None:
+    """The directory prefix whose index ``key`` is (``index_key``'s inverse);
+    None for a key that is no directory index."""
+    if not key.startswith(PREFIX) or not key.endswith(_NAME):
+        return None
+    prefix = key[len(PREFIX) : -len(_NAME)]
+    return prefix if prefix == "" or prefix.endswith("/") else None
 
 
 def encode(dir_prefix: str, rows: Mapping[str, tuple[str, Mapping[str, str]]]) -> bytes:

@@ -455,6 +455,7 @@ class Namespace:
         """The directory ``path`` is gone: its marker's attributes with it (a
         new directory of that name must not show them)."""
         self._dir_meta.pop(self.dir_prefix(path), None)
+        self._indexes_due.pop(self.dir_prefix(path), None)  # nothing to describe any more
 
     def dir_tree_moved(self, old_path: str, new_path: str) -> None:
         """A directory rename: the markers under ``old_path`` now stand under
@@ -464,6 +465,10 @@ class Namespace:
             del self._dir_meta[key]
         for key in [k for k in self._dir_meta if k.startswith(old)]:
             self._dir_meta[new + key[len(old) :]] = self._dir_meta.pop(key)
+        # Indexes found due describe the keys of before: the next listings
+        # find them due again, under the new names.
+        for prefix in [p for p in self._indexes_due if p.startswith((old, new))]:
+            del self._indexes_due[prefix]
 
     async def write_marker(self, path: str, meta: dict[str, str]) -> None:
         """Store a directory's marker with its POSIX attributes."""
