@@ -8,6 +8,7 @@ clear of that bug meanwhile).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ import trio
 import trio.testing
 
 from dgfs.errors import DgfsError, FsError
-from dgfs.fs.journal import Journal
+from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.store import memory as memory_module
 from dgfs.store.faulty import Fault, FaultyStore
 from dgfs.store.memory import MemoryStore
@@ -660,3 +661,187 @@ async def test_a_superseded_version_kept_for_a_crash_follows_the_file(
         else:
             assert await read_file(m.fs, "a") == b"version 1\n"
             assert (await m.fs.getattr((await lookup(m.fs, "a")).ino)).mode == 0o600
+
+
+async def test_a_chmod_while_a_superseded_upload_is_in_flight_never_makes_it_newest(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Found by review of the fix above. Version 1 of ``a`` is in flight,
+    version 2 closed (both in the journal, 2 written last). ``chmod``
+    rewrote 1's manifest, then 2's: a crash between the two left 1 written
+    last, and recovery kept it and dropped 2 (``Journal._newest_per_key``):
+    an acknowledged close() undone."""
+    held = faulty.hang("upload", key="a")
+    async with mounted(faulty, tmp_path, crash=True) as m:
+        await write_file(m.fs, "a", b"version 1\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await held.reached.wait()
+        await close(m.fs, await open_for_rewrite(m.fs, "a", b"version 2\n"))
+        node = await lookup(m.fs, "a")
+        assert node.staged is not None and node.staged.is_committed and node.superseded
+        newest = node.staged.entry_id
+        real = m.fs.uploads.journal.write_manifest
+
+        def dies_before_the_newest(entry: JournalEntry) -> None:
+            if entry.entry_id == newest:
+                raise OSError(errno.EIO, "the process died here")  # nothing after it runs
+            real(entry)
+
+        m.fs.uploads.journal.write_manifest = dies_before_the_newest  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            await m.fs.setattr(node.ino, mode=0o600)
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        assert await read_file(m.fs, "a") == b"version 2\n"
+
+
+@pytest.mark.expected_log(r"retrying in")
+async def test_an_upload_failing_while_the_newer_version_is_staged_keeps_the_older_one(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Found by review. ``open(O_TRUNC)`` of ``a`` while version 1's upload is
+    in flight; the upload fails while the journal makes the new staging
+    file in a thread (for a write(), while the whole file is copied).
+    ``_stage`` then found version 1 waiting for its retry, not uploading,
+    and retired it: its entry left the journal although version 2 was not
+    closed, and a crash lost version 1, whose close() had returned."""
+    held = faulty.hang("upload", key="a")
+    faulty.fail("upload", key="a")
+    async with mounted(faulty, tmp_path, crash=True) as m, trio.open_nursery() as nursery:
+        await write_file(m.fs, "a", b"version 1\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await held.reached.wait()
+        real = m.fs.uploads.journal.new_staging
+        gate = threading.Event()
+
+        def slow_new_staging() -> tuple[str, Path]:
+            gate.wait(10)
+            return real()
+
+        m.fs.uploads.journal.new_staging = slow_new_staging  # type: ignore[method-assign]
+        node = await lookup(m.fs, "a")
+        rewritten = await started(lambda: m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC), nursery)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        held.release()  # the upload fails meanwhile; its retry waits
+        for _ in range(5):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        gate.set()
+        await rewritten.wait()  # left open when the mount dies
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        assert await read_file(m.fs, "a") == b"version 1\n"
+
+
+async def test_a_rename_after_a_superseded_upload_whose_reply_was_lost_leaves_no_old_name(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Found by review. Version 1 of ``a`` is stored but the reply is lost
+    (the mount sees a failure) while version 2, open, superseded it. ``mv a
+    c`` took the branch of a file with nothing in S3 and deleted nothing:
+    ``a`` stayed in the bucket for good."""
+    held = faulty.hang("upload", key="a")
+    faulty.fail("upload", key="a", after=True)
+    async with mounted(faulty, tmp_path) as m:
+        await write_file(m.fs, "a", b"version 1\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await held.reached.wait()
+        fh = await open_for_rewrite(m.fs, "a", b"version 2\n")
+        held.release()
+        for _ in range(10):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        assert "a" in bucket(memory)  # stored, though the mount heard a failure
+        await rename(m.fs, "a", "c")
+        await close(m.fs, fh)
+    assert bucket(memory) == {"c": b"version 2\n"}
+
+
+async def test_a_newer_version_whose_close_fails_leaves_the_superseded_one(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Version 2's close() fails (ENOSPC in the journal) after version 1's
+    upload failed: version 1 stays the file's content, kept in the journal
+    at unmount (which must not wait for it) and stored by the next mount."""
+    held = faulty.hang("upload", key="a")
+    faulty.fail("upload", key="a")
+    async with mounted(faulty, tmp_path) as m:
+        await write_file(m.fs, "a", b"version 1\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await held.reached.wait()
+        fh = await open_for_rewrite(m.fs, "a", b"version 2\n")
+        held.release()
+        for _ in range(10):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+
+        def full(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "no space")
+
+        m.fs.uploads.journal.commit = full  # type: ignore[method-assign]
+        with pytest.raises(FsError):
+            await m.fs.flush(fh)
+        with pytest.raises(FsError):
+            await m.fs.release(fh)
+        with trio.fail_after(5):
+            await m.fs.wait_idle()
+        assert m.fs.uploads.leftovers().kept == 1
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        assert await read_file(m.fs, "a") == b"version 1\n"
+    assert bucket(memory) == {"a": b"version 1\n"}
+
+
+async def test_a_chmod_while_a_superseded_version_is_in_flight_survives_its_landing(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Found by review. ``chmod 600 a`` while version 1 is in flight and
+    version 2 open: version 1 landed with the old mode and was retired with
+    no follow-up, so a crash before version 2's close showed mode 644."""
+    held = faulty.hang("upload", key="a")
+    async with mounted(faulty, tmp_path, crash=True) as m:
+        await write_file(m.fs, "a", b"version 1\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await held.reached.wait()
+        await open_for_rewrite(m.fs, "a", b"version 2\n")
+        await m.fs.setattr((await lookup(m.fs, "a")).ino, mode=0o600)
+        held.release()
+        for _ in range(10):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        assert await read_file(m.fs, "a") == b"version 1\n"
+        assert (await m.fs.getattr((await lookup(m.fs, "a")).ino)).mode == 0o600
+
+
+@pytest.mark.expected_log(r"failed for good")
+async def test_a_commit_during_the_quarantine_of_a_superseded_version_keeps_it_in_failed(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Found by review. Version 1, superseded by version 2 (open), is refused
+    for good and moved to failed/ in a thread; version 2's close meanwhile
+    removed version 1's entry from the journal, so failed/ ended up empty
+    although the log said the data was kept there (and the move could fail
+    with FileNotFoundError in the upload worker)."""
+    held = faulty.hang("upload", key="a")
+    faulty.fail("upload", key="a", transient=False)
+    async with mounted(faulty, tmp_path) as m:
+        await write_file(m.fs, "a", b"version 1\n")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await held.reached.wait()
+        fh = await open_for_rewrite(m.fs, "a", b"version 2\n")
+        node = await lookup(m.fs, "a")
+        real = m.fs.uploads.journal.quarantine
+        gate = threading.Event()
+
+        def slow_quarantine(entry_id: str) -> Path:
+            gate.wait(10)
+            return real(entry_id)
+
+        m.fs.uploads.journal.quarantine = slow_quarantine  # type: ignore[method-assign]
+        held.release()
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        await close(m.fs, fh)  # version 2 committed while version 1 is being moved
+        gate.set()
+        for _ in range(10):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        assert node.superseded == []
+        assert sorted(p.suffix for p in (m.journal_dir / "failed").iterdir()) == [".data", ".json"]
+    assert bucket(memory) == {"a": b"version 2\n"}

@@ -148,7 +148,12 @@ class StoredChanges:
                     await self.core.delete(new_key)
         elif staged is not None and node.stored is None:
             # Not closed yet and nothing in S3: only the name moves, and a
-            # version it superseded, still in the journal, with it.
+            # version it superseded, still in the journal, with it. That
+            # version's upload may have stored it though its reply was lost:
+            # the old name goes from S3 (as in unlink).
+            if node.superseded:
+                with contextlib.suppress(NotFound):
+                    await self.core.delete(old_key)
             await self.uploads.follow_rename(node, new_key)
         elif node.kind.is_single_object:
             await self.core.move_plain(old_key, new_key)

@@ -84,9 +84,10 @@ class Node:
     open_handles: int = 0
     writers: int = 0  # open handles that may write; uploads wait until none is left
     staged: StagedFile | None = None  # local content not (all) in S3; the upload pipeline's
-    # Older versions whose upload was in flight when ``staged`` replaced
-    # them, still in the journal as the file's acknowledged content until
-    # ``staged`` is committed (see UploadPipeline._supersede).
+    # Older versions whose upload was in flight (or still to come) when
+    # ``staged`` replaced them, in the journal as the file's acknowledged
+    # content until ``staged`` is committed, or their flight ends after
+    # that (see UploadPipeline._supersede).
     superseded: list[StagedFile] = field(default_factory=list)
     unlinked: bool = False
     checked_at: float = 0.0  # trio.current_time() when attrs were last confirmed

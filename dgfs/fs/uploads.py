@@ -178,14 +178,18 @@ class UploadPipeline:
             return new
 
     def _supersede(self, node: Node, old: StagedFile) -> None:
-        """``old`` gave way to a newer staging file (it was being uploaded, or
-        had failed for good). One in flight stays in ``node.superseded``, its
-        journal entry the file's acknowledged content until the newer version
-        is committed: if its upload fails it is not tried again, but a crash
+        """``old`` gave way to a newer staging file: it was being uploaded (or
+        had failed for good) when ``_stage`` began, and may have failed, been
+        stored or been queued again since (the journal made the new file in
+        a thread meanwhile). One whose upload is in flight or still to come
+        stays in ``node.superseded``, its journal entry the file's
+        acknowledged content until the newer version is committed; it is
+        never uploaded again (it would land after the newer), but a crash
         before that commit recovers it. It leaves when it lands
         (``_superseded``), when the newer version is committed, or when the
-        name goes (``_drop_superseded``); until then it follows renames."""
-        if old.is_uploading:
+        name goes (``_drop_superseded``); until then it follows renames and
+        attribute changes."""
+        if old.is_uploading or (old.needs_upload and not old.is_failed):
             node.superseded.append(old)
         else:
             self._retire(old)
@@ -313,10 +317,14 @@ class UploadPipeline:
     async def _write_manifests(self, node: Node, key: str, *, in_flight: bool = True) -> None:
         """Rewrite the journal entries of ``node``'s committed versions with
         ``key`` and its attributes now (of those in flight only with
-        ``in_flight``). Superseded ones first: of two entries for one key, a
-        crash recovers the one written last (``Journal.recover``)."""
+        ``in_flight``). Superseded ones only while the newest is not
+        committed, and first: of two entries for one key, a crash recovers
+        the one written last (``Journal.recover``), which must never be an
+        older version than a committed one."""
         meta = node.posix_metadata()
-        for version in [*node.superseded, node.staged]:
+        newest = node.staged
+        older = node.superseded if newest is None or not newest.is_committed else []
+        for version in [*older, newest]:
             if version is None or not version.is_committed or version.is_retired:
                 continue
             if version.is_failed or (version.is_uploading and not in_flight):
@@ -471,14 +479,10 @@ class UploadPipeline:
             verdict = failures.judge(exc, direct=direct, races_lost=staged.races_lost)
             if verdict.unexpected:
                 log.error("upload of %s failed unexpectedly", key, exc_info=exc)
-            replaced = node.staged is not staged
-            if verdict.next is Next.GIVE_UP:
+            if node.staged is not staged:
+                await self._superseded_failed(node, staged, key, verdict)
+            elif verdict.next is Next.GIVE_UP:
                 await self._quarantine(node, staged, key, verdict.error)
-                if replaced:
-                    self._forget_superseded(node, staged)  # its entry is in failed/ now
-            elif replaced:
-                log.info("upload of %s failed (%s); a newer version replaces it", key, exc)
-                self._superseded_stopped(node, staged)
             elif verdict.next is Next.REDO:
                 self._redo(node, staged, verdict.error)
             else:
@@ -501,7 +505,7 @@ class UploadPipeline:
         staged.landed(generation)
         self.ns.stored_into(node.parent_path)
         if node.staged is not staged:
-            await self._superseded(node, staged, key, stored)
+            await self._superseded(node, staged, key, stored, meta)
             return
         # What S3 holds now, before the follow-up awaits: a handle released
         # meanwhile settles the file, and readers then go by node.stored.
@@ -517,17 +521,19 @@ class UploadPipeline:
         self._settle(node)
 
     async def _superseded(
-        self, node: Node, staged: StagedFile, key: str, stored: StoredFile
+        self, node: Node, staged: StagedFile, key: str, stored: StoredFile, meta: dict[str, str]
     ) -> None:
         """A newer staging file replaced ``staged`` while it uploaded; the newer
         one is queued on its own. What this upload stored is the file's S3
-        version until then."""
+        version until then, with the attributes changed meanwhile (a crash,
+        or a close of the newer that fails, leaves it as the file)."""
         self._forget_superseded(node, staged)
         if node.unlinked:
             with contextlib.suppress(NotFound):
                 await self.core.delete(key)
         else:
             node.stored_as(stored)
+            await self._follow_up(node, key, meta)
         staged.notify()
 
     async def _follow_up(self, node: Node, key: str, meta: dict[str, str]) -> None:
@@ -572,15 +578,25 @@ class UploadPipeline:
         staged.lost_race()
         self._request(node, despite_writers=True)
 
-    def _superseded_stopped(self, node: Node, staged: StagedFile) -> None:
-        """The upload of ``staged``, superseded while in flight, ended without
-        landing. It is not tried again: the newer version is stored instead,
-        and uploading this one after it would bring older bytes back. Its
-        entry stays only while the newer version is not committed."""
-        staged.stopped()
+    async def _superseded_failed(
+        self, node: Node, staged: StagedFile, key: str, verdict: failures.Verdict
+    ) -> None:
+        """The upload of ``staged``, superseded while in flight, failed. It is
+        not tried again: the newer version is stored instead, and uploading
+        this one after it would bring older bytes back. Its entry stays only
+        while the newer version is not committed (then it is the file's
+        acknowledged content, and one the bucket refuses for good goes to
+        failed/ as any other)."""
         newest = node.staged
-        if node.unlinked or newest is None or newest.is_committed:
-            self._drop_superseded(node)
+        needed = not node.unlinked and newest is not None and not newest.is_committed
+        if needed and verdict.next is Next.GIVE_UP:
+            await self._quarantine(node, staged, key, verdict.error)
+            self._forget_superseded(node, staged)  # its entry is in failed/ now
+            return
+        log.info("upload of %s failed (%s); a newer version replaces it", key, verdict.error)
+        staged.stopped()
+        if not needed:
+            self._forget_superseded(node, staged)
 
     def _retry(self, node: Node, staged: StagedFile, key: str, verdict: failures.Verdict) -> None:
         """Report the error to fsync() waiters, then queue the upload again
@@ -606,9 +622,9 @@ class UploadPipeline:
         self._retry_timers.start_soon(self._retry_after, node, staged, delay)
 
     async def _retry_after(self, node: Node, staged: StagedFile, delay: float) -> None:
-        """After the pause, queue the upload again (a staging file waiting for
-        its retry takes new writes itself, so none supersedes it; it may be
-        discarded meanwhile)."""
+        """After the pause, queue the upload again, unless the staging file was
+        discarded or superseded meanwhile (see ``_supersede``: it is then
+        never uploaded again)."""
         try:
             await trio.sleep(delay)
             staged.retrying()
@@ -618,9 +634,10 @@ class UploadPipeline:
             self._done()
 
     def _drop_superseded(self, node: Node) -> None:
-        """The superseded versions not in flight leave the journal: the newest
-        version is committed, or the name is gone (see ``_supersede``)."""
-        for older in [s for s in node.superseded if not s.is_uploading]:
+        """The superseded versions leave the journal: the newest version is
+        committed, or the name is gone (see ``_supersede``). Not one in
+        flight, nor one being moved to failed/: each goes when that ends."""
+        for older in [s for s in node.superseded if not (s.is_uploading or s.is_failed)]:
             self._forget_superseded(node, older)
 
     def _forget_superseded(self, node: Node, staged: StagedFile) -> None:
