@@ -15,8 +15,8 @@ Garbage is:
 - an incomplete multipart upload older than ``multipart_max_age``;
 - an orphaned directory index (``dgfs.fs.dirindex``): one of a directory
   that holds no object any more (removed or renamed by a mount of another
-  machine, or by another tool). An index is a hint, so one removed while a
-  mount writes a new one costs that mount HEADs, never an attribute.
+  machine, or by another tool). An index is a hint: one removed just as a
+  mount rewrote it costs the next fresh mounts HEADs, never an attribute.
 
 ``find_garbage`` only looks. ``collect`` removes, safely against a writer
 that is about to use a reference it saw a moment ago: each reference is

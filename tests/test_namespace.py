@@ -220,18 +220,20 @@ def test_attr_cache_survives_and_recovers_from_garbage(tmp_path: Path) -> None:
 def test_a_slot_s_attribute_cache_of_an_older_format_is_removed(tmp_path: Path) -> None:
     """An upgrade starts a new cache file (its format is in the name); the
     old one, never read again, stayed in cache_dir for good."""
-    names = [
-        "attrs-b-1.v5.sqlite",
-        "attrs-b-1.v5.sqlite-wal",
-        f"attrs-b-1.{attrcache.VERSION}.sqlite",
-        "attrs-b-12.v5.sqlite",  # another slot's
-        "attrs-b-1-2.v5.sqlite",  # another slot's
+    old = ["attrs-b-1.sqlite", "attrs-b-1.v5.sqlite", "attrs-b-1.v5.sqlite-wal"]
+    kept = [
+        f"attrs-b-1.{attrcache.VERSION}.sqlite-wal",  # the current file's, in use
+        f"attrs-b-1.{attrcache.VERSION}.sqlite-shm",
+        "attrs-b-12.v5.sqlite",  # other slots'
+        "attrs-b-1-2.v5.sqlite",
+        "attrs-b-1.1.v5.sqlite",
+        f"attrs-b-1.1.{attrcache.VERSION}.sqlite",
     ]
-    for name in names:
+    for name in old + kept:
         (tmp_path / name).write_bytes(b"")
     cache = attrcache.for_slot(tmp_path, "b-1")
     assert cache.path == tmp_path / f"attrs-b-1.{attrcache.VERSION}.sqlite"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    assert sorted(p.name for p in tmp_path.iterdir() if p != cache.path) == sorted(kept)
 
 
 def test_a_forgotten_key_is_forgotten_on_disk_too(tmp_path: Path) -> None:
@@ -412,6 +414,46 @@ async def test_a_row_read_in_the_second_of_its_write_is_asked_again_once_after_i
     assert heads == [3, 0, 1, 0]
 
 
+async def test_rows_asked_again_neither_read_nor_write_the_index(tmp_path: Path) -> None:
+    """Found by review: rows asked again after their second counted towards
+    the index's threshold, so a large directory taking a file now and then
+    read and rewrote its whole index at every listing. They are HEADed on
+    their own, and settle also on a store whose HEADs carry no ``Date``."""
+
+    class UndatedHeads(CountingStore):
+        reads = 0
+
+        async def head(self, key: str) -> ObjectHead:
+            return dataclasses.replace(await super().head(key), observed_at=None)
+
+        async def get_range(self, key: str, start: int, length: int) -> bytes:
+            self.reads += 1
+            return await super().get_range(key, start, length)
+
+    store = UndatedHeads()
+    await fill(store, 6)
+    second = store.objects["rel/app-0.zip.delta"].last_modified + timedelta(hours=1)
+    for i in range(6):
+        key = f"rel/app-{i}.zip.delta"
+        store.objects[key] = dataclasses.replace(store.objects[key], last_modified=second)
+    store.clock = lambda: second + timedelta(milliseconds=500)
+    mount = namespace(store, tmp_path / "attrs.sqlite")
+    await mount.listing("rel")  # every app row read in its second
+    await mount.flush_attr_cache()
+    index = store.objects[dirindex.index_key("rel/")]  # of notes.txt only
+    assert list(dirindex.decode("rel/", index.body)) == ["rel/notes.txt"]
+
+    store.clock = lambda: second + timedelta(seconds=3)
+    store.heads = store.reads = 0
+    await mount.listing("rel", fresh=True)
+    await mount.flush_attr_cache()
+    assert (store.heads, store.reads) == (6, 0)  # each row once; the index not read
+    assert store.objects[dirindex.index_key("rel/")] == index  # nor written
+    store.heads = 0
+    await mount.listing("rel", fresh=True)
+    assert store.heads == 0  # settled by the listing's Date
+
+
 async def test_a_listing_of_nothing_settled_writes_no_index() -> None:
     """Every object written in the second being listed: an index would hold
     no row, and only replace one another mount wrote that may hold some."""
@@ -472,6 +514,47 @@ async def test_a_read_only_mount_writes_no_index() -> None:
     )
     await ns.listing("rel")
     await ns.flush_attr_cache()
+    assert not [k for k in store.objects if k.startswith(dirindex.PREFIX)]
+
+
+class GatedHeads(CountingStore):
+    """HEADs of the keys in ``gated`` are answered, then held until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gated: set[str] = set()
+        self.gate = trio.Event()
+
+    async def head(self, key: str) -> ObjectHead:
+        head = await super().head(key)
+        if key in self.gated:
+            await self.gate.wait()
+        return head
+
+
+async def test_no_index_is_written_for_a_directory_renamed_while_it_is_listed(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Found by review: a listing of ``rel`` (a background one, another
+    process's ``ls -l``) had its HEADs out when ``mv rel new`` ended; it came
+    back after and found the index of ``rel/`` due."""
+    from tests.fsharness import GID, OPTIONS, ROOT, UID, mounted, rename, ticking_clock
+
+    store = GatedHeads()
+    store.clock = ticking_clock()
+    async with mounted(store, tmp_path) as m:
+        await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+        for i in range(6):
+            await store.put_bytes(f"rel/n-{i}.txt", b"n", {})  # another machine's
+        store.gated = {f"rel/n-{i}.txt" for i in range(6)}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: m.fs.ns.listing("rel", fresh=True))
+            await trio.testing.wait_all_tasks_blocked()  # its HEADs are answered, held
+            store.gated = set()
+            await rename(m.fs, "rel", "new")
+            store.gate.set()  # now the listing comes back
+        mock_clock.jump(OPTIONS.upload_delay)
+    assert "new/n-0.txt" in store.objects
     assert not [k for k in store.objects if k.startswith(dirindex.PREFIX)]
 
 

@@ -1,4 +1,4 @@
-"""``dgfs gc``: remove orphaned references, expired temp objects, stale uploads."""
+"""``dgfs gc``: remove orphaned references and indexes, expired temp objects, stale uploads."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ Without --yes nothing is changed: the command lists what it would do.
   expired-tmp         .deltaglider/tmp/ objects past their dg-expires-at, or older
                       than --tmp-max-age without one (whole-bucket runs only)
   stale-multipart     incomplete multipart uploads older than --multipart-max-age
+  orphaned-index      a mount's directory index (.deltaglider/dgfs-index/) of a
+                      directory that holds nothing any more (whole-bucket runs only)
   restore-reference   a gc copy whose directory has deltas again: it is put back
 
 examples:
@@ -57,7 +59,7 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
-HELP = "remove orphaned references, expired temp objects, stale uploads"
+HELP = "remove orphaned references and indexes, expired temp objects, stale uploads"
 DESCRIPTION = "Find (and with --yes remove) what no file needs any more."
 
 

@@ -90,9 +90,14 @@ def for_slot(cache_dir: Path, slot: str) -> AttrCache:
     (whose lock keeps other mounts off its file). Files an earlier dgfs
     kept for that slot in an older format go: nothing reads them again."""
     current = cache_dir / f"attrs-{slot}.{VERSION}.sqlite"
-    for old in cache_dir.glob(f"attrs-{slot}.v*.sqlite*"):
-        if not old.name.startswith(current.name):  # its -wal and -shm stay too
+    older = [*cache_dir.glob(f"attrs-{slot}.v*.sqlite*"), *cache_dir.glob(f"attrs-{slot}.sqlite*")]
+    for old in older:
+        if old.name.startswith(current.name):
+            continue  # the current file's -wal, -shm and -journal
+        try:
             old.unlink(missing_ok=True)
+        except OSError as exc:  # a cache file left behind costs space, not the mount
+            log.warning("cannot remove the old attribute cache %s: %s", old, exc)
     return AttrCache(current)
 
 

@@ -218,21 +218,26 @@ class Namespace:
         A cached row read within its version's second is asked again once
         the listing (answered at ``listed_at``) shows that second is over:
         a chmod or utime by another mount in that second kept the version,
-        and only a read after it tells (``dirindex.settled``)."""
+        and only a read after it tells (``dirindex.settled``). Such rows
+        are HEADed, once each, and do not count towards reading or writing
+        the index (a directory that takes new files now and then would
+        otherwise rewrite a large index at every listing)."""
         heads: dict[str, ObjectHead] = {}
         missing: list[ObjectInfo] = []
+        recheck: list[ObjectInfo] = []
         for obj in objects:
             version = version_of(obj.etag, obj.last_modified)
             meta = self.attr_cache.get(obj.key, version)
-            if meta is None or (
-                not self.attr_cache.settled(obj.key, version)
-                and dirindex.settled(obj.last_modified, listed_at)
-            ):
+            if meta is None:
                 missing.append(obj)
+            elif not self.attr_cache.settled(obj.key, version) and dirindex.settled(
+                obj.last_modified, listed_at
+            ):
+                recheck.append(obj)
             else:
                 heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, meta)
         if len(missing) < INDEX_MIN_MISSES:
-            return heads | await self._head_each(missing)
+            return heads | await self._head_each([*recheck, *missing], listed_at)
         indexed = await self._read_index(prefix)
         unknown: list[ObjectInfo] = []
         for obj in missing:
@@ -243,7 +248,7 @@ class Namespace:
                 heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, row[1])
             else:
                 unknown.append(obj)
-        heads |= await self._head_each(unknown)
+        heads |= await self._head_each([*recheck, *unknown], listed_at)
         if self.write_indexes and len(unknown) >= INDEX_MIN_MISSES:
             # Missing or stale for many: the next fresh mount gets a full one,
             # of the rows no same-second change can have made stale (none of
@@ -258,10 +263,14 @@ class Namespace:
                 self._indexes_due[prefix] = rows
         return heads
 
-    async def _head_each(self, objects: list[ObjectInfo]) -> dict[str, ObjectHead]:
+    async def _head_each(
+        self, objects: list[ObjectInfo], listed_at: datetime | None
+    ) -> dict[str, ObjectHead]:
+        """A HEAD of each object, asked after the listing answered at ``listed_at``."""
+
         def headed(key: str, head: ObjectHead | None) -> None:
             if head is not None:
-                self._keep(head)
+                self._keep(head, asked_after=listed_at)
 
         if not objects:
             return {}
@@ -354,6 +363,8 @@ class Namespace:
                 found = entries
                 if path not in self._flight_stale:
                     self._listings[path] = entries
+                else:  # renamed or removed meanwhile: its index would describe what is gone
+                    self._indexes_due.pop(self.dir_prefix(path), None)
             finally:
                 del self._flight_changes[path]
                 self._flight_stale.discard(path)
@@ -429,13 +440,16 @@ class Namespace:
             return  # removed meanwhile: no row to bring up to date
         self._keep(head)
 
-    def _keep(self, head: ObjectHead) -> None:
-        """A HEAD's answer into the attribute cache."""
+    def _keep(self, head: ObjectHead, *, asked_after: datetime | None = None) -> None:
+        """A HEAD's answer into the attribute cache; ``asked_after``: a time by
+        the store's clock before the HEAD was sent, for a store whose HEAD
+        answers carry no ``Date``."""
+        observed_at = head.observed_at or asked_after
         self.attr_cache.put(
             head.key,
             version_of(head.etag, head.last_modified),
             head.metadata,
-            settled=dirindex.settled(head.last_modified, head.observed_at),
+            settled=dirindex.settled(head.last_modified, observed_at),
         )
 
     async def overwritten(self, key: str) -> None:

@@ -163,7 +163,9 @@ class ObjectStore(abc.ABC):
         async for page in self.list_pages(prefix, delimiter):
             objects.extend(page.objects)
             prefixes.extend(page.prefixes)
-            observed_at = observed_at or page.observed_at  # the first page's: the earliest
+            # The first dated page's: the earliest (any would do: it only
+            # tells whether a version's second is over).
+            observed_at = observed_at or page.observed_at
         return ListPage(objects, prefixes, observed_at)
 
     @abc.abstractmethod
