@@ -558,6 +558,28 @@ async def test_no_index_is_written_for_a_directory_renamed_while_it_is_listed(
     assert not [k for k in store.objects if k.startswith(dirindex.PREFIX)]
 
 
+async def test_a_directory_written_then_renamed_gets_its_index_under_the_new_name(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Found by review: files stored into ``staging``, then ``mv staging
+    final`` before the uploads went quiet: the writer listed ``staging``
+    (gone) for its index, and the first fresh mount HEADed every file of
+    ``final``."""
+    from tests.fsharness import GID, OPTIONS, ROOT, UID, mounted, rename, ticking_clock, write_file
+
+    store = CountingStore()
+    store.clock = ticking_clock()
+    async with mounted(store, tmp_path) as m:
+        staging = await m.fs.mkdir(ROOT, "staging", 0o755, UID, GID)
+        for i in range(6):
+            await write_file(m.fs, f"n-{i}.txt", b"n\n", parent=staging.ino)
+        mock_clock.jump(OPTIONS.upload_delay)
+        await m.fs.wait_idle()  # stored under staging/
+        await rename(m.fs, "staging", "final")
+    assert dirindex.index_key("final/") in store.objects
+    assert dirindex.index_key("staging/") not in store.objects
+
+
 @pytest.mark.parametrize("how", ["rmdir", "rename"])
 async def test_no_index_is_written_for_a_directory_removed_or_renamed_after_its_listing(
     tmp_path: Path, mock_clock: trio.testing.MockClock, how: str

@@ -483,6 +483,12 @@ class Namespace:
         # find them due again, under the new names.
         for prefix in [p for p in self._indexes_due if p.startswith((old, new))]:
             del self._indexes_due[prefix]
+        # Files stored there move too: the directories are listed for their
+        # index under the new names (``list_written_dirs``).
+        for path in [p for p in self._stored_into if _within(p, new_path)]:
+            del self._stored_into[path]
+        for path in [p for p in self._stored_into if _within(p, old_path)]:
+            self._stored_into[new_path + path[len(old_path) :]] = self._stored_into.pop(path)
 
     async def write_marker(self, path: str, meta: dict[str, str]) -> None:
         """Store a directory's marker with its POSIX attributes."""
@@ -533,3 +539,8 @@ class Namespace:
             # Gone, or S3 down: a later reader pays (and sees why).
             with contained(f"listing {path!r} for its index", quiet=(DgfsError,), logger=log):
                 await self.listing(path, fresh=True)
+
+
+def _within(path: str, directory: str) -> bool:
+    """Whether ``path`` is the directory ``directory`` or below it."""
+    return path == directory or path.startswith(directory + "/")
