@@ -20,7 +20,9 @@ over), rename of files and directories over existing targets, unlink,
 mkdir, rmdir, chmod, utime, listings and stats, and FORGET of every inode
 no open file holds (the lookups the kernel holds are counted);
 and what only an in-process run can do: ``let_time_pass`` (the mock clock
-jumps: queued uploads, retries and listing TTLs come due),
+jumps: queued uploads, retries and listing TTLs come due, and the store,
+whose Last-Modified and Date follow the same clock, answers later: rows
+settle and directory indexes are written and read across remounts),
 ``hold_next_upload`` / ``release_held`` / ``land_uploads`` (an upload kept
 in flight, before or after its PUT reached the store, across any number of
 steps), ``fail_next_uploads`` (transient failures, retried by the mount),
@@ -111,6 +113,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -277,6 +280,10 @@ def inline_workers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --- the trio side: one loop per example, one mount at a time --------------------------
+
+
+#: The store's time when the loop's mock clock reads 0.
+STORE_EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class Loop:
@@ -720,7 +727,12 @@ class FsModel(RuleBasedStateMachine):
         self.base = Path(tempfile.mkdtemp(prefix="dgfs-fs-model-", dir=_scratch_root()))
         self.local = self.base / "local"
         self.local.mkdir()
-        self.memory = MemoryStore("model-bucket")
+        # The store's clock (Last-Modified, Date) is the loop's mock clock:
+        # time passes for it as for the mount, so rows settle, directory
+        # indexes are written and read, and versions change second by second
+        # as on a real store (on the wall clock a whole example runs within
+        # a second or two).
+        self.memory = MemoryStore("model-bucket", clock=self._store_now)
         self.faulty = FaultyStore(self.memory)
         self.files: dict[int, History] = {}  # by the model's st_ino
         self.handles: list[OpenFile] = []
@@ -733,6 +745,9 @@ class FsModel(RuleBasedStateMachine):
         self.mount: Mount | None = None
         self.kernel: Kernel | None = None
         self._start_mount()
+
+    def _store_now(self) -> datetime:
+        return STORE_EPOCH + timedelta(seconds=self.loop.clock.current_time())
 
     # --- running steps -----------------------------------------------------------------
 
