@@ -576,7 +576,7 @@ async def test_an_upload_with_the_same_bytes_shows_its_own_mode(
 
 async def _superseded_by_a_newer_version(
     m: Mount, held: Fault, mock_clock: trio.testing.MockClock, *, newer: str
-) -> None:
+) -> int | None:
     """``a``'s version 1 is closed and its upload in flight when ``open(O_TRUNC)``
     writes version 2 (left open or closed); then the upload fails. Version
     1 is not uploaded again (it would land after version 2), but while
@@ -585,12 +585,14 @@ async def _superseded_by_a_newer_version(
     await write_file(m.fs, "a", b"version 1\n")
     mock_clock.jump(OPTIONS.upload_delay)
     await held.reached.wait()
-    fh = await open_for_rewrite(m.fs, "a", b"version 2\n")
+    fh: int | None = await open_for_rewrite(m.fs, "a", b"version 2\n")
     if newer == "closed":
         await close(m.fs, fh)
+        fh = None
     held.release()
     for _ in range(10):  # the upload fails
         await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    return fh  # version 2's handle, if left open
 
 
 @pytest.mark.parametrize("newer", ["open", "closed"])
@@ -742,13 +744,8 @@ async def test_a_rename_after_a_superseded_upload_whose_reply_was_lost_leaves_no
     held = faulty.hang("upload", key="a")
     faulty.fail("upload", key="a", after=True)
     async with mounted(faulty, tmp_path) as m:
-        await write_file(m.fs, "a", b"version 1\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
-        fh = await open_for_rewrite(m.fs, "a", b"version 2\n")
-        held.release()
-        for _ in range(10):
-            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        fh = await _superseded_by_a_newer_version(m, held, mock_clock, newer="open")
+        assert fh is not None
         assert "a" in bucket(memory)  # stored, though the mount heard a failure
         await rename(m.fs, "a", "c")
         await close(m.fs, fh)
@@ -764,13 +761,8 @@ async def test_a_newer_version_whose_close_fails_leaves_the_superseded_one(
     held = faulty.hang("upload", key="a")
     faulty.fail("upload", key="a")
     async with mounted(faulty, tmp_path) as m:
-        await write_file(m.fs, "a", b"version 1\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
-        fh = await open_for_rewrite(m.fs, "a", b"version 2\n")
-        held.release()
-        for _ in range(10):
-            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        fh = await _superseded_by_a_newer_version(m, held, mock_clock, newer="open")
+        assert fh is not None
 
         def full(*args: object, **kwargs: object) -> None:
             raise OSError(errno.ENOSPC, "no space")
