@@ -207,6 +207,11 @@ class Core:
         them first (rebuilt or fetched, verified); the caller closes it."""
         return await self.rebuilder.open_cached(stored)
 
+    def open_plain(self, sha256: str) -> int | None:
+        """A descriptor of verified plain bytes of content ``sha256`` kept beside
+        the cache, or None (``Rebuilder.open_plain``); the caller closes it."""
+        return self.rebuilder.open_plain(sha256)
+
     async def export_cached(self, stored: StoredFile, dest: Path) -> None:
         """Write the original bytes of ``stored`` to ``dest`` through the cache (verified)."""
         await self.rebuilder.export_cached(stored, dest)
@@ -254,5 +259,6 @@ class Core:
         await self.store.delete(key)
 
     async def aclose(self) -> None:
-        """Remove decrypted reference copies."""
+        """Remove decrypted reference copies and the plain copies of rebuilds."""
         self.references.close()
+        self.rebuilder.recent.close()

@@ -9,6 +9,7 @@ stock gzip deltas whose recovery failed in this process.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -91,6 +92,54 @@ class RebuildStream:
     error: DgfsError | None = None
 
 
+class RecentRebuilds:
+    """Plain copies of the files rebuilt last, verified by the cache as it took
+    them: a reader that comes right after the rebuild (the next file of a
+    series, prefetched) reads one as it is instead of decrypting it back out
+    of the cache. Bounded in files and bytes, least recently used dropped; a
+    reader keeps its own descriptor, so dropping a copy never cuts a read
+    short. Trio thread only."""
+
+    def __init__(self, *, max_files: int = 8, max_bytes: int = 256 << 20) -> None:
+        self._copies: collections.OrderedDict[str, tuple[Path, int]] = collections.OrderedDict()
+        self._bytes = 0
+        self._max_files = max_files
+        self._max_bytes = max_bytes
+
+    def keep(self, sha256: str, path: Path) -> None:
+        """Take ``path`` (verified content ``sha256``): kept, or removed if too large."""
+        size = path.stat().st_size
+        if size > self._max_bytes // 2 or sha256 in self._copies:
+            path.unlink(missing_ok=True)
+            return
+        self._copies[sha256] = (path, size)
+        self._bytes += size
+        while len(self._copies) > self._max_files or self._bytes > self._max_bytes:
+            _, (old, old_size) = self._copies.popitem(last=False)
+            self._bytes -= old_size
+            old.unlink(missing_ok=True)
+
+    def open(self, sha256: str) -> int | None:
+        """A descriptor of the plain copy of ``sha256``, or None."""
+        copy = self._copies.get(sha256)
+        if copy is None:
+            return None
+        self._copies.move_to_end(sha256)
+        try:
+            return os.open(copy[0], os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # scratch cleaned under us: read from the cache
+            del self._copies[sha256]
+            self._bytes -= copy[1]
+            return None
+
+    def close(self) -> None:
+        """Remove every copy."""
+        for path, _ in self._copies.values():
+            path.unlink(missing_ok=True)
+        self._copies.clear()
+        self._bytes = 0
+
+
 class Rebuilder:
     """The original bytes of stored files: into a path, or into the cache."""
 
@@ -114,6 +163,7 @@ class Rebuilder:
         self._streams: dict[str, RebuildStream] = {}
         # SHA-256 of stock gzip deltas whose recovery failed (a search costs ~30 s).
         self._unrecoverable: set[str] = set()
+        self.recent = RecentRebuilds()
 
     async def rebuild(
         self,
@@ -340,6 +390,10 @@ class Rebuilder:
                             f"{stored.visible_key}: rebuilt bytes fail their SHA-256;"
                             " refusing to return wrong bytes"
                         ) from None
+                    kept = self._bench.scratch_path(".rebuilt")
+                    os.replace(out, kept)  # a reader holding ``out`` open reads on
+                    stream.path = kept
+                    self.recent.keep(sha256, kept)
                 except BaseException as exc:
                     stream.error = (
                         exc
@@ -355,6 +409,13 @@ class Rebuilder:
             f"rebuild:{sha256}", lambda: self._cache.contains(sha256), rebuild_into_cache
         )
         return sha256
+
+    def open_plain(self, sha256: str) -> int | None:
+        """A descriptor of verified plain bytes of content ``sha256`` kept on
+        the side (rebuilt lately, or a reference's plain copy), or None:
+        read from the cache then."""
+        fd = self.recent.open(sha256)
+        return fd if fd is not None else self._references.open_plain(sha256)
 
     def stream(self, sha256: str) -> RebuildStream | None:
         """The rebuild of content ``sha256`` running now, if any (see ``RebuildStream``)."""

@@ -137,6 +137,17 @@ class ReferencePool:
             self._plain_ref_users[ref_sha256] -= 1
             self._trim_plain_refs()
 
+    def open_plain(self, sha256: str) -> int | None:
+        """A descriptor of the plain copy of reference ``sha256`` (verified as it
+        was made), or None if none is kept."""
+        path = self._plain_refs.get(sha256)
+        if path is None:
+            return None
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
     def _trim_plain_refs(self) -> None:
         idle = [sha for sha in self._plain_refs if not self._plain_ref_users.get(sha)]
         while len(self._plain_refs) > self._plain_ref_slots and idle:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import re
 import zipfile
@@ -497,3 +498,54 @@ async def test_large_file_with_changes_beyond_64_mib_stays_small(
     out = tmp_path / "out"
     await core.get("big/big-2.zip", out)
     assert sha(out.read_bytes()) == sha(bytes(target))
+
+
+async def test_a_rebuilt_file_is_kept_plain_beside_the_cache_and_bounded(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    """A reader that comes right after a rebuild (a prefetched file) reads the
+    verified plain output instead of decrypting the cache entry back; the
+    reference of the directory reads from its plain copy. Copies are
+    bounded, the oldest removed, and all go when the core closes."""
+    writer, wcache = make_core(memory_store, tmp_path / "w")
+    for n, release in enumerate(releases[:3]):
+        await writer.put(release, f"c/{n}.zip")
+    reader, rcache = make_core(memory_store, tmp_path / "r")  # cold cache
+    reader.rebuilder.recent = rebuild.RecentRebuilds(max_files=1)
+    kept: list[int] = []
+    for n, release in enumerate(releases[:3]):
+        stored = await reader.locate(f"c/{n}.zip")
+        sha256 = await reader.materialize(stored)
+        fd = reader.open_plain(sha256)
+        assert fd is not None, n
+        kept.append(fd)
+        assert os.pread(fd, len(release.read_bytes()) + 1, 0) == release.read_bytes()
+    first = await reader.locate("c/1.zip")
+    assert first.file_sha256 is not None
+    assert reader.open_plain(first.file_sha256) is None  # one copy at most: dropped
+    copies = list((tmp_path / "r" / "scratch-dg").glob("*.rebuilt"))
+    assert len(copies) == 1
+    await reader.aclose()
+    assert not list((tmp_path / "r" / "scratch-dg").glob("*.rebuilt"))
+    for fd in kept:  # a descriptor handed out reads on after its copy went
+        assert os.pread(fd, 4, 0) == b"PK\x03\x04"
+        os.close(fd)
+    await writer.aclose()
+    wcache.close()
+    rcache.close()
+
+
+def test_recent_rebuilds_keep_what_fits(tmp_path: Path) -> None:
+    recent = rebuild.RecentRebuilds(max_files=3, max_bytes=100)
+    paths = {}
+    for name, size in (("a", 30), ("b", 45), ("c", 30), ("huge", 51)):
+        paths[name] = write(tmp_path / name, b"x" * size)
+        recent.keep(name, paths[name])
+    assert not paths["huge"].exists()  # over half the budget: never kept
+    assert not paths["a"].exists() and paths["b"].exists() and paths["c"].exists()
+    fd = recent.open("b")
+    assert fd is not None
+    os.close(fd)
+    assert recent.open("a") is None and recent.open("huge") is None
+    recent.close()
+    assert not list(tmp_path.iterdir())

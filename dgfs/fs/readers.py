@@ -67,6 +67,20 @@ class CachedReader(Reader):
         self.reader.close()
 
 
+class PlainReader(Reader):
+    """Verified plain bytes kept beside the cache (``Core.open_plain``)."""
+
+    def __init__(self, fd: int, limiter: trio.CapacityLimiter) -> None:
+        self.fd = fd
+        self.limiter = limiter
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await trio.to_thread.run_sync(os.pread, self.fd, size, offset, limiter=self.limiter)
+
+    async def close(self) -> None:
+        os.close(self.fd)
+
+
 class RangeReader(Reader):
     """Ranged GETs with read-ahead over one object of known size."""
 
@@ -273,8 +287,9 @@ class StoredContent:
 
     Deltas, and direct files with a recorded SHA-256 up to
     ``verify_whole_below`` bytes, are read whole through the cache and
-    verified before the first byte is returned; larger direct and foreign
-    objects are read by ranges (``RangeReader``).
+    verified before the first byte is returned (from a verified plain copy
+    beside the cache when one is kept: ``PlainReader``); larger direct and
+    foreign objects are read by ranges (``RangeReader``).
     """
 
     def __init__(
@@ -328,6 +343,13 @@ class StoredContent:
         return await self._cached_reader(stored)
 
     async def _cached_reader(self, stored: StoredFile) -> Reader:
+        """Through the cache; from a verified plain copy beside it when one
+        is kept (rebuilt or fetched lately: no decryption)."""
+        plain = self._plain_reader(stored)
+        if plain is not None:
+            assert stored.file_sha256 is not None
+            self.core.cache.lookup(stored.file_sha256)  # this reader's use: a hit
+            return plain
         with self.broken(stored):
             entry = await self.core.open_cached(stored)
             if entry.size != stored.original_size:
@@ -336,7 +358,22 @@ class StoredContent:
                     f"{stored.stored_key}: holds {entry.size} bytes where its metadata"
                     f" says {stored.original_size}"
                 )
+        plain = self._plain_reader(stored)  # rebuilt for this reader
+        if plain is not None:
+            entry.close()
+            return plain
         return CachedReader(entry, self.limiter)
+
+    def _plain_reader(self, stored: StoredFile) -> PlainReader | None:
+        if stored.file_sha256 is None:
+            return None
+        fd = self.core.open_plain(stored.file_sha256)
+        if fd is None:
+            return None
+        if os.fstat(fd).st_size != stored.original_size:
+            os.close(fd)  # the cache's own check then says what is wrong
+            return None
+        return PlainReader(fd, self.limiter)
 
     def _streamable(self, stored: StoredFile) -> bool:
         """A delta large enough to be verified as it is read (like a direct file
