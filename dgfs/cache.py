@@ -475,6 +475,12 @@ class ContentCache(Closing):
         holds (see the class docstring). ValueError if ``sha256`` is not a
         hex SHA-256.
         """
+        return self.take_file(sha256, src)[0]
+
+    def take_file(self, sha256: str, src: Path) -> tuple[int, bool]:
+        """``add_file``; also says whether ``src`` itself was read and found to
+        be ``sha256`` (False: the content was cached already and ``src`` was
+        not read, so nothing is known of its bytes)."""
         sha256 = sha256.lower()
         sha_raw = sha256_bytes(sha256)
         cid = self._cid(sha256)
@@ -482,7 +488,7 @@ class ContentCache(Closing):
             existing = self._index.get(cid)
             if existing is not None:
                 self._index.move_to_end(cid)
-                return existing.plain_size
+                return existing.plain_size, False
         # Encrypt outside the lock, into a private temp file that eviction
         # never touches; it becomes the entry atomically below.
         tmp, entry = self._write_entry(cid, sha256, sha_raw, src)
@@ -498,7 +504,7 @@ class ContentCache(Closing):
             self._index[cid] = entry
             self._stored_bytes += entry.stored_size
             self._evict_locked(keep=cid)
-        return entry.plain_size
+        return entry.plain_size, True
 
     def _write_entry(self, cid: str, sha256: str, sha_raw: bytes, src: Path) -> tuple[Path, _Entry]:
         chunk_size = self._chunk_size

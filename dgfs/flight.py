@@ -18,7 +18,7 @@ class SingleFlight:
         self._running: dict[str, trio.Event] = {}
 
     async def ensure(
-        self, key: str, is_done: Callable[[], bool], job: Callable[[], Awaitable[None]]
+        self, key: str, is_done: Callable[[], bool], job: Callable[[], Awaitable[object]]
     ) -> None:
         """Run ``job`` until ``is_done()``, sharing a run already in flight for ``key``.
 

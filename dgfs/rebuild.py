@@ -384,16 +384,17 @@ class Rebuilder:
                     stream.complete = True
                     self._telemetry.rebuilt(trio.current_time() - started)
                     try:
-                        await self._bench.cpu(self._cache.add_file, sha256, out)  # verifies sha256
+                        _, verified = await self._bench.cpu(self._cache.take_file, sha256, out)
                     except IntegrityError:
                         raise IntegrityError(
                             f"{stored.visible_key}: rebuilt bytes fail their SHA-256;"
                             " refusing to return wrong bytes"
                         ) from None
-                    kept = self._bench.scratch_path(".rebuilt")
-                    os.replace(out, kept)  # a reader holding ``out`` open reads on
-                    stream.path = kept
-                    self.recent.keep(sha256, kept)
+                    if verified:  # else cached meanwhile by another: ``out`` was not read
+                        kept = self._bench.scratch_path(".rebuilt")
+                        os.replace(out, kept)  # a reader holding ``out`` open reads on
+                        stream.path = kept
+                        self.recent.keep(sha256, kept)
                 except BaseException as exc:
                     stream.error = (
                         exc

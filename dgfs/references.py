@@ -63,12 +63,14 @@ class ReferencePool:
                 pass
         await self.ensure_cached(ref_key, ref_sha256)  # a plain copy outlives its cache entry
 
-    async def _fetch(self, key: str, sha256: str, keep: Path | None = None) -> None:
+    async def _fetch(self, key: str, sha256: str, keep: Path | None = None) -> bool:
         """Download the object ``key`` into the cache, verified against ``sha256``.
 
-        With ``keep``, its plain bytes are also left there: a caller that
-        needs a plain copy (xdelta3 does) saves decrypting it back out of
-        the cache, a whole write and hash of a file that may be GiBs.
+        With ``keep``, its plain bytes are also left there, and True returned:
+        a caller that needs a plain copy (xdelta3 does) saves decrypting it
+        back out of the cache, a whole write and hash of a file that may be
+        GiBs. Not when the content was cached meanwhile by another (the
+        download was then not checked): False.
         """
         deep_reference = fmt.reference_mode(key) is DeltaMode.DEEP
         async with self._bench.scratch() as tmp, self._bench.scratch() as plain:
@@ -81,14 +83,16 @@ class ReferencePool:
                 await self._bench.cpu(deep.decompress_reference, tmp, plain, cap)
                 tmp, plain = plain, tmp
             try:
-                await self._bench.cpu(self._cache.add_file, sha256, tmp)
+                _, verified = await self._bench.cpu(self._cache.take_file, sha256, tmp)
             except IntegrityError:
                 raise MissingReference(
                     f"{key} does not match its recorded SHA-256 {sha256[:12]}…"
                     " (replaced or corrupted)"
                 ) from None
-            if keep is not None:
-                os.replace(tmp, keep)
+            if keep is None or not verified:
+                return False
+            os.replace(tmp, keep)
+            return True
 
     async def _fetch_plain(self, key: str, sha256: str, out: Path) -> None:
         """The plain bytes of the object ``key`` (``sha256``) in ``out``, through the cache:
@@ -98,8 +102,7 @@ class ReferencePool:
 
             async def fetch_and_keep() -> None:
                 nonlocal kept
-                await self._fetch(key, sha256, keep=out)
-                kept = True
+                kept = await self._fetch(key, sha256, keep=out)
 
             await self._flights.ensure(
                 f"fetch:{sha256}", lambda: self._cache.contains(sha256), fetch_and_keep

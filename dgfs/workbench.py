@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -23,6 +24,8 @@ from dgfs.hashing import FileDigest, digest_file
 from dgfs.policy import SNIFF_BYTES
 from dgfs.proxycrypt import ProxyKey, decrypt_in_place
 from dgfs.store.base import ObjectHead, ObjectStore
+
+_T = TypeVar("_T")
 
 
 class Workbench:
@@ -59,7 +62,7 @@ class Workbench:
         finally:
             path.unlink(missing_ok=True)
 
-    async def cpu(self, fn: Callable[..., object], *args: object) -> object:
+    async def cpu(self, fn: Callable[..., _T], *args: object) -> _T:
         """``fn(*args)`` in a worker thread, under the CPU limiter."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
 

@@ -549,3 +549,58 @@ def test_recent_rebuilds_keep_what_fits(tmp_path: Path) -> None:
     assert recent.open("a") is None and recent.open("huge") is None
     recent.close()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("what", ["rebuild", "reference"])
+async def test_bytes_the_cache_did_not_check_are_never_kept_plain(
+    memory_store: MemoryStore,
+    releases: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    what: str,
+) -> None:
+    """Found by review: when the content was cached by another while a
+    rebuild (or a reference's download) ran, the cache took nothing from
+    this one and did not read it, and that unread output was kept as a
+    verified plain copy for readers."""
+    writer, wcache = make_core(memory_store, tmp_path / "w")
+    for n, release in enumerate(releases[:2]):
+        await writer.put(release, f"c/{n}.zip")
+    reader, rcache = make_core(memory_store, tmp_path / "r")  # cold cache
+    stored = await reader.locate("c/1.zip" if what == "rebuild" else "c/0.zip")
+    assert stored.file_sha256 is not None
+    right = releases[1 if what == "rebuild" else 0].read_bytes()
+
+    def cached_meanwhile_and_spoiled(out: Path) -> None:
+        rcache.add_file(stored.file_sha256 or "", write(tmp_path / "right", right))
+        out.write_bytes(b"x" * len(right))  # as large as the file: only its hash tells
+
+    if what == "rebuild":
+        real_decode = reader.engine.decode
+
+        async def decode(source: Path, delta: Path, out: Path, **limits: object) -> None:
+            await real_decode(source, delta, out, **limits)  # type: ignore[arg-type]
+            cached_meanwhile_and_spoiled(out)
+
+        monkeypatch.setattr(reader.engine, "decode", decode)
+    else:
+        real_download = reader.bench.download
+
+        async def download(key: str, dest: Path) -> ObjectHead:
+            head = await real_download(key, dest)
+            cached_meanwhile_and_spoiled(dest)
+            return head
+
+        monkeypatch.setattr(reader.bench, "download", download)
+    sha256 = await reader.materialize(stored)
+    fd = reader.open_plain(sha256)
+    if fd is not None:  # only ever verified bytes
+        try:
+            assert os.pread(fd, len(right) + 1, 0) == right
+        finally:
+            os.close(fd)
+    with rcache.open(sha256) as entry:  # type: ignore[union-attr]
+        assert entry.read(0, entry.size) == right
+    for core, cache in ((writer, wcache), (reader, rcache)):
+        await core.aclose()
+        cache.close()
