@@ -93,8 +93,9 @@ class RebuildStream:
 
 
 class RecentRebuilds:
-    """Plain copies of the files rebuilt last, verified by the cache as it took
-    them: a reader that comes right after the rebuild (the next file of a
+    """Plain copies of the files rebuilt last, each read and verified by the
+    cache as it took them (``ContentCache.take_file``; one it did not read
+    is not kept): a reader that comes right after the rebuild (the next file of a
     series, prefetched) reads one as it is instead of decrypting it back out
     of the cache. Bounded in files and bytes, least recently used dropped; a
     reader keeps its own descriptor, so dropping a copy never cuts a read

@@ -148,7 +148,10 @@ class ReferencePool:
             return None
         try:
             return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except FileNotFoundError:  # scratch cleaned under us: made again when next needed
+            if not self._plain_ref_users.get(sha256):
+                del self._plain_refs[sha256]
+                self._plain_ref_users.pop(sha256, None)
             return None
 
     def _trim_plain_refs(self) -> None:

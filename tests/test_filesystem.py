@@ -42,6 +42,7 @@ from dgfs.fs import journal as journal_module
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.nodes import Node
+from dgfs.fs.readers import PlainReader
 from dgfs.fs.upload_failures import RACES_REDONE_AT_ONCE
 from dgfs.store.base import ObjectStore
 from dgfs.store.faulty import FaultyStore, Operation
@@ -810,6 +811,15 @@ async def test_a_reader_walking_a_directory_gets_the_next_deltas_rebuilt_ahead(
         hits_before = cache.telemetry.snapshot().cache_hits
         assert await read_file(m.fs, names[2], d.ino) == releases[2][1]
         assert cache.telemetry.snapshot().cache_hits == hits_before + 1
+        # Read from the rebuild's plain copy, checked by the cache as it took
+        # it, not decrypted back out of the cache (docs/benchmarks.md).
+        node = await lookup(m.fs, names[3], d.ino)
+        handle = await m.fs.open(node.ino, os.O_RDONLY)
+        try:
+            assert await m.fs.read(handle.fh, 0, 1 << 20) == releases[3][1]
+            assert isinstance(m.fs.handles.get(handle.fh).reader, PlainReader)
+        finally:
+            await m.fs.release(handle.fh)
 
 
 async def test_a_directory_renamed_over_a_removed_name_keeps_its_own_attributes(

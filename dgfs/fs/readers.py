@@ -5,6 +5,9 @@ file is written again):
 
 - ``CachedReader``: content materialized in the encrypted cache (deltas,
   and direct files small enough to verify whole on open).
+- ``PlainReader``: the same content from a plain copy the cache checked as
+  it took it, kept beside it for a while (a file just rebuilt, a
+  directory's reference): no decryption.
 - ``RangeReader``: large direct and foreign objects, by ranged GETs with a
   growing read-ahead window; never downloads the object on open. A reader
   that goes through the file in order gets its SHA-256 checked at the end
@@ -348,7 +351,7 @@ class StoredContent:
         plain = self._plain_reader(stored)
         if plain is not None:
             assert stored.file_sha256 is not None
-            self.core.cache.lookup(stored.file_sha256)  # this reader's use: a hit
+            self.core.cache.lookup(stored.file_sha256)  # this reader's use, as open() counts it
             return plain
         with self.broken(stored):
             entry = await self.core.open_cached(stored)
@@ -358,7 +361,11 @@ class StoredContent:
                     f"{stored.stored_key}: holds {entry.size} bytes where its metadata"
                     f" says {stored.original_size}"
                 )
-        plain = self._plain_reader(stored)  # rebuilt for this reader
+        try:
+            plain = self._plain_reader(stored)  # rebuilt for this reader
+        except BaseException:
+            entry.close()
+            raise
         if plain is not None:
             entry.close()
             return plain
