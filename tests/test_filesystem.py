@@ -38,11 +38,12 @@ from dgfs.errors import (
     WriteConflict,
     errno_of,
 )
+from dgfs.format import StoredFile
 from dgfs.fs import journal as journal_module
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.nodes import Node
-from dgfs.fs.readers import PlainReader
+from dgfs.fs.readers import PlainReader, Reader
 from dgfs.fs.upload_failures import RACES_REDONE_AT_ONCE
 from dgfs.store.base import ObjectStore
 from dgfs.store.faulty import FaultyStore, Operation
@@ -820,6 +821,41 @@ async def test_a_reader_walking_a_directory_gets_the_next_deltas_rebuilt_ahead(
             assert isinstance(m.fs.handles.get(handle.fh).reader, PlainReader)
         finally:
             await m.fs.release(handle.fh)
+
+
+async def test_reads_of_one_handle_side_by_side_open_one_reader(
+    memory: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: the kernel sends a handle's reads side by side
+    (read-ahead); each first read of a cold file opened its own reader, and
+    all but the last leaked (a descriptor of the cache entry or plain copy)."""
+    releases = list(ReleaseSeries(size=256 << 10).zips(2))
+    async with mounted(memory, tmp_path) as m:
+        for name, data in releases:
+            await write_file(m.fs, name, data)
+    async with mounted(memory, tmp_path) as m:  # a new cache: cold
+        opened = 0
+        real_reader = m.fs.content.reader
+
+        async def counting_reader(stored: StoredFile) -> Reader:
+            nonlocal opened
+            opened += 1
+            return await real_reader(stored)
+
+        monkeypatch.setattr(m.fs.content, "reader", counting_reader)
+        name, data = releases[1]
+        handle = await m.fs.open((await lookup(m.fs, name)).ino, os.O_RDONLY)
+        got: dict[int, bytes] = {}
+
+        async def read_at(offset: int) -> None:
+            got[offset] = await m.fs.read(handle.fh, offset, 128 << 10)
+
+        async with trio.open_nursery() as nursery:
+            for offset in (0, 128 << 10):
+                nursery.start_soon(read_at, offset)
+        await m.fs.release(handle.fh)
+        assert opened == 1
+        assert got[0] + got[128 << 10] == data
 
 
 async def test_a_directory_renamed_over_a_removed_name_keeps_its_own_attributes(

@@ -298,7 +298,9 @@ class FileSystem:
         if node.staged is not None:
             return await node.staged.pread(offset, size, self.disk_limiter)
         if handle.reader is None:
-            handle.reader = await self._open_reader(node)
+            async with handle.opening:
+                if handle.reader is None:
+                    handle.reader = await self._open_reader(node)
         return await handle.reader.read(offset, size)
 
     async def _open_reader(self, node: Node) -> Reader:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import enum
 import errno
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import trio
 
 from dgfs.errors import FsError
 from dgfs.fs.nodes import Node
@@ -40,6 +42,9 @@ class Handle:
     node: Node
     access: Access
     reader: Reader | None = None  # the stored object's, opened on the first read of it
+    # Held while ``reader`` is opened: the kernel sends reads of one handle
+    # side by side (read-ahead), and each first read would open its own.
+    opening: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def writable(self) -> bool:
