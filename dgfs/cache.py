@@ -459,8 +459,14 @@ class ContentCache(Closing):
             return cid in self._index
 
     def lookup(self, sha256: str) -> bool:
-        """``contains``, counted as a cache hit or miss: a reader asks for the content."""
-        found = self.contains(sha256)
+        """``contains``, counted as a cache hit or miss: a reader asks for the
+        content, so an entry found counts as used (a reader served from a
+        plain copy beside the cache opens no entry)."""
+        cid = self._cid(sha256)
+        with self._lock:
+            found = cid in self._index
+            if found:
+                self._index.move_to_end(cid)
         self.telemetry.cache_lookup(found)
         return found
 
