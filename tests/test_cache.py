@@ -439,9 +439,9 @@ def test_lru_eviction_respects_use_order(make_cache: MakeCache, tmp_path: Path) 
     assert cache.contains(a)  # contains() is not
     e = _put(cache, os.urandom(ENTRY_DATA), tmp_path)
     assert [cache.contains(x) for x in (a, c, d, e)] == [False, True, True, True]
-    assert cache.lookup(c)  # a reader's lookup is (one served from a plain copy)
+    assert cache.lookup(d)  # a reader's lookup is (one served from a plain copy)
     f = _put(cache, os.urandom(ENTRY_DATA), tmp_path)
-    assert [cache.contains(x) for x in (c, d, e, f)] == [True, False, True, True]
+    assert [cache.contains(x) for x in (c, d, e, f)] == [False, True, True, True]
     assert cache.stored_bytes == 3 * ENTRY_STORED <= cache.budget_bytes
     assert len(_entry_files(cache.directory)) == 3
 
