@@ -384,13 +384,15 @@ class Rebuilder:
                     await self.rebuild(stored, out, verify=False, stream=stream)
                     stream.complete = True
                     self._telemetry.rebuilt(trio.current_time() - started)
-                    try:
-                        _, verified = await self._bench.cpu(self._cache.take_file, sha256, out)
-                    except IntegrityError:
-                        raise IntegrityError(
+                    verified = await self._bench.into_cache(
+                        self._cache,
+                        sha256,
+                        out,
+                        lambda: IntegrityError(
                             f"{stored.visible_key}: rebuilt bytes fail their SHA-256;"
                             " refusing to return wrong bytes"
-                        ) from None
+                        ),
+                    )
                     if verified:  # else cached meanwhile by another: ``out`` was not read
                         kept = self._bench.scratch_path(".rebuilt")
                         os.replace(out, kept)  # a reader holding ``out`` open reads on

@@ -18,7 +18,7 @@ from pathlib import Path
 from dgfs import deep
 from dgfs import format as fmt
 from dgfs.cache import ContentCache
-from dgfs.errors import CacheCorrupt, DgfsError, IntegrityError, MissingReference, NotFound
+from dgfs.errors import CacheCorrupt, DgfsError, MissingReference, NotFound
 from dgfs.flight import SingleFlight
 from dgfs.format import DeltaMode
 from dgfs.workbench import Workbench
@@ -82,13 +82,15 @@ class ReferencePool:
                 cap = deep.reference_cap(head.metadata, head.size, self._limits)
                 await self._bench.cpu(deep.decompress_reference, tmp, plain, cap)
                 tmp, plain = plain, tmp
-            try:
-                _, verified = await self._bench.cpu(self._cache.take_file, sha256, tmp)
-            except IntegrityError:
-                raise MissingReference(
+            verified = await self._bench.into_cache(
+                self._cache,
+                sha256,
+                tmp,
+                lambda: MissingReference(
                     f"{key} does not match its recorded SHA-256 {sha256[:12]}…"
                     " (replaced or corrupted)"
-                ) from None
+                ),
+            )
             if keep is None or not verified:
                 return False
             os.replace(tmp, keep)

@@ -20,6 +20,8 @@ from typing import TypeVar
 import trio
 
 from dgfs import proxymeta
+from dgfs.cache import ContentCache
+from dgfs.errors import DgfsError, IntegrityError
 from dgfs.hashing import FileDigest, digest_file
 from dgfs.policy import SNIFF_BYTES
 from dgfs.proxycrypt import ProxyKey, decrypt_in_place
@@ -65,6 +67,18 @@ class Workbench:
     async def cpu(self, fn: Callable[..., _T], *args: object) -> _T:
         """``fn(*args)`` in a worker thread, under the CPU limiter."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+
+    async def into_cache(
+        self, cache: ContentCache, sha256: str, path: Path, wrong: Callable[[], DgfsError]
+    ) -> bool:
+        """Put the plain file ``path`` into ``cache`` as content ``sha256``; raises
+        ``wrong()`` if its bytes are not that. True if the cache read it and
+        found it so; False if the content was cached meanwhile by another and
+        ``path`` was not read (nothing is known of its bytes then)."""
+        try:
+            return (await self.cpu(cache.take_file, sha256, path))[1]
+        except IntegrityError:
+            raise wrong() from None
 
     async def cpu_int(self, fn: Callable[..., int], *args: object) -> int:
         result = await self.cpu(fn, *args)
