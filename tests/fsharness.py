@@ -36,6 +36,7 @@ from dgfs.fs.journal import Journal
 from dgfs.fs.nodes import Node
 from dgfs.policy import Policy
 from dgfs.store.base import ObjectStore
+from dgfs.store.faulty import Fault
 from dgfs.store.memory import MemoryStore
 from testsupport.releases import ReleaseSeries
 
@@ -163,6 +164,16 @@ async def close(fs: FileSystem, fh: int) -> None:
 async def write_file(fs: FileSystem, name: str, data: bytes, parent: int = ROOT) -> None:
     """What ``echo > name`` does: create, write, close."""
     await close(fs, await create(fs, name, data, parent))
+
+
+async def write_until_held(
+    fs: FileSystem, name: str, data: bytes, held: Fault, clock: trio.testing.MockClock
+) -> None:
+    """``write_file``, then the upload delay passes and its upload starts,
+    to be stopped by ``held`` (a ``FaultyStore.hang``) until released."""
+    await write_file(fs, name, data)
+    clock.jump(OPTIONS.upload_delay)
+    await held.reached.wait()
 
 
 async def open_for_rewrite(fs: FileSystem, name: str, data: bytes) -> int:

@@ -65,6 +65,7 @@ from tests.fsharness import (
     rename,
     started,
     write_file,
+    write_until_held,
 )
 from testsupport.releases import ReleaseSeries
 
@@ -273,9 +274,7 @@ async def test_newer_version_supersedes_an_upload_in_flight(
     """
     held = faulty.hang("upload", key="a.txt")  # the first upload only
     async with mounted(faulty, tmp_path) as m:
-        await write_file(m.fs, "a.txt", b"version 1\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
+        await write_until_held(m.fs, "a.txt", b"version 1\n", held, mock_clock)
         fh = await open_for_rewrite(m.fs, "a.txt", b"version 2\n")
         if new_lands_first:
             synced = trio.Event()
@@ -685,9 +684,7 @@ async def test_crash_leaves_committed_files_to_the_next_mount(
     promised and is not brought back."""
     held = faulty.hang("upload", key="b.txt")
     async with mounted(faulty, tmp_path, crash=True) as m:
-        await write_file(m.fs, "b.txt", b"uploading\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
+        await write_until_held(m.fs, "b.txt", b"uploading\n", held, mock_clock)
         # Queued now, these wait for their delay for good (the clock stands still).
         await write_file(m.fs, "a.txt", b"queued\n")
         await write_file(m.fs, "c.txt", b"renamed\n")

@@ -43,6 +43,7 @@ from tests.fsharness import (
     rename,
     started,
     write_file,
+    write_until_held,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -192,9 +193,7 @@ async def test_an_upload_failing_after_its_file_was_rewritten_leaves_no_stale_en
     held = faulty.hang("upload", key="a")
     faulty.fail("upload", key="a")  # the same, first upload: held, then failing
     async with mounted(faulty, tmp_path) as m:
-        await write_file(m.fs, "a", b"version 1\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
+        await write_until_held(m.fs, "a", b"version 1\n", held, mock_clock)
         node = await lookup(m.fs, "a")
         handle = await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
         await m.fs.write(handle.fh, 0, b"version 2\n")
@@ -472,9 +471,7 @@ async def test_attributes_changed_during_an_upload_survive_a_crash(
     """
     held = faulty.hang("upload", key="a")
     async with mounted(faulty, tmp_path, crash=True) as m:
-        await write_file(m.fs, "a", b"data\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
+        await write_until_held(m.fs, "a", b"data\n", held, mock_clock)
         node = await lookup(m.fs, "a")
         await m.fs.setattr(node.ino, mode=0o600, mtime_ns=1_000_000_000_000_000_000)
     faulty.clear()
@@ -582,9 +579,7 @@ async def _superseded_by_a_newer_version(
     1 is not uploaded again (it would land after version 2), but while
     version 2 is not closed it is the file's acknowledged content, kept in
     the journal for a crash."""
-    await write_file(m.fs, "a", b"version 1\n")
-    mock_clock.jump(OPTIONS.upload_delay)
-    await held.reached.wait()
+    await write_until_held(m.fs, "a", b"version 1\n", held, mock_clock)
     fh: int | None = await open_for_rewrite(m.fs, "a", b"version 2\n")
     if newer == "closed":
         await close(m.fs, fh)
@@ -675,9 +670,7 @@ async def test_a_chmod_while_a_superseded_upload_is_in_flight_never_makes_it_new
     an acknowledged close() undone."""
     held = faulty.hang("upload", key="a")
     async with mounted(faulty, tmp_path, crash=True) as m:
-        await write_file(m.fs, "a", b"version 1\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
+        await write_until_held(m.fs, "a", b"version 1\n", held, mock_clock)
         await close(m.fs, await open_for_rewrite(m.fs, "a", b"version 2\n"))
         node = await lookup(m.fs, "a")
         assert node.staged is not None and node.staged.is_committed and node.superseded
@@ -710,9 +703,7 @@ async def test_an_upload_failing_while_the_newer_version_is_staged_keeps_the_old
     held = faulty.hang("upload", key="a")
     faulty.fail("upload", key="a")
     async with mounted(faulty, tmp_path, crash=True) as m, trio.open_nursery() as nursery:
-        await write_file(m.fs, "a", b"version 1\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
+        await write_until_held(m.fs, "a", b"version 1\n", held, mock_clock)
         real = m.fs.uploads.journal.new_staging
         gate = threading.Event()
 
@@ -789,9 +780,7 @@ async def test_a_chmod_while_a_superseded_version_is_in_flight_survives_its_land
     no follow-up, so a crash before version 2's close showed mode 644."""
     held = faulty.hang("upload", key="a")
     async with mounted(faulty, tmp_path, crash=True) as m:
-        await write_file(m.fs, "a", b"version 1\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
+        await write_until_held(m.fs, "a", b"version 1\n", held, mock_clock)
         await open_for_rewrite(m.fs, "a", b"version 2\n")
         await m.fs.setattr((await lookup(m.fs, "a")).ino, mode=0o600)
         held.release()
@@ -815,9 +804,7 @@ async def test_a_commit_during_the_quarantine_of_a_superseded_version_keeps_it_i
     held = faulty.hang("upload", key="a")
     faulty.fail("upload", key="a", transient=False)
     async with mounted(faulty, tmp_path) as m:
-        await write_file(m.fs, "a", b"version 1\n")
-        mock_clock.jump(OPTIONS.upload_delay)
-        await held.reached.wait()
+        await write_until_held(m.fs, "a", b"version 1\n", held, mock_clock)
         fh = await open_for_rewrite(m.fs, "a", b"version 2\n")
         node = await lookup(m.fs, "a")
         real = m.fs.uploads.journal.quarantine
