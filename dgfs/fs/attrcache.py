@@ -8,9 +8,9 @@ across remounts: ``ls -l`` of a large directory after a remount costs one
 LIST, not one HEAD per file. (A metadata change by another mount within
 the second of the object's last write keeps the version: a row read in
 that second is asked again after it, see ``AttrCache``.) Stored in SQLite
-under the cache directory, one file per journal slot (``for_slot``). ``get``/``put`` work
-on an in-memory dict (trio thread only); ``flush`` writes new rows and is
-meant for a worker thread.
+under the cache directory, one file per journal slot (``for_slot``).
+``get``/``put`` work on an in-memory dict (trio thread only); ``flush``
+writes new rows and is meant for a worker thread.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 What it shares with ``S3Store`` (and tests may rely on): ETags are the MD5
 hex of the body (no quotes), ``last_modified`` is the time of the write in
-UTC by the store's ``clock`` (which also dates HEAD answers, as a
-server's ``Date`` does), ``If-None-Match: *`` is honoured, listings are in key order with
+UTC by the store's ``clock`` (which also dates HEAD and LIST answers, as
+a server's ``Date`` does), ``If-None-Match: *`` is honoured, listings are in key order with
 common prefixes rolled up exactly as ``ListObjectsV2`` does (a common
 prefix counts as one entry of a page), copies keep or replace metadata,
 deleting a missing key is fine. What it does not model: multipart ETags,
@@ -64,7 +64,8 @@ class MemoryStore(ObjectStore):
         self.bucket = bucket
         self.page_size = page_size
         self.objects: dict[str, StoredObject] = {}
-        #: The server's clock: Last-Modified of writes, and when HEADs were answered.
+        #: The server's clock: Last-Modified of writes, and when HEADs and
+        #: listings were answered (their ``observed_at``).
         self.clock = clock
 
     def _get(self, key: str) -> StoredObject:
