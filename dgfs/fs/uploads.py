@@ -160,14 +160,16 @@ class UploadPipeline:
                     await staged.truncate(0, self.disk_limiter)
                 return staged
             entry_id, path = await trio.to_thread.run_sync(self.journal.new_staging)
-            new = StagedFile(entry_id, path, os.open(path, os.O_RDWR))
             if keep_content:
                 try:
                     await self._copy_current(node, path)
                 except BaseException:
-                    new.retire()
                     await trio.to_thread.run_sync(self.journal.remove, entry_id)
                     raise
+            # Opened once the copy is done: a copy may put a new file at the
+            # path (a verified download moved into place), and a descriptor
+            # opened before would write to the empty one it replaced.
+            new = StagedFile(entry_id, path, os.open(path, os.O_RDWR))
             # While the journal made the new file, the old one may have been
             # stored and settled (retired, node.staged None): it is not
             # retired again.
