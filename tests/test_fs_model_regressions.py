@@ -824,3 +824,42 @@ async def test_a_commit_during_the_quarantine_of_a_superseded_version_keeps_it_i
         assert node.superseded == []
         assert sorted(p.suffix for p in (m.journal_dir / "failed").iterdir()) == [".data", ".json"]
     assert bucket(memory) == {"a": b"version 2\n"}
+
+
+@pytest.mark.parametrize("newer", ["open", "closed"])
+async def test_fsync_returns_when_its_upload_fails_after_an_o_trunc_superseded_it(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    newer: str,
+) -> None:
+    """A process writes ``a`` and fsyncs it; the upload is in flight when
+    another open(O_TRUNC) writes version 2 (a new staging file), and then
+    fails. The fsync waited on version 1's state, which nothing changed
+    again: it hung for good (the process blocked in fsync(2) held the writer
+    that kept version 2 from uploading). Now the failed superseded upload
+    wakes it, and it finds nothing of its own left to store."""
+    held = faulty.hang("upload", key="a")
+    faulty.fail("upload", key="a")  # the same, first upload: held, then failing
+    async with mounted(faulty, tmp_path) as m, trio.open_nursery() as nursery:
+        fh1 = await create(m.fs, "a", b"version 1\n")
+        synced = await started(lambda: m.fs.fsync(fh1), nursery)
+        await held.reached.wait()
+        fh2 = await open_for_rewrite(m.fs, "a", b"version 2\n")
+        if newer == "closed":
+            await close(m.fs, fh2)
+        held.release()  # version 1's upload fails
+        for _ in range(10):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        mock_clock.jump(3600)  # every delay and retry pause is long over
+        for _ in range(10):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        try:
+            assert synced.is_set(), "fsync is still waiting"
+        finally:
+            nursery.cancel_scope.cancel()
+        if newer == "open":
+            await close(m.fs, fh2)
+        await close(m.fs, fh1)
+    assert bucket(memory) == {"a": b"version 2\n"}

@@ -599,6 +599,7 @@ class UploadPipeline:
         staged.stopped()
         if not needed:
             self._forget_superseded(node, staged)
+        staged.notify()  # an fsync waiting on it asks about the newest version
 
     def _retry(self, node: Node, staged: StagedFile, key: str, verdict: failures.Verdict) -> None:
         """Report the error to fsync() waiters, then queue the upload again
