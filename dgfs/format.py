@@ -126,6 +126,14 @@ def meta_value(metadata: Mapping[str, str], field: str) -> str | None:
     return None
 
 
+def meta_sha256(metadata: Mapping[str, str], field: str = "file_sha256") -> str | None:
+    """A recorded SHA-256 (``file_sha256`` or ``ref_sha256``) in lower case,
+    as ``hexdigest()`` spells it and every comparison expects: writers may
+    record hex in either case. Not checked to be hex (``classify`` does)."""
+    value = meta_value(metadata, field)
+    return None if value is None else value.lower()
+
+
 class Kind(enum.Enum):
     """How an object stores a user-visible file."""
 
@@ -342,7 +350,7 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
     Raises ``FormatError`` for a ``.delta`` object with DeltaGlider metadata
     that lacks what is needed to rebuild it.
     """
-    file_sha256 = meta_value(metadata, "file_sha256")
+    file_sha256 = meta_sha256(metadata, "file_sha256")
     deep = is_deep(metadata)
     encryption = proxy_encryption(metadata)
     if is_reference_key(stored_key):
@@ -365,7 +373,7 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
     size_text = meta_value(metadata, "file_size")
     if stored_key.endswith(DELTA_SUFFIX) and not _is_passthrough(metadata):
         ref_key = _reference_of(stored_key, metadata)
-        ref_sha256 = meta_value(metadata, "ref_sha256")
+        ref_sha256 = meta_sha256(metadata, "ref_sha256")
         if not (size_text and ref_key and ref_sha256):
             raise FormatError(f"{stored_key}: delta metadata lacks file size or reference")
         _check_sha256(stored_key, "dg-ref-sha256", ref_sha256)

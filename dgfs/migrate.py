@@ -358,7 +358,7 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
             expected = stored.file_sha256
         else:
             head = await source_core.download(file.key, scratch)
-            expected = fmt.meta_value(head.metadata, "file_sha256")
+            expected = fmt.meta_sha256(head.metadata)
         digest = await dest_core.digest(scratch)
         if expected is not None and digest.sha256 != expected:
             raise IntegrityError(

@@ -193,7 +193,7 @@ class Verifier:
         is_deep = fmt.reference_mode(ref_key) is DeltaMode.DEEP
         try:
             head = await self.core.store.head(ref_key)
-            recorded = fmt.meta_value(head.metadata, "file_sha256")
+            recorded = fmt.meta_sha256(head.metadata)
             if is_deep:
                 actual, size = await self._hash_deep_reference(ref_key)
             else:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 def _existing_reference(ref_key: str, head: ObjectHead) -> tuple[str | None, bool]:
     """``(ref_sha256, False)`` for a reference already there; ``(None, False)``
     when it records no SHA-256 (then files beside it are stored direct)."""
-    ref_sha256 = fmt.meta_value(head.metadata, "file_sha256")
+    ref_sha256 = fmt.meta_sha256(head.metadata)
     if ref_sha256 is None:
         log.warning("%s has no dg-file-sha256; storing files beside it direct", ref_key)
     return ref_sha256, False
@@ -169,7 +169,7 @@ class FileWriter:
             stored_key, delta.body, metadata, content_type=delta.put.content_type
         )
         try:
-            ref_now = fmt.meta_value((await self._store.head(ref_key)).metadata, "file_sha256")
+            ref_now = fmt.meta_sha256((await self._store.head(ref_key)).metadata)
         except NotFound:
             ref_now = None
         if ref_now != ref_sha256:
@@ -352,7 +352,7 @@ class FileWriter:
                 if not self.conditional_create:
                     # No conditional PUT: the last writer wins; re-read to see whose it is.
                     head = await self._store.head(ref_key)
-                    winner = fmt.meta_value(head.metadata, "file_sha256")
+                    winner = fmt.meta_sha256(head.metadata)
                     if winner != digest.sha256:
                         log.warning("reference race on %s: using the other writer's", ref_key)
                         return winner, False

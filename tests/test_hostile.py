@@ -10,6 +10,7 @@ The same inputs through a real mount: tests/test_mount_hostile.py.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -24,6 +25,7 @@ from dgfs.errors import FormatError, FsError
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.nodes import Node
+from dgfs.fs.options import FsOptions
 from dgfs.store.memory import MemoryStore
 from tests.coreharness import flip_byte, make_core, write
 from tests.fsharness import ROOT, lookup, mounted, read_file, without_indexes, write_file
@@ -146,6 +148,50 @@ def test_a_sha256_that_is_not_hex_makes_the_object_foreign(field: str, value: st
         fmt.classify("h/x.zip.delta", 7, meta)
     # Upper-case hex is hex.
     assert fmt.classify("h/x.zip.delta", 7, delta_meta("10", "AB" * 32)).kind is fmt.Kind.DELTA
+
+
+def _upper_case_hashes(store: MemoryStore, key: str) -> None:
+    """Rewrite ``key``'s recorded SHA-256s in upper case, as another writer may."""
+    obj = store.objects[key]
+    meta = {k: v.upper() if k.endswith("sha256") else v for k, v in obj.metadata.items()}
+    assert meta != obj.metadata
+    store.objects[key] = dataclasses.replace(obj, metadata=meta)
+
+
+async def test_sha256s_recorded_in_upper_case_read_back(tmp_path: Path) -> None:
+    """Upper-case hex passes ``classify`` (above), so every check must take it:
+    the comparisons of a rebuild, of a reference and of a file read by
+    ranges used the spelling as recorded, and refused good files."""
+    store = MemoryStore()
+    core, cache = make_core(store, tmp_path / "writer")
+    zips = [write(tmp_path / n, d) for n, d in ReleaseSeries(size=256 << 10).zips(2)]
+    big = write(tmp_path / "big.bin", os.urandom(3 << 20))
+    await core.put(zips[0], "b/first.zip")
+    await core.put(zips[1], "b/second.zip")
+    await core.put(big, "big.bin")
+    await core.aclose()
+    cache.close()
+    for key in ("b/reference.bin", "b/second.zip.delta", "big.bin"):
+        _upper_case_hashes(store, key)
+    reader, cache = make_core(store, tmp_path / "reader")
+    try:
+        await reader.get("b/second.zip", tmp_path / "got.zip")
+        assert (tmp_path / "got.zip").read_bytes() == zips[1].read_bytes()
+    finally:
+        await reader.aclose()
+        cache.close()
+    ranged = FsOptions(verify_whole_below=1 << 20)  # big.bin is read by ranges
+    (tmp_path / "mount").mkdir()
+    async with mounted(store, tmp_path / "mount", ranged) as m:
+        b = await lookup(m.fs, "b")
+        assert await read_file(m.fs, "second.zip", b.ino) == zips[1].read_bytes()
+        node = await lookup(m.fs, "big.bin")
+        handle = await m.fs.open(node.ino, os.O_RDONLY)
+        try:  # front to back, as cat reads: the last read checks the SHA-256
+            got = [await m.fs.read(handle.fh, at, 1 << 20) for at in range(0, 3 << 20, 1 << 20)]
+        finally:
+            await m.fs.release(handle.fh)
+        assert b"".join(got) == big.read_bytes()
 
 
 async def test_garbled_sizes_and_hashes_never_break_a_listing_or_the_previous_file(
