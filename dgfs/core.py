@@ -52,7 +52,7 @@ from dgfs.policy import Policy
 from dgfs.proxycrypt import ProxyKey
 from dgfs.rebuild import Rebuilder, RebuildStream
 from dgfs.references import ReferencePool
-from dgfs.renames import Renamer
+from dgfs.renames import Copied, Renamer
 from dgfs.store.base import ObjectHead, ObjectStore, head_many
 from dgfs.telemetry import Telemetry
 from dgfs.workbench import Workbench
@@ -184,9 +184,11 @@ class Core:
         """Remove the file ``key`` in every form; the reference stays (as DeltaGlider does)."""
         await self.renamer.delete(key)
 
-    async def rename(self, src_key: str, dst_key: str) -> StoredFile:
+    async def rename(
+        self, src_key: str, dst_key: str, *, copied: Copied | None = None
+    ) -> StoredFile:
         """Move one file (``Renamer.rename``); returns it as now stored."""
-        return await self.renamer.rename(src_key, dst_key)
+        return await self.renamer.rename(src_key, dst_key, copied=copied)
 
     async def update_metadata(self, key: str, changes: Mapping[str, str]) -> StoredFile:
         """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place."""
@@ -251,9 +253,9 @@ class Core:
     async def read_symlink(self, key: str) -> bytes:
         return await self.store.get_range(key, 0, SYMLINK_MAX)
 
-    async def move_plain(self, src_key: str, dst_key: str) -> None:
+    async def move_plain(self, src_key: str, dst_key: str, *, copied: Copied | None = None) -> None:
         """Rename a symlink or special file (``Renamer.move_plain``)."""
-        await self.renamer.move_plain(src_key, dst_key)
+        await self.renamer.move_plain(src_key, dst_key, copied=copied)
 
     async def delete_plain(self, key: str) -> None:
         await self.store.delete(key)

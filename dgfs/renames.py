@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 #: (or other form) of the file before giving up.
 UPDATE_ATTEMPTS = 3
 
+#: Called by a rename once the new name holds the file and before the old
+#: name goes: what else the new name stood for (a replaced file's journal
+#: entry) must stop coming back there after a crash before the file is only
+#: under the new name.
+Copied = Callable[[], Awaitable[None]]
+
 
 class Renamer:
     """Delete, rename and re-label stored files; rename directories."""
@@ -59,7 +65,9 @@ class Renamer:
             log.warning("%s: another writer stored %s meanwhile; it stays", key, ", ".join(kept))
         log.info("deleted %s (%s)", key, ", ".join(sorted(set(forms) - set(kept))))
 
-    async def rename(self, src_key: str, dst_key: str) -> StoredFile:
+    async def rename(
+        self, src_key: str, dst_key: str, *, copied: Copied | None = None
+    ) -> StoredFile:
         """Move one file. A delta keeps its reference when it stays in its
         deltaspace; moved to another directory it is rebuilt and stored there.
 
@@ -69,7 +77,7 @@ class Renamer:
         bytes with another's metadata (every read would fail its SHA-256);
         and the old name is removed only while it is still that version, so
         a version stored after the copy stays there, as if stored after the
-        rename."""
+        rename. ``copied`` runs between the two (see ``Copied``)."""
         if fmt.is_hidden_name(fmt.split_key(dst_key)[1]) or fmt.is_internal_key(dst_key):
             raise FormatError(f"{dst_key}: name is reserved by the DeltaGlider format")
         if src_key == dst_key:
@@ -79,6 +87,8 @@ class Renamer:
             await self._move_version(stored, head, src_key, dst_key)
 
         stored, head = await self._at_the_version_read(src_key, move)
+        if copied is not None:
+            await copied()
         try:
             await self._store.delete(stored.stored_key, version=head)
         except PreconditionFailed:
@@ -270,10 +280,13 @@ class Renamer:
                 kept[:5],
             )
 
-    async def move_plain(self, src_key: str, dst_key: str) -> None:
+    async def move_plain(self, src_key: str, dst_key: str, *, copied: Copied | None = None) -> None:
         """Rename a symlink or special file (one plain object), over whatever
         file ``dst_key`` names: a delta it replaces goes too, or listings
-        would show that (the delta wins a tie of Last-Modified seconds)."""
+        would show that (the delta wins a tie of Last-Modified seconds).
+        ``copied`` as in ``rename``."""
         await self._store.copy(src_key, dst_key)
         await self._forms.delete_delta_form(dst_key)
+        if copied is not None:
+            await copied()
         await self._store.delete(src_key)

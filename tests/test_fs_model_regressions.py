@@ -8,6 +8,7 @@ clear of that bug meanwhile).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -863,3 +864,71 @@ async def test_fsync_returns_when_its_upload_fails_after_an_o_trunc_superseded_i
             await close(m.fs, fh2)
         await close(m.fs, fh1)
     assert bucket(memory) == {"a": b"version 2\n"}
+
+
+async def _readable(m: Mount, *names: str) -> dict[str, bytes]:
+    """The content of each of ``names`` that the mount shows."""
+    found = {}
+    for name in names:
+        with contextlib.suppress(FsError):  # ENOENT: not there
+            found[name] = await read_file(m.fs, name)
+    return found
+
+
+#: ``mv x a`` over a file ``a`` not uploaded yet, after a crash or a failure
+#: midway: done, not done, or (a server-side copy) both names hold x.
+NEW_OR_OLD_OR_BOTH = (
+    {"a": b"X content\n"},
+    {"x": b"X content\n", "a": b"old a\n"},
+    {"x": b"X content\n", "a": b"X content\n"},
+)
+
+
+async def test_crash_after_renaming_a_stored_file_over_a_pending_one_keeps_the_moved_file(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``x`` is in S3; ``a`` is closed (journal), its upload still in its delay.
+    ``mv x a``: the rename copied x to a and deleted x, and only then
+    dropped a's journal entry. A crash in between (here: right after S3
+    deleted x) recovered a's entry and uploaded it over the copy: x's
+    content was under neither name. a's entry now goes between the copy
+    and the delete."""
+    async with mounted(faulty, tmp_path, crash=True) as m, trio.open_nursery() as nursery:
+        fh = await create(m.fs, "x", b"X content\n")
+        await m.fs.fsync(fh)  # x in S3
+        await close(m.fs, fh)
+        await write_file(m.fs, "a", b"old a\n")  # committed, upload in its delay
+        held = faulty.hang("delete", key="x", after=True)  # x deleted; then the process dies
+        await started(lambda: rename(m.fs, "x", "a"), nursery)
+        await held.reached.wait()
+        assert bucket(memory) == {"a": b"X content\n"}
+        nursery.cancel_scope.cancel()  # the process dies here
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        names = await _readable(m, "x", "a")
+    assert names in NEW_OR_OLD_OR_BOTH, names
+
+
+async def test_a_rename_failing_after_its_delete_keeps_the_moved_file(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """No crash needed. ``x`` is in S3, ``a`` closed and not uploaded yet.
+    ``mv x a``: the rename copies x to a, deletes x, then HEADs a to return
+    what it stored; that HEAD fails (a transient error after the store's
+    retries). rename() used to return EIO with a's journal entry and queued
+    upload still there: once the rename's hold ended the upload stored a's
+    old bytes over the copy, in a running mount."""
+    async with mounted(faulty, tmp_path) as m:
+        fh = await create(m.fs, "x", b"X content\n")
+        await m.fs.fsync(fh)  # x in S3
+        await close(m.fs, fh)
+        await write_file(m.fs, "a", b"old a\n")  # committed, upload in its delay
+        faulty.fail("head", key="a")  # the HEAD after the delete of x
+        with pytest.raises(DgfsError):
+            await rename(m.fs, "x", "a")
+        mock_clock.jump(OPTIONS.upload_delay)
+        await m.fs.wait_idle()
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        names = await _readable(m, "x", "a")
+    assert names in NEW_OR_OLD_OR_BOTH, names

@@ -29,6 +29,7 @@ from dgfs.fs.entries import NodeKind
 from dgfs.fs.namespace import Namespace
 from dgfs.fs.nodes import Node, NodeTable
 from dgfs.fs.uploads import UploadPipeline
+from dgfs.renames import Copied
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,9 @@ class StoredChanges:
         name or its new one, with its newest acknowledged content, never an
         older version under either (tests/test_crash_points.py): what S3
         holds changes first, and the journal entries that supersede it are
-        dropped last.
+        dropped last. A replaced file's entry goes once S3 holds this file
+        under the new name and before the old name goes there: a crash
+        before would store the replaced file over the only copy.
         """
         await self.uploads.removals_durable()
         old_key, new_key = self.key_of(node.path), self.key_of(new_path)
@@ -133,6 +136,38 @@ class StoredChanges:
         # The replaced file: a local copy for its open handles is made while
         # its object is still there (not uploading: rename waited).
         kept = replaced and target is not None and await self.uploads.keep_for_open_handles(target)
+        target_gone = False
+
+        async def replaced_target_goes() -> None:
+            nonlocal target_gone
+            if replaced and target is not None and not target_gone:
+                target_gone = True
+                await self.uploads.lost_name(target, kept=kept)
+                await self.uploads.removals_durable()
+
+        try:
+            await self._move_file(node, old_key, new_key, target, replaced, replaced_target_goes)
+        except BaseException:
+            if target_gone and target is not None:
+                # S3 holds this file under the new name: the replaced node
+                # is no more, and what the names hold now is listed again.
+                self.ns.drop(target.path)
+                self.nodes.unlink(target)
+                self.ns.forget(target.parent_path)
+                self.ns.forget(node.parent_path)
+            raise
+
+    async def _move_file(
+        self,
+        node: Node,
+        old_key: str,
+        new_key: str,
+        target: Node | None,
+        replaced: bool,
+        replaced_target_goes: Copied,
+    ) -> None:
+        """``move_file``'s steps by where the file's newest version is."""
+        staged = node.staged
         if staged is not None and staged.needs_upload and not staged.is_failed:
             # Its newest acknowledged version is local, and will be uploaded
             # under the new name; an older one in S3 under the old name goes
@@ -156,12 +191,12 @@ class StoredChanges:
                     await self.core.delete(old_key)
             await self.uploads.follow_rename(node, new_key)
         elif node.kind.is_single_object:
-            await self.core.move_plain(old_key, new_key)
+            await self.core.move_plain(old_key, new_key, copied=replaced_target_goes)
             await self.ns.metadata_changed(new_key)
         else:
             # What S3 holds is the acknowledged content (any local writes are
             # not closed yet): it moves, and the upload replaces it later.
-            stored = await self.core.rename(old_key, new_key)
+            stored = await self.core.rename(old_key, new_key, copied=replaced_target_goes)
             node.stored_as(stored)
             # The copy can have the ETag and second of what the name held
             # before (same bytes): the attribute cache's row for that version
@@ -170,8 +205,7 @@ class StoredChanges:
             # An open file's uploaded staging file stays in the journal until
             # its last close: a crash must not recover it under the old name.
             await self.uploads.follow_rename(node, new_key)
-        if replaced and target is not None:
-            await self.uploads.lost_name(target, kept=kept)
+        await replaced_target_goes()
 
     async def move_dir(self, node: Node, new_path: str) -> None:
         old_prefix = self.key_of(node.path)
