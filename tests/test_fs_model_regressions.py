@@ -932,3 +932,75 @@ async def test_a_rename_failing_after_its_delete_keeps_the_moved_file(
     async with mounted(memory, tmp_path) as m:
         names = await _readable(m, "x", "a")
     assert names in NEW_OR_OLD_OR_BOTH, names
+
+
+@pytest.mark.parametrize("change", ["new file", "rewrite"])
+async def test_a_file_closed_during_its_directorys_rename_does_not_bring_the_old_name_back(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    change: str,
+) -> None:
+    """``mv d e`` copies d's objects one by one. While it does, a file of
+    ``d`` is closed: a new ``d/c``, or ``d/a`` rewritten with open(O_TRUNC).
+    Its close commits it to the journal under ``d/...``; its upload waits
+    for the rename. The rename rewrote the entries of the files it found
+    before the copy began, so this one kept its ``d/`` key: a crash after
+    ``mv d e`` returned brought ``d`` back, and ``e`` lacked the file (new
+    file) or showed its older version (rewrite). Entries now follow the
+    name once the rename has moved the nodes (``UploadPipeline.names_moved``)."""
+    async with mounted(faulty, tmp_path, crash=True) as m, trio.open_nursery() as nursery:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        fh = await create(m.fs, "a", b"A1\n", parent=d.ino)
+        await m.fs.fsync(fh)  # d/a in S3
+        await close(m.fs, fh)
+        held = faulty.hang("copy", key="d/a")
+        renamed = await started(lambda: rename(m.fs, "d", "e"), nursery)
+        await held.reached.wait()
+        if change == "new file":
+            await write_file(m.fs, "c", b"C\n", parent=d.ino)  # close() returned 0
+            expected = {"e/a": b"A1\n", "e/c": b"C\n"}
+        else:
+            a = await lookup(m.fs, "a", d.ino)
+            fh = (await m.fs.open(a.ino, os.O_WRONLY | os.O_TRUNC)).fh
+            await m.fs.write(fh, 0, b"A2\n")
+            await close(m.fs, fh)  # close() returned 0
+            expected = {"e/a": b"A2\n"}
+        held.release()
+        await renamed.wait()  # mv d e returned
+        await assert_absent(m.fs, "d")
+        nursery.cancel_scope.cancel()  # the process dies before the upload
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        await m.fs.wait_idle()  # the recovered entries stored
+    assert {k: v for k, v in bucket(memory).items() if not k.endswith("/")} == expected
+
+
+async def test_a_file_renamed_while_its_close_is_committed_is_recovered_under_the_new_name(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``close(x)`` is writing x's journal entry (in a thread) when ``mv x y``
+    runs and returns: the rename found no committed entry to rewrite, and
+    the commit then wrote one under ``x``. It follows the name when the
+    commit ends (``UploadPipeline.commit``); a crash after both returned
+    recovers the file as ``y``."""
+    GatedCommitJournal.gate = threading.Event()
+    GatedCommitJournal.gate.set()
+    try:
+        async with (
+            mounted(memory, tmp_path, crash=True, journal_type=GatedCommitJournal) as m,
+            trio.open_nursery() as nursery,
+        ):
+            fh = await create(m.fs, "x", b"X1\n")
+            GatedCommitJournal.gate.clear()
+            closed = await started(lambda: close(m.fs, fh), nursery)  # in its commit
+            await rename(m.fs, "x", "y")
+            GatedCommitJournal.gate.set()
+            await closed.wait()
+            nursery.cancel_scope.cancel()  # the process dies before the upload
+    finally:
+        GatedCommitJournal.gate.set()
+    async with mounted(memory, tmp_path) as m:
+        await m.fs.wait_idle()
+    assert bucket(memory) == {"y": b"X1\n"}

@@ -62,16 +62,21 @@ class StagedFile:
     None until it first happens. Only the transitions below change state.
     """
 
-    def __init__(self, entry_id: str, path: Path, fd: int, *, committed: bool = False) -> None:
+    def __init__(
+        self, entry_id: str, path: Path, fd: int, *, committed_as: str | None = None
+    ) -> None:
         self.entry_id = entry_id
         self.path = path  # the journal's data file (gone once retired or quarantined)
+        # The key its journal manifest names (None until first committed): a
+        # rename that overtook a commit finds an entry left under the old name.
+        self.journal_key = committed_as
         self._fd: int | None = fd  # None once closed
         self._users = 0  # worker threads using _fd right now (it stays open for them)
         self._writers = 0  # of those, the ones changing the content
         self._writes_done = trio.Event()  # set while no worker thread changes the content
         self._writes_done.set()
         self._generation = 1
-        self._committed: int | None = 1 if committed else None
+        self._committed: int | None = 1 if committed_as is not None else None
         self._uploaded: int | None = None
         self._phase = Phase.IDLE
         self._due = 0.0  # trio time after which a queued upload may start
@@ -235,9 +240,14 @@ class StagedFile:
         """The content changed (write, truncate): a new version."""
         self._generation += 1
 
-    def mark_committed(self, generation: int) -> None:
+    def mark_committed(self, generation: int, key: str) -> None:
         self._committed = max(self._committed or 0, generation)
         self._error = None
+        self.journal_key = key
+
+    def journaled_as(self, key: str) -> None:
+        """Its journal manifest was rewritten to name ``key``."""
+        self.journal_key = key
 
     def mark_queued(self, due: float) -> None:
         assert self._phase is Phase.IDLE

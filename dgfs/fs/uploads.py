@@ -46,7 +46,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,8 +220,13 @@ class UploadPipeline:
             )
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO, f"journal commit failed: {exc}") from exc
-        staged.mark_committed(generation)
+        staged.mark_committed(generation, key)
         self._drop_superseded(node)
+        current = self.ns.key_of(node.path)
+        if current != key and not node.unlinked:
+            # Renamed while the entry was written: it follows the name
+            # (the rename rewrote the entries it found, not this one).
+            await self._write_manifests(node, current)
         self.ns.note_node(node)
         self._request(node)
 
@@ -310,6 +315,19 @@ class UploadPipeline:
             await self.wait_not_uploading(node)
         return busy
 
+    async def names_moved(self, moved: Iterable[Node]) -> None:
+        """A rename gave ``moved`` their new paths: an entry one of them
+        committed during the rename, after the rename rewrote what it found,
+        still names the old key and follows now (else a crash would bring
+        the old name back after the rename returned)."""
+        for node in moved:
+            if node.unlinked:
+                continue
+            key = self.ns.key_of(node.path)
+            versions = [v for v in (node.staged, *node.superseded) if v is not None]
+            if any(v.is_committed and not v.is_retired and v.journal_key != key for v in versions):
+                await self._write_manifests(node, key, in_flight=False)
+
     async def follow_rename(self, node: Node, new_key: str) -> None:
         """The journal entries follow the name: a crash recovers the file under it."""
         if node.unlinked:
@@ -333,6 +351,7 @@ class UploadPipeline:
                 continue
             entry = JournalEntry(version.entry_id, key, meta)
             await trio.to_thread.run_sync(self.journal.write_manifest, entry)
+            version.journaled_as(key)
             if version.is_retired:
                 # Stored and forgotten while the manifest was written: that
                 # write brought back an entry whose data is gone.
@@ -692,7 +711,7 @@ class UploadPipeline:
         staging = self.journal.data_path(entry.entry_id)
         fd = os.open(staging, os.O_RDWR)
         node = self.nodes.recovered(path, os.fstat(fd).st_size, entry.metadata)
-        node.staged = StagedFile(entry.entry_id, staging, fd, committed=True)
+        node.staged = StagedFile(entry.entry_id, staging, fd, committed_as=entry.key)
         self._request(node)
 
     def backlog(self) -> tuple[int, int]:
