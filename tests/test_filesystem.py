@@ -834,10 +834,10 @@ async def test_reads_of_one_handle_side_by_side_open_one_reader(
         opened = 0
         real_reader = m.fs.content.reader
 
-        async def counting_reader(stored: StoredFile) -> Reader:
+        async def counting_reader(stored: StoredFile, *, report: bool = True) -> Reader:
             nonlocal opened
             opened += 1
-            return await real_reader(stored)
+            return await real_reader(stored, report=report)
 
         monkeypatch.setattr(m.fs.content, "reader", counting_reader)
         name, data = releases[1]

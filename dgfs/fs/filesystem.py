@@ -30,7 +30,7 @@ from typing import NoReturn
 import trio
 
 from dgfs.core import Core
-from dgfs.errors import FsError, NotFound
+from dgfs.errors import FormatError, FsError, IntegrityError, NotFound
 from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.changes import StoredChanges
@@ -304,19 +304,31 @@ class FileSystem:
         return await handle.reader.read(offset, size)
 
     async def _open_reader(self, node: Node) -> Reader:
+        listing = None
         if node.stored is not None:
             # Before this file's own rebuild or download, so that the next
             # files' rebuilds start beside it, not after it (a cold directory's
             # first file waits for the reference; a second call for the same
             # file prefetches nothing).
             self.prefetch.opened(node)
+            known = node.stored
             try:
-                return await self.content.reader(node.stored)
+                return await self.content.reader(known, report=False)
             except NotFound:
                 # Replaced (in its other form) or removed by another mount
                 # since this one stored or listed it: S3's current version.
-                log.info("%s changed in S3 under this mount; reading it anew", node.path)
-        listing = await self.ns.listing(node.parent_path, fresh=True)
+                pass
+            except (IntegrityError, FormatError) as exc:
+                # Broken, or replaced in the same form by another mount (its
+                # bytes are not what this mount knew of it): a fresh listing
+                # tells which.
+                listing = await self.ns.listing(node.parent_path, fresh=True)
+                found = listing.get(node.name)
+                if found is not None and found.stored == known:
+                    raise self.content.reported(known, exc) from None
+            log.info("%s changed in S3 under this mount; reading it anew", node.path)
+        if listing is None:
+            listing = await self.ns.listing(node.parent_path, fresh=True)
         entry = listing.get(node.name)
         if entry is None or entry.stored is None:
             raise FsError(errno.ENOENT)

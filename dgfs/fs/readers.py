@@ -327,10 +327,11 @@ class StoredContent:
             or (stored.kind is Kind.DIRECT and stored.stored_size != stored.original_size)
         )
 
-    async def reader(self, stored: StoredFile) -> Reader:
+    async def reader(self, stored: StoredFile, *, report: bool = True) -> Reader:
         """A reader of ``stored`` for one open handle.
 
-        A broken object (see ``broken``) raises ``FsError(EIO)``.
+        A broken object (see ``broken``) raises ``FsError(EIO)``; without
+        ``report``, the error that found it broken.
         """
         if not self._through_cache(stored):
             ranges = RangeReader(
@@ -343,9 +344,9 @@ class StoredContent:
                 assert stored.file_sha256 is not None
                 self.core.cache.lookup(stored.file_sha256)  # this reader's use: a miss
                 return _Reported(streamed, self, stored)
-        return await self._cached_reader(stored)
+        return await self._cached_reader(stored, report=report)
 
-    async def _cached_reader(self, stored: StoredFile) -> Reader:
+    async def _cached_reader(self, stored: StoredFile, *, report: bool = True) -> Reader:
         """Through the cache; from a verified plain copy beside it when one
         is kept (rebuilt or fetched lately: no decryption)."""
         plain = self._plain_reader(stored)
@@ -353,7 +354,7 @@ class StoredContent:
             assert stored.file_sha256 is not None
             self.core.cache.lookup(stored.file_sha256)  # this reader's use, as open() counts it
             return plain
-        with self.broken(stored):
+        with self.broken(stored, report=report):
             entry = await self.core.open_cached(stored)
             if entry.size != stored.original_size:
                 entry.close()
@@ -430,18 +431,26 @@ class StoredContent:
                 tmp.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def broken(self, stored: StoredFile) -> Iterator[None]:
+    def broken(self, stored: StoredFile, *, report: bool = True) -> Iterator[None]:
         """Turn what makes an object unreadable for good into ``EIO``, logged
         once per object and mount: a corrupt or truncated delta, a missing or
         changed reference, bytes that fail their SHA-256 or size, unusable
         metadata. The kernel retries a failed read, a user runs ``cat``
-        again: the log says it once, naming the object."""
+        again: the log says it once, naming the object. Without ``report``
+        the error passes as it is (the caller first asks whether the object
+        was replaced, and calls ``reported`` if not)."""
         try:
             yield
         except (IntegrityError, FormatError) as exc:
-            if (stored.stored_key, stored.file_sha256) not in self._reported:
-                if len(self._reported) >= 4096:
-                    self._reported.clear()  # a crude bound: some lines may repeat
-                self._reported.add((stored.stored_key, stored.file_sha256))
-                log.error("cannot read %s: %s", stored.stored_key, exc)
-            raise FsError(errno.EIO, str(exc)) from None
+            if not report:
+                raise
+            raise self.reported(stored, exc) from None
+
+    def reported(self, stored: StoredFile, exc: IntegrityError | FormatError) -> FsError:
+        """``exc`` logged (once per object and mount) and turned into ``EIO``."""
+        if (stored.stored_key, stored.file_sha256) not in self._reported:
+            if len(self._reported) >= 4096:
+                self._reported.clear()  # a crude bound: some lines may repeat
+            self._reported.add((stored.stored_key, stored.file_sha256))
+            log.error("cannot read %s: %s", stored.stored_key, exc)
+        return FsError(errno.EIO, str(exc))
