@@ -35,16 +35,19 @@ each piece of mutable state has the one owner named here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
 
-from dgfs import deep
+from dgfs import deep, gc
 from dgfs import format as fmt
 from dgfs.cache import CacheEntryReader, ContentCache
 from dgfs.delta import DeltaEngine
+from dgfs.errors import DgfsError
 from dgfs.format import DeltaMode, StoredFile
 from dgfs.forms import Forms
 from dgfs.hashing import FileDigest
@@ -242,6 +245,27 @@ class Core:
             elif obj.key not in refs or obj.key in ref_heads:  # not gone since the LIST
                 kept.append(obj.key)
         return removable, kept
+
+    async def remove_leftovers(self, removable: list[str]) -> bool:
+        """Delete what ``dir_leftovers`` found removable; False when a delta
+        another mount stored meanwhile needs the directory's reference (put
+        back then: the directory is not empty after all, and its marker
+        stays). Each reference is backed up first, as ``dgfs gc`` does."""
+        now = datetime.now(UTC)
+        emptied = True
+        for key in [k for k in removable if fmt.is_reference_key(k)]:
+            backup = await gc.remove_with_backup(self.store, key, now + gc.DEFAULT_BACKUP_TTL, now)
+            if backup is None:  # replaced meanwhile: a writer made it anew
+                emptied = False
+                continue
+            outcome = await gc.put_back_if_needed(self.store, key, backup)
+            if outcome is not gc.PutBack.STRANDED:
+                with contextlib.suppress(DgfsError):
+                    await self.store.delete(backup)
+            emptied = emptied and outcome is gc.PutBack.NOT_NEEDED
+        if emptied:
+            await self.store.delete_many([k for k in removable if not fmt.is_reference_key(k)])
+        return emptied
 
     # Symlinks and special files (FIFOs, devices, sockets) are single plain
     # objects as s3fs stores them: the type in the ``mode`` metadata, the body

@@ -23,8 +23,11 @@ that is about to use a reference it saw a moment ago: each reference is
 first copied to ``.deltaglider/tmp/gc/`` (kept ``backup_ttl``), its
 directory is listed again right before the delete, and after ``settle``
 seconds once more; if a delta has appeared meanwhile the reference is put
-back. A later ``find_garbage`` also proposes putting a backup back when
-its directory has deltas again but no reference. Temp objects and
+back (``put_back_if_needed``, which rmdir and directory renames use too),
+never over a reference another writer made since. A later
+``find_garbage`` also proposes putting a backup back when its directory
+has deltas again but no reference, and never expires one whose deltas
+are stranded (another reference took its key). Temp objects and
 directory indexes are only looked for when the whole bucket is collected
 (they live at its root).
 Each "is a delta left that needs it" question below follows the same rule.
@@ -35,10 +38,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import tempfile
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import trio
 
@@ -53,6 +58,8 @@ log = logging.getLogger(__name__)
 GC_BACKUP_PREFIX = fmt.TMP_PREFIX + "gc/"
 META_EXPIRES_AT = "dg-expires-at"
 META_GC_ORIGINAL_KEY = "dg-gc-original-key"
+#: What a backup's metadata holds beyond the reference's own.
+_GC_METADATA = (META_EXPIRES_AT, META_GC_ORIGINAL_KEY)
 DEFAULT_TMP_MAX_AGE = timedelta(hours=24)
 DEFAULT_MULTIPART_MAX_AGE = timedelta(hours=24)
 DEFAULT_BACKUP_TTL = timedelta(hours=24)
@@ -256,6 +263,14 @@ async def _tmp_garbage(
                 )
             )
             return
+        if original and await _stranded(store, all_keys, original, fmt.meta_sha256(head.metadata)):
+            log.error(
+                "deltas in %s need the reference gc removed, and another reference took its"
+                " key: they cannot be read; its bytes stay at %s",
+                fmt.split_key(original)[0],
+                obj.key,
+            )
+            return  # kept, whatever its expiry: the only copy of what they need
         expires = _parse_time(head.metadata.get(META_EXPIRES_AT, ""))
         if expires is not None:
             if expires <= now:
@@ -297,9 +312,86 @@ def orphaned_indexes(objects: list[ObjectInfo]) -> list[Garbage]:
     return found
 
 
-async def _space_keys(store: ObjectStore, space: str) -> list[str]:
+async def space_keys(store: ObjectStore, space: str) -> list[str]:
+    """The keys of the objects directly in the directory ``space`` (a LIST)."""
     listing = await store.list(space + "/" if space else "", delimiter="/")
     return [o.key for o in listing.objects]
+
+
+class PutBack(enum.Enum):
+    """What ``put_back_if_needed`` found."""
+
+    NOT_NEEDED = "not needed"
+    PUT_BACK = "put back"
+    #: Deltas need the removed reference, but another writer made a new one
+    #: at its key since: they cannot be read until rebuilt from the copy,
+    #: which must be kept (never put over the new one: its deltas need it).
+    STRANDED = "stranded"
+
+
+async def put_back_if_needed(store: ObjectStore, ref_key: str, copy_key: str) -> PutBack:
+    """After the reference ``ref_key`` was deleted (by ``dgfs gc``, rmdir or
+    a directory rename): put it back from ``copy_key`` (its bytes, under
+    another key) if a delta in its directory needs it now.
+
+    A writer looks at its reference again after storing a delta and takes
+    the delta back if the reference is gone (``FileWriter``): a delta this
+    listing does not show is taken back, one it shows was stored while the
+    reference stood and needs it. It is created only where no object
+    stands (``If-None-Match``), never over a reference made since.
+    """
+    space = fmt.split_key(ref_key)[0]
+    keys = await space_keys(store, space)
+    if not await needed(store, ref_key, keys):
+        return PutBack.NOT_NEEDED
+    head = await store.head(copy_key)
+    meta = {k: v for k, v in head.metadata.items() if k not in _GC_METADATA}
+    if ref_key not in keys and await _create_from(store, copy_key, ref_key, meta):
+        log.info("%s put back from %s: deltas in its directory need it", ref_key, copy_key)
+        return PutBack.PUT_BACK
+    if await _stranded(store, keys, ref_key, fmt.meta_sha256(head.metadata)):
+        log.error(
+            "deltas in %s were stored against a reference removed meanwhile, and another"
+            " reference took its key: they cannot be read; its bytes are kept at %s",
+            space,
+            copy_key,
+        )
+        return PutBack.STRANDED
+    return PutBack.NOT_NEEDED
+
+
+async def _create_from(
+    store: ObjectStore, source_key: str, key: str, metadata: Mapping[str, str]
+) -> bool:
+    """Create ``key`` with ``source_key``'s bytes and ``metadata`` where no
+    object stands; False if one does (S3 has no conditional copy)."""
+    with tempfile.TemporaryDirectory(prefix="dgfs-put-back-") as tmp:
+        body = Path(tmp) / "reference"
+        await store.download(source_key, body)
+        try:
+            await store.upload(key, body, metadata, if_none_match=True)
+        except PreconditionFailed:
+            return False
+    return True
+
+
+async def _stranded(
+    store: ObjectStore, keys: Iterable[str], ref_key: str, ref_sha256: str | None
+) -> bool:
+    """Whether a delta among ``keys`` (a LIST) in ``ref_key``'s directory
+    records ``ref_sha256`` as its reference's while another reference
+    stands at ``ref_key``."""
+    space = fmt.split_key(ref_key)[0]
+    deltas = [k for k in keys if fmt.is_delta_key(k) and fmt.split_key(k)[0] == space]
+    if ref_sha256 is None or not deltas:
+        return False
+    try:
+        if fmt.meta_sha256((await store.head(ref_key)).metadata) == ref_sha256:
+            return False  # the same reference stands: nothing is stranded
+    except NotFound:
+        pass
+    heads = await head_many(store, deltas)
+    return any(fmt.meta_sha256(h.metadata, "ref_sha256") == ref_sha256 for h in heads.values())
 
 
 @dataclass(frozen=True)
@@ -337,8 +429,13 @@ async def collect(
                 await store.abort_multipart_upload(item.key, item.upload_id)
             elif item.kind is GarbageKind.RESTORE_REFERENCE:
                 assert item.backup_key is not None
-                await _restore(store, item.backup_key, item.key)
-                result.restored.append(item.key)
+                outcome = await _restore(store, item.backup_key, item.key)
+                if outcome is PutBack.PUT_BACK:
+                    result.restored.append(item.key)
+                elif outcome is PutBack.STRANDED:
+                    result.failed.append((item, _stranded_reason(item.backup_key)))
+                else:
+                    result.kept.append((item, "no delta needs it any more, or a reference stands"))
                 continue
         except NotFound:
             result.kept.append((item, "already gone"))
@@ -364,20 +461,33 @@ async def _remove_reference(
     it meanwhile (nothing done: only the version backed up is deleted, so a
     new reference and the deltas made against it stay readable)."""
     space = fmt.split_key(item.key)[0]
-    if await needed(store, item.key, await _space_keys(store, space)):
+    if await needed(store, item.key, await space_keys(store, space)):
         return None
-    head = await store.head(item.key)
-    backup = f"{GC_BACKUP_PREFIX}{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}/{item.key}"
-    meta = {**head.metadata, META_EXPIRES_AT: expires.isoformat(), META_GC_ORIGINAL_KEY: item.key}
-    try:
-        await store.copy(item.key, backup, meta, version=head)
-        await store.delete(item.key, version=head)
-    except PreconditionFailed:
+    backup = await remove_with_backup(store, item.key, expires, now)
+    if backup is None:
         log.info("gc: %s was replaced while it was collected; kept", item.key)
+        return None
+    log.info("removed orphaned reference %s (backup %s)", item.key, backup)
+    return backup
+
+
+async def remove_with_backup(
+    store: ObjectStore, ref_key: str, expires: datetime, now: datetime
+) -> str | None:
+    """Copy the reference ``ref_key`` under ``GC_BACKUP_PREFIX`` (kept until
+    ``expires``, and by later runs while a delta needs it) and delete that
+    version; the backup's key, or None when another writer replaced it
+    meanwhile (nothing deleted). ``put_back_if_needed`` comes next."""
+    head = await store.head(ref_key)
+    backup = f"{GC_BACKUP_PREFIX}{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}/{ref_key}"
+    meta = {**head.metadata, META_EXPIRES_AT: expires.isoformat(), META_GC_ORIGINAL_KEY: ref_key}
+    try:
+        await store.copy(ref_key, backup, meta, version=head)
+        await store.delete(ref_key, version=head)
+    except PreconditionFailed:
         with contextlib.suppress(DgfsError):
             await store.delete(backup)
         return None
-    log.info("removed orphaned reference %s (backup %s)", item.key, backup)
     return backup
 
 
@@ -385,27 +495,35 @@ async def _put_back_needed(store: ObjectStore, removed: list[_Removed], result: 
     """Restore each removed reference a delta has needed since (listing its directory again)."""
     for entry in removed:
         ref_key = entry.item.key
-        space = fmt.split_key(ref_key)[0]
-        keys = await _space_keys(store, space)
-        if ref_key in keys or not await needed(store, ref_key, keys):
-            continue
-        log.warning("a delta appeared in %s while gc ran: restoring %s", space, ref_key)
         try:
-            await _restore(store, entry.backup_key, ref_key)
+            outcome = await put_back_if_needed(store, ref_key, entry.backup_key)
         except DgfsError as exc:
             result.failed.append((entry.item, f"could not restore from {entry.backup_key}: {exc}"))
             continue
+        if outcome is PutBack.NOT_NEEDED:
+            continue
         result.removed.remove(entry.item)
+        if outcome is PutBack.STRANDED:
+            result.failed.append((entry.item, _stranded_reason(entry.backup_key)))
+            continue
+        log.warning("a delta appeared in %s while gc ran: restored", ref_key)
+        with contextlib.suppress(DgfsError):
+            await store.delete(entry.backup_key)
         result.restored.append(ref_key)
 
 
-async def _restore(store: ObjectStore, backup_key: str, ref_key: str) -> None:
-    """Copy a gc backup back to its reference key, with its original metadata."""
-    head = await store.head(backup_key)
-    meta = {
-        k: v for k, v in head.metadata.items() if k not in (META_EXPIRES_AT, META_GC_ORIGINAL_KEY)
-    }
-    await store.copy(backup_key, ref_key, meta)
-    with contextlib.suppress(DgfsError):
-        await store.delete(backup_key)
-    log.info("restored %s from %s", ref_key, backup_key)
+def _stranded_reason(backup_key: str) -> str:
+    return (
+        "deltas stored against it while it was removed cannot be read (another reference"
+        f" took its key); its bytes are kept at {backup_key}"
+    )
+
+
+async def _restore(store: ObjectStore, backup_key: str, ref_key: str) -> PutBack:
+    """Put a gc backup back at its reference key, with its original
+    metadata, unless what stands there since needs no putting back."""
+    outcome = await put_back_if_needed(store, ref_key, backup_key)
+    if outcome is PutBack.PUT_BACK:
+        with contextlib.suppress(DgfsError):
+            await store.delete(backup_key)
+    return outcome

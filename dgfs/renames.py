@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import trio
 
 from dgfs import format as fmt
-from dgfs import proxymeta
+from dgfs import gc, proxymeta
 from dgfs.errors import DgfsError, FormatError, NotFound, PreconditionFailed, TransientError
 from dgfs.format import Kind, StoredFile
 from dgfs.forms import Forms
@@ -202,7 +202,7 @@ class Renamer:
         src_root, dst_root = src_prefix.rstrip("/") + "/", dst_prefix.rstrip("/") + "/"
         listing = await self._store.list(src_root, delimiter=None)
         await self._copy_tree(listing.objects, src_root, dst_root)
-        await self._delete_tree(listing.objects, src_root)
+        await self._delete_tree(listing.objects, src_root, dst_root)
         log.info("moved %d objects %s -> %s", len(listing.objects), src_root, dst_root)
         return len(listing.objects)
 
@@ -256,11 +256,13 @@ class Renamer:
         except PreconditionFailed:
             raise TransientError(f"{key}: changed by another writer meanwhile") from None
 
-    async def _delete_tree(self, objects: list[ObjectInfo], src_root: str) -> None:
+    async def _delete_tree(self, objects: list[ObjectInfo], src_root: str, dst_root: str) -> None:
         """Delete the versions of ``objects`` listed. One another writer stored
         meanwhile stays under the old name (it was copied, or came after the
         copy), and so does the reference of a delta that stays, or it could
-        not be read: references go last, once what stays is known."""
+        not be read: references go last, once what stays is known, and one
+        a delta stored meanwhile turns out to need is put back from its copy
+        (``gc.put_back_if_needed``)."""
         etags = {obj.key: obj.etag for obj in objects if obj.etag}
         keys = [obj.key for obj in objects]
         references = [key for key in keys if fmt.is_reference_key(key)]
@@ -269,9 +271,15 @@ class Renamer:
         )
         staying = {fmt.split_key(key)[0] for key in kept if key.endswith(fmt.DELTA_SUFFIX)}
         kept += [ref for ref in references if fmt.split_key(ref)[0] in staying]
-        kept += await self._store.delete_many(
-            [ref for ref in references if fmt.split_key(ref)[0] not in staying], etags=etags
-        )
+        removing = [ref for ref in references if fmt.split_key(ref)[0] not in staying]
+        not_removed = await self._store.delete_many(removing, etags=etags)
+        kept += not_removed
+        for ref in removing:
+            if ref in not_removed:
+                continue
+            copy = dst_root + ref[len(src_root) :]
+            if await gc.put_back_if_needed(self._store, ref, copy) is gc.PutBack.PUT_BACK:
+                kept.append(ref)
         if kept:
             log.warning(
                 "%d objects another writer changed meanwhile stay under %s: %s",

@@ -78,7 +78,10 @@ class StoredChanges:
         if kept:
             log.info("rmdir %s: it holds objects the mount does not show: %s", node.path, kept[:5])
             raise FsError(errno.ENOTEMPTY)
-        await self.core.store.delete_many(removable)
+        if not await self.core.remove_leftovers(removable):
+            log.info("rmdir %s: another mount stored a file in it meanwhile", node.path)
+            self.ns.forget(node.path)
+            raise FsError(errno.ENOTEMPTY)
         self.ns.forget(node.path)
         self.ns.drop(node.path)
         self.ns.dir_removed(node.path)
