@@ -9,9 +9,9 @@ plus xdelta3 over the expanded form, and a cold read of a directory cannot
 cost less than xdelta3 decoding each expanded form, re-deflating the
 reference's streams once and deflating every later stream whose content
 the reference does not hold (those it holds count as free: a copy of the
-reference's bytes could serve them; the others count at zlib level 6,
-no more than the level 6 or 9 these series were made with). DeltaGlider's store and read of the
-same file are one xdelta3 over the file itself. This script measures those
+reference's bytes could serve them; the others count at zlib level 6, no
+more than the level 6 or 9 these series were made with). DeltaGlider's
+store and read of the same file are one xdelta3 over the file itself. This script measures those
 pieces in CPU seconds (this process and its children), one version after
 another, with no S3 and no FUSE:
 
@@ -37,6 +37,7 @@ import sys
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def xdelta3(*args: str | Path) -> None:
     subprocess.run(["xdelta3", *map(str, args)], check=True, stdin=subprocess.DEVNULL)
 
 
+def decode(source: Path, delta: Path, out: Path) -> None:
+    xdelta3("-d", "-f", "-D", "-R", "-B", str(1 << 30), "-s", source, delta, out)
+
+
 @dataclass
 class Pieces:
     """CPU seconds of each piece, summed over the later versions of a series."""
@@ -92,9 +97,10 @@ class Pieces:
     expanded_mb: list[float] = field(default_factory=list)
 
 
-def timed(work: object, *args: object) -> float:
+def timed(work: Callable[..., object], *args: object) -> float:
+    """CPU seconds of ``work(*args)``."""
     start = cpu_seconds()
-    work(*args)  # type: ignore[operator]
+    work(*args)
     return cpu_seconds() - start
 
 
@@ -108,7 +114,8 @@ def measure(paths: list[Path], work: Path) -> Pieces:
         expand_file(path, form, scratch_dir=work)
         forms.append(form)
         pieces.expanded_mb.append(form.stat().st_size / 1e6)
-    # The reference's streams, re-deflated once (the floor's only deflate).
+    # The reference's streams re-deflated once; later versions deflate only
+    # the streams it lacks (deflate_new).
     pieces.reference_rebuild = timed(rebuild_file, forms[0], work / "ref.out", work)
     known = {hashlib.sha256(data).digest() for data in streams(paths[0])}
     encode = ["-e", "-9", "-f", "-D", "-R", "-A", "-B", str(1 << 30), "-s"]
@@ -118,33 +125,9 @@ def measure(paths: list[Path], work: Path) -> Pieces:
         pieces.inflate += cpu_seconds() - start
         pieces.deflate_new += timed(deflate_new, contents, known)
         pieces.deep_encode += timed(xdelta3, *encode, forms[0], form, work / "deep.vcdiff")
-        pieces.deep_decode += timed(
-            xdelta3,
-            "-d",
-            "-f",
-            "-D",
-            "-R",
-            "-B",
-            str(1 << 30),
-            "-s",
-            forms[0],
-            work / "deep.vcdiff",
-            work / "deep.out",
-        )
+        pieces.deep_decode += timed(decode, forms[0], work / "deep.vcdiff", work / "deep.out")
         pieces.dg_encode += timed(xdelta3, *encode, paths[0], path, work / "dg.vcdiff")
-        pieces.dg_decode += timed(
-            xdelta3,
-            "-d",
-            "-f",
-            "-D",
-            "-R",
-            "-B",
-            str(1 << 30),
-            "-s",
-            paths[0],
-            work / "dg.vcdiff",
-            work / "dg.out",
-        )
+        pieces.dg_decode += timed(decode, paths[0], work / "dg.vcdiff", work / "dg.out")
     return pieces
 
 

@@ -50,6 +50,13 @@ from tests.fsharness import (
 pytestmark = pytest.mark.timeout(30)
 
 
+async def _let_tasks_run() -> None:
+    """Let every task run until all wait (ten rounds: a worker thread's
+    reply wakes a task, which may start another)."""
+    for _ in range(10):
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+
+
 async def test_fsync_of_a_file_unlinked_while_open_returns(
     memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -417,11 +424,9 @@ async def test_fsync_returns_when_an_upload_starts_during_its_commit(
                 mock_clock.jump(OPTIONS.upload_delay)  # the queued upload starts, held
                 await held.reached.wait()
                 GatedCommitJournal.gate.set()  # fsync's commit ends: it waits for S3
-                for _ in range(10):
-                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                await _let_tasks_run()
                 held.release()  # the older commit's upload lands
-                for _ in range(10):
-                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                await _let_tasks_run()
                 try:
                     assert synced.is_set(), "fsync is still waiting"
                 finally:
@@ -785,8 +790,7 @@ async def test_a_chmod_while_a_superseded_version_is_in_flight_survives_its_land
         await open_for_rewrite(m.fs, "a", b"version 2\n")
         await m.fs.setattr((await lookup(m.fs, "a")).ino, mode=0o600)
         held.release()
-        for _ in range(10):
-            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        await _let_tasks_run()
     faulty.clear()
     async with mounted(memory, tmp_path) as m:
         assert await read_file(m.fs, "a") == b"version 1\n"
@@ -820,8 +824,7 @@ async def test_a_commit_during_the_quarantine_of_a_superseded_version_keeps_it_i
         await trio.testing.wait_all_tasks_blocked(cushion=0.01)
         await close(m.fs, fh)  # version 2 committed while version 1 is being moved
         gate.set()
-        for _ in range(10):
-            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        await _let_tasks_run()
         assert node.superseded == []
         assert sorted(p.suffix for p in (m.journal_dir / "failed").iterdir()) == [".data", ".json"]
     assert bucket(memory) == {"a": b"version 2\n"}
@@ -851,11 +854,9 @@ async def test_fsync_returns_when_its_upload_fails_after_an_o_trunc_superseded_i
         if newer == "closed":
             await close(m.fs, fh2)
         held.release()  # version 1's upload fails
-        for _ in range(10):
-            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        await _let_tasks_run()
         mock_clock.jump(3600)  # every delay and retry pause is long over
-        for _ in range(10):
-            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        await _let_tasks_run()
         try:
             assert synced.is_set(), "fsync is still waiting"
         finally:

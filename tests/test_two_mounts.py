@@ -272,23 +272,13 @@ async def test_a_reference_replaced_between_its_head_and_its_download_is_used_as
     assert await read_fresh(memory, tmp_path, "rel/y.zip") == RELEASES[1][1]
 
 
-async def _with_reference(memory: MemoryStore, tmp_path: Path) -> None:
-    """``rel/`` holds a reference (its first release, stored by another mount)."""
-    async with mounted(memory, home(tmp_path, "setup")) as m:
-        d = await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
-        await write_file(m.fs, RELEASES[0][0], RELEASES[0][1], parent=d.ino)
-
-
-async def test_a_delta_the_other_mount_overwrote_in_the_same_form_reads_its_new_version(
-    memory: MemoryStore, tmp_path: Path
-) -> None:
-    """Mount A stores rel/x.zip as a delta; mount B then stores other bytes
-    under the same name, also as a delta (same key rel/x.zip.delta). A's
-    next open, within listing_ttl, checked the new object's bytes against
-    the old version's SHA-256 and size, logged it as broken and gave EIO
-    until the listing expired. Now a failed check asks a fresh listing
-    whether the object changed, and reads the new version."""
-    await _with_reference(memory, tmp_path)
+async def _what_a_reads_after_b_stored_over_its_delta(
+    memory: MemoryStore, tmp_path: Path, new: bytes
+) -> bytes:
+    """Mount A stores ``rel/x.zip`` as a delta and keeps knowing it; mount B
+    then stores ``new`` under the name. What A's next open (within
+    listing_ttl) reads."""
+    await with_reference(memory, tmp_path)
     async with (
         mounted(memory, home(tmp_path, "a"), FAST_RETRIES) as a,
         mounted(memory, home(tmp_path, "b"), FAST_RETRIES) as b,
@@ -297,11 +287,24 @@ async def test_a_delta_the_other_mount_overwrote_in_the_same_form_reads_its_new_
         await write_file(a.fs, "x.zip", RELEASES[1][1], parent=da.ino)
         await a.fs.wait_idle()
         assert "rel/x.zip.delta" in memory.objects
-        await write_file(b.fs, "x.zip", RELEASES[2][1], parent=db.ino)
+        await write_file(b.fs, "x.zip", new, parent=db.ino)
         await b.fs.wait_idle()
-        assert "rel/x.zip.delta" in memory.objects
-        got = await read_file(a.fs, "x.zip", da.ino)
-        assert got in (RELEASES[1][1], RELEASES[2][1])
+        return await read_file(a.fs, "x.zip", da.ino)
+
+
+async def test_a_delta_the_other_mount_overwrote_in_the_same_form_reads_its_new_version(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """B stores other bytes as a delta too (the same key, rel/x.zip.delta).
+    A's open checked the new object's bytes against the old version's
+    SHA-256 and size, logged it as broken and gave EIO until the listing
+    expired. Now a failed check asks a fresh listing whether the object
+    changed, and reads the new version."""
+    assert (
+        await _what_a_reads_after_b_stored_over_its_delta(memory, tmp_path, RELEASES[2][1])
+        == RELEASES[2][1]
+    )
+    assert "rel/x.zip.delta" in memory.objects
 
 
 async def test_a_small_direct_file_the_other_mount_overwrote_reads_its_new_version(
@@ -317,30 +320,17 @@ async def test_a_small_direct_file_the_other_mount_overwrote_reads_its_new_versi
         await lookup(b.fs, "notes.txt")
         await write_file(b.fs, "notes.txt", b"version two, longer\n")
         await b.fs.wait_idle()
-        got = await read_file(a.fs, "notes.txt")
-        assert got in (b"version one\n", b"version two, longer\n")
+        assert await read_file(a.fs, "notes.txt") == b"version two, longer\n"
 
 
 async def test_a_file_the_other_mount_stored_in_its_other_form_reads_its_new_version(
     memory: MemoryStore, tmp_path: Path
 ) -> None:
-    """Mount A stores ``rel/x.zip`` as a delta and keeps knowing it; mount B
-    then stores the name whole, which removes the delta. A's next open went
+    """B stores the name whole, which removes the delta. A's next open went
     to the delta it remembered and failed ("not found", ENOENT and an ERROR
     line on every read) until its listing expired; now it reads B's version."""
-    await with_reference(memory, tmp_path)
-    async with (
-        mounted(memory, home(tmp_path, "a"), FAST_RETRIES) as a,
-        mounted(memory, home(tmp_path, "b"), FAST_RETRIES) as b,
-    ):
-        da, db = await lookup(a.fs, "rel"), await lookup(b.fs, "rel")
-        await write_file(a.fs, "x.zip", RELEASES[1][1], parent=da.ino)
-        await a.fs.wait_idle()
-        assert "rel/x.zip.delta" in memory.objects
-        await write_file(b.fs, "x.zip", SMALL, parent=db.ino)
-        await b.fs.wait_idle()
-        assert "rel/x.zip.delta" not in memory.objects
-        assert await read_file(a.fs, "x.zip", da.ino) == SMALL
+    assert await _what_a_reads_after_b_stored_over_its_delta(memory, tmp_path, SMALL) == SMALL
+    assert "rel/x.zip.delta" not in memory.objects
 
 
 async def test_a_metadata_update_never_gives_another_writers_new_version_the_old_hash(
