@@ -12,12 +12,13 @@ import gzip
 import hashlib
 import random
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dgfs.deep import expand, search, segments
+from dgfs.deep import deflate, expand, search, segments
 from dgfs.deep.deflate import (
     Checkpoint,
     DeflateParams,
@@ -25,9 +26,25 @@ from dgfs.deep.deflate import (
     deflate_pieces,
     inflate_blocks,
 )
-from dgfs.deep.expand import expand_file, prove_form, rebuild_file
-from dgfs.errors import FormatError
-from tests.test_expand import gnu_gzip, needs_zgz, round_trip, segment_tags, text
+from dgfs.deep.expand import (
+    MAGIC,
+    TAG_END,
+    ExpansionLimits,
+    expand_file,
+    prove_form,
+    rebuild_file,
+)
+from dgfs.deep.segments import MIN_PIECE
+from dgfs.errors import DecodeLimit, FormatError
+from tests.test_expand import (
+    gnu_gzip,
+    needs_zgz,
+    raw_zeros,
+    round_trip,
+    segment_tags,
+    text,
+    traced_peak,
+)
 
 #: Real release series (benchmarks/series.py downloads them; absent: skipped).
 BENCH_CACHE = Path.home() / ".cache" / "dgfs-bench" / "pypi"
@@ -194,6 +211,45 @@ def test_forms_with_wrong_checkpoints_are_refused(tmp_path: Path, damage: str) -
         return
     assert damage in ("inside a block", "fewer")
     assert (digest == want) == (damage == "fewer")
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_split_piece_is_streamed_not_held_whole(tmp_path: Path, workers: int) -> None:
+    """A hostile SPLIT segment (level 0) whose one checkpoint leaves all but
+    the first 64 KiB of its 24 MiB to the last piece, in a file that claims
+    1 MiB (a reader lets its expanded form hold 100 MiB). Each piece used to
+    be joined whole in memory before ``rebuild_file`` saw a byte of it: the
+    dg-file-size check came after ~2 x 24 MiB was held, and a 4 GiB form
+    would hold 8 GiB. Pieces now stream (those waiting for earlier ones hold
+    at most ``PIECE_HELD``), the check stops the rebuild within a few
+    chunks, and the threads that compressed ahead end."""
+    file_size = 1 << 20
+    u_size = 24 << 20
+    recipe = expand.SplitRecipe(DeflateParams(0), (Checkpoint(MIN_PIECE, MIN_PIECE),))
+    form = MAGIC + segments.header(recipe) + raw_zeros(u_size) + bytes((TAG_END, TAG_END))
+    assert len(form) < ExpansionLimits().expanded_cap(file_size)
+    (tmp_path / "f.dgx").write_bytes(form)
+    result, peak = traced_peak(
+        lambda: rebuild_file(
+            tmp_path / "f.dgx", tmp_path / "out", tmp_path, workers, max_size=file_size
+        )
+    )
+    assert isinstance(result, DecodeLimit) and "dg-file-size" in str(result), result
+    # A DEFLATE segment of the same bytes is stopped within ~2 RAW_CHUNKs.
+    assert peak < 8 << 20, f"a {file_size}-byte file's rebuild peaked at {peak >> 20} MiB"
+    assert not [t for t in threading.enumerate() if t.name.startswith("dgfs-piece")]
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_pieces_waiting_for_the_reader_are_rebuilt_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no room for what a piece compresses ahead, every thread waits for
+    the reader at each chunk: the bytes and their order stay the same."""
+    monkeypatch.setattr(deflate, "PIECE_HELD", 1)
+    data = python_gzip(tarball_like(3 << 20, seed=3), 9)
+    stats, _ = round_trip(tmp_path, data, "app-1.0.tar.gz")  # rebuilt with 1 and 3 workers
+    assert stats.streams_split == 1
 
 
 def test_inflate_blocks_finds_byte_aligned_boundaries() -> None:

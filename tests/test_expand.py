@@ -48,7 +48,8 @@ from dgfs.deep.expand import (
     rebuild_file,
 )
 from dgfs.deep.memo import Memo
-from dgfs.errors import DeltaEngineError, FormatError
+from dgfs.deep.segments import RAW_CHUNK
+from dgfs.errors import DeltaEngineError, DgfsError, FormatError
 
 GNU_GZIP = "/bin/gzip"
 needs_zgz = pytest.mark.skipif(gnuzip.zgz_path() is None, reason="zgz (pristine-tar) not installed")
@@ -937,6 +938,27 @@ def raw_segment(data: bytes) -> bytes:
         if not length:
             break
     return b"\x01" + bytes(varint) + data
+
+
+def raw_zeros(size: int) -> bytes:
+    """RAW segments of ``size`` zero bytes, at most ``RAW_CHUNK`` each (as dgfs writes)."""
+    full, tail = divmod(size, RAW_CHUNK)
+    return raw_segment(bytes(RAW_CHUNK)) * full + (raw_segment(bytes(tail)) if tail else b"")
+
+
+def traced_peak(call: Callable[[], object]) -> tuple[object, int]:
+    """What ``call`` returned, or the ``DgfsError`` it raised, and the most
+    memory Python's allocators (zlib's included) held meanwhile."""
+    tracemalloc.start()
+    try:
+        try:
+            result = call()
+        except DgfsError as exc:
+            result = exc
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
 
 
 def test_hand_written_forms_follow_the_grammar() -> None:

@@ -25,13 +25,15 @@ deep objects when it fails, and every rebuild is checked by SHA-256 anyway.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
 import os
+import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -335,7 +337,7 @@ class Payload:
 
 def deflate_piece(
     params: DeflateParams, payload: Payload, start: int, end: int, final: bool
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """The deflate stream of ``payload`` (with ``params``) from the checkpoint at
     ``start``, as a compressor primed with the window before ``start`` makes it:
     the bytes of the blocks up to ``end``, and more after them unless ``final``
@@ -355,6 +357,87 @@ def deflate_piece(
 
 _PIECE_FEED = 256 * 1024
 
+#: Output of one piece that may wait, compressed, for the pieces before it to
+#: be read. The writer's pieces (about 4 MiB inflated, ``SPLIT_PIECE``)
+#: compress to less; a hostile form's pieces of any size then hold this
+#: much each, not their whole output (``deflate_pieces``).
+PIECE_HELD = 2 << 20
+
+
+def _piece_stream(
+    params: DeflateParams, payload: Payload, begin: Checkpoint, after: Checkpoint | None
+) -> Generator[bytes, None, None]:
+    """One piece of the stream (from ``begin`` to ``after``, None: to the end),
+    as it is compressed. Raises ``ValueError`` if it is shorter than its
+    checkpoints say."""
+    if after is None:
+        yield from deflate_piece(params, payload, begin.uncompressed, payload.size, True)
+        return
+    want = after.compressed - begin.compressed
+    left = want
+    pieces = deflate_piece(params, payload, begin.uncompressed, after.uncompressed, False)
+    with contextlib.closing(pieces):
+        for out in pieces:
+            if len(out) >= left:
+                yield out[:left]
+                return  # the piece is complete: what follows belongs to the next one
+            left -= len(out)
+            yield out
+    raise ValueError(f"a deflate piece gave {want - left} bytes, not {want}")
+
+
+class _Handoff:
+    """One piece's output on its way from the thread compressing it to the
+    reader: at most ``limit`` bytes (and one chunk) wait at a time; the thread
+    waits for room, and stops once the reader has given up (``close``)."""
+
+    def __init__(self, limit: int) -> None:
+        self._changed = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._held = 0
+        self._limit = limit
+        self._filled = False
+        self._closed = False
+
+    def fill(self, chunks: Generator[bytes, None, None]) -> None:
+        """Hand over ``chunks`` (in a worker thread); its errors are the caller's."""
+        try:
+            with contextlib.closing(chunks):
+                for chunk in chunks:
+                    with self._changed:
+                        while self._held >= self._limit and not self._closed:
+                            self._changed.wait()
+                        if self._closed:
+                            return
+                        self._chunks.append(chunk)
+                        self._held += len(chunk)
+                        self._changed.notify_all()
+        finally:
+            with self._changed:
+                self._filled = True
+                self._changed.notify_all()
+
+    def drain(self) -> Iterator[bytes]:
+        """The chunks, in order, until ``fill`` has ended (by success or error)."""
+        while True:
+            with self._changed:
+                while not self._chunks and not self._filled:
+                    self._changed.wait()
+                if not self._chunks:
+                    return
+                chunk = self._chunks.popleft()
+                self._held -= len(chunk)
+                self._changed.notify_all()
+            yield chunk
+
+    def close(self) -> None:
+        """The reader gives up: ``fill`` stops at its next chunk."""
+        with self._changed:
+            self._closed = True
+            self._chunks.clear()
+            self._held = 0
+            self._changed.notify_all()
+
 
 def deflate_pieces(
     params: DeflateParams, payload: Payload, checkpoints: Sequence[Checkpoint], workers: int
@@ -362,37 +445,43 @@ def deflate_pieces(
     """The deflate stream of ``payload`` with ``params``, its pieces between
     ``checkpoints`` (after the start, before the end, increasing) compressed by
     ``workers`` threads side by side (zlib releases the GIL) and given in order.
-    Raises ``ValueError`` if a piece comes out shorter than its checkpoints say."""
+
+    Output is streamed: a piece waiting for the ones before it holds at most
+    ``PIECE_HELD`` bytes, so however far apart a hostile form puts the
+    checkpoints, memory stays bounded and the caller's size limit sees every
+    byte as it comes. Raises ``ValueError`` if a piece comes out shorter than
+    its checkpoints say."""
     starts = [Checkpoint(0, 0), *checkpoints]
-    ends = [*checkpoints, None]
-
-    def piece(index: int) -> bytes:
-        begin, after = starts[index], ends[index]
-        if after is None:
-            return b"".join(deflate_piece(params, payload, begin.uncompressed, payload.size, True))
-        length = after.compressed - begin.compressed
-        out = b"".join(
-            deflate_piece(params, payload, begin.uncompressed, after.uncompressed, False)
-        )
-        if len(out) < length:
-            raise ValueError(f"a deflate piece gave {len(out)} bytes, not {length}")
-        return out[:length]
-
+    ends: list[Checkpoint | None] = [*checkpoints, None]
     if workers <= 1:
-        for index in range(len(starts)):
-            yield piece(index)
+        for begin, after in zip(starts, ends, strict=True):
+            yield from _piece_stream(params, payload, begin, after)
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="dgfs-piece")
+    # Pieces run in the order they are submitted, so the one being read always
+    # has a thread: the others may wait for room, it never waits for them.
+    queue: deque[tuple[_Handoff, Future[None]]] = deque()
     try:
-        queue: deque[Future[bytes]] = deque()
-        for index in range(len(starts)):
-            queue.append(pool.submit(piece, index))
+        for begin, after in zip(starts, ends, strict=True):
+            handoff = _Handoff(PIECE_HELD)
+            stream = _piece_stream(params, payload, begin, after)
+            queue.append((handoff, pool.submit(handoff.fill, stream)))
             if len(queue) > workers:
-                yield queue.popleft().result()
+                yield from _drained(*queue[0])
+                queue.popleft()  # only now: ``finally`` closes a piece read in part
         while queue:
-            yield queue.popleft().result()
+            yield from _drained(*queue[0])
+            queue.popleft()
     finally:
+        for handoff, _ in queue:
+            handoff.close()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _drained(handoff: _Handoff, filled: Future[None]) -> Iterator[bytes]:
+    """A piece's output, then its error if compressing it failed."""
+    yield from handoff.drain()
+    filled.result()
 
 
 class ZStream(ctypes.Structure):
