@@ -1273,6 +1273,29 @@ def test_parallel_rebuild_streams_big_segments_in_order(
     assert out.read_bytes() == data
 
 
+#: An empty RAW segment whose length, 0, takes 10 bytes: a header with no payload.
+EMPTY_RAW = b"\x01" + b"\x80" * 9 + b"\x00"
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_subtree_of_headers_is_streamed_not_read_whole(tmp_path: Path, workers: int) -> None:
+    """A hostile DEFLATE segment holding 6 MiB of empty RAW segments and no
+    RAW payload at all. ``_subtree_end`` bounded a subtree by its RAW bytes
+    only, so this one fitted PARALLEL_PAYLOAD whatever its size and was then
+    read whole into memory (``exact(end - start)``): a file claiming 40 MB
+    may have a 4 GiB form of such headers. Its own bytes count now, so it is
+    streamed, a segment at a time, and rebuilds to the deflate of nothing."""
+    body = EMPTY_RAW * ((6 << 20) // len(EMPTY_RAW))
+    form = MAGIC + b"\x02" + DeflateParams(1).pack() + body + b"\x00\x00"
+    (tmp_path / "f.dgx").write_bytes(form)
+    result, peak = traced_peak(
+        lambda: rebuild_file(tmp_path / "f.dgx", tmp_path / "out", tmp_path, workers)
+    )
+    empty = raw_deflate(b"", 1)
+    assert result == (sha256(empty), len(empty))
+    assert peak < recompress.PARALLEL_PAYLOAD, f"peak {peak >> 20} MiB, form {len(form) >> 20} MiB"
+
+
 def test_streams_proven_before_are_inflated_without_a_check(tmp_path: Path) -> None:
     """A release's zip members mostly equal the previous release's: the second
     time their spans are only inflated, and the expanded form is the same."""

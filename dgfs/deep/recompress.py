@@ -36,8 +36,11 @@ from dgfs.deep.segments import (
 )
 from dgfs.errors import DecodeLimit, FormatError
 
-#: Rebuilding: top-level DEFLATE segments up to this many uncompressed bytes
-#: are compressed in worker threads; at most _IN_FLIGHT bytes wait for them.
+#: Rebuilding: a DEFLATE, GNU or SPLIT segment that takes up to this many bytes
+#: of the form (its uncompressed bytes, and its headers: a hostile form may be
+#: all headers) is read whole, and at the top level compressed in a worker
+#: thread; at most _IN_FLIGHT such bytes wait for the threads. Larger ones
+#: are streamed.
 PARALLEL_PAYLOAD = 4 << 20
 _IN_FLIGHT = 16 << 20
 

@@ -173,26 +173,28 @@ class Reader:
             yield chunk
 
     def _subtree_end(self, tag: int, limit: int) -> int | None:
-        """Where the DEFLATE or GNU segment whose tag was just read ends, or None
-        if it holds more than ``limit`` RAW bytes. Reads only tags and lengths;
-        ``nests`` then says whether it holds DEFLATE or GNU segments itself."""
+        """Where the DEFLATE, GNU or SPLIT segment whose tag was just read ends,
+        or None once it takes more than ``limit`` bytes of the form: its RAW
+        payload and its own tags, headers and lengths alike (a subtree of
+        empty RAW segments is as large as its bytes). Reads only tags and
+        lengths; ``nests`` then says whether it holds such segments itself."""
+        start = self.src.tell() - 1
         self.skip_header(tag)
-        depth, total = 1, 0
+        depth = 1
         self.nests = False
         while depth:
+            if self.src.tell() - start > limit:
+                return None
             tag = self.exact(1)[0]
             if tag == TAG_END:
                 depth -= 1
             elif tag == TAG_RAW:
-                size = self.varint()
-                total += size
-                if total > limit:
-                    return None
-                self.src.seek(size, os.SEEK_CUR)
+                self.src.seek(self.varint(), os.SEEK_CUR)
             elif tag in COMPRESSING:
                 self.skip_header(tag)
                 depth += 1
                 self.nests = True
             else:
                 raise FormatError(unknown_tag(tag))
-        return self.src.tell()
+        end = self.src.tell()
+        return end if end - start <= limit else None
