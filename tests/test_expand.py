@@ -17,6 +17,7 @@ import struct
 import subprocess
 import tarfile
 import tempfile
+import time
 import tracemalloc
 import zipfile
 import zlib
@@ -49,7 +50,7 @@ from dgfs.deep.expand import (
 )
 from dgfs.deep.memo import Memo
 from dgfs.deep.segments import RAW_CHUNK
-from dgfs.errors import DeltaEngineError, DgfsError, FormatError
+from dgfs.errors import DecodeLimit, DeltaEngineError, DgfsError, FormatError
 
 GNU_GZIP = "/bin/gzip"
 needs_zgz = pytest.mark.skipif(gnuzip.zgz_path() is None, reason="zgz (pristine-tar) not installed")
@@ -1294,6 +1295,29 @@ def test_a_subtree_of_headers_is_streamed_not_read_whole(tmp_path: Path, workers
     empty = raw_deflate(b"", 1)
     assert result == (sha256(empty), len(empty))
     assert peak < recompress.PARALLEL_PAYLOAD, f"peak {peak >> 20} MiB, form {len(form) >> 20} MiB"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_rebuild_time_limit_is_checked_while_scanning(tmp_path: Path, workers: int) -> None:
+    """``rebuild_file(seconds=...)`` checked its deadline only when a chunk
+    came out. A hostile form: DEFLATE segments nested 16 deep around 1 MiB of
+    empty RAW segments and one RAW of PARALLEL_PAYLOAD + 1 zeros; every level
+    scans the headers again to learn the subtree is too big to hold, ~3 s per
+    MiB of headers before a byte comes out, and a file claiming 43 MB may have
+    a 4 GiB form: hours, against expand_time's 600 s. The deadline is now
+    checked at every segment and chunk, in scanning, spooling and compressing."""
+    tail = recompress.PARALLEL_PAYLOAD + 1
+    body = EMPTY_RAW * ((1 << 20) // len(EMPTY_RAW)) + raw_segment(bytes(tail))
+    depth = 16
+    deflate_header = b"\x02" + DeflateParams(0).pack()
+    form = MAGIC + deflate_header * depth + body + b"\x00" * (depth + 1)
+    (tmp_path / "f.dgx").write_bytes(form)
+    limit = 0.1
+    started = time.monotonic()
+    with pytest.raises(DecodeLimit, match=r"took over 0\.1 s \(expand_time\)"):
+        rebuild_file(tmp_path / "f.dgx", tmp_path / "out", tmp_path, workers, seconds=limit)
+    elapsed = time.monotonic() - started
+    assert elapsed < 10 * limit, f"stopped after {elapsed:.1f} s (limit {limit} s)"
 
 
 def test_streams_proven_before_are_inflated_without_a_check(tmp_path: Path) -> None:

@@ -639,6 +639,28 @@ def test_a_hung_zgz_is_stopped_at_its_time_limit(
     assert pids_running(marker) == []
 
 
+def test_a_hung_zgz_in_a_rebuild_gets_only_the_time_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zgz had its own time limit (120 s and more) whatever was left of the
+    rebuild's ``expand_time``: it now gets no more than what is left, and
+    the error names the rebuild's limit."""
+    from dgfs.errors import DecodeLimit
+
+    fake = script(tmp_path / "zgz", "while true; do sleep 0.1; done\n")
+    monkeypatch.setenv(gnuzip.ZGZ_ENV, str(fake))
+    gnuzip.zgz_path.cache_clear()
+    form = write(tmp_path / "gnu.dgx", expand.MAGIC + b"\x03\x06\x01\x03abc\x00\x00")
+    started = time.monotonic()
+    try:
+        with pytest.raises(DecodeLimit, match=r"took over 0\.5 s \(expand_time\)"):
+            expand.rebuild_file(form, tmp_path / "out", tmp_path, seconds=0.5)
+    finally:
+        gnuzip.zgz_path.cache_clear()
+    assert time.monotonic() - started < 10
+    assert pids_running(str(fake)) == []
+
+
 # --- options --------------------------------------------------------------------------------
 
 

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import BinaryIO, NamedTuple
 
+from dgfs.deep.deadline import NEVER, Deadline
+
 #: Decompressed bytes handed to the candidate compressors at a time: small
 #: enough that a wrong candidate is dropped soon after its first block.
 _FEED = 32 * 1024
@@ -336,18 +338,24 @@ class Payload:
 
 
 def deflate_piece(
-    params: DeflateParams, payload: Payload, start: int, end: int, final: bool
+    params: DeflateParams,
+    payload: Payload,
+    start: int,
+    end: int,
+    final: bool,
+    deadline: Deadline = NEVER,
 ) -> Generator[bytes, None, None]:
     """The deflate stream of ``payload`` (with ``params``) from the checkpoint at
     ``start``, as a compressor primed with the window before ``start`` makes it:
     the bytes of the blocks up to ``end``, and more after them unless ``final``
     (the caller keeps what it knows to be the piece); ``final``: to the end of
     ``payload``, finished. Input goes in ``_PIECE_FEED`` pieces (deflate's output
-    does not depend on how its input is split)."""
+    does not depend on how its input is split); ``deadline`` is checked before each."""
     window = max(0, start - (1 << params.window_bits))
     compressor = params.compressor(payload.read(window, start - window))
     stop = end if final else min(payload.size, end + PIECE_LOOKAHEAD)
     for pos in range(start, stop, _PIECE_FEED):
+        deadline.check()
         out = compressor.compress(payload.read(pos, min(stop, pos + _PIECE_FEED) - pos))
         if out:
             yield out
@@ -365,17 +373,21 @@ PIECE_HELD = 2 << 20
 
 
 def _piece_stream(
-    params: DeflateParams, payload: Payload, begin: Checkpoint, after: Checkpoint | None
+    params: DeflateParams,
+    payload: Payload,
+    begin: Checkpoint,
+    after: Checkpoint | None,
+    deadline: Deadline,
 ) -> Generator[bytes, None, None]:
     """One piece of the stream (from ``begin`` to ``after``, None: to the end),
     as it is compressed. Raises ``ValueError`` if it is shorter than its
     checkpoints say."""
     if after is None:
-        yield from deflate_piece(params, payload, begin.uncompressed, payload.size, True)
+        yield from deflate_piece(params, payload, begin.uncompressed, payload.size, True, deadline)
         return
     want = after.compressed - begin.compressed
     left = want
-    pieces = deflate_piece(params, payload, begin.uncompressed, after.uncompressed, False)
+    pieces = deflate_piece(params, payload, begin.uncompressed, after.uncompressed, False, deadline)
     with contextlib.closing(pieces):
         for out in pieces:
             if len(out) >= left:
@@ -440,7 +452,11 @@ class _Handoff:
 
 
 def deflate_pieces(
-    params: DeflateParams, payload: Payload, checkpoints: Sequence[Checkpoint], workers: int
+    params: DeflateParams,
+    payload: Payload,
+    checkpoints: Sequence[Checkpoint],
+    workers: int,
+    deadline: Deadline = NEVER,
 ) -> Iterator[bytes]:
     """The deflate stream of ``payload`` with ``params``, its pieces between
     ``checkpoints`` (after the start, before the end, increasing) compressed by
@@ -450,12 +466,12 @@ def deflate_pieces(
     ``PIECE_HELD`` bytes, so however far apart a hostile form puts the
     checkpoints, memory stays bounded and the caller's size limit sees every
     byte as it comes. Raises ``ValueError`` if a piece comes out shorter than
-    its checkpoints say."""
+    its checkpoints say, ``DecodeLimit`` once ``deadline`` has passed."""
     starts = [Checkpoint(0, 0), *checkpoints]
     ends: list[Checkpoint | None] = [*checkpoints, None]
     if workers <= 1:
         for begin, after in zip(starts, ends, strict=True):
-            yield from _piece_stream(params, payload, begin, after)
+            yield from _piece_stream(params, payload, begin, after, deadline)
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="dgfs-piece")
     # Pieces run in the order they are submitted, so the one being read always
@@ -464,7 +480,7 @@ def deflate_pieces(
     try:
         for begin, after in zip(starts, ends, strict=True):
             handoff = _Handoff(PIECE_HELD)
-            stream = _piece_stream(params, payload, begin, after)
+            stream = _piece_stream(params, payload, begin, after, deadline)
             queue.append((handoff, pool.submit(handoff.fill, stream)))
             if len(queue) > workers:
                 yield from _drained(*queue[0])

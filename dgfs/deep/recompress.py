@@ -3,7 +3,9 @@ SPLIT segment re-compressed, small subtrees side by side and remembered.
 
 Rebuilding refuses nesting deeper than ``MAX_NESTING`` and, in
 ``rebuild_file``, more output or time than the caller allows
-(``DecodeLimit``).
+(``DecodeLimit``). The time limit is a :class:`Deadline` that every step
+checks (scanning, spooling, compressing, in every thread), not only the
+steps that produce output: a hostile form can make any of them slow.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import hashlib
 import io
 import os
 import tempfile
-import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+from dgfs import children
 from dgfs.deep import gnuzip
+from dgfs.deep.deadline import NEVER, Deadline
 from dgfs.deep.deflate import Payload, deflate_chunks, deflate_pieces
 from dgfs.deep.memo import Memo
 from dgfs.deep.segments import (
@@ -49,9 +52,14 @@ class _Rebuilder(Reader):
     """A reader that rebuilds the original bytes as it goes."""
 
     def __init__(
-        self, src: BinaryIO, scratch_dir: Path | None, depth: int = 0, workers: int = 1
+        self,
+        src: BinaryIO,
+        scratch_dir: Path | None,
+        depth: int = 0,
+        workers: int = 1,
+        deadline: Deadline = NEVER,
     ) -> None:
-        super().__init__(src, depth)
+        super().__init__(src, depth, deadline)
         self.scratch_dir = scratch_dir
         self.workers = workers
         """Threads a SPLIT segment's pieces are compressed by."""
@@ -73,12 +81,18 @@ class _Rebuilder(Reader):
     def _gnu(self, level: int) -> Iterator[bytes]:
         if not 1 <= level <= 9:
             raise FormatError(f"expanded form: bad GNU gzip level {level}")
-        with self._spooled(".gnu") as (_, payload):
-            yield from gnuzip.gnu_deflate(level, payload)
+        with self._spooled(".gnu") as (spool, payload):
+            timeout = self.deadline.within(children.timeout_for(2 * spool.tell()))
+            try:
+                yield from gnuzip.gnu_deflate(level, payload, timeout)
+            except DecodeLimit:
+                self.deadline.check()  # zgz ran into the rebuild's limit: name that one
+                raise
 
     def segments(self) -> Iterator[bytes]:
         """Rebuild segments up to the next END, in order."""
         while (tag := self.exact(1)[0]) != TAG_END:
+            self.deadline.check()
             if tag in COMPRESSING:
                 yield from self._subtree(tag)
             else:
@@ -92,7 +106,9 @@ class _Rebuilder(Reader):
                 raise FormatError("expanded form: a SPLIT checkpoint past its bytes")
             payload = Payload.of_file(spool.fileno(), spool.tell())
             try:
-                yield from deflate_pieces(recipe.params, payload, recipe.checkpoints, self.workers)
+                yield from deflate_pieces(
+                    recipe.params, payload, recipe.checkpoints, self.workers, self.deadline
+                )
             except ValueError as exc:
                 raise FormatError(f"expanded form: {exc}") from None
 
@@ -121,7 +137,11 @@ class _Rebuilder(Reader):
         else:
             nests = self.nests
             yield from _rebuild_subtree(
-                self.exact(end - start), self.scratch_dir, self.depth, remember=not nests
+                self.exact(end - start),
+                self.scratch_dir,
+                self.depth,
+                self.deadline,
+                remember=not nests,
             )
 
     def segments_in_parallel(self, workers: int) -> Iterator[bytes]:
@@ -144,6 +164,7 @@ class _Rebuilder(Reader):
 
         with ThreadPoolExecutor(workers, thread_name_prefix="dgfs-deflate") as pool:
             while (tag := self.exact(1)[0]) != TAG_END:
+                self.deadline.check()
                 if tag not in COMPRESSING:
                     yield from ready(force=True)
                     yield from self.segment(tag)
@@ -159,7 +180,14 @@ class _Rebuilder(Reader):
                 subtree = self.exact(end - start)
                 remember = not self.nests
                 queue.append(
-                    pool.submit(_rebuild_subtree, subtree, self.scratch_dir, 0, remember=remember)
+                    pool.submit(
+                        _rebuild_subtree,
+                        subtree,
+                        self.scratch_dir,
+                        0,
+                        self.deadline,
+                        remember=remember,
+                    )
                 )
                 sizes.append(len(subtree))
                 in_flight += len(subtree)
@@ -179,24 +207,31 @@ REBUILT_SUBTREES = Memo(32 << 20)
 
 
 def _rebuild_subtree(
-    subtree: bytes, scratch_dir: Path | None, depth: int, *, remember: bool = True
+    subtree: bytes,
+    scratch_dir: Path | None,
+    depth: int,
+    deadline: Deadline,
+    *,
+    remember: bool = True,
 ) -> list[bytes]:
     """The original bytes of one DEFLATE or GNU segment given whole (tag
-    included), found inside ``depth`` others; from and into REBUILT_SUBTREES
-    if ``remember``."""
+    included), found inside ``depth`` others, by ``deadline``; from and into
+    REBUILT_SUBTREES if ``remember``."""
     if not remember:
-        return _rebuild_whole(subtree, scratch_dir, depth)
+        return _rebuild_whole(subtree, scratch_dir, depth, deadline)
     key = hashlib.sha256(subtree).digest()
     with REBUILT_SUBTREES.computing(key) as cached:
         if isinstance(cached, list):
             return cached
-        rebuilt = _rebuild_whole(subtree, scratch_dir, depth)
+        rebuilt = _rebuild_whole(subtree, scratch_dir, depth, deadline)
         REBUILT_SUBTREES.put(key, rebuilt, sum(map(len, rebuilt)) + 64)
         return rebuilt
 
 
-def _rebuild_whole(subtree: bytes, scratch_dir: Path | None, depth: int) -> list[bytes]:
-    reader = _Rebuilder(io.BytesIO(subtree), scratch_dir, depth)
+def _rebuild_whole(
+    subtree: bytes, scratch_dir: Path | None, depth: int, deadline: Deadline
+) -> list[bytes]:
+    reader = _Rebuilder(io.BytesIO(subtree), scratch_dir, depth, deadline=deadline)
     rebuilt = list(reader.compressed(reader.exact(1)[0]))
     if reader.src.read(1):
         raise FormatError("expanded form: bytes after a segment's end")
@@ -204,17 +239,22 @@ def _rebuild_whole(subtree: bytes, scratch_dir: Path | None, depth: int) -> list
 
 
 def rebuild_chunks(
-    src: BinaryIO, scratch_dir: Path | None = None, workers: int = 1
+    src: BinaryIO,
+    scratch_dir: Path | None = None,
+    workers: int = 1,
+    deadline: Deadline = NEVER,
 ) -> Iterator[bytes]:
     """The original bytes of the expanded stream ``src``, in pieces.
 
-    Raises ``FormatError`` if the stream is not a complete expanded form.
-    ``scratch_dir`` holds GNU segments' payloads while zgz compresses them;
-    ``workers`` > 1 re-deflates small top-level streams in that many threads.
+    Raises ``FormatError`` if the stream is not a complete expanded form, and
+    ``DecodeLimit`` once ``deadline`` has passed (checked at every segment
+    and chunk, output or not). ``scratch_dir`` holds GNU segments' payloads
+    while zgz compresses them; ``workers`` > 1 re-deflates small top-level
+    streams in that many threads.
     """
     if src.read(len(MAGIC)) != MAGIC:
         raise FormatError("not a dgfs expanded form (bad magic)")
-    reader = _Rebuilder(src, scratch_dir, workers=workers)
+    reader = _Rebuilder(src, scratch_dir, workers=workers, deadline=deadline)
     if workers > 1:
         yield from reader.segments_in_parallel(workers)
     else:
@@ -240,16 +280,15 @@ def rebuild_file(
     """
     digest = hashlib.sha256()
     size = 0
-    deadline = None if seconds is None else time.monotonic() + seconds
+    deadline = Deadline(seconds)
     with open(expanded, "rb") as src, open(out, "wb") as sink:
-        for chunk in rebuild_chunks(src, scratch_dir, workers):
+        for chunk in rebuild_chunks(src, scratch_dir, workers, deadline):
             size += len(chunk)
             if max_size is not None and size > max_size:
                 raise DecodeLimit(
                     f"expanded form rebuilds to more than {max_size} bytes (its dg-file-size)"
                 )
-            if deadline is not None and time.monotonic() > deadline:
-                raise DecodeLimit(f"rebuilding took over {seconds:g} s (expand_time)")
+            deadline.check()
             digest.update(chunk)
             sink.write(chunk)
     return digest.hexdigest(), size

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from dgfs.deep.deadline import NEVER, Deadline
 from dgfs.deep.deflate import Checkpoint, DeflateParams
 from dgfs.errors import FormatError
 
@@ -108,12 +109,16 @@ def header(recipe: Recipe) -> bytes:
 
 
 class Reader:
-    """Tags, lengths and headers of an expanded form, read under bounds."""
+    """Tags, lengths and headers of an expanded form, read under bounds: of
+    nesting, checkpoints, and time (``deadline``, checked once per segment
+    or chunk)."""
 
-    def __init__(self, src: BinaryIO, depth: int = 0) -> None:
+    def __init__(self, src: BinaryIO, depth: int = 0, deadline: Deadline = NEVER) -> None:
         self.src = src
         self.depth = depth
         """DEFLATE/GNU segments open around the one being read (at most ``MAX_NESTING``)."""
+        self.deadline = deadline
+        """When reading must stop (``DecodeLimit``): the rebuild's time limit."""
         self.nests = False
         """Whether the subtree ``_subtree_end`` walked last holds others."""
 
@@ -153,6 +158,7 @@ class Reader:
                 raise FormatError(
                     f"expanded form: SPLIT checkpoints do not increase (by {MIN_PIECE} inflated)"
                 )
+        self.deadline.check()  # up to MAX_CHECKPOINTS: checked once, after them
         return SplitRecipe(params, tuple(points))
 
     def skip_header(self, tag: int) -> None:
@@ -168,6 +174,7 @@ class Reader:
             raise FormatError(unknown_tag(tag))
         left = self.varint()
         while left:
+            self.deadline.check()
             chunk = self.exact(min(left, RAW_CHUNK))
             left -= len(chunk)
             yield chunk
@@ -185,6 +192,7 @@ class Reader:
         while depth:
             if self.src.tell() - start > limit:
                 return None
+            self.deadline.check()  # every level scans its subtree: headers alone take time
             tag = self.exact(1)[0]
             if tag == TAG_END:
                 depth -= 1
