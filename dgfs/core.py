@@ -47,7 +47,7 @@ from dgfs import deep, gc
 from dgfs import format as fmt
 from dgfs.cache import CacheEntryReader, ContentCache
 from dgfs.delta import DeltaEngine
-from dgfs.errors import DgfsError
+from dgfs.errors import DgfsError, NotFound
 from dgfs.format import DeltaMode, StoredFile
 from dgfs.forms import Forms
 from dgfs.hashing import FileDigest
@@ -254,7 +254,12 @@ class Core:
         now = datetime.now(UTC)
         emptied = True
         for key in [k for k in removable if fmt.is_reference_key(k)]:
-            backup = await gc.remove_with_backup(self.store, key, now + gc.DEFAULT_BACKUP_TTL, now)
+            try:
+                backup = await gc.remove_with_backup(
+                    self.store, key, now + gc.DEFAULT_BACKUP_TTL, now
+                )
+            except NotFound:
+                continue  # removed meanwhile (another rmdir, dgfs gc)
             if backup is None:  # replaced meanwhile: a writer made it anew
                 emptied = False
                 continue

@@ -363,13 +363,21 @@ async def put_back_if_needed(store: ObjectStore, ref_key: str, copy_key: str) ->
 async def _create_from(
     store: ObjectStore, source_key: str, key: str, metadata: Mapping[str, str]
 ) -> bool:
-    """Create ``key`` with ``source_key``'s bytes and ``metadata`` where no
-    object stands; False if one does (S3 has no conditional copy)."""
+    """Create ``key`` with ``source_key``'s bytes, ``metadata`` and content
+    type where no object stands; False if one does. S3 has no conditional
+    copy: the bytes are downloaded and PUT with ``If-None-Match``. A store
+    that ignores it is asked (a HEAD) right before the PUT, which leaves a
+    moment for another writer's new reference to be overwritten."""
     with tempfile.TemporaryDirectory(prefix="dgfs-put-back-") as tmp:
         body = Path(tmp) / "reference"
-        await store.download(source_key, body)
+        head = await store.download(source_key, body)
+        with contextlib.suppress(NotFound):
+            await store.head(key)
+            return False
         try:
-            await store.upload(key, body, metadata, if_none_match=True)
+            await store.upload(
+                key, body, metadata, content_type=head.content_type, if_none_match=True
+            )
         except PreconditionFailed:
             return False
     return True

@@ -40,9 +40,10 @@ from dgfs.errors import (
 )
 from dgfs.format import StoredFile
 from dgfs.fs import journal as journal_module
+from dgfs.fs.entries import NodeKind
 from dgfs.fs.filesystem import FileSystem, FsOptions
 from dgfs.fs.journal import Journal, JournalEntry
-from dgfs.fs.nodes import Node
+from dgfs.fs.nodes import Node, NodeTable
 from dgfs.fs.readers import PlainReader, Reader
 from dgfs.fs.upload_failures import RACES_REDONE_AT_ONCE
 from dgfs.store.base import ObjectStore
@@ -1215,3 +1216,28 @@ async def test_a_same_size_truncate_that_brings_its_mtime_copies_the_object_once
         now = time.time_ns()
         await m.fs.setattr(node.ino, size=300, mtime_ns=now)
         assert copies == ["f"] and node.mtime_ns == now
+
+
+async def test_a_file_rename_does_not_scan_every_node_of_the_mount(
+    memory: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rsync renames each ``.name.XXXXXX`` to ``name``. Looking for the nodes
+    below the new name (``NodeTable.under`` walks every path the mount
+    knows) is a directory rename's: done for a file too it cost each rename
+    O(nodes), an rsync of N files O(N^2)."""
+    scanned: list[int] = []
+    real_under = NodeTable.under
+
+    def under(self: NodeTable, path: str) -> list[Node]:
+        scanned.append(len(self._by_path))
+        return real_under(self, path)
+
+    monkeypatch.setattr(NodeTable, "under", under)
+    async with mounted(memory, tmp_path) as m:
+        table = m.fs.nodes
+        for i in range(1000):
+            table.new(f"other/f{i}", NodeKind.FILE)
+        await write_file(m.fs, ".x.AbCdEf", b"hello\n")
+        scanned.clear()
+        await rename(m.fs, ".x.AbCdEf", "x")  # rsync's rename of its temp file
+    assert sum(scanned) == 0

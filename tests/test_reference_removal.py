@@ -25,8 +25,10 @@ from dgfs.store.memory import MemoryStore
 from tests.coreharness import make_core
 from tests.fsharness import (
     FAST_RETRIES,
+    GID,
     RELEASES,
     ROOT,
+    UID,
     home,
     lookup,
     mounted,
@@ -243,3 +245,90 @@ async def test_gc_keeps_the_bytes_of_a_reference_deltas_were_stranded_without(
     (backup,) = [k for k in memory.objects if k.startswith(gc.GC_BACKUP_PREFIX)]
     later = await gc.find_garbage(memory, now=datetime.now(UTC) + timedelta(days=30))
     assert backup not in [g.key for g in later]
+
+
+class IgnoresIfNoneMatch(MemoryStore):
+    """A store without conditional PUT: ``If-None-Match: *`` is ignored (the
+    mount logs it and sets ``conditional_create`` False)."""
+
+
+@pytest.mark.expected_log(r"cannot be read")
+async def test_put_back_never_overwrites_a_reference_made_meanwhile_without_conditional_puts(
+    tmp_path: Path,
+) -> None:
+    """A reference (R1) was removed while a delta was stored against it;
+    ``put_back_if_needed`` lists ``d/`` (no reference), then downloads the
+    backup to PUT it with ``If-None-Match: *``. Meanwhile writer W2 stores
+    ``d/b.zip``: no reference, so it makes R2 and a zero-diff delta, checks
+    R2 is there, acknowledges. On a store that ignores If-None-Match the
+    put-back overwrote R2 (b.zip lost); it now asks right before its PUT,
+    and reports a.zip's deltas stranded instead."""
+    store = IgnoresIfNoneMatch()
+    w1, c1 = make_core(store, tmp_path / "w1")
+    w2, c2 = make_core(store, tmp_path / "w2")
+    w1.conditional_create = w2.conditional_create = False
+    src = tmp_path / "a.zip"
+    src.write_bytes(RELEASES[0][1])
+    await w1.put(src, "d/a.zip")  # R1 + zero-diff delta: a.zip needs R1
+    now = datetime.now(UTC)
+    backup = await gc.remove_with_backup(store, "d/reference.bin", now + gc.DEFAULT_BACKUP_TTL, now)
+    assert backup is not None
+    real_download = store.download
+    wrote = False
+
+    async def w2_writes_then_download(key: str, dest: Path) -> Any:
+        nonlocal wrote
+        if key == backup and not wrote:  # after put_back's LIST, before its PUT
+            wrote = True
+            b = tmp_path / "b.zip"
+            b.write_bytes(RELEASES[2][1])
+            result = await w2.put(b, "d/b.zip")
+            assert result.stored.stored_key == "d/b.zip.delta"  # acknowledged
+        return await real_download(key, dest)
+
+    store.download = w2_writes_then_download  # type: ignore[method-assign]
+    outcome = await gc.put_back_if_needed(store, "d/reference.bin", backup)
+    store.download = real_download  # type: ignore[method-assign]
+    for core, cache in ((w1, c1), (w2, c2)):
+        await core.aclose()
+        cache.close()
+    assert wrote
+    assert outcome is gc.PutBack.STRANDED
+    assert await read_cold(store, tmp_path / "cold", "d/b.zip") == RELEASES[2][1]
+
+
+async def test_rmdir_whose_orphaned_reference_another_mount_just_removed_removes_the_directory(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """``rel/`` holds its marker and an orphaned reference. Mount B's rmdir
+    lists it (HEADs the reference: DeltaGlider's, removable); before B
+    removes it, another mount's rmdir or ``dgfs gc`` removes the reference.
+    B's backup then finds it gone: that is no failure, the directory goes."""
+    async with mounted(memory, home(tmp_path, "setup")) as m:
+        d = await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+        await write_file(m.fs, RELEASES[0][0], RELEASES[0][1], parent=d.ino)
+        await m.fs.wait_idle()
+        await m.fs.unlink(d.ino, RELEASES[0][0])
+    assert "rel/reference.bin" in memory.objects
+    store_b = FaultyStore(memory)
+    heads = 0
+    real_head = store_b.head
+
+    async def head(key: str) -> Any:
+        nonlocal heads
+        if key == "rel/reference.bin":
+            heads += 1
+            if heads == 2:  # after dir_leftovers' HEAD: another mount's gc removes it
+                await memory.delete(key)
+        return await real_head(key)
+
+    store_b.head = head  # type: ignore[method-assign]
+    async with mounted(store_b, home(tmp_path, "b"), FAST_RETRIES) as b:
+        await lookup(b.fs, "rel")
+        err: object = None
+        try:
+            await b.fs.rmdir(ROOT, "rel")
+        except (FsError, DgfsError) as exc:
+            err = exc
+    assert err is None
+    assert "rel/" not in memory.objects

@@ -477,7 +477,8 @@ class FileSystem:
                 await self.changes.move_file(node, new_path, target)
             self.ns.drop(old_path)
             self.nodes.move(node, new_path)
-            await self.uploads.names_moved([node, *self.nodes.under(new_path)])
+            below = self.nodes.under(new_path) if node.kind is NodeKind.DIR else []
+            await self.uploads.names_moved([node, *below])
             self.ns.note_node(node)
         node.ctime_ns = time.time_ns()
         now = time.time_ns()
