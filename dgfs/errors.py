@@ -53,6 +53,12 @@ class AccessDenied(StoreError, UserError):
     errno = errno.EACCES
 
 
+class CredentialsUnavailable(AccessDenied):
+    """No credentials could be had (none configured, or their provider did not
+    answer, e.g. the instance metadata service timed out): no request reached
+    S3, so nothing was refused. An upload waits in the journal for them."""
+
+
 class PreconditionFailed(StoreError):
     """A conditional request (If-None-Match / If-Match) did not hold."""
 

@@ -22,6 +22,7 @@ from dgfs.delta import DeltaEngine
 from dgfs.errors import (
     AccessDenied,
     ConfigError,
+    CredentialsUnavailable,
     EndpointUnreachable,
     NoSuchBucket,
     NotFound,
@@ -539,7 +540,7 @@ def flaky(store: S3Store, method: str, *, failures: int, error: Exception) -> Ca
         (bexc.ConnectTimeoutError(endpoint_url="http://h:1"), EndpointUnreachable, "cannot reach"),
         (bexc.ReadTimeoutError(endpoint_url="http://h:1"), TransientError, "GetObject"),
         (bexc.ResponseStreamingError(error="reset"), TransientError, "reset"),
-        (bexc.NoCredentialsError(), AccessDenied, "credentials"),
+        (bexc.NoCredentialsError(), CredentialsUnavailable, "credentials"),
         (bexc.ParamValidationError(report="bad"), StoreError, "bad"),
     ],
 )

@@ -511,6 +511,10 @@ class Journal:
             entries.append(entry)
         # Entries of a key a newer-format manifest names stay too: which of
         # them holds the file is for the newer dgfs to decide.
+        # Manifests written from now on must be newer than these, whatever the
+        # clock says: one set back since (a restart before NTP caught up)
+        # would make the next version of a file lose to its older entry.
+        self._last_written_ns = max([self._last_written_ns, *(e.written_ns for e in entries)])
         held = {e.entry_id for e in entries if e.key in newer.values()}
         for entry_id in sorted(held):
             log.error("journal entry %s stays: a newer dgfs's entry names the same file", entry_id)

@@ -21,6 +21,7 @@ import errno
 from dataclasses import dataclass
 
 from dgfs.errors import (
+    CredentialsUnavailable,
     DgfsError,
     FormatError,
     FsError,
@@ -87,7 +88,8 @@ def refused_for_good(exc: BaseException, *, direct: bool) -> bool:
     """Whether an upload that failed with ``exc`` can never succeed, so its
     entry goes to the journal's failed/ instead of being retried.
 
-    Only S3 refusing the write itself is: access denied, the bucket gone, or
+    Only S3 refusing the write itself is: access denied (not credentials
+    that could not be had: no request reached S3), the bucket gone, or
     a request it rejects whatever the timing (a 4xx other than a missing
     object or a lost condition). Everything else is retried with the data in
     the journal: S3 unreachable or throttling, a full or failing local disk,
@@ -97,6 +99,8 @@ def refused_for_good(exc: BaseException, *, direct: bool) -> bool:
     """
     if isinstance(exc, NoSuchBucket):
         return True  # gone: a person must act (the data waits in failed/)
+    if isinstance(exc, CredentialsUnavailable):
+        return False  # S3 refused nothing: retried until credentials come (or back)
     if isinstance(exc, StoreError):
         return not isinstance(exc, (TransientError, NotFound, PreconditionFailed))
     return direct and isinstance(exc, FormatError)

@@ -15,6 +15,7 @@ import trio
 
 from dgfs.errors import (
     AccessDenied,
+    CredentialsUnavailable,
     DgfsError,
     EndpointUnreachable,
     NoSuchBucket,
@@ -135,7 +136,7 @@ def translate_error(
     if isinstance(exc, _NETWORK_ERRORS):
         return TransientError(f"{operation} {where} failed: {exc}")
     if isinstance(exc, _CREDENTIAL_ERRORS):
-        return AccessDenied(
+        return CredentialsUnavailable(
             f"no usable AWS credentials for {endpoint} ({exc}); set AWS_ACCESS_KEY_ID/"
             "AWS_SECRET_ACCESS_KEY, choose a profile, or run with an instance role"
         )

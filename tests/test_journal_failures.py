@@ -1,0 +1,155 @@
+"""Uploads and the journal when the machine misbehaves: its clock set back
+after a power loss, credentials that cannot be had for a moment, a local
+disk that fills or turns read-only. Each test lost or hid an acknowledged
+file, or brought the mount down, before its fix."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time as real_time
+from pathlib import Path
+
+import botocore.exceptions as bexc
+import pytest
+import trio
+import trio.testing
+
+from dgfs.errors import DgfsError
+from dgfs.fs import journal as journal_module
+from dgfs.fs.journal import Journal
+from dgfs.store.faulty import FaultyStore
+from dgfs.store.memory import MemoryStore
+from dgfs.store.s3.calls import translate_error
+from tests.fsharness import (
+    OPTIONS,
+    bucket,
+    close,
+    create,
+    lookup,
+    mounted,
+    open_for_rewrite,
+    read_file,
+    write_file,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _ClockSteppedBack:
+    """The wall clock after a power loss, an hour behind (RTC drift before NTP)."""
+
+    @staticmethod
+    def time_ns() -> int:
+        return real_time.time_ns() - 3600 * 10**9
+
+
+async def test_a_version_closed_after_a_clock_step_back_survives_a_second_crash(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mount 1 closes ``a`` v1 and dies (power loss). The machine comes back
+    with its clock an hour behind. Mount 2 recovers v1, whose upload is
+    in flight when the user rewrites ``a`` (v2) and closes it: close()
+    returned 0. Mount 2 dies too. Mount 3 must show v2; it recovered v1
+    and dropped v2: of two entries for one key the one written last wins,
+    and mount 2 stamped v2 by its clock, behind v1's stamp. A journal's
+    stamps now start after every entry it recovered."""
+    async with mounted(memory, tmp_path, crash=True) as m:
+        await write_file(m.fs, "a", b"version 1\n")  # committed; upload still in its delay
+    monkeypatch.setattr(journal_module, "time", _ClockSteppedBack)
+    held = faulty.hang("upload", key="a")
+    async with mounted(faulty, tmp_path, crash=True) as m:
+        assert m.recovered == 1
+        mock_clock.jump(OPTIONS.upload_delay)
+        await held.reached.wait()  # v1's recovered upload is in flight
+        await close(m.fs, await open_for_rewrite(m.fs, "a", b"version 2\n"))  # acknowledged
+    monkeypatch.undo()
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        assert await read_file(m.fs, "a") == b"version 2\n"
+    assert bucket(memory) == {"a": b"version 2\n"}
+
+
+def _credentials_unavailable(_message: str) -> BaseException:
+    """What S3Store raises when botocore cannot fetch the instance role's
+    credentials for a moment (IMDS timeout): no request reached S3."""
+    exc = bexc.CredentialRetrievalError(provider="iam-role", error_msg="IMDS timed out")
+    return translate_error(
+        exc, bucket="fs-bucket", key="a.txt", endpoint="https://s3", operation="upload"
+    )
+
+
+@pytest.mark.expected_log(r"failed for good|retrying in")
+async def test_a_credential_fetch_hiccup_is_retried_not_given_up(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The upload's credentials could not be fetched once (the instance
+    metadata service timed out). S3 refused nothing, yet the file was moved
+    to failed/ for good: never retried, gone from the mount after the next
+    remount, though S3 took it the moment credentials were back. Such an
+    error (``CredentialsUnavailable``) is retried now."""
+    faulty.fail("upload", key="a.txt", error=_credentials_unavailable)
+    async with mounted(faulty, tmp_path) as m:
+        await write_file(m.fs, "a.txt", b"precious\n")
+    assert bucket(memory) == {"a.txt": b"precious\n"}
+
+
+class _FullDiskOnQuarantine(Journal):
+    """failed/ cannot be made or written: the cache disk is full right now."""
+
+    def quarantine(self, entry_id: str) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.expected_log(r".")
+async def test_a_quarantine_hitting_a_full_disk_does_not_bring_the_mount_down(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The bucket refuses ``a.txt`` for good while the cache disk is full:
+    moving the entry to failed/ raised ENOSPC in the upload worker, which
+    took the whole mount down (every process using it got ENOTCONN). The
+    entry now stays in the journal, and fsync reports the refusal."""
+    faulty.fail("upload", key="a.txt", transient=False)
+    async with mounted(faulty, tmp_path, journal_type=_FullDiskOnQuarantine) as m:
+        fh = await create(m.fs, "a.txt", b"precious\n")
+        with pytest.raises(DgfsError):
+            await m.fs.fsync(fh)
+        await m.fs.release(fh)
+        await write_file(m.fs, "b.txt", b"other file\n")  # the mount still works
+        await m.fs.fsync((await m.fs.open((await lookup(m.fs, "b.txt")).ino, os.O_RDONLY)).fh)
+    assert bucket(memory) == {"b.txt": b"other file\n"}
+
+
+class _ReadOnlyAfterErrors(Journal):
+    """The cache disk went read-only (ext4 ``errors=remount-ro`` after an I/O
+    error): removing an uploaded entry fails with EROFS."""
+
+    def remove(self, entry_id: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+
+@pytest.mark.expected_log(r".")
+async def test_a_journal_removal_failing_after_an_upload_does_not_bring_the_mount_down(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``a.txt`` is in S3; only forgetting its journal entry fails (the
+    next mount merely uploads it again). The OSError escaped the upload
+    worker and took the mount down: every other file's upload stopped."""
+    async with mounted(memory, tmp_path, journal_type=_ReadOnlyAfterErrors) as m:
+        fh = await create(m.fs, "a.txt", b"stored\n")
+        await m.fs.flush(fh)
+        await m.fs.release(fh)
+        await m.fs.wait_idle()  # uploaded; the entry's removal fails
+        await write_file(m.fs, "b.txt", b"second file\n")
+        await m.fs.wait_idle()
+    assert bucket(memory) == {"a.txt": b"stored\n", "b.txt": b"second file\n"}
