@@ -579,13 +579,7 @@ class UploadPipeline:
     async def _quarantine(self, node: Node, staged: StagedFile, key: str, error: DgfsError) -> None:
         """The bucket refuses this file for good: its entry goes to failed/."""
         staged.failed_for_good(error)
-        try:
-            where = await trio.to_thread.run_sync(self.journal.quarantine, staged.entry_id)
-        except OSError as exc:
-            # The local disk failed too (full, read-only): the entry stays
-            # where it is, and the next mount tries its upload again.
-            where = staged.path
-            log.error("cannot move %s's journal entry to failed/ (%s); it stays", key, exc)
+        where = await trio.to_thread.run_sync(self.journal.quarantine, staged.entry_id)
         seen = errno.errorcode.get(errno_of(error), "EIO")
         log.error(
             "upload of %s failed for good (%s, users see %s); the data is kept in %s",
@@ -681,13 +675,7 @@ class UploadPipeline:
         uploaded retires itself when it lands)."""
         if not staged.is_uploading:
             staged.retire()
-            try:
-                self.journal.remove(staged.entry_id)
-            except OSError as exc:
-                # The local disk failed (read-only, I/O error): the mount goes
-                # on; the entry left behind is uploaded again by the next
-                # mount, or dropped there as replaced by a newer one.
-                log.error("cannot remove journal entry %s (%s)", staged.entry_id, exc)
+            self.journal.remove(staged.entry_id)
 
     def _settle(self, node: Node) -> None:
         """Drop local content once it is all in S3 and no handle is open."""
