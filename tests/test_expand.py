@@ -1590,3 +1590,32 @@ def test_only_subtrees_holding_no_others_are_remembered(tmp_path: Path, workers:
     assert 0 < len(leaves) < len(segment_tags(form))
     remembered = set(expand.REBUILT_SUBTREES._items)
     assert remembered == {hashlib.sha256(leaf).digest() for leaf in leaves}
+
+
+@pytest.mark.parametrize("length", [1 << 62, 1 << 63, (1 << 70) - 1])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_huge_raw_length_inside_a_subtree_is_a_format_error(
+    tmp_path: Path, length: int, workers: int
+) -> None:
+    """A hostile expanded form: a DEFLATE segment holding one RAW segment
+    whose varint length is huge. ``_subtree_end`` sought past it before
+    checking its limit, and the seek itself failed: OSError(EINVAL) for
+    2^62, ValueError for 2^63 and more, neither a FormatError (the read
+    path's ``except (FormatError, DgfsError)`` missed them)."""
+    from dgfs.deep.deflate import DeflateParams
+    from dgfs.deep.recompress import rebuild_file
+    from dgfs.deep.segments import MAGIC, TAG_DEFLATE, TAG_END, TAG_RAW, varint
+    from dgfs.errors import DgfsError, FormatError
+
+    form = tmp_path / "hostile.dgx"
+    form.write_bytes(
+        MAGIC
+        + bytes([TAG_DEFLATE])
+        + DeflateParams(6).pack()
+        + bytes([TAG_RAW])
+        + varint(length)
+        + b"x" * 16
+        + bytes([TAG_END, TAG_END])
+    )
+    with pytest.raises((FormatError, DgfsError)):
+        rebuild_file(form, tmp_path / "out", tmp_path, workers, seconds=30)

@@ -197,7 +197,10 @@ class Reader:
             if tag == TAG_END:
                 depth -= 1
             elif tag == TAG_RAW:
-                self.src.seek(self.varint(), os.SEEK_CUR)
+                length = self.varint()
+                if self.src.tell() - start + length > limit:
+                    return None  # (a hostile length may be past any offset a seek takes)
+                self.src.seek(length, os.SEEK_CUR)
             elif tag in COMPRESSING:
                 self.skip_header(tag)
                 depth += 1

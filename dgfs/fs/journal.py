@@ -282,6 +282,10 @@ class Journal:
         except BaseException:
             mine.close()
             raise
+        # Its stamps start after every manifest of every slot, those of live
+        # mounts too: of two entries for one file a later recovery keeps the
+        # one stamped last, whatever the clock did in between.
+        mine._last_written_ns = max(mine._last_written_ns, _highest_stamp(candidates))
         return mine
 
     def _adopt_orphans(self) -> None:
@@ -511,9 +515,7 @@ class Journal:
             entries.append(entry)
         # Entries of a key a newer-format manifest names stay too: which of
         # them holds the file is for the newer dgfs to decide.
-        # Manifests written from now on must be newer than these, whatever the
-        # clock says: one set back since (a restart before NTP caught up)
-        # would make the next version of a file lose to its older entry.
+        # Stamps from now on come after these (see ``_highest_stamp``).
         self._last_written_ns = max([self._last_written_ns, *(e.written_ns for e in entries)])
         held = {e.entry_id for e in entries if e.key in newer.values()}
         for entry_id in sorted(held):
@@ -559,3 +561,19 @@ class Journal:
                 # An earlier version moved the manifest first and died before the data.
                 log.warning("finishing the move of journal entry %s into %s", entry_id, failed)
                 _move_entry(entry_id, self.directory, failed)
+
+
+def _highest_stamp(slots: list[Path]) -> int:
+    """The highest ``written_ns`` of the manifests in ``slots`` (0 if none):
+    a clock set back since they were written (a restart before NTP caught
+    up) must not stamp a newer version of a file behind an older one."""
+    highest = 0
+    for slot in slots:
+        for path in slot.glob("*.json") if slot.is_dir() else ():
+            try:
+                stamp = json.loads(path.read_bytes()).get("written_ns", 0)
+            except (OSError, ValueError, AttributeError):
+                continue  # unreadable: recovery deals with it
+            if isinstance(stamp, int):
+                highest = max(highest, stamp)
+    return highest

@@ -21,7 +21,14 @@ from cachetools import TTLCache
 from dgfs import format as fmt
 from dgfs import posixmeta
 from dgfs.background import contained
-from dgfs.errors import AccessDenied, DgfsError, FsError, NotFound, StoreError
+from dgfs.errors import (
+    AccessDenied,
+    CredentialsUnavailable,
+    DgfsError,
+    FsError,
+    NotFound,
+    StoreError,
+)
 from dgfs.flight import SingleFlight
 from dgfs.format import Kind
 from dgfs.fs import dirindex
@@ -302,6 +309,8 @@ class Namespace:
                 body = await trio.to_thread.run_sync(dirindex.encode, prefix, relevant)
                 try:
                     await self.store.put_bytes(key, body, {})
+                except CredentialsUnavailable as exc:  # for a moment: tried next time
+                    log.warning("%s: directory index not written (%s)", key, exc)
                 except AccessDenied as exc:
                     log.warning(
                         "%s: cannot write directory indexes (%s); not trying again", key, exc

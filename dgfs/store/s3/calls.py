@@ -41,11 +41,13 @@ _ACCESS_CODES = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
     "AllAccessDisabled",
-    "ExpiredToken",
     "InvalidToken",
-    "TokenRefreshRequired",
     "AccountProblem",
 }
+# Temporary credentials that ran out while their provider could not renew
+# them (the instance metadata service down through botocore's refresh
+# window): the same outage as a failed fetch, one step later.
+_EXPIRED_CODES = {"ExpiredToken", "TokenRefreshRequired"}
 # ConditionalRequestConflict (409): a conditional request raced another write.
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _TRANSIENT_CODES = {
@@ -118,6 +120,10 @@ def translate_error(
             return NoSuchBucket(f"bucket {bucket!r} does not exist at {endpoint}")
         if code in _NOT_FOUND_CODES or status == 404:
             return NotFound(f"{where} not found")
+        if code in _EXPIRED_CODES:
+            return CredentialsUnavailable(
+                f"{operation} {where}: the credentials expired and were not renewed ({detail})"
+            )
         if code in _ACCESS_CODES or status == 403:
             return AccessDenied(
                 f"access denied to {where} at {endpoint} ({detail}); "
