@@ -22,7 +22,8 @@ gives the decompressed target; :func:`recover_gzip` then searches
   (around the newest tar member's mtime, the reference's, 0), XFL and OS
   (the level's own XFL, the reference's; OS 255 as Python writes, 3 as
   GNU gzip and zlib do). Every candidate costs one SHA-256 of the whole
-  file (about 6 ms per 10 MB here), so their number is bounded.
+  file (about 6 ms per 10 MB here), so their number is bounded, and so are
+  the bytes hashed by the whole search (:func:`hash_budget`).
 
 Measured on the eight Django 4.2.1-4.2.8 sdists stored by the stock CLI
 (Python's gzip, level 9, OS 255, FNAME, MTIME = the newest member's mtime
@@ -30,11 +31,17 @@ rounded down): all eight come back, each at the first header tried, in
 about 4 s for a 10 MB file (59 MB tar): mostly one level-9 compression,
 plus ~0.9 s reading the tar's mtimes and ~0.5 s fingerprinting the
 reference. A file that cannot be recovered costs up to ``MAX_BODIES``
-compressions and ``MAX_HEADERS`` hashes (~35 s at that size).
+compressions and ``MAX_HEADERS`` hashes per body, and no more than
+:func:`hash_budget` bytes hashed in all (~100 hashes at that size).
 
-Only single-member gzip files are rebuilt. Nothing here is trusted: the
-output appears only when its SHA-256 equals the recorded one. Blocking
-(CPU and disk): call it from a worker thread.
+Nothing here is trusted. The size and SHA-256 come from metadata anyone
+who can write the bucket chose, the content from their delta: the search
+stops with ``DecodeLimit`` past its wall time (``expand_time``) or its
+hashing budget, and the tar is read header by header, each extended
+header (pax, GNU long name) up to ``MAX_TAR_EXTENSION`` bytes
+(:func:`_tar_facts`). The output appears only when its SHA-256 equals the
+recorded one. Only single-member gzip files are rebuilt. Blocking (CPU and
+disk): call it from a worker thread.
 """
 
 from __future__ import annotations
@@ -45,8 +52,8 @@ import logging
 import math
 import mmap
 import os
+import re
 import struct
-import tarfile
 import tempfile
 import time
 import zlib
@@ -55,8 +62,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from dgfs.deep import CANDIDATES, GNU_LEVELS, DeflateParams, gnu_deflate, zgz_path
-from dgfs.errors import DeltaEngineError
+from dgfs.deep import (
+    CANDIDATES,
+    GNU_LEVELS,
+    DeflateParams,
+    ExpansionLimits,
+    gnu_deflate,
+    zgz_path,
+)
+from dgfs.errors import DecodeLimit, DeltaEngineError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +96,17 @@ MTIME_AFTER = 300
 MTIME_BEFORE = 30
 #: ...then further after it, as far as MAX_HEADERS allows.
 MTIME_LATE = 3600
+#: Bytes one search may hash in all, per byte of the file (its recorded size)...
+HASH_RATIO = 64
+#: ...and at least this many (~0.6 s here): a file up to 512 KiB keeps its
+#: MAX_HEADERS candidates per body.
+HASH_FLOOR = 1 << 30
+
+#: An extended tar header (pax, GNU long name or link) claiming more than
+#: this ends the scan for facts: real ones hold a name or a few records.
+MAX_TAR_EXTENSION = 1 << 20
+#: Tar headers read for facts (a member with a pax header has two).
+MAX_TAR_HEADERS = 200_000
 
 #: Decompressed bytes of the reference used to fingerprint its compressor.
 _PROBE_PLAIN = 1 << 20
@@ -141,6 +166,45 @@ def gzip_header(*, mtime: int, xfl: int, os_byte: int, name: bytes | None) -> by
     return head + name + b"\0" if name is not None else head
 
 
+def hash_budget(size: int) -> int:
+    """Bytes one search for a ``size``-byte file may hash in all."""
+    return max(HASH_FLOOR, HASH_RATIO * size)
+
+
+class _Budget:
+    """What one search may still spend: wall time, and bytes hashed.
+
+    Both are checked before the work they count (a hash, the next piece of
+    a compression); past either, ``DecodeLimit`` names the limit.
+    """
+
+    def __init__(self, seconds: float, max_hashed: int) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.max_hashed = max_hashed
+        self.hashed = 0
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise DecodeLimit(
+                f"searching its gzip settings took over {self.seconds:g} s (expand_time)"
+            )
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def charge_hash(self, size: int) -> None:
+        """Count one SHA-256 of ``size`` bytes, before it is computed."""
+        self.check_time()
+        if self.hashed + size > self.max_hashed:
+            raise DecodeLimit(
+                f"searching its gzip settings would hash more than {self.max_hashed} bytes,"
+                f" the limit for this object ({HASH_RATIO} × its dg-file-size,"
+                f" at least {HASH_FLOOR >> 20} MiB)"
+            )
+        self.hashed += size
+
+
 # --- deflate bodies ------------------------------------------------------------
 
 
@@ -166,10 +230,11 @@ class _Body:
         """The OS byte its most likely writer puts in the header."""
         return OS_UNIX if self.gnu_level is not None else OS_UNKNOWN
 
-    def chunks(self, plain: Path) -> Generator[bytes, None, None]:
-        """The raw deflate body of the file ``plain``; DeltaEngineError if zgz fails."""
+    def chunks(self, plain: Path, timeout: float | None = None) -> Generator[bytes, None, None]:
+        """The raw deflate body of the file ``plain``; DeltaEngineError if zgz
+        fails, DecodeLimit if it runs longer than ``timeout`` seconds."""
         if self.gnu_level is not None:
-            yield from gnu_deflate(self.gnu_level, plain)
+            yield from gnu_deflate(self.gnu_level, plain, timeout)
             return
         assert self.params is not None
         compressor = self.params.compressor()
@@ -194,7 +259,7 @@ _XFL_BODIES = {
 
 
 def _body_plans(
-    reference: Path | None, ref_header: GzipHeader | None, scratch_dir: Path
+    reference: Path | None, ref_header: GzipHeader | None, scratch_dir: Path, budget: _Budget
 ) -> list[_Body]:
     """Ways to make the body, most likely first.
 
@@ -204,7 +269,7 @@ def _body_plans(
     """
     plans: list[_Body] = []
     if reference is not None and ref_header is not None:
-        plans += _reference_writers(reference, ref_header, scratch_dir)
+        plans += _reference_writers(reference, ref_header, scratch_dir, budget)
         plans += _XFL_BODIES.get(ref_header.xfl, ())
     plans.append(_Body(DeflateParams(9)))
     plans += [_Body(p) for p in CANDIDATES]
@@ -217,7 +282,9 @@ def _body_plans(
     ]
 
 
-def _reference_writers(reference: Path, header: GzipHeader, scratch_dir: Path) -> list[_Body]:
+def _reference_writers(
+    reference: Path, header: GzipHeader, scratch_dir: Path, budget: _Budget
+) -> list[_Body]:
     """The bodies that reproduce the first compressed bytes of the reference's stream.
 
     A cheap fingerprint of the tool that made the reference (a wrong zlib
@@ -249,7 +316,7 @@ def _reference_writers(reference: Path, header: GzipHeader, scratch_dir: Path) -
         probe.flush()
         for body in _XFL_BODIES.get(header.xfl, ())[1:]:
             try:
-                out = b"".join(body.chunks(Path(probe.name)))
+                out = b"".join(body.chunks(Path(probe.name), budget.seconds_left()))
             except DeltaEngineError:
                 continue
             if _common_prefix(out, compressed) >= _PROBE_EVIDENCE:
@@ -290,16 +357,20 @@ def _common_prefix(a: bytes, b: bytes) -> int:
     return lo
 
 
-def _write_body(body: _Body, plain: Path, dest: Path, budget: int) -> int | None:
+def _write_body(
+    body: _Body, plain: Path, dest: Path, max_length: int, budget: _Budget
+) -> int | None:
     """Write ``body`` of ``plain`` to ``dest`` and return its length; None once it
-    exceeds ``budget`` bytes or cannot be made."""
+    exceeds ``max_length`` bytes or cannot be made. DecodeLimit past the
+    search's deadline."""
     length = 0
     with open(dest, "wb") as out:
-        pieces = body.chunks(plain)
+        pieces = body.chunks(plain, budget.seconds_left())
         try:
             for piece in pieces:
+                budget.check_time()
                 length += len(piece)
-                if length > budget:
+                if length > max_length:
                     return None
                 out.write(piece)
         except DeltaEngineError as exc:
@@ -310,12 +381,13 @@ def _write_body(body: _Body, plain: Path, dest: Path, budget: int) -> int | None
     return length
 
 
-def _gzip_trailer(plain: Path) -> bytes:
+def _gzip_trailer(plain: Path, budget: _Budget) -> bytes:
     """CRC-32 and size modulo 2**32 of ``plain``: the 8 bytes that end a gzip member."""
     crc = 0
     size = 0
     with open(plain, "rb") as f:
         while chunk := f.read(_CHUNK):
+            budget.check_time()
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
     return struct.pack("<II", crc, size & 0xFFFFFFFF)
@@ -330,23 +402,173 @@ class _TarFacts:
     top_dir: str | None
 
 
-def _tar_facts(plain: Path) -> _TarFacts:
-    """The newest member mtime (rounded down) and top directory of a tar, if it is one."""
+_NO_FACTS = _TarFacts(None, None)
+_TAR_BLOCK = 512
+#: Extended headers: pax (POSIX, Solaris), pax global, GNU long name, GNU long link.
+_TAR_EXTENSIONS = (b"x", b"X", b"g", b"L", b"K")
+#: Types whose data blocks follow the header (tarfile skips only these, and
+#: types it does not know): regular, contiguous and GNU sparse files.
+_TAR_WITH_DATA = (b"0", b"\0", b"7", b"S")
+_TAR_KNOWN = _TAR_WITH_DATA + _TAR_EXTENSIONS + (b"1", b"2", b"3", b"4", b"5", b"6")
+#: The only pax records the facts need (others are not kept: a tar may hold many).
+_PAX_KEYS = (b"path", b"mtime", b"size")
+_PAX_RECORD = re.compile(rb"(\d{1,20}) ([^=\n]+)=")
+_HIGH_BYTES = bytes(range(128, 256))
+
+
+class _TooLarge(Exception):
+    """An extended tar header claims more than ``MAX_TAR_EXTENSION`` bytes."""
+
+
+def _tar_facts(plain: Path, budget: _Budget) -> _TarFacts:
+    """The newest member mtime (rounded down) and top directory of a tar, if it is one.
+
+    The tar is read header by header, as tarfile reads it, but an extended
+    header (pax, GNU long name) claiming more than ``MAX_TAR_EXTENSION``
+    bytes gives no facts at all: tarfile read one whole into memory,
+    whatever size it claimed (up to the 4 GiB the content may hold). The
+    scan stops at the first block that is not a header, or after
+    ``MAX_TAR_HEADERS`` headers, with the facts found so far; DecodeLimit
+    past the search's deadline.
+    """
     newest: float | None = None
     top: str | None = None
     try:
-        with tarfile.open(plain, "r:") as tar:
-            for member in tar:
-                # A pax header's mtime is any float ("inf", "nan"): floor() refuses those.
-                if not math.isfinite(member.mtime):
-                    continue
-                if newest is None or member.mtime > newest:
-                    newest = member.mtime
+        with open(plain, "rb") as f:
+            for name, mtime in _tar_members(f, budget):
+                if mtime is not None and (newest is None or mtime > newest):
+                    newest = mtime
                 if top is None:
-                    top = member.name.lstrip("./").split("/", 1)[0] or None
-    except (tarfile.TarError, OSError, EOFError, ValueError):
-        return _TarFacts(None, None)
+                    first = name.decode("utf-8", "surrogateescape").lstrip("./")
+                    top = first.split("/", 1)[0] or None
+    except _TooLarge as exc:
+        log.debug("%s: no facts from its tar: %s", plain, exc)
+        return _NO_FACTS
     return _TarFacts(None if newest is None else max(0, math.floor(newest)), top)
+
+
+def _tar_members(f: BinaryIO, budget: _Budget) -> Iterator[tuple[bytes, float | None]]:
+    """The name and mtime of each member of the tar ``f`` (pax records and GNU
+    long names applied), reading no more than ``MAX_TAR_EXTENSION`` bytes of
+    any extended header (``_TooLarge`` past that)."""
+    offset = 0
+    file_size = os.fstat(f.fileno()).st_size
+    global_pax: dict[bytes, bytes] = {}
+    pax: dict[bytes, bytes] = {}
+    long_name: bytes | None = None
+    for _ in range(MAX_TAR_HEADERS):
+        budget.check_time()
+        if offset + _TAR_BLOCK > file_size:  # sizes may claim any number
+            return
+        f.seek(offset)
+        block = f.read(_TAR_BLOCK)
+        if len(block) < _TAR_BLOCK or not _tar_checksum_ok(block):
+            return  # the end (two zero blocks fail the checksum too), or not a tar
+        size = _tar_number(block[124:136])
+        kind = block[156:157]
+        if size is None or size < 0:
+            return
+        if kind in _TAR_EXTENSIONS:
+            if size > MAX_TAR_EXTENSION:
+                raise _TooLarge(f"a {kind.decode()!r} header of {size} bytes")
+            data = f.read(size)
+            if len(data) < size:
+                return
+            if kind == b"g":
+                global_pax.update(_pax_records(data))
+            elif kind in (b"x", b"X"):
+                pax.update(_pax_records(data))
+            elif kind == b"L":
+                long_name = data.split(b"\0", 1)[0]
+            offset += _TAR_BLOCK + _blocks(size)
+            continue
+        records = {**global_pax, **pax}
+        name = long_name or records.get(b"path") or _ustar_name(block, kind)
+        mtime: float | None
+        if b"mtime" in records:
+            mtime = _pax_float(records[b"mtime"])
+        else:
+            mtime = _tar_number(block[136:148])
+        yield name, mtime
+        if b"size" in records:
+            size = _pax_int(records[b"size"])
+        pax, long_name = {}, None
+        skip = kind in _TAR_WITH_DATA or kind not in _TAR_KNOWN
+        offset += _TAR_BLOCK + (_blocks(size) if skip and size > 0 else 0)
+
+
+def _blocks(size: int) -> int:
+    """``size`` rounded up to whole tar blocks."""
+    return -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _tar_checksum_ok(block: bytes) -> bool:
+    """Whether ``block`` is a tar header: its checksum (unsigned, or signed as
+    some old tars wrote it) matches; a block of zeros never does."""
+    recorded = _tar_number(block[148:156])
+    if recorded is None or not block.strip(b"\0"):
+        return False
+    rest = block[:148] + b" " * 8 + block[156:]
+    unsigned = sum(rest)
+    if recorded == unsigned:
+        return True
+    high = len(rest) - len(rest.translate(None, _HIGH_BYTES))
+    return recorded == unsigned - 256 * high
+
+
+def _tar_number(field: bytes) -> int | None:
+    """A tar header's numeric field: octal text, or base-256 (GNU); None if neither."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
+    text = field.split(b"\0", 1)[0].strip()
+    if not text:
+        return 0
+    if text.strip(b"01234567"):
+        return None
+    return int(text, 8)
+
+
+def _ustar_name(block: bytes, kind: bytes) -> bytes:
+    """A member's name from its header alone (the ustar prefix joined, as tarfile does)."""
+    name = block[:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0]
+    if prefix and kind not in (b"L", b"K", b"S"):
+        return prefix + b"/" + name
+    return name
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """The records of a pax header the facts need (``_PAX_KEYS``), up to the
+    first that is malformed."""
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while (match := _PAX_RECORD.match(data, pos)) is not None:
+        end = match.start(1) + int(match.group(1))
+        if end <= match.end() or end > len(data) or data[end - 1] != 0x0A:
+            break
+        if match.group(2) in _PAX_KEYS:
+            records[match.group(2)] = data[match.end() : end - 1]
+        pos = end
+    return records
+
+
+def _pax_float(value: bytes) -> float | None:
+    """A pax ``mtime`` (it may have a fraction), or None if it is no finite number."""
+    try:
+        number = float(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    # Any float parses ("inf", "nan", "1e999"): floor() refuses those.
+    return number if math.isfinite(number) else None
+
+
+def _pax_int(value: bytes) -> int:
+    """A pax ``size``; 0 if it is no integer, as tarfile reads it."""
+    try:
+        return int(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return 0
 
 
 def _name_candidates(
@@ -463,6 +685,7 @@ def recover_gzip(
     scratch_dir: Path,
     max_bodies: int = MAX_BODIES,
     max_headers: int = MAX_HEADERS,
+    seconds: float = ExpansionLimits.seconds,
 ) -> bool:
     """Gzip ``decompressed`` back into the exact file with ``expected_sha256``.
 
@@ -476,29 +699,33 @@ def recover_gzip(
 
     Returns True when found: ``out`` then holds exactly those bytes
     (written beside it and renamed into place). Returns False, with ``out``
-    untouched, when no candidate matches. Scratch files go to
-    ``scratch_dir`` and are removed. Blocking (CPU and disk): run it in a
-    worker thread. Raises OSError if a file cannot be read or written.
+    untouched, when no candidate matches. Raises ``DecodeLimit`` when the
+    search takes longer than ``seconds`` or would hash more than
+    :func:`hash_budget` of ``expected_size`` bytes in all (both chosen by
+    whoever wrote the object). Scratch files go to ``scratch_dir`` and are
+    removed. Blocking (CPU and disk): run it in a worker thread. Raises
+    OSError if a file cannot be read or written.
     """
     started = time.monotonic()
+    budget = _Budget(seconds, hash_budget(expected_size))
     ref_header = read_gzip_header(reference_gzip) if reference_gzip is not None else None
-    tar = _tar_facts(decompressed)
+    tar = _tar_facts(decompressed, budget)
     names = _name_candidates(original_name, tar, ref_header)
     mtimes = _mtime_candidates(tar, ref_header)
-    plans = _body_plans(reference_gzip, ref_header, scratch_dir)[:max_bodies]
-    budget = expected_size - _HEADER_SIZE - _TRAILER_SIZE
-    trailer = _gzip_trailer(decompressed)
+    plans = _body_plans(reference_gzip, ref_header, scratch_dir, budget)[:max_bodies]
+    max_length = expected_size - _HEADER_SIZE - _TRAILER_SIZE
+    trailer = _gzip_trailer(decompressed, budget)
     hashed = 0
     with _scratch_body(scratch_dir) as body_path:
         for body in plans:
-            body_length = _write_body(body, decompressed, body_path, budget)
+            body_length = _write_body(body, decompressed, body_path, max_length, budget)
             if body_length is None:
                 log.debug("%s: %s is longer than the file", original_name, body)
                 continue
             header_length = expected_size - _TRAILER_SIZE - body_length
             candidates = _header_candidates(body, header_length, names, mtimes, ref_header)
             header, tried = _find_header(
-                body_path, trailer, candidates, expected_sha256, max_headers
+                body_path, trailer, candidates, expected_sha256, max_headers, budget
             )
             hashed += tried
             if header is None:
@@ -559,6 +786,7 @@ def _find_header(
     candidates: Iterator[bytes],
     expected_sha256: str,
     max_headers: int,
+    budget: _Budget,
 ) -> tuple[bytes | None, int]:
     """The first of ``candidates`` completing the body to ``expected_sha256``, and how
     many were hashed."""
@@ -568,6 +796,7 @@ def _find_header(
         for header in candidates:
             if tried >= max_headers:
                 break
+            budget.charge_hash(len(header) + len(body) + len(trailer))
             tried += 1
             # The header comes first, so no hash state can be shared between
             # candidates: each is a full SHA-256 (hashlib drops the GIL for it).

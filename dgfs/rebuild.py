@@ -26,6 +26,7 @@ from dgfs.cache import CacheEntryReader, ContentCache
 from dgfs.delta import HEADER_PROBE, DeltaEngine, is_stock_gzip_delta
 from dgfs.errors import (
     CacheCorrupt,
+    DecodeLimit,
     DeltaEngineError,
     DgfsError,
     FormatError,
@@ -162,8 +163,9 @@ class Rebuilder:
         self._flights = SingleFlight()
         # sha256 -> the rebuild of that content running now (served while written)
         self._streams: dict[str, RebuildStream] = {}
-        # SHA-256 of stock gzip deltas whose recovery failed (a search costs ~30 s).
-        self._unrecoverable: set[str] = set()
+        # SHA-256 of stock gzip deltas whose recovery failed (a search costs
+        # seconds to minutes) -> why.
+        self._unrecoverable: dict[str, str] = {}
         self.recent = RecentRebuilds()
 
     async def rebuild(
@@ -256,12 +258,15 @@ class Rebuilder:
         Its xdelta3 diffed the decompressed streams and recompresses on
         decode with other settings, so DeltaGlider itself cannot give the
         file back; the decompressed content is exact, and the gzip settings
-        that made the original are searched for (:mod:`dgfs.dgzip`).
-        A search that failed is not repeated in this process.
+        that made the original are searched for (:mod:`dgfs.dgzip`), each
+        search within ``expand_time`` (``DecodeLimit``). A search that
+        failed is not repeated in this process.
         """
         sha256 = stored.file_sha256
-        if sha256 is None or sha256 in self._unrecoverable:
+        if sha256 is None:
             raise IntegrityError(_UNRECOVERABLE.format(key=stored.visible_key))
+        if sha256 in self._unrecoverable:
+            raise IntegrityError(self._unrecoverable[sha256])
         async with self._bench.scratch(".tar") as decompressed:
             await self._engine.decode_decompressed(
                 plain_ref,
@@ -278,10 +283,18 @@ class Rebuilder:
                 expected_size=stored.original_size,
                 reference_gzip=plain_ref,
                 scratch_dir=self._bench.scratch_dir,
+                seconds=self._limits.seconds,
             )
-            if not await self._bench.cpu(recover):
-                self._unrecoverable.add(sha256)
-                raise IntegrityError(_UNRECOVERABLE.format(key=stored.visible_key))
+            try:
+                found = await self._bench.cpu(recover)
+            except DecodeLimit as exc:
+                why = f"{stored.visible_key}: stored by DeltaGlider from gzip input; {exc}"
+                self._unrecoverable[sha256] = why
+                raise DecodeLimit(why) from None
+            if not found:
+                why = _UNRECOVERABLE.format(key=stored.visible_key)
+                self._unrecoverable[sha256] = why
+                raise IntegrityError(why)
         log.info(
             "%s: written by DeltaGlider from gzip input, which DeltaGlider cannot read back;"
             " recovered the original bytes",

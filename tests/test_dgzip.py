@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import tarfile
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 from dgfs import dgzip
 from dgfs.delta import DeltaEngine, external_compression
 from dgfs.dgzip import gzip_header, read_gzip_header, recover_gzip
-from dgfs.errors import DeltaEngineError
+from dgfs.errors import DecodeLimit, DeltaEngineError
 from testsupport.dgcli import run_deltaglider
 from testsupport.servers import s3_client
 
@@ -181,6 +183,150 @@ def test_a_pax_mtime_no_integer_holds_is_ignored(tmp_path: Path, mtime: str) -> 
     original = python_gzip(plain, "pkg-1.1.tar.gz", NEWEST)
     found, out = recover(tmp_path, original, plain, "pkg-1.1.tar.gz")
     assert found and out.read_bytes() == original
+
+
+@pytest.mark.parametrize(
+    "tar_format", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT]
+)
+def test_the_tar_scan_finds_what_tarfile_finds(tmp_path: Path, tar_format: int) -> None:
+    """``_tar_facts`` reads the tar itself (tarfile would read any extended
+    header whole, below): the newest mtime and top directory come out as
+    tarfile gives them, with long names (a GNU long-name header, a ustar
+    prefix, a pax path), pax float mtimes and a global pax header."""
+    deep = "pkg-3.0/" + "/".join(["sub"] * 30) + "/module.py"  # over 100 characters
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tar_format) as tar:
+        if tar_format == tarfile.PAX_FORMAT:
+            tar.pax_headers = {"comment": "made by a test"}  # a global header
+        for name, mtime, kind in [
+            (deep, NEWEST - 9.5, tarfile.REGTYPE),  # first: the top directory is in its long name
+            ("pkg-3.0", NEWEST - 50, tarfile.DIRTYPE),
+            ("pkg-3.0/link", NEWEST - 3, tarfile.SYMTYPE),
+            ("pkg-3.0/PKG-INFO", NEWEST + 0.625, tarfile.REGTYPE),
+            ("pkg-3.0/z.txt", NEWEST - 7, tarfile.REGTYPE),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.type, info.mtime = kind, mtime
+            data = b"x" * 700 if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "t.tar"
+    path.write_bytes(buf.getvalue())
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    assert members[0].name == deep  # the long name survives in this format
+    newest = max(m.mtime for m in members)
+    facts = dgzip._tar_facts(path, dgzip._Budget(60, 0))
+    assert facts == dgzip._TarFacts(math.floor(newest), "pkg-3.0")
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.XGLTYPE, b"L", b"K"])
+def test_an_extended_tar_header_is_never_read_whole(tmp_path: Path, kind: bytes) -> None:
+    """Before, ``_tar_facts`` let tarfile read a pax (or GNU long-name)
+    header whole into memory, whatever size it claimed: the content of a
+    hostile stock gzip delta may hold up to 4 GiB (the expand_max allowance
+    of its dg-file-size), so one object could take that much of the
+    daemon's memory, or end the search with MemoryError. Now a claim over
+    MAX_TAR_EXTENSION gives no facts and nothing of it is read (a 64 MiB
+    claim here, in a sparse file; the peak of Python's allocations is
+    measured)."""
+    claim = 64 << 20
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = kind, claim
+    plain = tmp_path / "plain.tar"
+    with open(plain, "wb") as f:
+        f.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+        f.truncate(512 + claim + 1024)  # sparse: no disk used
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    tracemalloc.start()
+    try:
+        found = recover_gzip(
+            plain,
+            tmp_path / "out.gz",
+            original_name="x.tar.gz",
+            expected_sha256="ab" * 32,
+            expected_size=1000,
+            reference_gzip=None,
+            scratch_dir=scratch,
+            max_bodies=0,
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not found
+    assert peak < 4 << 20, f"{peak >> 20} MiB allocated for a {claim >> 20} MiB header"
+    assert dgzip._tar_facts(plain, dgzip._Budget(60, 0)) == dgzip._TarFacts(None, None)
+
+
+def hostile_target(tmp_path: Path, size: int) -> tuple[bytes, bytes]:
+    """(content, its gzip) of ``size`` random bytes in a tar: Python's level 9,
+    the body the search tries first, whose length fits the file's size."""
+    data = random.Random(5).randbytes(size)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("pkg-1.1/data.bin")
+        info.size, info.mtime = len(data), NEWEST
+        tar.addfile(info, io.BytesIO(data))
+    plain = buf.getvalue()
+    return plain, python_gzip(plain, "pkg-1.1.tar.gz", NEWEST)
+
+
+def recover_hostile(tmp_path: Path, size: int, **limits: float) -> None:
+    """Run recover_gzip as a hostile object has it run: a dg-file-size that fits
+    the first deflate body, a dg-file-sha256 that no candidate matches."""
+    plain, original = hostile_target(tmp_path, size)
+    decompressed = tmp_path / "plain.tar"
+    decompressed.write_bytes(plain)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    try:
+        recover_gzip(
+            decompressed,
+            tmp_path / "out.gz",
+            original_name="pkg-1.1.tar.gz",
+            expected_sha256=hashlib.sha256(b"not these bytes").hexdigest(),
+            expected_size=len(original),
+            reference_gzip=None,
+            scratch_dir=scratch,
+            **limits,  # type: ignore[arg-type]
+        )
+    finally:
+        assert list(scratch.iterdir()) == []  # scratch files are removed
+        assert not (tmp_path / "out.gz").exists()
+
+
+def test_a_size_that_fits_stops_the_search_at_its_hashing_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, every deflate body whose length fits dg-file-size got
+    MAX_HEADERS (2,000) SHA-256 of the whole file, up to MAX_BODIES (4)
+    bodies: whoever writes the bucket picks the size, and the recovery of
+    one object hashed 2,000-8,000 times its size (hours at 4 GiB) under a
+    CPU token other reads waited for. Now the whole search hashes at most
+    HASH_RATIO (64) times the size (at least HASH_FLOOR, 0 here to reach
+    the ratio with a small file), then stops with DecodeLimit naming it."""
+    monkeypatch.setattr(dgzip, "HASH_FLOOR", 0, raising=False)
+    size = 256 << 10
+    started = time.monotonic()
+    with pytest.raises(DecodeLimit, match=r"would hash more than \d+ bytes.*64 × its dg-file-size"):
+        recover_hostile(tmp_path, size)
+    assert time.monotonic() - started < 5
+
+
+def test_the_search_stops_at_its_time_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the recovery had no time limit (a 4 GiB object: hours). Now it
+    stops past ``seconds`` (the mount's expand_time), checked between hashes
+    and between pieces of a compression, with DecodeLimit naming it (the
+    hashing budget is lifted here, so only the clock can stop the 2,000
+    hashes of 4 MiB per body)."""
+    monkeypatch.setattr(dgzip, "HASH_FLOOR", 1 << 50, raising=False)
+    started = time.monotonic()
+    with pytest.raises(DecodeLimit, match=r"took over 0.3 s \(expand_time\)"):
+        recover_hostile(tmp_path, 4 << 20, seconds=0.3)
+    assert time.monotonic() - started < 3
 
 
 def test_recovers_without_a_reference(tmp_path: Path) -> None:

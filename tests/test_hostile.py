@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gzip
+import hashlib
+import io
 import logging
 import os
+import random
 import stat
+import subprocess
+import tarfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from dgfs import dgzip, posixmeta
 from dgfs import format as fmt
-from dgfs import posixmeta
 from dgfs.errors import FormatError, FsError
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
@@ -493,3 +500,85 @@ async def test_broken_delta_reads_eio_with_one_log_line(
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1, [r.getMessage() for r in lines]
     assert "b/second.zip.delta" in lines[0].getMessage()
+
+
+# --- stock DeltaGlider deltas of gzip input -------------------------------------------
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def python_gzip_tar(data: bytes, top: str) -> bytes:
+    """``data`` as ``top/data.bin`` in a tar, gzipped as Python's gzip (level 9) does."""
+    tar_buf = io.BytesIO()
+    with tarfile.open(fileobj=tar_buf, mode="w") as tar:
+        info = tarfile.TarInfo(f"{top}/data.bin")
+        info.size, info.mtime = len(data), 1_700_000_000
+        tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(tar_buf.getvalue(), mtime=1_700_000_000)
+
+
+async def seed_stock_gzip_deltas(store: MemoryStore, tmp: Path, count: int) -> list[str]:
+    """``count`` deltas in ``d/`` as the stock DeltaGlider CLI makes them from
+    gzip input (xdelta3 without -D), each with a dg-file-size that fits the
+    deflate body dgfs tries first and a dg-file-sha256 that nothing matches:
+    their recovery searches to its end. Returns the files' names."""
+    base = random.Random(7).randbytes(64 << 10)
+    ref_gz = python_gzip_tar(base, "pkg-0")
+    (tmp / "ref.gz").write_bytes(ref_gz)
+    now = datetime.now(UTC)
+    await store.put_bytes(
+        "d/reference.bin", ref_gz, fmt.reference_metadata("pkg-0.tar.gz", sha256_hex(ref_gz), now)
+    )
+    names = []
+    for i in range(count):
+        data = bytearray(base)
+        data[1000 + i] ^= 0xFF
+        target = python_gzip_tar(bytes(data), f"pkg-{i + 1}")
+        (tmp / "t.gz").write_bytes(target)
+        delta_path = tmp / "d.delta"
+        subprocess.run(
+            ["xdelta3", "-e", "-9", "-f", "-s", tmp / "ref.gz", tmp / "t.gz", delta_path],
+            check=True,
+        )
+        delta = delta_path.read_bytes()
+        name = f"pkg-{i + 1}.tar.gz"
+        meta = fmt.delta_metadata(
+            original_name=name,
+            file_sha256=sha256_hex(b"not these bytes %d" % i),
+            file_size=len(target),
+            ref_key="d/reference.bin",
+            ref_sha256=sha256_hex(ref_gz),
+            delta_size=len(delta),
+            now=now,
+        )
+        await store.put_bytes(f"d/{name}.delta", delta, meta)
+        names.append(name)
+    return names
+
+
+@pytest.mark.expected_log(r"cannot read")
+async def test_a_hostile_stock_gzip_delta_reads_eio_with_one_line_naming_the_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recovery of a stock gzip delta whose size fits and whose SHA-256
+    nothing matches used to hash up to 8,000 times the file (hours at
+    4 GiB), then said "no gzip settings reproduce" it. Now it stops at its
+    hashing budget (the floor lifted here, so that 64 times this small file
+    is the budget), and the file reads EIO with one line naming the limit;
+    the search is not run again."""
+    monkeypatch.setattr(dgzip, "HASH_FLOOR", 0, raising=False)
+    store = MemoryStore()
+    (tmp_path / "w").mkdir()
+    [name] = await seed_stock_gzip_deltas(store, tmp_path / "w", 1)
+    async with mounted(store, tmp_path) as m:
+        d = (await lookup(m.fs, "d")).ino
+        for _ in range(3):  # the kernel retries, a user runs cat again
+            with pytest.raises(FsError) as exc:
+                await read_file(m.fs, name, d)
+            assert exc.value.errno == errno.EIO
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert f"d/{name}.delta" in lines[0]
+    assert "would hash more than" in lines[0] and "64 × its dg-file-size" in lines[0]

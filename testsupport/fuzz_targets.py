@@ -517,6 +517,10 @@ def run_dgzip(data: bytes) -> None:
         # The part is the pax records of a one-member tar, built here: a
         # tar's header checksums stop mutations from reaching its fields.
         decompressed = _pax_tar(decompressed)
+    elif flags & 0x40:
+        # The part is a tar whose header checksums are set here: mutations
+        # reach every field of its headers (sizes, types, numbers).
+        decompressed = _checksummed(decompressed)
     if flags & 1:
         # A file Python's gzip made: its SHA-256 is one the search may find.
         target = gzip.compress(
@@ -559,6 +563,15 @@ def _pax_tar(records: bytes) -> bytes:
         return _tar(tarfile.PAX_FORMAT, [])
 
 
+def _checksummed(tar: bytes) -> bytes:
+    """``tar`` with the checksum of every 512-byte block set as a header's."""
+    blocks = bytearray(tar)
+    for pos in range(0, len(blocks) - 511, 512):
+        blocks[pos + 148 : pos + 156] = b" " * 8
+        blocks[pos + 148 : pos + 156] = b"%06o\0 " % sum(blocks[pos : pos + 512])
+    return bytes(blocks)
+
+
 def _tar(fmt_: int, members: list[tuple[str, bytes, dict[str, str]]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt_) as tf:
@@ -579,7 +592,7 @@ def dgzip_seeds() -> list[bytes]:
     seeds = []
     for n, tar in enumerate(tars):
         reference = gzip.compress(tar, compresslevel=9, mtime=1_700_000_000)
-        for flags in (1 | 2 | 4 * 8, 2, 1):
+        for flags in (1 | 2 | 4 * 8, 2, 1, 0x40 | 1):
             mtime = (1_700_000_000 + n).to_bytes(4, "little")
             name = b"pkg-1.0.tar.gz" if n else b"dist/pkg-1.0.tgz"
             seeds.append(bytes((flags,)) + DGZIP_SEP.join([tar, reference, name, mtime]))

@@ -153,8 +153,9 @@ OPTIONS: tuple[MountOption, ...] = (
                 "deep mode walks at most N zip entries + gzip members of a file",
                 "expansion.members", _within(_INT, lambda v: v >= 1, "at least 1")),
     MountOption("expand_time", "SECONDS", "600",
-                "deep mode expands (or rebuilds) a file for at most this long;"
-                " beyond any expand_ limit a file is stored unexpanded", "expansion.seconds",
+                "deep mode expands (or rebuilds) a file, and a stock DeltaGlider .tar.gz"
+                " is recovered, for at most this long; beyond any expand_ limit a file"
+                " is stored unexpanded", "expansion.seconds",
                 _within(_FLOAT, lambda v: v > 0, "more than 0 seconds")),
     MountOption("max_ratio", "R", "DG_MAX_RATIO, else 0.5",
                 "keep a delta only up to R x the file's size", "policy.max_ratio", _FLOAT,

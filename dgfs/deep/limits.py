@@ -35,7 +35,8 @@ class ExpansionLimits:
     members: int = 200_000
     """Zip entries and gzip members walked, at every depth (``expand_members``)."""
     seconds: float = 600.0
-    """Wall time of one expansion, or of one rebuild when reading (``expand_time``)."""
+    """Wall time of one expansion, or of one rebuild when reading, or of the
+    search for the gzip bytes of a stock DeltaGlider delta (``expand_time``)."""
 
     def allowance(self, size: int) -> int:
         """Bytes the expanded form of a ``size``-byte file may take, and the
