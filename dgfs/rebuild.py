@@ -258,9 +258,10 @@ class Rebuilder:
         Its xdelta3 diffed the decompressed streams and recompresses on
         decode with other settings, so DeltaGlider itself cannot give the
         file back; the decompressed content is exact, and the gzip settings
-        that made the original are searched for (:mod:`dgfs.dgzip`), each
-        search within ``expand_time`` (``DecodeLimit``). A search that
-        failed is not repeated in this process.
+        that made the original are searched for (:mod:`dgfs.dgzip`), one
+        search at a time (``Workbench.search``), each within ``expand_time``
+        (``DecodeLimit``). A search that failed is not repeated in this
+        process.
         """
         sha256 = stored.file_sha256
         if sha256 is None:
@@ -286,7 +287,7 @@ class Rebuilder:
                 seconds=self._limits.seconds,
             )
             try:
-                found = await self._bench.cpu(recover)
+                found = await self._bench.search(recover)
             except DecodeLimit as exc:
                 why = f"{stored.visible_key}: stored by DeltaGlider from gzip input; {exc}"
                 self._unrecoverable[sha256] = why

@@ -2,8 +2,9 @@
 
 ``Workbench`` makes the scratch directory and keeps it private (whoever
 chose it removes it), and owns the limiter that CPU-bound jobs of the
-core share (hashing, expanding, re-deflating), and ``proxy_key``, the only
-secret ``download`` needs. The core's parts (references, rebuilds, puts)
+core share (hashing, expanding, re-deflating), the one that long searches
+over untrusted bytes take instead (``search``), and ``proxy_key``, the
+only secret ``download`` needs. The core's parts (references, rebuilds, puts)
 each hold the one workbench and create nothing of these themselves.
 """
 
@@ -48,6 +49,9 @@ class Workbench:
         scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(scratch_dir, 0o700)
         self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        # One search at a time, apart from the CPU limiter: a hostile object's
+        # search (minutes, up to expand_time) holds no token other reads need.
+        self.search_limiter = trio.CapacityLimiter(1)
 
     def scratch_path(self, suffix: str = "") -> Path:
         """A new, empty, private temp file in the scratch dir."""
@@ -67,6 +71,12 @@ class Workbench:
     async def cpu(self, fn: Callable[..., _T], *args: object) -> _T:
         """``fn(*args)`` in a worker thread, under the CPU limiter."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+
+    async def search(self, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)`` in a worker thread under the search limiter: for jobs
+        whose cost whoever wrote the bucket chooses (the stock gzip recovery),
+        which queue behind one another, never in front of other reads."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.search_limiter)
 
     async def into_cache(
         self, cache: ContentCache, sha256: str, path: Path, wrong: Callable[[], DgfsError]

@@ -21,10 +21,12 @@ import random
 import stat
 import subprocess
 import tarfile
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import trio
 
 from dgfs import dgzip, posixmeta
 from dgfs import format as fmt
@@ -582,3 +584,57 @@ async def test_a_hostile_stock_gzip_delta_reads_eio_with_one_line_naming_the_lim
     assert len(lines) == 1, lines
     assert f"d/{name}.delta" in lines[0]
     assert "would hash more than" in lines[0] and "64 × its dg-file-size" in lines[0]
+
+
+@pytest.mark.expected_log(r"cannot read")
+async def test_reads_of_other_files_never_wait_behind_stock_gzip_recoveries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stock gzip recovery runs as long as its object makes it (up to
+    expand_time). It used to hold a token of the CPU limiter all that time:
+    as many hostile objects as tokens, read at once, made a read of an
+    unrelated 600-byte file wait for all of them (23 s in the reviewer's
+    run, hours with large objects). Now recoveries take a limiter of their
+    own, one at a time. Here each recovery is held until the other read
+    is done (or 5 s have passed), so the wait is all the recoveries'."""
+    searching = threading.Semaphore(0)
+    release = threading.Event()
+
+    def held_search(*args: object, **kwargs: object) -> bool:
+        searching.release()
+        release.wait(30)  # never held past the test, whatever happens
+        return False
+
+    monkeypatch.setattr(dgzip, "recover_gzip", held_search)
+    store = MemoryStore()
+    ok = b"hello\n" * 100
+    now = datetime.now(UTC)
+    meta = fmt.direct_metadata(
+        original_name="ok.txt", file_sha256=sha256_hex(ok), file_size=len(ok), now=now
+    )
+    await store.put_bytes("ok.txt", ok, meta)
+    (tmp_path / "w").mkdir()
+    try:
+        async with mounted(store, tmp_path) as m:
+            tokens = int(m.fs.core.cpu_limiter.total_tokens)
+            names = await seed_stock_gzip_deltas(store, tmp_path / "w", tokens)
+            d = (await lookup(m.fs, "d")).ino
+
+            async def hostile(name: str) -> None:
+                with pytest.raises(FsError):
+                    await read_file(m.fs, name, d)
+
+            async with trio.open_nursery() as nursery:
+                for name in names:
+                    nursery.start_soon(hostile, name)
+                with trio.move_on_after(10):
+                    await trio.to_thread.run_sync(searching.acquire)  # one search runs
+                await trio.sleep(0.5)  # and as many others as may start
+                started = trio.current_time()
+                with trio.move_on_after(5):
+                    assert await read_file(m.fs, "ok.txt") == ok
+                waited = trio.current_time() - started
+                release.set()
+    finally:
+        release.set()
+    assert waited < 2, f"a 600-byte file waited {waited:.1f} s behind {tokens} recoveries"
