@@ -98,9 +98,11 @@ MTIME_BEFORE = 30
 MTIME_LATE = 3600
 #: Bytes one search may hash in all, per byte of the file (its recorded size)...
 HASH_RATIO = 64
-#: ...and at least this many (~0.6 s here): a file up to 512 KiB keeps its
-#: MAX_HEADERS candidates per body.
-HASH_FLOOR = 1 << 30
+#: ...and at least this many (~9 s of SHA-256 here): a file up to 8 MiB
+#: keeps its MAX_HEADERS candidates per body, so DeltaGlider's own gzip
+#: deltas of such files are found as before. A hostile one costs at most
+#: this (or expand_time), one recovery at a time (``Workbench.search``).
+HASH_FLOOR = 16 << 30
 
 #: An extended tar header (pax, GNU long name or link) claiming more than
 #: this ends the scan for facts: real ones hold a name or a few records.
