@@ -372,7 +372,7 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
     _check_sha256(stored_key, "dg-file-sha256", file_sha256)
     size_text = meta_value(metadata, "file_size")
     if stored_key.endswith(DELTA_SUFFIX) and not _is_passthrough(metadata):
-        ref_key = _reference_of(stored_key, metadata)
+        ref_key = reference_of(stored_key, metadata)
         ref_sha256 = meta_sha256(metadata, "ref_sha256")
         if not (size_text and ref_key and ref_sha256):
             raise FormatError(f"{stored_key}: delta metadata lacks file size or reference")
@@ -410,7 +410,7 @@ def _is_passthrough(metadata: Mapping[str, str]) -> bool:
     )
 
 
-def _reference_of(stored_key: str, metadata: Mapping[str, str]) -> str | None:
+def reference_of(stored_key: str, metadata: Mapping[str, str]) -> str | None:
     """The key of the reference a delta was made against.
 
     ``dg-ref-key`` (DeltaGlider, dgfs) is the reference's full key. An

@@ -387,8 +387,8 @@ async def _stranded(
     store: ObjectStore, keys: Iterable[str], ref_key: str, ref_sha256: str | None
 ) -> bool:
     """Whether a delta among ``keys`` (a LIST) in ``ref_key``'s directory
-    records ``ref_sha256`` as its reference's while another reference
-    stands at ``ref_key``."""
+    was made against ``ref_key`` holding ``ref_sha256`` while that is not
+    what stands there."""
     space = fmt.split_key(ref_key)[0]
     deltas = [k for k in keys if fmt.is_delta_key(k) and fmt.split_key(k)[0] == space]
     if ref_sha256 is None or not deltas:
@@ -399,7 +399,11 @@ async def _stranded(
     except NotFound:
         pass
     heads = await head_many(store, deltas)
-    return any(fmt.meta_sha256(h.metadata, "ref_sha256") == ref_sha256 for h in heads.values())
+    return any(
+        fmt.reference_of(key, h.metadata) == ref_key
+        and fmt.meta_sha256(h.metadata, "ref_sha256") == ref_sha256
+        for key, h in heads.items()
+    )
 
 
 @dataclass(frozen=True)

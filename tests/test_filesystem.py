@@ -1130,7 +1130,9 @@ async def test_an_upload_never_starts_while_a_write_to_its_staging_file_runs(
     pwrite was in its worker thread when the upload came due and started.
     The upload hashed the file, then the write changed it, and S3 got bytes
     other than the SHA-256 it recorded (found by the real-mount model, seed
-    531: a directory's reference.bin that failed its own SHA-256)."""
+    531: a directory's reference.bin that failed its own SHA-256). Now no
+    upload starts at all while the file is open for writing again (unless
+    an fsync asks): its close queues it."""
     gate = threading.Event()
     real_pwrite = os.pwrite
 
@@ -1152,12 +1154,14 @@ async def test_an_upload_never_starts_while_a_write_to_its_staging_file_runs(
                 await trio.testing.wait_all_tasks_blocked(cushion=0.01)
             gate.set()  # the write lands
             await written.wait()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            assert faulty.calls["upload"] == 0  # not while the writer is open
+            await close(m.fs, fh)
             held.release()
+            mock_clock.jump(OPTIONS.upload_delay)  # the close's upload comes due
             await faulty.wait_calls("upload", 1)
-            # Whatever version that upload stored, its bytes are the ones it recorded.
             stored = memory.objects["a.txt"]
             assert stored.metadata["dg-file-sha256"] == hashlib.sha256(stored.body).hexdigest()
-            await close(m.fs, fh)
         assert bucket(memory) == {"a.txt": b"VERSION 2"}
         async with mounted(memory, tmp_path) as m:
             assert await read_file(m.fs, "a.txt") == b"VERSION 2"

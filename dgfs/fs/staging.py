@@ -324,6 +324,12 @@ class StagedFile:
         """Somebody waits for this upload: no delay."""
         self._hurry.set()
 
+    @property
+    def is_hurried(self) -> bool:
+        """Somebody waited for its upload (fsync, a close with sync_upload,
+        the unmount): it goes even while a writer has it open."""
+        return self._hurry.is_set()
+
     async def wait_due(self) -> None:
         """Until the upload delay is over, or somebody hurries it."""
         with trio.move_on_at(self._due):

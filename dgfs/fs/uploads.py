@@ -219,13 +219,21 @@ class UploadPipeline:
                 self.journal.commit, staged.entry_id, key, meta, limiter=self.disk_limiter
             )
         except OSError as exc:
+            if node.unlinked or staged.is_retired:
+                return  # the name went while the entry was written: nothing to keep
             raise FsError(exc.errno or errno.EIO, f"journal commit failed: {exc}") from exc
+        if node.unlinked or staged.is_retired:
+            # Unlinked (or replaced by a rename) while the entry was written:
+            # the manifest just written must not bring the name back.
+            await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
+            return
         staged.mark_committed(generation, key)
         self._drop_superseded(node)
         current = self.ns.key_of(node.path)
-        if current != key and not node.unlinked:
-            # Renamed while the entry was written: it follows the name
-            # (the rename rewrote the entries it found, not this one).
+        if current != key or node.posix_metadata() != meta:
+            # Renamed or chmod'ed while the entry was written: the entry
+            # follows (the rename rewrote the entries it found, and the
+            # chmod counted on this commit, which had read the old mode).
             await self._write_manifests(node, current)
         self.ns.note_node(node)
         self._request(node)
@@ -475,6 +483,13 @@ class UploadPipeline:
             return
         staged.take()
         if node.unlinked or not staged.needs_upload:
+            staged.notify()  # an fsync or close waiting on it asks again
+            return
+        if node.writers and not staged.is_hurried:
+            # Opened for writing again within the delay (``echo a > f;
+            # cmd >> f``): what it holds now is not closed yet, and half a
+            # file must not reach S3 (nor become its directory's
+            # reference). The last writer's close queues it again.
             return
         key = self.ns.key_of(node.path)
         meta = node.posix_metadata()
@@ -685,7 +700,9 @@ class UploadPipeline:
         if node.unlinked:
             node.staged = None
             self._retire(staged)
-        elif staged.is_settled:
+        elif staged.is_settled and not staged.being_written:
+            # (a truncate or write landing in a worker thread has not counted
+            # its new version yet: the file is not settled)
             node.staged = None
             node.checked_at = trio.current_time()
             self._retire(staged)

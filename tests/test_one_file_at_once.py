@@ -1,0 +1,248 @@
+"""One file, several processes at once: close, unlink, chmod, truncate and
+a second open for writing, racing the file's journal commit and upload.
+The kernel sends FLUSH and RELEASE without the inode lock, so each of
+these interleavings happens on a real mount; each test failed before its
+fix (a close failing with ENOENT or hanging, a chmod lost after a crash,
+a truncate lost, half a file stored as its directory's reference)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from dgfs.errors import FsError
+from dgfs.fs.filesystem import FsOptions
+from dgfs.fs.journal import Journal
+from dgfs.store.faulty import FaultyStore
+from dgfs.store.memory import MemoryStore
+from tests.fsharness import (
+    OPTIONS,
+    ROOT,
+    Mount,
+    bucket,
+    close,
+    create,
+    lookup,
+    mounted,
+    started,
+    write_file,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def _let_tasks_run() -> None:
+    for _ in range(10):
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+
+
+class GatedCommitJournal(Journal):
+    """Commits wait (in their worker thread) until ``gate`` is set."""
+
+    gate = threading.Event()
+
+    def commit(self, entry_id: str, key: str, metadata: Mapping[str, str]) -> None:
+        self.gate.wait(timeout=20)
+        super().commit(entry_id, key, metadata)
+
+
+async def test_close_racing_an_unlink_of_the_same_file_succeeds(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Process P closes a file it wrote (flush: journal commit in a worker
+    thread) while process Q unlinks it (the kernel does not serialize
+    FUSE_FLUSH with UNLINK). close() must return 0: POSIX close after an
+    unlink succeeds, and SEMANTICS.md says close fails only on ENOSPC/EIO of
+    the journal."""
+    GatedCommitJournal.gate = threading.Event()
+    GatedCommitJournal.gate.set()
+    outcome: dict[str, object] = {}
+    try:
+        async with (
+            mounted(memory, tmp_path, journal_type=GatedCommitJournal) as m,
+            trio.open_nursery() as nursery,
+        ):
+            fh = await create(m.fs, "a", b"being written\n")
+            GatedCommitJournal.gate.clear()
+
+            async def flush() -> None:
+                try:
+                    await m.fs.flush(fh)
+                    outcome["flush"] = 0
+                except FsError as exc:
+                    outcome["flush"] = errno.errorcode.get(exc.errno, exc.errno)
+
+            flushed = await started(flush, nursery)  # in journal.commit, gated
+            await m.fs.unlink(ROOT, "a")  # takes the entry out of the journal
+            GatedCommitJournal.gate.set()
+            await flushed.wait()
+            await m.fs.release(fh)
+        assert outcome["flush"] == 0, f"close() failed with {outcome['flush']}"
+        assert bucket(memory) == {}
+    finally:
+        GatedCommitJournal.gate.set()
+
+
+async def test_sync_upload_close_racing_an_unlink_returns(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """With ``-o sync_upload`` the last writer's close waits for the upload
+    (wait_uploaded: hurry, then staged.wait_changed()). Process Q unlinks the
+    file while P closes it: the unlink holds uploads (``hold``) while it
+    deletes the object in S3, the worker taking P's upload waits for that,
+    then finds the node unlinked and returns without notifying. Nobody ever
+    notifies P's waiter: close(2) hangs for good."""
+    options = FsOptions(upload_delay=0.5, retry_delay=2.0, sync_upload=True)
+    async with mounted(faulty, tmp_path, options) as m, trio.open_nursery() as nursery:
+        await write_file(m.fs, "a", b"version 1\n")  # stored (sync_upload)
+        node = await lookup(m.fs, "a")
+        fh = (await m.fs.open(node.ino, os.O_WRONLY)).fh
+        await m.fs.write(fh, 0, b"VERSION 2\n")
+        held = faulty.hang("delete_many")
+        unlinked = await started(lambda: m.fs.unlink(ROOT, "a"), nursery)
+        await held.reached.wait()  # the unlink deletes in S3, uploads held
+        closed = await started(lambda: m.fs.flush(fh), nursery)  # P's close
+        while not (node.staged is not None and node.staged.is_committed):
+            await trio.to_thread.run_sync(time.sleep, 0.01)  # its journal commit lands
+        await _let_tasks_run()
+        assert not closed.is_set()
+        held.release()
+        await _let_tasks_run()
+        mock_clock.jump(3600)  # an hour later: still waiting
+        await _let_tasks_run()
+        try:
+            assert unlinked.is_set()
+            assert closed.is_set(), "close() (flush with sync_upload) never returns"
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_file_reopened_for_writing_within_the_upload_delay_is_not_uploaded_half_done(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``echo header > d/app.zip; long_cmd >> d/app.zip``: the first close
+    queues the upload (upload_delay); the second command opens the file
+    again and is still appending when the delay ends. ``_upload`` never
+    looks at ``node.writers`` again: it uploads the staging file as it is
+    on disk, half of what the second command writes, while a handle that may
+    write is open. SEMANTICS.md: "A file is uploaded once the last handle that
+    may write to it is closed ... half a file must not reach S3 (the first
+    file of a directory becomes its reference for good)"."""
+    from tests.fsharness import GID, RELEASES, UID
+
+    full = RELEASES[0][1]
+    head, middle = full[:4096], full[: len(full) // 2]
+    async with mounted(memory, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await write_file(m.fs, "app.zip", head, d.ino)  # echo header > d/app.zip
+        node = await lookup(m.fs, "app.zip", d.ino)
+        fh = (await m.fs.open(node.ino, os.O_WRONLY | os.O_APPEND)).fh  # long_cmd >> d/app.zip
+        await m.fs.write(fh, len(head), middle[len(head) :])  # half of it so far
+        mock_clock.jump(OPTIONS.upload_delay)  # the first close's upload comes due
+        await _let_tasks_run()
+        uploaded_while_open = {k: len(v) for k, v in bucket(memory).items() if k != "d/"}
+        await m.fs.write(fh, len(middle), full[len(middle) :])
+        await close(m.fs, fh)
+    final = {k: len(v) for k, v in bucket(memory).items() if k != "d/"}
+    assert uploaded_while_open in ({}, {"d/app.zip": len(head)}), (
+        f"uploaded while a writer was open: {uploaded_while_open} (file: {len(full)} bytes;"
+        f" after the close: {final})"
+    )
+
+
+async def test_a_chmod_during_a_close_survives_a_crash(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """P closes ``a`` (flush: ``commit`` takes ``node.posix_metadata()``, then
+    writes the manifest in a worker thread); Q's chmod 600 arrives meanwhile
+    (FUSE_FLUSH does not hold the inode lock). ``carries_attributes`` finds
+    the staging file not committed yet and says the commit will carry the
+    mode, but the commit already took the old one. chmod returned; a crash
+    before the upload recovers the file with mode 644 (SEMANTICS.md: on a
+    file not uploaded yet the journal entry changes too, so a crash keeps
+    them)."""
+    GatedCommitJournal.gate = threading.Event()
+    GatedCommitJournal.gate.set()
+    try:
+        async with (
+            mounted(memory, tmp_path, journal_type=GatedCommitJournal, crash=True) as m,
+            trio.open_nursery() as nursery,
+        ):
+            fh = await create(m.fs, "a", b"data\n")
+            node = await lookup(m.fs, "a")
+            GatedCommitJournal.gate.clear()
+            flushed = await started(lambda: m.fs.flush(fh), nursery)  # commit gated
+            await m.fs.setattr(node.ino, mode=0o600)  # chmod returns
+            GatedCommitJournal.gate.set()
+            await flushed.wait()  # close() returned
+            await m.fs.release(fh)
+            await _let_tasks_run()  # the upload is still in its delay: then a crash
+        async with mounted(memory, tmp_path) as m:
+            assert m.recovered == 1
+            node = await m.fs.getattr((await lookup(m.fs, "a")).ino)
+            assert oct(node.mode) == oct(0o600)
+    finally:
+        GatedCommitJournal.gate.set()
+
+
+async def test_a_truncate_racing_the_release_of_the_last_reader_takes_effect(
+    memory: MemoryStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``a`` was written and uploaded while a reader (``cat a``) had it open:
+    its staging file stays, settled, for that handle. ``truncate -s 5 a``
+    (no handle of its own) finds that staging file writable and cuts it in
+    a worker thread; meanwhile the reader closes (FUSE_RELEASE takes no
+    inode lock): ``released`` -> ``_settle`` sees no handle left and the
+    staging file "settled" (the truncate has not counted its version yet),
+    drops it and retires it. The truncate lands in the retired file, its
+    ``commit`` finds ``node.staged`` None: truncate(2) returned 0, stat says
+    5 bytes, but reads and S3 keep the old content."""
+    gate = threading.Event()
+    real_ftruncate = os.ftruncate
+
+    def gated_ftruncate(fd: int, length: int) -> None:
+        if length == 5:
+            gate.wait(timeout=20)
+        real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "ftruncate", gated_ftruncate)
+    data = b"0123456789abcdef\n"
+    try:
+        async with mounted(memory, tmp_path) as m, trio.open_nursery() as nursery:
+            await write_file(m.fs, "a", data)
+            node = await lookup(m.fs, "a")
+            reader = await m.fs.open(node.ino, os.O_RDONLY)  # cat a
+            assert await m.fs.read(reader.fh, 0, 100) == data
+            mock_clock.jump(OPTIONS.upload_delay)
+            await m.fs.wait_idle()  # uploaded; the staging file stays for the reader
+            assert bucket(memory) == {"a": data}
+            truncated = await started(lambda: m.fs.setattr(node.ino, size=5), nursery)
+            await m.fs.release(reader.fh)  # cat exits
+            gate.set()
+            await truncated.wait()  # truncate(2) returned
+            size = (await m.fs.getattr(node.ino)).size
+            content = await _read(m, node.ino)
+            mock_clock.jump(OPTIONS.upload_delay)
+            await m.fs.wait_idle()
+        assert (size, content, bucket(memory)) == (5, data[:5], {"a": data[:5]})
+    finally:
+        gate.set()
+
+
+async def _read(m: Mount, ino: int) -> bytes:
+    handle = await m.fs.open(ino, os.O_RDONLY)
+    try:
+        return await m.fs.read(handle.fh, 0, 1 << 20)
+    finally:
+        await m.fs.release(handle.fh)
