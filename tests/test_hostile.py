@@ -37,7 +37,15 @@ from dgfs.fs.nodes import Node
 from dgfs.fs.options import FsOptions
 from dgfs.store.memory import MemoryStore
 from tests.coreharness import flip_byte, make_core, write
-from tests.fsharness import ROOT, lookup, mounted, read_file, without_indexes, write_file
+from tests.fsharness import (
+    ROOT,
+    lookup,
+    mounted,
+    read_file,
+    rename,
+    without_indexes,
+    write_file,
+)
 from testsupport.releases import ReleaseSeries
 
 pytestmark = pytest.mark.timeout(60)
@@ -365,6 +373,60 @@ async def test_chmod_of_a_marker_with_bytes_keeps_them(tmp_path: Path) -> None:
         await m.fs.setattr(dm.ino, mode=0o40750)
     assert store.objects["n/dm/"].body == b"a marker with bytes"
     assert store.objects["n/dm/"].metadata["mode"] == str(0o40750)
+
+
+async def test_a_marker_with_bytes_keeps_them_through_a_rename_then_a_chmod(
+    tmp_path: Path,
+) -> None:
+    """``mv d e; chmod e``: the rename copies the marker's bytes to ``e/``, and
+    the chmod must copy them onto themselves too. Before, what the mount knew
+    of ``d/`` (it holds bytes) stayed under the old key, and the chmod wrote
+    an empty ``e/`` over them: another tool's bytes lost by a chmod."""
+    store = MemoryStore()
+    await store.put_bytes("d/", b"a marker with bytes", {"mode": str(0o40700)})
+    await store.put_bytes("d/f", b"f", {})
+    async with mounted(store, tmp_path) as m:
+        await m.fs.ns.listing("")  # the marker's HEAD: it holds bytes
+        await rename(m.fs, "d", "e")
+        assert store.objects["e/"].body == b"a marker with bytes"
+        e = await lookup(m.fs, "e")
+        await m.fs.setattr(e.ino, mode=0o40750)
+    assert store.objects["e/"].metadata["mode"] == str(0o40750)
+    assert store.objects["e/"].body == b"a marker with bytes"
+
+
+async def test_mkdir_where_a_marker_with_bytes_was_moved_away_makes_the_directory(
+    tmp_path: Path,
+) -> None:
+    """``mv d e; mkdir d`` on one mount. Before, the mount still took ``d/`` for
+    the marker with bytes it had moved away and copied it onto itself: the
+    mkdir failed with ENOENT, and every later one too, until a remount."""
+    store = MemoryStore()
+    await store.put_bytes("d/", b"a marker with bytes", {"mode": str(0o40700)})
+    await store.put_bytes("d/f", b"f", {})
+    async with mounted(store, tmp_path) as m:
+        await m.fs.ns.listing("")
+        await rename(m.fs, "d", "e")
+        await m.fs.mkdir(ROOT, "d", 0o755, 0, 0)
+    assert store.objects["d/"].body == b""
+    assert store.objects["e/"].body == b"a marker with bytes"
+
+
+async def test_chmod_of_a_marker_with_bytes_another_tool_removed_writes_a_marker(
+    tmp_path: Path,
+) -> None:
+    """A marker with bytes removed by another tool after this mount read it
+    (the directory stays, implied by its files): a chmod has nothing left to
+    keep and stores a marker of its own instead of failing with ENOENT."""
+    store = MemoryStore()
+    await store.put_bytes("d/", b"a marker with bytes", {"mode": str(0o40700)})
+    await store.put_bytes("d/f", b"f", {})
+    async with mounted(store, tmp_path) as m:
+        d = await lookup(m.fs, "d")
+        await store.delete("d/")  # another tool
+        await m.fs.setattr(d.ino, mode=0o40750)
+    assert store.objects["d/"].body == b""
+    assert store.objects["d/"].metadata["mode"] == str(0o40750)
 
 
 async def test_writes_beside_a_file_hidden_by_a_directory_leave_it(tmp_path: Path) -> None:

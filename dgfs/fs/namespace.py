@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 
 import trio
@@ -62,6 +63,14 @@ def _newer(head: ObjectHead, other: ObjectHead) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class _Marker:
+    """What this mount knows of a directory's ``dir/`` marker."""
+
+    metadata: dict[str, str]  # {} when the directory has no marker
+    has_bytes: bool = False  # another tool's marker with a body, kept by write_marker
+
+
 class Namespace:
     """Directory listings of one mount (trio thread only: cachetools is not thread-safe)."""
 
@@ -98,8 +107,9 @@ class Namespace:
         # describe the directory as it was before (renamed away, removed and
         # made anew), so its result goes to its callers but is not cached.
         self._flight_stale: set[str] = set()
-        self._dir_meta: dict[str, dict[str, str]] = {}  # marker key -> its metadata
-        self._marker_bodies: set[str] = set()  # markers that hold bytes (not dgfs's)
+        # marker key -> what is known of it; moved and dropped with the directory
+        # (``dir_tree_moved``, ``dir_removed``), so nothing outlives its key.
+        self._markers: dict[str, _Marker] = {}
 
     def key_of(self, path: str) -> str:
         """The user-visible S3 key of a mount path."""
@@ -205,16 +215,17 @@ class Namespace:
         changes (a directory's attributes changed by another mount show
         after a remount). A directory without a marker gets ``{}``.
         """
-        missing = [k for k in marker_keys if k not in self._dir_meta]
+        missing = [k for k in marker_keys if k not in self._markers]
 
         def headed(key: str, head: ObjectHead | None) -> None:
-            self._dir_meta[key] = dict(head.metadata) if head is not None else {}
-            if head is not None and head.size:
-                self._marker_bodies.add(key)
+            if head is None:
+                self._markers[key] = _Marker({})
+            else:
+                self._markers[key] = _Marker(dict(head.metadata), has_bytes=head.size > 0)
 
         if missing:
             await head_many(self.store, missing, on_head=headed)
-        return {k: self._dir_meta.get(k, {}) for k in marker_keys}
+        return {k: self._markers[k].metadata if k in self._markers else {} for k in marker_keys}
 
     async def _heads(
         self, prefix: str, objects: list[ObjectInfo], listed_at: datetime | None
@@ -477,17 +488,17 @@ class Namespace:
     def dir_removed(self, path: str) -> None:
         """The directory ``path`` is gone: its marker's attributes with it (a
         new directory of that name must not show them)."""
-        self._dir_meta.pop(self.dir_prefix(path), None)
+        self._markers.pop(self.dir_prefix(path), None)
         self._indexes_due.pop(self.dir_prefix(path), None)  # nothing to describe any more
 
     def dir_tree_moved(self, old_path: str, new_path: str) -> None:
         """A directory rename: the markers under ``old_path`` now stand under
         ``new_path``, and whatever was known under ``new_path`` is gone."""
         old, new = self.dir_prefix(old_path), self.dir_prefix(new_path)
-        for key in [k for k in self._dir_meta if k.startswith(new)]:
-            del self._dir_meta[key]
-        for key in [k for k in self._dir_meta if k.startswith(old)]:
-            self._dir_meta[new + key[len(old) :]] = self._dir_meta.pop(key)
+        for key in [k for k in self._markers if k.startswith(new)]:
+            del self._markers[key]
+        for key in [k for k in self._markers if k.startswith(old)]:
+            self._markers[new + key[len(old) :]] = self._markers.pop(key)
         # Indexes found due describe the keys of before: the next listings
         # find them due again, under the new names.
         for prefix in [p for p in self._indexes_due if p.startswith((old, new))]:
@@ -502,12 +513,18 @@ class Namespace:
     async def write_marker(self, path: str, meta: dict[str, str]) -> None:
         """Store a directory's marker with its POSIX attributes."""
         key = self.dir_prefix(path)
-        if key in self._marker_bodies:
+        known = self._markers.get(key)
+        if known is not None and known.has_bytes:
             # A marker another tool gave bytes: keep them, change the metadata only.
-            await self.store.copy(key, key, meta)
-        else:
-            await self.store.put_bytes(key, b"", meta)
-        self._dir_meta[key] = meta
+            try:
+                await self.store.copy(key, key, meta)
+            except NotFound:  # removed meanwhile (another mount): nothing left to keep
+                pass
+            else:
+                self._markers[key] = _Marker(meta, has_bytes=True)
+                return
+        await self.store.put_bytes(key, b"", meta)
+        self._markers[key] = _Marker(meta)
 
     async def persist_attr_cache(self) -> None:
         """Write new attribute-cache rows and due directory indexes every few
