@@ -648,6 +648,32 @@ async def test_permanent_failure_keeps_the_file_in_failed(
     assert kept.read_bytes() == b"precious\n"
 
 
+@pytest.mark.parametrize(
+    ("made", "key"),
+    [
+        (lambda fs: fs.mkdir(ROOT, "d", 0o755, UID, GID), "d/"),
+        (lambda fs: fs.symlink(ROOT, "d", b"target", UID, GID), "d"),
+        (lambda fs: fs.mknod(ROOT, "d", 0o600 | 0o010000, 0, UID, GID), "d"),
+    ],
+    ids=["mkdir", "symlink", "mkfifo"],
+)
+async def test_an_entry_whose_object_could_not_be_stored_is_not_there(
+    faulty: FaultyStore,
+    tmp_path: Path,
+    made: Callable[[FileSystem], Awaitable[Node]],
+    key: str,
+) -> None:
+    """mkdir, symlink and mknod are in S3 once they return: one whose PUT
+    fails for good reports it, and the name stays free. Before, a mkdir
+    left its node behind, and ``stat d`` showed a directory S3 never held
+    (taken for one made here and still empty) until a remount."""
+    async with mounted(faulty, tmp_path) as m:
+        faulty.fail("put_bytes", key=key, transient=False, times=None)
+        with pytest.raises(DgfsError):
+            await made(m.fs)
+        await assert_absent(m.fs, "d")
+
+
 # --- unmount and crash ------------------------------------------------------------------
 
 

@@ -203,7 +203,12 @@ class FileSystem:
         node = self.nodes.new(child_path(parent.path, name), NodeKind.DIR)
         self._new_node_attributes(node, parent, mode, uid, gid)
         node.mtime_ns = node.ctime_ns = time.time_ns()
-        await self.ns.write_marker(node.path, node.posix_metadata())
+        try:
+            await self.ns.write_marker(node.path, node.posix_metadata())
+        except BaseException:
+            # Not in S3: a node left behind would show as a directory made here.
+            self.nodes.unlink(node)
+            raise
         parent.entries_changed(time.time_ns())
         node.checked_at = trio.current_time()
         self.ns.note_node(node)
