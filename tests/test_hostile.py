@@ -22,6 +22,7 @@ import stat
 import subprocess
 import tarfile
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,11 +31,20 @@ import trio
 
 from dgfs import dgzip, posixmeta
 from dgfs import format as fmt
-from dgfs.errors import FormatError, FsError
+from dgfs.errors import (
+    AccessDenied,
+    CredentialsUnavailable,
+    FormatError,
+    FsError,
+    StoreError,
+    TransientError,
+)
+from dgfs.fs.entries import NodeKind
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.fs.nodes import Node
 from dgfs.fs.options import FsOptions
+from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from tests.coreharness import flip_byte, make_core, write
 from tests.fsharness import (
@@ -274,6 +284,76 @@ async def test_one_bad_object_never_breaks_a_listing(tmp_path: Path) -> None:
         sub = names["sub"]
         assert (sub.kind.type_bits, sub.uid, sub.mode) == (stat.S_IFDIR, os.getuid(), 0o600)
         assert await read_file(m.fs, "uid-neg", await ino_of(m.fs, "m")) == b"data"
+
+
+@pytest.mark.expected_log(r"m/secret: HEAD refused")
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        lambda key: AccessDenied(f"{key}: AccessDenied (HTTP 403)"),  # a bucket policy
+        lambda key: StoreError(f"HeadObject {key} failed: BadRequest (HTTP 400)"),  # SSE-C
+    ],
+    ids=["bucket-policy", "sse-c"],
+)
+async def test_one_object_whose_head_is_refused_never_breaks_a_listing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, refusal: Callable[[str], Exception]
+) -> None:
+    """A bucket policy that denies GetObject (so HEAD) on one key, or an
+    SSE-C object (HEAD answers 400 without its key): the LIST shows it, its
+    HEAD fails for good. Before, that one failure failed the whole listing
+    (``ls`` of the directory EIO, forever). Now the object shows from its
+    LIST alone (size, LastModified, default attributes), logged once."""
+    memory = MemoryStore()
+    store = FaultyStore(memory)
+    for name in ("a", "b", "c", "d", "secret"):  # enough to read the directory index
+        await store.put_bytes(f"m/{name}", b"data", {"mode": str(0o100600)})
+    await store.put_bytes("m/sub/", b"", {"mode": str(0o40700)})
+    store.fail("head", key="m/secret", times=None, error=refusal)
+    async with mounted(store, tmp_path) as m:
+        names = await readdir(m.fs, "m")
+        assert sorted(names) == ["a", "b", "c", "d", "secret", "sub"]
+        assert names["a"].mode == 0o600
+        secret = names["secret"]
+        listed = memory.objects["m/secret"]
+        assert (secret.kind, secret.size, secret.mode) == (NodeKind.FILE, 4, 0o644)
+        assert secret.mtime_ns == int(listed.last_modified.timestamp() * 1e9)
+        await m.fs.ns.listing("m", fresh=True)  # asked again, not logged again
+    assert store.count("head", key="m/secret") == 2
+    assert len([r for r in caplog.records if "HEAD refused" in r.getMessage()]) == 1
+
+
+@pytest.mark.expected_log(r"m/sub/: HEAD refused")
+async def test_a_directory_whose_marker_head_is_refused_shows_the_defaults(
+    tmp_path: Path,
+) -> None:
+    """The same for a directory's marker: the directory lists with the
+    defaults, and so does its parent."""
+    store = FaultyStore(MemoryStore())
+    await store.put_bytes("m/sub/", b"", {"mode": str(0o40700)})
+    await store.put_bytes("m/f", b"data", {})
+    store.fail("head", key="m/sub/", times=None, error=AccessDenied)
+    async with mounted(store, tmp_path) as m:
+        names = await readdir(m.fs, "m")
+        assert sorted(names) == ["f", "sub"]
+        assert (names["sub"].kind, names["sub"].mode) == (NodeKind.DIR, 0o755)
+
+
+async def test_a_head_failing_for_a_moment_fails_the_listing(tmp_path: Path) -> None:
+    """Throttling, 5xx, a network error or credentials not to be had are no
+    refusal: showing the object without its attributes would show wrong
+    ones (a delta's stored size, its ``.delta`` name), so the listing fails
+    and the next one asks again."""
+    store = FaultyStore(MemoryStore())
+    for name in ("a", "b"):
+        await store.put_bytes(f"m/{name}", b"data", {})
+    async with mounted(store, tmp_path) as m:
+        store.fail("head", key="m/b", times=1)
+        with pytest.raises(TransientError):
+            await m.fs.ns.listing("m")
+        store.fail("head", key="m/b", times=1, error=CredentialsUnavailable)
+        with pytest.raises(CredentialsUnavailable):
+            await m.fs.ns.listing("m")
+        assert sorted(await m.fs.ns.listing("m")) == ["a", "b"]
 
 
 async def ino_of(fs: FileSystem, path: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,6 +37,7 @@ from dgfs.fs import dirindex
 from dgfs.fs.attrcache import AttrCache, relevant_metadata, version_of
 from dgfs.fs.entries import DirEntry, NodeKind
 from dgfs.fs.nodes import Node
+from dgfs.fs.upload_failures import refused_for_good
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,8 @@ class Namespace:
         # marker key -> what is known of it; moved and dropped with the directory
         # (``dir_tree_moved``, ``dir_removed``), so nothing outlives its key.
         self._markers: dict[str, _Marker] = {}
+        # Keys whose HEAD S3 refused for good (logged once each; ``_refused_head``).
+        self._refused_heads: set[str] = set()
 
     def key_of(self, path: str) -> str:
         """The user-visible S3 key of a mount path."""
@@ -218,14 +222,40 @@ class Namespace:
         missing = [k for k in marker_keys if k not in self._markers]
 
         def headed(key: str, head: ObjectHead | None) -> None:
+            self._refused_heads.discard(key)
             if head is None:
                 self._markers[key] = _Marker({})
             else:
                 self._markers[key] = _Marker(dict(head.metadata), has_bytes=head.size > 0)
 
         if missing:
-            await head_many(self.store, missing, on_head=headed)
+            # A marker whose HEAD is refused: its directory shows the defaults
+            # (nothing is kept: the next listing asks again).
+            await self._head_many(missing, headed)
         return {k: self._markers[k].metadata if k in self._markers else {} for k in marker_keys}
+
+    async def _head_many(
+        self, keys: list[str], headed: Callable[[str, ObjectHead | None], None]
+    ) -> dict[str, ObjectHead]:
+        """``head_many`` for a listing: a HEAD that S3 refuses for good (a bucket
+        policy denying GetObject on one key, an SSE-C object answering 400
+        without its key) is logged once and left out of the result, so one such
+        object never fails a listing; any other failure (throttling, 5xx,
+        network, credentials not to be had) fails it, once every HEAD is done."""
+        failures: list[DgfsError] = []
+
+        def failed(key: str, exc: DgfsError) -> None:
+            # The same test as an upload's: S3 refused the request itself.
+            if not refused_for_good(exc, direct=False):
+                failures.append(exc)
+            elif key not in self._refused_heads:
+                self._refused_heads.add(key)
+                log.warning("%s: HEAD refused (%s); shown from its listing alone", key, exc)
+
+        heads = await head_many(self.store, keys, on_head=headed, on_error=failed)
+        if failures:
+            raise failures[0]
+        return heads
 
     async def _heads(
         self, prefix: str, objects: list[ObjectInfo], listed_at: datetime | None
@@ -267,7 +297,9 @@ class Namespace:
             else:
                 unknown.append(obj)
         heads |= await self._head_each([*recheck, *unknown], listed_at)
-        if self.write_indexes and len(unknown) >= INDEX_MIN_MISSES:
+        # (Objects whose HEAD is refused stay unknown: they call for no index.)
+        headed = [o for o in unknown if o.key not in self._refused_heads]
+        if self.write_indexes and len(headed) >= INDEX_MIN_MISSES:
             # Missing or stale for many: the next fresh mount gets a full one,
             # of the rows no same-second change can have made stale (none of
             # those: an index would only replace one that may hold some).
@@ -284,15 +316,25 @@ class Namespace:
     async def _head_each(
         self, objects: list[ObjectInfo], listed_at: datetime | None
     ) -> dict[str, ObjectHead]:
-        """A HEAD of each object, asked after the listing answered at ``listed_at``."""
+        """A HEAD of each object, asked after the listing answered at ``listed_at``.
+
+        An object whose HEAD S3 refuses for good shows what the LIST says of
+        it, with no metadata: a foreign file of its size and LastModified,
+        with the default attributes (nothing is cached: the next listing
+        asks again)."""
 
         def headed(key: str, head: ObjectHead | None) -> None:
+            self._refused_heads.discard(key)
             if head is not None:
                 self._keep(head, asked_after=listed_at)
 
         if not objects:
             return {}
-        return await head_many(self.store, [o.key for o in objects], on_head=headed)
+        heads = await self._head_many([o.key for o in objects], headed)
+        for obj in objects:
+            if obj.key in self._refused_heads and obj.key not in heads:
+                heads[obj.key] = ObjectHead(obj.key, obj.size, obj.etag, obj.last_modified, {})
+        return heads
 
     async def _read_index(self, prefix: str) -> dirindex.Rows:
         """The rows of the directory's index; {} when it has none or it is unusable."""
