@@ -30,6 +30,7 @@ from dgfs import format as fmt
 from dgfs import proxymeta
 from dgfs.errors import DgfsError, FsError, errno_of
 from dgfs.fs import readers
+from dgfs.fs.entries import NodeKind
 from dgfs.fs.filesystem import FsOptions
 from dgfs.fs.fuse_ops import FuseOperations
 from dgfs.mount import MountConfig, _fuse_options
@@ -676,6 +677,50 @@ async def test_another_mounts_new_file_appears_once_the_listing_ttl_passes(
         assert list(await readdir(a.fs, "d")) == ["new.txt"]
         attrs = FuseOperations(a.fs, attr_timeout=attr_timeout)._attrs(await lookup(a.fs, "d"))
         assert attrs.attr_timeout == attrs.entry_timeout == 1.0
+
+
+async def test_a_directory_replaced_by_a_file_elsewhere_stops_showing_as_a_directory(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Another mount removes everything under ``d/`` and stores a file ``d``.
+    Once the listing TTL is over, ``stat`` of the old inode is ENOENT and
+    ``d`` is the file. Before, each stat of the old inode confirmed the
+    directory S3 no longer held, and kept it showing for as long as
+    something stat'ed it (a shell's cwd, a file manager)."""
+    await memory.put_bytes("d/x", b"x", {})
+    async with mounted(memory, tmp_path) as m:
+        d = await lookup(m.fs, "d")
+        assert d.kind is NodeKind.DIR
+        await memory.delete("d/x")  # another mount
+        await memory.put_bytes("d", b"now a file", {})
+        mock_clock.jump(OPTIONS.listing_ttl + 1)
+        with pytest.raises(FsError) as exc:
+            await m.fs.getattr(d.ino)
+        assert exc.value.errno == errno.ENOENT
+        mock_clock.jump(0.5)  # within the TTL of that listing
+        node = await lookup(m.fs, "d")
+        assert (node.kind, node.size) == (NodeKind.FILE, len(b"now a file"))
+
+
+async def test_directories_s3_does_not_list_as_such_keep_showing(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """What the rule above must not drop: a directory without a marker (a
+    prefix only), and one only this mount's files not uploaded yet imply,
+    even once another mount stored a file of its name (the upload makes it
+    a directory again: S3 lists the directory, not the file)."""
+    await memory.put_bytes("implied/x", b"x", {})
+    await memory.put_bytes("d/x", b"x", {})
+    async with mounted(memory, tmp_path) as m:
+        implied = await lookup(m.fs, "implied")
+        d = await lookup(m.fs, "d")
+        fh = await create(m.fs, "new", b"not uploaded yet", d.ino)  # held open
+        await memory.delete("d/x")  # another mount
+        await memory.put_bytes("d", b"a file", {})
+        mock_clock.jump(OPTIONS.listing_ttl + 1)
+        assert (await m.fs.getattr(implied.ino)).kind is NodeKind.DIR
+        assert (await m.fs.getattr(d.ino)).kind is NodeKind.DIR
+        await m.fs.release(fh)
 
 
 @pytest.mark.expected_log(r"cannot read rel/a\.zip")

@@ -167,10 +167,14 @@ class FileSystem:
         entry = (await self.ns.listing(node.parent_path)).get(node.name)
         if entry is not None and entry.kind is node.kind:
             self.nodes.refresh(node, entry)
-        elif node.kind is NodeKind.DIR:
-            node.checked_at = trio.current_time()  # an empty dir made here, or implied
+        elif node.kind is NodeKind.DIR and (entry is None or self.nodes.local_children(node.path)):
+            # Not listed: an empty directory made here, or one this mount's
+            # files not uploaded yet imply (they take it back from a file of
+            # its name that another mount stored meanwhile: S3 lists the directory).
+            node.checked_at = trio.current_time()
         elif node.open_handles == 0:
-            raise FsError(errno.ENOENT, "removed by another writer")
+            # Removed or replaced by another kind: the next lookup finds what S3 holds.
+            raise FsError(errno.ENOENT, "removed or replaced by another writer")
         return node
 
     def forget(self, items: list[tuple[int, int]]) -> None:
