@@ -74,6 +74,43 @@ def test_an_index_that_would_build_millions_of_objects_is_refused_before_parsing
     assert peak < 32 << 20
 
 
+def test_an_index_of_millions_of_numbers_is_refused_before_parsing() -> None:
+    """Finding: a 2.8 KB index holding one array of 8 million numbers passed
+    the quote and bracket counts and was parsed whole (~339 MB, more than the
+    bound documented above). Commas and colons bound the numbers too."""
+    count = (dirindex.MAX_TEXT - 16) // 4
+    body = zstd(b"[" + b"1e1," * (count - 1) + b"1e1]")
+    assert len(body) < 4096
+    result, peak = decode_measured(body)
+    assert isinstance(result, ValueError) and "(values)" in str(result), repr(result)
+    # The text decompressed (its chunks, then joined), nothing parsed: ~339 MB before.
+    assert peak < 2 * dirindex.MAX_TEXT + (8 << 20)
+
+
+def test_a_real_index_of_max_entries_objects_is_read() -> None:
+    """The bounds refuse no real index: MAX_ENTRIES deltas with DeltaGlider's
+    metadata, POSIX attributes and an S3 client's own, commas and colons in
+    their values (a name, a time)."""
+    meta = {
+        "dg-file-sha256": "ab" * 32,
+        "dg-file-size": "123456",
+        "dg-ref-key": "rel/reference.bin",
+        "dg-ref-sha256": "cd" * 32,
+        "dg-original-name": "release 1.2, final.zip",
+        "dg-created-at": "2024-01-01T12:34:56Z",
+        "dg-delta-size": "1234",
+        "dg-tool": "deltaglider/6.2.0",
+        "mtime": "1700000000.123456789",
+        "mode": "33188",
+        "uid": "1000",
+        "gid": "1000",
+        "user-owner": "team:builds,nightly",
+    }
+    version = "e" * 32 + "@1700000000"
+    rows = {f"rel/f-{i:06d}.zip.delta": (version, meta) for i in range(dirindex.MAX_ENTRIES)}
+    assert len(dirindex.decode("rel/", dirindex.encode("rel/", rows))) == dirindex.MAX_ENTRIES
+
+
 def test_an_index_larger_than_its_limit_is_refused_unread() -> None:
     result, _ = decode_measured(b"\0" * (dirindex.MAX_BYTES + 1))
     assert isinstance(result, ValueError) and f"larger than {dirindex.MAX_BYTES}" in str(result)

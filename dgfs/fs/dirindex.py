@@ -51,6 +51,11 @@ MAX_TEXT = 32 << 20
 MAX_ENTRIES = 50_000
 #: JSON strings (dict keys included) per object described, on average.
 MAX_STRINGS_PER_ENTRY = 40
+#: Commas and colons per object described, on average: one of each per
+#: metadata item and row, a few more inside values (a time's colons). Every
+#: JSON value but the first in its array or object follows one, so this
+#: bounds the numbers, ``true``s and ``null``s no quote or bracket counts.
+MAX_SEPARATORS_PER_ENTRY = 56
 #: Metadata entries of one object, and the characters of one value (S3
 #: allows 2 KB of user metadata per object).
 MAX_META_ITEMS = 64
@@ -181,11 +186,14 @@ def _decompress(body: bytes) -> bytes:
 
 
 def _check_size_of_parse(text: bytes) -> None:
-    """``ValueError`` if parsing the JSON ``text`` could build more strings,
-    arrays and objects than MAX_ENTRIES rows need: counted as quotes and
-    brackets, which is an upper bound (a bracket or escaped quote inside a
-    string counts too) found without building anything."""
+    """``ValueError`` if parsing the JSON ``text`` could build more values
+    than MAX_ENTRIES rows need: strings counted as quotes, arrays and
+    objects as brackets, all values as the commas and colons between them,
+    which are upper bounds (such a byte inside a string counts too) found
+    without building anything."""
     if text.count(b'"') > 2 * (MAX_STRINGS_PER_ENTRY * MAX_ENTRIES + 8):
         raise ValueError(f"directory index of more than {MAX_ENTRIES} objects (strings)")
     if len(text.translate(None, _NOT_BRACKETS)) > 2 * (2 * MAX_ENTRIES + 2):
         raise ValueError(f"directory index of more than {MAX_ENTRIES} objects (containers)")
+    if text.count(b",") + text.count(b":") > MAX_SEPARATORS_PER_ENTRY * MAX_ENTRIES + 8:
+        raise ValueError(f"directory index of more than {MAX_ENTRIES} objects (values)")
