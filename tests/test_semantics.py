@@ -102,6 +102,26 @@ async def test_names_the_format_or_the_proxy_own_cannot_be_created(
     assert sorted(memory.objects) == ["d/", "d/_dgp"]
 
 
+async def test_a_name_that_is_not_utf8_is_eilseq_not_eio(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """S3 keys are UTF-8: ``mkdir $'caf\\xe9'`` (a Latin-1 name from an old
+    tree, which FUSE hands over as ``os.fsdecode`` makes it: a lone
+    surrogate) cannot be stored. Creating one is EILSEQ, as on ZFS with
+    ``utf8only=on``; looking one up is ENOENT (no key holds it). Before,
+    both crashed the request with UnicodeEncodeError: EIO, and an
+    "unexpected error" traceback in the log."""
+    name = os.fsdecode(b"caf\xe9")
+    async with mounted(memory, tmp_path) as m:
+        await write_file(m.fs, "f", b"f")
+        assert await _errno_of(m.fs.mkdir(ROOT, name, 0o755, UID, GID)) == errno.EILSEQ
+        assert await _errno_of(create(m.fs, name, b"x")) == errno.EILSEQ
+        assert await _errno_of(m.fs.symlink(ROOT, name, b"t", UID, GID)) == errno.EILSEQ
+        assert await _errno_of(m.fs.rename(ROOT, "f", ROOT, name, 0)) == errno.EILSEQ
+        assert await _errno_of(lookup(m.fs, name)) == errno.ENOENT
+    assert sorted(memory.objects) == ["f"]
+
+
 async def test_mkdir_writes_a_marker_holding_the_directorys_attributes(
     memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

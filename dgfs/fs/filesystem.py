@@ -37,7 +37,7 @@ from dgfs.fs.changes import StoredChanges
 from dgfs.fs.entries import NodeKind
 from dgfs.fs.handles import Access, Handle, HandleTable
 from dgfs.fs.journal import Journal
-from dgfs.fs.namespace import NAME_MAX, Namespace
+from dgfs.fs.namespace import NAME_MAX, Namespace, utf8_length
 from dgfs.fs.nodes import ROOT_INODE, Node, NodeTable, child_path
 from dgfs.fs.options import FsOptions
 from dgfs.fs.prefetch import Prefetcher
@@ -128,7 +128,10 @@ class FileSystem:
 
     async def lookup(self, parent_ino: int, name: str) -> Node:
         """The node for ``name`` in a directory, handed to the kernel (one lookup)."""
-        if len(name.encode()) > NAME_MAX:
+        length = utf8_length(name)
+        if length is None:
+            raise FsError(errno.ENOENT)  # no S3 key holds it
+        if length > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         return self.nodes.looked_up(await self._find(self.get_dir(parent_ino), name))
 

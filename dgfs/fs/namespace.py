@@ -58,6 +58,16 @@ S3_KEY_MAX = 1024  # bytes
 NAME_MAX = 255  # bytes in one name, as statfs reports
 
 
+def utf8_length(name: str) -> int | None:
+    """The bytes of ``name`` in UTF-8, as an S3 key holds it; None for a name
+    that has no UTF-8 form (bytes that are not UTF-8, as FUSE hands them
+    over through ``os.fsdecode``: lone surrogates), which no key can hold."""
+    try:
+        return len(name.encode())
+    except UnicodeEncodeError:
+        return None
+
+
 def _newer(head: ObjectHead, other: ObjectHead) -> bool:
     """Of two forms of one file, whether ``head`` is the one shown (``fmt.form_rank``)."""
     return fmt.form_rank(head.key, head.last_modified, head.metadata) > fmt.form_rank(
@@ -141,7 +151,10 @@ class Namespace:
         """Refuse a name a new entry of ``parent_path`` may not take (``FsError``)."""
         if not name or "/" in name or name in (".", ".."):
             raise FsError(errno.EINVAL, f"bad name {name!r}")
-        if len(name.encode()) > NAME_MAX:
+        length = utf8_length(name)
+        if length is None:  # as ZFS with utf8only=on refuses one
+            raise FsError(errno.EILSEQ, f"{name!r}: not UTF-8, as S3 keys must be")
+        if length > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
         # S3 keys hold at most 1,024 bytes; the longest form of an entry is a
         # directory's marker ("/") or a delta (".delta").
