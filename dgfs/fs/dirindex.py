@@ -8,15 +8,18 @@ mount uses and the version it describes (ETag + Last-Modified second, as
 ``attrcache.version_of``): a fresh mount reads it with one GET beside the
 LIST and HEADs only the objects it does not describe.
 
-It is a hint, never trusted: a row counts only while its version is the
-one the LIST shows, so an object written since, by any tool, is HEADed as
-before. A version is whole seconds, so an object can change again within
+It is a hint checked against the LIST: a row counts only while its
+version is the one the LIST shows, so an object written since, by any
+tool, is HEADed as before. It is trusted as the bucket is: a version is
+public (any LIST shows it), so whoever may write ``.deltaglider/`` can
+make rows that show wrong attributes, never wrong content (reads are
+SHA-256 checked; docs/SEMANTICS.md). A version is whole seconds, so an object can change again within
 the second of its last write and keep it (a chmod right after an upload):
 an index holds only rows read after that second was over (``settled``),
 which nothing can change unseen any more. Any
 mount may therefore rewrite it at any time (last writer wins, no
-conditional request needed): a lost, stale, foreign or garbled index
-costs HEADs, never a wrong attribute. It lives under ``.deltaglider/``,
+conditional request needed): a lost, stale or garbled index costs
+HEADs, never a wrong attribute. It lives under ``.deltaglider/``,
 which DeltaGlider and dgfs never show, at
 ``.deltaglider/dgfs-index/v1/<directory prefix>dir.index`` (zstd JSON).
 """
