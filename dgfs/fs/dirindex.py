@@ -12,9 +12,9 @@ It is a hint checked against the LIST: a row counts only while its
 version is the one the LIST shows, so an object written since, by any
 tool, is HEADed as before. It is trusted as the bucket is: a version is
 public (any LIST shows it), so whoever may write ``.deltaglider/`` can
-make rows that show wrong attributes, never wrong content (reads are
-SHA-256 checked; docs/SEMANTICS.md). A version is whole seconds, so an object can change again within
-the second of its last write and keep it (a chmod right after an upload):
+make rows that show wrong attributes, never other bytes than the
+object's (docs/SEMANTICS.md). A version is whole seconds, so an object
+can change again within the second of its last write and keep it (a chmod right after an upload):
 an index holds only rows read after that second was over (``settled``),
 which nothing can change unseen any more. Any
 mount may therefore rewrite it at any time (last writer wins, no
