@@ -191,13 +191,15 @@ async def plan_conversion(
         head = heads.get(obj.key)
         if head is None:
             continue  # deleted since the listing
+        if not _is_delta(obj.key, head):
+            continue  # a file of its own named x.delta (no DeltaGlider metadata)
         visible = fmt.visible_key(obj.key)
         assert visible is not None
         if obj.key in in_target and obj.key not in stock_gzip:
             plan.already += 1
             continue
         direct = by_key.get(visible)
-        if direct is not None and direct.last_modified > head.last_modified:
+        if direct is not None and await _shown_over(store, direct, obj.key, head):
             plan.stale.append(obj.key)  # a put that went direct died before deleting it
             continue
         # Named by their full keys everywhere (rel_key too), like the references.
@@ -417,7 +419,34 @@ async def _still_stale(store: ObjectStore, delta_key: str) -> bool:
         delta, direct = await store.head(delta_key), await store.head(visible)
     except NotFound:
         return False
-    return direct.last_modified > delta.last_modified
+    return _is_delta(delta_key, delta) and _ranks_over(visible, direct, delta_key, delta)
+
+
+async def _shown_over(
+    store: ObjectStore, direct: ObjectInfo, delta_key: str, delta: ObjectHead
+) -> bool:
+    """Whether readers show the direct object (listed) over the delta: the
+    newer second, else (a HEAD) the rest of ``fmt.form_rank``."""
+    if direct.last_modified != delta.last_modified:
+        return direct.last_modified > delta.last_modified
+    try:
+        head = await store.head(direct.key)
+    except NotFound:
+        return False
+    return _ranks_over(direct.key, head, delta_key, delta)
+
+
+def _ranks_over(direct_key: str, direct: ObjectHead, delta_key: str, delta: ObjectHead) -> bool:
+    """Whether the direct form of a file is the one readers show (``fmt.form_rank``)."""
+    return fmt.form_rank(direct_key, direct.last_modified, direct.metadata) > fmt.form_rank(
+        delta_key, delta.last_modified, delta.metadata
+    )
+
+
+def _is_delta(key: str, head: ObjectHead) -> bool:
+    """Whether the object ``key`` is a file's delta, as a mount shows it (an
+    object named x.delta without DeltaGlider metadata is a file of its own)."""
+    return fmt.classify_shown(key, head.size, head.metadata).kind is fmt.Kind.DELTA
 
 
 async def _remove_old_references(
