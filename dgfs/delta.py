@@ -46,6 +46,7 @@ unless ``XDELTA=-D`` is in its environment.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -57,7 +58,7 @@ from pathlib import Path
 import trio
 
 from dgfs import children
-from dgfs.errors import DecodeLimit, DeltaEngineError, XdeltaMissing
+from dgfs.errors import DecodeLimit, DeltaEngineError, XdeltaFailedHere, XdeltaMissing
 
 log = logging.getLogger(__name__)
 
@@ -437,10 +438,14 @@ class DeltaEngine:
                     + (INSTALL_HINT if gone else "a seccomp filter may forbid prlimit(2)")
                 )
             if result.returncode != 0:
-                raise DeltaEngineError(
+                message = (
                     f"xdelta3 {what} failed (exit {result.returncode}): "
                     f"{_shell_text(command)}: {_tail(result.stderr) or 'no output'}"
                 )
+                local = _failed_here(result.returncode, result.stderr)
+                if local is not None:
+                    raise XdeltaFailedHere(message, local)
+                raise DeltaEngineError(message)
         except BaseException:
             # Also on trio.Cancelled: never leave a partial output behind.
             with contextlib.suppress(OSError):
@@ -506,3 +511,21 @@ def _tail(output: bytes) -> str:
 
 def _shell_text(command: Sequence[str]) -> str:
     return " ".join(command)
+
+
+#: What xdelta3 (strerror) says when this machine, not its input, failed it.
+_LOCAL_ERRORS = {
+    b"No space left on device": errno.ENOSPC,
+    b"Disk quota exceeded": errno.EDQUOT,
+    b"Input/output error": errno.EIO,
+    b"Read-only file system": errno.EROFS,
+}
+
+
+def _failed_here(returncode: int, stderr: bytes) -> int | None:
+    """The errno of a failure of this machine's (a full or failing disk, a
+    kill), or None when xdelta3 failed on its input (a corrupt delta)."""
+    for text, err in _LOCAL_ERRORS.items():
+        if text in stderr:
+            return err
+    return errno.EIO if returncode < 0 else None

@@ -112,6 +112,16 @@ class DeltaEngineError(DgfsError):
     errno = errno.EIO
 
 
+class XdeltaFailedHere(DeltaEngineError):
+    """xdelta3 failed on this machine, whatever its input: the disk full or
+    failing, or the process killed (the OOM killer). Nothing says the
+    object is broken; ``errno`` tells the reader which."""
+
+    def __init__(self, message: str, errno_: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
 class XdeltaMissing(DeltaEngineError, UserError):
     """The xdelta3 binary is not installed or not runnable."""
 

@@ -31,6 +31,7 @@ from dgfs.errors import (
     DgfsError,
     FormatError,
     IntegrityError,
+    XdeltaFailedHere,
     XdeltaMissing,
 )
 from dgfs.flight import SingleFlight
@@ -190,8 +191,9 @@ class Rebuilder:
                 await self._rebuild_deep(stored, out)
             else:
                 recovered = await self._rebuild_dg(stored, out, stream)
-        except XdeltaMissing:
-            raise
+        except (XdeltaMissing, XdeltaFailedHere):
+            out.unlink(missing_ok=True)
+            raise  # this machine's failure, not the object's
         except DeltaEngineError as exc:
             # A truncated or corrupt delta body (or a reference it was not made
             # against): the object is broken, say which one.

@@ -11,6 +11,7 @@ policy from it and closes them again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -236,8 +237,7 @@ async def open_core(
     deep.keep_verified_spans_in(root)
     # Scratch (staging, deltas, decrypted references) sits beside the cache,
     # on disk rather than a possibly small tmpfs.
-    (root / "scratch").mkdir(mode=0o700, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root / "scratch"))
+    scratch, scratch_lock = new_scratch(root)
     try:
         async with open_store(location, settings, telemetry) as store:
             if check_bucket:
@@ -262,6 +262,7 @@ async def open_core(
             await trio.to_thread.run_sync(deep.save_kept_verified_spans)
         cache.close()
         shutil.rmtree(scratch, ignore_errors=True)
+        os.close(scratch_lock)
         if ephemeral:
             shutil.rmtree(cache.directory, ignore_errors=True)
 
@@ -294,14 +295,55 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: The file a process holds ``flock``ed in its ephemeral cache (``ContentCache``)
+#: and its scratch directory while it uses them.
+_LOCK_NAME = "lock"
+
+
+def new_scratch(root: Path) -> tuple[Path, int]:
+    """A scratch directory of this process's own under ``root/scratch`` and
+    the descriptor of its lock, held until the caller closes it: another
+    process (in another PID namespace too, where this PID means nothing)
+    sees the directory is in use (``_remove_dead_ephemeral_caches``)."""
+    (root / "scratch").mkdir(mode=0o700, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root / "scratch"))
+    lock = os.open(scratch / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return scratch, lock
+
+
+def _in_use(path: Path) -> bool | None:
+    """Whether a process holds ``path``'s lock file (None: it has none, as
+    directories of older dgfs versions)."""
+    try:
+        fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return True  # cannot tell: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (releases the lock if taken)
+    return False
+
+
 def _remove_dead_ephemeral_caches(root: Path) -> None:
-    """Ephemeral caches and scratch dirs of processes that died without cleaning up."""
+    """Ephemeral caches and scratch dirs of processes that died without
+    cleaning up: their lock is free (a PID says nothing across PID
+    namespaces, e.g. containers sharing a cache_dir volume); a directory
+    without a lock file is judged by its PID."""
     for pattern, parse in (
         ("content-ephemeral-*", lambda name: name.rsplit("-", 1)[-1]),
         ("scratch/*-*", lambda name: name.split("-", 1)[0]),
     ):
         for path in root.glob(pattern):
+            held = _in_use(path)
             pid_text = parse(path.name)
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            if held is None:
+                held = not pid_text.isdigit() or _pid_alive(int(pid_text))
+            if not held:
                 log.info("removing %s left by a dead process", path)
                 shutil.rmtree(path, ignore_errors=True)
