@@ -496,7 +496,20 @@ def _tar_members(f: BinaryIO, budget: _Budget) -> Iterator[tuple[bytes, float | 
             size = _pax_int(records[b"size"])
         pax, long_name = {}, None
         skip = kind in _TAR_WITH_DATA or kind not in _TAR_KNOWN
-        offset += _TAR_BLOCK + (_blocks(size) if skip and size > 0 else 0)
+        offset += _TAR_BLOCK
+        if kind == b"S" and block[482]:
+            # GNU sparse: more of its map follows in extension blocks, each
+            # saying (byte 504) whether another comes (tarfile's _proc_sparse).
+            while True:
+                budget.check_time()
+                f.seek(offset)
+                extension = f.read(_TAR_BLOCK)
+                if len(extension) < _TAR_BLOCK:
+                    return
+                offset += _TAR_BLOCK
+                if not extension[504]:
+                    break
+        offset += _blocks(size) if skip and size > 0 else 0
 
 
 def _blocks(size: int) -> int:

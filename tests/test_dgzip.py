@@ -529,3 +529,90 @@ async def test_stock_cli_tar_gz_is_recovered(
     )
     assert found
     assert out.read_bytes() == second.read_bytes()
+
+
+def _gnu_sparse_tar(tmp_path: Path) -> tuple[Path, int]:
+    """A GNU tar (``tar -S``, as backups of VM images and databases are made)
+    whose first file is sparse with more than 4 holes (its map continues in
+    extension blocks after the header), followed by the newest file."""
+    import shutil
+    import subprocess
+
+    tar_bin = shutil.which("tar")
+    if tar_bin is None:
+        pytest.skip("GNU tar needed")
+    src = tmp_path / "src" / "pkg"
+    src.mkdir(parents=True)
+    with open(src / "a_sparse.img", "wb") as f:
+        for i in range(12):
+            f.seek(i * 200_000)
+            f.write(b"segment %d\n" % i)
+        f.truncate(12 * 200_000)
+    (src / "b.txt").write_text("b\n")
+    (src / "z_newest.txt").write_text("newest\n")
+    old, newest = 1_600_000_000, 1_700_000_000
+    os.utime(src / "a_sparse.img", (old, old))
+    os.utime(src / "b.txt", (old, old))
+    os.utime(src / "z_newest.txt", (newest, newest))
+    os.utime(src, (old, old))
+    tar = tmp_path / "pkg.tar"
+    subprocess.run(
+        [tar_bin, "--format=gnu", "-S", "--sort=name", "-cf", str(tar)]
+        + ["-C", str(src.parent), "pkg"],
+        check=True,
+    )
+    return tar, newest
+
+
+def test_tar_facts_read_past_a_gnu_sparse_member_as_tarfile_did(tmp_path: Path) -> None:
+    """``_tar_members`` skips a GNU sparse ('S') member's data by its size but
+    not the extension blocks of its sparse map that follow the header when
+    byte 482 (isextended) is set; the first of those fails the checksum and
+    the scan ends there. tarfile (before 7262a07) read them
+    (``TarInfo._proc_sparse``) and every member after."""
+    import math
+    import tarfile
+
+    from dgfs import dgzip
+
+    tar, newest = _gnu_sparse_tar(tmp_path)
+    with tarfile.open(tar) as t:
+        assert math.floor(max(m.mtime for m in t)) == newest  # what tarfile saw
+    facts = dgzip._tar_facts(tar, dgzip._Budget(600, 1 << 40))
+    assert facts.newest_mtime == newest, f"newest mtime {facts.newest_mtime}, tarfile: {newest}"
+
+
+def test_a_python_gzipped_tar_holding_a_gnu_sparse_file_is_recovered(tmp_path: Path) -> None:
+    """End to end: Python's gzip (as the stock CLI's users' tools and
+    setuptools write .tar.gz: level 9, FNAME, MTIME = newest member) over
+    that tar. Before 7262a07 recover_gzip found it at the first header
+    (tarfile gave the newest mtime); now the scan stops at the sparse
+    member and no candidate MTIME is right."""
+    import gzip
+    import hashlib
+
+    from dgfs import dgzip
+
+    tar, newest = _gnu_sparse_tar(tmp_path)
+    original = tmp_path / "pkg.tar.gz"
+    with (
+        open(original, "wb") as raw,
+        gzip.GzipFile(
+            filename="pkg.tar", mode="wb", compresslevel=9, fileobj=raw, mtime=newest
+        ) as gz,
+    ):
+        gz.write(tar.read_bytes())
+    body = original.read_bytes()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out.tar.gz"
+    found = dgzip.recover_gzip(
+        tar,
+        out,
+        original_name="pkg.tar.gz",
+        expected_sha256=hashlib.sha256(body).hexdigest(),
+        expected_size=len(body),
+        reference_gzip=None,
+        scratch_dir=scratch,
+    )
+    assert found and out.read_bytes() == body

@@ -10,6 +10,7 @@ The same inputs through a real mount: tests/test_mount_hostile.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import gzip
@@ -780,3 +781,30 @@ async def test_reads_of_other_files_never_wait_behind_stock_gzip_recoveries(
     finally:
         release.set()
     assert waited < 2, f"a 600-byte file waited {waited:.1f} s behind {tokens} recoveries"
+
+
+@pytest.mark.expected_log(r"HEAD refused")
+async def test_chmod_of_a_directory_whose_marker_head_is_refused_keeps_its_bytes(
+    tmp_path: Path,
+) -> None:
+    """536ce66 shows a directory whose marker's HEAD is refused for good (an
+    SSE-C marker answering 400 without its key, a policy on that key) with
+    the defaults, where the listing used to fail. Nothing is kept of it
+    (``_markers`` has no row), so ``write_marker`` takes it for a marker
+    without bytes and PUTs an empty one over it: a chmod destroys the bytes
+    another tool gave the marker (SEMANTICS.md: a marker's bytes are kept by
+    chmod/chown/touch; the mount never overwrites what it does not show)."""
+    from dgfs.errors import AccessDenied
+    from tests.fsharness import GID, UID  # noqa: F401
+
+    inner = MemoryStore()
+    store = FaultyStore(inner)
+    await store.put_bytes("m/sub/", b"another tool's bytes", {"mode": str(0o40755)})
+    await store.put_bytes("m/f", b"data", {})
+    store.fail("head", key="m/sub/", times=None, error=AccessDenied)
+    async with mounted(store, tmp_path) as m:
+        mdir = await lookup(m.fs, "m")
+        sub = await lookup(m.fs, "sub", mdir.ino)
+        with contextlib.suppress(FsError):  # refusing the chmod would be fine too
+            await m.fs.setattr(sub.ino, mode=0o700)
+    assert inner.objects["m/sub/"].body == b"another tool's bytes"

@@ -246,3 +246,83 @@ async def _read(m: Mount, ino: int) -> bytes:
         return await m.fs.read(handle.fh, 0, 1 << 20)
     finally:
         await m.fs.release(handle.fh)
+
+
+async def test_close_racing_a_rename_over_the_file_returns_0(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """P closes ``b`` (flush: journal commit in a worker thread) while Q runs
+    ``mv a b`` (a stored in S3). The rename keeps a copy for P's handle and
+    takes b's entry out of the journal (``lost_name(kept=True)``) right after
+    the S3 copy, but marks b unlinked only at its very end (``nodes.move``).
+    The commit, resuming in between, finds neither ``node.unlinked`` nor
+    ``staged.is_retired``: close() fails with ENOENT. The commit message says
+    this race ("or a rename replaced it") returns 0."""
+    GatedCommitJournal.gate = threading.Event()
+    GatedCommitJournal.gate.set()
+    outcome: dict[str, object] = {}
+    try:
+        async with (
+            mounted(faulty, tmp_path, journal_type=GatedCommitJournal) as m,
+            trio.open_nursery() as nursery,
+        ):
+            await write_file(m.fs, "a", b"file a\n")
+            mock_clock.jump(OPTIONS.upload_delay)
+            await m.fs.wait_idle()
+            assert bucket(memory) == {"a": b"file a\n"}
+            fh = await create(m.fs, "b", b"being written\n")
+            GatedCommitJournal.gate.clear()
+
+            async def flush() -> None:
+                try:
+                    await m.fs.flush(fh)
+                    outcome["flush"] = 0
+                except FsError as exc:
+                    outcome["flush"] = errno.errorcode.get(exc.errno, exc.errno)
+
+            flushed = await started(flush, nursery)  # in journal.commit, gated
+            held = faulty.hang("delete", key="a")  # the rename's delete of the old name
+            renamed = await started(lambda: m.fs.rename(ROOT, "a", ROOT, "b", 0), nursery)
+            await held.reached.wait()  # copied; b's entry is out of the journal
+            GatedCommitJournal.gate.set()
+            await flushed.wait()
+            held.release()
+            await renamed.wait()
+            await m.fs.release(fh)
+        assert outcome["flush"] == 0, f"close() failed with {outcome['flush']}"
+        assert bucket(memory) == {"b": b"file a\n"}
+    finally:
+        GatedCommitJournal.gate.set()
+
+
+async def test_an_fsync_long_ago_does_not_let_a_later_upload_take_half_a_file(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``StagedFile.is_hurried`` is ``_hurry.is_set()``, and ``_hurry`` is
+    never cleared: one fsync on a staging file makes every later upload of
+    it "hurried". So a program that fsyncs, writes on and closes, followed
+    by ``cmd >> f`` (the case test_one_file_at_once fixed), has no upload
+    delay and no writer check: the worker waits for cmd's write to land and
+    stores it while cmd still has the file open."""
+    from tests.fsharness import GID, UID
+
+    full = bytes(i % 251 for i in range(200_000))  # stored direct: sizes tell
+    head, middle = full[:4096], full[: len(full) // 2]
+    async with mounted(memory, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        fh = await create(m.fs, "app.bin", head, d.ino)
+        await m.fs.fsync(fh)  # stored: head
+        await m.fs.write(fh, len(head), full[len(head) : 8192])  # writes on
+        await m.fs.flush(fh)
+        await m.fs.release(fh)  # close: queued, "hurried" since the fsync
+        node = await lookup(m.fs, "app.bin", d.ino)
+        fh2 = (await m.fs.open(node.ino, os.O_WRONLY | os.O_APPEND)).fh  # cmd >> d/app.bin
+        await m.fs.write(fh2, 8192, middle[8192:])  # half of what cmd writes
+        await _let_tasks_run()  # no clock jump: the upload delay is not even over
+        while_open = len(bucket(memory).get("d/app.bin", b""))
+        await m.fs.write(fh2, len(middle), full[len(middle) :])
+        await m.fs.flush(fh2)
+        await m.fs.release(fh2)
+    assert while_open in (len(head), 8192), (
+        f"stored {while_open} bytes while a writer was open (closed: 8192; file: {len(full)})"
+    )

@@ -569,7 +569,9 @@ class Namespace:
         """Store a directory's marker with its POSIX attributes."""
         key = self.dir_prefix(path)
         known = self._markers.get(key)
-        if known is not None and known.has_bytes:
+        # A marker whose HEAD S3 refused may hold bytes this mount cannot see:
+        # only a copy onto itself keeps them (one S3 refuses too fails, EACCES).
+        if key in self._refused_heads or (known is not None and known.has_bytes):
             # A marker another tool gave bytes: keep them, change the metadata only.
             try:
                 await self.store.copy(key, key, meta)

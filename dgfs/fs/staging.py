@@ -84,6 +84,7 @@ class StagedFile:
         self._changed = trio.Event()
         self._hurry = trio.Event()  # set: upload without delay
         self._retired = False  # its journal entry is gone: nothing may write it again
+        self._left_journal = False  # its entry went with its name (kept for open handles)
         self._failures = 0  # upload attempts failed in a row (any cause)
         self._local_failures = 0  # of those, failures on this machine (not S3's)
         self._races_lost = 0  # attempts redone in a row: another writer changed the object
@@ -260,9 +261,12 @@ class StagedFile:
             self._phase = Phase.IDLE
 
     def start_upload(self) -> int:
-        """Uploading now; returns the version being stored."""
+        """Uploading now; returns the version being stored. A hurry was for
+        this upload: the next waits out its delay, and for its writers."""
         assert self._committed is not None and self._phase is Phase.IDLE
         self._phase = Phase.UPLOADING
+        if not self._retired:
+            self._hurry = trio.Event()
         return self._committed
 
     def landed(self, generation: int) -> None:
@@ -326,9 +330,19 @@ class StagedFile:
 
     @property
     def is_hurried(self) -> bool:
-        """Somebody waited for its upload (fsync, a close with sync_upload,
-        the unmount): it goes even while a writer has it open."""
+        """Somebody waits for its next upload (fsync, a close with
+        sync_upload, the unmount): it goes even while a writer has it open."""
         return self._hurry.is_set()
+
+    @property
+    def in_journal(self) -> bool:
+        """Its entry is still the journal's (not taken out with its name:
+        ``left_journal``)."""
+        return not self._left_journal
+
+    def left_journal(self) -> None:
+        """Its name went and its entry with it; open handles go on using it."""
+        self._left_journal = True
 
     async def wait_due(self) -> None:
         """Until the upload delay is over, or somebody hurries it."""

@@ -219,10 +219,10 @@ class UploadPipeline:
                 self.journal.commit, staged.entry_id, key, meta, limiter=self.disk_limiter
             )
         except OSError as exc:
-            if node.unlinked or staged.is_retired:
+            if node.unlinked or staged.is_retired or not staged.in_journal:
                 return  # the name went while the entry was written: nothing to keep
             raise FsError(exc.errno or errno.EIO, f"journal commit failed: {exc}") from exc
-        if node.unlinked or staged.is_retired:
+        if node.unlinked or staged.is_retired or not staged.in_journal:
             # Unlinked (or replaced by a rename) while the entry was written:
             # the manifest just written must not bring the name back.
             await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
@@ -398,6 +398,7 @@ class UploadPipeline:
         if not kept:
             self.discard(node)
         elif staged is not None:
+            staged.left_journal()  # a commit running now must not write it back
             await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
             self._drop_superseded(node)
 
@@ -489,7 +490,9 @@ class UploadPipeline:
             # Opened for writing again within the delay (``echo a > f;
             # cmd >> f``): what it holds now is not closed yet, and half a
             # file must not reach S3 (nor become its directory's
-            # reference). The last writer's close queues it again.
+            # reference). The last writer's close queues it again; an fsync
+            # waiting (a retry or redo of the upload it asked for) asks again.
+            staged.notify()
             return
         key = self.ns.key_of(node.path)
         meta = node.posix_metadata()
