@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from dgfs import delta, gc, proxymeta
+from dgfs import delta, forms, gc, proxymeta
 from dgfs import format as fmt
 from dgfs.core import Core
 from dgfs.errors import DgfsError, NotFound
@@ -191,7 +191,7 @@ async def plan_conversion(
         head = heads.get(obj.key)
         if head is None:
             continue  # deleted since the listing
-        if not _is_delta(obj.key, head):
+        if not forms.is_delta(head):
             continue  # a file of its own named x.delta (no DeltaGlider metadata)
         visible = fmt.visible_key(obj.key)
         assert visible is not None
@@ -419,7 +419,7 @@ async def _still_stale(store: ObjectStore, delta_key: str) -> bool:
         delta, direct = await store.head(delta_key), await store.head(visible)
     except NotFound:
         return False
-    return _is_delta(delta_key, delta) and _ranks_over(visible, direct, delta_key, delta)
+    return forms.is_delta(delta) and _ranks_over(visible, direct, delta_key, delta)
 
 
 async def _shown_over(
@@ -441,12 +441,6 @@ def _ranks_over(direct_key: str, direct: ObjectHead, delta_key: str, delta: Obje
     return fmt.form_rank(direct_key, direct.last_modified, direct.metadata) > fmt.form_rank(
         delta_key, delta.last_modified, delta.metadata
     )
-
-
-def _is_delta(key: str, head: ObjectHead) -> bool:
-    """Whether the object ``key`` is a file's delta, as a mount shows it (an
-    object named x.delta without DeltaGlider metadata is a file of its own)."""
-    return fmt.classify_shown(key, head.size, head.metadata).kind is fmt.Kind.DELTA
 
 
 async def _remove_old_references(

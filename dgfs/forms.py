@@ -27,9 +27,22 @@ def _form_rank(head: ObjectHead) -> tuple[datetime, datetime, bool]:
     return fmt.form_rank(head.key, head.last_modified, head.metadata)
 
 
+def is_delta(head: ObjectHead) -> bool:
+    """Whether the object ``head`` is a file's delta, as a mount shows it: an
+    object named ``x.delta`` without usable DeltaGlider metadata is a file
+    of its own, shown (and to be copied, kept, counted) as ``x.delta``."""
+    return fmt.classify_shown(head.key, head.size, head.metadata).kind is fmt.Kind.DELTA
+
+
+def shown_key(head: ObjectHead) -> str:
+    """The user-visible key the object ``head`` holds (``x`` for ``x``'s delta;
+    ``x.delta`` for a file of its own named so)."""
+    return fmt.classify_shown(head.key, head.size, head.metadata).visible_key
+
+
 def _holds(head: ObjectHead, key: str) -> bool:
     """Whether the object ``head`` holds the user-visible file ``key`` (as the mount shows it)."""
-    return fmt.classify_shown(head.key, head.size, head.metadata).visible_key == key
+    return shown_key(head) == key
 
 
 class Forms:
