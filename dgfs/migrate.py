@@ -10,10 +10,18 @@ What a caller may rely on:
   deltas; ``reference.bin`` and ``.deltaglider/`` are not files and are not
   copied. A source object's user metadata and content type travel with it
   (the format's own ``dg-*`` keys are written afresh).
+- Files are what a mount shows (``_visible_entries``), on both sides: an
+  object named ``x.delta`` is ``x``'s delta only when ``forms.is_delta``
+  says so, else a file of its own, copied as it is under that name (the
+  format stores no other way); ``x`` beside it is stored direct
+  (``store_direct``). Of a file's two forms the one ``fmt.form_rank``
+  ranks first is copied and compared with.
 - Resume: the destination is listed once; a file already there under the
-  same visible name with the same original size (and the same SHA-256 when
-  both sides record one) is skipped. A file there with another size is
-  replaced.
+  same visible name with the same original size is skipped unless both
+  sides record a ``dg-file-sha256`` and they differ. Direct and foreign
+  objects are HEADed for it only when the sizes match (the destination's,
+  then the source's if the destination records one). A file there with
+  another size or SHA-256 is replaced.
 - Prefixes as DeltaGlider does it: with ``preserve_prefix``, the last
   component of the source prefix is kept (``s3://src/a/b/`` into
   ``s3://dst/x/`` lands in ``x/b/``); without it files land right under
@@ -42,12 +50,12 @@ import fnmatch
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
 from dgfs import format as fmt
-from dgfs import proxymeta
+from dgfs import forms, proxymeta
 from dgfs.core import Core
 from dgfs.errors import ConfigError, DgfsError, IntegrityError
 from dgfs.format import Kind, StoredFile
@@ -95,6 +103,7 @@ class SourceFile:
     sha256: str | None = None  # when the source records it
     delta: bool = False  # stored as a DeltaGlider delta in the source
     head: ObjectHead | None = None  # the source delta's HEAD (metadata, content type)
+    store_direct: bool = False  # its name + ".delta" is another file: never a delta
 
 
 @dataclass
@@ -135,23 +144,79 @@ def check_locations(source: S3Location, dest: S3Location, dest_prefix: str) -> N
 @dataclass(frozen=True)
 class _Entry:
     obj: ObjectInfo
-    delta: bool
+    delta: bool  # the object is a usable delta of the visible key (``forms.is_delta``)
+    head: ObjectHead | None = None  # when HEADed
 
 
-def _visible_entries(objects: list[ObjectInfo], root: str) -> dict[str, _Entry]:
-    """Visible key -> the object holding it (the newer one when both forms exist)."""
+def _is_file(obj: ObjectInfo, root: str) -> bool:
+    """Whether a listed object may hold a file (not a reference, not ``.deltaglider/``)."""
+    return not ((not root and fmt.is_internal_key(obj.key)) or fmt.is_reference_key(obj.key))
+
+
+async def _visible_entries(
+    store: ObjectStore,
+    objects: list[ObjectInfo],
+    root: str,
+    wanted: Callable[[str], bool],
+    concurrency: int,
+) -> dict[str, _Entry]:
+    """Visible key -> the object a mount shows under it, as a mount decides.
+
+    Every object named ``x.delta`` that may be ``wanted`` (as ``x`` or as
+    ``x.delta``) is HEADed: it is ``x``'s delta only when ``forms.is_delta``
+    says so, else a file of its own named ``x.delta``. Of a file's two forms
+    the one ``fmt.form_rank`` ranks higher: the newer Last-Modified second
+    from the listing; within one second (a HEAD of the direct form too) the
+    newer ``dg-created-at``, then the delta. Objects not ``wanted`` under
+    either name are not HEADed and are taken by their names (an ``x.delta``
+    as ``x``'s delta): good enough to count them. An object gone since the
+    listing is left out.
+    """
+    files = [obj for obj in objects if _is_file(obj, root)]
+    heads = await head_many(
+        store,
+        [o.key for o in files if fmt.is_delta_key(o.key) and _may_want(o.key, wanted)],
+        concurrency=concurrency,
+    )
     entries: dict[str, _Entry] = {}
-    for obj in objects:
-        if (not root and fmt.is_internal_key(obj.key)) or fmt.is_reference_key(obj.key):
-            continue
+    ties: dict[str, tuple[_Entry, _Entry]] = {}  # visible -> (direct, delta) of one second
+    for obj in files:
         visible = fmt.visible_key(obj.key)
-        if visible is None:
-            continue
+        assert visible is not None
         entry = _Entry(obj, visible != obj.key)
+        if entry.delta and _may_want(obj.key, wanted):
+            head = heads.get(obj.key)
+            if head is None:
+                continue  # deleted since the listing
+            visible = forms.shown_key(head)
+            entry = _Entry(obj, visible != obj.key, head)
         old = entries.get(visible)
         if old is None or obj.last_modified > old.obj.last_modified:
             entries[visible] = entry
+        elif obj.last_modified == old.obj.last_modified and wanted(visible):
+            ties[visible] = (entry, old) if old.delta else (old, entry)
+    direct_heads = await head_many(
+        store, [direct.obj.key for direct, _ in ties.values()], concurrency=concurrency
+    )
+    for visible, (direct, delta) in ties.items():
+        head = direct_heads.get(direct.obj.key)
+        entries[visible] = delta
+        if head is not None and _shown_over(head, delta):
+            entries[visible] = replace(direct, head=head)
     return entries
+
+
+def _may_want(stored_key: str, wanted: Callable[[str], bool]) -> bool:
+    """Whether an object may be ``wanted`` under either name it can show as."""
+    visible = fmt.visible_key(stored_key)
+    return wanted(stored_key) or (visible is not None and wanted(visible))
+
+
+def _shown_over(direct: ObjectHead, delta: _Entry) -> bool:
+    """Whether a mount shows the direct form over the delta (``fmt.form_rank``)."""
+    assert delta.head is not None
+    delta_rank = fmt.form_rank(delta.obj.key, delta.head.last_modified, delta.head.metadata)
+    return fmt.form_rank(direct.key, direct.last_modified, direct.metadata) > delta_rank
 
 
 def _original_size(head: ObjectHead) -> tuple[int, str | None, bool]:
@@ -199,68 +264,109 @@ async def plan_migration(
     src_root, dst_root = fmt.listing_root(source.prefix), fmt.listing_root(dest_prefix)
     plan = MigrationPlan(source, dest, dest_prefix, shard=shard)
 
+    def rel(visible: str) -> str:
+        return visible[len(src_root) :]
+
+    def wanted(visible: str) -> bool:
+        rel_key = rel(visible)  # "": the source directory's own marker
+        return (
+            bool(rel_key)
+            and selected(rel_key, include, exclude)
+            and owned(shard, dst_root + rel_key)
+        )
+
     source_listing = await source_store.list(src_root, delimiter=None)
-    wanted: dict[str, _Entry] = {}
-    for visible, entry in _visible_entries(source_listing.objects, src_root).items():
-        rel_key = visible[len(src_root) :]
-        if not selected(rel_key, include, exclude):
-            plan.filtered_out += 1
-        elif owned(shard, dst_root + rel_key):
-            wanted[visible] = entry
-        else:
-            plan.other_shards += 1  # before any HEAD: a shard pays only for its own files
-    delta_heads = await head_many(
-        source_store,
-        [e.obj.key for e in wanted.values() if e.delta],
-        concurrency=concurrency,
+    entries = await _visible_entries(
+        source_store, source_listing.objects, src_root, wanted, concurrency
     )
     files: list[SourceFile] = []
-    for visible, entry in sorted(wanted.items()):
-        rel_key = visible[len(src_root) :]
-        if not rel_key:
-            continue  # the source directory's own marker
-        head = delta_heads.get(entry.obj.key)
-        if entry.delta and head is None:
-            continue  # deleted since the listing
-        files.append(source_file(visible, rel_key, dst_root + rel_key, entry.obj, head))
+    for visible, entry in sorted(entries.items()):
+        rel_key = rel(visible)
+        if wanted(visible):
+            dest_key = dst_root + rel_key
+            files.append(source_file(visible, rel_key, dest_key, entry.obj, entry.head))
+        elif not rel_key:
+            continue
+        elif not selected(rel_key, include, exclude):
+            plan.filtered_out += 1
+        else:
+            plan.other_shards += 1  # never HEADed: a shard pays only for its own files
+    files = _beside_delta_named(files)
+    dest_keys = {f.dest_key for f in files}
     dest_listing = await dest_store.list(dst_root, delimiter=None)
-    dest_entries = _visible_entries(dest_listing.objects, dst_root)
-    await _compare_with_destination(plan, files, dest_store, dest_entries, concurrency)
+    dest_entries = await _visible_entries(
+        dest_store, dest_listing.objects, dst_root, dest_keys.__contains__, concurrency
+    )
+    await _compare_with_destination(
+        plan, files, source_store, dest_store, dest_entries, concurrency
+    )
     return plan
+
+
+def _beside_delta_named(files: list[SourceFile]) -> list[SourceFile]:
+    """``files``, those whose name + ``.delta`` is another file of theirs marked
+    ``store_direct``: their delta would take that file's name."""
+    delta_named = {f.dest_key for f in files if fmt.is_delta_key(f.dest_key)}
+    return [
+        replace(f, store_direct=True) if fmt.delta_key(f.dest_key) in delta_named else f
+        for f in files
+    ]
 
 
 async def _compare_with_destination(
     plan: MigrationPlan,
     files: list[SourceFile],
+    source_store: ObjectStore,
     dest_store: ObjectStore,
     dest_entries: Mapping[str, _Entry],
     concurrency: int,
 ) -> None:
-    """Sort ``files`` into ``plan.to_copy`` (``replacing`` when they differ) and ``present``."""
-    # Destination deltas need a HEAD for their original size (and sha256).
-    at_dest = {f.dest_key: dest_entries[f.dest_key] for f in files if f.dest_key in dest_entries}
-    dest_heads = await head_many(
-        dest_store, [e.obj.key for e in at_dest.values() if e.delta], concurrency=concurrency
+    """Sort ``files`` into ``plan.to_copy`` (``replacing`` when they differ) and ``present``.
+
+    A file is present when the destination shows it with the same original
+    size and, when both sides record one, the same ``dg-file-sha256``. Deltas
+    were HEADed already (their sizes are in their metadata); a direct or
+    foreign object is HEADed at the destination only when its size matches,
+    and then at the source only when the destination's records a SHA-256.
+    """
+    pairs = [(f, dest_entries[f.dest_key]) for f in files if f.dest_key in dest_entries]
+    unread = {e.obj.key for f, e in pairs if e.head is None and e.obj.size == f.size}
+    dest_heads = await head_many(dest_store, sorted(unread), concurrency=concurrency)
+    recorded: dict[str, tuple[int, str | None]] = {}  # dest key -> (original size, sha256)
+    for f, entry in pairs:
+        head = entry.head or dest_heads.get(entry.obj.key)
+        if head is not None:
+            recorded[f.dest_key] = _original_size(head)[:2]
+        elif entry.obj.key not in unread:
+            recorded[f.dest_key] = (entry.obj.size, None)  # another size: replaced
+    source_heads = await head_many(
+        source_store,
+        [f.key for f in files if f.sha256 is None and not f.delta and _records(recorded, f)],
+        concurrency=concurrency,
     )
-    for f in files:
-        existing = at_dest.get(f.dest_key)
-        if existing is None:
+    # A destination file held by a delta whose name a file of its own takes
+    # (a foreign ``x.delta`` copied now) is stored again, direct (``store_direct``).
+    delta_named = {f.dest_key for f in files if fmt.is_delta_key(f.dest_key)}
+    for f, existing in [(f, dest_entries.get(f.dest_key)) for f in files]:
+        dest = recorded.get(f.dest_key)
+        if existing is None or dest is None:  # not there, or gone since the listing
             plan.to_copy.append(f)
             continue
-        dest_sha: str | None = None
-        dest_size = existing.obj.size
-        if existing.delta:
-            head = dest_heads.get(existing.obj.key)
-            if head is None:
-                plan.to_copy.append(f)
-                continue
-            dest_size, dest_sha, _ = _original_size(head)
-        same = dest_size == f.size and (f.sha256 is None or dest_sha in (None, f.sha256))
-        if same:
+        if f.key in source_heads:
+            f = replace(f, sha256=_original_size(source_heads[f.key])[1])
+        dest_size, dest_sha = dest
+        same = dest_size == f.size and (None in (f.sha256, dest_sha) or dest_sha == f.sha256)
+        if same and not (existing.delta and existing.obj.key in delta_named):
             plan.present.append(f)
         else:
             plan.to_copy.append(f)
             plan.replacing.append(f)
+
+
+def _records(recorded: Mapping[str, tuple[int, str | None]], file: SourceFile) -> bool:
+    """Whether the destination records a SHA-256 for ``file``, at its size."""
+    size, sha256 = recorded.get(file.dest_key, (None, None))
+    return size == file.size and sha256 is not None
 
 
 # --- running ---------------------------------------------------------------------
@@ -365,12 +471,27 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
                 f"source s3://{source_core.store.bucket}/{file.key} does not match its recorded"
                 f" SHA-256 (expected {expected}, got {digest.sha256}); not copied"
             )
+        user_meta = fmt.user_metadata(head.metadata)
+        content_type = proxymeta.content_type_of(head.metadata, head.content_type)
+        if fmt.is_delta_key(file.dest_key):
+            # A file of its own named x.delta: the format has no other way to
+            # store it than as it is, without DeltaGlider metadata (with it, it
+            # would be x's delta or x itself).
+            await dest_core.store.upload(
+                file.dest_key, scratch, user_meta, content_type=content_type
+            )
+            size = digest.size
+            copied = StoredFile(
+                Kind.FOREIGN, file.dest_key, file.dest_key, size, size, digest.sha256
+            )
+            return PutResult(copied)
         return await dest_core.put(
             scratch,
             file.dest_key,
-            extra_metadata=fmt.user_metadata(head.metadata),
+            extra_metadata=user_meta,
             digest=digest,
-            content_type=proxymeta.content_type_of(head.metadata, head.content_type),
+            content_type=content_type,
+            direct=file.store_direct,
         )
     finally:
         scratch.unlink(missing_ok=True)
@@ -394,7 +515,13 @@ async def run_migration(
     async def copy(file: SourceFile) -> Copied:
         return Copied.of(file, await copy_file(source_core, dest_core, file))
 
-    await run_files(plan.to_copy, copy, report, "migrate", concurrency, on_done)
+    # Files named x.delta last: the x they may replace at the destination (a
+    # delta of that name) is stored direct first, and removes that delta
+    # before, never after, the file takes its name.
+    delta_named = [f for f in plan.to_copy if fmt.is_delta_key(f.dest_key)]
+    others = [f for f in plan.to_copy if not fmt.is_delta_key(f.dest_key)]
+    for files in (others, delta_named):
+        await run_files(files, copy, report, "migrate", concurrency, on_done)
     return report
 
 
@@ -408,7 +535,8 @@ async def run_files(
 ) -> None:
     """Run ``action`` on ``files``, the first of each destination directory first.
 
-    ``action`` returning None counts the file as skipped.
+    ``action`` returning None counts the file as skipped; the time taken is
+    added to ``report.elapsed``.
     """
     limiter = trio.CapacityLimiter(max(1, concurrency))
     started = trio.current_time()
@@ -447,7 +575,7 @@ async def run_files(
                 seeds[space] = trio.Event()
                 nursery.start_soon(one, file, None, seeds[space])
     report.failed.sort()
-    report.elapsed = trio.current_time() - started
+    report.elapsed += trio.current_time() - started
 
 
 @contextlib.asynccontextmanager

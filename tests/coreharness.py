@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dgfs.cache import ContentCache
@@ -38,3 +39,17 @@ def flip_byte(store: MemoryStore, key: str, where: Callable[[bytes], int]) -> No
     body = bytearray(obj.body)
     body[where(obj.body)] ^= 0xFF
     store.objects[key] = dataclasses.replace(obj, body=bytes(body))
+
+
+class Clock:
+    """A store clock that moves only when told (``MemoryStore(clock=...)``):
+    objects written between two ticks share their Last-Modified second."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2024, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def tick(self, seconds: float = 5) -> None:
+        self.now += timedelta(seconds=seconds)

@@ -7,7 +7,6 @@ stale delta, and never finished on either; each test failed before."""
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from dgfs.core import Core
 from dgfs.format import DeltaMode, Kind
 from dgfs.runtime import S3Location
 from dgfs.store.memory import MemoryStore
-from tests.coreharness import make_core
+from tests.coreharness import Clock, make_core
 from testsupport.releases import ReleaseSeries
 
 
@@ -27,17 +26,6 @@ def sha(data: bytes) -> str:
 
 def zips(prefix: str, count: int = 3, seed: int = 4) -> dict[str, bytes]:
     return {f"{prefix}/{n}": d for n, d in ReleaseSeries(size=64 << 10, seed=seed).zips(count)}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2024, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def tick(self, seconds: float = 5) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 async def put_all(core: Core, tmp: Path, items: dict[str, bytes]) -> None:

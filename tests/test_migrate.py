@@ -26,6 +26,7 @@ from dgfs.errors import ConfigError
 from dgfs.format import DeltaMode, Kind
 from dgfs.migrate import (
     MigrationPlan,
+    MigrationReport,
     SourceFile,
     effective_dest_prefix,
     open_migration,
@@ -36,7 +37,9 @@ from dgfs.migrate import (
 from dgfs.policy import Policy
 from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.shard import Shard
+from dgfs.store.base import ObjectHead
 from dgfs.store.memory import MemoryStore
+from tests.coreharness import Clock, make_core, write
 from tests.mountutil import dg_upload, dgfs_bin
 from testsupport.releases import ReleaseSeries, directories_per_shard
 from testsupport.servers import REGION, make_bucket, s3_client
@@ -722,3 +725,179 @@ def test_cli_shards_split_a_migration_and_say_so(
     keys = {obj["Key"] for obj in client.list_objects_v2(Bucket=dst).get("Contents", [])}
     client.close()
     assert {fmt.visible_key(k) or k for k in keys if not fmt.is_reference_key(k)} == files
+
+
+# --- what a mount shows: x.delta files of their own, two forms, changed contents ----
+# Each test failed before the fix it names.
+
+
+@contextlib.asynccontextmanager
+async def two_cores(
+    tmp_path: Path, src: MemoryStore, dst: MemoryStore
+) -> AsyncIterator[tuple[Core, Core]]:
+    """Source and destination cores over in-memory stores."""
+    source_core, source_cache = make_core(src, tmp_path / "s")
+    dest_core, dest_cache = make_core(dst, tmp_path / "d")
+    try:
+        yield source_core, dest_core
+    finally:
+        await source_core.aclose()
+        await dest_core.aclose()
+        source_cache.close()
+        dest_cache.close()
+
+
+def zips(prefix: str, count: int) -> dict[str, bytes]:
+    """``count`` releases of one series (each stored as a delta of the first)."""
+    return {f"{prefix}/{n}": d for n, d in ReleaseSeries(size=64 << 10, seed=4).zips(count)}
+
+
+async def migrate_all(
+    src: MemoryStore, dst: MemoryStore, cores: tuple[Core, Core], dest_prefix: str
+) -> tuple[MigrationPlan, MigrationReport]:
+    """Plan and run ``s3://src/app/`` into ``s3://dst/{dest_prefix}/``."""
+    source_core, dest_core = cores
+    plan = await plan_migration(
+        src, dst, S3Location("src", "app"), S3Location("dst", dest_prefix), preserve_prefix=False
+    )
+    return plan, await run_migration(source_core, dest_core, plan)
+
+
+async def test_migrate_copies_a_foreign_dot_delta_file_beside_its_namesake(
+    tmp_path: Path,
+) -> None:
+    """A plain object ``r.zip.delta`` (no DeltaGlider metadata) is a file of
+    its own beside ``r.zip``, as a mount shows both. It was folded into
+    ``r.zip`` by name and silently left behind: not copied, not failed.
+    ``r.zip`` is stored direct: its delta would take the other file's name."""
+    clock = Clock()
+    src, dst = MemoryStore("src", clock=clock), MemoryStore("dst", clock=clock)
+    [(key, data)] = zips("app", 1).items()  # alone: it would be a (zero-diff) delta
+    await src.put_bytes(key + ".delta", b"my patch notes\n" * 10, {"mtime": "1700000000"})
+    clock.tick()
+    await src.put_bytes(key, data, {})
+    clock.tick()
+    shown = key.replace("app/", "app2/")
+    async with two_cores(tmp_path, src, dst) as cores:
+        _, report = await migrate_all(src, dst, cores, "app2")
+        assert not report.failed
+        assert {c.dest_key for c in report.copied} == {shown, shown + ".delta"}
+        copied = dst.objects[shown + ".delta"]
+        assert copied.body == b"my patch notes\n" * 10
+        assert copied.metadata == {"mtime": "1700000000"}  # as it is: still a file of its own
+        assert await read_back(cores[1], shown, tmp_path) == data
+        _, rerun = await migrate_all(src, dst, cores, "app2")
+        assert not rerun.copied and rerun.skipped == 2
+
+
+async def test_migrate_copies_a_lone_foreign_dot_delta_file(tmp_path: Path) -> None:
+    """Alone, the plain ``notes.delta`` was planned as the delta of ``notes``:
+    "no such file" on every run (exit 1)."""
+    src, dst = MemoryStore("src"), MemoryStore("dst")
+    await src.put_bytes("app/notes.delta", b"my patch notes\n" * 10, {})
+    async with two_cores(tmp_path, src, dst) as cores:
+        _, report = await migrate_all(src, dst, cores, "app2")
+        assert not report.failed, report.failed
+        assert dst.objects["app2/notes.delta"].body == b"my patch notes\n" * 10
+
+
+async def test_migrate_takes_back_a_name_its_destination_delta_holds(tmp_path: Path) -> None:
+    """The destination holds ``notes`` as the delta ``notes.delta`` (an
+    earlier run made it, before the source's own ``notes.delta`` was copied):
+    ``notes`` is stored again direct, then the file ``notes.delta`` copied;
+    both read back."""
+    clock = Clock()
+    src, dst = MemoryStore("src", clock=clock), MemoryStore("dst", clock=clock)
+    files = zips("app", 2)
+    async with two_cores(tmp_path, src, dst) as cores:
+        for key, data in files.items():
+            await cores[1].put(write(tmp_path / "in", data), key.replace("app/", "b/"))
+        clock.tick()
+        for key, data in files.items():
+            await src.put_bytes(key, data, {})
+        second = sorted(files)[1]
+        await src.put_bytes(second + ".delta", b"not a delta\n", {})
+        assert dst.objects[second.replace("app/", "b/") + ".delta"].metadata["dg-ref-key"]
+        plan, report = await migrate_all(src, dst, cores, "b")
+        assert [f.rel_key for f in plan.replacing] == [second.removeprefix("app/")]
+        assert not report.failed
+        shown = second.replace("app/", "b/")
+        assert await read_back(cores[1], shown, tmp_path) == files[second]
+        assert dst.objects[shown + ".delta"].body == b"not a delta\n"
+
+
+async def test_migrate_copies_the_form_a_mount_shows_when_both_forms_share_a_second(
+    tmp_path: Path,
+) -> None:
+    """A writer replaced the direct ``x.zip`` by ``x.zip.delta`` and died before
+    deleting the direct one, within the same second (S3's Last-Modified has
+    one-second resolution). A mount and ``Core.get`` show the delta (newer
+    ``dg-created-at``: ``fmt.form_rank``); migrate copied the old direct one
+    (the one listed first)."""
+    clock = Clock()  # never ticks: every write in the same second
+    src, dst = MemoryStore("src", clock=clock), MemoryStore("dst", clock=clock)
+    files = zips("app", 2)
+    first, new = sorted(files)
+    async with two_cores(tmp_path, src, dst) as cores:
+        source_core, dest_core = cores
+        await source_core.put(write(tmp_path / "first", files[first]), first)
+        await source_core.put(write(tmp_path / "old", b"old version\n" * 20), "app/x.zip")
+        direct = src.objects["app/x.zip"]  # small: stored direct
+        stored = (await source_core.put(write(tmp_path / "new", files[new]), "app/x.zip")).stored
+        assert stored.kind is Kind.DELTA
+        src.objects["app/x.zip"] = direct  # the delete of the old form never happened
+        assert direct.last_modified == src.objects["app/x.zip.delta"].last_modified
+        assert await read_back(source_core, "app/x.zip", tmp_path) == files[new]
+        # The destination holds the same two forms: what it shows is what counts.
+        await dest_core.put(write(tmp_path / "old", b"old version\n" * 20), "b/x.zip")
+        dest_direct = dst.objects["b/x.zip"]
+        await dest_core.put(write(tmp_path / "new", files[new]), "b/x.zip")
+        dst.objects["b/x.zip"] = dest_direct
+        plan, report = await migrate_all(src, dst, cores, "b")
+        assert [f.rel_key for f in plan.present] == ["x.zip"]  # the delta shown is the same
+        dst.objects.pop("b/x.zip.delta")  # now the destination shows the old direct form
+        plan, report = await migrate_all(src, dst, cores, "b")
+        assert not report.failed
+        assert [f.rel_key for f in plan.replacing] == ["x.zip"]
+        assert await read_back(dest_core, "b/x.zip", tmp_path) == files[new]
+
+
+class HeadCountingStore(MemoryStore):
+    """Records the keys HEADed."""
+
+    def __init__(self, bucket: str) -> None:
+        super().__init__(bucket)
+        self.heads: list[str] = []
+
+    async def head(self, key: str) -> ObjectHead:
+        self.heads.append(key)
+        return await super().head(key)
+
+
+async def test_migrate_replaces_a_same_size_file_whose_recorded_sha256_differs(
+    tmp_path: Path,
+) -> None:
+    """Both sides are dgfs direct objects recording ``dg-file-sha256``; their
+    contents differ (a version string bumped, same length). Taken as already
+    copied before: the destination kept the old content and the run said
+    nothing. Only same-size direct objects are HEADed (one each side)."""
+    src, dst = HeadCountingStore("src"), HeadCountingStore("dst")
+    old, new = b'{"version": "1.2.3"}\n', b'{"version": "1.2.4"}\n'
+    async with two_cores(tmp_path, src, dst) as cores:
+        source_core, dest_core = cores
+        await dest_core.put(write(tmp_path / "v", old), "app/version.json")
+        await dest_core.put(write(tmp_path / "v", b"other size"), "app/other.json")
+        await source_core.put(write(tmp_path / "v", new), "app/version.json")
+        await source_core.put(write(tmp_path / "v", b"longer than that"), "app/other.json")
+        await source_core.put(write(tmp_path / "v", b"same"), "app/same.json")
+        await dest_core.put(write(tmp_path / "v", b"same"), "app/same.json")
+        src.heads.clear()
+        dst.heads.clear()
+        location = S3Location("src", "app"), S3Location("dst", "app")
+        plan = await plan_migration(src, dst, *location, preserve_prefix=False)
+        assert [f.rel_key for f in plan.present] == ["same.json"]
+        assert sorted(f.rel_key for f in plan.replacing) == ["other.json", "version.json"]
+        assert sorted(src.heads) == sorted(dst.heads) == ["app/same.json", "app/version.json"]
+        report = await run_migration(source_core, dest_core, plan)
+        assert not report.failed
+        assert await read_back(dest_core, "app/version.json", tmp_path) == new
