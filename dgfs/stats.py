@@ -9,6 +9,14 @@ Counting rules (what a caller may rely on):
   (empty ``dir/`` objects) are left out.
 - A delta's original size is its ``dg-file-size``; a direct or foreign
   object's original and stored sizes are its object size.
+- A file left in both forms (``x`` and its delta ``x.delta``, by a writer
+  that died between storing one and removing the other) is counted once,
+  in the form a mount shows (``fmt.form_rank``; both forms are HEADed when
+  they share a Last-Modified second). The other form is no file: its bytes
+  are stored bytes, counted in ``hidden_forms``/``hidden_bytes``, and a
+  hidden delta still needs its reference (no orphan). An ``x.delta``
+  without DeltaGlider metadata is a file of its own where it was HEADed
+  (``detailed``); otherwise it is taken for ``x``'s delta.
 - Modes trade requests for accuracy:
   ``quick``: one LIST. A delta's original size is *estimated* as its
   deltaspace's reference size (the reference is a full earlier version of
@@ -53,7 +61,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from dgfs import format as fmt
-from dgfs import gc
+from dgfs import forms, gc
 from dgfs.errors import DgfsError, FormatError, NotFound
 from dgfs.format import DeltaMode
 from dgfs.stats_cache import (
@@ -114,6 +122,10 @@ class SpaceStats(_Savings):
     deep_delta_count: int = 0
     deep_delta_bytes: int = 0
     deep_original_bytes: int = 0
+    hidden_forms: int = 0  # older forms of files shown in their other form
+    hidden_bytes: int = 0  # their stored bytes (in stored_bytes)
+    hidden_dg_deltas: int = 0  # hidden forms that are deltas, by mode (they need
+    hidden_deep_deltas: int = 0  # their reference: no orphan while they are there)
 
     @property
     def file_count(self) -> int:
@@ -130,8 +142,9 @@ class SpaceStats(_Savings):
         """Names of the references here that no delta needs."""
         references = {DeltaMode.DG} if self.dg_reference else set()
         references |= {DeltaMode.DEEP} if self.deep_reference else set()
-        modes = {DeltaMode.DG} if self.delta_count > self.deep_delta_count else set()
-        modes |= {DeltaMode.DEEP} if self.deep_delta_count else set()
+        dg_deltas = self.delta_count - self.deep_delta_count + self.hidden_dg_deltas
+        modes = {DeltaMode.DG} if dg_deltas else set()
+        modes |= {DeltaMode.DEEP} if self.deep_delta_count + self.hidden_deep_deltas else set()
         unneeded = gc.unneeded_references(references, modes)
         return [name for name in fmt.REFERENCE_NAMES if fmt.reference_mode(name) in unneeded]
 
@@ -199,6 +212,8 @@ class BucketStats(_Savings):
     stored_bytes: int = 0
     reference_count: int = 0
     reference_bytes: int = 0
+    hidden_forms: int = 0  # see SpaceStats
+    hidden_bytes: int = 0
     estimated: bool = False
     spaces: list[SpaceStats] = field(default_factory=list)
     delta_modes: dict[str, ModeStats] = field(default_factory=dict)  # "dg", "deep"
@@ -335,18 +350,72 @@ class _Listing:
                 listing.plain.setdefault(space_name, []).append(obj)
         return listing
 
+    def two_forms(self) -> list[tuple[str, ObjectInfo, ObjectInfo]]:
+        """``(directory, x, x.delta)`` of each file whose name holds both forms."""
+        found = []
+        for name, group in self.deltas.items():
+            plain = {o.key: o for o in self.plain.get(name, [])}
+            for delta in group:
+                direct = plain.get(fmt.visible_key(delta.key) or "")
+                if direct is not None:
+                    found.append((name, direct, delta))
+        return found
+
     def keys_to_head(self, mode: Mode) -> list[str]:
         """Which objects ``mode`` HEADs (see the module docstring)."""
         if mode == "detailed":
             return [o.key for group in (*self.deltas.values(), *self.plain.values()) for o in group]
-        to_head: list[str] = []
+        # A file's two forms of one Last-Modified second: which one is shown.
+        to_head = [
+            key
+            for _, direct, delta in self.two_forms()
+            if direct.last_modified == delta.last_modified
+            for key in (direct.key, delta.key)
+        ]
         for name, group in self.deltas.items():
             if len(self.refs.get(name, {})) > 1:  # both references: each delta's mode is needed
                 to_head += [o.key for o in group]
             elif mode == "sampled":
                 newest = max(group, key=lambda o: (o.last_modified, o.key))
                 to_head.append(newest.key)
-        return to_head
+        return list(dict.fromkeys(to_head))
+
+    def hide_older_forms(self, heads: Mapping[str, ObjectHead | bool]) -> None:
+        """Take the form a mount does not show of each file left in two forms
+        out of the files, into its directory's ``hidden_*`` (its bytes stay stored).
+
+        A ``.delta`` HEADed and found no delta (``forms.is_delta``) is a file of
+        its own; one not HEADed is taken for a delta. The shown form is the one
+        ``fmt.form_rank`` ranks first: by the listing's Last-Modified, and
+        within one second by the HEADs ``keys_to_head`` asked for.
+        """
+        for name, direct, delta in self.two_forms():
+            direct_head, delta_head = heads.get(direct.key), heads.get(delta.key)
+            if direct_head is False or delta_head is False:
+                continue  # gone since the LIST: one form left
+            if isinstance(delta_head, ObjectHead) and not forms.is_delta(delta_head):
+                continue  # x.delta is a file of its own
+            if isinstance(direct_head, ObjectHead) and isinstance(delta_head, ObjectHead):
+                direct_shown = _rank(direct_head) > _rank(delta_head)
+            else:
+                direct_shown = direct.last_modified > delta.last_modified
+            space = self.spaces[name]
+            hidden = delta if direct_shown else direct
+            space.hidden_forms += 1
+            space.hidden_bytes += hidden.size
+            space.stored_bytes += hidden.size
+            if direct_shown:
+                self.deltas[name].remove(delta)
+                if _delta_mode(delta_head, self.refs.get(name, {})) is DeltaMode.DEEP:
+                    space.hidden_deep_deltas += 1
+                else:
+                    space.hidden_dg_deltas += 1
+            else:
+                self.plain[name].remove(direct)
+
+
+def _rank(head: ObjectHead) -> tuple[datetime, datetime, bool]:
+    return fmt.form_rank(head.key, head.last_modified, head.metadata)
 
 
 async def _compute(
@@ -359,6 +428,7 @@ async def _compute(
 ) -> BucketStats:
     listing = _Listing.of(objects)
     heads = await _head_all(store, listing.keys_to_head(mode), concurrency, on_head)
+    listing.hide_older_forms(heads)
     stats = BucketStats(store.bucket, root.rstrip("/"), mode)
     candidates: list[ObjectInfo] = []  # references that look orphaned
     for name, space in sorted(listing.spaces.items()):
@@ -484,6 +554,8 @@ def _add_up(stats: BucketStats) -> None:
         stats.original_bytes += space.original_bytes
         stats.stored_bytes += space.stored_bytes
         stats.reference_bytes += space.reference_bytes
+        stats.hidden_forms += space.hidden_forms
+        stats.hidden_bytes += space.hidden_bytes
         stats.reference_count += int(space.dg_reference) + int(space.deep_reference)
         stats.mixed_spaces += int(space.dg_reference and space.deep_reference)
         stats.estimated = stats.estimated or space.estimated

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 
 from dgfs import format as fmt
-from dgfs.stats import BucketStats, Fingerprint, cache_key, compute_stats, encode_caches
+from dgfs.format import DeltaMode, Kind
+from dgfs.stats import MODES, BucketStats, Fingerprint, cache_key, compute_stats, encode_caches
+from dgfs.stats_cache import Mode
 from dgfs.store.base import ObjectInfo, ObjectStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
+from tests.coreharness import Clock, make_core, write
 from tests.mountutil import dg_upload
 from testsupport.dgcli import deltaglider_bin
 from testsupport.releases import ReleaseSeries
@@ -297,3 +300,59 @@ async def test_a_reference_bin_another_tool_wrote_is_no_orphan(memory_store: Mem
     await memory_store.put_bytes("b/reference.bin", b"r" * 20, {"dg-file-sha256": SHA})
     stats = await compute_stats(memory_store, "", "quick", use_cache=False)
     assert [o.key for o in stats.orphans] == ["b/reference.bin"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_stats_counts_a_file_left_in_two_forms_once(tmp_path: Path, mode: Mode) -> None:
+    """A writer that replaced ``x.zip``'s delta by a direct copy died before
+    deleting the delta (the state docs/CLI.md describes for migrate and
+    --normalize). A mount shows one ``x.zip``; stats counted two files and
+    added both original sizes. The delta's bytes stay stored, as a hidden
+    form, and its reference is no orphan."""
+    clock = Clock()
+    store = MemoryStore("b", clock=clock)
+    core, cache = make_core(store, tmp_path / "c", DeltaMode.DG)
+    try:
+        releases = ReleaseSeries(size=64 << 10, seed=4).zips(2)
+        (first, first_data), (_, second_data) = releases
+        await core.put(write(tmp_path / "first", first_data), f"app/{first}")
+        clock.tick()
+        await core.put(write(tmp_path / "big", second_data), "app/x.zip")
+        stale = store.objects["app/x.zip.delta"]
+        clock.tick()
+        small = b"small now\n" * 20
+        assert (await core.put(write(tmp_path / "small", small), "app/x.zip")).stored.kind is (
+            Kind.DIRECT
+        )
+        store.objects["app/x.zip.delta"] = stale  # its delete never happened
+        stats = await compute_stats(store, "", mode, use_cache=False)
+        assert (stats.file_count, stats.delta_count, stats.plain_count) == (2, 1, 1)
+        assert (stats.hidden_forms, stats.hidden_bytes) == (1, len(stale.body))
+        assert sum(len(o.body) for o in store.objects.values()) == stats.stored_bytes
+        assert not stats.orphans
+        if mode == "detailed":
+            assert stats.original_bytes == len(first_data) + len(small)
+    finally:
+        await core.aclose()
+        cache.close()
+
+
+async def test_stats_counts_the_form_shown_of_two_in_one_second(tmp_path: Path) -> None:
+    """Both forms in one Last-Modified second: the one with the newer
+    ``dg-created-at`` is the file (HEADed in every mode)."""
+    store = MemoryStore("b", clock=Clock())  # never ticks
+    core, cache = make_core(store, tmp_path / "c", DeltaMode.DG)
+    try:
+        (first, first_data), (_, second_data) = ReleaseSeries(size=64 << 10, seed=4).zips(2)
+        await core.put(write(tmp_path / "first", first_data), f"app/{first}")
+        await core.put(write(tmp_path / "old", b"old version\n" * 20), "app/x.zip")
+        direct = store.objects["app/x.zip"]
+        await core.put(write(tmp_path / "new", second_data), "app/x.zip")
+        store.objects["app/x.zip"] = direct  # the older form, never deleted
+        for mode in MODES:
+            stats = await compute_stats(store, "", mode, use_cache=False)
+            assert (stats.delta_count, stats.plain_count) == (2, 0), mode
+            assert (stats.hidden_forms, stats.hidden_bytes) == (1, len(direct.body))
+    finally:
+        await core.aclose()
+        cache.close()

@@ -168,6 +168,11 @@ def _print_totals(stats: BucketStats, out: TextIO) -> None:
             w(f"  {'both references:':<18} {stats.mixed_spaces:,} dir(s)\n")
     w(f"Original size:       {_size(stats.original_bytes)}{estimate}\n")
     w(f"Stored size:         {_size(stats.stored_bytes)}\n")
+    if stats.hidden_forms:
+        w(
+            f"  older forms:       {stats.hidden_forms:,}  {_size(stats.hidden_bytes)}"
+            " (a file's form no mount shows; in stored size)\n"
+        )
     w(f"Saved:               {_size(stats.saved_bytes)}{estimate}\n")
     w(
         f"Ratio:               {stats.ratio:.4f} stored/original "
