@@ -15,6 +15,7 @@ import errno
 import itertools
 import os
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -259,3 +260,30 @@ async def read_fresh(memory: MemoryStore, tmp_path: Path, path: str) -> bytes:
     async with mounted(memory, home(tmp_path, "reader")) as m:
         parent, _, name = path.rpartition("/")
         return await read_file(m.fs, name, (await lookup(m.fs, parent)).ino)
+
+
+class GatedCommitJournal(Journal):
+    """A journal whose commits wait (in their worker thread) until ``gate`` is
+    set: a close (or fsync) held in its commit while other operations run."""
+
+    gate = threading.Event()
+
+    def commit(self, entry_id: str, key: str, metadata: Mapping[str, str]) -> None:
+        self.gate.wait(timeout=20)
+        super().commit(entry_id, key, metadata)
+
+
+async def let_tasks_run() -> None:
+    """Let every task run until all wait (ten rounds: a worker thread's reply
+    wakes a task, which may start another)."""
+    for _ in range(10):
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+
+
+async def flush_outcome(fs: FileSystem, fh: int, outcome: dict[str, object]) -> None:
+    """``close``'s flush of ``fh``; ``outcome["flush"]``: 0 or the errno's name."""
+    try:
+        await fs.flush(fh)
+        outcome["flush"] = 0
+    except FsError as exc:
+        outcome["flush"] = errno.errorcode.get(exc.errno, exc.errno)

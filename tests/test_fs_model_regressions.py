@@ -13,7 +13,6 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import trio
 import trio.testing
 
 from dgfs.errors import DgfsError, FsError
-from dgfs.fs.journal import Journal, JournalEntry
+from dgfs.fs.journal import JournalEntry
 from dgfs.store import memory as memory_module
 from dgfs.store.faulty import Fault, FaultyStore
 from dgfs.store.memory import MemoryStore
@@ -31,12 +30,14 @@ from tests.fsharness import (
     OPTIONS,
     ROOT,
     UID,
+    GatedCommitJournal,
     Mount,
     assert_absent,
     bucket,
     close,
     create,
     journal_entries,
+    let_tasks_run,
     lookup,
     mounted,
     open_for_rewrite,
@@ -48,13 +49,6 @@ from tests.fsharness import (
 )
 
 pytestmark = pytest.mark.timeout(30)
-
-
-async def _let_tasks_run() -> None:
-    """Let every task run until all wait (ten rounds: a worker thread's
-    reply wakes a task, which may start another)."""
-    for _ in range(10):
-        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
 
 
 async def test_fsync_of_a_file_unlinked_while_open_returns(
@@ -385,16 +379,6 @@ async def test_rename_of_an_open_file_already_uploaded_keeps_its_content(
     assert bucket(memory) == {"b": expected}
 
 
-class GatedCommitJournal(Journal):
-    """A journal whose commits wait (in their worker thread) until ``gate`` is set."""
-
-    gate = threading.Event()
-
-    def commit(self, entry_id: str, key: str, metadata: Mapping[str, str]) -> None:
-        self.gate.wait(timeout=20)
-        super().commit(entry_id, key, metadata)
-
-
 async def test_fsync_returns_when_an_upload_starts_during_its_commit(
     memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -424,9 +408,9 @@ async def test_fsync_returns_when_an_upload_starts_during_its_commit(
                 mock_clock.jump(OPTIONS.upload_delay)  # the queued upload starts, held
                 await held.reached.wait()
                 GatedCommitJournal.gate.set()  # fsync's commit ends: it waits for S3
-                await _let_tasks_run()
+                await let_tasks_run()
                 held.release()  # the older commit's upload lands
-                await _let_tasks_run()
+                await let_tasks_run()
                 try:
                     assert synced.is_set(), "fsync is still waiting"
                 finally:
@@ -790,7 +774,7 @@ async def test_a_chmod_while_a_superseded_version_is_in_flight_survives_its_land
         await open_for_rewrite(m.fs, "a", b"version 2\n")
         await m.fs.setattr((await lookup(m.fs, "a")).ino, mode=0o600)
         held.release()
-        await _let_tasks_run()
+        await let_tasks_run()
     faulty.clear()
     async with mounted(memory, tmp_path) as m:
         assert await read_file(m.fs, "a") == b"version 1\n"
@@ -824,7 +808,7 @@ async def test_a_commit_during_the_quarantine_of_a_superseded_version_keeps_it_i
         await trio.testing.wait_all_tasks_blocked(cushion=0.01)
         await close(m.fs, fh)  # version 2 committed while version 1 is being moved
         gate.set()
-        await _let_tasks_run()
+        await let_tasks_run()
         assert node.superseded == []
         assert sorted(p.suffix for p in (m.journal_dir / "failed").iterdir()) == [".data", ".json"]
     assert bucket(memory) == {"a": b"version 2\n"}
@@ -854,9 +838,9 @@ async def test_fsync_returns_when_its_upload_fails_after_an_o_trunc_superseded_i
         if newer == "closed":
             await close(m.fs, fh2)
         held.release()  # version 1's upload fails
-        await _let_tasks_run()
+        await let_tasks_run()
         mock_clock.jump(3600)  # every delay and retry pause is long over
-        await _let_tasks_run()
+        await let_tasks_run()
         try:
             assert synced.is_set(), "fsync is still waiting"
         finally:

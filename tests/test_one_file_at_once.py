@@ -7,29 +7,28 @@ a truncate lost, half a file stored as its directory's reference)."""
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from dgfs.errors import FsError
 from dgfs.fs.filesystem import FsOptions
-from dgfs.fs.journal import Journal
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from tests.fsharness import (
     OPTIONS,
     ROOT,
+    GatedCommitJournal,
     Mount,
     bucket,
     close,
     create,
+    flush_outcome,
+    let_tasks_run,
     lookup,
     mounted,
     started,
@@ -37,21 +36,6 @@ from tests.fsharness import (
 )
 
 pytestmark = pytest.mark.timeout(30)
-
-
-async def _let_tasks_run() -> None:
-    for _ in range(10):
-        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
-
-
-class GatedCommitJournal(Journal):
-    """Commits wait (in their worker thread) until ``gate`` is set."""
-
-    gate = threading.Event()
-
-    def commit(self, entry_id: str, key: str, metadata: Mapping[str, str]) -> None:
-        self.gate.wait(timeout=20)
-        super().commit(entry_id, key, metadata)
 
 
 async def test_close_racing_an_unlink_of_the_same_file_succeeds(
@@ -73,14 +57,9 @@ async def test_close_racing_an_unlink_of_the_same_file_succeeds(
             fh = await create(m.fs, "a", b"being written\n")
             GatedCommitJournal.gate.clear()
 
-            async def flush() -> None:
-                try:
-                    await m.fs.flush(fh)
-                    outcome["flush"] = 0
-                except FsError as exc:
-                    outcome["flush"] = errno.errorcode.get(exc.errno, exc.errno)
-
-            flushed = await started(flush, nursery)  # in journal.commit, gated
+            flushed = await started(
+                lambda: flush_outcome(m.fs, fh, outcome), nursery
+            )  # in journal.commit, gated
             await m.fs.unlink(ROOT, "a")  # takes the entry out of the journal
             GatedCommitJournal.gate.set()
             await flushed.wait()
@@ -112,12 +91,12 @@ async def test_sync_upload_close_racing_an_unlink_returns(
         closed = await started(lambda: m.fs.flush(fh), nursery)  # P's close
         while not (node.staged is not None and node.staged.is_committed):
             await trio.to_thread.run_sync(time.sleep, 0.01)  # its journal commit lands
-        await _let_tasks_run()
+        await let_tasks_run()
         assert not closed.is_set()
         held.release()
-        await _let_tasks_run()
+        await let_tasks_run()
         mock_clock.jump(3600)  # an hour later: still waiting
-        await _let_tasks_run()
+        await let_tasks_run()
         try:
             assert unlinked.is_set()
             assert closed.is_set(), "close() (flush with sync_upload) never returns"
@@ -147,7 +126,7 @@ async def test_a_file_reopened_for_writing_within_the_upload_delay_is_not_upload
         fh = (await m.fs.open(node.ino, os.O_WRONLY | os.O_APPEND)).fh  # long_cmd >> d/app.zip
         await m.fs.write(fh, len(head), middle[len(head) :])  # half of it so far
         mock_clock.jump(OPTIONS.upload_delay)  # the first close's upload comes due
-        await _let_tasks_run()
+        await let_tasks_run()
         uploaded_while_open = {k: len(v) for k, v in bucket(memory).items() if k != "d/"}
         await m.fs.write(fh, len(middle), full[len(middle) :])
         await close(m.fs, fh)
@@ -184,7 +163,7 @@ async def test_a_chmod_during_a_close_survives_a_crash(
             GatedCommitJournal.gate.set()
             await flushed.wait()  # close() returned
             await m.fs.release(fh)
-            await _let_tasks_run()  # the upload is still in its delay: then a crash
+            await let_tasks_run()  # the upload is still in its delay: then a crash
         async with mounted(memory, tmp_path) as m:
             assert m.recovered == 1
             node = await m.fs.getattr((await lookup(m.fs, "a")).ino)
@@ -273,14 +252,9 @@ async def test_close_racing_a_rename_over_the_file_returns_0(
             fh = await create(m.fs, "b", b"being written\n")
             GatedCommitJournal.gate.clear()
 
-            async def flush() -> None:
-                try:
-                    await m.fs.flush(fh)
-                    outcome["flush"] = 0
-                except FsError as exc:
-                    outcome["flush"] = errno.errorcode.get(exc.errno, exc.errno)
-
-            flushed = await started(flush, nursery)  # in journal.commit, gated
+            flushed = await started(
+                lambda: flush_outcome(m.fs, fh, outcome), nursery
+            )  # in journal.commit, gated
             held = faulty.hang("delete", key="a")  # the rename's delete of the old name
             renamed = await started(lambda: m.fs.rename(ROOT, "a", ROOT, "b", 0), nursery)
             await held.reached.wait()  # copied; b's entry is out of the journal
@@ -318,7 +292,7 @@ async def test_an_fsync_long_ago_does_not_let_a_later_upload_take_half_a_file(
         node = await lookup(m.fs, "app.bin", d.ino)
         fh2 = (await m.fs.open(node.ino, os.O_WRONLY | os.O_APPEND)).fh  # cmd >> d/app.bin
         await m.fs.write(fh2, 8192, middle[8192:])  # half of what cmd writes
-        await _let_tasks_run()  # no clock jump: the upload delay is not even over
+        await let_tasks_run()  # no clock jump: the upload delay is not even over
         while_open = len(bucket(memory).get("d/app.bin", b""))
         await m.fs.write(fh2, len(middle), full[len(middle) :])
         await m.fs.flush(fh2)
