@@ -423,7 +423,9 @@ def reference_of(stored_key: str, metadata: Mapping[str, str]) -> str | None:
     """
     ref_key = meta_value(metadata, "ref_key")
     if ref_key:
-        return ref_key
+        # Proxies before dg-ref-path wrote "{deltaspace}/reference.bin", so
+        # "/reference.bin" at the bucket's root: a key never starts with "/".
+        return ref_key.lstrip("/")
     if meta_value(metadata, "ref_path"):
         return reference_key(split_key(stored_key)[0])
     return None

@@ -250,10 +250,13 @@ class FileWriter:
         found = await head_many(
             self._store, [fmt.reference_key(prefix, mode) for mode in DeltaMode]
         )
+        # A reference.deep without deep metadata is somebody's file of that
+        # name (deltaglider_proxy reserves only reference.bin), not one.
         heads = {
-            mode: found[fmt.reference_key(prefix, mode)]
+            mode: head
             for mode in DeltaMode
-            if fmt.reference_key(prefix, mode) in found
+            if (head := found.get(fmt.reference_key(prefix, mode))) is not None
+            and (mode is not DeltaMode.DEEP or fmt.is_deep(head.metadata))
         }
         if force is not None:
             return force, heads.get(force)
