@@ -57,7 +57,7 @@ import trio
 from dgfs import format as fmt
 from dgfs import forms, proxymeta
 from dgfs.core import Core
-from dgfs.errors import ConfigError, DgfsError, IntegrityError
+from dgfs.errors import ConfigError, DgfsError, IntegrityError, NotFound
 from dgfs.format import Kind, StoredFile
 from dgfs.runtime import S3Location, Settings, open_core, open_store
 from dgfs.shard import Shard, label, owned
@@ -476,7 +476,15 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
         if fmt.is_delta_key(file.dest_key):
             # A file of its own named x.delta: the format has no other way to
             # store it than as it is, without DeltaGlider metadata (with it, it
-            # would be x's delta or x itself).
+            # would be x's delta or x itself). Never over x's own delta at the
+            # destination (x not in this run: filtered out, or only there).
+            with contextlib.suppress(NotFound):
+                if forms.is_delta(await dest_core.store.head(file.dest_key)):
+                    raise DgfsError(
+                        f"s3://{dest_core.store.bucket}/{file.dest_key} holds the delta of"
+                        f" {file.dest_key.removesuffix(fmt.DELTA_SUFFIX)}; copy that file"
+                        " (it is then stored whole) before this one"
+                    )
             await dest_core.store.upload(
                 file.dest_key, scratch, user_meta, content_type=content_type
             )

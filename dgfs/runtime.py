@@ -271,18 +271,21 @@ def _open_cache(root: Path, settings: Settings, telemetry: Telemetry) -> tuple[C
     """``(cache, ephemeral)``: the content cache under ``root``, ``content/`` with a
     persistent key, else (ephemeral) a directory of this process's own."""
     key = load_cache_key(None, settings.cache_key_file)
-    # An ephemeral key cannot read another process's entries: such a cache
-    # lives in a private directory per process so concurrent users never collide.
     _remove_dead_ephemeral_caches(root)
-    ephemeral_dir = root / f"content-ephemeral-{os.getpid()}"
-    cache_dir = root / "content" if key else ephemeral_dir
-    try:
-        return ContentCache(cache_dir, settings.cache_size, key, telemetry=telemetry), key is None
-    except ConfigError:
-        # The persistent cache is held by a mount; this process (a CLI
-        # command beside it, say) gets a private one instead of failing.
-        log.info("cache %s is in use; using a private cache for this process", cache_dir)
-        return ContentCache(ephemeral_dir, settings.cache_size, None, telemetry=telemetry), True
+    if key:
+        cache_dir = root / "content"
+        try:
+            return ContentCache(cache_dir, settings.cache_size, key, telemetry=telemetry), False
+        except ConfigError:
+            # The persistent cache is held by a mount; this process (a CLI
+            # command beside it, say) gets a private one instead of failing.
+            log.info("cache %s is in use; using a private cache for this process", cache_dir)
+    # An ephemeral key cannot read another process's entries: such a cache
+    # lives in a directory of this process's own, named by its PID and a
+    # random part (a process of the same PID in another PID namespace, as
+    # in a container sharing the cache_dir volume, gets another).
+    ephemeral_dir = Path(tempfile.mkdtemp(prefix=f"content-ephemeral-{os.getpid()}-", dir=root))
+    return ContentCache(ephemeral_dir, settings.cache_size, None, telemetry=telemetry), True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -336,7 +339,7 @@ def _remove_dead_ephemeral_caches(root: Path) -> None:
     namespaces, e.g. containers sharing a cache_dir volume); a directory
     without a lock file is judged by its PID."""
     for pattern, parse in (
-        ("content-ephemeral-*", lambda name: name.rsplit("-", 1)[-1]),
+        ("content-ephemeral-*", lambda name: name.split("-")[2]),
         ("scratch/*-*", lambda name: name.split("-", 1)[0]),
     ):
         for path in root.glob(pattern):

@@ -105,3 +105,31 @@ def test_a_mount_with_cache_dir_tmp_leaves_it_as_it_was(moto_endpoint: str, tmp_
         mount.remount()
         assert (mount / "note.txt").read_text() == "hello\n"
         mount.unmount()
+
+
+def test_a_process_of_the_same_pid_in_another_namespace_gets_its_own_ephemeral_cache(
+    tmp_path: Path,
+) -> None:
+    """Two containers share a cache_dir volume without a cache key; each dgfs
+    has the same PID in its own namespace (PID 1, say). The first holds
+    ``content-ephemeral-<pid>`` (its lock taken); the second must get a cache
+    of its own: it failed with "in use by another dgfs mount"."""
+    import os
+
+    from dgfs.cache import ContentCache
+    from dgfs.runtime import Settings, _open_cache
+    from dgfs.telemetry import Telemetry
+
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    other = ContentCache(root / f"content-ephemeral-{os.getpid()}", 1 << 20, None)
+    try:
+        settings = Settings.from_env({}, cache_dir=root)
+        cache, ephemeral = _open_cache(root, settings, Telemetry())
+        try:
+            assert ephemeral
+            assert cache.directory != other.directory
+        finally:
+            cache.close()
+    finally:
+        other.close()

@@ -901,3 +901,59 @@ async def test_migrate_replaces_a_same_size_file_whose_recorded_sha256_differs(
         report = await run_migration(source_core, dest_core, plan)
         assert not report.failed
         assert await read_back(dest_core, "app/version.json", tmp_path) == new
+
+
+@pytest.mark.expected_log(r"holds the delta of")
+async def test_migrate_never_copies_a_foreign_dot_delta_over_its_namesakes_delta(
+    tmp_path: Path,
+) -> None:
+    """The destination holds ``b/<zip2>`` as the delta ``b/<zip2>.delta``; the
+    source holds only a plain file ``app/<zip2>.delta``. Copying that file
+    over the delta destroyed the destination's ``<zip2>`` (migrate never
+    deletes destination files): it is refused now, with a message saying
+    what to copy first, and the destination's file still reads."""
+    clock = Clock()
+    src, dst = MemoryStore("src", clock=clock), MemoryStore("dst", clock=clock)
+    files = zips("app", 2)
+    first, second = sorted(files)
+    shown = second.replace("app/", "b/")
+    async with two_cores(tmp_path, src, dst) as cores:
+        source_core, dest_core = cores
+        for key, data in files.items():
+            await dest_core.put(write(tmp_path / "in", data), key.replace("app/", "b/"))
+        assert dst.objects[shown + ".delta"].metadata.get("dg-ref-key")
+        clock.tick()
+        await src.put_bytes(second + ".delta", b"not a delta\n", {})
+        plan = await plan_migration(
+            src, dst, S3Location("src", "app"), S3Location("dst", "b"), preserve_prefix=False
+        )
+        report = await run_migration(source_core, dest_core, plan)
+        ((failed, why),) = report.failed
+        assert failed.endswith(".zip.delta") and "holds the delta of" in why
+        # the destination's own file still reads back
+        assert await read_back(dest_core, shown, tmp_path) == files[second]
+
+
+@pytest.mark.expected_log(r"holds the delta of")
+async def test_migrate_include_filters_never_let_a_foreign_dot_delta_over_a_delta(
+    tmp_path: Path,
+) -> None:
+    """A first run ``--include '*.zip'`` stores ``x.zip`` as a delta; a second
+    ``--include '*.delta'`` copied the source's plain ``x.zip.delta`` over it,
+    and the destination's ``x.zip`` was gone. It is refused now."""
+    clock = Clock()
+    src, dst = MemoryStore("src", clock=clock), MemoryStore("dst", clock=clock)
+    files = zips("app", 2)
+    first, second = sorted(files)
+    async with two_cores(tmp_path, src, dst) as cores:
+        source_core, dest_core = cores
+        for key, data in files.items():
+            await src.put_bytes(key, data, {})
+        await src.put_bytes(second + ".delta", b"not a delta\n", {})
+        loc = S3Location("src", "app"), S3Location("dst", "b")
+        for include in (["*.zip"], ["*.delta"]):
+            plan = await plan_migration(src, dst, *loc, include=include, preserve_prefix=False)
+            report = await run_migration(source_core, dest_core, plan)
+            assert [why for _, why in report.failed if "holds the delta of" not in why] == []
+        shown = second.replace("app/", "b/")
+        assert await read_back(dest_core, shown, tmp_path) == files[second]

@@ -300,3 +300,28 @@ async def test_an_fsync_long_ago_does_not_let_a_later_upload_take_half_a_file(
     assert while_open in (len(head), 8192), (
         f"stored {while_open} bytes while a writer was open (closed: 8192; file: {len(full)})"
     )
+
+
+async def test_an_fsync_whose_upload_lost_a_race_never_waits_out_the_upload_delay(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path
+) -> None:
+    """A race lost to another writer is "redone at once, fsync waiting on"
+    (upload_failures). With the hurry ended as the upload started, the redo
+    of an fsync'ed upload whose writer is still open waited out the whole
+    upload delay: every race lost cost the fsync an upload delay. The hurry
+    now lasts until the upload lands. Real clock."""
+    import trio
+
+    from dgfs.errors import WriteConflict
+    from dgfs.fs.filesystem import FsOptions
+    from tests.fsharness import bucket, close, create, mounted
+
+    options = FsOptions(upload_delay=30.0, retry_delay=2.0)
+    faulty.fail("upload", key="a.txt", times=1, error=WriteConflict, after=True)
+    async with mounted(faulty, tmp_path, options) as m:
+        fh = await create(m.fs, "a.txt", b"contested\n")
+        with trio.move_on_after(5) as waited:
+            await m.fs.fsync(fh)
+        assert not waited.cancelled_caught, "fsync still waiting after 5 s (upload_delay is 30 s)"
+        await close(m.fs, fh)
+    assert bucket(memory) == {"a.txt": b"contested\n"}

@@ -261,18 +261,19 @@ class StagedFile:
             self._phase = Phase.IDLE
 
     def start_upload(self) -> int:
-        """Uploading now; returns the version being stored. A hurry was for
-        this upload: the next waits out its delay, and for its writers."""
+        """Uploading now; returns the version being stored."""
         assert self._committed is not None and self._phase is Phase.IDLE
         self._phase = Phase.UPLOADING
-        if not self._retired:
-            self._hurry = trio.Event()
         return self._committed
 
     def landed(self, generation: int) -> None:
-        """Version ``generation`` is stored."""
+        """Version ``generation`` is stored. A hurry was for this upload (its
+        retries and redos too): the next waits out its delay, and for its
+        writers."""
         self._phase = Phase.IDLE
         self._uploaded = max(self._uploaded or 0, generation)
+        if not self._retired:
+            self._hurry = trio.Event()
         self._failures = self._local_failures = self._races_lost = 0
 
     def failed_transiently(self, error: DgfsError, *, local: bool) -> None:
