@@ -239,7 +239,7 @@ class Core:
         for obj in page.objects:
             head = ref_heads.get(obj.key)
             if (obj.key == prefix and obj.size == 0) or (
-                head is not None and fmt.is_deltaglider_reference(head.metadata)
+                head is not None and fmt.is_deltaglider_reference(obj.key, head.metadata)
             ):
                 removable.append(obj.key)
             elif obj.key not in refs or obj.key in ref_heads:  # not gone since the LIST

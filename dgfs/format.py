@@ -422,10 +422,13 @@ def reference_of(stored_key: str, metadata: Mapping[str, str]) -> str | None:
     pointing elsewhere, ``../`` included, never reaches outside the directory.
     """
     ref_key = meta_value(metadata, "ref_key")
+    if ref_key == "/" + REFERENCE_NAME and "/" not in stored_key:
+        # Proxies before dg-ref-path wrote "{deltaspace}/reference.bin": for
+        # a delta at the bucket's root that is "/reference.bin", which means
+        # the root's reference (keys may start with "/": only this spelling).
+        return REFERENCE_NAME
     if ref_key:
-        # Proxies before dg-ref-path wrote "{deltaspace}/reference.bin", so
-        # "/reference.bin" at the bucket's root: a key never starts with "/".
-        return ref_key.lstrip("/")
+        return ref_key
     if meta_value(metadata, "ref_path"):
         return reference_key(split_key(stored_key)[0])
     return None
@@ -478,10 +481,15 @@ def form_rank(
     return last_modified, stamp, stored_key.endswith(DELTA_SUFFIX)
 
 
-def is_deltaglider_reference(metadata: Mapping[str, str]) -> bool:
-    """Whether a ``reference.bin``'s metadata says a DeltaGlider writer (the
-    CLI, the proxy, dgfs) made it: a ``dg-file-sha256``. Another tool's
-    ``reference.bin`` is a user's file: never an orphan, never removed."""
+def is_deltaglider_reference(key: str, metadata: Mapping[str, str]) -> bool:
+    """Whether the reference-named object ``key`` is a reference: for a
+    ``reference.bin``, a DeltaGlider writer (the CLI, the proxy, dgfs) made it
+    (a ``dg-file-sha256``); for a ``reference.deep``, dgfs made it (deep
+    metadata: deltaglider_proxy reserves only ``reference.bin``, so a client
+    may store a file of that name, with DeltaGlider metadata too). Anything
+    else is a user's file: never an orphan, never removed, never used."""
+    if reference_mode(key) is DeltaMode.DEEP:
+        return is_deep(metadata) and bool(meta_value(metadata, "file_sha256"))
     return bool(meta_value(metadata, "file_sha256"))
 
 

@@ -199,7 +199,7 @@ async def _is_deltaglider_reference(store: ObjectStore, key: str) -> bool:
         head = await store.head(key)
     except NotFound:
         return False
-    if not fmt.is_deltaglider_reference(head.metadata):
+    if not fmt.is_deltaglider_reference(key, head.metadata):
         log.warning("%s has no DeltaGlider metadata: not a reference, left alone", key)
         return False
     return True

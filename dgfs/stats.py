@@ -532,7 +532,9 @@ async def _orphans(
         head = ref_heads.get(ref.key)
         if head is False:
             continue  # gone since the LIST
-        if isinstance(head, ObjectHead) and not fmt.is_deltaglider_reference(head.metadata):
+        if isinstance(head, ObjectHead) and not fmt.is_deltaglider_reference(
+            ref.key, head.metadata
+        ):
             continue
         orphans.append(Orphan(ref.key, ref.size))
     if orphans:

@@ -452,9 +452,15 @@ class FileWriter:
         if ref_head is not None:
             return _existing_reference(ref_key, ref_head)
         async with self._creating_reference(ref_key):
-            # Made meanwhile, by a put of this writer or another mount?
+            # Made meanwhile, by a put of this writer or another mount? Or
+            # somebody's file of that name (no deep metadata): files beside
+            # it are stored direct, as beside another tool's reference.bin.
             with contextlib.suppress(NotFound):
-                return _existing_reference(ref_key, await self._store.head(ref_key))
+                head = await self._store.head(ref_key)
+                if not fmt.is_deltaglider_reference(ref_key, head.metadata):
+                    log.warning("%s is no deep reference; storing files beside it direct", ref_key)
+                    return None, False
+                return _existing_reference(ref_key, head)
             async with self._bench.scratch(".zst") as packed:
                 body = await self._bench.cpu(deep.compress_reference, expanded, packed)
                 assert isinstance(body, deep.PackedReference)

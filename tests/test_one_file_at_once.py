@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from dgfs.errors import TransientError
 from dgfs.fs.filesystem import FsOptions
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
@@ -325,3 +326,32 @@ async def test_an_fsync_whose_upload_lost_a_race_never_waits_out_the_upload_dela
         assert not waited.cancelled_caught, "fsync still waiting after 5 s (upload_delay is 30 s)"
         await close(m.fs, fh)
     assert bucket(memory) == {"a.txt": b"contested\n"}
+
+
+@pytest.mark.expected_log(r"upload of a.bin failed \(injected")
+async def test_a_failed_fsync_does_not_let_its_retry_store_half_a_file_while_open(
+    memory: MemoryStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """fsync's upload fails transiently: fsync reports EIO and returns (nobody
+    waits any more), the program writes on (the staging file still takes
+    writes in RETRY_WAIT). The hurry was kept until an upload landed, so the
+    retry went with the writer open and stored the file mid-write: the half
+    file the writer check exists to keep out of S3. It ends with the
+    failure the fsync heard now."""
+    faulty = FaultyStore(memory)
+    faulty.fail("upload", key="a.bin", times=1)
+    full = bytes(i % 251 for i in range(200_000))
+    head, half = full[:4096], full[:100_000]
+    async with mounted(faulty, tmp_path) as m:
+        fh = await create(m.fs, "a.bin", head)
+        with pytest.raises(TransientError):
+            await m.fs.fsync(fh)  # EIO: fsync is done waiting
+        await m.fs.write(fh, len(head), half[len(head) :])  # writes on, half so far
+        mock_clock.jump(OPTIONS.retry_delay + OPTIONS.upload_delay + 1)
+        await let_tasks_run()
+        while_open = len(bucket(memory).get("a.bin", b""))
+        await m.fs.write(fh, len(half), full[len(half) :])
+        await m.fs.flush(fh)
+        await m.fs.release(fh)
+    assert bucket(memory)["a.bin"] == full
+    assert while_open == 0, f"stored {while_open} bytes while a writer was open (file: {len(full)})"

@@ -281,6 +281,11 @@ class StagedFile:
         ``local``: it failed on this machine (disk, cache, xdelta3), not in S3."""
         self._phase = Phase.RETRY_WAIT
         self._error = error
+        # The fsync that hurried it hears the error and stops waiting: the
+        # retry waits out its pause and its writers again (an fsync asking
+        # once more hurries it again).
+        if not self._retired:
+            self._hurry = trio.Event()
         self._failures += 1
         self._local_failures += local
         self.notify()
