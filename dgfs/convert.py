@@ -176,6 +176,15 @@ async def plan_conversion(
     root = fmt.listing_root(location.prefix)
     plan = ConversionPlan(location, target, shard=shard)
     objects = await _owned_objects(store, root, plan)
+    # A reference-named object that is no reference (a user's reference.deep)
+    # is a file of its own: nothing to convert from, nor to remove.
+    ref_heads = await head_many(store, [o.key for o in plan.old_references])
+    plan.old_references = [
+        o
+        for o in plan.old_references
+        if (h := ref_heads.get(o.key)) is not None
+        and fmt.is_deltaglider_reference(o.key, h.metadata)
+    ]
     candidates = _candidates(plan, objects, root, include, exclude)
     heads = await head_many(store, [o.key for o in candidates], concurrency=concurrency)
     in_target = {

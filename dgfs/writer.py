@@ -245,19 +245,22 @@ class FileWriter:
         An existing reference decides (deep first: a DeltaGlider client
         writing into a deep directory adds a ``reference.bin`` beside it);
         without one the core's own ``deltas`` setting does. ``force``
-        overrides both.
+        overrides both, except where a file of its own holds the name
+        ``reference.deep`` (deltaglider_proxy reserves only ``reference.bin``):
+        such a directory cannot be deep, and stays DeltaGlider's.
         """
         found = await head_many(
             self._store, [fmt.reference_key(prefix, mode) for mode in DeltaMode]
         )
-        # A reference.deep without deep metadata is somebody's file of that
-        # name (deltaglider_proxy reserves only reference.bin), not one.
         heads = {
             mode: head
             for mode in DeltaMode
             if (head := found.get(fmt.reference_key(prefix, mode))) is not None
-            and (mode is not DeltaMode.DEEP or fmt.is_deep(head.metadata))
+            and fmt.is_deltaglider_reference(head.key, head.metadata)
         }
+        deep_key = fmt.reference_key(prefix, DeltaMode.DEEP)
+        if deep_key in found and DeltaMode.DEEP not in heads:
+            return DeltaMode.DG, heads.get(DeltaMode.DG)
         if force is not None:
             return force, heads.get(force)
         for mode in (DeltaMode.DEEP, DeltaMode.DG):
