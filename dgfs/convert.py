@@ -176,15 +176,7 @@ async def plan_conversion(
     root = fmt.listing_root(location.prefix)
     plan = ConversionPlan(location, target, shard=shard)
     objects = await _owned_objects(store, root, plan)
-    # A reference-named object that is no reference (a user's reference.deep)
-    # is a file of its own: nothing to convert from, nor to remove.
-    ref_heads = await head_many(store, [o.key for o in plan.old_references])
-    plan.old_references = [
-        o
-        for o in plan.old_references
-        if (h := ref_heads.get(o.key)) is not None
-        and fmt.is_deltaglider_reference(o.key, h.metadata)
-    ]
+    await _drop_users_reference_deep(store, plan, objects, concurrency)
     candidates = _candidates(plan, objects, root, include, exclude)
     heads = await head_many(store, [o.key for o in candidates], concurrency=concurrency)
     in_target = {
@@ -233,6 +225,30 @@ async def _owned_objects(store: ObjectStore, root: str, plan: ConversionPlan) ->
     old_ref_name = fmt.reference_key("", plan.source_mode)  # the bare name
     plan.old_references = [o for o in objects if fmt.split_key(o.key)[1] == old_ref_name]
     return objects
+
+
+async def _drop_users_reference_deep(
+    store: ObjectStore, plan: ConversionPlan, objects: list[ObjectInfo], concurrency: int
+) -> None:
+    """A ``reference.deep`` that is no reference (a deltaglider_proxy user's
+    file of that name: no deep metadata) is a file of its own. Into dg it is
+    no old reference to remove; into deep its directory cannot be deep (it
+    stays DeltaGlider's, ``FileWriter._deltaspace``), so nothing there is
+    planned. One HEAD per ``reference.deep``."""
+    named = [o for o in objects if fmt.split_key(o.key)[1] == fmt.DEEP_REFERENCE_NAME]
+    heads = await head_many(store, [o.key for o in named], concurrency=concurrency)
+    users = {
+        key for key, head in heads.items() if not fmt.is_deltaglider_reference(key, head.metadata)
+    }
+    if plan.target is DeltaMode.DG:
+        plan.old_references = [
+            o for o in plan.old_references if o.key in heads and o.key not in users
+        ]
+    else:
+        blocked = {fmt.split_key(key)[0] for key in users}
+        plan.old_references = [
+            o for o in plan.old_references if fmt.split_key(o.key)[0] not in blocked
+        ]
 
 
 def _candidates(

@@ -256,7 +256,9 @@ class FileWriter:
             mode: head
             for mode in DeltaMode
             if (head := found.get(fmt.reference_key(prefix, mode))) is not None
-            and fmt.is_deltaglider_reference(head.key, head.metadata)
+            # (another tool's reference.bin stays in: files beside it go
+            # direct, and no reference is ever PUT over it)
+            and (mode is DeltaMode.DG or fmt.is_deltaglider_reference(head.key, head.metadata))
         }
         deep_key = fmt.reference_key(prefix, DeltaMode.DEEP)
         if deep_key in found and DeltaMode.DEEP not in heads:
