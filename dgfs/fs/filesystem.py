@@ -34,7 +34,7 @@ from dgfs.errors import FormatError, FsError, IntegrityError, NotFound
 from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.changes import StoredChanges
-from dgfs.fs.entries import NodeKind
+from dgfs.fs.entries import DirEntry, NodeKind
 from dgfs.fs.handles import Access, Handle, HandleTable
 from dgfs.fs.journal import Journal
 from dgfs.fs.namespace import NAME_MAX, Namespace, utf8_length
@@ -135,12 +135,23 @@ class FileSystem:
             raise FsError(errno.ENAMETOOLONG)
         return self.nodes.looked_up(await self._find(self.get_dir(parent_ino), name))
 
+    async def _node_at(self, path: str) -> Node:
+        """The node of the directory ``path``, looked up from the root."""
+        node = self.get_dir(ROOT_INODE)
+        for name in path.split("/") if path else []:
+            node = await self._find(node, name)
+        return node
+
     async def _find(self, parent: Node, name: str) -> Node:
         """The node for ``name`` in ``parent``, or ``FsError(ENOENT)``; counts nothing."""
         if name == ".":
             return parent
         if name == "..":
-            return self.nodes.by_path(parent.parent_path) or parent
+            if not parent.path:
+                return parent  # the root's parent is the root
+            # Its parent may have been forgotten (NFS export reconnects a
+            # directory this way): found again from the root down.
+            return self.nodes.by_path(parent.parent_path) or await self._node_at(parent.parent_path)
         node = self.nodes.by_path(child_path(parent.path, name))
         if node is not None and (node.staged is not None or self.nodes.is_fresh(node)):
             return node
@@ -188,20 +199,36 @@ class FileSystem:
     # --- directories --------------------------------------------------------------------
 
     async def readdir(self, ino: int, start: int, reply: ReaddirReply) -> None:
-        """Hand the entries of a directory from offset ``start`` to ``reply``, in
-        name order, until it refuses one; each entry taken counts a lookup."""
+        """Hand the entries of a directory after offset ``start`` to ``reply``
+        until it refuses one; each entry taken counts a lookup.
+
+        Offsets are cookies that stay a name's while it is listed (the first
+        listing hands them out in name order, later names get higher ones),
+        so a listing resumed after entries came or went (``rm -r`` unlinks
+        between calls) skips and repeats none. Nodes are made only for the
+        entries the kernel takes."""
         node = self.get_dir(ino)
         listing = await self.ns.listing(node.path)
-        entries: dict[str, Node] = {}
+        entries: dict[str, Node | DirEntry] = {}
         for name, entry in listing.items():
             existing = self.nodes.by_path(child_path(node.path, name))
-            if existing is not None and existing.staged is not None:
-                entries[name] = existing
-            else:
-                entries[name] = self.nodes.from_entry(node.path, entry)
+            local = existing is not None and existing.staged is not None
+            entries[name] = existing if local and existing is not None else entry
         entries.update(self.nodes.local_children(node.path))
-        for offset, (name, child) in enumerate(sorted(entries.items())[start:], start + 1):
-            if not reply(name, child, offset):
+        cookies = node.dir_cookies
+        for gone in [name for name in cookies if name not in entries]:
+            del cookies[gone]
+        last = max(cookies.values(), default=0)
+        for name in sorted(n for n in entries if n not in cookies):
+            last += 1
+            cookies[name] = last
+        for cookie, name in sorted((cookies[n], n) for n in entries):
+            if cookie <= start:
+                continue
+            item = entries[name]
+            child = item if isinstance(item, Node) else self.nodes.from_entry(node.path, item)
+            if not reply(name, child, cookie):
+                self.nodes.release(child)  # not handed to the kernel: it may go
                 break
             self.nodes.looked_up(child)
 
@@ -265,6 +292,11 @@ class FileSystem:
             raise FsError(errno.EEXIST)
         if node is not None and node.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
+        if node is not None and not flags & os.O_TRUNC:
+            # Another writer made the name since the kernel's lookup found
+            # none: it is opened as it is (only O_TRUNC empties a file).
+            handle = await self.open(node.ino, flags & ~(os.O_CREAT | os.O_EXCL))
+            return handle, self.nodes.looked_up(node)
         if node is None:
             node = self.nodes.new(child_path(parent.path, name), NodeKind.FILE)
             self._new_node_attributes(node, parent, mode, uid, gid)
@@ -466,6 +498,8 @@ class FileSystem:
         self._check_writable()
         if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        if flags & ~RENAME_NOREPLACE:
+            raise FsError(errno.EINVAL, f"rename flags {flags:#x} are not supported")
         old_parent = self.get_dir(old_parent_ino)
         new_parent = self.get_dir(new_parent_ino)
         self.ns.check_new_name(new_parent.path, new_name)

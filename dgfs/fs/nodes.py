@@ -92,6 +92,11 @@ class Node:
     unlinked: bool = False
     checked_at: float = 0.0  # trio.current_time() when attrs were last confirmed
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # A directory's readdir offsets (FileSystem.readdir's): name -> a cookie
+    # that stays the name's while it is listed, new names getting higher
+    # ones, so a listing resumed after entries came or went skips and
+    # repeats none (pyfuse3.readdir_reply's rule).
+    dir_cookies: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -38,7 +38,9 @@ STATUS_SOCKET = PREFIX + "status_socket"
 def names(node: Node, endpoint: str | None, status_socket: str | None = None) -> list[str]:
     """The attribute names ``node`` has (``endpoint`` only when the store has one,
     ``status_socket`` only on the root of a mount that serves one)."""
-    fields = list(DIR_FIELDS if node.kind is NodeKind.DIR else FILE_FIELDS)
+    # Storage fields for files only: a symlink or special file is one plain
+    # object with nothing of its own to report (getxattr would say ENODATA).
+    fields = list(FILE_FIELDS if node.kind is NodeKind.FILE else DIR_FIELDS)
     if endpoint:
         fields.append("endpoint")
     if status_socket and node.ino == ROOT_INODE:
