@@ -861,10 +861,12 @@ async def test_reads_of_one_handle_side_by_side_open_one_reader(
         opened = 0
         real_reader = m.fs.content.reader
 
-        async def counting_reader(stored: StoredFile, *, report: bool = True) -> Reader:
+        async def counting_reader(
+            stored: StoredFile, *, report: bool = True, etag: str | None = None
+        ) -> Reader:
             nonlocal opened
             opened += 1
-            return await real_reader(stored, report=report)
+            return await real_reader(stored, report=report, etag=etag)
 
         monkeypatch.setattr(m.fs.content, "reader", counting_reader)
         name, data = releases[1]

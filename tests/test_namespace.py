@@ -426,9 +426,11 @@ async def test_rows_asked_again_neither_read_nor_write_the_index(tmp_path: Path)
         async def head(self, key: str) -> ObjectHead:
             return dataclasses.replace(await super().head(key), observed_at=None)
 
-        async def get_range(self, key: str, start: int, length: int) -> bytes:
+        async def get_range(
+            self, key: str, start: int, length: int, *, if_match: str | None = None
+        ) -> bytes:
             self.reads += 1
-            return await super().get_range(key, start, length)
+            return await super().get_range(key, start, length, if_match=if_match)
 
     store = UndatedHeads()
     await fill(store, 6)

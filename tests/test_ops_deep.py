@@ -664,9 +664,11 @@ class RangeCountingStore(CrashingStore):
         super().__init__(bucket)
         self.ranges: list[tuple[str, int]] = []
 
-    async def get_range(self, key: str, start: int, length: int) -> bytes:
+    async def get_range(
+        self, key: str, start: int, length: int, *, if_match: str | None = None
+    ) -> bytes:
         self.ranges.append((key, length))
-        return await super().get_range(key, start, length)
+        return await super().get_range(key, start, length, if_match=if_match)
 
 
 async def fill_stock_bucket(store: MemoryStore, tmp: Path, plain: Core) -> dict[str, bytes]:

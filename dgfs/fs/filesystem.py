@@ -357,7 +357,7 @@ class FileSystem:
             self.prefetch.opened(node)
             known = node.stored
             try:
-                return await self.content.reader(known, report=False)
+                return await self.content.reader(known, report=False, etag=node.etag)
             except NotFound:
                 # Replaced (in its other form) or removed by another mount
                 # since this one stored or listed it: S3's current version.
@@ -378,7 +378,7 @@ class FileSystem:
             raise FsError(errno.ENOENT)
         self.nodes.refresh(node, entry)
         self.prefetch.opened(node)
-        return await self.content.reader(entry.stored)
+        return await self.content.reader(entry.stored, etag=node.etag)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles.get(fh)

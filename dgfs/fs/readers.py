@@ -33,7 +33,7 @@ import trio
 
 from dgfs.cache import CacheEntryReader
 from dgfs.core import Core
-from dgfs.errors import FormatError, FsError, IntegrityError
+from dgfs.errors import FormatError, FsError, IntegrityError, PreconditionFailed
 from dgfs.format import Kind, StoredFile
 from dgfs.rebuild import RebuildStream
 from dgfs.store.base import ObjectStore
@@ -88,12 +88,22 @@ class RangeReader(Reader):
     """Ranged GETs with read-ahead over one object of known size."""
 
     def __init__(
-        self, store: ObjectStore, key: str, size: int, expected_sha256: str | None
+        self,
+        store: ObjectStore,
+        key: str,
+        size: int,
+        expected_sha256: str | None,
+        etag: str | None = None,
     ) -> None:
         self.store = store
         self.key = key
         self.size = size
         self.expected_sha256 = expected_sha256
+        # Every range comes from one version of the object (If-Match): the
+        # check of its bytes holds for a reader that seeks back after it, or
+        # after another writer replaced the object. Unknown (the mount's own
+        # upload): asked once, at the first read.
+        self._etag = etag
         self._buf = b""
         self._buf_start = 0
         self._window = MIN_WINDOW
@@ -101,7 +111,14 @@ class RangeReader(Reader):
         self._check = InOrderCheck(key, size, expected_sha256)
 
     async def _fetch(self, start: int, length: int) -> bytes:
-        return await self.store.get_range(self.key, start, length)
+        if self._etag is None:
+            self._etag = (await self.store.head(self.key)).etag
+        try:
+            return await self.store.get_range(self.key, start, length, if_match=self._etag)
+        except PreconditionFailed:
+            raise IntegrityError(
+                f"{self.key} was replaced while it was read; open it again"
+            ) from None
 
     async def read(self, offset: int, size: int) -> bytes:
         self._check.raise_if_failed()
@@ -109,6 +126,7 @@ class RangeReader(Reader):
             return b""
         size = min(size, self.size - offset)
         async with self._lock:
+            self._check.raise_if_failed()  # (a read that waited for the one that failed)
             end = offset + size
             buf_end = self._buf_start + len(self._buf)
             if not (self._buf_start <= offset and end <= buf_end):
@@ -163,6 +181,7 @@ class InOrderCheck:
         read-ahead) are held until the gap is filled; a reader that really
         jumps around holds too much and is not verified.
         """
+        self.raise_if_failed()
         if self._sha is None or offset + len(data) <= self._hashed_upto:
             return
         if offset > self._hashed_upto:
@@ -327,7 +346,9 @@ class StoredContent:
             or (stored.kind is Kind.DIRECT and stored.stored_size != stored.original_size)
         )
 
-    async def reader(self, stored: StoredFile, *, report: bool = True) -> Reader:
+    async def reader(
+        self, stored: StoredFile, *, report: bool = True, etag: str | None = None
+    ) -> Reader:
         """A reader of ``stored`` for one open handle.
 
         A broken object (see ``broken``) raises ``FsError(EIO)``; without
@@ -335,7 +356,7 @@ class StoredContent:
         """
         if not self._through_cache(stored):
             ranges = RangeReader(
-                self.core.store, stored.stored_key, stored.original_size, stored.file_sha256
+                self.core.store, stored.stored_key, stored.original_size, stored.file_sha256, etag
             )
             return _Reported(ranges, self, stored)
         if self._streamable(stored):

@@ -173,8 +173,12 @@ class ObjectStore(abc.ABC):
         """Metadata of ``key``; ``NotFound`` if absent."""
 
     @abc.abstractmethod
-    async def get_range(self, key: str, start: int, length: int) -> bytes:
-        """Up to ``length`` bytes of ``key`` from ``start`` (short at end of object)."""
+    async def get_range(
+        self, key: str, start: int, length: int, *, if_match: str | None = None
+    ) -> bytes:
+        """Up to ``length`` bytes of ``key`` from ``start`` (short at end of object);
+        with ``if_match`` only of the object with that ETag (``PreconditionFailed``
+        once another replaced it)."""
 
     @abc.abstractmethod
     async def download(self, key: str, dest: Path) -> ObjectHead:

@@ -253,9 +253,11 @@ class FaultyStore(ObjectStore):
         async with self._faults("head", key):
             return await self.inner.head(key)
 
-    async def get_range(self, key: str, start: int, length: int) -> bytes:
+    async def get_range(
+        self, key: str, start: int, length: int, *, if_match: str | None = None
+    ) -> bytes:
         async with self._faults("get_range", key):
-            return await self.inner.get_range(key, start, length)
+            return await self.inner.get_range(key, start, length, if_match=if_match)
 
     async def download(self, key: str, dest: Path) -> ObjectHead:
         async with self._faults("download", key):

@@ -135,11 +135,16 @@ class MemoryStore(ObjectStore):
         await trio.lowlevel.checkpoint()
         return self._head_of(key)
 
-    async def get_range(self, key: str, start: int, length: int) -> bytes:
+    async def get_range(
+        self, key: str, start: int, length: int, *, if_match: str | None = None
+    ) -> bytes:
         await trio.lowlevel.checkpoint()
+        stored = self._get(key)
+        if if_match is not None and stored.etag != if_match:
+            raise PreconditionFailed(f"GetObject s3://{self.bucket}/{key}: precondition failed")
         if length <= 0:
             return b""
-        return self._get(key).body[start : start + length]
+        return stored.body[start : start + length]
 
     async def download(self, key: str, dest: Path) -> ObjectHead:
         await trio.lowlevel.checkpoint()

@@ -193,15 +193,22 @@ class S3Store(ObjectStore):
         )
         return head_from_response(key, response, response["ContentLength"])
 
-    async def get_range(self, key: str, start: int, length: int) -> bytes:
-        """Up to ``length`` bytes from ``start``; ``b""`` at or past the end."""
+    async def get_range(
+        self, key: str, start: int, length: int, *, if_match: str | None = None
+    ) -> bytes:
+        """Up to ``length`` bytes from ``start``; ``b""`` at or past the end
+        (``if_match``: see ``ObjectStore.get_range``)."""
         if length <= 0:
             return b""
+        condition = {"IfMatch": f'"{if_match}"'} if if_match is not None else {}
 
         def fetch() -> bytes:
             try:
                 response = self._client.get_object(
-                    Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
+                    Bucket=self.bucket,
+                    Key=key,
+                    Range=f"bytes={start}-{start + length - 1}",
+                    **condition,
                 )
             except bexc.ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") == "InvalidRange":
