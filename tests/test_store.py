@@ -179,6 +179,18 @@ async def test_get_range(store: ObjectStore) -> None:
         await store.get_range("missing", 0, 1)
 
 
+async def test_get_range_of_one_version(store: ObjectStore) -> None:
+    """``if_match``: the ranges of the version with that ETag, and
+    ``PreconditionFailed`` once another replaced it (ranged reads of large
+    files take every range from one version)."""
+    body = bytes(range(100))
+    etag = await store.put_bytes("r", body, {})
+    assert await store.get_range("r", 10, 5, if_match=etag) == body[10:15]
+    await store.put_bytes("r", body[::-1], {})
+    with pytest.raises(PreconditionFailed):
+        await store.get_range("r", 10, 5, if_match=etag)
+
+
 @pytest.mark.parametrize("parallel", [False, True], ids=["stream", "ranges"])
 async def test_download_large_object(store: ObjectStore, tmp_path: Path, parallel: bool) -> None:
     body = os.urandom(20 * MiB + 12345)
