@@ -30,6 +30,16 @@ from testsupport.releases import ReleaseSeries
 NOTES = b"not a zstd frame, just a user's notes\n" * 100
 
 
+async def _proxy_zips(store: MemoryStore, count: int) -> list[bytes]:
+    """``count`` zips stored in ``app/`` as deltaglider_proxy stores them; their bytes."""
+    writer = ProxyWriter()
+    zips = [d for _, d in ReleaseSeries(size=128 << 10, seed=3).zips(count)]
+    for i, data in enumerate(zips):
+        for obj in writer.put(f"app/{i}.zip", data):
+            await store.put_bytes(obj.key, obj.body, obj.metadata)
+    return zips
+
+
 async def _user_reference_deep(store: MemoryStore) -> None:
     for obj in ProxyWriter().put("app/reference.deep", NOTES, delta=False):
         await store.put_bytes(obj.key, obj.body, obj.metadata)
@@ -67,11 +77,7 @@ async def test_converting_to_deep_beside_a_users_reference_deep_keeps_the_deltas
     reference.bin: the directory loses all its compression, reported as a
     successful conversion."""
     await _user_reference_deep(memory_store)
-    writer = ProxyWriter()
-    zips = [d for _, d in ReleaseSeries(size=128 << 10, seed=3).zips(3)]
-    for i, data in enumerate(zips):
-        for obj in writer.put(f"app/{i}.zip", data):
-            await memory_store.put_bytes(obj.key, obj.body, obj.metadata)
+    await _proxy_zips(memory_store, 3)
     before = sum(len(o.body) for o in memory_store.objects.values())
     core, cache = make_core(memory_store, tmp_path, DeltaMode.DEEP)
     try:
@@ -96,11 +102,7 @@ async def test_converting_to_dg_beside_a_users_reference_deep_finishes(
     reference: never nothing_to_do, and each run reports it kept because
     'deep deltas still need it (rerun to finish)' though there is no deep delta."""
     await _user_reference_deep(memory_store)
-    writer = ProxyWriter()
-    zips = [d for _, d in ReleaseSeries(size=128 << 10, seed=3).zips(2)]
-    for i, data in enumerate(zips):
-        for obj in writer.put(f"app/{i}.zip", data):
-            await memory_store.put_bytes(obj.key, obj.body, obj.metadata)
+    await _proxy_zips(memory_store, 2)
     core, cache = make_core(memory_store, tmp_path, DeltaMode.DG)
     try:
         plan = await plan_conversion(memory_store, S3Location("b", "app"), DeltaMode.DG)
@@ -122,11 +124,7 @@ async def test_converting_to_deep_beside_a_users_reference_deep_plans_nothing_th
     again as a DG delta (reported converted), reference.bin kept with
     'rerun to finish', and every rerun plans the same work again."""
     await _user_reference_deep(memory_store)
-    writer = ProxyWriter()
-    zips = [d for _, d in ReleaseSeries(size=128 << 10, seed=3).zips(3)]
-    for i, data in enumerate(zips):
-        for obj in writer.put(f"app/{i}.zip", data):
-            await memory_store.put_bytes(obj.key, obj.body, obj.metadata)
+    await _proxy_zips(memory_store, 3)
     core, cache = make_core(memory_store, tmp_path, DeltaMode.DEEP)
     loc = S3Location("b", "app")
     try:

@@ -212,8 +212,8 @@ class FileSystem:
         entries: dict[str, Node | DirEntry] = {}
         for name, entry in listing.items():
             existing = self.nodes.by_path(child_path(node.path, name))
-            local = existing is not None and existing.staged is not None
-            entries[name] = existing if local and existing is not None else entry
+            has_local = existing is not None and existing.staged is not None
+            entries[name] = existing if has_local and existing else entry
         entries.update(self.nodes.local_children(node.path))
         cookies = node.dir_cookies
         for gone in [name for name in cookies if name not in entries]:
