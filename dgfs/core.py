@@ -20,7 +20,8 @@ Guarantees a caller may rely on:
 each piece of mutable state has the one owner named here:
 
 - ``bench`` (:mod:`dgfs.workbench`): scratch files, the CPU limiter,
-  downloads; owns ``proxy_key``.
+  downloads; owns ``proxy_key``; holds the tools every part uses (the
+  content cache, the xdelta3 engine, the expansion limits).
 - ``forms`` (:mod:`dgfs.forms`): where a file is stored, the two-form rules.
 - ``references`` (:mod:`dgfs.references`): cache fetches; owns the plain
   reference copies and who uses them.
@@ -93,24 +94,25 @@ class Core:
         self.engine = engine
         self.policy = policy
         self.bench = Workbench(
-            store, scratch_dir=scratch_dir, cpu_limiter=cpu_limiter, proxy_key=proxy_key
+            store,
+            scratch_dir=scratch_dir,
+            cache=cache,
+            engine=engine,
+            limits=self.limits,
+            cpu_limiter=cpu_limiter,
+            proxy_key=proxy_key,
         )
-        self.references = ReferencePool(self.bench, cache, self.limits, slots=plain_reference_slots)
+        self.references = ReferencePool(self.bench, slots=plain_reference_slots)
         self.forms = Forms(store)
         self.writer = FileWriter(
             self.bench,
             self.forms,
             self.references,
-            cache,
-            engine,
             policy,
-            self.limits,
             deltas=deltas,
             conditional_create=conditional_create,
         )
-        self.rebuilder = Rebuilder(
-            self.bench, self.references, cache, engine, self.limits, self.telemetry
-        )
+        self.rebuilder = Rebuilder(self.bench, self.references, self.telemetry)
         self.renamer = Renamer(self.bench, self.forms, self.writer, self.rebuilder)
         # Storing the local file ``src`` under the user-visible ``key``.
         self.put = self.writer.put

@@ -22,8 +22,8 @@ import trio
 
 from dgfs import deep, dgzip
 from dgfs import format as fmt
-from dgfs.cache import CacheEntryReader, ContentCache
-from dgfs.delta import HEADER_PROBE, DeltaEngine, is_stock_gzip_delta
+from dgfs.cache import CacheEntryReader
+from dgfs.delta import HEADER_PROBE, is_stock_gzip_delta
 from dgfs.errors import (
     CacheCorrupt,
     DecodeLimit,
@@ -150,16 +150,10 @@ class Rebuilder:
         self,
         bench: Workbench,
         references: ReferencePool,
-        cache: ContentCache,
-        engine: DeltaEngine,
-        limits: deep.ExpansionLimits,
         telemetry: Telemetry,
     ) -> None:
         self._bench = bench
         self._references = references
-        self._cache = cache
-        self._engine = engine
-        self._limits = limits
         self._telemetry = telemetry
         self._flights = SingleFlight()
         # sha256 -> the rebuild of that content running now (served while written)
@@ -233,7 +227,7 @@ class Rebuilder:
                 if stream is not None and window_checks and not from_gzip:
                     stream.writing = True  # xdelta3 writes ``out`` once, in order
                 try:
-                    await self._engine.decode(
+                    await self._bench.engine.decode(
                         plain_ref,
                         delta_path,
                         out,
@@ -271,11 +265,11 @@ class Rebuilder:
         if sha256 in self._unrecoverable:
             raise IntegrityError(self._unrecoverable[sha256])
         async with self._bench.scratch(".tar") as decompressed:
-            await self._engine.decode_decompressed(
+            await self._bench.engine.decode_decompressed(
                 plain_ref,
                 delta_path,
                 decompressed,
-                max_size=self._limits.allowance(stored.original_size),
+                max_size=self._bench.limits.allowance(stored.original_size),
             )
             recover = functools.partial(
                 dgzip.recover_gzip,
@@ -286,7 +280,7 @@ class Rebuilder:
                 expected_size=stored.original_size,
                 reference_gzip=plain_ref,
                 scratch_dir=self._bench.scratch_dir,
-                seconds=self._limits.seconds,
+                seconds=self._bench.limits.seconds,
             )
             try:
                 found = await self._bench.search(recover)
@@ -317,11 +311,11 @@ class Rebuilder:
             except FormatError as exc:
                 raise IntegrityError(f"{stored.stored_key}: {exc}") from None
             async with self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
-                await self._engine.decode(
+                await self._bench.engine.decode(
                     plain_ref,
                     vcdiff,
                     expanded,
-                    max_size=self._limits.expanded_cap(stored.original_size),
+                    max_size=self._bench.limits.expanded_cap(stored.original_size),
                     cap_name="expand_ratio × its dg-file-size, at most expand_max",
                     # Parsed under limits, rebuilt and checked whole: never streamed.
                     window_checks=False,
@@ -331,7 +325,7 @@ class Rebuilder:
                     functools.partial(
                         deep.rebuild_file,
                         max_size=stored.original_size,
-                        seconds=self._limits.seconds,
+                        seconds=self._bench.limits.seconds,
                     ),
                     expanded,
                     out,
@@ -380,7 +374,7 @@ class Rebuilder:
         sha256 = stored.file_sha256
         if sha256 is None:
             raise FormatError(f"{stored.stored_key}: no SHA-256 recorded")
-        if (self._cache.lookup if counted else self._cache.contains)(sha256):
+        if (self._bench.cache.lookup if counted else self._bench.cache.contains)(sha256):
             return sha256
         if stored.kind is not Kind.DELTA:
             await self._references.ensure_cached(stored.stored_key, sha256)
@@ -401,7 +395,6 @@ class Rebuilder:
                     stream.complete = True
                     self._telemetry.rebuilt(trio.current_time() - started)
                     verified = await self._bench.into_cache(
-                        self._cache,
                         sha256,
                         out,
                         lambda: IntegrityError(
@@ -426,7 +419,7 @@ class Rebuilder:
                     del self._streams[sha256]
 
         await self._flights.ensure(
-            f"rebuild:{sha256}", lambda: self._cache.contains(sha256), rebuild_into_cache
+            f"rebuild:{sha256}", lambda: self._bench.cache.contains(sha256), rebuild_into_cache
         )
         return sha256
 
@@ -444,13 +437,13 @@ class Rebuilder:
     async def open_cached(self, stored: StoredFile) -> CacheEntryReader:
         """A reader of the original bytes of ``stored`` from the cache, which gets
         them first (rebuilt or fetched, verified); the caller closes it."""
-        return await self._use_cached(stored, self._cache.open)
+        return await self._use_cached(stored, self._bench.cache.open)
 
     async def export_cached(self, stored: StoredFile, dest: Path) -> None:
         """Write the original bytes of ``stored`` to ``dest`` through the cache (verified)."""
 
         def export(sha256: str) -> bool | None:
-            return self._cache.export(sha256, dest) or None
+            return self._bench.cache.export(sha256, dest) or None
 
         await self._use_cached(stored, export)
 

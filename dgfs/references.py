@@ -17,7 +17,6 @@ from pathlib import Path
 
 from dgfs import deep
 from dgfs import format as fmt
-from dgfs.cache import ContentCache
 from dgfs.errors import CacheCorrupt, DgfsError, MissingReference, NotFound
 from dgfs.flight import SingleFlight
 from dgfs.format import DeltaMode
@@ -27,17 +26,8 @@ from dgfs.workbench import Workbench
 class ReferencePool:
     """Objects fetched into the cache, verified, and references as plain files."""
 
-    def __init__(
-        self,
-        bench: Workbench,
-        cache: ContentCache,
-        limits: deep.ExpansionLimits,
-        *,
-        slots: int = 4,
-    ) -> None:
+    def __init__(self, bench: Workbench, *, slots: int = 4) -> None:
         self._bench = bench
-        self._cache = cache
-        self._limits = limits
         self._flights = SingleFlight()
         # Decrypted copies of recently used references, for xdelta3 (it needs
         # a plain file). Bounded; an entry in use is never removed.
@@ -49,7 +39,7 @@ class ReferencePool:
         """Make sure the object ``key`` (plain bytes with ``sha256``) is in the cache."""
         await self._flights.ensure(
             f"fetch:{sha256}",
-            lambda: self._cache.contains(sha256),
+            lambda: self._bench.cache.contains(sha256),
             functools.partial(self._fetch, key, sha256),
         )
 
@@ -79,11 +69,10 @@ class ReferencePool:
             except NotFound:
                 raise MissingReference(f"{key} is missing") from None
             if deep_reference:
-                cap = deep.reference_cap(head.metadata, head.size, self._limits)
+                cap = deep.reference_cap(head.metadata, head.size, self._bench.limits)
                 await self._bench.cpu(deep.decompress_reference, tmp, plain, cap)
                 tmp, plain = plain, tmp
             verified = await self._bench.into_cache(
-                self._cache,
                 sha256,
                 tmp,
                 lambda: MissingReference(
@@ -107,10 +96,10 @@ class ReferencePool:
                 kept = await self._fetch(key, sha256, keep=out)
 
             await self._flights.ensure(
-                f"fetch:{sha256}", lambda: self._cache.contains(sha256), fetch_and_keep
+                f"fetch:{sha256}", lambda: self._bench.cache.contains(sha256), fetch_and_keep
             )
             try:
-                if kept or await self._bench.cpu(self._cache.export, sha256, out):
+                if kept or await self._bench.cpu(self._bench.cache.export, sha256, out):
                     return
             except CacheCorrupt:
                 continue  # dropped (and logged) by the cache: fetched again from S3

@@ -1,11 +1,14 @@
-"""Where the core's local work happens: scratch files, CPU-bound jobs, downloads.
+"""Where the core's local work happens: scratch files, CPU-bound jobs,
+downloads, xdelta3 and the content cache.
 
 ``Workbench`` makes the scratch directory and keeps it private (whoever
 chose it removes it), and owns the limiter that CPU-bound jobs of the
 core share (hashing, expanding, re-deflating), the one that long searches
 over untrusted bytes take instead (``search``), and ``proxy_key``, the
-only secret ``download`` needs. The core's parts (references, rebuilds, puts)
-each hold the one workbench and create nothing of these themselves.
+only secret ``download`` needs. It holds the tools every job of the core
+uses: the content cache, the xdelta3 engine and the expansion limits. The
+core's parts (references, rebuilds, puts) each hold the one workbench and
+create nothing of these themselves.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import TypeVar
 
 import trio
 
-from dgfs import proxymeta
+from dgfs import deep, proxymeta
 from dgfs.cache import ContentCache
+from dgfs.delta import DeltaEngine
 from dgfs.errors import DgfsError, IntegrityError
 from dgfs.hashing import FileDigest, digest_file
 from dgfs.policy import SNIFF_BYTES
@@ -39,10 +43,18 @@ class Workbench:
         store: ObjectStore,
         *,
         scratch_dir: Path,
+        cache: ContentCache,
+        engine: DeltaEngine,
+        limits: deep.ExpansionLimits,
         cpu_limiter: trio.CapacityLimiter | None = None,
         proxy_key: ProxyKey | None = None,
     ) -> None:
         self.store = store
+        self.cache = cache
+        # xdelta3, run under its own memory and process limits.
+        self.engine = engine
+        # Bounds on expanding files and on rebuilding objects (docs/SECURITY.md).
+        self.limits = limits
         # deltaglider_proxy's key, for objects it encrypted (``download``).
         self.proxy_key = proxy_key
         self.scratch_dir = scratch_dir
@@ -78,15 +90,13 @@ class Workbench:
         which queue behind one another, never in front of other reads."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.search_limiter)
 
-    async def into_cache(
-        self, cache: ContentCache, sha256: str, path: Path, wrong: Callable[[], DgfsError]
-    ) -> bool:
-        """Put the plain file ``path`` into ``cache`` as content ``sha256``; raises
+    async def into_cache(self, sha256: str, path: Path, wrong: Callable[[], DgfsError]) -> bool:
+        """Put the plain file ``path`` into the cache as content ``sha256``; raises
         ``wrong()`` if its bytes are not that. True if the cache read it and
         found it so; False if the content was cached meanwhile by another and
         ``path`` was not read (nothing is known of its bytes then)."""
         try:
-            return (await self.cpu(cache.take_file, sha256, path))[1]
+            return (await self.cpu(self.cache.take_file, sha256, path))[1]
         except IntegrityError:
             raise wrong() from None
 

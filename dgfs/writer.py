@@ -22,8 +22,6 @@ import trio
 
 from dgfs import deep, proxymeta
 from dgfs import format as fmt
-from dgfs.cache import ContentCache
-from dgfs.delta import DeltaEngine
 from dgfs.errors import (
     ExpansionLimit,
     FormatError,
@@ -127,10 +125,7 @@ class FileWriter:
         bench: Workbench,
         forms: Forms,
         references: ReferencePool,
-        cache: ContentCache,
-        engine: DeltaEngine,
         policy: Policy,
-        limits: deep.ExpansionLimits,
         *,
         deltas: DeltaMode = DeltaMode.DG,
         conditional_create: bool = True,
@@ -139,10 +134,7 @@ class FileWriter:
         self._bench = bench
         self._forms = forms
         self._references = references
-        self._cache = cache
-        self._engine = engine
         self._policy = policy
-        self._limits = limits
         # The mode of new deltaspaces; an existing one keeps its own.
         self.deltas = deltas
         # Whether the store honours If-None-Match (the mount probes it).
@@ -294,10 +286,10 @@ class FileWriter:
             return await self._put_direct(job)
         async with self._bench.scratch(".delta") as delta_path:
             if created:
-                await self._engine.encode(src, src, delta_path)
+                await self._bench.engine.encode(src, src, delta_path)
             else:
                 async with self._references.plain_copy(ref_key, ref_sha256) as plain_ref:
-                    await self._engine.encode(plain_ref, src, delta_path)
+                    await self._bench.engine.encode(plain_ref, src, delta_path)
             delta_size = delta_path.stat().st_size
             if not created and not self._pays(key, "delta", delta_size, digest.size):
                 return await self._put_direct(job)
@@ -364,7 +356,7 @@ class FileWriter:
                     if winner != digest.sha256:
                         log.warning("reference race on %s: using the other writer's", ref_key)
                         return winner, False
-                await self._bench.cpu(self._cache.add_file, digest.sha256, src)
+                await self._bench.cpu(self._bench.cache.add_file, digest.sha256, src)
                 log.info("created reference %s from %s", ref_key, name)
                 return digest.sha256, True
         return _existing_reference(ref_key, head)
@@ -429,10 +421,10 @@ class FileWriter:
             nursery.start_soon(prove)
             ref_sha256, created = await self._deep_reference(expanded, ref_key, name, ref_head)
             if ref_sha256 is not None and created:
-                await self._engine.encode(expanded, expanded, vcdiff)
+                await self._bench.engine.encode(expanded, expanded, vcdiff)
             elif ref_sha256 is not None:
                 async with self._references.plain_copy(ref_key, ref_sha256) as plain_ref:
-                    await self._engine.encode(plain_ref, expanded, vcdiff)
+                    await self._bench.engine.encode(plain_ref, expanded, vcdiff)
         if ref_sha256 is None:
             return None, False, False
         if proof[0]:
@@ -441,7 +433,7 @@ class FileWriter:
         log.error("%s: expanded form does not rebuild exactly; not expanding it", key)
         await self._bench.cpu(deep.plain_form, src, expanded)
         async with self._references.plain_copy(ref_key, ref_sha256) as plain_ref:
-            await self._engine.encode(plain_ref, expanded, vcdiff)
+            await self._bench.engine.encode(plain_ref, expanded, vcdiff)
         return ref_sha256, created, False
 
     async def _deep_reference(
@@ -507,7 +499,7 @@ class FileWriter:
             await self._bench.cpu(deep.plain_form, src, out)
             return set(), {}
         expand_one = functools.partial(
-            deep.expand_file, scratch_dir=self._bench.scratch_dir, limits=self._limits
+            deep.expand_file, scratch_dir=self._bench.scratch_dir, limits=self._bench.limits
         )
         try:
             stats = await self._bench.cpu(expand_one, src, out)
