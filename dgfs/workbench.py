@@ -49,6 +49,9 @@ class Workbench:
         cpu_limiter: trio.CapacityLimiter | None = None,
         proxy_key: ProxyKey | None = None,
     ) -> None:
+        self.scratch_dir = scratch_dir
+        scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(scratch_dir, 0o700)
         self.store = store
         self.cache = cache
         # xdelta3, run under its own memory and process limits.
@@ -57,9 +60,6 @@ class Workbench:
         self.limits = limits
         # deltaglider_proxy's key, for objects it encrypted (``download``).
         self.proxy_key = proxy_key
-        self.scratch_dir = scratch_dir
-        scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(scratch_dir, 0o700)
         self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         # One search at a time, apart from the CPU limiter: a hostile object's
         # search (minutes, up to expand_time) holds no token other reads need.
