@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import overload
 
 META_MTIME = "mtime"
 META_MODE = "mode"
@@ -54,25 +55,36 @@ _OCTAL = re.compile(r"0(?:o)?([0-7]{1,20})")
 
 
 def _seconds(ns: int) -> str:
+    """``ns`` as decimal seconds, the sign in front of the whole number, as
+    rclone writes it and ``parse_mtime_ns`` reads it: -0.5 s is "-0.5"."""
+    if ns < 0:
+        return "-" + _seconds(-ns)
     sec, frac = divmod(ns, 1_000_000_000)
     return f"{sec}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(sec)
 
 
-def parse_mtime_ns(metadata: Mapping[str, str], key: str = "mtime") -> int | None:
+@overload
+def parse_mtime_ns(metadata: Mapping[str, str], key: str = "mtime") -> int | None: ...
+@overload
+def parse_mtime_ns(metadata: Mapping[str, str], key: str = "mtime", *, default: int) -> int: ...
+def parse_mtime_ns(
+    metadata: Mapping[str, str], key: str = "mtime", *, default: int | None = None
+) -> int | None:
     """mtime (or, with ``key``, atime) from s3fs/rclone metadata (seconds,
     optional fraction), in ns.
 
-    None if absent, not a plain decimal number, or outside what a stat
-    can show. Times before 1970 are negative and kept.
+    ``default`` if absent, not a plain decimal number, or outside what a
+    stat can show. Times before 1970 are negative and kept; the epoch
+    itself (0) is a time like any other, never "absent".
     """
     raw = metadata.get(key)
     match = _MTIME.fullmatch(raw.strip()) if raw else None
     if match is None:
-        return None
+        return default
     sign, sec, frac = match.groups()
     ns = int(sec) * 1_000_000_000 + (int(frac.ljust(9, "0")[:9]) if frac else 0)
     ns = -ns if sign else ns
-    return ns if _NS_MIN <= ns <= _NS_MAX else None
+    return ns if _NS_MIN <= ns <= _NS_MAX else default
 
 
 def parse_int_meta(metadata: Mapping[str, str], key: str) -> int | None:

@@ -180,7 +180,7 @@ class Namespace:
             entries[name] = DirEntry(
                 name,
                 NodeKind.DIR,
-                mtime_ns=posixmeta.parse_mtime_ns(meta) or self.mounted_at_ns,
+                mtime_ns=posixmeta.parse_mtime_ns(meta, default=self.mounted_at_ns),
                 atime_ns=posixmeta.parse_mtime_ns(meta, posixmeta.META_ATIME),
                 mode=posixmeta.parse_int_meta(meta, posixmeta.META_MODE),
                 uid=posixmeta.parse_int_meta(meta, posixmeta.META_UID),
@@ -397,7 +397,7 @@ class Namespace:
             typed = NodeKind.of_mode(raw_mode)
             if typed is not None and typed.is_single_object:
                 kind = typed
-        mtime_ns = posixmeta.parse_mtime_ns(meta) or int(head.last_modified.timestamp() * 1e9)
+        mtime_ns = posixmeta.parse_mtime_ns(meta, default=int(head.last_modified.timestamp() * 1e9))
         return DirEntry(
             name,
             kind,

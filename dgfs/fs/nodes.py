@@ -195,7 +195,7 @@ class NodeTable:
             node = None
         if node is None:
             node = self.new(path, entry.kind)
-            node.ctime_ns = entry.mtime_ns or self.mounted_at_ns
+            node.ctime_ns = entry.mtime_ns
         if node.staged is None:
             self.refresh(node, entry)
         return node
@@ -223,7 +223,7 @@ class NodeTable:
         long, with the attributes its journal entry's ``metadata`` carries."""
         node = self.new(path, NodeKind.FILE)
         node.size = size
-        node.mtime_ns = node.ctime_ns = posixmeta.parse_mtime_ns(metadata) or time.time_ns()
+        node.mtime_ns = node.ctime_ns = posixmeta.parse_mtime_ns(metadata, default=time.time_ns())
         node.atime_ns = posixmeta.parse_mtime_ns(metadata, posixmeta.META_ATIME)
         node.mode, node.uid, node.gid = self.options.shown_attributes(
             node.kind,
