@@ -237,10 +237,12 @@ class Renamer:
     async def _copy_tree_object(self, key: str, new_key: str, src_root: str, dst_root: str) -> None:
         if key.endswith("/"):
             # A directory marker is written anew: SeaweedFS answers
-            # NoSuchKey to a CopyObject whose source key ends in "/".
-            head = await self._store.head(key)
-            body = await self._store.get_range(key, 0, head.size) if head.size else b""
-            await self._store.put_bytes(new_key, body, head.metadata)
+            # NoSuchKey to a CopyObject whose source key ends in "/". Bytes
+            # it holds (any size: another tool's) go through a scratch file,
+            # never whole in memory.
+            async with self._bench.scratch() as body:
+                head = await self._store.download(key, body)
+                await self._store.upload(new_key, body, head.metadata)
             return
         meta, version = None, None
         if key.endswith(fmt.DELTA_SUFFIX):

@@ -34,7 +34,7 @@ import trio
 from dgfs import format as fmt
 from dgfs.cache import CacheEntryReader
 from dgfs.core import Core
-from dgfs.errors import FormatError, FsError, IntegrityError, PreconditionFailed
+from dgfs.errors import FormatError, FsError, IntegrityError, NotFound, PreconditionFailed
 from dgfs.format import Kind, StoredFile
 from dgfs.rebuild import RebuildStream
 from dgfs.store.base import ObjectStore
@@ -115,19 +115,28 @@ class RangeReader(Reader):
         if not self._etag:  # (unknown, or a store that lists none)
             self._etag = (await self.store.head(self.key)).etag or None
         try:
+            try:
+                return await self.store.get_range(self.key, start, length, if_match=self._etag)
+            except PreconditionFailed:
+                if not await self._same_content_relabelled():
+                    raise IntegrityError(
+                        f"{self.key} was replaced while it was read; open it again"
+                    ) from None
             return await self.store.get_range(self.key, start, length, if_match=self._etag)
-        except PreconditionFailed:
-            if not await self._same_content_relabelled():
-                raise IntegrityError(
-                    f"{self.key} was replaced while it was read; open it again"
-                ) from None
-        return await self.store.get_range(self.key, start, length, if_match=self._etag)
+        except NotFound:
+            # Removed by another writer: the open file's bytes are gone (EIO,
+            # as a replacement), not a missing name (ENOENT) for a program
+            # that holds the file open.
+            raise IntegrityError(f"{self.key} was removed while it was read") from None
 
     async def _same_content_relabelled(self) -> bool:
         """After its ETag changed: whether the object holds the same file, its
         metadata rewritten (chmod, chown, touch copy it onto itself, and S3
         gives the copy a new ETag): the same size and recorded SHA-256. Then
-        the reader goes on with the new ETag."""
+        the reader goes on with the new ETag. A file with no SHA-256 recorded
+        (another tool's) cannot be told from a replacement of its size: it is one."""
+        if self.expected_sha256 is None:
+            return False
         head = await self.store.head(self.key)
         recorded = fmt.meta_sha256(head.metadata)
         if head.size != self.size or recorded != self.expected_sha256:
@@ -264,12 +273,17 @@ class StreamReader(Reader):
         self._check = InOrderCheck(stored.stored_key, self.size, stored.file_sha256)
         self._open_cached = open_cached
         self._cached: Reader | None = None
+        # Reads of one handle come side by side (the kernel's read-ahead):
+        # one of them opens the cached reader, the others wait for it.
+        self._opening = trio.Lock()
         self.limiter = limiter
 
     async def read(self, offset: int, size: int) -> bytes:
         self._check.raise_if_failed()
         if self._cached is None and (self._check.gave_up or self._check.is_ahead(offset)):
-            self._cached = await self._open_cached()
+            async with self._opening:
+                if self._cached is None:
+                    self._cached = await self._open_cached()
         if self._cached is not None:
             return await self._cached.read(offset, size)
         if offset >= self.size:
