@@ -169,6 +169,22 @@ async def test_a_directorys_mtime_changes_in_memory_only(
         assert (await lookup(m.fs, "d")).mtime_ns == stored_ns
 
 
+async def test_the_mount_roots_attributes_last_until_unmount(
+    memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Names and layout: the mount's root has no marker (a bucket has no key
+    for it): a chmod or touch of the root (``rsync -a src/ /mnt/``) shows
+    until unmount, stores nothing, and the next mount shows the defaults."""
+    async with mounted(memory, tmp_path) as m:
+        shown_mode = (await m.fs.getattr(ROOT)).mode
+        await m.fs.setattr(ROOT, mode=0o700, mtime_ns=1_600_000_000_000_000_000)
+        changed = await m.fs.getattr(ROOT)
+        assert (changed.mode & 0o777, changed.mtime_ns) == (0o700, 1_600_000_000_000_000_000)
+    assert memory.objects == {}
+    async with mounted(memory, tmp_path) as m:
+        assert (await m.fs.getattr(ROOT)).mode == shown_mode
+
+
 async def test_another_mounts_chmod_of_a_directory_shows_after_a_remount(
     memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
