@@ -934,7 +934,7 @@ async def test_a_file_closed_during_its_directorys_rename_does_not_bring_the_old
     before the copy began, so this one kept its ``d/`` key: a crash after
     ``mv d e`` returned brought ``d`` back, and ``e`` lacked the file (new
     file) or showed its older version (rewrite). Entries now follow the
-    name once the rename has moved the nodes (``UploadPipeline.names_moved``)."""
+    name once the rename has moved the nodes (``JournaledVersions.names_moved``)."""
     async with mounted(faulty, tmp_path, crash=True) as m, trio.open_nursery() as nursery:
         d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
         fh = await create(m.fs, "a", b"A1\n", parent=d.ino)

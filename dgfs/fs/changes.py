@@ -45,6 +45,7 @@ class StoredChanges:
         self.ns = ns
         self.nodes = nodes
         self.uploads = uploads
+        self.versions = uploads.versions  # the journal entries that follow names and attributes
         self.key_of = ns.key_of
 
     async def unlink_file(self, node: Node) -> None:
@@ -52,7 +53,7 @@ class StoredChanges:
         # An upload in flight lands first: finishing after the unlink it would
         # delete whatever a new file of the same name stored meanwhile.
         await self.uploads.wait_not_uploading(node)
-        await self.uploads.removals_durable()
+        await self.versions.removals_durable()
         key = self.key_of(node.path)
         kept = await self.uploads.keep_for_open_handles(node)
         # S3 first, the journal after: a crash in between brings the file
@@ -101,7 +102,7 @@ class StoredChanges:
     async def store_attributes(self, node: Node) -> None:
         """chmod, chown, utimens changed ``node``: its journal entry, its
         directory marker or its object's metadata (a copy onto itself) gets them."""
-        if await self.uploads.carries_attributes(node):
+        if await self.versions.carries_attributes(node):
             return
         if node.kind is NodeKind.DIR:
             if node.path:
@@ -126,7 +127,7 @@ class StoredChanges:
         under the new name and before the old name goes there: a crash
         before would store the replaced file over the only copy.
         """
-        await self.uploads.removals_durable()
+        await self.versions.removals_durable()
         old_key, new_key = self.key_of(node.path), self.key_of(new_path)
         replaced = target is not None and target is not node
         staged = node.staged
@@ -146,7 +147,7 @@ class StoredChanges:
             if replaced and target is not None and not target_gone:
                 target_gone = True
                 await self.uploads.lost_name(target, kept=kept)
-                await self.uploads.removals_durable()
+                await self.versions.removals_durable()
 
         try:
             await self._move_file(node, old_key, new_key, target, replaced, replaced_target_goes)
@@ -179,7 +180,7 @@ class StoredChanges:
             with contextlib.suppress(NotFound):
                 await self.core.delete(old_key)
             node.stored_as(None)
-            await self.uploads.follow_rename(node, new_key)
+            await self.versions.follow_rename(node, new_key)
             if target is not None and replaced and target.stored is not None:
                 # Its object would show under the new name until the upload lands.
                 with contextlib.suppress(NotFound):
@@ -192,7 +193,7 @@ class StoredChanges:
             if node.superseded:
                 with contextlib.suppress(NotFound):
                     await self.core.delete(old_key)
-            await self.uploads.follow_rename(node, new_key)
+            await self.versions.follow_rename(node, new_key)
         elif node.kind.is_single_object:
             await self.core.move_plain(old_key, new_key, copied=replaced_target_goes)
             await self.ns.metadata_changed(new_key)
@@ -207,7 +208,7 @@ class StoredChanges:
             await self.ns.metadata_changed(stored.stored_key)
             # An open file's uploaded staging file stays in the journal until
             # its last close: a crash must not recover it under the old name.
-            await self.uploads.follow_rename(node, new_key)
+            await self.versions.follow_rename(node, new_key)
         await replaced_target_goes()
 
     async def move_dir(self, node: Node, new_path: str) -> None:
@@ -216,7 +217,7 @@ class StoredChanges:
         # Uploads in flight under the directory finish first, so nothing
         # lands under the old name after the move.
         busy = await self.uploads.wait_subtree(node.path)
-        await self.uploads.removals_durable()
+        await self.versions.removals_durable()
         await self.core.rename_prefix(old_prefix, new_prefix)
         # What the nodes below know of their objects moved too: reading (or
         # rewriting) one by its old key would find nothing there.
@@ -224,7 +225,9 @@ class StoredChanges:
             if n.stored is not None:  # new objects: the ETags listed for the old ones go
                 n.stored_as(_moved(n.stored, old_prefix + "/", new_prefix + "/"))
         for n in busy:
-            await self.uploads.follow_rename(n, new_prefix + self.key_of(n.path)[len(old_prefix) :])
+            await self.versions.follow_rename(
+                n, new_prefix + self.key_of(n.path)[len(old_prefix) :]
+            )
         self.ns.dir_tree_moved(node.path, new_path)
         self.ns.forget_tree(node.path)
         self.ns.forget(node.parent_path)

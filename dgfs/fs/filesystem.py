@@ -524,7 +524,7 @@ class FileSystem:
             self.ns.drop(old_path)
             self.nodes.move(node, new_path)
             below = self.nodes.under(new_path) if node.kind is NodeKind.DIR else []
-            await self.uploads.names_moved([node, *below])
+            await self.uploads.versions.names_moved([node, *below])
             self.ns.note_node(node)
         node.ctime_ns = time.time_ns()
         now = time.time_ns()

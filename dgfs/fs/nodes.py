@@ -26,8 +26,9 @@ stored, etag                      whoever changed what S3 holds under the name,
                                   through ``stored_as``: ``UploadPipeline`` (an
                                   upload landed), ``StoredChanges`` (rename,
                                   chmod), ``NodeTable.refresh`` (a listing)
-staged, superseded, lock          ``UploadPipeline``; the ``StagedFile`` owns its
+staged, lock                      ``UploadPipeline``; the ``StagedFile`` owns its
                                   descriptor and phase (dgfs/fs/staging.py)
+superseded                        ``JournaledVersions`` (dgfs/fs/versions.py)
 open_handles, writers             ``HandleTable`` (open, close)
 checked_at                        whoever confirmed the attributes with S3: a
                                   listing, mkdir, an upload settling
@@ -87,7 +88,7 @@ class Node:
     # Older versions whose upload was in flight (or still to come) when
     # ``staged`` replaced them, in the journal as the file's acknowledged
     # content until ``staged`` is committed, or their flight ends after
-    # that (see UploadPipeline._supersede).
+    # that (see JournaledVersions.supersede).
     superseded: list[StagedFile] = field(default_factory=list)
     unlinked: bool = False
     checked_at: float = 0.0  # trio.current_time() when attrs were last confirmed

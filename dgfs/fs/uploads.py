@@ -8,11 +8,14 @@ A file's new content lives in a staging file of the journal; its
                                                retry wait +------------+--> failed (failed/)
 
 Who owns what: ``StagedFile`` (dgfs/fs/staging.py) owns the staging file's
-descriptor and its phase; this pipeline alone decides when a staging file
-is retired and its journal entry removed, and the journal owns the files on
-disk. A journal entry that holds a file's newest acknowledged content goes
-only after S3 holds what replaces it (``lost_name``, the unlink and rename
-orders in ``FileSystem``), so a crash at any point recovers the newest
+descriptor and its phase; this pipeline owns ``Node.staged`` and decides
+when the newest version is settled, discarded or given up;
+``JournaledVersions`` (dgfs/fs/versions.py) retires versions, keeps the
+superseded ones and keeps the journal entries following names and
+attributes; the journal owns the files on disk. A journal entry that
+holds a file's newest acknowledged content goes only after S3 holds what
+replaces it (``lost_name``, the unlink and rename orders in
+``StoredChanges``), so a crash at any point recovers the newest
 acknowledged version (tests/test_crash_points.py).
 
 - ``UploadPipeline.staging`` (``stage_empty``) gives a node a staging
@@ -32,7 +35,7 @@ acknowledged version (tests/test_crash_points.py).
 - A version replaced by a newer one while it uploads (``open(O_TRUNC)``)
   is never uploaded after it: it is retired when it lands, and if its
   upload fails its entry stays, following renames, only until the newer
-  version is committed or the name goes (``_supersede``).
+  version is committed or the name goes (dgfs/fs/versions.py).
 - Once everything written is in S3 and no handle is open, the staging
   file goes and the node is settled.
 - ``recover`` adopts what an earlier mount committed; ``leftovers`` says
@@ -45,8 +48,7 @@ import contextlib
 import errno
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +66,7 @@ from dgfs.fs.options import FsOptions
 from dgfs.fs.readers import StoredContent
 from dgfs.fs.staging import Phase, StagedFile
 from dgfs.fs.upload_failures import Next
-from dgfs.telemetry import FailedUpload
+from dgfs.fs.versions import JournaledVersions
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class UploadPipeline:
         self.content = content
         self.telemetry = core.telemetry
         self.disk_limiter = content.limiter
+        self.versions = JournaledVersions(journal, ns, self.disk_limiter, self.telemetry)
         send, receive = trio.open_memory_channel[Node](float("inf"))
         self._send = send
         self._receive = receive
@@ -176,25 +179,8 @@ class UploadPipeline:
             old = node.staged
             node.staged = new
             if old is not None:
-                self._supersede(node, old)
+                self.versions.supersede(node, old)
             return new
-
-    def _supersede(self, node: Node, old: StagedFile) -> None:
-        """``old`` gave way to a newer staging file: it was being uploaded (or
-        had failed for good) when ``_stage`` began, and may have failed, been
-        stored or been queued again since (the journal made the new file in
-        a thread meanwhile). One whose upload is in flight or still to come
-        stays in ``node.superseded``, its journal entry the file's
-        acknowledged content until the newer version is committed; it is
-        never uploaded again (it would land after the newer), but a crash
-        before that commit recovers it. It leaves when it lands
-        (``_superseded``), when the newer version is committed, or when the
-        name goes (``_drop_superseded``); until then it follows renames and
-        attribute changes."""
-        if old.is_uploading or (old.needs_upload and not old.is_failed):
-            node.superseded.append(old)
-        else:
-            self._retire(old)
 
     async def _copy_current(self, node: Node, dest: Path) -> None:
         """The file's current content into ``dest``: an older staging file's, else S3's."""
@@ -228,13 +214,13 @@ class UploadPipeline:
             await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
             return
         staged.mark_committed(generation, key)
-        self._drop_superseded(node)
+        self.versions.drop_superseded(node)
         current = self.ns.key_of(node.path)
         if current != key or node.posix_metadata() != meta:
             # Renamed or chmod'ed while the entry was written: the entry
             # follows (the rename rewrote the entries it found, and the
             # chmod counted on this commit, which had read the old mode).
-            await self._write_manifests(node, current)
+            await self.versions.write_manifests(node, current)
         self.ns.note_node(node)
         self._request(node)
 
@@ -254,13 +240,6 @@ class UploadPipeline:
             staged.hurry()
             await staged.wait_changed()
 
-    async def removals_durable(self) -> None:
-        """Before an object is deleted or moved in S3: journal entries removed
-        so far (uploads that landed) stay removed after a power loss, so none
-        comes back to restore the old name (``Journal.sync_removals``)."""
-        if self.journal.removals_unsynced:  # most unlinks and renames: no thread hop
-            await trio.to_thread.run_sync(self.journal.sync_removals, limiter=self.disk_limiter)
-
     async def released(self, node: Node) -> None:
         """A handle of ``node`` was closed: commit what it left, upload once no writer is left."""
         staged = node.staged
@@ -269,30 +248,6 @@ class UploadPipeline:
         else:
             self._request(node)
         self._settle(node)
-
-    async def carries_attributes(self, node: Node) -> bool:
-        """After a chmod/chown/utimes of ``node``: True when an upload still to
-        come stores the new attributes (the journal entry has them now), False
-        when the stored object itself must be changed."""
-        if node.unlinked:
-            return True  # only its open handles see it: nothing to store, no entry to write
-        staged = node.staged
-        if staged is None:
-            return False
-        # The entries get them now, also while an upload is in flight: that
-        # upload stores the old ones (its follow-up changes them once it
-        # lands), and a crash before it lands recovers an entry as it is.
-        await self._write_manifests(node, self.ns.key_of(node.path))
-        if not staged.is_committed:
-            return True  # nothing durable yet: the commit writes the attributes with the data
-        current = node.staged
-        # None, or settled meanwhile: no upload follows, the object gets them.
-        return current is not None and (
-            current is not staged
-            or current.is_uploading
-            or current.is_dirty
-            or current.needs_upload
-        )
 
     # --- names changing under uploads ---------------------------------------------------
 
@@ -323,56 +278,14 @@ class UploadPipeline:
             await self.wait_not_uploading(node)
         return busy
 
-    async def names_moved(self, moved: Iterable[Node]) -> None:
-        """A rename gave ``moved`` their new paths: an entry one of them
-        committed during the rename, after the rename rewrote what it found,
-        still names the old key and follows now (else a crash would bring
-        the old name back after the rename returned)."""
-        for node in moved:
-            if node.unlinked:
-                continue
-            key = self.ns.key_of(node.path)
-            versions = [v for v in (node.staged, *node.superseded) if v is not None]
-            if any(v.is_committed and not v.is_retired and v.journal_key != key for v in versions):
-                await self._write_manifests(node, key, in_flight=False)
-
-    async def follow_rename(self, node: Node, new_key: str) -> None:
-        """The journal entries follow the name: a crash recovers the file under it."""
-        if node.unlinked:
-            return  # its entry left the journal with its name (open handles keep a copy)
-        await self._write_manifests(node, new_key, in_flight=False)
-
-    async def _write_manifests(self, node: Node, key: str, *, in_flight: bool = True) -> None:
-        """Rewrite the journal entries of ``node``'s committed versions with
-        ``key`` and its attributes now (of those in flight only with
-        ``in_flight``). Superseded ones only while the newest is not
-        committed, and first: of two entries for one key, a crash recovers
-        the one written last (``Journal.recover``), which must never be an
-        older version than a committed one."""
-        meta = node.posix_metadata()
-        newest = node.staged
-        older = node.superseded if newest is None or not newest.is_committed else []
-        for version in [*older, newest]:
-            if version is None or not version.is_committed or version.is_retired:
-                continue
-            if version.is_failed or (version.is_uploading and not in_flight):
-                continue
-            entry = JournalEntry(version.entry_id, key, meta)
-            await trio.to_thread.run_sync(self.journal.write_manifest, entry)
-            version.journaled_as(key)
-            if version.is_retired:
-                # Stored and forgotten while the manifest was written: that
-                # write brought back an entry whose data is gone.
-                await trio.to_thread.run_sync(self.journal.remove, version.entry_id)
-
     def discard(self, node: Node) -> None:
         """``node`` lost its name and no handle uses it: its local content goes
         (unless an upload is in flight, which cleans up when it lands)."""
         staged = node.staged
         if staged is not None and not staged.is_uploading:
             node.staged = None
-            self._retire(staged)
-        self._drop_superseded(node)
+            self.versions.retire(staged)
+        self.versions.drop_superseded(node)
 
     async def keep_for_open_handles(self, node: Node) -> bool:
         """Before ``node`` loses its name: True if open handles keep using a local copy.
@@ -400,7 +313,7 @@ class UploadPipeline:
         elif staged is not None:
             staged.left_journal()  # a commit running now must not write it back
             await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
-            self._drop_superseded(node)
+            self.versions.drop_superseded(node)
 
     # --- the queue and its workers --------------------------------------------------------
 
@@ -519,9 +432,9 @@ class UploadPipeline:
             if verdict.unexpected:
                 log.error("upload of %s failed unexpectedly", key, exc_info=exc)
             if node.staged is not staged:
-                await self._superseded_failed(node, staged, key, verdict)
+                await self.versions.superseded_failed(node, staged, key, verdict)
             elif verdict.next is Next.GIVE_UP:
-                await self._quarantine(node, staged, key, verdict.error)
+                await self.versions.quarantine(node, staged, key, verdict.error)
             elif verdict.next is Next.REDO:
                 self._redo(node, staged, verdict.error)
             else:
@@ -566,7 +479,7 @@ class UploadPipeline:
         one is queued on its own. What this upload stored is the file's S3
         version until then, with the attributes changed meanwhile (a crash,
         or a close of the newer that fails, leaves it as the file)."""
-        self._forget_superseded(node, staged)
+        self.versions.forget_superseded(node, staged)
         if node.unlinked:
             with contextlib.suppress(NotFound):
                 await self.core.delete(key)
@@ -594,49 +507,11 @@ class UploadPipeline:
             # The bytes are stored; only a follow-up (name, attributes) is missing.
             log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
 
-    async def _quarantine(self, node: Node, staged: StagedFile, key: str, error: DgfsError) -> None:
-        """The bucket refuses this file for good: its entry goes to failed/."""
-        staged.failed_for_good(error)
-        where = await trio.to_thread.run_sync(self.journal.quarantine, staged.entry_id)
-        seen = errno.errorcode.get(errno_of(error), "EIO")
-        log.error(
-            "upload of %s failed for good (%s, users see %s); the data is kept in %s",
-            key,
-            error,
-            seen,
-            where,
-        )
-        self.telemetry.upload_failed(
-            FailedUpload(node.path, key, str(error), seen, str(where), time.time())
-        )
-        staged.notify()
-
     def _redo(self, node: Node, staged: StagedFile, error: DgfsError) -> None:
         """A race lost to another writer: queued again at once, fsync waiting on."""
         log.info("%s; storing it again at once", error)
         staged.lost_race()
         self._request(node, despite_writers=True)
-
-    async def _superseded_failed(
-        self, node: Node, staged: StagedFile, key: str, verdict: failures.Verdict
-    ) -> None:
-        """The upload of ``staged``, superseded while in flight, failed. It is
-        not tried again: the newer version is stored instead, and uploading
-        this one after it would bring older bytes back. Its entry stays only
-        while the newer version is not committed (then it is the file's
-        acknowledged content, and one the bucket refuses for good goes to
-        failed/ as any other)."""
-        newest = node.staged
-        needed = not node.unlinked and newest is not None and not newest.is_committed
-        if needed and verdict.next is Next.GIVE_UP:
-            await self._quarantine(node, staged, key, verdict.error)
-            self._forget_superseded(node, staged)  # its entry is in failed/ now
-            return
-        log.info("upload of %s failed (%s); a newer version replaces it", key, verdict.error)
-        staged.stopped()
-        if not needed:
-            self._forget_superseded(node, staged)
-        staged.notify()  # an fsync waiting on it asks about the newest version
 
     def _retry(self, node: Node, staged: StagedFile, key: str, verdict: failures.Verdict) -> None:
         """Report the error to fsync() waiters, then queue the upload again
@@ -663,7 +538,7 @@ class UploadPipeline:
 
     async def _retry_after(self, node: Node, staged: StagedFile, delay: float) -> None:
         """After the pause, queue the upload again, unless the staging file was
-        discarded or superseded meanwhile (see ``_supersede``: it is then
+        discarded or superseded meanwhile (see ``JournaledVersions.supersede``: it is then
         never uploaded again)."""
         try:
             await trio.sleep(delay)
@@ -673,28 +548,6 @@ class UploadPipeline:
         finally:
             self._done()
 
-    def _drop_superseded(self, node: Node) -> None:
-        """The superseded versions leave the journal: the newest version is
-        committed, or the name is gone (see ``_supersede``). Not one in
-        flight, nor one being moved to failed/: each goes when that ends."""
-        for older in [s for s in node.superseded if not (s.is_uploading or s.is_failed)]:
-            self._forget_superseded(node, older)
-
-    def _forget_superseded(self, node: Node, staged: StagedFile) -> None:
-        """``staged`` leaves ``node.superseded`` and is retired, by whoever
-        takes it out of the list (two may try: a failed-for-good upload and
-        a commit that drops it meanwhile)."""
-        if staged in node.superseded:
-            node.superseded.remove(staged)
-            self._retire(staged)
-
-    def _retire(self, staged: StagedFile) -> None:
-        """Forget a staging file nothing will store or read again (one being
-        uploaded retires itself when it lands)."""
-        if not staged.is_uploading:
-            staged.retire()
-            self.journal.remove(staged.entry_id)
-
     def _settle(self, node: Node) -> None:
         """Drop local content once it is all in S3 and no handle is open."""
         staged = node.staged
@@ -702,13 +555,13 @@ class UploadPipeline:
             return
         if node.unlinked:
             node.staged = None
-            self._retire(staged)
+            self.versions.retire(staged)
         elif staged.is_settled and not staged.being_written:
             # (a truncate or write landing in a worker thread has not counted
             # its new version yet: the file is not settled)
             node.staged = None
             node.checked_at = trio.current_time()
-            self._retire(staged)
+            self.versions.retire(staged)
             self.ns.note_node(node)
         self.nodes.release(node)
 
