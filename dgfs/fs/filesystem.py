@@ -8,12 +8,13 @@ Tests drive this class directly (tests/test_filesystem.py).
 It keeps the kernel's view consistent: every reply that hands out a node
 counts a lookup (``forget`` gives them back, ``NodeTable`` drops a node
 only then), and every refusal of what S3 cannot do (hard links, xattr
-writes, ``RENAME_EXCHANGE``) is made here. Directory listings come from
-``Namespace``, open files from ``HandleTable``; what is written goes to a
-staging file and reaches S3 through the ``UploadPipeline`` (close commits
-to the journal, fsync waits for the upload); what unlink, rename, rmdir
-and chmod change in S3 and the journal, in a crash-safe order, is
-``StoredChanges``'s.
+writes, ``RENAME_EXCHANGE``) is made here. Which node a name stands for
+and what a directory lists come from ``DirectoryView`` (over
+``Namespace``'s listings), open files from ``HandleTable``; what is
+written goes to a staging file and reaches S3 through the
+``UploadPipeline`` (close commits to the journal, fsync waits for the
+upload); what unlink, rename, rmdir and chmod change in S3 and the
+journal, in a crash-safe order, is ``StoredChanges``'s.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import trio
@@ -34,11 +35,12 @@ from dgfs.errors import FormatError, FsError, IntegrityError, NotFound
 from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.changes import StoredChanges
-from dgfs.fs.entries import DirEntry, NodeKind
+from dgfs.fs.dirview import DirectoryView, ReaddirReply
+from dgfs.fs.entries import NodeKind
 from dgfs.fs.handles import Access, Handle, HandleTable
 from dgfs.fs.journal import Journal
 from dgfs.fs.namespace import NAME_MAX, Namespace, utf8_length
-from dgfs.fs.nodes import ROOT_INODE, Node, NodeTable, child_path
+from dgfs.fs.nodes import Node, NodeTable, child_path
 from dgfs.fs.options import FsOptions
 from dgfs.fs.prefetch import Prefetcher
 from dgfs.fs.readers import Reader, StoredContent
@@ -47,9 +49,6 @@ from dgfs.fs.uploads import UploadPipeline
 log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-
-# (name, node, next offset) -> whether the kernel took the entry (pyfuse3.readdir_reply)
-ReaddirReply = Callable[[str, Node, int], bool]
 
 __all__ = ["FileSystem", "FsOptions", "ReaddirReply"]  # FsOptions: where callers import it
 
@@ -79,6 +78,7 @@ class FileSystem:
             write_indexes=not options.read_only,
         )
         self.key_of = self.ns.key_of
+        self.dirs = DirectoryView(self.nodes, self.ns)
         self.handles = HandleTable()
         self.disk_limiter = trio.CapacityLimiter(8)
         self.prefetch = Prefetcher(
@@ -133,63 +133,10 @@ class FileSystem:
             raise FsError(errno.ENOENT)  # no S3 key holds it
         if length > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        return self.nodes.looked_up(await self._find(self.get_dir(parent_ino), name))
-
-    async def _node_at(self, path: str) -> Node:
-        """The node of the directory ``path``, looked up from the root."""
-        node = self.get_dir(ROOT_INODE)
-        for name in path.split("/") if path else []:
-            node = await self._find(node, name)
-        return node
-
-    async def _find(self, parent: Node, name: str) -> Node:
-        """The node for ``name`` in ``parent``, or ``FsError(ENOENT)``; counts nothing."""
-        if name == ".":
-            return parent
-        if name == "..":
-            if not parent.path:
-                return parent  # the root's parent is the root
-            # Its parent may have been forgotten (NFS export reconnects a
-            # directory this way): found again from the root down.
-            return self.nodes.by_path(parent.parent_path) or await self._node_at(parent.parent_path)
-        node = self.nodes.by_path(child_path(parent.path, name))
-        if node is not None and (node.staged is not None or self.nodes.is_fresh(node)):
-            return node
-        if self.ns.is_reserved(parent.path, name):
-            raise FsError(errno.ENOENT)
-        local = self.nodes.local_children(parent.path).get(name)
-        if local is not None:
-            return local
-        entry = (await self.ns.listing(parent.path)).get(name)
-        if entry is None:
-            if node is not None and node.kind is NodeKind.DIR and node.checked_at == 0:
-                return node  # made here, S3 shows it only once something is inside
-            raise FsError(errno.ENOENT)
-        return self.nodes.from_entry(parent.path, entry)
-
-    async def _find_or_none(self, parent: Node, name: str) -> Node | None:
-        with contextlib.suppress(FsError):
-            return await self._find(parent, name)
-        return None
+        return self.nodes.looked_up(await self.dirs.find(self.get_dir(parent_ino), name))
 
     async def getattr(self, ino: int) -> Node:
-        node = self.get_node(ino)
-        if node.ino == ROOT_INODE or node.staged is not None or node.unlinked:
-            return node
-        if self.nodes.is_fresh(node):
-            return node
-        entry = (await self.ns.listing(node.parent_path)).get(node.name)
-        if entry is not None and entry.kind is node.kind:
-            self.nodes.refresh(node, entry)
-        elif node.kind is NodeKind.DIR and (entry is None or self.nodes.local_children(node.path)):
-            # Not listed: an empty directory made here, or one this mount's
-            # files not uploaded yet imply (they take it back from a file of
-            # its name that another mount stored meanwhile: S3 lists the directory).
-            node.checked_at = trio.current_time()
-        elif node.open_handles == 0:
-            # Removed or replaced by another kind: the next lookup finds what S3 holds.
-            raise FsError(errno.ENOENT, "removed or replaced by another writer")
-        return node
+        return await self.dirs.refreshed(self.get_node(ino))
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         """The kernel gives back lookups: a node may go once it holds none."""
@@ -200,37 +147,9 @@ class FileSystem:
 
     async def readdir(self, ino: int, start: int, reply: ReaddirReply) -> None:
         """Hand the entries of a directory after offset ``start`` to ``reply``
-        until it refuses one; each entry taken counts a lookup.
-
-        Offsets are cookies that stay a name's while it is listed (the first
-        listing hands them out in name order, later names get higher ones),
-        so a listing resumed after entries came or went (``rm -r`` unlinks
-        between calls) skips and repeats none. Nodes are made only for the
-        entries the kernel takes."""
-        node = self.get_dir(ino)
-        listing = await self.ns.listing(node.path)
-        entries: dict[str, Node | DirEntry] = {}
-        for name, entry in listing.items():
-            existing = self.nodes.by_path(child_path(node.path, name))
-            has_local = existing is not None and existing.staged is not None
-            entries[name] = existing if has_local and existing else entry
-        entries.update(self.nodes.local_children(node.path))
-        cookies = node.dir_cookies
-        for gone in [name for name in cookies if name not in entries]:
-            del cookies[gone]
-        last = max(cookies.values(), default=0)
-        for name in sorted(n for n in entries if n not in cookies):
-            last += 1
-            cookies[name] = last
-        for cookie, name in sorted((cookies[n], n) for n in entries):
-            if cookie <= start:
-                continue
-            item = entries[name]
-            child = item if isinstance(item, Node) else self.nodes.from_entry(node.path, item)
-            if not reply(name, child, cookie):
-                self.nodes.release(child)  # not handed to the kernel: it may go
-                break
-            self.nodes.looked_up(child)
+        until it refuses one; each entry taken counts a lookup (offsets:
+        ``DirectoryView.readdir``)."""
+        await self.dirs.readdir(self.get_dir(ino), start, reply)
 
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
         parent = await self._new_entry_in(parent_ino, name)
@@ -255,7 +174,7 @@ class FileSystem:
         parent = self.get_dir(parent_ino)
         self.ns.check_new_name(parent.path, name)
         try:
-            await self._find(parent, name)
+            await self.dirs.find(parent, name)
         except FsError as exc:
             if exc.errno == errno.ENOENT:
                 return parent
@@ -265,18 +184,12 @@ class FileSystem:
     async def rmdir(self, parent_ino: int, name: str) -> None:
         self._check_writable()
         parent = self.get_dir(parent_ino)
-        node = await self._find(parent, name)
+        node = await self.dirs.find(parent, name)
         if node.kind is not NodeKind.DIR:
             raise FsError(errno.ENOTDIR)
-        await self._check_empty(node)
+        await self.dirs.check_empty(node)
         await self.changes.remove_dir(node)
         parent.entries_changed(time.time_ns())
-
-    async def _check_empty(self, node: Node) -> None:
-        if self.nodes.local_children(node.path):
-            raise FsError(errno.ENOTEMPTY)
-        if await self.ns.listing(node.path, fresh=True):
-            raise FsError(errno.ENOTEMPTY)
 
     # --- files: create / open / read / write -------------------------------------------
 
@@ -287,7 +200,7 @@ class FileSystem:
         self._check_writable()
         parent = self.get_dir(parent_ino)
         self.ns.check_new_name(parent.path, name)
-        node = await self._find_or_none(parent, name)
+        node = await self.dirs.find_or_none(parent, name)
         if node is not None and flags & os.O_EXCL:
             raise FsError(errno.EEXIST)
         if node is not None and node.kind is NodeKind.DIR:
@@ -482,7 +395,7 @@ class FileSystem:
     async def unlink(self, parent_ino: int, name: str) -> None:
         self._check_writable()
         parent = self.get_dir(parent_ino)
-        node = await self._find(parent, name)
+        node = await self.dirs.find(parent, name)
         if node.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
         # No upload starts meanwhile: keeping a copy for open handles removes
@@ -503,7 +416,7 @@ class FileSystem:
         old_parent = self.get_dir(old_parent_ino)
         new_parent = self.get_dir(new_parent_ino)
         self.ns.check_new_name(new_parent.path, new_name)
-        node = await self._find(old_parent, old_name)
+        node = await self.dirs.find(old_parent, old_name)
         new_path = child_path(new_parent.path, new_name)
         if new_path == node.path:
             return
@@ -536,7 +449,7 @@ class FileSystem:
     ) -> Node | None:
         """The file a rename replaces (None if none); an empty directory it
         replaces is removed here, anything it may not replace refused."""
-        target = await self._find_or_none(new_parent, new_name)
+        target = await self.dirs.find_or_none(new_parent, new_name)
         if target is None:
             return None
         if flags & RENAME_NOREPLACE:
@@ -544,7 +457,7 @@ class FileSystem:
         if node.kind is NodeKind.DIR:
             if target.kind is not NodeKind.DIR:
                 raise FsError(errno.ENOTDIR)
-            await self._check_empty(target)
+            await self.dirs.check_empty(target)
             await self.rmdir(new_parent.ino, new_name)
         elif target.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)

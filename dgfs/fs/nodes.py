@@ -31,7 +31,11 @@ staged, lock                      ``UploadPipeline``; the ``StagedFile`` owns it
 superseded                        ``JournaledVersions`` (dgfs/fs/versions.py)
 open_handles, writers             ``HandleTable`` (open, close)
 checked_at                        whoever confirmed the attributes with S3: a
-                                  listing, mkdir, an upload settling
+                                  listing (``NodeTable.refresh``, or
+                                  ``DirectoryView`` for a directory it does not
+                                  show), mkdir, a symlink or special file
+                                  stored (``StoredChanges``), an upload settling
+dir_cookies                       ``DirectoryView`` (readdir's offsets)
 entries_changed_ns                ``entries_changed`` (``FileSystem``: an entry
                                   added or removed), ``change_attributes`` (an
                                   explicit mtime)
@@ -93,7 +97,7 @@ class Node:
     unlinked: bool = False
     checked_at: float = 0.0  # trio.current_time() when attrs were last confirmed
     lock: trio.Lock = field(default_factory=trio.Lock)
-    # A directory's readdir offsets (FileSystem.readdir's): name -> a cookie
+    # A directory's readdir offsets (DirectoryView.readdir's): name -> a cookie
     # that stays the name's while it is listed, new names getting higher
     # ones, so a listing resumed after entries came or went skips and
     # repeats none (pyfuse3.readdir_reply's rule).
