@@ -209,7 +209,9 @@ class Renamer:
     async def _copy_tree(self, objects: list[ObjectInfo], src_root: str, dst_root: str) -> None:
         """Copy ``objects`` from under ``src_root`` to under ``dst_root``, side
         by side; if one copy fails, the copies made go and its error is raised,
-        so the rename fails whole rather than leaving two trees."""
+        so the rename fails whole rather than leaving two trees. A copy that
+        failed may have been made all the same (its reply lost): it goes too
+        (the new names are the rename's: the target was empty or absent)."""
         copied: list[str] = []
         failures: list[DgfsError] = []
 
@@ -222,7 +224,6 @@ class Renamer:
                     return  # removed meanwhile (another mount): nothing to move
                 except DgfsError as exc:
                     failures.append(exc)
-                    return
             copied.append(new_key)
 
         limiter = trio.CapacityLimiter(16)

@@ -382,6 +382,32 @@ async def test_a_directory_rename_that_fails_midway_leaves_the_source_whole(
         cache.close()
 
 
+@pytest.mark.parametrize("operation", ["copy", "upload"])
+async def test_a_directory_rename_whose_copy_reply_was_lost_leaves_no_copy_behind(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path, operation: str
+) -> None:
+    """One object of the tree is copied (a file, server-side; a marker, its
+    bytes written anew), but the reply is lost: the rename fails whole, and
+    the copy S3 made all the same goes with the others. (Before: only the
+    copies whose reply came back were removed; the lost one stayed, and the
+    failed ``mv old new`` left a directory ``new`` behind.)"""
+    faulty = FaultyStore(memory_store)
+    core, cache = make_core(faulty, tmp_path)
+    try:
+        for path in releases[:2]:
+            await core.put(path, f"old/{path.name}")
+        await memory_store.put_bytes("old/sub/", b"", {"mode": "16877"})
+        before = set(memory_store.objects)
+        key = f"old/{releases[1].name}.delta" if operation == "copy" else "new/sub/"
+        faulty.fail(operation, key=key, transient=False, after=True)
+        with pytest.raises(StoreError):
+            await core.rename_prefix("old", "new")
+        assert set(memory_store.objects) == before
+    finally:
+        await core.aclose()
+        cache.close()
+
+
 async def test_delete_leaves_the_reference(
     core: Core, memory_store: MemoryStore, releases: list[Path]
 ) -> None:
