@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ import pytest
 import trio
 
 from dgfs import format as fmt
-from dgfs.errors import DgfsError, NotFound
+from dgfs.errors import DgfsError, FsError, NotFound
 from dgfs.store import memory as memory_module
 from dgfs.store.faulty import Fault, FaultyStore
 from dgfs.store.memory import MemoryStore
@@ -550,3 +551,41 @@ async def test_a_version_stored_during_a_directory_rename_stays_under_the_old_na
     assert outcome[f"d/{name}"] == two
     assert outcome["e/other.txt"] == b"other\n"
     assert outcome["d/other.txt"] is None
+
+
+async def test_writing_into_a_file_another_mount_replaced_is_no_eio(
+    memory: MemoryStore, tmp_path: Path
+) -> None:
+    """Mount B has looked at ``notes.txt``; mount A then stores a new
+    version of it (same size, stored whole). Within B's listing TTL, a
+    program on B opens ``notes.txt`` for writing (no O_TRUNC) and writes one
+    byte: the write fails with EIO, and B logs "does not match its recorded
+    SHA-256 (replaced or corrupted)" about an object that is neither. Reads
+    on B handle exactly this case (docs/SEMANTICS.md: "Opening a file
+    another mount replaced within that time reads the new version, never
+    EIO"); the first write, which copies the file's current content into
+    the staging file (Operations: "however it arrives"), should too: the
+    write succeeds on A's version, and the last upload wins.
+
+    (Before: the copy-up copied ``node.stored`` as this mount last listed
+    it, and the ``IntegrityError`` became EIO; reads listed again. Both go
+    by ``DirectoryView.using_current`` now.)"""
+    async with (
+        mounted(memory, home(tmp_path, "a"), FAST_RETRIES) as a,
+        mounted(memory, home(tmp_path, "b"), FAST_RETRIES) as b,
+    ):
+        await write_file(a.fs, "notes.txt", b"version one\n")
+        await a.fs.wait_idle()
+        node_b = await lookup(b.fs, "notes.txt")
+        await write_file(a.fs, "notes.txt", b"version two\n")
+        await a.fs.wait_idle()
+        handle = await b.fs.open(node_b.ino, os.O_WRONLY)
+        try:
+            await b.fs.write(handle.fh, 0, b"V")
+            outcome = "written"
+        except FsError as exc:
+            outcome = f"{os.strerror(exc.errno)}: {exc}"
+        await close(b.fs, handle.fh)
+        await b.fs.wait_idle()
+    assert outcome == "written"
+    assert await read_fresh(memory, tmp_path, "notes.txt") == b"Version two\n"

@@ -54,6 +54,7 @@ from tests.fsharness import (
     mounted,
     read_file,
     write_file,
+    write_until_held,
 )
 from testsupport.releases import ReleaseSeries
 
@@ -238,3 +239,43 @@ def test_the_pause_doubles_up_to_a_minute_and_local_failures_store_whole() -> No
     assert [retry_delay(2.0, n) for n in range(1, 8)] == [2, 4, 8, 16, 32, 60, 60]
     assert retry_delay(120.0, 3) == 120.0  # a longer base than the cap is kept
     assert [store_whole(n) for n in range(4)] == [False, False, True, True]
+
+
+# The fault this test injects is logged (and, once fixed, its retry): expected.
+@pytest.mark.expected_log(r"injected failure: copy a a")
+async def test_a_chmod_made_during_an_upload_survives_one_failed_metadata_rewrite(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """``chmod 600 a; touch -d 2001-09-09 a`` while ``a``'s upload is in
+    flight: both return 0 and go into the journal entry. The upload lands;
+    its follow-up (a CopyObject of ``a`` onto itself with the new metadata)
+    fails once (throttling, a 5xx after the store's own retries). The mount
+    logs an ERROR, drops the journal entry and shows 600 until the listing
+    expires; after that, and after a clean unmount and remount, ``a`` is
+    back to 644 and its upload time, for good. Nothing retries it. It
+    should be stored as every other acknowledged change is: retried while
+    the mount runs, kept in the journal meanwhile (docs/SEMANTICS.md,
+    Durability; chmod "on a file ... being uploaded, the journal entry
+    changes too").
+
+    (Before: ``UploadPipeline._follow_up`` caught the failure of
+    ``core.update_metadata`` and only logged it, and the file settled,
+    its journal entry gone. Now the version counts as not uploaded and is
+    stored again with them after the pause.)"""
+    held = faulty.hang("upload", key="a")
+    async with mounted(faulty, tmp_path) as m:
+        await write_until_held(m.fs, "a", b"data\n", held, mock_clock)
+        node = await lookup(m.fs, "a")
+        await m.fs.setattr(node.ino, mode=0o600, mtime_ns=1_000_000_000_000_000_000)
+        faulty.fail("copy", key="a")  # the follow-up's metadata rewrite, once
+        held.release()
+        mock_clock.autojump_threshold = 0  # through the retry's pause
+        await m.fs.wait_idle()
+    faulty.clear()
+    async with mounted(memory, tmp_path) as m:
+        node = await lookup(m.fs, "a")
+        shown = (node.mode, node.mtime_ns)
+    assert shown == (0o600, 1_000_000_000_000_000_000)

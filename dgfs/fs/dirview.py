@@ -8,27 +8,42 @@ its attributes (``refreshed``), whether a directory is empty
 (``check_empty``), and what ``readdir`` hands the kernel, with offsets
 that stay a name's while it is listed.
 
+It also says which version of a file to use once the one this mount
+knew is gone or changed (``using_current``): reads and a first write's
+copy of the file go by that one rule.
+
 It is the only writer of ``Node.dir_cookies`` (readdir's offsets). It
 counts a lookup only for an entry ``readdir`` hands over; every other
-lookup is counted by its caller. Only ``FileSystem`` (dgfs/fs/filesystem.py)
-calls it (trio thread only).
+lookup is counted by its caller. It holds no state of its own: ``FileSystem``
+(dgfs/fs/filesystem.py) and the upload pipeline each hold one (trio thread only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
-from dgfs.errors import FsError
+from dgfs.errors import FormatError, FsError, IntegrityError, NotFound
+from dgfs.format import StoredFile
 from dgfs.fs.entries import DirEntry, NodeKind
 from dgfs.fs.namespace import Namespace
 from dgfs.fs.nodes import ROOT_INODE, Node, NodeTable, child_path
 
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
 # (name, node, next offset) -> whether the kernel took the entry (pyfuse3.readdir_reply)
 ReaddirReply = Callable[[str, Node, int], bool]
+# Uses a stored version of a file; ``report``: an object found broken is EIO, logged.
+UseVersion = Callable[[StoredFile, bool], Awaitable[_T]]
+# What an object found broken becomes (EIO, logged once: StoredContent.reported).
+Broken = Callable[[StoredFile, IntegrityError | FormatError], FsError]
 
 
 class DirectoryView:
@@ -37,6 +52,34 @@ class DirectoryView:
     def __init__(self, nodes: NodeTable, ns: Namespace) -> None:
         self.nodes = nodes
         self.ns = ns
+
+    async def using_current(self, node: Node, use: UseVersion[_T], broken: Broken) -> _T:
+        """``use`` the version of ``node`` this mount knows; if S3 holds
+        another now, the one a fresh listing shows, which the node then shows.
+        Another mount replaced the file in its other form (``NotFound``) or
+        in the same form (bytes that fail what this mount knew of it): the
+        new version is used, never EIO. Only an object the listing still
+        shows unchanged is broken: ``broken`` says so. Gone: ``ENOENT``."""
+        known = node.stored
+        listing = None
+        if known is not None:
+            try:
+                return await use(known, False)
+            except NotFound:
+                pass  # replaced in its other form, or removed
+            except (IntegrityError, FormatError) as exc:
+                listing = await self.ns.listing(node.parent_path, fresh=True)
+                found = listing.get(node.name)
+                if found is not None and found.stored == known:
+                    raise broken(known, exc) from None
+            log.info("%s changed in S3 under this mount; using it anew", node.path)
+        if listing is None:
+            listing = await self.ns.listing(node.parent_path, fresh=True)
+        entry = listing.get(node.name)
+        if entry is None or entry.stored is None:
+            raise FsError(errno.ENOENT)
+        self.nodes.refresh(node, entry)
+        return await use(entry.stored, True)
 
     async def _node_at(self, path: str) -> Node:
         """The node of the directory ``path``, looked up from the root."""

@@ -31,7 +31,8 @@ from typing import NoReturn
 import trio
 
 from dgfs.core import Core
-from dgfs.errors import FormatError, FsError, IntegrityError, NotFound
+from dgfs.errors import FsError
+from dgfs.format import StoredFile
 from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.changes import StoredChanges
@@ -261,37 +262,15 @@ class FileSystem:
         return await handle.reader.read(offset, size)
 
     async def _open_reader(self, node: Node) -> Reader:
-        listing = None
-        if node.stored is not None:
+        async def open_version(stored: StoredFile, report: bool) -> Reader:
             # Before this file's own rebuild or download, so that the next
             # files' rebuilds start beside it, not after it (a cold directory's
             # first file waits for the reference; a second call for the same
             # file prefetches nothing).
             self.prefetch.opened(node)
-            known = node.stored
-            try:
-                return await self.content.reader(known, report=False, etag=node.etag)
-            except NotFound:
-                # Replaced (in its other form) or removed by another mount
-                # since this one stored or listed it: S3's current version.
-                pass
-            except (IntegrityError, FormatError) as exc:
-                # Broken, or replaced in the same form by another mount (its
-                # bytes are not what this mount knew of it): a fresh listing
-                # tells which.
-                listing = await self.ns.listing(node.parent_path, fresh=True)
-                found = listing.get(node.name)
-                if found is not None and found.stored == known:
-                    raise self.content.reported(known, exc) from None
-            log.info("%s changed in S3 under this mount; reading it anew", node.path)
-        if listing is None:
-            listing = await self.ns.listing(node.parent_path, fresh=True)
-        entry = listing.get(node.name)
-        if entry is None or entry.stored is None:
-            raise FsError(errno.ENOENT)
-        self.nodes.refresh(node, entry)
-        self.prefetch.opened(node)
-        return await self.content.reader(entry.stored, etag=node.etag)
+            return await self.content.reader(stored, report=report, etag=node.etag)
+
+        return await self.dirs.using_current(node, open_version, self.content.reported)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles.get(fh)

@@ -467,9 +467,10 @@ class StoredContent:
                 return None
             await trio.sleep(STREAM_POLL)
 
-    async def copy(self, stored: StoredFile, key: str, dest: Path) -> None:
-        """Write the original bytes of ``stored`` (the file ``key``) to ``dest``, verified."""
-        with self.broken(stored):
+    async def copy(self, stored: StoredFile, key: str, dest: Path, *, report: bool = True) -> None:
+        """Write the original bytes of ``stored`` (the file ``key``) to ``dest``,
+        verified (``report`` as for ``reader``)."""
+        with self.broken(stored, report=report):
             if self._through_cache(stored):
                 await self.core.export_cached(stored, dest)
                 return

@@ -58,6 +58,7 @@ from dgfs.core import Core
 from dgfs.errors import DgfsError, FsError, NotFound, errno_of
 from dgfs.format import StoredFile
 from dgfs.fs import upload_failures as failures
+from dgfs.fs.dirview import DirectoryView
 from dgfs.fs.entries import NodeKind
 from dgfs.fs.journal import Journal, JournalEntry
 from dgfs.fs.namespace import Namespace
@@ -122,6 +123,7 @@ class UploadPipeline:
         self.content = content
         self.telemetry = core.telemetry
         self.disk_limiter = content.limiter
+        self.dirs = DirectoryView(nodes, ns)
         self.versions = JournaledVersions(journal, ns, self.disk_limiter, self.telemetry)
         send, receive = trio.open_memory_channel[Node](float("inf"))
         self._send = send
@@ -187,7 +189,11 @@ class UploadPipeline:
         if node.staged is not None:
             await node.staged.copy_to(dest, self.disk_limiter)
         elif node.stored is not None and node.size:
-            await self.content.copy(node.stored, self.ns.key_of(node.path), dest)
+            # The version another mount stored meanwhile, if so (as a read would).
+            async def copy_version(stored: StoredFile, report: bool) -> None:
+                await self.content.copy(stored, self.ns.key_of(node.path), dest, report=report)
+
+            await self.dirs.using_current(node, copy_version, self.content.reported)
 
     async def commit(self, node: Node) -> None:
         """Make what was written since the last commit durable in the journal,
@@ -454,19 +460,26 @@ class UploadPipeline:
             stored.ratio,
             seconds,
         )
+        if node.staged is staged:
+            # What S3 holds now, before the follow-up awaits: readers go by
+            # node.stored.
+            node.stored_as(stored)
+            # An object this mount already knew under that key may have had
+            # the same bytes (ETag) within the same second: the row cached
+            # for that version would show its attributes for this one.
+            await self.ns.overwritten(stored.stored_key)
+            failed = await self._follow_up(node, key, meta)
+            if (
+                failed is not None
+                and node.staged is staged
+                and self._attributes_failed(node, staged, key, failed)
+            ):
+                return
         staged.landed(generation)
         self.ns.stored_into(node.parent_path)
         if node.staged is not staged:
             await self._superseded(node, staged, key, stored, meta)
             return
-        # What S3 holds now, before the follow-up awaits: a handle released
-        # meanwhile settles the file, and readers then go by node.stored.
-        node.stored_as(stored)
-        # An object this mount already knew under that key may have had the
-        # same bytes (ETag) within the same second: the row cached for that
-        # version would show its attributes for this one.
-        await self.ns.overwritten(stored.stored_key)
-        await self._follow_up(node, key, meta)
         if staged.needs_upload:
             self._request(node)  # written again meanwhile
         staged.notify()
@@ -488,24 +501,58 @@ class UploadPipeline:
             await self._follow_up(node, key, meta)
         staged.notify()
 
-    async def _follow_up(self, node: Node, key: str, meta: dict[str, str]) -> None:
+    async def _follow_up(
+        self, node: Node, key: str, meta: dict[str, str]
+    ) -> DgfsError | OSError | None:
         """The bytes are stored under ``key``: bring the name and attributes up
-        to date, or remove them again if the file was unlinked meanwhile."""
+        to date, or remove them again if the file was unlinked meanwhile.
+        Returns why the attributes could not be stored (the upload is not
+        done then: its journal entry holds them); a failed removal or rename
+        is logged only. Until this returns the upload is in flight, so a
+        chmod meanwhile is left to it: the attributes are stored again until
+        they are the ones the file shows, with nothing awaited between that
+        check and the caller's ``landed``."""
         try:
             if node.unlinked:
                 with contextlib.suppress(NotFound):
                     await self.core.delete(key)
-                return
+                return None
             current_key = self.ns.key_of(node.path)
             if current_key != key:
                 node.stored_as(await self.core.rename(key, current_key))
-            elif node.posix_metadata() != meta:
-                stored = await self.core.update_metadata(key, node.posix_metadata())
-                node.stored_as(stored)
-                await self.ns.metadata_changed(stored.stored_key)
+                return None
         except (DgfsError, OSError) as exc:
-            # The bytes are stored; only a follow-up (name, attributes) is missing.
+            # The bytes are stored; only a follow-up (name) is missing.
             log.error("%s is stored, but updating it afterwards failed: %s", key, exc)
+            return None
+        while node.posix_metadata() != meta and not node.unlinked:
+            meta = node.posix_metadata()
+            try:
+                stored = await self.core.update_metadata(key, meta)
+            except (DgfsError, OSError) as exc:
+                return exc
+            node.stored_as(stored)
+            await self.ns.metadata_changed(stored.stored_key)
+        return None
+
+    def _attributes_failed(
+        self, node: Node, staged: StagedFile, key: str, error: DgfsError | OSError
+    ) -> bool:
+        """The bytes landed but the attributes changed meanwhile did not (their
+        rewrite failed): True when the version counts as not uploaded and is
+        stored again with them, as any failed upload is (its journal entry
+        holds them meanwhile). False when they never can be: S3 refuses
+        the rewrite for good, or the object is gone (another writer removed
+        it); the upload is done, said once."""
+        verdict = failures.judge(error, direct=True, races_lost=staged.races_lost)
+        if verdict.next is Next.GIVE_UP or isinstance(error, NotFound):
+            log.error("%s is stored, but storing its attributes failed: %s", key, error)
+            return False
+        if verdict.next is Next.REDO:
+            self._redo(node, staged, verdict.error)
+        else:
+            self._retry(node, staged, key, verdict)
+        return True
 
     def _redo(self, node: Node, staged: StagedFile, error: DgfsError) -> None:
         """A race lost to another writer: queued again at once, fsync waiting on."""
