@@ -23,7 +23,7 @@ Mode = Literal["quick", "sampled", "detailed"]
 
 
 class BucketStats(Protocol):
-    """What the cache keeps of one run's results (``dgfs.stats.BucketStats``)."""
+    """What the cache keeps of one run's results (``dgfs.stats_results.BucketStats``)."""
 
     @property
     def mode(self) -> Mode: ...
