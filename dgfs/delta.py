@@ -52,7 +52,7 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -391,66 +391,98 @@ class DeltaEngine:
         """Run xdelta3 writing ``out``: at most ``max_size`` bytes (None: no cap;
         ``cap_name`` names it), within the time limit for ``work`` bytes
         (:func:`dgfs.children.timeout_for`)."""
+        command, preexec = self._command(what, args, max_size)
+        timeout = children.timeout_for(work)
+        limit = DecodeLimit if what == "decode" else DeltaEngineError
+        try:
+            result = await self._spawn(what, command, preexec, timeout)
+            if result is None:
+                raise limit(
+                    f"xdelta3 {what} stopped after {timeout:.0f} s, the time limit for"
+                    f" {work} bytes of input and output"
+                )
+            self._check_result(what, command, result, max_size, cap_name)
+        except BaseException:
+            # Also on trio.Cancelled: never leave a partial output behind.
+            with contextlib.suppress(OSError):
+                out.unlink(missing_ok=True)
+            raise
+
+    def _command(
+        self, what: str, args: Sequence[str | Path], max_size: int | None
+    ) -> tuple[list[str], Callable[[], None] | None]:
+        """The xdelta3 command line for ``args``, and the ``preexec_fn`` that caps
+        its output at ``max_size`` bytes (:func:`dgfs.children.size_capped`)."""
         if self.path is None:
             raise XdeltaMissing(f"cannot run {self.binary!r} to {what}: not found; {INSTALL_HINT}")
         command = [self.path, *(os.fspath(a) for a in args)]
         preexec = None
         if max_size is not None:
             command, preexec = children.size_capped(command, max_size)
-        timeout = children.timeout_for(work)
-        limit = DecodeLimit if what == "decode" else DeltaEngineError
+        return command, preexec
+
+    async def _spawn(
+        self,
+        what: str,
+        command: list[str],
+        preexec: Callable[[], None] | None,
+        timeout: float,
+    ) -> subprocess.CompletedProcess[bytes] | None:
+        """Run ``command`` to its end, its stderr captured; None if it was
+        killed at ``timeout`` seconds."""
         try:
-            try:
-                with trio.move_on_after(timeout) as deadline:
-                    result = await trio.run_process(
-                        command,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.DEVNULL,
-                        capture_stderr=True,
-                        check=False,
-                        deliver_cancel=_kill_group,
-                        # Own process group, so cancellation also kills the gzip
-                        # helpers xdelta3 may spawn when decoding stock deltas.
-                        start_new_session=True,
-                        env=children.child_env(),
-                        preexec_fn=preexec,
-                    )
-            except (FileNotFoundError, PermissionError) as exc:
-                raise XdeltaMissing(
-                    f"cannot run {self.binary!r} to {what}: {exc}; {INSTALL_HINT}"
-                ) from exc
-            if deadline.cancelled_caught:
-                raise limit(
-                    f"xdelta3 {what} stopped after {timeout:.0f} s, the time limit for"
-                    f" {work} bytes of input and output"
+            with trio.move_on_after(timeout) as deadline:
+                result = await trio.run_process(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    capture_stderr=True,
+                    check=False,
+                    deliver_cancel=_kill_group,
+                    # Own process group, so cancellation also kills the gzip
+                    # helpers xdelta3 may spawn when decoding stock deltas.
+                    start_new_session=True,
+                    env=children.child_env(),
+                    preexec_fn=preexec,
                 )
-            if max_size is not None and children.wrote_past_cap(result.returncode, result.stderr):
-                raise DecodeLimit(
-                    f"xdelta3 {what} stopped at {max_size} bytes of output, the limit"
-                    f" ({cap_name}) for this object"
-                )
-            if children.prlimit_failed(result.returncode, result.stderr):
-                # Not the object's fault: this machine cannot run xdelta3 capped.
-                gone = b"failed to execute" in result.stderr
-                raise XdeltaMissing(
-                    f"cannot run {self.binary!r} to {what} under prlimit (which caps its"
-                    f" output): {_tail(result.stderr)}; "
-                    + (INSTALL_HINT if gone else "a seccomp filter may forbid prlimit(2)")
-                )
-            if result.returncode != 0:
-                message = (
-                    f"xdelta3 {what} failed (exit {result.returncode}): "
-                    f"{_shell_text(command)}: {_tail(result.stderr) or 'no output'}"
-                )
-                local = _failed_here(result.returncode, result.stderr)
-                if local is not None:
-                    raise XdeltaFailedHere(message, local)
-                raise DeltaEngineError(message)
-        except BaseException:
-            # Also on trio.Cancelled: never leave a partial output behind.
-            with contextlib.suppress(OSError):
-                out.unlink(missing_ok=True)
-            raise
+        except (FileNotFoundError, PermissionError) as exc:
+            raise XdeltaMissing(
+                f"cannot run {self.binary!r} to {what}: {exc}; {INSTALL_HINT}"
+            ) from exc
+        return None if deadline.cancelled_caught else result
+
+    def _check_result(
+        self,
+        what: str,
+        command: list[str],
+        result: subprocess.CompletedProcess[bytes],
+        max_size: int | None,
+        cap_name: str,
+    ) -> None:
+        """Raise the error a finished xdelta3 run stands for, if any: its output
+        cap reached, prlimit unusable here, or another failure."""
+        if max_size is not None and children.wrote_past_cap(result.returncode, result.stderr):
+            raise DecodeLimit(
+                f"xdelta3 {what} stopped at {max_size} bytes of output, the limit"
+                f" ({cap_name}) for this object"
+            )
+        if children.prlimit_failed(result.returncode, result.stderr):
+            # Not the object's fault: this machine cannot run xdelta3 capped.
+            gone = b"failed to execute" in result.stderr
+            raise XdeltaMissing(
+                f"cannot run {self.binary!r} to {what} under prlimit (which caps its"
+                f" output): {_tail(result.stderr)}; "
+                + (INSTALL_HINT if gone else "a seccomp filter may forbid prlimit(2)")
+            )
+        if result.returncode != 0:
+            message = (
+                f"xdelta3 {what} failed (exit {result.returncode}): "
+                f"{_shell_text(command)}: {_tail(result.stderr) or 'no output'}"
+            )
+            local = _failed_here(result.returncode, result.stderr)
+            if local is not None:
+                raise XdeltaFailedHere(message, local)
+            raise DeltaEngineError(message)
 
 
 class _Budget:
