@@ -51,6 +51,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import trio
 
@@ -59,6 +60,7 @@ from dgfs import forms, proxymeta
 from dgfs.core import Core
 from dgfs.errors import ConfigError, DgfsError, IntegrityError, NotFound
 from dgfs.format import Kind, StoredFile
+from dgfs.hashing import FileDigest
 from dgfs.runtime import S3Location, Settings, open_core, open_store
 from dgfs.shard import Shard, label, owned
 from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
@@ -442,57 +444,16 @@ class MigrationReport:
 async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> PutResult:
     """Copy one file: download (or rehydrate) to scratch, then ``put`` at its final name."""
     if fmt.is_directory_marker(file.key):
-        # A directory (a mount's mkdir): copied as it is, attributes and all.
-        marker = await source_core.store.head(file.key)
-        meta = fmt.user_metadata(marker.metadata)
-        await dest_core.store.put_bytes(
-            file.dest_key,
-            b"",
-            meta,
-            content_type=proxymeta.content_type_of(marker.metadata, marker.content_type),
-        )
-        copied = StoredFile(Kind.FOREIGN, file.dest_key, file.dest_key, 0, 0, EMPTY_SHA256)
-        return PutResult(copied)
+        return await _copy_marker(source_core, dest_core, file)
     scratch = dest_core.scratch_path()
     try:
-        if file.delta:
-            stored = await source_core.get(file.key, scratch)  # rebuilt and verified
-            if file.head is not None and file.head.key == stored.stored_key:
-                head = file.head
-            else:  # the newer form is not the one planned with
-                head = await source_core.store.head(stored.stored_key)
-            expected = stored.file_sha256
-        else:
-            head = await source_core.download(file.key, scratch)
-            expected = fmt.meta_sha256(head.metadata)
-        digest = await dest_core.digest(scratch)
-        if expected is not None and digest.sha256 != expected:
-            raise IntegrityError(
-                f"source s3://{source_core.store.bucket}/{file.key} does not match its recorded"
-                f" SHA-256 (expected {expected}, got {digest.sha256}); not copied"
-            )
+        head, digest = await _fetch_checked(source_core, dest_core, file, scratch)
         user_meta = fmt.user_metadata(head.metadata)
         content_type = proxymeta.content_type_of(head.metadata, head.content_type)
         if fmt.is_delta_key(file.dest_key):
-            # A file of its own named x.delta: the format has no other way to
-            # store it than as it is, without DeltaGlider metadata (with it, it
-            # would be x's delta or x itself). Never over x's own delta at the
-            # destination (x not in this run: filtered out, or only there).
-            with contextlib.suppress(NotFound):
-                if forms.is_delta(await dest_core.store.head(file.dest_key)):
-                    raise DgfsError(
-                        f"s3://{dest_core.store.bucket}/{file.dest_key} holds the delta of"
-                        f" {file.dest_key.removesuffix(fmt.DELTA_SUFFIX)}; copy that file"
-                        " (it is then stored whole) before this one"
-                    )
-            await dest_core.store.upload(
-                file.dest_key, scratch, user_meta, content_type=content_type
+            return await _store_dot_delta_file(
+                dest_core, file, scratch, digest, user_meta, content_type
             )
-            size = digest.size
-            copied = StoredFile(
-                Kind.FOREIGN, file.dest_key, file.dest_key, size, size, digest.sha256
-            )
-            return PutResult(copied)
         return await dest_core.put(
             scratch,
             file.dest_key,
@@ -503,6 +464,70 @@ async def copy_file(source_core: Core, dest_core: Core, file: SourceFile) -> Put
         )
     finally:
         scratch.unlink(missing_ok=True)
+
+
+async def _copy_marker(source_core: Core, dest_core: Core, file: SourceFile) -> PutResult:
+    """A directory (a mount's mkdir): copied as it is, attributes and all."""
+    marker = await source_core.store.head(file.key)
+    meta = fmt.user_metadata(marker.metadata)
+    await dest_core.store.put_bytes(
+        file.dest_key,
+        b"",
+        meta,
+        content_type=proxymeta.content_type_of(marker.metadata, marker.content_type),
+    )
+    copied = StoredFile(Kind.FOREIGN, file.dest_key, file.dest_key, 0, 0, EMPTY_SHA256)
+    return PutResult(copied)
+
+
+async def _fetch_checked(
+    source_core: Core, dest_core: Core, file: SourceFile, scratch: Path
+) -> tuple[ObjectHead, FileDigest]:
+    """The source file in ``scratch`` (a delta rebuilt and verified), the head
+    of the object it came from, and its digest, checked against the SHA-256
+    the source records."""
+    if file.delta:
+        stored = await source_core.get(file.key, scratch)  # rebuilt and verified
+        if file.head is not None and file.head.key == stored.stored_key:
+            head = file.head
+        else:  # the newer form is not the one planned with
+            head = await source_core.store.head(stored.stored_key)
+        expected = stored.file_sha256
+    else:
+        head = await source_core.download(file.key, scratch)
+        expected = fmt.meta_sha256(head.metadata)
+    digest = await dest_core.digest(scratch)
+    if expected is not None and digest.sha256 != expected:
+        raise IntegrityError(
+            f"source s3://{source_core.store.bucket}/{file.key} does not match its recorded"
+            f" SHA-256 (expected {expected}, got {digest.sha256}); not copied"
+        )
+    return head, digest
+
+
+async def _store_dot_delta_file(
+    dest_core: Core,
+    file: SourceFile,
+    scratch: Path,
+    digest: FileDigest,
+    user_meta: Mapping[str, str],
+    content_type: str,
+) -> PutResult:
+    """A file of its own named x.delta: the format has no other way to store
+    it than as it is, without DeltaGlider metadata (with it, it would be x's
+    delta or x itself). Never over x's own delta at the destination (x not
+    in this run: filtered out, or only there)."""
+    with contextlib.suppress(NotFound):
+        if forms.is_delta(await dest_core.store.head(file.dest_key)):
+            raise DgfsError(
+                f"s3://{dest_core.store.bucket}/{file.dest_key} holds the delta of"
+                f" {file.dest_key.removesuffix(fmt.DELTA_SUFFIX)}; copy that file"
+                " (it is then stored whole) before this one"
+            )
+    await dest_core.store.upload(file.dest_key, scratch, user_meta, content_type=content_type)
+    size = digest.size
+    copied = StoredFile(Kind.FOREIGN, file.dest_key, file.dest_key, size, size, digest.sha256)
+    return PutResult(copied)
 
 
 async def run_migration(
