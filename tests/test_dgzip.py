@@ -22,6 +22,7 @@ import pytest
 from dgfs import dgzip
 from dgfs.delta import DeltaEngine, external_compression
 from dgfs.dgzip import gzip_header, read_gzip_header, recover_gzip
+from dgfs.dgzip.limits import Budget
 from dgfs.errors import DecodeLimit, DeltaEngineError
 from testsupport.dgcli import run_deltaglider
 from testsupport.servers import s3_client
@@ -216,7 +217,7 @@ def test_the_tar_scan_finds_what_tarfile_finds(tmp_path: Path, tar_format: int) 
         members = tar.getmembers()
     assert members[0].name == deep  # the long name survives in this format
     newest = max(m.mtime for m in members)
-    facts = dgzip._tar_facts(path, dgzip._Budget(60, 0))
+    facts = dgzip._tar_facts(path, Budget(60, 0))
     assert facts == dgzip._TarFacts(math.floor(newest), "pkg-3.0")
 
 
@@ -256,7 +257,7 @@ def test_an_extended_tar_header_is_never_read_whole(tmp_path: Path, kind: bytes)
         tracemalloc.stop()
     assert not found
     assert peak < 4 << 20, f"{peak >> 20} MiB allocated for a {claim >> 20} MiB header"
-    assert dgzip._tar_facts(plain, dgzip._Budget(60, 0)) == dgzip._TarFacts(None, None)
+    assert dgzip._tar_facts(plain, Budget(60, 0)) == dgzip._TarFacts(None, None)
 
 
 def hostile_target(tmp_path: Path, size: int) -> tuple[bytes, bytes]:
@@ -306,7 +307,7 @@ def test_a_size_that_fits_stops_the_search_at_its_hashing_budget(
     CPU token other reads waited for. Now the whole search hashes at most
     HASH_RATIO (64) times the size (at least HASH_FLOOR, 0 here to reach
     the ratio with a small file), then stops with DecodeLimit naming it."""
-    monkeypatch.setattr(dgzip, "HASH_FLOOR", 0, raising=False)
+    monkeypatch.setattr("dgfs.dgzip.limits.HASH_FLOOR", 0)
     size = 256 << 10
     started = time.monotonic()
     with pytest.raises(DecodeLimit, match=r"would hash more than \d+ bytes.*64 × its dg-file-size"):
@@ -322,7 +323,7 @@ def test_the_search_stops_at_its_time_limit(
     and between pieces of a compression, with DecodeLimit naming it (the
     hashing budget is lifted here, so only the clock can stop the 2,000
     hashes of 4 MiB per body)."""
-    monkeypatch.setattr(dgzip, "HASH_FLOOR", 1 << 50, raising=False)
+    monkeypatch.setattr("dgfs.dgzip.limits.HASH_FLOOR", 1 << 50)
     started = time.monotonic()
     with pytest.raises(DecodeLimit, match=r"took over 0.3 s \(expand_time\)"):
         recover_hostile(tmp_path, 4 << 20, seconds=0.3)
@@ -578,7 +579,7 @@ def test_tar_facts_read_past_a_gnu_sparse_member_as_tarfile_did(tmp_path: Path) 
     tar, newest = _gnu_sparse_tar(tmp_path)
     with tarfile.open(tar) as t:
         assert math.floor(max(m.mtime for m in t)) == newest  # what tarfile saw
-    facts = dgzip._tar_facts(tar, dgzip._Budget(600, 1 << 40))
+    facts = dgzip._tar_facts(tar, Budget(600, 1 << 40))
     assert facts.newest_mtime == newest, f"newest mtime {facts.newest_mtime}, tarfile: {newest}"
 
 

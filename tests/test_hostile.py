@@ -713,7 +713,7 @@ async def test_a_hostile_stock_gzip_delta_reads_eio_with_one_line_naming_the_lim
     hashing budget (the floor lifted here, so that 64 times this small file
     is the budget), and the file reads EIO with one line naming the limit;
     the search is not run again."""
-    monkeypatch.setattr(dgzip, "HASH_FLOOR", 0, raising=False)
+    monkeypatch.setattr("dgfs.dgzip.limits.HASH_FLOOR", 0)
     store = MemoryStore()
     (tmp_path / "w").mkdir()
     [name] = await seed_stock_gzip_deltas(store, tmp_path / "w", 1)

@@ -70,7 +70,8 @@ from dgfs.deep import (
     gnu_deflate,
     zgz_path,
 )
-from dgfs.errors import DecodeLimit, DeltaEngineError
+from dgfs.dgzip.limits import CHUNK, MAX_BODIES, MAX_HEADERS, Budget, hash_budget
+from dgfs.errors import DeltaEngineError
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +87,12 @@ OS_UNIX = 3
 _HEADER_SIZE = 10
 _TRAILER_SIZE = 8
 
-#: Deflate bodies computed (each a full compression) before giving up.
-MAX_BODIES = 4
-#: Header candidates hashed per body of the right length before giving up.
-MAX_HEADERS = 2000
 #: Seconds after the newest tar member's mtime tried first as the gzip MTIME...
 MTIME_AFTER = 300
 #: ...then these before it (clock skew, a member touched after the header)...
 MTIME_BEFORE = 30
 #: ...then further after it, as far as MAX_HEADERS allows.
 MTIME_LATE = 3600
-#: Bytes one search may hash in all, per byte of the file (its recorded size)...
-HASH_RATIO = 64
-#: ...and at least this many (~9 s of SHA-256 here): a file up to 8 MiB
-#: keeps its MAX_HEADERS candidates per body, so DeltaGlider's own gzip
-#: deltas of such files are found as before. A hostile one costs at most
-#: this (or expand_time), one recovery at a time (``Workbench.search``).
-HASH_FLOOR = 16 << 30
 
 #: An extended tar header (pax, GNU long name or link) claiming more than
 #: this ends the scan for facts: real ones hold a name or a few records.
@@ -115,7 +105,6 @@ _PROBE_PLAIN = 1 << 20
 #: Compressed bytes a candidate must reproduce to count as the reference's writer.
 _PROBE_EVIDENCE = 16 << 10
 _PROBE_FEED = 32 << 10
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -168,45 +157,6 @@ def gzip_header(*, mtime: int, xfl: int, os_byte: int, name: bytes | None) -> by
     return head + name + b"\0" if name is not None else head
 
 
-def hash_budget(size: int) -> int:
-    """Bytes one search for a ``size``-byte file may hash in all."""
-    return max(HASH_FLOOR, HASH_RATIO * size)
-
-
-class _Budget:
-    """What one search may still spend: wall time, and bytes hashed.
-
-    Both are checked before the work they count (a hash, the next piece of
-    a compression); past either, ``DecodeLimit`` names the limit.
-    """
-
-    def __init__(self, seconds: float, max_hashed: int) -> None:
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
-        self.max_hashed = max_hashed
-        self.hashed = 0
-
-    def check_time(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise DecodeLimit(
-                f"searching its gzip settings took over {self.seconds:g} s (expand_time)"
-            )
-
-    def seconds_left(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
-
-    def charge_hash(self, size: int) -> None:
-        """Count one SHA-256 of ``size`` bytes, before it is computed."""
-        self.check_time()
-        if self.hashed + size > self.max_hashed:
-            raise DecodeLimit(
-                f"searching its gzip settings would hash more than {self.max_hashed} bytes,"
-                f" the limit for this object ({HASH_RATIO} × its dg-file-size,"
-                f" at least {HASH_FLOOR >> 20} MiB)"
-            )
-        self.hashed += size
-
-
 # --- deflate bodies ------------------------------------------------------------
 
 
@@ -241,7 +191,7 @@ class _Body:
         assert self.params is not None
         compressor = self.params.compressor()
         with open(plain, "rb") as f:
-            while chunk := f.read(_CHUNK):
+            while chunk := f.read(CHUNK):
                 if out := compressor.compress(chunk):
                     yield out
         yield compressor.flush()
@@ -261,7 +211,7 @@ _XFL_BODIES = {
 
 
 def _body_plans(
-    reference: Path | None, ref_header: GzipHeader | None, scratch_dir: Path, budget: _Budget
+    reference: Path | None, ref_header: GzipHeader | None, scratch_dir: Path, budget: Budget
 ) -> list[_Body]:
     """Ways to make the body, most likely first.
 
@@ -285,7 +235,7 @@ def _body_plans(
 
 
 def _reference_writers(
-    reference: Path, header: GzipHeader, scratch_dir: Path, budget: _Budget
+    reference: Path, header: GzipHeader, scratch_dir: Path, budget: Budget
 ) -> list[_Body]:
     """The bodies that reproduce the first compressed bytes of the reference's stream.
 
@@ -360,7 +310,7 @@ def _common_prefix(a: bytes, b: bytes) -> int:
 
 
 def _write_body(
-    body: _Body, plain: Path, dest: Path, max_length: int, budget: _Budget
+    body: _Body, plain: Path, dest: Path, max_length: int, budget: Budget
 ) -> int | None:
     """Write ``body`` of ``plain`` to ``dest`` and return its length; None once it
     exceeds ``max_length`` bytes or cannot be made. DecodeLimit past the
@@ -383,12 +333,12 @@ def _write_body(
     return length
 
 
-def _gzip_trailer(plain: Path, budget: _Budget) -> bytes:
+def _gzip_trailer(plain: Path, budget: Budget) -> bytes:
     """CRC-32 and size modulo 2**32 of ``plain``: the 8 bytes that end a gzip member."""
     crc = 0
     size = 0
     with open(plain, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(CHUNK):
             budget.check_time()
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
@@ -422,7 +372,7 @@ class _TooLarge(Exception):
     """An extended tar header claims more than ``MAX_TAR_EXTENSION`` bytes."""
 
 
-def _tar_facts(plain: Path, budget: _Budget) -> _TarFacts:
+def _tar_facts(plain: Path, budget: Budget) -> _TarFacts:
     """The newest member mtime (rounded down) and top directory of a tar, if it is one.
 
     The tar is read header by header, as tarfile reads it, but an extended
@@ -449,7 +399,7 @@ def _tar_facts(plain: Path, budget: _Budget) -> _TarFacts:
     return _TarFacts(None if newest is None else max(0, math.floor(newest)), top)
 
 
-def _tar_members(f: BinaryIO, budget: _Budget) -> Iterator[tuple[bytes, float | None]]:
+def _tar_members(f: BinaryIO, budget: Budget) -> Iterator[tuple[bytes, float | None]]:
     """The name and mtime of each member of the tar ``f`` (pax records and GNU
     long names applied), reading no more than ``MAX_TAR_EXTENSION`` bytes of
     any extended header (``_TooLarge`` past that)."""
@@ -722,7 +672,7 @@ def recover_gzip(
     OSError if a file cannot be read or written.
     """
     started = time.monotonic()
-    budget = _Budget(seconds, hash_budget(expected_size))
+    budget = Budget(seconds, hash_budget(expected_size))
     ref_header = read_gzip_header(reference_gzip) if reference_gzip is not None else None
     tar = _tar_facts(decompressed, budget)
     names = _name_candidates(original_name, tar, ref_header)
@@ -801,7 +751,7 @@ def _find_header(
     candidates: Iterator[bytes],
     expected_sha256: str,
     max_headers: int,
-    budget: _Budget,
+    budget: Budget,
 ) -> tuple[bytes | None, int]:
     """The first of ``candidates`` completing the body to ``expected_sha256``, and how
     many were hashed."""
@@ -843,6 +793,6 @@ def _write_result(
 
 def _pieces(header: bytes, body: BinaryIO, trailer: bytes) -> Iterator[bytes]:
     yield header
-    while chunk := body.read(_CHUNK):
+    while chunk := body.read(CHUNK):
         yield chunk
     yield trailer
