@@ -71,21 +71,19 @@ from dgfs.deep import (
     zgz_path,
 )
 from dgfs.dgzip.limits import CHUNK, MAX_BODIES, MAX_HEADERS, Budget, hash_budget
+from dgfs.dgzip.member import (
+    HEADER_SIZE,
+    OS_UNIX,
+    OS_UNKNOWN,
+    TRAILER_SIZE,
+    GzipHeader,
+    gzip_header,
+    gzip_trailer,
+    read_gzip_header,
+)
 from dgfs.errors import DeltaEngineError
 
 log = logging.getLogger(__name__)
-
-GZIP_MAGIC = b"\x1f\x8b\x08"
-FLAG_FHCRC = 0x02
-FLAG_FEXTRA = 0x04
-FLAG_FNAME = 0x08
-FLAG_FCOMMENT = 0x10
-#: OS byte Python's gzip module writes ("unknown").
-OS_UNKNOWN = 255
-#: OS byte GNU gzip and zlib write on Unix.
-OS_UNIX = 3
-_HEADER_SIZE = 10
-_TRAILER_SIZE = 8
 
 #: Seconds after the newest tar member's mtime tried first as the gzip MTIME...
 MTIME_AFTER = 300
@@ -105,56 +103,6 @@ _PROBE_PLAIN = 1 << 20
 #: Compressed bytes a candidate must reproduce to count as the reference's writer.
 _PROBE_EVIDENCE = 16 << 10
 _PROBE_FEED = 32 << 10
-
-
-@dataclass(frozen=True)
-class GzipHeader:
-    """The fields of a gzip member header that writers differ in."""
-
-    flags: int
-    mtime: int
-    xfl: int
-    os: int
-    name: bytes | None
-    raw: bytes
-    """The whole header, up to the deflate data."""
-
-
-def read_gzip_header(path: Path) -> GzipHeader | None:
-    """The header of the gzip file ``path``, or None if it does not start with one."""
-    with open(path, "rb") as f:
-        head = f.read(64 * 1024)
-    if len(head) < _HEADER_SIZE or not head.startswith(GZIP_MAGIC):
-        return None
-    flags, mtime, xfl, os_byte = struct.unpack("<BIBB", head[3:10])
-    if flags & 0xE0:
-        return None
-    pos = _HEADER_SIZE
-    if flags & FLAG_FEXTRA:
-        if pos + 2 > len(head):
-            return None
-        pos += 2 + struct.unpack("<H", head[pos : pos + 2])[0]
-    name = None
-    for flag in (FLAG_FNAME, FLAG_FCOMMENT):
-        if flags & flag:
-            end = head.find(b"\0", pos)
-            if end < 0:
-                return None
-            if flag == FLAG_FNAME:
-                name = head[pos:end]
-            pos = end + 1
-    if flags & FLAG_FHCRC:
-        pos += 2
-    if pos > len(head):
-        return None
-    return GzipHeader(flags, mtime, xfl, os_byte, name, head[:pos])
-
-
-def gzip_header(*, mtime: int, xfl: int, os_byte: int, name: bytes | None) -> bytes:
-    """A gzip member header with FNAME set exactly when ``name`` is given."""
-    flags = FLAG_FNAME if name is not None else 0
-    head = GZIP_MAGIC + struct.pack("<BIBB", flags, mtime, xfl, os_byte)
-    return head + name + b"\0" if name is not None else head
 
 
 # --- deflate bodies ------------------------------------------------------------
@@ -331,18 +279,6 @@ def _write_body(
         finally:
             pieces.close()  # stops zgz early when the budget ran out
     return length
-
-
-def _gzip_trailer(plain: Path, budget: Budget) -> bytes:
-    """CRC-32 and size modulo 2**32 of ``plain``: the 8 bytes that end a gzip member."""
-    crc = 0
-    size = 0
-    with open(plain, "rb") as f:
-        while chunk := f.read(CHUNK):
-            budget.check_time()
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return struct.pack("<II", crc, size & 0xFFFFFFFF)
 
 
 # --- headers -------------------------------------------------------------------
@@ -604,10 +540,10 @@ def _header_candidates(
     """Headers of exactly ``header_length`` bytes for ``body``, most likely first."""
     if ref_header is not None and len(ref_header.raw) == header_length:
         yield ref_header.raw  # the reference's own self-delta, or a build that pins it all
-    if header_length == _HEADER_SIZE:
+    if header_length == HEADER_SIZE:
         fitting: list[bytes | None] = [None]
     else:
-        fitting = [n for n in names if len(n) + 1 + _HEADER_SIZE == header_length]
+        fitting = [n for n in names if len(n) + 1 + HEADER_SIZE == header_length]
     xfls = [body.xfl()]
     oses = [body.os_byte()]
     if ref_header is not None:
@@ -678,8 +614,8 @@ def recover_gzip(
     names = _name_candidates(original_name, tar, ref_header)
     mtimes = _mtime_candidates(tar, ref_header)
     plans = _body_plans(reference_gzip, ref_header, scratch_dir, budget)[:max_bodies]
-    max_length = expected_size - _HEADER_SIZE - _TRAILER_SIZE
-    trailer = _gzip_trailer(decompressed, budget)
+    max_length = expected_size - HEADER_SIZE - TRAILER_SIZE
+    trailer = gzip_trailer(decompressed, budget)
     hashed = 0
     with _scratch_body(scratch_dir) as body_path:
         for body in plans:
@@ -687,7 +623,7 @@ def recover_gzip(
             if body_length is None:
                 log.debug("%s: %s is longer than the file", original_name, body)
                 continue
-            header_length = expected_size - _TRAILER_SIZE - body_length
+            header_length = expected_size - TRAILER_SIZE - body_length
             candidates = _header_candidates(body, header_length, names, mtimes, ref_header)
             header, tried = _find_header(
                 body_path, trailer, candidates, expected_sha256, max_headers, budget
@@ -728,7 +664,7 @@ def _log_found(
         mtime,
         xfl,
         os_byte,
-        header[_HEADER_SIZE:-1].decode("latin-1") if len(header) > _HEADER_SIZE else None,
+        header[HEADER_SIZE:-1].decode("latin-1") if len(header) > HEADER_SIZE else None,
         bodies,
         hashed,
         time.monotonic() - started,
