@@ -21,7 +21,7 @@ import pytest
 
 from dgfs import dgzip
 from dgfs.delta import DeltaEngine, external_compression
-from dgfs.dgzip import gzip_header, read_gzip_header, recover_gzip
+from dgfs.dgzip import gzip_header, read_gzip_header, recover_gzip, tarscan
 from dgfs.dgzip.limits import Budget
 from dgfs.errors import DecodeLimit, DeltaEngineError
 from testsupport.dgcli import run_deltaglider
@@ -217,8 +217,8 @@ def test_the_tar_scan_finds_what_tarfile_finds(tmp_path: Path, tar_format: int) 
         members = tar.getmembers()
     assert members[0].name == deep  # the long name survives in this format
     newest = max(m.mtime for m in members)
-    facts = dgzip._tar_facts(path, Budget(60, 0))
-    assert facts == dgzip._TarFacts(math.floor(newest), "pkg-3.0")
+    facts = tarscan.tar_facts(path, Budget(60, 0))
+    assert facts == tarscan.TarFacts(math.floor(newest), "pkg-3.0")
 
 
 @pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.XGLTYPE, b"L", b"K"])
@@ -257,7 +257,7 @@ def test_an_extended_tar_header_is_never_read_whole(tmp_path: Path, kind: bytes)
         tracemalloc.stop()
     assert not found
     assert peak < 4 << 20, f"{peak >> 20} MiB allocated for a {claim >> 20} MiB header"
-    assert dgzip._tar_facts(plain, Budget(60, 0)) == dgzip._TarFacts(None, None)
+    assert tarscan.tar_facts(plain, Budget(60, 0)) == tarscan.TarFacts(None, None)
 
 
 def hostile_target(tmp_path: Path, size: int) -> tuple[bytes, bytes]:
@@ -574,12 +574,10 @@ def test_tar_facts_read_past_a_gnu_sparse_member_as_tarfile_did(tmp_path: Path) 
     import math
     import tarfile
 
-    from dgfs import dgzip
-
     tar, newest = _gnu_sparse_tar(tmp_path)
     with tarfile.open(tar) as t:
         assert math.floor(max(m.mtime for m in t)) == newest  # what tarfile saw
-    facts = dgzip._tar_facts(tar, Budget(600, 1 << 40))
+    facts = tarscan.tar_facts(tar, Budget(600, 1 << 40))
     assert facts.newest_mtime == newest, f"newest mtime {facts.newest_mtime}, tarfile: {newest}"
 
 

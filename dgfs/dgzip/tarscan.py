@@ -1,0 +1,220 @@
+"""What a tar tells the search of its gzip header: the newest mtime, the top directory.
+
+dgfs reads the tar itself, header by header, as ``tarfile`` would but
+under limits: an extended header (pax, GNU long name or link) is read only
+up to ``MAX_TAR_EXTENSION`` bytes, at most ``MAX_TAR_HEADERS`` headers are
+read, and the search's ``Budget`` is checked between headers. The content
+comes from a delta whoever writes the bucket chose; nothing in it is
+trusted, and a block that is not a header ends the scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from dgfs.dgzip.limits import Budget
+
+log = logging.getLogger(__name__)
+
+#: An extended tar header (pax, GNU long name or link) claiming more than
+#: this ends the scan for facts: real ones hold a name or a few records.
+MAX_TAR_EXTENSION = 1 << 20
+#: Tar headers read for facts (a member with a pax header has two).
+MAX_TAR_HEADERS = 200_000
+
+
+@dataclass(frozen=True)
+class TarFacts:
+    """The newest member's mtime (rounded down) and the first member's top directory."""
+
+    newest_mtime: int | None
+    top_dir: str | None
+
+
+_NO_FACTS = TarFacts(None, None)
+_TAR_BLOCK = 512
+#: Extended headers: pax (POSIX, Solaris), pax global, GNU long name, GNU long link.
+_TAR_EXTENSIONS = (b"x", b"X", b"g", b"L", b"K")
+#: Types whose data blocks follow the header (tarfile skips only these, and
+#: types it does not know): regular, contiguous and GNU sparse files.
+_TAR_WITH_DATA = (b"0", b"\0", b"7", b"S")
+_TAR_KNOWN = _TAR_WITH_DATA + _TAR_EXTENSIONS + (b"1", b"2", b"3", b"4", b"5", b"6")
+#: The only pax records the facts need (others are not kept: a tar may hold many).
+_PAX_KEYS = (b"path", b"mtime", b"size")
+_PAX_RECORD = re.compile(rb"(\d{1,20}) ([^=\n]+)=")
+_HIGH_BYTES = bytes(range(128, 256))
+
+
+class _TooLarge(Exception):
+    """An extended tar header claims more than ``MAX_TAR_EXTENSION`` bytes."""
+
+
+def tar_facts(plain: Path, budget: Budget) -> TarFacts:
+    """The newest member mtime (rounded down) and top directory of a tar, if it is one.
+
+    The tar is read header by header, as tarfile reads it, but an extended
+    header (pax, GNU long name) claiming more than ``MAX_TAR_EXTENSION``
+    bytes gives no facts at all: tarfile read one whole into memory,
+    whatever size it claimed (up to the 4 GiB the content may hold). The
+    scan stops at the first block that is not a header, or after
+    ``MAX_TAR_HEADERS`` headers, with the facts found so far; DecodeLimit
+    past the search's deadline.
+    """
+    newest: float | None = None
+    top: str | None = None
+    try:
+        with open(plain, "rb") as f:
+            for name, mtime in _tar_members(f, budget):
+                if mtime is not None and (newest is None or mtime > newest):
+                    newest = mtime
+                if top is None:
+                    first = name.decode("utf-8", "surrogateescape").lstrip("./")
+                    top = first.split("/", 1)[0] or None
+    except _TooLarge as exc:
+        log.debug("%s: no facts from its tar: %s", plain, exc)
+        return _NO_FACTS
+    return TarFacts(None if newest is None else max(0, math.floor(newest)), top)
+
+
+def _tar_members(f: BinaryIO, budget: Budget) -> Iterator[tuple[bytes, float | None]]:
+    """The name and mtime of each member of the tar ``f`` (pax records and GNU
+    long names applied), reading no more than ``MAX_TAR_EXTENSION`` bytes of
+    any extended header (``_TooLarge`` past that)."""
+    offset = 0
+    file_size = os.fstat(f.fileno()).st_size
+    global_pax: dict[bytes, bytes] = {}
+    pax: dict[bytes, bytes] = {}
+    long_name: bytes | None = None
+    for _ in range(MAX_TAR_HEADERS):
+        budget.check_time()
+        if offset + _TAR_BLOCK > file_size:  # sizes may claim any number
+            return
+        f.seek(offset)
+        block = f.read(_TAR_BLOCK)
+        if len(block) < _TAR_BLOCK or not _tar_checksum_ok(block):
+            return  # the end (two zero blocks fail the checksum too), or not a tar
+        size = _tar_number(block[124:136])
+        kind = block[156:157]
+        if size is None or size < 0:
+            return
+        if kind in _TAR_EXTENSIONS:
+            if size > MAX_TAR_EXTENSION:
+                raise _TooLarge(f"a {kind.decode()!r} header of {size} bytes")
+            data = f.read(size)
+            if len(data) < size:
+                return
+            if kind == b"g":
+                global_pax.update(_pax_records(data))
+            elif kind in (b"x", b"X"):
+                pax.update(_pax_records(data))
+            elif kind == b"L":
+                long_name = data.split(b"\0", 1)[0]
+            offset += _TAR_BLOCK + _blocks(size)
+            continue
+        records = {**global_pax, **pax}
+        name = long_name or records.get(b"path") or _ustar_name(block, kind)
+        mtime: float | None
+        if b"mtime" in records:
+            mtime = _pax_float(records[b"mtime"])
+        else:
+            mtime = _tar_number(block[136:148])
+        yield name, mtime
+        if b"size" in records:
+            size = _pax_int(records[b"size"])
+        pax, long_name = {}, None
+        skip = kind in _TAR_WITH_DATA or kind not in _TAR_KNOWN
+        offset += _TAR_BLOCK
+        if kind == b"S" and block[482]:
+            # GNU sparse: more of its map follows in extension blocks, each
+            # saying (byte 504) whether another comes (tarfile's _proc_sparse).
+            while True:
+                budget.check_time()
+                f.seek(offset)
+                extension = f.read(_TAR_BLOCK)
+                if len(extension) < _TAR_BLOCK:
+                    return
+                offset += _TAR_BLOCK
+                if not extension[504]:
+                    break
+        offset += _blocks(size) if skip and size > 0 else 0
+
+
+def _blocks(size: int) -> int:
+    """``size`` rounded up to whole tar blocks."""
+    return -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _tar_checksum_ok(block: bytes) -> bool:
+    """Whether ``block`` is a tar header: its checksum (unsigned, or signed as
+    some old tars wrote it) matches; a block of zeros never does."""
+    recorded = _tar_number(block[148:156])
+    if recorded is None or not block.strip(b"\0"):
+        return False
+    rest = block[:148] + b" " * 8 + block[156:]
+    unsigned = sum(rest)
+    if recorded == unsigned:
+        return True
+    high = len(rest) - len(rest.translate(None, _HIGH_BYTES))
+    return recorded == unsigned - 256 * high
+
+
+def _tar_number(field: bytes) -> int | None:
+    """A tar header's numeric field: octal text, or base-256 (GNU); None if neither."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
+    text = field.split(b"\0", 1)[0].strip()
+    if not text:
+        return 0
+    if text.strip(b"01234567"):
+        return None
+    return int(text, 8)
+
+
+def _ustar_name(block: bytes, kind: bytes) -> bytes:
+    """A member's name from its header alone (the ustar prefix joined, as tarfile does)."""
+    name = block[:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0]
+    if prefix and kind not in (b"L", b"K", b"S"):
+        return prefix + b"/" + name
+    return name
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """The records of a pax header the facts need (``_PAX_KEYS``), up to the
+    first that is malformed."""
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while (match := _PAX_RECORD.match(data, pos)) is not None:
+        end = match.start(1) + int(match.group(1))
+        if end <= match.end() or end > len(data) or data[end - 1] != 0x0A:
+            break
+        if match.group(2) in _PAX_KEYS:
+            records[match.group(2)] = data[match.end() : end - 1]
+        pos = end
+    return records
+
+
+def _pax_float(value: bytes) -> float | None:
+    """A pax ``mtime`` (it may have a fraction), or None if it is no finite number."""
+    try:
+        number = float(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    # Any float parses ("inf", "nan", "1e999"): floor() refuses those.
+    return number if math.isfinite(number) else None
+
+
+def _pax_int(value: bytes) -> int:
+    """A pax ``size``; 0 if it is no integer, as tarfile reads it."""
+    try:
+        return int(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return 0
