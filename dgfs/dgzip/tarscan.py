@@ -89,61 +89,122 @@ def _tar_members(f: BinaryIO, budget: Budget) -> Iterator[tuple[bytes, float | N
     any extended header (``_TooLarge`` past that)."""
     offset = 0
     file_size = os.fstat(f.fileno()).st_size
-    global_pax: dict[bytes, bytes] = {}
-    pax: dict[bytes, bytes] = {}
-    long_name: bytes | None = None
+    extended = _Extended()
     for _ in range(MAX_TAR_HEADERS):
         budget.check_time()
-        if offset + _TAR_BLOCK > file_size:  # sizes may claim any number
+        block = _read_header(f, offset, file_size)
+        if block is None:
             return
-        f.seek(offset)
-        block = f.read(_TAR_BLOCK)
-        if len(block) < _TAR_BLOCK or not _tar_checksum_ok(block):
-            return  # the end (two zero blocks fail the checksum too), or not a tar
         size = _tar_number(block[124:136])
         kind = block[156:157]
         if size is None or size < 0:
             return
         if kind in _TAR_EXTENSIONS:
-            if size > MAX_TAR_EXTENSION:
-                raise _TooLarge(f"a {kind.decode()!r} header of {size} bytes")
-            data = f.read(size)
-            if len(data) < size:
+            data = _read_extension(f, kind, size)
+            if data is None:
                 return
-            if kind == b"g":
-                global_pax.update(_pax_records(data))
-            elif kind in (b"x", b"X"):
-                pax.update(_pax_records(data))
-            elif kind == b"L":
-                long_name = data.split(b"\0", 1)[0]
+            extended.add(kind, data)
             offset += _TAR_BLOCK + _blocks(size)
             continue
-        records = {**global_pax, **pax}
-        name = long_name or records.get(b"path") or _ustar_name(block, kind)
+        name, mtime, size = extended.member(block, kind, size)
+        yield name, mtime
+        after = _after_member(f, offset, block, kind, size, budget)
+        if after is None:
+            return
+        offset = after
+
+
+def _read_header(f: BinaryIO, offset: int, file_size: int) -> bytes | None:
+    """The tar header block at ``offset``; None past the end of the file, or if
+    the block is no header: the end (two zero blocks fail the checksum too), or
+    not a tar."""
+    if offset + _TAR_BLOCK > file_size:  # sizes may claim any number
+        return None
+    f.seek(offset)
+    block = f.read(_TAR_BLOCK)
+    if len(block) < _TAR_BLOCK or not _tar_checksum_ok(block):
+        return None
+    return block
+
+
+def _read_extension(f: BinaryIO, kind: bytes, size: int) -> bytes | None:
+    """The ``size`` bytes of an extended header of type ``kind``, read from ``f``
+    just past its header block; None if the file ends first, ``_TooLarge`` if
+    it claims more than ``MAX_TAR_EXTENSION`` (then nothing is read)."""
+    if size > MAX_TAR_EXTENSION:
+        raise _TooLarge(f"a {kind.decode()!r} header of {size} bytes")
+    data = f.read(size)
+    if len(data) < size:
+        return None
+    return data
+
+
+class _Extended:
+    """What the extended headers read so far say of the members after them:
+    global pax records (every later member), and the pax records and GNU long
+    name of the next member only."""
+
+    def __init__(self) -> None:
+        self.global_pax: dict[bytes, bytes] = {}
+        self.pax: dict[bytes, bytes] = {}
+        self.long_name: bytes | None = None
+
+    def add(self, kind: bytes, data: bytes) -> None:
+        """Keep what the extended header of type ``kind`` holding ``data`` says."""
+        if kind == b"g":
+            self.global_pax.update(_pax_records(data))
+        elif kind in (b"x", b"X"):
+            self.pax.update(_pax_records(data))
+        elif kind == b"L":
+            self.long_name = data.split(b"\0", 1)[0]
+
+    def member(self, block: bytes, kind: bytes, size: int) -> tuple[bytes, float | None, int]:
+        """The name, mtime and data size of the member whose header is ``block``
+        (the pax records and long name applied to its header's); what was for
+        that member alone is then used up."""
+        records = {**self.global_pax, **self.pax}
+        name = self.long_name or records.get(b"path") or _ustar_name(block, kind)
         mtime: float | None
         if b"mtime" in records:
             mtime = _pax_float(records[b"mtime"])
         else:
             mtime = _tar_number(block[136:148])
-        yield name, mtime
         if b"size" in records:
             size = _pax_int(records[b"size"])
-        pax, long_name = {}, None
-        skip = kind in _TAR_WITH_DATA or kind not in _TAR_KNOWN
+        self.pax, self.long_name = {}, None
+        return name, mtime, size
+
+
+def _after_member(
+    f: BinaryIO, offset: int, block: bytes, kind: bytes, size: int, budget: Budget
+) -> int | None:
+    """Where the header after the member whose header ``block`` is at ``offset``
+    starts: past its GNU sparse map, and past its ``size`` bytes of data when
+    they follow the header (as tarfile skips them). None if the file ends
+    inside the sparse map."""
+    skip = kind in _TAR_WITH_DATA or kind not in _TAR_KNOWN
+    offset += _TAR_BLOCK
+    if kind == b"S" and block[482]:
+        after_map = _skip_sparse_map(f, offset, budget)
+        if after_map is None:
+            return None
+        offset = after_map
+    return offset + (_blocks(size) if skip and size > 0 else 0)
+
+
+def _skip_sparse_map(f: BinaryIO, offset: int, budget: Budget) -> int | None:
+    """Where the rest of a GNU sparse member's map ends: it goes on in extension
+    blocks from ``offset``, each saying (byte 504) whether another comes
+    (tarfile's ``_proc_sparse``). None if the file ends first."""
+    while True:
+        budget.check_time()
+        f.seek(offset)
+        extension = f.read(_TAR_BLOCK)
+        if len(extension) < _TAR_BLOCK:
+            return None
         offset += _TAR_BLOCK
-        if kind == b"S" and block[482]:
-            # GNU sparse: more of its map follows in extension blocks, each
-            # saying (byte 504) whether another comes (tarfile's _proc_sparse).
-            while True:
-                budget.check_time()
-                f.seek(offset)
-                extension = f.read(_TAR_BLOCK)
-                if len(extension) < _TAR_BLOCK:
-                    return
-                offset += _TAR_BLOCK
-                if not extension[504]:
-                    break
-        offset += _blocks(size) if skip and size > 0 else 0
+        if not extension[504]:
+            return offset
 
 
 def _blocks(size: int) -> int:
