@@ -54,20 +54,13 @@ import os
 import struct
 import tempfile
 import time
-import zlib
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from dgfs.deep import (
-    CANDIDATES,
-    GNU_LEVELS,
-    DeflateParams,
-    ExpansionLimits,
-    gnu_deflate,
-    zgz_path,
-)
+from dgfs.deep import ExpansionLimits
+from dgfs.dgzip.bodies import Body, body_plans, write_body
 from dgfs.dgzip.limits import CHUNK, MAX_BODIES, MAX_HEADERS, Budget, hash_budget
 from dgfs.dgzip.member import (
     HEADER_SIZE,
@@ -80,7 +73,6 @@ from dgfs.dgzip.member import (
     read_gzip_header,
 )
 from dgfs.dgzip.tarscan import TarFacts, tar_facts
-from dgfs.errors import DeltaEngineError
 
 log = logging.getLogger(__name__)
 
@@ -90,189 +82,6 @@ MTIME_AFTER = 300
 MTIME_BEFORE = 30
 #: ...then further after it, as far as MAX_HEADERS allows.
 MTIME_LATE = 3600
-
-#: Decompressed bytes of the reference used to fingerprint its compressor.
-_PROBE_PLAIN = 1 << 20
-#: Compressed bytes a candidate must reproduce to count as the reference's writer.
-_PROBE_EVIDENCE = 16 << 10
-_PROBE_FEED = 32 << 10
-
-
-# --- deflate bodies ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Body:
-    """One way to make the deflate body: zlib settings or a GNU gzip level."""
-
-    params: DeflateParams | None = None
-    gnu_level: int | None = None
-
-    @property
-    def level(self) -> int:
-        if self.params is not None:
-            return self.params.level
-        assert self.gnu_level is not None
-        return self.gnu_level
-
-    def xfl(self) -> int:
-        """The XFL byte its writer puts in the header (zlib, Python and GNU gzip agree)."""
-        return 2 if self.level == 9 else 4 if self.level == 1 else 0
-
-    def os_byte(self) -> int:
-        """The OS byte its most likely writer puts in the header."""
-        return OS_UNIX if self.gnu_level is not None else OS_UNKNOWN
-
-    def chunks(self, plain: Path, timeout: float | None = None) -> Generator[bytes, None, None]:
-        """The raw deflate body of the file ``plain``; DeltaEngineError if zgz
-        fails, DecodeLimit if it runs longer than ``timeout`` seconds."""
-        if self.gnu_level is not None:
-            yield from gnu_deflate(self.gnu_level, plain, timeout)
-            return
-        assert self.params is not None
-        compressor = self.params.compressor()
-        with open(plain, "rb") as f:
-            while chunk := f.read(CHUNK):
-                if out := compressor.compress(chunk):
-                    yield out
-        yield compressor.flush()
-
-    def __str__(self) -> str:
-        if self.params is not None:
-            p = self.params
-            return f"zlib level {p.level} memLevel {p.mem_level} strategy {p.strategy}"
-        return f"GNU gzip -{self.gnu_level}"
-
-
-_XFL_BODIES = {
-    2: (_Body(DeflateParams(9)), _Body(gnu_level=9)),
-    4: (_Body(DeflateParams(1)), _Body(gnu_level=1)),
-    0: (_Body(DeflateParams(6)), _Body(gnu_level=6)),
-}
-
-
-def _body_plans(
-    reference: Path | None, ref_header: GzipHeader | None, scratch_dir: Path, budget: Budget
-) -> list[_Body]:
-    """Ways to make the body, most likely first.
-
-    The reference's writer (the one that reproduces the start of its
-    stream), then what the reference's XFL says of its level, then
-    Python's gzip default (level 9), then everything else.
-    """
-    plans: list[_Body] = []
-    if reference is not None and ref_header is not None:
-        plans += _reference_writers(reference, ref_header, scratch_dir, budget)
-        plans += _XFL_BODIES.get(ref_header.xfl, ())
-    plans.append(_Body(DeflateParams(9)))
-    plans += [_Body(p) for p in CANDIDATES]
-    plans += [_Body(gnu_level=level) for level in GNU_LEVELS]
-    have_gnu = zgz_path() is not None
-    return [
-        body
-        for body in dict.fromkeys(plans)  # ordered, without repeats
-        if body.gnu_level is None or have_gnu
-    ]
-
-
-def _reference_writers(
-    reference: Path, header: GzipHeader, scratch_dir: Path, budget: Budget
-) -> list[_Body]:
-    """The bodies that reproduce the first compressed bytes of the reference's stream.
-
-    A cheap fingerprint of the tool that made the reference (a wrong zlib
-    candidate fails within its first block); the tool that made its
-    successor is usually the same.
-    """
-    compressed, plain = _reference_prefix(reference, len(header.raw))
-    if len(compressed) < _PROBE_EVIDENCE:
-        return []
-    # Without a flush zlib emits only finished blocks, which the whole stream
-    # must start with; a wrong candidate is dropped at its first wrong block.
-    live = {params: (params.compressor(), 0) for params in CANDIDATES}
-    for pos in range(0, len(plain), _PROBE_FEED):
-        piece = plain[pos : pos + _PROBE_FEED]
-        for params, (compressor, matched) in list(live.items()):
-            emitted = compressor.compress(piece)
-            if compressed[matched : matched + len(emitted)] == emitted:
-                live[params] = (compressor, matched + len(emitted))
-            else:
-                del live[params]
-        if not live:
-            break
-    found = [_Body(params) for params, (_, matched) in live.items() if matched >= _PROBE_EVIDENCE]
-    if found or zgz_path() is None:
-        return found
-    # GNU gzip's output for a prefix ends in a flushed block: compare what comes before.
-    with tempfile.NamedTemporaryFile(prefix="dgzip-probe-", dir=scratch_dir) as probe:
-        probe.write(plain)
-        probe.flush()
-        for body in _XFL_BODIES.get(header.xfl, ())[1:]:
-            try:
-                out = b"".join(body.chunks(Path(probe.name), budget.seconds_left()))
-            except DeltaEngineError:
-                continue
-            if _common_prefix(out, compressed) >= _PROBE_EVIDENCE:
-                found.append(body)
-    return found
-
-
-def _reference_prefix(reference: Path, offset: int) -> tuple[bytes, bytes]:
-    """The first compressed bytes of the reference's deflate stream and what they inflate to."""
-    decomp = zlib.decompressobj(-15)
-    compressed = bytearray()
-    plain = bytearray()
-    with open(reference, "rb") as f:
-        f.seek(offset)
-        while len(plain) < _PROBE_PLAIN and not decomp.eof:
-            chunk = f.read(4096)  # inflates to at most ~4 MiB: the bound stays near
-            if not chunk:
-                break
-            try:
-                plain += decomp.decompress(chunk)
-            except zlib.error:
-                return b"", b""
-            compressed += chunk
-    return bytes(compressed), bytes(plain)
-
-
-def _common_prefix(a: bytes, b: bytes) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _write_body(
-    body: _Body, plain: Path, dest: Path, max_length: int, budget: Budget
-) -> int | None:
-    """Write ``body`` of ``plain`` to ``dest`` and return its length; None once it
-    exceeds ``max_length`` bytes or cannot be made. DecodeLimit past the
-    search's deadline."""
-    length = 0
-    with open(dest, "wb") as out:
-        pieces = body.chunks(plain, budget.seconds_left())
-        try:
-            for piece in pieces:
-                budget.check_time()
-                length += len(piece)
-                if length > max_length:
-                    return None
-                out.write(piece)
-        except DeltaEngineError as exc:
-            log.debug("%s: %s", body, exc)
-            return None
-        finally:
-            pieces.close()  # stops zgz early when the budget ran out
-    return length
-
 
 # --- headers -------------------------------------------------------------------
 
@@ -336,7 +145,7 @@ class _Shape:
 
 
 def _header_candidates(
-    body: _Body,
+    body: Body,
     header_length: int,
     names: list[bytes],
     mtimes: tuple[list[int], list[int]],
@@ -418,13 +227,13 @@ def recover_gzip(
     tar = tar_facts(decompressed, budget)
     names = _name_candidates(original_name, tar, ref_header)
     mtimes = _mtime_candidates(tar, ref_header)
-    plans = _body_plans(reference_gzip, ref_header, scratch_dir, budget)[:max_bodies]
+    plans = body_plans(reference_gzip, ref_header, scratch_dir, budget)[:max_bodies]
     max_length = expected_size - HEADER_SIZE - TRAILER_SIZE
     trailer = gzip_trailer(decompressed, budget)
     hashed = 0
     with _scratch_body(scratch_dir) as body_path:
         for body in plans:
-            body_length = _write_body(body, decompressed, body_path, max_length, budget)
+            body_length = write_body(body, decompressed, body_path, max_length, budget)
             if body_length is None:
                 log.debug("%s: %s is longer than the file", original_name, body)
                 continue
@@ -457,7 +266,7 @@ def _scratch_body(scratch_dir: Path) -> Iterator[Path]:
 
 
 def _log_found(
-    original_name: str, body: _Body, header: bytes, bodies: int, hashed: int, started: float
+    original_name: str, body: Body, header: bytes, bodies: int, hashed: int, started: float
 ) -> None:
     """Log the settings ``recover_gzip`` found, and what the search cost."""
     mtime, xfl, os_byte = struct.unpack("<IBB", header[4:10])
