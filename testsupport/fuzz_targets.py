@@ -748,8 +748,8 @@ TARGETS: dict[str, Target] = {
             DGZIP_DICTIONARY,
             4096,
             (
-                "dgfs.dgzip._mtime_candidates",
-                "dgfs.dgzip._header_candidates",
+                "dgfs.dgzip.candidates.mtime_candidates",
+                "dgfs.dgzip.candidates.header_candidates",
                 "dgfs.dgzip._find_header",
             ),
         ),
