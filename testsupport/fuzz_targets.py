@@ -750,7 +750,7 @@ TARGETS: dict[str, Target] = {
             (
                 "dgfs.dgzip.candidates.mtime_candidates",
                 "dgfs.dgzip.candidates.header_candidates",
-                "dgfs.dgzip._find_header",
+                "dgfs.dgzip.search._find_header",
             ),
         ),
         Target("control", run_control, control_seeds, CONTROL_DICTIONARY, 4096),

@@ -23,7 +23,7 @@ gives the decompressed target; :func:`recover_gzip` then searches
   (the level's own XFL, the reference's; OS 255 as Python writes, 3 as
   GNU gzip and zlib do). Every candidate costs one SHA-256 of the whole
   file (about 6 ms per 10 MB here), so their number is bounded, and so are
-  the bytes hashed by the whole search (:func:`hash_budget`).
+  the bytes hashed by the whole search (:func:`~dgfs.dgzip.limits.hash_budget`).
 
 Measured on the eight Django 4.2.1-4.2.8 sdists stored by the stock CLI
 (Python's gzip, level 9, OS 255, FNAME, MTIME = the newest member's mtime
@@ -32,209 +32,34 @@ about 4 s for a 10 MB file (59 MB tar): mostly one level-9 compression,
 plus ~0.9 s reading the tar's mtimes and ~0.5 s fingerprinting the
 reference. A file that cannot be recovered costs up to ``MAX_BODIES``
 compressions and ``MAX_HEADERS`` hashes per body, and no more than
-:func:`hash_budget` bytes hashed in all (~100 hashes at that size).
+:func:`~dgfs.dgzip.limits.hash_budget` bytes hashed in all (~100 hashes at that size).
 
 Nothing here is trusted. The size and SHA-256 come from metadata anyone
 who can write the bucket chose, the content from their delta: the search
 stops with ``DecodeLimit`` past its wall time (``expand_time``) or its
 hashing budget, and the tar is read header by header, each extended
-header (pax, GNU long name) up to ``MAX_TAR_EXTENSION`` bytes
-(:mod:`dgfs.dgzip.tarscan`). The output appears only when its SHA-256 equals the
-recorded one. Only single-member gzip files are rebuilt. Blocking (CPU and
-disk): call it from a worker thread.
+header (pax, GNU long name) up to ``MAX_TAR_EXTENSION`` bytes. The output
+appears only when its SHA-256 equals the recorded one. Only single-member
+gzip files are rebuilt. Blocking (CPU and disk): call it from a worker
+thread.
+
+What the rest of dgfs uses is named here; the modules under it are its
+parts (tests reach into them, the rest of dgfs does not), each importing
+only those listed before it:
+
+- ``limits``: what one search may spend (``MAX_BODIES``, ``MAX_HEADERS``,
+  :func:`~dgfs.dgzip.limits.hash_budget`) and the ``Budget`` counting it;
+- ``member``: the gzip header, read and written, and the trailer;
+- ``tarscan``: the tar's newest mtime and top directory, read header by
+  header under limits;
+- ``bodies``: the deflate bodies to try and how each is made;
+- ``candidates``: the headers to try for a body;
+- ``search``: :func:`recover_gzip` itself.
+
+A constant is read in the module that defines it: patch it there.
 """
 
-from __future__ import annotations
-
-import contextlib
-import hashlib
-import logging
-import mmap
-import os
-import struct
-import tempfile
-import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import BinaryIO
-
-from dgfs.deep import ExpansionLimits
-from dgfs.dgzip.bodies import Body, body_plans, write_body
-from dgfs.dgzip.candidates import header_candidates, mtime_candidates, name_candidates
-from dgfs.dgzip.limits import CHUNK, MAX_BODIES, MAX_HEADERS, Budget, hash_budget
-from dgfs.dgzip.member import (
-    HEADER_SIZE,
-    OS_UNIX,
-    TRAILER_SIZE,
-    GzipHeader,
-    gzip_header,
-    gzip_trailer,
-    read_gzip_header,
-)
-from dgfs.dgzip.tarscan import tar_facts
+from dgfs.dgzip.member import OS_UNIX, GzipHeader, gzip_header, read_gzip_header
+from dgfs.dgzip.search import recover_gzip
 
 __all__ = ["OS_UNIX", "GzipHeader", "gzip_header", "read_gzip_header", "recover_gzip"]
-
-log = logging.getLogger(__name__)
-
-
-# --- the search ----------------------------------------------------------------
-
-
-def recover_gzip(
-    decompressed: Path,
-    out: Path,
-    *,
-    original_name: str,
-    expected_sha256: str,
-    expected_size: int,
-    reference_gzip: Path | None,
-    scratch_dir: Path,
-    max_bodies: int = MAX_BODIES,
-    max_headers: int = MAX_HEADERS,
-    seconds: float = ExpansionLimits.seconds,
-) -> bool:
-    """Gzip ``decompressed`` back into the exact file with ``expected_sha256``.
-
-    ``original_name`` is the file's name (its ``dg-original-name``; a path
-    is fine), ``expected_size``/``expected_sha256`` its recorded size and
-    SHA-256, ``reference_gzip`` the deltaspace's reference as stored (a
-    gzip file made by the same tool, usually; None if there is none or it
-    is not gzip). Tries at most ``max_bodies`` deflate bodies (each costs a
-    full compression of ``decompressed``) and ``max_headers`` headers per
-    body of the right length (each costs one SHA-256 of the file).
-
-    Returns True when found: ``out`` then holds exactly those bytes
-    (written beside it and renamed into place). Returns False, with ``out``
-    untouched, when no candidate matches. Raises ``DecodeLimit`` when the
-    search takes longer than ``seconds`` or would hash more than
-    :func:`hash_budget` of ``expected_size`` bytes in all (both chosen by
-    whoever wrote the object). Scratch files go to ``scratch_dir`` and are
-    removed. Blocking (CPU and disk): run it in a worker thread. Raises
-    OSError if a file cannot be read or written.
-    """
-    started = time.monotonic()
-    budget = Budget(seconds, hash_budget(expected_size))
-    ref_header = read_gzip_header(reference_gzip) if reference_gzip is not None else None
-    tar = tar_facts(decompressed, budget)
-    names = name_candidates(original_name, tar, ref_header)
-    mtimes = mtime_candidates(tar, ref_header)
-    plans = body_plans(reference_gzip, ref_header, scratch_dir, budget)[:max_bodies]
-    max_length = expected_size - HEADER_SIZE - TRAILER_SIZE
-    trailer = gzip_trailer(decompressed, budget)
-    hashed = 0
-    with _scratch_body(scratch_dir) as body_path:
-        for body in plans:
-            body_length = write_body(body, decompressed, body_path, max_length, budget)
-            if body_length is None:
-                log.debug("%s: %s is longer than the file", original_name, body)
-                continue
-            header_length = expected_size - TRAILER_SIZE - body_length
-            candidates = header_candidates(body, header_length, names, mtimes, ref_header)
-            header, tried = _find_header(
-                body_path, trailer, candidates, expected_sha256, max_headers, budget
-            )
-            hashed += tried
-            if header is None:
-                log.debug("%s: %s fits the size, no header among %d", original_name, body, tried)
-                continue
-            _write_result(header, body_path, trailer, out, expected_sha256)
-            _log_found(original_name, body, header, plans.index(body) + 1, hashed, started)
-            return True
-    _log_not_found(original_name, len(plans), hashed, started)
-    return False
-
-
-@contextlib.contextmanager
-def _scratch_body(scratch_dir: Path) -> Iterator[Path]:
-    """A scratch file for the candidate deflate bodies, removed afterwards."""
-    fd, name = tempfile.mkstemp(prefix="dgzip-", suffix=".deflate", dir=scratch_dir)
-    os.close(fd)
-    body_path = Path(name)
-    try:
-        yield body_path
-    finally:
-        body_path.unlink(missing_ok=True)
-
-
-def _log_found(
-    original_name: str, body: Body, header: bytes, bodies: int, hashed: int, started: float
-) -> None:
-    """Log the settings ``recover_gzip`` found, and what the search cost."""
-    mtime, xfl, os_byte = struct.unpack("<IBB", header[4:10])
-    log.info(
-        "%s: recovered its original gzip bytes (%s, MTIME %d, XFL %d, OS %d, name %r;"
-        " %d bodies, %d hashes, %.1fs)",
-        original_name,
-        body,
-        mtime,
-        xfl,
-        os_byte,
-        header[HEADER_SIZE:-1].decode("latin-1") if len(header) > HEADER_SIZE else None,
-        bodies,
-        hashed,
-        time.monotonic() - started,
-    )
-
-
-def _log_not_found(original_name: str, bodies: int, hashed: int, started: float) -> None:
-    log.info(
-        "%s: no gzip settings among %d bodies and %d hashes give its SHA-256 (%.1fs)",
-        original_name,
-        bodies,
-        hashed,
-        time.monotonic() - started,
-    )
-
-
-def _find_header(
-    body_path: Path,
-    trailer: bytes,
-    candidates: Iterator[bytes],
-    expected_sha256: str,
-    max_headers: int,
-    budget: Budget,
-) -> tuple[bytes | None, int]:
-    """The first of ``candidates`` completing the body to ``expected_sha256``, and how
-    many were hashed."""
-    want = bytes.fromhex(expected_sha256)
-    tried = 0
-    with open(body_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as body:
-        for header in candidates:
-            if tried >= max_headers:
-                break
-            budget.charge_hash(len(header) + len(body) + len(trailer))
-            tried += 1
-            # The header comes first, so no hash state can be shared between
-            # candidates: each is a full SHA-256 (hashlib drops the GIL for it).
-            digest = hashlib.sha256(header)
-            digest.update(body)
-            digest.update(trailer)
-            if digest.digest() == want:
-                return header, tried
-    return None, tried
-
-
-def _write_result(
-    header: bytes, body_path: Path, trailer: bytes, out: Path, expected_sha256: str
-) -> None:
-    """Write header + body + trailer beside ``out``, check it and rename it into place."""
-    tmp = out.with_name(f".{out.name}.dgzip-{os.getpid()}")
-    try:
-        digest = hashlib.sha256()
-        with open(tmp, "wb") as dst, open(body_path, "rb") as src:
-            for piece in _pieces(header, src, trailer):
-                digest.update(piece)
-                dst.write(piece)
-        if digest.hexdigest() != expected_sha256.lower():
-            raise OSError(f"{tmp} changed while it was written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _pieces(header: bytes, body: BinaryIO, trailer: bytes) -> Iterator[bytes]:
-    yield header
-    while chunk := body.read(CHUNK):
-        yield chunk
-    yield trailer
