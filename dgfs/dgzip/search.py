@@ -19,6 +19,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,7 +27,13 @@ from dgfs.deep import ExpansionLimits
 from dgfs.dgzip.bodies import Body, body_plans, write_body
 from dgfs.dgzip.candidates import header_candidates, mtime_candidates, name_candidates
 from dgfs.dgzip.limits import CHUNK, MAX_BODIES, MAX_HEADERS, Budget, hash_budget
-from dgfs.dgzip.member import HEADER_SIZE, TRAILER_SIZE, gzip_trailer, read_gzip_header
+from dgfs.dgzip.member import (
+    HEADER_SIZE,
+    TRAILER_SIZE,
+    GzipHeader,
+    gzip_trailer,
+    read_gzip_header,
+)
 from dgfs.dgzip.tarscan import tar_facts
 
 log = logging.getLogger(__name__)
@@ -66,34 +73,82 @@ def recover_gzip(
     """
     started = time.monotonic()
     budget = Budget(seconds, hash_budget(expected_size))
-    ref_header = read_gzip_header(reference_gzip) if reference_gzip is not None else None
-    tar = tar_facts(decompressed, budget)
-    names = name_candidates(original_name, tar, ref_header)
-    mtimes = mtime_candidates(tar, ref_header)
-    plans = body_plans(reference_gzip, ref_header, scratch_dir, budget)[:max_bodies]
-    max_length = expected_size - HEADER_SIZE - TRAILER_SIZE
+    wanted = _Wanted(original_name, expected_sha256, expected_size)
+    clues = _gather_clues(decompressed, original_name, reference_gzip, budget)
+    plans = body_plans(reference_gzip, clues.ref_header, scratch_dir, budget)[:max_bodies]
     trailer = gzip_trailer(decompressed, budget)
     hashed = 0
     with _scratch_body(scratch_dir) as body_path:
         for body in plans:
-            body_length = write_body(body, decompressed, body_path, max_length, budget)
-            if body_length is None:
-                log.debug("%s: %s is longer than the file", original_name, body)
-                continue
-            header_length = expected_size - TRAILER_SIZE - body_length
-            candidates = header_candidates(body, header_length, names, mtimes, ref_header)
-            header, tried = _find_header(
-                body_path, trailer, candidates, expected_sha256, max_headers, budget
+            header, tried = _try_body(
+                body, decompressed, body_path, trailer, wanted, clues, max_headers, budget
             )
             hashed += tried
-            if header is None:
-                log.debug("%s: %s fits the size, no header among %d", original_name, body, tried)
-                continue
-            _write_result(header, body_path, trailer, out, expected_sha256)
-            _log_found(original_name, body, header, plans.index(body) + 1, hashed, started)
-            return True
+            if header is not None:
+                _write_result(header, body_path, trailer, out, expected_sha256)
+                _log_found(original_name, body, header, plans.index(body) + 1, hashed, started)
+                return True
     _log_not_found(original_name, len(plans), hashed, started)
     return False
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """The file the search rebuilds, as its metadata records it."""
+
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class _Clues:
+    """What the headers are guessed from: the reference's header, and the
+    names and MTIMEs (most likely, the rest) the file's name and tar suggest."""
+
+    ref_header: GzipHeader | None
+    names: list[bytes]
+    mtimes: tuple[list[int], list[int]]
+
+
+def _gather_clues(
+    decompressed: Path, original_name: str, reference_gzip: Path | None, budget: Budget
+) -> _Clues:
+    """The reference's header (None without a gzip reference) and the tar's facts,
+    turned into name and MTIME candidates; DecodeLimit past the search's deadline
+    while the tar is read."""
+    ref_header = read_gzip_header(reference_gzip) if reference_gzip is not None else None
+    tar = tar_facts(decompressed, budget)
+    names = name_candidates(original_name, tar, ref_header)
+    mtimes = mtime_candidates(tar, ref_header)
+    return _Clues(ref_header, names, mtimes)
+
+
+def _try_body(
+    body: Body,
+    decompressed: Path,
+    body_path: Path,
+    trailer: bytes,
+    wanted: _Wanted,
+    clues: _Clues,
+    max_headers: int,
+    budget: Budget,
+) -> tuple[bytes | None, int]:
+    """Write ``body`` of ``decompressed`` to ``body_path`` and, if it leaves room
+    for a header, hash up to ``max_headers`` of those that fit with it: the
+    header that gives ``wanted``'s SHA-256 (None if none does), and how many
+    were hashed."""
+    max_length = wanted.size - HEADER_SIZE - TRAILER_SIZE
+    body_length = write_body(body, decompressed, body_path, max_length, budget)
+    if body_length is None:
+        log.debug("%s: %s is longer than the file", wanted.name, body)
+        return None, 0
+    header_length = wanted.size - TRAILER_SIZE - body_length
+    candidates = header_candidates(body, header_length, clues.names, clues.mtimes, clues.ref_header)
+    header, tried = _find_header(body_path, trailer, candidates, wanted.sha256, max_headers, budget)
+    if header is None:
+        log.debug("%s: %s fits the size, no header among %d", wanted.name, body, tried)
+    return header, tried
 
 
 @contextlib.contextmanager
