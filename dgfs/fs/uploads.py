@@ -441,25 +441,10 @@ class UploadPipeline:
                 await self.versions.superseded_failed(node, staged, key, verdict)
             elif verdict.next is Next.GIVE_UP:
                 await self.versions.quarantine(node, staged, key, verdict.error)
-            elif verdict.next is Next.REDO:
-                self._redo(node, staged, verdict.error)
             else:
-                self._retry(node, staged, key, verdict)
+                self._again(node, staged, key, verdict)
             return
-        seconds = trio.current_time() - started
-        kind = ("deep-" if stored.deep else "") + stored.kind.value
-        self.telemetry.uploaded(kind, stored.original_size, stored.stored_size, seconds)
-        # One line per upload, for operators (no credentials: key and sizes only).
-        log.info(
-            "uploaded %s: %s%s, %d -> %d bytes (ratio %.3f) in %.2f s",
-            key,
-            "deep " if stored.deep else "",
-            stored.kind.value,
-            stored.original_size,
-            stored.stored_size,
-            stored.ratio,
-            seconds,
-        )
+        self._uploaded(key, stored, trio.current_time() - started)
         if node.staged is staged:
             # What S3 holds now, before the follow-up awaits: readers go by
             # node.stored.
@@ -548,11 +533,30 @@ class UploadPipeline:
         if verdict.next is Next.GIVE_UP or isinstance(error, NotFound):
             log.error("%s is stored, but storing its attributes failed: %s", key, error)
             return False
+        self._again(node, staged, key, verdict)
+        return True
+
+    def _uploaded(self, key: str, stored: StoredFile, seconds: float) -> None:
+        kind = ("deep-" if stored.deep else "") + stored.kind.value
+        self.telemetry.uploaded(kind, stored.original_size, stored.stored_size, seconds)
+        # One line per upload, for operators (no credentials: key and sizes only).
+        log.info(
+            "uploaded %s: %s%s, %d -> %d bytes (ratio %.3f) in %.2f s",
+            key,
+            "deep " if stored.deep else "",
+            stored.kind.value,
+            stored.original_size,
+            stored.stored_size,
+            stored.ratio,
+            seconds,
+        )
+
+    def _again(self, node: Node, staged: StagedFile, key: str, verdict: failures.Verdict) -> None:
+        """An attempt failed and is made again: at once (a race lost), or after a pause."""
         if verdict.next is Next.REDO:
             self._redo(node, staged, verdict.error)
         else:
             self._retry(node, staged, key, verdict)
-        return True
 
     def _redo(self, node: Node, staged: StagedFile, error: DgfsError) -> None:
         """A race lost to another writer: queued again at once, fsync waiting on."""
