@@ -36,7 +36,7 @@ from dgfs.cache import ContentCache
 from dgfs.errors import ConfigError
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.journal import Journal
-from dgfs.serving import serve_requests
+from dgfs.serving import Endpoint, serve_requests
 from dgfs.telemetry import Histogram, Snapshot, Telemetry
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,9 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "status.sock"
 DOCUMENT_VERSION = 1
 MAX_REQUEST = 64 * 1024
-#: Seconds a client has from its connection to its request, and again for the answer.
-REQUEST_TIMEOUT = 5.0
-#: Connections open at once (dgfs/serving.py: idle ones make room for new ones).
-MAX_CONNECTIONS = 16
+ENDPOINT = Endpoint(
+    "the status socket", "a status request", max_connections=16, request_timeout=5.0
+)
 # Paths of unix sockets are limited to 107 bytes; longer ones are reached
 # through the directory's /proc/self/fd entry.
 _MAX_SUN_PATH = 100
@@ -248,10 +247,7 @@ async def serve_control(
         [listener],
         _read_line,
         answer,
-        name="the status socket",
-        job="a status request",
-        max_connections=MAX_CONNECTIONS,
-        request_timeout=REQUEST_TIMEOUT,
+        ENDPOINT,
     )
 
 

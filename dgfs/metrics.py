@@ -25,16 +25,15 @@ from typing import Any
 import trio
 
 from dgfs.errors import ConfigError
-from dgfs.serving import serve_requests
+from dgfs.serving import Endpoint, serve_requests
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9464
 MAX_REQUEST_HEAD = 16 * 1024
-#: Seconds a client has from its connection to its request, and again for the answer.
-REQUEST_TIMEOUT = 10.0
-#: Connections open at once (dgfs/serving.py: idle ones make room for new ones).
-MAX_CONNECTIONS = 32
+ENDPOINT = Endpoint(
+    "the metrics endpoint", "a metrics scrape", max_connections=32, request_timeout=10.0
+)
 
 Document = Callable[[], dict[str, Any]]
 
@@ -265,10 +264,7 @@ async def serve_metrics(
         listeners,
         read_request,
         answer,
-        name="the metrics endpoint",
-        job="a metrics scrape",
-        max_connections=MAX_CONNECTIONS,
-        request_timeout=REQUEST_TIMEOUT,
+        ENDPOINT,
     )
 
 

@@ -2,12 +2,12 @@
 metrics endpoint, the status socket) without letting clients hold it.
 
 Any local user can open connections to the metrics port and never send a
-byte. ``serve_requests`` bounds what that costs: at most
-``max_connections`` are open at once (each is a descriptor); a client has
-``request_timeout`` seconds from being accepted to send its request and
-as long again to take its answer; and when the bound is reached, the
-connection that has been waiting longest for its request is closed to
-make room, so a client that asks at once (a scrape, ``dgfs status``) is
+byte. ``serve_requests`` bounds what that costs, as the socket's
+``Endpoint`` says: at most ``max_connections`` are open at once (each is
+a descriptor); a client has ``request_timeout`` seconds from being
+accepted to send its request and as long again to take its answer; and
+when the bound is reached, the connection that has been waiting longest
+for its request is closed to make room, so a client that asks at once (a scrape, ``dgfs status``) is
 answered even while many idle ones are open. Each connection is a
 background job of its own (``dgfs.background.contained``).
 """
@@ -18,6 +18,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
@@ -29,23 +30,33 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One of the daemon's sockets: its names in the log, and what a client may cost."""
+
+    #: The whole, in the log ("the metrics endpoint").
+    name: str
+    #: One connection, in the log ("a metrics scrape").
+    job: str
+    #: Connections open at once (idle ones make room for new ones).
+    max_connections: int
+    #: Seconds a client has from its connection to its request, and again for the answer.
+    request_timeout: float
+
+
 async def serve_requests(
     listeners: list[trio.SocketListener],
     read_request: Callable[[trio.SocketStream], Awaitable[T]],
     answer: Callable[[trio.SocketStream, T], Awaitable[None]],
-    *,
-    name: str,
-    job: str,
-    max_connections: int,
-    request_timeout: float,
+    endpoint: Endpoint,
 ) -> None:
     """Serve ``listeners`` until cancelled: for each connection,
     ``answer(stream, await read_request(stream))``, within the bounds above.
-
-    ``job`` names one connection in the log (``a metrics scrape``), ``name``
-    the whole (``the metrics endpoint``): a failure of the listeners
-    themselves ends this function with one log line, not the mount.
+    A failure of the listeners themselves ends this function with one log
+    line, not the mount.
     """
+    name, job = endpoint.name, endpoint.job
+    max_connections, request_timeout = endpoint.max_connections, endpoint.request_timeout
     tokens = itertools.count()
     live: dict[int, trio.CancelScope] = {}  # connections open now
     waiting: OrderedDict[int, trio.CancelScope] = OrderedDict()  # not asked yet, oldest first

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ async def test_a_scrape_is_answered_while_400_idle_connections_are_open() -> Non
             assert answer.startswith(b"HTTP/1.1 200 OK") and b"dgfs_test_gauge 1.0" in answer
             await trio.sleep(0.2)
             held = sum(still_open(sock) for sock in idle)
-            assert held <= metrics.MAX_CONNECTIONS, f"{held} idle connections held open"
+            assert held <= metrics.ENDPOINT.max_connections, f"{held} idle connections held open"
             nursery.cancel_scope.cancel()
     finally:
         for sock in idle:
@@ -81,7 +82,7 @@ async def test_a_scrape_is_answered_while_400_idle_connections_are_open() -> Non
 async def test_an_idle_metrics_connection_is_closed_after_the_request_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(metrics, "ENDPOINT", replace(metrics.ENDPOINT, request_timeout=0.3))
     listeners = await metrics.open_metrics_listener(metrics.ListenAddress("127.0.0.1", 0))
     port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
@@ -112,7 +113,7 @@ async def test_dgfs_status_is_answered_while_many_idle_connections_are_open(
             assert answer == {"version": 1}
             await trio.sleep(0.2)
             held = sum(still_open(sock) for sock in idle)
-            assert held <= control.MAX_CONNECTIONS, f"{held} idle connections held open"
+            assert held <= control.ENDPOINT.max_connections, f"{held} idle connections held open"
             nursery.cancel_scope.cancel()
     finally:
         for sock in idle:
