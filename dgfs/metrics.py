@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,11 +143,9 @@ class _StatusCollector:
         uploads, s3 = doc["uploads"], doc["s3"]
         yield _mount_info(doc["mount"])
         yield from _plain(doc, _UPLOAD_METRICS)
+        by_kind = uploads["uploaded_by_kind"]
         yield _labelled(
-            "dgfs_uploads",
-            "Files stored in S3, by how they are stored",
-            ["kind"],
-            {(kind,): n for kind, n in uploads["uploaded_by_kind"].items()},
+            "dgfs_uploads", "Files stored in S3, by how they are stored", ["kind"], by_kind
         )
         yield _histogram(
             HistogramMetricFamily,
@@ -157,10 +155,7 @@ class _StatusCollector:
         )
         yield from _plain(doc, _BYTES_AND_CACHE_METRICS)
         yield _labelled(
-            "dgfs_s3_requests",
-            "S3 requests sent (each attempt)",
-            ["operation"],
-            {(operation,): n for operation, n in s3["requests"].items()},
+            "dgfs_s3_requests", "S3 requests sent (each attempt)", ["operation"], s3["requests"]
         )
         yield _labelled(
             "dgfs_s3_errors",
@@ -190,13 +185,17 @@ def _mount_info(mount: dict[str, Any]) -> Any:
     return info
 
 
-def _labelled(name: str, text: str, labels: list[str], values: dict[tuple[str, ...], float]) -> Any:
-    """A counter with one sample per label tuple."""
+def _labelled(
+    name: str, text: str, labels: list[str], values: Mapping[tuple[str, ...] | str, float]
+) -> Any:
+    """A counter with one sample per label tuple (a plain string: the one label's value)."""
     from prometheus_client.core import CounterMetricFamily
 
     family = CounterMetricFamily(name, text, labels=labels)
     for label_values, value in values.items():
-        family.add_metric(list(label_values), value)
+        family.add_metric(
+            [label_values] if isinstance(label_values, str) else list(label_values), value
+        )
     return family
 
 
