@@ -20,8 +20,6 @@ import dataclasses
 import errno
 import logging
 
-import trio
-
 from dgfs.core import Core
 from dgfs.errors import FsError, NotFound
 from dgfs.format import StoredFile
@@ -96,7 +94,7 @@ class StoredChanges:
         except BaseException:
             self.nodes.unlink(node)
             raise
-        node.checked_at = trio.current_time()
+        self.nodes.confirmed(node)
         self.ns.note_node(node)
 
     async def store_attributes(self, node: Node) -> None:

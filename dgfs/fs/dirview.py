@@ -26,8 +26,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import trio
-
 from dgfs.errors import FormatError, FsError, IntegrityError, NotFound
 from dgfs.format import StoredFile
 from dgfs.fs.entries import DirEntry, NodeKind
@@ -109,7 +107,7 @@ class DirectoryView:
             return local
         entry = (await self.ns.listing(parent.path)).get(name)
         if entry is None:
-            if node is not None and node.kind is NodeKind.DIR and node.checked_at == 0:
+            if node is not None and node.kind is NodeKind.DIR and node.checked_at is None:
                 return node  # made here, S3 shows it only once something is inside
             raise FsError(errno.ENOENT)
         return self.nodes.from_entry(parent.path, entry)
@@ -134,7 +132,7 @@ class DirectoryView:
             # Not listed: an empty directory made here, or one this mount's
             # files not uploaded yet imply (they take it back from a file of
             # its name that another mount stored meanwhile: S3 lists the directory).
-            node.checked_at = trio.current_time()
+            self.nodes.confirmed(node)
         elif node.open_handles == 0:
             # Removed or replaced by another kind: the next lookup finds what S3 holds.
             raise FsError(errno.ENOENT, "removed or replaced by another writer")

@@ -164,7 +164,7 @@ class FileSystem:
             self.nodes.unlink(node)
             raise
         parent.entries_changed(time.time_ns())
-        node.checked_at = trio.current_time()
+        self.nodes.confirmed(node)
         self.ns.note_node(node)
         self.ns.set_empty(node.path)
         return self.nodes.looked_up(node)

@@ -30,11 +30,12 @@ staged, lock                      ``UploadPipeline``; the ``StagedFile`` owns it
                                   descriptor and phase (dgfs/fs/staging.py)
 superseded                        ``JournaledVersions`` (dgfs/fs/versions.py)
 open_handles, writers             ``HandleTable`` (open, close)
-checked_at                        whoever confirmed the attributes with S3: a
-                                  listing (``NodeTable.refresh``, or
-                                  ``DirectoryView`` for a directory it does not
-                                  show), mkdir, a symlink or special file
-                                  stored (``StoredChanges``), an upload settling
+checked_at                        ``NodeTable`` (``refresh``, ``confirmed``), for
+                                  whoever confirmed the attributes with S3: a
+                                  listing (``DirectoryView`` for a directory it
+                                  does not show), mkdir, a symlink or special
+                                  file stored (``StoredChanges``), an upload
+                                  settling
 dir_cookies                       ``DirectoryView`` (readdir's offsets)
 entries_changed_ns                ``entries_changed`` (``FileSystem``: an entry
                                   added or removed), ``change_attributes`` (an
@@ -95,7 +96,7 @@ class Node:
     # that (see JournaledVersions.supersede).
     superseded: list[StagedFile] = field(default_factory=list)
     unlinked: bool = False
-    checked_at: float = 0.0  # trio.current_time() when attrs were last confirmed
+    checked_at: float | None = None  # trio.current_time() when attrs were last confirmed
     lock: trio.Lock = field(default_factory=trio.Lock)
     # A directory's readdir offsets (DirectoryView.readdir's): name -> a cookie
     # that stays the name's while it is listed, new names getting higher
@@ -221,6 +222,11 @@ class NodeTable:
         node.mode, node.uid, node.gid = self.options.shown_attributes(
             node.kind, entry.mode, entry.uid, entry.gid
         )
+        self.confirmed(node)
+
+    def confirmed(self, node: Node) -> None:
+        """``node``'s attributes are what S3 holds now (a listing showed them,
+        or this mount just stored them): fresh for ``listing_ttl``."""
         node.checked_at = trio.current_time()
 
     def recovered(self, path: str, size: int, metadata: Mapping[str, str]) -> Node:
@@ -240,7 +246,8 @@ class NodeTable:
 
     def is_fresh(self, node: Node) -> bool:
         """Whether ``node``'s attributes were confirmed within ``listing_ttl``."""
-        return trio.current_time() - node.checked_at < self.options.listing_ttl
+        checked = node.checked_at
+        return checked is not None and trio.current_time() - checked < self.options.listing_ttl
 
     def new(self, path: str, kind: NodeKind) -> Node:
         """A node for ``path``, replacing whatever held that path before."""

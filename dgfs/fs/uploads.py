@@ -611,7 +611,7 @@ class UploadPipeline:
             # (a truncate or write landing in a worker thread has not counted
             # its new version yet: the file is not settled)
             node.staged = None
-            node.checked_at = trio.current_time()
+            self.nodes.confirmed(node)
             self.versions.retire(staged)
             self.ns.note_node(node)
         self.nodes.release(node)
