@@ -86,6 +86,12 @@ class EndpointUnreachable(TransientError, UserError):
 # --- content -----------------------------------------------------------------
 
 
+class KeyTooLong(UserError):
+    """A name would make a key longer than S3 holds (1,024 bytes)."""
+
+    errno = errno.ENAMETOOLONG
+
+
 class IntegrityError(DgfsError):
     """Reconstructed or downloaded bytes do not match their recorded SHA-256.
 

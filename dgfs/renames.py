@@ -17,11 +17,18 @@ import trio
 
 from dgfs import format as fmt
 from dgfs import gc, proxymeta
-from dgfs.errors import DgfsError, FormatError, NotFound, PreconditionFailed, TransientError
+from dgfs.errors import (
+    DgfsError,
+    FormatError,
+    KeyTooLong,
+    NotFound,
+    PreconditionFailed,
+    TransientError,
+)
 from dgfs.format import Kind, StoredFile
 from dgfs.forms import Forms
 from dgfs.rebuild import Rebuilder
-from dgfs.store.base import ObjectHead, ObjectInfo
+from dgfs.store.base import KEY_MAX, ObjectHead, ObjectInfo
 from dgfs.workbench import Workbench
 from dgfs.writer import FileWriter
 
@@ -201,6 +208,9 @@ class Renamer:
         """
         src_root, dst_root = src_prefix.rstrip("/") + "/", dst_prefix.rstrip("/") + "/"
         listing = await self._store.list(src_root, delimiter=None)
+        for obj in listing.objects:
+            if len(dst_root.encode()) + len(obj.key[len(src_root) :].encode()) > KEY_MAX:
+                raise KeyTooLong(f"{obj.key} would be longer than S3 holds under {dst_root}")
         await self._copy_tree(listing.objects, src_root, dst_root)
         await self._delete_tree(listing.objects, src_root, dst_root)
         log.info("moved %d objects %s -> %s", len(listing.objects), src_root, dst_root)

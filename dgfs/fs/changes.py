@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import logging
 
+from dgfs import format as fmt
 from dgfs.core import Core
 from dgfs.errors import FsError, NotFound
 from dgfs.format import StoredFile
@@ -28,6 +29,7 @@ from dgfs.fs.namespace import Namespace
 from dgfs.fs.nodes import Node, NodeTable
 from dgfs.fs.uploads import UploadPipeline
 from dgfs.renames import Copied
+from dgfs.store.base import KEY_MAX
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,10 @@ class StoredChanges:
     async def move_dir(self, node: Node, new_path: str) -> None:
         old_prefix = self.key_of(node.path)
         new_prefix = self.key_of(new_path)
+        for below in self.nodes.under(node.path):  # (files not uploaded yet too)
+            new_key = new_prefix + self.key_of(below.path)[len(old_prefix) :]
+            if len(new_key.encode()) + len(fmt.DELTA_SUFFIX) > KEY_MAX:
+                raise FsError(errno.ENAMETOOLONG, f"{below.path}: too long under {new_path}")
         # Uploads in flight under the directory finish first, so nothing
         # lands under the old name after the move.
         busy = await self.uploads.wait_subtree(node.path)

@@ -109,9 +109,14 @@ class FileSystem:
                 mode |= stat.S_ISGID
         node.mode, node.uid, node.gid = self.options.shown_attributes(node.kind, mode, uid, gid)
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, node: Node | None = None) -> None:
+        """Refuse a change (EROFS) on a read-only mount, and new content
+        (EPERM) for a file whose name the format reserves: another tool's
+        ``x.delta`` is shown, but dgfs could never store it."""
         if self.options.read_only:
             raise FsError(errno.EROFS, "mounted read-only")
+        if node is not None and self.ns.is_format_name(node.parent_path, node.name):
+            raise FsError(errno.EPERM, f"{node.path}: a name the DeltaGlider format reserves")
 
     # --- nodes and lookups ------------------------------------------------------------
 
@@ -243,7 +248,7 @@ class FileSystem:
             raise FsError(errno.EISDIR)
         access = Access.of_flags(flags)
         if access is Access.WRITE or flags & os.O_TRUNC:
-            self._check_writable()
+            self._check_writable(node)
         if flags & os.O_TRUNC and access is Access.WRITE:
             async with self._changing_unheld(node, copies=False):
                 await self.uploads.stage_empty(node)
@@ -285,7 +290,7 @@ class FileSystem:
 
     async def truncate(self, node: Node, size: int, *, mark_times: bool = True) -> None:
         """``mark_times``: False when the caller sets the mtime itself."""
-        self._check_writable()
+        self._check_writable(node)
         if node.kind is not NodeKind.FILE:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
         if size == node.size and node.staged is None:

@@ -38,7 +38,7 @@ from dgfs.fs.attrcache import AttrCache, relevant_metadata, version_of
 from dgfs.fs.entries import DirEntry, NodeKind
 from dgfs.fs.nodes import Node
 from dgfs.fs.upload_failures import refused_for_good
-from dgfs.store.base import ObjectHead, ObjectInfo, ObjectStore, head_many
+from dgfs.store.base import KEY_MAX, ObjectHead, ObjectInfo, ObjectStore, head_many
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ INDEX_MIN_MISSES = 4
 #: at least INDEX_MIN_MISSES files there lists it, so the directory index gets
 #: written by the writer, not by the first fresh mount that lists it.
 INDEX_AFTER_QUIET = 5.0
-S3_KEY_MAX = 1024  # bytes
 NAME_MAX = 255  # bytes in one name, as statfs reports
 
 
@@ -151,6 +150,10 @@ class Namespace:
         """Refuse a name a new entry of ``parent_path`` may not take (``FsError``)."""
         if not name or "/" in name or name in (".", ".."):
             raise FsError(errno.EINVAL, f"bad name {name!r}")
+        if "\n" in name or "\r" in name:
+            # S3 (AWS, moto) refuses a key holding a line break: its upload
+            # could never succeed.
+            raise FsError(errno.EINVAL, f"{name!r}: S3 keys cannot hold a line break")
         length = utf8_length(name)
         if length is None:  # as ZFS with utf8only=on refuses one
             raise FsError(errno.EILSEQ, f"{name!r}: not UTF-8, as S3 keys must be")
@@ -159,10 +162,16 @@ class Namespace:
         # S3 keys hold at most 1,024 bytes; the longest form of an entry is a
         # directory's marker ("/") or a delta (".delta").
         key = self.key_of(f"{parent_path}/{name}" if parent_path else name)
-        if len(key.encode()) + len(fmt.DELTA_SUFFIX) > S3_KEY_MAX:
+        if len(key.encode()) + len(fmt.DELTA_SUFFIX) > KEY_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        if fmt.is_hidden_name(name) or self.is_reserved(parent_path, name):
+        if self.is_format_name(parent_path, name):
             raise FsError(errno.EINVAL, f"{name}: reserved by the DeltaGlider format")
+
+    def is_format_name(self, parent_path: str, name: str) -> bool:
+        """Whether dgfs may never store a file of this name (``x.delta``, the
+        root's ``.deltaglider``): one another tool stored there is shown, read
+        only."""
+        return fmt.is_hidden_name(name) or self.is_reserved(parent_path, name)
 
     async def _fetch(self, path: str) -> dict[str, DirEntry]:
         prefix = self.dir_prefix(path)

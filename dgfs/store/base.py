@@ -28,24 +28,34 @@ import trio
 from dgfs.errors import DgfsError, NotFound
 from dgfs.proxymeta import DEFAULT_CONTENT_TYPE
 
+#: The longest key S3 holds, in bytes of UTF-8.
+KEY_MAX = 1024
+
 # Objects at least this large are uploaded in parts.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_PART_SIZE = 16 * 1024 * 1024
 
 
 def encode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """Metadata as S3 accepts it: names lower-case, non-ASCII values RFC 2047 encoded.
+    """Metadata as S3 accepts it: names lower-case, values a header cannot
+    carry as they are RFC 2047 encoded.
 
-    Metadata travels in HTTP headers and must be ASCII, yet file names go
-    into ``dg-original-name`` and friends. RFC 2047 is what S3 itself
-    answers with for such values. Stores apply this on every write.
+    Metadata travels in HTTP headers, which hold printable ASCII only and
+    lose leading and trailing blanks, yet file names go into
+    ``dg-original-name`` and friends (``a\rb`` and `` notes `` are file names).
+    RFC 2047 is what S3 itself answers with for such values. Stores apply
+    this on every write.
     """
     return {
         name.lower(): value
-        if value.isascii()
+        if _header_safe(value)
         else "=?UTF-8?B?" + base64.b64encode(value.encode()).decode() + "?="
         for name, value in metadata.items()
     }
+
+
+def _header_safe(value: str) -> bool:
+    return value.isascii() and value.isprintable() and value == value.strip()
 
 
 def decode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

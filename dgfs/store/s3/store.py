@@ -354,11 +354,15 @@ class S3Store(ObjectStore):
         a store that ignores it deletes as without). A store that refuses
         the condition itself (an error, where the same delete without it
         then succeeds) is sent none again, and the log says so once."""
-        if version is None or not self.conditional_delete:
+        await self._delete_one(key, version.etag if version is not None else None)
+
+    async def _delete_one(self, key: str, etag: str | None) -> None:
+        """``delete``, conditional on ``etag`` when given."""
+        if etag is None or not self.conditional_delete:
             await self._delete(key)
             return
         try:
-            await self._delete(key, IfMatch=f'"{version.etag}"')
+            await self._delete(key, IfMatch=f'"{etag}"')
         except PreconditionFailed:
             if await self._exists(key):
                 raise  # another writer's version: it stays
@@ -403,10 +407,18 @@ class S3Store(ObjectStore):
         ``StoreError`` naming them, after every batch has been tried.
         ``etags``: as ``ObjectStore.delete_many``, sent as each object's
         ``ETag`` (AWS S3, SeaweedFS and moto honour it; a store that refuses
-        it gets plain deletes from then on, as ``delete``).
+        it gets plain deletes from then on, as ``delete``). A key XML 1.0
+        cannot carry (an escape character: S3 answers MalformedXML for the
+        whole request) is deleted on its own, its name in the URL.
         """
         failures: list[str] = []
         kept: list[str] = []
+        for key in [key for key in keys if not _xml_can_carry(key)]:
+            try:
+                await self._delete_one(key, (etags or {}).get(key))
+            except PreconditionFailed:
+                kept.append(key)
+        keys = [key for key in keys if _xml_can_carry(key)]
         for start in range(0, len(keys), DELETE_BATCH):
             batch = keys[start : start + DELETE_BATCH]
             conditions = etags if etags and self.conditional_delete else {}
@@ -493,3 +505,9 @@ class S3Store(ObjectStore):
     async def aclose(self) -> None:
         """Close the client's connection pool."""
         await trio.to_thread.run_sync(self._client.close, limiter=self._limiter)
+
+
+def _xml_can_carry(key: str) -> bool:
+    """Whether XML 1.0 (a DeleteObjects body) can hold ``key``: no control
+    character but tab and line breaks, no U+FFFE or U+FFFF."""
+    return not any((ord(c) < 0x20 and c not in "\t\n\r") or c in "\ufffe\uffff" for c in key)
