@@ -10,6 +10,7 @@ between them. It holds no state.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -20,6 +21,7 @@ from dgfs import gc, proxymeta
 from dgfs.errors import (
     DgfsError,
     FormatError,
+    FsError,
     KeyTooLong,
     NotFound,
     PreconditionFailed,
@@ -234,6 +236,8 @@ class Renamer:
                     return  # removed meanwhile (another mount): nothing to move
                 except DgfsError as exc:
                     failures.append(exc)
+                except OSError as exc:  # the scratch disk (a marker's bytes)
+                    failures.append(FsError(exc.errno or errno.EIO, f"{key}: {exc.strerror}"))
             copied.append(new_key)
 
         limiter = trio.CapacityLimiter(16)

@@ -57,7 +57,9 @@ class DirectoryView:
         Another mount replaced the file in its other form (``NotFound``) or
         in the same form (bytes that fail what this mount knew of it): the
         new version is used, never EIO. Only an object the listing still
-        shows unchanged is broken: ``broken`` says so. Gone: ``ENOENT``."""
+        shows unchanged is broken: ``broken`` says so. Gone (another writer
+        removed the file this handle has open): ``EIO``, as read(2) and write(2)
+        report a file whose bytes are lost, never ``ENOENT``."""
         known = node.stored
         listing = None
         if known is not None:
@@ -68,14 +70,14 @@ class DirectoryView:
             except (IntegrityError, FormatError) as exc:
                 listing = await self.ns.listing(node.parent_path, fresh=True)
                 found = listing.get(node.name)
-                if found is not None and found.stored == known:
+                if found is not None and found.stored == known and found.etag == node.etag:
                     raise broken(known, exc) from None
             log.info("%s changed in S3 under this mount; using it anew", node.path)
         if listing is None:
             listing = await self.ns.listing(node.parent_path, fresh=True)
         entry = listing.get(node.name)
         if entry is None or entry.stored is None:
-            raise FsError(errno.ENOENT)
+            raise FsError(errno.EIO, f"{node.path}: removed by another writer since it was opened")
         self.nodes.refresh(node, entry)
         return await use(entry.stored, True)
 

@@ -31,7 +31,7 @@ from typing import NoReturn
 import trio
 
 from dgfs.core import Core
-from dgfs.errors import FsError
+from dgfs.errors import DgfsError, FsError
 from dgfs.format import StoredFile
 from dgfs.fs import xattrs
 from dgfs.fs.attrcache import AttrCache
@@ -410,7 +410,13 @@ class FileSystem:
         async with self.uploads.hold():
             old_path = node.path
             if node.kind is NodeKind.DIR:
-                await self.changes.move_dir(node, new_path)
+                try:
+                    await self.changes.move_dir(node, new_path)
+                except BaseException:
+                    if target is not None:  # removed by _rename_target: it comes back
+                        with trio.CancelScope(shield=True):
+                            await self._put_back_dir(target)
+                    raise
             else:
                 # Uploads in flight of either file land first, under the names
                 # they were started for; then the move sees what S3 holds.
@@ -427,6 +433,19 @@ class FileSystem:
         now = time.time_ns()
         old_parent.entries_changed(now)
         new_parent.entries_changed(now)
+
+    async def _put_back_dir(self, removed: Node) -> None:
+        """A rename over the empty directory ``removed`` failed: its marker is
+        written again, with its attributes (a lookup then finds it)."""
+        try:
+            await self.ns.write_marker(removed.path, removed.posix_metadata())
+        except DgfsError as exc:
+            log.error(
+                "%s: removed for a rename that failed; putting it back failed: %s",
+                removed.path,
+                exc,
+            )
+        self.ns.forget(removed.parent_path)
 
     async def _rename_target(
         self, node: Node, new_parent: Node, new_name: str, flags: int

@@ -37,7 +37,7 @@ from dgfs.core import Core
 from dgfs.errors import FormatError, FsError, IntegrityError, NotFound, PreconditionFailed
 from dgfs.format import Kind, StoredFile
 from dgfs.rebuild import RebuildStream
-from dgfs.store.base import ObjectStore
+from dgfs.store.base import ObjectHead, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,26 @@ class RangeReader(Reader):
         self._lock = trio.Lock()
         self._check = InOrderCheck(key, size, expected_sha256)
 
+    async def pin(self) -> None:
+        """Before the first read: the object is still the version listed (its
+        ETag), else ``IntegrityError`` (replaced since it was listed: the
+        caller lists again, as for any file opened after another writer
+        replaced it); gone, ``NotFound``. An ETag unknown (the mount's own
+        upload, a store that lists none) is asked for here."""
+        head = await self.store.head(self.key)
+        changed = self._etag and head.etag and head.etag != self._etag
+        if changed and not await self._same_content_relabelled(head):
+            raise IntegrityError(f"{self.key} was replaced since it was listed")
+        self._etag = head.etag or None
+
     async def _fetch(self, start: int, length: int) -> bytes:
-        if not self._etag:  # (unknown, or a store that lists none)
-            self._etag = (await self.store.head(self.key)).etag or None
         try:
+            if not self._etag:  # (unknown, or a store that lists none)
+                self._etag = (await self.store.head(self.key)).etag or None
             try:
                 return await self.store.get_range(self.key, start, length, if_match=self._etag)
             except PreconditionFailed:
-                if not await self._same_content_relabelled():
+                if not await self._same_content_relabelled(await self.store.head(self.key)):
                     raise IntegrityError(
                         f"{self.key} was replaced while it was read; open it again"
                     ) from None
@@ -129,7 +141,7 @@ class RangeReader(Reader):
             # that holds the file open.
             raise IntegrityError(f"{self.key} was removed while it was read") from None
 
-    async def _same_content_relabelled(self) -> bool:
+    async def _same_content_relabelled(self, head: ObjectHead) -> bool:
         """After its ETag changed: whether the object holds the same file, its
         metadata rewritten (chmod, chown, touch copy it onto itself, and S3
         gives the copy a new ETag): the same size and recorded SHA-256. Then
@@ -137,7 +149,6 @@ class RangeReader(Reader):
         (another tool's) cannot be told from a replacement of its size: it is one."""
         if self.expected_sha256 is None:
             return False
-        head = await self.store.head(self.key)
         recorded = fmt.meta_sha256(head.metadata)
         if head.size != self.size or recorded != self.expected_sha256:
             return False
@@ -387,6 +398,8 @@ class StoredContent:
             ranges = RangeReader(
                 self.core.store, stored.stored_key, stored.original_size, stored.file_sha256, etag
             )
+            with self.broken(stored, report=report):
+                await ranges.pin()
             return _Reported(ranges, self, stored)
         if self._streamable(stored):
             streamed = await self._streamed(stored)
@@ -477,6 +490,12 @@ class StoredContent:
             tmp = self.core.scratch_path()  # not beside dest: that is the journal
             try:
                 await self.core.get(key, tmp)
+                if (copied := tmp.stat().st_size) != stored.original_size:
+                    # Another tool's file (no SHA-256 to check) replaced meanwhile.
+                    raise IntegrityError(
+                        f"{key}: holds {copied} bytes where it was listed with"
+                        f" {stored.original_size}"
+                    )
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)

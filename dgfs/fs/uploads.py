@@ -476,14 +476,26 @@ class UploadPipeline:
         """A newer staging file replaced ``staged`` while it uploaded; the newer
         one is queued on its own. What this upload stored is the file's S3
         version until then, with the attributes changed meanwhile (a crash,
-        or a close of the newer that fails, leaves it as the file)."""
-        self.versions.forget_superseded(node, staged)
+        or a close of the newer that fails, leaves it as the file). Attributes
+        it could not store stay in its journal entry until the newer version
+        is committed, which carries them (a crash meanwhile recovers them)."""
         if node.unlinked:
+            self.versions.forget_superseded(node, staged)
             with contextlib.suppress(NotFound):
                 await self.core.delete(key)
         else:
             node.stored_as(stored)
-            await self._follow_up(node, key, meta)
+            failed = await self._follow_up(node, key, meta)
+            newest = node.staged
+            if failed is None or node.unlinked or newest is None or newest.is_committed:
+                self.versions.forget_superseded(node, staged)
+            else:
+                log.warning(
+                    "%s is stored, but storing its attributes failed (%s); its journal"
+                    " entry keeps them until the newer version is committed",
+                    key,
+                    failed,
+                )
         staged.notify()
 
     async def _follow_up(
