@@ -34,7 +34,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import trio
 
@@ -122,6 +122,30 @@ class Fault:
             )
 
 
+class Calls(TypedDict, total=False):
+    """Which calls of an operation a fault acts on: the ``nth`` matching call
+    from now (default 1) and the ``times - 1`` after it (default 1; None:
+    every later one); ``key``: only calls naming that key; ``after``: it
+    acts once the inner store has done the call (a reply lost, an upload
+    held once stored), not before."""
+
+    nth: int
+    times: int | None
+    key: str | None
+    after: bool
+
+
+def _fault(operation: Operation, calls: Calls, **action: Any) -> Fault:
+    return Fault(
+        operation,
+        calls.get("key"),
+        calls.get("nth", 1),
+        calls.get("times", 1),
+        calls.get("after", False),
+        **action,
+    )
+
+
 class FaultyStore(ObjectStore):
     """``inner`` with failures, delays and holds injected on chosen calls."""
 
@@ -152,46 +176,27 @@ class FaultyStore(ObjectStore):
         self,
         operation: Operation,
         *,
-        nth: int = 1,
-        times: int | None = 1,
         transient: bool = True,
         error: Callable[[str], BaseException] | None = None,
-        key: str | None = None,
-        after: bool = False,
+        **calls: Unpack[Calls],
     ) -> Fault:
-        """Make the ``nth`` matching call from now (and ``times - 1`` more) raise.
+        """Make the matching calls (``Calls``) raise.
 
         ``TransientError`` by default, ``StoreError`` when not ``transient``;
         ``error`` (an exception class, or any callable of the message) wins
-        over both. ``key`` restricts the fault to calls naming that key.
+        over both.
         """
         chosen = error or (TransientError if transient else StoreError)
-        return self._add(Fault(operation, key, nth, times, after, error=chosen))
+        return self._add(_fault(operation, calls, error=chosen))
 
-    def delay(
-        self,
-        operation: Operation,
-        seconds: float,
-        *,
-        nth: int = 1,
-        times: int | None = 1,
-        key: str | None = None,
-        after: bool = False,
-    ) -> Fault:
-        """Make matching calls take ``seconds`` more (of trio time)."""
-        return self._add(Fault(operation, key, nth, times, after, delay=seconds))
+    def delay(self, operation: Operation, seconds: float, **calls: Unpack[Calls]) -> Fault:
+        """Make the matching calls (``Calls``) take ``seconds`` more (of trio time)."""
+        return self._add(_fault(operation, calls, delay=seconds))
 
-    def hang(
-        self,
-        operation: Operation,
-        *,
-        nth: int = 1,
-        times: int | None = 1,
-        key: str | None = None,
-        after: bool = False,
-    ) -> Fault:
-        """Hold matching calls until ``release()`` (cancellation ends them too)."""
-        return self._add(Fault(operation, key, nth, times, after, gate=trio.Event()))
+    def hang(self, operation: Operation, **calls: Unpack[Calls]) -> Fault:
+        """Hold the matching calls (``Calls``) until ``release()`` (cancellation
+        ends them too)."""
+        return self._add(_fault(operation, calls, gate=trio.Event()))
 
     def clear(self) -> None:
         """Remove every fault and release the calls held."""
