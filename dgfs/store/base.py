@@ -22,6 +22,7 @@ from datetime import datetime
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import trio
 
@@ -129,6 +130,16 @@ class NewObject:
     if_none_match: bool = False
 
 
+class Creation(TypedDict, total=False):
+    """How ``upload`` and ``put_bytes`` create an object, beside its metadata
+    (as ``NewObject``): its ``content_type`` (default
+    ``application/octet-stream``), and with ``if_none_match`` only if the key
+    does not exist yet (``PreconditionFailed`` otherwise)."""
+
+    content_type: str
+    if_none_match: bool
+
+
 @dataclass(frozen=True)
 class ListPage:
     """One page of ``ListObjectsV2``: objects, and common prefixes (with trailing '/')."""
@@ -195,33 +206,18 @@ class ObjectStore(abc.ABC):
         """Stream ``key`` into the file ``dest`` (created/truncated); returns its head."""
 
     async def upload(
-        self,
-        key: str,
-        src: Path,
-        metadata: Mapping[str, str],
-        *,
-        content_type: str = DEFAULT_CONTENT_TYPE,
-        if_none_match: bool = False,
+        self, key: str, src: Path, metadata: Mapping[str, str], **new: Unpack[Creation]
     ) -> str:
-        """Upload the file ``src`` (multipart when large); returns the new ETag.
-
-        With ``if_none_match`` the object is created only if ``key`` does not
-        exist yet (``PreconditionFailed`` otherwise). A failed multipart
-        upload is aborted, never left behind.
-        """
-        return await self.write(key, src, NewObject(metadata, content_type, if_none_match))
+        """Upload the file ``src`` (multipart when large) as ``new`` says
+        (``Creation``); returns the new ETag. A failed multipart upload is
+        aborted, never left behind."""
+        return await self.write(key, src, NewObject(metadata, **new))
 
     async def put_bytes(
-        self,
-        key: str,
-        body: bytes,
-        metadata: Mapping[str, str],
-        *,
-        content_type: str = DEFAULT_CONTENT_TYPE,
-        if_none_match: bool = False,
+        self, key: str, body: bytes, metadata: Mapping[str, str], **new: Unpack[Creation]
     ) -> str:
-        """Store a small body; returns the new ETag (``if_none_match`` as in ``upload``)."""
-        return await self.write(key, body, NewObject(metadata, content_type, if_none_match))
+        """Store a small body as ``new`` says (``Creation``); returns the new ETag."""
+        return await self.write(key, body, NewObject(metadata, **new))
 
     @abc.abstractmethod
     async def write(self, key: str, body: bytes | Path, new: NewObject) -> str:
