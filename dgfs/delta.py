@@ -25,7 +25,7 @@ Flags, and why (measured on Debian's xdelta3 3.0.11):
 
 Deltas come from the bucket, which others can write: a 646-byte VCDIFF
 decodes to 256 MiB. A decode is given the size its output must have
-(``max_size``, from ``dg-file-size``) and xdelta3 cannot write a byte
+(an ``OutputCap``, from ``dg-file-size``) and xdelta3 cannot write a byte
 more (:func:`dgfs.children.size_capped`); every run has a time limit
 proportional to its work. xdelta3 is run by the absolute path resolved
 when the engine is made, with a minimal environment (:mod:`dgfs.children`).
@@ -53,6 +53,7 @@ import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -167,6 +168,15 @@ def _read_varint(data: bytes, pos: int) -> tuple[int | None, int]:
     return None, pos
 
 
+@dataclass(frozen=True)
+class OutputCap:
+    """The most a decode may write: ``size`` bytes, the number the object's
+    ``setting`` gives (named in the ``DecodeLimit`` it raises)."""
+
+    size: int
+    setting: str = "dg-file-size"
+
+
 class DeltaEngine:
     """Runs xdelta3 on files.
 
@@ -254,8 +264,7 @@ class DeltaEngine:
         delta: Path,
         out: Path,
         *,
-        max_size: int | None = None,
-        cap_name: str = "dg-file-size",
+        cap: OutputCap | None = None,
         window_checks: bool = True,
     ) -> None:
         """Rebuild into ``out`` the file that ``delta`` encodes against ``source``.
@@ -263,9 +272,8 @@ class DeltaEngine:
         ``out`` is overwritten; on failure or cancellation it is removed.
         Raises :class:`DeltaEngineError` if xdelta3 fails (corrupt delta,
         wrong source), :class:`XdeltaMissing` if it is gone, and
-        :class:`DecodeLimit` if the output would pass ``max_size`` bytes
-        (xdelta3 is stopped at that size; ``cap_name`` says in the message
-        where the number comes from) or the run its time limit. Does not
+        :class:`DecodeLimit` if the output would pass ``cap`` (xdelta3 is
+        stopped at that size) or the run its time limit. Does not
         check the result's SHA-256: that is the caller's job.
 
         ``window_checks=False`` skips xdelta3's check of every window it
@@ -294,9 +302,7 @@ class DeltaEngine:
         if not window_checks:
             flags.append("-n")
         args: list[str | Path] = [*flags, "-B", str(window), "-s", source, delta, out]
-        work = await _size(source) + (await _size(delta) if max_size is None else max_size)
-        async with self._memory.hold(memory_estimate("decode", window)):
-            await self._run("decode", args, out, work=work, max_size=max_size, cap_name=cap_name)
+        await self._decode(args, window, source, delta, out, cap)
 
     async def decode_decompressed(
         self,
@@ -304,8 +310,7 @@ class DeltaEngine:
         delta: Path,
         out: Path,
         *,
-        max_size: int | None = None,
-        cap_name: str = "expand_ratio",
+        cap: OutputCap | None = None,
     ) -> str:
         """Decode a stock delta of a compressed file without recompressing it.
 
@@ -320,7 +325,7 @@ class DeltaEngine:
         bzip2, ``"X"`` xz). Raises :class:`DeltaEngineError` if the delta
         records no target compression (then :meth:`decode` already gives
         the original bytes) or xdelta3 fails, :class:`DecodeLimit` past
-        ``max_size`` bytes or the time limit; ``out`` is removed on failure.
+        ``cap`` or the time limit; ``out`` is removed on failure.
         """
         marks = await _compression_marks(delta)
         if marks is None or not marks[0]:
@@ -329,10 +334,22 @@ class DeltaEngine:
         # seek: the window must hold all of it, not just the compressed size.
         window = await self._decompressed_window_for(source)
         args: list[str | Path] = ["-d", "-f", "-R", "-B", str(window), "-s", source, delta, out]
-        work = await _size(source) + (await _size(delta) if max_size is None else max_size)
-        async with self._memory.hold(memory_estimate("decode", window)):
-            await self._run("decode", args, out, work=work, max_size=max_size, cap_name=cap_name)
+        await self._decode(args, window, source, delta, out, cap)
         return marks[0]
+
+    async def _decode(
+        self,
+        args: list[str | Path],
+        window: int,
+        source: Path,
+        delta: Path,
+        out: Path,
+        cap: OutputCap | None,
+    ) -> None:
+        """Run the decode ``args`` (source window ``window``) under ``cap``."""
+        work = await _size(source) + (await _size(delta) if cap is None else cap.size)
+        async with self._memory.hold(memory_estimate("decode", window)):
+            await self._run("decode", args, out, work=work, cap=cap)
 
     async def _decompressed_window_for(self, source: Path) -> int:
         """The ``-B`` for reading ``source`` through external decompression."""
@@ -353,26 +370,24 @@ class DeltaEngine:
             expected = size * _UNKNOWN_EXPANSION
         else:
             expected = size  # not decompressed: xdelta3 reads and seeks it as it is
-        window = source_window(expected, self.memory_limit)
-        if expected > window:
-            log.info(
-                "%s decompresses to about %d bytes, more than the %d-byte source window",
-                source,
-                expected,
-                window,
-            )
-        return window
+        return self._window(source, expected, "decompresses to about")
 
     async def _window_for(self, source: Path) -> int:
         try:
             size = (await trio.Path(source).stat()).st_size
         except OSError as exc:
             raise DeltaEngineError(f"cannot read delta source {source}: {exc}") from exc
+        return self._window(source, size, "is")
+
+    def _window(self, source: Path, size: int, how: str) -> int:
+        """The ``-B`` for a source read as ``size`` bytes, said once when it
+        cannot hold them all."""
         window = source_window(size, self.memory_limit)
         if size > window:
             log.info(
-                "%s is %d bytes, more than the %d-byte source window; moved content may be missed",
+                "%s %s %d bytes, more than the %d-byte source window; moved content may be missed",
                 source,
+                how,
                 size,
                 window,
             )
@@ -385,13 +400,11 @@ class DeltaEngine:
         out: Path,
         *,
         work: int,
-        max_size: int | None = None,
-        cap_name: str = "",
+        cap: OutputCap | None = None,
     ) -> None:
-        """Run xdelta3 writing ``out``: at most ``max_size`` bytes (None: no cap;
-        ``cap_name`` names it), within the time limit for ``work`` bytes
-        (:func:`dgfs.children.timeout_for`)."""
-        command, preexec = self._command(what, args, max_size)
+        """Run xdelta3 writing ``out``: no more than ``cap`` (None: no cap),
+        within the time limit for ``work`` bytes (:func:`dgfs.children.timeout_for`)."""
+        command, preexec = self._command(what, args, cap)
         timeout = children.timeout_for(work)
         limit = DecodeLimit if what == "decode" else DeltaEngineError
         try:
@@ -401,7 +414,7 @@ class DeltaEngine:
                     f"xdelta3 {what} stopped after {timeout:.0f} s, the time limit for"
                     f" {work} bytes of input and output"
                 )
-            self._check_result(what, command, result, max_size, cap_name)
+            self._check_result(what, command, result, cap)
         except BaseException:
             # Also on trio.Cancelled: never leave a partial output behind.
             with contextlib.suppress(OSError):
@@ -409,16 +422,16 @@ class DeltaEngine:
             raise
 
     def _command(
-        self, what: str, args: Sequence[str | Path], max_size: int | None
+        self, what: str, args: Sequence[str | Path], cap: OutputCap | None
     ) -> tuple[list[str], Callable[[], None] | None]:
         """The xdelta3 command line for ``args``, and the ``preexec_fn`` that caps
-        its output at ``max_size`` bytes (:func:`dgfs.children.size_capped`)."""
+        its output at ``cap`` (:func:`dgfs.children.size_capped`)."""
         if self.path is None:
             raise XdeltaMissing(f"cannot run {self.binary!r} to {what}: not found; {INSTALL_HINT}")
         command = [self.path, *(os.fspath(a) for a in args)]
         preexec = None
-        if max_size is not None:
-            command, preexec = children.size_capped(command, max_size)
+        if cap is not None:
+            command, preexec = children.size_capped(command, cap.size)
         return command, preexec
 
     async def _spawn(
@@ -456,15 +469,14 @@ class DeltaEngine:
         what: str,
         command: list[str],
         result: subprocess.CompletedProcess[bytes],
-        max_size: int | None,
-        cap_name: str,
+        cap: OutputCap | None,
     ) -> None:
         """Raise the error a finished xdelta3 run stands for, if any: its output
         cap reached, prlimit unusable here, or another failure."""
-        if max_size is not None and children.wrote_past_cap(result.returncode, result.stderr):
+        if cap is not None and children.wrote_past_cap(result.returncode, result.stderr):
             raise DecodeLimit(
-                f"xdelta3 {what} stopped at {max_size} bytes of output, the limit"
-                f" ({cap_name}) for this object"
+                f"xdelta3 {what} stopped at {cap.size} bytes of output, the limit"
+                f" ({cap.setting}) for this object"
             )
         if children.prlimit_failed(result.returncode, result.stderr):
             # Not the object's fault: this machine cannot run xdelta3 capped.

@@ -23,7 +23,7 @@ import trio
 from dgfs import deep, dgzip
 from dgfs import format as fmt
 from dgfs.cache import CacheEntryReader
-from dgfs.delta import HEADER_PROBE, is_stock_gzip_delta
+from dgfs.delta import HEADER_PROBE, OutputCap, is_stock_gzip_delta
 from dgfs.errors import (
     CacheCorrupt,
     DecodeLimit,
@@ -231,7 +231,7 @@ class Rebuilder:
                         plain_ref,
                         delta_path,
                         out,
-                        max_size=stored.original_size,
+                        cap=OutputCap(stored.original_size),
                         window_checks=window_checks,
                     )
                 except DeltaEngineError:
@@ -269,7 +269,7 @@ class Rebuilder:
                 plain_ref,
                 delta_path,
                 decompressed,
-                max_size=self._bench.limits.allowance(stored.original_size),
+                cap=OutputCap(self._bench.limits.allowance(stored.original_size), "expand_ratio"),
             )
             recover = functools.partial(
                 dgzip.recover_gzip,
@@ -315,8 +315,10 @@ class Rebuilder:
                     plain_ref,
                     vcdiff,
                     expanded,
-                    max_size=self._bench.limits.expanded_cap(stored.original_size),
-                    cap_name="expand_ratio × its dg-file-size, at most expand_max",
+                    cap=OutputCap(
+                        self._bench.limits.expanded_cap(stored.original_size),
+                        "expand_ratio × its dg-file-size, at most expand_max",
+                    ),
                     # Parsed under limits, rebuilt and checked whole: never streamed.
                     window_checks=False,
                 )

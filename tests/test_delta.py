@@ -24,6 +24,7 @@ from dgfs.delta import (
     MAX_SOURCE_WINDOW,
     MIN_SOURCE_WINDOW,
     DeltaEngine,
+    OutputCap,
     external_compression,
     memory_estimate,
     source_window,
@@ -336,7 +337,7 @@ async def test_missing_binary_at_run_time(tmp_path: Path) -> None:
     with pytest.raises(XdeltaMissing):
         await engine.decode(source, write(tmp_path / "d2", b"x"), tmp_path / "out")
     with pytest.raises(XdeltaMissing, match="apt install xdelta3"):  # size-capped (prlimit)
-        await engine.decode(source, tmp_path / "d2", tmp_path / "out", max_size=100)
+        await engine.decode(source, tmp_path / "d2", tmp_path / "out", cap=OutputCap(100))
 
 
 async def test_corrupt_delta(engine: DeltaEngine, tmp_path: Path) -> None:

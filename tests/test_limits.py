@@ -33,7 +33,7 @@ from dgfs import format as fmt
 from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.deep import expand, gnuzip, objects
-from dgfs.delta import DeltaEngine
+from dgfs.delta import DeltaEngine, OutputCap
 from dgfs.errors import DgfsError, FsError, IntegrityError
 from dgfs.format import DeltaMode, Kind
 from dgfs.policy import Policy
@@ -266,12 +266,12 @@ async def test_a_vcdiff_bomb_is_stopped_at_the_size_it_must_have(
     out = write(tmp_path / "out", b"stale")
     started = time.monotonic()
     with pytest.raises(DecodeLimit, match=r"stopped at 1000 bytes of output.*dg-file-size"):
-        await DeltaEngine().decode(source, delta, out, max_size=1000)
+        await DeltaEngine().decode(source, delta, out, cap=OutputCap(1000))
     assert time.monotonic() - started < 5
     assert not out.exists()
     # Exactly the size it must have is fine.
     small = write(tmp_path / "small.vcdiff", bombs.vcdiff_run(1000))
-    await DeltaEngine().decode(source, small, out, max_size=1000)
+    await DeltaEngine().decode(source, small, out, cap=OutputCap(1000))
     assert out.read_bytes() == bytes(1000)
 
 
@@ -294,7 +294,7 @@ async def test_a_stock_gzip_delta_past_its_size_is_stopped_as_a_limit(
         ["xdelta3", "-e", "-f", "-s", tmp_path / "a.gz", tmp_path / "b.gz", delta], check=True
     )
     with pytest.raises(DecodeLimit, match="stopped at 1000 bytes"):
-        await DeltaEngine().decode(tmp_path / "a.gz", delta, tmp_path / "out", max_size=1000)
+        await DeltaEngine().decode(tmp_path / "a.gz", delta, tmp_path / "out", cap=OutputCap(1000))
     assert not (tmp_path / "out").exists()
 
 
@@ -317,7 +317,7 @@ async def test_a_prlimit_that_cannot_set_the_limit_is_a_setup_error(tmp_path: Pa
                     write(tmp_path / "ref", b"r"),
                     write(tmp_path / "d", b"d"),
                     tmp_path / "o",
-                    max_size=10,
+                    cap=OutputCap(10),
                 )
     finally:
         children._prlimit.cache_clear()
@@ -609,7 +609,7 @@ async def test_a_hung_xdelta3_is_stopped_at_its_time_limit(
     engine = DeltaEngine(str(fake))
     started = trio.current_time()
     with pytest.raises(DecodeLimit, match="time limit"):
-        await engine.decode(source, source, tmp_path / "out", max_size=1000)
+        await engine.decode(source, source, tmp_path / "out", cap=OutputCap(1000))
     with pytest.raises(DeltaEngineError, match="time limit"):
         await engine.encode(source, source, tmp_path / "d")
     assert trio.current_time() - started < 10
