@@ -665,14 +665,14 @@ async def test_a_chmod_while_a_superseded_upload_is_in_flight_never_makes_it_new
         node = await lookup(m.fs, "a")
         assert node.staged is not None and node.staged.is_committed and node.superseded
         newest = node.staged.entry_id
-        real = m.fs.uploads.journal.write_manifest
+        real = m.fs.uploads.versions.journal.write_manifest
 
         def dies_before_the_newest(entry: JournalEntry) -> None:
             if entry.entry_id == newest:
                 raise OSError(errno.EIO, "the process died here")  # nothing after it runs
             real(entry)
 
-        m.fs.uploads.journal.write_manifest = dies_before_the_newest  # type: ignore[method-assign]
+        m.fs.uploads.versions.journal.write_manifest = dies_before_the_newest  # type: ignore[method-assign]
         with pytest.raises(OSError):
             await m.fs.setattr(node.ino, mode=0o600)
     faulty.clear()
@@ -694,14 +694,14 @@ async def test_an_upload_failing_while_the_newer_version_is_staged_keeps_the_old
     faulty.fail("upload", key="a")
     async with mounted(faulty, tmp_path, crash=True) as m, trio.open_nursery() as nursery:
         await write_until_held(m.fs, "a", b"version 1\n", held, mock_clock)
-        real = m.fs.uploads.journal.new_staging
+        real = m.fs.uploads.versions.journal.new_staging
         gate = threading.Event()
 
         def slow_new_staging() -> tuple[str, Path]:
             gate.wait(10)
             return real()
 
-        m.fs.uploads.journal.new_staging = slow_new_staging  # type: ignore[method-assign]
+        m.fs.uploads.versions.journal.new_staging = slow_new_staging  # type: ignore[method-assign]
         node = await lookup(m.fs, "a")
         rewritten = await started(lambda: m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC), nursery)
         await trio.testing.wait_all_tasks_blocked(cushion=0.01)
@@ -748,7 +748,7 @@ async def test_a_newer_version_whose_close_fails_leaves_the_superseded_one(
         def full(*args: object, **kwargs: object) -> None:
             raise OSError(errno.ENOSPC, "no space")
 
-        m.fs.uploads.journal.commit = full  # type: ignore[method-assign]
+        m.fs.uploads.versions.journal.commit = full  # type: ignore[method-assign]
         with pytest.raises(FsError):
             await m.fs.flush(fh)
         with pytest.raises(FsError):
@@ -796,14 +796,14 @@ async def test_a_commit_during_the_quarantine_of_a_superseded_version_keeps_it_i
         await write_until_held(m.fs, "a", b"version 1\n", held, mock_clock)
         fh = await open_for_rewrite(m.fs, "a", b"version 2\n")
         node = await lookup(m.fs, "a")
-        real = m.fs.uploads.journal.quarantine
+        real = m.fs.uploads.versions.journal.quarantine
         gate = threading.Event()
 
         def slow_quarantine(entry_id: str) -> Path:
             gate.wait(10)
             return real(entry_id)
 
-        m.fs.uploads.journal.quarantine = slow_quarantine  # type: ignore[method-assign]
+        m.fs.uploads.versions.journal.quarantine = slow_quarantine  # type: ignore[method-assign]
         held.release()
         await trio.testing.wait_all_tasks_blocked(cushion=0.01)
         await close(m.fs, fh)  # version 2 committed while version 1 is being moved

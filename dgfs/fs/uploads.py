@@ -10,9 +10,10 @@ A file's new content lives in a staging file of the journal; its
 Who owns what: ``StagedFile`` (dgfs/fs/staging.py) owns the staging file's
 descriptor and its phase; this pipeline owns ``Node.staged`` and decides
 when the newest version is settled, discarded or given up;
-``JournaledVersions`` (dgfs/fs/versions.py) retires versions, keeps the
-superseded ones and keeps the journal entries following names and
-attributes; the journal owns the files on disk. A journal entry that
+``JournaledVersions`` (dgfs/fs/versions.py) makes, commits, removes and
+recovers journal entries, retires versions, keeps the superseded ones and
+keeps the entries following names and attributes (the pipeline reaches the
+journal only through it); the journal owns the files on disk. A journal entry that
 holds a file's newest acknowledged content goes only after S3 holds what
 replaces it (``lost_name``, the unlink and rename orders in
 ``StoredChanges``), so a crash at any point recovers the newest
@@ -116,7 +117,6 @@ class UploadPipeline:
         content: StoredContent,
     ) -> None:
         self.core = core
-        self.journal = journal
         self.ns = ns
         self.nodes = nodes
         self.options = options
@@ -164,12 +164,12 @@ class UploadPipeline:
                 if not keep_content:
                     await staged.truncate(0, self.disk_limiter)
                 return staged
-            entry_id, path = await trio.to_thread.run_sync(self.journal.new_staging)
+            entry_id, path = await self.versions.new_entry()
             if keep_content:
                 try:
                     await self._copy_current(node, path)
                 except BaseException:
-                    await trio.to_thread.run_sync(self.journal.remove, entry_id)
+                    await self.versions.remove_entry(entry_id)
                     raise
             # Opened once the copy is done: a copy may put a new file at the
             # path (a verified download moved into place), and a descriptor
@@ -207,9 +207,7 @@ class UploadPipeline:
         key = self.ns.key_of(node.path)
         meta = node.posix_metadata()
         try:
-            await trio.to_thread.run_sync(
-                self.journal.commit, staged.entry_id, key, meta, limiter=self.disk_limiter
-            )
+            await self.versions.commit_entry(staged, key, meta)
         except OSError as exc:
             if node.unlinked or staged.is_retired or not staged.in_journal:
                 return  # the name went while the entry was written: nothing to keep
@@ -217,7 +215,7 @@ class UploadPipeline:
         if node.unlinked or staged.is_retired or not staged.in_journal:
             # Unlinked (or replaced by a rename) while the entry was written:
             # the manifest just written must not bring the name back.
-            await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
+            await self.versions.remove_entry(staged.entry_id)
             return
         staged.mark_committed(generation, key)
         self.versions.drop_superseded(node)
@@ -318,7 +316,7 @@ class UploadPipeline:
             self.discard(node)
         elif staged is not None:
             staged.left_journal()  # a commit running now must not write it back
-            await trio.to_thread.run_sync(self.journal.remove, staged.entry_id)
+            await self.versions.remove_entry(staged.entry_id)
             self.versions.drop_superseded(node)
 
     # --- the queue and its workers --------------------------------------------------------
@@ -632,7 +630,7 @@ class UploadPipeline:
 
     async def recover(self) -> int:
         """Queue uploads of what an earlier mount committed but did not upload."""
-        entries = await trio.to_thread.run_sync(self.journal.recover)
+        entries = await self.versions.recover()
         for entry in entries:
             self._adopt(entry)
         if entries:
@@ -644,7 +642,7 @@ class UploadPipeline:
         if path is None:
             log.error("journal entry %s is outside this mount; kept", entry.key)
             return
-        staging = self.journal.data_path(entry.entry_id)
+        staging = self.versions.data_path(entry.entry_id)
         fd = os.open(staging, os.O_RDWR)
         node = self.nodes.recovered(path, os.fstat(fd).st_size, entry.metadata)
         node.staged = StagedFile(entry.entry_id, staging, fd, committed_as=entry.key)

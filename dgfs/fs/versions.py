@@ -17,8 +17,11 @@ upload pipeline's), ``Node.superseded`` older ones a newer version replaced
   removed with it (``retire``); one the bucket refuses for good has its
   entry moved to the journal's failed/ here (``quarantine``).
 
-It is the only writer of ``Node.superseded`` and the only caller of
-``StagedFile.retire``; the journal owns the files on disk. Who calls it:
+It is the only writer of ``Node.superseded``, the only caller of
+``StagedFile.retire``, and the upload pipeline's only way to the journal:
+entries are made, committed, removed and recovered here (``new_entry``,
+``commit_entry``, ``remove_entry``, ``recover``); the journal owns the
+files on disk. Who calls it:
 ``UploadPipeline`` (dgfs/fs/uploads.py), which decides when the newest
 version is stored, settled, discarded or failed; ``StoredChanges``
 (dgfs/fs/changes.py) and ``FileSystem.rename`` for entries that follow a
@@ -32,6 +35,7 @@ import errno
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import trio
 
@@ -57,6 +61,32 @@ class JournaledVersions:
         self.ns = ns
         self.limiter = limiter  # the mount's limiter of disk work in threads
         self.telemetry = telemetry
+
+    # --- entries --------------------------------------------------------------------
+
+    async def new_entry(self) -> tuple[str, Path]:
+        """A new, empty journal entry for a staging file: its id and data path."""
+        return await trio.to_thread.run_sync(self.journal.new_staging)
+
+    async def commit_entry(self, staged: StagedFile, key: str, meta: dict[str, str]) -> None:
+        """Make ``staged`` durable as the file ``key`` with ``meta`` (OSError if
+        the journal cannot take it)."""
+        await trio.to_thread.run_sync(
+            self.journal.commit, staged.entry_id, key, meta, limiter=self.limiter
+        )
+
+    async def remove_entry(self, entry_id: str) -> None:
+        """Remove an entry no version needs (never made a file, or its name went)."""
+        await trio.to_thread.run_sync(self.journal.remove, entry_id)
+
+    async def recover(self) -> list[JournalEntry]:
+        """What an earlier mount committed and did not upload."""
+        return await trio.to_thread.run_sync(self.journal.recover)
+
+    def data_path(self, entry_id: str) -> Path:
+        return self.journal.data_path(entry_id)
+
+    # --- versions ---------------------------------------------------------------------
 
     def retire(self, staged: StagedFile) -> None:
         """Forget a staging file nothing will store or read again (one being
