@@ -26,7 +26,7 @@ import os
 import stat
 import time
 from collections.abc import AsyncIterator
-from typing import NoReturn
+from typing import NoReturn, Unpack
 
 import trio
 
@@ -41,7 +41,7 @@ from dgfs.fs.entries import NodeKind
 from dgfs.fs.handles import Access, Handle, HandleTable
 from dgfs.fs.journal import Journal
 from dgfs.fs.namespace import NAME_MAX, Namespace, utf8_length
-from dgfs.fs.nodes import Node, NodeTable, child_path
+from dgfs.fs.nodes import AttributeChanges, Node, NodeTable, child_path
 from dgfs.fs.options import FsOptions
 from dgfs.fs.prefetch import Prefetcher
 from dgfs.fs.readers import Reader, StoredContent
@@ -357,20 +357,15 @@ class FileSystem:
         ino: int,
         *,
         size: int | None = None,
-        mode: int | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        mtime_ns: int | None = None,
-        atime_ns: int | None = None,
+        **changes: Unpack[AttributeChanges],
     ) -> Node:
+        """truncate (``size``), chmod, chown, utimens: what is given and not None."""
         node = self.get_node(ino)
-        if any(v is not None for v in (size, mode, uid, gid, mtime_ns, atime_ns)):
+        if any(v is not None for v in (size, *changes.values())):
             self._check_writable()
         if size is not None:
-            await self.truncate(node, size, mark_times=mtime_ns is None)
-        if node.change_attributes(
-            mode=mode, uid=uid, gid=gid, mtime_ns=mtime_ns, atime_ns=atime_ns
-        ):
+            await self.truncate(node, size, mark_times=changes.get("mtime_ns") is None)
+        if node.change_attributes(**changes):
             await self.changes.store_attributes(node)
         return node
 

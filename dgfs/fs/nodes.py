@@ -49,7 +49,7 @@ import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 import trio
 
@@ -62,6 +62,16 @@ if TYPE_CHECKING:
     from dgfs.fs.staging import StagedFile
 
 ROOT_INODE = 1
+
+
+class AttributeChanges(TypedDict, total=False):
+    """What chmod, chown and utimens set (None: left as it is)."""
+
+    mode: int | None
+    uid: int | None
+    gid: int | None
+    mtime_ns: int | None
+    atime_ns: int | None
 
 
 @dataclass
@@ -122,17 +132,11 @@ class Node:
         self.size = size
         self.mtime_ns = self.ctime_ns = time.time_ns()
 
-    def change_attributes(
-        self,
-        *,
-        mode: int | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        mtime_ns: int | None = None,
-        atime_ns: int | None = None,
-    ) -> bool:
+    def change_attributes(self, **changes: Unpack[AttributeChanges]) -> bool:
         """chmod, chown, utimens: set what is given; True (and a new ctime) if
         anything changed."""
+        mode, uid, gid = changes.get("mode"), changes.get("uid"), changes.get("gid")
+        mtime_ns, atime_ns = changes.get("mtime_ns"), changes.get("atime_ns")
         changed = False
         if mode is not None and stat.S_IMODE(mode) != self.mode:
             self.mode = stat.S_IMODE(mode)
