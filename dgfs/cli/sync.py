@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from dgfs.durable import fsync_path
 from dgfs.errors import ConfigError
 from dgfs.fs.xattrs import PREFIX
 from dgfs.printable import printable
@@ -61,11 +62,7 @@ def _is_pending(path: Path) -> bool:
 
 def sync_file(path: Path) -> None:
     """fsync ``path``: in a dgfs mount, returns once its upload is done (OSError if it failed)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path, os.O_RDONLY | os.O_NOFOLLOW)
 
 
 def run(args: argparse.Namespace) -> int:

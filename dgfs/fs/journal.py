@@ -64,6 +64,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dgfs.durable import fsync_path
 from dgfs.errors import ConfigError
 from dgfs.telemetry import Telemetry
 
@@ -135,11 +136,7 @@ def _flocked_files() -> set[tuple[int, int, int]]:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def _write_all(fd: int, body: bytes) -> None:
