@@ -214,7 +214,11 @@ class Renamer:
             if len(dst_root.encode()) + len(obj.key[len(src_root) :].encode()) > KEY_MAX:
                 raise KeyTooLong(f"{obj.key} would be longer than S3 holds under {dst_root}")
         await self._copy_tree(listing.objects, src_root, dst_root)
-        await self._delete_tree(listing.objects, src_root, dst_root)
+        try:
+            await self._delete_tree(listing.objects, src_root, dst_root)
+        except DgfsError:
+            await self._undo_copies(listing.objects, src_root, dst_root)
+            raise
         log.info("moved %d objects %s -> %s", len(listing.objects), src_root, dst_root)
         return len(listing.objects)
 
@@ -222,31 +226,37 @@ class Renamer:
         """Copy ``objects`` from under ``src_root`` to under ``dst_root``, side
         by side; if one copy fails, the copies made go and its error is raised,
         so the rename fails whole rather than leaving two trees. A copy that
-        failed may have been made all the same (its reply lost): it goes too
-        (the new names are the rename's: the target was empty or absent)."""
+        failed may have been made all the same (its reply lost): it goes too,
+        but only while it holds the source's bytes (its ETag: another writer
+        may have stored that name meanwhile, and what it stored stays)."""
         copied: list[str] = []
+        maybe: dict[str, str] = {}  # new key -> the source's ETag
         failures: list[DgfsError] = []
 
-        async def move_one(key: str, limiter: trio.CapacityLimiter) -> None:
-            new_key = dst_root + key[len(src_root) :]
+        async def move_one(obj: ObjectInfo, limiter: trio.CapacityLimiter) -> None:
+            new_key = dst_root + obj.key[len(src_root) :]
             async with limiter:
                 try:
-                    await self._copy_tree_object(key, new_key, src_root, dst_root)
+                    await self._copy_tree_object(obj.key, new_key, src_root, dst_root)
                 except NotFound:
                     return  # removed meanwhile (another mount): nothing to move
                 except DgfsError as exc:
                     failures.append(exc)
+                    maybe[new_key] = obj.etag
+                    return
                 except OSError as exc:  # the scratch disk (a marker's bytes)
-                    failures.append(FsError(exc.errno or errno.EIO, f"{key}: {exc.strerror}"))
+                    failures.append(FsError(exc.errno or errno.EIO, f"{obj.key}: {exc.strerror}"))
+                    return
             copied.append(new_key)
 
         limiter = trio.CapacityLimiter(16)
         async with trio.open_nursery() as nursery:
             for obj in objects:
-                nursery.start_soon(move_one, obj.key, limiter)
+                nursery.start_soon(move_one, obj, limiter)
         if failures:
             with contextlib.suppress(DgfsError):
                 await self._store.delete_many(copied)
+                await self._store.delete_many(list(maybe), etags=maybe)
             raise failures[0]
 
     async def _copy_tree_object(self, key: str, new_key: str, src_root: str, dst_root: str) -> None:
@@ -272,6 +282,22 @@ class Renamer:
             await self._store.copy(key, new_key, meta, version=version)
         except PreconditionFailed:
             raise TransientError(f"{key}: changed by another writer meanwhile") from None
+
+    async def _undo_copies(self, objects: list[ObjectInfo], src_root: str, dst_root: str) -> None:
+        """Removing the old names failed: the copies of those still there go
+        (while they hold the bytes copied, their source's ETag), so the tree
+        stands once, under the old name where it was not removed. Best effort:
+        the error that stopped the rename is the one reported."""
+        try:
+            still = {obj.key for obj in (await self._store.list(src_root, delimiter=None)).objects}
+            copies = {
+                dst_root + obj.key[len(src_root) :]: obj.etag
+                for obj in objects
+                if obj.key in still and obj.etag
+            }
+            await self._store.delete_many(list(copies), etags=copies)
+        except DgfsError as exc:
+            log.warning("%s: the copies of a failed rename stay: %s", dst_root, exc)
 
     async def _delete_tree(self, objects: list[ObjectInfo], src_root: str, dst_root: str) -> None:
         """Delete the versions of ``objects`` listed. One another writer stored

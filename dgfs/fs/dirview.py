@@ -77,9 +77,12 @@ class DirectoryView:
             listing = await self.ns.listing(node.parent_path, fresh=True)
         entry = listing.get(node.name)
         if entry is None or entry.stored is None:
-            raise FsError(errno.EIO, f"{node.path}: removed by another writer since it was opened")
+            raise _removed(node)
         self.nodes.refresh(node, entry)
-        return await use(entry.stored, True)
+        try:
+            return await use(entry.stored, True)
+        except NotFound:
+            raise _removed(node) from None
 
     async def _node_at(self, path: str) -> Node:
         """The node of the directory ``path``, looked up from the root."""
@@ -180,3 +183,9 @@ class DirectoryView:
                 self.nodes.release(child)  # not handed to the kernel: it may go
                 break
             self.nodes.looked_up(child)
+
+
+def _removed(node: Node) -> FsError:
+    """A file another writer removed since this handle opened it: its bytes are
+    lost to the handle (EIO, as read(2) and write(2) report it, never ENOENT)."""
+    return FsError(errno.EIO, f"{node.path}: removed by another writer since it was opened")

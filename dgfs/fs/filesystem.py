@@ -431,9 +431,11 @@ class FileSystem:
 
     async def _put_back_dir(self, removed: Node) -> None:
         """A rename over the empty directory ``removed`` failed: its marker is
-        written again, with its attributes (a lookup then finds it)."""
+        written again, with its attributes (a lookup then finds it), unless
+        the rename got as far as a marker there (it failed removing the old
+        names: the moved directory stands, and both trees show)."""
         try:
-            await self.ns.write_marker(removed.path, removed.posix_metadata())
+            await self.ns.put_back_marker(removed.path, removed.posix_metadata())
         except DgfsError as exc:
             log.error(
                 "%s: removed for a rename that failed; putting it back failed: %s",

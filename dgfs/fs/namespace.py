@@ -11,6 +11,7 @@ relative to the mount root; ``key_of`` maps them to S3 keys.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from dgfs.errors import (
     DgfsError,
     FsError,
     NotFound,
+    PreconditionFailed,
     StoreError,
 )
 from dgfs.flight import SingleFlight
@@ -591,6 +593,17 @@ class Namespace:
                 return
         await self.store.put_bytes(key, b"", meta)
         self._markers[key] = _Marker(meta)
+
+    async def put_back_marker(self, path: str, meta: dict[str, str]) -> None:
+        """Store an empty marker for ``path`` only where none stands now
+        (If-None-Match; a HEAD first where the store has no conditional PUT)."""
+        key = self.dir_prefix(path)
+        with contextlib.suppress(NotFound):
+            await self.store.head(key)
+            return
+        with contextlib.suppress(PreconditionFailed):
+            await self.store.put_bytes(key, b"", meta, if_none_match=True)
+            self._markers[key] = _Marker(meta)
 
     async def persist_attr_cache(self) -> None:
         """Write new attribute-cache rows and due directory indexes every few

@@ -188,7 +188,7 @@ class UploadPipeline:
         """The file's current content into ``dest``: an older staging file's, else S3's."""
         if node.staged is not None:
             await node.staged.copy_to(dest, self.disk_limiter)
-        elif node.stored is not None and node.size:
+        elif node.stored is not None:  # (one listed empty: another writer may have filled it)
             # The version another mount stored meanwhile, if so (as a read would).
             async def copy_version(stored: StoredFile, report: bool) -> None:
                 await self.content.copy(stored, self.ns.key_of(node.path), dest, report=report)
@@ -451,7 +451,7 @@ class UploadPipeline:
             # the same bytes (ETag) within the same second: the row cached
             # for that version would show its attributes for this one.
             await self.ns.overwritten(stored.stored_key)
-            failed = await self._follow_up(node, key, meta)
+            failed = await self._follow_up(node, staged, key, meta)
             if (
                 failed is not None
                 and node.staged is staged
@@ -483,7 +483,7 @@ class UploadPipeline:
                 await self.core.delete(key)
         else:
             node.stored_as(stored)
-            failed = await self._follow_up(node, key, meta)
+            failed = await self._follow_up(node, staged, key, meta)
             newest = node.staged
             if failed is None or node.unlinked or newest is None or newest.is_committed:
                 self.versions.forget_superseded(node, staged)
@@ -497,7 +497,7 @@ class UploadPipeline:
         staged.notify()
 
     async def _follow_up(
-        self, node: Node, key: str, meta: dict[str, str]
+        self, node: Node, staged: StagedFile, key: str, meta: dict[str, str]
     ) -> DgfsError | OSError | None:
         """The bytes are stored under ``key``: bring the name and attributes up
         to date, or remove them again if the file was unlinked meanwhile.
@@ -528,6 +528,8 @@ class UploadPipeline:
                 return exc
             node.stored_as(stored)
             await self.ns.metadata_changed(stored.stored_key)
+            if node.staged is not staged:
+                break  # a newer version (being written) carries what changes next
         return None
 
     def _attributes_failed(

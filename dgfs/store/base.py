@@ -56,7 +56,9 @@ def encode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 
 
 def _header_safe(value: str) -> bool:
-    return value.isascii() and value.isprintable() and value == value.strip()
+    # A tab travels in a header as it is (and DeltaGlider reads dg-ref-key
+    # raw): only other control characters and edge blanks are encoded.
+    return value.isascii() and value.replace("\t", " ").isprintable() and value == value.strip()
 
 
 def decode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

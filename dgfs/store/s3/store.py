@@ -418,6 +418,10 @@ class S3Store(ObjectStore):
                 await self._delete_one(key, (etags or {}).get(key))
             except PreconditionFailed:
                 kept.append(key)
+            except TransientError:
+                raise
+            except StoreError as exc:
+                failures.append(f"{key} ({exc})")
         keys = [key for key in keys if _xml_can_carry(key)]
         for start in range(0, len(keys), DELETE_BATCH):
             batch = keys[start : start + DELETE_BATCH]
