@@ -5,6 +5,8 @@
 - ``moto_endpoint`` (session): URL of one ``moto_server`` for the whole run.
 - ``bucket_name``: a fresh bucket on that moto server, per test.
 - ``s3_store``: an ``S3Store`` on ``bucket_name``.
+- ``moto_core``: a ``Core`` on ``bucket_name`` as ``dgfs.runtime.open_core`` makes
+  one, files from 1 KiB stored as deltas.
 - ``memory_store``: an empty ``MemoryStore``; ``memory`` and ``faulty`` (a
   ``FaultyStore`` around it) for the in-process ``FileSystem`` tests.
 - ``seaweed_endpoint`` (session): URL of a SeaweedFS server (skipped only
@@ -30,7 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dgfs.core import Core  # noqa: E402
 from dgfs.fs import staging  # noqa: E402
+from dgfs.policy import Policy  # noqa: E402
+from dgfs.runtime import S3Location, Settings, open_core  # noqa: E402
 from dgfs.store.faulty import FaultyStore  # noqa: E402
 from dgfs.store.memory import MemoryStore  # noqa: E402
 from dgfs.store.s3 import S3Store  # noqa: E402
@@ -133,6 +138,19 @@ async def s3_store(moto_endpoint: str, bucket_name: str) -> AsyncIterator[S3Stor
         yield store
     finally:
         await store.aclose()
+
+
+@pytest.fixture
+async def moto_core(moto_endpoint: str, bucket_name: str, tmp_path: Path) -> AsyncIterator[Core]:
+    """A ``Core`` on ``bucket_name`` as ``open_core`` makes one (closed after the
+    test); files from 1 KiB are stored as deltas."""
+    settings = Settings(
+        endpoint_url=moto_endpoint,
+        cache_dir=tmp_path / "cache",
+        policy=Policy(min_delta_size=1024),
+    )
+    async with open_core(S3Location(bucket_name), settings) as core:
+        yield core
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -48,6 +48,8 @@ UID, GID = os.getuid(), os.getgid()
 OPTIONS = FsOptions(upload_delay=0.5, retry_delay=2.0)
 #: Uploads at once and retries after 10 ms: for tests of several mounts on real time.
 FAST_RETRIES = FsOptions(upload_delay=0.0, retry_delay=0.01)
+#: ``OPTIONS``, but files over 1 MiB are read by ranges (the default is 32 MiB).
+RANGED = replace(OPTIONS, verify_whole_below=1 << 20)
 #: Three releases of a plugin, zips of ~250 KB: stored as deltas.
 RELEASES = list(ReleaseSeries(size=512 << 10).zips(3))
 
@@ -129,14 +131,23 @@ async def mounted(
             await end_mount(fs, journal, crashed=crash)
 
 
-def close_fds_under(directory: Path) -> None:
+def fds_under(directory: Path) -> dict[int, str]:
+    """The descriptors this process holds open under ``directory`` (deleted
+    files too), each with the path it is open on."""
+    found: dict[int, str] = {}
     for name in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue
         if target.startswith(f"{directory}/"):
-            os.close(int(name))
+            found[int(name)] = target
+    return found
+
+
+def close_fds_under(directory: Path) -> None:
+    for fd in fds_under(directory):
+        os.close(fd)
 
 
 # --- POSIX-level helpers --------------------------------------------------------------
@@ -192,6 +203,26 @@ async def read_file(fs: FileSystem, name: str, parent: int = ROOT) -> bytes:
         return await fs.read(handle.fh, 0, 1 << 20)
     finally:
         await fs.release(handle.fh)
+
+
+async def ino_of(fs: FileSystem, path: str) -> int:
+    """The inode of the directory ``path`` (slash-separated, from the root)."""
+    ino = ROOT
+    for part in filter(None, path.split("/")):
+        ino = (await lookup(fs, part, ino)).ino
+    return ino
+
+
+async def readdir(fs: FileSystem, path: str) -> dict[str, Node]:
+    """name -> node of every entry of the directory ``path`` ("" for the root)."""
+    found: dict[str, Node] = {}
+
+    def reply(name: str, node: Node, offset: int) -> bool:
+        found[name] = node
+        return True
+
+    await fs.readdir(await ino_of(fs, path), 0, reply)
+    return found
 
 
 async def rename(fs: FileSystem, old: str, new: str) -> None:

@@ -31,10 +31,9 @@ from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.namespace import Namespace
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
-from tests.fsharness import OPTIONS, lookup, mounted, ticking_clock, write_file
+from tests.fsharness import OPTIONS, RANGED, lookup, mounted, ticking_clock, write_file
 from tests.test_streaming import (
     HALF,
-    STREAMING,
     new_dir,
     open_v2,
     read_from,
@@ -140,7 +139,7 @@ async def test_a_streamed_rebuild_that_fails_unexpectedly_fails_its_reader_alone
         raise failure()
 
     monkeypatch.setattr(DeltaEngine, "decode", decode)
-    async with mounted(memory, new_dir(tmp_path / "reader"), STREAMING) as m:
+    async with mounted(memory, new_dir(tmp_path / "reader"), RANGED) as m:
         fh = await open_v2(m.fs)
         assert await m.fs.read(fh, 0, 4096) == v2[:4096]
         await half_written.wait()

@@ -15,16 +15,13 @@ import pytest
 
 from dgfs.cache import HEADER_SIZE
 from dgfs.fs.filesystem import FileSystem
-from dgfs.fs.options import FsOptions
 from dgfs.store.memory import MemoryStore
-from tests.fsharness import home, lookup, mounted, read_file, write_file
+from tests.fsharness import RANGED, home, lookup, mounted, read_file, write_file
 
 pytestmark = pytest.mark.timeout(60)
 
 #: notes.txt after ``echo second line >> notes.txt``.
 APPENDED = b"first line\nsecond line\n"
-#: Files above 1 MiB are read by ranges, not whole through the cache.
-RANGED = FsOptions(upload_delay=0.5, retry_delay=2.0, verify_whole_below=1 << 20)
 
 
 async def _append(fs: FileSystem, name: str, data: bytes) -> None:

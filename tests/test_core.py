@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -358,15 +359,28 @@ async def test_directory_rename_moves_reference_and_rewrites_pointers(
         assert (tmp_path / "out").read_bytes() == path.read_bytes()
 
 
-async def test_a_directory_rename_that_fails_midway_leaves_the_source_whole(
-    memory_store: MemoryStore, releases: list[Path], tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def faulty_tree(
+    memory_store: MemoryStore, files: list[Path], tmp_path: Path
+) -> AsyncIterator[tuple[FaultyStore, Core]]:
+    """A core over a ``FaultyStore`` around ``memory_store``, ``files`` put
+    under ``old/`` and the marker ``old/sub/`` beside them (closed after)."""
     faulty = FaultyStore(memory_store)
     core, cache = make_core(faulty, tmp_path)
     try:
-        for path in releases[:3]:
+        for path in files:
             await core.put(path, f"old/{path.name}")
         await memory_store.put_bytes("old/sub/", b"", {"mode": "16877"})
+        yield faulty, core
+    finally:
+        await core.aclose()
+        cache.close()
+
+
+async def test_a_directory_rename_that_fails_midway_leaves_the_source_whole(
+    memory_store: MemoryStore, releases: list[Path], tmp_path: Path
+) -> None:
+    async with faulty_tree(memory_store, releases[:3], tmp_path) as (faulty, core):
         before = dict(memory_store.objects)
         faulty.fail("copy", key=f"old/{releases[1].name}.delta", transient=False)
         with pytest.raises(StoreError):
@@ -377,9 +391,6 @@ async def test_a_directory_rename_that_fails_midway_leaves_the_source_whole(
         assert await core.rename_prefix("old", "new") == 5
         assert memory_store.objects["new/sub/"].metadata == {"mode": "16877"}
         assert [c for c in faulty.log if c.operation == "copy" and c.keys[0].endswith("/")] == []
-    finally:
-        await core.aclose()
-        cache.close()
 
 
 @pytest.mark.parametrize("operation", ["copy", "upload"])
@@ -391,21 +402,13 @@ async def test_a_directory_rename_whose_copy_reply_was_lost_leaves_no_copy_behin
     the copy S3 made all the same goes with the others. (Before: only the
     copies whose reply came back were removed; the lost one stayed, and the
     failed ``mv old new`` left a directory ``new`` behind.)"""
-    faulty = FaultyStore(memory_store)
-    core, cache = make_core(faulty, tmp_path)
-    try:
-        for path in releases[:2]:
-            await core.put(path, f"old/{path.name}")
-        await memory_store.put_bytes("old/sub/", b"", {"mode": "16877"})
+    async with faulty_tree(memory_store, releases[:2], tmp_path) as (faulty, core):
         before = set(memory_store.objects)
         key = f"old/{releases[1].name}.delta" if operation == "copy" else "new/sub/"
         faulty.fail(operation, key=key, transient=False, after=True)
         with pytest.raises(StoreError):
             await core.rename_prefix("old", "new")
         assert set(memory_store.objects) == before
-    finally:
-        await core.aclose()
-        cache.close()
 
 
 async def test_delete_leaves_the_reference(

@@ -11,7 +11,6 @@ is what happened then).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -26,7 +25,7 @@ from dgfs.store.memory import MemoryStore
 from tests.fsharness import (
     FAST_RETRIES,
     GID,
-    OPTIONS,
+    RANGED,
     ROOT,
     UID,
     close,
@@ -42,8 +41,6 @@ pytestmark = pytest.mark.timeout(60)
 
 MiB = 1 << 20
 CHUNK = 128 << 10
-#: Files over 1 MiB are read by ranges (the default is 32 MiB).
-RANGED = dataclasses.replace(OPTIONS, verify_whole_below=1 * MiB)
 
 
 async def test_a_directory_rename_failing_on_the_local_disk_leaves_no_copy_behind(

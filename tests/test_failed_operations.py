@@ -13,10 +13,8 @@ before its fix for the reason its docstring gives ("Got" is what happened).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +25,13 @@ from botocore.exceptions import ClientError
 
 from dgfs.core import Core
 from dgfs.errors import DgfsError, StoreError, errno_of
-from dgfs.policy import Policy
-from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
 from tests.fsharness import (
     FAST_RETRIES,
     GID,
-    OPTIONS,
+    RANGED,
     ROOT,
     UID,
     close,
@@ -53,19 +49,6 @@ from testsupport.releases import ReleaseSeries
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 1 << 20
-#: Files over 1 MiB are read by ranges (the default is 32 MiB).
-RANGED = dataclasses.replace(OPTIONS, verify_whole_below=1 * MiB)
-
-
-@pytest.fixture
-async def moto_core(moto_endpoint: str, bucket_name: str, tmp_path: Path) -> AsyncIterator[Core]:
-    settings = Settings(
-        endpoint_url=moto_endpoint,
-        cache_dir=tmp_path / "cache",
-        policy=Policy(min_delta_size=1024),
-    )
-    async with open_core(S3Location(bucket_name), settings) as core:
-        yield core
 
 
 @pytest.mark.interop

@@ -41,18 +41,18 @@ from dgfs.errors import (
     TransientError,
 )
 from dgfs.fs.entries import NodeKind
-from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.fuse_ops import FuseOperations
-from dgfs.fs.nodes import Node
 from dgfs.fs.options import FsOptions
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from tests.coreharness import flip_byte, make_core, write
 from tests.fsharness import (
     ROOT,
+    ino_of,
     lookup,
     mounted,
     read_file,
+    readdir,
     rename,
     without_indexes,
     write_file,
@@ -355,26 +355,6 @@ async def test_a_head_failing_for_a_moment_fails_the_listing(tmp_path: Path) -> 
         with pytest.raises(CredentialsUnavailable):
             await m.fs.ns.listing("m")
         assert sorted(await m.fs.ns.listing("m")) == ["a", "b"]
-
-
-async def ino_of(fs: FileSystem, path: str) -> int:
-    """The inode of the directory ``path`` (slash-separated, from the root)."""
-    ino = ROOT
-    for part in filter(None, path.split("/")):
-        ino = (await lookup(fs, part, ino)).ino
-    return ino
-
-
-async def readdir(fs: FileSystem, path: str) -> dict[str, Node]:
-    """name -> node of every entry of the directory ``path``."""
-    found: dict[str, Node] = {}
-
-    def reply(name: str, node: Node, offset: int) -> bool:
-        found[name] = node
-        return True
-
-    await fs.readdir(await ino_of(fs, path), 0, reply)
-    return found
 
 
 # --- names ----------------------------------------------------------------------------

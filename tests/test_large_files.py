@@ -5,7 +5,6 @@ its docstring gives ("What they get" is what happened then)."""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import os
@@ -20,10 +19,9 @@ from dgfs.errors import DgfsError, errno_of
 from dgfs.fs import readers
 from dgfs.rebuild import RecentRebuilds
 from dgfs.store.memory import MemoryStore
-from tests.fsharness import OPTIONS, lookup, mounted
+from tests.fsharness import RANGED, fds_under, lookup, mounted
 from tests.test_streaming import (
     SIZE,
-    STREAMING,
     HeldDecode,
     new_dir,
     open_v2,
@@ -35,21 +33,6 @@ pytestmark = pytest.mark.timeout(60)
 
 MiB = 1 << 20
 CHUNK = 128 << 10
-#: Files over 1 MiB are read by ranges (the default is 32 MiB).
-RANGED = dataclasses.replace(OPTIONS, verify_whole_below=1 * MiB)
-
-
-def _open_files_under(directory: Path) -> list[str]:
-    """What this process holds open under ``directory`` (deleted files too)."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(f"{directory}/"):
-            found.append(target)
-    return found
 
 
 @pytest.mark.usefixtures("streamed_over_1mib")
@@ -75,7 +58,7 @@ async def test_two_reads_far_ahead_on_one_handle_leave_no_cache_entry_open_after
     held = HeldDecode(monkeypatch)
     monkeypatch.setattr(readers, "MAX_HELD_AHEAD", 256 << 10)  # "far ahead" within 3 MiB
     home = new_dir(tmp_path / "reader")
-    async with mounted(memory, home, STREAMING) as m:
+    async with mounted(memory, home, RANGED) as m:
         # A file too large for a plain copy beside the cache (over 128 MiB by
         # default): the cached reader reads the encrypted cache entry itself.
         m.fs.core.rebuilder.recent = RecentRebuilds(max_bytes=0)
@@ -95,7 +78,7 @@ async def test_two_reads_far_ahead_on_one_handle_leave_no_cache_entry_open_after
         await m.fs.release(fh)
         cache = m.fs.core.cache
         cache.discard(hashlib.sha256(v2).hexdigest())  # evicted
-        entries = [p for p in _open_files_under(cache.directory) if not p.endswith("/lock")]
+        entries = [p for p in fds_under(cache.directory).values() if not p.endswith("/lock")]
         assert entries == [], f"cache entries still held open after release: {entries}"
 
 

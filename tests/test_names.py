@@ -18,7 +18,6 @@ import trio.testing
 
 from dgfs.errors import DgfsError, FsError, StoreError, errno_of
 from dgfs.fs.filesystem import FileSystem
-from dgfs.fs.nodes import Node
 from dgfs.store.base import NewObject
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
@@ -31,32 +30,15 @@ from tests.fsharness import (
     close,
     create,
     home,
+    ino_of,
     lookup,
     mounted,
     read_file,
+    readdir,
     write_file,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def ino_of(fs: FileSystem, path: str) -> int:
-    """The inode of the directory ``path`` (slash-separated, from the root)."""
-    ino = ROOT
-    for part in filter(None, path.split("/")):
-        ino = (await lookup(fs, part, ino)).ino
-    return ino
-
-
-async def readdir(fs: FileSystem, ino: int) -> dict[str, Node]:
-    found: dict[str, Node] = {}
-
-    def reply(name: str, node: Node, offset: int) -> bool:
-        found[name] = node
-        return True
-
-    await fs.readdir(ino, 0, reply)
-    return found
 
 
 async def read_or_none(fs: FileSystem, path: str) -> bytes | None:
@@ -280,9 +262,9 @@ async def test_a_directory_without_a_marker_goes_with_its_last_file(
     async with mounted(memory, home(tmp_path, "a")) as m:
         releases = await lookup(m.fs, "releases")
         await m.fs.unlink(releases.ino, "notes.txt")
-        assert "releases" in await readdir(m.fs, ROOT)  # within the listing TTL
+        assert "releases" in await readdir(m.fs, "")  # within the listing TTL
         mock_clock.jump(OPTIONS.listing_ttl + 1)
-        assert "releases" not in await readdir(m.fs, ROOT)
+        assert "releases" not in await readdir(m.fs, "")
         with pytest.raises(FsError) as gone:
             await lookup(m.fs, "releases")
     assert gone.value.errno == errno.ENOENT

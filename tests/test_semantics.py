@@ -43,6 +43,7 @@ from tests.coreharness import flip_byte, make_core, write
 from tests.fsharness import (
     FAST_RETRIES,
     OPTIONS,
+    RANGED,
     RELEASES,
     ROOT,
     UID,
@@ -409,8 +410,7 @@ async def test_opening_a_large_direct_file_never_downloads_it_whole(
     data = os.urandom(3 << 20)
     await memory.put_bytes("big.bin", data, {})
     store = FaultyStore(memory)
-    small_whole = FsOptions(upload_delay=0.5, retry_delay=2.0, verify_whole_below=1 << 20)
-    async with mounted(store, tmp_path, small_whole) as m:
+    async with mounted(store, tmp_path, RANGED) as m:
         node = await lookup(m.fs, "big.bin")
         handle = await m.fs.open(node.ino, os.O_RDONLY)
         try:

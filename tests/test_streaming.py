@@ -26,21 +26,20 @@ from dgfs.fs import readers
 from dgfs.fs.filesystem import FileSystem
 from dgfs.fs.readers import StreamReader
 from dgfs.store.memory import MemoryStore
-from tests.fsharness import OPTIONS, close, create, lookup, mounted, write_file
+from tests.fsharness import RANGED, close, create, lookup, mounted, write_file
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("streamed_over_1mib")]
 
 SIZE = 3 << 20
 HALF = SIZE // 2
-# Deltas over 1 MiB are verified as they are read (the default is 32 MiB).
-STREAMING = dataclasses.replace(OPTIONS, verify_whole_below=1 << 20)
 
 
 @pytest.fixture
 def streamed_over_1mib(monkeypatch: pytest.MonkeyPatch) -> None:
-    """xdelta3 checks the windows of deltas over STREAMING's 1 MiB, as it does
-    over the default 32 MiB: only such rebuilds are served while written."""
-    monkeypatch.setattr(rebuild, "CHECKED_WHOLE_UP_TO", STREAMING.verify_whole_below)
+    """Deltas over RANGED's 1 MiB are verified as they are read: xdelta3 checks
+    their windows, as it does over the default 32 MiB, and only such rebuilds
+    are served while written."""
+    monkeypatch.setattr(rebuild, "CHECKED_WHOLE_UP_TO", RANGED.verify_whole_below)
 
 
 def versions() -> tuple[bytes, bytes]:
@@ -98,7 +97,7 @@ def new_dir(path: Path) -> Path:
 
 async def store_versions(memory: MemoryStore, tmp_path: Path) -> bytes:
     v1, v2 = versions()
-    async with mounted(memory, new_dir(tmp_path / "writer"), STREAMING) as m:
+    async with mounted(memory, new_dir(tmp_path / "writer"), RANGED) as m:
         fh = await create(m.fs, "v1.tar", v1)
         await m.fs.fsync(fh)  # uploaded first: the reference
         await close(m.fs, fh)
@@ -135,7 +134,7 @@ async def test_a_large_delta_is_served_while_it_is_rebuilt(
     memory = MemoryStore()
     v2 = await store_versions(memory, tmp_path)
     held = HeldDecode(monkeypatch)
-    async with mounted(memory, new_dir(tmp_path / "reader"), STREAMING) as m:
+    async with mounted(memory, new_dir(tmp_path / "reader"), RANGED) as m:
         fh = await open_v2(m.fs)
         # Served from the first half while the rest is not decoded yet.
         assert await read_from(m.fs, fh, 0, HALF) == v2[:HALF]
@@ -161,7 +160,7 @@ async def test_a_read_far_ahead_is_served_from_the_verified_cached_copy(
     v2 = await store_versions(memory, tmp_path)
     held = HeldDecode(monkeypatch)
     monkeypatch.setattr(readers, "MAX_HELD_AHEAD", 256 << 10)
-    async with mounted(memory, new_dir(tmp_path / "reader"), STREAMING) as m:
+    async with mounted(memory, new_dir(tmp_path / "reader"), RANGED) as m:
         fh = await open_v2(m.fs)
         assert await m.fs.read(fh, 0, 4096) == v2[:4096]
         got: dict[str, bytes] = {}
@@ -191,7 +190,7 @@ async def test_bytes_that_fail_their_sha256_fail_the_read_that_completes_the_fil
         delta, metadata={**delta.metadata, "dg-file-sha256": "0" * 64}
     )
     HeldDecode(monkeypatch).release.set()
-    async with mounted(memory, new_dir(tmp_path / "reader"), STREAMING) as m:
+    async with mounted(memory, new_dir(tmp_path / "reader"), RANGED) as m:
         fh = await open_v2(m.fs)
         assert await read_from(m.fs, fh, 0, SIZE - 4096) == v2[: SIZE - 4096]
         with pytest.raises(FsError) as failed:
@@ -212,7 +211,7 @@ async def test_a_decode_that_fails_midway_fails_the_reads_past_what_it_wrote(
     v2 = await store_versions(memory, tmp_path)
     held = HeldDecode(monkeypatch)
     held.fail = True
-    async with mounted(memory, new_dir(tmp_path / "reader"), STREAMING) as m:
+    async with mounted(memory, new_dir(tmp_path / "reader"), RANGED) as m:
         fh = await open_v2(m.fs)
         assert await m.fs.read(fh, 0, 4096) == v2[:4096]
         held.release.set()
@@ -233,7 +232,7 @@ async def test_a_rebuild_stopped_by_a_local_error_fails_each_read_past_it_with_e
     v2 = await store_versions(memory, tmp_path)
     held = HeldDecode(monkeypatch)
     held.fail_with = OSError(errno.ENOSPC, "No space left on device")
-    async with mounted(memory, new_dir(tmp_path / "reader"), STREAMING) as m:
+    async with mounted(memory, new_dir(tmp_path / "reader"), RANGED) as m:
         fh = await open_v2(m.fs)
         assert await m.fs.read(fh, 0, 4096) == v2[:4096]
         held.release.set()
@@ -250,7 +249,7 @@ async def test_small_deltas_are_verified_whole_before_the_first_byte(
     memory = MemoryStore()
     v2 = await store_versions(memory, tmp_path)
     HeldDecode(monkeypatch).release.set()
-    whole = dataclasses.replace(STREAMING, verify_whole_below=SIZE)
+    whole = dataclasses.replace(RANGED, verify_whole_below=SIZE)
     async with mounted(memory, new_dir(tmp_path / "reader"), whole) as m:
         fh = await open_v2(m.fs)
         assert await read_from(m.fs, fh, 0) == v2
