@@ -213,23 +213,27 @@ class Renamer:
         for obj in listing.objects:
             if len(dst_root.encode()) + len(obj.key[len(src_root) :].encode()) > KEY_MAX:
                 raise KeyTooLong(f"{obj.key} would be longer than S3 holds under {dst_root}")
-        await self._copy_tree(listing.objects, src_root, dst_root)
+        made = await self._copy_tree(listing.objects, src_root, dst_root)
         try:
             await self._delete_tree(listing.objects, src_root, dst_root)
         except DgfsError:
-            await self._undo_copies(listing.objects, src_root, dst_root)
+            await self._undo_copies(listing.objects, made, src_root, dst_root)
             raise
         log.info("moved %d objects %s -> %s", len(listing.objects), src_root, dst_root)
         return len(listing.objects)
 
-    async def _copy_tree(self, objects: list[ObjectInfo], src_root: str, dst_root: str) -> None:
+    async def _copy_tree(
+        self, objects: list[ObjectInfo], src_root: str, dst_root: str
+    ) -> dict[str, str]:
         """Copy ``objects`` from under ``src_root`` to under ``dst_root``, side
-        by side; if one copy fails, the copies made go and its error is raised,
-        so the rename fails whole rather than leaving two trees. A copy that
-        failed may have been made all the same (its reply lost): it goes too,
-        but only while it holds the source's bytes (its ETag: another writer
-        may have stored that name meanwhile, and what it stored stays)."""
-        copied: list[str] = []
+        by side; returns each copy's key and ETag. If one copy fails, the
+        copies made go and its error is raised, so the rename fails whole
+        rather than leaving two trees. A copy that failed may have been made
+        all the same (its reply lost): it goes too, but only while it holds
+        the source's ETag (another writer may have stored that name
+        meanwhile, and what it stored stays; such a copy of a multipart
+        object, whose ETag differs, stays too)."""
+        copied: dict[str, str] = {}  # new key -> the ETag the copy returned
         maybe: dict[str, str] = {}  # new key -> the source's ETag
         failures: list[DgfsError] = []
 
@@ -237,7 +241,7 @@ class Renamer:
             new_key = dst_root + obj.key[len(src_root) :]
             async with limiter:
                 try:
-                    await self._copy_tree_object(obj.key, new_key, src_root, dst_root)
+                    etag = await self._copy_tree_object(obj.key, new_key, src_root, dst_root)
                 except NotFound:
                     return  # removed meanwhile (another mount): nothing to move
                 except DgfsError as exc:
@@ -247,7 +251,7 @@ class Renamer:
                 except OSError as exc:  # the scratch disk (a marker's bytes)
                     failures.append(FsError(exc.errno or errno.EIO, f"{obj.key}: {exc.strerror}"))
                     return
-            copied.append(new_key)
+            copied[new_key] = etag
 
         limiter = trio.CapacityLimiter(16)
         async with trio.open_nursery() as nursery:
@@ -255,11 +259,14 @@ class Renamer:
                 nursery.start_soon(move_one, obj, limiter)
         if failures:
             with contextlib.suppress(DgfsError):
-                await self._store.delete_many(copied)
+                await self._store.delete_many(list(copied))
+            with contextlib.suppress(DgfsError):
                 await self._store.delete_many(list(maybe), etags=maybe)
             raise failures[0]
+        return copied
 
-    async def _copy_tree_object(self, key: str, new_key: str, src_root: str, dst_root: str) -> None:
+    async def _copy_tree_object(self, key: str, new_key: str, src_root: str, dst_root: str) -> str:
+        """Copy one object of a directory rename; returns the copy's ETag."""
         if key.endswith("/"):
             # A directory marker is written anew: SeaweedFS answers
             # NoSuchKey to a CopyObject whose source key ends in "/". Bytes
@@ -267,8 +274,7 @@ class Renamer:
             # never whole in memory.
             async with self._bench.scratch() as body:
                 head = await self._store.download(key, body)
-                await self._store.upload(new_key, body, head.metadata)
-            return
+                return await self._store.upload(new_key, body, head.metadata)
         meta, version = None, None
         if key.endswith(fmt.DELTA_SUFFIX):
             version = await self._store.head(key)
@@ -279,23 +285,29 @@ class Renamer:
         # Metadata read from one version lands on no other (a failed copy
         # fails the whole rename, and nothing is deleted).
         try:
-            await self._store.copy(key, new_key, meta, version=version)
+            return await self._store.copy(key, new_key, meta, version=version)
         except PreconditionFailed:
             raise TransientError(f"{key}: changed by another writer meanwhile") from None
 
-    async def _undo_copies(self, objects: list[ObjectInfo], src_root: str, dst_root: str) -> None:
-        """Removing the old names failed: the copies of those still there go
-        (while they hold the bytes copied, their source's ETag), so the tree
-        stands once, under the old name where it was not removed. Best effort:
-        the error that stopped the rename is the one reported."""
+    async def _undo_copies(
+        self, objects: list[ObjectInfo], made: dict[str, str], src_root: str, dst_root: str
+    ) -> None:
+        """Removing the old names failed. In a directory whose old names all
+        still stand, the copies go (while they hold what was copied: the
+        ETags ``made`` recorded), so it stands once, under the old name; in
+        one where some went, every copy stays, its reference too (a moved
+        delta needs it): that directory is moved, or stands twice. Best
+        effort: the error that stopped the rename is the one reported."""
         try:
             still = {obj.key for obj in (await self._store.list(src_root, delimiter=None)).objects}
-            copies = {
-                dst_root + obj.key[len(src_root) :]: obj.etag
+            moved_from = {_directory_of(obj.key) for obj in objects if obj.key not in still}
+            undo = {
+                new_key: made[new_key]
                 for obj in objects
-                if obj.key in still and obj.etag
+                if _directory_of(obj.key) not in moved_from
+                and (new_key := dst_root + obj.key[len(src_root) :]) in made
             }
-            await self._store.delete_many(list(copies), etags=copies)
+            await self._store.delete_many(list(undo), etags=undo)
         except DgfsError as exc:
             log.warning("%s: the copies of a failed rename stay: %s", dst_root, exc)
 
@@ -341,3 +353,8 @@ class Renamer:
         if copied is not None:
             await copied()
         await self._store.delete(src_key)
+
+
+def _directory_of(key: str) -> str:
+    """The directory an object belongs to: a marker's own, a file's parent."""
+    return key[:-1] if key.endswith("/") else key.rpartition("/")[0]

@@ -408,6 +408,10 @@ class FileSystem:
                 try:
                     await self.changes.move_dir(node, new_path)
                 except BaseException:
+                    # Failed midway: what S3 holds now is listed anew.
+                    self.ns.forget_tree(node.path)
+                    self.ns.forget(old_parent.path)
+                    self.ns.forget(new_parent.path)
                     if target is not None:  # removed by _rename_target: it comes back
                         with trio.CancelScope(shield=True):
                             await self._put_back_dir(target)

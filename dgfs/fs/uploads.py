@@ -474,9 +474,10 @@ class UploadPipeline:
         """A newer staging file replaced ``staged`` while it uploaded; the newer
         one is queued on its own. What this upload stored is the file's S3
         version until then, with the attributes changed meanwhile (a crash,
-        or a close of the newer that fails, leaves it as the file). Attributes
-        it could not store stay in its journal entry until the newer version
-        is committed, which carries them (a crash meanwhile recovers them)."""
+        or a close of the newer that fails, leaves it as the file). Its
+        journal entry stays until the newer version is committed, which then
+        carries the attributes: one changed meanwhile, or one whose rewrite
+        failed, is recovered with it after a crash."""
         if node.unlinked:
             self.versions.forget_superseded(node, staged)
             with contextlib.suppress(NotFound):
@@ -485,15 +486,18 @@ class UploadPipeline:
             node.stored_as(stored)
             failed = await self._follow_up(node, staged, key, meta)
             newest = node.staged
-            if failed is None or node.unlinked or newest is None or newest.is_committed:
+            if node.unlinked or newest is None or newest.is_committed:
                 self.versions.forget_superseded(node, staged)
-            else:
+            elif failed is not None:
                 log.warning(
                     "%s is stored, but storing its attributes failed (%s); its journal"
                     " entry keeps them until the newer version is committed",
                     key,
                     failed,
                 )
+            # Else too its entry stays until the newer version is committed
+            # (``drop_superseded``): a chmod while the newer one is written
+            # goes into it, and the follow-up stored at most what it saw.
         staged.notify()
 
     async def _follow_up(
