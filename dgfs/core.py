@@ -199,9 +199,11 @@ class Core:
         """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place."""
         return await self.renamer.update_metadata(key, changes)
 
-    async def rename_prefix(self, src_prefix: str, dst_prefix: str) -> int:
+    async def rename_prefix(
+        self, src_prefix: str, dst_prefix: str, *, pending: frozenset[str] = frozenset()
+    ) -> int:
         """A directory rename (``Renamer.rename_prefix``); returns the objects moved."""
-        return await self.renamer.rename_prefix(src_prefix, dst_prefix)
+        return await self.renamer.rename_prefix(src_prefix, dst_prefix, pending=pending)
 
     # --- for the filesystem: cached content, directory leftovers, symlinks ----------
 

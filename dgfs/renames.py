@@ -201,12 +201,17 @@ class Renamer:
             f"{key}: changed by another writer {UPDATE_ATTEMPTS} times meanwhile; try again"
         )
 
-    async def rename_prefix(self, src_prefix: str, dst_prefix: str) -> int:
+    async def rename_prefix(
+        self, src_prefix: str, dst_prefix: str, *, pending: frozenset[str] = frozenset()
+    ) -> int:
         """Move every object under ``src_prefix/`` to ``dst_prefix/`` (a directory rename).
 
         References move with their deltas and the deltas' ``dg-ref-key`` is
         rewritten, so the moved tree stays readable by DeltaGlider. Sources
         are deleted only after every copy succeeded. Returns objects moved.
+        ``pending``: keys under ``src_prefix/`` whose newer version is not
+        stored yet (it follows the name only once the rename returns), whose
+        copies never stay behind a rename that fails.
         """
         src_root, dst_root = src_prefix.rstrip("/") + "/", dst_prefix.rstrip("/") + "/"
         listing = await self._store.list(src_root, delimiter=None)
@@ -217,7 +222,7 @@ class Renamer:
         try:
             await self._delete_tree(listing.objects, src_root, dst_root)
         except DgfsError:
-            await self._undo_copies(listing.objects, made, src_root, dst_root)
+            await self._undo_copies(listing.objects, made, src_root, dst_root, pending)
             raise
         log.info("moved %d objects %s -> %s", len(listing.objects), src_root, dst_root)
         return len(listing.objects)
@@ -259,7 +264,7 @@ class Renamer:
                 nursery.start_soon(move_one, obj, limiter)
         if failures:
             with contextlib.suppress(DgfsError):
-                await self._store.delete_many(list(copied))
+                await self._store.delete_many(list(copied), etags=copied)
             with contextlib.suppress(DgfsError):
                 await self._store.delete_many(list(maybe), etags=maybe)
             raise failures[0]
@@ -290,21 +295,31 @@ class Renamer:
             raise TransientError(f"{key}: changed by another writer meanwhile") from None
 
     async def _undo_copies(
-        self, objects: list[ObjectInfo], made: dict[str, str], src_root: str, dst_root: str
+        self,
+        objects: list[ObjectInfo],
+        made: dict[str, str],
+        src_root: str,
+        dst_root: str,
+        pending: frozenset[str],
     ) -> None:
         """Removing the old names failed. In a directory whose old names all
         still stand, the copies go (while they hold what was copied: the
         ETags ``made`` recorded), so it stands once, under the old name; in
         one where some went, every copy stays, its reference too (a moved
-        delta needs it): that directory is moved, or stands twice. Best
-        effort: the error that stopped the rename is the one reported."""
+        delta needs it): that directory is moved, or stands twice, but for
+        the copies of files whose newer version is pending (it is stored under
+        the old name: an older one must not show under the new). Best effort:
+        the error that stopped the rename is the one reported."""
         try:
             still = {obj.key for obj in (await self._store.list(src_root, delimiter=None)).objects}
             moved_from = {_directory_of(obj.key) for obj in objects if obj.key not in still}
             undo = {
                 new_key: made[new_key]
                 for obj in objects
-                if _directory_of(obj.key) not in moved_from
+                if (
+                    _directory_of(obj.key) not in moved_from
+                    or obj.key.removesuffix(fmt.DELTA_SUFFIX) in pending
+                )
                 and (new_key := dst_root + obj.key[len(src_root) :]) in made
             }
             await self._store.delete_many(list(undo), etags=undo)
@@ -327,14 +342,25 @@ class Renamer:
         staying = {fmt.split_key(key)[0] for key in kept if key.endswith(fmt.DELTA_SUFFIX)}
         kept += [ref for ref in references if fmt.split_key(ref)[0] in staying]
         removing = [ref for ref in references if fmt.split_key(ref)[0] not in staying]
-        not_removed = await self._store.delete_many(removing, etags=etags)
+        # Each reference deleted is checked, even when the delete (or another
+        # check) failed: a delta stored meanwhile would otherwise be lost.
+        failure: DgfsError | None = None
+        try:
+            not_removed = await self._store.delete_many(removing, etags=etags)
+        except DgfsError as exc:
+            failure, not_removed = exc, []
         kept += not_removed
         for ref in removing:
             if ref in not_removed:
                 continue
             copy = dst_root + ref[len(src_root) :]
-            if await gc.put_back_if_needed(self._store, ref, copy) is gc.PutBack.PUT_BACK:
-                kept.append(ref)
+            try:
+                if await gc.put_back_if_needed(self._store, ref, copy) is gc.PutBack.PUT_BACK:
+                    kept.append(ref)
+            except DgfsError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         if kept:
             log.warning(
                 "%d objects another writer changed meanwhile stay under %s: %s",

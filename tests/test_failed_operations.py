@@ -37,7 +37,9 @@ from tests.fsharness import (
     RELEASES,
     ROOT,
     UID,
+    bucket,
     close,
+    create,
     home,
     let_tasks_run,
     lookup,
@@ -541,3 +543,166 @@ async def test_after_a_directory_rename_failing_once_s3_moved_the_tree_the_mount
         except FsError as exc:
             shown = f"stat new: {errno.errorcode[exc.errno]}"
     assert shown == "new is a directory: DIR"
+
+
+FOUR = list(ReleaseSeries(size=512 << 10).zips(4))
+
+
+@pytest.mark.expected_log(r"rel/|new/|reference")
+async def test_a_delta_stored_during_a_dir_rename_whose_reference_delete_lost_its_reply_stays(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path
+) -> None:
+    """Mount A: ``mv rel new`` where ``rel`` holds three releases stored as
+    deltas (``rel/reference.bin`` + three ``.delta``). While A's rename
+    removes the old names (its listing and copies done), mount B stores a
+    fourth release, ``rel/<4th>.zip``: a delta against
+    ``rel/reference.bin``, which stands (B's writer checks it after the
+    store: it is there). A's DeleteObjects of the references is carried out
+    but its reply is lost (the store's retries spent).
+
+    Got: A's rename fails (EIO) and B's file is lost: its only object,
+    ``rel/<4th>.zip.delta``, names ``rel/reference.bin`` as its reference,
+    and that is gone (the copy ``new/reference.bin`` is not where the delta
+    points); no name reads it. Should: what ``_delete_tree`` does when the
+    delete returns -- ``gc.put_back_if_needed`` puts the reference back
+    from its copy because a delta in its directory needs it
+    (docs/SEMANTICS.md, rename of a directory: "every file stays readable
+    under one name or the other").
+
+    Cause: dgfs/renames.py:330 (``_delete_tree``): ``delete_many(removing)``
+    raising (reply lost, or S3 refusing one of several references) skips
+    the put-back loop (dgfs/renames.py:332-337) for every reference that
+    was deleted; ``_undo_copies`` (dgfs/renames.py:292-310) only deletes
+    copies, it never puts a reference back. The same when one
+    ``put_back_if_needed`` of several raises: the references after it are
+    never looked at."""
+    a_home, b_home = home(tmp_path, "a"), home(tmp_path, "b")
+    async with mounted(faulty, a_home, FAST_RETRIES) as a:
+        rel = await a.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+        for name, data in FOUR[:3]:
+            await write_file(a.fs, name, data, parent=rel.ino)
+        await a.fs.wait_idle()
+        assert "rel/reference.bin" in memory.objects
+        assert f"rel/{FOUR[0][0]}.delta" in memory.objects
+        # The first DeleteObjects (the files) is held; the second (the
+        # references) is done and its reply lost.
+        files_deleted = faulty.hang("delete_many", key=f"rel/{FOUR[0][0]}.delta")
+        faulty.fail("delete_many", key="rel/reference.bin", after=True)
+        outcome: dict[str, object] = {}
+
+        async def mv() -> None:
+            try:
+                await a.fs.rename(ROOT, "rel", ROOT, "new", 0)
+                outcome["mv"] = "ok"
+            except DgfsError as exc:
+                outcome["mv"] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mv)
+            await files_deleted.reached.wait()  # copies made, old names about to go
+            async with mounted(memory, b_home, FAST_RETRIES) as b:  # another machine
+                name, data = FOUR[3]
+                await write_file(b.fs, name, data, parent=(await lookup(b.fs, "rel")).ino)
+                await b.fs.wait_idle()
+            assert f"rel/{name}.delta" in memory.objects  # stored as a delta against rel/
+            files_deleted.release()
+    assert isinstance(outcome["mv"], DgfsError), outcome
+    bucket = sorted(k for k in memory.objects if not k.startswith(".dg"))
+    got = {}
+    for path in (f"rel/{name}", f"new/{name}"):
+        try:
+            got[path] = await read_fresh(memory, tmp_path, path) == data
+        except Exception as exc:  # noqa: BLE001 -- which error: the message says
+            got[path] = repr(exc)[:160]
+    assert any(v is True for v in got.values()), f"{name} lost: {got}; bucket {bucket}"
+
+
+@pytest.mark.expected_log(r"a/|e/")
+async def test_a_dir_rename_failing_while_copying_keeps_what_another_writer_stored_over_a_copy(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path
+) -> None:
+    """``mv a e`` (``a`` holds ``f`` and ``g``; ``e`` does not exist). The
+    copy of ``a/f`` is made (``e/f``); while the copy of ``a/g`` is in
+    flight another mount or tool stores its own ``e/f`` (over the copy);
+    S3 then refuses the copy of ``a/g`` (a 4xx: nothing was copied).
+
+    Got: the rename fails and its rollback deletes ``e/f`` -- the other
+    writer's file, stored after the copy: lost data. Should: the rollback
+    removes a copy only while it holds what was copied (docs/SEMANTICS.md,
+    rename of a directory: "what another writer stored at a new name
+    stays"; ``_undo_copies`` already deletes on the ETags ``made``
+    recorded, and a lost-reply copy on the source's ETag).
+
+    Cause: dgfs/renames.py:261-262 (``_copy_tree``): ``delete_many(list(copied))`` (262)
+    has no ``etags`` although ``copied`` maps each copy to the ETag its
+    copy returned (fccd03b); only the ``maybe`` copies are deleted on
+    condition."""
+    async with mounted(faulty, tmp_path, FAST_RETRIES) as m:
+        a = await m.fs.mkdir(ROOT, "a", 0o755, UID, GID)
+        await write_file(m.fs, "f", b"f\n", parent=a.ino)
+        await write_file(m.fs, "g", b"g\n", parent=a.ino)
+        await m.fs.wait_idle()
+        held = faulty.hang("copy", key="a/g")
+        faulty.fail("copy", key="a/g", transient=False)
+        raised: BaseException | None = None
+
+        async def mv() -> None:
+            nonlocal raised
+            try:
+                await m.fs.rename(ROOT, "a", ROOT, "e", 0)
+            except DgfsError as exc:
+                raised = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mv)
+            await held.reached.wait()
+            await faulty.wait_calls("copy", 1, key="a/f")  # e/f is the rename's copy now
+            assert memory.objects["e/f"].body == b"f\n"
+            await memory.put_bytes("e/f", b"another writer's f\n", {})
+            held.release()
+    assert raised is not None
+    assert "e/f" in memory.objects, f"deleted; left {sorted(memory.objects)}"
+
+
+@pytest.mark.expected_log(r"rel/|new/")
+async def test_a_dir_rename_failing_after_s3_moved_the_tree_shows_no_overwritten_version(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``rel`` holds ``f`` (v1, stored) and ``g``; ``echo v2 > rel/f``
+    (closed: acknowledged; its upload still in its delay); ``mv rel new``,
+    whose DeleteObjects of the old names is carried out but its reply lost
+    (the store's retries spent): the rename fails, S3 holds the tree under
+    ``new/`` only.
+
+    Got: once the upload runs, S3 holds ``rel/f`` = v2 and ``new/f`` = v1:
+    ``cat new/f`` shows the content the user overwrote before the mv, with
+    ``rel`` back as a directory holding only ``f`` (and a second ``mv rel
+    new`` is ENOTEMPTY). Should: never an older version under either name
+    (as docs/SEMANTICS.md has it for a file rename); a moved directory
+    (``_undo_copies`` keeps its copies: "that directory is moved") takes
+    its pending files' journal entries with it, as a rename that returns
+    does (``versions.follow_rename``).
+
+    Cause: dgfs/fs/filesystem.py:408-418 (``rename``, the ``except`` at 410): on a failure of
+    ``move_dir`` nothing local follows what S3 now holds; the journal
+    entries of the files pending under the directory are moved only after
+    ``rename_prefix`` returned (dgfs/fs/changes.py:225-234), so they upload
+    under the old names while the copies of their older versions stay under
+    the new ones (dgfs/renames.py:292-310 keeps every copy of a directory
+    partly removed)."""
+    async with mounted(faulty, tmp_path) as m:
+        rel = await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+        for name in ("f", "g"):
+            fh = await create(m.fs, name, f"{name} v1\n".encode(), rel.ino)
+            await m.fs.fsync(fh)  # stored now (the clock stands still otherwise)
+            await m.fs.release(fh)
+        node = await lookup(m.fs, "f", rel.ino)
+        fh = (await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)).fh
+        await m.fs.write(fh, 0, b"f v2\n")
+        await close(m.fs, fh)  # acknowledged: v2 is the file
+        assert memory.objects["rel/f"].body == b"f v1\n"
+        faulty.fail("delete_many", key="rel/g", after=True)
+        with pytest.raises(DgfsError):
+            await m.fs.rename(ROOT, "rel", ROOT, "new", 0)
+    held = {k: v for k, v in bucket(memory).items() if not k.endswith("/")}
+    assert b"f v1\n" not in held.values(), f"an overwritten version shows: {held}"

@@ -222,7 +222,10 @@ class StoredChanges:
         # lands under the old name after the move.
         busy = await self.uploads.wait_subtree(node.path)
         await self.versions.removals_durable()
-        await self.core.rename_prefix(old_prefix, new_prefix)
+        pending = frozenset(
+            self.key_of(n.path) for n in self.nodes.under(node.path) if n.staged is not None
+        )
+        await self.core.rename_prefix(old_prefix, new_prefix, pending=pending)
         # What the nodes below know of their objects moved too: reading (or
         # rewriting) one by its old key would find nothing there.
         for n in self.nodes.under(node.path):
