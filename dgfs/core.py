@@ -56,7 +56,7 @@ from dgfs.policy import Policy
 from dgfs.proxycrypt import ProxyKey
 from dgfs.rebuild import Rebuilder, RebuildStream
 from dgfs.references import ReferencePool
-from dgfs.renames import Copied, Renamer
+from dgfs.renames import Copied, Pending, Renamer
 from dgfs.store.base import ObjectHead, ObjectStore, head_many
 from dgfs.telemetry import Telemetry
 from dgfs.workbench import Workbench
@@ -200,7 +200,7 @@ class Core:
         return await self.renamer.update_metadata(key, changes)
 
     async def rename_prefix(
-        self, src_prefix: str, dst_prefix: str, *, pending: frozenset[str] = frozenset()
+        self, src_prefix: str, dst_prefix: str, *, pending: Pending = lambda: frozenset()
     ) -> int:
         """A directory rename (``Renamer.rename_prefix``); returns the objects moved."""
         return await self.renamer.rename_prefix(src_prefix, dst_prefix, pending=pending)

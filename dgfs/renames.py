@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 #: (or other form) of the file before giving up.
 UPDATE_ATTEMPTS = 3
 
+#: The keys of files whose newer version is closed and not stored yet (it
+#: will be, under the name the file has): asked when a directory rename fails.
+Pending = Callable[[], frozenset[str]]
+
 #: Called by a rename once the new name holds the file and before the old
 #: name goes: what else the new name stood for (a replaced file's journal
 #: entry) must stop coming back there after a crash before the file is only
@@ -202,16 +206,16 @@ class Renamer:
         )
 
     async def rename_prefix(
-        self, src_prefix: str, dst_prefix: str, *, pending: frozenset[str] = frozenset()
+        self, src_prefix: str, dst_prefix: str, *, pending: Pending = lambda: frozenset()
     ) -> int:
         """Move every object under ``src_prefix/`` to ``dst_prefix/`` (a directory rename).
 
         References move with their deltas and the deltas' ``dg-ref-key`` is
         rewritten, so the moved tree stays readable by DeltaGlider. Sources
         are deleted only after every copy succeeded. Returns objects moved.
-        ``pending``: keys under ``src_prefix/`` whose newer version is not
+        ``pending()``: keys under ``src_prefix/`` whose newer version is not
         stored yet (it follows the name only once the rename returns), whose
-        copies never stay behind a rename that fails.
+        copies never stay behind a rename that fails; asked when it fails.
         """
         src_root, dst_root = src_prefix.rstrip("/") + "/", dst_prefix.rstrip("/") + "/"
         listing = await self._store.list(src_root, delimiter=None)
@@ -300,7 +304,7 @@ class Renamer:
         made: dict[str, str],
         src_root: str,
         dst_root: str,
-        pending: frozenset[str],
+        pending: Pending,
     ) -> None:
         """Removing the old names failed. In a directory whose old names all
         still stand, the copies go (while they hold what was copied: the
@@ -313,12 +317,13 @@ class Renamer:
         try:
             still = {obj.key for obj in (await self._store.list(src_root, delimiter=None)).objects}
             moved_from = {_directory_of(obj.key) for obj in objects if obj.key not in still}
+            newer = pending()
             undo = {
                 new_key: made[new_key]
                 for obj in objects
                 if (
                     _directory_of(obj.key) not in moved_from
-                    or obj.key.removesuffix(fmt.DELTA_SUFFIX) in pending
+                    or obj.key.removesuffix(fmt.DELTA_SUFFIX) in newer
                 )
                 and (new_key := dst_root + obj.key[len(src_root) :]) in made
             }

@@ -706,3 +706,140 @@ async def test_a_dir_rename_failing_after_s3_moved_the_tree_shows_no_overwritten
             await m.fs.rename(ROOT, "rel", ROOT, "new", 0)
     held = {k: v for k, v in bucket(memory).items() if not k.endswith("/")}
     assert b"f v1\n" not in held.values(), f"an overwritten version shows: {held}"
+
+
+async def _stored_dir(m, names: tuple[str, ...] = ("f", "g")) -> int:  # type: ignore[no-untyped-def]
+    """``rel/`` holding ``names``, each ``<name> v1`` and stored (fsync)."""
+    rel = await m.fs.mkdir(ROOT, "rel", 0o755, UID, GID)
+    for name in names:
+        fh = await create(m.fs, name, f"{name} v1\n".encode(), rel.ino)
+        await m.fs.fsync(fh)
+        await m.fs.release(fh)
+    return rel.ino
+
+
+@pytest.mark.expected_log(r"rel/|new/")
+async def test_a_failed_dir_rename_keeps_a_stored_file_an_open_handle_still_holds(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``rel`` holds ``f`` and ``g``. A process opens ``rel/f`` (O_RDWR),
+    writes v2 and fsyncs it: ``rel/f`` = v2 is stored, the handle stays open
+    (a log file, a database). ``mv rel new``: the DeleteObjects of the old
+    names is carried out but its reply is lost (retries spent): the rename
+    fails, S3 held the tree under ``new/`` only. The process then closes f.
+
+    Got: no object holds v2 (nor any f): ``new/f`` -- the only object
+    holding it once S3 deleted ``rel/f`` -- was deleted by the rollback as
+    "pending", yet nothing is pending (v2 is settled, nothing is uploaded
+    again), and the close drops the local copy: the fsync'd file is lost.
+    Should: a settled file's copy stays like any other in a directory
+    partly removed (docs/SEMANTICS.md, rename of a directory: "every file
+    stays readable under one name or the other"; fsync: "the bytes are in
+    S3").
+
+    Cause: dgfs/fs/changes.py:225-227 (``move_dir``): ``pending`` is every
+    node with ``staged is not None``; an open handle keeps a settled
+    ``staged`` (dgfs/fs/uploads.py:621, ``_settle`` returns while
+    ``node.open_handles``), so its key is in ``pending`` and
+    dgfs/renames.py:318-322 (``_undo_copies``) deletes ``new/f`` although
+    no newer version follows under the old name."""
+    async with mounted(faulty, tmp_path) as m:
+        rel = await _stored_dir(m)
+        node = await lookup(m.fs, "f", rel)
+        fh = (await m.fs.open(node.ino, os.O_RDWR)).fh
+        await m.fs.write(fh, 0, b"f v2\n")
+        await m.fs.fsync(fh)  # v2 is in S3; the handle stays open
+        assert memory.objects["rel/f"].body == b"f v2\n"
+        assert node.staged is not None and node.staged.is_settled
+        faulty.fail("delete_many", key="rel/g", after=True)
+        with pytest.raises(DgfsError):
+            await m.fs.rename(ROOT, "rel", ROOT, "new", 0)
+        await close(m.fs, fh)
+        await m.fs.wait_idle()
+    held = {k: v for k, v in bucket(memory).items() if not k.endswith("/")}
+    assert b"f v2\n" in held.values(), f"the fsync'd f is lost: {held}"
+
+
+@pytest.mark.expected_log(r"rel/|new/")
+async def test_a_failed_dir_rename_keeps_the_acknowledged_version_of_a_file_being_written(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``rel`` holds ``f`` (v1, stored) and ``g``. A process opens
+    ``rel/f`` (O_WRONLY, no O_TRUNC) and writes, not closed yet: v1 is the
+    file's acknowledged content (docs/SEMANTICS.md, close: only the close
+    commits; move_file: "What S3 holds is the acknowledged content (any
+    local writes are not closed yet)"). ``mv rel new`` fails after S3
+    deleted the old names (DeleteObjects reply lost). The mount then
+    crashes before the close.
+
+    Got: no object holds v1 (or any f): the rollback deleted ``new/f``, the
+    only copy of the acknowledged content once ``rel/f`` was gone, and the
+    unclosed write was never in the journal: after the crash f is nowhere.
+    Should: the copy stays until a newer version is committed (a crash
+    leaves "never neither" -- docs/SEMANTICS.md, rename of a directory).
+
+    Cause: dgfs/fs/changes.py:225-227: ``staged is not None`` holds as soon
+    as a write made a staging file (dgfs/fs/filesystem.py:285), committed or
+    not; dgfs/renames.py:318-322 then deletes the copy of a file whose newer
+    version is not acknowledged, let alone stored."""
+    async with mounted(faulty, tmp_path, crash=True) as m:
+        rel = await _stored_dir(m)
+        node = await lookup(m.fs, "f", rel)
+        fh = (await m.fs.open(node.ino, os.O_WRONLY)).fh
+        await m.fs.write(fh, 0, b"f v2\n")  # not closed: v1 is the file
+        assert node.staged is not None and not node.staged.is_committed
+        faulty.fail("delete_many", key="rel/g", after=True)
+        with pytest.raises(DgfsError):
+            await m.fs.rename(ROOT, "rel", ROOT, "new", 0)
+        # the mount dies here, f still open
+    async with mounted(memory, tmp_path):  # the next mount recovers the journal
+        pass
+    held = {k: v for k, v in bucket(memory).items() if not k.endswith("/")}
+    assert any(v in (b"f v1\n", b"f v2\n") for v in held.values()), f"f is lost: {held}"
+
+
+@pytest.mark.expected_log(r"rel/|new/")
+async def test_a_file_closed_during_a_failing_dir_rename_shows_no_older_version(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``rel`` holds ``f`` (v1, stored) and ``g``; ``mv rel new`` starts.
+    While its DeleteObjects is in flight, ``echo v2 > rel/f`` (open
+    O_TRUNC, write, close: acknowledged; its upload waits for the rename).
+    The DeleteObjects is carried out, its reply lost: the rename fails.
+
+    Got: S3 holds ``new/f`` = v1 and, once the upload runs, ``rel/f`` = v2:
+    the content overwritten before the rename failed shows under the new
+    name -- what fd997a1 set out to prevent. Should: no older version under
+    either name (docs/SEMANTICS.md, rename of a file; fd997a1's own test
+    ``test_a_dir_rename_failing_after_s3_moved_the_tree_shows_no_overwritten_version``).
+
+    Cause: dgfs/fs/changes.py:225-227: ``pending`` is computed once, before
+    ``rename_prefix``; a file written and closed while the rename runs
+    (only uploads are held, ``FileSystem.rename``) is not in it, so
+    dgfs/renames.py:317-322 keeps its copy."""
+    async with mounted(faulty, tmp_path) as m:
+        rel = await _stored_dir(m)
+        node = await lookup(m.fs, "f", rel)
+        held = faulty.hang("delete_many", key="rel/g")
+        faulty.fail("delete_many", key="rel/g", after=True)
+        raised: list[BaseException] = []
+
+        async def mv() -> None:
+            try:
+                await m.fs.rename(ROOT, "rel", ROOT, "new", 0)
+            except DgfsError as exc:
+                raised.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mv)
+            await held.reached.wait()  # copies made, the old names being deleted
+            fh = (await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)).fh
+            await m.fs.write(fh, 0, b"f v2\n")
+            await close(m.fs, fh)  # acknowledged: v2 is the file
+            held.release()
+        assert raised, "the rename was to fail"
+        faulty.clear()
+        mock_clock.jump(100)
+        await m.fs.wait_idle()
+    files = {k: v for k, v in bucket(memory).items() if not k.endswith("/")}
+    assert b"f v1\n" not in files.values(), f"an overwritten version shows: {files}"

@@ -222,9 +222,17 @@ class StoredChanges:
         # lands under the old name after the move.
         busy = await self.uploads.wait_subtree(node.path)
         await self.versions.removals_durable()
-        pending = frozenset(
-            self.key_of(n.path) for n in self.nodes.under(node.path) if n.staged is not None
-        )
+
+        def pending() -> frozenset[str]:
+            # Closed versions still to be stored; not one stored already (an
+            # open handle keeps its staging file), not one not closed (the
+            # stored version is the file until then), not one in failed/.
+            return frozenset(
+                self.key_of(n.path)
+                for n in self.nodes.under(node.path)
+                if n.staged is not None and n.staged.needs_upload and not n.staged.is_failed
+            )
+
         await self.core.rename_prefix(old_prefix, new_prefix, pending=pending)
         # What the nodes below know of their objects moved too: reading (or
         # rewriting) one by its old key would find nothing there.
