@@ -13,10 +13,11 @@ before its fix for the reason its docstring gives ("Got" is what happened).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from botocore.exceptions import ClientError
 
 from dgfs.core import Core
 from dgfs.errors import DgfsError, FsError, StoreError, errno_of
+from dgfs.fs.filesystem import FileSystem
 from dgfs.store.faulty import FaultyStore
 from dgfs.store.memory import MemoryStore
 from dgfs.store.s3 import S3Store
@@ -56,6 +58,56 @@ from testsupport.releases import ReleaseSeries
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 1 << 20
+
+
+@contextlib.asynccontextmanager
+async def mv_a_to_e_while_the_copy_of_g_fails(
+    faulty: FaultyStore, tmp_path: Path
+) -> AsyncIterator[list[DgfsError]]:
+    """``a`` holds ``f`` and ``g`` (stored); ``mv a e`` runs, its copy of
+    ``a/g`` held: the block acts meanwhile, then that copy fails (S3
+    refuses it). Yields the errors the rename raised (filled at the end)."""
+    async with mounted(faulty, tmp_path, FAST_RETRIES) as m:
+        a = await m.fs.mkdir(ROOT, "a", 0o755, UID, GID)
+        await write_file(m.fs, "f", b"f\n", parent=a.ino)
+        await write_file(m.fs, "g", b"g\n", parent=a.ino)
+        await m.fs.wait_idle()
+        held = faulty.hang("copy", key="a/g")
+        faulty.fail("copy", key="a/g", transient=False)
+        async with renaming(m.fs, "a", "e") as raised:
+            await held.reached.wait()
+            yield raised
+            held.release()
+
+
+async def read_under(
+    store: MemoryStore, tmp_path: Path, paths: tuple[str, ...], data: bytes
+) -> dict[str, bool | str]:
+    """path -> whether a fresh mount reads ``data`` there (else the error it got)."""
+    got: dict[str, bool | str] = {}
+    for path in paths:
+        try:
+            got[path] = await read_fresh(store, tmp_path, path) == data
+        except Exception as exc:  # noqa: BLE001 -- which error: the message says
+            got[path] = repr(exc)[:160]
+    return got
+
+
+@contextlib.asynccontextmanager
+async def renaming(fs: FileSystem, old: str, new: str) -> AsyncIterator[list[DgfsError]]:
+    """``mv old new`` (names in the root) runs while the block acts; yields
+    the errors it raised (filled once it ends, after the block)."""
+    raised: list[DgfsError] = []
+
+    async def mv() -> None:
+        try:
+            await fs.rename(ROOT, old, ROOT, new, 0)
+        except DgfsError as exc:
+            raised.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mv)
+        yield raised
 
 
 @pytest.mark.interop
@@ -176,28 +228,9 @@ async def test_a_failed_directory_rename_never_deletes_what_another_writer_store
     ``copied`` unconditionally, on the assumption (docstring: "the new names
     are the rename's: the target was empty or absent") that nothing else
     can be there."""
-    async with mounted(faulty, tmp_path, FAST_RETRIES) as m:
-        a = await m.fs.mkdir(ROOT, "a", 0o755, UID, GID)
-        await write_file(m.fs, "f", b"f\n", parent=a.ino)
-        await write_file(m.fs, "g", b"g\n", parent=a.ino)
-        await m.fs.wait_idle()
-        held = faulty.hang("copy", key="a/g")
-        faulty.fail("copy", key="a/g", transient=False)
-        raised: BaseException | None = None
-
-        async def mv() -> None:
-            nonlocal raised
-            try:
-                await m.fs.rename(ROOT, "a", ROOT, "e", 0)
-            except DgfsError as exc:
-                raised = exc
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(mv)
-            await held.reached.wait()
-            await memory.put_bytes("e/g", b"another writer's g\n", {})
-            held.release()
-    assert raised is not None
+    async with mv_a_to_e_while_the_copy_of_g_fails(faulty, tmp_path) as raised:
+        await memory.put_bytes("e/g", b"another writer's g\n", {})
+    assert raised
     assert "e/g" in memory.objects, f"deleted; left {sorted(memory.objects)}"
 
 
@@ -408,12 +441,7 @@ async def test_a_directory_rename_whose_delete_is_refused_for_one_delta_keeps_th
     store.locked = set()
     left = sorted(k for k in store.objects if not k.startswith(".dg"))
     name, data = RELEASES[1]
-    got = {}
-    for path in (f"rel/{name}", f"new/{name}"):
-        try:
-            got[path] = await read_fresh(store, tmp_path, path) == data
-        except Exception as exc:  # noqa: BLE001 -- which error: the message says
-            got[path] = repr(exc)[:120]
+    got = await read_under(store, tmp_path, (f"rel/{name}", f"new/{name}"), data)
     assert any(v is True for v in got.values()), f"{name} lost: {got}; bucket {left}"
 
 
@@ -588,17 +616,7 @@ async def test_a_delta_stored_during_a_dir_rename_whose_reference_delete_lost_it
         # references) is done and its reply lost.
         files_deleted = faulty.hang("delete_many", key=f"rel/{FOUR[0][0]}.delta")
         faulty.fail("delete_many", key="rel/reference.bin", after=True)
-        outcome: dict[str, object] = {}
-
-        async def mv() -> None:
-            try:
-                await a.fs.rename(ROOT, "rel", ROOT, "new", 0)
-                outcome["mv"] = "ok"
-            except DgfsError as exc:
-                outcome["mv"] = exc
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(mv)
+        async with renaming(a.fs, "rel", "new") as raised:
             await files_deleted.reached.wait()  # copies made, old names about to go
             async with mounted(memory, b_home, FAST_RETRIES) as b:  # another machine
                 name, data = FOUR[3]
@@ -606,14 +624,9 @@ async def test_a_delta_stored_during_a_dir_rename_whose_reference_delete_lost_it
                 await b.fs.wait_idle()
             assert f"rel/{name}.delta" in memory.objects  # stored as a delta against rel/
             files_deleted.release()
-    assert isinstance(outcome["mv"], DgfsError), outcome
+    assert raised, "the rename was to fail"
     bucket = sorted(k for k in memory.objects if not k.startswith(".dg"))
-    got = {}
-    for path in (f"rel/{name}", f"new/{name}"):
-        try:
-            got[path] = await read_fresh(memory, tmp_path, path) == data
-        except Exception as exc:  # noqa: BLE001 -- which error: the message says
-            got[path] = repr(exc)[:160]
+    got = await read_under(memory, tmp_path, (f"rel/{name}", f"new/{name}"), data)
     assert any(v is True for v in got.values()), f"{name} lost: {got}; bucket {bucket}"
 
 
@@ -637,30 +650,11 @@ async def test_a_dir_rename_failing_while_copying_keeps_what_another_writer_stor
     has no ``etags`` although ``copied`` maps each copy to the ETag its
     copy returned (fccd03b); only the ``maybe`` copies are deleted on
     condition."""
-    async with mounted(faulty, tmp_path, FAST_RETRIES) as m:
-        a = await m.fs.mkdir(ROOT, "a", 0o755, UID, GID)
-        await write_file(m.fs, "f", b"f\n", parent=a.ino)
-        await write_file(m.fs, "g", b"g\n", parent=a.ino)
-        await m.fs.wait_idle()
-        held = faulty.hang("copy", key="a/g")
-        faulty.fail("copy", key="a/g", transient=False)
-        raised: BaseException | None = None
-
-        async def mv() -> None:
-            nonlocal raised
-            try:
-                await m.fs.rename(ROOT, "a", ROOT, "e", 0)
-            except DgfsError as exc:
-                raised = exc
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(mv)
-            await held.reached.wait()
-            await faulty.wait_calls("copy", 1, key="a/f")  # e/f is the rename's copy now
-            assert memory.objects["e/f"].body == b"f\n"
-            await memory.put_bytes("e/f", b"another writer's f\n", {})
-            held.release()
-    assert raised is not None
+    async with mv_a_to_e_while_the_copy_of_g_fails(faulty, tmp_path) as raised:
+        await faulty.wait_calls("copy", 1, key="a/f")  # e/f is the rename's copy now
+        assert memory.objects["e/f"].body == b"f\n"
+        await memory.put_bytes("e/f", b"another writer's f\n", {})
+    assert raised
     assert "e/f" in memory.objects, f"deleted; left {sorted(memory.objects)}"
 
 
@@ -822,16 +816,7 @@ async def test_a_file_closed_during_a_failing_dir_rename_shows_no_older_version(
         node = await lookup(m.fs, "f", rel)
         held = faulty.hang("delete_many", key="rel/g")
         faulty.fail("delete_many", key="rel/g", after=True)
-        raised: list[BaseException] = []
-
-        async def mv() -> None:
-            try:
-                await m.fs.rename(ROOT, "rel", ROOT, "new", 0)
-            except DgfsError as exc:
-                raised.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(mv)
+        async with renaming(m.fs, "rel", "new") as raised:
             await held.reached.wait()  # copies made, the old names being deleted
             fh = (await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)).fh
             await m.fs.write(fh, 0, b"f v2\n")
