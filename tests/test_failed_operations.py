@@ -828,3 +828,50 @@ async def test_a_file_closed_during_a_failing_dir_rename_shows_no_older_version(
         await m.fs.wait_idle()
     files = {k: v for k, v in bucket(memory).items() if not k.endswith("/")}
     assert b"f v1\n" not in files.values(), f"an overwritten version shows: {files}"
+
+
+@pytest.mark.expected_log(r"rel/|new/")
+async def test_a_failed_dir_rename_shows_no_version_older_than_a_superseded_acknowledged_one(
+    memory: MemoryStore, faulty: FaultyStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """``rel`` holds ``f`` (v1, stored) and ``g``. ``echo v2 > rel/f``
+    (closed: acknowledged); its upload starts, and while it is in flight
+    a process opens ``rel/f`` again and writes v3 (not closed): v3 goes to a
+    new staging file, v2 is superseded. v2's upload fails (transient): it is
+    never tried again, its journal entry stays (``superseded_failed``:
+    the newer one is not committed), v2 is the file's acknowledged content.
+    ``mv rel new`` fails after S3 deleted the old names (reply lost). Then
+    the writer closes (v3 uploads under ``rel/f``).
+
+    Got: ``new/f`` = v1 stays: a version older than the acknowledged v2
+    shows under the new name (and v3 lands under ``rel/f``). Cause:
+    ``move_dir``'s ``pending()`` looks only at ``n.staged`` (v3, not
+    committed: ``needs_upload`` False), never at ``n.superseded`` (v2,
+    committed, not stored), so ``_undo_copies`` keeps ``new/f``."""
+    async with mounted(faulty, tmp_path) as m:
+        rel = await _stored_dir(m)
+        node = await lookup(m.fs, "f", rel)
+        fh = (await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)).fh
+        await m.fs.write(fh, 0, b"f v2\n")
+        await close(m.fs, fh)  # acknowledged: v2 is the file
+        held = faulty.hang("upload", key="rel/f")
+        faulty.fail("upload", key="rel/f")  # transient
+        mock_clock.jump(100)  # past the upload delay
+        await held.reached.wait()  # v2 being uploaded
+        fh = (await m.fs.open(node.ino, os.O_WRONLY)).fh
+        await m.fs.write(fh, 0, b"f v3\n")  # a new staging file; v2 superseded
+        held.release()
+        await let_tasks_run()
+        assert node.superseded and node.superseded[0].needs_upload
+        assert node.staged is not None and not node.staged.is_committed
+        assert memory.objects["rel/f"].body == b"f v1\n"
+        faulty.clear()
+        faulty.fail("delete_many", key="rel/g", after=True)
+        with pytest.raises(DgfsError):
+            await m.fs.rename(ROOT, "rel", ROOT, "new", 0)
+        faulty.clear()
+        await close(m.fs, fh)
+        mock_clock.jump(100)
+        await m.fs.wait_idle()
+    files = {k: v for k, v in bucket(memory).items() if not k.endswith("/")}
+    assert b"f v1\n" not in files.values(), f"an overwritten version shows: {files}"

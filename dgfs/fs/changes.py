@@ -224,13 +224,18 @@ class StoredChanges:
         await self.versions.removals_durable()
 
         def pending() -> frozenset[str]:
-            # Closed versions still to be stored; not one stored already (an
-            # open handle keeps its staging file), not one not closed (the
-            # stored version is the file until then), not one in failed/.
+            # Closed versions still to be stored, the newest or one a newer
+            # version not closed yet replaced; not one stored already (an open
+            # handle keeps its staging file), not one not closed (the stored
+            # version is the file until then), not one in failed/.
             return frozenset(
                 self.key_of(n.path)
                 for n in self.nodes.under(node.path)
-                if n.staged is not None and n.staged.needs_upload and not n.staged.is_failed
+                if any(
+                    version.needs_upload and not version.is_failed
+                    for version in (n.staged, *n.superseded)
+                    if version is not None
+                )
             )
 
         await self.core.rename_prefix(old_prefix, new_prefix, pending=pending)
