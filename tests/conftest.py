@@ -39,6 +39,7 @@ from dgfs.runtime import S3Location, Settings, open_core  # noqa: E402
 from dgfs.store.faulty import FaultyStore  # noqa: E402
 from dgfs.store.memory import MemoryStore  # noqa: E402
 from dgfs.store.s3 import S3Store  # noqa: E402
+from tests.coreharness import make_core  # noqa: E402
 from tests.mountutil import DgfsMount, Mounts, S3View  # noqa: E402
 from testsupport.servers import (  # noqa: E402
     ACCESS_KEY,
@@ -157,6 +158,16 @@ async def moto_core(moto_endpoint: str, bucket_name: str, tmp_path: Path) -> Asy
 def memory_store() -> MemoryStore:
     """An empty in-memory store."""
     return MemoryStore("memory-bucket")
+
+
+@pytest.fixture
+async def core(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
+    """A core over ``memory_store`` (tests/coreharness.py's ``make_core``:
+    DeltaGlider mode, files from 1 KiB stored as deltas), closed after."""
+    core, cache = make_core(memory_store, tmp_path)
+    yield core
+    await core.aclose()
+    cache.close()
 
 
 @pytest.fixture

@@ -178,6 +178,13 @@ async def write_file(fs: FileSystem, name: str, data: bytes, parent: int = ROOT)
     await close(fs, await create(fs, name, data, parent))
 
 
+async def write_stored(fs: FileSystem, name: str, data: bytes, parent: int = ROOT) -> Node:
+    """``write_file``, then every upload lands; returns the file's node."""
+    await write_file(fs, name, data, parent)
+    await fs.wait_idle()
+    return await lookup(fs, name, parent)
+
+
 async def write_until_held(
     fs: FileSystem, name: str, data: bytes, held: Fault, clock: trio.testing.MockClock
 ) -> None:

@@ -33,14 +33,6 @@ from tests.coreharness import flip_byte, make_core, write
 from testsupport.releases import ReleaseSeries
 
 
-@pytest.fixture
-async def core(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
-    core, cache = make_core(memory_store, tmp_path)
-    yield core
-    await core.aclose()
-    cache.close()
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,15 +22,12 @@ from hypothesis import strategies as st
 
 from dgfs import format as fmt
 from dgfs import proxymeta
-from dgfs.cache import ContentCache
 from dgfs.core import Core
-from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError, FsError, MissingReference, WriteConflict
 from dgfs.format import Kind
 from dgfs.fs.readers import StoredContent
 from dgfs.gc import find_garbage
 from dgfs.migrate import SourceFile, copy_file
-from dgfs.policy import Policy
 from dgfs.proxycrypt import (
     ProxyDecryptError,
     ProxyKey,
@@ -50,28 +47,9 @@ from testsupport.proxyobjects import (
     encrypt_single,
     proxy_client_view,
     proxy_parse,
+    store_all,
 )
 from testsupport.releases import ReleaseSeries
-
-
-@pytest.fixture
-async def core(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
-    cache = ContentCache(tmp_path / "cache", 1 << 30)
-    core = Core(
-        memory_store,
-        cache,
-        DeltaEngine(),
-        Policy(min_delta_size=1024),
-        scratch_dir=tmp_path / "scratch",
-    )
-    yield core
-    await core.aclose()
-    cache.close()
-
-
-async def store_all(store: MemoryStore, objects: list[StoredObject]) -> None:
-    for obj in objects:
-        await store.put_bytes(obj.key, obj.body, obj.metadata)
 
 
 def sha(data: bytes) -> str:

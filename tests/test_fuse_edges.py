@@ -18,7 +18,17 @@ import trio.testing
 from dgfs.errors import FsError
 from dgfs.fs.filesystem import FileSystem
 from dgfs.store.memory import MemoryStore
-from tests.fsharness import GID, ROOT, UID, close, lookup, mounted, read_file, write_file
+from tests.fsharness import (
+    GID,
+    ROOT,
+    UID,
+    close,
+    lookup,
+    mounted,
+    read_file,
+    write_file,
+    write_stored,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -104,9 +114,7 @@ async def test_setattr_size_and_mode_together(
     memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with mounted(memory, tmp_path) as m:
-        await write_file(m.fs, "f", b"hello world")
-        await m.fs.wait_idle()
-        node = await lookup(m.fs, "f")
+        node = await write_stored(m.fs, "f", b"hello world")
         await m.fs.setattr(node.ino, size=5, mode=0o100600)
         assert (node.size, node.mode) == (5, 0o600)
     async with mounted(memory, tmp_path) as m:
@@ -118,9 +126,7 @@ async def test_setattr_on_unlinked_open_file(
     memory: MemoryStore, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with mounted(memory, tmp_path) as m:
-        await write_file(m.fs, "f", b"hello world")
-        await m.fs.wait_idle()
-        node = await lookup(m.fs, "f")
+        node = await write_stored(m.fs, "f", b"hello world")
         h = await m.fs.open(node.ino, os.O_RDWR)
         await m.fs.unlink(ROOT, "f")
         await m.fs.setattr(node.ino, size=3, mode=0o100600, mtime_ns=10**18)

@@ -7,7 +7,6 @@ and an older proxy's ``dg-ref-key`` of a root-level delta
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,8 @@ from dgfs.errors import DgfsError
 from dgfs.format import DeltaMode
 from dgfs.store.memory import MemoryStore
 from tests.coreharness import make_core
-from testsupport.proxyobjects import ProxyWriter, StoredObject
+from testsupport.proxyobjects import ProxyWriter, store_all
 from testsupport.releases import ReleaseSeries
-
-
-@pytest.fixture
-async def core(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
-    core, cache = make_core(memory_store, tmp_path)
-    yield core
-    await core.aclose()
-    cache.close()
-
-
-async def store_all(store: MemoryStore, objects: list[StoredObject]) -> None:
-    for obj in objects:
-        await store.put_bytes(obj.key, obj.body, obj.metadata)
 
 
 async def _proxy_dir_with_reference_deep(store: MemoryStore) -> tuple[bytes, list[bytes]]:

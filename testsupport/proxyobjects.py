@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from dgfs.store.base import ObjectStore
+
 #: src/types.rs ``DELTAGLIDER_TOOL`` = CARGO_PKG_NAME "/" CARGO_PKG_VERSION (Cargo.toml: 1.19.0).
 PROXY_TOOL = "deltaglider_proxy/1.19.0"
 #: src/deltaglider/engine/store.rs ``INTERNAL_REFERENCE_NAME``: a reference's ``dg-original-name``.
@@ -320,3 +322,9 @@ def proxy_client_view(headers: dict[str, str]) -> tuple[str, dict[str, str]]:
         if not key.lower().startswith("dg-"):
             shown[key] = value
     return content_type, shown
+
+
+async def store_all(store: ObjectStore, objects: list[StoredObject]) -> None:
+    """Put ``objects`` into ``store`` as the proxy wrote them."""
+    for obj in objects:
+        await store.put_bytes(obj.key, obj.body, obj.metadata)
