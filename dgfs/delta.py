@@ -241,16 +241,19 @@ class DeltaEngine:
         log.debug("using %s, xdelta3 %s", resolved, version)
         return version
 
-    async def encode(self, source: Path, target: Path, out: Path) -> int:
-        """Write a VCDIFF delta turning ``source`` into ``target`` to ``out``.
+    async def encode(
+        self, source: Path, target: Path, out: Path, *, level: int | None = None
+    ) -> int:
+        """Write a VCDIFF delta turning ``source`` into ``target`` to ``out``
+        (at ``level``, else the engine's).
 
         Returns the delta's size in bytes. ``out`` is overwritten; on failure
         or cancellation it is removed. Raises :class:`DeltaEngineError` if
         xdelta3 fails, :class:`XdeltaMissing` if it is gone.
         """
         window = await self._window_for(source)
-        args: list[str | Path] = ["-e", f"-{self.level}", "-f", "-D", "-R", "-A", "-B", str(window)]
-        args += ["-s", source, target, out]
+        args: list[str | Path] = ["-e", f"-{level or self.level}", "-f", "-D", "-R", "-A"]
+        args += ["-B", str(window), "-s", source, target, out]
         work = await _size(source) + await _size(target)
         async with self._memory.hold(memory_estimate("encode", window)):
             await self._run("encode", args, out, work=work)

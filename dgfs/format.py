@@ -100,6 +100,9 @@ DEEP_REFERENCE_ENCODING = "zstd"
 #: First bytes of a deep delta's body. Not VCDIFF, so xdelta3 (and with it
 #: the stock DeltaGlider CLI) refuses the object instead of decoding it.
 DEEP_DELTA_MAGIC = b"DGFSDEEP\x01\n"
+#: A deep delta whose body starts with a table of spans the reference holds
+#: (``dgfs.deep.spans``); a dgfs from before 2026-12-07 refuses it (bad magic).
+DEEP_DELTA_SPANS_MAGIC = b"DGFSDEEP\x02\n"
 
 
 class DeltaMode(enum.Enum):

@@ -299,29 +299,8 @@ class Rebuilder:
         )
 
     async def _rebuild_deep(self, stored: StoredFile, out: Path) -> None:
-        assert stored.ref_key and stored.ref_sha256
-        async with (
-            self._bench.scratch(".delta") as body,
-            self._bench.scratch(".vcdiff") as vcdiff,
-            self._bench.scratch(".dgx") as expanded,
-        ):
-            await self._bench.download(stored.stored_key, body)
-            try:
-                await self._bench.cpu(deep.unwrap_delta, body, vcdiff)
-            except FormatError as exc:
-                raise IntegrityError(f"{stored.stored_key}: {exc}") from None
-            async with self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
-                await self._bench.engine.decode(
-                    plain_ref,
-                    vcdiff,
-                    expanded,
-                    cap=OutputCap(
-                        self._bench.limits.expanded_cap(stored.original_size),
-                        "expand_ratio × its dg-file-size, at most expand_max",
-                    ),
-                    # Parsed under limits, rebuilt and checked whole: never streamed.
-                    window_checks=False,
-                )
+        async with self._bench.scratch(".dgx") as expanded:
+            await self._expanded_form(stored, expanded)
             try:
                 await self._bench.cpu(
                     functools.partial(
@@ -337,6 +316,43 @@ class Rebuilder:
             except (FormatError, DgfsError) as exc:
                 out.unlink(missing_ok=True)
                 raise IntegrityError(f"{stored.visible_key}: cannot rebuild: {exc}") from None
+
+    async def _expanded_form(self, stored: StoredFile, expanded: Path) -> None:
+        """The expanded form a deep delta turns its reference into, into ``expanded``:
+        the VCDIFF applied to the whole reference, or, after a span table, to
+        the reference without the spans, and the spans put back."""
+        assert stored.ref_key and stored.ref_sha256
+        cap = self._bench.limits.expanded_cap(stored.original_size)
+        why = "expand_ratio × its dg-file-size, at most expand_max"
+        async with (
+            self._bench.scratch(".delta") as body,
+            self._bench.scratch(".vcdiff") as vcdiff,
+            self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref,
+        ):
+            await self._bench.download(stored.stored_key, body)
+            unwrap = deep.unwrap_delta, body, vcdiff, plain_ref.stat().st_size, cap
+            try:
+                spans = await self._bench.cpu(*unwrap)
+            except FormatError as exc:
+                raise IntegrityError(f"{stored.stored_key}: {exc}") from None
+            # Parsed under limits, rebuilt and checked whole: never streamed.
+            if spans is None:
+                await self._bench.engine.decode(
+                    plain_ref, vcdiff, expanded, cap=OutputCap(cap, why), window_checks=False
+                )
+                return
+            assert isinstance(spans, list)
+            async with (
+                self._bench.scratch(".src") as source,
+                self._bench.scratch(".cut") as cut,
+            ):
+                await self._bench.cpu(deep.write_source, plain_ref, spans, source)
+                left = OutputCap(cap - sum(span.size for span in spans), why)
+                await self._bench.engine.decode(source, vcdiff, cut, cap=left, window_checks=False)
+                try:
+                    await self._bench.cpu(deep.splice, cut, plain_ref, spans, expanded, cap)
+                except FormatError as exc:
+                    raise IntegrityError(f"{stored.stored_key}: {exc}") from None
 
     async def _verify_file(self, path: Path, stored: StoredFile) -> None:
         if stored.file_sha256 is None:

@@ -10,7 +10,8 @@ uses of deep mode is named here; the modules under it are its parts
 - ``expand``: expand, prove, rebuild (under ``ExpansionLimits``);
 - ``objects``: what S3 holds (the zstd reference, the wrapped delta);
 - ``deflate``, ``gnuzip``: the compressors replayed (zlib, GNU gzip's zgz);
-- ``remember``: the verdicts on compressed spans, kept across mounts.
+- ``remember``: the verdicts on compressed spans, kept across mounts;
+- ``spans``: what a delta takes from its reference as is, cut out before xdelta3.
 """
 
 from dgfs.deep.deflate import CANDIDATES, DeflateParams, zlib_is_reference
@@ -38,6 +39,9 @@ from dgfs.deep.remember import keep_in as keep_verified_spans_in
 from dgfs.deep.remember import load as load_verified_spans
 from dgfs.deep.remember import save as save_verified_spans
 from dgfs.deep.remember import save_kept as save_kept_verified_spans
+from dgfs.deep.spans import Span, splice, write_cut, write_source
+from dgfs.deep.spans import find as find_spans
+from dgfs.deep.spans import pack as pack_spans
 
 __all__ = [
     "CANDIDATES",
@@ -48,11 +52,14 @@ __all__ = [
     "ExpansionLimits",
     "PackedReference",
     "Recipe",
+    "Span",
     "compress_reference",
     "decompress_reference",
     "expand_file",
+    "find_spans",
     "gnu_deflate",
     "keep_verified_spans_in",
+    "pack_spans",
     "load_verified_spans",
     "plain_form",
     "prove_form",
@@ -60,8 +67,11 @@ __all__ = [
     "reference_cap",
     "save_kept_verified_spans",
     "save_verified_spans",
+    "splice",
     "unwrap_delta",
     "wrap_delta",
+    "write_cut",
+    "write_source",
     "zgz_path",
     "zlib_is_reference",
 ]

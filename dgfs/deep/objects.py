@@ -13,7 +13,9 @@ description.
   1.0 s (the ``.tar.gz`` itself is 10.4 MB). Readers accept windows up to
   2^27 bytes.
 - A deep delta's body is ``DEEP_DELTA_MAGIC`` followed by a VCDIFF (xdelta3)
-  that turns the expanded reference into the file's expanded form.
+  that turns the expanded reference into the file's expanded form; or
+  ``DEEP_DELTA_SPANS_MAGIC``, a table of spans the reference holds and a
+  VCDIFF of the rest (:mod:`dgfs.deep.spans`).
 
 A reference comes from the bucket: an 8 KB zstd frame decompresses to
 256 MiB. :func:`decompress_reference` refuses a window over 2^27 bytes, a
@@ -34,9 +36,11 @@ from typing import BinaryIO, cast
 import zstandard
 
 from dgfs import format as fmt
+from dgfs.deep import spans
 from dgfs.deep.limits import DEFAULT_MAX_BYTES, ExpansionLimits
+from dgfs.deep.spans import Span
 from dgfs.errors import DecodeLimit, FormatError
-from dgfs.format import DEEP_DELTA_MAGIC
+from dgfs.format import DEEP_DELTA_MAGIC, DEEP_DELTA_SPANS_MAGIC
 
 ZSTD_LEVEL = 9
 #: The largest window a reader accepts (a writer may use long-distance matching).
@@ -126,18 +130,32 @@ def _over(max_size: int, how: str) -> DecodeLimit:
     )
 
 
-def wrap_delta(vcdiff: Path, out: Path) -> int:
-    """``DEEP_DELTA_MAGIC`` + ``vcdiff`` into ``out``; returns the body's size."""
+def wrap_delta(vcdiff: Path, out: Path, table: bytes | None = None) -> int:
+    """A deep delta's body into ``out``: ``DEEP_DELTA_MAGIC`` + ``vcdiff``, or,
+    with a span ``table`` (``spans.pack``), ``DEEP_DELTA_SPANS_MAGIC`` + the
+    table + ``vcdiff``; returns the body's size."""
     with open(vcdiff, "rb") as src, open(out, "wb") as dst:
-        dst.write(DEEP_DELTA_MAGIC)
+        if table is None:
+            dst.write(DEEP_DELTA_MAGIC)
+        else:
+            dst.write(DEEP_DELTA_SPANS_MAGIC + table)
         shutil.copyfileobj(src, dst, _BUFFER)
     return out.stat().st_size
 
 
-def unwrap_delta(body: Path, out: Path) -> None:
-    """The VCDIFF inside a deep delta's body; ``FormatError`` if the magic is wrong."""
+def unwrap_delta(body: Path, out: Path, reference_size: int, cap: int) -> list[Span] | None:
+    """The VCDIFF inside a deep delta's body into ``out``, and its span table
+    (None: a version-1 delta, of the whole form), checked against the
+    reference's size and the expanded form's ``cap``; ``FormatError`` if the
+    magic is wrong or the table malformed, ``DecodeLimit`` past a limit."""
     with open(body, "rb") as src:
-        if src.read(len(DEEP_DELTA_MAGIC)) != DEEP_DELTA_MAGIC:
-            raise FormatError("not a dgfs deep delta (bad magic)")
+        magic = src.read(len(DEEP_DELTA_MAGIC))
+        if magic == DEEP_DELTA_MAGIC:
+            found = None
+        elif magic == DEEP_DELTA_SPANS_MAGIC:
+            found = spans.unpack(src, reference_size, cap)
+        else:
+            raise FormatError("not a dgfs deep delta (bad magic, or a newer dgfs wrote it)")
         with open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, _BUFFER)
+    return found

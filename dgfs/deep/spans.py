@@ -1,0 +1,287 @@
+"""Spans of an expanded form that its reference already holds, cut out before xdelta3.
+
+A later release of a wheel holds mostly the members of the reference's, and
+their segments are byte for byte in the reference's expanded form. xdelta3
+finds them too, but pays for it over the whole of both forms: for a botocore
+wheel it indexes 95 MB of reference and scans 95 MB of target to find the
+8 MB that changed. So a version-2 deep delta lists those spans first (where
+in the file's form, where in the reference's, how long), and xdelta3 runs
+over what is left on each side: the form without the spans (the *cut*)
+against the reference without the bytes the spans came from (the *source*).
+docs/FORMAT.md is the normative description; ``benchmarks/deep_floor.py``
+measures what it saves.
+
+Spans are found by segment: every RAW, DEFLATE, GNU or SPLIT segment of at
+least ``MIN_SPAN`` bytes of the reference is indexed by its SHA-256, and the
+file's segments are looked up outermost first (equal SHA-256, equal bytes:
+reads check the rebuilt file's SHA-256 all the same).
+
+Reading, a span table comes from the bucket: :func:`unpack` refuses more
+than ``MAX_SPANS`` spans, spans outside the reference or the output's cap,
+and :func:`splice` stops at the cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+from dgfs.deep.memo import Memo
+from dgfs.deep.segments import (
+    COMPRESSING,
+    MAGIC,
+    MAX_NESTING,
+    TAG_END,
+    TAG_RAW,
+    Reader,
+    unknown_tag,
+    varint,
+)
+from dgfs.errors import DecodeLimit, FormatError
+
+#: Segments shorter than this are left to xdelta3: a span costs 3 to 8 bytes
+#: of table, and short segments are mostly zip headers that changed anyway.
+MIN_SPAN = 512
+#: Readers refuse a table of more spans (each costs a Python object while
+#: the delta is applied); a 95 MB botocore wheel needs about 1,500.
+MAX_SPANS = 1 << 18
+#: The most a span table takes, packed or inflated (MAX_SPANS spans of 3 varints).
+MAX_TABLE = MAX_SPANS * 30
+_BUFFER = 1 << 20
+
+#: The segment index of recently used references, by their SHA-256: every
+#: store into a directory needs its reference's, and building one reads it whole.
+_INDEXES = Memo(64 << 20)
+
+
+class Span(NamedTuple):
+    """``size`` bytes at ``at`` in the file's expanded form are those at ``ref``
+    in the reference's."""
+
+    at: int
+    ref: int
+    size: int
+
+
+class _Segment(NamedTuple):
+    start: int
+    end: int
+
+
+def _segments(form: BinaryIO) -> Iterator[_Segment]:
+    """Every segment of the expanded form ``form`` (each compressing one
+    once its END is read), nesting at most ``MAX_NESTING`` deep;
+    ``FormatError`` if it is no complete expanded form."""
+    if form.read(len(MAGIC)) != MAGIC:
+        raise FormatError("not a dgfs expanded form (bad magic)")
+    reader = Reader(form)
+    opened: list[int] = []
+    while True:
+        start = form.tell()
+        tag = reader.exact(1)[0]
+        if tag == TAG_END:
+            if not opened:
+                break
+            yield _Segment(opened.pop(), form.tell())
+        elif tag == TAG_RAW:
+            length = reader.varint()
+            form.seek(length, os.SEEK_CUR)
+            yield _Segment(start, form.tell())
+        elif tag in COMPRESSING:
+            if len(opened) >= MAX_NESTING:
+                raise FormatError(f"expanded form: segments nest deeper than {MAX_NESTING}")
+            reader.skip_header(tag)
+            opened.append(start)
+        else:
+            raise FormatError(unknown_tag(tag))
+    end = form.tell()
+    if form.read(1) or end > os.fstat(form.fileno()).st_size:
+        raise FormatError("expanded form: bytes after the end, or ends early")
+
+
+def _digest(fd: int, start: int, end: int) -> bytes:
+    """SHA-256 of bytes ``start`` to ``end`` of the file open as ``fd``."""
+    digest = hashlib.sha256()
+    while start < end:
+        chunk = os.pread(fd, min(end - start, _BUFFER), start)
+        if not chunk:
+            raise FormatError("expanded form ends early")
+        digest.update(chunk)
+        start += len(chunk)
+    return digest.digest()
+
+
+def _index(reference: Path) -> dict[bytes, tuple[int, int]]:
+    """Where each segment of ``reference`` of ``MIN_SPAN`` bytes or more lies, by
+    its SHA-256 (the first of equal ones). A reference that is no expanded form
+    (it comes from the bucket) has none."""
+    found: dict[bytes, tuple[int, int]] = {}
+    with open(reference, "rb") as form:
+        try:
+            for start, end in _segments(form):
+                if end - start >= MIN_SPAN:
+                    found.setdefault(_digest(form.fileno(), start, end), (start, end))
+        except FormatError:
+            return {}
+    return found
+
+
+def _reference_index(reference: Path, sha256: str) -> dict[bytes, tuple[int, int]]:
+    key = bytes.fromhex(sha256)
+    with _INDEXES.computing(key) as known:
+        if isinstance(known, dict):
+            return known
+        index = _index(reference)
+        _INDEXES.put(key, index, 100 * len(index) + 64)
+        return index
+
+
+def find(reference: Path, reference_sha256: str, form: Path) -> list[Span]:
+    """The spans of ``form`` (the file's expanded form, made by this dgfs) that
+    ``reference`` (its reference's expanded form, whose SHA-256 is
+    ``reference_sha256``) holds, in order, outermost segments first."""
+    index = _reference_index(reference, reference_sha256)
+    if not index:
+        return []
+    spans: list[Span] = []
+    covered = 0
+    with open(form, "rb") as src:
+        # Outer segments start before the segments they hold.
+        for start, end in sorted(_segments(src)):
+            if start < covered or end - start < MIN_SPAN:
+                continue
+            hit = index.get(_digest(src.fileno(), start, end))
+            if hit is not None and hit[1] - hit[0] == end - start:
+                spans.append(Span(start, hit[0], end - start))
+                covered = end
+    return spans
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, size: int) -> None:
+    while size:
+        chunk = src.read(min(size, _BUFFER))
+        if not chunk:
+            raise FormatError("deep delta: the cut form ends early")
+        dst.write(chunk)
+        size -= len(chunk)
+
+
+def _gaps(spans: list[Span], size: int, key: str) -> Iterator[tuple[int, int]]:
+    """The (offset, length) ranges of a ``size``-byte file outside ``spans``'s
+    ranges (``key``: ``"at"`` in the file's form, ``"ref"`` in the reference's)."""
+    ranges = sorted((getattr(span, key), getattr(span, key) + span.size) for span in spans)
+    pos = 0
+    for start, end in ranges:
+        if start > pos:
+            yield pos, start - pos
+        pos = max(pos, end)
+    if size > pos:
+        yield pos, size - pos
+
+
+def write_cut(form: Path, spans: list[Span], out: Path) -> None:
+    """``form`` without its spans: what xdelta3 encodes."""
+    with open(form, "rb") as src, open(out, "wb") as dst:
+        for start, length in _gaps(spans, os.fstat(src.fileno()).st_size, "at"):
+            src.seek(start)
+            _copy(src, dst, length)
+
+
+def write_source(reference: Path, spans: list[Span], out: Path) -> None:
+    """``reference`` without the bytes ``spans`` came from: what the cut is
+    encoded against (the rest holds what the changed segments resemble)."""
+    with open(reference, "rb") as src, open(out, "wb") as dst:
+        for start, length in _gaps(spans, os.fstat(src.fileno()).st_size, "ref"):
+            src.seek(start)
+            _copy(src, dst, length)
+
+
+def spliced_size(cut_size: int, spans: list[Span]) -> int:
+    return cut_size + sum(span.size for span in spans)
+
+
+def splice(cut: Path, reference: Path, spans: list[Span], out: Path, cap: int) -> None:
+    """The file's expanded form into ``out``: the cut with every span put back
+    from ``reference``; ``DecodeLimit`` past ``cap`` bytes."""
+    with open(cut, "rb") as src, open(reference, "rb") as ref, open(out, "wb") as dst:
+        if spliced_size(os.fstat(src.fileno()).st_size, spans) > cap:
+            raise DecodeLimit(f"deep delta: the expanded form would pass its cap of {cap} bytes")
+        pos = 0
+        for span in spans:
+            _copy(src, dst, span.at - pos)
+            ref.seek(span.ref)
+            try:
+                _copy(ref, dst, span.size)
+            except FormatError:
+                raise FormatError("deep delta: a span lies past the reference's end") from None
+            pos = span.at + span.size
+        shutil.copyfileobj(src, dst, _BUFFER)
+
+
+def _zigzag(value: int) -> int:
+    return value * 2 if value >= 0 else -value * 2 - 1
+
+
+def pack(spans: list[Span]) -> bytes:
+    """The span table: its count, then for each span the gap since the
+    previous one in the file's form, where it lies in the reference relative
+    to the previous one's end (zigzag: members mostly keep their order), and
+    its size; zlib-compressed (the gaps are mostly zip headers of one size),
+    after its compressed length."""
+    table = bytearray(varint(len(spans)))
+    at = ref = 0
+    for span in spans:
+        table += varint(span.at - at) + varint(_zigzag(span.ref - ref)) + varint(span.size)
+        at, ref = span.at + span.size, span.ref + span.size
+    packed = zlib.compress(bytes(table), 9)
+    return varint(len(packed)) + packed
+
+
+def _table(src: BinaryIO) -> io.BytesIO:
+    """The span table read and inflated, no larger than ``MAX_TABLE`` either way."""
+    reader = Reader(src)
+    size = reader.varint()
+    if size > MAX_TABLE:
+        raise DecodeLimit(f"deep delta: a span table of {size} bytes (at most {MAX_TABLE})")
+    inflater = zlib.decompressobj()
+    try:
+        table = inflater.decompress(reader.exact(size), MAX_TABLE)
+    except zlib.error:
+        raise FormatError("deep delta: a corrupt span table") from None
+    if inflater.unconsumed_tail:
+        raise DecodeLimit(f"deep delta: a span table inflating past {MAX_TABLE} bytes")
+    if not inflater.eof:
+        raise FormatError("deep delta: a span table that ends early")
+    return io.BytesIO(table)
+
+
+def unpack(src: BinaryIO, reference_size: int, cap: int) -> list[Span]:
+    """A span table read from ``src`` (from the bucket), checked: at most
+    ``MAX_SPANS`` spans, each non-empty, in order in a form of at most ``cap``
+    bytes and inside a reference of ``reference_size`` bytes."""
+    table = _table(src)
+    reader = Reader(table)
+    count = reader.varint()
+    if count > MAX_SPANS:
+        raise DecodeLimit(f"deep delta: {count} spans (at most {MAX_SPANS})")
+    spans = []
+    at = ref = 0
+    for _ in range(count):
+        gap, moved, size = reader.varint(), reader.varint(), reader.varint()
+        start = at + gap
+        ref += (moved >> 1) ^ -(moved & 1)
+        if size == 0 or ref < 0 or ref + size > reference_size:
+            raise FormatError("deep delta: a span lies outside the reference")
+        if start + size > cap:
+            raise DecodeLimit(f"deep delta: spans pass the expanded form's cap of {cap} bytes")
+        spans.append(Span(start, ref, size))
+        at, ref = start + size, ref + size
+    if table.read(1):
+        raise FormatError("deep delta: bytes after the span table")
+    return spans
