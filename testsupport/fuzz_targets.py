@@ -57,7 +57,7 @@ import zstandard
 
 from dgfs import control, dgzip, metrics, posixmeta, proxycrypt, proxymeta
 from dgfs import format as fmt
-from dgfs.deep import expand, gnuzip, objects
+from dgfs.deep import expand, gnuzip, objects, spans
 from dgfs.deep.deflate import DeflateParams
 from dgfs.errors import DecodeLimit, DgfsError, ExpansionLimit, FormatError
 from dgfs.fs import dirindex, xattrs
@@ -170,8 +170,25 @@ def _run_deep(mode: int, body: bytes, workers: int) -> None:
                 Scratch.file("ref.zst", body), Scratch.file("ref"), min(cap, _REBUILD_MAX)
             )
     else:
-        with contextlib.suppress(FormatError):
-            objects.unwrap_delta(Scratch.file("delta", body), Scratch.file("vcdiff"))
+        _unwrap_and_splice(body)
+
+
+#: The reference a fuzzed deep delta's spans point into.
+_SPANS_REFERENCE = bytes(range(256)) * 64
+
+
+def _unwrap_and_splice(body: bytes) -> None:
+    """A deep delta's body read as a reader does; its VCDIFF taken as the cut
+    form (xdelta3 is not what is fuzzed) and its spans put back."""
+    reference = Scratch.file("reference", _SPANS_REFERENCE)
+    cut = Scratch.file("vcdiff")
+    with contextlib.suppress(FormatError, DecodeLimit):
+        found = objects.unwrap_delta(
+            Scratch.file("delta", body), cut, len(_SPANS_REFERENCE), _REBUILD_MAX
+        )
+        if found:
+            spans.write_source(reference, found, Scratch.file("source"))
+            spans.splice(cut, reference, found, Scratch.file("form"), _REBUILD_MAX)
 
 
 def _expand_and_rebuild(body: bytes, workers: int) -> None:
@@ -278,6 +295,8 @@ def deep_seeds() -> list[bytes]:
             objects.compress_reference(out, Scratch.file("seed.zst"))
             seeds.append(bytes((DEEP_REFERENCE,)) + Scratch.file("seed.zst").read_bytes())
         seeds.append(bytes((DEEP_DELTA,)) + fmt.DEEP_DELTA_MAGIC + b"\xd6\xc3\xc4\x00")
+        table = spans.pack([spans.Span(3, 100, 600), spans.Span(700, 0, 50)])
+        seeds.append(bytes((DEEP_DELTA,)) + fmt.DEEP_DELTA_SPANS_MAGIC + table + b"cut" * 300)
         Scratch.clean()
     return seeds
 
