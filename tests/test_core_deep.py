@@ -58,7 +58,7 @@ async def test_targz_series_stored_as_small_deep_deltas(
         assert stored.deep and sha(out) == sha(path)
     head = memory_store.objects["app/pkg-2.tar.gz.delta"]
     assert head.metadata[fmt.META_FORMAT] == fmt.DEEP_FORMAT
-    assert head.body.startswith(fmt.DEEP_DELTA_MAGIC)
+    assert head.body.startswith(fmt.DEEP_DELTA_SPANS_MAGIC)  # its tar members are spans
 
 
 async def test_dg_mode_stores_gzip_direct(plain: Core, tmp_path: Path) -> None:

@@ -4,8 +4,11 @@ what a store writes, what a read accepts, and what a hostile table gets."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
+import random
+import tarfile
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 import dgfs.deep
 from dgfs import format as fmt
 from dgfs.core import Core
-from dgfs.deep import spans
+from dgfs.deep import archives, spans
 from dgfs.deep.segments import MAGIC, TAG_DEFLATE, TAG_END, TAG_RAW, varint
 from dgfs.errors import DecodeLimit, FormatError, IntegrityError
 from dgfs.format import DeltaMode, Kind
@@ -196,3 +199,81 @@ async def test_a_delta_of_a_newer_kind_names_the_cause(
     memory_store.objects[key] = dataclasses.replace(obj, body=b"DGFSDEEP\x03\n" + obj.body[10:])
     with pytest.raises(IntegrityError, match="newer dgfs"):
         await deep.get(f"app/{paths[1].name}", tmp_path / "out")
+
+
+def make_tar(members: dict[str, bytes], mtime: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def release(version: int, count: int = 200) -> dict[str, bytes]:
+    """Members of a release: all but one unchanged since version 1, of sizes
+    that are no multiple of 512, the changed one first (it moves the rest)."""
+    rng = random.Random(7)
+    members = {
+        f"pkg/mod{i:03d}.py": rng.randbytes(4000 + 37 * i).hex().encode() for i in range(count)
+    }
+    members["pkg/mod000.py"] += b"# changed\n" * version
+    return members
+
+
+def test_tar_cuts_fall_where_members_start_and_their_data_ends() -> None:
+    data = make_tar({"a": b"x" * 700, "dir/b": b"", "c": b"y" * 1024}, 1_700_000_000)
+    cuts = archives.tar_cuts(io.BytesIO(data), 0, len(data))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = []
+        for info in tar.getmembers():
+            expected.append(info.offset_data)
+            if info.size:
+                expected.append(info.offset_data + -(-info.size // 512) * 512)
+    assert [cut for cut in cuts if cut in expected] == expected
+    assert cuts == sorted(set(cuts)) and cuts[-1] <= len(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not a tar" * 1000,
+        make_tar({"a": b"x" * 700}, 0)[:512].replace(b"0001274", b"7777777") + bytes(4096),
+        b"",
+    ],
+    ids=["no tar", "size past the end", "empty"],
+)
+def test_tar_cuts_of_what_is_no_whole_tar_stay_inside_it(data: bytes) -> None:
+    cuts = archives.tar_cuts(io.BytesIO(data), 0, len(data))
+    assert all(0 < cut <= len(data) for cut in cuts)
+
+
+@pytest.mark.parametrize(
+    ("compressed", "count", "split"),
+    [(False, 200, 0), (True, 200, 0), (True, 330, 1)],
+    ids=["tar", "tar.gz", "tar.gz in pieces"],
+)
+def test_members_of_a_tar_are_spans_whatever_moved_before_them(
+    tmp_path: Path, compressed: bool, count: int, split: int
+) -> None:
+    """Members' data in RAW segments of their own: a later release whose first
+    member grew (and whose headers all changed: new mtimes) still takes the
+    rest from the reference. A plain tar is RAW at the top; a .tar.gz one
+    DEFLATE segment, or a SPLIT one from 4 MiB of content on."""
+    paths = []
+    for version in (1, 2):
+        data = make_tar(release(version, count), 1_700_000_000 + version)
+        if compressed:
+            data = gzip.compress(data, 9, mtime=0)
+        path = tmp_path / f"pkg-{version}.tar{'.gz' if compressed else ''}"
+        path.write_bytes(data)
+        paths.append(path)
+    ref = expanded(paths[0], tmp_path)
+    form = tmp_path / "form.dgx"
+    stats = dgfs.deep.expand_file(paths[1], form, scratch_dir=tmp_path)
+    assert stats.streams_split == split
+    found = spans.find(ref, sha(ref), form)
+    assert sum(span.size for span in found) > 0.9 * form.stat().st_size
+    out = tmp_path / "rebuilt"
+    assert dgfs.deep.rebuild_file(form, out, tmp_path) == (sha(paths[1]), paths[1].stat().st_size)

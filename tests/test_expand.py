@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dgfs.deep import expand, gnuzip, proof, recompress, search
+from dgfs.deep import expand, gnuzip, proof, recompress, search, segments
 from dgfs.deep.deflate import (
     CANDIDATES,
     DeflateParams,
@@ -435,8 +435,23 @@ def test_tar_gz_expansion_holds_the_tar_verbatim(tmp_path: Path) -> None:
     assert marker not in data
     stats, form = round_trip(tmp_path, data, "pkg-1.0.tar.gz")
     assert stats.streams_inflated == 1
-    assert tar in form
+    payloads = raw_payloads(form)
+    assert tar in b"".join(payloads)
+    # Cut where each member starts and its data ends (dgfs.deep.spans finds them).
+    assert len(payloads) >= 2 * 3
     assert stats.expanded_size > 3 * stats.original_size
+
+
+def raw_payloads(form: bytes) -> list[bytes]:
+    """The bytes of every RAW segment of an expanded form, in order."""
+    reader = segments.Reader(io.BytesIO(form[len(expand.MAGIC) :]))
+    payloads = []
+    while tag := reader.src.read(1):
+        if tag[0] == segments.TAG_RAW:
+            payloads.append(b"".join(reader.segment(tag[0])))
+        elif tag[0] in segments.COMPRESSING:
+            reader.skip_header(tag[0])
+    return payloads
 
 
 def test_multi_member_gzip_with_zero_padding(tmp_path: Path) -> None:

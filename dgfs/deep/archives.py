@@ -110,3 +110,65 @@ def after_descriptor(src: BinaryIO, data_end: int, end: int, flags: int) -> int 
         if src.read(4) in (_ZIP_LOCAL, _ZIP_CENTRAL, _ZIP_END):
             return nxt
     return None
+
+
+_TAR_BLOCK = 512
+#: Tar header types whose size field counts data blocks after the header:
+#: regular and contiguous files, pax and GNU extended headers (their records).
+_TAR_SIZED = b"0\x007xgLK"
+#: Types with no data blocks: links, devices, directories, FIFOs.
+_TAR_EMPTY = b"123456"
+
+
+def _octal(field: bytes) -> int | None:
+    digits = field.strip(b" \0")
+    if not all(48 <= c <= 55 for c in digits):  # b"0" to b"7"
+        return None
+    return int(digits, 8) if digits else 0
+
+
+def _tar_size(field: bytes) -> int | None:
+    """A tar size field: octal digits, or base-256 (GNU) when its high bit is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    return _octal(field)
+
+
+def _tar_header_ok(block: bytes) -> bool:
+    """Whether ``block`` is a tar header: its checksum (the sum of its bytes,
+    the checksum field counted as spaces) is right."""
+    stored = _octal(block[148:156])
+    return bool(stored) and stored == sum(block[:148]) + 8 * 32 + sum(block[156:])
+
+
+def is_tar(head: bytes) -> bool:
+    """Whether ``head`` starts with a tar header."""
+    return len(head) >= _TAR_BLOCK and _tar_header_ok(head[:_TAR_BLOCK])
+
+
+def tar_cuts(src: BinaryIO, start: int, end: int) -> list[int]:
+    """Where the members of the tar at ``src[start:end]`` start and their data
+    ends (after each header, after each member's data blocks), or [] if it is
+    no tar. The expansion ends RAW segments there, so a member's bytes are a
+    segment of their own whatever moved around them (``dgfs.deep.spans``);
+    where exactly matters to the size of deltas only, never to the bytes, so
+    the walk stops at the first block that is not a header it knows."""
+    cuts: list[int] = []
+    pos = start
+    while pos + _TAR_BLOCK <= end:
+        src.seek(pos)
+        block = src.read(_TAR_BLOCK)
+        if len(block) < _TAR_BLOCK or not _tar_header_ok(block):
+            break
+        kind = block[156:157]
+        if kind in _TAR_SIZED:
+            size = _tar_size(block[124:136])
+        else:
+            size = 0 if kind in _TAR_EMPTY else None
+        if size is None:
+            break
+        pos += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+        if pos > end:
+            break
+        cuts += [pos - size - (-size % _TAR_BLOCK), pos] if size else [pos]
+    return cuts

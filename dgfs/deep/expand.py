@@ -50,6 +50,7 @@ from dgfs.deep.archives import (
     gzip_body_offset,
     nested_kind,
     read_local_header,
+    tar_cuts,
 )
 from dgfs.deep.limits import Budget, ExpansionLimits
 from dgfs.deep.proof import prove_form
@@ -127,7 +128,7 @@ class _Expander(StreamExpander):
         elif kind == "zip":
             self.zip(src, start, end, depth)
         else:
-            self.copy(src, start, end)
+            self.copy(src, start, end, tar_cuts(src, start, end))
 
     # -- gzip (RFC 1952), one or more members --
 

@@ -14,7 +14,7 @@ import os
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import BinaryIO, cast
 
 from dgfs import children
 from dgfs.deep import gnuzip
-from dgfs.deep.archives import nested_kind
+from dgfs.deep.archives import is_tar, nested_kind, tar_cuts
 from dgfs.deep.deflate import (
     CANDIDATES,
     NEAR_MISS,
@@ -233,15 +233,20 @@ class StreamExpander:
 
     # -- plumbing --
 
-    def copy(self, src: BinaryIO, start: int, end: int) -> None:
+    def copy(self, src: BinaryIO, start: int, end: int, cuts: Iterable[int] = ()) -> None:
+        """``src[start:end]`` as RAW segments, one ending at each of ``cuts``
+        (increasing offsets inside the range) and at most every ``RAW_CHUNK``."""
         src.seek(start)
-        left = end - start
-        while left > 0:
-            chunk = src.read(min(RAW_CHUNK, left))
-            if not chunk:
-                raise FormatError("source ended early")
-            self.w.raw(chunk)
-            left -= len(chunk)
+        pos = start
+        for stop in (*cuts, end):
+            if pos > start:
+                self.w.flush_raw()
+            while pos < stop:
+                chunk = src.read(min(RAW_CHUNK, stop - pos))
+                if not chunk:
+                    raise FormatError("source ended early")
+                self.w.raw(chunk)
+                pos += len(chunk)
 
     def range(self, src: BinaryIO, start: int, end: int, depth: int) -> None:
         """Segments for ``src[start:end]``, expanding what it recognises."""
@@ -419,12 +424,16 @@ class StreamExpander:
         archive it holds (if ``sink`` spooled one), and end it."""
         span = (_span_digest(at.src, at.start, found.compressed_length), found.compressed_length)
         self.stats.proven.add((span[0], recipe))
-        if sink.spool is None:
+        if sink.spool is None or sink.tar:
             self.stats.leaves[(sink.content.digest(), recipe)] = span
-        else:
+        if sink.spool is not None:
             sink.spool.flush()
             self.w.rewind(body_pos)
-            self.range(sink.spool, 0, found.uncompressed_length, at.depth + 1)
+            size = found.uncompressed_length
+            if sink.tar:
+                self.copy(sink.spool, 0, size, tar_cuts(sink.spool, 0, size))
+            else:
+                self.range(sink.spool, 0, size, at.depth + 1)
         self.w.tag(bytes((TAG_END,)))
         self.stats.streams_inflated += 1
         self.stats.inflated_bytes += found.uncompressed_length
@@ -483,7 +492,8 @@ class StreamExpander:
                     return None
                 recipe = SplitRecipe(params, checkpoints)
                 self.w.tag(header(recipe))
-                self.copy(spool, 0, found.uncompressed_length)
+                size = found.uncompressed_length
+                self.copy(spool, 0, size, tar_cuts(spool, 0, size))
                 self.w.tag(bytes((TAG_END,)))
         finally:
             spool_path.unlink(missing_ok=True)
@@ -509,7 +519,8 @@ class StreamExpander:
 class _SegmentSink:
     """Where ``StreamExpander._segment`` puts a stream's inflated bytes: RAW
     segments (hashed: the segment may be a leaf), or a spool when they start
-    an archive, which is expanded once the stream has ended."""
+    an archive, which is expanded once the stream has ended, or a tar, cut
+    at its members (hashed too: a leaf all the same)."""
 
     def __init__(self, expander: StreamExpander, depth: int) -> None:
         self._expander = expander
@@ -517,12 +528,17 @@ class _SegmentSink:
         self._first = True
         self.spool: BinaryIO | None = None
         self.spooled = 0
+        self.tar = False
         self.content = hashlib.sha256()  # of what goes into the segment as RAW (a leaf)
 
     def __call__(self, piece: bytes) -> None:
         if self._first:
             self._first = False
-            if self._depth < MAX_DEPTH and nested_kind(piece) is not None:
+            archive = self._depth < MAX_DEPTH and nested_kind(piece) is not None
+            # A tar is spooled too, to end its RAW segments where members
+            # start and end (tar_cuts); it still holds RAW segments only.
+            self.tar = not archive and is_tar(piece)
+            if archive or self.tar:
                 # Most nested archives are small (a wheel's .json.gz): in memory
                 # up to NESTED_IN_MEMORY, then in scratch.
                 spooled_file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in close)
@@ -532,12 +548,13 @@ class _SegmentSink:
                     suffix=".nested",
                 )
                 self.spool = cast(BinaryIO, spooled_file)
+        if self.spool is None or self.tar:
+            self.content.update(piece)
         if self.spool is not None:
             self._expander.budget.hold(len(piece))
             self.spooled += len(piece)
             self.spool.write(piece)
         else:
-            self.content.update(piece)
             self._expander.w.raw(piece)
 
     def close(self) -> None:
