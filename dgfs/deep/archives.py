@@ -146,13 +146,15 @@ def is_tar(head: bytes) -> bool:
     return len(head) >= _TAR_BLOCK and _tar_header_ok(head[:_TAR_BLOCK])
 
 
-def tar_cuts(src: BinaryIO, start: int, end: int) -> list[int]:
-    """Where the members of the tar at ``src[start:end]`` start and their data
-    ends (after each header, after each member's data blocks), or [] if it is
-    no tar. The expansion ends RAW segments there, so a member's bytes are a
-    segment of their own whatever moved around them (``dgfs.deep.spans``);
-    where exactly matters to the size of deltas only, never to the bytes, so
-    the walk stops at the first block that is not a header it knows."""
+def tar_cuts(src: BinaryIO, start: int, end: int, min_size: int = 1024) -> list[int]:
+    """Where the data blocks of members of ``min_size`` bytes or more start and
+    end in the tar at ``src[start:end]``, or [] if it is no tar. The expansion
+    ends RAW segments there, so such a member's data is a segment of its own
+    whatever moved around it (``dgfs.deep.spans``, which takes segments from
+    1 KiB); headers and small members stay together, as a rebuild pays for
+    every segment. Where exactly the cuts fall matters to the size of deltas
+    only, never to the bytes, so the walk stops at the first block that is
+    not a header it knows."""
     cuts: list[int] = []
     pos = start
     while pos + _TAR_BLOCK <= end:
@@ -167,8 +169,10 @@ def tar_cuts(src: BinaryIO, start: int, end: int) -> list[int]:
             size = 0 if kind in _TAR_EMPTY else None
         if size is None:
             break
-        pos += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+        data = pos + _TAR_BLOCK
+        pos = data + -(-size // _TAR_BLOCK) * _TAR_BLOCK
         if pos > end:
             break
-        cuts += [pos - size - (-size % _TAR_BLOCK), pos] if size else [pos]
+        if size >= min_size:
+            cuts += [data, pos]
     return cuts
