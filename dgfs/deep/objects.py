@@ -27,6 +27,7 @@ expansion limits: :func:`reference_cap`).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -74,11 +75,20 @@ class _Hashing:
         return chunk
 
 
+def _zstd_threads() -> int:
+    """zstd's workers for a reference: the first file of a directory waits for
+    it, and the files stored beside it wait for the reference. One frame all
+    the same; a botocore wheel's 95 MB form: 0.86 s on one core, 0.51 s on
+    two (0.97 CPU s), 7.80 and 7.79 MB. 0: zstd's single-threaded mode."""
+    cores = min(4, os.cpu_count() or 1)
+    return cores if cores > 1 else 0
+
+
 def compress_reference(expanded: Path, out: Path) -> PackedReference:
     """zstd-compress ``expanded`` into ``out``; returns the SHA-256 and size of
     what it read and the compressed size."""
     params = zstandard.ZstdCompressionParameters.from_level(
-        ZSTD_LEVEL, write_checksum=True, write_content_size=True
+        ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=_zstd_threads()
     )
     compressor = zstandard.ZstdCompressor(compression_params=params)
     size = expanded.stat().st_size
