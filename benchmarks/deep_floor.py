@@ -53,18 +53,22 @@ def cpu_seconds() -> float:
 
 
 def streams(path: Path) -> list[bytes]:
-    """The inflated content of every deflate stream of ``path`` that holds no
-    other (a zip's members and the gzip files inside them, or a gzip file),
-    inflated as deep mode's expansion must."""
+    """The inflated content of every deflate stream of ``path`` (a zip's
+    members, the gzip files inside them, or a gzip file), inflated as deep
+    mode's expansion must. A zip member holding a gzip file counts twice:
+    the gzip stream's content, and the member's own stream, whose content
+    is the gzip file (a botocore wheel's ``.json.gz`` carry their build
+    time in their headers, so those are new in every release)."""
     if path.name.endswith(".gz"):
         return [gzip.decompress(path.read_bytes())]
     found = []
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             data = archive.read(info)
+            if info.compress_type == zipfile.ZIP_DEFLATED:
+                found.append(data)
             if info.filename.endswith(".gz"):
-                data = gzip.GzipFile(fileobj=io.BytesIO(data)).read()
-            found.append(data)
+                found.append(gzip.GzipFile(fileobj=io.BytesIO(data)).read())
     return found
 
 
