@@ -9,17 +9,19 @@ import hashlib
 import io
 import random
 import tarfile
+import tracemalloc
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 import dgfs.deep
 from dgfs import format as fmt
 from dgfs.core import Core
 from dgfs.deep import archives, spans
-from dgfs.deep.segments import MAGIC, TAG_DEFLATE, TAG_END, TAG_RAW, varint
+from dgfs.deep.segments import MAGIC, MAX_NESTING, TAG_DEFLATE, TAG_END, TAG_RAW, varint
 from dgfs.errors import DecodeLimit, FormatError, IntegrityError
 from dgfs.format import DeltaMode, Kind
 from dgfs.store.memory import MemoryStore
@@ -276,3 +278,156 @@ def test_members_of_a_tar_are_spans_whatever_moved_before_them(
     assert sum(span.size for span in found) > 0.9 * form.stat().st_size
     out = tmp_path / "rebuilt"
     assert dgfs.deep.rebuild_file(form, out, tmp_path) == (sha(paths[1]), paths[1].stat().st_size)
+
+
+# Found by review of the first version of spans (each failed then).
+
+
+def replace_reference(store: MemoryStore, key: str, expanded: bytes) -> None:
+    """Put another expanded form in the deep reference ``key``, as someone with
+    write access to the bucket could: zstd, with matching metadata."""
+    obj = store.objects[key]
+    body = zstandard.ZstdCompressor(write_content_size=True).compress(expanded)
+    meta = dict(obj.metadata)
+    digest = hashlib.sha256(expanded).hexdigest()
+    for name, value in obj.metadata.items():
+        if value == obj.metadata.get(fmt.META_EXPANDED_SIZE):
+            meta[name] = str(len(expanded))
+        elif len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+            meta[name] = digest
+    store.objects[key] = dataclasses.replace(
+        obj, body=body, metadata=meta, etag=hashlib.md5(body).hexdigest()
+    )
+
+
+@pytest.mark.parametrize("length", [1 << 69, (1 << 63) - 4], ids=["past 2^64", "past 2^63"])
+async def test_a_hostile_reference_with_a_huge_raw_length_does_not_fail_stores(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path, length: int
+) -> None:
+    """A deep reference from the bucket whose RAW length no seek can take:
+    spans.find should give no spans (as for any reference that is no valid
+    form), and the file be stored all the same. Got: `_segments`'
+    `form.seek` raises ValueError / OSError, which `_index` does not catch,
+    and every store into the directory fails."""
+    paths = write_series(tmp_path / "rel", 2, size=1 << 20)
+    await deep.put(paths[0], f"app/{paths[0].name}")
+    ref_key = next(k for k in memory_store.objects if k.startswith("app/") and "reference" in k)
+    hostile = MAGIC + bytes((TAG_RAW,)) + varint(length) + b"x" * 4096 + bytes((TAG_END,))
+    replace_reference(memory_store, ref_key, hostile)
+    writer, cache = make_core(memory_store, tmp_path / "fresh", DeltaMode.DEEP)
+    try:
+        await writer.put(paths[1], f"app/{paths[1].name}")
+        out = tmp_path / "out"
+        await writer.get(f"app/{paths[1].name}", out)
+        assert sha(out) == sha(paths[1])
+    finally:
+        await writer.aclose()
+        cache.close()
+
+
+def test_find_on_a_reference_with_a_huge_raw_length_gives_no_spans(tmp_path: Path) -> None:
+    """The unit behind the test above: `spans.find` promises [] for a
+    reference that is no valid expanded form."""
+    ref = tmp_path / "ref"
+    ref.write_bytes(MAGIC + bytes((TAG_RAW,)) + varint(1 << 69) + b"x" * 4096 + bytes((TAG_END,)))
+    form = tmp_path / "form"
+    form.write_bytes(MAGIC + raw(b"x" * 4096) + bytes((TAG_END,)))
+    assert spans.find(ref, sha(ref), form) == []
+
+
+async def test_a_store_writes_no_span_table_its_readers_refuse(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same end to end, at a scale a test can afford: readers accept at
+    most MAX_SPANS spans, but `_diff_deep` / `spans.find` / `spans.pack`
+    never look at it. With the readers' limit at 8 here, a store that
+    succeeds leaves an object that reads EIO. Expected: what was stored
+    reads back (the writer keeps to the limit, e.g. falls back to version 1)."""
+    monkeypatch.setattr(spans, "MAX_SPANS", 8)
+    paths = write_series(tmp_path / "rel", 2, size=1 << 20)
+    for path in paths:
+        await deep.put(path, f"app/{path.name}")
+    body = memory_store.objects[f"app/{paths[1].name}.delta"].body
+    assert body.startswith(fmt.DEEP_DELTA_SPANS_MAGIC)
+    reader, cache = make_core(memory_store, tmp_path / "fresh", DeltaMode.DEEP)
+    try:
+        out = tmp_path / "out"
+        stored = await reader.get(f"app/{paths[1].name}", out)
+        assert stored.kind is Kind.DELTA and sha(out) == sha(paths[1])
+    finally:
+        await reader.aclose()
+        cache.close()
+
+
+def make_log_tar_gz(path: Path) -> Path:
+    """A small, very compressible .tar.gz (zlib level 9, one deflate stream
+    of 3 KB that inflates to 768 KB: a tar of logs)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(60):
+            data = (f"line {i} of a log that repeats\n" * 400).encode()
+            info = tarfile.TarInfo(f"log{i:03d}.txt")
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(gzip.compress(buf.getvalue(), 9, mtime=0))
+    return path
+
+
+def test_a_tar_in_a_deflate_stream_is_not_counted_twice_against_the_budget(tmp_path: Path) -> None:
+    """_SegmentSink now spools a tar (budget.hold per piece) and then copies
+    the spool into the form (Writer holds the same bytes again), so its
+    inflated bytes count twice against the expansion's allowance. This
+    .tar.gz (2,981 bytes, allowance 1 MiB) expanded to a 768 KB form before
+    spans (d9077a4: 1 stream inflated, peak scratch 768,041). Got: the
+    expansion passed the allowance (the tar spooled and then written), the writer caught
+    ExpansionLimit and stores the file unexpanded (its deltas lose deep mode).
+    Expected: it expands as before."""
+    path = make_log_tar_gz(tmp_path / "logs.tar.gz")
+    stats = dgfs.deep.expand_file(path, tmp_path / "form.dgx", scratch_dir=tmp_path)
+    assert stats.streams_inflated == 1
+
+
+def test_a_hostile_reference_costs_no_more_memory_than_its_size_to_index(tmp_path: Path) -> None:
+    """A deep reference from the bucket, nesting DEFLATE headers 15 deep
+    around 1 KiB RAW segments of distinct bytes: every level is a segment of
+    1 KiB or more, so `_index` keeps 16 SHA-256 entries (~200 bytes each in
+    Python) per 1.1 KB, and hashes every byte 16 times, with no time limit.
+    Its zstd body is 3.6 KB here (2.2 MB expanded, 7 MB of index); at the
+    reference cap (4 GiB, or 100 × the stored size) that is ~13 GB of memory
+    in the daemon, the first time any file is stored beside it (before
+    spans, xdelta3 read the reference within its -B memory budget).
+    Expected: the index holds no more memory than the reference's size."""
+    nest = bytes((TAG_DEFLATE, 6, 8, 241, 0))
+    chunks = [
+        nest * (MAX_NESTING - 1)
+        + raw(i.to_bytes(8, "big") + bytes(1016))
+        + bytes((TAG_END,)) * (MAX_NESTING - 1)
+        for i in range(2000)
+    ]
+    data = MAGIC + b"".join(chunks) + bytes((TAG_END,))
+    size = len(data)
+    ref = tmp_path / "ref"
+    ref.write_bytes(data)
+    form = tmp_path / "form"
+    form.write_bytes(MAGIC + raw(b"y" * 4096) + bytes((TAG_END,)))
+    ref_sha256 = sha(ref)
+    tracemalloc.start()
+    try:
+        spans._INDEXES.clear()
+        spans.find(ref, ref_sha256, form)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        spans._INDEXES.clear()
+    assert peak <= size, f"{peak} bytes of memory for a {size}-byte reference"
+
+
+@pytest.mark.parametrize("piece", [1, 100, 511, 512, 4096, 1 << 20])
+def test_a_tar_walked_as_a_stream_is_cut_where_it_is_walked_by_headers(piece: int) -> None:
+    data = make_tar(release(1, 40), 1_700_000_000) + bytes(1024)
+    expected = archives.tar_cuts(io.BytesIO(data), 0, len(data))
+    assert len(expected) == 80
+    walk, found = archives.TarWalk(), []
+    for start in range(0, len(data), piece):
+        found += [start + cut for cut in walk.feed(data[start : start + piece])]
+    assert found == expected

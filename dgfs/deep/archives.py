@@ -141,38 +141,70 @@ def _tar_header_ok(block: bytes) -> bool:
     return bool(stored) and stored == sum(block[:148]) + 8 * 32 + sum(block[156:])
 
 
-def is_tar(head: bytes) -> bool:
-    """Whether ``head`` starts with a tar header."""
-    return len(head) >= _TAR_BLOCK and _tar_header_ok(head[:_TAR_BLOCK])
+class TarWalk:
+    """Where the data blocks of the members of a tar of ``min_size`` bytes or
+    more start and end (``cuts``: offsets from the tar's start, in order).
 
+    The expansion ends RAW segments there, so such a member's data is a
+    segment of its own whatever moved around it (``dgfs.deep.spans`` takes
+    segments from 1 KiB); headers and small members stay together, as a
+    rebuild pays for every segment. Where exactly the cuts fall matters to
+    the size of deltas only, never to the bytes, so the walk ends at the
+    first block that is no header it knows (``next_header`` None), at once
+    for what is no tar. Fed whole headers (``header``) by a reader that
+    seeks, or a stream's bytes in order (``feed``).
+    """
 
-def tar_cuts(src: BinaryIO, start: int, end: int, min_size: int = 1024) -> list[int]:
-    """Where the data blocks of members of ``min_size`` bytes or more start and
-    end in the tar at ``src[start:end]``, or [] if it is no tar. The expansion
-    ends RAW segments there, so such a member's data is a segment of its own
-    whatever moved around it (``dgfs.deep.spans``, which takes segments from
-    1 KiB); headers and small members stay together, as a rebuild pays for
-    every segment. Where exactly the cuts fall matters to the size of deltas
-    only, never to the bytes, so the walk stops at the first block that is
-    not a header it knows."""
-    cuts: list[int] = []
-    pos = start
-    while pos + _TAR_BLOCK <= end:
-        src.seek(pos)
-        block = src.read(_TAR_BLOCK)
-        if len(block) < _TAR_BLOCK or not _tar_header_ok(block):
-            break
+    def __init__(self, min_size: int = 1024) -> None:
+        self.min_size = min_size
+        self.next_header: int | None = 0
+        self.cuts: list[int] = []
+        self._block = bytearray()  # the next header's bytes fed so far
+        self._fed = 0  # stream bytes fed so far
+        self._told = 0  # cuts ``feed`` has returned
+
+    def header(self, block: bytes) -> None:
+        """The ``_TAR_BLOCK`` bytes at ``next_header``: the member's cuts, and
+        where the next header is."""
+        assert self.next_header is not None
         kind = block[156:157]
-        if kind in _TAR_SIZED:
+        if not _tar_header_ok(block):
+            size = None
+        elif kind in _TAR_SIZED:
             size = _tar_size(block[124:136])
         else:
             size = 0 if kind in _TAR_EMPTY else None
         if size is None:
-            break
-        data = pos + _TAR_BLOCK
-        pos = data + -(-size // _TAR_BLOCK) * _TAR_BLOCK
-        if pos > end:
-            break
-        if size >= min_size:
-            cuts += [data, pos]
-    return cuts
+            self.next_header = None
+            return
+        data = self.next_header + _TAR_BLOCK
+        self.next_header = data + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+        if size >= self.min_size:
+            self.cuts += [data, self.next_header]
+
+    def feed(self, piece: bytes) -> list[int]:
+        """The next ``piece`` of the tar: the cuts that fall inside it or at its
+        end, as offsets into it."""
+        start = self._fed
+        self._fed += len(piece)
+        while self.next_header is not None and self.next_header + len(self._block) < self._fed:
+            at = self.next_header + len(self._block) - start
+            self._block += piece[at : at + _TAR_BLOCK - len(self._block)]
+            if len(self._block) < _TAR_BLOCK:
+                break
+            self.header(bytes(self._block))
+            self._block.clear()
+        told = self._told
+        while self._told < len(self.cuts) and self.cuts[self._told] <= self._fed:
+            self._told += 1
+        return [cut - start for cut in self.cuts[told : self._told]]
+
+
+def tar_cuts(src: BinaryIO, start: int, end: int) -> list[int]:
+    """``TarWalk``'s cuts of the tar at ``src[start:end]`` (offsets into ``src``),
+    reading its headers only; [] if it is no tar."""
+    walk = TarWalk()
+    while walk.next_header is not None and start + walk.next_header + _TAR_BLOCK <= end:
+        src.seek(start + walk.next_header)
+        walk.header(src.read(_TAR_BLOCK))
+    return [start + cut for cut in walk.cuts if start + cut <= end]

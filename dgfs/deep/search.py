@@ -22,7 +22,7 @@ from typing import BinaryIO, cast
 
 from dgfs import children
 from dgfs.deep import gnuzip
-from dgfs.deep.archives import is_tar, nested_kind, tar_cuts
+from dgfs.deep.archives import TarWalk, nested_kind, tar_cuts
 from dgfs.deep.deflate import (
     CANDIDATES,
     NEAR_MISS,
@@ -424,16 +424,12 @@ class StreamExpander:
         archive it holds (if ``sink`` spooled one), and end it."""
         span = (_span_digest(at.src, at.start, found.compressed_length), found.compressed_length)
         self.stats.proven.add((span[0], recipe))
-        if sink.spool is None or sink.tar:
+        if sink.spool is None:
             self.stats.leaves[(sink.content.digest(), recipe)] = span
-        if sink.spool is not None:
+        else:
             sink.spool.flush()
             self.w.rewind(body_pos)
-            size = found.uncompressed_length
-            if sink.tar:
-                self.copy(sink.spool, 0, size, tar_cuts(sink.spool, 0, size))
-            else:
-                self.range(sink.spool, 0, size, at.depth + 1)
+            self.range(sink.spool, 0, found.uncompressed_length, at.depth + 1)
         self.w.tag(bytes((TAG_END,)))
         self.stats.streams_inflated += 1
         self.stats.inflated_bytes += found.uncompressed_length
@@ -518,9 +514,9 @@ class StreamExpander:
 
 class _SegmentSink:
     """Where ``StreamExpander._segment`` puts a stream's inflated bytes: RAW
-    segments (hashed: the segment may be a leaf), or a spool when they start
-    an archive, which is expanded once the stream has ended, or a tar, cut
-    at its members (hashed too: a leaf all the same)."""
+    segments (hashed: the segment may be a leaf; a tar's end around its
+    members' data), or a spool when they start an archive, which is
+    expanded once the stream has ended."""
 
     def __init__(self, expander: StreamExpander, depth: int) -> None:
         self._expander = expander
@@ -528,17 +524,13 @@ class _SegmentSink:
         self._first = True
         self.spool: BinaryIO | None = None
         self.spooled = 0
-        self.tar = False
+        self._tar = TarWalk()  # a tar's RAW segments end around its members' data
         self.content = hashlib.sha256()  # of what goes into the segment as RAW (a leaf)
 
     def __call__(self, piece: bytes) -> None:
         if self._first:
             self._first = False
-            archive = self._depth < MAX_DEPTH and nested_kind(piece) is not None
-            # A tar is spooled too, to end its RAW segments where members
-            # start and end (tar_cuts); it still holds RAW segments only.
-            self.tar = not archive and is_tar(piece)
-            if archive or self.tar:
+            if self._depth < MAX_DEPTH and nested_kind(piece) is not None:
                 # Most nested archives are small (a wheel's .json.gz): in memory
                 # up to NESTED_IN_MEMORY, then in scratch.
                 spooled_file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in close)
@@ -548,14 +540,18 @@ class _SegmentSink:
                     suffix=".nested",
                 )
                 self.spool = cast(BinaryIO, spooled_file)
-        if self.spool is None or self.tar:
-            self.content.update(piece)
         if self.spool is not None:
             self._expander.budget.hold(len(piece))
             self.spooled += len(piece)
             self.spool.write(piece)
-        else:
-            self._expander.w.raw(piece)
+            return
+        self.content.update(piece)
+        done = 0
+        for cut in self._tar.feed(piece):
+            self._expander.w.raw(piece[done:cut])
+            self._expander.w.flush_raw()
+            done = cut
+        self._expander.w.raw(piece[done:])
 
     def close(self) -> None:
         """Drop the spool (if any) and what it held from the budget."""

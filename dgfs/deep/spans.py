@@ -54,8 +54,20 @@ from dgfs.errors import DecodeLimit, FormatError
 #: 219,230 (215,043).
 MIN_SPAN = 1024
 #: Readers refuse a table of more spans (each costs a Python object while
-#: the delta is applied); a 95 MB botocore wheel needs about 1,500.
+#: the delta is applied), and writers write no more; a 95 MB botocore wheel
+#: needs about 1,300.
 MAX_SPANS = 1 << 18
+#: Segments of a form looked at when finding spans or indexing it: at most
+#: this many, and _SEGMENTS_PER_BYTE per byte of the form (a tar of 1 KiB
+#: files has one per 1.5 KiB, a botocore wheel's form 0.02 per KiB), of about
+#: 120 bytes each, and every byte hashed no more than _HASHED_PER_BYTE
+#: times on average (a wheel's: about twice). A reference from the bucket
+#: nesting 16 levels of 1 KiB segments would otherwise cost 3 times its size
+#: in memory and 16 hashes of every byte.
+MAX_SEGMENTS = 4 * MAX_SPANS
+_SEGMENTS_PER_BYTE = 1 / MIN_SPAN
+_HASHED_PER_BYTE = 4
+_INDEX_ENTRY = 220  # bytes of memory per index entry
 #: The most a span table takes, packed or inflated (MAX_SPANS spans of 3 varints).
 MAX_TABLE = MAX_SPANS * 30
 _BUFFER = 1 << 20
@@ -83,6 +95,7 @@ def _segments(form: BinaryIO) -> Iterator[_Segment]:
     """Every segment of the expanded form ``form`` (each compressing one
     once its END is read), nesting at most ``MAX_NESTING`` deep;
     ``FormatError`` if it is no complete expanded form."""
+    size = os.fstat(form.fileno()).st_size
     if form.read(len(MAGIC)) != MAGIC:
         raise FormatError("not a dgfs expanded form (bad magic)")
     reader = Reader(form)
@@ -96,6 +109,8 @@ def _segments(form: BinaryIO) -> Iterator[_Segment]:
             yield _Segment(opened.pop(), form.tell())
         elif tag == TAG_RAW:
             length = reader.varint()
+            if length > size - form.tell():  # (no seek takes a hostile 2^69)
+                raise FormatError("expanded form ends early")
             form.seek(length, os.SEEK_CUR)
             yield _Segment(start, form.tell())
         elif tag in COMPRESSING:
@@ -105,9 +120,23 @@ def _segments(form: BinaryIO) -> Iterator[_Segment]:
             opened.append(start)
         else:
             raise FormatError(unknown_tag(tag))
-    end = form.tell()
-    if form.read(1) or end > os.fstat(form.fileno()).st_size:
-        raise FormatError("expanded form: bytes after the end, or ends early")
+    if form.read(1):
+        raise FormatError("expanded form: bytes after the end")
+
+
+def _sizeable(form: BinaryIO) -> list[_Segment]:
+    """The segments of ``form`` of ``MIN_SPAN`` bytes or more, outermost first
+    (an outer segment starts before those it holds): the first
+    ``_SEGMENTS_PER_BYTE`` per byte of it, at most ``MAX_SEGMENTS`` (past
+    that, what is left goes to xdelta3)."""
+    limit = min(MAX_SEGMENTS, int(os.fstat(form.fileno()).st_size * _SEGMENTS_PER_BYTE) + 16)
+    found: list[_Segment] = []
+    for segment in _segments(form):
+        if segment.end - segment.start >= MIN_SPAN:
+            found.append(segment)
+            if len(found) == limit:
+                break
+    return sorted(found)
 
 
 def _digest(fd: int, start: int, end: int) -> bytes:
@@ -125,15 +154,21 @@ def _digest(fd: int, start: int, end: int) -> bytes:
 def _index(reference: Path) -> dict[bytes, tuple[int, int]]:
     """Where each segment of ``reference`` of ``MIN_SPAN`` bytes or more lies, by
     its SHA-256 (the first of equal ones). A reference that is no expanded form
-    (it comes from the bucket) has none."""
+    (it comes from the bucket) has none; one nesting many segments of that size
+    is indexed only in part (``_sizeable``, ``_HASHED_PER_BYTE``)."""
     found: dict[bytes, tuple[int, int]] = {}
     with open(reference, "rb") as form:
+        size = os.fstat(form.fileno()).st_size
+        hashed = 0
         try:
-            for start, end in _segments(form):
-                if end - start >= MIN_SPAN:
-                    found.setdefault(_digest(form.fileno(), start, end), (start, end))
+            segments = _sizeable(form)
         except FormatError:
             return {}
+        for start, end in segments:
+            hashed += end - start
+            if hashed > size * _HASHED_PER_BYTE:
+                break
+            found.setdefault(_digest(form.fileno(), start, end), (start, end))
     return found
 
 
@@ -143,28 +178,30 @@ def _reference_index(reference: Path, sha256: str) -> dict[bytes, tuple[int, int
         if isinstance(known, dict):
             return known
         index = _index(reference)
-        _INDEXES.put(key, index, 100 * len(index) + 64)
+        _INDEXES.put(key, index, _INDEX_ENTRY * len(index) + 64)
         return index
 
 
 def find(reference: Path, reference_sha256: str, form: Path) -> list[Span]:
     """The spans of ``form`` (the file's expanded form, made by this dgfs) that
     ``reference`` (its reference's expanded form, whose SHA-256 is
-    ``reference_sha256``) holds, in order, outermost segments first."""
+    ``reference_sha256``) holds, in order, outermost segments first; at most
+    ``MAX_SPANS``, as readers take no more."""
     index = _reference_index(reference, reference_sha256)
     if not index:
         return []
     spans: list[Span] = []
     covered = 0
     with open(form, "rb") as src:
-        # Outer segments start before the segments they hold.
-        for start, end in sorted(_segments(src)):
-            if start < covered or end - start < MIN_SPAN:
+        for start, end in _sizeable(src):
+            if start < covered:
                 continue
             hit = index.get(_digest(src.fileno(), start, end))
             if hit is not None and hit[1] - hit[0] == end - start:
                 spans.append(Span(start, hit[0], end - start))
                 covered = end
+                if len(spans) == MAX_SPANS:
+                    break
     return spans
 
 
