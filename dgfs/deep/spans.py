@@ -57,17 +57,25 @@ MIN_SPAN = 1024
 #: the delta is applied), and writers write no more; a 95 MB botocore wheel
 #: needs about 1,300.
 MAX_SPANS = 1 << 18
-#: Segments of a form looked at when finding spans or indexing it: at most
-#: this many, and _SEGMENTS_PER_BYTE per byte of the form (a tar of 1 KiB
-#: files has one per 1.5 KiB, a botocore wheel's form 0.02 per KiB), of about
-#: 120 bytes each, and every byte hashed no more than _HASHED_PER_BYTE
-#: times on average (a wheel's: about twice). A reference from the bucket
-#: nesting 16 levels of 1 KiB segments would otherwise cost 3 times its size
-#: in memory and 16 hashes of every byte.
-MAX_SEGMENTS = 4 * MAX_SPANS
-_SEGMENTS_PER_BYTE = 1 / MIN_SPAN
+#: Segments of a file's form looked at when finding spans, at most (each
+#: costs about 120 bytes while they are sorted; past that, what is left
+#: goes to xdelta3).
+MAX_SEGMENTS = 2 * MAX_SPANS
+#: A reference comes from the bucket. Indexing one parses at most
+#: _PARSED_PER_BYTE segments per byte of it and MAX_PARSED in all (a form
+#: of tiny segments cost 6 s of CPU per 8 MiB), else it gets no index; it
+#: keeps at most _INDEXED_PER_BYTE entries per byte and MAX_INDEX in all, of
+#: about _INDEX_ENTRY bytes each, and hashes every byte at most
+#: _HASHED_PER_BYTE times on average (a reference nesting 16 levels of
+#: 1 KiB segments would cost 3 times its size in memory and 16 hashes of
+#: every byte). A botocore wheel's form: 8,000 segments, 0.02 entries per
+#: KiB, every byte hashed about twice; a zip of 1 KiB modules: 1.5 per KiB.
+_PARSED_PER_BYTE = 1 / 16
+MAX_PARSED = 1 << 21
+_INDEXED_PER_BYTE = 2 / MIN_SPAN
+MAX_INDEX = 1 << 19
 _HASHED_PER_BYTE = 4
-_INDEX_ENTRY = 220  # bytes of memory per index entry
+_INDEX_ENTRY = 220
 #: The most a span table takes, packed or inflated (MAX_SPANS spans of 3 varints).
 MAX_TABLE = MAX_SPANS * 30
 _BUFFER = 1 << 20
@@ -125,16 +133,14 @@ def _segments(form: BinaryIO) -> Iterator[_Segment]:
 
 
 def _sizeable(form: BinaryIO) -> list[_Segment]:
-    """The segments of ``form`` of ``MIN_SPAN`` bytes or more, outermost first
-    (an outer segment starts before those it holds): the first
-    ``_SEGMENTS_PER_BYTE`` per byte of it, at most ``MAX_SEGMENTS`` (past
-    that, what is left goes to xdelta3)."""
-    limit = min(MAX_SEGMENTS, int(os.fstat(form.fileno()).st_size * _SEGMENTS_PER_BYTE) + 16)
+    """The segments of ``form`` (the file's, made by this dgfs) of ``MIN_SPAN``
+    bytes or more, outermost first (an outer segment starts before those it
+    holds): the first ``MAX_SEGMENTS`` of them."""
     found: list[_Segment] = []
     for segment in _segments(form):
         if segment.end - segment.start >= MIN_SPAN:
             found.append(segment)
-            if len(found) == limit:
+            if len(found) == MAX_SEGMENTS:
                 break
     return sorted(found)
 
@@ -154,21 +160,28 @@ def _digest(fd: int, start: int, end: int) -> bytes:
 def _index(reference: Path) -> dict[bytes, tuple[int, int]]:
     """Where each segment of ``reference`` of ``MIN_SPAN`` bytes or more lies, by
     its SHA-256 (the first of equal ones). A reference that is no expanded form
-    (it comes from the bucket) has none; one nesting many segments of that size
-    is indexed only in part (``_sizeable``, ``_HASHED_PER_BYTE``)."""
+    (it comes from the bucket), or that takes more parsing than its size
+    allows, has none; one of many such segments is indexed in part (the
+    limits above)."""
     found: dict[bytes, tuple[int, int]] = {}
     with open(reference, "rb") as form:
         size = os.fstat(form.fileno()).st_size
-        hashed = 0
+        parsed = 0
+        most_parsed = min(MAX_PARSED, int(size * _PARSED_PER_BYTE) + 1024)
+        most_indexed = min(MAX_INDEX, int(size * _INDEXED_PER_BYTE) + 1024)
+        hashing = size * _HASHED_PER_BYTE
         try:
-            segments = _sizeable(form)
+            # The whole form is parsed, indexed or not: one that is no valid form has no index.
+            for start, end in _segments(form):
+                parsed += 1
+                if parsed > most_parsed:
+                    return {}
+                if end - start < MIN_SPAN or len(found) >= most_indexed or end - start > hashing:
+                    continue
+                hashing -= end - start
+                found.setdefault(_digest(form.fileno(), start, end), (start, end))
         except FormatError:
             return {}
-        for start, end in segments:
-            hashed += end - start
-            if hashed > size * _HASHED_PER_BYTE:
-                break
-            found.setdefault(_digest(form.fileno(), start, end), (start, end))
     return found
 
 
