@@ -17,7 +17,7 @@ import pytest
 
 import dgfs.deep
 from dgfs.deep import archives, spans
-from dgfs.deep.segments import MAGIC, TAG_END, TAG_RAW, varint
+from dgfs.deep.segments import MAGIC, MIN_PIECE, TAG_END, TAG_RAW, TAG_SPLIT, Reader, varint
 
 
 def sha(path: Path) -> str:
@@ -206,9 +206,9 @@ def test_a_hostile_reference_of_tiny_segments_is_parsed_only_as_far_as_its_size_
     parsed = 0
     walk = spans._segments
 
-    def counted(src: io.BufferedReader) -> Iterator[spans._Segment]:
+    def counted(src: io.BufferedReader, *steps: object) -> Iterator[spans._Segment]:
         nonlocal parsed
-        for segment in walk(src):
+        for segment in walk(src, *steps):  # type: ignore[arg-type]
             parsed += 1
             yield segment
 
@@ -280,3 +280,122 @@ def test_a_wheel_that_gained_modules_before_the_old_ones_keeps_its_spans(tmp_pat
     spans._INDEXES.clear()
     found = spans.find(ref, sha(ref), form)
     assert len(found) >= 600, f"{len(found)} spans for 600 unchanged modules"
+
+
+def json_gz_zip(path: Path, version: int, count: int) -> Path:
+    """A zip (deflated, as zipfile/zip/jar write every member) of small
+    .json.gz files: each member nests gzip in the zip member's deflate."""
+    rng = random.Random(5)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(count):
+            body = "".join(rng.choice("abcdefghij ") for _ in range(1000))
+            text = f'{{"id": {i}, "v": {version if i == 0 else 1}, "data": "{body}"}}'
+            info = zipfile.ZipInfo(f"d/{i:05d}.json.gz", (2024, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, gzip.compress(text.encode(), 6, mtime=0))
+    return path
+
+
+def test_a_zip_of_small_json_gz_members_keeps_its_spans(tmp_path: Path) -> None:
+    """Every member but the first is unchanged. Each member is 3 segments of
+    1 KiB or more (the zip member's DEFLATE, the gzip's DEFLATE, the JSON's
+    RAW) in ~1.15 KiB of form: 2.6 per KiB, over _INDEXED_PER_BYTE (2 per
+    KiB then), so the index stopped ~3/4 of the way through the reference
+    and the last members got no span (at more members, up to 23% of them).
+    Expected: a span for each of the 2,999 unchanged members; got 2,639."""
+    count = 3000
+    ref_zip = json_gz_zip(tmp_path / "a-1.zip", 1, count)
+    new_zip = json_gz_zip(tmp_path / "a-2.zip", 2, count)
+    ref, form = tmp_path / "ref.dgx", tmp_path / "form.dgx"
+    assert dgfs.deep.expand_file(ref_zip, ref, scratch_dir=tmp_path).streams_inflated == 2 * count
+    dgfs.deep.expand_file(new_zip, form, scratch_dir=tmp_path)
+    spans._INDEXES.clear()
+    try:
+        found = spans.find(ref, sha(ref), form)
+    finally:
+        spans._INDEXES.clear()
+    assert len(found) >= count - 1, f"{len(found)} spans for {count - 1} unchanged members"
+
+
+def split_segment(checkpoints: int) -> bytes:
+    """A SPLIT segment with no inner segments and ``checkpoints`` valid
+    checkpoints (each ~8 bytes): one segment for ``_index``'s count."""
+    out = bytearray((TAG_SPLIT, 6, 8, 15, 0)) + varint(checkpoints)
+    for i in range(1, checkpoints + 1):
+        out += varint(i) + varint(i * MIN_PIECE)
+    return bytes(out + bytes((TAG_END,)))
+
+
+def test_a_hostile_reference_of_split_checkpoints_is_parsed_only_as_far_as_the_limits_allow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parse limit counted segments, but a SPLIT segment's header holds up
+    to 65,536 checkpoints, each parsed in Python (2 varints, a Checkpoint):
+    a reference of SPLIT headers is one segment per 500 KB, and cost about
+    a third of the CPU per byte of a reference of empty RAW segments
+    (here ~0.3 us/byte: ~20 CPU minutes at the 4 GiB reference cap, whose
+    zstd body is ~350 KB, as the segments repeat), past MAX_PARSED and
+    _PARSED_PER_BYTE alike. MAX_PARSED is scaled down here (to 4,096 from
+    2^21) so that a 4 MB reference shows what a 4 GiB one does at the
+    default. Expected: parsing reads no more varints than a few per segment
+    the limits allow; got ~500,000."""
+    monkeypatch.setattr(spans, "MAX_PARSED", 4096)
+    ref = tmp_path / "ref"
+    ref.write_bytes(MAGIC + split_segment(1 << 16) * 8 + bytes((TAG_END,)))
+    size = ref.stat().st_size
+    varints = 0
+    read = Reader.varint
+
+    def counted(self: Reader) -> int:
+        nonlocal varints
+        varints += 1
+        return read(self)
+
+    monkeypatch.setattr(Reader, "varint", counted)
+    spans._index(ref)
+    allowed = min(spans.MAX_PARSED, size * spans._PARSED_PER_BYTE + 1024)
+    assert varints <= 4 * allowed, f"{varints} varints read (allowed segments: {allowed:.0f})"
+
+
+def small_files_tar_gz(path: Path, version: int, count: int) -> Path:
+    rng = random.Random(7)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(count):
+            data = rng.randbytes(512).hex().encode()  # 1 KiB: one cut member
+            if i == count - 1:
+                data = data[:-8] + b"%08d" % version
+            info = tarfile.TarInfo(f"f{i:06d}")
+            info.size = len(data)
+            info.mtime = 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(gzip.compress(buf.getvalue(), 6, mtime=0))
+    return path
+
+
+def test_a_large_legitimate_form_past_max_parsed_keeps_the_spans_of_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tar.gz of files of 1 KiB or so is 2 segments per 1.5 KiB of form
+    (tar members are not counted by expand_members), so a legitimate one of
+    1.5 GiB or more (under expand_max, 4 GiB) has over MAX_PARSED (2^21)
+    segments, and its reference got no index at all: every span was lost,
+    where the file's own form keeps its first MAX_SEGMENTS. Scaled down:
+    MAX_PARSED = 2,000 against 1,200 members (~2,400 segments). Only the
+    last member changed. Expected: spans for (at least) the members parsed
+    within the limit; got 0."""
+    monkeypatch.setattr(spans, "MAX_PARSED", 2000)
+    count = 1200
+    ref_gz = small_files_tar_gz(tmp_path / "a-1.tar.gz", 1, count)
+    new_gz = small_files_tar_gz(tmp_path / "a-2.tar.gz", 2, count)
+    ref, form = tmp_path / "ref.dgx", tmp_path / "form.dgx"
+    dgfs.deep.expand_file(ref_gz, ref, scratch_dir=tmp_path)
+    dgfs.deep.expand_file(new_gz, form, scratch_dir=tmp_path)
+    with open(ref, "rb") as src:
+        assert sum(1 for _ in spans._segments(src)) > spans.MAX_PARSED
+    spans._INDEXES.clear()
+    try:
+        found = spans.find(ref, sha(ref), form)
+    finally:
+        spans._INDEXES.clear()
+    assert len(found) >= 800, f"{len(found)} spans for {count - 1} unchanged members"

@@ -161,6 +161,18 @@ class Reader:
         self.deadline.check()  # up to MAX_CHECKPOINTS: checked once, after them
         return SplitRecipe(params, tuple(points))
 
+    def peek_checkpoints(self) -> int:
+        """How many checkpoints the SPLIT segment whose tag was just read
+        claims (read without moving; 0 if it cannot be read)."""
+        at = self.src.tell()
+        try:
+            self.src.seek(4, os.SEEK_CUR)
+            return self.varint()
+        except FormatError:
+            return 0
+        finally:
+            self.src.seek(at)
+
     def skip_header(self, tag: int) -> None:
         """Past the header of a DEFLATE, GNU or SPLIT segment whose tag was just read."""
         if tag == TAG_SPLIT:

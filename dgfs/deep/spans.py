@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 import zlib
@@ -36,9 +37,11 @@ from dgfs.deep.memo import Memo
 from dgfs.deep.segments import (
     COMPRESSING,
     MAGIC,
+    MAX_CHECKPOINTS,
     MAX_NESTING,
     TAG_END,
     TAG_RAW,
+    TAG_SPLIT,
     Reader,
     unknown_tag,
     varint,
@@ -61,18 +64,20 @@ MAX_SPANS = 1 << 18
 #: costs about 120 bytes while they are sorted; past that, what is left
 #: goes to xdelta3).
 MAX_SEGMENTS = 2 * MAX_SPANS
-#: A reference comes from the bucket. Indexing one parses at most
-#: _PARSED_PER_BYTE segments per byte of it and MAX_PARSED in all (a form
-#: of tiny segments cost 6 s of CPU per 8 MiB), else it gets no index; it
-#: keeps at most _INDEXED_PER_BYTE entries per byte and MAX_INDEX in all, of
-#: about _INDEX_ENTRY bytes each, and hashes every byte at most
-#: _HASHED_PER_BYTE times on average (a reference nesting 16 levels of
-#: 1 KiB segments would cost 3 times its size in memory and 16 hashes of
-#: every byte). A botocore wheel's form: 8,000 segments, 0.02 entries per
-#: KiB, every byte hashed about twice; a zip of 1 KiB modules: 1.5 per KiB.
+#: A reference comes from the bucket. Indexing one walks at most
+#: _PARSED_PER_BYTE steps (_Steps) per byte of it and MAX_PARSED in all (a
+#: form of tiny segments cost 6 s of CPU per 8 MiB), keeps at most
+#: _INDEXED_PER_BYTE entries per byte and MAX_INDEX in all, of about
+#: _INDEX_ENTRY bytes each, and hashes every byte at most _HASHED_PER_BYTE
+#: times on average (a reference nesting 16 levels of 1 KiB segments would
+#: cost 3 times its size in memory and 16 hashes of every byte); past a
+#: limit, the rest of it is not indexed. A botocore wheel's form: 8,000
+#: segments, 0.02 entries per KiB, every byte hashed about twice; a zip of
+#: 1 KiB .json.gz files: 2.6 entries per KiB; a tar.gz of 1 KiB files:
+#: 1.3 segments per KiB (so a form of over 1.6 GB of them is indexed in part).
 _PARSED_PER_BYTE = 1 / 16
 MAX_PARSED = 1 << 21
-_INDEXED_PER_BYTE = 2 / MIN_SPAN
+_INDEXED_PER_BYTE = 4 / MIN_SPAN
 MAX_INDEX = 1 << 19
 _HASHED_PER_BYTE = 4
 _INDEX_ENTRY = 220
@@ -99,16 +104,37 @@ class _Segment(NamedTuple):
     end: int
 
 
-def _segments(form: BinaryIO) -> Iterator[_Segment]:
+class _Steps:
+    """Parsing work counted while walking a form: a step per segment and per
+    4 bytes of a header (a SPLIT segment's holds up to 65,536 checkpoints)."""
+
+    def __init__(self, most: float = math.inf) -> None:
+        self.most = most
+        self.taken = 0
+
+    def take(self, count: int) -> None:
+        self.taken += count
+        if self.taken > self.most:
+            raise _TooCostly
+
+
+class _TooCostly(Exception):
+    """The walk took its ``_Steps``."""
+
+
+def _segments(form: BinaryIO, steps: _Steps | None = None) -> Iterator[_Segment]:
     """Every segment of the expanded form ``form`` (each compressing one
     once its END is read), nesting at most ``MAX_NESTING`` deep;
-    ``FormatError`` if it is no complete expanded form."""
+    ``FormatError`` if it is no complete expanded form, ``_TooCostly`` once
+    the walk takes more than ``steps`` allow."""
+    steps = steps or _Steps()
     size = os.fstat(form.fileno()).st_size
     if form.read(len(MAGIC)) != MAGIC:
         raise FormatError("not a dgfs expanded form (bad magic)")
     reader = Reader(form)
     opened: list[int] = []
     while True:
+        steps.take(1)
         start = form.tell()
         tag = reader.exact(1)[0]
         if tag == TAG_END:
@@ -124,6 +150,8 @@ def _segments(form: BinaryIO) -> Iterator[_Segment]:
         elif tag in COMPRESSING:
             if len(opened) >= MAX_NESTING:
                 raise FormatError(f"expanded form: segments nest deeper than {MAX_NESTING}")
+            if tag == TAG_SPLIT:
+                steps.take(min(reader.peek_checkpoints(), MAX_CHECKPOINTS))
             reader.skip_header(tag)
             opened.append(start)
         else:
@@ -160,28 +188,25 @@ def _digest(fd: int, start: int, end: int) -> bytes:
 def _index(reference: Path) -> dict[bytes, tuple[int, int]]:
     """Where each segment of ``reference`` of ``MIN_SPAN`` bytes or more lies, by
     its SHA-256 (the first of equal ones). A reference that is no expanded form
-    (it comes from the bucket), or that takes more parsing than its size
-    allows, has none; one of many such segments is indexed in part (the
-    limits above)."""
+    (it comes from the bucket) has none; one that takes more parsing, entries
+    or hashing than its size allows (the limits above) is indexed as far as
+    they go."""
     found: dict[bytes, tuple[int, int]] = {}
     with open(reference, "rb") as form:
         size = os.fstat(form.fileno()).st_size
-        parsed = 0
-        most_parsed = min(MAX_PARSED, int(size * _PARSED_PER_BYTE) + 1024)
+        steps = _Steps(min(MAX_PARSED, int(size * _PARSED_PER_BYTE) + 1024))
         most_indexed = min(MAX_INDEX, int(size * _INDEXED_PER_BYTE) + 1024)
         hashing = size * _HASHED_PER_BYTE
         try:
-            # The whole form is parsed, indexed or not: one that is no valid form has no index.
-            for start, end in _segments(form):
-                parsed += 1
-                if parsed > most_parsed:
-                    return {}
+            for start, end in _segments(form, steps):
                 if end - start < MIN_SPAN or len(found) >= most_indexed or end - start > hashing:
                     continue
                 hashing -= end - start
                 found.setdefault(_digest(form.fileno(), start, end), (start, end))
         except FormatError:
             return {}
+        except _TooCostly:
+            pass  # what was walked is indexed; the rest goes to xdelta3
     return found
 
 
