@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import os
 import random
 import tarfile
 import tracemalloc
@@ -431,3 +432,16 @@ def test_a_tar_walked_as_a_stream_is_cut_where_it_is_walked_by_headers(piece: in
     for start in range(0, len(data), piece):
         found += [start + cut for cut in walk.feed(data[start : start + piece])]
     assert found == expected
+
+
+def test_spans_are_put_back_where_the_kernel_cannot_copy_between_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """copy_file_range fails across some filesystems and on old kernels
+    (EXDEV, ENOSYS): the copy is done by reading and writing then."""
+
+    def refuse(*_: object) -> int:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    test_the_cut_form_spliced_with_its_spans_is_the_form(tmp_path)

@@ -27,7 +27,6 @@ import hashlib
 import io
 import math
 import os
-import shutil
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,13 +242,24 @@ def find(reference: Path, reference_sha256: str, form: Path) -> list[Span]:
     return spans
 
 
-def _copy(src: BinaryIO, dst: BinaryIO, size: int) -> None:
+def _copy(src: int, start: int, dst: int, size: int) -> None:
+    """``size`` bytes of the file open as ``src`` from ``start`` on, written at
+    ``dst``'s position: in the kernel where it can (a form is copied in up to
+    thousands of spans, as large as 95 MB in all); ``FormatError`` if ``src``
+    ends before."""
     while size:
-        chunk = src.read(min(size, _BUFFER))
-        if not chunk:
-            raise FormatError("deep delta: the cut form ends early")
-        dst.write(chunk)
-        size -= len(chunk)
+        try:
+            done = os.copy_file_range(src, dst, size, start)
+        except OSError:  # not between these files (an old kernel, another filesystem)
+            chunk = os.pread(src, min(size, _BUFFER), start)
+            done = len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(dst, view) :]
+        if not done:
+            raise FormatError("deep delta: a span or the cut form ends early")
+        start += done
+        size -= done
 
 
 def _gaps(spans: list[Span], size: int, key: str) -> Iterator[tuple[int, int]]:
@@ -269,8 +279,7 @@ def write_cut(form: Path, spans: list[Span], out: Path) -> None:
     """``form`` without its spans: what xdelta3 encodes."""
     with open(form, "rb") as src, open(out, "wb") as dst:
         for start, length in _gaps(spans, os.fstat(src.fileno()).st_size, "at"):
-            src.seek(start)
-            _copy(src, dst, length)
+            _copy(src.fileno(), start, dst.fileno(), length)
 
 
 def write_source(reference: Path, spans: list[Span], out: Path) -> None:
@@ -278,8 +287,7 @@ def write_source(reference: Path, spans: list[Span], out: Path) -> None:
     encoded against (the rest holds what the changed segments resemble)."""
     with open(reference, "rb") as src, open(out, "wb") as dst:
         for start, length in _gaps(spans, os.fstat(src.fileno()).st_size, "ref"):
-            src.seek(start)
-            _copy(src, dst, length)
+            _copy(src.fileno(), start, dst.fileno(), length)
 
 
 def spliced_size(cut_size: int, spans: list[Span]) -> int:
@@ -290,18 +298,16 @@ def splice(cut: Path, reference: Path, spans: list[Span], out: Path, cap: int) -
     """The file's expanded form into ``out``: the cut with every span put back
     from ``reference``; ``DecodeLimit`` past ``cap`` bytes."""
     with open(cut, "rb") as src, open(reference, "rb") as ref, open(out, "wb") as dst:
-        if spliced_size(os.fstat(src.fileno()).st_size, spans) > cap:
+        cut_size = os.fstat(src.fileno()).st_size
+        if spliced_size(cut_size, spans) > cap:
             raise DecodeLimit(f"deep delta: the expanded form would pass its cap of {cap} bytes")
-        pos = 0
+        taken = pos = 0  # bytes of the cut copied; where the form is
         for span in spans:
-            _copy(src, dst, span.at - pos)
-            ref.seek(span.ref)
-            try:
-                _copy(ref, dst, span.size)
-            except FormatError:
-                raise FormatError("deep delta: a span lies past the reference's end") from None
+            _copy(src.fileno(), taken, dst.fileno(), span.at - pos)
+            taken += span.at - pos
+            _copy(ref.fileno(), span.ref, dst.fileno(), span.size)
             pos = span.at + span.size
-        shutil.copyfileobj(src, dst, _BUFFER)
+        _copy(src.fileno(), taken, dst.fileno(), cut_size - taken)
 
 
 def _zigzag(value: int) -> int:
