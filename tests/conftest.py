@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dgfs.core import Core  # noqa: E402
+from dgfs.format import DeltaMode  # noqa: E402
 from dgfs.fs import staging  # noqa: E402
 from dgfs.policy import Policy  # noqa: E402
 from dgfs.runtime import S3Location, Settings, open_core  # noqa: E402
@@ -165,6 +166,15 @@ async def core(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]
     """A core over ``memory_store`` (tests/coreharness.py's ``make_core``:
     DeltaGlider mode, files from 1 KiB stored as deltas), closed after."""
     core, cache = make_core(memory_store, tmp_path)
+    yield core
+    await core.aclose()
+    cache.close()
+
+
+@pytest.fixture
+async def deep(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
+    """``core`` making new directories deep (``-o deltas=deep``)."""
+    core, cache = make_core(memory_store, tmp_path, DeltaMode.DEEP)
     yield core
     await core.aclose()
     cache.close()

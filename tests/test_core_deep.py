@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,6 @@ from dgfs.format import DeltaMode, Kind
 from dgfs.store.memory import MemoryStore
 from tests.coreharness import make_core
 from testsupport.releases import write_sdist, write_series
-
-
-@pytest.fixture
-async def deep(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
-    core, cache = make_core(memory_store, tmp_path, DeltaMode.DEEP)
-    yield core
-    await core.aclose()
-    cache.close()
-
-
-@pytest.fixture
-async def plain(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
-    core, cache = make_core(memory_store, tmp_path, DeltaMode.DG)
-    yield core
-    await core.aclose()
-    cache.close()
 
 
 def sha(path: Path) -> str:
@@ -61,8 +44,8 @@ async def test_targz_series_stored_as_small_deep_deltas(
     assert head.body.startswith(fmt.DEEP_DELTA_SPANS_MAGIC)  # its tar members are spans
 
 
-async def test_dg_mode_stores_gzip_direct(plain: Core, tmp_path: Path) -> None:
-    result = await plain.put(write_sdist(tmp_path, 1), "app/pkg-1.tar.gz")
+async def test_dg_mode_stores_gzip_direct(core: Core, tmp_path: Path) -> None:
+    result = await core.put(write_sdist(tmp_path, 1), "app/pkg-1.tar.gz")
     assert result.stored.kind is Kind.DIRECT and not result.stored.deep
 
 
@@ -286,7 +269,7 @@ async def test_foreign_zlib_makes_unexpanded_deep_objects(
 
 
 async def test_stock_deltaglider_gzip_delta_is_recovered(
-    plain: Core, memory_store: MemoryStore, tmp_path: Path
+    core: Core, memory_store: MemoryStore, tmp_path: Path
 ) -> None:
     """A .tar.gz delta as DeltaGlider 6.2.0 makes it (xdelta3 without -D -R,
     so DeltaGlider cannot read it back) is rebuilt byte for byte."""
@@ -317,13 +300,13 @@ async def test_stock_deltaglider_gzip_delta_is_recovered(
         now=now,
     )
     await memory_store.put_bytes(f"app/{paths[1].name}.delta", delta.read_bytes(), meta)
-    stored = await plain.locate(f"app/{paths[1].name}")
+    stored = await core.locate(f"app/{paths[1].name}")
     out = tmp_path / "out"
-    assert await plain.rebuild(stored, out) is True  # recovered, not plainly decoded
+    assert await core.rebuild(stored, out) is True  # recovered, not plainly decoded
     assert sha(out) == sha(paths[1])
     # A file no gzip setting reproduces is refused, never returned wrong.
     await memory_store.put_bytes(
         "app/other.tar.gz.delta", delta.read_bytes(), {**meta, "dg-file-sha256": "0" * 64}
     )
     with pytest.raises(IntegrityError, match="refusing"):
-        await plain.get("app/other.tar.gz", tmp_path / "other")
+        await core.get("app/other.tar.gz", tmp_path / "other")

@@ -12,7 +12,6 @@ import random
 import tarfile
 import tracemalloc
 import zlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,6 @@ from dgfs.format import DeltaMode, Kind
 from dgfs.store.memory import MemoryStore
 from tests.coreharness import make_core
 from testsupport.releases import write_series
-
-
-@pytest.fixture
-async def deep(memory_store: MemoryStore, tmp_path: Path) -> AsyncIterator[Core]:
-    core, cache = make_core(memory_store, tmp_path, DeltaMode.DEEP)
-    yield core
-    await core.aclose()
-    cache.close()
 
 
 def sha(path: Path) -> str:
