@@ -469,7 +469,8 @@ class FileWriter:
             ):
                 await self._bench.cpu(deep.write_source, plain_ref, spans, source)
                 await self._bench.cpu(deep.write_cut, expanded, spans, cut)
-                await self._bench.engine.encode(source, cut, vcdiff, level=_CUT_LEVEL)
+                level = min(_CUT_LEVEL, self._bench.engine.level)  # xdelta_level may ask less
+                await self._bench.engine.encode(source, cut, vcdiff, level=level)
         return deep.pack_spans(spans)
 
     async def _deep_reference(

@@ -4,6 +4,7 @@ what a store writes, what a read accepts, and what a hostile table gets."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -22,9 +23,11 @@ from dgfs import format as fmt
 from dgfs.core import Core
 from dgfs.deep import archives, spans
 from dgfs.deep.segments import MAGIC, MAX_NESTING, TAG_DEFLATE, TAG_END, TAG_RAW, varint
+from dgfs.delta import DeltaEngine
 from dgfs.errors import DecodeLimit, FormatError, IntegrityError
 from dgfs.format import DeltaMode, Kind
 from dgfs.store.memory import MemoryStore
+from tests import coreharness
 from tests.coreharness import make_core
 from testsupport.releases import write_series
 
@@ -436,3 +439,28 @@ def test_spans_are_put_back_where_the_kernel_cannot_copy_between_the_files(
 
     monkeypatch.setattr(os, "copy_file_range", refuse)
     test_the_cut_form_spliced_with_its_spans_is_the_form(tmp_path)
+
+
+async def test_the_cut_is_encoded_at_the_mounts_xdelta_level_when_that_is_lower(
+    memory_store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-o xdelta_level=1`` asks for speed: the cut form is not encoded at 6 then."""
+    levels: list[int | None] = []
+    encode = DeltaEngine.encode
+
+    async def recorded(self: DeltaEngine, *args: Path, level: int | None = None) -> int:
+        levels.append(level)
+        return await encode(self, *args, level=level)
+
+    monkeypatch.setattr(DeltaEngine, "encode", recorded)
+    monkeypatch.setattr(coreharness, "DeltaEngine", functools.partial(DeltaEngine, level=1))
+    core, cache = coreharness.make_core(memory_store, tmp_path, DeltaMode.DEEP)
+    try:
+        paths = await store_series(core, tmp_path, count=2)
+        out = tmp_path / "out"
+        await core.get(f"app/{paths[1].name}", out)
+        assert sha(out) == sha(paths[1])
+    finally:
+        await core.aclose()
+        cache.close()
+    assert levels == [None, 1]  # the reference's self-delta, then the cut
