@@ -12,7 +12,9 @@ This module is the only place that knows how DeltaGlider lays a bucket out:
 dgfs's own extension, deep deltaspaces (docs/FORMAT.md), adds
 ``<prefix>/reference.deep`` (the zstd-compressed expanded form of the
 first file) and ``.delta`` objects marked ``dgfs-format: deep-1`` whose
-body is ``DEEP_DELTA_MAGIC`` followed by a VCDIFF between expanded forms.
+body is ``DEEP_DELTA_MAGIC`` followed by a VCDIFF between expanded forms, or
+``DEEP_DELTA_SPANS_MAGIC``, a table of spans the reference holds and a
+VCDIFF of the rest (docs/FORMAT.md).
 
 Metadata values written here are a superset of what deltaglider 6.2.0
 writes (including its quirk of writing ``dg-created-at`` without ``Z`` on
@@ -102,6 +104,8 @@ DEEP_REFERENCE_ENCODING = "zstd"
 DEEP_DELTA_MAGIC = b"DGFSDEEP\x01\n"
 #: A deep delta whose body starts with a table of spans the reference holds
 #: (``dgfs.deep.spans``); a dgfs from before 2026-12-07 refuses it (bad magic).
+#: Its metadata is a version-1 deep delta's (``dgfs-format: deep-1``): only
+#: this magic tells the two apart.
 DEEP_DELTA_SPANS_MAGIC = b"DGFSDEEP\x02\n"
 
 

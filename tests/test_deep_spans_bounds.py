@@ -10,6 +10,7 @@ import io
 import random
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import pytest
 
 import dgfs.deep
 from dgfs.deep import archives, spans
+from dgfs.deep.memo import Memo
 from dgfs.deep.segments import MAGIC, MIN_PIECE, TAG_END, TAG_RAW, TAG_SPLIT, Reader, varint
+from dgfs.errors import FormatError
 
 
 def sha(path: Path) -> str:
@@ -399,3 +402,35 @@ def test_a_large_legitimate_form_past_max_parsed_keeps_the_spans_of_its_start(
     finally:
         spans._INDEXES.clear()
     assert len(found) >= 800, f"{len(found)} spans for {count - 1} unchanged members"
+
+
+def test_an_index_at_its_limit_is_kept_between_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_INDEXES exists so that every store into a directory need not read and
+    hash its reference again. An index was allowed 524,288 entries, charged
+    more than the memo's whole budget: it was evicted by its own put (with
+    every other reference's index), and built again by every store."""
+    monkeypatch.setattr(spans, "_INDEXES", Memo(spans._INDEXES.max_bytes))
+    built: list[Path] = []
+
+    def fake_index(reference: Path) -> dict[bytes, tuple[int, int]]:
+        built.append(reference)
+        count = spans.MAX_INDEX if reference.name == "big" else 10
+        return {i.to_bytes(8, "big"): (0, 1024) for i in range(count)}
+
+    monkeypatch.setattr(spans, "_index", fake_index)
+    spans._reference_index(tmp_path / "other", "11" * 32)
+    for _ in range(3):
+        spans._reference_index(tmp_path / "big", "33" * 32)
+    spans._reference_index(tmp_path / "other", "11" * 32)
+    assert [path.name for path in built] == ["other", "big"]
+
+
+def test_bytes_after_the_span_tables_zlib_stream_are_refused() -> None:
+    """FORMAT.md: the zlib stream ends exactly at its n bytes. Got: bytes
+    after the stream's end inside those n were accepted silently."""
+    table = varint(1) + varint(0) + varint(0) + varint(1024)
+    packed = zlib.compress(table, 9) + b"trailing junk"
+    with pytest.raises(FormatError, match="after the span table"):
+        spans.unpack(io.BytesIO(varint(len(packed)) + packed), 4096, 1 << 20)

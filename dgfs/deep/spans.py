@@ -18,7 +18,7 @@ reads check the rebuilt file's SHA-256 all the same).
 
 Reading, a span table comes from the bucket: :func:`unpack` refuses more
 than ``MAX_SPANS`` spans, spans outside the reference or the output's cap,
-and :func:`splice` stops at the cap.
+and :func:`splice` refuses to write a form past the cap.
 """
 
 from __future__ import annotations
@@ -77,10 +77,11 @@ MAX_SEGMENTS = 2 * MAX_SPANS
 _PARSED_PER_BYTE = 1 / 16
 MAX_PARSED = 1 << 21
 _INDEXED_PER_BYTE = 4 / MIN_SPAN
-MAX_INDEX = 1 << 19
+MAX_INDEX = 1 << 18  # at _INDEX_ENTRY bytes, 58 MB: within _INDEXES' budget
 _HASHED_PER_BYTE = 4
 _INDEX_ENTRY = 220
-#: The most a span table takes, packed or inflated (MAX_SPANS spans of 3 varints).
+#: The most a span table takes, packed or inflated (MAX_SPANS spans of 3
+#: varints of up to 10 bytes each; the count's varint is far within it).
 MAX_TABLE = MAX_SPANS * 30
 _BUFFER = 1 << 20
 
@@ -104,8 +105,9 @@ class _Segment(NamedTuple):
 
 
 class _Steps:
-    """Parsing work counted while walking a form: a step per segment and per
-    4 bytes of a header (a SPLIT segment's holds up to 65,536 checkpoints)."""
+    """Parsing work counted while walking a form: a step per tag read (a
+    compressing segment takes two, with its END) and per checkpoint a SPLIT
+    header claims (up to 65,536, counted before they are read)."""
 
     def __init__(self, most: float = math.inf) -> None:
         self.most = most
@@ -344,6 +346,8 @@ def _table(src: BinaryIO) -> io.BytesIO:
         raise DecodeLimit(f"deep delta: a span table inflating past {MAX_TABLE} bytes")
     if not inflater.eof:
         raise FormatError("deep delta: a span table that ends early")
+    if inflater.unused_data:
+        raise FormatError("deep delta: bytes after the span table's zlib stream")
     return io.BytesIO(table)
 
 
