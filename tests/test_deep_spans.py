@@ -3,6 +3,7 @@ what a store writes, what a read accepts, and what a hostile table gets."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -13,6 +14,7 @@ import random
 import tarfile
 import tracemalloc
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,17 @@ from dgfs.store.memory import MemoryStore
 from tests import coreharness
 from tests.coreharness import make_core
 from testsupport.releases import write_series
+
+
+@contextlib.asynccontextmanager
+async def fresh_core(store: MemoryStore, root: Path) -> AsyncIterator[Core]:
+    """Another deep core over ``store``, with a cache of its own (a new mount)."""
+    core, cache = make_core(store, root, DeltaMode.DEEP)
+    try:
+        yield core
+    finally:
+        await core.aclose()
+        cache.close()
 
 
 def sha(path: Path) -> str:
@@ -57,15 +70,11 @@ async def test_a_later_release_is_stored_as_spans_of_its_reference_and_reads_bac
         obj = memory_store.objects[f"app/{path.name}.delta"]
         assert obj.body.startswith(fmt.DEEP_DELTA_SPANS_MAGIC)
         assert len(obj.body) < 0.05 * path.stat().st_size
-    reader, cache = make_core(memory_store, tmp_path / "fresh", DeltaMode.DEEP)
-    try:
+    async with fresh_core(memory_store, tmp_path / "fresh") as reader:
         for path in paths:
             out = tmp_path / "out"
             stored = await reader.get(f"app/{path.name}", out)
             assert stored.kind is Kind.DELTA and stored.deep and sha(out) == sha(path)
-    finally:
-        await reader.aclose()
-        cache.close()
 
 
 async def test_a_version_1_delta_still_reads(
@@ -177,14 +186,10 @@ async def test_a_delta_whose_spans_were_moved_reads_eio_and_returns_nothing(
     moved = [found[0]._replace(ref=found[0].ref + 1), *found[1:]]
     forged = fmt.DEEP_DELTA_SPANS_MAGIC + spans.pack(moved) + src.read()
     memory_store.objects[key] = dataclasses.replace(memory_store.objects[key], body=forged)
-    reader, cache = make_core(memory_store, tmp_path / "fresh", DeltaMode.DEEP)
-    try:
+    async with fresh_core(memory_store, tmp_path / "fresh") as reader:
         with pytest.raises(IntegrityError):
             await reader.get(f"app/{paths[1].name}", tmp_path / "out")
         assert not (tmp_path / "out").exists()
-    finally:
-        await reader.aclose()
-        cache.close()
 
 
 async def test_a_delta_of_a_newer_kind_names_the_cause(
@@ -309,15 +314,11 @@ async def test_a_hostile_reference_with_a_huge_raw_length_does_not_fail_stores(
     ref_key = next(k for k in memory_store.objects if k.startswith("app/") and "reference" in k)
     hostile = MAGIC + bytes((TAG_RAW,)) + varint(length) + b"x" * 4096 + bytes((TAG_END,))
     replace_reference(memory_store, ref_key, hostile)
-    writer, cache = make_core(memory_store, tmp_path / "fresh", DeltaMode.DEEP)
-    try:
+    async with fresh_core(memory_store, tmp_path / "fresh") as writer:
         await writer.put(paths[1], f"app/{paths[1].name}")
         out = tmp_path / "out"
         await writer.get(f"app/{paths[1].name}", out)
         assert sha(out) == sha(paths[1])
-    finally:
-        await writer.aclose()
-        cache.close()
 
 
 def test_find_on_a_reference_with_a_huge_raw_length_gives_no_spans(tmp_path: Path) -> None:
@@ -344,14 +345,10 @@ async def test_a_store_writes_no_span_table_its_readers_refuse(
         await deep.put(path, f"app/{path.name}")
     body = memory_store.objects[f"app/{paths[1].name}.delta"].body
     assert body.startswith(fmt.DEEP_DELTA_SPANS_MAGIC)
-    reader, cache = make_core(memory_store, tmp_path / "fresh", DeltaMode.DEEP)
-    try:
+    async with fresh_core(memory_store, tmp_path / "fresh") as reader:
         out = tmp_path / "out"
         stored = await reader.get(f"app/{paths[1].name}", out)
         assert stored.kind is Kind.DELTA and sha(out) == sha(paths[1])
-    finally:
-        await reader.aclose()
-        cache.close()
 
 
 def make_log_tar_gz(path: Path) -> Path:
@@ -454,13 +451,9 @@ async def test_the_cut_is_encoded_at_the_mounts_xdelta_level_when_that_is_lower(
 
     monkeypatch.setattr(DeltaEngine, "encode", recorded)
     monkeypatch.setattr(coreharness, "DeltaEngine", functools.partial(DeltaEngine, level=1))
-    core, cache = coreharness.make_core(memory_store, tmp_path, DeltaMode.DEEP)
-    try:
+    async with fresh_core(memory_store, tmp_path) as core:
         paths = await store_series(core, tmp_path, count=2)
         out = tmp_path / "out"
         await core.get(f"app/{paths[1].name}", out)
         assert sha(out) == sha(paths[1])
-    finally:
-        await core.aclose()
-        cache.close()
     assert levels == [None, 1]  # the reference's self-delta, then the cut
