@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from typing import BinaryIO
 
+from dgfs import tarblock
 from dgfs.deep.deflate import DeflateParams
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -112,33 +113,11 @@ def after_descriptor(src: BinaryIO, data_end: int, end: int, flags: int) -> int 
     return None
 
 
-_TAR_BLOCK = 512
 #: Tar header types whose size field counts data blocks after the header:
 #: regular and contiguous files, pax and GNU extended headers (their records).
 _TAR_SIZED = b"0\x007xgLK"
 #: Types with no data blocks: links, devices, directories, FIFOs.
 _TAR_EMPTY = b"123456"
-
-
-def _octal(field: bytes) -> int | None:
-    digits = field.strip(b" \0")
-    if not all(48 <= c <= 55 for c in digits):  # b"0" to b"7"
-        return None
-    return int(digits, 8) if digits else 0
-
-
-def _tar_size(field: bytes) -> int | None:
-    """A tar size field: octal digits, or base-256 (GNU) when its high bit is set."""
-    if field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    return _octal(field)
-
-
-def _tar_header_ok(block: bytes) -> bool:
-    """Whether ``block`` is a tar header: its checksum (the sum of its bytes,
-    the checksum field counted as spaces) is right."""
-    stored = _octal(block[148:156])
-    return bool(stored) and stored == sum(block[:148]) + 8 * 32 + sum(block[156:])
 
 
 class TarWalk:
@@ -164,21 +143,21 @@ class TarWalk:
         self._told = 0  # cuts ``feed`` has returned
 
     def header(self, block: bytes) -> None:
-        """The ``_TAR_BLOCK`` bytes at ``next_header``: the member's cuts, and
+        """The ``tarblock.BLOCK`` bytes at ``next_header``: the member's cuts, and
         where the next header is."""
         assert self.next_header is not None
         kind = block[156:157]
-        if not _tar_header_ok(block):
+        if not tarblock.checksum_ok(block):
             size = None
         elif kind in _TAR_SIZED:
-            size = _tar_size(block[124:136])
+            size = tarblock.number(block[124:136])
         else:
             size = 0 if kind in _TAR_EMPTY else None
-        if size is None:
+        if size is None or size < 0:
             self.next_header = None
             return
-        data = self.next_header + _TAR_BLOCK
-        self.next_header = data + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+        data = self.next_header + tarblock.BLOCK
+        self.next_header = data + tarblock.padded(size)
         if size >= self.min_size:
             self.cuts += [data, self.next_header]
 
@@ -189,8 +168,8 @@ class TarWalk:
         self._fed += len(piece)
         while self.next_header is not None and self.next_header + len(self._block) < self._fed:
             at = self.next_header + len(self._block) - start
-            self._block += piece[at : at + _TAR_BLOCK - len(self._block)]
-            if len(self._block) < _TAR_BLOCK:
+            self._block += piece[at : at + tarblock.BLOCK - len(self._block)]
+            if len(self._block) < tarblock.BLOCK:
                 break
             self.header(bytes(self._block))
             self._block.clear()
@@ -204,7 +183,7 @@ def tar_cuts(src: BinaryIO, start: int, end: int) -> list[int]:
     """``TarWalk``'s cuts of the tar at ``src[start:end]`` (offsets into ``src``),
     reading its headers only; [] if it is no tar."""
     walk = TarWalk()
-    while walk.next_header is not None and start + walk.next_header + _TAR_BLOCK <= end:
+    while walk.next_header is not None and start + walk.next_header + tarblock.BLOCK <= end:
         src.seek(start + walk.next_header)
-        walk.header(src.read(_TAR_BLOCK))
+        walk.header(src.read(tarblock.BLOCK))
     return [start + cut for cut in walk.cuts if start + cut <= end]

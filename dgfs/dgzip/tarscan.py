@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from dgfs import tarblock
 from dgfs.dgzip.limits import Budget
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ class TarFacts:
 
 
 _NO_FACTS = TarFacts(None, None)
-_TAR_BLOCK = 512
 #: Extended headers: pax (POSIX, Solaris), pax global, GNU long name, GNU long link.
 _TAR_EXTENSIONS = (b"x", b"X", b"g", b"L", b"K")
 #: Types whose data blocks follow the header (tarfile skips only these, and
@@ -49,7 +49,6 @@ _TAR_KNOWN = _TAR_WITH_DATA + _TAR_EXTENSIONS + (b"1", b"2", b"3", b"4", b"5", b
 #: The only pax records the facts need (others are not kept: a tar may hold many).
 _PAX_KEYS = (b"path", b"mtime", b"size")
 _PAX_RECORD = re.compile(rb"(\d{1,20}) ([^=\n]+)=")
-_HIGH_BYTES = bytes(range(128, 256))
 
 
 class _TooLarge(Exception):
@@ -95,7 +94,7 @@ def _tar_members(f: BinaryIO, budget: Budget) -> Iterator[tuple[bytes, float | N
         block = _read_header(f, offset, file_size)
         if block is None:
             return
-        size = _tar_number(block[124:136])
+        size = tarblock.number(block[124:136])
         kind = block[156:157]
         if size is None or size < 0:
             return
@@ -104,7 +103,7 @@ def _tar_members(f: BinaryIO, budget: Budget) -> Iterator[tuple[bytes, float | N
             if data is None:
                 return
             extended.add(kind, data)
-            offset += _TAR_BLOCK + _blocks(size)
+            offset += tarblock.BLOCK + tarblock.padded(size)
             continue
         name, mtime, size = extended.member(block, kind, size)
         yield name, mtime
@@ -118,11 +117,11 @@ def _read_header(f: BinaryIO, offset: int, file_size: int) -> bytes | None:
     """The tar header block at ``offset``; None past the end of the file, or if
     the block is no header: the end (two zero blocks fail the checksum too), or
     not a tar."""
-    if offset + _TAR_BLOCK > file_size:  # sizes may claim any number
+    if offset + tarblock.BLOCK > file_size:  # sizes may claim any number
         return None
     f.seek(offset)
-    block = f.read(_TAR_BLOCK)
-    if len(block) < _TAR_BLOCK or not _tar_checksum_ok(block):
+    block = f.read(tarblock.BLOCK)
+    if len(block) < tarblock.BLOCK or not tarblock.checksum_ok(block):
         return None
     return block
 
@@ -168,7 +167,7 @@ class _Extended:
         if b"mtime" in records:
             mtime = _pax_float(records[b"mtime"])
         else:
-            mtime = _tar_number(block[136:148])
+            mtime = tarblock.number(block[136:148])
         if b"size" in records:
             size = _pax_int(records[b"size"])
         self.pax, self.long_name = {}, None
@@ -183,13 +182,13 @@ def _after_member(
     they follow the header (as tarfile skips them). None if the file ends
     inside the sparse map."""
     skip = kind in _TAR_WITH_DATA or kind not in _TAR_KNOWN
-    offset += _TAR_BLOCK
+    offset += tarblock.BLOCK
     if kind == b"S" and block[482]:
         after_map = _skip_sparse_map(f, offset, budget)
         if after_map is None:
             return None
         offset = after_map
-    return offset + (_blocks(size) if skip and size > 0 else 0)
+    return offset + (tarblock.padded(size) if skip and size > 0 else 0)
 
 
 def _skip_sparse_map(f: BinaryIO, offset: int, budget: Budget) -> int | None:
@@ -199,44 +198,12 @@ def _skip_sparse_map(f: BinaryIO, offset: int, budget: Budget) -> int | None:
     while True:
         budget.check_time()
         f.seek(offset)
-        extension = f.read(_TAR_BLOCK)
-        if len(extension) < _TAR_BLOCK:
+        extension = f.read(tarblock.BLOCK)
+        if len(extension) < tarblock.BLOCK:
             return None
-        offset += _TAR_BLOCK
+        offset += tarblock.BLOCK
         if not extension[504]:
             return offset
-
-
-def _blocks(size: int) -> int:
-    """``size`` rounded up to whole tar blocks."""
-    return -(-size // _TAR_BLOCK) * _TAR_BLOCK
-
-
-def _tar_checksum_ok(block: bytes) -> bool:
-    """Whether ``block`` is a tar header: its checksum (unsigned, or signed as
-    some old tars wrote it) matches; a block of zeros never does."""
-    recorded = _tar_number(block[148:156])
-    if recorded is None or not block.strip(b"\0"):
-        return False
-    rest = block[:148] + b" " * 8 + block[156:]
-    unsigned = sum(rest)
-    if recorded == unsigned:
-        return True
-    high = len(rest) - len(rest.translate(None, _HIGH_BYTES))
-    return recorded == unsigned - 256 * high
-
-
-def _tar_number(field: bytes) -> int | None:
-    """A tar header's numeric field: octal text, or base-256 (GNU); None if neither."""
-    if field[:1] in (b"\x80", b"\xff"):
-        value = int.from_bytes(field[1:], "big")
-        return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
-    text = field.split(b"\0", 1)[0].strip()
-    if not text:
-        return 0
-    if text.strip(b"01234567"):
-        return None
-    return int(text, 8)
 
 
 def _ustar_name(block: bytes, kind: bytes) -> bytes:
