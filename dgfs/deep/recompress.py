@@ -156,6 +156,14 @@ class _Rebuilder(Reader):
         sizes: deque[int] = deque()
         in_flight = 0
 
+        def held(result: Future[list[bytes]], size: int) -> Iterator[bytes]:
+            """``result`` queued (``size`` bytes of the form), then what is ready."""
+            nonlocal in_flight
+            queue.append(result)
+            sizes.append(size)
+            in_flight += size
+            yield from ready(force=False)
+
         def ready(force: bool) -> Iterator[bytes]:
             nonlocal in_flight
             while queue and (force or queue[0].done() or in_flight > _IN_FLIGHT):
@@ -166,8 +174,11 @@ class _Rebuilder(Reader):
             while (tag := self.exact(1)[0]) != TAG_END:
                 self.deadline.check()
                 if tag not in COMPRESSING:
-                    yield from ready(force=True)
-                    yield from self.segment(tag)
+                    # Queued behind the subtrees before it, not waited for: a
+                    # zip's members each follow a RAW local header, and waiting
+                    # there rebuilt them one at a time.
+                    for chunk in self.segment(tag):
+                        yield from held(_finished([chunk]), len(chunk))
                     continue
                 start = self.src.tell() - 1
                 end = self._subtree_end(tag, PARALLEL_PAYLOAD)
@@ -178,21 +189,23 @@ class _Rebuilder(Reader):
                     continue
                 self.src.seek(start)
                 subtree = self.exact(end - start)
-                remember = not self.nests
-                queue.append(
-                    pool.submit(
-                        _rebuild_subtree,
-                        subtree,
-                        self.scratch_dir,
-                        0,
-                        self.deadline,
-                        remember=remember,
-                    )
+                rebuilt = pool.submit(
+                    _rebuild_subtree,
+                    subtree,
+                    self.scratch_dir,
+                    0,
+                    self.deadline,
+                    remember=not self.nests,
                 )
-                sizes.append(len(subtree))
-                in_flight += len(subtree)
-                yield from ready(force=False)
+                yield from held(rebuilt, len(subtree))
             yield from ready(force=True)
+
+
+def _finished(chunks: list[bytes]) -> Future[list[bytes]]:
+    """``chunks`` as the result of a task that has ended."""
+    done: Future[list[bytes]] = Future()
+    done.set_result(chunks)
+    return done
 
 
 #: SHA-256 of a DEFLATE or GNU subtree that holds no other -> the bytes it
