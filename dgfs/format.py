@@ -344,6 +344,11 @@ class StoredFile:
     encryption: str | None = None
     """deltaglider_proxy's ``dg-encrypted`` scheme when the object's body is
     ciphertext (``proxy_encryption``): never served by ranges, never as is."""
+    zero_diff: bool = False
+    """A delta whose note says its file is its reference's (the first file
+    stored in its directory): a deep one is rebuilt from the reference's form
+    without decoding the delta (``Rebuilder``; a note that lies costs a
+    rebuild, never bytes: the result is checked by SHA-256 either way)."""
 
     @property
     def ratio(self) -> float:
@@ -395,6 +400,7 @@ def classify(stored_key: str, stored_size: int, metadata: Mapping[str, str]) -> 
             ref_sha256,
             deep=deep,
             encryption=encryption,
+            zero_diff=meta_value(metadata, "note") == ZERO_DIFF_NOTE,
         )
     original_size = _parse_size(stored_key, size_text) if size_text else stored_size
     return StoredFile(

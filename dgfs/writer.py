@@ -123,6 +123,7 @@ class _NewDelta:
             self.ref_key,
             self.ref_sha256,
             deep=self.expanded is not None,
+            zero_diff=self.zero_diff,
         )
 
 

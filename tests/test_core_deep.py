@@ -12,6 +12,7 @@ import zstandard
 import dgfs.deep
 from dgfs import format as fmt
 from dgfs.core import Core
+from dgfs.delta import DeltaEngine
 from dgfs.errors import IntegrityError
 from dgfs.format import DeltaMode, Kind
 from dgfs.store.memory import MemoryStore
@@ -88,6 +89,64 @@ async def test_deep_reads_from_a_fresh_cache(memory_store: MemoryStore, tmp_path
     finally:
         await reader.aclose()
         rcache.close()
+
+
+async def _fresh_reads(
+    store: MemoryStore, root: Path, paths: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    """Each of ``paths`` (stored under app/) read by a new core with an empty
+    cache, in order, checked; how many xdelta3 decodes each took."""
+    decodes = 0
+    decode = DeltaEngine.decode
+
+    async def counted(self: DeltaEngine, *args: object, **kwargs: object) -> None:
+        nonlocal decodes
+        decodes += 1
+        await decode(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DeltaEngine, "decode", counted)
+    reader, cache = make_core(store, root, DeltaMode.DG)
+    counts = []
+    try:
+        for p in paths:
+            before = decodes
+            out = root / "out"
+            await reader.get(f"app/{p.name}", out)
+            assert sha(out) == sha(p)
+            counts.append(decodes - before)
+    finally:
+        await reader.aclose()
+        cache.close()
+    return counts
+
+
+async def test_first_file_of_a_deep_directory_is_rebuilt_from_its_reference(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first file's delta is a zero-diff one (its form is the reference):
+    it is rebuilt from the reference's form without decoding the delta."""
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
+    for p in paths:
+        await deep.put(p, f"app/{p.name}")
+    first = memory_store.objects["app/pkg-1.tar.gz.delta"]
+    assert first.metadata["dg-note"] == fmt.ZERO_DIFF_NOTE
+    assert await _fresh_reads(memory_store, tmp_path / "r", paths, monkeypatch) == [0, 1]
+
+
+@pytest.mark.expected_log("does not rebuild to it; decoding its delta")
+async def test_a_zero_diff_note_that_lies_costs_a_rebuild_not_bytes(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later file's delta whose note claims zero-diff: the reference's form
+    rebuilds to other bytes, which the SHA-256 refuses, and the delta is
+    decoded; the read returns the file's bytes."""
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
+    for p in paths:
+        await deep.put(p, f"app/{p.name}")
+    obj = memory_store.objects["app/pkg-2.tar.gz.delta"]
+    lying = {**obj.metadata, "dg-note": fmt.ZERO_DIFF_NOTE}
+    memory_store.objects["app/pkg-2.tar.gz.delta"] = dataclasses.replace(obj, metadata=lying)
+    assert await _fresh_reads(memory_store, tmp_path / "r", paths[1:], monkeypatch) == [1]
 
 
 async def test_corrupt_deep_delta_is_refused(
