@@ -10,13 +10,15 @@ stock gzip deltas whose recovery failed in this process.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import trio
 
@@ -44,10 +46,17 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+#: Opens an expanded form to rebuild, in the thread that reads it.
+FormOpener = Callable[[], AbstractContextManager[BinaryIO]]
+
 _UNRECOVERABLE = (
     "{key}: DeltaGlider stored it from gzip input without -D, and no gzip settings"
     " reproduce the original bytes; refusing to return other bytes"
 )
+
+
+def _open_form(path: Path) -> BinaryIO:
+    return open(path, "rb")
 
 
 def _made_from_gzip(delta: Path) -> bool:
@@ -301,9 +310,8 @@ class Rebuilder:
     async def _rebuild_deep(self, stored: StoredFile, out: Path) -> None:
         if stored.zero_diff and await self._rebuilt_from_reference(stored, out):
             return
-        async with self._bench.scratch(".dgx") as expanded:
-            await self._expanded_form(stored, expanded)
-            await self._rebuild_form(stored, expanded, out)
+        async with self._expanded_form(stored) as form:
+            await self._rebuild_form(stored, form, out)
 
     async def _rebuilt_from_reference(self, stored: StoredFile, out: Path) -> bool:
         """Whether the file (a zero-diff delta: its directory's first) was rebuilt
@@ -314,7 +322,9 @@ class Rebuilder:
         assert stored.ref_key and stored.ref_sha256
         async with self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
             try:
-                sha256 = await self._rebuild_form(stored, plain_ref, out)
+                sha256 = await self._rebuild_form(
+                    stored, functools.partial(_open_form, plain_ref), out
+                )
             except IntegrityError as exc:
                 sha256 = str(exc)
         if sha256 == stored.file_sha256:
@@ -326,29 +336,34 @@ class Rebuilder:
         )
         return False
 
-    async def _rebuild_form(self, stored: StoredFile, expanded: Path, out: Path) -> str:
-        """The file ``expanded`` rebuilds to, into ``out``; returns its SHA-256."""
-        try:
-            sha256, _ = await self._bench.cpu(
-                functools.partial(
-                    deep.rebuild_file,
+    async def _rebuild_form(self, stored: StoredFile, form: FormOpener, out: Path) -> str:
+        """The file the expanded form ``form`` opens rebuilds to, into ``out``;
+        returns its SHA-256."""
+
+        def rebuild() -> str:
+            with form() as src:
+                sha256, _ = deep.rebuild_file(
+                    src,
+                    out,
+                    self._bench.scratch_dir,
+                    _REBUILD_WORKERS,
                     max_size=stored.original_size,
                     seconds=self._bench.limits.seconds,
-                ),
-                expanded,
-                out,
-                self._bench.scratch_dir,
-                _REBUILD_WORKERS,
-            )
+                )
+            return sha256
+
+        try:
+            return await self._bench.cpu(rebuild)
         except (FormatError, DgfsError) as exc:
             out.unlink(missing_ok=True)
             raise IntegrityError(f"{stored.visible_key}: cannot rebuild: {exc}") from None
-        return sha256
 
-    async def _expanded_form(self, stored: StoredFile, expanded: Path) -> None:
-        """The expanded form a deep delta turns its reference into, into ``expanded``:
-        the VCDIFF applied to the whole reference, or, after a span table, to
-        the reference without the spans, and the spans put back."""
+    @contextlib.asynccontextmanager
+    async def _expanded_form(self, stored: StoredFile) -> AsyncIterator[FormOpener]:
+        """The expanded form a deep delta turns its reference into, to open
+        while the block lasts: the VCDIFF applied to the whole reference, or,
+        after a span table, to the reference without the spans, with the
+        spans read from the reference in place (``deep.spliced``)."""
         assert stored.ref_key and stored.ref_sha256
         cap = self._bench.limits.expanded_cap(stored.original_size)
         why = "expand_ratio × its dg-file-size, at most expand_max"
@@ -356,6 +371,7 @@ class Rebuilder:
             self._bench.scratch(".delta") as body,
             self._bench.scratch(".vcdiff") as vcdiff,
             self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref,
+            self._bench.scratch(".dgx") as decoded,
         ):
             await self._bench.download(stored.stored_key, body)
             unwrap = deep.unwrap_delta, body, vcdiff, plain_ref.stat().st_size, cap
@@ -366,21 +382,19 @@ class Rebuilder:
             # Parsed under limits, rebuilt and checked whole: never streamed.
             if spans is None:
                 await self._bench.engine.decode(
-                    plain_ref, vcdiff, expanded, cap=OutputCap(cap, why), window_checks=False
+                    plain_ref, vcdiff, decoded, cap=OutputCap(cap, why), window_checks=False
                 )
+                yield functools.partial(_open_form, decoded)
                 return
             assert isinstance(spans, list)
-            async with (
-                self._bench.scratch(".src") as source,
-                self._bench.scratch(".cut") as cut,
-            ):
+            async with self._bench.scratch(".src") as source:
                 await self._bench.cpu(deep.write_source, plain_ref, spans, source)
                 left = OutputCap(cap - sum(span.size for span in spans), why)
-                await self._bench.engine.decode(source, vcdiff, cut, cap=left, window_checks=False)
-                try:
-                    await self._bench.cpu(deep.splice, cut, plain_ref, spans, expanded, cap)
-                except FormatError as exc:
-                    raise IntegrityError(f"{stored.stored_key}: {exc}") from None
+                # ``decoded`` holds the cut form: the spans are read where they are.
+                await self._bench.engine.decode(
+                    source, vcdiff, decoded, cap=left, window_checks=False
+                )
+            yield functools.partial(deep.spliced, decoded, plain_ref, spans, cap)
 
     async def _verify_file(self, path: Path, stored: StoredFile) -> None:
         if stored.file_sha256 is None:

@@ -104,8 +104,11 @@ def test_the_cut_form_spliced_with_its_spans_is_the_form(tmp_path: Path) -> None
     assert (tmp_path / "source").stat().st_size < 0.1 * ref.stat().st_size
     table = spans.unpack(io.BytesIO(spans.pack(found)), ref.stat().st_size, 1 << 30)
     assert table == found
-    spans.splice(tmp_path / "cut", ref, table, tmp_path / "back", 1 << 30)
-    assert (tmp_path / "back").read_bytes() == form.read_bytes()
+    with spans.spliced(tmp_path / "cut", ref, table, 1 << 30) as back:
+        assert back.read() == form.read_bytes()
+        for at in (0, 1, found[0].at + found[0].size - 1, form.stat().st_size - 5):
+            back.seek(at)  # reads from anywhere: a span's, a cut's, across both
+            assert back.read(4096) == form.read_bytes()[at : at + 4096]
 
 
 def raw(data: bytes) -> bytes:

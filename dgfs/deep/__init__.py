@@ -39,7 +39,7 @@ from dgfs.deep.remember import keep_in as keep_verified_spans_in
 from dgfs.deep.remember import load as load_verified_spans
 from dgfs.deep.remember import save as save_verified_spans
 from dgfs.deep.remember import save_kept as save_kept_verified_spans
-from dgfs.deep.spans import Span, splice, write_cut, write_source
+from dgfs.deep.spans import Span, spliced, write_cut, write_source
 from dgfs.deep.spans import find as find_spans
 from dgfs.deep.spans import pack as pack_spans
 
@@ -67,7 +67,7 @@ __all__ = [
     "reference_cap",
     "save_kept_verified_spans",
     "save_verified_spans",
-    "splice",
+    "spliced",
     "unwrap_delta",
     "wrap_delta",
     "write_cut",

@@ -277,7 +277,7 @@ def rebuild_chunks(
 
 
 def rebuild_file(
-    expanded: Path,
+    expanded: Path | BinaryIO,
     out: Path,
     scratch_dir: Path | None = None,
     workers: int = 1,
@@ -285,7 +285,8 @@ def rebuild_file(
     max_size: int | None = None,
     seconds: float | None = None,
 ) -> tuple[str, int]:
-    """Write the original bytes of ``expanded`` to ``out``; returns (sha256, size).
+    """Write the original bytes of ``expanded`` (a file, or one open at its
+    start) to ``out``; returns (sha256, size).
 
     Raises ``DecodeLimit`` once the bytes pass ``max_size`` (the file's
     recorded size; ``out`` then holds no more than that) or the rebuild
@@ -294,7 +295,9 @@ def rebuild_file(
     digest = hashlib.sha256()
     size = 0
     deadline = Deadline(seconds)
-    with open(expanded, "rb") as src, open(out, "wb") as sink:
+    with contextlib.ExitStack() as files:
+        src = files.enter_context(open(expanded, "rb")) if isinstance(expanded, Path) else expanded
+        sink = files.enter_context(open(out, "wb"))
         for chunk in rebuild_chunks(src, scratch_dir, workers, deadline):
             size += len(chunk)
             if max_size is not None and size > max_size:

@@ -18,11 +18,13 @@ reads check the rebuilt file's SHA-256 all the same).
 
 Reading, a span table comes from the bucket: :func:`unpack` refuses more
 than ``MAX_SPANS`` spans, spans outside the reference or the output's cap,
-and :func:`splice` refuses to write a form past the cap.
+and :func:`spliced` refuses to read a form past the cap.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
 import io
 import math
@@ -292,24 +294,77 @@ def write_source(reference: Path, spans: list[Span], out: Path) -> None:
             _copy(src.fileno(), start, dst.fileno(), length)
 
 
-def spliced_size(cut_size: int, spans: list[Span]) -> int:
-    return cut_size + sum(span.size for span in spans)
+class SplicedForm(io.RawIOBase):
+    """A deep delta's expanded form, read where its bytes lie: the cut form's,
+    with every span's read from the reference in place. Nothing is written:
+    a botocore wheel's 95 MB form was copied out, span by span, before every
+    rebuild (0.1 to 0.2 s each, and 95 MB of scratch), only to be read once.
+    Reads past a file's end raise ``FormatError``."""
 
-
-def splice(cut: Path, reference: Path, spans: list[Span], out: Path, cap: int) -> None:
-    """The file's expanded form into ``out``: the cut with every span put back
-    from ``reference``; ``DecodeLimit`` past ``cap`` bytes."""
-    with open(cut, "rb") as src, open(reference, "rb") as ref, open(out, "wb") as dst:
-        cut_size = os.fstat(src.fileno()).st_size
-        if spliced_size(cut_size, spans) > cap:
+    def __init__(self, cut: BinaryIO, reference: BinaryIO, spans: list[Span], cap: int) -> None:
+        super().__init__()
+        cut_size = os.fstat(cut.fileno()).st_size
+        if cut_size + sum(span.size for span in spans) > cap:
             raise DecodeLimit(f"deep delta: the expanded form would pass its cap of {cap} bytes")
-        taken = pos = 0  # bytes of the cut copied; where the form is
+        # Where each piece starts in the form, and (file descriptor, offset) it comes from.
+        self._starts: list[int] = []
+        self._sources: list[tuple[int, int]] = []
+        taken = pos = 0  # bytes of the cut placed; where the form is
         for span in spans:
-            _copy(src.fileno(), taken, dst.fileno(), span.at - pos)
-            taken += span.at - pos
-            _copy(ref.fileno(), span.ref, dst.fileno(), span.size)
+            if span.at > pos:
+                self._piece(pos, cut.fileno(), taken)
+                taken += span.at - pos
+            self._piece(span.at, reference.fileno(), span.ref)
             pos = span.at + span.size
-        _copy(src.fileno(), taken, dst.fileno(), cut_size - taken)
+        if cut_size > taken:
+            self._piece(pos, cut.fileno(), taken)
+        self._size = pos + max(0, cut_size - taken)
+        self._pos = 0
+
+    def _piece(self, at: int, fd: int, offset: int) -> None:
+        self._starts.append(at)
+        self._sources.append((fd, offset))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._pos >= self._size:
+            return 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        end = self._starts[i + 1] if i + 1 < len(self._starts) else self._size
+        fd, offset = self._sources[i]
+        view = memoryview(buffer).cast("B")[: end - self._pos]
+        done = os.preadv(fd, [view], offset + self._pos - self._starts[i])
+        if not done:
+            raise FormatError("deep delta: a span or the cut form ends early")
+        self._pos += done
+        return done
+
+
+@contextlib.contextmanager
+def spliced(cut: Path, reference: Path, spans: list[Span], cap: int) -> Iterator[BinaryIO]:
+    """The file's expanded form (``SplicedForm``), buffered for small reads;
+    ``DecodeLimit`` if it would pass ``cap`` bytes."""
+    with (
+        open(cut, "rb") as cut_file,
+        open(reference, "rb") as ref_file,
+        io.BufferedReader(SplicedForm(cut_file, ref_file, spans, cap)) as form,
+    ):
+        yield form
 
 
 def _zigzag(value: int) -> int:
