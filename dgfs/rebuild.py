@@ -308,12 +308,16 @@ class Rebuilder:
         )
 
     async def _rebuild_deep(self, stored: StoredFile, out: Path) -> None:
-        if stored.zero_diff and await self._rebuilt_from_reference(stored, out):
+        # One expand_time for the read, whichever way its form is found.
+        deadline = deep.Deadline(self._bench.limits.seconds)
+        if stored.zero_diff and await self._rebuilt_from_reference(stored, out, deadline):
             return
         async with self._expanded_form(stored) as form:
-            await self._rebuild_form(stored, form, out)
+            await self._rebuild_form(stored, form, out, deadline)
 
-    async def _rebuilt_from_reference(self, stored: StoredFile, out: Path) -> bool:
+    async def _rebuilt_from_reference(
+        self, stored: StoredFile, out: Path, deadline: deep.Deadline
+    ) -> bool:
         """Whether the file (a zero-diff delta: its directory's first) was rebuilt
         into ``out`` from its reference's form as it is, to its SHA-256: its
         delta need not be decoded (a whole form's worth of xdelta3, 0.4 s for
@@ -323,12 +327,14 @@ class Rebuilder:
         async with self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
             try:
                 sha256 = await self._rebuild_form(
-                    stored, functools.partial(_open_form, plain_ref), out
+                    stored, functools.partial(_open_form, plain_ref), out, deadline
                 )
             except IntegrityError as exc:
+                deadline.check()  # out of time: no second try (DecodeLimit)
                 sha256 = str(exc)
         if sha256 == stored.file_sha256:
             return True
+        out.unlink(missing_ok=True)  # another file's bytes
         log.warning(
             "%s: its note says it is its reference's file, but the reference does not"
             " rebuild to it; decoding its delta",
@@ -336,9 +342,11 @@ class Rebuilder:
         )
         return False
 
-    async def _rebuild_form(self, stored: StoredFile, form: FormOpener, out: Path) -> str:
-        """The file the expanded form ``form`` opens rebuilds to, into ``out``;
-        returns its SHA-256."""
+    async def _rebuild_form(
+        self, stored: StoredFile, form: FormOpener, out: Path, deadline: deep.Deadline
+    ) -> str:
+        """The file the expanded form ``form`` opens rebuilds to, into ``out``,
+        by ``deadline``; returns its SHA-256."""
 
         def rebuild() -> str:
             with form() as src:
@@ -348,7 +356,7 @@ class Rebuilder:
                     self._bench.scratch_dir,
                     _REBUILD_WORKERS,
                     max_size=stored.original_size,
-                    seconds=self._bench.limits.seconds,
+                    seconds=deadline,
                 )
             return sha256
 

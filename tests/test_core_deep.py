@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import random
+import time
 from pathlib import Path
 
 import pytest
@@ -11,11 +14,14 @@ import zstandard
 
 import dgfs.deep
 from dgfs import format as fmt
+from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.delta import DeltaEngine
 from dgfs.errors import IntegrityError
 from dgfs.format import DeltaMode, Kind
+from dgfs.policy import Policy
 from dgfs.store.memory import MemoryStore
+from dgfs.verify import Status, verify_key
 from tests.coreharness import make_core
 from testsupport.releases import write_sdist, write_series
 
@@ -147,6 +153,114 @@ async def test_a_zero_diff_note_that_lies_costs_a_rebuild_not_bytes(
     lying = {**obj.metadata, "dg-note": fmt.ZERO_DIFF_NOTE}
     memory_store.objects["app/pkg-2.tar.gz.delta"] = dataclasses.replace(obj, metadata=lying)
     assert await _fresh_reads(memory_store, tmp_path / "r", paths[1:], monkeypatch) == [1]
+
+
+def _core(store: MemoryStore, root: Path, seconds: float) -> tuple[Core, ContentCache]:
+    cache = ContentCache(root / "cache", 1 << 30)
+    core = Core(
+        store,
+        cache,
+        DeltaEngine(),
+        Policy(min_delta_size=1024),
+        scratch_dir=root / "scratch",
+        deltas=DeltaMode.DEEP,
+        limits=dgfs.deep.ExpansionLimits(seconds=seconds),
+    )
+    return core, cache
+
+
+async def test_a_first_file_over_the_time_limit_gets_one_limit_not_two(
+    memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    """expand_time is "the wall time of one rebuild when reading". An honest
+    first file: a gzip at level 9 of 5 MiB of random a-d (one DEFLATE stream,
+    over PARALLEL_PAYLOAD so streamed; ~0.7 s per 1 MiB RAW chunk, ~3.4 s
+    in all), read with expand_time=1.5. The shortcut's rebuild stops at its
+    deadline with DecodeLimit, which _rebuilt_from_reference swallows as "the
+    note lied" (a false WARNING), then the delta is decoded and the same form
+    rebuilt for another full expand_time: the read fails after ~4.2 s, twice
+    the limit (5d16281: ~2.1 s). A hostile bucket gets the same with a lying
+    note on any delta whose reference is slow to rebuild."""
+    rnd = random.Random(1)
+    src = tmp_path / "data-1.gz"
+    src.write_bytes(gzip.compress(bytes(rnd.choice(b"abcd") for _ in range(5 << 20)), 9, mtime=0))
+    writer, wcache = make_core(memory_store, tmp_path / "w", DeltaMode.DEEP)
+    try:
+        await writer.put(src, "app/data-1.gz")
+    finally:
+        await writer.aclose()
+        wcache.close()
+    assert memory_store.objects["app/data-1.gz.delta"].metadata["dg-note"] == fmt.ZERO_DIFF_NOTE
+    limit = 1.5
+    reader, rcache = _core(memory_store, tmp_path / "r", limit)
+    try:
+        started = time.monotonic()
+        with pytest.raises(IntegrityError, match=r"took over 1.5 s \(expand_time\)"):
+            await reader.get("app/data-1.gz", tmp_path / "out")
+        elapsed = time.monotonic() - started
+    finally:
+        await reader.aclose()
+        rcache.close()
+    assert elapsed < 2 * limit, f"the read took {elapsed:.2f} s against expand_time={limit}"
+
+
+@pytest.mark.expected_log("does not rebuild to it; decoding its delta")
+async def test_a_failed_rebuild_leaves_no_wrong_bytes_in_out(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    """Rebuilder.rebuild: "IntegrityError, and out removed". A later file's
+    delta with a lying zero-diff note and a body that is no deep delta (bad
+    magic): the shortcut writes the reference's file (pkg-1's bytes) into
+    ``out``, the SHA-256 refuses them, the fallback's unwrap raises
+    IntegrityError, and ``out`` is left holding pkg-1's bytes under pkg-2's
+    name (before ca72513 ``out`` was never written)."""
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
+    for p in paths:
+        await deep.put(p, f"app/{p.name}")
+    key = "app/pkg-2.tar.gz.delta"
+    obj = memory_store.objects[key]
+    lying = {**obj.metadata, "dg-note": fmt.ZERO_DIFF_NOTE}
+    memory_store.objects[key] = dataclasses.replace(
+        obj, body=b"garbage!" + obj.body, metadata=lying
+    )
+    reader, cache = make_core(memory_store, tmp_path / "r", DeltaMode.DG)
+    out = tmp_path / "out"
+    try:
+        stored = await reader.locate("app/pkg-2.tar.gz")
+        with pytest.raises(IntegrityError):
+            await reader.rebuild(stored, out)
+    finally:
+        await reader.aclose()
+        cache.close()
+    assert not out.exists(), (
+        f"out left holding {hashlib.sha256(out.read_bytes()).hexdigest()[:12]}"
+        f" (pkg-1 is {hashlib.sha256(paths[0].read_bytes()).hexdigest()[:12]})"
+    )
+
+
+async def test_verify_checks_a_first_files_delta_body(
+    deep: Core, memory_store: MemoryStore, tmp_path: Path
+) -> None:
+    """dgfs verify rebuilds each delta to check the object in the bucket. A
+    first file's delta body truncated to its magic (no VCDIFF at all) now
+    passes: the shortcut never downloads it. Yet that body is what the
+    fallback decodes (a reference rebuild over expand_time, as above) and what
+    every dgfs before ca72513 reads: there the file is unreadable, and verify
+    said FAILED before ca72513."""
+    paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
+    for p in paths:
+        await deep.put(p, f"app/{p.name}")
+    key = "app/pkg-1.tar.gz.delta"
+    obj = memory_store.objects[key]
+    assert obj.metadata["dg-note"] == fmt.ZERO_DIFF_NOTE
+    memory_store.objects[key] = dataclasses.replace(obj, body=obj.body[:8])
+    reader, cache = make_core(memory_store, tmp_path / "r", DeltaMode.DG)
+    try:
+        result = await verify_key(reader, "app/pkg-1.tar.gz")
+    finally:
+        await reader.aclose()
+        cache.close()
+    assert result.status is Status.FAILED, f"verify says {result.status.value} of a broken body"
 
 
 async def test_corrupt_deep_delta_is_refused(

@@ -14,6 +14,7 @@ uses of deep mode is named here; the modules under it are its parts
 - ``spans``: what a delta takes from its reference as is, cut out before xdelta3.
 """
 
+from dgfs.deep.deadline import Deadline
 from dgfs.deep.deflate import CANDIDATES, DeflateParams, zlib_is_reference
 from dgfs.deep.expand import (
     ExpandStats,
@@ -47,6 +48,7 @@ __all__ = [
     "CANDIDATES",
     "ZGZ_INSTALL_HINT",
     "GNU_LEVELS",
+    "Deadline",
     "DeflateParams",
     "ExpandStats",
     "ExpansionLimits",

@@ -46,6 +46,10 @@ from dgfs.errors import DecodeLimit, FormatError
 #: are streamed.
 PARALLEL_PAYLOAD = 4 << 20
 _IN_FLIGHT = 16 << 20
+#: What a subtree waiting in the queue holds besides its bytes (its future,
+#: work item and result list: ~1.7 KB measured): a form of tiny subtrees
+#: behind a slow one queues at most _IN_FLIGHT / _ENTRY of them.
+_ENTRY = 2 << 10
 
 
 class _Rebuilder(Reader):
@@ -152,23 +156,44 @@ class _Rebuilder(Reader):
         and bytes are unchanged, and at most ``_IN_FLIGHT`` expanded bytes
         wait in memory.
         """
-        queue: deque[Future[list[bytes]]] = deque()
+        # Subtrees being rebuilt, and RAW bytes between them, in form order;
+        # what each holds in memory (its bytes, and _ENTRY for a subtree's).
+        queue: deque[Future[list[bytes]] | bytearray] = deque()
         sizes: deque[int] = deque()
         in_flight = 0
 
-        def held(result: Future[list[bytes]], size: int) -> Iterator[bytes]:
-            """``result`` queued (``size`` bytes of the form), then what is ready."""
+        def held(entry: Future[list[bytes]] | bytearray, size: int) -> Iterator[bytes]:
+            """``entry`` queued (``size`` bytes held), then what is ready."""
             nonlocal in_flight
-            queue.append(result)
+            queue.append(entry)
             sizes.append(size)
             in_flight += size
             yield from ready(force=False)
 
+        def raw(chunk: bytes) -> Iterator[bytes]:
+            """A RAW chunk queued: into the RAW bytes queued last, if they are
+            (a hostile form's million one-byte RAW segments take no more
+            memory or time than its bytes), else as an entry of its own."""
+            nonlocal in_flight
+            if queue and isinstance(queue[-1], bytearray):
+                queue[-1] += chunk
+                sizes[-1] += len(chunk)
+                in_flight += len(chunk)
+                yield from ready(force=False)
+            elif queue:
+                yield from held(bytearray(chunk), len(chunk))
+            else:
+                yield chunk  # nothing before it to wait for
+
         def ready(force: bool) -> Iterator[bytes]:
             nonlocal in_flight
-            while queue and (force or queue[0].done() or in_flight > _IN_FLIGHT):
+            while queue and (force or _ended(queue[0]) or in_flight > _IN_FLIGHT):
                 in_flight -= sizes.popleft()
-                yield from queue.popleft().result()
+                entry = queue.popleft()
+                if isinstance(entry, bytearray):
+                    yield bytes(entry)
+                else:
+                    yield from entry.result()
 
         with ThreadPoolExecutor(workers, thread_name_prefix="dgfs-deflate") as pool:
             while (tag := self.exact(1)[0]) != TAG_END:
@@ -178,7 +203,7 @@ class _Rebuilder(Reader):
                     # zip's members each follow a RAW local header, and waiting
                     # there rebuilt them one at a time.
                     for chunk in self.segment(tag):
-                        yield from held(_finished([chunk]), len(chunk))
+                        yield from raw(chunk)
                     continue
                 start = self.src.tell() - 1
                 end = self._subtree_end(tag, PARALLEL_PAYLOAD)
@@ -197,15 +222,13 @@ class _Rebuilder(Reader):
                     self.deadline,
                     remember=not self.nests,
                 )
-                yield from held(rebuilt, len(subtree))
+                yield from held(rebuilt, len(subtree) + _ENTRY)
             yield from ready(force=True)
 
 
-def _finished(chunks: list[bytes]) -> Future[list[bytes]]:
-    """``chunks`` as the result of a task that has ended."""
-    done: Future[list[bytes]] = Future()
-    done.set_result(chunks)
-    return done
+def _ended(entry: Future[list[bytes]] | bytearray) -> bool:
+    """Whether a queued entry is ready to give: RAW bytes are, a subtree once rebuilt."""
+    return isinstance(entry, bytearray) or entry.done()
 
 
 #: SHA-256 of a DEFLATE or GNU subtree that holds no other -> the bytes it
@@ -283,18 +306,19 @@ def rebuild_file(
     workers: int = 1,
     *,
     max_size: int | None = None,
-    seconds: float | None = None,
+    seconds: float | Deadline | None = None,
 ) -> tuple[str, int]:
     """Write the original bytes of ``expanded`` (a file, or one open at its
     start) to ``out``; returns (sha256, size).
 
     Raises ``DecodeLimit`` once the bytes pass ``max_size`` (the file's
     recorded size; ``out`` then holds no more than that) or the rebuild
-    ``seconds`` (None: no limit).
+    ``seconds`` (None: no limit; a ``Deadline``: one already running, that
+    other steps share).
     """
     digest = hashlib.sha256()
     size = 0
-    deadline = Deadline(seconds)
+    deadline = seconds if isinstance(seconds, Deadline) else Deadline(seconds)
     with contextlib.ExitStack() as files:
         src = files.enter_context(open(expanded, "rb")) if isinstance(expanded, Path) else expanded
         sink = files.enter_context(open(out, "wb"))
