@@ -117,12 +117,13 @@ def deep_encode(reference: Path, reference_sha256: str, form: Path, work: Path) 
 
 
 def deep_decode(reference: Path, found: list, work: Path) -> None:
-    from dgfs.deep import splice, write_source
+    """The cut form decoded against the source (the rebuild then reads the
+    spans from the reference in place: ``dgfs.deep.spans.SplicedForm``)."""
+    from dgfs.deep import write_source
 
     write_source(reference, found, work / "source")
     src, cut = work / "source", work / "cut"
     xdelta3("-d", "-f", "-D", "-R", "-B", window(src), "-s", src, work / "deep", cut)
-    splice(cut, reference, found, work / "deep.out", 1 << 40)
 
 
 @dataclass

@@ -188,7 +188,9 @@ def _unwrap_and_splice(body: bytes) -> None:
         )
         if found:
             spans.write_source(reference, found, Scratch.file("source"))
-            spans.splice(cut, reference, found, Scratch.file("form"), _REBUILD_MAX)
+            with spans.spliced(cut, reference, found, _REBUILD_MAX) as form:
+                while form.read(1 << 16):
+                    pass
 
 
 def _expand_and_rebuild(body: bytes, workers: int) -> None:

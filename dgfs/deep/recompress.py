@@ -156,60 +156,19 @@ class _Rebuilder(Reader):
         and bytes are unchanged, and at most ``_IN_FLIGHT`` expanded bytes
         wait in memory.
         """
-        # Subtrees being rebuilt, and RAW bytes between them, in form order;
-        # what each holds in memory (its bytes, and _ENTRY for a subtree's).
-        queue: deque[Future[list[bytes]] | bytearray] = deque()
-        sizes: deque[int] = deque()
-        in_flight = 0
-
-        def held(entry: Future[list[bytes]] | bytearray, size: int) -> Iterator[bytes]:
-            """``entry`` queued (``size`` bytes held), then what is ready."""
-            nonlocal in_flight
-            queue.append(entry)
-            sizes.append(size)
-            in_flight += size
-            yield from ready(force=False)
-
-        def raw(chunk: bytes) -> Iterator[bytes]:
-            """A RAW chunk queued: into the RAW bytes queued last, if they are
-            (a hostile form's million one-byte RAW segments take no more
-            memory or time than its bytes), else as an entry of its own."""
-            nonlocal in_flight
-            if queue and isinstance(queue[-1], bytearray):
-                queue[-1] += chunk
-                sizes[-1] += len(chunk)
-                in_flight += len(chunk)
-                yield from ready(force=False)
-            elif queue:
-                yield from held(bytearray(chunk), len(chunk))
-            else:
-                yield chunk  # nothing before it to wait for
-
-        def ready(force: bool) -> Iterator[bytes]:
-            nonlocal in_flight
-            while queue and (force or _ended(queue[0]) or in_flight > _IN_FLIGHT):
-                in_flight -= sizes.popleft()
-                entry = queue.popleft()
-                if isinstance(entry, bytearray):
-                    yield bytes(entry)
-                else:
-                    yield from entry.result()
-
+        given = _InOrder()
         with ThreadPoolExecutor(workers, thread_name_prefix="dgfs-deflate") as pool:
             while (tag := self.exact(1)[0]) != TAG_END:
                 self.deadline.check()
                 if tag not in COMPRESSING:
-                    # Queued behind the subtrees before it, not waited for: a
-                    # zip's members each follow a RAW local header, and waiting
-                    # there rebuilt them one at a time.
                     for chunk in self.segment(tag):
-                        yield from raw(chunk)
+                        yield from given.raw(chunk)
                     continue
                 start = self.src.tell() - 1
                 end = self._subtree_end(tag, PARALLEL_PAYLOAD)
                 if end is None:  # too big to hold: stream it, in order
                     self.src.seek(start + 1)
-                    yield from ready(force=True)
+                    yield from given.ready(force=True)
                     yield from self.compressed(tag)
                     continue
                 self.src.seek(start)
@@ -222,13 +181,57 @@ class _Rebuilder(Reader):
                     self.deadline,
                     remember=not self.nests,
                 )
-                yield from held(rebuilt, len(subtree) + _ENTRY)
-            yield from ready(force=True)
+                yield from given.add(rebuilt, len(subtree) + _ENTRY)
+            yield from given.ready(force=True)
 
 
-def _ended(entry: Future[list[bytes]] | bytearray) -> bool:
-    """Whether a queued entry is ready to give: RAW bytes are, a subtree once rebuilt."""
-    return isinstance(entry, bytearray) or entry.done()
+class _InOrder:
+    """What a parallel rebuild gives, in form order: subtrees being rebuilt
+    and the RAW bytes between them, each given once it and all before it
+    are ready; a RAW segment queues behind the subtrees before it, it does not
+    wait for them (a zip's members each follow a RAW local header: waiting
+    there rebuilt them one at a time). At most ``_IN_FLIGHT`` bytes are held:
+    past that, ``add`` and ``raw`` wait for the oldest subtree."""
+
+    def __init__(self) -> None:
+        self._queue: deque[Future[list[bytes]] | bytearray] = deque()
+        self._sizes: deque[int] = deque()  # what each entry holds
+        self._held = 0
+
+    def add(self, rebuilt: Future[list[bytes]] | bytearray, size: int) -> Iterator[bytes]:
+        """``rebuilt`` queued (``size`` bytes held), then what is ready."""
+        self._queue.append(rebuilt)
+        self._sizes.append(size)
+        self._held += size
+        yield from self.ready()
+
+    def raw(self, chunk: bytes) -> Iterator[bytes]:
+        """A RAW chunk: given at once if nothing waits before it, else joined
+        to the RAW bytes queued last (a hostile form's million one-byte RAW
+        segments hold no more memory or time than their bytes)."""
+        if not self._queue:
+            yield chunk
+        elif isinstance(self._queue[-1], bytearray):
+            self._queue[-1] += chunk
+            self._sizes[-1] += len(chunk)
+            self._held += len(chunk)
+            yield from self.ready()
+        else:
+            yield from self.add(bytearray(chunk), len(chunk))
+
+    def ready(self, force: bool = False) -> Iterator[bytes]:
+        """What is ready, in order (with ``force``, everything, waiting for it)."""
+        while self._queue and (force or self._held > _IN_FLIGHT or self._ended()):
+            self._held -= self._sizes.popleft()
+            entry = self._queue.popleft()
+            if isinstance(entry, bytearray):
+                yield bytes(entry)
+            else:
+                yield from entry.result()
+
+    def _ended(self) -> bool:
+        first = self._queue[0]
+        return isinstance(first, bytearray) or first.done()
 
 
 #: SHA-256 of a DEFLATE or GNU subtree that holds no other -> the bytes it
