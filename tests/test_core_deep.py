@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 import zstandard
 
 import dgfs.deep
@@ -483,3 +485,27 @@ async def test_stock_deltaglider_gzip_delta_is_recovered(
     )
     with pytest.raises(IntegrityError, match="refusing"):
         await core.get("app/other.tar.gz", tmp_path / "other")
+
+
+async def test_rebuilds_against_one_reference_take_turns(deep: Core) -> None:
+    """Deep rebuilds against one reference run one at a time, in order (side by
+    side they took the cores from each other); against another reference
+    they run beside them, and nothing is kept once all are done."""
+    entered: list[str] = []
+    release = trio.Event()
+
+    async def rebuild(name: str, ref: str) -> None:
+        async with deep.rebuilder._turn(ref):
+            entered.append(name)
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rebuild, "first", "a" * 64)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(rebuild, "same reference", "a" * 64)
+        nursery.start_soon(rebuild, "other reference", "b" * 64)
+        await trio.testing.wait_all_tasks_blocked()
+        assert entered == ["first", "other reference"]
+        release.set()
+    assert entered == ["first", "other reference", "same reference"]
+    assert deep.rebuilder._turns == {}
