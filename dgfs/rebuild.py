@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, NamedTuple, TypeVar
 
 import trio
 
@@ -46,8 +46,14 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: Opens an expanded form to rebuild, in the thread that reads it.
-FormOpener = Callable[[], AbstractContextManager[BinaryIO]]
+
+class _Form(NamedTuple):
+    """An expanded form to rebuild: opened in the thread that reads it, and
+    where its bytes lie in its reference (None: not known)."""
+
+    open: Callable[[], AbstractContextManager[BinaryIO]]
+    in_reference: deep.InReference | None
+
 
 _UNRECOVERABLE = (
     "{key}: DeltaGlider stored it from gzip input without -D, and no gzip settings"
@@ -329,9 +335,9 @@ class Rebuilder:
         assert stored.ref_key and stored.ref_sha256
         async with self._references.plain_copy(stored.ref_key, stored.ref_sha256) as plain_ref:
             try:
-                sha256 = await self._rebuild_form(
-                    stored, functools.partial(_open_form, plain_ref), out, deadline
-                )
+                whole = deep.InReference(stored.ref_sha256)  # the form is the reference
+                form = _Form(functools.partial(_open_form, plain_ref), whole)
+                sha256 = await self._rebuild_form(stored, form, out, deadline)
             except IntegrityError as exc:
                 deadline.check()  # out of time: no second try (DecodeLimit)
                 sha256 = str(exc)
@@ -346,13 +352,13 @@ class Rebuilder:
         return False
 
     async def _rebuild_form(
-        self, stored: StoredFile, form: FormOpener, out: Path, deadline: deep.Deadline
+        self, stored: StoredFile, form: _Form, out: Path, deadline: deep.Deadline
     ) -> str:
         """The file the expanded form ``form`` opens rebuilds to, into ``out``,
         by ``deadline``; returns its SHA-256."""
 
         def rebuild() -> str:
-            with form() as src:
+            with form.open() as src:
                 sha256, _ = deep.rebuild_file(
                     src,
                     out,
@@ -360,6 +366,7 @@ class Rebuilder:
                     _REBUILD_WORKERS,
                     max_size=stored.original_size,
                     seconds=deadline,
+                    in_reference=form.in_reference,
                 )
             return sha256
 
@@ -393,7 +400,7 @@ class Rebuilder:
                 self._turns[ref_sha256] = (lock, users - 1)
 
     @contextlib.asynccontextmanager
-    async def _expanded_form(self, stored: StoredFile) -> AsyncIterator[FormOpener]:
+    async def _expanded_form(self, stored: StoredFile) -> AsyncIterator[_Form]:
         """The expanded form a deep delta turns its reference into, to open
         while the block lasts: the VCDIFF applied to the whole reference, or,
         after a span table, to the reference without the spans, with the
@@ -418,7 +425,7 @@ class Rebuilder:
                 await self._bench.engine.decode(
                     plain_ref, vcdiff, decoded, cap=OutputCap(cap, why), window_checks=False
                 )
-                yield functools.partial(_open_form, decoded)
+                yield _Form(functools.partial(_open_form, decoded), None)
                 return
             assert isinstance(spans, list)
             async with self._bench.scratch(".src") as source:
@@ -428,7 +435,8 @@ class Rebuilder:
                 await self._bench.engine.decode(
                     source, vcdiff, decoded, cap=left, window_checks=False
                 )
-            yield functools.partial(deep.spliced, decoded, plain_ref, spans, cap)
+            spliced = functools.partial(deep.spliced, decoded, plain_ref, spans, cap)
+            yield _Form(spliced, deep.InReference(stored.ref_sha256, spans))
 
     async def _verify_file(self, path: Path, stored: StoredFile) -> None:
         if stored.file_sha256 is None:

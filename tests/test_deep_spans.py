@@ -23,8 +23,8 @@ import zstandard
 import dgfs.deep
 from dgfs import format as fmt
 from dgfs.core import Core
-from dgfs.deep import archives, spans
-from dgfs.deep.segments import MAGIC, MAX_NESTING, TAG_DEFLATE, TAG_END, TAG_RAW, varint
+from dgfs.deep import archives, recompress, spans
+from dgfs.deep.segments import MAGIC, MAX_NESTING, TAG_DEFLATE, TAG_END, TAG_RAW, Reader, varint
 from dgfs.delta import DeltaEngine
 from dgfs.errors import DecodeLimit, FormatError, IntegrityError
 from dgfs.format import DeltaMode, Kind
@@ -460,3 +460,56 @@ async def test_the_cut_is_encoded_at_the_mounts_xdelta_level_when_that_is_lower(
         await core.get(f"app/{paths[1].name}", out)
         assert sha(out) == sha(paths[1])
     assert levels == [None, 1]  # the reference's self-delta, then the cut
+
+
+def test_subtrees_found_in_the_reference_are_not_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rebuilt once from the reference's form, the subtrees a later form
+    takes from it as they are (its spans) come back by where they lie in the
+    reference: none is hashed or compressed again, and the bytes are the file's."""
+    recompress.REBUILT_SUBTREES.clear()
+    recompress.FROM_REFERENCE.clear()
+    first, second = write_series(tmp_path / "rel", 2, size=1 << 20)
+    ref, form = expanded(first, tmp_path), expanded(second, tmp_path)
+    found = spans.find(ref, sha(ref), form)
+    spans.write_cut(form, found, tmp_path / "cut")
+    digest, _ = recompress.rebuild_file(
+        ref, tmp_path / "out", tmp_path, 2, in_reference=spans.InReference(sha(ref))
+    )
+    assert digest == sha(first)
+    hashed: list[int] = []
+    rebuild_subtree = recompress._rebuild_subtree
+
+    def counted(subtree: bytes, *args: object, **kwargs: object) -> list[bytes]:
+        hashed.append(len(subtree))
+        return rebuild_subtree(subtree, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(recompress, "_rebuild_subtree", counted)
+    in_reference = spans.InReference(sha(ref), found)
+    with spans.spliced(tmp_path / "cut", ref, found, 1 << 30) as back:
+        digest, _ = recompress.rebuild_file(
+            back, tmp_path / "out", tmp_path, 2, in_reference=in_reference
+        )
+    assert digest == sha(second)
+    subtrees = _top_level_subtrees(form)
+    taken = [s for s in subtrees if in_reference.key(*s) is not None]
+    assert taken, "the later release takes none of its reference's members as they are"
+    assert len(hashed) <= len(subtrees) - len(taken)  # only those it does not take
+
+
+def _top_level_subtrees(form: Path) -> list[tuple[int, int]]:
+    """(start, end) of the form's top-level DEFLATE, GNU and SPLIT segments."""
+    out = []
+    with open(form, "rb") as src:
+        src.seek(len(MAGIC))
+        reader = Reader(src)
+        while (tag := reader.exact(1)[0]) != TAG_END:
+            start = src.tell() - 1
+            if tag == TAG_RAW:
+                src.seek(reader.varint(), os.SEEK_CUR)
+                continue
+            end = reader._subtree_end(tag, 1 << 40)
+            assert end is not None
+            out.append((start, end))
+    return out

@@ -40,7 +40,7 @@ from dgfs.deep.remember import keep_in as keep_verified_spans_in
 from dgfs.deep.remember import load as load_verified_spans
 from dgfs.deep.remember import save as save_verified_spans
 from dgfs.deep.remember import save_kept as save_kept_verified_spans
-from dgfs.deep.spans import Span, spliced, write_cut, write_source
+from dgfs.deep.spans import InReference, Span, spliced, write_cut, write_source
 from dgfs.deep.spans import find as find_spans
 from dgfs.deep.spans import pack as pack_spans
 
@@ -48,6 +48,7 @@ __all__ = [
     "CANDIDATES",
     "ZGZ_INSTALL_HINT",
     "GNU_LEVELS",
+    "InReference",
     "Deadline",
     "DeflateParams",
     "ExpandStats",

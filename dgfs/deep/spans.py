@@ -101,6 +101,30 @@ class Span(NamedTuple):
     size: int
 
 
+class InReference:
+    """Where the bytes of an expanded form lie in its reference's (of SHA-256
+    ``sha256``): the spans' ranges (``spans``), or the whole form (None: the
+    form is the reference, as for its directory's first file). A rebuild
+    names a subtree by where it lies in the reference, and finds what it
+    rebuilt to there without hashing it (``recompress.FROM_REFERENCE``)."""
+
+    def __init__(self, sha256: str, spans: list[Span] | None = None) -> None:
+        self._sha256 = bytes.fromhex(sha256)
+        self._spans = spans
+        self._starts = [span.at for span in spans or ()]
+
+    def key(self, start: int, end: int) -> bytes | None:
+        """A name for the form's bytes ``[start, end)`` if they are all the
+        reference's, found where they lie (else None)."""
+        at = start
+        if self._spans is not None:
+            i = bisect.bisect_right(self._starts, start) - 1
+            if i < 0 or end > self._spans[i].at + self._spans[i].size:
+                return None
+            at = self._spans[i].ref + start - self._spans[i].at
+        return self._sha256 + at.to_bytes(8, "little") + (end - start).to_bytes(8, "little")
+
+
 class _Segment(NamedTuple):
     start: int
     end: int
