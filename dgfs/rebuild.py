@@ -317,8 +317,9 @@ class Rebuilder:
         )
 
     async def _rebuild_deep(self, stored: StoredFile, out: Path) -> None:
-        # One expand_time for the read, whichever way its form is found.
-        deadline = deep.Deadline(self._bench.limits.seconds)
+        # One expand_time for the read's rebuilds (the first one starts it),
+        # whichever way its form is found.
+        deadline = deep.Deadline(self._bench.limits.seconds, started=False)
         if stored.zero_diff and await self._rebuilt_from_reference(stored, out, deadline):
             return
         async with self._expanded_form(stored) as form:
@@ -358,6 +359,7 @@ class Rebuilder:
         by ``deadline``; returns its SHA-256."""
 
         def rebuild() -> str:
+            deadline.start()
             with form.open() as src:
                 sha256, _ = deep.rebuild_file(
                     src,
@@ -370,34 +372,36 @@ class Rebuilder:
                 )
             return sha256
 
-        assert stored.ref_sha256
+        assert stored.ref_key and stored.ref_sha256
         try:
-            async with self._turn(stored.ref_sha256):
+            async with self._turn(stored.ref_key, stored.ref_sha256):
                 return await self._bench.cpu(rebuild)
         except (FormatError, DgfsError) as exc:
             out.unlink(missing_ok=True)
             raise IntegrityError(f"{stored.visible_key}: cannot rebuild: {exc}") from None
 
     @contextlib.asynccontextmanager
-    async def _turn(self, ref_sha256: str) -> AsyncIterator[None]:
+    async def _turn(self, ref_key: str, ref_sha256: str) -> AsyncIterator[None]:
         """The rebuilds of deep files against one reference, one at a time
         (in order), each on _REBUILD_WORKERS threads. Their forms hold mostly
         the reference's subtrees: side by side, their threads took the cores
         (and the GIL) from each other and waited for each other's subtrees
         (6 botocore wheels read at once, in one process: 3.4 s, the first
         ready after 2.0 s; one at a time 3.2 s, and 1.4 s). Files of other
-        directories are rebuilt beside them: a slow one holds up its own."""
-        lock, users = self._turns.get(ref_sha256) or (trio.Lock(), 0)
-        self._turns[ref_sha256] = (lock, users + 1)
+        directories are rebuilt beside them, whatever their reference's
+        bytes: a slow one holds up only its own directory's."""
+        turn = f"{ref_key}\0{ref_sha256}"
+        lock, users = self._turns.get(turn) or (trio.Lock(), 0)
+        self._turns[turn] = (lock, users + 1)
         try:
             async with lock:
                 yield
         finally:
-            lock, users = self._turns[ref_sha256]
+            lock, users = self._turns[turn]
             if users == 1:
-                del self._turns[ref_sha256]
+                del self._turns[turn]
             else:
-                self._turns[ref_sha256] = (lock, users - 1)
+                self._turns[turn] = (lock, users - 1)
 
     @contextlib.asynccontextmanager
     async def _expanded_form(self, stored: StoredFile) -> AsyncIterator[_Form]:

@@ -495,7 +495,7 @@ async def test_rebuilds_against_one_reference_take_turns(deep: Core) -> None:
     release = trio.Event()
 
     async def rebuild(name: str, ref: str) -> None:
-        async with deep.rebuilder._turn(ref):
+        async with deep.rebuilder._turn("app/reference.deep", ref):
             entered.append(name)
             await release.wait()
 

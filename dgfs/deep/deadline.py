@@ -15,13 +15,23 @@ from dgfs.errors import DecodeLimit
 
 
 class Deadline:
-    """The moment a rebuild must have ended by: ``seconds`` from now, or never (None)."""
+    """The moment a rebuild must have ended by: ``seconds`` from now, or never
+    (None); with ``started=False``, ``seconds`` from the first ``start``."""
 
     __slots__ = ("seconds", "_at")
 
-    def __init__(self, seconds: float | None) -> None:
+    def __init__(self, seconds: float | None, *, started: bool = True) -> None:
         self.seconds = seconds
-        self._at = math.inf if seconds is None else time.monotonic() + seconds
+        self._at = math.inf
+        if started:
+            self.start()
+
+    def start(self) -> None:
+        """Count from now, unless counting already (a read's one limit starts
+        when its first rebuild does: waiting for its turn, its download and
+        xdelta3 are not counted)."""
+        if self._at == math.inf and self.seconds is not None:
+            self._at = time.monotonic() + self.seconds
 
     def check(self) -> None:
         """Raise ``DecodeLimit`` if the deadline has passed."""

@@ -366,7 +366,7 @@ class SplicedForm(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        if self._pos >= self._size:
+        if self._pos >= self._size or not len(buffer):
             return 0
         i = bisect.bisect_right(self._starts, self._pos) - 1
         end = self._starts[i + 1] if i + 1 < len(self._starts) else self._size
