@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dgfs.cache import ContentCache
 from dgfs.core import Core
+from dgfs.deep import ExpansionLimits
 from dgfs.delta import DeltaEngine
 from dgfs.format import DeltaMode
 from dgfs.policy import Policy
@@ -26,6 +27,23 @@ def make_core(
     pol = Policy(min_delta_size=1024, **policy)  # type: ignore[arg-type]
     scratch = root / f"scratch-{deltas.value}"
     return Core(store, cache, DeltaEngine(), pol, scratch_dir=scratch, deltas=deltas), cache
+
+
+def deep_core(store: ObjectStore, root: Path, **limits: object) -> tuple[Core, ContentCache]:
+    """A core making new directories deep, under the expansion ``limits``
+    given (the rest by default), files from 1 KiB stored as deltas; its
+    cache and scratch under ``root``."""
+    cache = ContentCache(root / "cache", 1 << 30)
+    core = Core(
+        store,
+        cache,
+        DeltaEngine(),
+        Policy(min_delta_size=1024),
+        scratch_dir=root / "scratch",
+        deltas=DeltaMode.DEEP,
+        limits=ExpansionLimits(**limits),  # type: ignore[arg-type]
+    )
+    return core, cache
 
 
 def write(path: Path, data: bytes) -> Path:

@@ -16,15 +16,13 @@ import zstandard
 
 import dgfs.deep
 from dgfs import format as fmt
-from dgfs.cache import ContentCache
 from dgfs.core import Core
 from dgfs.delta import DeltaEngine
 from dgfs.errors import IntegrityError
 from dgfs.format import DeltaMode, Kind
-from dgfs.policy import Policy
 from dgfs.store.memory import MemoryStore
 from dgfs.verify import Status, verify_key
-from tests.coreharness import make_core
+from tests.coreharness import deep_core, make_core
 from testsupport.releases import write_sdist, write_series
 
 
@@ -157,20 +155,6 @@ async def test_a_zero_diff_note_that_lies_costs_a_rebuild_not_bytes(
     assert await _fresh_reads(memory_store, tmp_path / "r", paths[1:], monkeypatch) == [1]
 
 
-def _core(store: MemoryStore, root: Path, seconds: float) -> tuple[Core, ContentCache]:
-    cache = ContentCache(root / "cache", 1 << 30)
-    core = Core(
-        store,
-        cache,
-        DeltaEngine(),
-        Policy(min_delta_size=1024),
-        scratch_dir=root / "scratch",
-        deltas=DeltaMode.DEEP,
-        limits=dgfs.deep.ExpansionLimits(seconds=seconds),
-    )
-    return core, cache
-
-
 async def test_a_first_file_over_the_time_limit_gets_one_limit_not_two(
     memory_store: MemoryStore, tmp_path: Path
 ) -> None:
@@ -194,7 +178,7 @@ async def test_a_first_file_over_the_time_limit_gets_one_limit_not_two(
         wcache.close()
     assert memory_store.objects["app/data-1.gz.delta"].metadata["dg-note"] == fmt.ZERO_DIFF_NOTE
     limit = 1.5
-    reader, rcache = _core(memory_store, tmp_path / "r", limit)
+    reader, rcache = deep_core(memory_store, tmp_path / "r", seconds=limit)
     try:
         started = time.monotonic()
         with pytest.raises(IntegrityError, match=r"took over 1.5 s \(expand_time\)"):

@@ -12,40 +12,15 @@ import trio
 import trio.testing
 
 import dgfs.deep
-from dgfs.cache import ContentCache
-from dgfs.core import Core
 from dgfs.deep.spans import Span, SplicedForm
-from dgfs.delta import DeltaEngine
 from dgfs.format import DeltaMode
-from dgfs.policy import Policy
 from dgfs.store.memory import MemoryStore
-from tests.coreharness import make_core
+from tests.coreharness import deep_core, make_core
 from testsupport.releases import write_sdist
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _reader(
-    store: MemoryStore, root: Path, seconds: float | None = None
-) -> tuple[Core, ContentCache]:
-    cache = ContentCache(root / "cache", 1 << 30)
-    limits = (
-        dgfs.deep.ExpansionLimits()
-        if seconds is None
-        else dgfs.deep.ExpansionLimits(seconds=seconds)
-    )
-    core = Core(
-        store,
-        cache,
-        DeltaEngine(),
-        Policy(min_delta_size=1024),
-        scratch_dir=root / "scratch",
-        deltas=DeltaMode.DEEP,
-        limits=limits,
-    )
-    return core, cache
 
 
 async def _store(store: MemoryStore, root: Path, paths: list[Path], dirs: list[str]) -> None:
@@ -76,7 +51,7 @@ async def test_waiting_for_the_turn_does_not_spend_the_readers_expand_time(
     queued behind it."""
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     await _store(memory_store, tmp_path / "w", paths, ["app"])
-    reader, cache = _reader(memory_store, tmp_path / "r", seconds=1.0)
+    reader, cache = deep_core(memory_store, tmp_path / "r", seconds=1.0)
     turns = reader.rebuilder._turns
     releases = [trio.Event(), trio.Event()]
     outcome: list[object] = []
@@ -125,7 +100,7 @@ async def test_a_rebuild_in_one_directory_does_not_hold_up_another_directory(
     of mirror/."""
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     await _store(memory_store, tmp_path / "w", paths, ["app", "mirror"])
-    reader, cache = _reader(memory_store, tmp_path / "r")
+    reader, cache = deep_core(memory_store, tmp_path / "r")
     real = dgfs.deep.rebuild_file
     calls: list[int] = []
     blocked, release = threading.Event(), threading.Event()
@@ -185,7 +160,7 @@ async def test_a_slow_download_does_not_spend_the_rebuilds_expand_time(
     rebuilding took milliseconds."""
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     await _store(memory_store, tmp_path / "w", paths, ["app"])
-    reader, cache = _reader(memory_store, tmp_path / "r", seconds=1.0)
+    reader, cache = deep_core(memory_store, tmp_path / "r", seconds=1.0)
     download = memory_store.download
 
     async def slow(key: str, dest: Path):  # type: ignore[no-untyped-def]

@@ -30,14 +30,12 @@ import trio
 
 from dgfs import children
 from dgfs import format as fmt
-from dgfs.cache import ContentCache
-from dgfs.core import Core
 from dgfs.deep import expand, gnuzip, objects
 from dgfs.delta import DeltaEngine, OutputCap
 from dgfs.errors import DgfsError, FsError, IntegrityError
-from dgfs.format import DeltaMode, Kind
-from dgfs.policy import Policy
+from dgfs.format import Kind
 from dgfs.store.memory import MemoryStore
+from tests.coreharness import deep_core
 from tests.fsharness import lookup, mounted, read_file, write_file
 from testsupport import bombs
 from testsupport.releases import write_sdist
@@ -72,20 +70,6 @@ def scratch(tmp_path: Path) -> Path:
 def scratch_files(directory: Path) -> list[str]:
     """What an expansion or rebuild may leave behind in ``directory`` (nothing, after it)."""
     return sorted(p.name for p in directory.iterdir() if p.suffix in {".nested", ".gnu", ".dgx"})
-
-
-def deep_core(store: MemoryStore, root: Path, **limits: object) -> tuple[Core, ContentCache]:
-    cache = ContentCache(root / "cache", 1 << 30)
-    core = Core(
-        store,
-        cache,
-        DeltaEngine(),
-        Policy(min_delta_size=1024),
-        scratch_dir=root / "scratch",
-        deltas=DeltaMode.DEEP,
-        limits=expand.ExpansionLimits(**limits),  # type: ignore[arg-type]
-    )
-    return core, cache
 
 
 # --- expanding a file (writing) ---------------------------------------------------------
