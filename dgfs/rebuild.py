@@ -317,7 +317,7 @@ class Rebuilder:
         )
 
     async def _rebuild_deep(self, stored: StoredFile, out: Path) -> None:
-        # One expand_time for the read's rebuilds (the first one starts it),
+        # One expand_time for the read's rebuilds, counted while one runs,
         # whichever way its form is found.
         deadline = deep.Deadline(self._bench.limits.seconds, started=False)
         if stored.zero_diff and await self._rebuilt_from_reference(stored, out, deadline):
@@ -360,6 +360,12 @@ class Rebuilder:
 
         def rebuild() -> str:
             deadline.start()
+            try:
+                return rebuild_form()
+            finally:
+                deadline.pause()
+
+        def rebuild_form() -> str:
             with form.open() as src:
                 sha256, _ = deep.rebuild_file(
                     src,

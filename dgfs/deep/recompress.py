@@ -90,12 +90,12 @@ class _Rebuilder(Reader):
         self.place = place
         """Where its bytes lie in the reference's form, if known."""
 
-    def _known(self, start: int, end: int) -> tuple[bytes | None, bytes | None]:
+    def _known(self, start: int, end: int) -> tuple[bytes | None, list[bytes] | None]:
         """The reference's name for the subtree at ``[start, end)`` (None: it
         does not lie in the reference), and what it rebuilt to (None: not known)."""
         key = self.place.key(start, end) if self.place is not None else None
         known = FROM_REFERENCE.get(key) if key is not None else None
-        return key, known if isinstance(known, bytes) else None
+        return key, known if isinstance(known, list) else None
 
     @contextlib.contextmanager
     def _spooled(self, suffix: str) -> Iterator[tuple[BinaryIO, Path]]:
@@ -172,7 +172,7 @@ class _Rebuilder(Reader):
         nests = self.nests
         key, known = self._known(start, end)
         if known is not None:
-            yield known  # and the source is at the subtree's end
+            yield from known  # and the source is at the subtree's end
             return
         self.src.seek(start)
         yield from _rebuild_subtree(
@@ -211,7 +211,7 @@ class _Rebuilder(Reader):
                 nests = self.nests
                 key, known = self._known(start, end)
                 if known is not None:
-                    yield from given.add(known, len(known))
+                    yield from given.add(known, sum(map(len, known)))
                     continue
                 self.src.seek(start)
                 subtree = self.exact(end - start)
@@ -238,11 +238,13 @@ class _InOrder:
     past that, ``add`` and ``raw`` wait for the oldest subtree."""
 
     def __init__(self) -> None:
-        self._queue: deque[Future[list[bytes]] | bytes | bytearray] = deque()
+        self._queue: deque[Future[list[bytes]] | list[bytes] | bytearray] = deque()
         self._sizes: deque[int] = deque()  # what each entry holds
         self._held = 0
 
-    def add(self, rebuilt: Future[list[bytes]] | bytes | bytearray, size: int) -> Iterator[bytes]:
+    def add(
+        self, rebuilt: Future[list[bytes]] | list[bytes] | bytearray, size: int
+    ) -> Iterator[bytes]:
         """``rebuilt`` (being rebuilt, or its bytes) queued (``size`` bytes
         held), then what is ready."""
         self._queue.append(rebuilt)
@@ -271,6 +273,8 @@ class _InOrder:
             entry = self._queue.popleft()
             if isinstance(entry, Future):
                 yield from entry.result()
+            elif isinstance(entry, list):
+                yield from entry
             else:
                 yield bytes(entry)
 
@@ -296,6 +300,10 @@ REBUILT_SUBTREES = Memo(32 << 20)
 #: hashed 95 MB, 0.12 of its 0.45 CPU s), and a zip member found whole is
 #: not even read. The budget holds two botocore wheels' worth.
 FROM_REFERENCE = Memo(64 << 20)
+#: What an entry of those memos holds besides its bytes (its key, list,
+#: tuple and map slot: ~300 bytes measured): a reference of many tiny
+#: subtrees fills them by their count, not by their bytes alone.
+_MEMO_ENTRY = 320
 
 
 def _rebuild_subtree(
@@ -321,10 +329,11 @@ def _rebuild_subtree(
                 rebuilt = cached
             else:
                 rebuilt = _rebuild_whole(subtree, scratch_dir, depth, deadline, place)
-                REBUILT_SUBTREES.put(key, rebuilt, sum(map(len, rebuilt)) + 64)
+                REBUILT_SUBTREES.put(key, rebuilt, sum(map(len, rebuilt)) + _MEMO_ENTRY)
     if reference_key is not None:
-        whole = b"".join(rebuilt)
-        FROM_REFERENCE.put(reference_key, whole, len(whole) + 64)
+        # Its pieces as they are: a DEFLATE segment of level 0 around it
+        # compresses differently if they are joined.
+        FROM_REFERENCE.put(reference_key, rebuilt, sum(map(len, rebuilt)) + _MEMO_ENTRY)
     return rebuilt
 
 
