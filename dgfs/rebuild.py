@@ -177,8 +177,8 @@ class Rebuilder:
         # seconds to minutes) -> why.
         self._unrecoverable: dict[str, str] = {}
         self.recent = RecentRebuilds()
-        # A deep reference's SHA-256 -> the turn its files' rebuilds take, and
-        # how many hold or wait for it (see ``_turn``).
+        # A deep reference (its key and SHA-256) -> the turn its files'
+        # rebuilds take, and how many hold or wait for it (see ``_turn``).
         self._turns: dict[str, tuple[trio.Lock, int]] = {}
 
     async def rebuild(

@@ -3,6 +3,7 @@ the time limit a read's rebuild has, and spliced forms read in place."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ import trio
 import trio.testing
 
 import dgfs.deep
+from dgfs import format as fmt
 from dgfs.deep.spans import Span, SplicedForm
 from dgfs.format import DeltaMode
 from dgfs.store.memory import MemoryStore
@@ -151,15 +153,24 @@ def test_a_spliced_form_reads_zero_bytes_as_none(tmp_path: Path) -> None:
         assert form.read() == b"abXYZcdef"
 
 
+@pytest.mark.expected_log("does not rebuild to it; decoding its delta")
+@pytest.mark.parametrize("note", ["delta", "zero-diff that lies"])
 async def test_a_slow_download_does_not_spend_the_rebuilds_expand_time(
-    memory_store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    memory_store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, note: str
 ) -> None:
-    """The time limit counts from the rebuild's start, not the read's: a delta
-    body that takes 1.2 s to arrive (a cold read over a slow link) with
-    expand_time=1 once failed as "rebuilding took over 1 s", though
-    rebuilding took milliseconds."""
+    """The time limit counts while the read's rebuilds run: a delta body that
+    takes 1.2 s to arrive (a cold read over a slow link) with expand_time=1
+    once failed as "rebuilding took over 1 s", though rebuilding took
+    milliseconds; so did the fallback of a zero-diff note that lies, whose
+    first try had started the clock."""
     paths = [write_sdist(tmp_path, v) for v in range(1, 3)]
     await _store(memory_store, tmp_path / "w", paths, ["app"])
+    if note != "delta":
+        obj = memory_store.objects[f"app/{paths[1].name}.delta"]
+        lying = {**obj.metadata, "dg-note": fmt.ZERO_DIFF_NOTE}
+        memory_store.objects[f"app/{paths[1].name}.delta"] = dataclasses.replace(
+            obj, metadata=lying
+        )
     reader, cache = deep_core(memory_store, tmp_path / "r", seconds=1.0)
     download = memory_store.download
 
