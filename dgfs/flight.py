@@ -1,8 +1,10 @@
-"""Single-flight: one run of a job per key at a time (trio thread only)."""
+"""One at a time per key (trio thread only): a job's run shared by
+concurrent callers (``SingleFlight``), or a lock held in turn (``KeyedLocks``)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -38,3 +40,35 @@ class SingleFlight:
                 del self._running[key]
                 event.set()
             return
+
+
+class KeyedLocks:
+    """A lock per key, taken in turn (in order: trio's locks are fair), and
+    forgotten once nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        # key -> its lock, and how many hold or wait for it
+        self._locks: dict[str, tuple[trio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def held(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key``'s lock while the block runs."""
+        lock, users = self._locks.get(key) or (trio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        """Keys whose lock somebody holds or waits for."""
+        return len(self._locks)
+
+    def users(self, key: str) -> int:
+        """How many hold or wait for ``key``'s lock."""
+        return self._locks.get(key, (None, 0))[1]

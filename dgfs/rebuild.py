@@ -15,7 +15,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, TypeVar
@@ -36,7 +36,7 @@ from dgfs.errors import (
     XdeltaFailedHere,
     XdeltaMissing,
 )
-from dgfs.flight import SingleFlight
+from dgfs.flight import KeyedLocks, SingleFlight
 from dgfs.format import Kind, StoredFile
 from dgfs.references import ReferencePool
 from dgfs.telemetry import Telemetry
@@ -177,9 +177,8 @@ class Rebuilder:
         # seconds to minutes) -> why.
         self._unrecoverable: dict[str, str] = {}
         self.recent = RecentRebuilds()
-        # A deep reference (its key and SHA-256) -> the turn its files'
-        # rebuilds take, and how many hold or wait for it (see ``_turn``).
-        self._turns: dict[str, tuple[trio.Lock, int]] = {}
+        # The turns of deep rebuilds, by reference (see ``_turn``).
+        self._turns = KeyedLocks()
 
     async def rebuild(
         self,
@@ -386,8 +385,7 @@ class Rebuilder:
             out.unlink(missing_ok=True)
             raise IntegrityError(f"{stored.visible_key}: cannot rebuild: {exc}") from None
 
-    @contextlib.asynccontextmanager
-    async def _turn(self, ref_key: str, ref_sha256: str) -> AsyncIterator[None]:
+    def _turn(self, ref_key: str, ref_sha256: str) -> AbstractAsyncContextManager[None]:
         """The rebuilds of deep files against one reference, one at a time
         (in order), each on _REBUILD_WORKERS threads. Their forms hold mostly
         the reference's subtrees: side by side, their threads took the cores
@@ -396,18 +394,7 @@ class Rebuilder:
         ready after 2.0 s; one at a time 3.2 s, and 1.4 s). Files of other
         directories are rebuilt beside them, whatever their reference's
         bytes: a slow one holds up only its own directory's."""
-        turn = f"{ref_key}\0{ref_sha256}"
-        lock, users = self._turns.get(turn) or (trio.Lock(), 0)
-        self._turns[turn] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._turns[turn]
-            if users == 1:
-                del self._turns[turn]
-            else:
-                self._turns[turn] = (lock, users - 1)
+        return self._turns.held(f"{ref_key}\0{ref_sha256}")
 
     @contextlib.asynccontextmanager
     async def _expanded_form(self, stored: StoredFile) -> AsyncIterator[_Form]:

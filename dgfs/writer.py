@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +31,7 @@ from dgfs.errors import (
     PreconditionFailed,
     WriteConflict,
 )
+from dgfs.flight import KeyedLocks
 from dgfs.format import DeltaMode, Kind, StoredFile
 from dgfs.forms import Forms
 from dgfs.hashing import FileDigest
@@ -158,9 +159,9 @@ class FileWriter:
         self.deltas = deltas
         # Whether the store honours If-None-Match (the mount probes it).
         self.conditional_create = conditional_create
-        # Deep references being created by this writer (reference key -> the
-        # lock its creator holds, and how many puts hold or await it).
-        self._creating: dict[str, tuple[trio.Lock, int]] = {}
+        # Deep references being created by this writer, by their keys: one
+        # put at a time creates (or checks for) each.
+        self._creating = KeyedLocks()
 
     async def _store_delta(self, delta: _NewDelta) -> StoredFile:
         """Upload ``delta``, made against the reference ``ref_sha256``.
@@ -487,7 +488,7 @@ class FileWriter:
         """
         if ref_head is not None:
             return _existing_reference(ref_key, ref_head)
-        async with self._creating_reference(ref_key):
+        async with self._creating.held(ref_key):
             # Made meanwhile, by a put of this writer or another mount? Or
             # somebody's file of that name (no deep metadata): files beside
             # it are stored direct, as beside another tool's reference.bin.
@@ -507,21 +508,6 @@ class FileWriter:
                 return await self._ensure_reference(
                     expanded, ref_key, name, expanded_digest, None, meta=meta, body=packed
                 )
-
-    @contextlib.asynccontextmanager
-    async def _creating_reference(self, ref_key: str) -> AsyncIterator[None]:
-        """Held while this writer creates (or checks for) ``ref_key``: one put at a time."""
-        lock, users = self._creating.get(ref_key, (trio.Lock(), 0))
-        self._creating[ref_key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._creating[ref_key]
-            if users == 1:
-                del self._creating[ref_key]
-            else:
-                self._creating[ref_key] = (lock, users - 1)
 
     async def _expand(
         self, src: Path, out: Path, key: str

@@ -29,10 +29,12 @@ def make_core(
     return Core(store, cache, DeltaEngine(), pol, scratch_dir=scratch, deltas=deltas), cache
 
 
-def deep_core(store: ObjectStore, root: Path, **limits: object) -> tuple[Core, ContentCache]:
-    """A core making new directories deep, under the expansion ``limits``
-    given (the rest by default), files from 1 KiB stored as deltas; its
-    cache and scratch under ``root``."""
+def deep_core(
+    store: ObjectStore, root: Path, *, deltas: DeltaMode = DeltaMode.DEEP, **limits: object
+) -> tuple[Core, ContentCache]:
+    """A core making new directories deep (or in mode ``deltas``), under the
+    expansion ``limits`` given (the rest by default), files from 1 KiB
+    stored as deltas; its cache and scratch under ``root``."""
     cache = ContentCache(root / "cache", 1 << 30)
     core = Core(
         store,
@@ -40,7 +42,7 @@ def deep_core(store: ObjectStore, root: Path, **limits: object) -> tuple[Core, C
         DeltaEngine(),
         Policy(min_delta_size=1024),
         scratch_dir=root / "scratch",
-        deltas=DeltaMode.DEEP,
+        deltas=deltas,
         limits=ExpansionLimits(**limits),  # type: ignore[arg-type]
     )
     return core, cache

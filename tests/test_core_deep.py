@@ -492,4 +492,4 @@ async def test_rebuilds_against_one_reference_take_turns(deep: Core) -> None:
         assert entered == ["first", "other reference"]
         release.set()
     assert entered == ["first", "other reference", "same reference"]
-    assert deep.rebuilder._turns == {}
+    assert len(deep.rebuilder._turns) == 0

@@ -81,7 +81,7 @@ async def test_waiting_for_the_turn_does_not_spend_the_readers_expand_time(
             await trio.testing.wait_all_tasks_blocked()
             nursery.start_soon(read)
             # The read has downloaded and decoded its form and waits for its turn.
-            await _until(lambda: turns.get(turn, (None, 0))[1] == 3, "the read queued")
+            await _until(lambda: turns.users(turn) == 3, "the read queued")
             await trio.sleep(0.6)
             releases[0].set()
             await trio.sleep(0.6)
@@ -128,7 +128,7 @@ async def test_a_rebuild_in_one_directory_does_not_hold_up_another_directory(
             try:
                 # Either mirror/'s rebuild starts, or it queues behind app/'s.
                 await _until(
-                    lambda: len(calls) == 2 or turns.get(turn, (None, 0))[1] == 2,
+                    lambda: len(calls) == 2 or turns.users(turn) == 2,
                     "mirror/'s read rebuilding or queued",
                 )
                 assert len(calls) == 2, "a read of mirror/ waits for a rebuild in app/"

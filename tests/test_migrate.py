@@ -16,12 +16,10 @@ import pytest
 import trio
 
 from dgfs import format as fmt
-from dgfs.cache import ContentCache
 from dgfs.cli.main import EXIT_OK
 from dgfs.cli.main import main as dgfs_main
 from dgfs.convert import ConversionPlan, convert_in_place, plan_conversion
 from dgfs.core import Core
-from dgfs.delta import DeltaEngine
 from dgfs.errors import ConfigError
 from dgfs.format import DeltaMode, Kind
 from dgfs.migrate import (
@@ -34,12 +32,11 @@ from dgfs.migrate import (
     run_migration,
     selected,
 )
-from dgfs.policy import Policy
 from dgfs.runtime import S3Location, Settings, open_core
 from dgfs.shard import Shard
 from dgfs.store.base import ObjectHead
 from dgfs.store.memory import MemoryStore
-from tests.coreharness import Clock, make_core, write
+from tests.coreharness import Clock, deep_core, make_core, write
 from tests.mountutil import dg_upload, dgfs_bin
 from testsupport.releases import ReleaseSeries, directories_per_shard
 from testsupport.servers import REGION, make_bucket, s3_client
@@ -499,15 +496,7 @@ async def worker(
     store: MemoryStore, root: Path, deltas: DeltaMode = DeltaMode.DG
 ) -> AsyncIterator[Core]:
     """A core on ``store`` with its own cache and scratch, as one machine of a batch has."""
-    cache = ContentCache(root / "cache", 1 << 30)
-    core = Core(
-        store,
-        cache,
-        DeltaEngine(),
-        Policy(min_delta_size=1024),
-        scratch_dir=root / "scratch",
-        deltas=deltas,
-    )
+    core, cache = deep_core(store, root, deltas=deltas)
     try:
         yield core
     finally:

@@ -18,7 +18,6 @@ import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,23 +53,6 @@ _IN_FLIGHT = 16 << 20
 _ENTRY = 2 << 10
 
 
-@dataclass(frozen=True)
-class _Place:
-    """Where a reader's bytes lie: from ``base`` on in a form whose bytes
-    ``in_reference`` finds in its reference."""
-
-    in_reference: InReference
-    base: int = 0
-
-    def key(self, start: int, end: int) -> bytes | None:
-        """The reference's name for the reader's bytes ``[start, end)``, if any."""
-        return self.in_reference.key(self.base + start, self.base + end)
-
-    def at(self, start: int) -> _Place:
-        """Where a reader of the bytes from ``start`` on lies."""
-        return _Place(self.in_reference, self.base + start)
-
-
 class _Rebuilder(Reader):
     """A reader that rebuilds the original bytes as it goes."""
 
@@ -81,7 +63,7 @@ class _Rebuilder(Reader):
         depth: int = 0,
         workers: int = 1,
         deadline: Deadline = NEVER,
-        place: _Place | None = None,
+        place: InReference | None = None,
     ) -> None:
         super().__init__(src, depth, deadline)
         self.scratch_dir = scratch_dir
@@ -181,7 +163,7 @@ class _Rebuilder(Reader):
             self.depth,
             self.deadline,
             remember=not nests,
-            place=self.place.at(start) if self.place is not None else None,
+            place=self.place.inside(start) if self.place is not None else None,
             reference_key=key,
         )
 
@@ -222,7 +204,7 @@ class _Rebuilder(Reader):
                     0,
                     self.deadline,
                     remember=not nests,
-                    place=self.place.at(start) if self.place is not None else None,
+                    place=self.place.inside(start) if self.place is not None else None,
                     reference_key=key,
                 )
                 yield from given.add(rebuilt, len(subtree) + _ENTRY)
@@ -313,7 +295,7 @@ def _rebuild_subtree(
     deadline: Deadline,
     *,
     remember: bool = True,
-    place: _Place | None = None,
+    place: InReference | None = None,
     reference_key: bytes | None = None,
 ) -> list[bytes]:
     """The original bytes of one DEFLATE or GNU segment given whole (tag
@@ -342,7 +324,7 @@ def _rebuild_whole(
     scratch_dir: Path | None,
     depth: int,
     deadline: Deadline,
-    place: _Place | None = None,
+    place: InReference | None = None,
 ) -> list[bytes]:
     reader = _Rebuilder(io.BytesIO(subtree), scratch_dir, depth, deadline=deadline, place=place)
     rebuilt = list(reader.compressed(reader.exact(1)[0]))
@@ -369,8 +351,7 @@ def rebuild_chunks(
     """
     if src.read(len(MAGIC)) != MAGIC:
         raise FormatError("not a dgfs expanded form (bad magic)")
-    place = _Place(in_reference) if in_reference is not None else None
-    reader = _Rebuilder(src, scratch_dir, workers=workers, deadline=deadline, place=place)
+    reader = _Rebuilder(src, scratch_dir, workers=workers, deadline=deadline, place=in_reference)
     if workers > 1:
         yield from reader.segments_in_parallel(workers)
     else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import hashlib
 import io
 import math
@@ -112,10 +113,19 @@ class InReference:
         self._sha256 = bytes.fromhex(sha256)
         self._spans = spans
         self._starts = [span.at for span in spans or ()]
+        self._base = 0  # where the bytes read lie in the form (``inside``)
+
+    def inside(self, start: int) -> InReference:
+        """The same, for a reader of the form's bytes from ``start`` on (a
+        subtree read out of the form, where its own offsets start at 0)."""
+        shifted = copy.copy(self)
+        shifted._base = self._base + start
+        return shifted
 
     def key(self, start: int, end: int) -> bytes | None:
-        """A name for the form's bytes ``[start, end)`` if they are all the
+        """A name for the read bytes ``[start, end)`` if they are all the
         reference's, found where they lie (else None)."""
+        start, end = start + self._base, end + self._base
         at = start
         if self._spans is not None:
             i = bisect.bisect_right(self._starts, start) - 1
