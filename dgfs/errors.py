@@ -6,7 +6,14 @@ exceptions, and nothing outside ``dgfs.fs`` builds a ``FUSEError``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
+from collections.abc import Iterator
+
+import trio
+
+log = logging.getLogger(__name__)
 
 
 class DgfsError(Exception):
@@ -177,6 +184,24 @@ def errno_of(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO
+
+
+@contextlib.contextmanager
+def first_failure() -> Iterator[None]:
+    """Around a nursery whose tasks work for one result: its first failure
+    raised as itself, not inside an exception group, so that callers and
+    their handlers (retries, errnos, the journal's failed/) see the error
+    they know. Further failures are logged at debug level; a group of
+    nothing but cancellations stays a group (trio's cancel scopes take it)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        errors = [exc for exc in exception_leaves(group) if not isinstance(exc, trio.Cancelled)]
+        if not errors:
+            raise
+        for other in errors[1:]:
+            log.debug("further failure beside %r: %r", errors[0], other)
+        raise errors[0] from None
 
 
 def exception_leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

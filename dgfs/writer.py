@@ -30,6 +30,7 @@ from dgfs.errors import (
     NotFound,
     PreconditionFailed,
     WriteConflict,
+    first_failure,
 )
 from dgfs.flight import KeyedLocks
 from dgfs.format import DeltaMode, Kind, StoredFile
@@ -437,13 +438,16 @@ class FileWriter:
             proof.append(proved is True)
 
         table = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(prove)
-            ref_sha256, created = await self._deep_reference(expanded, ref_key, name, ref_head)
-            if ref_sha256 is not None and created:
-                await self._bench.engine.encode(expanded, expanded, vcdiff)
-            elif ref_sha256 is not None:
-                table = await self._diff_deep(ref_key, ref_sha256, expanded, vcdiff)
+        # The reference's or xdelta3's error as itself, not in a group: the
+        # upload worker retries it, or files it under failed/, by its type.
+        with first_failure():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(prove)
+                ref_sha256, created = await self._deep_reference(expanded, ref_key, name, ref_head)
+                if ref_sha256 is not None and created:
+                    await self._bench.engine.encode(expanded, expanded, vcdiff)
+                elif ref_sha256 is not None:
+                    table = await self._diff_deep(ref_key, ref_sha256, expanded, vcdiff)
         if ref_sha256 is None:
             return _DeepEncoding(None, False, False, None)
         if proof[0]:

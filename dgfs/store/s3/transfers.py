@@ -22,7 +22,7 @@ from typing import Any
 import botocore.exceptions as bexc
 import trio
 
-from dgfs.errors import DgfsError, NoSuchBucket, NotFound, exception_leaves
+from dgfs.errors import DgfsError, NoSuchBucket, NotFound, first_failure
 from dgfs.store.base import ObjectHead
 from dgfs.store.s3.calls import Call
 from dgfs.store.s3.client import etag
@@ -308,18 +308,10 @@ async def run_bounded(jobs: Sequence[Callable[[], Awaitable[None]]], concurrency
         for job in pending:
             await job()
 
-    try:
+    with first_failure():
         async with trio.open_nursery() as nursery:
             for _ in range(min(concurrency, len(jobs))):
                 nursery.start_soon(worker)
-    except BaseExceptionGroup as group:
-        failures = exception_leaves(group)
-        errors = [exc for exc in failures if not isinstance(exc, trio.Cancelled)]
-        if not errors:
-            raise  # only cancellation: trio's cancel scopes handle the group
-        for other in errors[1:]:
-            log.debug("further transfer failure: %r", other)
-        raise errors[0] from None
 
 
 def multipart_etag(part_etags: Sequence[str]) -> str | None:
