@@ -84,6 +84,29 @@ class Workbench:
         """``fn(*args)`` in a worker thread, under the CPU limiter."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
 
+    def spare_core(self) -> Callable[[], None] | None:
+        """From a worker thread (``cpu``): a CPU token taken now if one is free,
+        and the function that gives it back (from any thread, once); None if
+        none is free, or if not called from a worker thread of this run."""
+        borrower = object()
+
+        def take() -> trio.lowlevel.TrioToken:
+            self.cpu_limiter.acquire_on_behalf_of_nowait(borrower)
+            return trio.lowlevel.current_trio_token()
+
+        try:
+            trio_token = trio.from_thread.run_sync(take)
+        except (trio.WouldBlock, RuntimeError):  # none free; the trio thread itself
+            return None
+
+        def give_back() -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(
+                    self.cpu_limiter.release_on_behalf_of, borrower, trio_token=trio_token
+                )
+
+        return give_back
+
     async def search(self, fn: Callable[..., _T], *args: object) -> _T:
         """``fn(*args)`` in a worker thread under the search limiter: for jobs
         whose cost whoever wrote the bucket chooses (the stock gzip recovery),

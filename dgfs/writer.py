@@ -528,7 +528,10 @@ class FileWriter:
             await self._bench.cpu(deep.plain_form, src, out)
             return set(), {}
         expand_one = functools.partial(
-            deep.expand_file, scratch_dir=self._bench.scratch_dir, limits=self._bench.limits
+            deep.expand_file,
+            scratch_dir=self._bench.scratch_dir,
+            limits=self._bench.limits,
+            spare_core=self._bench.spare_core,
         )
         try:
             stats = await self._bench.cpu(expand_one, src, out)

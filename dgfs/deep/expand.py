@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dgfs.deep import remember
+from dgfs.deep.ahead import MIN_MEMBERS, SearchAhead, SpareCore, unknown_members
 from dgfs.deep.archives import (
     GZIP_MAGIC,
     XFL_PRIOR,
@@ -149,6 +150,8 @@ class _Expander(StreamExpander):
             # A gzip file of one member: its body ends 8 bytes before the end.
             guess = end - 8 - body if end - body <= GZIP_GUESS_MAX else None
             split = None
+            if end - body >= SPLIT_MIN and self.verdicts_only:
+                return  # a SPLIT segment is proven by the walk that writes it
             if end - body >= SPLIT_MIN and not remembered(src, body, guess):
                 split = self._split(src, body, end, depth, prior)
             found, expanded = split or self.deflate(src, body, end, depth, "gzip", prior, guess)
@@ -167,13 +170,47 @@ class _Expander(StreamExpander):
 
     # -- zip: walk local headers in order (data descriptors and zip64 included) --
 
+    #: Lends the walk's search ahead a core (``expand_file``'s ``spare_core``).
+    spare_core: SpareCore | None = None
+    #: The file being expanded and its limits, for a search ahead.
+    ahead_of: tuple[Path, ExpansionLimits] | None = None
+
     def zip(self, src: BinaryIO, start: int, end: int, depth: int) -> None:
+        ahead = self._search_ahead(src, start, end) if depth == 0 else None
+        try:
+            self._zip(src, start, end, depth, ahead)
+        finally:
+            if ahead is not None:
+                ahead.stop()
+
+    def _search_ahead(self, src: BinaryIO, start: int, end: int) -> SearchAhead | None:
+        """A search of the top-level zip's members ahead of the walk, if it
+        has enough of them with no verdict yet and a core is free for it."""
+        if self.spare_core is None or self.ahead_of is None:
+            return None
+        members = unknown_members(src, start, end)
+        if len(members) < MIN_MEMBERS:
+            return None
+        give_back = self.spare_core()
+        if give_back is None:
+            return None
+        path, limits = self.ahead_of
+        budget = (limits, self.stats.original_size)
+        return SearchAhead(path, members, _Expander, self.scratch_dir, budget, give_back)
+
+    def _zip(
+        self, src: BinaryIO, start: int, end: int, depth: int, ahead: SearchAhead | None
+    ) -> None:
         pos = cursor = start
         misses = 0
+        index = 0
         while pos + 30 <= end:
             entry = read_local_header(src, pos, end)
             if entry is None:
                 break
+            if ahead is not None:
+                ahead.walked = index
+            index += 1
             self.budget.member()
             data_start, method, flags, csize = entry
             if method == 8 and misses < MAX_MISSES:
@@ -210,9 +247,18 @@ class _Expander(StreamExpander):
 
 
 def expand_file(
-    src: Path, out: Path, *, scratch_dir: Path, limits: ExpansionLimits | None = None
+    src: Path,
+    out: Path,
+    *,
+    scratch_dir: Path,
+    limits: ExpansionLimits | None = None,
+    spare_core: SpareCore | None = None,
 ) -> ExpandStats:
     """Write the expanded form of ``src`` to ``out`` (blocking; run it in a thread).
+
+    ``spare_core``, if given, is asked for a core when a zip's members have
+    no verdicts yet: they are then searched ahead of the walk, last first,
+    on that core (:mod:`dgfs.deep.ahead`). The form is the same either way.
 
     Raises ``ExpansionLimit`` the moment the expansion would pass one of
     ``limits`` (by default ``ExpansionLimits()``), or at once for a file
@@ -233,6 +279,8 @@ def expand_file(
         try:
             writer.tag(MAGIC)
             expander = _Expander(writer, scratch_dir, stats, budget)
+            expander.spare_core = spare_core
+            expander.ahead_of = (src, limits)
             try:
                 expander.range(source, 0, stats.original_size, 0)
             except FormatError as exc:

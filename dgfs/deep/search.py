@@ -230,6 +230,10 @@ class StreamExpander:
         self.budget = budget
         # Per kind of stream ("zip" members, "gzip" members) and nesting depth.
         self.hints: dict[tuple[str, int], _Hint] = {}
+        # Searching ahead of a walk (dgfs.deep.ahead): verdicts are all that
+        # counts; streams with one already are not inflated, large ones are
+        # left to the walk (a SPLIT segment is proven by writing it).
+        self.verdicts_only = False
 
     # -- plumbing --
 
@@ -298,6 +302,8 @@ class StreamExpander:
         if length is not None and known == _UNREPRODUCIBLE:
             return DeflateMatch(length, 0, None), False
         if length is not None and isinstance(known, DeflateParams | int):
+            if self.verdicts_only:
+                return DeflateMatch(length, 0, None), True
             found, recipe = self._segment(at, (), known, length)
             if recipe is not None:
                 self.stats.streams_remembered += 1

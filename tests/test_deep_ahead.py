@@ -1,0 +1,282 @@
+"""A zip's members searched ahead of the walk on a spare core (``dgfs.deep.ahead``):
+the verdicts it leaves, the form the walk then writes, its core and its limits."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import random
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+import dgfs.deep
+from dgfs.deep import ahead as ahead_module
+from dgfs.deep.ahead import SearchAhead, _StoppableBudget, unknown_members
+from dgfs.deep.deflate import DeflateMatch
+from dgfs.deep.expand import _Expander
+from dgfs.deep.limits import ExpansionLimits
+from dgfs.deep.search import VERIFIED_SPANS
+from dgfs.deep.segments import TAG_SPLIT
+from dgfs.errors import ExpansionLimit
+from dgfs.store.memory import MemoryStore
+from dgfs.workbench import Workbench
+from tests.coreharness import deep_core
+
+WORDS = [b"service", b"operation", b"shape", b"member", b"documentation", b"input", b"output"]
+
+
+def _text(rng: random.Random, size: int) -> bytes:
+    return b" ".join(rng.choice(WORDS) for _ in range(size // 7))[:size]
+
+
+def wheel_like(path: Path, members: int = 16, seed: int = 1, big_gz: int = 0) -> Path:
+    """A zip like a botocore wheel: text members and ``.json.gz`` members (a
+    gzip file deflated again), deflated at zipfile's level; with ``big_gz``
+    bytes of text in one more ``.gz`` member (large enough to be a SPLIT)."""
+    rng = random.Random(seed)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for number in range(members):
+            text = _text(rng, 6000 + 500 * number)
+            if number % 3 == 0:
+                archive.writestr(f"data/m{number}.json.gz", gzip.compress(text, 9, mtime=number))
+            else:
+                archive.writestr(f"pkg/m{number}.py", text)
+        if big_gz:
+            archive.writestr("data/big.gz", gzip.compress(_text(rng, big_gz), 9, mtime=7))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_verdicts() -> Iterator[None]:
+    VERIFIED_SPANS.clear()
+    yield
+    VERIFIED_SPANS.clear()
+
+
+def form_of(
+    src: Path, tmp_path: Path, spare_core: Callable[[], Callable[[], None] | None] | None = None
+) -> bytes:
+    out = tmp_path / f"{src.name}.form"
+    dgfs.deep.expand_file(src, out, scratch_dir=tmp_path, spare_core=spare_core)
+    return out.read_bytes()
+
+
+def searched_ahead(src: Path, scratch: Path, limits: ExpansionLimits | None = None) -> list[int]:
+    """Run a search ahead of ``src`` alone (no walk) to its end; returns how
+    often it gave its core back."""
+    with open(src, "rb") as f:
+        members = unknown_members(f, 0, src.stat().st_size)
+    assert len(members) >= ahead_module.MIN_MEMBERS
+    given: list[int] = []
+    budget = (limits or ExpansionLimits(), src.stat().st_size)
+    search = SearchAhead(src, members, _Expander, scratch, budget, lambda: given.append(1))
+    assert search.finished.wait(60)
+    search.stop()
+    return given
+
+
+def test_verdicts_searched_ahead_are_what_the_walk_writes_from(tmp_path: Path) -> None:
+    src = wheel_like(tmp_path / "w.whl")
+    alone = form_of(src, tmp_path)
+    VERIFIED_SPANS.clear()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    assert searched_ahead(src, scratch) == [1]
+    assert list(scratch.iterdir()) == []  # its throwaway form is gone
+    with open(src, "rb") as f:
+        assert unknown_members(f, 0, src.stat().st_size) == []  # every member has its verdict
+    stats_form = tmp_path / "again.form"
+    stats = dgfs.deep.expand_file(src, stats_form, scratch_dir=tmp_path)
+    assert stats_form.read_bytes() == alone
+    assert stats.streams_remembered >= 16  # the walk searched nothing itself
+
+
+def test_a_large_nested_gzip_is_left_to_the_walk(tmp_path: Path) -> None:
+    """A gzip stream large enough for a SPLIT segment is proven by writing it:
+    a search ahead leaves it without a verdict, so the walk still splits it."""
+    src = wheel_like(tmp_path / "w.whl", members=6, big_gz=10 << 20)
+    alone = form_of(src, tmp_path)
+    assert bytes((TAG_SPLIT,)) in alone
+    VERIFIED_SPANS.clear()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    assert searched_ahead(src, scratch) == [1]
+    assert form_of(src, tmp_path) == alone
+
+
+class Lender:
+    """A ``spare_core`` that always lends, and says when its core came back."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def __call__(self) -> Callable[[], None]:
+        self.log.append("lent")
+        return lambda: self.log.append("back")
+
+
+def test_walk_and_search_ahead_together_write_the_same_form(tmp_path: Path) -> None:
+    src = wheel_like(tmp_path / "w.whl", members=40)
+    alone = form_of(src, tmp_path)
+    for _ in range(3):  # whoever gets to a member first
+        VERIFIED_SPANS.clear()
+        lender = Lender()
+        assert form_of(src, tmp_path, lender) == alone
+        assert lender.log == ["lent", "back"]
+    digest, _ = dgfs.deep.rebuild_file(tmp_path / "w.whl.form", tmp_path / "out", tmp_path, 2)
+    assert digest == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_no_spare_core_no_search_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = wheel_like(tmp_path / "w.whl")
+    alone = form_of(src, tmp_path)
+    VERIFIED_SPANS.clear()
+
+    def refused(*_args: object) -> None:
+        raise AssertionError("searched ahead without a core")
+
+    monkeypatch.setattr("dgfs.deep.expand.SearchAhead", refused)
+    assert form_of(src, tmp_path, lambda: None) == alone
+
+
+def test_a_search_ahead_past_its_limits_stops_and_gives_its_core_back(tmp_path: Path) -> None:
+    src = wheel_like(tmp_path / "w.whl")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    assert searched_ahead(src, scratch, ExpansionLimits(members=3)) == [1]
+    assert list(scratch.iterdir()) == []
+    with open(src, "rb") as f:
+        left = unknown_members(f, 0, src.stat().st_size)
+    assert 0 < len(left) < 16  # three members searched, the rest left to the walk
+
+
+def test_the_search_ahead_ends_where_the_walk_is(tmp_path: Path) -> None:
+    src = wheel_like(tmp_path / "w.whl", members=12)
+    with open(src, "rb") as f:
+        members = unknown_members(f, 0, src.stat().st_size)
+    ready = threading.Event()
+    searched: list[int] = []
+    holder: list[SearchAhead] = []
+
+    class Walked:
+        """An expander whose first search finds the walk caught up with it."""
+
+        verdicts_only = False
+
+        def __init__(self, *_args: object) -> None:
+            pass
+
+        def deflate(self, _src: object, start: int, *_args: object) -> tuple[DeflateMatch, bool]:
+            ready.wait(10)
+            searched.append(start)
+            holder[0].walked = members[-2].index  # the walk is at the member before
+            return DeflateMatch(members[-1].size, 1, None), True
+
+    given: list[int] = []
+    budget = (ExpansionLimits(), src.stat().st_size)
+    holder.append(SearchAhead(src, members, Walked, tmp_path, budget, lambda: given.append(1)))
+    ready.set()
+    assert holder[0].finished.wait(10)
+    holder[0].stop()
+    assert searched == [members[-1].start] and given == [1]
+
+
+def test_a_stopped_search_ahead_runs_out_of_budget() -> None:
+    stopped = threading.Event()
+    budget = _StoppableBudget(ExpansionLimits(), 1000, stopped)
+    budget.check_time()
+    stopped.set()
+    with pytest.raises(ExpansionLimit, match="walk left the zip"):
+        budget.member()
+    with pytest.raises(ExpansionLimit, match="walk left the zip"):
+        budget.stream()(10)
+
+
+# --- the core a search ahead borrows ------------------------------------------------------
+
+
+def bench(tmp_path: Path, tokens: int) -> Workbench:
+    core, cache = deep_core(MemoryStore(), tmp_path)
+    cache.close()
+    return Workbench(
+        MemoryStore(),
+        scratch_dir=tmp_path / "bench",
+        cache=cache,
+        engine=core.bench.engine,
+        limits=ExpansionLimits(),
+        cpu_limiter=trio.CapacityLimiter(tokens),
+    )
+
+
+def test_a_spare_core_is_a_cpu_token_given_back_from_any_thread(tmp_path: Path) -> None:
+    workbench = bench(tmp_path, 2)
+
+    def borrow() -> tuple[Callable[[], None] | None, int]:
+        give_back = workbench.spare_core()
+        return give_back, trio.from_thread.run_sync(lambda: workbench.cpu_limiter.borrowed_tokens)
+
+    async def main() -> None:
+        give_back, borrowed = await workbench.cpu(borrow)
+        assert give_back is not None and borrowed == 2  # the job's token and the lent one
+        assert workbench.cpu_limiter.borrowed_tokens == 1
+        thread = threading.Thread(target=give_back)
+        await trio.to_thread.run_sync(lambda: (thread.start(), thread.join()))
+        assert workbench.cpu_limiter.borrowed_tokens == 0
+        assert workbench.spare_core() is None  # not from a worker thread
+
+    trio.run(main)
+
+
+def test_no_core_is_lent_while_every_token_is_taken_or_awaited(tmp_path: Path) -> None:
+    workbench = bench(tmp_path, 2)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            held = trio.Event()
+            release = threading.Event()
+
+            def hold() -> None:
+                trio.from_thread.run_sync(held.set)
+                release.wait()
+
+            nursery.start_soon(workbench.cpu, hold)
+            await held.wait()
+            assert await workbench.cpu(workbench.spare_core) is None  # 2 taken: the holder's, ours
+            release.set()
+
+    trio.run(main)
+
+
+async def test_a_deep_store_searches_ahead_and_returns_every_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = wheel_like(tmp_path / "w.whl", members=40)
+    started: list[SearchAhead] = []
+    real = ahead_module.SearchAhead
+
+    def counted(*args: object) -> SearchAhead:
+        started.append(real(*args))  # type: ignore[arg-type]
+        return started[-1]
+
+    monkeypatch.setattr("dgfs.deep.expand.SearchAhead", counted)
+    store = MemoryStore()
+    core, cache = deep_core(store, tmp_path / "a")
+    try:
+        await core.put(src, "rel/w.whl")
+        assert core.bench.cpu_limiter.borrowed_tokens == 0
+    finally:
+        await core.aclose()
+        cache.close()
+    assert len(started) == 1
+    reader, cache = deep_core(store, tmp_path / "b")
+    try:
+        await reader.get("rel/w.whl", tmp_path / "got")
+        assert (tmp_path / "got").read_bytes() == src.read_bytes()
+    finally:
+        await reader.aclose()
+        cache.close()
