@@ -16,11 +16,11 @@ import trio
 
 import dgfs.deep
 from dgfs.deep import ahead as ahead_module
-from dgfs.deep.ahead import SearchAhead, _StoppableBudget, unknown_members
+from dgfs.deep.ahead import SearchAhead, _StoppableBudget, deflated_members
 from dgfs.deep.deflate import DeflateMatch
 from dgfs.deep.expand import _Expander
 from dgfs.deep.limits import ExpansionLimits
-from dgfs.deep.search import VERIFIED_SPANS
+from dgfs.deep.search import VERIFIED_SPANS, remembered
 from dgfs.deep.segments import TAG_SPLIT
 from dgfs.errors import ExpansionLimit
 from dgfs.store.memory import MemoryStore
@@ -66,18 +66,30 @@ def form_of(
     return out.read_bytes()
 
 
+def unknown(src: Path) -> list[int]:
+    """Where the deflated members of the zip ``src`` with no verdict yet start."""
+    with open(src, "rb") as f:
+        members = deflated_members(f, 0, src.stat().st_size)
+        return [m.start for m in members if not remembered(f, m.start, m.size)]
+
+
 def searched_ahead(src: Path, scratch: Path, limits: ExpansionLimits | None = None) -> list[int]:
     """Run a search ahead of ``src`` alone (no walk) to its end; returns how
     often it gave its core back."""
-    with open(src, "rb") as f:
-        members = unknown_members(f, 0, src.stat().st_size)
-    assert len(members) >= ahead_module.MIN_MEMBERS
+    assert len(unknown(src)) >= ahead_module.MIN_MEMBERS
     given: list[int] = []
     budget = (limits or ExpansionLimits(), src.stat().st_size)
-    search = SearchAhead(src, members, _Expander, scratch, budget, lambda: given.append(1))
+    span = (0, src.stat().st_size)
+    search = SearchAhead(src, span, _Expander, scratch, budget, lambda: given.append(1))
     assert search.finished.wait(60)
     search.stop()
     return given
+
+
+@pytest.fixture
+def any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small zips searched ahead too (the tests' zips are small)."""
+    monkeypatch.setattr("dgfs.deep.expand.MIN_SIZE", 0)
 
 
 def test_verdicts_searched_ahead_are_what_the_walk_writes_from(tmp_path: Path) -> None:
@@ -88,8 +100,7 @@ def test_verdicts_searched_ahead_are_what_the_walk_writes_from(tmp_path: Path) -
     scratch.mkdir()
     assert searched_ahead(src, scratch) == [1]
     assert list(scratch.iterdir()) == []  # its throwaway form is gone
-    with open(src, "rb") as f:
-        assert unknown_members(f, 0, src.stat().st_size) == []  # every member has its verdict
+    assert unknown(src) == []  # every member has its verdict
     stats_form = tmp_path / "again.form"
     stats = dgfs.deep.expand_file(src, stats_form, scratch_dir=tmp_path)
     assert stats_form.read_bytes() == alone
@@ -120,7 +131,7 @@ class Lender:
         return lambda: self.log.append("back")
 
 
-def test_walk_and_search_ahead_together_write_the_same_form(tmp_path: Path) -> None:
+def test_walk_and_search_ahead_together_write_the_same_form(tmp_path: Path, any_size: None) -> None:
     src = wheel_like(tmp_path / "w.whl", members=40)
     alone = form_of(src, tmp_path)
     for _ in range(3):  # whoever gets to a member first
@@ -132,16 +143,24 @@ def test_walk_and_search_ahead_together_write_the_same_form(tmp_path: Path) -> N
     assert digest == hashlib.sha256(src.read_bytes()).hexdigest()
 
 
-def test_no_spare_core_no_search_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("lends", [False, True], ids=["no-core", "small-zip"])
+def test_no_search_ahead_without_a_core_or_for_a_small_zip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lends: bool
+) -> None:
     src = wheel_like(tmp_path / "w.whl")
+    assert src.stat().st_size < ahead_module.MIN_SIZE
     alone = form_of(src, tmp_path)
     VERIFIED_SPANS.clear()
+    if not lends:
+        monkeypatch.setattr("dgfs.deep.expand.MIN_SIZE", 0)
 
     def refused(*_args: object) -> None:
-        raise AssertionError("searched ahead without a core")
+        raise AssertionError("searched ahead")
 
     monkeypatch.setattr("dgfs.deep.expand.SearchAhead", refused)
-    assert form_of(src, tmp_path, lambda: None) == alone
+    lender = Lender()
+    assert form_of(src, tmp_path, lender if lends else lambda: None) == alone
+    assert lender.log == []  # a small zip does not even ask for a core
 
 
 def test_a_search_ahead_past_its_limits_stops_and_gives_its_core_back(tmp_path: Path) -> None:
@@ -150,15 +169,13 @@ def test_a_search_ahead_past_its_limits_stops_and_gives_its_core_back(tmp_path: 
     scratch.mkdir()
     assert searched_ahead(src, scratch, ExpansionLimits(members=3)) == [1]
     assert list(scratch.iterdir()) == []
-    with open(src, "rb") as f:
-        left = unknown_members(f, 0, src.stat().st_size)
-    assert 0 < len(left) < 16  # three members searched, the rest left to the walk
+    assert 0 < len(unknown(src)) < 16  # three members searched, the rest left to the walk
 
 
 def test_the_search_ahead_ends_where_the_walk_is(tmp_path: Path) -> None:
     src = wheel_like(tmp_path / "w.whl", members=12)
     with open(src, "rb") as f:
-        members = unknown_members(f, 0, src.stat().st_size)
+        members = deflated_members(f, 0, src.stat().st_size)
     ready = threading.Event()
     searched: list[int] = []
     holder: list[SearchAhead] = []
@@ -179,7 +196,8 @@ def test_the_search_ahead_ends_where_the_walk_is(tmp_path: Path) -> None:
 
     given: list[int] = []
     budget = (ExpansionLimits(), src.stat().st_size)
-    holder.append(SearchAhead(src, members, Walked, tmp_path, budget, lambda: given.append(1)))
+    span = (0, src.stat().st_size)
+    holder.append(SearchAhead(src, span, Walked, tmp_path, budget, lambda: given.append(1)))
     ready.set()
     assert holder[0].finished.wait(10)
     holder[0].stop()
@@ -253,7 +271,7 @@ def test_no_core_is_lent_while_every_token_is_taken_or_awaited(tmp_path: Path) -
 
 
 async def test_a_deep_store_searches_ahead_and_returns_every_token(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, any_size: None
 ) -> None:
     src = wheel_like(tmp_path / "w.whl", members=40)
     started: list[SearchAhead] = []

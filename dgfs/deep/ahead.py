@@ -40,7 +40,6 @@ from dgfs.deep.search import (
     ExpandStats,
     StreamExpander,
     Writer,
-    remembered,
 )
 from dgfs.errors import ExpansionLimit, FormatError
 
@@ -50,7 +49,9 @@ log = logging.getLogger(__name__)
 #: gives it back (callable from any thread), or None.
 SpareCore = Callable[[], Callable[[], None] | None]
 
-#: Fewer members left to search than this: not worth a thread.
+#: A zip smaller than this is expanded in milliseconds: no search ahead.
+MIN_SIZE = 1 << 20
+#: Fewer deflated members than this: not worth a thread.
 MIN_MEMBERS = 4
 
 
@@ -65,11 +66,10 @@ class Member:
     flags: int
 
 
-def unknown_members(src: BinaryIO, start: int, end: int) -> list[Member]:
-    """The deflated members of the zip at ``src[start:end]`` that are worth a
-    search: whose local headers give their size, long enough for
-    ``VERIFIED_SPANS``, with no verdict there yet. In the walk's order, up to
-    the first entry whose size its header does not give."""
+def deflated_members(src: BinaryIO, start: int, end: int) -> list[Member]:
+    """The deflated members of the zip at ``src[start:end]`` long enough for
+    ``VERIFIED_SPANS``, in the walk's order, up to the first entry whose
+    size its local header does not give."""
     members = []
     pos = start
     index = 0
@@ -80,12 +80,7 @@ def unknown_members(src: BinaryIO, start: int, end: int) -> list[Member]:
         data_start, method, flags, size = entry
         if size is None:
             break
-        if (
-            method == 8
-            and size >= MEMO_MIN_SPAN
-            and data_start + size <= end
-            and not remembered(src, data_start, size)
-        ):
+        if method == 8 and size >= MEMO_MIN_SPAN and data_start + size <= end:
             members.append(Member(index, data_start, size, flags))
         after = after_descriptor(src, data_start + size, end, flags)
         if after is None:
@@ -117,18 +112,21 @@ class _StoppableBudget(Budget):
 
 
 class SearchAhead:
-    """The members of one zip searched last first in a thread (started at once)."""
+    """The members of the zip at ``span`` (start, end) of ``path`` searched
+    last first, in a thread started at once on the core ``give_back`` returns
+    (the thread calls it once, when it ends; so does the constructor, if it
+    cannot start the thread)."""
 
     def __init__(
         self,
         path: Path,
-        members: list[Member],
+        span: tuple[int, int],
         expander: _Expander,
         scratch_dir: Path,
         budget: tuple[ExpansionLimits, int],
         give_back: Callable[[], None],
     ) -> None:
-        self._members = members
+        self._span = span
         self.walked = -1
         """The index of the member the walk is at (set by the walk only)."""
         self._stopped = threading.Event()
@@ -140,7 +138,12 @@ class SearchAhead:
             name="dgfs-search-ahead",
             daemon=True,
         )
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            give_back()
+            self.finished.set()
+            raise
 
     def _run(
         self,
@@ -155,12 +158,15 @@ class SearchAhead:
         misses = 0
         try:
             with open(path, "rb") as src, tempfile.TemporaryFile(dir=scratch_dir) as sink:
+                members = deflated_members(src, *self._span)
+                if len(members) < MIN_MEMBERS:
+                    return
                 writer = Writer(sink, spending)
                 search = expander(writer, scratch_dir, ExpandStats(), spending)
                 search.verdicts_only = True
-                for member in reversed(self._members):
+                for member in reversed(members):
                     if member.index <= self.walked or misses >= MAX_MISSES:
-                        return
+                        return  # met the walk; or not zlib's zip
                     spending.member()
                     prior = ZIP_FLAG_PRIOR[(member.flags >> 1) & 3]
                     end = member.start + member.size

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dgfs.deep import remember
-from dgfs.deep.ahead import MIN_MEMBERS, SearchAhead, SpareCore, unknown_members
+from dgfs.deep.ahead import MIN_SIZE, SearchAhead, SpareCore
 from dgfs.deep.archives import (
     GZIP_MAGIC,
     XFL_PRIOR,
@@ -176,27 +176,24 @@ class _Expander(StreamExpander):
     ahead_of: tuple[Path, ExpansionLimits] | None = None
 
     def zip(self, src: BinaryIO, start: int, end: int, depth: int) -> None:
-        ahead = self._search_ahead(src, start, end) if depth == 0 else None
+        ahead = self._search_ahead(start, end) if depth == 0 else None
         try:
             self._zip(src, start, end, depth, ahead)
         finally:
             if ahead is not None:
                 ahead.stop()
 
-    def _search_ahead(self, src: BinaryIO, start: int, end: int) -> SearchAhead | None:
-        """A search of the top-level zip's members ahead of the walk, if it
-        has enough of them with no verdict yet and a core is free for it."""
-        if self.spare_core is None or self.ahead_of is None:
-            return None
-        members = unknown_members(src, start, end)
-        if len(members) < MIN_MEMBERS:
+    def _search_ahead(self, start: int, end: int) -> SearchAhead | None:
+        """A search of the top-level zip's members ahead of the walk, if the
+        zip is large enough to be worth it and a core is free for it."""
+        if self.spare_core is None or self.ahead_of is None or end - start < MIN_SIZE:
             return None
         give_back = self.spare_core()
         if give_back is None:
             return None
         path, limits = self.ahead_of
         budget = (limits, self.stats.original_size)
-        return SearchAhead(path, members, _Expander, self.scratch_dir, budget, give_back)
+        return SearchAhead(path, (start, end), _Expander, self.scratch_dir, budget, give_back)
 
     def _zip(
         self, src: BinaryIO, start: int, end: int, depth: int, ahead: SearchAhead | None
