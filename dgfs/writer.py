@@ -430,7 +430,7 @@ class FileWriter:
         """
         prefix, name = fmt.split_key(key)
         ref_key = fmt.reference_key(prefix, DeltaMode.DEEP)
-        proven, leaves = await self._expand(src, expanded, key)
+        proven, leaves = await self._expand(src, expanded, key, first=ref_head is None)
         proof: list[bool] = []
 
         async def prove() -> None:
@@ -514,10 +514,16 @@ class FileWriter:
                 )
 
     async def _expand(
-        self, src: Path, out: Path, key: str
+        self, src: Path, out: Path, key: str, *, first: bool
     ) -> tuple[set[tuple[bytes, deep.Recipe]], dict[tuple[bytes, deep.Recipe], tuple[bytes, int]]]:
         """Write the expanded form of ``src`` to ``out``; returns what its search
         proved (``ExpandStats.proven`` and ``leaves``, for ``deep.prove_form``).
+
+        The ``first`` file of a directory (no reference yet) is what the
+        files stored beside it wait for, and nothing of it is known: its
+        zip members are searched from the back too, on a core free now if
+        there is one (a later release's members are mostly known: there
+        the second thread costs more CPU than it saves time).
 
         With a zlib that does not deflate like reference zlib, its
         recompressions could not be trusted on other machines: the file
@@ -531,7 +537,7 @@ class FileWriter:
             deep.expand_file,
             scratch_dir=self._bench.scratch_dir,
             limits=self._bench.limits,
-            spare_core=self._bench.spare_core,
+            spare_core=self._bench.spare_core if first else None,
         )
         try:
             stats = await self._bench.cpu(expand_one, src, out)

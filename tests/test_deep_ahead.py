@@ -20,6 +20,7 @@ from dgfs.deep.ahead import SearchAhead, _StoppableBudget, deflated_members
 from dgfs.deep.deflate import DeflateMatch
 from dgfs.deep.expand import _Expander
 from dgfs.deep.limits import ExpansionLimits
+from dgfs.deep.memo import Memo
 from dgfs.deep.search import VERIFIED_SPANS, remembered
 from dgfs.deep.segments import TAG_SPLIT
 from dgfs.errors import ExpansionLimit
@@ -191,7 +192,7 @@ def test_the_search_ahead_ends_where_the_walk_is(tmp_path: Path) -> None:
         def deflate(self, _src: object, start: int, *_args: object) -> tuple[DeflateMatch, bool]:
             ready.wait(10)
             searched.append(start)
-            holder[0].walked = members[-2].index  # the walk is at the member before
+            holder[0].search.walked = members[-2].index  # the walk is at the member before
             return DeflateMatch(members[-1].size, 1, None), True
 
     given: list[int] = []
@@ -202,6 +203,35 @@ def test_the_search_ahead_ends_where_the_walk_is(tmp_path: Path) -> None:
     assert holder[0].finished.wait(10)
     holder[0].stop()
     assert searched == [members[-1].start] and given == [1]
+
+
+def expand_into(forms: dict[str, bytes], src: Path, out: Path) -> None:
+    """``src``'s form, made with no core to lend, in ``forms`` under ``out``'s name."""
+    dgfs.deep.expand_file(src, out, scratch_dir=out.parent, spare_core=lambda: None)
+    forms[out.name] = out.read_bytes()
+
+
+def test_two_releases_expanded_at_once_search_from_both_ends(
+    tmp_path: Path, any_size: None
+) -> None:
+    """With no core to lend, an expansion waiting for a verdict the other
+    one is finding searches its own zip from the back meanwhile: both forms
+    are still the ones each expansion writes alone."""
+    first = wheel_like(tmp_path / "a.whl", members=60)
+    second = wheel_like(tmp_path / "b.whl", members=60)  # the same members, the same bytes
+    alone = form_of(first, tmp_path)
+    for _ in range(3):
+        VERIFIED_SPANS.clear()
+        forms: dict[str, bytes] = {}
+        threads = [
+            threading.Thread(target=expand_into, args=(forms, src, tmp_path / f"{src.name}.f"))
+            for src in (first, second)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert forms == {"a.whl.f": alone, "b.whl.f": alone}
 
 
 def test_a_stopped_search_ahead_runs_out_of_budget() -> None:
@@ -284,17 +314,78 @@ async def test_a_deep_store_searches_ahead_and_returns_every_token(
     monkeypatch.setattr("dgfs.deep.expand.SearchAhead", counted)
     store = MemoryStore()
     core, cache = deep_core(store, tmp_path / "a")
+    later = wheel_like(tmp_path / "w2.whl", members=40, seed=2)
     try:
         await core.put(src, "rel/w.whl")
         assert core.bench.cpu_limiter.borrowed_tokens == 0
+        assert len(started) == 1
+        await core.put(later, "rel/w2.whl")  # a later release: no core lent
+        assert len(started) == 1
     finally:
         await core.aclose()
         cache.close()
-    assert len(started) == 1
     reader, cache = deep_core(store, tmp_path / "b")
     try:
-        await reader.get("rel/w.whl", tmp_path / "got")
-        assert (tmp_path / "got").read_bytes() == src.read_bytes()
+        for path in (src, later):
+            await reader.get(f"rel/{path.name}", tmp_path / "got")
+            assert (tmp_path / "got").read_bytes() == path.read_bytes()
     finally:
         await reader.aclose()
         cache.close()
+
+
+# --- what a waiting thread does meanwhile (Memo.computing) --------------------------------
+
+
+def test_a_thread_waiting_for_a_memo_entry_works_meanwhile() -> None:
+    memo = Memo(1 << 20)
+    claimed, release = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        with memo.computing(b"k") as known:
+            assert known is None
+            claimed.set()
+            release.wait(10)
+            memo.put(b"k", "value", 10)
+
+    thread = threading.Thread(target=owner)
+    thread.start()
+    assert claimed.wait(10)
+    calls: list[int] = []
+
+    def meanwhile() -> bool:
+        calls.append(1)
+        if len(calls) == 3:
+            release.set()  # the owner may finish now
+        return len(calls) < 5
+
+    with memo.computing(b"k", 10, meanwhile) as known:
+        assert known == "value"
+    thread.join()
+    assert 3 <= len(calls) <= 5
+
+
+def test_a_thread_with_nothing_to_do_meanwhile_just_waits() -> None:
+    memo = Memo(1 << 20)
+    claimed, release = threading.Event(), threading.Event()
+
+    def owner() -> None:
+        with memo.computing(b"k"):
+            claimed.set()
+            release.wait(10)
+            memo.put(b"k", "value", 10)
+
+    thread = threading.Thread(target=owner)
+    thread.start()
+    assert claimed.wait(10)
+    calls: list[int] = []
+
+    def meanwhile() -> bool:
+        calls.append(1)
+        release.set()
+        return False
+
+    with memo.computing(b"k", 10, meanwhile) as known:
+        assert known == "value"
+    thread.join()
+    assert calls == [1]

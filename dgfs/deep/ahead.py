@@ -111,11 +111,97 @@ class _StoppableBudget(Budget):
         super().check_time()
 
 
-class SearchAhead:
+class BackSearch:
     """The members of the zip at ``span`` (start, end) of ``path`` searched
-    last first, in a thread started at once on the core ``give_back`` returns
-    (the thread calls it once, when it ends; so does the constructor, if it
-    cannot start the thread)."""
+    last first, one per ``step``, until the walk is at the next one (its
+    index in ``walked``). Used by one thread at a time: a ``SearchAhead``'s,
+    or the walk's own while it waits for a verdict another expansion is
+    finding (``meanwhile``). Opens the file at its first step."""
+
+    def __init__(
+        self,
+        path: Path,
+        span: tuple[int, int],
+        expander: _Expander,
+        scratch_dir: Path,
+        budget: Budget,
+    ) -> None:
+        self._path = path
+        self._span = span
+        self._expander = expander
+        self._scratch_dir = scratch_dir
+        self._budget = budget
+        self.walked = -1
+        """The index of the member the walk is at (set by the walk only)."""
+        self._members: list[Member] | None = None  # still to search, first first
+        self._files: list[BinaryIO] = []
+        self._search: StreamExpander | None = None
+        self._writer: Writer | None = None
+        self._misses = 0
+        self._done = False
+
+    def step(self) -> bool:
+        """Search the last member not searched yet, if the walk is not at it
+        yet; False when nothing is left to search (nor ever will be)."""
+        if self._done:
+            return False
+        try:
+            if self._members is None:
+                self._start()
+            assert self._members is not None and self._search is not None
+            if not self._members or self._members[-1].index <= self.walked:
+                self._done = True  # met the walk
+            elif self._misses >= MAX_MISSES:
+                self._done = True  # not zlib's zip: the walk keeps the rest too
+            else:
+                self._one(self._members.pop())
+        except (ExpansionLimit, FormatError, OSError) as exc:
+            log.debug("%s: search ahead stopped: %s", self._path, exc)
+            self._done = True
+        except Exception:  # a bug here must not end the store: the walk searches alone
+            log.warning("%s: search ahead failed", self._path, exc_info=True)
+            self._done = True
+        return not self._done
+
+    def _start(self) -> None:
+        self._members = []
+        src = open(self._path, "rb")  # noqa: SIM115 (closed in close)
+        self._files.append(src)
+        members = deflated_members(src, *self._span)
+        if len(members) < MIN_MEMBERS:
+            return
+        sink = tempfile.TemporaryFile(dir=self._scratch_dir)  # noqa: SIM115 (closed in close)
+        self._files.append(sink)
+        self._writer = Writer(sink, self._budget)
+        self._search = self._expander(self._writer, self._scratch_dir, ExpandStats(), self._budget)
+        self._search.verdicts_only = True
+        self._members = members
+
+    def _one(self, member: Member) -> None:
+        assert self._search is not None and self._writer is not None
+        self._budget.member()
+        prior = ZIP_FLAG_PRIOR[(member.flags >> 1) & 3]
+        end = member.start + member.size
+        src = self._files[0]
+        found, expanded = self._search.deflate(src, member.start, end, 0, "zip", prior, member.size)
+        if expanded:
+            self._misses = 0
+        elif found.compressed_length:
+            self._misses += 1  # as the walk counts them
+        self._writer.rewind(0)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files.clear()
+        self._done = True
+
+
+class SearchAhead:
+    """A ``BackSearch`` of the zip at ``span`` of ``path`` run to its end in a
+    thread, started at once on the core ``give_back`` returns (the thread
+    calls it once, when it ends; so does the constructor, if it cannot
+    start the thread)."""
 
     def __init__(
         self,
@@ -126,65 +212,32 @@ class SearchAhead:
         budget: tuple[ExpansionLimits, int],
         give_back: Callable[[], None],
     ) -> None:
-        self._span = span
-        self.walked = -1
-        """The index of the member the walk is at (set by the walk only)."""
         self._stopped = threading.Event()
+        limits, size = budget
+        spending = _StoppableBudget(limits, size, self._stopped)
+        self.search = BackSearch(path, span, expander, scratch_dir, spending)
         self.finished = threading.Event()
         """Set once the thread ended (met the walk, searched every member, or stopped)."""
         self._thread = threading.Thread(
-            target=self._run,
-            args=(path, expander, scratch_dir, budget, give_back),
-            name="dgfs-search-ahead",
-            daemon=True,
+            target=self._run, args=(give_back,), name="dgfs-search-ahead", daemon=True
         )
         try:
             self._thread.start()
         except BaseException:
-            give_back()
-            self.finished.set()
+            self._end(give_back)
             raise
 
-    def _run(
-        self,
-        path: Path,
-        expander: _Expander,
-        scratch_dir: Path,
-        budget: tuple[ExpansionLimits, int],
-        give_back: Callable[[], None],
-    ) -> None:
-        limits, size = budget
-        spending = _StoppableBudget(limits, size, self._stopped)
-        misses = 0
+    def _run(self, give_back: Callable[[], None]) -> None:
         try:
-            with open(path, "rb") as src, tempfile.TemporaryFile(dir=scratch_dir) as sink:
-                members = deflated_members(src, *self._span)
-                if len(members) < MIN_MEMBERS:
-                    return
-                writer = Writer(sink, spending)
-                search = expander(writer, scratch_dir, ExpandStats(), spending)
-                search.verdicts_only = True
-                for member in reversed(members):
-                    if member.index <= self.walked or misses >= MAX_MISSES:
-                        return  # met the walk; or not zlib's zip
-                    spending.member()
-                    prior = ZIP_FLAG_PRIOR[(member.flags >> 1) & 3]
-                    end = member.start + member.size
-                    found, expanded = search.deflate(
-                        src, member.start, end, 0, "zip", prior, member.size
-                    )
-                    if expanded:
-                        misses = 0
-                    elif found.compressed_length:
-                        misses += 1  # as the walk counts them
-                    writer.rewind(0)
-        except (ExpansionLimit, FormatError, OSError) as exc:
-            log.debug("%s: search ahead stopped: %s", path, exc)
-        except Exception:  # a bug here must not end the store: the walk searches alone
-            log.warning("%s: search ahead failed", path, exc_info=True)
+            while self.search.step():
+                pass
         finally:
-            give_back()
-            self.finished.set()
+            self._end(give_back)
+
+    def _end(self, give_back: Callable[[], None]) -> None:
+        self.search.close()
+        give_back()
+        self.finished.set()
 
     def stop(self) -> None:
         """Stop the thread (at its next check) and wait for it."""

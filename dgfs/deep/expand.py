@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dgfs.deep import remember
-from dgfs.deep.ahead import MIN_SIZE, SearchAhead, SpareCore
+from dgfs.deep.ahead import MIN_SIZE, BackSearch, SearchAhead, SpareCore
 from dgfs.deep.archives import (
     GZIP_MAGIC,
     XFL_PRIOR,
@@ -176,27 +176,33 @@ class _Expander(StreamExpander):
     ahead_of: tuple[Path, ExpansionLimits] | None = None
 
     def zip(self, src: BinaryIO, start: int, end: int, depth: int) -> None:
-        ahead = self._search_ahead(start, end) if depth == 0 else None
-        try:
-            self._zip(src, start, end, depth, ahead)
-        finally:
-            if ahead is not None:
-                ahead.stop()
-
-    def _search_ahead(self, start: int, end: int) -> SearchAhead | None:
-        """A search of the top-level zip's members ahead of the walk, if the
-        zip is large enough to be worth it and a core is free for it."""
-        if self.spare_core is None or self.ahead_of is None or end - start < MIN_SIZE:
-            return None
-        give_back = self.spare_core()
-        if give_back is None:
-            return None
+        if depth or self.ahead_of is None or end - start < MIN_SIZE:
+            self._zip(src, start, end, depth, None)
+            return
+        # The members searched from the back too: on a core lent for it if
+        # one is free, else by the walk itself while it waits for a verdict
+        # another expansion is finding (the next release, stored beside).
         path, limits = self.ahead_of
-        budget = (limits, self.stats.original_size)
-        return SearchAhead(path, (start, end), _Expander, self.scratch_dir, budget, give_back)
+        lent = self.spare_core() if self.spare_core is not None else None
+        if lent is not None:
+            budget = (limits, self.stats.original_size)
+            ahead = SearchAhead(path, (start, end), _Expander, self.scratch_dir, budget, lent)
+            try:
+                self._zip(src, start, end, depth, ahead.search)
+            finally:
+                ahead.stop()
+            return
+        own = Budget(limits, self.stats.original_size)
+        back = BackSearch(path, (start, end), _Expander, self.scratch_dir, own)
+        self.meanwhile = back.step
+        try:
+            self._zip(src, start, end, depth, back)
+        finally:
+            self.meanwhile = None
+            back.close()
 
     def _zip(
-        self, src: BinaryIO, start: int, end: int, depth: int, ahead: SearchAhead | None
+        self, src: BinaryIO, start: int, end: int, depth: int, ahead: BackSearch | None
     ) -> None:
         pos = cursor = start
         misses = 0

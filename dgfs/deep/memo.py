@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 #: How long a thread waits for another one computing the same memo entry
@@ -29,7 +30,9 @@ class Memo:
         """Entries put so far (``dgfs.deep.remember`` saves only when it grew)."""
 
     @contextmanager
-    def computing(self, key: bytes, wait: float = PEER_WAIT) -> Iterator[object | None]:
+    def computing(
+        self, key: bytes, wait: float = PEER_WAIT, meanwhile: Callable[[], bool] | None = None
+    ) -> Iterator[object | None]:
         """The value of ``key``; or None, and then the caller computes it and
         ``put``s it before leaving the block.
 
@@ -39,7 +42,9 @@ class Memo:
         most ``wait`` seconds, then computes it too). Nested entries are
         computed inside outer ones; a thread never waits for itself, and
         the bound on the wait keeps a cycle (two archives nested in each
-        other both ways) from blocking for good.
+        other both ways) from blocking for good. While it waits, it calls
+        ``meanwhile`` (if given) again and again, until that has nothing
+        more to do (returns False) or the entry is there.
         """
         me = threading.get_ident()
         with self._lock:
@@ -57,7 +62,7 @@ class Memo:
             event, owner = flight
             if owner != me:
                 self.waits += 1
-                event.wait(wait)
+                _wait(event, wait, meanwhile)
             yield self.get(key)
             return
         try:
@@ -95,3 +100,12 @@ class Memo:
         with self._lock:
             self._items.clear()
             self._bytes = 0
+
+
+def _wait(event: threading.Event, seconds: float, meanwhile: Callable[[], bool] | None) -> None:
+    """Wait up to ``seconds`` for ``event``, doing ``meanwhile`` while it has work."""
+    deadline = time.monotonic() + seconds
+    while meanwhile is not None and not event.is_set() and time.monotonic() < deadline:
+        if not meanwhile():
+            break
+    event.wait(max(0.0, deadline - time.monotonic()))

@@ -14,7 +14,7 @@ import os
 import tempfile
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +234,9 @@ class StreamExpander:
         # counts; streams with one already are not inflated, large ones are
         # left to the walk (a SPLIT segment is proven by writing it).
         self.verdicts_only = False
+        # What the walk does while it waits for a verdict another expansion
+        # is finding: search its own zip from the back (dgfs.deep.ahead).
+        self.meanwhile: Callable[[], bool] | None = None
 
     # -- plumbing --
 
@@ -281,7 +284,7 @@ class StreamExpander:
         # Another expansion (the next release, uploaded beside this one) may
         # be searching these very bytes: its verdict is worth waiting for.
         wait = min(PEER_WAIT, self.budget.time_left())
-        with VERIFIED_SPANS.computing(span_digest, wait) as known:
+        with VERIFIED_SPANS.computing(span_digest, wait, self.meanwhile) as known:
             self.budget.check_time()
             return self._stream(at, kind, prior, length, span_digest, known)
 
