@@ -9,17 +9,27 @@ every verdict is known. The first file of a directory is what the files
 stored beside it wait for (it makes the reference), and its expansion is
 the one with nothing known.
 
-``SearchAhead`` runs those searches from the last member backwards in a
-thread of its own, on a core the caller lends it (``spare_core``), into a
-scratch file it throws away. Each verdict lands in ``VERIFIED_SPANS``,
-where the walk finds it, or waits for it while the thread is on that very
-member. The two meet in the middle; the thread stops there, once the walk
-leaves the zip, or at any limit, and gives its core back.
+A ``BackSearch`` runs those searches from the last member backwards, into
+a scratch file it throws away: in a thread of its own (``SearchAhead``) on
+a core the caller lends for a directory's first file (``spare_core``), or,
+with no core to lend, in the walk's own thread while the walk waits for a
+verdict another expansion is finding (the next release, stored beside:
+``Memo.computing``'s ``meanwhile``). Each zlib setting it proves lands in
+``VERIFIED_SPANS``, where the walk finds it, or waits for it while the
+search is on that very member. The two meet in the middle; the search
+stops there, once the walk leaves the zip, or at any limit (its own
+budget; on the walk's thread, half the walk's time), and gives its core
+back.
 
-It changes what is searched when, never what is written or how it is
-proven: the walk writes every segment itself, from verdicts that a search
+The walk still writes every segment itself, from settings a search
 compared byte for byte with the original stream, as it does with the
-verdicts of the releases stored before (``dgfs.deep.search``).
+verdicts of the releases stored before (``dgfs.deep.search``). A search
+ahead tells the memo nothing else: its hints (the settings that worked
+last) fill from the other end, so a miss, or a GNU gzip level where zlib's
+other settings were not tried, may be its hint's doing. The walk never
+expands less for it; where several settings reproduce one stream, the
+form may name the ones the search ahead tried first. Together the two
+may hold up to twice one expansion's scratch allowance.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ MIN_SIZE = 1 << 20
 MIN_MEMBERS = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     """A deflated zip member: its local header's place in the walk (0 for
     the first), where its data starts, its compressed size, its flags."""
@@ -66,14 +76,16 @@ class Member:
     flags: int
 
 
-def deflated_members(src: BinaryIO, start: int, end: int) -> list[Member]:
+def deflated_members(src: BinaryIO, start: int, end: int, budget: Budget) -> list[Member]:
     """The deflated members of the zip at ``src[start:end]`` long enough for
     ``VERIFIED_SPANS``, in the walk's order, up to the first entry whose
-    size its local header does not give."""
+    size its local header does not give; every entry counted in ``budget``
+    (``ExpansionLimit`` past its members or its time)."""
     members = []
     pos = start
     index = 0
     while pos + 30 <= end:
+        budget.member()
         entry = read_local_header(src, pos, end)
         if entry is None:
             break
@@ -148,7 +160,7 @@ class BackSearch:
         try:
             if self._members is None:
                 self._start()
-            assert self._members is not None and self._search is not None
+            assert self._members is not None
             if not self._members or self._members[-1].index <= self.walked:
                 self._done = True  # met the walk
             elif self._misses >= MAX_MISSES:
@@ -167,9 +179,9 @@ class BackSearch:
         self._members = []
         src = open(self._path, "rb")  # noqa: SIM115 (closed in close)
         self._files.append(src)
-        members = deflated_members(src, *self._span)
+        members = deflated_members(src, *self._span, self._budget)
         if len(members) < MIN_MEMBERS:
-            return
+            return  # not worth it: step() finds nothing to do
         sink = tempfile.TemporaryFile(dir=self._scratch_dir)  # noqa: SIM115 (closed in close)
         self._files.append(sink)
         self._writer = Writer(sink, self._budget)
@@ -201,7 +213,7 @@ class SearchAhead:
     """A ``BackSearch`` of the zip at ``span`` of ``path`` run to its end in a
     thread, started at once on the core ``give_back`` returns (the thread
     calls it once, when it ends; so does the constructor, if it cannot
-    start the thread)."""
+    start the thread: ``started`` is False then, and the walk goes alone)."""
 
     def __init__(
         self,
@@ -221,11 +233,13 @@ class SearchAhead:
         self._thread = threading.Thread(
             target=self._run, args=(give_back,), name="dgfs-search-ahead", daemon=True
         )
+        self.started = False
         try:
             self._thread.start()
-        except BaseException:
+            self.started = True
+        except RuntimeError as exc:  # "can't start new thread": no search ahead
+            log.debug("%s: no search ahead: %s", path, exc)
             self._end(give_back)
-            raise
 
     def _run(self, give_back: Callable[[], None]) -> None:
         try:
@@ -242,4 +256,5 @@ class SearchAhead:
     def stop(self) -> None:
         """Stop the thread (at its next check) and wait for it."""
         self._stopped.set()
-        self._thread.join()
+        if self.started:
+            self._thread.join()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -188,11 +189,14 @@ class _Expander(StreamExpander):
             budget = (limits, self.stats.original_size)
             ahead = SearchAhead(path, (start, end), _Expander, self.scratch_dir, budget, lent)
             try:
-                self._zip(src, start, end, depth, ahead.search)
+                if ahead.started:
+                    self._zip(src, start, end, depth, ahead.search)
+                    return
             finally:
                 ahead.stop()
-            return
-        own = Budget(limits, self.stats.original_size)
+        # Searched in the walk's own time: at most half of it, so that the
+        # walk never runs out of time for what only it can do.
+        own = Budget(replace(limits, seconds=limits.seconds / 2), self.stats.original_size)
         back = BackSearch(path, (start, end), _Expander, self.scratch_dir, own)
         self.meanwhile = back.step
         try:
@@ -261,7 +265,8 @@ def expand_file(
 
     ``spare_core``, if given, is asked for a core when a zip's members have
     no verdicts yet: they are then searched ahead of the walk, last first,
-    on that core (:mod:`dgfs.deep.ahead`). The form is the same either way.
+    on that core (:mod:`dgfs.deep.ahead`); without one, the walk does so
+    itself while it waits for a verdict another expansion is finding.
 
     Raises ``ExpansionLimit`` the moment the expansion would pass one of
     ``limits`` (by default ``ExpansionLimits()``), or at once for a file

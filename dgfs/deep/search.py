@@ -230,9 +230,10 @@ class StreamExpander:
         self.budget = budget
         # Per kind of stream ("zip" members, "gzip" members) and nesting depth.
         self.hints: dict[tuple[str, int], _Hint] = {}
-        # Searching ahead of a walk (dgfs.deep.ahead): verdicts are all that
-        # counts; streams with one already are not inflated, large ones are
-        # left to the walk (a SPLIT segment is proven by writing it).
+        # Searching ahead of a walk (dgfs.deep.ahead): zlib settings proven
+        # are all that counts; streams with a verdict already are not
+        # inflated, large ones are left to the walk (a SPLIT segment is
+        # proven by writing it), GNU gzip and misses too (see _stream).
         self.verdicts_only = False
         # What the walk does while it waits for a verdict another expansion
         # is finding: search its own zip from the back (dgfs.deep.ahead).
@@ -317,7 +318,11 @@ class StreamExpander:
                     self.stats.streams_gnu += 1
                 return found, True
         found, recipe = self._search(at, kind, prior)
-        if found.compressed_length >= MEMO_MIN_SPAN:
+        # A search ahead tells the memo only settings it proved: its hints
+        # are not the walk's (filled from the other end), so a miss may be
+        # where its hint led it, not the stream (dgfs.deep.ahead).
+        tells = not self.verdicts_only or isinstance(recipe, DeflateParams)
+        if found.compressed_length >= MEMO_MIN_SPAN and tells:
             if span_digest is None or length != found.compressed_length:
                 span_digest = _span_digest(at.src, at.start, found.compressed_length)
             verdict = _UNREPRODUCIBLE if recipe is None else recipe
@@ -345,7 +350,8 @@ class StreamExpander:
             hint.record(found.params, found.compressed_length)
             return found, found.params
         gnu_worth_it = (
-            found.uncompressed_length >= GNU_MIN_SIZE
+            not self.verdicts_only  # a GNU level found ahead is not told (see _stream)
+            and found.uncompressed_length >= GNU_MIN_SIZE
             and gnuzip.zgz_path() is not None
             and (hint.gnu_level is not None or hint.gnu_failures < MAX_MISSES)
         )
