@@ -10,6 +10,7 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -185,7 +186,7 @@ def test_the_search_ahead_ends_where_the_walk_is(tmp_path: Path) -> None:
     class Walked:
         """An expander whose first search finds the walk caught up with it."""
 
-        verdicts_only = False
+        ahead = False
 
         def __init__(self, *_args: object) -> None:
             pass
@@ -390,3 +391,36 @@ def test_a_thread_with_nothing_to_do_meanwhile_just_waits() -> None:
         assert known == "value"
     thread.join()
     assert calls == [1]
+
+
+def test_members_expanded_ahead_are_spliced_into_the_form(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, any_size: None
+) -> None:
+    """A search ahead that is done before the walk starts leaves every member's
+    segment ready: the walk copies them all, and writes the same form."""
+    src = wheel_like(tmp_path / "w.whl", members=40)
+    alone = form_of(src, tmp_path)
+    VERIFIED_SPANS.clear()
+
+    class DoneFirst(SearchAhead):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            assert self.finished.wait(60)
+
+    spliced: list[bool] = []
+    real_splice = ahead_module.BackSearch.splice
+
+    def counted(self: ahead_module.BackSearch, *args: Any) -> bool:
+        spliced.append(real_splice(self, *args))
+        return spliced[-1]
+
+    monkeypatch.setattr("dgfs.deep.expand.SearchAhead", DoneFirst)
+    monkeypatch.setattr(ahead_module.BackSearch, "splice", counted)
+    form = tmp_path / "spliced.form"
+    stats = dgfs.deep.expand_file(src, form, scratch_dir=tmp_path, spare_core=Lender())
+    assert form.read_bytes() == alone
+    assert spliced == [True] * 40  # every deflated member, none expanded again
+    assert stats.streams_inflated == 40 + 14  # the members and the 14 gzip files in them
+    assert dgfs.deep.prove_form(form, src, stats.proven, stats.leaves)
+    digest, _ = dgfs.deep.rebuild_file(form, tmp_path / "out", tmp_path, 2)
+    assert digest == hashlib.sha256(src.read_bytes()).hexdigest()

@@ -35,6 +35,7 @@ may hold up to twice one expansion's scratch allowance.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from dgfs.deep.search import (
     StreamExpander,
     Writer,
 )
+from dgfs.deep.segments import RAW_CHUNK
 from dgfs.errors import ExpansionLimit, FormatError
 
 log = logging.getLogger(__name__)
@@ -123,12 +125,26 @@ class _StoppableBudget(Budget):
         super().check_time()
 
 
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A member's segment, written ahead: where in the search's scratch file,
+    and what its expansion counted (for the walk's stats)."""
+
+    member: Member
+    offset: int
+    length: int
+    inflated: int
+    streams: int
+
+
 class BackSearch:
-    """The members of the zip at ``span`` (start, end) of ``path`` searched
+    """The members of the zip at ``span`` (start, end) of ``path`` expanded
     last first, one per ``step``, until the walk is at the next one (its
-    index in ``walked``). Used by one thread at a time: a ``SearchAhead``'s,
-    or the walk's own while it waits for a verdict another expansion is
-    finding (``meanwhile``). Opens the file at its first step."""
+    index in ``walked``), each into a segment the walk splices into the form
+    when it gets there (``splice``). Used by one thread at a time: a
+    ``SearchAhead``'s, or the walk's own while it waits for a verdict another
+    expansion is finding (``meanwhile``). Opens its files at its first step;
+    ``close`` (by the walk, once it has left the zip) ends it."""
 
     def __init__(
         self,
@@ -149,12 +165,15 @@ class BackSearch:
         self._files: list[BinaryIO] = []
         self._search: StreamExpander | None = None
         self._writer: Writer | None = None
+        self._ready: dict[int, _Ready] = {}  # by member index; filled, then read
+        self.stats = ExpandStats()
+        """What the search proved (every member it wrote a segment for)."""
         self._misses = 0
         self._done = False
 
     def step(self) -> bool:
-        """Search the last member not searched yet, if the walk is not at it
-        yet; False when nothing is left to search (nor ever will be)."""
+        """Expand the last member not expanded yet, if the walk is not at it
+        yet; False when nothing is left to do (nor ever will be)."""
         if self._done:
             return False
         try:
@@ -185,8 +204,8 @@ class BackSearch:
         sink = tempfile.TemporaryFile(dir=self._scratch_dir)  # noqa: SIM115 (closed in close)
         self._files.append(sink)
         self._writer = Writer(sink, self._budget)
-        self._search = self._expander(self._writer, self._scratch_dir, ExpandStats(), self._budget)
-        self._search.verdicts_only = True
+        self._search = self._expander(self._writer, self._scratch_dir, self.stats, self._budget)
+        self._search.ahead = True
         self._members = members
 
     def _one(self, member: Member) -> None:
@@ -194,13 +213,52 @@ class BackSearch:
         self._budget.member()
         prior = ZIP_FLAG_PRIOR[(member.flags >> 1) & 3]
         end = member.start + member.size
-        src = self._files[0]
+        src, sink = self._files
+        at = self._writer.tell()
+        counts = (self.stats.streams_kept, self.stats.streams_gnu)
+        inflated, streams = self.stats.inflated_bytes, self.stats.streams_inflated
+        self._search.unfinished = False
         found, expanded = self._search.deflate(src, member.start, end, 0, "zip", prior, member.size)
         if expanded:
             self._misses = 0
         elif found.compressed_length:
             self._misses += 1  # as the walk counts them
-        self._writer.rewind(0)
+        # Only a segment the walk would write as it is: the whole member, and
+        # no stream in it kept or given to GNU gzip on this search's hints.
+        whole = expanded and found.compressed_length == member.size
+        if whole and not self._search.unfinished:
+            whole = counts == (self.stats.streams_kept, self.stats.streams_gnu)
+        if not whole or self._search.unfinished:
+            self._writer.rewind(at)
+            return
+        length = self._writer.tell() - at
+        sink.flush()  # readable by the walk's thread before it is offered
+        self._ready[member.index] = _Ready(
+            member,
+            at,
+            length,
+            self.stats.inflated_bytes - inflated,
+            self.stats.streams_inflated - streams,
+        )
+
+    def splice(self, index: int, start: int, size: int, walk: StreamExpander) -> bool:
+        """Write the segment made ahead for member ``index`` (its data at
+        ``start``, ``size`` bytes) into ``walk``'s form; False if there is none."""
+        ready = self._ready.pop(index, None)
+        if ready is None or (ready.member.start, ready.member.size) != (start, size):
+            return False
+        fd = self._files[1].fileno()
+        offset, left = ready.offset, ready.length
+        while left:
+            chunk = os.pread(fd, min(left, RAW_CHUNK), offset)
+            if not chunk:
+                raise FormatError("a segment made ahead ends early")
+            walk.w.tag(chunk)
+            offset += len(chunk)
+            left -= len(chunk)
+        walk.stats.streams_inflated += ready.streams
+        walk.stats.inflated_bytes += ready.inflated
+        return True
 
     def close(self) -> None:
         for f in self._files:
@@ -249,12 +307,13 @@ class SearchAhead:
             self._end(give_back)
 
     def _end(self, give_back: Callable[[], None]) -> None:
-        self.search.close()
         give_back()
         self.finished.set()
 
     def stop(self) -> None:
-        """Stop the thread (at its next check) and wait for it."""
+        """Stop the thread (at its next check), wait for it, and close the
+        search (the walk has spliced what it takes)."""
         self._stopped.set()
         if self.started:
             self._thread.join()
+        self.search.close()

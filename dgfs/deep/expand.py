@@ -151,8 +151,9 @@ class _Expander(StreamExpander):
             # A gzip file of one member: its body ends 8 bytes before the end.
             guess = end - 8 - body if end - body <= GZIP_GUESS_MAX else None
             split = None
-            if end - body >= SPLIT_MIN and self.verdicts_only:
-                return  # a SPLIT segment is proven by the walk that writes it
+            if end - body >= SPLIT_MIN and self.ahead:
+                self.unfinished = True  # a SPLIT segment is proven by the walk that writes it
+                return
             if end - body >= SPLIT_MIN and not remembered(src, body, guess):
                 split = self._split(src, body, end, depth, prior)
             found, expanded = split or self.deflate(src, body, end, depth, "gzip", prior, guess)
@@ -188,12 +189,14 @@ class _Expander(StreamExpander):
         if lent is not None:
             budget = (limits, self.stats.original_size)
             ahead = SearchAhead(path, (start, end), _Expander, self.scratch_dir, budget, lent)
-            try:
-                if ahead.started:
+            if ahead.started:
+                try:
                     self._zip(src, start, end, depth, ahead.search)
-                    return
-            finally:
-                ahead.stop()
+                finally:
+                    ahead.stop()
+                self._proven_by(ahead.search)
+                return
+            ahead.stop()
         # Searched in the walk's own time: at most half of it, so that the
         # walk never runs out of time for what only it can do.
         own = Budget(replace(limits, seconds=limits.seconds / 2), self.stats.original_size)
@@ -204,6 +207,12 @@ class _Expander(StreamExpander):
         finally:
             self.meanwhile = None
             back.close()
+        self._proven_by(back)
+
+    def _proven_by(self, back: BackSearch) -> None:
+        """What the segments spliced from ``back`` proved, for ``prove_form``."""
+        self.stats.proven |= back.stats.proven
+        self.stats.leaves.update(back.stats.leaves)
 
     def _zip(
         self, src: BinaryIO, start: int, end: int, depth: int, ahead: BackSearch | None
@@ -215,14 +224,22 @@ class _Expander(StreamExpander):
             entry = read_local_header(src, pos, end)
             if entry is None:
                 break
+            member, index = index, index + 1
             if ahead is not None:
-                ahead.walked = index
-            index += 1
+                ahead.walked = member
             self.budget.member()
             data_start, method, flags, csize = entry
             if method == 8 and misses < MAX_MISSES:
                 self.copy(src, cursor, data_start)
                 cursor = data_start
+                if csize and ahead is not None and ahead.splice(member, data_start, csize, self):
+                    misses = 0
+                    cursor = data_end = data_start + csize
+                    after = after_descriptor(src, data_end, end, flags)
+                    if after is None:
+                        break
+                    pos = after
+                    continue
                 limit = end if csize is None else min(end, data_start + csize)
                 prior = ZIP_FLAG_PRIOR[(flags >> 1) & 3]
                 found, expanded = self.deflate(src, data_start, limit, depth, "zip", prior, csize)

@@ -230,11 +230,12 @@ class StreamExpander:
         self.budget = budget
         # Per kind of stream ("zip" members, "gzip" members) and nesting depth.
         self.hints: dict[tuple[str, int], _Hint] = {}
-        # Searching ahead of a walk (dgfs.deep.ahead): zlib settings proven
-        # are all that counts; streams with a verdict already are not
-        # inflated, large ones are left to the walk (a SPLIT segment is
-        # proven by writing it), GNU gzip and misses too (see _stream).
-        self.verdicts_only = False
+        # Searching ahead of a walk (dgfs.deep.ahead): tells the memo only
+        # zlib settings it proved, tries no GNU gzip (see _stream), and
+        # leaves large nested gzip streams to the walk (a SPLIT segment is
+        # proven by writing it), saying so in ``unfinished``.
+        self.ahead = False
+        self.unfinished = False
         # What the walk does while it waits for a verdict another expansion
         # is finding: search its own zip from the back (dgfs.deep.ahead).
         self.meanwhile: Callable[[], bool] | None = None
@@ -306,8 +307,6 @@ class StreamExpander:
         if length is not None and known == _UNREPRODUCIBLE:
             return DeflateMatch(length, 0, None), False
         if length is not None and isinstance(known, DeflateParams | int):
-            if self.verdicts_only:
-                return DeflateMatch(length, 0, None), True
             found, recipe = self._segment(at, (), known, length)
             if recipe is not None:
                 self.stats.streams_remembered += 1
@@ -321,7 +320,7 @@ class StreamExpander:
         # A search ahead tells the memo only settings it proved: its hints
         # are not the walk's (filled from the other end), so a miss may be
         # where its hint led it, not the stream (dgfs.deep.ahead).
-        tells = not self.verdicts_only or isinstance(recipe, DeflateParams)
+        tells = not self.ahead or isinstance(recipe, DeflateParams)
         if found.compressed_length >= MEMO_MIN_SPAN and tells:
             if span_digest is None or length != found.compressed_length:
                 span_digest = _span_digest(at.src, at.start, found.compressed_length)
@@ -350,7 +349,7 @@ class StreamExpander:
             hint.record(found.params, found.compressed_length)
             return found, found.params
         gnu_worth_it = (
-            not self.verdicts_only  # a GNU level found ahead is not told (see _stream)
+            not self.ahead  # a GNU level found ahead is not told (see _stream)
             and found.uncompressed_length >= GNU_MIN_SIZE
             and gnuzip.zgz_path() is not None
             and (hint.gnu_level is not None or hint.gnu_failures < MAX_MISSES)
