@@ -210,7 +210,8 @@ class _Expander(StreamExpander):
         self._proven_by(back)
 
     def _proven_by(self, back: BackSearch) -> None:
-        """What the segments spliced from ``back`` proved, for ``prove_form``."""
+        """What ``back``'s search proved (its spliced segments' streams among
+        it), for ``prove_form``: facts about spans, true whoever found them."""
         self.stats.proven |= back.stats.proven
         self.stats.leaves.update(back.stats.leaves)
 

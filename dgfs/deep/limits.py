@@ -102,14 +102,26 @@ class Budget:
                     f"a stream in it inflates to more than {self.max_bytes} bytes"
                     " (expand_ratio × its size, at most expand_max)"
                 )
-            if self.inflated > INFLATE_FACTOR * self.max_bytes:
-                raise ExpansionLimit(
-                    f"expanding it inflated more than {INFLATE_FACTOR * self.max_bytes} bytes"
-                    f" ({INFLATE_FACTOR} × expand_ratio × its size, at most expand_max)"
-                )
-            self.check_time()
+            self._check_inflated()
 
         return count
+
+    def _check_inflated(self) -> None:
+        if self.inflated > INFLATE_FACTOR * self.max_bytes:
+            raise ExpansionLimit(
+                f"expanding it inflated more than {INFLATE_FACTOR * self.max_bytes} bytes"
+                f" ({INFLATE_FACTOR} × expand_ratio × its size, at most expand_max)"
+            )
+        self.check_time()
+
+    def charge(self, members: int, inflated: int) -> None:
+        """What another thread's search spent for this expansion (a segment
+        it made that this expansion takes, ``dgfs.deep.ahead``): counted as
+        if spent here, with the same limits."""
+        for _ in range(members):
+            self.member()
+        self.inflated += inflated
+        self._check_inflated()
 
     def member(self) -> None:
         """One more zip entry or gzip member."""

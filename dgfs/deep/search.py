@@ -240,6 +240,12 @@ class StreamExpander:
         # is finding: search its own zip from the back (dgfs.deep.ahead).
         self.meanwhile: Callable[[], bool] | None = None
 
+    def learned(self, kind: str, depth: int, params: DeflateParams, length: int) -> None:
+        """``params`` reproduced a ``length``-byte stream of ``kind`` at ``depth``
+        (found elsewhere: a segment taken from a search ahead): the next
+        stream of the kind tries them first, as after a search here."""
+        self.hints.setdefault((kind, depth), _Hint()).record(params, length)
+
     # -- plumbing --
 
     def copy(self, src: BinaryIO, start: int, end: int, cuts: Iterable[int] = ()) -> None:
