@@ -563,11 +563,27 @@ class DgfsTool(MountTool):
     name = DGFS
     bucket = "dgfs"
 
+    def tree(self) -> Path:
+        """The source tree the daemon imports dgfs from: this script's (the
+        venv's dgfs may be an editable install of another worktree)."""
+        return ROOT
+
     def command(self, cache: Path) -> list[str]:
         options = f"endpoint={self.ctx.endpoint},cache_dir={cache},log_level=warning,deltas=dg"
         if self.ctx.mount_options:
             options += "," + self.ctx.mount_options
-        return [dgfs_bin(), "mount", self.bucket, str(self.mountpoint), "-f", "-o", options]
+        # env execs the daemon: its PID is the one sampled and stopped.
+        return [
+            "env",
+            f"PYTHONPATH={self.tree()}",
+            dgfs_bin(),
+            "mount",
+            self.bucket,
+            str(self.mountpoint),
+            "-f",
+            "-o",
+            options,
+        ]
 
     def durable(self, directory: Path, names: list[str]) -> None:
         # close() returns once the data is journaled; fsync waits for the upload.
@@ -599,9 +615,9 @@ class _BaseTree(DgfsTool):
             return "no --base TREE holding dgfs/"
         return None
 
-    def command(self, cache: Path) -> list[str]:
-        # env execs the daemon: its PID is the one sampled and stopped.
-        return ["env", f"PYTHONPATH={self.ctx.base}", *super().command(cache)]
+    def tree(self) -> Path:
+        assert self.ctx.base is not None
+        return self.ctx.base
 
 
 class DgfsBaseTool(_BaseTree, DgfsTool):

@@ -61,6 +61,10 @@ class Workbench:
         # deltaglider_proxy's key, for objects it encrypted (``download``).
         self.proxy_key = proxy_key
         self.cpu_limiter = cpu_limiter or trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        # Jobs of ``cpu`` running or waiting for a token, and tokens lent
+        # (``spare_core``): written by the trio thread, read by lenders'.
+        self.cpu_jobs = 0
+        self.cores_lent = 0
         # One search at a time, apart from the CPU limiter: a hostile object's
         # search (minutes, up to expand_time) holds no token other reads need.
         self.search_limiter = trio.CapacityLimiter(1)
@@ -82,30 +86,22 @@ class Workbench:
 
     async def cpu(self, fn: Callable[..., _T], *args: object) -> _T:
         """``fn(*args)`` in a worker thread, under the CPU limiter."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
-
-    def spare_core(self) -> Callable[[], None] | None:
-        """From a worker thread (``cpu``): a CPU token taken now if one is free,
-        and the function that gives it back (from any thread, once); None if
-        none is free, or if not called from a worker thread of this run."""
-        borrower = object()
-
-        def take() -> trio.lowlevel.TrioToken:
-            self.cpu_limiter.acquire_on_behalf_of_nowait(borrower)
-            return trio.lowlevel.current_trio_token()
-
+        self.cpu_jobs += 1
         try:
-            trio_token = trio.from_thread.run_sync(take)
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
+        finally:
+            self.cpu_jobs -= 1
+
+    def spare_core(self) -> _Loan | None:
+        """From a worker thread (``cpu``): a CPU token taken now if one is free
+        and no job waits for one; None if not, or if not called from a worker
+        thread of this run."""
+        loan = _Loan(self)
+        try:
+            loan.trio_token = trio.from_thread.run_sync(loan.take)
         except (trio.WouldBlock, RuntimeError):  # none free; the trio thread itself
             return None
-
-        def give_back() -> None:
-            with contextlib.suppress(trio.RunFinishedError):
-                trio.from_thread.run_sync(
-                    self.cpu_limiter.release_on_behalf_of, borrower, trio_token=trio_token
-                )
-
-        return give_back
+        return loan
 
     async def search(self, fn: Callable[..., _T], *args: object) -> _T:
         """``fn(*args)`` in a worker thread under the search limiter: for jobs
@@ -152,3 +148,29 @@ class Workbench:
                 )
             )
         return head
+
+
+class _Loan:
+    """A CPU token of ``bench`` lent to a search ahead (``dgfs.deep.ahead.Loan``)."""
+
+    def __init__(self, bench: Workbench) -> None:
+        self._bench = bench
+        self.trio_token: trio.lowlevel.TrioToken | None = None
+
+    def take(self) -> trio.lowlevel.TrioToken:
+        """In the trio thread: the token, or ``trio.WouldBlock``."""
+        self._bench.cpu_limiter.acquire_on_behalf_of_nowait(self)
+        self._bench.cores_lent += 1
+        return trio.lowlevel.current_trio_token()
+
+    def wanted(self) -> bool:
+        bench = self._bench  # ints the trio thread writes: a snapshot is enough
+        return bench.cpu_jobs + bench.cores_lent > bench.cpu_limiter.total_tokens
+
+    def give_back(self) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(self._give_back, trio_token=self.trio_token)
+
+    def _give_back(self) -> None:
+        self._bench.cores_lent -= 1
+        self._bench.cpu_limiter.release_on_behalf_of(self)

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import dgfs.deep
 from dgfs.deep import ahead as ahead_module
-from dgfs.deep.ahead import SearchAhead, _StoppableBudget, deflated_members
+from dgfs.deep.ahead import Loan, SearchAhead, _StoppableBudget, deflated_members
 from dgfs.deep.deflate import DeflateMatch
 from dgfs.deep.expand import _Expander
 from dgfs.deep.limits import Budget, ExpansionLimits
@@ -27,6 +28,7 @@ from dgfs.deep.segments import TAG_SPLIT
 from dgfs.errors import ExpansionLimit
 from dgfs.store.memory import MemoryStore
 from dgfs.workbench import Workbench
+from tests.aheadharness import DoneFirst, Lender, Loaned
 from tests.coreharness import deep_core
 
 WORDS = [b"service", b"operation", b"shape", b"member", b"documentation", b"input", b"output"]
@@ -79,10 +81,10 @@ def searched_ahead(src: Path, scratch: Path, limits: ExpansionLimits | None = No
     """Run a search ahead of ``src`` alone (no walk) to its end; returns how
     often it gave its core back."""
     assert len(unknown(src)) >= ahead_module.MIN_MEMBERS
-    given: list[int] = []
+    given: list[str] = []
     budget = (limits or ExpansionLimits(), src.stat().st_size)
     span = (0, src.stat().st_size)
-    search = SearchAhead(src, span, _Expander, scratch, budget, lambda: given.append(1))
+    search = SearchAhead(src, span, _Expander, scratch, budget, Loaned(given))
     assert search.finished.wait(60)
     search.stop()
     return given
@@ -100,7 +102,7 @@ def test_verdicts_searched_ahead_are_what_the_walk_writes_from(tmp_path: Path) -
     VERIFIED_SPANS.clear()
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    assert searched_ahead(src, scratch) == [1]
+    assert searched_ahead(src, scratch) == ["back"]
     assert list(scratch.iterdir()) == []  # its throwaway form is gone
     assert unknown(src) == []  # every member has its verdict
     stats_form = tmp_path / "again.form"
@@ -118,19 +120,8 @@ def test_a_large_nested_gzip_is_left_to_the_walk(tmp_path: Path) -> None:
     VERIFIED_SPANS.clear()
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    assert searched_ahead(src, scratch) == [1]
+    assert searched_ahead(src, scratch) == ["back"]
     assert form_of(src, tmp_path) == alone
-
-
-class Lender:
-    """A ``spare_core`` that always lends, and says when its core came back."""
-
-    def __init__(self) -> None:
-        self.log: list[str] = []
-
-    def __call__(self) -> Callable[[], None]:
-        self.log.append("lent")
-        return lambda: self.log.append("back")
 
 
 def test_walk_and_search_ahead_together_write_the_same_form(tmp_path: Path, any_size: None) -> None:
@@ -170,7 +161,7 @@ def test_a_search_ahead_past_its_limits_stops_and_gives_its_core_back(tmp_path: 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     # 16 local headers listed, then 3 members searched: the rest is the walk's.
-    assert searched_ahead(src, scratch, ExpansionLimits(members=19)) == [1]
+    assert searched_ahead(src, scratch, ExpansionLimits(members=19)) == ["back"]
     assert list(scratch.iterdir()) == []
     assert 0 < len(unknown(src)) < 16  # three members searched, the rest left to the walk
 
@@ -197,14 +188,14 @@ def test_the_search_ahead_ends_where_the_walk_is(tmp_path: Path) -> None:
             holder[0].search.walked = members[-2].index  # the walk is at the member before
             return DeflateMatch(members[-1].size, 1, None), True
 
-    given: list[int] = []
+    given: list[str] = []
     budget = (ExpansionLimits(), src.stat().st_size)
     span = (0, src.stat().st_size)
-    holder.append(SearchAhead(src, span, Walked, tmp_path, budget, lambda: given.append(1)))
+    holder.append(SearchAhead(src, span, Walked, tmp_path, budget, Loaned(given)))
     ready.set()
     assert holder[0].finished.wait(10)
     holder[0].stop()
-    assert searched == [members[-1].start] and given == [1]
+    assert searched == [members[-1].start] and given == ["back"]
 
 
 def expand_into(forms: dict[str, bytes], src: Path, out: Path) -> None:
@@ -266,18 +257,49 @@ def bench(tmp_path: Path, tokens: int) -> Workbench:
 def test_a_spare_core_is_a_cpu_token_given_back_from_any_thread(tmp_path: Path) -> None:
     workbench = bench(tmp_path, 2)
 
-    def borrow() -> tuple[Callable[[], None] | None, int]:
-        give_back = workbench.spare_core()
-        return give_back, trio.from_thread.run_sync(lambda: workbench.cpu_limiter.borrowed_tokens)
+    def borrow() -> tuple[Loan | None, int]:
+        loan = workbench.spare_core()
+        return loan, trio.from_thread.run_sync(lambda: workbench.cpu_limiter.borrowed_tokens)
 
     async def main() -> None:
-        give_back, borrowed = await workbench.cpu(borrow)
-        assert give_back is not None and borrowed == 2  # the job's token and the lent one
+        loan, borrowed = await workbench.cpu(borrow)
+        assert loan is not None and borrowed == 2  # the job's token and the lent one
         assert workbench.cpu_limiter.borrowed_tokens == 1
-        thread = threading.Thread(target=give_back)
+        thread = threading.Thread(target=loan.give_back)
         await trio.to_thread.run_sync(lambda: (thread.start(), thread.join()))
         assert workbench.cpu_limiter.borrowed_tokens == 0
         assert workbench.spare_core() is None  # not from a worker thread
+
+    trio.run(main)
+
+
+def test_a_lent_core_is_wanted_once_a_job_waits_for_one(tmp_path: Path) -> None:
+    """The search ahead yields its core to the next job that asks for one
+    (the next release's expansion, stored beside the first)."""
+    workbench = bench(tmp_path, 2)
+
+    async def main() -> None:
+        lent = trio.Event()
+        wanted: list[bool] = []
+        release = threading.Event()
+
+        def lender_job() -> None:
+            loan = workbench.spare_core()
+            assert loan is not None
+            wanted.append(loan.wanted())  # the lender's own job and the loan: no one waits
+            trio.from_thread.run_sync(lent.set)
+            release.wait(10)
+            wanted.append(loan.wanted())
+            loan.give_back()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workbench.cpu, lender_job)
+            await lent.wait()
+            nursery.start_soon(workbench.cpu, lambda: None)  # waits: both tokens are taken
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert wanted == [False, True]
+        assert workbench.cpu_limiter.borrowed_tokens == 0 and workbench.cores_lent == 0
 
     trio.run(main)
 
@@ -401,11 +423,6 @@ def test_members_expanded_ahead_are_spliced_into_the_form(
     src = wheel_like(tmp_path / "w.whl", members=40)
     alone = form_of(src, tmp_path)
     VERIFIED_SPANS.clear()
-
-    class DoneFirst(SearchAhead):
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
-            assert self.finished.wait(60)
 
     spliced: list[bool] = []
     real_splice = ahead_module.BackSearch.splice

@@ -7,7 +7,7 @@ import random
 import threading
 import types
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,10 +15,11 @@ import pytest
 import dgfs.deep
 from dgfs.deep import ahead as ahead_module
 from dgfs.deep import gnuzip
-from dgfs.deep.ahead import BackSearch, SearchAhead
+from dgfs.deep.ahead import BackSearch
 from dgfs.deep.expand import _Expander
 from dgfs.deep.limits import Budget, ExpansionLimits
 from dgfs.deep.search import VERIFIED_SPANS
+from tests.aheadharness import DoneFirst, Lender
 
 WORDS = [b"service", b"operation", b"shape", b"member", b"documentation", b"input", b"output"]
 
@@ -64,15 +65,6 @@ def zgz(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     return str(request.param)
 
 
-class Lender:
-    def __init__(self) -> None:
-        self.log: list[str] = []
-
-    def __call__(self) -> Callable[[], None]:
-        self.log.append("lent")
-        return lambda: self.log.append("back")
-
-
 def expand(src: Path, tmp_path: Path, name: str, spare_core: object = None) -> tuple[bytes, object]:
     out = tmp_path / name
     stats = dgfs.deep.expand_file(src, out, scratch_dir=tmp_path, spare_core=spare_core)  # type: ignore[arg-type]
@@ -106,14 +98,7 @@ def test_the_form_with_a_search_ahead_is_the_form_the_walk_writes_alone(
     assert alone_stats.streams_inflated == 8  # type: ignore[attr-defined]
     VERIFIED_SPANS.clear()
 
-    real = ahead_module.SearchAhead
-
-    def ahead_runs_first(*args: object) -> SearchAhead:
-        started = real(*args)  # type: ignore[arg-type]
-        assert started.finished.wait(120)
-        return started
-
-    monkeypatch.setattr("dgfs.deep.expand.SearchAhead", ahead_runs_first)
+    monkeypatch.setattr("dgfs.deep.expand.SearchAhead", DoneFirst)
     lender = Lender()
     with_ahead, stats = expand(src, tmp_path, "ahead.form", lender)
     assert lender.log == ["lent", "back"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import random
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +14,10 @@ import pytest
 
 import dgfs.deep
 from dgfs.deep import ahead as ahead_module
-from dgfs.deep.ahead import SearchAhead
 from dgfs.deep.limits import Budget, ExpansionLimits
 from dgfs.deep.search import VERIFIED_SPANS
 from dgfs.errors import ExpansionLimit
+from tests.aheadharness import DoneFirst, Lender
 
 
 @pytest.fixture(autouse=True)
@@ -26,24 +26,6 @@ def no_verdicts(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     VERIFIED_SPANS.clear()
     yield
     VERIFIED_SPANS.clear()
-
-
-class Lender:
-    def __init__(self) -> None:
-        self.log: list[str] = []
-
-    def __call__(self) -> Callable[[], None]:
-        self.log.append("lent")
-        return lambda: self.log.append("back")
-
-
-class DoneFirst(SearchAhead):
-    """The search ahead runs to its end before the walk reads its first local
-    header: a legal interleaving, forced so that the test is deterministic."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        assert self.finished.wait(120)
 
 
 def _words(rng: random.Random, count: int) -> bytes:

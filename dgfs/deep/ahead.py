@@ -62,9 +62,21 @@ from dgfs.errors import ExpansionLimit, FormatError
 
 log = logging.getLogger(__name__)
 
-#: A core lent to a search ahead, if one is free now: the function that
-#: gives it back (callable from any thread), or None.
-SpareCore = Callable[[], Callable[[], None] | None]
+
+class Loan(Protocol):
+    """A core lent to a search ahead (``SpareCore``)."""
+
+    def wanted(self) -> bool:
+        """Whether other work waits for a core now (callable from any thread)."""
+        ...
+
+    def give_back(self) -> None:
+        """Return the core (callable from any thread, once)."""
+        ...
+
+
+#: A core lent to a search ahead, if one is free now; None if none is.
+SpareCore = Callable[[], Loan | None]
 
 #: A zip smaller than this is expanded in milliseconds: no search ahead.
 MIN_SIZE = 1 << 20
@@ -281,10 +293,12 @@ class BackSearch:
 
 
 class SearchAhead:
-    """A ``BackSearch`` of the zip at ``span`` of ``path`` run to its end in a
-    thread, started at once on the core ``give_back`` returns (the thread
-    calls it once, when it ends; so does the constructor, if it cannot
-    start the thread: ``started`` is False then, and the walk goes alone)."""
+    """A ``BackSearch`` of the zip at ``span`` of ``path`` run in a thread,
+    started at once on the core ``loan`` lends, until it is done or other
+    work wants the core (then the walk goes on alone, and takes up the
+    search while it waits, as without a core). The thread gives the core
+    back when it ends; so does the constructor, if it cannot start the
+    thread (``started`` is False then)."""
 
     def __init__(
         self,
@@ -293,16 +307,17 @@ class SearchAhead:
         expander: _Expander,
         scratch_dir: Path,
         budget: tuple[ExpansionLimits, int],
-        give_back: Callable[[], None],
+        loan: Loan,
     ) -> None:
         self._stopped = threading.Event()
         limits, size = budget
         spending = _StoppableBudget(limits, size, self._stopped)
         self.search = BackSearch(path, span, expander, scratch_dir, spending)
         self.finished = threading.Event()
-        """Set once the thread ended (met the walk, searched every member, or stopped)."""
+        """Set once the thread ended (met the walk, searched every member,
+        yielded its core, or stopped)."""
         self._thread = threading.Thread(
-            target=self._run, args=(give_back,), name="dgfs-search-ahead", daemon=True
+            target=self._run, args=(loan,), name="dgfs-search-ahead", daemon=True
         )
         self.started = False
         try:
@@ -310,18 +325,23 @@ class SearchAhead:
             self.started = True
         except RuntimeError as exc:  # "can't start new thread": no search ahead
             log.debug("%s: no search ahead: %s", path, exc)
-            self._end(give_back)
+            self._end(loan)
 
-    def _run(self, give_back: Callable[[], None]) -> None:
+    def _run(self, loan: Loan) -> None:
         try:
-            while self.search.step():
+            while not loan.wanted() and self.search.step():
                 pass
         finally:
-            self._end(give_back)
+            self._end(loan)
 
-    def _end(self, give_back: Callable[[], None]) -> None:
-        give_back()
+    def _end(self, loan: Loan) -> None:
+        loan.give_back()
         self.finished.set()
+
+    def step(self) -> bool:
+        """What the walk does while it waits for a verdict: the search's next
+        step, once the thread has ended (the search has one user at a time)."""
+        return self.finished.is_set() and self.search.step()
 
     def stop(self) -> None:
         """Stop the thread (at its next check), wait for it, and close the

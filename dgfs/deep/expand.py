@@ -185,21 +185,24 @@ class _Expander(StreamExpander):
         # one is free, else by the walk itself while it waits for a verdict
         # another expansion is finding (the next release, stored beside).
         path, limits = self.ahead_of
-        lent = self.spare_core() if self.spare_core is not None else None
-        if lent is not None:
+        # A search ahead takes at most half the expansion's time: the walk,
+        # taking it up or waiting for it, never runs out of time for its own.
+        limits = replace(limits, seconds=limits.seconds / 2)
+        loan = self.spare_core() if self.spare_core is not None else None
+        if loan is not None:
             budget = (limits, self.stats.original_size)
-            ahead = SearchAhead(path, (start, end), _Expander, self.scratch_dir, budget, lent)
+            ahead = SearchAhead(path, (start, end), _Expander, self.scratch_dir, budget, loan)
             if ahead.started:
+                self.meanwhile = ahead.step
                 try:
                     self._zip(src, start, end, depth, ahead.search)
                 finally:
+                    self.meanwhile = None
                     ahead.stop()
                 self._proven_by(ahead.search)
                 return
             ahead.stop()
-        # Searched in the walk's own time: at most half of it, so that the
-        # walk never runs out of time for what only it can do.
-        own = Budget(replace(limits, seconds=limits.seconds / 2), self.stats.original_size)
+        own = Budget(limits, self.stats.original_size)
         back = BackSearch(path, (start, end), _Expander, self.scratch_dir, own)
         self.meanwhile = back.step
         try:
