@@ -273,6 +273,7 @@ DEEP_WORDS = (
 ).split()
 DEEP_MEMBERS = 4
 DEEP_STAMP = (2024, 1, 1, 0, 0, 0)
+GNU_GZIP = shutil.which("gzip") or "gzip"
 
 
 def _deep_text(family: int, member: int, size: int) -> bytes:
@@ -286,10 +287,12 @@ def _deep_text(family: int, member: int, size: int) -> bytes:
 class Release:
     """A version of a release of family ``family``: a few members of text, with
     ``edits`` (at, bytes) in them, ``added`` an extra member, its gzip streams
-    stamped ``mtime`` and compressed at ``level``. Rendered by the name it is
-    written to: a zip for ``*.zip``/``*.whl`` (members deflated at zlib's
-    default, plus a stored ``.gz`` member), a tar.gz for ``*.tar.gz``, one
-    gzip stream for ``*.gz``, and ``kind`` for any other name."""
+    stamped ``mtime`` and compressed at ``level`` (by GNU gzip, ``gzip -n``,
+    if ``gnu``: zlib does not always reproduce its streams, dgfs replays them
+    with zgz). Rendered by the name it is written to: a zip for
+    ``*.zip``/``*.whl`` (members deflated at zlib's default, plus a stored
+    ``.gz`` member), a tar.gz for ``*.tar.gz``, one gzip stream for
+    ``*.gz``, and ``kind`` for any other name."""
 
     family: int
     edits: tuple[tuple[int, bytes], ...]
@@ -297,6 +300,13 @@ class Release:
     mtime: int
     level: int
     kind: str  # "zip", "tgz" or "gz"
+    gnu: bool
+
+    def gzip(self, data: bytes) -> bytes:
+        if not self.gnu:
+            return gzip.compress(data, compresslevel=self.level, mtime=self.mtime)
+        command = [GNU_GZIP, "-n", f"-{self.level}"]
+        return subprocess.run(command, input=data, capture_output=True, check=True).stdout
 
     def members(self) -> dict[str, bytes]:
         members = {
@@ -325,20 +335,14 @@ class Release:
             kind = self.kind
         members = self.members()
         if kind == "gz":
-            return gzip.compress(
-                members["pkg/mod0.py"] + members["pkg/mod2.py"],
-                compresslevel=self.level,
-                mtime=self.mtime,
-            )
+            return self.gzip(members["pkg/mod0.py"] + members["pkg/mod2.py"])
         if kind == "tgz":
-            return gzip.compress(_tar(members), compresslevel=self.level, mtime=self.mtime)
+            return self.gzip(_tar(members))
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as archive:
             for member, text in members.items():
                 archive.writestr(zipfile.ZipInfo(member, DEEP_STAMP), text, zipfile.ZIP_DEFLATED)
-            nested = gzip.compress(
-                members["pkg/mod1.py"], compresslevel=self.level, mtime=self.mtime
-            )
+            nested = self.gzip(members["pkg/mod1.py"])
             archive.writestr(zipfile.ZipInfo("pkg/mod1.py.gz", DEEP_STAMP), nested)
         return buffer.getvalue()
 
@@ -373,6 +377,7 @@ releases = st.builds(
     st.sampled_from((1_600_000_000, 1_600_000_000, 1_700_000_000)),
     st.sampled_from((6, 9, 9)),
     st.sampled_from(("zip", "tgz", "gz")),
+    st.sampled_from((False, False, True)) if shutil.which("gzip") else st.just(False),
 )
 deep_contents = st.one_of(
     small_contents.map(Plain), releases, releases, releases, zip_contents.map(Plain)
@@ -927,6 +932,10 @@ class FsModel(RuleBasedStateMachine):
         self.kernel: Kernel | None = None
         self._start_mount()
 
+    def mount_deltas(self) -> fmt.DeltaMode:
+        """The mode the next mount makes new directories in."""
+        return self.deltas
+
     def _store_now(self) -> datetime:
         return STORE_EPOCH + timedelta(seconds=self.loop.clock.current_time())
 
@@ -935,7 +944,8 @@ class FsModel(RuleBasedStateMachine):
     def _start_mount(self, *, fresh_cache: bool = False) -> None:
         if fresh_cache:
             self.caches += 1
-        mount = Mount(self.faulty, self.base, self.base / f"cache{self.caches}", self.deltas)
+        cache_dir = self.base / f"cache{self.caches}"
+        mount = Mount(self.faulty, self.base, cache_dir, self.mount_deltas())
 
         async def start() -> FileSystem:
             fs = await mount.start(self.loop.nursery)
@@ -1816,7 +1826,15 @@ class FsDeepModel(FsModel):
         # The process's verdicts on compressed spans: each example starts as a
         # new process does, whatever ran before (a failure replays alike).
         VERIFIED_SPANS.clear()
+        self.mounts = 0
         super().__init__()
+
+    def mount_deltas(self) -> fmt.DeltaMode:
+        """Every third mount is a DeltaGlider one (``-o deltas=dg``): it writes
+        into deep directories and makes DeltaGlider ones, which the deep
+        mounts after it write into (a directory keeps its mode: docs/FORMAT.md)."""
+        self.mounts += 1
+        return fmt.DeltaMode.DG if self.mounts % 3 == 0 else fmt.DeltaMode.DEEP
 
     @initialize(
         first=releases,
