@@ -1019,18 +1019,6 @@ async def test_a_chmod_after_an_o_trunc_open_of_an_empty_stored_file_survives_a_
         assert (await m.fs.getattr((await lookup(m.fs, "a")).ino)).mode == 0o600
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "dgfs/renames.py Renamer._move_version: when the new name's upload "
-        "reached S3 but its reply was lost (TransientError), it checks that "
-        "the new name holds the file and renames on, but never removes the "
-        "new name's other, older form (drop_other_form, which the writer "
-        "runs only after a successful upload): the replaced file's object "
-        "stays, hidden behind the newer delta, and shows again once that "
-        "delta is renamed away"
-    ),
-)
 async def test_a_file_replaced_by_a_rename_whose_reply_was_lost_stays_gone(
     memory: MemoryStore,
     faulty: FaultyStore,
