@@ -127,9 +127,16 @@ class Renamer:
             # S3 may have done it and lost the reply (the store's own retries
             # spent): with the file under both names, finish the rename
             # rather than report a failure that leaves a second name.
-            if not await self._holds_file(dst_key, stored.file_sha256):
+            moved = await self._holding(dst_key, stored.file_sha256)
+            if moved is None:
                 raise
             log.info("%s: stored as %s though the reply was lost; renaming on", src_key, dst_key)
+            # And what the lost reply kept from running: the file the rename
+            # replaced goes, in its other form (else it shows again once the
+            # new one is renamed or removed).
+            own = moved.stored_key
+            other = fmt.delta_key(dst_key) if own == dst_key else dst_key
+            await self._forms.drop_other_form(dst_key, own, other)
 
     async def _write_renamed(
         self, stored: StoredFile, head: ObjectHead, src_key: str, dst_key: str, same_space: bool
@@ -163,14 +170,15 @@ class Renamer:
         else:
             await self._forms.delete_delta_form(dst_key)
 
-    async def _holds_file(self, key: str, sha256: str | None) -> bool:
-        """Whether ``key`` shows the file with ``sha256`` (False when unknown)."""
+    async def _holding(self, key: str, sha256: str | None) -> StoredFile | None:
+        """What ``key`` shows, if it is the file with ``sha256`` (None when unknown)."""
         if sha256 is None:
-            return False
+            return None
         try:
-            return (await self._forms.locate(key)).file_sha256 == sha256
+            found = await self._forms.locate(key)
         except (NotFound, TransientError):
-            return False
+            return None
+        return found if found.file_sha256 == sha256 else None
 
     async def update_metadata(self, key: str, changes: Mapping[str, str]) -> StoredFile:
         """Merge ``changes`` (POSIX attributes) into the stored object's metadata in place.

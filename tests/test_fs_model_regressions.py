@@ -28,6 +28,7 @@ from dgfs.store.memory import MemoryStore
 from tests.fsharness import (
     GID,
     OPTIONS,
+    RELEASES,
     ROOT,
     UID,
     GatedCommitJournal,
@@ -42,6 +43,7 @@ from tests.fsharness import (
     mounted,
     open_for_rewrite,
     read_file,
+    readdir,
     rename,
     started,
     write_file,
@@ -1015,3 +1017,28 @@ async def test_a_chmod_after_an_o_trunc_open_of_an_empty_stored_file_survives_a_
         await m.fs.setattr(node.ino, mode=0o600)
     async with mounted(memory, tmp_path) as m:
         assert (await m.fs.getattr((await lookup(m.fs, "a")).ino)).mode == 0o600
+
+
+async def test_a_file_replaced_by_a_rename_whose_reply_was_lost_stays_gone(
+    memory: MemoryStore,
+    faulty: FaultyStore,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Found by the deep model (tests/test_fs_model.py, seed 7608; not deep
+    specific): an empty ``d/x.zip`` (stored direct) was replaced by
+    ``rename y.whl d/x.zip`` (a delta in another directory: rebuilt and
+    stored as ``d/x.zip.delta``), whose upload reached S3 but lost its
+    reply; the rename returned 0. ``d/x.zip`` was then renamed to ``d/a``,
+    and after a clean remount ``d/x.zip`` was back: the empty file the
+    first rename had replaced (POSIX: it is gone for good)."""
+    async with mounted(faulty, tmp_path) as m:
+        d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
+        await write_stored(m.fs, "x.zip", b"", parent=d.ino)  # direct: too small for a delta
+        await write_stored(m.fs, "y.zip", RELEASES[0][1])  # y.zip.delta beside the root's reference
+        faulty.fail("upload", key="d/x.zip.delta", after=True)
+        await m.fs.rename(ROOT, "y.zip", d.ino, "x.zip", 0)
+        await m.fs.rename(d.ino, "x.zip", d.ino, "z.zip", 0)
+    async with mounted(memory, tmp_path) as m:
+        assert sorted(await readdir(m.fs, "d")) == ["z.zip"]
+        assert await read_file(m.fs, "z.zip", (await lookup(m.fs, "d")).ino) == RELEASES[0][1]
