@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from dgfs.deep import ahead
 from dgfs.deep.ahead import SearchAhead
 
 
@@ -40,3 +43,18 @@ class DoneFirst(SearchAhead):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         assert self.finished.wait(60)
+
+
+def count_splices(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """A search ahead done before the walk, and what each ``BackSearch.splice``
+    the walk then asks for returns, in order."""
+    spliced: list[bool] = []
+    real_splice = ahead.BackSearch.splice
+
+    def counted(self: ahead.BackSearch, *args: Any) -> bool:
+        spliced.append(real_splice(self, *args))
+        return spliced[-1]
+
+    monkeypatch.setattr("dgfs.deep.expand.SearchAhead", DoneFirst)
+    monkeypatch.setattr(ahead.BackSearch, "splice", counted)
+    return spliced

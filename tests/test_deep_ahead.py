@@ -10,7 +10,6 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -28,7 +27,7 @@ from dgfs.deep.segments import TAG_SPLIT
 from dgfs.errors import ExpansionLimit
 from dgfs.store.memory import MemoryStore
 from dgfs.workbench import Workbench
-from tests.aheadharness import DoneFirst, Lender, Loaned
+from tests.aheadharness import Lender, Loaned, count_splices
 from tests.coreharness import deep_core
 
 WORDS = [b"service", b"operation", b"shape", b"member", b"documentation", b"input", b"output"]
@@ -361,8 +360,9 @@ async def test_a_deep_store_searches_ahead_and_returns_every_token(
 # --- what a waiting thread does meanwhile (Memo.computing) --------------------------------
 
 
-def test_a_thread_waiting_for_a_memo_entry_works_meanwhile() -> None:
-    memo = Memo(1 << 20)
+def owned_entry(memo: Memo) -> tuple[threading.Thread, threading.Event]:
+    """A thread computing ``memo``'s entry ``b"k"`` (claimed once this returns),
+    which puts ``"value"`` once the event returned is set."""
     claimed, release = threading.Event(), threading.Event()
 
     def owner() -> None:
@@ -375,6 +375,12 @@ def test_a_thread_waiting_for_a_memo_entry_works_meanwhile() -> None:
     thread = threading.Thread(target=owner)
     thread.start()
     assert claimed.wait(10)
+    return thread, release
+
+
+def test_a_thread_waiting_for_a_memo_entry_works_meanwhile() -> None:
+    memo = Memo(1 << 20)
+    thread, release = owned_entry(memo)
     calls: list[int] = []
 
     def meanwhile() -> bool:
@@ -391,17 +397,7 @@ def test_a_thread_waiting_for_a_memo_entry_works_meanwhile() -> None:
 
 def test_a_thread_with_nothing_to_do_meanwhile_just_waits() -> None:
     memo = Memo(1 << 20)
-    claimed, release = threading.Event(), threading.Event()
-
-    def owner() -> None:
-        with memo.computing(b"k"):
-            claimed.set()
-            release.wait(10)
-            memo.put(b"k", "value", 10)
-
-    thread = threading.Thread(target=owner)
-    thread.start()
-    assert claimed.wait(10)
+    thread, release = owned_entry(memo)
     calls: list[int] = []
 
     def meanwhile() -> bool:
@@ -424,15 +420,7 @@ def test_members_expanded_ahead_are_spliced_into_the_form(
     alone = form_of(src, tmp_path)
     VERIFIED_SPANS.clear()
 
-    spliced: list[bool] = []
-    real_splice = ahead_module.BackSearch.splice
-
-    def counted(self: ahead_module.BackSearch, *args: Any) -> bool:
-        spliced.append(real_splice(self, *args))
-        return spliced[-1]
-
-    monkeypatch.setattr("dgfs.deep.expand.SearchAhead", DoneFirst)
-    monkeypatch.setattr(ahead_module.BackSearch, "splice", counted)
+    spliced = count_splices(monkeypatch)
     form = tmp_path / "spliced.form"
     stats = dgfs.deep.expand_file(src, form, scratch_dir=tmp_path, spare_core=Lender())
     assert form.read_bytes() == alone

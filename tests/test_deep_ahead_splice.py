@@ -17,7 +17,7 @@ from dgfs.deep import ahead as ahead_module
 from dgfs.deep.limits import Budget, ExpansionLimits
 from dgfs.deep.search import VERIFIED_SPANS
 from dgfs.errors import ExpansionLimit
-from tests.aheadharness import DoneFirst, Lender
+from tests.aheadharness import DoneFirst, Lender, count_splices
 
 
 @pytest.fixture(autouse=True)
@@ -134,15 +134,7 @@ def test_the_walk_never_expands_less_for_members_spliced(
     assert alone.streams_inflated == 8 and alone.streams_kept == 0
 
     known_from_earlier()
-    spliced: list[bool] = []
-    real_splice = ahead_module.BackSearch.splice
-
-    def counted(self: ahead_module.BackSearch, *args: Any) -> bool:
-        spliced.append(real_splice(self, *args))
-        return spliced[-1]
-
-    monkeypatch.setattr("dgfs.deep.expand.SearchAhead", DoneFirst)
-    monkeypatch.setattr(ahead_module.BackSearch, "splice", counted)
+    spliced = count_splices(monkeypatch)
     form = tmp_path / "ahead.form"
     stats = dgfs.deep.expand_file(
         src, form, scratch_dir=tmp_path, limits=limits, spare_core=Lender()
