@@ -284,10 +284,10 @@ def expand_file(
 ) -> ExpandStats:
     """Write the expanded form of ``src`` to ``out`` (blocking; run it in a thread).
 
-    ``spare_core``, if given, is asked for a core when a zip's members have
-    no verdicts yet: they are then searched ahead of the walk, last first,
-    on that core (:mod:`dgfs.deep.ahead`); without one, the walk does so
-    itself while it waits for a verdict another expansion is finding.
+    A zip of 1 MiB or more also has its members expanded from the last one
+    backwards (:mod:`dgfs.deep.ahead`): on a core ``spare_core`` lends, if
+    given and one is free, else by the walk itself while it waits for a
+    verdict another expansion is finding.
 
     Raises ``ExpansionLimit`` the moment the expansion would pass one of
     ``limits`` (by default ``ExpansionLimits()``), or at once for a file
