@@ -60,7 +60,9 @@ What is compared, and when:
   flushes it: the name shows one of the two, never neither). A file's mode is the
   last one chmod gave it, or, while it has writes not acknowledged, any it
   had since its last acknowledgement (the mode then travels with those
-  writes). The model then takes what the mount shows, and the run goes on.
+  writes; an O_TRUNC open is one, whatever it changed: it sets the mtime,
+  of an empty file too, as Linux does). The model then takes what the
+  mount shows, and the run goes on.
 - An fsync may fail with EIO only while injected upload failures are
   pending or waiting for their retry on this mount (docs/SEMANTICS.md:
   "while a retry waits, fsync reports the last error").
@@ -159,7 +161,7 @@ from dgfs.core import Core
 from dgfs.deep import ExpansionLimits
 from dgfs.deep.search import VERIFIED_SPANS
 from dgfs.delta import DeltaEngine
-from dgfs.errors import DgfsError, FsError, errno_of, exception_leaves
+from dgfs.errors import DgfsError, FsError, errno_of
 from dgfs.fs.attrcache import AttrCache
 from dgfs.fs.entries import NodeKind
 from dgfs.fs.filesystem import FileSystem, FsOptions
@@ -179,8 +181,6 @@ pytestmark = [
     pytest.mark.expected_log(r"retrying in"),
     # The deep model's archives past its DEEP_LIMITS.
     pytest.mark.expected_log(r"; stored without expanding it$"),
-    # GROUPED_DEEP_ERRORS, while known (the model's own log check is precise).
-    pytest.mark.expected_log(r"^upload of .* failed unexpectedly$"),
 ]
 
 _LONG_STEPS = int(os.environ.get("DGFS_FS_MODEL_STEPS", "0"))
@@ -229,9 +229,7 @@ DIR_MODES = (0o755, 0o700, 0o775)
 # xfail test in tests/test_fs_model_regressions.py (or, found by the deep
 # model, tests/test_fs_model_deep_regressions.py): the model steers clear of
 # each (look for its name below) until the fix removes the entry and the mark.
-GROUPED_DEEP_ERRORS = "test_a_failed_deep_reference_upload_raises_the_store_error_itself"
-CHMOD_AFTER_O_TRUNC = "test_a_chmod_after_an_o_trunc_open_of_an_empty_stored_file_survives_a_crash"
-KNOWN_BUGS: frozenset[str] = frozenset({GROUPED_DEEP_ERRORS, CHMOD_AFTER_O_TRUNC})
+KNOWN_BUGS: frozenset[str] = frozenset()
 # utime sets mtimes in 2001..2011; anything a write leaves is "now". A model
 # mtime in this range was set by utime and nothing changed the entry since.
 UTIME_RANGE = (978_307_200 * 10**9, 1_300_000_000 * 10**9)
@@ -814,7 +812,8 @@ class History:
     since: list[bytes] = field(default_factory=lambda: [b""])
     # Its modes since then; only the last while nothing unacknowledged is written.
     modes: list[int] = field(default_factory=lambda: [0o644 & ~UMASK])
-    # CHMOD_AFTER_O_TRUNC: opened with O_TRUNC since (a write, whatever it changed).
+    # Opened with O_TRUNC since: a write whatever it changed (it sets the
+    # mtime, of an empty file too, as Linux does), with which a chmod travels.
     truncated: bool = False
 
     @property
@@ -893,17 +892,7 @@ class _Unexpected(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if LOGGED_ON_PURPOSE.search(record.getMessage()):
             return
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, BaseExceptionGroup) and _grouped_dgfs_errors(error):
-            return  # GROUPED_DEEP_ERRORS: "upload of ... failed unexpectedly"
         self.records.append(record)
-
-
-def _grouped_dgfs_errors(group: BaseExceptionGroup[BaseException]) -> bool:
-    """Whether ``group`` is what GROUPED_DEEP_ERRORS raises while it is known:
-    dgfs errors in a trio nursery's group, not the errors themselves."""
-    leaves = exception_leaves(group)
-    return GROUPED_DEEP_ERRORS in KNOWN_BUGS and all(isinstance(e, DgfsError) for e in leaves)
 
 
 UNEXPECTED = _Unexpected()
@@ -1047,12 +1036,6 @@ class FsModel(RuleBasedStateMachine):
             except (DgfsError, OSError) as exc:  # what fuse_ops answers with an errno
                 code = errno_of(exc)
                 return ("error", errno.errorcode.get(code, str(code)))
-            except BaseExceptionGroup as group:
-                if not _grouped_dgfs_errors(group):
-                    raise
-                # GROUPED_DEEP_ERRORS: a deep store's error wrapped in a group,
-                # which fuse_ops answers with EIO (logging it as unexpected).
-                return ("error", "EIO")
 
         return self.perform(run)
 
@@ -1261,7 +1244,7 @@ class FsModel(RuleBasedStateMachine):
         handle = OpenFile(fd, fh, ino, os.fstat(fd).st_ino, True, access != "r")
         self.handles.append(handle)
         self.changed_handle(handle)
-        if flags & os.O_TRUNC and CHMOD_AFTER_O_TRUNC in KNOWN_BUGS:
+        if flags & os.O_TRUNC:
             self.history(handle.local_ino).truncated = True
 
     @precondition(lambda self: self.has_handle(writable=True))

@@ -994,31 +994,6 @@ async def test_a_file_renamed_while_its_close_is_committed_is_recovered_under_th
     assert bucket(memory) == {"y": b"X1\n"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "an open(O_TRUNC) stages a new version even of an empty file; a chmod "
-        "then goes to that uncommitted version only (not to the stored object's "
-        "metadata), and a crash before its close loses it"
-    ),
-)
-async def test_a_chmod_after_an_o_trunc_open_of_an_empty_stored_file_survives_a_crash(
-    memory: MemoryStore, tmp_path: Path
-) -> None:
-    """Found by the deep model (tests/test_fs_model.py, seed 7608; not deep
-    specific): ``a`` (empty, stored) was opened O_WRONLY|O_TRUNC, which
-    changes nothing of it, and chmod 600 returned; after a crash ``a``
-    showed mode 644. Without O_TRUNC, or with bytes in ``a`` and no
-    O_TRUNC, the chmod survives. docs/SEMANTICS.md: a chmod rewrites the
-    object's metadata in place."""
-    async with mounted(memory, tmp_path, crash=True) as m:
-        node = await write_stored(m.fs, "a", b"")
-        await m.fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
-        await m.fs.setattr(node.ino, mode=0o600)
-    async with mounted(memory, tmp_path) as m:
-        assert (await m.fs.getattr((await lookup(m.fs, "a")).ino)).mode == 0o600
-
-
 async def test_a_file_replaced_by_a_rename_whose_reply_was_lost_stays_gone(
     memory: MemoryStore,
     faulty: FaultyStore,
