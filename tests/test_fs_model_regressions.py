@@ -47,7 +47,6 @@ from tests.fsharness import (
     rename,
     started,
     write_file,
-    write_stored,
     write_until_held,
 )
 
@@ -998,7 +997,7 @@ async def test_a_file_replaced_by_a_rename_whose_reply_was_lost_stays_gone(
     memory: MemoryStore,
     faulty: FaultyStore,
     tmp_path: Path,
-    autojump_clock: trio.testing.MockClock,
+    mock_clock: trio.testing.MockClock,
 ) -> None:
     """Found by the deep model (tests/test_fs_model.py, seed 7608; not deep
     specific): an empty ``d/x.zip`` (stored direct) was replaced by
@@ -1009,8 +1008,12 @@ async def test_a_file_replaced_by_a_rename_whose_reply_was_lost_stays_gone(
     first rename had replaced (POSIX: it is gone for good)."""
     async with mounted(faulty, tmp_path) as m:
         d = await m.fs.mkdir(ROOT, "d", 0o755, UID, GID)
-        await write_stored(m.fs, "x.zip", b"", parent=d.ino)  # direct: too small for a delta
-        await write_stored(m.fs, "y.zip", RELEASES[0][1])  # y.zip.delta beside the root's reference
+        # Trio time moves only here: a clock that jumps while xdelta3 runs
+        # (the rename rebuilds y.zip) would pass its time limit at once.
+        await write_file(m.fs, "x.zip", b"", d.ino)  # direct: too small for a delta
+        await write_file(m.fs, "y.zip", RELEASES[0][1])  # y.zip.delta beside the root's reference
+        mock_clock.jump(OPTIONS.upload_delay)
+        await m.fs.wait_idle()
         faulty.fail("upload", key="d/x.zip.delta", after=True)
         await m.fs.rename(ROOT, "y.zip", d.ino, "x.zip", 0)
         await m.fs.rename(d.ino, "x.zip", d.ino, "z.zip", 0)
