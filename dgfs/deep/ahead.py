@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from dgfs.deep.archives import ZIP_FLAG_PRIOR, after_descriptor, read_local_header
+from dgfs.deep.archives import after_descriptor, read_local_header, zip_prior
 from dgfs.deep.deflate import DeflateParams
 from dgfs.deep.limits import Budget, ExpansionLimits
 from dgfs.deep.search import (
@@ -87,12 +87,13 @@ MIN_MEMBERS = 4
 @dataclass(frozen=True, slots=True)
 class Member:
     """A deflated zip member: its local header's place in the walk (0 for
-    the first), where its data starts, its compressed size, its flags."""
+    the first), where its data starts, its compressed size, the settings
+    its flags suggest."""
 
     index: int
     start: int
     size: int
-    flags: int
+    prior: DeflateParams
 
 
 def deflated_members(src: BinaryIO, start: int, end: int, budget: Budget) -> list[Member]:
@@ -112,7 +113,7 @@ def deflated_members(src: BinaryIO, start: int, end: int, budget: Budget) -> lis
         if size is None:
             break
         if method == 8 and size >= MEMO_MIN_SPAN and data_start + size <= end:
-            members.append(Member(index, data_start, size, flags))
+            members.append(Member(index, data_start, size, zip_prior(flags)))
         after = after_descriptor(src, data_start + size, end, flags)
         if after is None:
             break
@@ -231,14 +232,15 @@ class BackSearch:
     def _one(self, member: Member) -> None:
         assert self._search is not None and self._writer is not None
         self._budget.member()
-        prior = ZIP_FLAG_PRIOR[(member.flags >> 1) & 3]
         end = member.start + member.size
         src, sink = self._files
         at = self._writer.tell()
         counts = (self.stats.streams_kept, self.stats.streams_gnu)
         spent = (self._budget.members, self._budget.inflated, self.stats.streams_inflated)
         self._search.unfinished = False
-        found, expanded = self._search.deflate(src, member.start, end, 0, "zip", prior, member.size)
+        found, expanded = self._search.deflate(
+            src, member.start, end, 0, "zip", member.prior, member.size
+        )
         if expanded:
             self._misses = 0
         elif found.compressed_length:

@@ -16,7 +16,12 @@ _U32_MAX = 0xFFFFFFFF
 # What a writer's header says of its level: gzip's XFL byte (2: slowest,
 # 4: fastest), a zip entry's flag bits 1-2 (normal, maximum, fast, superfast).
 XFL_PRIOR = {0: DeflateParams(6), 2: DeflateParams(9), 4: DeflateParams(1)}
-ZIP_FLAG_PRIOR = (DeflateParams(6), DeflateParams(9), DeflateParams(1), DeflateParams(1))
+_ZIP_FLAG_PRIOR = (DeflateParams(6), DeflateParams(9), DeflateParams(1), DeflateParams(1))
+
+
+def zip_prior(flags: int) -> DeflateParams:
+    """The settings a zip entry's general-purpose ``flags`` suggest."""
+    return _ZIP_FLAG_PRIOR[(flags >> 1) & 3]
 
 
 def nested_kind(head: bytes) -> str | None:

@@ -47,12 +47,12 @@ from dgfs.deep.ahead import MIN_SIZE, BackSearch, SearchAhead, SpareCore
 from dgfs.deep.archives import (
     GZIP_MAGIC,
     XFL_PRIOR,
-    ZIP_FLAG_PRIOR,
     after_descriptor,
     gzip_body_offset,
     nested_kind,
     read_local_header,
     tar_cuts,
+    zip_prior,
 )
 from dgfs.deep.limits import Budget, ExpansionLimits
 from dgfs.deep.proof import prove_form
@@ -245,7 +245,7 @@ class _Expander(StreamExpander):
                     pos = after
                     continue
                 limit = end if csize is None else min(end, data_start + csize)
-                prior = ZIP_FLAG_PRIOR[(flags >> 1) & 3]
+                prior = zip_prior(flags)
                 found, expanded = self.deflate(src, data_start, limit, depth, "zip", prior, csize)
                 if found.compressed_length == 0 and csize is None:
                     break  # neither deflate nor a known size: keep the rest as it is
